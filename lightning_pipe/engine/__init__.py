@@ -1,0 +1,1 @@
+"""The pipeline engine: schedules, stages, communication and the executor. It never imports Lightning."""

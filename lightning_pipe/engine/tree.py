@@ -1,0 +1,67 @@
+"""Flatten nested tuples, lists and dicts of tensors into leaves and a picklable structure, and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors"]
+
+# A TreeSpec is plain data so that it pickles cheaply and compares with ==:
+#   None                      -> a tensor leaf (taken from the leaves list in order)
+#   ("v", value)              -> a non-tensor leaf carried inside the spec itself
+#   ("t", (child, ...))       -> tuple, ("l", ...) -> list, ("d", ((key, child), ...)) -> dict
+#   ("n", (cls, children))    -> a namedtuple of type cls
+TreeSpec = Any
+
+
+def tree_flatten(tree: Any) -> tuple[list[torch.Tensor], TreeSpec]:
+    """Return the tensor leaves of ``tree`` in depth-first order and a spec that rebuilds it."""
+    leaves: list[torch.Tensor] = []
+    return leaves, _flatten(tree, leaves)
+
+
+def _flatten(tree: Any, leaves: list[torch.Tensor]) -> TreeSpec:
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return None
+    if isinstance(tree, tuple):
+        children = tuple(_flatten(child, leaves) for child in tree)
+        return ("n", (type(tree), children)) if hasattr(tree, "_fields") else ("t", children)
+    if isinstance(tree, list):
+        return ("l", tuple(_flatten(child, leaves) for child in tree))
+    if isinstance(tree, dict):
+        return ("d", tuple((key, _flatten(child, leaves)) for key, child in tree.items()))
+    return ("v", tree)
+
+
+def tree_unflatten(leaves: list[torch.Tensor], spec: TreeSpec) -> Any:
+    """Inverse of :func:`tree_flatten`."""
+    iterator = iter(leaves)
+    tree = _unflatten(iterator, spec)
+    if next(iterator, None) is not None:
+        raise ValueError("tree_unflatten: more leaves than the spec has places for")
+    return tree
+
+
+def _unflatten(leaves: Any, spec: TreeSpec) -> Any:
+    if spec is None:
+        return next(leaves)
+    kind, body = spec
+    if kind == "v":
+        return body
+    if kind == "t":
+        return tuple(_unflatten(leaves, child) for child in body)
+    if kind == "n":
+        cls, children = body
+        return cls(*(_unflatten(leaves, child) for child in children))
+    if kind == "l":
+        return [_unflatten(leaves, child) for child in body]
+    return {key: _unflatten(leaves, child) for key, child in body}
+
+
+def tree_map_tensors(fn: Any, tree: Any) -> Any:
+    """Apply ``fn`` to every tensor leaf of ``tree``; other leaves are kept as they are."""
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([fn(leaf) for leaf in leaves], spec)

@@ -1,0 +1,69 @@
+"""A failure in one rank ends every rank with that error, named, instead of leaving ranks blocked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_pipe.engine.comm import PipelineError
+from lightning_pipe.engine.executor import Pipeline
+from tests.helpers import run_ranks
+from tests.models import make_batch, mse_loss
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Explode(nn.Module):
+    """Raises on the micro-batch given, in forward or backward."""
+
+    def __init__(self, microbatch: int, where: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.microbatch, self.where, self.calls = microbatch, where, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        if self.where == "forward" and call == self.microbatch:
+            raise ValueError("boom in stage 2")
+        y = self.linear(x)
+        if self.where == "backward" and call == self.microbatch:
+            y.register_hook(lambda grad: (_ for _ in ()).throw(ValueError("boom in stage 2 backward")))
+        return y
+
+
+def _failing_pipeline(rank: int, world_size: int, schedule: str, where: str) -> float:
+    layers = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), Explode(1, where), nn.Linear(16, 16))
+    pipe = Pipeline(layers, loss_fn=mse_loss, schedule=schedule, num_microbatches=4)
+    start = time.monotonic()
+    try:
+        pipe.train_step(make_batch(8))
+    except PipelineError as error:
+        assert error.origin_rank == 2
+        raise
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("schedule,where", [("1f1b", "forward"), ("gpipe", "forward"), ("1f1b", "backward")])
+def test_exception_in_stage_2_of_4_ends_every_rank(schedule: str, where: str) -> None:
+    start = time.monotonic()
+    errors = run_ranks(_failing_pipeline, 4, schedule, where, timeout=60, expect_failure=True)
+    assert time.monotonic() - start < 60
+    for rank, text in enumerate(errors):
+        assert text is not None, f"rank {rank} finished although rank 2 failed"
+        assert "PipelineError: rank 2 failed in 2" in text, text
+        assert "boom in stage 2" in text, text
+
+
+def _bad_shape(rank: int, world_size: int) -> None:
+    # Stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only.
+    layers = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16))
+    Pipeline(layers, loss_fn=mse_loss, schedule="1f1b", num_microbatches=2).train_step(make_batch(4))
+
+
+def test_bad_shape_names_the_rank() -> None:
+    errors = run_ranks(_bad_shape, 2, timeout=60, expect_failure=True)
+    for text in errors:
+        assert "rank 1 failed in 1F0" in text and "mat1 and mat2 shapes cannot be multiplied" in text, text
