@@ -135,14 +135,16 @@ class Pipeline:
             cache[num_microbatches] = (plan, _outgoing_channels(plan, self.rank))
         return cache[num_microbatches][0]
 
-    def train_step(self, batch: Any) -> torch.Tensor | None:
+    def train_step(self, batch: Any, loss_scale: float = 1.0) -> torch.Tensor | None:
         """Forward and backward of ``batch``; gradients accumulate into the parameters.
 
-        Returns the batch's mean loss (detached) on the rank that holds the last stage, ``None`` on the others.
+        The gradients are those of ``loss_scale`` times the batch's mean loss (e.g. ``1 / accumulation steps``).
+        Returns the batch's mean loss (detached, unscaled) on the rank that holds the last stage, ``None`` on
+        the others.
         """
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss: construct the Pipeline with loss_fn=(output, microbatch) -> loss")
-        losses, _ = self._run(batch, training=True)
+        losses, _ = self._run(batch, training=True, loss_scale=loss_scale)
         return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
@@ -155,7 +157,7 @@ class Pipeline:
         return (torch.stack(losses).sum() if losses else None), outputs
 
     # -- running a schedule -----------------------------------------------------------------------
-    def _run(self, batch: Any, training: bool) -> tuple[list[torch.Tensor], list[Any]]:
+    def _run(self, batch: Any, training: bool, loss_scale: float = 1.0) -> tuple[list[torch.Tensor], list[Any]]:
         microbatches = split_batch(batch, self.num_microbatches)
         self.schedule_for(len(microbatches))
         if training:
@@ -163,7 +165,7 @@ class Pipeline:
         else:
             plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
             outgoing = _outgoing_channels(plan, self.rank)
-        state = _StepState(microbatches, microbatch_weights(microbatches) if self.loss_fn else [])
+        state = _StepState(microbatches, microbatch_weights(microbatches) if self.loss_fn else [], loss_scale)
         handlers = self._handlers(state, training)
         action: Action | None = None
         try:
@@ -210,7 +212,7 @@ class Pipeline:
                 if self.loss_fn is not None:
                     loss = self.loss_fn(output, state.microbatches[mb]) * state.weights[mb]
                     if training:
-                        stages[index].hold(mb, loss)
+                        stages[index].hold(mb, loss * state.loss_scale if state.loss_scale != 1.0 else loss)
                     state.losses.append(loss.detach())
                 if not training:
                     state.outputs.append(output)
@@ -265,11 +267,12 @@ class Pipeline:
 class _StepState:
     """What moves between the actions of one step on one rank."""
 
-    __slots__ = ("microbatches", "weights", "activations", "gradients", "to_send", "losses", "outputs")
+    __slots__ = ("microbatches", "weights", "loss_scale", "activations", "gradients", "to_send", "losses", "outputs")
 
-    def __init__(self, microbatches: list[Any], weights: list[float]) -> None:
+    def __init__(self, microbatches: list[Any], weights: list[float], loss_scale: float) -> None:
         self.microbatches = microbatches
         self.weights = weights
+        self.loss_scale = loss_scale
         self.activations: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input of that stage
         self.gradients: dict[tuple[int, int], Any] = {}  # (stage, mb) -> gradient of that stage's output
         self.to_send: dict[tuple[Any, ...], Any] = {}  # (stage, mb) -> tree the next send action sends
