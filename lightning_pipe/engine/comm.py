@@ -110,8 +110,8 @@ class Communicator:
         return torch.frombuffer(data, dtype=torch.uint8).to(self.wire_device)
 
     def _pack(self, leaves: list[torch.Tensor]) -> torch.Tensor:
-        if len(leaves) == 1 and leaves[0].is_contiguous() and leaves[0].device == self.wire_device:
-            return leaves[0].detach().reshape(-1).view(torch.uint8)
+        if len(leaves) == 1:  # no copy for the common case of one contiguous tensor
+            return leaves[0].detach().to(self.wire_device).contiguous().reshape(-1).view(torch.uint8)
         total = sum(_aligned(t.numel() * t.element_size()) for t in leaves)
         payload = torch.empty(total, dtype=torch.uint8, device=self.wire_device)
         offset = 0

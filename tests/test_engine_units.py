@@ -1,0 +1,95 @@
+"""The engine's pure parts: trees, micro-batches and their loss weights, cutting layers into stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
+from lightning_pipe.engine.partition import balance, cut, stage_sizes
+from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+
+
+def test_tree_round_trip() -> None:
+    tree = {"a": (torch.ones(1), [torch.zeros(2), "x"]), "b": 3}
+    leaves, spec = tree_flatten(tree)
+    assert len(leaves) == 2
+    rebuilt = tree_unflatten(leaves, spec)
+    assert rebuilt["b"] == 3 and rebuilt["a"][1][1] == "x" and torch.equal(rebuilt["a"][1][0], torch.zeros(2))
+
+
+def test_uneven_split_and_weights() -> None:
+    batch = (torch.arange(10.0).unsqueeze(1), {"y": torch.arange(10), "name": "digits"}, torch.tensor(7))
+    parts = split_batch(batch, 4)
+    assert [len(p[0]) for p in parts] == [3, 3, 2, 2]
+    assert all(p[1]["name"] == "digits" and p[2].item() == 7 for p in parts)
+    assert torch.equal(torch.cat([p[1]["y"] for p in parts]), torch.arange(10))
+    assert microbatch_weights(parts) == pytest.approx([0.3, 0.3, 0.2, 0.2])
+
+
+def test_weighted_microbatch_losses_equal_batch_mean() -> None:
+    x = torch.randn(10, 3)
+    parts = split_batch(x, 4)
+    weighted = sum(w * p.pow(2).mean() for w, p in zip(microbatch_weights(parts), parts))
+    torch.testing.assert_close(weighted, x.pow(2).mean())
+
+
+def test_fewer_rows_than_microbatches_gives_one_per_row() -> None:
+    assert [len(p) for p in split_batch(torch.ones(3, 2), 8)] == [1, 1, 1]
+
+
+def test_split_errors() -> None:
+    with pytest.raises(ValueError, match="same size along dim 0"):
+        split_batch((torch.ones(4, 1), torch.ones(3)), 2)
+    with pytest.raises(ValueError, match="without tensors"):
+        split_batch(("a", 1), 2)
+
+
+def test_stage_sizes() -> None:
+    layers = [nn.Linear(4, 4) for _ in range(10)]
+    assert stage_sizes(layers, 4) == [3, 3, 2, 2]
+    assert stage_sizes(layers, 2, [7, 3]) == [7, 3]
+    heavy = [nn.Linear(64, 64)] + [nn.Linear(2, 2) for _ in range(7)]
+    assert stage_sizes(heavy, 2, "parameters") == [1, 7]
+
+
+@pytest.mark.parametrize("partition,message", [
+    ([5, 4], "adds up to 9 layers but the model has 10"),
+    ([10, 0], "empty stage"),
+    ([3, 3, 4], "gives 3 stages but the pipeline has 2"),
+    ("zigzag", "unknown partition 'zigzag'"),
+])
+def test_bad_partitions(partition, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        stage_sizes([nn.Identity()] * 10, 2, partition)
+
+
+def test_more_stages_than_layers() -> None:
+    with pytest.raises(ValueError, match="cannot cut 3 layers into 4 stages"):
+        stage_sizes([nn.Identity()] * 3, 4)
+
+
+def test_balance_is_optimal_against_brute_force() -> None:
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, k = rng.randint(1, 9), rng.randint(1, 4)
+        if k > n:
+            continue
+        weights = [rng.randint(0, 20) for _ in range(n)]
+        best = min(max(sum(weights[a:b]) for a, b in zip((0,) + cuts, cuts + (n,)))
+                   for cuts in itertools.combinations(range(1, n), k - 1))
+        sizes = balance(weights, k)
+        assert sum(sizes) == n and min(sizes) >= 1
+        bounds = [sum(sizes[:i]) for i in range(k + 1)]
+        assert max(sum(weights[bounds[i]:bounds[i + 1]]) for i in range(k)) == best
+
+
+def test_cut_keeps_layer_names() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    stages = cut(model, [2, 1])
+    assert list(stages[1].state_dict()) == ["2.weight", "2.bias"]
+    assert stages[0][0] is model[0]
