@@ -227,5 +227,5 @@ def get_schedule(name: str, num_stages: int, num_microbatches: int, **options: i
     return fn(num_stages, num_microbatches, **options)
 
 
-# Registers interleaved_1f1b and zb_h1. At the end, so that the zoo finds everything it imports from here.
+# Registers interleaved_1f1b, zb_h1 and zb_v. At the end, so that the zoo finds everything it imports from here.
 from lightning_pipe.engine import schedules_zoo  # noqa: E402, F401

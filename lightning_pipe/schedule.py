@@ -1,0 +1,91 @@
+"""Command line for schedules: print one as a grid with its predicted bubble and memory, optionally as a PNG.
+
+    python -m lightning_pipe.schedule show 1f1b --stages 4 --microbatches 8
+    python -m lightning_pipe.schedule show interleaved_1f1b --stages 4 --microbatches 8 --virtual-stages 2 --png il.png
+    python -m lightning_pipe.schedule show zb_h1 --stages 4 --microbatches 8 --backward-weight 0.5
+    python -m lightning_pipe.schedule list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_pipe.engine.schedule_rules import ScheduleError, check_schedule, format_grid
+from lightning_pipe.engine.schedules import SCHEDULES, get_schedule
+from lightning_pipe.planner.simulate import Link, Prediction, StageCost, predict
+
+__all__ = ["main", "build_parser", "describe"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_pipe.schedule", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="print the registered schedule names")
+    show = commands.add_parser("show", help="print a schedule's grid, predicted bubble and peak activations")
+    show.add_argument("name", help=f"schedule name: {', '.join(sorted(SCHEDULES))}")
+    show.add_argument("--stages", type=int, required=True,
+                      help="pipeline depth in ranks (interleaved_1f1b: ranks; it makes stages x virtual stages)")
+    show.add_argument("--microbatches", type=int, required=True, help="micro-batches per batch")
+    show.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved_1f1b)")
+    costs = show.add_argument_group("costs of one stage (any time unit; an unsplit backward B costs I + W)")
+    costs.add_argument("--forward", type=float, default=1.0, help="F (default 1)")
+    costs.add_argument("--backward-input", type=float, default=1.0, help="I, input gradient (default 1)")
+    costs.add_argument("--backward-weight", type=float, default=1.0, help="W, weight gradient (default 1)")
+    costs.add_argument("--optimizer", type=float, default=0.0, help="optimizer step (default 0)")
+    link = show.add_argument_group("link between ranks")
+    link.add_argument("--latency", type=float, default=0.0, help="per message (default 0)")
+    link.add_argument("--bandwidth", type=float, default=float("inf"), help="bytes per time unit (default inf)")
+    link.add_argument("--message-bytes", type=float, default=0.0, help="bytes of one activation (default 0)")
+    show.add_argument("--png", default=None, help="also draw the predicted timeline to this PNG file")
+    return parser
+
+
+def describe(prediction: Prediction) -> str:
+    """The prediction as a few lines of text: step time, bubble, and per-rank idle share and peak memory."""
+    schedule = prediction.schedule
+    lines = [
+        f"{schedule.name}: {schedule.num_ranks} ranks, {schedule.num_stages} stages, "
+        f"{schedule.num_microbatches} micro-batches, {prediction.num_messages} messages",
+        f"step time {prediction.step_time:.4g} (pipeline {prediction.makespan:.4g}), "
+        f"bubble fraction {prediction.bubble_fraction:.3f}",
+        "rank | idle fraction | peak activations (micro-batches held, summed over the rank's stages)",
+    ]
+    for rank, (idle, peak) in enumerate(zip(prediction.idle_fraction, prediction.peak_activations)):
+        lines.append(f"{rank:4d} | {idle:13.3f} | {peak}")
+    return "\n".join(lines)
+
+
+def _show(args: argparse.Namespace) -> None:
+    options = {} if args.virtual_stages is None else {"virtual_stages": args.virtual_stages}
+    schedule = get_schedule(args.name, args.stages, args.microbatches, **options)
+    check_schedule(schedule)
+    cost = StageCost(args.forward, args.backward_input, args.backward_weight, args.optimizer)
+    prediction = predict(schedule, cost, Link(args.latency, args.bandwidth, args.message_bytes))
+    print("order of compute actions (one row per step, every action one step long):")
+    print(format_grid(schedule))
+    print()
+    print(describe(prediction))
+    if args.png:
+        from lightning_pipe.viz import draw_timeline
+
+        draw_timeline(prediction, args.png)
+        print(f"timeline drawn to {args.png}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        print("\n".join(sorted(SCHEDULES)))
+        return 0
+    try:
+        _show(args)
+    except (ValueError, ScheduleError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Tests of ``python -m lightning_pipe.schedule``."""
+
+import subprocess
+import sys
+
+from lightning_pipe.schedule import main
+
+
+def test_show_prints_grid_bubble_and_peaks(capsys):
+    assert main(["show", "1f1b", "--stages", "4", "--microbatches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "   0 | 0F0" in out
+    assert "bubble fraction 0.273" in out  # 3 / 11
+    assert "   0 |         0.273 | 4" in out and "   3 |         0.273 | 1" in out
+
+
+def test_show_interleaved_with_png(tmp_path, capsys):
+    png = tmp_path / "il.png"
+    argv = ["show", "interleaved_1f1b", "--stages", "2", "--microbatches", "4", "--virtual-stages", "2",
+            "--png", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks, 4 stages, 4 micro-batches" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_show_costs(capsys):
+    argv = ["show", "zb_h1", "--stages", "4", "--microbatches", "8", "--backward-weight", "0.5"]
+    assert main(argv) == 0
+    assert "pipeline 24.5" in capsys.readouterr().out  # 8 * 2.5 + 3 * (1 + 1 - 0.5)
+
+
+def test_errors_say_how_to_fix(capsys):
+    assert main(["show", "interleaved_1f1b", "--stages", "4", "--microbatches", "6"]) == 2
+    assert "use 8 or schedule='1f1b'" in capsys.readouterr().err
+    assert main(["show", "nope", "--stages", "4", "--microbatches", "6"]) == 2
+    assert "unknown schedule 'nope'" in capsys.readouterr().err
+
+
+def test_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "lightning_pipe.schedule", "list"], capture_output=True,
+                            text=True, check=True)
+    assert "zb_h1" in result.stdout.split()
