@@ -15,7 +15,8 @@ from lightning_pipe.engine.comm import Communicator, PipelineError
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
 from lightning_pipe.engine.partition import Partition, cut, stage_sizes
 from lightning_pipe.engine.runtime import configure_threads, local_world_size
-from lightning_pipe.engine.schedules import Action, Op, Schedule, forward_only, get_schedule
+from lightning_pipe.engine.schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
+from lightning_pipe.engine.trace import Record
 from lightning_pipe.engine.stage import PipelineStage
 from lightning_pipe.engine.tree import tree_map_tensors
 
@@ -98,6 +99,9 @@ class Pipeline:
                                  checkpoint_activations)
             for index in plan.stages_of(self.rank)
         }
+        if any(action.op is Op.BACKWARD_INPUT for action in plan.actions[self.rank]):
+            for stage in self.stages.values():
+                stage.enable_split_backward()
         self.comm = Communicator(self.group, self.device)
 
     # -- public API -------------------------------------------------------------------------------
@@ -128,12 +132,28 @@ class Pipeline:
         return state
 
     def schedule_for(self, num_microbatches: int) -> Schedule:
-        """The schedule run for a batch of ``num_microbatches`` micro-batches."""
+        """The schedule run for a batch of ``num_microbatches`` micro-batches.
+
+        A last partial batch may split into a count the schedule refuses (interleaved_1f1b needs a multiple of
+        the ranks); it then runs fill-drain over the same stage placement, which takes any count.
+        """
         cache = self.__dict__.setdefault("_schedules", {})
         if num_microbatches not in cache:
-            plan = get_schedule(self.schedule_name, self.num_ranks, num_microbatches, **self.schedule_options)
+            try:
+                plan = get_schedule(self.schedule_name, self.num_ranks, num_microbatches, **self.schedule_options)
+            except ValueError:
+                if num_microbatches >= self.num_microbatches or not cache:
+                    raise
+                plan = gpipe(self.num_stages, num_microbatches, self.stage_to_rank)
             cache[num_microbatches] = (plan, _outgoing_channels(plan, self.rank))
         return cache[num_microbatches][0]
+
+    def take_records(self) -> list[Record]:
+        """What this rank ran since the last call (with ``record=True``): one Record per action, timed on
+        ``time.perf_counter``, which all processes of one machine share."""
+        records = [Record(self.rank, action, start, end) for action, start, end in self.records]
+        self.records.clear()
+        return records
 
     def train_step(self, batch: Any, loss_scale: float = 1.0) -> torch.Tensor | None:
         """Forward and backward of ``batch``; gradients accumulate into the parameters.

@@ -149,15 +149,21 @@ def _check_sizes(name: str, num_stages: int, num_microbatches: int) -> None:
         raise ValueError(f"{name}: num_microbatches ({num_microbatches}) must be >= 1")
 
 
-def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
-    """GPipe's fill-drain: every forward of the batch, then every backward. Holds all m micro-batches."""
+def gpipe(num_stages: int, num_microbatches: int, stage_to_rank: Sequence[int] | None = None) -> Schedule:
+    """GPipe's fill-drain: every forward of the batch, then every backward. Holds all m micro-batches.
+
+    ``stage_to_rank`` places several stages on one rank (default: stage ``s`` on rank ``s``); a rank then runs
+    its stages' forwards in stage order and their backwards in reverse order. Any ``m`` works for any
+    placement, so this is also the fallback for a last partial batch that a schedule cannot split.
+    """
     _check_sizes("gpipe", num_stages, num_microbatches)
-    compute = []
+    owners = list(stage_to_rank) if stage_to_rank is not None else list(range(num_stages))
+    compute: list[list[Action]] = [[] for _ in range(max(owners) + 1)]
     for stage in range(num_stages):
-        forwards = [Action(stage, Op.FORWARD, mb) for mb in range(num_microbatches)]
-        backwards = [Action(stage, Op.BACKWARD, mb) for mb in range(num_microbatches)]
-        compute.append(forwards + backwards)
-    return add_communication("gpipe", compute, range(num_stages), num_microbatches)
+        compute[owners[stage]].extend(Action(stage, Op.FORWARD, mb) for mb in range(num_microbatches))
+    for stage in reversed(range(num_stages)):
+        compute[owners[stage]].extend(Action(stage, Op.BACKWARD, mb) for mb in range(num_microbatches))
+    return add_communication("gpipe", compute, owners, num_microbatches)
 
 
 def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:

@@ -36,7 +36,13 @@ class PipelineStage:
         self.checkpoint_activations = checkpoint_activations
         self._inputs: dict[int, list[torch.Tensor]] = {}  # micro-batch -> input leaves
         self._outputs: dict[int, Any] = {}  # micro-batch -> output tree (or the scaled loss, on the last stage)
-        self._weight_grads_owed: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._weight_grads_owed: dict[int, tuple] = {}
+        # Split backward (zero-bubble schedules): the outputs of every module that owns parameters, per
+        # micro-batch, so the weight half can start from them instead of from the stage's output.
+        self._captures: dict[int, list[tuple[nn.Module, list[torch.Tensor]]]] = {}
+        self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
+        self._split_mode: str | None = None  # None until verified, then "captured" or "full"
+        self._hooks: list[Any] = []
 
     @property
     def is_first(self) -> bool:
@@ -52,11 +58,42 @@ class PipelineStage:
             self._inputs[microbatch] = tree_flatten(inputs)[0]
         if self.checkpoint_activations and torch.is_grad_enabled():
             output = checkpoint(self.module, inputs, use_reentrant=False, preserve_rng_state=True)
+        elif self._hooks and torch.is_grad_enabled():
+            self._capturing = []
+            try:
+                output = self.module(inputs)
+            finally:
+                self._captures[microbatch], self._capturing = self._capturing, None
         else:
             output = self.module(inputs)
         if torch.is_grad_enabled():
             self._outputs[microbatch] = output
         return output
+
+    def enable_split_backward(self) -> None:
+        """Prepare for :meth:`backward_input` / :meth:`backward_weight` (zero-bubble schedules).
+
+        The weight half must not redo the input half's work, so forward records the output of every module
+        that owns parameters; the input half also computes the gradients of those outputs, and the weight
+        half back-propagates from each of them to its own module's parameters only. That is exact when each
+        parameter reaches the loss only through the modules that own it, which the first weight half checks
+        against a plain backward; a stage where it fails (a parameter used by a module that does not own it)
+        falls back to the plain, slower weight half.
+        """
+        if self.checkpoint_activations:
+            raise ValueError("checkpoint_activations cannot be combined with a schedule that splits the backward "
+                             "(zb_h1, zb_v); turn one of them off")
+        if self._hooks:
+            return
+        for module in self.module.modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self._hooks.append(module.register_forward_hook(self._capture_output))
+
+    def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capturing is not None:
+            leaves = [t for t in tree_flatten(output)[0] if t.requires_grad]
+            if leaves:
+                self._capturing.append((module, leaves))
 
     def hold(self, microbatch: int, loss: torch.Tensor) -> None:
         """On the last stage: back-propagate ``microbatch`` from ``loss`` instead of from the layers' output."""
@@ -68,6 +105,7 @@ class PipelineStage:
         Returns the gradient of each input leaf (``None`` where the input needs none) and frees the micro-batch.
         """
         tensors, grads = self._roots(microbatch, grad_outputs)
+        self._captures.pop(microbatch, None)
         if tensors:
             torch.autograd.backward(tensors, grads)
         inputs = self._inputs.pop(microbatch)
@@ -79,18 +117,57 @@ class PipelineStage:
         """The input-gradient half of :meth:`backward`; :meth:`backward_weight` must follow for ``microbatch``."""
         tensors, grads = self._roots(microbatch, grad_outputs)
         inputs = self._inputs.pop(microbatch)
+        captures = self._captures.pop(microbatch, [])
         wanted = [x for x in inputs if x.requires_grad]
-        results = iter(torch.autograd.grad(tensors, wanted, grads, retain_graph=True, allow_unused=True)
-                       if tensors and wanted else [])
-        self._weight_grads_owed[microbatch] = (tensors, grads)
-        return [next(results) if x.requires_grad else None for x in inputs]
+        captured = [t for _, leaves in captures for t in leaves]
+        results: list[torch.Tensor | None] = []
+        if tensors and (wanted or captured):
+            results = list(torch.autograd.grad(tensors, wanted + captured, grads, retain_graph=True,
+                                               allow_unused=True))
+        self._weight_grads_owed[microbatch] = (tensors, grads, captures, results[len(wanted):])
+        found = iter(results[: len(wanted)])
+        return [next(found) if x.requires_grad else None for x in inputs]
 
     def backward_weight(self, microbatch: int) -> None:
         """The weight-gradient half of :meth:`backward` for a micro-batch that went through :meth:`backward_input`."""
-        tensors, grads = self._weight_grads_owed.pop(microbatch)
+        tensors, grads, captures, captured_grads = self._weight_grads_owed.pop(microbatch)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        if tensors and params:
+        if not tensors or not params:
+            return
+        if self._split_mode is None:
+            full = torch.autograd.grad(tensors, params, grads, retain_graph=True, allow_unused=True)
+            split = self._weight_grads_from(captures, captured_grads, accumulate=False)
+            same = all((g is None and id(p) not in split) or (g is not None and id(p) in split and
+                       torch.allclose(split[id(p)], g, rtol=1e-5, atol=1e-6)) for p, g in zip(params, full))
+            self._split_mode = "captured" if same else "full"
+            for param, grad in zip(params, full):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+        elif self._split_mode == "captured":
+            self._weight_grads_from(captures, captured_grads, accumulate=True)
+        else:
             torch.autograd.backward(tensors, grads, inputs=params)
+
+    def _weight_grads_from(self, captures: list, captured_grads: list, accumulate: bool) -> dict[int, torch.Tensor]:
+        """Back-propagate from each recorded module output to that module's own parameters."""
+        sums: dict[int, torch.Tensor] = {}
+        offset = 0
+        for module, leaves in captures:
+            outs = captured_grads[offset : offset + len(leaves)]
+            offset += len(leaves)
+            pairs = [(t, g) for t, g in zip(leaves, outs) if g is not None]
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not pairs or not own:
+                continue
+            roots, root_grads = [t for t, _ in pairs], [g for _, g in pairs]
+            if accumulate:
+                torch.autograd.backward(roots, root_grads, inputs=own, retain_graph=True)
+                continue
+            for param, grad in zip(own, torch.autograd.grad(roots, own, root_grads, retain_graph=True,
+                                                            allow_unused=True)):
+                if grad is not None:
+                    sums[id(param)] = sums[id(param)] + grad if id(param) in sums else grad
+        return sums
 
     def _roots(
         self, microbatch: int, grad_outputs: list[torch.Tensor | None] | None
@@ -112,6 +189,7 @@ class PipelineStage:
         self._inputs.clear()
         self._outputs.clear()
         self._weight_grads_owed.clear()
+        self._captures.clear()
 
     @property
     def num_held(self) -> int:
