@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lightning_pipe.engine import schedules_async
 from lightning_pipe.engine.comm import Communicator, PipelineError
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
 from lightning_pipe.engine.partition import Partition, cut, stage_sizes
@@ -46,6 +47,12 @@ class Pipeline:
     ``loss_fn(output, microbatch)`` runs on the last stage and must return the micro-batch's *mean* loss; the
     executor weights it by the micro-batch's share of rows, so uneven splits stay exact. ``input_fn`` picks the
     first stage's input from a micro-batch (default: element 0 of a tuple, else the micro-batch).
+
+    The asynchronous schedules (``async_1f1b``, ``2bw``; see :mod:`.schedules_async`) step the optimizer
+    inside the pipeline and keep micro-batches in flight from one ``train_step`` to the next: pass
+    ``train_step(batch, optimizer_step=opt.step)`` (the engine zeroes the gradients after each step) and call
+    :meth:`flush` before evaluating or saving. ``vertical_sync=True`` (async_1f1b) makes every stage run a
+    micro-batch on the weight version stage 0 used for it.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class Pipeline:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         record: bool = False,
+        vertical_sync: bool = False,
         **schedule_options: int,
     ) -> None:
         if not dist.is_initialized():
@@ -102,6 +110,13 @@ class Pipeline:
         if any(action.op is Op.BACKWARD_INPUT for action in plan.actions[self.rank]):
             for stage in self.stages.values():
                 stage.enable_split_backward()
+        self.asynchronous = plan.asynchronous
+        self.vertical_sync = vertical_sync
+        self._update_every_microbatch = False
+        if vertical_sync and schedule != "async_1f1b":
+            raise ValueError(f"vertical_sync applies to schedule='async_1f1b', not {schedule!r}")
+        if self.asynchronous:
+            self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device)
 
     # -- public API -------------------------------------------------------------------------------
@@ -145,8 +160,8 @@ class Pipeline:
                 if num_microbatches >= self.num_microbatches or not cache:
                     raise
                 plan = gpipe(self.num_stages, num_microbatches, self.stage_to_rank)
-            cache[num_microbatches] = (plan, _outgoing_channels(plan, self.rank))
-        return cache[num_microbatches][0]
+            cache[num_microbatches] = plan
+        return cache[num_microbatches]
 
     def take_records(self) -> list[Record]:
         """What this rank ran since the last call (with ``record=True``): one Record per action, timed on
@@ -155,37 +170,46 @@ class Pipeline:
         self.records.clear()
         return records
 
-    def train_step(self, batch: Any, loss_scale: float = 1.0) -> torch.Tensor | None:
+    def train_step(
+        self, batch: Any, loss_scale: float = 1.0, optimizer_step: Callable[[], Any] | None = None
+    ) -> torch.Tensor | None:
         """Forward and backward of ``batch``; gradients accumulate into the parameters.
 
         The gradients are those of ``loss_scale`` times the batch's mean loss (e.g. ``1 / accumulation steps``).
         Returns the batch's mean loss (detached, unscaled) on the rank that holds the last stage, ``None`` on
-        the others.
+        the others. Asynchronous schedules need ``optimizer_step`` and return the loss of this batch's
+        micro-batches (computed on the last stage during this call; earlier stages finish them later).
         """
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss: construct the Pipeline with loss_fn=(output, microbatch) -> loss")
-        losses, _ = self._run(batch, training=True, loss_scale=loss_scale)
+        microbatches = split_batch(batch, self.num_microbatches)
+        if self.asynchronous:
+            return self._train_step_async(microbatches, loss_scale, optimizer_step)
+        plan = self.schedule_for(len(microbatches))
+        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
         return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
     def eval_step(self, batch: Any) -> tuple[torch.Tensor | None, list[Any] | None]:
         """Forward only. On the last stage's rank returns (mean loss or None without loss_fn, the micro-batch
         outputs in order); on the other ranks (None, None)."""
-        losses, outputs = self._run(batch, training=False)
+        if self.asynchronous and self._in_flight:
+            raise RuntimeError("call flush() before eval_step: micro-batches of the last train_step are still in "
+                               "flight and the weights are not final")
+        microbatches = split_batch(batch, self.num_microbatches)
+        plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
+        losses, outputs = self._run(plan, microbatches, training=False)
         if not self.is_last_rank:
             return None, None
         return (torch.stack(losses).sum() if losses else None), outputs
 
     # -- running a schedule -----------------------------------------------------------------------
-    def _run(self, batch: Any, training: bool, loss_scale: float = 1.0) -> tuple[list[torch.Tensor], list[Any]]:
-        microbatches = split_batch(batch, self.num_microbatches)
-        self.schedule_for(len(microbatches))
-        if training:
-            plan, outgoing = self.__dict__["_schedules"][len(microbatches)]
-        else:
-            plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
-            outgoing = _outgoing_channels(plan, self.rank)
-        state = _StepState(microbatches, microbatch_weights(microbatches) if self.loss_fn else [], loss_scale)
+    def _run(self, plan: Schedule, microbatches: list[Any], training: bool, loss_scale: float = 1.0,
+             first_id: int = 0) -> tuple[list[torch.Tensor], list[Any]]:
+        """Follow this rank's list of ``plan``; micro-batch ``i`` of the list is ``first_id + i`` in the stages."""
+        outgoing = _outgoing_channels(plan, self.rank)
+        weights = microbatch_weights(microbatches) if self.loss_fn and microbatches else []
+        state = _StepState(microbatches, weights, loss_scale, first_id)
         handlers = self._handlers(state, training)
         action: Action | None = None
         try:
@@ -198,7 +222,8 @@ class Pipeline:
             else:
                 for action in plan.actions[self.rank]:
                     handlers[action.op](action)
-            self.comm.wait_sends()
+            if not plan.asynchronous:  # asynchronous sends may be received in the next call
+                self.comm.wait_sends()
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
             self._abort(outgoing, str(error), error.origin_rank)
             raise
@@ -219,24 +244,36 @@ class Pipeline:
 
     def _handlers(self, state: _StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
         stages, comm, to_rank, last = self.stages, self.comm, self.stage_to_rank, self.num_stages - 1
+        first_id, vertical_sync = state.first_id, self.vertical_sync
+        grad_weights = [1.0] * len(state.weights) if self._update_every_microbatch else state.weights
 
         def forward(action: Action) -> None:
             index, _, mb = action
+            version = None
             if index == 0:
                 inputs = tree_map_tensors(lambda t: t.to(self.device, non_blocking=True),
                                           self.input_fn(state.microbatches[mb]))
             else:
                 inputs = state.activations.pop((index, mb))
-            output = stages[index].forward(mb, inputs)
+                if vertical_sync and training:
+                    version, inputs = inputs
+            stage = stages[index]
+            if stage.versions is not None and training and version is None:
+                version = self._version_for(index, first_id + mb)
+            output = stage.forward(first_id + mb, inputs, version)
             if index == last:
                 if self.loss_fn is not None:
-                    loss = self.loss_fn(output, state.microbatches[mb]) * state.weights[mb]
+                    loss = self.loss_fn(output, state.microbatches[mb])
                     if training:
-                        stages[index].hold(mb, loss * state.loss_scale if state.loss_scale != 1.0 else loss)
-                    state.losses.append(loss.detach())
+                        scale = grad_weights[mb] * state.loss_scale
+                        stage.hold(first_id + mb, loss * scale if scale != 1.0 else loss)
+                    state.losses.append(loss.detach() * state.weights[mb])
                 if not training:
                     state.outputs.append(output)
-            elif to_rank[index + 1] == self.rank:  # the next stage is ours too: hand over in memory
+                return
+            if vertical_sync and training:
+                output = (version, output)
+            if to_rank[index + 1] == self.rank:  # the next stage is ours too: hand over in memory
                 state.activations[(index + 1, mb)] = tree_map_tensors(_as_leaf, output)
             else:
                 state.to_send[(index, mb)] = output
@@ -245,7 +282,10 @@ class Pipeline:
             index, op, mb = action
             grads = None if index == last else state.gradients.pop((index, mb))
             stage = stages[index]
-            input_grads = stage.backward(mb, grads) if op is Op.BACKWARD else stage.backward_input(mb, grads)
+            if op is Op.BACKWARD:
+                input_grads = stage.backward(first_id + mb, grads)
+            else:
+                input_grads = stage.backward_input(first_id + mb, grads)
             if index == 0:
                 return
             if to_rank[index - 1] == self.rank:
@@ -254,7 +294,15 @@ class Pipeline:
                 state.to_send[(index, mb)] = input_grads
 
         def backward_weight(action: Action) -> None:
-            stages[action.stage].backward_weight(action.microbatch)
+            stages[action.stage].backward_weight(first_id + action.microbatch)
+
+        def optimizer_step(action: Action) -> None:
+            versions = stages[action.stage].versions
+            versions.before_step()
+            self._optimizer_step()
+            for param in versions.live:
+                param.grad = None
+            versions.after_step()
 
         def send_activation(action: Action) -> None:
             index, _, mb = action
@@ -277,22 +325,95 @@ class Pipeline:
             Op.BACKWARD: backward,
             Op.BACKWARD_INPUT: backward,
             Op.BACKWARD_WEIGHT: backward_weight,
+            Op.OPTIMIZER: optimizer_step,
             Op.SEND_ACTIVATION: send_activation,
             Op.RECV_ACTIVATION: recv_activation,
             Op.SEND_GRAD: send_grad,
             Op.RECV_GRAD: recv_grad,
         }
 
+    # -- asynchronous schedules -------------------------------------------------------------------
+    def _setup_async(self, plan: Schedule, checkpoint_activations: bool) -> None:
+        if len(self.stages) != 1:
+            raise ValueError("asynchronous schedules run one stage per rank")
+        # 2BW and vertical sync ask for weights older than the live ones: keep what each step replaces.
+        keep_replaced = self.vertical_sync or self.schedule_name == "2bw"
+        for stage in self.stages.values():
+            stage.stash_weights(keep_replaced)
+        self._steady = plan
+        self._update_every_microbatch = sum(a.op is Op.OPTIMIZER for a in plan.actions[0]) == plan.num_microbatches
+        self._in_flight = False
+        self._next_id = 0  # id of the next micro-batch, counted from the first batch
+        self._batches_since_drain = 0
+        self._version_at_drain = 0
+        self._optimizer_step: Callable[[], Any] = _no_optimizer
+
+    def _version_for(self, stage_index: int, microbatch_id: int) -> int:
+        """Which weight version a forward runs on (the written tables are in tests/test_async_versions.py)."""
+        versions = self.stages[stage_index].versions
+        if self.schedule_name == "2bw":
+            # Batch b after a drain runs on the weights after the update of batch b - 2: one step stale.
+            return self._version_at_drain + max(0, self._batches_since_drain - 1)
+        return versions.version  # async_1f1b: the newest weights (stage 0's under vertical sync, sent along)
+
+    def _train_step_async(self, microbatches: list[Any], loss_scale: float,
+                          optimizer_step: Callable[[], Any] | None) -> torch.Tensor | None:
+        if optimizer_step is None:
+            raise ValueError(f"schedule {self.schedule_name!r} steps the optimizer inside the pipeline: call "
+                             f"train_step(batch, optimizer_step=optimizer.step)")
+        self._optimizer_step = optimizer_step
+        m = len(microbatches)
+        if m == self.num_microbatches:
+            plan = self._steady if self._in_flight else schedules_async.start(self._steady)
+            self._in_flight = True
+        else:  # a short last batch runs alone, after everything before it has finished
+            self.flush(optimizer_step)
+            plan = schedules_async.alone(self._steady, m)
+        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id)
+        self._next_id += m
+        self._batches_since_drain += 1
+        if m != self.num_microbatches:
+            self._drained()
+        return torch.stack(losses).sum() if losses else None
+
+    def flush(self, optimizer_step: Callable[[], Any] | None = None) -> None:
+        """Finish every micro-batch still in flight (asynchronous schedules): afterwards every stage has
+        applied every update and the weights are one consistent set. A no-op for synchronous schedules."""
+        if not self.asynchronous or not self._in_flight:
+            return
+        if optimizer_step is not None:
+            self._optimizer_step = optimizer_step
+        self._run(schedules_async.drain(self._steady), [], training=True,
+                  first_id=self._next_id - self.num_microbatches)
+        self._drained()
+
+    def _drained(self) -> None:
+        self.comm.wait_sends()  # the last gradients sent must arrive before anyone moves on
+        self._in_flight = False
+        self._batches_since_drain = 0
+        self._version_at_drain = next(iter(self.stages.values())).versions.version
+
+    @property
+    def weight_versions(self) -> int:
+        """Most weight copies this rank has held at once besides the live ones (asynchronous schedules)."""
+        return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
+
+
+def _no_optimizer() -> None:
+    raise RuntimeError("an asynchronous schedule reached an optimizer step without optimizer_step")
+
 
 class _StepState:
     """What moves between the actions of one step on one rank."""
 
-    __slots__ = ("microbatches", "weights", "loss_scale", "activations", "gradients", "to_send", "losses", "outputs")
+    __slots__ = ("microbatches", "weights", "loss_scale", "first_id", "activations", "gradients", "to_send",
+                 "losses", "outputs")
 
-    def __init__(self, microbatches: list[Any], weights: list[float], loss_scale: float) -> None:
+    def __init__(self, microbatches: list[Any], weights: list[float], loss_scale: float, first_id: int) -> None:
         self.microbatches = microbatches
         self.weights = weights
         self.loss_scale = loss_scale
+        self.first_id = first_id
         self.activations: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input of that stage
         self.gradients: dict[tuple[int, int], Any] = {}  # (stage, mb) -> gradient of that stage's output
         self.to_send: dict[tuple[Any, ...], Any] = {}  # (stage, mb) -> tree the next send action sends

@@ -119,7 +119,11 @@ def check_schedule(schedule: Schedule) -> Timeline:
             if schedule.stage_to_rank[stage] != rank:
                 raise ScheduleError(f"{name}: {action} runs on rank {rank}, but stage {stage} lives on rank "
                                     f"{schedule.stage_to_rank[stage]}")
-            if op in COMPUTE_OPS:
+            if op is Op.OPTIMIZER:
+                if not {(stage, Op.BACKWARD, mb), (stage, Op.BACKWARD_WEIGHT, mb)} & local_done:
+                    raise ScheduleError(f"{name}: rank {rank} runs {action} before the backward of micro-batch {mb}")
+                counts[(stage, op, mb)] += 1
+            elif op in COMPUTE_OPS:
                 counts[(stage, op, mb)] += 1
                 _check_dependencies(schedule, rank, action, local_done, received)
                 local_done.add((stage, op, mb))
@@ -183,7 +187,7 @@ def _check_dependencies(schedule: Schedule, rank: int, action: Action, local_don
 
 def _check_counts(schedule: Schedule, counts: dict[tuple[int, Op, int], int]) -> None:
     name = schedule.name
-    has_backward = any(op is not Op.FORWARD for (_, op, _) in counts)
+    has_backward = any(op in (Op.BACKWARD, Op.BACKWARD_INPUT) for (_, op, _) in counts)
     for stage in range(schedule.num_stages):
         for mb in range(schedule.num_microbatches):
             def n(op: Op) -> int:

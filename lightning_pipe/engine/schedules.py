@@ -55,6 +55,7 @@ class Op(str, enum.Enum):
     RECV_ACTIVATION = "RECV_F"
     SEND_GRAD = "SEND_B"
     RECV_GRAD = "RECV_B"
+    OPTIMIZER = "O"  # update this stage's weights (asynchronous schedules, inside the action list)
 
     def __str__(self) -> str:
         return self.value
@@ -68,7 +69,7 @@ class Action(NamedTuple):
 
     stage: int
     op: Op
-    microbatch: int
+    microbatch: int  # negative in an asynchronous schedule's steady state: a micro-batch of the batch before
 
     def __str__(self) -> str:
         return f"{self.stage}{self.op.value}{self.microbatch}"
@@ -78,7 +79,7 @@ class Action(NamedTuple):
         """Read ``"2F0"`` or ``"1SEND_B3"`` back into an action."""
         for op in sorted(Op, key=lambda o: -len(o.value)):
             head, sep, tail = text.partition(op.value)
-            if sep and head.isdigit() and tail.isdigit():
+            if sep and head.isdigit() and tail.lstrip("-").isdigit():
                 return cls(int(head), op, int(tail))
         raise ValueError(f"cannot read action {text!r}; write stage, op, micro-batch, e.g. '2F0' or '1SEND_B3'")
 
@@ -92,6 +93,7 @@ class Schedule:
     num_microbatches: int
     stage_to_rank: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]  # actions[rank]
+    asynchronous: bool = False  # runs across batches without a flush (see schedules_async)
 
     @property
     def num_ranks(self) -> int:
@@ -234,4 +236,4 @@ def get_schedule(name: str, num_stages: int, num_microbatches: int, **options: i
 
 
 # Registers interleaved_1f1b, zb_h1 and zb_v. At the end, so that the zoo finds everything it imports from here.
-from lightning_pipe.engine import schedules_zoo  # noqa: E402, F401
+from lightning_pipe.engine import schedules_async, schedules_zoo  # noqa: E402, F401

@@ -6,9 +6,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.engine.weights import WeightVersions
 
 __all__ = ["PipelineStage"]
 
@@ -43,6 +45,10 @@ class PipelineStage:
         self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
         self._split_mode: str | None = None  # None until verified, then "captured" or "full"
         self._hooks: list[Any] = []
+        # Asynchronous schedules: forwards run on weight snapshots; each micro-batch remembers its version.
+        self.versions: WeightVersions | None = None
+        self._version_of: dict[int, int] = {}
+        self.version_history: list[tuple[int, int]] | None = None  # set to [] to record (micro-batch, version)
 
     @property
     def is_first(self) -> bool:
@@ -52,12 +58,32 @@ class PipelineStage:
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
 
-    def forward(self, microbatch: int, inputs: Any) -> Any:
-        """Run the layers on ``inputs`` and keep what the backward of ``microbatch`` needs."""
+    def stash_weights(self, keep_replaced: bool) -> WeightVersions:
+        """Run forwards on weight versions (asynchronous schedules); see :mod:`.weights`."""
+        if self._hooks:
+            raise ValueError("asynchronous schedules cannot split the backward; use async_1f1b or 2bw alone")
+        self.versions = WeightVersions(self.module, keep_replaced)
+        return self.versions
+
+    def forward(self, microbatch: int, inputs: Any, version: int | None = None) -> Any:
+        """Run the layers on ``inputs`` and keep what the backward of ``microbatch`` needs.
+
+        With weight stashing, ``version`` says which weights to run on (held until the backward).
+        """
+        module: Any = self.module
+        if self.versions is not None and torch.is_grad_enabled():
+            assert version is not None, "a stage with weight versions needs the version of each forward"
+            weights = self.versions.acquire(version)
+            self._version_of[microbatch] = version
+            if self.version_history is not None:
+                self.version_history.append((microbatch, version))
+
+            def module(x: Any) -> Any:
+                return functional_call(self.module, weights, (x,), strict=False)
         if torch.is_grad_enabled():
             self._inputs[microbatch] = tree_flatten(inputs)[0]
         if self.checkpoint_activations and torch.is_grad_enabled():
-            output = checkpoint(self.module, inputs, use_reentrant=False, preserve_rng_state=True)
+            output = checkpoint(module, inputs, use_reentrant=False, preserve_rng_state=True)
         elif self._hooks and torch.is_grad_enabled():
             self._capturing = []
             try:
@@ -65,7 +91,7 @@ class PipelineStage:
             finally:
                 self._captures[microbatch], self._capturing = self._capturing, None
         else:
-            output = self.module(inputs)
+            output = module(inputs)
         if torch.is_grad_enabled():
             self._outputs[microbatch] = output
         return output
@@ -106,10 +132,26 @@ class PipelineStage:
         """
         tensors, grads = self._roots(microbatch, grad_outputs)
         self._captures.pop(microbatch, None)
+        inputs = self._inputs.pop(microbatch)
+        if self.versions is not None:
+            return self._backward_on_version(microbatch, tensors, grads, inputs)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        inputs = self._inputs.pop(microbatch)
         return [x.grad if x.requires_grad else None for x in inputs]
+
+    def _backward_on_version(self, microbatch: int, tensors: list, grads: list, inputs: list) -> list:
+        """Backward through a weight snapshot: input gradients out, weight gradients into the live ``.grad``."""
+        version = self._version_of.pop(microbatch)
+        snapshot = self.versions.snapshot(version)
+        wanted = [x for x in inputs if x.requires_grad]
+        results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
+                   else (None,) * (len(wanted) + len(snapshot)))
+        for live, grad in zip(self.versions.live, results[len(wanted):]):
+            if grad is not None:
+                live.grad = grad if live.grad is None else live.grad + grad
+        self.versions.release(version)
+        found = iter(results[: len(wanted)])
+        return [next(found) if x.requires_grad else None for x in inputs]
 
     def backward_input(
         self, microbatch: int, grad_outputs: list[torch.Tensor | None] | None
@@ -190,6 +232,9 @@ class PipelineStage:
         self._outputs.clear()
         self._weight_grads_owed.clear()
         self._captures.clear()
+        if self.versions is not None:
+            for microbatch in list(self._version_of):
+                self.versions.release(self._version_of.pop(microbatch))
 
     @property
     def num_held(self) -> int:

@@ -51,6 +51,7 @@ class StageCost:
             Op.BACKWARD: self.backward,
             Op.BACKWARD_INPUT: self.backward_input,
             Op.BACKWARD_WEIGHT: self.backward_weight,
+            Op.OPTIMIZER: self.optimizer,
         }.get(op, 0.0)
 
 
@@ -116,31 +117,38 @@ class Prediction:
 def predict(
     schedule: Schedule,
     costs: StageCost | Sequence[StageCost] = StageCost(),
-    link: Link = Link(),
+    link: Link | Sequence[Link] = Link(),
 ) -> Prediction:
-    """Simulate one step of ``schedule`` with ``costs`` (one for all stages, or one per stage) and ``link``."""
+    """Simulate one step of ``schedule`` with ``costs`` (one for all stages, or one per stage) and ``link`` (one
+    for all cuts, or one per cut: ``link[s]`` carries activations from stage ``s`` to ``s + 1`` and their gradients
+    back)."""
     if isinstance(costs, StageCost):
         costs = [costs] * schedule.num_stages
     costs = list(costs)
     if len(costs) != schedule.num_stages:
         raise ValueError(f"got {len(costs)} StageCosts for a schedule of {schedule.num_stages} stages; "
                          "pass one per stage, or a single StageCost for all")
+    links = [link] * max(schedule.num_stages - 1, 0) if isinstance(link, Link) else list(link)
+    if len(links) != max(schedule.num_stages - 1, 0):
+        raise ValueError(f"got {len(links)} Links for a schedule of {schedule.num_stages} stages; pass one per cut "
+                         f"({max(schedule.num_stages - 1, 0)}), or a single Link for all")
+    transfer = [item.transfer_time for item in links]
 
     def cost(action: Action) -> float:
         return costs[action.stage].of(action.op)
 
     def latency(action: Action) -> float:
-        return link.transfer_time
+        return transfer[action.stage if action.op is Op.SEND_ACTIVATION else action.stage - 1]
 
     timeline = simulate(schedule, cost, latency)
     makespan = timeline.makespan
     busy = tuple(sum(cost(action) for action in actions) for actions in schedule.actions)
     idle = tuple((makespan - b) / makespan if makespan else 0.0 for b in busy)
     ends = [ends[-1] if ends else 0.0 for ends in timeline.end]
-    step_time = max(
-        (end + sum(costs[stage].optimizer for stage in schedule.stages_of(rank)) for rank, end in enumerate(ends)),
-        default=0.0,
-    )
+    # Synchronous schedules step the optimizer after the pipeline; asynchronous ones have it in their lists.
+    final_step = [0.0 if schedule.asynchronous else sum(costs[stage].optimizer for stage in schedule.stages_of(rank))
+                  for rank in range(schedule.num_ranks)]
+    step_time = max((end + extra for end, extra in zip(ends, final_step)), default=0.0)
     num_messages = sum(
         action.op in (Op.SEND_ACTIVATION, Op.SEND_GRAD) for actions in schedule.actions for action in actions
     )
