@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lightning_pipe.engine import schedules_async
+from lightning_pipe.engine.actions import StepState, make_handlers, outgoing_channels
 from lightning_pipe.engine.comm import Communicator, PipelineError
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
 from lightning_pipe.engine.partition import Partition, cut, stage_sizes
@@ -19,7 +20,6 @@ from lightning_pipe.engine.runtime import configure_threads, local_world_size
 from lightning_pipe.engine.schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
 from lightning_pipe.engine.trace import Record
 from lightning_pipe.engine.stage import PipelineStage
-from lightning_pipe.engine.tree import tree_map_tensors
 
 __all__ = ["Pipeline", "default_input_fn"]
 
@@ -112,7 +112,7 @@ class Pipeline:
                 stage.enable_split_backward()
         self.asynchronous = plan.asynchronous
         self.vertical_sync = vertical_sync
-        self._update_every_microbatch = False
+        self.update_every_microbatch = False
         if vertical_sync and schedule != "async_1f1b":
             raise ValueError(f"vertical_sync applies to schedule='async_1f1b', not {schedule!r}")
         if self.asynchronous:
@@ -207,10 +207,10 @@ class Pipeline:
     def _run(self, plan: Schedule, microbatches: list[Any], training: bool, loss_scale: float = 1.0,
              first_id: int = 0) -> tuple[list[torch.Tensor], list[Any]]:
         """Follow this rank's list of ``plan``; micro-batch ``i`` of the list is ``first_id + i`` in the stages."""
-        outgoing = _outgoing_channels(plan, self.rank)
+        outgoing = outgoing_channels(plan, self.rank)
         weights = microbatch_weights(microbatches) if self.loss_fn and microbatches else []
-        state = _StepState(microbatches, weights, loss_scale, first_id)
-        handlers = self._handlers(state, training)
+        state = StepState(microbatches, weights, loss_scale, first_id)
+        handlers = make_handlers(self, state, training)
         action: Action | None = None
         try:
             if self.record:
@@ -242,96 +242,6 @@ class Pipeline:
         for stage in self.stages.values():
             stage.clear()
 
-    def _handlers(self, state: _StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
-        stages, comm, to_rank, last = self.stages, self.comm, self.stage_to_rank, self.num_stages - 1
-        first_id, vertical_sync = state.first_id, self.vertical_sync
-        grad_weights = [1.0] * len(state.weights) if self._update_every_microbatch else state.weights
-
-        def forward(action: Action) -> None:
-            index, _, mb = action
-            version = None
-            if index == 0:
-                inputs = tree_map_tensors(lambda t: t.to(self.device, non_blocking=True),
-                                          self.input_fn(state.microbatches[mb]))
-            else:
-                inputs = state.activations.pop((index, mb))
-                if vertical_sync and training:
-                    version, inputs = inputs
-            stage = stages[index]
-            if stage.versions is not None and training and version is None:
-                version = self._version_for(index, first_id + mb)
-            output = stage.forward(first_id + mb, inputs, version)
-            if index == last:
-                if self.loss_fn is not None:
-                    loss = self.loss_fn(output, state.microbatches[mb])
-                    if training:
-                        scale = grad_weights[mb] * state.loss_scale
-                        stage.hold(first_id + mb, loss * scale if scale != 1.0 else loss)
-                    state.losses.append(loss.detach() * state.weights[mb])
-                if not training:
-                    state.outputs.append(output)
-                return
-            if vertical_sync and training:
-                output = (version, output)
-            if to_rank[index + 1] == self.rank:  # the next stage is ours too: hand over in memory
-                state.activations[(index + 1, mb)] = tree_map_tensors(_as_leaf, output)
-            else:
-                state.to_send[(index, mb)] = output
-
-        def backward(action: Action) -> None:
-            index, op, mb = action
-            grads = None if index == last else state.gradients.pop((index, mb))
-            stage = stages[index]
-            if op is Op.BACKWARD:
-                input_grads = stage.backward(first_id + mb, grads)
-            else:
-                input_grads = stage.backward_input(first_id + mb, grads)
-            if index == 0:
-                return
-            if to_rank[index - 1] == self.rank:
-                state.gradients[(index - 1, mb)] = input_grads
-            else:
-                state.to_send[(index, mb)] = input_grads
-
-        def backward_weight(action: Action) -> None:
-            stages[action.stage].backward_weight(first_id + action.microbatch)
-
-        def optimizer_step(action: Action) -> None:
-            versions = stages[action.stage].versions
-            versions.before_step()
-            self._optimizer_step()
-            for param in versions.live:
-                param.grad = None
-            versions.after_step()
-
-        def send_activation(action: Action) -> None:
-            index, _, mb = action
-            comm.send(state.to_send.pop((index, mb)), to_rank[index + 1], _tag("F", index))
-
-        def recv_activation(action: Action) -> None:
-            index, _, mb = action
-            state.activations[(index, mb)] = comm.recv(to_rank[index - 1], _tag("F", index - 1))
-
-        def send_grad(action: Action) -> None:
-            index, _, mb = action
-            comm.send(state.to_send.pop((index, mb)), to_rank[index - 1], _tag("B", index))
-
-        def recv_grad(action: Action) -> None:
-            index, _, mb = action
-            state.gradients[(index, mb)] = comm.recv(to_rank[index + 1], _tag("B", index + 1))
-
-        return {
-            Op.FORWARD: forward,
-            Op.BACKWARD: backward,
-            Op.BACKWARD_INPUT: backward,
-            Op.BACKWARD_WEIGHT: backward_weight,
-            Op.OPTIMIZER: optimizer_step,
-            Op.SEND_ACTIVATION: send_activation,
-            Op.RECV_ACTIVATION: recv_activation,
-            Op.SEND_GRAD: send_grad,
-            Op.RECV_GRAD: recv_grad,
-        }
-
     # -- asynchronous schedules -------------------------------------------------------------------
     def _setup_async(self, plan: Schedule, checkpoint_activations: bool) -> None:
         if len(self.stages) != 1:
@@ -341,14 +251,14 @@ class Pipeline:
         for stage in self.stages.values():
             stage.stash_weights(keep_replaced)
         self._steady = plan
-        self._update_every_microbatch = sum(a.op is Op.OPTIMIZER for a in plan.actions[0]) == plan.num_microbatches
+        self.update_every_microbatch = sum(a.op is Op.OPTIMIZER for a in plan.actions[0]) == plan.num_microbatches
         self._in_flight = False
         self._next_id = 0  # id of the next micro-batch, counted from the first batch
         self._batches_since_drain = 0
         self._version_at_drain = 0
-        self._optimizer_step: Callable[[], Any] = _no_optimizer
+        self.optimizer_step_fn: Callable[[], Any] = _no_optimizer
 
-    def _version_for(self, stage_index: int, microbatch_id: int) -> int:
+    def version_for(self, stage_index: int, microbatch_id: int) -> int:
         """Which weight version a forward runs on (the written tables are in tests/test_async_versions.py)."""
         versions = self.stages[stage_index].versions
         if self.schedule_name == "2bw":
@@ -361,7 +271,7 @@ class Pipeline:
         if optimizer_step is None:
             raise ValueError(f"schedule {self.schedule_name!r} steps the optimizer inside the pipeline: call "
                              f"train_step(batch, optimizer_step=optimizer.step)")
-        self._optimizer_step = optimizer_step
+        self.optimizer_step_fn = optimizer_step
         m = len(microbatches)
         if m == self.num_microbatches:
             plan = self._steady if self._in_flight else schedules_async.start(self._steady)
@@ -382,7 +292,7 @@ class Pipeline:
         if not self.asynchronous or not self._in_flight:
             return
         if optimizer_step is not None:
-            self._optimizer_step = optimizer_step
+            self.optimizer_step_fn = optimizer_step
         self._run(schedules_async.drain(self._steady), [], training=True,
                   first_id=self._next_id - self.num_microbatches)
         self._drained()
@@ -401,43 +311,3 @@ class Pipeline:
 
 def _no_optimizer() -> None:
     raise RuntimeError("an asynchronous schedule reached an optimizer step without optimizer_step")
-
-
-class _StepState:
-    """What moves between the actions of one step on one rank."""
-
-    __slots__ = ("microbatches", "weights", "loss_scale", "first_id", "activations", "gradients", "to_send",
-                 "losses", "outputs")
-
-    def __init__(self, microbatches: list[Any], weights: list[float], loss_scale: float, first_id: int) -> None:
-        self.microbatches = microbatches
-        self.weights = weights
-        self.loss_scale = loss_scale
-        self.first_id = first_id
-        self.activations: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input of that stage
-        self.gradients: dict[tuple[int, int], Any] = {}  # (stage, mb) -> gradient of that stage's output
-        self.to_send: dict[tuple[Any, ...], Any] = {}  # (stage, mb) -> tree the next send action sends
-        self.losses: list[torch.Tensor] = []
-        self.outputs: list[Any] = []
-
-
-def _tag(kind: str, sending_stage: int) -> int:
-    """Channel of a message: one per (kind, sending stage), so messages of different stages never mix."""
-    return 2 * sending_stage + (0 if kind == "F" else 1)
-
-
-def _as_leaf(tensor: torch.Tensor) -> torch.Tensor:
-    """Cut the autograd graph between two stages held by one rank, as a send would."""
-    return tensor.detach().requires_grad_(tensor.requires_grad)
-
-
-def _outgoing_channels(plan: Schedule, rank: int) -> set[tuple[int, int]]:
-    """(peer rank, tag) of every channel ``rank`` writes to: where an error must be announced."""
-    channels = set()
-    for stage, op, _ in plan.actions[rank]:
-        if op is Op.SEND_ACTIVATION:
-            channels.add((plan.stage_to_rank[stage + 1], _tag("F", stage)))
-        elif op is Op.SEND_GRAD:
-            channels.add((plan.stage_to_rank[stage - 1], _tag("B", stage)))
-    return channels
-

@@ -1,0 +1,147 @@
+"""What each action does: the functions the executor calls, one per op, and the state they pass along."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_pipe.engine.schedules import Action, Op, Schedule
+from lightning_pipe.engine.tree import tree_map_tensors
+
+if TYPE_CHECKING:
+    from lightning_pipe.engine.executor import Pipeline
+
+__all__ = ["StepState", "make_handlers", "tag", "outgoing_channels"]
+
+
+class StepState:
+    """What moves between the actions of one step on one rank."""
+
+    __slots__ = ("microbatches", "weights", "loss_scale", "first_id", "activations", "gradients", "to_send",
+                 "losses", "outputs")
+
+    def __init__(self, microbatches: list[Any], weights: list[float], loss_scale: float, first_id: int) -> None:
+        self.microbatches = microbatches
+        self.weights = weights
+        self.loss_scale = loss_scale
+        self.first_id = first_id
+        self.activations: dict[tuple[int, int], Any] = {}  # (stage, mb) -> input of that stage
+        self.gradients: dict[tuple[int, int], Any] = {}  # (stage, mb) -> gradient of that stage's output
+        self.to_send: dict[tuple[Any, ...], Any] = {}  # (stage, mb) -> tree the next send action sends
+        self.losses: list[torch.Tensor] = []
+        self.outputs: list[Any] = []
+
+
+def tag(kind: str, sending_stage: int) -> int:
+    """Channel of a message: one per (kind, sending stage), so messages of different stages never mix."""
+    return 2 * sending_stage + (0 if kind == "F" else 1)
+
+
+def _as_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """Cut the autograd graph between two stages held by one rank, as a send would."""
+    return tensor.detach().requires_grad_(tensor.requires_grad)
+
+
+def outgoing_channels(plan: Schedule, rank: int) -> set[tuple[int, int]]:
+    """(peer rank, tag) of every channel ``rank`` writes to: where an error must be announced."""
+    channels = set()
+    for stage, op, _ in plan.actions[rank]:
+        if op is Op.SEND_ACTIVATION:
+            channels.add((plan.stage_to_rank[stage + 1], tag("F", stage)))
+        elif op is Op.SEND_GRAD:
+            channels.add((plan.stage_to_rank[stage - 1], tag("B", stage)))
+    return channels
+
+
+def make_handlers(pipe: Pipeline, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
+    """One function per op, closed over this step's state: the executor's loop calls them in list order."""
+    stages, comm, to_rank, last = pipe.stages, pipe.comm, pipe.stage_to_rank, pipe.num_stages - 1
+    first_id, vertical_sync = state.first_id, pipe.vertical_sync
+    grad_weights = [1.0] * len(state.weights) if pipe.update_every_microbatch else state.weights
+
+    def forward(action: Action) -> None:
+        index, _, mb = action
+        version = None
+        if index == 0:
+            inputs = tree_map_tensors(lambda t: t.to(pipe.device, non_blocking=True),
+                                      pipe.input_fn(state.microbatches[mb]))
+        else:
+            inputs = state.activations.pop((index, mb))
+            if vertical_sync and training:
+                version, inputs = inputs
+        stage = stages[index]
+        if stage.versions is not None and training and version is None:
+            version = pipe.version_for(index, first_id + mb)
+        output = stage.forward(first_id + mb, inputs, version)
+        if index == last:
+            if pipe.loss_fn is not None:
+                loss = pipe.loss_fn(output, state.microbatches[mb])
+                if training:
+                    scale = grad_weights[mb] * state.loss_scale
+                    stage.hold(first_id + mb, loss * scale if scale != 1.0 else loss)
+                state.losses.append(loss.detach() * state.weights[mb])
+            if not training:
+                state.outputs.append(output)
+            return
+        if vertical_sync and training:
+            output = (version, output)
+        if to_rank[index + 1] == pipe.rank:  # the next stage is ours too: hand over in memory
+            state.activations[(index + 1, mb)] = tree_map_tensors(_as_leaf, output)
+        else:
+            state.to_send[(index, mb)] = output
+
+    def backward(action: Action) -> None:
+        index, op, mb = action
+        grads = None if index == last else state.gradients.pop((index, mb))
+        stage = stages[index]
+        if op is Op.BACKWARD:
+            input_grads = stage.backward(first_id + mb, grads)
+        else:
+            input_grads = stage.backward_input(first_id + mb, grads)
+        if index == 0:
+            return
+        if to_rank[index - 1] == pipe.rank:
+            state.gradients[(index - 1, mb)] = input_grads
+        else:
+            state.to_send[(index, mb)] = input_grads
+
+    def backward_weight(action: Action) -> None:
+        stages[action.stage].backward_weight(first_id + action.microbatch)
+
+    def optimizer_step(action: Action) -> None:
+        versions = stages[action.stage].versions
+        versions.before_step()
+        pipe.optimizer_step_fn()
+        for param in versions.live:
+            param.grad = None
+        versions.after_step()
+
+    def send_activation(action: Action) -> None:
+        index, _, mb = action
+        comm.send(state.to_send.pop((index, mb)), to_rank[index + 1], tag("F", index))
+
+    def recv_activation(action: Action) -> None:
+        index, _, mb = action
+        state.activations[(index, mb)] = comm.recv(to_rank[index - 1], tag("F", index - 1))
+
+    def send_grad(action: Action) -> None:
+        index, _, mb = action
+        comm.send(state.to_send.pop((index, mb)), to_rank[index - 1], tag("B", index))
+
+    def recv_grad(action: Action) -> None:
+        index, _, mb = action
+        state.gradients[(index, mb)] = comm.recv(to_rank[index + 1], tag("B", index + 1))
+
+    return {
+        Op.FORWARD: forward,
+        Op.BACKWARD: backward,
+        Op.BACKWARD_INPUT: backward,
+        Op.BACKWARD_WEIGHT: backward_weight,
+        Op.OPTIMIZER: optimizer_step,
+        Op.SEND_ACTIVATION: send_activation,
+        Op.RECV_ACTIVATION: recv_activation,
+        Op.SEND_GRAD: send_grad,
+        Op.RECV_GRAD: recv_grad,
+    }
