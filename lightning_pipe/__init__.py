@@ -1,0 +1,9 @@
+"""Pipeline-parallel training for PyTorch Lightning; importing it registers the strategies "pipedream" and "gpipe"."""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_pipe.strategy import PipelineStrategy
+
+__all__ = ["PipelineStrategy"]
+
+PipelineStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,96 @@
+"""One standard Lightning checkpoint for a pipeline: every stage's weights and optimizer state, written atomically.
+
+Lightning saves from global rank 0 only, which under a pipeline holds one stage. Here every rank sends its share to
+rank 0, which writes a single file whose ``state_dict`` has the keys of the unpipelined module (so that
+``YourModule.load_from_checkpoint(path)`` works in a plain program) and whose ``"pipeline"`` entry keeps each rank's
+optimizer and LR scheduler states for resuming with the same layout. ``optimizer_states`` and ``lr_schedulers`` at
+the top level are rank 0's, as Lightning's own format expects one entry per optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+__all__ = ["PIPELINE_KEY", "gather_checkpoint", "training_state_of_rank", "atomic_save"]
+
+PIPELINE_KEY = "pipeline"
+
+
+def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout: dict[str, Any],
+                      group: dist.ProcessGroup | None = None) -> dict[str, Any] | None:
+    """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
+
+    ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
+    (ranks and stages) so that a resume can check it matches.
+    """
+    share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
+             for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    shares: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(share, shares, dst=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    if shares is None:
+        return None
+    state: dict[str, Any] = {}
+    for part in shares:
+        for key, value in part["state_dict"].items():
+            state.setdefault(key, value)
+    missing = [key for key in state_keys if key not in state]
+    if missing:
+        raise RuntimeError(f"no rank holds {missing[:10]} of the model's state_dict; every layer must belong to a "
+                           f"stage: check the partition")
+    ordered = {key: state.pop(key) for key in state_keys}
+    ordered.update(state)  # keys the module added since it was cut (e.g. in on_save_checkpoint), after the rest
+    full = dict(checkpoint)
+    full["state_dict"] = ordered
+    if "optimizer_states" in checkpoint:
+        full[PIPELINE_KEY] = {
+            "layout": dict(layout),
+            "optimizer_states": [part.get("optimizer_states", []) for part in shares],
+            "lr_schedulers": [part.get("lr_schedulers", []) for part in shares],
+        }
+    return full
+
+
+def training_state_of_rank(checkpoint: Mapping[str, Any], rank: int,
+                           layout: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+    """This rank's optimizer and LR scheduler states from a pipeline checkpoint written with the same ``layout``."""
+    section = checkpoint.get(PIPELINE_KEY)
+    if section is None:
+        raise ValueError("this checkpoint was not written by PipelineStrategy, so it has no optimizer state for each "
+                         "stage; start a new fit from its weights instead: YourModule.load_from_checkpoint(path), "
+                         "then trainer.fit(model) without ckpt_path")
+    saved = dict(section["layout"])
+    if saved != dict(layout):
+        raise ValueError(f"this checkpoint's optimizer states belong to a pipeline laid out as {saved}, but this one "
+                         f"is {dict(layout)}; resume with the same devices, schedule and partition, or start a new "
+                         f"fit from its weights (YourModule.load_from_checkpoint(path)) without ckpt_path")
+    return section["optimizer_states"][rank], section["lr_schedulers"][rank]
+
+
+def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: str | os.PathLike,
+                storage_options: Any | None = None) -> None:
+    """Write ``checkpoint`` to ``path`` so that a crash while writing leaves any previous file there intact.
+
+    Local paths are written to a temporary file beside ``path`` and renamed over it (``os.replace`` is atomic);
+    remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole.
+    """
+    target = os.fspath(path)
+    if "://" in target and not target.startswith("file://"):
+        checkpoint_io.save_checkpoint(checkpoint, target, storage_options=storage_options)
+        return
+    target = target.removeprefix("file://")
+    directory, name = os.path.split(os.path.abspath(target))
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

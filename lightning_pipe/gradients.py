@@ -1,0 +1,93 @@
+"""Gradients of a pipeline step in Lightning's optimizer closure: held aside from zero_grad, clipped by the global norm.
+
+Lightning's automatic optimization runs ``training_step``, then ``zero_grad``, then ``backward``. The pipeline runs
+forward and backward of every micro-batch inside ``training_step`` (the loss, the logs and the schedule's order of
+forwards and backwards belong together), so its gradients exist before Lightning zeroes them. They are set aside
+until Lightning calls ``backward`` and added then, which is exactly where a single device would have produced them,
+so ``zero_grad``, gradient accumulation and the hooks around backward behave as on one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from lightning_pipe.tied import TiedParameters
+
+__all__ = ["HeldGradients", "clip_grad_norm_global"]
+
+
+class HeldGradients:
+    """The gradients one pipeline step produced, waiting for Lightning's ``backward`` to hand them over."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    @contextmanager
+    def held_aside(self, parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+        """Inside, the parameters' gradients start empty; what accumulates there is kept for :meth:`release`,
+        and the gradients from before are put back."""
+        params = list(parameters)
+        before = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield
+            self._pending = [(p, p.grad) for p in params if p.grad is not None]
+        finally:
+            for p, grad in zip(params, before):
+                p.grad = grad
+
+    def release(self, tied: TiedParameters | None = None) -> None:
+        """Add the held gradients to the parameters' gradients (Lightning may have zeroed those in between).
+
+        With ``tied``, each tied copy's held gradient is first replaced by the sum over the ranks holding a copy.
+        """
+        pending, self._pending = self._pending, []
+        params = {id(p): p for p, _ in pending}
+        held: dict[int, torch.Tensor | None] = {id(p): g for p, g in pending}
+        if tied is not None and len(tied):
+            for param in tied.parameters():
+                params.setdefault(id(param), param)
+            tied.sum_gradients(held)
+        for key, param in params.items():
+            grad = held.get(key)
+            if grad is None:
+                continue
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+
+
+@torch.no_grad()
+def clip_grad_norm_global(parameters: Iterable[nn.Parameter], max_norm: float,
+                          counts: Callable[[nn.Parameter], bool] = lambda p: True,
+                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the parameters of all ranks of ``group``: returns the global norm.
+
+    Every rank scales its gradients by the same factor, computed from the 2-norm of all stages' gradients together
+    (a parameter for which ``counts`` is False, such as a tied parameter's second copy, is left out of the norm).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    device = params[0].grad.device if params else torch.device("cpu")
+    if dist.is_initialized():
+        backend = dist.get_backend(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        if counts(p):
+            squares += torch.linalg.vector_norm(p.grad, 2.0, dtype=torch.float32).to(device) ** 2
+    if dist.is_initialized():
+        dist.all_reduce(squares, group=group)
+    total = squares.sqrt()
+    scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
+    return total

@@ -1,0 +1,218 @@
+"""What a step logs and its torchmetrics see, per micro-batch on the last stage, made one batch's worth on every rank.
+
+Under a pipeline the last stage runs ``training_step`` once per micro-batch, but Lightning must see one batch: its
+loggers and progress bar live on global rank 0, and callbacks such as ModelCheckpoint read the logged values on every
+rank. So the last stage records each ``self.log`` call instead of logging it, combines the calls of a batch as a
+single batch would have produced them (means weighted by micro-batch rows), and every rank logs the same result.
+torchmetrics objects are kept equal on every rank by sending the state of the batch and merging it everywhere; their
+own cross-process sync is switched off, since every rank already holds the whole state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import Metric
+
+__all__ = ["LoggedValue", "LogRecorder", "MetricTracker", "combine_logs"]
+
+_LOG_SIGNATURE = inspect.signature(LightningModule.log)
+_REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+_TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+
+
+@dataclass
+class LoggedValue:
+    """One name as logged for a whole batch: a value (or the attribute path of a Metric) and ``self.log`` options."""
+
+    name: str
+    value: torch.Tensor | None  # None for a Metric: its batch value travels with the metric's state
+    metric: str | None  # attribute path of the logged Metric, else None
+    options: dict[str, Any]
+    batch_size: int | None
+
+
+class LogRecorder:
+    """Records ``self.log`` calls of a LightningModule while a micro-batch's step runs, and logs their combination."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+        self.calls: list[tuple[dict[str, Any], int]] = []  # (bound log arguments, micro-batch rows)
+
+    @contextmanager
+    def recording(self, rows: int) -> Iterator[None]:
+        """Record the module's ``self.log`` calls made inside, for a micro-batch of ``rows`` rows."""
+
+        def log(*args: Any, **kwargs: Any) -> None:
+            bound = _LOG_SIGNATURE.bind(self.module, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments.pop("self")
+            self.calls.append((arguments, rows))
+
+        with self._patched(log):
+            yield
+
+    @contextmanager
+    def discarding(self) -> Iterator[None]:
+        """Drop ``self.log`` calls made inside (the first stage's partial run of a step)."""
+        with self._patched(lambda *args, **kwargs: None):
+            yield
+
+    @contextmanager
+    def _patched(self, log: Any) -> Iterator[None]:
+        self.module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            del self.module.log
+
+    def combine(self) -> list[LoggedValue]:
+        """The recorded calls as one batch's logs; clears the record."""
+        names = {id(m): name for name, m in self.module.named_modules() if isinstance(m, Metric)}
+        logged = combine_logs(self.calls, names)
+        self.calls = []
+        return logged
+
+    def replay(self, logged: list[LoggedValue], device: torch.device) -> None:
+        """Log ``logged`` through the real ``LightningModule.log`` (on every rank, with the same values)."""
+        for entry in logged:
+            options = dict(entry.options)
+            if entry.metric is not None:
+                metric = self.module.get_submodule(entry.metric)
+                options["metric_attribute"] = entry.metric
+                self.module.log(entry.name, metric, **options)
+            else:
+                assert entry.value is not None
+                self.module.log(entry.name, entry.value.to(device), batch_size=entry.batch_size, **options)
+
+
+def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int, str]) -> list[LoggedValue]:
+    """Combine per-micro-batch ``self.log`` calls into one per name, as one call for the whole batch would be.
+
+    ``reduce_fx`` says how: "mean" weights each micro-batch's value by its batch size (its rows, or the
+    ``batch_size`` it logged), "sum" adds, "max"/"min" take the extreme. The batch size logged is the sum.
+    """
+    by_name: dict[str, list[tuple[dict[str, Any], int]]] = {}
+    for arguments, rows in calls:
+        by_name.setdefault(arguments["name"], []).append((arguments, rows))
+    logged = []
+    for name, group in by_name.items():
+        first = group[0][0]
+        # every rank holds the same value, so a cross-rank sync would only mix in ranks that computed nothing
+        options = {key: value for key, value in first.items()
+                   if key not in ("name", "value", "batch_size", "sync_dist", "sync_dist_group", "metric_attribute")}
+        if isinstance(first["value"], Metric):
+            metric = metric_names.get(id(first["value"]))
+            if metric is None:
+                raise ValueError(f"self.log({name!r}, metric) logs a Metric that is not an attribute of the "
+                                 f"LightningModule; assign it in __init__ (self.metric = ...) so every rank holds it")
+            logged.append(LoggedValue(name, None, metric, options, None))
+            continue
+        sizes = [args["batch_size"] if args["batch_size"] is not None else rows for args, rows in group]
+        values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
+        reduce = _reduction(first["reduce_fx"], name)
+        if reduce == "mean":
+            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+            value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
+        elif reduce == "sum":
+            value = values.sum(0)
+        else:
+            value = values.amax(0) if reduce == "max" else values.amin(0)
+        given = first["value"]
+        floating = isinstance(given, torch.Tensor) and given.is_floating_point()
+        dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
+        logged.append(LoggedValue(name, value.to(dtype), None, options, int(sum(sizes))))
+    return logged
+
+
+def _reduction(reduce_fx: Any, name: str) -> str:
+    if isinstance(reduce_fx, str) and reduce_fx.lower() in _REDUCTIONS:
+        return _REDUCTIONS[reduce_fx.lower()]
+    if reduce_fx in _TORCH_REDUCTIONS:
+        return _TORCH_REDUCTIONS[reduce_fx]
+    raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): under PipelineStrategy reduce_fx must be 'mean', "
+                     f"'sum', 'max' or 'min', to combine the values of micro-batches")
+
+
+class MetricTracker:
+    """Keeps every torchmetrics ``Metric`` of a LightningModule in the same state on every rank.
+
+    On the last stage, :meth:`start` sets each metric aside and starts it empty, so that after the micro-batches
+    it holds exactly the batch's state; :meth:`batch_update` packs that state (and the batch value of the metrics
+    that are logged); :meth:`apply`, on every rank, merges the batch's state into the state set aside.
+    """
+
+    def __init__(self, module: LightningModule) -> None:
+        self.metrics = {name: m for name, m in module.named_modules() if isinstance(m, Metric)}
+        for metric in self.metrics.values():
+            metric.sync_on_compute = False
+            metric.dist_sync_on_step = False
+            metric._to_sync = False
+        self._saved: dict[str, tuple[dict[str, Any], int, Any, Any]] = {}
+
+    def start(self) -> None:
+        """Set every metric's state aside and start it empty (on the last stage, before the micro-batches)."""
+        self._saved = {name: self._take(metric) for name, metric in self.metrics.items()}
+
+    def batch_update(self, logged_metrics: set[str]) -> dict[str, dict[str, Any]]:
+        """Each updated metric's state for this batch alone (on CPU), with its batch value if it is logged."""
+        update = {}
+        for name, metric in self.metrics.items():
+            if metric._update_count == 0:
+                continue
+            value = metric.compute() if name in logged_metrics else None
+            update[name] = {"state": {attr: _to(getattr(metric, attr), "cpu") for attr in metric._defaults},
+                            "count": metric._update_count, "value": _to(value, "cpu")}
+        return update
+
+    def apply(self, update: dict[str, dict[str, Any]]) -> None:
+        """Merge each metric's batch state into its earlier state; the same on every rank."""
+        for name, metric in self.metrics.items():
+            saved = self._saved.pop(name, None)
+            if name not in update:
+                if saved is not None:  # untouched on the last stage: put the state set aside back as it was
+                    self._restore(metric, saved)
+                continue
+            earlier, count, _, _ = saved if saved is not None else self._take(metric)
+            for attr, value in update[name]["state"].items():
+                setattr(metric, attr, _to(value, metric.device))
+            metric._update_count = count + update[name]["count"]
+            with torch.no_grad():
+                metric._reduce_states(earlier)
+            metric._forward_cache = _to(update[name]["value"], metric.device)
+            metric._computed = None
+        self._saved = {}
+
+    @staticmethod
+    def _take(metric: Metric) -> tuple[dict[str, Any], int, Any, Any]:
+        """The metric's state (the objects themselves, not copies) and counters; leaves it empty."""
+        saved = ({attr: getattr(metric, attr) for attr in metric._defaults}, metric._update_count,
+                 metric._forward_cache, metric._computed)
+        for attr, default in metric._defaults.items():
+            empty = default.detach().clone().to(metric.device) if isinstance(default, torch.Tensor) else []
+            setattr(metric, attr, empty)
+        metric._update_count, metric._forward_cache, metric._computed = 0, None, None
+        return saved
+
+    @staticmethod
+    def _restore(metric: Metric, saved: tuple[dict[str, Any], int, Any, Any]) -> None:
+        state, metric._update_count, metric._forward_cache, metric._computed = saved
+        for attr, value in state.items():
+            setattr(metric, attr, value)
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value

@@ -1,0 +1,182 @@
+"""Find the nn.Sequential of a LightningModule, cut it to this rank's layers, and run the module's steps around it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.engine.tree import tree_flatten
+
+__all__ = ["find_sequence", "PipelinedSequence", "SplitModule"]
+
+_HOW_TO_CHOOSE = ("put the layers to pipeline in one nn.Sequential attribute that training_step or forward calls "
+                  "(self.layers = nn.Sequential(...)), or name it with PipelineStrategy(layers='attribute.path')")
+
+
+def find_sequence(module: nn.Module, path: str | None = None) -> tuple[str, nn.Sequential]:
+    """The attribute path and the ``nn.Sequential`` to pipeline: the one at ``path``, else the only outermost one."""
+    if path is not None:
+        try:
+            target = module.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{type(module).__name__} has no submodule {path!r}; pass layers= the attribute path of "
+                             f"its nn.Sequential, e.g. layers='model.blocks'") from None
+        if not isinstance(target, nn.Sequential):
+            raise TypeError(f"layers={path!r} is a {type(target).__name__}, not an nn.Sequential; a pipeline cuts a "
+                            f"sequence of layers: wrap them in nn.Sequential or name another attribute")
+        return path, target
+    candidates: list[tuple[str, nn.Sequential]] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Sequential) and name and not any(name.startswith(f"{c}.") for c, _ in candidates):
+            candidates.append((name, child))
+    if not candidates:
+        raise ValueError(f"PipelineStrategy found no nn.Sequential in {type(module).__name__}: {_HOW_TO_CHOOSE}")
+    if len(candidates) > 1:
+        names = ", ".join(repr(name) for name, _ in candidates)
+        raise ValueError(f"PipelineStrategy found several nn.Sequential in {type(module).__name__} ({names}) and "
+                         f"cannot tell which to pipeline; choose one with "
+                         f"PipelineStrategy(layers={candidates[0][0]!r})")
+    return candidates[0]
+
+
+class _Captured(BaseException):
+    """Stops a step at the sequence's input (a BaseException, so that a user's ``except Exception`` lets it pass)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+class PipelinedSequence(nn.Module):
+    """Stands in for the cut ``nn.Sequential``: holds this rank's layers, named as in the sequence, so that
+    ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's names.
+
+    Inside a step it either stops the step at its input (first stage) or returns the last stage's output without
+    computing anything (last stage); anywhere else it refuses to run, since most layers live on other ranks.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str) -> None:
+        super().__init__()
+        for name, layer in layers:
+            self.add_module(name, layer)
+        self._path = path
+        self._mode: str | None = None
+        self._output: Any = None
+        self._calls = 0
+        self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
+
+    def forward(self, *inputs: Any) -> Any:
+        if self._mode == "capture":
+            raise _Captured(inputs[0] if len(inputs) == 1 else inputs)
+        if self._mode == "output":
+            self._calls += 1
+            if self._calls > 1:
+                raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
+                                   f"runs it once per step: concatenate the inputs and call it once")
+            return self._output
+        raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
+                           f"{list(self._modules)}); it runs only inside training/validation/test/predict steps under "
+                           f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
+                           f"YourModule.load_from_checkpoint(path)")
+
+
+class SplitModule:
+    """A LightningModule whose ``nn.Sequential`` is pipelined: cuts it, and runs the module's steps around it.
+
+    The first stage runs a step only up to the sequence (:meth:`capture_input`): that is the pipeline's input. The
+    last stage runs the step again with the sequence replaced by the pipeline's output (:meth:`run_step`), so the code
+    after it (loss, ``self.log``, metrics) runs there unchanged.
+    """
+
+    def __init__(self, module: nn.Module, layers: str | None = None) -> None:
+        self.module = module
+        self.path, self.sequence = find_sequence(module, layers)
+        self.state_keys = list(module.state_dict().keys())  # the full model's keys, in the full model's order
+        inside = {id(p) for p in self.sequence.parameters()}
+        self.outside_trainable = [name for name, p in module.named_parameters()
+                                  if p.requires_grad and id(p) not in inside]
+        self.proxy: PipelinedSequence | None = None
+
+    @property
+    def is_cut(self) -> bool:
+        return self.proxy is not None
+
+    def install(self, local_layers: Sequence[tuple[str, nn.Module]]) -> PipelinedSequence:
+        """Replace the sequence by a proxy holding only ``local_layers``; the other layers are dropped."""
+        parent_path, _, attribute = self.path.rpartition(".")
+        parent = self.module.get_submodule(parent_path) if parent_path else self.module
+        self.proxy = PipelinedSequence(local_layers, self.path)
+        setattr(parent, attribute, self.proxy)
+        self.sequence = None  # type: ignore[assignment]
+        return self.proxy
+
+    # -- running steps around the sequence --------------------------------------------------------
+    def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input."""
+        proxy = self._proxy()
+        proxy._mode = "capture"
+        try:
+            getattr(self.module, step)(microbatch, *args, **kwargs)
+        except _Captured as captured:
+            inputs = captured.value
+        else:
+            raise RuntimeError(self._never_called(step))
+        finally:
+            proxy._mode = None
+        if any(t.requires_grad for t in tree_flatten(inputs)[0]) and torch.is_grad_enabled():
+            names = ", ".join(self.outside_trainable) or "parameters outside it"
+            raise ValueError(f"{step} computes the input of the nn.Sequential at {self.path!r} with parameters outside "
+                             f"the sequence that require grad ({names}); a pipeline trains only the layers inside it: "
+                             f"move them into the nn.Sequential (e.g. make the embedding its first layer), or freeze "
+                             f"them with requires_grad_(False)")
+        return inputs
+
+    def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> Any:
+        """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
+        proxy = self._proxy()
+        proxy._mode, proxy._output, proxy._calls = "output", output, 0
+        try:
+            result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            if proxy._calls == 0:
+                raise RuntimeError(self._never_called(step))
+        finally:
+            proxy._mode, proxy._output = None, None
+        return result
+
+    def outside_parameters_with_grad(self) -> list[str]:
+        """Trainable parameters outside the sequence that a step gave a gradient (the pipeline cannot train them)."""
+        named = dict(self.module.named_parameters())
+        return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
+
+    def outside_error(self, names: Sequence[str]) -> str:
+        return (f"training_step uses parameters outside the nn.Sequential at {self.path!r} that require grad "
+                f"({', '.join(names)}); a pipeline trains only the layers inside it: move them into the nn.Sequential "
+                f"(e.g. make the head its last layer), or freeze them with requires_grad_(False)")
+
+    # -- state ------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
+        if not self.is_cut:
+            self.module.load_state_dict(state_dict, strict=strict)
+            return
+        local_keys = self.module.state_dict().keys()
+        if strict:
+            missing = [key for key in local_keys if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in set(self.state_keys)]
+            if missing or unexpected:
+                raise RuntimeError(f"the checkpoint does not match {type(self.module).__name__}: missing keys "
+                                   f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+        self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+
+    def _proxy(self) -> PipelinedSequence:
+        if self.proxy is None:
+            raise RuntimeError("the module is not cut yet: call install() first")
+        return self.proxy
+
+    def _never_called(self, step: str) -> str:
+        return (f"{type(self.module).__name__}.{step} never called the nn.Sequential at {self.path!r}; the pipeline "
+                f"runs that sequence, so {step} must call it (directly or through forward): {_HOW_TO_CHOOSE}")

@@ -1,0 +1,217 @@
+"""Run a LightningModule's steps through a pipeline on every rank, and give every rank the last stage's results.
+
+This is the strategy's core, and needs no Trainer: :class:`PipelineRunner` cuts the module, runs one training or
+evaluation step through the engine, and then sends what the last stage computed (the loss, the combined logs, the
+torchmetrics' batch state, the step's outputs) to every rank in one broadcast, so that all ranks return, log and
+checkpoint the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.partition import Partition
+from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker
+from lightning_pipe.split import PipelinedSequence, SplitModule
+from lightning_pipe.tied import TiedParameters
+
+__all__ = ["PipelineRunner", "combine_outputs"]
+
+
+@dataclass
+class _StepResult:
+    """What the last stage sends every rank after a step."""
+
+    loss: torch.Tensor | None = None
+    output: Any = None
+    logs: list[LoggedValue] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+
+
+class PipelineRunner:
+    """A LightningModule cut into pipeline stages, one per rank, that runs its steps through the pipeline.
+
+    Build it on every rank with :meth:`build` (collective). Every rank then calls :meth:`train` or :meth:`evaluate`
+    with the same batch; each returns the same value on every rank.
+    """
+
+    def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters) -> None:
+        self.split = split
+        self.module: LightningModule = split.module  # type: ignore[assignment]
+        self.pipeline = pipeline
+        self.tied = tied
+        self.recorder = LogRecorder(self.module)
+        self.metrics = MetricTracker(self.module)
+        self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
+        self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
+
+    @classmethod
+    def build(cls, module: LightningModule, *, layers: str | None, schedule: str, num_microbatches: int,
+              partition: Partition, checkpoint_activations: bool, device: torch.device,
+              schedule_options: Mapping[str, int], group: dist.ProcessGroup | None = None) -> PipelineRunner:
+        """Cut ``module`` (collective: every rank of ``group`` calls it with an equal module)."""
+        split = SplitModule(module, layers)
+        pipeline = Pipeline(split.sequence, schedule=schedule, num_microbatches=num_microbatches, partition=partition,
+                            checkpoint_activations=checkpoint_activations, group=group, device=device,
+                            **schedule_options)
+        tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_to_rank, pipeline.group)
+        tied.synchronize_values()
+        local = [child for stage in pipeline.modules() for child in stage.named_children()]
+        runner = cls(split, pipeline, tied)
+        split.install(local).owner = runner
+        runner.settings = {"layers": layers, "schedule": schedule, "num_microbatches": num_microbatches,
+                           "partition": partition, "checkpoint_activations": checkpoint_activations,
+                           "schedule_options": dict(schedule_options)}
+        return runner
+
+    @staticmethod
+    def of(module: LightningModule) -> PipelineRunner | None:
+        """The runner that already cut ``module`` (by an earlier Trainer), if any."""
+        for child in module.modules():
+            if isinstance(child, PipelinedSequence) and isinstance(child.owner, PipelineRunner):
+                return child.owner
+        return None
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """How the model is laid out over ranks: a checkpoint's optimizer states fit only the same layout."""
+        pipe = self.pipeline
+        return {"num_ranks": pipe.num_ranks, "stage_sizes": [int(n) for n in pipe.stage_sizes],
+                "stage_to_rank": [int(r) for r in pipe.stage_to_rank]}
+
+    # -- steps ------------------------------------------------------------------------------------
+    def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0) -> Any:
+        """``training_step`` of a batch: forward and backward of every micro-batch (gradients accumulate into this
+        rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank."""
+        batch, rest = args[0], tuple(args[1:])
+        pipe, outputs, sizes = self.pipeline, [], []
+
+        def loss_fn(output: Any, microbatch: Any) -> torch.Tensor:
+            rows = batch_rows(microbatch)
+            with self.recorder.recording(rows):
+                result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
+            loss, extra = _loss_of(result)
+            outputs.append(extra)
+            sizes.append(rows)
+            return loss
+
+        pipe.input_fn = self._input_fn("training_step", rest, kwargs)
+        pipe.loss_fn = loss_fn
+        self.recorder.calls = []
+        if pipe.is_last_rank:
+            self.metrics.start()
+        loss = pipe.train_step(batch, loss_scale=loss_scale)
+        result = None
+        if pipe.is_last_rank:
+            result = self._guard(lambda: self._result(loss, outputs, sizes, check_outside=True))
+        result = self._share(result)
+        assert result.loss is not None
+        loss = result.loss.to(pipe.device)
+        return {"loss": loss, **result.output} if result.output else loss
+
+    def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
+        outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank."""
+        batch, rest = args[0], tuple(args[1:])
+        pipe = self.pipeline
+        pipe.input_fn = self._input_fn(step, rest, kwargs)
+        pipe.loss_fn = None
+        self.recorder.calls = []
+        _, last_outputs = pipe.eval_step(batch)
+        result = None
+        if pipe.is_last_rank:
+            result = self._guard(lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs))
+        return self._share(result).output
+
+    def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
+                       kwargs: Mapping[str, Any]) -> _StepResult:
+        self.metrics.start()
+        outputs, sizes = [], []
+        for microbatch, output in zip(split_batch(batch, self.pipeline.num_microbatches), last_outputs):
+            sizes.append(batch_rows(microbatch))
+            with self.recorder.recording(sizes[-1]):
+                outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
+        return self._result(None, outputs, sizes, check_outside=False)
+
+    # -- the last stage's results, for every rank -------------------------------------------------
+    def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any]) -> Callable[[Any], Any]:
+        def input_fn(microbatch: Any) -> Any:
+            with self.recorder.discarding():
+                return self.split.capture_input(step, microbatch, rest, kwargs)
+
+        return input_fn
+
+    def _result(self, loss: torch.Tensor | None, outputs: list[Any], sizes: list[int],
+                check_outside: bool) -> _StepResult:
+        if check_outside and (names := self.split.outside_parameters_with_grad()):
+            return _StepResult(error=self.split.outside_error(names))
+        logs = self.recorder.combine()
+        metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
+        output = combine_outputs(outputs, sizes)
+        return _StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics)
+
+    def _guard(self, make: Callable[[], _StepResult]) -> _StepResult:
+        try:
+            return make()
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            return _StepResult(error=f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}")
+
+    def _share(self, result: _StepResult | None) -> _StepResult:
+        """Broadcast the last stage's result to every rank, bring metrics and logs up to date, raise its error."""
+        box = [result]
+        dist.broadcast_object_list(box, src=self.last_rank, group=self.pipeline.group)
+        shared = box[0]
+        assert shared is not None
+        if shared.error is not None:
+            self.metrics.apply({})
+            raise RuntimeError(shared.error)
+        self.metrics.apply(shared.metrics)
+        self.recorder.replay(shared.logs, self.pipeline.device)
+        return shared
+
+
+def _loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if isinstance(result, torch.Tensor):
+        return result, {}
+    if isinstance(result, Mapping) and isinstance(result.get("loss"), torch.Tensor):
+        return result["loss"], {k: _detached(v) for k, v in result.items() if k != "loss"}
+    raise ValueError(f"training_step returned {type(result).__name__}; under PipelineStrategy it must return the "
+                     f"micro-batch's mean loss as a tensor, or a dict with the loss under 'loss' (a step cannot be "
+                     f"skipped by returning None, since every stage takes part in it)")
+
+
+def _detached(value: Any) -> Any:
+    return combine_outputs([value], [1])
+
+
+def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
+    """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
+
+    Tensors with a batch dimension are concatenated along dim 0, scalar tensors and numbers averaged with weights
+    ``sizes`` (the micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are
+    kept if all micro-batches agree, else listed.
+    """
+    first = outputs[0] if outputs else None
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        tensors = [t.detach().cpu() for t in outputs]
+        if first.dim() == 0:
+            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+            return (torch.stack(tensors).double() * weights).sum().to(first.dtype if first.is_floating_point()
+                                                                      else torch.get_default_dtype())
+        return torch.cat(tensors)
+    if isinstance(first, Mapping):
+        return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
+    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
+        return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
+    return first if all(o == first for o in outputs) else list(outputs)

@@ -1,0 +1,122 @@
+"""Parameters shared by stages on different ranks (an LM head tied to the token embedding): one value, summed gradients.
+
+On one device a tied parameter is one tensor whose gradient sums both uses. Cut into stages, each rank holding one
+of the uses has its own copy. The copies start equal (broadcast from the first holder), get the same gradient (the
+sum of the holders' gradients, all-reduced on a process group of just those ranks) and so take the same optimizer
+step, provided every holder optimizes the parameter the same way, which :meth:`TiedParameters.check_optimizers`
+checks before training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.optim import Optimizer
+
+__all__ = ["Tie", "find_ties", "TiedParameters"]
+
+
+@dataclass
+class Tie:
+    """One parameter used by layers of stages on several ranks."""
+
+    names: list[str]  # its names in the sequence, one per use ("0.weight", "5.weight")
+    ranks: list[int]  # the ranks holding a copy, ascending; ranks[0] is the one that counts it in norms
+
+
+def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank: Sequence[int]) -> list[Tie]:
+    """The parameters of ``sequence`` that layers of stages on different ranks share, in order of first use."""
+    layer_rank = [stage_to_rank[stage] for stage, size in enumerate(stage_sizes) for _ in range(size)]
+    uses: dict[int, tuple[list[str], set[int]]] = {}
+    for (layer_name, layer), rank in zip(sequence.named_children(), layer_rank):
+        for name, param in layer.named_parameters(remove_duplicate=False):
+            names, ranks = uses.setdefault(id(param), ([], set()))
+            names.append(f"{layer_name}.{name}")
+            ranks.add(rank)
+    return [Tie(names, sorted(ranks)) for names, ranks in uses.values() if len(ranks) > 1]
+
+
+class TiedParameters:
+    """This rank's copies of tied parameters, with the process groups that keep them equal.
+
+    Construct it on every rank of the pipeline (it creates one process group per distinct set of holders, which
+    every rank must join in the same order), before the sequence is cut, from the full sequence.
+    """
+
+    def __init__(self, sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank: Sequence[int],
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.ties = find_ties(sequence, stage_sizes, stage_to_rank)
+        self.group = group if group is not None else dist.group.WORLD
+        rank = dist.get_rank(self.group)
+        params = dict(sequence.named_parameters(remove_duplicate=False))
+        groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
+        self.local: list[tuple[Tie, nn.Parameter, dist.ProcessGroup]] = []
+        for tie in self.ties:
+            key = tuple(tie.ranks)
+            if key not in groups:
+                global_ranks = [dist.get_global_rank(self.group, r) for r in tie.ranks]
+                groups[key] = dist.new_group(global_ranks)
+            if rank in tie.ranks:
+                self.local.append((tie, params[tie.names[0]], groups[key]))
+        self._not_counted = {id(p) for tie, p, _ in self.local if tie.ranks[0] != rank}
+
+    def __len__(self) -> int:
+        return len(self.ties)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's copies of tied parameters."""
+        return [param for _, param, _ in self.local]
+
+    @torch.no_grad()
+    def synchronize_values(self) -> None:
+        """Make every copy equal to the first holder's (models built on several ranks may start different)."""
+        for tie, param, group in self.local:
+            dist.broadcast(param.data, src=dist.get_global_rank(self.group, tie.ranks[0]), group=group)
+
+    @torch.no_grad()
+    def sum_gradients(self, grads: dict[int, torch.Tensor | None]) -> None:
+        """Replace each tied copy's gradient in ``grads`` (keyed by ``id(param)``) by the sum over its holders."""
+        for _, param, group in self.local:
+            grad = grads.get(id(param))
+            if grad is None:  # this holder's use got no gradient; it still takes part in the sum
+                grad = torch.zeros_like(param)
+            dist.all_reduce(grad, group=group)
+            grads[id(param)] = grad
+
+    def counts_in_norm(self, param: nn.Parameter) -> bool:
+        """Whether this rank counts ``param`` in a global gradient norm (each tied parameter is counted once)."""
+        return id(param) not in self._not_counted
+
+    def check_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
+        """Fail, on every rank alike, where the holders of a tied parameter would step it differently."""
+        optimizers = list(optimizers)
+        mine = {index: _how_optimized(param, optimizers)
+                for index, (_, param) in enumerate(self.ties_here()) if param is not None}
+        everyone: list[dict[int, str] | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for index, tie in enumerate(self.ties):
+            seen = {rank: views[index] for rank, views in enumerate(everyone) if views and index in views}
+            if len(set(seen.values())) > 1:
+                detail = "; ".join(f"rank {rank}: {how}" for rank, how in sorted(seen.items()))
+                raise ValueError(
+                    f"the tied parameter {' = '.join(tie.names)} is held by ranks {tie.ranks}, which would step it "
+                    f"differently ({detail}); configure_optimizers sees only each rank's stage, so give the tied "
+                    f"parameter the same optimizer and settings on every rank, or untie it")
+
+    def ties_here(self) -> list[tuple[Tie, nn.Parameter | None]]:
+        """Every tie, with this rank's copy or None: indices match ``self.ties``."""
+        local = {id(tie): param for tie, param, _ in self.local}
+        return [(tie, local.get(id(tie))) for tie in self.ties]
+
+
+def _how_optimized(param: nn.Parameter, optimizers: list[Optimizer]) -> str:
+    for index, optimizer in enumerate(optimizers):
+        for group in optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                settings = {k: v for k, v in group.items() if k != "params"}
+                return f"optimizer {index} {type(optimizer).__name__} {sorted(settings.items())!r}"
+    return "not optimized"

@@ -1,0 +1,223 @@
+"""LightningModules and data for the strategy tests: unchanged single-device code that PipelineStrategy must train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import MeanAbsoluteError, MeanSquaredError
+
+from tests.models import mlp, tuple_model
+
+__all__ = ["Regressor", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences", "OutsideParameters",
+           "OutsideHead", "regression_data", "token_data", "MetricsLog"]
+
+
+class Regressor(L.LightningModule):
+    """An MLP in an nn.Sequential, called through forward; logs a loss and torchmetrics in train and validation."""
+
+    def __init__(self, num_layers: int = 8, width: int = 16, lr: float = 0.05, optimizer: str = "sgd",
+                 scheduler: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layers = mlp(num_layers=num_layers, width=width, seed=0)
+        self.example_input_array = torch.zeros(2, width)  # ModelSummary runs it on one device
+        self.train_mae = MeanAbsoluteError()
+        self.val_mse = MeanSquaredError()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = F.mse_loss(out, y)
+        self.train_mae(out, y)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train_mae", self.train_mae, on_step=True, on_epoch=True)
+        self.log("train_max", out.max(), reduce_fx="max")
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        out = self(x)
+        self.val_mse.update(out, y)
+        self.log("val_loss", F.mse_loss(out, y), prog_bar=True, sync_dist=True)
+        self.log("val_mse", self.val_mse)
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        error = (self(x) - y).abs()
+        self.log("test_mae", error.mean())
+        return {"per_row": error.mean(1), "mean": error.mean()}
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        else:
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TupleRegressor(L.LightningModule):
+    """Stages pass tuples; training_step prepares the input before the sequence and calls the sequence itself."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Module()
+        self.net.blocks = tuple_model(width=16, seed=0)
+        self.register_buffer("offset", torch.linspace(-1, 1, 16))  # a buffer outside the sequence
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = torch.tanh(x * 0.5 + self.offset)  # code before the sequence: runs where the batch enters
+        loss = F.mse_loss(self.net.blocks(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, width: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.linear(h))
+
+
+class Head(nn.Module):
+    def __init__(self, embed: Embed) -> None:
+        super().__init__()
+        vocab, width = embed.embedding.weight.shape
+        self.proj = nn.Linear(width, vocab, bias=False)
+        self.proj.weight = embed.embedding.weight  # tied to the token embedding
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+
+class TiedLM(L.LightningModule):
+    """A tiny language model whose output head shares its weight with the token embedding (first and last stage)."""
+
+    def __init__(self, vocab: int = 11, width: int = 8, lr: float = 0.1, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        embed = Embed(vocab, width)
+        self.layers = nn.Sequential(embed, Block(width), Block(width), Block(width), Head(embed))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, targets = batch
+        logits = self.layers(tokens)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "mismatch":  # a different learning rate on each stage: the tie cannot hold
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr * (1 + self.global_rank))
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class _Base(L.LightningModule):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoSequence(_Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+class TwoSequences(_Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.decoder = mlp(2), mlp(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class OutsideParameters(_Base):
+    """A trainable layer before the sequence: the pipeline cannot train it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.layers = mlp(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.embed(x))
+
+
+class OutsideHead(_Base):
+    """A trainable layer after the sequence: the pipeline cannot train it."""
+
+    def __init__(self, num_layers: int = 4) -> None:
+        super().__init__()
+        self.layers = mlp(num_layers)
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x))
+
+
+def regression_data(batches: int = 4, batch_size: int = 8, width: int = 16, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * batch_size, width, generator=generator)
+    y = torch.randn(batches * batch_size, width, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def token_data(batches: int = 4, batch_size: int = 6, length: int = 5, vocab: int = 11, seed: int = 2) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batches * batch_size, length), generator=generator)
+    return DataLoader(TensorDataset(tokens, tokens.roll(-1, dims=1)), batch_size=batch_size, shuffle=False)
+
+
+class MetricsLog(Callback):
+    """Records what the Trainer logged after every training batch and at the end of every validation."""
+
+    def __init__(self) -> None:
+        self.train: list[dict[str, float]] = []
+        self.progress: list[dict[str, float]] = []
+        self.validation: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.train.append({k: float(v) for k, v in trainer.logged_metrics.items()})
+        self.progress.append({k: float(v) for k, v in trainer.progress_bar_metrics.items()})
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validation.append({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -1,0 +1,55 @@
+"""A plain script with Trainer(strategy="pipedream", devices=2) launches its second rank itself, as DDP does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = '''
+import os, sys
+import torch
+import lightning as L
+import lightning_pipe
+from tests.lightning_models import Regressor, regression_data
+
+model = Regressor()
+trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=2, max_steps=2, logger=False,
+                    enable_checkpointing=False)  # with the progress bar and the model summary
+trainer.fit(model, regression_data(2, batch_size=10))
+torch.save({"state": model.state_dict(), "omp": os.environ.get("OMP_WAIT_POLICY"),
+            "threads": torch.get_num_threads(), "world_size": trainer.world_size},
+           os.path.join(sys.argv[1], f"rank{trainer.global_rank}.pt"))
+'''
+
+
+@pytest.mark.timeout(240)
+def test_a_script_launches_its_ranks(tmp_path: Path) -> None:
+    import lightning as L
+
+    from tests.lightning_models import Regressor, regression_data
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, timeout=200,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    reference = Regressor()
+    L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(reference, regression_data(2, batch_size=10))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    full = {**ranks[0]["state"], **ranks[1]["state"]}
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=0, atol=1e-5, msg=key)
+    assert ranks[1]["omp"] == "passive"  # set for the launched rank before its torch started
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["threads"] for r in ranks] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2

@@ -1,0 +1,270 @@
+"""Trainer end to end on CPU: PipelineStrategy on 2 and 4 gloo ranks trains, logs, validates, predicts and checkpoints
+exactly as one device does (the reference runs in the test process with a plain Trainer)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+# torchrun sets these (with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE): Lightning then sees an elastic launch
+TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "pipeline-test", "GROUP_RANK": "0"}
+
+# name: (model, strategy on 2 ranks, strategy on 4 ranks, Trainer options)
+CASES: dict[str, tuple[str, Any, Any, dict[str, Any]]] = {
+    "regressor": ("regressor", "pipedream", "gpipe",
+                  {"max_steps": 3, "accumulate_grad_batches": 2, "gradient_clip_val": 0.3}),
+    "tuple": ("tuple", "gpipe", "pipedream",
+              {"max_steps": 3, "gradient_clip_val": 0.02, "gradient_clip_algorithm": "value"}),
+    "tied": ("tied", {"schedule": "1f1b", "num_microbatches": 3, "partition": [3, 2]}, {"partition": "parameters"},
+             {"max_steps": 3, "gradient_clip_val": 0.5}),
+    "virtual": ("sgd", {"schedule": "interleaved_1f1b", "schedule_options": {"virtual_stages": 2}},
+                {"schedule": "zb_v", "num_microbatches": 8}, {"max_steps": 2}),
+}
+
+
+def _model(name: str) -> Any:
+    from tests.lightning_models import Regressor, TiedLM, TupleRegressor
+
+    return {"regressor": lambda: Regressor(optimizer="adam", scheduler=True), "sgd": Regressor,
+            "tuple": TupleRegressor, "tied": TiedLM}[name]()
+
+
+def _data(name: str, batches: int = 6) -> Any:
+    from tests.lightning_models import regression_data, token_data
+
+    return token_data(batches) if name == "tied" else regression_data(batches, batch_size=10)  # micro-batches 3,3,2,2
+
+
+def _trainer(strategy: Any, devices: int, **options: Any) -> Any:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    if isinstance(strategy, dict):
+        strategy = PipelineStrategy(**strategy)
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0}
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, **{**defaults, **options})
+
+
+def _train(case: str, world_size: int, tmp: str) -> dict[str, Any]:
+    """Fit one case (on ``world_size`` ranks, or on one device when it is 1) and return what the test compares."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.lightning_models import MetricsLog, regression_data
+
+    model_name, two, four, options = CASES[case]
+    strategy = {1: "auto", 2: two, 4: four}[world_size]
+    model, log = _model(model_name), MetricsLog()
+    result: dict[str, Any] = {}
+    if case == "regressor":  # the full tour: validation, loggers, validate, predict, save_checkpoint
+        logger = CSVLogger(os.path.join(tmp, f"csv{world_size}"), name="", version="")
+        trainer = _trainer(strategy, world_size, callbacks=[log], logger=logger, limit_val_batches=2,
+                           val_check_interval=2, num_sanity_val_steps=1, **options)
+        trainer.fit(model, _data(model_name), regression_data(2, batch_size=6, seed=3))
+        result["validate"] = trainer.validate(model, regression_data(2, seed=4), verbose=False)
+        result["test"] = trainer.test(model, regression_data(2, batch_size=5, seed=6), verbose=False)
+        result["predict"] = trainer.predict(model, regression_data(1, batch_size=7, seed=5))
+        trainer.save_checkpoint(os.path.join(tmp, f"final{world_size}.ckpt"))
+        result["csv"] = logger.log_dir
+    else:
+        trainer = _trainer(strategy, world_size, callbacks=[log], **options)
+        trainer.fit(model, _data(model_name))
+    environment = type(getattr(trainer.strategy, "cluster_environment", None)).__name__
+    result.update(state=model.state_dict(), train=log.train, progress=log.progress, validation=log.validation,
+                  environment=environment, threads=torch.get_num_threads())
+    return result
+
+
+def _train_on_ranks(rank: int, world_size: int, cases: list[str], tmp: str) -> dict[str, Any]:
+    import lightning_pipe  # noqa: F401 - registers the strategy names
+
+    return {case: _train(case, world_size, tmp) for case in cases}
+
+
+def _full_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    full: dict[str, torch.Tensor] = {}
+    for state in states:
+        full.update(state)
+    return full
+
+
+def _assert_logs_equal(got: list[dict[str, float]], expected: list[dict[str, float]], what: str) -> None:
+    assert len(got) == len(expected), what
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a.keys() == b.keys(), f"{what} step {step}"
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{what} step {step} {key}"
+
+
+def _read_csv(directory: str) -> list[dict[str, str]]:
+    with open(os.path.join(directory, "metrics.csv")) as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size, env", [(2, {}), (4, TORCHRUN_ENV)], ids=["2-ranks", "4-ranks-torchrun"])
+def test_training_equals_one_device(world_size: int, env: dict[str, str], tmp_path: Path) -> None:
+    """Weights, logged values (loggers, progress bar, validation), validate/predict results and the saved checkpoint
+    of a pipelined fit equal one device's, with accumulation, an LR scheduler, clipping by norm and by value,
+    tuples between stages, code before the sequence, a head tied to the embedding, and two stages per rank."""
+    import lightning as L
+
+    from tests.lightning_models import Regressor
+
+    results = run_ranks(_train_on_ranks, world_size, list(CASES), str(tmp_path), timeout=200, env=env)
+    references = {case: _train(case, 1, str(tmp_path / "reference")) for case in CASES}
+    for case, expected in references.items():
+        got = _full_state([r[case]["state"] for r in results])
+        assert got.keys() == expected["state"].keys(), case
+        for key, value in expected["state"].items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{case} {key}")
+        for rank, result in enumerate(results):  # every rank logs the numbers of one device
+            for what in ("train", "progress", "validation"):
+                _assert_logs_equal(result[case][what], expected[what], f"{case} rank {rank} {what}")
+        assert results[0][case]["environment"] == ("TorchElasticEnvironment" if env else "LightningEnvironment")
+        assert results[0][case]["threads"] == max(1, len(os.sched_getaffinity(0)) // world_size)
+
+    regressor, expected = results[0]["regressor"], references["regressor"]
+    rows, expected_rows = _read_csv(regressor["csv"]), _read_csv(expected["csv"])
+    assert len(rows) == len(expected_rows) and rows[0].keys() == expected_rows[0].keys()
+    for row, expected_row in zip(rows, expected_rows):
+        for key, value in expected_row.items():
+            assert (row[key] == value) if value in ("", None) else float(row[key]) == pytest.approx(float(value), 1e-5)
+    for rank, result in enumerate(results):
+        predicted = result["regressor"]["predict"]
+        for run in ("validate", "test"):
+            got = result["regressor"][run]
+            assert got[0].keys() == expected[run][0].keys()
+            for key, value in expected[run][0].items():
+                assert got[0][key] == pytest.approx(value, rel=1e-5), f"rank {rank} {run} {key}"
+        assert len(predicted) == len(expected["predict"]) == 1 and predicted[0].shape == (7, 16)
+        torch.testing.assert_close(predicted[0], expected["predict"][0], rtol=0, atol=1e-5)
+
+    # one standard checkpoint with the whole model, loadable in a plain program
+    path = tmp_path / f"final{world_size}.ckpt"
+    loaded = Regressor.load_from_checkpoint(path, map_location="cpu")
+    assert isinstance(loaded, L.LightningModule) and loaded.hparams.optimizer == "adam"
+    checkpoint = torch.load(path, weights_only=False)
+    assert list(checkpoint["state_dict"]) == list(Regressor().state_dict())
+    assert len(checkpoint["pipeline"]["optimizer_states"]) == world_size
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected["state"][key], rtol=0, atol=1e-5, msg=key)
+
+
+def _resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import Regressor, regression_data
+
+    def fit(epochs: int, callbacks: list, ckpt_path: str | None = None) -> tuple[Any, Any]:
+        model = Regressor(optimizer="adam", scheduler=True)
+        trainer = _trainer("pipedream", world_size, max_epochs=epochs, callbacks=callbacks,
+                           enable_checkpointing=bool(callbacks))
+        trainer.fit(model, regression_data(2), ckpt_path=ckpt_path)
+        return model, trainer
+
+    uninterrupted, _ = fit(2, [])
+    checkpointing = ModelCheckpoint(dirpath=tmp, filename="{epoch}-{step}")
+    first_half, first_trainer = fit(1, [checkpointing])
+    resumed, resumed_trainer = fit(2, [], ckpt_path=checkpointing.best_model_path)
+    resumed_state = {k: v.clone() for k, v in resumed.state_dict().items()}
+    # validating a cut module: from a checkpoint, and with a new Trainer that takes the cut over
+    data = regression_data(1, seed=7)
+    validated = [first_trainer.validate(first_half, data, verbose=False),
+                 resumed_trainer.validate(resumed, data, ckpt_path=checkpointing.best_model_path, verbose=False),
+                 _trainer("pipedream", world_size).validate(resumed, data, verbose=False)]
+    try:
+        _trainer({"num_microbatches": 2}, world_size).validate(resumed, data, verbose=False)
+        refused = "no error"
+    except ValueError as error:
+        refused = str(error)
+
+    class Batches(L.Callback):  # a shuffling DataLoader must give every stage the same batch
+        sums: list[float] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.sums.append(float(batch[0].sum()))
+
+    shuffled = DataLoader(regression_data(4).dataset, batch_size=4, shuffle=True)
+    _trainer("pipedream", world_size, max_epochs=2, callbacks=[Batches()]).fit(Regressor(), shuffled)
+    return {"uninterrupted": uninterrupted.state_dict(), "first_half": first_half.state_dict(),
+            "resumed": resumed_state, "path": checkpointing.best_model_path, "files": sorted(os.listdir(tmp)),
+            "batches": Batches.sums, "validated": validated, "refused": refused}
+
+
+@pytest.mark.timeout(150)
+def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
+    """fit 2 epochs == fit 1 epoch, ModelCheckpoint, fit(ckpt_path) to 2 epochs: weights, Adam and scheduler state.
+    Also: validating a cut module from a checkpoint or with a new Trainer; a shuffling DataLoader gives both
+    ranks the same batches."""
+    from tests.lightning_models import Regressor
+
+    results = run_ranks(_resume, 2, str(tmp_path), timeout=120)
+    assert results[0]["files"] == ["epoch=0-step=2.ckpt"]  # one file, no temporary left over
+    assert len(results[0]["batches"]) == 16 and results[0]["batches"] == results[1]["batches"]
+    assert results[0]["batches"][:8] != results[0]["batches"][8:]  # reshuffled each epoch, alike on both ranks
+    for result in results:
+        for key, value in result["uninterrupted"].items():
+            torch.testing.assert_close(result["resumed"][key], value, rtol=0, atol=1e-6, msg=key)
+        assert any((result["uninterrupted"][k] - v).abs().max() > 1e-4 for k, v in result["first_half"].items())
+    for result in results:
+        first, *others = result["validated"]
+        assert all(other == first for other in others), result["validated"]
+        assert "was cut by an earlier Trainer" in result["refused"]
+    loaded = Regressor.load_from_checkpoint(results[0]["path"])
+    first_half = _full_state([r["first_half"] for r in results])
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, first_half[key], rtol=0, atol=0, msg=key)
+
+
+def _failures(rank: int, world_size: int) -> list[str]:
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import (NoSequence, OutsideHead, OutsideParameters, Regressor, TiedLM, TwoSequences,
+                                        regression_data, token_data)
+
+    attempts = [  # errors found while setting up come first: they leave nothing in flight between the ranks
+        (NoSequence, "pipedream", regression_data),
+        (TwoSequences, "pipedream", regression_data),
+        (lambda: Regressor(num_layers=1), "pipedream", regression_data),
+        (Regressor, {"partition": [5, 4]}, regression_data),
+        (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
+        (OutsideHead, "gpipe", regression_data),  # found on the last stage after a step
+        (OutsideParameters, "pipedream", regression_data),  # found on the first stage inside a step
+    ]
+    messages = []
+    for make_model, strategy, data in attempts:
+        try:
+            _trainer(strategy, world_size, max_steps=1).fit(make_model(), data(1))
+        except Exception as error:  # noqa: BLE001 - the test reads the message
+            messages.append(f"{type(error).__name__}: {error}")
+        else:
+            messages.append("no error")
+    return messages
+
+
+@pytest.mark.timeout(150)
+def test_bad_configurations_fail_clearly_on_every_rank() -> None:
+    expected = [
+        "found no nn.Sequential in NoSequence",
+        "PipelineStrategy(layers='encoder')",
+        "cannot cut 1 layers into 2 stages",
+        "make the counts add up to 8",
+        "give the tied parameter the same optimizer and settings on every rank",
+        "move them into the nn.Sequential (e.g. make the head its last layer)",
+        "move them into the nn.Sequential (e.g. make the embedding its first layer)",
+    ]
+    for rank, messages in enumerate(run_ranks(_failures, 2, timeout=120)):
+        for message, text in zip(messages, expected):
+            assert text in message, f"rank {rank}: expected {text!r} in {message!r}"
+        assert len(messages) == len(expected)

@@ -1,0 +1,249 @@
+"""Strategy parts without processes: finding and cutting the sequence, running steps around it, combining logs and
+metrics of micro-batches, outputs, global clipping, atomic checkpoint writes, arguments and registered names."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.strategies import StrategyRegistry
+from torchmetrics import MeanAbsoluteError
+
+import lightning_pipe
+from lightning_pipe import PipelineStrategy
+from lightning_pipe.checkpoint import atomic_save, training_state_of_rank
+from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.logs import LogRecorder, MetricTracker, combine_logs
+from lightning_pipe.split import SplitModule, find_sequence
+from lightning_pipe.step import combine_outputs
+from lightning_pipe.tied import find_ties
+from tests.lightning_models import NoSequence, OutsideParameters, Regressor, TiedLM, TupleRegressor, TwoSequences
+
+
+# -- finding the sequence ---------------------------------------------------------------------------
+def test_finds_the_outermost_sequence() -> None:
+    assert find_sequence(Regressor())[0] == "layers"  # its blocks are nn.Sequential too, inside it
+    assert find_sequence(TupleRegressor())[0] == "net.blocks"
+    path, sequence = find_sequence(TwoSequences(), "decoder")
+    assert path == "decoder" and isinstance(sequence, nn.Sequential)
+
+
+@pytest.mark.parametrize("module, layers, message", [
+    (NoSequence(), None, "found no nn.Sequential in NoSequence"),
+    (TwoSequences(), None, "PipelineStrategy(layers='encoder')"),
+    (Regressor(), "model.blocks", "has no submodule 'model.blocks'"),
+    (Regressor(), "train_mae", "not an nn.Sequential"),
+])
+def test_sequence_errors_say_what_to_change(module: nn.Module, layers: str | None, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=r".*" + message.replace("(", r"\(").replace(")", r"\)")):
+        find_sequence(module, layers)
+
+
+def _cut_in_two(module: nn.Module) -> SplitModule:
+    split = SplitModule(module)
+    children = list(split.sequence.named_children())
+    split.install(children[: len(children) // 2])
+    return split
+
+
+def test_cut_module_holds_local_layers_with_full_names() -> None:
+    full = Regressor()
+    keys = list(full.state_dict())
+    split = _cut_in_two(Regressor())
+    assert split.state_keys == keys
+    local = list(split.module.state_dict())
+    assert local and set(local) < set(keys) and "layers.0.0.weight" in local and "layers.7.0.weight" not in local
+    assert {n for n, _ in split.module.named_parameters()} == {k for k in local if "layers" in k}
+    with pytest.raises(RuntimeError, match="cut into pipeline stages"):
+        split.module(torch.randn(2, 16))
+    # loading a full state_dict into the cut module takes this rank's share
+    with torch.no_grad():
+        full.layers[0][0].weight.add_(1.0)
+    split.load_state_dict(full.state_dict())
+    torch.testing.assert_close(split.module.get_submodule("layers.0.0").weight, full.layers[0][0].weight)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        split.load_state_dict({k: v for k, v in full.state_dict().items() if k != "layers.0.0.bias"})
+
+
+def test_steps_run_around_the_sequence() -> None:
+    split = _cut_in_two(TupleRegressor())
+    x, y = torch.randn(4, 16), torch.randn(4, 16)
+    captured = split.capture_input("training_step", (x, y), (0,), {})
+    torch.testing.assert_close(captured, torch.tanh(x * 0.5 + split.module.offset))
+    output = torch.randn(4, 16, requires_grad=True)
+    recorder = LogRecorder(split.module)  # type: ignore[arg-type]
+    with recorder.recording(rows=4):
+        loss = split.run_step("training_step", output, (x, y), (0,), {})
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(output, y))
+    assert loss.requires_grad
+    assert [call["name"] for call, _ in recorder.calls] == ["loss"] and recorder.calls[0][1] == 4
+
+
+def test_parameters_outside_the_sequence_are_refused() -> None:
+    split = _cut_in_two(OutsideParameters())
+    assert split.outside_trainable == ["embed.weight", "embed.bias"]
+    with pytest.raises(ValueError, match="move them into the nn.Sequential"):
+        split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+    with torch.no_grad():  # evaluation needs no gradients: allowed
+        split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+
+
+def test_a_step_that_never_calls_the_sequence_is_refused() -> None:
+    module = Regressor()
+    split = _cut_in_two(module)
+    module.forward = lambda x: x  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="never called the nn.Sequential at 'layers'"), \
+            LogRecorder(module).discarding():
+        split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+
+
+# -- logs, metrics, outputs -------------------------------------------------------------------------
+def _call(name: str, value: Any, rows: int, **options: Any) -> tuple[dict[str, Any], int]:
+    arguments = {"name": name, "value": value, "prog_bar": False, "logger": None, "on_step": None, "on_epoch": None,
+                 "reduce_fx": "mean", "enable_graph": False, "sync_dist": True, "sync_dist_group": None,
+                 "add_dataloader_idx": True, "batch_size": None, "metric_attribute": None, "rank_zero_only": False}
+    arguments.update(options)
+    return arguments, rows
+
+
+def test_logged_values_combine_as_one_batch() -> None:
+    calls = [_call("loss", torch.tensor(1.0), 3), _call("loss", torch.tensor(4.0), 1),
+             _call("n", 2, 3, reduce_fx="sum"), _call("n", 5, 1, reduce_fx="sum"),
+             _call("peak", torch.tensor(7.0), 3, reduce_fx=torch.max),
+             _call("peak", torch.tensor(2.0), 1, reduce_fx="max"),
+             _call("given", torch.tensor(2.0), 3, batch_size=1), _call("given", torch.tensor(6.0), 1, batch_size=3)]
+    logged = {entry.name: entry for entry in combine_logs(calls, {})}
+    assert float(logged["loss"].value) == pytest.approx((3 * 1.0 + 4.0) / 4) and logged["loss"].batch_size == 4
+    assert float(logged["n"].value) == 7 and logged["n"].value.dtype == torch.float32
+    assert float(logged["peak"].value) == 7
+    assert float(logged["given"].value) == pytest.approx((2.0 + 3 * 6.0) / 4) and logged["given"].batch_size == 4
+    assert "sync_dist" not in logged["loss"].options  # values are alike on every rank: never synced
+    with pytest.raises(ValueError, match="reduce_fx must be"):
+        combine_logs([_call("x", 1.0, 1, reduce_fx=lambda v: v)], {})
+
+
+def test_metric_state_of_a_batch_merges_like_one_device() -> None:
+    torch.manual_seed(0)
+    preds, target = torch.randn(3, 10), torch.randn(3, 10)
+    reference = MeanAbsoluteError()
+    reference.update(preds[0], target[0])
+    batch_value = reference(preds[1:], target[1:])  # the second batch at once, as forward on one device
+
+    last, other = Regressor(), Regressor()  # the last stage's module and another rank's
+    for module in (last, other):
+        module.train_mae.update(preds[0], target[0])
+    last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
+    last_tracker.start()
+    for row in (1, 2):  # the second batch in two micro-batches
+        last.train_mae(preds[row], target[row])
+    update = last_tracker.batch_update({"train_mae"})
+    assert set(update) == {"train_mae"}
+    for module, tracker in ((last, last_tracker), (other, other_tracker)):
+        tracker.apply(update)
+        torch.testing.assert_close(module.train_mae._forward_cache, batch_value)
+        torch.testing.assert_close(module.train_mae.compute(), reference.compute())
+        assert module.train_mae._update_count == 3
+    assert not last.val_mse.sync_on_compute  # every rank holds the whole state: never gathered
+
+
+def test_outputs_combine_over_microbatches() -> None:
+    a, b = torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2)
+    combined = combine_outputs([{"p": a, "m": torch.tensor(1.0), "t": (a, "x")}, {"p": b, "m": torch.tensor(2.0),
+                                                                                    "t": (b, "x")}], [3, 2])
+    torch.testing.assert_close(combined["p"], torch.cat([a, b]))
+    assert float(combined["m"]) == pytest.approx(1.4)
+    assert combined["t"][1] == "x"
+    assert combine_outputs([None, None], [1, 1]) is None
+
+
+# -- gradients --------------------------------------------------------------------------------------
+def test_clip_without_processes_equals_torch() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    for module in (a, b):
+        module(torch.randn(5, 4) * 10).sum().backward()
+    b.weight.grad, b.bias.grad = a.weight.grad.clone(), a.bias.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
+    total = clip_grad_norm_global(b.parameters(), 0.5)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(b.weight.grad, a.weight.grad)
+
+
+def test_held_gradients_survive_zero_grad_and_accumulate() -> None:
+    layer = nn.Linear(2, 2)
+    layer.weight.grad = torch.ones(2, 2)  # from an earlier batch of an accumulation
+    held = HeldGradients()
+    with held.held_aside(layer.parameters()):
+        assert layer.weight.grad is None
+        layer(torch.ones(1, 2)).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, torch.ones(2, 2))  # the earlier gradient is back
+    held.release()
+    torch.testing.assert_close(layer.weight.grad, torch.full((2, 2), 2.0))
+    with held.held_aside(layer.parameters()):
+        layer(torch.ones(1, 2)).sum().backward()
+    layer.zero_grad()  # Lightning's zero_grad between training_step and backward
+    held.release()
+    torch.testing.assert_close(layer.weight.grad, torch.ones(2, 2))
+
+
+def test_ties_are_found_across_ranks_only() -> None:
+    layers = TiedLM().layers
+    ties = find_ties(layers, [2, 3], [0, 1])
+    assert [(t.names, t.ranks) for t in ties] == [(["0.embedding.weight", "4.proj.weight"], [0, 1])]
+    assert find_ties(layers, [5], [0]) == []
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+class _FailingIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        with open(path, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Any) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_save(TorchCheckpointIO(), {"step": 1}, path)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(_FailingIO(), {"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+    atomic_save(TorchCheckpointIO(), {"step": 3}, path)
+    assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+def test_resuming_with_another_layout_is_refused() -> None:
+    layout = {"num_ranks": 2, "stage_sizes": [4, 4], "stage_to_rank": [0, 1]}
+    checkpoint = {"pipeline": {"layout": layout, "optimizer_states": [["a"], ["b"]], "lr_schedulers": [[], []]}}
+    assert training_state_of_rank(checkpoint, 1, layout) == (["b"], [])
+    with pytest.raises(ValueError, match="same devices, schedule and partition"):
+        training_state_of_rank(checkpoint, 1, {**layout, "stage_sizes": [3, 5]})
+    with pytest.raises(ValueError, match="not written by PipelineStrategy"):
+        training_state_of_rank({}, 0, layout)
+
+
+# -- arguments and names ----------------------------------------------------------------------------
+def test_registered_names() -> None:
+    assert lightning_pipe.PipelineStrategy is PipelineStrategy
+    assert StrategyRegistry["pipedream"]["strategy"] is PipelineStrategy
+    assert StrategyRegistry["pipedream"]["init_params"] == {"schedule": "1f1b"}
+    assert StrategyRegistry["gpipe"]["init_params"] == {"schedule": "gpipe", "checkpoint_activations": True}
+    strategy = StrategyRegistry.get("gpipe")
+    assert strategy.schedule == "gpipe" and strategy.checkpoint_activations and strategy.num_microbatches == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "zigzag"}, "unknown schedule 'zigzag'"),
+    ({"num_microbatches": 0}, "num_microbatches must be a positive integer"),
+    ({"partition": "balanced"}, "unknown partition 'balanced'"),
+    ({"partition": [3, 0]}, "each at least 1"),
+    ({"layers": 3}, "attribute path"),
+])
+def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        PipelineStrategy(**kwargs)
