@@ -66,3 +66,24 @@ def test_trees_arrive_intact() -> None:
     received = run_ranks(_exchange, 2)[1]
     for got, want in zip(received, _trees()):
         _assert_same(got, want)
+
+
+def _growing(rank: int, world_size: int) -> list:
+    comm = Communicator()
+    sizes = [3, 30_000, 100, 300_000, 5, 300_000, 400_000]
+    if rank == 0:
+        for i, n in enumerate(sizes):
+            comm.send(torch.full((n,), float(i)), dst=1, tag=7)
+        comm.wait_sends()
+        return []
+    got = []
+    for _ in sizes:
+        comm.post_recv(0, 7)  # posted ahead, at the capacity known so far; larger messages arrive announced
+        tensor = comm.recv(0, 7)
+        got.append((tensor.numel(), float(tensor[0])))
+    return got
+
+
+def test_messages_larger_than_the_channel_capacity_are_announced() -> None:
+    assert run_ranks(_growing, 2)[1] == [(3, 0.0), (30_000, 1.0), (100, 2.0), (300_000, 3.0), (5, 4.0),
+                                         (300_000, 5.0), (400_000, 6.0)]

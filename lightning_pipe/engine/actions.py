@@ -13,7 +13,7 @@ from lightning_pipe.engine.tree import tree_map_tensors
 if TYPE_CHECKING:
     from lightning_pipe.engine.executor import Pipeline
 
-__all__ = ["StepState", "make_handlers", "tag", "outgoing_channels"]
+__all__ = ["StepState", "make_handlers", "tag", "outgoing_channels", "incoming_channels"]
 
 
 class StepState:
@@ -55,7 +55,21 @@ def outgoing_channels(plan: Schedule, rank: int) -> set[tuple[int, int]]:
     return channels
 
 
-def make_handlers(pipe: Pipeline, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
+def incoming_channels(plan: Schedule, rank: int) -> dict[tuple[int, int], int]:
+    """(peer rank, tag) -> how many messages ``rank`` receives on that channel in ``plan``."""
+    counts: dict[tuple[int, int], int] = {}
+    for stage, op, _ in plan.actions[rank]:
+        if op is Op.RECV_ACTIVATION:
+            channel = (plan.stage_to_rank[stage - 1], tag("F", stage - 1))
+        elif op is Op.RECV_GRAD:
+            channel = (plan.stage_to_rank[stage + 1], tag("B", stage + 1))
+        else:
+            continue
+        counts[channel] = counts.get(channel, 0) + 1
+    return counts
+
+
+def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
     """One function per op, closed over this step's state: the executor's loop calls them in list order."""
     stages, comm, to_rank, last = pipe.stages, pipe.comm, pipe.stage_to_rank, pipe.num_stages - 1
     first_id, vertical_sync = state.first_id, pipe.vertical_sync
@@ -122,9 +136,23 @@ def make_handlers(pipe: Pipeline, state: StepState, training: bool) -> dict[Op, 
         index, _, mb = action
         comm.send(state.to_send.pop((index, mb)), to_rank[index + 1], tag("F", index))
 
+    # Each channel's next receive is posted as soon as the previous one completes (one ahead, see comm), so a
+    # message moves when it is sent rather than when this rank gets around to asking for it.
+    ahead = incoming_channels(plan, pipe.rank)
+    for channel, count in ahead.items():
+        if count:
+            comm.post_recv(*channel)
+
+    def receive(src: int, channel_tag: int) -> Any:
+        tree = comm.recv(src, channel_tag)
+        ahead[(src, channel_tag)] -= 1
+        if ahead[(src, channel_tag)]:
+            comm.post_recv(src, channel_tag)
+        return tree
+
     def recv_activation(action: Action) -> None:
         index, _, mb = action
-        state.activations[(index, mb)] = comm.recv(to_rank[index - 1], tag("F", index - 1))
+        state.activations[(index, mb)] = receive(to_rank[index - 1], tag("F", index - 1))
 
     def send_grad(action: Action) -> None:
         index, _, mb = action
@@ -132,7 +160,7 @@ def make_handlers(pipe: Pipeline, state: StepState, training: bool) -> dict[Op, 
 
     def recv_grad(action: Action) -> None:
         index, _, mb = action
-        state.gradients[(index, mb)] = comm.recv(to_rank[index + 1], tag("B", index + 1))
+        state.gradients[(index, mb)] = receive(to_rank[index + 1], tag("B", index + 1))
 
     return {
         Op.FORWARD: forward,

@@ -1,16 +1,23 @@
 """Point-to-point transfer of tensor trees between pipeline ranks, with their shapes, dtypes and errors.
 
-Every transfer is two messages on one channel: a fixed-size header (the pickled tree structure, each
-tensor's shape, dtype and requires-grad flag, and any non-tensor leaves), then one flat byte payload holding
-all tensors. Two messages whatever the tree, because each message costs a fixed ~0.1-0.3 ms on gloo; the
-header lets shapes change from one micro-batch or batch to the next. A header can instead carry an error:
-a failing rank sends one on every channel it writes to, so a neighbour waiting on it raises that error and
-passes it on, and no rank is left blocked on a receive.
+A transfer is one message: a small prefix (kind, length of the metadata), the pickled metadata (the tree's
+structure, each tensor's shape, dtype and requires-grad flag, and any non-tensor leaves), then all tensors'
+bytes. Every message costs a fixed ~0.2-1 ms on gloo (more when ranks share cores), so one message per
+transfer matters more than the copy that packing takes.
+
+The receiver cannot know a message's size before it arrives, but gloo accepts a message smaller than the
+buffer posted for it. Both ends therefore track each channel's *capacity*, the largest message seen on it:
+a message that fits is sent as is into a buffer of that capacity; a larger one is announced first by a
+prefix-only message giving its size, after which both ends raise the capacity. NCCL requires exact sizes, so
+there every message is announced (two messages). Receives can be posted ahead (:meth:`post_recv`), so a
+message whose receiver is not yet waiting still moves at once.
+
+A message can instead carry an error: a failing rank sends one on every channel it writes to, so a
+neighbour waiting on it raises that error and passes it on, and no rank is left blocked on a receive.
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 import struct
 import time
@@ -21,11 +28,12 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["PipelineError", "Communicator", "HEADER_BYTES"]
+__all__ = ["PipelineError", "Communicator"]
 
-HEADER_BYTES = 1024  # pickled metadata of a few dozen tensors fits; a larger header follows in a 3rd message
-_ALIGN = 16  # every tensor starts at a multiple of this in the payload, so its bytes can be viewed as its dtype
-_DATA, _ERROR, _LONG = 0, 1, 2
+_PREFIX = struct.Struct("<BxxxQ")  # kind, 3 pad bytes, length of the metadata (or of the announced message)
+_ALIGN = 16  # tensors start at multiples of this, so their bytes can be viewed as any dtype
+_DATA, _ERROR, _ANNOUNCE = 0, 1, 2
+_INITIAL_CAPACITY = 4096
 
 
 class PipelineError(RuntimeError):
@@ -44,34 +52,69 @@ class Communicator:
     """Sends and receives tensor trees to and from other ranks of one process group.
 
     ``device`` is where received tensors are placed. gloo moves CPU tensors; NCCL moves CUDA tensors.
-    Sends are asynchronous: the tensors sent must not be modified in place until :meth:`wait_sends`.
+    Messages on one channel ``(peer, tag)`` arrive in the order they were sent.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.device = torch.device(device)
-        backend = dist.get_backend(self.group)
+        nccl = dist.get_backend(self.group) == "nccl"
         # NCCL moves only CUDA tensors; gloo moves CPU tensors (its point-to-point ops take no CUDA tensors).
-        self.wire_device = self.device if backend == "nccl" else torch.device("cpu")
-        self._pending: list[tuple[dist.Work, Any]] = []
+        self.wire_device = self.device if nccl else torch.device("cpu")
+        self.exact_sizes = nccl
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._capacity: dict[tuple[str, int, int], int] = {}  # ("send"/"recv", peer, tag) -> bytes
+        self._posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor] | None] = {}
 
     # -- sending ----------------------------------------------------------------------------------
     def send(self, tree: Any, dst: int, tag: int) -> None:
-        """Send ``tree`` to group rank ``dst`` on channel ``tag`` without waiting for it to arrive."""
+        """Send ``tree`` to group rank ``dst`` on channel ``tag`` without waiting for it to arrive.
+
+        The tensors are copied into the message, so they may be changed as soon as this returns.
+        """
         leaves, spec = tree_flatten(tree)
         metas = [(tuple(t.shape), t.dtype, t.requires_grad) for t in leaves]
-        self._send_header((_DATA, spec, metas), dst, tag)
-        if any(t.numel() for t in leaves):
-            self._isend(self._pack(leaves), dst, tag)
-        self._prune()
+        meta = pickle.dumps((spec, metas), protocol=pickle.HIGHEST_PROTOCOL)
+        start = _aligned(_PREFIX.size + len(meta))
+        sizes = [t.numel() * t.element_size() for t in leaves]
+        message = torch.empty(start + sum(_aligned(n) for n in sizes), dtype=torch.uint8, device=self.wire_device)
+        self._write_head(message, _DATA, meta)
+        offset = start
+        for tensor, nbytes in zip(leaves, sizes):
+            if nbytes:
+                message[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+            offset += _aligned(nbytes)
+        self._send_message(message, dst, tag)
 
     def send_error(self, message: str, origin_rank: int, dst: int, tag: int) -> None:
         """Tell ``dst`` that ``origin_rank`` failed; never blocks (``dst`` may already be gone)."""
+        body = pickle.dumps((message, origin_rank), protocol=pickle.HIGHEST_PROTOCOL)
+        buffer = torch.empty(_PREFIX.size + len(body), dtype=torch.uint8, device=self.wire_device)
+        self._write_head(buffer, _ERROR, body)
         try:
-            self._send_header((_ERROR, message, origin_rank), dst, tag)
+            self._send_message(buffer, dst, tag)
         except Exception:  # noqa: BLE001 - the peer's connection may be closed already; nothing left to tell it
             pass
+
+    def _write_head(self, message: torch.Tensor, kind: int, body: bytes) -> None:
+        head = bytearray(_PREFIX.pack(kind, len(body))) + body
+        message[: len(head)].copy_(torch.frombuffer(head, dtype=torch.uint8))
+
+    def _send_message(self, message: torch.Tensor, dst: int, tag: int) -> None:
+        size = message.numel()
+        key = ("send", dst, tag)
+        if self.exact_sizes or size > self._capacity.get(key, _INITIAL_CAPACITY):
+            announce = torch.frombuffer(bytearray(_PREFIX.pack(_ANNOUNCE, size)), dtype=torch.uint8)
+            self._isend(announce.to(self.wire_device), dst, tag)
+            self._capacity[key] = max(size, self._capacity.get(key, _INITIAL_CAPACITY))
+        self._isend(message, dst, tag)
+
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        work = dist.isend(tensor, group_dst=dst, group=self.group, tag=tag)
+        self._pending.append((work, tensor))  # keep the buffer alive until the send completes
+        if len(self._pending) > 32:
+            self._pending = [(w, buf) for w, buf in self._pending if not w.is_completed()]
 
     def drain(self, timeout: float) -> None:
         """Give unfinished sends (an error notice above all) up to ``timeout`` seconds to leave, then drop them.
@@ -89,96 +132,73 @@ class Communicator:
         self._pending.clear()
 
     def wait_sends(self) -> None:
-        """Block until every send so far has left this rank (its buffers may then be reused)."""
+        """Block until every send so far has left this rank."""
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
 
-    def _send_header(self, content: tuple, dst: int, tag: int) -> None:
-        data = pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL)
-        header = bytearray(HEADER_BYTES)
-        if len(data) + 5 <= HEADER_BYTES:
-            header[:5] = struct.pack("<BI", content[0], len(data))
-            header[5 : 5 + len(data)] = data
-            self._isend(self._from_bytes(header), dst, tag)
-        else:  # rare: a tree with very many leaves; say how long the real header is, then send it
-            header[:5] = struct.pack("<BI", _LONG, len(data))
-            self._isend(self._from_bytes(header), dst, tag)
-            self._isend(self._from_bytes(bytearray(data)), dst, tag)
-
-    def _from_bytes(self, data: bytearray) -> torch.Tensor:
-        return torch.frombuffer(data, dtype=torch.uint8).to(self.wire_device)
-
-    def _pack(self, leaves: list[torch.Tensor]) -> torch.Tensor:
-        if len(leaves) == 1:  # no copy for the common case of one contiguous tensor
-            return leaves[0].detach().to(self.wire_device).contiguous().reshape(-1).view(torch.uint8)
-        total = sum(_aligned(t.numel() * t.element_size()) for t in leaves)
-        payload = torch.empty(total, dtype=torch.uint8, device=self.wire_device)
-        offset = 0
-        for tensor in leaves:
-            nbytes = tensor.numel() * tensor.element_size()
-            payload[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-            offset += _aligned(nbytes)
-        return payload
-
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        work = dist.isend(tensor, group_dst=dst, group=self.group, tag=tag)
-        self._pending.append((work, tensor))  # keep the buffer alive until the send completes
-
-    def _prune(self) -> None:
-        if len(self._pending) > 16:
-            self._pending = [(work, buf) for work, buf in self._pending if not work.is_completed()]
-
     # -- receiving --------------------------------------------------------------------------------
+    def post_recv(self, src: int, tag: int) -> None:
+        """Post the receive of the next message on channel ``(src, tag)`` now, so it moves as soon as it is
+        sent; :meth:`recv` then waits for it. At most one receive is posted ahead per channel: a message larger
+        than the capacity arrives announced, and a second buffer posted at the old capacity could not take it.
+        """
+        if self._posted.get((src, tag)):
+            return
+        size = _PREFIX.size if self.exact_sizes else self._capacity.get(("recv", src, tag), _INITIAL_CAPACITY)
+        buffer = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
+        work = dist.irecv(buffer, group_src=src, group=self.group, tag=tag)
+        self._posted[(src, tag)] = (work, buffer)
+
     def recv(self, src: int, tag: int) -> Any:
         """Receive the next tree sent by group rank ``src`` on channel ``tag``; tensors land on ``device``.
 
         Raises :class:`PipelineError` if ``src`` (or a rank behind it) failed instead of sending.
         """
-        content = self._recv_header(src, tag)
-        if content[0] == _ERROR:
-            _, message, origin_rank = content
-            raise PipelineError(message, origin_rank)
-        _, spec, metas = content
-        if not metas:
-            return tree_unflatten([], spec)
-        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in metas]
-        if len(metas) == 1 or not any(sizes):
-            buffers = [torch.empty(shape, dtype=dtype, device=self.wire_device) for shape, dtype, _ in metas]
-            if any(sizes):
-                self._recv_into(buffers[0].view(-1).view(torch.uint8), src, tag)
-            return tree_unflatten([self._finish(b, meta[2]) for b, meta in zip(buffers, metas)], spec)
-        payload = torch.empty(sum(_aligned(n) for n in sizes), dtype=torch.uint8, device=self.wire_device)
-        self._recv_into(payload, src, tag)
-        leaves, offset = [], 0
-        for (shape, dtype, requires_grad), nbytes in zip(metas, sizes):
-            view = payload[offset : offset + nbytes].view(dtype).view(shape)
-            leaves.append(self._finish(view.detach(), requires_grad))
+        message = self._next_message(src, tag)
+        kind, length = _PREFIX.unpack(message[: _PREFIX.size].cpu().numpy().tobytes())
+        body = pickle.loads(message[_PREFIX.size : _PREFIX.size + length].cpu().numpy().tobytes())
+        if kind == _ERROR:
+            error_message, origin_rank = body
+            raise PipelineError(error_message, origin_rank)
+        spec, metas = body
+        offset = _aligned(_PREFIX.size + length)
+        leaves = []
+        for shape, dtype, requires_grad in metas:
+            nbytes = _numel(shape) * dtype.itemsize
+            view = message[offset : offset + nbytes].view(dtype).view(shape).detach()
+            if view.device != self.device:
+                view = view.to(self.device)
+            leaves.append(view.requires_grad_() if requires_grad else view)
             offset += _aligned(nbytes)
         return tree_unflatten(leaves, spec)
 
-    def _finish(self, tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-        if tensor.device != self.device:
-            tensor = tensor.to(self.device)
-        return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+    def _next_message(self, src: int, tag: int) -> torch.Tensor:
+        self.post_recv(src, tag)  # a no-op if it was posted ahead
+        work, buffer = self._posted.pop((src, tag))
+        self._wait(work, src)
+        kind, size = _PREFIX.unpack(buffer[: _PREFIX.size].cpu().numpy().tobytes())
+        if kind != _ANNOUNCE:
+            return buffer
+        # A larger message follows, announced with its size: from now on the channel's buffers are that large.
+        self._capacity[("recv", src, tag)] = max(size, self._capacity.get(("recv", src, tag), _INITIAL_CAPACITY))
+        buffer = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
+        self._wait(dist.irecv(buffer, group_src=src, group=self.group, tag=tag), src)
+        return buffer
 
-    def _recv_header(self, src: int, tag: int) -> tuple:
-        header = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=self.wire_device)
-        self._recv_into(header, src, tag)
-        raw = header.cpu().numpy().tobytes()
-        kind, length = struct.unpack_from("<BI", raw)
-        if kind == _LONG:
-            body = torch.empty(length, dtype=torch.uint8, device=self.wire_device)
-            self._recv_into(body, src, tag)
-            return pickle.loads(body.cpu().numpy().tobytes())
-        return pickle.loads(raw[5 : 5 + length])
-
-    def _recv_into(self, tensor: torch.Tensor, src: int, tag: int) -> None:
+    def _wait(self, work: dist.Work, src: int) -> None:
         try:
-            dist.irecv(tensor, group_src=src, group=self.group, tag=tag).wait()
+            work.wait()
         except RuntimeError as error:
             raise PipelineError(
                 f"rank {self.rank} lost its connection to rank {src} while receiving ({error}); "
                 f"rank {src} probably failed or was killed: see its output",
                 origin_rank=src,
             ) from error
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

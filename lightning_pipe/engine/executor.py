@@ -210,7 +210,7 @@ class Pipeline:
         outgoing = outgoing_channels(plan, self.rank)
         weights = microbatch_weights(microbatches) if self.loss_fn and microbatches else []
         state = StepState(microbatches, weights, loss_scale, first_id)
-        handlers = make_handlers(self, state, training)
+        handlers = make_handlers(self, plan, state, training)
         action: Action | None = None
         try:
             if self.record:
