@@ -1,0 +1,156 @@
+"""What the partition benchmark needs: layers that sleep their profiled costs, and the test models.
+
+Not imported from ``tests/`` (benchmarks are run by users, tests by CI), and kept apart from ``benchmarks/common.py``
+so that this benchmark's models and layers can change without touching the others.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from benchmarks.common import run_ranks
+
+__all__ = ["SleepingLayer", "LayerSpec", "MODELS", "build_model", "sample_batch", "loss_fn", "is_real", "run_ranks",
+           "rank_threads"]
+
+
+# -- ranks ------------------------------------------------------------------------------------------------------------
+def rank_threads(ranks: int) -> int:
+    """Each rank's share of the cores, at least one thread."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // ranks)
+
+
+# -- sleeping layers --------------------------------------------------------------------------------------------------
+class _Sleep(torch.autograd.Function):
+    """``x * weight`` that sleeps ``forward_s`` in forward and ``backward_s`` in backward (sleep releases the GIL, so
+    the timeline does not depend on the cores)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
+        time.sleep(forward_s)
+        ctx.save_for_backward(x, weight)
+        ctx.backward_s = backward_s
+        return x * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, weight = ctx.saved_tensors
+        time.sleep(ctx.backward_s)
+        grad_x = grad * weight if ctx.needs_input_grad[0] else None
+        return grad_x, (grad * x).sum(0), None, None
+
+
+class SleepingLayer(nn.Module):
+    """A layer on rows of ``width`` numbers that sleeps instead of computing and holds ``num_parameters`` parameters
+    (a ``width``-sized weight it uses and a table it does not), so parameter-balanced cuts see a model's real shape."""
+
+    def __init__(self, forward_s: float, backward_s: float, num_parameters: int = 0, width: int = 4) -> None:
+        super().__init__()
+        self.forward_s, self.backward_s = forward_s, backward_s
+        self.weight = nn.Parameter(torch.ones(width))
+        self.table = nn.Parameter(torch.zeros(max(0, num_parameters - width)))
+
+    def extra_repr(self) -> str:  # part of the profile cache key
+        return f"forward_s={self.forward_s}, backward_s={self.backward_s}, parameters={self.table.numel() + 4}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Sleep.apply(x, self.weight, self.forward_s, self.backward_s)
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a sleeping model: forward milliseconds (backward is twice that) and parameters."""
+
+    name: str
+    forward_ms: float
+    parameters: int
+
+
+def _gpt_like() -> list[LayerSpec]:
+    """GPT-2 small's shape (vocab 50257, width 768, 12 blocks, 1024 tokens): per token a block costs ~17 MFLOP
+    forward (projections 14.2, attention 3.1), the untied head 77 MFLOP (4.5 blocks), the embedding next to nothing.
+    Times at 3 ms per block; parameters divided by 100 (38.6M in the embedding and in the head, 7.1M per block)."""
+    block = LayerSpec("block", 3.0, 70_800)
+    return [LayerSpec("embed", 0.15, 386_000), *[block] * 12, LayerSpec("head", 13.4, 386_000)]
+
+
+def _cnn_like() -> list[LayerSpec]:
+    """A CNN on 32x32 images whose channels grow slower than its resolution falls (64, 64 | 96, 96 | 128, 128 |
+    192, 192, halving the resolution between pairs), so early layers cost most and late layers hold the parameters:
+    3x3 convolution MACs 1.8M, 37.7M, 14.2M, 21.2M, 7.1M, 9.4M, 3.5M, 5.3M, then a linear classifier;
+    4M MACs per millisecond."""
+    channels = [(3, 64, 32), (64, 64, 32), (64, 96, 16), (96, 96, 16), (96, 128, 8), (128, 128, 8), (128, 192, 4),
+                (192, 192, 4)]
+    specs = [LayerSpec(f"conv{i + 1}", c_in * c_out * 9 * side * side / 4e6, c_in * c_out * 9 + c_out)
+             for i, (c_in, c_out, side) in enumerate(channels)]
+    return [*specs, LayerSpec("fc", 0.05, 1930)]
+
+
+class _ConvBlock(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, pool: bool) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        super().__init__(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+
+def _real_cnn() -> nn.Sequential:
+    """The CNN's shape at a quarter of the channels, with real convolutions (32x32 RGB in, 10 classes out)."""
+    c = [16, 16, 24, 24, 32, 32, 48, 48]
+    blocks: list[nn.Module] = []
+    c_in = 3
+    for i, c_out in enumerate(c):
+        blocks.append(_ConvBlock(c_in, c_out, pool=i % 2 == 1))
+        c_in = c_out
+    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(48 * 2 * 2, 10)))
+    return nn.Sequential(*blocks)
+
+
+MODELS: dict[str, Callable[[], Any]] = {"gpt_sleep": _gpt_like, "cnn_sleep": _cnn_like, "cnn_real": _real_cnn}
+
+
+def build_model(name: str, seed: int = 0, scale: float = 1.0) -> nn.Sequential:
+    """The named model, the same on every rank; sleeping layers sleep ``scale`` times their costs."""
+    torch.manual_seed(seed)
+    made = MODELS[name]()
+    if isinstance(made, nn.Sequential):
+        return made
+    return nn.Sequential(*[SleepingLayer(scale * s.forward_ms / 1e3, scale * 2 * s.forward_ms / 1e3, s.parameters)
+                           for s in made])
+
+
+def is_real(name: str) -> bool:
+    """Whether the model computes (its time depends on the cores) rather than sleeps."""
+    return isinstance(MODELS[name](), nn.Module)
+
+
+def sample_batch(name: str, rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, target) of ``rows`` rows for the named model."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "cnn_real":
+        return torch.randn(rows, 3, 32, 32, generator=generator), torch.randint(0, 10, (rows,), generator=generator)
+    return torch.randn(rows, 4, generator=generator), torch.zeros(rows, 4)
+
+
+def loss_fn(name: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    if name == "cnn_real":
+        return _cross_entropy
+    return _square
+
+
+def _cross_entropy(output: torch.Tensor, microbatch: Any) -> torch.Tensor:
+    return nn.functional.cross_entropy(output, microbatch[1])
+
+
+def _square(output: torch.Tensor, microbatch: Any) -> torch.Tensor:
+    return output.pow(2).mean()
+

@@ -1,0 +1,116 @@
+"""Run a function on N local gloo ranks, each in its own process, and return their results or their errors.
+
+For tests, benchmarks and quick experiments on one machine (torchrun is the way to launch real jobs)."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["RankError", "free_port", "run_ranks"]
+
+
+class RankError(RuntimeError):
+    """One or more ranks raised, died or hung; the message holds each failing rank's traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # A fork server that has imported torch forks each rank in milliseconds, and it never ran torch code,
+    # so no OpenMP thread pool is copied into the children half-alive (plain fork after torch ran can hang).
+    # Idle OpenMP threads must sleep, not spin, or ranks sharing the cores slow each other down. libgomp
+    # reads this when torch loads, so it is set before the fork server (which preloads torch) starts.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "lightning_pipe.engine.executor"])
+    return ctx
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
+               env: dict[str, str]) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
+    os.environ.update(env)
+    import torch
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=120))
+        value = fn(rank, world_size, *args)
+        buffer = io.BytesIO()
+        torch.save(value, buffer)  # plain bytes through the queue: no shared memory outliving this process
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException as error:  # noqa: BLE001 - everything goes back to the test
+        results.put((rank, False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
+              env: dict[str, str] | None = None, expect_failure: bool = False) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and return the results by rank.
+
+    ``fn`` must be importable (defined at module level). A rank's exception is raised here as
+    :class:`RankError` with its traceback; a rank that has not finished after ``timeout`` seconds fails the
+    test and every rank is killed. With ``expect_failure`` the list holds each rank's error text instead.
+    """
+    import torch
+
+    ctx = _context()
+    results = ctx.Queue()
+    port = free_port()
+    processes = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args, env or {}),
+                             daemon=True) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    outcome: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcome) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(outcome))
+                raise RankError(f"ranks {missing} did not finish within {timeout:.0f} s (deadlock?); "
+                                f"finished: {_describe(outcome)}")
+            try:
+                rank, ok, payload = results.get(timeout=min(1.0, left))
+                outcome[rank] = (ok, payload)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(processes) if r not in outcome and p.exitcode is not None]
+                if dead and results.empty():
+                    time.sleep(0.5)  # a result may still be in the pipe
+                    if results.empty():
+                        raise RankError(f"ranks {dead} died without a result (exit codes "
+                                        f"{[processes[r].exitcode for r in dead]}); {_describe(outcome)}") from None
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    failed = {rank: text for rank, (ok, text) in outcome.items() if not ok}
+    if expect_failure:
+        return [outcome[rank][1] if rank in failed else None for rank in range(world_size)]
+    if failed:
+        raise RankError("\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(failed.items())))
+    return [torch.load(io.BytesIO(outcome[rank][1]), weights_only=False) for rank in range(world_size)]
+
+
+def _describe(outcome: dict[int, tuple[bool, Any]]) -> str:
+    parts = [f"rank {rank}: {'ok' if ok else text.splitlines()[0]}" for rank, (ok, text) in sorted(outcome.items())]
+    return "; ".join(parts) or "none"

@@ -1,0 +1,170 @@
+"""Command line: profile the model of a training config on this machine and print (and draw) its pipeline plan.
+
+Same configs as ``python -m lightning_pipe.train`` (Hydra, ``lightning_pipe/configs``); the strategy's
+``partition``, ``schedule`` and ``num_microbatches`` and the trainer's ``devices`` say what to plan::
+
+    python -m lightning_pipe.plan                                    # the GPT of train.yaml, 2 stages, 1F1B
+    python -m lightning_pipe.plan strategy.partition=profile trainer.devices=4
+    python -m lightning_pipe.plan strategy.schedule=auto +plan.memory_cap=2e8     # schedule and m chosen under a cap
+    python -m lightning_pipe.plan +plan.replicas=auto +plan.topology='[[8,100e9,1e-5],[2,12.5e9,2e-5]]'
+
+Planner options go under ``+plan.``: ``memory_cap`` (bytes per device), ``replicas`` (devices per stage; ``auto``
+lets PipeDream's dynamic program choose per stage; default 1, what ``PipelineStrategy`` runs), ``topology`` (levels
+``[devices, bandwidth B/s, latency s, overhead s]``, lowest first; default: one level of ``trainer.devices`` on this
+kind of device), ``cache`` (profile cache folder, ``false`` for none), ``repeats``, ``picture`` (PNG path).
+The profile runs one micro-batch of the first training batch through the sequence on one device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.runtime import available_cores
+from lightning_pipe.planner import METHODS, Level, Plan, Topology, plan_pipeline, profile_layers
+from lightning_pipe.planner.auto import choose_schedule
+from lightning_pipe.planner.profile import scale_profiles
+from lightning_pipe.split import find_sequence
+
+__all__ = ["main", "plan_from_config", "sequence_input", "default_topology"]
+
+# gloo between processes of one machine, as measured by benchmarks/partition_quality.py on an idle machine; and
+# NVLink-class links inside a GPU node, 100 Gb/s between nodes.
+_CPU_LINK = dict(bandwidth=1e9, latency=2e-4, overhead=3e-4)
+_GPU_LINK = dict(bandwidth=100e9, latency=1e-5, overhead=2e-5)
+_NODE_LINK = dict(bandwidth=12.5e9, latency=1e-5, overhead=2e-5)
+
+
+class _Reached(BaseException):
+    """Stops a step where the sequence is called (BaseException: a user's ``except Exception`` lets it pass)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+def sequence_input(module: nn.Module, sequence: nn.Sequential, batch: Any) -> Any:
+    """What ``module.training_step(batch, 0)`` passes to ``sequence`` (the step stops there)."""
+    def stop(_: nn.Module, args: tuple) -> None:
+        raise _Reached(args[0] if len(args) == 1 else args)
+
+    handle = sequence.register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            module.training_step(batch, 0)
+    except _Reached as reached:
+        return reached.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__}.training_step never called its nn.Sequential; the planner profiles "
+                       f"that sequence, so the step must call it (directly or through forward)")
+
+
+def default_topology(devices: int, num_nodes: int, accelerator: str) -> Topology:
+    """One level of ``devices`` per node (gloo-like on CPU, NVLink-like on GPUs), and nodes at 100 Gb/s."""
+    link = _GPU_LINK if accelerator in ("gpu", "cuda") else _CPU_LINK
+    levels = [Level(devices, **link)]
+    if num_nodes > 1:
+        levels.append(Level(num_nodes, **_NODE_LINK))
+    return Topology(levels)
+
+
+def _devices(trainer: DictConfig) -> int:
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return len(devices)
+    raise ValueError(f"trainer.devices={devices!r}: the planner needs a number of devices; pass trainer.devices=4")
+
+
+def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
+    """Profile the configured model and plan it; returns the plan and the text to print."""
+    options = cfg.get("plan") or {}
+    strategy = cfg.get("strategy") or {}
+    trainer = cfg.trainer
+    devices, nodes = _devices(trainer), int(trainer.get("num_nodes", 1))
+    accelerator = str(trainer.get("accelerator", "cpu"))
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, available_cores() // devices))  # a rank's share of the cores, as in training
+    if cfg.get("seed") is not None:
+        torch.manual_seed(cfg.seed)
+
+    model = instantiate(cfg.model)
+    _, sequence = find_sequence(model, strategy.get("layers"))
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    inputs = sequence_input(model, sequence, batch)
+    m = int(strategy.get("num_microbatches", 4))
+    sample = split_batch(inputs, m)[0]
+
+    cache = options.get("cache", str(Path.home() / ".cache" / "lightning_pipe" / "profiles"))
+    profiles = profile_layers(sequence, sample, device=device, repeats=int(options.get("repeats", 5)),
+                              cache=cache or None)
+    if options.get("topology"):
+        topology = Topology([Level(*level) for level in OmegaConf.to_container(options.topology)])
+    else:
+        topology = default_topology(devices, nodes, device.type if device.type == "cuda" else "cpu")
+    replicas = options.get("replicas", 1)
+    replicas = None if replicas in (None, "auto") else int(replicas)
+    cap = options.get("memory_cap")
+    cap = float(cap) if cap is not None else None
+    partition = strategy.get("partition", "uniform")
+    method = list(partition) if OmegaConf.is_list(partition) else str(partition)
+    schedule = str(strategy.get("schedule", "1f1b"))
+
+    lines = [f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
+             f"({batch_rows(inputs)} per batch, {m} micro-batches); topology: {topology.levels}"]
+    if schedule == "auto":
+        choice = choose_schedule(profiles, topology, batch_rows=batch_rows(inputs), sample_rows=batch_rows(sample),
+                                 memory_cap=cap, replicas=replicas)
+        lines += ["schedule=auto: candidates", choice.table()]
+        plan = choice.plan
+        profiles = scale_profiles(profiles, batch_rows(inputs) / plan.num_microbatches / batch_rows(sample))
+    else:
+        plan = plan_pipeline(profiles, topology, method=method, schedule=schedule, num_microbatches=m,
+                             replicas=replicas if method == "profile" else replicas or 1, memory_cap=cap)
+    lines.append(plan.summary())
+    lines.append("other methods (same schedule and micro-batches):")
+    for other in METHODS:
+        if other == plan.method or (other == "memory" and cap is None):
+            continue
+        try:
+            alt = plan_pipeline(profiles, topology, method=other, schedule=plan.schedule,
+                                num_microbatches=plan.num_microbatches, memory_cap=cap,
+                                replicas=replicas if other == "profile" else replicas or 1)
+            lines.append(f"  {other:>10}: partition={alt.partition} replicas={alt.replicas} predicted step "
+                         f"{alt.step_time * 1e3:.1f} ms, bubble {alt.bubble:.1%}, peak {alt.peak_memory / 2**20:.1f} MiB")
+        except ValueError as error:
+            lines.append(f"  {other:>10}: {str(error).split('; ')[0]}")
+    return plan, "\n".join(lines)
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from lightning_pipe.viz import draw_timeline
+
+    plan, text = plan_from_config(cfg)
+    print(text, flush=True)
+    options = cfg.get("plan") or {}
+    picture = options.get("picture") or os.path.join(cfg.get("output_dir") or ".", "plan.png")
+    Path(picture).parent.mkdir(parents=True, exist_ok=True)
+    draw_timeline(plan.prediction, picture, title=f"predicted: {plan.schedule}, partition {plan.partition}, "
+                                                  f"step {plan.step_time * 1e3:.1f} ms")
+    print(f"timeline: {picture}")
+
+
+if __name__ == "__main__":
+    main()

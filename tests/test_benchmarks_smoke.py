@@ -1,0 +1,58 @@
+"""The benchmarks run end to end at tiny sizes and write rows with the documented keys and sane values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import memory, schedule_efficiency
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_schedule_efficiency_rows(tmp_path, capsys):
+    path = tmp_path / "eff.json"
+    schedule_efficiency.main(["-p", "2", "-m", "2", "--t-f", "1", "--t-b", "2", "--warmup", "1", "--steps", "2",
+                              "--rounds", "1", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    keys = {"schedule", "impl", "stages", "microbatches", "step_ms", "ideal_ms", "ratio"}
+    assert {(row["schedule"], row["impl"]) for row in rows} == {
+        (s, i) for s in ("gpipe", "1f1b") for i in ("lightning_pipe", "torch", "torch_1thread")}
+    for row in rows:
+        assert keys <= set(row)
+        assert row["stages"] == 2 and row["microbatches"] == 2
+        assert row["ideal_ms"] == pytest.approx(9.0)  # (m + p - 1) * (t_f + t_b)
+        assert row["ratio"] >= 0.98  # a step cannot beat the sleeps it is made of
+        assert row["ratio"] == pytest.approx(row["step_ms"] / row["ideal_ms"])
+    assert "| schedule | impl |" in capsys.readouterr().out
+
+
+def test_memory_rows_have_the_expected_shape(tmp_path):
+    path = tmp_path / "memory.json"
+    memory.main(["-p", "2", "-m", "2", "--width", "32", "--rows", "4", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    keys = {"schedule", "remat", "rank", "saved_bytes_peak", "activation_microbatches_peak", "peak_rss_mb"}
+    assert len(rows) == 3 * 2
+    for row in rows:
+        assert keys <= set(row)
+        assert row["saved_bytes_peak"] > 0 and row["peak_rss_mb"] > 0
+    by = {(row["schedule"], row["remat"], row["rank"]): row["activation_microbatches_peak"] for row in rows}
+    assert by["gpipe", False, 0] == by["gpipe", False, 1] == 2  # m micro-batches on every stage
+    assert (by["1f1b", False, 0], by["1f1b", False, 1]) == (2, 1)  # p - s micro-batches on stage s
+    assert by["gpipe", True, 0] < 2  # re-materialization keeps only the stage input
+    config = memory.Config(stages=2, microbatches=2, width=32, rows=4)
+    assert memory.check_shape(rows, config) == []
+
+
+def test_saved_tensor_counter_counts_each_storage_once_and_frees_after_backward():
+    import torch
+
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with memory.SavedTensorCounter(exclude=linear.parameters()) as counter:
+        hidden = torch.relu(linear(x))  # Linear saves x; ReLU saves its output, which the next Linear saves again
+        out = linear(hidden).sum()
+        assert counter.bytes == 2 * 4 * 8 * 4
+    out.backward()
+    assert counter.bytes == 0 and counter.peak == 2 * 4 * 8 * 4
