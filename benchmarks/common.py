@@ -100,7 +100,7 @@ class SleepLayer(nn.Module):
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """``rows`` as a markdown table of ``columns`` (floats with 3 significant decimals)."""
     def cell(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        return f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]

@@ -9,7 +9,11 @@ repository root::
 
     python -m benchmarks.schedule_efficiency                        # p=4, m=8, t_f=10 ms, t_b=20 ms
     python -m benchmarks.schedule_efficiency --schedules gpipe,1f1b,interleaved_1f1b,zb_h1 --json eff.json
+    python -m benchmarks.schedule_efficiency --schedules zb_v,interleaved_zb,async_1f1b,2bw
     python -m benchmarks.schedule_efficiency --trace                # where lightning_pipe's time goes
+
+Rows also carry the simulator's prediction for lightning_pipe's schedule (``predicted_ms``). The asynchronous
+schedules are timed per batch in steady state against the bubble-free bound ``m (t_f + t_b)``.
 
 A step's time runs from the first rank entering it to the last rank leaving it (all ranks read the same
 monotonic clock). The implementations take ``--rounds`` alternating turns on fresh ranks, each turn ``--warmup``
@@ -55,15 +59,28 @@ def zb_h1_ideal(p: int, m: int, c: SleepCosts, v: int) -> float:
     return m * (c.forward + c.backward) + (p - 1) * bubble
 
 
+def zb_v_ideal(p: int, m: int, c: SleepCosts, v: int) -> float:
+    """ZB-V with ``m >= 2p - 1`` and ``W <= F = I`` per stage: ``m (t_f + t_b) + (p - 1) t_f / 2``."""
+    return m * (c.forward + c.backward) + (p - 1) * c.forward / 2
+
+
+def bubble_free(p: int, m: int, c: SleepCosts, v: int) -> float:
+    """No bubble at all: ``m (t_f + t_b)``; the bound for schedules whose own ideal has no closed form here,
+    and for the asynchronous ones in steady state (time per batch)."""
+    return m * (c.forward + c.backward)
+
+
 @dataclass(frozen=True)
 class BenchSchedule:
     """A schedule as both implementations name it, how many stages each rank holds, and its ideal step time."""
 
-    name: str  # lightning_pipe's schedule name
+    name: str | None  # lightning_pipe's schedule name (None: measured on torch only)
     ideal: Callable[[int, int, SleepCosts, int], float]  # (ranks p, micro-batches m, per-rank costs, v) -> s
     torch_schedule: str | None = None  # class in torch.distributed.pipelining, None where it has none
     stages_per_rank: int = 1
     options: dict[str, int] = field(default_factory=dict)  # lightning_pipe schedule options
+    placement: str = "loop"  # stages of rank r: r, r + p, ... ("loop") or r, 2p - 1 - r ("v")
+    asynchronous: bool = False  # timed per batch in steady state, without a flush between batches
 
 
 # Add a schedule here to benchmark it. A rank's costs per micro-batch are t_f and t_b whatever its number of
@@ -74,7 +91,19 @@ BENCH_SCHEDULES: dict[str, BenchSchedule] = {
     "interleaved_1f1b": BenchSchedule("interleaved_1f1b", interleaved_ideal, "ScheduleInterleaved1F1B",
                                       stages_per_rank=2, options={"virtual_stages": 2}),
     "zb_h1": BenchSchedule("zb_h1", zb_h1_ideal),  # torch has no ZB-H1 (only interleaved zero-bubble variants)
+    "zb_v": BenchSchedule("zb_v", zb_v_ideal, "ScheduleZBVZeroBubble", stages_per_rank=2, placement="v"),
+    "interleaved_zb": BenchSchedule(None, bubble_free, "ScheduleInterleavedZeroBubble", stages_per_rank=2),
+    "async_1f1b": BenchSchedule("async_1f1b", bubble_free, asynchronous=True),
+    "2bw": BenchSchedule("2bw", bubble_free, asynchronous=True),
+    "async_1f1b_slack1": BenchSchedule("async_1f1b", bubble_free, asynchronous=True, options={"slack": 1}),
+    "2bw_slack1": BenchSchedule("2bw", bubble_free, asynchronous=True, options={"slack": 1}),
 }
+
+
+def _stage_indices(bench: BenchSchedule, rank: int, p: int) -> list[int]:
+    if bench.placement == "v":
+        return [rank, 2 * p - 1 - rank]
+    return [rank + k * p for k in range(bench.stages_per_rank)]
 
 
 @dataclass(frozen=True)
@@ -115,17 +144,41 @@ def _timed_steps(step: Callable[[], None], params: list[torch.nn.Parameter], con
     return spans
 
 
+def _steady_state_batches(pipe: Any, batch: torch.Tensor, config: Config) -> list[tuple]:
+    """Asynchronous schedules never flush between batches, so a barrier per step would destroy what they
+    gain: time ``config.steps`` consecutive batches after the warm-up ones, one span per batch on average."""
+    def optimizer_step() -> None:  # the sleeping layers' weights stay as they are
+        pass
+
+    for _ in range(config.warmup):
+        pipe.train_step(batch, optimizer_step=optimizer_step)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(config.steps):
+        pipe.train_step(batch, optimizer_step=optimizer_step)
+    end = time.perf_counter()
+    pipe.flush()
+    per_batch = (end - start) / config.steps
+    return [(start + i * per_batch, start + (i + 1) * per_batch) for i in range(config.steps)]
+
+
 def _lightning_pipe_rank(rank: int, world_size: int, config: Config, names: list[str], record: bool) -> dict:
     from lightning_pipe.engine.executor import Pipeline
 
     out: dict[str, Any] = {"threads": None}
     for name in names:
         bench = BENCH_SCHEDULES[name]
+        if bench.name is None:
+            continue
         costs = _stage_costs(config.costs, bench.stages_per_rank)
         layers = [SleepLayer(costs, WIDTH) for _ in range(world_size * bench.stages_per_rank)]
         pipe = Pipeline(layers, loss_fn=_loss, schedule=bench.name, num_microbatches=config.microbatches,
                         record=record, **bench.options)
         batch = torch.ones(config.microbatches, WIDTH)
+        if bench.asynchronous:
+            out[name] = {"spans": _steady_state_batches(pipe, batch, config), "records": []}
+            out["threads"] = torch.get_num_threads()
+            continue
         spans = _timed_steps(lambda: pipe.train_step(batch), list(pipe.parameters()), config)
         records = []
         if record:  # one more step, traced alone
@@ -149,7 +202,7 @@ def _torch_rank(rank: int, world_size: int, config: Config, names: list[str], on
         v = bench.stages_per_rank
         costs = _stage_costs(config.costs, v)
         num_stages = world_size * v
-        indices = [rank + k * world_size for k in range(v)]  # stage s on rank s % p, as in lightning_pipe
+        indices = _stage_indices(bench, rank, world_size)  # as lightning_pipe places them
         stages = [pipelining.PipelineStage(SleepLayer(costs, WIDTH), index, num_stages, torch.device("cpu"))
                   for index in indices]
         schedule_cls = getattr(pipelining, bench.torch_schedule)
@@ -165,8 +218,11 @@ def _torch_rank(rank: int, world_size: int, config: Config, names: list[str], on
 
 # -- measuring -----------------------------------------------------------------------------------------
 def _step_times(per_rank: list[dict], name: str) -> list[float]:
-    """Each step from the first rank's start to the last rank's end, in seconds."""
+    """Each step from the first rank's start to the last rank's end, in seconds. Asynchronous schedules keep the
+    ranks a few micro-batches apart for good, so there a batch takes the slowest rank's time per batch."""
     spans = [result[name]["spans"] for result in per_rank]
+    if BENCH_SCHEDULES[name].asynchronous:
+        return [max(s[i][1] - s[i][0] for s in spans) for i in range(len(spans[0]))]
     return [max(s[i][1] for s in spans) - min(s[i][0] for s in spans) for i in range(len(spans[0]))]
 
 
@@ -181,13 +237,16 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
         raise ValueError(f"unknown schedules {unknown}; choose from {', '.join(BENCH_SCHEDULES)}")
     p, m = config.stages, config.microbatches
     torch_names = [n for n in names if BENCH_SCHEDULES[n].torch_schedule]
+    ours = [n for n in names if BENCH_SCHEDULES[n].name]
     runs: dict[str, Callable[[], list[dict]]] = {
-        "lightning_pipe": lambda: run_ranks(_lightning_pipe_rank, p, config, names, False),
+        "lightning_pipe": lambda: run_ranks(_lightning_pipe_rank, p, config, ours, False),
         "torch": lambda: run_ranks(_torch_rank, p, config, torch_names, False),
         "torch_1thread": lambda: run_ranks(_torch_rank, p, config, torch_names, True),
     }
     if not torch_names:
         del runs["torch"], runs["torch_1thread"]
+    if not ours:
+        del runs["lightning_pipe"]
     step_times: dict[tuple[str, str], list[float]] = {}
     threads: dict[str, int] = {}
     for _ in range(config.rounds):
@@ -201,12 +260,14 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
     for name in names:
         bench = BENCH_SCHEDULES[name]
         ideal = bench.ideal(p, m, config.costs, bench.stages_per_rank)
+        predicted = _predicted(bench, config)
         for impl in runs:
             if (name, impl) in step_times:
                 step = statistics.median(step_times[name, impl])
                 rows.append({"schedule": name, "impl": impl, "stages": p * bench.stages_per_rank,
                              "microbatches": m, "step_ms": 1e3 * step, "ideal_ms": 1e3 * ideal,
-                             "ratio": step / ideal, "threads": threads[impl]})
+                             "ratio": step / ideal, "predicted_ms": predicted and 1e3 * predicted,
+                             "vs_predicted": predicted and step / predicted, "threads": threads[impl]})
     diagnosis = {}
     if config.trace:
         traced = run_ranks(_lightning_pipe_rank, p, config, names, True)
@@ -219,6 +280,25 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
                 to_chrome_trace([rec for r in traced for rec in r[name]["records"]],
                                 config.chrome_trace.replace("{schedule}", name))
     return rows, diagnosis
+
+
+def _predicted(bench: BenchSchedule, config: Config) -> float | None:
+    """The simulator's step time for lightning_pipe's schedule on these costs (no link cost): per batch in
+    steady state for the asynchronous schedules (one more batch in a stream of batches)."""
+    if bench.name is None:
+        return None
+    from lightning_pipe.engine import schedules_async
+    from lightning_pipe.engine.schedules import get_schedule
+    from lightning_pipe.planner.simulate import StageCost, predict
+
+    c = _stage_costs(config.costs, bench.stages_per_rank)
+    cost = StageCost(c.forward, c.backward_input, c.backward_weight)
+    schedule = get_schedule(bench.name, config.stages, config.microbatches, **bench.options)
+    if not bench.asynchronous:
+        return predict(schedule, cost).step_time
+    batches = 8
+    longer = predict(schedules_async.stream(schedule, batches + 1), cost).step_time
+    return longer - predict(schedules_async.stream(schedule, batches), cost).step_time
 
 
 def _diagnose(records: list[list[Any]], config: Config, v: int) -> dict[str, float]:
@@ -287,7 +367,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before = os.getloadavg()[0]
     rows, diagnosis = run(config, names)
     print(markdown_table(rows, ["schedule", "impl", "stages", "microbatches", "threads", "step_ms", "ideal_ms",
-                                "ratio"]))
+                                "ratio", "predicted_ms", "vs_predicted"]))
     print(f"\n{len(os.sched_getaffinity(0))} cores; 1-minute load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after (a loaded machine delays the ranks' wake-ups: compare ratios only "
           f"within one run)")

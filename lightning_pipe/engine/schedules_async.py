@@ -28,16 +28,20 @@ from lightning_pipe.engine.schedules import Action, Op, Schedule, add_communicat
 __all__ = ["async_1f1b", "two_bw", "start", "drain", "alone", "stream"]
 
 
-def _steady(name: str, num_stages: int, num_microbatches: int, update_every_microbatch: bool) -> Schedule:
+def _steady(name: str, num_stages: int, num_microbatches: int, update_every_microbatch: bool,
+            slack: int = 0) -> Schedule:
     p, m = num_stages, num_microbatches
     if p < 1 or m < 1:
         raise ValueError(f"{name}: num_stages ({p}) and num_microbatches ({m}) must be >= 1")
-    if m < p:
-        raise ValueError(f"num_microbatches ({m}) must be >= the number of stages ({p}) for {name}, so that the "
-                         f"micro-batches in flight come from at most one earlier batch; raise it to {p}")
+    if slack < 0:
+        raise ValueError(f"{name}: slack ({slack}) must be >= 0")
+    if m < p + slack:
+        raise ValueError(f"num_microbatches ({m}) must be >= the number of stages ({p}) + slack ({slack}) for {name}, "
+                         f"so that the micro-batches in flight come from at most one earlier batch; raise it to "
+                         f"{p + slack}")
     compute = []
     for stage in range(p):
-        in_flight = p - stage - 1
+        in_flight = p - stage - 1 + slack
         actions = []
         # Every step of the steady state: one forward of this batch, one backward of the oldest in flight.
         for i in range(m):
@@ -51,16 +55,23 @@ def _steady(name: str, num_stages: int, num_microbatches: int, update_every_micr
     return replace(schedule, asynchronous=True)
 
 
-def async_1f1b(num_stages: int, num_microbatches: int) -> Schedule:
+def async_1f1b(num_stages: int, num_microbatches: int, slack: int = 0) -> Schedule:
     """PipeDream: 1F1B without flushes; each stage steps its optimizer after every backward (weight stashing
-    keeps each micro-batch's forward and backward on the same weights)."""
-    return _steady("async_1f1b", num_stages, num_microbatches, update_every_microbatch=True)
+    keeps each micro-batch's forward and backward on the same weights).
+
+    ``slack`` keeps that many more micro-batches in flight on every stage. With the fewest (PipeDream's
+    ``p - s`` on stage ``s``) a stage's backward needs the gradient its successor computed one forward earlier,
+    so every forward-backward period also waits two message latencies; one micro-batch of slack gives the
+    gradient a whole period to arrive, for one more weight version and one more micro-batch of activations
+    per stage (and one step more staleness).
+    """
+    return _steady("async_1f1b", num_stages, num_microbatches, True, slack)
 
 
-def two_bw(num_stages: int, num_microbatches: int) -> Schedule:
+def two_bw(num_stages: int, num_microbatches: int, slack: int = 0) -> Schedule:
     """PipeDream-2BW: 1F1B without flushes; each stage steps once per batch, after the batch's last backward,
-    with the gradient accumulated over its micro-batches."""
-    return _steady("2bw", num_stages, num_microbatches, update_every_microbatch=False)
+    with the gradient accumulated over its micro-batches. ``slack`` as for :func:`async_1f1b`."""
+    return _steady("2bw", num_stages, num_microbatches, False, slack)
 
 
 def alone(schedule: Schedule, num_microbatches: int) -> Schedule:
