@@ -226,6 +226,33 @@ def _rank(rank: int, world_size: int, config: Config, schedule: str, remat: bool
             "stage_input_bytes": x.numel() * x.element_size(), "loss_saved_bytes": loss_bytes}
 
 
+def _async_rank(rank: int, world_size: int, config: Config, schedule: str) -> dict[str, Any]:
+    """Weight versions and activations an asynchronous schedule holds in steady state (no flush between steps)."""
+    from lightning_pipe.engine.executor import Pipeline
+
+    pipe = Pipeline(_model(config), loss_fn=_loss, schedule=schedule, num_microbatches=config.microbatches)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(1)
+    rows = config.rows * config.microbatches
+    batch = (torch.randn(rows, config.width, generator=generator), torch.randn(rows, config.width, generator=generator))
+    params = list(pipe.parameters())
+    for _ in range(2):  # into the steady state
+        pipe.train_step(batch, optimizer_step=optimizer.step)
+    counter = SavedTensorCounter(exclude=params)
+    with counter:
+        pipe.train_step(batch, optimizer_step=optimizer.step)
+    pipe.flush(optimizer.step)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return {"schedule": schedule, "rank": rank, "weight_versions": pipe.weight_versions,
+            "weight_version_mb": pipe.weight_versions * param_bytes / 2**20,
+            "in_flight_microbatches": config.stages - rank, "saved_bytes_peak": counter.peak}
+
+
+def run_async(config: Config) -> list[dict[str, Any]]:
+    """Steady-state rows of the asynchronous schedules, one per (schedule, rank)."""
+    return [row for schedule in ("async_1f1b", "2bw") for row in run_ranks(_async_rank, config.stages, config, schedule)]
+
+
 def run(config: Config) -> list[dict[str, Any]]:
     """One training step of each configuration on fresh ranks; one row per (configuration, rank)."""
     rows = []
@@ -270,6 +297,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     problems = check_shape(rows, config)
     print("\nexpected shape: " + ("as expected (gpipe m, 1f1b p - s micro-batches; remat m stage inputs)"
                                   if not problems else "DIFFERS\n  " + "\n  ".join(problems)))
+    async_rows = run_async(config)
+    print("\nAsynchronous schedules in steady state (weight copies held besides the live weights):\n")
+    print(markdown_table(async_rows, ["schedule", "rank", "in_flight_microbatches", "weight_versions",
+                                      "weight_version_mb", "saved_bytes_peak"]))
+    rows = rows + async_rows
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)
