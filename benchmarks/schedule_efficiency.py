@@ -12,7 +12,9 @@ repository root::
     python -m benchmarks.schedule_efficiency --schedules zb_v,interleaved_zb,async_1f1b,2bw
     python -m benchmarks.schedule_efficiency --trace                # where lightning_pipe's time goes
 
-Rows also carry the simulator's prediction for lightning_pipe's schedule (``predicted_ms``). The asynchronous
+Rows also carry the simulator's prediction for lightning_pipe's schedule (``predicted_ms``), made from costs
+measured in the same run: each sleeping stage's real forward and backward halves, and the link latency (half a
+ping-pong through lightning_pipe's Communicator). The asynchronous
 schedules are timed per batch in steady state against the bubble-free bound ``m (t_f + t_b)``.
 
 A step's time runs from the first rank entering it to the last rank leaving it (all ranks read the same
@@ -247,6 +249,7 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
         del runs["torch"], runs["torch_1thread"]
     if not ours:
         del runs["lightning_pipe"]
+    calibration = _calibrate(config, names)
     step_times: dict[tuple[str, str], list[float]] = {}
     threads: dict[str, int] = {}
     for _ in range(config.rounds):
@@ -260,7 +263,7 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
     for name in names:
         bench = BENCH_SCHEDULES[name]
         ideal = bench.ideal(p, m, config.costs, bench.stages_per_rank)
-        predicted = _predicted(bench, config)
+        predicted = _predicted(bench, config, calibration)
         for impl in runs:
             if (name, impl) in step_times:
                 step = statistics.median(step_times[name, impl])
@@ -282,23 +285,67 @@ def run(config: Config, names: list[str]) -> tuple[list[dict], dict[str, Any]]:
     return rows, diagnosis
 
 
-def _predicted(bench: BenchSchedule, config: Config) -> float | None:
-    """The simulator's step time for lightning_pipe's schedule on these costs (no link cost): per batch in
-    steady state for the asynchronous schedules (one more batch in a stream of batches)."""
+def _measure_layer(costs: SleepCosts, repeats: int = 15) -> tuple[float, float, float]:
+    """Median seconds of a sleeping stage's forward, input half and weight half as they really run here
+    (a sleep overshoots by a fraction of a millisecond, and the autograd calls around it cost a little)."""
+    layer = SleepLayer(costs, WIDTH)
+    forward, backward_input, backward_weight = [], [], []
+    for _ in range(repeats):
+        x = torch.ones(2, WIDTH, requires_grad=True)
+        start = time.perf_counter()
+        y = layer(x).pow(2).mean()
+        forward.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.autograd.grad(y, [x], retain_graph=True)
+        backward_input.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.autograd.grad(y, [layer.weight])
+        backward_weight.append(time.perf_counter() - start)
+    return statistics.median(forward), statistics.median(backward_input), statistics.median(backward_weight)
+
+
+def _ping(rank: int, world_size: int, repeats: int) -> float:
+    """Half the round trip of one small tensor through lightning_pipe's Communicator: the link's latency."""
+    from lightning_pipe.engine.comm import Communicator
+
+    comm, x, times = Communicator(), torch.ones(2, WIDTH), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if rank == 0:
+            comm.send(x, 1, 0)
+            comm.recv(1, 1)
+        else:
+            comm.send(comm.recv(0, 0), 0, 1)
+        times.append(time.perf_counter() - start)
+    comm.wait_sends()
+    return statistics.median(times) / 2
+
+
+def _calibrate(config: Config, names: list[str]) -> dict[str, Any]:
+    """Measured inputs of the prediction: each stage size's real costs, and the link latency (ping-pong)."""
+    sizes = {BENCH_SCHEDULES[n].stages_per_rank for n in names}
+    latency = run_ranks(_ping, 2, 200)[0]
+    return {"latency": latency,
+            "costs": {v: _measure_layer(_stage_costs(config.costs, v)) for v in sizes}}
+
+
+def _predicted(bench: BenchSchedule, config: Config, calibration: dict[str, Any]) -> float | None:
+    """The simulator's step time for lightning_pipe's schedule with the measured stage costs and link latency:
+    per batch in steady state for the asynchronous schedules (one more batch in a stream of batches)."""
     if bench.name is None:
         return None
     from lightning_pipe.engine import schedules_async
     from lightning_pipe.engine.schedules import get_schedule
-    from lightning_pipe.planner.simulate import StageCost, predict
+    from lightning_pipe.planner.simulate import Link, StageCost, predict
 
-    c = _stage_costs(config.costs, bench.stages_per_rank)
-    cost = StageCost(c.forward, c.backward_input, c.backward_weight)
+    cost = StageCost(*calibration["costs"][bench.stages_per_rank])
+    link = Link(latency=calibration["latency"])
     schedule = get_schedule(bench.name, config.stages, config.microbatches, **bench.options)
     if not bench.asynchronous:
-        return predict(schedule, cost).step_time
+        return predict(schedule, cost, link).step_time
     batches = 8
-    longer = predict(schedules_async.stream(schedule, batches + 1), cost).step_time
-    return longer - predict(schedules_async.stream(schedule, batches), cost).step_time
+    longer = predict(schedules_async.stream(schedule, batches + 1), cost, link).step_time
+    return longer - predict(schedules_async.stream(schedule, batches), cost, link).step_time
 
 
 def _diagnose(records: list[list[Any]], config: Config, v: int) -> dict[str, float]:
