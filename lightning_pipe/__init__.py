@@ -1,4 +1,4 @@
-"""Pipeline-parallel training for PyTorch Lightning; importing it registers the strategies "pipedream" and "gpipe"."""
+"""Pipeline-parallel training for PyTorch Lightning; importing it registers its strategy names with Lightning."""
 
 from lightning.pytorch.strategies import StrategyRegistry
 

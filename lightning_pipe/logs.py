@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
-__all__ = ["LoggedValue", "LogRecorder", "MetricTracker", "combine_logs"]
+__all__ = ["LoggedValue", "LogRecorder", "MetricTracker", "combine_logs", "combine_replica_logs"]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -132,6 +132,26 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
     return logged
 
 
+def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]:
+    """One batch's logs from the logs of each data-parallel replica's share of it (each already combined over its
+    micro-batches): values as :func:`combine_logs` combines micro-batches; a Metric's entry is kept once (its
+    state is merged by :meth:`MetricTracker.merge`)."""
+    calls: list[tuple[dict[str, Any], int]] = []
+    metrics: dict[str, LoggedValue] = {}
+    for logged in replicas:
+        for entry in logged:
+            if entry.metric is not None:
+                metrics.setdefault(entry.name, entry)
+                continue
+            assert entry.value is not None and entry.batch_size is not None
+            calls.append(({**entry.options, "name": entry.name, "value": entry.value, "batch_size": entry.batch_size},
+                          entry.batch_size))
+    combined = {entry.name: entry for entry in combine_logs(calls, {})}
+    combined.update(metrics)
+    order = list(dict.fromkeys(entry.name for logged in replicas for entry in logged))  # first seen, first logged
+    return [combined[name] for name in order]
+
+
 def _reduction(reduce_fx: Any, name: str) -> str:
     if isinstance(reduce_fx, str) and reduce_fx.lower() in _REDUCTIONS:
         return _REDUCTIONS[reduce_fx.lower()]
@@ -189,6 +209,33 @@ class MetricTracker:
             metric._forward_cache = _to(update[name]["value"], metric.device)
             metric._computed = None
         self._saved = {}
+
+    def merge(self, updates: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """The batch states of several data-parallel replicas (from :meth:`batch_update`) merged into one, with the
+        batch value recomputed over all of them where one was logged; the metrics themselves are left as they were."""
+        merged = {}
+        for name, metric in self.metrics.items():
+            parts = [update[name] for update in updates if name in update]
+            if not parts:
+                continue
+            saved = self._take(metric)
+            try:
+                for part in parts:
+                    earlier = {attr: getattr(metric, attr) for attr in metric._defaults}
+                    first = metric._update_count == 0
+                    for attr, value in part["state"].items():
+                        setattr(metric, attr, _to(value, metric.device))
+                    metric._update_count += part["count"]
+                    if not first:
+                        with torch.no_grad():
+                            metric._reduce_states(earlier)
+                logged = any(part["value"] is not None for part in parts)
+                value = metric.compute() if logged else None
+                merged[name] = {"state": {attr: _to(getattr(metric, attr), "cpu") for attr in metric._defaults},
+                                "count": metric._update_count, "value": _to(value, "cpu")}
+            finally:
+                self._restore(metric, saved)
+        return merged
 
     @staticmethod
     def _take(metric: Metric) -> tuple[dict[str, Any], int, Any, Any]:

@@ -3,12 +3,14 @@
 This is the strategy's core, and needs no Trainer: :class:`PipelineRunner` cuts the module, runs one training or
 evaluation step through the engine, and then sends what the last stage computed (the loss, the combined logs, the
 torchmetrics' batch state, the step's outputs) to every rank in one broadcast, so that all ranks return, log and
-checkpoint the same thing.
+checkpoint the same thing. With data-parallel replicas of the pipeline, the replicas average their gradients
+(:mod:`.replicas`), and their last stages first combine loss, logs and metrics into those of the whole batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,8 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.partition import Partition
-from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker
+from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
+from lightning_pipe.replicas import GradientAverager
 from lightning_pipe.split import PipelinedSequence, SplitModule
 from lightning_pipe.tied import TiedParameters
 
@@ -35,6 +38,7 @@ class _StepResult:
     logs: list[LoggedValue] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    rows: int = 0
 
 
 class PipelineRunner:
@@ -44,7 +48,8 @@ class PipelineRunner:
     with the same batch; each returns the same value on every rank.
     """
 
-    def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters) -> None:
+    def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters,
+                 replica_group: dist.ProcessGroup | None = None) -> None:
         self.split = split
         self.module: LightningModule = split.module  # type: ignore[assignment]
         self.pipeline = pipeline
@@ -53,24 +58,32 @@ class PipelineRunner:
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
+        # the ranks holding this rank's stages in the other replicas (None: one replica)
+        self.replica_group = replica_group
+        self.averager = GradientAverager(pipeline.parameters(), replica_group) if replica_group is not None else None
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, schedule: str, num_microbatches: int,
               partition: Partition, checkpoint_activations: bool, device: torch.device,
-              schedule_options: Mapping[str, int], group: dist.ProcessGroup | None = None) -> PipelineRunner:
-        """Cut ``module`` (collective: every rank of ``group`` calls it with an equal module)."""
+              schedule_options: Mapping[str, int], vertical_sync: bool = False,
+              group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None,
+              pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
+        """Cut ``module`` (collective: every rank calls it with an equal module).
+
+        ``group`` holds this rank's pipeline; with several replicas, ``replica_group`` the ranks holding the same
+        stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline."""
         split = SplitModule(module, layers)
         pipeline = Pipeline(split.sequence, schedule=schedule, num_microbatches=num_microbatches, partition=partition,
                             checkpoint_activations=checkpoint_activations, group=group, device=device,
-                            **schedule_options)
-        tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_to_rank, pipeline.group)
+                            vertical_sync=vertical_sync, **schedule_options)
+        tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_to_rank, pipeline.group, pipelines)
         tied.synchronize_values()
         local = [child for stage in pipeline.modules() for child in stage.named_children()]
-        runner = cls(split, pipeline, tied)
+        runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
         runner.settings = {"layers": layers, "schedule": schedule, "num_microbatches": num_microbatches,
                            "partition": partition, "checkpoint_activations": checkpoint_activations,
-                           "schedule_options": dict(schedule_options)}
+                           "schedule_options": dict(schedule_options), "vertical_sync": vertical_sync}
         return runner
 
     @staticmethod
@@ -89,9 +102,13 @@ class PipelineRunner:
                 "stage_to_rank": [int(r) for r in pipe.stage_to_rank]}
 
     # -- steps ------------------------------------------------------------------------------------
-    def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0) -> Any:
+    def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
+              optimizer_step: Callable[[], Any] | None = None) -> Any:
         """``training_step`` of a batch: forward and backward of every micro-batch (gradients accumulate into this
-        rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank."""
+        rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank.
+
+        Asynchronous schedules call ``optimizer_step`` at each of their optimizer steps; the loss returned is this
+        batch's, which the last stage computes within this call (earlier stages finish its backward later)."""
         batch, rest = args[0], tuple(args[1:])
         pipe, outputs, sizes = self.pipeline, [], []
 
@@ -109,10 +126,16 @@ class PipelineRunner:
         self.recorder.calls = []
         if pipe.is_last_rank:
             self.metrics.start()
-        loss = pipe.train_step(batch, loss_scale=loss_scale)
-        result = None
-        if pipe.is_last_rank:
-            result = self._guard(lambda: self._result(loss, outputs, sizes, check_outside=True))
+        averaging = self.averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if self.averager \
+            else nullcontext()
+        with averaging:  # replicas: each bucket of gradients is averaged as soon as the backward completes it
+            loss = pipe.train_step(batch, loss_scale=loss_scale, optimizer_step=optimizer_step)
+            if self.averager is not None:
+                self.averager.start_remaining()
+            result = None
+            if pipe.is_last_rank:
+                result = self._guard(lambda: self._result(loss, outputs, sizes, check_outside=True))
+                result = self._across_replicas(result)
         result = self._share(result)
         assert result.loss is not None
         loss = result.loss.to(pipe.device)
@@ -130,6 +153,7 @@ class PipelineRunner:
         result = None
         if pipe.is_last_rank:
             result = self._guard(lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs))
+            result = self._across_replicas(result)
         return self._share(result).output
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
@@ -157,7 +181,27 @@ class PipelineRunner:
         logs = self.recorder.combine()
         metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
         output = combine_outputs(outputs, sizes)
-        return _StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics)
+        return _StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
+
+    def _across_replicas(self, result: _StepResult) -> _StepResult:
+        """On the last stage's ranks: the whole batch's loss, logs and metric states from every replica's share
+        (each replica keeps its own outputs, as under DDP)."""
+        if self.replica_group is None:
+            return result
+        shares: list[_StepResult | None] = [None] * dist.get_world_size(self.replica_group)
+        dist.all_gather_object(shares, result, group=self.replica_group)
+        errors = [share.error for share in shares if share is not None and share.error is not None]
+        if errors:
+            return _StepResult(error=errors[0])
+        parts = [share for share in shares if share is not None]
+        rows = sum(part.rows for part in parts)
+        loss = None
+        if result.loss is not None:
+            weighted = sum(part.loss.double() * part.rows for part in parts if part.loss is not None)
+            loss = (weighted / max(rows, 1)).to(result.loss.dtype)
+        logs = combine_replica_logs([part.logs for part in parts])
+        metrics = self.metrics.merge([part.metrics for part in parts])
+        return _StepResult(loss, result.output, logs, metrics, rows=rows)
 
     def _guard(self, make: Callable[[], _StepResult]) -> _StepResult:
         try:

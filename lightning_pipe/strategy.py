@@ -3,50 +3,41 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
-from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH, ReduceOp
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn import Module
 from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
+from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import SCHEDULES
 from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.mesh import DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.processes import ProcessStrategy
 from lightning_pipe.step import PipelineRunner
 
 __all__ = ["PipelineStrategy"]
 
 
-class PipelineStrategy(ParallelStrategy):
+class PipelineStrategy(ProcessStrategy):
     """Pipeline-parallel training: the LightningModule's ``nn.Sequential`` is cut into one stage per process.
 
     Args:
@@ -60,9 +51,37 @@ class PipelineStrategy(ParallelStrategy):
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
             (GPipe's re-materialization): less memory, one more forward.
         schedule_options: extra arguments of the schedule, e.g. ``{"virtual_stages": 2}``.
+        vertical_sync: with ``schedule="async_1f1b"``, every stage runs a micro-batch on the weight version stage 0
+            used for it (PipeDream's vertical sync), instead of its own newest weights.
+        num_stages: ranks per pipeline; ``devices * num_nodes`` must be ``num_stages * replicas``. By default all
+            ranks form one pipeline. With several replicas the ranks form a ``DeviceMesh`` with dims
+            ``("pipe", "data")`` (see :mod:`lightning_pipe.mesh`): each replica runs the schedule on its share of
+            the data (a ``DistributedSampler`` over the replicas) and each stage's replicas average their gradients
+            (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.replicas`).
+        replicas: replicas of every stage, instead of ``num_stages``; a list with one count per stage (the planner's
+            ``plan.replicas``) must have equal counts: uneven replication is refused.
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
     ``training_step`` must return the batch's *mean* loss, as usual.
+
+    The asynchronous schedules (``"async_1f1b"``: PipeDream with weight stashing, registered as ``pipedream_async``;
+    ``"2bw"``: PipeDream-2BW, ``pipedream_2bw``) run 1F1B across batches without a flush and step the optimizer
+    inside the pipeline. Lightning's counters then mean:
+
+    - one Lightning step (``global_step``, ``optimizer_step`` hook, ``interval="step"`` LR schedulers) is one batch.
+      Under ``async_1f1b`` each stage's optimizer takes one real step per micro-batch, ``num_microbatches`` per
+      batch, each with that micro-batch's mean-loss gradient; under ``2bw`` one per batch, with the batch's.
+      ``on_before_optimizer_step`` and clipping by value run at every real step.
+    - the loss returned and logged at step ``k`` is batch ``k``'s: the last stage computes it during step ``k``,
+      from forwards that ran on older weights (stage ``s`` lags ``num_stages - 1 - s`` micro-batch updates under
+      ``async_1f1b``, and batch ``k`` runs on the weights after batch ``k - 2`` under ``2bw``); the earlier
+      stages apply its gradient during step ``k + 1``.
+    - the pipeline is drained (every update still owed applied) before validation, before a checkpoint is written,
+      at the end of every epoch and of fit, so those see exactly the weights after ``global_step`` batches. A
+      drain ends the overlap: the next batch starts the pipeline afresh.
+
+    They refuse ``accumulate_grad_batches > 1``, clipping by norm (each stage steps at its own time), parameters
+    tied across stages and ``schedule_options`` (one stage per rank).
     """
 
     strategy_name = "pipeline"
@@ -75,6 +94,9 @@ class PipelineStrategy(ParallelStrategy):
         layers: str | None = None,
         checkpoint_activations: bool = False,
         schedule_options: dict[str, int] | None = None,
+        vertical_sync: bool = False,
+        num_stages: int | None = None,
+        replicas: int | Sequence[int] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -85,7 +107,8 @@ class PipelineStrategy(ParallelStrategy):
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin)
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout)
         self.schedule = _check_schedule(schedule)
         self.num_microbatches = _check_num_microbatches(num_microbatches)
         self.partition = _check_partition(partition)
@@ -95,43 +118,53 @@ class PipelineStrategy(ParallelStrategy):
         self.layers = layers
         self.checkpoint_activations = bool(checkpoint_activations)
         self.schedule_options = dict(schedule_options or {})
-        self._num_nodes = 1
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
+        self.vertical_sync = _check_vertical_sync(vertical_sync, self.schedule, self.schedule_options)
+        self._async = AsyncSteps(self) if self.schedule in ASYNC_SCHEDULES else None
+        if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
+                                       or num_stages < 1):
+            raise ValueError(f"num_stages must be a positive integer (ranks per pipeline), got {num_stages!r}")
+        self._num_stages = num_stages
+        self._replicas = check_replicas(replicas)
+        self._mesh: DeviceMesh | None = None
         self._runner: PipelineRunner | None = None
         self._gradients = HeldGradients()
         self._example_input_array: Any = None
 
-    # -- processes and devices (as DDPStrategy) -----------------------------------------------------
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
     @property
     def is_distributed(self) -> bool:
-        """False: the ranks of a pipeline are one replica of the model. Lightning then keeps the user's samplers
-        (every rank reads the same batches, in the order one device would) and skips ``sync_dist`` of logged
-        values, which every rank already holds alike."""
-        return False
+        """Whether there are several replicas of the pipeline. With one, Lightning keeps the user's samplers (every
+        rank reads the same batches, in the order one device would); with several, it gives each a
+        ``DistributedSampler`` over the replicas only (:attr:`distributed_sampler_kwargs`)."""
+        return self.num_processes > 0 and self.mesh_shape.replicas > 1
 
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}
+        """The ranks of one pipeline read the same share of the data: one share per replica."""
+        shape = self.mesh_shape
+        return {"num_replicas": shape.replicas, "rank": shape.coordinates(self.global_rank)[1]}
+
+    @property
+    def mesh_shape(self) -> MeshShape:
+        """Ranks per pipeline x replicas, from ``num_stages`` / ``replicas`` and ``devices * num_nodes``."""
+        shape = MeshShape.of(self.num_processes * self.num_nodes, self._num_stages, self._replicas)
+        if shape.replicas > 1 and self._async is not None:
+            raise ValueError(f"schedule={self.schedule!r} with {shape.replicas} replicas is not supported: the "
+                             f"asynchronous schedules step each stage inside the pipeline, where replicas cannot "
+                             f"average gradients yet; use one replica (num_stages = devices * num_nodes) or a "
+                             f"synchronous schedule ('1f1b')")
+        return shape
+
+    @override
+    def _configure_launcher(self) -> None:
+        _ = self.mesh_shape  # an unsupported layout fails here, before any process starts
+        super()._configure_launcher()
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        shape = self.mesh_shape
+        self._mesh = build_mesh(shape, self.root_device.type) if shape.replicas > 1 else None
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -144,45 +177,12 @@ class PipelineStrategy(ParallelStrategy):
         return dataloader
 
     @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
-
-    @property
     def runner(self) -> PipelineRunner:
         """The cut module and its pipeline (built in ``setup``)."""
         if self._runner is None:
             raise RuntimeError("the pipeline is built when the Trainer sets the strategy up; call trainer.fit, "
                                "validate, test or predict first")
         return self._runner
-
-    @override
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        # Idle OpenMP threads of ranks sharing cores must sleep, not spin; read by each child as torch loads.
-        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-
-    @override
-    def setup_environment(self) -> None:
-        configure_threads(self.num_processes)
-        super().setup_environment()
-        self.setup_distributed()
-
-    def setup_distributed(self) -> None:
-        reset_seed()
-        self.set_world_ranks()
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
-            self.root_device)
-        assert self.cluster_environment is not None
-        device_id = self.root_device if self.root_device.type != "cpu" else None
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
-                              device_id=device_id)
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
 
     # -- cutting the module ---------------------------------------------------------------------------
     @override
@@ -204,6 +204,10 @@ class PipelineStrategy(ParallelStrategy):
         if fitting:
             self.setup_optimizers(trainer)
             self.runner.tied.check_optimizers(self.optimizers)
+            if self._async is not None:
+                check_async_fit(trainer, self.schedule, has_ties=len(self.runner.tied) > 0)
+                if not any(isinstance(c, DrainPipeline) and c.steps is self._async for c in trainer.callbacks):
+                    trainer.callbacks.insert(0, DrainPipeline(self._async))  # first: the others see drained weights
         self.setup_precision_plugin()
         # Lightning clips with the norm of this rank's gradients; a pipeline's norm covers every stage.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
@@ -215,11 +219,15 @@ class PipelineStrategy(ParallelStrategy):
             return  # a later run of this Trainer (fit, then test): the module is cut already
         settings = {"layers": self.layers, "schedule": self.schedule, "num_microbatches": self.num_microbatches,
                     "partition": self.partition, "checkpoint_activations": self.checkpoint_activations,
-                    "schedule_options": self.schedule_options}
+                    "schedule_options": self.schedule_options, "vertical_sync": self.vertical_sync}
         runner = PipelineRunner.of(module)
+        shape, mesh = self.mesh_shape, self._mesh
         if runner is None:
-            runner = PipelineRunner.build(module, device=self.root_device, **settings)
-        elif (runner.settings, runner.pipeline.num_ranks) != (settings, self.world_size):
+            groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
+                      "pipelines": shape.pipelines()} if mesh is not None else {}
+            runner = PipelineRunner.build(module, device=self.root_device, **settings, **groups)
+        elif (runner.settings, runner.pipeline.num_ranks, runner.replica_group is None) != (
+                settings, shape.num_stages, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
                              f"{runner.settings} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
@@ -238,9 +246,23 @@ class PipelineStrategy(ParallelStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
         trainer = self.lightning_module.trainer
+        if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
+            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
+                return self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step)
         with self.precision_plugin.train_step_context():
             with self._gradients.held_aside(self.lightning_module.parameters()):
                 return self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches)
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: LightningModule | Module | None = None, **kwargs: Any) -> Any:
+        """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
+        its own optimizer steps (see :mod:`lightning_pipe.asynchronous`)."""
+        if self._async is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        model = model or self.lightning_module
+        assert isinstance(model, LightningModule)
+        return self._async.run_closure(optimizer, closure, model, **kwargs)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
@@ -270,14 +292,28 @@ class PipelineStrategy(ParallelStrategy):
             return self.runner.evaluate("predict_step", args, kwargs)
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        if self._async is not None:
+            raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
+                             f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.tied.counts_in_norm, self.runner.pipeline.group)
 
     # -- checkpoints --------------------------------------------------------------------------------
     @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
+        if self._async is not None:
+            self._async.drain()
+        return super().lightning_module_state_dict()
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Gather every stage's share on global rank 0 and write one standard checkpoint there, atomically."""
+        """Gather every stage's share on global rank 0 and write one standard checkpoint there, atomically.
+
+        Replicas hold equal weights and optimizer states: only the first replica's pipeline takes part."""
         runner = self.runner
+        if self.mesh_shape.coordinates(self.global_rank)[1] != 0:
+            return
         full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
         if self.is_global_zero:
             assert full is not None
@@ -296,36 +332,12 @@ class PipelineStrategy(ParallelStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        optimizer_states, scheduler_states = training_state_of_rank(checkpoint, self.global_rank, self.runner.layout)
+        runner = self.runner  # replicas share their pipeline rank's states
+        optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
         for optimizer, state in zip(self.optimizers, optimizer_states):
             optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
         checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next
-
-    # -- collectives (as DDPStrategy) ---------------------------------------------------------------
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if not _distributed_is_initialized():
-            return
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[self.root_device.index])
-        else:
-            torch.distributed.barrier()
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
-
-    @override
-    def reduce(self, tensor: Tensor | Any, group: Any | None = None,
-               reduce_op: ReduceOp | str | None = "mean") -> Tensor | Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
 
     @override
     def teardown(self) -> None:
@@ -342,12 +354,26 @@ class PipelineStrategy(ParallelStrategy):
                                    override=True, schedule="1f1b")
         strategy_registry.register("gpipe", cls, description="Pipeline: GPipe (fill-drain, re-materialization)",
                                    override=True, schedule="gpipe", checkpoint_activations=True)
+        strategy_registry.register("pipedream_async", cls, override=True, schedule="async_1f1b",
+                                   description="Pipeline: PipeDream's asynchronous 1F1B with weight stashing")
+        strategy_registry.register("pipedream_2bw", cls, override=True, schedule="2bw",
+                                   description="Pipeline: PipeDream-2BW (asynchronous, double-buffered weights)")
 
 
 def _check_schedule(schedule: str) -> str:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
     return schedule
+
+
+def _check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
+    if vertical_sync and schedule != "async_1f1b":
+        raise ValueError(f"vertical_sync=True applies to schedule='async_1f1b' (strategy 'pipedream_async'), not "
+                         f"{schedule!r}; drop it or change the schedule")
+    if schedule in ASYNC_SCHEDULES and schedule_options:
+        raise ValueError(f"schedule={schedule!r} runs one stage per rank and takes no schedule_options (got "
+                         f"{schedule_options}); remove them")
+    return bool(vertical_sync)
 
 
 def _check_num_microbatches(num_microbatches: int) -> int:

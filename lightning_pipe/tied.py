@@ -43,12 +43,14 @@ def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank
 class TiedParameters:
     """This rank's copies of tied parameters, with the process groups that keep them equal.
 
-    Construct it on every rank of the pipeline (it creates one process group per distinct set of holders, which
-    every rank must join in the same order), before the sequence is cut, from the full sequence.
+    Construct it on every rank (it creates one process group per distinct set of holders, which every rank must
+    join in the same order), before the sequence is cut, from the full sequence. With several data-parallel replicas
+    of the pipeline, ``pipelines`` lists the global ranks of each replica's pipeline (in pipeline rank order): every
+    rank then creates the groups of every replica, and keeps its own replica's.
     """
 
     def __init__(self, sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank: Sequence[int],
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, pipelines: Sequence[Sequence[int]] | None = None) -> None:
         self.ties = find_ties(sequence, stage_sizes, stage_to_rank)
         self.group = group if group is not None else dist.group.WORLD
         rank = dist.get_rank(self.group)
@@ -58,11 +60,22 @@ class TiedParameters:
         for tie in self.ties:
             key = tuple(tie.ranks)
             if key not in groups:
-                global_ranks = [dist.get_global_rank(self.group, r) for r in tie.ranks]
-                groups[key] = dist.new_group(global_ranks)
+                groups[key] = self._new_group(tie.ranks, pipelines)
             if rank in tie.ranks:
                 self.local.append((tie, params[tie.names[0]], groups[key]))
         self._not_counted = {id(p) for tie, p, _ in self.local if tie.ranks[0] != rank}
+
+    def _new_group(self, ranks: list[int], pipelines: Sequence[Sequence[int]] | None) -> dist.ProcessGroup:
+        """The group of pipeline ranks ``ranks`` of this rank's pipeline (collective over all ranks)."""
+        if pipelines is None:
+            return dist.new_group([dist.get_global_rank(self.group, r) for r in ranks])
+        me, mine = dist.get_rank(), None
+        for pipeline in pipelines:
+            group = dist.new_group([pipeline[r] for r in ranks])
+            if me in pipeline:
+                mine = group
+        assert mine is not None, f"rank {me} is in none of the pipelines {pipelines}"
+        return mine
 
     def __len__(self) -> int:
         return len(self.ties)
