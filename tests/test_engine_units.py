@@ -93,3 +93,13 @@ def test_cut_keeps_layer_names() -> None:
     stages = cut(model, [2, 1])
     assert list(stages[1].state_dict()) == ["2.weight", "2.bias"]
     assert stages[0][0] is model[0]
+
+
+def test_the_engine_imports_without_lightning() -> None:
+    """A plain script using the engine pays nothing for Lightning (seconds and ~180 MB per rank)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_pipe.engine.executor; assert 'lightning' not in sys.modules, 'engine pulled in Lightning'; "
+            "import lightning.pytorch as pl; assert 'pipedream' in pl.strategies.StrategyRegistry, 'names not registered'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
