@@ -8,10 +8,11 @@ Same configs as ``python -m lightning_pipe.train`` (Hydra, ``lightning_pipe/conf
     python -m lightning_pipe.plan strategy.schedule=auto +plan.memory_cap=2e8     # schedule and m chosen under a cap
     python -m lightning_pipe.plan +plan.replicas=auto +plan.topology='[[8,100e9,1e-5],[2,12.5e9,2e-5]]'
 
-Planner options go under ``+plan.``: ``memory_cap`` (bytes per device), ``replicas`` (devices per stage; ``auto``
-lets PipeDream's dynamic program choose per stage; default 1, what ``PipelineStrategy`` runs), ``topology`` (levels
-``[devices, bandwidth B/s, latency s, overhead s]``, lowest first; default: one level of ``trainer.devices`` on this
-kind of device), ``cache`` (profile cache folder, ``false`` for none), ``repeats``, ``picture`` (PNG path).
+Planner options go under ``+plan.``: ``memory_cap`` (bytes per device; default ``strategy.memory_cap``),
+``replicas`` (devices per stage; ``auto`` lets PipeDream's dynamic program choose per stage; default 1, what
+``PipelineStrategy`` runs), ``topology`` (levels ``[devices, bandwidth B/s, latency s, overhead s]``, lowest first;
+default: one level of ``trainer.devices`` on this kind of device), ``cache`` (profile cache folder, ``false`` for
+none), ``repeats``, ``picture`` (PNG path).
 The profile runs one micro-batch of the first training batch through the sequence on one device.
 """
 
@@ -19,11 +20,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
-import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,49 +31,10 @@ from lightning_pipe.engine.runtime import available_cores
 from lightning_pipe.planner import METHODS, Level, Plan, Topology, plan_pipeline, profile_layers
 from lightning_pipe.planner.auto import choose_schedule
 from lightning_pipe.planner.profile import scale_profiles
+from lightning_pipe.planning import default_topology, sequence_input
 from lightning_pipe.split import find_sequence
 
-__all__ = ["main", "plan_from_config", "sequence_input", "default_topology"]
-
-# gloo between processes of one machine, as measured by benchmarks/partition_quality.py on an idle machine; and
-# NVLink-class links inside a GPU node, 100 Gb/s between nodes.
-_CPU_LINK = dict(bandwidth=1e9, latency=2e-4, overhead=3e-4)
-_GPU_LINK = dict(bandwidth=100e9, latency=1e-5, overhead=2e-5)
-_NODE_LINK = dict(bandwidth=12.5e9, latency=1e-5, overhead=2e-5)
-
-
-class _Reached(BaseException):
-    """Stops a step where the sequence is called (BaseException: a user's ``except Exception`` lets it pass)."""
-
-    def __init__(self, value: Any) -> None:
-        super().__init__()
-        self.value = value
-
-
-def sequence_input(module: nn.Module, sequence: nn.Sequential, batch: Any) -> Any:
-    """What ``module.training_step(batch, 0)`` passes to ``sequence`` (the step stops there)."""
-    def stop(_: nn.Module, args: tuple) -> None:
-        raise _Reached(args[0] if len(args) == 1 else args)
-
-    handle = sequence.register_forward_pre_hook(stop)
-    try:
-        with torch.no_grad():
-            module.training_step(batch, 0)
-    except _Reached as reached:
-        return reached.value
-    finally:
-        handle.remove()
-    raise RuntimeError(f"{type(module).__name__}.training_step never called its nn.Sequential; the planner profiles "
-                       f"that sequence, so the step must call it (directly or through forward)")
-
-
-def default_topology(devices: int, num_nodes: int, accelerator: str) -> Topology:
-    """One level of ``devices`` per node (gloo-like on CPU, NVLink-like on GPUs), and nodes at 100 Gb/s."""
-    link = _GPU_LINK if accelerator in ("gpu", "cuda") else _CPU_LINK
-    levels = [Level(devices, **link)]
-    if num_nodes > 1:
-        levels.append(Level(num_nodes, **_NODE_LINK))
-    return Topology(levels)
+__all__ = ["main", "plan_from_config", "sequence_input", "default_topology"]  # the last two: from .planning
 
 
 def _devices(trainer: DictConfig) -> int:
@@ -119,7 +79,7 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
         topology = default_topology(devices, nodes, device.type if device.type == "cuda" else "cpu")
     replicas = options.get("replicas", 1)
     replicas = None if replicas in (None, "auto") else int(replicas)
-    cap = options.get("memory_cap")
+    cap = options.get("memory_cap", strategy.get("memory_cap"))
     cap = float(cap) if cap is not None else None
     partition = strategy.get("partition", "uniform")
     method = list(partition) if OmegaConf.is_list(partition) else str(partition)

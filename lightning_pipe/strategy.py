@@ -16,7 +16,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
@@ -31,7 +34,9 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import SCHEDULES
 from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.mesh import DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
 from lightning_pipe.processes import ProcessStrategy
+from lightning_pipe.split import find_sequence
 from lightning_pipe.step import PipelineRunner
 
 __all__ = ["PipelineStrategy"]
@@ -42,10 +47,16 @@ class PipelineStrategy(ProcessStrategy):
 
     Args:
         schedule: the order of forwards and backwards of micro-batches: ``"1f1b"`` (PipeDream-flush), ``"gpipe"``
-            (fill-drain), or any other name registered with the engine (``interleaved_1f1b``, ``zb_h1``, ...).
-        num_microbatches: how many micro-batches each batch is split into (along dim 0).
+            (fill-drain), or any other name registered with the engine (``interleaved_1f1b``, ``zb_h1``, ...);
+            ``"auto"``: the planner simulates the synchronous schedules (``gpipe``, ``1f1b``, ``interleaved_1f1b``,
+            ``zb_h1``, ``zb_v``) at several micro-batch counts on a profile of the first batch and runs the fastest
+            that fits ``memory_cap``, with its partition (see "Planned cuts" below).
+        num_microbatches: how many micro-batches each batch is split into (along dim 0); under ``schedule="auto"``
+            only the size of the profiled micro-batch (the count is chosen).
         partition: how many layers each stage gets: ``"uniform"``, ``"parameters"`` (balanced by parameter
-            count), or a list of layer counts, one per stage.
+            count), a list of layer counts, one per stage, or a plan from a profile of the first batch:
+            ``"profile"`` (PipeDream's dynamic program, ranked by simulating the schedule), ``"time"`` (balanced
+            forward + backward time) or ``"memory"`` (fastest cut under ``memory_cap``).
         layers: attribute path of the ``nn.Sequential`` to cut (``"model.blocks"``); by default the module's only
             outermost ``nn.Sequential``.
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
@@ -60,6 +71,11 @@ class PipelineStrategy(ProcessStrategy):
             (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.replicas`).
         replicas: replicas of every stage, instead of ``num_stages``; a list with one count per stage (the planner's
             ``plan.replicas``) must have equal counts: uneven replication is refused.
+        memory_cap: bytes per device that a planned cut must fit (parameters, gradients, optimizer state as for
+            Adam, and the activations the schedule keeps in flight); for ``partition="profile" | "time" | "memory"``
+            and ``schedule="auto"``. ``None``: no cap.
+        profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
+            are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
     ``training_step`` must return the batch's *mean* loss, as usual.
@@ -82,6 +98,15 @@ class PipelineStrategy(ProcessStrategy):
 
     They refuse ``accumulate_grad_batches > 1``, clipping by norm (each stage steps at its own time), parameters
     tied across stages and ``schedule_options`` (one stage per rank).
+
+    Planned cuts (``partition="profile"``, ``"time"``, ``"memory"``, or ``schedule="auto"``): when the Trainer sets
+    the strategy up, global rank 0 takes the first batch of the stage's dataloader (fit: ``train_dataloader``),
+    runs the step up to the ``nn.Sequential`` to capture its input, profiles every layer on one micro-batch of it
+    (:func:`~lightning_pipe.planner.profile_layers`, cached in ``profile_cache``) and plans one pipeline of
+    ``num_stages`` ranks (:mod:`lightning_pipe.planning`); it logs the plan and broadcasts the layer counts (and the
+    chosen schedule and micro-batch count) to every rank, and every rank cuts with them. Replicas use the same cut.
+    An error while planning (no plan fits ``memory_cap``, say) is raised on every rank. :attr:`cut_plan` holds the
+    plan afterwards. Random state is left as it was, so training matches one device's.
     """
 
     strategy_name = "pipeline"
@@ -97,6 +122,8 @@ class PipelineStrategy(ProcessStrategy):
         vertical_sync: bool = False,
         num_stages: int | None = None,
         replicas: int | Sequence[int] | None = None,
+        memory_cap: float | None = None,
+        profile_cache: str | os.PathLike[str] | bool | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -112,6 +139,11 @@ class PipelineStrategy(ProcessStrategy):
         self.schedule = _check_schedule(schedule)
         self.num_microbatches = _check_num_microbatches(num_microbatches)
         self.partition = _check_partition(partition)
+        self.memory_cap = _check_planning(self.partition, self.schedule, schedule_options, memory_cap)
+        if not (profile_cache is None or profile_cache is False or isinstance(profile_cache, (str, os.PathLike))):
+            raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
+                            f"False (no cache), not {profile_cache!r}")
+        self.profile_cache = profile_cache
         if layers is not None and not isinstance(layers, str):
             raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
                             f"not {type(layers).__name__}")
@@ -129,6 +161,18 @@ class PipelineStrategy(ProcessStrategy):
         self._runner: PipelineRunner | None = None
         self._gradients = HeldGradients()
         self._example_input_array: Any = None
+        self._cut_plan: CutPlan | None = None
+
+    @property
+    def plans_cut(self) -> bool:
+        """Whether a profile decides the cut (``partition="profile" | "time" | "memory"`` or ``schedule="auto"``)."""
+        return self.schedule == AUTO_SCHEDULE or self.partition in PLANNED_PARTITIONS
+
+    @property
+    def cut_plan(self) -> CutPlan | None:
+        """The planned partition, schedule and micro-batch count every rank cut with (``None`` if not planned, or not
+        yet: it is made when the Trainer sets the strategy up)."""
+        return self._cut_plan
 
     @property
     def is_distributed(self) -> bool:
@@ -198,7 +242,7 @@ class PipelineStrategy(ProcessStrategy):
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
-        self._build(module)
+        self._build(module, trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
@@ -214,7 +258,7 @@ class PipelineStrategy(ProcessStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _build(self, module: LightningModule) -> None:
+    def _build(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
             return  # a later run of this Trainer (fit, then test): the module is cut already
         settings = {"layers": self.layers, "schedule": self.schedule, "num_microbatches": self.num_microbatches,
@@ -222,7 +266,15 @@ class PipelineStrategy(ProcessStrategy):
                     "schedule_options": self.schedule_options, "vertical_sync": self.vertical_sync}
         runner = PipelineRunner.of(module)
         shape, mesh = self.mesh_shape, self._mesh
+        configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
+        if runner is not None and self.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
+            planned = ["partition"] + (["schedule", "num_microbatches"] if self.schedule == AUTO_SCHEDULE else [])
+            settings.update({key: runner.settings[key] for key in planned})
         if runner is None:
+            if self.plans_cut:
+                self._cut_plan = self._plan(trainer, module)
+                settings.update(partition=self._cut_plan.partition, schedule=self._cut_plan.schedule,
+                                num_microbatches=self._cut_plan.num_microbatches)
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
             runner = PipelineRunner.build(module, device=self.root_device, **settings, **groups)
@@ -231,10 +283,56 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
                              f"{runner.settings} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
-        configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
+
+    def _plan(self, trainer: Trainer, module: LightningModule) -> CutPlan:
+        """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
+        outcome: CutPlan | tuple[bool, str] | None = None
+        failure: Exception | None = None
+        if self.is_global_zero:
+            try:
+                with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
+                    batch, step = self._first_batch(trainer)
+                    cache = self.profile_cache
+                    if cache is None:
+                        cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
+                    _, sequence = find_sequence(module, self.layers)
+                    outcome = plan_cut(module, sequence, batch, partition=str(self.partition), schedule=self.schedule,
+                                       num_microbatches=self.num_microbatches, num_stages=self.mesh_shape.num_stages,
+                                       device=self.root_device, memory_cap=self.memory_cap,
+                                       schedule_options=self.schedule_options, cache=cache or None, step=step)
+                rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
+            except Exception as error:  # noqa: BLE001 - the other ranks wait for the plan: tell them why there is none
+                failure, outcome = error, (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+        shared = self.broadcast(outcome)
+        if failure is not None:
+            raise failure
+        if isinstance(shared, tuple):
+            value_error, message = shared
+            raise (ValueError if value_error else RuntimeError)(f"planning the cut on global rank 0 failed: {message}")
+        assert isinstance(shared, CutPlan)
+        return shared
+
+    def _first_batch(self, trainer: Trainer) -> tuple[Any, str]:
+        """The first batch of the running stage's dataloader, on this rank's device, and the step that takes it."""
+        loops = {TrainerFn.FITTING: (trainer.fit_loop, "train_dataloader", "training_step"),
+                 TrainerFn.VALIDATING: (trainer.validate_loop, "val_dataloader", "validation_step"),
+                 TrainerFn.TESTING: (trainer.test_loop, "test_dataloader", "test_step"),
+                 TrainerFn.PREDICTING: (trainer.predict_loop, "predict_dataloader", "predict_step")}
+        loop, hook, step = loops[trainer.state.fn]
+        how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {hook}; give "
+               f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
+        source = loop._data_source
+        if not source.is_defined():
+            raise ValueError(f"there is no {hook}: {how}")
+        mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
+        try:
+            batch = next(iter(CombinedLoader(_request_dataloader(source), mode)))[0]
+        except StopIteration:
+            raise ValueError(f"{hook} is empty: {how}") from None
+        return self.batch_to_device(batch), step
 
     @override
     def model_to_device(self) -> None:
@@ -361,9 +459,34 @@ class PipelineStrategy(ProcessStrategy):
 
 
 def _check_schedule(schedule: str) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}")
+    if schedule != AUTO_SCHEDULE and schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}, or "
+                         f"{AUTO_SCHEDULE!r} to let the planner choose")
     return schedule
+
+
+def _check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
+                    memory_cap: float | None) -> float | None:
+    """The memory cap, if the arguments that plan the cut go together."""
+    if schedule == AUTO_SCHEDULE:
+        if partition not in ("uniform", "profile"):
+            raise ValueError(f"schedule='auto' chooses the partition with the schedule; drop partition={partition!r} "
+                             f"(or pass partition='profile'), or name a schedule")
+        if schedule_options:
+            raise ValueError(f"schedule='auto' tries each schedule with its default options and takes no "
+                             f"schedule_options (got {schedule_options}); remove them, or name a schedule")
+    planned = schedule == AUTO_SCHEDULE or partition in PLANNED_PARTITIONS
+    if memory_cap is None:
+        if partition == "memory":
+            raise ValueError("partition='memory' needs memory_cap= (bytes per device), e.g. memory_cap=8e9; or use "
+                             "partition='profile'")
+        return None
+    if not planned:
+        raise ValueError(f"memory_cap applies to planned cuts (partition='profile', 'time' or 'memory', or "
+                         f"schedule='auto'), not partition={partition!r}; drop it or plan the cut")
+    if isinstance(memory_cap, bool) or not isinstance(memory_cap, (int, float)) or not memory_cap > 0:
+        raise ValueError(f"memory_cap must be a number of bytes per device > 0 (e.g. 8e9), got {memory_cap!r}")
+    return float(memory_cap)
 
 
 def _check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
@@ -383,13 +506,14 @@ def _check_num_microbatches(num_microbatches: int) -> int:
 
 
 def _check_partition(partition: Partition) -> Partition:
+    names = ("uniform", "parameters", *PLANNED_PARTITIONS)
     if isinstance(partition, str):
-        if partition not in ("uniform", "parameters"):
-            raise ValueError(f"unknown partition {partition!r}; use 'uniform', 'parameters' or a list of layer counts "
-                             f"per stage, e.g. partition=[3, 5]")
+        if partition not in names:
+            raise ValueError(f"unknown partition {partition!r}; use one of {', '.join(map(repr, names))} or a list of "
+                             f"layer counts per stage, e.g. partition=[3, 5]")
         return partition
     if not isinstance(partition, Sequence) or not all(isinstance(n, int) and n >= 1 for n in partition):
-        raise ValueError(f"partition {partition!r} must be 'uniform', 'parameters' or a list of layer counts, each "
-                         f"at least 1, one per stage, e.g. partition=[3, 5]")
+        raise ValueError(f"partition {partition!r} must be one of {', '.join(map(repr, names))} or a list of layer "
+                         f"counts, each at least 1, one per stage, e.g. partition=[3, 5]")
     return list(partition)
 

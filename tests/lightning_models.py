@@ -14,8 +14,8 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from tests.models import mlp, tuple_model
 
-__all__ = ["Regressor", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences", "OutsideParameters",
-           "OutsideHead", "regression_data", "token_data", "MetricsLog"]
+__all__ = ["Regressor", "UnevenRegressor", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences",
+           "OutsideParameters", "OutsideHead", "regression_data", "token_data", "MetricsLog"]
 
 
 class Regressor(L.LightningModule):
@@ -68,6 +68,37 @@ class Regressor(L.LightningModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Wide(nn.Module):
+    """One heavy layer: up to ``hidden`` features and back, hundreds of times the work of a ``width`` Linear."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+class UnevenRegressor(L.LightningModule):
+    """Seven small Linear layers and a heavy last one: a profile should give the heavy layer a stage to itself."""
+
+    def __init__(self, width: int = 16, hidden: int = 32768, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(7)],
+                                    Wide(width, hidden))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.layers(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 class TupleRegressor(L.LightningModule):
