@@ -16,11 +16,10 @@ from typing import Any
 __all__ = ["PipelineStrategy"]
 
 def _register() -> None:
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    from lightning_pipe.strategy import PipelineStrategy
-
-    PipelineStrategy.register_strategies(StrategyRegistry)
+    # The strategy module registers the names when it finishes importing. If it is being imported right now
+    # (it imports Lightning, which is how this hook fired), it will do so itself when it is done.
+    if "lightning_pipe.strategy" not in sys.modules:
+        import lightning_pipe.strategy  # noqa: F401
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

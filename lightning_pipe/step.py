@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.partition import Partition
+from lightning_pipe.failures import reported_failures
 from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.replicas import GradientAverager
 from lightning_pipe.split import PipelinedSequence, SplitModule
@@ -104,6 +105,11 @@ class PipelineRunner:
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
               optimizer_step: Callable[[], Any] | None = None) -> Any:
+        with reported_failures():
+            return self._train(args, kwargs, loss_scale, optimizer_step)
+
+    def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
+               optimizer_step: Callable[[], Any] | None) -> Any:
         """``training_step`` of a batch: forward and backward of every micro-batch (gradients accumulate into this
         rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank.
 
@@ -144,6 +150,10 @@ class PipelineRunner:
     def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
         outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank."""
+        with reported_failures():
+            return self._evaluate(step, args, kwargs)
+
+    def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         batch, rest = args[0], tuple(args[1:])
         pipe = self.pipeline
         pipe.input_fn = self._input_fn(step, rest, kwargs)

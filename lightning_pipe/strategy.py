@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -517,3 +518,8 @@ def _check_partition(partition: Partition) -> Partition:
                          f"counts, each at least 1, one per stage, e.g. partition=[3, 5]")
     return list(partition)
 
+
+
+# Lightning is fully imported by now (this module imports it), so the names can be registered; importing
+# ``lightning_pipe`` makes sure this module is imported as soon as Lightning is (see ``lightning_pipe/__init__``).
+PipelineStrategy.register_strategies(StrategyRegistry)

@@ -103,3 +103,8 @@ def test_the_engine_imports_without_lightning() -> None:
     code = ("import sys, lightning_pipe.engine.executor; assert 'lightning' not in sys.modules, 'engine pulled in Lightning'; "
             "import lightning.pytorch as pl; assert 'pipedream' in pl.strategies.StrategyRegistry, 'names not registered'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # Every order of imports registers the names (the strategy module itself imports Lightning first).
+    for code in ("from lightning_pipe import PipelineStrategy; import lightning.pytorch as pl",
+                 "import lightning.pytorch as pl, lightning_pipe"):
+        subprocess.run([sys.executable, "-c", code + "; assert 'pipedream_2bw' in pl.strategies.StrategyRegistry"],
+                       check=True, timeout=120)
