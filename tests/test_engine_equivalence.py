@@ -32,6 +32,7 @@ CASES = [
     ("tuple", "interleaved_1f1b", False, 12, 4),
     ("mlp", "zb_h1", False, 16, 4),
     ("mlp", "zb_h1", False, 10, 8),
+    ("mlp", "zb_h1", False, 3, 8),  # fewer rows than micro-batches
     ("tuple", "zb_h1", False, 12, 4),
     ("mlp", "zb_v", False, 16, 8),
     ("mlp", "zb_v", False, 3, 8),
