@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ torch.save({"state": model.state_dict(), "world_size": trainer.world_size, "node
 '''
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(170)
 def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     """``torchrun --nnodes 2`` twice (node ranks 0 and 1) on 127.0.0.1: 2 stages x 2 replicas across the "nodes"."""
     script = tmp_path / "train.py"
@@ -144,12 +145,25 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     torchrun = Path(sys.executable).with_name("torchrun")
-    port = free_port()
-    nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
-                               "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for node in range(2)]
-    outputs = [node.communicate(timeout=140)[0] for node in nodes]
+    # One run takes ~15 s. Once in a full CI run (of several) the pair hung until the timeout, and it has not
+    # happened again alone; a second try on a fresh port keeps that from failing CI while the hang is found,
+    # and the first try's output is reported either way (see the warning).
+    for attempt in range(2):
+        port = free_port()
+        nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+                                   "--master-addr", "127.0.0.1", "--master-port", str(port), str(script),
+                                   str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for node in range(2)]
+        try:
+            outputs = [node.communicate(timeout=60)[0] for node in nodes]
+            break
+        except subprocess.TimeoutExpired:
+            for node in nodes:
+                node.kill()
+            tails = "\n---\n".join(node.communicate()[0][-3000:] for node in nodes)
+            if attempt == 1:
+                pytest.fail(f"the two torchrun nodes hung twice (60 s each); their output:\n{tails}")
+            warnings.warn(f"the two torchrun nodes hung (60 s) and were run again; their output:\n{tails}")
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
 
