@@ -28,11 +28,12 @@ from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
+from lightning_pipe.arguments import (check_num_microbatches, check_partition, check_planning, check_schedule,
+                                      check_vertical_sync)
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.schedules import SCHEDULES
 from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.mesh import DATA, PIPE, MeshShape, build_mesh, check_replicas
 from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
@@ -137,10 +138,10 @@ class PipelineStrategy(ProcessStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout)
-        self.schedule = _check_schedule(schedule)
-        self.num_microbatches = _check_num_microbatches(num_microbatches)
-        self.partition = _check_partition(partition)
-        self.memory_cap = _check_planning(self.partition, self.schedule, schedule_options, memory_cap)
+        self.schedule = check_schedule(schedule)
+        self.num_microbatches = check_num_microbatches(num_microbatches)
+        self.partition = check_partition(partition)
+        self.memory_cap = check_planning(self.partition, self.schedule, schedule_options, memory_cap)
         if not (profile_cache is None or profile_cache is False or isinstance(profile_cache, (str, os.PathLike))):
             raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
                             f"False (no cache), not {profile_cache!r}")
@@ -151,7 +152,7 @@ class PipelineStrategy(ProcessStrategy):
         self.layers = layers
         self.checkpoint_activations = bool(checkpoint_activations)
         self.schedule_options = dict(schedule_options or {})
-        self.vertical_sync = _check_vertical_sync(vertical_sync, self.schedule, self.schedule_options)
+        self.vertical_sync = check_vertical_sync(vertical_sync, self.schedule, self.schedule_options)
         self._async = AsyncSteps(self) if self.schedule in ASYNC_SCHEDULES else None
         if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
                                        or num_stages < 1):
@@ -457,67 +458,6 @@ class PipelineStrategy(ProcessStrategy):
                                    description="Pipeline: PipeDream's asynchronous 1F1B with weight stashing")
         strategy_registry.register("pipedream_2bw", cls, override=True, schedule="2bw",
                                    description="Pipeline: PipeDream-2BW (asynchronous, double-buffered weights)")
-
-
-def _check_schedule(schedule: str) -> str:
-    if schedule != AUTO_SCHEDULE and schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}, or "
-                         f"{AUTO_SCHEDULE!r} to let the planner choose")
-    return schedule
-
-
-def _check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
-                    memory_cap: float | None) -> float | None:
-    """The memory cap, if the arguments that plan the cut go together."""
-    if schedule == AUTO_SCHEDULE:
-        if partition not in ("uniform", "profile"):
-            raise ValueError(f"schedule='auto' chooses the partition with the schedule; drop partition={partition!r} "
-                             f"(or pass partition='profile'), or name a schedule")
-        if schedule_options:
-            raise ValueError(f"schedule='auto' tries each schedule with its default options and takes no "
-                             f"schedule_options (got {schedule_options}); remove them, or name a schedule")
-    planned = schedule == AUTO_SCHEDULE or partition in PLANNED_PARTITIONS
-    if memory_cap is None:
-        if partition == "memory":
-            raise ValueError("partition='memory' needs memory_cap= (bytes per device), e.g. memory_cap=8e9; or use "
-                             "partition='profile'")
-        return None
-    if not planned:
-        raise ValueError(f"memory_cap applies to planned cuts (partition='profile', 'time' or 'memory', or "
-                         f"schedule='auto'), not partition={partition!r}; drop it or plan the cut")
-    if isinstance(memory_cap, bool) or not isinstance(memory_cap, (int, float)) or not memory_cap > 0:
-        raise ValueError(f"memory_cap must be a number of bytes per device > 0 (e.g. 8e9), got {memory_cap!r}")
-    return float(memory_cap)
-
-
-def _check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
-    if vertical_sync and schedule != "async_1f1b":
-        raise ValueError(f"vertical_sync=True applies to schedule='async_1f1b' (strategy 'pipedream_async'), not "
-                         f"{schedule!r}; drop it or change the schedule")
-    if schedule in ASYNC_SCHEDULES and schedule_options:
-        raise ValueError(f"schedule={schedule!r} runs one stage per rank and takes no schedule_options (got "
-                         f"{schedule_options}); remove them")
-    return bool(vertical_sync)
-
-
-def _check_num_microbatches(num_microbatches: int) -> int:
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
-    return num_microbatches
-
-
-def _check_partition(partition: Partition) -> Partition:
-    names = ("uniform", "parameters", *PLANNED_PARTITIONS)
-    if isinstance(partition, str):
-        if partition not in names:
-            raise ValueError(f"unknown partition {partition!r}; use one of {', '.join(map(repr, names))} or a list of "
-                             f"layer counts per stage, e.g. partition=[3, 5]")
-        return partition
-    if not isinstance(partition, Sequence) or not all(isinstance(n, int) and n >= 1 for n in partition):
-        raise ValueError(f"partition {partition!r} must be one of {', '.join(map(repr, names))} or a list of layer "
-                         f"counts, each at least 1, one per stage, e.g. partition=[3, 5]")
-    return list(partition)
-
 
 
 # Lightning is fully imported by now (this module imports it), so the names can be registered; importing

@@ -1,0 +1,72 @@
+"""Checks of PipelineStrategy's arguments, made where they enter; each error says how to fix the call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning_pipe.asynchronous import ASYNC_SCHEDULES
+from lightning_pipe.engine.partition import Partition
+from lightning_pipe.engine.schedules import SCHEDULES
+from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS
+
+__all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition"]
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule != AUTO_SCHEDULE and schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}, or "
+                         f"{AUTO_SCHEDULE!r} to let the planner choose")
+    return schedule
+
+
+def check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
+                    memory_cap: float | None) -> float | None:
+    """The memory cap, if the arguments that plan the cut go together."""
+    if schedule == AUTO_SCHEDULE:
+        if partition not in ("uniform", "profile"):
+            raise ValueError(f"schedule='auto' chooses the partition with the schedule; drop partition={partition!r} "
+                             f"(or pass partition='profile'), or name a schedule")
+        if schedule_options:
+            raise ValueError(f"schedule='auto' tries each schedule with its default options and takes no "
+                             f"schedule_options (got {schedule_options}); remove them, or name a schedule")
+    planned = schedule == AUTO_SCHEDULE or partition in PLANNED_PARTITIONS
+    if memory_cap is None:
+        if partition == "memory":
+            raise ValueError("partition='memory' needs memory_cap= (bytes per device), e.g. memory_cap=8e9; or use "
+                             "partition='profile'")
+        return None
+    if not planned:
+        raise ValueError(f"memory_cap applies to planned cuts (partition='profile', 'time' or 'memory', or "
+                         f"schedule='auto'), not partition={partition!r}; drop it or plan the cut")
+    if isinstance(memory_cap, bool) or not isinstance(memory_cap, (int, float)) or not memory_cap > 0:
+        raise ValueError(f"memory_cap must be a number of bytes per device > 0 (e.g. 8e9), got {memory_cap!r}")
+    return float(memory_cap)
+
+
+def check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
+    if vertical_sync and schedule != "async_1f1b":
+        raise ValueError(f"vertical_sync=True applies to schedule='async_1f1b' (strategy 'pipedream_async'), not "
+                         f"{schedule!r}; drop it or change the schedule")
+    if schedule in ASYNC_SCHEDULES and schedule_options:
+        raise ValueError(f"schedule={schedule!r} runs one stage per rank and takes no schedule_options (got "
+                         f"{schedule_options}); remove them")
+    return bool(vertical_sync)
+
+
+def check_num_microbatches(num_microbatches: int) -> int:
+    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
+    return num_microbatches
+
+
+def check_partition(partition: Partition) -> Partition:
+    names = ("uniform", "parameters", *PLANNED_PARTITIONS)
+    if isinstance(partition, str):
+        if partition not in names:
+            raise ValueError(f"unknown partition {partition!r}; use one of {', '.join(map(repr, names))} or a list of "
+                             f"layer counts per stage, e.g. partition=[3, 5]")
+        return partition
+    if not isinstance(partition, Sequence) or not all(isinstance(n, int) and n >= 1 for n in partition):
+        raise ValueError(f"partition {partition!r} must be one of {', '.join(map(repr, names))} or a list of layer "
+                         f"counts, each at least 1, one per stage, e.g. partition=[3, 5]")
+    return list(partition)
