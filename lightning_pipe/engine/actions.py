@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_pipe.engine.schedules import Action, Op, Schedule
-from lightning_pipe.engine.tree import tree_map_tensors
+from .schedules import Action, Op, Schedule
+from .tree import tree_map_tensors
 
 if TYPE_CHECKING:
-    from lightning_pipe.engine.executor import Pipeline
+    from .executor import Pipeline
 
 __all__ = ["StepState", "make_handlers", "tag", "outgoing_channels", "incoming_channels"]
 

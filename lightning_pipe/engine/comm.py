@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from .tree import tree_flatten, tree_unflatten
 
 __all__ = ["PipelineError", "Communicator"]
 

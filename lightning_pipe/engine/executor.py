@@ -11,15 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lightning_pipe.engine import schedules_async
-from lightning_pipe.engine.actions import StepState, make_handlers, outgoing_channels
-from lightning_pipe.engine.comm import Communicator, PipelineError
-from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
-from lightning_pipe.engine.partition import Partition, cut, stage_sizes
-from lightning_pipe.engine.runtime import configure_threads, local_world_size
-from lightning_pipe.engine.schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
-from lightning_pipe.engine.trace import Record
-from lightning_pipe.engine.stage import PipelineStage
+from . import schedules_async
+from .actions import StepState, make_handlers, outgoing_channels
+from .comm import Communicator, PipelineError
+from .microbatch import microbatch_weights, split_batch
+from .partition import Partition, cut, stage_sizes
+from .runtime import configure_threads, local_world_size
+from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
+from .trace import Record
+from .stage import PipelineStage
 
 __all__ = ["Pipeline", "default_input_fn"]
 

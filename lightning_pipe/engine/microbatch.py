@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from .tree import tree_flatten, tree_unflatten
 
 __all__ = ["batch_rows", "split_batch", "microbatch_weights"]
 

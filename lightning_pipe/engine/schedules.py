@@ -107,7 +107,7 @@ class Schedule:
         return [action for action in self.actions[rank] if action.op in COMPUTE_OPS]
 
     def __str__(self) -> str:
-        from lightning_pipe.engine.schedule_rules import format_grid
+        from .schedule_rules import format_grid
 
         return format_grid(self)
 
@@ -236,4 +236,4 @@ def get_schedule(name: str, num_stages: int, num_microbatches: int, **options: i
 
 
 # Registers interleaved_1f1b, zb_h1 and zb_v. At the end, so that the zoo finds everything it imports from here.
-from lightning_pipe.engine import schedules_async, schedules_zoo  # noqa: E402, F401
+from . import schedules_async, schedules_zoo  # noqa: E402, F401

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from lightning_pipe.engine.schedules import Action, Op, Schedule, add_communication, register_schedule
+from .schedules import Action, Op, Schedule, add_communication, register_schedule
 
 __all__ = ["async_1f1b", "two_bw", "start", "drain", "alone", "stream"]
 
@@ -77,7 +77,7 @@ def two_bw(num_stages: int, num_microbatches: int, slack: int = 0) -> Schedule:
 def alone(schedule: Schedule, num_microbatches: int) -> Schedule:
     """One batch of ``num_microbatches`` (any count) run by itself with ``schedule``'s optimizer steps: 1F1B
     with a flush, an ``O`` after every backward (async_1f1b) or after the batch's last one (2bw)."""
-    from lightning_pipe.engine.schedules import one_f_one_b
+    from .schedules import one_f_one_b
 
     # Steps per batch in the steady state: m means after every backward, 1 means once per batch.
     every = sum(a.op is Op.OPTIMIZER for a in schedule.actions[0]) == schedule.num_microbatches

@@ -49,7 +49,7 @@ at once) and ``W`` (weight gradient, deferred by ``p - 1`` micro-batches into th
 
 from __future__ import annotations
 
-from lightning_pipe.engine.schedules import Action, Op, Schedule, add_communication, register_schedule
+from .schedules import Action, Op, Schedule, add_communication, register_schedule
 
 __all__ = ["interleaved_1f1b", "zb_h1", "zb_v"]
 

@@ -9,8 +9,8 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.engine.weights import WeightVersions
+from .tree import tree_flatten
+from .weights import WeightVersions
 
 __all__ = ["PipelineStage"]
 

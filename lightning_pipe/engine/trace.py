@@ -8,8 +8,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lightning_pipe.engine.schedule_rules import Timeline
-from lightning_pipe.engine.schedules import COMPUTE_OPS, Action, Schedule
+from .schedule_rules import Timeline
+from .schedules import COMPUTE_OPS, Action, Schedule
 
 __all__ = ["Record", "to_chrome_trace", "timeline_from_records"]
 
