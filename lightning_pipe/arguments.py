@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.schedules import SCHEDULES
 from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS
 
-__all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition"]
+__all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition",
+           "check_profile_cache", "check_layers", "check_num_stages"]
 
 
 def check_schedule(schedule: str) -> str:
@@ -70,3 +73,23 @@ def check_partition(partition: Partition) -> Partition:
         raise ValueError(f"partition {partition!r} must be one of {', '.join(map(repr, names))} or a list of layer "
                          f"counts, each at least 1, one per stage, e.g. partition=[3, 5]")
     return list(partition)
+
+
+def check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | None:
+    if not (profile_cache is None or profile_cache is False or isinstance(profile_cache, (str, os.PathLike))):
+        raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
+                        f"False (no cache), not {profile_cache!r}")
+    return profile_cache
+
+
+def check_layers(layers: Any) -> str | None:
+    if layers is not None and not isinstance(layers, str):
+        raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
+                        f"not {type(layers).__name__}")
+    return layers
+
+
+def check_num_stages(num_stages: Any) -> int | None:
+    if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
+        raise ValueError(f"num_stages must be a positive integer (ranks per pipeline), got {num_stages!r}")
+    return num_stages

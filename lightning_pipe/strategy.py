@@ -28,8 +28,8 @@ from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
-from lightning_pipe.arguments import (check_num_microbatches, check_partition, check_planning, check_schedule,
-                                      check_vertical_sync)
+from lightning_pipe.arguments import (check_layers, check_num_microbatches, check_num_stages, check_partition,
+                                      check_planning, check_profile_cache, check_schedule, check_vertical_sync)
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.engine.partition import Partition
@@ -142,22 +142,13 @@ class PipelineStrategy(ProcessStrategy):
         self.num_microbatches = check_num_microbatches(num_microbatches)
         self.partition = check_partition(partition)
         self.memory_cap = check_planning(self.partition, self.schedule, schedule_options, memory_cap)
-        if not (profile_cache is None or profile_cache is False or isinstance(profile_cache, (str, os.PathLike))):
-            raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
-                            f"False (no cache), not {profile_cache!r}")
-        self.profile_cache = profile_cache
-        if layers is not None and not isinstance(layers, str):
-            raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
-                            f"not {type(layers).__name__}")
-        self.layers = layers
+        self.profile_cache = check_profile_cache(profile_cache)
+        self.layers = check_layers(layers)
         self.checkpoint_activations = bool(checkpoint_activations)
         self.schedule_options = dict(schedule_options or {})
         self.vertical_sync = check_vertical_sync(vertical_sync, self.schedule, self.schedule_options)
         self._async = AsyncSteps(self) if self.schedule in ASYNC_SCHEDULES else None
-        if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int)
-                                       or num_stages < 1):
-            raise ValueError(f"num_stages must be a positive integer (ranks per pipeline), got {num_stages!r}")
-        self._num_stages = num_stages
+        self._num_stages = check_num_stages(num_stages)
         self._replicas = check_replicas(replicas)
         self._mesh: DeviceMesh | None = None
         self._runner: PipelineRunner | None = None
