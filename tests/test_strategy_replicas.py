@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import warnings
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +13,10 @@ import pytest
 import torch
 
 from lightning_pipe import PipelineStrategy
-from tests.helpers import free_port, run_ranks
+from tests.helpers import run_ranks, run_torchrun_nodes
 from tests.lightning_models import MetricsLog, Regressor, regression_data
 from tests.test_strategy_trainer import _assert_logs_equal, _full_state
 
-ROOT = Path(__file__).resolve().parents[1]
 REPLICAS = 2
 # One device reads batches of 16 rows; each replica reads every other row of them (DistributedSampler), 8 at a time.
 TRAIN, VALIDATION = (3, 16), (2, 6)
@@ -142,30 +138,7 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     """``torchrun --nnodes 2`` twice (node ranks 0 and 1) on 127.0.0.1: 2 stages x 2 replicas across the "nodes"."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    torchrun = Path(sys.executable).with_name("torchrun")
-    # One run takes ~15 s. Once in a full CI run (of several) the pair hung until the timeout, and it has not
-    # happened again alone; a second try on a fresh port keeps that from failing CI while the hang is found,
-    # and the first try's output is reported either way (see the warning).
-    for attempt in range(2):
-        port = free_port()
-        nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
-                                   "--master-addr", "127.0.0.1", "--master-port", str(port), str(script),
-                                   str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for node in range(2)]
-        try:
-            outputs = [node.communicate(timeout=60)[0] for node in nodes]
-            break
-        except subprocess.TimeoutExpired:
-            for node in nodes:
-                node.kill()
-            tails = "\n---\n".join(node.communicate()[0][-3000:] for node in nodes)
-            if attempt == 1:
-                pytest.fail(f"the two torchrun nodes hung twice (60 s each); their output:\n{tails}")
-            warnings.warn(f"the two torchrun nodes hung (60 s) and were run again; their output:\n{tails}")
-    for node, output in zip(nodes, outputs):
-        assert node.returncode == 0, output[-3000:]
+    run_torchrun_nodes(script, str(tmp_path))
 
     reference = Regressor()
     _trainer("auto", 1, max_steps=3).fit(reference, one_device_loader(3, 16))

@@ -1,0 +1,151 @@
+"""CUDA paths: stage compute on a GPU (two ranks sharing one device over gloo, which stages messages through host
+memory), bf16 autocast and bf16 weights in the engine, and a Trainer with ``accelerator="gpu"`` in 32-bit and
+``bf16-mixed`` precision launched as two torchrun "nodes". Skipped where no CUDA device is present.
+
+NCCL refuses two ranks on one device, so the NCCL transport (every message announced with its exact size) needs a
+machine with two GPUs; nothing here covers it."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks, run_torchrun_nodes
+from tests.models import make_batch, mlp, mse_loss
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ENGINE_CASES = [("gpipe", False), ("1f1b", False), ("1f1b", True), ("zb_h1", False), ("interleaved_1f1b", False)]
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def _engine_on_cuda(rank: int, world_size: int, mode: str) -> list[dict[str, Any]]:
+    """Each case: the pipeline's loss and gradients and a single-device reference, both computed on cuda:0."""
+    from lightning_pipe.engine.executor import Pipeline
+
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 0)
+    reports = []
+    cases = ENGINE_CASES if mode == "fp32" else [("1f1b", False), ("zb_h1", False)]
+    for schedule, remat in cases:
+        model = mlp(num_layers=8, width=64)
+        if mode == "bf16-true":
+            model = model.to(torch.bfloat16)
+        reference = copy.deepcopy(model).to(device)
+        x, y = (t.to(device) for t in make_batch(32, width=64))
+        if mode == "bf16-true":
+            x, y = x.bfloat16(), y.bfloat16()
+        pipe = Pipeline(model, loss_fn=mse_loss, schedule=schedule, num_microbatches=4, checkpoint_activations=remat,
+                        device=device)
+        dtypes: list[torch.dtype] = []
+        for module in pipe.modules():
+            module.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
+            loss = pipe.train_step((x, y))
+            ref_loss = mse_loss(reference(x), (x, y))
+        ref_loss.backward()
+        torch.cuda.synchronize()
+        grads = {name: p.grad.cpu() for name, p in pipe.named_parameters()}
+        devices = {str(p.device) for p in pipe.parameters()}
+        ref_grads = {name: p.grad.cpu() for name, p in reference.named_parameters() if name in grads}
+        reports.append({"case": (schedule, remat), "loss": None if loss is None else loss.float().cpu(),
+                        "ref_loss": ref_loss.detach().float().cpu(), "grads": grads, "ref_grads": ref_grads,
+                        "devices": devices, "dtypes": {str(d) for d in dtypes}})
+    return reports
+
+
+def test_stage_compute_on_cuda_equals_one_device() -> None:
+    """fp32 (TF32 off, PyTorch's default for matmuls) on cuda:0: the same 1e-5 as on CPU, for every kind of schedule."""
+    results = run_ranks(_engine_on_cuda, 2, "fp32", timeout=240)
+    for rank, reports in enumerate(results):
+        assert len(reports) == len(ENGINE_CASES)
+        for report in reports:
+            assert report["devices"] == {"cuda:0"}, report["case"]
+            if rank == 1:
+                torch.testing.assert_close(report["loss"], report["ref_loss"], rtol=0, atol=1e-5)
+            for name, grad in report["grads"].items():
+                torch.testing.assert_close(grad, report["ref_grads"][name], rtol=0, atol=1e-5,
+                                           msg=f"{report['case']} rank {rank} {name}")
+
+
+@pytest.mark.parametrize("mode", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_cuda_is_close_to_one_device(mode: str) -> None:
+    """Under autocast (bf16 activations cross the ranks) and with bf16 weights: bf16 keeps ~3 significant digits and
+    micro-batches change the order of the sums, so gradients agree to 2% of their norm, losses to 1%."""
+    results = run_ranks(_engine_on_cuda, 2, mode, timeout=240)
+    for rank, reports in enumerate(results):
+        for report in reports:
+            assert report["dtypes"] == {"torch.bfloat16"}, report["case"]  # the stages really computed in bf16
+            if rank == 1:
+                assert report["loss"].item() == pytest.approx(report["ref_loss"].item(), rel=1e-2)
+            for name, grad in report["grads"].items():
+                assert grad.dtype == (torch.bfloat16 if mode == "bf16-true" else torch.float32)
+                assert torch.isfinite(grad).all()
+                assert _relative_error(grad, report["ref_grads"][name]) < 2e-2, (report["case"], rank, name)
+
+
+SCRIPT = '''
+import os, sys
+import torch
+import lightning as L
+import lightning_pipe
+from lightning_pipe import PipelineStrategy
+from tests.lightning_models import Regressor, regression_data
+
+precision = sys.argv[2]
+model = Regressor(width=64, lr=0.5)
+stage_dtypes = set()
+model.layers[0].register_forward_hook(lambda _m, _i, out: stage_dtypes.add(str(out.dtype)))
+trainer = L.Trainer(strategy=PipelineStrategy(num_stages=2, process_group_backend="gloo"), accelerator="gpu",
+                    devices=1, num_nodes=2, max_steps=3, precision=precision, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+trainer.fit(model, regression_data(6, batch_size=8, width=64))
+torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "rank": trainer.global_rank,
+            "device": str(trainer.strategy.root_device), "dtypes": stage_dtypes},
+           os.path.join(sys.argv[1], f"{precision}-rank{trainer.global_rank}.pt"))
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trainer_on_gpu_equals_one_gpu(tmp_path: Path, precision: str) -> None:
+    """Two torchrun "nodes" of one process each share cuda:0 (gloo between them) and train 2 stages; one GPU
+    trains the same model alone with the same precision."""
+    import lightning as L
+
+    from tests.lightning_models import Regressor, regression_data
+    from tests.test_strategy_trainer import _full_state
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    run_torchrun_nodes(script, str(tmp_path), precision, nproc_per_node=1, timeout=150)
+    reference = Regressor(width=64, lr=0.5)
+    initial = copy.deepcopy(reference.state_dict())
+    L.Trainer(accelerator="gpu", devices=1, max_steps=3, precision=precision, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(reference, regression_data(6, 8, width=64))
+    ranks = [torch.load(tmp_path / f"{precision}-rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [r["device"] for r in ranks] == ["cuda:0", "cuda:0"]
+    assert ranks[0]["dtypes"] == {"torch.bfloat16" if precision == "bf16-mixed" else "torch.float32"}
+    full = _full_state([r["state"] for r in ranks])
+    tolerance = 1e-5 if precision == "32-true" else 2e-3
+    moved = max((value.cpu() - initial[key].cpu()).abs().max().item() for key, value in reference.state_dict().items())
+    assert moved > 10 * tolerance, f"training moved the weights by {moved} at most: the test could not tell"
+    error = max((full[key] - value.cpu()).abs().max().item() for key, value in reference.state_dict().items())
+    print(f"{precision}: weights moved up to {moved:.3g}; the pipeline's differ from one GPU's by {error:.3g} at most")
+    for key, value in reference.state_dict().items():
+        value = value.cpu()
+        torch.testing.assert_close(full[key], value, rtol=0, atol=tolerance, msg=f"{precision} {key}")
+
+
+if __name__ == "__main__":  # the GPU machine's check: python tests/test_cuda.py
+    sys.exit(pytest.main([__file__, "-v", "-p", "no:cacheprovider", *sys.argv[1:]]))
