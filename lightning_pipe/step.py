@@ -4,7 +4,7 @@ This is the strategy's core, and needs no Trainer: :class:`PipelineRunner` cuts 
 evaluation step through the engine, and then sends what the last stage computed (the loss, the combined logs, the
 torchmetrics' batch state, the step's outputs) to every rank in one broadcast, so that all ranks return, log and
 checkpoint the same thing. With data-parallel replicas of the pipeline, the replicas average their gradients
-(:mod:`.replicas`), and their last stages first combine loss, logs and metrics into those of the whole batch.
+(:mod:`.engine.replicas`), and their last stages first combine loss, logs and metrics into those of the whole batch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.failures import reported_failures
 from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
-from lightning_pipe.replicas import GradientAverager
+from lightning_pipe.engine.replicas import GradientAverager
 from lightning_pipe.split import PipelinedSequence, SplitModule
 from lightning_pipe.tied import TiedParameters
 

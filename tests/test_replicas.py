@@ -15,7 +15,7 @@ from tests.helpers import run_ranks
 def _average(rank: int, world_size: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from lightning_pipe.replicas import GradientAverager
+    from lightning_pipe.engine.replicas import GradientAverager
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])

@@ -47,22 +47,22 @@ def _as_leaf(tensor: torch.Tensor) -> torch.Tensor:
 def outgoing_channels(plan: Schedule, rank: int) -> set[tuple[int, int]]:
     """(peer rank, tag) of every channel ``rank`` writes to: where an error must be announced."""
     channels = set()
-    for stage, op, _ in plan.actions[rank]:
+    for stage, op, mb in plan.actions[rank]:
         if op is Op.SEND_ACTIVATION:
-            channels.add((plan.stage_to_rank[stage + 1], tag("F", stage)))
+            channels.add((plan.rank_of(stage + 1, mb), tag("F", stage)))
         elif op is Op.SEND_GRAD:
-            channels.add((plan.stage_to_rank[stage - 1], tag("B", stage)))
+            channels.add((plan.rank_of(stage - 1, mb), tag("B", stage)))
     return channels
 
 
 def incoming_channels(plan: Schedule, rank: int) -> dict[tuple[int, int], int]:
     """(peer rank, tag) -> how many messages ``rank`` receives on that channel in ``plan``."""
     counts: dict[tuple[int, int], int] = {}
-    for stage, op, _ in plan.actions[rank]:
+    for stage, op, mb in plan.actions[rank]:
         if op is Op.RECV_ACTIVATION:
-            channel = (plan.stage_to_rank[stage - 1], tag("F", stage - 1))
+            channel = (plan.rank_of(stage - 1, mb), tag("F", stage - 1))
         elif op is Op.RECV_GRAD:
-            channel = (plan.stage_to_rank[stage + 1], tag("B", stage + 1))
+            channel = (plan.rank_of(stage + 1, mb), tag("B", stage + 1))
         else:
             continue
         counts[channel] = counts.get(channel, 0) + 1
@@ -71,7 +71,7 @@ def incoming_channels(plan: Schedule, rank: int) -> dict[tuple[int, int], int]:
 
 def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
     """One function per op, closed over this step's state: the executor's loop calls them in list order."""
-    stages, comm, to_rank, last = pipe.stages, pipe.comm, pipe.stage_to_rank, pipe.num_stages - 1
+    stages, comm, to_rank, last = pipe.stages, pipe.comm, plan.rank_of, pipe.num_stages - 1
     first_id, vertical_sync = state.first_id, pipe.vertical_sync
     grad_weights = [1.0] * len(state.weights) if pipe.update_every_microbatch else state.weights
 
@@ -101,7 +101,7 @@ def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bo
             return
         if vertical_sync and training:
             output = (version, output)
-        if to_rank[index + 1] == pipe.rank:  # the next stage is ours too: hand over in memory
+        if to_rank(index + 1, mb) == pipe.rank:  # the next stage is ours too: hand over in memory
             state.activations[(index + 1, mb)] = tree_map_tensors(_as_leaf, output)
         else:
             state.to_send[(index, mb)] = output
@@ -116,7 +116,7 @@ def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bo
             input_grads = stage.backward_input(first_id + mb, grads)
         if index == 0:
             return
-        if to_rank[index - 1] == pipe.rank:
+        if to_rank(index - 1, mb) == pipe.rank:
             state.gradients[(index - 1, mb)] = input_grads
         else:
             state.to_send[(index, mb)] = input_grads
@@ -134,7 +134,7 @@ def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bo
 
     def send_activation(action: Action) -> None:
         index, _, mb = action
-        comm.send(state.to_send.pop((index, mb)), to_rank[index + 1], tag("F", index))
+        comm.send(state.to_send.pop((index, mb)), to_rank(index + 1, mb), tag("F", index))
 
     # Each channel's next receive is posted as soon as the previous one completes (one ahead, see comm), so a
     # message moves when it is sent rather than when this rank gets around to asking for it.
@@ -152,15 +152,15 @@ def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bo
 
     def recv_activation(action: Action) -> None:
         index, _, mb = action
-        state.activations[(index, mb)] = receive(to_rank[index - 1], tag("F", index - 1))
+        state.activations[(index, mb)] = receive(to_rank(index - 1, mb), tag("F", index - 1))
 
     def send_grad(action: Action) -> None:
         index, _, mb = action
-        comm.send(state.to_send.pop((index, mb)), to_rank[index - 1], tag("B", index))
+        comm.send(state.to_send.pop((index, mb)), to_rank(index - 1, mb), tag("B", index))
 
     def recv_grad(action: Action) -> None:
         index, _, mb = action
-        state.gradients[(index, mb)] = receive(to_rank[index + 1], tag("B", index + 1))
+        state.gradients[(index, mb)] = receive(to_rank(index + 1, mb), tag("B", index + 1))
 
     return {
         Op.FORWARD: forward,

@@ -17,7 +17,9 @@ from .comm import Communicator, PipelineError
 from .microbatch import microbatch_weights, split_batch
 from .partition import Partition, cut, stage_sizes
 from .runtime import configure_threads, local_world_size
+from .replicas import GradientAverager
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
+from .schedules_replicated import REPLICATED_SCHEDULES, check_replicas, replicated, replicated_forward_only
 from .trace import Record
 from .stage import PipelineStage
 
@@ -53,6 +55,10 @@ class Pipeline:
     ``train_step(batch, optimizer_step=opt.step)`` (the engine zeroes the gradients after each step) and call
     :meth:`flush` before evaluating or saving. ``vertical_sync=True`` (async_1f1b) makes every stage run a
     micro-batch on the weight version stage 0 used for it.
+
+    ``replicas=[3, 1]`` gives stage ``s`` that many ranks (numbered stage by stage), which take its micro-batches
+    in turn (PipeDream's "3-1"; :mod:`.schedules_replicated`) and sum their gradients at the end of the step, so
+    every replica holds the whole batch's gradient. Schedules "1f1b" and "gpipe"; the last stage has one rank.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         record: bool = False,
         vertical_sync: bool = False,
+        replicas: Sequence[int] | None = None,
         **schedule_options: int,
     ) -> None:
         if not dist.is_initialized():
@@ -90,6 +97,7 @@ class Pipeline:
         self.input_fn = input_fn
         self.record = record
         self.records: list[tuple[Action, float, float]] = []
+        self.replicas = self._check_replicas(replicas, schedule, schedule_options, vertical_sync)
         self.error_grace_s = 5.0  # how long a failing rank waits for its neighbours to take its error notice
 
         layers = list(layers) if not isinstance(layers, nn.Sequential) else layers
@@ -118,6 +126,7 @@ class Pipeline:
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device)
+        self._replica_sum = self._replica_group_sum(plan)
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -153,6 +162,8 @@ class Pipeline:
         the ranks); it then runs fill-drain over the same stage placement, which takes any count.
         """
         cache = self.__dict__.setdefault("_schedules", {})
+        if num_microbatches not in cache and self.replicas:
+            cache[num_microbatches] = replicated(self.replicas, num_microbatches, self.schedule_name)
         if num_microbatches not in cache:
             try:
                 plan = get_schedule(self.schedule_name, self.num_ranks, num_microbatches, **self.schedule_options)
@@ -186,7 +197,12 @@ class Pipeline:
         if self.asynchronous:
             return self._train_step_async(microbatches, loss_scale, optimizer_step)
         plan = self.schedule_for(len(microbatches))
-        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
+        if self._replica_sum is None:
+            losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
+        else:  # each replica of this stage ran some micro-batches: the gradients are their sum
+            backwards = sum(action.op is Op.BACKWARD for action in plan.actions[self.rank])
+            with self._replica_sum.averaging(backwards):
+                losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
         return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
@@ -197,11 +213,42 @@ class Pipeline:
             raise RuntimeError("call flush() before eval_step: micro-batches of the last train_step are still in "
                                "flight and the weights are not final")
         microbatches = split_batch(batch, self.num_microbatches)
-        plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
+        if self.replicas:
+            plan = replicated_forward_only(self.replicas, len(microbatches))
+        else:
+            plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
         losses, outputs = self._run(plan, microbatches, training=False)
         if not self.is_last_rank:
             return None, None
         return (torch.stack(losses).sum() if losses else None), outputs
+
+    # -- replicated stages ------------------------------------------------------------------------
+    def _check_replicas(self, replicas: Sequence[int] | None, schedule: str, options: dict[str, int],
+                        vertical_sync: bool) -> list[int] | None:
+        if replicas is None:
+            return None
+        counts = check_replicas(replicas)
+        if sum(counts) != self.num_ranks:
+            raise ValueError(f"replicas={counts} places {sum(counts)} ranks, but the pipeline's group has "
+                             f"{self.num_ranks}; make sum(replicas) equal the ranks")
+        if schedule not in REPLICATED_SCHEDULES or options or vertical_sync:
+            raise ValueError(f"replicated stages run schedule='1f1b' or 'gpipe' without options, not {schedule!r}"
+                             f"{' with ' + str(options) if options else ''}; change the schedule or drop replicas")
+        return counts
+
+    def _replica_group_sum(self, plan: Schedule) -> GradientAverager | None:
+        """The sum of this stage's gradients over its replicas, if it has several. Every rank makes the group of
+        every replicated stage, in stage order (torch's rule for new groups), once per process group."""
+        if not self.replicas:
+            return None
+        if dist.get_world_size(self.group) != dist.get_world_size():
+            raise ValueError("replicated stages need the pipeline to span every rank of the job: construct the "
+                             "Pipeline with group=None")
+        groups = {ranks: _replica_group(tuple(dist.get_global_rank(self.group, r) for r in ranks))
+                  for ranks in plan.stage_replicas if len(ranks) > 1}
+        (stage,) = plan.stages_of(self.rank)
+        group = groups.get(plan.stage_replicas[stage])
+        return None if group is None else GradientAverager(self.parameters(), group, average=False)
 
     # -- running a schedule -----------------------------------------------------------------------
     def _run(self, plan: Schedule, microbatches: list[Any], training: bool, loss_scale: float = 1.0,
@@ -307,6 +354,17 @@ class Pipeline:
     def weight_versions(self) -> int:
         """Most weight copies this rank has held at once besides the live ones (asynchronous schedules)."""
         return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
+
+
+_REPLICA_GROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
+
+
+def _replica_group(ranks: tuple[int, ...]) -> dist.ProcessGroup:
+    """The process group of ``ranks``, made once per default process group (every rank calls this alike)."""
+    key = (id(dist.group.WORLD), ranks)
+    if key not in _REPLICA_GROUPS:
+        _REPLICA_GROUPS[key] = dist.new_group(list(ranks))
+    return _REPLICA_GROUPS[key]
 
 
 def _no_optimizer() -> None:

@@ -95,7 +95,7 @@ def simulate(
 def check_schedule(schedule: Schedule) -> Timeline:
     """Check every rule and return the unit-cost timeline; raise :class:`ScheduleError` saying what is wrong.
 
-    Rules: each stage runs on its own rank; every micro-batch has exactly one forward per stage and either no
+    Rules: each stage runs on its own rank (each micro-batch on its replica's, with replicated stages); every micro-batch has exactly one forward per stage and either no
     backward anywhere (forward-only) or exactly one ``B`` (or one ``I`` and one later ``W``) per stage; a forward
     comes after the forward of the stage before it and a backward after its forward and after the backward of
     the stage after it; data crossing ranks is received before it is used, every send has exactly one matching
@@ -116,9 +116,9 @@ def check_schedule(schedule: Schedule) -> Timeline:
             stage, op, mb = action
             if not (0 <= stage < p and 0 <= mb < m):
                 raise ScheduleError(f"{name}: {action} on rank {rank} is outside {p} stages x {m} micro-batches")
-            if schedule.stage_to_rank[stage] != rank:
-                raise ScheduleError(f"{name}: {action} runs on rank {rank}, but stage {stage} lives on rank "
-                                    f"{schedule.stage_to_rank[stage]}")
+            if schedule.rank_of(stage, mb) != rank:
+                raise ScheduleError(f"{name}: {action} runs on rank {rank}, but stage {stage} runs micro-batch {mb} "
+                                    f"on rank {schedule.rank_of(stage, mb)}")
             if op is Op.OPTIMIZER:
                 if not {(stage, Op.BACKWARD, mb), (stage, Op.BACKWARD_WEIGHT, mb)} & local_done:
                     raise ScheduleError(f"{name}: rank {rank} runs {action} before the backward of micro-batch {mb}")
@@ -138,7 +138,7 @@ def check_schedule(schedule: Schedule) -> Timeline:
                 if key in sends:
                     raise ScheduleError(f"{name}: {action} is sent twice")
                 sends[key] = rank
-                peer = schedule.stage_to_rank[stage + 1 if op is Op.SEND_ACTIVATION else stage - 1]
+                peer = schedule.rank_of(stage + 1 if op is Op.SEND_ACTIVATION else stage - 1, mb)
                 channel_order[(rank, peer, key[0], key[1])][0].append(mb)
             else:
                 key = message_key(action)
@@ -146,7 +146,7 @@ def check_schedule(schedule: Schedule) -> Timeline:
                     raise ScheduleError(f"{name}: {action} is received twice")
                 recvs[key] = rank
                 received.add(key)
-                peer = schedule.stage_to_rank[key[1]]
+                peer = schedule.rank_of(key[1], mb)
                 channel_order[(peer, rank, key[0], key[1])][1].append(mb)
     for key in sends.keys() - recvs.keys():
         raise ScheduleError(f"{name}: message {key} is sent by rank {sends[key]} but never received")
@@ -164,7 +164,7 @@ def _check_dependencies(schedule: Schedule, rank: int, action: Action, local_don
     stage, op, mb = action
     name, last = schedule.name, schedule.num_stages - 1
     if op is Op.FORWARD and stage > 0:
-        if schedule.stage_to_rank[stage - 1] == rank:
+        if schedule.rank_of(stage - 1, mb) == rank:
             ok = (stage - 1, Op.FORWARD, mb) in local_done
         else:
             ok = ("F", stage - 1, mb) in received
@@ -174,7 +174,7 @@ def _check_dependencies(schedule: Schedule, rank: int, action: Action, local_don
         if (stage, Op.FORWARD, mb) not in local_done:
             raise ScheduleError(f"{name}: rank {rank} runs {action} before {Action(stage, Op.FORWARD, mb)}")
         if stage < last:
-            if schedule.stage_to_rank[stage + 1] == rank:
+            if schedule.rank_of(stage + 1, mb) == rank:
                 ok = bool({(stage + 1, Op.BACKWARD, mb), (stage + 1, Op.BACKWARD_INPUT, mb)} & local_done)
             else:
                 ok = ("B", stage + 1, mb) in received

@@ -23,6 +23,7 @@ backward, then drains the backwards still owed, so it never holds more than ``st
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 from collections.abc import Callable, Sequence
@@ -94,13 +95,26 @@ class Schedule:
     stage_to_rank: tuple[int, ...]
     actions: tuple[tuple[Action, ...], ...]  # actions[rank]
     asynchronous: bool = False  # runs across batches without a flush (see schedules_async)
+    stage_replicas: tuple[tuple[int, ...], ...] = ()
+    """With replicated stages (see schedules_replicated), the ranks of each stage; micro-batch ``j`` of stage ``s``
+    runs on ``stage_replicas[s][j % len(stage_replicas[s])]`` (round-robin), and ``stage_to_rank`` names each
+    stage's first replica. Empty: one rank per stage, ``stage_to_rank``."""
 
     @property
     def num_ranks(self) -> int:
         return len(self.actions)
 
+    def rank_of(self, stage: int, microbatch: int) -> int:
+        """The rank that runs ``stage`` for ``microbatch``."""
+        if self.stage_replicas:
+            ranks = self.stage_replicas[stage]
+            return ranks[microbatch % len(ranks)]
+        return self.stage_to_rank[stage]
+
     def stages_of(self, rank: int) -> list[int]:
         """The stages held by ``rank``, in increasing order."""
+        if self.stage_replicas:
+            return [stage for stage, ranks in enumerate(self.stage_replicas) if rank in ranks]
         return [stage for stage, owner in enumerate(self.stage_to_rank) if owner == rank]
 
     def compute_actions(self, rank: int) -> list[Action]:
@@ -117,31 +131,36 @@ def add_communication(
     compute: Sequence[Sequence[Action]],
     stage_to_rank: Sequence[int],
     num_microbatches: int,
+    stage_replicas: Sequence[Sequence[int]] = (),
 ) -> Schedule:
     """Insert sends and receives around each rank's compute actions and return the full schedule.
 
     Data crosses ranks only between neighbouring stages held by different ranks: a forward of stage ``s > 0``
     receives its input from stage ``s - 1`` and a backward (``B`` or ``I``) of a stage other than the last
     receives its output gradient from stage ``s + 1``. Stages on the same rank hand data over in memory.
+    ``stage_replicas``: the ranks of each replicated stage (see :attr:`Schedule.stage_replicas`).
     """
     num_stages = len(stage_to_rank)
     last = num_stages - 1
+    schedule = Schedule(name, num_stages, num_microbatches, tuple(stage_to_rank), (),
+                        stage_replicas=tuple(tuple(ranks) for ranks in stage_replicas))
+    owner = schedule.rank_of
     actions: list[tuple[Action, ...]] = []
     for rank, rank_compute in enumerate(compute):
         full: list[Action] = []
         for action in rank_compute:
             stage, op, mb = action
-            if op is Op.FORWARD and stage > 0 and stage_to_rank[stage - 1] != rank:
+            if op is Op.FORWARD and stage > 0 and owner(stage - 1, mb) != rank:
                 full.append(Action(stage, Op.RECV_ACTIVATION, mb))
-            if op in (Op.BACKWARD, Op.BACKWARD_INPUT) and stage < last and stage_to_rank[stage + 1] != rank:
+            if op in (Op.BACKWARD, Op.BACKWARD_INPUT) and stage < last and owner(stage + 1, mb) != rank:
                 full.append(Action(stage, Op.RECV_GRAD, mb))
             full.append(action)
-            if op is Op.FORWARD and stage < last and stage_to_rank[stage + 1] != rank:
+            if op is Op.FORWARD and stage < last and owner(stage + 1, mb) != rank:
                 full.append(Action(stage, Op.SEND_ACTIVATION, mb))
-            if op in (Op.BACKWARD, Op.BACKWARD_INPUT) and stage > 0 and stage_to_rank[stage - 1] != rank:
+            if op in (Op.BACKWARD, Op.BACKWARD_INPUT) and stage > 0 and owner(stage - 1, mb) != rank:
                 full.append(Action(stage, Op.SEND_GRAD, mb))
         actions.append(tuple(full))
-    return Schedule(name, num_stages, num_microbatches, tuple(stage_to_rank), tuple(actions))
+    return dataclasses.replace(schedule, actions=tuple(actions))
 
 
 def _check_sizes(name: str, num_stages: int, num_microbatches: int) -> None:
@@ -235,5 +254,5 @@ def get_schedule(name: str, num_stages: int, num_microbatches: int, **options: i
     return fn(num_stages, num_microbatches, **options)
 
 
-# Registers interleaved_1f1b, zb_h1 and zb_v. At the end, so that the zoo finds everything it imports from here.
-from . import schedules_async, schedules_zoo  # noqa: E402, F401
+# Registers interleaved_1f1b, zb_h1, zb_v and the asynchronous schedules; defines the replicated ones. At the end, so that the zoo finds everything it imports from here.
+from . import schedules_async, schedules_replicated, schedules_zoo  # noqa: E402, F401

@@ -1,4 +1,5 @@
-"""Replicas of a stage average their gradients over the mesh's data group, bucket by bucket as the last backward ends.
+"""Replicas of a stage combine their gradients, bucket by bucket as the last backward ends: replicas of whole pipelines
+(the mesh's data group) average them, replicas inside one pipeline (round-robin micro-batches) sum them.
 
 Like DDP's reducer, parameters are grouped into buckets of about ``bucket_bytes`` in reverse order (a backward
 finishes the last layers first). A parameter's gradient is final once it has been accumulated once per micro-batch
@@ -38,12 +39,13 @@ class _Bucket:
 
 
 class GradientAverager:
-    """Averages the gradients of ``parameters`` over ``group`` (the replicas of this rank's stages) each step."""
+    """Averages the gradients of ``parameters`` over ``group`` (the replicas of this rank's stages) each step; with
+    ``average=False`` sums them (replicas that each ran some of one batch's micro-batches)."""
 
     def __init__(self, parameters: Iterable[nn.Parameter], group: dist.ProcessGroup,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, average: bool = True) -> None:
         self.group = group
-        self.size = dist.get_world_size(group)
+        self.size = dist.get_world_size(group) if average else 1
         params = [p for p in dict.fromkeys(parameters) if p.requires_grad]  # each once, in order
         self.buckets: list[_Bucket] = []
         current: list[nn.Parameter] = []
@@ -65,8 +67,8 @@ class GradientAverager:
 
     @contextmanager
     def averaging(self, num_microbatches: int) -> Iterator[None]:
-        """Inside, a pipeline step of ``num_microbatches`` accumulates gradients; on leaving (normally), every
-        gradient is the average over the replicas."""
+        """Inside, a pipeline step accumulates gradients, ``num_microbatches`` times into each parameter on this rank;
+        on leaving (normally), every gradient is the average (or sum) over the replicas."""
         self._accumulations = {}
         self._final_in_bucket = [0] * len(self.buckets)
         self._next = 0
