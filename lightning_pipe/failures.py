@@ -16,6 +16,7 @@ from lightning_pipe.engine.comm import PipelineError
 __all__ = ["reported_failures"]
 
 _KEY = "lightning_pipe/first_error"
+_ENDED = "lightning_pipe/ended"
 
 
 def _store() -> Any:
@@ -50,6 +51,31 @@ def _first_error(wait: float) -> PipelineError | None:
     return None
 
 
+_LOST = ("connection", "got 0 bytes", "broken pipe", "socket", "timed out", "peer")
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` says a peer went away (the symptom of a failure elsewhere) rather than what went wrong."""
+    return isinstance(error, dist.DistNetworkError) or any(word in str(error).lower() for word in _LOST)
+
+
+def _leave() -> None:
+    """Count this rank as ended; the rank that hosts the store (global rank 0 under Lightning's launchers) waits up to
+    5 s for the others, so that they can still read the first error after it has ended."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        ended = store.add(_ENDED, 1)
+        if dist.get_rank() == 0:
+            deadline = time.monotonic() + 5.0
+            while ended < dist.get_world_size() and time.monotonic() < deadline:
+                time.sleep(0.05)
+                ended = store.add(_ENDED, 0)
+    except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
+        pass
+
+
 @contextmanager
 def reported_failures() -> Iterator[None]:
     """Post the first error raised in the block; turn a lost connection into the error that caused it."""
@@ -57,16 +83,15 @@ def reported_failures() -> Iterator[None]:
         yield
     except PipelineError as error:
         _announce(str(error))
+        _leave()
         raise
-    except RuntimeError as error:
-        if "Connection closed by peer" in str(error) or "Connection reset" in str(error):
+    except Exception as error:
+        if _lost_connection(error):
             cause = _first_error(wait=2.0)
             if cause is not None:
+                _leave()
                 raise cause from error
         _announce(f"rank {dist.get_rank() if dist.is_initialized() else 0} failed: {type(error).__name__}: "
                   f"{error}\n{traceback.format_exc()}")
-        raise
-    except Exception as error:
-        _announce(f"rank {dist.get_rank() if dist.is_initialized() else 0} failed: {type(error).__name__}: "
-                  f"{error}\n{traceback.format_exc()}")
+        _leave()
         raise

@@ -6,6 +6,10 @@ pipeline (the ``"pipe"`` group: P2P activations and gradients); the ranks of a r
 ``"data"`` group: gradient all-reduce). Replicas of a stage are thus neighbours in rank order, on one machine when
 the devices per machine are a multiple of ``replicas``: the large gradient all-reduces stay inside a machine and the
 small activation messages cross machines.
+
+Uneven replication (``replicas=[3, 1]``, PipeDream's "3-1") is not a mesh: the ranks form one pipeline whose stage
+``s`` has ``replicas[s]`` ranks, numbered stage by stage, taking the micro-batches in turn
+(:mod:`lightning_pipe.engine.schedules_replicated`); every rank reads the same batches.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from lightning_pipe.engine import schedules_replicated
+
 __all__ = ["MeshShape", "check_replicas", "build_mesh"]
 
 PIPE, DATA = "pipe", "data"
@@ -23,14 +29,24 @@ PIPE, DATA = "pipe", "data"
 
 @dataclass(frozen=True)
 class MeshShape:
-    """``num_stages`` ranks per pipeline times ``replicas`` pipelines."""
+    """``num_stages`` ranks per pipeline times ``replicas`` pipelines; or, with ``stage_replicas``, one pipeline of
+    ``num_stages`` stages with that many ranks each."""
 
     num_stages: int
     replicas: int
+    stage_replicas: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, world_size: int, num_stages: int | None, replicas: int | None) -> MeshShape:
+    def of(cls, world_size: int, num_stages: int | None, replicas: int | tuple[int, ...] | None) -> MeshShape:
         """The shape for ``world_size`` ranks (``devices * num_nodes``); says how to fix a mismatch."""
+        if isinstance(replicas, tuple):  # uneven: one pipeline
+            if num_stages is not None and num_stages != len(replicas):
+                raise ValueError(f"num_stages={num_stages} but replicas={list(replicas)} lists {len(replicas)} "
+                                 f"stages; drop num_stages")
+            if sum(replicas) != world_size:
+                raise ValueError(f"replicas={list(replicas)} places {sum(replicas)} ranks, but devices * num_nodes = "
+                                 f"{world_size}; make them equal")
+            return cls(len(replicas), 1, replicas)
         if num_stages is None and replicas is None:
             return cls(world_size, 1)
         if num_stages is None:
@@ -51,21 +67,33 @@ class MeshShape:
         return cls(num_stages, replicas)
 
     @property
+    def pipeline_ranks(self) -> int:
+        """Ranks in one pipeline."""
+        return sum(self.stage_replicas) if self.stage_replicas else self.num_stages
+
+    @property
     def world_size(self) -> int:
-        return self.num_stages * self.replicas
+        return self.pipeline_ranks * self.replicas
 
     def coordinates(self, rank: int) -> tuple[int, int]:
         """(pipeline rank, replica index) of global ``rank``."""
         return divmod(rank, self.replicas)
 
     def pipelines(self) -> list[list[int]]:
-        """The global ranks of each replica's pipeline, in stage order."""
-        return [[stage * self.replicas + replica for stage in range(self.num_stages)]
+        """The global ranks of each replica's pipeline, in pipeline rank order."""
+        return [[rank * self.replicas + replica for rank in range(self.pipeline_ranks)]
                 for replica in range(self.replicas)]
 
+    def first_replica_ranks(self) -> set[int]:
+        """Global ranks that hold each stage once: a norm over them counts every parameter once."""
+        if not self.stage_replicas:
+            return set(range(self.world_size))
+        return {ranks[0] for ranks in schedules_replicated.replica_ranks(self.stage_replicas)}
 
-def check_replicas(replicas: int | Sequence[int] | None) -> int | None:
-    """``replicas`` as one count per stage (or ``None``); refuses uneven replication, which is not built yet."""
+
+def check_replicas(replicas: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """``replicas`` as one count for every stage, a tuple of counts per stage if they differ (uneven replication),
+    or ``None``."""
     if replicas is None:
         return None
     if isinstance(replicas, bool) or not isinstance(replicas, (int, Sequence)):
@@ -74,10 +102,7 @@ def check_replicas(replicas: int | Sequence[int] | None) -> int | None:
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
         raise ValueError(f"replicas={replicas!r} must be a positive integer, or a list of them, one per stage")
     if len(set(counts)) > 1:
-        raise ValueError(f"uneven replication (replicas={counts}, PipeDream's '{'-'.join(map(str, counts))}' "
-                         f"configuration) is not supported by PipelineStrategy yet: every stage must have the same "
-                         f"number of replicas. Use replicas={max(counts)} with more devices, replicas=1, or a "
-                         f"partition that balances the stages without replication")
+        return tuple(schedules_replicated.check_replicas(counts))
     return counts[0]
 
 

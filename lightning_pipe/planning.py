@@ -9,7 +9,7 @@ process group: the strategy fetches the batch and broadcasts the :class:`CutPlan
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,20 +95,22 @@ def plan_cut(
     schedule_options: Mapping[str, int] | None = None,
     cache: str | os.PathLike[str] | None = None,
     step: str = "training_step",
+    replicas: Sequence[int] | None = None,
 ) -> CutPlan:
     """Profile ``sequence`` on one micro-batch of ``batch`` and plan one pipeline of ``num_stages`` ranks.
 
     ``partition``: a planner method (``"profile"``, ``"time"``, ``"memory"``); with ``schedule="auto"`` the
     simulator picks the schedule, the micro-batch count and the cut (``partition`` is then unused). The profile is
     taken on micro-batches of ``batch / num_microbatches`` rows and scaled to other counts. The module's RNG state
-    is left as it was. Raises the planner's error (e.g. :class:`~lightning_pipe.planner.MemoryCapError`) when no
+    is left as it was. ``replicas``: ranks per stage (uneven replication), which the cut balances: a stage on 3 ranks
+    gets about 3 times the work. Raises the planner's error (e.g. :class:`~lightning_pipe.planner.MemoryCapError`) when no
     plan fits ``memory_cap``.
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         inputs = sequence_input(module, sequence, batch, step)
         sample = split_batch(inputs, num_microbatches)[0]
         profiles = profile_layers(sequence, sample, device=device, cache=cache)
-    topology = default_topology(num_stages, 1, device.type)
+    topology = default_topology(sum(replicas) if replicas else num_stages, 1, device.type)
     heading = (f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
                f"({batch_rows(inputs)} per batch)")
     if schedule == AUTO_SCHEDULE:
@@ -119,6 +121,7 @@ def plan_cut(
     else:
         depth = num_stages if partition == "profile" else None  # the other methods take it from the schedule
         plan = plan_pipeline(profiles, topology, method=partition, schedule=schedule, num_microbatches=num_microbatches,
-                             num_stages=depth, replicas=1, memory_cap=memory_cap, **dict(schedule_options or {}))
+                             num_stages=depth, replicas=list(replicas) if replicas else 1, memory_cap=memory_cap,
+                             **dict(schedule_options or {}))
         report = "\n".join([heading, plan.summary()])
     return CutPlan(list(plan.partition), plan.schedule, plan.num_microbatches, report)

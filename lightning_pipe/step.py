@@ -68,23 +68,26 @@ class PipelineRunner:
               partition: Partition, checkpoint_activations: bool, device: torch.device,
               schedule_options: Mapping[str, int], vertical_sync: bool = False,
               group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None,
-              pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
+              pipelines: Sequence[Sequence[int]] | None = None, replicas: Sequence[int] | None = None
+              ) -> PipelineRunner:
         """Cut ``module`` (collective: every rank calls it with an equal module).
 
         ``group`` holds this rank's pipeline; with several replicas, ``replica_group`` the ranks holding the same
-        stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline."""
+        stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline. ``replicas``:
+        ranks per stage of one pipeline (uneven replication; the engine sums each stage's gradients)."""
         split = SplitModule(module, layers)
         pipeline = Pipeline(split.sequence, schedule=schedule, num_microbatches=num_microbatches, partition=partition,
                             checkpoint_activations=checkpoint_activations, group=group, device=device,
-                            vertical_sync=vertical_sync, **schedule_options)
-        tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_to_rank, pipeline.group, pipelines)
+                            vertical_sync=vertical_sync, replicas=replicas, **schedule_options)
+        tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
         local = [child for stage in pipeline.modules() for child in stage.named_children()]
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
         runner.settings = {"layers": layers, "schedule": schedule, "num_microbatches": num_microbatches,
                            "partition": partition, "checkpoint_activations": checkpoint_activations,
-                           "schedule_options": dict(schedule_options), "vertical_sync": vertical_sync}
+                           "schedule_options": dict(schedule_options), "vertical_sync": vertical_sync,
+                           "replicas": None if replicas is None else list(replicas)}
         return runner
 
     @staticmethod
@@ -99,8 +102,18 @@ class PipelineRunner:
     def layout(self) -> dict[str, Any]:
         """How the model is laid out over ranks: a checkpoint's optimizer states fit only the same layout."""
         pipe = self.pipeline
-        return {"num_ranks": pipe.num_ranks, "stage_sizes": [int(n) for n in pipe.stage_sizes],
-                "stage_to_rank": [int(r) for r in pipe.stage_to_rank]}
+        layout = {"num_ranks": pipe.num_ranks, "stage_sizes": [int(n) for n in pipe.stage_sizes],
+                  "stage_to_rank": [int(r) for r in pipe.stage_to_rank]}
+        if pipe.replicas:
+            layout["replicas"] = list(pipe.replicas)
+        return layout
+
+    def counts_in_norm(self, param: torch.nn.Parameter) -> bool:
+        """Whether this rank counts ``param`` in the pipeline's gradient norm: each parameter once, so neither the
+        other holders of a tied parameter nor the other replicas of a stage (uneven replication) count it."""
+        pipe = self.pipeline
+        first_replica = all(ranks[0] == pipe.rank for ranks in pipe.stage_ranks if pipe.rank in ranks)
+        return first_replica and self.tied.counts_in_norm(param)
 
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,

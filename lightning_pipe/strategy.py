@@ -34,6 +34,7 @@ from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeli
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.runtime import configure_threads
+from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
 from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.mesh import DATA, PIPE, MeshShape, build_mesh, check_replicas
 from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
@@ -185,6 +186,10 @@ class PipelineStrategy(ProcessStrategy):
     def mesh_shape(self) -> MeshShape:
         """Ranks per pipeline x replicas, from ``num_stages`` / ``replicas`` and ``devices * num_nodes``."""
         shape = MeshShape.of(self.num_processes * self.num_nodes, self._num_stages, self._replicas)
+        if shape.stage_replicas and self.schedule not in REPLICATED_SCHEDULES:
+            raise ValueError(f"uneven replication (replicas={list(shape.stage_replicas)}) runs schedule '1f1b' "
+                             f"(strategy 'pipedream') or 'gpipe', not {self.schedule!r}: its stages take micro-batches "
+                             f"in turn (1F1B round-robin); name one of those, or give every stage the same replicas")
         if shape.replicas > 1 and self._async is not None:
             raise ValueError(f"schedule={self.schedule!r} with {shape.replicas} replicas is not supported: the "
                              f"asynchronous schedules step each stage inside the pipeline, where replicas cannot "
@@ -254,11 +259,12 @@ class PipelineStrategy(ProcessStrategy):
     def _build(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
             return  # a later run of this Trainer (fit, then test): the module is cut already
+        shape, mesh = self.mesh_shape, self._mesh
         settings = {"layers": self.layers, "schedule": self.schedule, "num_microbatches": self.num_microbatches,
                     "partition": self.partition, "checkpoint_activations": self.checkpoint_activations,
-                    "schedule_options": self.schedule_options, "vertical_sync": self.vertical_sync}
+                    "schedule_options": self.schedule_options, "vertical_sync": self.vertical_sync,
+                    "replicas": list(shape.stage_replicas) or None}
         runner = PipelineRunner.of(module)
-        shape, mesh = self.mesh_shape, self._mesh
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         if runner is not None and self.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             planned = ["partition"] + (["schedule", "num_microbatches"] if self.schedule == AUTO_SCHEDULE else [])
@@ -272,7 +278,7 @@ class PipelineStrategy(ProcessStrategy):
                       "pipelines": shape.pipelines()} if mesh is not None else {}
             runner = PipelineRunner.build(module, device=self.root_device, **settings, **groups)
         elif (runner.settings, runner.pipeline.num_ranks, runner.replica_group is None) != (
-                settings, shape.num_stages, mesh is None):
+                settings, shape.pipeline_ranks, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
                              f"{runner.settings} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
@@ -294,6 +300,7 @@ class PipelineStrategy(ProcessStrategy):
                     _, sequence = find_sequence(module, self.layers)
                     outcome = plan_cut(module, sequence, batch, partition=str(self.partition), schedule=self.schedule,
                                        num_microbatches=self.num_microbatches, num_stages=self.mesh_shape.num_stages,
+                                       replicas=list(self.mesh_shape.stage_replicas) or None,
                                        device=self.root_device, memory_cap=self.memory_cap,
                                        schedule_options=self.schedule_options, cache=cache or None, step=step)
                 rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
@@ -387,7 +394,7 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
-        clip_grad_norm_global(parameters, clip_val, self.runner.tied.counts_in_norm, self.runner.pipeline.group)
+        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group)
 
     # -- checkpoints --------------------------------------------------------------------------------
     @override

@@ -5,6 +5,9 @@ of the uses has its own copy. The copies start equal (broadcast from the first h
 sum of the holders' gradients, all-reduced on a process group of just those ranks) and so take the same optimizer
 step, provided every holder optimizes the parameter the same way, which :meth:`TiedParameters.check_optimizers`
 checks before training starts.
+
+A stage with several ranks (uneven replication) has a copy on each; its replicas already summed their gradients
+(each holds the stage's whole contribution), so only its first rank adds it to the tie's sum, the others add zeros.
 """
 
 from __future__ import annotations
@@ -26,18 +29,25 @@ class Tie:
 
     names: list[str]  # its names in the sequence, one per use ("0.weight", "5.weight")
     ranks: list[int]  # the ranks holding a copy, ascending; ranks[0] is the one that counts it in norms
+    adders: list[int]  # the ranks whose gradient goes into the sum: one per stage that uses it
 
 
-def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank: Sequence[int]) -> list[Tie]:
-    """The parameters of ``sequence`` that layers of stages on different ranks share, in order of first use."""
-    layer_rank = [stage_to_rank[stage] for stage, size in enumerate(stage_sizes) for _ in range(size)]
+def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: Sequence[Sequence[int]]) -> list[Tie]:
+    """The parameters of ``sequence`` that layers of stages on different ranks share, in order of first use.
+    ``stage_ranks[s]``: the ranks holding stage ``s`` (one, or its replicas)."""
+    layer_stage = [stage for stage, size in enumerate(stage_sizes) for _ in range(size)]
     uses: dict[int, tuple[list[str], set[int]]] = {}
-    for (layer_name, layer), rank in zip(sequence.named_children(), layer_rank):
+    for (layer_name, layer), stage in zip(sequence.named_children(), layer_stage):
         for name, param in layer.named_parameters(remove_duplicate=False):
-            names, ranks = uses.setdefault(id(param), ([], set()))
+            names, stages = uses.setdefault(id(param), ([], set()))
             names.append(f"{layer_name}.{name}")
-            ranks.add(rank)
-    return [Tie(names, sorted(ranks)) for names, ranks in uses.values() if len(ranks) > 1]
+            stages.add(stage)
+    ties = []
+    for names, stages in uses.values():
+        holders = sorted({rank for stage in stages for rank in stage_ranks[stage]})
+        if len({stage_ranks[stage][0] for stage in stages}) > 1:  # stages on one rank share the tensor itself
+            ties.append(Tie(names, holders, sorted({stage_ranks[stage][0] for stage in stages})))
+    return ties
 
 
 class TiedParameters:
@@ -49,9 +59,9 @@ class TiedParameters:
     rank then creates the groups of every replica, and keeps its own replica's.
     """
 
-    def __init__(self, sequence: nn.Sequential, stage_sizes: Sequence[int], stage_to_rank: Sequence[int],
+    def __init__(self, sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: Sequence[Sequence[int]],
                  group: dist.ProcessGroup | None = None, pipelines: Sequence[Sequence[int]] | None = None) -> None:
-        self.ties = find_ties(sequence, stage_sizes, stage_to_rank)
+        self.ties = find_ties(sequence, stage_sizes, stage_ranks)
         self.group = group if group is not None else dist.group.WORLD
         rank = dist.get_rank(self.group)
         params = dict(sequence.named_parameters(remove_duplicate=False))
@@ -64,6 +74,7 @@ class TiedParameters:
             if rank in tie.ranks:
                 self.local.append((tie, params[tie.names[0]], groups[key]))
         self._not_counted = {id(p) for tie, p, _ in self.local if tie.ranks[0] != rank}
+        self._not_added = {id(p) for tie, p, _ in self.local if rank not in tie.adders}
 
     def _new_group(self, ranks: list[int], pipelines: Sequence[Sequence[int]] | None) -> dist.ProcessGroup:
         """The group of pipeline ranks ``ranks`` of this rank's pipeline (collective over all ranks)."""
@@ -97,6 +108,8 @@ class TiedParameters:
             grad = grads.get(id(param))
             if grad is None:  # this holder's use got no gradient; it still takes part in the sum
                 grad = torch.zeros_like(param)
+            elif id(param) in self._not_added:  # a replica of a stage whose first rank adds the stage's gradient
+                grad = grad.zero_()
             dist.all_reduce(grad, group=group)
             grads[id(param)] = grad
 

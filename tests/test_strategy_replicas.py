@@ -161,7 +161,6 @@ def test_unsupported_layouts_fail_before_launching(options: dict[str, Any], devi
         _trainer(PipelineStrategy(**options), devices)
 
 
-def test_uneven_replication_is_refused_with_a_way_out() -> None:
-    with pytest.raises(ValueError, match=r"uneven replication \(replicas=\[3, 1\], PipeDream's '3-1'"):
-        PipelineStrategy(replicas=[3, 1])
+def test_equal_counts_per_stage_are_even_replication() -> None:
     assert PipelineStrategy(replicas=[2, 2])._replicas == 2
+    assert PipelineStrategy(replicas=[3, 1])._replicas == (3, 1)  # uneven: tests/test_strategy_uneven.py

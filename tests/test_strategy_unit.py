@@ -193,9 +193,12 @@ def test_held_gradients_survive_zero_grad_and_accumulate() -> None:
 
 def test_ties_are_found_across_ranks_only() -> None:
     layers = TiedLM().layers
-    ties = find_ties(layers, [2, 3], [0, 1])
-    assert [(t.names, t.ranks) for t in ties] == [(["0.embedding.weight", "4.proj.weight"], [0, 1])]
-    assert find_ties(layers, [5], [0]) == []
+    ties = find_ties(layers, [2, 3], [[0], [1]])
+    assert [(t.names, t.ranks, t.adders) for t in ties] == [(["0.embedding.weight", "4.proj.weight"], [0, 1], [0, 1])]
+    assert find_ties(layers, [5], [[0]]) == []
+    # Stage 0 on ranks 0, 1 and 2 (uneven replication): all hold a copy, rank 0 adds the stage's gradient.
+    ties = find_ties(layers, [2, 3], [[0, 1, 2], [3]])
+    assert [(t.ranks, t.adders) for t in ties] == [([0, 1, 2, 3], [0, 3])]
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from .partition import Partition, cut, stage_sizes
 from .runtime import configure_threads, local_world_size
 from .replicas import GradientAverager
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
-from .schedules_replicated import REPLICATED_SCHEDULES, check_replicas, replicated, replicated_forward_only
+from .schedules_replicated import (REPLICATED_SCHEDULES, check_replicas, replica_ranks, replicated,
+                                   replicated_forward_only)
 from .trace import Record
 from .stage import PipelineStage
 
@@ -133,6 +134,13 @@ class Pipeline:
     def is_last_rank(self) -> bool:
         """Whether this rank holds the last stage (where the loss and the outputs are)."""
         return self.num_stages - 1 in self.stages
+
+    @property
+    def stage_ranks(self) -> list[list[int]]:
+        """The ranks holding each stage: one, or its replicas (``replicas=``)."""
+        if self.replicas:
+            return [list(ranks) for ranks in replica_ranks(self.replicas)]
+        return [[rank] for rank in self.stage_to_rank]
 
     def modules(self) -> list[nn.Module]:
         """This rank's stage modules, in stage order."""

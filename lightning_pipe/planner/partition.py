@@ -20,16 +20,22 @@ Methods (``plan_pipeline(profiles, topology, method=...)``):
 Every plan is then played through the schedule by :func:`~.simulate.predict` (a replicated stage as one device
 ``replicas`` times faster whose optimizer step waits for the allreduce) for its step time and bubble.
 ``plan.partition`` is what ``Pipeline(partition=...)`` takes.
+
+``replicas=[3, 1]`` fixes each stage's replicas (uneven replication, run as one pipeline whose replicas take the
+micro-batches in turn: :mod:`lightning_pipe.engine.schedules_replicated`): ``"time"`` then balances each stage's
+time divided by its replicas, ``"profile"`` and ``"memory"`` search only cuts with those counts, and the plan is
+played through that round-robin schedule itself, each replica at its own speed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 from lightning_pipe.engine.partition import balance, stage_sizes
 from lightning_pipe.engine.schedules import Schedule, get_schedule
+from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES, check_replicas, replicated
 from lightning_pipe.planner.costs import LayerSums, stage_peaks
 from lightning_pipe.planner.plans import MemoryCapError, Plan, StagePlan
 from lightning_pipe.planner.profile import LayerProfile
@@ -54,7 +60,7 @@ def plan_pipeline(
     schedule: str = "1f1b",
     num_microbatches: int = 8,
     num_stages: int | None = None,
-    replicas: int | None = None,
+    replicas: int | Sequence[int] | None = None,
     memory_cap: float | None = None,
     refine: bool = True,
     **schedule_options: int,
@@ -62,7 +68,7 @@ def plan_pipeline(
     """Plan ``profiles`` (one per layer, for one micro-batch) on ``topology`` (or that many equal devices).
 
     ``replicas``: devices per stage for every stage (``None``: ``"profile"`` chooses per stage, the other methods
-    use 1). ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
+    use 1), or a list of them, one per stage (uneven replication; see the module's docstring). ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
     the schedule's stages over ``devices / replicas`` ranks. ``memory_cap``: bytes per device; a plan over it
     raises :class:`MemoryCapError` naming the smallest cap that any cut would fit. ``refine`` (``"profile"``
     only): improve the dynamic program's plans by simulation (see the module's docstring); ``False`` returns
@@ -79,6 +85,8 @@ def plan_pipeline(
                          f"counts per stage")
     context = _Context(sums, topology, schedule, num_microbatches, memory_cap, schedule_options)
     name = method if isinstance(method, str) else "explicit"
+    if replicas is not None and not isinstance(replicas, int):
+        return context.per_stage(method, list(replicas), num_stages, refine)
     if method == "profile":  # the fastest in simulation of PipeDream's best plans for each number of stages
         plans = [context.evaluate(name, segments, shape) for segments, shape in context.profile(num_stages, replicas)]
         plans.sort(key=lambda p: (p.step_time, p.bottleneck))
@@ -235,7 +243,7 @@ class _Context:
                     for s in range(p)]
         return segments, shape
 
-    def refine(self, plan: Plan, replicas: int | None) -> Plan:
+    def refine(self, plan: Plan, replicas: int | Sequence[int] | None) -> Plan:
         """Shift stage boundaries by a layer, or (with free replicas) a device between neighbouring stages, as long
         as the best such move (:func:`_neighbours`) shortens the simulated step and keeps every device under the cap."""
         segments = [Segment(s.first_layer, s.first_layer + s.num_layers, s.first_device, s.replicas)
@@ -253,6 +261,63 @@ class _Context:
                 return plan
             plan, segments = best, chosen
         return plan
+
+    # -- uneven replication -------------------------------------------------------------------------
+    def per_stage(self, method: Method, counts: list[int], num_stages: int | None, refine: bool) -> Plan:
+        """The plan of ``method`` whose stage ``s`` has ``counts[s]`` replicas, played through the round-robin
+        schedule those replicas run."""
+        counts = check_replicas(counts)
+        p = len(counts)
+        if sum(counts) != self.D:
+            raise ValueError(f"replicas={counts} places {sum(counts)} devices, but the topology has {self.D}")
+        if num_stages is not None and num_stages != p:
+            raise ValueError(f"num_stages={num_stages} but replicas={counts} lists {p} stages; drop num_stages")
+        if p > self.L:
+            raise ValueError(f"cannot cut {self.L} layers into {p} stages; use fewer stages or more layers")
+        if self.schedule not in REPLICATED_SCHEDULES or self.options:
+            raise ValueError(f"replicas={counts} runs schedule '1f1b' or 'gpipe' without options, not "
+                             f"{self.schedule!r}")
+        shape = replicated(counts, self.m, self.schedule)
+        held = stage_peaks(shape)  # per replica
+        name = method if isinstance(method, str) else "explicit"
+
+        def fits(i: int, j: int, k: int) -> bool:
+            return self.cap is None or self.sums.memory_bytes(i, j, held[k] * counts[k], counts[k]) <= self.cap
+
+        def planned(cost: Callable[[int, int, int, int], float]) -> list[Segment]:
+            found = search(self.L, self.D, lambda i, j, c, r, k: cost(i, j, c, r)
+                           if r == counts[k] and fits(i, j, k) else math.inf, self.cut_time, num_stages=p)
+            if found is None:
+                self.too_big_per_stage(counts, held, method)
+            return list(found.segments)  # type: ignore[union-attr]
+
+        if method == "profile":
+            segments = planned(self.stage_time)
+        elif method in ("time", "memory"):
+            if method == "memory" and self.cap is None:
+                raise ValueError("method='memory' needs memory_cap= (bytes per device); or use method='time'")
+            segments = planned(lambda i, j, c, r: self.sums.compute(i, j) / r)
+        else:
+            sizes = (balance([x.parameters for x in self.sums.profiles], p) if method == "parameters"
+                     else stage_sizes([None] * self.L, p, method))  # type: ignore[list-item]
+            starts = [sum(sizes[:s]) for s in range(p)]
+            segments = [Segment(starts[s], starts[s] + sizes[s], sum(counts[:s]), counts[s]) for s in range(p)]
+        plan = self.evaluate(name, segments, shape)
+        if method == "profile" and refine:
+            plan = self.refine(plan, counts)
+        if self.cap is not None and plan.peak_memory > self.cap:
+            self.too_big_per_stage(counts, held, method, plan.peak_memory)
+        return plan
+
+    def too_big_per_stage(self, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
+        found = search(self.L, self.D, lambda i, j, c, r, k: float(self.sums.memory_bytes(i, j, held[k] * r, r))
+                       if r == counts[k] else math.inf, num_stages=len(counts))
+        least = found.value if found is not None else math.inf
+        what = f"the {method!r} plan needs {needed / 2**20:.1f} MiB on its fullest device; " if needed else ""
+        raise MemoryCapError(
+            f"no plan of {self.L} layers with replicas={counts} fits memory_cap={self.cap / 2**20:.1f} MiB per "
+            f"device: {what}the smallest cap any cut fits is {least / 2**20:.1f} MiB ({least:.0f} bytes). Raise "
+            f"memory_cap, or change the replicas", least)
 
     # -- memory -------------------------------------------------------------------------------------
     def least_memory(self, num_stages: int | None, replicas: int | None) -> float:
@@ -283,12 +348,17 @@ class _Context:
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, method: str, segments: Sequence[Segment], shape: Schedule) -> Plan:
+        """A plan's costs and memory, and its step played through ``shape``. A round-robin ``shape`` (replicated
+        stages) runs each replica at its own speed; otherwise a replicated stage is one faster device."""
         sums, m = self.sums, self.m
         peaks = stage_peaks(shape)
+        round_robin = bool(shape.stage_replicas)
         stages, costs = [], []
         owner = shape.stage_to_rank
         for index, seg in enumerate(segments):
             i, j, c, r = seg.first, seg.end, seg.first_device, seg.replicas
+            if round_robin:  # stage_peaks counts one replica's micro-batches; the stage holds r times that
+                peaks[index] *= r
             allreduce = self.topology.allreduce_time(sums.gradient_bytes(i, j), c, r)
             forward, backward = sums.forward(i, j), sums.backward(i, j)
             overhead = 0.0  # per message of forward, and of backward: a receive and a send each
@@ -303,8 +373,9 @@ class _Context:
                 allreduce=allreduce, time=m * (forward + backward) / r + allreduce,
                 parameters=sum(x.parameters for x in sums.profiles[i:j]), parameter_bytes=sums.parameter_bytes(i, j),
                 in_flight=peaks[index], memory_bytes=sums.memory_bytes(i, j, peaks[index], r)))
-            costs.append(StageCost(forward=forward / r, backward_input=backward / (2 * r),
-                                   backward_weight=backward / (2 * r), optimizer=allreduce))
+            speed = 1 if round_robin else r
+            costs.append(StageCost(forward=forward / speed, backward_input=backward / (2 * speed),
+                                   backward_weight=backward / (2 * speed), optimizer=allreduce))
         links, cut_times = [], []
         for before, after in zip(segments, segments[1:]):
             source, target = before.first_device + before.replicas - 1, after.first_device
@@ -315,7 +386,8 @@ class _Context:
                              else m * 2 * links[-1].transfer_time)
         rank_memory = [0] * shape.num_ranks
         for index, stage in enumerate(stages):
-            rank_memory[shape.stage_to_rank[index]] += stage.memory_bytes
+            for rank in shape.stage_replicas[index] if round_robin else (shape.stage_to_rank[index],):
+                rank_memory[rank] += stage.memory_bytes
         prediction = predict(shape, costs, links)
         bottleneck = max([s.time for s in stages] + cut_times)
         names = tuple(x.name for x in sums.profiles)
