@@ -9,10 +9,11 @@ from typing import Any
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.schedules import SCHEDULES
+from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
 from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS
 
 __all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition",
-           "check_profile_cache", "check_layers", "check_num_stages"]
+           "check_profile_cache", "check_layers", "check_num_stages", "check_auto_replicas"]
 
 
 def check_schedule(schedule: str) -> str:
@@ -87,6 +88,18 @@ def check_layers(layers: Any) -> str | None:
         raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
                         f"not {type(layers).__name__}")
     return layers
+
+
+def check_auto_replicas(replicas: Any, partition: Partition, schedule: str) -> None:
+    """``replicas="auto"`` needs the planner's cut and a schedule that replicated stages run."""
+    if replicas != "auto":
+        return
+    if partition != "profile":
+        raise ValueError(f"replicas='auto' lets the planner choose each stage's replicas together with the cut: use "
+                         f"partition='profile' (not {partition!r}), or give the replicas, e.g. replicas=[3, 1]")
+    if schedule not in REPLICATED_SCHEDULES:
+        raise ValueError(f"replicas='auto' may replicate stages unevenly, which runs schedule '1f1b' or 'gpipe', not "
+                         f"{schedule!r}; name one of those, or give the replicas")
 
 
 def check_num_stages(num_stages: Any) -> int | None:

@@ -22,9 +22,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_pipe.engine import schedules_replicated
 
-__all__ = ["MeshShape", "check_replicas", "build_mesh"]
+__all__ = ["AUTO", "MeshShape", "check_replicas", "build_mesh"]
 
 PIPE, DATA = "pipe", "data"
+AUTO = "auto"  # replicas="auto": the planner chooses each stage's replicas
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,14 @@ class MeshShape:
         return {ranks[0] for ranks in schedules_replicated.replica_ranks(self.stage_replicas)}
 
 
-def check_replicas(replicas: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+def check_replicas(replicas: int | Sequence[int] | str | None) -> int | tuple[int, ...] | str | None:
     """``replicas`` as one count for every stage, a tuple of counts per stage if they differ (uneven replication),
-    or ``None``."""
-    if replicas is None:
-        return None
-    if isinstance(replicas, bool) or not isinstance(replicas, (int, Sequence)):
-        raise TypeError(f"replicas must be a positive integer (replicas of every stage), not {replicas!r}")
+    ``"auto"`` (the planner chooses), or ``None``."""
+    if replicas is None or replicas == AUTO:
+        return replicas
+    if isinstance(replicas, (bool, str)) or not isinstance(replicas, (int, Sequence)):
+        raise TypeError(f"replicas must be a positive integer (replicas of every stage), a list of them (one per "
+                        f"stage) or 'auto', not {replicas!r}")
     counts = [replicas] if isinstance(replicas, int) else list(replicas)
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
         raise ValueError(f"replicas={replicas!r} must be a positive integer, or a list of them, one per stage")

@@ -7,10 +7,12 @@ Same configs as ``python -m lightning_pipe.train`` (Hydra, ``lightning_pipe/conf
     python -m lightning_pipe.plan strategy.partition=profile trainer.devices=4
     python -m lightning_pipe.plan strategy.schedule=auto +plan.memory_cap=2e8     # schedule and m chosen under a cap
     python -m lightning_pipe.plan +plan.replicas=auto +plan.topology='[[8,100e9,1e-5],[2,12.5e9,2e-5]]'
+    python -m lightning_pipe.plan strategy.partition=profile trainer.devices=4 +plan.replicas=round_robin
 
 Planner options go under ``+plan.``: ``memory_cap`` (bytes per device; default ``strategy.memory_cap``),
-``replicas`` (devices per stage; ``auto`` lets PipeDream's dynamic program choose per stage; default 1, what
-``PipelineStrategy`` runs), ``topology`` (levels ``[devices, bandwidth B/s, latency s, overhead s]``, lowest first;
+``replicas`` (devices per stage; ``auto`` lets PipeDream's dynamic program choose per stage; ``round_robin`` lets it
+choose among the layouts ``PipelineStrategy(replicas="auto")`` runs, the last stage on one device; a list such as
+``[3,1]`` fixes each stage's count; default 1), ``topology`` (levels ``[devices, bandwidth B/s, latency s, overhead s]``, lowest first;
 default: one level of ``trainer.devices`` on this kind of device), ``cache`` (profile cache folder, ``false`` for
 none), ``repeats``, ``picture`` (PNG path).
 The profile runs one micro-batch of the first training batch through the sequence on one device.
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.runtime import available_cores
+from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.planner import METHODS, Level, Plan, Topology, plan_pipeline, profile_layers
 from lightning_pipe.planner.auto import choose_schedule
 from lightning_pipe.planner.profile import scale_profiles
@@ -78,7 +81,10 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
     else:
         topology = default_topology(devices, nodes, device.type if device.type == "cuda" else "cpu")
     replicas = options.get("replicas", 1)
-    replicas = None if replicas in (None, "auto") else int(replicas)
+    if OmegaConf.is_list(replicas):  # one count per stage: uneven replication, as PipelineStrategy(replicas=[3, 1])
+        replicas = [int(count) for count in replicas]
+    elif replicas != ROUND_ROBIN:
+        replicas = None if replicas in (None, "auto") else int(replicas)
     cap = options.get("memory_cap", strategy.get("memory_cap"))
     cap = float(cap) if cap is not None else None
     partition = strategy.get("partition", "uniform")
@@ -88,6 +94,9 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
     lines = [f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
              f"({batch_rows(inputs)} per batch, {m} micro-batches); topology: {topology.levels}"]
     if schedule == "auto":
+        if not (replicas is None or isinstance(replicas, int)):
+            raise ValueError(f"strategy.schedule=auto plans one replica count for every stage (or auto), not "
+                             f"+plan.replicas={replicas}; name a schedule")
         choice = choose_schedule(profiles, topology, batch_rows=batch_rows(inputs), sample_rows=batch_rows(sample),
                                  memory_cap=cap, replicas=replicas)
         lines += ["schedule=auto: candidates", choice.table()]
@@ -95,7 +104,7 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
         profiles = scale_profiles(profiles, batch_rows(inputs) / plan.num_microbatches / batch_rows(sample))
     else:
         plan = plan_pipeline(profiles, topology, method=method, schedule=schedule, num_microbatches=m,
-                             replicas=replicas if method == "profile" else replicas or 1, memory_cap=cap)
+                             replicas=_replicas_for(method, replicas), memory_cap=cap)
     lines.append(plan.summary())
     lines.append("other methods (same schedule and micro-batches):")
     for other in METHODS:
@@ -104,12 +113,19 @@ def plan_from_config(cfg: DictConfig) -> tuple[Plan, str]:
         try:
             alt = plan_pipeline(profiles, topology, method=other, schedule=plan.schedule,
                                 num_microbatches=plan.num_microbatches, memory_cap=cap,
-                                replicas=replicas if other == "profile" else replicas or 1)
+                                replicas=_replicas_for(other, replicas))
             lines.append(f"  {other:>10}: partition={alt.partition} replicas={alt.replicas} predicted step "
                          f"{alt.step_time * 1e3:.1f} ms, bubble {alt.bubble:.1%}, peak {alt.peak_memory / 2**20:.1f} MiB")
         except ValueError as error:
             lines.append(f"  {other:>10}: {str(error).split('; ')[0]}")
     return plan, "\n".join(lines)
+
+
+def _replicas_for(method: object, replicas: int | list[int] | str | None) -> int | list[int] | str | None:
+    """What ``method`` takes of ``+plan.replicas``: only ``"profile"`` chooses counts (``None``, ``round_robin``)."""
+    if method == "profile" or isinstance(replicas, list):
+        return replicas
+    return replicas if isinstance(replicas, int) else 1
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

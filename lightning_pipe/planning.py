@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.planner import Level, Topology, choose_schedule, plan_pipeline, profile_layers
+from lightning_pipe.planner.partition import ROUND_ROBIN
 
 __all__ = ["PLANNED_PARTITIONS", "AUTO_SCHEDULE", "CutPlan", "plan_cut", "sequence_input", "default_topology"]
 
@@ -43,6 +44,8 @@ class CutPlan:
     num_microbatches: int
     report: str
     """The plan as text (and the candidates, under ``schedule="auto"``), for the log."""
+    replicas: list[int] | None = None
+    """Ranks per stage, where the plan replicates stages unevenly (``replicas="round_robin"``); else ``None``."""
 
 
 class _Reached(BaseException):
@@ -89,13 +92,14 @@ def plan_cut(
     partition: str,
     schedule: str,
     num_microbatches: int,
-    num_stages: int,
+    num_stages: int | None,
     device: torch.device,
     memory_cap: float | None = None,
     schedule_options: Mapping[str, int] | None = None,
     cache: str | os.PathLike[str] | None = None,
     step: str = "training_step",
-    replicas: Sequence[int] | None = None,
+    replicas: Sequence[int] | str | None = None,
+    num_devices: int | None = None,
 ) -> CutPlan:
     """Profile ``sequence`` on one micro-batch of ``batch`` and plan one pipeline of ``num_stages`` ranks.
 
@@ -103,14 +107,17 @@ def plan_cut(
     simulator picks the schedule, the micro-batch count and the cut (``partition`` is then unused). The profile is
     taken on micro-batches of ``batch / num_microbatches`` rows and scaled to other counts. The module's RNG state
     is left as it was. ``replicas``: ranks per stage (uneven replication), which the cut balances: a stage on 3 ranks
-    gets about 3 times the work. Raises the planner's error (e.g. :class:`~lightning_pipe.planner.MemoryCapError`) when no
+    gets about 3 times the work; ``"round_robin"``: the planner chooses them (partition ``"profile"``) for
+    ``num_devices`` ranks, with ``num_stages`` stages if given. Raises the planner's error (e.g. :class:`~lightning_pipe.planner.MemoryCapError`) when no
     plan fits ``memory_cap``.
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         inputs = sequence_input(module, sequence, batch, step)
         sample = split_batch(inputs, num_microbatches)[0]
         profiles = profile_layers(sequence, sample, device=device, cache=cache)
-    topology = default_topology(sum(replicas) if replicas else num_stages, 1, device.type)
+    chosen = replicas == ROUND_ROBIN
+    devices = num_devices if chosen and num_devices else sum(replicas) if replicas and not chosen else num_stages
+    topology = default_topology(devices, 1, device.type)
     heading = (f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
                f"({batch_rows(inputs)} per batch)")
     if schedule == AUTO_SCHEDULE:
@@ -120,8 +127,10 @@ def plan_cut(
         report = "\n".join([heading, "schedule='auto': candidates", choice.table(), plan.summary()])
     else:
         depth = num_stages if partition == "profile" else None  # the other methods take it from the schedule
+        counts = replicas if chosen else list(replicas) if replicas else 1
         plan = plan_pipeline(profiles, topology, method=partition, schedule=schedule, num_microbatches=num_microbatches,
-                             num_stages=depth, replicas=list(replicas) if replicas else 1, memory_cap=memory_cap,
-                             **dict(schedule_options or {}))
+                             num_stages=depth, replicas=counts, memory_cap=memory_cap, **dict(schedule_options or {}))
         report = "\n".join([heading, plan.summary()])
-    return CutPlan(list(plan.partition), plan.schedule, plan.num_microbatches, report)
+    uneven = chosen and len(set(plan.replicas)) > 1
+    return CutPlan(list(plan.partition), plan.schedule, plan.num_microbatches, report,
+                   list(plan.replicas) if uneven else None)

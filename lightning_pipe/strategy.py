@@ -28,15 +28,17 @@ from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
-from lightning_pipe.arguments import (check_layers, check_num_microbatches, check_num_stages, check_partition,
-                                      check_planning, check_profile_cache, check_schedule, check_vertical_sync)
+from lightning_pipe.arguments import (check_auto_replicas, check_layers, check_num_microbatches, check_num_stages,
+                                      check_partition, check_planning, check_profile_cache, check_schedule,
+                                      check_vertical_sync)
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
 from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.mesh import DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
 from lightning_pipe.processes import ProcessStrategy
 from lightning_pipe.split import find_sequence
@@ -151,6 +153,8 @@ class PipelineStrategy(ProcessStrategy):
         self._async = AsyncSteps(self) if self.schedule in ASYNC_SCHEDULES else None
         self._num_stages = check_num_stages(num_stages)
         self._replicas = check_replicas(replicas)
+        check_auto_replicas(self._replicas, self.partition, self.schedule)
+        self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
         self._runner: PipelineRunner | None = None
         self._gradients = HeldGradients()
@@ -185,7 +189,13 @@ class PipelineStrategy(ProcessStrategy):
     @property
     def mesh_shape(self) -> MeshShape:
         """Ranks per pipeline x replicas, from ``num_stages`` / ``replicas`` and ``devices * num_nodes``."""
-        shape = MeshShape.of(self.num_processes * self.num_nodes, self._num_stages, self._replicas)
+        world = self.num_processes * self.num_nodes
+        if self._replicas == AUTO:  # one pipeline; one rank per stage until the planner replicates some
+            if self._num_stages is not None and self._num_stages > world:
+                raise ValueError(f"num_stages={self._num_stages} is more than the {world} devices * num_nodes")
+            shape = MeshShape.of(world, None, self._planned_replicas)
+        else:
+            shape = MeshShape.of(world, self._num_stages, self._replicas)
         if shape.stage_replicas and self.schedule not in REPLICATED_SCHEDULES:
             raise ValueError(f"uneven replication (replicas={list(shape.stage_replicas)}) runs schedule '1f1b' "
                              f"(strategy 'pipedream') or 'gpipe', not {self.schedule!r}: its stages take micro-batches "
@@ -268,12 +278,18 @@ class PipelineStrategy(ProcessStrategy):
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         if runner is not None and self.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             planned = ["partition"] + (["schedule", "num_microbatches"] if self.schedule == AUTO_SCHEDULE else [])
+            planned += ["replicas"] if self._replicas == AUTO else []
             settings.update({key: runner.settings[key] for key in planned})
+        if runner is None and self.plans_cut:
+            self._cut_plan = self._plan(trainer, module)
+            settings.update(partition=self._cut_plan.partition, schedule=self._cut_plan.schedule,
+                            num_microbatches=self._cut_plan.num_microbatches)
+            if self._replicas == AUTO:
+                settings["replicas"] = self._cut_plan.replicas
+        if self._replicas == AUTO:  # the planner chose the replicas: the layout follows from them
+            self._planned_replicas = tuple(settings["replicas"] or ()) or None
+            shape = self.mesh_shape
         if runner is None:
-            if self.plans_cut:
-                self._cut_plan = self._plan(trainer, module)
-                settings.update(partition=self._cut_plan.partition, schedule=self._cut_plan.schedule,
-                                num_microbatches=self._cut_plan.num_microbatches)
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
             runner = PipelineRunner.build(module, device=self.root_device, **settings, **groups)
@@ -299,8 +315,7 @@ class PipelineStrategy(ProcessStrategy):
                         cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
                     _, sequence = find_sequence(module, self.layers)
                     outcome = plan_cut(module, sequence, batch, partition=str(self.partition), schedule=self.schedule,
-                                       num_microbatches=self.num_microbatches, num_stages=self.mesh_shape.num_stages,
-                                       replicas=list(self.mesh_shape.stage_replicas) or None,
+                                       num_microbatches=self.num_microbatches, **self._planned_layout(),
                                        device=self.root_device, memory_cap=self.memory_cap,
                                        schedule_options=self.schedule_options, cache=cache or None, step=step)
                 rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
@@ -314,6 +329,14 @@ class PipelineStrategy(ProcessStrategy):
             raise (ValueError if value_error else RuntimeError)(f"planning the cut on global rank 0 failed: {message}")
         assert isinstance(shared, CutPlan)
         return shared
+
+    def _planned_layout(self) -> dict[str, Any]:
+        """What the planner is told of the layout: the stages and their replicas, or (``replicas="auto"``) the ranks
+        it may place stages and replicas on."""
+        shape = self.mesh_shape
+        if self._replicas == AUTO:
+            return {"num_stages": self._num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
+        return {"num_stages": shape.num_stages, "replicas": list(shape.stage_replicas) or None}
 
     def _first_batch(self, trainer: Trainer) -> tuple[Any, str]:
         """The first batch of the running stage's dataloader, on this rank's device, and the step that takes it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from tests.models import mlp, tuple_model
 
-__all__ = ["Regressor", "UnevenRegressor", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences",
+__all__ = ["Regressor", "UnevenRegressor", "FrontHeavy", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences",
            "OutsideParameters", "OutsideHead", "regression_data", "token_data", "MetricsLog"]
 
 
@@ -99,6 +100,30 @@ class UnevenRegressor(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class SlowLinear(nn.Module):
+    """A Linear + Tanh whose forward also sleeps: slow compute that no cut can split, with few parameters."""
+
+    def __init__(self, width: int, seconds: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return torch.tanh(self.linear(x))
+
+
+class FrontHeavy(UnevenRegressor):
+    """A first layer that takes 15 ms per call and five that take almost nothing: on 4 devices the planner's best
+    layout gives the first stage 3 replicas and the rest one device (PipeDream's "3-1")."""
+
+    def __init__(self, width: int = 16, lr: float = 0.05) -> None:
+        super().__init__(width=width, hidden=1, lr=lr)
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(SlowLinear(width, 0.015),
+                                    *[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(5)])
 
 
 class TupleRegressor(L.LightningModule):

@@ -77,15 +77,23 @@ def test_choose_schedule_picks_the_fastest_that_fits():
         choose_schedule(profiles, 4, batch_rows=32, sample_rows=4, memory_cap=1.0)
 
 
-def test_plan_command_line_on_the_digits_config(tmp_path: Path):
+@pytest.mark.parametrize("devices, replicas", [(2, None), (4, "[3,1]"), (4, "round_robin")])
+def test_plan_command_line_on_the_digits_config(tmp_path: Path, devices: int, replicas: str | None):
     from lightning_pipe.plan import plan_from_config
 
+    extra = [] if replicas is None else [f"+plan.replicas={replicas}"]
     with initialize_config_module(config_module="lightning_pipe.configs", version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"output_dir={tmp_path}", "experiment=digits", "strategy.partition=profile", "trainer.devices=2",
-            f"+plan.cache={tmp_path / 'cache'}", "+plan.repeats=1"])
+            f"output_dir={tmp_path}", "experiment=digits", "strategy.partition=profile", f"trainer.devices={devices}",
+            f"+plan.cache={tmp_path / 'cache'}", "+plan.repeats=1", *extra])
     plan, text = plan_from_config(cfg)
-    assert len(plan.partition) == 2 and plan.method == "profile"
+    assert plan.method == "profile" and sum(plan.replicas) == devices
+    if replicas is None:
+        assert len(plan.partition) == 2
+    elif replicas == "[3,1]":
+        assert plan.replicas == [3, 1] and plan.prediction.schedule.name == "replicated_1f1b"
+    else:  # whatever the planner chose, PipelineStrategy(replicas="auto") can run it: one device for the last stage
+        assert plan.replicas[-1] == 1
     assert "predicted step time" in text and "uniform" in text
     assert math.isfinite(plan.step_time) and 0 <= plan.bubble < 1
     assert list((tmp_path / "cache").glob("profile-*.json"))

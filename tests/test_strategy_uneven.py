@@ -78,6 +78,47 @@ def test_three_one_equals_one_device(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+def _planned_replicas(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import FrontHeavy, regression_data
+
+    model = FrontHeavy()
+    trainer = _trainer(PipelineStrategy(partition="profile", replicas="auto", profile_cache=False), world_size,
+                       max_steps=3, default_root_dir=root)
+    trainer.fit(model, regression_data(3, batch_size=16))
+    pipeline = trainer.strategy.runner.pipeline
+    return {"state": model.state_dict(), "plan": trainer.strategy.cut_plan, "replicas": pipeline.replicas,
+            "sizes": list(pipeline.stage_sizes)}
+
+
+@pytest.mark.timeout(120)
+def test_the_planner_chooses_the_replicas(tmp_path: Path) -> None:
+    """``replicas="auto"``: rank 0 profiles the first batch, the planner puts the one slow layer on three devices and
+    the rest on the fourth, every rank builds that layout, and training equals one device's."""
+    from tests.lightning_models import FrontHeavy, regression_data
+
+    results = run_ranks(_planned_replicas, 4, str(tmp_path), timeout=110)
+    plan = results[0]["plan"]
+    assert plan.replicas == [3, 1], plan.report
+    assert plan.partition[0] >= 1 and sum(plan.partition) == 6
+    assert all(r["replicas"] == [3, 1] and r["sizes"] == plan.partition for r in results)
+    expected = FrontHeavy()
+    _trainer("auto", 1, max_steps=3).fit(expected, regression_data(3, batch_size=16))
+    got = _full_state([results[0]["state"], results[3]["state"]])
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"replicas": "auto"}, "replicas='auto' lets the planner choose each stage's replicas together with the cut"),
+    ({"replicas": "auto", "partition": "profile", "schedule": "zb_h1"}, "replicas='auto' may replicate stages"),
+    ({"replicas": "three"}, "replicas must be a positive integer"),
+])
+def test_bad_replica_arguments(options: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        PipelineStrategy(**options)
+
+
 @pytest.mark.parametrize("options, devices, message", [
     ({"replicas": [3, 1]}, 3, "replicas=[3, 1] places 4 ranks, but devices * num_nodes = 3"),
     ({"replicas": [1, 3]}, 4, "the last stage must have one rank"),

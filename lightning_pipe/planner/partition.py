@@ -39,13 +39,14 @@ from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES, che
 from lightning_pipe.planner.costs import LayerSums, stage_peaks
 from lightning_pipe.planner.plans import MemoryCapError, Plan, StagePlan
 from lightning_pipe.planner.profile import LayerProfile
-from lightning_pipe.planner.search import Segment, search, search_depths
+from lightning_pipe.planner.search import SearchResult, Segment, search, search_depths
 from lightning_pipe.planner.simulate import Link, StageCost, predict
 from lightning_pipe.planner.topology import Topology
 
-__all__ = ["METHODS", "Method", "plan_pipeline", "smallest_memory_cap"]
+__all__ = ["METHODS", "ROUND_ROBIN", "Method", "plan_pipeline", "smallest_memory_cap"]
 
 METHODS = ("uniform", "parameters", "time", "memory", "profile")
+ROUND_ROBIN = "round_robin"
 _REFINED_DEPTHS = 3  # refine the plans of this many numbers of stages (the fastest before refining)
 _REFINE_ROUNDS = 100
 _SHIFT_SPAN = 3  # most boundaries one refining move shifts together
@@ -68,7 +69,9 @@ def plan_pipeline(
     """Plan ``profiles`` (one per layer, for one micro-batch) on ``topology`` (or that many equal devices).
 
     ``replicas``: devices per stage for every stage (``None``: ``"profile"`` chooses per stage, the other methods
-    use 1), or a list of them, one per stage (uneven replication; see the module's docstring). ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
+    use 1), or a list of them, one per stage (uneven replication; see the module's docstring). ``"round_robin"``:
+    ``"profile"`` chooses per stage among the layouts ``PipelineStrategy(replicas="auto")`` runs: one device for the
+    last stage, unevenly replicated stages played through the round-robin schedule, holding its micro-batches. ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
     the schedule's stages over ``devices / replicas`` ranks. ``memory_cap``: bytes per device; a plan over it
     raises :class:`MemoryCapError` naming the smallest cap that any cut would fit. ``refine`` (``"profile"``
     only): improve the dynamic program's plans by simulation (see the module's docstring); ``False`` returns
@@ -85,7 +88,12 @@ def plan_pipeline(
                          f"counts per stage")
     context = _Context(sums, topology, schedule, num_microbatches, memory_cap, schedule_options)
     name = method if isinstance(method, str) else "explicit"
-    if replicas is not None and not isinstance(replicas, int):
+    if replicas == ROUND_ROBIN:
+        if method != "profile":
+            raise ValueError(f"replicas={ROUND_ROBIN!r} lets method='profile' choose the replicas; use it with that "
+                             f"method, or give the replicas")
+        context.round_robin_mode, replicas = True, None
+    elif replicas is not None and not isinstance(replicas, int):
         return context.per_stage(method, list(replicas), num_stages, refine)
     if method == "profile":  # the fastest in simulation of PipeDream's best plans for each number of stages
         plans = [context.evaluate(name, segments, shape) for segments, shape in context.profile(num_stages, replicas)]
@@ -128,6 +136,7 @@ class _Context:
         self.cap, self.options = memory_cap, options
         self.L, self.D = sums.num_layers, topology.num_devices
         self._peaks: dict[int, list[int]] = {}
+        self.round_robin_mode = False  # replicas="round_robin": see plan_pipeline
 
     # -- costs of the dynamic program ---------------------------------------------------------------
     def stage_time(self, first: int, end: int, device: int, replicas: int) -> float:
@@ -183,7 +192,9 @@ class _Context:
             raise ValueError(f"num_stages ({num_stages}) must be between 1 and {min(self.L, self.D)} (the fewer of "
                              f"{self.L} layers and {self.D} devices)")
         counts = self.stage_counts(num_stages, replicas)
-        if self.cap is None:
+        if self.round_robin_mode:
+            results = [self.search_round_robin(p) for p in counts]
+        elif self.cap is None:
             found = search_depths(self.L, self.D, lambda i, j, c, r, k: self.stage_time(i, j, c, r), self.cut_time,
                                   max_stages=max(counts, default=0), replicas=replicas)
             results = [found[p - 1] for p in counts]
@@ -199,6 +210,8 @@ class _Context:
 
                 results.append(search(self.L, self.D, cost, self.cut_time, num_stages=p, replicas=replicas))
         plans = [(list(r.segments), self.build(len(r.segments))) for r in results if r is not None]
+        if self.round_robin_mode:  # evaluate() plays each through its own round-robin schedule
+            plans = [(segments, shape) for segments, shape in plans if len(segments) == shape.num_ranks]
         if not plans:
             if self.cap is not None:
                 self.too_big(None, num_stages, replicas, "profile")
@@ -252,6 +265,8 @@ class _Context:
         for _ in range(_REFINE_ROUNDS):
             best = plan
             for candidate in _neighbours(segments, moves_devices=replicas is None):
+                if self.round_robin_mode and candidate[-1].replicas != 1:
+                    continue
                 tried = self.evaluate(plan.method, candidate, shape)
                 if self.cap is not None and tried.peak_memory > self.cap:
                     continue
@@ -263,6 +278,15 @@ class _Context:
         return plan
 
     # -- uneven replication -------------------------------------------------------------------------
+    def round_robin(self, segments: Sequence[Segment]) -> Schedule | None:
+        """The schedule PipelineStrategy runs a plan of unevenly replicated stages with (its stages take micro-batches
+        in turn), or ``None`` where it would not: stages replicated evenly are data-parallel pipelines, and a
+        replicated last stage or a schedule without a round-robin form has no such run."""
+        counts = [seg.replicas for seg in segments]
+        if len(set(counts)) == 1 or counts[-1] != 1 or self.schedule not in REPLICATED_SCHEDULES or self.options:
+            return None
+        return replicated(counts, self.m, self.schedule)
+
     def per_stage(self, method: Method, counts: list[int], num_stages: int | None, refine: bool) -> Plan:
         """The plan of ``method`` whose stage ``s`` has ``counts[s]`` replicas, played through the round-robin
         schedule those replicas run."""
@@ -278,7 +302,7 @@ class _Context:
             raise ValueError(f"replicas={counts} runs schedule '1f1b' or 'gpipe' without options, not "
                              f"{self.schedule!r}")
         shape = replicated(counts, self.m, self.schedule)
-        held = stage_peaks(shape)  # per replica
+        held = stage_peaks(shape)  # per replica (evaluate() plays every plan with these counts through it)
         name = method if isinstance(method, str) else "explicit"
 
         def fits(i: int, j: int, k: int) -> bool:
@@ -308,6 +332,20 @@ class _Context:
         if self.cap is not None and plan.peak_memory > self.cap:
             self.too_big_per_stage(counts, held, method, plan.peak_memory)
         return plan
+
+    def search_round_robin(self, p: int) -> SearchResult | None:
+        """PipeDream's program over ``p`` stages whose last has one device; a stage starting at device ``c`` with ``r``
+        replicas holds ``ceil((D - c) / r)`` micro-batches per replica in the round-robin 1F1B (all of them in
+        gpipe), which is what the cap is checked against."""
+        def cost(i: int, j: int, c: int, r: int, k: int | None) -> float:
+            if j == self.L and r != 1:
+                return math.inf
+            held = math.ceil((self.D - c) / r) if self.schedule == "1f1b" else self.m
+            if self.cap is not None and self.sums.memory_bytes(i, j, min(held, self.m) * r, r) > self.cap:
+                return math.inf
+            return self.stage_time(i, j, c, r)
+
+        return search(self.L, self.D, cost, self.cut_time, num_stages=p)
 
     def too_big_per_stage(self, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
         found = search(self.L, self.D, lambda i, j, c, r, k: float(self.sums.memory_bytes(i, j, held[k] * r, r))
@@ -351,6 +389,8 @@ class _Context:
         """A plan's costs and memory, and its step played through ``shape``. A round-robin ``shape`` (replicated
         stages) runs each replica at its own speed; otherwise a replicated stage is one faster device."""
         sums, m = self.sums, self.m
+        if self.round_robin_mode:
+            shape = self.round_robin(segments) or shape
         peaks = stage_peaks(shape)
         round_robin = bool(shape.stage_replicas)
         stages, costs = [], []
