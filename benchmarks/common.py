@@ -5,6 +5,7 @@ Not imported from ``tests/``: benchmarks are run by users, tests by CI, and neit
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from lightning_pipe import launch
 
-__all__ = ["SleepCosts", "SleepLayer", "run_ranks", "markdown_table"]
+__all__ = ["SleepCosts", "SleepLayer", "run_ranks", "markdown_table", "write_json"]
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
@@ -105,3 +106,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_json(results: Any, path: str | None) -> None:
+    """Write a benchmark's results to ``path`` (its ``--json``), if given."""
+    if path:
+        with open(path, "w") as file:
+            json.dump(results, file, indent=1)

@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import queue as queue_module  # noqa: E402
 import socket  # noqa: E402
@@ -38,6 +37,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from typing_extensions import override  # noqa: E402
+
+from benchmarks.common import write_json  # noqa: E402
 
 __all__ = ["Config", "run_engine", "run_trainer", "main"]
 
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {name:6s}: engine loop {row['engine_tokens_per_s']:8,.0f} tokens/s, Trainer.fit "
               f"{row['trainer_tokens_per_s']:8,.0f} tokens/s, ratio {row['ratio']:.3f} (goal >= 0.95), "
               f"Lightning adds {row['overhead_ms_per_step']:+.1f} ms/step")
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(result, file, indent=1)
+    write_json(result, args.json)
     return result
 
 

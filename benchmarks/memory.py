@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import resource
 from collections import Counter
 from collections.abc import Iterable
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import markdown_table, run_ranks
+from benchmarks.common import markdown_table, run_ranks, write_json
 
 __all__ = ["SavedTensorCounter", "Config", "CONFIGURATIONS", "main", "run"]
 
@@ -302,9 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(markdown_table(async_rows, ["schedule", "rank", "in_flight_microbatches", "weight_versions",
                                       "weight_version_mb", "saved_bytes_peak"]))
     rows = rows + async_rows
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
+    write_json(rows, args.json)
     return rows
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import time
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from benchmarks.common import write_json
 from benchmarks.partition_common import (MODELS, SleepingLayer, build_model, is_real, loss_fn, rank_threads,
                                          run_ranks, sample_batch)
 from lightning_pipe.planner import Level, Plan, Topology, plan_pipeline, profile_layers
@@ -298,9 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if slowdown is not None:
             print(f"{model['summary']['model']}: the whole model's forward and backward take {slowdown:.2f}x as long when "
                   f"all {model['summary']['ranks']} ranks run it at once as when it runs alone (profiled)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    write_json(results, args.json)
     return results
 
 

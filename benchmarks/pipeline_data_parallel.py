@@ -27,7 +27,6 @@ layers' compute is sleep that does not: gradients cost relatively more here than
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import SleepCosts, SleepLayer, markdown_table, run_ranks
+from benchmarks.common import SleepCosts, SleepLayer, markdown_table, run_ranks, write_json
 
 __all__ = ["CONFIGS", "run", "main"]
 
@@ -105,12 +104,19 @@ def _train(rank: int, world_size: int, name: str, args: argparse.Namespace, grad
     rows_per_call = args.batch_size // replicas // microbatches
     costs = SleepCosts.of(rows_per_call * args.t_f / 1e3, rows_per_call * args.t_b / 1e3)
     model = SleepModel(costs, int(grad_mb * 2**20 / 4 / LAYERS), microbatches)
+    strategy: Any = "ddp" if stages == 1 else PipelineStrategy(num_stages=stages, num_microbatches=microbatches)
+    return timed_fit(rank, world_size, model, strategy, args, replicas)
+
+
+def timed_fit(rank: int, world_size: int, model: L.LightningModule, strategy: Any, args: argparse.Namespace,
+              data_replicas: int) -> float | None:
+    """Fit ``model`` on ``args.warmup + args.steps`` random batches of ``args.batch_size`` rows in all, which
+    ``data_replicas`` replicas split (their sampler); rank 0 returns the seconds per step after the warm-up."""
     steps = args.warmup + args.steps
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(steps * args.batch_size, WIDTH, generator=generator),
                          torch.randn(steps * args.batch_size, WIDTH, generator=generator))
-    loader = DataLoader(data, batch_size=args.batch_size // replicas)  # the replicas split the data (sampler)
-    strategy: Any = "ddp" if stages == 1 else PipelineStrategy(num_stages=stages, num_microbatches=microbatches)
+    loader = DataLoader(data, batch_size=args.batch_size // data_replicas)
     clock = _Clock(args.warmup)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -151,9 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = run(args)
     print(markdown_table(rows, ["grad_mb", "config", "stages", "replicas", "microbatches", "step_ms", "ideal_ms",
                                 "ratio", "fastest"]))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
+    write_json(rows, args.json)
     return rows
 
 

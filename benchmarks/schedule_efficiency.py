@@ -25,7 +25,6 @@ untimed steps then ``--steps`` timed ones; the table gives the median of all tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import SleepCosts, SleepLayer, markdown_table, run_ranks
+from benchmarks.common import SleepCosts, SleepLayer, markdown_table, run_ranks, write_json
 
 __all__ = ["BenchSchedule", "BENCH_SCHEDULES", "Config", "main", "run"]
 
@@ -420,9 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"within one run)")
     for name, numbers in diagnosis.items():
         print(f"\nlightning_pipe {name}, traced step: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items()))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
+    write_json(rows, args.json)
     return rows
 
 

@@ -17,10 +17,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
@@ -33,6 +30,7 @@ from lightning_pipe.arguments import (check_auto_replicas, check_layers, check_n
                                       check_vertical_sync)
 from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.cutting import first_batch, plan_on_rank_zero
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
@@ -74,8 +72,12 @@ class PipelineStrategy(ProcessStrategy):
             ``("pipe", "data")`` (see :mod:`lightning_pipe.mesh`): each replica runs the schedule on its share of
             the data (a ``DistributedSampler`` over the replicas) and each stage's replicas average their gradients
             (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.replicas`).
-        replicas: replicas of every stage, instead of ``num_stages``; a list with one count per stage (the planner's
-            ``plan.replicas``) must have equal counts: uneven replication is refused.
+        replicas: replicas of every stage, instead of ``num_stages`` (even replication: the mesh above); or a list
+            with one count per stage, e.g. ``[3, 1]`` (uneven replication, PipeDream's "3-1": one pipeline whose
+            stage ``s`` has ``replicas[s]`` ranks taking its micro-batches in turn, summing their gradients; see
+            :mod:`lightning_pipe.engine.schedules_replicated`); or ``"auto"`` with ``partition="profile"``: the
+            planner chooses the counts with the cut. Uneven layouts run ``schedule="1f1b"`` or ``"gpipe"``, and
+            their last stage has one rank.
         memory_cap: bytes per device that a planned cut must fit (parameters, gradients, optimizer state as for
             Adam, and the activations the schedule keeps in flight); for ``partition="profile" | "time" | "memory"``
             and ``schedule="auto"``. ``None``: no cap.
@@ -304,31 +306,22 @@ class PipelineStrategy(ProcessStrategy):
 
     def _plan(self, trainer: Trainer, module: LightningModule) -> CutPlan:
         """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
-        outcome: CutPlan | tuple[bool, str] | None = None
-        failure: Exception | None = None
-        if self.is_global_zero:
-            try:
-                with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
-                    batch, step = self._first_batch(trainer)
-                    cache = self.profile_cache
-                    if cache is None:
-                        cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
-                    _, sequence = find_sequence(module, self.layers)
-                    outcome = plan_cut(module, sequence, batch, partition=str(self.partition), schedule=self.schedule,
-                                       num_microbatches=self.num_microbatches, **self._planned_layout(),
-                                       device=self.root_device, memory_cap=self.memory_cap,
-                                       schedule_options=self.schedule_options, cache=cache or None, step=step)
-                rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
-            except Exception as error:  # noqa: BLE001 - the other ranks wait for the plan: tell them why there is none
-                failure, outcome = error, (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
-        shared = self.broadcast(outcome)
-        if failure is not None:
-            raise failure
-        if isinstance(shared, tuple):
-            value_error, message = shared
-            raise (ValueError if value_error else RuntimeError)(f"planning the cut on global rank 0 failed: {message}")
-        assert isinstance(shared, CutPlan)
-        return shared
+        how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {{hook}}; give "
+               f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
+
+        def make() -> CutPlan:
+            with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
+                batch, step = first_batch(trainer, how)
+                cache = self.profile_cache
+                if cache is None:
+                    cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
+                _, sequence = find_sequence(module, self.layers)
+                return plan_cut(module, sequence, self.batch_to_device(batch), partition=str(self.partition),
+                                schedule=self.schedule, num_microbatches=self.num_microbatches,
+                                **self._planned_layout(), device=self.root_device, memory_cap=self.memory_cap,
+                                schedule_options=self.schedule_options, cache=cache or None, step=step)
+
+        return plan_on_rank_zero(self, make)
 
     def _planned_layout(self) -> dict[str, Any]:
         """What the planner is told of the layout: the stages and their replicas, or (``replicas="auto"``) the ranks
@@ -337,25 +330,6 @@ class PipelineStrategy(ProcessStrategy):
         if self._replicas == AUTO:
             return {"num_stages": self._num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
         return {"num_stages": shape.num_stages, "replicas": list(shape.stage_replicas) or None}
-
-    def _first_batch(self, trainer: Trainer) -> tuple[Any, str]:
-        """The first batch of the running stage's dataloader, on this rank's device, and the step that takes it."""
-        loops = {TrainerFn.FITTING: (trainer.fit_loop, "train_dataloader", "training_step"),
-                 TrainerFn.VALIDATING: (trainer.validate_loop, "val_dataloader", "validation_step"),
-                 TrainerFn.TESTING: (trainer.test_loop, "test_dataloader", "test_step"),
-                 TrainerFn.PREDICTING: (trainer.predict_loop, "predict_dataloader", "predict_step")}
-        loop, hook, step = loops[trainer.state.fn]
-        how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {hook}; give "
-               f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
-        source = loop._data_source
-        if not source.is_defined():
-            raise ValueError(f"there is no {hook}: {how}")
-        mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
-        try:
-            batch = next(iter(CombinedLoader(_request_dataloader(source), mode)))[0]
-        except StopIteration:
-            raise ValueError(f"{hook} is empty: {how}") from None
-        return self.batch_to_device(batch), step
 
     @override
     def model_to_device(self) -> None:

@@ -60,3 +60,19 @@ def test_saved_tensor_counter_counts_each_storage_once_and_frees_after_backward(
         assert counter.bytes == 2 * 4 * 8 * 4
     out.backward()
     assert counter.bytes == 0 and counter.peak == 2 * 4 * 8 * 4
+
+
+@pytest.mark.timeout(240)
+def test_uneven_replication_rows(tmp_path):
+    """Every layout trains through the Trainer on 4 ranks; none beats the sleeps it is made of."""
+    from benchmarks import uneven_replication
+
+    path = tmp_path / "uneven.json"
+    uneven_replication.main(["--grad-mb", "0", "--heavy", "0.5", "--batch-size", "24", "--warmup", "1", "--steps",
+                             "1", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [row["config"] for row in rows] == ["3-1", "2x2", "4x1", "1x4"]
+    for row in rows:
+        assert row["ideal_ms"] == pytest.approx(24 * 4 * 0.5 / 4)
+        assert row["ratio"] >= 0.98 and row["vs_3-1"] == pytest.approx(row["step_ms"] / rows[0]["step_ms"])
+    assert sum(row["fastest"] == "yes" for row in rows) == 1

@@ -1,0 +1,62 @@
+"""How PipelineStrategy plans its cut under a Trainer: the first batch of the running stage's dataloader, and a plan
+made on global rank 0 that every rank receives (or rank 0's error, raised everywhere).
+
+The batch is fetched through Lightning's loops (``loop._data_source`` and ``_request_dataloader``, private pieces
+that the strategy's tests pin down); :mod:`lightning_pipe.planning` does the profiling and planning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_pipe.planning import CutPlan
+
+__all__ = ["first_batch", "plan_on_rank_zero"]
+
+
+def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
+    """The first batch of the running stage's dataloader (on the host) and the step that takes it; ``how`` ends the
+    error raised when there is none."""
+    loops = {TrainerFn.FITTING: (trainer.fit_loop, "train_dataloader", "training_step"),
+             TrainerFn.VALIDATING: (trainer.validate_loop, "val_dataloader", "validation_step"),
+             TrainerFn.TESTING: (trainer.test_loop, "test_dataloader", "test_step"),
+             TrainerFn.PREDICTING: (trainer.predict_loop, "predict_dataloader", "predict_step")}
+    loop, hook, step = loops[trainer.state.fn]
+    source = loop._data_source
+    if not source.is_defined():
+        raise ValueError(f"there is no {hook}: {how.format(hook=hook)}")
+    mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
+    try:
+        batch = next(iter(CombinedLoader(_request_dataloader(source), mode)))[0]
+    except StopIteration:
+        raise ValueError(f"{hook} is empty: {how.format(hook=hook)}") from None
+    return batch, step
+
+
+def plan_on_rank_zero(strategy: Strategy, make: Callable[[], CutPlan]) -> CutPlan:
+    """``make()`` on global rank 0, its plan broadcast to every rank; its error raised on every rank (the others
+    would otherwise wait for a plan forever)."""
+    outcome: CutPlan | tuple[bool, str] | None = None
+    failure: Exception | None = None
+    if strategy.is_global_zero:
+        try:
+            outcome = make()
+            rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
+        except Exception as error:  # noqa: BLE001 - the other ranks wait for the plan: tell them why there is none
+            failure, outcome = error, (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+    shared = strategy.broadcast(outcome)
+    if failure is not None:
+        raise failure
+    if isinstance(shared, tuple):
+        value_error, message = shared
+        raise (ValueError if value_error else RuntimeError)(f"planning the cut on global rank 0 failed: {message}")
+    assert isinstance(shared, CutPlan)
+    return shared
