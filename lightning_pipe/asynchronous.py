@@ -11,6 +11,10 @@ The gradients of micro-batches still in flight at the end of a batch (2BW's part
 Lightning's ``zero_grad`` to the next batch. Before anything reads the weights (validation, a checkpoint, the end of
 an epoch, the end of fit) the pipeline is drained: every update still owed is applied, and the weights are then
 exactly those after ``global_step`` batches' updates.
+
+With data-parallel replicas of the pipeline (``num_stages`` < devices), the replicas run the same schedule on their
+shares of the data and average their gradients right before each of these optimizer steps, as PipeDream's replicated
+stages do, so they take the same updates and stay equal.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class AsyncSteps:
         if self._optimizer is None or self._model is None:
             raise RuntimeError("an asynchronous pipeline reached an optimizer step outside Lightning's optimizer_step; "
                                "training_step must run through trainer.fit with automatic optimization")
+        self.strategy.runner.average_gradients()  # replicas of the pipeline: one update from all their micro-batches
         self.strategy.precision_plugin.optimizer_step(self._optimizer, model=self._model, closure=_no_closure,
                                                       **self._kwargs)
         self.steps_taken += 1

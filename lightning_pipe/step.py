@@ -61,7 +61,10 @@ class PipelineRunner:
         self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
         # the ranks holding this rank's stages in the other replicas (None: one replica)
         self.replica_group = replica_group
-        self.averager = GradientAverager(pipeline.parameters(), replica_group) if replica_group is not None else None
+        # Synchronous: averaged once per step, bucket by bucket. Asynchronous: at each of the engine's optimizer steps
+        # (average_gradients), since its updates happen inside the step.
+        self.averager = (GradientAverager(pipeline.parameters(), replica_group)
+                         if replica_group is not None and not pipeline.asynchronous else None)
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, schedule: str, num_microbatches: int,
@@ -114,6 +117,29 @@ class PipelineRunner:
         pipe = self.pipeline
         first_replica = all(ranks[0] == pipe.rank for ranks in pipe.stage_ranks if pipe.rank in ranks)
         return first_replica and self.tied.counts_in_norm(param)
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Average this rank's gradients over its replicas now, in one all-reduce (asynchronous schedules, before each
+        optimizer step inside the pipeline: the replicas run the same schedule, so they reach it together)."""
+        if self.replica_group is None:
+            return
+        params = [p for p in self.pipeline.parameters() if p.requires_grad]
+        if not params:
+            return
+        # One flag per parameter ("had a gradient") rides along: one that no replica computed stays None.
+        grads = [p.grad.reshape(-1).float() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float)
+                 for p in params]
+        had = params[0].new_tensor([float(p.grad is not None) for p in params], dtype=torch.float)
+        flat = torch.cat([*grads, had])
+        dist.all_reduce(flat, group=self.replica_group)
+        flat /= dist.get_world_size(self.replica_group)
+        flags = flat[-len(params):].tolist()
+        offset = 0
+        for param, flag in zip(params, flags):
+            if flag > 0:
+                param.grad = flat[offset:offset + param.numel()].view_as(param).to(param.dtype, copy=True)
+            offset += param.numel()
 
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,

@@ -202,11 +202,6 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError(f"uneven replication (replicas={list(shape.stage_replicas)}) runs schedule '1f1b' "
                              f"(strategy 'pipedream') or 'gpipe', not {self.schedule!r}: its stages take micro-batches "
                              f"in turn (1F1B round-robin); name one of those, or give every stage the same replicas")
-        if shape.replicas > 1 and self._async is not None:
-            raise ValueError(f"schedule={self.schedule!r} with {shape.replicas} replicas is not supported: the "
-                             f"asynchronous schedules step each stage inside the pipeline, where replicas cannot "
-                             f"average gradients yet; use one replica (num_stages = devices * num_nodes) or a "
-                             f"synchronous schedule ('1f1b')")
         return shape
 
     @override

@@ -154,11 +154,37 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     ({"num_stages": 3}, 4, "num_stages=3 does not divide the 4 devices"),
     ({"replicas": 3}, 4, "replicas=3 does not divide the 4 devices"),
     ({"num_stages": 2, "replicas": 1}, 4, "num_stages=2 x replicas=1 = 2 ranks, but devices * num_nodes = 4"),
-    ({"schedule": "2bw", "num_stages": 2}, 4, "schedule='2bw' with 2 replicas is not supported"),
 ])
 def test_unsupported_layouts_fail_before_launching(options: dict[str, Any], devices: int, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         _trainer(PipelineStrategy(**options), devices)
+
+
+def _asynchronous(rank: int, world_size: int, schedule: str) -> dict[str, torch.Tensor]:
+    import lightning_pipe  # noqa: F401
+
+    replicas = world_size // 2
+    model = Regressor(optimizer="adam")
+    loader = one_device_loader(3, 16) if replicas == 1 else regression_data(3 * replicas, batch_size=16 // replicas)
+    _trainer(PipelineStrategy(schedule=schedule, num_stages=2), world_size, max_epochs=1).fit(model, loader)
+    return model.state_dict()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("schedule", ["async_1f1b", "2bw"])
+def test_asynchronous_replicas_equal_one_pipeline_on_their_batches_together(schedule: str) -> None:
+    """PipeDream's asynchronous schedules on 2 stages x 2 replicas: the replicas average their gradients at every
+    optimizer step inside the pipeline, so they equal one 2-stage pipeline reading both replicas' rows (micro-batch
+    ``i`` of a replica is half of micro-batch ``i`` of the whole batch: the sampler deals rows out in turn)."""
+    replicated = run_ranks(_asynchronous, 4, schedule, timeout=140)
+    alone = run_ranks(_asynchronous, 2, schedule, timeout=140)
+    expected = _full_state(alone)
+    moved = max((expected[k] - v).abs().max().item() for k, v in Regressor(optimizer="adam").state_dict().items())
+    assert moved > 1e-3
+    for replica in range(REPLICAS):
+        got = _full_state([replicated[replica], replicated[REPLICAS + replica]])
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{schedule} replica {replica} {key}")
 
 
 def test_equal_counts_per_stage_are_even_replication() -> None:
