@@ -8,6 +8,7 @@ machine with two GPUs; nothing here covers it."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -145,6 +146,59 @@ def test_trainer_on_gpu_equals_one_gpu(tmp_path: Path, precision: str) -> None:
     for key, value in reference.state_dict().items():
         value = value.cpu()
         torch.testing.assert_close(full[key], value, rtol=0, atol=tolerance, msg=f"{precision} {key}")
+
+
+REPLICATED_SCRIPT = '''
+import functools, os, sys
+import torch
+import lightning as L
+import lightning_pipe
+from lightning_pipe import PipelineStrategy
+from tests.lightning_models import Regressor, regression_data
+from tests.test_strategy_replicas import one_device_loader
+
+layout = sys.argv[2]
+model = Regressor(width=64, lr=0.5)
+strategy = (PipelineStrategy(num_stages=2, process_group_backend="gloo") if layout == "2x2" else
+            PipelineStrategy(replicas=[3, 1], partition=[6, 2], process_group_backend="gloo"))
+loader = (regression_data(6, batch_size=8, width=64) if layout == "2x2" else
+          one_device_loader(3, 16, functools.partial(regression_data, width=64)))
+trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, num_nodes=4, max_steps=3, gradient_clip_val=0.3,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, loader)
+torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "device": str(trainer.strategy.root_device)},
+           os.path.join(sys.argv[1], f"{layout}-rank{trainer.global_rank}.pt"))
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", ["2x2", "3-1"])
+def test_replicated_stages_on_gpu_equal_one_gpu(tmp_path: Path, layout: str) -> None:
+    """Four torchrun "nodes" share cuda:0: 2 stages x 2 replicas (gradients averaged by gloo all-reduces of CUDA
+    tensors, on a DeviceMesh of device type cuda) and PipeDream's 3-1 (summed), with clipping by the global
+    norm, against one GPU on the same rows (SGD: Adam magnifies float rounding where gradients are near zero)."""
+    import lightning as L
+
+    from tests.lightning_models import Regressor, regression_data
+    from tests.test_strategy_replicas import one_device_loader
+    from tests.test_strategy_trainer import _full_state
+
+    script = tmp_path / "train.py"
+    script.write_text(REPLICATED_SCRIPT)
+    run_torchrun_nodes(script, str(tmp_path), layout, nnodes=4, nproc_per_node=1, timeout=180)
+    reference = Regressor(width=64, lr=0.5)
+    L.Trainer(accelerator="gpu", devices=1, max_steps=3, gradient_clip_val=0.3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(
+                  reference, one_device_loader(3, 16, functools.partial(regression_data, width=64)))
+    ranks = [torch.load(tmp_path / f"{layout}-rank{rank}.pt", weights_only=False) for rank in range(4)]
+    assert {r["device"] for r in ranks} == {"cuda:0"}
+    initial = Regressor(width=64).state_dict()
+    assert max((v.cpu() - initial[k]).abs().max().item() for k, v in reference.state_dict().items()) > 1e-2
+    pairs = [(0, 2), (1, 3)] if layout == "2x2" else [(0, 3), (1, 3), (2, 3)]  # (stage 0, stage 1) of each copy
+    for first, last in pairs:
+        full = _full_state([ranks[first]["state"], ranks[last]["state"]])
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(full[key], value.cpu(), rtol=0, atol=1e-5, msg=f"{layout} ranks {first} {key}")
 
 
 if __name__ == "__main__":  # the GPU machine's check: python tests/test_cuda.py
