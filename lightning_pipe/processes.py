@@ -96,7 +96,9 @@ class ProcessStrategy(ParallelStrategy):
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device)
         assert self.cluster_environment is not None
-        device_id = self.root_device if self.root_device.type != "cpu" else None
+        # Binding a device makes torch create every later group by splitting this one: NCCL's fast path, but broken for
+        # gloo on CUDA devices (torch 2.11: DeviceMesh fails to copy gloo's options). Bind for NCCL only.
+        device_id = self.root_device if "nccl" in self._process_group_backend else None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
                               device_id=device_id)
 

@@ -50,6 +50,7 @@ def run_torchrun_nodes(script: Path, *args: str, nnodes: int = 2, nproc_per_node
                 pytest.fail(f"the {nnodes} torchrun nodes hung twice ({timeout:.0f} s each); their output:\n{tails}")
             warnings.warn(f"the {nnodes} torchrun nodes hung ({timeout:.0f} s) and were run again; their output:\n"
                           f"{tails}")
-    for node, output in zip(nodes, outputs):
-        assert node.returncode == 0, output[-3000:]
+    failed = [f"node {rank} (exit {node.returncode}):\n{output[-3000:]}" for rank, (node, output)
+              in enumerate(zip(nodes, outputs)) if node.returncode != 0]
+    assert not failed, "\n---\n".join(failed)
     return outputs
