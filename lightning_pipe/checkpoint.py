@@ -69,8 +69,8 @@ def training_state_of_rank(checkpoint: Mapping[str, Any], rank: int,
     saved = dict(section["layout"])
     if saved != dict(layout):
         raise ValueError(f"this checkpoint's optimizer states belong to a pipeline laid out as {saved}, but this one "
-                         f"is {dict(layout)}; resume with the same devices, schedule and partition, or start a new "
-                         f"fit from its weights (YourModule.load_from_checkpoint(path)) without ckpt_path")
+                         f"is {dict(layout)}; resume with the same devices, schedule, partition and replicas, or start "
+                         f"a new fit from its weights (YourModule.load_from_checkpoint(path)) without ckpt_path")
     return section["optimizer_states"][rank], section["lr_schedulers"][rank]
 
 

@@ -51,12 +51,14 @@ def _first_error(wait: float) -> PipelineError | None:
     return None
 
 
-_LOST = ("connection", "got 0 bytes", "broken pipe", "socket", "timed out", "peer")
+# What gloo and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
+_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
+         "connection was likely closed")
 
 
 def _lost_connection(error: BaseException) -> bool:
-    """Whether ``error`` says a peer went away (the symptom of a failure elsewhere) rather than what went wrong."""
-    return isinstance(error, dist.DistNetworkError) or any(word in str(error).lower() for word in _LOST)
+    """Whether ``error`` says a peer went away rather than what went wrong."""
+    return isinstance(error, dist.DistNetworkError) or any(text in str(error).lower() for text in _LOST)
 
 
 def _leave() -> None:

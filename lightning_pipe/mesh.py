@@ -40,6 +40,11 @@ class MeshShape:
     @classmethod
     def of(cls, world_size: int, num_stages: int | None, replicas: int | tuple[int, ...] | None) -> MeshShape:
         """The shape for ``world_size`` ranks (``devices * num_nodes``); says how to fix a mismatch."""
+        if isinstance(replicas, tuple) and len(set(replicas)) == 1:  # [2, 2]: even, with that many stages
+            if num_stages is not None and num_stages != len(replicas):
+                raise ValueError(f"num_stages={num_stages} but replicas={list(replicas)} lists {len(replicas)} "
+                                 f"stages; drop num_stages")
+            num_stages, replicas = len(replicas), replicas[0]
         if isinstance(replicas, tuple):  # uneven: one pipeline
             if num_stages is not None and num_stages != len(replicas):
                 raise ValueError(f"num_stages={num_stages} but replicas={list(replicas)} lists {len(replicas)} "
@@ -85,16 +90,9 @@ class MeshShape:
         return [[rank * self.replicas + replica for rank in range(self.pipeline_ranks)]
                 for replica in range(self.replicas)]
 
-    def first_replica_ranks(self) -> set[int]:
-        """Global ranks that hold each stage once: a norm over them counts every parameter once."""
-        if not self.stage_replicas:
-            return set(range(self.world_size))
-        return {ranks[0] for ranks in schedules_replicated.replica_ranks(self.stage_replicas)}
-
-
 def check_replicas(replicas: int | Sequence[int] | str | None) -> int | tuple[int, ...] | str | None:
-    """``replicas`` as one count for every stage, a tuple of counts per stage if they differ (uneven replication),
-    ``"auto"`` (the planner chooses), or ``None``."""
+    """``replicas`` as one count for every stage (an integer), one count per stage (a tuple; uneven replication if
+    they differ), ``"auto"`` (the planner chooses), or ``None``."""
     if replicas is None or replicas == AUTO:
         return replicas
     if isinstance(replicas, (bool, str)) or not isinstance(replicas, (int, Sequence)):
@@ -103,9 +101,9 @@ def check_replicas(replicas: int | Sequence[int] | str | None) -> int | tuple[in
     counts = [replicas] if isinstance(replicas, int) else list(replicas)
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
         raise ValueError(f"replicas={replicas!r} must be a positive integer, or a list of them, one per stage")
-    if len(set(counts)) > 1:
-        return tuple(schedules_replicated.check_replicas(counts))
-    return counts[0]
+    if isinstance(replicas, int):
+        return replicas
+    return tuple(schedules_replicated.check_replicas(counts) if len(set(counts)) > 1 else counts)
 
 
 def build_mesh(shape: MeshShape, device_type: str) -> DeviceMesh:

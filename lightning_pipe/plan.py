@@ -12,7 +12,8 @@ Same configs as ``python -m lightning_pipe.train`` (Hydra, ``lightning_pipe/conf
 Planner options go under ``+plan.``: ``memory_cap`` (bytes per device; default ``strategy.memory_cap``),
 ``replicas`` (devices per stage; ``auto`` lets PipeDream's dynamic program choose per stage; ``round_robin`` lets it
 choose among the layouts ``PipelineStrategy(replicas="auto")`` runs, the last stage on one device; a list such as
-``[3,1]`` fixes each stage's count; default 1), ``topology`` (levels ``[devices, bandwidth B/s, latency s, overhead s]``, lowest first;
+``[3,1]`` fixes each stage's count; default 1), ``topology`` (levels ``[devices, bandwidth B/s, latency s, overhead
+s]``, lowest first;
 default: one level of ``trainer.devices`` on this kind of device), ``cache`` (profile cache folder, ``false`` for
 none), ``repeats``, ``picture`` (PNG path).
 The profile runs one micro-batch of the first training batch through the sequence on one device.

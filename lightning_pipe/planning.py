@@ -108,7 +108,8 @@ def plan_cut(
     taken on micro-batches of ``batch / num_microbatches`` rows and scaled to other counts. The module's RNG state
     is left as it was. ``replicas``: ranks per stage (uneven replication), which the cut balances: a stage on 3 ranks
     gets about 3 times the work; ``"round_robin"``: the planner chooses them (partition ``"profile"``) for
-    ``num_devices`` ranks, with ``num_stages`` stages if given. Raises the planner's error (e.g. :class:`~lightning_pipe.planner.MemoryCapError`) when no
+    ``num_devices`` ranks, with ``num_stages`` stages if given. Raises the planner's error (e.g.
+    :class:`~lightning_pipe.planner.MemoryCapError`) when no
     plan fits ``memory_cap``.
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -116,7 +117,18 @@ def plan_cut(
         sample = split_batch(inputs, num_microbatches)[0]
         profiles = profile_layers(sequence, sample, device=device, cache=cache)
     chosen = replicas == ROUND_ROBIN
-    devices = num_devices if chosen and num_devices else sum(replicas) if replicas and not chosen else num_stages
+    if chosen:
+        if num_devices is None:
+            raise ValueError("replicas='round_robin' places stages and replicas on num_devices ranks: pass num_devices")
+        devices = num_devices
+    elif replicas:
+        devices = sum(replicas)  # type: ignore[arg-type]
+    else:
+        if num_stages is None:
+            raise ValueError("plan_cut needs num_stages (or replicas per stage)")
+        devices = num_stages
+    if schedule == AUTO_SCHEDULE and replicas:
+        raise ValueError("schedule='auto' plans one rank per stage; name a schedule to plan with replicas")
     topology = default_topology(devices, 1, device.type)
     heading = (f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
                f"({batch_rows(inputs)} per batch)")

@@ -23,7 +23,7 @@ from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.partition import Partition
 from lightning_pipe.failures import reported_failures
 from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
-from lightning_pipe.engine.replicas import GradientAverager
+from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.split import PipelinedSequence, SplitModule
 from lightning_pipe.tied import TiedParameters
 
@@ -61,10 +61,14 @@ class PipelineRunner:
         self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
         # the ranks holding this rank's stages in the other replicas (None: one replica)
         self.replica_group = replica_group
-        # Synchronous: averaged once per step, bucket by bucket. Asynchronous: at each of the engine's optimizer steps
-        # (average_gradients), since its updates happen inside the step.
-        self.averager = (GradientAverager(pipeline.parameters(), replica_group)
-                         if replica_group is not None and not pipeline.asynchronous else None)
+        # Synchronous: averaged once per step, bucket by bucket as the backward ends. Asynchronous: before each of the
+        # engine's optimizer steps inside the step (average_gradients).
+        self.averager = None
+        if replica_group is not None:
+            broadcast_state(pipeline.modules(), replica_group)  # replicas start from the first one's weights
+            self.averager = GradientAverager(pipeline.parameters(), replica_group)
+        # Clipping norms count each stage once: only the first of its replicas (uneven replication) counts it.
+        self._first_replica = all(ranks[0] == pipeline.rank for ranks in pipeline.stage_ranks if pipeline.rank in ranks)
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, schedule: str, num_microbatches: int,
@@ -114,32 +118,14 @@ class PipelineRunner:
     def counts_in_norm(self, param: torch.nn.Parameter) -> bool:
         """Whether this rank counts ``param`` in the pipeline's gradient norm: each parameter once, so neither the
         other holders of a tied parameter nor the other replicas of a stage (uneven replication) count it."""
-        pipe = self.pipeline
-        first_replica = all(ranks[0] == pipe.rank for ranks in pipe.stage_ranks if pipe.rank in ranks)
-        return first_replica and self.tied.counts_in_norm(param)
+        return self._first_replica and self.tied.counts_in_norm(param)
 
-    @torch.no_grad()
     def average_gradients(self) -> None:
-        """Average this rank's gradients over its replicas now, in one all-reduce (asynchronous schedules, before each
-        optimizer step inside the pipeline: the replicas run the same schedule, so they reach it together)."""
-        if self.replica_group is None:
-            return
-        params = [p for p in self.pipeline.parameters() if p.requires_grad]
-        if not params:
-            return
-        # One flag per parameter ("had a gradient") rides along: one that no replica computed stays None.
-        grads = [p.grad.reshape(-1).float() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float)
-                 for p in params]
-        had = params[0].new_tensor([float(p.grad is not None) for p in params], dtype=torch.float)
-        flat = torch.cat([*grads, had])
-        dist.all_reduce(flat, group=self.replica_group)
-        flat /= dist.get_world_size(self.replica_group)
-        flags = flat[-len(params):].tolist()
-        offset = 0
-        for param, flag in zip(params, flags):
-            if flag > 0:
-                param.grad = flat[offset:offset + param.numel()].view_as(param).to(param.dtype, copy=True)
-            offset += param.numel()
+        """Average this rank's gradients over its replicas now (asynchronous schedules, before each optimizer step
+        inside the pipeline: the replicas run the same schedule, so they reach it together)."""
+        if self.averager is not None:
+            with self.averager.averaging(0):
+                pass
 
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
@@ -171,12 +157,12 @@ class PipelineRunner:
         self.recorder.calls = []
         if pipe.is_last_rank:
             self.metrics.start()
-        averaging = self.averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if self.averager \
-            else nullcontext()
+        averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
+        averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with averaging:  # replicas: each bucket of gradients is averaged as soon as the backward completes it
             loss = pipe.train_step(batch, loss_scale=loss_scale, optimizer_step=optimizer_step)
-            if self.averager is not None:
-                self.averager.start_remaining()
+            if averager is not None:
+                averager.start_remaining()
             result = None
             if pipe.is_last_rank:
                 result = self._guard(lambda: self._result(loss, outputs, sizes, check_outside=True))

@@ -289,3 +289,27 @@ def test_stash_counts_a_shared_tensor_once():
                      saves_output=False, parameters=0, parameter_bytes=0, gradient_bytes=0, optimizer_bytes=0)
     # input 10, a's other saved 5, the a->b tensor 100 once, b's other saved 3, the output 7.
     assert LayerSums([a, b]).stash_bytes(0, 2) == 10 + 5 + 100 + 3 + 7
+
+
+# -- uneven replication ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule, m", [("1f1b", 8), ("1f1b", 2), ("gpipe", 8), ("gpipe", 2)])
+def test_fixed_uneven_replicas_and_round_robin_agree_on_memory(schedule, m):
+    """A [3, 1] plan is played through its round-robin schedule; replicas="round_robin" under a cap equal to that
+    plan's peak finds a plan at least as fast that fits, and a cap below every plan names a least cap that works."""
+    from lightning_pipe.planner.plans import MemoryCapError
+
+    for seed in range(4):
+        profiles = random_profiles(random.Random(5000 + seed), 8)
+        fixed = plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m, replicas=[3, 1])
+        assert fixed.replicas == [3, 1] and fixed.prediction.schedule.name == f"replicated_{schedule}"
+        chosen = plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
+                               replicas="round_robin", memory_cap=fixed.peak_memory)
+        assert chosen.peak_memory <= fixed.peak_memory and chosen.replicas[-1] == 1
+        assert chosen.step_time <= fixed.step_time * (1 + 1e-9)
+        with pytest.raises(MemoryCapError) as error:
+            plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
+                          replicas="round_robin", memory_cap=1.0)
+        least = error.value.least_bytes
+        fits = plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
+                             replicas="round_robin", memory_cap=least)
+        assert fits.peak_memory <= least

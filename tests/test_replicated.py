@@ -105,7 +105,9 @@ def _replicated_equals_one_process(rank: int, world_size: int, cases: list) -> l
         ref_loss = mse_loss(reference(batch[0]), batch)
         ref_loss.backward()
         grads = {name: p.grad.clone() for name, p in pipe.named_parameters()}
-        ref_grads = {name: p.grad for name, p in reference.named_parameters() if name in grads}
+        ref_grads = {name: p.grad.clone() for name, p in reference.named_parameters() if name in grads}
+        pipe.train_step(batch)  # without zeroing: gradients accumulate, and the replicas' sum counts the first once
+        twice = {name: p.grad.clone() for name, p in pipe.named_parameters()}
         eval_loss, outputs = pipe.eval_step(batch)
         ref_outputs = reference(batch[0]).detach()
         # Three SGD steps on other batches: replicas must stay equal to each other and to one process.
@@ -121,7 +123,7 @@ def _replicated_equals_one_process(rank: int, world_size: int, cases: list) -> l
             ref_optimizer.step()
         ref_state = reference.state_dict()
         reports.append({"case": (model_name, replicas, schedule, remat, rows, m), "loss": loss,
-                        "ref_loss": ref_loss.detach(), "grads": grads, "ref_grads": ref_grads,
+                        "ref_loss": ref_loss.detach(), "grads": grads, "ref_grads": ref_grads, "twice": twice,
                         "eval_loss": eval_loss, "outputs": None if outputs is None else torch.cat(outputs),
                         "ref_outputs": ref_outputs,
                         "state": pipe.state_dict(), "ref_state": {k: ref_state[k] for k in pipe.state_dict()}})
@@ -146,9 +148,26 @@ def test_replicated_stages_equal_one_process(world_size: int) -> None:
             for name, grad in report["grads"].items():
                 torch.testing.assert_close(grad, report["ref_grads"][name], rtol=0, atol=1e-6,
                                            msg=f"{case} rank {rank} {name}")
+                torch.testing.assert_close(report["twice"][name], 2 * report["ref_grads"][name], rtol=0, atol=2e-6,
+                                           msg=f"{case} rank {rank} {name}, accumulated over two steps")
             for name, value in report["state"].items():
                 torch.testing.assert_close(value, report["ref_state"][name], rtol=0, atol=1e-6,
                                            msg=f"{case} rank {rank} {name} after 3 steps")
+
+
+def _different_seeds(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    pipe = Pipeline(mlp(num_layers=4, seed=rank), loss_fn=mse_loss, replicas=[3, 1])
+    return pipe.state_dict()
+
+
+@pytest.mark.timeout(60)
+def test_replicas_start_from_the_first_ones_weights() -> None:
+    """Ranks that build the model with different random weights: each stage's replicas take its first rank's."""
+    states = run_ranks(_different_seeds, 4, timeout=50)
+    expected = mlp(num_layers=4, seed=0).state_dict()
+    for rank in (0, 1, 2):
+        for name, value in states[rank].items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=f"rank {rank} {name}")
 
 
 def _bad_replicas(rank: int, world_size: int, options: dict) -> None:

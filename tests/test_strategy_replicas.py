@@ -154,6 +154,8 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     ({"num_stages": 3}, 4, "num_stages=3 does not divide the 4 devices"),
     ({"replicas": 3}, 4, "replicas=3 does not divide the 4 devices"),
     ({"num_stages": 2, "replicas": 1}, 4, "num_stages=2 x replicas=1 = 2 ranks, but devices * num_nodes = 4"),
+    ({"replicas": [2, 2]}, 8, "num_stages=2 x replicas=2 = 4 ranks, but devices * num_nodes = 8"),
+    ({"replicas": [2, 2], "num_stages": 4}, 4, "num_stages=4 but replicas=[2, 2] lists 2 stages"),
 ])
 def test_unsupported_layouts_fail_before_launching(options: dict[str, Any], devices: int, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -188,5 +190,5 @@ def test_asynchronous_replicas_equal_one_pipeline_on_their_batches_together(sche
 
 
 def test_equal_counts_per_stage_are_even_replication() -> None:
-    assert PipelineStrategy(replicas=[2, 2])._replicas == 2
+    assert PipelineStrategy(replicas=[2, 2])._replicas == (2, 2)  # a list names the stages: 2 stages x 2
     assert PipelineStrategy(replicas=[3, 1])._replicas == (3, 1)  # uneven: tests/test_strategy_uneven.py

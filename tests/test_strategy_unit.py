@@ -224,7 +224,7 @@ def test_resuming_with_another_layout_is_refused() -> None:
     layout = {"num_ranks": 2, "stage_sizes": [4, 4], "stage_to_rank": [0, 1]}
     checkpoint = {"pipeline": {"layout": layout, "optimizer_states": [["a"], ["b"]], "lr_schedulers": [[], []]}}
     assert training_state_of_rank(checkpoint, 1, layout) == (["b"], [])
-    with pytest.raises(ValueError, match="same devices, schedule and partition"):
+    with pytest.raises(ValueError, match="same devices, schedule, partition and replicas"):
         training_state_of_rank(checkpoint, 1, {**layout, "stage_sizes": [3, 5]})
     with pytest.raises(ValueError, match="not written by PipelineStrategy"):
         training_state_of_rank({}, 0, layout)

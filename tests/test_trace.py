@@ -54,3 +54,13 @@ def test_record_errors():
         Record(0, Action.parse("0F0"), 2.0, 1.0)
     with pytest.raises(ValueError, match="no records"):
         timeline_from_records([])
+
+
+def test_timeline_of_replicated_stages_keeps_their_ranks():
+    """Stage 0 ran on ranks 0 and 1 (micro-batches in turn), stage 1 on rank 2: the timeline's schedule says so."""
+    a = Action.parse
+    records = [Record(0, a("0F0"), 0.0, 1.0), Record(1, a("0F1"), 0.0, 1.0), Record(2, a("1F0"), 1.0, 2.0),
+               Record(2, a("1F1"), 2.0, 3.0)]
+    schedule = timeline_from_records(records).schedule
+    assert schedule.stage_replicas == ((0, 1), (2,)) and schedule.stage_to_rank == (0, 2)
+    assert schedule.rank_of(0, 1) == 1

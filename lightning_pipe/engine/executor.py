@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from .comm import Communicator, PipelineError
 from .microbatch import microbatch_weights, split_batch
 from .partition import Partition, cut, stage_sizes
 from .runtime import configure_threads, local_world_size
-from .replicas import GradientAverager
+from .replicas import GradientAverager, broadcast_state
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
 from .schedules_replicated import (REPLICATED_SCHEDULES, check_replicas, replica_ranks, replicated,
                                    replicated_forward_only)
@@ -239,9 +240,16 @@ class Pipeline:
         if sum(counts) != self.num_ranks:
             raise ValueError(f"replicas={counts} places {sum(counts)} ranks, but the pipeline's group has "
                              f"{self.num_ranks}; make sum(replicas) equal the ranks")
-        if schedule not in REPLICATED_SCHEDULES or options or vertical_sync:
+        if vertical_sync:
+            raise ValueError("vertical_sync belongs to the asynchronous schedule async_1f1b, which does not run "
+                             "replicated stages; drop vertical_sync or replicas")
+        if schedule not in REPLICATED_SCHEDULES or options:
             raise ValueError(f"replicated stages run schedule='1f1b' or 'gpipe' without options, not {schedule!r}"
                              f"{' with ' + str(options) if options else ''}; change the schedule or drop replicas")
+        if self.num_microbatches < max(counts):
+            warnings.warn(f"num_microbatches={self.num_microbatches} is fewer than the {max(counts)} ranks of the "
+                          f"widest stage (replicas={counts}): some of them will have no micro-batch to run; use at least "
+                          f"{max(counts)} (a multiple of {max(counts)} keeps them evenly busy)", stacklevel=3)
         return counts
 
     def _replica_group_sum(self, plan: Schedule) -> GradientAverager | None:
@@ -256,7 +264,10 @@ class Pipeline:
                   for ranks in plan.stage_replicas if len(ranks) > 1}
         (stage,) = plan.stages_of(self.rank)
         group = groups.get(plan.stage_replicas[stage])
-        return None if group is None else GradientAverager(self.parameters(), group, average=False)
+        if group is None:
+            return None
+        broadcast_state(self.modules(), group)
+        return GradientAverager(self.parameters(), group, average=False)
 
     # -- running a schedule -----------------------------------------------------------------------
     def _run(self, plan: Schedule, microbatches: list[Any], training: bool, loss_scale: float = 1.0,
@@ -364,15 +375,17 @@ class Pipeline:
         return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
 
 
-_REPLICA_GROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
+_REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
 
 
 def _replica_group(ranks: tuple[int, ...]) -> dist.ProcessGroup:
-    """The process group of ``ranks``, made once per default process group (every rank calls this alike)."""
-    key = (id(dist.group.WORLD), ranks)
-    if key not in _REPLICA_GROUPS:
-        _REPLICA_GROUPS[key] = dist.new_group(list(ranks))
-    return _REPLICA_GROUPS[key]
+    """The process group of ``ranks``, made once per default process group (every rank calls this alike). The
+    default group it belongs to is kept with it: a re-initialized job gets new groups."""
+    world = dist.group.WORLD
+    cached = _REPLICA_GROUPS.get(ranks)
+    if cached is None or cached[0] is not world:
+        cached = _REPLICA_GROUPS[ranks] = (world, dist.new_group(list(ranks)))
+    return cached[1]
 
 
 def _no_optimizer() -> None:

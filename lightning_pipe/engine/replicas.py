@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["GradientAverager"]
+__all__ = ["GradientAverager", "broadcast_state"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
@@ -45,6 +45,7 @@ class GradientAverager:
     def __init__(self, parameters: Iterable[nn.Parameter], group: dist.ProcessGroup,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, average: bool = True) -> None:
         self.group = group
+        self.average = average
         self.size = dist.get_world_size(group) if average else 1
         params = [p for p in dict.fromkeys(parameters) if p.requires_grad]  # each once, in order
         self.buckets: list[_Bucket] = []
@@ -64,15 +65,26 @@ class GradientAverager:
         self._next = 0  # the next bucket to start
         self._expected = 0  # accumulations that make a gradient final; 0 outside a step
         self._handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params]
+        self.params = params
 
     @contextmanager
     def averaging(self, num_microbatches: int) -> Iterator[None]:
         """Inside, a pipeline step accumulates gradients, ``num_microbatches`` times into each parameter on this rank;
-        on leaving (normally), every gradient is the average (or sum) over the replicas."""
+        on leaving (normally), every gradient is the average (or sum) over the replicas.
+
+        Summing replicas hold different shares of the step, and gradients already there (accumulated by earlier
+        steps) are the same on all of them: those are set aside during the step and added back after the sum, so
+        they count once. ``averaging(0)`` averages the gradients there now (no step inside).
+        """
         self._accumulations = {}
         self._final_in_bucket = [0] * len(self.buckets)
         self._next = 0
         self._expected = num_microbatches
+        earlier = {}
+        if not self.average:
+            earlier = {p: p.grad for p in self.params if p.grad is not None}
+            for p in earlier:
+                p.grad = None
         try:
             yield
         except BaseException:
@@ -80,6 +92,7 @@ class GradientAverager:
             # launcher or the process group's timeout, as under DDP): drop the requests rather than wait.
             for bucket in self.buckets:
                 bucket.works, bucket.buffer, bucket.flags = [], None, None
+            _add_back(earlier)
             raise
         finally:
             self._expected = 0
@@ -89,6 +102,7 @@ class GradientAverager:
                 work.wait()
             self._write_back(bucket)
             bucket.works, bucket.buffer, bucket.flags = [], None, None
+        _add_back(earlier)
 
     def start_remaining(self) -> None:
         """Start every bucket not started yet, in order (once the step's backwards are done on this rank)."""
@@ -147,3 +161,19 @@ class GradientAverager:
                 elif param.grad.data_ptr() != average.data_ptr():
                     param.grad.copy_(average)
             offset += n
+
+
+@torch.no_grad()
+def _add_back(earlier: dict[nn.Parameter, torch.Tensor]) -> None:
+    for param, grad in earlier.items():
+        param.grad = grad if param.grad is None else grad.add_(param.grad)
+
+
+@torch.no_grad()
+def broadcast_state(modules: Iterable[nn.Module], group: dist.ProcessGroup) -> None:
+    """Give every replica in ``group`` the parameters and buffers of the group's first rank (collective), as DDP does
+    at construction: replicas built with different random weights would otherwise train apart, silently."""
+    source = dist.get_global_rank(group, 0)
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=source, group=group)

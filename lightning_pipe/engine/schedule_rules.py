@@ -95,11 +95,12 @@ def simulate(
 def check_schedule(schedule: Schedule) -> Timeline:
     """Check every rule and return the unit-cost timeline; raise :class:`ScheduleError` saying what is wrong.
 
-    Rules: each stage runs on its own rank (each micro-batch on its replica's, with replicated stages); every micro-batch has exactly one forward per stage and either no
-    backward anywhere (forward-only) or exactly one ``B`` (or one ``I`` and one later ``W``) per stage; a forward
-    comes after the forward of the stage before it and a backward after its forward and after the backward of
-    the stage after it; data crossing ranks is received before it is used, every send has exactly one matching
-    receive, both in the same order on each channel; and the lists run to the end without deadlock.
+    Rules: each stage runs on its own rank (each micro-batch on its replica's, with replicated stages); every
+    micro-batch has exactly one forward per stage and either no backward anywhere (forward-only) or exactly one
+    ``B`` (or one ``I`` and one later ``W``) per stage; a forward comes after the forward of the stage before it and
+    a backward after its forward and after the backward of the stage after it; data crossing ranks is received
+    before it is used, every send has exactly one matching receive, both in the same order on each channel; and
+    the lists run to the end without deadlock.
     """
     p, m, name = schedule.num_stages, schedule.num_microbatches, schedule.name
     if len(schedule.stage_to_rank) != p:

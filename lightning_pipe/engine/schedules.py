@@ -254,5 +254,6 @@ def get_schedule(name: str, num_stages: int, num_microbatches: int, **options: i
     return fn(num_stages, num_microbatches, **options)
 
 
-# Registers interleaved_1f1b, zb_h1, zb_v and the asynchronous schedules; defines the replicated ones. At the end, so that the zoo finds everything it imports from here.
+# Registers interleaved_1f1b, zb_h1, zb_v and the asynchronous schedules; defines the replicated ones. At the end, so
+# that the zoo finds everything it imports from here.
 from . import schedules_async, schedules_replicated, schedules_zoo  # noqa: E402, F401

@@ -43,9 +43,11 @@ def check_replicas(replicas: Sequence[int]) -> list[int]:
     if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
         raise ValueError(f"replicas={counts!r} must list a positive number of ranks for each stage, e.g. [3, 1]")
     if counts[-1] != 1:
+        way_out = (f"e.g. replicas={[*counts[:-2], counts[-2] + counts[-1] - 1, 1]} with more layers in the last stage"
+                   if len(counts) > 1 else "or use data parallelism for a single stage")
         raise ValueError(f"replicas={counts}: the last stage must have one rank (it computes the loss and the "
-                         f"outputs); replicate the stages before it, e.g. {[*counts[:-1], 1]} with more layers in "
-                         f"the last stage, or give every stage the same count (even replication)")
+                         f"outputs); replicate the stages before it, {way_out}, or give every stage the same count "
+                         f"(even replication)")
     return counts
 
 
@@ -93,7 +95,8 @@ def _play(counts: list[int], m: int, limits: list[int], backward_after_all_forwa
     """Each rank's compute actions, from playing the pipeline on a clock where stage ``s`` takes ``counts[s]`` per
     forward and twice that per backward (see the module's docstring)."""
     last = len(counts) - 1
-    workers = [(stage, list(range(replica, m, count))) for stage, count in enumerate(counts) for replica in range(count)]
+    workers = [(stage, list(range(replica, m, count)))
+               for stage, count in enumerate(counts) for replica in range(count)]
     free = [0.0] * len(workers)
     forwards, backwards = [0] * len(workers), [0] * len(workers)  # how many of its own micro-batches each has run
     forward_end: dict[tuple[int, int], float] = {}

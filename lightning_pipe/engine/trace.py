@@ -75,16 +75,18 @@ def timeline_from_records(records: Iterable[Record], name: str = "recorded") -> 
     rows = [sorted(per_rank.get(rank, []), key=lambda record: record.start) for rank in range(num_ranks)]
     actions = [record.action for row in rows for record in row]
     num_stages = max(action.stage for action in actions) + 1
-    stage_to_rank = [rank % num_ranks for rank in range(num_stages)]  # stages never seen: a guess, unused
+    holders: list[set[int]] = [set() for _ in range(num_stages)]
     for rank, row in enumerate(rows):
         for record in row:
-            stage_to_rank[record.action.stage] = rank
+            holders[record.action.stage].add(rank)
+    ranks = [sorted(found) or [stage % num_ranks] for stage, found in enumerate(holders)]  # unseen stage: a guess
     schedule = Schedule(
         name=name,
         num_stages=num_stages,
         num_microbatches=max(action.microbatch for action in actions) + 1,
-        stage_to_rank=tuple(stage_to_rank),
+        stage_to_rank=tuple(found[0] for found in ranks),
         actions=tuple(tuple(record.action for record in row) for row in rows),
+        stage_replicas=tuple(tuple(found) for found in ranks) if any(len(found) > 1 for found in ranks) else (),
     )
     start = tuple(tuple(record.start - origin for record in row) for row in rows)
     end = tuple(tuple(record.end - origin for record in row) for row in rows)

@@ -71,7 +71,8 @@ def plan_pipeline(
     ``replicas``: devices per stage for every stage (``None``: ``"profile"`` chooses per stage, the other methods
     use 1), or a list of them, one per stage (uneven replication; see the module's docstring). ``"round_robin"``:
     ``"profile"`` chooses per stage among the layouts ``PipelineStrategy(replicas="auto")`` runs: one device for the
-    last stage, unevenly replicated stages played through the round-robin schedule, holding its micro-batches. ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
+    last stage, unevenly replicated stages played through the round-robin schedule, holding its micro-batches.
+    ``num_stages``: for ``"profile"``, fix the number of stages (default: chosen); the other methods use
     the schedule's stages over ``devices / replicas`` ranks. ``memory_cap``: bytes per device; a plan over it
     raises :class:`MemoryCapError` naming the smallest cap that any cut would fit. ``refine`` (``"profile"``
     only): improve the dynamic program's plans by simulation (see the module's docstring); ``False`` returns
@@ -333,19 +334,26 @@ class _Context:
             self.too_big_per_stage(counts, held, method, plan.peak_memory)
         return plan
 
-    def search_round_robin(self, p: int) -> SearchResult | None:
-        """PipeDream's program over ``p`` stages whose last has one device; a stage starting at device ``c`` with ``r``
-        replicas holds ``ceil((D - c) / r)`` micro-batches per replica in the round-robin 1F1B (all of them in
-        gpipe), which is what the cap is checked against."""
+    def search_round_robin(self, p: int, objective: str = "time") -> SearchResult | None:
+        """PipeDream's program over ``p`` stages whose last has one device, minimising the slowest stage (or, with
+        ``objective="memory"``, the fullest device). A replica holds at most its own ``ceil(m / r)`` micro-batches,
+        and in 1F1B at most ``ceil((D - c) / r)`` (the stages from its first device ``c`` on: PipeDream's limit)."""
+        def held(c: int, r: int) -> int:
+            own = math.ceil(self.m / r)
+            return min(own, math.ceil((self.D - c) / r)) if self.schedule == "1f1b" else own
+
         def cost(i: int, j: int, c: int, r: int, k: int | None) -> float:
             if j == self.L and r != 1:
                 return math.inf
-            held = math.ceil((self.D - c) / r) if self.schedule == "1f1b" else self.m
-            if self.cap is not None and self.sums.memory_bytes(i, j, min(held, self.m) * r, r) > self.cap:
+            memory = self.sums.memory_bytes(i, j, held(c, r) * r, r)
+            if objective == "memory":
+                return float(memory)
+            if self.cap is not None and memory > self.cap:
                 return math.inf
             return self.stage_time(i, j, c, r)
 
-        return search(self.L, self.D, cost, self.cut_time, num_stages=p)
+        return search(self.L, self.D, cost, self.cut_time if objective == "time" else lambda i, c: 0.0,
+                      num_stages=p)
 
     def too_big_per_stage(self, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
         found = search(self.L, self.D, lambda i, j, c, r, k: float(self.sums.memory_bytes(i, j, held[k] * r, r))
@@ -359,6 +367,9 @@ class _Context:
 
     # -- memory -------------------------------------------------------------------------------------
     def least_memory(self, num_stages: int | None, replicas: int | None) -> float:
+        if self.round_robin_mode:
+            found = [self.search_round_robin(p, "memory") for p in self.stage_counts(num_stages, None)]
+            return min((result.value for result in found if result is not None), default=math.inf)
         probe = self.build(1)
         if probe.num_stages != probe.num_ranks:  # several stages per rank: the uniform-count cut's memory
             return float(plan_pipeline(self.sums.profiles, self.topology, method="time", schedule=self.schedule,
