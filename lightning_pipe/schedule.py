@@ -3,6 +3,7 @@
     python -m lightning_pipe.schedule show 1f1b --stages 4 --microbatches 8
     python -m lightning_pipe.schedule show interleaved_1f1b --stages 4 --microbatches 8 --virtual-stages 2 --png il.png
     python -m lightning_pipe.schedule show zb_h1 --stages 4 --microbatches 8 --backward-weight 0.5
+    python -m lightning_pipe.schedule show 1f1b --replicas 3,1 --microbatches 6 --png 3-1.png     # PipeDream's 3-1
     python -m lightning_pipe.schedule list
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from lightning_pipe.engine.schedule_rules import ScheduleError, check_schedule, format_grid
 from lightning_pipe.engine.schedules import SCHEDULES, get_schedule
+from lightning_pipe.engine.schedules_replicated import replicated
 from lightning_pipe.planner.simulate import Link, Prediction, StageCost, predict
 
 __all__ = ["main", "build_parser", "describe"]
@@ -25,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="print the registered schedule names")
     show = commands.add_parser("show", help="print a schedule's grid, predicted bubble and peak activations")
     show.add_argument("name", help=f"schedule name: {', '.join(sorted(SCHEDULES))}")
-    show.add_argument("--stages", type=int, required=True,
+    show.add_argument("--stages", type=int, default=None,
                       help="pipeline depth in ranks (interleaved_1f1b: ranks; it makes stages x virtual stages)")
+    show.add_argument("--replicas", default=None,
+                      help="ranks per stage, e.g. 3,1 (1f1b or gpipe with replicated stages taking micro-batches in "
+                           "turn); each stage's costs are multiplied by its replicas, as for a stage replicated "
+                           "because it is that much slower")
     show.add_argument("--microbatches", type=int, required=True, help="micro-batches per batch")
     show.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved_1f1b)")
     costs = show.add_argument_group("costs of one stage (any time unit; an unsplit backward B costs I + W)")
@@ -58,11 +64,22 @@ def describe(prediction: Prediction) -> str:
 
 
 def _show(args: argparse.Namespace) -> None:
-    options = {} if args.virtual_stages is None else {"virtual_stages": args.virtual_stages}
-    schedule = get_schedule(args.name, args.stages, args.microbatches, **options)
-    check_schedule(schedule)
     cost = StageCost(args.forward, args.backward_input, args.backward_weight, args.optimizer)
-    prediction = predict(schedule, cost, Link(args.latency, args.bandwidth, args.message_bytes))
+    if args.replicas is not None:
+        counts = [int(count) for count in args.replicas.split(",")]
+        if args.stages is not None and args.stages != len(counts):
+            raise ValueError(f"--stages {args.stages} but --replicas {args.replicas} lists {len(counts)} stages")
+        schedule = replicated(counts, args.microbatches, args.name)
+        costs: StageCost | list[StageCost] = [
+            StageCost(cost.forward * r, cost.backward_input * r, cost.backward_weight * r, cost.optimizer)
+            for r in counts]
+    else:
+        if args.stages is None:
+            raise ValueError("give --stages (or --replicas)")
+        options = {} if args.virtual_stages is None else {"virtual_stages": args.virtual_stages}
+        schedule, costs = get_schedule(args.name, args.stages, args.microbatches, **options), cost
+    check_schedule(schedule)
+    prediction = predict(schedule, costs, Link(args.latency, args.bandwidth, args.message_bytes))
     print("order of compute actions (one row per step, every action one step long):")
     print(format_grid(schedule))
     print()

@@ -30,6 +30,16 @@ def test_show_costs(capsys):
     assert "pipeline 24.5" in capsys.readouterr().out  # 8 * 2.5 + 3 * (1 + 1 - 0.5)
 
 
+def test_show_replicated_stages(capsys):
+    """--replicas 3,1: stage 0's costs are three times stage 1's. Each stage-0 replica is busy 2 x (3 + 6) = 18, and
+    the last one idles 9 waiting for its gradients: 27."""
+    assert main(["show", "1f1b", "--replicas", "3,1", "--microbatches", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "replicated_1f1b: 4 ranks, 2 stages, 6 micro-batches" in out and "pipeline 27" in out
+    assert main(["show", "1f1b", "--replicas", "1,3", "--microbatches", "6"]) == 2
+    assert "the last stage must have one rank" in capsys.readouterr().err
+
+
 def test_errors_say_how_to_fix(capsys):
     assert main(["show", "interleaved_1f1b", "--stages", "4", "--microbatches", "6"]) == 2
     assert "use 8 or schedule='1f1b'" in capsys.readouterr().err
