@@ -15,8 +15,7 @@ from lightning_pipe.engine.comm import PipelineError
 
 __all__ = ["reported_failures"]
 
-_KEY = "lightning_pipe/first_error"
-_ENDED = "lightning_pipe/ended"
+_PREFIX = "lightning_pipe"
 
 
 def _store() -> Any:
@@ -26,22 +25,23 @@ def _store() -> Any:
         return None
 
 
-def _announce(message: str) -> None:
+def _announce(scope: str, message: str) -> None:
     store = _store()
     if store is not None:
         try:
-            store.compare_set(_KEY, "", f"{dist.get_rank()}\n{message}")  # the first error wins
+            store.compare_set(f"{_PREFIX}/{scope}/first_error", "", f"{dist.get_rank()}\n{message}")  # first wins
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
             pass
 
 
-def _first_error(wait: float) -> PipelineError | None:
+def _first_error(scope: str, wait: float) -> PipelineError | None:
     store = _store()
+    key = f"{_PREFIX}/{scope}/first_error"
     deadline = time.monotonic() + wait
     while store is not None:
         try:
-            if store.check([_KEY]):
-                origin, _, message = store.get(_KEY).decode().partition("\n")
+            if store.check([key]):
+                origin, _, message = store.get(key).decode().partition("\n")
                 return PipelineError(message, int(origin))
         except Exception:  # noqa: BLE001
             return None
@@ -61,39 +61,42 @@ def _lost_connection(error: BaseException) -> bool:
     return isinstance(error, dist.DistNetworkError) or any(text in str(error).lower() for text in _LOST)
 
 
-def _leave() -> None:
+def _leave(scope: str) -> None:
     """Count this rank as ended; the rank that hosts the store (global rank 0 under Lightning's launchers) waits up to
     5 s for the others, so that they can still read the first error after it has ended."""
     store = _store()
     if store is None:
         return
     try:
-        ended = store.add(_ENDED, 1)
+        ended = store.add(f"{_PREFIX}/{scope}/ended", 1)
         if dist.get_rank() == 0:
             deadline = time.monotonic() + 5.0
             while ended < dist.get_world_size() and time.monotonic() < deadline:
                 time.sleep(0.05)
-                ended = store.add(_ENDED, 0)
+                ended = store.add(f"{_PREFIX}/{scope}/ended", 0)
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         pass
 
 
 @contextmanager
-def reported_failures() -> Iterator[None]:
-    """Post the first error raised in the block; turn a lost connection into the error that caused it."""
+def reported_failures(scope: str = "run") -> Iterator[None]:
+    """Post the first error raised in the block; turn a lost connection into the error that caused it.
+
+    ``scope`` names the run the errors belong to (every rank passes the same one): a later run in the same process
+    group, after a failure was caught, starts with no first error."""
     try:
         yield
     except PipelineError as error:
-        _announce(str(error))
-        _leave()
+        _announce(scope, str(error))
+        _leave(scope)
         raise
     except Exception as error:
         if _lost_connection(error):
-            cause = _first_error(wait=2.0)
+            cause = _first_error(scope, wait=2.0)
             if cause is not None:
-                _leave()
+                _leave(scope)
                 raise cause from error
-        _announce(f"rank {dist.get_rank() if dist.is_initialized() else 0} failed: {type(error).__name__}: "
-                  f"{error}\n{traceback.format_exc()}")
-        _leave()
+        _announce(scope, f"rank {dist.get_rank() if dist.is_initialized() else 0} failed: {type(error).__name__}: "
+                         f"{error}\n{traceback.format_exc()}")
+        _leave(scope)
         raise

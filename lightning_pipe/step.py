@@ -49,6 +49,8 @@ class PipelineRunner:
     with the same batch; each returns the same value on every rank.
     """
 
+    _built = 0  # runners built in this process so far
+
     def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters,
                  replica_group: dist.ProcessGroup | None = None) -> None:
         self.split = split
@@ -59,6 +61,8 @@ class PipelineRunner:
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
+        PipelineRunner._built += 1  # every rank builds its runners in the same order: the count names this one
+        self.scope = f"runner{PipelineRunner._built}"
         # the ranks holding this rank's stages in the other replicas (None: one replica)
         self.replica_group = replica_group
         # Synchronous: averaged once per step, bucket by bucket as the backward ends. Asynchronous: before each of the
@@ -130,7 +134,7 @@ class PipelineRunner:
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
               optimizer_step: Callable[[], Any] | None = None) -> Any:
-        with reported_failures():
+        with reported_failures(self.scope):
             return self._train(args, kwargs, loss_scale, optimizer_step)
 
     def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
@@ -175,7 +179,7 @@ class PipelineRunner:
     def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
         outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank."""
-        with reported_failures():
+        with reported_failures(self.scope):
             return self._evaluate(step, args, kwargs)
 
     def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:

@@ -48,3 +48,33 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} finished although rank {failing_rank} failed"
         assert f"boom on rank {failing_rank}" in text, f"rank {rank} did not report the error:\n{text[-2000:]}"
+
+
+def _scoped_failures(rank: int, world_size: int) -> list[str]:
+    from lightning_pipe.failures import reported_failures
+
+    seen = []
+    for scope, error in (("first", ValueError("boom on rank 1")), ("first", RuntimeError("Connection closed by peer")),
+                         ("second", RuntimeError("Connection closed by peer"))):
+        if rank == 1 and scope == "first" and isinstance(error, RuntimeError):
+            continue  # rank 1 raised the cause; rank 0 sees only a broken connection
+        if rank == 0 and isinstance(error, ValueError):
+            continue
+        try:
+            with reported_failures(scope):
+                raise error
+        except Exception as raised:  # noqa: BLE001 - the test reads what came out
+            seen.append(f"{type(raised).__name__}: {raised}".splitlines()[0])
+        torch.distributed.barrier()
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_connection_reports_the_first_error_of_its_own_run_only() -> None:
+    """Rank 1 fails; rank 0, which only sees its connection close, reports rank 1's error. In a later run (another
+    scope) the same symptom is reported as it is: the earlier run's error is not blamed for it."""
+    rank0, rank1 = run_ranks(_scoped_failures, 2, timeout=50)
+    assert rank1[0] == "ValueError: boom on rank 1"
+    assert rank0[0].startswith("PipelineError: rank 1 failed: ValueError: boom on rank 1")
+    assert "Connection closed by peer" in rank0[1] and "Connection closed by peer" in rank1[1]
+    assert "boom" not in rank0[1] + rank1[1]
