@@ -183,3 +183,18 @@ def _bad_replicas(rank: int, world_size: int, options: dict) -> None:
 def test_bad_replica_layouts_fail_on_every_rank(options: dict, message: str) -> None:
     errors = run_ranks(_bad_replicas, 4, options, expect_failure=True, timeout=50)
     assert all(error is not None and re.search(message, error) for error in errors), errors
+
+
+def _idle_replicas(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Pipeline(mlp(num_layers=4), loss_fn=mse_loss, replicas=[3, 1], num_microbatches=2)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.timeout(60)
+def test_fewer_microbatches_than_replicas_warns() -> None:
+    for messages in run_ranks(_idle_replicas, 4, timeout=50):
+        assert any("num_microbatches=2 is fewer than the 3 ranks of the widest stage" in m for m in messages), messages

@@ -247,9 +247,10 @@ class Pipeline:
             raise ValueError(f"replicated stages run schedule='1f1b' or 'gpipe' without options, not {schedule!r}"
                              f"{' with ' + str(options) if options else ''}; change the schedule or drop replicas")
         if self.num_microbatches < max(counts):
-            warnings.warn(f"num_microbatches={self.num_microbatches} is fewer than the {max(counts)} ranks of the "
-                          f"widest stage (replicas={counts}): some of them will have no micro-batch to run; use at least "
-                          f"{max(counts)} (a multiple of {max(counts)} keeps them evenly busy)", stacklevel=3)
+            widest = max(counts)
+            warnings.warn(f"num_microbatches={self.num_microbatches} is fewer than the {widest} ranks of the widest "
+                          f"stage (replicas={counts}): some of them will have no micro-batch to run; use at least "
+                          f"{widest} (a multiple of {widest} keeps them evenly busy)", stacklevel=3)
         return counts
 
     def _replica_group_sum(self, plan: Schedule) -> GradientAverager | None:
