@@ -52,6 +52,11 @@ def test_stage_sizes() -> None:
     assert stage_sizes(layers, 2, [7, 3]) == [7, 3]
     heavy = [nn.Linear(64, 64)] + [nn.Linear(2, 2) for _ in range(7)]
     assert stage_sizes(heavy, 2, "parameters") == [1, 7]
+    # Replicated stages get shares in proportion to their ranks: 3 of 4 ranks hold three quarters of the layers.
+    assert stage_sizes(layers[:8], 2, "uniform", replicas=[3, 1]) == [6, 2]
+    assert stage_sizes(layers[:6], 2, "uniform", replicas=[3, 1]) == [5, 1]  # 5/3 beats 4/3 with 2 on one rank
+    assert stage_sizes(layers[:8], 3, "uniform", replicas=[2, 1, 1]) == [4, 2, 2]
+    assert stage_sizes(layers, 4, "uniform", replicas=[1, 1, 1, 1]) == stage_sizes(layers, 4)
 
 
 @pytest.mark.parametrize("partition,message", [

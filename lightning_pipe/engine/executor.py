@@ -106,7 +106,7 @@ class Pipeline:
         plan = self.schedule_for(num_microbatches)  # also validates the schedule's arguments
         self.num_stages = plan.num_stages
         try:
-            sizes = stage_sizes(layers, self.num_stages, partition)
+            sizes = stage_sizes(layers, self.num_stages, partition, self.replicas)
         except ValueError as error:
             raise ValueError(f"{error} (the pipeline has {self.num_ranks} ranks and {self.num_stages} stages)") from None
         self.stage_sizes = sizes

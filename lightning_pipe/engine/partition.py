@@ -13,8 +13,12 @@ __all__ = ["Partition", "stage_sizes", "balance", "cut"]
 Partition = Union[str, Sequence[int]]  # "uniform", "parameters", or layer counts per stage
 
 
-def stage_sizes(layers: Sequence[nn.Module], num_stages: int, partition: Partition = "uniform") -> list[int]:
-    """Number of layers in each stage, for ``partition`` = "uniform", "parameters" or explicit counts."""
+def stage_sizes(layers: Sequence[nn.Module], num_stages: int, partition: Partition = "uniform",
+                replicas: Sequence[int] | None = None) -> list[int]:
+    """Number of layers in each stage, for ``partition`` = "uniform", "parameters" or explicit counts.
+
+    ``replicas`` (ranks per stage, uneven replication) makes "uniform" and "parameters" give each stage a share in
+    proportion to its ranks: with ``[3, 1]``, stage 0 gets about three quarters of the layers (or parameters)."""
     num_layers = len(layers)
     if num_stages < 1:
         raise ValueError(f"num_stages ({num_stages}) must be >= 1")
@@ -24,11 +28,13 @@ def stage_sizes(layers: Sequence[nn.Module], num_stages: int, partition: Partiti
             f"use at most {num_layers} devices, or split the model into more layers"
         )
     if isinstance(partition, str):
-        if partition == "uniform":
+        if partition == "uniform" and (replicas is None or len(set(replicas)) == 1):
             return [len(part) for part in _uniform(num_layers, num_stages)]
+        if partition == "uniform":
+            return balance([1.0] * num_layers, num_stages, replicas)
         if partition == "parameters":
             weights = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-            return balance(weights, num_stages)
+            return balance(weights, num_stages, replicas)
         raise ValueError(f"unknown partition {partition!r}; use 'uniform', 'parameters' or a list of layer counts")
     sizes = [int(n) for n in partition]
     if len(sizes) != num_stages:
@@ -50,11 +56,15 @@ def _uniform(num_layers: int, num_stages: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(num_stages)]
 
 
-def balance(weights: Sequence[float], num_stages: int) -> list[int]:
+def balance(weights: Sequence[float], num_stages: int, capacities: Sequence[float] | None = None) -> list[int]:
     """Contiguous stage sizes (each >= 1) minimising the heaviest stage; ties go to the most even counts.
 
-    Exact dynamic program over prefix sums: O(stages * layers^2), instant for thousands of layers.
+    ``capacities`` (e.g. each stage's replicas) divide each stage's weight, and the even counts are in proportion
+    to them. Exact dynamic program over prefix sums: O(stages * layers^2), instant for thousands of layers.
     """
+    shares = [1.0] * num_stages if capacities is None else [float(c) for c in capacities]
+    if len(shares) != num_stages or not all(c > 0 for c in shares):
+        raise ValueError(f"capacities {capacities} must give one positive number per stage ({num_stages})")
     n = len(weights)
     prefix = [0.0]
     for w in weights:
@@ -64,14 +74,14 @@ def balance(weights: Sequence[float], num_stages: int) -> list[int]:
     best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
     choice = [[0] * (n + 1) for _ in range(num_stages + 1)]
     best[0][0] = (0.0, 0.0)
-    even = n / num_stages
+    even = [n * c / sum(shares) for c in shares]
     for k in range(1, num_stages + 1):
         for j in range(k, n - (num_stages - k) + 1):
             for i in range(k - 1, j):
                 if best[k - 1][i] == inf:
                     continue
-                heavy = max(best[k - 1][i][0], prefix[j] - prefix[i])
-                spread = max(best[k - 1][i][1], abs((j - i) - even))
+                heavy = max(best[k - 1][i][0], (prefix[j] - prefix[i]) / shares[k - 1])
+                spread = max(best[k - 1][i][1], abs((j - i) - even[k - 1]))
                 if (heavy, spread) < best[k][j]:
                     best[k][j] = (heavy, spread)
                     choice[k][j] = i

@@ -323,8 +323,8 @@ class _Context:
                 raise ValueError("method='memory' needs memory_cap= (bytes per device); or use method='time'")
             segments = planned(lambda i, j, c, r: self.sums.compute(i, j) / r)
         else:
-            sizes = (balance([x.parameters for x in self.sums.profiles], p) if method == "parameters"
-                     else stage_sizes([None] * self.L, p, method))  # type: ignore[list-item]
+            sizes = (balance([x.parameters for x in self.sums.profiles], p, counts) if method == "parameters"
+                     else stage_sizes([None] * self.L, p, method, counts))  # type: ignore[list-item]
             starts = [sum(sizes[:s]) for s in range(p)]
             segments = [Segment(starts[s], starts[s] + sizes[s], sum(counts[:s]), counts[s]) for s in range(p)]
         plan = self.evaluate(name, segments, shape)
