@@ -96,3 +96,25 @@ def test_rematerialization_replays_dropout_masks(schedule: str) -> None:
         for name, grad in plain.items():
             assert grad.abs().sum() > 0
             torch.testing.assert_close(remat[name], grad, rtol=0, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+def _output_storage_at_backward(rank: int, world_size: int, schedule: str) -> list[int]:
+    """Bytes held by stage 0's output tensors when their backward starts (rank 0; the other ranks return [])."""
+    model = mlp(num_layers=4, width=64)
+    sizes: list[int] = []
+
+    def watch(_module, _inputs, output):
+        output.register_hook(lambda grad: sizes.append(output.untyped_storage().nbytes()))
+
+    model[1].register_forward_hook(watch)  # the last layer of stage 0 (2 layers per stage)
+    pipe = Pipeline(model, loss_fn=mse_loss, schedule=schedule, num_microbatches=4)
+    pipe.train_step(make_batch(16, width=64))
+    return sizes if rank == 0 else []
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_sent_output_is_freed_until_its_backward(schedule: str) -> None:
+    """Once a micro-batch's activations are sent, the stage keeps its output's autograd node but not its values: the
+    four outputs (4 rows x 64 floats = 1 KiB each) hold one element each when their backward runs."""
+    sizes = run_ranks(_output_storage_at_backward, 2, schedule)[0]
+    assert sizes == [4, 4, 4, 4]

@@ -135,6 +135,8 @@ def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bo
     def send_activation(action: Action) -> None:
         index, _, mb = action
         comm.send(state.to_send.pop((index, mb)), to_rank(index + 1, mb), tag("F", index))
+        if training:
+            stages[index].release_output(first_id + mb)  # the message holds a copy; backward needs no values
 
     # Each channel's next receive is posted as soon as the previous one completes (one ahead, see comm), so a
     # message moves when it is sent rather than when this rank gets around to asking for it.

@@ -18,8 +18,9 @@ __all__ = ["PipelineStage"]
 class PipelineStage:
     """Runs ``module`` (stage ``stage_index`` of ``num_stages``) on micro-batches and back-propagates them.
 
-    Forward keeps the micro-batch's input and output until its backward; with ``checkpoint_activations`` it
-    keeps only the input and recomputes the forward during backward (GPipe's re-materialization; RNG state is
+    Forward keeps the micro-batch's input and output until its backward (the output's values only until it has been
+    sent: :meth:`release_output`); with ``checkpoint_activations`` it keeps only the input and recomputes the forward
+    during backward (GPipe's re-materialization; RNG state is
     restored so dropout draws the same mask). Gradients accumulate in the module's parameters.
     """
 
@@ -120,6 +121,21 @@ class PipelineStage:
             leaves = [t for t in tree_flatten(output)[0] if t.requires_grad]
             if leaves:
                 self._capturing.append((module, leaves))
+
+    def release_output(self, microbatch: int) -> None:
+        """Free the storage of ``microbatch``'s output once it has been sent (the message holds a copy).
+
+        Backward needs only the output's autograd node and shape, not its values (an op that needs them saved its own
+        reference), so each output tensor's data becomes one zero broadcast to the same shape (Megatron-LM frees its
+        outputs the same way). Leaves are left alone: one may be this stage's own input passed through.
+        """
+        output = self._outputs.get(microbatch)
+        if output is None:
+            return
+        for leaf in tree_flatten(output)[0]:
+            if (isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None and leaf.layout == torch.strided
+                    and leaf.numel() > 1):
+                leaf.data = torch.zeros((), dtype=leaf.dtype, device=leaf.device).expand(leaf.shape)
 
     def hold(self, microbatch: int, loss: torch.Tensor) -> None:
         """On the last stage: back-propagate ``microbatch`` from ``loss`` instead of from the layers' output."""
