@@ -40,19 +40,17 @@ class MeshShape:
     @classmethod
     def of(cls, world_size: int, num_stages: int | None, replicas: int | tuple[int, ...] | None) -> MeshShape:
         """The shape for ``world_size`` ranks (``devices * num_nodes``); says how to fix a mismatch."""
-        if isinstance(replicas, tuple) and len(set(replicas)) == 1:  # [2, 2]: even, with that many stages
+        if isinstance(replicas, tuple):
             if num_stages is not None and num_stages != len(replicas):
                 raise ValueError(f"num_stages={num_stages} but replicas={list(replicas)} lists {len(replicas)} "
                                  f"stages; drop num_stages")
-            num_stages, replicas = len(replicas), replicas[0]
-        if isinstance(replicas, tuple):  # uneven: one pipeline
-            if num_stages is not None and num_stages != len(replicas):
-                raise ValueError(f"num_stages={num_stages} but replicas={list(replicas)} lists {len(replicas)} "
-                                 f"stages; drop num_stages")
-            if sum(replicas) != world_size:
+            if len(set(replicas)) == 1:  # [2, 2]: even replication of that many stages
+                num_stages, replicas = len(replicas), replicas[0]
+            elif sum(replicas) != world_size:
                 raise ValueError(f"replicas={list(replicas)} places {sum(replicas)} ranks, but devices * num_nodes = "
                                  f"{world_size}; make them equal")
-            return cls(len(replicas), 1, replicas)
+            else:  # uneven: one pipeline
+                return cls(len(replicas), 1, replicas)
         if num_stages is None and replicas is None:
             return cls(world_size, 1)
         if num_stages is None:
@@ -89,6 +87,7 @@ class MeshShape:
         """The global ranks of each replica's pipeline, in pipeline rank order."""
         return [[rank * self.replicas + replica for rank in range(self.pipeline_ranks)]
                 for replica in range(self.replicas)]
+
 
 def check_replicas(replicas: int | Sequence[int] | str | None) -> int | tuple[int, ...] | str | None:
     """``replicas`` as one count for every stage (an integer), one count per stage (a tuple; uneven replication if

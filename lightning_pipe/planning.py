@@ -109,13 +109,8 @@ def plan_cut(
     is left as it was. ``replicas``: ranks per stage (uneven replication), which the cut balances: a stage on 3 ranks
     gets about 3 times the work; ``"round_robin"``: the planner chooses them (partition ``"profile"``) for
     ``num_devices`` ranks, with ``num_stages`` stages if given. Raises the planner's error (e.g.
-    :class:`~lightning_pipe.planner.MemoryCapError`) when no
-    plan fits ``memory_cap``.
+    :class:`~lightning_pipe.planner.MemoryCapError`) when no plan fits ``memory_cap``.
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        inputs = sequence_input(module, sequence, batch, step)
-        sample = split_batch(inputs, num_microbatches)[0]
-        profiles = profile_layers(sequence, sample, device=device, cache=cache)
     chosen = replicas == ROUND_ROBIN
     if chosen:
         if num_devices is None:
@@ -129,6 +124,10 @@ def plan_cut(
         devices = num_stages
     if schedule == AUTO_SCHEDULE and replicas:
         raise ValueError("schedule='auto' plans one rank per stage; name a schedule to plan with replicas")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        inputs = sequence_input(module, sequence, batch, step)
+        sample = split_batch(inputs, num_microbatches)[0]
+        profiles = profile_layers(sequence, sample, device=device, cache=cache)
     topology = default_topology(devices, 1, device.type)
     heading = (f"profiled {len(profiles)} layers on {device} with micro-batches of {batch_rows(sample)} rows "
                f"({batch_rows(inputs)} per batch)")
