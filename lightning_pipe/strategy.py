@@ -71,7 +71,7 @@ class PipelineStrategy(ProcessStrategy):
             ranks form one pipeline. With several replicas the ranks form a ``DeviceMesh`` with dims
             ``("pipe", "data")`` (see :mod:`lightning_pipe.mesh`): each replica runs the schedule on its share of
             the data (a ``DistributedSampler`` over the replicas) and each stage's replicas average their gradients
-            (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.replicas`).
+            (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.engine.replicas`).
         replicas: replicas of every stage, instead of ``num_stages`` (even replication: the mesh above); or a list
             with one count per stage, e.g. ``[3, 1]`` (uneven replication, PipeDream's "3-1": one pipeline whose
             stage ``s`` has ``replicas[s]`` ranks taking its micro-batches in turn, summing their gradients; see
