@@ -24,22 +24,22 @@ Every plan is then played through the schedule by :func:`~.simulate.predict` (a 
 ``replicas=[3, 1]`` fixes each stage's replicas (uneven replication, run as one pipeline whose replicas take the
 micro-batches in turn: :mod:`lightning_pipe.engine.schedules_replicated`): ``"time"`` then balances each stage's
 time divided by its replicas, ``"profile"`` and ``"memory"`` search only cuts with those counts, and the plan is
-played through that round-robin schedule itself, each replica at its own speed.
+played through that round-robin schedule itself, each replica at its own speed (:mod:`.uneven`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 from lightning_pipe.engine.partition import balance, stage_sizes
 from lightning_pipe.engine.schedules import Schedule, get_schedule
-from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES, check_replicas, replicated
 from lightning_pipe.planner.costs import LayerSums, stage_peaks
 from lightning_pipe.planner.plans import MemoryCapError, Plan, StagePlan
+from lightning_pipe.planner import uneven
 from lightning_pipe.planner.profile import LayerProfile
-from lightning_pipe.planner.search import SearchResult, Segment, search, search_depths
+from lightning_pipe.planner.search import Segment, search, search_depths
 from lightning_pipe.planner.simulate import Link, StageCost, predict
 from lightning_pipe.planner.topology import Topology
 
@@ -95,7 +95,7 @@ def plan_pipeline(
                              f"method, or give the replicas")
         context.round_robin_mode, replicas = True, None
     elif replicas is not None and not isinstance(replicas, int):
-        return context.per_stage(method, list(replicas), num_stages, refine)
+        return uneven.plan_per_stage(context, method, list(replicas), num_stages, refine)
     if method == "profile":  # the fastest in simulation of PipeDream's best plans for each number of stages
         plans = [context.evaluate(name, segments, shape) for segments, shape in context.profile(num_stages, replicas)]
         plans.sort(key=lambda p: (p.step_time, p.bottleneck))
@@ -194,7 +194,7 @@ class _Context:
                              f"{self.L} layers and {self.D} devices)")
         counts = self.stage_counts(num_stages, replicas)
         if self.round_robin_mode:
-            results = [self.search_round_robin(p) for p in counts]
+            results = [uneven.search_round_robin(self, p) for p in counts]
         elif self.cap is None:
             found = search_depths(self.L, self.D, lambda i, j, c, r, k: self.stage_time(i, j, c, r), self.cut_time,
                                   max_stages=max(counts, default=0), replicas=replicas)
@@ -278,97 +278,10 @@ class _Context:
             plan, segments = best, chosen
         return plan
 
-    # -- uneven replication -------------------------------------------------------------------------
-    def round_robin(self, segments: Sequence[Segment]) -> Schedule | None:
-        """The schedule PipelineStrategy runs a plan of unevenly replicated stages with (its stages take micro-batches
-        in turn), or ``None`` where it would not: stages replicated evenly are data-parallel pipelines, and a
-        replicated last stage or a schedule without a round-robin form has no such run."""
-        counts = [seg.replicas for seg in segments]
-        if len(set(counts)) == 1 or counts[-1] != 1 or self.schedule not in REPLICATED_SCHEDULES or self.options:
-            return None
-        return replicated(counts, self.m, self.schedule)
-
-    def per_stage(self, method: Method, counts: list[int], num_stages: int | None, refine: bool) -> Plan:
-        """The plan of ``method`` whose stage ``s`` has ``counts[s]`` replicas, played through the round-robin
-        schedule those replicas run."""
-        counts = check_replicas(counts)
-        p = len(counts)
-        if sum(counts) != self.D:
-            raise ValueError(f"replicas={counts} places {sum(counts)} devices, but the topology has {self.D}")
-        if num_stages is not None and num_stages != p:
-            raise ValueError(f"num_stages={num_stages} but replicas={counts} lists {p} stages; drop num_stages")
-        if p > self.L:
-            raise ValueError(f"cannot cut {self.L} layers into {p} stages; use fewer stages or more layers")
-        if self.schedule not in REPLICATED_SCHEDULES or self.options:
-            raise ValueError(f"replicas={counts} runs schedule '1f1b' or 'gpipe' without options, not "
-                             f"{self.schedule!r}")
-        shape = replicated(counts, self.m, self.schedule)
-        held = stage_peaks(shape)  # per replica (evaluate() plays every plan with these counts through it)
-        name = method if isinstance(method, str) else "explicit"
-
-        def fits(i: int, j: int, k: int) -> bool:
-            return self.cap is None or self.sums.memory_bytes(i, j, held[k] * counts[k], counts[k]) <= self.cap
-
-        def planned(cost: Callable[[int, int, int, int], float]) -> list[Segment]:
-            found = search(self.L, self.D, lambda i, j, c, r, k: cost(i, j, c, r)
-                           if r == counts[k] and fits(i, j, k) else math.inf, self.cut_time, num_stages=p)
-            if found is None:
-                self.too_big_per_stage(counts, held, method)
-            return list(found.segments)  # type: ignore[union-attr]
-
-        if method == "profile":
-            segments = planned(self.stage_time)
-        elif method in ("time", "memory"):
-            if method == "memory" and self.cap is None:
-                raise ValueError("method='memory' needs memory_cap= (bytes per device); or use method='time'")
-            segments = planned(lambda i, j, c, r: self.sums.compute(i, j) / r)
-        else:
-            sizes = (balance([x.parameters for x in self.sums.profiles], p, counts) if method == "parameters"
-                     else stage_sizes([None] * self.L, p, method, counts))  # type: ignore[list-item]
-            starts = [sum(sizes[:s]) for s in range(p)]
-            segments = [Segment(starts[s], starts[s] + sizes[s], sum(counts[:s]), counts[s]) for s in range(p)]
-        plan = self.evaluate(name, segments, shape)
-        if method == "profile" and refine:
-            plan = self.refine(plan, counts)
-        if self.cap is not None and plan.peak_memory > self.cap:
-            self.too_big_per_stage(counts, held, method, plan.peak_memory)
-        return plan
-
-    def search_round_robin(self, p: int, objective: str = "time") -> SearchResult | None:
-        """PipeDream's program over ``p`` stages whose last has one device, minimising the slowest stage (or, with
-        ``objective="memory"``, the fullest device). A replica holds at most its own ``ceil(m / r)`` micro-batches,
-        and in 1F1B at most ``ceil((D - c) / r)`` (the stages from its first device ``c`` on: PipeDream's limit)."""
-        def held(c: int, r: int) -> int:
-            own = math.ceil(self.m / r)
-            return min(own, math.ceil((self.D - c) / r)) if self.schedule == "1f1b" else own
-
-        def cost(i: int, j: int, c: int, r: int, k: int | None) -> float:
-            if j == self.L and r != 1:
-                return math.inf
-            memory = self.sums.memory_bytes(i, j, held(c, r) * r, r)
-            if objective == "memory":
-                return float(memory)
-            if self.cap is not None and memory > self.cap:
-                return math.inf
-            return self.stage_time(i, j, c, r)
-
-        return search(self.L, self.D, cost, self.cut_time if objective == "time" else lambda i, c: 0.0,
-                      num_stages=p)
-
-    def too_big_per_stage(self, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
-        found = search(self.L, self.D, lambda i, j, c, r, k: float(self.sums.memory_bytes(i, j, held[k] * r, r))
-                       if r == counts[k] else math.inf, num_stages=len(counts))
-        least = found.value if found is not None else math.inf
-        what = f"the {method!r} plan needs {needed / 2**20:.1f} MiB on its fullest device; " if needed else ""
-        raise MemoryCapError(
-            f"no plan of {self.L} layers with replicas={counts} fits memory_cap={self.cap / 2**20:.1f} MiB per "
-            f"device: {what}the smallest cap any cut fits is {least / 2**20:.1f} MiB ({least:.0f} bytes). Raise "
-            f"memory_cap, or change the replicas", least)
-
     # -- memory -------------------------------------------------------------------------------------
     def least_memory(self, num_stages: int | None, replicas: int | None) -> float:
         if self.round_robin_mode:
-            found = [self.search_round_robin(p, "memory") for p in self.stage_counts(num_stages, None)]
+            found = [uneven.search_round_robin(self, p, "memory") for p in self.stage_counts(num_stages, None)]
             return min((result.value for result in found if result is not None), default=math.inf)
         probe = self.build(1)
         if probe.num_stages != probe.num_ranks:  # several stages per rank: the uniform-count cut's memory
@@ -401,7 +314,7 @@ class _Context:
         stages) runs each replica at its own speed; otherwise a replicated stage is one faster device."""
         sums, m = self.sums, self.m
         if self.round_robin_mode:
-            shape = self.round_robin(segments) or shape
+            shape = uneven.round_robin_schedule(self, segments) or shape
         peaks = stage_peaks(shape)
         round_robin = bool(shape.stage_replicas)
         stages, costs = [], []
