@@ -14,13 +14,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe import launch
+from lightning_pipe.engine import launch
 
 __all__ = ["SleepCosts", "SleepLayer", "run_ranks", "markdown_table", "write_json"]
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
-    """:func:`lightning_pipe.launch.run_ranks` with a timeout for long benchmark runs."""
+    """:func:`lightning_pipe.engine.launch.run_ranks` with a timeout for long benchmark runs."""
     return launch.run_ranks(fn, world_size, *args, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """Lightning overhead: ``Trainer.fit`` with ``PipelineStrategy`` against the bare engine loop, same model and data.
 
-Both sides train the example GPT (``lightning_pipe.examples.gpt``) on the standard-library text for the same
+Both sides train the example GPT (``lightning_pipe.demos.gpt``) on the standard-library text for the same
 number of steps, from the same seed, on the same number of ranks. The engine side is the loop a user writes by
 hand: ``Pipeline.train_step(batch)``, ``optimizer.step()``, ``optimizer.zero_grad()``. The Trainer side is
 ``Trainer.fit`` with the unchanged LightningModule (its ``self.log`` included); no logger, checkpoint or progress
@@ -70,7 +70,7 @@ class Config:
 
 # -- the shared pieces ----------------------------------------------------------------------------
 def _model(cfg: Config) -> Any:
-    from lightning_pipe.examples.gpt import GPT
+    from lightning_pipe.demos.gpt import GPT
 
     torch.manual_seed(cfg.seed)
     return GPT(block_size=cfg.block_size, width=cfg.width, num_layers=cfg.layers, num_heads=4,
@@ -78,7 +78,7 @@ def _model(cfg: Config) -> Any:
 
 
 def _data(cfg: Config) -> Any:
-    from lightning_pipe.examples.stdlib_text import StdlibTextDataModule
+    from lightning_pipe.demos.stdlib_text import StdlibTextDataModule
 
     data = StdlibTextDataModule(block_size=cfg.block_size, batch_size=cfg.batch_size, max_bytes=cfg.max_bytes)
     data.setup("fit")

@@ -55,7 +55,7 @@ def interleaved_ideal(p: int, m: int, c: SleepCosts, v: int) -> float:
 
 
 def zb_h1_ideal(p: int, m: int, c: SleepCosts, v: int) -> float:
-    """ZB-H1: ``m (t_f + t_b) + (p - 1) max(t_f, t_i, t_f + t_i - t_w)`` (see ``engine/schedules_zoo.zb_h1``)."""
+    """ZB-H1: ``m (t_f + t_b) + (p - 1) max(t_f, t_i, t_f + t_i - t_w)`` (see ``engine/schedules/zoo.zb_h1``)."""
     bubble = max(c.forward, c.backward_input, c.forward + c.backward_input - c.backward_weight)
     return m * (c.forward + c.backward) + (p - 1) * bubble
 
@@ -333,7 +333,7 @@ def _predicted(bench: BenchSchedule, config: Config, calibration: dict[str, Any]
     per batch in steady state for the asynchronous schedules (one more batch in a stream of batches)."""
     if bench.name is None:
         return None
-    from lightning_pipe.engine import schedules_async
+    from lightning_pipe.engine.schedules import asynchronous as schedules_async
     from lightning_pipe.engine.schedules import get_schedule
     from lightning_pipe.planner.simulate import Link, StageCost, predict
 

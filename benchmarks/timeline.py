@@ -51,7 +51,7 @@ def main() -> None:
     from lightning_pipe.engine.schedules import Action, get_schedule
     from lightning_pipe.engine.trace import Record, to_chrome_trace
     from lightning_pipe.planner.simulate import StageCost, predict
-    from lightning_pipe.viz import draw_side_by_side
+    from lightning_pipe.planner.pictures import draw_side_by_side
 
     options = {"virtual_stages": args.virtual_stages} if args.virtual_stages else {}
     per_stage = 1 / (options.get("virtual_stages", 1) * (2 if args.schedule == "zb_v" else 1))

@@ -11,7 +11,7 @@ in the backward pass. The data ships inside scikit-learn; the baseline is the en
 import lightning as L
 
 import lightning_pipe  # noqa: F401 - registers the strategy names "pipedream" and "gpipe" with Lightning
-from lightning_pipe.examples import DigitsClassifier, DigitsDataModule
+from lightning_pipe.demos import DigitsClassifier, DigitsDataModule
 
 
 def main() -> None:

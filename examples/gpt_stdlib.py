@@ -16,7 +16,7 @@ import argparse
 import lightning as L
 
 import lightning_pipe  # noqa: F401 - registers the strategy names "pipedream" and "gpipe" with Lightning
-from lightning_pipe.examples import GPT, StdlibTextDataModule
+from lightning_pipe.demos import GPT, StdlibTextDataModule
 
 
 def main() -> None:

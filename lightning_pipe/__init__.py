@@ -18,8 +18,8 @@ __all__ = ["PipelineStrategy"]
 def _register() -> None:
     # The strategy module registers the names when it finishes importing. If it is being imported right now
     # (it imports Lightning, which is how this hook fired), it will do so itself when it is done.
-    if "lightning_pipe.strategy" not in sys.modules:
-        import lightning_pipe.strategy  # noqa: F401
+    if "lightning_pipe.strategy.pipeline" not in sys.modules:
+        import lightning_pipe.strategy.pipeline  # noqa: F401
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -35,8 +35,8 @@ from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.planner import METHODS, Level, Plan, Topology, plan_pipeline, profile_layers
 from lightning_pipe.planner.auto import choose_schedule
 from lightning_pipe.planner.profile import scale_profiles
-from lightning_pipe.planning import default_topology, sequence_input
-from lightning_pipe.split import find_sequence
+from lightning_pipe.planner.cut_plan import default_topology, sequence_input
+from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["main", "plan_from_config", "sequence_input", "default_topology"]  # the last two: from .planning
 
@@ -131,7 +131,7 @@ def _replicas_for(method: object, replicas: int | list[int] | str | None) -> int
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from lightning_pipe.viz import draw_timeline
+    from lightning_pipe.planner.pictures import draw_timeline
 
     plan, text = plan_from_config(cfg)
     print(text, flush=True)

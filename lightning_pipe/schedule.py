@@ -13,9 +13,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_pipe.engine.schedule_rules import ScheduleError, check_schedule, format_grid
+from lightning_pipe.engine.schedules.rules import ScheduleError, check_schedule, format_grid
 from lightning_pipe.engine.schedules import SCHEDULES, get_schedule
-from lightning_pipe.engine.schedules_replicated import replicated
+from lightning_pipe.engine.schedules.replicated import replicated
 from lightning_pipe.planner.simulate import Link, Prediction, StageCost, predict
 
 __all__ = ["main", "build_parser", "describe"]
@@ -85,7 +85,7 @@ def _show(args: argparse.Namespace) -> None:
     print()
     print(describe(prediction))
     if args.png:
-        from lightning_pipe.viz import draw_timeline
+        from lightning_pipe.planner.pictures import draw_timeline
 
         draw_timeline(prediction, args.png)
         print(f"timeline drawn to {args.png}")

@@ -1,4 +1,4 @@
-"""The tests' ways to start ranks: :mod:`lightning_pipe.launch` for N local gloo ranks, and torchrun "nodes"."""
+"""The tests' ways to start ranks: :mod:`lightning_pipe.engine.launch` for N local gloo ranks, and torchrun "nodes"."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from lightning_pipe import launch
-from lightning_pipe.launch import RankError, free_port, run_ranks
+from lightning_pipe.engine import launch
+from lightning_pipe.engine.launch import RankError, free_port, run_ranks
 
 __all__ = ["RankError", "free_port", "run_ranks", "run_torchrun_nodes", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Many tests run a Trainer on their ranks: let the fork server import Lightning once for all of them.
-launch.PRELOAD[:] = [*launch.PRELOAD, "lightning.pytorch", "lightning_pipe.strategy"]
+launch.PRELOAD[:] = [*launch.PRELOAD, "lightning.pytorch", "lightning_pipe.strategy.pipeline"]
 
 
 def run_torchrun_nodes(script: Path, *args: str, nnodes: int = 2, nproc_per_node: int = 2,

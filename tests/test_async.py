@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.schedule_rules import check_schedule
-from lightning_pipe.engine.schedules_async import alone, async_1f1b, stream, two_bw
+from lightning_pipe.engine.schedules.rules import check_schedule
+from lightning_pipe.engine.schedules.asynchronous import alone, async_1f1b, stream, two_bw
 from tests.helpers import run_ranks
 
 # Version each stage runs micro-batch j on (p = 3 stages, m = 3 micro-batches, 3 batches back to back).

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
-from lightning_pipe.engine.partition import balance, cut, stage_sizes
+from lightning_pipe.engine.cut import balance, cut, stage_sizes
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_pipe.examples import GPT, DigitsClassifier, DigitsDataModule, StdlibTextDataModule
-from lightning_pipe.examples.stdlib_text import ByteWindows, stdlib_sources, unigram_entropy
+from lightning_pipe.demos import GPT, DigitsClassifier, DigitsDataModule, StdlibTextDataModule
+from lightning_pipe.demos.stdlib_text import ByteWindows, stdlib_sources, unigram_entropy
 
 
 def test_stdlib_text_is_deterministic_and_within_budget() -> None:
@@ -71,7 +71,7 @@ def test_digits_datamodule_and_classifier() -> None:
 
 
 def test_split_interleaved_takes_every_nth_chunk() -> None:
-    from lightning_pipe.examples.stdlib_text import split_interleaved
+    from lightning_pipe.demos.stdlib_text import split_interleaved
 
     data = bytes(range(10)) * 100  # 1000 bytes, chunks of 10: every 4th chunk validates
     train, val = split_interleaved(data, 0.25, chunk_bytes=10)

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lightning_pipe.engine.partition import stage_sizes
+from lightning_pipe.engine.cut import stage_sizes
 from lightning_pipe.planner import LayerProfile, Level, Topology, plan_pipeline, smallest_memory_cap
 from lightning_pipe.planner.costs import LayerSums
 from lightning_pipe.planner.search import search

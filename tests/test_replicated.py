@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.schedule_rules import activation_peaks, check_schedule, simulate
+from lightning_pipe.engine.schedules.rules import activation_peaks, check_schedule, simulate
 from lightning_pipe.engine.schedules import COMPUTE_OPS, Action, one_f_one_b
-from lightning_pipe.engine.schedules_replicated import (in_flight_limits, replica_ranks, replicated,
+from lightning_pipe.engine.schedules.replicated import (in_flight_limits, replica_ranks, replicated,
                                                         replicated_forward_only)
 from tests.helpers import run_ranks
 from tests.models import make_batch, mlp, mse_loss, tuple_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_pipe.engine.schedule_rules import ScheduleError, activation_peaks, check_schedule, format_grid
+from lightning_pipe.engine.schedules.rules import ScheduleError, activation_peaks, check_schedule, format_grid
 from lightning_pipe.engine.schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe, one_f_one_b
 
 
@@ -106,7 +106,7 @@ def test_broken_schedules_are_caught() -> None:
 
 
 def test_deadlock_is_reported_by_simulation() -> None:
-    from lightning_pipe.engine.schedule_rules import simulate
+    from lightning_pipe.engine.schedules.rules import simulate
 
     base = gpipe(2, 1)
     # Rank 0 waits for a gradient before sending the activation that rank 1 needs to produce it: a cycle.

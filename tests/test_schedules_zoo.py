@@ -2,9 +2,9 @@
 
 import pytest
 
-from lightning_pipe.engine.schedule_rules import activation_peaks, check_schedule, format_grid
+from lightning_pipe.engine.schedules.rules import activation_peaks, check_schedule, format_grid
 from lightning_pipe.engine.schedules import SCHEDULES, Action, Op, get_schedule, one_f_one_b
-from lightning_pipe.engine.schedules_zoo import interleaved_1f1b, zb_h1, zb_v
+from lightning_pipe.engine.schedules.zoo import interleaved_1f1b, zb_h1, zb_v
 
 
 def compute_strings(schedule):
@@ -161,9 +161,9 @@ def test_zb_h1_splits_every_backward():
 
 
 def test_registered_and_options_passed():
-    assert SCHEDULES["interleaved_1f1b"] is interleaved_1f1b
-    assert SCHEDULES["zb_h1"] is zb_h1
-    assert SCHEDULES["zb_v"] is zb_v
+    assert SCHEDULES["interleaved_1f1b"].build is interleaved_1f1b
+    assert SCHEDULES["zb_h1"].build is zb_h1
+    assert SCHEDULES["zb_v"].build is zb_v
     schedule = get_schedule("interleaved_1f1b", 4, 8, virtual_stages=3)
     assert schedule.num_stages == 12 and schedule.num_ranks == 4
     assert get_schedule("interleaved_1f1b", 4, 8).num_stages == 8  # two stages per rank by default

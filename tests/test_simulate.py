@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lightning_pipe.engine.schedules import get_schedule, gpipe, one_f_one_b
-from lightning_pipe.engine.schedules_zoo import interleaved_1f1b, zb_h1, zb_v
+from lightning_pipe.engine.schedules.zoo import interleaved_1f1b, zb_h1, zb_v
 from lightning_pipe.planner import Link, StageCost, predict
 
 EQUAL = StageCost(forward=1.0, backward_input=1.0, backward_weight=1.0)  # B = 2

@@ -51,7 +51,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
 
 
 def _scoped_failures(rank: int, world_size: int) -> list[str]:
-    from lightning_pipe.failures import reported_failures
+    from lightning_pipe.strategy.failures import reported_failures
 
     seen = []
     for scope, error in (("first", ValueError("boom on rank 1")), ("first", RuntimeError("Connection closed by peer")),

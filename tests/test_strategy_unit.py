@@ -15,12 +15,12 @@ from torchmetrics import MeanAbsoluteError
 
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
-from lightning_pipe.checkpoint import atomic_save, training_state_of_rank
-from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.logs import LogRecorder, MetricTracker, combine_logs
-from lightning_pipe.split import SplitModule, find_sequence
-from lightning_pipe.step import combine_outputs
-from lightning_pipe.tied import find_ties
+from lightning_pipe.strategy.checkpoint import atomic_save, training_state_of_rank
+from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_logs
+from lightning_pipe.strategy.split import SplitModule, find_sequence
+from lightning_pipe.strategy.runner import combine_outputs
+from lightning_pipe.strategy.tied import find_ties
 from tests.lightning_models import NoSequence, OutsideParameters, Regressor, TiedLM, TupleRegressor, TwoSequences
 
 

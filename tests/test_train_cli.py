@@ -103,7 +103,7 @@ def test_two_rank_run_trains_and_writes_one_checkpoint(tmp_path: Path) -> None:
     assert checkpoint.exists() and f"checkpoint: {checkpoint}" in done.stdout
     assert "tokens/s" in done.stdout
 
-    from lightning_pipe.examples.gpt import GPT
+    from lightning_pipe.demos.gpt import GPT
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
     expected = GPT(block_size=32, width=32, num_layers=2).state_dict()

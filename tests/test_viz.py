@@ -5,7 +5,7 @@ import pytest
 from lightning_pipe.engine.schedules import Action, get_schedule
 from lightning_pipe.engine.trace import Record
 from lightning_pipe.planner import StageCost, predict
-from lightning_pipe.viz import draw_side_by_side, draw_timeline
+from lightning_pipe.planner.pictures import draw_side_by_side, draw_timeline
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

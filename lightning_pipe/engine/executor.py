@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import schedules_async
-from .actions import StepState, make_handlers, outgoing_channels
+from .schedules import asynchronous as schedules_async
+from .handlers import StepState, make_handlers, outgoing_channels
 from .comm import Communicator, PipelineError
 from .microbatch import microbatch_weights, split_batch
-from .partition import Partition, cut, stage_sizes
+from .cut import Partition, cut, stage_sizes
 from .runtime import configure_threads, local_world_size
 from .replicas import GradientAverager, broadcast_state
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
-from .schedules_replicated import (REPLICATED_SCHEDULES, check_replicas, replica_ranks, replicated,
+from .schedules.replicated import (REPLICATED_SCHEDULES, check_replicas, replica_ranks, replicated,
                                    replicated_forward_only)
 from .trace import Record
 from .stage import PipelineStage
@@ -52,14 +52,14 @@ class Pipeline:
     executor weights it by the micro-batch's share of rows, so uneven splits stay exact. ``input_fn`` picks the
     first stage's input from a micro-batch (default: element 0 of a tuple, else the micro-batch).
 
-    The asynchronous schedules (``async_1f1b``, ``2bw``; see :mod:`.schedules_async`) step the optimizer
+    The asynchronous schedules (``async_1f1b``, ``2bw``; see :mod:`.schedules.asynchronous`) step the optimizer
     inside the pipeline and keep micro-batches in flight from one ``train_step`` to the next: pass
     ``train_step(batch, optimizer_step=opt.step)`` (the engine zeroes the gradients after each step) and call
     :meth:`flush` before evaluating or saving. ``vertical_sync=True`` (async_1f1b) makes every stage run a
     micro-batch on the weight version stage 0 used for it.
 
     ``replicas=[3, 1]`` gives stage ``s`` that many ranks (numbered stage by stage), which take its micro-batches
-    in turn (PipeDream's "3-1"; :mod:`.schedules_replicated`) and sum their gradients at the end of the step, so
+    in turn (PipeDream's "3-1"; :mod:`.schedules.replicated`) and sum their gradients at the end of the step, so
     every replica holds the whole batch's gradient. Schedules "1f1b" and "gpipe"; the last stage has one rank.
     """
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .schedule_rules import Timeline
+from .schedules.rules import Timeline
 from .schedules import COMPUTE_OPS, Action, Schedule
 
 __all__ = ["Record", "to_chrome_trace", "timeline_from_records"]
@@ -60,7 +60,7 @@ def to_chrome_trace(records: Iterable[Record], path: str | os.PathLike[str]) -> 
 
 
 def timeline_from_records(records: Iterable[Record], name: str = "recorded") -> Timeline:
-    """Turn records into a :class:`~.schedule_rules.Timeline` (times from the earliest record), for drawing.
+    """Turn records into a :class:`~.schedules.rules.Timeline` (times from the earliest record), for drawing.
 
     The schedule it carries holds each rank's actions in the order they started; stages and micro-batch
     counts are read off the records.

@@ -1,6 +1,6 @@
 """Predict the step time, bubble and activation memory of a schedule from per-stage costs and a link model.
 
-The schedule's own action lists are played on a virtual clock (:func:`~lightning_pipe.engine.schedule_rules.simulate`),
+The schedule's own action lists are played on a virtual clock (:func:`~lightning_pipe.engine.schedules.rules.simulate`),
 so the prediction follows exactly the order the executor will follow. Compute takes the stage's cost; a
 message arrives ``latency + message_bytes / bandwidth`` after its send; sends do not occupy the sender (the
 executor posts them without waiting) and links carry any number of messages at once (no contention).
@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_pipe.engine.schedule_rules import Timeline, activation_peaks, simulate
+from lightning_pipe.engine.schedules.rules import Timeline, activation_peaks, simulate
 from lightning_pipe.engine.schedules import Action, Op, Schedule
 
 __all__ = ["StageCost", "Link", "Prediction", "predict"]

@@ -1,38 +1,25 @@
 """Planning for uneven replication (PipeDream's "3-1"): cuts for given replicas per stage, PipeDream's program choosing
 the replicas among the layouts PipelineStrategy runs (the last stage on one device), and the round-robin schedule
-those plans are played through (:mod:`lightning_pipe.engine.schedules_replicated`). Used by :mod:`.partition`.
+those plans are played through (:mod:`lightning_pipe.engine.schedules.replicated`). Used by :mod:`.partition`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-from lightning_pipe.engine.partition import balance, stage_sizes
-from lightning_pipe.engine.schedules import Schedule
-from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES, check_replicas, replicated
+from lightning_pipe.engine.cut import balance, stage_sizes
+from lightning_pipe.engine.schedules import schedule_kind
+from lightning_pipe.engine.schedules.replicated import check_replicas, replicated
 from lightning_pipe.planner.costs import stage_peaks
 from lightning_pipe.planner.plans import MemoryCapError, Plan
+from lightning_pipe.planner.problem import Method, Problem
 from lightning_pipe.planner.search import SearchResult, Segment, search
 
-if TYPE_CHECKING:
-    from lightning_pipe.planner.partition import Method, _Context
-
-__all__ = ["round_robin_schedule", "plan_per_stage", "search_round_robin"]
+__all__ = ["plan_per_stage", "search_round_robin"]
 
 
-def round_robin_schedule(ctx: _Context, segments: Sequence[Segment]) -> Schedule | None:
-    """The schedule PipelineStrategy runs a plan of unevenly replicated stages with (its stages take micro-batches
-    in turn), or ``None`` where it would not: stages replicated evenly are data-parallel pipelines, and a
-    replicated last stage or a schedule without a round-robin form has no such run."""
-    counts = [seg.replicas for seg in segments]
-    if len(set(counts)) == 1 or counts[-1] != 1 or ctx.schedule not in REPLICATED_SCHEDULES or ctx.options:
-        return None
-    return replicated(counts, ctx.m, ctx.schedule)
-
-
-def plan_per_stage(ctx: _Context, method: Method, counts: list[int], num_stages: int | None, refine: bool) -> Plan:
+def plan_per_stage(ctx: Problem, method: Method, counts: list[int], num_stages: int | None, refine: bool) -> Plan:
     """The plan of ``method`` whose stage ``s`` has ``counts[s]`` replicas, played through the round-robin
     schedule those replicas run."""
     counts = check_replicas(counts)
@@ -43,7 +30,7 @@ def plan_per_stage(ctx: _Context, method: Method, counts: list[int], num_stages:
         raise ValueError(f"num_stages={num_stages} but replicas={counts} lists {p} stages; drop num_stages")
     if p > ctx.L:
         raise ValueError(f"cannot cut {ctx.L} layers into {p} stages; use fewer stages or more layers")
-    if ctx.schedule not in REPLICATED_SCHEDULES or ctx.options:
+    if not schedule_kind(ctx.schedule).replicated or ctx.options:
         raise ValueError(f"replicas={counts} runs schedule '1f1b' or 'gpipe' without options, not "
                          f"{ctx.schedule!r}")
     shape = replicated(counts, ctx.m, ctx.schedule)
@@ -79,7 +66,7 @@ def plan_per_stage(ctx: _Context, method: Method, counts: list[int], num_stages:
     return plan
 
 
-def search_round_robin(ctx: _Context, p: int, objective: str = "time") -> SearchResult | None:
+def search_round_robin(ctx: Problem, p: int, objective: str = "time") -> SearchResult | None:
     """PipeDream's program over ``p`` stages whose last has one device, minimising the slowest stage (or, with
     ``objective="memory"``, the fullest device). A replica holds at most its own ``ceil(m / r)`` micro-batches,
     and in 1F1B at most ``ceil((D - c) / r)`` (the stages from its first device ``c`` on: PipeDream's limit)."""
@@ -101,7 +88,7 @@ def search_round_robin(ctx: _Context, p: int, objective: str = "time") -> Search
                   num_stages=p)
 
 
-def _too_big(ctx: _Context, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
+def _too_big(ctx: Problem, counts: list[int], held: list[int], method: Method, needed: float | None = None) -> None:
     found = search(ctx.L, ctx.D, lambda i, j, c, r, k: float(ctx.sums.memory_bytes(i, j, held[k] * r, r))
                    if r == counts[k] else math.inf, num_stages=len(counts))
     least = found.value if found is not None else math.inf

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from lightning_pipe.tied import TiedParameters
+    from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["HeldGradients", "clip_grad_norm_global"]
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .schedules import Action, Op, Schedule, add_communication, register_schedule
+from .actions import Action, Op, Schedule, add_communication
+from .basic import one_f_one_b
 
 __all__ = ["async_1f1b", "two_bw", "start", "drain", "alone", "stream"]
 
@@ -77,8 +78,6 @@ def two_bw(num_stages: int, num_microbatches: int, slack: int = 0) -> Schedule:
 def alone(schedule: Schedule, num_microbatches: int) -> Schedule:
     """One batch of ``num_microbatches`` (any count) run by itself with ``schedule``'s optimizer steps: 1F1B
     with a flush, an ``O`` after every backward (async_1f1b) or after the batch's last one (2bw)."""
-    from .schedules import one_f_one_b
-
     # Steps per batch in the steady state: m means after every backward, 1 means once per batch.
     every = sum(a.op is Op.OPTIMIZER for a in schedule.actions[0]) == schedule.num_microbatches
     plain = one_f_one_b(schedule.num_stages, num_microbatches)
@@ -123,7 +122,3 @@ def stream(schedule: Schedule, num_batches: int) -> Schedule:
         lists[rank].extend(Action(a.stage, a.op, a.microbatch + (num_batches - 1) * m) for a in actions)
     return replace(schedule, name=f"{schedule.name}x{num_batches}", num_microbatches=num_batches * m,
                    actions=tuple(tuple(actions) for actions in lists))
-
-
-register_schedule("async_1f1b", async_1f1b)
-register_schedule("2bw", two_bw)

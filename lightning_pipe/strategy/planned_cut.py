@@ -2,7 +2,7 @@
 made on global rank 0 that every rank receives (or rank 0's error, raised everywhere).
 
 The batch is fetched through Lightning's loops (``loop._data_source`` and ``_request_dataloader``, private pieces
-that the strategy's tests pin down); :mod:`lightning_pipe.planning` does the profiling and planning.
+that the strategy's tests pin down); :mod:`lightning_pipe.planner.cut_plan` does the profiling and planning.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_pipe.planning import CutPlan
+from lightning_pipe.planner.cut_plan import CutPlan
 
 __all__ = ["first_batch", "plan_on_rank_zero"]
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .schedules import COMPUTE_OPS, Action, Op, Schedule
+from .actions import COMPUTE_OPS, Action, Op, Schedule
 
 __all__ = ["ScheduleError", "Timeline", "simulate", "check_schedule", "format_grid", "message_key", "activation_peaks"]
 

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from .comm import Communicator
 from .schedules import Action, Op, Schedule
+from .stage import PipelineStage
 from .tree import tree_map_tensors
 
-if TYPE_CHECKING:
-    from .executor import Pipeline
+__all__ = ["RankView", "StepState", "make_handlers", "tag", "outgoing_channels", "incoming_channels"]
 
-__all__ = ["StepState", "make_handlers", "tag", "outgoing_channels", "incoming_channels"]
+
+class RankView(Protocol):
+    """What the handlers read of the rank's pipeline (:class:`~.executor.Pipeline` is one)."""
+
+    rank: int
+    num_stages: int
+    device: torch.device
+    stages: dict[int, PipelineStage]
+    comm: Communicator
+    input_fn: Callable[[Any], Any]
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None
+    vertical_sync: bool
+    update_every_microbatch: bool
+    optimizer_step_fn: Callable[[], Any]
+
+    def version_for(self, stage_index: int, microbatch_id: int) -> int: ...
 
 
 class StepState:
@@ -69,7 +85,7 @@ def incoming_channels(plan: Schedule, rank: int) -> dict[tuple[int, int], int]:
     return counts
 
 
-def make_handlers(pipe: Pipeline, plan: Schedule, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
+def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
     """One function per op, closed over this step's state: the executor's loop calls them in list order."""
     stages, comm, to_rank, last = pipe.stages, pipe.comm, plan.rank_of, pipe.num_stages - 1
     first_id, vertical_sync = state.first_id, pipe.vertical_sync

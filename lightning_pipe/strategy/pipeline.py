@@ -25,22 +25,22 @@ from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
-from lightning_pipe.arguments import (check_auto_replicas, check_layers, check_num_microbatches, check_num_stages,
+from lightning_pipe.strategy.settings import (check_auto_replicas, check_layers, check_num_microbatches, check_num_stages,
                                       check_partition, check_planning, check_profile_cache, check_schedule,
                                       check_vertical_sync)
-from lightning_pipe.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
-from lightning_pipe.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
-from lightning_pipe.cutting import first_batch, plan_on_rank_zero
-from lightning_pipe.engine.partition import Partition
+from lightning_pipe.strategy.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
+from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
+from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
-from lightning_pipe.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.engine.schedules.replicated import REPLICATED_SCHEDULES
+from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh, check_replicas
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
-from lightning_pipe.processes import ProcessStrategy
-from lightning_pipe.split import find_sequence
-from lightning_pipe.step import PipelineRunner
+from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
+from lightning_pipe.strategy.processes import ProcessStrategy
+from lightning_pipe.strategy.split import find_sequence
+from lightning_pipe.strategy.runner import PipelineRunner
 
 __all__ = ["PipelineStrategy"]
 
@@ -69,13 +69,13 @@ class PipelineStrategy(ProcessStrategy):
             used for it (PipeDream's vertical sync), instead of its own newest weights.
         num_stages: ranks per pipeline; ``devices * num_nodes`` must be ``num_stages * replicas``. By default all
             ranks form one pipeline. With several replicas the ranks form a ``DeviceMesh`` with dims
-            ``("pipe", "data")`` (see :mod:`lightning_pipe.mesh`): each replica runs the schedule on its share of
+            ``("pipe", "data")`` (see :mod:`lightning_pipe.strategy.mesh`): each replica runs the schedule on its share of
             the data (a ``DistributedSampler`` over the replicas) and each stage's replicas average their gradients
             (bucketed, overlapping the end of the backward: :mod:`lightning_pipe.engine.replicas`).
         replicas: replicas of every stage, instead of ``num_stages`` (even replication: the mesh above); or a list
             with one count per stage, e.g. ``[3, 1]`` (uneven replication, PipeDream's "3-1": one pipeline whose
             stage ``s`` has ``replicas[s]`` ranks taking its micro-batches in turn, summing their gradients; see
-            :mod:`lightning_pipe.engine.schedules_replicated`); or ``"auto"`` with ``partition="profile"``: the
+            :mod:`lightning_pipe.engine.schedules.replicated`); or ``"auto"`` with ``partition="profile"``: the
             planner chooses the counts with the cut. Uneven layouts run ``schedule="1f1b"`` or ``"gpipe"``, and
             their last stage has one rank.
         memory_cap: bytes per device that a planned cut must fit (parameters, gradients, optimizer state as for
@@ -110,7 +110,7 @@ class PipelineStrategy(ProcessStrategy):
     the strategy up, global rank 0 takes the first batch of the stage's dataloader (fit: ``train_dataloader``),
     runs the step up to the ``nn.Sequential`` to capture its input, profiles every layer on one micro-batch of it
     (:func:`~lightning_pipe.planner.profile_layers`, cached in ``profile_cache``) and plans one pipeline of
-    ``num_stages`` ranks (:mod:`lightning_pipe.planning`); it logs the plan and broadcasts the layer counts (and the
+    ``num_stages`` ranks (:mod:`lightning_pipe.planner.cut_plan`); it logs the plan and broadcasts the layer counts (and the
     chosen schedule and micro-batch count) to every rank, and every rank cuts with them. Replicas use the same cut.
     An error while planning (no plan fits ``memory_cap``, say) is raised on every rank. :attr:`cut_plan` holds the
     plan afterwards. Random state is left as it was, so training matches one device's.
@@ -347,7 +347,7 @@ class PipelineStrategy(ProcessStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: LightningModule | Module | None = None, **kwargs: Any) -> Any:
         """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
-        its own optimizer steps (see :mod:`lightning_pipe.asynchronous`)."""
+        its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         model = model or self.lightning_module

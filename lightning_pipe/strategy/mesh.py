@@ -9,7 +9,7 @@ small activation messages cross machines.
 
 Uneven replication (``replicas=[3, 1]``, PipeDream's "3-1") is not a mesh: the ranks form one pipeline whose stage
 ``s`` has ``replicas[s]`` ranks, numbered stage by stage, taking the micro-batches in turn
-(:mod:`lightning_pipe.engine.schedules_replicated`); every rank reads the same batches.
+(:mod:`lightning_pipe.engine.schedules.replicated`); every rank reads the same batches.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lightning_pipe.engine import schedules_replicated
+from lightning_pipe.engine.schedules import replicated as schedules_replicated
 
 __all__ = ["AUTO", "MeshShape", "check_replicas", "build_mesh"]
 

@@ -11,7 +11,7 @@ micro-batch order, so every channel carries messages in the order they are recei
 
 The limit is PipeDream's number of micro-batches in flight per replica (1F1B-RR): the micro-batches a stage must
 hold to keep the stages after it busy, ``sum(replicas[s:])``, shared among its ``replicas[s]`` ranks. With one rank
-per stage it is ``p - s`` and the order is :func:`~.schedules.one_f_one_b`'s. ``replicated([3, 1], 6)`` on that
+per stage it is ``p - s`` and the order is :func:`~.basic.one_f_one_b`'s. ``replicated([3, 1], 6)`` on that
 clock (stage 0's forward takes 3 ticks and its backward 6, stage 1's 1 and 2; ``~`` continues an action)::
 
     rank 0 | 0F0 ~   ~   0F3 ~   ~   0B0 ~   ~   ~   ~   ~   .   .   .   0B3 ~   ~   ~   ~   ~   .   .   .
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .schedules import Action, Op, Schedule, add_communication
+from .actions import Action, Op, Schedule, add_communication
 
 __all__ = ["check_replicas", "replica_ranks", "replicated", "replicated_forward_only", "in_flight_limits"]
 

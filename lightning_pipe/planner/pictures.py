@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-from lightning_pipe.engine.schedule_rules import Timeline
+from lightning_pipe.engine.schedules.rules import Timeline
 from lightning_pipe.engine.schedules import COMPUTE_OPS, Op, Schedule
 from lightning_pipe.engine.trace import Record, timeline_from_records
 from lightning_pipe.planner.simulate import Prediction, predict

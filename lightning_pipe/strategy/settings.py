@@ -6,11 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_pipe.asynchronous import ASYNC_SCHEDULES
-from lightning_pipe.engine.partition import Partition
+from lightning_pipe.strategy.asynchronous import ASYNC_SCHEDULES
+from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.schedules import SCHEDULES
-from lightning_pipe.engine.schedules_replicated import REPLICATED_SCHEDULES
-from lightning_pipe.planning import AUTO_SCHEDULE, PLANNED_PARTITIONS
+from lightning_pipe.engine.schedules.replicated import REPLICATED_SCHEDULES
+from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
 
 __all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition",
            "check_profile_cache", "check_layers", "check_num_stages", "check_auto_replicas"]

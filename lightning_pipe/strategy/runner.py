@@ -20,12 +20,12 @@ from lightning.pytorch import LightningModule
 
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
-from lightning_pipe.engine.partition import Partition
-from lightning_pipe.failures import reported_failures
-from lightning_pipe.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
+from lightning_pipe.engine.cut import Partition
+from lightning_pipe.strategy.failures import reported_failures
+from lightning_pipe.strategy.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
-from lightning_pipe.split import PipelinedSequence, SplitModule
-from lightning_pipe.tied import TiedParameters
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs"]
 

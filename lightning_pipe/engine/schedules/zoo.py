@@ -1,8 +1,8 @@
 """Schedules beyond fill-drain and 1F1B: Megatron's interleaved 1F1B and the zero-bubble ZB-H1 and ZB-V.
 
-All are pure functions like those of :mod:`.schedules`: they order each rank's compute actions and let
-:func:`~.schedules.add_communication` insert the sends and receives. Importing this module registers them
-(``schedules`` imports it at its end, so the names are always in ``SCHEDULES``).
+All are pure functions like those of :mod:`.basic`: they order each rank's compute actions and let
+:func:`~.actions.add_communication` insert the sends and receives. The registry (:mod:`lightning_pipe.engine.schedules`)
+names them.
 
 ``interleaved_1f1b(2, 4, virtual_stages=2)``: 2 ranks, 4 stages, stage ``s`` on rank ``s % 2``. Each rank
 walks its model chunks in groups of ``p`` micro-batches (forwards chunk 0 -> 1, backwards chunk 1 -> 0)::
@@ -49,7 +49,7 @@ at once) and ``W`` (weight gradient, deferred by ``p - 1`` micro-batches into th
 
 from __future__ import annotations
 
-from .schedules import Action, Op, Schedule, add_communication, register_schedule
+from .actions import Action, Op, Schedule, add_communication
 
 __all__ = ["interleaved_1f1b", "zb_h1", "zb_v"]
 
@@ -216,8 +216,3 @@ def zb_v(num_stages: int, num_microbatches: int) -> Schedule:
         compute.append([action for action in actions if action.microbatch < m])
     stage_to_rank = [stage if stage < p else 2 * p - 1 - stage for stage in range(2 * p)]
     return add_communication("zb_v", compute, stage_to_rank, m)
-
-
-register_schedule("interleaved_1f1b", interleaved_1f1b)
-register_schedule("zb_h1", zb_h1)
-register_schedule("zb_v", zb_v)
