@@ -40,7 +40,7 @@ def _fit(strategy: Any, devices: int, root: str) -> dict[str, Any]:
     if devices > 1:
         runner = trainer.strategy.runner
         result.update(partition=[int(n) for n in runner.pipeline.stage_sizes],
-                      schedule=runner.settings["schedule"], num_microbatches=runner.settings["num_microbatches"],
+                      schedule=runner.config.schedule, num_microbatches=runner.config.num_microbatches,
                       plan=trainer.strategy.cut_plan)
     return result
 

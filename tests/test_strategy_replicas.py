@@ -190,5 +190,5 @@ def test_asynchronous_replicas_equal_one_pipeline_on_their_batches_together(sche
 
 
 def test_equal_counts_per_stage_are_even_replication() -> None:
-    assert PipelineStrategy(replicas=[2, 2])._replicas == (2, 2)  # a list names the stages: 2 stages x 2
-    assert PipelineStrategy(replicas=[3, 1])._replicas == (3, 1)  # uneven: tests/test_strategy_uneven.py
+    assert PipelineStrategy(replicas=[2, 2]).settings.replicas == (2, 2)  # a list names the stages: 2 stages x 2
+    assert PipelineStrategy(replicas=[3, 1]).settings.replicas == (3, 1)  # uneven: tests/test_strategy_uneven.py

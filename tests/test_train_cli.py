@@ -49,8 +49,8 @@ def test_command_line_overrides_reach_the_config(tmp_path: Path) -> None:
     strategy = instantiate(cfg.strategy)
     assert type(strategy).__name__ == "PipelineStrategy"
     uneven = instantiate(_compose(tmp_path, "strategy.replicas=[3,1]", "strategy.partition=[1,5]").strategy)
-    assert (uneven._replicas, uneven.partition) == ((3, 1), [1, 5])
-    assert instantiate(_compose(tmp_path, "strategy.num_stages=2").strategy)._num_stages == 2
+    assert (uneven.settings.replicas, uneven.partition) == ((3, 1), [1, 5])
+    assert instantiate(_compose(tmp_path, "strategy.num_stages=2").strategy).settings.num_stages == 2
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])

@@ -12,18 +12,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .schedules import asynchronous as schedules_async
-from .handlers import StepState, make_handlers, outgoing_channels
 from .comm import Communicator, PipelineError
+from .config import PipelineConfig
+from .cut import cut, stage_sizes
+from .handlers import StepState, make_handlers, outgoing_channels
 from .microbatch import microbatch_weights, split_batch
-from .cut import Partition, cut, stage_sizes
-from .runtime import configure_threads, local_world_size
 from .replicas import GradientAverager, broadcast_state
+from .runtime import configure_threads, local_world_size
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
-from .schedules.replicated import (REPLICATED_SCHEDULES, check_replicas, replica_ranks, replicated,
-                                   replicated_forward_only)
-from .trace import Record
+from .schedules import asynchronous as schedules_async
+from .schedules.replicated import replica_ranks, replicated, replicated_forward_only
 from .stage import PipelineStage
+from .trace import Record
 
 __all__ = ["Pipeline", "default_input_fn"]
 
@@ -68,22 +68,24 @@ class Pipeline:
         layers: nn.Sequential | Sequence[nn.Module],
         *,
         loss_fn: LossFn | None = None,
-        schedule: str = "1f1b",
-        num_microbatches: int = 4,
-        partition: Partition = "uniform",
+        config: PipelineConfig | None = None,
         input_fn: Callable[[Any], Any] = default_input_fn,
-        checkpoint_activations: bool = False,
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         record: bool = False,
-        vertical_sync: bool = False,
-        replicas: Sequence[int] | None = None,
-        **schedule_options: int,
+        **settings: Any,
     ) -> None:
+        """``config`` says how to run (:class:`~.config.PipelineConfig`); or give its fields as keywords
+        (``schedule="1f1b", num_microbatches=8, partition="uniform", checkpoint_activations=False,
+        vertical_sync=False, replicas=None``), any other keyword being an option of the schedule
+        (``virtual_stages=2``)."""
+        if config is None:
+            config = PipelineConfig.of(**settings)
+        elif settings:
+            raise TypeError(f"Pipeline takes config= or its fields as keywords, not both (got {sorted(settings)})")
         if not dist.is_initialized():
             raise RuntimeError("Pipeline needs torch.distributed: call dist.init_process_group() on every rank first")
-        if num_microbatches < 1:
-            raise ValueError(f"num_microbatches ({num_microbatches}) must be >= 1")
+        self.config = config
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.num_ranks = dist.get_world_size(self.group)
@@ -92,18 +94,21 @@ class Pipeline:
             nccl = dist.get_backend(self.group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.device = torch.device(device)
-        self.schedule_name = schedule
-        self.schedule_options = schedule_options
-        self.num_microbatches = num_microbatches
+        self.kind = config.kind
+        self.schedule_name = config.schedule
+        self.schedule_options = dict(config.schedule_options)
+        self.num_microbatches = config.num_microbatches
         self.loss_fn = loss_fn
         self.input_fn = input_fn
         self.record = record
         self.records: list[tuple[Action, float, float]] = []
-        self.replicas = self._check_replicas(replicas, schedule, schedule_options, vertical_sync)
+        self.replicas = self._check_replicas(config.replicas)
         self.error_grace_s = 5.0  # how long a failing rank waits for its neighbours to take its error notice
+        partition = config.partition if isinstance(config.partition, str) else list(config.partition)
+        checkpoint_activations, vertical_sync = config.checkpoint_activations, config.vertical_sync
 
         layers = list(layers) if not isinstance(layers, nn.Sequential) else layers
-        plan = self.schedule_for(num_microbatches)  # also validates the schedule's arguments
+        plan = self.schedule_for(self.num_microbatches)  # also validates the schedule's arguments
         self.num_stages = plan.num_stages
         try:
             sizes = stage_sizes(layers, self.num_stages, partition, self.replicas)
@@ -123,8 +128,6 @@ class Pipeline:
         self.asynchronous = plan.asynchronous
         self.vertical_sync = vertical_sync
         self.update_every_microbatch = False
-        if vertical_sync and schedule != "async_1f1b":
-            raise ValueError(f"vertical_sync applies to schedule='async_1f1b', not {schedule!r}")
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device)
@@ -232,20 +235,13 @@ class Pipeline:
         return (torch.stack(losses).sum() if losses else None), outputs
 
     # -- replicated stages ------------------------------------------------------------------------
-    def _check_replicas(self, replicas: Sequence[int] | None, schedule: str, options: dict[str, int],
-                        vertical_sync: bool) -> list[int] | None:
+    def _check_replicas(self, replicas: Sequence[int] | None) -> list[int] | None:
         if replicas is None:
             return None
-        counts = check_replicas(replicas)
+        counts = list(replicas)  # the config checked the layout; here what it asks of this group
         if sum(counts) != self.num_ranks:
             raise ValueError(f"replicas={counts} places {sum(counts)} ranks, but the pipeline's group has "
                              f"{self.num_ranks}; make sum(replicas) equal the ranks")
-        if vertical_sync:
-            raise ValueError("vertical_sync belongs to the asynchronous schedule async_1f1b, which does not run "
-                             "replicated stages; drop vertical_sync or replicas")
-        if schedule not in REPLICATED_SCHEDULES or options:
-            raise ValueError(f"replicated stages run schedule='1f1b' or 'gpipe' without options, not {schedule!r}"
-                             f"{' with ' + str(options) if options else ''}; change the schedule or drop replicas")
         if self.num_microbatches < max(counts):
             widest = max(counts)
             warnings.warn(f"num_microbatches={self.num_microbatches} is fewer than the {widest} ranks of the widest "
@@ -314,7 +310,7 @@ class Pipeline:
         if len(self.stages) != 1:
             raise ValueError("asynchronous schedules run one stage per rank")
         # 2BW and vertical sync ask for weights older than the live ones: keep what each step replaces.
-        keep_replaced = self.vertical_sync or self.schedule_name == "2bw"
+        keep_replaced = self.vertical_sync or self.kind.double_buffered
         for stage in self.stages.values():
             stage.stash_weights(keep_replaced)
         self._steady = plan
@@ -328,7 +324,7 @@ class Pipeline:
     def version_for(self, stage_index: int, microbatch_id: int) -> int:
         """Which weight version a forward runs on (the written tables are in tests/test_async_versions.py)."""
         versions = self.stages[stage_index].versions
-        if self.schedule_name == "2bw":
+        if self.kind.double_buffered:
             # Batch b after a drain runs on the weights after the update of batch b - 2: one step stale.
             return self._version_at_drain + max(0, self._batches_since_drain - 1)
         return versions.version  # async_1f1b: the newest weights (stage 0's under vertical sync, sent along)

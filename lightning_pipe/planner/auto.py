@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_pipe.engine.schedules import get_schedule
+from lightning_pipe.engine.schedules import get_schedule, training_schedules
 from lightning_pipe.planner.partition import plan_pipeline
 from lightning_pipe.planner.plans import MemoryCapError, Plan
 from lightning_pipe.planner.profile import LayerProfile, scale_profiles
@@ -19,7 +19,7 @@ from lightning_pipe.planner.topology import Topology
 
 __all__ = ["AUTO_SCHEDULES", "Candidate", "ScheduleChoice", "choose_schedule"]
 
-AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
+AUTO_SCHEDULES = tuple(training_schedules())  # the synchronous ones: gpipe, 1f1b, interleaved_1f1b, zb_h1, zb_v
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ those plans are played through (:mod:`lightning_pipe.engine.schedules.replicated
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from lightning_pipe.engine.cut import balance, stage_sizes
 from lightning_pipe.engine.schedules import schedule_kind

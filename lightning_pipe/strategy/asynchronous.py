@@ -21,32 +21,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
 from torch.optim import Optimizer
 from typing_extensions import override
 
-if TYPE_CHECKING:
-    from lightning_pipe.strategy import PipelineStrategy
+from lightning_pipe.strategy.runner import PipelineRunner
 
-__all__ = ["ASYNC_SCHEDULES", "AsyncSteps", "DrainPipeline", "check_async_fit"]
-
-ASYNC_SCHEDULES = frozenset({"async_1f1b", "2bw"})
+__all__ = ["AsyncSteps", "DrainPipeline", "check_async_fit"]
 
 
 class AsyncSteps:
     """The real optimizer steps an asynchronous pipeline takes inside a Lightning step, and its drains."""
 
-    def __init__(self, strategy: PipelineStrategy) -> None:
-        self.strategy = strategy
+    def __init__(self) -> None:
+        self.runner: PipelineRunner | None = None  # set by attach() once the strategy has cut the module
+        self.precision: Precision | None = None
         self._optimizer: Optimizer | None = None
         self._model: LightningModule | None = None
         self._kwargs: dict[str, Any] = {}
         self._carried: dict[int, torch.Tensor] = {}  # id(param) -> gradient of micro-batches still in flight
         self.steps_taken = 0  # real optimizer steps, all batches together (async_1f1b: m per batch)
+
+    def attach(self, runner: PipelineRunner, precision: Precision) -> None:
+        """The pipeline to drain and the precision plugin that steps the optimizer (the strategy's, after setup)."""
+        self.runner, self.precision = runner, precision
 
     def run_closure(self, optimizer: Optimizer, closure: Callable[[], Any], model: LightningModule,
                     **kwargs: Any) -> Any:
@@ -56,11 +59,11 @@ class AsyncSteps:
 
     def optimizer_step(self) -> None:
         """One real step of this rank's optimizer (an ``O`` action): hooks and clipping as Lightning runs them."""
-        if self._optimizer is None or self._model is None:
+        if self._optimizer is None or self._model is None or self.runner is None or self.precision is None:
             raise RuntimeError("an asynchronous pipeline reached an optimizer step outside Lightning's optimizer_step; "
                                "training_step must run through trainer.fit with automatic optimization")
-        self.strategy.runner.average_gradients()  # replicas of the pipeline: one update from all their micro-batches
-        self.strategy.precision_plugin.optimizer_step(self._optimizer, model=self._model, closure=_no_closure,
+        self.runner.average_gradients()  # replicas of the pipeline: one update from all their micro-batches
+        self.precision.optimizer_step(self._optimizer, model=self._model, closure=_no_closure,
                                                       **self._kwargs)
         self.steps_taken += 1
 
@@ -81,14 +84,14 @@ class AsyncSteps:
 
     def drain(self) -> None:
         """Finish every micro-batch in flight and apply its update (collective: every rank of the pipeline)."""
-        runner = self.strategy._runner
-        if runner is None or not runner.pipeline.asynchronous:
+        runner = self.runner
+        if runner is None or self.precision is None or not runner.pipeline.asynchronous:
             return
         module = runner.module
         modes = {m: m.training for m in module.modules()}
         # Validation runs under inference_mode; the backwards and updates owed need autograd and ordinary tensors,
         # and a re-materialized forward must run in training mode as the original one did.
-        with torch.inference_mode(False), torch.enable_grad(), self.strategy.precision_plugin.train_step_context():
+        with torch.inference_mode(False), torch.enable_grad(), self.precision.train_step_context():
             module.train()
             try:
                 with self.carried(module.parameters()):

@@ -11,12 +11,12 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.pytorch.strategies import StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -25,22 +25,20 @@ from torch.optim import Optimizer
 from torch.utils.data import RandomSampler
 from typing_extensions import override
 
-from lightning_pipe.strategy.settings import (check_auto_replicas, check_layers, check_num_microbatches, check_num_stages,
-                                      check_partition, check_planning, check_profile_cache, check_schedule,
-                                      check_vertical_sync)
-from lightning_pipe.strategy.asynchronous import ASYNC_SCHEDULES, AsyncSteps, DrainPipeline, check_async_fit
-from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
-from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.schedules.replicated import REPLICATED_SCHEDULES
-from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh, check_replicas
+from lightning_pipe.engine.schedules import schedule_kind
+from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS, CutPlan, plan_cut
+from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
+from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
+from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.processes import ProcessStrategy
-from lightning_pipe.strategy.split import find_sequence
 from lightning_pipe.strategy.runner import PipelineRunner
+from lightning_pipe.strategy.settings import PipelineSettings
+from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["PipelineStrategy"]
 
@@ -143,19 +141,12 @@ class PipelineStrategy(ProcessStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin, process_group_backend=process_group_backend,
                          timeout=timeout)
-        self.schedule = check_schedule(schedule)
-        self.num_microbatches = check_num_microbatches(num_microbatches)
-        self.partition = check_partition(partition)
-        self.memory_cap = check_planning(self.partition, self.schedule, schedule_options, memory_cap)
-        self.profile_cache = check_profile_cache(profile_cache)
-        self.layers = check_layers(layers)
-        self.checkpoint_activations = bool(checkpoint_activations)
-        self.schedule_options = dict(schedule_options or {})
-        self.vertical_sync = check_vertical_sync(vertical_sync, self.schedule, self.schedule_options)
-        self._async = AsyncSteps(self) if self.schedule in ASYNC_SCHEDULES else None
-        self._num_stages = check_num_stages(num_stages)
-        self._replicas = check_replicas(replicas)
-        check_auto_replicas(self._replicas, self.partition, self.schedule)
+        self.settings = PipelineSettings(
+            schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
+            checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
+            vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
+            profile_cache=profile_cache)
+        self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
         self._runner: PipelineRunner | None = None
@@ -163,10 +154,21 @@ class PipelineStrategy(ProcessStrategy):
         self._example_input_array: Any = None
         self._cut_plan: CutPlan | None = None
 
+    # The settings, by name (read-only: they are fixed when the strategy is made).
+    schedule = property(lambda self: self.settings.schedule)
+    num_microbatches = property(lambda self: self.settings.num_microbatches)
+    partition = property(lambda self: self.settings.partition)
+    layers = property(lambda self: self.settings.layers)
+    checkpoint_activations = property(lambda self: self.settings.checkpoint_activations)
+    schedule_options = property(lambda self: dict(self.settings.schedule_options))
+    vertical_sync = property(lambda self: self.settings.vertical_sync)
+    memory_cap = property(lambda self: self.settings.memory_cap)
+    profile_cache = property(lambda self: self.settings.profile_cache)
+
     @property
     def plans_cut(self) -> bool:
         """Whether a profile decides the cut (``partition="profile" | "time" | "memory"`` or ``schedule="auto"``)."""
-        return self.schedule == AUTO_SCHEDULE or self.partition in PLANNED_PARTITIONS
+        return self.settings.plans_cut
 
     @property
     def cut_plan(self) -> CutPlan | None:
@@ -192,13 +194,13 @@ class PipelineStrategy(ProcessStrategy):
     def mesh_shape(self) -> MeshShape:
         """Ranks per pipeline x replicas, from ``num_stages`` / ``replicas`` and ``devices * num_nodes``."""
         world = self.num_processes * self.num_nodes
-        if self._replicas == AUTO:  # one pipeline; one rank per stage until the planner replicates some
-            if self._num_stages is not None and self._num_stages > world:
-                raise ValueError(f"num_stages={self._num_stages} is more than the {world} devices * num_nodes")
+        if self.settings.replicas == AUTO:  # one pipeline; one rank per stage until the planner replicates some
+            if self.settings.num_stages is not None and self.settings.num_stages > world:
+                raise ValueError(f"num_stages={self.settings.num_stages} is more than the {world} devices * num_nodes")
             shape = MeshShape.of(world, None, self._planned_replicas)
         else:
-            shape = MeshShape.of(world, self._num_stages, self._replicas)
-        if shape.stage_replicas and self.schedule not in REPLICATED_SCHEDULES:
+            shape = MeshShape.of(world, self.settings.num_stages, self.settings.replicas)
+        if shape.stage_replicas and (self.schedule == AUTO_SCHEDULE or not schedule_kind(self.schedule).replicated):
             raise ValueError(f"uneven replication (replicas={list(shape.stage_replicas)}) runs schedule '1f1b' "
                              f"(strategy 'pipedream') or 'gpipe', not {self.schedule!r}: its stages take micro-batches "
                              f"in turn (1F1B round-robin); name one of those, or give every stage the same replicas")
@@ -248,6 +250,8 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
         self._build(module, trainer)
+        if self._async is not None:
+            self._async.attach(self.runner, self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
@@ -266,34 +270,35 @@ class PipelineStrategy(ProcessStrategy):
     def _build(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
             return  # a later run of this Trainer (fit, then test): the module is cut already
-        shape, mesh = self.mesh_shape, self._mesh
-        settings = {"layers": self.layers, "schedule": self.schedule, "num_microbatches": self.num_microbatches,
-                    "partition": self.partition, "checkpoint_activations": self.checkpoint_activations,
-                    "schedule_options": self.schedule_options, "vertical_sync": self.vertical_sync,
-                    "replicas": list(shape.stage_replicas) or None}
+        settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
-        if runner is not None and self.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
-            planned = ["partition"] + (["schedule", "num_microbatches"] if self.schedule == AUTO_SCHEDULE else [])
-            planned += ["replicas"] if self._replicas == AUTO else []
-            settings.update({key: runner.settings[key] for key in planned})
-        if runner is None and self.plans_cut:
-            self._cut_plan = self._plan(trainer, module)
-            settings.update(partition=self._cut_plan.partition, schedule=self._cut_plan.schedule,
-                            num_microbatches=self._cut_plan.num_microbatches)
-            if self._replicas == AUTO:
-                settings["replicas"] = self._cut_plan.replicas
-        if self._replicas == AUTO:  # the planner chose the replicas: the layout follows from them
-            self._planned_replicas = tuple(settings["replicas"] or ()) or None
-            shape = self.mesh_shape
+        if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
+            earlier = runner.config
+            auto = settings.schedule == AUTO_SCHEDULE
+            config = settings.engine_config(
+                partition=earlier.partition, schedule=earlier.schedule if auto else None,
+                num_microbatches=earlier.num_microbatches if auto else None,
+                replicas=earlier.replicas if auto_replicas else self.mesh_shape.stage_replicas)
+        elif settings.plans_cut:
+            plan = self._cut_plan = self._plan(trainer, module)
+            config = settings.engine_config(
+                partition=plan.partition, schedule=plan.schedule, num_microbatches=plan.num_microbatches,
+                replicas=plan.replicas if auto_replicas else self.mesh_shape.stage_replicas)
+        else:
+            config = settings.engine_config(replicas=self.mesh_shape.stage_replicas)
+        if auto_replicas:  # the planner chose the replicas: the layout follows from them
+            self._planned_replicas = config.replicas
+        shape, mesh = self.mesh_shape, self._mesh
         if runner is None:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
-            runner = PipelineRunner.build(module, device=self.root_device, **settings, **groups)
-        elif (runner.settings, runner.pipeline.num_ranks, runner.replica_group is None) != (
-                settings, shape.pipeline_ranks, mesh is None):
+            runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
+                                          **groups)
+        elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (
+                config, settings.layers, shape.pipeline_ranks, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
-                             f"{runner.settings} on {runner.pipeline.num_ranks} processes; use the same strategy "
+                             f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
@@ -322,8 +327,8 @@ class PipelineStrategy(ProcessStrategy):
         """What the planner is told of the layout: the stages and their replicas, or (``replicas="auto"``) the ranks
         it may place stages and replicas on."""
         shape = self.mesh_shape
-        if self._replicas == AUTO:
-            return {"num_stages": self._num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
+        if self.settings.replicas == AUTO:
+            return {"num_stages": self.settings.num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
         return {"num_stages": shape.num_stages, "replicas": list(shape.stage_replicas) or None}
 
     @override

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
+from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
-from lightning_pipe.engine.cut import Partition
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
@@ -60,7 +60,7 @@ class PipelineRunner:
         self.recorder = LogRecorder(self.module)
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
-        self.settings: dict[str, Any] = {}  # the arguments of build(), to tell whether a later Trainer may reuse it
+        self.layers: str | None = None  # the attribute path build() was given
         PipelineRunner._built += 1  # every rank builds its runners in the same order: the count names this one
         self.scope = f"runner{PipelineRunner._built}"
         # the ranks holding this rank's stages in the other replicas (None: one replica)
@@ -75,31 +75,27 @@ class PipelineRunner:
         self._first_replica = all(ranks[0] == pipeline.rank for ranks in pipeline.stage_ranks if pipeline.rank in ranks)
 
     @classmethod
-    def build(cls, module: LightningModule, *, layers: str | None, schedule: str, num_microbatches: int,
-              partition: Partition, checkpoint_activations: bool, device: torch.device,
-              schedule_options: Mapping[str, int], vertical_sync: bool = False,
+    def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
               group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None,
-              pipelines: Sequence[Sequence[int]] | None = None, replicas: Sequence[int] | None = None
-              ) -> PipelineRunner:
-        """Cut ``module`` (collective: every rank calls it with an equal module).
+              pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
+        """Cut ``module`` (collective: every rank calls it with an equal module) and run it as ``config`` says.
 
         ``group`` holds this rank's pipeline; with several replicas, ``replica_group`` the ranks holding the same
-        stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline. ``replicas``:
-        ranks per stage of one pipeline (uneven replication; the engine sums each stage's gradients)."""
+        stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline."""
         split = SplitModule(module, layers)
-        pipeline = Pipeline(split.sequence, schedule=schedule, num_microbatches=num_microbatches, partition=partition,
-                            checkpoint_activations=checkpoint_activations, group=group, device=device,
-                            vertical_sync=vertical_sync, replicas=replicas, **schedule_options)
+        pipeline = Pipeline(split.sequence, config=config, group=group, device=device)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
         local = [child for stage in pipeline.modules() for child in stage.named_children()]
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
-        runner.settings = {"layers": layers, "schedule": schedule, "num_microbatches": num_microbatches,
-                           "partition": partition, "checkpoint_activations": checkpoint_activations,
-                           "schedule_options": dict(schedule_options), "vertical_sync": vertical_sync,
-                           "replicas": None if replicas is None else list(replicas)}
+        runner.layers = layers
         return runner
+
+    @property
+    def config(self) -> PipelineConfig:
+        """How the pipeline runs (a later Trainer may reuse this runner only with an equal config)."""
+        return self.pipeline.config
 
     @staticmethod
     def of(module: LightningModule) -> PipelineRunner | None:

@@ -1,29 +1,95 @@
-"""Checks of PipelineStrategy's arguments, made where they enter; each error says how to fix the call."""
+"""PipelineStrategy's settings: one frozen value, checked where it is made; each error says how to fix the call.
+
+:class:`PipelineSettings` travels from the strategy's constructor to the engine: the strategy resolves what a planned
+cut chooses (partition, schedule, micro-batches, replicas) and asks :meth:`PipelineSettings.engine_config` for the
+engine's :class:`~lightning_pipe.engine.config.PipelineConfig`.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any
 
-from lightning_pipe.strategy.asynchronous import ASYNC_SCHEDULES
+from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.cut import Partition
-from lightning_pipe.engine.schedules import SCHEDULES
-from lightning_pipe.engine.schedules.replicated import REPLICATED_SCHEDULES
+from lightning_pipe.engine.schedules import SCHEDULES, schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
+from lightning_pipe.strategy.mesh import AUTO, check_replicas
 
-__all__ = ["check_schedule", "check_planning", "check_vertical_sync", "check_num_microbatches", "check_partition",
-           "check_profile_cache", "check_layers", "check_num_stages", "check_auto_replicas"]
+__all__ = ["PipelineSettings"]
 
 
-def check_schedule(schedule: str) -> str:
-    if schedule != AUTO_SCHEDULE and schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(sorted(SCHEDULES))}, or "
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What :class:`~lightning_pipe.strategy.PipelineStrategy` was asked for (its arguments are documented there)."""
+
+    schedule: str = "1f1b"
+    num_microbatches: int = 4
+    partition: Partition = "uniform"
+    layers: str | None = None
+    checkpoint_activations: bool = False
+    schedule_options: Mapping[str, int] = field(default_factory=dict)
+    vertical_sync: bool = False
+    num_stages: int | None = None
+    replicas: int | tuple[int, ...] | str | None = None
+    memory_cap: float | None = None
+    profile_cache: str | os.PathLike[str] | bool | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("schedule", _check_schedule(self.schedule))
+        put("num_microbatches", _check_num_microbatches(self.num_microbatches))
+        put("partition", _check_partition(self.partition))
+        put("memory_cap", _check_planning(self.partition, self.schedule, self.schedule_options, self.memory_cap))
+        put("profile_cache", _check_profile_cache(self.profile_cache))
+        put("layers", _check_layers(self.layers))
+        put("checkpoint_activations", bool(self.checkpoint_activations))
+        put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
+        put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
+        put("num_stages", _check_num_stages(self.num_stages))
+        put("replicas", check_replicas(self.replicas))
+        _check_auto_replicas(self.replicas, self.partition, self.schedule)
+
+    @property
+    def plans_cut(self) -> bool:
+        """Whether a profile decides the cut (``partition="profile" | "time" | "memory"`` or ``schedule="auto"``)."""
+        return self.schedule == AUTO_SCHEDULE or self.partition in PLANNED_PARTITIONS
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the schedule steps the optimizer inside the pipeline (PipeDream)."""
+        return self.schedule != AUTO_SCHEDULE and schedule_kind(self.schedule).asynchronous
+
+    def engine_config(self, *, partition: Partition | None = None, schedule: str | None = None,
+                      num_microbatches: int | None = None, replicas: Sequence[int] | None = None) -> PipelineConfig:
+        """The engine's config, with what a planned cut chose in place of ``"auto"`` and the planned partitions."""
+        return PipelineConfig(
+            schedule=schedule or self.schedule, num_microbatches=num_microbatches or self.num_microbatches,
+            partition=self.partition if partition is None else partition,
+            checkpoint_activations=self.checkpoint_activations, schedule_options=dict(self.schedule_options),
+            vertical_sync=self.vertical_sync, replicas=None if not replicas else tuple(replicas))
+
+    def replace(self, **changes: Any) -> PipelineSettings:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_schedule(schedule: str) -> str:
+    if schedule != AUTO_SCHEDULE and (schedule not in SCHEDULES or not SCHEDULES[schedule].trains):
+        names = ", ".join(name for name, kind in SCHEDULES.items() if kind.trains)
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or "
                          f"{AUTO_SCHEDULE!r} to let the planner choose")
     return schedule
 
 
-def check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
+def _check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
                     memory_cap: float | None) -> float | None:
     """The memory cap, if the arguments that plan the cut go together."""
     if schedule == AUTO_SCHEDULE:
@@ -47,23 +113,24 @@ def check_planning(partition: Partition, schedule: str, schedule_options: dict[s
     return float(memory_cap)
 
 
-def check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
-    if vertical_sync and schedule != "async_1f1b":
+def _check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
+    kind = schedule_kind(schedule) if schedule != AUTO_SCHEDULE else None
+    if vertical_sync and not (kind and kind.vertical_sync):
         raise ValueError(f"vertical_sync=True applies to schedule='async_1f1b' (strategy 'pipedream_async'), not "
                          f"{schedule!r}; drop it or change the schedule")
-    if schedule in ASYNC_SCHEDULES and schedule_options:
+    if kind and kind.asynchronous and schedule_options:
         raise ValueError(f"schedule={schedule!r} runs one stage per rank and takes no schedule_options (got "
                          f"{schedule_options}); remove them")
     return bool(vertical_sync)
 
 
-def check_num_microbatches(num_microbatches: int) -> int:
+def _check_num_microbatches(num_microbatches: int) -> int:
     if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
         raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
     return num_microbatches
 
 
-def check_partition(partition: Partition) -> Partition:
+def _check_partition(partition: Partition) -> Partition:
     names = ("uniform", "parameters", *PLANNED_PARTITIONS)
     if isinstance(partition, str):
         if partition not in names:
@@ -76,33 +143,33 @@ def check_partition(partition: Partition) -> Partition:
     return list(partition)
 
 
-def check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | None:
+def _check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | None:
     if not (profile_cache is None or profile_cache is False or isinstance(profile_cache, (str, os.PathLike))):
         raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
                         f"False (no cache), not {profile_cache!r}")
     return profile_cache
 
 
-def check_layers(layers: Any) -> str | None:
+def _check_layers(layers: Any) -> str | None:
     if layers is not None and not isinstance(layers, str):
         raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
                         f"not {type(layers).__name__}")
     return layers
 
 
-def check_auto_replicas(replicas: Any, partition: Partition, schedule: str) -> None:
+def _check_auto_replicas(replicas: Any, partition: Partition, schedule: str) -> None:
     """``replicas="auto"`` needs the planner's cut and a schedule that replicated stages run."""
-    if replicas != "auto":
+    if replicas != AUTO:
         return
     if partition != "profile":
         raise ValueError(f"replicas='auto' lets the planner choose each stage's replicas together with the cut: use "
                          f"partition='profile' (not {partition!r}), or give the replicas, e.g. replicas=[3, 1]")
-    if schedule not in REPLICATED_SCHEDULES:
+    if schedule == AUTO_SCHEDULE or not schedule_kind(schedule).replicated:
         raise ValueError(f"replicas='auto' may replicate stages unevenly, which runs schedule '1f1b' or 'gpipe', not "
                          f"{schedule!r}; name one of those, or give the replicas")
 
 
-def check_num_stages(num_stages: Any) -> int | None:
+def _check_num_stages(num_stages: Any) -> int | None:
     if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
         raise ValueError(f"num_stages must be a positive integer (ranks per pipeline), got {num_stages!r}")
     return num_stages
