@@ -1,4 +1,4 @@
-"""Command line: train a model with a pipeline strategy, configured by Hydra (``lightning_pipe/configs``).
+"""Command line: train a model with a pipeline strategy, configured by Hydra (the top-level ``configs/``).
 
     python -m lightning_pipe.train                        # byte-level GPT on stdlib text, 2-stage 1F1B, CPU
     python -m lightning_pipe.train strategy=gpipe strategy.num_microbatches=8 trainer.devices=4
@@ -8,7 +8,7 @@
 
 Lightning launches ranks 1.. by re-running this command with ``hydra.run.dir`` set to rank 0's run folder,
 so every rank writes into one folder (``outputs/train/<date>_<time>``; checkpoints under ``checkpoints/``).
-The configs live inside the package (``lightning_pipe/configs``), so this works from an installed wheel too.
+The configs are found as ``pkg://lightning_pipe.configs`` (see pyproject.toml), so this works from a wheel too.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _report(trainer: L.Trainer, datamodule: Any, metrics: dict[str, float], thro
     print("\n".join(lines), flush=True)
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://lightning_pipe.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 
