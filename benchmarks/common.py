@@ -85,13 +85,20 @@ class SleepLayer(nn.Module):
     """A layer on rows of ``width`` numbers that sleeps ``costs`` seconds instead of computing, with a parameter.
 
     Its result is ``x * weight`` (weight starts at ones), so a chain of them passes data through and every
-    weight gets a gradient.
+    weight gets a gradient. ``num_parameters`` adds an unused table so that the layer holds that many parameters
+    in all (parameter-balanced cuts then see a real model's shape).
     """
 
-    def __init__(self, costs: SleepCosts, width: int = 4) -> None:
+    def __init__(self, costs: SleepCosts, width: int = 4, num_parameters: int = 0) -> None:
         super().__init__()
         self.costs = costs
         self.weight = nn.Parameter(torch.ones(width))
+        if num_parameters > width:
+            self.table = nn.Parameter(torch.zeros(num_parameters - width))
+
+    def extra_repr(self) -> str:  # part of the planner's profile cache key
+        table = getattr(self, "table", None)
+        return f"costs={self.costs}, parameters={self.weight.numel() + (0 if table is None else table.numel())}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Sleep.apply(x.view_as(x), self.weight.view_as(self.weight), self.costs)

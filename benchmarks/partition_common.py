@@ -1,13 +1,12 @@
-"""What the partition benchmark needs: layers that sleep their profiled costs, and the test models.
+"""What the partition benchmark needs: its models (sleeping layers with profiled costs, and a real CNN).
 
-Not imported from ``tests/`` (benchmarks are run by users, tests by CI), and kept apart from ``benchmarks/common.py``
-so that this benchmark's models and layers can change without touching the others.
+Not imported from ``tests/`` (benchmarks are run by users, tests by CI). Its layers are
+:class:`benchmarks.common.SleepLayer`, the one sleeping layer every benchmark uses.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from benchmarks.common import run_ranks
+from benchmarks.common import SleepCosts, SleepLayer, run_ranks
 
-__all__ = ["SleepingLayer", "LayerSpec", "MODELS", "build_model", "sample_batch", "loss_fn", "is_real", "run_ranks",
+__all__ = ["sleeping_layer", "LayerSpec", "MODELS", "build_model", "sample_batch", "loss_fn", "is_real", "run_ranks",
            "rank_threads"]
 
 
@@ -29,43 +28,6 @@ def rank_threads(ranks: int) -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return max(1, cores // ranks)
-
-
-# -- sleeping layers --------------------------------------------------------------------------------------------------
-class _Sleep(torch.autograd.Function):
-    """``x * weight`` that sleeps ``forward_s`` in forward and ``backward_s`` in backward (sleep releases the GIL, so
-    the timeline does not depend on the cores)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
-        time.sleep(forward_s)
-        ctx.save_for_backward(x, weight)
-        ctx.backward_s = backward_s
-        return x * weight
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        x, weight = ctx.saved_tensors
-        time.sleep(ctx.backward_s)
-        grad_x = grad * weight if ctx.needs_input_grad[0] else None
-        return grad_x, (grad * x).sum(0), None, None
-
-
-class SleepingLayer(nn.Module):
-    """A layer on rows of ``width`` numbers that sleeps instead of computing and holds ``num_parameters`` parameters
-    (a ``width``-sized weight it uses and a table it does not), so parameter-balanced cuts see a model's real shape."""
-
-    def __init__(self, forward_s: float, backward_s: float, num_parameters: int = 0, width: int = 4) -> None:
-        super().__init__()
-        self.forward_s, self.backward_s = forward_s, backward_s
-        self.weight = nn.Parameter(torch.ones(width))
-        self.table = nn.Parameter(torch.zeros(max(0, num_parameters - width)))
-
-    def extra_repr(self) -> str:  # part of the profile cache key
-        return f"forward_s={self.forward_s}, backward_s={self.backward_s}, parameters={self.table.numel() + 4}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.weight, self.forward_s, self.backward_s)
 
 
 # -- models -----------------------------------------------------------------------------------------------------------
@@ -125,8 +87,13 @@ def build_model(name: str, seed: int = 0, scale: float = 1.0) -> nn.Sequential:
     made = MODELS[name]()
     if isinstance(made, nn.Sequential):
         return made
-    return nn.Sequential(*[SleepingLayer(scale * s.forward_ms / 1e3, scale * 2 * s.forward_ms / 1e3, s.parameters)
+    return nn.Sequential(*[sleeping_layer(scale * s.forward_ms / 1e3, scale * 2 * s.forward_ms / 1e3, s.parameters)
                            for s in made])
+
+
+def sleeping_layer(forward_s: float, backward_s: float, num_parameters: int = 0) -> SleepLayer:
+    """The benchmarks' one sleeping layer (:class:`benchmarks.common.SleepLayer`) with these costs and parameters."""
+    return SleepLayer(SleepCosts.of(forward_s, backward_s), num_parameters=num_parameters)
 
 
 def is_real(name: str) -> bool:

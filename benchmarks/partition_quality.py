@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from benchmarks.common import write_json
-from benchmarks.partition_common import (MODELS, SleepingLayer, build_model, is_real, loss_fn, rank_threads,
+from benchmarks.partition_common import (MODELS, sleeping_layer, build_model, is_real, loss_fn, rank_threads,
                                          run_ranks, sample_batch)
 from lightning_pipe.planner import Level, Plan, Topology, plan_pipeline, profile_layers
 
@@ -83,10 +83,10 @@ def _timed_steps(pipes: list[Any], batch: Any, warmup: int, steps: int) -> list[
     return spans
 
 
-def _calibration_layers(ranks: int, scale: float) -> list[SleepingLayer]:
+def _calibration_layers(ranks: int, scale: float) -> list[nn.Module]:
     """One layer per rank sleeping 4 ms forward and 8 ms backward (times ``scale``): a pipeline whose ideal step is
     known, so what it takes beyond that is the engine's cost per message."""
-    return [SleepingLayer(0.004 * scale, 0.008 * scale) for _ in range(ranks)]
+    return [sleeping_layer(0.004 * scale, 0.008 * scale) for _ in range(ranks)]
 
 
 def _link_rank(rank: int, world_size: int, sizes: list[int], config: Config) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Command line: profile the model of a training config on this machine and print (and draw) its pipeline plan.
 
-Same configs as ``python -m lightning_pipe.train`` (Hydra, the top-level ``configs/``, installed as ``lightning_pipe.configs``); the strategy's
+Same configs as ``python -m lightning_pipe.train`` (Hydra, the top-level ``configs/``); the strategy's
 ``partition``, ``schedule`` and ``num_microbatches`` and the trainer's ``devices`` say what to plan::
 
     python -m lightning_pipe.plan                                    # the GPT of train.yaml, 2 stages, 1F1B
