@@ -33,24 +33,35 @@ def test_running_statistics_are_the_whole_batchs_once_per_step(kind, momentum, a
     """A stage of one batch norm, 3 steps of 4 micro-batches (3 rows each), forward and backward of each: the running
     statistics equal one device's training forward of each whole batch; each micro-batch is normalized with its own
     statistics (as a plain batch norm in training mode normalizes it)."""
+    _check_deferred(kind, momentum, affine, remat, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("remat", [False, True])
+def test_running_statistics_on_cuda(remat: bool) -> None:
+    _check_deferred(nn.BatchNorm2d, 0.1, True, remat, torch.device("cuda", 0))
+
+
+def _check_deferred(kind: type, momentum: float | None, affine: bool, remat: bool, device: torch.device) -> None:
     torch.manual_seed(0)
-    reference = kind(3, momentum=momentum, affine=affine)
+    reference = kind(3, momentum=momentum, affine=affine).to(device)
     if affine:
         with torch.no_grad():
             reference.weight.uniform_(0.5, 1.5)
             reference.bias.uniform_(-0.5, 0.5)
     norm = copy.deepcopy(reference)
-    stage = PipelineStage(norm, 0, 1, checkpoint_activations=remat)
+    stage = PipelineStage(norm, 0, 1, device=device, checkpoint_activations=remat)
     assert isinstance(norm, kind) and type(norm) is not kind
     for step in range(3):
-        batch = torch.randn(*SHAPES[kind]) * (step + 1) + step
+        batch = torch.randn(*SHAPES[kind], device=device) * (step + 1) + step
         reference.train()(batch)
         for mb, x in enumerate(batch.chunk(4)):
             output = stage.forward(mb, x.requires_grad_())
             expected = F.batch_norm(x, None, None, reference.weight, reference.bias, True, 0.0, reference.eps)
             torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
         for mb in range(4):
-            stage.backward(mb, [torch.ones(3, *SHAPES[kind][1:])])
+            stage.backward(mb, [torch.ones(3, *SHAPES[kind][1:], device=device)])
         stage.end_step()
         _assert_stats_equal(norm, reference, f"step {step}")
     assert norm.num_batches_tracked.item() == 3
@@ -246,21 +257,21 @@ def test_pipelined_batch_norm_equals_one_device() -> None:
 
 
 def _async_and_replicated(rank: int, world_size: int) -> dict:
-    """async_1f1b and 2bw on 2 ranks, stage 0 frozen (no trainable parameter, its batch norms still count); replicated
+    """async_1f1b (also re-materialized) and 2bw on 2 ranks, stage 0 frozen (no trainable parameter, its batch norms still count); replicated
     stages [2, 1] on 3 ranks."""
     batches = _batches((8, WIDTH), steps=4)
     reports = {}
     if world_size == 2:
-        for schedule in ("async_1f1b", "2bw"):
+        for schedule, remat in (("async_1f1b", False), ("2bw", False), ("async_1f1b", True)):
             model = _side_norms()
             model[:2].requires_grad_(False)
-            pipe = Pipeline(model, loss_fn=_loss, schedule=schedule, num_microbatches=4)
+            pipe = Pipeline(model, loss_fn=_loss, schedule=schedule, num_microbatches=4, checkpoint_activations=remat)
             params = [p for p in pipe.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=0.05) if params else None
             for batch in batches:
                 pipe.train_step(batch, optimizer_step=optimizer.step if optimizer else lambda: None)
             pipe.flush()
-            reports[schedule] = pipe.state_dict()
+            reports[f"{schedule}{' remat' if remat else ''}"] = pipe.state_dict()
     else:
         reference = _side_norms()
         _one_device(reference, batches)

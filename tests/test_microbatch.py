@@ -7,7 +7,10 @@ from collections import namedtuple
 import pytest
 import torch
 
+from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
+from tests.helpers import run_ranks
+from tests.models import mlp
 
 
 def test_a_list_of_one_string_per_row_is_split_with_the_rows() -> None:
@@ -54,3 +57,29 @@ def test_splits_match_tensor_split_and_weights_add_to_one() -> None:
 def test_an_empty_batch_is_refused_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="the batch has 0 rows.*drop_last=True"):
         split_batch((torch.zeros(0, 3), torch.zeros(0)), 4)
+
+
+def _names_and_an_empty_batch(rank: int, world_size: int) -> tuple[list, str]:
+    seen = []
+
+    def loss_fn(output, microbatch):
+        x, y, names = microbatch
+        assert names == [f"row{int(i)}" for i in x[:, 0]], "the names are not those of the micro-batch's rows"
+        seen.append(names)
+        return torch.nn.functional.mse_loss(output, y)
+
+    pipe = Pipeline(mlp(num_layers=4), loss_fn=loss_fn, schedule="1f1b", num_microbatches=4)
+    x = torch.arange(10.0).unsqueeze(1).repeat(1, 16)
+    pipe.train_step((x, torch.zeros(10, 16), [f"row{i}" for i in range(10)]))
+    try:
+        pipe.train_step((torch.zeros(0, 16), torch.zeros(0, 16), []))
+    except ValueError as error:
+        return seen, str(error)
+    return seen, "no error"
+
+
+@pytest.mark.timeout(120)
+def test_per_row_names_reach_the_loss_and_an_empty_batch_fails_on_every_rank_at_once() -> None:
+    (seen_0, error_0), (seen_1, error_1) = run_ranks(_names_and_an_empty_batch, 2, timeout=100)
+    assert seen_0 == [] and [len(names) for names in seen_1] == [3, 3, 2, 2]
+    assert "the batch has 0 rows" in error_0 and "the batch has 0 rows" in error_1

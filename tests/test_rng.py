@@ -110,6 +110,27 @@ def test_stage_seeds_are_distinct_and_a_stream_resumes_from_its_state() -> None:
         torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stages_draw_their_own_masks_and_leave_the_device_generator_alone() -> None:
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    layer = DropoutProbe().to(device)
+    stages = [PipelineStage(copy.deepcopy(layer), index, 2, device=device, checkpoint_activations=True, seed=7)
+              for index in range(2)]
+    before = torch.cuda.get_rng_state(device)
+    x = torch.ones(8, WIDTH, device=device)
+    for stage in stages:
+        stage.forward(0, x.clone().requires_grad_())
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    for stage in stages:
+        stage.backward(0, [torch.ones(8, WIDTH, device=device)])
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    (first, replayed), (second, _) = (stage.module.masks for stage in stages)
+    assert not torch.equal(first, second), "two stages drew the same mask"
+    assert torch.equal(first, replayed), "the recomputation drew another mask"
+
+
 def _pipeline_masks(rank: int, world_size: int, cases: list) -> dict:
     """Per case: this rank's masks per stage, its gradients, whether the process generator moved, its base seed."""
     results = {}

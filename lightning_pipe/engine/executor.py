@@ -143,7 +143,8 @@ class Pipeline:
         """``seed``, or rank 0's initial seed sent to every rank (one small broadcast, while building)."""
         if seed is not None:
             return int(seed)
-        value = torch.tensor([torch.initial_seed() % 2**63], dtype=torch.int64, device=self.device)
+        device = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        value = torch.tensor([torch.initial_seed() % 2**63], dtype=torch.int64, device=device)
         dist.broadcast(value, src=dist.get_global_rank(self.group, 0), group=self.group)
         return int(value.item())
 

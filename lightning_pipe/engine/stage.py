@@ -207,8 +207,9 @@ class PipelineStage:
         version = self._version_of.pop(microbatch)
         snapshot = self.versions.snapshot(version)
         wanted = [x for x in inputs if x.requires_grad]
-        results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
-                   else (None,) * (len(wanted) + len(snapshot)))
+        with self._running(forward=False):
+            results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
+                       else (None,) * (len(wanted) + len(snapshot)))
         for live, grad in zip(self.versions.live, results[len(wanted):]):
             if grad is not None:
                 live.grad = grad if live.grad is None else live.grad + grad
