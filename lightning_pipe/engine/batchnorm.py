@@ -7,12 +7,13 @@ that micro-batch's statistics (``m`` updates per step, each of a fraction of the
 
 - normalizes each micro-batch with that micro-batch's statistics, as GPipe does (the one difference from one device
   that remains, and only for ``num_microbatches > 1``: the README's "what is exact");
-- records, in the stage's first forward of each micro-batch only, the micro-batch's per-channel row count, sum and sum
-  of squares (float64), and never touches the running statistics;
-- on :meth:`DeferredStatistics.commit` (the executor calls it once at the end of each step) turns the recorded sums into
-  the batch's mean and unbiased variance and updates ``running_mean``, ``running_var`` and ``num_batches_tracked``
-  exactly as one device's training forward of the whole batch would (``momentum``, or the cumulative average when it is
-  ``None``). Stage replicas that each ran some micro-batches add their sums first, so they commit the same values.
+- records, in the stage's first forward of each micro-batch only, the micro-batch's rows and per-channel mean and
+  variance (one ``var_mean``), and never touches the running statistics;
+- on :meth:`DeferredStatistics.commit` (the executor calls it once at the end of each step) combines the recorded
+  micro-batches into the batch's mean and unbiased variance (in float64, Chan's parallel formula) and updates
+  ``running_mean``, ``running_var`` and ``num_batches_tracked`` exactly as one device's training forward of the whole
+  batch would (``momentum``, or the cumulative average when it is ``None``). Stage replicas that each ran some
+  micro-batches add up their sums first, so they commit the same values.
 
 A recomputation runs while the stage's backward is active, when nothing is recorded. In eval mode the module uses its
 running statistics as always, and a forward-only step records nothing. Outside any stage's forward or backward (the
@@ -27,7 +28,7 @@ ones, users' own) are left as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -62,41 +63,49 @@ class DeferredStatistics:
     @property
     def pending(self) -> bool:
         """Whether some micro-batch has been recorded since the last commit."""
-        return any(norm._sums is not None for norm in self.norms)
+        return any(norm._recorded for norm in self.norms)
 
     def commit(self, group: dist.ProcessGroup | None = None) -> None:
         """Update the running statistics with the batch's statistics recorded since the last commit.
 
         ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
-        that ran none); their sums are added first."""
+        that ran none); their sums are added up first."""
+        batches = [norm._batch_statistics() for norm in self.norms]
         if group is not None:
-            self._sum_over(group)
-        for norm in self.norms:
-            norm._commit()
+            batches = self._sum_over(group, batches)
+        for norm, batch in zip(self.norms, batches):
+            norm._recorded = []
+            if batch is not None:
+                norm._commit(*batch)
 
     def discard(self) -> None:
         """Forget what was recorded (a failed step)."""
         for norm in self.norms:
-            norm._sums = None
+            norm._recorded = []
 
-    def _sum_over(self, group: dist.ProcessGroup) -> None:
+    def _sum_over(self, group: dist.ProcessGroup, batches: list) -> list:
+        """Every replica's (rows, mean, variance) of each batch norm, from the sums of rows, values and squares."""
         sizes = [2 * norm.num_features + 1 for norm in self.norms]
-        device = self.norms[0].running_mean.device
-        flat = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-        for norm, piece in zip(self.norms, torch.split(flat, sizes)):
-            if norm._sums is not None:
-                piece.copy_(norm._sums)
+        flat = torch.zeros(sum(sizes), dtype=torch.float64, device=self.norms[0].running_mean.device)
+        for batch, piece in zip(batches, torch.split(flat, sizes)):
+            if batch is not None:
+                rows, mean, var = batch
+                piece.copy_(torch.cat([rows.reshape(1), rows * mean, rows * (var + mean * mean)]))
         dist.all_reduce(flat, group=group)
+        combined = []
         for norm, piece in zip(self.norms, torch.split(flat, sizes)):
-            norm._sums = piece if piece[0] > 0 else None
+            rows, sums, squares = piece[0], piece[1 : 1 + norm.num_features], piece[1 + norm.num_features :]
+            mean = sums / rows
+            combined.append((rows, mean, (squares / rows - mean * mean).clamp_(min=0)) if rows > 0 else None)
+        return combined
 
 
 class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
     """The behaviour shared by the deferred batch norms (a mixin over the plain class; see the module docstring)."""
 
     _deferred: DeferredStatistics | None = None
-    # Per channel, in float64, since the last commit: [rows, sum over rows (C), sum of squares over rows (C)].
-    _sums: torch.Tensor | None = None
+    # Per micro-batch since the last commit: (rows, mean, variance), the variance biased as batch norm's own.
+    _recorded: Sequence[tuple[int, torch.Tensor, torch.Tensor]] = ()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         deferred = self._deferred
@@ -110,25 +119,29 @@ class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     @torch.no_grad()
     def _record(self, input: torch.Tensor) -> None:
-        dims = [0, *range(2, input.dim())]
         x = input.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        rows = x.numel() // x.shape[1]
-        mean = mean.double()
-        sums = torch.cat([mean.new_tensor([rows]), rows * mean, rows * (var.double() + mean * mean)])
-        self._sums = sums if self._sums is None else self._sums + sums
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        if not self._recorded:
+            self._recorded = []
+        self._recorded.append((x.numel() // x.shape[1], mean, var))
 
     @torch.no_grad()
-    def _commit(self) -> None:
-        if self._sums is None:
-            return
-        sums, self._sums = self._sums, None
-        channels = self.num_features
-        rows = sums[0]
-        mean = sums[1 : 1 + channels] / rows
-        var = (sums[1 + channels :] / rows - mean * mean).clamp_(min=0)
+    def _batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rows, mean and (biased) variance per channel of everything recorded since the last commit, in float64."""
+        if not self._recorded:
+            return None
+        means = torch.stack([mean for _, mean, _ in self._recorded]).double()
+        variances = torch.stack([var for _, _, var in self._recorded]).double()
+        counts = torch.tensor([rows for rows, _, _ in self._recorded], dtype=torch.float64, device=means.device)
+        rows = counts.sum()
+        mean = (counts[:, None] * means).sum(0) / rows
+        var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / rows
+        return rows, mean, var
+
+    @torch.no_grad()
+    def _commit(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
         unbiased = var * (rows / (rows - 1)) if rows > 1 else var
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -162,7 +175,7 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
         if type(child) in _DEFERRED and child.track_running_stats:
             child.__class__ = _DEFERRED[type(child)]
         if isinstance(child, _DeferredBatchNorm):
-            child._sums = None
+            child._recorded = []
             norms.append(child)
     return DeferredStatistics(norms) if norms else None
 
@@ -173,4 +186,4 @@ def restore_batchnorm(module: nn.Module) -> None:
         if type(child) in _PLAIN:
             child.__class__ = _PLAIN[type(child)]
             child.__dict__.pop("_deferred", None)
-            child.__dict__.pop("_sums", None)
+            child.__dict__.pop("_recorded", None)
