@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine import schedules as registry
+from lightning_pipe.engine.executor import Pipeline
 from tests.helpers import run_ranks
 
 pytestmark = pytest.mark.timeout(900)
@@ -240,7 +240,8 @@ def _one_device(model: nn.Sequential, batches: list) -> tuple[list, dict]:
             before = {id(m): (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
                       for m in norms}
             seen: dict[int, list] = {id(m): [] for m in norms}
-            hooks = [m.register_forward_pre_hook(lambda m, a: seen[id(m)].append(a[0].detach())) for m in norms]
+            hooks = [m.register_forward_pre_hook(lambda m, a, seen=seen: seen[id(m)].append(a[0].detach()))
+                     for m in norms]
             loss = torch.zeros(())
             for xs, ys in zip(torch.tensor_split(x, MICROBATCHES), torch.tensor_split(y, MICROBATCHES)):
                 part = _loss(model(xs), (xs, ys)) * (len(xs) / ROWS)

@@ -179,9 +179,9 @@ class PipelineStage:
         output = self._outputs.get(microbatch)
         if output is None or not _backward_takes_edges():
             return
-        self._outputs[microbatch] = (_RELEASED, [
+        self._outputs[microbatch] = _Released(
             get_gradient_edge(t) if t.grad_fn is not None else t if t.requires_grad else None
-            for t in tree_flatten(output)[0]])
+            for t in tree_flatten(output)[0])
 
     def hold(self, microbatch: int, loss: torch.Tensor) -> None:
         """On the last stage: back-propagate ``microbatch`` from ``loss`` instead of from the layers' output."""
@@ -282,10 +282,7 @@ class PipelineStage:
         output = self._outputs.pop(microbatch)
         if grad_outputs is None:  # a scalar loss
             return ([output], [None]) if output.requires_grad else ([], [])
-        if isinstance(output, tuple) and len(output) == 2 and output[0] is _RELEASED:
-            leaves = output[1]
-        else:
-            leaves = tree_flatten(output)[0]
+        leaves = output if isinstance(output, _Released) else tree_flatten(output)[0]
         if len(leaves) != len(grad_outputs):
             raise RuntimeError(
                 f"stage {self.stage_index} got {len(grad_outputs)} output gradients for {len(leaves)} outputs "
@@ -313,7 +310,9 @@ class PipelineStage:
         return len(self._outputs) + len(self._weight_grads_owed)
 
 
-_RELEASED = object()  # marks a released output in PipelineStage._outputs: (_RELEASED, [edge or tensor per leaf])
+class _Released(list):
+    """A sent output after :meth:`PipelineStage.release_output`: per leaf, its gradient edge, the leaf itself (an input
+    passed through) or ``None`` (no gradient)."""
 
 
 @functools.cache
