@@ -37,6 +37,10 @@ class PipelineConfig:
     """``async_1f1b`` only: every stage runs a micro-batch on the weight version stage 0 used for it."""
     replicas: tuple[int, ...] | None = None
     """Ranks per stage (uneven replication, PipeDream's 3-1), numbered stage by stage; ``None``: one each."""
+    deferred_batchnorm: bool = True
+    """Batch norms update their running statistics once per step, with the whole batch's statistics, and never in a
+    recomputation (GPipe's deferred batch norm, :mod:`.batchnorm`); ``False`` leaves them plain: each micro-batch's
+    forward updates them, and a re-materialized forward a second time."""
 
     def __post_init__(self) -> None:
         kind = self.kind  # an unknown schedule fails here

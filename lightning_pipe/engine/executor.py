@@ -73,12 +73,17 @@ class Pipeline:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         record: bool = False,
+        seed: int | None = None,
         **settings: Any,
     ) -> None:
         """``config`` says how to run (:class:`~.config.PipelineConfig`); or give its fields as keywords
         (``schedule="1f1b", num_microbatches=8, partition="uniform", checkpoint_activations=False,
-        vertical_sync=False, replicas=None``), any other keyword being an option of the schedule
-        (``virtual_stages=2``)."""
+        vertical_sync=False, replicas=None, deferred_batchnorm=True``), any other keyword being an option of the
+        schedule (``virtual_stages=2``).
+
+        ``seed``: the base seed of the stages' random streams (:mod:`.rng`: each stage's layers draw from a stream of
+        their own); ``None`` takes rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set), so that it is the
+        same on every rank."""
         if config is None:
             config = PipelineConfig.of(**settings)
         elif settings:
@@ -117,9 +122,10 @@ class Pipeline:
         self.stage_sizes = sizes
         modules = cut(layers, sizes)
         self.stage_to_rank = plan.stage_to_rank
+        self.seed = self._shared_seed(seed)
         self.stages: dict[int, PipelineStage] = {
             index: PipelineStage(modules[index].to(self.device), index, self.num_stages, self.device,
-                                 checkpoint_activations)
+                                 checkpoint_activations, seed=self.seed, deferred_batchnorm=config.deferred_batchnorm)
             for index in plan.stages_of(self.rank)
         }
         if any(action.op is Op.BACKWARD_INPUT for action in plan.actions[self.rank]):
@@ -132,6 +138,15 @@ class Pipeline:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device)
         self._replica_sum = self._replica_group_sum(plan)
+
+    def _shared_seed(self, seed: int | None) -> int:
+        """``seed``, or rank 0's initial seed sent to every rank (one small broadcast, while building)."""
+        if seed is not None:
+            return int(seed)
+        device = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        value = torch.tensor([torch.initial_seed() % 2**63], dtype=torch.int64, device=device)
+        dist.broadcast(value, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return int(value.item())
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -215,7 +230,15 @@ class Pipeline:
             backwards = sum(action.op is Op.BACKWARD for action in plan.actions[self.rank])
             with self._replica_sum.averaging(backwards):
                 losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
+        self._end_step()
         return torch.stack(losses).sum() if losses else None
+
+    def _end_step(self) -> None:
+        """After a step's micro-batches: the stages' batch norms commit the batch's running statistics (replicas of a
+        stage first add up what each recorded)."""
+        group = self._replica_sum.group if self._replica_sum is not None else None
+        for stage in self.stages.values():
+            stage.end_step(group)
 
     @torch.no_grad()
     def eval_step(self, batch: Any) -> tuple[torch.Tensor | None, list[Any] | None]:
@@ -343,6 +366,7 @@ class Pipeline:
             self.flush(optimizer_step)
             plan = schedules_async.alone(self._steady, m)
         losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id)
+        self._end_step()  # statistics of the forwards this call ran, whichever batches they belonged to
         self._next_id += m
         self._batches_since_drain += 1
         if m != self.num_microbatches:
@@ -358,6 +382,7 @@ class Pipeline:
             self.optimizer_step_fn = optimizer_step
         self._run(schedules_async.drain(self._steady), [], training=True,
                   first_id=self._next_id - self.num_microbatches)
+        self._end_step()
         self._drained()
 
     def _drained(self) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from .batchnorm import DeferredStatistics, convert_batchnorm
+from .rng import StageRandomStream, stage_seed
 from .tree import tree_flatten
 from .weights import WeightVersions
 
@@ -18,10 +25,15 @@ __all__ = ["PipelineStage"]
 class PipelineStage:
     """Runs ``module`` (stage ``stage_index`` of ``num_stages``) on micro-batches and back-propagates them.
 
-    Forward keeps the micro-batch's input and output until its backward (the output's values only until it has been
+    Forward keeps the micro-batch's input and output until its backward (the output itself only until it has been
     sent: :meth:`release_output`); with ``checkpoint_activations`` it keeps only the input and recomputes the forward
     during backward (GPipe's re-materialization; RNG state is
     restored so dropout draws the same mask). Gradients accumulate in the module's parameters.
+
+    ``seed``: the layers draw their random numbers (dropout) from a stream of this stage's own, seeded from ``seed`` and
+    the stage index (:mod:`.rng`); ``None`` leaves them on the process's generators. ``deferred_batchnorm``: the batch
+    norms of ``module`` are converted in place to update their running statistics once per step (:mod:`.batchnorm`;
+    the executor calls :meth:`end_step`).
     """
 
     def __init__(
@@ -31,12 +43,16 @@ class PipelineStage:
         num_stages: int,
         device: torch.device | str = "cpu",
         checkpoint_activations: bool = False,
+        seed: int | None = None,
+        deferred_batchnorm: bool = True,
     ) -> None:
         self.module = module
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.device = torch.device(device)
         self.checkpoint_activations = checkpoint_activations
+        self.rng = None if seed is None else StageRandomStream(stage_seed(seed, stage_index), self.device)
+        self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
         self._inputs: dict[int, list[torch.Tensor]] = {}  # micro-batch -> input leaves
         self._outputs: dict[int, Any] = {}  # micro-batch -> output tree (or the scaled loss, on the last stage)
         self._weight_grads_owed: dict[int, tuple] = {}
@@ -81,21 +97,44 @@ class PipelineStage:
 
             def module(x: Any) -> Any:
                 return functional_call(self.module, weights, (x,), strict=False)
-        if torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        if training:
             self._inputs[microbatch] = tree_flatten(inputs)[0]
-        if self.checkpoint_activations and torch.is_grad_enabled():
-            output = checkpoint(module, inputs, use_reentrant=False, preserve_rng_state=True)
-        elif self._hooks and torch.is_grad_enabled():
-            self._capturing = []
-            try:
-                output = self.module(inputs)
-            finally:
-                self._captures[microbatch], self._capturing = self._capturing, None
-        else:
-            output = module(inputs)
-        if torch.is_grad_enabled():
+        with self._running(forward=True, training=training):
+            if self.checkpoint_activations and training:
+                output = checkpoint(module, inputs, use_reentrant=False, preserve_rng_state=True)
+            elif self._hooks and training:
+                self._capturing = []
+                try:
+                    output = self.module(inputs)
+                finally:
+                    self._captures[microbatch], self._capturing = self._capturing, None
+            else:
+                output = module(inputs)
+        if training:
             self._outputs[microbatch] = output
         return output
+
+    @contextmanager
+    def _running(self, forward: bool, training: bool = True) -> Iterator[None]:
+        """Around the stage's forwards and backwards: the stage's random stream (forward) and its batch norms' state
+        (record a training forward; a backward's recomputation must not touch the running statistics)."""
+        if self.norms is None and (self.rng is None or not forward):
+            yield
+            return
+        with ExitStack() as stack:
+            if self.rng is not None and forward:
+                stack.enter_context(self.rng.active())
+            if self.norms is not None:
+                stack.enter_context(self.norms.running(record=forward and training))
+            yield
+
+    def end_step(self, group: dist.ProcessGroup | None = None) -> None:
+        """The step's micro-batches are done: commit the batch norms' running statistics of the whole batch.
+
+        ``group``: the replicas of this stage that ran the step's other micro-batches (all of them call this)."""
+        if self.norms is not None:
+            self.norms.commit(group)
 
     def enable_split_backward(self) -> None:
         """Prepare for :meth:`backward_input` / :meth:`backward_weight` (zero-bubble schedules).
@@ -123,19 +162,26 @@ class PipelineStage:
                 self._capturing.append((module, leaves))
 
     def release_output(self, microbatch: int) -> None:
-        """Free the storage of ``microbatch``'s output once it has been sent (the message holds a copy).
+        """Let go of ``microbatch``'s output once it has been sent (the message holds a copy): keep only where its
+        backward starts, each output tensor's gradient edge (autograd node and output number).
 
-        Backward needs only the output's autograd node and shape, not its values (an op that needs them saved its own
-        reference), so each output tensor's data becomes one zero broadcast to the same shape (Megatron-LM frees its
-        outputs the same way). Leaves are left alone: one may be this stage's own input passed through.
+        Backward needs no output's values, only its node, so the output's memory can go before its backward comes.
+        But the memory must go only when nothing else needs it. Megatron-LM (and this stage, until issue 11) replaced
+        each output's ``.data`` by a broadcast zero; when a layer of the stage had saved that same tensor for backward
+        (a stage returning ``(new_h, h)`` where ``h`` also fed a Linear, U-Net skips, fused (hidden, residual) blocks),
+        backward then read zeros, and since changing ``.data`` does not bump the version counter, silently. Dropping
+        our reference instead frees the storage exactly when nothing else holds it: not when a layer saved the tensor,
+        a view of it, or (as ``tanh`` does) its result, and then freeing would have saved no memory anyway.
+
+        Needs ``torch.autograd.backward`` to take gradient edges (torch >= 2.7); before that the output is kept.
+        Leaves (the stage's own input passed through) and tensors that need no gradient stay as they are.
         """
         output = self._outputs.get(microbatch)
-        if output is None:
+        if output is None or not _backward_takes_edges():
             return
-        for leaf in tree_flatten(output)[0]:
-            if (isinstance(leaf, torch.Tensor) and leaf.grad_fn is not None and leaf.layout == torch.strided
-                    and leaf.numel() > 1):
-                leaf.data = torch.zeros((), dtype=leaf.dtype, device=leaf.device).expand(leaf.shape)
+        self._outputs[microbatch] = _Released(
+            get_gradient_edge(t) if t.grad_fn is not None else t if t.requires_grad else None
+            for t in tree_flatten(output)[0])
 
     def hold(self, microbatch: int, loss: torch.Tensor) -> None:
         """On the last stage: back-propagate ``microbatch`` from ``loss`` instead of from the layers' output."""
@@ -152,7 +198,8 @@ class PipelineStage:
         if self.versions is not None:
             return self._backward_on_version(microbatch, tensors, grads, inputs)
         if tensors:
-            torch.autograd.backward(tensors, grads)
+            with self._running(forward=False):
+                torch.autograd.backward(tensors, grads)
         return [x.grad if x.requires_grad else None for x in inputs]
 
     def _backward_on_version(self, microbatch: int, tensors: list, grads: list, inputs: list) -> list:
@@ -160,8 +207,9 @@ class PipelineStage:
         version = self._version_of.pop(microbatch)
         snapshot = self.versions.snapshot(version)
         wanted = [x for x in inputs if x.requires_grad]
-        results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
-                   else (None,) * (len(wanted) + len(snapshot)))
+        with self._running(forward=False):
+            results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
+                       else (None,) * (len(wanted) + len(snapshot)))
         for live, grad in zip(self.versions.live, results[len(wanted):]):
             if grad is not None:
                 live.grad = grad if live.grad is None else live.grad + grad
@@ -180,8 +228,9 @@ class PipelineStage:
         captured = [t for _, leaves in captures for t in leaves]
         results: list[torch.Tensor | None] = []
         if tensors and (wanted or captured):
-            results = list(torch.autograd.grad(tensors, wanted + captured, grads, retain_graph=True,
-                                               allow_unused=True))
+            with self._running(forward=False):
+                results = list(torch.autograd.grad(tensors, wanted + captured, grads, retain_graph=True,
+                                                   allow_unused=True))
         self._weight_grads_owed[microbatch] = (tensors, grads, captures, results[len(wanted):])
         found = iter(results[: len(wanted)])
         return [next(found) if x.requires_grad else None for x in inputs]
@@ -233,17 +282,20 @@ class PipelineStage:
         output = self._outputs.pop(microbatch)
         if grad_outputs is None:  # a scalar loss
             return ([output], [None]) if output.requires_grad else ([], [])
-        leaves = tree_flatten(output)[0]
+        leaves = output if isinstance(output, _Released) else tree_flatten(output)[0]
         if len(leaves) != len(grad_outputs):
             raise RuntimeError(
                 f"stage {self.stage_index} got {len(grad_outputs)} output gradients for {len(leaves)} outputs "
                 f"of micro-batch {microbatch}"
             )
-        pairs = [(t, g) for t, g in zip(leaves, grad_outputs) if g is not None and t.requires_grad]
+        pairs = [(t, g) for t, g in zip(leaves, grad_outputs)
+                 if g is not None and t is not None and (isinstance(t, GradientEdge) or t.requires_grad)]
         return [t for t, _ in pairs], [g for _, g in pairs]
 
     def clear(self) -> None:
-        """Drop everything kept for backward (after a failed or forward-only step)."""
+        """Drop everything kept for backward (after a failed or forward-only step), and what the batch norms recorded."""
+        if self.norms is not None:
+            self.norms.discard()
         self._inputs.clear()
         self._outputs.clear()
         self._weight_grads_owed.clear()
@@ -256,3 +308,20 @@ class PipelineStage:
     def num_held(self) -> int:
         """Micro-batches whose activations are held for a backward still to come."""
         return len(self._outputs) + len(self._weight_grads_owed)
+
+
+class _Released(list):
+    """A sent output after :meth:`PipelineStage.release_output`: per leaf, its gradient edge, the leaf itself (an input
+    passed through) or ``None`` (no gradient)."""
+
+
+@functools.cache
+def _backward_takes_edges() -> bool:
+    """Whether ``torch.autograd.backward`` starts from gradient edges (torch >= 2.7; ``autograd.grad`` did earlier)."""
+    x = torch.zeros(1, requires_grad=True)
+    try:
+        torch.autograd.backward([get_gradient_edge(x * 1.0)], [torch.ones(1)])
+        torch.autograd.grad([get_gradient_edge(x * 1.0)], [x], [torch.ones(1)])
+    except (TypeError, RuntimeError, AttributeError):
+        return False
+    return True

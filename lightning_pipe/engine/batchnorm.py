@@ -1,0 +1,189 @@
+"""Deferred batch norm (GPipe's answer, after torchgpipe): running statistics of the whole batch, committed once per step.
+
+A plain ``nn.BatchNorm`` in a pipeline goes wrong twice. Each micro-batch's forward updates the running statistics with
+that micro-batch's statistics (``m`` updates per step, each of a fraction of the batch); and a re-materialized forward
+(``checkpoint_activations``) runs again in training mode during backward and updates them once more
+(``num_batches_tracked`` counts two per micro-batch). Here, inside a stage, a converted module:
+
+- normalizes each micro-batch with that micro-batch's statistics, as GPipe does (the one difference from one device
+  that remains, and only for ``num_microbatches > 1``: the README's "what is exact");
+- records, in the stage's first forward of each micro-batch only, the micro-batch's rows and per-channel mean and
+  variance (one ``var_mean``), and never touches the running statistics;
+- on :meth:`DeferredStatistics.commit` (the executor calls it once at the end of each step) combines the recorded
+  micro-batches into the batch's mean and unbiased variance (in float64, Chan's parallel formula) and updates
+  ``running_mean``, ``running_var`` and ``num_batches_tracked`` exactly as one device's training forward of the whole
+  batch would (``momentum``, or the cumulative average when it is ``None``). Stage replicas that each ran some
+  micro-batches add up their sums first, so they commit the same values.
+
+A recomputation runs while the stage's backward is active, when nothing is recorded. In eval mode the module uses its
+running statistics as always, and a forward-only step records nothing. Outside any stage's forward or backward (the
+module called directly) it is a plain batch norm.
+
+Modules are converted in place by changing their class to a subclass of their own (``DeferredBatchNorm2d`` is an
+``nn.BatchNorm2d``): ``isinstance`` checks keep working, and parameters, buffers and ``state_dict`` keys do not change,
+so checkpoints load into the plain model. Only ``nn.BatchNorm1d``/``2d``/``3d`` that track running statistics are
+converted; without running statistics a batch norm has nothing to defer, and subclasses (``SyncBatchNorm``, the lazy
+ones, users' own) are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DeferredBatchNorm1d", "DeferredBatchNorm2d", "DeferredBatchNorm3d", "DeferredStatistics",
+           "convert_batchnorm", "restore_batchnorm"]
+
+
+class DeferredStatistics:
+    """The converted batch norms of one stage, what they recorded this step, and whether a stage pass is running."""
+
+    def __init__(self, norms: list[_DeferredBatchNorm]) -> None:
+        self.norms = norms
+        self.active = False  # inside a forward or backward of the stage: never update running statistics directly
+        self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
+        for norm in norms:
+            norm._deferred = self
+
+    @contextmanager
+    def running(self, record: bool) -> Iterator[None]:
+        """The stage's forward (``record=True`` when it trains) or backward runs inside this."""
+        outer = self.active, self.recording
+        self.active, self.recording = True, record
+        try:
+            yield
+        finally:
+            self.active, self.recording = outer
+
+    @property
+    def pending(self) -> bool:
+        """Whether some micro-batch has been recorded since the last commit."""
+        return any(norm._recorded for norm in self.norms)
+
+    def commit(self, group: dist.ProcessGroup | None = None) -> None:
+        """Update the running statistics with the batch's statistics recorded since the last commit.
+
+        ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
+        that ran none); their sums are added up first."""
+        batches = [norm._batch_statistics() for norm in self.norms]
+        if group is not None:
+            batches = self._sum_over(group, batches)
+        for norm, batch in zip(self.norms, batches):
+            norm._recorded = []
+            if batch is not None:
+                norm._commit(*batch)
+
+    def discard(self) -> None:
+        """Forget what was recorded (a failed step)."""
+        for norm in self.norms:
+            norm._recorded = []
+
+    def _sum_over(self, group: dist.ProcessGroup, batches: list) -> list:
+        """Every replica's (rows, mean, variance) of each batch norm, from the sums of rows, values and squares."""
+        sizes = [2 * norm.num_features + 1 for norm in self.norms]
+        flat = torch.zeros(sum(sizes), dtype=torch.float64, device=self.norms[0].running_mean.device)
+        for batch, piece in zip(batches, torch.split(flat, sizes)):
+            if batch is not None:
+                rows, mean, var = batch
+                piece.copy_(torch.cat([rows.reshape(1), rows * mean, rows * (var + mean * mean)]))
+        dist.all_reduce(flat, group=group)
+        combined = []
+        for norm, piece in zip(self.norms, torch.split(flat, sizes)):
+            rows, sums, squares = piece[0], piece[1 : 1 + norm.num_features], piece[1 + norm.num_features :]
+            mean = sums / rows
+            combined.append((rows, mean, (squares / rows - mean * mean).clamp_(min=0)) if rows > 0 else None)
+        return combined
+
+
+class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The behaviour shared by the deferred batch norms (a mixin over the plain class; see the module docstring)."""
+
+    _deferred: DeferredStatistics | None = None
+    # Per micro-batch since the last commit: (rows, mean, variance), the variance biased as batch norm's own.
+    _recorded: Sequence[tuple[int, torch.Tensor, torch.Tensor]] = ()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        deferred = self._deferred
+        if deferred is None or not deferred.active or not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        if deferred.recording:
+            self._record(input)
+        # Normalize with the micro-batch's statistics; no running statistics given, so none are updated.
+        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    @torch.no_grad()
+    def _record(self, input: torch.Tensor) -> None:
+        x = input.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        if not self._recorded:
+            self._recorded = []
+        self._recorded.append((x.numel() // x.shape[1], mean, var))
+
+    @torch.no_grad()
+    def _batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rows, mean and (biased) variance per channel of everything recorded since the last commit, in float64."""
+        if not self._recorded:
+            return None
+        means = torch.stack([mean for _, mean, _ in self._recorded]).double()
+        variances = torch.stack([var for _, _, var in self._recorded]).double()
+        counts = torch.tensor([rows for rows, _, _ in self._recorded], dtype=torch.float64, device=means.device)
+        rows = counts.sum()
+        mean = (counts[:, None] * means).sum(0) / rows
+        var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / rows
+        return rows, mean, var
+
+    @torch.no_grad()
+    def _commit(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+        unbiased = var * (rows / (rows - 1)) if rows > 1 else var
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        for buffer, value in ((self.running_mean, mean), (self.running_var, unbiased)):
+            buffer.copy_(factor * value + (1.0 - factor) * buffer.double())
+
+
+class DeferredBatchNorm1d(_DeferredBatchNorm, nn.BatchNorm1d):
+    """An ``nn.BatchNorm1d`` whose running statistics a pipeline stage updates once per step."""
+
+
+class DeferredBatchNorm2d(_DeferredBatchNorm, nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` whose running statistics a pipeline stage updates once per step."""
+
+
+class DeferredBatchNorm3d(_DeferredBatchNorm, nn.BatchNorm3d):
+    """An ``nn.BatchNorm3d`` whose running statistics a pipeline stage updates once per step."""
+
+
+_DEFERRED = {nn.BatchNorm1d: DeferredBatchNorm1d, nn.BatchNorm2d: DeferredBatchNorm2d,
+             nn.BatchNorm3d: DeferredBatchNorm3d}
+_PLAIN = {deferred: plain for plain, deferred in _DEFERRED.items()}
+
+
+def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
+    """Make every plain batch norm with running statistics in ``module`` deferred, in place; ``None`` if there is none.
+
+    A module converted before (by an earlier pipeline) is taken over by the new one."""
+    norms = []
+    for child in module.modules():
+        if type(child) in _DEFERRED and child.track_running_stats:
+            child.__class__ = _DEFERRED[type(child)]
+        if isinstance(child, _DeferredBatchNorm):
+            child._recorded = []
+            norms.append(child)
+    return DeferredStatistics(norms) if norms else None
+
+
+def restore_batchnorm(module: nn.Module) -> None:
+    """Turn the deferred batch norms in ``module`` back into plain ones (e.g. to train it again on one device)."""
+    for child in module.modules():
+        if type(child) in _PLAIN:
+            child.__class__ = _PLAIN[type(child)]
+            child.__dict__.pop("_deferred", None)
+            child.__dict__.pop("_recorded", None)

@@ -1,0 +1,85 @@
+"""Splitting a batch into micro-batches: per-row data that is not a tensor goes with its rows; an empty batch is refused."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import pytest
+import torch
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
+from tests.helpers import run_ranks
+from tests.models import mlp
+
+
+def test_a_list_of_one_string_per_row_is_split_with_the_rows() -> None:
+    x = torch.arange(10)
+    parts = split_batch({"x": x, "names": [f"n{i}" for i in range(10)], "ids": tuple(range(10))}, 4)
+    assert [p["names"] for p in parts] == [["n0", "n1", "n2"], ["n3", "n4", "n5"], ["n6", "n7"], ["n8", "n9"]]
+    assert [p["ids"] for p in parts] == [(0, 1, 2), (3, 4, 5), (6, 7), (8, 9)]
+    for part in parts:  # the names stay with their rows
+        assert [f"n{int(i)}" for i in part["x"]] == part["names"]
+
+
+def test_per_row_items_may_be_any_value_without_tensors() -> None:
+    meta = [{"path": f"{i}.png", "size": (i, i)} for i in range(4)]
+    parts = split_batch((torch.zeros(4, 3), meta), 2)
+    assert [p[1] for p in parts] == [meta[:2], meta[2:]]
+
+
+def test_other_leaves_are_given_whole_to_every_microbatch() -> None:
+    constant, scale = ["a", "b", "c"], torch.tensor(0.5)  # 3 items in a batch of 8 rows: not per-row
+    parts = split_batch((torch.zeros(8, 2), constant, scale, "tag", 7), 4)
+    for part in parts:
+        assert part[1] == constant and part[2] is scale and part[3:] == ("tag", 7)
+
+
+def test_a_container_of_tensors_is_a_container_whatever_its_length() -> None:
+    x, y = torch.randn(2, 3), torch.randn(2, 3)  # two rows, and the batch is a 2-tuple: still (x, y)
+    parts = split_batch((x, y), 2)
+    assert len(parts) == 2 and all(isinstance(p, tuple) and len(p) == 2 for p in parts)
+    torch.testing.assert_close(parts[1][0], x[1:])
+    pair = namedtuple("pair", "a b")  # a namedtuple is a record, never per-row
+    parts = split_batch((torch.zeros(2, 1), pair("p", "q")), 2)
+    assert [p[1] for p in parts] == [pair("p", "q")] * 2 and all(type(p[1]) is pair for p in parts)
+
+
+def test_splits_match_tensor_split_and_weights_add_to_one() -> None:
+    for rows in range(1, 12):
+        for m in range(1, 6):
+            x = torch.arange(rows)
+            parts = split_batch(x, m)
+            assert [p.tolist() for p in parts] == [p.tolist() for p in torch.tensor_split(x, min(m, rows))]
+            assert abs(sum(microbatch_weights(parts)) - 1.0) < 1e-12
+
+
+def test_an_empty_batch_is_refused_with_what_to_do() -> None:
+    with pytest.raises(ValueError, match="the batch has 0 rows.*drop_last=True"):
+        split_batch((torch.zeros(0, 3), torch.zeros(0)), 4)
+
+
+def _names_and_an_empty_batch(rank: int, world_size: int) -> tuple[list, str]:
+    seen = []
+
+    def loss_fn(output, microbatch):
+        x, y, names = microbatch
+        assert names == [f"row{int(i)}" for i in x[:, 0]], "the names are not those of the micro-batch's rows"
+        seen.append(names)
+        return torch.nn.functional.mse_loss(output, y)
+
+    pipe = Pipeline(mlp(num_layers=4), loss_fn=loss_fn, schedule="1f1b", num_microbatches=4)
+    x = torch.arange(10.0).unsqueeze(1).repeat(1, 16)
+    pipe.train_step((x, torch.zeros(10, 16), [f"row{i}" for i in range(10)]))
+    try:
+        pipe.train_step((torch.zeros(0, 16), torch.zeros(0, 16), []))
+    except ValueError as error:
+        return seen, str(error)
+    return seen, "no error"
+
+
+@pytest.mark.timeout(120)
+def test_per_row_names_reach_the_loss_and_an_empty_batch_fails_on_every_rank_at_once() -> None:
+    (seen_0, error_0), (seen_1, error_1) = run_ranks(_names_and_an_empty_batch, 2, timeout=100)
+    assert seen_0 == [] and [len(names) for names in seen_1] == [3, 3, 2, 2]
+    assert "the batch has 0 rows" in error_0 and "the batch has 0 rows" in error_1

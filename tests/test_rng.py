@@ -1,0 +1,177 @@
+"""Each stage's layers draw from a random stream of their own: different masks on different stages, reproducible from a
+seed, continued across micro-batches and steps, replayed by re-materialization, invisible to the process's generator."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.rng import StageRandomStream, stage_seed
+from lightning_pipe.engine.stage import PipelineStage
+from tests.helpers import run_ranks
+from tests.models import make_batch, mse_loss
+
+WIDTH = 16
+
+
+class DropoutProbe(nn.Module):
+    """A Linear whose output goes through a dropout mask drawn on a tensor of ones, so every stage draws from the same
+    input; keeps every mask it drew (a recomputation draws again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = F.dropout(torch.ones_like(x), 0.5, self.training) > 0
+        self.masks.append(mask)
+        return self.linear(x) * mask
+
+
+def _two_stages(seed: int) -> list[PipelineStage]:
+    """Two stages holding identical dropout layers."""
+    torch.manual_seed(0)
+    layer = DropoutProbe()
+    return [PipelineStage(copy.deepcopy(layer), index, 2, seed=seed) for index in range(2)]
+
+
+def _forwards(stages: list[PipelineStage], microbatches: int = 2) -> list[list[torch.Tensor]]:
+    """Identical inputs through both stages; their masks: [stage][micro-batch]."""
+    x = torch.ones(8, WIDTH)
+    for mb in range(microbatches):
+        for stage in stages:
+            stage.forward(mb, x.clone().requires_grad_())
+    return [stage.module.masks for stage in stages]
+
+
+def _stage_masks(seed: int) -> list[list[torch.Tensor]]:
+    return _forwards(_two_stages(seed))
+
+
+def test_stages_with_identical_dropout_and_inputs_draw_different_masks_reproducibly() -> None:
+    (first, second), again, other_seed = _stage_masks(7), _stage_masks(7), _stage_masks(8)
+    for mb in range(2):
+        assert not torch.equal(first[mb], second[mb]), "two stages drew the same mask"
+    assert not torch.equal(first[0], first[1]), "the stream did not continue from one micro-batch to the next"
+    for mine, theirs in zip(first + second, again[0] + again[1]):
+        assert torch.equal(mine, theirs), "the same seed did not give the same masks"
+    assert not torch.equal(first[0], other_seed[0][0])
+
+
+def test_the_process_generator_does_not_see_the_layers_draws() -> None:
+    """What runs around the stages (the step code on the first and last stage) draws the same numbers however many
+    the layers drew."""
+    stages = _two_stages(7)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    _forwards(stages, microbatches=3)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_rematerialization_replays_the_stage_stream() -> None:
+    torch.manual_seed(0)
+    layers = nn.Sequential(DropoutProbe(), nn.Tanh(), DropoutProbe())
+    grads = []
+    for remat in (False, True):
+        module = copy.deepcopy(layers)
+        stage = PipelineStage(module, 1, 3, checkpoint_activations=remat, seed=11)
+        for step in range(2):
+            for mb in range(2):
+                stage.forward(mb, torch.ones(4, WIDTH, requires_grad=True))
+            for mb in range(2):
+                stage.backward(mb, [torch.ones(4, WIDTH)])
+        grads.append([p.grad.clone() for p in module.parameters()])
+        masks = module[0].masks
+        if remat:  # each forward's mask drawn again, identically, by its recomputation
+            assert len(masks) == 8 and all(torch.equal(masks[i], masks[i + 2]) for i in (0, 1, 4, 5))
+            assert not torch.equal(masks[0], masks[4]), "the stream did not continue from one step to the next"
+    for plain, remat in zip(*grads):
+        torch.testing.assert_close(remat, plain, rtol=0, atol=0)
+
+
+def test_stage_seeds_are_distinct_and_a_stream_resumes_from_its_state() -> None:
+    seeds = {stage_seed(base, stage) for base in range(200) for stage in range(16)}
+    assert len(seeds) == 200 * 16 and all(0 <= s < 2**63 for s in seeds)
+    stream = StageRandomStream(stage_seed(5, 1))
+    with stream.active():
+        torch.rand(3)
+    state = stream.get_state()
+    with stream.active():
+        expected = torch.rand(3)
+    stream.set_state(state)
+    with stream.active():
+        torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stages_draw_their_own_masks_and_leave_the_device_generator_alone() -> None:
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    layer = DropoutProbe().to(device)
+    stages = [PipelineStage(copy.deepcopy(layer), index, 2, device=device, checkpoint_activations=True, seed=7)
+              for index in range(2)]
+    before = torch.cuda.get_rng_state(device)
+    x = torch.ones(8, WIDTH, device=device)
+    for stage in stages:
+        stage.forward(0, x.clone().requires_grad_())
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    for stage in stages:
+        stage.backward(0, [torch.ones(8, WIDTH, device=device)])
+    assert torch.equal(torch.cuda.get_rng_state(device), before)
+    (first, replayed), (second, _) = (stage.module.masks for stage in stages)
+    assert not torch.equal(first, second), "two stages drew the same mask"
+    assert torch.equal(first, replayed), "the recomputation drew another mask"
+
+
+def _pipeline_masks(rank: int, world_size: int, cases: list) -> dict:
+    """Per case: this rank's masks per stage, its gradients, whether the process generator moved, its base seed."""
+    results = {}
+    for schedule, remat, seed in cases:
+        torch.manual_seed(100 + rank)  # ranks seeded differently: the base seed must still be rank 0's
+        model = nn.Sequential(*[DropoutProbe() for _ in range(4)])
+        torch.manual_seed(100 + rank if seed is None else 5)
+        pipe = Pipeline(copy.deepcopy(model), loss_fn=mse_loss, schedule=schedule, num_microbatches=4,
+                        checkpoint_activations=remat, seed=seed)
+        before = torch.get_rng_state()
+        for step in range(2):
+            pipe.train_step(make_batch(8, seed=step))
+        moved = not torch.equal(before, torch.get_rng_state())
+        masks = {index: torch.stack(stage.module[0].masks) for index, stage in pipe.stages.items()}
+        grads = {name: p.grad.clone() for name, p in pipe.named_parameters()}
+        results[(schedule, remat, seed)] = {"masks": masks, "grads": grads, "moved": moved, "seed": pipe.seed}
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_stages_draw_their_own_masks() -> None:
+    """2 ranks: 4 identical dropout stages (interleaved: two per rank) or 2 (1f1b: two identical layers per stage)."""
+    plain, remat, one_f_one_b, unseeded = cases = [("interleaved_1f1b", False, 5), ("interleaved_1f1b", True, 5),
+                                                   ("1f1b", False, 5), ("1f1b", False, None)]
+    results = run_ranks(_pipeline_masks, 2, cases, timeout=280)
+    again = run_ranks(_pipeline_masks, 2, [plain], timeout=280)  # run to run: other processes, same seed
+    for rank in range(2):
+        for case, result in results[rank].items():
+            assert not result["moved"], f"rank {rank} {case}: the layers' draws moved the process generator"
+    assert results[0][unseeded]["seed"] == results[1][unseeded]["seed"] == 100, "ranks disagree on the base seed"
+    interleaved = {index: masks for rank in range(2) for index, masks in results[rank][plain]["masks"].items()}
+    assert sorted(interleaved) == [0, 1, 2, 3]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.equal(interleaved[a], interleaved[b]), f"stages {a} and {b} drew the same masks"
+        masks = interleaved[a]  # 2 steps x 4 micro-batches, all different
+        assert len({tuple(m.flatten().tolist()) for m in masks}) == 8
+    for rank in range(2):  # reproducible run to run
+        for index, masks in again[rank][plain]["masks"].items():
+            assert torch.equal(masks, results[rank][plain]["masks"][index])
+        for name, grad in results[rank][plain]["grads"].items():
+            torch.testing.assert_close(results[rank][remat]["grads"][name], grad, rtol=0, atol=1e-6,
+                                       msg=f"rank {rank} {name}: re-materialization drew other masks")
+    assert not torch.equal(*[results[rank][one_f_one_b]["masks"][rank] for rank in range(2)])
