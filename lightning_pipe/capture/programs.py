@@ -1,0 +1,114 @@
+"""Build each segment's program: an fx graph of its ops that takes its state, then the values live at its cut."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.export import ExportedProgram
+
+from .graph import Layout, module_paths
+from .patterns import Pattern, pattern_of
+
+__all__ = ["Program", "build_programs", "state_aliases"]
+
+
+@dataclass
+class Program:
+    """What one segment runs for one capture."""
+
+    graph_module: fx.GraphModule
+    """Called as ``graph_module(*state, *live)``; returns the tuple live at the next cut (the last segment: the
+    model's flattened output)."""
+    state: list[tuple[str, str]]
+    """Per state argument: ("PARAMETER" | "BUFFER", its name on the segment, which is a name it has in the model)
+    or ("CONSTANT", a key of :attr:`constants`)."""
+    live_in: tuple[Pattern, ...]
+    """What the values this segment takes look like (sizes ``None`` where symbolic)."""
+    ops: tuple[str, ...]
+    """The ops it runs, by name, for the digest ranks compare."""
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors the forward made from nothing (``torch.tensor([...])``), lifted by export."""
+
+    def fingerprint(self) -> tuple:
+        """What must agree for two captures' programs to be interchangeable."""
+        return (self.live_in, tuple(self.state), self.ops, self.graph_module.code)
+
+
+def state_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor) -> every name it has in model`` (a tied parameter has one per module that holds it)."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, tensor in (*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)):
+        aliases[id(tensor)].append(name)
+    return aliases
+
+
+def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -> list[Program]:
+    """One :class:`Program` per segment of ``layout``."""
+    aliases = state_aliases(model)
+    owners = {name: module for name, module in program.graph_module.named_modules()}
+    programs = []
+    for s in range(layout.num_segments):
+        ops = layout.ops_of(s)
+        last = s == layout.num_segments - 1
+        readers = ops + ([layout.output] if last else [])
+        state_nodes: list[fx.Node] = []
+        for n in readers:
+            for a in n.all_input_nodes:
+                if a in layout.state and a not in state_nodes:
+                    state_nodes.append(a)
+        mine = set(ops)
+        state = [_state_name(layout.state[a], [u for u in a.users if u in mine], model, aliases) for a in state_nodes]
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for a in state_nodes + layout.live[s]:
+            env[a] = graph.placeholder(a.name)
+            env[a].meta = dict(a.meta)
+        roots: dict[str, Any] = {}
+        for n in ops:
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in env:  # a higher-order op's subgraph: each segment takes its own
+                    env[a] = graph.node_copy(a)
+                    roots[a.target] = _attr(program.graph_module, a.target, owners)
+            env[n] = graph.node_copy(n, env.__getitem__)
+        outputs = list(layout.output.args[0]) if last else layout.live[s + 1]
+        graph.output(tuple(env[a] if isinstance(a, fx.Node) else a for a in outputs))
+        graph.eliminate_dead_code()  # an input-only op that this segment now recomputes may have lost its users
+        graph.lint()
+        constants = {name: program.constants[name] for kind, name in state if kind == "CONSTANT"}
+        programs.append(Program(fx.GraphModule(roots, graph), state,
+                                tuple(pattern_of(a.meta.get("val")) for a in layout.live[s]),
+                                tuple(_op_label(n) for n in ops), constants))
+    return programs
+
+
+def _state_name(entry: tuple[str, str], users: list[fx.Node], model: nn.Module,
+                aliases: dict[int, list[str]]) -> tuple[str, str]:
+    """The name a segment registers a state tensor under. Export routes every use of a tied parameter through one
+    of its names (GPT-2's embedding reads ``lm_head.weight``); each segment takes the name of the module that uses
+    it there (``transformer.wte.weight`` in the first segment), so stages keep the names the model's modules give."""
+    kind, target = entry
+    if kind == "CONSTANT":
+        return entry
+    tensor = model.get_parameter(target) if kind == "PARAMETER" else model.get_buffer(target)
+    names = aliases.get(id(tensor), [target])
+    if len(names) > 1:
+        paths = {p for u in users for p in module_paths(u)}
+        for name in names:
+            if name.rpartition(".")[0] in paths:
+                return kind, name
+    return kind, target
+
+
+def _attr(root: nn.Module, target: str, owners: dict[str, nn.Module]) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(owners[owner] if owner else root, leaf)
+
+
+def _op_label(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
