@@ -66,7 +66,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             raise
         except Exception as error:  # noqa: BLE001 - every export failure becomes a located CaptureError
             first_error = first_error or error
-            if symbolic:
+            if symbolic and not _fails_at_any_size(error):
                 continue
             raise explain_export_error(error, model, training, names) from error
         if functions and not allow_autograd_functions:
@@ -82,6 +82,13 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                           f"once for each new shape (bucket sequence lengths to keep the captures few)", stacklevel=3)
         return program, symbolic
     raise AssertionError("unreachable")
+
+
+def _fails_at_any_size(error: BaseException) -> bool:
+    """Errors that capturing with the example's sizes would meet again: control flow on tensor values, outputs
+    export cannot flatten."""
+    text = f"{type(error).__name__}: {error}"
+    return "DataDependent" in text or "data-dependent" in text or "not a known type" in text
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class Splitter:
         calls this with the same inputs, so that each finds the graphs its segments need."""
         training = self.model.training if training is None else training
         kwargs = self._ordered(kwargs)
-        flat, _ = pytree.tree_flatten((tuple(args), kwargs))
+        flat, _ = pytree.tree_flatten((_positional(args), kwargs))
         found = self.cache.for_inputs(training, flat)
         return found if found is not None else self._capture(tuple(args), kwargs, training, flat)
 
@@ -98,7 +98,7 @@ class Splitter:
         plain values, keywords in ``forward``'s parameter order), captured first if this pattern is new."""
         training = self.model.training if training is None else training
         kwargs = self._ordered(kwargs)
-        flat, spec = pytree.tree_flatten((tuple(args), kwargs))
+        flat, spec = pytree.tree_flatten((_positional(args), kwargs))
         capture = self.cache.for_inputs(training, flat)
         if capture is None:
             capture = self._capture(tuple(args), kwargs, training, flat)
@@ -146,6 +146,7 @@ class Splitter:
         model's names, or the modules' own initialization)."""
         local = [self.segments()[i] for i in indices]
         materialize(local, [self.model, *self._segments], torch.device(device))
+        self.to(device)
         return local
 
     # -- capturing --------------------------------------------------------------------------------
@@ -213,6 +214,13 @@ class Splitter:
     def __repr__(self) -> str:
         cuts = ", ".join(cut_label(c) for c in self.cuts)
         return f"Splitter({type(self.model).__name__}, cuts=[{cuts}], captures={len(self.captures)})"
+
+
+def _positional(args: Sequence[Any]) -> tuple:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"pass the model's positional arguments as a tuple, e.g. (input_ids,), not a "
+                        f"{type(args).__name__}")
+    return tuple(args)
 
 
 def _device_of(flat: Sequence[Any]) -> torch.device:
