@@ -76,8 +76,12 @@ def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -
                     env[a] = graph.node_copy(a)
                     roots[a.target] = _attr(program.graph_module, a.target, owners)
             env[n] = graph.node_copy(n, env.__getitem__)
-        outputs = list(layout.output.args[0]) if last else layout.live[s + 1]
-        graph.output(tuple(env[a] if isinstance(a, fx.Node) else a for a in outputs))
+        if last:
+            results = [env[a] if isinstance(a, fx.Node) else a for a in layout.output.args[0]]
+        else:
+            results = [_sendable(graph, env[a], a in layout.live[s] or any(u in mine for u in a.users))
+                       for a in layout.live[s + 1]]
+        graph.output(tuple(results))
         graph.eliminate_dead_code()  # an input-only op that this segment now recomputes may have lost its users
         graph.lint()
         constants = {name: program.constants[name] for kind, name in state if kind == "CONSTANT"}
@@ -85,6 +89,22 @@ def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -
                                 tuple(pattern_of(a.meta.get("val")) for a in layout.live[s]),
                                 tuple(_op_label(n) for n in ops), constants))
     return programs
+
+
+def _sendable(graph: fx.Graph, value: fx.Node, used_here: bool) -> fx.Node:
+    """A value the segment passes on, as its own tensor object when this segment also reads it (or took it in).
+
+    A stage frees what it has sent by replacing the output tensors' ``.data`` (:meth:`PipelineStage.release_output`),
+    which autograd does not notice (DESIGN.md, 4): if an op of the stage saved that same tensor for backward (a linear
+    reading the code ``z`` that it also passes on), backward would read zeros. An alias is a view with its own
+    ``.data``, so freeing it leaves the saved tensor alone; it costs no copy.
+    """
+    val = value.meta.get("val")
+    if not used_here or not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):
+        return value
+    alias = graph.call_function(torch.ops.aten.alias.default, (value,))
+    alias.meta = dict(value.meta)
+    return alias
 
 
 def _state_name(entry: tuple[str, str], users: list[fx.Node], model: nn.Module,
