@@ -1,6 +1,7 @@
-"""Captured segments run in the engine exactly: every family on 2 and 4 gloo ranks, gpipe, 1f1b, zb_h1 and
-interleaved_1f1b, against one process (loss and every gradient, and the weights after 3 steps of batches whose
-sequence length and size change); dropout models train; static and meta-device captures work on every rank."""
+"""Captured segments run in the engine exactly: every family on 2 and 4 gloo ranks, gpipe, 1f1b, zb_h1 (with its
+weight half split) and interleaved_1f1b, against one process (loss and every gradient, and the weights after 3 steps
+of batches whose sequence length and size change); dropout models train; static and meta-device captures work on
+every rank."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ if HAS_TRANSFORMERS:  # imported once by the fork server rather than by every ra
                          "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert"]
 
 NUM_MICROBATCHES = 4
-ONE_STEP_SCHEDULES = ["gpipe", "1f1b", "zb_h1", "interleaved_1f1b"]
+ONE_STEP_SCHEDULES = ["gpipe", "1f1b", "zb_h1", "interleaved_1f1b"]  # interleaved where there are 2 segments a rank
 # three steps: a full batch, one of another sequence length, and a last partial batch of yet another
 STEPS = [(8, 16), (8, 12), (6, 10)]
 
@@ -103,7 +104,8 @@ def _train(rank: int, world_size: int, name: str, schedules: list[str], steps_sc
         loss = pipe.train_step(batch)
         ref_loss = _reference_step(reference, fam, batch)
         grads = {k: p.grad for k, p in _local(pipe, names).items()}
-        one_step.append({"schedule": schedule, "loss": loss, "ref_loss": ref_loss, "grads": grads,
+        split = [getattr(stage, "_split_mode", None) for stage in pipe.stages.values()]
+        one_step.append({"schedule": schedule, "loss": loss, "ref_loss": ref_loss, "grads": grads, "split": split,
                          "ref_grads": {k: p.grad for k, p in reference.named_parameters() if k in grads}})
 
     model.load_state_dict(initial)
@@ -137,6 +139,8 @@ def _check(results: list[dict], name: str, world_size: int) -> None:
     for index in range(len(results[0]["one_step"])):
         reports = [r["one_step"][index] for r in results]
         schedule = reports[0]["schedule"]
+        if schedule == "zb_h1":  # the segments' weight ops stood in for modules: the weight half was split, exactly
+            assert all(r["split"] == ["captured"] for r in reports), f"{name}: {[r['split'] for r in reports]}"
         losses = [r["loss"] for r in reports if r["loss"] is not None]
         assert len(losses) == 1, f"{name} {schedule}: one rank holds the loss"
         torch.testing.assert_close(losses[0], reports[0]["ref_loss"], rtol=0, atol=1e-6, msg=f"{name} {schedule}")

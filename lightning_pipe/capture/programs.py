@@ -33,6 +33,29 @@ class Program:
     """The ops it runs, by name, for the digest ranks compare."""
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     """Tensors the forward made from nothing (``torch.tensor([...])``), lifted by export."""
+    weight_ops: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    """Where parameters meet activations: (op, names of the parameters it reads, directly or through views).
+    Their outputs are where a split backward's weight half starts (see :meth:`with_weight_ops`)."""
+    _with_weight_ops: fx.GraphModule | None = field(default=None, repr=False)
+
+    def with_weight_ops(self) -> fx.GraphModule:
+        """The program returning, after its values, the output of every op of :attr:`weight_ops` (built once).
+
+        A zero-bubble schedule splits each backward in two: gradients of the inputs first, of the weights later. The
+        weight half starts from the outputs of the modules that own parameters (``PipelineStage`` records them with
+        forward hooks), and inside a captured segment no module runs: these ops stand in for them."""
+        if self._with_weight_ops is None:
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            values = graph.graph_copy(self.graph_module.graph, env)
+            by_name = {node.name: env[node] for node in self.graph_module.graph.nodes if node in env}
+            graph.output((*values, *(by_name[name] for name, _ in self.weight_ops)))
+            self._with_weight_ops = fx.GraphModule(self.graph_module, graph)
+        return self._with_weight_ops
+
+    def forget_derived(self) -> None:
+        """Drop what was built from :attr:`graph_module` (after it changed, e.g. its devices were rewritten)."""
+        self._with_weight_ops = None
 
     def fingerprint(self) -> tuple:
         """What must agree for two captures' programs to be interchangeable."""
@@ -85,10 +108,31 @@ def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -
         graph.eliminate_dead_code()  # an input-only op that this segment now recomputes may have lost its users
         graph.lint()
         constants = {name: program.constants[name] for kind, name in state if kind == "CONSTANT"}
+        names = {a: name for a, (kind, name) in zip(state_nodes, state) if kind == "PARAMETER"}
+        alive = {n.name for n in graph.nodes}
+        weight_ops = [(env[n].name, reads) for n, reads in _weight_ops(ops, layout, names) if env[n].name in alive]
         programs.append(Program(fx.GraphModule(roots, graph), state,
                                 tuple(pattern_of(a.meta.get("val")) for a in layout.live[s]),
-                                tuple(_op_label(n) for n in ops), constants))
+                                tuple(_op_label(n) for n in ops), constants, weight_ops))
     return programs
+
+
+def _weight_ops(ops: list[fx.Node], layout: Layout, names: dict[fx.Node, str]) -> list[tuple[fx.Node, tuple[str, ...]]]:
+    """The ops where parameters meet activations, with the parameters each reads (through views such as ``t(W)``
+    or ``expand(cls_token)``, which are computed from state alone and so are not where the meeting happens)."""
+    reads: dict[fx.Node, set[str]] = {}  # a value computed from state alone -> the parameters it reads
+    found = []
+    for n in ops:
+        inputs = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        from_state = [a for a in inputs if a in layout.state or a in reads]
+        if inputs and len(from_state) == len(inputs):
+            reads[n] = set().union(*(reads.get(a, {names[a]} if a in names else set()) for a in from_state))
+            continue
+        params = set().union(*(reads.get(a, {names[a]} if a in names else set()) for a in from_state)) \
+            if from_state else set()
+        if params and isinstance(n.meta.get("val"), torch.Tensor):
+            found.append((n, tuple(sorted(params))))
+    return found
 
 
 def _sendable(graph: fx.Graph, value: fx.Node, used_here: bool) -> fx.Node:

@@ -26,6 +26,10 @@ class Segment(nn.Module):
 
     The graph run is picked by the segment's mode (``train()`` / ``eval()``), the autocast state and the values
     given, among the captures made so far (:class:`~.splitter.Splitter` makes them).
+
+    No submodule of a segment runs: its modules only hold state. A forward hook on one of them (a zero-bubble
+    ``PipelineStage`` puts one on every module that owns parameters) is called with the output of each op that reads
+    that module's parameters, as ``hook(module, (), output)``, which is where its weight gradients start.
     """
 
     def __init__(self, segment_index: int, num_segments: int, cache: CaptureCache, model: nn.Module) -> None:
@@ -37,6 +41,7 @@ class Segment(nn.Module):
         object.__setattr__(self, "_model", model)
         self._where: dict[str, tuple[nn.Module, str]] = {}  # state name -> (module of this segment, attribute)
         self._slots: dict[int, list[tuple[Any, str]]] = {}  # id(program) -> where each state argument is read
+        self._owners: dict[int, list[tuple[nn.Module, int]]] = {}  # id(program) -> (module, weight op) pairs
 
     @property
     def is_last(self) -> bool:
@@ -77,6 +82,11 @@ class Segment(nn.Module):
         slots = [(program.constants, name) if kind == "CONSTANT" else self._where[name]
                  for kind, name in program.state]
         self._slots[id(program)] = slots
+        # The modules owning the parameters of each weight op; the segment itself (the model's root parameters, a
+        # ViT's class token) is left out: its own hooks fire as any module's do, with its output.
+        self._owners[id(program)] = [(module, index) for index, (_, reads) in enumerate(program.weight_ops)
+                                     for module in {id(m): m for m in (self._where[n][0] for n in reads)}.values()
+                                     if module is not self]
         return slots
 
     def forward(self, live: tuple) -> Any:
@@ -86,7 +96,16 @@ class Segment(nn.Module):
         if slots is None:
             slots = self._bind(program)
         state = [owner[name] if isinstance(owner, dict) else getattr(owner, name) for owner, name in slots]
-        values = program.graph_module(*state, *live)
+        hooked = [(module, index) for module, index in self._owners[id(program)] if module._forward_hooks]
+        if hooked:
+            values = program.with_weight_ops()(*state, *live)
+            count = len(values) - len(program.weight_ops)
+            for module, index in hooked:
+                for hook in list(module._forward_hooks.values()):
+                    hook(module, (), values[count + index])
+            values = values[:count]
+        else:
+            values = program.graph_module(*state, *live)
         if self.is_last:
             return pytree.tree_unflatten(list(values), capture.out_spec)
         return tuple(values)

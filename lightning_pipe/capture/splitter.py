@@ -192,6 +192,7 @@ class Splitter:
             return
         for program in capture.programs:
             rewrite_devices(program.graph_module, capture.device, self.device)
+            program.forget_derived()
             for name, value in program.constants.items():
                 program.constants[name] = value.to(self.device)
         capture.device = self.device
