@@ -77,9 +77,10 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 f"if each backward is the exact derivative of its forward, or keep the layers in one nn.Sequential "
                 f"(no capture)")
         if symbolic is False and dynamic:
-            warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({type(first_error).__name__}: "
-                          f"{str(first_error).strip().splitlines()[0][:200]}); capturing per input shape instead, "
-                          f"once for each new shape (bucket sequence lengths to keep the captures few)", stacklevel=3)
+            reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
+            warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "
+                          f"input shape instead, once for each new shape (bucket sequence lengths to keep the captures "
+                          f"few)", stacklevel=3)
         return program, symbolic
     raise AssertionError("unreachable")
 

@@ -12,7 +12,8 @@ from .segment import Segment
 __all__ = ["materialize"]
 
 
-def materialize(local: Sequence[Segment], holders: Iterable[nn.Module], device: torch.device) -> dict[int, torch.Tensor]:
+def materialize(local: Sequence[Segment], holders: Iterable[nn.Module],
+                device: torch.device) -> dict[int, torch.Tensor]:
     """Put the parameters and buffers of the ``local`` segments on ``device``: a meta tensor becomes an
     uninitialized one there, a real one is moved there. Every module of ``holders`` (the model, every segment) that
     refers to one of them gets the new tensor, so that the model, its segments and a tied parameter's every use
