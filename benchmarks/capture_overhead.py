@@ -11,7 +11,7 @@ the median step of each variant, and the median, quartiles and extremes over rou
 the repository root::
 
     python -m benchmarks.capture_overhead                               # 2 ranks, 1f1b, d128, 4 blocks, T128
-    python -m benchmarks.capture_overhead --steps 60 --json docs/capture_overhead.json
+    python -m benchmarks.capture_overhead --steps 60 --schedule 1f1b,zb_h1 --json docs/capture_overhead.json
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Config:
 
     ranks: int = 2
     schedule: str = "1f1b"
+    """One schedule (the command line takes several, comma-separated: one row each)."""
     microbatches: int = 4
     width: int = 128
     layers: int = 4
@@ -129,10 +130,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     defaults = Config()
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--json", default=None, help="write the row here (e.g. docs/capture_overhead.json)")
+    parser.add_argument("--json", default=None, help="write the rows here (e.g. docs/capture_overhead.json)")
     args = vars(parser.parse_args(argv))
     path = args.pop("json")
-    rows = [run(Config(**args))]
+    rows = [run(Config(**{**args, "schedule": schedule})) for schedule in args["schedule"].split(",")]
     for prefix in ("wall", "cpu"):
         print(markdown_table(rows, ["ranks", "schedule", "width", "layers", "block_size", "segments",
                                     *(f"{prefix}_{key}" for key in ("direct_ms", "captured_ms", "ratio", "ratio_q1",
