@@ -1,7 +1,7 @@
 """Captured segments run in the engine exactly: every family on 2 and 4 gloo ranks, gpipe, 1f1b, zb_h1 (with its
-weight half split) and interleaved_1f1b, against one process (loss and every gradient, and the weights after 3 steps
-of batches whose sequence length and size change); dropout models train; static and meta-device captures work on
-every rank."""
+weight half split) and interleaved_1f1b, against one process (loss and every gradient, the weights after 3 steps of
+batches whose sequence length and size change, an eval step); dropout models train; static and meta-device captures
+work on every rank."""
 
 from __future__ import annotations
 
@@ -65,19 +65,21 @@ def _sum_tied_gradients(pipe: Pipeline, names: dict[int, str], ties: dict[str, t
             param.grad = total
 
 
-def _reference_step(model: torch.nn.Module, fam: Any, batch: tuple) -> torch.Tensor:
+def _reference_step(model: torch.nn.Module, fam: Any, batch: tuple, backward: bool = True) -> torch.Tensor:
     """One process, micro-batch by micro-batch as the pipeline cuts the batch (BatchNorm sees the same rows)."""
     microbatches = split_batch(batch, NUM_MICROBATCHES)
     total = torch.zeros(())
     for mb, weight in zip(microbatches, microbatch_weights(microbatches)):
         args, kwargs = fam.call(mb)
         loss = fam.loss(model(*args, **kwargs), mb)
-        (loss * weight).backward()
+        if backward:
+            (loss * weight).backward()
         total += loss.detach() * weight
     return total
 
 
-def _train(rank: int, world_size: int, name: str, schedules: list[str], steps_schedule: str) -> dict:
+def _train(rank: int, world_size: int, name: str, schedules: list[str], steps_schedule: str,
+           evaluate: bool = False) -> dict:
     fam = FAMILIES[name]
     torch.manual_seed(0)
     model = fam.make().train()
@@ -126,12 +128,21 @@ def _train(rank: int, world_size: int, name: str, schedules: list[str], steps_sc
         _reference_step(reference, fam, batch)
         ref_optimizer.step()
         ref_optimizer.zero_grad()
+    evaluation = None
+    if evaluate:  # an eval capture, made on every rank from the first micro-batch, as the strategy will
+        for module in (model, reference, *segments):
+            module.eval()
+        batch = fam.batch(*STEPS[0], 20)
+        splitter.capture(*fam.call(split_batch(batch, NUM_MICROBATCHES)[0]), training=False)
+        loss, outputs = pipe.eval_step(batch)
+        with torch.no_grad():
+            evaluation = (loss, _reference_step(reference, fam, batch, backward=False), outputs is not None)
     held = {k for s in pipe.modules() for seg in s for k in seg.state_dict()}
     state = {k: v.clone() for k, v in model.state_dict().items() if k in held}
     ref_state = {k: v for k, v in reference.state_dict().items() if k in held}
     return {"one_step": one_step, "state": state, "ref_state": ref_state, "ties": sorted(ties),
             "parameters": sorted(set(names.values())),
-            "captures": len(splitter.captures), "last": pipe.is_last_rank}
+            "captures": len(splitter.captures), "evaluation": evaluation}
 
 
 def _check(results: list[dict], name: str, world_size: int) -> None:
@@ -159,7 +170,11 @@ def _check(results: list[dict], name: str, world_size: int) -> None:
         assert set(summed) == set(results[0]["parameters"]), f"{name} {schedule}: every parameter is on some rank"
     for rank, result in enumerate(results):
         assert result["state"], f"{name}: rank {rank} holds no state"
-        assert result["captures"] == 1, f"{name}: one dynamic capture serves every shape"
+        evaluation = result["evaluation"]
+        assert result["captures"] == (2 if evaluation else 1), f"{name}: one dynamic capture per mode"
+        if evaluation and evaluation[0] is not None:
+            assert evaluation[2], f"{name}: the last stage returns the outputs of an eval step"
+            torch.testing.assert_close(evaluation[0], evaluation[1], rtol=0, atol=1e-6, msg=f"{name} eval")
         for key, value in result["state"].items():
             torch.testing.assert_close(value, result["ref_state"][key], rtol=0, atol=1e-6,
                                        msg=f"{name} after {len(STEPS)} steps, rank {rank}: {key}")
@@ -168,8 +183,9 @@ def _check(results: list[dict], name: str, world_size: int) -> None:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_families_train_exactly_on_two_ranks(name: str) -> None:
     family(name)
-    results = run_ranks(_train, 2, name, ONE_STEP_SCHEDULES, "1f1b", timeout=500)
+    results = run_ranks(_train, 2, name, ONE_STEP_SCHEDULES, "1f1b", True, timeout=500)
     assert len(results[0]["one_step"]) == len(ONE_STEP_SCHEDULES)
+    assert sum(r["evaluation"][0] is not None for r in results) == 1, "the last stage has the eval loss"
     _check(results, name, 2)
 
 

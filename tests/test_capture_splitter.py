@@ -4,6 +4,7 @@ the model's own state objects under its names; ties, BatchNorm, dropout, autocas
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -274,3 +275,29 @@ def test_hf_dropout_model_trains_through_segments() -> None:
         out = splitter.run(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+@dataclasses.dataclass
+class Prediction:
+    logits: torch.Tensor
+    code: torch.Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        for block in self.blocks:
+            x = block(x)
+        return Prediction(x, x.sum(-1))
+
+
+def test_a_dataclass_output_comes_back_as_the_same_dataclass() -> None:
+    torch.manual_seed(0)
+    model = DataclassOutput()
+    x = torch.randn(2, 4)
+    out = Splitter(model).run(x)
+    assert isinstance(out, Prediction)
+    torch.testing.assert_close(out.logits, model(x).logits, rtol=0, atol=0)

@@ -77,8 +77,8 @@ def _advice(error: BaseException, text: str) -> str:
         return ("A key/value cache cannot cross pipeline stages: pass use_cache=False to the model (or set "
                 "model.config.use_cache = False).")
     if "not a known type" in text or "register a pytree" in text:
-        return ("Return tensors, tuples, lists, dicts or dataclasses from forward, or register the type with "
-                "torch.utils._pytree.register_pytree_node.")
+        return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
+                "type with torch.utils._pytree.register_pytree_node.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
         return ("Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be captured: "
                 "compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "

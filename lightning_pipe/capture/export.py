@@ -10,7 +10,9 @@ tensor's value.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -51,7 +53,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         args, kwargs = to_meta(args), to_meta(kwargs)
     attempts = [True, False] if dynamic else [False]
     first_error: BaseException | None = None
-    for symbolic in attempts:
+    while attempts:
+        symbolic = attempts[0]
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_mode(model, training))
@@ -65,8 +68,11 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         except CaptureError:
             raise
         except Exception as error:  # noqa: BLE001 - every export failure becomes a located CaptureError
+            if _register_output_dataclass(error):
+                continue  # the same attempt again, now that export can flatten the output
             first_error = first_error or error
-            if symbolic and not _fails_at_any_size(error):
+            attempts.pop(0)
+            if attempts and not _fails_at_any_size(error):
                 continue
             raise explain_export_error(error, model, training, names) from error
         if functions and not allow_autograd_functions:
@@ -82,7 +88,24 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                           f"input shape instead, once for each new shape (bucket sequence lengths to keep the captures "
                           f"few)", stacklevel=3)
         return program, symbolic
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _register_output_dataclass(error: BaseException) -> bool:
+    """Registers the dataclass export met in the model's output and could not flatten (``Found <class 'pkg.Out'>
+    in output, which is not a known type``) with ``torch.export.register_dataclass``; whether it did. Registering
+    is global, and is what lets the last segment rebuild the same dataclass."""
+    found = re.search(r"Found <class '([\w.]+)'> in output", str(error))
+    if found is None:
+        return False
+    module_name, _, qualname = found.group(1).rpartition(".")
+    cls: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or cls in pytree.SUPPORTED_NODES:
+        return False  # not a dataclass, or registered already and still failing: let the error through
+    torch.export.register_dataclass(cls)
+    return True
 
 
 def _fails_at_any_size(error: BaseException) -> bool:
