@@ -27,14 +27,7 @@ from torch.export import Dim, ExportedProgram
 from .devices import on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
 
-__all__ = ["export_forward", "canonical_kwargs"]
-
-
-def canonical_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` in the order of ``model.forward``'s parameters (others after, sorted), so that the same call
-    written with its keywords in another order flattens to the same inputs."""
-    order = {name: i for i, name in enumerate(inspect.signature(model.forward).parameters)}
-    return dict(sorted(kwargs.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+__all__ = ["export_forward"]
 
 
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
