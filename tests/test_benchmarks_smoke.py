@@ -76,3 +76,19 @@ def test_uneven_replication_rows(tmp_path):
         assert row["ideal_ms"] == pytest.approx(24 * 4 * 0.5 / 4)
         assert row["ratio"] >= 0.98 and row["vs_3-1"] == pytest.approx(row["step_ms"] / rows[0]["step_ms"])
     assert sum(row["fastest"] == "yes" for row in rows) == 1
+
+
+def test_capture_overhead_row(tmp_path):
+    """The captured and the direct variant train the same model side by side; the row has both times and the ratio."""
+    from benchmarks import capture_overhead
+
+    path = tmp_path / "capture.json"
+    capture_overhead.main(["--width", "16", "--layers", "2", "--block-size", "8", "--batch-size", "4", "--steps", "2",
+                           "--warmup", "1", "--json", str(path)])
+    (row,) = json.loads(path.read_text())
+    assert row["segments"] == 4  # Embed, two blocks, Head: one segment per layer
+    assert row["capture_s"] > 0
+    for prefix in ("wall", "cpu"):
+        assert row[f"{prefix}_direct_ms"] > 0 and row[f"{prefix}_captured_ms"] > 0
+        spread = [row[f"{prefix}_ratio{key}"] for key in ("_min", "_q1", "", "_q3", "_max")]
+        assert spread == sorted(spread)

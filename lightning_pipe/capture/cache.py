@@ -1,0 +1,100 @@
+"""The captures of one model, and finding the one that fits a call: by mode, autocast state and input pattern."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError
+from .patterns import Pattern, all_match, autocast_state, describe, overlap
+from .points import Cut, cut_label
+from .programs import Program
+
+__all__ = ["Capture", "CaptureCache"]
+
+
+@dataclass
+class Capture:
+    """The model's forward captured once (one mode, autocast state and input pattern) and cut into programs."""
+
+    training: bool
+    autocast: tuple
+    dynamic: bool
+    """Whether the input sizes stayed symbolic (one capture serves every size) or are the example's."""
+    in_patterns: tuple[Pattern, ...]
+    in_spec: pytree.TreeSpec
+    """How ``(args, kwargs)`` flatten to segment 0's inputs."""
+    out_spec: pytree.TreeSpec
+    """How the last segment's values rebuild the model's output (a ModelOutput, a tuple, a tensor)."""
+    programs: list[Program]
+    cuts: list[Cut]
+    device: torch.device
+    """The device baked into the programs (``meta`` until the splitter is moved to a real one)."""
+    export_seconds: float
+    cut_seconds: float
+
+    @property
+    def digest(self) -> str:
+        """A hash of the cut (split points, what is live at each cut, each segment's state and ops) that ranks
+        compare to prove they cut the same way; devices and timings are left out."""
+        parts: list[Any] = [self.training, [cut_label(c) for c in self.cuts], str(self.out_spec)]
+        for program in self.programs:
+            parts.append((describe(program.live_in), program.state, program.ops))
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+class CaptureCache:
+    """Every capture of one model; each segment finds its program by its mode, the autocast state and the values
+    it is given (the last one found is tried first: a training loop asks for the same one again and again)."""
+
+    def __init__(self) -> None:
+        self.captures: list[Capture] = []
+        self._last: dict[int, tuple[bool, tuple, Capture]] = {}
+
+    def add(self, capture: Capture) -> None:
+        """Keep ``capture``; refuses one that would make some segment's lookup ambiguous."""
+        for other in self.captures:
+            if other.training != capture.training or other.autocast != capture.autocast:
+                continue
+            for index, (mine, theirs) in enumerate(zip(capture.programs, other.programs)):
+                last = index == len(capture.programs) - 1
+                same = mine.fingerprint() == theirs.fingerprint() and (not last or capture.out_spec == other.out_spec)
+                if overlap(mine.live_in, theirs.live_in) and not same:
+                    raise CaptureError(
+                        f"two captures of the model give segment {index} the same kind of values "
+                        f"{describe(mine.live_in)} but run different ops on them, so a segment could not tell which "
+                        f"to run; call the model with the same non-tensor arguments (flags, sizes) every time")
+        self.captures.append(capture)
+
+    def for_inputs(self, training: bool, flat: Sequence[Any]) -> Capture | None:
+        """The capture whose model inputs fit ``flat``, in this mode and autocast state."""
+        return self._find(0, training, flat, lambda c: c.in_patterns)
+
+    def for_segment(self, index: int, training: bool, live: Sequence[Any]) -> Capture:
+        """The capture whose segment ``index`` takes ``live``; raises with what to do when none does."""
+        found = self._find(index, training, live, lambda c: c.programs[index].live_in)
+        if found is None:
+            mode = "train" if training else "eval"
+            raise CaptureError(
+                f"segment {index} got values no capture of this model expects in {mode} mode (autocast "
+                f"{autocast_state() or 'off'}): call splitter.capture(args, kwargs, training={training}) with this "
+                f"micro-batch's model inputs on every rank before running it (known: "
+                f"{[describe(c.programs[index].live_in) for c in self.captures if c.training == training]})")
+        return found
+
+    def _find(self, index: int, training: bool, values: Sequence[Any], patterns: Any) -> Capture | None:
+        autocast = autocast_state()
+        last = self._last.get(index)
+        if last is not None and last[0] == training and last[1] == autocast and all_match(patterns(last[2]), values):
+            return last[2]
+        for capture in self.captures:
+            if (capture.training == training and capture.autocast == autocast
+                    and all_match(patterns(capture), values)):
+                self._last[index] = (training, autocast, capture)
+                return capture
+        return None

@@ -1,0 +1,86 @@
+"""Capture errors that name the module and the line that failed, and say what to change."""
+
+from __future__ import annotations
+
+import traceback
+from types import FrameType
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error"]
+
+SEQUENTIAL_PATH = ("or keep the layers to pipeline in one nn.Sequential, which the strategy cuts without capturing "
+                   "the forward")
+
+
+class CaptureError(RuntimeError):
+    """The model's forward cannot be captured or cut as asked; the message says where and what to change."""
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    """``id(module) -> name`` for every module of ``model`` (``""`` for the model itself)."""
+    return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def _describe(name: str, module: Any, function: str, filename: str, line: int, source: str | None) -> str:
+    where = f"module {name!r}" if name else "the model itself"
+    text = f"{where} ({type(module).__name__}.{function} at {filename}:{line}"
+    return text + (f": `{source.strip()}`)" if source else ")")
+
+
+def locate_frame(frame: FrameType | None, names: dict[int, str]) -> str:
+    """The innermost of the model's modules running on the Python stack, from ``frame`` outwards."""
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if obj is not None and id(obj) in names:
+            lines = traceback.extract_stack(frame, limit=1)
+            source = lines[0].line if lines else None
+            return _describe(names[id(obj)], obj, frame.f_code.co_name, frame.f_code.co_filename, frame.f_lineno,
+                             source)
+        frame = frame.f_back
+    return "code outside the model's modules"
+
+
+def locate_exception(error: BaseException, names: dict[int, str]) -> str:
+    """The innermost frame of one of the model's modules in ``error``'s traceback, or in the errors it came from
+    (export re-raises from deep inside torch; the user's line is in a cause's traceback)."""
+    found, seen = None, set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            obj = tb.tb_frame.f_locals.get("self")
+            if obj is not None and id(obj) in names:
+                summary = traceback.extract_tb(tb, limit=1)[0]
+                found = (names[id(obj)], obj, tb.tb_frame.f_code.co_name, summary.filename, summary.lineno,
+                         summary.line)
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return _describe(*found) if found else "code outside the model's modules"
+
+
+def explain_export_error(error: BaseException, model: nn.Module, training: bool, names: dict[int, str]) -> CaptureError:
+    """A :class:`CaptureError` for an exception of ``torch.export``: where it happened and what to do about it."""
+    text = str(error).strip()
+    first = text.splitlines()[0][:300] if text else type(error).__name__
+    where = locate_exception(error, names)
+    mode = "train" if training else "eval"
+    return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
+                        f"{where}: {first}. {_advice(error, text)}")
+
+
+def _advice(error: BaseException, text: str) -> str:
+    name = type(error).__name__
+    if "Cache" in text and ("not a known type" in text or "pytree" in text):
+        return ("A key/value cache cannot cross pipeline stages: pass use_cache=False to the model (or set "
+                "model.config.use_cache = False).")
+    if "not a known type" in text or "register a pytree" in text:
+        return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
+                "type with torch.utils._pytree.register_pytree_node.")
+    if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
+        return ("Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be captured: "
+                "compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "
+                + SEQUENTIAL_PATH + ".")
+    return f"Make forward capturable by torch.export.export(model, args, kwargs, strict=False), {SEQUENTIAL_PATH}."

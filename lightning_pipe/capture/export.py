@@ -1,0 +1,168 @@
+"""Capture a model's forward with ``torch.export`` (non-strict, training IR): dynamic sizes first, else one input shape.
+
+Export runs the forward in Python on fake tensors and records the aten ops it calls, each with the stack of modules
+that called it (``nn_module_stack``), which is what the segments are cut by. Things the capture would otherwise get
+silently wrong are refused here with a message that says what to do: a custom ``torch.autograd.Function`` (export
+keeps its forward ops and drops its backward), a key/value cache (Hugging Face ``use_cache``), control flow on a
+tensor's value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as fx_config
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.export import Dim, ExportedProgram
+
+from .devices import on_meta, to_meta
+from .errors import CaptureError, explain_export_error, locate_frame, module_names
+
+__all__ = ["export_forward"]
+
+
+def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
+                   meta: bool, allow_autograd_functions: bool) -> tuple[ExportedProgram, bool]:
+    """Export ``model(*args, **kwargs)`` in train or eval mode; returns the program and whether its sizes are
+    symbolic (``dynamic=True`` tries that first and falls back to the example's sizes, with a warning).
+
+    ``meta=True`` exports on meta twins of the model's state and inputs, so that no real weight is read (the
+    graphs then bake the meta device in; see :func:`~.devices.rewrite_devices`).
+    """
+    if kwargs.get("use_cache") is True:
+        raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
+                           f"pipeline stages; pass use_cache=False")
+    names = module_names(model)
+    if meta:
+        args, kwargs = to_meta(args), to_meta(kwargs)
+    attempts = [True, False] if dynamic else [False]
+    first_error: BaseException | None = None
+    while attempts:
+        symbolic = attempts[0]
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_mode(model, training))
+                stack.enter_context(_no_caches(model))
+                functions = stack.enter_context(_watch_autograd_functions(names))
+                if meta:
+                    stack.enter_context(on_meta(model))
+                shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
+                with fx_config.patch(backed_size_oblivious=symbolic):
+                    program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+        except CaptureError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every export failure becomes a located CaptureError
+            if _register_output_dataclass(error):
+                continue  # the same attempt again, now that export can flatten the output
+            first_error = first_error or error
+            attempts.pop(0)
+            if attempts and not _fails_at_any_size(error):
+                continue
+            raise explain_export_error(error, model, training, names) from error
+        if functions and not allow_autograd_functions:
+            raise CaptureError(
+                f"{type(model).__name__}.forward calls custom torch.autograd.Function(s): {'; '.join(functions)}. A "
+                f"captured graph keeps their forward ops but differentiates those ops itself instead of calling "
+                f"their backward, so their gradients would be silently wrong. Pass allow_autograd_functions=True "
+                f"if each backward is the exact derivative of its forward, or keep the layers in one nn.Sequential "
+                f"(no capture)")
+        if symbolic is False and dynamic:
+            reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
+            warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "
+                          f"input shape instead, once for each new shape (bucket sequence lengths to keep the captures "
+                          f"few)", stacklevel=3)
+        return program, symbolic
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _register_output_dataclass(error: BaseException) -> bool:
+    """Registers the dataclass export met in the model's output and could not flatten (``Found <class 'pkg.Out'>
+    in output, which is not a known type``) with ``torch.export.register_dataclass``; whether it did. Registering
+    is global, and is what lets the last segment rebuild the same dataclass."""
+    found = re.search(r"Found <class '([\w.]+)'> in output", str(error))
+    if found is None:
+        return False
+    module_name, _, qualname = found.group(1).rpartition(".")
+    cls: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or cls in pytree.SUPPORTED_NODES:
+        return False  # not a dataclass, or registered already and still failing: let the error through
+    torch.export.register_dataclass(cls)
+    return True
+
+
+def _fails_at_any_size(error: BaseException) -> bool:
+    """Errors that capturing with the example's sizes would meet again: control flow on tensor values, outputs
+    export cannot flatten."""
+    text = f"{type(error).__name__}: {error}"
+    return "DataDependent" in text or "data-dependent" in text or "not a known type" in text
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` for every size of every tensor input, laid out as export binds the inputs to forward's
+    parameters (a ``**kwargs`` parameter takes a dict of its own)."""
+    def auto(value: Any) -> Any:
+        return {d: Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Train or eval mode for the capture; every module's own flag is put back afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def _no_caches(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models build a key/value cache when ``config.use_cache`` is on (in training too), which export
+    cannot return and no stage could pass on: the capture runs with it off (the model's config is put back)."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
+@contextlib.contextmanager
+def _watch_autograd_functions(names: dict[int, str]) -> Iterator[list[str]]:
+    """Records every custom ``torch.autograd.Function`` applied inside the block, with the module and line that
+    applied it (torch's own Functions are left alone: their backward is their forward's derivative)."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+    apply = original.__func__
+    found: list[str] = []
+
+    def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith("torch."):
+            entry = f"{cls.__qualname__} (from {cls.__module__}) in {locate_frame(sys._getframe(1), names)}"
+            if entry not in found:
+                found.append(entry)
+        return apply(cls, *args, **kwargs)
+
+    base.apply = classmethod(spy)
+    try:
+        yield found
+    finally:
+        base.apply = original

@@ -1,0 +1,76 @@
+"""What values must look like to reuse a captured graph: dtypes and sizes (symbolic sizes match any), and autocast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Pattern", "pattern_of", "matches", "all_match", "overlap", "autocast_state", "describe"]
+
+Pattern = tuple
+"""``("t", dtype, sizes)`` for a tensor (a size is ``None`` where the capture kept it symbolic), ``("int",)`` for a
+symbolic int, ``("v", value)`` for any other value (baked into the graph: it must be equal)."""
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def pattern_of(value: Any) -> Pattern:
+    """The pattern of a captured value (a fake tensor or symbolic int from a node's ``meta["val"]``) or a real one."""
+    if isinstance(value, torch.Tensor):
+        return ("t", value.dtype, tuple(d if isinstance(d, int) else None for d in value.shape))
+    if isinstance(value, torch.SymInt):
+        return ("int",)
+    return ("v", value)
+
+
+def matches(pattern: Pattern, value: Any) -> bool:
+    """Whether a real ``value`` fits ``pattern``."""
+    kind = pattern[0]
+    if kind == "t":
+        if not isinstance(value, torch.Tensor) or value.dtype != pattern[1]:
+            return False
+        sizes = pattern[2]
+        shape = value.shape
+        return len(shape) == len(sizes) and all(s is None or s == d for s, d in zip(sizes, shape))
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(value, torch.Tensor) and type(value) is type(pattern[1]) and value == pattern[1]
+
+
+def all_match(patterns: Sequence[Pattern], values: Sequence[Any]) -> bool:
+    """Whether every value fits the pattern in its place."""
+    return len(patterns) == len(values) and all(matches(p, v) for p, v in zip(patterns, values))
+
+
+def overlap(a: Sequence[Pattern], b: Sequence[Pattern]) -> bool:
+    """Whether some values fit both pattern lists (two captures could then both claim them)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x[0] != y[0]:
+            return False
+        if x[0] == "v" and (type(x[1]) is not type(y[1]) or x[1] != y[1]):
+            return False
+        if x[0] == "t" and (x[1] != y[1] or len(x[2]) != len(y[2])
+                            or any(s is not None and t is not None and s != t for s, t in zip(x[2], y[2]))):
+            return False
+    return True
+
+
+def autocast_state() -> tuple:
+    """The autocast regions active now: export traces autocast's casts (and dtype asserts) into the graph, so a
+    graph captured without autocast fails under it (and the other way round)."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
+
+
+def describe(patterns: Sequence[Pattern]) -> str:
+    """``[float32(None, 16, 64), int64(None, 16), True]``: patterns for messages."""
+    parts = []
+    for p in patterns:
+        if p[0] == "t":
+            parts.append(f"{str(p[1]).replace('torch.', '')}{tuple('*' if s is None else s for s in p[2])}")
+        else:
+            parts.append("int" if p[0] == "int" else repr(p[1]))
+    return "[" + ", ".join(parts) + "]"

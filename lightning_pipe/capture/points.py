@@ -1,0 +1,116 @@
+"""Where a captured forward is cut: the default cut points (around repeated blocks) and the user's split points."""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import torch.nn as nn
+
+__all__ = ["SplitPoint", "SplitPoints", "Cut", "repeated_blocks", "default_cuts", "normalize_split_points",
+           "cut_label"]
+
+SplitPoint = Union[str, tuple[str, str]]
+"""``"blocks.3"`` (cut before the module's first op) or ``("blocks.3", "end")`` (cut after its last op)."""
+SplitPoints = Union[Sequence[SplitPoint], Mapping[str, Any]]
+"""A list of :data:`SplitPoint`, or ``{name: "begin" | "end"}`` (``torch.distributed.pipelining``'s
+``SplitPoint.BEGINNING`` / ``SplitPoint.END`` are taken too)."""
+Cut = tuple[str, str]
+"""A normalized split point: ``(module name, "begin" | "end")``."""
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+_ENCLOSING_SHARE = 0.9  # a class enclosing the repeated one wins when its instances hold >= 90% as many parameters
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the model's repeated blocks, in ``named_modules`` order.
+
+    Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose
+    such instances hold the most parameters; a class enclosing those instances wins if it holds >= 90% as many
+    (a transformer block over its Linears). Outermost instances only. "The largest ModuleList" alone would pick
+    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks.
+    """
+    total: dict[type, int] = defaultdict(int)
+    members: dict[type, list[str]] = defaultdict(list)
+    for parent_name, parent in model.named_modules():
+        by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
+        for child_name, child in parent.named_children():
+            by_class[type(child)].append((f"{parent_name}.{child_name}" if parent_name else child_name, child))
+        for cls, children in by_class.items():
+            if len(children) < 2 or issubclass(cls, _CONTAINERS):
+                continue
+            for name, child in children:
+                total[cls] += sum(p.numel() for p in child.parameters())
+                members[cls].append(name)
+    if not total:
+        return []
+    best = max(total, key=total.__getitem__)
+    for cls, size in total.items():
+        encloses = any(m.startswith(outer + ".") for outer in members[cls] for m in members[best])
+        if cls is not best and encloses and size >= _ENCLOSING_SHARE * total[best]:
+            best = cls
+    names = members[best]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def default_cuts(model: nn.Module) -> list[Cut]:
+    """A cut before every repeated block and one after the last, so that the stem and the head are units of
+    their own (a planner can give a large LM head a stage); without repeated blocks, before every top-level
+    child but the first. Cuts that would leave a segment without computation are dropped at capture."""
+    blocks = repeated_blocks(model)
+    if blocks:
+        return [(name, "begin") for name in blocks] + [(blocks[-1], "end")]
+    return [(name, "begin") for name, _ in list(model.named_children())[1:]]
+
+
+def normalize_split_points(model: nn.Module, points: SplitPoints) -> list[Cut]:
+    """``points`` as ``(name, "begin" | "end")`` pairs, each naming a submodule of ``model``.
+
+    The order is checked at capture, against the order forward calls the modules in.
+    """
+    if isinstance(points, Mapping):
+        items = [(name, _where(name, kind)) for name, kind in points.items()]
+    elif isinstance(points, str) or (isinstance(points, tuple) and len(points) == 2 and points[1] in ("begin", "end")):
+        raise TypeError(f"split_points must be a list of names (or (name, 'end') pairs) or a dict, got "
+                        f"{points!r}; e.g. split_points=[{points!r}]")
+    else:
+        items = []
+        for point in points:
+            if isinstance(point, str):
+                items.append((point, "begin"))
+            elif isinstance(point, tuple) and len(point) == 2 and isinstance(point[0], str):
+                items.append((point[0], _where(point[0], point[1])))
+            else:
+                raise TypeError(f"split point {point!r}: give a module name ('blocks.3', cut before it) or a pair "
+                                f"('blocks.3', 'end') (cut after it)")
+    names = {name for name, _ in model.named_modules() if name}
+    for name, _ in items:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3)
+            hint = f" (close: {', '.join(map(repr, close))})" if close else ""
+            raise ValueError(f"split point {name!r}: {type(model).__name__} has no submodule of that name{hint}; "
+                             f"name modules as model.named_modules() does, e.g. {_example(model)!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"split points {[cut_label(c) for c in items]} name one cut twice; give each once")
+    return items
+
+
+def cut_label(cut: Cut) -> str:
+    """``"blocks.3"`` or ``"blocks.3:end"``, for messages and digests."""
+    return cut[0] if cut[1] == "begin" else f"{cut[0]}:end"
+
+
+def _where(name: str, kind: Any) -> str:
+    kind = getattr(kind, "name", kind)  # torch.distributed.pipelining.SplitPoint.BEGINNING / .END
+    if isinstance(kind, str) and kind.lower() in ("begin", "beginning", "start"):
+        return "begin"
+    if isinstance(kind, str) and kind.lower() == "end":
+        return "end"
+    raise ValueError(f"split point {name!r}: {kind!r} is neither 'begin' nor 'end'")
+
+
+def _example(model: nn.Module) -> str:
+    blocks = repeated_blocks(model)
+    return blocks[len(blocks) // 2] if blocks else next((n for n, _ in model.named_children()), "layer")

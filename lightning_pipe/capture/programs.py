@@ -1,0 +1,178 @@
+"""Build each segment's program: an fx graph of its ops that takes its state, then the values live at its cut."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.export import ExportedProgram
+
+from .graph import Layout, module_paths
+from .patterns import Pattern, pattern_of
+
+__all__ = ["Program", "build_programs", "state_aliases"]
+
+
+@dataclass
+class Program:
+    """What one segment runs for one capture."""
+
+    graph_module: fx.GraphModule
+    """Called as ``graph_module(*state, *live)``; returns the tuple live at the next cut (the last segment: the
+    model's flattened output)."""
+    state: list[tuple[str, str]]
+    """Per state argument: ("PARAMETER" | "BUFFER", its name on the segment, which is a name it has in the model)
+    or ("CONSTANT", a key of :attr:`constants`)."""
+    live_in: tuple[Pattern, ...]
+    """What the values this segment takes look like (sizes ``None`` where symbolic)."""
+    ops: tuple[str, ...]
+    """The ops it runs, by name, for the digest ranks compare."""
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors the forward made from nothing (``torch.tensor([...])``), lifted by export."""
+    weight_ops: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    """Where parameters meet activations: (op, names of the parameters it reads, directly or through views).
+    Their outputs are where a split backward's weight half starts (see :meth:`with_weight_ops`)."""
+    _with_weight_ops: fx.GraphModule | None = field(default=None, repr=False)
+
+    def with_weight_ops(self) -> fx.GraphModule:
+        """The program returning, after its values, the output of every op of :attr:`weight_ops` (built once).
+
+        A zero-bubble schedule splits each backward in two: gradients of the inputs first, of the weights later. The
+        weight half starts from the outputs of the modules that own parameters (``PipelineStage`` records them with
+        forward hooks), and inside a captured segment no module runs: these ops stand in for them."""
+        if self._with_weight_ops is None:
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            values = graph.graph_copy(self.graph_module.graph, env)
+            by_name = {node.name: env[node] for node in self.graph_module.graph.nodes if node in env}
+            graph.output((*values, *(by_name[name] for name, _ in self.weight_ops)))
+            self._with_weight_ops = fx.GraphModule(self.graph_module, graph)
+        return self._with_weight_ops
+
+    def forget_derived(self) -> None:
+        """Drop what was built from :attr:`graph_module` (after it changed, e.g. its devices were rewritten)."""
+        self._with_weight_ops = None
+
+    def fingerprint(self) -> tuple:
+        """What must agree for two captures' programs to be interchangeable."""
+        return (self.live_in, tuple(self.state), self.ops, self.graph_module.code)
+
+
+def state_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor) -> every name it has in model`` (a tied parameter has one per module that holds it)."""
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for name, tensor in (*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)):
+        aliases[id(tensor)].append(name)
+    return aliases
+
+
+def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -> list[Program]:
+    """One :class:`Program` per segment of ``layout``."""
+    aliases = state_aliases(model)
+    owners = {name: module for name, module in program.graph_module.named_modules()}
+    programs = []
+    for s in range(layout.num_segments):
+        ops = layout.ops_of(s)
+        last = s == layout.num_segments - 1
+        readers = ops + ([layout.output] if last else [])
+        state_nodes: list[fx.Node] = []
+        for n in readers:
+            for a in n.all_input_nodes:
+                if a in layout.state and a not in state_nodes:
+                    state_nodes.append(a)
+        mine = set(ops)
+        state = [_state_name(layout.state[a], [u for u in a.users if u in mine], model, aliases) for a in state_nodes]
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for a in state_nodes + layout.live[s]:
+            env[a] = graph.placeholder(a.name)
+            env[a].meta = dict(a.meta)
+        roots: dict[str, Any] = {}
+        for n in ops:
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in env:  # a higher-order op's subgraph: each segment takes its own
+                    env[a] = graph.node_copy(a)
+                    roots[a.target] = _attr(program.graph_module, a.target, owners)
+            env[n] = graph.node_copy(n, env.__getitem__)
+        if last:
+            results = [env[a] if isinstance(a, fx.Node) else a for a in layout.output.args[0]]
+        else:
+            results = [_sendable(graph, env[a], a in layout.live[s] or any(u in mine for u in a.users))
+                       for a in layout.live[s + 1]]
+        graph.output(tuple(results))
+        graph.eliminate_dead_code()  # an input-only op that this segment now recomputes may have lost its users
+        graph.lint()
+        constants = {name: program.constants[name] for kind, name in state if kind == "CONSTANT"}
+        names = {a: name for a, (kind, name) in zip(state_nodes, state) if kind == "PARAMETER"}
+        alive = {n.name for n in graph.nodes}
+        weight_ops = [(env[n].name, reads) for n, reads in _weight_ops(ops, layout, names) if env[n].name in alive]
+        programs.append(Program(fx.GraphModule(roots, graph), state,
+                                tuple(pattern_of(a.meta.get("val")) for a in layout.live[s]),
+                                tuple(_op_label(n) for n in ops), constants, weight_ops))
+    return programs
+
+
+def _weight_ops(ops: list[fx.Node], layout: Layout, names: dict[fx.Node, str]) -> list[tuple[fx.Node, tuple[str, ...]]]:
+    """The ops where parameters meet activations, with the parameters each reads (through views such as ``t(W)``
+    or ``expand(cls_token)``, which are computed from state alone and so are not where the meeting happens)."""
+    reads: dict[fx.Node, set[str]] = {}  # a value computed from state alone -> the parameters it reads
+    found = []
+    for n in ops:
+        inputs = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        from_state = [a for a in inputs if a in layout.state or a in reads]
+        if inputs and len(from_state) == len(inputs):
+            reads[n] = set().union(*(reads.get(a, {names[a]} if a in names else set()) for a in from_state))
+            continue
+        params = set().union(*(reads.get(a, {names[a]} if a in names else set()) for a in from_state)) \
+            if from_state else set()
+        if params and isinstance(n.meta.get("val"), torch.Tensor):
+            found.append((n, tuple(sorted(params))))
+    return found
+
+
+def _sendable(graph: fx.Graph, value: fx.Node, used_here: bool) -> fx.Node:
+    """A value the segment passes on, as its own tensor object when this segment also reads it (or took it in).
+
+    A stage frees what it has sent by replacing the output tensors' ``.data`` (:meth:`PipelineStage.release_output`),
+    which autograd does not notice (DESIGN.md, 4): if an op of the stage saved that same tensor for backward (a linear
+    reading the code ``z`` that it also passes on), backward would read zeros. An alias is a view with its own
+    ``.data``, so freeing it leaves the saved tensor alone; it costs no copy.
+    """
+    val = value.meta.get("val")
+    if not used_here or not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):
+        return value
+    alias = graph.call_function(torch.ops.aten.alias.default, (value,))
+    alias.meta = dict(value.meta)
+    return alias
+
+
+def _state_name(entry: tuple[str, str], users: list[fx.Node], model: nn.Module,
+                aliases: dict[int, list[str]]) -> tuple[str, str]:
+    """The name a segment registers a state tensor under. Export routes every use of a tied parameter through one
+    of its names (GPT-2's embedding reads ``lm_head.weight``); each segment takes the name of the module that uses
+    it there (``transformer.wte.weight`` in the first segment), so stages keep the names the model's modules give."""
+    kind, target = entry
+    if kind == "CONSTANT":
+        return entry
+    tensor = model.get_parameter(target) if kind == "PARAMETER" else model.get_buffer(target)
+    names = aliases.get(id(tensor), [target])
+    if len(names) > 1:
+        paths = {p for u in users for p in module_paths(u)}
+        for name in names:
+            if name.rpartition(".")[0] in paths:
+                return kind, name
+    return kind, target
+
+
+def _attr(root: nn.Module, target: str, owners: dict[str, nn.Module]) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(owners[owner] if owner else root, leaf)
+
+
+def _op_label(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))

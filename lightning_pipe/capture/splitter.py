@@ -1,0 +1,234 @@
+"""The splitter: captures one model's forward per (mode, autocast, input pattern) and cuts every capture alike."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .cache import Capture, CaptureCache
+from .devices import META, has_meta_state, rewrite_devices
+from .errors import CaptureError
+from .export import export_forward
+from .graph import Recompute, lay_out
+from .materialize import materialize
+from .patterns import autocast_state, pattern_of
+from .points import Cut, SplitPoints, cut_label, default_cuts, normalize_split_points
+from .programs import build_programs
+from .segment import Segment
+
+__all__ = ["Splitter", "split_model"]
+
+
+class Splitter:
+    """Cuts ``model``'s forward into segments at module boundaries, for a pipeline to place on stages.
+
+    ::
+
+        splitter = Splitter(model)                            # cuts around the repeated blocks
+        segments = splitter.segments(args, kwargs)            # captures (train mode) and returns the segments
+        live = splitter.flat_inputs(args, kwargs)             # segment 0's input: the pytree leaves of (args, kwargs)
+        for segment in segments:
+            live = segment(live)                              # ... the last returns the model's own output
+
+    ``nn.Sequential(*segments)`` computes what ``model(*args, **kwargs)`` does, from ``flat_inputs``: the same
+    values and gradients, dropout masks included, with the model's own parameter and buffer objects.
+
+    ``split_points`` cut the forward where the user says (:data:`~.points.SplitPoints`); by default before every
+    repeated block and after the last (:func:`~.points.default_cuts`). ``dynamic=True`` captures with symbolic sizes,
+    so that one capture per mode serves every batch size and sequence length; where that fails, one capture per input
+    shape (with a warning). ``recompute`` (:data:`~.graph.Recompute`) lets a segment recompute cheap input-only values
+    rather than receive them. A custom ``torch.autograd.Function`` is refused unless ``allow_autograd_functions``
+    (export would drop its backward). Hugging Face models are captured with ``config.use_cache`` off (a cache cannot
+    cross stages); the config is put back. ``capture_on_meta`` (default: when some state is on the meta device)
+    captures on meta twins of the state, so a rank never needs the whole model's weights; :meth:`materialize` then
+    gives its own segments storage.
+    """
+
+    def __init__(self, model: nn.Module, split_points: SplitPoints | None = None, *, dynamic: bool = True,
+                 recompute: Recompute = "auto", allow_autograd_functions: bool = False,
+                 capture_on_meta: bool | None = None) -> None:
+        if recompute not in (True, False, "auto"):
+            raise ValueError(f"recompute must be True, False or 'auto', got {recompute!r}")
+        self.model = model
+        self.user_cuts = split_points is not None
+        self.cuts: list[Cut] = (normalize_split_points(model, split_points) if split_points is not None
+                                else default_cuts(model))
+        self.dynamic = dynamic
+        self.recompute = recompute
+        self.allow_autograd_functions = allow_autograd_functions
+        self.capture_on_meta = capture_on_meta
+        self.device: torch.device | None = None  # where the graphs run; None: where they were captured
+        self.cache = CaptureCache()
+        self._segments: list[Segment] = []
+        self._parameter_order = {name: i for i, name in enumerate(inspect.signature(model.forward).parameters)}
+
+    # -- public API -------------------------------------------------------------------------------
+    @property
+    def captures(self) -> list[Capture]:
+        return self.cache.captures
+
+    @property
+    def num_segments(self) -> int:
+        """Segments of the cut (known after the first capture: default cuts that leave a segment empty go)."""
+        if not self._segments:
+            raise RuntimeError("the splitter has not captured the model yet: call splitter.segments(args, kwargs) "
+                               "with an example batch first")
+        return len(self._segments)
+
+    def capture(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *,
+                training: bool | None = None) -> Capture:
+        """The capture for ``model(*args, **kwargs)`` in train or eval mode (default: the model's mode) under the
+        current autocast state: found among the earlier ones, or made now (seconds). Every rank of a pipeline
+        calls this with the same inputs, so that each finds the graphs its segments need."""
+        training = self.model.training if training is None else training
+        kwargs = self._ordered(kwargs)
+        flat, _ = pytree.tree_flatten((_positional(args), kwargs))
+        found = self.cache.for_inputs(training, flat)
+        return found if found is not None else self._capture(tuple(args), kwargs, training, flat)
+
+    def flat_inputs(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *,
+                    training: bool | None = None) -> tuple:
+        """Segment 0's input for ``model(*args, **kwargs)``: the pytree leaves of ``(args, kwargs)`` (tensors and
+        plain values, keywords in ``forward``'s parameter order), captured first if this pattern is new."""
+        training = self.model.training if training is None else training
+        kwargs = self._ordered(kwargs)
+        flat, spec = pytree.tree_flatten((_positional(args), kwargs))
+        capture = self.cache.for_inputs(training, flat)
+        if capture is None:
+            capture = self._capture(tuple(args), kwargs, training, flat)
+        if spec != capture.in_spec:
+            raise CaptureError(f"the inputs are structured as {spec}, but captured as {capture.in_spec}; call the "
+                               f"model with the same arguments each time")
+        return tuple(flat)
+
+    def segments(self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None, *,
+                 training: bool | None = None) -> list[Segment]:
+        """The segments, in order (the same objects every time: one segment serves every capture), after capturing
+        ``model(*args, **kwargs)`` if given."""
+        if args is not None:
+            self.capture(args, kwargs, training=training)
+        if not self._segments:
+            raise RuntimeError("no capture yet: pass example inputs, splitter.segments(args, kwargs)")
+        return list(self._segments)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` through every segment in turn, in the segments' mode (one process)."""
+        live: Any = self.flat_inputs(args, kwargs, training=self._segments[0].training if self._segments else None)
+        for segment in self.segments():
+            live = segment(live)
+        return live
+
+    def digest(self) -> str:
+        """A hash of the first capture's cut, for the ranks of a pipeline to compare (see :attr:`Capture.digest`)."""
+        if not self.captures:
+            raise RuntimeError("no capture yet: nothing to compare")
+        return self.captures[0].digest
+
+    def to(self, device: torch.device | str) -> Splitter:
+        """Run the graphs on ``device``: rewrite the device every capture baked in (and move lifted constants).
+        Captures made later are rewritten too. Moves no parameter: see :meth:`materialize`."""
+        self.device = torch.device(device)
+        for capture in self.captures:
+            self._retarget(capture)
+        return self
+
+    def materialize(self, indices: Iterable[int], device: torch.device | str) -> list[Segment]:
+        """Give segments ``indices`` (this rank's) storage on ``device`` and run the graphs there; returns them.
+
+        Meta tensors become uninitialized ones, real ones move; the model and every segment keep referring to the
+        same tensors (ties stay one object). Fill the values afterwards (``segment.load_state_dict`` with the
+        model's names, or the modules' own initialization)."""
+        local = [self.segments()[i] for i in indices]
+        materialize(local, [self.model, *self._segments], torch.device(device))
+        self.to(device)
+        return local
+
+    # -- capturing --------------------------------------------------------------------------------
+    def _ordered(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        if not kwargs:
+            return {}
+        order = self._parameter_order
+        return dict(sorted(kwargs.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
+    def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
+        meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
+        start = time.perf_counter()
+        program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
+                                          meta=meta, allow_autograd_functions=self.allow_autograd_functions)
+        exported = time.perf_counter()
+        first = not self.captures
+        empty = ("refuse" if self.user_cuts else "drop") if first else "keep"
+        layout = lay_out(program, self.cuts, empty=empty, recompute=self.recompute,
+                         mode="train" if training else "eval")
+        programs = build_programs(program, layout, self.model)
+        in_patterns = tuple(pattern_of(node.meta.get("val")) if isinstance(value, torch.Tensor) else ("v", value)
+                            for node, value in zip(layout.user_inputs, flat))
+        programs[0].live_in = in_patterns
+        capture = Capture(training, autocast_state(), dynamic, in_patterns, program.call_spec.in_spec,
+                          program.call_spec.out_spec, programs, layout.cuts, META if meta else _device_of(flat),
+                          exported - start, time.perf_counter() - exported)
+        if self.device is not None:
+            self._retarget(capture)
+        self.cache.add(capture)
+        if first:
+            self.cuts = layout.cuts
+            self._segments = [Segment(i, len(programs), self.cache, self.model) for i in range(len(programs))]
+            for segment, segment_program in zip(self._segments, programs):
+                segment.adopt(segment_program)
+            self._place_unused_state()
+        else:
+            for segment, segment_program in zip(self._segments, programs):
+                segment.adopt(segment_program)
+        return capture
+
+    def _retarget(self, capture: Capture) -> None:
+        if self.device is None or capture.device == self.device:
+            return
+        for program in capture.programs:
+            rewrite_devices(program.graph_module, capture.device, self.device)
+            program.forget_derived()
+            for name, value in program.constants.items():
+                program.constants[name] = value.to(self.device)
+        capture.device = self.device
+
+    def _place_unused_state(self) -> None:
+        """State no graph reads (frozen or unused modules) goes to the segment whose cut encloses its module (else
+        the first), so that the segments' ``state_dict``s together are exactly the model's."""
+        held = {name for segment in self._segments for name in segment.state_names()}
+        for kind, named in (("PARAMETER", self.model.named_parameters(remove_duplicate=False)),
+                            ("BUFFER", self.model.named_buffers(remove_duplicate=False))):
+            for name, _ in list(named):
+                if name in held:
+                    continue
+                owner = 0
+                for i, (module, where) in enumerate(self.cuts):
+                    if name.startswith(module + "."):
+                        owner = max(owner, i + 1 if where == "begin" else i)
+                self._segments[owner].adopt_state(kind, name)
+
+    def __repr__(self) -> str:
+        cuts = ", ".join(cut_label(c) for c in self.cuts)
+        return f"Splitter({type(self.model).__name__}, cuts=[{cuts}], captures={len(self.captures)})"
+
+
+def _positional(args: Sequence[Any]) -> tuple:
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"pass the model's positional arguments as a tuple, e.g. (input_ids,), not a "
+                        f"{type(args).__name__}")
+    return tuple(args)
+
+
+def _device_of(flat: Sequence[Any]) -> torch.device:
+    return next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def split_model(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
+                split_points: SplitPoints | None = None, **options: Any) -> list[Segment]:
+    """``Splitter(model, split_points, **options).segments(args, kwargs)``: the segments of one capture."""
+    return Splitter(model, split_points, **options).segments(args, kwargs)

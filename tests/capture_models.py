@@ -1,0 +1,272 @@
+"""Small models of the families the capture must cut: HF GPT-2 / Llama / BERT, a ViT, a ResNet, an autoencoder, a
+litgpt-style GPT; each with a batch maker, how the model is called on a micro-batch, and its loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Family", "FAMILIES", "HAS_TRANSFORMERS", "family", "ViT", "ResNet", "AutoEncoder", "LitGPT"]
+
+try:
+    import transformers  # noqa: F401
+    HAS_TRANSFORMERS = True
+except ImportError:  # an optional dependency (the dev extra): the Hugging Face tests skip without it
+    HAS_TRANSFORMERS = False
+VOCAB = 96
+
+
+# -- a ViT: class token and position embedding on the root, blocks in a ModuleList ----------------------------------
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, time, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, time, dim))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, image: int = 16, patch: int = 4, dim: int = 32, depth: int = 4, heads: int = 4,
+                 classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+# -- a ResNet: stem with BatchNorm, stages of basic blocks, pooling and a classifier ---------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down is None else self.down(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 16), classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.MaxPool2d(2)
+        cin, stages = widths[0], []
+        for i, width in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)))
+            cin = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(images))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# -- an autoencoder: two nn.Sequential, returns (reconstruction, code) ----------------------------------------------
+class AutoEncoder(nn.Module):
+    def __init__(self, width: int = 32, hidden: int = 16, code: int = 4) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, code))
+        self.decoder = nn.Sequential(nn.Linear(code, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return self.decoder(z), z
+
+
+# -- a litgpt-style GPT: blocks in a ModuleList, rope tables as buffers, head tied to the embedding, loss inside -----
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, time, dim = x.shape
+        q, k, v = self.attn(x).view(batch, time, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(rope(q, cos, sin), rope(k, cos, sin), v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, time, dim))
+
+
+class LitBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_1, self.attn, self.norm_2 = nn.LayerNorm(dim), CausalSelfAttention(dim, heads), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin)
+        return x + self.mlp(self.norm_2(x))
+
+
+class LitGPT(nn.Module):
+    def __init__(self, vocab: int = VOCAB, dim: int = 32, heads: int = 4, layers: int = 4, block_size: int = 32,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, dim), drop=nn.Dropout(dropout),
+            h=nn.ModuleList(LitBlock(dim, heads, dropout) for _ in range(layers)), ln_f=nn.LayerNorm(dim)))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        head_dim = dim // heads
+        inverse = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(block_size).float(), inverse).repeat(1, 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        time = idx.size(1)
+        cos, sin = self.cos[:time], self.sin[:time]
+        x = self.transformer.drop(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+# -- Hugging Face models from small configs --------------------------------------------------------------------------
+def hf_gpt2(layers: int = 4, dropout: float = 0.0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=layers, n_head=4,
+                                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def hf_llama(layers: int = 4) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def hf_bert(layers: int = 4) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
+                                                    num_attention_heads=4, intermediate_size=64,
+                                                    max_position_embeddings=32, num_labels=3,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+# -- the families --------------------------------------------------------------------------------------------------
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to build one, make a batch, call the model on a (micro-)batch, and take its loss."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    batch: Callable[[int, int, int], Batch]  # (rows, sequence length, seed) -> batch
+    call: Callable[[Batch], tuple[tuple, dict[str, Any]]]
+    loss: Callable[[Any, Batch], torch.Tensor]
+    hf: bool = False
+
+    def skip_without_transformers(self) -> None:
+        if self.hf and not HAS_TRANSFORMERS:
+            pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+
+
+def _tokens(rows: int, length: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, VOCAB, (rows, length), generator=g),)
+
+
+def _masked(rows: int, length: int, seed: int) -> Batch:
+    (ids,) = _tokens(rows, length, seed)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[::2, -3:] = 0  # padding at the end of every other row
+    return ids, mask
+
+
+def _classified(rows: int, length: int, seed: int) -> Batch:
+    ids, mask = _masked(rows, length, seed)
+    return ids, mask, torch.arange(rows) % 3
+
+
+def _images(rows: int, _length: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 3, 16, 16, generator=g), torch.randint(0, 10, (rows,), generator=g)
+
+
+def _vectors(rows: int, _length: int, seed: int) -> Batch:
+    return (torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed)),)
+
+
+def _autoencoder_loss(out: tuple[torch.Tensor, torch.Tensor], mb: Batch) -> torch.Tensor:
+    recon, code = out
+    return F.mse_loss(recon, mb[0]) + 1e-2 * code.pow(2).mean()
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("hf_gpt2", hf_gpt2, _tokens, lambda mb: ((mb[0],), {"labels": mb[0]}), lambda out, mb: out.loss, hf=True),
+    Family("hf_llama", hf_llama, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}),
+           lambda out, mb: out.loss, hf=True),
+    Family("hf_bert", hf_bert, _classified, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}),
+           lambda out, mb: out.loss, hf=True),
+    Family("vit", ViT, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
+    Family("resnet", ResNet, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
+    Family("autoencoder", AutoEncoder, _vectors, lambda mb: ((mb[0],), {}), _autoencoder_loss),
+    Family("litgpt", LitGPT, _tokens, lambda mb: ((mb[0],), {"targets": mb[0].roll(-1, 1)}), lambda out, mb: out),
+]}
+
+
+def family(name: str) -> Family:
+    """The family ``name``, skipping the test when it needs transformers and that is not installed."""
+    found = FAMILIES[name]
+    found.skip_without_transformers()
+    return found

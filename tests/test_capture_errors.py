@@ -1,0 +1,145 @@
+"""What the capture refuses, and that its errors name the module and line and say what to do."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_pipe.capture import CaptureError, Splitter
+from tests.capture_models import LitGPT, family
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Gate(nn.Module):
+    """Branches on a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:  # the line the error must name
+            return self.linear(x)
+        return x
+
+
+class RoundThrough(torch.autograd.Function):
+    """A straight-through estimator: round forward, identity backward (export would differentiate the round)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+class Quantized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RoundThrough.apply(self.linear(x) * 3)
+
+
+class Blocks(nn.Module):
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), middle, nn.Linear(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_control_flow_on_a_tensor_value_names_the_module_and_line() -> None:
+    with pytest.raises(CaptureError) as caught:
+        Splitter(Blocks(Gate())).segments((torch.randn(2, 8),))
+    message = str(caught.value)
+    assert "module 'blocks.1'" in message and "Gate.forward" in message
+    assert "test_capture_errors.py:" in message and "if x.mean() > 0:" in message
+    assert "torch.where" in message and "torch.cond" in message and "nn.Sequential" in message
+
+
+def test_a_custom_autograd_function_is_refused_by_class_and_module() -> None:
+    with pytest.raises(CaptureError) as caught:
+        Splitter(Blocks(Quantized())).segments((torch.randn(2, 8),))
+    message = str(caught.value)
+    assert "RoundThrough" in message and "module 'blocks.1'" in message and "Quantized.forward" in message
+    assert "allow_autograd_functions=True" in message
+
+
+def test_allowing_autograd_functions_captures_their_forward() -> None:
+    torch.manual_seed(0)
+    model = Blocks(Quantized())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    out = Splitter(model, allow_autograd_functions=True).run(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-6)
+
+
+def test_torchs_own_autograd_functions_are_not_refused() -> None:
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(self.linear, x, use_reentrant=True)
+
+    Splitter(Blocks(Checkpointed())).segments((torch.randn(2, 8, requires_grad=True),))
+
+
+def test_unknown_split_point_names_the_model_and_close_names() -> None:
+    with pytest.raises(ValueError, match=r"LitGPT has no submodule of that name \(close: 'transformer.h.3'"):
+        Splitter(LitGPT(), ["transformer.h.30"])
+    with pytest.raises(ValueError, match="neither 'begin' nor 'end'"):
+        Splitter(LitGPT(), {"transformer.h.1": "middle"})
+    with pytest.raises(TypeError, match="list of names"):
+        Splitter(LitGPT(), "transformer.h.1")
+
+
+def test_split_points_out_of_call_order_are_refused() -> None:
+    splitter = Splitter(LitGPT(), ["transformer.h.2", "transformer.h.1"])
+    with pytest.raises(CaptureError, match="not in the order forward calls them: 'transformer.h.1' comes before"):
+        splitter.segments((torch.randint(0, 96, (2, 8)),))
+
+
+def test_a_split_point_forward_never_calls_is_refused() -> None:
+    model = LitGPT()
+    model.unused = nn.Linear(2, 2)
+    with pytest.raises(CaptureError, match="'unused': forward never calls that module"):
+        Splitter(model, ["transformer.h.1", "unused"]).segments((torch.randint(0, 96, (2, 8)),))
+
+
+def test_user_split_points_that_leave_a_segment_empty_are_refused() -> None:
+    splitter = Splitter(LitGPT(), [("transformer.h.1", "end"), "transformer.h.2"])
+    with pytest.raises(CaptureError, match=r"leave segment\(s\) \[1\] without any computation"):
+        splitter.segments((torch.randint(0, 96, (2, 8)),))
+
+
+def test_positional_arguments_must_be_a_tuple() -> None:
+    with pytest.raises(TypeError, match=r"as a tuple, e.g. \(input_ids,\)"):
+        Splitter(LitGPT()).segments(torch.randint(0, 96, (2, 8)))
+
+
+def test_an_hf_cache_is_refused_with_the_fix() -> None:
+    fam = family("hf_gpt2")
+    ids = torch.randint(0, 96, (2, 8))
+    with pytest.raises(CaptureError, match="pass use_cache=False"):
+        Splitter(fam.make()).segments((ids,), {"use_cache": True})
+
+
+def test_a_segment_given_values_no_capture_expects_says_what_to_do() -> None:
+    splitter = Splitter(LitGPT(), dynamic=False)
+    segments = splitter.segments((torch.randint(0, 96, (2, 8)),))
+    hidden = torch.randn(3, 5, 32)  # another shape than the static capture's
+    with pytest.raises(CaptureError, match=r"call splitter.capture\(args, kwargs, training=True\)"):
+        segments[1]((hidden,))

@@ -1,0 +1,303 @@
+"""Segments compute what the model computes: every family, train and eval, other shapes, after optimizer steps, with
+the model's own state objects under its names; ties, BatchNorm, dropout, autocast, static and meta captures."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from lightning_pipe.capture import Splitter
+from tests.capture_models import FAMILIES, AutoEncoder, LitGPT, ResNet, ViT, family, hf_gpt2
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _outputs(out: object) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _step(run, args: tuple, kwargs: dict, loss_fn, mb) -> tuple[torch.Tensor, object]:
+    torch.manual_seed(7)  # the same dropout masks on both sides
+    out = run(*args, **kwargs)
+    loss = loss_fn(out, mb)
+    loss.backward()
+    return loss.detach(), out
+
+
+def _assert_same(model: nn.Module, reference: nn.Module, what: str) -> None:
+    grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        expected = grads[name].grad
+        assert (param.grad is None) == (expected is None), f"{what}: {name} gradient presence differs"
+        if expected is not None:
+            torch.testing.assert_close(param.grad, expected, rtol=0, atol=1e-6, msg=f"{what}: {name}")
+    reference_state = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference_state[name], rtol=0, atol=1e-6, msg=f"{what}: state {name}")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_segments_compute_what_the_model_computes(name: str) -> None:
+    fam = family(name)
+    torch.manual_seed(0)
+    model = fam.make().train()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    first = fam.batch(4, 16, 1)
+    segments = splitter.segments(*fam.call(first))
+    assert len(segments) >= 4, f"{name}: expected a segment per block plus stem and head, got {len(segments)}"
+
+    # the union of the segments' state is the model's, key for key and object for object
+    model_state = model.state_dict(keep_vars=True)
+    union = {k: v for s in segments for k, v in s.state_dict(keep_vars=True).items()}
+    assert union.keys() == model_state.keys() and all(union[k] is model_state[k] for k in model_state)
+
+    # train mode, eval mode, a shorter last batch of another sequence length; then three AdamW steps
+    for training, batch in ((True, first), (False, first), (True, fam.batch(3, 12, 2))):
+        for module in (model, reference, *segments):
+            module.train(training)
+            module.zero_grad(set_to_none=True)
+        args, kwargs = fam.call(batch)
+        loss, out = _step(splitter.run, args, kwargs, fam.loss, batch)
+        ref_loss, ref_out = _step(reference, args, kwargs, fam.loss, batch)
+        assert type(out) is type(ref_out)
+        for got, expected in zip(_outputs(out), _outputs(ref_out), strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        _assert_same(model, reference, f"{name} training={training} rows={len(batch[0])}")
+    assert len(splitter.captures) == 2 and all(c.dynamic for c in splitter.captures), "one capture per mode"
+
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
+    for module in (model, reference, *segments):
+        module.train()
+    for step in range(3):
+        batch = fam.batch(4, 16 - 2 * step, 10 + step)
+        for run, optimizer in ((splitter.run, optimizers[0]), (reference, optimizers[1])):
+            optimizer.zero_grad()
+            _step(run, *fam.call(batch), fam.loss, batch)
+            optimizer.step()
+    _assert_same(model, reference, f"{name} after 3 steps")
+
+
+def test_a_tied_parameter_is_one_object_named_after_each_module_that_uses_it() -> None:
+    torch.manual_seed(0)
+    model = LitGPT()
+    segments = Splitter(model).segments(*FAMILIES["litgpt"].call(FAMILIES["litgpt"].batch(2, 8, 0)))
+    first, last = dict(segments[0].named_parameters()), dict(segments[-1].named_parameters())
+    assert first["transformer.wte.weight"] is last["lm_head.weight"] is model.lm_head.weight
+    assert "lm_head.weight" not in first and "transformer.wte.weight" not in last
+
+
+def test_hf_gpt2_tied_head_and_model_output() -> None:
+    fam = family("hf_gpt2")
+    torch.manual_seed(0)
+    model = fam.make()
+    splitter = Splitter(model)
+    segments = splitter.segments(*fam.call(fam.batch(2, 8, 0)))
+    assert dict(segments[0].named_parameters())["transformer.wte.weight"] is model.lm_head.weight
+    assert dict(segments[-1].named_parameters())["lm_head.weight"] is model.lm_head.weight
+    assert model.config.use_cache is True, "the capture turns the cache off for itself only"
+    out = splitter.run(*fam.call(fam.batch(2, 8, 0))[0], **fam.call(fam.batch(2, 8, 0))[1])
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions" and set(out.keys()) == {"loss", "logits"}
+
+
+def test_batchnorm_running_statistics_update_in_the_model() -> None:
+    torch.manual_seed(0)
+    model, images = ResNet().train(), torch.randn(4, 3, 16, 16)
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    splitter.run(images)
+    reference(images)
+    for (name, ours), theirs in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+    assert int(model.bn1.num_batches_tracked) == 1
+    for segment in splitter.segments():
+        segment.eval()
+    splitter.run(images)  # eval mode: running statistics are read, not updated
+    assert int(model.bn1.num_batches_tracked) == 1
+
+
+def test_dropout_masks_match_the_model_and_modes_are_separate_captures() -> None:
+    torch.manual_seed(0)
+    model = ViT(dropout=0.3).train()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    images = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(3)
+    ours = splitter.run(images)
+    torch.manual_seed(3)
+    theirs = reference(images)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.manual_seed(4)
+    assert not torch.equal(splitter.run(images), ours), "dropout draws new masks"
+    for segment in splitter.segments():
+        segment.eval()
+    torch.testing.assert_close(splitter.run(images), reference.eval()(images), rtol=0, atol=1e-6)
+    assert [c.training for c in splitter.captures] == [True, False]
+
+
+def test_autocast_is_part_of_the_capture_key() -> None:
+    torch.manual_seed(0)
+    model = LitGPT().train()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    ids = torch.randint(0, 96, (2, 8))
+    splitter.run(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = splitter.run(ids), reference(ids)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert [c.autocast for c in splitter.captures] == [(), (("cpu", torch.bfloat16),)]
+
+
+def test_static_captures_one_per_shape() -> None:
+    torch.manual_seed(0)
+    model = AutoEncoder()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model, dynamic=False)
+    for rows in (4, 3, 4):
+        x = torch.randn(rows, 32)
+        for got, expected in zip(splitter.run(x), reference(x)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert [c.in_patterns[0][2] for c in splitter.captures] == [(4, 32), (3, 32)]
+    assert not any(c.dynamic for c in splitter.captures)
+
+
+def test_a_first_micro_batch_of_one_row_keeps_the_batch_size_symbolic() -> None:
+    torch.manual_seed(0)
+    model = LitGPT()
+    splitter = Splitter(model)
+    splitter.capture((torch.randint(0, 96, (1, 8)),))
+    assert splitter.captures[0].in_patterns[0][2] == (None, None)
+    splitter.run(torch.randint(0, 96, (3, 5)))
+    assert len(splitter.captures) == 1
+
+
+def test_recompute_everything_input_only_gives_the_same_gradients() -> None:
+    fam = family("hf_llama")
+    torch.manual_seed(0)
+    model = fam.make()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model, recompute=True)
+    batch = fam.batch(2, 8, 0)
+    args, kwargs = fam.call(batch)
+    _step(splitter.run, args, kwargs, fam.loss, batch)
+    _step(reference, args, kwargs, fam.loss, batch)
+    _assert_same(model, reference, "recompute=True")
+    capture = splitter.captures[0]
+    # each later segment takes the three inputs and the hidden state; masks, rope tables and sizes are recomputed
+    assert all([kind for kind, *_ in p.live_in] == ["t"] * 4 for p in capture.programs[1:-1])
+
+
+def test_user_split_points_as_names_pairs_and_dict() -> None:
+    torch.manual_seed(0)
+    model = LitGPT()
+    call = FAMILIES["litgpt"].call(FAMILIES["litgpt"].batch(2, 8, 0))
+    as_list = Splitter(model, ["transformer.h.2", ("transformer.ln_f", "end")])
+    as_dict = Splitter(model, {"transformer.h.2": "begin", "transformer.ln_f": "end"})
+    assert len(as_list.segments(*call)) == len(as_dict.segments(*call)) == 3
+    assert as_list.digest() == as_dict.digest()
+    default = Splitter(model)
+    assert len(default.segments(*call)) == 6 and default.digest() != as_list.digest()
+
+
+def test_default_cut_points_are_the_repeated_blocks() -> None:
+    expected = {"vit": ["blocks.0", "blocks.3", "blocks.3:end"],
+                "resnet": ["layer1.0", "layer3.1", "layer3.1:end"],
+                "autoencoder": ["encoder.2", "decoder.4", "decoder.4"],
+                "litgpt": ["transformer.h.0", "transformer.h.3", "transformer.h.3:end"]}
+    from lightning_pipe.capture.points import cut_label
+
+    for name, (first, last_block, after) in expected.items():
+        torch.manual_seed(0)
+        splitter = Splitter(FAMILIES[name].make())
+        splitter.segments(*FAMILIES[name].call(FAMILIES[name].batch(2, 8, 0)))
+        labels = [cut_label(c) for c in splitter.cuts]
+        assert labels[0] == first and last_block in labels[-2:] and labels[-1].startswith(after), (name, labels)
+
+
+def test_meta_capture_then_materialize_only_local_segments() -> None:
+    fam = family("hf_llama")
+    torch.manual_seed(0)
+    real = fam.make()
+    with torch.device("meta"):
+        model = fam.make()
+    batch = fam.batch(2, 8, 0)
+    splitter = Splitter(model)
+    segments = splitter.segments(*fam.call(batch))
+    assert splitter.captures[0].device == torch.device("meta")
+    local = splitter.materialize(range(len(segments)), "cpu")
+    assert not any(t.is_meta for s in local for t in (*s.parameters(), *s.buffers()))
+    state = {**real.state_dict(), **dict(real.named_buffers())}  # non-persistent buffers too (rope inv_freq)
+    for segment in local:
+        segment.load_state_dict({k: state[k] for k in segment.state_dict()})
+        for name, buffer in segment.named_buffers():
+            buffer.copy_(state[name])
+    assert model.lm_head.weight.device.type == "cpu", "the model sees the materialized tensors too"
+    args, kwargs = fam.call(batch)
+    torch.testing.assert_close(splitter.run(*args, **kwargs).logits, real(*args, **kwargs).logits, rtol=0, atol=1e-6)
+
+
+def test_materializing_keeps_a_tie_one_object() -> None:
+    with torch.device("meta"):
+        model = LitGPT()
+    splitter = Splitter(model)
+    segments = splitter.segments((torch.randint(0, 96, (2, 8)),))
+    splitter.materialize([0, len(segments) - 1], "cpu")
+    assert segments[0].transformer.wte.weight is segments[-1].lm_head.weight is model.lm_head.weight
+    assert not model.lm_head.weight.is_meta and model.transformer.h[1].attn.proj.weight.is_meta
+
+
+def test_every_rank_computes_the_same_digest() -> None:
+    fam = family("hf_gpt2")
+    digests = set()
+    for seed in (0, 1):  # other weights, same cut
+        torch.manual_seed(seed)
+        splitter = Splitter(fam.make())
+        splitter.segments(*fam.call(fam.batch(2, 8, seed)))
+        digests.add(splitter.digest())
+    assert len(digests) == 1
+
+
+def test_hf_dropout_model_trains_through_segments() -> None:
+    family("hf_gpt2")
+    torch.manual_seed(0)
+    model = hf_gpt2(dropout=0.2).train()
+    splitter = Splitter(model)
+    ids = torch.randint(0, 96, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        out = splitter.run(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.transformer.h[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+@dataclasses.dataclass
+class Prediction:
+    logits: torch.Tensor
+    code: torch.Tensor
+
+
+class DataclassOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> Prediction:
+        for block in self.blocks:
+            x = block(x)
+        return Prediction(x, x.sum(-1))
+
+
+def test_a_dataclass_output_comes_back_as_the_same_dataclass() -> None:
+    torch.manual_seed(0)
+    model = DataclassOutput()
+    x = torch.randn(2, 4)
+    out = Splitter(model).run(x)
+    assert isinstance(out, Prediction)
+    torch.testing.assert_close(out.logits, model(x).logits, rtol=0, atol=0)
