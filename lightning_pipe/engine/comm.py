@@ -414,20 +414,25 @@ class Communicator:
                 buf = self._buffer_cpu(size)
                 buf[: wire.HEADER.size + len(text)].copy_(torch.frombuffer(
                     bytearray(wire.HEADER.pack(_ERROR, 0, 0, len(text), 0) + text), dtype=torch.uint8))
-                works.append(self._isend_raw(buf.to(self.wire_device), dst))
+                works.append(self._p2p_raw(buf.to(self.wire_device), dst, send=True))
             for src, channel in expected_from:
                 buf = self._buffer(self._state(self._received, src, channel).capacity)
-                works.append(dist.irecv(buf, group=self.group, group_src=src))
+                works.append(self._p2p_raw(buf, src, send=False))
         except Exception:  # noqa: BLE001 - a peer's connection may be closed already; nothing left to tell it
             pass
         _wait_for_a_while([w for w in works if w is not None], self.error_grace_s)
         self._pending.clear()
         self._staged.clear()
 
-    def _isend_raw(self, buf: torch.Tensor, dst: int) -> dist.Work | None:
+    def _p2p_raw(self, buf: torch.Tensor, peer: int, send: bool) -> dist.Work | None:
+        """One operation outside the plan. On NCCL as a batch of one: an unbatched operation would set up a
+        communicator for the pair, which the peer would have to join."""
         if self.nccl:
-            return dist.batch_isend_irecv([dist.P2POp(dist.isend, buf, group=self.group, group_peer=dst)])[0]
-        return dist.isend(buf, group=self.group, group_dst=dst)
+            op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
+            return dist.batch_isend_irecv([op])[0]
+        if send:
+            return dist.isend(buf, group=self.group, group_dst=peer)
+        return dist.irecv(buf, group=self.group, group_src=peer)
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

@@ -135,6 +135,10 @@ class Pipeline:
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device, strict=strict_p2p)
+        # On CUDA, record=True also times the GPU's work: compute on its stream, packing on the communication stream.
+        self._cuda_spans: list[tuple[str, str, Any, Any]] | None = [] if record and self.device.type == "cuda" else None
+        if self._cuda_spans is not None:
+            self.comm.timeline = []
         self._replica_sum = self._replica_group_sum(plan)
 
     # -- public API -------------------------------------------------------------------------------
@@ -196,6 +200,23 @@ class Pipeline:
         records = [Record(self.rank, action, start, end) for action, start, end in self.records]
         self.records.clear()
         return records
+
+    def take_cuda_timeline(self) -> list[dict[str, Any]]:
+        """What this rank's GPU ran since the last call (``record=True`` on CUDA): one dict per compute action (on the
+        compute stream) and per packing or unpacking of messages (on the communication stream), with ``start_ms`` and
+        ``end_ms`` from the first of them. Waits for the GPU."""
+        if self._cuda_spans is None:
+            raise RuntimeError("take_cuda_timeline needs a Pipeline on a CUDA device built with record=True")
+        spans = [*self._cuda_spans, *(("comm", what, start, end) for what, start, end in self.comm.timeline)]
+        self._cuda_spans.clear()
+        self.comm.timeline.clear()
+        if not spans:
+            return []
+        torch.cuda.synchronize(self.device)
+        origin = min(spans, key=lambda span: spans[0][2].elapsed_time(span[2]))[2]
+        return sorted(({"stream": stream, "what": what, "start_ms": origin.elapsed_time(start),
+                        "end_ms": origin.elapsed_time(end)} for stream, what, start, end in spans),
+                      key=lambda span: span["start_ms"])
 
     def train_step(
         self, batch: Any, loss_scale: float = 1.0, optimizer_step: Callable[[], Any] | None = None
@@ -307,9 +328,15 @@ class Pipeline:
                 if step.action is not None:
                     where, issued = f"in {step.action}", index + 1
                     start = clock() if clock else 0.0
+                    if self._cuda_spans is not None:
+                        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        events[0].record()
                     handlers[step.action.op](step.action)
                     if clock:
                         self.records.append((step.action, start, clock()))
+                    if self._cuda_spans is not None:
+                        events[1].record()
+                        self._cuda_spans.append(("compute", str(step.action), *events))
             # Asynchronous phases leave their last messages to the next one, where they are received.
             comm_plan_ = self.comm_plan(plan, carried_in)
             self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in comm_plan_.leaving})
