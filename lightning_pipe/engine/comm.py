@@ -97,6 +97,10 @@ class Communicator:
         self._staged: deque[tuple[Any, torch.Tensor, int, Hashable]] = deque()  # gloo + CUDA: sends whose copy to the
         # host is still running (event, message, dst, label)
         self.timeline: list[tuple[str, Any, Any]] | None = None  # CUDA: (what, start event, end event) when recording
+        # Plain gloo posts receives ahead (see expect): nothing waits behind a posted receive there.
+        self.ahead = not self.nccl and not self.strict
+        self._expected: dict[int, deque[Hashable]] = defaultdict(deque)
+        self._posted: dict[int, deque[tuple[Hashable, torch.Tensor, dist.Work]]] = defaultdict(deque)
         if self.cuda:
             self._comm_stream = torch.cuda.Stream(self.device)
             self._read_stream = torch.cuda.Stream(self.device)
@@ -122,6 +126,9 @@ class Communicator:
         labels = labels if labels is not None else [None] * len(sends)
         out = [(dst, self._pack(tree, dst, channel), label) for (tree, dst, channel), label in zip(sends, labels)]
         self.messages_sent += len(out)
+        if self.ahead:
+            self._issue(out, [])
+            return [self._receive_posted(src, channel) for src, channel in recvs]
         into = [(src, channel, self._buffer(self._state(self._received, src, channel).capacity))
                 for src, channel in recvs]
         works = self._issue(out, [(src, buffer) for src, _, buffer in into])
@@ -129,6 +136,47 @@ class Communicator:
             return []
         self._wait(works, [src for src, _, _ in into])
         return [self._unpack(src, channel, buffer) for src, channel, buffer in into]
+
+    def expect(self, incoming: dict[int, list[Hashable]]) -> None:
+        """The channels of the messages this rank receives next from each peer, in wire order (its comm plan's).
+
+        On plain gloo, receives are then posted ahead, so that a message moves as soon as it is sent rather than
+        when this rank asks for it (gloo moves a message only to a posted receive): per peer up to
+        :attr:`AHEAD_PER_PEER`, and per channel one at a time, since a message that outgrew its channel raises the
+        size of the next one. The order of the messages between two ranks is the plan's either way, and on gloo a
+        posted receive holds back nothing; strict mode and NCCL post each receive in its step (a posted receive
+        sits in NCCL's stream in front of the sends after it)."""
+        for src, channels in incoming.items():
+            self._expected[src].extend(channels)
+            if self.ahead:
+                self._pump(src)
+
+    AHEAD_PER_PEER = 4
+
+    def _pump(self, src: int) -> None:
+        expected, posted = self._expected[src], self._posted[src]
+        while expected and len(posted) < self.AHEAD_PER_PEER and all(c != expected[0] for c, _, _ in posted):
+            channel = expected.popleft()
+            buffer = self._buffer(self._state(self._received, src, channel).capacity)
+            posted.append((channel, buffer, dist.irecv(buffer, group=self.group, group_src=src)))
+
+    def _receive_posted(self, src: int, channel: Hashable) -> Any:
+        """The next message from ``src`` (on ``channel``), through the receive posted ahead for it."""
+        posted = self._posted[src]
+        if not posted:
+            self._pump(src)
+        if posted:
+            posted_channel, buffer, work = posted.popleft()
+            if posted_channel != channel:
+                raise RuntimeError(f"rank {self.rank} expected a message on channel {posted_channel!r} from rank {src} "
+                                   f"next, but the step receives one on {channel!r}: the plan and the receives differ")
+        else:  # nothing expected (a direct send/recv): post it now
+            buffer = self._buffer(self._state(self._received, src, channel).capacity)
+            work = dist.irecv(buffer, group=self.group, group_src=src)
+        self._wait([work], [src])
+        tree = self._unpack(src, channel, buffer)
+        self._pump(src)
+        return tree
 
     def send(self, tree: Any, dst: int, tag: Hashable = 0) -> None:
         """Send ``tree`` to group rank ``dst`` on channel ``tag`` (a group of one send)."""

@@ -311,6 +311,11 @@ class Pipeline:
              first_id: int = 0, carried_in: str | None = None) -> tuple[list[torch.Tensor], list[Any]]:
         """Follow this rank's steps of ``plan``; micro-batch ``i`` of the list is ``first_id + i`` in the stages."""
         steps = self.comm_plan(plan, carried_in).steps[self.rank]
+        incoming: dict[int, list[Any]] = {}
+        for step in steps:
+            for t in step.recvs:
+                incoming.setdefault(t.src, []).append(t.channel)
+        self.comm.expect(incoming)
         weights = microbatch_weights(microbatches) if self.loss_fn and microbatches else []
         state = StepState(microbatches, weights, loss_scale, first_id)
         handlers = make_handlers(self, plan, state, training)
