@@ -456,6 +456,7 @@ class Communicator:
         notice = f"{origin_rank}\n{message}".encode()
         works = []
         try:
+            self._release_staged(block=True)  # sends already promised go first: the error follows them on the wire
             for dst, channel in owed_to:
                 size = self._state(self._sent, dst, channel).capacity
                 text = notice[: size - wire.HEADER.size]

@@ -132,6 +132,35 @@ def shift(transfers: Mapping[tuple[int, int], Sequence[Transfer]],
     return {pair: [t._replace(microbatch=t.microbatch + offset) for t in ts] for pair, ts in transfers.items()}
 
 
+def _steps_of(schedule: Schedule, index: dict) -> tuple[list, list, list]:
+    """Each rank's compute actions (``None`` after the last, if messages follow it), the sends issued before each (of
+    the action before it) and the receives each needs, in the action lists' order."""
+    from .rules import ScheduleError
+
+    actions: list[list[Action | None]] = []
+    sends: list[list[list[Transfer]]] = []
+    needs: list[list[list[Transfer]]] = []
+    for rank, rank_actions in enumerate(schedule.actions):
+        actions.append([]), sends.append([]), needs.append([])
+        pending_sends: list[Transfer] = []
+        pending_needs: list[Transfer] = []
+        for action in rank_actions:
+            if action.op in (Op.SEND_ACTIVATION, Op.SEND_GRAD):
+                pending_sends.append(_transfer(schedule, rank, action))
+            elif action.op in (Op.RECV_ACTIVATION, Op.RECV_GRAD):
+                transfer = _transfer(schedule, rank, action)
+                if transfer.key not in index:
+                    raise ScheduleError(f"{schedule.name}: rank {rank} receives {transfer}, which rank {transfer.src} "
+                                        f"never sends it")
+                pending_needs.append(transfer)
+            else:
+                actions[rank].append(action), sends[rank].append(pending_sends), needs[rank].append(pending_needs)
+                pending_sends, pending_needs = [], []
+        if pending_sends or pending_needs:
+            actions[rank].append(None), sends[rank].append(pending_sends), needs[rank].append(pending_needs)
+    return actions, sends, needs
+
+
 def comm_plan(schedule: Schedule,
               carried_in: Mapping[tuple[int, int], Iterable[Transfer]] | None = None) -> CommPlan:
     """Each rank's steps for ``schedule``; ``carried_in``: messages an earlier phase sent, per ``(src, dst)`` in
@@ -148,7 +177,7 @@ def comm_plan(schedule: Schedule,
     from .rules import ScheduleError
 
     name, num_ranks = schedule.name, schedule.num_ranks
-    wire: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
+    wire: dict[tuple[int, int], list[Transfer]] = defaultdict(list)  # (src, dst) -> messages in the sender's order
     carried = set()
     for pair, ts in (carried_in or {}).items():
         wire[pair].extend(ts)
@@ -157,29 +186,7 @@ def comm_plan(schedule: Schedule,
         wire[pair].extend(ts)
     index = {t.key: i for ts in wire.values() for i, t in enumerate(ts)}
     leaving = {t.key for ts in carried_out(schedule).values() for t in ts}
-
-    # Each rank's compute actions, the sends before each and the receives each needs (action lists' order).
-    actions: list[list[Action | None]] = []
-    sends: list[list[list[Transfer]]] = []
-    needs: list[list[list[Transfer]]] = []
-    for rank, rank_actions in enumerate(schedule.actions):
-        actions.append([]), sends.append([]), needs.append([])
-        pending_sends: list[Transfer] = []
-        pending_needs: list[Transfer] = []
-        for action in rank_actions:
-            if action.op in (Op.SEND_ACTIVATION, Op.SEND_GRAD):
-                pending_sends.append(_transfer(schedule, rank, action))
-            elif action.op in (Op.RECV_ACTIVATION, Op.RECV_GRAD):
-                transfer = _transfer(schedule, rank, action)
-                if transfer.key not in index:
-                    raise ScheduleError(f"{name}: rank {rank} receives {transfer}, which rank {transfer.src} never "
-                                        f"sends it")
-                pending_needs.append(transfer)
-            else:
-                actions[rank].append(action), sends[rank].append(pending_sends), needs[rank].append(pending_needs)
-                pending_sends, pending_needs = [], []
-        if pending_sends or pending_needs:
-            actions[rank].append(None), sends[rank].append(pending_sends), needs[rank].append(pending_needs)
+    actions, sends, needs = _steps_of(schedule, index)
 
     recvs: list[list[list[Transfer]]] = [[[] for _ in steps] for steps in actions]
     taken = [defaultdict(int) for _ in range(num_ranks)]  # rank -> src -> messages of src received so far
