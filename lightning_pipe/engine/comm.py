@@ -279,7 +279,10 @@ class Communicator:
         if self.nccl:
             ops = [dist.P2POp(dist.isend, buf, group=self.group, group_peer=dst) for dst, buf, _ in out]
             ops += [dist.P2POp(dist.irecv, buf, group=self.group, group_peer=src) for src, buf in into]
-            with torch.cuda.stream(self._comm_stream):  # NCCL's stream waits for the packing copies
+            # NCCL's stream waits for the communication stream (the packing copies), which waits for the compute
+            # queued so far: a receive buffer may be memory that queued compute still reads (freed on its stream).
+            self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._comm_stream):
                 works = dist.batch_isend_irecv(ops)
             if out:  # the group's works cover its sends: keep their messages alive until they complete
                 labels = frozenset(label for *_, label in out)
