@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
 
 # (schedule, checkpoint_activations, rows): 10 rows in 4 micro-batches are 3, 3, 2, 2 (shapes change between them)
 ENGINE_CASES = [("gpipe", False, 32), ("1f1b", False, 32), ("1f1b", True, 32), ("zb_h1", False, 32),
-                ("interleaved_1f1b", False, 32), ("zb_v", False, 32), ("1f1b", False, 10), ("interleaved_1f1b", False, 10)]
+                ("interleaved_1f1b", False, 32), ("zb_v", False, 32), ("1f1b", False, 10),
+                ("interleaved_1f1b", False, 10)]
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -17,7 +17,8 @@ import pytest
 
 from lightning_pipe.engine.schedules import SCHEDULES, get_schedule
 from lightning_pipe.engine.schedules import asynchronous as schedules_async
-from lightning_pipe.engine.schedules.ordering import MODELS, Group, P2POrderError, WireOp, check_comm_plan, check_program
+from lightning_pipe.engine.schedules.ordering import (MODELS, Group, P2POrderError, WireOp, check_comm_plan,
+                                                      check_program)
 from lightning_pipe.engine.schedules.replicated import replicated, replicated_forward_only
 from lightning_pipe.engine.schedules.rules import ScheduleError
 from lightning_pipe.engine.schedules.transfers import carried_out, comm_plan, shift
