@@ -6,7 +6,8 @@ mismatched or blocked operation. Here: every synchronous schedule, the asynchron
 steady states, drain, a short batch alone), and replicated layouts, for ``p <= 8`` stages and ``m <= 32``
 micro-batches. The sizes are sampled where schedules change shape (every ``m`` up to ``2p + 2``, where warm-ups and
 the V fill, then a few beyond, where steady states only repeat); ``LIGHTNING_PIPE_FULL_P2P_PROOF=1`` checks every
-``m <= 32`` (about 90 s). A hand-written order of the old transport (receives posted ahead) must be rejected.
+``m <= 32`` (about 40 s of CPU). A hand-written order of the old transport (receives posted ahead) must be
+rejected.
 """
 
 from __future__ import annotations
