@@ -146,10 +146,11 @@ class Communicator:
         size of the next one. The order of the messages between two ranks is the plan's either way, and on gloo a
         posted receive holds back nothing; strict mode and NCCL post each receive in its step (a posted receive
         sits in NCCL's stream in front of the sends after it)."""
+        if not self.ahead:
+            return
         for src, channels in incoming.items():
             self._expected[src].extend(channels)
-            if self.ahead:
-                self._pump(src)
+            self._pump(src)
 
     AHEAD_PER_PEER = 4
 
