@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import memory, schedule_efficiency
+from benchmarks import host_overhead, memory, schedule_efficiency
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,6 +25,20 @@ def test_schedule_efficiency_rows(tmp_path, capsys):
         assert row["ideal_ms"] == pytest.approx(9.0)  # (m + p - 1) * (t_f + t_b)
         assert row["ratio"] >= 0.98  # a step cannot beat the sleeps it is made of
         assert row["ratio"] == pytest.approx(row["step_ms"] / row["ideal_ms"])
+    assert "| schedule | impl |" in capsys.readouterr().out
+
+
+def test_host_overhead_rows(tmp_path, capsys):
+    path = tmp_path / "overhead.json"
+    host_overhead.main(["-p", "2", "-m", "2", "--schedules", "1f1b", "--rounds", "1", "--steps", "2", "--warmup", "1",
+                        "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [row["impl"] for row in rows] == list(host_overhead.IMPLS)
+    for row in rows:
+        assert row["schedule"] == "1f1b" and row["actions_per_rank"] == 4
+        assert row["step_ms_low"] <= row["step_ms_high"] and row["ms_per_action"] > 0
+        assert row["ms_per_action"] == pytest.approx(row["step_ms"] / 4)
+    assert rows[-1]["vs_torch"] == pytest.approx(1.0)
     assert "| schedule | impl |" in capsys.readouterr().out
 
 

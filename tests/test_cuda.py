@@ -1,9 +1,12 @@
-"""CUDA paths: stage compute on a GPU (two ranks sharing one device over gloo, which stages messages through host
-memory), bf16 autocast and bf16 weights in the engine, and a Trainer with ``accelerator="gpu"`` in 32-bit and
-``bf16-mixed`` precision launched as two torchrun "nodes". Skipped where no CUDA device is present.
+"""CUDA paths: stage compute on a GPU (two ranks sharing one device over gloo, which stages messages through pinned
+host memory on a communication stream of its own), every schedule, the strict transport, a recorded GPU timeline
+in which communication overlaps compute, bf16 autocast and bf16 weights in the engine, and a Trainer with
+``accelerator="gpu"`` in 32-bit and ``bf16-mixed`` precision launched as two torchrun "nodes". Skipped where no
+CUDA device is present.
 
-NCCL refuses two ranks on one device, so the NCCL transport (every message announced with its exact size) needs a
-machine with two GPUs; nothing here covers it."""
+NCCL refuses two ranks on one device: :func:`test_nccl_on_two_gpus_equals_one_device` runs the NCCL transport
+(``batch_isend_irecv`` groups of the comm plan, exact message sizes) on two GPUs and is skipped below two. One
+command runs everything this machine can: ``python -m pytest tests/test_cuda.py -q``."""
 
 from __future__ import annotations
 
@@ -18,65 +21,136 @@ import pytest
 import torch
 
 from tests.helpers import run_ranks, run_torchrun_nodes
-from tests.models import make_batch, mlp, mse_loss
+from tests.models import make_batch, mlp, mse_loss, tuple_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-ENGINE_CASES = [("gpipe", False), ("1f1b", False), ("1f1b", True), ("zb_h1", False), ("interleaved_1f1b", False)]
+# (schedule, checkpoint_activations, rows): 10 rows in 4 micro-batches are 3, 3, 2, 2 (shapes change between them)
+ENGINE_CASES = [("gpipe", False, 32), ("1f1b", False, 32), ("1f1b", True, 32), ("zb_h1", False, 32),
+                ("interleaved_1f1b", False, 32), ("zb_v", False, 32), ("1f1b", False, 10),
+                ("interleaved_1f1b", False, 10)]
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 
 
-def _engine_on_cuda(rank: int, world_size: int, mode: str) -> list[dict[str, Any]]:
-    """Each case: the pipeline's loss and gradients and a single-device reference, both computed on cuda:0."""
+def _engine_on_cuda(rank: int, world_size: int, mode: str, device: str = "cuda:0") -> list[dict[str, Any]]:
+    """Each case: the pipeline's loss and gradients and a single-device reference, both computed on ``device``
+    (``"per-rank"``: ``cuda:<rank>``, for NCCL)."""
     from lightning_pipe.engine.executor import Pipeline
 
-    torch.cuda.set_device(0)
-    device = torch.device("cuda", 0)
+    device = torch.device(f"cuda:{rank}" if device == "per-rank" else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     reports = []
-    cases = ENGINE_CASES if mode == "fp32" else [("1f1b", False), ("zb_h1", False)]
-    for schedule, remat in cases:
-        model = mlp(num_layers=8, width=64)
+    cases = ENGINE_CASES if mode in ("fp32", "strict") else [("1f1b", False, 32), ("zb_h1", False, 32)]
+    for schedule, remat, rows in cases:
+        model = tuple_model(width=64) if rows == 10 and schedule == "1f1b" else mlp(num_layers=8, width=64)
         if mode == "bf16-true":
             model = model.to(torch.bfloat16)
         reference = copy.deepcopy(model).to(device)
-        x, y = (t.to(device) for t in make_batch(32, width=64))
+        x, y = (t.to(device) for t in make_batch(rows, width=64))
         if mode == "bf16-true":
             x, y = x.bfloat16(), y.bfloat16()
         pipe = Pipeline(model, loss_fn=mse_loss, schedule=schedule, num_microbatches=4, checkpoint_activations=remat,
-                        device=device)
+                        device=device, strict_p2p=mode == "strict")
         dtypes: list[torch.dtype] = []
         for module in pipe.modules():
-            module.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+            module.register_forward_hook(lambda _m, _i, out: dtypes.append(out[0].dtype if isinstance(out, tuple)
+                                                                           else out.dtype))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
             loss = pipe.train_step((x, y))
             ref_loss = mse_loss(reference(x), (x, y))
         ref_loss.backward()
-        torch.cuda.synchronize()
+        eval_loss, outputs = pipe.eval_step((x, y))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         grads = {name: p.grad.cpu() for name, p in pipe.named_parameters()}
         devices = {str(p.device) for p in pipe.parameters()}
         ref_grads = {name: p.grad.cpu() for name, p in reference.named_parameters() if name in grads}
-        reports.append({"case": (schedule, remat), "loss": None if loss is None else loss.float().cpu(),
+        reports.append({"case": (schedule, remat, rows), "loss": None if loss is None else loss.float().cpu(),
                         "ref_loss": ref_loss.detach().float().cpu(), "grads": grads, "ref_grads": ref_grads,
-                        "devices": devices, "dtypes": {str(d) for d in dtypes}})
+                        "devices": devices, "dtypes": {str(d) for d in dtypes},
+                        "eval_loss": None if eval_loss is None else eval_loss.float().cpu(),
+                        "last": pipe.is_last_rank})
     return reports
 
 
-def test_stage_compute_on_cuda_equals_one_device() -> None:
-    """fp32 (TF32 off, PyTorch's default for matmuls) on cuda:0: the same 1e-5 as on CPU, for every kind of schedule."""
-    results = run_ranks(_engine_on_cuda, 2, "fp32", timeout=240)
+def _check_engine_reports(results: list, devices: list[str]) -> None:
     for rank, reports in enumerate(results):
         assert len(reports) == len(ENGINE_CASES)
         for report in reports:
-            assert report["devices"] == {"cuda:0"}, report["case"]
-            if rank == 1:
+            assert report["devices"] == {devices[rank]}, report["case"]
+            if report["last"]:
                 torch.testing.assert_close(report["loss"], report["ref_loss"], rtol=0, atol=1e-5)
+                torch.testing.assert_close(report["eval_loss"], report["ref_loss"], rtol=0, atol=1e-5)
             for name, grad in report["grads"].items():
                 torch.testing.assert_close(grad, report["ref_grads"][name], rtol=0, atol=1e-5,
                                            msg=f"{report['case']} rank {rank} {name}")
+
+
+@pytest.mark.parametrize("mode", ["fp32", "strict"])
+def test_stage_compute_on_cuda_equals_one_device(mode: str) -> None:
+    """fp32 (TF32 off, PyTorch's default for matmuls) on cuda:0: the same 1e-5 as on CPU, for every kind of
+    synchronous schedule, tuples and changing shapes included; with the staged, overlapping transport and with the
+    strict one (NCCL's ordering emulated)."""
+    _check_engine_reports(run_ranks(_engine_on_cuda, 2, mode, timeout=240), ["cuda:0", "cuda:0"])
+
+
+def _async_on_cuda(rank: int, world_size: int, mode: str, device: str = "cuda:0") -> float:
+    from lightning_pipe.engine.executor import Pipeline
+    from tests.test_async import Scalar, _batches, _loss
+
+    device = torch.device(f"cuda:{rank}" if device == "per-rank" else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = torch.nn.Sequential(*[Scalar(0.5 + 0.25 * s) for s in range(world_size)])
+    pipe = Pipeline(model, loss_fn=_loss, schedule=mode, num_microbatches=3, slack=1, device=device)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.2)
+    for x, y in _batches(4, 3):
+        pipe.train_step((x.to(device), y.to(device)), optimizer_step=optimizer.step)
+    pipe.flush()
+    return next(iter(pipe.parameters())).item()
+
+
+@pytest.mark.parametrize("mode", ["async_1f1b", "2bw"])
+def test_asynchronous_schedules_on_cuda_match_the_hand_computation(mode: str) -> None:
+    from tests.test_async import _by_hand
+
+    got = run_ranks(_async_on_cuda, 2, mode, timeout=120)
+    assert got == pytest.approx(_by_hand(mode, 4, 3, 0.2, slack=1), rel=1e-5)
+
+
+def _timeline_on_cuda(rank: int, world_size: int) -> list[dict[str, Any]]:
+    """One recorded gpipe step of large activations: rank 0 runs its forwards back to back while each output's copy
+    to pinned host memory runs on the communication stream."""
+    from lightning_pipe.engine.executor import Pipeline
+
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 0)
+    pipe = Pipeline(mlp(num_layers=8, width=1024), loss_fn=mse_loss, schedule="gpipe", num_microbatches=8,
+                    device=device, record=True)
+    batch = tuple(t.to(device) for t in make_batch(4096, width=1024))
+    pipe.train_step(batch)  # warm-up: allocator, kernels, the channels' first layouts
+    pipe.take_cuda_timeline()
+    pipe.train_step(batch)
+    return pipe.take_cuda_timeline()
+
+
+def test_recorded_timeline_shows_communication_overlapping_compute() -> None:
+    """The GPU's own clock (CUDA events): on rank 0, a message's packing on the communication stream runs while the
+    next forward computes on the compute stream; the timeline comes back for inspection."""
+    spans = run_ranks(_timeline_on_cuda, 2, timeout=180)[0]
+    compute = [s for s in spans if s["stream"] == "compute"]
+    packing = [s for s in spans if s["stream"] == "comm" and s["what"] == "pack"]
+    assert len(compute) == 16 and len(packing) >= 8, spans
+    overlaps = [(p, c) for p in packing for c in compute
+                if min(p["end_ms"], c["end_ms"]) - max(p["start_ms"], c["start_ms"]) > 0]
+    print("rank 0's GPU timeline (ms):\n" + "\n".join(f"  {s['stream']:8s} {s['what']:6s} {s['start_ms']:8.3f} "
+                                                      f"{s['end_ms']:8.3f}" for s in spans))
+    assert overlaps, "no packing ran while a forward computed"
 
 
 @pytest.mark.parametrize("mode", ["bf16-mixed", "bf16-true"])
@@ -199,6 +273,20 @@ def test_replicated_stages_on_gpu_equal_one_gpu(tmp_path: Path, layout: str) -> 
         full = _full_state([ranks[first]["state"], ranks[last]["state"]])
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(full[key], value.cpu(), rtol=0, atol=1e-5, msg=f"{layout} ranks {first} {key}")
+
+
+# -- NCCL: two GPUs --------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank: two GPUs")
+def test_nccl_on_two_gpus_equals_one_device() -> None:
+    """Rank r on cuda:r over NCCL: every synchronous schedule (tuples, changing shapes), evaluation, and the
+    asynchronous schedules through start, steady states and drain, each against one device at 1e-5."""
+    results = run_ranks(_engine_on_cuda, 2, "fp32", "per-rank", timeout=280, backend="nccl")
+    _check_engine_reports(results, ["cuda:0", "cuda:1"])
+    from tests.test_async import _by_hand
+
+    for mode in ("async_1f1b", "2bw"):
+        got = run_ranks(_async_on_cuda, 2, mode, "per-rank", timeout=120, backend="nccl")
+        assert got == pytest.approx(_by_hand(mode, 4, 3, 0.2, slack=1), rel=1e-5)
 
 
 if __name__ == "__main__":  # the GPU machine's check: python tests/test_cuda.py

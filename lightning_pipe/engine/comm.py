@@ -1,204 +1,505 @@
-"""Point-to-point transfer of tensor trees between pipeline ranks, with their shapes, dtypes and errors.
+"""Point-to-point transfer of tensor trees between pipeline ranks: one message each, in the order a comm plan gives.
 
-A transfer is one message: a small prefix (kind, length of the metadata), the pickled metadata (the tree's
-structure, each tensor's shape, dtype and requires-grad flag, and any non-tensor leaves), then all tensors'
-bytes. Every message costs a fixed ~0.2-1 ms on gloo (more when ranks share cores), so one message per
-transfer matters more than the copy that packing takes.
+The ordered wire. Messages between two ranks are matched by order alone (NCCL ignores tags; here gloo gets one tag
+too), so a rank issues them exactly as its :class:`~.schedules.transfers.CommPlan` says, one group per step
+(:meth:`Communicator.exchange`): ``batch_isend_irecv`` on NCCL, one ``isend``/``irecv`` each on gloo.
 
-The receiver cannot know a message's size before it arrives, but gloo accepts a message smaller than the
-buffer posted for it. Both ends therefore track each channel's *capacity*, the largest message seen on it:
-a message that fits is sent as is into a buffer of that capacity; a larger one is announced first by a
-prefix-only message giving its size, after which both ends raise the capacity. NCCL requires exact sizes, so
-there every message is announced (two messages). Receives can be posted ahead (:meth:`post_recv`), so a
-message whose receiver is not yet waiting still moves at once.
+One message per transfer, of a size the receiver knows before it posts (NCCL needs exact sizes; each gloo message
+costs a fixed ~0.2-1 ms here, so one per transfer matters more than the copy that packing takes). Both ends keep, per
+``(peer, channel)`` (a channel is a stream of like messages, e.g. one stage's activations), the layout last sent and
+the channel's *capacity*, the largest message so far: every message is exactly that large. The message says whether
+its layout is the last one (then it is header and data only), or a new one that it carries; a message that would
+not fit puts its layout and data on the *side plane* (the job's store, written before the message leaves, read and
+deleted by the receiver) and keeps only its header on the wire, after which both ends raise the capacity. The side
+plane blocks nothing, so the ordered wire keeps one message per transfer even when shapes change: the first batch,
+a partial last batch, a longer sequence. See :mod:`.wire` for the format; nothing received is unpickled.
 
-A message can instead carry an error: a failing rank sends one on every channel it writes to, so a
-neighbour waiting on it raises that error and passes it on, and no rank is left blocked on a receive.
+Failures: a rank that fails posts its error, as text, to the store (:mod:`.notices`), and sends an error message
+(same size as the message the peer expects next) to each peer it still owed one, so that a neighbour waiting on it
+raises that error and passes it on. gloo's waits block (its ``is_completed`` says nothing before ``wait``): a peer
+that went away surfaces as a lost connection, which then reads the error from the store. NCCL's waits poll their
+work and the store.
+
+Modes. ``strict=True`` (or ``LIGHTNING_PIPE_STRICT_P2P=1``) emulates NCCL's stream on gloo: a group is issued only
+once the one before it has completed, its sends included, so that an order NCCL would deadlock on deadlocks on CPU
+too. On CUDA, packing and unpacking run on a communication stream of their own, buffers are kept alive for the
+streams that use them (``record_stream``, the pinned-memory allocator's events), and gloo carries CUDA tensors
+through pinned host memory: a send's copy to the host then overlaps the next compute, and the send leaves when the
+copy is done, before this rank next waits on a peer.
 """
 
 from __future__ import annotations
 
-import pickle
-import struct
+import os
+import threading
 import time
-from typing import Any
+from collections import defaultdict, deque
+from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .tree import tree_flatten, tree_unflatten
+from . import wire
+from .notices import FailureBoard, PipelineError
 
-__all__ = ["PipelineError", "Communicator"]
+__all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 
-_PREFIX = struct.Struct("<BxxxQ")  # kind, 3 pad bytes, length of the metadata (or of the announced message)
-_ALIGN = 16  # tensors start at multiples of this, so their bytes can be viewed as any dtype
-_DATA, _ERROR, _ANNOUNCE = 0, 1, 2
-_INITIAL_CAPACITY = 4096
-
-
-class PipelineError(RuntimeError):
-    """A rank of the pipeline failed; the message names the rank and carries its error and traceback."""
-
-    def __init__(self, message: str, origin_rank: int) -> None:
-        super().__init__(message)
-        self.origin_rank = origin_rank
+STRICT_ENV = "LIGHTNING_PIPE_STRICT_P2P"
+INITIAL_CAPACITY = 4096  # bytes of a channel's first message (its first layout and small trees fit)
+_ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
+_SERIALS: dict[tuple[int, ...], int] = defaultdict(int)
 
 
-def _aligned(nbytes: int) -> int:
-    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+class _Channel:
+    """What both ends know of one ``(peer, channel)``: the last layout and the size of every message."""
+
+    __slots__ = ("layout", "spec", "tensors", "capacity")
+
+    def __init__(self) -> None:
+        self.layout: tuple | None = None
+        self.spec: Any = None  # receiving end: how to rebuild the tree
+        self.tensors: list = []  # receiving end: (dtype, shape, requires_grad) of each tensor
+        self.capacity = INITIAL_CAPACITY
 
 
 class Communicator:
-    """Sends and receives tensor trees to and from other ranks of one process group.
+    """Sends and receives tensor trees to and from the other ranks of one process group.
 
-    ``device`` is where received tensors are placed. gloo moves CPU tensors; NCCL moves CUDA tensors.
-    Messages on one channel ``(peer, tag)`` arrive in the order they were sent.
+    ``device`` is where received tensors are placed. NCCL moves CUDA tensors; gloo moves CPU tensors (CUDA tensors
+    through pinned host memory). Every rank of ``group`` builds its Communicators in the same order (their names in
+    the store are counted per group).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 strict: bool | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
         self.device = torch.device(device)
-        nccl = dist.get_backend(self.group) == "nccl"
-        # NCCL moves only CUDA tensors; gloo moves CPU tensors (its point-to-point ops take no CUDA tensors).
-        self.wire_device = self.device if nccl else torch.device("cpu")
-        self.exact_sizes = nccl
-        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
-        self._capacity: dict[tuple[str, int, int], int] = {}  # ("send"/"recv", peer, tag) -> bytes
-        self._posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor] | None] = {}
+        self.nccl = dist.get_backend(self.group) == "nccl"
+        self.strict = os.environ.get(STRICT_ENV, "") not in ("", "0") if strict is None else strict
+        self.wire_device = self.device if self.nccl else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.size))
+        _SERIALS[ranks] += 1
+        self.prefix = f"lightning_pipe/p2p/{'-'.join(map(str, ranks))}/{_SERIALS[ranks]}"
+        self.board = FailureBoard(self.prefix, self.size)
+        self.error_grace_s = 5.0  # how long a failing rank waits for its peers to take its error messages
+        self.failed: PipelineError | None = None
+        self.messages_sent = 0  # on the ordered wire: one per transfer (tests and benchmarks read it)
+        self._sent: dict[tuple[int, Hashable], _Channel] = {}
+        self._received: dict[tuple[int, Hashable], _Channel] = {}
+        self._side_out: dict[int, int] = defaultdict(int)
+        self._side_in: dict[int, int] = defaultdict(int)
+        self._pending: list[tuple[dist.Work, Any, Hashable]] = []  # sends not known to have completed, and labels
+        self._staged: deque[tuple[Any, torch.Tensor, int, Hashable]] = deque()  # gloo + CUDA: sends whose copy to the
+        # host is still running (event, message, dst, label)
+        self.timeline: list[tuple[str, Any, Any]] | None = None  # CUDA: (what, start event, end event) when recording
+        # Plain gloo posts receives ahead (see expect): nothing waits behind a posted receive there.
+        self.ahead = not self.nccl and not self.strict
+        self._expected: dict[int, deque[Hashable]] = defaultdict(deque)
+        self._posted: dict[int, deque[tuple[Hashable, torch.Tensor, dist.Work]]] = defaultdict(deque)
+        if self.cuda:
+            self._comm_stream = torch.cuda.Stream(self.device)
+            self._read_stream = torch.cuda.Stream(self.device)
+        if self.nccl:
+            # Batched point-to-point runs on the group's device communicator, which all ranks must create together.
+            dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def exchange(self, sends: Sequence[tuple[Any, int, Hashable]], recvs: Sequence[tuple[int, Hashable]],
+                 labels: Sequence[Hashable] | None = None) -> list[Any]:
+        """Send each ``(tree, dst, channel)`` and receive from each ``(src, channel)``, as one group; return the
+        received trees in order once they have arrived. Sends are not waited for (see :meth:`wait_sends`, which
+        ``labels``, one per send, lets skip some); their tensors are copied, so they may change as soon as this
+        returns.
+
+        Both ends must issue the messages between them in one order (the comm plan's): the ``k``-th message this
+        rank sends ``dst`` is the ``k``-th ``dst`` receives from it, whatever the channels.
+        """
+        if self.failed is not None:
+            raise self.failed
+        if self.strict:  # one stream: the group before must have completed, its sends included
+            self._wait_sends()
+        labels = labels if labels is not None else [None] * len(sends)
+        out = [(dst, self._pack(tree, dst, channel), label) for (tree, dst, channel), label in zip(sends, labels)]
+        self.messages_sent += len(out)
+        if self.ahead:
+            self._issue(out, [])
+            return [self._receive_posted(src, channel) for src, channel in recvs]
+        into = [(src, channel, self._buffer(self._state(self._received, src, channel).capacity))
+                for src, channel in recvs]
+        works = self._issue(out, [(src, buffer) for src, _, buffer in into])
+        if not into:
+            return []
+        self._wait(works, [src for src, _, _ in into])
+        return [self._unpack(src, channel, buffer) for src, channel, buffer in into]
+
+    def expect(self, incoming: dict[int, list[Hashable]]) -> None:
+        """The channels of the messages this rank receives next from each peer, in wire order (its comm plan's).
+
+        On plain gloo, receives are then posted ahead, so that a message moves as soon as it is sent rather than
+        when this rank asks for it (gloo moves a message only to a posted receive): per peer up to
+        :attr:`AHEAD_PER_PEER`, and per channel one at a time, since a message that outgrew its channel raises the
+        size of the next one. The order of the messages between two ranks is the plan's either way, and on gloo a
+        posted receive holds back nothing; strict mode and NCCL post each receive in its step (a posted receive
+        sits in NCCL's stream in front of the sends after it)."""
+        if not self.ahead:
+            return
+        for src, channels in incoming.items():
+            self._expected[src].extend(channels)
+            self._pump(src)
+
+    AHEAD_PER_PEER = 4
+
+    def _pump(self, src: int) -> None:
+        expected, posted = self._expected[src], self._posted[src]
+        while expected and len(posted) < self.AHEAD_PER_PEER and all(c != expected[0] for c, _, _ in posted):
+            channel = expected.popleft()
+            buffer = self._buffer(self._state(self._received, src, channel).capacity)
+            posted.append((channel, buffer, dist.irecv(buffer, group=self.group, group_src=src)))
+
+    def _receive_posted(self, src: int, channel: Hashable) -> Any:
+        """The next message from ``src`` (on ``channel``), through the receive posted ahead for it."""
+        posted = self._posted[src]
+        if not posted:
+            self._pump(src)
+        if posted:
+            posted_channel, buffer, work = posted.popleft()
+            if posted_channel != channel:
+                raise RuntimeError(f"rank {self.rank} expected a message on channel {posted_channel!r} from rank {src} "
+                                   f"next, but the step receives one on {channel!r}: the plan and the receives differ")
+        else:  # nothing expected (a direct send/recv): post it now
+            buffer = self._buffer(self._state(self._received, src, channel).capacity)
+            work = dist.irecv(buffer, group=self.group, group_src=src)
+        self._wait([work], [src])
+        tree = self._unpack(src, channel, buffer)
+        self._pump(src)
+        return tree
+
+    def send(self, tree: Any, dst: int, tag: Hashable = 0) -> None:
+        """Send ``tree`` to group rank ``dst`` on channel ``tag`` (a group of one send)."""
+        self.exchange([(tree, dst, tag)], [])
+
+    def recv(self, src: int, tag: Hashable = 0) -> Any:
+        """Receive the next message from group rank ``src``, which must be on channel ``tag`` (a group of one)."""
+        return self.exchange([], [(src, tag)])[0]
+
+    def wait_sends(self, skip: frozenset | set = frozenset()) -> None:
+        """Block until every send so far has left this rank, but those labelled with one of ``skip`` (messages whose
+        receiver takes them later, in its next step)."""
+        self._wait_sends(skip)
 
     # -- sending ----------------------------------------------------------------------------------
-    def send(self, tree: Any, dst: int, tag: int) -> None:
-        """Send ``tree`` to group rank ``dst`` on channel ``tag`` without waiting for it to arrive.
+    @staticmethod
+    def _state(table: dict, peer: int, channel: Hashable) -> _Channel:
+        state = table.get((peer, channel))
+        if state is None:
+            state = table[(peer, channel)] = _Channel()
+        return state
 
-        The tensors are copied into the message, so they may be changed as soon as this returns.
-        """
-        leaves, spec = tree_flatten(tree)
-        metas = [(tuple(t.shape), t.dtype, t.requires_grad) for t in leaves]
-        meta = pickle.dumps((spec, metas), protocol=pickle.HIGHEST_PROTOCOL)
-        start = _aligned(_PREFIX.size + len(meta))
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        pinned = self.cuda and not self.nccl  # gloo + CUDA: staged through pinned host memory
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device, pin_memory=pinned)
+
+    def _pack(self, tree: Any, dst: int, channel: Hashable) -> torch.Tensor:
+        leaves, layout = wire.describe(tree)
+        state = self._state(self._sent, dst, channel)
         sizes = [t.numel() * t.element_size() for t in leaves]
-        message = torch.empty(start + sum(_aligned(n) for n in sizes), dtype=torch.uint8, device=self.wire_device)
-        self._write_head(message, _DATA, meta)
-        offset = start
-        for tensor, nbytes in zip(leaves, sizes):
-            if nbytes:
-                message[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-            offset += _aligned(nbytes)
-        self._send_message(message, dst, tag)
+        data_len = sum(wire.aligned(n) for n in sizes)
+        body = b"" if layout == state.layout else wire.encode_layout(layout)
+        start = wire.aligned(wire.HEADER.size + len(body))
+        message = self._buffer(state.capacity)
+        if start + data_len <= state.capacity:
+            head = wire.HEADER.pack(wire.DATA if not body else wire.LAYOUT, 0, 0, len(body), data_len) + body
+            self._write(message, head, leaves, sizes, start)
+        else:  # too large for the channel's messages: layout and data go on the side plane
+            body = wire.encode_layout(layout)
+            payload = self._buffer_cpu(wire.aligned(len(body)) + data_len)
+            self._write(payload, body, leaves, sizes, wire.aligned(len(body)), staged=False)
+            self._side_set(dst, payload)
+            self._write(message, wire.HEADER.pack(wire.SIDE, 0, 0, len(body), data_len), [], [], 0)
+            state.capacity = wire.aligned(wire.HEADER.size + len(body)) + data_len
+        state.layout = layout
+        return message
 
-    def send_error(self, message: str, origin_rank: int, dst: int, tag: int) -> None:
-        """Tell ``dst`` that ``origin_rank`` failed; never blocks (``dst`` may already be gone)."""
-        body = pickle.dumps((message, origin_rank), protocol=pickle.HIGHEST_PROTOCOL)
-        buffer = torch.empty(_PREFIX.size + len(body), dtype=torch.uint8, device=self.wire_device)
-        self._write_head(buffer, _ERROR, body)
-        try:
-            self._send_message(buffer, dst, tag)
-        except Exception:  # noqa: BLE001 - the peer's connection may be closed already; nothing left to tell it
-            pass
+    @staticmethod
+    def _buffer_cpu(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
 
-    def _write_head(self, message: torch.Tensor, kind: int, body: bytes) -> None:
-        head = bytearray(_PREFIX.pack(kind, len(body))) + body
-        message[: len(head)].copy_(torch.frombuffer(head, dtype=torch.uint8))
+    def _write(self, message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int,
+               staged: bool = True) -> None:
+        """Header (and layout) at the start of ``message``, each tensor's bytes from ``start`` on (aligned)."""
+        head_bytes = torch.frombuffer(bytearray(head), dtype=torch.uint8) if head else None
+        on_gpu = message.device.type == "cuda" or any(t.device.type == "cuda" for t in leaves)
+        with self._on_comm_stream(on_gpu, "pack"):
+            if head_bytes is not None:
+                if message.device.type == "cuda":
+                    head_bytes = head_bytes.pin_memory()
+                message[: len(head)].copy_(head_bytes, non_blocking=True)
+            offset = start
+            for tensor, nbytes in zip(leaves, sizes):
+                if nbytes:
+                    if tensor.device.type == "cuda":
+                        tensor.record_stream(self._comm_stream)  # its memory is not reused before the copy
+                    target = message[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape)
+                    target.copy_(tensor.detach(), non_blocking=staged and message.device.type != tensor.device.type)
+                offset += wire.aligned(nbytes)
 
-    def _send_message(self, message: torch.Tensor, dst: int, tag: int) -> None:
-        size = message.numel()
-        key = ("send", dst, tag)
-        if self.exact_sizes or size > self._capacity.get(key, _INITIAL_CAPACITY):
-            announce = torch.frombuffer(bytearray(_PREFIX.pack(_ANNOUNCE, size)), dtype=torch.uint8)
-            self._isend(announce.to(self.wire_device), dst, tag)
-            self._capacity[key] = max(size, self._capacity.get(key, _INITIAL_CAPACITY))
-        self._isend(message, dst, tag)
+    @contextmanager
+    def _on_comm_stream(self, active: bool, what: str) -> Iterator[None]:
+        """Run copies on the communication stream, after what the compute stream has queued so far."""
+        if not (active and self.cuda):
+            yield
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self._comm_stream.wait_stream(compute)
+        with torch.cuda.stream(self._comm_stream):
+            start = torch.cuda.Event(enable_timing=True) if self.timeline is not None else None
+            if start is not None:
+                start.record()
+            yield
+            if start is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.timeline.append((what, start, end))
 
-    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        work = dist.isend(tensor, group_dst=dst, group=self.group, tag=tag)
-        self._pending.append((work, tensor))  # keep the buffer alive until the send completes
-        if len(self._pending) > 32:
-            self._pending = [(w, buf) for w, buf in self._pending if not w.is_completed()]
+    def _side_set(self, dst: int, payload: torch.Tensor) -> None:
+        store = self.board.store
+        if store is None:
+            raise RuntimeError("a message outgrew its channel and must go through the job's store, but this process "
+                               "group has none; initialize torch.distributed with a TCP or file store")
+        key = f"{self.prefix}/side/{self.rank}-{dst}/{self._side_out[dst]}"
+        self._side_out[dst] += 1
+        store.set(key, payload.numpy().tobytes())
 
-    def drain(self, timeout: float) -> None:
-        """Give unfinished sends (an error notice above all) up to ``timeout`` seconds to leave, then drop them.
+    def _issue(self, out: list[tuple[int, torch.Tensor]], into: list[tuple[int, torch.Tensor]]) -> list[dist.Work]:
+        """Issue one group; return the works to wait on for the receives."""
+        if self.nccl:
+            ops = [dist.P2POp(dist.isend, buf, group=self.group, group_peer=dst) for dst, buf, _ in out]
+            ops += [dist.P2POp(dist.irecv, buf, group=self.group, group_peer=src) for src, buf in into]
+            # NCCL's stream waits for the communication stream (the packing copies), which waits for the compute
+            # queued so far: a receive buffer may be memory that queued compute still reads (freed on its stream).
+            self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._comm_stream):
+                works = dist.batch_isend_irecv(ops)
+            if out:  # the group's works cover its sends: keep their messages alive until they complete
+                labels = frozenset(label for *_, label in out)
+                self._pending.extend((work, tuple(buf for _, buf, _ in out), labels) for work in works)
+            return works
+        if self.cuda and not self.strict:  # gloo + CUDA: a send leaves once its copy to the host is done
+            for dst, buf, label in out:
+                event = torch.cuda.Event()
+                event.record(self._comm_stream)
+                self._staged.append((event, buf, dst, label))
+            self._release_staged(block=False)
+        else:
+            if self.cuda and out:
+                self._comm_stream.synchronize()
+            for dst, buf, label in out:
+                self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, label))
+        return [dist.irecv(buf, group=self.group, group_src=src) for src, buf in into]
 
-        gloo moves a message only once the receiver has posted its receive, so a rank that exits right after
-        announcing its error would cut the notice off mid-way; a peer that never reads it costs the timeout.
-        """
-        deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
+    def _release_staged(self, block: bool) -> None:
+        while self._staged and (block or self._staged[0][0].query()):
+            event, buf, dst, label = self._staged.popleft()
+            event.synchronize()
+            self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, label))
+
+    # -- waiting ----------------------------------------------------------------------------------
+    def _wait(self, works: list[dist.Work], peers: list[int]) -> None:
+        self._release_staged(block=True)  # never wait on a peer while holding back a send
+        if self.nccl:
+            self._poll(works)
+        for work in works:
             try:
-                self._pending = [(work, buf) for work, buf in self._pending if not work.is_completed()]
-            except RuntimeError:  # the peer is gone; its sends will never complete
-                break
-            time.sleep(0.01)
-        self._pending.clear()
+                work.wait()
+            except RuntimeError as error:
+                raise self._lost(error, peers) from error
 
-    def wait_sends(self) -> None:
-        """Block until every send so far has left this rank."""
-        for work, _ in self._pending:
-            work.wait()
-        self._pending.clear()
+    def _poll(self, works: list[dist.Work]) -> None:
+        """NCCL: wait for ``works`` without blocking in them, reading the store now and then for a failure."""
+        pause, last_check = 0.0, time.monotonic()
+        while not all(work.is_completed() for work in works):
+            time.sleep(pause)
+            pause = min(1e-3, pause * 2 or 2e-5)
+            if time.monotonic() - last_check > 0.05:
+                last_check = time.monotonic()
+                error = self.board.read()
+                if error is not None:
+                    self.failed = error
+                    raise error
+
+    def _wait_sends(self, skip: frozenset | set = frozenset()) -> None:
+        self._release_staged(block=True)
+        pending = [entry for entry in self._pending if not self._skipped(entry[2], skip)]
+        self._pending = [entry for entry in self._pending if self._skipped(entry[2], skip)]
+        if self.nccl:
+            self._poll([work for work, _, _ in pending])
+        for work, _, _ in pending:
+            try:
+                work.wait()
+            except RuntimeError as error:
+                raise self._lost(error, []) from error
+
+    @staticmethod
+    def _skipped(label: Any, skip: frozenset | set) -> bool:
+        if isinstance(label, frozenset):  # the labels of a group's sends (NCCL: one work for the group)
+            return bool(label & skip)
+        return label in skip
+
+    def _lost(self, error: RuntimeError, peers: list[int]) -> PipelineError:
+        """The error to raise for a connection that broke: the failure that broke it, if a rank posted one."""
+        posted = self.board.read(wait=2.0)
+        if posted is None:
+            who = f"rank {peers[0]}" if len(peers) == 1 else "a peer"
+            posted = PipelineError(f"rank {self.rank} lost its connection to {who} ({error}); {who} probably failed "
+                                   f"or was killed: see its output", origin_rank=peers[0] if len(peers) == 1 else -1)
+        self.failed = posted
+        return posted
 
     # -- receiving --------------------------------------------------------------------------------
-    def post_recv(self, src: int, tag: int) -> None:
-        """Post the receive of the next message on channel ``(src, tag)`` now, so it moves as soon as it is
-        sent; :meth:`recv` then waits for it. At most one receive is posted ahead per channel: a message larger
-        than the capacity arrives announced, and a second buffer posted at the old capacity could not take it.
-        """
-        if self._posted.get((src, tag)):
-            return
-        size = _PREFIX.size if self.exact_sizes else self._capacity.get(("recv", src, tag), _INITIAL_CAPACITY)
-        buffer = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
-        work = dist.irecv(buffer, group_src=src, group=self.group, tag=tag)
-        self._posted[(src, tag)] = (work, buffer)
+    def _head(self, buffer: torch.Tensor, start: int, length: int) -> bytes:
+        """Bytes ``start:start + length`` of a received message, on the host."""
+        piece = buffer[start: start + length]
+        if buffer.device.type == "cuda":
+            with torch.cuda.stream(self._read_stream):  # a stream with nothing queued: no wait for compute
+                return piece.cpu().numpy().tobytes()
+        return piece.numpy().tobytes()
 
-    def recv(self, src: int, tag: int) -> Any:
-        """Receive the next tree sent by group rank ``src`` on channel ``tag``; tensors land on ``device``.
+    def _unpack(self, src: int, channel: Hashable, buffer: torch.Tensor) -> Any:
+        state = self._state(self._received, src, channel)
+        if buffer.numel() < wire.HEADER.size:
+            raise wire.WireError(f"a message from rank {src} is shorter than a header")
+        kind_byte = self._head(buffer, 0, wire.HEADER.size)
+        if kind_byte[0] == _ERROR:
+            raise self._error_from(src, buffer)
+        kind, layout_len, data_len = wire.read_header(kind_byte)
+        data = buffer
+        if kind == wire.SIDE:
+            data = self._side_get(src)
+            if data.numel() < wire.aligned(layout_len) + data_len:
+                raise wire.WireError(f"a side message from rank {src} is shorter than its header says")
+            self._set_layout(state, data[:layout_len].numpy().tobytes())
+            start = wire.aligned(layout_len)
+            state.capacity = wire.aligned(wire.HEADER.size + layout_len) + data_len
+        elif kind == wire.LAYOUT:
+            if wire.HEADER.size + layout_len > buffer.numel():
+                raise wire.WireError(f"a message from rank {src} says its layout is longer than the message")
+            self._set_layout(state, self._head(buffer, wire.HEADER.size, layout_len))
+            start = wire.aligned(wire.HEADER.size + layout_len)
+        else:
+            if state.layout is None:
+                raise wire.WireError(f"rank {src} sent data on channel {channel!r} before any layout")
+            start = wire.HEADER.size
+        sizes = wire.tensor_sizes(state.tensors)
+        if sum(wire.aligned(n) for n in sizes) != data_len or start + data_len > data.numel():
+            raise wire.WireError(f"a message from rank {src} holds {data_len} bytes of data, but its layout describes "
+                                 f"{sum(wire.aligned(n) for n in sizes)} (in a message of {data.numel()} bytes)")
+        return wire.rebuild(state.spec, self._leaves(data, start, sizes, state.tensors))
 
-        Raises :class:`PipelineError` if ``src`` (or a rank behind it) failed instead of sending.
-        """
-        message = self._next_message(src, tag)
-        kind, length = _PREFIX.unpack(message[: _PREFIX.size].cpu().numpy().tobytes())
-        body = pickle.loads(message[_PREFIX.size : _PREFIX.size + length].cpu().numpy().tobytes())
-        if kind == _ERROR:
-            error_message, origin_rank = body
-            raise PipelineError(error_message, origin_rank)
-        spec, metas = body
-        offset = _aligned(_PREFIX.size + length)
+    def _set_layout(self, state: _Channel, body: bytes) -> None:
+        state.layout, state.spec, state.tensors = wire.decode_layout(body)
+
+    def _leaves(self, data: torch.Tensor, start: int, sizes: list[int], tensors: list) -> list[torch.Tensor]:
         leaves = []
-        for shape, dtype, requires_grad in metas:
-            nbytes = _numel(shape) * dtype.itemsize
-            view = message[offset : offset + nbytes].view(dtype).view(shape).detach()
-            if view.device != self.device:
-                view = view.to(self.device)
-            leaves.append(view.requires_grad_() if requires_grad else view)
-            offset += _aligned(nbytes)
-        return tree_unflatten(leaves, spec)
+        offset = start
+        to_device = data.device != self.device
+        with self._on_comm_stream(to_device and self.cuda, "unpack"):
+            for (dtype, shape, requires_grad), nbytes in zip(tensors, sizes):
+                if nbytes:
+                    leaf = data[offset: offset + nbytes].view(dtype).view(shape).detach()
+                else:
+                    leaf = torch.empty(shape, dtype=dtype, device=data.device)
+                if to_device:
+                    leaf = leaf.to(self.device, non_blocking=True)
+                leaves.append(leaf)
+                offset += wire.aligned(nbytes)
+        if to_device and self.cuda:  # the copies ran on the communication stream; compute uses them after
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self._comm_stream)
+            for leaf in leaves:
+                leaf.record_stream(compute)
+        out = []
+        for leaf, (dtype, _, requires_grad) in zip(leaves, tensors):
+            if requires_grad:
+                if not (dtype.is_floating_point or dtype.is_complex):
+                    raise wire.WireError(f"a layout asks for a gradient of a {dtype} tensor, which cannot have one")
+                leaf = leaf.requires_grad_()
+            out.append(leaf)
+        return out
 
-    def _next_message(self, src: int, tag: int) -> torch.Tensor:
-        self.post_recv(src, tag)  # a no-op if it was posted ahead
-        work, buffer = self._posted.pop((src, tag))
-        self._wait(work, src)
-        kind, size = _PREFIX.unpack(buffer[: _PREFIX.size].cpu().numpy().tobytes())
-        if kind != _ANNOUNCE:
-            return buffer
-        # A larger message follows, announced with its size: from now on the channel's buffers are that large.
-        self._capacity[("recv", src, tag)] = max(size, self._capacity.get(("recv", src, tag), _INITIAL_CAPACITY))
-        buffer = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
-        self._wait(dist.irecv(buffer, group_src=src, group=self.group, tag=tag), src)
-        return buffer
+    def _side_get(self, src: int) -> torch.Tensor:
+        store = self.board.store
+        key = f"{self.prefix}/side/{src}-{self.rank}/{self._side_in[src]}"
+        self._side_in[src] += 1
+        payload = store.get(key)
+        store.delete_key(key)
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
-    def _wait(self, work: dist.Work, src: int) -> None:
+    # -- failures ---------------------------------------------------------------------------------
+    def _error_from(self, src: int, buffer: torch.Tensor) -> PipelineError:
+        _, _, _, length, _ = wire.HEADER.unpack(self._head(buffer, 0, wire.HEADER.size))
+        text = self._head(buffer, wire.HEADER.size, min(length, buffer.numel() - wire.HEADER.size))
+        origin, _, message = text.decode("utf-8", "replace").partition("\n")
+        posted = self.board.read()  # the whole text, where the wire's copy had to be cut to the message's size
+        error = posted or PipelineError(message, int(origin) if origin.lstrip("-").isdigit() else src)
+        self.failed = error
+        return error
+
+    def abort(self, message: str, origin_rank: int, owed_to: Sequence[tuple[int, Hashable]],
+              expected_from: Sequence[tuple[int, Hashable]]) -> None:
+        """This pipeline failed (here, or at ``origin_rank``): post ``message`` to the store, send an error message
+        to each ``(peer, channel)`` that would otherwise wait for this rank's next message on it, post the receive a
+        peer may be blocked sending on each of ``expected_from``, and give them ``error_grace_s`` to be taken.
+        Never raises."""
+        self.board.post(message, origin_rank)
+        self.failed = self.failed or PipelineError(message, origin_rank)
+        notice = f"{origin_rank}\n{message}".encode()
+        works = []
         try:
-            work.wait()
-        except RuntimeError as error:
-            raise PipelineError(
-                f"rank {self.rank} lost its connection to rank {src} while receiving ({error}); "
-                f"rank {src} probably failed or was killed: see its output",
-                origin_rank=src,
-            ) from error
+            self._release_staged(block=True)  # sends already promised go first: the error follows them on the wire
+            for dst, channel in owed_to:
+                size = self._state(self._sent, dst, channel).capacity
+                text = notice[: size - wire.HEADER.size]
+                buf = self._buffer_cpu(size)
+                buf[: wire.HEADER.size + len(text)].copy_(torch.frombuffer(
+                    bytearray(wire.HEADER.pack(_ERROR, 0, 0, len(text), 0) + text), dtype=torch.uint8))
+                works.append(self._p2p_raw(buf.to(self.wire_device), dst, send=True))
+            for src, channel in expected_from:
+                buf = self._buffer(self._state(self._received, src, channel).capacity)
+                works.append(self._p2p_raw(buf, src, send=False))
+        except Exception:  # noqa: BLE001 - a peer's connection may be closed already; nothing left to tell it
+            pass
+        _wait_for_a_while([w for w in works if w is not None], self.error_grace_s)
+        self._pending.clear()
+        self._staged.clear()
+
+    def _p2p_raw(self, buf: torch.Tensor, peer: int, send: bool) -> dist.Work | None:
+        """One operation outside the plan. On NCCL as a batch of one: an unbatched operation would set up a
+        communicator for the pair, which the peer would have to join."""
+        if self.nccl:
+            op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
+            return dist.batch_isend_irecv([op])[0]
+        if send:
+            return dist.isend(buf, group=self.group, group_dst=peer)
+        return dist.irecv(buf, group=self.group, group_src=peer)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``works`` (gloo's waits block, so in a helper thread), then give up."""
+    if not works:
+        return
+
+    def wait_all() -> None:
+        for work in works:
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001 - the peer went away; its message no longer matters
+                return
+
+    thread = threading.Thread(target=wait_all, daemon=True)
+    thread.start()
+    thread.join(timeout)

@@ -15,13 +15,14 @@ import torch.nn as nn
 from .comm import Communicator, PipelineError
 from .config import PipelineConfig
 from .cut import cut, stage_sizes
-from .handlers import StepState, make_handlers, outgoing_channels
+from .handlers import StepState, make_exchange, make_handlers
 from .microbatch import microbatch_weights, split_batch
 from .replicas import GradientAverager, broadcast_state
 from .runtime import configure_threads, local_world_size
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
 from .schedules import asynchronous as schedules_async
 from .schedules.replicated import replica_ranks, replicated, replicated_forward_only
+from .schedules.transfers import CommPlan, Step, carried_out, comm_plan, shift
 from .stage import PipelineStage
 from .trace import Record
 
@@ -74,6 +75,7 @@ class Pipeline:
         device: torch.device | str | None = None,
         record: bool = False,
         seed: int | None = None,
+        strict_p2p: bool | None = None,
         **settings: Any,
     ) -> None:
         """``config`` says how to run (:class:`~.config.PipelineConfig`); or give its fields as keywords
@@ -83,7 +85,8 @@ class Pipeline:
 
         ``seed``: the base seed of the stages' random streams (:mod:`.rng`: each stage's layers draw from a stream of
         their own); ``None`` takes rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set), so that it is the
-        same on every rank."""
+        same on every rank. ``strict_p2p=True`` runs the transport's strict mode on gloo (NCCL's ordering rules,
+        emulated; default: the ``LIGHTNING_PIPE_STRICT_P2P`` environment variable, see :mod:`.comm`)."""
         if config is None:
             config = PipelineConfig.of(**settings)
         elif settings:
@@ -109,6 +112,7 @@ class Pipeline:
         self.records: list[tuple[Action, float, float]] = []
         self.replicas = self._check_replicas(config.replicas)
         self.error_grace_s = 5.0  # how long a failing rank waits for its neighbours to take its error notice
+        self._comm_plans: dict[tuple, CommPlan] = {}
         partition = config.partition if isinstance(config.partition, str) else list(config.partition)
         checkpoint_activations, vertical_sync = config.checkpoint_activations, config.vertical_sync
 
@@ -136,7 +140,11 @@ class Pipeline:
         self.update_every_microbatch = False
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
-        self.comm = Communicator(self.group, self.device)
+        self.comm = Communicator(self.group, self.device, strict=strict_p2p)
+        # On CUDA, record=True also times the GPU's work: compute on its stream, packing on the communication stream.
+        self._cuda_spans: list[tuple[str, str, Any, Any]] | None = [] if record and self.device.type == "cuda" else None
+        if self._cuda_spans is not None:
+            self.comm.timeline = []
         self._replica_sum = self._replica_group_sum(plan)
 
     def _shared_seed(self, seed: int | None) -> int:
@@ -207,6 +215,23 @@ class Pipeline:
         records = [Record(self.rank, action, start, end) for action, start, end in self.records]
         self.records.clear()
         return records
+
+    def take_cuda_timeline(self) -> list[dict[str, Any]]:
+        """What this rank's GPU ran since the last call (``record=True`` on CUDA): one dict per compute action (on the
+        compute stream) and per packing or unpacking of messages (on the communication stream), with ``start_ms`` and
+        ``end_ms`` from the first of them. Waits for the GPU."""
+        if self._cuda_spans is None:
+            raise RuntimeError("take_cuda_timeline needs a Pipeline on a CUDA device built with record=True")
+        spans = [*self._cuda_spans, *(("comm", what, start, end) for what, start, end in self.comm.timeline)]
+        self._cuda_spans.clear()
+        self.comm.timeline.clear()
+        if not spans:
+            return []
+        torch.cuda.synchronize(self.device)
+        origin = min(spans, key=lambda span: spans[0][2].elapsed_time(span[2]))[2]
+        return sorted(({"stream": stream, "what": what, "start_ms": origin.elapsed_time(start),
+                        "end_ms": origin.elapsed_time(end)} for stream, what, start, end in spans),
+                      key=lambda span: span["start_ms"])
 
     def train_step(
         self, batch: Any, loss_scale: float = 1.0, optimizer_step: Callable[[], Any] | None = None
@@ -290,41 +315,90 @@ class Pipeline:
         return GradientAverager(self.parameters(), group, average=False)
 
     # -- running a schedule -----------------------------------------------------------------------
+    def comm_plan(self, plan: Schedule, carried_in: str | None = None) -> CommPlan:
+        """The order of ``plan``'s messages (:mod:`.schedules.transfers`), made once per schedule; ``carried_in``:
+        ``"steady"`` or ``"drain"`` for the phases of an asynchronous schedule that receive messages the phase before
+        sent."""
+        key = (plan.name, plan.num_microbatches, carried_in)
+        cached = self._comm_plans.get(key)
+        if cached is None:
+            carried = None
+            if carried_in is not None:
+                carried = carried_out(self._steady)
+                if carried_in == "steady":  # sent by the batch before: ids of that batch, one batch back
+                    carried = shift(carried, -self._steady.num_microbatches)
+            cached = self._comm_plans[key] = comm_plan(plan, carried)
+        return cached
+
     def _run(self, plan: Schedule, microbatches: list[Any], training: bool, loss_scale: float = 1.0,
-             first_id: int = 0) -> tuple[list[torch.Tensor], list[Any]]:
-        """Follow this rank's list of ``plan``; micro-batch ``i`` of the list is ``first_id + i`` in the stages."""
-        outgoing = outgoing_channels(plan, self.rank)
+             first_id: int = 0, carried_in: str | None = None) -> tuple[list[torch.Tensor], list[Any]]:
+        """Follow this rank's steps of ``plan``; micro-batch ``i`` of the list is ``first_id + i`` in the stages."""
+        steps = self.comm_plan(plan, carried_in).steps[self.rank]
+        incoming: dict[int, list[Any]] = {}
+        for step in steps:
+            for t in step.recvs:
+                incoming.setdefault(t.src, []).append(t.channel)
+        self.comm.expect(incoming)
         weights = microbatch_weights(microbatches) if self.loss_fn and microbatches else []
         state = StepState(microbatches, weights, loss_scale, first_id)
         handlers = make_handlers(self, plan, state, training)
-        action: Action | None = None
+        exchange = make_exchange(self, state, training)
+        where, issued = "before its first action", 0
         try:
-            if self.record:
-                clock = time.perf_counter
-                for action in plan.actions[self.rank]:
-                    start = clock()
-                    handlers[action.op](action)
-                    self.records.append((action, start, clock()))
-            else:
-                for action in plan.actions[self.rank]:
-                    handlers[action.op](action)
-            if not plan.asynchronous:  # asynchronous sends may be received in the next call
-                self.comm.wait_sends()
+            clock = time.perf_counter if self.record else None
+            for index, step in enumerate(steps):
+                if step.sends or step.recvs:
+                    where, issued = f"in the messages before {step.action}", index + 1
+                    start = clock() if clock else 0.0
+                    exchange(step)
+                    if clock:
+                        self._record_step(step, start, clock())
+                if step.action is not None:
+                    where, issued = f"in {step.action}", index + 1
+                    start = clock() if clock else 0.0
+                    if self._cuda_spans is not None:
+                        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        events[0].record()
+                    handlers[step.action.op](step.action)
+                    if clock:
+                        self.records.append((step.action, start, clock()))
+                    if self._cuda_spans is not None:
+                        events[1].record()
+                        self._cuda_spans.append(("compute", str(step.action), *events))
+            # Asynchronous phases leave their last messages to the next one, where they are received.
+            comm_plan_ = self.comm_plan(plan, carried_in)
+            self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in comm_plan_.leaving})
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
-            self._abort(outgoing, str(error), error.origin_rank)
+            self._abort(steps, issued, str(error), error.origin_rank)
             raise
         except Exception as error:
-            where = f"in {action}" if action is not None else "before its first action"
             message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
-            self._abort(outgoing, message, self.rank)
+            self._abort(steps, issued, message, self.rank)
             raise PipelineError(message, self.rank) from error
         return state.losses, state.outputs
 
-    def _abort(self, outgoing: set[tuple[int, int]], message: str, origin_rank: int) -> None:
-        for dst, tag in outgoing:
-            self.comm.send_error(message, origin_rank, dst, tag)
-        self.comm.drain(timeout=self.error_grace_s)
+    def _record_step(self, step: Step, start: float, end: float) -> None:
+        for t in step.sends:
+            self.records.append((Action(t.stage, Op.SEND_ACTIVATION if t.kind == "F" else Op.SEND_GRAD,
+                                        t.microbatch), start, end))
+        for t in step.recvs:
+            self.records.append((Action(t.receiving_stage, Op.RECV_ACTIVATION if t.kind == "F" else Op.RECV_GRAD,
+                                        t.microbatch), start, end))
+
+    def _abort(self, steps: tuple[Step, ...], issued: int, message: str, origin_rank: int) -> None:
+        """Tell the peers this rank still owed a message (they may be waiting for it), take the message a peer may be
+        blocked sending, let the store's holder wait for the others to read the error, and drop this step's state."""
+        owed: dict[int, Any] = {}
+        expected: dict[int, Any] = {}
+        for step in steps[issued:]:
+            for t in step.sends:
+                owed.setdefault(t.dst, t.channel)
+            for t in step.recvs:
+                expected.setdefault(t.src, t.channel)
+        self.comm.error_grace_s = self.error_grace_s
+        self.comm.abort(message, origin_rank, list(owed.items()), list(expected.items()))
+        self.comm.board.linger(self.error_grace_s)
         for stage in self.stages.values():
             stage.clear()
 
@@ -359,13 +433,16 @@ class Pipeline:
                              f"train_step(batch, optimizer_step=optimizer.step)")
         self.optimizer_step_fn = optimizer_step
         m = len(microbatches)
+        carried_in = None
         if m == self.num_microbatches:
             plan = self._steady if self._in_flight else schedules_async.start(self._steady)
+            carried_in = "steady" if self._in_flight else None
             self._in_flight = True
         else:  # a short last batch runs alone, after everything before it has finished
             self.flush(optimizer_step)
             plan = schedules_async.alone(self._steady, m)
-        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id)
+        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id,
+                              carried_in=carried_in)
         self._end_step()  # statistics of the forwards this call ran, whichever batches they belonged to
         self._next_id += m
         self._batches_since_drain += 1
@@ -381,7 +458,7 @@ class Pipeline:
         if optimizer_step is not None:
             self.optimizer_step_fn = optimizer_step
         self._run(schedules_async.drain(self._steady), [], training=True,
-                  first_id=self._next_id - self.num_microbatches)
+                  first_id=self._next_id - self.num_microbatches, carried_in="drain")
         self._end_step()
         self._drained()
 

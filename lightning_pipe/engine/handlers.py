@@ -1,4 +1,5 @@
-"""What each action does: the functions the executor calls, one per op, and the state they pass along."""
+"""What each action does: the functions the executor calls, one per compute op and one for a step's messages, and the
+state they pass along."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 
 from .comm import Communicator
 from .schedules import Action, Op, Schedule
+from .schedules.transfers import Step
 from .stage import PipelineStage
 from .tree import tree_map_tensors
 
-__all__ = ["RankView", "StepState", "make_handlers", "tag", "outgoing_channels", "incoming_channels"]
+__all__ = ["RankView", "StepState", "make_handlers", "make_exchange"]
 
 
 class RankView(Protocol):
@@ -50,44 +52,14 @@ class StepState:
         self.outputs: list[Any] = []
 
 
-def tag(kind: str, sending_stage: int) -> int:
-    """Channel of a message: one per (kind, sending stage), so messages of different stages never mix."""
-    return 2 * sending_stage + (0 if kind == "F" else 1)
-
-
 def _as_leaf(tensor: torch.Tensor) -> torch.Tensor:
     """Cut the autograd graph between two stages held by one rank, as a send would."""
     return tensor.detach().requires_grad_(tensor.requires_grad)
 
 
-def outgoing_channels(plan: Schedule, rank: int) -> set[tuple[int, int]]:
-    """(peer rank, tag) of every channel ``rank`` writes to: where an error must be announced."""
-    channels = set()
-    for stage, op, mb in plan.actions[rank]:
-        if op is Op.SEND_ACTIVATION:
-            channels.add((plan.rank_of(stage + 1, mb), tag("F", stage)))
-        elif op is Op.SEND_GRAD:
-            channels.add((plan.rank_of(stage - 1, mb), tag("B", stage)))
-    return channels
-
-
-def incoming_channels(plan: Schedule, rank: int) -> dict[tuple[int, int], int]:
-    """(peer rank, tag) -> how many messages ``rank`` receives on that channel in ``plan``."""
-    counts: dict[tuple[int, int], int] = {}
-    for stage, op, mb in plan.actions[rank]:
-        if op is Op.RECV_ACTIVATION:
-            channel = (plan.rank_of(stage - 1, mb), tag("F", stage - 1))
-        elif op is Op.RECV_GRAD:
-            channel = (plan.rank_of(stage + 1, mb), tag("B", stage + 1))
-        else:
-            continue
-        counts[channel] = counts.get(channel, 0) + 1
-    return counts
-
-
 def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bool) -> dict[Op, Callable[[Action], None]]:
-    """One function per op, closed over this step's state: the executor's loop calls them in list order."""
-    stages, comm, to_rank, last = pipe.stages, pipe.comm, plan.rank_of, pipe.num_stages - 1
+    """One function per compute op, closed over this step's state: the executor's loop calls them in list order."""
+    stages, to_rank, last = pipe.stages, plan.rank_of, pipe.num_stages - 1
     first_id, vertical_sync = state.first_id, pipe.vertical_sync
     grad_weights = [1.0] * len(state.weights) if pipe.update_every_microbatch else state.weights
 
@@ -148,46 +120,32 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
             param.grad = None
         versions.after_step()
 
-    def send_activation(action: Action) -> None:
-        index, _, mb = action
-        comm.send(state.to_send.pop((index, mb)), to_rank(index + 1, mb), tag("F", index))
-        if training:
-            stages[index].release_output(first_id + mb)  # the message holds a copy; backward needs no values
-
-    # Each channel's next receive is posted as soon as the previous one completes (one ahead, see comm), so a
-    # message moves when it is sent rather than when this rank gets around to asking for it.
-    ahead = incoming_channels(plan, pipe.rank)
-    for channel, count in ahead.items():
-        if count:
-            comm.post_recv(*channel)
-
-    def receive(src: int, channel_tag: int) -> Any:
-        tree = comm.recv(src, channel_tag)
-        ahead[(src, channel_tag)] -= 1
-        if ahead[(src, channel_tag)]:
-            comm.post_recv(src, channel_tag)
-        return tree
-
-    def recv_activation(action: Action) -> None:
-        index, _, mb = action
-        state.activations[(index, mb)] = receive(to_rank(index - 1, mb), tag("F", index - 1))
-
-    def send_grad(action: Action) -> None:
-        index, _, mb = action
-        comm.send(state.to_send.pop((index, mb)), to_rank(index - 1, mb), tag("B", index))
-
-    def recv_grad(action: Action) -> None:
-        index, _, mb = action
-        state.gradients[(index, mb)] = receive(to_rank(index + 1, mb), tag("B", index + 1))
-
     return {
         Op.FORWARD: forward,
         Op.BACKWARD: backward,
         Op.BACKWARD_INPUT: backward,
         Op.BACKWARD_WEIGHT: backward_weight,
         Op.OPTIMIZER: optimizer_step,
-        Op.SEND_ACTIVATION: send_activation,
-        Op.RECV_ACTIVATION: recv_activation,
-        Op.SEND_GRAD: send_grad,
-        Op.RECV_GRAD: recv_grad,
     }
+
+
+def make_exchange(pipe: RankView, state: StepState, training: bool) -> Callable[[Step], None]:
+    """The function that moves one step's messages: what the compute action before it left to send, and what the
+    one after it (and, early, later ones: see :mod:`.schedules.transfers`) receives."""
+    comm, stages, first_id = pipe.comm, pipe.stages, state.first_id
+
+    def exchange(step: Step) -> None:
+        sends = [(state.to_send.pop((t.stage, t.microbatch)), t.dst, t.channel) for t in step.sends]
+        labels = [(t.kind, t.stage, first_id + t.microbatch) for t in step.sends]  # global ids (see wait_sends)
+        trees = comm.exchange(sends, [(t.src, t.channel) for t in step.recvs], labels)
+        if training:
+            for t in step.sends:
+                if t.kind == "F":  # the message holds a copy; backward needs no values
+                    stages[t.stage].release_output(first_id + t.microbatch)
+        for t, tree in zip(step.recvs, trees):
+            if t.kind == "F":
+                state.activations[(t.stage + 1, t.microbatch)] = tree
+            else:
+                state.gradients[(t.stage - 1, t.microbatch)] = tree
+
+    return exchange

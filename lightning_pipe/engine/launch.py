@@ -45,7 +45,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
-               env: dict[str, str]) -> None:
+               env: dict[str, str], backend: str = "gloo") -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
     os.environ.update(env)
@@ -53,8 +53,12 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=120))
+        options = {}
+        if backend == "nccl":  # one GPU per rank, the communicator made at once (NCCL wants the device set first)
+            torch.cuda.set_device(rank)
+            options["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=120), **options)
         value = fn(rank, world_size, *args)
         buffer = io.BytesIO()
         torch.save(value, buffer)  # plain bytes through the queue: no shared memory outliving this process
@@ -67,8 +71,10 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
-              env: dict[str, str] | None = None, expect_failure: bool = False) -> list[Any]:
+              env: dict[str, str] | None = None, expect_failure: bool = False, backend: str = "gloo") -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks and return the results by rank.
+
+    ``backend="nccl"`` runs NCCL instead, rank ``r`` on ``cuda:r`` (one GPU per rank).
 
     ``fn`` must be importable (defined at module level). A rank's exception is raised here as
     :class:`RankError` with its traceback; a rank that has not finished after ``timeout`` seconds fails the
@@ -79,7 +85,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    processes = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args, env or {}),
+    processes = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args, env or {}, backend),
                              daemon=True) for rank in range(world_size)]
     for process in processes:
         process.start()

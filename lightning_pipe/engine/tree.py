@@ -1,4 +1,5 @@
-"""Flatten nested tuples, lists and dicts of tensors into leaves and a picklable structure, and back."""
+"""Flatten nested tuples, lists and dicts of tensors into leaves and a plain structure, and back (in one process;
+between ranks, :mod:`.wire` describes trees)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,85 @@
+"""Failure notices: the first error of a pipeline, as plain text in the job's store, where every rank can read it.
+
+A rank that fails posts ``"<rank>\\n<message>"`` under its pipeline's key (the first notice wins); a rank waiting on
+a peer that failed or went away reads it and raises it as its own :class:`PipelineError`, naming the rank where it
+began. Text only: a notice is read, never unpickled or run, whoever wrote it.
+
+The store lives in one process (global rank 0's, unless the launcher's agent holds it); if that rank ended at once,
+the others could no longer read the notice, so it waits a little for them (:meth:`FailureBoard.linger`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["PipelineError", "FailureBoard"]
+
+
+class PipelineError(RuntimeError):
+    """A rank of the pipeline failed; the message names the rank and carries its error and traceback."""
+
+    def __init__(self, message: str, origin_rank: int) -> None:
+        super().__init__(message)
+        self.origin_rank = origin_rank
+
+
+def default_store() -> Any:
+    """The job's store, or ``None`` where there is none to reach."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no process group, or a store we cannot reach
+        return None
+
+
+class FailureBoard:
+    """The failure notices of one pipeline (``prefix`` names it alike on every rank), in the job's store."""
+
+    def __init__(self, prefix: str, group_size: int) -> None:
+        self.key = f"{prefix}/first_error"
+        self.ended_key = f"{prefix}/ended"
+        self.group_size = group_size
+        self.store = default_store()
+
+    def post(self, message: str, origin_rank: int) -> None:
+        """Make ``message`` the pipeline's first error unless there is one already; never raises."""
+        if self.store is None:
+            return
+        try:
+            self.store.compare_set(self.key, "", f"{origin_rank}\n{message}")
+        except Exception:  # noqa: BLE001 - the store may be gone with the rank that held it
+            pass
+
+    def read(self, wait: float = 0.0) -> PipelineError | None:
+        """The pipeline's first error, if one was posted (waiting up to ``wait`` seconds for it)."""
+        deadline = time.monotonic() + wait
+        while self.store is not None:
+            try:
+                if self.store.check([self.key]):
+                    origin, _, message = self.store.get(self.key).decode("utf-8", "replace").partition("\n")
+                    return PipelineError(message, int(origin) if origin.lstrip("-").isdigit() else -1)
+            except Exception:  # noqa: BLE001 - the store is gone: nothing more to learn from it
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+        return None
+
+    def linger(self, timeout: float) -> None:
+        """Count this rank as ended; the process that holds the store waits up to ``timeout`` seconds for the others,
+        so that they can still read the notice after it is gone."""
+        if self.store is None:
+            return
+        try:
+            ended = self.store.add(self.ended_key, 1)
+            if dist.get_rank() != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                return
+            deadline = time.monotonic() + timeout
+            while ended < self.group_size and time.monotonic() < deadline:
+                time.sleep(0.02)
+                ended = self.store.add(self.ended_key, 0)
+        except Exception:  # noqa: BLE001
+            pass

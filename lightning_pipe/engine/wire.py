@@ -1,0 +1,219 @@
+"""How a tree of tensors travels between ranks as bytes: a fixed header, the tree's layout as JSON, the tensors' bytes.
+
+Nothing received is unpickled: bytes from another process are data, never code. The layout says the tree's structure
+(tuples, lists, dicts, namedtuples), each tensor's dtype, shape and requires-grad flag, and the tree's other leaves,
+which must be JSON values (``None``, ``bool``, ``int``, ``float``, ``str``) and come back exactly (a float by its
+``repr``, so ``-0.0`` and ``nan`` too). A namedtuple is named by module and qualified name and rebuilt only from a
+module the receiving process has already imported, and only if it is a tuple class with ``_fields``.
+
+A message is ``header | layout | data``. The header (:data:`HEADER`, 16 bytes) holds the message kind and the lengths
+of the layout and of the data. Each tensor starts at a multiple of :data:`ALIGN` bytes, so its bytes can be viewed as
+any dtype without a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from typing import Any
+
+import torch
+
+__all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "aligned", "describe", "encode_layout",
+           "decode_layout", "rebuild", "tensor_sizes", "read_header"]
+
+HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
+ALIGN = 16
+DATA, LAYOUT, SIDE = 0, 1, 2  # the channel's layout, unchanged | a new layout in this message | on the side plane
+_KINDS = (DATA, LAYOUT, SIDE)
+
+_DTYPES = {str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_MAX_DEPTH = 100
+
+
+class WireError(ValueError):
+    """A tree that cannot be sent (a leaf that is neither a tensor nor a JSON value), or bytes that are not a message
+    this transport wrote."""
+
+
+def aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+# -- sending ---------------------------------------------------------------------------------------
+def describe(tree: Any) -> tuple[list[torch.Tensor], tuple]:
+    """The tensor leaves of ``tree`` in depth-first order and its layout: plain nested tuples, equal for two trees
+    exactly when the receiver would rebuild them alike, so a sender compares it with the last one it sent."""
+    leaves: list[torch.Tensor] = []
+    return leaves, _describe(tree, leaves, "tree", 0)
+
+
+def _describe(tree: Any, leaves: list[torch.Tensor], path: str, depth: int) -> tuple:
+    if depth > _MAX_DEPTH:
+        raise WireError(f"{path}: the tree is nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return ("T", _NAMES[tree.dtype], tuple(tree.shape), tree.requires_grad)
+    kind = type(tree)
+    if kind is tuple or (isinstance(tree, tuple) and not hasattr(tree, "_fields")):
+        return ("t", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
+    if isinstance(tree, tuple):  # a namedtuple
+        children = tuple(_describe(child, leaves, f"{path}.{name}", depth + 1)
+                         for name, child in zip(tree._fields, tree))
+        return ("n", kind.__module__, kind.__qualname__, children)
+    if isinstance(tree, list):
+        return ("l", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
+    if isinstance(tree, dict):
+        return ("d", tuple((_value(key, f"{path} key {key!r}"), _describe(child, leaves, f"{path}[{key!r}]", depth + 1))
+                           for key, child in tree.items()))
+    return _value(tree, path)
+
+
+def _value(value: Any, path: str) -> tuple:
+    kind = type(value)
+    if value is None:
+        return ("N",)
+    if kind is bool:
+        return ("B", value)
+    if kind is int:
+        return ("I", value)
+    if kind is float:
+        return ("F", repr(value))  # repr round-trips every float exactly, -0.0, inf and nan included
+    if kind is str:
+        return ("S", value)
+    raise WireError(f"cannot send {path}, a {kind.__module__}.{kind.__qualname__}: only tensors and JSON values "
+                    f"(None, bool, int, float, str) cross ranks, in tuples, lists, dicts and namedtuples; make it a "
+                    f"tensor or one of those")
+
+
+def encode_layout(layout: tuple) -> bytes:
+    return json.dumps(layout, separators=(",", ":"), allow_nan=False).encode()
+
+
+def tensor_sizes(layout_tensors: list[tuple[torch.dtype, tuple[int, ...], bool]]) -> list[int]:
+    """Bytes of each tensor of a decoded layout."""
+    sizes = []
+    for dtype, shape, _ in layout_tensors:
+        count = 1
+        for n in shape:
+            count *= n
+        sizes.append(count * dtype.itemsize)
+    return sizes
+
+
+# -- receiving -------------------------------------------------------------------------------------
+def decode_layout(data: bytes) -> tuple[tuple, Any, list[tuple[torch.dtype, tuple[int, ...], bool]]]:
+    """Read a layout sent by :func:`encode_layout`: ``(layout, spec for rebuild, tensors' (dtype, shape,
+    requires_grad))``. Raises :class:`WireError` for anything that is not such a layout."""
+    try:
+        raw = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise WireError(f"a message's layout is not valid JSON ({error}); was it written by this transport?") from None
+    tensors: list[tuple[torch.dtype, tuple[int, ...], bool]] = []
+    spec, layout = _read(raw, tensors, 0)
+    return layout, spec, tensors
+
+
+def _fail(why: str) -> WireError:
+    return WireError(f"a message's layout is malformed: {why}")
+
+
+def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
+    """``(spec, layout)`` of one node: the spec rebuilds the tree, the layout equals what :func:`describe` gave."""
+    if depth > _MAX_DEPTH or not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
+        raise _fail(f"{str(raw)[:80]!r} is not a node")
+    tag, body = raw[0], raw[1:]
+    if tag == "T":
+        if len(body) != 3:
+            raise _fail("a tensor needs dtype, shape and requires_grad")
+        name, shape, requires_grad = body
+        if name not in _DTYPES or not isinstance(shape, list) or type(requires_grad) is not bool \
+                or not all(type(n) is int and n >= 0 for n in shape):
+            raise _fail(f"bad tensor description {body!r}")
+        tensors.append((_DTYPES[name], tuple(shape), requires_grad))
+        return ("T",), ("T", name, tuple(shape), requires_grad)
+    if tag in ("t", "l"):
+        if len(body) != 1 or not isinstance(body[0], list):
+            raise _fail(f"a {tag!r} node holds one list of children")
+        read = [_read(child, tensors, depth + 1) for child in body[0]]
+        return (tag, tuple(s for s, _ in read)), (tag, tuple(lay for _, lay in read))
+    if tag == "n":
+        if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list):
+            raise _fail("a namedtuple node holds module, qualified name and children")
+        read = [_read(child, tensors, depth + 1) for child in body[2]]
+        cls = _namedtuple_class(body[0], body[1])
+        return ("n", cls, tuple(s for s, _ in read)), ("n", body[0], body[1], tuple(lay for _, lay in read))
+    if tag == "d":
+        if len(body) != 1 or not isinstance(body[0], list):
+            raise _fail("a dict node holds one list of (key, child) pairs")
+        specs, layouts = [], []
+        for item in body[0]:
+            if not isinstance(item, list) or len(item) != 2:
+                raise _fail("a dict item is a (key, child) pair")
+            (_, key), key_layout = _read_value(item[0])
+            spec, layout = _read(item[1], tensors, depth + 1)
+            specs.append((key, spec))
+            layouts.append((key_layout, layout))
+        return ("d", tuple(specs)), ("d", tuple(layouts))
+    return _read_value(raw)
+
+
+def _read_value(raw: Any) -> tuple[tuple, tuple]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail(f"{str(raw)[:80]!r} is not a value")
+    tag, body = raw[0], raw[1:]
+    if tag == "N" and not body:
+        return ("v", None), ("N",)
+    if len(body) == 1:
+        value = body[0]
+        if tag == "B" and type(value) is bool or tag == "I" and type(value) is int or tag == "S" and type(value) is str:
+            return ("v", value), (tag, value)
+        if tag == "F" and type(value) is str:
+            try:
+                return ("v", float(value)), ("F", value)
+            except ValueError:
+                pass
+    raise _fail(f"{str(raw)[:80]!r} is not a value")
+
+
+def _namedtuple_class(module: str, qualname: str) -> type:
+    """The namedtuple class ``module.qualname``, from a module this process has imported already (nothing is
+    imported on a peer's say-so), and only if it is one."""
+    found: Any = sys.modules.get(module)
+    for part in qualname.split(".") if found is not None else ():
+        found = getattr(found, part, None) if part.isidentifier() else None
+    if not (isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields")):
+        raise WireError(f"cannot rebuild namedtuple {module}.{qualname}: no such namedtuple class in a module this "
+                        f"process has imported; import {module} on every rank before running the pipeline")
+    return found
+
+
+def rebuild(spec: Any, leaves: list[torch.Tensor]) -> Any:
+    """The tree of a decoded layout's ``spec`` with ``leaves`` (in order) in its tensors' places."""
+    iterator = iter(leaves)
+    return _rebuild(spec, iterator)
+
+
+def _rebuild(spec: Any, leaves: Any) -> Any:
+    tag = spec[0]
+    if tag == "T":
+        return next(leaves)
+    if tag == "v":
+        return spec[1]
+    if tag == "t":
+        return tuple(_rebuild(child, leaves) for child in spec[1])
+    if tag == "l":
+        return [_rebuild(child, leaves) for child in spec[1]]
+    if tag == "n":
+        return spec[1](*(_rebuild(child, leaves) for child in spec[2]))
+    return {key: _rebuild(child, leaves) for key, child in spec[1]}
+
+
+def read_header(data: bytes) -> tuple[int, int, int]:
+    """``(kind, layout length, data length)`` of a message's first :data:`HEADER` bytes."""
+    kind, _, _, layout_len, data_len = HEADER.unpack(data)
+    if kind not in _KINDS:
+        raise WireError(f"a message has kind {kind}, which this transport never writes")
+    return kind, layout_len, data_len
