@@ -133,7 +133,7 @@ torch.save({"state": model.state_dict(), "world_size": trainer.world_size, "node
 '''
 
 
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(300)
 def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     """``torchrun --nnodes 2`` twice (node ranks 0 and 1) on 127.0.0.1: 2 stages x 2 replicas across the "nodes"."""
     script = tmp_path / "train.py"

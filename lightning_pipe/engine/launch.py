@@ -11,11 +11,12 @@ import queue as queue_module
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankError", "free_port", "run_ranks", "PRELOAD"]
+__all__ = ["RankError", "free_port", "reserved_port", "run_ranks", "PRELOAD"]
 
 # Modules the fork server imports once for all ranks (extend it before the first run_ranks, e.g. with
 # "lightning.pytorch" when the ranks run a Trainer: seconds saved per rank).
@@ -27,10 +28,28 @@ class RankError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+    """A TCP port on loopback that nothing listens on right now.
+
+    Racy: the port is free again when this returns, and any process of the machine may take it before the caller
+    binds it. To start a server on it later (a TCPStore, torchrun's agent), use :func:`reserved_port`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def reserved_port() -> Iterator[int]:
+    """A TCP port that no other process of the machine is given while the block runs, for a server started in it.
+
+    The port stays bound (with ``SO_REUSEADDR``, not listening) until the block ends. Meanwhile the kernel picks
+    it for no ``bind((host, 0))`` (a free_port() elsewhere, gloo's listeners, Lightning's port finding) and refuses
+    a plain ``bind`` to it, while a server that binds it by number with ``SO_REUSEADDR``, as TCPStore does
+    (torchrun's agent store, ``init_method="tcp://..."``), still can (Linux semantics). Connecting to it is
+    refused until that server listens."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -84,7 +103,19 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
     ctx = _context()
     results = ctx.Queue()
-    port = free_port()
+    with reserved_port() as port:  # held until every rank has ended: rank 0's store binds it whenever it gets there
+        outcome = _collect(ctx, fn, world_size, port, results, args, env, timeout, backend)
+    failed = {rank: text for rank, (ok, text) in outcome.items() if not ok}
+    if expect_failure:
+        return [outcome[rank][1] if rank in failed else None for rank in range(world_size)]
+    if failed:
+        raise RankError("\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(failed.items())))
+    return [torch.load(io.BytesIO(outcome[rank][1]), weights_only=False) for rank in range(world_size)]
+
+
+def _collect(ctx: Any, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple,
+             env: dict[str, str] | None, timeout: float, backend: str) -> dict[int, tuple[bool, Any]]:
+    """Start the ranks and gather each one's (ok, payload); raise RankError if one hangs or dies silently."""
     processes = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args, env or {}, backend),
                              daemon=True) for rank in range(world_size)]
     for process in processes:
@@ -113,12 +144,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
-    failed = {rank: text for rank, (ok, text) in outcome.items() if not ok}
-    if expect_failure:
-        return [outcome[rank][1] if rank in failed else None for rank in range(world_size)]
-    if failed:
-        raise RankError("\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(failed.items())))
-    return [torch.load(io.BytesIO(outcome[rank][1]), weights_only=False) for rank in range(world_size)]
+    return outcome
 
 
 def _describe(outcome: dict[int, tuple[bool, Any]]) -> str:
