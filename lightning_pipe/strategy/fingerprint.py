@@ -28,9 +28,9 @@ _MAX_ROWS = 1 << 14
 _weights: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def batch_fingerprint(batch: Any, device: torch.device | None = None) -> torch.Tensor:
-    """A 0-dim int64 tensor in ``[0, 2**61 - 1)`` on ``device`` (default: the CPU) that identifies ``batch``."""
-    device = torch.device("cpu") if device is None else device
+def batch_fingerprint(batch: Any, device: torch.device | None = None) -> int | torch.Tensor:
+    """A number in ``[0, 2**61 - 1)`` that identifies ``batch``: a Python int when its tensors are on the host, else a
+    0-dim int64 tensor on ``device`` (computed there, so that nothing waits for the device)."""
     described: list[str] = []
     tensors: list[torch.Tensor] = []
     _walk(batch, described, tensors)
@@ -42,9 +42,9 @@ def batch_fingerprint(batch: Any, device: torch.device | None = None) -> torch.T
             host = (host + part * number) % _MODULUS
         else:
             part = (part % _LEAF_MODULUS) * number  # < 2**60: the sum of two stays below 2**63
-            total = part.to(device) if total is None else (total + part.to(device)) % _MODULUS
-    result = torch.tensor(host, dtype=torch.int64, device=device)
-    return result if total is None else (result + total) % _MODULUS
+            part = part.to(device) if device is not None else part
+            total = part if total is None else (total + part.to(total.device)) % _MODULUS
+    return host if total is None else (total + host) % _MODULUS
 
 
 def _walk(tree: Any, described: list[str], tensors: list[torch.Tensor]) -> None:
@@ -69,7 +69,8 @@ def _walk(tree: Any, described: list[str], tensors: list[torch.Tensor]) -> None:
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    """A few evenly spaced elements of every row (of every row up to _MAX_ROWS, evenly spaced beyond), as bytes."""
+    """A few evenly spaced elements of every row (of every row up to _MAX_ROWS, evenly spaced beyond), as bytes; the same
+    elements :func:`_tensor_hash` takes through NumPy."""
     rows = tensor.reshape(1, -1) if tensor.dim() == 0 else tensor.reshape(tensor.shape[0], -1)
     if rows.shape[0] > _MAX_ROWS:
         rows = rows[:: -(-rows.shape[0] // _MAX_ROWS)]
@@ -81,9 +82,16 @@ def _tensor_hash(tensor: torch.Tensor) -> int | torch.Tensor:
     """A Python int for a host tensor; a 0-dim int64 tensor, computed where the tensor is, for a device tensor."""
     if tensor.numel() == 0:
         return 0
+    if tensor.device.type == "cpu":
+        try:
+            array = tensor.detach().numpy()  # NumPy slices in a microsecond where torch takes several
+        except (TypeError, RuntimeError):  # a dtype NumPy lacks (bfloat16): through torch
+            return _hash(_sample(tensor.detach()).numpy().tobytes())
+        rows = array.reshape(1 if array.ndim == 0 else array.shape[0], -1)
+        if rows.shape[0] > _MAX_ROWS:
+            rows = rows[:: -(-rows.shape[0] // _MAX_ROWS)]
+        return _hash(rows[:, :: max(1, rows.shape[1] // _ELEMENTS_PER_ROW)].tobytes())
     data = _sample(tensor.detach())
-    if data.device.type == "cpu":
-        return _hash(data.numpy().tobytes())
     # bytes (< 2**8) times weights (< 2**31) summed over at most 2**20 bytes: < 2**59, no overflow on any device
     weights = _weights_on(data.device, data.numel())
     return (data.to(torch.int64) * weights[: data.numel()]).sum()

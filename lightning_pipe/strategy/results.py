@@ -217,7 +217,7 @@ class ResultChannel:
         self._specs: list[tuple[str, list[int]]] = []
 
     def share(self, encoded: tuple[str, list[torch.Tensor]] | None,
-              fingerprint: torch.Tensor) -> tuple[Any, list[int] | None]:
+              fingerprint: int | torch.Tensor) -> tuple[Any, list[int] | None]:
         """(the decoded structure and tensors as ``(structure, tensors)``, None) when every rank's ``fingerprint`` is
         equal; (that, the fingerprints of all ranks in group order) when they differ."""
         header = torch.full((_WORDS,), _LOWEST, dtype=torch.int64)
@@ -233,10 +233,13 @@ class ResultChannel:
                 words = bytes(payload) + b"\0" * (-len(payload) % 8)
                 if words:
                     header[_HEAD: _HEAD + len(words) // 8] = torch.frombuffer(bytearray(words), dtype=torch.int64)
-        header = header.to(self.device)
-        fingerprint = fingerprint.to(self.device)
-        header[0] = fingerprint
-        header[1] = -fingerprint
+        if isinstance(fingerprint, int):
+            header[0], header[1] = fingerprint, -fingerprint
+            header = header.to(self.device)
+        else:
+            header = header.to(self.device)
+            fingerprint = fingerprint.to(self.device)
+            header[0], header[1] = fingerprint, -fingerprint
         dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
         words = header.cpu()
         fingerprints = None
@@ -263,10 +266,11 @@ class ResultChannel:
             raise RuntimeError("a step result arrived without its structure; this is a bug, please report it")
         return (self._structure, _unpack(data, start, self._specs)), fingerprints
 
-    def _gather_fingerprints(self, fingerprint: torch.Tensor) -> list[int]:
+    def _gather_fingerprints(self, fingerprint: int | torch.Tensor) -> list[int]:
         size = dist.get_world_size(self.group)
         parts = [torch.empty((), dtype=torch.int64, device=self.device) for _ in range(size)]
-        dist.all_gather(parts, fingerprint.reshape(()), group=self.group)
+        mine = torch.as_tensor(fingerprint, dtype=torch.int64).to(self.device).reshape(())
+        dist.all_gather(parts, mine, group=self.group)
         return [int(part) for part in parts]
 
 

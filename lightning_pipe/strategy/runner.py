@@ -284,7 +284,7 @@ class PipelineRunner:
     def _error_text(error: BaseException) -> str:
         return f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}"
 
-    def _share(self, encoded: tuple[str, list] | None, fingerprint: torch.Tensor, step: str) -> StepResult:
+    def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str) -> StepResult:
         """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
         and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
         (structure, tensors), fingerprints = self.channel.share(encoded, fingerprint)
