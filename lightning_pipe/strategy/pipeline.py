@@ -380,7 +380,7 @@ class PipelineStrategy(ProcessStrategy):
                 super().setup_optimizers(trainer)
         except Exception as caught:  # noqa: BLE001 - raised on every rank just below
             error = caught
-        raise_together(error, "configure_optimizers", self.runner.pipeline.group, self._collective_device())
+        raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
 
     def _collective_device(self) -> torch.device:
         """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""
