@@ -55,7 +55,7 @@ def _measure(rank: int, world_size: int, steps: int, block: int) -> dict[str, li
     def channeled() -> None:
         fingerprint = batch_fingerprint(batch)
         encoded = encode_result(_result(), "training_step") if rank == source else None
-        (structure, tensors), _ = channel.share(encoded, fingerprint)
+        (structure, tensors), _, _ = channel.share(encoded, fingerprint)
         decode_result(structure, tensors)
 
     times: dict[str, list[float]] = {"pickled": [], "channel": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -18,6 +19,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
@@ -238,7 +240,7 @@ class PipelineStrategy(ProcessStrategy):
     def process_dataloader(self, dataloader: object) -> object:
         """A copy of a DataLoader that yields the same batches on every rank, in an order drawn from the agreed seed
         and the epoch, resumable mid-epoch (:mod:`lightning_pipe.strategy.data_order`)."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer()
         if trainer is None:
             return dataloader
         training = trainer.state.stage == RunningStage.TRAINING
@@ -252,7 +254,7 @@ class PipelineStrategy(ProcessStrategy):
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         """As Lightning, with the module's transfer hooks drawing their random numbers (a GPU augmentation in
         ``on_after_batch_transfer``) from a seed of the step's position, the same on every rank."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer()
         if trainer is None or self._position.seed is None or trainer.state.stage is None:
             return super().batch_to_device(batch, device, dataloader_idx)
         seed = derive_seed(self._position.step_seed(trainer), Stream.BATCH_TRANSFER)
@@ -283,6 +285,7 @@ class PipelineStrategy(ProcessStrategy):
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
         self._position.start(trainer)
         self._build(module, trainer)
+        self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -337,6 +340,26 @@ class PipelineStrategy(ProcessStrategy):
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
 
+    def _fold_sigterm_check(self, trainer: Trainer) -> None:
+        """Lightning broadcasts rank 0's "received SIGTERM" before every training step, a collective of its own; here
+        every rank's flag rides in the collective each step already makes (:mod:`lightning_pipe.strategy.results`),
+        and the check before the next step reads it: one collective per step fewer, and a SIGTERM that reaches any
+        rank while a step runs stops every rank after that step (the signalled rank by Lightning's own check at the
+        end of the step, the others here). One that arrives between a step's collective and its end stops only the
+        signalled rank, as under DDP; the others then end with its error (:mod:`lightning_pipe.strategy.failures`)."""
+        runner = self.runner
+        runner.flag = lambda: bool(getattr(trainer, "received_sigterm", False))
+        runner.flagged = False
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(type(epoch_loop), "_broadcast_sigterm_tensor", None)):  # Lightning 2.x's private check
+            epoch_loop._broadcast_sigterm_tensor = self._sigterm_after_last_step
+
+    def _sigterm_after_last_step(self) -> None:
+        if self._runner is not None and self._runner.flagged:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()  # as Lightning: no rank leaves while another is still in a collective
+            raise SIGTERMException()
+
     def _plan(self, trainer: Trainer, module: LightningModule) -> CutPlan:
         """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
         how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {{hook}}; give "
@@ -381,6 +404,11 @@ class PipelineStrategy(ProcessStrategy):
         except Exception as caught:  # noqa: BLE001 - raised on every rank just below
             error = caught
         raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
+
+    def _trainer(self) -> Trainer | None:
+        """The Trainer running the module, if any (``LightningModule.trainer`` raises without one)."""
+        module = self.lightning_module
+        return getattr(module, "_trainer", None) if module is not None else None
 
     def _collective_device(self) -> torch.device:
         """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""
@@ -481,7 +509,7 @@ class PipelineStrategy(ProcessStrategy):
 
         Replicas hold equal weights and optimizer states: only the first replica's pipeline takes part."""
         runner = self.runner
-        trainer = self.lightning_module.trainer
+        trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
         if self.mesh_shape.coordinates(self.global_rank)[1] != 0:
@@ -495,7 +523,7 @@ class PipelineStrategy(ProcessStrategy):
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """As Lightning; a fit resumed from it continues from its position in the data and its seed."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
         return checkpoint

@@ -11,7 +11,9 @@ a second, exactly sized broadcast.
 That one message is an ``all_reduce(MAX)`` of 64 int64 words over the pipeline's ranks: the last stage writes its
 result words and every other rank writes the smallest int64 there, so the maximum is the result, bit for bit. The
 first two words carry every rank's batch fingerprint ``f`` and ``-f``: their maxima are the largest and (negated) the
-smallest fingerprint, equal exactly when every rank read the same batch (:mod:`.fingerprint`). A value a step returns
+smallest fingerprint, equal exactly when every rank read the same batch (:mod:`.fingerprint`); the fifth is a flag any
+rank may raise for all (the strategy's: "this rank received SIGTERM", which Lightning would otherwise broadcast from
+rank 0 in a collective of its own before every step). A value a step returns
 that this encoding cannot carry (an arbitrary object) is an error that names the value and how to return it instead.
 """
 
@@ -30,7 +32,7 @@ from lightning_pipe.strategy.logs import LoggedValue
 __all__ = ["StepResult", "ResultChannel", "encode", "decode", "encode_result", "decode_result", "gather_results"]
 
 _WORDS = 64
-_HEAD = 4  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged)
+_HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged), any rank's flag
 _INLINE = (_WORDS - _HEAD) * 8
 _LOWEST = torch.iinfo(torch.int64).min
 _UNCHANGED = -1
@@ -216,11 +218,13 @@ class ResultChannel:
         self._structure: Any = None
         self._specs: list[tuple[str, list[int]]] = []
 
-    def share(self, encoded: tuple[str, list[torch.Tensor]] | None,
-              fingerprint: int | torch.Tensor) -> tuple[Any, list[int] | None]:
-        """(the decoded structure and tensors as ``(structure, tensors)``, None) when every rank's ``fingerprint`` is
-        equal; (that, the fingerprints of all ranks in group order) when they differ."""
+    def share(self, encoded: tuple[str, list[torch.Tensor]] | None, fingerprint: int | torch.Tensor,
+              flag: bool = False) -> tuple[Any, list[int] | None, bool]:
+        """``((structure, tensors), fingerprints, flagged)``: the decoded structure and tensors; ``None`` when every
+        rank's ``fingerprint`` is equal, else the fingerprints of all ranks in group order; whether any rank raised
+        ``flag``."""
         header = torch.full((_WORDS,), _LOWEST, dtype=torch.int64)
+        header[4] = int(flag)
         payload = b""
         if self.is_source:
             assert encoded is not None
@@ -264,7 +268,7 @@ class ResultChannel:
             start = 0
         if self._structure_text is None:
             raise RuntimeError("a step result arrived without its structure; this is a bug, please report it")
-        return (self._structure, _unpack(data, start, self._specs)), fingerprints
+        return (self._structure, _unpack(data, start, self._specs)), fingerprints, bool(words[4])
 
     def _gather_fingerprints(self, fingerprint: int | torch.Tensor) -> list[int]:
         size = dist.get_world_size(self.group)

@@ -77,6 +77,9 @@ class PipelineRunner:
         self.collective_device = pipeline.device if nccl else torch.device("cpu")
         self.channel = ResultChannel(pipeline.group, self.last_rank, self.collective_device)
         self._steps = 0  # steps run, for the seeds of a caller that gives none
+        # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
+        self.flag: Callable[[], bool] = lambda: False
+        self.flagged = False  # whether any rank raised it at the last step
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -287,7 +290,7 @@ class PipelineRunner:
     def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str) -> StepResult:
         """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
         and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
-        (structure, tensors), fingerprints = self.channel.share(encoded, fingerprint)
+        (structure, tensors), fingerprints, self.flagged = self.channel.share(encoded, fingerprint, self.flag())
         shared = decode_result(structure, tensors)
         if fingerprints is not None:
             self.metrics.apply({})
