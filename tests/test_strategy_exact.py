@@ -48,16 +48,46 @@ def _data(name: str) -> Any:
 def _fit_random_steps(rank: int, world_size: int, runs: list[tuple[str, str]]) -> dict[str, Any]:
     import lightning as L
 
+    from tests.lightning_models import regression_data
+
     results = {}
     for model_name, strategy in runs:
         L.seed_everything(SEED, verbose=False)
         model = _model(model_name)
         _trainer(strategy, max_steps=3).fit(model, _data(model_name))
         results[f"{model_name}-{strategy}"] = model.state_dict()
+        if model_name == "denoiser":  # its validation_step draws noise before the layers and scores after them
+            validated = _trainer(strategy).validate(model, regression_data(2, batch_size=10, seed=8), verbose=False)
+            results[f"{model_name}-{strategy}-validation"] = validated[0]["val_loss"]
     return results
 
 
-def _reference(model_name: str, steps: int, num_microbatches: int = 4) -> dict[str, torch.Tensor]:
+def _reference_validation(model: Any, num_microbatches: int = 4) -> float:
+    """The validation loss of ``model`` as a fresh Trainer's validate logs it, from the same step run per micro-batch
+    under the seeds the strategy derives for validation (base seed, global step 0, epoch 0, batch index)."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+    from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
+    from tests.lightning_models import regression_data
+
+    logged: list[float] = []
+    model.log = lambda name, value, **options: logged.append(float(value))
+    model.eval()
+    batch_means = []
+    with torch.no_grad():
+        for index, batch in enumerate(regression_data(2, batch_size=10, seed=8)):
+            step_seed = derive_seed(SEED, Stream.VALIDATE, 0, 0, index)
+            rows = batch_rows(batch)
+            total = 0.0
+            for number, microbatch in enumerate(split_batch(batch, num_microbatches)):
+                with forked_random(derive_seed(step_seed, number)):
+                    model.validation_step(microbatch, index)
+                total += logged.pop() * batch_rows(microbatch) / rows
+            batch_means.append(total)
+    del model.log
+    return sum(batch_means) / len(batch_means)
+
+
+def _reference(model_name: str, steps: int, num_microbatches: int = 4) -> Any:
     """One process, no Trainer: each batch's micro-batches run the same training_step under the seeds the strategy
     derives (base seed, epoch, batch index, micro-batch index), their losses weighted by rows, one SGD step."""
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
@@ -77,20 +107,23 @@ def _reference(model_name: str, steps: int, num_microbatches: int = 4) -> dict[s
                 loss = model.training_step(microbatch, index)
             (loss * batch_rows(microbatch) / rows).backward()
         optimizer.step()
-    return model.state_dict()
+    return model
 
 
 @pytest.mark.timeout(240)
 def test_random_step_code_is_the_same_on_every_rank() -> None:
     """Diffusion-style and MLM-style steps draw random numbers before and after the pipelined layers; under 1f1b
-    and gpipe the weights equal a one-process run of the same step per micro-batch under the same seeds."""
+    and gpipe the weights equal a one-process run of the same step per micro-batch under the same seeds, and so does
+    the validation loss of a validation_step that draws noise."""
     runs = [(model, strategy) for model in ("denoiser", "mlm") for strategy in ("pipedream", "gpipe")]
     results = run_ranks(_fit_random_steps, 2, runs, timeout=200)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log outside a Trainer
-        references = {model: _reference(model, steps=3) for model in ("denoiser", "mlm")}
+        trained = {model: _reference(model, steps=3) for model in ("denoiser", "mlm")}
+        validation = _reference_validation(trained["denoiser"])
+    references = {model: module.state_dict() for model, module in trained.items()}
     for model, strategy in runs:
         got = {k: v for result in results for k, v in result[f"{model}-{strategy}"].items()}
         expected = references[model]
@@ -99,6 +132,9 @@ def test_random_step_code_is_the_same_on_every_rank() -> None:
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{model} {strategy} {key}")
         initial = _model(model).state_dict()
         assert any((initial[k] - v).abs().max() > 1e-3 for k, v in expected.items())  # it trained
+        if model == "denoiser":
+            for result in results:
+                assert result[f"denoiser-{strategy}-validation"] == pytest.approx(validation, rel=1e-5), strategy
 
 
 # -- every rank reads the same batches -----------------------------------------------------------------
