@@ -91,7 +91,7 @@ def _tokens_per_step(cfg: Config) -> int:
 
 # -- the engine loop, written by hand -------------------------------------------------------------
 def run_engine(cfg: Config) -> dict[str, float] | None:
-    """Bare engine on this rank: train ``cfg.steps`` steps; rank 0 returns its timing."""
+    """Bare engine on this rank: train ``cfg.steps`` steps; returns this rank's timing."""
     from lightning_pipe.engine.executor import Pipeline
 
     dist.init_process_group("gloo")
@@ -115,14 +115,13 @@ def run_engine(cfg: Config) -> dict[str, float] | None:
         optimizer.zero_grad()
     dist.barrier()
     clock["end"], clock["cpu_end"] = time.perf_counter(), time.process_time()
-    rank = dist.get_rank()
     dist.destroy_process_group()
     return _timing(cfg, clock)
 
 
 # -- the same through Lightning -------------------------------------------------------------------
 def run_trainer(cfg: Config) -> dict[str, float] | None:
-    """``Trainer.fit`` with the pipeline strategy on this rank; rank 0 returns its timing."""
+    """``Trainer.fit`` with the pipeline strategy on this rank; returns this rank's timing."""
     import lightning as L
 
     from lightning_pipe import PipelineStrategy

@@ -343,8 +343,7 @@ def test_mid_epoch_resume_with_shuffling_equals_uninterrupted_training(tmp_path:
 
 # -- edge inputs -----------------------------------------------------------------------------------------
 def _edges(rank: int, world_size: int) -> dict[str, Any]:
-    import lightning as L
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from tests.lightning_models import ActivationStages, Regressor, regression_data
 
@@ -379,7 +378,8 @@ def _edges(rank: int, world_size: int) -> dict[str, Any]:
         model = ActivationStages(last_untrainable=last)
         loader = DataLoader(regression_data(4, batch_size=10).dataset, batch_size=10)
         attempt(f"untrainable-{'last' if last else 'first'}",
-                lambda: (_trainer({"partition": [2, 2]}, max_epochs=2).fit(model, loader), model.state_dict())[1])
+                lambda model=model, loader=loader: (_trainer({"partition": [2, 2]}, max_epochs=2).fit(model, loader),
+                                                    model.state_dict())[1])
     return outcome
 
 

@@ -230,7 +230,7 @@ def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica:
     else:
         workers, user_generators = None, [shared.generator]
     init = shared.worker_init_fn
-    if (init is None and int(os.environ.get("PL_SEED_WORKERS", 0))) or (
+    if (init is None and int(os.environ.get("PL_SEED_WORKERS", "0"))) or (
             isinstance(init, functools.partial) and init.func is pl_worker_init_function):
         shared.worker_init_fn = functools.partial(pl_worker_init_function, rank=replica)
     batch_sampler = shared.batch_sampler

@@ -40,8 +40,8 @@ from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
-from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.processes import ProcessStrategy
+from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.split import find_sequence

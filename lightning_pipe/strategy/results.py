@@ -190,7 +190,7 @@ def _unpack(data: bytearray, start: int, specs: list[tuple[str, list[int]]]) -> 
     for dtype_name, shape in specs:
         dtype = getattr(torch, dtype_name)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"{dtype_name!r} is not a torch dtype")
+            raise TypeError(f"{dtype_name!r} is not a torch dtype")
         offset += -offset % 8
         count = 1
         for size in shape:

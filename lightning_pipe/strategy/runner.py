@@ -28,8 +28,7 @@ from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.results import (ResultChannel, StepResult, decode_result, encode_result,
-                                             gather_results)
+from lightning_pipe.strategy.results import ResultChannel, StepResult, decode_result, encode_result, gather_results
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.tied import TiedParameters
 
