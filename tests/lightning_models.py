@@ -16,7 +16,8 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from tests.models import mlp, tuple_model
 
 __all__ = ["Regressor", "UnevenRegressor", "FrontHeavy", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences",
-           "OutsideParameters", "OutsideHead", "regression_data", "token_data", "MetricsLog"]
+           "OutsideParameters", "OutsideHead", "Denoiser", "MaskedLM", "ActivationStages", "regression_data",
+           "token_data", "MetricsLog"]
 
 
 class Regressor(L.LightningModule):
@@ -248,6 +249,83 @@ class OutsideHead(_Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(x))
+
+
+class Denoiser(L.LightningModule):
+    """A diffusion-style step: random noise levels and noise drawn before the layers, the loss against that noise, and
+    functional dropout on the prediction after them (random numbers on both sides of the sequence)."""
+
+    def __init__(self, width: int = 16, num_layers: int = 4, lr: float = 0.1, dropout: float = 0.0,
+                 output_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layers = mlp(num_layers=num_layers, width=width, seed=0, dropout=dropout)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0]
+        level = torch.rand(x.shape[0], 1)
+        noise = torch.randn_like(x)
+        predicted = self.layers(x * (1 - level) + noise * level)
+        predicted = F.dropout(predicted, self.hparams.output_dropout, training=self.training)
+        loss = F.mse_loss(predicted, noise)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x = batch[0]
+        noise = torch.randn_like(x)
+        self.log("val_loss", F.mse_loss(self.layers(x + noise), noise))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class MaskedLM(L.LightningModule):
+    """An MLM-style step: a random mask (and random replacement tokens) drawn before the layers, the loss on the masked
+    positions, and a random subset of the positions kept for the loss after them."""
+
+    def __init__(self, vocab: int = 11, width: int = 8, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(Embed(vocab + 1, width), Block(width), Block(width), nn.Linear(width, vocab))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens = batch[0]
+        masked = torch.rand(tokens.shape) < 0.3
+        replaced = torch.where(torch.rand(tokens.shape) < 0.8, self.hparams.vocab,
+                               torch.randint(0, self.hparams.vocab, tokens.shape))
+        logits = self.layers(torch.where(masked, replaced, tokens))
+        kept = masked & (torch.rand(tokens.shape) < 0.9)
+        losses = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none")
+        loss = (losses * kept.flatten()).sum() / kept.sum().clamp(min=1)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class ActivationStages(L.LightningModule):
+    """Layers of which some own no parameter: with ``partition=[2, 2]`` one stage trains nothing (the last one with
+    ``last_untrainable``, else the first), and a configure_optimizers that keeps only trainable parameters."""
+
+    def __init__(self, last_untrainable: bool = True, width: int = 16, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        trained = [nn.Linear(width, width), nn.Tanh()]
+        free = [nn.Tanh(), nn.Identity()]
+        self.layers = nn.Sequential(*(trained + free if last_untrainable else free + trained))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.layers(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
 def regression_data(batches: int = 4, batch_size: int = 8, width: int = 16, seed: int = 1) -> DataLoader:

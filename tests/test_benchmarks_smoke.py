@@ -106,3 +106,25 @@ def test_capture_overhead_row(tmp_path):
         assert row[f"{prefix}_direct_ms"] > 0 and row[f"{prefix}_captured_ms"] > 0
         spread = [row[f"{prefix}_ratio{key}"] for key in ("_min", "_q1", "", "_q3", "_max")]
         assert spread == sorted(spread)
+
+
+@pytest.mark.timeout(240)
+def test_random_step_code_denoiser_learns_through_the_pipeline(tmp_path):
+    """The diffusion-style denoiser (noise drawn in the step code, dropout in its first layers) learns as on one
+    device; when the stages drew different noise it stayed at ~1.0, the noise's variance."""
+    from benchmarks import random_step_code
+
+    path = tmp_path / "denoiser.json"
+    result = random_step_code.main(["--steps", "100", "--tail", "20", "--json", str(path)])
+    assert json.loads(path.read_text())["pipeline"] == result["pipeline"]
+    assert result["one_device"] < 0.5 and result["pipeline"] < 0.5
+    assert abs(result["pipeline"] - result["one_device"]) < 0.1
+
+
+def test_result_sharing_rows(tmp_path):
+    from benchmarks import result_sharing
+
+    path = tmp_path / "sharing.json"
+    result_sharing.main(["--steps", "40", "--block", "10", "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert rows["steps"] == 40 and all(rows[side]["median_us"] > 0 for side in ("pickled", "channel"))

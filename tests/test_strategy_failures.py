@@ -78,3 +78,39 @@ def test_a_lost_connection_reports_the_first_error_of_its_own_run_only() -> None
     assert rank0[0].startswith("PipelineError: rank 1 failed: ValueError: boom on rank 1")
     assert "Connection closed by peer" in rank0[1] and "Connection closed by peer" in rank1[1]
     assert "boom" not in rank0[1] + rank1[1]
+
+
+def _sigterm(rank: int, world_size: int, signalled_rank: int) -> list[int]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+
+    steps: list[int] = []
+
+    class Signal(L.Callback):
+        """As Lightning's signal handler does on SIGTERM, on one rank as its fourth step starts."""
+
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 3 and trainer.global_rank == signalled_rank:
+                trainer._signal_connector.received_sigterm = True
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            steps.append(trainer.global_step)
+
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        max_epochs=1, callbacks=[Signal()])
+    try:
+        trainer.fit(Regressor(), regression_data(8, batch_size=8))
+    except SystemExit as stop:  # Lightning's SIGTERMException
+        steps.append(-1 if type(stop).__name__ == "SIGTERMException" else -2)
+    return steps
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_sigterm_on_any_rank_stops_every_rank_before_the_next_step(signalled_rank: int) -> None:
+    """Lightning broadcasts rank 0's SIGTERM flag before every step; the strategy carries every rank's flag in the
+    collective each step already makes, so a SIGTERM on any rank during a step stops all of them after that step."""
+    for steps in run_ranks(_sigterm, 2, signalled_rank, timeout=90):
+        assert steps == [1, 2, 3, 4, -1], steps

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
 
-__all__ = ["reported_failures"]
+__all__ = ["reported_failures", "raise_together"]
 
 _PREFIX = "lightning_pipe"
 
@@ -100,3 +101,34 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
                          f"{error}\n{traceback.format_exc()}")
         _leave(scope)
         raise
+
+
+def raise_together(error: BaseException | None, what: str, group: dist.ProcessGroup | None = None,
+                   device: torch.device | None = None) -> None:
+    """Collective over ``group``: if any rank has an ``error``, raise on every rank (a rank's own error where it has
+    one, else a ``RuntimeError`` quoting the failed ranks), so that no rank goes on to wait for one that failed.
+
+    For errors every rank may or may not meet on its own (a stage's ``configure_optimizers``); ``what`` says what
+    failed. One ``all_reduce`` when no rank failed; the messages travel as bytes in tensors, never pickled."""
+    device = device or torch.device("cpu")
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if not int(failed.item()):
+        return
+    text = b"" if error is None else f"{type(error).__name__}: {error}".encode()
+    size = dist.get_world_size(group)
+    lengths = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(size)]
+    dist.all_gather(lengths, torch.tensor([len(text)], dtype=torch.int64, device=device), group=group)
+    longest = max(int(n.item()) for n in lengths)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if text:
+        mine[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(size)]
+    dist.all_gather(parts, mine.to(device), group=group)
+    if error is not None:
+        raise error
+    messages = [(rank, bytes(part.cpu().numpy().tobytes()[: int(n.item())]).decode(errors="replace"))
+                for rank, (part, n) in enumerate(zip(parts, lengths)) if int(n.item())]
+    global_rank = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    raise RuntimeError(f"{what} failed on rank(s) {[global_rank(r) for r, _ in messages]}: "
+                       + "; ".join(f"rank {global_rank(r)}: {text}" for r, text in messages))

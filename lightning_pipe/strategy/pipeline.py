@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -17,12 +18,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
 from torch.optim import Optimizer
-from torch.utils.data import RandomSampler
 from typing_extensions import override
 
 from lightning_pipe.engine.cut import Partition
@@ -32,10 +33,15 @@ from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.strategy.data_order import share_order
+from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
+from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
+from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
+from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.split import find_sequence
@@ -84,6 +90,17 @@ class PipelineStrategy(ProcessStrategy):
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
     ``training_step`` must return the batch's *mean* loss, as usual.
+
+    Same batches, same random numbers. Every rank of a pipeline loads the batch itself (the first stage its inputs,
+    the last its targets), and runs the step's own code (before the layers on the first stage, around them on the
+    last). So that both ends agree: the dataloaders get samplers and worker seeds drawn from a seed every rank agrees
+    on and the epoch (:mod:`lightning_pipe.strategy.data_order`); a fingerprint of each rank's batch is compared at
+    every step, and a difference is an error naming its likely cause; and the step code of each micro-batch draws
+    from torch's generators forked to a seed derived from that seed, the step's place in the run and the micro-batch
+    (:mod:`lightning_pipe.strategy.randomness`), the same on every rank and after a resume, while the layers inside
+    the stages draw from their own streams. A checkpoint keeps the position in the data: a fit resumed from a
+    mid-epoch checkpoint continues with the batches the uninterrupted run would have seen. Exact equality with a
+    one-device run holds for step code without random numbers; step code with them draws per micro-batch here.
 
     The asynchronous schedules (``"async_1f1b"``: PipeDream with weight stashing, registered as ``pipedream_async``;
     ``"2bw"``: PipeDream-2BW, ``pipedream_2bw``) run 1F1B across batches without a flush and step the optimizer
@@ -153,6 +170,7 @@ class PipelineStrategy(ProcessStrategy):
         self._gradients = HeldGradients()
         self._example_input_array: Any = None
         self._cut_plan: CutPlan | None = None
+        self._position = RunPosition()
 
     # The settings, by name (read-only: they are fixed when the strategy is made).
     schedule = property(lambda self: self.settings.schedule)
@@ -216,16 +234,32 @@ class PipelineStrategy(ProcessStrategy):
         super().setup_distributed()
         shape = self.mesh_shape
         self._mesh = build_mesh(shape, self.root_device.type) if shape.replicas > 1 else None
+        self._position.agree_seed(self._collective_device())
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
-        """Give a shuffling sampler the same random generator on every rank, so that all stages see the same batch."""
-        sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, RandomSampler) and sampler.generator is None:
-            seed = os.environ.get("PL_GLOBAL_SEED")
-            seed = self.broadcast(int(seed) if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
-            sampler.generator = torch.Generator().manual_seed(seed)
-        return dataloader
+        """A copy of a DataLoader that yields the same batches on every rank, in an order drawn from the agreed seed
+        and the epoch, resumable mid-epoch (:mod:`lightning_pipe.strategy.data_order`)."""
+        trainer = self._trainer()
+        if trainer is None:
+            return dataloader
+        training = trainer.state.stage == RunningStage.TRAINING
+        replica = self.mesh_shape.coordinates(self.global_rank)[1]
+        shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
+        if training and shared is not dataloader:
+            self._position.adopt_train_order(shared._pipeline_order)
+        return shared
+
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """As Lightning, with the module's transfer hooks drawing their random numbers (a GPU augmentation in
+        ``on_after_batch_transfer``) from a seed of the step's position, the same on every rank."""
+        trainer = self._trainer()
+        if trainer is None or self._position.seed is None or trainer.state.stage is None:
+            return super().batch_to_device(batch, device, dataloader_idx)
+        seed = derive_seed(self._position.step_seed(trainer), Stream.BATCH_TRANSFER)
+        with forked_random(seed, self.root_device):
+            return super().batch_to_device(batch, device, dataloader_idx)
 
     @property
     def runner(self) -> PipelineRunner:
@@ -249,7 +283,9 @@ class PipelineStrategy(ProcessStrategy):
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
+        self._position.start(trainer)
         self._build(module, trainer)
+        self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -304,6 +340,26 @@ class PipelineStrategy(ProcessStrategy):
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
 
+    def _fold_sigterm_check(self, trainer: Trainer) -> None:
+        """Lightning broadcasts rank 0's "received SIGTERM" before every training step, a collective of its own; here
+        every rank's flag rides in the collective each step already makes (:mod:`lightning_pipe.strategy.results`),
+        and the check before the next step reads it: one collective per step fewer, and a SIGTERM that reaches any
+        rank while a step runs stops every rank after that step (the signalled rank by Lightning's own check at the
+        end of the step, the others here). One that arrives between a step's collective and its end stops only the
+        signalled rank, as under DDP; the others then end with its error (:mod:`lightning_pipe.strategy.failures`)."""
+        runner = self.runner
+        runner.flag = lambda: bool(getattr(trainer, "received_sigterm", False))
+        runner.flagged = False
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(type(epoch_loop), "_broadcast_sigterm_tensor", None)):  # Lightning 2.x's private check
+            epoch_loop._broadcast_sigterm_tensor = self._sigterm_after_last_step
+
+    def _sigterm_after_last_step(self) -> None:
+        if self._runner is not None and self._runner.flagged:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()  # as Lightning: no rank leaves while another is still in a collective
+            raise SIGTERMException()
+
     def _plan(self, trainer: Trainer, module: LightningModule) -> CutPlan:
         """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
         how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {{hook}}; give "
@@ -336,17 +392,45 @@ class PipelineStrategy(ProcessStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
+    @override
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        """The module's ``configure_optimizers`` on every rank (see :mod:`lightning_pipe.strategy.optimizers`): a
+        stage with nothing to train gets an optimizer that changes nothing, and an error on any rank is raised on
+        every rank here, before any of them waits for another in a step."""
+        error: BaseException | None = None
+        try:
+            with placeholder_if_untrainable(self.lightning_module, self.root_device):
+                super().setup_optimizers(trainer)
+        except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+            error = caught
+        raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
+
+    def _trainer(self) -> Trainer | None:
+        """The Trainer running the module, if any (``LightningModule.trainer`` raises without one)."""
+        module = self.lightning_module
+        return getattr(module, "_trainer", None) if module is not None else None
+
+    def _collective_device(self) -> torch.device:
+        """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""
+        backend = self._process_group_backend or ""
+        return self.root_device if "nccl" in backend else torch.device("cpu")
+
     # -- steps --------------------------------------------------------------------------------------
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
         trainer = self.lightning_module.trainer
+        seed = self._position.step_seed(trainer)
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
             with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
-                return self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step)
-        with self.precision_plugin.train_step_context():
-            with self._gradients.held_aside(self.lightning_module.parameters()):
-                return self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches)
+                output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
+        else:
+            with self.precision_plugin.train_step_context():
+                with self._gradients.held_aside(self.lightning_module.parameters()):
+                    output = self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches,
+                                               seed=seed)
+        self._position.step_done(trainer)
+        return output
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
@@ -374,17 +458,35 @@ class PipelineStrategy(ProcessStrategy):
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.val_step_context():
-            return self.runner.evaluate("validation_step", args, kwargs)
+            return self._evaluate("validation_step", args, kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.test_step_context():
-            return self.runner.evaluate("test_step", args, kwargs)
+            return self._evaluate("test_step", args, kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.predict_step_context():
-            return self.runner.evaluate("predict_step", args, kwargs)
+            return self._evaluate("predict_step", args, kwargs)
+
+    def _evaluate(self, step: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        trainer = self.lightning_module.trainer
+        output = self.runner.evaluate(step, args, kwargs, seed=self._position.step_seed(trainer))
+        self._position.step_done(trainer)
+        return output
+
+    @override
+    def on_validation_start(self) -> None:
+        self._position.evaluation_started()
+
+    @override
+    def on_test_start(self) -> None:
+        self._position.evaluation_started()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._position.evaluation_started()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         if self._async is not None:
@@ -407,12 +509,24 @@ class PipelineStrategy(ProcessStrategy):
 
         Replicas hold equal weights and optimizer states: only the first replica's pipeline takes part."""
         runner = self.runner
+        trainer = self._trainer()
+        if trainer is not None and self._position.seed is not None:
+            checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
         if self.mesh_shape.coordinates(self.global_rank)[1] != 0:
             return
         full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
         if self.is_global_zero:
             assert full is not None
             atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """As Lightning; a fit resumed from it continues from its position in the data and its seed."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        trainer = self._trainer()
+        if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
+        return checkpoint
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:

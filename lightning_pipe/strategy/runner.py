@@ -2,16 +2,18 @@
 
 This is the strategy's core, and needs no Trainer: :class:`PipelineRunner` cuts the module, runs one training or
 evaluation step through the engine, and then sends what the last stage computed (the loss, the combined logs, the
-torchmetrics' batch state, the step's outputs) to every rank in one broadcast, so that all ranks return, log and
-checkpoint the same thing. With data-parallel replicas of the pipeline, the replicas average their gradients
-(:mod:`.engine.replicas`), and their last stages first combine loss, logs and metrics into those of the whole batch.
+torchmetrics' batch state, the step's outputs) to every rank in one collective (:mod:`.results`), so that all ranks
+return, log and checkpoint the same thing; the same collective checks that every rank read the same batch. Each
+micro-batch's step code runs with torch's generators forked to a seed derived from the step's seed and the
+micro-batch's index (:mod:`.randomness`), so that the first and the last stage draw the same random numbers. With
+data-parallel replicas of the pipeline, the replicas average their gradients (:mod:`.engine.replicas`), and their last
+stages first combine loss, logs and metrics into those of the whole batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,25 +23,22 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
-from lightning_pipe.strategy.failures import reported_failures
-from lightning_pipe.strategy.logs import LoggedValue, LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
+from lightning_pipe.strategy.failures import reported_failures
+from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
+from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.results import ResultChannel, StepResult, decode_result, encode_result, gather_results
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.tied import TiedParameters
 
-__all__ = ["PipelineRunner", "combine_outputs"]
+__all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]
+
+_BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-@dataclass
-class _StepResult:
-    """What the last stage sends every rank after a step."""
-
-    loss: torch.Tensor | None = None
-    output: Any = None
-    logs: list[LoggedValue] = field(default_factory=list)
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error: str | None = None
-    rows: int = 0
+class DifferentBatches(RuntimeError):
+    """The ranks of a pipeline read different batches in the same step."""
 
 
 class PipelineRunner:
@@ -73,6 +72,13 @@ class PipelineRunner:
             self.averager = GradientAverager(pipeline.parameters(), replica_group)
         # Clipping norms count each stage once: only the first of its replicas (uneven replication) counts it.
         self._first_replica = all(ranks[0] == pipeline.rank for ranks in pipeline.stage_ranks if pipeline.rank in ranks)
+        nccl = dist.get_backend(pipeline.group) == "nccl"
+        self.collective_device = pipeline.device if nccl else torch.device("cpu")
+        self.channel = ResultChannel(pipeline.group, self.last_rank, self.collective_device)
+        self._steps = 0  # steps run, for the seeds of a caller that gives none
+        # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
+        self.flag: Callable[[], bool] = lambda: False
+        self.flagged = False  # whether any rank raised it at the last step
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -129,30 +135,36 @@ class PipelineRunner:
 
     # -- steps ------------------------------------------------------------------------------------
     def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
-              optimizer_step: Callable[[], Any] | None = None) -> Any:
-        with reported_failures(self.scope):
-            return self._train(args, kwargs, loss_scale, optimizer_step)
-
-    def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
-               optimizer_step: Callable[[], Any] | None) -> Any:
+              optimizer_step: Callable[[], Any] | None = None, seed: int | None = None) -> Any:
         """``training_step`` of a batch: forward and backward of every micro-batch (gradients accumulate into this
         rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank.
 
-        Asynchronous schedules call ``optimizer_step`` at each of their optimizer steps; the loss returned is this
-        batch's, which the last stage computes within this call (earlier stages finish its backward later)."""
-        batch, rest = args[0], tuple(args[1:])
-        pipe, outputs, sizes = self.pipeline, [], []
+        ``seed`` (the same on every rank) seeds the step code's random numbers: micro-batch ``i`` runs with torch's
+        generators forked to ``derive_seed(seed, i)`` on every rank that runs its step code. Asynchronous schedules
+        call ``optimizer_step`` at each of their optimizer steps; the loss returned is this batch's, which the last
+        stage computes within this call (earlier stages finish its backward later)."""
+        with reported_failures(self.scope):
+            return self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
 
-        def loss_fn(output: Any, microbatch: Any) -> torch.Tensor:
-            rows = batch_rows(microbatch)
-            with self.recorder.recording(rows):
+    def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
+               optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
+        batch, rest = args[0], tuple(args[1:])
+        rows = _check_rows(batch, "training_step")
+        fingerprint = batch_fingerprint(batch, self.collective_device)
+        pipe, outputs, sizes = self.pipeline, [], []
+        firsts = self._first_rows(rows)
+
+        def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
+            microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
+            microbatch_rows = batch_rows(microbatch)
+            with self.recorder.recording(microbatch_rows), forked_random(derive_seed(seed, index), pipe.device):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
             loss, extra = _loss_of(result)
             outputs.append(extra)
-            sizes.append(rows)
+            sizes.append(microbatch_rows)
             return loss
 
-        pipe.input_fn = self._input_fn("training_step", rest, kwargs)
+        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts)
         pipe.loss_fn = loss_fn
         self.recorder.calls = []
         if pipe.is_last_rank:
@@ -160,102 +172,165 @@ class PipelineRunner:
         averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with averaging:  # replicas: each bucket of gradients is averaged as soon as the backward completes it
-            loss = pipe.train_step(batch, loss_scale=loss_scale, optimizer_step=optimizer_step)
+            loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
             if averager is not None:
                 averager.start_remaining()
-            result = None
+            encoded = None
             if pipe.is_last_rank:
-                result = self._guard(lambda: self._result(loss, outputs, sizes, check_outside=True))
-                result = self._across_replicas(result)
-        result = self._share(result)
+                encoded = self._guard("training_step",
+                                      lambda: self._result(loss, outputs, sizes, check_outside=True), replicas=True)
+        result = self._share(encoded, fingerprint, "training_step")
         assert result.loss is not None
         loss = result.loss.to(pipe.device)
         return {"loss": loss, **result.output} if result.output else loss
 
-    def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int | None = None) -> Any:
         """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
-        outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank."""
+        outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank. ``seed``: as for
+        :meth:`train`."""
         with reported_failures(self.scope):
-            return self._evaluate(step, args, kwargs)
+            return self._evaluate(step, args, kwargs, self._seed(seed))
 
-    def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int) -> Any:
         batch, rest = args[0], tuple(args[1:])
+        rows = _check_rows(batch, step)
+        fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe = self.pipeline
-        pipe.input_fn = self._input_fn(step, rest, kwargs)
+        pipe.input_fn = self._input_fn(step, rest, kwargs, seed, self._first_rows(rows))
         pipe.loss_fn = None
         self.recorder.calls = []
-        _, last_outputs = pipe.eval_step(batch)
-        result = None
+        _, last_outputs = pipe.eval_step(_tagged(batch, rows))
+        encoded = None
         if pipe.is_last_rank:
-            result = self._guard(lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs))
-            result = self._across_replicas(result)
-        return self._share(result).output
+            encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
+                                                                    seed), replicas=True)
+        return self._share(encoded, fingerprint, step).output
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
-                       kwargs: Mapping[str, Any]) -> _StepResult:
+                       kwargs: Mapping[str, Any], seed: int) -> StepResult:
         self.metrics.start()
         outputs, sizes = [], []
-        for microbatch, output in zip(split_batch(batch, self.pipeline.num_microbatches), last_outputs):
+        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches),
+                                                         last_outputs)):
             sizes.append(batch_rows(microbatch))
-            with self.recorder.recording(sizes[-1]):
+            with self.recorder.recording(sizes[-1]), forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         return self._result(None, outputs, sizes, check_outside=False)
 
+    def _seed(self, seed: int | None) -> int:
+        self._steps += 1
+        return seed if seed is not None else derive_seed(0, self._steps)
+
+    def _first_rows(self, rows: int) -> dict[int, int]:
+        """First row of each micro-batch -> its index (the engine splits the tagged batch the same way)."""
+        starts = split_batch(torch.arange(rows), self.pipeline.num_microbatches)
+        return {int(piece[0]): index for index, piece in enumerate(starts)}
+
     # -- the last stage's results, for every rank -------------------------------------------------
-    def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any]) -> Callable[[Any], Any]:
-        def input_fn(microbatch: Any) -> Any:
-            with self.recorder.discarding():
-                return self.split.capture_input(step, microbatch, rest, kwargs)
+    def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any], seed: int,
+                  firsts: dict[int, int]) -> Callable[[Any], Any]:
+        device = self.pipeline.device
+
+        def input_fn(tagged: Any) -> Any:
+            index = firsts[int(tagged[_ROWS][0])]
+            with self.recorder.discarding(), forked_random(derive_seed(seed, index), device):
+                return self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
 
         return input_fn
 
     def _result(self, loss: torch.Tensor | None, outputs: list[Any], sizes: list[int],
-                check_outside: bool) -> _StepResult:
+                check_outside: bool) -> StepResult:
         if check_outside and (names := self.split.outside_parameters_with_grad()):
-            return _StepResult(error=self.split.outside_error(names))
+            return StepResult(error=self.split.outside_error(names))
         logs = self.recorder.combine()
         metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
         output = combine_outputs(outputs, sizes)
-        return _StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
+        return StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
 
-    def _across_replicas(self, result: _StepResult) -> _StepResult:
+    def _across_replicas(self, result: StepResult, step: str) -> StepResult:
         """On the last stage's ranks: the whole batch's loss, logs and metric states from every replica's share
         (each replica keeps its own outputs, as under DDP)."""
         if self.replica_group is None:
             return result
-        shares: list[_StepResult | None] = [None] * dist.get_world_size(self.replica_group)
-        dist.all_gather_object(shares, result, group=self.replica_group)
-        errors = [share.error for share in shares if share is not None and share.error is not None]
+        shares = gather_results(self._encoded(result, step), self.replica_group, self.collective_device)
+        errors = [share.error for share in shares if share.error is not None]
         if errors:
-            return _StepResult(error=errors[0])
-        parts = [share for share in shares if share is not None]
-        rows = sum(part.rows for part in parts)
+            return StepResult(error=errors[0])
+        rows = sum(part.rows for part in shares)
         loss = None
         if result.loss is not None:
-            weighted = sum(part.loss.double() * part.rows for part in parts if part.loss is not None)
+            weighted = sum(part.loss.double() * part.rows for part in shares if part.loss is not None)
             loss = (weighted / max(rows, 1)).to(result.loss.dtype)
-        logs = combine_replica_logs([part.logs for part in parts])
-        metrics = self.metrics.merge([part.metrics for part in parts])
-        return _StepResult(loss, result.output, logs, metrics, rows=rows)
+        logs = combine_replica_logs([part.logs for part in shares])
+        metrics = self.metrics.merge([part.metrics for part in shares])
+        return StepResult(loss, result.output, logs, metrics, rows=rows)
 
-    def _guard(self, make: Callable[[], _StepResult]) -> _StepResult:
+    def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
+        """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error
+        raised while making or encoding it travels in its place, so that every rank learns of it."""
         try:
-            return make()
+            result = make()
         except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            return _StepResult(error=f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}")
+            result = StepResult(error=self._error_text(error))
+        if replicas:
+            result = self._across_replicas(result, step)
+        return self._encoded(result, step)
 
-    def _share(self, result: _StepResult | None) -> _StepResult:
-        """Broadcast the last stage's result to every rank, bring metrics and logs up to date, raise its error."""
-        box = [result]
-        dist.broadcast_object_list(box, src=self.last_rank, group=self.pipeline.group)
-        shared = box[0]
-        assert shared is not None
+    def _encoded(self, result: StepResult, step: str) -> tuple[str, list]:
+        try:
+            return encode_result(result, step)
+        except Exception as error:  # noqa: BLE001 - as in _guard
+            return encode_result(StepResult(error=self._error_text(error)), step)
+
+    @staticmethod
+    def _error_text(error: BaseException) -> str:
+        return f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}"
+
+    def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str) -> StepResult:
+        """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
+        and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
+        (structure, tensors), fingerprints, self.flagged = self.channel.share(encoded, fingerprint, self.flag())
+        shared = decode_result(structure, tensors)
+        if fingerprints is not None:
+            self.metrics.apply({})
+            raise DifferentBatches(_different_batches(step, fingerprints, self.pipeline.group))
         if shared.error is not None:
             self.metrics.apply({})
             raise RuntimeError(shared.error)
         self.metrics.apply(shared.metrics)
         self.recorder.replay(shared.logs, self.pipeline.device)
         return shared
+
+
+def _tagged(batch: Any, rows: int) -> dict[str, Any]:
+    """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
+    it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
+    return {_BATCH: batch, _ROWS: torch.arange(rows)}
+
+
+def _check_rows(batch: Any, step: str) -> int:
+    """The batch's rows; an empty batch is refused here, on every rank alike, before any rank waits for another."""
+    rows = batch_rows(batch)
+    if rows == 0:
+        raise ValueError(f"{step} got an empty batch (0 rows); a pipeline splits every batch into micro-batches along "
+                         f"dim 0 and cannot run an empty one: drop empty batches in the dataloader (drop_last=True, or a "
+                         f"sampler / collate_fn that never yields 0 rows)")
+    return rows
+
+
+def _different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup) -> str:
+    ranks = [dist.get_global_rank(group, rank) for rank in range(len(fingerprints))]
+    groups: dict[int, list[int]] = {}
+    for rank, fingerprint in zip(ranks, fingerprints):
+        groups.setdefault(fingerprint, []).append(rank)
+    readings = "; ".join(f"ranks {members} read batch {fingerprint:#x}" for fingerprint, members in groups.items())
+    return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
+            f"and the last stage's targets would come from different rows. Every rank of a pipeline must load the same "
+            f"batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
+            f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
+            f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
+            f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
+            f".manual_seed(seed)), or derive it from the epoch")
 
 
 def _loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:

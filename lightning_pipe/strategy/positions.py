@@ -1,0 +1,143 @@
+"""Where a run is (epoch, batch of the epoch, evaluation step), the seeds derived from it, and what a checkpoint keeps.
+
+Everything random that every rank of a pipeline must draw alike is derived from one base seed, agreed by all ranks
+when the strategy starts (``PL_GLOBAL_SEED`` after ``seed_everything``, else a fresh seed from global rank 0) and
+from a position in the run, never from how much randomness other code consumed:
+
+- a training step: ``(epoch, index of the batch in the epoch)``, counted here, so a resumed fit continues the count;
+- a validation/test/predict step: ``(stage, global_step, epoch, index of the step in this evaluation)``;
+- a dataloader's order: ``(epoch)`` for training, ``(stage, global_step, epoch)`` for evaluation
+  (:mod:`.data_order`).
+
+A checkpoint keeps the base seed, the epoch, the batches of it trained on (and whether the epoch had ended), and the
+epoch-start states of generators the user gave the training dataloader: a fit resumed from it draws the seeds and the
+batches of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+
+from lightning_pipe.strategy.data_order import DataStart, SharedOrder
+from lightning_pipe.strategy.randomness import Stream, derive_seed, fresh_seed
+
+__all__ = ["RunPosition", "CHECKPOINT_KEY"]
+
+CHECKPOINT_KEY = "pipeline_position"
+
+_STREAMS = {RunningStage.TRAINING: Stream.TRAIN, RunningStage.VALIDATING: Stream.VALIDATE,
+            RunningStage.SANITY_CHECKING: Stream.SANITY_CHECK, RunningStage.TESTING: Stream.TEST,
+            RunningStage.PREDICTING: Stream.PREDICT}
+
+
+class RunPosition:
+    """The strategy's position in a run, the seeds derived from it, and its part of a checkpoint."""
+
+    def __init__(self) -> None:
+        self.seed: int | None = None  # agreed by every rank in agree_seed()
+        self.epoch = 0
+        self.consumed = 0  # batches of self.epoch trained on
+        self.evaluation_index = 0
+        self.train_orders: list[SharedOrder] = []  # the training dataloader's, for checkpoints
+        self._loaded: dict[str, Any] | None = None  # from a checkpoint being resumed, until the run starts
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) of the resumed epoch
+        self._resumed: set[int] = set()  # the training orders that have begun the resumed epoch
+        self._loader_states: list[dict[str, Any]] = []
+
+    # -- the base seed --------------------------------------------------------------------------------
+    def agree_seed(self, device: torch.device) -> None:
+        """Collective: every rank takes ``PL_GLOBAL_SEED``, or global rank 0's fresh seed (nothing is drawn from
+        any generator, so nothing else changes)."""
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            self.seed = int(seed)
+            return
+        value = torch.tensor([fresh_seed()], dtype=torch.int64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(value, src=0)
+        self.seed = int(value.item())
+
+    @property
+    def base(self) -> int:
+        if self.seed is None:
+            raise RuntimeError("the strategy's seed is agreed when it sets up its processes; run it through a Trainer")
+        return self.seed
+
+    # -- a run --------------------------------------------------------------------------------------
+    def start(self, trainer: Trainer) -> None:
+        """At the start of a run: continue from a checkpoint just loaded for this fit, else from its beginning."""
+        loaded, self._loaded = self._loaded, None
+        self.train_orders = []
+        self._resume, self._loader_states, self._resumed = None, [], set()
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.epoch, self.consumed = 0, 0
+        if loaded is None:
+            return
+        self.seed = int(loaded["seed"])
+        epoch, consumed = int(loaded["epoch"]), int(loaded["consumed"])
+        if loaded["finished"]:
+            epoch, consumed = epoch + 1, 0
+        self.epoch, self.consumed = epoch, consumed
+        self._resume = (epoch, consumed)
+        self._loader_states = list(loaded.get("loaders", []))
+
+    def step_seed(self, trainer: Trainer) -> int:
+        """The seed of the step about to run (every rank alike); :meth:`step_done` moves past it."""
+        stage = trainer.state.stage
+        if stage == RunningStage.TRAINING:
+            if trainer.current_epoch != self.epoch:
+                self.epoch, self.consumed = trainer.current_epoch, 0
+            return derive_seed(self.base, Stream.TRAIN, self.epoch, self.consumed)
+        stream = _STREAMS.get(stage, 0)
+        return derive_seed(self.base, stream, trainer.global_step, trainer.current_epoch, self.evaluation_index)
+
+    def step_done(self, trainer: Trainer) -> None:
+        if trainer.state.stage == RunningStage.TRAINING:
+            self.consumed += 1
+        else:
+            self.evaluation_index += 1
+
+    def evaluation_started(self) -> None:
+        self.evaluation_index = 0
+
+    # -- dataloaders --------------------------------------------------------------------------------
+    def data_start(self, trainer: Trainer, training: bool, order: SharedOrder) -> DataStart:
+        """Where an iteration of a dataloader starts (asked as it begins): the first training iteration after a
+        resume continues the checkpoint's epoch."""
+        if training:
+            epoch, skip, loading = trainer.current_epoch, 0, None
+            if self._resume is not None and id(order) not in self._resumed:
+                self._resumed.add(id(order))
+                epoch, skip = self._resume
+                index = next((i for i, o in enumerate(self.train_orders) if o is order), None)
+                if skip and index is not None and index < len(self._loader_states):
+                    loading = self._loader_states[index].get("loading")
+            return DataStart(derive_seed(self.base, Stream.DATA_ORDER, epoch), epoch, skip, True, loading)
+        stream = _STREAMS.get(trainer.state.stage, 0)
+        return DataStart(derive_seed(self.base, Stream.DATA_ORDER, stream, trainer.global_step, trainer.current_epoch),
+                         trainer.current_epoch)
+
+    def adopt_train_order(self, order: SharedOrder) -> None:
+        """A training dataloader's order: its generators' states go into checkpoints (and come back on resume)."""
+        index = len(self.train_orders)
+        self.train_orders.append(order)
+        if index < len(self._loader_states):
+            order.load_state_dict(self._loader_states[index])
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state_dict(self, trainer: Trainer) -> dict[str, Any]:
+        batches = trainer.num_training_batches
+        finished = self.consumed >= batches if isinstance(batches, int) else False
+        return {"seed": self.base, "epoch": self.epoch, "consumed": self.consumed, "finished": finished,
+                "loaders": [order.state_dict(finished) for order in self.train_orders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep ``state`` (from a checkpoint being resumed) until :meth:`start`."""
+        self._loaded = dict(state)

@@ -1,0 +1,134 @@
+"""Without processes: seeds, forked generators, batch fingerprints, the result encoding and shared dataloaders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy
+import pytest
+import torch
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+from lightning_pipe.strategy.data_order import DataStart, share_order
+from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.logs import LoggedValue
+from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.results import StepResult, _pack, _tensor_specs, _unpack, decode_result, encode_result
+
+
+def test_derived_seeds_are_stable_distinct_and_63_bit() -> None:
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) == 7349249248001804819  # the same in every process
+    seeds = {derive_seed(7, epoch, index, mb) for epoch in range(3) for index in range(20) for mb in range(8)}
+    assert len(seeds) == 3 * 20 * 8 and all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(-1) != derive_seed(2**64 - 2)
+
+
+def test_forked_random_draws_from_the_seed_and_leaves_the_global_generator_alone() -> None:
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    with forked_random(42):
+        first = torch.rand(3)
+    with forked_random(42):
+        again = torch.rand(3)
+    torch.testing.assert_close(first, again)
+    torch.testing.assert_close(torch.rand(3), expected_next)  # not advanced by the forked draws
+
+
+def test_fingerprint_sees_every_row_and_the_structure() -> None:
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    base = batch_fingerprint((x, y))
+    assert batch_fingerprint((x.clone(), y.clone())) == base
+    assert batch_fingerprint((x[torch.randperm(64)], y)) != base  # rows in another order
+    changed = x.clone()
+    changed[63, 0, 0, 0] += 1  # one element of the last row (the first of the row is sampled)
+    assert batch_fingerprint((changed, y)) != base
+    assert batch_fingerprint((x, y, "text")) != base and batch_fingerprint((x, y.float())) != base
+    assert batch_fingerprint({"a": ["one", 2], "b": None}) != batch_fingerprint({"a": ["one", 3], "b": None})
+    assert batch_fingerprint(torch.randn(4, 4).bfloat16()) >= 0  # a dtype NumPy lacks
+
+
+def test_results_travel_as_json_and_tensors() -> None:
+    import torch.nn.functional as F  # noqa: F401 - torch.mean is the reduce_fx below
+
+    result = StepResult(
+        torch.tensor(0.5), {"preds": torch.arange(6.0).view(3, 2), "names": ["a", "b"], "pair": (1, 2.5),
+                            7: numpy.ones(2, dtype=numpy.float32), "flag": torch.tensor([True, False])},
+        [LoggedValue("loss", torch.tensor(0.25, dtype=torch.float64), None, {"prog_bar": True, "reduce_fx": torch.mean},
+                     3), LoggedValue("mae", None, "train_mae", {"on_step": None}, None)],
+        {"train_mae": {"state": {"total": torch.tensor(4), "parts": [torch.ones(2), torch.zeros(1)]}, "count": 2,
+                       "value": None}}, None, 3)
+    text, tensors = encode_result(result, "predict_step")
+    structure = json.loads(text)
+    data = _pack(tensors, text.encode())
+    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), _tensor_specs(structure, [])))
+    torch.testing.assert_close(decoded.loss, result.loss)
+    torch.testing.assert_close(decoded.output["preds"], result.output["preds"])
+    assert decoded.output["names"] == ["a", "b"] and decoded.output["pair"] == (1, 2.5)
+    assert isinstance(decoded.output[7], numpy.ndarray) and decoded.output[7].tolist() == [1.0, 1.0]
+    assert decoded.output["flag"].tolist() == [True, False]
+    assert decoded.logs[0].options == {"prog_bar": True, "reduce_fx": "mean"} and decoded.logs[0].batch_size == 3
+    assert decoded.logs[0].value.dtype == torch.float64 and decoded.logs[1].metric == "train_mae"
+    state = decoded.metrics["train_mae"]["state"]
+    assert int(state["total"]) == 4 and [p.tolist() for p in state["parts"]] == [[1.0, 1.0], [0.0]]
+    assert decoded.rows == 3 and decoded.error is None
+
+
+def test_a_value_that_cannot_travel_is_named() -> None:
+    with pytest.raises(TypeError, match="validation_step's output holds a object.*never pickled objects"):
+        encode_result(StepResult(None, {"thing": object()}), "validation_step")
+
+
+def _loader(**options: object) -> DataLoader:
+    data = TensorDataset(torch.arange(40.0).view(40, 1))
+    return DataLoader(data, batch_size=4, **options)
+
+
+def _epochs(loader: DataLoader, starts: list[DataStart]) -> list[list[float]]:
+    """Iterate a shared copy of ``loader`` once per start, drawing from the global generator in between."""
+    pending = list(starts)
+    shared = share_order(loader, lambda order: pending.pop(0), replica=0)
+    epochs = []
+    for _ in starts:
+        epochs.append([float(batch[0].sum()) for batch in shared])
+        torch.rand(5)  # other code consumes the global generator between epochs
+    return epochs
+
+
+@pytest.mark.parametrize("options", [{"shuffle": True}, {"sampler": WeightedRandomSampler(torch.ones(40), 40)},
+                                     {"sampler": RandomSampler(range(40), generator=torch.Generator().manual_seed(3))}],
+                         ids=["shuffle", "weighted", "own-generator"])
+def test_shared_loaders_draw_their_order_from_the_seed_and_resume_mid_epoch(options: dict) -> None:
+    loader = _loader(**options)
+    torch.manual_seed(1)
+    first = _epochs(loader, [DataStart(11, 0, training=True), DataStart(12, 1, training=True)])
+    torch.manual_seed(2)  # another process, whose global generator is elsewhere
+    second = _epochs(_loader(**options) if "own" not in str(options) else loader,
+                     [DataStart(11, 0, training=True), DataStart(12, 1, training=True)])
+    if "sampler" in options and options["sampler"].__class__ is RandomSampler:
+        assert first[0] != second[0]  # the user's own generator is theirs: it went on from where it was
+    else:
+        assert first == second and first[0] != first[1]
+        skipped = _epochs(_loader(**options), [DataStart(11, 0, skip=3, training=True)])
+        assert skipped[0] == first[0][3:]
+    assert sorted(first[0]) != [] and loader.sampler is options.get("sampler", loader.sampler)
+
+
+def test_the_users_loader_is_left_as_it_was_and_main_process_loading_is_private() -> None:
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(())  # an augmentation drawing from the global generator
+
+    loader = DataLoader(Noisy(), batch_size=4)
+    shared = share_order(loader, lambda order: DataStart(5, 0, training=True), replica=0)
+    assert isinstance(shared, DataLoader) and type(shared).__name__ == "DataLoader" and shared is not loader
+    assert loader.generator is None and type(loader.batch_sampler).__name__ == "BatchSampler"
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    torch.manual_seed(0)
+    values = [batch.tolist() for batch in shared]
+    torch.testing.assert_close(torch.rand(2), expected)  # the loading drew from its own generator
+    assert values == [batch.tolist() for batch in shared]  # the same start: the same draws

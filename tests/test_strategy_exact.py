@@ -1,0 +1,408 @@
+"""Trainer end to end on 2 gloo ranks: the pipeline gives one device's result on the steps people write.
+
+Random numbers in the step code (diffusion noise, MLM masks) are the same on every rank; every rank reads the same
+batches whatever the sampler, and a loader that makes them differ is an error on every rank; a fit resumed from a
+mid-epoch checkpoint with shuffling equals the uninterrupted one; an empty batch, a stage without trainable parameters
+and an output that cannot be sent are handled on every rank."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+SEED = 1234
+
+
+def _trainer(strategy: Any, devices: int = 2, **options: Any) -> Any:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    if isinstance(strategy, dict):
+        strategy = PipelineStrategy(**strategy)
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0, "accelerator": "cpu", "devices": devices}
+    return L.Trainer(strategy=strategy, **{**defaults, **options})
+
+
+def _model(name: str) -> Any:
+    from tests.lightning_models import Denoiser, MaskedLM
+
+    return {"denoiser": Denoiser, "mlm": MaskedLM}[name]()
+
+
+def _data(name: str) -> Any:
+    from tests.lightning_models import regression_data, token_data
+
+    # batches of 10 rows: micro-batches of 3, 3, 2, 2 rows
+    return token_data(6, batch_size=10) if name == "mlm" else regression_data(6, batch_size=10)
+
+
+# -- random numbers in the step code ----------------------------------------------------------------
+def _fit_random_steps(rank: int, world_size: int, runs: list[tuple[str, str]]) -> dict[str, Any]:
+    import lightning as L
+
+    from tests.lightning_models import regression_data
+
+    results = {}
+    for model_name, strategy in runs:
+        L.seed_everything(SEED, verbose=False)
+        model = _model(model_name)
+        _trainer(strategy, max_steps=3).fit(model, _data(model_name))
+        results[f"{model_name}-{strategy}"] = model.state_dict()
+        if model_name == "denoiser":  # its validation_step draws noise before the layers and scores after them
+            validated = _trainer(strategy).validate(model, regression_data(2, batch_size=10, seed=8), verbose=False)
+            results[f"{model_name}-{strategy}-validation"] = validated[0]["val_loss"]
+    return results
+
+
+def _reference_validation(model: Any, num_microbatches: int = 4) -> float:
+    """The validation loss of ``model`` as a fresh Trainer's validate logs it, from the same step run per micro-batch
+    under the seeds the strategy derives for validation (base seed, global step 0, epoch 0, batch index)."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+    from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
+    from tests.lightning_models import regression_data
+
+    logged: list[float] = []
+    model.log = lambda name, value, **options: logged.append(float(value))
+    model.eval()
+    batch_means = []
+    with torch.no_grad():
+        for index, batch in enumerate(regression_data(2, batch_size=10, seed=8)):
+            step_seed = derive_seed(SEED, Stream.VALIDATE, 0, 0, index)
+            rows = batch_rows(batch)
+            total = 0.0
+            for number, microbatch in enumerate(split_batch(batch, num_microbatches)):
+                with forked_random(derive_seed(step_seed, number)):
+                    model.validation_step(microbatch, index)
+                total += logged.pop() * batch_rows(microbatch) / rows
+            batch_means.append(total)
+    del model.log
+    return sum(batch_means) / len(batch_means)
+
+
+def _reference(model_name: str, steps: int, num_microbatches: int = 4) -> Any:
+    """One process, no Trainer: each batch's micro-batches run the same training_step under the seeds the strategy
+    derives (base seed, epoch, batch index, micro-batch index), their losses weighted by rows, one SGD step."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+    from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
+
+    model = _model(model_name)
+    model.train()
+    optimizer = model.configure_optimizers()
+    for index, batch in enumerate(_data(model_name)):
+        if index == steps:
+            break
+        step_seed = derive_seed(SEED, Stream.TRAIN, 0, index)
+        optimizer.zero_grad()
+        rows = batch_rows(batch)
+        for number, microbatch in enumerate(split_batch(batch, num_microbatches)):
+            with forked_random(derive_seed(step_seed, number)):
+                loss = model.training_step(microbatch, index)
+            (loss * batch_rows(microbatch) / rows).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.timeout(240)
+def test_random_step_code_is_the_same_on_every_rank() -> None:
+    """Diffusion-style and MLM-style steps draw random numbers before and after the pipelined layers; under 1f1b
+    and gpipe the weights equal a one-process run of the same step per micro-batch under the same seeds, and so does
+    the validation loss of a validation_step that draws noise."""
+    runs = [(model, strategy) for model in ("denoiser", "mlm") for strategy in ("pipedream", "gpipe")]
+    results = run_ranks(_fit_random_steps, 2, runs, timeout=200)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        trained = {model: _reference(model, steps=3) for model in ("denoiser", "mlm")}
+        validation = _reference_validation(trained["denoiser"])
+    references = {model: module.state_dict() for model, module in trained.items()}
+    for model, strategy in runs:
+        got = {k: v for result in results for k, v in result[f"{model}-{strategy}"].items()}
+        expected = references[model]
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{model} {strategy} {key}")
+        initial = _model(model).state_dict()
+        assert any((initial[k] - v).abs().max() > 1e-3 for k, v in expected.items())  # it trained
+        if model == "denoiser":
+            for result in results:
+                assert result[f"denoiser-{strategy}-validation"] == pytest.approx(validation, rel=1e-5), strategy
+
+
+# -- every rank reads the same batches -----------------------------------------------------------------
+class NoisyRows(torch.utils.data.Dataset):
+    """Rows of a regression set with torch and NumPy noise drawn as each row is read (an augmentation)."""
+
+    def __init__(self, size: int = 40, width: int = 16) -> None:
+        generator = torch.Generator().manual_seed(5)
+        self.x = torch.randn(size, width, generator=generator)
+        self.y = torch.randn(size, width, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy
+
+        noise = 0.01 * torch.rand(()) + 0.01 * float(numpy.random.rand())
+        return self.x[index] + noise, self.y[index]
+
+
+class GlobalShuffle(torch.utils.data.Sampler):
+    """A custom sampler that shuffles with the global generator (its own ``generator`` is None)."""
+
+    def __init__(self, size: int, extra_draws: int = 0) -> None:
+        self.size, self.generator, self.extra_draws = size, None, extra_draws
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Any:
+        for _ in range(self.extra_draws):
+            torch.rand(1)
+        return iter(torch.randperm(self.size, generator=self.generator).tolist())
+
+
+def _loader(kind: str, rank: int = 0) -> Any:
+    from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler,
+                                  WeightedRandomSampler)
+
+    data = NoisyRows()
+    size = len(data)
+    if kind == "weighted":
+        return DataLoader(data, batch_size=8, sampler=WeightedRandomSampler(torch.rand(size) + 0.1, 32))
+    if kind == "subset":
+        return DataLoader(data, batch_size=8, sampler=SubsetRandomSampler(list(range(0, size, 2))))
+    if kind == "custom":
+        return DataLoader(data, batch_size=8, sampler=GlobalShuffle(size))
+    if kind == "batch_sampler":
+        return DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data, replacement=True, num_samples=24),
+                                                           8, drop_last=False))
+    if kind == "workers":
+        return DataLoader(data, batch_size=8, shuffle=True, num_workers=2)
+    if kind == "divergent":  # reads the global generator on a schedule that depends on the rank
+        return DataLoader(data, batch_size=8, sampler=GlobalShuffle(size, extra_draws=rank))
+    raise ValueError(kind)
+
+
+def _allow_workers() -> None:
+    """Test ranks are daemonic processes, which may not start DataLoader workers; these ones may (the workers end
+    with their rank: DataLoader workers watch their parent)."""
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
+def _drift() -> Any:
+    import lightning as L
+
+    class Drift(L.Callback):
+        """Draws from the global generator an amount that differs by rank, as layers with dropout in one stage do."""
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            torch.rand(trainer.global_rank + 1)
+
+        def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            torch.rand(3 * trainer.global_rank + 1)
+
+    return Drift()
+
+
+def _batches_seen(rank: int, world_size: int, kinds: list[str]) -> dict[str, list[float]]:
+    import lightning as L
+
+    from tests.lightning_models import Regressor
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.sums: list[float] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.sums.append(round(float(batch[0].double().sum()), 9))
+
+    _allow_workers()
+    seen = {}
+    for kind in kinds:
+        L.seed_everything(SEED + 1, workers=True)
+        torch.manual_seed(SEED + rank)  # the ranks' global generators start apart, too
+        callback = Seen()
+        _trainer("pipedream", max_epochs=2, callbacks=[_drift(), callback]).fit(Regressor(), _loader(kind, rank))
+        seen[kind] = callback.sums
+    return seen
+
+
+@pytest.mark.timeout(240)
+def test_every_rank_reads_the_same_batches() -> None:
+    """Samplers that draw from the global generator (WeightedRandomSampler, SubsetRandomSampler, a custom one, a
+    BatchSampler over a RandomSampler) and DataLoader workers that draw random numbers give both ranks the same
+    batches, though the ranks' global generators differ; each epoch gets a new order."""
+    kinds = ["weighted", "subset", "custom", "batch_sampler", "workers"]
+    results = run_ranks(_batches_seen, 2, kinds, timeout=200)
+    for kind in kinds:
+        first, second = results[0][kind], results[1][kind]
+        assert len(first) >= 6, kind
+        assert first == second, kind
+        half = len(first) // 2
+        assert first[:half] != first[half:], f"{kind}: epoch 1 repeats epoch 0"
+
+
+def _divergent(rank: int, world_size: int) -> None:
+    from tests.lightning_models import Regressor
+
+    _trainer("pipedream", max_epochs=1).fit(Regressor(), _loader("divergent", rank))
+
+
+@pytest.mark.timeout(120)
+def test_ranks_reading_different_batches_fail_together() -> None:
+    errors = run_ranks(_divergent, 2, timeout=90, expect_failure=True)
+    for rank, text in enumerate(errors):
+        assert text is not None, f"rank {rank} trained on"
+        assert "DifferentBatches" in text and "read different batches" in text, text[-3000:]
+        assert "ranks [0] read batch" in text and "ranks [1] read batch" in text, text[-3000:]
+
+
+# -- resuming mid-epoch ----------------------------------------------------------------------------------
+def _resume_loader(kind: str) -> Any:
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from tests.lightning_models import regression_data
+
+    data = regression_data(5, batch_size=8).dataset  # 5 batches an epoch
+    if kind == "shuffle":
+        return DataLoader(data, batch_size=8, shuffle=True)
+    if kind == "workers":
+        return DataLoader(data, batch_size=8, shuffle=True, num_workers=2)
+    if kind == "own_generator":
+        return DataLoader(data, batch_size=8, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(9)))
+    raise ValueError(kind)
+
+
+def _resume(rank: int, world_size: int, tmp: str, kinds: list[str]) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lightning_models import Denoiser
+
+    class Seen(L.Callback):
+        def __init__(self) -> None:
+            self.batches: list[tuple[int, int, float]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.batches.append((trainer.current_epoch, batch_idx, round(float(batch[0].double().sum()), 9)))
+
+    def fit(kind: str, callbacks: list, ckpt_path: str | None = None, **options: Any) -> tuple[Any, Any]:
+        L.seed_everything(SEED, verbose=False)
+        seen = Seen()
+        model = Denoiser(output_dropout=0.2)
+        trainer = _trainer("pipedream", callbacks=[_drift(), seen, *callbacks], enable_checkpointing=bool(callbacks),
+                           **options)
+        trainer.fit(model, _resume_loader(kind), ckpt_path=ckpt_path)
+        return model.state_dict(), seen.batches
+
+    _allow_workers()
+    results = {}
+    for kind in kinds:
+        directory = os.path.join(tmp, kind)
+        uninterrupted, batches = fit(kind, [], max_epochs=2)
+        checkpoints = ModelCheckpoint(dirpath=directory, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        fit(kind, [checkpoints], max_steps=7)  # stops mid-epoch 1, after checkpoints at steps 3 and 6
+        resumed = {}
+        for step in (3, 6):  # epoch 0 after 3 of 5 batches; epoch 1 after 1 of 5
+            state, resumed_batches = fit(kind, [], os.path.join(directory, f"step={step}.ckpt"), max_epochs=2)
+            resumed[step] = (state, resumed_batches)
+        results[kind] = {"uninterrupted": (uninterrupted, batches), "resumed": resumed}
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_mid_epoch_resume_with_shuffling_equals_uninterrupted_training(tmp_path: Path) -> None:
+    """fit(ckpt_path) from a checkpoint taken mid-epoch, with shuffling (RandomSampler, with workers, with the user's
+    own generator) and dropout in the step code, sees the batches and ends with the weights of the uninterrupted
+    fit; Lightning alone would start the resumed epoch's order afresh."""
+    kinds = ["shuffle", "workers", "own_generator"]
+    results = run_ranks(_resume, 2, str(tmp_path), kinds, timeout=280)
+    for rank, result in enumerate(results):
+        for kind in kinds:
+            state, batches = result[kind]["uninterrupted"]
+            assert len(batches) == 10
+            assert [b[2] for b in batches[:5]] != [b[2] for b in batches[5:]], kind  # reshuffled per epoch
+            for step, (resumed_state, resumed_batches) in result[kind]["resumed"].items():
+                assert resumed_batches == batches[step:], f"rank {rank} {kind} resumed at step {step}"
+                for key, value in state.items():
+                    torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-5,
+                                               msg=f"rank {rank} {kind} step {step} {key}")
+
+
+# -- edge inputs -----------------------------------------------------------------------------------------
+def _edges(rank: int, world_size: int) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from tests.lightning_models import ActivationStages, Regressor, regression_data
+
+    outcome: dict[str, Any] = {}
+
+    def attempt(name: str, run: Any) -> None:
+        try:
+            outcome[name] = run()
+        except Exception as error:  # noqa: BLE001 - the test reads the message
+            outcome[name] = f"{type(error).__name__}: {error}"
+
+    x, y = torch.randn(10, 16), torch.randn(10, 16)
+    batches = DataLoader([(x[:0], y[:0]), (x, y)], batch_size=None)  # the first batch is empty
+    attempt("empty", lambda: _trainer("pipedream", max_steps=2).fit(Regressor(), batches))
+
+    class FailsOnRankOne(Regressor):
+        def configure_optimizers(self) -> Any:
+            if self.global_rank == 1:
+                raise RuntimeError("no optimizer on this rank")
+            return super().configure_optimizers()
+
+    attempt("optimizer", lambda: _trainer("pipedream", max_steps=1).fit(FailsOnRankOne(), regression_data(1)))
+
+    class ReturnsObject(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            super().validation_step(batch, batch_idx)
+            return {"object": object()}
+
+    attempt("unsendable", lambda: _trainer("pipedream").validate(ReturnsObject(), regression_data(1), verbose=False))
+
+    for last in (True, False):  # a stage with no trainable parameter trains like one device
+        model = ActivationStages(last_untrainable=last)
+        loader = DataLoader(regression_data(4, batch_size=10).dataset, batch_size=10)
+        attempt(f"untrainable-{'last' if last else 'first'}",
+                lambda model=model, loader=loader: (_trainer({"partition": [2, 2]}, max_epochs=2).fit(model, loader),
+                                                    model.state_dict())[1])
+    return outcome
+
+
+@pytest.mark.timeout(180)
+def test_edge_inputs_fail_clearly_or_work_on_every_rank() -> None:
+    from tests.lightning_models import ActivationStages, regression_data
+
+    results = run_ranks(_edges, 2, timeout=150)
+    for rank, outcome in enumerate(results):
+        assert "ValueError: training_step got an empty batch (0 rows)" in outcome["empty"], outcome["empty"]
+        text = outcome["optimizer"]
+        assert "no optimizer on this rank" in text and (rank == 1 or "configure_optimizers failed on rank(s) [1]"
+                                                        in text), text
+        assert "cannot send" in outcome["unsendable"] and "validation_step's output holds a object" in \
+            outcome["unsendable"], outcome["unsendable"]
+    from torch.utils.data import DataLoader
+
+    for last in (True, False):
+        name = f"untrainable-{'last' if last else 'first'}"
+        got = {k: v for result in results for k, v in result[name].items()}
+        model = ActivationStages(last_untrainable=last)
+        loader = DataLoader(regression_data(4, batch_size=10).dataset, batch_size=10)
+        _trainer("auto", devices=1, max_epochs=2).fit(model, loader)
+        assert got.keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{name} {key}")
