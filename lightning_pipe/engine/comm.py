@@ -43,13 +43,13 @@ import torch.distributed as dist
 
 from . import wire
 from .notices import FailureBoard, PipelineError
+from .runtime import next_serial
 
 __all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 
 STRICT_ENV = "LIGHTNING_PIPE_STRICT_P2P"
 INITIAL_CAPACITY = 4096  # bytes of a channel's first message (its first layout and small trees fit)
 _ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
-_SERIALS: dict[tuple[int, ...], int] = defaultdict(int)
 
 
 class _Channel:
@@ -83,8 +83,8 @@ class Communicator:
         self.wire_device = self.device if self.nccl else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.size))
-        _SERIALS[ranks] += 1
-        self.prefix = f"lightning_pipe/p2p/{'-'.join(map(str, ranks))}/{_SERIALS[ranks]}"
+        serial = next_serial(("p2p", ranks))
+        self.prefix = f"lightning_pipe/p2p/{'-'.join(map(str, ranks))}/{serial}"
         self.board = FailureBoard(self.prefix, self.size)
         self.error_grace_s = 5.0  # how long a failing rank waits for its peers to take its error messages
         self.failed: PipelineError | None = None

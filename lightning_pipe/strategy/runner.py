@@ -24,6 +24,7 @@ from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
+from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
@@ -48,7 +49,6 @@ class PipelineRunner:
     with the same batch; each returns the same value on every rank.
     """
 
-    _built = 0  # runners built in this process so far
 
     def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters,
                  replica_group: dist.ProcessGroup | None = None) -> None:
@@ -60,8 +60,8 @@ class PipelineRunner:
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.layers: str | None = None  # the attribute path build() was given
-        PipelineRunner._built += 1  # every rank builds its runners in the same order: the count names this one
-        self.scope = f"runner{PipelineRunner._built}"
+        # every rank builds its runners in the same order (counted per job): the count names this one
+        self.scope = f"runner{next_serial('runner')}"
         # the ranks holding this rank's stages in the other replicas (None: one replica)
         self.replica_group = replica_group
         # Synchronous: averaged once per step, bucket by bucket as the backward ends. Asynchronous: before each of the
