@@ -25,6 +25,7 @@ from .schedules.replicated import replica_ranks, replicated, replicated_forward_
 from .schedules.transfers import CommPlan, Step, carried_out, comm_plan, shift
 from .stage import PipelineStage
 from .trace import Record
+from .watchdog import activity
 
 __all__ = ["Pipeline", "default_input_fn"]
 
@@ -141,6 +142,7 @@ class Pipeline:
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device, strict=strict_p2p)
+        self.comm.wait_timeout = config.wait_timeout
         # On CUDA, record=True also times the GPU's work: compute on its stream, packing on the communication stream.
         self._cuda_spans: list[tuple[str, str, Any, Any]] | None = [] if record and self.device.type == "cuda" else None
         if self._cuda_spans is not None:
@@ -355,6 +357,7 @@ class Pipeline:
                         self._record_step(step, start, clock())
                 if step.action is not None:
                     where, issued = f"in {step.action}", index + 1
+                    activity.doing(step.action)  # what this rank's heartbeat says it does
                     start = clock() if clock else 0.0
                     if self._cuda_spans is not None:
                         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -368,6 +371,7 @@ class Pipeline:
             # Asynchronous phases leave their last messages to the next one, where they are received.
             comm_plan_ = self.comm_plan(plan, carried_in)
             self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in comm_plan_.leaving})
+            activity.doing(_BETWEEN_STEPS)
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
             self._abort(steps, issued, str(error), error.origin_rank)
             raise
@@ -473,6 +477,8 @@ class Pipeline:
         """Most weight copies this rank has held at once besides the live ones (asynchronous schedules)."""
         return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
 
+
+_BETWEEN_STEPS = "its own code between two pipeline steps"
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
 

@@ -137,6 +137,7 @@ def make_exchange(pipe: RankView, state: StepState, training: bool) -> Callable[
     def exchange(step: Step) -> None:
         sends = [(state.to_send.pop((t.stage, t.microbatch)), t.dst, t.channel) for t in step.sends]
         labels = [(t.kind, t.stage, first_id + t.microbatch) for t in step.sends]  # global ids (see wait_sends)
+        comm.awaiting = step.recvs  # what a wait that runs out names
         trees = comm.exchange(sends, [(t.src, t.channel) for t in step.recvs], labels)
         if training:
             for t in step.sends:
