@@ -143,6 +143,9 @@ class Pipeline:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device, strict=strict_p2p)
         self.comm.wait_timeout = config.wait_timeout
+        self.detect_anomaly = config.detect_anomaly
+        self.train_steps = 0  # synchronous training steps taken (names the step where an anomaly appeared)
+        self.step_name: str | None = None  # how errors name the current training step (a strategy may set it)
         # On CUDA, record=True also times the GPU's work: compute on its stream, packing on the communication stream.
         self._cuda_spans: list[tuple[str, str, Any, Any]] | None = [] if record and self.device.type == "cuda" else None
         if self._cuda_spans is not None:
@@ -251,6 +254,7 @@ class Pipeline:
         if self.asynchronous:
             return self._train_step_async(microbatches, loss_scale, optimizer_step)
         plan = self.schedule_for(len(microbatches))
+        self.train_steps += 1
         if self._replica_sum is None:
             losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
         else:  # each replica of this stage ran some micro-batches: the gradients are their sum

@@ -127,6 +127,7 @@ def start_heartbeat() -> None:
     if not dist.is_initialized() or _STARTED[0] is dist.group.WORLD:
         return
     _STARTED[0] = dist.group.WORLD
+    activity.doing("its own code before the pipeline's first step")
     _Heartbeat(dist.group.WORLD, dist.get_rank()).start()
     _register_exit_hook()
 

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
+from lightning_pipe.engine.deadline import PeerLost
+from lightning_pipe.engine.watchdog import short_store
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -20,10 +22,9 @@ _PREFIX = "lightning_pipe"
 
 
 def _store() -> Any:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - no process group, or a store we cannot reach: nothing to share through
-        return None
+    """The job's store through a client that gives up after a few seconds (a stopped store host must not hold a
+    failing rank); ``None`` where there is none."""
+    return short_store()
 
 
 def _announce(scope: str, message: str) -> None:
@@ -88,6 +89,11 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
     try:
         yield
     except PipelineError as error:
+        if isinstance(error, PeerLost):  # a wait for other ranks failed: a rank's own error, if posted, says more
+            cause = _first_error(scope, wait=1.0)
+            if cause is not None:
+                _leave(scope)
+                raise cause from error
         _announce(scope, str(error))
         _leave(scope)
         raise

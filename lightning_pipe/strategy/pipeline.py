@@ -29,6 +29,7 @@ from typing_extensions import override
 from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
@@ -87,6 +88,13 @@ class PipelineStrategy(ProcessStrategy):
             and ``schedule="auto"``. ``None``: no cap.
         profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
             are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
+        wait_timeout: seconds any one of the pipeline's waits for other ranks (a message, the step's collectives) may
+            last; a rank that stops answering (stopped, frozen, looping in user code) then ends every rank with an
+            error naming it and what was awaited (:mod:`lightning_pipe.engine.watchdog`). Default 300; raise it for
+            steps, or work on one rank between steps, that take longer.
+        detect_anomaly: check every forward output, loss and gradient for NaN or infinity, and end training on every
+            rank with the step, micro-batch and stage where one first appeared (synchronous schedules; costs one
+            reduction per tensor checked).
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
     ``training_step`` must return the batch's *mean* loss, as usual.
@@ -146,6 +154,8 @@ class PipelineStrategy(ProcessStrategy):
         replicas: int | Sequence[int] | None = None,
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        detect_anomaly: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -162,7 +172,7 @@ class PipelineStrategy(ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache)
+            profile_cache=profile_cache, wait_timeout=wait_timeout, detect_anomaly=detect_anomaly)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -182,6 +192,8 @@ class PipelineStrategy(ProcessStrategy):
     vertical_sync = property(lambda self: self.settings.vertical_sync)
     memory_cap = property(lambda self: self.settings.memory_cap)
     profile_cache = property(lambda self: self.settings.profile_cache)
+    wait_timeout = property(lambda self: self.settings.wait_timeout)
+    detect_anomaly = property(lambda self: self.settings.detect_anomaly)
 
     @property
     def plans_cut(self) -> bool:
@@ -421,6 +433,7 @@ class PipelineStrategy(ProcessStrategy):
         """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
         trainer = self.lightning_module.trainer
         seed = self._position.step_seed(trainer)
+        self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
             with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
@@ -493,7 +506,8 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
-        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group)
+        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
+                              self.settings.wait_timeout)
 
     # -- checkpoints --------------------------------------------------------------------------------
     @override
