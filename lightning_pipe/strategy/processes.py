@@ -30,6 +30,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pipe.engine.runtime import configure_threads
+from lightning_pipe.strategy.plain import broadcast_value
 
 __all__ = ["ProcessStrategy"]
 
@@ -122,9 +123,9 @@ class ProcessStrategy(ParallelStrategy):
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
         if not _distributed_is_initialized():
             return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
+        # as JSON text in tensors, never pickled (:mod:`.plain`): Lightning broadcasts paths, flags and numbers
+        nccl = torch.distributed.get_backend() == "nccl"
+        return broadcast_value(obj, src, group=_group.WORLD, device=self.root_device if nccl else None)
 
     @override
     def reduce(self, tensor: Tensor | Any, group: Any | None = None,
