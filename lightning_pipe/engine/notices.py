@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .watchdog import short_store
+from .watchdog import short_store, silent_ranks
 
 __all__ = ["PipelineError", "FailureBoard"]
 
@@ -90,9 +90,11 @@ class FailureBoard:
             ended = self.notices.add(self.ended_key, 1)
             if dist.get_rank() != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
                 return
-            deadline = time.monotonic() + timeout
-            while ended < self.group_size and time.monotonic() < deadline:
+            deadline, silent, next_look = time.monotonic() + timeout, 0, time.monotonic() + 0.5
+            while ended < self.group_size - silent and time.monotonic() < deadline:
                 time.sleep(0.02)
                 ended = self.notices.add(self.ended_key, 0)
+                if time.monotonic() > next_look:  # killed or stopped ranks will never count themselves
+                    silent, next_look = silent_ranks(), time.monotonic() + 0.5
         except Exception:  # noqa: BLE001
             pass

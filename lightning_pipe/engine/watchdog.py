@@ -33,7 +33,7 @@ from typing import Any
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
-           "Peer", "sample_peers", "explain_wait", "arm_exit_guard"]
+           "Peer", "sample_peers", "silent_ranks", "explain_wait", "arm_exit_guard"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -233,6 +233,21 @@ def sample_peers(ranks: Iterable[int], window: float = SAMPLE_S,
                            max(0.0, time.time() - float(now.get("time", time.time()))), str(now.get("host", "")),
                            int(now.get("pid", 0)))
     return peers
+
+
+def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> int:
+    """How many ranks of the job sent no heartbeat for ``quiet_s`` seconds without having ended (killed or stopped:
+    they will read no notice, and a rank waiting for the others to read one need not wait for them)."""
+    store = short_store()
+    if store is None or not dist.is_initialized():
+        return 0
+    try:
+        beats = _read(store, range(dist.get_world_size()))
+    except Exception:  # noqa: BLE001 - the store does not answer
+        return 0
+    now = time.time()
+    return sum(1 for beat in beats.values()
+               if not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s)
 
 
 def _store_host() -> str:

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
-from lightning_pipe.engine.deadline import PeerLost
-from lightning_pipe.engine.watchdog import short_store
+from lightning_pipe.engine.deadline import PeerLost, lost_connection
+from lightning_pipe.engine.watchdog import short_store, silent_ranks
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -53,16 +53,6 @@ def _first_error(scope: str, wait: float) -> PipelineError | None:
     return None
 
 
-# What gloo and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
-_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
-         "connection was likely closed")
-
-
-def _lost_connection(error: BaseException) -> bool:
-    """Whether ``error`` says a peer went away rather than what went wrong."""
-    return isinstance(error, dist.DistNetworkError) or any(text in str(error).lower() for text in _LOST)
-
-
 def _leave(scope: str) -> None:
     """Count this rank as ended; the rank that hosts the store (global rank 0 under Lightning's launchers) waits up to
     5 s for the others, so that they can still read the first error after it has ended."""
@@ -72,10 +62,12 @@ def _leave(scope: str) -> None:
     try:
         ended = store.add(f"{_PREFIX}/{scope}/ended", 1)
         if dist.get_rank() == 0:
-            deadline = time.monotonic() + 5.0
-            while ended < dist.get_world_size() and time.monotonic() < deadline:
+            deadline, silent, next_look = time.monotonic() + 5.0, 0, time.monotonic() + 0.5
+            while ended < dist.get_world_size() - silent and time.monotonic() < deadline:
                 time.sleep(0.05)
                 ended = store.add(f"{_PREFIX}/{scope}/ended", 0)
+                if time.monotonic() > next_look:  # killed or stopped ranks will never count themselves
+                    silent, next_look = silent_ranks(), time.monotonic() + 0.5
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         pass
 
@@ -98,7 +90,7 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
         _leave(scope)
         raise
     except Exception as error:
-        if _lost_connection(error):
+        if lost_connection(error):
             cause = _first_error(scope, wait=2.0)
             if cause is not None:
                 _leave(scope)

@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_pipe.engine.cut import Partition
+from lightning_pipe.engine.deadline import explained
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
@@ -518,6 +519,7 @@ class PipelineStrategy(ProcessStrategy):
         return super().lightning_module_state_dict()
 
     @override
+    @explained("writing a checkpoint")  # a rank lost while saving is named, not gloo's closed connection
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """Gather every stage's share on global rank 0 and write one standard checkpoint there, atomically.
 

@@ -29,6 +29,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_pipe.engine.deadline import explained
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.strategy.plain import broadcast_value
 
@@ -111,6 +112,7 @@ class ProcessStrategy(ParallelStrategy):
 
     # -- collectives (as DDPStrategy) ---------------------------------------------------------------
     @override
+    @explained("a barrier")
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if not _distributed_is_initialized():
             return
@@ -120,6 +122,7 @@ class ProcessStrategy(ParallelStrategy):
             torch.distributed.barrier()
 
     @override
+    @explained("a broadcast")
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
         if not _distributed_is_initialized():
             return obj

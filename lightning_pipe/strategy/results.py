@@ -20,7 +20,7 @@ that this encoding cannot carry (an arbitrary object) is an error that names the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +224,7 @@ class ResultChannel:
         self._structure: Any = None
         self._specs: list[tuple[str, list[int]]] = []
         self.timeout = DEFAULT_WAIT_TIMEOUT  # seconds a share may wait for the other ranks (the runner sets it)
+        self.notice: Callable[[], Exception | None] | None = None  # a failure another rank posted (see .deadline)
 
     def share(self, encoded: tuple[str, list[torch.Tensor]] | None, fingerprint: int | torch.Tensor,
               flag: bool = False) -> tuple[Any, list[int] | None, bool]:
@@ -252,7 +253,7 @@ class ResultChannel:
             fingerprint = fingerprint.to(self.device)
             header[0], header[1] = fingerprint, -fingerprint
         collective(dist.all_reduce, header, op=dist.ReduceOp.MAX, what=_SHARE, group=self.group,
-                   timeout=self.timeout)
+                   timeout=self.timeout, notice=self.notice)
         words = header.cpu()
         fingerprints = None
         if int(words[0]) != -int(words[1]):
@@ -265,7 +266,8 @@ class ResultChannel:
                 torch.empty(length, dtype=torch.uint8)
             if self.device.type != "cpu":
                 message = message.to(self.device)
-            collective(dist.broadcast, message, src=self.source, what=_SHARE, group=self.group, timeout=self.timeout)
+            collective(dist.broadcast, message, src=self.source, what=_SHARE, group=self.group, timeout=self.timeout,
+                       notice=self.notice)
             data = bytearray(message.cpu().numpy().tobytes())
         if structure_length != _UNCHANGED:
             text = bytes(data[:structure_length]).decode()
@@ -282,7 +284,8 @@ class ResultChannel:
         size = dist.get_world_size(self.group)
         parts = [torch.empty((), dtype=torch.int64, device=self.device) for _ in range(size)]
         mine = torch.as_tensor(fingerprint, dtype=torch.int64).to(self.device).reshape(())
-        collective(dist.all_gather, parts, mine, what=_SHARE, group=self.group, timeout=self.timeout)
+        collective(dist.all_gather, parts, mine, what=_SHARE, group=self.group, timeout=self.timeout,
+                   notice=self.notice)
         return [int(part) for part in parts]
 
 

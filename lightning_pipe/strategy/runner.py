@@ -75,7 +75,7 @@ class PipelineRunner:
         nccl = dist.get_backend(pipeline.group) == "nccl"
         self.collective_device = pipeline.device if nccl else torch.device("cpu")
         self.channel = ResultChannel(pipeline.group, self.last_rank, self.collective_device)
-        self.channel.timeout = pipeline.config.wait_timeout
+        self.channel.timeout, self.channel.notice = pipeline.config.wait_timeout, pipeline.comm.board.read
         self._steps = 0  # steps run, for the seeds of a caller that gives none
         # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
         self.flag: Callable[[], bool] = lambda: False
