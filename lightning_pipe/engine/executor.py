@@ -397,6 +397,7 @@ class Pipeline:
     def _abort(self, steps: tuple[Step, ...], issued: int, message: str, origin_rank: int) -> None:
         """Tell the peers this rank still owed a message (they may be waiting for it), take the message a peer may be
         blocked sending, let the store's holder wait for the others to read the error, and drop this step's state."""
+        activity.doing("ending after a failure")
         owed: dict[int, Any] = {}
         expected: dict[int, Any] = {}
         for step in steps[issued:]:

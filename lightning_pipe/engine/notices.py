@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .watchdog import short_store, silent_ranks
+from .watchdog import mark_failed, short_store, silent_ranks
 
 __all__ = ["PipelineError", "FailureBoard"]
 
@@ -56,6 +56,7 @@ class FailureBoard:
             return
         try:
             self.notices.compare_set(self.key, "", f"{origin_rank}\n{message}")
+            mark_failed(self.notices, origin_rank, message)
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that held it
             pass
 

@@ -19,6 +19,7 @@ under Lightning's launcher), and a stopped host must not stop the diagnosis that
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import socket
@@ -33,7 +34,8 @@ from typing import Any
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
-           "Peer", "sample_peers", "silent_ranks", "explain_wait", "arm_exit_guard"]
+           "Peer", "sample_peers", "silent_ranks", "explain_wait", "arm_exit_guard",
+           "PipelineStuck", "mark_failed", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -45,7 +47,11 @@ SAMPLE_S = 2.5
 STORE_TIMEOUT_S = 5.0
 """Seconds a read of the store may take in a diagnosis before the store itself counts as not answering."""
 
+STUCK_GRACE_S = 10.0
+"""Seconds after a failure of the job that a rank still inside the compute action it began before it is ended."""
+
 _KEY = "lightning_pipe/heartbeat/"
+FAILED_KEY = "lightning_pipe/job_failed"
 
 
 class Activity:
@@ -101,15 +107,70 @@ class _Heartbeat(threading.Thread):
         self.store = short_store("heartbeat", timeout=30.0)
         self.host = socket.gethostname()
 
+        self.failure: dict[str, Any] | None = None  # the job's failure, once one is posted (:func:`mark_failed`)
+        self.interrupted = False
+
     def run(self) -> None:
-        beat = 0
+        beat, missed = 0, 0
         while self.store is not None and dist.is_initialized() and dist.group.WORLD is self.world:
             beat += 1
+            if missed < 3 or self.failure is None:  # a store gone after a failure: stop knocking (torch logs each)
+                try:
+                    self.store.set(self.key, _beat_text(beat, self.host))
+                    missed = 0
+                except Exception:  # noqa: BLE001 - the store's host is gone or stopped: try again, it may come back
+                    missed += 1
             try:
-                self.store.set(self.key, _beat_text(beat, self.host))
-            except Exception:  # noqa: BLE001 - the store's host is gone or stopped: try again, it may come back
+                self._unstick()
+            except Exception:  # noqa: BLE001 - no store to read the failure from: nothing to do
                 pass
             time.sleep(HEARTBEAT_S)
+
+    def _unstick(self) -> None:
+        """If the job failed while this rank's main thread was inside one compute action (user code that never
+        returns: an endless loop), end it: an exception in the main thread after :data:`STUCK_GRACE_S`, and if it is
+        still there (stuck in native code) the process after twice that."""
+        if self.failure is None:
+            what, waits, _ = activity.state
+            if isinstance(what, str) or waits:  # not inside a compute action (waits end on their own deadlines)
+                return
+            if not self.store.check([FAILED_KEY]):
+                return
+            self.failure = json.loads(self.store.get(FAILED_KEY).decode("utf-8", "replace"))
+        what, waits, since = activity.state
+        if isinstance(what, str) or waits:
+            return
+        failed_at = float(self.failure.get("time", time.time()))
+        began = time.time() - (time.monotonic() - since)
+        stuck = time.time() - failed_at
+        if began > failed_at or stuck < STUCK_GRACE_S:
+            return
+        message = (f"rank {dist.get_rank()} was still in {what} {stuck:.0f} s after the job failed (rank "
+                   f"{self.failure.get('rank')}: {self.failure.get('message', '')}); ended by lightning_pipe's "
+                   f"watchdog (user code in that action does not return: an endless loop?)")
+        if not self.interrupted:
+            self.interrupted = True
+            stuck_error = type("PipelineStuck", (PipelineStuck,), {"message": message})
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.main_thread().ident),
+                                                       ctypes.py_object(stuck_error))
+        elif stuck > 2 * STUCK_GRACE_S:
+            print(f"lightning_pipe: {message}; it did not take the exception: exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+class PipelineStuck(RuntimeError):
+    """Raised in a rank's main thread that stayed in one compute action after the job failed elsewhere."""
+
+    message = "the pipeline failed elsewhere while this rank was stuck"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(args or (self.message,)))
+
+
+def mark_failed(store: Any, rank: int, message: str) -> None:
+    """Record that the job failed (first one wins): ranks stuck in user code end themselves (:class:`_Heartbeat`)."""
+    first_line = message.strip().splitlines()[0][:300] if message.strip() else "an error"
+    store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": first_line}))
 
 
 def _beat_text(beat: int, host: str, ended: bool = False) -> str:
@@ -290,7 +351,7 @@ def explain_wait(me: int, awaited: Sequence[int], what: str, waited: float, *, l
         head = f"rank {root} stopped answering: it never sent a heartbeat"
     else:
         head = (f"rank {root} is alive but made no progress: it has been in {peer.doing} for {peer.for_s:.0f} s (an "
-                f"endless loop in user code, or work slower than the pipeline's wait timeout: raise pipeline_timeout)")
+                f"endless loop in user code, or work slower than the pipeline's wait timeout: raise wait_timeout)")
     if lost and root not in awaited:
         head = f"rank {me} lost its connection to rank {awaited[0] if len(awaited) == 1 else 'a peer'}; " + head
     return f"{head}; {waited_text}{via}", root

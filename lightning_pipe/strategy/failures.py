@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
-from lightning_pipe.engine.watchdog import short_store, silent_ranks
+from lightning_pipe.engine.watchdog import mark_failed, short_store, silent_ranks
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -32,6 +32,7 @@ def _announce(scope: str, message: str) -> None:
     if store is not None:
         try:
             store.compare_set(f"{_PREFIX}/{scope}/first_error", "", f"{dist.get_rank()}\n{message}")  # first wins
+            mark_failed(store, dist.get_rank(), message)
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
             pass
 
