@@ -13,13 +13,13 @@ the process group's timeout.
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
 
-from .watchdog import mark_failed, short_store, silent_ranks
+from .watchdog import linger, mark_failed, short_store
 
 __all__ = ["PipelineError", "FailureBoard"]
 
@@ -43,10 +43,11 @@ def default_store() -> Any:
 class FailureBoard:
     """The failure notices of one pipeline (``prefix`` names it alike on every rank), in the job's store."""
 
-    def __init__(self, prefix: str, group_size: int) -> None:
+    def __init__(self, prefix: str, group_size: int, ranks: Sequence[int] | None = None) -> None:
         self.key = f"{prefix}/first_error"
         self.ended_key = f"{prefix}/ended"
         self.group_size = group_size
+        self.ranks = list(ranks) if ranks is not None else list(range(group_size))  # the group's global ranks
         self.store = default_store()  # the process group's own client (the side plane's messages go through it)
         self.notices = short_store() if self.store is not None else None
 
@@ -83,19 +84,11 @@ class FailureBoard:
             return False
 
     def linger(self, timeout: float) -> None:
-        """Count this rank as ended; the process that holds the store waits up to ``timeout`` seconds for the others,
-        so that they can still read the notice after it is gone."""
+        """Count this rank as ended; the process that holds the store waits up to ``timeout`` seconds for the others
+        (not for killed or stopped ones), so that they can still read the notice after it is gone."""
         if self.notices is None:
             return
         try:
-            ended = self.notices.add(self.ended_key, 1)
-            if dist.get_rank() != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                return
-            deadline, silent, next_look = time.monotonic() + timeout, 0, time.monotonic() + 0.5
-            while ended < self.group_size - silent and time.monotonic() < deadline:
-                time.sleep(0.02)
-                ended = self.notices.add(self.ended_key, 0)
-                if time.monotonic() > next_look:  # killed or stopped ranks will never count themselves
-                    silent, next_look = silent_ranks(), time.monotonic() + 0.5
-        except Exception:  # noqa: BLE001
+            linger(self.notices, self.ended_key, self.ranks, timeout)
+        except Exception:  # noqa: BLE001 - the store is gone or stopped
             pass

@@ -34,7 +34,7 @@ from typing import Any
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
-           "Peer", "sample_peers", "silent_ranks", "explain_wait", "arm_exit_guard",
+           "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard",
            "PipelineStuck", "mark_failed", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -296,19 +296,36 @@ def sample_peers(ranks: Iterable[int], window: float = SAMPLE_S,
     return peers
 
 
-def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> int:
-    """How many ranks of the job sent no heartbeat for ``quiet_s`` seconds without having ended (killed or stopped:
+def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> set[int]:
+    """The ranks of the job that sent no heartbeat for ``quiet_s`` seconds without having ended (killed or stopped:
     they will read no notice, and a rank waiting for the others to read one need not wait for them)."""
     store = short_store()
     if store is None or not dist.is_initialized():
-        return 0
+        return set()
     try:
         beats = _read(store, range(dist.get_world_size()))
     except Exception:  # noqa: BLE001 - the store does not answer
-        return 0
+        return set()
     now = time.time()
-    return sum(1 for beat in beats.values()
-               if not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s)
+    return {rank for rank, beat in beats.items()
+            if not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s}
+
+
+def linger(store: Any, key: str, ranks: Sequence[int], timeout: float) -> None:
+    """Mark this rank as ended under ``key``; the process that holds the store (global rank 0, unless torchrun's agent
+    holds it) then waits up to ``timeout`` seconds until each of the global ``ranks`` has ended too or is silent
+    (:func:`silent_ranks`), so that they can still read a notice or the heartbeats before the store goes."""
+    me = dist.get_rank()
+    store.set(f"{key}/{me}", "1")
+    if me != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    deadline, silent, next_look = time.monotonic() + timeout, set(), time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        if all(rank in silent or store.check([f"{key}/{rank}"]) for rank in ranks):
+            return
+        time.sleep(0.05)
+        if time.monotonic() > next_look:
+            silent, next_look = silent_ranks(), time.monotonic() + 0.5
 
 
 def _store_host() -> str:

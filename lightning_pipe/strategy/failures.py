@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
-from lightning_pipe.engine.watchdog import mark_failed, short_store, silent_ranks
+from lightning_pipe.engine.watchdog import linger, mark_failed, short_store
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -56,19 +56,13 @@ def _first_error(scope: str, wait: float) -> PipelineError | None:
 
 def _leave(scope: str) -> None:
     """Count this rank as ended; the rank that hosts the store (global rank 0 under Lightning's launchers) waits up to
-    5 s for the others, so that they can still read the first error after it has ended."""
+    5 s for the others (not for killed or stopped ones), so that they can still read the first error after it has
+    ended."""
     store = _store()
     if store is None:
         return
     try:
-        ended = store.add(f"{_PREFIX}/{scope}/ended", 1)
-        if dist.get_rank() == 0:
-            deadline, silent, next_look = time.monotonic() + 5.0, 0, time.monotonic() + 0.5
-            while ended < dist.get_world_size() - silent and time.monotonic() < deadline:
-                time.sleep(0.05)
-                ended = store.add(f"{_PREFIX}/{scope}/ended", 0)
-                if time.monotonic() > next_look:  # killed or stopped ranks will never count themselves
-                    silent, next_look = silent_ranks(), time.monotonic() + 0.5
+        linger(store, f"{_PREFIX}/{scope}/ended", range(dist.get_world_size()), 5.0)
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         pass
 
