@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("faults", "heartbeat"))
     parser.add_argument("--wait-timeout", type=float, default=15.0)
+    parser.add_argument("--faults", nargs="+", choices=tuple(FAULTS), default=list(FAULTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     results: dict[str, Any] = {"cores": os.cpu_count()}
     if args.only != "heartbeat":
-        results["faults"] = faults(args.wait_timeout)
+        results["faults"] = faults(args.wait_timeout, tuple(args.faults))
         print(markdown_table(results["faults"], ["fault", "rank", "exit_s", "exit_code", "error", "checkpoints_left"]))
     if args.only != "faults":
         results["heartbeat"] = heartbeat(args.rounds)

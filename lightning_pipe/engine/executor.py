@@ -25,7 +25,7 @@ from .schedules.replicated import replica_ranks, replicated, replicated_forward_
 from .schedules.transfers import CommPlan, Step, carried_out, comm_plan, shift
 from .stage import PipelineStage
 from .trace import Record
-from .watchdog import activity
+from .watchdog import activity, arm_exit_guard
 
 __all__ = ["Pipeline", "default_input_fn"]
 
@@ -398,6 +398,7 @@ class Pipeline:
         """Tell the peers this rank still owed a message (they may be waiting for it), take the message a peer may be
         blocked sending, let the store's holder wait for the others to read the error, and drop this step's state."""
         activity.doing("ending after a failure")
+        arm_exit_guard()  # receives posted to peers that are gone never complete: they must not hold the exit
         owed: dict[int, Any] = {}
         expected: dict[int, Any] = {}
         for step in steps[issued:]:

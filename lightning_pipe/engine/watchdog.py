@@ -214,8 +214,9 @@ def _at_exit() -> None:
     """Mark this rank's heartbeat as ended; if a wait was given up (:func:`arm_exit_guard`), leave at once: a
     collective still blocked on a stopped peer would otherwise hold the process's exit for the process group's
     timeout (torch joins its threads)."""
-    if _STARTED[0] is not None and dist.is_initialized():
-        store = short_store("exit", timeout=2.0)
+    cached = _CLIENTS.get("main")  # never a new client here: connecting to a store that is gone blocks
+    if _STARTED[0] is not None and dist.is_initialized() and cached is not None and cached[0] is dist.group.WORLD:
+        store = cached[1]
         try:
             if store is not None:
                 store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))
