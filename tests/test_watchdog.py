@@ -32,6 +32,8 @@ def test_the_root_of_a_wait_follows_the_ranks_each_one_waits_for() -> None:
     assert _root([1], peers, me=0) == (2, [1, 2])
     peers[1] = Peer(1, "alive", "waits", waits=(0,))  # a cycle back to this rank ends the chain
     assert _root([1], peers, me=0) == (1, [1])
+    ended = {0: Peer(0, "ended"), 1: Peer(1, "silent"), 2: Peer(2, "alive", "x", waits=(0,)), 3: Peer(3, "alive")}
+    assert _root([0, 1, 2], ended, me=3) == (1, [1])  # rank 0 ended because of rank 1: name rank 1
 
 
 def test_activity_is_replaced_whole() -> None:

@@ -375,9 +375,13 @@ def explain_wait(me: int, awaited: Sequence[int], what: str, waited: float, *, l
     return f"{head}; {waited_text}{via}", root
 
 
+_BLAME = {"silent": 0, "unknown": 1, "ended": 2, "alive": 3}  # which root explains a wait best, first
+
+
 def _root(candidates: Sequence[int], peers: dict[int, Peer], me: int) -> tuple[int, list[int]] | None:
     """The first rank, following what each candidate waits for, that is not itself waiting: a stopped, ended or busy
-    rank; with the chain of ranks that led to it. Stopped and ended ranks are preferred to busy ones."""
+    rank; with the chain of ranks that led to it. A silent rank (stopped or gone) explains a wait better than one
+    that ended (often because of that silent one), which explains it better than a busy one."""
     best: tuple[int, list[int]] | None = None
     for start in candidates:
         chain, rank = [start], start
@@ -388,14 +392,9 @@ def _root(candidates: Sequence[int], peers: dict[int, Peer], me: int) -> tuple[i
             nexts = [r for r in peer.waits if r not in chain and r != me and r in peers]
             if peer.state != "alive" or not nexts:
                 break
-            silent = [r for r in nexts if peers[r].state != "alive"]
-            rank = (silent or nexts)[0]
+            rank = min(nexts, key=lambda r: _BLAME[peers[r].state])
             chain.append(rank)
         root = chain[-1]
-        if root not in peers:
-            continue
-        if peers[root].state != "alive":
-            return root, chain
-        if best is None:
+        if root in peers and (best is None or _BLAME[peers[root].state] < _BLAME[peers[best[0]].state]):
             best = (root, chain)
     return best
