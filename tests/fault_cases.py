@@ -12,8 +12,8 @@ Faults (``fault=``), all on ``victim`` at batch ``AT_BATCH`` (the third step) un
 - ``kill-forward`` / ``kill-backward``: SIGKILL inside a layer's forward / a gradient hook of the layer's output;
 - ``kill-receive``: SIGKILL once the rank's main thread waits for a message (a receive is posted);
 - ``kill-checkpoint``: SIGKILL in ``on_save_checkpoint`` of the second checkpoint (one every 2 steps);
-- ``stop``: SIGSTOP (the rank freezes; the parent SIGKILLs it when the others have ended);
-- ``loop``: an endless loop in ``training_step``;
+- ``stop``: SIGSTOP in a layer's forward (the rank freezes; the parent SIGKILLs it when the others have ended);
+- ``loop``: an endless loop in a layer's forward hook (user code);
 - ``nan``: a layer's output becomes NaN on ``victim`` (with ``detect_anomaly=True``);
 - ``bad-shape``: the last stage's targets of one batch have a wrong shape (only the last stage sees them);
 - ``none``: no fault (a reference run).
@@ -130,7 +130,7 @@ def _kill_when_waiting(activity: Any, fault_now: Any) -> None:
     """SIGKILL this rank as soon as its main thread waits for a peer (a receive posted, in comm's wait)."""
     while True:
         what, waits, _ = activity.state
-        if waits and "collective" not in str(what) and "all_reduce" not in str(what):
+        if waits and hasattr(what, "sends") and not what.sends:  # comm's wait for received messages
             fault_now()
         time.sleep(0.001)
 

@@ -11,6 +11,12 @@ follows the ranks each one waits for to the root: a rank whose counter did not m
 counter moves while it has been doing one thing all along is alive but *made no progress* (an endless loop, or a step
 slower than the deadline); a rank whose connection closed and whose counter stopped *is gone* (killed or crashed).
 
+Once the job's failure is posted (:func:`mark_failed`), a rank whose main thread is still inside the compute action
+it began before it (user code that never returns) gets :class:`PipelineStuck` raised in that thread after
+:data:`STUCK_GRACE_S`, and is ended if native code holds it :data:`STUCK_GRACE_S` later. A rank that gave up a wait
+(or failed in the pipeline) leaves at exit without joining torch's threads, which may still wait on a peer that is
+gone (:func:`arm_exit_guard`).
+
 The heartbeat is JSON, read with ``json.loads``: like every notice in the store, data and never code. Store reads here
 use a client of their own with a short timeout (:func:`short_store`): the store lives in one process (global rank 0's
 under Lightning's launcher), and a stopped host must not stop the diagnosis that names it.
