@@ -172,7 +172,8 @@ class PipelineRunner:
         averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with averaging:  # replicas: each bucket of gradients is averaged as soon as the backward completes it
-            loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
+            loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step,
+                                   seed=seed)  # the layers' dropout: from (seed, stage, micro-batch)
             if averager is not None:
                 averager.start_remaining()
             encoded = None
@@ -199,7 +200,7 @@ class PipelineRunner:
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, self._first_rows(rows))
         pipe.loss_fn = None
         self.recorder.calls = []
-        _, last_outputs = pipe.eval_step(_tagged(batch, rows))
+        _, last_outputs = pipe.eval_step(_tagged(batch, rows), seed=seed)
         encoded = None
         if pipe.is_last_rank:
             encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
