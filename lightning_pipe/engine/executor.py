@@ -77,6 +77,7 @@ class Pipeline:
         record: bool = False,
         seed: int | None = None,
         strict_p2p: bool | None = None,
+        materialize: Callable[[list[nn.Module]], None] | None = None,
         **settings: Any,
     ) -> None:
         """``config`` says how to run (:class:`~.config.PipelineConfig`); or give its fields as keywords
@@ -88,7 +89,10 @@ class Pipeline:
         forward of a stage's layers draws from a seed derived from the step's seed, the stage and the micro-batch:
         :mod:`.rng`); ``None`` takes rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set), so that it is the
         same on every rank. ``strict_p2p=True`` runs the transport's strict mode on gloo (NCCL's ordering rules,
-        emulated; default: the ``LIGHTNING_PIPE_STRICT_P2P`` environment variable, see :mod:`.comm`)."""
+        emulated; default: the ``LIGHTNING_PIPE_STRICT_P2P`` environment variable, see :mod:`.comm`).
+
+        ``materialize``: called with this rank's stage modules, in stage order, before they move to ``device``: layers
+        built on the meta device (a model too big for one device) get storage there, for this rank's layers only."""
         if config is None:
             config = PipelineConfig.of(**settings)
         elif settings:
@@ -132,6 +136,9 @@ class Pipeline:
         self._steps_run = 0  # steps given no seed, for their derived seeds
         self._batch_seeds: list[tuple[int, int, int]] = []  # (first micro-batch id, micro-batches, seed) in flight
         local = plan.stages_of(self.rank)
+        if materialize is not None:
+            materialize([modules[index] for index in local])
+        _refuse_meta(modules, local)
         self.stages: dict[int, PipelineStage] = {
             index: PipelineStage(modules[index].to(self.device), index, self.num_stages, self.device,
                                  checkpoint_activations, deferred_batchnorm=config.deferred_batchnorm)
@@ -516,6 +523,15 @@ def _replica_group(ranks: tuple[int, ...]) -> dist.ProcessGroup:
     if cached is None or cached[0] is not world:
         cached = _REPLICA_GROUPS[ranks] = (world, dist.new_group(list(ranks)))
     return cached[1]
+
+
+def _refuse_meta(modules: list[nn.Sequential], local: Sequence[int]) -> None:
+    for index in local:
+        names = [name for name, t in [*modules[index].named_parameters(), *modules[index].named_buffers()] if t.is_meta]
+        if names:
+            raise ValueError(f"stage {index}'s layers have tensors on the meta device ({', '.join(names[:5])}): give "
+                             f"them storage first, e.g. Pipeline(..., materialize=lambda stages: ...) with to_empty() "
+                             f"and reset_parameters() of each layer, or build the layers on a real device")
 
 
 def _no_optimizer() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +35,7 @@ from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, chec
 from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
@@ -171,6 +172,7 @@ class PipelineStrategy(ProcessStrategy):
         self._example_input_array: Any = None
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
+        self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
 
     # The settings, by name (read-only: they are fixed when the strategy is made).
     schedule = property(lambda self: self.settings.schedule)
@@ -309,6 +311,8 @@ class PipelineStrategy(ProcessStrategy):
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
+        if runner is None:
+            refuse_planned_cut(module, settings.plans_cut)
         if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             earlier = runner.config
             auto = settings.schedule == AUTO_SCHEDULE
@@ -329,8 +333,10 @@ class PipelineStrategy(ProcessStrategy):
         if runner is None:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
+            _, sequence = find_sequence(module, settings.layers)
+            self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device, self._position.base)
             runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
-                                          **groups)
+                                          materialize=self._materializer, **groups)
         elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (
                 config, settings.layers, shape.pipeline_ranks, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
@@ -477,16 +483,52 @@ class PipelineStrategy(ProcessStrategy):
         return output
 
     @override
+    def on_train_start(self) -> None:
+        self._check_materialized()
+
+    @override
     def on_validation_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
 
     @override
     def on_test_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
 
     @override
     def on_predict_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
+
+    def _check_materialized(self) -> None:
+        """Before the first step of a module built on the meta device: every tensor that no ``reset_parameters()``
+        initialized must have been loaded (from a checkpoint) since; else every rank raises, naming them."""
+        if self._materializer is None:
+            return
+        problem, self._materializer = self._materializer.unwritten(), None
+        raise_together(ValueError(problem) if problem else None, "materializing the model", None,
+                       self._collective_device())
+
+    # -- building on the meta device ----------------------------------------------------------------
+    @contextlib.contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
+        it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
+        materialize`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this rank's device."""
+        if empty_init is False:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Checkpoints are loaded after the cut: each rank reads only its own stages' weights and state."""
+        return True
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         if self._async is not None:
@@ -526,6 +568,8 @@ class PipelineStrategy(ProcessStrategy):
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
+                self._position.start(trainer)
         return checkpoint
 
     @override
