@@ -78,7 +78,7 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
                 storage_options: Any | None = None) -> None:
     """Write ``checkpoint`` to ``path`` so that a crash while writing leaves any previous file there intact.
 
-    Local paths are written to a temporary file beside ``path`` and renamed over it (``os.replace`` is atomic);
+    Local paths are written to a temporary file beside ``path``, fsync'd, and renamed over it (``os.replace`` is atomic);
     remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole.
     """
     target = os.fspath(path)
@@ -90,7 +90,17 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     try:
         checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
+        _fsync(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
         os.replace(temporary, target)
+        _fsync(directory)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -45,6 +45,8 @@ from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
+from lightning_pipe.strategy.sharded import (is_sharded, load_sharded_optimizers, load_sharded_weights, read_sharded,
+                                             save_sharded)
 from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["PipelineStrategy"]
@@ -88,6 +90,11 @@ class PipelineStrategy(ProcessStrategy):
             and ``schedule="auto"``. ``None``: no cap.
         profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
             are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
+        checkpoint_format: ``"full"``: one standard Lightning file, gathered on global rank 0 (small models, and
+            ``load_from_checkpoint`` on one device); ``"sharded"``: a folder at the checkpoint's path into which every
+            rank writes its own stages' weights and optimizer state in parallel (torch.distributed.checkpoint), keyed
+            by the unpipelined model's names, so that it resumes on any layout (see :mod:`lightning_pipe.strategy.
+            sharded`). Either is loaded by ``fit(ckpt_path=...)``; ``python -m lightning_pipe.checkpoint`` converts.
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
     ``training_step`` must return the batch's *mean* loss, as usual.
@@ -147,6 +154,7 @@ class PipelineStrategy(ProcessStrategy):
         replicas: int | Sequence[int] | None = None,
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
+        checkpoint_format: str = "full",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -163,7 +171,7 @@ class PipelineStrategy(ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache)
+            profile_cache=profile_cache, checkpoint_format=checkpoint_format)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -173,6 +181,7 @@ class PipelineStrategy(ProcessStrategy):
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
         self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
+        self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
 
     # The settings, by name (read-only: they are fixed when the strategy is made).
     schedule = property(lambda self: self.settings.schedule)
@@ -184,6 +193,7 @@ class PipelineStrategy(ProcessStrategy):
     vertical_sync = property(lambda self: self.settings.vertical_sync)
     memory_cap = property(lambda self: self.settings.memory_cap)
     profile_cache = property(lambda self: self.settings.profile_cache)
+    checkpoint_format = property(lambda self: self.settings.checkpoint_format)
 
     @property
     def plans_cut(self) -> bool:
@@ -547,24 +557,41 @@ class PipelineStrategy(ProcessStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Gather every stage's share on global rank 0 and write one standard checkpoint there, atomically.
-
-        Replicas hold equal weights and optimizer states: only the first replica's pipeline takes part."""
+        """``checkpoint_format="full"``: gather every stage's share on global rank 0 and write one standard checkpoint
+        there (only the first replica's pipeline takes part: replicas hold equal states). ``"sharded"``: every rank
+        writes its own share into a folder at ``filepath`` (:mod:`lightning_pipe.strategy.sharded`). Either way the
+        file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
         runner = self.runner
         trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
-        if self.mesh_shape.coordinates(self.global_rank)[1] != 0:
+        device = self._collective_device()
+        if self.checkpoint_format == "sharded":
+            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout,
+                         runner.split.state_keys, device)
             return
-        full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
-        if self.is_global_zero:
-            assert full is not None
-            atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
+        error: BaseException | None = None
+        if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
+            full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
+            try:
+                if self.is_global_zero:
+                    assert full is not None
+                    atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
+            except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+                error = caught
+            del full
+        raise_together(error, f"writing the checkpoint {filepath}", None, device)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """As Lightning; a fit resumed from it continues from its position in the data and its seed."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        """As Lightning, or a sharded checkpoint folder (without its weights and optimizer states: the next hooks load
+        this rank's share); a fit resumed from it continues from its position in the data and its seed."""
+        self._sharded_path = None
+        if is_sharded(checkpoint_path):
+            self._sharded_path = os.fspath(checkpoint_path)
+            checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
+        else:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
@@ -578,7 +605,9 @@ class PipelineStrategy(ProcessStrategy):
         assert module is not None
         runner = self._runner if self._runner is not None and self._runner.module is module else None
         runner = runner or PipelineRunner.of(module)
-        if runner is None:
+        if self._sharded_path is not None and "state_dict" not in checkpoint:
+            load_sharded_weights(self._sharded_path, module, strict=strict)
+        elif runner is None:
             super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
         else:
             runner.split.load_state_dict(checkpoint["state_dict"], strict=strict)
@@ -586,6 +615,12 @@ class PipelineStrategy(ProcessStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         runner = self.runner  # replicas share their pipeline rank's states
+        if self._sharded_path is not None:
+            load_sharded_optimizers(self._sharded_path, self.lightning_module, self.optimizers,
+                                    checkpoint["optimizer_param_groups"])
+            for optimizer in self.optimizers:
+                _optimizer_to_device(optimizer, self.root_device)
+            return
         optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
         for optimizer, state in zip(self.optimizers, optimizer_states):
             optimizer.load_state_dict(state)

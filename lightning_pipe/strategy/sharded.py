@@ -1,0 +1,261 @@
+"""Sharded checkpoints: every rank writes its own stages into one folder with torch.distributed.checkpoint (DCP).
+
+A sharded checkpoint is a folder at the path Lightning gives (``epoch=3-step=400.ckpt/``):
+
+- DCP's files (``.metadata``, ``__<rank>_<n>.distcp``): every rank's weights under ``model/<name>`` and its optimizers'
+  state under ``optim/<i>/<name>/<key>`` (``exp_avg``, ``step``, ...), where ``<name>`` is the parameter's name in the
+  unpipelined model. No key depends on the layout, so any layout loads them: each rank asks DCP for the keys of its
+  own parameters only, and no rank ever holds another rank's state. Replicas and tied copies write equal values under
+  the same key; DCP keeps one.
+- ``meta.pt`` (global rank 0): the rest of Lightning's checkpoint, which every rank has alike (loops, LR schedulers,
+  hyperparameters, the run's position and seed), the optimizers' parameter groups, and the layout that wrote it.
+- ``rank-<r>.pt`` (every rank): what may differ between ranks: the callbacks' states (an EMA of a stage's weights)
+  and the module's ``on_save_checkpoint`` extras. On the same layout each rank gets its own back; on another, the
+  callbacks' states are merged over the ranks, and entries keyed by a name of the model go only to the rank holding it.
+
+Durable: all of it is written into ``<parent>/.lightning_pipe-writing/<name>``, every file fsync'd (DCP's
+``sync_files``, and :func:`write_file`), and only when every rank has written its part does global rank 0 rename the
+folder into place (an older checkpoint at the path is moved aside first, then deleted). A failure on any rank is raised
+on every rank, with its cause; the previous checkpoint at the path stays as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.optim import Optimizer
+
+from lightning_pipe.strategy.failures import raise_together
+
+__all__ = ["MODEL", "OPTIM", "META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
+           "load_sharded_weights", "load_sharded_optimizers", "write_file", "parameter_names", "optimizer_entries"]
+
+MODEL, OPTIM = "model/", "optim/"
+META_FILE = "meta.pt"
+SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
+STAGING = ".lightning_pipe-writing"
+# Lightning's own keys, the same on every rank (the rest of a rank's checkpoint is its own: rank-<r>.pt)
+_SHARED = {"epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers", "hparams_name",
+           "hyper_parameters", "datamodule_hparams_name", "datamodule_hyper_parameters", "pipeline_position"}
+
+T = TypeVar("T")
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META_FILE))
+
+
+def write_file(value: Any, path: str) -> None:
+    """``torch.save`` to ``path``, flushed and fsync'd before returning."""
+    with open(path, "wb") as file:
+        torch.save(value, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def optimizer_entries(index: int, optimizer: Optimizer, state: Mapping[str, Any],
+                      names: Mapping[int, list[str]]) -> dict[str, Any]:
+    """An optimizer's ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    entries = {}
+    for number, values in state["state"].items():
+        for name in names.get(id(params[number]), []):  # a tied parameter under each of its names
+            for key, value in values.items():
+                entries[f"{OPTIM}{index}/{name}/{key}"] = value
+    return entries
+
+
+def _together(what: str, device: torch.device, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on every rank; if it fails on any, raise on every rank (with the cause) before anyone goes on."""
+    error, result = None, None
+    try:
+        result = work()
+    except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+        error = caught
+    raise_together(error, what, None, device)
+    return result
+
+
+def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module: torch.nn.Module,
+                 optimizers: Sequence[Optimizer], layout: Mapping[str, Any], state_keys: list[str],
+                 device: torch.device) -> None:
+    """Write this rank's share of ``checkpoint`` into the sharded checkpoint folder ``path`` (collective: every rank
+    calls it). ``layout`` describes the pipeline; ``state_keys`` are the full model's ``state_dict`` keys."""
+    target = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(target)
+    staging = os.path.join(parent, STAGING, name)
+    rank = dist.get_rank()
+    what = f"writing the sharded checkpoint {target}"
+
+    def prepare() -> dict[str, Any]:
+        if rank == 0:  # what a crash left of an earlier attempt
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
+        names = parameter_names(module)
+        for index, (optimizer, opt_state) in enumerate(zip(optimizers, checkpoint.get("optimizer_states", []))):
+            state.update(optimizer_entries(index, optimizer, opt_state, names))
+        return state
+
+    state = _together(what, device, prepare)
+    assert state is not None
+    # DCP gathers every rank's failure and raises it on all of them
+    _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
+    del state
+
+    def write_own() -> None:
+        own = {key: value for key, value in checkpoint.items()
+               if key not in _SHARED and key not in ("state_dict", "optimizer_states")}
+        write_file(own, os.path.join(staging, f"rank-{rank}.pt"))
+        if rank == 0:
+            meta = {key: value for key, value in checkpoint.items() if key in _SHARED}
+            if "optimizer_states" in checkpoint:
+                meta["optimizer_param_groups"] = [[{k: v for k, v in group.items() if k != "params"}
+                                                   for group in state["param_groups"]]
+                                                  for state in checkpoint["optimizer_states"]]
+            meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
+                                 "state_keys": list(state_keys)}
+            write_file(meta, os.path.join(staging, META_FILE))
+
+    _together(what, device, write_own)
+    _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
+
+
+def _publish(staging: str, target: str) -> None:
+    """Rename the written folder into place; an older checkpoint there is moved aside first and deleted after."""
+    _fsync_dir(staging)
+    aside = None
+    if os.path.lexists(target):
+        aside = f"{staging}.previous"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    os.replace(staging, target)
+    _fsync_dir(os.path.dirname(target))
+    if aside is not None:
+        shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
+    with_staging = os.path.dirname(staging)
+    if not os.listdir(with_staging):
+        os.rmdir(with_staging)
+
+
+def _fsync_dir(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys: Iterable[str]) -> dict[str, Any]:
+    """Lightning's checkpoint dict of a sharded folder, without weights and optimizer states (which
+    :func:`load_sharded_weights` and :func:`load_sharded_optimizers` read), for this rank: its own ``rank-<r>.pt`` on
+    the layout that wrote it, else the ranks' callback states merged (entries named after the model's tensors only for
+    those in ``local_keys``)."""
+    path = os.fspath(path)
+    checkpoint = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=False)
+    written = checkpoint[SHARDED_KEY]
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if written["layout"] == dict(layout) and written["world_size"] == world_size:
+        checkpoint.update(torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False))
+    else:
+        model_keys, local = set(written["state_keys"]), set(local_keys)
+        keep = lambda key: key not in model_keys or key in local  # noqa: E731
+        callbacks: dict[str, Any] = {}
+        for other in range(written["world_size"]):
+            own = torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False)
+            callbacks = _merged(callbacks, own.pop("callbacks", {}) or {}, keep)
+            for key, value in own.items():
+                checkpoint.setdefault(key, value)
+        checkpoint["callbacks"] = callbacks
+    if "optimizer_param_groups" in checkpoint:
+        checkpoint["optimizer_states"] = []  # Lightning asks for the key; load_sharded_optimizers fills them
+    return checkpoint
+
+
+def _merged(into: Any, value: Any, keep: Callable[[str], bool]) -> Any:
+    """Merge one rank's callback state into the earlier ranks': mappings key by key (dropping entries named after
+    another rank's tensors), anything else as the first rank that had it."""
+    if isinstance(value, Mapping) and (into is None or isinstance(into, Mapping)):
+        result = dict(into or {})
+        for key, item in value.items():
+            if not (isinstance(key, str) and not keep(key)):
+                result[key] = _merged(result.get(key), item, keep)
+        return result
+    return value if into is None else into
+
+
+def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
+    """Load this rank's weights of ``module`` (cut: its share, with the full model's names) from the folder, in place
+    (collective: every rank calls it)."""
+    reader = FileSystemReader(os.fspath(path))
+    saved = reader.read_metadata().state_dict_metadata
+    state = {f"{MODEL}{key}": value for key, value in module.state_dict(keep_vars=True).items()}
+    missing = [key[len(MODEL):] for key in state if key not in saved]
+    if missing and strict:
+        raise RuntimeError(f"the sharded checkpoint {os.fspath(path)} does not match {type(module).__name__}: it has no "
+                           f"{missing[:10]}; load it into the module that wrote it, or pass strict_loading=False")
+    state = {key: value.data for key, value in state.items() if key in saved}
+    dcp.load(state, storage_reader=reader)
+
+
+def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, optimizers: Sequence[Optimizer],
+                            param_groups: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+    """Give each optimizer of this rank the state of its parameters from the folder (collective)."""
+    reader = FileSystemReader(os.fspath(path))
+    saved = reader.read_metadata().state_dict_metadata
+    if len(param_groups) != len(optimizers):
+        raise ValueError(f"the checkpoint has {len(param_groups)} optimizers' states, configure_optimizers returns "
+                         f"{len(optimizers)}; resume with the module's own configure_optimizers")
+    by_param: dict[tuple[int, str], list[str]] = {}  # (optimizer, parameter name) -> its state's keys
+    for key in saved:
+        if key.startswith(OPTIM):
+            index, rest = key[len(OPTIM):].split("/", 1)
+            name, entry = rest.rsplit("/", 1)
+            by_param.setdefault((int(index), name), []).append(entry)
+    names = parameter_names(module)
+    wanted: dict[str, Any] = {}
+    layouts = []
+    for index, optimizer in enumerate(optimizers):
+        if len(param_groups[index]) != len(optimizer.param_groups):
+            raise ValueError(f"optimizer {index} has {len(optimizer.param_groups)} parameter groups on this rank, the "
+                             f"checkpoint's has {len(param_groups[index])}: every rank's configure_optimizers must "
+                             f"make the same groups (an empty group is fine)")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        entries: dict[int, tuple[str, list[str]]] = {}
+        for number, param in enumerate(params):
+            name = next((n for n in names.get(id(param), []) if (index, n) in by_param), None)
+            if name is not None:
+                entries[number] = (name, by_param[(index, name)])
+                for entry in by_param[(index, name)]:
+                    key = f"{OPTIM}{index}/{name}/{entry}"
+                    meta = saved[key]
+                    wanted[key] = (torch.empty(meta.size, dtype=meta.properties.dtype)
+                                   if isinstance(meta, TensorStorageMetadata) else None)
+        layouts.append(entries)
+    dcp.load(wanted, storage_reader=reader)
+    for index, (optimizer, entries) in enumerate(zip(optimizers, layouts)):
+        state = {number: {entry: wanted[f"{OPTIM}{index}/{name}/{entry}"] for entry in keys}
+                 for number, (name, keys) in entries.items()}
+        groups, first = [], 0
+        for saved_group, group in zip(param_groups[index], optimizer.param_groups):
+            groups.append({**saved_group, "params": list(range(first, first + len(group["params"])))})
+            first += len(group["params"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
