@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["LazyRegressor", "Scale", "ScaledRegressor", "EMA", "materialized_like_pipeline"]
+__all__ = ["LazyRegressor", "Scale", "ScaledRegressor", "EMA", "NotedRegressor", "materialized_like_pipeline"]
 
 
 class LazyRegressor(L.LightningModule):
@@ -95,3 +95,18 @@ def materialized_like_pipeline(module: nn.Module, seed: int) -> nn.Module:
     _, sequence = find_sequence(module)
     LocalMaterializer(module, sequence, torch.device("cpu"), seed)([sequence])
     return module
+
+
+class NotedRegressor(LazyRegressor):
+    """LazyRegressor whose ``on_save_checkpoint`` adds an entry that differs on every rank, and which records what
+    ``on_load_checkpoint`` gave it back."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=0.01)
+        self.loaded_note: str | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stage_note"] = f"written by rank {self.global_rank}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_note = checkpoint.get("stage_note")

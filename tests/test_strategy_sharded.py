@@ -24,13 +24,13 @@ LAYOUTS: dict[str, tuple[dict[str, Any], int, int]] = {
 # single pipeline's, so runs that pass through 2x2 draw none (and the 2x2 run equals the single pipeline's).
 
 
-def _trainer(layout: str, **options: Any) -> Any:
+def _trainer(layout: str, checkpoint_format: str = "sharded", **options: Any) -> Any:
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
 
     arguments, devices, _ = LAYOUTS[layout]
-    strategy = PipelineStrategy(num_microbatches=4, checkpoint_format="sharded", **arguments)
+    strategy = PipelineStrategy(num_microbatches=4, checkpoint_format=checkpoint_format, **arguments)
     defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                 "enable_checkpointing": False, "num_sanity_val_steps": 0, "max_epochs": 2,
                 "use_distributed_sampler": False}  # the replicas' samplers: see _loader
@@ -55,7 +55,7 @@ def _loader(layout: str, trainer: Any) -> Any:
 
 
 def _fit(layout: str, epochs: int, noise: float, ckpt_path: str | None = None,
-         checkpoints: str | None = None) -> dict[str, Any]:
+         checkpoints: str | None = None, checkpoint_format: str = "sharded") -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -66,7 +66,7 @@ def _fit(layout: str, epochs: int, noise: float, ckpt_path: str | None = None,
     callbacks: list[Any] = [ema]
     if checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=2, monitor="train_loss"))
-    trainer = _trainer(layout, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=checkpoints is not None)
+    trainer = _trainer(layout, checkpoint_format, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=checkpoints is not None)
     model = LazyRegressor(noise=noise)  # built in configure_model(), on the meta device; noise: the step code's RNG
     trainer.fit(model, _loader(layout, trainer), ckpt_path=ckpt_path)
     first_replica = trainer.strategy.mesh_shape.coordinates(trainer.global_rank)[1] == 0
@@ -79,7 +79,14 @@ def _run(rank: int, world_size: int, tmp: str, jobs: list[tuple[str, ...]]) -> d
 
     results: dict[str, Any] = {}
     for job in jobs:
-        if job[0] == "write":  # one epoch, with a sharded checkpoint at its end
+        if job[0] == "full":  # the same, with checkpoint_format="full", on the same layout
+            layout, folder = job[1], os.path.join(tmp, f"full-{job[1]}")
+            _fit(layout, 1, 0.01, checkpoints=folder, checkpoint_format="full")
+            results[f"files full-{layout}"] = sorted(os.listdir(folder))
+            results[f"uninterrupted {layout} from full-{layout}"] = _fit(layout, 2, 0.01, checkpoint_format="full")
+            results[f"resumed {layout} from full-{layout}"] = _fit(layout, 2, 0.01, ckpt_path="last", checkpoints=folder,
+                                                                   checkpoint_format="full")
+        elif job[0] == "write":  # one epoch, with a sharded checkpoint at its end
             layout = job[1]
             noise = 0.0 if layout in ("2x2", "3-1") else 0.01  # see NOISE
             results[f"write {layout}"] = _fit(layout, 1, noise, checkpoints=os.path.join(tmp, layout))
@@ -104,10 +111,12 @@ def _gathered(results: list[dict[str, Any]], key: str, part: str) -> dict[str, t
 def test_sharded_checkpoints_resume_exactly_on_other_layouts(tmp_path: Path) -> None:
     """4 stages -> 2, 2 -> 4, 2x2 -> 4x1, 2 (uniform) -> 2 (partition [2, 6]), [3, 1] -> 2x2: the weights, Adam, the LR
     scheduler, the loops and the EMA callback's shadow weights come back, and the steps after resuming equal the
-    uninterrupted run's on the new layout (1e-5). ModelCheckpoint(save_last=True, save_top_k=2), fit(ckpt_path='last')."""
+    uninterrupted run's on the new layout (1e-5). ModelCheckpoint(save_last=True, save_top_k=2), fit(ckpt_path='last'),
+    also with checkpoint_format='full' (on the same layout)."""
     tmp = str(tmp_path)
     writers = run_ranks(_run, 4, tmp, [("write", "4"), ("write", "2x2"), ("write", "3-1")], timeout=200)
-    readers2 = run_ranks(_run, 2, tmp, [("write", "2"), ("read", "2", "4"), ("read", "2-front", "2")], timeout=200)
+    readers2 = run_ranks(_run, 2, tmp, [("write", "2"), ("read", "2", "4"), ("read", "2-front", "2"), ("full", "2")],
+                         timeout=240)
     readers4 = run_ranks(_run, 4, tmp, [("read", "4", "2"), ("read", "4", "2x2"), ("read", "2x2", "3-1")], timeout=300)
     for layout in ("4", "2x2", "3-1"):
         files = writers[0][f"files {layout}"]
@@ -132,7 +141,9 @@ def test_sharded_checkpoints_resume_exactly_on_other_layouts(tmp_path: Path) -> 
                 for name, value in uninterrupted["ema"].items():
                     torch.testing.assert_close(resumed["ema"][name], value, rtol=1e-5, atol=1e-5, msg=name)
             checked += 1
-    assert checked == 5
+    assert checked == 6
+    assert readers2[0]["files full-2"] == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert os.path.isfile(tmp_path / "full-2" / "last.ckpt")
     first_epoch = _gathered(writers, "write 4", "state")
     final = _gathered(readers4, "uninterrupted 4 from 2x2", "state")
     assert any((first_epoch[name] - value).abs().max() > 1e-3 for name, value in final.items())

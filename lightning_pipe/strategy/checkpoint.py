@@ -18,7 +18,8 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-__all__ = ["PIPELINE_KEY", "gather_checkpoint", "training_state_of_rank", "atomic_save"]
+__all__ = ["PIPELINE_KEY", "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save",
+           "own_entries", "with_own_entries"]
 
 PIPELINE_KEY = "pipeline"
 
@@ -32,6 +33,7 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
+    share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     shares: list[Any] | None = [None] * world_size if rank == 0 else None
     dist.gather_object(share, shares, dst=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
@@ -55,6 +57,29 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
             "optimizer_states": [part.get("optimizer_states", []) for part in shares],
             "lr_schedulers": [part.get("lr_schedulers", []) for part in shares],
         }
+    full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
+    return full
+
+
+# Lightning's entries that are the same on every rank; the others (callbacks, on_save_checkpoint's extras) may differ
+SHARED_ENTRIES = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers",
+                            "hparams_name", "hyper_parameters", "datamodule_hparams_name",
+                            "datamodule_hyper_parameters", "pipeline_position", "state_dict", "optimizer_states",
+                            PIPELINE_KEY})
+
+
+def own_entries(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a rank's checkpoint that may differ between ranks: callbacks' states, the module's extras."""
+    return {key: value for key, value in checkpoint.items() if key not in SHARED_ENTRIES}
+
+
+def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str, Any]) -> dict[str, Any]:
+    """A full checkpoint with pipeline rank ``rank``'s own callbacks and extras in place of rank 0's, where the
+    layout is the one that wrote it (else as written: rank 0's)."""
+    section = checkpoint.get(PIPELINE_KEY)
+    if section and "own" in section and dict(section["layout"]) == dict(layout) and rank < len(section["own"]):
+        checkpoint.update(section["own"][rank])
+    return checkpoint
     return full
 
 

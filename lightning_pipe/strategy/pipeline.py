@@ -32,7 +32,8 @@ from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
-from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.strategy.checkpoint import (atomic_save, gather_checkpoint, training_state_of_rank,
+                                               with_own_entries)
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
@@ -592,6 +593,8 @@ class PipelineStrategy(ProcessStrategy):
             checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
         else:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
+                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout)
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])

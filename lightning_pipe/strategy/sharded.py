@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
+from lightning_pipe.strategy.checkpoint import SHARED_ENTRIES, own_entries
 from lightning_pipe.strategy.failures import raise_together
 
 __all__ = ["MODEL", "OPTIM", "META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
@@ -42,10 +43,6 @@ MODEL, OPTIM = "model/", "optim/"
 META_FILE = "meta.pt"
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
-# Lightning's own keys, the same on every rank (the rest of a rank's checkpoint is its own: rank-<r>.pt)
-_SHARED = {"epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers", "hparams_name",
-           "hyper_parameters", "datamodule_hparams_name", "datamodule_hyper_parameters", "pipeline_position"}
-
 T = TypeVar("T")
 
 
@@ -114,28 +111,35 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
             state.update(optimizer_entries(index, optimizer, opt_state, names))
         return state
 
-    state = _together(what, device, prepare)
-    assert state is not None
-    # DCP gathers every rank's failure and raises it on all of them
-    _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-    del state
-
-    def write_own() -> None:
-        own = {key: value for key, value in checkpoint.items()
-               if key not in _SHARED and key not in ("state_dict", "optimizer_states")}
-        write_file(own, os.path.join(staging, f"rank-{rank}.pt"))
+    try:
+        state = _together(what, device, prepare) or {}
+        # DCP gathers every rank's failure and raises it on all of them
+        _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
+        del state
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, state_keys))
+        _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
+    except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
-            meta = {key: value for key, value in checkpoint.items() if key in _SHARED}
-            if "optimizer_states" in checkpoint:
-                meta["optimizer_param_groups"] = [[{k: v for k, v in group.items() if k != "params"}
-                                                   for group in state["param_groups"]]
-                                                  for state in checkpoint["optimizer_states"]]
-            meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
-                                 "state_keys": list(state_keys)}
-            write_file(meta, os.path.join(staging, META_FILE))
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_if_empty(os.path.dirname(staging))
+        dist.barrier()  # no rank goes on (to list the folder, say) before it is gone
+        raise
 
-    _together(what, device, write_own)
-    _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
+
+def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
+               state_keys: list[str]) -> None:
+    """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt)."""
+    write_file(own_entries(checkpoint), os.path.join(staging, f"rank-{rank}.pt"))
+    if rank == 0:
+        meta = {key: value for key, value in checkpoint.items()
+                if key in SHARED_ENTRIES and key not in ("state_dict", "optimizer_states")}
+        if "optimizer_states" in checkpoint:
+            meta["optimizer_param_groups"] = [[{k: v for k, v in group.items() if k != "params"}
+                                               for group in state["param_groups"]]
+                                              for state in checkpoint["optimizer_states"]]
+        meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
+                             "state_keys": list(state_keys)}
+        write_file(meta, os.path.join(staging, META_FILE))
 
 
 def _publish(staging: str, target: str) -> None:
@@ -150,9 +154,14 @@ def _publish(staging: str, target: str) -> None:
     _fsync_dir(os.path.dirname(target))
     if aside is not None:
         shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
-    with_staging = os.path.dirname(staging)
-    if not os.listdir(with_staging):
-        os.rmdir(with_staging)
+    _remove_if_empty(os.path.dirname(staging))
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty (another checkpoint being written), or gone
+        pass
 
 
 def _fsync_dir(path: str) -> None:
