@@ -86,6 +86,10 @@ def _run(rank: int, world_size: int, tmp: str, jobs: list[tuple[str, ...]]) -> d
             results[f"uninterrupted {layout} from full-{layout}"] = _fit(layout, 2, 0.01, checkpoint_format="full")
             results[f"resumed {layout} from full-{layout}"] = _fit(layout, 2, 0.01, ckpt_path="last", checkpoints=folder,
                                                                    checkpoint_format="full")
+            other = job[2]  # and on another layout: named optimizer states, the callbacks merged
+            results[f"uninterrupted {other} from full-{layout}"] = _fit(other, 2, 0.01, checkpoint_format="full")
+            results[f"resumed {other} from full-{layout}"] = _fit(other, 2, 0.01, ckpt_path=os.path.join(folder, "last.ckpt"),
+                                                                  checkpoint_format="full")
         elif job[0] == "write":  # one epoch, with a sharded checkpoint at its end
             layout = job[1]
             noise = 0.0 if layout in ("2x2", "3-1") else 0.01  # see NOISE
@@ -115,7 +119,7 @@ def test_sharded_checkpoints_resume_exactly_on_other_layouts(tmp_path: Path) -> 
     also with checkpoint_format='full' (on the same layout)."""
     tmp = str(tmp_path)
     writers = run_ranks(_run, 4, tmp, [("write", "4"), ("write", "2x2"), ("write", "3-1")], timeout=200)
-    readers2 = run_ranks(_run, 2, tmp, [("write", "2"), ("read", "2", "4"), ("read", "2-front", "2"), ("full", "2")],
+    readers2 = run_ranks(_run, 2, tmp, [("write", "2"), ("read", "2", "4"), ("read", "2-front", "2"), ("full", "2", "2-front")],
                          timeout=240)
     readers4 = run_ranks(_run, 4, tmp, [("read", "4", "2"), ("read", "4", "2x2"), ("read", "2x2", "3-1")], timeout=300)
     for layout in ("4", "2x2", "3-1"):
@@ -141,7 +145,7 @@ def test_sharded_checkpoints_resume_exactly_on_other_layouts(tmp_path: Path) -> 
                 for name, value in uninterrupted["ema"].items():
                     torch.testing.assert_close(resumed["ema"][name], value, rtol=1e-5, atol=1e-5, msg=name)
             checked += 1
-    assert checked == 6
+    assert checked == 7
     assert readers2[0]["files full-2"] == ["epoch=0-step=2.ckpt", "last.ckpt"]
     assert os.path.isfile(tmp_path / "full-2" / "last.ckpt")
     first_epoch = _gathered(writers, "write 4", "state")

@@ -32,8 +32,8 @@ from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
-from lightning_pipe.strategy.checkpoint import (atomic_save, gather_checkpoint, training_state_of_rank,
-                                               with_own_entries)
+from lightning_pipe.strategy.checkpoint import (PIPELINE_KEY, atomic_save, gather_checkpoint, named_optimizer_state,
+                                               optimizers_parameter_names, training_state_of_rank, with_own_entries)
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
@@ -46,8 +46,8 @@ from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
-from lightning_pipe.strategy.sharded import (is_sharded, load_sharded_optimizers, load_sharded_weights, read_sharded,
-                                             save_sharded)
+from lightning_pipe.strategy.sharded import (is_sharded, load_named_optimizers, load_sharded_optimizers,
+                                             load_sharded_weights, read_sharded, save_sharded)
 from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["PipelineStrategy"]
@@ -573,7 +573,8 @@ class PipelineStrategy(ProcessStrategy):
             return
         error: BaseException | None = None
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
-            full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
+            full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
+                                     optimizers_parameter_names(self.lightning_module, self.optimizers))
             try:
                 if self.is_global_zero:
                     assert full is not None
@@ -594,7 +595,10 @@ class PipelineStrategy(ProcessStrategy):
         else:
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
-                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout)
+                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
+                                              self.lightning_module.state_dict().keys())
+            if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
+                checkpoint.setdefault("optimizer_states", [])
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
@@ -624,6 +628,15 @@ class PipelineStrategy(ProcessStrategy):
             for optimizer in self.optimizers:
                 _optimizer_to_device(optimizer, self.root_device)
             return
+        named = named_optimizer_state(checkpoint)
+        section = checkpoint.get(PIPELINE_KEY) or {}
+        if named is not None and ("optimizer_entries" in section or dict(section["layout"]) != runner.layout):
+            entries, groups = named  # another layout wrote it: each parameter's state by its name
+            load_named_optimizers(entries, lambda keys: {key: entries[key] for key in keys}, self.lightning_module,
+                                  self.optimizers, groups)
+            for optimizer in self.optimizers:
+                _optimizer_to_device(optimizer, self.root_device)
+            return  # the LR schedulers: rank 0's (the same on every rank), at the top level
         optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
         for optimizer, state in zip(self.optimizers, optimizer_states):
             optimizer.load_state_dict(state)

@@ -33,13 +33,14 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
-from lightning_pipe.strategy.checkpoint import SHARED_ENTRIES, own_entries
+from lightning_pipe.strategy.checkpoint import (MODEL, OPTIM, SHARED_ENTRIES, CallbackMerge, optimizer_entries,
+                                               optimizers_parameter_names, own_entries, param_groups_of,
+                                               parameter_names)
 from lightning_pipe.strategy.failures import raise_together
 
-__all__ = ["MODEL", "OPTIM", "META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
-           "load_sharded_weights", "load_sharded_optimizers", "write_file", "parameter_names", "optimizer_entries"]
+__all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
+           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file"]
 
-MODEL, OPTIM = "model/", "optim/"
 META_FILE = "meta.pt"
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
@@ -57,26 +58,6 @@ def write_file(value: Any, path: str) -> None:
         torch.save(value, file)
         file.flush()
         os.fsync(file.fileno())
-
-
-def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
-    """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``."""
-    names: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return names
-
-
-def optimizer_entries(index: int, optimizer: Optimizer, state: Mapping[str, Any],
-                      names: Mapping[int, list[str]]) -> dict[str, Any]:
-    """An optimizer's ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    entries = {}
-    for number, values in state["state"].items():
-        for name in names.get(id(params[number]), []):  # a tied parameter under each of its names
-            for key, value in values.items():
-                entries[f"{OPTIM}{index}/{name}/{key}"] = value
-    return entries
 
 
 def _together(what: str, device: torch.device, work: Callable[[], T]) -> T | None:
@@ -106,9 +87,9 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
-        names = parameter_names(module)
-        for index, (optimizer, opt_state) in enumerate(zip(optimizers, checkpoint.get("optimizer_states", []))):
-            state.update(optimizer_entries(index, optimizer, opt_state, names))
+        names = optimizers_parameter_names(module, optimizers)
+        for index, opt_state in enumerate(checkpoint.get("optimizer_states", [])):
+            state.update(optimizer_entries(index, opt_state, names[index]))
         return state
 
     try:
@@ -134,9 +115,7 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
         meta = {key: value for key, value in checkpoint.items()
                 if key in SHARED_ENTRIES and key not in ("state_dict", "optimizer_states")}
         if "optimizer_states" in checkpoint:
-            meta["optimizer_param_groups"] = [[{k: v for k, v in group.items() if k != "params"}
-                                               for group in state["param_groups"]]
-                                              for state in checkpoint["optimizer_states"]]
+            meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
         meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
                              "state_keys": list(state_keys)}
         write_file(meta, os.path.join(staging, META_FILE))
@@ -185,30 +164,13 @@ def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys:
     if written["layout"] == dict(layout) and written["world_size"] == world_size:
         checkpoint.update(torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False))
     else:
-        model_keys, local = set(written["state_keys"]), set(local_keys)
-        keep = lambda key: key not in model_keys or key in local  # noqa: E731
-        callbacks: dict[str, Any] = {}
-        for other in range(written["world_size"]):
-            own = torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False)
-            callbacks = _merged(callbacks, own.pop("callbacks", {}) or {}, keep)
-            for key, value in own.items():
-                checkpoint.setdefault(key, value)
-        checkpoint["callbacks"] = callbacks
+        merge = CallbackMerge(written["state_keys"], local_keys)
+        for other in range(written["world_size"]):  # one rank's file at a time
+            merge.add(torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False))
+        merge.into(checkpoint)
     if "optimizer_param_groups" in checkpoint:
         checkpoint["optimizer_states"] = []  # Lightning asks for the key; load_sharded_optimizers fills them
     return checkpoint
-
-
-def _merged(into: Any, value: Any, keep: Callable[[str], bool]) -> Any:
-    """Merge one rank's callback state into the earlier ranks': mappings key by key (dropping entries named after
-    another rank's tensors), anything else as the first rank that had it."""
-    if isinstance(value, Mapping) and (into is None or isinstance(into, Mapping)):
-        result = dict(into or {})
-        for key, item in value.items():
-            if not (isinstance(key, str) and not keep(key)):
-                result[key] = _merged(result.get(key), item, keep)
-        return result
-    return value if into is None else into
 
 
 def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
@@ -230,17 +192,30 @@ def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, op
     """Give each optimizer of this rank the state of its parameters from the folder (collective)."""
     reader = FileSystemReader(os.fspath(path))
     saved = reader.read_metadata().state_dict_metadata
+
+    def read(keys: list[str]) -> dict[str, Any]:
+        wanted = {key: torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
+                  if isinstance(saved[key], TensorStorageMetadata) else None for key in keys}
+        dcp.load(wanted, storage_reader=reader)
+        return wanted
+
+    load_named_optimizers([key for key in saved if key.startswith(OPTIM)], read, module, optimizers, param_groups)
+
+
+def load_named_optimizers(keys: Iterable[str], read: Callable[[list[str]], Mapping[str, Any]], module: torch.nn.Module,
+                          optimizers: Sequence[Optimizer], param_groups: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+    """Give each optimizer the state of its parameters, from entries named as :func:`optimizer_entries` names them:
+    ``keys`` are all there are, ``read(keys)`` returns the values of those this rank needs (once, every rank alike)."""
     if len(param_groups) != len(optimizers):
         raise ValueError(f"the checkpoint has {len(param_groups)} optimizers' states, configure_optimizers returns "
                          f"{len(optimizers)}; resume with the module's own configure_optimizers")
-    by_param: dict[tuple[int, str], list[str]] = {}  # (optimizer, parameter name) -> its state's keys
-    for key in saved:
-        if key.startswith(OPTIM):
-            index, rest = key[len(OPTIM):].split("/", 1)
-            name, entry = rest.rsplit("/", 1)
-            by_param.setdefault((int(index), name), []).append(entry)
+    by_param: dict[tuple[int, str], list[str]] = {}  # (optimizer, parameter name) -> its state's entries
+    for key in keys:
+        index, rest = key[len(OPTIM):].split("/", 1)
+        name, entry = rest.rsplit("/", 1)
+        by_param.setdefault((int(index), name), []).append(entry)
     names = parameter_names(module)
-    wanted: dict[str, Any] = {}
+    wanted: list[str] = []
     layouts = []
     for index, optimizer in enumerate(optimizers):
         if len(param_groups[index]) != len(optimizer.param_groups):
@@ -248,21 +223,17 @@ def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, op
                              f"checkpoint's has {len(param_groups[index])}: every rank's configure_optimizers must "
                              f"make the same groups (an empty group is fine)")
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        entries: dict[int, tuple[str, list[str]]] = {}
+        entries: dict[int, str] = {}
         for number, param in enumerate(params):
             name = next((n for n in names.get(id(param), []) if (index, n) in by_param), None)
             if name is not None:
-                entries[number] = (name, by_param[(index, name)])
-                for entry in by_param[(index, name)]:
-                    key = f"{OPTIM}{index}/{name}/{entry}"
-                    meta = saved[key]
-                    wanted[key] = (torch.empty(meta.size, dtype=meta.properties.dtype)
-                                   if isinstance(meta, TensorStorageMetadata) else None)
+                entries[number] = name
+                wanted.extend(f"{OPTIM}{index}/{name}/{entry}" for entry in by_param[(index, name)])
         layouts.append(entries)
-    dcp.load(wanted, storage_reader=reader)
+    values = read(wanted)
     for index, (optimizer, entries) in enumerate(zip(optimizers, layouts)):
-        state = {number: {entry: wanted[f"{OPTIM}{index}/{name}/{entry}"] for entry in keys}
-                 for number, (name, keys) in entries.items()}
+        state = {number: {entry: values[f"{OPTIM}{index}/{name}/{entry}"] for entry in by_param[(index, name)]}
+                 for number, name in entries.items()}
         groups, first = [], 0
         for saved_group, group in zip(param_groups[index], optimizer.param_groups):
             groups.append({**saved_group, "params": list(range(first, first + len(group["params"])))})
