@@ -23,9 +23,20 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from lightning_pipe.strategy.checkpoint import (MODEL, OPTIM, PIPELINE_KEY, SHARED_ENTRIES, named_optimizer_state,
-                                               own_entries)
-from lightning_pipe.strategy.sharded import META_FILE, SHARDED_KEY, is_sharded, write_file
+from lightning_pipe.strategy.checkpoint import (
+    MODEL,
+    OPTIM,
+    PIPELINE_KEY,
+    SHARED_ENTRIES,
+    named_optimizer_state,
+    own_entries,
+)
+from lightning_pipe.strategy.sharded import (
+    META_FILE,
+    SHARDED_KEY,
+    is_sharded,
+    write_file,
+)
 
 __all__ = ["consolidate", "shard", "BATCH_BYTES"]
 

@@ -169,7 +169,7 @@ def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
 
 
-def _initializer(module: nn.Module, parents: dict[int, nn.Module]):  # noqa: ANN202 - a bound method or a closure
+def _initializer(module: nn.Module, parents: dict[int, nn.Module]):
     """``module.reset_parameters``, else the nearest enclosing ``_init_weights`` bound to ``module``, else ``None``."""
     reset = getattr(module, "reset_parameters", None)
     if callable(reset):

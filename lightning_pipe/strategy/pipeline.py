@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -12,8 +12,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
-from lightning.fabric.utilities.types import _PATH
+from lightning.fabric.utilities.optimizer import (
+    _optimizers_to_device,
+)
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
@@ -31,29 +32,30 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
-from lightning_pipe.strategy.checkpoint import (PIPELINE_KEY, atomic_save, gather_checkpoint, named_optimizer_state,
-                                               optimizers_parameter_names, training_state_of_rank, with_own_entries)
+from lightning_pipe.strategy.asynchronous import (
+    AsyncSteps,
+    DrainPipeline,
+    check_async_fit,
+)
+from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
-from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
-from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
+from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
-from lightning_pipe.strategy.sharded import (is_sharded, load_named_optimizers, load_sharded_optimizers,
-                                             load_sharded_weights, read_sharded, save_sharded)
 from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["PipelineStrategy"]
 
 
-class PipelineStrategy(ProcessStrategy):
+class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
     """Pipeline-parallel training: the LightningModule's ``nn.Sequential`` is cut into one stage per process.
 
     Args:
@@ -418,7 +420,7 @@ class PipelineStrategy(ProcessStrategy):
         try:
             with placeholder_if_untrainable(self.lightning_module, self.root_device):
                 super().setup_optimizers(trainer)
-        except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+        except Exception as caught:
             error = caught
         raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
 
@@ -512,136 +514,12 @@ class PipelineStrategy(ProcessStrategy):
         self._check_materialized()
         self._position.evaluation_started()
 
-    def _check_materialized(self) -> None:
-        """Before the first step of a module built on the meta device: every tensor that no ``reset_parameters()``
-        initialized must have been loaded (from a checkpoint) since; else every rank raises, naming them."""
-        if self._materializer is None:
-            return
-        problem, self._materializer = self._materializer.unwritten(), None
-        raise_together(ValueError(problem) if problem else None, "materializing the model", None,
-                       self._collective_device())
-
-    # -- building on the meta device ----------------------------------------------------------------
-    @contextlib.contextmanager
-    @override
-    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
-        it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
-        materialize`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this rank's device."""
-        if empty_init is False:
-            with super().tensor_init_context(empty_init):
-                yield
-            return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context():
-            yield
-
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        """Checkpoints are loaded after the cut: each rank reads only its own stages' weights and state."""
-        return True
-
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         if self._async is not None:
             raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group)
-
-    # -- checkpoints --------------------------------------------------------------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
-        if self._async is not None:
-            self._async.drain()
-        return super().lightning_module_state_dict()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """``checkpoint_format="full"``: gather every stage's share on global rank 0 and write one standard checkpoint
-        there (only the first replica's pipeline takes part: replicas hold equal states). ``"sharded"``: every rank
-        writes its own share into a folder at ``filepath`` (:mod:`lightning_pipe.strategy.sharded`). Either way the
-        file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
-        runner = self.runner
-        trainer = self._trainer()
-        if trainer is not None and self._position.seed is not None:
-            checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
-        device = self._collective_device()
-        if self.checkpoint_format == "sharded":
-            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout,
-                         runner.split.state_keys, device)
-            return
-        error: BaseException | None = None
-        if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
-            full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
-                                     optimizers_parameter_names(self.lightning_module, self.optimizers))
-            try:
-                if self.is_global_zero:
-                    assert full is not None
-                    atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
-            except Exception as caught:  # noqa: BLE001 - raised on every rank just below
-                error = caught
-            del full
-        raise_together(error, f"writing the checkpoint {filepath}", None, device)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """As Lightning, or a sharded checkpoint folder (without its weights and optimizer states: the next hooks load
-        this rank's share); a fit resumed from it continues from its position in the data and its seed."""
-        self._sharded_path = None
-        if is_sharded(checkpoint_path):
-            self._sharded_path = os.fspath(checkpoint_path)
-            checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
-        else:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-            if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
-                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
-                                              self.lightning_module.state_dict().keys())
-            if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
-                checkpoint.setdefault("optimizer_states", [])
-        trainer = self._trainer()
-        if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
-            if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
-                self._position.start(trainer)
-        return checkpoint
-
-    @override
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        module = self.lightning_module
-        assert module is not None
-        runner = self._runner if self._runner is not None and self._runner.module is module else None
-        runner = runner or PipelineRunner.of(module)
-        if self._sharded_path is not None and "state_dict" not in checkpoint:
-            load_sharded_weights(self._sharded_path, module, strict=strict)
-        elif runner is None:
-            super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
-        else:
-            runner.split.load_state_dict(checkpoint["state_dict"], strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        runner = self.runner  # replicas share their pipeline rank's states
-        if self._sharded_path is not None:
-            load_sharded_optimizers(self._sharded_path, self.lightning_module, self.optimizers,
-                                    checkpoint["optimizer_param_groups"])
-            for optimizer in self.optimizers:
-                _optimizer_to_device(optimizer, self.root_device)
-            return
-        named = named_optimizer_state(checkpoint)
-        section = checkpoint.get(PIPELINE_KEY) or {}
-        if named is not None and ("optimizer_entries" in section or dict(section["layout"]) != runner.layout):
-            entries, groups = named  # another layout wrote it: each parameter's state by its name
-            load_named_optimizers(entries, lambda keys: {key: entries[key] for key in keys}, self.lightning_module,
-                                  self.optimizers, groups)
-            for optimizer in self.optimizers:
-                _optimizer_to_device(optimizer, self.root_device)
-            return  # the LR schedulers: rank 0's (the same on every rank), at the top level
-        optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
-        for optimizer, state in zip(self.optimizers, optimizer_states):
-            optimizer.load_state_dict(state)
-            _optimizer_to_device(optimizer, self.root_device)
-        checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next
 
     @override
     def teardown(self) -> None:

@@ -27,9 +27,19 @@ from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
+from lightning_pipe.strategy.logs import (
+    LogRecorder,
+    MetricTracker,
+    combine_replica_logs,
+)
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.results import ResultChannel, StepResult, decode_result, encode_result, gather_results
+from lightning_pipe.strategy.results import (
+    ResultChannel,
+    StepResult,
+    decode_result,
+    encode_result,
+    gather_results,
+)
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.tied import TiedParameters
 
@@ -273,7 +283,7 @@ class PipelineRunner:
         raised while making or encoding it travels in its place, so that every rank learns of it."""
         try:
             result = make()
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+        except Exception as error:
             result = StepResult(error=self._error_text(error))
         if replicas:
             result = self._across_replicas(result, step)
@@ -282,7 +292,7 @@ class PipelineRunner:
     def _encoded(self, result: StepResult, step: str) -> tuple[str, list]:
         try:
             return encode_result(result, step)
-        except Exception as error:  # noqa: BLE001 - as in _guard
+        except Exception as error:
             return encode_result(StepResult(error=self._error_text(error)), step)
 
     @staticmethod

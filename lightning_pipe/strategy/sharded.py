@@ -33,9 +33,17 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
-from lightning_pipe.strategy.checkpoint import (MODEL, OPTIM, SHARED_ENTRIES, CallbackMerge, optimizer_entries,
-                                               optimizers_parameter_names, own_entries, param_groups_of,
-                                               parameter_names)
+from lightning_pipe.strategy.checkpoint import (
+    MODEL,
+    OPTIM,
+    SHARED_ENTRIES,
+    CallbackMerge,
+    optimizer_entries,
+    optimizers_parameter_names,
+    own_entries,
+    param_groups_of,
+    parameter_names,
+)
 from lightning_pipe.strategy.failures import raise_together
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
@@ -65,7 +73,7 @@ def _together(what: str, device: torch.device, work: Callable[[], T]) -> T | Non
     error, result = None, None
     try:
         result = work()
-    except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+    except Exception as caught:
         error = caught
     raise_together(error, what, None, device)
     return result
@@ -96,7 +104,6 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
         state = _together(what, device, prepare) or {}
         # DCP gathers every rank's failure and raises it on all of them
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-        del state
         _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, state_keys))
         _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
