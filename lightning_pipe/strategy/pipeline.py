@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
@@ -445,11 +446,19 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
             with self.precision_plugin.train_step_context():
-                with self._gradients.held_aside(self.lightning_module.parameters()):
+                with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
                     output = self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches,
                                                seed=seed)
         self._position.step_done(trainer)
         return output
+
+    def _grads_needed_later(self, trainer: Trainer) -> bool:
+        """Whether the gradients from before this step live on after it: they do while accumulating, or if the module
+        zeroes them its own way; otherwise Lightning's ``zero_grad`` drops them right after ``training_step`` (only
+        ``on_before_zero_grad`` could still read them), so the step frees them as it starts."""
+        first_of_accumulation = trainer.fit_loop.epoch_loop.batch_idx % trainer.accumulate_grad_batches == 0
+        own_zero_grad = is_overridden("optimizer_zero_grad", self.lightning_module, LightningModule)
+        return not first_of_accumulation or own_zero_grad
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
