@@ -11,7 +11,8 @@ Adam's state created at the first), ``saving``, ``resuming`` (setup and loading 
 / p + 15%. Run from the repository root::
 
     python -m benchmarks.bigger --size-mb 100 --ranks 1 2 4 --formats sharded full --json docs/bigger_100mb.json
-    python -m benchmarks.bigger --size-mb 1024 --ranks 1 2 4 --formats sharded --json docs/bigger_1gb.json
+    python -m benchmarks.bigger --size-mb 1024 --ranks 4 2 1 --formats sharded --json docs/bigger_1gb_sharded.json
+    python -m benchmarks.bigger --size-mb 1024 --ranks 4 --eager        # built whole on every rank, then cut
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ def _model_class() -> Any:
     import lightning as L
 
     class Big(L.LightningModule):
-        def __init__(self, width: int) -> None:
+        def __init__(self, width: int, eager: bool = False) -> None:
             super().__init__()
             self.width = width
             self.layers: nn.Sequential | None = None
+            if eager:  # as small projects do: the whole model on every rank, then cut
+                self.configure_model()
 
         def configure_model(self) -> None:
             if self.layers is None:
@@ -92,7 +95,8 @@ def _model_class() -> Any:
     return Big
 
 
-def _fit(rank: int, world_size: int, width: int, checkpoint_format: str, path: str, resume: bool) -> dict[str, Any]:
+def _fit(rank: int, world_size: int, width: int, checkpoint_format: str, path: str, resume: bool,
+         eager: bool = False) -> dict[str, Any]:
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -127,7 +131,7 @@ def _fit(rank: int, world_size: int, width: int, checkpoint_format: str, path: s
 
         setattr(connector, name, timed)
     data = DataLoader(TensorDataset(torch.randn(24, width)), batch_size=8)
-    trainer.fit(_model_class()(width), data, ckpt_path=path if resume else None)
+    trainer.fit(_model_class()(width, eager), data, ckpt_path=path if resume else None)
     if not resume:
         start = time.perf_counter()
         trainer.save_checkpoint(path)
@@ -137,18 +141,19 @@ def _fit(rank: int, world_size: int, width: int, checkpoint_format: str, path: s
             **{key: round(value, 2) for key, value in times.items()}}
 
 
-def run(size_mb: float, ranks: int, checkpoint_format: str, folder: str) -> list[dict[str, Any]]:
+def run(size_mb: float, ranks: int, checkpoint_format: str, folder: str, eager: bool = False) -> list[dict[str, Any]]:
     """One configuration: every rank's row."""
     width = width_for(size_mb)
     path = os.path.join(folder, f"{checkpoint_format}-{ranks}.ckpt")
-    written = run_ranks(_fit, ranks, width, checkpoint_format, path, False, timeout=1800)
-    resumed = run_ranks(_fit, ranks, width, checkpoint_format, path, True, timeout=1800)
+    written = run_ranks(_fit, ranks, width, checkpoint_format, path, False, eager, timeout=1800)
+    resumed = run_ranks(_fit, ranks, width, checkpoint_format, path, True, eager, timeout=1800)
     shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     model_mb = LAYERS * (width * width + width) * 4 / 2**20
     bound = 4 * model_mb / ranks * 1.15  # parameters, gradients, Adam's exp_avg and exp_avg_sq
     rows = []
     for first, second in zip(written, resumed):
-        row = {"format": checkpoint_format, "model_mb": round(model_mb), "ranks": ranks, **first}
+        row = {"format": checkpoint_format, "build": "eager" if eager else "meta", "model_mb": round(model_mb),
+               "ranks": ranks, **first}
         row.update({key: second[key] for key in ("resuming", "resumed_training", "load_s")})
         row["bound_mb"] = round(bound, 1)
         row["within_bound"] = all(row[phase] <= bound for phase in PHASES)
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--size-mb", type=float, default=100.0, help="fp32 parameter MiB of the 8 layers")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--formats", nargs="+", default=["sharded"], choices=["sharded", "full"])
+    parser.add_argument("--eager", action="store_true", help="build the model in __init__ (whole on every rank)")
     parser.add_argument("--folder", default=None, help="where checkpoints are written (default: a temporary folder)")
     parser.add_argument("--json", default=None)
     arguments = parser.parse_args(argv)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for checkpoint_format in arguments.formats:
         for ranks in arguments.ranks:
-            rows += run(arguments.size_mb, ranks, checkpoint_format, folder)
+            rows += run(arguments.size_mb, ranks, checkpoint_format, folder, arguments.eager)
             print(markdown_table(rows[-ranks:], ["format", "model_mb", "ranks", "rank", "baseline_mb", *PHASES,
                                                  "bound_mb", "save_s", "load_s"]), flush=True)
     write_json(rows, arguments.json)
