@@ -104,9 +104,18 @@ class NotedRegressor(LazyRegressor):
     def __init__(self) -> None:
         super().__init__(noise=0.01)
         self.loaded_note: str | None = None
+        self.draws: list[tuple[float, float, float]] = []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stage_note"] = f"written by rank {self.global_rank}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_note = checkpoint.get("stage_note")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        import random
+
+        import numpy
+
+        # user code drawing from the global generators (of this rank: they differ between ranks)
+        self.draws.append((torch.rand(1).item(), random.random(), float(numpy.random.rand())))

@@ -1,5 +1,6 @@
 """A checkpoint that cannot be written (a full disk on one rank): every rank raises the real cause, and the previous
-checkpoint stays intact and resumes exactly; each rank's on_save_checkpoint extras come back to it."""
+checkpoint stays intact and resumes exactly; each rank's on_save_checkpoint extras and global generators' states come
+back to it."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _fit_until_the_disk_is_full(rank: int, world_size: int, tmp: str, checkpoint
     uninterrupted = NotedRegressor()
     _trainer(checkpoint_format, max_steps=2).fit(uninterrupted, regression_data(3))
     return {"message": message, "files": files, "resumed": resumed.state_dict(), "note": resumed.loaded_note,
-            "uninterrupted": uninterrupted.state_dict()}
+            "uninterrupted": uninterrupted.state_dict(), "draws": (resumed.draws, uninterrupted.draws)}
 
 
 @pytest.mark.timeout(240)
@@ -91,3 +92,5 @@ def test_a_full_disk_fails_every_rank_and_keeps_the_previous_checkpoint(checkpoi
         for key, value in result["uninterrupted"].items():
             torch.testing.assert_close(result["resumed"][key], value, rtol=1e-5, atol=1e-5, msg=key)
         assert result["note"] == f"written by rank {rank}", result["note"]  # each rank's extras come back to it
+        resumed, uninterrupted = result["draws"]  # the global generators continue as in the uninterrupted run
+        assert len(resumed) == 1 and len(uninterrupted) == 2 and resumed[0] == uninterrupted[1], result["draws"]

@@ -29,6 +29,10 @@ from lightning_pipe.strategy.checkpoint import (
 )
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
+from lightning_pipe.strategy.randomness import (
+    global_random_states,
+    set_global_random_states,
+)
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.sharded import (
     is_sharded,
@@ -39,7 +43,9 @@ from lightning_pipe.strategy.sharded import (
     save_sharded,
 )
 
-__all__ = ["PipelineCheckpoints"]
+__all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
+
+RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 
 
 class PipelineCheckpoints:
@@ -47,6 +53,7 @@ class PipelineCheckpoints:
 
     _materializer: Any
     _sharded_path: str | None
+    _saved_random_states: dict[str, Any] | None
 
     def _check_materialized(self) -> None:
         """Before the first step of a module built on the meta device: every tensor that no ``reset_parameters()``
@@ -95,6 +102,8 @@ class PipelineCheckpoints:
         trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
+        # this rank's own entry (every rank's is kept): the global generators' states, for user code that draws there
+        checkpoint[RANDOM_STATES_KEY] = global_random_states()
         device = self._collective_device()
         if self.checkpoint_format == "sharded":
             save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout,
@@ -131,9 +140,19 @@ class PipelineCheckpoints:
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            self._saved_random_states = checkpoint.get(RANDOM_STATES_KEY)
             if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
                 self._position.start(trainer)
         return checkpoint
+
+    def _resume_global_random_states(self) -> None:
+        """At the first training batch after a resume (before its hooks run), torch's, NumPy's and Python's global
+        generators take the states this rank's had when the checkpoint was written: user code drawing from them (a
+        callback, say) continues as in the uninterrupted run. The pipeline's own draws need none of it: they come from
+        seeds of the run's position (:mod:`lightning_pipe.strategy.randomness`)."""
+        if self._saved_random_states is not None:
+            states, self._saved_random_states = self._saved_random_states, None
+            set_global_random_states(states)
 
     @override
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:

@@ -186,6 +186,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         self._position = RunPosition()
         self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
         self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
+        self._saved_random_states: dict[str, Any] | None = None  # this rank's, from a checkpoint, until its first batch
 
     # The settings, by name (read-only: they are fixed when the strategy is made).
     schedule = property(lambda self: self.settings.schedule)
@@ -273,6 +274,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         trainer = self._trainer()
         if trainer is None or self._position.seed is None or trainer.state.stage is None:
             return super().batch_to_device(batch, device, dataloader_idx)
+        if trainer.state.stage == RunningStage.TRAINING:
+            self._resume_global_random_states()
         seed = derive_seed(self._position.step_seed(trainer), Stream.BATCH_TRANSFER)
         with forked_random(seed, self.root_device):
             return super().batch_to_device(batch, device, dataloader_idx)
