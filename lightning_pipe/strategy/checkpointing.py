@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
@@ -33,6 +34,7 @@ from lightning_pipe.strategy.randomness import (
     global_random_states,
     set_global_random_states,
 )
+from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.sharded import (
     is_sharded,
@@ -45,6 +47,7 @@ from lightning_pipe.strategy.sharded import (
 
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 
 
@@ -116,6 +119,10 @@ class PipelineCheckpoints:
             try:
                 if self.is_global_zero:
                     assert full is not None
+                    split = runner.split
+                    if HPARAMS_KEY in full and split.proxy is not None:  # a module kept in hyper-parameters: whole
+                        full[HPARAMS_KEY] = hparams_for_checkpoint(full[HPARAMS_KEY], split.proxy, split.skeleton,
+                                                                   split.path, full["state_dict"])
                     atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
             except Exception as caught:
                 error = caught

@@ -53,6 +53,7 @@ from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.split import find_sequence
 
+
 __all__ = ["PipelineStrategy"]
 
 
@@ -99,9 +100,11 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             rank writes its own stages' weights and optimizer state in parallel (torch.distributed.checkpoint), keyed
             by the unpipelined model's names, so that it resumes on any layout (see :mod:`lightning_pipe.strategy.
             sharded`). Either is loaded by ``fit(ckpt_path=...)``; ``python -m lightning_pipe.checkpoint`` converts.
+        loss_reduction: how ``training_step``'s loss adds up over the batch's rows: ``"mean"`` (``F.mse_loss``,
+            ``F.cross_entropy``), ``"sum"`` (``loss.sum()``: each micro-batch's loss then counts whole), or
+            ``"auto"``: the first batch with several micro-batches tells (:mod:`lightning_pipe.strategy.reduction`).
 
-    The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
-    ``training_step`` must return the batch's *mean* loss, as usual.
+    The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches.
 
     Same batches, same random numbers. Every rank of a pipeline loads the batch itself (the first stage its inputs,
     the last its targets), and runs the step's own code (before the layers on the first stage, around them on the
@@ -159,6 +162,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
         checkpoint_format: str = "full",
+        loss_reduction: str = "auto",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -175,7 +179,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, checkpoint_format=checkpoint_format)
+            profile_cache=profile_cache, checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -199,6 +203,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
     memory_cap = property(lambda self: self.settings.memory_cap)
     profile_cache = property(lambda self: self.settings.profile_cache)
     checkpoint_format = property(lambda self: self.settings.checkpoint_format)
+    loss_reduction = property(lambda self: self.settings.loss_reduction)
 
     @property
     def plans_cut(self) -> bool:
@@ -359,6 +364,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
                              f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
+        runner.loss_reduction = settings.loss_reduction
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
