@@ -39,6 +39,13 @@ def _write(rank: int, world_size: int, folder: str) -> None:
     trainer = _trainer(world_size, max_steps=2, callbacks=[EMA()])
     trainer.fit(LazyRegressor(noise=0.01), regression_data(4))
     trainer.save_checkpoint(folder)
+    # the lightning-hydra-template's module: the network kept in its hyper-parameters
+    from tests.citizen_models import DenseNet, TemplateModule, class_data
+
+    template = TemplateModule(DenseNet())
+    trainer = _trainer(world_size, max_steps=2)
+    trainer.fit(template, class_data())
+    trainer.save_checkpoint(f"{folder}-template")
 
 
 def _resume(rank: int, world_size: int, paths: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -97,6 +104,16 @@ def test_consolidate_and_shard_round_trip(tmp_path: Path) -> None:
     loaded = LazyRegressor.load_from_checkpoint(file)
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, first["state_dict"][key]), key
+    # a network kept in hyper-parameters comes back whole, with the trained weights
+    from tests.citizen_models import TemplateModule
+
+    _cli("consolidate", f"{folder}-template", str(tmp_path / "template.ckpt"))
+    template = torch.load(tmp_path / "template.ckpt", weights_only=False)
+    rebuilt = TemplateModule.load_from_checkpoint(tmp_path / "template.ckpt", weights_only=False)
+    assert rebuilt.state_dict().keys() == template["state_dict"].keys()
+    for key, value in rebuilt.state_dict().items():
+        assert torch.equal(value, template["state_dict"][key]), key
+    assert rebuilt(torch.ones(2, 12)).shape == (2, 4)
     # the folder, the consolidated file and the folder sharded from it resume alike, on 2 stages instead of 4
     resumed = run_ranks(_resume, 2, [folder, file, again], timeout=150)
     for states in resumed:

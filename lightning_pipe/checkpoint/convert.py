@@ -31,6 +31,7 @@ from lightning_pipe.strategy.checkpoint import (
     named_optimizer_state,
     own_entries,
 )
+from lightning_pipe.strategy.references import fill_skeleton
 from lightning_pipe.strategy.sharded import (
     META_FILE,
     SHARDED_KEY,
@@ -57,6 +58,9 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
     keys = [f"{MODEL}{key}" for key in written["state_keys"] if f"{MODEL}{key}" in saved]
     keys += [key for key in saved if key.startswith(MODEL) and key not in set(keys)]
     checkpoint["state_dict"] = {key[len(MODEL):]: value for key, value in _read(reader, saved, keys)}
+    if "hparams_sequence" in written:  # hyper-parameters holding the network: the whole sequence, with its weights
+        sequence_path, whole = written["hparams_sequence"]
+        fill_skeleton(whole, sequence_path, checkpoint["state_dict"])
     ranks = [torch.load(os.path.join(folder, f"rank-{rank}.pt"), map_location="cpu", weights_only=False)
              for rank in range(written["world_size"]) if os.path.exists(os.path.join(folder, f"rank-{rank}.pt"))]
     if ranks:

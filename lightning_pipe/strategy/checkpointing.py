@@ -109,8 +109,8 @@ class PipelineCheckpoints:
         checkpoint[RANDOM_STATES_KEY] = global_random_states()
         device = self._collective_device()
         if self.checkpoint_format == "sharded":
-            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout,
-                         runner.split.state_keys, device)
+            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout, runner.split,
+                         device)
             return
         error: BaseException | None = None
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:

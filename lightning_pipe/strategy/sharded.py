@@ -45,6 +45,8 @@ from lightning_pipe.strategy.checkpoint import (
     parameter_names,
 )
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.references import hparams_with_skeleton
+from lightning_pipe.strategy.split import SplitModule
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
            "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file"]
@@ -52,6 +54,7 @@ __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_shard
 META_FILE = "meta.pt"
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
+HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 T = TypeVar("T")
 
 
@@ -80,10 +83,11 @@ def _together(what: str, device: torch.device, work: Callable[[], T]) -> T | Non
 
 
 def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module: torch.nn.Module,
-                 optimizers: Sequence[Optimizer], layout: Mapping[str, Any], state_keys: list[str],
+                 optimizers: Sequence[Optimizer], layout: Mapping[str, Any], split: SplitModule,
                  device: torch.device) -> None:
     """Write this rank's share of ``checkpoint`` into the sharded checkpoint folder ``path`` (collective: every rank
-    calls it). ``layout`` describes the pipeline; ``state_keys`` are the full model's ``state_dict`` keys."""
+    calls it). ``layout`` describes the pipeline; ``split`` is the cut module (its full model's keys, and the
+    sequence's skeleton for hyper-parameters that hold the network)."""
     target = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(target)
     staging = os.path.join(parent, STAGING, name)
@@ -104,7 +108,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
         state = _together(what, device, prepare) or {}
         # DCP gathers every rank's failure and raises it on all of them
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, state_keys))
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split))
         _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
@@ -115,8 +119,10 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
-               state_keys: list[str]) -> None:
-    """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt)."""
+               split: SplitModule) -> None:
+    """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt). Hyper-parameters
+    holding the network (``save_hyperparameters()`` of a ``net``) are kept with a meta copy of the whole sequence in
+    its place, which ``consolidate`` fills with the weights (no rank holds them all)."""
     write_file(own_entries(checkpoint), os.path.join(staging, f"rank-{rank}.pt"))
     if rank == 0:
         meta = {key: value for key, value in checkpoint.items()
@@ -124,7 +130,12 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
         if "optimizer_states" in checkpoint:
             meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
         meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
-                             "state_keys": list(state_keys)}
+                             "state_keys": list(split.state_keys)}
+        if meta.get(HPARAMS_KEY) is not None and split.proxy is not None:
+            hparams, whole = hparams_with_skeleton(meta[HPARAMS_KEY], split.proxy, split.skeleton, split.path)
+            if whole is not None:
+                meta[HPARAMS_KEY] = hparams
+                meta[SHARDED_KEY]["hparams_sequence"] = (split.path, whole)  # one pickle: hparams refer to it
         write_file(meta, os.path.join(staging, META_FILE))
 
 
