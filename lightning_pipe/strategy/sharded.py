@@ -88,7 +88,11 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
     """Write this rank's share of ``checkpoint`` into the sharded checkpoint folder ``path`` (collective: every rank
     calls it). ``layout`` describes the pipeline; ``split`` is the cut module (its full model's keys, and the
     sequence's skeleton for hyper-parameters that hold the network)."""
-    target = os.path.abspath(os.fspath(path))
+    target = os.fspath(path)
+    if "://" in target and not target.startswith("file://"):  # every rank sees the same path: all raise alike
+        raise ValueError(f"checkpoint_format='sharded' writes a folder on a local or mounted file system, not "
+                         f"{target!r}; mount the bucket (e.g. s3fs), or use checkpoint_format='full'")
+    target = os.path.abspath(target.removeprefix("file://"))
     parent, name = os.path.split(target)
     staging = os.path.join(parent, STAGING, name)
     rank = dist.get_rank()
