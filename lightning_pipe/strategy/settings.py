@@ -19,6 +19,7 @@ from lightning_pipe.engine.schedules import SCHEDULES, schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
 from lightning_pipe.strategy.mesh import AUTO, check_replicas
+from lightning_pipe.strategy.reduction import check_loss_reduction
 
 __all__ = ["PipelineSettings"]
 
@@ -38,6 +39,8 @@ class PipelineSettings:
     replicas: int | tuple[int, ...] | str | None = None
     memory_cap: float | None = None
     profile_cache: str | os.PathLike[str] | bool | None = None
+    checkpoint_format: str = "full"
+    loss_reduction: str = "auto"
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     detect_anomaly: bool = False
 
@@ -50,7 +53,9 @@ class PipelineSettings:
         put("partition", _check_partition(self.partition))
         put("memory_cap", _check_planning(self.partition, self.schedule, self.schedule_options, self.memory_cap))
         put("profile_cache", _check_profile_cache(self.profile_cache))
+        put("checkpoint_format", _check_checkpoint_format(self.checkpoint_format))
         put("layers", _check_layers(self.layers))
+        put("loss_reduction", check_loss_reduction(self.loss_reduction))
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
@@ -154,6 +159,16 @@ def _check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | 
         raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
                         f"False (no cache), not {profile_cache!r}")
     return profile_cache
+
+
+CHECKPOINT_FORMATS = ("full", "sharded")
+
+
+def _check_checkpoint_format(checkpoint_format: Any) -> str:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be 'full' (one standard file, written by global rank 0) or 'sharded' "
+                         f"(a folder every rank writes its own stages into), not {checkpoint_format!r}")
+    return checkpoint_format
 
 
 def _check_layers(layers: Any) -> str | None:
