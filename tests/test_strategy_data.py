@@ -13,7 +13,7 @@ from lightning_pipe.strategy.data_order import DataStart, share_order
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LoggedValue
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.results import StepResult, _pack, _tensor_specs, _unpack, decode_result, encode_result
+from lightning_pipe.strategy.results import StepResult, _pack, tensor_specs, _unpack, decode_result, encode_result
 
 
 def test_derived_seeds_are_stable_distinct_and_63_bit() -> None:
@@ -61,7 +61,7 @@ def test_results_travel_as_json_and_tensors() -> None:
     text, tensors = encode_result(result, "predict_step")
     structure = json.loads(text)
     data = _pack(tensors, text.encode())
-    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), _tensor_specs(structure, [])))
+    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
     torch.testing.assert_close(decoded.loss, result.loss)
     torch.testing.assert_close(decoded.output["preds"], result.output["preds"])
     assert decoded.output["names"] == ["a", "b"] and decoded.output["pair"] == (1, 2.5)
