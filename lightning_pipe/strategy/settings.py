@@ -37,6 +37,7 @@ class PipelineSettings:
     replicas: int | tuple[int, ...] | str | None = None
     memory_cap: float | None = None
     profile_cache: str | os.PathLike[str] | bool | None = None
+    split_points: Any = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -48,6 +49,7 @@ class PipelineSettings:
         put("memory_cap", _check_planning(self.partition, self.schedule, self.schedule_options, self.memory_cap))
         put("profile_cache", _check_profile_cache(self.profile_cache))
         put("layers", _check_layers(self.layers))
+        put("split_points", _check_split_points(self.split_points))
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
@@ -152,9 +154,22 @@ def _check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | 
 
 def _check_layers(layers: Any) -> str | None:
     if layers is not None and not isinstance(layers, str):
-        raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
-                        f"not {type(layers).__name__}")
+        raise TypeError(f"layers must be the attribute path of the model to pipeline (e.g. 'model', or an "
+                        f"nn.Sequential's 'model.blocks'), not {type(layers).__name__}")
     return layers
+
+
+def _check_split_points(split_points: Any) -> Any:
+    """Module names (or ``(name, "begin" | "end")`` pairs, or a ``{name: where}`` mapping) where the captured model
+    is cut; checked against the model when it is captured."""
+    if split_points is None:
+        return None
+    if isinstance(split_points, str) or not isinstance(split_points, (Sequence, Mapping)) or not split_points:
+        raise TypeError(f"split_points must be a non-empty list of module names (e.g. ['model.h.2', 'model.ln_f']) "
+                        f"or a mapping name -> 'begin' | 'end', not {split_points!r}")
+    if isinstance(split_points, Mapping):
+        return MappingProxyType(dict(split_points))
+    return tuple(tuple(p) if isinstance(p, list) else p for p in split_points)
 
 
 def _check_auto_replicas(replicas: Any, partition: Partition, schedule: str) -> None:

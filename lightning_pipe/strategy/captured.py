@@ -1,0 +1,335 @@
+"""Pipeline any model the step calls: capture it (:mod:`lightning_pipe.capture`), cut it into segments, and stand in
+for it with a proxy that holds this rank's share of its state under the model's own names.
+
+The ``nn.Sequential`` path (:mod:`.split`) stays the no-tracing fast path: :func:`choose_model` takes it whenever the
+module has one outermost ``nn.Sequential`` holding every trainable parameter. Otherwise the model is the child
+attribute (``self.model``, ``self.net``) holding every trainable parameter, or the one ``layers=`` names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lightning_pipe.capture import CaptureError, Segment, Splitter
+from lightning_pipe.capture.patterns import autocast_state
+from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.failures import raise_together
+
+__all__ = ["choose_model", "CapturedModule", "PipelinedModel", "no_logging", "SEQUENCE", "CAPTURED"]
+
+SEQUENCE, CAPTURED = "sequence", "captured"
+
+
+def choose_model(module: nn.Module, layers: str | None, split_points: Any = None) -> tuple[str, str | None]:
+    """Which path cuts ``module`` and the attribute path of what it cuts: ``("sequence", path or None)`` (today's
+    ``nn.Sequential`` path, which finds its sequence itself) or ``("captured", path)``."""
+    if layers is not None:
+        try:
+            target = module.get_submodule(layers)
+        except AttributeError:
+            raise ValueError(f"{type(module).__name__} has no submodule {layers!r}; pass layers= the attribute path of "
+                             f"the model the step calls, e.g. layers='model'") from None
+        if isinstance(target, nn.Sequential) and split_points is None:
+            return SEQUENCE, layers
+        return CAPTURED, layers
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    outermost: list[nn.Sequential] = []
+    names: list[str] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Sequential) and name and not any(name.startswith(f"{n}.") for n in names):
+            names.append(name)
+            outermost.append(child)
+    if split_points is None and len(outermost) == 1 and trainable <= {id(p) for p in outermost[0].parameters()}:
+        return SEQUENCE, None
+    holders = [name for name, child in module.named_children()
+               if trainable and trainable <= {id(p) for p in child.parameters()}]
+    if holders:
+        return CAPTURED, holders[0]
+    if split_points is None and len(outermost) >= 1 and not trainable:
+        return SEQUENCE, None  # nothing to train: the sequence path's own errors and checks apply
+    owners = sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad})
+    raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
+                     f"parameters are spread over {owners}. Put the model in one attribute that the step calls "
+                     f"(self.model = MyModel(...) holding {', '.join(owners)}) and name it with layers='model' if "
+                     f"needed; or, for one nn.Sequential, put every trainable layer inside it")
+
+
+class _Called(BaseException):
+    """Stops a step where it calls the model (a BaseException, so that a user's ``except Exception`` lets it pass)."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _mirror(target: nn.Module, source: nn.Module) -> None:
+    """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
+    same objects, same names."""
+    for name, param in source._parameters.items():
+        if param is not None and name not in target._parameters:
+            target.register_parameter(name, param)
+    for name, buffer in source._buffers.items():
+        if buffer is not None and name not in target._buffers:
+            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        if child is None:
+            continue
+        if name not in target._modules:
+            target.add_module(name, nn.Module() if type(child) is nn.Module else child)
+        holder = target._modules[name]
+        if holder is not child:
+            _mirror(holder, child)
+
+
+class PipelinedModel(nn.Module):
+    """Stands in for a captured model: holds this rank's share of its parameters and buffers under the model's names,
+    so that ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's
+    names.
+
+    Inside a step it either stops the step where it is called, with the call's arguments (first stage), or returns
+    the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor); anywhere else it
+    refuses to run. Plain attributes of the model (a Hugging Face ``config``) stay readable through it.
+    """
+
+    def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
+                 path: str) -> None:
+        super().__init__()
+        for segment in segments:
+            _mirror(self, segment)
+        object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
+        object.__setattr__(self, "_model", model)
+        self._path = path
+        self._mode: str | None = None
+        self._output: Any = None
+        self._calls = 0
+        self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
+        self.training = model.training
+
+    def train(self, mode: bool = True) -> PipelinedModel:
+        super().train(mode)
+        for segment in self._segments:
+            segment.train(mode)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mode == "capture":
+            raise _Called(args, kwargs)
+        if self._mode == "output":
+            self._calls += 1
+            if self._calls > 1:
+                raise RuntimeError(f"the step calls the model at {self._path!r} more than once; a pipeline runs it "
+                                   f"once per step: concatenate the inputs and call it once")
+            return self._output
+        raise RuntimeError(f"the model at {self._path!r} ({type(self._model).__name__}) is cut into pipeline stages "
+                           f"(this rank holds part of its weights); it runs only inside training/validation/test/predict "
+                           f"steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
+                           f"YourModule.load_from_checkpoint(path)")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        model = self.__dict__.get("_model")  # set once this proxy holds its state
+        if model is None:
+            raise AttributeError(name)
+        value = getattr(model, name)  # AttributeError: the model has none either
+        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            raise AttributeError(f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: "
+                                 f"the model is cut into stages and this rank holds only part of it; call the model "
+                                 f"itself in the step (self.{self._path}(...))")
+        return value
+
+
+class CapturedModule:
+    """A LightningModule whose model (any module the step calls) is captured and pipelined as segments.
+
+    The interface is :class:`~.split.SplitModule`'s: :meth:`capture_input` runs a step up to the model and returns
+    the first segment's input (the flattened call); :meth:`run_step` runs it with the model returning the last
+    segment's output; :meth:`prepare` makes, on every rank, the captures a step needs (a mode seen for the first
+    time, or an input shape new to a static capture) and checks that every rank cut alike.
+    """
+
+    def __init__(self, module: nn.Module, path: str, split_points: Any = None, group: Any = None,
+                 device: torch.device | None = None) -> None:
+        self.module = module
+        self.path = path
+        self.model = module.get_submodule(path)
+        self.state_keys = list(module.state_dict().keys())
+        inside = {id(p) for p in self.model.parameters()}
+        self.outside_trainable = [name for name, p in module.named_parameters()
+                                  if p.requires_grad and id(p) not in inside]
+        try:
+            self.splitter = Splitter(self.model, split_points)
+        except (CaptureError, ValueError) as error:
+            raise ValueError(f"split_points for the model at {path!r} ({type(self.model).__name__}): {error}") from None
+        self.group = group
+        self.collective_device = device or torch.device("cpu")
+        self.proxy: PipelinedModel | None = None
+        self._seen: set[tuple[bool, tuple]] = set()
+
+    @property
+    def is_cut(self) -> bool:
+        return self.proxy is not None
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.splitter.segments()
+
+    def install(self, local: Sequence[Segment]) -> PipelinedModel:
+        """Replace the model by a proxy holding only the state of ``local`` segments."""
+        parent_path, _, attribute = self.path.rpartition(".")
+        parent = self.module.get_submodule(parent_path) if parent_path else self.module
+        self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
+        setattr(parent, attribute, self.proxy)
+        return self.proxy
+
+    # -- capturing ----------------------------------------------------------------------------------
+    def model_call(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple:
+        """Run ``step`` on ``microbatch`` up to the model's call and return that call's ``(args, kwargs)``."""
+        handle = None
+        if self.proxy is not None:
+            self.proxy._mode = "capture"
+        else:
+            def stop(_: nn.Module, call_args: tuple, call_kwargs: dict[str, Any]) -> None:
+                raise _Called(call_args, call_kwargs)
+
+            handle = self.model.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            getattr(self.module, step)(microbatch, *args, **kwargs)
+        except _Called as called:
+            return called.args, called.kwargs
+        finally:
+            if handle is not None:
+                handle.remove()
+            if self.proxy is not None:
+                self.proxy._mode = None
+        raise RuntimeError(self._never_called(step))
+
+    def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
+        """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
+        cut differently are raised on every rank."""
+        def make() -> None:
+            with torch.random.fork_rng(devices=[]), no_logging(self.module):
+                call_args, call_kwargs = self.model_call(step, microbatch, (0,), {})
+                self.splitter.capture(call_args, call_kwargs, training=training)
+
+        self._agree(make, f"capturing {type(self.model).__name__} (at {self.path!r})")
+        self._seen.add((training, autocast_state()))
+
+    def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+                context: Callable[[int], Any]) -> None:
+        """Make the captures this step needs on every rank: the first micro-batch's when the mode (train/eval,
+        autocast) is new; every micro-batch's pattern when the captures are static (one per shape)."""
+        assert self.proxy is not None
+        key = (self.proxy.training, autocast_state())
+        dynamic = all(capture.dynamic for capture in self.splitter.captures)
+        if key in self._seen and dynamic:
+            return
+        before = len(self.splitter.captures)
+
+        def make() -> None:
+            for index, microbatch in enumerate(microbatches if not dynamic else microbatches[:1]):
+                with context(index):
+                    call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
+                    self.splitter.capture(call_args, call_kwargs, training=key[0])
+
+        error: BaseException | None = None
+        try:
+            make()
+        except Exception as caught:  # noqa: BLE001 - raised on every rank below
+            error = caught
+        if error is not None or len(self.splitter.captures) > before:
+            self._agree(None, f"capturing {type(self.model).__name__} (at {self.path!r})", error)
+        self._seen.add(key)
+
+    def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
+        """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest
+        capture has the same digest (its cut, live values, state and ops)."""
+        if make is not None:
+            try:
+                make()
+            except Exception as caught:  # noqa: BLE001 - raised on every rank below
+                error = caught
+        raise_together(error, what, self.group, self.collective_device)
+        digest = self.splitter.captures[-1].digest.encode()
+        mine = torch.frombuffer(bytearray(digest.ljust(16)[:16]), dtype=torch.uint8).to(self.collective_device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, mine, group=self.group)
+        digests = [bytes(part.cpu().tolist()).decode() for part in parts]
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the ranks captured {type(self.model).__name__} differently (digests by pipeline rank: "
+                               f"{digests}), so their stages would not fit together: every rank must build the same "
+                               f"model (same config, same code version) and call it with the same batch")
+
+    def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened."""
+        call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
+        inputs = self.splitter.flat_inputs(call_args, call_kwargs)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tree_flatten(inputs)[0]):
+            names = ", ".join(self.outside_trainable) or "parameters outside it"
+            raise ValueError(f"{step} computes the inputs of the model at {self.path!r} with parameters outside it "
+                             f"that require grad ({names}); a pipeline trains only the model it cuts: move them into "
+                             f"the model, name a module holding both with layers=..., or freeze them with "
+                             f"requires_grad_(False)")
+        return inputs
+
+    def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> Any:
+        """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
+        proxy = self.proxy
+        assert proxy is not None
+        proxy._mode, proxy._output, proxy._calls = "output", output, 0
+        try:
+            result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            if proxy._calls == 0:
+                raise RuntimeError(self._never_called(step))
+        finally:
+            proxy._mode, proxy._output = None, None
+        return result
+
+    def outside_parameters_with_grad(self) -> list[str]:
+        named = dict(self.module.named_parameters())
+        return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
+
+    def outside_error(self, names: Sequence[str]) -> str:
+        return (f"training_step uses parameters outside the model at {self.path!r} that require grad "
+                f"({', '.join(names)}); a pipeline trains only the model it cuts: move them into the model, name a "
+                f"module holding both with layers=..., or freeze them with requires_grad_(False)")
+
+    # -- state ------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
+        if not self.is_cut:
+            self.module.load_state_dict(state_dict, strict=strict)
+            return
+        local_keys = self.module.state_dict().keys()
+        if strict:
+            missing = [key for key in local_keys if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in set(self.state_keys)]
+            if missing or unexpected:
+                raise RuntimeError(f"the checkpoint does not match {type(self.module).__name__}: missing keys "
+                                   f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+        self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+
+    def _never_called(self, step: str) -> str:
+        return (f"{type(self.module).__name__}.{step} never called the model at {self.path!r} "
+                f"({type(self.model).__name__}); the pipeline runs that model, so {step} must call it (directly or "
+                f"through forward), or name the module it calls with PipelineStrategy(layers='attribute.path')")
+
+
+@contextlib.contextmanager
+def no_logging(module: nn.Module) -> Any:
+    """``self.log`` does nothing while a step runs only up to its model (no loop collects logs at setup)."""
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log

@@ -1,0 +1,176 @@
+"""Any model under a real Trainer: ordinary LightningModules over the capture families (HF GPT-2, Llama, BERT, a
+litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in hyper-parameters) train under
+``pipedream`` and ``gpipe`` with sequence lengths that change between batches, and their weights equal one device's;
+they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
+
+The default run covers every family on 2 ranks under ``pipedream`` and a subset under ``gpipe`` and on 4 ranks;
+``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks, strategy) pair (tens of minutes here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_pipe.engine import launch
+from tests.capture_models import FAMILIES, HAS_TRANSFORMERS
+from tests.helpers import run_ranks
+
+if HAS_TRANSFORMERS:  # imported once by the fork server rather than by every rank
+    launch.PRELOAD[:] = [*launch.PRELOAD, "lightning_pipe.capture", "transformers.models.gpt2.modeling_gpt2",
+                         "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert"]
+
+SEED = 1234
+NUM_MICROBATCHES = 4
+# three training batches: (rows, sequence length); the length changes, and the last batch is a short one
+BATCHES = [(8, 16), (8, 12), (6, 10)]
+HF = ("hf_gpt2", "hf_llama", "hf_bert")
+ALL = [*FAMILIES, "hparams"]
+FULL = os.environ.get("LIGHTNING_PIPE_FULL_CAPTURE_GRID") == "1"
+# (world size, strategy) -> families; every family runs somewhere by default
+GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["hf_llama", "resnet", "hparams"],
+        (4, "pipedream"): ["hf_gpt2", "vit"], (4, "gpipe"): ["litgpt", "autoencoder"]}
+if FULL:
+    GRID = {key: ALL for key in GRID}
+# Running statistics: the pipeline commits the whole batch's once per step, one device here updates per micro-batch.
+RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _family(name: str) -> Any:
+    return FAMILIES["autoencoder" if name == "hparams" else name]
+
+
+def _module(name: str) -> Any:
+    """An ordinary LightningModule around the family's model, as a user writes one."""
+    import lightning as L
+
+    family = _family(name)
+
+    class FamilyModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = family.make()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            args, kwargs = family.call(batch)
+            loss = family.loss(self.model(*args, **kwargs), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            args, kwargs = family.call(batch)
+            self.log("val_loss", family.loss(self.model(*args, **kwargs), batch))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class HparamsModule(FamilyModule):  # the lightning-hydra-template's way: the net is a hyper-parameter
+        def __init__(self, net: torch.nn.Module) -> None:
+            L.LightningModule.__init__(self)
+            self.save_hyperparameters(logger=False)
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = family.loss(self.net(batch[0]), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", family.loss(self.net(batch[0]), batch))
+
+    L.seed_everything(SEED, verbose=False)
+    return HparamsModule(family.make()) if name == "hparams" else FamilyModule()
+
+
+def _data(name: str, seed: int = 0, shapes: list[tuple[int, int]] = BATCHES) -> Any:
+    from torch.utils.data import DataLoader
+
+    family = _family(name)
+    batches = [family.batch(rows, length, seed + i) for i, (rows, length) in enumerate(shapes)]
+    return DataLoader(batches, batch_size=None)
+
+
+def _trainer(strategy: str, devices: int, **options: Any) -> Any:
+    import lightning as L
+
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0, "accelerator": "cpu", "devices": devices,
+                "limit_val_batches": 1}
+    return L.Trainer(strategy=strategy, **{**defaults, **options})
+
+
+def _state(module: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str) -> dict[str, Any]:
+    import lightning_pipe  # noqa: F401
+
+    results: dict[str, Any] = {}
+    for name in names:
+        steps = len(BATCHES)
+        model = _module(name)
+        _trainer(strategy, world_size, max_steps=steps).fit(model, _data(name))
+        validated = _trainer(strategy, world_size).validate(model, _data(name, 50, [(8, 14)]), verbose=False)
+        first = _module(name)
+        interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
+        interrupted.fit(first, _data(name))
+        path = os.path.join(tmp, f"{name}.ckpt")
+        interrupted.save_checkpoint(path)
+        resumed = _module(name)
+        _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path)
+        results[name] = {"state": _state(model), "resumed": _state(resumed), "val_loss": validated[0]["val_loss"],
+                         "path": type(getattr(model, "net" if name == "hparams" else "model")).__name__}
+    return results
+
+
+def _reference(name: str) -> tuple[dict[str, torch.Tensor], float]:
+    """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+
+    model = _module(name)
+    model.log = lambda *args, **kwargs: None
+    optimizer = model.configure_optimizers()
+    for batch in _data(name):
+        rows = batch_rows(batch)
+        for microbatch in split_batch(batch, NUM_MICROBATCHES):
+            (model.training_step(microbatch, 0) * batch_rows(microbatch) / rows).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    logged: list[float] = []
+    model.log = lambda _, value, **options: logged.append(float(value))
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        (batch,) = list(_data(name, 50, [(8, 14)]))
+        for microbatch in split_batch(batch, NUM_MICROBATCHES):
+            model.validation_step(microbatch, 0)
+            total += logged.pop() * batch_rows(microbatch) / batch_rows(batch)
+    return _state(model), total
+
+
+def _check(results: list[dict[str, Any]], names: list[str]) -> None:
+    for name in names:
+        expected, val_loss = _reference(name)
+        for which in ("state", "resumed"):
+            merged: dict[str, torch.Tensor] = {}
+            for result in results:
+                merged.update(result[name][which])
+            assert merged.keys() == expected.keys(), f"{name} {which}: {sorted(set(expected) ^ set(merged))}"
+            for key, value in expected.items():
+                if not key.endswith(RUNNING):
+                    torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{name} {which} {key}")
+        for rank, result in enumerate(results):
+            assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
+            assert result[name]["path"] == "PipelinedModel", f"{name}: captured, not the nn.Sequential path"
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize(("world_size", "strategy"), list(GRID))
+def test_families_train_validate_and_resume_like_one_device(world_size: int, strategy: str, tmp_path: Path) -> None:
+    names = [name for name in GRID[(world_size, strategy)] if HAS_TRANSFORMERS or name not in HF]
+    results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), timeout=1400)
+    _check(results, names)
