@@ -28,17 +28,17 @@ NUM_MICROBATCHES = 4
 # three training batches: (rows, sequence length); the length changes, and the last batch is a short one
 BATCHES = [(8, 16), (8, 12), (6, 10)]
 HF = ("hf_gpt2", "hf_llama", "hf_bert")
-ALL = [*FAMILIES, "hparams"]
+ALL = [*FAMILIES, "hparams", "forward"]
 FULL = os.environ.get("LIGHTNING_PIPE_FULL_CAPTURE_GRID") == "1"
 # (world size, strategy) -> families; every family runs somewhere by default
-GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["hf_llama", "resnet", "hparams"],
+GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["hf_llama", "resnet", "hparams", "forward"],
         (4, "pipedream"): ["hf_gpt2", "vit"], (4, "gpipe"): ["litgpt", "autoencoder"]}
 if FULL:
     GRID = {key: ALL for key in GRID}
 
 
 def _family(name: str) -> Any:
-    return FAMILIES["autoencoder" if name == "hparams" else name]
+    return FAMILIES["autoencoder" if name in ("hparams", "forward") else name]
 
 
 def _module(name: str) -> Any:
@@ -79,7 +79,27 @@ def _module(name: str) -> Any:
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             self.log("val_loss", family.loss(self.net(batch[0]), batch))
 
+    class ForwardModule(FamilyModule):  # Lightning's autoencoder example: layers on the module, self(x) in the step
+        def __init__(self) -> None:
+            L.LightningModule.__init__(self)
+            made = family.make()
+            self.encoder, self.decoder = made.encoder, made.decoder
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = self.encoder(x)
+            return self.decoder(z), z
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = family.loss(self(batch[0]), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", family.loss(self(batch[0]), batch))
+
     L.seed_everything(SEED, verbose=False)
+    if name == "forward":
+        return ForwardModule()
     return HparamsModule(family.make()) if name == "hparams" else FamilyModule()
 
 
@@ -121,8 +141,15 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         resumed = _module(name)
         _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path)
         results[name] = {"state": _state(model), "resumed": _state(resumed), "val_loss": validated[0]["val_loss"],
-                         "path": type(getattr(model, "net" if name == "hparams" else "model")).__name__}
+                         "captured": _captured(model)}
     return results
+
+
+def _captured(module: Any) -> bool:
+    """Whether the strategy took the captured path (not the nn.Sequential one) for ``module``."""
+    from lightning_pipe.strategy.captured import PipelinedModel
+
+    return "_pipelined_model" in module.__dict__ or any(isinstance(m, PipelinedModel) for m in module.modules())
 
 
 def _reference(name: str) -> tuple[dict[str, torch.Tensor], float]:
@@ -175,7 +202,7 @@ def _check(results: list[dict[str, Any]], names: list[str]) -> None:
                 torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{name} {which} {key}")
         for rank, result in enumerate(results):
             assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
-            assert result[name]["path"] == "PipelinedModel", f"{name}: captured, not the nn.Sequential path"
+            assert result[name]["captured"], f"{name}: captured, not the nn.Sequential path"
 
 
 @pytest.mark.timeout(1500)

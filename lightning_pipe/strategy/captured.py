@@ -1,9 +1,7 @@
 """Pipeline any model the step calls: capture it (:mod:`lightning_pipe.capture`), cut it into segments, and stand in
 for it with a proxy that holds this rank's share of its state under the model's own names.
 
-The ``nn.Sequential`` path (:mod:`.split`) stays the no-tracing fast path: :func:`choose_model` takes it whenever the
-module has one outermost ``nn.Sequential`` holding every trainable parameter. Otherwise the model is the child
-attribute (``self.model``, ``self.net``) holding every trainable parameter, or the one ``layers=`` names.
+Which model is captured (or whether the ``nn.Sequential`` path runs instead) is :mod:`.model_choice`'s decision.
 """
 
 from __future__ import annotations
@@ -20,44 +18,27 @@ from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.model_choice import owners
 
-__all__ = ["choose_model", "CapturedModule", "PipelinedModel", "no_logging", "SEQUENCE", "CAPTURED"]
-
-SEQUENCE, CAPTURED = "sequence", "captured"
+__all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
 
-def choose_model(module: nn.Module, layers: str | None, split_points: Any = None) -> tuple[str, str | None]:
-    """Which path cuts ``module`` and the attribute path of what it cuts: ``("sequence", path or None)`` (today's
-    ``nn.Sequential`` path, which finds its sequence itself) or ``("captured", path)``."""
-    if layers is not None:
-        try:
-            target = module.get_submodule(layers)
-        except AttributeError:
-            raise ValueError(f"{type(module).__name__} has no submodule {layers!r}; pass layers= the attribute path of "
-                             f"the model the step calls, e.g. layers='model'") from None
-        if isinstance(target, nn.Sequential) and split_points is None:
-            return SEQUENCE, layers
-        return CAPTURED, layers
-    trainable = {id(p) for p in module.parameters() if p.requires_grad}
-    outermost: list[nn.Sequential] = []
-    names: list[str] = []
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Sequential) and name and not any(name.startswith(f"{n}.") for n in names):
-            names.append(name)
-            outermost.append(child)
-    if split_points is None and len(outermost) == 1 and trainable <= {id(p) for p in outermost[0].parameters()}:
-        return SEQUENCE, None
-    holders = [name for name, child in module.named_children()
-               if trainable and trainable <= {id(p) for p in child.parameters()}]
-    if holders:
-        return CAPTURED, holders[0]
-    if split_points is None and len(outermost) >= 1 and not trainable:
-        return SEQUENCE, None  # nothing to train: the sequence path's own errors and checks apply
-    owners = sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad})
-    raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
-                     f"parameters are spread over {owners}. Put the model in one attribute that the step calls "
-                     f"(self.model = MyModel(...) holding {', '.join(owners)}) and name it with layers='model' if "
-                     f"needed; or, for one nn.Sequential, put every trainable layer inside it")
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """A second object of ``module``'s class sharing its submodules, parameters and buffers but none of its hooks: what
+    the splitter captures when the model is the module's own ``forward``, while the module itself is cut."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        twin.__dict__[key] = dict(module.__dict__[key])
+    twin.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    for key, value in module.__dict__.items():
+        if "hooks" in key and isinstance(value, dict):
+            twin.__dict__[key] = type(value)()
+    return twin
 
 
 class _Called(BaseException):
@@ -160,7 +141,9 @@ class CapturedModule:
                  device: torch.device | None = None) -> None:
         self.module = module
         self.path = path
-        self.model = module.get_submodule(path)
+        self.root = path == ""  # the module's own forward is the model
+        self.model = _twin(module) if self.root else module.get_submodule(path)
+        self.called = module if self.root else self.model  # what the step calls
         self.state_keys = list(module.state_dict().keys())
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
@@ -168,7 +151,7 @@ class CapturedModule:
         try:
             self.splitter = Splitter(self.model, split_points)
         except (CaptureError, ValueError) as error:
-            raise ValueError(f"split_points for the model at {path!r} ({type(self.model).__name__}): {error}") from None
+            raise ValueError(f"split_points for {self.where}: {error}") from None
         self.group = group
         self.collective_device = device or torch.device("cpu")
         self.proxy: PipelinedModel | None = None
@@ -179,14 +162,40 @@ class CapturedModule:
         return self.proxy is not None
 
     @property
+    def where(self) -> str:
+        """The model, for messages."""
+        if self.root:
+            return f"{type(self.module).__name__}.forward"
+        return f"the model at {self.path!r} ({type(self.model).__name__})"
+
+    @property
+    def training(self) -> bool:
+        """The mode the step runs the model in (Lightning sets the LightningModule's; a user may set the model's)."""
+        return self.module.training if self.root or self.proxy is None else self.proxy.training
+
+    @property
     def segments(self) -> list[Segment]:
         return self.splitter.segments()
 
     def install(self, local: Sequence[Segment]) -> PipelinedModel:
-        """Replace the model by a proxy holding only the state of ``local`` segments."""
+        """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
+        the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
+        self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
+        if self.root:
+            module, proxy = self.module, self.proxy
+            for name, child in list(module._modules.items()):
+                if name in proxy._modules:
+                    module._modules[name] = proxy._modules[name]
+                elif child is not None and _has_state(child):
+                    del module._modules[name]  # on other ranks
+            module._parameters = dict(proxy._parameters)
+            module._buffers = dict(proxy._buffers)
+            module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)
+            module.forward = proxy.forward  # type: ignore[method-assign]
+            object.__setattr__(module, "_pipelined_model", proxy)
+            return proxy
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
-        self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
         setattr(parent, attribute, self.proxy)
         return self.proxy
 
@@ -200,7 +209,7 @@ class CapturedModule:
             def stop(_: nn.Module, call_args: tuple, call_kwargs: dict[str, Any]) -> None:
                 raise _Called(call_args, call_kwargs)
 
-            handle = self.model.register_forward_pre_hook(stop, with_kwargs=True)
+            handle = self.called.register_forward_pre_hook(stop, with_kwargs=True)
         try:
             getattr(self.module, step)(microbatch, *args, **kwargs)
         except _Called as called:
@@ -220,7 +229,7 @@ class CapturedModule:
                 call_args, call_kwargs = self.model_call(step, microbatch, (0,), {})
                 self.splitter.capture(call_args, call_kwargs, training=training)
 
-        self._agree(make, f"capturing {type(self.model).__name__} (at {self.path!r})")
+        self._agree(make, f"capturing {self.where}")
         self._seen.add((training, autocast_state()))
 
     def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
@@ -228,7 +237,10 @@ class CapturedModule:
         """Make the captures this step needs on every rank: the first micro-batch's when the mode (train/eval,
         autocast) is new; every micro-batch's pattern when the captures are static (one per shape)."""
         assert self.proxy is not None
-        key = (self.proxy.training, autocast_state())
+        key = (self.training, autocast_state())
+        for segment in self.segments:  # a segment picks its graph by its own mode
+            if segment.training != key[0]:
+                segment.train(key[0])
         dynamic = all(capture.dynamic for capture in self.splitter.captures)
         if key in self._seen and dynamic:
             return
@@ -246,7 +258,7 @@ class CapturedModule:
         except Exception as caught:  # noqa: BLE001 - raised on every rank below
             error = caught
         if error is not None or len(self.splitter.captures) > before:
-            self._agree(None, f"capturing {type(self.model).__name__} (at {self.path!r})", error)
+            self._agree(None, f"capturing {self.where}", error)
         self._seen.add(key)
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
@@ -275,7 +287,7 @@ class CapturedModule:
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tree_flatten(inputs)[0]):
             names = ", ".join(self.outside_trainable) or "parameters outside it"
-            raise ValueError(f"{step} computes the inputs of the model at {self.path!r} with parameters outside it "
+            raise ValueError(f"{step} computes the inputs of {self.where} with parameters outside it "
                              f"that require grad ({names}); a pipeline trains only the model it cuts: move them into "
                              f"the model, name a module holding both with layers=..., or freeze them with "
                              f"requires_grad_(False)")
@@ -300,7 +312,7 @@ class CapturedModule:
         return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
 
     def outside_error(self, names: Sequence[str]) -> str:
-        return (f"training_step uses parameters outside the model at {self.path!r} that require grad "
+        return (f"training_step uses parameters outside {self.where} that require grad "
                 f"({', '.join(names)}); a pipeline trains only the model it cuts: move them into the model, name a "
                 f"module holding both with layers=..., or freeze them with requires_grad_(False)")
 
@@ -320,9 +332,13 @@ class CapturedModule:
         self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
 
     def _never_called(self, step: str) -> str:
-        return (f"{type(self.module).__name__}.{step} never called the model at {self.path!r} "
-                f"({type(self.model).__name__}); the pipeline runs that model, so {step} must call it (directly or "
-                f"through forward), or name the module it calls with PipelineStrategy(layers='attribute.path')")
+        if self.root:
+            return (f"{type(self.module).__name__}.{step} never called self(...): its trainable parameters are spread "
+                    f"over {owners(self.module)}, so the pipeline runs the module's forward, which {step} must call "
+                    f"(self(x)); or put the model in one attribute that the step calls (self.model = MyModel(...))")
+        return (f"{type(self.module).__name__}.{step} never called {self.where}; the pipeline runs that model, so "
+                f"{step} must call it (directly or through forward), or name the module it calls with "
+                f"PipelineStrategy(layers='attribute.path')")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,8 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.strategy.captured import CAPTURED, CapturedModule, choose_model, no_logging
+from lightning_pipe.strategy.captured import CapturedModule, no_logging
+from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
 from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.strategy.data_order import share_order

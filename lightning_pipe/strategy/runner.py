@@ -126,6 +126,9 @@ class PipelineRunner:
     @staticmethod
     def of(module: LightningModule) -> PipelineRunner | None:
         """The runner that already cut ``module`` (by an earlier Trainer), if any."""
+        own = module.__dict__.get("_pipelined_model")  # a module whose own forward was captured
+        if own is not None and isinstance(own.owner, PipelineRunner):
+            return own.owner
         for child in module.modules():
             if isinstance(child, (PipelinedSequence, PipelinedModel)) and isinstance(child.owner, PipelineRunner):
                 return child.owner
