@@ -111,8 +111,13 @@ def _data(name: str, seed: int = 0, shapes: list[tuple[int, int]] = BATCHES) -> 
     return DataLoader(batches, batch_size=None)
 
 
-def _trainer(strategy: str, devices: int, **options: Any) -> Any:
+def _trainer(strategy: Any, devices: int, **options: Any) -> Any:
     import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    if isinstance(strategy, dict):
+        strategy = PipelineStrategy(**strategy)
 
     defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                 "enable_checkpointing": False, "num_sanity_val_steps": 0, "accelerator": "cpu", "devices": devices,
@@ -152,15 +157,16 @@ def _captured(module: Any) -> bool:
     return "_pipelined_model" in module.__dict__ or any(isinstance(m, PipelinedModel) for m in module.modules())
 
 
-def _reference(name: str) -> tuple[dict[str, torch.Tensor], float]:
-    """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows."""
+def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Tensor], float]:
+    """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows (after
+    ``steps`` steps; the validation loss of the model then)."""
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
 
     model = _module(name)
     model.log = lambda *args, **kwargs: None
     optimizer = model.configure_optimizers()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for batch in _data(name):
+    for batch in list(_data(name))[:steps]:
         rows = batch_rows(batch)
         running = [{k: v.clone() for k, v in norm.named_buffers()} for norm in norms]
         inputs: dict[int, list[torch.Tensor]] = {id(norm): [] for norm in norms}
@@ -211,3 +217,42 @@ def test_families_train_validate_and_resume_like_one_device(world_size: int, str
     names = [name for name in GRID[(world_size, strategy)] if HAS_TRANSFORMERS or name not in HF]
     results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), timeout=1400)
     _check(results, names)
+
+
+def _cuts(rank: int, world_size: int) -> dict[str, Any]:
+    """litgpt validated before it trains (the eval capture comes first), then trained with a planned cut over its
+    segments, and with hand-made split points and the partition by parameters."""
+    import lightning_pipe  # noqa: F401
+
+    results: dict[str, Any] = {}
+    model = _module("litgpt")
+    validated = _trainer("pipedream", world_size).validate(model, _data("litgpt", 50, [(8, 14)]), verbose=False)
+    results["validated_first"] = validated[0]["val_loss"]
+    for case, options in {"profile": {"partition": "profile", "profile_cache": False},
+                          "split_points": {"partition": "parameters",
+                                           "split_points": ["transformer.h.1", ("transformer.h.2", "end")]}}.items():
+        model = _module("litgpt")
+        trainer = _trainer(options, world_size, max_steps=len(BATCHES))
+        trainer.fit(model, _data("litgpt"))
+        pipeline = trainer.strategy.runner.pipeline
+        results[case] = {"state": _state(model), "stage_sizes": list(pipeline.stage_sizes), "captured": _captured(model)}
+    return results
+
+
+@pytest.mark.timeout(400)
+def test_planned_and_hand_made_cuts_over_segments_and_an_eval_capture_first() -> None:
+    results = run_ranks(_cuts, 2, timeout=350)
+    _, initial_val_loss = _reference("litgpt", steps=0)
+    expected, _ = _reference("litgpt")
+    for rank, result in enumerate(results):
+        assert result["validated_first"] == pytest.approx(initial_val_loss, rel=1e-5, abs=1e-6), f"rank {rank}"
+    assert results[0]["split_points"]["stage_sizes"] == [2, 1]  # 3 segments; the first holds the embedding too
+    assert sum(results[0]["profile"]["stage_sizes"]) == 6  # default cuts: stem, 4 blocks, head
+    for case in ("profile", "split_points"):
+        merged: dict[str, torch.Tensor] = {}
+        for result in results:
+            assert result[case]["captured"]
+            merged.update(result[case]["state"])
+        assert merged.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{case} {key}")
