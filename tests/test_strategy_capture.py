@@ -3,8 +3,11 @@ litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in
 ``pipedream`` and ``gpipe`` with sequence lengths that change between batches, and their weights equal one device's;
 they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
 
-The default run covers every family on 2 ranks under ``pipedream`` and a subset under ``gpipe`` and on 4 ranks;
-``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks, strategy) pair (tens of minutes here)."""
+The default run (about 5 minutes on 2 busy cores) trains, validates and resumes every family on 2 ranks under
+``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's batch norms and a
+LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across 4 ranks; litgpt's
+tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks,
+strategy) pair, resume included (about 20 minutes here)."""
 
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ HF = ("hf_gpt2", "hf_llama", "hf_bert")
 ALL = [*FAMILIES, "hparams", "forward"]
 FULL = os.environ.get("LIGHTNING_PIPE_FULL_CAPTURE_GRID") == "1"
 # (world size, strategy) -> families; every family runs somewhere by default
-GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["hf_llama", "resnet", "hparams", "forward"],
-        (4, "pipedream"): ["hf_gpt2", "vit"], (4, "gpipe"): ["litgpt", "autoencoder"]}
+GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["resnet", "forward"], (4, "pipedream"): ["hf_gpt2"],
+        (4, "gpipe"): ["litgpt"]}
+RESUME = {(2, "pipedream")}  # where the resume from a checkpoint is checked by default
 if FULL:
     GRID = {key: ALL for key in GRID}
+    RESUME = set(GRID)
 
 
 def _family(name: str) -> Any:
@@ -129,7 +134,8 @@ def _state(module: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str) -> dict[str, Any]:
+def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str,
+                  resume: bool = True) -> dict[str, Any]:
     import lightning_pipe  # noqa: F401
 
     results: dict[str, Any] = {}
@@ -138,6 +144,9 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         model = _module(name)
         _trainer(strategy, world_size, max_steps=steps).fit(model, _data(name))
         validated = _trainer(strategy, world_size).validate(model, _data(name, 50, [(8, 14)]), verbose=False)
+        results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model)}
+        if not resume:
+            continue
         first = _module(name)
         interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
         interrupted.fit(first, _data(name))
@@ -145,8 +154,7 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         interrupted.save_checkpoint(path)
         resumed = _module(name)
         _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path)
-        results[name] = {"state": _state(model), "resumed": _state(resumed), "val_loss": validated[0]["val_loss"],
-                         "captured": _captured(model)}
+        results[name]["resumed"] = _state(resumed)
     return results
 
 
@@ -199,7 +207,7 @@ def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Te
 def _check(results: list[dict[str, Any]], names: list[str]) -> None:
     for name in names:
         expected, val_loss = _reference(name)
-        for which in ("state", "resumed"):
+        for which in ("state", "resumed") if "resumed" in results[0][name] else ("state",):
             merged: dict[str, torch.Tensor] = {}
             for result in results:
                 merged.update(result[name][which])
@@ -215,7 +223,8 @@ def _check(results: list[dict[str, Any]], names: list[str]) -> None:
 @pytest.mark.parametrize(("world_size", "strategy"), list(GRID))
 def test_families_train_validate_and_resume_like_one_device(world_size: int, strategy: str, tmp_path: Path) -> None:
     names = [name for name in GRID[(world_size, strategy)] if HAS_TRANSFORMERS or name not in HF]
-    results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), timeout=1400)
+    resume = (world_size, strategy) in RESUME
+    results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), resume, timeout=1400)
     _check(results, names)
 
 
