@@ -106,8 +106,10 @@ class PipelineRunner:
                        pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
         """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
         segments = captured.segments
-        if device.type != "cpu":
-            captured.splitter.to(device)
+        # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
+        # then, the others' wherever the model was built; their graphs run on this rank's device.
+        captured.splitter.to(device)
+        captured.splitter.capture_on_meta = True
         pipeline = Pipeline(segments, config=config, group=group, device=device)
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
