@@ -70,11 +70,14 @@ def _module(name: str) -> Any:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
-    class HparamsModule(FamilyModule):  # the lightning-hydra-template's way: the net is a hyper-parameter
+    class HparamsModule(L.LightningModule):  # the lightning-hydra-template's way: the net is a hyper-parameter
         def __init__(self, net: torch.nn.Module) -> None:
-            L.LightningModule.__init__(self)
+            super().__init__()
             self.save_hyperparameters(logger=False)
             self.net = net
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = family.loss(self.net(batch[0]), batch)
@@ -152,8 +155,11 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         interrupted.fit(first, _data(name))
         path = os.path.join(tmp, f"{name}.ckpt")
         interrupted.save_checkpoint(path)
+        if name == "hparams":  # the checkpoint's hyper-parameters hold the net whole, with the trained weights
+            net = torch.load(path, weights_only=False)["hyper_parameters"]["net"]
+            results[name]["hparams_net"] = {f"net.{k}": v for k, v in net.state_dict().items()}
         resumed = _module(name)
-        _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path)
+        _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path, weights_only=False)
         results[name]["resumed"] = _state(resumed)
     return results
 
@@ -214,6 +220,11 @@ def _check(results: list[dict[str, Any]], names: list[str]) -> None:
             assert merged.keys() == expected.keys(), f"{name} {which}: {sorted(set(expected) ^ set(merged))}"
             for key, value in expected.items():
                 torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{name} {which} {key}")
+        if "hparams_net" in results[0][name]:
+            after, _ = _reference(name, steps=len(BATCHES) - 1)
+            assert results[0][name]["hparams_net"].keys() == after.keys()
+            for key, value in after.items():
+                torch.testing.assert_close(results[0][name]["hparams_net"][key], value, rtol=0, atol=1e-5, msg=key)
         for rank, result in enumerate(results):
             assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
             assert result[name]["captured"], f"{name}: captured, not the nn.Sequential path"

@@ -85,6 +85,28 @@ def test_trainable_parameters_spread_over_attributes_are_an_error_that_says_what
         choose_model(_lightning(ViT()), "modle")
 
 
+def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
+    """Another attribute holding the model leads to the proxy; one holding a module of it leads to this rank's
+    holder of that module (same tensors), or to a stand-in without state where another rank holds it; so the
+    LightningModule's state_dict holds trained weights only, under every name."""
+    from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
+    from lightning_pipe.strategy.references import LayerElsewhere
+
+    vit = ViT()
+    module = _lightning(vit)
+    module.again, module.head, module.embed = vit, vit.head, vit.patch_embed
+    captured = CapturedModule(module, "model")
+    captured.splitter.capture((torch.randn(2, 3, 16, 16),), {})
+    captured.install(captured.segments[-1:])  # this rank: the last segment (norm and head)
+    assert isinstance(module.model, PipelinedModel) and module.again is module.model
+    assert isinstance(module.embed, LayerElsewhere)
+    assert module.head is module.model.head and module.head.weight is vit.head.weight
+    keys = set(module.state_dict())
+    assert {"head.weight", "again.head.weight", "model.norm.weight"} <= keys
+    assert not any(key.startswith(("embed.", "model.blocks.", "again.blocks.")) for key in keys)
+    assert sorted(captured.aliases) == ["again", "embed", "head"]
+
+
 # -- errors on every rank ----------------------------------------------------------------------------
 def _run(rank: int, world_size: int, case: str) -> None:
     import lightning as L

@@ -147,7 +147,8 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     for replica in range(2):
         full = _full_state([ranks[replica]["state"], ranks[2 + replica]["state"]])
         for key, value in reference.state_dict().items():
-            torch.testing.assert_close(full[key], value, rtol=0, atol=1e-5, msg=f"replica {replica} {key}")
+            torch.testing.assert_close(full[key], value, rtol=0, atol=1e-5,
+                                       msg=lambda text, r=replica, k=key: f"replica {r} {k}: {text}")
 
 
 @pytest.mark.parametrize("options, devices, message", [

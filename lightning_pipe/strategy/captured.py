@@ -19,8 +19,47 @@ from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.model_choice import owners
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
+
+
+def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
+    """After ``model`` (at ``path``) was replaced by ``proxy``: lead every other path to it to the proxy, and every
+    path into it to the proxy's holder of that module when this rank holds all of its state, else to a
+    :class:`~.references.LayerElsewhere`; a hyper-parameter that is the model becomes the proxy (a checkpoint then
+    stores it whole), and Lightning's deep copy of the first hyper-parameters goes to the meta device. Returns the
+    paths redirected (see :mod:`.references` for the nn.Sequential path's)."""
+    inside = {id(m): name for name, m in model.named_modules() if name}
+    held = dict(proxy.named_modules())
+    changes: list[tuple[str, nn.Module]] = []
+    skip = [path]
+    for alias, child in module.named_modules(remove_duplicate=False):
+        if not alias or any(alias == s or alias.startswith(f"{s}.") for s in skip):
+            continue
+        if child is model:
+            changes.append((alias, proxy))
+            skip.append(alias)
+        elif id(child) in inside:
+            skip.append(alias)
+            name = inside[id(child)]
+            holder = held.get(name)
+            whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
+            changes.append((alias, holder if whole else LayerElsewhere(alias, name, path)))  # type: ignore[arg-type]
+    for alias, replacement in changes:
+        parent_path, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(parent_path) if parent_path else module, attribute, replacement)
+    hparams = getattr(module, "_hparams", None)
+    if isinstance(hparams, dict):
+        for key, value in list(hparams.items()):
+            if value is model:
+                hparams[key] = proxy
+    initial = getattr(module, "_hparams_initial", None)
+    if isinstance(initial, Mapping):
+        for value in initial.values():
+            if isinstance(value, nn.Module):  # Lightning's deep copy for loggers: its repr, not its weights
+                value.to("meta")
+    return [alias for alias, _ in changes]
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -92,6 +131,13 @@ class PipelinedModel(nn.Module):
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
         self.training = model.training
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
+        # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
+        state = dict(self.__dict__)
+        state["owner"], state["_output"], state["_mode"], state["_segments"], state["_model"] = None, None, None, [], None
+        return state
+
     def train(self, mode: bool = True) -> PipelinedModel:
         super().train(mode)
         for segment in self._segments:
@@ -155,6 +201,9 @@ class CapturedModule:
         self.group = group
         self.collective_device = device or torch.device("cpu")
         self.proxy: PipelinedModel | None = None
+        # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
+        self.skeleton = None if self.root else meta_skeleton(self.model)
+        self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
         self._seen: set[tuple[bool, tuple]] = set()
 
     @property
@@ -197,6 +246,7 @@ class CapturedModule:
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
         setattr(parent, attribute, self.proxy)
+        self.aliases = _redirect(self.module, self.model, self.proxy, self.path)
         return self.proxy
 
     # -- capturing ----------------------------------------------------------------------------------

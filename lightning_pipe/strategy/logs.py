@@ -59,6 +59,13 @@ class LogRecorder:
         with self._patched(log):
             yield
 
+    def add_up(self, loss: Any) -> None:
+        """Micro-batches' logs of ``loss`` itself add up to the batch's (a loss summed over rows), whatever their
+        ``reduce_fx`` says of combining batches."""
+        for arguments, _ in self.calls:
+            if arguments["value"] is loss:
+                arguments["add_up"] = True
+
     @contextmanager
     def discarding(self) -> Iterator[None]:
         """Drop ``self.log`` calls made inside (the first stage's partial run of a step)."""
@@ -107,7 +114,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         first = group[0][0]
         # every rank holds the same value, so a cross-rank sync would only mix in ranks that computed nothing
         options = {key: value for key, value in first.items()
-                   if key not in ("name", "value", "batch_size", "sync_dist", "sync_dist_group", "metric_attribute")}
+                   if key not in ("name", "value", "batch_size", "sync_dist", "sync_dist_group", "metric_attribute",
+                                  "add_up")}
         if isinstance(first["value"], Metric):
             metric = metric_names.get(id(first["value"]))
             if metric is None:
@@ -117,7 +125,7 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
             continue
         sizes = [args["batch_size"] if args["batch_size"] is not None else rows for args, rows in group]
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
-        reduce = _reduction(first["reduce_fx"], name)
+        reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         if reduce == "mean":
             weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
             value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
@@ -180,6 +188,16 @@ class MetricTracker:
     def start(self) -> None:
         """Set every metric's state aside and start it empty (on the last stage, before the micro-batches)."""
         self._saved = {name: self._take(metric) for name, metric in self.metrics.items()}
+
+    @contextmanager
+    def untouched(self) -> Iterator[None]:
+        """Every metric as it was before, whatever runs inside (a step run again only to look at its loss)."""
+        saved = {name: self._take(metric) for name, metric in self.metrics.items()}
+        try:
+            yield
+        finally:
+            for name, metric in self.metrics.items():
+                self._restore(metric, saved[name])
 
     def batch_update(self, logged_metrics: set[str]) -> dict[str, dict[str, Any]]:
         """Each updated metric's state for this batch alone (on CPU), with its batch value if it is logged."""

@@ -45,9 +45,12 @@ from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
+from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.split import find_sequence
+
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 
 __all__ = ["PipelineStrategy"]
 
@@ -95,9 +98,11 @@ class PipelineStrategy(ProcessStrategy):
             and ``schedule="auto"``. ``None``: no cap.
         profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
             are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
+        loss_reduction: how ``training_step``'s loss adds up over the batch's rows: ``"mean"`` (``F.mse_loss``,
+            ``F.cross_entropy``), ``"sum"`` (``loss.sum()``: each micro-batch's loss then counts whole), or
+            ``"auto"``: the first batch with several micro-batches tells (:mod:`lightning_pipe.strategy.reduction`).
 
-    The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches; the
-    ``training_step`` must return the batch's *mean* loss, as usual.
+    The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches.
 
     Same batches, same random numbers. Every rank of a pipeline loads the batch itself (the first stage its inputs,
     the last its targets), and runs the step's own code (before the layers on the first stage, around them on the
@@ -155,6 +160,7 @@ class PipelineStrategy(ProcessStrategy):
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
         split_points: Any = None,
+        loss_reduction: str = "auto",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -171,7 +177,7 @@ class PipelineStrategy(ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, split_points=split_points)
+            profile_cache=profile_cache, split_points=split_points, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -191,6 +197,7 @@ class PipelineStrategy(ProcessStrategy):
     vertical_sync = property(lambda self: self.settings.vertical_sync)
     memory_cap = property(lambda self: self.settings.memory_cap)
     profile_cache = property(lambda self: self.settings.profile_cache)
+    loss_reduction = property(lambda self: self.settings.loss_reduction)
 
     @property
     def plans_cut(self) -> bool:
@@ -350,6 +357,7 @@ class PipelineStrategy(ProcessStrategy):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
                              f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
+        runner.loss_reduction = settings.loss_reduction
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
@@ -555,6 +563,10 @@ class PipelineStrategy(ProcessStrategy):
         full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
         if self.is_global_zero:
             assert full is not None
+            split = runner.split
+            if HPARAMS_KEY in full and split.proxy is not None:  # a module kept in hyper-parameters is saved whole
+                full[HPARAMS_KEY] = hparams_for_checkpoint(full[HPARAMS_KEY], split.proxy, split.skeleton, split.path,
+                                                           full["state_dict"])
             atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
 
     @override

@@ -48,6 +48,7 @@ class StepResult:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     rows: int = 0
+    grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -150,7 +151,7 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
                            encode(options, tensors, f"the options of self.log({entry.name!r})"), entry.batch_size]})
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
-                       "error": result.error, "rows": result.rows}}
+                       "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -159,7 +160,8 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     fields = decode(structure, list(tensors))
     logs = [LoggedValue(name, value, metric, options, batch_size)
             for name, value, metric, options, batch_size in fields["logs"]]
-    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"])
+    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
+                      fields["grad_scale"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

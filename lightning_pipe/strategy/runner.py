@@ -30,6 +30,7 @@ from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.reduction import Probe, verdict
 from lightning_pipe.strategy.results import ResultChannel, StepResult, decode_result, encode_result, gather_results
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.tied import TiedParameters
@@ -80,6 +81,9 @@ class PipelineRunner:
         # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
         self.flag: Callable[[], bool] = lambda: False
         self.flagged = False  # whether any rank raised it at the last step
+        # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
+        self.loss_reduction = "auto"
+        self._probes_left = 3
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -96,6 +100,8 @@ class PipelineRunner:
         local = [child for stage in pipeline.modules() for child in stage.named_children()]
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
+        if split.deferred is not None:
+            split.deferred.device = pipeline.device
         runner.layers = layers
         return runner
 
@@ -178,6 +184,9 @@ class PipelineRunner:
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe, outputs, sizes = self.pipeline, [], []
         firsts = self._first_rows(rows)
+        summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
+        probe = Probe() if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
+            and not pipe.asynchronous and len(firsts) > 1 else None
         self._prepare("training_step", batch, rest, kwargs, seed)
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
@@ -188,6 +197,11 @@ class PipelineRunner:
             loss, extra = _loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
+            if probe is not None:
+                probe.add(output, microbatch, loss, microbatch_rows)
+            if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
+                self.recorder.add_up(loss)
+                return loss * (rows / microbatch_rows)
             return loss
 
         pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts)
@@ -203,10 +217,21 @@ class PipelineRunner:
                 averager.start_remaining()
             encoded = None
             if pipe.is_last_rank:
-                encoded = self._guard("training_step",
-                                      lambda: self._result(loss, outputs, sizes, check_outside=True), replicas=True)
+                def make() -> StepResult:
+                    scale = self._settle_reduction(probe, rest, kwargs, seed) if probe is not None else 1.0
+                    total = loss if loss is None or scale == 1.0 else loss * scale
+                    result = self._result(total, outputs, sizes, check_outside=True)
+                    result.grad_scale = scale
+                    return result
+
+                encoded = self._guard("training_step", make, replicas=True)
         result = self._share(encoded, fingerprint, "training_step")
         assert result.loss is not None
+        if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
+            self.loss_reduction = "sum"
+            for param in pipe.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(result.grad_scale)
         loss = result.loss.to(pipe.device)
         return {"loss": loss, **result.output} if result.output else loss
 
@@ -253,6 +278,30 @@ class PipelineRunner:
                 return _both(self.recorder.discarding(), forked_random(derive_seed(seed, index), device))
 
             self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
+    def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
+        """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
+        factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
+
+        def run_whole(output: Any, batch: Any) -> torch.Tensor:
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                return _loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
+
+        self._probes_left -= 1
+        rule, why = verdict(probe, run_whole)
+        if rule is not None:
+            self._probes_left = 3
+            self.loss_reduction = rule
+        if rule != "sum":
+            return 1.0
+        if len(set(probe.rows)) > 1:
+            raise ValueError(f"training_step returns a loss summed over the batch's rows ({why}); a pipeline averages "
+                             f"its micro-batches' losses, which would divide this loss's gradients by "
+                             f"{len(probe.rows)}. Pass PipelineStrategy(loss_reduction='sum') so that each "
+                             f"micro-batch's loss counts whole (what one device computes), or return a mean")
+        for loss in probe.losses:
+            self.recorder.add_up(loss)
+        return float(len(probe.rows))
 
     def _seed(self, seed: int | None) -> int:
         self._steps += 1
@@ -300,7 +349,7 @@ class PipelineRunner:
             loss = (weighted / max(rows, 1)).to(result.loss.dtype)
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
-        return StepResult(loss, result.output, logs, metrics, rows=rows)
+        return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error

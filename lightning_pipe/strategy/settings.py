@@ -18,6 +18,7 @@ from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.schedules import SCHEDULES, schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
 from lightning_pipe.strategy.mesh import AUTO, check_replicas
+from lightning_pipe.strategy.reduction import check_loss_reduction
 
 __all__ = ["PipelineSettings"]
 
@@ -38,6 +39,7 @@ class PipelineSettings:
     memory_cap: float | None = None
     profile_cache: str | os.PathLike[str] | bool | None = None
     split_points: Any = None
+    loss_reduction: str = "auto"
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -50,6 +52,7 @@ class PipelineSettings:
         put("profile_cache", _check_profile_cache(self.profile_cache))
         put("layers", _check_layers(self.layers))
         put("split_points", _check_split_points(self.split_points))
+        put("loss_reduction", check_loss_reduction(self.loss_reduction))
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))

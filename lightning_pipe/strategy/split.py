@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.deferred import DeferredCalls
+from lightning_pipe.strategy.references import meta_skeleton, redirect
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule"]
 
@@ -82,6 +85,13 @@ class PipelinedSequence(nn.Module):
                            f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
                            f"YourModule.load_from_checkpoint(path)")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle of the module (a hyper-parameter holding it, say) takes this rank's layers, never the
+        # runner and its process groups; a checkpoint stores hyper-parameters with the sequence whole instead.
+        state = dict(self.__dict__)
+        state["owner"], state["_output"], state["_mode"] = None, None, None
+        return state
+
 
 class SplitModule:
     """A LightningModule whose ``nn.Sequential`` is pipelined: cuts it, and runs the module's steps around it.
@@ -99,6 +109,9 @@ class SplitModule:
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
         self.proxy: PipelinedSequence | None = None
+        self.skeleton = meta_skeleton(self.sequence)  # the sequence's structure, for checkpoints' hyper-parameters
+        self.aliases: list[str] = []  # other paths to the sequence or into it, redirected by install()
+        self.deferred: DeferredCalls | None = None  # the last stage's calls before the sequence (install())
 
     @property
     def is_cut(self) -> bool:
@@ -110,6 +123,10 @@ class SplitModule:
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
         self.proxy = PipelinedSequence(local_layers, self.path)
         setattr(parent, attribute, self.proxy)
+        self.aliases = redirect(self.module, self.sequence, self.proxy, self.path)
+        proxy = self.proxy
+        device = next(iter(proxy.parameters()), torch.empty(0)).device
+        self.deferred = DeferredCalls(self.module, lambda child: any(m is proxy for m in child.modules()), device)
         self.sequence = None  # type: ignore[assignment]
         return self.proxy
 
@@ -139,8 +156,10 @@ class SplitModule:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
         proxy = self._proxy()
         proxy._mode, proxy._output, proxy._calls = "output", output, 0
+        deferring = self.deferred.around(lambda: proxy._calls > 0) if self.deferred is not None else nullcontext()
         try:
-            result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            with deferring:  # code before the sequence ran on the first stage: here it runs only where it is used
+                result = getattr(self.module, step)(microbatch, *args, **kwargs)
             if proxy._calls == 0:
                 raise RuntimeError(self._never_called(step))
         finally:

@@ -1,0 +1,132 @@
+"""Other references to the cut layers: aliases of the sequence, of its layers, and hyper-parameters holding them.
+
+A LightningModule may reach the layers it pipelines by more than one path: ``self.model = self.layers``, a head kept as
+``self.head = self.layers[-1]``, or a hyper-parameter (``save_hyperparameters()`` keeps the ``net`` passed to
+``__init__``; the hydra template does so). Cutting only the first path would leave the others holding the full,
+never-trained sequence on every rank: a checkpoint would then store rank 0's stale copy of every other stage's
+weights under the alias's names, and pickling the hyper-parameters would reach the pipeline's process groups.
+
+So after the cut (:func:`redirect`): every path to the sequence leads to the proxy; every path to a module inside
+it leads to that module where this rank holds it, and to a :class:`LayerElsewhere` (no state, refuses to run) where
+another rank does; a hyper-parameter that is the sequence is the proxy; and the deep copy Lightning keeps of the first
+hyper-parameters (``hparams_initial``, for loggers) keeps its modules on the meta device, so that no rank holds a
+second whole model. A checkpoint written on one rank stores the hyper-parameters with the cut modules whole again
+(:func:`hparams_for_checkpoint`), built from a meta skeleton of the sequence and the checkpoint's own weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LayerElsewhere", "meta_skeleton", "redirect", "hparams_for_checkpoint"]
+
+
+class LayerElsewhere(nn.Module):
+    """Stands where a module of the pipelined sequence held by another rank was reached by a second path."""
+
+    def __init__(self, alias: str, name: str, sequence_path: str) -> None:
+        super().__init__()
+        self.alias, self.name, self.sequence_path = alias, name, sequence_path
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.alias!r} is the module {self.name!r} of the nn.Sequential at "
+                           f"{self.sequence_path!r}, which another pipeline stage holds; under PipelineStrategy only "
+                           f"the step's call of the sequence runs its layers. Call the sequence, or load a checkpoint "
+                           f"with YourModule.load_from_checkpoint(path) to run the whole model")
+
+    def extra_repr(self) -> str:
+        return f"{self.sequence_path}.{self.name} (on another rank)"
+
+
+def meta_skeleton(sequence: nn.Module) -> nn.Module:
+    """A copy of ``sequence`` whose parameters and buffers are on the meta device: its structure, no storage."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(sequence.parameters(), sequence.buffers()):
+        if id(tensor) not in memo:
+            meta = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(sequence, memo)
+
+
+def redirect(module: nn.Module, sequence: nn.Module, proxy: nn.Module, sequence_path: str) -> list[str]:
+    """After ``sequence`` (at ``sequence_path``) was replaced by ``proxy``: lead every other path to it or into it to
+    the proxy or this rank's module, or to a :class:`LayerElsewhere`; returns the paths redirected."""
+    inside = {id(m): name for name, m in sequence.named_modules() if name}  # modules of the sequence, by name
+    local = {id(m) for m in proxy.modules()}
+    changes: list[tuple[str, nn.Module]] = []
+    skip: list[str] = [sequence_path]
+    for path, child in module.named_modules(remove_duplicate=False):
+        if not path or any(path == s or path.startswith(f"{s}.") for s in skip):
+            continue
+        if child is sequence:
+            changes.append((path, proxy))
+            skip.append(path)
+        elif id(child) in inside:
+            skip.append(path)
+            if id(child) not in local:
+                changes.append((path, LayerElsewhere(path, inside[id(child)], sequence_path)))
+    for path, replacement in changes:
+        parent_path, _, attribute = path.rpartition(".")
+        setattr(module.get_submodule(parent_path) if parent_path else module, attribute, replacement)
+    hparams = getattr(module, "_hparams", None)
+    if isinstance(hparams, dict):
+        for key, value in list(hparams.items()):
+            if value is sequence:
+                hparams[key] = proxy
+    initial = getattr(module, "_hparams_initial", None)
+    if isinstance(initial, Mapping):
+        for value in initial.values():
+            if isinstance(value, nn.Module):  # Lightning's deep copy for loggers: its repr, not its weights
+                value.to("meta")
+    return [path for path, _ in changes]
+
+
+def hparams_for_checkpoint(hparams: Any, proxy: nn.Module, skeleton: nn.Module, sequence_path: str,
+                           state_dict: Mapping[str, torch.Tensor]) -> Any:
+    """``hparams`` as one device would save them: modules holding the cut sequence hold it whole, with the weights
+    of ``state_dict`` (the full model's; tensors shared, not copied), so that ``load_from_checkpoint`` rebuilds them.
+    Hyper-parameters that reach no cut module are returned as they are."""
+    if not _reaches(hparams, proxy):
+        return hparams
+    whole = copy.deepcopy(skeleton)
+    ties: dict[int, list[str]] = {}
+    for name, param in whole.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(param), []).append(name)
+    prefix = f"{sequence_path}."
+    whole.load_state_dict({key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)},
+                          assign=True)
+    for names_of_one in ties.values():  # assigning broke ties into one Parameter per name: tie them again
+        shared = whole.get_parameter(names_of_one[0])
+        for name in names_of_one[1:]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(whole.get_submodule(owner) if owner else whole, attribute, shared)
+    memo: dict[int, Any] = {id(proxy): whole}
+    names = dict(whole.named_modules())
+    for name, child in proxy.named_modules():
+        if name and name in names:
+            memo[id(child)] = names[name]
+    for child in _modules_in(hparams):
+        for sub in child.modules():
+            if isinstance(sub, LayerElsewhere) and sub.sequence_path == sequence_path and sub.name in names:
+                memo[id(sub)] = names[sub.name]
+    return copy.deepcopy(hparams, memo)
+
+
+def _modules_in(value: Any) -> list[nn.Module]:
+    if isinstance(value, nn.Module):
+        return [value]
+    if isinstance(value, Mapping):
+        return [m for v in value.values() for m in _modules_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [m for v in value for m in _modules_in(v)]
+    return []
+
+
+def _reaches(hparams: Any, proxy: nn.Module) -> bool:
+    return any(sub is proxy or isinstance(sub, LayerElsewhere) for m in _modules_in(hparams) for sub in m.modules())

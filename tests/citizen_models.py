@@ -1,0 +1,141 @@
+"""LightningModules written the way public projects write them, for the strategy's "good citizen" tests: a network
+passed in and kept in hyper-parameters (the lightning-hydra-template), second references to the layers, and a step
+that returns a loss summed over rows (Lightning's bug-report template)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "class_data",
+           "row_data"]
+
+
+class DenseNet(nn.Module):
+    """The template's SimpleDenseNet: an nn.Sequential inside a plain module that flattens its input."""
+
+    def __init__(self, width: int = 12, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.flatten(1))
+
+
+class TemplateModule(L.LightningModule):
+    """The lightning-hydra-template's module: ``net`` comes in, ``save_hyperparameters(logger=False)`` keeps it."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Aliased(L.LightningModule):
+    """Layers reached by three paths: ``self.layers`` (found first), ``self.model`` and ``self.head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = DenseNet().model
+        self.model = self.layers
+        self.head = self.layers[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SummedLoss(L.LightningModule):
+    """Lightning's bug-report BoringModel, with layers: the loss is ``self(batch).sum()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self(batch).sum()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CountingBackbone(nn.Linear):
+    """A frozen feature extractor that counts the calls and rows it computes."""
+
+    def __init__(self) -> None:
+        super().__init__(12, 12)
+        self.requires_grad_(False)
+        self.calls, self.rows = 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        return torch.tanh(super().forward(x))
+
+
+class FrozenBackbone(L.LightningModule):
+    """A frozen backbone called in the step before the trained layers; ``distill`` also uses its features after."""
+
+    def __init__(self, distill: bool = False) -> None:
+        super().__init__()
+        self.distill = distill
+        self.backbone = CountingBackbone()
+        self.layers = DenseNet().model
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            features = self.backbone(x)
+        loss = F.cross_entropy(self.layers(features), y)
+        if self.distill:
+            loss = loss + features.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def class_data(batches: int = 3, batch_size: int = 8, seed: int = 3) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * batch_size, 12, generator=generator)
+    y = torch.randint(0, 4, (batches * batch_size,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def row_data(batches: int = 3, batch_size: int = 8, seed: int = 4) -> DataLoader:
+    x = torch.randn(batches * batch_size, 12, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(x, batch_size=batch_size)  # batches are tensors, as the BoringModel's RandomDataset gives

@@ -1,0 +1,164 @@
+"""The cut module stays a good citizen, on 2 gloo ranks under a Trainer: a network kept in hyper-parameters is
+checkpointed whole and ``load_from_checkpoint`` rebuilds it; second references to the layers see the trained weights;
+a loss summed over rows trains as on one device (detected, or said with ``loss_reduction="sum"``)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+SEED = 77
+STEPS = 3
+
+
+def _make(case: str) -> Any:
+    import lightning as L
+
+    from tests.citizen_models import Aliased, DenseNet, FrozenBackbone, SummedLoss, TemplateModule
+
+    L.seed_everything(SEED, verbose=False)
+    if case.startswith("backbone"):
+        return FrozenBackbone(distill=case == "backbone-distill")
+    if case == "template":
+        return TemplateModule(DenseNet())
+    if case == "template-sequential":  # the hyper-parameter is the nn.Sequential itself
+        return TemplateModule(DenseNet().model)
+    if case == "aliased":
+        return Aliased()
+    return SummedLoss()
+
+
+def _data(case: str, batch_size: int) -> Any:
+    from tests.citizen_models import class_data, row_data
+
+    return row_data(batch_size=batch_size) if case.startswith("summed") else class_data(batch_size=batch_size)
+
+
+def _fit(case: str, devices: int, strategy: Any, batch_size: int = 8) -> tuple[Any, Any]:
+    import lightning as L
+
+    model = _make(case)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, _data(case, batch_size))
+    return model, trainer
+
+
+def _ranks(rank: int, world_size: int, tmp: str, cases: list[tuple[str, dict[str, Any], int]]) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    results: dict[str, Any] = {}
+    for case, options, batch_size in cases:
+        name = f"{case}-{options.get('loss_reduction', 'auto')}-{batch_size}"
+        model, trainer = _fit(case, world_size, PipelineStrategy(num_microbatches=4, **options), batch_size)
+        trainer.save_checkpoint(os.path.join(tmp, f"{name}.ckpt"))
+        pickle.dumps(model.hparams)  # a module kept in hyper-parameters pickles (no process group inside)
+        results[name] = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                         "reduction": trainer.strategy.runner.loss_reduction}
+        if case.startswith("backbone"):
+            results[name]["backbone"] = (model.backbone.calls, model.backbone.rows)
+    return results
+
+
+def _reference(case: str, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    model, trainer = _fit(case, 1, "auto", batch_size)
+    return model.state_dict(), {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _assert_close(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert list(state) == list(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.timeout(300)
+def test_hyperparameters_aliases_and_summed_losses_train_as_on_one_device(tmp_path: Any) -> None:
+    from tests.citizen_models import Aliased, SummedLoss, TemplateModule
+
+    cases = [("template", {}, 8), ("template-sequential", {}, 8), ("aliased", {}, 8),
+             ("summed", {}, 8),  # auto: the first batch (4 micro-batches of 2 rows) shows the sum
+             ("summed", {"loss_reduction": "sum"}, 10),  # micro-batches of 3, 3, 2, 2 rows
+             ("backbone", {}, 8), ("backbone-distill", {}, 8)]
+    results = run_ranks(_ranks, 2, str(tmp_path), cases, timeout=280)
+    assert [r["logged"] for r in results[0].values()] == [r["logged"] for r in results[1].values()]
+    out = results[1]  # the last stage's rank: the one that tells how the loss adds up
+
+    # code before the layers runs on the first stage, per micro-batch (3 steps x 4): one device's rows; the last
+    # stage computes it only where the step uses it after the layers (its first call runs, to learn that; and the first
+    # batch's check of how the loss adds up runs the step once more on the whole batch)
+    for name, last_calls in (("backbone-auto-8", 1), ("backbone-distill-auto-8", STEPS * 4 + 1)):
+        reference, logged = _reference(name.removesuffix("-auto-8"))
+        _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
+        assert results[0][name]["backbone"] == (STEPS * 4, STEPS * 8)
+        assert out[name]["backbone"][0] == last_calls
+        assert out[name]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
+
+    for case, cls in (("template", TemplateModule), ("template-sequential", TemplateModule)):
+        path = tmp_path / f"{case}-auto-8.ckpt"
+        reference, logged = _reference(case)
+        _assert_close(torch.load(path, weights_only=False)["state_dict"], reference)
+        loaded = cls.load_from_checkpoint(path, weights_only=False)  # rebuilds the hyper-parameter's network whole, on one device
+        _assert_close(loaded.state_dict(), reference)
+        assert loaded(torch.ones(2, 12)).shape == (2, 4)
+        assert out[f"{case}-auto-8"]["logged"]["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-5)
+
+    reference, _ = _reference("aliased")
+    checkpoint = torch.load(tmp_path / "aliased-auto-8.ckpt", weights_only=False)
+    _assert_close(checkpoint["state_dict"], reference)  # layers.*, model.* and head.*: the trained weights
+    assert Aliased.load_from_checkpoint(tmp_path / "aliased-auto-8.ckpt", weights_only=False).head.weight.shape == (4, 16)
+
+    for name, batch_size in (("summed-auto-8", 8), ("summed-sum-10", 10)):
+        reference, logged = _reference("summed", batch_size)
+        _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
+        assert out[name]["reduction"] == "sum"
+        assert out[name]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
+    assert SummedLoss.load_from_checkpoint(tmp_path / "summed-auto-8.ckpt") is not None
+
+
+def _summed_uneven(rank: int, world_size: int) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    _fit("summed", world_size, PipelineStrategy(num_microbatches=4), batch_size=10)
+
+
+@pytest.mark.timeout(120)
+def test_summed_loss_over_uneven_micro_batches_is_an_error_on_every_rank() -> None:
+    errors = run_ranks(_summed_uneven, 2, expect_failure=True, timeout=100)
+    for error in errors:
+        assert error is not None and "loss_reduction='sum'" in error and "summed over the batch's rows" in error
+
+
+def test_alias_paths_are_redirected_and_hparams_pickle_whole() -> None:
+    """Without processes: install() leads every path to the proxy or this rank's layers; the others refuse to run."""
+    from lightning_pipe.strategy.references import LayerElsewhere, hparams_for_checkpoint
+    from lightning_pipe.strategy.split import SplitModule
+    from tests.citizen_models import Aliased, DenseNet, TemplateModule
+
+    model = Aliased()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    split = SplitModule(model, "layers")
+    proxy = split.install([(name, layer) for name, layer in split.sequence.named_children() if int(name) < 3])
+    assert model.model is proxy and isinstance(model.head, LayerElsewhere)
+    assert split.aliases == ["model", "head"]
+    with pytest.raises(RuntimeError, match="another pipeline stage holds"):
+        model.head(torch.ones(1, 16))
+    assert set(model.state_dict()) == {f"{p}.{k}" for p in ("layers", "model")
+                                        for k in ("0.weight", "0.bias", "2.weight", "2.bias")}
+
+    template = TemplateModule(DenseNet())
+    assert not any(p.device.type == "meta" for p in template._hparams_initial["net"].parameters())
+    full = {k: v.clone() for k, v in template.state_dict().items()}
+    split = SplitModule(template, "net.model")
+    proxy = split.install([("0", split.sequence[0])])
+    assert all(p.device.type == "meta" for p in template._hparams_initial["net"].parameters())
+    whole = hparams_for_checkpoint(dict(template.hparams), proxy, split.skeleton, split.path, full)
+    restored = pickle.loads(pickle.dumps(whole))["net"]
+    assert isinstance(restored.model, torch.nn.Sequential) and len(restored.model) == 7
+    for key, value in restored.state_dict().items():
+        torch.testing.assert_close(value, full[f"net.{key}"])
