@@ -1,12 +1,12 @@
 """Any model under a real Trainer: ordinary LightningModules over the capture families (HF GPT-2, Llama, BERT, a
-litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in hyper-parameters) train under
-``pipedream`` and ``gpipe`` with sequence lengths that change between batches, and their weights equal one device's;
-they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
+litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in hyper-parameters, layers called from
+the module's own forward) train under ``pipedream`` and ``gpipe`` with sequence lengths that change between batches,
+and their weights equal one device's; they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
 
 The default run (about 1.5 minutes on the 2 shared cores here) trains, validates and resumes every family on 2
-ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's batch norms and a
-LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across 4 ranks; litgpt's
-tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks,
+ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's batch norms
+and a LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across 4 ranks;
+litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks,
 strategy) pair, resume included (about 7 minutes here)."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Te
         rows = batch_rows(batch)
         running = [{k: v.clone() for k, v in norm.named_buffers()} for norm in norms]
         inputs: dict[int, list[torch.Tensor]] = {id(norm): [] for norm in norms}
-        hooks = [norm.register_forward_pre_hook(lambda m, args: inputs[id(m)].append(args[0].detach()))
+        hooks = [norm.register_forward_pre_hook(lambda m, args, seen=inputs: seen[id(m)].append(args[0].detach()))
                  for norm in norms]
         for microbatch in split_batch(batch, NUM_MICROBATCHES):
             (model.training_step(microbatch, 0) * batch_rows(microbatch) / rows).backward()
@@ -255,7 +255,8 @@ def _cuts(rank: int, world_size: int) -> dict[str, Any]:
         trainer = _trainer(options, world_size, max_steps=len(BATCHES))
         trainer.fit(model, _data("litgpt"))
         pipeline = trainer.strategy.runner.pipeline
-        results[case] = {"state": _state(model), "stage_sizes": list(pipeline.stage_sizes), "captured": _captured(model)}
+        results[case] = {"state": _state(model), "stage_sizes": list(pipeline.stage_sizes),
+                         "captured": _captured(model)}
     return results
 
 

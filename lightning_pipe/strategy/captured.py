@@ -135,7 +135,7 @@ class PipelinedModel(nn.Module):
         # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
         # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
         state = dict(self.__dict__)
-        state["owner"], state["_output"], state["_mode"], state["_segments"], state["_model"] = None, None, None, [], None
+        state.update(owner=None, _output=None, _mode=None, _segments=[], _model=None)
         return state
 
     def train(self, mode: bool = True) -> PipelinedModel:
@@ -154,9 +154,9 @@ class PipelinedModel(nn.Module):
                                    f"once per step: concatenate the inputs and call it once")
             return self._output
         raise RuntimeError(f"the model at {self._path!r} ({type(self._model).__name__}) is cut into pipeline stages "
-                           f"(this rank holds part of its weights); it runs only inside training/validation/test/predict "
-                           f"steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
-                           f"YourModule.load_from_checkpoint(path)")
+                           f"(this rank holds part of its weights); it runs only inside training, validation, test and "
+                           f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
+                           f"with YourModule.load_from_checkpoint(path)")
 
     def __getattr__(self, name: str) -> Any:
         try:

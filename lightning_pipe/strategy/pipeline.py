@@ -32,14 +32,14 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.strategy.captured import CapturedModule, no_logging
-from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
 from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
+from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
+from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
@@ -70,10 +70,11 @@ class PipelineStrategy(ProcessStrategy):
             count), a list of layer counts, one per stage, or a plan from a profile of the first batch:
             ``"profile"`` (PipeDream's dynamic program, ranked by simulating the schedule), ``"time"`` (balanced
             forward + backward time) or ``"memory"`` (fastest cut under ``memory_cap``).
-        layers: attribute path of the model to cut: an ``nn.Sequential`` (``"model.blocks"``: cut between its layers,
-            no tracing) or any module the step calls (``"model"``: captured, see :mod:`lightning_pipe.strategy.captured`).
-            By default the module's only outermost ``nn.Sequential`` when it holds every trainable parameter, else the
-            child module holding them all (``self.model``), captured.
+        layers: attribute path of the model to cut: an ``nn.Sequential`` (``"model.blocks"``: cut between its
+            layers, no tracing) or any module the step calls (``"model"``: captured, see
+            :mod:`lightning_pipe.strategy.captured`). By default the module's only outermost ``nn.Sequential`` when it
+            holds every trainable parameter, else the child module holding them all (``self.model``) or, when several
+            hold them, the module's own ``forward``, captured (:mod:`lightning_pipe.strategy.model_choice`).
         split_points: where to cut a captured model, by module names as ``model.named_modules()`` gives them
             (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
             the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
