@@ -323,3 +323,29 @@ def test_interleaved_and_zero_bubble_schedules_on_captured_models(tmp_path: Path
     results = run_ranks(_schedules, 2, str(tmp_path), timeout=250)
     for index, (name, _) in enumerate(SCHEDULES):
         _check([result[index] for result in results], [name])
+
+
+def _static(rank: int, world_size: int, tmp: str) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
+    """Captures per input shape (what the splitter falls back to when symbolic sizes fail): every rank captures each
+    new micro-batch shape before the step runs it."""
+    from lightning_pipe.capture import Splitter
+    from lightning_pipe.strategy import captured
+
+    made: list[Splitter] = []
+
+    class Static(Splitter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, dynamic=False, **kwargs)
+            made.append(self)
+
+    captured.Splitter = Static  # type: ignore[misc]
+    results = _fit_families(rank, world_size, ["litgpt"], "pipedream", tmp, False)
+    return results, [(c.training, c.dynamic) for c in made[0].captures]
+
+
+@pytest.mark.timeout(300)
+def test_static_captures_follow_every_new_shape_on_every_rank(tmp_path: Path) -> None:
+    results = run_ranks(_static, 2, str(tmp_path), timeout=250)
+    _check([result for result, _ in results], ["litgpt"])
+    for _, captures in results:  # to train: micro-batches of 2 rows and length 16, 12, 10, and of 1 row and length 10
+        assert captures == [(True, False)] * 4 + [(False, False)], captures  # and one to validate: length 14

@@ -333,7 +333,7 @@ class CapturedModule:
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened."""
         call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
-        inputs = self.splitter.flat_inputs(call_args, call_kwargs)
+        inputs = self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)  # not the model's flag
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tree_flatten(inputs)[0]):
             names = ", ".join(self.outside_trainable) or "parameters outside it"
