@@ -145,9 +145,14 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
     for name in names:
         steps = len(BATCHES)
         model = _module(name)
-        _trainer(strategy, world_size, max_steps=steps).fit(model, _data(name))
+        trainer = _trainer(strategy, world_size, max_steps=steps)
+        trainer.fit(model, _data(name))
+        original = trainer.strategy.runner.split.model  # the whole model object the capture was made from
+        mine = {id(p) for p in model.parameters()}
+        kept = {id(p) for p in original.parameters() if not p.is_meta}
         validated = _trainer(strategy, world_size).validate(model, _data(name, 50, [(8, 14)]), verbose=False)
-        results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model)}
+        results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
+                         "only_mine_kept": kept <= mine and bool(kept)}
         if not resume:
             continue
         first = _module(name)
@@ -228,6 +233,7 @@ def _check(results: list[dict[str, Any]], names: list[str]) -> None:
         for rank, result in enumerate(results):
             assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
             assert result[name]["captured"], f"{name}: captured, not the nn.Sequential path"
+            assert result[name]["only_mine_kept"], f"{name} rank {rank}: the other ranks' parameters went to meta"
 
 
 @pytest.mark.timeout(1500)

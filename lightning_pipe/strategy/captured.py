@@ -62,6 +62,25 @@ def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: 
     return [alias for alias, _ in changes]
 
 
+def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module]) -> None:
+    """Put the parameters no ``local`` segment holds (other ranks') on the meta device, everywhere the model and its
+    segments refer to them (one meta tensor per tensor): this rank keeps only its share of the weights in memory.
+    Later captures run on meta twins anyway (:meth:`~lightning_pipe.capture.Splitter.capture` with
+    ``capture_on_meta``). Buffers stay: a later capture may have a segment recompute from a buffer (a rope table)
+    what the first one sent it, and the segment then takes it from the model."""
+    mine = {id(p) for segment in local for p in segment.parameters()}
+    released: dict[int, nn.Parameter] = {}
+    for holder in holders:
+        for module in holder.modules():
+            table = module._parameters
+            for key, param in table.items():
+                if param is None or id(param) in mine or param.is_meta:
+                    continue
+                if id(param) not in released:
+                    released[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+                table[key] = released[id(param)]
+
+
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
@@ -242,11 +261,13 @@ class CapturedModule:
             module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)
             module.forward = proxy.forward  # type: ignore[method-assign]
             object.__setattr__(module, "_pipelined_model", proxy)
+            _release_others(local, [self.model, *self.segments])
             return proxy
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
         setattr(parent, attribute, self.proxy)
         self.aliases = _redirect(self.module, self.model, self.proxy, self.path)
+        _release_others(local, [self.model, *self.segments])
         return self.proxy
 
     # -- capturing ----------------------------------------------------------------------------------
