@@ -144,6 +144,7 @@ class PipelinedModel(nn.Module):
         object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
         object.__setattr__(self, "_model", model)
         self._path = path
+        self._model_name = type(model).__name__
         self._mode: str | None = None
         self._output: Any = None
         self._calls = 0
@@ -172,7 +173,7 @@ class PipelinedModel(nn.Module):
                 raise RuntimeError(f"the step calls the model at {self._path!r} more than once; a pipeline runs it "
                                    f"once per step: concatenate the inputs and call it once")
             return self._output
-        raise RuntimeError(f"the model at {self._path!r} ({type(self._model).__name__}) is cut into pipeline stages "
+        raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
                            f"(this rank holds part of its weights); it runs only inside training, validation, test and "
                            f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
                            f"with YourModule.load_from_checkpoint(path)")
