@@ -128,3 +128,19 @@ def test_result_sharing_rows(tmp_path):
     result_sharing.main(["--steps", "40", "--block", "10", "--json", str(path)])
     rows = json.loads(path.read_text())
     assert rows["steps"] == 40 and all(rows[side]["median_us"] > 0 for side in ("pickled", "channel"))
+
+
+def test_bigger_rows(tmp_path):
+    from benchmarks import bigger
+
+    path = tmp_path / "bigger.json"
+    bigger.main(["--size-mb", "4", "--ranks", "2", "--formats", "sharded", "--folder", str(tmp_path),
+                 "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["format"] == "sharded" and row["ranks"] == 2 and row["model_mb"] == 4
+        assert all(row[phase] > 0 for phase in bigger.PHASES) and row["save_s"] > 0 and row["load_s"] > 0
+        # Adam's states exist from the first step on: training holds more than setup
+        assert row["training"] > row["setup"] and row["resumed_training"] > row["setup"]
+    assert [name for name in tmp_path.iterdir() if name.name.endswith(".ckpt")] == []  # checkpoints removed

@@ -1,5 +1,6 @@
-"""Each stage's layers draw from a random stream of their own: different masks on different stages, reproducible from a
-seed, continued across micro-batches and steps, replayed by re-materialization, invisible to the process's generator."""
+"""Each stage's layers draw from seeds of their own: different masks on different stages, micro-batches and steps,
+reproducible from a seed and stateless (a step given its seed draws the same masks whatever ran before: exact resume),
+replayed by re-materialization, invisible to the process's generator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.rng import StageRandomStream, stage_seed
+from lightning_pipe.engine.rng import forked, forward_seed, step_seed
 from lightning_pipe.engine.stage import PipelineStage
 from tests.helpers import run_ranks
 from tests.models import make_batch, mse_loss
@@ -96,17 +97,14 @@ def test_rematerialization_replays_the_stage_stream() -> None:
         torch.testing.assert_close(remat, plain, rtol=0, atol=0)
 
 
-def test_stage_seeds_are_distinct_and_a_stream_resumes_from_its_state() -> None:
-    seeds = {stage_seed(base, stage) for base in range(200) for stage in range(16)}
-    assert len(seeds) == 200 * 16 and all(0 <= s < 2**63 for s in seeds)
-    stream = StageRandomStream(stage_seed(5, 1))
-    with stream.active():
-        torch.rand(3)
-    state = stream.get_state()
-    with stream.active():
+def test_forward_seeds_are_distinct_and_a_forward_needs_no_state() -> None:
+    seeds = {forward_seed(step, stage, mb) for step in range(50) for stage in range(8) for mb in range(8)}
+    assert len(seeds) == 50 * 8 * 8 and all(0 <= s < 2**63 for s in seeds)
+    assert len({step_seed(base, step) for base in range(20) for step in range(20)}) == 400
+    with forked(forward_seed(3, 1, 2)):
         expected = torch.rand(3)
-    stream.set_state(state)
-    with stream.active():
+    torch.rand(100)  # whatever ran before, the same seed draws the same numbers
+    with forked(forward_seed(3, 1, 2)):
         torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
 
 
@@ -147,6 +145,14 @@ def _pipeline_masks(rank: int, world_size: int, cases: list) -> dict:
         masks = {index: torch.stack(stage.module[0].masks) for index, stage in pipe.stages.items()}
         grads = {name: p.grad.clone() for name, p in pipe.named_parameters()}
         results[(schedule, remat, seed)] = {"masks": masks, "grads": grads, "moved": moved, "seed": pipe.seed}
+    # Stateless: a step given its seed draws the same masks in a fresh pipeline as after other steps (exact resume).
+    resumed = []
+    for seeds in ([21, 22], [22]):
+        pipe = Pipeline(copy.deepcopy(model), loss_fn=mse_loss, schedule="1f1b", num_microbatches=4)
+        for step_seed_ in seeds:
+            pipe.train_step(make_batch(8, seed=step_seed_), seed=step_seed_)
+        resumed.append({index: torch.stack(stage.module[0].masks[-4:]) for index, stage in pipe.stages.items()})
+    results["resumed"] = resumed
     return results
 
 
@@ -158,6 +164,9 @@ def test_pipeline_stages_draw_their_own_masks() -> None:
     results = run_ranks(_pipeline_masks, 2, cases, timeout=280)
     again = run_ranks(_pipeline_masks, 2, [plain], timeout=280)  # run to run: other processes, same seed
     for rank in range(2):
+        uninterrupted, fresh = results[rank].pop("resumed")
+        for index, masks in uninterrupted.items():
+            assert torch.equal(masks, fresh[index]), f"stage {index}: the step drew other masks in a fresh pipeline"
         for case, result in results[rank].items():
             assert not result["moved"], f"rank {rank} {case}: the layers' draws moved the process generator"
     assert results[0][unseeded]["seed"] == results[1][unseeded]["seed"] == 100, "ranks disagree on the base seed"

@@ -189,9 +189,9 @@ def _resume_and_refuse(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
                     "enable_checkpointing": False, "num_sanity_val_steps": 0}
         return L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, **{**defaults, **options})
 
-    def fit(epochs: int, callbacks: list, ckpt_path: str | None = None) -> Regressor:
+    def fit(epochs: int, callbacks: list, ckpt_path: str | None = None, strategy: Any = "pipedream_2bw") -> Regressor:
         model = Regressor(optimizer="adam", scheduler=True)
-        trainer("pipedream_2bw", max_epochs=epochs, callbacks=callbacks, enable_checkpointing=bool(callbacks)).fit(
+        trainer(strategy, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=bool(callbacks)).fit(
             model, regression_data(5), ckpt_path=ckpt_path)
         return model
 
@@ -199,6 +199,12 @@ def _resume_and_refuse(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     checkpointing = ModelCheckpoint(dirpath=tmp, filename="{epoch}")
     fit(1, [checkpointing])
     resumed = fit(2, [], ckpt_path=checkpointing.best_model_path)
+    from lightning_pipe import PipelineStrategy  # the same with a sharded checkpoint (written after the drain too)
+
+    sharded = lambda: PipelineStrategy(schedule="2bw", checkpoint_format="sharded")  # noqa: E731
+    sharded_checkpointing = ModelCheckpoint(dirpath=os.path.join(tmp, "sharded"), filename="{epoch}")
+    fit(1, [sharded_checkpointing], strategy=sharded())
+    resumed_sharded = fit(2, [], ckpt_path=sharded_checkpointing.best_model_path, strategy=sharded())
 
     attempts = [
         (Regressor, "pipedream_async", regression_data, {"accumulate_grad_batches": 2}),
@@ -214,18 +220,22 @@ def _resume_and_refuse(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             messages.append("no error")
         except Exception as error:  # noqa: BLE001 - the test reads the message
             messages.append(f"{type(error).__name__}: {error}")
-    return {"uninterrupted": uninterrupted.state_dict(), "resumed": resumed.state_dict(), "messages": messages}
+    return {"uninterrupted": uninterrupted.state_dict(), "resumed": resumed.state_dict(), "messages": messages,
+            "resumed_sharded": resumed_sharded.state_dict()}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_resume_at_an_epoch_end_and_refused_combinations(tmp_path: Path) -> None:
     """A 2BW fit resumed from its end-of-epoch checkpoint equals the uninterrupted fit (the checkpoint holds the
-    drained weights and each rank's optimizer state); refused combinations fail on every rank with a fix."""
+    drained weights and each rank's optimizer state), with either checkpoint format; refused combinations fail on every
+    rank with a fix."""
     expected = ["remove accumulate_grad_batches=2", "use gradient_clip_algorithm='value'", "untie them",
                 "supports automatic optimization only", "clip by value (gradient_clip_algorithm='value')"]
-    for rank, result in enumerate(run_ranks(_resume_and_refuse, 2, str(tmp_path), timeout=110)):
+    for rank, result in enumerate(run_ranks(_resume_and_refuse, 2, str(tmp_path), timeout=140)):
         for key, value in result["uninterrupted"].items():
             torch.testing.assert_close(result["resumed"][key], value, rtol=0, atol=1e-6, msg=f"rank {rank} {key}")
+            torch.testing.assert_close(result["resumed_sharded"][key], value, rtol=0, atol=1e-6,
+                                       msg=f"sharded: rank {rank} {key}")
         assert len(result["messages"]) == len(expected)
         for message, text in zip(result["messages"], expected):
             assert text in message, f"rank {rank}: expected {text!r} in {message!r}"

@@ -18,6 +18,7 @@ from .cut import cut, stage_sizes
 from .handlers import StepState, make_exchange, make_handlers
 from .microbatch import microbatch_weights, split_batch
 from .replicas import GradientAverager, broadcast_state
+from .rng import forward_seed, step_seed
 from .runtime import configure_threads, local_world_size
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
 from .schedules import asynchronous as schedules_async
@@ -76,6 +77,7 @@ class Pipeline:
         record: bool = False,
         seed: int | None = None,
         strict_p2p: bool | None = None,
+        materialize: Callable[[list[nn.Module]], None] | None = None,
         **settings: Any,
     ) -> None:
         """``config`` says how to run (:class:`~.config.PipelineConfig`); or give its fields as keywords
@@ -83,10 +85,14 @@ class Pipeline:
         vertical_sync=False, replicas=None, deferred_batchnorm=True``), any other keyword being an option of the
         schedule (``virtual_stages=2``).
 
-        ``seed``: the base seed of the stages' random streams (:mod:`.rng`: each stage's layers draw from a stream of
-        their own); ``None`` takes rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set), so that it is the
+        ``seed``: the base seed of the steps' seeds when :meth:`train_step` / :meth:`eval_step` are given none (each
+        forward of a stage's layers draws from a seed derived from the step's seed, the stage and the micro-batch:
+        :mod:`.rng`); ``None`` takes rank 0's ``torch.initial_seed()`` (what ``seed_everything`` set), so that it is the
         same on every rank. ``strict_p2p=True`` runs the transport's strict mode on gloo (NCCL's ordering rules,
-        emulated; default: the ``LIGHTNING_PIPE_STRICT_P2P`` environment variable, see :mod:`.comm`)."""
+        emulated; default: the ``LIGHTNING_PIPE_STRICT_P2P`` environment variable, see :mod:`.comm`).
+
+        ``materialize``: called with this rank's stage modules, in stage order, before they move to ``device``: layers
+        built on the meta device (a model too big for one device) get storage there, for this rank's layers only."""
         if config is None:
             config = PipelineConfig.of(**settings)
         elif settings:
@@ -127,10 +133,16 @@ class Pipeline:
         modules = cut(layers, sizes)
         self.stage_to_rank = plan.stage_to_rank
         self.seed = self._shared_seed(seed)
+        self._steps_run = 0  # steps given no seed, for their derived seeds
+        self._batch_seeds: list[tuple[int, int, int]] = []  # (first micro-batch id, micro-batches, seed) in flight
+        local = plan.stages_of(self.rank)
+        if materialize is not None:
+            materialize([modules[index] for index in local])
+        _refuse_meta(modules, local)
         self.stages: dict[int, PipelineStage] = {
             index: PipelineStage(modules[index].to(self.device), index, self.num_stages, self.device,
-                                 checkpoint_activations, seed=self.seed, deferred_batchnorm=config.deferred_batchnorm)
-            for index in plan.stages_of(self.rank)
+                                 checkpoint_activations, deferred_batchnorm=config.deferred_batchnorm)
+            for index in local
         }
         if any(action.op is Op.BACKWARD_INPUT for action in plan.actions[self.rank]):
             for stage in self.stages.values():
@@ -234,7 +246,8 @@ class Pipeline:
                       key=lambda span: span["start_ms"])
 
     def train_step(
-        self, batch: Any, loss_scale: float = 1.0, optimizer_step: Callable[[], Any] | None = None
+        self, batch: Any, loss_scale: float = 1.0, optimizer_step: Callable[[], Any] | None = None,
+        seed: int | None = None,
     ) -> torch.Tensor | None:
         """Forward and backward of ``batch``; gradients accumulate into the parameters.
 
@@ -242,12 +255,17 @@ class Pipeline:
         Returns the batch's mean loss (detached, unscaled) on the rank that holds the last stage, ``None`` on
         the others. Asynchronous schedules need ``optimizer_step`` and return the loss of this batch's
         micro-batches (computed on the last stage during this call; earlier stages finish them later).
+
+        ``seed`` (the same on every rank): stage ``s``'s forward of micro-batch ``i`` draws its random numbers from
+        ``rng.forward_seed(seed, s, i)``; by default one derived from the base seed and the count of steps run.
         """
         if self.loss_fn is None:
             raise ValueError("train_step needs a loss: construct the Pipeline with loss_fn=(output, microbatch) -> loss")
         microbatches = split_batch(batch, self.num_microbatches)
+        seed = self._step_seed(seed)
         if self.asynchronous:
-            return self._train_step_async(microbatches, loss_scale, optimizer_step)
+            return self._train_step_async(microbatches, loss_scale, optimizer_step, seed)
+        self._batch_seeds = [(0, len(microbatches), seed)]
         plan = self.schedule_for(len(microbatches))
         if self._replica_sum is None:
             losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
@@ -266,21 +284,40 @@ class Pipeline:
             stage.end_step(group)
 
     @torch.no_grad()
-    def eval_step(self, batch: Any) -> tuple[torch.Tensor | None, list[Any] | None]:
+    def eval_step(self, batch: Any, seed: int | None = None) -> tuple[torch.Tensor | None, list[Any] | None]:
         """Forward only. On the last stage's rank returns (mean loss or None without loss_fn, the micro-batch
-        outputs in order); on the other ranks (None, None)."""
+        outputs in order); on the other ranks (None, None). ``seed``: as for :meth:`train_step`."""
         if self.asynchronous and self._in_flight:
             raise RuntimeError("call flush() before eval_step: micro-batches of the last train_step are still in "
                                "flight and the weights are not final")
         microbatches = split_batch(batch, self.num_microbatches)
+        seed = self._step_seed(seed)
+        in_flight, self._batch_seeds = self._batch_seeds, [(0, len(microbatches), seed)]
         if self.replicas:
             plan = replicated_forward_only(self.replicas, len(microbatches))
         else:
             plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
-        losses, outputs = self._run(plan, microbatches, training=False)
+        try:
+            losses, outputs = self._run(plan, microbatches, training=False)
+        finally:
+            self._batch_seeds = in_flight
         if not self.is_last_rank:
             return None, None
         return (torch.stack(losses).sum() if losses else None), outputs
+
+    def _step_seed(self, seed: int | None) -> int:
+        if seed is not None:
+            return int(seed)
+        self._steps_run += 1
+        return step_seed(self.seed, self._steps_run)
+
+    def forward_seed(self, stage_index: int, microbatch_id: int) -> int:
+        """The seed of ``stage_index``'s forward of micro-batch ``microbatch_id`` (counted from the first batch under
+        the asynchronous schedules, whose forwards of a batch may run in the next call)."""
+        for first, count, seed in reversed(self._batch_seeds):
+            if first <= microbatch_id < first + count:
+                return forward_seed(seed, stage_index, microbatch_id - first)
+        raise RuntimeError(f"micro-batch {microbatch_id} belongs to no batch in flight; this is a bug, please report it")
 
     # -- replicated stages ------------------------------------------------------------------------
     def _check_replicas(self, replicas: Sequence[int] | None) -> list[int] | None:
@@ -427,7 +464,7 @@ class Pipeline:
         return versions.version  # async_1f1b: the newest weights (stage 0's under vertical sync, sent along)
 
     def _train_step_async(self, microbatches: list[Any], loss_scale: float,
-                          optimizer_step: Callable[[], Any] | None) -> torch.Tensor | None:
+                          optimizer_step: Callable[[], Any] | None, seed: int) -> torch.Tensor | None:
         if optimizer_step is None:
             raise ValueError(f"schedule {self.schedule_name!r} steps the optimizer inside the pipeline: call "
                              f"train_step(batch, optimizer_step=optimizer.step)")
@@ -441,6 +478,7 @@ class Pipeline:
         else:  # a short last batch runs alone, after everything before it has finished
             self.flush(optimizer_step)
             plan = schedules_async.alone(self._steady, m)
+        self._batch_seeds = [*self._batch_seeds[-2:], (self._next_id, m, seed)]  # a batch's forwards end a call later
         losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id,
                               carried_in=carried_in)
         self._end_step()  # statistics of the forwards this call ran, whichever batches they belonged to
@@ -485,6 +523,15 @@ def _replica_group(ranks: tuple[int, ...]) -> dist.ProcessGroup:
     if cached is None or cached[0] is not world:
         cached = _REPLICA_GROUPS[ranks] = (world, dist.new_group(list(ranks)))
     return cached[1]
+
+
+def _refuse_meta(modules: list[nn.Sequential], local: Sequence[int]) -> None:
+    for index in local:
+        names = [name for name, t in [*modules[index].named_parameters(), *modules[index].named_buffers()] if t.is_meta]
+        if names:
+            raise ValueError(f"stage {index}'s layers have tensors on the meta device ({', '.join(names[:5])}): give "
+                             f"them storage first, e.g. Pipeline(..., materialize=lambda stages: ...) with to_empty() "
+                             f"and reset_parameters() of each layer, or build the layers on a real device")
 
 
 def _no_optimizer() -> None:

@@ -33,6 +33,8 @@ class RankView(Protocol):
 
     def version_for(self, stage_index: int, microbatch_id: int) -> int: ...
 
+    def forward_seed(self, stage_index: int, microbatch_id: int) -> int: ...
+
 
 class StepState:
     """What moves between the actions of one step on one rank."""
@@ -76,7 +78,7 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
         stage = stages[index]
         if stage.versions is not None and training and version is None:
             version = pipe.version_for(index, first_id + mb)
-        output = stage.forward(first_id + mb, inputs, version)
+        output = stage.forward(first_id + mb, inputs, version, seed=pipe.forward_seed(index, first_id + mb))
         if index == last:
             if pipe.loss_fn is not None:
                 loss = pipe.loss_fn(output, state.microbatches[mb])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from .batchnorm import DeferredStatistics, convert_batchnorm
-from .rng import StageRandomStream, stage_seed
+from .rng import forked, forward_seed
 from .tree import tree_flatten
 from .weights import WeightVersions
 
@@ -30,8 +30,10 @@ class PipelineStage:
     during backward (GPipe's re-materialization; RNG state is
     restored so dropout draws the same mask). Gradients accumulate in the module's parameters.
 
-    ``seed``: the layers draw their random numbers (dropout) from a stream of this stage's own, seeded from ``seed`` and
-    the stage index (:mod:`.rng`); ``None`` leaves them on the process's generators. ``deferred_batchnorm``: the batch
+    Random numbers (dropout): each forward given a ``seed`` runs with the process's generators forked to it (:mod:`.rng`;
+    the executor derives it from the step's seed, the stage and the micro-batch). A stage driven by hand with a base
+    ``seed`` forks its ``k``-th forward to ``forward_seed(seed, stage_index, k)``; with neither, the layers draw from
+    the process's generators. ``deferred_batchnorm``: the batch
     norms of ``module`` are converted in place to update their running statistics once per step (:mod:`.batchnorm`;
     the executor calls :meth:`end_step`).
     """
@@ -51,7 +53,8 @@ class PipelineStage:
         self.num_stages = num_stages
         self.device = torch.device(device)
         self.checkpoint_activations = checkpoint_activations
-        self.rng = None if seed is None else StageRandomStream(stage_seed(seed, stage_index), self.device)
+        self.seed = seed  # the base of the seeds of forwards given none (a stage driven by hand)
+        self._forwards = 0
         self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
         self._inputs: dict[int, list[torch.Tensor]] = {}  # micro-batch -> input leaves
         self._outputs: dict[int, Any] = {}  # micro-batch -> output tree (or the scaled loss, on the last stage)
@@ -82,11 +85,21 @@ class PipelineStage:
         self.versions = WeightVersions(self.module, keep_replaced)
         return self.versions
 
-    def forward(self, microbatch: int, inputs: Any, version: int | None = None) -> Any:
+    def forward(self, microbatch: int, inputs: Any, version: int | None = None, seed: int | None = None) -> Any:
         """Run the layers on ``inputs`` and keep what the backward of ``microbatch`` needs.
 
-        With weight stashing, ``version`` says which weights to run on (held until the backward).
+        With weight stashing, ``version`` says which weights to run on (held until the backward). ``seed``: the
+        layers' random numbers are drawn from it (see the class docstring).
         """
+        if seed is None and self.seed is not None:
+            seed = forward_seed(self.seed, self.stage_index, self._forwards)
+            self._forwards += 1
+        if seed is None:
+            return self._forward(microbatch, inputs, version)
+        with forked(seed, self.device):
+            return self._forward(microbatch, inputs, version)
+
+    def _forward(self, microbatch: int, inputs: Any, version: int | None) -> Any:
         module: Any = self.module
         if self.versions is not None and torch.is_grad_enabled():
             assert version is not None, "a stage with weight versions needs the version of each forward"
@@ -117,16 +130,12 @@ class PipelineStage:
 
     @contextmanager
     def _running(self, forward: bool, training: bool = True) -> Iterator[None]:
-        """Around the stage's forwards and backwards: the stage's random stream (forward) and its batch norms' state
-        (record a training forward; a backward's recomputation must not touch the running statistics)."""
-        if self.norms is None and (self.rng is None or not forward):
+        """Around the stage's forwards and backwards: its batch norms' state (record a training forward; a backward's
+        recomputation must not touch the running statistics)."""
+        if self.norms is None:
             yield
             return
-        with ExitStack() as stack:
-            if self.rng is not None and forward:
-                stack.enter_context(self.rng.active())
-            if self.norms is not None:
-                stack.enter_context(self.norms.running(record=forward and training))
+        with self.norms.running(record=forward and training):
             yield
 
     def end_step(self, group: dist.ProcessGroup | None = None) -> None:

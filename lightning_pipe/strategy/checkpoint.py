@@ -10,28 +10,36 @@ the top level are rank 0's, as Lightning's own format expects one entry per opti
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.optim import Optimizer
 
-__all__ = ["PIPELINE_KEY", "gather_checkpoint", "training_state_of_rank", "atomic_save"]
+__all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
+           "param_groups_of", "named_optimizer_state", "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save",
+           "own_entries", "with_own_entries", "CallbackMerge"]
 
 PIPELINE_KEY = "pipeline"
+MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
 
 
 def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout: dict[str, Any],
-                      group: dist.ProcessGroup | None = None) -> dict[str, Any] | None:
+                      group: dist.ProcessGroup | None = None,
+                      param_names: list[list[list[str]]] | None = None) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
-    (ranks and stages) so that a resume can check it matches.
+    (ranks and stages) so that a resume can check it matches; ``param_names``: for each optimizer of this rank, the
+    names of each of its parameters in order (so that another layout can find each parameter's state).
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
+    share["param_names"] = param_names or []
+    share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     shares: list[Any] | None = [None] * world_size if rank == 0 else None
     dist.gather_object(share, shares, dst=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
@@ -54,8 +62,118 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
             "layout": dict(layout),
             "optimizer_states": [part.get("optimizer_states", []) for part in shares],
             "lr_schedulers": [part.get("lr_schedulers", []) for part in shares],
+            "param_names": [part["param_names"] for part in shares],
         }
+    full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
     return full
+
+
+# Lightning's entries that are the same on every rank; the others (callbacks, on_save_checkpoint's extras) may differ
+SHARED_ENTRIES = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "lr_schedulers",
+                            "hparams_name", "hyper_parameters", "datamodule_hparams_name",
+                            "datamodule_hyper_parameters", "pipeline_position", "state_dict", "optimizer_states",
+                            PIPELINE_KEY})
+
+
+def own_entries(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a rank's checkpoint that may differ between ranks: callbacks' states, the module's extras."""
+    return {key: value for key, value in checkpoint.items() if key not in SHARED_ENTRIES}
+
+
+def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str, Any],
+                     local_keys: Iterable[str]) -> dict[str, Any]:
+    """A full checkpoint with pipeline rank ``rank``'s own callbacks and extras in place of rank 0's where the layout
+    is the one that wrote it; on another, the ranks' callback states merged (:class:`CallbackMerge`)."""
+    section = checkpoint.get(PIPELINE_KEY)
+    if not section or "own" not in section:
+        return checkpoint
+    if dict(section["layout"]) == dict(layout) and rank < len(section["own"]):
+        checkpoint.update(section["own"][rank])
+        return checkpoint
+    merge = CallbackMerge(checkpoint["state_dict"].keys(), local_keys)
+    for own in section["own"]:
+        merge.add(dict(own))
+    return merge.into(checkpoint)
+
+
+class CallbackMerge:
+    """The callbacks' states of several ranks as one rank of another layout needs them: mappings merged key by key,
+    where an entry keyed by a name of the model's state (an EMA's shadow of a parameter) is kept only for this rank's
+    ``local_keys``; anything else as the first rank had it. The other entries (the module's extras): the first rank's.
+    """
+
+    def __init__(self, model_keys: Iterable[str], local_keys: Iterable[str]) -> None:
+        self.model_keys, self.local = set(model_keys), set(local_keys)
+        self.callbacks: dict[str, Any] = {}
+        self.extras: dict[str, Any] = {}
+
+    def add(self, own: dict[str, Any]) -> None:
+        self.callbacks = self._merged(self.callbacks, own.pop("callbacks", None) or {})
+        for key, value in own.items():
+            self.extras.setdefault(key, value)
+
+    def into(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        checkpoint.update(self.extras)
+        checkpoint["callbacks"] = self.callbacks
+        return checkpoint
+
+    def _merged(self, into: Any, value: Any) -> Any:
+        if isinstance(value, Mapping) and (into is None or isinstance(into, Mapping)):
+            result = dict(into or {})
+            for key, item in value.items():
+                if not (isinstance(key, str) and key in self.model_keys and key not in self.local):
+                    result[key] = self._merged(result.get(key), item)
+            return result
+        return value if into is None else into
+
+
+def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def optimizers_parameter_names(module: torch.nn.Module, optimizers: Sequence[Optimizer]) -> list[list[list[str]]]:
+    """For each optimizer, the names of each of its parameters, in the numbering of its ``state_dict()``."""
+    names = parameter_names(module)
+    return [[names.get(id(p), []) for group in optimizer.param_groups for p in group["params"]]
+            for optimizer in optimizers]
+
+
+def optimizer_entries(index: int, state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Optimizer ``index``'s ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names (each
+    of a tied parameter's names): ``optim/<index>/<name>/<key>``; ``names``: as :func:`optimizers_parameter_names`."""
+    entries = {}
+    for number, values in state["state"].items():
+        for name in names[number]:
+            for key, value in values.items():
+                entries[f"{OPTIM}{index}/{name}/{key}"] = value
+    return entries
+
+
+def param_groups_of(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An optimizer ``state_dict()``'s parameter groups without their parameters (the hyperparameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in state["param_groups"]]
+
+
+def named_optimizer_state(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[list[dict[str, Any]]]] | None:
+    """A pipeline checkpoint's optimizer states as named entries and each optimizer's groups, if it has names: a
+    consolidated file (``optimizer_entries``), or a full checkpoint written with ``param_names``; else ``None``."""
+    section = checkpoint.get(PIPELINE_KEY) or {}
+    if "optimizer_entries" in section:
+        return dict(section["optimizer_entries"]), section["optimizer_param_groups"]
+    if "param_names" not in section or "optimizer_states" not in section:
+        return None
+    entries: dict[str, Any] = {}
+    for rank_states, rank_names in zip(section["optimizer_states"], section["param_names"]):
+        for index, (state, names) in enumerate(zip(rank_states, rank_names)):
+            for key, value in optimizer_entries(index, state, names).items():
+                entries.setdefault(key, value)
+    # the groups of the rank that trains the most parameters (a stage that trains nothing has a placeholder)
+    richest = max(range(len(section["param_names"])), key=lambda r: sum(map(len, section["param_names"][r])))
+    return entries, [param_groups_of(state) for state in section["optimizer_states"][richest]]
 
 
 def training_state_of_rank(checkpoint: Mapping[str, Any], rank: int,
@@ -78,7 +196,7 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
                 storage_options: Any | None = None) -> None:
     """Write ``checkpoint`` to ``path`` so that a crash while writing leaves any previous file there intact.
 
-    Local paths are written to a temporary file beside ``path`` and renamed over it (``os.replace`` is atomic);
+    Local paths are written to a temporary file beside ``path``, fsync'd, and renamed over it (``os.replace`` is atomic);
     remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole.
     """
     target = os.fspath(path)
@@ -90,7 +208,17 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
     try:
         checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
+        _fsync(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
         os.replace(temporary, target)
+        _fsync(directory)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -30,11 +30,12 @@ class HeldGradients:
         self._pending: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @contextmanager
-    def held_aside(self, parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    def held_aside(self, parameters: Iterable[nn.Parameter], keep_before: bool = True) -> Iterator[None]:
         """Inside, the parameters' gradients start empty; what accumulates there is kept for :meth:`release`,
-        and the gradients from before are put back."""
+        and the gradients from before are put back (``keep_before``), or freed now: when ``zero_grad`` would drop them
+        before anything reads them again, keeping them would hold two sets of gradients at the step's peak."""
         params = list(parameters)
-        before = [p.grad for p in params]
+        before = [p.grad if keep_before else None for p in params]
         for p in params:
             p.grad = None
         try:

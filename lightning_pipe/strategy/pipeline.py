@@ -12,14 +12,16 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
-from lightning.fabric.utilities.types import _PATH
+from lightning.fabric.utilities.optimizer import (
+    _optimizers_to_device,
+)
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn import Module
@@ -32,30 +34,33 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.strategy.asynchronous import AsyncSteps, DrainPipeline, check_async_fit
+from lightning_pipe.strategy.asynchronous import (
+    AsyncSteps,
+    DrainPipeline,
+    check_async_fit,
+)
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
-from lightning_pipe.strategy.checkpoint import atomic_save, gather_checkpoint, training_state_of_rank
+from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
+from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
 from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
-from lightning_pipe.strategy.positions import CHECKPOINT_KEY, RunPosition
+from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
-from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.split import find_sequence
 
-HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 
 __all__ = ["PipelineStrategy"]
 
 
-class PipelineStrategy(ProcessStrategy):
+class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
     """Pipeline-parallel training: the LightningModule's ``nn.Sequential`` is cut into one stage per process.
 
     Args:
@@ -99,6 +104,11 @@ class PipelineStrategy(ProcessStrategy):
             and ``schedule="auto"``. ``None``: no cap.
         profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
             are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
+        checkpoint_format: ``"full"``: one standard Lightning file, gathered on global rank 0 (small models, and
+            ``load_from_checkpoint`` on one device); ``"sharded"``: a folder at the checkpoint's path into which every
+            rank writes its own stages' weights and optimizer state in parallel (torch.distributed.checkpoint), keyed
+            by the unpipelined model's names, so that it resumes on any layout (see :mod:`lightning_pipe.strategy.
+            sharded`). Either is loaded by ``fit(ckpt_path=...)``; ``python -m lightning_pipe.checkpoint`` converts.
         loss_reduction: how ``training_step``'s loss adds up over the batch's rows: ``"mean"`` (``F.mse_loss``,
             ``F.cross_entropy``), ``"sum"`` (``loss.sum()``: each micro-batch's loss then counts whole), or
             ``"auto"``: the first batch with several micro-batches tells (:mod:`lightning_pipe.strategy.reduction`).
@@ -161,6 +171,7 @@ class PipelineStrategy(ProcessStrategy):
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
         split_points: Any = None,
+        checkpoint_format: str = "full",
         loss_reduction: str = "auto",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -178,7 +189,8 @@ class PipelineStrategy(ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, split_points=split_points, loss_reduction=loss_reduction)
+            profile_cache=profile_cache, split_points=split_points, checkpoint_format=checkpoint_format,
+            loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -187,6 +199,9 @@ class PipelineStrategy(ProcessStrategy):
         self._example_input_array: Any = None
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
+        self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
+        self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
+        self._saved_random_states: dict[str, Any] | None = None  # this rank's, from a checkpoint, until its first batch
 
     # The settings, by name (read-only: they are fixed when the strategy is made).
     schedule = property(lambda self: self.settings.schedule)
@@ -198,6 +213,7 @@ class PipelineStrategy(ProcessStrategy):
     vertical_sync = property(lambda self: self.settings.vertical_sync)
     memory_cap = property(lambda self: self.settings.memory_cap)
     profile_cache = property(lambda self: self.settings.profile_cache)
+    checkpoint_format = property(lambda self: self.settings.checkpoint_format)
     loss_reduction = property(lambda self: self.settings.loss_reduction)
 
     @property
@@ -274,6 +290,8 @@ class PipelineStrategy(ProcessStrategy):
         trainer = self._trainer()
         if trainer is None or self._position.seed is None or trainer.state.stage is None:
             return super().batch_to_device(batch, device, dataloader_idx)
+        if trainer.state.stage == RunningStage.TRAINING:
+            self._resume_global_random_states()
         seed = derive_seed(self._position.step_seed(trainer), Stream.BATCH_TRANSFER)
         with forked_random(seed, self.root_device):
             return super().batch_to_device(batch, device, dataloader_idx)
@@ -326,6 +344,8 @@ class PipelineStrategy(ProcessStrategy):
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
+        if runner is None:
+            refuse_planned_cut(module, settings.plans_cut)
         captured = self._capture(module, trainer) if runner is None else None
         if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             earlier = runner.config
@@ -351,8 +371,11 @@ class PipelineStrategy(ProcessStrategy):
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, **groups)
             else:
+                _, sequence = find_sequence(module, settings.layers)
+                self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
+                                                                  self._position.base)
                 runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
-                                              **groups)
+                                              materialize=self._materializer, **groups)
         elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (
                 config, settings.layers, shape.pipeline_ranks, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
@@ -390,6 +413,11 @@ class PipelineStrategy(ProcessStrategy):
         if path != CAPTURED:
             return None
         assert layers is not None
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
+                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank only "
+                             f"on the nn.Sequential path so far; its model at {layers!r} is captured instead: build it "
+                             f"in __init__ (or init_module(empty_init=False)), or make the layers one nn.Sequential")
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
         captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device())
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
@@ -448,7 +476,7 @@ class PipelineStrategy(ProcessStrategy):
         try:
             with placeholder_if_untrainable(self.lightning_module, self.root_device):
                 super().setup_optimizers(trainer)
-        except Exception as caught:  # noqa: BLE001 - raised on every rank just below
+        except Exception as caught:
             error = caught
         raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
 
@@ -473,11 +501,19 @@ class PipelineStrategy(ProcessStrategy):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
             with self.precision_plugin.train_step_context():
-                with self._gradients.held_aside(self.lightning_module.parameters()):
+                with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
                     output = self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches,
                                                seed=seed)
         self._position.step_done(trainer)
         return output
+
+    def _grads_needed_later(self, trainer: Trainer) -> bool:
+        """Whether the gradients from before this step live on after it: they do while accumulating, or if the module
+        zeroes them its own way; otherwise Lightning's ``zero_grad`` drops them right after ``training_step`` (only
+        ``on_before_zero_grad`` could still read them), so the step frees them as it starts."""
+        first_of_accumulation = trainer.fit_loop.epoch_loop.batch_idx % trainer.accumulate_grad_batches == 0
+        own_zero_grad = is_overridden("optimizer_zero_grad", self.lightning_module, LightningModule)
+        return not first_of_accumulation or own_zero_grad
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
@@ -524,15 +560,22 @@ class PipelineStrategy(ProcessStrategy):
         return output
 
     @override
+    def on_train_start(self) -> None:
+        self._check_materialized()
+
+    @override
     def on_validation_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
 
     @override
     def on_test_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
 
     @override
     def on_predict_start(self) -> None:
+        self._check_materialized()
         self._position.evaluation_started()
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
@@ -541,63 +584,6 @@ class PipelineStrategy(ProcessStrategy):
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group)
-
-    # -- checkpoints --------------------------------------------------------------------------------
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
-        if self._async is not None:
-            self._async.drain()
-        return super().lightning_module_state_dict()
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Gather every stage's share on global rank 0 and write one standard checkpoint there, atomically.
-
-        Replicas hold equal weights and optimizer states: only the first replica's pipeline takes part."""
-        runner = self.runner
-        trainer = self._trainer()
-        if trainer is not None and self._position.seed is not None:
-            checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
-        if self.mesh_shape.coordinates(self.global_rank)[1] != 0:
-            return
-        full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group)
-        if self.is_global_zero:
-            assert full is not None
-            split = runner.split
-            if HPARAMS_KEY in full and split.proxy is not None:  # a module kept in hyper-parameters is saved whole
-                full[HPARAMS_KEY] = hparams_for_checkpoint(full[HPARAMS_KEY], split.proxy, split.skeleton, split.path,
-                                                           full["state_dict"])
-            atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """As Lightning; a fit resumed from it continues from its position in the data and its seed."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        trainer = self._trainer()
-        if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
-        return checkpoint
-
-    @override
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        module = self.lightning_module
-        assert module is not None
-        runner = self._runner if self._runner is not None and self._runner.module is module else None
-        runner = runner or PipelineRunner.of(module)
-        if runner is None:
-            super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
-        else:
-            runner.split.load_state_dict(checkpoint["state_dict"], strict=strict)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        runner = self.runner  # replicas share their pipeline rank's states
-        optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
-        for optimizer, state in zip(self.optimizers, optimizer_states):
-            optimizer.load_state_dict(state)
-            _optimizer_to_device(optimizer, self.root_device)
-        checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next
 
     @override
     def teardown(self) -> None:

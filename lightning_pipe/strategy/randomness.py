@@ -20,12 +20,14 @@ code that draws from those must use a generator it seeds itself.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-__all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream"]
+__all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -84,3 +86,32 @@ def forked_random(seed: int, device: torch.device | None = None) -> Iterator[Non
         cpu.set_state(saved_cpu)
         if accelerator is not None:
             accelerator.set_state(saved_accelerator)
+
+
+def global_random_states() -> dict[str, Any]:
+    """This process's global generators' states (torch CPU and CUDA, Python's ``random``, NumPy's) in types that
+    ``torch.load(weights_only=True)`` reads (NumPy's key array as a tensor)."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+    except ImportError:
+        return states
+    name, keys, position, has_gauss, cached = numpy.random.get_state()
+    states["numpy"] = (str(name), torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached))
+    return states
+
+
+def set_global_random_states(states: dict[str, Any]) -> None:
+    """Give this process's global generators the states :func:`global_random_states` took."""
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        import numpy
+
+        name, keys, position, has_gauss, cached = states["numpy"]
+        numpy.random.set_state((name, keys.numpy().astype("uint32"), position, has_gauss, cached))

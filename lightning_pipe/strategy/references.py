@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["LayerElsewhere", "meta_skeleton", "redirect", "hparams_for_checkpoint"]
+__all__ = ["LayerElsewhere", "meta_skeleton", "redirect", "hparams_for_checkpoint", "hparams_with_skeleton",
+           "fill_skeleton"]
 
 
 class LayerElsewhere(nn.Module):
@@ -94,7 +95,33 @@ def hparams_for_checkpoint(hparams: Any, proxy: nn.Module, skeleton: nn.Module, 
     Hyper-parameters that reach no cut module are returned as they are."""
     if not _reaches(hparams, proxy):
         return hparams
+    hparams, whole = hparams_with_skeleton(hparams, proxy, skeleton, sequence_path)
+    fill_skeleton(whole, sequence_path, state_dict)
+    return hparams
+
+
+def hparams_with_skeleton(hparams: Any, proxy: nn.Module, skeleton: nn.Module,
+                          sequence_path: str) -> tuple[Any, nn.Module | None]:
+    """``hparams`` with the cut modules replaced by a meta copy of the whole sequence (returned beside them, to be
+    filled by :func:`fill_skeleton` where the weights are: a sharded checkpoint's consolidation); ``None`` if the
+    hyper-parameters reach no cut module."""
+    if not _reaches(hparams, proxy):
+        return hparams, None
     whole = copy.deepcopy(skeleton)
+    memo: dict[int, Any] = {id(proxy): whole}
+    names = dict(whole.named_modules())
+    for name, child in proxy.named_modules():
+        if name and name in names:
+            memo[id(child)] = names[name]
+    for child in _modules_in(hparams):
+        for sub in child.modules():
+            if isinstance(sub, LayerElsewhere) and sub.sequence_path == sequence_path and sub.name in names:
+                memo[id(sub)] = names[sub.name]
+    return copy.deepcopy(hparams, memo), whole
+
+
+def fill_skeleton(whole: nn.Module, sequence_path: str, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give the meta copy of the sequence the full model's weights from ``state_dict`` (shared, not copied)."""
     ties: dict[int, list[str]] = {}
     for name, param in whole.named_parameters(remove_duplicate=False):
         ties.setdefault(id(param), []).append(name)
@@ -106,16 +133,6 @@ def hparams_for_checkpoint(hparams: Any, proxy: nn.Module, skeleton: nn.Module, 
         for name in names_of_one[1:]:
             owner, _, attribute = name.rpartition(".")
             setattr(whole.get_submodule(owner) if owner else whole, attribute, shared)
-    memo: dict[int, Any] = {id(proxy): whole}
-    names = dict(whole.named_modules())
-    for name, child in proxy.named_modules():
-        if name and name in names:
-            memo[id(child)] = names[name]
-    for child in _modules_in(hparams):
-        for sub in child.modules():
-            if isinstance(sub, LayerElsewhere) and sub.sequence_path == sequence_path and sub.name in names:
-                memo[id(sub)] = names[sub.name]
-    return copy.deepcopy(hparams, memo)
 
 
 def _modules_in(value: Any) -> list[nn.Module]:

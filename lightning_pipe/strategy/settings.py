@@ -39,6 +39,7 @@ class PipelineSettings:
     memory_cap: float | None = None
     profile_cache: str | os.PathLike[str] | bool | None = None
     split_points: Any = None
+    checkpoint_format: str = "full"
     loss_reduction: str = "auto"
 
     def __post_init__(self) -> None:
@@ -50,6 +51,7 @@ class PipelineSettings:
         put("partition", _check_partition(self.partition))
         put("memory_cap", _check_planning(self.partition, self.schedule, self.schedule_options, self.memory_cap))
         put("profile_cache", _check_profile_cache(self.profile_cache))
+        put("checkpoint_format", _check_checkpoint_format(self.checkpoint_format))
         put("layers", _check_layers(self.layers))
         put("split_points", _check_split_points(self.split_points))
         put("loss_reduction", check_loss_reduction(self.loss_reduction))
@@ -153,6 +155,16 @@ def _check_profile_cache(profile_cache: Any) -> str | os.PathLike[str] | bool | 
         raise TypeError(f"profile_cache must be a folder path, None (under the Trainer's default_root_dir) or "
                         f"False (no cache), not {profile_cache!r}")
     return profile_cache
+
+
+CHECKPOINT_FORMATS = ("full", "sharded")
+
+
+def _check_checkpoint_format(checkpoint_format: Any) -> str:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be 'full' (one standard file, written by global rank 0) or 'sharded' "
+                         f"(a folder every rank writes its own stages into), not {checkpoint_format!r}")
+    return checkpoint_format
 
 
 def _check_layers(layers: Any) -> str | None:

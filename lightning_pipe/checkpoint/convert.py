@@ -1,0 +1,137 @@
+"""Streamed conversion between a sharded checkpoint folder and one full checkpoint file.
+
+:func:`consolidate` reads the folder's tensors a batch at a time (DCP without processes) into the file's dict, which
+``torch.save`` then writes storage by storage: the model is in memory once. The file is a standard Lightning
+checkpoint (``state_dict`` with the unpipelined model's names, hyperparameters, loops, LR schedulers) that
+``YourModule.load_from_checkpoint`` opens on one device; the optimizer states go under ``"pipeline"`` by parameter
+name (``optimizer_entries``), where ``PipelineStrategy`` finds them on any layout, and the file has no top-level
+``optimizer_states`` (one device's numbering of them is the module's own business), so a one-device
+``fit(ckpt_path=...)`` refuses it as Lightning refuses a weights-only file. :func:`shard` memory-maps the file and
+writes its tensors with DCP, so the model is not held in memory at all; it takes a consolidated file or one written
+with ``checkpoint_format="full"``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from lightning_pipe.strategy.checkpoint import (
+    MODEL,
+    OPTIM,
+    PIPELINE_KEY,
+    SHARED_ENTRIES,
+    named_optimizer_state,
+    own_entries,
+)
+from lightning_pipe.strategy.references import fill_skeleton
+from lightning_pipe.strategy.sharded import (
+    META_FILE,
+    SHARDED_KEY,
+    is_sharded,
+    write_file,
+)
+
+__all__ = ["consolidate", "shard", "BATCH_BYTES"]
+
+BATCH_BYTES = 256 * 2**20  # tensors read from the folder per DCP call
+
+
+def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Write the sharded checkpoint ``folder`` as one full checkpoint file ``output``."""
+    folder = os.fspath(folder)
+    if not is_sharded(folder):
+        raise ValueError(f"{folder} is not a sharded checkpoint folder (no .metadata and {META_FILE}); give the folder "
+                         f"PipelineStrategy(checkpoint_format='sharded') wrote")
+    checkpoint = torch.load(os.path.join(folder, META_FILE), map_location="cpu", weights_only=False)
+    written = checkpoint.pop(SHARDED_KEY)
+    groups = checkpoint.pop("optimizer_param_groups", None)
+    reader = FileSystemReader(folder)
+    saved = reader.read_metadata().state_dict_metadata
+    keys = [f"{MODEL}{key}" for key in written["state_keys"] if f"{MODEL}{key}" in saved]
+    keys += [key for key in saved if key.startswith(MODEL) and key not in set(keys)]
+    checkpoint["state_dict"] = {key[len(MODEL):]: value for key, value in _read(reader, saved, keys)}
+    if "hparams_sequence" in written:  # hyper-parameters holding the network: the whole sequence, with its weights
+        sequence_path, whole = written["hparams_sequence"]
+        fill_skeleton(whole, sequence_path, checkpoint["state_dict"])
+    ranks = [torch.load(os.path.join(folder, f"rank-{rank}.pt"), map_location="cpu", weights_only=False)
+             for rank in range(written["world_size"]) if os.path.exists(os.path.join(folder, f"rank-{rank}.pt"))]
+    if ranks:
+        checkpoint.update(ranks[0])  # the callbacks and extras of global rank 0, as Lightning's own files have
+    section: dict[str, Any] = {"layout": written["layout"], "own": ranks}
+    if groups is not None:
+        section["optimizer_entries"] = dict(_read(reader, saved, [key for key in saved if key.startswith(OPTIM)]))
+        section["optimizer_param_groups"] = groups
+    checkpoint[PIPELINE_KEY] = section
+    _save_file(checkpoint, os.fspath(output))
+
+
+def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Write the full checkpoint ``file`` as a sharded checkpoint folder ``folder`` (replacing one there)."""
+    checkpoint = torch.load(os.fspath(file), map_location="cpu", weights_only=False, mmap=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{file} has no state_dict; give a Lightning checkpoint file")
+    state = {f"{MODEL}{key}": value for key, value in checkpoint["state_dict"].items()}
+    section = checkpoint.get(PIPELINE_KEY) or {}
+    named = named_optimizer_state(checkpoint)
+    if named is not None:
+        state.update(named[0])
+    target = os.path.abspath(os.fspath(folder))
+    staging = f"{target}.writing-{os.getpid()}"
+    os.makedirs(staging)
+    try:
+        dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True), no_dist=True)
+        meta = {key: value for key, value in checkpoint.items()
+                if key in SHARED_ENTRIES and key not in ("state_dict", "optimizer_states", PIPELINE_KEY)}
+        if named is not None:
+            meta["optimizer_param_groups"] = named[1]
+        own = list(section.get("own") or [own_entries(checkpoint)])
+        meta[SHARDED_KEY] = {"layout": dict(section.get("layout") or {}), "world_size": len(own),
+                             "state_keys": list(checkpoint["state_dict"])}
+        for rank, entries in enumerate(own):
+            write_file(entries, os.path.join(staging, f"rank-{rank}.pt"))
+        write_file(meta, os.path.join(staging, META_FILE))
+        if os.path.lexists(target):
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read(reader: FileSystemReader, saved: dict[str, Any], keys: list[str]) -> Iterator[tuple[str, Any]]:
+    """The values of ``keys``, read from the folder about :data:`BATCH_BYTES` at a time."""
+    batch: dict[str, Any] = {}
+    size = 0
+    for key in keys:
+        meta = saved[key]
+        if isinstance(meta, TensorStorageMetadata):
+            batch[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+            size += batch[key].numel() * batch[key].element_size()
+        else:
+            batch[key] = None
+        if size >= BATCH_BYTES:
+            dcp.load(batch, storage_reader=reader, no_dist=True)
+            yield from batch.items()
+            batch, size = {}, 0
+    if batch:
+        dcp.load(batch, storage_reader=reader, no_dist=True)
+        yield from batch.items()
+
+
+def _save_file(checkpoint: dict[str, Any], output: str) -> None:
+    """``torch.save`` beside ``output``, fsync'd, then renamed over it."""
+    directory, name = os.path.split(os.path.abspath(output))
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        write_file(checkpoint, temporary)
+        os.replace(temporary, output)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -1,0 +1,199 @@
+"""The checkpoint hooks of PipelineStrategy: both formats, each rank's share, and modules built on the meta device.
+
+A mixin of :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy` (which holds the state it reads: the runner,
+the run's position, the settings); the formats themselves live in :mod:`.checkpoint` (one full file) and
+:mod:`.sharded` (a folder every rank writes into), the materialization in :mod:`.materialize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
+
+from lightning_pipe.strategy.checkpoint import (
+    PIPELINE_KEY,
+    atomic_save,
+    gather_checkpoint,
+    named_optimizer_state,
+    optimizers_parameter_names,
+    training_state_of_rank,
+    with_own_entries,
+)
+from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.positions import CHECKPOINT_KEY
+from lightning_pipe.strategy.randomness import (
+    global_random_states,
+    set_global_random_states,
+)
+from lightning_pipe.strategy.references import hparams_for_checkpoint
+from lightning_pipe.strategy.runner import PipelineRunner
+from lightning_pipe.strategy.sharded import (
+    is_sharded,
+    load_named_optimizers,
+    load_sharded_optimizers,
+    load_sharded_weights,
+    read_sharded,
+    save_sharded,
+)
+
+__all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
+
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
+RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
+
+
+class PipelineCheckpoints:
+    """Checkpoint and module-construction hooks of ``PipelineStrategy`` (see ``checkpoint_format`` there)."""
+
+    _materializer: Any
+    _sharded_path: str | None
+    _saved_random_states: dict[str, Any] | None
+
+    def _check_materialized(self) -> None:
+        """Before the first step of a module built on the meta device: every tensor that no ``reset_parameters()``
+        initialized must have been loaded (from a checkpoint) since; else every rank raises, naming them."""
+        if self._materializer is None:
+            return
+        problem, self._materializer = self._materializer.unwritten(), None
+        raise_together(ValueError(problem) if problem else None, "materializing the model", None,
+                       self._collective_device())
+
+    # -- building on the meta device ----------------------------------------------------------------
+    @contextlib.contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
+        it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
+        materialize`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this rank's device."""
+        if empty_init is False:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Checkpoints are loaded after the cut: each rank reads only its own stages' weights and state."""
+        return True
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
+        if self._async is not None:
+            self._async.drain()
+        return super().lightning_module_state_dict()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """``checkpoint_format="full"``: gather every stage's share on global rank 0 and write one standard checkpoint
+        there (only the first replica's pipeline takes part: replicas hold equal states). ``"sharded"``: every rank
+        writes its own share into a folder at ``filepath`` (:mod:`lightning_pipe.strategy.sharded`). Either way the
+        file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
+        runner = self.runner
+        trainer = self._trainer()
+        if trainer is not None and self._position.seed is not None:
+            checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
+        # this rank's own entry (every rank's is kept): the global generators' states, for user code that draws there
+        checkpoint[RANDOM_STATES_KEY] = global_random_states()
+        device = self._collective_device()
+        if self.checkpoint_format == "sharded":
+            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout, runner.split,
+                         device)
+            return
+        error: BaseException | None = None
+        if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
+            full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
+                                     optimizers_parameter_names(self.lightning_module, self.optimizers))
+            try:
+                if self.is_global_zero:
+                    assert full is not None
+                    split = runner.split
+                    if HPARAMS_KEY in full and split.proxy is not None:  # a module kept in hyper-parameters: whole
+                        full[HPARAMS_KEY] = hparams_for_checkpoint(full[HPARAMS_KEY], split.proxy, split.skeleton,
+                                                                   split.path, full["state_dict"])
+                    atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
+            except Exception as caught:
+                error = caught
+            del full
+        raise_together(error, f"writing the checkpoint {filepath}", None, device)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """As Lightning, or a sharded checkpoint folder (without its weights and optimizer states: the next hooks load
+        this rank's share); a fit resumed from it continues from its position in the data and its seed."""
+        self._sharded_path = None
+        if is_sharded(checkpoint_path):
+            self._sharded_path = os.fspath(checkpoint_path)
+            checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
+        else:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
+                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
+                                              self.lightning_module.state_dict().keys())
+            if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
+                checkpoint.setdefault("optimizer_states", [])
+        trainer = self._trainer()
+        if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            self._saved_random_states = checkpoint.get(RANDOM_STATES_KEY)
+            if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
+                self._position.start(trainer)
+        return checkpoint
+
+    def _resume_global_random_states(self) -> None:
+        """At the first training batch after a resume (before its hooks run), torch's, NumPy's and Python's global
+        generators take the states this rank's had when the checkpoint was written: user code drawing from them (a
+        callback, say) continues as in the uninterrupted run. The pipeline's own draws need none of it: they come from
+        seeds of the run's position (:mod:`lightning_pipe.strategy.randomness`)."""
+        if self._saved_random_states is not None:
+            states, self._saved_random_states = self._saved_random_states, None
+            set_global_random_states(states)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        module = self.lightning_module
+        assert module is not None
+        runner = self._runner if self._runner is not None and self._runner.module is module else None
+        runner = runner or PipelineRunner.of(module)
+        if self._sharded_path is not None and "state_dict" not in checkpoint:
+            load_sharded_weights(self._sharded_path, module, strict=strict)
+        elif runner is None:
+            super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
+        else:
+            runner.split.load_state_dict(checkpoint["state_dict"], strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        runner = self.runner  # replicas share their pipeline rank's states
+        if self._sharded_path is not None:
+            load_sharded_optimizers(self._sharded_path, self.lightning_module, self.optimizers,
+                                    checkpoint["optimizer_param_groups"])
+            for optimizer in self.optimizers:
+                _optimizer_to_device(optimizer, self.root_device)
+            return
+        named = named_optimizer_state(checkpoint)
+        section = checkpoint.get(PIPELINE_KEY) or {}
+        if named is not None and ("optimizer_entries" in section or dict(section["layout"]) != runner.layout):
+            entries, groups = named  # another layout wrote it: each parameter's state by its name
+            load_named_optimizers(entries, lambda keys: {key: entries[key] for key in keys}, self.lightning_module,
+                                  self.optimizers, groups)
+            for optimizer in self.optimizers:
+                _optimizer_to_device(optimizer, self.root_device)
+            return  # the LR schedulers: rank 0's (the same on every rank), at the top level
+        optimizer_states, scheduler_states = training_state_of_rank(checkpoint, runner.pipeline.rank, runner.layout)
+        for optimizer, state in zip(self.optimizers, optimizer_states):
+            optimizer.load_state_dict(state)
+            _optimizer_to_device(optimizer, self.root_device)
+        checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next

@@ -1,0 +1,190 @@
+"""A module built on the meta device gets storage only where this rank needs it: its own layers and the code around them.
+
+A model too big for one device is built without storage (``configure_model`` or ``Trainer.init_module(empty_init=True)``
+under this strategy, or ``with torch.device("meta")``), cut like any other, and then each rank materializes only the
+layers of its stages, plus what lies outside the pipelined ``nn.Sequential`` (the step code's buffers, which every rank
+runs): :class:`LocalMaterializer` is the engine's ``Pipeline(materialize=...)`` hook, called with this rank's stage
+modules before they move to the device. The other layers stay on the meta device and are dropped with the cut.
+
+Each materialized tensor is new storage on the device (``to_empty``), given to every module that refers to the old one
+(a parameter tied across layers stays one tensor). Values come from the modules' own initialization, run per module in
+the module tree's order with torch's generators forked to a seed of the agreed seed and the module's name, so a
+meta-built model starts from the same weights on every layout (but not from the weights an eager build draws, which
+come from one stream in construction order):
+
+- ``module.reset_parameters()`` where the module that owns the tensor defines it (torch's layers do; it must
+  initialize the module's own parameters and buffers);
+- else a Hugging Face model's ``_init_weights(module)``, from the nearest enclosing module that has one;
+- else nothing: the tensor must come from a checkpoint (``trainer.fit(model, ckpt_path=...)``). Before the first step
+  the strategy checks that each such tensor was written since (:meth:`LocalMaterializer.unwritten`: its version counter
+  moved) and names the module and the fix otherwise. A non-persistent buffer (a rope table) is in no checkpoint, so
+  one that nothing recomputes is an error right away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.strategy.randomness import derive_seed, forked_random
+
+__all__ = ["has_meta_tensors", "LocalMaterializer", "refuse_planned_cut"]
+
+_INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    """Whether some parameter or buffer of ``module`` has no storage (built on the meta device)."""
+    return any(t.is_meta for t in _tensors(module))
+
+
+def refuse_planned_cut(module: nn.Module, planned: bool) -> None:
+    """A planned cut profiles every layer on rank 0, which a module without storage cannot run."""
+    if planned and has_meta_tensors(module):
+        raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
+                         f"Trainer.init_module(empty_init=True)), but a planned cut (partition='profile', 'time' or "
+                         f"'memory', or schedule='auto') runs every layer on rank 0 to profile it; cut with "
+                         f"partition='uniform', 'parameters' or a list of layer counts")
+
+
+def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+class LocalMaterializer:
+    """Materializes this rank's share of ``module`` (whose pipelined sequence is ``sequence``) on ``device``.
+
+    ``seed`` (agreed by every rank) seeds the modules' initialization. Call it with the stage modules this rank holds.
+    """
+
+    def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int) -> None:
+        self.module = module
+        self.sequence = sequence
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.materialized: list[str] = []  # names of the modules whose state this rank materialized
+        self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device,
+                   seed: int) -> LocalMaterializer | None:
+        """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
+        return cls(module, sequence, device, seed) if has_meta_tensors(module) else None
+
+    def __call__(self, stages: Sequence[nn.Module]) -> None:
+        inside = {id(t) for t in _tensors(self.sequence)}
+        wanted = {id(t): t for stage in stages for t in _tensors(stage)}
+        wanted.update((id(t), t) for t in _tensors(self.module) if id(t) not in inside)  # the step code's state
+        fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
+        owners = self._give(fresh)
+        self._initialize(owners, fresh)
+        _refuse_meta_metrics(self.module, stages, self.sequence)
+
+    def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
+        """Put the new tensors in place of the meta ones, in every module that holds one; the owning modules by name."""
+        owners: dict[str, nn.Module] = {}
+        for name, child in self.module.named_modules(remove_duplicate=False):
+            for table in (child._parameters, child._buffers):
+                for key, tensor in table.items():
+                    if tensor is not None and id(tensor) in fresh:
+                        table[key] = fresh[id(tensor)]
+                        owners.setdefault(name, child)
+        return owners
+
+    def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor]) -> None:
+        new = {id(t) for t in fresh.values()}
+        parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
+        done: set[int] = set()
+        for name, owner in owners.items():
+            if id(owner) in done:  # the same module under two names (shared layers)
+                continue
+            done.add(id(owner))
+            init = _initializer(owner, parents)
+            kept = {key: t.detach().clone() for key, t in _own(owner) if id(t) not in new}  # real state stays as it was
+            if init is not None:
+                with torch.no_grad(), forked_random(self._seed_of(name), self.device):
+                    init()
+                with torch.no_grad():
+                    for key, tensor in _own(owner):
+                        if key in kept:
+                            tensor.copy_(kept[key])
+                self.materialized.append(name)
+                continue
+            for key, tensor in _own(owner):
+                if id(tensor) not in new:
+                    continue
+                qualified = f"{name}.{key}" if name else key
+                if key in owner._non_persistent_buffers_set:
+                    raise ValueError(
+                        f"the buffer {qualified!r} of {type(owner).__name__} was built on the meta device and is not "
+                        f"persistent, so no checkpoint holds it and nothing recomputes it; give "
+                        f"{type(owner).__name__} a reset_parameters() that recomputes it (as its __init__ does), or "
+                        f"build the model eagerly")
+                self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
+            self.materialized.append(name)
+
+    def _seed_of(self, name: str) -> int:
+        digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+        return derive_seed(self.seed, _INIT_STREAM, digest)
+
+    def unwritten(self) -> str | None:
+        """An error text if tensors that nothing initialized were still not written (by a checkpoint or the user)."""
+        state = dict(self.module.named_parameters(remove_duplicate=False))
+        state.update(self.module.named_buffers(remove_duplicate=False))
+        left = []
+        for name, (tensor, version, what) in self._unwritten.items():
+            current = state.get(name, tensor)  # replaced since (a precision plugin's dtype): written if it moved
+            if (current._version == version) if current is tensor else (current._version == 0):
+                left.append(what)
+        self._unwritten = {}
+        if not left:
+            return None
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        return (f"{shown} were built on the meta device and nothing initialized them: their modules define no "
+                f"reset_parameters() (nor does an enclosing Hugging Face model define _init_weights). Define "
+                f"reset_parameters() on those modules to initialize their own parameters and buffers, as torch.nn "
+                f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
+
+
+def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequence: nn.Module) -> None:
+    """torchmetrics keep their states outside parameters and buffers: on the meta device their defaults are lost."""
+    inside = {id(m) for m in sequence.modules()}
+    local = {id(m) for stage in stages for m in stage.modules()}
+    for name, child in module.named_modules():
+        if id(child) in inside and id(child) not in local:
+            continue
+        defaults = getattr(child, "_defaults", None)
+        if isinstance(defaults, dict) and any(isinstance(v, torch.Tensor) and v.is_meta for v in defaults.values()):
+            raise ValueError(f"the metric {name!r} ({type(child).__name__}) was created on the meta device, where its "
+                             f"states' initial values are lost; create torchmetrics outside it: in __init__ when the "
+                             f"model is built in configure_model(), or in setup(), not under "
+                             f"Trainer.init_module(empty_init=True)")
+
+
+def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
+
+
+def _initializer(module: nn.Module, parents: dict[int, nn.Module]):
+    """``module.reset_parameters``, else the nearest enclosing ``_init_weights`` bound to ``module``, else ``None``."""
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        return reset
+    parent = parents.get(id(module))
+    while parent is not None:
+        init_weights = getattr(parent, "_init_weights", None)
+        if callable(init_weights):
+            return lambda: init_weights(module)
+        parent = parents.get(id(parent))
+    return None
+
+
+def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = torch.empty_like(tensor, device=device)
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(value, requires_grad=tensor.requires_grad)
+    return value

@@ -1,0 +1,263 @@
+"""Sharded checkpoints: every rank writes its own stages into one folder with torch.distributed.checkpoint (DCP).
+
+A sharded checkpoint is a folder at the path Lightning gives (``epoch=3-step=400.ckpt/``):
+
+- DCP's files (``.metadata``, ``__<rank>_<n>.distcp``): every rank's weights under ``model/<name>`` and its optimizers'
+  state under ``optim/<i>/<name>/<key>`` (``exp_avg``, ``step``, ...), where ``<name>`` is the parameter's name in the
+  unpipelined model. No key depends on the layout, so any layout loads them: each rank asks DCP for the keys of its
+  own parameters only, and no rank ever holds another rank's state. Replicas and tied copies write equal values under
+  the same key; DCP keeps one.
+- ``meta.pt`` (global rank 0): the rest of Lightning's checkpoint, which every rank has alike (loops, LR schedulers,
+  hyperparameters, the run's position and seed), the optimizers' parameter groups, and the layout that wrote it.
+- ``rank-<r>.pt`` (every rank): what may differ between ranks: the callbacks' states (an EMA of a stage's weights)
+  and the module's ``on_save_checkpoint`` extras. On the same layout each rank gets its own back; on another, the
+  callbacks' states are merged over the ranks, and entries keyed by a name of the model go only to the rank holding it.
+
+Durable: all of it is written into ``<parent>/.lightning_pipe-writing/<name>``, every file fsync'd (DCP's
+``sync_files``, and :func:`write_file`), and only when every rank has written its part does global rank 0 rename the
+folder into place (an older checkpoint at the path is moved aside first, then deleted). A failure on any rank is raised
+on every rank, with its cause; the previous checkpoint at the path stays as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.optim import Optimizer
+
+from lightning_pipe.strategy.checkpoint import (
+    MODEL,
+    OPTIM,
+    SHARED_ENTRIES,
+    CallbackMerge,
+    optimizer_entries,
+    optimizers_parameter_names,
+    own_entries,
+    param_groups_of,
+    parameter_names,
+)
+from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.references import hparams_with_skeleton
+from lightning_pipe.strategy.split import SplitModule
+
+__all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
+           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file"]
+
+META_FILE = "meta.pt"
+SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
+STAGING = ".lightning_pipe-writing"
+HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
+T = TypeVar("T")
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META_FILE))
+
+
+def write_file(value: Any, path: str) -> None:
+    """``torch.save`` to ``path``, flushed and fsync'd before returning."""
+    with open(path, "wb") as file:
+        torch.save(value, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _together(what: str, device: torch.device, work: Callable[[], T]) -> T | None:
+    """Run ``work`` on every rank; if it fails on any, raise on every rank (with the cause) before anyone goes on."""
+    error, result = None, None
+    try:
+        result = work()
+    except Exception as caught:
+        error = caught
+    raise_together(error, what, None, device)
+    return result
+
+
+def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module: torch.nn.Module,
+                 optimizers: Sequence[Optimizer], layout: Mapping[str, Any], split: SplitModule,
+                 device: torch.device) -> None:
+    """Write this rank's share of ``checkpoint`` into the sharded checkpoint folder ``path`` (collective: every rank
+    calls it). ``layout`` describes the pipeline; ``split`` is the cut module (its full model's keys, and the
+    sequence's skeleton for hyper-parameters that hold the network)."""
+    target = os.fspath(path)
+    if "://" in target and not target.startswith("file://"):  # every rank sees the same path: all raise alike
+        raise ValueError(f"checkpoint_format='sharded' writes a folder on a local or mounted file system, not "
+                         f"{target!r}; mount the bucket (e.g. s3fs), or use checkpoint_format='full'")
+    target = os.path.abspath(target.removeprefix("file://"))
+    parent, name = os.path.split(target)
+    staging = os.path.join(parent, STAGING, name)
+    rank = dist.get_rank()
+    what = f"writing the sharded checkpoint {target}"
+
+    def prepare() -> dict[str, Any]:
+        if rank == 0:  # what a crash left of an earlier attempt
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
+        names = optimizers_parameter_names(module, optimizers)
+        for index, opt_state in enumerate(checkpoint.get("optimizer_states", [])):
+            state.update(optimizer_entries(index, opt_state, names[index]))
+        return state
+
+    try:
+        state = _together(what, device, prepare) or {}
+        # DCP gathers every rank's failure and raises it on all of them
+        _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split))
+        _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
+    except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_if_empty(os.path.dirname(staging))
+        dist.barrier()  # no rank goes on (to list the folder, say) before it is gone
+        raise
+
+
+def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
+               split: SplitModule) -> None:
+    """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt). Hyper-parameters
+    holding the network (``save_hyperparameters()`` of a ``net``) are kept with a meta copy of the whole sequence in
+    its place, which ``consolidate`` fills with the weights (no rank holds them all)."""
+    write_file(own_entries(checkpoint), os.path.join(staging, f"rank-{rank}.pt"))
+    if rank == 0:
+        meta = {key: value for key, value in checkpoint.items()
+                if key in SHARED_ENTRIES and key not in ("state_dict", "optimizer_states")}
+        if "optimizer_states" in checkpoint:
+            meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
+        meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
+                             "state_keys": list(split.state_keys)}
+        if meta.get(HPARAMS_KEY) is not None and split.proxy is not None:
+            hparams, whole = hparams_with_skeleton(meta[HPARAMS_KEY], split.proxy, split.skeleton, split.path)
+            if whole is not None:
+                meta[HPARAMS_KEY] = hparams
+                meta[SHARDED_KEY]["hparams_sequence"] = (split.path, whole)  # one pickle: hparams refer to it
+        write_file(meta, os.path.join(staging, META_FILE))
+
+
+def _publish(staging: str, target: str) -> None:
+    """Rename the written folder into place; an older checkpoint there is moved aside first and deleted after."""
+    _fsync_dir(staging)
+    aside = None
+    if os.path.lexists(target):
+        aside = f"{staging}.previous"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+    os.replace(staging, target)
+    _fsync_dir(os.path.dirname(target))
+    if aside is not None:
+        shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
+    _remove_if_empty(os.path.dirname(staging))
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty (another checkpoint being written), or gone
+        pass
+
+
+def _fsync_dir(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys: Iterable[str]) -> dict[str, Any]:
+    """Lightning's checkpoint dict of a sharded folder, without weights and optimizer states (which
+    :func:`load_sharded_weights` and :func:`load_sharded_optimizers` read), for this rank: its own ``rank-<r>.pt`` on
+    the layout that wrote it, else the ranks' callback states merged (entries named after the model's tensors only for
+    those in ``local_keys``)."""
+    path = os.fspath(path)
+    checkpoint = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=False)
+    written = checkpoint[SHARDED_KEY]
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if written["layout"] == dict(layout) and written["world_size"] == world_size:
+        checkpoint.update(torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False))
+    else:
+        merge = CallbackMerge(written["state_keys"], local_keys)
+        for other in range(written["world_size"]):  # one rank's file at a time
+            merge.add(torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False))
+        merge.into(checkpoint)
+    if "optimizer_param_groups" in checkpoint:
+        checkpoint["optimizer_states"] = []  # Lightning asks for the key; load_sharded_optimizers fills them
+    return checkpoint
+
+
+def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
+    """Load this rank's weights of ``module`` (cut: its share, with the full model's names) from the folder, in place
+    (collective: every rank calls it)."""
+    reader = FileSystemReader(os.fspath(path))
+    saved = reader.read_metadata().state_dict_metadata
+    state = {f"{MODEL}{key}": value for key, value in module.state_dict(keep_vars=True).items()}
+    missing = [key[len(MODEL):] for key in state if key not in saved]
+    if missing and strict:
+        raise RuntimeError(f"the sharded checkpoint {os.fspath(path)} does not match {type(module).__name__}: it has no "
+                           f"{missing[:10]}; load it into the module that wrote it, or pass strict_loading=False")
+    state = {key: value.data for key, value in state.items() if key in saved}
+    dcp.load(state, storage_reader=reader)
+
+
+def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, optimizers: Sequence[Optimizer],
+                            param_groups: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+    """Give each optimizer of this rank the state of its parameters from the folder (collective)."""
+    reader = FileSystemReader(os.fspath(path))
+    saved = reader.read_metadata().state_dict_metadata
+
+    def read(keys: list[str]) -> dict[str, Any]:
+        wanted = {key: torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
+                  if isinstance(saved[key], TensorStorageMetadata) else None for key in keys}
+        dcp.load(wanted, storage_reader=reader)
+        return wanted
+
+    load_named_optimizers([key for key in saved if key.startswith(OPTIM)], read, module, optimizers, param_groups)
+
+
+def load_named_optimizers(keys: Iterable[str], read: Callable[[list[str]], Mapping[str, Any]], module: torch.nn.Module,
+                          optimizers: Sequence[Optimizer], param_groups: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+    """Give each optimizer the state of its parameters, from entries named as :func:`optimizer_entries` names them:
+    ``keys`` are all there are, ``read(keys)`` returns the values of those this rank needs (once, every rank alike)."""
+    if len(param_groups) != len(optimizers):
+        raise ValueError(f"the checkpoint has {len(param_groups)} optimizers' states, configure_optimizers returns "
+                         f"{len(optimizers)}; resume with the module's own configure_optimizers")
+    by_param: dict[tuple[int, str], list[str]] = {}  # (optimizer, parameter name) -> its state's entries
+    for key in keys:
+        index, rest = key[len(OPTIM):].split("/", 1)
+        name, entry = rest.rsplit("/", 1)
+        by_param.setdefault((int(index), name), []).append(entry)
+    names = parameter_names(module)
+    wanted: list[str] = []
+    layouts = []
+    for index, optimizer in enumerate(optimizers):
+        if len(param_groups[index]) != len(optimizer.param_groups):
+            raise ValueError(f"optimizer {index} has {len(optimizer.param_groups)} parameter groups on this rank, the "
+                             f"checkpoint's has {len(param_groups[index])}: every rank's configure_optimizers must "
+                             f"make the same groups (an empty group is fine)")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        entries: dict[int, str] = {}
+        for number, param in enumerate(params):
+            name = next((n for n in names.get(id(param), []) if (index, n) in by_param), None)
+            if name is not None:
+                entries[number] = name
+                wanted.extend(f"{OPTIM}{index}/{name}/{entry}" for entry in by_param[(index, name)])
+        layouts.append(entries)
+    values = read(wanted)
+    for index, (optimizer, entries) in enumerate(zip(optimizers, layouts)):
+        state = {number: {entry: values[f"{OPTIM}{index}/{name}/{entry}"] for entry in by_param[(index, name)]}
+                 for number, name in entries.items()}
+        groups, first = [], 0
+        for saved_group, group in zip(param_groups[index], optimizer.param_groups):
+            groups.append({**saved_group, "params": list(range(first, first + len(group["params"])))})
+            first += len(group["params"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})

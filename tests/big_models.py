@@ -1,0 +1,121 @@
+"""LightningModules for the tests of models bigger than one device: built in configure_model() or on the meta device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["LazyRegressor", "Scale", "ScaledRegressor", "EMA", "NotedRegressor", "materialized_like_pipeline"]
+
+
+class LazyRegressor(L.LightningModule):
+    """An MLP whose layers are built in ``configure_model()`` (on the meta device under PipelineStrategy); Adam and a
+    step LR scheduler, and optionally dropout, so that a resume must restore optimizer, scheduler and random state."""
+
+    def __init__(self, num_layers: int = 8, width: int = 16, lr: float = 0.02, dropout: float = 0.0,
+                 noise: float = 0.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layers: nn.Sequential | None = None
+
+    def configure_model(self) -> None:
+        if self.layers is not None:
+            return
+        width, dropout = self.hparams.width, self.hparams.dropout
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Dropout(dropout))
+                                      for _ in range(self.hparams.num_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.layers is not None
+        return self.layers(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x) + self.hparams.noise * torch.randn_like(y), y)  # noise: the step code's randomness
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Scale(nn.Module):
+    """A layer without ``reset_parameters()``: built on the meta device, only a checkpoint can give it values."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class ScaledRegressor(LazyRegressor):
+    """LazyRegressor with a Scale after every Linear, built in ``__init__``."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__(num_layers=4, width=width)
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), Scale(width), nn.Tanh())
+                                      for _ in range(4)])
+
+
+class EMA(Callback):
+    """Shadow weights (an exponential moving average) of this rank's parameters, kept in the callback's state."""
+
+    def __init__(self, decay: float = 0.5) -> None:
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        for name, param in module.named_parameters():
+            value = param.detach().clone()
+            self.shadow[name] = value if name not in self.shadow else self.decay * self.shadow[name] + (
+                1 - self.decay) * value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = dict(state["shadow"])
+
+
+def materialized_like_pipeline(module: nn.Module, seed: int) -> nn.Module:
+    """``module`` (layers on the meta device) with the values PipelineStrategy's materialization gives them on any
+    layout, here on one device: the reference a pipelined run of a meta-built module is compared with."""
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from lightning_pipe.strategy.split import find_sequence
+
+    _, sequence = find_sequence(module)
+    LocalMaterializer(module, sequence, torch.device("cpu"), seed)([sequence])
+    return module
+
+
+class NotedRegressor(LazyRegressor):
+    """LazyRegressor whose ``on_save_checkpoint`` adds an entry that differs on every rank, and which records what
+    ``on_load_checkpoint`` gave it back."""
+
+    def __init__(self) -> None:
+        super().__init__(noise=0.01)
+        self.loaded_note: str | None = None
+        self.draws: list[tuple[float, float, float]] = []
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stage_note"] = f"written by rank {self.global_rank}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_note = checkpoint.get("stage_note")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        import random
+
+        import numpy
+
+        # user code drawing from the global generators (of this rank: they differ between ranks)
+        self.draws.append((torch.rand(1).item(), random.random(), float(numpy.random.rand())))

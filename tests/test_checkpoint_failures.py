@@ -1,0 +1,96 @@
+"""A checkpoint that cannot be written (a full disk on one rank): every rank raises the real cause, and the previous
+checkpoint stays intact and resumes exactly; each rank's on_save_checkpoint extras and global generators' states come
+back to it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+SEED = 11
+
+
+def _trainer(checkpoint_format: str, **options: Any) -> Any:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0}
+    return L.Trainer(strategy=PipelineStrategy(num_microbatches=2, checkpoint_format=checkpoint_format),
+                     accelerator="cpu", devices=4, **{**defaults, **options})
+
+
+def _full_disk(calls: list[int], original: Any) -> Any:
+    """``original``, failing at its second call as a full disk does."""
+    def write(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "patched writer")
+        return original(*args, **kwargs)
+
+    return write
+
+
+def _fit_until_the_disk_is_full(rank: int, world_size: int, tmp: str, checkpoint_format: str) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_pipe  # noqa: F401
+    import lightning_pipe.strategy.sharded as sharded
+    from tests.big_models import NotedRegressor
+    from tests.lightning_models import regression_data
+
+    folder = os.path.join(tmp, checkpoint_format)
+    L.seed_everything(SEED)
+    checkpointing = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1)
+    trainer = _trainer(checkpoint_format, max_steps=3, callbacks=[checkpointing], enable_checkpointing=True)
+    calls = [0]
+    original = sharded.write_file
+    if checkpoint_format == "sharded" and rank == 2:  # rank 2's own file, at the second checkpoint
+        sharded.write_file = _full_disk(calls, original)
+    elif checkpoint_format == "full" and rank == 0:  # the one file global rank 0 writes, at the second checkpoint
+        trainer.strategy.checkpoint_io.save_checkpoint = _full_disk(calls, trainer.strategy.checkpoint_io.save_checkpoint)
+    try:
+        trainer.fit(NotedRegressor(), regression_data(3))
+        message = "no error"
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+    finally:
+        sharded.write_file = original
+    files = sorted(os.listdir(folder))
+    L.seed_everything(SEED)
+    resumed = NotedRegressor()
+    _trainer(checkpoint_format, max_steps=2).fit(resumed, regression_data(3),
+                                                 ckpt_path=os.path.join(folder, "epoch=0-step=1.ckpt"))
+    L.seed_everything(SEED)
+    uninterrupted = NotedRegressor()
+    _trainer(checkpoint_format, max_steps=2).fit(uninterrupted, regression_data(3))
+    return {"message": message, "files": files, "resumed": resumed.state_dict(), "note": resumed.loaded_note,
+            "uninterrupted": uninterrupted.state_dict(), "draws": (resumed.draws, uninterrupted.draws)}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])
+def test_a_full_disk_fails_every_rank_and_keeps_the_previous_checkpoint(checkpoint_format: str,
+                                                                         tmp_path: Path) -> None:
+    results = run_ranks(_fit_until_the_disk_is_full, 4, str(tmp_path), checkpoint_format, timeout=200)
+    failed = 2 if checkpoint_format == "sharded" else 0
+    for rank, result in enumerate(results):
+        assert "No space left on device" in result["message"], result["message"]
+        if rank != failed:
+            assert f"failed on rank(s) [{failed}]" in result["message"], result["message"]
+        # the second checkpoint was never published, nothing half-written is left beside the first
+        assert result["files"] == ["epoch=0-step=1.ckpt"], result["files"]
+        for key, value in result["uninterrupted"].items():
+            torch.testing.assert_close(result["resumed"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        assert result["note"] == f"written by rank {rank}", result["note"]  # each rank's extras come back to it
+        resumed, uninterrupted = result["draws"]  # the global generators continue as in the uninterrupted run
+        assert len(resumed) == 1 and len(uninterrupted) == 2 and resumed[0] == uninterrupted[1], result["draws"]

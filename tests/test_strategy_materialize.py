@@ -1,0 +1,149 @@
+"""Models built on the meta device (configure_model, Trainer.init_module(empty_init=True)): each rank materializes only
+its own stages, and training equals one device's from the same initial weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+SEED = 1234
+
+
+def _trainer(devices: int, **options: Any) -> Any:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    strategy = options.pop("strategy", None) or PipelineStrategy(schedule="1f1b", num_microbatches=2)
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0, "max_steps": 3}
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, **{**defaults, **options})
+
+
+def _local_names(trainer: Any) -> list[str]:
+    return sorted({name.rsplit(".", 1)[0] for name in trainer.lightning_module.state_dict()})
+
+
+def _fit_meta(rank: int, world_size: int) -> dict[str, Any]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import LazyRegressor
+    from tests.lightning_models import TiedLM, regression_data, token_data
+
+    L.seed_everything(SEED)
+    lazy = LazyRegressor()  # its layers are built in configure_model(), on the meta device
+    trainer = _trainer(world_size)
+    materialized: list[str] = []
+    original = trainer.strategy._build
+
+    def build(module: Any, trainer_: Any) -> None:
+        original(module, trainer_)
+        materialized.extend(trainer.strategy._materializer.materialized)
+
+    trainer.strategy._build = build
+    trainer.fit(lazy, regression_data(3))
+    tied_trainer = _trainer(world_size, max_steps=2)
+    with tied_trainer.init_module(empty_init=True):
+        tied = TiedLM()
+    meta = all(p.is_meta for p in tied.parameters())
+    tied_trainer.fit(tied, token_data(2))
+    return {"lazy": lazy.state_dict(), "tied": tied.state_dict(), "materialized": materialized,
+            "local": _local_names(trainer), "built_on_meta": meta}
+
+
+def _one_device(make: Any, data: Any, max_steps: int) -> dict[str, torch.Tensor]:
+    import lightning as L
+
+    from tests.big_models import materialized_like_pipeline
+
+    with torch.device("meta"):
+        model = make()
+        model.configure_model()
+    materialized_like_pipeline(model, SEED)
+    L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(model, data)
+    return model.state_dict()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_meta_built_models_train_like_one_device(world_size: int) -> None:
+    """configure_model() and init_module(empty_init=True) (a tied embedding and head): each rank materializes only its
+    layers, the initial weights do not depend on the layout, and the trained weights equal one device's (1e-5)
+    started from the same initial weights."""
+    from tests.big_models import LazyRegressor
+    from tests.lightning_models import TiedLM, regression_data, token_data
+
+    results = run_ranks(_fit_meta, world_size, timeout=200)
+    expected = {"lazy": _one_device(LazyRegressor, regression_data(3), 3),
+                "tied": _one_device(TiedLM, token_data(2), 2)}
+    for name, reference in expected.items():
+        got: dict[str, torch.Tensor] = {}
+        for result in results:
+            got.update(result[name])
+        assert got.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+    for result in results:
+        assert result["built_on_meta"]
+        assert result["materialized"], "nothing was materialized"
+        for name in result["materialized"]:  # only this rank's layers got storage
+            assert any(name == local or name.startswith(f"{local}.") or local.startswith(f"{name}.")
+                       for local in result["local"]), (name, result["local"])
+    assert len(results[0]["local"]) < 8
+
+
+def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import ScaledRegressor
+    from tests.lightning_models import OutsideParameters, regression_data
+
+    L.seed_everything(SEED)
+    # the same layers, loaded from a checkpoint of an eager build: trains as the eager build does
+    eager = ScaledRegressor()
+    with torch.no_grad():
+        for param in eager.parameters():
+            param.add_(0.1)
+    checkpointing = _trainer(world_size, max_steps=1)
+    checkpointing.fit(eager, regression_data(2))
+    path = f"{tmp}/eager.ckpt"
+    checkpointing.save_checkpoint(path)
+    eager_resumed = ScaledRegressor()
+    _trainer(world_size, max_steps=2).fit(eager_resumed, regression_data(2), ckpt_path=path)
+    trainer = _trainer(world_size, max_steps=2)
+    with trainer.init_module(empty_init=True):
+        meta_resumed = ScaledRegressor()
+    trainer.fit(meta_resumed, regression_data(2), ckpt_path=path)
+    messages = []  # last: a failure inside a step leaves the ranks unable to run another fit together
+    for make in (ScaledRegressor, OutsideParameters):
+        trainer = _trainer(world_size, max_steps=1)
+        with trainer.init_module(empty_init=True):
+            model = make()
+        try:
+            trainer.fit(model, regression_data(2))
+            messages.append("no error")
+        except Exception as error:
+            messages.append(f"{type(error).__name__}: {error}")
+    return {"messages": messages, "eager": eager_resumed.state_dict(), "meta": meta_resumed.state_dict()}
+
+
+@pytest.mark.timeout(200)
+def test_meta_tensors_nothing_initializes_need_a_checkpoint(tmp_path: Path) -> None:
+    """A layer without reset_parameters() built on the meta device: a clear error on every rank, unless a checkpoint
+    gives its values (then training equals the eagerly built module's); trainable parameters outside the sequence
+    still get their error."""
+    results = run_ranks(_uninitialized, 2, str(tmp_path), timeout=160)
+    for result in results:
+        first, outside = result["messages"]
+        assert ".1.gain' (Scale)" in first and "nothing initialized them" in first and "reset_parameters()" in first and "ckpt_path" in first, first
+        assert "parameters outside the sequence that require grad (embed.weight" in outside, outside
+        for key, value in result["eager"].items():
+            torch.testing.assert_close(result["meta"][key], value, rtol=0, atol=0, msg=key)
