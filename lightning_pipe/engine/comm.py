@@ -18,7 +18,11 @@ Failures: a rank that fails posts its error, as text, to the store (:mod:`.notic
 (same size as the message the peer expects next) to each peer it still owed one, so that a neighbour waiting on it
 raises that error and passes it on. gloo's waits block (its ``is_completed`` says nothing before ``wait``): a peer
 that went away surfaces as a lost connection, which then reads the error from the store. NCCL's waits poll their
-work and the store.
+work and the store. Every wait has a deadline, :attr:`Communicator.wait_timeout` (gloo: the wait's own timeout, which
+also closes the group's connections, so the peers waiting on this rank learn of it at once; NCCL: the poll's). A
+wait that runs out, or a connection that closes with no error posted, is explained from the ranks' heartbeats
+(:mod:`.watchdog`): the error names the rank that stopped answering, made no progress or is gone, and the message
+this rank waited for ("rank 1 waited 300 s for rank 2's activation of micro-batch 3 (2F3)").
 
 Modes. ``strict=True`` (or ``LIGHTNING_PIPE_STRICT_P2P=1``) emulates NCCL's stream on gloo: a group is issued only
 once the one before it has completed, its sends included, so that an order NCCL would deadlock on deadlocks on CPU
@@ -36,6 +40,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -44,6 +49,7 @@ import torch.distributed as dist
 from . import wire
 from .notices import FailureBoard, PipelineError
 from .runtime import next_serial
+from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait, start_heartbeat
 
 __all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 
@@ -85,15 +91,21 @@ class Communicator:
         ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.size))
         serial = next_serial(("p2p", ranks))
         self.prefix = f"lightning_pipe/p2p/{'-'.join(map(str, ranks))}/{serial}"
-        self.board = FailureBoard(self.prefix, self.size)
+        self.board = FailureBoard(self.prefix, self.size, ranks)
         self.error_grace_s = 5.0  # how long a failing rank waits for its peers to take its error messages
+        self.wait_timeout = DEFAULT_WAIT_TIMEOUT  # seconds any one wait for peers may last (see the module's doc)
+        # the transfers of the step being exchanged (:class:`~.schedules.transfers.Transfer`), which the executor sets:
+        # what a wait that runs out says it waited for
+        self.awaiting: Sequence[Any] = ()
+        self._global = ranks
         self.failed: PipelineError | None = None
         self.messages_sent = 0  # on the ordered wire: one per transfer (tests and benchmarks read it)
         self._sent: dict[tuple[int, Hashable], _Channel] = {}
         self._received: dict[tuple[int, Hashable], _Channel] = {}
         self._side_out: dict[int, int] = defaultdict(int)
         self._side_in: dict[int, int] = defaultdict(int)
-        self._pending: list[tuple[dist.Work, Any, Hashable]] = []  # sends not known to have completed, and labels
+        self._pending: list[tuple[dist.Work, Any, tuple[int, ...], Hashable]] = []  # sends not known to have
+        # completed: work, message, peers, label
         self._staged: deque[tuple[Any, torch.Tensor, int, Hashable]] = deque()  # gloo + CUDA: sends whose copy to the
         # host is still running (event, message, dst, label)
         self.timeline: list[tuple[str, Any, Any]] | None = None  # CUDA: (what, start event, end event) when recording
@@ -107,6 +119,7 @@ class Communicator:
         if self.nccl:
             # Batched point-to-point runs on the group's device communicator, which all ranks must create together.
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+        start_heartbeat()
 
     # -- one step ---------------------------------------------------------------------------------
     def exchange(self, sends: Sequence[tuple[Any, int, Hashable]], recvs: Sequence[tuple[int, Hashable]],
@@ -174,7 +187,7 @@ class Communicator:
         else:  # nothing expected (a direct send/recv): post it now
             buffer = self._buffer(self._state(self._received, src, channel).capacity)
             work = dist.irecv(buffer, group=self.group, group_src=src)
-        self._wait([work], [src])
+        self._wait([work], [src], channel=channel)
         tree = self._unpack(src, channel, buffer)
         self._pump(src)
         return tree
@@ -287,7 +300,8 @@ class Communicator:
                 works = dist.batch_isend_irecv(ops)
             if out:  # the group's works cover its sends: keep their messages alive until they complete
                 labels = frozenset(label for *_, label in out)
-                self._pending.extend((work, tuple(buf for _, buf, _ in out), labels) for work in works)
+                dsts = tuple(sorted({dst for dst, _, _ in out}))
+                self._pending.extend((work, tuple(buf for _, buf, _ in out), dsts, labels) for work in works)
             return works
         if self.cuda and not self.strict:  # gloo + CUDA: a send leaves once its copy to the host is done
             for dst, buf, label in out:
@@ -299,29 +313,37 @@ class Communicator:
             if self.cuda and out:
                 self._comm_stream.synchronize()
             for dst, buf, label in out:
-                self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, label))
+                self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, (dst,), label))
         return [dist.irecv(buf, group=self.group, group_src=src) for src, buf in into]
 
     def _release_staged(self, block: bool) -> None:
         while self._staged and (block or self._staged[0][0].query()):
             event, buf, dst, label = self._staged.popleft()
             event.synchronize()
-            self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, label))
+            self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, (dst,), label))
 
     # -- waiting ----------------------------------------------------------------------------------
-    def _wait(self, works: list[dist.Work], peers: list[int]) -> None:
+    def _wait(self, works: list[dist.Work], peers: list[int], sends: Sequence[Any] = (),
+              channel: Hashable | None = None) -> None:
+        """Wait for ``works`` (receives from ``peers``, or with ``sends`` the labels of sends to them), within
+        :attr:`wait_timeout`; a failure or a wait that runs out raises the :class:`PipelineError` that explains it."""
         self._release_staged(block=True)  # never wait on a peer while holding back a send
+        start = time.monotonic()
+        awaited = _Awaited(self, peers, sends, channel)
+        activity.doing(awaited, tuple(self._global[p] for p in peers))
         if self.nccl:
-            self._poll(works)
+            self._poll(works, awaited, start)
+        deadline = start + self.wait_timeout
         for work in works:
             try:
-                work.wait()
+                work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
             except RuntimeError as error:
-                raise self._lost(error, peers) from error
+                raise self._lost(error, awaited, start) from error
 
-    def _poll(self, works: list[dist.Work]) -> None:
+    def _poll(self, works: list[dist.Work], awaited: _Awaited, start: float) -> None:
         """NCCL: wait for ``works`` without blocking in them, reading the store now and then for a failure."""
         pause, last_check = 0.0, time.monotonic()
+        deadline = start + self.wait_timeout
         while not all(work.is_completed() for work in works):
             time.sleep(pause)
             pause = min(1e-3, pause * 2 or 2e-5)
@@ -331,18 +353,17 @@ class Communicator:
                 if error is not None:
                     self.failed = error
                     raise error
+                if last_check > deadline:
+                    raise self._lost(_TimedOut(f"timed out after {self.wait_timeout:.0f} s"), awaited, start)
 
     def _wait_sends(self, skip: frozenset | set = frozenset()) -> None:
         self._release_staged(block=True)
-        pending = [entry for entry in self._pending if not self._skipped(entry[2], skip)]
-        self._pending = [entry for entry in self._pending if self._skipped(entry[2], skip)]
-        if self.nccl:
-            self._poll([work for work, _, _ in pending])
-        for work, _, _ in pending:
-            try:
-                work.wait()
-            except RuntimeError as error:
-                raise self._lost(error, []) from error
+        pending = [entry for entry in self._pending if not self._skipped(entry[3], skip)]
+        self._pending = [entry for entry in self._pending if self._skipped(entry[3], skip)]
+        if not pending:
+            return
+        peers = sorted({dst for _, _, dsts, _ in pending for dst in dsts})
+        self._wait([work for work, *_ in pending], peers, [label for *_, label in pending])
 
     @staticmethod
     def _skipped(label: Any, skip: frozenset | set) -> bool:
@@ -350,15 +371,26 @@ class Communicator:
             return bool(label & skip)
         return label in skip
 
-    def _lost(self, error: RuntimeError, peers: list[int]) -> PipelineError:
-        """The error to raise for a connection that broke: the failure that broke it, if a rank posted one."""
-        posted = self.board.read(wait=2.0)
+    def _lost(self, error: RuntimeError, awaited: _Awaited, start: float) -> PipelineError:
+        """The error to raise for a wait that failed: the failure a rank posted, if any; else what the ranks'
+        heartbeats say of the peers this rank waited for (:func:`~.watchdog.explain_wait`)."""
+        timed_out = isinstance(error, _TimedOut) or "timed out" in str(error).lower()
+        if timed_out:
+            arm_exit_guard()  # what torch still waits for must not hold this process's exit
+        posted = self.board.read(wait=0.5 if timed_out else 1.0)
         if posted is None:
-            who = f"rank {peers[0]}" if len(peers) == 1 else "a peer"
-            posted = PipelineError(f"rank {self.rank} lost its connection to {who} ({error}); {who} probably failed "
-                                   f"or was killed: see its output", origin_rank=peers[0] if len(peers) == 1 else -1)
+            me = self._global[self.rank]
+            message, root = explain_wait(me, [self._global[p] for p in awaited.peers] or list(self._global),
+                                         str(awaited), time.monotonic() - start, lost=not timed_out,
+                                         interrupt=self.board.posted)
+            if not timed_out:
+                message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            posted = self.board.read() or PipelineError(message, self._group_rank(root))
         self.failed = posted
         return posted
+
+    def _group_rank(self, global_rank: int) -> int:
+        return self._global.index(global_rank) if global_rank in self._global else -1
 
     # -- receiving --------------------------------------------------------------------------------
     def _head(self, buffer: torch.Tensor, start: int, length: int) -> bytes:
@@ -486,6 +518,46 @@ class Communicator:
         if send:
             return dist.isend(buf, group=self.group, group_dst=peer)
         return dist.irecv(buf, group=self.group, group_src=peer)
+
+
+class _TimedOut(RuntimeError):
+    """A wait that ran past :attr:`Communicator.wait_timeout` (NCCL's polls; gloo raises its own)."""
+
+
+class _Awaited:
+    """What a wait waits for, in words when asked (a heartbeat or an error: never on the way of a message)."""
+
+    __slots__ = ("comm", "peers", "sends", "channel")
+
+    def __init__(self, comm: Communicator, peers: list[int], sends: Sequence[Any], channel: Hashable | None) -> None:
+        self.comm, self.peers, self.sends, self.channel = comm, peers, sends, channel
+
+    def __str__(self) -> str:
+        ranks = self.comm._global
+        if self.sends:
+            labels = sorted({str(_label(item)) for label in self.sends
+                             for item in (label if isinstance(label, frozenset) else [label])})
+            who = " and ".join(f"rank {ranks[p]}" for p in self.peers)
+            return f"{who} to take its message{'s' if len(labels) > 1 else ''} {', '.join(labels)}"
+        parts = []
+        for peer in self.peers:
+            transfer = next((t for t in self.comm.awaiting if t.src == peer
+                             and (self.channel is None or t.channel == self.channel)), None)
+            if transfer is None:
+                parts.append(f"a message from rank {ranks[peer]}"
+                             + (f" on channel {self.channel!r}" if self.channel is not None else ""))
+            else:
+                kind = "activation" if transfer.kind == "F" else "gradient"
+                parts.append(f"rank {ranks[peer]}'s {kind} of micro-batch {transfer.microbatch} "
+                             f"({transfer.stage}{transfer.kind}{transfer.microbatch})")
+        return " and ".join(parts) or "a peer"
+
+
+def _label(label: Any) -> str:
+    if isinstance(label, tuple) and len(label) == 3:
+        kind, stage, microbatch = label
+        return f"{stage}{kind}{microbatch}"
+    return str(label)
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

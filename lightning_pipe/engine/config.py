@@ -10,6 +10,7 @@ from typing import Any
 from .cut import Partition
 from .schedules import SCHEDULES, ScheduleKind, schedule_kind
 from .schedules.replicated import REPLICATED_SCHEDULES, check_replicas
+from .watchdog import DEFAULT_WAIT_TIMEOUT
 
 __all__ = ["PipelineConfig"]
 
@@ -41,9 +42,24 @@ class PipelineConfig:
     """Batch norms update their running statistics once per step, with the whole batch's statistics, and never in a
     recomputation (GPipe's deferred batch norm, :mod:`.batchnorm`); ``False`` leaves them plain: each micro-batch's
     forward updates them, and a re-materialized forward a second time."""
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    """Seconds any one wait for another rank (a message, a step's collective) may last before it fails with an error
+    that names the rank that stopped answering and what was awaited (:mod:`.watchdog`)."""
+    detect_anomaly: bool = False
+    """Check every step for a non-finite loss or gradient, and fail on every rank with the step, micro-batch and
+    stage where it first appeared (:mod:`.anomaly`); synchronous schedules."""
 
     def __post_init__(self) -> None:
         kind = self.kind  # an unknown schedule fails here
+        if isinstance(self.wait_timeout, bool) or not isinstance(self.wait_timeout, (int, float)) \
+                or not self.wait_timeout > 0:
+            raise ValueError(f"wait_timeout must be a number of seconds > 0 (e.g. 300), got {self.wait_timeout!r}")
+        object.__setattr__(self, "wait_timeout", float(self.wait_timeout))
+        object.__setattr__(self, "detect_anomaly", bool(self.detect_anomaly))
+        if self.detect_anomaly and kind.asynchronous:
+            raise ValueError(f"detect_anomaly=True checks each step's gradients before the optimizer steps, which "
+                             f"schedule {self.schedule!r} does inside the pipeline; use a synchronous schedule or turn "
+                             f"detect_anomaly off")
         if isinstance(self.num_microbatches, bool) or not isinstance(self.num_microbatches, int) \
                 or self.num_microbatches < 1:
             raise ValueError(f"num_microbatches must be a positive integer, got {self.num_microbatches!r}")

@@ -26,6 +26,7 @@ from .schedules.replicated import replica_ranks, replicated, replicated_forward_
 from .schedules.transfers import CommPlan, Step, carried_out, comm_plan, shift
 from .stage import PipelineStage
 from .trace import Record
+from .watchdog import activity, arm_exit_guard
 
 __all__ = ["Pipeline", "default_input_fn"]
 
@@ -153,6 +154,10 @@ class Pipeline:
         if self.asynchronous:
             self._setup_async(plan, checkpoint_activations)
         self.comm = Communicator(self.group, self.device, strict=strict_p2p)
+        self.comm.wait_timeout = config.wait_timeout
+        self.detect_anomaly = config.detect_anomaly
+        self.train_steps = 0  # synchronous training steps taken (names the step where an anomaly appeared)
+        self.step_name: str | None = None  # how errors name the current training step (a strategy may set it)
         # On CUDA, record=True also times the GPU's work: compute on its stream, packing on the communication stream.
         self._cuda_spans: list[tuple[str, str, Any, Any]] | None = [] if record and self.device.type == "cuda" else None
         if self._cuda_spans is not None:
@@ -267,6 +272,7 @@ class Pipeline:
             return self._train_step_async(microbatches, loss_scale, optimizer_step, seed)
         self._batch_seeds = [(0, len(microbatches), seed)]
         plan = self.schedule_for(len(microbatches))
+        self.train_steps += 1
         if self._replica_sum is None:
             losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale)
         else:  # each replica of this stage ran some micro-batches: the gradients are their sum
@@ -392,6 +398,7 @@ class Pipeline:
                         self._record_step(step, start, clock())
                 if step.action is not None:
                     where, issued = f"in {step.action}", index + 1
+                    activity.doing(step.action)  # what this rank's heartbeat says it does
                     start = clock() if clock else 0.0
                     if self._cuda_spans is not None:
                         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -405,6 +412,7 @@ class Pipeline:
             # Asynchronous phases leave their last messages to the next one, where they are received.
             comm_plan_ = self.comm_plan(plan, carried_in)
             self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in comm_plan_.leaving})
+            activity.doing(_BETWEEN_STEPS)
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
             self._abort(steps, issued, str(error), error.origin_rank)
             raise
@@ -426,6 +434,8 @@ class Pipeline:
     def _abort(self, steps: tuple[Step, ...], issued: int, message: str, origin_rank: int) -> None:
         """Tell the peers this rank still owed a message (they may be waiting for it), take the message a peer may be
         blocked sending, let the store's holder wait for the others to read the error, and drop this step's state."""
+        activity.doing("ending after a failure")
+        arm_exit_guard()  # receives posted to peers that are gone never complete: they must not hold the exit
         owed: dict[int, Any] = {}
         expected: dict[int, Any] = {}
         for step in steps[issued:]:
@@ -511,6 +521,8 @@ class Pipeline:
         """Most weight copies this rank has held at once besides the live ones (asynchronous schedules)."""
         return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
 
+
+_BETWEEN_STEPS = "its own code between two pipeline steps"
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
 

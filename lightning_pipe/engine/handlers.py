@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .anomaly import check_finite, check_gradients
 from .comm import Communicator
 from .schedules import Action, Op, Schedule
 from .schedules.transfers import Step
@@ -30,6 +31,9 @@ class RankView(Protocol):
     vertical_sync: bool
     update_every_microbatch: bool
     optimizer_step_fn: Callable[[], Any]
+    detect_anomaly: bool
+    step_name: str | None
+    train_steps: int
 
     def version_for(self, stage_index: int, microbatch_id: int) -> int: ...
 
@@ -64,6 +68,11 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
     stages, to_rank, last = pipe.stages, plan.rank_of, pipe.num_stages - 1
     first_id, vertical_sync = state.first_id, pipe.vertical_sync
     grad_weights = [1.0] * len(state.weights) if pipe.update_every_microbatch else state.weights
+    anomaly = pipe.detect_anomaly and training
+    step_name = pipe.step_name or f"training step {pipe.train_steps - 1} of this pipeline"
+
+    def where(index: int, mb: int) -> str:
+        return f"stage {index}, micro-batch {mb} of {step_name} (rank {pipe.rank})"
 
     def forward(action: Action) -> None:
         index, _, mb = action
@@ -79,9 +88,13 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
         if stage.versions is not None and training and version is None:
             version = pipe.version_for(index, first_id + mb)
         output = stage.forward(first_id + mb, inputs, version, seed=pipe.forward_seed(index, first_id + mb))
+        if anomaly:
+            check_finite(output, f"the output of stage {index}'s forward", where(index, mb))
         if index == last:
             if pipe.loss_fn is not None:
                 loss = pipe.loss_fn(output, state.microbatches[mb])
+                if anomaly:
+                    check_finite(loss, "the loss", where(index, mb))
                 if training:
                     scale = grad_weights[mb] * state.loss_scale
                     stage.hold(first_id + mb, loss * scale if scale != 1.0 else loss)
@@ -104,6 +117,11 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
             input_grads = stage.backward(first_id + mb, grads)
         else:
             input_grads = stage.backward_input(first_id + mb, grads)
+        if anomaly:
+            if op is Op.BACKWARD:
+                check_gradients(stage.module.named_parameters(), where(index, mb))
+            if index > 0:
+                check_finite(input_grads, f"the gradient of stage {index}'s input", where(index, mb))
         if index == 0:
             return
         if to_rank(index - 1, mb) == pipe.rank:
@@ -113,6 +131,8 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
 
     def backward_weight(action: Action) -> None:
         stages[action.stage].backward_weight(first_id + action.microbatch)
+        if anomaly:
+            check_gradients(stages[action.stage].module.named_parameters(), where(action.stage, action.microbatch))
 
     def optimizer_step(action: Action) -> None:
         versions = stages[action.stage].versions
@@ -139,6 +159,7 @@ def make_exchange(pipe: RankView, state: StepState, training: bool) -> Callable[
     def exchange(step: Step) -> None:
         sends = [(state.to_send.pop((t.stage, t.microbatch)), t.dst, t.channel) for t in step.sends]
         labels = [(t.kind, t.stage, first_id + t.microbatch) for t in step.sends]  # global ids (see wait_sends)
+        comm.awaiting = step.recvs  # what a wait that runs out names
         trees = comm.exchange(sends, [(t.src, t.channel) for t in step.recvs], labels)
         if training:
             for t in step.sends:

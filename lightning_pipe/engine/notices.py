@@ -5,16 +5,21 @@ a peer that failed or went away reads it and raises it as its own :class:`Pipeli
 began. Text only: a notice is read, never unpickled or run, whoever wrote it.
 
 The store lives in one process (global rank 0's, unless the launcher's agent holds it); if that rank ended at once,
-the others could no longer read the notice, so it waits a little for them (:meth:`FailureBoard.linger`).
+the others could no longer read the notice, so it waits a little for them (:meth:`FailureBoard.linger`). Notices are
+posted and read through a store client of their own that gives up after a few seconds
+(:func:`~.watchdog.short_store`): if the store's host is stopped, a rank reporting a failure must not wait for it for
+the process group's timeout.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
+
+from .watchdog import linger, mark_failed, short_store
 
 __all__ = ["PipelineError", "FailureBoard"]
 
@@ -38,28 +43,31 @@ def default_store() -> Any:
 class FailureBoard:
     """The failure notices of one pipeline (``prefix`` names it alike on every rank), in the job's store."""
 
-    def __init__(self, prefix: str, group_size: int) -> None:
+    def __init__(self, prefix: str, group_size: int, ranks: Sequence[int] | None = None) -> None:
         self.key = f"{prefix}/first_error"
         self.ended_key = f"{prefix}/ended"
         self.group_size = group_size
-        self.store = default_store()
+        self.ranks = list(ranks) if ranks is not None else list(range(group_size))  # the group's global ranks
+        self.store = default_store()  # the process group's own client (the side plane's messages go through it)
+        self.notices = short_store() if self.store is not None else None
 
     def post(self, message: str, origin_rank: int) -> None:
         """Make ``message`` the pipeline's first error unless there is one already; never raises."""
-        if self.store is None:
+        if self.notices is None:
             return
         try:
-            self.store.compare_set(self.key, "", f"{origin_rank}\n{message}")
+            self.notices.compare_set(self.key, "", f"{origin_rank}\n{message}")
+            mark_failed(self.notices, origin_rank, message)
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that held it
             pass
 
     def read(self, wait: float = 0.0) -> PipelineError | None:
         """The pipeline's first error, if one was posted (waiting up to ``wait`` seconds for it)."""
         deadline = time.monotonic() + wait
-        while self.store is not None:
+        while self.notices is not None:
             try:
-                if self.store.check([self.key]):
-                    origin, _, message = self.store.get(self.key).decode("utf-8", "replace").partition("\n")
+                if self.notices.check([self.key]):
+                    origin, _, message = self.notices.get(self.key).decode("utf-8", "replace").partition("\n")
                     return PipelineError(message, int(origin) if origin.lstrip("-").isdigit() else -1)
             except Exception:  # noqa: BLE001 - the store is gone: nothing more to learn from it
                 return None
@@ -68,18 +76,19 @@ class FailureBoard:
             time.sleep(0.02)
         return None
 
+    def posted(self) -> bool:
+        """Whether a notice is there (one quick look; ``False`` if the store does not answer)."""
+        try:
+            return self.notices is not None and bool(self.notices.check([self.key]))
+        except Exception:  # noqa: BLE001 - the store is gone or stopped
+            return False
+
     def linger(self, timeout: float) -> None:
-        """Count this rank as ended; the process that holds the store waits up to ``timeout`` seconds for the others,
-        so that they can still read the notice after it is gone."""
-        if self.store is None:
+        """Count this rank as ended; the process that holds the store waits up to ``timeout`` seconds for the others
+        (not for killed or stopped ones), so that they can still read the notice after it is gone."""
+        if self.notices is None:
             return
         try:
-            ended = self.store.add(self.ended_key, 1)
-            if dist.get_rank() != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                return
-            deadline = time.monotonic() + timeout
-            while ended < self.group_size and time.monotonic() < deadline:
-                time.sleep(0.02)
-                ended = self.store.add(self.ended_key, 0)
-        except Exception:  # noqa: BLE001
+            linger(self.notices, self.ended_key, self.ranks, timeout)
+        except Exception:  # noqa: BLE001 - the store is gone or stopped
             pass

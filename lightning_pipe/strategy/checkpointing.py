@@ -19,6 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lightning_pipe.engine.deadline import explained
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     atomic_save,
@@ -96,6 +97,7 @@ class PipelineCheckpoints:
         return super().lightning_module_state_dict()
 
     @override
+    @explained("writing a checkpoint")  # a rank lost while saving is named, not gloo's closed connection
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         """``checkpoint_format="full"``: gather every stage's share on global rank 0 and write one standard checkpoint
         there (only the first replica's pipeline takes part: replicas hold equal states). ``"sharded"``: every rank

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.comm import PipelineError
+from lightning_pipe.engine.deadline import PeerLost, lost_connection
+from lightning_pipe.engine.watchdog import linger, mark_failed, short_store
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -20,10 +22,9 @@ _PREFIX = "lightning_pipe"
 
 
 def _store() -> Any:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - no process group, or a store we cannot reach: nothing to share through
-        return None
+    """The job's store through a client that gives up after a few seconds (a stopped store host must not hold a
+    failing rank); ``None`` where there is none."""
+    return short_store()
 
 
 def _announce(scope: str, message: str) -> None:
@@ -31,6 +32,7 @@ def _announce(scope: str, message: str) -> None:
     if store is not None:
         try:
             store.compare_set(f"{_PREFIX}/{scope}/first_error", "", f"{dist.get_rank()}\n{message}")  # first wins
+            mark_failed(store, dist.get_rank(), message)
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
             pass
 
@@ -52,29 +54,15 @@ def _first_error(scope: str, wait: float) -> PipelineError | None:
     return None
 
 
-# What gloo and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
-_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
-         "connection was likely closed")
-
-
-def _lost_connection(error: BaseException) -> bool:
-    """Whether ``error`` says a peer went away rather than what went wrong."""
-    return isinstance(error, dist.DistNetworkError) or any(text in str(error).lower() for text in _LOST)
-
-
 def _leave(scope: str) -> None:
     """Count this rank as ended; the rank that hosts the store (global rank 0 under Lightning's launchers) waits up to
-    5 s for the others, so that they can still read the first error after it has ended."""
+    5 s for the others (not for killed or stopped ones), so that they can still read the first error after it has
+    ended."""
     store = _store()
     if store is None:
         return
     try:
-        ended = store.add(f"{_PREFIX}/{scope}/ended", 1)
-        if dist.get_rank() == 0:
-            deadline = time.monotonic() + 5.0
-            while ended < dist.get_world_size() and time.monotonic() < deadline:
-                time.sleep(0.05)
-                ended = store.add(f"{_PREFIX}/{scope}/ended", 0)
+        linger(store, f"{_PREFIX}/{scope}/ended", range(dist.get_world_size()), 5.0)
     except Exception:  # noqa: BLE001 - the store went with the rank that hosted it
         pass
 
@@ -88,11 +76,16 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
     try:
         yield
     except PipelineError as error:
+        if isinstance(error, PeerLost):  # a wait for other ranks failed: a rank's own error, if posted, says more
+            cause = _first_error(scope, wait=1.0)
+            if cause is not None:
+                _leave(scope)
+                raise cause from error
         _announce(scope, str(error))
         _leave(scope)
         raise
     except Exception as error:
-        if _lost_connection(error):
+        if lost_connection(error):
             cause = _first_error(scope, wait=2.0)
             if cause is not None:
                 _leave(scope)

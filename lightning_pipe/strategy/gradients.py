@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lightning_pipe.engine.deadline import collective
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
+
 if TYPE_CHECKING:
     from lightning_pipe.strategy.tied import TiedParameters
 
@@ -70,7 +73,8 @@ class HeldGradients:
 @torch.no_grad()
 def clip_grad_norm_global(parameters: Iterable[nn.Parameter], max_norm: float,
                           counts: Callable[[nn.Parameter], bool] = lambda p: True,
-                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                          group: dist.ProcessGroup | None = None,
+                          timeout: float = DEFAULT_WAIT_TIMEOUT) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the parameters of all ranks of ``group``: returns the global norm.
 
     Every rank scales its gradients by the same factor, computed from the 2-norm of all stages' gradients together
@@ -86,7 +90,8 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter], max_norm: float,
         if counts(p):
             squares += torch.linalg.vector_norm(p.grad, 2.0, dtype=torch.float32).to(device) ** 2
     if dist.is_initialized():
-        dist.all_reduce(squares, group=group)
+        collective(dist.all_reduce, squares, what="the global gradient norm's all_reduce", group=group,
+                   timeout=timeout)
     total = squares.sqrt()
     scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:

@@ -32,6 +32,7 @@ from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.microbatch import split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.asynchronous import (
@@ -112,6 +113,13 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         loss_reduction: how ``training_step``'s loss adds up over the batch's rows: ``"mean"`` (``F.mse_loss``,
             ``F.cross_entropy``), ``"sum"`` (``loss.sum()``: each micro-batch's loss then counts whole), or
             ``"auto"``: the first batch with several micro-batches tells (:mod:`lightning_pipe.strategy.reduction`).
+        wait_timeout: seconds any one of the pipeline's waits for other ranks (a message, the step's collectives) may
+            last; a rank that stops answering (stopped, frozen, looping in user code) then ends every rank with an
+            error naming it and what was awaited (:mod:`lightning_pipe.engine.watchdog`). Default 300; raise it for
+            steps, or work on one rank between steps, that take longer.
+        detect_anomaly: check every forward output, loss and gradient for NaN or infinity, and end training on every
+            rank with the step, micro-batch and stage where one first appeared (synchronous schedules; costs one
+            reduction per tensor checked).
 
     The other arguments are those of Lightning's ``DDPStrategy``. Every process reads the same batches.
 
@@ -173,6 +181,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         split_points: Any = None,
         checkpoint_format: str = "full",
         loss_reduction: str = "auto",
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        detect_anomaly: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -189,8 +199,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, split_points=split_points, checkpoint_format=checkpoint_format,
-            loss_reduction=loss_reduction)
+            profile_cache=profile_cache, split_points=split_points, wait_timeout=wait_timeout,
+            detect_anomaly=detect_anomaly, checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -215,6 +225,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
     profile_cache = property(lambda self: self.settings.profile_cache)
     checkpoint_format = property(lambda self: self.settings.checkpoint_format)
     loss_reduction = property(lambda self: self.settings.loss_reduction)
+    wait_timeout = property(lambda self: self.settings.wait_timeout)
+    detect_anomaly = property(lambda self: self.settings.detect_anomaly)
 
     @property
     def plans_cut(self) -> bool:
@@ -415,9 +427,10 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         assert layers is not None
         if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
             raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
-                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank only "
-                             f"on the nn.Sequential path so far; its model at {layers!r} is captured instead: build it "
-                             f"in __init__ (or init_module(empty_init=False)), or make the layers one nn.Sequential")
+                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank "
+                             f"only on the nn.Sequential path so far; its model at {layers!r} is captured instead: "
+                             f"build it in __init__ (or init_module(empty_init=False)), or make the layers one "
+                             f"nn.Sequential")
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
         captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device())
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
@@ -496,6 +509,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
         trainer = self.lightning_module.trainer
         seed = self._position.step_seed(trainer)
+        self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
             with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
@@ -583,7 +597,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
-        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group)
+        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
+                              self.settings.wait_timeout)
 
     @override
     def teardown(self) -> None:

@@ -8,6 +8,7 @@ that the strategy's tests pin down); :mod:`lightning_pipe.planner.cut_plan` does
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -44,19 +45,20 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
 def plan_on_rank_zero(strategy: Strategy, make: Callable[[], CutPlan]) -> CutPlan:
     """``make()`` on global rank 0, its plan broadcast to every rank; its error raised on every rank (the others
     would otherwise wait for a plan forever)."""
-    outcome: CutPlan | tuple[bool, str] | None = None
+    outcome: dict[str, Any] | None = None  # plain data: the strategy's broadcast sends JSON, never pickles
     failure: Exception | None = None
     if strategy.is_global_zero:
         try:
-            outcome = make()
-            rank_zero_info(f"PipelineStrategy planned the cut:\n{outcome.report}")
+            plan = make()
+            rank_zero_info(f"PipelineStrategy planned the cut:\n{plan.report}")
+            outcome = {"plan": asdict(plan)}
         except Exception as error:  # noqa: BLE001 - the other ranks wait for the plan: tell them why there is none
-            failure, outcome = error, (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
+            failure = error
+            outcome = {"error": [isinstance(error, ValueError), f"{type(error).__name__}: {error}"]}
     shared = strategy.broadcast(outcome)
     if failure is not None:
         raise failure
-    if isinstance(shared, tuple):
-        value_error, message = shared
+    if "error" in shared:
+        value_error, message = shared["error"]
         raise (ValueError if value_error else RuntimeError)(f"planning the cut on global rank 0 failed: {message}")
-    assert isinstance(shared, CutPlan)
-    return shared
+    return CutPlan(**shared["plan"])

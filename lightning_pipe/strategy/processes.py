@@ -29,7 +29,9 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_pipe.engine.deadline import explained
 from lightning_pipe.engine.runtime import configure_threads
+from lightning_pipe.strategy.plain import broadcast_value
 
 __all__ = ["ProcessStrategy"]
 
@@ -110,6 +112,7 @@ class ProcessStrategy(ParallelStrategy):
 
     # -- collectives (as DDPStrategy) ---------------------------------------------------------------
     @override
+    @explained("a barrier")
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if not _distributed_is_initialized():
             return
@@ -119,12 +122,13 @@ class ProcessStrategy(ParallelStrategy):
             torch.distributed.barrier()
 
     @override
+    @explained("a broadcast")
     def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
         if not _distributed_is_initialized():
             return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
+        # as JSON text in tensors, never pickled (:mod:`.plain`): Lightning broadcasts paths, flags and numbers
+        nccl = torch.distributed.get_backend() == "nccl"
+        return broadcast_value(obj, src, group=_group.WORLD, device=self.root_device if nccl else None)
 
     @override
     def reduce(self, tensor: Tensor | Any, group: Any | None = None,

@@ -20,13 +20,15 @@ that this encoding cannot carry (an arbitrary object) is an error that names the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.engine.deadline import collective
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.strategy.logs import LoggedValue
 
 __all__ = ["StepResult", "ResultChannel", "encode", "decode", "encode_result", "decode_result", "gather_results"]
@@ -204,6 +206,10 @@ def _unpack(data: bytearray, start: int, specs: list[tuple[str, list[int]]]) -> 
     return tensors
 
 
+_SHARE = "the step's result collective (last stage to every rank)"
+_GATHER = "the step's result all_gather over the last stage's replicas"
+
+
 class ResultChannel:
     """Shares the last stage's result and compares the ranks' batch fingerprints, in one ``all_reduce`` per step.
 
@@ -219,6 +225,8 @@ class ResultChannel:
         self._structure_text: str | None = None  # the last structure sent (source) or received (the others)
         self._structure: Any = None
         self._specs: list[tuple[str, list[int]]] = []
+        self.timeout = DEFAULT_WAIT_TIMEOUT  # seconds a share may wait for the other ranks (the runner sets it)
+        self.notice: Callable[[], Exception | None] | None = None  # a failure another rank posted (see .deadline)
 
     def share(self, encoded: tuple[str, list[torch.Tensor]] | None, fingerprint: int | torch.Tensor,
               flag: bool = False) -> tuple[Any, list[int] | None, bool]:
@@ -246,7 +254,8 @@ class ResultChannel:
             header = header.to(self.device)
             fingerprint = fingerprint.to(self.device)
             header[0], header[1] = fingerprint, -fingerprint
-        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+        collective(dist.all_reduce, header, op=dist.ReduceOp.MAX, what=_SHARE, group=self.group,
+                   timeout=self.timeout, notice=self.notice)
         words = header.cpu()
         fingerprints = None
         if int(words[0]) != -int(words[1]):
@@ -259,7 +268,8 @@ class ResultChannel:
                 torch.empty(length, dtype=torch.uint8)
             if self.device.type != "cpu":
                 message = message.to(self.device)
-            dist.broadcast(message, src=self.source, group=self.group)
+            collective(dist.broadcast, message, src=self.source, what=_SHARE, group=self.group, timeout=self.timeout,
+                       notice=self.notice)
             data = bytearray(message.cpu().numpy().tobytes())
         if structure_length != _UNCHANGED:
             text = bytes(data[:structure_length]).decode()
@@ -276,12 +286,13 @@ class ResultChannel:
         size = dist.get_world_size(self.group)
         parts = [torch.empty((), dtype=torch.int64, device=self.device) for _ in range(size)]
         mine = torch.as_tensor(fingerprint, dtype=torch.int64).to(self.device).reshape(())
-        dist.all_gather(parts, mine, group=self.group)
+        collective(dist.all_gather, parts, mine, what=_SHARE, group=self.group, timeout=self.timeout,
+                   notice=self.notice)
         return [int(part) for part in parts]
 
 
 def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessGroup,
-                   device: torch.device) -> list[StepResult]:
+                   device: torch.device, timeout: float = DEFAULT_WAIT_TIMEOUT) -> list[StepResult]:
     """Every rank's result of ``group`` on every rank (the last stages of data-parallel replicas): two all_gathers,
     of the sizes and of the padded bytes; nothing pickled."""
     text, tensors = encoded
@@ -289,14 +300,14 @@ def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessG
     payload = _pack(tensors, structure)
     size = dist.get_world_size(group)
     lengths = [torch.empty(2, dtype=torch.int64, device=device) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([len(payload), len(structure)], dtype=torch.int64, device=device),
-                    group=group)
+    collective(dist.all_gather, lengths, torch.tensor([len(payload), len(structure)], dtype=torch.int64, device=device),
+               what=_GATHER, group=group, timeout=timeout)
     sizes = [(int(n[0]), int(n[1])) for n in (t.cpu() for t in lengths)]
     longest = max(n for n, _ in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
     mine[: len(payload)] = torch.frombuffer(payload, dtype=torch.uint8) if payload else mine[:0]
     parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(size)]
-    dist.all_gather(parts, mine.to(device), group=group)
+    collective(dist.all_gather, parts, mine.to(device), what=_GATHER, group=group, timeout=timeout)
     results = []
     for part, (length, structure_length) in zip(parts, sizes):
         data = bytearray(part.cpu().numpy().tobytes()[:length])

@@ -77,6 +77,7 @@ class PipelineRunner:
         nccl = dist.get_backend(pipeline.group) == "nccl"
         self.collective_device = pipeline.device if nccl else torch.device("cpu")
         self.channel = ResultChannel(pipeline.group, self.last_rank, self.collective_device)
+        self.channel.timeout, self.channel.notice = pipeline.config.wait_timeout, pipeline.comm.board.read
         self._steps = 0  # steps run, for the seeds of a caller that gives none
         # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
         self.flag: Callable[[], bool] = lambda: False
@@ -340,7 +341,8 @@ class PipelineRunner:
         (each replica keeps its own outputs, as under DDP)."""
         if self.replica_group is None:
             return result
-        shares = gather_results(self._encoded(result, step), self.replica_group, self.collective_device)
+        shares = gather_results(self._encoded(result, step), self.replica_group, self.collective_device,
+                                self.config.wait_timeout)
         errors = [share.error for share in shares if share.error is not None]
         if errors:
             return StepResult(error=errors[0])

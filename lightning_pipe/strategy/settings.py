@@ -16,6 +16,7 @@ from typing import Any
 from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.schedules import SCHEDULES, schedule_kind
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
 from lightning_pipe.strategy.mesh import AUTO, check_replicas
 from lightning_pipe.strategy.reduction import check_loss_reduction
@@ -41,6 +42,8 @@ class PipelineSettings:
     split_points: Any = None
     checkpoint_format: str = "full"
     loss_reduction: str = "auto"
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    detect_anomaly: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -61,6 +64,8 @@ class PipelineSettings:
         put("num_stages", _check_num_stages(self.num_stages))
         put("replicas", check_replicas(self.replicas))
         _check_auto_replicas(self.replicas, self.partition, self.schedule)
+        put("wait_timeout", _check_wait_timeout(self.wait_timeout))
+        put("detect_anomaly", _check_detect_anomaly(self.detect_anomaly, self.schedule))
 
     @property
     def plans_cut(self) -> bool:
@@ -79,7 +84,8 @@ class PipelineSettings:
             schedule=schedule or self.schedule, num_microbatches=num_microbatches or self.num_microbatches,
             partition=self.partition if partition is None else partition,
             checkpoint_activations=self.checkpoint_activations, schedule_options=dict(self.schedule_options),
-            vertical_sync=self.vertical_sync, replicas=None if not replicas else tuple(replicas))
+            vertical_sync=self.vertical_sync, replicas=None if not replicas else tuple(replicas),
+            wait_timeout=self.wait_timeout, detect_anomaly=self.detect_anomaly)
 
     def replace(self, **changes: Any) -> PipelineSettings:
         return replace(self, **changes)
@@ -203,3 +209,20 @@ def _check_num_stages(num_stages: Any) -> int | None:
     if num_stages is not None and (isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1):
         raise ValueError(f"num_stages must be a positive integer (ranks per pipeline), got {num_stages!r}")
     return num_stages
+
+
+def _check_wait_timeout(wait_timeout: Any) -> float:
+    if isinstance(wait_timeout, bool) or not isinstance(wait_timeout, (int, float)) or not wait_timeout > 0:
+        raise ValueError(f"wait_timeout must be a number of seconds > 0 (e.g. {DEFAULT_WAIT_TIMEOUT:.0f}), got "
+                         f"{wait_timeout!r}")
+    return float(wait_timeout)
+
+
+def _check_detect_anomaly(detect_anomaly: Any, schedule: str) -> bool:
+    if not isinstance(detect_anomaly, bool):
+        raise TypeError(f"detect_anomaly must be True or False, not {detect_anomaly!r}")
+    if detect_anomaly and schedule != AUTO_SCHEDULE and schedule_kind(schedule).asynchronous:
+        raise ValueError(f"detect_anomaly=True checks each batch before the optimizer steps, which schedule "
+                         f"{schedule!r} does inside the pipeline; use a synchronous schedule (e.g. '1f1b') or drop "
+                         f"detect_anomaly")
+    return detect_anomaly

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from lightning_pipe.strategy.plain import all_gather_text, decode, encode
+
 __all__ = ["Tie", "find_ties", "TiedParameters"]
 
 
@@ -122,8 +124,8 @@ class TiedParameters:
         optimizers = list(optimizers)
         mine = {index: _how_optimized(param, optimizers)
                 for index, (_, param) in enumerate(self.ties_here()) if param is not None}
-        everyone: list[dict[int, str] | None] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(everyone, mine, group=self.group)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else None
+        everyone: list[dict[int, str]] = [decode(text) for text in all_gather_text(encode(mine), self.group, device)]
         for index, tie in enumerate(self.ties):
             seen = {rank: views[index] for rank, views in enumerate(everyone) if views and index in views}
             if len(set(seen.values())) > 1:

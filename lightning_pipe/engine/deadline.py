@@ -1,0 +1,126 @@
+"""Collectives with a deadline: a step's all_reduce, broadcast or all_gather that waits for a rank that stopped
+answering fails within the pipeline's ``wait_timeout`` with an error naming that rank, instead of the process group's
+timeout (30 minutes by default) with a message that blames the connection.
+
+``collective(dist.all_reduce, tensor, what="...", group=group, timeout=300)`` issues the collective asynchronously and
+waits for it at most ``timeout`` seconds; a wait that runs out, or a connection that closes, is explained from the
+ranks' heartbeats (:func:`~.watchdog.explain_wait`): :class:`PeerLost` names the rank at the root of it and what was
+awaited. The heartbeat says "in <what>" meanwhile, so ranks waiting in the same collective are not blamed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+
+from .notices import FailureBoard, PipelineError
+from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait
+
+__all__ = ["PeerLost", "collective", "wait_work", "explained", "lost_connection"]
+
+# What gloo, NCCL and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
+_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
+         "connection was likely closed")
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` says a peer went away rather than what went wrong."""
+    return isinstance(error, dist.DistNetworkError) or any(text in str(error).lower() for text in _LOST)
+
+
+class PeerLost(PipelineError):
+    """A wait for other ranks failed (``timed_out``: it ran out of time; else a connection closed). A failure posted
+    by another rank, if there is one, is the better error to end with (:mod:`lightning_pipe.strategy.failures`)."""
+
+    def __init__(self, message: str, origin_rank: int, timed_out: bool) -> None:
+        super().__init__(message, origin_rank)
+        self.timed_out = timed_out
+
+
+def collective(call: Callable[..., Any], *args: Any, what: str, group: dist.ProcessGroup | None = None,
+               timeout: float = DEFAULT_WAIT_TIMEOUT, notice: Callable[[], PipelineError | None] | None = None,
+               **kwargs: Any) -> None:
+    """``call(*args, group=group, async_op=True, **kwargs)`` (a ``torch.distributed`` collective), waited for at most
+    ``timeout`` seconds; ``what`` says what it is, the same words on every rank (e.g. "the step's result all_reduce").
+    ``notice()``, asked a few times a second while the wait lasts, returns a failure another rank posted: it is
+    raised at once (a rank that failed elsewhere may keep this collective waiting while it reports)."""
+    wait_work(call(*args, group=group, async_op=True, **kwargs), what, group, timeout, notice)
+
+
+def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeout: float,
+              notice: Callable[[], PipelineError | None] | None = None) -> None:
+    """Wait for ``work``, a collective over ``group``, at most ``timeout`` seconds; raise :class:`PeerLost` if it
+    runs out or a connection closes, or what ``notice()`` returns (see :func:`collective`).
+
+    The wait polls ``is_completed`` with pauses that grow from 20 us to 1 ms (a collective that completes at once
+    costs no sleep), so that it can look at the clock and the notices; the final ``wait`` raises a lost connection."""
+    start = time.monotonic()
+    if not work.is_completed():
+        me = dist.get_rank()
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        others = [rank for rank in ranks if rank != me]
+        activity.doing(what, tuple(others))
+        deadline, pause, next_look = start + timeout, 0.0, start + _LOOK_S
+        while not work.is_completed():
+            time.sleep(pause)
+            pause = min(1e-3, pause * 2 or 2e-5)
+            now = time.monotonic()
+            if now < next_look:
+                continue
+            next_look = now + _LOOK_S
+            posted = notice() if notice is not None else None
+            if posted is not None:
+                arm_exit_guard()  # the collective still waits in gloo's thread: it must not hold this process's exit
+                raise posted
+            if now > deadline:
+                arm_exit_guard()
+                message, root = explain_wait(me, others or [me], what, now - start, same=what)
+                raise PeerLost(message, root, timed_out=True)
+        activity.doing(f"its own code after {what}")
+    try:
+        work.wait()
+    except RuntimeError as error:  # a connection closed: explain it
+        me = dist.get_rank()
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        others = [rank for rank in ranks if rank != me]
+        posted = notice() if notice is not None else None
+        if posted is not None:
+            raise posted from error
+        message, root = explain_wait(me, others or [me], what, time.monotonic() - start, lost=True, same=what)
+        message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        raise PeerLost(message, root, timed_out=False) from error
+
+
+@contextmanager
+def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Turn a lost connection or a timeout raised in the block (collectives that cannot be waited for with a deadline,
+    such as Lightning's or a checkpoint's) into a :class:`PeerLost` naming the rank at the root of it. Also a
+    decorator."""
+    if not dist.is_initialized():
+        yield
+        return
+    start, me = time.monotonic(), dist.get_rank()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    others = [rank for rank in ranks if rank != me] or [me]
+    activity.doing(what, tuple(others))
+    try:
+        yield
+    except PipelineError:
+        raise
+    except RuntimeError as error:
+        timed_out = "timed out" in str(error).lower()
+        if not (timed_out or lost_connection(error)):
+            raise
+        message, root = explain_wait(me, others, what, time.monotonic() - start, lost=not timed_out, same=what)
+        message = f"{message} (torch: {str(error).splitlines()[0]})"
+        # the store's host (global rank 0) waits a little for the others to explain it too, or they find no store
+        FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
+        raise PeerLost(message, root, timed_out) from error
+    activity.doing(f"its own code after {what}")
+
+
+_LOOK_S = 0.25  # seconds between two looks at the clock and the notices while a collective waits

@@ -1,0 +1,406 @@
+"""Which ranks are alive and what each is doing: a heartbeat per rank in the job's store, and the diagnosis of a wait
+that ran out of time or a connection that closed, naming the rank at the root of it.
+
+A rank that is killed closes its connections, and its peers notice at once; a rank that is stopped (SIGSTOP, a frozen
+machine) or loops for ever in user code closes nothing, and its peers would wait for the process group's timeout
+(30 minutes by default). So every rank runs a daemon thread that writes, once a second, ``{"beat": n, "doing": ...,
+"for": seconds, "waits": [ranks]}`` under ``lightning_pipe/heartbeat/<global rank>`` in the job's store: a counter, what
+its main thread does now (set through :data:`activity`: an action such as ``2F3``, or a wait for named ranks) and for
+how long. A wait that takes longer than its deadline reads every rank's heartbeat twice, :data:`SAMPLE_S` apart, and
+follows the ranks each one waits for to the root: a rank whose counter did not move *stopped answering*; a rank whose
+counter moves while it has been doing one thing all along is alive but *made no progress* (an endless loop, or a step
+slower than the deadline); a rank whose connection closed and whose counter stopped *is gone* (killed or crashed).
+
+Once the job's failure is posted (:func:`mark_failed`), a rank whose main thread is still inside the compute action
+it began before it (user code that never returns) gets :class:`PipelineStuck` raised in that thread after
+:data:`STUCK_GRACE_S`, and is ended if native code holds it :data:`STUCK_GRACE_S` later. A rank that gave up a wait
+(or failed in the pipeline) leaves at exit without joining torch's threads, which may still wait on a peer that is
+gone (:func:`arm_exit_guard`).
+
+The heartbeat is JSON, read with ``json.loads``: like every notice in the store, data and never code. Store reads here
+use a client of their own with a short timeout (:func:`short_store`): the store lives in one process (global rank 0's
+under Lightning's launcher), and a stopped host must not stop the diagnosis that names it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
+           "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard",
+           "PipelineStuck", "mark_failed", "STUCK_GRACE_S"]
+
+DEFAULT_WAIT_TIMEOUT = 300.0
+"""Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
+normally takes seconds, and a rank that stopped must not keep the others for the process group's 30 minutes."""
+HEARTBEAT_S = 1.0
+"""Seconds between two heartbeats of a rank."""
+SAMPLE_S = 2.5
+"""Seconds between the two reads of the heartbeats that tell a live rank from a stopped one."""
+STORE_TIMEOUT_S = 5.0
+"""Seconds a read of the store may take in a diagnosis before the store itself counts as not answering."""
+
+STUCK_GRACE_S = 10.0
+"""Seconds after a failure of the job that a rank still inside the compute action it began before it is ended."""
+
+_KEY = "lightning_pipe/heartbeat/"
+FAILED_KEY = "lightning_pipe/job_failed"
+
+
+class Activity:
+    """What this process's main thread does now: ``state`` is ``(what, waited ranks, since)`` in one tuple, replaced
+    whole (one assignment: the heartbeat thread never reads half of it). ``what`` is formatted only when a heartbeat is
+    written (``str(what)``), so the executor can pass an action as it is."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: tuple[Any, tuple[int, ...], float] = ("starting", (), time.monotonic())
+
+    def doing(self, what: Any, waits: tuple[int, ...] = ()) -> None:
+        """This rank now does ``what`` (waiting for the global ranks ``waits``, if any)."""
+        self.state = (what, waits, time.monotonic())
+
+
+activity = Activity()
+"""The activity of this process's main thread (one per process, as the heartbeat is)."""
+
+
+# -- the store -------------------------------------------------------------------------------------
+_CLIENTS: dict[str, tuple[Any, Any]] = {}  # purpose -> (default process group, store client)
+
+
+def short_store(purpose: str = "main", timeout: float = STORE_TIMEOUT_S) -> Any:
+    """A client of the job's store of its own, whose operations give up after ``timeout`` seconds (``None`` where
+    there is no store). One per ``purpose`` and process group: a client serves one thread."""
+    world = dist.group.WORLD if dist.is_initialized() else None
+    cached = _CLIENTS.get(purpose)
+    if cached is not None and cached[0] is world:
+        return cached[1]
+    client = None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        try:
+            client = store.clone()
+            client.set_timeout(timedelta(seconds=timeout))
+        except Exception:  # noqa: BLE001 - a store that cannot be cloned: share it (its own, longer timeout)
+            client = store
+    except Exception:  # noqa: BLE001 - no process group: nothing to read or write
+        client = None
+    _CLIENTS[purpose] = (world, client)
+    return client
+
+
+# -- the heartbeat ---------------------------------------------------------------------------------
+class _Heartbeat(threading.Thread):
+    def __init__(self, world: Any, rank: int) -> None:
+        super().__init__(name="lightning-pipe-heartbeat", daemon=True)
+        self.world = world
+        self.key = f"{_KEY}{rank}"
+        self.store = short_store("heartbeat", timeout=30.0)
+        self.host = socket.gethostname()
+
+        self.failure: dict[str, Any] | None = None  # the job's failure, once one is posted (:func:`mark_failed`)
+        self.interrupted = False
+
+    def run(self) -> None:
+        beat, missed = 0, 0
+        while self.store is not None and dist.is_initialized() and dist.group.WORLD is self.world:
+            beat += 1
+            if missed < 3 or self.failure is None:  # a store gone after a failure: stop knocking (torch logs each)
+                try:
+                    self.store.set(self.key, _beat_text(beat, self.host))
+                    missed = 0
+                except Exception:  # noqa: BLE001 - the store's host is gone or stopped: try again, it may come back
+                    missed += 1
+            try:
+                self._unstick()
+            except Exception:  # noqa: BLE001 - no store to read the failure from: nothing to do
+                pass
+            time.sleep(HEARTBEAT_S)
+
+    def _unstick(self) -> None:
+        """If the job failed while this rank's main thread was inside one compute action (user code that never
+        returns: an endless loop), end it: an exception in the main thread after :data:`STUCK_GRACE_S`, and if it is
+        still there (stuck in native code) the process after twice that."""
+        if self.failure is None:
+            what, waits, _ = activity.state
+            if isinstance(what, str) or waits:  # not inside a compute action (waits end on their own deadlines)
+                return
+            if not self.store.check([FAILED_KEY]):
+                return
+            self.failure = json.loads(self.store.get(FAILED_KEY).decode("utf-8", "replace"))
+        what, waits, since = activity.state
+        if isinstance(what, str) or waits:
+            return
+        failed_at = float(self.failure.get("time", time.time()))
+        began = time.time() - (time.monotonic() - since)
+        stuck = time.time() - failed_at
+        if began > failed_at or stuck < STUCK_GRACE_S:
+            return
+        message = (f"rank {dist.get_rank()} was still in {what} {stuck:.0f} s after the job failed (rank "
+                   f"{self.failure.get('rank')}: {self.failure.get('message', '')}); ended by lightning_pipe's "
+                   f"watchdog (user code in that action does not return: an endless loop?)")
+        if not self.interrupted:
+            self.interrupted = True
+            stuck_error = type("PipelineStuck", (PipelineStuck,), {"message": message})
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.main_thread().ident),
+                                                       ctypes.py_object(stuck_error))
+        elif stuck > 2 * STUCK_GRACE_S:
+            print(f"lightning_pipe: {message}; it did not take the exception: exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
+class PipelineStuck(RuntimeError):
+    """Raised in a rank's main thread that stayed in one compute action after the job failed elsewhere."""
+
+    message = "the pipeline failed elsewhere while this rank was stuck"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(args or (self.message,)))
+
+
+def mark_failed(store: Any, rank: int, message: str) -> None:
+    """Record that the job failed (first one wins): ranks stuck in user code end themselves (:class:`_Heartbeat`)."""
+    first_line = message.strip().splitlines()[0][:300] if message.strip() else "an error"
+    store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": first_line}))
+
+
+def _beat_text(beat: int, host: str, ended: bool = False) -> str:
+    what, waits, since = activity.state
+    return json.dumps({"beat": beat, "doing": str(what), "for": round(time.monotonic() - since, 1),
+                       "waits": list(waits), "time": time.time(), "pid": os.getpid(), "host": host,
+                       "ended": ended})
+
+
+_STARTED: list[Any] = [None]  # the default process group whose heartbeat runs
+
+
+def start_heartbeat() -> None:
+    """Start this rank's heartbeat (once per default process group; collective-free, so any rank may call it)."""
+    if not dist.is_initialized() or _STARTED[0] is dist.group.WORLD:
+        return
+    _STARTED[0] = dist.group.WORLD
+    activity.doing("its own code before the pipeline's first step")
+    _Heartbeat(dist.group.WORLD, dist.get_rank()).start()
+    _register_exit_hook()
+
+
+_HOOKS = {"registered": False, "armed": False, "failed": False}
+
+
+def _register_exit_hook() -> None:
+    if _HOOKS["registered"]:
+        return
+    _HOOKS["registered"] = True
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, trace: Any) -> None:
+        _HOOKS["failed"] = True
+        previous(kind, value, trace)
+
+    sys.excepthook = excepthook
+    atexit.register(_at_exit)  # registered early, so it runs late: after the user's and Lightning's exit handlers
+
+
+def _at_exit() -> None:
+    """Mark this rank's heartbeat as ended; if a wait was given up (:func:`arm_exit_guard`), leave at once: a
+    collective still blocked on a stopped peer would otherwise hold the process's exit for the process group's
+    timeout (torch joins its threads)."""
+    cached = _CLIENTS.get("main")  # never a new client here: connecting to a store that is gone blocks
+    if _STARTED[0] is not None and dist.is_initialized() and cached is not None and cached[0] is dist.group.WORLD:
+        store = cached[1]
+        try:
+            if store is not None:
+                store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))
+        except Exception:  # noqa: BLE001 - nobody left to tell
+            pass
+    if _HOOKS["armed"]:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(1 if _HOOKS["failed"] else 0)
+
+
+def arm_exit_guard() -> None:
+    """This process gave up a wait that may still be blocked inside torch: make it exit without waiting for it."""
+    _register_exit_hook()
+    _HOOKS["armed"] = True
+
+
+# -- reading the others' heartbeats ------------------------------------------------------------------
+@dataclass
+class Peer:
+    """What one rank's heartbeats say."""
+
+    rank: int
+    state: str  # "alive" | "silent" (its counter did not move) | "ended" | "unknown" (never heard of)
+    doing: str = ""
+    for_s: float = 0.0  # how long it has been doing it, at its last heartbeat
+    waits: tuple[int, ...] = ()
+    quiet_s: float = 0.0  # seconds since its last heartbeat, by this machine's clock
+    host: str = ""
+    pid: int = 0
+
+
+def _read(store: Any, ranks: Sequence[int]) -> dict[int, dict[str, Any]]:
+    seen = {}
+    for rank in ranks:
+        key = f"{_KEY}{rank}"
+        if store.check([key]):
+            try:
+                value = json.loads(store.get(key).decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                seen[rank] = value
+    return seen
+
+
+def sample_peers(ranks: Iterable[int], window: float = SAMPLE_S,
+                 interrupt: Callable[[], bool] = lambda: False) -> dict[int, Peer] | None:
+    """Each of ``ranks``' state from two reads of the heartbeats ``window`` seconds apart (``interrupt()`` is asked
+    every 0.1 s and ends the window early when true); ``None`` if the store does not answer."""
+    ranks = list(ranks)
+    store = short_store()
+    if store is None:
+        return {rank: Peer(rank, "unknown") for rank in ranks}
+    try:
+        first = _read(store, ranks)
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline and not interrupt():
+            time.sleep(0.1)
+        second = _read(store, ranks)
+    except Exception:  # noqa: BLE001 - the store's host stopped or went away
+        return None
+    peers = {}
+    for rank in ranks:
+        now = second.get(rank)
+        if now is None:
+            peers[rank] = Peer(rank, "unknown")
+            continue
+        before = first.get(rank, {})
+        state = "ended" if now.get("ended") else "alive" if now.get("beat") != before.get("beat") else "silent"
+        peers[rank] = Peer(rank, state, str(now.get("doing", "")), float(now.get("for", 0.0)),
+                           tuple(int(r) for r in now.get("waits", ()) if isinstance(r, int)),
+                           max(0.0, time.time() - float(now.get("time", time.time()))), str(now.get("host", "")),
+                           int(now.get("pid", 0)))
+    return peers
+
+
+def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> set[int]:
+    """The ranks of the job that sent no heartbeat for ``quiet_s`` seconds without having ended (killed or stopped:
+    they will read no notice, and a rank waiting for the others to read one need not wait for them)."""
+    store = short_store()
+    if store is None or not dist.is_initialized():
+        return set()
+    try:
+        beats = _read(store, range(dist.get_world_size()))
+    except Exception:  # noqa: BLE001 - the store does not answer
+        return set()
+    now = time.time()
+    return {rank for rank, beat in beats.items()
+            if not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s}
+
+
+def linger(store: Any, key: str, ranks: Sequence[int], timeout: float) -> None:
+    """Mark this rank as ended under ``key``; the process that holds the store (global rank 0, unless torchrun's agent
+    holds it) then waits up to ``timeout`` seconds until each of the global ``ranks`` has ended too or is silent
+    (:func:`silent_ranks`), so that they can still read a notice or the heartbeats before the store goes."""
+    me = dist.get_rank()
+    store.set(f"{key}/{me}", "1")
+    if me != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    deadline, silent, next_look = time.monotonic() + timeout, set(), time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        if all(rank in silent or store.check([f"{key}/{rank}"]) for rank in ranks):
+            return
+        time.sleep(0.05)
+        if time.monotonic() > next_look:
+            silent, next_look = silent_ranks(), time.monotonic() + 0.5
+
+
+def _store_host() -> str:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return "torchrun's agent on the first node"
+    return "global rank 0's process"
+
+
+def explain_wait(me: int, awaited: Sequence[int], what: str, waited: float, *, lost: bool = False,
+                 same: str | None = None, interrupt: Callable[[], bool] = lambda: False) -> tuple[str, int]:
+    """Why global rank ``me`` waited ``waited`` seconds for ``what`` from the global ranks ``awaited`` in vain (its
+    deadline passed, or with ``lost`` its connection closed): the message to raise, and the rank at the root of it
+    (-1: none found). Ranks doing ``same`` (the collective ``me`` is in) are waiting too and are not blamed."""
+    world = dist.get_world_size() if dist.is_initialized() else max([me, *awaited]) + 1
+    peers = sample_peers(range(world), interrupt=interrupt)
+    waited_text = f"rank {me} waited {waited:.0f} s for {what}"
+    if peers is None:
+        return (f"the job's store does not answer (it is served by {_store_host()}, which may have stopped or gone); "
+                f"{waited_text}"), 0
+    candidates = [rank for rank in awaited if rank != me and not (same and peers[rank].doing == same
+                                                                      and peers[rank].state == "alive")]
+    found = _root(candidates or list(awaited), peers, me)
+    if found is None:
+        cause = "its connection closed" if lost else "no rank looks stopped"
+        return f"{cause}; {waited_text}", awaited[0] if len(awaited) == 1 else -1
+    root, chain = found
+    peer = peers[root]
+    via = "".join(f", which waits for rank {rank}" for rank in chain[1:]) if len(chain) > 1 else ""
+    where = f" (pid {peer.pid} on {peer.host})" if peer.pid else ""
+    if peer.state in ("silent", "unknown") and lost and root in awaited:
+        head = (f"rank {root} is gone: its connection closed and it sends no heartbeat{where} (killed, e.g. by "
+                f"SIGKILL or the out-of-memory killer, or crashed: see its output and the system log)")
+    elif peer.state == "silent":
+        head = (f"rank {root} stopped answering: no heartbeat for {max(peer.quiet_s, SAMPLE_S):.0f} s{where} (the "
+                f"process is stopped, e.g. by SIGSTOP or a debugger, or frozen, or its machine is unreachable; it "
+                f"was last in {peer.doing})")
+    elif peer.state == "ended":
+        head = f"rank {root} has ended{where} (see its output for why)"
+    elif peer.state == "unknown":
+        head = f"rank {root} stopped answering: it never sent a heartbeat"
+    else:
+        head = (f"rank {root} is alive but made no progress: it has been in {peer.doing} for {peer.for_s:.0f} s (an "
+                f"endless loop in user code, or work slower than the pipeline's wait timeout: raise wait_timeout)")
+    if lost and root not in awaited:
+        head = f"rank {me} lost its connection to rank {awaited[0] if len(awaited) == 1 else 'a peer'}; " + head
+    return f"{head}; {waited_text}{via}", root
+
+
+_BLAME = {"silent": 0, "unknown": 1, "ended": 2, "alive": 3}  # which root explains a wait best, first
+
+
+def _root(candidates: Sequence[int], peers: dict[int, Peer], me: int) -> tuple[int, list[int]] | None:
+    """The first rank, following what each candidate waits for, that is not itself waiting: a stopped, ended or busy
+    rank; with the chain of ranks that led to it. A silent rank (stopped or gone) explains a wait better than one
+    that ended (often because of that silent one), which explains it better than a busy one."""
+    best: tuple[int, list[int]] | None = None
+    for start in candidates:
+        chain, rank = [start], start
+        while True:
+            peer = peers.get(rank)
+            if peer is None:
+                break
+            nexts = [r for r in peer.waits if r not in chain and r != me and r in peers]
+            if peer.state != "alive" or not nexts:
+                break
+            rank = min(nexts, key=lambda r: _BLAME[peers[r].state])
+            chain.append(rank)
+        root = chain[-1]
+        if root in peers and (best is None or _BLAME[peers[root].state] < _BLAME[peers[best[0]].state]):
+            best = (root, chain)
+    return best

@@ -1,0 +1,120 @@
+"""No pickle on data from another process: a static scan of the package, a Trainer run with torch's pickling
+collectives made to raise, and the JSON values (:mod:`lightning_pipe.strategy.plain`) that replaced them."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_pipe.strategy.plain import decode, encode
+from tests.helpers import ROOT, run_ranks
+
+PICKLING_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "scatter_object_list", "gather_object",
+                        "send_object_list", "recv_object_list")
+UNPICKLERS = {("pickle", "loads"), ("pickle", "load"), ("pickle", "Unpickler"), ("torch", "load"),
+              ("cloudpickle", "loads"), ("dill", "loads")}
+# Known and owned elsewhere, each with its reason; the scan fails on anything new.
+ALLOWED = {
+    # The local test launcher: its children are processes it forked itself, whose results come through a
+    # multiprocessing queue (which pickles anyway); nothing from the job's network.
+    ("engine/launch.py", "torch.load"),
+    # The full checkpoint format gathers every rank's share on rank 0 (issue 13's code; the sharded format does not).
+    ("strategy/checkpoint.py", "gather_object"),
+    # Checkpoint files read from disk, as Lightning's own loading does: a checkpoint is trusted like code (load only
+    # your own); nothing another process sends at run time.
+    ("strategy/sharded.py", "torch.load"),
+    ("checkpoint/convert.py", "torch.load"),
+}
+
+
+def _uses(path: Path) -> set[str]:
+    """The pickling collectives and unpicklers that ``path`` calls or imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            if node.attr in PICKLING_COLLECTIVES:
+                found.add(node.attr)
+            if isinstance(node.value, ast.Name) and (node.value.id, node.attr) in UNPICKLERS:
+                found.add(f"{node.value.id}.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("pickle", "cloudpickle", "dill",
+                                                                  "torch.distributed"):
+            found.update(alias.name for alias in node.names
+                         if alias.name in PICKLING_COLLECTIVES or node.module != "torch.distributed")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in ("pickle", "cloudpickle", "dill"))
+    return found
+
+
+def test_the_package_calls_no_pickling_collective_or_unpickler(tmp_path: Path) -> None:
+    package = ROOT / "lightning_pipe"
+    found = {(str(path.relative_to(package)), use) for path in package.rglob("*.py") for use in _uses(path)}
+    assert found - ALLOWED == set(), f"pickle of data from another process (see tests/test_untrusted_bytes.py): " \
+                                     f"{sorted(found - ALLOWED)}"
+    # the scan itself finds what it looks for
+    sample = tmp_path / "sample.py"
+    sample.write_text("import pickle\nimport torch.distributed as dist\n"
+                      "dist.all_gather_object([], 1)\nx = pickle.loads(b'')\nfrom torch.distributed import "
+                      "broadcast_object_list\n")
+    assert _uses(sample) == {"pickle", "all_gather_object", "pickle.loads", "broadcast_object_list"}
+
+
+@pytest.mark.parametrize("value", [None, True, 3, -2.5, "text", [1, "a"], (1, (2, 3)), {"a": [1, 2]},
+                                   {1: "one", (2, 3): "pair"}, Path("/tmp/x.ckpt"), {"__tuple__": 1},
+                                   {"lr": [0.1, float("inf")], "loss": [float("nan")]}])
+def test_plain_values_come_back_as_they_left(value: Any) -> None:
+    back = decode(encode(value))
+    if isinstance(value, dict) and "loss" in value:
+        assert back["lr"] == value["lr"] and math.isnan(back["loss"][0])
+    else:
+        assert back == value and type(back) is type(value)
+
+
+def test_other_values_are_refused_naming_where_they_are() -> None:
+    with pytest.raises(TypeError, match=r"value\['plan'\]\[1\] is a torch.Tensor .*never pickled"):
+        encode({"plan": [1, torch.zeros(2)]})
+    with pytest.raises(TypeError, match=r"is a builtins.set"):
+        encode({1, 2})
+
+
+def _fit_without_pickle(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    import lightning as L
+    import torch.distributed as dist
+
+    import lightning_pipe  # noqa: F401
+    from lightning_pipe import PipelineStrategy
+    from tests.lightning_models import TiedLM, token_data
+
+    def refuse(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"torch.distributed.{name} (pickles what it receives) was called")
+        return call
+
+    for name in PICKLING_COLLECTIVES:
+        setattr(dist, name, refuse(name))
+    seen = {}
+    strategy = PipelineStrategy(partition="profile", profile_cache=False)  # a planned cut: broadcast from rank 0
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        max_steps=2, default_root_dir=root)
+    trainer.fit(TiedLM(), token_data(2))  # tied embedding and head: their optimizers are compared across ranks
+    seen["partition"] = strategy.cut_plan.partition
+    seen["broadcast"] = strategy.broadcast({"path": Path(root), "rank": rank, "pair": (1, 2)}, src=1)
+    try:
+        strategy.broadcast({"bad": object()} if rank == 1 else None, src=1)
+    except TypeError as error:
+        seen["refused"] = str(error)
+    return seen
+
+
+@pytest.mark.timeout(120)
+def test_a_trainer_run_needs_no_pickling_collective(tmp_path: Path) -> None:
+    results = run_ranks(_fit_without_pickle, 2, str(tmp_path), timeout=100)
+    assert results[0]["partition"] == results[1]["partition"]
+    for result in results:
+        assert result["broadcast"] == {"path": tmp_path, "rank": 1, "pair": (1, 2)}
+        assert "broadcast from rank 1: value['bad'] is a builtins.object" in result["refused"]

@@ -1,0 +1,58 @@
+"""The fault machinery without processes: settings, the diagnosis of a wait from heartbeats, the NaN checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_pipe.engine.anomaly import NonFiniteError, check_finite, check_gradients
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root
+from lightning_pipe.strategy.settings import PipelineSettings
+
+
+def test_wait_timeout_and_detect_anomaly_reach_the_engine() -> None:
+    assert PipelineSettings().engine_config().wait_timeout == DEFAULT_WAIT_TIMEOUT == 300.0
+    config = PipelineSettings(wait_timeout=12, detect_anomaly=True).engine_config()
+    assert (config.wait_timeout, config.detect_anomaly) == (12.0, True)
+    for bad in (0, -1, "5", True, None):
+        with pytest.raises(ValueError, match="wait_timeout must be a number of seconds > 0"):
+            PipelineSettings(wait_timeout=bad)
+    with pytest.raises(ValueError, match="detect_anomaly=True .* use a synchronous schedule"):
+        PipelineSettings(schedule="async_1f1b", detect_anomaly=True)
+    with pytest.raises(TypeError, match="detect_anomaly must be True or False"):
+        PipelineSettings(detect_anomaly="yes")
+
+
+def test_the_root_of_a_wait_follows_the_ranks_each_one_waits_for() -> None:
+    peers = {0: Peer(0, "alive", "waits", waits=(1,)), 1: Peer(1, "alive", "waits", waits=(2,)),
+             2: Peer(2, "silent", "2F0"), 3: Peer(3, "alive", "waits", waits=(2,))}
+    assert _root([1], peers, me=0) == (2, [1, 2])  # rank 0 waits for 1, which waits for the stopped rank 2
+    peers[2] = Peer(2, "alive", "2F0", for_s=40.0)  # alive, in one action all along: it is the one to name
+    assert _root([1], peers, me=0) == (2, [1, 2])
+    peers[1] = Peer(1, "alive", "waits", waits=(0,))  # a cycle back to this rank ends the chain
+    assert _root([1], peers, me=0) == (1, [1])
+    ended = {0: Peer(0, "ended"), 1: Peer(1, "silent"), 2: Peer(2, "alive", "x", waits=(0,)), 3: Peer(3, "alive")}
+    assert _root([0, 1, 2], ended, me=3) == (1, [1])  # rank 0 ended because of rank 1: name rank 1
+
+
+def test_activity_is_replaced_whole() -> None:
+    activity = Activity()
+    activity.doing("2F0")
+    what, waits, since = activity.state
+    activity.doing("a wait", (1, 2))
+    assert (what, waits) == ("2F0", ()) and activity.state[:2] == ("a wait", (1, 2)) and activity.state[2] >= since
+
+
+def test_non_finite_values_are_named_where_they_first_appear() -> None:
+    check_finite((torch.ones(2), {"x": torch.zeros(3)}, "text"), "the output", "stage 0")  # finite: nothing
+    with pytest.raises(NonFiniteError, match=r"NaN first appeared in the loss \(tensor 1, shape \(2,\)\) at stage 3"):
+        check_finite([torch.ones(1), torch.tensor([1.0, float("nan")])], "the loss", "stage 3")
+    with pytest.raises(NonFiniteError, match="NaN and infinity"):
+        check_finite(torch.tensor([float("inf"), float("nan")]), "x", "y")
+    check_finite(torch.tensor([1, 2]), "integers are never non-finite", "here")
+    layer = nn.Linear(2, 2)
+    layer.weight.grad = torch.zeros(2, 2)
+    layer.bias.grad = torch.tensor([0.0, float("inf")])
+    with pytest.raises(NonFiniteError, match=r"infinity first appeared in the gradient of parameter 'bias'"):
+        check_gradients(layer.named_parameters(), "stage 1, micro-batch 2")
