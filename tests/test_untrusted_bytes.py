@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ ALLOWED = {
     # The local test launcher: its children are processes it forked itself, whose results come through a
     # multiprocessing queue (which pickles anyway); nothing from the job's network.
     ("engine/launch.py", "torch.load"),
-    # The full checkpoint format gathers every rank's share on rank 0 (issue 13's code; the sharded format does not).
-    ("strategy/checkpoint.py", "gather_object"),
     # Checkpoint files read from disk, as Lightning's own loading does: a checkpoint is trusted like code (load only
     # your own); nothing another process sends at run time.
     ("strategy/sharded.py", "torch.load"),
@@ -108,6 +107,22 @@ def _fit_without_pickle(rank: int, world_size: int, root: str) -> dict[str, Any]
         strategy.broadcast({"bad": object()} if rank == 1 else None, src=1)
     except TypeError as error:
         seen["refused"] = str(error)
+    # the full checkpoint format gathers every rank's share on rank 0 without pickle; a state that is not plain data
+    # is refused on every rank
+    path = os.path.join(root, "full.ckpt")
+    trainer.save_checkpoint(path)
+    seen["saved"] = sorted(torch.load(path, weights_only=False)["state_dict"]) if rank == 0 else None
+
+    class ObjectState(L.Callback):
+        def state_dict(self) -> dict[str, Any]:
+            return {"object": object()} if rank == 1 else {}
+
+    trainer.callbacks.append(ObjectState())
+    try:
+        trainer.save_checkpoint(os.path.join(root, "bad.ckpt"))
+    except TypeError as error:
+        seen["bad checkpoint"] = str(error)
+    seen["expected"] = sorted(TiedLM().state_dict())
     return seen
 
 
@@ -118,3 +133,7 @@ def test_a_trainer_run_needs_no_pickling_collective(tmp_path: Path) -> None:
     for result in results:
         assert result["broadcast"] == {"path": tmp_path, "rank": 1, "pair": (1, 2)}
         assert "broadcast from rank 1: value['bad'] is a builtins.object" in result["refused"]
+        assert "pipeline rank 1: this rank's share of the checkpoint" in result["bad checkpoint"]
+        assert "holds a object" in result["bad checkpoint"]
+    assert results[0]["saved"] == results[0]["expected"]
+    assert not (tmp_path / "bad.ckpt").exists()

@@ -9,6 +9,8 @@ the top level are rank 0's, as Lightning's own format expects one entry per opti
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,6 +20,9 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.optim import Optimizer
+
+from lightning_pipe.strategy.plain import all_gather_text
+from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save",
@@ -29,20 +34,21 @@ MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, opt
 
 def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout: dict[str, Any],
                       group: dist.ProcessGroup | None = None,
-                      param_names: list[list[list[str]]] | None = None) -> dict[str, Any] | None:
+                      param_names: list[list[list[str]]] | None = None,
+                      device: torch.device | None = None) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
     (ranks and stages) so that a resume can check it matches; ``param_names``: for each optimizer of this rank, the
-    names of each of its parameters in order (so that another layout can find each parameter's state).
+    names of each of its parameters in order (so that another layout can find each parameter's state). The shares
+    travel as JSON and raw tensor bytes (:func:`gather_shares`), never pickled; ``device`` carries them (NCCL: the
+    rank's GPU).
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
     share["param_names"] = param_names or []
     share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    shares: list[Any] | None = [None] * world_size if rank == 0 else None
-    dist.gather_object(share, shares, dst=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    shares = gather_shares(share, group, device or torch.device("cpu"))
     if shares is None:
         return None
     state: dict[str, Any] = {}
@@ -66,6 +72,56 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
         }
     full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
     return full
+
+
+_CHECKPOINT_ADVICE = ("keep callback states and on_save_checkpoint's extras to those types (a dataclass as a dict), or "
+                      "use PipelineStrategy(checkpoint_format='sharded'), where each rank writes its own")
+
+
+def gather_shares(share: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any] | None:
+    """Every rank's ``share`` on the group's rank 0, in group order (``None`` elsewhere); collective.
+
+    A share is sent as the JSON text of its structure (:func:`~.results.encode`: numbers, strings, tensors, and
+    lists, tuples and dicts of them) and each tensor's bytes: nothing received is unpickled. A share holding anything
+    else (a callback state that is an arbitrary object) is an error on every rank, naming it."""
+    tensors: list[torch.Tensor] = []
+    try:
+        text = json.dumps(encode(share, tensors, "this rank's share of the checkpoint (weights, optimizer and callback "
+                                 "states, on_save_checkpoint's extras)", _CHECKPOINT_ADVICE))
+        error = ""
+    except TypeError as caught:
+        text, error, tensors = "", str(caught), []
+    errors = [(rank, e) for rank, e in enumerate(all_gather_text(error, group, device)) if e]
+    if errors:
+        raise TypeError(f"pipeline rank {errors[0][0]}: {errors[0][1]}")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if rank != 0:
+        payload = text.encode()
+        dst = dist.get_global_rank(group or dist.group.WORLD, 0)
+        dist.send(torch.tensor([len(payload)], dtype=torch.int64, device=device), dst, group=group)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device), dst, group=group)
+        for tensor in tensors:
+            if tensor.numel():
+                dist.send(tensor.reshape(-1).view(torch.uint8).to(device), dst, group=group)
+        return None
+    shares = [share]
+    for peer in range(1, size):
+        src = dist.get_global_rank(group or dist.group.WORLD, peer)
+        length = torch.empty(1, dtype=torch.int64, device=device)
+        dist.recv(length, src, group=group)
+        data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        dist.recv(data, src, group=group)
+        structure = json.loads(data.cpu().numpy().tobytes().decode())
+        received = []
+        for dtype_name, shape in tensor_specs(structure):
+            dtype = getattr(torch, dtype_name)
+            raw = torch.empty(math.prod(shape) * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8,
+                              device=device)
+            if raw.numel():
+                dist.recv(raw, src, group=group)
+            received.append(raw.cpu().view(dtype).reshape(shape))
+        shares.append(decode(structure, received))
+    return shares
 
 
 # Lightning's entries that are the same on every rank; the others (callbacks, on_save_checkpoint's extras) may differ

@@ -20,7 +20,8 @@ that this encoding cannot carry (an arbitrary object) is an error that names the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from lightning_pipe.engine.deadline import collective
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.strategy.logs import LoggedValue
 
-__all__ = ["StepResult", "ResultChannel", "encode", "decode", "encode_result", "decode_result", "gather_results"]
+__all__ = ["StepResult", "ResultChannel", "encode", "decode", "tensor_specs", "encode_result", "decode_result", "gather_results"]
 
 _WORDS = 64
 _HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged), any rank's flag
@@ -54,7 +55,12 @@ class StepResult:
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
-def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's output") -> Any:
+_STEP_ADVICE = ("return it as one of those (a namedtuple or dataclass as a dict, an object as a tensor), or keep it on "
+                "the module instead of returning it")
+
+
+def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's output",
+           advice: str = _STEP_ADVICE) -> Any:
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
     Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, and lists, tuples and dicts of them.
@@ -66,24 +72,24 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if isinstance(value, torch.Tensor):
         tensors.append(value.detach().cpu().contiguous())
         return {"T": [str(value.dtype).removeprefix("torch."), list(value.shape)]}
-    if isinstance(value, Mapping) and type(value) is dict:
+    if type(value) in (dict, OrderedDict):  # an OrderedDict (a state_dict) comes back as a dict, in its order
         if all(isinstance(key, str) for key in value):
-            return {"s": {key: encode(item, tensors, where) for key, item in value.items()}}
-        return {"d": [[encode(key, tensors, where), encode(item, tensors, where)] for key, item in value.items()]}
+            return {"s": {key: encode(item, tensors, where, advice) for key, item in value.items()}}
+        return {"d": [[encode(key, tensors, where, advice), encode(item, tensors, where, advice)]
+                      for key, item in value.items()]}
     if type(value) is list:
-        return {"l": [encode(item, tensors, where) for item in value]}
+        return {"l": [encode(item, tensors, where, advice) for item in value]}
     if type(value) is tuple:
-        return {"t": [encode(item, tensors, where) for item in value]}
+        return {"t": [encode(item, tensors, where, advice) for item in value]}
     numpy = _numpy_kind(value)
     if numpy == "array":
         tensors.append(torch.from_numpy(value).contiguous())
         return {"N": [str(tensors[-1].dtype).removeprefix("torch."), list(value.shape)]}
     if numpy == "scalar":
-        return encode(value.item(), tensors, where)
-    raise TypeError(f"{where} holds a {type(value).__qualname__}, which PipelineStrategy cannot send from the last stage "
-                    f"to the other ranks (it sends tensors, numbers, strings, None, NumPy arrays, and lists, tuples and "
-                    f"dicts of them, never pickled objects); return it as one of those (a namedtuple or dataclass as "
-                    f"a dict, an object as a tensor), or keep it on the module instead of returning it")
+        return encode(value.item(), tensors, where, advice)
+    raise TypeError(f"{where} holds a {type(value).__qualname__}, which PipelineStrategy cannot send between ranks "
+                    f"(it sends tensors, numbers, strings, None, NumPy arrays, and lists, tuples and dicts of them, "
+                    f"never pickled objects); {advice}")
 
 
 def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
@@ -122,22 +128,23 @@ def _numpy_kind(value: Any) -> str | None:
     return None
 
 
-def _tensor_specs(structure: Any, specs: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
+def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = None) -> list[tuple[str, list[int]]]:
     """The (dtype, shape) of every tensor in ``structure``, in encoding order."""
+    specs = [] if specs is None else specs
     if isinstance(structure, dict):
         ((kind, body),) = structure.items()
         if kind in ("T", "N"):
             specs.append((body[0], body[1]))
         elif kind == "s":
             for item in body.values():
-                _tensor_specs(item, specs)
+                tensor_specs(item, specs)
         elif kind == "d":
             for key, item in body:
-                _tensor_specs(key, specs)
-                _tensor_specs(item, specs)
+                tensor_specs(key, specs)
+                tensor_specs(item, specs)
         else:
             for item in body:
-                _tensor_specs(item, specs)
+                tensor_specs(item, specs)
     return specs
 
 
@@ -274,7 +281,7 @@ class ResultChannel:
         if structure_length != _UNCHANGED:
             text = bytes(data[:structure_length]).decode()
             self._structure_text, self._structure = text, json.loads(text)
-            self._specs = _tensor_specs(self._structure, [])
+            self._specs = tensor_specs(self._structure, [])
             start = structure_length
         else:
             start = 0
@@ -312,5 +319,5 @@ def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessG
     for part, (length, structure_length) in zip(parts, sizes):
         data = bytearray(part.cpu().numpy().tobytes()[:length])
         parsed = json.loads(bytes(data[:structure_length]).decode())
-        results.append(decode_result(parsed, _unpack(data, structure_length, _tensor_specs(parsed, []))))
+        results.append(decode_result(parsed, _unpack(data, structure_length, tensor_specs(parsed, []))))
     return results
