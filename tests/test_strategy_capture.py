@@ -3,11 +3,11 @@ litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in
 the module's own forward) train under ``pipedream`` and ``gpipe`` with sequence lengths that change between batches,
 and their weights equal one device's; they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
 
-The default run (1.5-3.5 minutes on the 2 shared cores here, by their load) trains, validates and resumes every family on 2
-ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's batch norms
-and a LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across 4 ranks;
-litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family in every (ranks,
-strategy) pair, resume included (about 7 minutes here)."""
+The default run (1.5-3.5 minutes on the 2 shared cores here, by their load) trains, validates and resumes every
+family on 2 ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's
+batch norms and a LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across
+4 ranks; litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family
+in every (ranks, strategy) pair, resume included (about 7 minutes here)."""
 
 from __future__ import annotations
 
