@@ -239,8 +239,9 @@ def _failures(rank: int, world_size: int) -> list[str]:
         (lambda: Regressor(num_layers=1), "pipedream", regression_data),
         (Regressor, {"partition": [5, 4]}, regression_data),
         (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
-        (OutsideHead, "gpipe", regression_data),  # found on the last stage after a step
-        (OutsideParameters, "pipedream", regression_data),  # found on the first stage inside a step
+        # naming the nn.Sequential keeps the no-tracing path, which trains only the layers inside it
+        (OutsideHead, {"layers": "layers", "schedule": "gpipe"}, regression_data),  # found on the last stage
+        (OutsideParameters, {"layers": "layers"}, regression_data),  # found on the first stage inside a step
     ]
     messages = []
     for make_model, strategy, data in attempts:
@@ -256,8 +257,8 @@ def _failures(rank: int, world_size: int) -> list[str]:
 @pytest.mark.timeout(150)
 def test_bad_configurations_fail_clearly_on_every_rank() -> None:
     expected = [
-        "found no nn.Sequential in NoSequence",
-        "PipelineStrategy(layers='encoder')",
+        "no error",  # no nn.Sequential: the module's forward is captured (tests/test_strategy_capture.py)
+        "no error",  # two of them: the same
         "cannot cut 1 layers into 2 stages",
         "make the counts add up to 8",
         "give the tied parameter the same optimizer and settings on every rank",

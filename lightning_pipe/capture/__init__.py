@@ -3,7 +3,8 @@
 Modules: :mod:`.points` (where to cut), :mod:`.export` (``torch.export``, refusing what it would get wrong),
 :mod:`.errors`, :mod:`.graph` (segments and live values), :mod:`.programs` (each segment's graph), :mod:`.patterns`
 and :mod:`.cache` (which capture fits a call), :mod:`.segment` (the segment module), :mod:`.splitter` (the API),
-:mod:`.devices` and :mod:`.materialize` (meta-device captures, a rank's own state). It imports no Lightning.
+:mod:`.devices` and :mod:`.materialize` (meta-device captures, a rank's own state), :mod:`.batchnorm` (batch norms a
+stage defers). It imports no Lightning.
 """
 
 from lightning_pipe.capture.cache import Capture

@@ -140,8 +140,11 @@ def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], 
     last: dict[str, int] = {}
     for node in body:
         for path in module_paths(node):
-            first.setdefault(path, position[node])
-            last[path] = position[node]
+            # a container forward never calls (a ModuleList of blocks) spans the ops of the modules under it
+            parts = path.split(".")
+            for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                first.setdefault(prefix, position[node])
+                last[prefix] = position[node]
     starts = []
     for name, where in cuts:
         if name not in first:

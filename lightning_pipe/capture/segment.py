@@ -68,7 +68,10 @@ class Segment(nn.Module):
         for item in path:
             source = getattr(source, item)
             if item not in target._modules:
-                target.add_module(item, nn.Module())
+                # A batch norm's state is held by the model's module itself, not by an empty holder: the stage that
+                # runs this segment then finds it and defers its running statistics (see .batchnorm).
+                holder = source if isinstance(source, nn.modules.batchnorm._BatchNorm) else nn.Module()
+                target.add_module(item, holder)
             target = target._modules[item]
         value = getattr(source, leaf)
         if kind == "PARAMETER":

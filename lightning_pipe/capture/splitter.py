@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache
 from .devices import META, has_meta_state, rewrite_devices
 from .errors import CaptureError
@@ -167,6 +168,8 @@ class Splitter:
         layout = lay_out(program, self.cuts, empty=empty, recompute=self.recompute,
                          mode="train" if training else "eval")
         programs = build_programs(program, layout, self.model)
+        for segment_program in programs:  # a stage defers their running statistics as it does a module's
+            defer_batch_norms(segment_program, self.model)
         in_patterns = tuple(pattern_of(node.meta.get("val")) if isinstance(value, torch.Tensor) else ("v", value)
                             for node, value in zip(layout.user_inputs, flat))
         programs[0].live_in = in_patterns

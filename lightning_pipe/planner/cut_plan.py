@@ -100,6 +100,7 @@ def plan_cut(
     step: str = "training_step",
     replicas: Sequence[int] | str | None = None,
     num_devices: int | None = None,
+    inputs: Any = None,
 ) -> CutPlan:
     """Profile ``sequence`` on one micro-batch of ``batch`` and plan one pipeline of ``num_stages`` ranks.
 
@@ -108,7 +109,8 @@ def plan_cut(
     taken on micro-batches of ``batch / num_microbatches`` rows and scaled to other counts. The module's RNG state
     is left as it was. ``replicas``: ranks per stage (uneven replication), which the cut balances: a stage on 3 ranks
     gets about 3 times the work; ``"round_robin"``: the planner chooses them (partition ``"profile"``) for
-    ``num_devices`` ranks, with ``num_stages`` stages if given. Raises the planner's error (e.g.
+    ``num_devices`` ranks, with ``num_stages`` stages if given. ``inputs``: the sequence's input for the whole batch,
+    when the caller has it (a captured model's flattened call), instead of running ``step`` up to the sequence. Raises the planner's error (e.g.
     :class:`~lightning_pipe.planner.MemoryCapError`) when no plan fits ``memory_cap``.
     """
     chosen = replicas == ROUND_ROBIN
@@ -125,7 +127,8 @@ def plan_cut(
     if schedule == AUTO_SCHEDULE and replicas:
         raise ValueError("schedule='auto' plans one rank per stage; name a schedule to plan with replicas")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        inputs = sequence_input(module, sequence, batch, step)
+        if inputs is None:
+            inputs = sequence_input(module, sequence, batch, step)
         sample = split_batch(inputs, num_microbatches)[0]
         profiles = profile_layers(sequence, sample, device=device, cache=cache)
     topology = default_topology(devices, 1, device.type)

@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_pipe.engine.cut import Partition
+from lightning_pipe.engine.microbatch import split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
@@ -39,12 +40,14 @@ from lightning_pipe.strategy.asynchronous import (
     DrainPipeline,
     check_async_fit,
 )
+from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE, MeshShape, build_mesh
+from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.positions import RunPosition
@@ -73,8 +76,14 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             count), a list of layer counts, one per stage, or a plan from a profile of the first batch:
             ``"profile"`` (PipeDream's dynamic program, ranked by simulating the schedule), ``"time"`` (balanced
             forward + backward time) or ``"memory"`` (fastest cut under ``memory_cap``).
-        layers: attribute path of the ``nn.Sequential`` to cut (``"model.blocks"``); by default the module's only
-            outermost ``nn.Sequential``.
+        layers: attribute path of the model to cut: an ``nn.Sequential`` (``"model.blocks"``: cut between its
+            layers, no tracing) or any module the step calls (``"model"``: captured, see
+            :mod:`lightning_pipe.strategy.captured`). By default the module's only outermost ``nn.Sequential`` when it
+            holds every trainable parameter, else the child module holding them all (``self.model``) or, when several
+            hold them, the module's own ``forward``, captured (:mod:`lightning_pipe.strategy.model_choice`).
+        split_points: where to cut a captured model, by module names as ``model.named_modules()`` gives them
+            (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
+            the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
             (GPipe's re-materialization): less memory, one more forward.
         schedule_options: extra arguments of the schedule, e.g. ``{"virtual_stages": 2}``.
@@ -169,6 +178,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         replicas: int | Sequence[int] | None = None,
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
+        split_points: Any = None,
         checkpoint_format: str = "full",
         loss_reduction: str = "auto",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
@@ -189,8 +199,8 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, wait_timeout=wait_timeout, detect_anomaly=detect_anomaly,
-            checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
+            profile_cache=profile_cache, split_points=split_points, wait_timeout=wait_timeout,
+            detect_anomaly=detect_anomaly, checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
         self._mesh: DeviceMesh | None = None
@@ -348,6 +358,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         if runner is None:
             refuse_planned_cut(module, settings.plans_cut)
+        captured = self._capture(module, trainer) if runner is None else None
         if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             earlier = runner.config
             auto = settings.schedule == AUTO_SCHEDULE
@@ -356,7 +367,7 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
                 num_microbatches=earlier.num_microbatches if auto else None,
                 replicas=earlier.replicas if auto_replicas else self.mesh_shape.stage_replicas)
         elif settings.plans_cut:
-            plan = self._cut_plan = self._plan(trainer, module)
+            plan = self._cut_plan = self._plan(trainer, module, captured)
             config = settings.engine_config(
                 partition=plan.partition, schedule=plan.schedule, num_microbatches=plan.num_microbatches,
                 replicas=plan.replicas if auto_replicas else self.mesh_shape.stage_replicas)
@@ -368,10 +379,15 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
         if runner is None:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
-            _, sequence = find_sequence(module, settings.layers)
-            self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device, self._position.base)
-            runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
-                                          materialize=self._materializer, **groups)
+            if captured is not None:
+                runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
+                                                       device=self.root_device, **groups)
+            else:
+                _, sequence = find_sequence(module, settings.layers)
+                self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
+                                                                  self._position.base)
+                runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
+                                              materialize=self._materializer, **groups)
         elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (
                 config, settings.layers, shape.pipeline_ranks, mesh is None):
             raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
@@ -402,7 +418,30 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
                 torch.distributed.barrier()  # as Lightning: no rank leaves while another is still in a collective
             raise SIGTERMException()
 
-    def _plan(self, trainer: Trainer, module: LightningModule) -> CutPlan:
+    def _capture(self, module: LightningModule, trainer: Trainer) -> CapturedModule | None:
+        """A model that is not one nn.Sequential: captured on every rank from the first micro-batch of the running
+        stage's first batch (:mod:`lightning_pipe.strategy.captured`); ``None`` for the nn.Sequential path."""
+        path, layers = choose_model(module, self.layers, self.settings.split_points)
+        if path != CAPTURED:
+            return None
+        assert layers is not None
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
+                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank "
+                             f"only on the nn.Sequential path so far; its model at {layers!r} is captured instead: "
+                             f"build it in __init__ (or init_module(empty_init=False)), or make the layers one "
+                             f"nn.Sequential")
+        group = self._mesh.get_group(PIPE) if self._mesh is not None else None
+        captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device())
+        how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
+               f"the model one nn.Sequential")
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
+            batch, step = first_batch(trainer, how)
+        microbatch = split_batch(self.batch_to_device(batch), self.num_microbatches)[0]
+        captured.capture_first(step, microbatch, training=step == "training_step")
+        return captured
+
+    def _plan(self, trainer: Trainer, module: LightningModule, captured: CapturedModule | None = None) -> CutPlan:
         """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
         how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {{hook}}; give "
                f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
@@ -413,8 +452,15 @@ class PipelineStrategy(PipelineCheckpoints, ProcessStrategy):
                 cache = self.profile_cache
                 if cache is None:
                     cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
-                _, sequence = find_sequence(module, self.layers)
-                return plan_cut(module, sequence, self.batch_to_device(batch), partition=str(self.partition),
+                batch = self.batch_to_device(batch)
+                inputs = None
+                if captured is not None:  # the segments are the layers; their input, the model call's, flattened
+                    sequence = torch.nn.Sequential(*captured.segments)
+                    with torch.no_grad(), no_logging(module):
+                        inputs = captured.capture_input(step, batch, (0,), {})
+                else:
+                    _, sequence = find_sequence(module, self.layers)
+                return plan_cut(module, sequence, batch, inputs=inputs, partition=str(self.partition),
                                 schedule=self.schedule, num_microbatches=self.num_microbatches,
                                 **self._planned_layout(), device=self.root_device, memory_cap=self.memory_cap,
                                 schedule_options=self.schedule_options, cache=cache or None, step=step)

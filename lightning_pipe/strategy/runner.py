@@ -12,8 +12,8 @@ stages first combine loss, logs and metrics into those of the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
+from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
@@ -51,7 +52,7 @@ class PipelineRunner:
     """
 
 
-    def __init__(self, split: SplitModule, pipeline: Pipeline, tied: TiedParameters,
+    def __init__(self, split: SplitModule | CapturedModule, pipeline: Pipeline, tied: TiedParameters,
                  replica_group: dist.ProcessGroup | None = None) -> None:
         self.split = split
         self.module: LightningModule = split.module  # type: ignore[assignment]
@@ -107,6 +108,27 @@ class PipelineRunner:
         runner.layers = layers
         return runner
 
+    @classmethod
+    def build_captured(cls, captured: CapturedModule, *, layers: str | None, config: PipelineConfig,
+                       device: torch.device, group: dist.ProcessGroup | None = None,
+                       replica_group: dist.ProcessGroup | None = None,
+                       pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
+        """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
+        segments = captured.segments
+        # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
+        # then, the others' wherever the model was built; their graphs run on this rank's device.
+        captured.splitter.to(device)
+        captured.splitter.capture_on_meta = True
+        pipeline = Pipeline(segments, config=config, group=group, device=device)
+        tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
+                              pipeline.group, pipelines)
+        tied.synchronize_values()
+        local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
+        runner = cls(captured, pipeline, tied, replica_group)
+        captured.install(local).owner = runner
+        runner.layers = layers
+        return runner
+
     @property
     def config(self) -> PipelineConfig:
         """How the pipeline runs (a later Trainer may reuse this runner only with an equal config)."""
@@ -115,8 +137,11 @@ class PipelineRunner:
     @staticmethod
     def of(module: LightningModule) -> PipelineRunner | None:
         """The runner that already cut ``module`` (by an earlier Trainer), if any."""
+        own = module.__dict__.get("_pipelined_model")  # a module whose own forward was captured
+        if own is not None and isinstance(own.owner, PipelineRunner):
+            return own.owner
         for child in module.modules():
-            if isinstance(child, PipelinedSequence) and isinstance(child.owner, PipelineRunner):
+            if isinstance(child, (PipelinedSequence, PipelinedModel)) and isinstance(child.owner, PipelineRunner):
                 return child.owner
         return None
 
@@ -165,6 +190,7 @@ class PipelineRunner:
         summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
         probe = Probe() if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
             and not pipe.asynchronous and len(firsts) > 1 else None
+        self._prepare("training_step", batch, rest, kwargs, seed)
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
@@ -224,6 +250,7 @@ class PipelineRunner:
         rows = _check_rows(batch, step)
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe = self.pipeline
+        self._prepare(step, batch, rest, kwargs, seed)
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, self._first_rows(rows))
         pipe.loss_fn = None
         self.recorder.calls = []
@@ -245,6 +272,15 @@ class PipelineRunner:
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         return self._result(None, outputs, sizes, check_outside=False)
 
+    def _prepare(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> None:
+        """A captured model: make the captures this step needs, on every rank (the step code runs as in input_fn)."""
+        if isinstance(self.split, CapturedModule):
+            device = self.pipeline.device
+
+            def context(index: int) -> Any:
+                return _both(self.recorder.discarding(), forked_random(derive_seed(seed, index), device))
+
+            self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
     def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
         """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
@@ -354,6 +390,12 @@ class PipelineRunner:
         self.metrics.apply(shared.metrics)
         self.recorder.replay(shared.logs, self.pipeline.device)
         return shared
+
+
+@contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 def _tagged(batch: Any, rows: int) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class PipelineSettings:
     replicas: int | tuple[int, ...] | str | None = None
     memory_cap: float | None = None
     profile_cache: str | os.PathLike[str] | bool | None = None
+    split_points: Any = None
     checkpoint_format: str = "full"
     loss_reduction: str = "auto"
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
@@ -55,6 +56,7 @@ class PipelineSettings:
         put("profile_cache", _check_profile_cache(self.profile_cache))
         put("checkpoint_format", _check_checkpoint_format(self.checkpoint_format))
         put("layers", _check_layers(self.layers))
+        put("split_points", _check_split_points(self.split_points))
         put("loss_reduction", check_loss_reduction(self.loss_reduction))
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
@@ -173,9 +175,22 @@ def _check_checkpoint_format(checkpoint_format: Any) -> str:
 
 def _check_layers(layers: Any) -> str | None:
     if layers is not None and not isinstance(layers, str):
-        raise TypeError(f"layers must be the attribute path of an nn.Sequential (e.g. 'model.blocks'), "
-                        f"not {type(layers).__name__}")
+        raise TypeError(f"layers must be the attribute path of the model to pipeline (e.g. 'model', or an "
+                        f"nn.Sequential's 'model.blocks'), not {type(layers).__name__}")
     return layers
+
+
+def _check_split_points(split_points: Any) -> Any:
+    """Module names (or ``(name, "begin" | "end")`` pairs, or a ``{name: where}`` mapping) where the captured model
+    is cut; checked against the model when it is captured."""
+    if split_points is None:
+        return None
+    if isinstance(split_points, str) or not isinstance(split_points, (Sequence, Mapping)) or not split_points:
+        raise TypeError(f"split_points must be a non-empty list of module names (e.g. ['model.h.2', 'model.ln_f']) "
+                        f"or a mapping name -> 'begin' | 'end', not {split_points!r}")
+    if isinstance(split_points, Mapping):
+        return MappingProxyType(dict(split_points))
+    return tuple(tuple(p) if isinstance(p, list) else p for p in split_points)
 
 
 def _check_auto_replicas(replicas: Any, partition: Partition, schedule: str) -> None:

@@ -1,0 +1,423 @@
+"""Pipeline any model the step calls: capture it (:mod:`lightning_pipe.capture`), cut it into segments, and stand in
+for it with a proxy that holds this rank's share of its state under the model's own names.
+
+Which model is captured (or whether the ``nn.Sequential`` path runs instead) is :mod:`.model_choice`'s decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lightning_pipe.capture import CaptureError, Segment, Splitter
+from lightning_pipe.capture.patterns import autocast_state
+from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.model_choice import owners
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton
+
+__all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
+
+
+def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
+    """After ``model`` (at ``path``) was replaced by ``proxy``: lead every other path to it to the proxy, and every
+    path into it to the proxy's holder of that module when this rank holds all of its state, else to a
+    :class:`~.references.LayerElsewhere`; a hyper-parameter that is the model becomes the proxy (a checkpoint then
+    stores it whole), and Lightning's deep copy of the first hyper-parameters goes to the meta device. Returns the
+    paths redirected (see :mod:`.references` for the nn.Sequential path's)."""
+    inside = {id(m): name for name, m in model.named_modules() if name}
+    held = dict(proxy.named_modules())
+    changes: list[tuple[str, nn.Module]] = []
+    skip = [path]
+    for alias, child in module.named_modules(remove_duplicate=False):
+        if not alias or any(alias == s or alias.startswith(f"{s}.") for s in skip):
+            continue
+        if child is model:
+            changes.append((alias, proxy))
+            skip.append(alias)
+        elif id(child) in inside:
+            skip.append(alias)
+            name = inside[id(child)]
+            holder = held.get(name)
+            whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
+            changes.append((alias, holder if whole else LayerElsewhere(alias, name, path)))  # type: ignore[arg-type]
+    for alias, replacement in changes:
+        parent_path, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(parent_path) if parent_path else module, attribute, replacement)
+    hparams = getattr(module, "_hparams", None)
+    if isinstance(hparams, dict):
+        for key, value in list(hparams.items()):
+            if value is model:
+                hparams[key] = proxy
+    initial = getattr(module, "_hparams_initial", None)
+    if isinstance(initial, Mapping):
+        for value in initial.values():
+            if isinstance(value, nn.Module):  # Lightning's deep copy for loggers: its repr, not its weights
+                value.to("meta")
+    return [alias for alias, _ in changes]
+
+
+def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module]) -> None:
+    """Put the parameters no ``local`` segment holds (other ranks') on the meta device, everywhere the model and its
+    segments refer to them (one meta tensor per tensor): this rank keeps only its share of the weights in memory.
+    Later captures run on meta twins anyway (:meth:`~lightning_pipe.capture.Splitter.capture` with
+    ``capture_on_meta``). Buffers stay: a later capture may have a segment recompute from a buffer (a rope table)
+    what the first one sent it, and the segment then takes it from the model."""
+    mine = {id(p) for segment in local for p in segment.parameters()}
+    released: dict[int, nn.Parameter] = {}
+    for holder in holders:
+        for module in holder.modules():
+            table = module._parameters
+            for key, param in table.items():
+                if param is None or id(param) in mine or param.is_meta:
+                    continue
+                if id(param) not in released:
+                    released[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+                table[key] = released[id(param)]
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """A second object of ``module``'s class sharing its submodules, parameters and buffers but none of its hooks: what
+    the splitter captures when the model is the module's own ``forward``, while the module itself is cut."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        twin.__dict__[key] = dict(module.__dict__[key])
+    twin.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    for key, value in module.__dict__.items():
+        if "hooks" in key and isinstance(value, dict):
+            twin.__dict__[key] = type(value)()
+    return twin
+
+
+class _Called(BaseException):
+    """Stops a step where it calls the model (a BaseException, so that a user's ``except Exception`` lets it pass)."""
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _mirror(target: nn.Module, source: nn.Module) -> None:
+    """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
+    same objects, same names."""
+    for name, param in source._parameters.items():
+        if param is not None and name not in target._parameters:
+            target.register_parameter(name, param)
+    for name, buffer in source._buffers.items():
+        if buffer is not None and name not in target._buffers:
+            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        if child is None:
+            continue
+        if name not in target._modules:
+            target.add_module(name, nn.Module() if type(child) is nn.Module else child)
+        holder = target._modules[name]
+        if holder is not child:
+            _mirror(holder, child)
+
+
+class PipelinedModel(nn.Module):
+    """Stands in for a captured model: holds this rank's share of its parameters and buffers under the model's names,
+    so that ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's
+    names.
+
+    Inside a step it either stops the step where it is called, with the call's arguments (first stage), or returns
+    the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor); anywhere else it
+    refuses to run. Plain attributes of the model (a Hugging Face ``config``) stay readable through it.
+    """
+
+    def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
+                 path: str) -> None:
+        super().__init__()
+        for segment in segments:
+            _mirror(self, segment)
+        object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
+        object.__setattr__(self, "_model", model)
+        self._path = path
+        self._model_name = type(model).__name__
+        self._mode: str | None = None
+        self._output: Any = None
+        self._calls = 0
+        self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
+        self.training = model.training
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
+        # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
+        state = dict(self.__dict__)
+        state.update(owner=None, _output=None, _mode=None, _segments=[], _model=None)
+        return state
+
+    def train(self, mode: bool = True) -> PipelinedModel:
+        super().train(mode)
+        for segment in self._segments:
+            segment.train(mode)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mode == "capture":
+            raise _Called(args, kwargs)
+        if self._mode == "output":
+            self._calls += 1
+            if self._calls > 1:
+                raise RuntimeError(f"the step calls the model at {self._path!r} more than once; a pipeline runs it "
+                                   f"once per step: concatenate the inputs and call it once")
+            return self._output
+        raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
+                           f"(this rank holds part of its weights); it runs only inside training, validation, test and "
+                           f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
+                           f"with YourModule.load_from_checkpoint(path)")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        model = self.__dict__.get("_model")  # set once this proxy holds its state
+        if model is None:
+            raise AttributeError(name)
+        value = getattr(model, name)  # AttributeError: the model has none either
+        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            raise AttributeError(f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: "
+                                 f"the model is cut into stages and this rank holds only part of it; call the model "
+                                 f"itself in the step (self.{self._path}(...))")
+        return value
+
+
+class CapturedModule:
+    """A LightningModule whose model (any module the step calls) is captured and pipelined as segments.
+
+    The interface is :class:`~.split.SplitModule`'s: :meth:`capture_input` runs a step up to the model and returns
+    the first segment's input (the flattened call); :meth:`run_step` runs it with the model returning the last
+    segment's output; :meth:`prepare` makes, on every rank, the captures a step needs (a mode seen for the first
+    time, or an input shape new to a static capture) and checks that every rank cut alike.
+    """
+
+    def __init__(self, module: nn.Module, path: str, split_points: Any = None, group: Any = None,
+                 device: torch.device | None = None) -> None:
+        self.module = module
+        self.path = path
+        self.root = path == ""  # the module's own forward is the model
+        self.model = _twin(module) if self.root else module.get_submodule(path)
+        self.called = module if self.root else self.model  # what the step calls
+        self.state_keys = list(module.state_dict().keys())
+        inside = {id(p) for p in self.model.parameters()}
+        self.outside_trainable = [name for name, p in module.named_parameters()
+                                  if p.requires_grad and id(p) not in inside]
+        try:
+            self.splitter = Splitter(self.model, split_points)
+        except (CaptureError, ValueError) as error:
+            raise ValueError(f"split_points for {self.where}: {error}") from None
+        self.group = group
+        self.collective_device = device or torch.device("cpu")
+        self.proxy: PipelinedModel | None = None
+        # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
+        self.skeleton = None if self.root else meta_skeleton(self.model)
+        self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
+        self._seen: set[tuple[bool, tuple]] = set()
+
+    @property
+    def is_cut(self) -> bool:
+        return self.proxy is not None
+
+    @property
+    def where(self) -> str:
+        """The model, for messages."""
+        if self.root:
+            return f"{type(self.module).__name__}.forward"
+        return f"the model at {self.path!r} ({type(self.model).__name__})"
+
+    @property
+    def training(self) -> bool:
+        """The mode the step runs the model in (Lightning sets the LightningModule's; a user may set the model's)."""
+        return self.module.training if self.root or self.proxy is None else self.proxy.training
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.splitter.segments()
+
+    def install(self, local: Sequence[Segment]) -> PipelinedModel:
+        """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
+        the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
+        self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
+        if self.root:
+            module, proxy = self.module, self.proxy
+            for name, child in list(module._modules.items()):
+                if name in proxy._modules:
+                    module._modules[name] = proxy._modules[name]
+                elif child is not None and _has_state(child):
+                    del module._modules[name]  # on other ranks
+            module._parameters = dict(proxy._parameters)
+            module._buffers = dict(proxy._buffers)
+            module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)
+            module.forward = proxy.forward  # type: ignore[method-assign]
+            object.__setattr__(module, "_pipelined_model", proxy)
+            _release_others(local, [self.model, *self.segments])
+            return proxy
+        parent_path, _, attribute = self.path.rpartition(".")
+        parent = self.module.get_submodule(parent_path) if parent_path else self.module
+        setattr(parent, attribute, self.proxy)
+        self.aliases = _redirect(self.module, self.model, self.proxy, self.path)
+        _release_others(local, [self.model, *self.segments])
+        return self.proxy
+
+    # -- capturing ----------------------------------------------------------------------------------
+    def model_call(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple:
+        """Run ``step`` on ``microbatch`` up to the model's call and return that call's ``(args, kwargs)``."""
+        handle = None
+        if self.proxy is not None:
+            self.proxy._mode = "capture"
+        else:
+            def stop(_: nn.Module, call_args: tuple, call_kwargs: dict[str, Any]) -> None:
+                raise _Called(call_args, call_kwargs)
+
+            handle = self.called.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            getattr(self.module, step)(microbatch, *args, **kwargs)
+        except _Called as called:
+            return called.args, called.kwargs
+        finally:
+            if handle is not None:
+                handle.remove()
+            if self.proxy is not None:
+                self.proxy._mode = None
+        raise RuntimeError(self._never_called(step))
+
+    def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
+        """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
+        cut differently are raised on every rank."""
+        def make() -> None:
+            with torch.random.fork_rng(devices=[]), no_logging(self.module):
+                call_args, call_kwargs = self.model_call(step, microbatch, (0,), {})
+                self.splitter.capture(call_args, call_kwargs, training=training)
+
+        self._agree(make, f"capturing {self.where}")
+        self._seen.add((training, autocast_state()))
+
+    def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+                context: Callable[[int], Any]) -> None:
+        """Make the captures this step needs on every rank: the first micro-batch's when the mode (train/eval,
+        autocast) is new; every micro-batch's pattern when the captures are static (one per shape)."""
+        assert self.proxy is not None
+        key = (self.training, autocast_state())
+        for segment in self.segments:  # a segment picks its graph by its own mode
+            if segment.training != key[0]:
+                segment.train(key[0])
+        dynamic = all(capture.dynamic for capture in self.splitter.captures)
+        if key in self._seen and dynamic:
+            return
+        before = len(self.splitter.captures)
+
+        def make() -> None:
+            for index, microbatch in enumerate(microbatches if not dynamic else microbatches[:1]):
+                with context(index):
+                    call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
+                    self.splitter.capture(call_args, call_kwargs, training=key[0])
+
+        error: BaseException | None = None
+        try:
+            make()
+        except Exception as caught:  # noqa: BLE001 - raised on every rank below
+            error = caught
+        if error is not None or len(self.splitter.captures) > before:
+            self._agree(None, f"capturing {self.where}", error)
+        self._seen.add(key)
+
+    def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
+        """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest
+        capture has the same digest (its cut, live values, state and ops)."""
+        if make is not None:
+            try:
+                make()
+            except Exception as caught:  # noqa: BLE001 - raised on every rank below
+                error = caught
+        raise_together(error, what, self.group, self.collective_device)
+        digest = self.splitter.captures[-1].digest.encode()
+        mine = torch.frombuffer(bytearray(digest.ljust(16)[:16]), dtype=torch.uint8).to(self.collective_device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, mine, group=self.group)
+        digests = [bytes(part.cpu().tolist()).decode() for part in parts]
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the ranks captured {type(self.model).__name__} differently (digests by pipeline rank: "
+                               f"{digests}), so their stages would not fit together: every rank must build the same "
+                               f"model (same config, same code version) and call it with the same batch")
+
+    def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened."""
+        call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
+        inputs = self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)  # not the model's flag
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tree_flatten(inputs)[0]):
+            names = ", ".join(self.outside_trainable) or "parameters outside it"
+            raise ValueError(f"{step} computes the inputs of {self.where} with parameters outside it "
+                             f"that require grad ({names}); a pipeline trains only the model it cuts: move them into "
+                             f"the model, name a module holding both with layers=..., or freeze them with "
+                             f"requires_grad_(False)")
+        return inputs
+
+    def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> Any:
+        """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
+        proxy = self.proxy
+        assert proxy is not None
+        proxy._mode, proxy._output, proxy._calls = "output", output, 0
+        try:
+            result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            if proxy._calls == 0:
+                raise RuntimeError(self._never_called(step))
+        finally:
+            proxy._mode, proxy._output = None, None
+        return result
+
+    def outside_parameters_with_grad(self) -> list[str]:
+        named = dict(self.module.named_parameters())
+        return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
+
+    def outside_error(self, names: Sequence[str]) -> str:
+        return (f"training_step uses parameters outside {self.where} that require grad "
+                f"({', '.join(names)}); a pipeline trains only the model it cuts: move them into the model, name a "
+                f"module holding both with layers=..., or freeze them with requires_grad_(False)")
+
+    # -- state ------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
+        if not self.is_cut:
+            self.module.load_state_dict(state_dict, strict=strict)
+            return
+        local_keys = self.module.state_dict().keys()
+        if strict:
+            missing = [key for key in local_keys if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in set(self.state_keys)]
+            if missing or unexpected:
+                raise RuntimeError(f"the checkpoint does not match {type(self.module).__name__}: missing keys "
+                                   f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+        self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+
+    def _never_called(self, step: str) -> str:
+        if self.root:
+            return (f"{type(self.module).__name__}.{step} never called self(...): its trainable parameters are spread "
+                    f"over {owners(self.module)}, so the pipeline runs the module's forward, which {step} must call "
+                    f"(self(x)); or put the model in one attribute that the step calls (self.model = MyModel(...))")
+        return (f"{type(self.module).__name__}.{step} never called {self.where}; the pipeline runs that model, so "
+                f"{step} must call it (directly or through forward), or name the module it calls with "
+                f"PipelineStrategy(layers='attribute.path')")
+
+
+@contextlib.contextmanager
+def no_logging(module: nn.Module) -> Any:
+    """``self.log`` does nothing while a step runs only up to its model (no loop collects logs at setup)."""
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log

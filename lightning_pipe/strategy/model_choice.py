@@ -1,0 +1,62 @@
+"""Which model of a LightningModule the strategy pipelines, and how: the ``nn.Sequential`` path (:mod:`.split`, the
+no-tracing fast path) whenever the module has one outermost ``nn.Sequential`` holding every trainable parameter;
+otherwise a capture (:mod:`.captured`) of the child attribute (``self.model``, ``self.net``) holding every trainable
+parameter, or of the one ``layers=`` names, or, when several attributes hold them (``self.encoder``,
+``self.decoder``), of the LightningModule's own ``forward`` (path ``""``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["choose_model", "owners", "SEQUENCE", "CAPTURED"]
+
+SEQUENCE, CAPTURED = "sequence", "captured"
+
+
+def choose_model(module: nn.Module, layers: str | None, split_points: Any = None) -> tuple[str, str | None]:
+    """Which path cuts ``module`` and the attribute path of what it cuts: ``("sequence", path or None)`` (today's
+    ``nn.Sequential`` path, which finds its sequence itself) or ``("captured", path)``."""
+    if layers is not None:
+        try:
+            target = module.get_submodule(layers)
+        except AttributeError:
+            raise ValueError(f"{type(module).__name__} has no submodule {layers!r}; pass layers= the attribute path of "
+                             f"the model the step calls, e.g. layers='model'") from None
+        if isinstance(target, nn.Sequential) and split_points is None:
+            return SEQUENCE, layers
+        return CAPTURED, layers
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    outermost: list[nn.Sequential] = []
+    names: list[str] = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Sequential) and name and not any(name.startswith(f"{n}.") for n in names):
+            names.append(name)
+            outermost.append(child)
+    if split_points is None and len(outermost) == 1 and trainable <= {id(p) for p in outermost[0].parameters()}:
+        return SEQUENCE, None
+    holders = [name for name, child in module.named_children()
+               if trainable and trainable <= {id(p) for p in child.parameters()}]
+    if holders:
+        return CAPTURED, holders[0]
+    if split_points is None and len(outermost) >= 1 and not trainable:
+        return SEQUENCE, None  # nothing to train: the sequence path's own errors and checks apply
+    if _own_forward(module):
+        return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
+    raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
+                     f"parameters are spread over {owners(module)} and it has no forward. Put the model in one "
+                     f"attribute that the step calls (self.model = MyModel(...)) and name it with layers='model' if "
+                     f"needed, or call the layers from the module's forward and call self(...) in the step; or, for "
+                     f"one nn.Sequential, put every trainable layer inside it")
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines its own ``forward`` (a LightningModule's default one runs nothing)."""
+    from lightning.pytorch import LightningModule
+
+    return type(module).forward not in (LightningModule.forward, nn.Module.forward)
+
+
+def owners(module: nn.Module) -> list[str]:
+    return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad})

@@ -1,0 +1,115 @@
+"""Captured batch norms follow the stage's deferred rule (engine/batchnorm.py): running statistics of the whole batch,
+committed once per step, never by a recomputation; outside a stage they are plain batch norms."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.capture import Splitter
+from lightning_pipe.engine.batchnorm import DeferredBatchNorm1d
+from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
+from lightning_pipe.engine.stage import PipelineStage
+from tests.capture_models import ResNet
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class NormFirst(nn.Module):
+    """A batch norm on the data itself (its input does not depend on any weight), then layers with another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(6)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _stage_steps(model: nn.Module, batches: list[torch.Tensor], num_microbatches: int, remat: bool) -> nn.Module:
+    """SGD steps of ``model`` captured into segments and run as one pipeline stage, micro-batch by micro-batch."""
+    splitter = Splitter(model)
+    segments = splitter.segments((split_batch(batches[0], num_microbatches)[0],))
+    stage = PipelineStage(nn.Sequential(*segments), 0, 1, checkpoint_activations=remat)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        microbatches = split_batch(batch, num_microbatches)
+        for index, (x, weight) in enumerate(zip(microbatches, microbatch_weights(microbatches))):
+            output = stage.forward(index, splitter.flat_inputs((x,)))
+            stage.hold(index, output.square().mean() * weight)
+        for index in range(len(microbatches)):
+            stage.backward(index, None)
+        stage.end_step()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _one_device_steps(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        model(batch).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "rematerialized"])
+def test_one_microbatch_equals_one_device_in_weights_and_buffers(remat: bool) -> None:
+    """A ResNet (stem, blocks and downsampling with batch norms) captured into segments, 3 steps of one micro-batch:
+    every weight and buffer equals one device's, with and without re-materialization (which used to count and update
+    every batch norm twice)."""
+    torch.manual_seed(0)
+    reference = ResNet().train()
+    model = copy.deepcopy(reference)
+    batches = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _stage_steps(model, batches, 1, remat)
+    _one_device_steps(reference, batches)
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-5, msg=name)
+    assert int(model.bn1.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "rematerialized"])
+def test_several_microbatches_commit_the_whole_batchs_statistics(remat: bool) -> None:
+    """With 4 micro-batches the running statistics of a batch norm whose input is the data equal one device's
+    (the whole batch's, once per step), while each micro-batch is normalized with its own statistics."""
+    torch.manual_seed(0)
+    reference = NormFirst().train()
+    model = copy.deepcopy(reference)
+    batches = [torch.randn(12, 6, generator=torch.Generator().manual_seed(i)) * (i + 1) + i for i in range(3)]
+    _stage_steps(model, batches, 4, remat)
+    _one_device_steps(reference, batches)
+    assert isinstance(model.norm, DeferredBatchNorm1d), "the stage converted the model's own batch norm"
+    for name in STATS:
+        torch.testing.assert_close(getattr(model.norm, name), getattr(reference.norm, name), rtol=0, atol=1e-5,
+                                   msg=name)
+
+
+def test_outside_a_stage_captured_batch_norms_are_plain() -> None:
+    """Segments run on their own (no stage) update the running statistics per call, as the model does."""
+    torch.manual_seed(0)
+    model = NormFirst().train()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    x = torch.randn(8, 6)
+    splitter.segments((x,))
+    torch.testing.assert_close(splitter.run(x), reference(x), rtol=0, atol=1e-6)
+    for name in STATS:
+        torch.testing.assert_close(getattr(model.norm, name), getattr(reference.norm, name), rtol=0, atol=0)
+    model.eval()
+    reference.eval()
+    for segment in splitter.segments():
+        segment.eval()
+    splitter.capture((x,), training=False)
+    torch.testing.assert_close(splitter.run(x), reference(x), rtol=0, atol=1e-6)
+    assert F is not None

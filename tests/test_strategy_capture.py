@@ -1,0 +1,360 @@
+"""Any model under a real Trainer: ordinary LightningModules over the capture families (HF GPT-2, Llama, BERT, a
+litgpt-style GPT, a ViT, a ResNet, a two-Sequential autoencoder, a model kept in hyper-parameters, layers called from
+the module's own forward) train under ``pipedream`` and ``gpipe`` with sequence lengths that change between batches,
+and their weights equal one device's; they validate, and a fit resumed from a checkpoint equals the uninterrupted one.
+
+The default run (1.5-3.5 minutes on the 2 shared cores here, by their load) trains, validates and resumes every
+family on 2 ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's
+batch norms and a LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across
+4 ranks; litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family
+in every (ranks, strategy) pair, resume included (about 7 minutes here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_pipe.engine import launch
+from tests.capture_models import FAMILIES, HAS_TRANSFORMERS
+from tests.helpers import run_ranks
+
+if HAS_TRANSFORMERS:  # imported once by the fork server rather than by every rank
+    launch.PRELOAD[:] = [*launch.PRELOAD, "lightning_pipe.capture", "transformers.models.gpt2.modeling_gpt2",
+                         "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert"]
+
+SEED = 1234
+NUM_MICROBATCHES = 4
+# three training batches: (rows, sequence length); the length changes, and the last batch is a short one
+BATCHES = [(8, 16), (8, 12), (6, 10)]
+HF = ("hf_gpt2", "hf_llama", "hf_bert")
+ALL = [*FAMILIES, "hparams", "forward"]
+FULL = os.environ.get("LIGHTNING_PIPE_FULL_CAPTURE_GRID") == "1"
+# (world size, strategy) -> families; every family runs somewhere by default
+GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["resnet", "forward"], (4, "pipedream"): ["hf_gpt2"],
+        (4, "gpipe"): ["litgpt"]}
+RESUME = {(2, "pipedream")}  # where the resume from a checkpoint is checked by default
+if FULL:
+    GRID = {key: ALL for key in GRID}
+    RESUME = set(GRID)
+
+
+def _family(name: str) -> Any:
+    return FAMILIES["autoencoder" if name in ("hparams", "forward") else name]
+
+
+def _module(name: str) -> Any:
+    """An ordinary LightningModule around the family's model, as a user writes one."""
+    import lightning as L
+
+    family = _family(name)
+
+    class FamilyModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = family.make()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            args, kwargs = family.call(batch)
+            loss = family.loss(self.model(*args, **kwargs), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            args, kwargs = family.call(batch)
+            self.log("val_loss", family.loss(self.model(*args, **kwargs), batch))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class HparamsModule(L.LightningModule):  # the lightning-hydra-template's way: the net is a hyper-parameter
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.save_hyperparameters(logger=False)
+            self.net = net
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = family.loss(self.net(batch[0]), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", family.loss(self.net(batch[0]), batch))
+
+    class ForwardModule(FamilyModule):  # Lightning's autoencoder example: layers on the module, self(x) in the step
+        def __init__(self) -> None:
+            L.LightningModule.__init__(self)
+            made = family.make()
+            self.encoder, self.decoder = made.encoder, made.decoder
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z = self.encoder(x)
+            return self.decoder(z), z
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = family.loss(self(batch[0]), batch)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", family.loss(self(batch[0]), batch))
+
+    L.seed_everything(SEED, verbose=False)
+    if name == "forward":
+        return ForwardModule()
+    return HparamsModule(family.make()) if name == "hparams" else FamilyModule()
+
+
+def _data(name: str, seed: int = 0, shapes: list[tuple[int, int]] = BATCHES) -> Any:
+    from torch.utils.data import DataLoader
+
+    family = _family(name)
+    batches = [family.batch(rows, length, seed + i) for i, (rows, length) in enumerate(shapes)]
+    return DataLoader(batches, batch_size=None)
+
+
+def _trainer(strategy: Any, devices: int, **options: Any) -> Any:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    if isinstance(strategy, dict):
+        strategy = PipelineStrategy(**strategy)
+
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False, "num_sanity_val_steps": 0, "accelerator": "cpu", "devices": devices,
+                "limit_val_batches": 1}
+    return L.Trainer(strategy=strategy, **{**defaults, **options})
+
+
+def _state(module: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str,
+                  resume: bool = True) -> dict[str, Any]:
+    import lightning_pipe  # noqa: F401
+
+    results: dict[str, Any] = {}
+    for name in names:
+        steps = len(BATCHES)
+        model = _module(name)
+        trainer = _trainer(strategy, world_size, max_steps=steps)
+        trainer.fit(model, _data(name))
+        original = trainer.strategy.runner.split.model  # the whole model object the capture was made from
+        mine = {id(p) for p in model.parameters()}
+        kept = {id(p) for p in original.parameters() if not p.is_meta}
+        validated = _trainer(strategy, world_size).validate(model, _data(name, 50, [(8, 14)]), verbose=False)
+        results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
+                         "only_mine_kept": kept <= mine and bool(kept)}
+        if not resume:
+            continue
+        first = _module(name)
+        interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
+        interrupted.fit(first, _data(name))
+        path = os.path.join(tmp, f"{name}.ckpt")
+        interrupted.save_checkpoint(path)
+        if name == "hparams":  # the checkpoint's hyper-parameters hold the net whole, with the trained weights
+            net = torch.load(path, weights_only=False)["hyper_parameters"]["net"]
+            results[name]["hparams_net"] = {f"net.{k}": v for k, v in net.state_dict().items()}
+        resumed = _module(name)
+        # Lightning's restore after setup (the strategy's, since the sharded checkpoints) drops fit(weights_only=False),
+        # and torch.load refuses the net the hyper-parameters hold without it
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path, weights_only=False)
+        results[name]["resumed"] = _state(resumed)
+    return results
+
+
+def _captured(module: Any) -> bool:
+    """Whether the strategy took the captured path (not the nn.Sequential one) for ``module``."""
+    from lightning_pipe.strategy.captured import PipelinedModel
+
+    return "_pipelined_model" in module.__dict__ or any(isinstance(m, PipelinedModel) for m in module.modules())
+
+
+def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Tensor], float]:
+    """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows (after
+    ``steps`` steps; the validation loss of the model then)."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+
+    model = _module(name)
+    model.log = lambda *args, **kwargs: None
+    optimizer = model.configure_optimizers()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for batch in list(_data(name))[:steps]:
+        rows = batch_rows(batch)
+        running = [{k: v.clone() for k, v in norm.named_buffers()} for norm in norms]
+        inputs: dict[int, list[torch.Tensor]] = {id(norm): [] for norm in norms}
+        hooks = [norm.register_forward_pre_hook(lambda m, args, seen=inputs: seen[id(m)].append(args[0].detach()))
+                 for norm in norms]
+        for microbatch in split_batch(batch, NUM_MICROBATCHES):
+            (model.training_step(microbatch, 0) * batch_rows(microbatch) / rows).backward()
+        for hook in hooks:
+            hook.remove()
+        # a pipeline stage's batch norms update their running statistics once per step, with the statistics of all
+        # the micro-batches' inputs together (as one device's forward of the whole batch would)
+        for norm, buffers in zip(norms, running):
+            norm.load_state_dict(buffers, strict=False)
+            with torch.no_grad():
+                norm(torch.cat(inputs[id(norm)]))
+        optimizer.step()
+        optimizer.zero_grad()
+    logged: list[float] = []
+    model.log = lambda _, value, **options: logged.append(float(value))
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        (batch,) = list(_data(name, 50, [(8, 14)]))
+        for microbatch in split_batch(batch, NUM_MICROBATCHES):
+            model.validation_step(microbatch, 0)
+            total += logged.pop() * batch_rows(microbatch) / batch_rows(batch)
+    return _state(model), total
+
+
+def _check(results: list[dict[str, Any]], names: list[str]) -> None:
+    for name in names:
+        expected, val_loss = _reference(name)
+        for which in ("state", "resumed") if "resumed" in results[0][name] else ("state",):
+            merged: dict[str, torch.Tensor] = {}
+            for result in results:
+                merged.update(result[name][which])
+            assert merged.keys() == expected.keys(), f"{name} {which}: {sorted(set(expected) ^ set(merged))}"
+            for key, value in expected.items():
+                torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{name} {which} {key}")
+        if "hparams_net" in results[0][name]:
+            after, _ = _reference(name, steps=len(BATCHES) - 1)
+            assert results[0][name]["hparams_net"].keys() == after.keys()
+            for key, value in after.items():
+                torch.testing.assert_close(results[0][name]["hparams_net"][key], value, rtol=0, atol=1e-5, msg=key)
+        for rank, result in enumerate(results):
+            assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
+            assert result[name]["captured"], f"{name}: captured, not the nn.Sequential path"
+            assert result[name]["only_mine_kept"], f"{name} rank {rank}: the other ranks' parameters went to meta"
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize(("world_size", "strategy"), list(GRID))
+def test_families_train_validate_and_resume_like_one_device(world_size: int, strategy: str, tmp_path: Path) -> None:
+    names = [name for name in GRID[(world_size, strategy)] if HAS_TRANSFORMERS or name not in HF]
+    resume = (world_size, strategy) in RESUME
+    results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), resume, timeout=1400)
+    _check(results, names)
+
+
+def _cuts(rank: int, world_size: int) -> dict[str, Any]:
+    """litgpt validated before it trains (the eval capture comes first), then trained with a planned cut over its
+    segments, and with hand-made split points and the partition by parameters."""
+    import lightning_pipe  # noqa: F401
+
+    results: dict[str, Any] = {}
+    model = _module("litgpt")
+    validated = _trainer("pipedream", world_size).validate(model, _data("litgpt", 50, [(8, 14)]), verbose=False)
+    results["validated_first"] = validated[0]["val_loss"]
+    for case, options in {"profile": {"partition": "profile", "profile_cache": False},
+                          "split_points": {"partition": "parameters",
+                                           "split_points": ["transformer.h.1", ("transformer.h.2", "end")]}}.items():
+        model = _module("litgpt")
+        trainer = _trainer(options, world_size, max_steps=len(BATCHES))
+        trainer.fit(model, _data("litgpt"))
+        pipeline = trainer.strategy.runner.pipeline
+        results[case] = {"state": _state(model), "stage_sizes": list(pipeline.stage_sizes),
+                         "captured": _captured(model)}
+    return results
+
+
+@pytest.mark.timeout(400)
+def test_planned_and_hand_made_cuts_over_segments_and_an_eval_capture_first() -> None:
+    results = run_ranks(_cuts, 2, timeout=350)
+    _, initial_val_loss = _reference("litgpt", steps=0)
+    expected, _ = _reference("litgpt")
+    for rank, result in enumerate(results):
+        assert result["validated_first"] == pytest.approx(initial_val_loss, rel=1e-5, abs=1e-6), f"rank {rank}"
+    assert results[0]["split_points"]["stage_sizes"] == [2, 1]  # 3 segments; the first holds the embedding too
+    assert sum(results[0]["profile"]["stage_sizes"]) == 6  # default cuts: stem, 4 blocks, head
+    for case in ("profile", "split_points"):
+        merged: dict[str, torch.Tensor] = {}
+        for result in results:
+            assert result[case]["captured"]
+            merged.update(result[case]["state"])
+        assert merged.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-5, msg=f"{case} {key}")
+
+
+def _replicated(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """2 stages x 2 replicas: replica ``r`` reads rows ``r, r + 2, ...`` of every 16 rows, in order."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_pipe  # noqa: F401
+
+    model = _module("autoencoder")
+    rows = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+    trainer = _trainer({"num_stages": 2}, world_size, max_steps=2, use_distributed_sampler=False)
+    replica = trainer.strategy.mesh_shape.coordinates(trainer.global_rank)[1]
+    trainer.fit(model, DataLoader(TensorDataset(rows[replica::2]), batch_size=8))
+    return _state(model)
+
+
+@pytest.mark.timeout(300)
+def test_replicas_of_a_captured_pipeline_average_their_gradients() -> None:
+    results = run_ranks(_replicated, 4, timeout=250)
+    model = _module("autoencoder")
+    optimizer = model.configure_optimizers()
+    model.log = lambda *args, **kwargs: None
+    rows = torch.randn(32, 32, generator=torch.Generator().manual_seed(3))
+    for step in range(2):  # the two replicas' halves together: 16 rows a step
+        model.training_step((rows[16 * step: 16 * (step + 1)],), step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for rank, result in enumerate(results):
+        for key, value in result.items():
+            torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=1e-5, msg=f"rank {rank} {key}")
+
+
+SCHEDULES = [("vit", {"schedule": "interleaved_1f1b", "schedule_options": {"virtual_stages": 2}}),
+             ("litgpt", {"schedule": "zb_h1"})]
+
+
+def _schedules(rank: int, world_size: int, tmp: str) -> list[dict[str, Any]]:
+    return [_fit_families(rank, world_size, [name], options, tmp, False) for name, options in SCHEDULES]
+
+
+@pytest.mark.timeout(300)
+def test_interleaved_and_zero_bubble_schedules_on_captured_models(tmp_path: Path) -> None:
+    """Two segments a rank (interleaved 1F1B), and the weight half of the backward split over segments (ZB-H1)."""
+    results = run_ranks(_schedules, 2, str(tmp_path), timeout=250)
+    for index, (name, _) in enumerate(SCHEDULES):
+        _check([result[index] for result in results], [name])
+
+
+def _static(rank: int, world_size: int, tmp: str) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
+    """Captures per input shape (what the splitter falls back to when symbolic sizes fail): every rank captures each
+    new micro-batch shape before the step runs it."""
+    from lightning_pipe.capture import Splitter
+    from lightning_pipe.strategy import captured
+
+    made: list[Splitter] = []
+
+    class Static(Splitter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, dynamic=False, **kwargs)
+            made.append(self)
+
+    captured.Splitter = Static  # type: ignore[misc]
+    results = _fit_families(rank, world_size, ["litgpt"], "pipedream", tmp, False)
+    return results, [(c.training, c.dynamic) for c in made[0].captures]
+
+
+@pytest.mark.timeout(300)
+def test_static_captures_follow_every_new_shape_on_every_rank(tmp_path: Path) -> None:
+    results = run_ranks(_static, 2, str(tmp_path), timeout=250)
+    _check([result for result, _ in results], ["litgpt"])
+    for _, captures in results:  # to train: micro-batches of 2 rows and length 16, 12, 10, and of 1 row and length 10
+        assert captures == [(True, False)] * 4 + [(False, False)], captures  # and one to validate: length 14

@@ -1,0 +1,166 @@
+"""Which path the strategy takes (the nn.Sequential fast path or a capture), the proxy that stands in for a captured
+model, and the errors of the captured path: a capture failure names the module and the construct on every rank before
+any rank waits for another; parameters used outside the captured model, a model the step never calls, and ranks that
+capture differently are refused on every rank."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_pipe.strategy.model_choice import CAPTURED, SEQUENCE, choose_model
+from tests.capture_models import AutoEncoder, ViT
+from tests.helpers import run_ranks
+
+
+class Gate(nn.Module):
+    """Branches on a tensor's value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+            if x.mean() > 0:  # the construct the error must name
+                x = -x
+        return x
+
+
+def _lightning(model: nn.Module, extra: nn.Module | None = None, use: str = "model") -> Any:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            if extra is not None:
+                self.extra = extra
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.model(batch[0]) if use == "model" else batch[0]
+            if isinstance(out, tuple):
+                out = out[0]
+            if extra is not None:
+                out = self.extra(out)
+            return out.pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module()
+
+
+# -- which path, without processes ------------------------------------------------------------------
+def test_one_sequential_holding_every_trainable_parameter_takes_the_sequential_path() -> None:
+    module = _lightning(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    assert choose_model(module, None) == (SEQUENCE, None)
+    assert choose_model(module, "model") == (SEQUENCE, "model")
+    assert choose_model(module, None, split_points=["1"]) == (CAPTURED, "model")  # hand cuts: captured
+
+
+def test_other_models_are_captured_at_the_child_holding_every_trainable_parameter() -> None:
+    assert choose_model(_lightning(AutoEncoder()), None) == (CAPTURED, "model")  # two Sequentials inside it
+    assert choose_model(_lightning(ViT()), None) == (CAPTURED, "model")
+    frozen = nn.Linear(4, 4).requires_grad_(False)  # a frozen module beside the model does not count
+    assert choose_model(_lightning(ViT(), extra=frozen), None) == (CAPTURED, "model")
+    assert choose_model(_lightning(ViT(), extra=nn.Linear(10, 10)), "model") == (CAPTURED, "model")
+
+
+def test_layers_spread_over_attributes_are_the_modules_own_forward_when_it_has_one() -> None:
+    module = _lightning(ViT(), extra=nn.Linear(10, 10))
+    type(module).forward = lambda self, x: self.extra(self.model(x))
+    assert choose_model(module, None) == (CAPTURED, "")
+
+
+def test_trainable_parameters_spread_over_attributes_are_an_error_that_says_what_to_do() -> None:
+    with pytest.raises(ValueError, match=r"spread over \['extra', 'model'\] and it has no forward.*self.model = "):
+        choose_model(_lightning(ViT(), extra=nn.Linear(10, 10)), None)
+    with pytest.raises(ValueError, match="has no submodule 'modle'"):
+        choose_model(_lightning(ViT()), "modle")
+
+
+def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
+    """Another attribute holding the model leads to the proxy; one holding a module of it leads to this rank's
+    holder of that module (same tensors), or to a stand-in without state where another rank holds it; so the
+    LightningModule's state_dict holds trained weights only, under every name."""
+    from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
+    from lightning_pipe.strategy.references import LayerElsewhere
+
+    vit = ViT()
+    module = _lightning(vit)
+    module.again, module.head, module.embed = vit, vit.head, vit.patch_embed
+    captured = CapturedModule(module, "model")
+    captured.splitter.capture((torch.randn(2, 3, 16, 16),), {})
+    captured.install(captured.segments[-1:])  # this rank: the last segment (norm and head)
+    assert isinstance(module.model, PipelinedModel) and module.again is module.model
+    assert isinstance(module.embed, LayerElsewhere)
+    assert module.head is module.model.head and module.head.weight is vit.head.weight
+    keys = set(module.state_dict())
+    assert {"head.weight", "again.head.weight", "model.norm.weight"} <= keys
+    assert not any(key.startswith(("embed.", "model.blocks.", "again.blocks.")) for key in keys)
+    assert sorted(captured.aliases) == ["again", "embed", "head"]
+
+
+# -- errors on every rank ----------------------------------------------------------------------------
+def _run(rank: int, world_size: int, case: str) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+
+    torch.manual_seed(0)
+    strategy: Any = "pipedream"
+    if case == "gate":
+        module, width = _lightning(Gate()), 8
+    elif case == "outside":  # the step uses a trainable head beside the model it names
+        module, width = _lightning(AutoEncoder(), extra=nn.Linear(32, 2), use="model"), 32
+        strategy = lightning_pipe.PipelineStrategy(layers="model")
+    elif case == "never_called":
+        module, width = _lightning(AutoEncoder(), use="none"), 32
+    else:
+        raise ValueError(case)
+    data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(module, data)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("case", "expected"), [
+    ("gate", ["CaptureError", "Gate", "x.mean() > 0", "torch.where"]),
+    ("outside", ["outside the model at 'model'", "extra.weight", "requires_grad_(False)"]),
+    ("never_called", ["never called the model at 'model'", "layers="]),
+])
+def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
+    start = time.monotonic()
+    errors = run_ranks(_run, 2, case, timeout=200, expect_failure=True)
+    for rank, text in enumerate(errors):
+        assert text is not None, f"rank {rank} finished"
+        for part in expected:
+            assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
+    assert time.monotonic() - start < 200
+
+
+def _differently(rank: int, world_size: int) -> None:
+    """Rank 1 builds a wider model: its capture differs, and every rank says so before a step runs."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+
+    module = _lightning(AutoEncoder(hidden=16 if rank == 0 else 24))
+    data = DataLoader([(torch.randn(8, 32),) for _ in range(2)], batch_size=None)
+    L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=1).fit(module, data)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_capture_differently_are_refused_on_every_rank() -> None:
+    errors = run_ranks(_differently, 2, timeout=100, expect_failure=True)
+    for rank, text in enumerate(errors):
+        assert text is not None and "captured AutoEncoder differently" in text, f"rank {rank}:\n{(text or '')[-2000:]}"
