@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .asynchronous_steps import AsynchronousSteps
 from .comm import Communicator, PipelineError
 from .config import PipelineConfig
 from .cut import cut, stage_sizes
@@ -21,7 +22,6 @@ from .replicas import GradientAverager, broadcast_state
 from .rng import forward_seed, step_seed
 from .runtime import configure_threads, local_world_size
 from .schedules import Action, Op, Schedule, forward_only, get_schedule, gpipe
-from .schedules import asynchronous as schedules_async
 from .schedules.replicated import replica_ranks, replicated, replicated_forward_only
 from .schedules.transfers import CommPlan, Step, carried_out, comm_plan, shift
 from .stage import PipelineStage
@@ -38,7 +38,7 @@ def default_input_fn(microbatch: Any) -> Any:
     return microbatch[0] if isinstance(microbatch, (tuple, list)) else microbatch
 
 
-class Pipeline:
+class Pipeline(AsynchronousSteps):
     """This rank's share of a pipeline-parallel model, trained one batch at a time by a schedule.
 
     Every rank of ``group`` builds the same ``layers`` and calls the same methods with the same batch; each
@@ -449,78 +449,6 @@ class Pipeline:
         for stage in self.stages.values():
             stage.clear()
 
-    # -- asynchronous schedules -------------------------------------------------------------------
-    def _setup_async(self, plan: Schedule, checkpoint_activations: bool) -> None:
-        if len(self.stages) != 1:
-            raise ValueError("asynchronous schedules run one stage per rank")
-        # 2BW and vertical sync ask for weights older than the live ones: keep what each step replaces.
-        keep_replaced = self.vertical_sync or self.kind.double_buffered
-        for stage in self.stages.values():
-            stage.stash_weights(keep_replaced)
-        self._steady = plan
-        self.update_every_microbatch = sum(a.op is Op.OPTIMIZER for a in plan.actions[0]) == plan.num_microbatches
-        self._in_flight = False
-        self._next_id = 0  # id of the next micro-batch, counted from the first batch
-        self._batches_since_drain = 0
-        self._version_at_drain = 0
-        self.optimizer_step_fn: Callable[[], Any] = _no_optimizer
-
-    def version_for(self, stage_index: int, microbatch_id: int) -> int:
-        """Which weight version a forward runs on (the written tables are in tests/test_async_versions.py)."""
-        versions = self.stages[stage_index].versions
-        if self.kind.double_buffered:
-            # Batch b after a drain runs on the weights after the update of batch b - 2: one step stale.
-            return self._version_at_drain + max(0, self._batches_since_drain - 1)
-        return versions.version  # async_1f1b: the newest weights (stage 0's under vertical sync, sent along)
-
-    def _train_step_async(self, microbatches: list[Any], loss_scale: float,
-                          optimizer_step: Callable[[], Any] | None, seed: int) -> torch.Tensor | None:
-        if optimizer_step is None:
-            raise ValueError(f"schedule {self.schedule_name!r} steps the optimizer inside the pipeline: call "
-                             f"train_step(batch, optimizer_step=optimizer.step)")
-        self.optimizer_step_fn = optimizer_step
-        m = len(microbatches)
-        carried_in = None
-        if m == self.num_microbatches:
-            plan = self._steady if self._in_flight else schedules_async.start(self._steady)
-            carried_in = "steady" if self._in_flight else None
-            self._in_flight = True
-        else:  # a short last batch runs alone, after everything before it has finished
-            self.flush(optimizer_step)
-            plan = schedules_async.alone(self._steady, m)
-        self._batch_seeds = [*self._batch_seeds[-2:], (self._next_id, m, seed)]  # a batch's forwards end a call later
-        losses, _ = self._run(plan, microbatches, training=True, loss_scale=loss_scale, first_id=self._next_id,
-                              carried_in=carried_in)
-        self._end_step()  # statistics of the forwards this call ran, whichever batches they belonged to
-        self._next_id += m
-        self._batches_since_drain += 1
-        if m != self.num_microbatches:
-            self._drained()
-        return torch.stack(losses).sum() if losses else None
-
-    def flush(self, optimizer_step: Callable[[], Any] | None = None) -> None:
-        """Finish every micro-batch still in flight (asynchronous schedules): afterwards every stage has
-        applied every update and the weights are one consistent set. A no-op for synchronous schedules."""
-        if not self.asynchronous or not self._in_flight:
-            return
-        if optimizer_step is not None:
-            self.optimizer_step_fn = optimizer_step
-        self._run(schedules_async.drain(self._steady), [], training=True,
-                  first_id=self._next_id - self.num_microbatches, carried_in="drain")
-        self._end_step()
-        self._drained()
-
-    def _drained(self) -> None:
-        self.comm.wait_sends()  # the last gradients sent must arrive before anyone moves on
-        self._in_flight = False
-        self._batches_since_drain = 0
-        self._version_at_drain = next(iter(self.stages.values())).versions.version
-
-    @property
-    def weight_versions(self) -> int:
-        """Most weight copies this rank has held at once besides the live ones (asynchronous schedules)."""
-        return max((s.versions.peak_versions for s in self.stages.values() if s.versions), default=0)
-
 
 _BETWEEN_STEPS = "its own code between two pipeline steps"
 
@@ -544,7 +472,3 @@ def _refuse_meta(modules: list[nn.Sequential], local: Sequence[int]) -> None:
             raise ValueError(f"stage {index}'s layers have tensors on the meta device ({', '.join(names[:5])}): give "
                              f"them storage first, e.g. Pipeline(..., materialize=lambda stages: ...) with to_empty() "
                              f"and reset_parameters() of each layer, or build the layers on a real device")
-
-
-def _no_optimizer() -> None:
-    raise RuntimeError("an asynchronous schedule reached an optimizer step without optimizer_step")

@@ -28,14 +28,30 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_replica_logs
+from lightning_pipe.strategy.logs import (
+    LogRecorder,
+    MetricTracker,
+    combine_replica_logs,
+)
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 from lightning_pipe.strategy.reduction import Probe, verdict
-from lightning_pipe.strategy.results import ResultChannel, StepResult, decode_result, encode_result, gather_results
+from lightning_pipe.strategy.results import (
+    ResultChannel,
+    StepResult,
+    decode_result,
+    encode_result,
+    gather_results,
+)
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.step_values import (
+    check_rows,
+    combine_outputs,
+    different_batches,
+    loss_of,
+)
 from lightning_pipe.strategy.tied import TiedParameters
 
-__all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]
+__all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
 _BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
@@ -183,7 +199,7 @@ class PipelineRunner:
     def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
                optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
         batch, rest = args[0], tuple(args[1:])
-        rows = _check_rows(batch, "training_step")
+        rows = check_rows(batch, "training_step")
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe, outputs, sizes = self.pipeline, [], []
         firsts = self._first_rows(rows)
@@ -197,7 +213,7 @@ class PipelineRunner:
             microbatch_rows = batch_rows(microbatch)
             with self.recorder.recording(microbatch_rows), forked_random(derive_seed(seed, index), pipe.device):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
-            loss, extra = _loss_of(result)
+            loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
             if probe is not None:
@@ -247,7 +263,7 @@ class PipelineRunner:
 
     def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int) -> Any:
         batch, rest = args[0], tuple(args[1:])
-        rows = _check_rows(batch, step)
+        rows = check_rows(batch, step)
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe = self.pipeline
         self._prepare(step, batch, rest, kwargs, seed)
@@ -288,7 +304,7 @@ class PipelineRunner:
         def run_whole(output: Any, batch: Any) -> torch.Tensor:
             with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
-                return _loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
+                return loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
 
         self._probes_left -= 1
         rule, why = verdict(probe, run_whole)
@@ -383,7 +399,7 @@ class PipelineRunner:
         shared = decode_result(structure, tensors)
         if fingerprints is not None:
             self.metrics.apply({})
-            raise DifferentBatches(_different_batches(step, fingerprints, self.pipeline.group))
+            raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group))
         if shared.error is not None:
             self.metrics.apply({})
             raise RuntimeError(shared.error)
@@ -402,66 +418,3 @@ def _tagged(batch: Any, rows: int) -> dict[str, Any]:
     """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
     it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
     return {_BATCH: batch, _ROWS: torch.arange(rows)}
-
-
-def _check_rows(batch: Any, step: str) -> int:
-    """The batch's rows; an empty batch is refused here, on every rank alike, before any rank waits for another."""
-    rows = batch_rows(batch)
-    if rows == 0:
-        raise ValueError(f"{step} got an empty batch (0 rows); a pipeline splits every batch into micro-batches along "
-                         f"dim 0 and cannot run an empty one: drop empty batches in the dataloader (drop_last=True, or a "
-                         f"sampler / collate_fn that never yields 0 rows)")
-    return rows
-
-
-def _different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup) -> str:
-    ranks = [dist.get_global_rank(group, rank) for rank in range(len(fingerprints))]
-    groups: dict[int, list[int]] = {}
-    for rank, fingerprint in zip(ranks, fingerprints):
-        groups.setdefault(fingerprint, []).append(rank)
-    readings = "; ".join(f"ranks {members} read batch {fingerprint:#x}" for fingerprint, members in groups.items())
-    return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
-            f"and the last stage's targets would come from different rows. Every rank of a pipeline must load the same "
-            f"batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
-            f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
-            f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
-            f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
-            f".manual_seed(seed)), or derive it from the epoch")
-
-
-def _loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    if isinstance(result, torch.Tensor):
-        return result, {}
-    if isinstance(result, Mapping) and isinstance(result.get("loss"), torch.Tensor):
-        return result["loss"], {k: _detached(v) for k, v in result.items() if k != "loss"}
-    raise ValueError(f"training_step returned {type(result).__name__}; under PipelineStrategy it must return the "
-                     f"micro-batch's mean loss as a tensor, or a dict with the loss under 'loss' (a step cannot be "
-                     f"skipped by returning None, since every stage takes part in it)")
-
-
-def _detached(value: Any) -> Any:
-    return combine_outputs([value], [1])
-
-
-def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
-    """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
-
-    Tensors with a batch dimension are concatenated along dim 0, scalar tensors and numbers averaged with weights
-    ``sizes`` (the micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are
-    kept if all micro-batches agree, else listed.
-    """
-    first = outputs[0] if outputs else None
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        tensors = [t.detach().cpu() for t in outputs]
-        if first.dim() == 0:
-            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-            return (torch.stack(tensors).double() * weights).sum().to(first.dtype if first.is_floating_point()
-                                                                      else torch.get_default_dtype())
-        return torch.cat(tensors)
-    if isinstance(first, Mapping):
-        return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
-    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
-        return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
-    return first if all(o == first for o in outputs) else list(outputs)

@@ -1,0 +1,143 @@
+"""How PipelineStrategy cuts the module: which path (one ``nn.Sequential``, or a captured model), the cut (given or
+planned from a profile of the first batch on global rank 0), and the runner that holds this rank's share.
+
+A mixin of :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy`, which holds the state it reads and writes
+(the settings, the mesh, the runner, the run's position); ``setup`` calls :meth:`PipelineCutting._build`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from lightning_pipe.engine.microbatch import split_batch
+from lightning_pipe.engine.runtime import configure_threads
+from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
+from lightning_pipe.planner.partition import ROUND_ROBIN
+from lightning_pipe.strategy.captured import CapturedModule, no_logging
+from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
+from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
+from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
+from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
+from lightning_pipe.strategy.runner import PipelineRunner
+from lightning_pipe.strategy.split import find_sequence
+
+__all__ = ["PipelineCutting"]
+
+
+class PipelineCutting:
+    """The cutting of the module, for ``PipelineStrategy.setup``."""
+
+    _runner: PipelineRunner | None
+    _cut_plan: CutPlan | None
+    _planned_replicas: tuple[int, ...] | None
+    _materializer: Any
+    _example_input_array: Any
+
+    def _build(self, module: LightningModule, trainer: Trainer) -> None:
+        if self._runner is not None and self._runner.module is module:
+            return  # a later run of this Trainer (fit, then test): the module is cut already
+        settings, auto_replicas = self.settings, self.settings.replicas == AUTO
+        runner = PipelineRunner.of(module)
+        configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
+        if runner is None:
+            refuse_planned_cut(module, settings.plans_cut)
+        captured = self._capture(module, trainer) if runner is None else None
+        if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
+            earlier = runner.config
+            auto = settings.schedule == AUTO_SCHEDULE
+            config = settings.engine_config(
+                partition=earlier.partition, schedule=earlier.schedule if auto else None,
+                num_microbatches=earlier.num_microbatches if auto else None,
+                replicas=earlier.replicas if auto_replicas else self.mesh_shape.stage_replicas)
+        elif settings.plans_cut:
+            plan = self._cut_plan = self._plan(trainer, module, captured)
+            config = settings.engine_config(
+                partition=plan.partition, schedule=plan.schedule, num_microbatches=plan.num_microbatches,
+                replicas=plan.replicas if auto_replicas else self.mesh_shape.stage_replicas)
+        else:
+            config = settings.engine_config(replicas=self.mesh_shape.stage_replicas)
+        if auto_replicas:  # the planner chose the replicas: the layout follows from them
+            self._planned_replicas = config.replicas
+        shape, mesh = self.mesh_shape, self._mesh
+        if runner is None:
+            groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
+                      "pipelines": shape.pipelines()} if mesh is not None else {}
+            if captured is not None:
+                runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
+                                                       device=self.root_device, **groups)
+            else:
+                _, sequence = find_sequence(module, settings.layers)
+                self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
+                                                                  self._position.base)
+                runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
+                                              materialize=self._materializer, **groups)
+        elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (
+                config, settings.layers, shape.pipeline_ranks, mesh is None):
+            raise ValueError(f"{type(module).__name__} was cut by an earlier Trainer into a pipeline with "
+                             f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
+                             f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
+        runner.loss_reduction = settings.loss_reduction
+        self._runner = runner
+        # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
+        self._example_input_array, module.example_input_array = module.example_input_array, None
+
+    def _capture(self, module: LightningModule, trainer: Trainer) -> CapturedModule | None:
+        """A model that is not one nn.Sequential: captured on every rank from the first micro-batch of the running
+        stage's first batch (:mod:`lightning_pipe.strategy.captured`); ``None`` for the nn.Sequential path."""
+        path, layers = choose_model(module, self.layers, self.settings.split_points)
+        if path != CAPTURED:
+            return None
+        assert layers is not None
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
+                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank "
+                             f"only on the nn.Sequential path so far; its model at {layers!r} is captured instead: "
+                             f"build it in __init__ (or init_module(empty_init=False)), or make the layers one "
+                             f"nn.Sequential")
+        group = self._mesh.get_group(PIPE) if self._mesh is not None else None
+        captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device())
+        how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
+               f"the model one nn.Sequential")
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
+            batch, step = first_batch(trainer, how)
+        microbatch = split_batch(self.batch_to_device(batch), self.num_microbatches)[0]
+        captured.capture_first(step, microbatch, training=step == "training_step")
+        return captured
+
+    def _plan(self, trainer: Trainer, module: LightningModule, captured: CapturedModule | None = None) -> CutPlan:
+        """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
+        how = (f"partition={self.partition!r}, schedule={self.schedule!r} profiles the first batch of {{hook}}; give "
+               f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
+
+        def make() -> CutPlan:
+            with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
+                batch, step = first_batch(trainer, how)
+                cache = self.profile_cache
+                if cache is None:
+                    cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
+                batch = self.batch_to_device(batch)
+                inputs = None
+                if captured is not None:  # the segments are the layers; their input, the model call's, flattened
+                    sequence = torch.nn.Sequential(*captured.segments)
+                    with torch.no_grad(), no_logging(module):
+                        inputs = captured.capture_input(step, batch, (0,), {})
+                else:
+                    _, sequence = find_sequence(module, self.layers)
+                return plan_cut(module, sequence, batch, inputs=inputs, partition=str(self.partition),
+                                schedule=self.schedule, num_microbatches=self.num_microbatches,
+                                **self._planned_layout(), device=self.root_device, memory_cap=self.memory_cap,
+                                schedule_options=self.schedule_options, cache=cache or None, step=step)
+
+        return plan_on_rank_zero(self, make)
+
+    def _planned_layout(self) -> dict[str, Any]:
+        """What the planner is told of the layout: the stages and their replicas, or (``replicas="auto"``) the ranks
+        it may place stages and replicas on."""
+        shape = self.mesh_shape
+        if self.settings.replicas == AUTO:
+            return {"num_stages": self.settings.num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
+        return {"num_stages": shape.num_stages, "replicas": list(shape.stage_replicas) or None}

@@ -1,0 +1,77 @@
+"""What a step takes and gives under the pipeline: the batch's rows, the loss it returns, its outputs put together
+over micro-batches, and the error for ranks that read different batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_pipe.engine.microbatch import batch_rows
+
+__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs"]
+
+
+def check_rows(batch: Any, step: str) -> int:
+    """The batch's rows; an empty batch is refused here, on every rank alike, before any rank waits for another."""
+    rows = batch_rows(batch)
+    if rows == 0:
+        raise ValueError(f"{step} got an empty batch (0 rows); a pipeline splits every batch into micro-batches along "
+                         f"dim 0 and cannot run an empty one: drop empty batches in the dataloader (drop_last=True, or a "
+                         f"sampler / collate_fn that never yields 0 rows)")
+    return rows
+
+
+def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup) -> str:
+    ranks = [dist.get_global_rank(group, rank) for rank in range(len(fingerprints))]
+    groups: dict[int, list[int]] = {}
+    for rank, fingerprint in zip(ranks, fingerprints):
+        groups.setdefault(fingerprint, []).append(rank)
+    readings = "; ".join(f"ranks {members} read batch {fingerprint:#x}" for fingerprint, members in groups.items())
+    return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
+            f"and the last stage's targets would come from different rows. Every rank of a pipeline must load the same "
+            f"batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
+            f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
+            f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
+            f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
+            f".manual_seed(seed)), or derive it from the epoch")
+
+
+def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if isinstance(result, torch.Tensor):
+        return result, {}
+    if isinstance(result, Mapping) and isinstance(result.get("loss"), torch.Tensor):
+        return result["loss"], {k: _detached(v) for k, v in result.items() if k != "loss"}
+    raise ValueError(f"training_step returned {type(result).__name__}; under PipelineStrategy it must return the "
+                     f"micro-batch's mean loss as a tensor, or a dict with the loss under 'loss' (a step cannot be "
+                     f"skipped by returning None, since every stage takes part in it)")
+
+
+def _detached(value: Any) -> Any:
+    return combine_outputs([value], [1])
+
+
+def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
+    """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
+
+    Tensors with a batch dimension are concatenated along dim 0, scalar tensors and numbers averaged with weights
+    ``sizes`` (the micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are
+    kept if all micro-batches agree, else listed.
+    """
+    first = outputs[0] if outputs else None
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        tensors = [t.detach().cpu() for t in outputs]
+        if first.dim() == 0:
+            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+            return (torch.stack(tensors).double() * weights).sum().to(first.dtype if first.is_floating_point()
+                                                                      else torch.get_default_dtype())
+        return torch.cat(tensors)
+    if isinstance(first, Mapping):
+        return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
+    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
+        return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
+    return first if all(o == first for o in outputs) else list(outputs)
