@@ -12,8 +12,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "class_data",
+__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "class_data",
            "row_data"]
+
+
+class ReadmeAutoEncoder(L.LightningModule):
+    """Lightning's README autoencoder: the step calls the encoder and the decoder itself; forward gives the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.decoder = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        x = x.view(x.size(0), -1)
+        z = self.encoder(x)
+        x_hat = self.decoder(z)
+        loss = F.mse_loss(x_hat, x)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        self.log("val_loss", F.mse_loss(self.decoder(self.encoder(x)), x))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class PeekingAutoEncoder(ReadmeAutoEncoder):
+    """Uses the code between the encoder and the decoder: not a chain the pipeline can run."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        z = self.encoder(x)
+        return F.mse_loss(self.decoder(z), x) + z.pow(2).mean()
 
 
 class DenseNet(nn.Module):

@@ -66,15 +66,33 @@ def _sum_tied_gradients(pipe: Pipeline, names: dict[int, str], ties: dict[str, t
 
 
 def _reference_step(model: torch.nn.Module, fam: Any, batch: tuple, backward: bool = True) -> torch.Tensor:
-    """One process, micro-batch by micro-batch as the pipeline cuts the batch (BatchNorm sees the same rows)."""
+    """One process, micro-batch by micro-batch as the pipeline cuts the batch (BatchNorm normalizes the same rows);
+    the batch norms' running statistics as the pipeline's deferred batch norms keep them: the statistics of what each
+    saw over the whole batch (its micro-batches' inputs together), committed once per step."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    before = [{k: v.clone() for k, v in m.named_buffers()} for m in norms]
+    seen: dict[int, list[torch.Tensor]] = {id(m): [] for m in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen[id(m)].append(args[0].detach())) for m in norms]
     microbatches = split_batch(batch, NUM_MICROBATCHES)
     total = torch.zeros(())
-    for mb, weight in zip(microbatches, microbatch_weights(microbatches)):
-        args, kwargs = fam.call(mb)
-        loss = fam.loss(model(*args, **kwargs), mb)
-        if backward:
-            (loss * weight).backward()
-        total += loss.detach() * weight
+    try:
+        for mb, weight in zip(microbatches, microbatch_weights(microbatches)):
+            args, kwargs = fam.call(mb)
+            loss = fam.loss(model(*args, **kwargs), mb)
+            if backward:
+                (loss * weight).backward()
+            total += loss.detach() * weight
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
+        for norm, buffers in zip(norms, before):
+            inputs = torch.cat(seen[id(norm)]).transpose(0, 1).flatten(1).double()  # channels x (rows x positions)
+            momentum = norm.momentum if norm.momentum is not None else 1.0 / (buffers["num_batches_tracked"] + 1)
+            norm.running_mean.copy_((1 - momentum) * buffers["running_mean"] + momentum * inputs.mean(1))
+            norm.running_var.copy_((1 - momentum) * buffers["running_var"] + momentum * inputs.var(1))
+            norm.num_batches_tracked.copy_(buffers["num_batches_tracked"] + 1)
     return total
 
 

@@ -144,6 +144,8 @@ def test_meta_tensors_nothing_initializes_need_a_checkpoint(tmp_path: Path) -> N
     for result in results:
         first, outside = result["messages"]
         assert ".1.gain' (Scale)" in first and "nothing initialized them" in first and "reset_parameters()" in first and "ckpt_path" in first, first
-        assert "parameters outside the sequence that require grad (embed.weight" in outside, outside
+        # its layers are spread over two attributes and its forward: the captured path, which refuses a meta build
+        assert "OutsideParameters was built on the meta device" in outside and "build it in __init__" in outside, \
+            outside
         for key, value in result["eager"].items():
             torch.testing.assert_close(result["meta"][key], value, rtol=0, atol=0, msg=key)

@@ -397,7 +397,10 @@ class Communicator(Waits):
         key = f"{self.prefix}/side/{src}-{self.rank}/{self._side_in[src]}"
         self._side_in[src] += 1
         payload = store.get(key)
-        store.delete_key(key)
+        try:
+            store.delete_key(key)  # housekeeping: the payload is read
+        except (RuntimeError, dist.DistError):  # the store's host ended once its last message was out: nothing to free
+            pass
         return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
     # -- failures ---------------------------------------------------------------------------------

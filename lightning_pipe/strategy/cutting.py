@@ -20,7 +20,8 @@ from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
-from lightning_pipe.strategy.model_choice import CAPTURED, choose_model
+from lightning_pipe.strategy.chain import ChainSplit, chain_paths
+from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.split import find_sequence
@@ -43,8 +44,11 @@ class PipelineCutting:
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
+        chain = None
         if runner is None:
             refuse_planned_cut(module, settings.plans_cut)
+            if choose_model(module, settings.layers, settings.split_points)[0] == CHAIN:
+                chain = self._chain(module)
         captured = self._capture(module, trainer) if runner is None else None
         if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
             earlier = runner.config
@@ -69,6 +73,9 @@ class PipelineCutting:
             if captured is not None:
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, **groups)
+            elif chain is not None:
+                runner = PipelineRunner.build(module, layers=None, config=config, device=self.root_device,
+                                              split=chain, **groups)
             else:
                 _, sequence = find_sequence(module, settings.layers)
                 self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
@@ -84,6 +91,21 @@ class PipelineCutting:
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
+
+    def _chain(self, module: LightningModule) -> ChainSplit:
+        """Layers in several nn.Sequential attributes the step calls in turn (:mod:`lightning_pipe.strategy.chain`)."""
+        paths = chain_paths(module)
+        assert paths is not None
+        if self.settings.plans_cut:
+            raise ValueError(f"{type(module).__name__} keeps its layers in {paths}, which the step calls in turn: "
+                             f"PipelineStrategy pipelines them as one chain, whose cut is given, not planned; use "
+                             f"partition='uniform', 'parameters' or a list of layer counts, or put the layers in one "
+                             f"nn.Sequential to plan the cut")
+        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            raise ValueError(f"{type(module).__name__} was built on the meta device; its layers in {paths} are "
+                             f"pipelined as one chain, which is materialized per rank only for one nn.Sequential so "
+                             f"far: build the module in __init__, or put the layers in one nn.Sequential")
+        return ChainSplit(module, paths)
 
     def _capture(self, module: LightningModule, trainer: Trainer) -> CapturedModule | None:
         """A model that is not one nn.Sequential: captured on every rank from the first micro-batch of the running

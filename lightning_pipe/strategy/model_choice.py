@@ -6,18 +6,23 @@ parameter, or of the one ``layers=`` names, or, when several attributes hold the
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["choose_model", "owners", "SEQUENCE", "CAPTURED"]
+from lightning_pipe.strategy.chain import chain_paths
 
-SEQUENCE, CAPTURED = "sequence", "captured"
+__all__ = ["choose_model", "owners", "SEQUENCE", "CAPTURED", "CHAIN"]
+
+SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
 
 def choose_model(module: nn.Module, layers: str | None, split_points: Any = None) -> tuple[str, str | None]:
     """Which path cuts ``module`` and the attribute path of what it cuts: ``("sequence", path or None)`` (today's
-    ``nn.Sequential`` path, which finds its sequence itself) or ``("captured", path)``."""
+    ``nn.Sequential`` path, which finds its sequence itself), ``("chain", None)`` (several ``nn.Sequential``
+    attributes called in turn, :mod:`.chain`) or ``("captured", path)``."""
     if layers is not None:
         try:
             target = module.get_submodule(layers)
@@ -42,6 +47,9 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
         return CAPTURED, holders[0]
     if split_points is None and len(outermost) >= 1 and not trainable:
         return SEQUENCE, None  # nothing to train: the sequence path's own errors and checks apply
+    chain = chain_paths(module) if split_points is None else None
+    if chain is not None and not (_own_forward(module) and _forward_calls_all(module, chain)):
+        return CHAIN, None  # nn.Sequential attributes the step calls in turn (:mod:`.chain`)
     if _own_forward(module):
         return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
@@ -56,6 +64,16 @@ def _own_forward(module: nn.Module) -> bool:
     from lightning.pytorch import LightningModule
 
     return type(module).forward not in (LightningModule.forward, nn.Module.forward)
+
+
+def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:
+    """Whether the module's ``forward`` names every one of ``names`` (``self.encoder``...): then it is the model and
+    is captured; a ``forward`` that gives the embedding only (Lightning's autoencoder) leaves the step's chain."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return all(re.search(rf"\bself\.{re.escape(name)}\b", source) for name in names)
 
 
 def owners(module: nn.Module) -> list[str]:

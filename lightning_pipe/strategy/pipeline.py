@@ -496,6 +496,15 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         if module is not None and self._example_input_array is not None:
             module.example_input_array = self._example_input_array
             self._example_input_array = None
+        if module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+            # a module still on the meta device (setup failed before this rank's share got storage): Lightning's
+            # move to the CPU would fail and hide the error that ended the run
+            module.cpu = lambda: module  # type: ignore[method-assign]
+            try:
+                super().teardown()
+            finally:
+                del module.cpu
+            return
         super().teardown()
 
     @classmethod

@@ -106,13 +106,15 @@ class PipelineRunner:
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
               group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None,
               pipelines: Sequence[Sequence[int]] | None = None,
-              materialize: Callable[[list[torch.nn.Module]], None] | None = None) -> PipelineRunner:
+              materialize: Callable[[list[torch.nn.Module]], None] | None = None,
+              split: SplitModule | None = None) -> PipelineRunner:
         """Cut ``module`` (collective: every rank calls it with an equal module) and run it as ``config`` says.
 
         ``group`` holds this rank's pipeline; with several replicas, ``replica_group`` the ranks holding the same
         stages in the other replicas, and ``pipelines`` the global ranks of every replica's pipeline. ``materialize``
-        gives a module built on the meta device storage for this rank's stages (:mod:`.materialize`)."""
-        split = SplitModule(module, layers)
+        gives a module built on the meta device storage for this rank's stages (:mod:`.materialize`); ``split``, a
+        module's layers found otherwise (:mod:`.chain`)."""
+        split = split or SplitModule(module, layers)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()

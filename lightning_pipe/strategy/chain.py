@@ -1,0 +1,164 @@
+"""Layers in several ``nn.Sequential`` attributes that the step calls one after the other: one pipeline.
+
+Lightning's own autoencoder keeps an ``encoder`` and a ``decoder`` and its ``training_step`` calls them in turn
+(``z = self.encoder(x); x_hat = self.decoder(z)``); its ``forward`` gives the embedding only. When every trainable
+parameter lies in such attributes, each an ``nn.Sequential``, the strategy pipelines their layers as one sequence, in
+the order the attributes were assigned, and puts a stand-in (:class:`ChainLink`) at each attribute: the first stage
+stops the step at the first link's input; the last runs the step with the first links giving a :class:`Handover`
+(a tensor that refuses every use: the value lives on other stages) and the last link the pipeline's output. A step
+whose links are not called once each, in that order, each on the one before's output, is an error on every rank that
+says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.strategy.deferred import DeferredCalls
+from lightning_pipe.strategy.references import redirect
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule, _Captured
+
+__all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
+
+
+def chain_paths(module: nn.Module) -> list[str] | None:
+    """The attributes whose layers form a chain, in assignment order: two or more ``nn.Sequential`` children that
+    together hold every trainable parameter (each some); ``None`` when the module is not laid out so."""
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    holders = [(name, child) for name, child in module.named_children()
+               if any(id(p) in trainable for p in child.parameters())]
+    if len(holders) < 2 or not all(isinstance(child, nn.Sequential) for _, child in holders):
+        return None
+    if trainable - {id(p) for _, child in holders for p in child.parameters()}:
+        return None
+    return [name for name, _ in holders]
+
+
+class Handover(torch.Tensor):
+    """What a link before the last gives the step on the last stage: its output lives on another stage."""
+
+    _link: str
+
+    @staticmethod
+    def __new__(cls, link: str) -> Handover:
+        handover = torch.Tensor._make_subclass(cls, torch.empty(0))
+        handover._link = link
+        return handover
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        links = [a._link for a in (*args, *(kwargs or {}).values()) if isinstance(a, Handover)]
+        raise RuntimeError(f"the step uses the output of {links[0] if links else 'a link'!r} other than by passing it "
+                           f"to the next nn.Sequential of the chain; under PipelineStrategy that value lives on "
+                           f"another stage. Call the layers one after the other, or put them in one model the step "
+                           f"calls once (self.model = ...)")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"Handover({self._link})"
+
+
+class ChainLink(PipelinedSequence):
+    """Stands in for one ``nn.Sequential`` of a chain (this rank's layers of it, under their own names)."""
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, index: int, count: int) -> None:
+        super().__init__(layers, path)
+        self._index, self._count = index, count
+        self._previous: Handover | None = None  # the last stage: what the link before handed over
+
+    def forward(self, *inputs: Any) -> Any:
+        if self._mode == "capture" and self._index == 0:
+            raise _Captured(inputs[0] if len(inputs) == 1 else inputs)
+        if self._mode == "output":
+            self._calls += 1
+            if self._calls > 1:
+                raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
+                                   f"runs each link of a chain once per step")
+            if self._index > 0 and not (len(inputs) == 1 and inputs[0] is self._previous):
+                raise RuntimeError(f"the step calls {self._path!r} on something other than the output of the "
+                                   f"nn.Sequential before it in the chain; PipelineStrategy pipelines the chain "
+                                   f"{self._path!r} belongs to only when each link takes the one before's output")
+            return self._output
+        return super().forward(*inputs)
+
+
+class ChainSplit(SplitModule):
+    """:class:`~.split.SplitModule` for a chain of ``nn.Sequential`` attributes (see the module's doc)."""
+
+    def __init__(self, module: nn.Module, paths: Sequence[str]) -> None:
+        self.module = module
+        self.paths = list(paths)
+        self.parts = [module.get_submodule(path) for path in self.paths]
+        self.origin = [(index, name) for index, part in enumerate(self.parts) for name, _ in part.named_children()]
+        self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part.children()])
+        self.path = "+".join(self.paths)  # in messages
+        self.state_keys = list(module.state_dict().keys())
+        inside = {id(p) for part in self.parts for p in part.parameters()}
+        self.outside_trainable = [name for name, p in module.named_parameters()
+                                  if p.requires_grad and id(p) not in inside]
+        self.proxy = None  # hyper-parameters holding a link are checkpointed as they are, not made whole
+        self.skeleton = None
+        self.links: list[ChainLink] = []
+        self.aliases: list[str] = []
+        self.deferred: DeferredCalls | None = None
+
+    @property
+    def is_cut(self) -> bool:
+        return bool(self.links)
+
+    def install(self, local_layers: Sequence[tuple[str, nn.Module]]) -> ChainLink:  # type: ignore[override]
+        """One :class:`ChainLink` per attribute, holding this rank's layers of it; returns the first."""
+        by_part: list[list[tuple[str, nn.Module]]] = [[] for _ in self.parts]
+        for name, layer in local_layers:
+            index, own = self.origin[int(name)]
+            by_part[index].append((own, layer))
+        for index, (path, part) in enumerate(zip(self.paths, self.parts)):
+            link = ChainLink(by_part[index], path, index, len(self.parts))
+            parent_path, _, attribute = path.rpartition(".")
+            setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
+            self.aliases += redirect(self.module, part, link, path)
+            self.links.append(link)
+        links = self.links
+        device = next(iter(self.sequence.parameters()), torch.empty(0)).device
+        self.deferred = DeferredCalls(self.module, lambda child: any(m in links for m in child.modules()), device)
+        self.parts, self.sequence = [], None  # type: ignore[assignment]  # the other ranks' layers go
+        return links[0]
+
+    def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        self.proxy = self.links[0]
+        try:
+            return super().capture_input(step, microbatch, args, kwargs)
+        finally:
+            self.proxy = None
+
+    def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> Any:
+        links = self.links
+        handovers = [Handover(link._path) for link in links[:-1]]
+        for index, link in enumerate(links):
+            link._mode, link._calls = "output", 0
+            link._output = output if index == len(links) - 1 else handovers[index]
+            link._previous = handovers[index - 1] if index else None
+        deferring = self.deferred.around(lambda: links[0]._calls > 0) if self.deferred is not None else None
+        try:
+            if deferring is None:
+                result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            else:
+                with deferring:
+                    result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            missing = [link._path for link in links if link._calls == 0]
+            if missing:
+                raise RuntimeError(f"{type(self.module).__name__}.{step} never called {missing}; PipelineStrategy "
+                                   f"pipelines {self.paths} as one chain, so the step must call each of them once, "
+                                   f"in that order")
+        finally:
+            for link in links:
+                link._mode, link._output, link._previous = None, None, None
+        return result
+
+    def _never_called(self, step: str) -> str:
+        return (f"{type(self.module).__name__}.{step} never called {self.paths[0]!r}, the first nn.Sequential of the "
+                f"chain {self.paths} that PipelineStrategy pipelines; the step must call each of them once, in order")

@@ -1,0 +1,82 @@
+"""Layers in several nn.Sequential attributes that the step calls in turn (Lightning's README autoencoder) train as
+one pipeline on 2 gloo ranks, as on one device; a step that uses a value between them fails on every rank."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import run_ranks
+
+SEED = 5
+
+
+def _fit(model_name: str, devices: int, strategy: Any, root: str) -> tuple[Any, Any]:
+    import lightning as L
+
+    from tests import citizen_models
+    from tests.citizen_models import class_data
+
+    L.seed_everything(SEED, verbose=False)
+    model = getattr(citizen_models, model_name)()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(model, class_data(), class_data(batches=1))
+    return model, trainer
+
+
+def _ranks(rank: int, world_size: int, root: str, schedule: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    model, trainer = _fit("ReadmeAutoEncoder", world_size, PipelineStrategy(schedule=schedule, num_microbatches=4),
+                          root)
+    trainer.save_checkpoint(os.path.join(root, f"{schedule}.ckpt"))
+    return {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "links": sorted(name for name, _ in model.named_children())}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_sequentials_the_step_calls_in_turn_train_as_one_pipeline(tmp_path: Any, schedule: str) -> None:
+    from tests.citizen_models import ReadmeAutoEncoder
+
+    results = run_ranks(_ranks, 2, str(tmp_path), schedule, timeout=180)
+    reference, trainer = _fit("ReadmeAutoEncoder", 1, "auto", str(tmp_path / "reference"))
+    state = torch.load(tmp_path / f"{schedule}.ckpt", weights_only=False)["state_dict"]
+    assert list(state) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    for result in results:
+        assert result["logged"] == pytest.approx({k: float(v) for k, v in trainer.callback_metrics.items()}, 1e-5)
+    loaded = ReadmeAutoEncoder.load_from_checkpoint(tmp_path / f"{schedule}.ckpt")
+    assert loaded(torch.ones(2, 12)).shape == (2, 3)
+
+
+def _peeking(rank: int, world_size: int, root: str) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    _fit("PeekingAutoEncoder", world_size, PipelineStrategy(num_microbatches=2), root)
+
+
+@pytest.mark.timeout(120)
+def test_a_step_using_a_value_between_the_links_fails_on_every_rank(tmp_path: Any) -> None:
+    errors = run_ranks(_peeking, 2, str(tmp_path), expect_failure=True, timeout=100)
+    for error in errors:
+        assert error is not None and "the step uses the output of 'encoder'" in error, error
+
+
+def test_the_chain_is_chosen_for_sequentials_holding_every_trainable_parameter() -> None:
+    import torch.nn as nn
+
+    from lightning_pipe.strategy.chain import chain_paths
+    from lightning_pipe.strategy.model_choice import CHAIN, choose_model
+    from tests.citizen_models import ReadmeAutoEncoder
+
+    model = ReadmeAutoEncoder()
+    assert choose_model(model, None) == (CHAIN, None) and chain_paths(model) == ["encoder", "decoder"]
+    model.head = nn.Linear(2, 2)  # trainable and not an nn.Sequential: no chain
+    assert chain_paths(model) is None
