@@ -24,12 +24,32 @@ TRAIN, VALIDATION = (3, 16), (2, 6)
 
 def one_device_loader(batches: int, rows: int, data: Any = regression_data) -> Any:
     """What one device reads when the replicas' batches are put together: Lightning always shuffles the training
-    data it hands to replicas (``DistributedSampler(shuffle=True, seed=0)``, reseeded each epoch), so the one
-    device draws the same permutation and reads it ``rows`` at a time."""
+    data it hands to replicas (``DistributedSampler(shuffle=True)``, reseeded each epoch, its seed
+    ``PL_GLOBAL_SEED`` or 0), so the one device draws the same permutation and reads it ``rows`` at a time."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     dataset = data(batches, batch_size=rows).dataset
-    return DataLoader(dataset, batch_size=rows, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=0))
+    seed = int(os.getenv("PL_GLOBAL_SEED", "0"))  # Lightning's rule; ranks inherit this process's environment
+    return DataLoader(dataset, batch_size=rows, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=seed))
+
+
+@pytest.mark.parametrize("global_seed", [None, "77"])
+def test_one_device_reads_the_rows_lightning_deals_the_replicas(global_seed: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's order is the replicas' together whatever ``PL_GLOBAL_SEED`` is: Lightning seeds the sampler it
+    injects from it, and ranks inherit it (left set by a test's ``seed_everything``, the two-node test once read
+    another shuffle than its reference and failed by ~1e-4)."""
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    if global_seed is None:
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    else:
+        monkeypatch.setenv("PL_GLOBAL_SEED", global_seed)
+    (batches, rows), loader = TRAIN, regression_data(TRAIN[0] * REPLICAS, batch_size=TRAIN[1] // REPLICAS)
+    # each replica's order, from the function with which fit gives it its sampler
+    dealt = [list(data_connector._get_distributed_sampler(loader, shuffle=True, overfit_batches=0,
+                                                          num_replicas=REPLICAS, rank=r)) for r in range(REPLICAS)]
+    assert list(one_device_loader(batches, rows).sampler) == [i for row in zip(*dealt) for i in row]
 
 
 def _fit_tied(strategy: Any, devices: int, loader: Any) -> dict[str, torch.Tensor]:
