@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "class_data",
+__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
            "row_data"]
 
 
@@ -159,6 +159,40 @@ class FrozenBackbone(L.LightningModule):
         loss = F.cross_entropy(self.layers(features), y)
         if self.distill:
             loss = loss + features.pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Blocks(nn.Module):
+    """Residual blocks in a ModuleList that forward loops over: no nn.Sequential (the captured path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(12, 12) for _ in range(4))
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+class CapturedBackbone(L.LightningModule):
+    """A frozen backbone called in the step before a model that is captured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = CountingBackbone()
+        self.model = Blocks()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            features = self.backbone(x)
+        loss = F.cross_entropy(self.model(features), y)
         self.log("train_loss", loss)
         return loss
 

@@ -20,9 +20,11 @@ STEPS = 3
 def _make(case: str) -> Any:
     import lightning as L
 
-    from tests.citizen_models import Aliased, DenseNet, FrozenBackbone, SummedLoss, TemplateModule
+    from tests.citizen_models import Aliased, CapturedBackbone, DenseNet, FrozenBackbone, SummedLoss, TemplateModule
 
     L.seed_everything(SEED, verbose=False)
+    if case == "captured-backbone":
+        return CapturedBackbone()
     if case.startswith("backbone"):
         return FrozenBackbone(distill=case == "backbone-distill")
     if case == "template":
@@ -61,7 +63,7 @@ def _ranks(rank: int, world_size: int, tmp: str, cases: list[tuple[str, dict[str
         pickle.dumps(model.hparams)  # a module kept in hyper-parameters pickles (no process group inside)
         results[name] = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
                          "reduction": trainer.strategy.runner.loss_reduction}
-        if case.startswith("backbone"):
+        if case.startswith("backbone") or case == "captured-backbone":
             results[name]["backbone"] = (model.backbone.calls, model.backbone.rows)
     return results
 
@@ -84,7 +86,7 @@ def test_hyperparameters_aliases_and_summed_losses_train_as_on_one_device(tmp_pa
     cases = [("template", {}, 8), ("template-sequential", {}, 8), ("aliased", {}, 8),
              ("summed", {}, 8),  # auto: the first batch (4 micro-batches of 2 rows) shows the sum
              ("summed", {"loss_reduction": "sum"}, 10),  # micro-batches of 3, 3, 2, 2 rows
-             ("backbone", {}, 8), ("backbone-distill", {}, 8)]
+             ("backbone", {}, 8), ("backbone-distill", {}, 8), ("captured-backbone", {}, 8)]
     results = run_ranks(_ranks, 2, str(tmp_path), cases, timeout=280)
     assert [r["logged"] for r in results[0].values()] == [r["logged"] for r in results[1].values()]
     out = results[1]  # the last stage's rank: the one that tells how the loss adds up
@@ -92,10 +94,12 @@ def test_hyperparameters_aliases_and_summed_losses_train_as_on_one_device(tmp_pa
     # code before the layers runs on the first stage, per micro-batch (3 steps x 4): one device's rows; the last
     # stage computes it only where the step uses it after the layers (its first call runs, to learn that; and the first
     # batch's check of how the loss adds up runs the step once more on the whole batch)
-    for name, last_calls in (("backbone-auto-8", 1), ("backbone-distill-auto-8", STEPS * 4 + 1)):
+    # (a captured model: every rank also runs the step once on the first micro-batch of 2 rows at setup, to capture)
+    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 1, 0),
+                                    ("captured-backbone-auto-8", 2, 1)):
         reference, logged = _reference(name.removesuffix("-auto-8"))
         _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
-        assert results[0][name]["backbone"] == (STEPS * 4, STEPS * 8)
+        assert results[0][name]["backbone"] == (STEPS * 4 + setup, STEPS * 8 + 2 * setup)
         assert out[name]["backbone"][0] == last_calls
         assert out[name]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
 

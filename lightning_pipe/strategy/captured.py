@@ -17,6 +17,7 @@ import torch.nn as nn
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton
@@ -221,6 +222,7 @@ class CapturedModule:
         self.group = group
         self.collective_device = device or torch.device("cpu")
         self.proxy: PipelinedModel | None = None
+        self.deferred: DeferredCalls | None = None  # the last stage's calls before the model (install())
         # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
         self.skeleton = None if self.root else meta_skeleton(self.model)
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
@@ -250,6 +252,9 @@ class CapturedModule:
         """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
         the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
         self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
+        proxy = self.proxy
+        self.deferred = DeferredCalls(self.module, lambda child: any(m is proxy for m in child.modules()),
+                                      torch.device("cpu"))  # the runner sets the rank's device
         if self.root:
             module, proxy = self.module, self.proxy
             for name, child in list(module._modules.items()):
@@ -371,8 +376,11 @@ class CapturedModule:
         proxy = self.proxy
         assert proxy is not None
         proxy._mode, proxy._output, proxy._calls = "output", output, 0
+        deferring = self.deferred.around(lambda: proxy._calls > 0) if self.deferred is not None \
+            else contextlib.nullcontext()
         try:
-            result = getattr(self.module, step)(microbatch, *args, **kwargs)
+            with deferring:  # code before the model ran on the first stage: here it runs only where it is used
+                result = getattr(self.module, step)(microbatch, *args, **kwargs)
             if proxy._calls == 0:
                 raise RuntimeError(self._never_called(step))
         finally:

@@ -144,6 +144,8 @@ class PipelineRunner:
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
         captured.install(local).owner = runner
+        if captured.deferred is not None:
+            captured.deferred.device = pipeline.device
         runner.layers = layers
         return runner
 
