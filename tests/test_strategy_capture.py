@@ -164,9 +164,8 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
             net = torch.load(path, weights_only=False)["hyper_parameters"]["net"]
             results[name]["hparams_net"] = {f"net.{k}": v for k, v in net.state_dict().items()}
         resumed = _module(name)
-        # Lightning's restore after setup (the strategy's, since the sharded checkpoints) drops fit(weights_only=False),
-        # and torch.load refuses the net the hyper-parameters hold without it
-        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        # weights_only=False: the hyper-parameters hold a module (Lightning drops the argument when a strategy restores
+        # after setup; the strategy reads it from the fit call)
         _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path, weights_only=False)
         results[name]["resumed"] = _state(resumed)
     return results

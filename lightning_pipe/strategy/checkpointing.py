@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -140,6 +141,8 @@ class PipelineCheckpoints:
             self._sharded_path = os.fspath(checkpoint_path)
             checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
         else:
+            if weights_only is None:
+                weights_only = _weights_only_given_to_the_trainer()
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
                 checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
@@ -199,3 +202,20 @@ class PipelineCheckpoints:
             optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
         checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next
+
+
+def _weights_only_given_to_the_trainer() -> bool | None:
+    """The ``weights_only`` the running ``Trainer.fit/validate/test/predict`` call was given. Lightning restores a
+    strategy's checkpoint after setup (``restore_checkpoint_after_setup``, which this strategy needs to load each
+    rank's share) without passing it on, so ``fit(ckpt_path=..., weights_only=False)`` (a checkpoint whose
+    hyper-parameters hold a module) would fail in ``torch.load``; it is read from ``Trainer._run``'s frame."""
+    from lightning.pytorch import Trainer
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and isinstance(frame.f_locals.get("self"), Trainer):
+            value = frame.f_locals.get("weights_only")
+            return value if isinstance(value, bool) else None
+        frame = frame.f_back
+    return None
+
