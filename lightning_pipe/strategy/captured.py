@@ -20,47 +20,24 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.model_choice import owners
-from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
+from lightning_pipe.strategy.split import load_share, with_grad
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
 
 def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
-    """After ``model`` (at ``path``) was replaced by ``proxy``: lead every other path to it to the proxy, and every
-    path into it to the proxy's holder of that module when this rank holds all of its state, else to a
-    :class:`~.references.LayerElsewhere`; a hyper-parameter that is the model becomes the proxy (a checkpoint then
-    stores it whole), and Lightning's deep copy of the first hyper-parameters goes to the meta device. Returns the
-    paths redirected (see :mod:`.references` for the nn.Sequential path's)."""
-    inside = {id(m): name for name, m in model.named_modules() if name}
+    """After ``model`` (at ``path``) was replaced by ``proxy``: :func:`~.references.redirect`, with a path into the
+    model led to the proxy's holder of that module when this rank holds all of its state (segments hold the model's
+    modules by name, not the modules themselves), else to a :class:`~.references.LayerElsewhere`."""
     held = dict(proxy.named_modules())
-    changes: list[tuple[str, nn.Module]] = []
-    skip = [path]
-    for alias, child in module.named_modules(remove_duplicate=False):
-        if not alias or any(alias == s or alias.startswith(f"{s}.") for s in skip):
-            continue
-        if child is model:
-            changes.append((alias, proxy))
-            skip.append(alias)
-        elif id(child) in inside:
-            skip.append(alias)
-            name = inside[id(child)]
-            holder = held.get(name)
-            whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
-            changes.append((alias, holder if whole else LayerElsewhere(alias, name, path)))  # type: ignore[arg-type]
-    for alias, replacement in changes:
-        parent_path, _, attribute = alias.rpartition(".")
-        setattr(module.get_submodule(parent_path) if parent_path else module, attribute, replacement)
-    hparams = getattr(module, "_hparams", None)
-    if isinstance(hparams, dict):
-        for key, value in list(hparams.items()):
-            if value is model:
-                hparams[key] = proxy
-    initial = getattr(module, "_hparams_initial", None)
-    if isinstance(initial, Mapping):
-        for value in initial.values():
-            if isinstance(value, nn.Module):  # Lightning's deep copy for loggers: its repr, not its weights
-                value.to("meta")
-    return [alias for alias, _ in changes]
+
+    def inside_to(alias: str, name: str, child: nn.Module) -> nn.Module:
+        holder = held.get(name)
+        whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
+        return holder if whole else LayerElsewhere(alias, name, path)  # type: ignore[return-value]
+
+    return redirect(module, model, proxy, path, inside_to)
 
 
 def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module]) -> None:
@@ -388,8 +365,7 @@ class CapturedModule:
         return result
 
     def outside_parameters_with_grad(self) -> list[str]:
-        named = dict(self.module.named_parameters())
-        return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
+        return with_grad(self.module, self.outside_trainable)
 
     def outside_error(self, names: Sequence[str]) -> str:
         return (f"training_step uses parameters outside {self.where} that require grad "
@@ -399,17 +375,7 @@ class CapturedModule:
     # -- state ------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
-        if not self.is_cut:
-            self.module.load_state_dict(state_dict, strict=strict)
-            return
-        local_keys = self.module.state_dict().keys()
-        if strict:
-            missing = [key for key in local_keys if key not in state_dict]
-            unexpected = [key for key in state_dict if key not in set(self.state_keys)]
-            if missing or unexpected:
-                raise RuntimeError(f"the checkpoint does not match {type(self.module).__name__}: missing keys "
-                                   f"{missing[:10]}, unexpected keys {unexpected[:10]}")
-        self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+        load_share(self.module, self.state_keys, state_dict, strict, self.is_cut)
 
     def _never_called(self, step: str) -> str:
         if self.root:

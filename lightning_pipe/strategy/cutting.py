@@ -18,9 +18,9 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
+from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
-from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.runner import PipelineRunner

@@ -69,7 +69,9 @@ class DeferredCalls:
     """Defers the calls of a LightningModule's children made before the step calls the pipelined layers."""
 
     def __init__(self, module: nn.Module, holds_layers: Callable[[nn.Module], bool], device: torch.device) -> None:
-        from torchmetrics import Metric  # a metric's update changes its state: never deferred
+        from torchmetrics import (
+            Metric,  # a metric's update changes its state: never deferred
+        )
 
         self.children = [(name, child) for name, child in module.named_children()
                          if not holds_layers(child) and not isinstance(child, Metric)]

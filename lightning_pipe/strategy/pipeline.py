@@ -51,7 +51,6 @@ from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_rando
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 
-
 __all__ = ["PipelineStrategy"]
 
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from lightning_pipe.engine.rng import forked
 
 __all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states"]
 
@@ -66,26 +66,7 @@ def fresh_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-@contextmanager
-def forked_random(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """Inside: torch's CPU generator, and ``device``'s if it is a CUDA device, seeded with ``seed``; afterwards both are
-    back in the state they had before (as ``torch.random.fork_rng``, for one device and ~10 us)."""
-    cpu = torch.default_generator
-    saved_cpu = cpu.get_state()
-    accelerator = None
-    if device is not None and device.type == "cuda":
-        accelerator = torch.cuda.default_generators[device.index if device.index is not None
-                                                     else torch.cuda.current_device()]
-    saved_accelerator = accelerator.get_state() if accelerator is not None else None
-    cpu.manual_seed(seed)
-    if accelerator is not None:
-        accelerator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        cpu.set_state(saved_cpu)
-        if accelerator is not None:
-            accelerator.set_state(saved_accelerator)
+forked_random = forked  # torch's CPU (and the device's CUDA) generator seeded inside, restored after
 
 
 def global_random_states() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,11 +55,20 @@ def meta_skeleton(sequence: nn.Module) -> nn.Module:
     return copy.deepcopy(sequence, memo)
 
 
-def redirect(module: nn.Module, sequence: nn.Module, proxy: nn.Module, sequence_path: str) -> list[str]:
+def redirect(module: nn.Module, sequence: nn.Module, proxy: nn.Module, sequence_path: str,
+             inside_to: Callable[[str, str, nn.Module], nn.Module | None] | None = None) -> list[str]:
     """After ``sequence`` (at ``sequence_path``) was replaced by ``proxy``: lead every other path to it or into it to
-    the proxy or this rank's module, or to a :class:`LayerElsewhere`; returns the paths redirected."""
+    the proxy or this rank's module, or to a :class:`LayerElsewhere`; returns the paths redirected.
+
+    ``inside_to(path, name, child)`` says what another path to the sequence's module ``name`` leads to (``None``: keep
+    it); by default the module itself where this rank holds it, else a :class:`LayerElsewhere`."""
     inside = {id(m): name for name, m in sequence.named_modules() if name}  # modules of the sequence, by name
-    local = {id(m) for m in proxy.modules()}
+    if inside_to is None:
+        local = {id(m) for m in proxy.modules()}
+
+        def inside_to(path: str, name: str, child: nn.Module) -> nn.Module | None:
+            return None if id(child) in local else LayerElsewhere(path, name, sequence_path)
+
     changes: list[tuple[str, nn.Module]] = []
     skip: list[str] = [sequence_path]
     for path, child in module.named_modules(remove_duplicate=False):
@@ -70,8 +79,9 @@ def redirect(module: nn.Module, sequence: nn.Module, proxy: nn.Module, sequence_
             skip.append(path)
         elif id(child) in inside:
             skip.append(path)
-            if id(child) not in local:
-                changes.append((path, LayerElsewhere(path, inside[id(child)], sequence_path)))
+            replacement = inside_to(path, inside[id(child)], child)
+            if replacement is not None:
+                changes.append((path, replacement))
     for path, replacement in changes:
         parent_path, _, attribute = path.rpartition(".")
         setattr(module.get_submodule(parent_path) if parent_path else module, attribute, replacement)

@@ -13,7 +13,7 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.references import meta_skeleton, redirect
 
-__all__ = ["find_sequence", "PipelinedSequence", "SplitModule"]
+__all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
 
 _HOW_TO_CHOOSE = ("put the layers to pipeline in one nn.Sequential attribute that training_step or forward calls "
                   "(self.layers = nn.Sequential(...)), or name it with PipelineStrategy(layers='attribute.path')")
@@ -168,8 +168,7 @@ class SplitModule:
 
     def outside_parameters_with_grad(self) -> list[str]:
         """Trainable parameters outside the sequence that a step gave a gradient (the pipeline cannot train them)."""
-        named = dict(self.module.named_parameters())
-        return [name for name in self.outside_trainable if name in named and named[name].grad is not None]
+        return with_grad(self.module, self.outside_trainable)
 
     def outside_error(self, names: Sequence[str]) -> str:
         return (f"training_step uses parameters outside the nn.Sequential at {self.path!r} that require grad "
@@ -179,17 +178,7 @@ class SplitModule:
     # -- state ------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
-        if not self.is_cut:
-            self.module.load_state_dict(state_dict, strict=strict)
-            return
-        local_keys = self.module.state_dict().keys()
-        if strict:
-            missing = [key for key in local_keys if key not in state_dict]
-            unexpected = [key for key in state_dict if key not in set(self.state_keys)]
-            if missing or unexpected:
-                raise RuntimeError(f"the checkpoint does not match {type(self.module).__name__}: missing keys "
-                                   f"{missing[:10]}, unexpected keys {unexpected[:10]}")
-        self.module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+        load_share(self.module, self.state_keys, state_dict, strict, self.is_cut)
 
     def _proxy(self) -> PipelinedSequence:
         if self.proxy is None:
@@ -199,3 +188,26 @@ class SplitModule:
     def _never_called(self, step: str) -> str:
         return (f"{type(self.module).__name__}.{step} never called the nn.Sequential at {self.path!r}; the pipeline "
                 f"runs that sequence, so {step} must call it (directly or through forward): {_HOW_TO_CHOOSE}")
+
+
+def with_grad(module: nn.Module, names: Sequence[str]) -> list[str]:
+    """Those of the parameters ``names`` of ``module`` that have a gradient."""
+    named = dict(module.named_parameters())
+    return [name for name in names if name in named and named[name].grad is not None]
+
+
+def load_share(module: nn.Module, state_keys: Sequence[str], state_dict: Mapping[str, Any], strict: bool,
+               is_cut: bool) -> None:
+    """Load a full model's ``state_dict`` into ``module``: all of it before the cut, this rank's share after it
+    (``state_keys``: the full model's keys, for ``strict``)."""
+    if not is_cut:
+        module.load_state_dict(state_dict, strict=strict)
+        return
+    local_keys = module.state_dict().keys()
+    if strict:
+        missing = [key for key in local_keys if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in set(state_keys)]
+        if missing or unexpected:
+            raise RuntimeError(f"the checkpoint does not match {type(module).__name__}: missing keys "
+                               f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+    module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
