@@ -1,5 +1,6 @@
 """The strategy's fixed cost per step: sending the last stage's result to every rank, pickled broadcast against the
-result channel (tensors + JSON in one all_reduce, with the batch fingerprint check folded in).
+result channel (tensors + JSON, with the batch fingerprint check folded in) as one all_reduce (NCCL's way) and as
+gloo messages (the default on gloo: each rank's fingerprint to the last stage, its answer back).
 
 Both sides send what ``Trainer.fit`` of the demo GPT sends each step (the loss and one ``self.log`` value), on
 ``--ranks`` gloo ranks, ``--steps`` times, alternating blocks of each so that a busy machine slows both alike. The
@@ -46,21 +47,25 @@ def _measure(rank: int, world_size: int, steps: int, block: int) -> dict[str, li
     torch.set_num_threads(1)
     source = world_size - 1
     batch = (torch.randint(0, 256, (32, 32)), torch.randint(0, 256, (32, 32)))
-    channel = ResultChannel(dist.group.WORLD, source, torch.device("cpu"))
+    reducing = ResultChannel(dist.group.WORLD, source, torch.device("cpu"))
+    messaging = ResultChannel(dist.group.WORLD, source, torch.device("cpu"))
+    messaging.point_to_point = True
 
     def pickled() -> None:
         box = [_result() if rank == source else None]
         dist.broadcast_object_list(box, src=source)
 
-    def channeled() -> None:
+    def channeled(channel: ResultChannel) -> None:
         fingerprint = batch_fingerprint(batch)
         encoded = encode_result(_result(), "training_step") if rank == source else None
         (structure, tensors), _, _ = channel.share(encoded, fingerprint)
         decode_result(structure, tensors)
 
-    times: dict[str, list[float]] = {"pickled": [], "channel": []}
+    times: dict[str, list[float]] = {"pickled": [], "all_reduce": [], "messages": []}
+    sides = (("pickled", pickled), ("all_reduce", lambda: channeled(reducing)),
+             ("messages", lambda: channeled(messaging)))
     for _ in range(max(1, steps // block)):
-        for name, fn in (("pickled", pickled), ("channel", channeled)):
+        for name, fn in sides:
             dist.barrier()
             for _ in range(block):
                 start = time.perf_counter()
@@ -85,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ordered = sorted(values)
         result[name] = {"median_us": 1e6 * statistics.median(values), "p10_us": 1e6 * ordered[len(ordered) // 10]}
     print(f"{args.ranks} ranks, {args.steps} steps per side, time per step on rank 0:")
-    for name in ("pickled", "channel"):
-        print(f"  {name:8s}: median {result[name]['median_us']:7.0f} us, 10th percentile {result[name]['p10_us']:7.0f} us")
+    for name in times:
+        print(f"  {name:10s}: median {result[name]['median_us']:7.0f} us, 10th percentile {result[name]['p10_us']:7.0f} us")
     write_json(result, args.json)
     return result
 

@@ -127,7 +127,7 @@ def test_result_sharing_rows(tmp_path):
     path = tmp_path / "sharing.json"
     result_sharing.main(["--steps", "40", "--block", "10", "--json", str(path)])
     rows = json.loads(path.read_text())
-    assert rows["steps"] == 40 and all(rows[side]["median_us"] > 0 for side in ("pickled", "channel"))
+    assert rows["steps"] == 40 and all(rows[side]["median_us"] > 0 for side in ("pickled", "all_reduce", "messages"))
 
 
 def test_bigger_rows(tmp_path):

@@ -62,6 +62,7 @@ def _engine_on_cuda(rank: int, world_size: int, mode: str, device: str = "cuda:0
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
             loss = pipe.train_step((x, y))
             ref_loss = mse_loss(reference(x), (x, y))
+        train_dtypes = {str(d) for d in dtypes}  # the training forwards' (evaluation below runs outside autocast)
         ref_loss.backward()
         eval_loss, outputs = pipe.eval_step((x, y))
         if device.type == "cuda":
@@ -71,7 +72,7 @@ def _engine_on_cuda(rank: int, world_size: int, mode: str, device: str = "cuda:0
         ref_grads = {name: p.grad.cpu() for name, p in reference.named_parameters() if name in grads}
         reports.append({"case": (schedule, remat, rows), "loss": None if loss is None else loss.float().cpu(),
                         "ref_loss": ref_loss.detach().float().cpu(), "grads": grads, "ref_grads": ref_grads,
-                        "devices": devices, "dtypes": {str(d) for d in dtypes},
+                        "devices": devices, "dtypes": train_dtypes,
                         "eval_loss": None if eval_loss is None else eval_loss.float().cpu(),
                         "last": pipe.is_last_rank})
     return reports
@@ -124,14 +125,17 @@ def test_asynchronous_schedules_on_cuda_match_the_hand_computation(mode: str) ->
 
 def _timeline_on_cuda(rank: int, world_size: int) -> list[dict[str, Any]]:
     """One recorded gpipe step of large activations: rank 0 runs its forwards back to back while each output's copy
-    to pinned host memory runs on the communication stream."""
+    to pinned host memory runs on the communication stream. The layers are large enough (4 fp32 products of 4096 x
+    2048 by 2048 x 2048 per forward, ~2 ms on an H200) that the GPU, not the host's launches, sets the pace: the host
+    runs ahead, so a packing queued after forward k can run while forward k + 1 computes. (With ~0.1 ms layers the
+    GPU waits for the host between forwards and nothing can overlap, whatever the transport does.)"""
     from lightning_pipe.engine.executor import Pipeline
 
     torch.cuda.set_device(0)
     device = torch.device("cuda", 0)
-    pipe = Pipeline(mlp(num_layers=8, width=1024), loss_fn=mse_loss, schedule="gpipe", num_microbatches=8,
+    pipe = Pipeline(mlp(num_layers=8, width=2048), loss_fn=mse_loss, schedule="gpipe", num_microbatches=8,
                     device=device, record=True)
-    batch = tuple(t.to(device) for t in make_batch(4096, width=1024))
+    batch = tuple(t.to(device) for t in make_batch(8 * 4096, width=2048))
     pipe.train_step(batch)  # warm-up: allocator, kernels, the channels' first layouts
     pipe.take_cuda_timeline()
     pipe.train_step(batch)

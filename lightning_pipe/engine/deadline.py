@@ -11,8 +11,9 @@ awaited. The heartbeat says "in <what>" meanwhile, so ranks waiting in the same 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from .notices import FailureBoard, PipelineError
 from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait
 
-__all__ = ["PeerLost", "collective", "wait_work", "explained", "lost_connection"]
+__all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection"]
 
 # What gloo, NCCL and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
 _LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
@@ -56,18 +57,29 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
     """Wait for ``work``, a collective over ``group``, at most ``timeout`` seconds; raise :class:`PeerLost` if it
     runs out or a connection closes, or what ``notice()`` returns (see :func:`collective`).
 
-    The wait polls ``is_completed`` with pauses that grow from 20 us to 1 ms (a collective that completes at once
-    costs no sleep), so that it can look at the clock and the notices; the final ``wait`` raises a lost connection."""
+    On gloo the wait blocks in slices of a quarter second (a timed-out ``wait`` leaves gloo's work running), so it
+    wakes the moment the collective completes; NCCL's ``wait`` with a timeout may abort the communicator, so there it
+    polls ``is_completed`` with pauses that grow from 20 us to 1 ms. Between slices it looks at the clock and the
+    notices; the final ``wait`` raises a lost connection."""
     start = time.monotonic()
     if not work.is_completed():
         me = dist.get_rank()
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         others = [rank for rank in ranks if rank != me]
         activity.doing(what, tuple(others))
+        blocking = dist.get_backend(group) != "nccl"
         deadline, pause, next_look = start + timeout, 0.0, start + _LOOK_S
         while not work.is_completed():
-            time.sleep(pause)
-            pause = min(1e-3, pause * 2 or 2e-5)
+            if blocking:
+                try:
+                    work.wait(timedelta(seconds=_LOOK_S))
+                    break
+                except RuntimeError:  # the slice ran out, or the collective failed (the wait below raises it)
+                    if work.is_completed():
+                        break
+            else:
+                time.sleep(pause)
+                pause = min(1e-3, pause * 2 or 2e-5)
             now = time.monotonic()
             if now < next_look:
                 continue
@@ -93,6 +105,33 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
         message, root = explain_wait(me, others or [me], what, time.monotonic() - start, lost=True, same=what)
         message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
         raise PeerLost(message, root, timed_out=False) from error
+
+
+def wait_messages(works: Sequence[dist.Work], what: str, peers: Sequence[int], timeout: float,
+                  notice: Callable[[], PipelineError | None] | None = None) -> None:
+    """Wait for point-to-point ``works`` (sends to and receives from the global ranks ``peers``), within ``timeout``
+    seconds in all; a wait that runs out, or a connection that closes, raises :class:`PeerLost` naming the rank at the
+    root of it, and a failure another rank posted (``notice()``, looked at before and after) is raised as it is.
+
+    Unlike a collective's, a gloo send's or receive's work ends with its first wait, timed out or not: each is waited
+    for once, up to the deadline."""
+    if notice is not None and (posted := notice()) is not None:
+        raise posted
+    start, me = time.monotonic(), dist.get_rank()
+    activity.doing(what, tuple(peers))
+    for work in works:
+        try:
+            work.wait(timedelta(seconds=max(1e-3, start + timeout - time.monotonic())))
+        except RuntimeError as error:
+            arm_exit_guard()  # receives still posted to a peer that is gone must not hold this process's exit
+            if notice is not None and (posted := notice()) is not None:
+                raise posted from error
+            timed_out = "timed out" in str(error).lower()
+            message, root = explain_wait(me, list(peers) or [me], what, time.monotonic() - start, lost=not timed_out,
+                                         same=what)
+            message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
+            raise PeerLost(message, root, timed_out) from error
+    activity.doing(f"its own code after {what}")
 
 
 @contextmanager

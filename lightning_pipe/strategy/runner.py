@@ -94,6 +94,7 @@ class PipelineRunner:
         self.collective_device = pipeline.device if nccl else torch.device("cpu")
         self.channel = ResultChannel(pipeline.group, self.last_rank, self.collective_device)
         self.channel.timeout, self.channel.notice = pipeline.config.wait_timeout, pipeline.comm.board.read
+        self.channel.point_to_point = not nccl and not pipeline.comm.strict  # gloo's tags keep them apart
         self._steps = 0  # steps run, for the seeds of a caller that gives none
         # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
         self.flag: Callable[[], bool] = lambda: False
@@ -234,7 +235,8 @@ class PipelineRunner:
             self.metrics.start()
         averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
-        with averaging:  # replicas: each bucket of gradients is averaged as soon as the backward completes it
+        with averaging, self._result_posted(fingerprint):  # replicas: each bucket of gradients is averaged as soon
+            # as the backward completes it
             loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
             if averager is not None:
                 averager.start_remaining()
@@ -274,11 +276,12 @@ class PipelineRunner:
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, self._first_rows(rows))
         pipe.loss_fn = None
         self.recorder.calls = []
-        _, last_outputs = pipe.eval_step(_tagged(batch, rows))
-        encoded = None
-        if pipe.is_last_rank:
-            encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
-                                                                    seed), replicas=True)
+        with self._result_posted(fingerprint):
+            _, last_outputs = pipe.eval_step(_tagged(batch, rows))
+            encoded = None
+            if pipe.is_last_rank:
+                encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
+                                                                        seed), replicas=True)
         return self._share(encoded, fingerprint, step).output
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
@@ -395,6 +398,17 @@ class PipelineRunner:
     @staticmethod
     def _error_text(error: BaseException) -> str:
         return f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}"
+
+    @contextmanager
+    def _result_posted(self, fingerprint: int | torch.Tensor) -> Iterator[None]:
+        """The step's result messages posted before its pipeline runs (:meth:`ResultChannel.post`), and abandoned if
+        it fails before sharing them."""
+        self.channel.post(fingerprint, self.flag())
+        try:
+            yield
+        except BaseException:
+            self.channel.abandon()
+            raise
 
     def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str) -> StepResult:
         """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
