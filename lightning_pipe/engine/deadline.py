@@ -111,12 +111,10 @@ def wait_messages(works: Sequence[dist.Work], what: str, peers: Sequence[int], t
                   notice: Callable[[], PipelineError | None] | None = None) -> None:
     """Wait for point-to-point ``works`` (sends to and receives from the global ranks ``peers``), within ``timeout``
     seconds in all; a wait that runs out, or a connection that closes, raises :class:`PeerLost` naming the rank at the
-    root of it, and a failure another rank posted (``notice()``, looked at before and after) is raised as it is.
+    root of it, or the failure another rank posted (``notice()``, read then: it asks the job's store).
 
     Unlike a collective's, a gloo send's or receive's work ends with its first wait, timed out or not: each is waited
     for once, up to the deadline."""
-    if notice is not None and (posted := notice()) is not None:
-        raise posted
     start, me = time.monotonic(), dist.get_rank()
     activity.doing(what, tuple(peers))
     for work in works:

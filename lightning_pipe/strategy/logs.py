@@ -82,7 +82,8 @@ class LogRecorder:
 
     def combine(self) -> list[LoggedValue]:
         """The recorded calls as one batch's logs; clears the record."""
-        names = {id(m): name for name, m in self.module.named_modules() if isinstance(m, Metric)}
+        metrics = any(isinstance(arguments["value"], Metric) for arguments, _ in self.calls)
+        names = {id(m): name for name, m in self.module.named_modules() if isinstance(m, Metric)} if metrics else {}
         logged = combine_logs(self.calls, names)
         self.calls = []
         return logged
