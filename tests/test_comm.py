@@ -15,6 +15,7 @@ from collections import namedtuple
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lightning_pipe.engine import wire
 from lightning_pipe.engine.comm import Communicator, PipelineError
@@ -110,6 +111,30 @@ def test_messages_that_outgrow_the_channel_keep_one_message_each() -> None:
     assert [(n, first, last) for n, first, last, _ in got] == [(n, float(i), float(i)) for i, n in enumerate(sizes)]
     capacities = [capacity for *_, capacity in got]
     assert capacities == sorted(capacities) and capacities[0] == 4096 and capacities[-1] >= 1_600_000
+
+
+def _large(rank: int, world_size: int, strict: bool) -> list:
+    comm = Communicator(strict=strict)
+    sizes = [2_100_000, 1_048_576, 5_000_000]  # 8.4 MB, exactly 4 MiB, 20 MB: over the store's 8 MiB per value
+    if rank == 0:
+        for i, n in enumerate(sizes):
+            comm.send({"x": torch.arange(n, dtype=torch.float32) + i, "i": i}, dst=1, tag="big")
+        comm.wait_sends()
+        dist.barrier()  # the store lives in rank 0: it stays until rank 1 has read
+        return []
+    got = []
+    for i, n in enumerate(sizes):
+        tree = comm.recv(0, "big")
+        got.append(bool(torch.equal(tree["x"], torch.arange(n, dtype=torch.float32) + i)) and tree["i"] == i)
+    dist.barrier()
+    return got
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_messages_larger_than_a_store_value_go_through_the_side_plane_in_chunks(strict: bool) -> None:
+    """A first or grown message of tens of MB (an activation of a real model) travels in store values of 4 MiB:
+    torch's store refuses a value over 8 MiB with a closed connection."""
+    assert run_ranks(_large, 2, strict)[1] == [True, True, True]
 
 
 class _Boom:

@@ -9,8 +9,8 @@ costs a fixed ~0.2-1 ms here, so one per transfer matters more than the copy tha
 ``(peer, channel)`` (a channel is a stream of like messages, e.g. one stage's activations), the layout last sent and
 the channel's *capacity*, the largest message so far: every message is exactly that large. The message says whether
 its layout is the last one (then it is header and data only), or a new one that it carries; a message that would
-not fit puts its layout and data on the *side plane* (the job's store, written before the message leaves, read and
-deleted by the receiver) and keeps only its header on the wire, after which both ends raise the capacity. The side
+not fit puts its layout and data on the *side plane* (the job's store, in values of at most 4 MiB, written before the
+message leaves, read and deleted by the receiver) and keeps only its header on the wire, after which both ends raise the capacity. The side
 plane blocks nothing, so the ordered wire keeps one message per transfer even when shapes change: the first batch,
 a partial last batch, a longer sequence. See :mod:`.wire` for the format; nothing received is unpickled.
 
@@ -54,6 +54,7 @@ __all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 
 STRICT_ENV = "LIGHTNING_PIPE_STRICT_P2P"
 INITIAL_CAPACITY = 4096  # bytes of a channel's first message (its first layout and small trees fit)
+SIDE_CHUNK = 4 << 20  # bytes per store value of a side message (torch's libuv store refuses values over 8 MiB)
 _ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
 
 
@@ -285,7 +286,9 @@ class Communicator(Waits):
                                "group has none; initialize torch.distributed with a TCP or file store")
         key = f"{self.prefix}/side/{self.rank}-{dst}/{self._side_out[dst]}"
         self._side_out[dst] += 1
-        store.set(key, payload.numpy().tobytes())
+        data = payload.numpy()
+        for index, start in enumerate(range(0, max(1, len(data)), SIDE_CHUNK)):  # the receiver counts them alike
+            store.set(f"{key}/{index}", data[start: start + SIDE_CHUNK].tobytes())
 
     def _issue(self, out: list[tuple[int, torch.Tensor]], into: list[tuple[int, torch.Tensor]]) -> list[dist.Work]:
         """Issue one group; return the works to wait on for the receives."""
@@ -340,7 +343,7 @@ class Communicator(Waits):
         kind, layout_len, data_len = wire.read_header(kind_byte)
         data = buffer
         if kind == wire.SIDE:
-            data = self._side_get(src)
+            data = self._side_get(src, wire.aligned(layout_len) + data_len)
             if data.numel() < wire.aligned(layout_len) + data_len:
                 raise wire.WireError(f"a side message from rank {src} is shorter than its header says")
             self._set_layout(state, data[:layout_len].numpy().tobytes())
@@ -392,16 +395,19 @@ class Communicator(Waits):
             out.append(leaf)
         return out
 
-    def _side_get(self, src: int) -> torch.Tensor:
+    def _side_get(self, src: int, nbytes: int) -> torch.Tensor:
+        """The next side message from ``src``, ``nbytes`` long (its header says so), in chunks as it was written."""
         store = self.board.store
         key = f"{self.prefix}/side/{src}-{self.rank}/{self._side_in[src]}"
         self._side_in[src] += 1
-        payload = store.get(key)
-        try:
-            store.delete_key(key)  # housekeeping: the payload is read
-        except (RuntimeError, dist.DistError):  # the store's host ended once its last message was out: nothing to free
-            pass
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        payload = bytearray()
+        for index in range(max(1, -(-nbytes // SIDE_CHUNK))):
+            payload += store.get(f"{key}/{index}")
+            try:
+                store.delete_key(f"{key}/{index}")  # housekeeping: the chunk is read
+            except (RuntimeError, dist.DistError):  # the store's host ended once its last message was out
+                pass
+        return torch.frombuffer(payload, dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
 
     # -- failures ---------------------------------------------------------------------------------
     def _error_from(self, src: int, buffer: torch.Tensor) -> PipelineError:
