@@ -78,3 +78,31 @@ def _abandoned(rank: int, world_size: int) -> str:
 def test_a_step_that_failed_after_posting_leaves_the_channel_refusing() -> None:
     for text in run_ranks(_abandoned, 2):
         assert "failed between sending its result messages and receiving them" in text
+
+
+def _source_fails(rank: int, world_size: int) -> tuple[str, float]:
+    import time
+
+    from lightning_pipe.strategy.results import ResultChannel
+
+    channel = ResultChannel(dist.group.WORLD, world_size - 1, torch.device("cpu"))
+    channel.point_to_point, channel.timeout = True, 60.0
+    channel.post(5)
+    start = time.monotonic()
+    if rank == world_size - 1:
+        channel.abandon()  # its step failed after posting: the others are told at once
+        dist.barrier()
+        return "abandoned", 0.0
+    try:
+        channel.share(None, 5)
+    except RuntimeError as error:
+        dist.barrier()
+        return str(error), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_a_last_stage_that_fails_before_answering_ends_the_others_at_once() -> None:
+    """The others would wait for the answer until their deadline (60 s here); the source's error mark ends them."""
+    for rank, (text, waited) in enumerate(run_ranks(_source_fails, 3)[:2]):
+        assert "the last stage (rank 2) failed in this step" in text, (rank, text)
+        assert waited < 10.0

@@ -80,7 +80,7 @@ def test_a_lost_connection_reports_the_first_error_of_its_own_run_only() -> None
     assert "boom" not in rank0[1] + rank1[1]
 
 
-def _sigterm(rank: int, world_size: int, signalled_rank: int) -> list[int]:
+def _sigterm(rank: int, world_size: int, signalled_rank: int, mid_step: bool = False) -> list[int]:
     import lightning as L
 
     import lightning_pipe  # noqa: F401
@@ -88,11 +88,22 @@ def _sigterm(rank: int, world_size: int, signalled_rank: int) -> list[int]:
     steps: list[int] = []
 
     class Signal(L.Callback):
-        """As Lightning's signal handler does on SIGTERM, on one rank as its fourth step starts."""
+        """As Lightning's signal handler does on SIGTERM, on one rank as its fourth step starts, or (``mid_step``) while
+        that rank's stage computes the step's first forward."""
 
         def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
             if trainer.global_step == 3 and trainer.global_rank == signalled_rank:
-                trainer._signal_connector.received_sigterm = True
+                if not mid_step:
+                    trainer._signal_connector.received_sigterm = True
+                    return
+                hooks = []
+
+                def signal(*_: Any) -> None:
+                    trainer._signal_connector.received_sigterm = True
+                    for hook in hooks:
+                        hook.remove()
+
+                hooks.extend(module.register_forward_hook(signal) for module in trainer.strategy.runner.pipeline.modules())
 
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
             steps.append(trainer.global_step)
@@ -114,3 +125,14 @@ def test_sigterm_on_any_rank_stops_every_rank_before_the_next_step(signalled_ran
     collective each step already makes, so a SIGTERM on any rank during a step stops all of them after that step."""
     for steps in run_ranks(_sigterm, 2, signalled_rank, timeout=90):
         assert steps == [1, 2, 3, 4, -1], steps
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_sigterm_in_the_middle_of_a_step_stops_every_rank_together(signalled_rank: int) -> None:
+    """The last stage reads its flag when it sends the step's result: every rank stops after that step. Another rank
+    sent its flag as the step began (gloo's result messages go then), so one raised mid-step travels with the next
+    step and every rank stops after that one, with Lightning's SIGTERMException, none alone."""
+    expected = [1, 2, 3, 4, -1] if signalled_rank == 1 else [1, 2, 3, 4, 5, -1]
+    for steps in run_ranks(_sigterm, 2, signalled_rank, True, timeout=90):
+        assert steps == expected, steps

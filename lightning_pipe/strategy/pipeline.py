@@ -349,10 +349,23 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         every rank's flag rides in the collective each step already makes (:mod:`lightning_pipe.strategy.results`),
         and the check before the next step reads it: one collective per step fewer, and a SIGTERM that reaches any
         rank while a step runs stops every rank after that step (the signalled rank by Lightning's own check at the
-        end of the step, the others here). One that arrives between a step's collective and its end stops only the
-        signalled rank, as under DDP; the others then end with its error (:mod:`lightning_pipe.strategy.failures`)."""
+        end of the step, the others here). On gloo, where a rank other than the last sends its flag as the step
+        starts, one that reaches such a rank mid-step is held for the next step's messages: every rank stops after
+        that one. One that arrives after a rank's result has come, before the step's end, stops only the signalled
+        rank, as under DDP; the others then end with its error (:mod:`lightning_pipe.strategy.failures`)."""
         runner = self.runner
-        runner.flag = lambda: bool(getattr(trainer, "received_sigterm", False))
+        held = [False]
+
+        def hold() -> None:
+            # On gloo a rank other than the last sends its flag when a step starts; one that rose later travels with
+            # the next step, and Lightning's own check must not stop this rank alone at the end of this one.
+            held[0] = True
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                connector.received_sigterm = False
+
+        runner.flag = lambda: held[0] or bool(getattr(trainer, "received_sigterm", False))
+        runner.hold_flag = hold
         runner.flagged = False
         epoch_loop = trainer.fit_loop.epoch_loop
         if callable(getattr(type(epoch_loop), "_broadcast_sigterm_tensor", None)):  # Lightning 2.x's private check

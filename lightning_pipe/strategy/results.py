@@ -27,6 +27,7 @@ emulates it, the all_reduce stays.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,6 +48,7 @@ _HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unch
 _INLINE = (_WORDS - _HEAD) * 8
 _LOWEST = torch.iinfo(torch.int64).min
 _UNCHANGED = -1
+_FAILED = -2  # in the payload-length word of an answer: the source failed in this step
 
 
 @dataclass
@@ -250,6 +252,8 @@ class ResultChannel:
         self._posted: tuple[Any, ...] | None = None  # this step's messages, posted ahead
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # the source's answers of the last step
         self._broken = False  # a step ended between post and share: its messages are still posted
+        self._abandoned: list[Any] = []  # their buffers, kept while gloo may still write or read them
+        self.sent_flag: bool | None = None  # what this rank's posted half said of its flag (None: nothing posted)
 
     def post(self, fingerprint: int | torch.Tensor, flag: bool = False) -> None:
         """Point-to-point only: send the source this rank's ``fingerprint`` and ``flag`` and post the receive of its
@@ -274,12 +278,23 @@ class ResultChannel:
             answer = torch.empty(_WORDS, dtype=torch.int64)
             self._posted = (answer, [dist.isend(mine, dst=self.source, group=self.group, tag=_TAG),
                                      dist.irecv(answer, src=self.source, group=self.group, tag=_TAG)], mine)
+            self.sent_flag = bool(flag)
 
     def abandon(self) -> None:
-        """The step ended with an error after :meth:`post`: its messages stay posted (the process is ending)."""
-        if self._posted is not None:
-            arm_exit_guard()  # a receive posted to a peer that is gone must not hold this process's exit
-            self._posted, self._broken = None, True
+        """The step ended with an error after :meth:`post`: its messages stay posted (the process is ending). The
+        source answers every other rank with an error mark, so that one already waiting for its answer raises the
+        failure the source posted to the store, rather than waiting for its deadline."""
+        if self._posted is None:
+            return
+        arm_exit_guard()  # a receive posted to a peer that is gone must not hold this process's exit
+        self._abandoned.append(self._posted)
+        self._posted, self._broken = None, True
+        if self.is_source:
+            failed = torch.full((_WORDS,), _LOWEST, dtype=torch.int64)
+            failed[2] = _FAILED
+            with contextlib.suppress(Exception):  # best effort: a peer that is gone learns of it otherwise
+                self._abandoned.append((failed, [dist.isend(failed, dst=rank, group=self.group, tag=_TAG)
+                                                 for rank in self._others]))
 
     def share(self, encoded: tuple[str, list[torch.Tensor]] | None, fingerprint: int | torch.Tensor,
               flag: bool = False) -> tuple[Any, list[int] | None, bool]:
@@ -346,15 +361,27 @@ class ResultChannel:
         posted, self._posted = self._posted, None
         if not self.is_source:
             answer, works, _ = posted
-            wait_messages(works, _SHARE, [self.source], self.timeout, self.notice)
+            self._wait(posted, works, [self.source])
+            if int(answer[2]) == _FAILED:
+                self._broken = True
+                raise (self.notice() if self.notice is not None else None) or RuntimeError(
+                    f"the last stage (rank {self.source}) failed in this step; its error is in its own output")
             return answer
         halves, works = posted
-        wait_messages(works, _SHARE, self._others, self.timeout, self.notice)
+        self._wait(posted, works, self._others)
         fingerprints = [int(fingerprint), *(int(half[0]) for half in halves)]
         header[0], header[1] = max(fingerprints), -min(fingerprints)
         header[4] = int(flag or any(int(half[1]) for half in halves))
         self._sending = [(dist.isend(header, dst=rank, group=self.group, tag=_TAG), header) for rank in self._others]
         return header
+
+    def _wait(self, posted: tuple[Any, ...], works: list[dist.Work], peers: list[int]) -> None:
+        try:
+            wait_messages(works, _SHARE, peers, self.timeout, self.notice)
+        except BaseException:
+            self._abandoned.append(posted)  # the receives may still be posted in gloo: never pair them again
+            self._broken = True
+            raise
 
     def _gather_fingerprints(self, fingerprint: int | torch.Tensor) -> list[int]:
         size = dist.get_world_size(self.group)

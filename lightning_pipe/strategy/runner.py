@@ -99,6 +99,9 @@ class PipelineRunner:
         # A flag any rank may raise for every rank, carried by each step's collective: the strategy's "SIGTERM".
         self.flag: Callable[[], bool] = lambda: False
         self.flagged = False  # whether any rank raised it at the last step
+        # Called when this rank's flag rose after its step had sent it (gloo's messages go when the step starts): the
+        # strategy holds it for the next step's messages.
+        self.hold_flag: Callable[[], None] = lambda: None
         # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
         self.loss_reduction = "auto"
         self._probes_left = 3
@@ -235,7 +238,7 @@ class PipelineRunner:
             self.metrics.start()
         averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
-        with averaging, self._result_posted(fingerprint):  # replicas: each bucket of gradients is averaged as soon
+        with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
             # as the backward completes it
             loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
             if averager is not None:
@@ -414,6 +417,9 @@ class PipelineRunner:
         """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
         and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
         (structure, tensors), fingerprints, self.flagged = self.channel.share(encoded, fingerprint, self.flag())
+        if self.channel.sent_flag is False and not self.flagged and self.flag():
+            self.hold_flag()  # it rose during the step: every rank learns of it in the next step's messages
+        self.channel.sent_flag = None
         shared = decode_result(structure, tensors)
         if fingerprints is not None:
             self.metrics.apply({})
