@@ -144,3 +144,19 @@ def test_bigger_rows(tmp_path):
         # Adam's states exist from the first step on: training holds more than setup
         assert row["training"] > row["setup"] and row["resumed_training"] > row["setup"]
     assert [name for name in tmp_path.iterdir() if name.name.endswith(".ckpt")] == []  # checkpoints removed
+
+
+@pytest.mark.parametrize("one_device", [False, True], ids=["pipeline", "one-device-reference"])
+def test_lightning_overhead_rows(tmp_path, one_device):
+    from benchmarks import lightning_overhead
+
+    path = tmp_path / "overhead.json"
+    lightning_overhead.main(["--width", "16", "--layers", "2", "--block-size", "16", "--batch-size", "8",
+                             "--steps", "8", "--warmup", "2", "--json", str(path)] + (["--one-device"] if one_device
+                                                                                        else []))
+    result = json.loads(path.read_text())
+    assert result["config"]["one_device"] is one_device
+    for name in ("best", "median"):
+        assert result[name]["engine_tokens_per_s"] > 0 and result[name]["trainer_tokens_per_s"] > 0
+        assert result[name]["ratio"] == pytest.approx(result[name]["trainer_tokens_per_s"]
+                                                      / result[name]["engine_tokens_per_s"])
