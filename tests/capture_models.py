@@ -3,6 +3,8 @@ litgpt-style GPT; each with a batch maker, how the model is called on a micro-ba
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -201,6 +203,71 @@ def hf_bert(layers: int = 4) -> nn.Module:
                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
+def hf_causal(kind: str, layers: int = 4) -> nn.Module:
+    """A small decoder-only language model of one more Hugging Face family (``kind``: its config class' prefix)."""
+    import transformers
+
+    sizes = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
+             "num_attention_heads": 4, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 0,
+             "pad_token_id": 0}
+    extra = {"Mistral": {"num_key_value_heads": 2, "sliding_window": 8}, "Qwen2": {"num_key_value_heads": 2},
+             "Qwen3": {"num_key_value_heads": 2, "head_dim": 8}, "Gemma": {"num_key_value_heads": 1, "head_dim": 8},
+             "Phi": {"partial_rotary_factor": 0.5}, "GPTNeoX": {"rotary_pct": 0.5},
+             "OPT": {"ffn_dim": 64, "word_embed_proj_dim": 32, "do_layer_norm_before": True, "dropout": 0.0}}[kind]
+    if kind == "OPT":
+        sizes.pop("intermediate_size")
+    config = getattr(transformers, f"{kind}Config")(**sizes, **extra)
+    return getattr(transformers, f"{kind}ForCausalLM")(config)
+
+
+def hf_encoder(kind: str, layers: int = 4) -> nn.Module:
+    """A small Hugging Face encoder with a sequence-classification head (``kind``: RoBERTa, DistilBert, ...)."""
+    import transformers
+
+    if kind == "DistilBert":
+        config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
+                                               max_position_embeddings=32, num_labels=3, dropout=0.0,
+                                               attention_dropout=0.0, seq_classif_dropout=0.0)
+    else:
+        config = getattr(transformers, f"{kind}Config")(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            pad_token_id=1)
+    return getattr(transformers, f"{kind}ForSequenceClassification")(config)
+
+
+def hf_t5(layers: int = 2) -> nn.Module:
+    """A small encoder-decoder (T5): the encoder's output feeds every decoder block's cross-attention."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=layers,
+                                               num_decoder_layers=layers, num_heads=4, dropout_rate=0.0,
+                                               decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def hf_vit(layers: int = 4) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                               num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                                               num_labels=10, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0))
+
+
+def hf_vision(kind: str) -> nn.Module:
+    """A small Hugging Face convolutional classifier (``kind``: ConvNext, or ResNet with its batch norms)."""
+    import transformers
+
+    if kind == "ConvNext":
+        config = transformers.ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[8, 16, 24, 32],
+                                             depths=[1, 1, 2, 1], num_labels=10)
+    else:
+        # two stages: 16 x 16 images keep 2 x 2 positions, so a one-row micro-batch's batch norms see 4 values
+        config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2],
+                                           layer_type="basic", num_labels=10)
+    return getattr(transformers, f"{kind}ForImageClassification")(config)
+
+
 # -- the families --------------------------------------------------------------------------------------------------
 Batch = tuple[torch.Tensor, ...]
 
@@ -263,10 +330,26 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("autoencoder", AutoEncoder, _vectors, lambda mb: ((mb[0],), {}), _autoencoder_loss),
     Family("litgpt", LitGPT, _tokens, lambda mb: ((mb[0],), {"targets": mb[0].roll(-1, 1)}), lambda out, mb: out),
 ]}
+# More families (Hugging Face decoders, encoders, an encoder-decoder and vision models): train and validate in
+# tests/test_strategy_capture.py::test_more_hugging_face_families_train_and_validate_like_one_device
+MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    *(Family(f"hf_{kind.lower()}", functools.partial(hf_causal, kind), _masked,
+             lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss, hf=True)
+      for kind in ("Mistral", "Qwen2", "Qwen3", "Gemma", "Phi", "GPTNeoX", "OPT")),
+    *(Family(f"hf_{kind.lower()}", functools.partial(hf_encoder, kind), _classified,
+             lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}), lambda out, mb: out.loss, hf=True)
+      for kind in ("Roberta", "DistilBert", "Electra")),
+    Family("hf_t5", hf_t5, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0].flip(1)}),
+           lambda out, mb: out.loss, hf=True),
+    Family("hf_vit", hf_vit, _images, lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True),
+    *(Family(f"hf_{kind.lower()}", functools.partial(hf_vision, kind), _images,
+             lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True)
+      for kind in ("ConvNext", "ResNet")),
+]}
 
 
 def family(name: str) -> Family:
     """The family ``name``, skipping the test when it needs transformers and that is not installed."""
-    found = FAMILIES[name]
+    found = FAMILIES[name] if name in FAMILIES else MORE_FAMILIES[name]
     found.skip_without_transformers()
     return found

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lightning_pipe.engine import launch
-from tests.capture_models import FAMILIES, HAS_TRANSFORMERS
+from tests.capture_models import FAMILIES, HAS_TRANSFORMERS, MORE_FAMILIES
 from tests.helpers import run_ranks
 
 if HAS_TRANSFORMERS:  # imported once by the fork server rather than by every rank
@@ -43,7 +43,7 @@ if FULL:
 
 
 def _family(name: str) -> Any:
-    return FAMILIES["autoencoder" if name in ("hparams", "forward") else name]
+    return {**FAMILIES, **MORE_FAMILIES}["autoencoder" if name in ("hparams", "forward") else name]
 
 
 def _module(name: str) -> Any:
@@ -357,3 +357,16 @@ def test_static_captures_follow_every_new_shape_on_every_rank(tmp_path: Path) ->
     _check([result for result, _ in results], ["litgpt"])
     for _, captures in results:  # to train: micro-batches of 2 rows and length 16, 12, 10, and of 1 row and length 10
         assert captures == [(True, False)] * 4 + [(False, False)], captures  # and one to validate: length 14
+
+
+@pytest.mark.timeout(600)
+def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path: Path) -> None:
+    """Fourteen more Hugging Face models as users bring them, unchanged, each under ``pipedream`` on 2 ranks: Mistral
+    (sliding window), Qwen2, Qwen3, Gemma, Phi (partial rotary), GPT-NeoX, OPT (positions from the attention mask),
+    RoBERTa, DistilBERT, ELECTRA, T5 (encoder-decoder, cross-attention on the encoder's output), ViT, ConvNeXt and
+    ResNet (batch norms): their weights after three steps of changing sequence lengths, and their validation loss,
+    equal one device's."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    names = list(MORE_FAMILIES)
+    _check(run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, timeout=560), names)
