@@ -269,3 +269,40 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
         for message, text in zip(messages, expected):
             assert text in message, f"rank {rank}: expected {text!r} in {message!r}"
         assert len(messages) == len(expected)
+
+
+def _callbacks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import Regressor, regression_data
+
+    # min_delta so large that only the first validation improves: patience 0 stops the fit after the second epoch
+    stopping = EarlyStopping(monitor="val_mse", patience=0, min_delta=1e9, mode="min")
+    checkpoint = ModelCheckpoint(dirpath=os.path.join(tmp, "ckpt"), monitor="val_mse")
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=10,
+                        callbacks=[stopping, LearningRateMonitor(), checkpoint], logger=CSVLogger(tmp),
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Regressor(scheduler=True), regression_data(4, batch_size=8), regression_data(2, batch_size=8, seed=5))
+    return {"epoch": trainer.current_epoch, "steps": trainer.global_step, "stopped": stopping.stopped_epoch,
+            "metrics": sorted(trainer.callback_metrics), "best": checkpoint.best_model_path != "",
+            "sync_advice": [str(w.message) for w in caught if "sync_dist=True" in str(w.message)]}
+
+
+@pytest.mark.timeout(120)
+def test_early_stopping_learning_rate_monitor_and_checkpoints_on_every_rank(tmp_path: Path) -> None:
+    """A project's usual callbacks see the same metrics on every rank: EarlyStopping stops every rank at the same
+    epoch (no rank left waiting), LearningRateMonitor logs, ModelCheckpoint keeps its best; Lightning's advice to sync
+    epoch-level logs (every rank logs the same values here) is not shown."""
+    results = run_ranks(_callbacks, 2, str(tmp_path), timeout=100)
+    for result in results:
+        assert (result["epoch"], result["steps"], result["stopped"], result["best"]) == (2, 8, 1, True), result
+        assert {"lr-SGD", "val_mse", "train_loss_epoch"} <= set(result["metrics"]), result["metrics"]
+        assert result["sync_advice"] == []
+    assert results[0]["metrics"] == results[1]["metrics"]

@@ -78,6 +78,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any
             options["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120), **options)
+        # every rank has made its connections before any runs fn: one that failed at once would close them under a
+        # peer still making its own ("connectFullMesh failed"), and that peer would end with this instead of the error
+        dist.barrier()
         value = fn(rank, world_size, *args)
         buffer = io.BytesIO()
         torch.save(value, buffer)  # plain bytes through the queue: no shared memory outliving this process

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -325,6 +326,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
         self._position.start(trainer)
+        # Every rank logs the same values (the last stage's, combined over the replicas): Lightning's advice to sync
+        # epoch-level logs across devices does not apply, and following it would only add a collective.
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
         self._build(module, trainer)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
