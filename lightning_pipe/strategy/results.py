@@ -266,8 +266,9 @@ class ResultChannel:
         if self._broken:
             raise RuntimeError("an earlier step of this pipeline failed between sending its result messages and "
                                "receiving them, so the ranks' messages no longer pair up; start a new run")
-        for work, _ in self._sending:  # the last step's answers, long delivered: their buffers may go
-            work.wait()
+        if self._sending:  # the last step's answers, long delivered (each peer had posted its receive): their
+            # buffers may go
+            wait_messages([work for work, _ in self._sending], _SHARE, self._others, self.timeout, self.notice)
         self._sending = []
         if self.is_source:
             halves = [torch.empty(2, dtype=torch.int64) for _ in self._others]
