@@ -166,3 +166,49 @@ def test_alias_paths_are_redirected_and_hparams_pickle_whole() -> None:
     assert isinstance(restored.model, torch.nn.Sequential) and len(restored.model) == 7
     for key, value in restored.state_dict().items():
         torch.testing.assert_close(value, full[f"net.{key}"])
+
+
+def _compiled(rank: int, world_size: int, compiled: bool) -> dict[str, Any]:
+    import warnings
+
+    import lightning as L
+    import torch.nn.functional as F
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import regression_data
+    from tests.models import mlp
+
+    class Model(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            layers = mlp(num_layers=4, width=16)
+            self.layers = torch.compile(layers) if compiled else layers
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.layers(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Model()
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_steps=STEPS, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, regression_data(STEPS))
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "warned": any("torch.compile of ['layers'] is undone" in str(w.message) for w in caught)}
+
+
+@pytest.mark.timeout(120)
+def test_a_torch_compiled_model_trains_as_the_eager_one() -> None:
+    """self.layers = torch.compile(nn.Sequential(...)): the compiled wrapper would call the whole model, not the
+    stages; it is undone with a warning, and the weights equal the eager model's under the same pipeline."""
+    eager = run_ranks(_compiled, 2, False, timeout=100)
+    compiled = run_ranks(_compiled, 2, True, timeout=100)
+    assert compiled[0]["warned"] and not eager[0]["warned"]
+    for got, want in zip(compiled, eager):
+        assert got["state"].keys() == want["state"].keys()
+        for key, value in want["state"].items():
+            torch.testing.assert_close(got["state"][key], value, rtol=0, atol=0, msg=key)

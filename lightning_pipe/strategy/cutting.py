@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pipe.engine.microbatch import split_batch
 from lightning_pipe.engine.runtime import configure_threads
@@ -21,7 +22,7 @@ from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
-from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model
+from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, undo_compile
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.split import find_sequence
@@ -46,6 +47,11 @@ class PipelineCutting:
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         chain = None
         if runner is None:
+            undone = undo_compile(module)
+            if undone:
+                rank_zero_warn(f"PipelineStrategy runs the pipeline's stages eagerly: torch.compile of {undone} is "
+                               f"undone (the compiled code would call the whole model, not this rank's stages); "
+                               f"compiling the stages themselves is not supported yet")
             refuse_planned_cut(module, settings.plans_cut)
             if choose_model(module, settings.layers, settings.split_points)[0] == CHAIN:
                 chain = self._chain(module)

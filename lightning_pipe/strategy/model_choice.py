@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.chain import chain_paths
 
-__all__ = ["choose_model", "owners", "SEQUENCE", "CAPTURED", "CHAIN"]
+__all__ = ["choose_model", "owners", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -57,6 +57,22 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
                      f"attribute that the step calls (self.model = MyModel(...)) and name it with layers='model' if "
                      f"needed, or call the layers from the module's forward and call self(...) in the step; or, for "
                      f"one nn.Sequential, put every trainable layer inside it")
+
+
+def undo_compile(module: nn.Module) -> list[str]:
+    """Put back the module that each ``torch.compile``d submodule of ``module`` wraps (an ``OptimizedModule``, whose
+    compiled code would call the layers as they were, not the stages they are cut into); return their paths."""
+    if not any(type(m).__name__ == "OptimizedModule" for m in module.modules()):
+        return []  # no import of torch._dynamo for the common case
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    undone = []
+    for name, parent in list(module.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, OptimizedModule):
+                setattr(parent, child_name, child._orig_mod)
+                undone.append(f"{name}.{child_name}" if name else child_name)
+    return undone
 
 
 def _own_forward(module: nn.Module) -> bool:
