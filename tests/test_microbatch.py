@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections import namedtuple
+from collections import UserDict, namedtuple
+from typing import Any
 
 import pytest
 import torch
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
+from lightning_pipe.engine.microbatch import batch_rows, microbatch_weights, split_batch
+from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 from tests.helpers import run_ranks
 from tests.models import mlp
 
@@ -83,3 +85,29 @@ def test_per_row_names_reach_the_loss_and_an_empty_batch_fails_on_every_rank_at_
     (seen_0, error_0), (seen_1, error_1) = run_ranks(_names_and_an_empty_batch, 2, timeout=100)
     assert seen_0 == [] and [len(names) for names in seen_1] == [3, 3, 2, 2]
     assert "the batch has 0 rows" in error_0 and "the batch has 0 rows" in error_1
+
+
+class _Encoding(UserDict):
+    """A mapping that is not a dict, as Hugging Face's BatchEncoding (a UserDict with attribute access)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_a_mapping_that_is_not_a_dict_splits_and_keeps_its_type() -> None:
+    """A data collator's BatchEncoding is split like a dict and each micro-batch is one again (``batch.input_ids``
+    and ``model(**batch)`` keep working); tree_flatten round-trips it."""
+    batch = _Encoding({"input_ids": torch.arange(10).view(5, 2), "attention_mask": torch.ones(5, 2), "name": "x"})
+    parts = split_batch(batch, 2)
+    assert [type(part) for part in parts] == [_Encoding, _Encoding]
+    assert parts[0].input_ids.tolist() == [[0, 1], [2, 3], [4, 5]] and parts[1].input_ids.tolist() == [[6, 7], [8, 9]]
+    assert parts[1]["name"] == "x" and batch_rows(batch) == 5
+    leaves, spec = tree_flatten(batch)
+    rebuilt = tree_unflatten(leaves, spec)
+    assert type(rebuilt) is _Encoding and rebuilt.keys() == batch.keys()
+    transformers = pytest.importorskip("transformers")
+    encoding = transformers.BatchEncoding({"input_ids": torch.arange(8).view(4, 2)})
+    assert [type(p).__name__ for p in split_batch(encoding, 2)] == ["BatchEncoding", "BatchEncoding"]

@@ -370,3 +370,49 @@ def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
     names = list(MORE_FAMILIES)
     _check(run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, timeout=560), names)
+
+
+def _collated(rank: int, world_size: int, encoding: bool) -> dict[str, torch.Tensor]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+    from transformers import BatchEncoding
+
+    import lightning_pipe  # noqa: F401
+    from tests.capture_models import hf_gpt2
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = hf_gpt2()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = self.model(**batch).loss  # a data collator's batch, as Hugging Face's examples pass it
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(SEED, verbose=False)
+    module = Module()
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, length in BATCHES:
+        ids = torch.randint(0, 50, (rows, length), generator=generator)
+        items = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        batches.append(BatchEncoding(items) if encoding else items)
+    _trainer("pipedream", world_size, max_steps=len(BATCHES)).fit(module, DataLoader(batches, batch_size=None))
+    return _state(module)
+
+
+def test_a_data_collators_batch_encoding_trains_as_a_dict() -> None:
+    """Hugging Face's data collators give a BatchEncoding (a mapping, not a dict): it is split into micro-batches of
+    its own type, and the weights equal those of the same batches as plain dicts."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    as_dicts = run_ranks(_collated, 2, False, timeout=120)
+    as_encodings = run_ranks(_collated, 2, True, timeout=120)
+    for got, want in zip(as_encodings, as_dicts):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)

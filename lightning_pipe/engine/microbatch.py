@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .tree import tree_flatten
+from .tree import rebuild_mapping, tree_flatten
 
 __all__ = ["batch_rows", "split_batch", "microbatch_weights"]
 
@@ -64,6 +65,8 @@ def _take(tree: Any, rows: int, part: slice) -> Any:
         return [_take(child, rows, part) for child in tree]
     if isinstance(tree, dict):
         return {key: _take(child, rows, part) for key, child in tree.items()}
+    if isinstance(tree, Mapping):  # Hugging Face's BatchEncoding, a UserDict: split as a dict, kept of its type
+        return rebuild_mapping(type(tree), {key: _take(child, rows, part) for key, child in tree.items()})
     return tree
 
 

@@ -3,16 +3,18 @@ between ranks, :mod:`.wire` describes trees)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors"]
+__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors", "rebuild_mapping"]
 
 # A TreeSpec is plain data so that it pickles cheaply and compares with ==:
 #   None                      -> a tensor leaf (taken from the leaves list in order)
 #   ("v", value)              -> a non-tensor leaf carried inside the spec itself
 #   ("t", (child, ...))       -> tuple, ("l", ...) -> list, ("d", ((key, child), ...)) -> dict
+#   ("m", (cls, ((key, child), ...))) -> another Mapping (BatchEncoding, UserDict), rebuilt as cls(dict)
 #   ("n", (cls, children))    -> a namedtuple of type cls
 TreeSpec = Any
 
@@ -34,6 +36,8 @@ def _flatten(tree: Any, leaves: list[torch.Tensor]) -> TreeSpec:
         return ("l", tuple(_flatten(child, leaves) for child in tree))
     if isinstance(tree, dict):
         return ("d", tuple((key, _flatten(child, leaves)) for key, child in tree.items()))
+    if isinstance(tree, Mapping):  # a mapping that is not a dict (Hugging Face's BatchEncoding, a UserDict)
+        return ("m", (type(tree), tuple((key, _flatten(child, leaves)) for key, child in tree.items())))
     return ("v", tree)
 
 
@@ -59,7 +63,19 @@ def _unflatten(leaves: Any, spec: TreeSpec) -> Any:
         return cls(*(_unflatten(leaves, child) for child in children))
     if kind == "l":
         return [_unflatten(leaves, child) for child in body]
+    if kind == "m":
+        cls, items = body
+        return rebuild_mapping(cls, {key: _unflatten(leaves, child) for key, child in items})
     return {key: _unflatten(leaves, child) for key, child in body}
+
+
+def rebuild_mapping(cls: type, items: dict[Any, Any]) -> Any:
+    """A mapping of ``cls`` holding ``items`` (``cls(items)``, as a BatchEncoding or a UserDict is made), or the dict
+    itself where ``cls`` cannot be made that way."""
+    try:
+        return cls(items)
+    except Exception:  # noqa: BLE001 - a mapping type with another constructor: its items still travel
+        return items
 
 
 def tree_map_tensors(fn: Any, tree: Any) -> Any:
