@@ -111,3 +111,24 @@ def test_a_mapping_that_is_not_a_dict_splits_and_keeps_its_type() -> None:
     transformers = pytest.importorskip("transformers")
     encoding = transformers.BatchEncoding({"input_ids": torch.arange(8).view(4, 2)})
     assert [type(p).__name__ for p in split_batch(encoding, 2)] == ["BatchEncoding", "BatchEncoding"]
+
+
+def test_a_dataclass_batch_splits_field_by_field() -> None:
+    """A batch kept in a dataclass (its tensors in fields): each micro-batch is one of the same class."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Batch:
+        tokens: torch.Tensor
+        labels: torch.Tensor
+        source: str = "train"
+        count: int = field(default=0, init=False)
+
+    batch = Batch(torch.arange(12).view(6, 2), torch.arange(6), "val")
+    parts = split_batch(batch, 4)
+    assert [type(part) for part in parts] == [Batch] * 4 and batch_rows(batch) == 6
+    assert [part.labels.tolist() for part in parts] == [[0, 1], [2, 3], [4], [5]]
+    assert all(part.source == "val" for part in parts)
+    leaves, spec = tree_flatten(batch)
+    rebuilt = tree_unflatten(leaves, spec)
+    assert type(rebuilt) is Batch and torch.equal(rebuilt.tokens, batch.tokens) and rebuilt.source == "val"

@@ -132,3 +132,18 @@ def test_the_users_loader_is_left_as_it_was_and_main_process_loading_is_private(
     values = [batch.tolist() for batch in shared]
     torch.testing.assert_close(torch.rand(2), expected)  # the loading drew from its own generator
     assert values == [batch.tolist() for batch in shared]  # the same start: the same draws
+
+
+def test_fingerprint_reads_the_tensors_of_a_dataclass_batch() -> None:
+    from dataclasses import dataclass
+
+    from lightning_pipe.strategy.fingerprint import batch_fingerprint
+
+    @dataclass
+    class Batch:
+        x: torch.Tensor
+        name: str = "a"
+
+    assert batch_fingerprint(Batch(torch.zeros(4, 2))) == batch_fingerprint(Batch(torch.zeros(4, 2)))
+    assert batch_fingerprint(Batch(torch.zeros(4, 2))) != batch_fingerprint(Batch(torch.ones(4, 2)))
+    assert batch_fingerprint(Batch(torch.zeros(4, 2))) != batch_fingerprint(Batch(torch.zeros(4, 2), "b"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ def batch_rows(batch: Any) -> int:
 
 
 def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
-    """Split ``batch`` (a tensor or a tuple/list/dict tree of them) into micro-batches along dim 0.
+    """Split ``batch`` (a tensor or a tuple/list/dict/mapping/dataclass tree of them) into micro-batches along dim 0.
 
     Uneven batches give uneven micro-batches (10 rows into 4: 3, 3, 2, 2). A batch with fewer rows than
     ``num_microbatches`` gives one micro-batch per row. A list or tuple of non-tensor items (strings, ids, dicts
@@ -67,6 +68,9 @@ def _take(tree: Any, rows: int, part: slice) -> Any:
         return {key: _take(child, rows, part) for key, child in tree.items()}
     if isinstance(tree, Mapping):  # Hugging Face's BatchEncoding, a UserDict: split as a dict, kept of its type
         return rebuild_mapping(type(tree), {key: _take(child, rows, part) for key, child in tree.items()})
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # each field split, the rest kept
+        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, part)
+                                            for f in dataclasses.fields(tree) if f.init})
     return tree
 
 

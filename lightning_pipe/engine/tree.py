@@ -3,6 +3,7 @@ between ranks, :mod:`.wire` describes trees)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ __all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors", "re
 #   ("v", value)              -> a non-tensor leaf carried inside the spec itself
 #   ("t", (child, ...))       -> tuple, ("l", ...) -> list, ("d", ((key, child), ...)) -> dict
 #   ("m", (cls, ((key, child), ...))) -> another Mapping (BatchEncoding, UserDict), rebuilt as cls(dict)
+#   ("c", (cls, ((field, child), ...))) -> a dataclass, rebuilt as cls(**fields) from its __init__ fields
 #   ("n", (cls, children))    -> a namedtuple of type cls
 TreeSpec = Any
 
@@ -38,6 +40,9 @@ def _flatten(tree: Any, leaves: list[torch.Tensor]) -> TreeSpec:
         return ("d", tuple((key, _flatten(child, leaves)) for key, child in tree.items()))
     if isinstance(tree, Mapping):  # a mapping that is not a dict (Hugging Face's BatchEncoding, a UserDict)
         return ("m", (type(tree), tuple((key, _flatten(child, leaves)) for key, child in tree.items())))
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # rebuilt from its fields given to __init__
+        return ("c", (type(tree), tuple((f.name, _flatten(getattr(tree, f.name), leaves))
+                                        for f in dataclasses.fields(tree) if f.init)))
     return ("v", tree)
 
 
@@ -66,6 +71,9 @@ def _unflatten(leaves: Any, spec: TreeSpec) -> Any:
     if kind == "m":
         cls, items = body
         return rebuild_mapping(cls, {key: _unflatten(leaves, child) for key, child in items})
+    if kind == "c":
+        cls, items = body
+        return cls(**{name: _unflatten(leaves, child) for name, child in items})
     return {key: _unflatten(leaves, child) for key, child in body}
 
 

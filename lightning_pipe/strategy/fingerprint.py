@@ -12,6 +12,8 @@ device are hashed on the device (integer arithmetic without overflow), so comput
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +62,11 @@ def _walk(tree: Any, described: list[str], tensors: list[torch.Tensor]) -> None:
         described.append(f"[{len(tree)}")
         for value in tree:
             _walk(value, described, tensors)
+    elif dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        described.append(f"@{type(tree).__qualname__}")
+        for item in dataclasses.fields(tree):
+            described.append(item.name)
+            _walk(getattr(tree, item.name), described, tensors)
     elif tree is None or isinstance(tree, (bool, int, float)):
         described.append(repr(tree))
     elif isinstance(tree, (str, bytes)):
