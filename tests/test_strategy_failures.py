@@ -136,3 +136,29 @@ def test_sigterm_in_the_middle_of_a_step_stops_every_rank_together(signalled_ran
     expected = [1, 2, 3, 4, -1] if signalled_rank == 1 else [1, 2, 3, 4, 5, -1]
     for steps in run_ranks(_sigterm, 2, signalled_rank, True, timeout=90):
         assert steps == expected, steps
+
+
+def _hook_fails(rank: int, world_size: int) -> None:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import Regressor, regression_data
+
+    class Module(Regressor):
+        def on_train_epoch_end(self) -> None:
+            if self.global_rank == 1:
+                raise ValueError("a bug in a hook on rank 1 only")
+            self.all_gather(torch.tensor(1.0))  # rank 0 waits for rank 1 here
+
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Module(), regression_data(2))
+
+
+@pytest.mark.timeout(120)
+def test_an_error_in_a_hook_on_one_rank_ends_the_one_waiting_for_it_with_that_error() -> None:
+    """Outside the pipeline's steps too: a rank waiting in Lightning's all_gather for a rank whose hook raised ends
+    with that rank's error, not gloo's closed connection."""
+    errors = run_ranks(_hook_fails, 2, timeout=100, expect_failure=True)
+    assert errors[1].startswith("ValueError: a bug in a hook on rank 1 only"), errors[1]
+    assert "rank 1 failed: ValueError: a bug in a hook on rank 1 only" in errors[0], errors[0]

@@ -19,7 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .notices import FailureBoard, PipelineError
-from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait
+from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait, posted_failure
 
 __all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection"]
 
@@ -152,6 +152,11 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
         timed_out = "timed out" in str(error).lower()
         if not (timed_out or lost_connection(error)):
             raise
+        failure = posted_failure(wait=2.0) if not timed_out else None
+        if failure is not None and failure[0] != me:  # a rank failed and said why: that is the error to end with
+            FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
+            raise PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})",
+                                failure[0]) from error
         message, root = explain_wait(me, others, what, time.monotonic() - start, lost=not timed_out, same=what)
         message = f"{message} (torch: {str(error).splitlines()[0]})"
         # the store's host (global rank 0) waits a little for the others to explain it too, or they find no store

@@ -40,7 +40,7 @@ from typing import Any
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
-           "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard",
+           "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
            "PipelineStuck", "mark_failed", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -177,6 +177,24 @@ def mark_failed(store: Any, rank: int, message: str) -> None:
     """Record that the job failed (first one wins): ranks stuck in user code end themselves (:class:`_Heartbeat`)."""
     first_line = message.strip().splitlines()[0][:300] if message.strip() else "an error"
     store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": first_line}))
+
+
+def posted_failure(wait: float = 0.0) -> tuple[int, str] | None:
+    """The job's failure as :func:`mark_failed` recorded it, ``(rank, first line)``, waiting up to ``wait`` seconds for
+    one (a failing rank posts it as it ends, a moment after its connections close); ``None`` if there is none."""
+    store = short_store()
+    deadline = time.monotonic() + wait
+    while store is not None:
+        try:
+            if store.check([FAILED_KEY]):
+                failure = json.loads(store.get(FAILED_KEY).decode("utf-8", "replace"))
+                return int(failure.get("rank", -1)), str(failure.get("message", ""))
+        except Exception:  # noqa: BLE001 - the store went with the rank that held it
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+    return None
 
 
 def _beat_text(beat: int, host: str, ended: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any
@@ -30,7 +31,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_pipe.engine.deadline import explained
+from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
+from lightning_pipe.engine.watchdog import mark_failed, short_store
 from lightning_pipe.strategy.plain import broadcast_value
 
 __all__ = ["ProcessStrategy"]
@@ -131,8 +134,26 @@ class ProcessStrategy(ParallelStrategy):
         return broadcast_value(obj, src, group=_group.WORLD, device=self.root_device if nccl else None)
 
     @override
+    @explained("a reduce")
     def reduce(self, tensor: Tensor | Any, group: Any | None = None,
                reduce_op: ReduceOp | str | None = "mean") -> Tensor | Any:
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
+
+    @override
+    @explained("an all_gather")
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """This rank's run raised (a hook, a callback, the step): post it for the job (the first one wins), so that a
+        rank waiting for this one in a collective ends with this error rather than a closed connection. (Where this
+        rank holds the job's store, global rank 0, the store goes with it and the others explain the wait instead.)"""
+        if not _distributed_is_initialized() or isinstance(exception, (PipelineError, KeyboardInterrupt)):
+            return  # a pipeline error is posted already (or came from another rank); an interrupt is not a failure
+        store = short_store()
+        if store is not None and type(exception).__name__ != "SIGTERMException":
+            with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
+                mark_failed(store, torch.distributed.get_rank(), f"{type(exception).__name__}: {exception}")
