@@ -416,3 +416,62 @@ def test_a_data_collators_batch_encoding_trains_as_a_dict() -> None:
         assert got.keys() == want.keys()
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def _llama_steps(rank: int, world_size: int, precision: str) -> dict[str, Any]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+    from tests.capture_models import hf_llama
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = hf_llama()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = self.model(**batch).loss
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", self.model(**batch).loss)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # no labels: another call of the model
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(SEED, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, length in BATCHES:
+        ids = torch.randint(0, 50, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[::2, -2:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    loader = DataLoader(batches, batch_size=None)
+    module = Module()
+    trainer = _trainer("pipedream", world_size, max_epochs=1, precision=precision)
+    trainer.fit(module, loader, loader)
+    losses = {"train_loss": float(trainer.callback_metrics["train_loss"]),
+              "val_loss": float(trainer.callback_metrics["val_loss"])}
+    return {**losses, "predictions": [p.shape for p in trainer.predict(module, loader)]}
+
+
+@pytest.mark.timeout(300)
+def test_bf16_autocast_and_a_predict_step_that_calls_the_model_otherwise() -> None:
+    """Llama under bf16-mixed (its rotary embedding computes in float32 with autocast off: the captured graph keeps
+    that, and runs without a second autocast) trains and validates close to 32-bit; its predict_step, which calls the
+    model without labels, gets a capture of its own."""
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    full = run_ranks(_llama_steps, 2, "32-true", timeout=250)
+    half = run_ranks(_llama_steps, 2, "bf16-mixed", timeout=250)
+    for result in (*full, *half):
+        assert result["predictions"] == [torch.Size([rows, length]) for rows, length in BATCHES]
+    assert half[0] == half[1] and full[0] == full[1]
+    assert half[0]["train_loss"] == pytest.approx(full[0]["train_loss"], rel=2e-2)
+    assert half[0]["val_loss"] == pytest.approx(full[0]["val_loss"], rel=2e-2)

@@ -203,7 +203,7 @@ class CapturedModule:
         # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
         self.skeleton = None if self.root else meta_skeleton(self.model)
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
-        self._seen: set[tuple[bool, tuple]] = set()
+        self._seen: set[tuple[str, bool, tuple]] = set()  # (step, training, autocast) captured so far
 
     @property
     def is_cut(self) -> bool:
@@ -284,17 +284,18 @@ class CapturedModule:
                 self.splitter.capture(call_args, call_kwargs, training=training)
 
         self._agree(make, f"capturing {self.where}")
-        self._seen.add((training, autocast_state()))
+        self._seen.add((step, training, autocast_state()))
 
     def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
                 context: Callable[[int], Any]) -> None:
-        """Make the captures this step needs on every rank: the first micro-batch's when the mode (train/eval,
-        autocast) is new; every micro-batch's pattern when the captures are static (one per shape)."""
+        """Make the captures this step needs on every rank: the first micro-batch's when the step or the mode
+        (train/eval, autocast) is new (``predict_step`` may call the model without the labels ``validation_step``
+        passes); every micro-batch's pattern when the captures are static (one per shape)."""
         assert self.proxy is not None
-        key = (self.training, autocast_state())
+        key = (step, self.training, autocast_state())
         for segment in self.segments:  # a segment picks its graph by its own mode
-            if segment.training != key[0]:
-                segment.train(key[0])
+            if segment.training != key[1]:
+                segment.train(key[1])
         dynamic = all(capture.dynamic for capture in self.splitter.captures)
         if key in self._seen and dynamic:
             return
@@ -304,7 +305,7 @@ class CapturedModule:
             for index, microbatch in enumerate(microbatches if not dynamic else microbatches[:1]):
                 with context(index):
                     call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
-                    self.splitter.capture(call_args, call_kwargs, training=key[0])
+                    self.splitter.capture(call_args, call_kwargs, training=key[1])
 
         error: BaseException | None = None
         try:
