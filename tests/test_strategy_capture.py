@@ -462,16 +462,12 @@ def _llama_steps(rank: int, world_size: int, precision: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
-def test_bf16_autocast_and_a_predict_step_that_calls_the_model_otherwise() -> None:
-    """Llama under bf16-mixed (its rotary embedding computes in float32 with autocast off: the captured graph keeps
-    that, and runs without a second autocast) trains and validates close to 32-bit; its predict_step, which calls the
-    model without labels, gets a capture of its own."""
+def test_a_predict_step_that_calls_the_model_otherwise_gets_its_own_capture() -> None:
+    """Llama's predict_step calls the model without the labels its validation_step passes: that call gets a capture
+    of its own (the validation's would not take these values)."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
-    full = run_ranks(_llama_steps, 2, "32-true", timeout=250)
-    half = run_ranks(_llama_steps, 2, "bf16-mixed", timeout=250)
-    for result in (*full, *half):
+    results = run_ranks(_llama_steps, 2, "32-true", timeout=250)
+    for result in results:
         assert result["predictions"] == [torch.Size([rows, length]) for rows, length in BATCHES]
-    assert half[0] == half[1] and full[0] == full[1]
-    assert half[0]["train_loss"] == pytest.approx(full[0]["train_loss"], rel=2e-2)
-    assert half[0]["val_loss"] == pytest.approx(full[0]["val_loss"], rel=2e-2)
+    assert results[0] == results[1]

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-
-from collections.abc import Iterator
 from typing import Any
 
-import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
@@ -104,30 +100,18 @@ class Segment(nn.Module):
             slots = self._bind(program)
         state = [owner[name] if isinstance(owner, dict) else getattr(owner, name) for owner, name in slots]
         hooked = [(module, index) for module, index in self._owners[id(program)] if module._forward_hooks]
-        with _no_autocast():  # a capture made under autocast holds its casts already: autocast again would recast
-            # what the model keeps in float32 on purpose (rotary embeddings in an autocast-disabled region)
-            if hooked:
-                values = program.with_weight_ops()(*state, *live)
-                count = len(values) - len(program.weight_ops)
-                for module, index in hooked:
-                    for hook in list(module._forward_hooks.values()):
-                        hook(module, (), values[count + index])
-                values = values[:count]
-            else:
-                values = program.graph_module(*state, *live)
+        if hooked:
+            values = program.with_weight_ops()(*state, *live)
+            count = len(values) - len(program.weight_ops)
+            for module, index in hooked:
+                for hook in list(module._forward_hooks.values()):
+                    hook(module, (), values[count + index])
+            values = values[:count]
+        else:
+            values = program.graph_module(*state, *live)
         if self.is_last:
             return pytree.tree_unflatten(list(values), capture.out_spec)
         return tuple(values)
 
     def extra_repr(self) -> str:
         return f"segment {self.segment_index} of {self.num_segments}"
-
-
-@contextlib.contextmanager
-def _no_autocast() -> Iterator[None]:
-    """Autocast off on every device where it is on (nothing entered where none is)."""
-    active = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-    with contextlib.ExitStack() as stack:
-        for device in active:
-            stack.enter_context(torch.autocast(device, enabled=False))
-        yield
