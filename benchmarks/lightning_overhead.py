@@ -145,34 +145,21 @@ def run_plain_loop(cfg: Config) -> dict[str, float]:
 
 def run_plain_trainer(cfg: Config) -> dict[str, float]:
     """The same model through a plain ``Trainer`` on one device (Lightning's own fixed cost per step)."""
-    import lightning as L
-
-    times: dict[str, float] = {}
-
-    class Clock(L.Callback):
-        @override
-        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-            if trainer.global_step == cfg.warmup:
-                times["start"], times["cpu_start"] = time.perf_counter(), time.process_time()
-
-        @override
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            if trainer.global_step == cfg.steps:
-                times["end"], times["cpu_end"] = time.perf_counter(), time.process_time()
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=cfg.progress_bar, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[Clock()])
-    trainer.fit(_model(cfg), train_dataloaders=_data(cfg).train_dataloader())
-    return _timing(cfg, times)
+    return _timed_fit(cfg, "auto", 1)
 
 
 # -- the same through Lightning -------------------------------------------------------------------
 def run_trainer(cfg: Config) -> dict[str, float] | None:
     """``Trainer.fit`` with the pipeline strategy on this rank; returns this rank's timing."""
-    import lightning as L
-
     from lightning_pipe import PipelineStrategy
+
+    return _timed_fit(cfg, PipelineStrategy(schedule=cfg.schedule, num_microbatches=cfg.num_microbatches), cfg.ranks)
+
+
+def _timed_fit(cfg: Config, strategy: Any, devices: int) -> dict[str, float]:
+    """``Trainer.fit`` of the model on ``devices`` with ``strategy``, timed from step ``cfg.warmup`` to the last
+    (between barriers of all ranks: a single device's are no-ops)."""
+    import lightning as L
 
     class Clock(L.Callback):
         def __init__(self) -> None:
@@ -190,14 +177,11 @@ def run_trainer(cfg: Config) -> dict[str, float] | None:
                 trainer.strategy.barrier("clock")
                 self.times["end"], self.times["cpu_end"] = time.perf_counter(), time.process_time()
 
-    model = _model(cfg)
-    data = _data(cfg)
     clock = Clock()
-    trainer = L.Trainer(strategy=PipelineStrategy(schedule=cfg.schedule, num_microbatches=cfg.num_microbatches),
-                        accelerator="cpu", devices=cfg.ranks, max_steps=cfg.steps, logger=False,
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=cfg.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=cfg.progress_bar,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock])
-    trainer.fit(model, train_dataloaders=data.train_dataloader())
+    trainer.fit(_model(cfg), train_dataloaders=_data(cfg).train_dataloader())
     return _timing(cfg, clock.times)
 
 

@@ -154,14 +154,14 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
             raise
         failure = posted_failure(wait=2.0) if not timed_out else None
         if failure is not None and failure[0] != me:  # a rank failed and said why: that is the error to end with
-            FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
-            raise PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})",
-                                failure[0]) from error
-        message, root = explain_wait(me, others, what, time.monotonic() - start, lost=not timed_out, same=what)
-        message = f"{message} (torch: {str(error).splitlines()[0]})"
+            explanation: PipelineError = PipelineError(
+                f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})", failure[0])
+        else:
+            message, root = explain_wait(me, others, what, time.monotonic() - start, lost=not timed_out, same=what)
+            explanation = PeerLost(f"{message} (torch: {str(error).splitlines()[0]})", root, timed_out)
         # the store's host (global rank 0) waits a little for the others to explain it too, or they find no store
         FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
-        raise PeerLost(message, root, timed_out) from error
+        raise explanation from error
     activity.doing(f"its own code after {what}")
 
 
