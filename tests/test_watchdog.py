@@ -56,3 +56,43 @@ def test_non_finite_values_are_named_where_they_first_appear() -> None:
     layer.bias.grad = torch.tensor([0.0, float("inf")])
     with pytest.raises(NonFiniteError, match=r"infinity first appeared in the gradient of parameter 'bias'"):
         check_gradients(layer.named_parameters(), "stage 1, micro-batch 2")
+
+
+def test_the_exit_guard_keeps_the_status_a_launcher_leaves_with() -> None:
+    import subprocess
+    import sys
+
+    code = ("from lightning_pipe.engine import watchdog; import sys; watchdog.arm_exit_guard(); {}")
+    for body, status in (("sys.exit(3)", 3), ("sys.exit('failed')", 1), ("raise ValueError('x')", 1), ("pass", 0)):
+        done = subprocess.run([sys.executable, "-c", code.format(body)], capture_output=True, timeout=60)
+        assert done.returncode == status, (body, done.returncode, done.stderr.decode()[-500:])
+
+
+def _spawned_rank(rank: int, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lightning_pipe.engine.executor import Pipeline
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def loss(output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a loss that fails")
+
+    pipe = Pipeline([nn.Linear(2, 2), nn.Linear(2, 2)], loss_fn=loss, num_microbatches=2)
+    pipe.train_step(torch.ones(2, 2))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_fails_under_torch_multiprocessing_spawn_is_reported_as_failed() -> None:
+    """torch.multiprocessing.spawn catches a rank's error and leaves with sys.exit(1); the exit guard (armed after the
+    pipeline gave up a wait) once turned that into status 0, so spawn reported success."""
+    import torch.multiprocessing as mp
+
+    from lightning_pipe.engine.launch import free_port
+
+    with pytest.raises(Exception, match="a loss that fails|exited with exit code"):
+        mp.spawn(_spawned_rank, args=(free_port(),), nprocs=2)

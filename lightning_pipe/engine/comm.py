@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
@@ -44,7 +45,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from . import wire
+from . import local_link, wire
 from .notices import FailureBoard, PipelineError
 from .runtime import next_serial
 from .waits import Waits
@@ -116,6 +117,11 @@ class Communicator(Waits):
         if self.cuda:
             self._comm_stream = torch.cuda.Stream(self.device)
             self._read_stream = torch.cuda.Stream(self.device)
+        # Plain gloo between ranks of one machine: Unix sockets instead (engine/local_link.py).
+        self.links = (local_link.LocalLinks(self.board.store, self.prefix, self.rank)
+                      if self.ahead and self.board.store is not None and local_link.enabled() else None)
+        if self.links is not None:
+            weakref.finalize(self, self.links.close)
         if self.nccl:
             # Batched point-to-point runs on the group's device communicator, which all ranks must create together.
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
@@ -172,7 +178,7 @@ class Communicator(Waits):
         while expected and len(posted) < self.AHEAD_PER_PEER and all(c != expected[0] for c, _, _ in posted):
             channel = expected.popleft()
             buffer = self._buffer(self._state(self._received, src, channel).capacity)
-            posted.append((channel, buffer, dist.irecv(buffer, group=self.group, group_src=src)))
+            posted.append((channel, buffer, self._irecv(buffer, src)))
 
     def _receive_posted(self, src: int, channel: Hashable) -> Any:
         """The next message from ``src`` (on ``channel``), through the receive posted ahead for it."""
@@ -186,7 +192,7 @@ class Communicator(Waits):
                                    f"next, but the step receives one on {channel!r}: the plan and the receives differ")
         else:  # nothing expected (a direct send/recv): post it now
             buffer = self._buffer(self._state(self._received, src, channel).capacity)
-            work = dist.irecv(buffer, group=self.group, group_src=src)
+            work = self._irecv(buffer, src)
         self._wait([work], [src], channel=channel)
         tree = self._unpack(src, channel, buffer)
         self._pump(src)
@@ -315,14 +321,20 @@ class Communicator(Waits):
             if self.cuda and out:
                 self._comm_stream.synchronize()
             for dst, buf, label in out:
-                self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, (dst,), label))
-        return [dist.irecv(buf, group=self.group, group_src=src) for src, buf in into]
+                self._pending.append((self._isend(buf, dst), buf, (dst,), label))
+        return [self._irecv(buf, src) for src, buf in into]
+
+    def _isend(self, buf: torch.Tensor, dst: int) -> Any:
+        return local_link.send(self.links, buf, dst, group=self.group, group_dst=dst)
+
+    def _irecv(self, buf: torch.Tensor, src: int) -> Any:
+        return local_link.receive(self.links, buf, src, group=self.group, group_src=src)
 
     def _release_staged(self, block: bool) -> None:
         while self._staged and (block or self._staged[0][0].query()):
             event, buf, dst, label = self._staged.popleft()
             event.synchronize()
-            self._pending.append((dist.isend(buf, group=self.group, group_dst=dst), buf, (dst,), label))
+            self._pending.append((self._isend(buf, dst), buf, (dst,), label))
 
     # -- receiving --------------------------------------------------------------------------------
     def _head(self, buffer: torch.Tensor, start: int, length: int) -> bytes:
@@ -453,9 +465,7 @@ class Communicator(Waits):
         if self.nccl:
             op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
             return dist.batch_isend_irecv([op])[0]
-        if send:
-            return dist.isend(buf, group=self.group, group_dst=peer)
-        return dist.irecv(buf, group=self.group, group_src=peer)
+        return self._isend(buf, peer) if send else self._irecv(buf, peer)
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

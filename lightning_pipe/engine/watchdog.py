@@ -217,7 +217,7 @@ def start_heartbeat() -> None:
     _register_exit_hook()
 
 
-_HOOKS = {"registered": False, "armed": False, "failed": False}
+_HOOKS: dict[str, Any] = {"registered": False, "armed": False, "failed": False, "code": 0}
 
 
 def _register_exit_hook() -> None:
@@ -231,6 +231,16 @@ def _register_exit_hook() -> None:
         previous(kind, value, trace)
 
     sys.excepthook = excepthook
+    leave = sys.exit
+
+    def exit_with(status: Any = None) -> None:
+        # A launcher that catches the rank's error and leaves with sys.exit(1) (torch.multiprocessing.spawn,
+        # Lightning's ddp_spawn) must not have its status turned into 0 by the exit guard below.
+        if status is not None and status != 0:
+            _HOOKS["code"] = status if isinstance(status, int) else 1
+        leave(status)
+
+    sys.exit = exit_with
     atexit.register(_at_exit)  # registered early, so it runs late: after the user's and Lightning's exit handlers
 
 
@@ -252,7 +262,7 @@ def _at_exit() -> None:
                 stream.flush()
             except Exception:  # noqa: BLE001
                 pass
-        os._exit(1 if _HOOKS["failed"] else 0)
+        os._exit(_HOOKS["code"] or (1 if _HOOKS["failed"] else 0))
 
 
 def arm_exit_guard() -> None:

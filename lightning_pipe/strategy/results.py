@@ -21,6 +21,8 @@ step starts, every other rank sends the last stage its fingerprint and flag and 
 last stage folds them into its words as the maximum would and sends them back. Nobody waits for a rendezvous of all
 ranks at the end of a step (the others' halves arrived long before the last stage finished, the answer arrives while
 the others still compute), and gloo's all_reduce of 64 words costs 0.3-1.5 ms on 2 ranks where a message costs 0.1.
+Between ranks of one machine these messages take Unix sockets of their own (:mod:`lightning_pipe.engine.local_link`):
+tens of microseconds each.
 NCCL ignores tags and orders a peer's operations (docs/transport.md), so under it, and in the strict mode that
 emulates it, the all_reduce stays.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +40,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.engine import local_link
 from lightning_pipe.engine.deadline import collective, wait_messages
+from lightning_pipe.engine.notices import default_store
+from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import LoggedValue
 
@@ -248,7 +254,12 @@ class ResultChannel:
         # gloo (not under NCCL's rules): messages to and from the source on a tag of their own instead of the
         # all_reduce (see post); the runner decides
         self.point_to_point = False
-        self._others = [rank for rank in dist.get_process_group_ranks(group) if rank != source]
+        ranks = tuple(dist.get_process_group_ranks(group))
+        self._others = [rank for rank in ranks if rank != source]
+        # between ranks of one machine the messages go through Unix sockets (engine/local_link.py), made at the first
+        # post, when every rank of the group is here
+        self._links: local_link.LocalLinks | None = None
+        self._links_name = f"lightning_pipe/results/{'-'.join(map(str, ranks))}/{next_serial(('results', ranks))}"
         self._posted: tuple[Any, ...] | None = None  # this step's messages, posted ahead
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []  # the source's answers of the last step
         self._broken = False  # a step ended between post and share: its messages are still posted
@@ -270,15 +281,16 @@ class ResultChannel:
             # buffers may go
             wait_messages([work for work, _ in self._sending], _SHARE, self._others, self.timeout, self.notice)
         self._sending = []
+        if self._links is None and local_link.enabled() and (store := default_store()) is not None:
+            self._links = local_link.LocalLinks(store, self._links_name, dist.get_rank())
+            weakref.finalize(self, self._links.close)
         if self.is_source:
             halves = [torch.empty(2, dtype=torch.int64) for _ in self._others]
-            self._posted = (halves, [dist.irecv(half, src=rank, group=self.group, tag=_TAG)
-                                     for rank, half in zip(self._others, halves)])
+            self._posted = (halves, [self._receive(half, rank) for rank, half in zip(self._others, halves)])
         else:
             mine = torch.tensor([int(fingerprint), int(flag)], dtype=torch.int64)
             answer = torch.empty(_WORDS, dtype=torch.int64)
-            self._posted = (answer, [dist.isend(mine, dst=self.source, group=self.group, tag=_TAG),
-                                     dist.irecv(answer, src=self.source, group=self.group, tag=_TAG)], mine)
+            self._posted = (answer, [self._send(mine, self.source), self._receive(answer, self.source)], mine)
             self.sent_flag = bool(flag)
 
     def abandon(self) -> None:
@@ -294,8 +306,7 @@ class ResultChannel:
             failed = torch.full((_WORDS,), _LOWEST, dtype=torch.int64)
             failed[2] = _FAILED
             with contextlib.suppress(Exception):  # best effort: a peer that is gone learns of it otherwise
-                self._abandoned.append((failed, [dist.isend(failed, dst=rank, group=self.group, tag=_TAG)
-                                                 for rank in self._others]))
+                self._abandoned.append((failed, [self._send(failed, rank) for rank in self._others]))
 
     def share(self, encoded: tuple[str, list[torch.Tensor]] | None, fingerprint: int | torch.Tensor,
               flag: bool = False) -> tuple[Any, list[int] | None, bool]:
@@ -373,8 +384,14 @@ class ResultChannel:
         fingerprints = [int(fingerprint), *(int(half[0]) for half in halves)]
         header[0], header[1] = max(fingerprints), -min(fingerprints)
         header[4] = int(flag or any(int(half[1]) for half in halves))
-        self._sending = [(dist.isend(header, dst=rank, group=self.group, tag=_TAG), header) for rank in self._others]
+        self._sending = [(self._send(header, rank), header) for rank in self._others]
         return header
+
+    def _send(self, tensor: torch.Tensor, rank: int) -> Any:
+        return local_link.send(self._links, tensor, rank, dst=rank, group=self.group, tag=_TAG)
+
+    def _receive(self, tensor: torch.Tensor, rank: int) -> Any:
+        return local_link.receive(self._links, tensor, rank, src=rank, group=self.group, tag=_TAG)
 
     def _wait(self, posted: tuple[Any, ...], works: list[dist.Work], peers: list[int]) -> None:
         try:

@@ -1,0 +1,136 @@
+"""The gloo transport's fast path between ranks of one machine (engine/local_link.py): Unix sockets that behave as
+gloo's isend/irecv for the communicator, with gloo kept for pairs on other machines and when turned off."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from lightning_pipe.engine import local_link
+from lightning_pipe.engine.comm import Communicator, PipelineError
+from tests.helpers import run_ranks
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _exchange_large(rank: int, world_size: int) -> dict:
+    """Both ranks send each other 8 MB before either receives: the sockets' buffers take a fraction of it, so the
+    rest must go on while the sender goes on to its receive (gloo's isend never blocks either)."""
+    local_link.MAX_BYTES = 64 << 20  # this rank's process only: large messages through the sockets too
+    comm = Communicator()
+    peer = 1 - rank
+    mine = torch.arange(2_000_000, dtype=torch.float32) + rank
+    comm.exchange([((mine, {"step": 3}), peer, "F")], [(peer, "F")])  # the channel's first: on the side plane
+    trees = comm.exchange([((mine, {"step": 3}), peer, "F")], [(peer, "F")])  # 8 MB on the wire
+    small = comm.exchange([(torch.full((3,), float(rank)), peer, "B")], [(peer, "B")])
+    comm.wait_sends()
+    got, meta = trees[0]
+    threaded = comm.links._senders[peer].thread is not None  # the part the kernel did not take at once
+    local_link.MAX_BYTES = 256 << 10
+    import torch.distributed as dist
+
+    through_gloo: list[int] = []
+    isend = dist.isend
+    dist.isend = lambda buf, **options: through_gloo.append(buf.numel()) or isend(buf, **options)
+    sized = Communicator()  # a message over MAX_BYTES keeps gloo, a small one takes the socket
+    sized.exchange([(mine, peer, "F")], [(peer, "F")])  # side plane; its header through the socket
+    large = sized.exchange([(mine, peer, "F")], [(peer, "F")])[0]
+    sized.exchange([(torch.ones(2), peer, "B")], [(peer, "B")])
+    _done(sized)
+    return {"local": comm.links.local(peer), "equal": torch.equal(got, mine - rank + peer), "meta": meta,
+            "small": small[0].tolist(), "messages": comm.messages_sent, "threaded": threaded,
+            "large_equal": torch.equal(large, got), "through_gloo": through_gloo}
+
+
+def _done(comm: Communicator) -> None:
+    """Every send out and taken before the ranks end (a process that ends with a gloo send in flight resets it)."""
+    import torch.distributed as dist
+
+    comm.wait_sends()
+    dist.barrier()
+
+
+def test_ranks_of_one_machine_exchange_through_unix_sockets() -> None:
+    for result, peer in zip(run_ranks(_exchange_large, 2), (1, 0)):
+        assert result["local"], "the fast path was not taken between two ranks of this machine"
+        assert result["equal"] and result["meta"] == {"step": 3}
+        assert result["small"] == [float(peer)] * 3
+        assert result["messages"] == 3
+        assert result["threaded"], "8 MB went out at once: the test no longer fills the socket's buffer"
+        assert result["large_equal"]
+        assert len(result["through_gloo"]) == 1 and result["through_gloo"][0] > 8_000_000
+
+
+def _off(rank: int, world_size: int) -> dict:
+    comm = Communicator()
+    got = comm.exchange([(torch.ones(4) * rank, 1 - rank, "F")], [(1 - rank, "F")])[0]
+    _done(comm)
+    return {"links": comm.links is not None, "got": got.tolist()}
+
+
+def test_the_fast_path_can_be_turned_off_and_is_off_in_strict_mode() -> None:
+    for env in ({local_link.LOCAL_ENV: "0"}, {"LIGHTNING_PIPE_STRICT_P2P": "1"}):
+        results = run_ranks(_off, 2, env=env)
+        assert [r["links"] for r in results] == [False, False], env
+        assert results[0]["got"] == [1.0] * 4 and results[1]["got"] == [0.0] * 4
+
+
+def _other_machines(rank: int, world_size: int) -> dict:
+    """Ranks 0 and 1 share a "machine", rank 2 is on another: its pairs go through gloo, the others through sockets."""
+    if rank == 2:
+        local_link.machine_identity = lambda: "another machine"  # noqa: this rank's process only
+    comm = Communicator()
+    right, left = (rank + 1) % 3, (rank - 1) % 3
+    got = comm.exchange([(torch.full((2,), float(rank)), right, "F")], [(left, "F")])[0]
+    _done(comm)
+    return {"got": got.tolist(), "local": [comm.links.local(p) for p in (left, right)]}
+
+
+def test_pairs_on_other_machines_keep_gloo() -> None:
+    results = run_ranks(_other_machines, 3)
+    assert [r["got"] for r in results] == [[2.0, 2.0], [0.0, 0.0], [1.0, 1.0]]
+    assert [r["local"] for r in results] == [[False, True], [True, False], [False, False]]
+
+
+def _mismatch(rank: int, world_size: int) -> str:
+    comm = Communicator()
+    if rank == 0:
+        comm._p2p_raw(torch.zeros(100, dtype=torch.uint8), 1, send=True).wait()
+        return ""
+    try:
+        comm._p2p_raw(torch.zeros(64, dtype=torch.uint8), 0, send=False).wait()
+    except RuntimeError as error:
+        return str(error)
+    return "accepted"
+
+
+def test_two_ends_that_disagree_on_a_size_fail_at_once() -> None:
+    error = run_ranks(_mismatch, 2)[1]
+    assert "rank 0 sent a message of 100 bytes where this rank expected 64" in error
+
+
+def _peer_closes(rank: int, world_size: int) -> str:
+    comm = Communicator()
+    comm.wait_timeout = 60
+    if rank == 0:
+        comm.send(torch.ones(2), 1, "F")
+        comm.wait_sends()
+        comm.links.close()  # its connections end without a word: no error posted, no error message
+        return ""
+    comm.recv(0, "F")
+    start = time.monotonic()
+    try:
+        comm.recv(0, "F")
+    except PipelineError as error:
+        return f"{time.monotonic() - start:.0f} s: {error}"
+    return "no error"
+
+
+def test_a_closed_connection_ends_the_wait_long_before_its_deadline() -> None:
+    error = run_ranks(_peer_closes, 2)[1]
+    seconds, _, text = error.partition(" s: ")
+    assert int(seconds) < 30, error
+    assert "connection closed by peer" in text.lower() and "rank 0" in text, error
