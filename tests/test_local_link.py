@@ -134,3 +134,30 @@ def test_a_closed_connection_ends_the_wait_long_before_its_deadline() -> None:
     seconds, _, text = error.partition(" s: ")
     assert int(seconds) < 30, error
     assert "connection closed by peer" in text.lower() and "rank 0" in text, error
+
+
+def test_a_peer_that_dies_before_connecting_ends_the_wait_long_before_its_deadline() -> None:
+    """gloo connects every pair when the group starts; a socket connects at a pair's first message, so a peer that
+    dies before it never closes a connection: the wait for it looks at its process instead."""
+    import subprocess
+    import sys
+
+    from torch.distributed import TCPStore
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    links = local_link.LocalLinks(store, "test/dies", 0)
+    peer = subprocess.Popen([sys.executable, "-c", (
+        "import os; from torch.distributed import TCPStore; from lightning_pipe.engine import local_link; "
+        f"store = TCPStore('127.0.0.1', {port}, is_master=False); links = local_link.LocalLinks(store, 'test/dies', 1); "
+        "links.local(0); os._exit(3)")])
+    assert links.local(1)
+    work = links.irecv(torch.empty(16, dtype=torch.uint8), 1)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"Connection closed by peer \(rank 1, process \d+, ended before it connected"):
+        work.wait(120)
+    assert time.monotonic() - start < 30
+    assert peer.wait(30) == 3
+    links.close()

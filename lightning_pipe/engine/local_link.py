@@ -23,6 +23,7 @@ thread of the pair, in order); receives complete in the order they were posted, 
 from __future__ import annotations
 
 import os
+import sys
 import secrets
 import socket
 import struct
@@ -49,7 +50,8 @@ ms against gloo's 14). Both ends know a message's size before it moves, so both 
 
 
 def enabled() -> bool:
-    return os.environ.get(LOCAL_ENV, "1") not in ("0", "false", "False")
+    """Whether to try the fast path: Linux (abstract socket names), unless ``LIGHTNING_PIPE_LOCAL_P2P=0``."""
+    return sys.platform == "linux" and os.environ.get(LOCAL_ENV, "1") not in ("0", "false", "False")
 
 
 def _linked(links: LocalLinks | None, buf: torch.Tensor, peer: int) -> bool:
@@ -69,9 +71,10 @@ def receive(links: LocalLinks | None, buf: torch.Tensor, peer: int, **gloo: Any)
 
 def machine_identity() -> str:
     """What two processes share exactly when a Unix socket of one reaches the other: the kernel (its boot id) and
-    the network namespace (abstract socket names live in it)."""
+    the network namespace (abstract socket names live in it); and the process namespace, in which a peer's process
+    number says whether it is alive."""
     parts = [socket.gethostname()]
-    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/net"):
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/net", "/proc/self/ns/pid"):
         try:
             parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
         except OSError:
@@ -312,11 +315,15 @@ class LocalLinks:
         self.identity = machine_identity()
         self.address = f"\0lightning_pipe-{secrets.token_hex(8)}-{rank}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.address)
-        self.listener.listen(64)
+        try:
+            self.listener.bind(self.address)
+            self.listener.listen(128)
+        except OSError:  # no abstract socket names here: every pair with this rank keeps gloo
+            self.identity = ""
         self.listener.settimeout(_SLICE_S)
-        store.set(self._key(rank), f"{self.identity}\n{self.address[1:]}")
+        store.set(self._key(rank), f"{self.identity}\n{self.address[1:]}\n{os.getpid()}")
         self._peers: dict[int, str | None] = {}  # peer -> its address when it shares this machine, else None
+        self._pids: dict[int, int] = {}
         self._senders: dict[int, _Sender] = {}
         self._receivers: dict[int, _Receiver] = {}
         self._accepted: dict[int, socket.socket] = {}  # connections taken before their receiver needed them
@@ -328,8 +335,9 @@ class LocalLinks:
     def local(self, peer: int) -> bool:
         """Whether ``peer`` shares this machine (both ends get the same answer)."""
         if peer not in self._peers:
-            identity, _, address = self.store.get(self._key(peer)).decode().partition("\n")
-            self._peers[peer] = "\0" + address if identity == self.identity else None
+            identity, address, pid = self.store.get(self._key(peer)).decode().split("\n")
+            self._peers[peer] = "\0" + address if identity and identity == self.identity else None
+            self._pids[peer] = int(pid)
         return self._peers[peer] is not None
 
     def isend(self, buf: torch.Tensor, dst: int) -> _SendWork:
@@ -359,6 +367,9 @@ class LocalLinks:
                 except TimeoutError:
                     if deadline is not None and time.monotonic() > deadline:
                         raise _TimedOut(f"timed out waiting for rank {peer} to connect") from None
+                    if not _alive(self._pids[peer]):  # gone before its first message: no connection will close
+                        raise RuntimeError(f"Connection closed by peer (rank {peer}, process {self._pids[peer]}, "
+                                           "ended before it connected)") from None
                     continue
                 sock.settimeout(_SLICE_S)
                 hello = bytearray(_HELLO.size)
@@ -383,6 +394,20 @@ class LocalLinks:
         self._senders.clear()
         self._receivers.clear()
         self._accepted.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process of that number: alive
+        return True
+    try:  # a zombie (ended, its parent has not reaped it yet) counts as ended
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _close(sock: socket.socket) -> None:
