@@ -81,7 +81,7 @@ def test_the_fast_path_can_be_turned_off_and_is_off_in_strict_mode() -> None:
 def _other_machines(rank: int, world_size: int) -> dict:
     """Ranks 0 and 1 share a "machine", rank 2 is on another: its pairs go through gloo, the others through sockets."""
     if rank == 2:
-        local_link.machine_identity = lambda: "another machine"  # noqa: this rank's process only
+        local_link.machine_identity = lambda: "another machine"  # this rank's process only
     comm = Communicator()
     right, left = (rank + 1) % 3, (rank - 1) % 3
     got = comm.exchange([(torch.full((2,), float(rank)), right, "F")], [(left, "F")])[0]
@@ -161,3 +161,99 @@ def test_a_peer_that_dies_before_connecting_ends_the_wait_long_before_its_deadli
     assert time.monotonic() - start < 30
     assert peer.wait(30) == 3
     links.close()
+
+
+# -- one process, several "ranks" (the same machine by construction) --------------------------------------------
+def _ranks(*ranks: int, timeout: float = 60.0) -> list[local_link.LocalLinks]:
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    return [local_link.LocalLinks(store, "test", rank, lambda: timeout) for rank in ranks]
+
+
+def test_a_connection_slow_to_say_who_made_it_does_not_break_another_peers_messages() -> None:
+    import socket
+    import threading
+
+    zero, one = _ranks(0, 1)
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(zero.address)  # accepted first; says it is rank 2 only after 0.6 s
+    threading.Timer(0.6, lambda: slow.sendall(local_link._HELLO.pack(2))).start()
+    stray = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stray.connect(zero.address)
+    stray.close()  # gone before saying anything
+    assert one.local(0) and zero.local(1)
+    one.isend(torch.arange(8, dtype=torch.uint8), 0).wait(5)
+    got = torch.empty(8, dtype=torch.uint8)
+    zero.irecv(got, 1).wait(10)
+    assert got.tolist() == list(range(8))
+    assert 2 in zero._accepted  # kept for rank 2's first receive
+    for links in (zero, one):
+        links.close()
+    slow.close()
+
+
+def test_a_send_the_kernel_does_not_take_at_once_ignores_the_default_socket_timeout() -> None:
+    import socket
+    import threading
+
+    zero, one = _ranks(0, 1)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(0.2)
+    try:
+        assert zero.local(1) and one.local(0)
+        data = torch.arange(8 << 20, dtype=torch.int64).to(torch.uint8)  # 8 MB: far more than a socket buffer
+        work = zero.isend(data, 1)
+        assert not work.is_completed()
+        got = torch.empty_like(data)
+        timer = threading.Timer(1.0, lambda: one.irecv(got, 0).wait(30))  # the receiver comes after 1 s
+        timer.start()
+        work.wait(30)
+        timer.join()
+        assert torch.equal(got, data)
+    finally:
+        socket.setdefaulttimeout(previous)
+        zero.close()
+        one.close()
+
+
+def test_a_peer_that_never_publishes_is_waited_for_within_the_timeout() -> None:
+    (zero,) = _ranks(0, timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 1 s waiting for rank 5 to build this pipeline's"):
+        zero.local(5)
+    assert time.monotonic() - start < 10
+    zero.close()
+
+
+def test_a_rank_without_the_fast_path_says_so_and_its_pairs_keep_gloo() -> None:
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    local_link.publish(store, "test", 1)  # LIGHTNING_PIPE_LOCAL_P2P=0 on rank 1, or no abstract sockets there
+    zero = local_link.LocalLinks(store, "test", 0, lambda: 5.0)
+    assert not zero.local(1)
+    zero.close()
+
+
+def test_a_forked_child_does_not_keep_its_parents_connections_open() -> None:
+    """A DataLoader worker forked by a rank holds copies of the rank's sockets; if it kept them, a rank that dies
+    would look alive to its peers until its workers end."""
+    zero, one = _ranks(0, 1)
+    assert zero.local(1) and one.local(0)
+    zero.isend(torch.ones(4, dtype=torch.uint8), 1).wait(5)
+    one.irecv(torch.empty(4, dtype=torch.uint8), 0).wait(5)  # both ends connected
+    child = os.fork()
+    if child == 0:  # the worker: lives on for a while
+        time.sleep(10)
+        os._exit(0)
+    try:
+        local_link._close(zero._senders[1].sock)  # rank 0 "dies": its descriptor closes, no shutdown
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):
+            one.irecv(torch.empty(4, dtype=torch.uint8), 0).wait(20)
+        assert time.monotonic() - start < 5
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        one.close()

@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
+import time
 from collections import defaultdict, deque
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
@@ -118,10 +119,8 @@ class Communicator(Waits):
             self._comm_stream = torch.cuda.Stream(self.device)
             self._read_stream = torch.cuda.Stream(self.device)
         # Plain gloo between ranks of one machine: Unix sockets instead (engine/local_link.py).
-        self.links = (local_link.LocalLinks(self.board.store, self.prefix, self.rank)
-                      if self.ahead and self.board.store is not None and local_link.enabled() else None)
-        if self.links is not None:
-            weakref.finalize(self, self.links.close)
+        self.links = (local_link.open_links(self, self.board.store, self.prefix, self.rank, _wait_timeout)
+                      if self.ahead and self.board.store is not None else None)
         if self.nccl:
             # Batched point-to-point runs on the group's device communicator, which all ranks must create together.
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
@@ -468,16 +467,22 @@ class Communicator(Waits):
         return self._isend(buf, peer) if send else self._irecv(buf, peer)
 
 
+def _wait_timeout(comm: Communicator) -> float:
+    return comm.wait_timeout
+
+
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:
     """Wait up to ``timeout`` seconds for ``works`` (gloo's waits block, so in a helper thread), then give up."""
     if not works:
         return
 
+    deadline = time.monotonic() + timeout
+
     def wait_all() -> None:
         for work in works:
             try:
-                work.wait()
-            except Exception:  # noqa: BLE001 - the peer went away; its message no longer matters
+                work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
+            except Exception:  # noqa: BLE001 - the peer went away, or took too long; its message no longer matters
                 return
 
     thread = threading.Thread(target=wait_all, daemon=True)

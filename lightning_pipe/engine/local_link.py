@@ -23,24 +23,29 @@ thread of the pair, in order); receives complete in the order they were posted, 
 from __future__ import annotations
 
 import os
-import sys
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["LOCAL_ENV", "MAX_BYTES", "LocalLinks", "machine_identity", "enabled", "send", "receive"]
+__all__ = ["LOCAL_ENV", "MAX_BYTES", "LocalLinks", "enabled", "machine_identity", "open_links", "publish", "receive",
+           "send"]
 
 LOCAL_ENV = "LIGHTNING_PIPE_LOCAL_P2P"
 _FRAME = struct.Struct("<Q")  # a message's length in bytes, ahead of it
 _HELLO = struct.Struct("<i")  # the connecting rank's number, first on a new connection
+_HELLO_S = 30.0  # how long a new connection may take to say who made it
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a closed peer is an error, never a SIGPIPE
 _SLICE_S = 0.25  # a blocked receive or accept looks at its deadline this often
 MAX_BYTES = 256 << 10
 """The largest message a socket carries; larger ones keep gloo. A socket's message moves when its receiver waits for
@@ -76,9 +81,13 @@ def machine_identity() -> str:
     parts = [socket.gethostname()]
     for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/net", "/proc/self/ns/pid"):
         try:
-            parts.append(open(path).read().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
-        except OSError:
-            parts.append("?")
+            if path.endswith("boot_id"):
+                with open(path) as boot_id:
+                    parts.append(boot_id.read().strip())
+            else:
+                parts.append(str(os.stat(path).st_ino))
+        except OSError:  # not knowable: no fast path (two containers may share a hostname)
+            return ""
     return "/".join(parts)
 
 
@@ -120,13 +129,9 @@ class _SendWork(_Work):
 
     def wait(self, timeout: timedelta | float | None = None) -> bool:
         if not self.done:
-            event = self._event
-            if event is None:
-                event = self._event = threading.Event()
-                if self.done:  # finished meanwhile, before the event existed
-                    event.set()
             seconds = _seconds(timeout)
-            if not event.wait(seconds):
+            assert self._event is not None  # a send not done at once is in the backlog, with its event
+            if not self._event.wait(seconds):
                 raise RuntimeError(f"timed out after {seconds:.0f} s waiting for rank {self.peer} to take a message")
         if self.error is not None:
             raise RuntimeError(f"Connection closed by peer (rank {self.peer}): {self.error}") from self.error
@@ -167,6 +172,8 @@ class _Sender:
         data = _bytes_of(buf)
         views = [memoryview(_FRAME.pack(len(data))), data]
         with self.lock:
+            if self.closed and self.error is None:
+                self.error = ConnectionError("this rank closed its connections")
             if self.error is None and not self.backlog:
                 try:
                     views = _send_some(self.sock, views, socket.MSG_DONTWAIT)
@@ -180,6 +187,7 @@ class _Sender:
                 work.error = self.error
                 return work
             work = _SendWork(buf, self.peer)
+            work._event = threading.Event()
             self.backlog.append((work, views))
             if self.thread is None:
                 self.thread = threading.Thread(target=self._drain, name=f"lightning_pipe-send-{self.peer}",
@@ -216,15 +224,16 @@ class _Sender:
     def close(self) -> None:
         with self.lock:
             self.closed = True
+            self._fail(ConnectionError("this rank closed its connections"))
             self.ready.notify()
-        _close(self.sock)
+        _close(self.sock, shutdown=True)  # wakes a thread blocked in sendmsg
 
 
 def _send_some(sock: socket.socket, views: list[memoryview], flags: int) -> list[memoryview]:
     """Send what the kernel takes of ``views`` (all of it, unless ``flags`` has MSG_DONTWAIT); return the rest."""
     while views:
         try:
-            sent = sock.sendmsg(views, [], flags)
+            sent = sock.sendmsg(views, [], flags | _NOSIGNAL)
         except BlockingIOError:
             return views
         while views and sent >= len(views[0]):
@@ -256,9 +265,8 @@ class _Receiver:
         with self.lock:
             while not work.done:
                 if self.error is not None:
-                    for pending in self.posted:
-                        pending.finish(self.error)
-                    self.posted.clear()
+                    while self.posted:
+                        self.posted.popleft().finish(self.error)
                     break
                 try:
                     if self.sock is None:
@@ -269,6 +277,8 @@ class _Receiver:
                 except (OSError, RuntimeError) as error:
                     self.error = error if isinstance(error, RuntimeError) else RuntimeError(
                         f"Connection closed by peer (rank {self.peer}): {error}")
+                    if self.sock is not None:  # the sender learns at once that nothing more is taken
+                        _close(self.sock, shutdown=True)
                     continue
                 self.posted.popleft().finish()
 
@@ -296,7 +306,7 @@ class _Receiver:
 
     def close(self) -> None:
         if self.sock is not None:
-            _close(self.sock)
+            _close(self.sock, shutdown=True)
 
 
 class _TimedOut(Exception):
@@ -310,8 +320,9 @@ class LocalLinks:
     there, so that both ends of a pair decide alike whether the pair is local.
     """
 
-    def __init__(self, store: Any, prefix: str, rank: int) -> None:
+    def __init__(self, store: Any, prefix: str, rank: int, timeout: Callable[[], float] = lambda: 300.0) -> None:
         self.store, self.prefix, self.rank = store, prefix, rank
+        self.timeout = timeout  # seconds a rank may wait for a peer's address (the communicator's wait_timeout)
         self.identity = machine_identity()
         self.address = f"\0lightning_pipe-{secrets.token_hex(8)}-{rank}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -321,7 +332,7 @@ class LocalLinks:
         except OSError:  # no abstract socket names here: every pair with this rank keeps gloo
             self.identity = ""
         self.listener.settimeout(_SLICE_S)
-        store.set(self._key(rank), f"{self.identity}\n{self.address[1:]}\n{os.getpid()}")
+        publish(store, prefix, rank, self.identity, self.address[1:])
         self._peers: dict[int, str | None] = {}  # peer -> its address when it shares this machine, else None
         self._pids: dict[int, int] = {}
         self._senders: dict[int, _Sender] = {}
@@ -329,16 +340,28 @@ class LocalLinks:
         self._accepted: dict[int, socket.socket] = {}  # connections taken before their receiver needed them
         self._accept_lock = threading.Lock()
 
-    def _key(self, rank: int) -> str:
-        return f"{self.prefix}/local/{rank}"
+        _OPEN.add(self)
 
     def local(self, peer: int) -> bool:
         """Whether ``peer`` shares this machine (both ends get the same answer)."""
         if peer not in self._peers:
-            identity, address, pid = self.store.get(self._key(peer)).decode().split("\n")
+            identity, address, pid = self._published(peer).split("\n")
             self._peers[peer] = "\0" + address if identity and identity == self.identity else None
             self._pids[peer] = int(pid)
         return self._peers[peer] is not None
+
+    def _published(self, peer: int) -> str:
+        """What ``peer`` published, waiting for it at most the communicator's ``wait_timeout``: a peer publishes when
+        it builds its communicator, so one that never does has stopped or failed before (its error is posted)."""
+        key, timeout = _key(self.prefix, peer), self.timeout()
+        try:
+            self.store.wait([key], timedelta(seconds=timeout))
+        except RuntimeError as error:
+            if "timeout" not in str(error).lower() and "timed out" not in str(error).lower():
+                raise
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for rank {peer} to build this pipeline's "
+                               f"communicator (it publishes its address then): it stopped or failed before") from None
+        return self.store.get(key).decode()
 
     def isend(self, buf: torch.Tensor, dst: int) -> _SendWork:
         sender = self._senders.get(dst)
@@ -346,6 +369,7 @@ class LocalLinks:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sender = self._senders[dst] = _Sender(sock, dst)
             try:
+                sock.setblocking(True)  # whatever socket.setdefaulttimeout says: a send waits for the kernel
                 sock.connect(self._peers[dst])
                 sock.sendall(_HELLO.pack(self.rank))
             except OSError as error:  # the peer is gone: its sends fail when waited for, as gloo's would
@@ -371,20 +395,17 @@ class LocalLinks:
                         raise RuntimeError(f"Connection closed by peer (rank {peer}, process {self._pids[peer]}, "
                                            "ended before it connected)") from None
                     continue
+                who = _hello(sock)
+                if who is None:  # closed or silent before saying who made it: not any peer's connection
+                    _close(sock)
+                    continue
                 sock.settimeout(_SLICE_S)
-                hello = bytearray(_HELLO.size)
-                view, got = memoryview(hello), 0
-                while got < _HELLO.size:
-                    count = sock.recv_into(view[got:])
-                    if count == 0:
-                        raise RuntimeError(f"Connection closed by peer (a connection to rank {self.rank} closed "
-                                           "before saying who made it)")
-                    got += count
-                self._accepted[_HELLO.unpack(hello)[0]] = sock
+                self._accepted[who] = sock
             return self._accepted.pop(peer)
 
     def close(self) -> None:
         """Close every connection and the listener (the threads of the senders end)."""
+        _OPEN.discard(self)
         for sender in self._senders.values():
             sender.close()
         for receiver in self._receivers.values():
@@ -394,6 +415,66 @@ class LocalLinks:
         self._senders.clear()
         self._receivers.clear()
         self._accepted.clear()
+
+
+def open_links(owner: Any, store: Any, prefix: str, rank: int, timeout_of: Callable[[Any], float]) -> LocalLinks | None:
+    """``owner``'s links (closed when it goes), or ``None`` where the fast path is off (published as such, so that a
+    peer with one keeps gloo with this rank instead of waiting). ``timeout_of(owner)``: how long to wait for a peer's
+    address. Every rank of the group calls this together (the communicator's or the result channel's making)."""
+    if not enabled():
+        publish(store, prefix, rank)
+        return None
+    ref = weakref.ref(owner)
+    links = LocalLinks(store, prefix, rank, lambda: timeout_of(ref()) if ref() is not None else 300.0)
+    weakref.finalize(owner, links.close)
+    return links
+
+
+def publish(store: Any, prefix: str, rank: int, identity: str = "", address: str = "") -> None:
+    """Publish where this rank listens; with no ``identity``, that it has no fast path (its pairs keep gloo), so
+    that a peer with one does not wait for an address that never comes."""
+    store.set(_key(prefix, rank), f"{identity}\n{address}\n{os.getpid()}")
+
+
+def _key(prefix: str, rank: int) -> str:
+    return f"{prefix}/local/{rank}"
+
+
+_OPEN: weakref.WeakSet[LocalLinks] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) must not hold its parent's connections open: close its copies of them,
+    without ending the connections themselves, which the parent still uses."""
+    for links in list(_OPEN):
+        for sock in (*(s.sock for s in links._senders.values()),
+                     *(r.sock for r in links._receivers.values() if r.sock is not None),
+                     *links._accepted.values(), links.listener):
+            _close(sock)
+        links._senders.clear()
+        links._receivers.clear()
+        links._accepted.clear()
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _hello(sock: socket.socket) -> int | None:
+    """The rank a new connection says it comes from, or ``None`` if it closes or says nothing in time."""
+    sock.settimeout(_HELLO_S)
+    hello = bytearray(_HELLO.size)
+    view, got = memoryview(hello), 0
+    try:
+        while got < _HELLO.size:
+            count = sock.recv_into(view[got:])
+            if count == 0:
+                return None
+            got += count
+    except OSError:
+        return None
+    return _HELLO.unpack(hello)[0]
 
 
 def _alive(pid: int) -> bool:
@@ -410,7 +491,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _close(sock: socket.socket) -> None:
+def _close(sock: socket.socket, shutdown: bool = False) -> None:
+    """Close ``sock``; with ``shutdown``, end the connection itself first (which a forked child must never do: its
+    parent's connection is the same)."""
+    try:
+        if shutdown:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     try:
         sock.close()
     except OSError:

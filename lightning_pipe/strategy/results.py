@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,8 +251,8 @@ class ResultChannel:
         self.timeout = DEFAULT_WAIT_TIMEOUT  # seconds a share may wait for the other ranks (the runner sets it)
         self.notice: Callable[[], Exception | None] | None = None  # a failure another rank posted (see .deadline)
         # gloo (not under NCCL's rules): messages to and from the source on a tag of their own instead of the
-        # all_reduce (see post); the runner decides
-        self.point_to_point = False
+        # all_reduce (see post); the runner decides, on every rank alike
+        self._point_to_point = False
         ranks = tuple(dist.get_process_group_ranks(group))
         self._others = [rank for rank in ranks if rank != source]
         # between ranks of one machine the messages go through Unix sockets (engine/local_link.py), made at the first
@@ -265,6 +264,18 @@ class ResultChannel:
         self._broken = False  # a step ended between post and share: its messages are still posted
         self._abandoned: list[Any] = []  # their buffers, kept while gloo may still write or read them
         self.sent_flag: bool | None = None  # what this rank's posted half said of its flag (None: nothing posted)
+
+    @property
+    def point_to_point(self) -> bool:
+        return self._point_to_point
+
+    @point_to_point.setter
+    def point_to_point(self, value: bool) -> None:
+        """Set on every rank right after construction: the messages' sockets are published now, before any step."""
+        self._point_to_point = value
+        store = default_store()
+        if value and self._links is None and store is not None:
+            self._links = local_link.open_links(self, store, self._links_name, dist.get_rank(), _timeout)
 
     def post(self, fingerprint: int | torch.Tensor, flag: bool = False) -> None:
         """Point-to-point only: send the source this rank's ``fingerprint`` and ``flag`` and post the receive of its
@@ -281,9 +292,6 @@ class ResultChannel:
             # buffers may go
             wait_messages([work for work, _ in self._sending], _SHARE, self._others, self.timeout, self.notice)
         self._sending = []
-        if self._links is None and local_link.enabled() and (store := default_store()) is not None:
-            self._links = local_link.LocalLinks(store, self._links_name, dist.get_rank())
-            weakref.finalize(self, self._links.close)
         if self.is_source:
             halves = [torch.empty(2, dtype=torch.int64) for _ in self._others]
             self._posted = (halves, [self._receive(half, rank) for rank, half in zip(self._others, halves)])
@@ -408,6 +416,10 @@ class ResultChannel:
         collective(dist.all_gather, parts, mine, what=_SHARE, group=self.group, timeout=self.timeout,
                    notice=self.notice)
         return [int(part) for part in parts]
+
+
+def _timeout(channel: ResultChannel) -> float:
+    return channel.timeout
 
 
 def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessGroup,
