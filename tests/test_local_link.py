@@ -78,6 +78,22 @@ def test_the_fast_path_can_be_turned_off_and_is_off_in_strict_mode() -> None:
         assert results[0]["got"] == [1.0] * 4 and results[1]["got"] == [0.0] * 4
 
 
+def _one_rank_off(rank: int, world_size: int) -> dict:
+    """Rank 1 alone turns the fast path off: it says so in the store, and rank 0 keeps gloo with it."""
+    if rank == 1:
+        os.environ[local_link.LOCAL_ENV] = "0"
+    comm = Communicator()
+    got = comm.exchange([(torch.full((3,), float(rank)), 1 - rank, "F")], [(1 - rank, "F")])[0]
+    _done(comm)
+    return {"links": comm.links is not None and comm.links.local(1 - rank), "got": got.tolist()}
+
+
+def test_a_rank_with_the_fast_path_off_and_one_with_it_on_still_talk() -> None:
+    results = run_ranks(_one_rank_off, 2, timeout=60)
+    assert [r["links"] for r in results] == [False, False]
+    assert results[0]["got"] == [1.0] * 3 and results[1]["got"] == [0.0] * 3
+
+
 def _other_machines(rank: int, world_size: int) -> dict:
     """Ranks 0 and 1 share a "machine", rank 2 is on another: its pairs go through gloo, the others through sockets."""
     if rank == 2:
