@@ -41,6 +41,7 @@ from collections import defaultdict, deque
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from operator import attrgetter
 from typing import Any, Iterator
 
 import torch
@@ -119,7 +120,8 @@ class Communicator(Waits):
             self._comm_stream = torch.cuda.Stream(self.device)
             self._read_stream = torch.cuda.Stream(self.device)
         # Plain gloo between ranks of one machine: Unix sockets instead (engine/local_link.py).
-        self.links = (local_link.open_links(self, self.board.store, self.prefix, self.rank, _wait_timeout)
+        self.links = (local_link.open_links(self, self.board.store, self.prefix, self.rank,
+                                            attrgetter("wait_timeout"))
                       if self.ahead and self.board.store is not None else None)
         if self.nccl:
             # Batched point-to-point runs on the group's device communicator, which all ranks must create together.
@@ -465,10 +467,6 @@ class Communicator(Waits):
             op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
             return dist.batch_isend_irecv([op])[0]
         return self._isend(buf, peer) if send else self._irecv(buf, peer)
-
-
-def _wait_timeout(comm: Communicator) -> float:
-    return comm.wait_timeout
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

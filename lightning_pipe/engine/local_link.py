@@ -171,9 +171,7 @@ class _Sender:
     def send(self, buf: torch.Tensor) -> _SendWork:
         data = _bytes_of(buf)
         views = [memoryview(_FRAME.pack(len(data))), data]
-        with self.lock:
-            if self.closed and self.error is None:
-                self.error = ConnectionError("this rank closed its connections")
+        with self.lock:  # (a closed sender has its error: see close)
             if self.error is None and not self.backlog:
                 try:
                     views = _send_some(self.sock, views, socket.MSG_DONTWAIT)
@@ -182,11 +180,10 @@ class _Sender:
                 else:
                     if not views:
                         return _SendWork(buf, self.peer, done=True)
-            if self.error is not None:
-                work = _SendWork(buf, self.peer, done=True)
-                work.error = self.error
-                return work
             work = _SendWork(buf, self.peer)
+            if self.error is not None:
+                work.finish(self.error)
+                return work
             work._event = threading.Event()
             self.backlog.append((work, views))
             if self.thread is None:
@@ -212,7 +209,8 @@ class _Sender:
                     self._fail(error)
                 return
             with self.lock:
-                self.backlog.popleft()
+                if self.backlog and self.backlog[0][0] is work:  # else close() failed it meanwhile
+                    self.backlog.popleft()
             work.finish()
 
     def _fail(self, error: BaseException) -> None:
@@ -410,7 +408,13 @@ class LocalLinks:
             sender.close()
         for receiver in self._receivers.values():
             receiver.close()
-        for sock in (*self._accepted.values(), self.listener):
+        self._forget()
+
+    def _forget(self) -> None:
+        """Close this process's copies of every socket, without ending the connections themselves, and drop them."""
+        for sock in (*(sender.sock for sender in self._senders.values()),
+                     *(receiver.sock for receiver in self._receivers.values() if receiver.sock is not None),
+                     *self._accepted.values(), self.listener):
             _close(sock)
         self._senders.clear()
         self._receivers.clear()
@@ -447,13 +451,7 @@ def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) must not hold its parent's connections open: close its copies of them,
     without ending the connections themselves, which the parent still uses."""
     for links in list(_OPEN):
-        for sock in (*(s.sock for s in links._senders.values()),
-                     *(r.sock for r in links._receivers.values() if r.sock is not None),
-                     *links._accepted.values(), links.listener):
-            _close(sock)
-        links._senders.clear()
-        links._receivers.clear()
-        links._accepted.clear()
+        links._forget()
     _OPEN.clear()
 
 

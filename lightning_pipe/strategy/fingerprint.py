@@ -13,7 +13,6 @@ device are hashed on the device (integer arithmetic without overflow), so comput
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 from collections.abc import Mapping
 from typing import Any

@@ -34,6 +34,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -255,8 +256,8 @@ class ResultChannel:
         self._point_to_point = False
         ranks = tuple(dist.get_process_group_ranks(group))
         self._others = [rank for rank in ranks if rank != source]
-        # between ranks of one machine the messages go through Unix sockets (engine/local_link.py), made at the first
-        # post, when every rank of the group is here
+        # between ranks of one machine the messages go through Unix sockets (engine/local_link.py), made when
+        # point_to_point is set, on every rank alike
         self._links: local_link.LocalLinks | None = None
         self._links_name = f"lightning_pipe/results/{'-'.join(map(str, ranks))}/{next_serial(('results', ranks))}"
         self._posted: tuple[Any, ...] | None = None  # this step's messages, posted ahead
@@ -275,7 +276,8 @@ class ResultChannel:
         self._point_to_point = value
         store = default_store()
         if value and self._links is None and store is not None:
-            self._links = local_link.open_links(self, store, self._links_name, dist.get_rank(), _timeout)
+            self._links = local_link.open_links(self, store, self._links_name, dist.get_rank(),
+                                                  attrgetter("timeout"))
 
     def post(self, fingerprint: int | torch.Tensor, flag: bool = False) -> None:
         """Point-to-point only: send the source this rank's ``fingerprint`` and ``flag`` and post the receive of its
@@ -416,10 +418,6 @@ class ResultChannel:
         collective(dist.all_gather, parts, mine, what=_SHARE, group=self.group, timeout=self.timeout,
                    notice=self.notice)
         return [int(part) for part in parts]
-
-
-def _timeout(channel: ResultChannel) -> float:
-    return channel.timeout
 
 
 def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessGroup,
