@@ -39,6 +39,8 @@ def _trees() -> list:
         Pair(torch.zeros(0, 3), torch.tensor(2.0, dtype=torch.float64)),  # empty and 0-dim tensors
         {f"t{i}": torch.full((2,), float(i)) for i in range(120)},  # a layout longer than the first message
         torch.randn(2, 3, generator=g)[:, 1],  # not contiguous
+        (torch.randn(3, generator=g, dtype=torch.complex64).conj(), torch.randn(2, generator=g, dtype=torch.complex64).conj().imag,
+         torch.ones(3).expand(2, 3), torch.randn(2, 2, generator=g).t()),  # conjugate, negative, stride-0 views
         ("no tensors at all", 1),
         (0.5, -0.0, float("inf"), 1e-310, True, 1, 2**70, {1: "int key", "1": "str key", None: False}),
         (0.5, -0.0, float("inf"), 1e-310, True, 1, 2**70, {1: "int key", "1": "str key", None: False}),  # unchanged

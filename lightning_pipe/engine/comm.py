@@ -58,19 +58,27 @@ __all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 STRICT_ENV = "LIGHTNING_PIPE_STRICT_P2P"
 INITIAL_CAPACITY = 4096  # bytes of a channel's first message (its first layout and small trees fit)
 SIDE_CHUNK = 4 << 20  # bytes per store value of a side message (torch's libuv store refuses values over 8 MiB)
+_ONE_TENSOR = ("T",)  # the spec of a tree that is one tensor
 _ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
 
 
 class _Channel:
     """What both ends know of one ``(peer, channel)``: the last layout and the size of every message."""
 
-    __slots__ = ("layout", "spec", "tensors", "capacity")
+    __slots__ = ("layout", "spec", "tensors", "capacity", "sizes", "data_len", "places")
 
     def __init__(self) -> None:
         self.layout: tuple | None = None
         self.spec: Any = None  # receiving end: how to rebuild the tree
         self.tensors: list = []  # receiving end: (dtype, shape, requires_grad) of each tensor
         self.capacity = INITIAL_CAPACITY
+        self.sizes: list[int] = []  # bytes of each tensor of the layout
+        self.data_len = 0  # bytes of the data, each tensor aligned
+        self.places: list[tuple[int, int, torch.dtype, tuple[int, ...], bool]] = []  # receiving end: (offset in the
+        # data, bytes, dtype, shape, requires_grad) of each tensor
+
+    def set_layout(self, layout: tuple, sizes: list[int]) -> None:
+        self.layout, self.sizes, self.data_len = layout, sizes, sum(wire.aligned(n) for n in sizes)
 
 
 class Communicator(Waits):
@@ -227,22 +235,24 @@ class Communicator(Waits):
     def _pack(self, tree: Any, dst: int, channel: Hashable) -> torch.Tensor:
         leaves, layout = wire.describe(tree)
         state = self._state(self._sent, dst, channel)
-        sizes = [t.numel() * t.element_size() for t in leaves]
-        data_len = sum(wire.aligned(n) for n in sizes)
-        body = b"" if layout == state.layout else wire.encode_layout(layout)
+        if layout == state.layout:
+            body = b""
+        else:
+            body = wire.encode_layout(layout)
+            state.set_layout(layout, [t.numel() * t.element_size() for t in leaves])
+        sizes, data_len = state.sizes, state.data_len
         start = wire.aligned(wire.HEADER.size + len(body))
         message = self._buffer(state.capacity)
         if start + data_len <= state.capacity:
             head = wire.HEADER.pack(wire.DATA if not body else wire.LAYOUT, 0, 0, len(body), data_len) + body
             self._write(message, head, leaves, sizes, start)
         else:  # too large for the channel's messages: layout and data go on the side plane
-            body = wire.encode_layout(layout)
+            body = body or wire.encode_layout(layout)
             payload = self._buffer_cpu(wire.aligned(len(body)) + data_len)
             self._write(payload, body, leaves, sizes, wire.aligned(len(body)), staged=False)
             self._side_set(dst, payload)
             self._write(message, wire.HEADER.pack(wire.SIDE, 0, 0, len(body), data_len), [], [], 0)
             state.capacity = wire.aligned(wire.HEADER.size + len(body)) + data_len
-        state.layout = layout
         return message
 
     @staticmethod
@@ -252,6 +262,9 @@ class Communicator(Waits):
     def _write(self, message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int,
                staged: bool = True) -> None:
         """Header (and layout) at the start of ``message``, each tensor's bytes from ``start`` on (aligned)."""
+        if message.device.type == "cpu" and not (self.cuda and leaves):
+            _write_host(message, head, leaves, sizes, start)
+            return
         head_bytes = torch.frombuffer(bytearray(head), dtype=torch.uint8) if head else None
         on_gpu = message.device.type == "cuda" or any(t.device.type == "cuda" for t in leaves)
         with self._on_comm_stream(on_gpu, "pack"):
@@ -322,7 +335,9 @@ class Communicator(Waits):
             if self.cuda and out:
                 self._comm_stream.synchronize()
             for dst, buf, label in out:
-                self._pending.append((self._isend(buf, dst), buf, (dst,), label))
+                work = self._isend(buf, dst)
+                if not local_link.sent(work):  # (a local link's send is often out at once)
+                    self._pending.append((work, buf, (dst,), label))
         return [self._irecv(buf, src) for src, buf in into]
 
     def _isend(self, buf: torch.Tensor, dst: int) -> Any:
@@ -340,20 +355,19 @@ class Communicator(Waits):
     # -- receiving --------------------------------------------------------------------------------
     def _head(self, buffer: torch.Tensor, start: int, length: int) -> bytes:
         """Bytes ``start:start + length`` of a received message, on the host."""
-        piece = buffer[start: start + length]
         if buffer.device.type == "cuda":
             with torch.cuda.stream(self._read_stream):  # a stream with nothing queued: no wait for compute
-                return piece.cpu().numpy().tobytes()
-        return piece.numpy().tobytes()
+                return buffer[start: start + length].cpu().numpy().tobytes()
+        return bytes(memoryview(buffer.numpy())[start: start + length])
 
     def _unpack(self, src: int, channel: Hashable, buffer: torch.Tensor) -> Any:
         state = self._state(self._received, src, channel)
         if buffer.numel() < wire.HEADER.size:
             raise wire.WireError(f"a message from rank {src} is shorter than a header")
-        kind_byte = self._head(buffer, 0, wire.HEADER.size)
-        if kind_byte[0] == _ERROR:
+        head = self._head(buffer, 0, wire.HEADER.size)
+        if head[0] == _ERROR:
             raise self._error_from(src, buffer)
-        kind, layout_len, data_len = wire.read_header(kind_byte)
+        kind, layout_len, data_len = wire.read_header(head)
         data = buffer
         if kind == wire.SIDE:
             data = self._side_get(src, wire.aligned(layout_len) + data_len)
@@ -371,42 +385,47 @@ class Communicator(Waits):
             if state.layout is None:
                 raise wire.WireError(f"rank {src} sent data on channel {channel!r} before any layout")
             start = wire.HEADER.size
-        sizes = wire.tensor_sizes(state.tensors)
-        if sum(wire.aligned(n) for n in sizes) != data_len or start + data_len > data.numel():
+        if state.data_len != data_len or start + data_len > data.numel():
             raise wire.WireError(f"a message from rank {src} holds {data_len} bytes of data, but its layout describes "
-                                 f"{sum(wire.aligned(n) for n in sizes)} (in a message of {data.numel()} bytes)")
-        return wire.rebuild(state.spec, self._leaves(data, start, sizes, state.tensors))
+                                 f"{state.data_len} (in a message of {data.numel()} bytes)")
+        leaves = self._leaves(data, start, state.places)
+        return leaves[0] if state.spec is _ONE_TENSOR else wire.rebuild(state.spec, leaves)
 
     def _set_layout(self, state: _Channel, body: bytes) -> None:
-        state.layout, state.spec, state.tensors = wire.decode_layout(body)
+        layout, spec, tensors = wire.decode_layout(body)
+        for dtype, _, requires_grad in tensors:
+            if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+                raise wire.WireError(f"a layout asks for a gradient of a {dtype} tensor, which cannot have one")
+        sizes = wire.tensor_sizes(tensors)
+        state.set_layout(layout, sizes)
+        state.spec = _ONE_TENSOR if spec == _ONE_TENSOR else spec
+        state.tensors = tensors
+        offsets = [0]
+        for nbytes in sizes:
+            offsets.append(offsets[-1] + wire.aligned(nbytes))
+        state.places = [(offset, nbytes, dtype, shape, requires_grad)
+                        for offset, nbytes, (dtype, shape, requires_grad) in zip(offsets, sizes, tensors)]
 
-    def _leaves(self, data: torch.Tensor, start: int, sizes: list[int], tensors: list) -> list[torch.Tensor]:
-        leaves = []
-        offset = start
+    def _leaves(self, data: torch.Tensor, start: int, places: list) -> list[torch.Tensor]:
         to_device = data.device != self.device
-        with self._on_comm_stream(to_device and self.cuda, "unpack"):
-            for (dtype, shape, requires_grad), nbytes in zip(tensors, sizes):
+        if not to_device:
+            return [_leaf(data[start + offset: start + offset + nbytes].view(dtype).view(shape) if nbytes
+                          else torch.empty(shape, dtype=dtype, device=data.device), requires_grad)
+                    for offset, nbytes, dtype, shape, requires_grad in places]
+        leaves = []
+        with self._on_comm_stream(self.cuda, "unpack"):
+            for offset, nbytes, dtype, shape, _ in places:
                 if nbytes:
-                    leaf = data[offset: offset + nbytes].view(dtype).view(shape).detach()
+                    leaf = data[start + offset: start + offset + nbytes].view(dtype).view(shape)
                 else:
                     leaf = torch.empty(shape, dtype=dtype, device=data.device)
-                if to_device:
-                    leaf = leaf.to(self.device, non_blocking=True)
-                leaves.append(leaf)
-                offset += wire.aligned(nbytes)
-        if to_device and self.cuda:  # the copies ran on the communication stream; compute uses them after
+                leaves.append(leaf.to(self.device, non_blocking=True))
+        if self.cuda:  # the copies ran on the communication stream; compute uses them after
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self._comm_stream)
             for leaf in leaves:
                 leaf.record_stream(compute)
-        out = []
-        for leaf, (dtype, _, requires_grad) in zip(leaves, tensors):
-            if requires_grad:
-                if not (dtype.is_floating_point or dtype.is_complex):
-                    raise wire.WireError(f"a layout asks for a gradient of a {dtype} tensor, which cannot have one")
-                leaf = leaf.requires_grad_()
-            out.append(leaf)
-        return out
+        return [_leaf(leaf, requires_grad) for leaf, (*_, requires_grad) in zip(leaves, places)]
 
     def _side_get(self, src: int, nbytes: int) -> torch.Tensor:
         """The next side message from ``src``, ``nbytes`` long (its header says so), in chunks as it was written."""
@@ -467,6 +486,41 @@ class Communicator(Waits):
             op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
             return dist.batch_isend_irecv([op])[0]
         return self._isend(buf, peer) if send else self._irecv(buf, peer)
+
+
+def _leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A received tensor as the sender's was: a leaf of its own, needing a gradient where that one did."""
+    return tensor.detach().requires_grad_() if requires_grad else tensor
+
+
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128, torch.int64,
+                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
+def _host_bytes(tensor: torch.Tensor) -> memoryview | None:
+    """The bytes of a contiguous CPU tensor, without a copy; ``None`` where numpy cannot view them (bfloat16, a
+    conjugate or negative view, another device)."""
+    if tensor.dtype not in _NUMPY_DTYPES or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    try:
+        return memoryview(tensor.detach().numpy()).cast("B")
+    except (TypeError, RuntimeError, ValueError):
+        return None
+
+
+def _write_host(message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int) -> None:
+    """:meth:`Communicator._write` into a message in host memory, by the bytes where it can."""
+    view = memoryview(message.numpy())
+    view[: len(head)] = head
+    offset = start
+    for tensor, nbytes in zip(leaves, sizes):
+        if nbytes:
+            source = _host_bytes(tensor)
+            if source is not None:
+                view[offset: offset + nbytes] = source
+            else:
+                message[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+        offset += wire.aligned(nbytes)
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

@@ -386,37 +386,43 @@ class Pipeline(AsynchronousSteps):
         state = StepState(microbatches, weights, loss_scale, first_id)
         handlers = make_handlers(self, plan, state, training)
         exchange = make_exchange(self, state, training)
-        where, issued = "before its first action", 0
+        issued, in_action = 0, False  # steps begun; whether the last one begun was in its action
+        records = self.records if self.record else None
+        clock = time.perf_counter
         try:
-            clock = time.perf_counter if self.record else None
-            for index, step in enumerate(steps):
+            for step in steps:
+                issued += 1
                 if step.sends or step.recvs:
-                    where, issued = f"in the messages before {step.action}", index + 1
-                    start = clock() if clock else 0.0
+                    in_action = False
+                    start = clock()
                     exchange(step)
-                    if clock:
+                    if records is not None:
                         self._record_step(step, start, clock())
-                if step.action is not None:
-                    where, issued = f"in {step.action}", index + 1
-                    activity.doing(step.action)  # what this rank's heartbeat says it does
-                    start = clock() if clock else 0.0
+                action = step.action
+                if action is not None:
+                    in_action = True
+                    activity.doing(action)  # what this rank's heartbeat says it does
+                    start = clock()
                     if self._cuda_spans is not None:
                         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                         events[0].record()
-                    handlers[step.action.op](step.action)
-                    if clock:
-                        self.records.append((step.action, start, clock()))
+                    handlers[action.op](action)
+                    if records is not None:
+                        records.append((action, start, clock()))
                     if self._cuda_spans is not None:
                         events[1].record()
-                        self._cuda_spans.append(("compute", str(step.action), *events))
+                        self._cuda_spans.append(("compute", str(action), *events))
             # Asynchronous phases leave their last messages to the next one, where they are received.
-            comm_plan_ = self.comm_plan(plan, carried_in)
-            self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in comm_plan_.leaving})
+            leaving = self.comm_plan(plan, carried_in).leaving
+            self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in leaving} if leaving
+                                  else frozenset())
             activity.doing(_BETWEEN_STEPS)
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
             self._abort(steps, issued, str(error), error.origin_rank)
             raise
         except Exception as error:
+            where = ("before its first action" if not issued else f"in {steps[issued - 1].action}" if in_action
+                     else f"in the messages before {steps[issued - 1].action}")
             message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
             self._abort(steps, issued, message, self.rank)

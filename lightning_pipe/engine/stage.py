@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -128,15 +127,12 @@ class PipelineStage:
             self._outputs[microbatch] = output
         return output
 
-    @contextmanager
-    def _running(self, forward: bool, training: bool = True) -> Iterator[None]:
+    def _running(self, forward: bool, training: bool = True) -> AbstractContextManager[Any]:
         """Around the stage's forwards and backwards: its batch norms' state (record a training forward; a backward's
         recomputation must not touch the running statistics)."""
         if self.norms is None:
-            yield
-            return
-        with self.norms.running(record=forward and training):
-            yield
+            return nullcontext()
+        return self.norms.running(record=forward and training)
 
     def end_step(self, group: dist.ProcessGroup | None = None) -> None:
         """The step's micro-batches are done: commit the batch norms' running statistics of the whole batch.
