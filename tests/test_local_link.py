@@ -273,3 +273,45 @@ def test_a_forked_child_does_not_keep_its_parents_connections_open() -> None:
         os.kill(child, 9)
         os.waitpid(child, 0)
         one.close()
+
+
+def _arrivals(rank: int, world_size: int) -> dict:
+    """A receive asked whether its message is here, without waiting: no before it is sent, yes after; and a receive
+    whose peer closed says no, and raises the closed connection when waited for."""
+    import torch.distributed as dist
+
+    comm = Communicator()
+    links = comm.links
+    if rank == 0:
+        dist.barrier()  # rank 1 looked before this send
+        local_link.send(links, torch.arange(8, dtype=torch.uint8), 1).wait(5)
+        dist.barrier()  # rank 1 received it
+        links.close()
+        dist.barrier()
+        return {}
+    buf = torch.zeros(8, dtype=torch.uint8)
+    first = local_link.receive(links, buf, 0)
+    before = local_link.arrived(first)
+    dist.barrier()
+    deadline = time.monotonic() + 10
+    while not local_link.arrived(first) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dist.barrier()
+    dist.barrier()  # rank 0 closed its connection
+    second = local_link.receive(links, torch.zeros(8, dtype=torch.uint8), 0)
+    closed_arrived = local_link.arrived(second)
+    try:
+        second.wait(5)
+        error = ""
+    except RuntimeError as caught:
+        error = str(caught)
+    return {"before": before, "after": first.done, "got": buf.tolist(), "closed_arrived": closed_arrived,
+            "error": error, "send_is_not_a_receive": local_link.arrived(object()), "comm": comm is not None}
+
+
+def test_a_receive_can_ask_whether_its_message_is_here_without_waiting() -> None:
+    result = run_ranks(_arrivals, 2)[1]
+    assert result["before"] is False and result["after"] is True
+    assert result["got"] == list(range(8))
+    assert result["closed_arrived"] is False and "closed" in result["error"].lower()
+    assert result["send_is_not_a_receive"] is False

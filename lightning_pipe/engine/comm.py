@@ -202,7 +202,8 @@ class Communicator(Waits):
         else:  # nothing expected (a direct send/recv): post it now
             buffer = self._buffer(self._state(self._received, src, channel).capacity)
             work = self._irecv(buffer, src)
-        self._wait([work], [src], channel=channel)
+        if not local_link.arrived(work):
+            self._wait([work], [src], channel=channel)
         tree = self._unpack(src, channel, buffer)
         self._pump(src)
         return tree

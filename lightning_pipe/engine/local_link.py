@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["LOCAL_ENV", "MAX_BYTES", "LocalLinks", "enabled", "machine_identity", "open_links", "publish", "receive",
-           "send", "sent"]
+           "send", "sent", "arrived"]
 
 LOCAL_ENV = "LIGHTNING_PIPE_LOCAL_P2P"
 _FRAME = struct.Struct("<Q")  # a message's length in bytes, ahead of it
@@ -80,6 +80,11 @@ def receive(links: LocalLinks | None, buf: torch.Tensor, peer: int, **gloo: Any)
 def sent(work: Any) -> bool:
     """Whether ``work`` is a send of a link that is over and succeeded (nothing left to wait for)."""
     return type(work) is _SendWork and work.done and work.error is None
+
+
+def arrived(work: Any) -> bool:
+    """Whether ``work`` is a receive of a link whose message is here (read now if it just came), without waiting."""
+    return type(work) is _RecvWork and work.arrived()
 
 
 def machine_identity() -> str:
@@ -161,6 +166,13 @@ class _RecvWork(_Work):
         if self.error is not None:
             raise self.error
         return True
+
+    def arrived(self) -> bool:
+        """Complete the receive if its message (and those posted before it) is here already, without waiting; whether
+        it succeeded. A failure is kept for :meth:`wait` to raise."""
+        if not self.done:
+            self.receiver.complete(self, None, block=False)
+        return self.done and self.error is None
 
 
 class _Sender:
@@ -267,7 +279,8 @@ class _Receiver:
         self.posted.append(work)
         return work
 
-    def complete(self, work: _RecvWork, deadline: float | None) -> None:
+    def complete(self, work: _RecvWork, deadline: float | None, block: bool = True) -> None:
+        """Read the posted receives in order up to ``work``; without ``block``, only what has arrived."""
         with self.lock:
             while not work.done:
                 if self.error is not None:
@@ -276,8 +289,12 @@ class _Receiver:
                     break
                 try:
                     if self.sock is None:
+                        if not block:
+                            return
                         self.sock = self.links.accept(self.peer, deadline)
-                    self._read(self.posted[0], deadline)
+                    self._read(self.posted[0], deadline, block)
+                except _NotYet:
+                    return
                 except _TimedOut as timeout:
                     raise RuntimeError(str(timeout)) from None
                 except (OSError, RuntimeError) as error:
@@ -288,7 +305,7 @@ class _Receiver:
                     continue
                 self.posted.popleft().finish()
 
-    def _read(self, work: _RecvWork, deadline: float | None) -> None:
+    def _read(self, work: _RecvWork, deadline: float | None, block: bool) -> None:
         data = _bytes_of(work.buf)
         total = _FRAME.size + len(data)
         frame = memoryview(self.frame)
@@ -298,6 +315,8 @@ class _Receiver:
             try:
                 count = self.sock.recvmsg_into(views)[0]
             except BlockingIOError:
+                if not block:
+                    raise _NotYet from None
                 if not _readable(self.sock, deadline):
                     raise _TimedOut(f"timed out waiting for a message from rank {self.peer}") from None
                 continue
@@ -317,6 +336,10 @@ class _Receiver:
 
 class _TimedOut(Exception):
     pass
+
+
+class _NotYet(Exception):
+    """A receive that does not wait found its message not (wholly) here yet."""
 
 
 class LocalLinks:
