@@ -53,10 +53,13 @@ def _exchange(rank: int, world_size: int, strict: bool) -> tuple[list, int]:
         for tree in _trees():
             comm.send(tree, dst=1, tag=0)
         comm.wait_sends()
+        dist.barrier()  # rank 1 has read the side plane (the store rank 0 holds) before rank 0 ends
         return [], comm.messages_sent
     # Received tensors are views into one buffer; copy them so torch.save can send them back to the test.
     copy = lambda t: t.detach().clone().requires_grad_(t.requires_grad)  # noqa: E731
-    return [tree_map_tensors(copy, comm.recv(src=0, tag=0)) for _ in _trees()], 0
+    received = [tree_map_tensors(copy, comm.recv(src=0, tag=0)) for _ in _trees()]
+    dist.barrier()
+    return received, 0
 
 
 def _assert_same(got, want) -> None:
@@ -96,11 +99,13 @@ def _growing(rank: int, world_size: int) -> list:
         for i, n in enumerate(sizes):
             comm.send(torch.full((n,), float(i)), dst=1, tag=7)
         comm.wait_sends()
+        dist.barrier()  # rank 1 has read the side plane (the store rank 0 holds) before rank 0 ends
         return [comm.messages_sent]
     got = []
     for _ in sizes:
         tensor = comm.recv(0, 7)
         got.append((tensor.numel(), float(tensor[0]), float(tensor[-1]), comm._received[(0, 7)].capacity))
+    dist.barrier()
     return got
 
 

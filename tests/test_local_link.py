@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from lightning_pipe.engine import local_link
+from lightning_pipe.engine import local_link, socket_ends
 from lightning_pipe.engine.comm import Communicator, PipelineError
 from tests.helpers import run_ranks
 
@@ -264,7 +264,7 @@ def test_a_forked_child_does_not_keep_its_parents_connections_open() -> None:
         time.sleep(10)
         os._exit(0)
     try:
-        local_link._close(zero._senders[1].sock)  # rank 0 "dies": its descriptor closes, no shutdown
+        socket_ends.close_socket(zero._senders[1].sock)  # rank 0 "dies": its descriptor closes, no shutdown
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="Connection closed by peer"):
             one.irecv(torch.empty(4, dtype=torch.uint8), 0).wait(20)
@@ -315,3 +315,19 @@ def test_a_receive_can_ask_whether_its_message_is_here_without_waiting() -> None
     assert result["got"] == list(range(8))
     assert result["closed_arrived"] is False and "closed" in result["error"].lower()
     assert result["send_is_not_a_receive"] is False
+
+
+def test_the_spin_before_sleeping_is_read_from_the_environment_with_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv(socket_ends.SPIN_ENV, "50")
+    assert socket_ends._spin_seconds() == pytest.approx(50e-6)
+    monkeypatch.setenv(socket_ends.SPIN_ENV, "-3")
+    assert socket_ends._spin_seconds() == 0.0
+    monkeypatch.setenv(socket_ends.SPIN_ENV, "fast")
+    with pytest.raises(ValueError, match="LIGHTNING_PIPE_SPIN_US='fast' is not a number"):
+        socket_ends._spin_seconds()
+
+
+def test_receives_that_never_spin_still_arrive() -> None:
+    results = run_ranks(_off, 2, env={socket_ends.SPIN_ENV: "0"})
+    assert [r["links"] for r in results] == [True, True]
+    assert results[0]["got"] == [1.0] * 4 and results[1]["got"] == [0.0] * 4

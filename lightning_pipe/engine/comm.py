@@ -62,25 +62,6 @@ _ONE_TENSOR = ("T",)  # the spec of a tree that is one tensor
 _ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
 
 
-class _Channel:
-    """What both ends know of one ``(peer, channel)``: the last layout and the size of every message."""
-
-    __slots__ = ("layout", "spec", "tensors", "capacity", "sizes", "data_len", "places")
-
-    def __init__(self) -> None:
-        self.layout: tuple | None = None
-        self.spec: Any = None  # receiving end: how to rebuild the tree
-        self.tensors: list = []  # receiving end: (dtype, shape, requires_grad) of each tensor
-        self.capacity = INITIAL_CAPACITY
-        self.sizes: list[int] = []  # bytes of each tensor of the layout
-        self.data_len = 0  # bytes of the data, each tensor aligned
-        self.places: list[tuple[int, int, torch.dtype, tuple[int, ...], bool]] = []  # receiving end: (offset in the
-        # data, bytes, dtype, shape, requires_grad) of each tensor
-
-    def set_layout(self, layout: tuple, sizes: list[int]) -> None:
-        self.layout, self.sizes, self.data_len = layout, sizes, sum(wire.aligned(n) for n in sizes)
-
-
 class Communicator(Waits):
     """Sends and receives tensor trees to and from the other ranks of one process group.
 
@@ -111,8 +92,8 @@ class Communicator(Waits):
         self._global = ranks
         self.failed: PipelineError | None = None
         self.messages_sent = 0  # on the ordered wire: one per transfer (tests and benchmarks read it)
-        self._sent: dict[tuple[int, Hashable], _Channel] = {}
-        self._received: dict[tuple[int, Hashable], _Channel] = {}
+        self._sent: dict[tuple[int, Hashable], wire.Channel] = {}
+        self._received: dict[tuple[int, Hashable], wire.Channel] = {}
         self._side_out: dict[int, int] = defaultdict(int)
         self._side_in: dict[int, int] = defaultdict(int)
         self._pending: list[tuple[dist.Work, Any, tuple[int, ...], Hashable]] = []  # sends not known to have
@@ -223,10 +204,10 @@ class Communicator(Waits):
 
     # -- sending ----------------------------------------------------------------------------------
     @staticmethod
-    def _state(table: dict, peer: int, channel: Hashable) -> _Channel:
+    def _state(table: dict, peer: int, channel: Hashable) -> wire.Channel:
         state = table.get((peer, channel))
         if state is None:
-            state = table[(peer, channel)] = _Channel()
+            state = table[(peer, channel)] = wire.Channel(INITIAL_CAPACITY)
         return state
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
@@ -264,7 +245,7 @@ class Communicator(Waits):
                staged: bool = True) -> None:
         """Header (and layout) at the start of ``message``, each tensor's bytes from ``start`` on (aligned)."""
         if message.device.type == "cpu" and not (self.cuda and leaves):
-            _write_host(message, head, leaves, sizes, start)
+            wire.write_host(message, head, leaves, sizes, start)
             return
         head_bytes = torch.frombuffer(bytearray(head), dtype=torch.uint8) if head else None
         on_gpu = message.device.type == "cuda" or any(t.device.type == "cuda" for t in leaves)
@@ -392,7 +373,7 @@ class Communicator(Waits):
         leaves = self._leaves(data, start, state.places)
         return leaves[0] if state.spec is _ONE_TENSOR else wire.rebuild(state.spec, leaves)
 
-    def _set_layout(self, state: _Channel, body: bytes) -> None:
+    def _set_layout(self, state: wire.Channel, body: bytes) -> None:
         layout, spec, tensors = wire.decode_layout(body)
         for dtype, _, requires_grad in tensors:
             if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
@@ -410,8 +391,8 @@ class Communicator(Waits):
     def _leaves(self, data: torch.Tensor, start: int, places: list) -> list[torch.Tensor]:
         to_device = data.device != self.device
         if not to_device:
-            return [_leaf(data[start + offset: start + offset + nbytes].view(dtype).view(shape) if nbytes
-                          else torch.empty(shape, dtype=dtype, device=data.device), requires_grad)
+            return [wire.as_received(data[start + offset: start + offset + nbytes].view(dtype).view(shape) if nbytes
+                                     else torch.empty(shape, dtype=dtype, device=data.device), requires_grad)
                     for offset, nbytes, dtype, shape, requires_grad in places]
         leaves = []
         with self._on_comm_stream(self.cuda, "unpack"):
@@ -426,7 +407,7 @@ class Communicator(Waits):
             compute.wait_stream(self._comm_stream)
             for leaf in leaves:
                 leaf.record_stream(compute)
-        return [_leaf(leaf, requires_grad) for leaf, (*_, requires_grad) in zip(leaves, places)]
+        return [wire.as_received(leaf, requires_grad) for leaf, (*_, requires_grad) in zip(leaves, places)]
 
     def _side_get(self, src: int, nbytes: int) -> torch.Tensor:
         """The next side message from ``src``, ``nbytes`` long (its header says so), in chunks as it was written."""
@@ -487,41 +468,6 @@ class Communicator(Waits):
             op = dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, group_peer=peer)
             return dist.batch_isend_irecv([op])[0]
         return self._isend(buf, peer) if send else self._irecv(buf, peer)
-
-
-def _leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    """A received tensor as the sender's was: a leaf of its own, needing a gradient where that one did."""
-    return tensor.detach().requires_grad_() if requires_grad else tensor
-
-
-_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128, torch.int64,
-                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
-
-
-def _host_bytes(tensor: torch.Tensor) -> memoryview | None:
-    """The bytes of a contiguous CPU tensor, without a copy; ``None`` where numpy cannot view them (bfloat16, a
-    conjugate or negative view, another device)."""
-    if tensor.dtype not in _NUMPY_DTYPES or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return None
-    try:
-        return memoryview(tensor.detach().numpy()).cast("B")
-    except (TypeError, RuntimeError, ValueError):
-        return None
-
-
-def _write_host(message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int) -> None:
-    """:meth:`Communicator._write` into a message in host memory, by the bytes where it can."""
-    view = memoryview(message.numpy())
-    view[: len(head)] = head
-    offset = start
-    for tensor, nbytes in zip(leaves, sizes):
-        if nbytes:
-            source = _host_bytes(tensor)
-            if source is not None:
-                view[offset: offset + nbytes] = source
-            else:
-                message[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-        offset += wire.aligned(nbytes)
 
 
 def _wait_for_a_while(works: list[dist.Work], timeout: float) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "aligned", "describe", "encode_layout",
-           "decode_layout", "rebuild", "tensor_sizes", "read_header"]
+__all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
+           "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "write_host", "as_received"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -101,6 +101,62 @@ def tensor_sizes(layout_tensors: list[tuple[torch.dtype, tuple[int, ...], bool]]
             count *= n
         sizes.append(count * dtype.itemsize)
     return sizes
+
+
+# -- what both ends keep per channel, and writing a message in host memory ---------------------------
+class Channel:
+    """What both ends know of one ``(peer, channel)``: the last layout and the size of every message."""
+
+    __slots__ = ("layout", "spec", "tensors", "capacity", "sizes", "data_len", "places")
+
+    def __init__(self, initial_capacity: int) -> None:
+        self.layout: tuple | None = None
+        self.spec: Any = None  # receiving end: how to rebuild the tree
+        self.tensors: list = []  # receiving end: (dtype, shape, requires_grad) of each tensor
+        self.capacity = initial_capacity
+        self.sizes: list[int] = []  # bytes of each tensor of the layout
+        self.data_len = 0  # bytes of the data, each tensor aligned
+        self.places: list[tuple[int, int, torch.dtype, tuple[int, ...], bool]] = []  # receiving end: (offset in the
+        # data, bytes, dtype, shape, requires_grad) of each tensor
+
+    def set_layout(self, layout: tuple, sizes: list[int]) -> None:
+        self.layout, self.sizes, self.data_len = layout, sizes, sum(aligned(n) for n in sizes)
+
+
+def as_received(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A received tensor as the sender's was: a leaf of its own, needing a gradient where that one did."""
+    return tensor.detach().requires_grad_() if requires_grad else tensor
+
+
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128, torch.int64,
+                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
+def host_bytes(tensor: torch.Tensor) -> memoryview | None:
+    """The bytes of a contiguous CPU tensor, without a copy; ``None`` where numpy cannot view them (bfloat16, a
+    conjugate or negative view, another device)."""
+    if tensor.dtype not in _NUMPY_DTYPES or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    try:
+        return memoryview(tensor.detach().numpy()).cast("B")
+    except (TypeError, RuntimeError, ValueError):
+        return None
+
+
+def write_host(message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int) -> None:
+    """``head`` at the start of ``message`` (host memory) and each of ``leaves`` from ``start`` on, aligned: by the
+    bytes where numpy can view them, else by torch's copy."""
+    view = memoryview(message.numpy())
+    view[: len(head)] = head
+    offset = start
+    for tensor, nbytes in zip(leaves, sizes):
+        if nbytes:
+            source = host_bytes(tensor)
+            if source is not None:
+                view[offset: offset + nbytes] = source
+            else:
+                message[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+        offset += aligned(nbytes)
 
 
 # -- receiving -------------------------------------------------------------------------------------
