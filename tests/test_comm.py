@@ -246,3 +246,21 @@ def _error_on_the_wire(rank: int, world_size: int) -> str:
 
 def test_an_error_message_ends_the_receiver_with_the_senders_error() -> None:
     assert run_ranks(_error_on_the_wire, 2)[1] == "0: rank 0 failed in 0F1: ValueError: boom"
+
+
+def test_a_message_gathered_in_pieces_is_byte_for_byte_the_written_one() -> None:
+    """The socket path sends a message as pieces (header, tensors where they lie, zeros): the same bytes the buffer
+    path writes, for every kind of tensor the trees above hold."""
+    for tree in _trees():
+        leaves, layout = wire.describe(tree)
+        sizes = [t.numel() * t.element_size() for t in leaves]
+        body = wire.encode_layout(layout)
+        start = wire.aligned(wire.HEADER.size + len(body))
+        total = start + sum(wire.aligned(n) for n in sizes) + 48
+        head = wire.HEADER.pack(wire.LAYOUT, 0, 0, len(body), total - start - 48) + body
+        written = torch.zeros(total, dtype=torch.uint8)  # (the buffer path leaves its padding as it was)
+        wire.write_host(written, head, leaves, sizes, start)
+        pieces = wire.message_pieces(head, leaves, sizes, start, total)
+        gathered = b"".join(bytes(piece) for piece in pieces)
+        assert len(gathered) == total
+        assert gathered == bytes(written.numpy()), layout

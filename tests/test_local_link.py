@@ -68,7 +68,8 @@ def _off(rank: int, world_size: int) -> dict:
     comm = Communicator()
     got = comm.exchange([(torch.ones(4) * rank, 1 - rank, "F")], [(1 - rank, "F")])[0]
     _done(comm)
-    return {"links": comm.links is not None, "got": got.tolist()}
+    return {"links": comm.links is not None, "got": got.tolist(),
+            "spin": comm.links.spin if comm.links is not None else None}
 
 
 def test_the_fast_path_can_be_turned_off_and_is_off_in_strict_mode() -> None:
@@ -276,36 +277,40 @@ def test_a_forked_child_does_not_keep_its_parents_connections_open() -> None:
 
 
 def _arrivals(rank: int, world_size: int) -> dict:
-    """A receive asked whether its message is here, without waiting: no before it is sent, yes after; and a receive
-    whose peer closed says no, and raises the closed connection when waited for."""
+    """A receive asked whether its message is here, without waiting: no before it is sent, yes once it came (the
+    first message from a peer, which brings its connection, is waited for); and a receive whose peer closed says no,
+    and raises the closed connection when waited for."""
     import torch.distributed as dist
 
     comm = Communicator()
     links = comm.links
     if rank == 0:
-        dist.barrier()  # rank 1 looked before this send
+        local_link.send(links, torch.zeros(8, dtype=torch.uint8), 1).wait(5)  # the connection's first message
+        dist.barrier()  # rank 1 looked before the next send
         local_link.send(links, torch.arange(8, dtype=torch.uint8), 1).wait(5)
         dist.barrier()  # rank 1 received it
         links.close()
         dist.barrier()
         return {}
+    local_link.receive(links, torch.ones(8, dtype=torch.uint8), 0).wait(5)
     buf = torch.zeros(8, dtype=torch.uint8)
-    first = local_link.receive(links, buf, 0)
-    before = local_link.arrived(first)
+    work = local_link.receive(links, buf, 0)
+    before = local_link.arrived(work)
     dist.barrier()
-    deadline = time.monotonic() + 10
-    while not local_link.arrived(first) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    deadline, after = time.monotonic() + 10, False
+    while not after and time.monotonic() < deadline:
+        after = local_link.arrived(work)
+        time.sleep(0.001)
     dist.barrier()
     dist.barrier()  # rank 0 closed its connection
-    second = local_link.receive(links, torch.zeros(8, dtype=torch.uint8), 0)
-    closed_arrived = local_link.arrived(second)
+    closed = local_link.receive(links, torch.zeros(8, dtype=torch.uint8), 0)
+    closed_arrived = local_link.arrived(closed)
     try:
-        second.wait(5)
+        closed.wait(5)
         error = ""
     except RuntimeError as caught:
         error = str(caught)
-    return {"before": before, "after": first.done, "got": buf.tolist(), "closed_arrived": closed_arrived,
+    return {"before": before, "after": after, "got": buf.tolist(), "closed_arrived": closed_arrived,
             "error": error, "send_is_not_a_receive": local_link.arrived(object()), "comm": comm is not None}
 
 
@@ -319,15 +324,16 @@ def test_a_receive_can_ask_whether_its_message_is_here_without_waiting() -> None
 
 def test_the_spin_before_sleeping_is_read_from_the_environment_with_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv(socket_ends.SPIN_ENV, "50")
-    assert socket_ends._spin_seconds() == pytest.approx(50e-6)
+    assert socket_ends.spin_seconds() == pytest.approx(50e-6)
     monkeypatch.setenv(socket_ends.SPIN_ENV, "-3")
-    assert socket_ends._spin_seconds() == 0.0
+    assert socket_ends.spin_seconds() == 0.0
     monkeypatch.setenv(socket_ends.SPIN_ENV, "fast")
     with pytest.raises(ValueError, match="LIGHTNING_PIPE_SPIN_US='fast' is not a number"):
-        socket_ends._spin_seconds()
+        socket_ends.spin_seconds()
 
 
 def test_receives_that_never_spin_still_arrive() -> None:
     results = run_ranks(_off, 2, env={socket_ends.SPIN_ENV: "0"})
     assert [r["links"] for r in results] == [True, True]
+    assert [r["spin"] for r in results] == [0.0, 0.0], "the rank's environment, set after import, was not read"
     assert results[0]["got"] == [1.0] * 4 and results[1]["got"] == [0.0] * 4

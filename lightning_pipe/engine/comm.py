@@ -50,6 +50,7 @@ import torch.distributed as dist
 from . import local_link, wire
 from .notices import FailureBoard, PipelineError
 from .runtime import next_serial
+from .socket_ends import Parts
 from .waits import Waits
 from .watchdog import DEFAULT_WAIT_TIMEOUT, start_heartbeat
 
@@ -183,7 +184,7 @@ class Communicator(Waits):
         else:  # nothing expected (a direct send/recv): post it now
             buffer = self._buffer(self._state(self._received, src, channel).capacity)
             work = self._irecv(buffer, src)
-        if not local_link.arrived(work):
+        if self._staged or not local_link.arrived(work):  # (the wait first lets out the sends held for a copy)
             self._wait([work], [src], channel=channel)
         tree = self._unpack(src, channel, buffer)
         self._pump(src)
@@ -214,27 +215,35 @@ class Communicator(Waits):
         pinned = self.cuda and not self.nccl  # gloo + CUDA: staged through pinned host memory
         return torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device, pin_memory=pinned)
 
-    def _pack(self, tree: Any, dst: int, channel: Hashable) -> torch.Tensor:
+    def _pack(self, tree: Any, dst: int, channel: Hashable) -> torch.Tensor | Parts:
         leaves, layout = wire.describe(tree)
         state = self._state(self._sent, dst, channel)
         if layout == state.layout:
-            body = b""
+            body, sizes, data_len = b"", state.sizes, state.data_len
         else:
             body = wire.encode_layout(layout)
-            state.set_layout(layout, [t.numel() * t.element_size() for t in leaves])
-        sizes, data_len = state.sizes, state.data_len
+            sizes = [t.numel() * t.element_size() for t in leaves]
+            data_len = sum(wire.aligned(n) for n in sizes)
         start = wire.aligned(wire.HEADER.size + len(body))
-        message = self._buffer(state.capacity)
         if start + data_len <= state.capacity:
             head = wire.HEADER.pack(wire.DATA if not body else wire.LAYOUT, 0, 0, len(body), data_len) + body
-            self._write(message, head, leaves, sizes, start)
+            if self.ahead and not self.cuda and local_link.linked(self.links, state.capacity, dst):
+                # through a socket: header and tensors gathered by the send itself, no buffer in between
+                message: torch.Tensor | Parts = Parts(wire.message_pieces(head, leaves, sizes, start, state.capacity),
+                                                      state.capacity)
+            else:
+                message = self._buffer(state.capacity)
+                self._write(message, head, leaves, sizes, start)
         else:  # too large for the channel's messages: layout and data go on the side plane
             body = body or wire.encode_layout(layout)
             payload = self._buffer_cpu(wire.aligned(len(body)) + data_len)
             self._write(payload, body, leaves, sizes, wire.aligned(len(body)), staged=False)
             self._side_set(dst, payload)
+            message = self._buffer(state.capacity)
             self._write(message, wire.HEADER.pack(wire.SIDE, 0, 0, len(body), data_len), [], [], 0)
             state.capacity = wire.aligned(wire.HEADER.size + len(body)) + data_len
+        if body:  # the peer learns this layout from this message
+            state.set_layout(layout, sizes)
         return message
 
     @staticmethod

@@ -391,9 +391,8 @@ class Pipeline(AsynchronousSteps):
         clock = time.perf_counter
         try:
             for step in steps:
-                issued += 1
+                issued, in_action = issued + 1, False
                 if step.sends or step.recvs:
-                    in_action = False
                     start = clock()
                     exchange(step)
                     if records is not None:
@@ -421,8 +420,9 @@ class Pipeline(AsynchronousSteps):
             self._abort(steps, issued, str(error), error.origin_rank)
             raise
         except Exception as error:
-            where = ("before its first action" if not issued else f"in {steps[issued - 1].action}" if in_action
-                     else f"in the messages before {steps[issued - 1].action}")
+            last = steps[issued - 1].action if issued else None
+            where = ("before its first action" if not issued else f"in {last}" if in_action
+                     else f"in the messages before {last}" if last is not None else "in its last messages")
             message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
             self._abort(steps, issued, message, self.rank)

@@ -37,10 +37,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .socket_ends import SLICE_S, Receiver, RecvWork, Sender, SendWork, TimedOut, close_socket
+from .socket_ends import (SLICE_S, Parts, Receiver, RecvWork, Sender, SendWork, TimedOut, close_socket,
+                          spin_seconds)
 
 __all__ = ["LOCAL_ENV", "MAX_BYTES", "LocalLinks", "enabled", "machine_identity", "open_links", "publish", "receive",
-           "send", "sent", "arrived"]
+           "send", "sent", "arrived", "linked"]
 
 LOCAL_ENV = "LIGHTNING_PIPE_LOCAL_P2P"
 _HELLO = struct.Struct("<i")  # the connecting rank's number, first on a new connection
@@ -57,19 +58,24 @@ def enabled() -> bool:
     return sys.platform == "linux" and os.environ.get(LOCAL_ENV, "1") not in ("0", "false", "False")
 
 
-def _linked(links: LocalLinks | None, buf: torch.Tensor, peer: int) -> bool:
-    return links is not None and buf.numel() * buf.element_size() <= MAX_BYTES and links.local(peer)
+def linked(links: LocalLinks | None, nbytes: int, peer: int) -> bool:
+    """Whether a message of ``nbytes`` to or from ``peer`` goes through ``links`` (both ends decide alike)."""
+    return links is not None and nbytes <= MAX_BYTES and links.local(peer)
 
 
-def send(links: LocalLinks | None, buf: torch.Tensor, peer: int, **gloo: Any) -> Any:
+def send(links: LocalLinks | None, buf: torch.Tensor | Parts, peer: int, **gloo: Any) -> Any:
     """Send ``buf`` to ``peer`` through ``links`` where it shares this machine and is at most :data:`MAX_BYTES`
-    long, else ``dist.isend(buf, **gloo)``."""
-    return links.isend(buf, peer) if _linked(links, buf, peer) else dist.isend(buf, **gloo)
+    long, else ``dist.isend(buf, **gloo)``. A message in :class:`~.socket_ends.Parts` was made for the socket
+    (:func:`linked` said so)."""
+    if type(buf) is Parts:
+        return links.isend(buf, peer)
+    return links.isend(buf, peer) if linked(links, buf.numel() * buf.element_size(), peer) else dist.isend(buf, **gloo)
 
 
 def receive(links: LocalLinks | None, buf: torch.Tensor, peer: int, **gloo: Any) -> Any:
     """Receive ``buf`` from ``peer`` as :func:`send` sent it (both ends know its size)."""
-    return links.irecv(buf, peer) if _linked(links, buf, peer) else dist.irecv(buf, **gloo)
+    linked_ = linked(links, buf.numel() * buf.element_size(), peer)
+    return links.irecv(buf, peer) if linked_ else dist.irecv(buf, **gloo)
 
 
 def sent(work: Any) -> bool:
@@ -109,6 +115,7 @@ class LocalLinks:
     def __init__(self, store: Any, prefix: str, rank: int, timeout: Callable[[], float] = lambda: 300.0) -> None:
         self.store, self.prefix, self.rank = store, prefix, rank
         self.timeout = timeout  # seconds a rank may wait for a peer's address (the communicator's wait_timeout)
+        self.spin = spin_seconds()  # read now: a rank sets its environment after the package is imported
         self.identity = machine_identity()
         self.address = f"\0lightning_pipe-{secrets.token_hex(8)}-{rank}"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -149,7 +156,7 @@ class LocalLinks:
                                f"communicator (it publishes its address then): it stopped or failed before") from None
         return self.store.get(key).decode()
 
-    def isend(self, buf: torch.Tensor, dst: int) -> SendWork:
+    def isend(self, buf: torch.Tensor | Parts, dst: int) -> SendWork:
         sender = self._senders.get(dst)
         if sender is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -165,7 +172,7 @@ class LocalLinks:
     def irecv(self, buf: torch.Tensor, src: int) -> RecvWork:
         receiver = self._receivers.get(src)
         if receiver is None:
-            receiver = self._receivers[src] = Receiver(src, lambda deadline: self.accept(src, deadline))
+            receiver = self._receivers[src] = Receiver(src, lambda deadline: self.accept(src, deadline), self.spin)
         return receiver.post(buf)
 
     def accept(self, peer: int, deadline: float | None) -> socket.socket:

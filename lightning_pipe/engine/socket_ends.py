@@ -22,8 +22,8 @@ from datetime import timedelta
 
 import torch
 
-__all__ = ["SPIN_ENV", "SPIN_S", "SLICE_S", "NOSIGNAL", "Work", "SendWork", "RecvWork", "Sender", "Receiver",
-           "TimedOut", "NotYet", "readable", "close_socket"]
+__all__ = ["SPIN_ENV", "spin_seconds", "SLICE_S", "NOSIGNAL", "Parts", "Work", "SendWork", "RecvWork", "Sender",
+           "Receiver", "TimedOut", "NotYet", "readable", "close_socket"]
 
 _FRAME = struct.Struct("<Q")  # a message's length in bytes, ahead of it
 NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # a closed peer is an error, never a SIGPIPE
@@ -31,7 +31,9 @@ SLICE_S = 0.25  # a blocked receive or accept looks at its deadline this often
 SPIN_ENV = "LIGHTNING_PIPE_SPIN_US"
 
 
-def _spin_seconds() -> float:
+def spin_seconds() -> float:
+    """How long a receive whose message has not arrived spins before it sleeps (see :func:`readable`):
+    ``LIGHTNING_PIPE_SPIN_US`` microseconds, 200 by default, read when a rank's links are made."""
     text = os.environ.get(SPIN_ENV, "200")
     try:
         microseconds = float(text)
@@ -40,16 +42,22 @@ def _spin_seconds() -> float:
                          f"sleeps (default 200; 0 never spins)") from None
     return max(0.0, microseconds) * 1e-6
 
-
-SPIN_S = _spin_seconds()
-"""How long a receive whose message has not arrived spins before it sleeps (see :func:`readable`)."""
-
 def _seconds(timeout: timedelta | float | None) -> float | None:
     return timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
 
 
 def _bytes_of(buf: torch.Tensor) -> memoryview:
     return memoryview(buf.numpy()).cast("B")
+
+
+class Parts:
+    """A message as pieces of bytes, sent as one (``sendmsg``'s gather): a header, and the bytes of tensors where
+    they lie, without a copy into one buffer first. ``nbytes``: their total."""
+
+    __slots__ = ("pieces", "nbytes")
+
+    def __init__(self, pieces: list, nbytes: int) -> None:
+        self.pieces, self.nbytes = pieces, nbytes
 
 
 class Work:
@@ -76,7 +84,7 @@ class Work:
 class SendWork(Work):
     __slots__ = ("peer",)
 
-    def __init__(self, buf: torch.Tensor, peer: int, done: bool = False) -> None:
+    def __init__(self, buf: torch.Tensor | Parts, peer: int, done: bool = False) -> None:
         super().__init__(buf, done)
         self.peer = peer
 
@@ -128,9 +136,14 @@ class Sender:
         self.closed = False
         self.thread: threading.Thread | None = None
 
-    def send(self, buf: torch.Tensor) -> SendWork:
-        data = _bytes_of(buf)
-        views = [memoryview(_FRAME.pack(len(data))), data]
+    def send(self, buf: torch.Tensor | Parts) -> SendWork:
+        """Send ``buf`` as one message. A :class:`Parts` message refers to its owner's tensors: what the kernel does
+        not take at once is copied before this returns, since the owner may change them then."""
+        if type(buf) is Parts:
+            views = [memoryview(_FRAME.pack(buf.nbytes)), *buf.pieces]
+        else:
+            data = _bytes_of(buf)
+            views = [memoryview(_FRAME.pack(len(data))), data]
         with self.lock:  # (a closed sender has its error: see close)
             if self.error is None and not self.backlog:
                 try:
@@ -140,6 +153,8 @@ class Sender:
                 else:
                     if not views:
                         return SendWork(buf, self.peer, done=True)
+            if type(buf) is Parts:
+                views = [memoryview(bytes(view)) for view in views]
             work = SendWork(buf, self.peer)
             if self.error is not None:
                 work.finish(self.error)
@@ -206,8 +221,9 @@ class Receiver:
     """The receiving end of one connection: posted receives complete in order, each when it (or a later one) is
     waited for."""
 
-    def __init__(self, peer: int, accept: Callable[[float | None], socket.socket]) -> None:
+    def __init__(self, peer: int, accept: Callable[[float | None], socket.socket], spin: float = 0.0) -> None:
         self.peer, self.accept = peer, accept  # accept(deadline): the connection the peer made to this rank
+        self.spin = spin  # seconds a receive spins before it sleeps
         self.sock: socket.socket | None = None
         self.posted: deque[RecvWork] = deque()
         self.lock = threading.Lock()
@@ -257,7 +273,7 @@ class Receiver:
             except BlockingIOError:
                 if not block:
                     raise NotYet from None
-                if not readable(self.sock, deadline):
+                if not readable(self.sock, deadline, self.spin):
                     raise TimedOut(f"timed out waiting for a message from rank {self.peer}") from None
                 continue
             if count == 0:
@@ -282,16 +298,18 @@ class NotYet(Exception):
     """A receive that does not wait found its message not (wholly) here yet."""
 
 
-def readable(sock: socket.socket, deadline: float | None) -> bool:
+def readable(sock: socket.socket, deadline: float | None, spin: float) -> bool:
     """Wait until ``sock`` has something to read (or has closed); ``False`` if ``deadline`` passes first.
 
-    First it spins for :data:`SPIN_S`, yielding the core at each turn: a process that sleeps in the kernel takes tens
+    First it spins for ``spin`` seconds, yielding the core at each turn: a process that sleeps in the kernel takes tens
     of microseconds to wake (more in a virtual machine), as long as a whole zero-cost action, and in a pipeline the
     next message is usually that close. Then it sleeps in ``poll``."""
     fd = sock.fileno()
+    if fd < 0:  # closed meanwhile (by an abort's thread)
+        raise OSError("the socket was closed")
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    give_up = time.perf_counter() + SPIN_S
+    give_up = time.perf_counter() + spin
     while time.perf_counter() < give_up:
         if poller.poll(0):
             return True

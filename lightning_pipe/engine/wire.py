@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
-           "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "write_host", "as_received"]
+           "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "write_host", "message_pieces",
+           "as_received"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -157,6 +158,37 @@ def write_host(message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], s
             else:
                 message[offset: offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
         offset += aligned(nbytes)
+
+
+def message_pieces(head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int, total: int) -> list:
+    """The message :func:`write_host` would write, ``total`` bytes, as pieces: ``head``, zeros up to ``start``, each
+    tensor's bytes where they lie (a contiguous copy where numpy cannot view them), zeros between and after."""
+    pieces: list = [head]
+    written, offset = len(head), start
+    for tensor, nbytes in zip(leaves, sizes):
+        if nbytes:
+            if offset > written:
+                pieces.append(_zeros(offset - written))
+            data = host_bytes(tensor)
+            if data is None:
+                flat = tensor.detach().resolve_conj().resolve_neg().contiguous().cpu().reshape(-1)
+                data = memoryview(flat.view(torch.uint8).numpy())
+            pieces.append(data)
+            written = offset + nbytes
+        offset += aligned(nbytes)
+    if total > written:
+        pieces.append(_zeros(total - written))
+    return pieces
+
+
+_ZEROS = memoryview(bytes(1 << 16))
+
+
+def _zeros(nbytes: int) -> memoryview:
+    global _ZEROS
+    if nbytes > len(_ZEROS):
+        _ZEROS = memoryview(bytes(nbytes))
+    return _ZEROS[:nbytes]
 
 
 # -- receiving -------------------------------------------------------------------------------------
