@@ -59,7 +59,6 @@ __all__ = ["PipelineError", "Communicator", "STRICT_ENV", "INITIAL_CAPACITY"]
 STRICT_ENV = "LIGHTNING_PIPE_STRICT_P2P"
 INITIAL_CAPACITY = 4096  # bytes of a channel's first message (its first layout and small trees fit)
 SIDE_CHUNK = 4 << 20  # bytes per store value of a side message (torch's libuv store refuses values over 8 MiB)
-_ONE_TENSOR = ("T",)  # the spec of a tree that is one tensor
 _ERROR = 3  # an error notice on the wire: header, then "<origin rank>\n<text>"
 
 
@@ -227,7 +226,7 @@ class Communicator(Waits):
         start = wire.aligned(wire.HEADER.size + len(body))
         if start + data_len <= state.capacity:
             head = wire.HEADER.pack(wire.DATA if not body else wire.LAYOUT, 0, 0, len(body), data_len) + body
-            if self.ahead and not self.cuda and local_link.linked(self.links, state.capacity, dst):
+            if not self.cuda and local_link.linked(self.links, state.capacity, dst):
                 # through a socket: header and tensors gathered by the send itself, no buffer in between
                 message: torch.Tensor | Parts = Parts(wire.message_pieces(head, leaves, sizes, start, state.capacity),
                                                       state.capacity)
@@ -379,43 +378,23 @@ class Communicator(Waits):
         if state.data_len != data_len or start + data_len > data.numel():
             raise wire.WireError(f"a message from rank {src} holds {data_len} bytes of data, but its layout describes "
                                  f"{state.data_len} (in a message of {data.numel()} bytes)")
-        leaves = self._leaves(data, start, state.places)
-        return leaves[0] if state.spec is _ONE_TENSOR else wire.rebuild(state.spec, leaves)
+        return wire.rebuild(state.spec, self._leaves(data, start, state.places))
 
     def _set_layout(self, state: wire.Channel, body: bytes) -> None:
-        layout, spec, tensors = wire.decode_layout(body)
-        for dtype, _, requires_grad in tensors:
-            if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
-                raise wire.WireError(f"a layout asks for a gradient of a {dtype} tensor, which cannot have one")
-        sizes = wire.tensor_sizes(tensors)
-        state.set_layout(layout, sizes)
-        state.spec = _ONE_TENSOR if spec == _ONE_TENSOR else spec
-        state.tensors = tensors
-        offsets = [0]
-        for nbytes in sizes:
-            offsets.append(offsets[-1] + wire.aligned(nbytes))
-        state.places = [(offset, nbytes, dtype, shape, requires_grad)
-                        for offset, nbytes, (dtype, shape, requires_grad) in zip(offsets, sizes, tensors)]
+        state.set_received(*wire.decode_layout(body))
 
     def _leaves(self, data: torch.Tensor, start: int, places: list) -> list[torch.Tensor]:
-        to_device = data.device != self.device
-        if not to_device:
-            return [wire.as_received(data[start + offset: start + offset + nbytes].view(dtype).view(shape) if nbytes
-                                     else torch.empty(shape, dtype=dtype, device=data.device), requires_grad)
-                    for offset, nbytes, dtype, shape, requires_grad in places]
-        leaves = []
-        with self._on_comm_stream(self.cuda, "unpack"):
-            for offset, nbytes, dtype, shape, _ in places:
-                if nbytes:
-                    leaf = data[start + offset: start + offset + nbytes].view(dtype).view(shape)
-                else:
-                    leaf = torch.empty(shape, dtype=dtype, device=data.device)
-                leaves.append(leaf.to(self.device, non_blocking=True))
-        if self.cuda:  # the copies ran on the communication stream; compute uses them after
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_stream(self._comm_stream)
-            for leaf in leaves:
-                leaf.record_stream(compute)
+        leaves = [data[start + offset: start + offset + nbytes].view(dtype).view(shape) if nbytes
+                  else torch.empty(shape, dtype=dtype, device=data.device)
+                  for offset, nbytes, dtype, shape, _ in places]
+        if data.device != self.device:
+            with self._on_comm_stream(self.cuda, "unpack"):
+                leaves = [leaf.to(self.device, non_blocking=True) for leaf in leaves]
+            if self.cuda:  # the copies ran on the communication stream; compute uses them after
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_stream(self._comm_stream)
+                for leaf in leaves:
+                    leaf.record_stream(compute)
         return [wire.as_received(leaf, requires_grad) for leaf, (*_, requires_grad) in zip(leaves, places)]
 
     def _side_get(self, src: int, nbytes: int) -> torch.Tensor:

@@ -413,8 +413,7 @@ class Pipeline(AsynchronousSteps):
                         self._cuda_spans.append(("compute", str(action), *events))
             # Asynchronous phases leave their last messages to the next one, where they are received.
             leaving = self.comm_plan(plan, carried_in).leaving
-            self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in leaving} if leaving
-                                  else frozenset())
+            self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in leaving})
             activity.doing(_BETWEEN_STEPS)
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
             self._abort(steps, issued, str(error), error.origin_rank)

@@ -108,12 +108,11 @@ def tensor_sizes(layout_tensors: list[tuple[torch.dtype, tuple[int, ...], bool]]
 class Channel:
     """What both ends know of one ``(peer, channel)``: the last layout and the size of every message."""
 
-    __slots__ = ("layout", "spec", "tensors", "capacity", "sizes", "data_len", "places")
+    __slots__ = ("layout", "spec", "capacity", "sizes", "data_len", "places")
 
     def __init__(self, initial_capacity: int) -> None:
         self.layout: tuple | None = None
         self.spec: Any = None  # receiving end: how to rebuild the tree
-        self.tensors: list = []  # receiving end: (dtype, shape, requires_grad) of each tensor
         self.capacity = initial_capacity
         self.sizes: list[int] = []  # bytes of each tensor of the layout
         self.data_len = 0  # bytes of the data, each tensor aligned
@@ -122,6 +121,16 @@ class Channel:
 
     def set_layout(self, layout: tuple, sizes: list[int]) -> None:
         self.layout, self.sizes, self.data_len = layout, sizes, sum(aligned(n) for n in sizes)
+
+    def set_received(self, layout: tuple, spec: Any, tensors: list[tuple[torch.dtype, tuple[int, ...], bool]]) -> None:
+        """The receiving end's layout, as :func:`decode_layout` read it: where each tensor lies in the data."""
+        sizes = tensor_sizes(tensors)
+        self.set_layout(layout, sizes)
+        self.spec = spec
+        self.places, offset = [], 0
+        for nbytes, (dtype, shape, requires_grad) in zip(sizes, tensors):
+            self.places.append((offset, nbytes, dtype, shape, requires_grad))
+            offset += aligned(nbytes)
 
 
 def as_received(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -220,7 +229,10 @@ def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
         if name not in _DTYPES or not isinstance(shape, list) or type(requires_grad) is not bool \
                 or not all(type(n) is int and n >= 0 for n in shape):
             raise _fail(f"bad tensor description {body!r}")
-        tensors.append((_DTYPES[name], tuple(shape), requires_grad))
+        dtype = _DTYPES[name]
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise WireError(f"a layout asks for a gradient of a {dtype} tensor, which cannot have one")
+        tensors.append((dtype, tuple(shape), requires_grad))
         return ("T",), ("T", name, tuple(shape), requires_grad)
     if tag in ("t", "l"):
         if len(body) != 1 or not isinstance(body[0], list):
@@ -280,8 +292,9 @@ def _namedtuple_class(module: str, qualname: str) -> type:
 
 def rebuild(spec: Any, leaves: list[torch.Tensor]) -> Any:
     """The tree of a decoded layout's ``spec`` with ``leaves`` (in order) in its tensors' places."""
-    iterator = iter(leaves)
-    return _rebuild(spec, iterator)
+    if spec[0] == "T":  # one tensor, the common message
+        return leaves[0]
+    return _rebuild(spec, iter(leaves))
 
 
 def _rebuild(spec: Any, leaves: Any) -> Any:
