@@ -186,12 +186,15 @@ def hf_gpt2(layers: int = 4, dropout: float = 0.0) -> nn.Module:
                                       bos_token_id=0, eos_token_id=0))
 
 
-def hf_llama(layers: int = 4) -> nn.Module:
+def hf_llama(layers: int = 4, attention: str = "sdpa") -> nn.Module:
+    """Llama; ``attention="eager"`` for the attention that always applies the mask (Hugging Face's SDPA one, run
+    eagerly, takes torch's causal kernel instead when a batch has no padding, which a captured graph cannot)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+                                        max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                        attn_implementation=attention))
 
 
 def hf_bert(layers: int = 4) -> nn.Module:
@@ -348,8 +351,23 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+def mlp_sequence() -> nn.Sequential:
+    """Layers in one nn.Sequential: the path without capture, for the tests that cover both."""
+    return nn.Sequential(*(nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU()) for _ in range(4)),
+                         nn.Linear(32, 32))
+
+
+# Variants of a family for one test each.
+VARIANTS = {family.name: family for family in [
+    Family("mlp_sequence", mlp_sequence, _vectors, lambda mb: ((mb[0],), {}),
+           lambda out, mb: F.mse_loss(out, mb[0].flip(1))),
+    Family("hf_llama_eager_attention", functools.partial(hf_llama, attention="eager"), _masked,
+           lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss, hf=True),
+]}
+
+
 def family(name: str) -> Family:
     """The family ``name``, skipping the test when it needs transformers and that is not installed."""
-    found = FAMILIES[name] if name in FAMILIES else MORE_FAMILIES[name]
+    found = {**FAMILIES, **MORE_FAMILIES, **VARIANTS}[name]
     found.skip_without_transformers()
     return found

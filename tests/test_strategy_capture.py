@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lightning_pipe.engine import launch
-from tests.capture_models import FAMILIES, HAS_TRANSFORMERS, MORE_FAMILIES
+from tests.capture_models import FAMILIES, HAS_TRANSFORMERS, MORE_FAMILIES, VARIANTS
 from tests.helpers import run_ranks
 
 if HAS_TRANSFORMERS:  # imported once by the fork server rather than by every rank
@@ -43,7 +43,7 @@ if FULL:
 
 
 def _family(name: str) -> Any:
-    return {**FAMILIES, **MORE_FAMILIES}["autoencoder" if name in ("hparams", "forward") else name]
+    return {**FAMILIES, **MORE_FAMILIES, **VARIANTS}["autoencoder" if name in ("hparams", "forward") else name]
 
 
 def _module(name: str) -> Any:
@@ -138,21 +138,23 @@ def _state(module: Any) -> dict[str, torch.Tensor]:
 
 
 def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str,
-                  resume: bool = True) -> dict[str, Any]:
+                  resume: bool = True, precision: str = "32-true") -> dict[str, Any]:
     import lightning_pipe  # noqa: F401
 
     results: dict[str, Any] = {}
     for name in names:
         steps = len(BATCHES)
         model = _module(name)
-        trainer = _trainer(strategy, world_size, max_steps=steps)
+        trainer = _trainer(strategy, world_size, max_steps=steps, precision=precision)
         trainer.fit(model, _data(name))
-        original = trainer.strategy.runner.split.model  # the whole model object the capture was made from
+        # the whole model object the capture was made from (the nn.Sequential path has none)
+        original = getattr(trainer.strategy.runner.split, "model", model)
         mine = {id(p) for p in model.parameters()}
         kept = {id(p) for p in original.parameters() if not p.is_meta}
-        validated = _trainer(strategy, world_size).validate(model, _data(name, 50, [(8, 14)]), verbose=False)
+        validated = _trainer(strategy, world_size, precision=precision).validate(model, _data(name, 50, [(8, 14)]),
+                                                                                 verbose=False)
         results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
-                         "only_mine_kept": kept <= mine and bool(kept)}
+                         "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads()}
         if not resume:
             continue
         first = _module(name)
@@ -178,30 +180,52 @@ def _captured(module: Any) -> bool:
     return "_pipelined_model" in module.__dict__ or any(isinstance(m, PipelinedModel) for m in module.modules())
 
 
-def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Tensor], float]:
+def _reference(name: str, steps: int = len(BATCHES), precision: str = "32-true",
+               threads: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows (after
-    ``steps`` steps; the validation loss of the model then)."""
+    ``steps`` steps; the validation loss of the model then); in ``precision`` as Lightning's own plugin for it runs a
+    step (the module and the inputs converted, the step in its context: autocast for ``bf16-mixed``); on ``threads``
+    threads, the ranks' own count (a reduction split over another number of threads adds in another order: float32
+    ulps, which bfloat16 rounds to one of its own).
+
+    It sets the number of threads back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return _reference_run(name, steps, precision)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reference_run(name: str, steps: int, precision: str) -> tuple[dict[str, torch.Tensor], float]:
+    from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
 
-    model = _module(name)
+    plugin = {"32-true": Precision, "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu"),
+              "bf16-true": lambda: HalfPrecision("bf16-true")}[precision]()
+
+    model = plugin.convert_module(_module(name))
     model.log = lambda *args, **kwargs: None
     optimizer = model.configure_optimizers()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for batch in list(_data(name))[:steps]:
+    for batch in plugin.convert_input(list(_data(name))[:steps]):
         rows = batch_rows(batch)
         running = [{k: v.clone() for k, v in norm.named_buffers()} for norm in norms]
         inputs: dict[int, list[torch.Tensor]] = {id(norm): [] for norm in norms}
         hooks = [norm.register_forward_pre_hook(lambda m, args, seen=inputs: seen[id(m)].append(args[0].detach()))
                  for norm in norms]
         for microbatch in split_batch(batch, NUM_MICROBATCHES):
-            (model.training_step(microbatch, 0) * batch_rows(microbatch) / rows).backward()
+            with plugin.train_step_context():
+                loss = model.training_step(microbatch, 0)
+            (loss * (batch_rows(microbatch) / rows)).backward()  # one rounding, as the engine scales
         for hook in hooks:
             hook.remove()
         # a pipeline stage's batch norms update their running statistics once per step, with the statistics of all
         # the micro-batches' inputs together (as one device's forward of the whole batch would)
         for norm, buffers in zip(norms, running):
             norm.load_state_dict(buffers, strict=False)
-            with torch.no_grad():
+            with torch.no_grad(), plugin.train_step_context():
                 norm(torch.cat(inputs[id(norm)]))
         optimizer.step()
         optimizer.zero_grad()
@@ -209,17 +233,17 @@ def _reference(name: str, steps: int = len(BATCHES)) -> tuple[dict[str, torch.Te
     model.log = lambda _, value, **options: logged.append(float(value))
     model.eval()
     total = 0.0
-    with torch.no_grad():
-        (batch,) = list(_data(name, 50, [(8, 14)]))
+    with torch.no_grad(), plugin.val_step_context():
+        (batch,) = plugin.convert_input(list(_data(name, 50, [(8, 14)])))
         for microbatch in split_batch(batch, NUM_MICROBATCHES):
             model.validation_step(microbatch, 0)
             total += logged.pop() * batch_rows(microbatch) / batch_rows(batch)
     return _state(model), total
 
 
-def _check(results: list[dict[str, Any]], names: list[str]) -> None:
+def _check(results: list[dict[str, Any]], names: list[str], precision: str = "32-true") -> None:
     for name in names:
-        expected, val_loss = _reference(name)
+        expected, val_loss = _reference(name, precision=precision, threads=results[0][name]["threads"])
         for which in ("state", "resumed") if "resumed" in results[0][name] else ("state",):
             merged: dict[str, torch.Tensor] = {}
             for result in results:
@@ -232,9 +256,11 @@ def _check(results: list[dict[str, Any]], names: list[str]) -> None:
             assert results[0][name]["hparams_net"].keys() == after.keys()
             for key, value in after.items():
                 torch.testing.assert_close(results[0][name]["hparams_net"][key], value, rtol=0, atol=1e-5, msg=key)
+        # bf16-true logs a bfloat16 loss: the micro-batches' combined one, rounded once to bfloat16
+        rel = 2.0 ** -8 if precision == "bf16-true" else 1e-5
         for rank, result in enumerate(results):
-            assert result[name]["val_loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6), f"{name} rank {rank}"
-            assert result[name]["captured"], f"{name}: captured, not the nn.Sequential path"
+            assert result[name]["val_loss"] == pytest.approx(val_loss, rel=rel, abs=1e-6), f"{name} rank {rank}"
+            assert result[name]["captured"] == (name != "mlp_sequence"), f"{name}: the path it takes"
             assert result[name]["only_mine_kept"], f"{name} rank {rank}: the other ranks' parameters went to meta"
 
 
@@ -245,6 +271,33 @@ def test_families_train_validate_and_resume_like_one_device(world_size: int, str
     resume = (world_size, strategy) in RESUME
     results = run_ranks(_fit_families, world_size, names, strategy, str(tmp_path), resume, timeout=1400)
     _check(results, names)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bfloat16_trains_captured_models_like_one_device(precision: str, tmp_path: Path) -> None:
+    """``bf16-mixed`` (the steps under CPU autocast) and ``bf16-true`` (weights and inputs in bfloat16): weights and
+    validation loss equal one device's in the same precision, on as many threads as a rank has; for captured models
+    and for layers in one nn.Sequential.
+
+    Under ``bf16-mixed`` the captures made after setup (on meta twins of the other ranks' weights) trace autocast as
+    the rank's device runs it; they used to fail with "Tensor dtype mismatch" (the meta trace saw float32 where
+    autocast computes bfloat16), and could have elided a ``.float()`` where they did not. Under ``bf16-true`` the
+    module is converted before the first capture, whose micro-batch is converted as the loops convert a batch; the
+    captures used to expect float32 values and refuse the bfloat16 ones.
+
+    Llama with its default SDPA attention differs from one device by bfloat16 rounding (1.5e-5 in the weights here):
+    run eagerly, Hugging Face hands torch's causal kernel a micro-batch without padding, while the graph always
+    applies the mask; so Llama is compared with the attention that always applies it (``test_a_predict_step...``
+    runs the SDPA one under bf16-mixed). Under ``bf16-true``, a tied embedding's gradient is its uses' sums added
+    once per step across ranks, where one device adds use by use, micro-batch by micro-batch: in bfloat16 that rounds
+    differently, so GPT-2 and litgpt (both tied) are compared under bf16-mixed only, where gradients are float32."""
+    names = ["hf_llama_eager_attention", "hf_gpt2", "litgpt", "vit"] if HAS_TRANSFORMERS else ["litgpt", "vit"]
+    names.append("mlp_sequence")  # the nn.Sequential path, in the same precision
+    if precision == "bf16-true":
+        names = [name for name in names if name not in ("hf_gpt2", "litgpt")]
+    results = run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, precision, timeout=550)
+    _check(results, names, precision)
 
 
 def _cuts(rank: int, world_size: int) -> dict[str, Any]:
@@ -462,12 +515,14 @@ def _llama_steps(rank: int, world_size: int, precision: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
-def test_a_predict_step_that_calls_the_model_otherwise_gets_its_own_capture() -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_predict_step_that_calls_the_model_otherwise_gets_its_own_capture(precision: str) -> None:
     """Llama's predict_step calls the model without the labels its validation_step passes: that call gets a capture
-    of its own (the validation's would not take these values)."""
+    of its own (the validation's would not take these values); under bf16-mixed too, each step's captures traced
+    under its autocast."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
-    results = run_ranks(_llama_steps, 2, "32-true", timeout=250)
+    results = run_ranks(_llama_steps, 2, precision, timeout=250)
     for result in results:
         assert result["predictions"] == [torch.Size([rows, length]) for rows, length in BATCHES]
     assert results[0] == results[1]

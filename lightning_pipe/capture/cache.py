@@ -34,7 +34,7 @@ class Capture:
     programs: list[Program]
     cuts: list[Cut]
     device: torch.device
-    """The device baked into the programs (``meta`` until the splitter is moved to a real one)."""
+    """The device baked into the programs: the splitter's, else the inputs' (``meta`` only where both are)."""
     export_seconds: float
     cut_seconds: float
 

@@ -1,4 +1,10 @@
-"""Capturing on the meta device (no weights touched) and rewriting the devices a capture baked into its graphs."""
+"""Capturing on the meta device (no weights touched) and rewriting the devices a capture baked into its graphs.
+
+A capture on meta twins must still see the device the graphs will run on: autocast casts only tensors of its own
+device type, so a trace whose fake tensors said ``meta`` recorded float32 where ``bf16-mixed`` computes bfloat16 (and
+export bakes those dtypes into its graphs as asserts and elided ``.to()`` calls). :func:`faking_device` makes the
+fake tensors that export builds from meta twins say the run's device instead, which is what a real tensor's fake says.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["META", "has_meta_state", "on_meta", "to_meta", "rewrite_devices"]
+__all__ = ["META", "has_meta_state", "on_meta", "to_meta", "faking_device", "rewrite_devices"]
 
 META = torch.device("meta")
 
@@ -54,6 +61,36 @@ def on_meta(model: nn.Module) -> Iterator[None]:
     finally:
         for module, name, is_param, tensor in swapped:
             (module._parameters if is_param else module._buffers)[name] = tensor
+
+
+@contextlib.contextmanager
+def faking_device(device: torch.device) -> Iterator[None]:
+    """Inside the block, a fake tensor made from a meta tensor (export's fake of a meta twin or input) reports
+    ``device``, as the fake of a real tensor on ``device`` would: autocast, device checks and the devices baked into
+    the graph then follow ``device``. Nothing is allocated; ops still run on meta storage."""
+    if device.type == "meta":
+        yield
+        return
+    original = FakeTensor.__dict__["__new__"]
+    make = original.__func__ if isinstance(original, staticmethod) else original
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > 2 and _is_meta(args[2]):
+            args = (*args[:2], device, *args[3:])
+        for key in ("device", "fake_device", "_fake_device"):
+            if _is_meta(kwargs.get(key)):
+                kwargs[key] = device
+        return make(cls, *args, **kwargs)
+
+    FakeTensor.__new__ = new  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FakeTensor.__new__ = original  # type: ignore[method-assign]
+
+
+def _is_meta(device: Any) -> bool:
+    return device is not None and torch.device(device).type == "meta"
 
 
 def rewrite_devices(graph_module: fx.GraphModule, old: torch.device, new: torch.device) -> int:

@@ -24,19 +24,21 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.export import Dim, ExportedProgram
 
-from .devices import on_meta, to_meta
+from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
 
 __all__ = ["export_forward"]
 
 
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
-                   meta: bool, allow_autograd_functions: bool) -> tuple[ExportedProgram, bool]:
+                   meta: bool, allow_autograd_functions: bool,
+                   device: torch.device = META) -> tuple[ExportedProgram, bool]:
     """Export ``model(*args, **kwargs)`` in train or eval mode; returns the program and whether its sizes are
     symbolic (``dynamic=True`` tries that first and falls back to the example's sizes, with a warning).
 
-    ``meta=True`` exports on meta twins of the model's state and inputs, so that no real weight is read (the
-    graphs then bake the meta device in; see :func:`~.devices.rewrite_devices`).
+    ``meta=True`` exports on meta twins of the model's state and inputs, so that no real weight is read; their fakes
+    say ``device``, the device the graphs will run on, so that autocast traces as it runs there (the graphs bake
+    ``device`` in; see :func:`~.devices.rewrite_devices`).
     """
     if kwargs.get("use_cache") is True:
         raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
@@ -55,6 +57,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 functions = stack.enter_context(_watch_autograd_functions(names))
                 if meta:
                     stack.enter_context(on_meta(model))
+                    stack.enter_context(faking_device(device))
                 shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
                 with fx_config.patch(backed_size_oblivious=symbolic):
                     program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)

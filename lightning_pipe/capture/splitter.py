@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache
-from .devices import META, has_meta_state, rewrite_devices
+from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
 from .graph import Recompute, lay_out
@@ -159,9 +159,12 @@ class Splitter:
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
+        # On meta twins, the trace still says the device the graphs run on (autocast follows it).
+        device = self.device if self.device is not None else _device_of(flat)
         start = time.perf_counter()
         program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
-                                          meta=meta, allow_autograd_functions=self.allow_autograd_functions)
+                                          meta=meta, allow_autograd_functions=self.allow_autograd_functions,
+                                          device=device)
         exported = time.perf_counter()
         first = not self.captures
         empty = ("refuse" if self.user_cuts else "drop") if first else "keep"
@@ -174,7 +177,7 @@ class Splitter:
                             for node, value in zip(layout.user_inputs, flat))
         programs[0].live_in = in_patterns
         capture = Capture(training, autocast_state(), dynamic, in_patterns, program.call_spec.in_spec,
-                          program.call_spec.out_spec, programs, layout.cuts, META if meta else _device_of(flat),
+                          program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported)
         if self.device is not None:
             self._retarget(capture)

@@ -126,15 +126,29 @@ class PipelineCutting:
                              f"only on the nn.Sequential path so far; its model at {layers!r} is captured instead: "
                              f"build it in __init__ (or init_module(empty_init=False)), or make the layers one "
                              f"nn.Sequential")
+        # The precision's conversion (bf16-true, 64-true) first, while this rank still holds the whole model: the
+        # captures then see the weights, inputs and autocast that the steps will run with.
+        self.precision_plugin.convert_module(module)
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
         captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device())
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
                f"the model one nn.Sequential")
         with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
             batch, step = first_batch(trainer, how)
-        microbatch = split_batch(self.batch_to_device(batch), self.num_microbatches)[0]
-        captured.capture_first(step, microbatch, training=step == "training_step")
+        microbatch = split_batch(self._as_step_gets(batch), self.num_microbatches)[0]
+        with self._step_context(step):
+            captured.capture_first(step, microbatch, training=step == "training_step")
         return captured
+
+    def _as_step_gets(self, batch: Any) -> Any:
+        """``batch`` as Lightning's loops hand it to a step: on the device, converted by the precision plugin."""
+        return self.precision_plugin.convert_input(self.batch_to_device(batch))
+
+    def _step_context(self, step: str) -> Any:
+        """The precision plugin's context for ``step`` (autocast for bf16-mixed, the default dtype for bf16-true)."""
+        plugin = self.precision_plugin
+        return {"training_step": plugin.train_step_context, "validation_step": plugin.val_step_context,
+                "test_step": plugin.test_step_context, "predict_step": plugin.predict_step_context}[step]()
 
     def _plan(self, trainer: Trainer, module: LightningModule, captured: CapturedModule | None = None) -> CutPlan:
         """Global rank 0 profiles the first batch and plans the cut; every rank gets the plan, or rank 0's error."""
@@ -151,7 +165,8 @@ class PipelineCutting:
                 inputs = None
                 if captured is not None:  # the segments are the layers; their input, the model call's, flattened
                     sequence = torch.nn.Sequential(*captured.segments)
-                    with torch.no_grad(), no_logging(module):
+                    batch = self.precision_plugin.convert_input(batch)  # as the capture's (the model is converted)
+                    with torch.no_grad(), no_logging(module), self._step_context(step):
                         inputs = captured.capture_input(step, batch, (0,), {})
                 else:
                     _, sequence = find_sequence(module, self.layers)
