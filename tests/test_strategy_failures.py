@@ -138,7 +138,7 @@ def test_sigterm_in_the_middle_of_a_step_stops_every_rank_together(signalled_ran
         assert steps == expected, steps
 
 
-def _hook_fails(rank: int, world_size: int) -> None:
+def _hook_fails(rank: int, world_size: int, failing: int, waiting_in: str) -> None:
     import lightning as L
 
     import lightning_pipe  # noqa: F401
@@ -146,19 +146,27 @@ def _hook_fails(rank: int, world_size: int) -> None:
 
     class Module(Regressor):
         def on_train_epoch_end(self) -> None:
-            if self.global_rank == 1:
-                raise ValueError("a bug in a hook on rank 1 only")
-            self.all_gather(torch.tensor(1.0))  # rank 0 waits for rank 1 here
+            if self.global_rank == failing:
+                raise ValueError(f"a bug in a hook on rank {failing} only")
+            if waiting_in == "all_gather":
+                self.all_gather(torch.tensor(1.0))  # the others wait for the failed rank here
+            # else: the others go on to the next epoch's first step and wait there for the failed rank's messages
 
-    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=1, logger=False,
+    epochs = 1 if waiting_in == "all_gather" else 2
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=epochs, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(Module(), regression_data(2))
 
 
 @pytest.mark.timeout(120)
-def test_an_error_in_a_hook_on_one_rank_ends_the_one_waiting_for_it_with_that_error() -> None:
-    """Outside the pipeline's steps too: a rank waiting in Lightning's all_gather for a rank whose hook raised ends
-    with that rank's error, not gloo's closed connection."""
-    errors = run_ranks(_hook_fails, 2, timeout=100, expect_failure=True)
-    assert errors[1].startswith("ValueError: a bug in a hook on rank 1 only"), errors[1]
-    assert "rank 1 failed: ValueError: a bug in a hook on rank 1 only" in errors[0], errors[0]
+@pytest.mark.parametrize(("failing", "waiting_in"), [(1, "all_gather"), (0, "all_gather"), (0, "a step")])
+def test_an_error_in_a_hook_on_one_rank_ends_the_ones_waiting_for_it_with_that_error(failing: int,
+                                                                                       waiting_in: str) -> None:
+    """Outside the pipeline's steps too: a rank waiting for a rank whose hook raised (in Lightning's all_gather, or in
+    the next step) ends with that rank's error, not gloo's closed connection. Global rank 0 holds the job's store,
+    which ends with its process: failing, it stays until the others' heartbeats have read its error."""
+    errors = run_ranks(_hook_fails, 2, failing, waiting_in, timeout=100, expect_failure=True)
+    message = f"ValueError: a bug in a hook on rank {failing} only"
+    assert errors[failing].startswith(message), errors[failing]
+    assert errors[1 - failing].startswith("PipelineError: "), errors[1 - failing]
+    assert f"rank {failing} failed: {message}" in errors[1 - failing], errors[1 - failing]

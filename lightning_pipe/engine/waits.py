@@ -16,7 +16,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .notices import FailureBoard, PipelineError
-from .watchdog import activity, arm_exit_guard, explain_wait
+from .watchdog import activity, arm_exit_guard, explain_wait, posted_failure
 
 __all__ = ["Waits"]
 
@@ -91,6 +91,11 @@ class Waits:
         if timed_out:
             arm_exit_guard()  # what torch still waits for must not hold this process's exit
         posted = self.board.read(wait=0.5 if timed_out else 1.0)
+        if posted is None and not timed_out:  # a rank that failed outside the pipeline's steps (a hook) and ended
+            failure = posted_failure()
+            if failure is not None and failure[0] != self._global[self.rank]:
+                posted = PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {self._global[self.rank]} was "
+                                       f"waiting for it: {awaited})", self._group_rank(failure[0]))
         if posted is None:
             me = self._global[self.rank]
             message, root = explain_wait(me, [self._global[p] for p in awaited.peers] or list(self._global),

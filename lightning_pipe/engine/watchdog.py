@@ -11,7 +11,10 @@ follows the ranks each one waits for to the root: a rank whose counter did not m
 counter moves while it has been doing one thing all along is alive but *made no progress* (an endless loop, or a step
 slower than the deadline); a rank whose connection closed and whose counter stopped *is gone* (killed or crashed).
 
-Once the job's failure is posted (:func:`mark_failed`), a rank whose main thread is still inside the compute action
+Every heartbeat also looks for the job's failure (:func:`mark_failed`) and keeps it once posted, saying so in the
+store: a rank whose wait breaks when the failed rank's process ends still knows why after the store went with it
+(global rank 0 holds it), and that rank, failing, stays until the others have read it (:func:`hold_for_readers`).
+Once the job's failure is posted, a rank whose main thread is still inside the compute action
 it began before it (user code that never returns) gets :class:`PipelineStuck` raised in that thread after
 :data:`STUCK_GRACE_S`, and is ended if native code holds it :data:`STUCK_GRACE_S` later. A rank that gave up a wait
 (or failed in the pipeline) leaves at exit without joining torch's threads, which may still wait on a peer that is
@@ -41,7 +44,7 @@ import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
            "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
-           "PipelineStuck", "mark_failed", "STUCK_GRACE_S"]
+           "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -58,6 +61,8 @@ STUCK_GRACE_S = 10.0
 
 _KEY = "lightning_pipe/heartbeat/"
 FAILED_KEY = "lightning_pipe/job_failed"
+_READ_KEY = "lightning_pipe/job_failed_read"  # /<rank>: that rank's heartbeat has read the job's failure
+_KNOWN: list[tuple[Any, dict[str, Any]] | None] = [None]  # (process group, the job's failure its heartbeat read)
 
 
 class Activity:
@@ -127,22 +132,27 @@ class _Heartbeat(threading.Thread):
                 except Exception:  # noqa: BLE001 - the store's host is gone or stopped: try again, it may come back
                     missed += 1
             try:
+                self._learn_failure()
                 self._unstick()
             except Exception:  # noqa: BLE001 - no store to read the failure from: nothing to do
                 pass
             time.sleep(HEARTBEAT_S)
+
+    def _learn_failure(self) -> None:
+        """Read the job's failure once it is posted, keep it (:func:`posted_failure` falls back on it) and say so."""
+        if self.failure is not None or not self.store.check([FAILED_KEY]):
+            return
+        self.failure = json.loads(self.store.get(FAILED_KEY).decode("utf-8", "replace"))
+        if dist.group.WORLD is self.world:
+            _KNOWN[0] = (self.world, self.failure)
+            self.store.set(f"{_READ_KEY}/{dist.get_rank()}", "1")
 
     def _unstick(self) -> None:
         """If the job failed while this rank's main thread was inside one compute action (user code that never
         returns: an endless loop), end it: an exception in the main thread after :data:`STUCK_GRACE_S`, and if it is
         still there (stuck in native code) the process after twice that."""
         if self.failure is None:
-            what, waits, _ = activity.state
-            if isinstance(what, str) or waits:  # not inside a compute action (waits end on their own deadlines)
-                return
-            if not self.store.check([FAILED_KEY]):
-                return
-            self.failure = json.loads(self.store.get(FAILED_KEY).decode("utf-8", "replace"))
+            return
         what, waits, since = activity.state
         if isinstance(what, str) or waits:
             return
@@ -181,20 +191,43 @@ def mark_failed(store: Any, rank: int, message: str) -> None:
 
 def posted_failure(wait: float = 0.0) -> tuple[int, str] | None:
     """The job's failure as :func:`mark_failed` recorded it, ``(rank, first line)``, waiting up to ``wait`` seconds for
-    one (a failing rank posts it as it ends, a moment after its connections close); ``None`` if there is none."""
+    one (a failing rank posts it as it ends, a moment after its connections close); where the store is gone (with
+    the rank that held it), the failure this rank's heartbeat read before; ``None`` if there is none."""
     store = short_store()
     deadline = time.monotonic() + wait
     while store is not None:
         try:
             if store.check([FAILED_KEY]):
-                failure = json.loads(store.get(FAILED_KEY).decode("utf-8", "replace"))
-                return int(failure.get("rank", -1)), str(failure.get("message", ""))
+                return _as_pair(json.loads(store.get(FAILED_KEY).decode("utf-8", "replace")))
         except Exception:  # noqa: BLE001 - the store went with the rank that held it
-            return None
+            break
         if time.monotonic() >= deadline:
-            return None
+            break
         time.sleep(0.05)
-    return None
+    known = _KNOWN[0]
+    if known is None or not dist.is_initialized() or known[0] is not dist.group.WORLD:
+        return None
+    return _as_pair(known[1])
+
+
+def _as_pair(failure: dict[str, Any]) -> tuple[int, str]:
+    return int(failure.get("rank", -1)), str(failure.get("message", ""))
+
+
+def hold_for_readers(timeout: float = 3.0) -> None:
+    """On the process that holds the job's store (global rank 0 under Lightning's launchers), after it posted the
+    job's failure: wait up to ``timeout`` seconds until every other rank's heartbeat has read it (or that rank is
+    silent or ended), so that a rank whose wait breaks when this process ends still ends with this error rather than
+    "the store does not answer". Elsewhere, or without heartbeats, it returns at once."""
+    if _STARTED[0] is None or _STARTED[0] is not dist.group.WORLD:
+        return  # no heartbeats here (so none to read it elsewhere either)
+    store = short_store()
+    if store is None:
+        return
+    try:
+        linger(store, _READ_KEY, range(dist.get_world_size()), timeout)
+    except Exception:  # noqa: BLE001 - the store does not answer: nothing to hold
+        pass
 
 
 def _beat_text(beat: int, host: str, ended: bool = False) -> str:

@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.watchdog import mark_failed, short_store
+from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store
 from lightning_pipe.strategy.plain import broadcast_value
 
 __all__ = ["ProcessStrategy"]
@@ -149,11 +149,13 @@ class ProcessStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         """This rank's run raised (a hook, a callback, the step): post it for the job (the first one wins), so that a
-        rank waiting for this one in a collective ends with this error rather than a closed connection. (Where this
-        rank holds the job's store, global rank 0, the store goes with it and the others explain the wait instead.)"""
+        rank waiting for this one in a collective ends with this error rather than a closed connection. Where this
+        rank holds the job's store (global rank 0), it then stays until the others' heartbeats have read the error
+        (a few seconds at most), since the store ends with this process."""
         if not _distributed_is_initialized() or isinstance(exception, (PipelineError, KeyboardInterrupt)):
             return  # a pipeline error is posted already (or came from another rank); an interrupt is not a failure
         store = short_store()
         if store is not None and type(exception).__name__ != "SIGTERMException":
             with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
                 mark_failed(store, torch.distributed.get_rank(), f"{type(exception).__name__}: {exception}")
+            hold_for_readers()
