@@ -159,11 +159,17 @@ class LitGPT(nn.Module):
             h=nn.ModuleList(LitBlock(dim, heads, dropout) for _ in range(layers)), ln_f=nn.LayerNorm(dim)))
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
-        head_dim = dim // heads
-        inverse = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        angles = torch.outer(torch.arange(block_size).float(), inverse).repeat(1, 2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.block_size = dim // heads, block_size
+        self.register_buffer("cos", torch.empty(block_size, self.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(block_size, self.head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The rope tables (as litgpt's ``GPT.reset_parameters``: what a model built on meta recomputes); assigned
+        anew, as litgpt does."""
+        inverse = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2, device=self.cos.device).float() / self.head_dim))
+        angles = torch.outer(torch.arange(self.block_size, device=self.cos.device).float(), inverse).repeat(1, 2)
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         time = idx.size(1)

@@ -11,6 +11,7 @@ in every (ranks, strategy) pair, resume included (about 7 minutes here)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,17 @@ def _state(module: Any) -> dict[str, torch.Tensor]:
 
 
 def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, tmp: str,
-                  resume: bool = True, precision: str = "32-true") -> dict[str, Any]:
+                  resume: bool = True, precision: str = "32-true", meta: bool = False) -> dict[str, Any]:
+    """Each family fitted (then validated, and resumed); with ``meta`` built under ``trainer.init_module(
+    empty_init=True)``, on the meta device."""
     import lightning_pipe  # noqa: F401
 
     results: dict[str, Any] = {}
     for name in names:
         steps = len(BATCHES)
-        model = _module(name)
         trainer = _trainer(strategy, world_size, max_steps=steps, precision=precision)
+        with trainer.init_module(empty_init=True) if meta else contextlib.nullcontext():
+            model = _module(name)
         trainer.fit(model, _data(name))
         # the whole model object the capture was made from (the nn.Sequential path has none)
         original = getattr(trainer.strategy.runner.split, "model", model)
@@ -157,18 +161,21 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
                          "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads()}
         if not resume:
             continue
-        first = _module(name)
         interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
+        with interrupted.init_module(empty_init=True) if meta else contextlib.nullcontext():
+            first = _module(name)
         interrupted.fit(first, _data(name))
         path = os.path.join(tmp, f"{name}.ckpt")
         interrupted.save_checkpoint(path)
         if name == "hparams":  # the checkpoint's hyper-parameters hold the net whole, with the trained weights
             net = torch.load(path, weights_only=False)["hyper_parameters"]["net"]
             results[name]["hparams_net"] = {f"net.{k}": v for k, v in net.state_dict().items()}
-        resumed = _module(name)
+        resuming = _trainer(strategy, world_size, max_steps=steps)
+        with resuming.init_module(empty_init=True) if meta else contextlib.nullcontext():
+            resumed = _module(name)
         # weights_only=False: the hyper-parameters hold a module (Lightning drops the argument when a strategy restores
         # after setup; the strategy reads it from the fit call)
-        _trainer(strategy, world_size, max_steps=steps).fit(resumed, _data(name), ckpt_path=path, weights_only=False)
+        resuming.fit(resumed, _data(name), ckpt_path=path, weights_only=False)
         results[name]["resumed"] = _state(resumed)
     return results
 
@@ -181,7 +188,7 @@ def _captured(module: Any) -> bool:
 
 
 def _reference(name: str, steps: int = len(BATCHES), precision: str = "32-true",
-               threads: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
+               threads: int | None = None, meta: bool = False) -> tuple[dict[str, torch.Tensor], float]:
     """One process, no Trainer: each batch's micro-batches run the same step, their losses weighted by rows (after
     ``steps`` steps; the validation loss of the model then); in ``precision`` as Lightning's own plugin for it runs a
     step (the module and the inputs converted, the step in its context: autocast for ``bf16-mixed``); on ``threads``
@@ -192,20 +199,27 @@ def _reference(name: str, steps: int = len(BATCHES), precision: str = "32-true",
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        return _reference_run(name, steps, precision)
+        return _reference_run(name, steps, precision, meta)
     finally:
         torch.set_num_threads(before)
 
 
-def _reference_run(name: str, steps: int, precision: str) -> tuple[dict[str, torch.Tensor], float]:
+def _reference_run(name: str, steps: int, precision: str, meta: bool) -> tuple[dict[str, torch.Tensor], float]:
     from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
+    from lightning_pipe.strategy.materialize import LocalMaterializer
 
     plugin = {"32-true": Precision, "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu"),
               "bf16-true": lambda: HalfPrecision("bf16-true")}[precision]()
 
-    model = plugin.convert_module(_module(name))
+    if meta:  # built on meta, every tensor materialized as the pipeline materializes its share (on any layout)
+        with torch.device("meta"):
+            module = _module(name)
+        LocalMaterializer(module, module.model, torch.device("cpu"), SEED)([module.model])
+    else:
+        module = _module(name)
+    model = plugin.convert_module(module)
     model.log = lambda *args, **kwargs: None
     optimizer = model.configure_optimizers()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -241,9 +255,9 @@ def _reference_run(name: str, steps: int, precision: str) -> tuple[dict[str, tor
     return _state(model), total
 
 
-def _check(results: list[dict[str, Any]], names: list[str], precision: str = "32-true") -> None:
+def _check(results: list[dict[str, Any]], names: list[str], precision: str = "32-true", meta: bool = False) -> None:
     for name in names:
-        expected, val_loss = _reference(name, precision=precision, threads=results[0][name]["threads"])
+        expected, val_loss = _reference(name, precision=precision, threads=results[0][name]["threads"], meta=meta)
         for which in ("state", "resumed") if "resumed" in results[0][name] else ("state",):
             merged: dict[str, torch.Tensor] = {}
             for result in results:
@@ -298,6 +312,47 @@ def test_bfloat16_trains_captured_models_like_one_device(precision: str, tmp_pat
         names = [name for name in names if name not in ("hf_gpt2", "litgpt")]
     results = run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, precision, timeout=550)
     _check(results, names, precision)
+
+
+@pytest.mark.timeout(600)
+def test_models_built_on_meta_are_captured_and_materialized_per_rank(tmp_path: Path) -> None:
+    """``Trainer.init_module(empty_init=True)`` (or ``configure_model``): the model is built on the meta device,
+    captured there, and each rank materializes only its own segments' weights, initialized as the model initializes
+    them (Hugging Face's ``_init_weights``, rope tables included; else each layer's ``reset_parameters``), seeded by
+    the module's name: the weights after training equal one device's, built on meta and materialized whole the same
+    way, and the other ranks' weights stay on meta; a fit resumed from a checkpoint (built on meta too) equals the
+    uninterrupted one."""
+    names = ["hf_llama", "hf_gpt2", "litgpt", "resnet"] if HAS_TRANSFORMERS else ["litgpt", "resnet"]
+    results = run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), True, "32-true", True, timeout=550)
+    _check(results, names, meta=True)
+
+
+def test_a_model_built_on_meta_is_initialized_as_it_initializes_itself() -> None:
+    """The materialization runs a Hugging Face model's own ``_init_weights`` (its linear layers from N(0, 0.02), its
+    norms at one, its rope table recomputed), not torch's defaults; litgpt's rope tables, which its
+    ``reset_parameters`` assigns anew, land in the tensors the model was built with."""
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.capture_models import LitGPT, hf_llama
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    eager = hf_llama()
+    with torch.device("meta"):
+        model = hf_llama()
+    LocalMaterializer(model, model, torch.device("cpu"), SEED)([model])
+    for name, param in model.named_parameters():
+        assert not param.is_meta, name
+        if name.endswith("proj.weight"):
+            assert 0.015 < float(param.detach().std()) < 0.025, (name, float(param.detach().std()))  # torch's default: ~0.1 here
+        if "norm" in name:
+            assert torch.equal(param, torch.ones_like(param)), name
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    with torch.device("meta"):
+        gpt = LitGPT()
+    buffers = (gpt.cos, gpt.sin)
+    LocalMaterializer(gpt, gpt, torch.device("cpu"), SEED)([gpt])
+    assert gpt.cos is not buffers[0] and not gpt.cos.is_meta  # new storage, the object every holder refers to
+    torch.testing.assert_close(gpt.cos, LitGPT().cos, rtol=0, atol=0)
 
 
 def _cuts(rank: int, world_size: int) -> dict[str, Any]:

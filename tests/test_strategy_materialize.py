@@ -138,14 +138,14 @@ def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
 @pytest.mark.timeout(200)
 def test_meta_tensors_nothing_initializes_need_a_checkpoint(tmp_path: Path) -> None:
     """A layer without reset_parameters() built on the meta device: a clear error on every rank, unless a checkpoint
-    gives its values (then training equals the eagerly built module's); trainable parameters outside the sequence
-    still get their error."""
+    gives its values (then training equals the eagerly built module's); a module whose trainable layers lie outside
+    the sequence takes the captured path, which materializes its share as well."""
     results = run_ranks(_uninitialized, 2, str(tmp_path), timeout=160)
     for result in results:
         first, outside = result["messages"]
         assert ".1.gain' (Scale)" in first and "nothing initialized them" in first and "reset_parameters()" in first and "ckpt_path" in first, first
-        # its layers are spread over two attributes and its forward: the captured path, which refuses a meta build
-        assert "OutsideParameters was built on the meta device" in outside and "build it in __init__" in outside, \
-            outside
+        # its layers are spread over two attributes and its forward: the captured path, which materializes a meta
+        # build per rank too (torch's layers initialize themselves)
+        assert outside == "no error", outside
         for key, value in result["eager"].items():
             torch.testing.assert_close(result["meta"][key], value, rtol=0, atol=0, msg=key)

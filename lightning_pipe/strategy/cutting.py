@@ -76,9 +76,13 @@ class PipelineCutting:
         if runner is None:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
-            if captured is not None:
+            if captured is not None:  # built on meta (configure_model): captured on meta, materialized per rank
+                self._materializer = LocalMaterializer.for_module(module, captured.model, self.root_device,
+                                                                  self._position.base, holders=captured.segments,
+                                                                  whole_buffers=True)
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
-                                                       device=self.root_device, **groups)
+                                                       device=self.root_device, materialize=self._materializer,
+                                                       **groups)
             elif chain is not None:
                 runner = PipelineRunner.build(module, layers=None, config=config, device=self.root_device,
                                               split=chain, **groups)
@@ -120,12 +124,6 @@ class PipelineCutting:
         if path != CAPTURED:
             return None
         assert layers is not None
-        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-            raise ValueError(f"{type(module).__name__} was built on the meta device (configure_model, "
-                             f"Trainer.init_module(empty_init=True)), which PipelineStrategy materializes per rank "
-                             f"only on the nn.Sequential path so far; its model at {layers!r} is captured instead: "
-                             f"build it in __init__ (or init_module(empty_init=False)), or make the layers one "
-                             f"nn.Sequential")
         # The precision's conversion (bf16-true, 64-true) first, while this rank still holds the whole model: the
         # captures then see the weights, inputs and autocast that the steps will run with.
         self.precision_plugin.convert_module(module)

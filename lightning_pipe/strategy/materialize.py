@@ -12,9 +12,10 @@ the module tree's order with torch's generators forked to a seed of the agreed s
 meta-built model starts from the same weights on every layout (but not from the weights an eager build draws, which
 come from one stream in construction order):
 
-- ``module.reset_parameters()`` where the module that owns the tensor defines it (torch's layers do; it must
-  initialize the module's own parameters and buffers);
-- else a Hugging Face model's ``_init_weights(module)``, from the nearest enclosing module that has one;
+- a Hugging Face model's ``_init_weights(module)``, from the nearest enclosing module that has one (what the model's
+  ``post_init`` applies when it is built eagerly);
+- then, for tensors still unwritten, ``module.reset_parameters()`` where the module that owns the tensor defines it
+  (torch's layers do; it must initialize the module's own parameters and buffers);
 - else nothing: the tensor must come from a checkpoint (``trainer.fit(model, ckpt_path=...)``). Before the first step
   the strategy checks that each such tensor was written since (:meth:`LocalMaterializer.unwritten`: its version counter
   moved) and names the module and the fix otherwise. A non-persistent buffer (a rope table) is in no checkpoint, so
@@ -24,7 +25,7 @@ come from one stream in construction order):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,24 +62,34 @@ class LocalMaterializer:
     ``seed`` (agreed by every rank) seeds the modules' initialization. Call it with the stage modules this rank holds.
     """
 
-    def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int) -> None:
+    def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
+                 holders: Sequence[nn.Module] = (), whole_buffers: bool = False) -> None:
         self.module = module
         self.sequence = sequence
         self.device = torch.device(device)
         self.seed = int(seed)
+        # other module trees that refer to the same tensors (a captured model's segments): they get the new tensors too
+        self.holders = list(holders)
+        # every buffer of ``sequence`` on every rank (a captured model's: as one built eagerly keeps its buffers whole,
+        # since a later capture may have a segment recompute from a rope table what the first one sent it)
+        self.whole_buffers = whole_buffers
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
-    def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device,
-                   seed: int) -> LocalMaterializer | None:
+    def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
+                   holders: Sequence[nn.Module] = (), whole_buffers: bool = False) -> LocalMaterializer | None:
         """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
-        return cls(module, sequence, device, seed) if has_meta_tensors(module) else None
+        if not has_meta_tensors(module):
+            return None
+        return cls(module, sequence, device, seed, holders, whole_buffers)
 
     def __call__(self, stages: Sequence[nn.Module]) -> None:
         inside = {id(t) for t in _tensors(self.sequence)}
         wanted = {id(t): t for stage in stages for t in _tensors(stage)}
         wanted.update((id(t), t) for t in _tensors(self.module) if id(t) not in inside)  # the step code's state
+        if self.whole_buffers:
+            wanted.update((id(t), t) for t in self.sequence.buffers())
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
         owners = self._give(fresh)
         self._initialize(owners, fresh)
@@ -93,6 +104,12 @@ class LocalMaterializer:
                     if tensor is not None and id(tensor) in fresh:
                         table[key] = fresh[id(tensor)]
                         owners.setdefault(name, child)
+        for holder in [self.sequence, *self.holders]:
+            for child in holder.modules():
+                for table in (child._parameters, child._buffers):
+                    for key, tensor in table.items():
+                        if tensor is not None and id(tensor) in fresh:
+                            table[key] = fresh[id(tensor)]
         return owners
 
     def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor]) -> None:
@@ -103,19 +120,22 @@ class LocalMaterializer:
             if id(owner) in done:  # the same module under two names (shared layers)
                 continue
             done.add(id(owner))
-            init = _initializer(owner, parents)
             kept = {key: t.detach().clone() for key, t in _own(owner) if id(t) not in new}  # real state stays as it was
-            if init is not None:
-                with torch.no_grad(), forked_random(self._seed_of(name), self.device):
+            versions = {key: t._version for key, t in _own(owner)}
+            initializers = _initializers(owner, parents)
+            placed = dict(_own(owner))
+            with torch.no_grad(), forked_random(self._seed_of(name), self.device):
+                for init in initializers:  # the next one only if a tensor is still unwritten
+                    if all(t._version != versions[key] for key, t in _own(owner) if id(t) in new):
+                        break
                     init()
-                with torch.no_grad():
-                    for key, tensor in _own(owner):
-                        if key in kept:
-                            tensor.copy_(kept[key])
-                self.materialized.append(name)
-                continue
+                    _keep_objects(owner, placed, versions)
+            with torch.no_grad():
+                for key, tensor in _own(owner):
+                    if key in kept:
+                        tensor.copy_(kept[key])
             for key, tensor in _own(owner):
-                if id(tensor) not in new:
+                if id(tensor) not in new or tensor._version != versions[key]:
                     continue
                 qualified = f"{name}.{key}" if name else key
                 if key in owner._non_persistent_buffers_set:
@@ -165,22 +185,41 @@ def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequenc
                              f"Trainer.init_module(empty_init=True)")
 
 
+def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
+    """An initializer that assigned a tensor anew (``self.cos = ...``, as litgpt's rope tables are): its value goes
+    into the tensor placed before, which goes back, since other modules (a captured model's segments, a tie) refer to
+    that object; it then counts as written."""
+    for table in (owner._parameters, owner._buffers):
+        for key, tensor in list(table.items()):
+            before = placed.get(key)
+            if before is None or tensor is None or tensor is before:
+                continue
+            before.copy_(tensor.detach())
+            table[key] = before
+            if versions.get(key) == before._version:  # copy_ moves it; a zero-size copy need not
+                versions[key] = before._version - 1
+
+
 def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
 
 
-def _initializer(module: nn.Module, parents: dict[int, nn.Module]):
-    """``module.reset_parameters``, else the nearest enclosing ``_init_weights`` bound to ``module``, else ``None``."""
-    reset = getattr(module, "reset_parameters", None)
-    if callable(reset):
-        return reset
+def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
+    """How ``module``'s tensors are initialized, in order, each tried while a tensor is still unwritten: the nearest
+    enclosing Hugging Face ``_init_weights`` bound to ``module`` (what the model's own ``post_init`` applies: GPT-2's
+    and Llama's linear layers draw from N(0, 0.02), not torch's default), then ``module.reset_parameters``."""
+    found: list[Callable[[], object]] = []
     parent = parents.get(id(module))
     while parent is not None:
         init_weights = getattr(parent, "_init_weights", None)
         if callable(init_weights):
-            return lambda: init_weights(module)
+            found.append(lambda: init_weights(module))
+            break
         parent = parents.get(id(parent))
-    return None
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        found.append(reset)
+    return found
 
 
 def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

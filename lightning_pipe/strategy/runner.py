@@ -134,14 +134,15 @@ class PipelineRunner:
     def build_captured(cls, captured: CapturedModule, *, layers: str | None, config: PipelineConfig,
                        device: torch.device, group: dist.ProcessGroup | None = None,
                        replica_group: dist.ProcessGroup | None = None,
-                       pipelines: Sequence[Sequence[int]] | None = None) -> PipelineRunner:
+                       pipelines: Sequence[Sequence[int]] | None = None,
+                       materialize: Callable[[list[torch.nn.Module]], None] | None = None) -> PipelineRunner:
         """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
         segments = captured.segments
         # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
         # then, the others' wherever the model was built; their graphs run on this rank's device.
         captured.splitter.to(device)
         captured.splitter.capture_on_meta = True
-        pipeline = Pipeline(segments, config=config, group=group, device=device)
+        pipeline = Pipeline(segments, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         tied.synchronize_values()
