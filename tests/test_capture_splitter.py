@@ -221,6 +221,17 @@ def test_default_cut_points_are_the_repeated_blocks() -> None:
         assert labels[0] == first and last_block in labels[-2:] and labels[-1].startswith(after), (name, labels)
 
 
+def test_blocks_in_lists_come_before_the_stacks_that_enclose_them() -> None:
+    """T5 holds its blocks in two stacks of one class (encoder and decoder) that enclose them: the blocks are the units
+    (a cut before each of the four), not the two stacks (which gave three pieces: too few for four ranks)."""
+    from lightning_pipe.capture.points import repeated_blocks
+
+    fam = family("hf_t5")
+    model = fam.make()
+    assert repeated_blocks(model) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert len(Splitter(model).segments(*fam.call(fam.batch(2, 8, 0)))) == 6
+
+
 def test_meta_capture_then_materialize_only_local_segments() -> None:
     fam = family("hf_llama")
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ and their weights equal one device's; they validate, and a fit resumed from a ch
 The default run (1.5-3.5 minutes on the 2 shared cores here, by their load) trains, validates and resumes every
 family on 2 ranks under ``pipedream``, and trains and validates a subset under ``gpipe`` and on 4 ranks (a ResNet's
 batch norms and a LightningModule's own forward under re-materialization; GPT-2's embedding tied to its head across
-4 ranks; litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family
+4 ranks, and T5's encoder and decoder blocks spread over 4 ranks; litgpt's tie and rope buffers under 4-rank gpipe). ``LIGHTNING_PIPE_FULL_CAPTURE_GRID=1`` runs every family
 in every (ranks, strategy) pair, resume included (about 7 minutes here)."""
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ SEED = 1234
 NUM_MICROBATCHES = 4
 # three training batches: (rows, sequence length); the length changes, and the last batch is a short one
 BATCHES = [(8, 16), (8, 12), (6, 10)]
-HF = ("hf_gpt2", "hf_llama", "hf_bert")
+HF = ("hf_gpt2", "hf_llama", "hf_bert", "hf_t5")
 ALL = [*FAMILIES, "hparams", "forward"]
 FULL = os.environ.get("LIGHTNING_PIPE_FULL_CAPTURE_GRID") == "1"
 # (world size, strategy) -> families; every family runs somewhere by default
-GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["resnet", "forward"], (4, "pipedream"): ["hf_gpt2"],
+GRID = {(2, "pipedream"): ALL, (2, "gpipe"): ["resnet", "forward"], (4, "pipedream"): ["hf_gpt2", "hf_t5"],
         (4, "gpipe"): ["litgpt"]}
 RESUME = {(2, "pipedream")}  # where the resume from a checkpoint is checked by default
 if FULL:

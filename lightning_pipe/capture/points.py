@@ -30,10 +30,13 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose
     such instances hold the most parameters; a class enclosing those instances wins if it holds >= 90% as many
     (a transformer block over its Linears). Outermost instances only. "The largest ModuleList" alone would pick
-    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks.
+    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks. Classes whose instances sit in a
+    ``ModuleList`` / ``Sequential`` come first: T5's blocks, not its encoder and decoder stacks (two siblings of one
+    class that enclose them).
     """
     total: dict[type, int] = defaultdict(int)
     members: dict[type, list[str]] = defaultdict(list)
+    listed: set[type] = set()  # classes with instances in a container
     for parent_name, parent in model.named_modules():
         by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
         for child_name, child in parent.named_children():
@@ -41,9 +44,13 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         for cls, children in by_class.items():
             if len(children) < 2 or issubclass(cls, _CONTAINERS):
                 continue
+            if isinstance(parent, _CONTAINERS):
+                listed.add(cls)
             for name, child in children:
                 total[cls] += sum(p.numel() for p in child.parameters())
                 members[cls].append(name)
+    if listed:
+        total = defaultdict(int, {cls: size for cls, size in total.items() if cls in listed})
     if not total:
         return []
     best = max(total, key=total.__getitem__)
