@@ -14,38 +14,51 @@ from tests.helpers import run_ranks
 SEED = 5
 
 
-def _fit(model_name: str, devices: int, strategy: Any, root: str) -> tuple[Any, Any]:
+def _fit(model_name: str, devices: int, strategy: Any, root: str, meta: bool = False) -> tuple[Any, Any]:
+    """Fit ``model_name``; with ``meta``, built under ``trainer.init_module(empty_init=True)`` (on the meta device
+    under PipelineStrategy; on one device, built on meta and materialized whole as the pipeline materializes it)."""
+    import contextlib
+
     import lightning as L
 
+    from lightning_pipe.strategy.materialize import LocalMaterializer
     from tests import citizen_models
     from tests.citizen_models import class_data
 
     L.seed_everything(SEED, verbose=False)
-    model = getattr(citizen_models, model_name)()
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=0, default_root_dir=root)
+    one_device = devices == 1 and meta
+    with torch.device("meta") if one_device else trainer.init_module(empty_init=True) if meta else \
+            contextlib.nullcontext():
+        model = getattr(citizen_models, model_name)()
+    if one_device:
+        sequence = torch.nn.Sequential(*model.encoder.children(), *model.decoder.children())
+        LocalMaterializer(model, sequence, torch.device("cpu"), SEED)([sequence])
     trainer.fit(model, class_data(), class_data(batches=1))
     return model, trainer
 
 
-def _ranks(rank: int, world_size: int, root: str, schedule: str) -> dict[str, Any]:
+def _ranks(rank: int, world_size: int, root: str, schedule: str, meta: bool) -> dict[str, Any]:
     from lightning_pipe import PipelineStrategy
 
     model, trainer = _fit("ReadmeAutoEncoder", world_size, PipelineStrategy(schedule=schedule, num_microbatches=4),
-                          root)
+                          root, meta)
     trainer.save_checkpoint(os.path.join(root, f"{schedule}.ckpt"))
     return {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "links": sorted(name for name, _ in model.named_children())}
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_sequentials_the_step_calls_in_turn_train_as_one_pipeline(tmp_path: Any, schedule: str) -> None:
+@pytest.mark.parametrize(("schedule", "meta"), [("1f1b", False), ("gpipe", False), ("1f1b", True)])
+def test_sequentials_the_step_calls_in_turn_train_as_one_pipeline(tmp_path: Any, schedule: str, meta: bool) -> None:
+    """As one device; also built on the meta device (``init_module(empty_init=True)``), each rank materializing its
+    own layers: then as one device materializing them all the same way."""
     from tests.citizen_models import ReadmeAutoEncoder
 
-    results = run_ranks(_ranks, 2, str(tmp_path), schedule, timeout=180)
-    reference, trainer = _fit("ReadmeAutoEncoder", 1, "auto", str(tmp_path / "reference"))
+    results = run_ranks(_ranks, 2, str(tmp_path), schedule, meta, timeout=180)
+    reference, trainer = _fit("ReadmeAutoEncoder", 1, "auto", str(tmp_path / "reference"), meta)
     state = torch.load(tmp_path / f"{schedule}.ckpt", weights_only=False)["state_dict"]
     assert list(state) == list(reference.state_dict())
     for key, value in reference.state_dict().items():

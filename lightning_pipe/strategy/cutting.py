@@ -83,9 +83,11 @@ class PipelineCutting:
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, materialize=self._materializer,
                                                        **groups)
-            elif chain is not None:
+            elif chain is not None:  # built on meta: each rank materializes its layers, as for one nn.Sequential
+                self._materializer = LocalMaterializer.for_module(module, chain.sequence, self.root_device,
+                                                                  self._position.base)
                 runner = PipelineRunner.build(module, layers=None, config=config, device=self.root_device,
-                                              split=chain, **groups)
+                                              split=chain, materialize=self._materializer, **groups)
             else:
                 _, sequence = find_sequence(module, settings.layers)
                 self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
@@ -111,10 +113,6 @@ class PipelineCutting:
                              f"PipelineStrategy pipelines them as one chain, whose cut is given, not planned; use "
                              f"partition='uniform', 'parameters' or a list of layer counts, or put the layers in one "
                              f"nn.Sequential to plan the cut")
-        if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-            raise ValueError(f"{type(module).__name__} was built on the meta device; its layers in {paths} are "
-                             f"pipelined as one chain, which is materialized per rank only for one nn.Sequential so "
-                             f"far: build the module in __init__, or put the layers in one nn.Sequential")
         return ChainSplit(module, paths)
 
     def _capture(self, module: LightningModule, trainer: Trainer) -> CapturedModule | None:
