@@ -85,16 +85,43 @@ def test_allowing_autograd_functions_captures_their_forward() -> None:
     torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-6)
 
 
-def test_torchs_own_autograd_functions_are_not_refused() -> None:
-    class Checkpointed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(8, 8)
+class Checkpointed(nn.Module):
+    """A layer under torch's activation checkpoint, reentrant or not."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.utils.checkpoint.checkpoint(self.linear, x, use_reentrant=True)
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.reentrant = reentrant
 
-    Splitter(Blocks(Checkpointed())).segments((torch.randn(2, 8, requires_grad=True),))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.linear, x, use_reentrant=self.reentrant)
+
+
+def test_a_reentrant_activation_checkpoint_is_refused_with_the_fix() -> None:
+    """Reentrant checkpointing (Hugging Face's gradient_checkpointing_enable() default) runs its layer under no_grad
+    and recomputes it in its own backward; a captured graph keeps the no_grad, so the layer and every one before it
+    got no gradient (a test here used to accept it, checking no gradient)."""
+    with pytest.raises(CaptureError) as caught:
+        Splitter(Blocks(Checkpointed(reentrant=True))).segments((torch.randn(2, 8),))
+    message = str(caught.value)
+    assert "use_reentrant=True" in message and "module 'blocks.1'" in message and "Checkpointed.forward" in message
+    assert "gradient_checkpointing_disable()" in message and "checkpoint_activations=True" in message
+
+
+def test_a_non_reentrant_activation_checkpoint_runs_plainly_with_a_warning() -> None:
+    """torch's own autograd Functions are not refused; a non-reentrant checkpoint is traced as plain ops: gradients as
+    eagerly, and a warning that the memory saving is PipelineStrategy(checkpoint_activations=True)'s to make."""
+    torch.manual_seed(0)
+    model = Blocks(Checkpointed(reentrant=False))
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"checkpoint_activations=True"):
+        out = Splitter(model).run(x)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6, msg=name)
 
 
 def test_unknown_split_point_names_the_model_and_close_names() -> None:

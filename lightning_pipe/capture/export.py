@@ -22,6 +22,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 import torch.utils._pytree as pytree
+import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
 from .devices import META, faking_device, on_meta, to_meta
@@ -54,7 +55,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_mode(model, training))
                 stack.enter_context(_no_caches(model))
-                functions = stack.enter_context(_watch_autograd_functions(names))
+                functions, checkpoints = stack.enter_context(_watch_autograd_functions(names))
+                own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 if meta:
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
@@ -71,6 +73,21 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             if attempts and not _fails_at_any_size(error):
                 continue
             raise explain_export_error(error, model, training, names) from error
+        if checkpoints:
+            raise CaptureError(
+                f"{type(model).__name__}.forward checkpoints activations with torch.utils.checkpoint's reentrant "
+                f"variant (use_reentrant=True, Hugging Face's gradient_checkpointing_enable() default) in "
+                f"{checkpoints[0]}{f' and {len(checkpoints) - 1} more' if len(checkpoints) > 1 else ''}: it runs the "
+                f"layers under no_grad and recomputes them in its backward, which a captured graph does not, so "
+                f"those layers would get no gradient. Turn the model's own checkpointing off "
+                f"(model.gradient_checkpointing_disable()) and pass PipelineStrategy(checkpoint_activations=True), "
+                f"which re-materializes every stage, or use gradient_checkpointing_kwargs={{'use_reentrant': False}}")
+        if own_checkpoints:
+            warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
+                          f"{own_checkpoints[0]}): a captured graph runs those layers plainly and keeps their "
+                          f"activations (gradients are exact); for the memory, pass "
+                          f"PipelineStrategy(checkpoint_activations=True), which re-materializes every stage",
+                          stacklevel=3)
         if functions and not allow_autograd_functions:
             raise CaptureError(
                 f"{type(model).__name__}.forward calls custom torch.autograd.Function(s): {'; '.join(functions)}. A "
@@ -149,16 +166,23 @@ def _no_caches(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _watch_autograd_functions(names: dict[int, str]) -> Iterator[list[str]]:
+def _watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[str], list[str]]]:
     """Records every custom ``torch.autograd.Function`` applied inside the block, with the module and line that
-    applied it (torch's own Functions are left alone: their backward is their forward's derivative)."""
+    applied it (torch's own Functions are left alone: their backward is their forward's derivative), and apart from
+    them, where torch's reentrant activation checkpoint (``CheckpointFunction``) was applied."""
     base = torch.autograd.function.Function
     original = base.__dict__["apply"]
     apply = original.__func__
     found: list[str] = []
+    checkpoints: list[str] = []
+    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
 
     def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if not cls.__module__.startswith("torch."):
+        if cls is reentrant:
+            where = locate_frame(sys._getframe(1), names)
+            if where not in checkpoints:
+                checkpoints.append(where)
+        elif not cls.__module__.startswith("torch."):
             entry = f"{cls.__qualname__} (from {cls.__module__}) in {locate_frame(sys._getframe(1), names)}"
             if entry not in found:
                 found.append(entry)
@@ -166,6 +190,30 @@ def _watch_autograd_functions(names: dict[int, str]) -> Iterator[list[str]]:
 
     base.apply = classmethod(spy)
     try:
-        yield found
+        yield found, checkpoints
     finally:
         base.apply = original
+
+
+@contextlib.contextmanager
+def _watch_checkpoints(names: dict[int, str]) -> Iterator[list[str]]:
+    """Records where torch's non-reentrant activation checkpoint ran inside the block (``checkpoint`` looks its
+    generator up at each call, so a ``functools.partial`` of ``checkpoint`` made earlier is seen too)."""
+    module = torch.utils.checkpoint
+    original = getattr(module, "_checkpoint_without_reentrant_generator", None)
+    found: list[str] = []
+    if original is None:
+        yield found
+        return
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        where = locate_frame(sys._getframe(1), names)
+        if where not in found:
+            found.append(where)
+        return original(*args, **kwargs)
+
+    module._checkpoint_without_reentrant_generator = spy
+    try:
+        yield found
+    finally:
+        module._checkpoint_without_reentrant_generator = original
