@@ -221,6 +221,17 @@ def test_default_cut_points_are_the_repeated_blocks() -> None:
         assert labels[0] == first and last_block in labels[-2:] and labels[-1].startswith(after), (name, labels)
 
 
+def test_segments_start_in_the_mode_of_the_first_capture() -> None:
+    """A model in eval mode: its segments are made in eval mode, so ``run`` finds the eval capture (they used to start
+    in train mode and find none)."""
+    torch.manual_seed(0)
+    model = FAMILIES["vit"].make().eval()
+    x = FAMILIES["vit"].batch(2, 8, 0)[0]
+    splitter = Splitter(model)
+    torch.testing.assert_close(splitter.run(x), model(x), rtol=0, atol=1e-6)
+    assert not any(segment.training for segment in splitter.segments())
+
+
 def test_blocks_in_lists_come_before_the_stacks_that_enclose_them() -> None:
     """T5 holds its blocks in two stacks of one class (encoder and decoder) that enclose them: the blocks are the units
     (a cut before each of the four), not the two stacks (which gave three pieces: too few for four ranks)."""

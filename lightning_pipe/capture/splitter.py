@@ -184,7 +184,9 @@ class Splitter:
         self.cache.add(capture)
         if first:
             self.cuts = layout.cuts
-            self._segments = [Segment(i, len(programs), self.cache, self.model) for i in range(len(programs))]
+            # in the first capture's mode, as the model was (a segment picks its graph by its own mode)
+            self._segments = [Segment(i, len(programs), self.cache, self.model).train(training)
+                              for i in range(len(programs))]
             for segment, segment_program in zip(self._segments, programs):
                 segment.adopt(segment_program)
             self._place_unused_state()
