@@ -232,6 +232,49 @@ def test_segments_start_in_the_mode_of_the_first_capture() -> None:
     assert not any(segment.training for segment in splitter.segments())
 
 
+def test_default_cuts_follow_the_order_forward_calls_the_blocks() -> None:
+    """Two towers registered text first and called vision first (as CLIP does): the default cuts follow the calls
+    (they were in registration order, and the capture refused them as out of order)."""
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.linear(x))
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class TwoTowers(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text, self.vision = Tower(), Tower()
+
+        def forward(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+            seen = self.vision(image)
+            return (self.text(text) * seen).sum(-1)
+
+    torch.manual_seed(0)
+    model = TwoTowers()
+    text, image = torch.randn(2, 8), torch.randn(2, 8)
+    splitter = Splitter(model)
+    torch.testing.assert_close(splitter.run(text, image), model(text, image), rtol=0, atol=1e-6)
+    from lightning_pipe.capture.points import cut_label
+
+    labels = [cut_label(c) for c in splitter.cuts]
+    # (the cut before vision.layers.0 is dropped: nothing runs before it)
+    assert labels == ["vision.layers.1", "text.layers.0", "text.layers.1"], labels
+
+
 def test_blocks_in_lists_come_before_the_stacks_that_enclose_them() -> None:
     """T5 holds its blocks in two stacks of one class (encoder and decoder) that enclose them: the blocks are the units
     (a cut before each of the four), not the two stacks (which gave three pieces: too few for four ranks)."""

@@ -107,6 +107,35 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     assert sorted(captured.aliases) == ["again", "embed", "head"]
 
 
+class Cube(torch.autograd.Function):
+    """A custom Function whose backward is its forward's exact derivative."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * grad
+
+
+class CubeBlocks(nn.Module):
+    def __init__(self, reentrant_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+        self.reentrant_checkpoint = reentrant_checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.reentrant_checkpoint:  # as Hugging Face's gradient_checkpointing_enable() does by default
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
+            else:
+                x = Cube.apply(torch.tanh(block(x)))
+        return x
+
+
 # -- errors on every rank ----------------------------------------------------------------------------
 def _run(rank: int, world_size: int, case: str) -> None:
     import lightning as L
@@ -123,6 +152,10 @@ def _run(rank: int, world_size: int, case: str) -> None:
         strategy = lightning_pipe.PipelineStrategy(layers="model")
     elif case == "never_called":
         module, width = _lightning(AutoEncoder(), use="none"), 32
+    elif case == "custom_function":
+        module, width = _lightning(CubeBlocks()), 8
+    elif case == "reentrant_checkpoint":
+        module, width = _lightning(CubeBlocks(reentrant_checkpoint=True)), 8
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -135,6 +168,9 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("gate", ["CaptureError", "Gate", "x.mean() > 0", "torch.where"]),
     ("outside", ["outside the model at 'model'", "extra.weight", "requires_grad_(False)"]),
     ("never_called", ["never called the model at 'model'", "layers="]),
+    ("custom_function", ["CaptureError", "Cube", "PipelineStrategy(allow_autograd_functions=True)"]),
+    ("reentrant_checkpoint", ["CaptureError", "use_reentrant=True", "gradient_checkpointing_disable()",
+                              "checkpoint_activations=True"]),
 ])
 def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
     start = time.monotonic()
@@ -144,6 +180,39 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
         for part in expected:
             assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
     assert time.monotonic() - start < 200
+
+
+def _allowed(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe
+
+    torch.manual_seed(0)
+    module = _lightning(CubeBlocks())
+    data = DataLoader([(torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)],
+                      batch_size=None)
+    L.Trainer(strategy=lightning_pipe.PipelineStrategy(allow_autograd_functions=True), accelerator="cpu",
+              devices=world_size, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, max_steps=2).fit(module, data)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.timeout(120)
+def test_allowed_autograd_functions_train_like_one_device() -> None:
+    """``PipelineStrategy(allow_autograd_functions=True)``: a custom Function whose backward is its forward's exact
+    derivative trains as on one device."""
+    results = run_ranks(_allowed, 2, timeout=100)
+    torch.manual_seed(0)
+    module = _lightning(CubeBlocks())
+    optimizer = module.configure_optimizers()
+    for i in range(2):
+        optimizer.zero_grad()
+        module.training_step((torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),), i).backward()
+        optimizer.step()
+    got = {**results[0], **results[1]}
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _differently(rank: int, world_size: int) -> None:

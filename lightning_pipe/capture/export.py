@@ -93,8 +93,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 f"{type(model).__name__}.forward calls custom torch.autograd.Function(s): {'; '.join(functions)}. A "
                 f"captured graph keeps their forward ops but differentiates those ops itself instead of calling "
                 f"their backward, so their gradients would be silently wrong. Pass allow_autograd_functions=True "
-                f"if each backward is the exact derivative of its forward, or keep the layers in one nn.Sequential "
-                f"(no capture)")
+                f"(PipelineStrategy(allow_autograd_functions=True), or Splitter's) if each backward is the exact "
+                f"derivative of its forward, or keep the layers in one nn.Sequential (no capture)")
         if symbolic is False and dynamic:
             reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
             warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "

@@ -94,6 +94,8 @@ def lay_out(program: ExportedProgram, cuts: Sequence[Cut], *, empty: str, recomp
     position = {n: i for i, n in enumerate(nodes)}
     body = [n for n in nodes if n.op == "call_function"]
     cuts = list(cuts)
+    if empty == "drop":  # default cuts: in the order forward calls the blocks (CLIP runs its vision tower first)
+        cuts = _in_call_order(body, position, cuts)
     while True:
         starts = _starts(body, position, cuts, mode)
         segment_of = {n: sum(position[n] >= s for s in starts) for n in body}
@@ -135,16 +137,36 @@ def _inputs(nodes: list[fx.Node], signature) -> tuple[list[fx.Node], dict[fx.Nod
     return user_inputs, state
 
 
-def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], mode: str) -> list[int]:
+def _spans(body: list[fx.Node], position: dict[fx.Node, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """Each module's first and last op position (a container forward never calls, a ModuleList of blocks, spans the
+    ops of the modules under it)."""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for node in body:
         for path in module_paths(node):
-            # a container forward never calls (a ModuleList of blocks) spans the ops of the modules under it
             parts = path.split(".")
             for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
                 first.setdefault(prefix, position[node])
                 last[prefix] = position[node]
+    return first, last
+
+
+def _in_call_order(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut]) -> list[Cut]:
+    """``cuts`` sorted by where they cut (a module forward never calls stays where it was, to be named by
+    :func:`_starts`)."""
+    first, last = _spans(body, position)
+
+    def where(index: int) -> tuple[int, int]:
+        name, side = cuts[index]
+        if name not in first:
+            return (-1, index)
+        return (first[name] if side == "begin" else last[name] + 1, index)
+
+    return [cuts[i] for i in sorted(range(len(cuts)), key=where)]
+
+
+def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], mode: str) -> list[int]:
+    first, last = _spans(body, position)
     starts = []
     for name, where in cuts:
         if name not in first:

@@ -79,6 +79,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         split_points: where to cut a captured model, by module names as ``model.named_modules()`` gives them
             (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
             the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
+        allow_autograd_functions: capture a model whose forward applies custom ``torch.autograd.Function`` s
+            (Bloom's GeLU): the graph keeps their forward ops and differentiates those itself, which is right only
+            if each backward is its forward's exact derivative; refused by default, naming each one.
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
             (GPipe's re-materialization): less memory, one more forward.
         schedule_options: extra arguments of the schedule, e.g. ``{"virtual_stages": 2}``.
@@ -174,6 +177,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         memory_cap: float | None = None,
         profile_cache: str | os.PathLike[str] | bool | None = None,
         split_points: Any = None,
+        allow_autograd_functions: bool = False,
         checkpoint_format: str = "full",
         loss_reduction: str = "auto",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
@@ -194,7 +198,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             schedule=schedule, num_microbatches=num_microbatches, partition=partition, layers=layers,
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
-            profile_cache=profile_cache, split_points=split_points, wait_timeout=wait_timeout,
+            profile_cache=profile_cache, split_points=split_points,
+            allow_autograd_functions=allow_autograd_functions, wait_timeout=wait_timeout,
             detect_anomaly=detect_anomaly, checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts
