@@ -222,7 +222,9 @@ def hf_causal(kind: str, layers: int = 4) -> nn.Module:
     extra = {"Mistral": {"num_key_value_heads": 2, "sliding_window": 8}, "Qwen2": {"num_key_value_heads": 2},
              "Qwen3": {"num_key_value_heads": 2, "head_dim": 8}, "Gemma": {"num_key_value_heads": 1, "head_dim": 8},
              "Phi": {"partial_rotary_factor": 0.5}, "GPTNeoX": {"rotary_pct": 0.5},
-             "OPT": {"ffn_dim": 64, "word_embed_proj_dim": 32, "do_layer_norm_before": True, "dropout": 0.0}}[kind]
+             "OPT": {"ffn_dim": 64, "word_embed_proj_dim": 32, "do_layer_norm_before": True, "dropout": 0.0},
+             "Gemma2": {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8},
+             "Mixtral": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}}[kind]
     if kind == "OPT":
         sizes.pop("intermediate_size")
     config = getattr(transformers, f"{kind}Config")(**sizes, **extra)
@@ -270,6 +272,9 @@ def hf_vision(kind: str) -> nn.Module:
     if kind == "ConvNext":
         config = transformers.ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[8, 16, 24, 32],
                                              depths=[1, 1, 2, 1], num_labels=10)
+    elif kind == "Swin":  # shifted windows over 8 x 8 patches, then 4 x 4
+        config = transformers.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                         window_size=4, num_labels=10, drop_path_rate=0.0)
     else:
         # two stages: 16 x 16 images keep 2 x 2 positions, so a one-row micro-batch's batch norms see 4 values
         config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2],
@@ -344,7 +349,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
     *(Family(f"hf_{kind.lower()}", functools.partial(hf_causal, kind), _masked,
              lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss, hf=True)
-      for kind in ("Mistral", "Qwen2", "Qwen3", "Gemma", "Phi", "GPTNeoX", "OPT")),
+      for kind in ("Mistral", "Qwen2", "Qwen3", "Gemma", "Phi", "GPTNeoX", "OPT", "Gemma2", "Mixtral")),
     *(Family(f"hf_{kind.lower()}", functools.partial(hf_encoder, kind), _classified,
              lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}), lambda out, mb: out.loss, hf=True)
       for kind in ("Roberta", "DistilBert", "Electra")),
@@ -353,7 +358,7 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("hf_vit", hf_vit, _images, lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True),
     *(Family(f"hf_{kind.lower()}", functools.partial(hf_vision, kind), _images,
              lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True)
-      for kind in ("ConvNext", "ResNet")),
+      for kind in ("ConvNext", "ResNet", "Swin")),
 ]}
 
 
