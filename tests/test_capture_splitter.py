@@ -285,6 +285,19 @@ def test_blocks_in_lists_come_before_the_stacks_that_enclose_them() -> None:
     assert repeated_blocks(model) == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
     assert len(Splitter(model).segments(*fam.call(fam.batch(2, 8, 0)))) == 6
 
+    class Block(nn.Module):  # blocks kept as attributes, each with an MLP in an nn.Sequential: still the blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Linear(8, 24)
+            self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+    class Attributes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block1, self.block2, self.block3 = Block(), Block(), Block()
+
+    assert repeated_blocks(Attributes()) == ["block1", "block2", "block3"]
+
 
 def test_meta_capture_then_materialize_only_local_segments() -> None:
     fam = family("hf_llama")

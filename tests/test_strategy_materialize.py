@@ -149,3 +149,76 @@ def test_meta_tensors_nothing_initializes_need_a_checkpoint(tmp_path: Path) -> N
         assert outside == "no error", outside
         for key, value in result["eager"].items():
             torch.testing.assert_close(result["meta"][key], value, rtol=0, atol=0, msg=key)
+
+
+class _DataInit(torch.nn.Module):
+    """Initializes through ``.data`` (no version bump), a buffer by assigning ``.data`` anew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(4, 4))
+        self.register_buffer("t", torch.empty(3), persistent=False)
+
+    def reset_parameters(self) -> None:
+        self.w.data.uniform_(-1, 1)
+        self.t.data = torch.arange(3.0)
+
+
+class _WeightOnly(torch.nn.Module):
+    """An enclosing model whose ``_init_weights`` writes a Linear's weight only (its bias is reset_parameters')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 64)
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.normal_(0.0, 0.02)
+
+
+class _NoArgInit(torch.nn.Module):
+    """A ``_init_weights(self)`` of another convention (timm's): never called with a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def _init_weights(self) -> None:
+        raise AssertionError("called with a module")
+
+
+def test_the_materializer_sees_writes_through_data_and_keeps_what_each_initializer_wrote() -> None:
+    """Writes through ``.data`` bump no version counter: they count as initialized (they used to be "unwritten", an
+    error); an initializer that writes only some tensors keeps them when the next one runs; an enclosing
+    ``_init_weights`` of another convention is not called while ``reset_parameters`` covers the layer."""
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+
+    with torch.device("meta"):
+        layers = torch.nn.Sequential(_DataInit(), _DataInit())
+    materializer = LocalMaterializer(layers, layers, torch.device("cpu"), SEED)
+    materializer([layers])
+    assert materializer.unwritten() is None
+    assert not torch.isnan(layers[1].w).any() and layers[1].t.tolist() == [0.0, 1.0, 2.0]
+    with torch.device("meta"):
+        other = _NoArgInit()
+    LocalMaterializer(other, other, torch.device("cpu"), SEED)([other])
+    assert not torch.isnan(other.linear.weight).any()
+    import sys
+    import types
+
+    # an enclosing Hugging Face model (any PreTrainedModel subclass is one): its _init_weights comes first
+    fake = types.ModuleType("transformers")
+    fake.PreTrainedModel = _WeightOnly  # type: ignore[attr-defined]
+    saved = sys.modules.get("transformers")
+    sys.modules["transformers"] = fake
+    try:
+        with torch.device("meta"):
+            model = _WeightOnly()
+        LocalMaterializer(model, model, torch.device("cpu"), SEED)([model])
+    finally:
+        if saved is not None:
+            sys.modules["transformers"] = saved
+        else:
+            del sys.modules["transformers"]
+    assert 0.015 < float(model.linear.weight.detach().std()) < 0.025  # kept: reset_parameters' would be ~0.07
+    assert not torch.isnan(model.linear.bias).any()  # from reset_parameters

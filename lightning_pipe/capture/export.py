@@ -76,7 +76,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         if checkpoints:
             raise CaptureError(
                 f"{type(model).__name__}.forward checkpoints activations with torch.utils.checkpoint's reentrant "
-                f"variant (use_reentrant=True, Hugging Face's gradient_checkpointing_enable() default) in "
+                f"variant (use_reentrant=True, the default of Hugging Face's gradient_checkpointing_enable() before "
+                f"transformers 5) in "
                 f"{checkpoints[0]}{f' and {len(checkpoints) - 1} more' if len(checkpoints) > 1 else ''}: it runs the "
                 f"layers under no_grad and recomputes them in its backward, which a captured graph does not, so "
                 f"those layers would get no gradient. Turn the model's own checkpointing off "

@@ -30,13 +30,13 @@ def repeated_blocks(model: nn.Module) -> list[str]:
     Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose
     such instances hold the most parameters; a class enclosing those instances wins if it holds >= 90% as many
     (a transformer block over its Linears). Outermost instances only. "The largest ModuleList" alone would pick
-    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks. Classes whose instances sit in a
-    ``ModuleList`` / ``Sequential`` come first: T5's blocks, not its encoder and decoder stacks (two siblings of one
-    class that enclose them).
+    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks. When the winner's instances are
+    attributes (T5's encoder and decoder stacks, one class) and they enclose a class listed in containers of that
+    class alone (each stack's ``block`` list) holding at least half their parameters, the listed blocks are the units.
     """
     total: dict[type, int] = defaultdict(int)
     members: dict[type, list[str]] = defaultdict(list)
-    listed: set[type] = set()  # classes with instances in a container
+    listed: set[type] = set()  # classes with instances in a container that holds that class alone
     for parent_name, parent in model.named_modules():
         by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
         for child_name, child in parent.named_children():
@@ -44,13 +44,11 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         for cls, children in by_class.items():
             if len(children) < 2 or issubclass(cls, _CONTAINERS):
                 continue
-            if isinstance(parent, _CONTAINERS):
+            if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
                 listed.add(cls)
             for name, child in children:
                 total[cls] += sum(p.numel() for p in child.parameters())
                 members[cls].append(name)
-    if listed:
-        total = defaultdict(int, {cls: size for cls, size in total.items() if cls in listed})
     if not total:
         return []
     best = max(total, key=total.__getitem__)
@@ -58,6 +56,11 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         encloses = any(m.startswith(outer + ".") for outer in members[cls] for m in members[best])
         if cls is not best and encloses and size >= _ENCLOSING_SHARE * total[best]:
             best = cls
+    if best not in listed:
+        inside = [cls for cls in listed if total[cls] >= 0.5 * total[best]
+                  and all(any(m.startswith(outer + ".") for outer in members[best]) for m in members[cls])]
+        if inside:
+            best = max(inside, key=total.__getitem__)
     names = members[best]
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
 

@@ -84,6 +84,7 @@ class Communicator(Waits):
         serial = next_serial(("p2p", ranks))
         self.prefix = f"lightning_pipe/p2p/{'-'.join(map(str, ranks))}/{serial}"
         self.board = FailureBoard(self.prefix, self.size, ranks)
+        self.started = time.time()  # a job failure posted before this pipeline existed is not one of its own
         self.error_grace_s = 5.0  # how long a failing rank waits for its peers to take its error messages
         self.wait_timeout = DEFAULT_WAIT_TIMEOUT  # seconds any one wait for peers may last (see the module's doc)
         # the transfers of the step being exchanged (:class:`~.schedules.transfers.Transfer`), which the executor sets:

@@ -16,7 +16,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .notices import FailureBoard, PipelineError
-from .watchdog import activity, arm_exit_guard, explain_wait, posted_failure
+from .watchdog import activity, arm_exit_guard, explain_wait, known_failure, posted_failure
 
 __all__ = ["Waits"]
 
@@ -28,6 +28,7 @@ class Waits:
     rank: int
     wait_timeout: float
     board: FailureBoard
+    started: float
     failed: PipelineError | None
     awaiting: Sequence[Any]
     _global: list[int]
@@ -62,7 +63,7 @@ class Waits:
             pause = min(1e-3, pause * 2 or 2e-5)
             if time.monotonic() - last_check > 0.05:
                 last_check = time.monotonic()
-                error = self.board.read()
+                error = self.board.read() or self._failed_elsewhere(known_failure(self.started), awaited)
                 if error is not None:
                     self.failed = error
                     raise error
@@ -91,11 +92,8 @@ class Waits:
         if timed_out:
             arm_exit_guard()  # what torch still waits for must not hold this process's exit
         posted = self.board.read(wait=0.5 if timed_out else 1.0)
-        if posted is None and not timed_out:  # a rank that failed outside the pipeline's steps (a hook) and ended
-            failure = posted_failure()
-            if failure is not None and failure[0] != self._global[self.rank]:
-                posted = PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {self._global[self.rank]} was "
-                                       f"waiting for it: {awaited})", self._group_rank(failure[0]))
+        if posted is None:  # a rank that failed outside the pipeline's steps (a hook), perhaps with the store
+            posted = self._failed_elsewhere(known_failure(self.started) if timed_out else posted_failure(), awaited)
         if posted is None:
             me = self._global[self.rank]
             message, root = explain_wait(me, [self._global[p] for p in awaited.peers] or list(self._global),
@@ -106,6 +104,15 @@ class Waits:
             posted = self.board.read() or PipelineError(message, self._group_rank(root))
         self.failed = posted
         return posted
+
+    def _failed_elsewhere(self, failure: tuple[int, str] | None, awaited: _Awaited) -> PipelineError | None:
+        """The error to raise for the job's failure ``failure`` (``(global rank, first line)``) posted by another
+        rank (a hook's error, outside the pipeline's steps); ``None`` for none or this rank's own."""
+        me = self._global[self.rank]
+        if failure is None or failure[0] == me:
+            return None
+        return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it: {awaited})",
+                             self._group_rank(failure[0]))
 
     def _group_rank(self, global_rank: int) -> int:
         return self._global.index(global_rank) if global_rank in self._global else -1

@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
            "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
-           "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
+           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -204,8 +204,16 @@ def posted_failure(wait: float = 0.0) -> tuple[int, str] | None:
         if time.monotonic() >= deadline:
             break
         time.sleep(0.05)
+    return known_failure()
+
+
+def known_failure(since: float | None = None) -> tuple[int, str] | None:
+    """The job's failure as this rank's heartbeat read it, ``(rank, first line)``, without asking the store (which may
+    be gone with the rank that held it); ``None`` if it read none, or none posted after ``since`` (``time.time()``)."""
     known = _KNOWN[0]
     if known is None or not dist.is_initialized() or known[0] is not dist.group.WORLD:
+        return None
+    if since is not None and float(known[1].get("time", 0.0)) < since:
         return None
     return _as_pair(known[1])
 
@@ -364,9 +372,10 @@ def sample_peers(ranks: Iterable[int], window: float = SAMPLE_S,
     return peers
 
 
-def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> set[int]:
+def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5, ended: bool = False) -> set[int]:
     """The ranks of the job that sent no heartbeat for ``quiet_s`` seconds without having ended (killed or stopped:
-    they will read no notice, and a rank waiting for the others to read one need not wait for them)."""
+    they will read no notice, and a rank waiting for the others to read one need not wait for them); with ``ended``,
+    the ranks whose process has ended too."""
     store = short_store()
     if store is None or not dist.is_initialized():
         return set()
@@ -375,8 +384,8 @@ def silent_ranks(quiet_s: float = 2 * HEARTBEAT_S + 0.5) -> set[int]:
     except Exception:  # noqa: BLE001 - the store does not answer
         return set()
     now = time.time()
-    return {rank for rank, beat in beats.items()
-            if not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s}
+    return {rank for rank, beat in beats.items() if (ended and beat.get("ended"))
+            or (not beat.get("ended") and now - float(beat.get("time", now)) > quiet_s)}
 
 
 def linger(store: Any, key: str, ranks: Sequence[int], timeout: float) -> None:
@@ -393,7 +402,7 @@ def linger(store: Any, key: str, ranks: Sequence[int], timeout: float) -> None:
             return
         time.sleep(0.05)
         if time.monotonic() > next_look:
-            silent, next_look = silent_ranks(), time.monotonic() + 0.5
+            silent, next_look = silent_ranks(ended=True), time.monotonic() + 0.5
 
 
 def _store_host() -> str:

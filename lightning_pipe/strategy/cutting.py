@@ -138,8 +138,13 @@ class PipelineCutting:
         return captured
 
     def _as_step_gets(self, batch: Any) -> Any:
-        """``batch`` as Lightning's loops hand it to a step: on the device, converted by the precision plugin."""
-        return self.precision_plugin.convert_input(self.batch_to_device(batch))
+        """``batch`` as Lightning's loops hand it to a step: converted by the precision plugin, through the module's
+        ``on_before_batch_transfer``, then to the device (with ``on_after_batch_transfer``)."""
+        batch = self.precision_plugin.convert_input(batch)
+        module = self.lightning_module
+        if module is not None:
+            batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
+        return self.batch_to_device(batch)
 
     def _step_context(self, step: str) -> Any:
         """The precision plugin's context for ``step`` (autocast for bf16-mixed, the default dtype for bf16-true)."""
@@ -158,15 +163,15 @@ class PipelineCutting:
                 cache = self.profile_cache
                 if cache is None:
                     cache = os.path.join(trainer.default_root_dir, ".lightning_pipe_profiles")
-                batch = self.batch_to_device(batch)
                 inputs = None
                 if captured is not None:  # the segments are the layers; their input, the model call's, flattened
                     sequence = torch.nn.Sequential(*captured.segments)
-                    batch = self.precision_plugin.convert_input(batch)  # as the capture's (the model is converted)
+                    batch = self._as_step_gets(batch)  # as the capture's (the model is converted)
                     with torch.no_grad(), no_logging(module), self._step_context(step):
                         inputs = captured.capture_input(step, batch, (0,), {})
                 else:
                     _, sequence = find_sequence(module, self.layers)
+                    batch = self.batch_to_device(batch)
                 return plan_cut(module, sequence, batch, inputs=inputs, partition=str(self.partition),
                                 schedule=self.schedule, num_microbatches=self.num_microbatches,
                                 **self._planned_layout(), device=self.root_device, memory_cap=self.memory_cap,

@@ -25,6 +25,7 @@ come from one stream in construction order):
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -74,6 +75,7 @@ class LocalMaterializer:
         # since a later capture may have a segment recompute from a rope table what the first one sent it)
         self.whole_buffers = whole_buffers
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
+        self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
@@ -88,9 +90,14 @@ class LocalMaterializer:
         inside = {id(t) for t in _tensors(self.sequence)}
         wanted = {id(t): t for stage in stages for t in _tensors(stage)}
         wanted.update((id(t), t) for t in _tensors(self.module) if id(t) not in inside)  # the step code's state
+        extras: set[int] = set()  # buffers of other ranks' layers (whole_buffers)
         if self.whole_buffers:
+            extras = {id(t) for t in self.sequence.buffers() if id(t) not in wanted}
             wanted.update((id(t), t) for t in self.sequence.buffers())
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
+        # a checkpoint loads this rank's layers only: another rank's persistent buffer nothing initialized is that
+        # rank's to load, not an error here
+        self._extras = {id(fresh[key]) for key in extras if key in fresh}
         owners = self._give(fresh)
         self._initialize(owners, fresh)
         _refuse_meta_metrics(self.module, stages, self.sequence)
@@ -121,21 +128,34 @@ class LocalMaterializer:
                 continue
             done.add(id(owner))
             kept = {key: t.detach().clone() for key, t in _own(owner) if id(t) not in new}  # real state stays as it was
+            with torch.no_grad():
+                for _, tensor in _own(owner):
+                    if id(tensor) in new and tensor.is_floating_point():
+                        tensor.fill_(float("nan"))  # so that a write through .data shows too (no version bump)
             versions = {key: t._version for key, t in _own(owner)}
-            initializers = _initializers(owner, parents)
+
+            def written(key: str, tensor: torch.Tensor) -> bool:
+                if tensor._version != versions[key] or tensor.numel() == 0:
+                    return True
+                return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
+
             placed = dict(_own(owner))
             with torch.no_grad(), forked_random(self._seed_of(name), self.device):
-                for init in initializers:  # the next one only if a tensor is still unwritten
-                    if all(t._version != versions[key] for key, t in _own(owner) if id(t) in new):
+                for init in _initializers(owner, parents):  # the next one only for tensors still unwritten
+                    earlier = {key: t.clone() for key, t in _own(owner) if id(t) in new and written(key, t)}
+                    if all(key in earlier for key, t in _own(owner) if id(t) in new):
                         break
                     init()
                     _keep_objects(owner, placed, versions)
+                    for key, tensor in _own(owner):  # what an earlier initializer wrote stays
+                        if key in earlier:
+                            tensor.copy_(earlier[key])
             with torch.no_grad():
                 for key, tensor in _own(owner):
                     if key in kept:
                         tensor.copy_(kept[key])
             for key, tensor in _own(owner):
-                if id(tensor) not in new or tensor._version != versions[key]:
+                if id(tensor) not in new or written(key, tensor):
                     continue
                 qualified = f"{name}.{key}" if name else key
                 if key in owner._non_persistent_buffers_set:
@@ -144,7 +164,8 @@ class LocalMaterializer:
                         f"persistent, so no checkpoint holds it and nothing recomputes it; give "
                         f"{type(owner).__name__} a reset_parameters() that recomputes it (as its __init__ does), or "
                         f"build the model eagerly")
-                self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
+                if id(tensor) not in self._extras:
+                    self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
             self.materialized.append(name)
 
     def _seed_of(self, name: str) -> int:
@@ -194,6 +215,10 @@ def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: d
             before = placed.get(key)
             if before is None or tensor is None or tensor is before:
                 continue
+            if tensor.shape != before.shape:
+                raise ValueError(f"{type(owner).__name__}'s initialization replaced {key!r} of shape "
+                                 f"{tuple(before.shape)} by one of shape {tuple(tensor.shape)}; initialize it in "
+                                 f"place, or at the shape it was built with")
             before.copy_(tensor.detach())
             table[key] = before
             if versions.get(key) == before._version:  # copy_ moves it; a zero-size copy need not
@@ -205,21 +230,26 @@ def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
-    """How ``module``'s tensors are initialized, in order, each tried while a tensor is still unwritten: the nearest
-    enclosing Hugging Face ``_init_weights`` bound to ``module`` (what the model's own ``post_init`` applies: GPT-2's
-    and Llama's linear layers draw from N(0, 0.02), not torch's default), then ``module.reset_parameters``."""
+    """How ``module``'s tensors are initialized, in order, each tried for the tensors still unwritten: the nearest
+    enclosing Hugging Face model's ``_init_weights`` bound to ``module`` (what its ``post_init`` applies: GPT-2's and
+    Llama's linear layers draw from N(0, 0.02), not torch's default), then ``module.reset_parameters``, then the
+    nearest other enclosing ``_init_weights(module)``."""
+    hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
     found: list[Callable[[], object]] = []
+    other: list[Callable[[], object]] = []
     parent = parents.get(id(module))
-    while parent is not None:
+    while parent is not None and not (found and other):
         init_weights = getattr(parent, "_init_weights", None)
         if callable(init_weights):
-            found.append(lambda: init_weights(module))
-            break
+            is_hf = hugging_face is not None and isinstance(parent, hugging_face)
+            chosen = found if is_hf else other
+            if not chosen:
+                chosen.append(lambda init_weights=init_weights: init_weights(module))
+            if is_hf:
+                break
         parent = parents.get(id(parent))
     reset = getattr(module, "reset_parameters", None)
-    if callable(reset):
-        found.append(reset)
-    return found
+    return [*found, *([reset] if callable(reset) else []), *other[:1]]
 
 
 def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
