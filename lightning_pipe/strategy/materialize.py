@@ -12,10 +12,13 @@ the module tree's order with torch's generators forked to a seed of the agreed s
 meta-built model starts from the same weights on every layout (but not from the weights an eager build draws, which
 come from one stream in construction order):
 
-- a Hugging Face model's ``_init_weights(module)``, from the nearest enclosing module that has one (what the model's
-  ``post_init`` applies when it is built eagerly);
+- the enclosing Hugging Face model's ``_init_weights(module)`` (what its ``post_init`` applies when it is built
+  eagerly);
 - then, for tensors still unwritten, ``module.reset_parameters()`` where the module that owns the tensor defines it
   (torch's layers do; it must initialize the module's own parameters and buffers);
+- then the nearest other enclosing ``_init_weights(module)``; what an earlier one wrote stays. A write counts however
+  it is made (in place, through ``.data``, or by assigning the tensor anew, whose value then goes into the placed
+  tensor): fresh floating tensors start as NaN;
 - else nothing: the tensor must come from a checkpoint (``trainer.fit(model, ckpt_path=...)``). Before the first step
   the strategy checks that each such tensor was written since (:meth:`LocalMaterializer.unwritten`: its version counter
   moved) and names the module and the fix otherwise. A non-persistent buffer (a rope table) is in no checkpoint, so
