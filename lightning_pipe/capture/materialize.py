@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .segment import Segment
 
-__all__ = ["materialize"]
+__all__ = ["materialize", "put_in_place"]
 
 
 def materialize(local: Sequence[Segment], holders: Iterable[nn.Module],
@@ -32,15 +32,21 @@ def materialize(local: Sequence[Segment], holders: Iterable[nn.Module],
             old = getattr(owner, leaf)
             if id(old) not in new:
                 new[id(old)] = _placed(old, device)
+    put_in_place(holders, new)
+    return new
+
+
+def put_in_place(holders: Iterable[nn.Module], new: dict[int, torch.Tensor]) -> None:
+    """In every module of ``holders``, replace each parameter or buffer whose ``id`` is a key of ``new`` by its value
+    (one object for every module that referred to the old one)."""
     if not new:
-        return new
+        return
     for holder in holders:
         for module in holder.modules():
             for table in (module._parameters, module._buffers):
                 for key, tensor in table.items():
                     if tensor is not None and id(tensor) in new:
                         table[key] = new[id(tensor)]
-    return new
 
 
 def _placed(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

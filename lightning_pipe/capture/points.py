@@ -53,16 +53,21 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         return []
     best = max(total, key=total.__getitem__)
     for cls, size in total.items():
-        encloses = any(m.startswith(outer + ".") for outer in members[cls] for m in members[best])
+        encloses = any(_inside(m, members[cls]) for m in members[best])
         if cls is not best and encloses and size >= _ENCLOSING_SHARE * total[best]:
             best = cls
     if best not in listed:
         inside = [cls for cls in listed if total[cls] >= 0.5 * total[best]
-                  and all(any(m.startswith(outer + ".") for outer in members[best]) for m in members[cls])]
+                  and all(_inside(m, members[best]) for m in members[cls])]
         if inside:
             best = max(inside, key=total.__getitem__)
     names = members[best]
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    return [n for n in names if not _inside(n, names)]
+
+
+def _inside(name: str, outer: Sequence[str]) -> bool:
+    """Whether the module ``name`` lies inside one of the modules ``outer``."""
+    return any(name.startswith(o + ".") for o in outer)
 
 
 def default_cuts(model: nn.Module) -> list[Cut]:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "refuse_planned_cut"]
@@ -107,19 +108,9 @@ class LocalMaterializer:
 
     def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
         """Put the new tensors in place of the meta ones, in every module that holds one; the owning modules by name."""
-        owners: dict[str, nn.Module] = {}
-        for name, child in self.module.named_modules(remove_duplicate=False):
-            for table in (child._parameters, child._buffers):
-                for key, tensor in table.items():
-                    if tensor is not None and id(tensor) in fresh:
-                        table[key] = fresh[id(tensor)]
-                        owners.setdefault(name, child)
-        for holder in [self.sequence, *self.holders]:
-            for child in holder.modules():
-                for table in (child._parameters, child._buffers):
-                    for key, tensor in table.items():
-                        if tensor is not None and id(tensor) in fresh:
-                            table[key] = fresh[id(tensor)]
+        owners = {name: child for name, child in self.module.named_modules(remove_duplicate=False)
+                  if any(id(t) in fresh for _, t in _own(child))}
+        put_in_place([self.module, self.sequence, *self.holders], fresh)
         return owners
 
     def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor]) -> None:
