@@ -172,8 +172,7 @@ def _watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[str]
     applied it (torch's own Functions are left alone: their backward is their forward's derivative), and apart from
     them, where torch's reentrant activation checkpoint (``CheckpointFunction``) was applied."""
     base = torch.autograd.function.Function
-    original = base.__dict__["apply"]
-    apply = original.__func__
+    original = base.__dict__["apply"]  # a classmethod, or (torch >= 2.14) a C classmethod descriptor
     found: list[str] = []
     checkpoints: list[str] = []
     reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
@@ -187,7 +186,7 @@ def _watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[str]
             entry = f"{cls.__qualname__} (from {cls.__module__}) in {locate_frame(sys._getframe(1), names)}"
             if entry not in found:
                 found.append(entry)
-        return apply(cls, *args, **kwargs)
+        return original.__get__(None, cls)(*args, **kwargs)
 
     base.apply = classmethod(spy)
     try:
