@@ -94,15 +94,19 @@ def lay_out(program: ExportedProgram, cuts: Sequence[Cut], *, empty: str, recomp
     position = {n: i for i, n in enumerate(nodes)}
     body = [n for n in nodes if n.op == "call_function"]
     cuts = list(cuts)
-    if empty == "drop":  # default cuts: in the order forward calls the blocks (CLIP runs its vision tower first)
-        cuts = _in_call_order(body, position, cuts)
+    called = _spans(body, position)[0]
+    if empty == "drop":  # default cuts: in the order forward calls the blocks (CLIP runs its vision tower first),
+        cuts = [cut for cut in _in_call_order(body, position, cuts) if cut[0] in called]  # the called ones
+    # A later capture cuts where the first one did, and the user's cuts hold in an evaluation that comes first (a
+    # sanity check): there, a module this mode does not call leaves its segment empty.
+    uncalled_empty = empty == "keep" or (empty == "refuse" and mode == "eval")
     while True:
-        starts = _starts(body, position, cuts, mode)
+        starts = _starts(body, position, cuts, mode, uncalled_empty=uncalled_empty)
         segment_of = {n: sum(position[n] >= s for s in starts) for n in body}
         work = defaultdict(int)
         for n in body:
             work[segment_of[n]] += _op_name(n) not in _TRIVIAL
-        idle = [i for i in range(len(cuts) + 1) if work[i] == 0]
+        idle = [i for i in range(len(cuts) + 1) if work[i] == 0 and not (i and cuts[i - 1][0] not in called)]
         if not idle or empty == "keep":
             break
         if empty == "refuse":
@@ -165,14 +169,26 @@ def _in_call_order(body: list[fx.Node], position: dict[fx.Node, int], cuts: list
     return [cuts[i] for i in sorted(range(len(cuts)), key=where)]
 
 
-def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], mode: str) -> list[int]:
+def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], mode: str,
+            uncalled_empty: bool) -> list[int]:
+    """Where each cut starts its segment. With ``uncalled_empty``, a module this mode does not call (an auxiliary
+    head that runs in training only) cuts where the next cut does: its segment is empty in this mode and passes its
+    values on."""
     first, last = _spans(body, position)
-    starts = []
+    starts: list[int | None] = []
     for name, where in cuts:
-        if name not in first:
+        if name in first:
+            starts.append(first[name] if where == "begin" else last[name] + 1)
+        elif uncalled_empty:
+            starts.append(None)
+        else:
             raise CaptureError(f"split point {name!r}: forward never calls that module ({mode} mode), or it runs no "
                                f"op; name a module that forward calls")
-        starts.append(first[name] if where == "begin" else last[name] + 1)
+    following = position[body[-1]] + 1 if body else 0
+    for index in reversed(range(len(starts))):
+        if starts[index] is None:
+            starts[index] = following
+        following = starts[index]
     for (a, start_a), (b, start_b) in zip(zip(cuts, starts), zip(cuts[1:], starts[1:])):
         if start_b < start_a:
             raise CaptureError(f"split points {[cut_label(c) for c in cuts]} are not in the order forward calls them: "

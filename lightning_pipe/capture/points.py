@@ -27,16 +27,24 @@ _ENCLOSING_SHARE = 0.9  # a class enclosing the repeated one wins when its insta
 def repeated_blocks(model: nn.Module) -> list[str]:
     """Names of the model's repeated blocks, in ``named_modules`` order.
 
-    Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose
-    such instances hold the most parameters; a class enclosing those instances wins if it holds >= 90% as many
-    (a transformer block over its Linears). Outermost instances only. "The largest ModuleList" alone would pick
-    a ResNet's last stage, or an autoencoder's decoder, instead of the blocks. When the winner's instances are
-    attributes (T5's encoder and decoder stacks, one class) and they enclose a class listed in containers of that
-    class alone (each stack's ``block`` list) holding at least half their parameters, the listed blocks are the units.
+    Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose such
+    instances hold the most parameters ("the largest ModuleList" alone would pick a ResNet's last stage, or an
+    autoencoder's decoder). Outermost instances only. Then:
+
+    - a class enclosing those instances wins if it holds >= 90% as many (a transformer block over its Linears);
+    - a layer class (no submodules: a Conv2d) yields to the largest block class enclosing its instances that holds
+      half as many (EfficientNet's blocks, whose convolutions also sit in the stem and the head);
+    - a winner steps down to a class it encloses, holding half its parameters, that sits alone in containers:
+      when the winner's instances are attributes (T5's encoder and decoder stacks: each stack's ``block`` list), or
+      when an ``nn.Sequential`` chains them (the blocks in each stage of ConvNeXt, Swin, PoolFormer: four stages are
+      too few units to balance). Not a ``ModuleList`` inside a listed winner: it may hold a mixture's experts, which
+      run side by side.
     """
     total: dict[type, int] = defaultdict(int)
     members: dict[type, list[str]] = defaultdict(list)
     listed: set[type] = set()  # classes with instances in a container that holds that class alone
+    chained: set[type] = set()  # the same, in an nn.Sequential (which calls them one after another), with children
+    composite: dict[type, bool] = {}  # whether the class's instances hold modules of their own (blocks, not layers)
     for parent_name, parent in model.named_modules():
         by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
         for child_name, child in parent.named_children():
@@ -46,7 +54,10 @@ def repeated_blocks(model: nn.Module) -> list[str]:
                 continue
             if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
                 listed.add(cls)
+                if isinstance(parent, nn.Sequential) and any(True for _ in children[0][1].children()):
+                    chained.add(cls)
             for name, child in children:
+                composite[cls] = composite.get(cls, False) or any(True for _ in child.children())
                 total[cls] += sum(p.numel() for p in child.parameters())
                 members[cls].append(name)
     if not total:
@@ -56,11 +67,17 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         encloses = any(_inside(m, members[cls]) for m in members[best])
         if cls is not best and encloses and size >= _ENCLOSING_SHARE * total[best]:
             best = cls
-    if best not in listed:
-        inside = [cls for cls in listed if total[cls] >= 0.5 * total[best]
-                  and all(_inside(m, members[best]) for m in members[cls])]
-        if inside:
-            best = max(inside, key=total.__getitem__)
+    if not composite[best]:  # layers (a Conv2d) win only where no block of them holds half as many parameters
+        blocks = [cls for cls in total if composite[cls] and total[cls] >= 0.5 * total[best]
+                  and any(_inside(m, members[cls]) for m in members[best])]
+        if blocks:
+            best = max(blocks, key=total.__getitem__)
+    while True:  # step down to the blocks inside the winner (see above)
+        inside = [cls for cls in (listed if best not in listed else chained) if total[cls] >= 0.5 * total[best]
+                  and cls is not best and all(_inside(m, members[best]) for m in members[cls])]
+        if not inside:
+            break
+        best = max(inside, key=total.__getitem__)
     names = members[best]
     return [n for n in names if not _inside(n, names)]
 
