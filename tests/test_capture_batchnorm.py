@@ -19,12 +19,23 @@ from tests.capture_models import ResNet
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+class NormAct1d(nn.BatchNorm1d):
+    """A subclass of torch's batch norm with a forward of its own, normalizing then activating (timm's
+    ``BatchNormAct2d`` is one): a stage cannot swap its forward, but a captured graph calls none."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return F.silu(x)
+
+
 class NormFirst(nn.Module):
     """A batch norm on the data itself (its input does not depend on any weight), then layers with another."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: type[nn.BatchNorm1d] = nn.BatchNorm1d) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(6)
+        self.norm = norm(6)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
         self.head = nn.Linear(6, 3)
 
@@ -79,17 +90,22 @@ def test_one_microbatch_equals_one_device_in_weights_and_buffers(remat: bool) ->
     assert int(model.bn1.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, NormAct1d], ids=["torch", "subclass"])
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "rematerialized"])
-def test_several_microbatches_commit_the_whole_batchs_statistics(remat: bool) -> None:
+def test_several_microbatches_commit_the_whole_batchs_statistics(remat: bool, norm: type[nn.BatchNorm1d]) -> None:
     """With 4 micro-batches the running statistics of a batch norm whose input is the data equal one device's
-    (the whole batch's, once per step), while each micro-batch is normalized with its own statistics."""
+    (the whole batch's, once per step), while each micro-batch is normalized with its own statistics; a subclass
+    with its own forward too (it used to update them once per micro-batch, silently)."""
     torch.manual_seed(0)
-    reference = NormFirst().train()
+    reference = NormFirst(norm).train()
     model = copy.deepcopy(reference)
     batches = [torch.randn(12, 6, generator=torch.Generator().manual_seed(i)) * (i + 1) + i for i in range(3)]
     _stage_steps(model, batches, 4, remat)
     _one_device_steps(reference, batches)
-    assert isinstance(model.norm, DeferredBatchNorm1d), "the stage converted the model's own batch norm"
+    if norm is nn.BatchNorm1d:
+        assert isinstance(model.norm, DeferredBatchNorm1d), "the stage converted the model's own batch norm"
+    else:
+        assert type(model.norm) is NormAct1d, "a subclass keeps its class (and its forward)"
     for name in STATS:
         torch.testing.assert_close(getattr(model.norm, name), getattr(reference.norm, name), rtol=0, atol=1e-5,
                                    msg=name)
@@ -113,3 +129,10 @@ def test_outside_a_stage_captured_batch_norms_are_plain() -> None:
     splitter.capture((x,), training=False)
     torch.testing.assert_close(splitter.run(x), reference(x), rtol=0, atol=1e-6)
     assert F is not None
+
+
+def test_a_stage_that_calls_a_batch_norm_subclass_itself_warns() -> None:
+    """In an nn.Sequential stage a subclass's own forward runs, which updates the running statistics once per
+    micro-batch: the stage says so rather than differ silently."""
+    with pytest.warns(UserWarning, match="NormAct1d .*once per micro-batch"):
+        PipelineStage(nn.Sequential(nn.Linear(6, 6), NormAct1d(6)), 0, 1)

@@ -8,7 +8,9 @@ engine's deferred batch norm (:mod:`lightning_pipe.engine.batchnorm`) fixes exac
 modules a stage holds: it records each micro-batch's statistics in the stage's first forward and commits the whole
 batch's once per step. Here both ops of a captured batch norm are rewritten to call functions bound to the model's
 ``BatchNorm`` module, which the segment holding its state also holds (:class:`~.segment.Segment`), so a stage
-converts it like any other and these functions follow its rule:
+converts it like any other and these functions follow its rule. The module is marked ``_defers_in_graph``: a
+subclass of torch's (timm's ``BatchNormAct2d``), whose own forward the stage cannot change, is then deferred too,
+since here no forward runs.
 
 - while the stage's forward or backward runs (the module's ``_deferred.active``): normalize with the micro-batch's
   statistics without touching the running ones, record them in a recording forward only, and leave
@@ -43,6 +45,7 @@ def defer_batch_norms(program: Program, model: nn.Module) -> int:
             module = model.get_submodule(owner)
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 norms[node] = module
+                module._defers_in_graph = True  # a stage defers it, whatever its class (engine.batchnorm)
     changed = 0
     for node in program.graph_module.graph.nodes:
         if node.op != "call_function" or not node.args:
@@ -72,7 +75,7 @@ def _deferred_norm(module: nn.Module) -> Callable[..., Any]:
         if deferred is None:
             return _BATCH_NORM(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled)
         if deferred.recording:
-            module._record(input)  # type: ignore[operator]  # a stage converted it: engine.batchnorm
+            deferred.record(module, input)  # the stage's DeferredStatistics (engine.batchnorm)
         # the micro-batch's own statistics; no running statistics given, so none are updated
         return _BATCH_NORM(input, weight, bias, None, None, True, 0.0, eps, cudnn_enabled)
 

@@ -22,14 +22,19 @@ module called directly) it is a plain batch norm.
 Modules are converted in place by changing their class to a subclass of their own (``DeferredBatchNorm2d`` is an
 ``nn.BatchNorm2d``): ``isinstance`` checks keep working, and parameters, buffers and ``state_dict`` keys do not change,
 so checkpoints load into the plain model. Only ``nn.BatchNorm1d``/``2d``/``3d`` that track running statistics are
-converted; without running statistics a batch norm has nothing to defer, and subclasses (``SyncBatchNorm``, the lazy
-ones, users' own) are left as they are.
+converted; without running statistics a batch norm has nothing to defer. A subclass (timm's ``BatchNormAct2d``, users'
+own) keeps its class and its forward: a captured graph calls no forward, and where the capture has rewritten its ops
+to ask the module (it marks it ``_defers_in_graph``, :mod:`lightning_pipe.capture.batchnorm`), the stage defers it
+too. Elsewhere (an ``nn.Sequential`` stage) its forward updates the running statistics once per micro-batch, and the
+stage warns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -43,12 +48,13 @@ __all__ = ["DeferredBatchNorm1d", "DeferredBatchNorm2d", "DeferredBatchNorm3d", 
 class DeferredStatistics:
     """The converted batch norms of one stage, what they recorded this step, and whether a stage pass is running."""
 
-    def __init__(self, norms: list[_DeferredBatchNorm]) -> None:
+    def __init__(self, norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
         self.norms = norms
         self.active = False  # inside a forward or backward of the stage: never update running statistics directly
         self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
         for norm in norms:
             norm._deferred = self
+            norm._recorded = []  # per micro-batch since the last commit: (rows, mean, biased variance)
 
     @contextmanager
     def running(self, record: bool) -> Iterator[None]:
@@ -65,18 +71,28 @@ class DeferredStatistics:
         """Whether some micro-batch has been recorded since the last commit."""
         return any(norm._recorded for norm in self.norms)
 
+    @staticmethod
+    @torch.no_grad()
+    def record(norm: nn.Module, input: torch.Tensor) -> None:
+        """Record the micro-batch ``input`` of ``norm``: its rows, and its per-channel mean and biased variance."""
+        x = input.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        norm._recorded.append((x.numel() // x.shape[1], mean, var))
+
     def commit(self, group: dist.ProcessGroup | None = None) -> None:
         """Update the running statistics with the batch's statistics recorded since the last commit.
 
         ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
         that ran none); their sums are added up first."""
-        batches = [norm._batch_statistics() for norm in self.norms]
+        batches = [_batch_statistics(norm) for norm in self.norms]
         if group is not None:
             batches = self._sum_over(group, batches)
         for norm, batch in zip(self.norms, batches):
             norm._recorded = []
             if batch is not None:
-                norm._commit(*batch)
+                _commit(norm, *batch)
 
     def discard(self) -> None:
         """Forget what was recorded (a failed step)."""
@@ -101,11 +117,9 @@ class DeferredStatistics:
 
 
 class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """The behaviour shared by the deferred batch norms (a mixin over the plain class; see the module docstring)."""
+    """The forward shared by the deferred batch norms (a mixin over the plain class; see the module docstring)."""
 
     _deferred: DeferredStatistics | None = None
-    # Per micro-batch since the last commit: (rows, mean, variance), the variance biased as batch norm's own.
-    _recorded: Sequence[tuple[int, torch.Tensor, torch.Tensor]] = ()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         deferred = self._deferred
@@ -113,40 +127,33 @@ class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         if deferred.recording:
-            self._record(input)
+            deferred.record(self, input)
         # Normalize with the micro-batch's statistics; no running statistics given, so none are updated.
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
-    @torch.no_grad()
-    def _record(self, input: torch.Tensor) -> None:
-        x = input.detach()
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-        if not self._recorded:
-            self._recorded = []
-        self._recorded.append((x.numel() // x.shape[1], mean, var))
 
-    @torch.no_grad()
-    def _batch_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Rows, mean and (biased) variance per channel of everything recorded since the last commit, in float64."""
-        if not self._recorded:
-            return None
-        means = torch.stack([mean for _, mean, _ in self._recorded]).double()
-        variances = torch.stack([var for _, _, var in self._recorded]).double()
-        counts = torch.tensor([rows for rows, _, _ in self._recorded], dtype=torch.float64, device=means.device)
-        rows = counts.sum()
-        mean = (counts[:, None] * means).sum(0) / rows
-        var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / rows
-        return rows, mean, var
+@torch.no_grad()
+def _batch_statistics(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rows, mean and (biased) variance per channel of everything ``norm`` recorded since the last commit, in
+    float64."""
+    if not norm._recorded:
+        return None
+    means = torch.stack([mean for _, mean, _ in norm._recorded]).double()
+    variances = torch.stack([var for _, _, var in norm._recorded]).double()
+    counts = torch.tensor([rows for rows, _, _ in norm._recorded], dtype=torch.float64, device=means.device)
+    rows = counts.sum()
+    mean = (counts[:, None] * means).sum(0) / rows
+    var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / rows
+    return rows, mean, var
 
-    @torch.no_grad()
-    def _commit(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-        unbiased = var * (rows / (rows - 1)) if rows > 1 else var
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        for buffer, value in ((self.running_mean, mean), (self.running_var, unbiased)):
-            buffer.copy_(factor * value + (1.0 - factor) * buffer.double())
+
+@torch.no_grad()
+def _commit(norm: nn.Module, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    unbiased = var * (rows / (rows - 1)) if rows > 1 else var
+    norm.num_batches_tracked.add_(1)
+    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    for buffer, value in ((norm.running_mean, mean), (norm.running_var, unbiased)):
+        buffer.copy_(factor * value + (1.0 - factor) * buffer.double())
 
 
 class DeferredBatchNorm1d(_DeferredBatchNorm, nn.BatchNorm1d):
@@ -171,12 +178,21 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
 
     A module converted before (by an earlier pipeline) is taken over by the new one."""
     norms = []
+    left: set[str] = set()
     for child in module.modules():
-        if type(child) in _DEFERRED and child.track_running_stats:
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or not child.track_running_stats:
+            continue
+        if type(child) in _DEFERRED:
             child.__class__ = _DEFERRED[type(child)]
-        if isinstance(child, _DeferredBatchNorm):
-            child._recorded = []
+        if isinstance(child, _DeferredBatchNorm) or child.__dict__.get("_defers_in_graph", False):
             norms.append(child)
+        else:
+            left.add(type(child).__name__)
+    if left:
+        warnings.warn(f"batch norms of class(es) {', '.join(sorted(left))} (subclasses of torch's, called by their "
+                      f"own forward) update their running statistics once per micro-batch, not once per step as "
+                      f"the model's other batch norms do; capture the model (any model but an nn.Sequential) for "
+                      f"them to be deferred too, or use nn.BatchNorm", stacklevel=2)
     return DeferredStatistics(norms) if norms else None
 
 
@@ -185,5 +201,6 @@ def restore_batchnorm(module: nn.Module) -> None:
     for child in module.modules():
         if type(child) in _PLAIN:
             child.__class__ = _PLAIN[type(child)]
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.__dict__.pop("_deferred", None)
             child.__dict__.pop("_recorded", None)
