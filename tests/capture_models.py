@@ -4,7 +4,7 @@ litgpt-style GPT; each with a batch maker, how the model is called on a micro-ba
 from __future__ import annotations
 
 import functools
-
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Family", "FAMILIES", "HAS_TRANSFORMERS", "family", "ViT", "ResNet", "AutoEncoder", "LitGPT"]
+__all__ = ["Family", "FAMILIES", "VISION_FAMILIES", "HAS_TRANSFORMERS", "family", "ViT", "ResNet", "AutoEncoder", "LitGPT"]
 
 try:
     import transformers  # noqa: F401
@@ -103,6 +103,27 @@ class ResNet(nn.Module):
         x = self.maxpool(F.relu(self.bn1(self.conv1(images))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# -- deep supervision: an auxiliary head that runs in training only -------------------------------------------------
+class AuxHeadNet(nn.Module):
+    """GoogLeNet's and Inception's deep supervision: an auxiliary classifier that runs in training only. Train mode
+    returns ``(logits, aux_logits)``, eval mode the logits. No repeated blocks: cut before every top-level child, so
+    the auxiliary head is a segment of its own that evaluation does not run."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.low = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU())
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * width, classes))
+        self.high = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.SiLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.low(self.stem(images))
+        aux = self.aux(x) if self.training else None
+        logits = self.head(self.high(x).mean((2, 3)))
+        return (logits, aux) if self.training else logits
 
 
 # -- an autoencoder: two nn.Sequential, returns (reconstruction, code) ----------------------------------------------
@@ -296,10 +317,15 @@ class Family:
     call: Callable[[Batch], tuple[tuple, dict[str, Any]]]
     loss: Callable[[Any, Batch], torch.Tensor]
     hf: bool = False
+    requires: str = ""
+    """A package the family needs besides transformers (torchvision, timm): its tests skip without it."""
 
     def skip_without_transformers(self) -> None:
         if self.hf and not HAS_TRANSFORMERS:
             pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            pytest.skip(f"{self.requires} is not installed (here: pip install torch==2.14.1 torchvision==0.29.1 "
+                        f"timm, whose torchvision loads its ops)")
 
 
 def _tokens(rows: int, length: int, seed: int) -> Batch:
@@ -328,6 +354,12 @@ def _vectors(rows: int, _length: int, seed: int) -> Batch:
     return (torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed)),)
 
 
+def _supervised_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], mb: Batch) -> torch.Tensor:
+    if isinstance(out, tuple):  # training: the auxiliary head's loss weighted in, as GoogLeNet's recipe does
+        return F.cross_entropy(out[0], mb[1]) + 0.3 * F.cross_entropy(out[1], mb[1])
+    return F.cross_entropy(out, mb[1])
+
+
 def _autoencoder_loss(out: tuple[torch.Tensor, torch.Tensor], mb: Batch) -> torch.Tensor:
     recon, code = out
     return F.mse_loss(recon, mb[0]) + 1e-2 * code.pow(2).mean()
@@ -341,6 +373,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            lambda out, mb: out.loss, hf=True),
     Family("vit", ViT, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
     Family("resnet", ResNet, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
+    Family("aux_head", AuxHeadNet, _images, lambda mb: ((mb[0],), {}), _supervised_loss),
     Family("autoencoder", AutoEncoder, _vectors, lambda mb: ((mb[0],), {}), _autoencoder_loss),
     Family("litgpt", LitGPT, _tokens, lambda mb: ((mb[0],), {"targets": mb[0].roll(-1, 1)}), lambda out, mb: out),
 ]}
@@ -362,6 +395,53 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+# torchvision's and timm's own models, unchanged: tests/test_strategy_capture.py::test_torchvision_and_timm_models_...
+# (skipped where they are not installed; the CI's torch 2.13 CPU build has no torchvision that loads). Dropout and
+# stochastic depth are off: their masks are drawn per stage, not as one device draws them (README, "What is exact").
+def torchvision_model(name: str, **options: Any) -> nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=10, **options)
+
+
+def timm_model(name: str, **options: Any) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10, **options)
+
+
+def _photos(rows: int, _length: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 3, 64, 64, generator=g), torch.randint(0, 10, (rows,), generator=g)
+
+
+def _classifier_loss(out: Any, mb: Batch) -> torch.Tensor:
+    """Cross-entropy on the logits; in training, GoogLeNet's auxiliary heads' losses weighted in as its recipe does."""
+    if isinstance(out, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
+        return F.cross_entropy(out[0], mb[1]) + 0.3 * sum(F.cross_entropy(aux, mb[1]) for aux in out[1:])
+    return F.cross_entropy(out, mb[1])
+
+
+VISION_FAMILIES: dict[str, Family] = {f.name: f for f in [
+    *(Family(f"tv_{name}", functools.partial(torchvision_model, name, **options), _photos, lambda mb: ((mb[0],), {}),
+             _classifier_loss, requires="torchvision")
+      for name, options in [("resnet18", {}), ("mobilenet_v3_small", {"dropout": 0.0}),
+                            ("efficientnet_b0", {"dropout": 0.0, "stochastic_depth_prob": 0.0}),
+                            ("googlenet", {"aux_logits": True, "init_weights": True, "dropout": 0.0,
+                                           "dropout_aux": 0.0})]),
+    Family("tv_vit", functools.partial(torchvision_model, "VisionTransformer", image_size=64, patch_size=16,
+                                       num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64),
+           _photos, lambda mb: ((mb[0],), {}), _classifier_loss, requires="torchvision"),
+    *(Family(f"timm_{name}", functools.partial(timm_model, name, **options), _photos, lambda mb: ((mb[0],), {}),
+             _classifier_loss, requires="timm")
+      for name, options in [("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 64, "patch_size": 16}),
+                            ("efficientnet_b0", {}),  # batch norms of timm's own class (BatchNormAct2d)
+                            ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 4, "embed_dim": 24,
+                                                              "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4),
+                                                              "drop_path_rate": 0.0})]),
+]}
+
+
 def mlp_sequence() -> nn.Sequential:
     """Layers in one nn.Sequential: the path without capture, for the tests that cover both."""
     return nn.Sequential(*(nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU()) for _ in range(4)),
@@ -379,6 +459,6 @@ VARIANTS = {family.name: family for family in [
 
 def family(name: str) -> Family:
     """The family ``name``, skipping the test when it needs transformers and that is not installed."""
-    found = {**FAMILIES, **MORE_FAMILIES, **VARIANTS}[name]
+    found = {**FAMILIES, **MORE_FAMILIES, **VARIANTS, **VISION_FAMILIES}[name]
     found.skip_without_transformers()
     return found

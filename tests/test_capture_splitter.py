@@ -13,7 +13,9 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import Splitter
-from tests.capture_models import FAMILIES, AutoEncoder, LitGPT, ResNet, ViT, family, hf_gpt2
+from lightning_pipe.capture import CaptureError
+from tests.capture_models import (FAMILIES, VISION_FAMILIES, AutoEncoder, AuxHeadNet, LitGPT, ResNet, ViT, family,
+                                  hf_gpt2)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,7 +44,7 @@ def _assert_same(model: nn.Module, reference: nn.Module, what: str) -> None:
         torch.testing.assert_close(value, reference_state[name], rtol=0, atol=1e-6, msg=f"{what}: state {name}")
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [*FAMILIES, *VISION_FAMILIES])
 def test_segments_compute_what_the_model_computes(name: str) -> None:
     fam = family(name)
     torch.manual_seed(0)
@@ -230,6 +232,39 @@ def test_segments_start_in_the_mode_of_the_first_capture() -> None:
     splitter = Splitter(model)
     torch.testing.assert_close(splitter.run(x), model(x), rtol=0, atol=1e-6)
     assert not any(segment.training for segment in splitter.segments())
+
+
+def test_a_head_that_runs_in_training_only_leaves_its_segment_empty_in_evaluation() -> None:
+    """The user's cuts around an auxiliary head, first captured in eval mode (Lightning's sanity check comes before
+    training): the head's segment is empty there and passes the values on; training then runs it. They used to be
+    refused ("forward never calls that module"); in training, such a cut still is."""
+    torch.manual_seed(0)
+    model = AuxHeadNet().eval()
+    reference = copy.deepcopy(model)
+    fam = family("aux_head")
+    batch = fam.batch(4, 0, 1)
+    splitter = Splitter(model, ["low", "aux", "high"])
+    segments = splitter.segments((batch[0],), {})
+    assert [segment.training for segment in segments] == [False] * 4
+    torch.testing.assert_close(splitter.run(batch[0]), reference(batch[0]), rtol=0, atol=0)
+    for module in (model, reference, *segments):
+        module.train()
+    loss, out = _step(splitter.run, (batch[0],), {}, fam.loss, batch)
+    ref_loss, _ = _step(reference, (batch[0],), {}, fam.loss, batch)
+    assert isinstance(out, tuple) and len(out) == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    _assert_same(model, reference, "train after eval")
+    assert model.aux[2].weight.grad is not None
+
+    with pytest.raises(CaptureError, match="'aux': forward never calls that module \\(train mode\\)"):
+        Splitter(_NeverCallsItsHead().train(), ["low", "aux"]).segments((batch[0],), {})
+
+
+class _NeverCallsItsHead(AuxHeadNet):
+    """An auxiliary head its forward never calls, in any mode."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.high(self.low(self.stem(images))).mean((2, 3)))
 
 
 def test_default_cuts_follow_the_order_forward_calls_the_blocks() -> None:
