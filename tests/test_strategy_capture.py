@@ -444,20 +444,20 @@ def test_interleaved_and_zero_bubble_schedules_on_captured_models(tmp_path: Path
 
 
 def _static(rank: int, world_size: int, tmp: str) -> tuple[dict[str, Any], list[tuple[bool, bool]]]:
-    """Captures per input shape (what the splitter falls back to when symbolic sizes fail): every rank captures each
-    new micro-batch shape before the step runs it."""
+    """Captures per input shape (``PipelineStrategy(dynamic_shapes=False)``, and what the splitter falls back to when
+    symbolic sizes fail): every rank captures each new micro-batch shape before the step runs it."""
     from lightning_pipe.capture import Splitter
     from lightning_pipe.strategy import captured
 
     made: list[Splitter] = []
 
-    class Static(Splitter):
+    class Recorded(Splitter):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, dynamic=False, **kwargs)
+            super().__init__(*args, **kwargs)
             made.append(self)
 
-    captured.Splitter = Static  # type: ignore[misc]
-    results = _fit_families(rank, world_size, ["litgpt"], "pipedream", tmp, False)
+    captured.Splitter = Recorded  # type: ignore[misc]
+    results = _fit_families(rank, world_size, ["litgpt"], {"dynamic_shapes": False}, tmp, False)
     return results, [(c.training, c.dynamic) for c in made[0].captures]
 
 

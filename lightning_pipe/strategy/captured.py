@@ -182,7 +182,8 @@ class CapturedModule:
     """
 
     def __init__(self, module: nn.Module, path: str, split_points: Any = None, group: Any = None,
-                 device: torch.device | None = None, allow_autograd_functions: bool = False) -> None:
+                 device: torch.device | None = None, allow_autograd_functions: bool = False,
+                 dynamic_shapes: bool = True) -> None:
         self.module = module
         self.path = path
         self.root = path == ""  # the module's own forward is the model
@@ -193,7 +194,8 @@ class CapturedModule:
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
         try:
-            self.splitter = Splitter(self.model, split_points, allow_autograd_functions=allow_autograd_functions)
+            self.splitter = Splitter(self.model, split_points, dynamic=dynamic_shapes,
+                                     allow_autograd_functions=allow_autograd_functions)
         except (CaptureError, ValueError) as error:
             raise ValueError(f"split_points for {self.where}: {error}") from None
         self.group = group

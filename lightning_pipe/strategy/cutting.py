@@ -127,7 +127,8 @@ class PipelineCutting:
         self.precision_plugin.convert_module(module)
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
         captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device(),
-                                  allow_autograd_functions=self.settings.allow_autograd_functions)
+                                  allow_autograd_functions=self.settings.allow_autograd_functions,
+                                  dynamic_shapes=self.settings.dynamic_shapes)
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
                f"the model one nn.Sequential")
         with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator

@@ -82,6 +82,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         allow_autograd_functions: capture a model whose forward applies custom ``torch.autograd.Function`` s
             (Bloom's GeLU): the graph keeps their forward ops and differentiates those itself, which is right only
             if each backward is its forward's exact derivative; refused by default, naming each one.
+        dynamic_shapes: capture a model once per mode with symbolic sizes, serving every batch size and sequence
+            length (the default; it falls back to one capture per shape where export cannot); ``False`` captures once
+            per input shape from the start: for models of fixed input size whose symbolic capture is slow (window
+            attention over symbolic heights and widths, as DaViT's, can take torch's shape solver many minutes).
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
             (GPipe's re-materialization): less memory, one more forward.
         schedule_options: extra arguments of the schedule, e.g. ``{"virtual_stages": 2}``.
@@ -178,6 +182,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         profile_cache: str | os.PathLike[str] | bool | None = None,
         split_points: Any = None,
         allow_autograd_functions: bool = False,
+        dynamic_shapes: bool = True,
         checkpoint_format: str = "full",
         loss_reduction: str = "auto",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
@@ -199,7 +204,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             checkpoint_activations=checkpoint_activations, schedule_options=schedule_options or {},
             vertical_sync=vertical_sync, num_stages=num_stages, replicas=replicas, memory_cap=memory_cap,
             profile_cache=profile_cache, split_points=split_points,
-            allow_autograd_functions=allow_autograd_functions, wait_timeout=wait_timeout,
+            allow_autograd_functions=allow_autograd_functions, dynamic_shapes=dynamic_shapes,
+            wait_timeout=wait_timeout,
             detect_anomaly=detect_anomaly, checkpoint_format=checkpoint_format, loss_reduction=loss_reduction)
         self._async = AsyncSteps() if self.settings.asynchronous else None
         self._planned_replicas: tuple[int, ...] | None = None  # replicas="auto": the planner's uneven counts

@@ -41,6 +41,7 @@ class PipelineSettings:
     profile_cache: str | os.PathLike[str] | bool | None = None
     split_points: Any = None
     allow_autograd_functions: bool = False
+    dynamic_shapes: bool = True
     checkpoint_format: str = "full"
     loss_reduction: str = "auto"
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
@@ -59,6 +60,7 @@ class PipelineSettings:
         put("layers", _check_layers(self.layers))
         put("split_points", _check_split_points(self.split_points))
         put("allow_autograd_functions", bool(self.allow_autograd_functions))
+        put("dynamic_shapes", bool(self.dynamic_shapes))
         put("loss_reduction", check_loss_reduction(self.loss_reduction))
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
