@@ -198,9 +198,12 @@ def _watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[str]
 @contextlib.contextmanager
 def _watch_checkpoints(names: dict[int, str]) -> Iterator[list[str]]:
     """Records where torch's non-reentrant activation checkpoint ran inside the block (``checkpoint`` looks its
-    generator up at each call, so a ``functools.partial`` of ``checkpoint`` made earlier is seen too)."""
+    generator up at each call, so a ``functools.partial`` of ``checkpoint`` made earlier is seen too). torch >= 2.14
+    calls the generator's ``_impl``, which the older name wraps there."""
     module = torch.utils.checkpoint
-    original = getattr(module, "_checkpoint_without_reentrant_generator", None)
+    name = next((n for n in ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator")
+                 if hasattr(module, n)), None)
+    original = getattr(module, name) if name is not None else None
     found: list[str] = []
     if original is None:
         yield found
@@ -212,8 +215,8 @@ def _watch_checkpoints(names: dict[int, str]) -> Iterator[list[str]]:
             found.append(where)
         return original(*args, **kwargs)
 
-    module._checkpoint_without_reentrant_generator = spy
+    setattr(module, name, spy)
     try:
         yield found
     finally:
-        module._checkpoint_without_reentrant_generator = original
+        setattr(module, name, original)
