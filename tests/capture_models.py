@@ -345,18 +345,20 @@ def _classified(rows: int, length: int, seed: int) -> Batch:
     return ids, mask, torch.arange(rows) % 3
 
 
-def _images(rows: int, _length: int, seed: int) -> Batch:
+def _images(rows: int, _length: int, seed: int, size: int = 16) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, 3, 16, 16, generator=g), torch.randint(0, 10, (rows,), generator=g)
+    return torch.randn(rows, 3, size, size, generator=g), torch.randint(0, 10, (rows,), generator=g)
 
 
 def _vectors(rows: int, _length: int, seed: int) -> Batch:
     return (torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed)),)
 
 
-def _supervised_loss(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], mb: Batch) -> torch.Tensor:
-    if isinstance(out, tuple):  # training: the auxiliary head's loss weighted in, as GoogLeNet's recipe does
-        return F.cross_entropy(out[0], mb[1]) + 0.3 * F.cross_entropy(out[1], mb[1])
+def _classifier_loss(out: Any, mb: Batch) -> torch.Tensor:
+    """Cross-entropy on the logits; in training, the auxiliary heads' losses weighted in as GoogLeNet's recipe does
+    (``AuxHeadNet``'s ``(logits, aux)``, torchvision's ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``)."""
+    if isinstance(out, tuple):
+        return F.cross_entropy(out[0], mb[1]) + 0.3 * sum(F.cross_entropy(aux, mb[1]) for aux in out[1:])
     return F.cross_entropy(out, mb[1])
 
 
@@ -373,7 +375,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            lambda out, mb: out.loss, hf=True),
     Family("vit", ViT, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
     Family("resnet", ResNet, _images, lambda mb: ((mb[0],), {}), lambda out, mb: F.cross_entropy(out, mb[1])),
-    Family("aux_head", AuxHeadNet, _images, lambda mb: ((mb[0],), {}), _supervised_loss),
+    Family("aux_head", AuxHeadNet, _images, lambda mb: ((mb[0],), {}), _classifier_loss),
     Family("autoencoder", AutoEncoder, _vectors, lambda mb: ((mb[0],), {}), _autoencoder_loss),
     Family("litgpt", LitGPT, _tokens, lambda mb: ((mb[0],), {"targets": mb[0].roll(-1, 1)}), lambda out, mb: out),
 ]}
@@ -410,16 +412,7 @@ def timm_model(name: str, **options: Any) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=10, **options)
 
 
-def _photos(rows: int, _length: int, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, 3, 64, 64, generator=g), torch.randint(0, 10, (rows,), generator=g)
-
-
-def _classifier_loss(out: Any, mb: Batch) -> torch.Tensor:
-    """Cross-entropy on the logits; in training, GoogLeNet's auxiliary heads' losses weighted in as its recipe does."""
-    if isinstance(out, tuple):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
-        return F.cross_entropy(out[0], mb[1]) + 0.3 * sum(F.cross_entropy(aux, mb[1]) for aux in out[1:])
-    return F.cross_entropy(out, mb[1])
+_photos = functools.partial(_images, size=64)
 
 
 VISION_FAMILIES: dict[str, Family] = {f.name: f for f in [

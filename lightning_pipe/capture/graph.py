@@ -94,19 +94,20 @@ def lay_out(program: ExportedProgram, cuts: Sequence[Cut], *, empty: str, recomp
     position = {n: i for i, n in enumerate(nodes)}
     body = [n for n in nodes if n.op == "call_function"]
     cuts = list(cuts)
-    called = _spans(body, position)[0]
+    spans = _spans(body, position)
+    called = spans[0]
     if empty == "drop":  # default cuts: in the order forward calls the blocks (CLIP runs its vision tower first),
-        cuts = [cut for cut in _in_call_order(body, position, cuts) if cut[0] in called]  # the called ones
+        cuts = [cut for cut in _in_call_order(spans, cuts) if cut[0] in called]  # the called ones
     # A later capture cuts where the first one did, and the user's cuts hold in an evaluation that comes first (a
     # sanity check): there, a module this mode does not call leaves its segment empty.
     uncalled_empty = empty == "keep" or (empty == "refuse" and mode == "eval")
     while True:
-        starts = _starts(body, position, cuts, mode, uncalled_empty=uncalled_empty)
+        starts = _starts(spans, position[body[-1]] + 1 if body else 0, cuts, mode, uncalled_empty=uncalled_empty)
         segment_of = {n: sum(position[n] >= s for s in starts) for n in body}
         work = defaultdict(int)
         for n in body:
             work[segment_of[n]] += _op_name(n) not in _TRIVIAL
-        idle = [i for i in range(len(cuts) + 1) if work[i] == 0 and not (i and cuts[i - 1][0] not in called)]
+        idle = [i for i in range(len(cuts) + 1) if work[i] == 0 and (i == 0 or cuts[i - 1][0] in called)]
         if not idle or empty == "keep":
             break
         if empty == "refuse":
@@ -155,10 +156,9 @@ def _spans(body: list[fx.Node], position: dict[fx.Node, int]) -> tuple[dict[str,
     return first, last
 
 
-def _in_call_order(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut]) -> list[Cut]:
-    """``cuts`` sorted by where they cut (a module forward never calls stays where it was, to be named by
-    :func:`_starts`)."""
-    first, last = _spans(body, position)
+def _in_call_order(spans: tuple[dict[str, int], dict[str, int]], cuts: list[Cut]) -> list[Cut]:
+    """``cuts`` sorted by where they cut (a module forward never calls comes first, keeping its order)."""
+    first, last = spans
 
     def where(index: int) -> tuple[int, int]:
         name, side = cuts[index]
@@ -169,12 +169,12 @@ def _in_call_order(body: list[fx.Node], position: dict[fx.Node, int], cuts: list
     return [cuts[i] for i in sorted(range(len(cuts)), key=where)]
 
 
-def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], mode: str,
+def _starts(spans: tuple[dict[str, int], dict[str, int]], end: int, cuts: list[Cut], mode: str,
             uncalled_empty: bool) -> list[int]:
     """Where each cut starts its segment. With ``uncalled_empty``, a module this mode does not call (an auxiliary
     head that runs in training only) cuts where the next cut does: its segment is empty in this mode and passes its
-    values on."""
-    first, last = _spans(body, position)
+    values on. ``end``: the position after the last op."""
+    first, last = spans
     starts: list[int | None] = []
     for name, where in cuts:
         if name in first:
@@ -184,7 +184,7 @@ def _starts(body: list[fx.Node], position: dict[fx.Node, int], cuts: list[Cut], 
         else:
             raise CaptureError(f"split point {name!r}: forward never calls that module ({mode} mode), or it runs no "
                                f"op; name a module that forward calls")
-    following = position[body[-1]] + 1 if body else 0
+    following = end
     for index in reversed(range(len(starts))):
         if starts[index] is None:
             starts[index] = following

@@ -52,14 +52,14 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         for cls, children in by_class.items():
             if len(children) < 2 or issubclass(cls, _CONTAINERS):
                 continue
-            if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
-                listed.add(cls)
-                if isinstance(parent, nn.Sequential) and any(True for _ in children[0][1].children()):
-                    chained.add(cls)
             for name, child in children:
                 composite[cls] = composite.get(cls, False) or any(True for _ in child.children())
                 total[cls] += sum(p.numel() for p in child.parameters())
                 members[cls].append(name)
+            if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
+                listed.add(cls)
+                if isinstance(parent, nn.Sequential) and composite[cls]:
+                    chained.add(cls)
     if not total:
         return []
     best = max(total, key=total.__getitem__)
