@@ -120,10 +120,12 @@ class _Heartbeat(threading.Thread):
 
         self.failure: dict[str, Any] | None = None  # the job's failure, once one is posted (:func:`mark_failed`)
         self.interrupted = False
+        self.stopped = threading.Event()  # set at exit (:func:`_at_exit`)
 
     def run(self) -> None:
         beat, missed = 0, 0
-        while self.store is not None and dist.is_initialized() and dist.group.WORLD is self.world:
+        while (not self.stopped.is_set() and self.store is not None and dist.is_initialized()
+               and dist.group.WORLD is self.world):
             beat += 1
             if missed < 3 or self.failure is None:  # a store gone after a failure: stop knocking (torch logs each)
                 try:
@@ -136,7 +138,7 @@ class _Heartbeat(threading.Thread):
                 self._unstick()
             except Exception:  # noqa: BLE001 - no store to read the failure from: nothing to do
                 pass
-            time.sleep(HEARTBEAT_S)
+            self.stopped.wait(HEARTBEAT_S)
 
     def _learn_failure(self) -> None:
         """Read the job's failure once it is posted, keep it (:func:`posted_failure` falls back on it) and say so."""
@@ -246,6 +248,7 @@ def _beat_text(beat: int, host: str, ended: bool = False) -> str:
 
 
 _STARTED: list[Any] = [None]  # the default process group whose heartbeat runs
+_BEATING: list[_Heartbeat | None] = [None]  # its thread
 
 
 def start_heartbeat() -> None:
@@ -254,7 +257,8 @@ def start_heartbeat() -> None:
         return
     _STARTED[0] = dist.group.WORLD
     activity.doing("its own code before the pipeline's first step")
-    _Heartbeat(dist.group.WORLD, dist.get_rank()).start()
+    _BEATING[0] = _Heartbeat(dist.group.WORLD, dist.get_rank())
+    _BEATING[0].start()
     _register_exit_hook()
 
 
@@ -288,7 +292,16 @@ def _register_exit_hook() -> None:
 def _at_exit() -> None:
     """Mark this rank's heartbeat as ended; if a wait was given up (:func:`arm_exit_guard`), leave at once: a
     collective still blocked on a stopped peer would otherwise hold the process's exit for the process group's
-    timeout (torch joins its threads)."""
+    timeout (torch joins its threads).
+
+    The heartbeat stops first, and a normal exit waits for it (a few seconds at most): a daemon thread still inside a
+    store call while the process tears torch down printed the store's errors (torch 2.14), and is the likely cause of
+    a finished rank that rarely ended with "terminate called without an active exception"."""
+    beating = _BEATING[0]
+    if beating is not None:
+        beating.stopped.set()
+        if not _HOOKS["armed"]:
+            beating.join(timeout=3 * HEARTBEAT_S)
     cached = _CLIENTS.get("main")  # never a new client here: connecting to a store that is gone blocks
     if _STARTED[0] is not None and dist.is_initialized() and cached is not None and cached[0] is dist.group.WORLD:
         store = cached[1]
