@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
-           "row_data"]
+           "row_data", "FineTuned", "PaddedLM", "padded_tokens", "CLASS_WEIGHTS"]
 
 
 class ReadmeAutoEncoder(L.LightningModule):
@@ -198,6 +198,64 @@ class CapturedBackbone(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+CLASS_WEIGHTS = (1.0, 3.0, 0.5, 1.0)
+
+
+class FineTuned(L.LightningModule):
+    """Fine-tuning as projects write it: the module's own forward runs a backbone and a head kept in two attributes;
+    ``configure_optimizers`` gives each its own learning rate by attribute; the loss is a class-weighted cross entropy
+    kept as a child module (a buffer, no parameters), which the step calls after the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Blocks()
+        self.head = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+        self.criterion = nn.CrossEntropyLoss(weight=torch.tensor(CLASS_WEIGHTS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.criterion(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([{"params": self.backbone.parameters(), "lr": 0.02},
+                                {"params": self.head.parameters()}], lr=0.2, momentum=0.9)
+
+
+class PaddedLM(L.LightningModule):
+    """A Hugging Face causal LM fine-tuned on padded rows: the labels are -100 on the padding, and the model's own
+    loss is a mean over the other labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, mask = batch
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def padded_tokens(batches: int = 3, batch_size: int = 8, length: int = 9, seed: int = 5) -> DataLoader:
+    """Token rows of random lengths (at least 3), padded with 0 and masked."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 24, (batches * batch_size, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (batches * batch_size,), generator=generator)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return DataLoader(TensorDataset(ids * mask, mask), batch_size=batch_size)
 
 
 def class_data(batches: int = 3, batch_size: int = 8, seed: int = 3) -> DataLoader:

@@ -416,3 +416,30 @@ def test_a_dataclass_output_comes_back_as_the_same_dataclass() -> None:
     out = Splitter(model).run(x)
     assert isinstance(out, Prediction)
     torch.testing.assert_close(out.logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_a_nested_tensor_transformer_encoder_in_eval_mode_warns_and_agrees_off_the_padding() -> None:
+    """Eagerly, nn.TransformerEncoder's nested-tensor path zeroes padded positions in eval mode; a captured graph
+    computes them (torch.export takes the plain path): the capture says so, and agrees everywhere else."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 16)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                                 2)
+
+        def forward(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+            return self.encoder(self.embed(ids), src_key_padding_mask=pad)
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    ids, pad = torch.randint(0, 20, (3, 6)), torch.arange(6)[None] >= torch.tensor([2, 6, 4])[:, None]
+    with torch.no_grad():
+        eager = model(ids, pad)
+        splitter = Splitter(model)
+        with pytest.warns(UserWarning, match="encoder: an nn.TransformerEncoder built with enable_nested_tensor"):
+            splitter.capture((ids, pad), {}, training=False)
+        captured = splitter.run(ids, pad)
+    torch.testing.assert_close(captured[~pad], eager[~pad], rtol=1e-5, atol=1e-5)
+    assert bool((eager[pad] == 0).all()) and not bool((captured[pad] == 0).all())

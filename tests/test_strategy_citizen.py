@@ -20,9 +20,14 @@ STEPS = 3
 def _make(case: str) -> Any:
     import lightning as L
 
-    from tests.citizen_models import Aliased, CapturedBackbone, DenseNet, FrozenBackbone, SummedLoss, TemplateModule
+    from tests.citizen_models import (Aliased, CapturedBackbone, DenseNet, FineTuned, FrozenBackbone, PaddedLM,
+                                      SummedLoss, TemplateModule)
 
     L.seed_everything(SEED, verbose=False)
+    if case == "fine-tuned":
+        return FineTuned()
+    if case == "padded":
+        return PaddedLM()
     if case == "captured-backbone":
         return CapturedBackbone()
     if case.startswith("backbone"):
@@ -37,8 +42,10 @@ def _make(case: str) -> Any:
 
 
 def _data(case: str, batch_size: int) -> Any:
-    from tests.citizen_models import class_data, row_data
+    from tests.citizen_models import class_data, padded_tokens, row_data
 
+    if case == "padded":
+        return padded_tokens(batch_size=batch_size)
     return row_data(batch_size=batch_size) if case.startswith("summed") else class_data(batch_size=batch_size)
 
 
@@ -212,3 +219,62 @@ def test_a_torch_compiled_model_trains_as_the_eager_one() -> None:
         assert got["state"].keys() == want["state"].keys()
         for key, value in want["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import CLASS_WEIGHTS
+
+    weights = torch.tensor(CLASS_WEIGHTS)
+    cases = {"fine-tuned-auto": ("fine-tuned", {}),
+             "fine-tuned-counted": ("fine-tuned", {"loss_reduction": lambda batch: weights[batch[1]].sum()}),
+             "padded-auto": ("padded", {}),  # the labels a causal LM predicts: every token but the first
+             "padded-counted": ("padded", {"loss_reduction": lambda batch: batch[1][:, 1:].sum()})}
+    results: dict[str, Any] = {}
+    for name, (case, options) in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, trainer = _fit(case, world_size, PipelineStrategy(num_microbatches=4, **options))
+        trainer.save_checkpoint(os.path.join(tmp, f"{name}.ckpt"))
+        results[name] = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+                         "warned": [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]}
+        if case == "fine-tuned":
+            results[name]["held"] = {part: sum(p.numel() for p in getattr(model, part).parameters())
+                                     for part in ("backbone", "head")}
+            try:
+                model.head(torch.ones(2, 4))
+            except RuntimeError as error:
+                results[name]["head_call"] = str(error)
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_and_warns_when_not(
+        tmp_path: Any) -> None:
+    """A class-weighted loss, and a Hugging Face LM's loss over padded labels (-100), are means over a count the
+    micro-batches do not share by rows: told with ``loss_reduction=<count>``, they give one device's weights and
+    logged loss; left to "auto", they differ and say so. The fine-tuned module also gives its backbone and head
+    their own learning rates by attribute, and keeps its weighted loss as a child module."""
+    results = run_ranks(_counted_ranks, 2, str(tmp_path), timeout=280)
+    for case in ("fine-tuned", "padded"):
+        reference, logged = _reference(case)
+        counted = torch.load(tmp_path / f"{case}-counted.ckpt", weights_only=False)["state_dict"]
+        _assert_close(counted, reference)
+        assert results[1][f"{case}-counted"]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
+        assert not any(result[f"{case}-counted"]["warned"] for result in results)
+
+        auto = torch.load(tmp_path / f"{case}-auto.ckpt", weights_only=False)["state_dict"]
+        assert max(float((auto[k] - reference[k]).abs().max()) for k in reference) > 1e-4  # the difference is real
+        warned = [message for result in results for message in result[f"{case}-auto"]["warned"]]
+        assert len(warned) == 1 and "loss_reduction=lambda batch" in warned[0]
+        assert ("class weights" if case == "fine-tuned" else "other than -100") in warned[0]
+
+    one_device = _make("fine-tuned")
+    for part in ("backbone", "head"):  # each rank's share of each attribute, for its optimizer's groups
+        held = [result["fine-tuned-counted"]["held"][part] for result in results]
+        assert sum(held) == sum(p.numel() for p in getattr(one_device, part).parameters())
+    assert any(result["fine-tuned-counted"]["held"]["head"] == 0 for result in results)
+    assert all("'head' is part of the module's forward" in result["fine-tuned-counted"]["head_call"]
+               for result in results)

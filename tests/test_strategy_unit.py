@@ -250,3 +250,61 @@ def test_registered_names() -> None:
 def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         PipelineStrategy(**kwargs)
+
+
+def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> None:
+    from lightning_pipe.strategy.reduction import Probe, verdict
+
+    probe = Probe()
+    for loss, rows in ((1.0, 2), (3.0, 2)):
+        probe.add(torch.zeros(rows, 1), torch.zeros(rows, 1), torch.tensor(loss), rows)
+    assert verdict(probe, lambda output, batch: torch.tensor(2.0))[0] == "mean"
+    assert verdict(probe, lambda output, batch: torch.tensor(4.0))[0] == "sum"
+    rule, why = verdict(probe, lambda output, batch: torch.tensor(2.5))  # a weighted mean: more weight on the second
+    assert rule == "neither" and "2.5" in why
+
+
+def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:
+    from lightning_pipe.strategy.reduction import Counts
+
+    counts = Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1, -100]), torch.tensor([2, 3])])
+    assert counts.counts == [1.0, 2.0]
+    # the engine weighs a micro-batch of 2 rows out of 4 by 1/2: the scale makes that its count's share, 1/3
+    assert counts.scale(0, rows=4, microbatch_rows=2) * 2 / 4 == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="counted 0 in micro-batch 1 of 2"):
+        Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])])
+    with pytest.raises(ValueError, match="needs a synchronous schedule"):
+        PipelineStrategy(schedule="async_1f1b", loss_reduction=lambda batch: 1)
+    with pytest.raises(ValueError, match="or a function of a micro-batch"):
+        PipelineStrategy(loss_reduction="tokens")
+
+
+def test_a_models_own_loss_over_unevenly_ignored_labels_is_found() -> None:
+    from lightning_pipe.capture import Splitter
+    from lightning_pipe.capture.losses import mean_losses
+    from lightning_pipe.strategy.reduction import model_loss_warning
+
+    class Classifier(nn.Module):
+        def __init__(self, weight: torch.Tensor | None = None) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.register_buffer("weight", weight)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return nn.functional.cross_entropy(x, labels, weight=self.weight)
+
+    x, labels = torch.randn(4, 4), torch.tensor([0, -100, 2, 3])
+    splitter = Splitter(Classifier())
+    splitter.capture((x, labels), {}, training=True)
+    losses = mean_losses(p.graph_module for c in splitter.captures for p in c.programs)
+    assert [(loss.op, loss.weighted, loss.ignore_index) for loss in losses] == [("cross_entropy_loss", False, -100)]
+    uneven = [[x[:2], labels[:2]], [x[2:], labels[2:]]]  # 1 and 2 labels count
+    assert "micro-batches hold [1, 2] of them" in model_loss_warning(losses, uneven)
+    even = [[x[:2], torch.tensor([0, 1])], [x[2:], torch.tensor([2, 3])]]
+    assert model_loss_warning(losses, even) is None
+    weighted = Splitter(Classifier(torch.ones(4)))
+    weighted.capture((x, labels), {}, training=True)
+    found = mean_losses(p.graph_module for c in weighted.captures for p in c.programs)
+    assert "class weights" in model_loss_warning(found, even)

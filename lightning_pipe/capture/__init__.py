@@ -4,7 +4,7 @@ Modules: :mod:`.points` (where to cut), :mod:`.export` (``torch.export``, refusi
 :mod:`.errors`, :mod:`.graph` (segments and live values), :mod:`.programs` (each segment's graph), :mod:`.patterns`
 and :mod:`.cache` (which capture fits a call), :mod:`.segment` (the segment module), :mod:`.splitter` (the API),
 :mod:`.devices` and :mod:`.materialize` (meta-device captures, a rank's own state), :mod:`.batchnorm` (batch norms a
-stage defers). It imports no Lightning.
+stage defers), :mod:`.losses` (losses inside the model that are means over a count). It imports no Lightning.
 """
 
 from lightning_pipe.capture.cache import Capture

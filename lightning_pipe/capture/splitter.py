@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -66,6 +67,7 @@ class Splitter:
         self.capture_on_meta = capture_on_meta
         self.device: torch.device | None = None  # where the graphs run; None: where they were captured
         self.cache = CaptureCache()
+        self.unread_state: set[str] = set()  # the model's state the first capture's graphs do not read
         self._segments: list[Segment] = []
         self._parameter_order = {name: i for i, name in enumerate(inspect.signature(model.forward).parameters)}
 
@@ -158,6 +160,8 @@ class Splitter:
         return dict(sorted(kwargs.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
+        if not training:
+            _warn_nested_tensor_encoders(self.model)
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)
@@ -209,6 +213,7 @@ class Splitter:
         """State no graph reads (frozen or unused modules) goes to the segment whose cut encloses its module (else
         the first), so that the segments' ``state_dict``s together are exactly the model's."""
         held = {name for segment in self._segments for name in segment.state_names()}
+        self.unread_state = set()
         for kind, named in (("PARAMETER", self.model.named_parameters(remove_duplicate=False)),
                             ("BUFFER", self.model.named_buffers(remove_duplicate=False))):
             for name, _ in list(named):
@@ -219,10 +224,24 @@ class Splitter:
                     if name.startswith(module + "."):
                         owner = max(owner, i + 1 if where == "begin" else i)
                 self._segments[owner].adopt_state(kind, name)
+                self.unread_state.add(name)
 
     def __repr__(self) -> str:
         cuts = ", ".join(cut_label(c) for c in self.cuts)
         return f"Splitter({type(self.model).__name__}, cuts=[{cuts}], captures={len(self.captures)})"
+
+
+def _warn_nested_tensor_encoders(model: nn.Module) -> None:
+    """Eagerly, an ``nn.TransformerEncoder`` in eval mode given a padding mask runs on nested tensors and gives zeros
+    at the padded positions; under ``torch.export`` (as under ``torch.compile``) it computes them. Say so."""
+    names = [name or type(model).__name__ for name, m in model.named_modules()
+             if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
+    if names:
+        warnings.warn(f"{', '.join(names)}: an nn.TransformerEncoder built with enable_nested_tensor=True gives, in "
+                      f"eval mode with a src_key_padding_mask, zeros at the padded positions when run eagerly, but "
+                      f"computes them in a captured graph (as under torch.compile), so evaluation outputs at padded "
+                      f"positions differ from one device's. Leave padded positions out where the output is pooled "
+                      f"(the unpadded outputs are equal), or build it with enable_nested_tensor=False", stacklevel=3)
 
 
 def _positional(args: Sequence[Any]) -> tuple:

@@ -23,7 +23,7 @@ from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 
-__all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
+__all__ = ["CapturedModule", "ModelPart", "PipelinedModel", "no_logging"]
 
 
 def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
@@ -40,13 +40,14 @@ def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: 
     return redirect(module, model, proxy, path, inside_to)
 
 
-def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module]) -> None:
+def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module], keep: Sequence[nn.Module] = ()) -> None:
     """Put the parameters no ``local`` segment holds (other ranks') on the meta device, everywhere the model and its
     segments refer to them (one meta tensor per tensor): this rank keeps only its share of the weights in memory.
     Later captures run on meta twins anyway (:meth:`~lightning_pipe.capture.Splitter.capture` with
     ``capture_on_meta``). Buffers stay: a later capture may have a segment recompute from a buffer (a rope table)
     what the first one sent it, and the segment then takes it from the model."""
     mine = {id(p) for segment in local for p in segment.parameters()}
+    mine.update(id(p) for module in keep for p in module.parameters())
     released: dict[int, nn.Parameter] = {}
     for holder in holders:
         for module in holder.modules():
@@ -85,9 +86,38 @@ class _Called(BaseException):
         self.args, self.kwargs = args, kwargs
 
 
-def _mirror(target: nn.Module, source: nn.Module) -> None:
+class ModelPart(nn.Module):
+    """Stands for a module of a captured model under its path: holds this rank's share of its state (perhaps none),
+    so that ``parameters()`` of it work on every rank; running it is refused (only the step's call of the whole model
+    runs its parts, stage by stage)."""
+
+    def __init__(self, name: str, model_path: str) -> None:
+        super().__init__()
+        self.part_name, self.model_path = name, model_path
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        where = f"the model at {self.model_path!r}" if self.model_path else "the module's forward"
+        raise RuntimeError(f"{self.part_name!r} is part of {where}, which is cut into pipeline stages (this rank "
+                           f"holds {'part' if _has_state(self) else 'none'} of its weights); under PipelineStrategy "
+                           f"only the step's call of the whole model runs its parts. Call the model, or load a "
+                           f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
+
+    def extra_repr(self) -> str:
+        return f"{self.part_name}: this rank's share"
+
+
+def _complete(target: nn.Module, name: str, model_path: str) -> None:
+    """Give ``target`` a :class:`ModelPart` at path ``name`` (and above it) where it has none."""
+    parts = name.split(".")
+    for depth, item in enumerate(parts):
+        if item not in target._modules or target._modules[item] is None:
+            target.add_module(item, ModelPart(".".join(parts[:depth + 1]), model_path))
+        target = target._modules[item]
+
+
+def _mirror(target: nn.Module, source: nn.Module, model_path: str, prefix: str = "") -> None:
     """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
-    same objects, same names."""
+    same objects, same names; plain holders become :class:`ModelPart` objects."""
     for name, param in source._parameters.items():
         if param is not None and name not in target._parameters:
             target.register_parameter(name, param)
@@ -98,10 +128,10 @@ def _mirror(target: nn.Module, source: nn.Module) -> None:
         if child is None:
             continue
         if name not in target._modules:
-            target.add_module(name, nn.Module() if type(child) is nn.Module else child)
+            target.add_module(name, ModelPart(prefix + name, model_path) if type(child) is nn.Module else child)
         holder = target._modules[name]
         if holder is not child:
-            _mirror(holder, child)
+            _mirror(holder, child, model_path, f"{prefix}{name}.")
 
 
 class PipelinedModel(nn.Module):
@@ -111,14 +141,20 @@ class PipelinedModel(nn.Module):
 
     Inside a step it either stops the step where it is called, with the call's arguments (first stage), or returns
     the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor); anywhere else it
-    refuses to run. Plain attributes of the model (a Hugging Face ``config``) stay readable through it.
+    refuses to run. Every module of the model is reachable through it by its path, as a :class:`ModelPart` holding
+    this rank's share of that module's state (perhaps none), so that ``self.model.classifier.parameters()`` in
+    ``configure_optimizers`` gives this rank's share of the head. Plain attributes of the model (a Hugging Face
+    ``config``) stay readable through it.
     """
 
     def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
                  path: str) -> None:
         super().__init__()
         for segment in segments:
-            _mirror(self, segment)
+            _mirror(self, segment, path)
+        for name, _ in model.named_modules():
+            if name:
+                _complete(self, name, path)
         object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
         object.__setattr__(self, "_model", model)
         self._path = path
@@ -236,17 +272,22 @@ class CapturedModule:
                                       torch.device("cpu"))  # the runner sets the rank's device
         if self.root:
             module, proxy = self.module, self.proxy
+            # A child no segment holds state of, with nothing to train, is the step's, not the forward's (a weighted
+            # loss, a frozen teacher): it stays whole on every rank. Any other child is this rank's share of it.
+            unread = self.splitter.unread_state
+            used = {name.partition(".")[0] for segment in self.segments for name in segment.state_names()
+                    if name not in unread}
+            kept = [child for name, child in module._modules.items() if child is not None and name not in used
+                    and not any(p.requires_grad for p in child.parameters())]
             for name, child in list(module._modules.items()):
-                if name in proxy._modules:
+                if child is not None and all(child is not k for k in kept):
                     module._modules[name] = proxy._modules[name]
-                elif child is not None and _has_state(child):
-                    del module._modules[name]  # on other ranks
             module._parameters = dict(proxy._parameters)
             module._buffers = dict(proxy._buffers)
             module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)
             module.forward = proxy.forward  # type: ignore[method-assign]
             object.__setattr__(module, "_pipelined_model", proxy)
-            _release_others(local, [self.model, *self.segments])
+            _release_others(local, [self.model, *self.segments], keep=kept)
             return proxy
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module

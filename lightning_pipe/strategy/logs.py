@@ -46,14 +46,16 @@ class LogRecorder:
         self.calls: list[tuple[dict[str, Any], int]] = []  # (bound log arguments, micro-batch rows)
 
     @contextmanager
-    def recording(self, rows: int) -> Iterator[None]:
-        """Record the module's ``self.log`` calls made inside, for a micro-batch of ``rows`` rows."""
+    def recording(self, rows: int, weight: float | None = None) -> Iterator[None]:
+        """Record the module's ``self.log`` calls made inside, for a micro-batch of ``rows`` rows whose means weigh
+        ``weight`` (default: its rows; what a ``loss_reduction`` function counted in it)."""
 
         def log(*args: Any, **kwargs: Any) -> None:
             bound = _LOG_SIGNATURE.bind(self.module, *args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             arguments.pop("self")
+            arguments["weight"] = weight
             self.calls.append((arguments, rows))
 
         with self._patched(log):
@@ -105,7 +107,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
     """Combine per-micro-batch ``self.log`` calls into one per name, as one call for the whole batch would be.
 
     ``reduce_fx`` says how: "mean" weights each micro-batch's value by its batch size (its rows, or the
-    ``batch_size`` it logged), "sum" adds, "max"/"min" take the extreme. The batch size logged is the sum.
+    ``batch_size`` it logged; or the weight it was recorded with), "sum" adds, "max"/"min" take the extreme. The batch
+    size logged is the sum.
     """
     by_name: dict[str, list[tuple[dict[str, Any], int]]] = {}
     for arguments, rows in calls:
@@ -116,7 +119,7 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         # every rank holds the same value, so a cross-rank sync would only mix in ranks that computed nothing
         options = {key: value for key, value in first.items()
                    if key not in ("name", "value", "batch_size", "sync_dist", "sync_dist_group", "metric_attribute",
-                                  "add_up")}
+                                  "add_up", "weight")}
         if isinstance(first["value"], Metric):
             metric = metric_names.get(id(first["value"]))
             if metric is None:
@@ -128,7 +131,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         if reduce == "mean":
-            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+            weights = torch.tensor([args["weight"] if args.get("weight") is not None and args["batch_size"] is None
+                                    else size for (args, _), size in zip(group, sizes)], dtype=torch.float64)
+            weights = weights / weights.sum()
             value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
         elif reduce == "sum":
             value = values.sum(0)

@@ -115,6 +115,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         loss_reduction: how ``training_step``'s loss adds up over the batch's rows: ``"mean"`` (``F.mse_loss``,
             ``F.cross_entropy``), ``"sum"`` (``loss.sum()``: each micro-batch's loss then counts whole), or
             ``"auto"``: the first batch with several micro-batches tells (:mod:`lightning_pipe.strategy.reduction`).
+            Or a function of a micro-batch counting what the loss is a mean over, for a loss normalized by a count
+            over the batch (``lambda batch: (batch["labels"] != -100).sum()``: labels ignored at -100, as in
+            Hugging Face's losses; class weights): each micro-batch's loss, and each value it logs, is then weighted
+            by its count, which gives one device's gradients.
         wait_timeout: seconds any one of the pipeline's waits for other ranks (a message, the step's collectives) may
             last; a rank that stops answering (stopped, frozen, looping in user code) then ends every rank with an
             error naming it and what was awaited (:mod:`lightning_pipe.engine.watchdog`). Default 300; raise it for
@@ -184,7 +188,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         allow_autograd_functions: bool = False,
         dynamic_shapes: bool = True,
         checkpoint_format: str = "full",
-        loss_reduction: str = "auto",
+        loss_reduction: str | Callable[[Any], Any] = "auto",
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         detect_anomaly: bool = False,
         accelerator: Accelerator | None = None,

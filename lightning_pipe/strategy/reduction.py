@@ -9,31 +9,70 @@ micro-batches: the last stage runs the step once more, without gradients, on the
 outputs put together, and compares that loss with the mean and with the sum of the micro-batches' losses. A sum is
 then made good for that batch (every rank scales its gradients by the number of micro-batches, which is exact when
 they have equal rows; with unequal rows it is an error that says to pass ``loss_reduction="sum"``) and taken as the
-rule from then on; anything else leaves the mean.
+rule from then on. A loss that is neither (a mean normalized by a count over the whole batch: ``ignore_index`` or
+padding labels, class weights, a mask) cannot be made good from its micro-batches' losses: the mean stays, with a
+warning that says how to make the step exact.
+
+That way is a function: ``loss_reduction=lambda batch: (batch["labels"] != -100).sum()`` says the loss is a mean over
+what the function counts in a micro-batch (its tokens that have labels, the sum of its class weights). Each
+micro-batch's loss is then weighted by its count's share of the batch's, which is one device's mean over the whole
+batch, and so are the values it logs (:class:`Counts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lightning_pipe.capture.losses import MeanLoss
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Probe", "verdict"]
+__all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
+           "model_loss_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
 _TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
 
 
-def check_loss_reduction(value: Any) -> str:
+def check_loss_reduction(value: Any) -> str | Callable[[Any], Any]:
+    if callable(value):
+        return value
     if value not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}, got {value!r}: "
-                         f"'mean' if training_step returns a mean over the batch's rows (F.mse_loss, "
-                         f"F.cross_entropy), 'sum' if it returns a sum (loss.sum()), 'auto' to let the first batch tell")
+        raise ValueError(f"loss_reduction must be one of {', '.join(map(repr, LOSS_REDUCTIONS))} or a function of a "
+                         f"micro-batch, got {value!r}: 'mean' if training_step returns a mean over the batch's rows "
+                         f"(F.mse_loss, F.cross_entropy), 'sum' if it returns a sum (loss.sum()), 'auto' to let the "
+                         f"first batch tell, or a function counting what the loss is a mean over "
+                         f"(lambda batch: (batch['labels'] != -100).sum())")
     return value
+
+
+@dataclass
+class Counts:
+    """A batch's micro-batches counted by a ``loss_reduction`` function: what each one's loss is a mean over."""
+
+    counts: list[float]
+
+    @classmethod
+    def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any]) -> Counts:
+        counts = []
+        for index, microbatch in enumerate(microbatches):
+            value = count(microbatch)
+            number = float(value.detach().sum()) if isinstance(value, torch.Tensor) else float(value)
+            if not number > 0:  # also NaN
+                raise ValueError(f"loss_reduction's function counted {number:g} in micro-batch {index} of "
+                                 f"{len(microbatches)}: its loss would be a mean over nothing (NaN). Each micro-batch "
+                                 f"needs something to count; use fewer micro-batches or batches with more rows "
+                                 f"that have labels")
+            counts.append(number)
+        return cls(counts)
+
+    def scale(self, index: int, rows: int, microbatch_rows: int) -> float:
+        """What micro-batch ``index``'s loss is multiplied by, so that the engine's weighting by rows gives it its
+        count's share of the batch."""
+        return self.counts[index] / sum(self.counts) * rows / microbatch_rows
 
 
 @dataclass
@@ -66,9 +105,9 @@ def _whole(parts: list[Any]) -> Any | None:
 
 
 def verdict(probe: Probe, run_whole: Callable[[Any, Any], torch.Tensor]) -> tuple[str | None, str]:
-    """``("sum" | "mean" | None, why)``: how the step's loss adds up over rows, from ``run_whole(output, batch)``,
-    the step's loss on the whole batch; None when this batch cannot tell (one micro-batch, equal mean and sum, a
-    value that is neither)."""
+    """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
+    ``run_whole(output, batch)``, the step's loss on the whole batch; None when this batch cannot tell (one
+    micro-batch, equal mean and sum)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
     output, batch = _whole(probe.outputs), _whole(probe.microbatches)
@@ -85,4 +124,42 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any], torch.Tensor]) -> tupl
            f"mean {mean:.6g} and the sum {total:.6g}")
     if abs(whole - total) <= _TOLERANCE * scale:
         return "sum", why
-    return "mean", why
+    if abs(whole - mean) <= _TOLERANCE * scale:
+        return "mean", why
+    return "neither", why
+
+
+def neither_warning(why: str) -> str:
+    """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither")."""
+    return (f"training_step's loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
+            f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask). The "
+            f"pipeline weights each micro-batch's loss by its rows, so these gradients differ from one device's (as "
+            f"they do under accumulate_grad_batches or DDP). For one device's gradients, say what the loss is a mean "
+            f"over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
+            f"(batch['labels'] != -100).sum()) for labels ignored at -100, or the sum of the class weights of its "
+            f"labels")
+
+
+def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any]]) -> str | None:
+    """What to tell a user whose captured model computes its loss inside (a Hugging Face model given ``labels``) as
+    a mean its micro-batches do not share alike: by class weights, or over the labels other than an ignored one
+    (-100) when the micro-batches (``inputs``: each one's flattened inputs of the model) hold different shares of
+    those; None if none does."""
+    for loss in losses:
+        if loss.weighted:
+            return neither_warning(f"the model's {loss.op} averages over its labels' class weights")
+    if len(inputs) < 2:
+        return None
+    for ignore_index in sorted({loss.ignore_index for loss in losses}):
+        for column in zip(*inputs):
+            if not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point()
+                       and not leaf.is_complex() and leaf.dtype != torch.bool for leaf in column):
+                continue
+            counts = [int((leaf != ignore_index).sum()) for leaf in column]
+            shares = [count / max(leaf.numel(), 1) for count, leaf in zip(counts, column)]
+            if max(shares) - min(shares) > 1e-9:
+                return neither_warning(f"the model's {loss.op} is a mean over the labels other than {ignore_index}, "
+                                       f"and this batch's micro-batches hold {counts} of them") + (
+                    f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != {ignore_index})"
+                    f".sum())")
+    return None

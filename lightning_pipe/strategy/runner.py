@@ -12,6 +12,7 @@ stages first combine loss, logs and metrics into those of the whole batch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -20,11 +21,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
+from lightning_pipe.capture.losses import MeanLoss, mean_losses
 from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
+from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
@@ -34,7 +37,7 @@ from lightning_pipe.strategy.logs import (
     combine_replica_logs,
 )
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.reduction import Probe, verdict
+from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
 from lightning_pipe.strategy.results import (
     ResultChannel,
     StepResult,
@@ -104,6 +107,9 @@ class PipelineRunner:
         self.hold_flag: Callable[[], None] = lambda: None
         # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
         self.loss_reduction = "auto"
+        self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
+        self._loss_checks_left = 16  # training batches checked for that, on the last stage of a captured model
+        self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
         self._probes_left = 3
 
     @classmethod
@@ -215,12 +221,16 @@ class PipelineRunner:
         summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
         probe = Probe() if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
             and not pipe.asynchronous and len(firsts) > 1 else None
+        counts = self._counts(batch, "training_step")
         self._prepare("training_step", batch, rest, kwargs, seed)
+        inputs = [] if self._checks_model_loss() else None  # the model's inputs per micro-batch (first stage)
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
             microbatch_rows = batch_rows(microbatch)
-            with self.recorder.recording(microbatch_rows), forked_random(derive_seed(seed, index), pipe.device):
+            weight = counts.counts[index] if counts is not None else None
+            with self.recorder.recording(microbatch_rows, weight), \
+                    forked_random(derive_seed(seed, index), pipe.device):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
             loss, extra = loss_of(result)
             outputs.append(extra)
@@ -230,9 +240,11 @@ class PipelineRunner:
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
                 self.recorder.add_up(loss)
                 return loss * (rows / microbatch_rows)
+            if counts is not None:  # a mean over what loss_reduction counts: by its share of the batch's count
+                return loss * counts.scale(index, rows, microbatch_rows)
             return loss
 
-        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts)
+        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts, inputs)
         pipe.loss_fn = loss_fn
         self.recorder.calls = []
         if pipe.is_last_rank:
@@ -244,6 +256,8 @@ class PipelineRunner:
             loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
             if averager is not None:
                 averager.start_remaining()
+            if inputs is not None:
+                self._check_model_loss(inputs)
             encoded = None
             if pipe.is_last_rank:
                 def make() -> StepResult:
@@ -292,10 +306,13 @@ class PipelineRunner:
                        kwargs: Mapping[str, Any], seed: int) -> StepResult:
         self.metrics.start()
         outputs, sizes = [], []
+        counts = self._counts(batch, step)
         for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches),
                                                          last_outputs)):
             sizes.append(batch_rows(microbatch))
-            with self.recorder.recording(sizes[-1]), forked_random(derive_seed(seed, index), self.pipeline.device):
+            weight = counts.counts[index] if counts is not None else None
+            with self.recorder.recording(sizes[-1], weight), \
+                    forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         return self._result(None, outputs, sizes, check_outside=False)
 
@@ -319,6 +336,9 @@ class PipelineRunner:
 
         self._probes_left -= 1
         rule, why = verdict(probe, run_whole)
+        if rule == "neither":
+            self._warn_once(neither_warning(why))
+            rule = "mean"
         if rule is not None:
             self._probes_left = 3
             self.loss_reduction = rule
@@ -333,6 +353,37 @@ class PipelineRunner:
             self.recorder.add_up(loss)
         return float(len(probe.rows))
 
+    def _checks_model_loss(self) -> bool:
+        """Whether this training step checks the captured model's own loss (first stage, "auto", a few batches)."""
+        return (isinstance(self.split, CapturedModule) and self.loss_reduction == "auto" and not self._loss_warned
+                and self._loss_checks_left > 0 and 0 in self.pipeline.stages and not self.pipeline.asynchronous)
+
+    def _check_model_loss(self, inputs: list[Any]) -> None:
+        """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
+        micro-batches (``inputs``: their model inputs) do not share alike: warn, once (the step's probe cannot see
+        inside the model)."""
+        assert isinstance(self.split, CapturedModule)
+        self._loss_checks_left -= 1
+        captures = self.split.splitter.captures
+        if self._model_losses[0] != len(captures):
+            graphs = [program.graph_module for capture in captures if capture.training for program in capture.programs]
+            self._model_losses = (len(captures), mean_losses(graphs))
+        message = model_loss_warning(self._model_losses[1], inputs)
+        if message is not None:
+            self._warn_once(message)
+
+    def _warn_once(self, message: str) -> None:
+        if not self._loss_warned:
+            self._loss_warned = True
+            warnings.warn(message, stacklevel=3)
+
+    def _counts(self, batch: Any, step: str) -> Counts | None:
+        """A ``loss_reduction`` function's counts of ``batch``'s micro-batches (training and evaluation steps, not
+        predictions), on every rank alike, so that a count of nothing is an error on every rank."""
+        if not callable(self.loss_reduction) or step == "predict_step":
+            return None
+        return Counts.of(self.loss_reduction, split_batch(batch, self.pipeline.num_microbatches))
+
     def _seed(self, seed: int | None) -> int:
         self._steps += 1
         return seed if seed is not None else derive_seed(0, self._steps)
@@ -344,13 +395,17 @@ class PipelineRunner:
 
     # -- the last stage's results, for every rank -------------------------------------------------
     def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any], seed: int,
-                  firsts: dict[int, int]) -> Callable[[Any], Any]:
+                  firsts: dict[int, int], seen: list[Any] | None = None) -> Callable[[Any], Any]:
+        """The first stage's input of each micro-batch: the step run up to the model (kept in ``seen``, if given)."""
         device = self.pipeline.device
 
         def input_fn(tagged: Any) -> Any:
             index = firsts[int(tagged[_ROWS][0])]
             with self.recorder.discarding(), forked_random(derive_seed(seed, index), device):
-                return self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
+                inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
+            if seen is not None:
+                seen.append(tree_flatten(inputs)[0])
+            return inputs
 
         return input_fn
 

@@ -8,7 +8,7 @@ engine's :class:`~lightning_pipe.engine.config.PipelineConfig`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
@@ -43,7 +43,7 @@ class PipelineSettings:
     allow_autograd_functions: bool = False
     dynamic_shapes: bool = True
     checkpoint_format: str = "full"
-    loss_reduction: str = "auto"
+    loss_reduction: str | Callable[[Any], Any] = "auto"
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     detect_anomaly: bool = False
 
@@ -62,6 +62,10 @@ class PipelineSettings:
         put("allow_autograd_functions", bool(self.allow_autograd_functions))
         put("dynamic_shapes", bool(self.dynamic_shapes))
         put("loss_reduction", check_loss_reduction(self.loss_reduction))
+        if callable(self.loss_reduction) and self.asynchronous:
+            raise ValueError(f"loss_reduction as a function (a mean over what it counts in the batch) needs a "
+                             f"synchronous schedule; {self.schedule!r} updates the weights after every micro-batch, "
+                             f"each with its own mean: leave loss_reduction='auto'")
         put("checkpoint_activations", bool(self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
