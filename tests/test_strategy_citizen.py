@@ -51,11 +51,15 @@ def _data(case: str, batch_size: int) -> Any:
 
 def _fit(case: str, devices: int, strategy: Any, batch_size: int = 8) -> tuple[Any, Any]:
     import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning
 
-    model = _make(case)
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=STEPS, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(model, _data(case, batch_size))
+    model = _make(case.removesuffix("-thawed"))
+    length: dict[str, Any] = {"max_steps": STEPS}
+    if case.endswith("-thawed"):  # the backbone trains from the second epoch on
+        length = {"max_epochs": 2, "callbacks": [BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)]}
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, **length)
+    trainer.fit(model, _data(case.removesuffix("-thawed"), batch_size))
     return model, trainer
 
 
@@ -231,7 +235,10 @@ def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     cases = {"fine-tuned-auto": ("fine-tuned", {}),
              "fine-tuned-counted": ("fine-tuned", {"loss_reduction": lambda batch: weights[batch[1]].sum()}),
              "padded-auto": ("padded", {}),  # the labels a causal LM predicts: every token but the first
-             "padded-counted": ("padded", {"loss_reduction": lambda batch: batch[1][:, 1:].sum()})}
+             "padded-counted": ("padded", {"loss_reduction": lambda batch: batch[1][:, 1:].sum()}),
+             # Lightning's BackboneFinetuning: frozen at setup, unfrozen (its parameters added to the optimizer) later
+             "fine-tuned-thawed-counted": ("fine-tuned-thawed",
+                                           {"loss_reduction": lambda batch: weights[batch[1]].sum()})}
     results: dict[str, Any] = {}
     for name, (case, options) in cases.items():
         with warnings.catch_warnings(record=True) as caught:
@@ -240,7 +247,7 @@ def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         trainer.save_checkpoint(os.path.join(tmp, f"{name}.ckpt"))
         results[name] = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
                          "warned": [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]}
-        if case == "fine-tuned":
+        if case.startswith("fine-tuned"):
             results[name]["held"] = {part: sum(p.numel() for p in getattr(model, part).parameters())
                                      for part in ("backbone", "head")}
             try:
@@ -256,8 +263,14 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
     """A class-weighted loss, and a Hugging Face LM's loss over padded labels (-100), are means over a count the
     micro-batches do not share by rows: told with ``loss_reduction=<count>``, they give one device's weights and
     logged loss; left to "auto", they differ and say so. The fine-tuned module also gives its backbone and head
-    their own learning rates by attribute, and keeps its weighted loss as a child module."""
+    their own learning rates by attribute, and keeps its weighted loss as a child module; with Lightning's
+    ``BackboneFinetuning`` its backbone is frozen at setup and trains from the second epoch, as on one device."""
     results = run_ranks(_counted_ranks, 2, str(tmp_path), timeout=280)
+    reference, _ = _reference("fine-tuned-thawed")
+    _assert_close(torch.load(tmp_path / "fine-tuned-thawed-counted.ckpt", weights_only=False)["state_dict"], reference)
+    first = _make("fine-tuned").state_dict()
+    assert not torch.allclose(reference["backbone.blocks.0.weight"], first["backbone.blocks.0.weight"])  # it trained
+
     for case in ("fine-tuned", "padded"):
         reference, logged = _reference(case)
         counted = torch.load(tmp_path / f"{case}-counted.ckpt", weights_only=False)["state_dict"]

@@ -53,7 +53,7 @@ class PipelineCutting:
                                f"undone (the compiled code would call the whole model, not this rank's stages); "
                                f"compiling the stages themselves is not supported yet")
             refuse_planned_cut(module, settings.plans_cut)
-            if choose_model(module, settings.layers, settings.split_points)[0] == CHAIN:
+            if choose_model(module, settings.layers, settings.split_points, thawing(trainer))[0] == CHAIN:
                 chain = self._chain(module)
         captured = self._capture(module, trainer) if runner is None else None
         if runner is not None and settings.plans_cut:  # an earlier Trainer planned the cut: any plan of it will do
@@ -118,7 +118,7 @@ class PipelineCutting:
     def _capture(self, module: LightningModule, trainer: Trainer) -> CapturedModule | None:
         """A model that is not one nn.Sequential: captured on every rank from the first micro-batch of the running
         stage's first batch (:mod:`lightning_pipe.strategy.captured`); ``None`` for the nn.Sequential path."""
-        path, layers = choose_model(module, self.layers, self.settings.split_points)
+        path, layers = choose_model(module, self.layers, self.settings.split_points, thawing(trainer))
         if path != CAPTURED:
             return None
         assert layers is not None
@@ -187,3 +187,11 @@ class PipelineCutting:
         if self.settings.replicas == AUTO:
             return {"num_stages": self.settings.num_stages, "replicas": ROUND_ROBIN, "num_devices": shape.world_size}
         return {"num_stages": shape.num_stages, "replicas": list(shape.stage_replicas) or None}
+
+
+def thawing(trainer: Trainer) -> bool:
+    """Whether a fine-tuning callback (Lightning's ``BackboneFinetuning``, any ``BaseFinetuning``) will unfreeze
+    parameters that are frozen now: the model to pipeline then holds them too."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    return any(isinstance(callback, BaseFinetuning) for callback in trainer.callbacks)

@@ -19,10 +19,12 @@ __all__ = ["choose_model", "owners", "undo_compile", "SEQUENCE", "CAPTURED", "CH
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
 
-def choose_model(module: nn.Module, layers: str | None, split_points: Any = None) -> tuple[str, str | None]:
+def choose_model(module: nn.Module, layers: str | None, split_points: Any = None,
+                 thawing: bool = False) -> tuple[str, str | None]:
     """Which path cuts ``module`` and the attribute path of what it cuts: ``("sequence", path or None)`` (today's
     ``nn.Sequential`` path, which finds its sequence itself), ``("chain", None)`` (several ``nn.Sequential``
-    attributes called in turn, :mod:`.chain`) or ``("captured", path)``."""
+    attributes called in turn, :mod:`.chain`) or ``("captured", path)``. ``thawing``: frozen parameters will train
+    later (a fine-tuning callback unfreezes them), so they count as trainable."""
     if layers is not None:
         try:
             target = module.get_submodule(layers)
@@ -32,7 +34,7 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
         if isinstance(target, nn.Sequential) and split_points is None:
             return SEQUENCE, layers
         return CAPTURED, layers
-    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad or thawing}
     outermost: list[nn.Sequential] = []
     names: list[str] = []
     for name, child in module.named_modules():
