@@ -308,3 +308,13 @@ def test_a_models_own_loss_over_unevenly_ignored_labels_is_found() -> None:
     weighted.capture((x, labels), {}, training=True)
     found = mean_losses(p.graph_module for c in weighted.captures for p in c.programs)
     assert "class weights" in model_loss_warning(found, even)
+
+
+def test_loss_reduction_may_name_a_function_for_configs() -> None:
+    from lightning_pipe.strategy.reduction import check_loss_reduction
+
+    assert check_loss_reduction("torch.numel") is torch.numel
+    with pytest.raises(ValueError, match="names no function"):
+        check_loss_reduction("torch.no_such_count")
+    with pytest.raises(ValueError, match="not a function of a micro-batch"):
+        check_loss_reduction("torch.float32")

@@ -21,6 +21,7 @@ batch, and so are the values it logs (:class:`Counts`).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,20 @@ _TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches'
 
 
 def check_loss_reduction(value: Any) -> str | Callable[[Any], Any]:
+    """``value`` checked: one of :data:`LOSS_REDUCTIONS`, a function, or a function's dotted name (from a config:
+    ``loss_reduction: my_project.losses.count_labels``)."""
     if callable(value):
         return value
+    if isinstance(value, str) and "." in value:
+        module, _, name = value.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"loss_reduction={value!r} names no function ({error}); give the dotted path of a "
+                             f"function of a micro-batch, e.g. my_project.losses.count_labels") from None
+        if not callable(found):
+            raise ValueError(f"loss_reduction={value!r} is a {type(found).__name__}, not a function of a micro-batch")
+        return found
     if value not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {', '.join(map(repr, LOSS_REDUCTIONS))} or a function of a "
                          f"micro-batch, got {value!r}: 'mean' if training_step returns a mean over the batch's rows "
