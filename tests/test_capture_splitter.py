@@ -443,3 +443,63 @@ def test_a_nested_tensor_transformer_encoder_in_eval_mode_warns_and_agrees_off_t
         captured = splitter.run(ids, pad)
     torch.testing.assert_close(captured[~pad], eager[~pad], rtol=1e-5, atol=1e-5)
     assert bool((eager[pad] == 0).all()) and not bool((captured[pad] == 0).all())
+
+
+def test_stages_holding_their_blocks_in_a_module_list_are_cut_at_the_blocks_when_they_run_in_a_chain() -> None:
+    """A hierarchical model (PVT, Hugging Face's Swin) keeps each stage's blocks in a ModuleList: the default cuts go
+    before each block when the captured graph shows each block reading the one before; a mixture's experts, also
+    a ModuleList of one class, run side by side and are not cut apart."""
+    from lightning_pipe.capture.points import cut_label
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b(torch.tanh(self.a(x)))
+
+    class Stage(nn.Module):
+        def __init__(self, depth: int) -> None:
+            super().__init__()
+            self.down = nn.Linear(8, 8)
+            self.blocks = nn.ModuleList(Block() for _ in range(depth))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.down(x)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    class Experts(nn.Module):
+        def __init__(self, depth: int) -> None:
+            super().__init__()
+            self.gate = nn.Linear(8, depth)
+            self.experts = nn.ModuleList(Block() for _ in range(depth))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weights = self.gate(x).softmax(-1)
+            return sum(weights[:, i:i + 1] * expert(x) for i, expert in enumerate(self.experts))
+
+    class Hierarchical(nn.Module):
+        def __init__(self, stage: type, depths: tuple[int, ...]) -> None:
+            super().__init__()
+            self.stages = nn.Sequential(*(stage(depth) for depth in depths))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.stages(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    chained = Hierarchical(Stage, (2, 3, 1))
+    splitter = Splitter(chained)
+    torch.testing.assert_close(splitter.run(x), chained(x), rtol=0, atol=1e-6)
+    # the one-block stage has no list of siblings: it stays one unit
+    assert [cut_label(c) for c in splitter.cuts] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
+                                                     "stages.1.blocks.1", "stages.1.blocks.2", "stages.2",
+                                                     "stages.2:end"]
+    mixture = Hierarchical(Experts, (3, 3, 3))
+    splitter = Splitter(mixture)
+    torch.testing.assert_close(splitter.run(x), mixture(x), rtol=0, atol=1e-6)
+    assert [cut_label(c) for c in splitter.cuts] == ["stages.1", "stages.2", "stages.2:end"]

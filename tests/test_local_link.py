@@ -54,14 +54,17 @@ def _done(comm: Communicator) -> None:
 
 
 def test_ranks_of_one_machine_exchange_through_unix_sockets() -> None:
-    for result, peer in zip(run_ranks(_exchange_large, 2), (1, 0)):
+    results = run_ranks(_exchange_large, 2)
+    for result, peer in zip(results, (1, 0)):
         assert result["local"], "the fast path was not taken between two ranks of this machine"
         assert result["equal"] and result["meta"] == {"step": 3}
         assert result["small"] == [float(peer)] * 3
         assert result["messages"] == 3
-        assert result["threaded"], "8 MB went out at once: the test no longer fills the socket's buffer"
         assert result["large_equal"]
         assert len(result["through_gloo"]) == 1 and result["through_gloo"][0] > 8_000_000
+    # The rank that sends while its peer is not reading yet fills the socket's buffer; the other may find its peer
+    # already reading (after its own send), which drains its 8 MB as fast as it is written.
+    assert any(result["threaded"] for result in results), "8 MB went out at once: the test no longer fills a buffer"
 
 
 def _off(rank: int, world_size: int) -> dict:

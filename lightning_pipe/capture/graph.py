@@ -22,7 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from .errors import CaptureError
 from .points import Cut, cut_label
 
-__all__ = ["Recompute", "Layout", "lay_out", "module_paths"]
+__all__ = ["Recompute", "Layout", "lay_out", "module_paths", "chained_lists"]
 
 Recompute = Union[bool, str]
 """Whether a segment recomputes values derived only from the inputs and buffers (masks, position ids, rope tables)
@@ -77,6 +77,42 @@ class Layout:
 def module_paths(node: fx.Node) -> list[str]:
     """Names of the modules whose forward was running when ``node``'s op was called, outermost first."""
     return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def chained_lists(program: ExportedProgram, lists: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Those of ``lists`` (each a ModuleList's members, by name) whose called members run in a chain: each one's ops
+    read what the one called before it computed (a stage's transformer blocks), rather than side by side (a
+    mixture's experts, each reading the same input). Each list is returned as its called members, in call order."""
+    nodes = list(program.graph_module.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    wanted = {name for names in lists for name in names}
+    ops: dict[str, set[fx.Node]] = defaultdict(set)
+    for node in nodes:
+        if node.op == "call_function":
+            for path in module_paths(node):
+                if path in wanted:
+                    ops[path].add(node)
+    chained = []
+    for names in lists:
+        called = sorted((name for name in names if ops[name]), key=lambda name: min(map(position.__getitem__,
+                                                                                        ops[name])))
+        if len(called) >= 2 and all(_reaches(ops[a], ops[b], position) for a, b in zip(called, called[1:])):
+            chained.append(called)
+    return chained
+
+
+def _reaches(sources: set[fx.Node], targets: set[fx.Node], position: dict[fx.Node, int]) -> bool:
+    """Whether a value computed by ``sources`` flows into one of ``targets``."""
+    limit = max(map(position.__getitem__, targets))
+    stack, seen = list(sources), set(sources)
+    while stack:
+        for user in stack.pop().users:
+            if user in targets:
+                return True
+            if user not in seen and position[user] <= limit:
+                seen.add(user)
+                stack.append(user)
+    return False
 
 
 def lay_out(program: ExportedProgram, cuts: Sequence[Cut], *, empty: str, recompute: Recompute,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch.nn as nn
 
-__all__ = ["SplitPoint", "SplitPoints", "Cut", "repeated_blocks", "default_cuts", "normalize_split_points",
-           "cut_label"]
+__all__ = ["SplitPoint", "SplitPoints", "Cut", "repeated_blocks", "listed_blocks", "default_cuts", "block_cuts",
+           "normalize_split_points", "cut_label"]
 
 SplitPoint = Union[str, tuple[str, str]]
 """``"blocks.3"`` (cut before the module's first op) or ``("blocks.3", "end")`` (cut after its last op)."""
@@ -22,6 +23,40 @@ Cut = tuple[str, str]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 _ENCLOSING_SHARE = 0.9  # a class enclosing the repeated one wins when its instances hold >= 90% as many parameters
+
+
+@dataclass
+class _Census:
+    """Modules that sit beside at least one sibling of their own class (containers excluded), by class."""
+
+    total: dict[type, int] = field(default_factory=lambda: defaultdict(int))  # their parameters, all instances
+    members: dict[type, list[str]] = field(default_factory=lambda: defaultdict(list))  # their names
+    listed: set[type] = field(default_factory=set)  # instances in a container that holds that class alone
+    chained: set[type] = field(default_factory=set)  # the same, in an nn.Sequential (calls them in turn), composite
+    composite: dict[type, bool] = field(default_factory=dict)  # instances hold modules of their own (blocks)
+    lists: dict[type, list[list[str]]] = field(default_factory=lambda: defaultdict(list))  # their ModuleLists' names
+
+
+def _census(model: nn.Module) -> _Census:
+    census = _Census()
+    for parent_name, parent in model.named_modules():
+        by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
+        for child_name, child in parent.named_children():
+            by_class[type(child)].append((f"{parent_name}.{child_name}" if parent_name else child_name, child))
+        for cls, children in by_class.items():
+            if len(children) < 2 or issubclass(cls, _CONTAINERS):
+                continue
+            for name, child in children:
+                census.composite[cls] = census.composite.get(cls, False) or any(True for _ in child.children())
+                census.total[cls] += sum(p.numel() for p in child.parameters())
+                census.members[cls].append(name)
+            if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
+                census.listed.add(cls)
+                if isinstance(parent, nn.Sequential) and census.composite[cls]:
+                    census.chained.add(cls)
+                elif isinstance(parent, nn.ModuleList):
+                    census.lists[cls].append([name for name, _ in children])
+    return census
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:
@@ -38,28 +73,11 @@ def repeated_blocks(model: nn.Module) -> list[str]:
       when the winner's instances are attributes (T5's encoder and decoder stacks: each stack's ``block`` list), or
       when an ``nn.Sequential`` chains them (the blocks in each stage of ConvNeXt, Swin, PoolFormer: four stages are
       too few units to balance). Not a ``ModuleList`` inside a listed winner: it may hold a mixture's experts, which
-      run side by side.
+      run side by side; the capture steps down into those where its graph shows that they run in a chain
+      (:func:`listed_blocks`).
     """
-    total: dict[type, int] = defaultdict(int)
-    members: dict[type, list[str]] = defaultdict(list)
-    listed: set[type] = set()  # classes with instances in a container that holds that class alone
-    chained: set[type] = set()  # the same, in an nn.Sequential (which calls them one after another), with children
-    composite: dict[type, bool] = {}  # whether the class's instances hold modules of their own (blocks, not layers)
-    for parent_name, parent in model.named_modules():
-        by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
-        for child_name, child in parent.named_children():
-            by_class[type(child)].append((f"{parent_name}.{child_name}" if parent_name else child_name, child))
-        for cls, children in by_class.items():
-            if len(children) < 2 or issubclass(cls, _CONTAINERS):
-                continue
-            for name, child in children:
-                composite[cls] = composite.get(cls, False) or any(True for _ in child.children())
-                total[cls] += sum(p.numel() for p in child.parameters())
-                members[cls].append(name)
-            if isinstance(parent, _CONTAINERS) and len(by_class) == 1:
-                listed.add(cls)
-                if isinstance(parent, nn.Sequential) and composite[cls]:
-                    chained.add(cls)
+    census = _census(model)
+    total, members, composite = census.total, census.members, census.composite
     if not total:
         return []
     best = max(total, key=total.__getitem__)
@@ -73,13 +91,30 @@ def repeated_blocks(model: nn.Module) -> list[str]:
         if blocks:
             best = max(blocks, key=total.__getitem__)
     while True:  # step down to the blocks inside the winner (see above)
-        inside = [cls for cls in (listed if best not in listed else chained) if total[cls] >= 0.5 * total[best]
-                  and cls is not best and all(_inside(m, members[best]) for m in members[cls])]
+        inside = [cls for cls in (census.listed if best not in census.listed else census.chained)
+                  if total[cls] >= 0.5 * total[best] and cls is not best
+                  and all(_inside(m, members[best]) for m in members[cls])]
         if not inside:
             break
         best = max(inside, key=total.__getitem__)
     names = members[best]
     return [n for n in names if not _inside(n, names)]
+
+
+def listed_blocks(model: nn.Module, blocks: Sequence[str]) -> list[list[str]]:
+    """The ModuleLists inside the repeated ``blocks`` that hold, alone, instances of one composite class with
+    half the blocks' parameters (each stage's list of transformer blocks in a PVT or a Hugging Face Swin; or a
+    mixture's experts), each as its members' names: candidates to cut at, if they run in a chain."""
+    census = _census(model)
+    modules = dict(model.named_modules())
+    blocks_total = sum(p.numel() for name in blocks for p in modules[name].parameters())
+    candidates = [cls for cls, lists in census.lists.items() if census.composite[cls]
+                  and census.total[cls] >= 0.5 * blocks_total
+                  and all(_inside(m, blocks) for m in census.members[cls])]
+    if not candidates:
+        return []
+    best = max(candidates, key=census.total.__getitem__)
+    return census.lists[best]
 
 
 def _inside(name: str, outer: Sequence[str]) -> bool:
@@ -93,8 +128,13 @@ def default_cuts(model: nn.Module) -> list[Cut]:
     child but the first. Cuts that would leave a segment without computation are dropped at capture."""
     blocks = repeated_blocks(model)
     if blocks:
-        return [(name, "begin") for name in blocks] + [(blocks[-1], "end")]
+        return block_cuts(blocks)
     return [(name, "begin") for name, _ in list(model.named_children())[1:]]
+
+
+def block_cuts(blocks: Sequence[str]) -> list[Cut]:
+    """A cut before every block and one after the last."""
+    return [(name, "begin") for name in blocks] + [(blocks[-1], "end")]
 
 
 def normalize_split_points(model: nn.Module, points: SplitPoints) -> list[Cut]:

@@ -17,10 +17,11 @@ from .cache import Capture, CaptureCache
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
-from .graph import Recompute, lay_out
+from .graph import Recompute, chained_lists, lay_out
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of
-from .points import Cut, SplitPoints, cut_label, default_cuts, normalize_split_points
+from .points import (Cut, SplitPoints, block_cuts, cut_label, default_cuts, listed_blocks,
+                     normalize_split_points, repeated_blocks)
 from .programs import build_programs
 from .segment import Segment
 
@@ -171,6 +172,8 @@ class Splitter:
                                           device=device)
         exported = time.perf_counter()
         first = not self.captures
+        if first and not self.user_cuts:
+            self.cuts = self._chained_cuts(program)
         empty = ("refuse" if self.user_cuts else "drop") if first else "keep"
         layout = lay_out(program, self.cuts, empty=empty, recompute=self.recompute,
                          mode="train" if training else "eval")
@@ -198,6 +201,18 @@ class Splitter:
             for segment, segment_program in zip(self._segments, programs):
                 segment.adopt(segment_program)
         return capture
+
+    def _chained_cuts(self, program: Any) -> list[Cut]:
+        """The default cuts, with a repeated block that holds a ``ModuleList`` of blocks run in a chain (each stage of
+        a PVT or a Hugging Face Swin) cut before each of those instead (:func:`~.points.listed_blocks`)."""
+        blocks = repeated_blocks(self.model)
+        lists = chained_lists(program, listed_blocks(self.model, blocks)) if blocks else []
+        if not lists:
+            return self.cuts
+        inner: dict[str, list[str]] = {block: [] for block in blocks}
+        for names in lists:
+            inner[next(b for b in blocks if names[0].startswith(f"{b}."))].extend(names)
+        return block_cuts([name for block in blocks for name in (inner[block] or [block])])
 
     def _retarget(self, capture: Capture) -> None:
         if self.device is None or capture.device == self.device:
