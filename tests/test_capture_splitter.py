@@ -447,8 +447,9 @@ def test_a_nested_tensor_transformer_encoder_in_eval_mode_warns_and_agrees_off_t
 
 def test_stages_holding_their_blocks_in_a_module_list_are_cut_at_the_blocks_when_they_run_in_a_chain() -> None:
     """A hierarchical model (PVT, Hugging Face's Swin) keeps each stage's blocks in a ModuleList: the default cuts go
-    before each block when the captured graph shows each block reading the one before; a mixture's experts, also
-    a ModuleList of one class, run side by side and are not cut apart."""
+    before each block when the captured graph shows each block reading the one before (so too for an nn.Sequential of
+    blocks of two classes, as EdgeNeXt's); a mixture's experts, also a ModuleList of one class, run side by side and
+    are not cut apart."""
     from lightning_pipe.capture.points import cut_label
 
     class Block(nn.Module):
@@ -499,6 +500,24 @@ def test_stages_holding_their_blocks_in_a_module_list_are_cut_at_the_blocks_when
     assert [cut_label(c) for c in splitter.cuts] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
                                                      "stages.1.blocks.1", "stages.1.blocks.2", "stages.2",
                                                      "stages.2:end"]
+    class Gated(Block):  # another block class, after the others in the same nn.Sequential (EdgeNeXt)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(self.b(self.a(x)))
+
+    class Mixed(nn.Module):
+        def __init__(self, depth: int) -> None:
+            super().__init__()
+            self.down = nn.Linear(8, 8)
+            self.blocks = nn.Sequential(*(Block() for _ in range(depth - 1)), Gated())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks(self.down(x))
+
+    mixed = Hierarchical(Mixed, (2, 3))
+    splitter = Splitter(mixed)
+    torch.testing.assert_close(splitter.run(x), mixed(x), rtol=0, atol=1e-6)
+    assert [cut_label(c) for c in splitter.cuts] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
+                                                     "stages.1.blocks.1", "stages.1.blocks.2", "stages.1.blocks.2:end"]
     mixture = Hierarchical(Experts, (3, 3, 3))
     splitter = Splitter(mixture)
     torch.testing.assert_close(splitter.run(x), mixture(x), rtol=0, atol=1e-6)

@@ -102,19 +102,25 @@ def repeated_blocks(model: nn.Module) -> list[str]:
 
 
 def listed_blocks(model: nn.Module, blocks: Sequence[str]) -> list[list[str]]:
-    """The ModuleLists inside the repeated ``blocks`` that hold, alone, instances of one composite class with
-    half the blocks' parameters (each stage's list of transformer blocks in a PVT or a Hugging Face Swin; or a
-    mixture's experts), each as its members' names: candidates to cut at, if they run in a chain."""
+    """Containers inside the repeated ``blocks`` whose members are blocks holding half the blocks' parameters, each
+    as its members' names: candidates to cut at, if they run in a chain. The ModuleLists that hold, alone, instances
+    of one composite class (each stage's list of transformer blocks in a PVT or a Hugging Face Swin; or a mixture's
+    experts); else the ``nn.Sequential`` containers of blocks of several classes (EdgeNeXt's convolution blocks, then an
+    attention block, in each stage)."""
     census = _census(model)
     modules = dict(model.named_modules())
     blocks_total = sum(p.numel() for name in blocks for p in modules[name].parameters())
     candidates = [cls for cls, lists in census.lists.items() if census.composite[cls]
                   and census.total[cls] >= 0.5 * blocks_total
                   and all(_inside(m, blocks) for m in census.members[cls])]
-    if not candidates:
-        return []
-    best = max(candidates, key=census.total.__getitem__)
-    return census.lists[best]
+    if candidates:
+        return census.lists[max(candidates, key=census.total.__getitem__)]
+    sequences = [[f"{name}.{child}" for child, _ in module.named_children()] for name, module in modules.items()
+                 if type(module) is nn.Sequential and _inside(name, blocks) and len(module) >= 2
+                 and all(any(True for _ in child.children()) for child in module.children())]
+    sequences = [names for names in sequences if not any(_inside(names[0], other) for other in sequences)]
+    held = sum(p.numel() for names in sequences for name in names for p in modules[name].parameters())
+    return sequences if held >= 0.5 * blocks_total else []
 
 
 def _inside(name: str, outer: Sequence[str]) -> bool:
