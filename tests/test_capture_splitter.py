@@ -522,3 +522,11 @@ def test_stages_holding_their_blocks_in_a_module_list_are_cut_at_the_blocks_when
     splitter = Splitter(mixture)
     torch.testing.assert_close(splitter.run(x), mixture(x), rtol=0, atol=1e-6)
     assert [cut_label(c) for c in splitter.cuts] == ["stages.1", "stages.2", "stages.2:end"]
+
+
+def test_a_nested_tensor_transformer_encoder_without_a_padding_mask_does_not_warn() -> None:
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            Splitter(encoder).capture((torch.randn(2, 5, 16),), {}, training=False)

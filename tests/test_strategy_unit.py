@@ -3,6 +3,7 @@ metrics of micro-batches, outputs, global clipping, atomic checkpoint writes, ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -273,6 +274,9 @@ def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:
     assert counts.scale(0, rows=4, microbatch_rows=2) * 2 / 4 == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="counted 0 in micro-batch 1 of 2"):
         Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])])
+    # in evaluation the counts only weigh logged values: a batch with nothing to count weighs them by rows
+    assert Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])],
+                     training=False) is None
     with pytest.raises(ValueError, match="needs a synchronous schedule"):
         PipelineStrategy(schedule="async_1f1b", loss_reduction=lambda batch: 1)
     with pytest.raises(ValueError, match="or a function of a micro-batch"):
@@ -318,3 +322,62 @@ def test_loss_reduction_may_name_a_function_for_configs() -> None:
         check_loss_reduction("torch.no_such_count")
     with pytest.raises(ValueError, match="not a function of a micro-batch"):
         check_loss_reduction("torch.float32")
+
+
+def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_rank() -> None:
+    """Installed with the first or the last segment, the proxy has the same paths (an alias too): each part gives
+    this rank's parameters, indexes as its container does and reads plain attributes; what no graph reads stays whole
+    (frozen) or refuses to run with the reason (trainable)."""
+    import lightning as L
+
+    from lightning_pipe.strategy.captured import CapturedModule
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.linear(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(4))
+            self.head = nn.Linear(4, 3)
+            self.first = self.blocks[0]  # an alias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.projection = Net(), nn.Linear(3, 3)
+            self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    for index in (0, -1):
+        module = Module()
+        head_weight = module.net.head.weight
+        captured = CapturedModule(module, "")
+        captured.splitter.capture((torch.randn(2, 4),), {}, training=True)
+        captured.install([captured.segments[index]])
+        net = module.net
+        assert {name for name, _ in net.named_modules(remove_duplicate=False)} >= {"first", "blocks.3", "head"}
+        assert len(net.blocks) == 4 and net.head.out_features == 3
+        held = sum(p.numel() for p in net.blocks[-2:].parameters()) + sum(p.numel() for p in net.head.parameters())
+        assert held == (0 if index == 0 else 3 * 4 + 3)  # one segment per block, and the head's
+        assert sum(p.numel() for p in net.first.parameters()) == (4 * 4 + 4 if index == 0 else 0)
+        with pytest.raises(AttributeError, match="'weight' of 'net.head' is not available") if index == 0 \
+                else contextlib.nullcontext():
+            assert net.head.weight is head_weight
+        assert torch.equal(module.criterion.weight, torch.tensor([1.0, 2.0, 3.0]))  # unread, frozen: kept whole
+        with pytest.raises(RuntimeError, match="'projection' holds trainable parameters that Module.forward does not"):
+            module.projection(torch.ones(1, 3))
+        with pytest.raises(RuntimeError, match="'net.blocks.1' is part of the module's forward"):
+            net.blocks[1](torch.ones(1, 4))

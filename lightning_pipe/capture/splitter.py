@@ -161,15 +161,18 @@ class Splitter:
         return dict(sorted(kwargs.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
-        if not training:
-            _warn_nested_tensor_encoders(self.model)
+        padded = _watch_nested_tensor_encoders(self.model) if not training else None
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)
         start = time.perf_counter()
-        program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
-                                          meta=meta, allow_autograd_functions=self.allow_autograd_functions,
-                                          device=device)
+        try:
+            program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
+                                              meta=meta, allow_autograd_functions=self.allow_autograd_functions,
+                                              device=device)
+        finally:
+            if padded is not None:
+                padded.stop()
         exported = time.perf_counter()
         first = not self.captures
         if first and not self.user_cuts:
@@ -246,17 +249,39 @@ class Splitter:
         return f"Splitter({type(self.model).__name__}, cuts=[{cuts}], captures={len(self.captures)})"
 
 
-def _warn_nested_tensor_encoders(model: nn.Module) -> None:
+class _NestedTensorEncoders:
     """Eagerly, an ``nn.TransformerEncoder`` in eval mode given a padding mask runs on nested tensors and gives zeros
-    at the padded positions; under ``torch.export`` (as under ``torch.compile``) it computes them. Say so."""
-    names = [name or type(model).__name__ for name, m in model.named_modules()
-             if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)]
-    if names:
-        warnings.warn(f"{', '.join(names)}: an nn.TransformerEncoder built with enable_nested_tensor=True gives, in "
-                      f"eval mode with a src_key_padding_mask, zeros at the padded positions when run eagerly, but "
-                      f"computes them in a captured graph (as under torch.compile), so evaluation outputs at padded "
-                      f"positions differ from one device's. Leave padded positions out where the output is pooled "
-                      f"(the unpadded outputs are equal), or build it with enable_nested_tensor=False", stacklevel=3)
+    at the padded positions; under ``torch.export`` (as under ``torch.compile``) it computes them. Watches an eval
+    capture for such calls, and says so after it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names: list[str] = []
+        self.handles = [module.register_forward_pre_hook(self._hook(name or type(model).__name__), with_kwargs=True)
+                        for name, module in model.named_modules()
+                        if isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)]
+
+    def _hook(self, name: str) -> Any:
+        def seen(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+            if mask is not None and name not in self.names:
+                self.names.append(name)
+        return seen
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.names:
+            warnings.warn(f"{', '.join(self.names)}: an nn.TransformerEncoder built with enable_nested_tensor=True "
+                          f"gives, in eval mode with a src_key_padding_mask, zeros at the padded positions when run "
+                          f"eagerly, but computes them in a captured graph (as under torch.compile), so evaluation "
+                          f"outputs at padded positions differ from one device's. Leave padded positions out where "
+                          f"the output is pooled (the unpadded outputs are equal), or build it with "
+                          f"enable_nested_tensor=False", stacklevel=4)
+
+
+def _watch_nested_tensor_encoders(model: nn.Module) -> _NestedTensorEncoders | None:
+    watch = _NestedTensorEncoders(model)
+    return watch if watch.handles else None
 
 
 def _positional(args: Sequence[Any]) -> tuple:

@@ -7,6 +7,7 @@ Which model is captured (or whether the ``nn.Sequential`` path runs instead) is 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,14 @@ def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module], keep
                 table[key] = released[id(param)]
 
 
+def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str]) -> set[int]:
+    """The ids of ``model``'s parameters and buffers that some segment's graph reads (by any of their names)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return {id(tensors[name]) for segment in segments for name in segment.state_names()
+            if name not in unread and name in tensors}
+
+
 def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
@@ -88,36 +97,88 @@ class _Called(BaseException):
 
 class ModelPart(nn.Module):
     """Stands for a module of a captured model under its path: holds this rank's share of its state (perhaps none),
-    so that ``parameters()`` of it work on every rank; running it is refused (only the step's call of the whole model
-    runs its parts, stage by stage)."""
+    so that ``parameters()`` of it work on every rank (and indexing, for a container: :class:`ModelPartList`); its
+    plain attributes (``out_features``) are read from that module; running it is refused (only the step's call of the
+    whole model runs its parts, stage by stage)."""
 
-    def __init__(self, name: str, model_path: str) -> None:
+    def __init__(self, name: str, model_path: str, original: nn.Module) -> None:
         super().__init__()
         self.part_name, self.model_path = name, model_path
+        self.reason: str | None = None  # why it cannot run, where not the usual (set by the install)
+        object.__setattr__(self, "_original", original)  # not a submodule: its weights are other ranks'
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.reason is not None:
+            raise RuntimeError(self.reason)
         where = f"the model at {self.model_path!r}" if self.model_path else "the module's forward"
         raise RuntimeError(f"{self.part_name!r} is part of {where}, which is cut into pipeline stages (this rank "
                            f"holds {'part' if _has_state(self) else 'none'} of its weights); under PipelineStrategy "
                            f"only the step's call of the whole model runs its parts. Call the model, or load a "
                            f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        original = self.__dict__.get("_original")
+        if original is None:
+            raise AttributeError(name)
+        value = getattr(original, name)  # AttributeError: the module has none either
+        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+            raise AttributeError(f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model "
+                                 f"is cut into stages and this rank holds only its share of {self.part_name!r} "
+                                 f"(parameters() gives it); read plain attributes, or call the whole model in the "
+                                 f"step")
+        return value
+
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"
 
 
-def _complete(target: nn.Module, name: str, model_path: str) -> None:
-    """Give ``target`` a :class:`ModelPart` at path ``name`` (and above it) where it has none."""
+class ModelPartList(ModelPart):
+    """A :class:`ModelPart` for a container (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``): indexing,
+    slicing, ``len`` and iteration work as on the container, over the parts."""
+
+    def _children_in_order(self) -> list[nn.Module]:
+        return [self._modules[name] for name, _ in self.__dict__["_original"].named_children()]
+
+    def __bool__(self) -> bool:  # a module is true, whatever its length
+        return True
+
+    def __len__(self) -> int:
+        return len(self._children_in_order())
+
+    def __iter__(self) -> Any:
+        original = self.__dict__["_original"]
+        return iter(original.keys()) if isinstance(original, nn.ModuleDict) else iter(self._children_in_order())
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(self.__dict__["_original"], nn.ModuleDict):
+            return self._modules[index]
+        children = self._children_in_order()
+        return nn.ModuleList(children[index]) if isinstance(index, slice) else children[index]
+
+
+def _part(name: str, model_path: str, original: nn.Module) -> ModelPart:
+    """The :class:`ModelPart` standing for ``original`` (a :class:`ModelPartList` for a container)."""
+    containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+    return (ModelPartList if isinstance(original, containers) else ModelPart)(name, model_path, original)
+
+
+def _complete(target: nn.Module, name: str, model: nn.Module, model_path: str) -> None:
+    """Give ``target`` a :class:`ModelPart` at path ``name`` of ``model`` (and above it) where it has none."""
     parts = name.split(".")
     for depth, item in enumerate(parts):
         if item not in target._modules or target._modules[item] is None:
-            target.add_module(item, ModelPart(".".join(parts[:depth + 1]), model_path))
+            path = ".".join(parts[:depth + 1])
+            target.add_module(item, _part(path, model_path, model.get_submodule(path)))
         target = target._modules[item]
 
 
-def _mirror(target: nn.Module, source: nn.Module, model_path: str, prefix: str = "") -> None:
+def _mirror(target: nn.Module, source: nn.Module, model: nn.Module, model_path: str, prefix: str = "") -> None:
     """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
-    same objects, same names; plain holders become :class:`ModelPart` objects."""
+    same objects, same names; plain holders become :class:`ModelPart` objects of ``model``'s modules."""
     for name, param in source._parameters.items():
         if param is not None and name not in target._parameters:
             target.register_parameter(name, param)
@@ -128,10 +189,11 @@ def _mirror(target: nn.Module, source: nn.Module, model_path: str, prefix: str =
         if child is None:
             continue
         if name not in target._modules:
-            target.add_module(name, ModelPart(prefix + name, model_path) if type(child) is nn.Module else child)
+            part = _part(prefix + name, model_path, model.get_submodule(prefix + name))
+            target.add_module(name, part if type(child) is nn.Module else child)
         holder = target._modules[name]
         if holder is not child:
-            _mirror(holder, child, model_path, f"{prefix}{name}.")
+            _mirror(holder, child, model, model_path, f"{prefix}{name}.")
 
 
 class PipelinedModel(nn.Module):
@@ -151,10 +213,10 @@ class PipelinedModel(nn.Module):
                  path: str) -> None:
         super().__init__()
         for segment in segments:
-            _mirror(self, segment, path)
-        for name, _ in model.named_modules():
+            _mirror(self, segment, model, path)
+        for name, _ in model.named_modules(remove_duplicate=False):  # aliases too: the same paths on every rank
             if name:
-                _complete(self, name, path)
+                _complete(self, name, model, path)
         object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
         object.__setattr__(self, "_model", model)
         self._path = path
@@ -272,16 +334,24 @@ class CapturedModule:
                                       torch.device("cpu"))  # the runner sets the rank's device
         if self.root:
             module, proxy = self.module, self.proxy
-            # A child no segment holds state of, with nothing to train, is the step's, not the forward's (a weighted
-            # loss, a frozen teacher): it stays whole on every rank. Any other child is this rank's share of it.
-            unread = self.splitter.unread_state
-            used = {name.partition(".")[0] for segment in self.segments for name in segment.state_names()
-                    if name not in unread}
-            kept = [child for name, child in module._modules.items() if child is not None and name not in used
-                    and not any(p.requires_grad for p in child.parameters())]
+            # A child whose state no graph reads, with nothing to train, is the step's, not the forward's (a
+            # weighted loss, a frozen teacher): it stays whole on every rank. Any other child is this rank's share.
+            read = _read_tensors(self.model, self.segments, self.splitter.unread_state)
+            kept: list[nn.Module] = []
             for name, child in list(module._modules.items()):
-                if child is not None and all(child is not k for k in kept):
-                    module._modules[name] = proxy._modules[name]
+                if child is None or name not in proxy._modules:
+                    continue
+                unread = not any(id(t) in read for t in itertools.chain(child.parameters(), child.buffers()))
+                trainable = any(p.requires_grad for p in child.parameters())
+                if unread and not trainable:
+                    kept.append(child)
+                    continue
+                module._modules[name] = proxy._modules[name]
+                if unread and _has_state(child):
+                    proxy._modules[name].reason = (
+                        f"{name!r} holds trainable parameters that {type(module).__name__}.forward does not use, "
+                        f"so no pipeline stage holds it; a pipeline trains only the model it cuts (the module's "
+                        f"forward here): call it inside forward, or freeze it with requires_grad_(False)")
             module._parameters = dict(proxy._parameters)
             module._buffers = dict(proxy._buffers)
             module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)

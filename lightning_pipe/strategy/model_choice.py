@@ -55,7 +55,7 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
     if _own_forward(module):
         return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
-                     f"parameters are spread over {owners(module)} and it has no forward. Put the model in one "
+                     f"parameters are spread over {owners(module, thawing)} and it has no forward. Put the model in one "
                      f"attribute that the step calls (self.model = MyModel(...)) and name it with layers='model' if "
                      f"needed, or call the layers from the module's forward and call self(...) in the step; or, for "
                      f"one nn.Sequential, put every trainable layer inside it")
@@ -94,5 +94,6 @@ def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:
     return all(re.search(rf"\bself\.{re.escape(name)}\b", source) for name in names)
 
 
-def owners(module: nn.Module) -> list[str]:
-    return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad})
+def owners(module: nn.Module, thawing: bool = False) -> list[str]:
+    """The attributes holding ``module``'s trainable parameters (all of its parameters when ``thawing``)."""
+    return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad or thawing})

@@ -69,18 +69,21 @@ class Counts:
     counts: list[float]
 
     @classmethod
-    def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any]) -> Counts:
-        counts = []
-        for index, microbatch in enumerate(microbatches):
-            value = count(microbatch)
-            number = float(value.detach().sum()) if isinstance(value, torch.Tensor) else float(value)
+    def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any], training: bool = True) -> Counts | None:
+        """The counts of ``microbatches`` (read from the device once). A micro-batch that counts nothing is an error
+        in training (its loss would be a mean over nothing: NaN); in evaluation, where the counts only weigh the
+        logged values, the batch's logs weigh by rows then (``None``)."""
+        values = [torch.as_tensor(count(microbatch)).detach().sum().to(torch.float64) for microbatch in microbatches]
+        numbers = torch.stack([value.to(values[0].device) for value in values]).tolist() if values else []
+        for index, number in enumerate(numbers):
             if not number > 0:  # also NaN
+                if not training:
+                    return None
                 raise ValueError(f"loss_reduction's function counted {number:g} in micro-batch {index} of "
                                  f"{len(microbatches)}: its loss would be a mean over nothing (NaN). Each micro-batch "
                                  f"needs something to count; use fewer micro-batches or batches with more rows "
                                  f"that have labels")
-            counts.append(number)
-        return cls(counts)
+        return cls(numbers)
 
     def scale(self, index: int, rows: int, microbatch_rows: int) -> float:
         """What micro-batch ``index``'s loss is multiplied by, so that the engine's weighting by rows gives it its
@@ -163,7 +166,9 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
             return neither_warning(f"the model's {loss.op} averages over its labels' class weights")
     if len(inputs) < 2:
         return None
-    for ignore_index in sorted({loss.ignore_index for loss in losses}):
+    # A negative ignored label (-100, torch's and Hugging Face's default) is no token id or mask value; a
+    # non-negative one (a pad id) could be, so the inputs cannot tell labels from the rest: not checked.
+    for ignore_index in sorted({loss.ignore_index for loss in losses if loss.ignore_index < 0}):
         for column in zip(*inputs):
             if not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point()
                        and not leaf.is_complex() and leaf.dtype != torch.bool for leaf in column):

@@ -108,7 +108,7 @@ class PipelineRunner:
         # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
         self.loss_reduction = "auto"
         self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
-        self._loss_checks_left = 16  # training batches checked for that, on the last stage of a captured model
+        self._loss_checks_left = 16  # training batches checked for that, on the first stage of a captured model
         self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
         self._probes_left = 3
 
@@ -354,9 +354,10 @@ class PipelineRunner:
         return float(len(probe.rows))
 
     def _checks_model_loss(self) -> bool:
-        """Whether this training step checks the captured model's own loss (first stage, "auto", a few batches)."""
-        return (isinstance(self.split, CapturedModule) and self.loss_reduction == "auto" and not self._loss_warned
-                and self._loss_checks_left > 0 and 0 in self.pipeline.stages and not self.pipeline.asynchronous)
+        """Whether this training step checks the captured model's own loss (first stage, a mean, a few batches)."""
+        return (isinstance(self.split, CapturedModule) and self.loss_reduction in ("auto", "mean")
+                and not self._loss_warned and self._loss_checks_left > 0 and 0 in self.pipeline.stages
+                and not self.pipeline.asynchronous)
 
     def _check_model_loss(self, inputs: list[Any]) -> None:
         """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
@@ -379,10 +380,11 @@ class PipelineRunner:
 
     def _counts(self, batch: Any, step: str) -> Counts | None:
         """A ``loss_reduction`` function's counts of ``batch``'s micro-batches (training and evaluation steps, not
-        predictions), on every rank alike, so that a count of nothing is an error on every rank."""
+        predictions). In training every rank counts, so that a count of nothing is an error on every rank alike."""
         if not callable(self.loss_reduction) or step == "predict_step":
             return None
-        return Counts.of(self.loss_reduction, split_batch(batch, self.pipeline.num_microbatches))
+        return Counts.of(self.loss_reduction, split_batch(batch, self.pipeline.num_microbatches),
+                         training=step == "training_step")
 
     def _seed(self, seed: int | None) -> int:
         self._steps += 1
