@@ -61,6 +61,17 @@ def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module], keep
                 table[key] = released[id(param)]
 
 
+def _plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str]) -> Any:
+    """``module``'s attribute ``name`` where it is plain data (a config, a size); a module, a tensor or a method
+    (which would reach other ranks' weights) raises ``AttributeError(refusal())``."""
+    if module is None:
+        raise AttributeError(name)
+    value = getattr(module, name)  # AttributeError: the module has none either
+    if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+        raise AttributeError(refusal())
+    return value
+
+
 def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str]) -> set[int]:
     """The ids of ``model``'s parameters and buffers that some segment's graph reads (by any of their names)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -121,16 +132,10 @@ class ModelPart(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        original = self.__dict__.get("_original")
-        if original is None:
-            raise AttributeError(name)
-        value = getattr(original, name)  # AttributeError: the module has none either
-        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
-            raise AttributeError(f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model "
-                                 f"is cut into stages and this rank holds only its share of {self.part_name!r} "
-                                 f"(parameters() gives it); read plain attributes, or call the whole model in the "
-                                 f"step")
-        return value
+        return _plain_attribute(self.__dict__.get("_original"), name, lambda: (
+            f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
+            f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
+            f"attributes, or call the whole model in the step"))
 
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"
@@ -259,15 +264,10 @@ class PipelinedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        model = self.__dict__.get("_model")  # set once this proxy holds its state
-        if model is None:
-            raise AttributeError(name)
-        value = getattr(model, name)  # AttributeError: the model has none either
-        if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
-            raise AttributeError(f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: "
-                                 f"the model is cut into stages and this rank holds only part of it; call the model "
-                                 f"itself in the step (self.{self._path}(...))")
-        return value
+        return _plain_attribute(self.__dict__.get("_model"), name, lambda: (  # the model: set once this holds state
+            f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
+            f"into stages and this rank holds only part of it; call the model itself in the step "
+            f"(self.{self._path}(...))"))
 
 
 class CapturedModule:
