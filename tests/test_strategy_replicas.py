@@ -61,6 +61,23 @@ def _fit_tied(strategy: Any, devices: int, loader: Any) -> dict[str, torch.Tenso
     return model.state_dict()
 
 
+def _fit_counted(strategy: Any, devices: int, loader: Any) -> dict[str, torch.Tensor]:
+    """A class-weighted loss, a mean over the labels' weights, told with ``loss_reduction``: weighted by each
+    micro-batch's share of the whole batch's weights, over both replicas."""
+    from tests.citizen_models import FineTuned
+
+    torch.manual_seed(5)  # not seed_everything: its PL_GLOBAL_SEED would reseed the replicas' shuffle
+    model = FineTuned()
+    _trainer(strategy, devices, max_epochs=1).fit(model, loader)
+    return model.state_dict()
+
+
+def _class_weights(batch: Any) -> torch.Tensor:
+    from tests.citizen_models import CLASS_WEIGHTS
+
+    return torch.tensor(CLASS_WEIGHTS)[batch[1]].sum()
+
+
 def _trainer(strategy: Any, devices: int, **options: Any) -> L.Trainer:
     defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                 "enable_checkpointing": False, "num_sanity_val_steps": 0, "log_every_n_steps": 1}
@@ -98,17 +115,22 @@ def _replicated(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
                       ckpt_path=checkpointing.best_model_path)
     strategy = trainer.strategy
     tied = _fit_tied(PipelineStrategy(num_stages=2), world_size, token_data(6, batch_size=3))
-    return {"state": model.state_dict(), "tied": tied, "resumed": resumed.state_dict(), "train": log.train,
+    from tests.citizen_models import class_data
+
+    counted = _fit_counted(PipelineStrategy(num_stages=2, loss_reduction=_class_weights), world_size,
+                           class_data(6, batch_size=4))
+    return {"state": model.state_dict(), "tied": tied, "counted": counted, "resumed": resumed.state_dict(),
+            "train": log.train,
             "progress": log.progress, "validation": log.validation, "path": checkpointing.best_model_path,
             "sampler": strategy.distributed_sampler_kwargs, "pipeline": strategy.runner.pipeline.rank}
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_two_stages_by_two_replicas_equal_one_device(tmp_path: Path) -> None:
     """Weights (with Adam, an LR scheduler and clipping by the global norm over the mesh), every logged value on
-    rank 0 (loss, max, torchmetrics, validation), the written checkpoint, a resume from an epoch's checkpoint, and
-    a model whose head is tied to its embedding across stages."""
-    results = run_ranks(_replicated, 4, str(tmp_path), timeout=140)
+    rank 0 (loss, max, torchmetrics, validation), the written checkpoint, a resume from an epoch's checkpoint, a
+    model whose head is tied to its embedding across stages, and a class-weighted loss told with loss_reduction."""
+    results = run_ranks(_replicated, 4, str(tmp_path), timeout=190)
     log = MetricsLog()
     expected, _ = _fit("auto", 1, 1, 2, [log])
     assert [r["sampler"] for r in results] == [{"num_replicas": 2, "rank": r % 2} for r in range(4)]
@@ -126,6 +148,13 @@ def test_two_stages_by_two_replicas_equal_one_device(tmp_path: Path) -> None:
         got = _full_state([results[replica]["tied"], results[REPLICAS + replica]["tied"]])
         for key, value in tied.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"tied, replica {replica} {key}")
+    from tests.citizen_models import class_data
+
+    counted = _fit_counted("auto", 1, one_device_loader(3, 8, class_data))
+    for replica in range(REPLICAS):
+        got = _full_state([results[replica]["counted"], results[REPLICAS + replica]["counted"]])
+        for key, value in counted.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"counted, replica {replica} {key}")
     for rank, result in enumerate(results):  # every rank logs the whole batch's values; rank 0's reach the loggers
         for what in ("train", "progress", "validation"):
             _assert_logs_equal(result[what], getattr(log, what), f"rank {rank} {what}")

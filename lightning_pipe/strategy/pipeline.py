@@ -118,8 +118,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             Or a function of a micro-batch counting what the loss is a mean over, for a loss normalized by a count
             over the batch (``lambda batch: (batch["labels"] != -100).sum()``: labels ignored at -100, as in
             Hugging Face's losses; class weights): each micro-batch's loss, and each value it logs, is then weighted
-            by its count, which gives one device's gradients (with data-parallel replicas: within each replica's
-            share of the batch; the replicas average their gradients as DDP does).
+            by its count's share of the whole batch's (over every data-parallel replica), which gives one device's
+            gradients.
         wait_timeout: seconds any one of the pipeline's waits for other ranks (a message, the step's collectives) may
             last; a rank that stops answering (stopped, frozen, looping in user code) then ends every rank with an
             error naming it and what was awaited (:mod:`lightning_pipe.engine.watchdog`). Default 300; raise it for

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lightning_pipe.capture.losses import MeanLoss
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
@@ -64,31 +65,45 @@ def check_loss_reduction(value: Any) -> str | Callable[[Any], Any]:
 
 @dataclass
 class Counts:
-    """A batch's micro-batches counted by a ``loss_reduction`` function: what each one's loss is a mean over."""
+    """A batch's micro-batches counted by a ``loss_reduction`` function: what each one's loss is a mean over; and,
+    with data-parallel replicas, the count over every replica's share of the batch."""
 
     counts: list[float]
+    total: float  # over the whole batch: every replica's share
+    replicas: int = 1
 
     @classmethod
-    def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any], training: bool = True) -> Counts | None:
-        """The counts of ``microbatches`` (read from the device once). A micro-batch that counts nothing is an error
-        in training (its loss would be a mean over nothing: NaN); in evaluation, where the counts only weigh the
-        logged values, the batch's logs weigh by rows then (``None``)."""
+    def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any], training: bool = True,
+           group: Any = None, device: torch.device | None = None) -> Counts | None:
+        """The counts of ``microbatches`` (read from the device once; in training with replicas, ``group``, their
+        total is summed over the replicas on ``device``). A micro-batch that counts nothing is an error in training
+        (its loss would be a mean over nothing: NaN), raised on every replica alike; in evaluation, where the counts
+        only weigh the logged values, the batch's logs weigh by rows then (``None``)."""
         values = [torch.as_tensor(count(microbatch)).detach().sum().to(torch.float64) for microbatch in microbatches]
-        numbers = torch.stack([value.to(values[0].device) for value in values]).tolist() if values else []
-        for index, number in enumerate(numbers):
-            if not number > 0:  # also NaN
-                if not training:
-                    return None
-                raise ValueError(f"loss_reduction's function counted {number:g} in micro-batch {index} of "
-                                 f"{len(microbatches)}: its loss would be a mean over nothing (NaN). Each micro-batch "
-                                 f"needs something to count; use fewer micro-batches or batches with more rows "
-                                 f"that have labels")
-        return cls(numbers)
+        local = torch.stack([value.to(values[0].device) for value in values])
+        empty = ~(local > 0)  # also NaN
+        replicas, summary = 1, torch.stack([local.sum(), empty.sum().to(torch.float64)])
+        if training and group is not None:
+            replicas = dist.get_world_size(group)
+            summary = summary.to(device or torch.device("cpu"))
+            dist.all_reduce(summary, group=group)
+        numbers = local.tolist()
+        total, empties = summary.tolist()
+        if empties:
+            if not training:
+                return None
+            where = (f"micro-batch {int(empty.nonzero()[0])} of {len(microbatches)}" if bool(empty.any())
+                     else "a micro-batch of another data-parallel replica")
+            raise ValueError(f"loss_reduction's function counted nothing in {where}: its loss would be a mean over "
+                             f"nothing (NaN). Each micro-batch needs something to count; use fewer micro-batches or "
+                             f"batches with more rows that have labels")
+        return cls(numbers, total, replicas)
 
     def scale(self, index: int, rows: int, microbatch_rows: int) -> float:
         """What micro-batch ``index``'s loss is multiplied by, so that the engine's weighting by rows gives it its
-        count's share of the batch."""
-        return self.counts[index] / sum(self.counts) * rows / microbatch_rows
+        count's share of the whole batch (the replicas then average: each replica's share counts ``replicas``
+        times)."""
+        return self.counts[index] * self.replicas / self.total * rows / microbatch_rows
 
 
 @dataclass

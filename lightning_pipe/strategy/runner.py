@@ -380,11 +380,12 @@ class PipelineRunner:
 
     def _counts(self, batch: Any, step: str) -> Counts | None:
         """A ``loss_reduction`` function's counts of ``batch``'s micro-batches (training and evaluation steps, not
-        predictions). In training every rank counts, so that a count of nothing is an error on every rank alike."""
+        predictions). In training every rank counts (with replicas, the total over all of them), so that a count of
+        nothing is an error on every rank alike."""
         if not callable(self.loss_reduction) or step == "predict_step":
             return None
         return Counts.of(self.loss_reduction, split_batch(batch, self.pipeline.num_microbatches),
-                         training=step == "training_step")
+                         training=step == "training_step", group=self.replica_group, device=self.collective_device)
 
     def _seed(self, seed: int | None) -> int:
         self._steps += 1
