@@ -259,10 +259,13 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     probe = Probe()
     for loss, rows in ((1.0, 2), (3.0, 2)):
         probe.add(torch.zeros(rows, 1), torch.zeros(rows, 1), torch.tensor(loss), rows)
-    assert verdict(probe, lambda output, batch: torch.tensor(2.0))[0] == "mean"
-    assert verdict(probe, lambda output, batch: torch.tensor(4.0))[0] == "sum"
-    rule, why = verdict(probe, lambda output, batch: torch.tensor(2.5))  # a weighted mean: more weight on the second
+    assert verdict(probe, lambda output, batch, draw: torch.tensor(2.0))[0] == "mean"
+    assert verdict(probe, lambda output, batch, draw: torch.tensor(4.0))[0] == "sum"
+    rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5))  # a weighted mean: the second weighs more
     assert rule == "neither" and "2.5" in why
+    # a step whose loss draws random numbers (diffusion noise) cannot tell: no verdict, and so no warning
+    rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5 + draw))
+    assert rule is None and "random" in why
 
 
 def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:

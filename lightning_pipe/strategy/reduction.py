@@ -135,10 +135,11 @@ def _whole(parts: list[Any]) -> Any | None:
     return tree_unflatten([torch.cat(column) for column in columns], spec)
 
 
-def verdict(probe: Probe, run_whole: Callable[[Any, Any], torch.Tensor]) -> tuple[str | None, str]:
+def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) -> tuple[str | None, str]:
     """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
-    ``run_whole(output, batch)``, the step's loss on the whole batch; None when this batch cannot tell (one
-    micro-batch, equal mean and sum)."""
+    ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
+    None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:
+    diffusion noise, masks)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
     output, batch = _whole(probe.outputs), _whole(probe.microbatches)
@@ -147,7 +148,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any], torch.Tensor]) -> tupl
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.rows, dtype=torch.float64) / sum(probe.rows)
     mean, total = float((losses * weights).sum()), float(losses.sum())
-    whole = float(run_whole(output, batch).detach().double().cpu())
+    whole = float(run_whole(output, batch, 0).detach().double().cpu())
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
     if abs(total - mean) <= 10 * _TOLERANCE * scale:
         return None, "the micro-batches' mean and sum are equal"
@@ -157,15 +158,19 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any], torch.Tensor]) -> tupl
         return "sum", why
     if abs(whole - mean) <= _TOLERANCE * scale:
         return "mean", why
+    if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * scale:
+        return None, "the step's loss draws random numbers (it changes with the seed)"
     return "neither", why
 
 
 def neither_warning(why: str) -> str:
     """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither")."""
     return (f"training_step's loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
-            f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask). The "
+            f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), or it "
+            f"couples the rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so these gradients differ from one device's (as "
-            f"they do under accumulate_grad_batches or DDP). For one device's gradients, say what the loss is a mean "
+            f"they do under accumulate_grad_batches or DDP). For one device's gradients with a count, say what the "
+            f"loss is a mean "
             f"over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
             f"(batch['labels'] != -100).sum()) for labels ignored at -100, or the sum of the class weights of its "
             f"labels")

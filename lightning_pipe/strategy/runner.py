@@ -329,9 +329,9 @@ class PipelineRunner:
         """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
-        def run_whole(output: Any, batch: Any) -> torch.Tensor:
+        def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
             with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
-                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                    forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
                 return loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
 
         self._probes_left -= 1
