@@ -61,15 +61,16 @@ def _fit_tied(strategy: Any, devices: int, loader: Any) -> dict[str, torch.Tenso
     return model.state_dict()
 
 
-def _fit_counted(strategy: Any, devices: int, loader: Any) -> dict[str, torch.Tensor]:
+def _fit_counted(strategy: Any, devices: int, loader: Any) -> tuple[dict[str, torch.Tensor], float]:
     """A class-weighted loss, a mean over the labels' weights, told with ``loss_reduction``: weighted by each
-    micro-batch's share of the whole batch's weights, over both replicas."""
+    micro-batch's share of the whole batch's weights, over both replicas; the weights and the last logged loss."""
     from tests.citizen_models import FineTuned
 
     torch.manual_seed(5)  # not seed_everything: its PL_GLOBAL_SEED would reseed the replicas' shuffle
     model = FineTuned()
-    _trainer(strategy, devices, max_epochs=1).fit(model, loader)
-    return model.state_dict()
+    trainer = _trainer(strategy, devices, max_epochs=1)
+    trainer.fit(model, loader)
+    return model.state_dict(), float(trainer.callback_metrics["train_loss"])
 
 
 def _class_weights(batch: Any) -> torch.Tensor:
@@ -150,11 +151,13 @@ def test_two_stages_by_two_replicas_equal_one_device(tmp_path: Path) -> None:
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"tied, replica {replica} {key}")
     from tests.citizen_models import class_data
 
-    counted = _fit_counted("auto", 1, one_device_loader(3, 8, class_data))
+    counted, logged = _fit_counted("auto", 1, one_device_loader(3, 8, class_data))
     for replica in range(REPLICAS):
-        got = _full_state([results[replica]["counted"], results[REPLICAS + replica]["counted"]])
+        got = _full_state([results[replica]["counted"][0], results[REPLICAS + replica]["counted"][0]])
         for key, value in counted.items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"counted, replica {replica} {key}")
+    for result in results:  # the replicas' logged loss weighs each replica's share by its count
+        assert result["counted"][1] == pytest.approx(logged, rel=1e-5)
     for rank, result in enumerate(results):  # every rank logs the whole batch's values; rank 0's reach the loggers
         for what in ("train", "progress", "validation"):
             _assert_logs_equal(result[what], getattr(log, what), f"rank {rank} {what}")

@@ -36,6 +36,7 @@ class LoggedValue:
     metric: str | None  # attribute path of the logged Metric, else None
     options: dict[str, Any]
     batch_size: int | None
+    weight: float | None = None  # what its micro-batches weighed together, where not their rows (loss_reduction counts)
 
 
 class LogRecorder:
@@ -130,9 +131,10 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         sizes = [args["batch_size"] if args["batch_size"] is not None else rows for args, rows in group]
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
+        counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
+        weights = torch.tensor([args["weight"] if counted else size for (args, _), size in zip(group, sizes)],
+                               dtype=torch.float64)
         if reduce == "mean":
-            weights = torch.tensor([args["weight"] if args.get("weight") is not None and args["batch_size"] is None
-                                    else size for (args, _), size in zip(group, sizes)], dtype=torch.float64)
             weights = weights / weights.sum()
             value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
         elif reduce == "sum":
@@ -142,7 +144,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         given = first["value"]
         floating = isinstance(given, torch.Tensor) and given.is_floating_point()
         dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
-        logged.append(LoggedValue(name, value.to(dtype), None, options, int(sum(sizes))))
+        logged.append(LoggedValue(name, value.to(dtype), None, options, int(sum(sizes)),
+                                  float(sum(args["weight"] for args, _ in group)) if counted else None))
     return logged
 
 
@@ -158,8 +161,8 @@ def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]
                 metrics.setdefault(entry.name, entry)
                 continue
             assert entry.value is not None and entry.batch_size is not None
-            calls.append(({**entry.options, "name": entry.name, "value": entry.value, "batch_size": entry.batch_size},
-                          entry.batch_size))
+            calls.append(({**entry.options, "name": entry.name, "value": entry.value, "batch_size": None,
+                           "weight": entry.weight}, entry.batch_size))
     combined = {entry.name: entry for entry in combine_logs(calls, {})}
     combined.update(metrics)
     order = list(dict.fromkeys(entry.name for logged in replicas for entry in logged))  # first seen, first logged

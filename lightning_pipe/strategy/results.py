@@ -173,7 +173,8 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     for entry in result.logs:
         options = {key: _reduce_name(value) if key == "reduce_fx" else value for key, value in entry.options.items()}
         logs.append({"l": [entry.name, encode(entry.value, tensors, f"self.log({entry.name!r})"), entry.metric,
-                           encode(options, tensors, f"the options of self.log({entry.name!r})"), entry.batch_size]})
+                           encode(options, tensors, f"the options of self.log({entry.name!r})"), entry.batch_size,
+                           entry.weight]})
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale}}
@@ -183,8 +184,8 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
 def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     """The :class:`StepResult` :func:`encode_result` encoded."""
     fields = decode(structure, list(tensors))
-    logs = [LoggedValue(name, value, metric, options, batch_size)
-            for name, value, metric, options, batch_size in fields["logs"]]
+    logs = [LoggedValue(name, value, metric, options, batch_size, weight)
+            for name, value, metric, options, batch_size, weight in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"])
 
