@@ -20,8 +20,16 @@ from .export import export_forward
 from .graph import Recompute, chained_lists, lay_out
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of
-from .points import (Cut, SplitPoints, block_cuts, cut_label, default_cuts, listed_blocks,
-                     normalize_split_points, repeated_blocks)
+from .points import (
+    Cut,
+    SplitPoints,
+    block_cuts,
+    cut_label,
+    default_cuts,
+    listed_blocks,
+    normalize_split_points,
+    repeated_blocks,
+)
 from .programs import build_programs
 from .segment import Segment
 
@@ -161,7 +169,7 @@ class Splitter:
         return dict(sorted(kwargs.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
-        padded = _watch_nested_tensor_encoders(self.model) if not training else None
+        padded = _NestedTensorEncoders(self.model) if not training else None
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)
@@ -206,8 +214,9 @@ class Splitter:
         return capture
 
     def _chained_cuts(self, program: Any) -> list[Cut]:
-        """The default cuts, with a repeated block that holds a ``ModuleList`` of blocks run in a chain (each stage of
-        a PVT or a Hugging Face Swin) cut before each of those instead (:func:`~.points.listed_blocks`)."""
+        """The default cuts, with a repeated block that holds a ``ModuleList`` (each stage of a PVT or a Hugging Face
+        Swin) or an ``nn.Sequential`` (EdgeNeXt's) of blocks run in a chain cut before each of those instead
+        (:func:`~.points.listed_blocks`)."""
         blocks = repeated_blocks(self.model)
         lists = chained_lists(program, listed_blocks(self.model, blocks)) if blocks else []
         if not lists:
@@ -278,10 +287,6 @@ class _NestedTensorEncoders:
                           f"the output is pooled (the unpadded outputs are equal), or build it with "
                           f"enable_nested_tensor=False", stacklevel=4)
 
-
-def _watch_nested_tensor_encoders(model: nn.Module) -> _NestedTensorEncoders | None:
-    watch = _NestedTensorEncoders(model)
-    return watch if watch.handles else None
 
 
 def _positional(args: Sequence[Any]) -> tuple:

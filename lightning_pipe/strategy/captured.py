@@ -21,10 +21,11 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.model_choice import owners
+from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 
-__all__ = ["CapturedModule", "ModelPart", "PipelinedModel", "no_logging"]
+__all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
 
 def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
@@ -61,27 +62,12 @@ def _release_others(local: Sequence[Segment], holders: Sequence[nn.Module], keep
                 table[key] = released[id(param)]
 
 
-def _plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str]) -> Any:
-    """``module``'s attribute ``name`` where it is plain data (a config, a size); a module, a tensor or a method
-    (which would reach other ranks' weights) raises ``AttributeError(refusal())``."""
-    if module is None:
-        raise AttributeError(name)
-    value = getattr(module, name)  # AttributeError: the module has none either
-    if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
-        raise AttributeError(refusal())
-    return value
-
-
 def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str]) -> set[int]:
     """The ids of ``model``'s parameters and buffers that some segment's graph reads (by any of their names)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     return {id(tensors[name]) for segment in segments for name in segment.state_names()
             if name not in unread and name in tensors}
-
-
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _twin(module: nn.Module) -> nn.Module:
@@ -106,101 +92,6 @@ class _Called(BaseException):
         self.args, self.kwargs = args, kwargs
 
 
-class ModelPart(nn.Module):
-    """Stands for a module of a captured model under its path: holds this rank's share of its state (perhaps none),
-    so that ``parameters()`` of it work on every rank (and indexing, for a container: :class:`ModelPartList`); its
-    plain attributes (``out_features``) are read from that module; running it is refused (only the step's call of the
-    whole model runs its parts, stage by stage)."""
-
-    def __init__(self, name: str, model_path: str, original: nn.Module) -> None:
-        super().__init__()
-        self.part_name, self.model_path = name, model_path
-        self.reason: str | None = None  # why it cannot run, where not the usual (set by the install)
-        object.__setattr__(self, "_original", original)  # not a submodule: its weights are other ranks'
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.reason is not None:
-            raise RuntimeError(self.reason)
-        where = f"the model at {self.model_path!r}" if self.model_path else "the module's forward"
-        raise RuntimeError(f"{self.part_name!r} is part of {where}, which is cut into pipeline stages (this rank "
-                           f"holds {'part' if _has_state(self) else 'none'} of its weights); under PipelineStrategy "
-                           f"only the step's call of the whole model runs its parts. Call the model, or load a "
-                           f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        return _plain_attribute(self.__dict__.get("_original"), name, lambda: (
-            f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
-            f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
-            f"attributes, or call the whole model in the step"))
-
-    def extra_repr(self) -> str:
-        return f"{self.part_name}: this rank's share"
-
-
-class ModelPartList(ModelPart):
-    """A :class:`ModelPart` for a container (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``): indexing,
-    slicing, ``len`` and iteration work as on the container, over the parts."""
-
-    def _children_in_order(self) -> list[nn.Module]:
-        return [self._modules[name] for name, _ in self.__dict__["_original"].named_children()]
-
-    def __bool__(self) -> bool:  # a module is true, whatever its length
-        return True
-
-    def __len__(self) -> int:
-        return len(self._children_in_order())
-
-    def __iter__(self) -> Any:
-        original = self.__dict__["_original"]
-        return iter(original.keys()) if isinstance(original, nn.ModuleDict) else iter(self._children_in_order())
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(self.__dict__["_original"], nn.ModuleDict):
-            return self._modules[index]
-        children = self._children_in_order()
-        return nn.ModuleList(children[index]) if isinstance(index, slice) else children[index]
-
-
-def _part(name: str, model_path: str, original: nn.Module) -> ModelPart:
-    """The :class:`ModelPart` standing for ``original`` (a :class:`ModelPartList` for a container)."""
-    containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
-    return (ModelPartList if isinstance(original, containers) else ModelPart)(name, model_path, original)
-
-
-def _complete(target: nn.Module, name: str, model: nn.Module, model_path: str) -> None:
-    """Give ``target`` a :class:`ModelPart` at path ``name`` of ``model`` (and above it) where it has none."""
-    parts = name.split(".")
-    for depth, item in enumerate(parts):
-        if item not in target._modules or target._modules[item] is None:
-            path = ".".join(parts[:depth + 1])
-            target.add_module(item, _part(path, model_path, model.get_submodule(path)))
-        target = target._modules[item]
-
-
-def _mirror(target: nn.Module, source: nn.Module, model: nn.Module, model_path: str, prefix: str = "") -> None:
-    """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
-    same objects, same names; plain holders become :class:`ModelPart` objects of ``model``'s modules."""
-    for name, param in source._parameters.items():
-        if param is not None and name not in target._parameters:
-            target.register_parameter(name, param)
-    for name, buffer in source._buffers.items():
-        if buffer is not None and name not in target._buffers:
-            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
-    for name, child in source._modules.items():
-        if child is None:
-            continue
-        if name not in target._modules:
-            part = _part(prefix + name, model_path, model.get_submodule(prefix + name))
-            target.add_module(name, part if type(child) is nn.Module else child)
-        holder = target._modules[name]
-        if holder is not child:
-            _mirror(holder, child, model, model_path, f"{prefix}{name}.")
-
-
 class PipelinedModel(nn.Module):
     """Stands in for a captured model: holds this rank's share of its parameters and buffers under the model's names,
     so that ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's
@@ -208,20 +99,20 @@ class PipelinedModel(nn.Module):
 
     Inside a step it either stops the step where it is called, with the call's arguments (first stage), or returns
     the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor); anywhere else it
-    refuses to run. Every module of the model is reachable through it by its path, as a :class:`ModelPart` holding
-    this rank's share of that module's state (perhaps none), so that ``self.model.classifier.parameters()`` in
-    ``configure_optimizers`` gives this rank's share of the head. Plain attributes of the model (a Hugging Face
-    ``config``) stay readable through it.
+    refuses to run. Every module of the model is reachable through it by its path, as a
+    :class:`~.model_parts.ModelPart` holding this rank's share of that module's state (perhaps none), so that
+    ``self.model.classifier.parameters()`` in ``configure_optimizers`` gives this rank's share of the head. Plain
+    attributes of the model (a Hugging Face ``config``) stay readable through it.
     """
 
     def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
                  path: str) -> None:
         super().__init__()
         for segment in segments:
-            _mirror(self, segment, model, path)
+            mirror(self, segment, model, path)
         for name, _ in model.named_modules(remove_duplicate=False):  # aliases too: the same paths on every rank
             if name:
-                _complete(self, name, model, path)
+                complete(self, name, model, path)
         object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
         object.__setattr__(self, "_model", model)
         self._path = path
@@ -264,7 +155,7 @@ class PipelinedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        return _plain_attribute(self.__dict__.get("_model"), name, lambda: (  # the model: set once this holds state
+        return plain_attribute(self.__dict__.get("_model"), name, lambda: (  # the model: set once this holds state
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
             f"(self.{self._path}(...))"))
@@ -347,7 +238,7 @@ class CapturedModule:
                     kept.append(child)
                     continue
                 module._modules[name] = proxy._modules[name]
-                if unread and _has_state(child):
+                if unread and has_state(child):
                     proxy._modules[name].reason = (
                         f"{name!r} holds trainable parameters that {type(module).__name__}.forward does not use, "
                         f"so no pipeline stage holds it; a pipeline trains only the model it cuts (the module's "

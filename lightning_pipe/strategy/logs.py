@@ -132,9 +132,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
-        weights = torch.tensor([args["weight"] if counted else size for (args, _), size in zip(group, sizes)],
-                               dtype=torch.float64)
         if reduce == "mean":
+            weights = torch.tensor([args["weight"] if counted else size for (args, _), size in zip(group, sizes)],
+                                   dtype=torch.float64)
             weights = weights / weights.sum()
             value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
         elif reduce == "sum":

@@ -170,8 +170,7 @@ def neither_warning(why: str) -> str:
             f"couples the rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so these gradients differ from one device's (as "
             f"they do under accumulate_grad_batches or DDP). For one device's gradients with a count, say what the "
-            f"loss is a mean "
-            f"over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
+            f"loss is a mean over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
             f"(batch['labels'] != -100).sum()) for labels ignored at -100, or the sum of the class weights of its "
             f"labels")
 

@@ -1,0 +1,123 @@
+"""The parts of a captured model on a rank: a :class:`ModelPart` at every module path of the model, holding this rank's
+share of that module's state (perhaps none), so that ``self.model.classifier.parameters()`` works on every rank; the
+proxy of :mod:`.captured` is built of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "plain_attribute", "has_state"]
+
+
+def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str]) -> Any:
+    """``module``'s attribute ``name`` where it is plain data (a config, a size); a module, a tensor or a method
+    (which would reach other ranks' weights) raises ``AttributeError(refusal())``."""
+    if module is None:
+        raise AttributeError(name)
+    value = getattr(module, name)  # AttributeError: the module has none either
+    if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
+        raise AttributeError(refusal())
+    return value
+
+
+def has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+class ModelPart(nn.Module):
+    """Stands for a module of a captured model under its path: holds this rank's share of its state (perhaps none),
+    so that ``parameters()`` of it work on every rank (and indexing, for a container: :class:`ModelPartList`); its
+    plain attributes (``out_features``) are read from that module; running it is refused (only the step's call of the
+    whole model runs its parts, stage by stage)."""
+
+    def __init__(self, name: str, model_path: str, original: nn.Module) -> None:
+        super().__init__()
+        self.part_name, self.model_path = name, model_path
+        self.reason: str | None = None  # why it cannot run, where not the usual (set by the install)
+        object.__setattr__(self, "_original", original)  # not a submodule: its weights are other ranks'
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.reason is not None:
+            raise RuntimeError(self.reason)
+        where = f"the model at {self.model_path!r}" if self.model_path else "the module's forward"
+        raise RuntimeError(f"{self.part_name!r} is part of {where}, which is cut into pipeline stages (this rank "
+                           f"holds {'part' if has_state(self) else 'none'} of its weights); under PipelineStrategy "
+                           f"only the step's call of the whole model runs its parts. Call the model, or load a "
+                           f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        return plain_attribute(self.__dict__.get("_original"), name, lambda: (
+            f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
+            f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
+            f"attributes, or call the whole model in the step"))
+
+    def extra_repr(self) -> str:
+        return f"{self.part_name}: this rank's share"
+
+
+class ModelPartList(ModelPart):
+    """A :class:`ModelPart` for a container (``nn.ModuleList``, ``nn.Sequential``, ``nn.ModuleDict``): indexing,
+    slicing, ``len`` and iteration work as on the container, over the parts."""
+
+    def _children_in_order(self) -> list[nn.Module]:
+        return [self._modules[name] for name, _ in self.__dict__["_original"].named_children()]
+
+    def __bool__(self) -> bool:  # a module is true, whatever its length
+        return True
+
+    def __len__(self) -> int:
+        return len(self._children_in_order())
+
+    def __iter__(self) -> Any:
+        original = self.__dict__["_original"]
+        return iter(original.keys()) if isinstance(original, nn.ModuleDict) else iter(self._children_in_order())
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(self.__dict__["_original"], nn.ModuleDict):
+            return self._modules[index]
+        children = self._children_in_order()
+        return nn.ModuleList(children[index]) if isinstance(index, slice) else children[index]
+
+
+def _part(name: str, model_path: str, original: nn.Module) -> ModelPart:
+    """The :class:`ModelPart` standing for ``original`` (a :class:`ModelPartList` for a container)."""
+    containers = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+    return (ModelPartList if isinstance(original, containers) else ModelPart)(name, model_path, original)
+
+
+def complete(target: nn.Module, name: str, model: nn.Module, model_path: str) -> None:
+    """Give ``target`` a :class:`ModelPart` at path ``name`` of ``model`` (and above it) where it has none."""
+    parts = name.split(".")
+    for depth, item in enumerate(parts):
+        if item not in target._modules or target._modules[item] is None:
+            path = ".".join(parts[:depth + 1])
+            target.add_module(item, _part(path, model_path, model.get_submodule(path)))
+        target = target._modules[item]
+
+
+def mirror(target: nn.Module, source: nn.Module, model: nn.Module, model_path: str, prefix: str = "") -> None:
+    """Register ``source``'s state (a segment's: plain holder modules, batch norms held as themselves) on ``target``,
+    same objects, same names; plain holders become :class:`ModelPart` objects of ``model``'s modules."""
+    for name, param in source._parameters.items():
+        if param is not None and name not in target._parameters:
+            target.register_parameter(name, param)
+    for name, buffer in source._buffers.items():
+        if buffer is not None and name not in target._buffers:
+            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+    for name, child in source._modules.items():
+        if child is None:
+            continue
+        if name not in target._modules:
+            part = _part(prefix + name, model_path, model.get_submodule(prefix + name))
+            target.add_module(name, part if type(child) is nn.Module else child)
+        holder = target._modules[name]
+        if holder is not child:
+            mirror(holder, child, model, model_path, f"{prefix}{name}.")
