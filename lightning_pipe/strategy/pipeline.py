@@ -38,6 +38,7 @@ from lightning_pipe.strategy.asynchronous import (
     DrainPipeline,
     check_async_fit,
 )
+from lightning_pipe.strategy.averaging import recopy_weight_averages
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.data_order import share_order
@@ -352,6 +353,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
+            recopy_weight_averages(trainer.callbacks, module)
             self.setup_optimizers(trainer)
             self.runner.tied.check_optimizers(self.optimizers)
             if self._async is not None:
@@ -449,7 +451,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         ``on_before_zero_grad`` could still read them), so the step frees them as it starts."""
         first_of_accumulation = trainer.fit_loop.epoch_loop.batch_idx % trainer.accumulate_grad_batches == 0
         own_zero_grad = is_overridden("optimizer_zero_grad", self.lightning_module, LightningModule)
-        return not first_of_accumulation or own_zero_grad
+        # Skipping backward (StochasticWeightAveraging's batch-norm epoch) skips zero_grad too: the gradients stay.
+        skipping = getattr(trainer.fit_loop, "_skip_backward", False)
+        return not first_of_accumulation or own_zero_grad or skipping
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],

@@ -1,0 +1,101 @@
+"""Lightning's weight-averaging callbacks on a cut module, on 2 gloo ranks against one device:
+``StochasticWeightAveraging`` over a network with a batch norm (its extra epoch that recomputes the statistics runs on
+every rank, also on the one without a BatchNorm), and ``EMAWeightAveraging`` over a captured model, resumed from a
+checkpoint. Both copy the whole module at setup, before the strategy cuts it, and pair the copy's parameters with the
+module's by position; without the strategy's re-copy the pairs do not match."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.helpers import run_ranks
+
+SEED = 11
+EPOCHS = 3
+
+
+def _module(kind: str) -> Any:
+    import lightning as L
+
+    from tests.citizen_models import Blocks
+
+    class Averaged(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            if kind == "swa":  # an nn.Sequential: the batch norm on the first rank, the head on the second
+                self.net = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                                         nn.ReLU(), nn.Linear(16, 4))
+            else:  # no nn.Sequential: captured
+                self.net = Blocks()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(SEED, verbose=False)
+    return Averaged()
+
+
+def _fit(kind: str, devices: int, strategy: Any, ckpt_path: str | None = None, averaged: bool = True,
+         keep_in: str | None = None) -> Any:
+    """Fit ``EPOCHS`` epochs; with ``keep_in``, a checkpoint at the end of every epoch is kept there."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+
+    from tests.citizen_models import class_data
+
+    averaging = (StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1) if kind == "swa"
+                 else EMAWeightAveraging(decay=0.5))
+    kept = [ModelCheckpoint(keep_in, "{epoch}", save_top_k=-1)] if keep_in else []
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=EPOCHS, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(keep_in),
+                        callbacks=([averaging] if averaged else []) + kept)
+    model = _module(kind)
+    trainer.fit(model, class_data(batches=4), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    def strategy(kind: str) -> PipelineStrategy:  # BatchNorm normalizes per micro-batch: one micro-batch is exact
+        return PipelineStrategy(num_microbatches=1 if kind == "swa" else 4, wait_timeout=60)
+
+    results: dict[str, Any] = {}
+    for kind in ("swa", "ema"):
+        model, trainer = _fit(kind, world_size, strategy(kind), keep_in=os.path.join(tmp, kind))
+        trainer.save_checkpoint(os.path.join(tmp, f"{kind}.ckpt"))
+        results[kind] = {"logged": float(trainer.callback_metrics["train_loss"])}
+        # resumed from the end of the second epoch: the averages so far come back with the weights
+        _, trainer = _fit(kind, world_size, strategy(kind), ckpt_path=os.path.join(tmp, kind, "epoch=1.ckpt"))
+        trainer.save_checkpoint(os.path.join(tmp, f"{kind}-resumed.ckpt"))
+    return results
+
+
+@pytest.mark.timeout(400)
+def test_weight_averaging_callbacks_average_every_ranks_share_as_one_device_averages_the_model(tmp_path: Any) -> None:
+    results = run_ranks(_ranks, 2, str(tmp_path), timeout=380)
+    for kind in ("swa", "ema"):
+        model, trainer = _fit(kind, 1, "auto")
+        reference = model.state_dict()
+        for name in (kind, f"{kind}-resumed"):
+            state = torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"]
+            assert list(state) == list(reference), name
+            for key, value in reference.items():
+                torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+        assert results[1][kind]["logged"] == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-5)
+        # the averages are what training ends with: without the callback the weights differ
+        plain, _ = _fit(kind, 1, "auto", averaged=False)
+        assert max((a.float() - b.float()).abs().max() for a, b in zip(plain.state_dict().values(),
+                                                                        reference.values())) > 1e-3
