@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
-           "row_data", "FineTuned", "PaddedLM", "padded_tokens", "CLASS_WEIGHTS"]
+           "row_data", "FineTuned", "PaddedLM", "padded_tokens", "CLASS_WEIGHTS", "Detector", "detection_data"]
 
 
 class ReadmeAutoEncoder(L.LightningModule):
@@ -268,3 +268,44 @@ def class_data(batches: int = 3, batch_size: int = 8, seed: int = 3) -> DataLoad
 def row_data(batches: int = 3, batch_size: int = 8, seed: int = 4) -> DataLoader:
     x = torch.randn(batches * batch_size, 12, generator=torch.Generator().manual_seed(seed))
     return DataLoader(x, batch_size=batch_size)  # batches are tensors, as the BoringModel's RandomDataset gives
+
+
+class Detector(L.LightningModule):
+    """A detection-style project: stacked images, and per-image targets (a different number of boxes each) that a
+    custom ``collate_fn`` leaves as a list of dicts; the step matches predictions to targets image by image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = [F.smooth_l1_loss(out[:4].expand_as(target["boxes"]), target["boxes"])
+                  + F.cross_entropy(out[4:].expand(len(target["labels"]), 2), target["labels"])
+                  for out, target in zip(self.net(images), targets)]
+        loss = torch.stack(losses).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Boxes(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(index)
+        count = 1 + index % 3
+        return torch.randn(3, 16, 16, generator=generator), {
+            "boxes": torch.rand(count, 4, generator=generator),
+            "labels": torch.randint(0, 2, (count,), generator=generator)}
+
+
+def detection_data(batch_size: int = 8) -> DataLoader:
+    def collate(items: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[Any]]:
+        return torch.stack([image for image, _ in items]), [target for _, target in items]
+
+    return DataLoader(_Boxes(), batch_size=batch_size, collate_fn=collate)

@@ -30,6 +30,46 @@ def test_per_row_items_may_be_any_value_without_tensors() -> None:
     assert [p[1] for p in parts] == [meta[:2], meta[2:]]
 
 
+def _targets(counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Per-image detection targets, as a custom collate_fn leaves them: one dict per row, ``counts[i]`` boxes each."""
+    return [{"boxes": torch.full((n, 4), float(i)), "labels": torch.full((n,), i)} for i, n in enumerate(counts)]
+
+
+def test_a_list_with_one_dict_of_tensors_per_row_is_split_with_the_rows() -> None:
+    images = torch.arange(8.0).view(8, 1)
+    for counts in ([1, 2, 3, 1, 2, 3, 1, 2], [8] * 8, [2, 2]):  # [8] * 8 and [2, 2]: every image has as many boxes
+        rows = len(counts)                                     # as the batch has rows, and still one dict per row
+        batch = (images[:rows], _targets(counts))
+        assert batch_rows(batch) == rows
+        for part in split_batch(batch, 4):
+            x, targets = part
+            assert [int(t["labels"][0]) for t in targets] == [int(v) for v in x[:, 0]]
+            assert [len(t["boxes"]) for t in targets] == [counts[int(v)] for v in x[:, 0]]
+    # torchvision's detection collate, tuple(zip(*batch)): images of several sizes, nothing stacked
+    images = tuple(torch.zeros(3, 8 + i, 8) for i in range(4))
+    parts = split_batch((images, tuple(_targets([1, 3, 2, 3]))), 2)
+    assert [[im.shape[1] for im in p[0]] for p in parts] == [[8, 9], [10, 11]]
+    assert [[len(t["boxes"]) for t in p[1]] for p in parts] == [[1, 3], [2, 3]]
+
+
+def test_a_list_of_ragged_tensors_one_per_row_is_split_but_equal_sized_columns_stay_columns() -> None:
+    x = torch.arange(8.0).view(8, 1)
+    sequences = tuple(torch.full((1 + i % 4,), float(i)) for i in range(8))  # ragged: not columns of 8 rows
+    parts = split_batch((x, sequences), 4)
+    assert all([float(s[0]) for s in p[1]] == p[0][:, 0].tolist() for p in parts)
+    for rows in (2, 8):  # [x, y] of one dtype and shape: columns, also when the batch has as many rows as columns
+        columns = [torch.randn(rows, 5), torch.randn(rows, 5)]
+        assert batch_rows(columns) == rows
+        assert all(len(p) == 2 and p[0].shape == (rows // 2, 5) for p in split_batch(columns, 2))
+    samples = [{"input": torch.randn(16)} for _ in range(2)]  # collate_fn=list: 2 rows of 16 values, not 16 rows
+    assert batch_rows(samples) == 2 and [len(p) for p in split_batch(samples, 2)] == [1, 1]
+
+
+def test_a_batch_whose_rows_cannot_be_told_is_refused_saying_what_splits() -> None:
+    with pytest.raises(ValueError, match="apart from lists with one item .* per row; got shapes"):
+        split_batch((torch.zeros(8, 2), [torch.zeros(3), torch.zeros(5)]), 2)  # 2 items: not one per row
+
+
 def test_other_leaves_are_given_whole_to_every_microbatch() -> None:
     constant, scale = ["a", "b", "c"], torch.tensor(0.5)  # 3 items in a batch of 8 rows: not per-row
     parts = split_batch((torch.zeros(8, 2), constant, scale, "tag", 7), 4)
@@ -132,3 +172,22 @@ def test_a_dataclass_batch_splits_field_by_field() -> None:
     leaves, spec = tree_flatten(batch)
     rebuilt = tree_unflatten(leaves, spec)
     assert type(rebuilt) is Batch and torch.equal(rebuilt.tokens, batch.tokens) and rebuilt.source == "val"
+
+
+def test_a_dict_subclass_keeps_its_type_through_a_tree() -> None:
+    """A model's output of a dict subclass (Hugging Face's ModelOutput) is rebuilt as its own class, not a dict: the
+    step reads ``.logits`` off the whole batch's output when it checks how the loss adds up."""
+
+    class Output(dict):
+        @property
+        def logits(self) -> torch.Tensor:
+            return self["logits"]
+
+    leaves, spec = tree_flatten(Output(logits=torch.ones(2)))
+    rebuilt = tree_unflatten(leaves, spec)
+    assert type(rebuilt) is Output and torch.equal(rebuilt.logits, torch.ones(2))
+    transformers = pytest.importorskip("transformers")
+    output = transformers.modeling_outputs.SemanticSegmenterOutput(logits=torch.ones(2, 3))
+    leaves, spec = tree_flatten(output)
+    rebuilt = tree_unflatten(leaves, spec)
+    assert type(rebuilt) is type(output) and torch.equal(rebuilt.logits, output.logits)

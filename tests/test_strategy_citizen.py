@@ -20,14 +20,16 @@ STEPS = 3
 def _make(case: str) -> Any:
     import lightning as L
 
-    from tests.citizen_models import (Aliased, CapturedBackbone, DenseNet, FineTuned, FrozenBackbone, PaddedLM,
-                                      SummedLoss, TemplateModule)
+    from tests.citizen_models import (Aliased, CapturedBackbone, DenseNet, Detector, FineTuned, FrozenBackbone,
+                                      PaddedLM, SummedLoss, TemplateModule)
 
     L.seed_everything(SEED, verbose=False)
     if case == "fine-tuned":
         return FineTuned()
     if case == "padded":
         return PaddedLM()
+    if case == "detection":
+        return Detector()
     if case == "captured-backbone":
         return CapturedBackbone()
     if case.startswith("backbone"):
@@ -42,10 +44,12 @@ def _make(case: str) -> Any:
 
 
 def _data(case: str, batch_size: int) -> Any:
-    from tests.citizen_models import class_data, padded_tokens, row_data
+    from tests.citizen_models import class_data, detection_data, padded_tokens, row_data
 
     if case == "padded":
         return padded_tokens(batch_size=batch_size)
+    if case == "detection":
+        return detection_data(batch_size=batch_size)
     return row_data(batch_size=batch_size) if case.startswith("summed") else class_data(batch_size=batch_size)
 
 
@@ -91,10 +95,10 @@ def _assert_close(state: dict[str, torch.Tensor], reference: dict[str, torch.Ten
 
 
 @pytest.mark.timeout(300)
-def test_hyperparameters_aliases_and_summed_losses_train_as_on_one_device(tmp_path: Any) -> None:
+def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on_one_device(tmp_path: Any) -> None:
     from tests.citizen_models import Aliased, SummedLoss, TemplateModule
 
-    cases = [("template", {}, 8), ("template-sequential", {}, 8), ("aliased", {}, 8),
+    cases = [("detection", {}, 8), ("template", {}, 8), ("template-sequential", {}, 8), ("aliased", {}, 8),
              ("summed", {}, 8),  # auto: the first batch (4 micro-batches of 2 rows) shows the sum
              ("summed", {"loss_reduction": "sum"}, 10),  # micro-batches of 3, 3, 2, 2 rows
              ("backbone", {}, 8), ("backbone-distill", {}, 8), ("captured-backbone", {}, 8)]
@@ -122,6 +126,11 @@ def test_hyperparameters_aliases_and_summed_losses_train_as_on_one_device(tmp_pa
         _assert_close(loaded.state_dict(), reference)
         assert loaded(torch.ones(2, 12)).shape == (2, 4)
         assert out[f"{case}-auto-8"]["logged"]["train/loss"] == pytest.approx(logged["train/loss"], rel=1e-5)
+
+    # per-image targets, a list of dicts with 1-3 boxes each: split with their images
+    reference, logged = _reference("detection")
+    _assert_close(torch.load(tmp_path / "detection-auto-8.ckpt", weights_only=False)["state_dict"], reference)
+    assert out["detection-auto-8"]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
 
     reference, _ = _reference("aliased")
     checkpoint = torch.load(tmp_path / "aliased-auto-8.ckpt", weights_only=False)

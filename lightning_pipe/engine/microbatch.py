@@ -14,62 +14,143 @@ __all__ = ["batch_rows", "split_batch", "microbatch_weights"]
 
 
 def batch_rows(batch: Any) -> int:
-    """The number of rows (size of dim 0) shared by every tensor of ``batch`` that has a dim 0."""
-    leaves, _ = tree_flatten(batch)
-    sizes = {tuple(t.shape[:1]) for t in leaves if t.dim() > 0}
-    if not sizes:
+    """The number of rows of ``batch``: the size of dim 0 its tensors share, leaving out the lists that hold one item
+    per row (see :func:`split_batch`)."""
+    return _read(batch)[0]
+
+
+@dataclasses.dataclass
+class _Lists:
+    """The lists and tuples of a batch whose items hold tensors and are alike (all tensors of one dtype and number of
+    dimensions, or all mappings with the same keys): each may hold one item per row rather than columns."""
+
+    of_mappings: list[Any] = dataclasses.field(default_factory=list)
+    of_tensors: list[Any] = dataclasses.field(default_factory=list)
+
+
+def _read(batch: Any) -> tuple[int, set[int]]:
+    """``(rows, ids of the lists split item by item)``.
+
+    A list of mappings (per-image targets: ``[{"boxes": ..., "labels": ...}, ...]``) with as many items as the batch
+    has rows holds one item per row. So does a list of tensors with as many items, some of whose sizes along dim 0
+    differ from the rows (ragged sequences, torchvision's ``tuple(zip(*batch))``); one whose tensors all have that
+    many rows is a container of columns (the ``[x, y]`` a ``TensorDataset`` collates)."""
+    lists = _Lists()
+    _find_lists(batch, lists)
+    candidates = {len(c) for c in lists.of_mappings + lists.of_tensors}
+    candidates |= {t.shape[0] for t in tree_flatten(batch)[0] if t.dim() > 0}
+    readings = [(rows, per_row) for rows in sorted(candidates) if (per_row := _per_row(batch, lists, rows)) is not None]
+    if len(readings) > 1:
+        # a list of 2 samples' dicts of 16-long tensors (collate_fn=list): 2 rows, not 16
+        of_mappings = [r for r in readings if any(id(c) in r[1] for c in lists.of_mappings)]
+        # [x, y] with 8 rows each: 8 rows, not 2 of a list with one tensor per row
+        columns = [r for r in readings if not r[1]]
+        readings = of_mappings if len(of_mappings) == 1 else columns if len(columns) == 1 else readings
+    if len(readings) == 1:
+        return readings[0][0], readings[0][1]
+    shapes = [tuple(t.shape) for t in tree_flatten(batch)[0]]
+    if not shapes or all(not shape for shape in shapes):
         raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches")
-    if len(sizes) > 1:
-        shapes = [tuple(t.shape) for t in leaves]
-        raise ValueError(
-            f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches; "
-            f"got shapes {shapes}. Put per-batch constants in a 0-dim tensor or a non-tensor value."
-        )
-    return sizes.pop()[0]
+    if readings:
+        raise ValueError(f"the batch can be read as {' or as '.join(str(r) for r, _ in readings)} rows (a list with "
+                         f"one item per row, or columns of as many rows?); got shapes {shapes}. Collate the rows' "
+                         f"tensors into one tensor with a batch dimension where they have equal sizes")
+    raise ValueError(
+        f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
+        f"lists with one item (a tensor or a dict of them) per row; got shapes {shapes}. Put per-batch constants in "
+        f"a 0-dim tensor or a non-tensor value.")
+
+
+def _find_lists(tree: Any, lists: _Lists) -> None:
+    if isinstance(tree, torch.Tensor):
+        return
+    if type(tree) in (list, tuple) and tree and any(tree_flatten(item)[0] for item in tree):
+        first = tree[0]
+        if all(isinstance(item, Mapping) and item.keys() == first.keys() for item in tree):
+            lists.of_mappings.append(tree)
+            return
+        if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == first.dim() > 0
+               for item in tree):
+            lists.of_tensors.append(tree)
+            return
+    for child in _children(tree):
+        _find_lists(child, lists)
+
+
+def _children(tree: Any) -> list[Any]:
+    if isinstance(tree, (list, tuple)):
+        return list(tree)
+    if isinstance(tree, Mapping):
+        return list(tree.values())
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [getattr(tree, f.name) for f in dataclasses.fields(tree) if f.init]
+    return []
+
+
+def _per_row(batch: Any, lists: _Lists, rows: int) -> set[int] | None:
+    """The ids of the lists holding one item per row if the batch has ``rows`` rows, or None if it cannot have."""
+    per_row = {id(c) for c in lists.of_mappings if len(c) == rows}
+    per_row |= {id(c) for c in lists.of_tensors if len(c) == rows and any(t.shape[0] != rows for t in c)}
+    outside = _outside(batch, per_row)
+    if any(t.dim() > 0 and t.shape[0] != rows for t in outside):
+        return None
+    if not per_row and not any(t.dim() > 0 for t in outside):
+        return None
+    return per_row
+
+
+def _outside(tree: Any, per_row: set[int]) -> list[torch.Tensor]:
+    """The tensors of ``tree`` outside the lists ``per_row``."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if id(tree) in per_row:
+        return []
+    return [t for child in _children(tree) for t in _outside(child, per_row)]
 
 
 def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
     """Split ``batch`` (a tensor or a tuple/list/dict/mapping/dataclass tree of them) into micro-batches along dim 0.
 
     Uneven batches give uneven micro-batches (10 rows into 4: 3, 3, 2, 2). A batch with fewer rows than
-    ``num_microbatches`` gives one micro-batch per row. A list or tuple of non-tensor items (strings, ids, dicts
-    without tensors) as long as the batch has rows is per-row data and is split with the rows (a list of 8 file names
-    in a batch of 8 rows gives each micro-batch its own names); 0-dim tensors and other non-tensor values are given to
-    every micro-batch as they are. A container that holds tensors, such as the batch's ``(x, y)`` tuple, is always
-    a container, whatever its length.
+    ``num_microbatches`` gives one micro-batch per row. A list or tuple with one item per row is split with the rows:
+    one of non-tensor items (strings, ids, dicts without tensors) as long as the batch has rows (a list of 8 file names
+    in a batch of 8 rows gives each micro-batch its own names), and one of tensors or of dicts of them as
+    :func:`_read` tells (per-image detection targets, ragged sequences). 0-dim tensors and other non-tensor values are
+    given to every micro-batch as they are. A container of columns, such as the batch's ``(x, y)`` tuple, stays a
+    container, whatever its length.
 
     Raises ``ValueError`` for a batch of 0 rows: every rank is given the same batch, so each raises it before any
     rank waits for another.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches ({num_microbatches}) must be >= 1")
-    rows = batch_rows(batch)
+    rows, per_row = _read(batch)
     if rows == 0:
         raise ValueError("the batch has 0 rows: a pipeline step needs at least one; skip empty batches before the "
                          "step (e.g. drop_last=True in the DataLoader, or a filter in the dataset)")
     count = max(1, min(num_microbatches, rows))
     base, extra = divmod(rows, count)  # the first `extra` micro-batches get one row more, as torch.tensor_split does
     starts = [i * base + min(i, extra) for i in range(count + 1)]
-    return [_take(batch, rows, slice(starts[i], starts[i + 1])) for i in range(count)]
+    return [_take(batch, rows, per_row, slice(starts[i], starts[i + 1])) for i in range(count)]
 
 
-def _take(tree: Any, rows: int, part: slice) -> Any:
-    """The rows ``part`` of ``tree``."""
+def _take(tree: Any, rows: int, per_row: set[int], part: slice) -> Any:
+    """The rows ``part`` of ``tree`` (``per_row``: the ids of its lists holding one item per row)."""
     if isinstance(tree, torch.Tensor):
         return tree[part] if tree.dim() > 0 else tree
-    if _is_per_row(tree, rows):
+    if id(tree) in per_row or _is_per_row(tree, rows):
         return tree[part]
     if isinstance(tree, tuple):
-        children = [_take(child, rows, part) for child in tree]
+        children = [_take(child, rows, per_row, part) for child in tree]
         return type(tree)(*children) if hasattr(tree, "_fields") else tuple(children)
     if isinstance(tree, list):
-        return [_take(child, rows, part) for child in tree]
+        return [_take(child, rows, per_row, part) for child in tree]
     if isinstance(tree, dict):
-        return {key: _take(child, rows, part) for key, child in tree.items()}
+        return {key: _take(child, rows, per_row, part) for key, child in tree.items()}
     if isinstance(tree, Mapping):  # Hugging Face's BatchEncoding, a UserDict: split as a dict, kept of its type
-        return rebuild_mapping(type(tree), {key: _take(child, rows, part) for key, child in tree.items()})
+        return rebuild_mapping(type(tree), {key: _take(child, rows, per_row, part) for key, child in tree.items()})
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # each field split, the rest kept
-        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, part)
+        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, per_row, part)
                                             for f in dataclasses.fields(tree) if f.init})
     return tree
 

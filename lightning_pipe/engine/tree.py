@@ -4,6 +4,7 @@ between ranks, :mod:`.wire` describes trees)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,9 +37,9 @@ def _flatten(tree: Any, leaves: list[torch.Tensor]) -> TreeSpec:
         return ("n", (type(tree), children)) if hasattr(tree, "_fields") else ("t", children)
     if isinstance(tree, list):
         return ("l", tuple(_flatten(child, leaves) for child in tree))
-    if isinstance(tree, dict):
+    if type(tree) in (dict, OrderedDict):
         return ("d", tuple((key, _flatten(child, leaves)) for key, child in tree.items()))
-    if isinstance(tree, Mapping):  # a mapping that is not a dict (Hugging Face's BatchEncoding, a UserDict)
+    if isinstance(tree, Mapping):  # another mapping (Hugging Face's BatchEncoding, a UserDict, a ModelOutput)
         return ("m", (type(tree), tuple((key, _flatten(child, leaves)) for key, child in tree.items())))
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # rebuilt from its fields given to __init__
         return ("c", (type(tree), tuple((f.name, _flatten(getattr(tree, f.name), leaves))
