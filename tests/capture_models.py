@@ -303,6 +303,46 @@ def hf_vision(kind: str) -> nn.Module:
     return getattr(transformers, f"{kind}ForImageClassification")(config)
 
 
+def hf_albert(layers: int = 4) -> nn.Module:
+    """ALBERT: one layer's weights shared by every layer, so the cut puts the same parameters on several stages."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    return AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0))
+
+
+def hf_whisper(layers: int = 2) -> nn.Module:
+    """Whisper: a speech encoder (convolutions over mel features) and a text decoder."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+        dropout=0.0))
+
+
+def hf_mamba(layers: int = 4) -> nn.Module:
+    """Mamba: a selective state-space model (its sequential scan, as run without CUDA kernels)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=layers,
+                                        expand=2, conv_kernel=4))
+
+
+def hf_segformer() -> nn.Module:
+    """SegFormer: a hierarchical encoder and an all-MLP decoder with a batch norm; logits at a quarter of the size."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    return SegformerForSemanticSegmentation(SegformerConfig(
+        num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+        num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
+        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+        drop_path_rate=0.0))
+
+
 # -- the families --------------------------------------------------------------------------------------------------
 Batch = tuple[torch.Tensor, ...]
 
@@ -354,6 +394,23 @@ def _vectors(rows: int, _length: int, seed: int) -> Batch:
     return (torch.randn(rows, 32, generator=torch.Generator().manual_seed(seed)),)
 
 
+def _spoken(rows: int, length: int, seed: int) -> Batch:
+    """Whisper's input: 8 mel bins over 32 frames (twice its 16 source positions); a transcript of ``length // 2``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 8, 32, generator=g), torch.randint(3, VOCAB, (rows, max(2, length // 2)), generator=g)
+
+
+def _segmented(rows: int, _length: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 3, 32, 32, generator=g), torch.randint(0, 3, (rows, 32, 32), generator=g)
+
+
+def _segmentation_loss(out: Any, mb: Batch) -> torch.Tensor:
+    """The step's own loss on the model's ``.logits`` (no labels given to the model), upsampled to the masks."""
+    logits = F.interpolate(out.logits, size=mb[1].shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, mb[1])
+
+
 def _classifier_loss(out: Any, mb: Batch) -> torch.Tensor:
     """Cross-entropy on the logits; in training, the auxiliary heads' losses weighted in as GoogLeNet's recipe does
     (``AuxHeadNet``'s ``(logits, aux)``, torchvision's ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``)."""
@@ -393,7 +450,12 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("hf_vit", hf_vit, _images, lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True),
     *(Family(f"hf_{kind.lower()}", functools.partial(hf_vision, kind), _images,
              lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True)
-      for kind in ("ConvNext", "ResNet", "Swin")),
+      for kind in ("ConvNext", "ResNet", "Swin")),    Family("hf_albert", hf_albert, _classified, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}),
+           lambda out, mb: out.loss, hf=True),
+    Family("hf_whisper", hf_whisper, _spoken, lambda mb: ((), {"input_features": mb[0], "labels": mb[1]}),
+           lambda out, mb: out.loss, hf=True),
+    Family("hf_mamba", hf_mamba, _tokens, lambda mb: ((mb[0],), {"labels": mb[0]}), lambda out, mb: out.loss, hf=True),
+    Family("hf_segformer", hf_segformer, _segmented, lambda mb: ((mb[0],), {}), _segmentation_loss, hf=True),
 ]}
 
 

@@ -180,6 +180,69 @@ def test_a_first_micro_batch_of_one_row_keeps_the_batch_size_symbolic() -> None:
     assert len(splitter.captures) == 1
 
 
+class _Scan(nn.Module):
+    """A recurrence over the sequence in a Python loop, as Hugging Face's Mamba scans without its CUDA kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            state, states = torch.zeros_like(x[:, 0]), []
+            for t in range(x.shape[1]):
+                state = torch.tanh(block(x[:, t]) + state)
+                states.append(state)
+            x = x + torch.stack(states, dim=1)
+        return x
+
+
+def test_a_length_a_python_loop_runs_over_is_fixed_and_a_new_length_is_captured_anew() -> None:
+    """The loop fixes the length while the rows stay symbolic: the patterns say so, so a batch of another length gets
+    its own capture (it used to run the graph unrolled for the first length and fail with an IndexError)."""
+    torch.manual_seed(0)
+    model = _Scan()
+    splitter = Splitter(model)
+    for rows, length in ((2, 6), (3, 6), (2, 4)):
+        x = torch.randn(rows, length, 8)
+        torch.testing.assert_close(splitter.run(x), model(x), rtol=0, atol=1e-6)
+    assert [c.in_patterns[0][2] for c in splitter.captures] == [(None, 6, 8), (None, 4, 8)]
+    assert all(c.dynamic and not c.serves_every_size for c in splitter.captures)
+    gpt = Splitter(LitGPT())
+    gpt.capture((torch.randint(0, 96, (2, 8)),))
+    assert gpt.captures[0].serves_every_size
+
+
+class _Contrastive(nn.Module):
+    """Two towers and the similarity of every text with every image, as CLIP; ``labels`` as CLIP makes them."""
+
+    def __init__(self, labels: bool) -> None:
+        super().__init__()
+        self.text, self.image, self.labels = nn.Linear(6, 4), nn.Linear(5, 4), labels
+
+    def forward(self, texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        logits = self.text(texts) @ self.image(images).T
+        if self.labels:
+            return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits)))
+        return logits
+
+
+def test_a_value_where_the_rows_of_a_batch_meet_is_found() -> None:
+    """A (rows, rows) value pairs rows of one micro-batch only under a pipeline: the capture says where; a forward
+    that takes the rows' number as an int fixes them, and the capture says that instead; a language model neither."""
+    texts, images = torch.randn(2, 6), torch.randn(2, 5)
+    found = []
+    for labels in (False, True):
+        splitter = Splitter(_Contrastive(labels))
+        splitter.capture((texts, images))
+        found.append(splitter.captures[0].rows_meet)
+    assert found[0] is not None and "makes a (rows, rows) value" in found[0], found
+    assert found[1] is not None and "fixes the batch's rows to 2" in found[1]
+    gpt = Splitter(LitGPT())
+    gpt.capture((torch.randint(0, 96, (2, 8)),))
+    assert gpt.captures[0].rows_meet is None
+
+
 def test_recompute_everything_input_only_gives_the_same_gradients() -> None:
     fam = family("hf_llama")
     torch.manual_seed(0)

@@ -48,6 +48,35 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} finished although rank {failing_rank} failed"
         assert f"boom on rank {failing_rank}" in text, f"rank {rank} did not report the error:\n{text[-2000:]}"
+        # every rank shows where it was raised: the step's file, line and function
+        assert "test_strategy_failures.py" in text and "in training_step" in text, text[-3000:]
+
+
+class FailsOnTheWholeBatch(Regressor):
+    """Raises when the step is given the whole batch of 8 rows: only where the last stage checks how the loss adds
+    up (it runs the step once more on the whole batch), outside the pipeline's own actions."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if len(batch[0]) == 8:
+            raise ValueError("boom on the whole batch")
+        return super().training_step(batch, batch_idx)
+
+
+def _fit_whole(rank: int, world_size: int) -> None:
+    import lightning as L
+
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4), accelerator="cpu", devices=world_size,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=1)
+    trainer.fit(FailsOnTheWholeBatch(), regression_data(2, batch_size=8))
+
+
+@pytest.mark.timeout(120)
+def test_an_error_in_the_last_stages_own_work_tells_every_rank_where_it_was_raised() -> None:
+    for rank, text in enumerate(run_ranks(_fit_whole, 2, timeout=90, expect_failure=True)):
+        assert text is not None and "boom on the whole batch" in text, f"rank {rank}: {text}"
+        where = text[text.index("raised there at"):]  # the last stage's frames, on every rank
+        assert "test_strategy_failures.py" in where and "in training_step" in where, where
 
 
 def _scoped_failures(rank: int, world_size: int) -> list[str]:

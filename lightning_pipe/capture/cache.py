@@ -37,6 +37,14 @@ class Capture:
     """The device baked into the programs: the splitter's, else the inputs' (``meta`` only where both are)."""
     export_seconds: float
     cut_seconds: float
+    rows_meet: str | None = None
+    """Where the forward makes a value with the batch's rows along two dimensions (:mod:`.coupling`), if it does."""
+
+    @property
+    def serves_every_size(self) -> bool:
+        """Whether every size of every tensor input stayed symbolic. A symbolic capture may still fix some (an
+        image's channels; a sequence length that a Python loop runs over): then it serves those sizes only."""
+        return self.dynamic and all(p[0] != "t" or all(size is None for size in p[2]) for p in self.in_patterns)
 
     @property
     def digest(self) -> str:

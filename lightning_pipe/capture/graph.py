@@ -285,10 +285,11 @@ def _nbytes(node: fx.Node) -> int:
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return 0
-    try:
-        return int(value.numel()) * value.element_size()
-    except Exception:  # noqa: BLE001 - a symbolic size without a hint
-        return _UNKNOWN_SIZE
+    numel = value.numel()
+    # The example's size, read from the symbol's hint: int() would guard, fixing the symbols to the example's sizes
+    # for good (a capture of a batch of 2 rows would then serve only 2).
+    hint = numel.node.hint if isinstance(numel, torch.SymInt) else numel
+    return int(hint) * value.element_size() if isinstance(hint, int) else _UNKNOWN_SIZE
 
 
 def _op_name(node: fx.Node) -> str:

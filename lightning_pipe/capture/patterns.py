@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 __all__ = ["Pattern", "pattern_of", "matches", "all_match", "overlap", "autocast_state", "describe"]
 
@@ -19,10 +20,19 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 def pattern_of(value: Any) -> Pattern:
     """The pattern of a captured value (a fake tensor or symbolic int from a node's ``meta["val"]``) or a real one."""
     if isinstance(value, torch.Tensor):
-        return ("t", value.dtype, tuple(d if isinstance(d, int) else None for d in value.shape))
+        return ("t", value.dtype, tuple(_fixed_size(d) for d in value.shape))
     if isinstance(value, torch.SymInt):
         return ("int",)
     return ("v", value)
+
+
+def _fixed_size(size: int | torch.SymInt) -> int | None:
+    """A size the graph holds fixed, or None where it stays symbolic. A symbol the trace specialized (a Python loop
+    over a sequence length, as Mamba's scan runs without its kernels) is a SymInt whose value is fixed: the graph
+    serves that size only."""
+    if isinstance(size, int):
+        return size
+    return int(size) if is_concrete_int(size) else None
 
 
 def matches(pattern: Pattern, value: Any) -> bool:

@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache
+from .coupling import rows_meet
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
@@ -196,7 +197,8 @@ class Splitter:
         programs[0].live_in = in_patterns
         capture = Capture(training, autocast_state(), dynamic, in_patterns, program.call_spec.in_spec,
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
-                          exported - start, time.perf_counter() - exported)
+                          exported - start, time.perf_counter() - exported,
+                          rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None)
         if self.device is not None:
             self._retarget(capture)
         self.cache.add(capture)

@@ -70,6 +70,11 @@ def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str
             if name not in unread and name in tensors}
 
 
+def _shapes(microbatch: Any) -> tuple:
+    """The dtypes and shapes of a micro-batch's tensors: micro-batches alike in them call the model alike."""
+    return tuple((t.dtype, tuple(t.shape)) for t in tree_flatten(microbatch)[0])
+
+
 def _twin(module: nn.Module) -> nn.Module:
     """A second object of ``module``'s class sharing its submodules, parameters and buffers but none of its hooks: what
     the splitter captures when the model is the module's own ``forward``, while the module itself is cut."""
@@ -195,6 +200,7 @@ class CapturedModule:
         self.skeleton = None if self.root else meta_skeleton(self.model)
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
         self._seen: set[tuple[str, bool, tuple]] = set()  # (step, training, autocast) captured so far
+        self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
 
     @property
     def is_cut(self) -> bool:
@@ -289,26 +295,38 @@ class CapturedModule:
 
         self._agree(make, f"capturing {self.where}")
         self._seen.add((step, training, autocast_state()))
+        self._shapes_seen.add(((step, training, autocast_state()), _shapes(microbatch)))
 
     def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
                 context: Callable[[int], Any]) -> None:
         """Make the captures this step needs on every rank: the first micro-batch's when the step or the mode
         (train/eval, autocast) is new (``predict_step`` may call the model without the labels ``validation_step``
-        passes); every micro-batch's pattern when the captures are static (one per shape)."""
+        passes); every micro-batch's pattern when the captures are static (one per shape); and when a symbolic
+        capture fixed some size, the first's and the last's, where their tensors' shapes are new (a new sequence
+        length is captured anew; the micro-batches of a batch differ in rows only)."""
         assert self.proxy is not None
         key = (step, self.training, autocast_state())
         for segment in self.segments:  # a segment picks its graph by its own mode
             if segment.training != key[1]:
                 segment.train(key[1])
-        dynamic = all(capture.dynamic for capture in self.splitter.captures)
-        if key in self._seen and dynamic:
-            return
-        before = len(self.splitter.captures)
+        captures = self.splitter.captures
+        if not all(capture.dynamic for capture in captures):
+            picked = list(range(len(microbatches)))  # one capture per shape
+        elif all(capture.serves_every_size for capture in captures):
+            if key in self._seen:
+                return
+            picked = [0]
+        else:  # symbolic, but some sizes fixed: the micro-batches of a batch differ in rows only
+            unseen = {(key, _shapes(microbatches[i])): i for i in (len(microbatches) - 1, 0)}.items()
+            picked = sorted(i for seen, i in unseen if seen not in self._shapes_seen)
+            if not picked:
+                return
+        before = len(captures)
 
         def make() -> None:
-            for index, microbatch in enumerate(microbatches if not dynamic else microbatches[:1]):
+            for index in picked:
                 with context(index):
-                    call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
+                    call_args, call_kwargs = self.model_call(step, microbatches[index], args, kwargs)
                     self.splitter.capture(call_args, call_kwargs, training=key[1])
 
         error: BaseException | None = None
@@ -319,6 +337,7 @@ class CapturedModule:
         if error is not None or len(self.splitter.captures) > before:
             self._agree(None, f"capturing {self.where}", error)
         self._seen.add(key)
+        self._shapes_seen.update((key, _shapes(microbatches[i])) for i in picked)
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
         """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest

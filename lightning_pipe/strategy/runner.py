@@ -12,6 +12,7 @@ stages first combine loss, logs and metrics into those of the whole batch.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -55,6 +56,8 @@ from lightning_pipe.strategy.step_values import (
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
+
+_ERROR_FRAMES = 6  # of a last-stage error's traceback, shown on every rank
 
 _BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
@@ -459,7 +462,11 @@ class PipelineRunner:
 
     @staticmethod
     def _error_text(error: BaseException) -> str:
-        return f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}"
+        """The error with where it was raised: the last frames of its traceback, for every rank to show."""
+        frames = traceback.extract_tb(error.__traceback__)[-_ERROR_FRAMES:]
+        where = "".join(traceback.format_list(frames))
+        return (f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}\n"
+                f"raised there at (innermost last):\n{where.rstrip()}")
 
     @contextmanager
     def _result_posted(self, fingerprint: int | torch.Tensor) -> Iterator[None]:
