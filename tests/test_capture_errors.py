@@ -66,6 +66,21 @@ def test_control_flow_on_a_tensor_value_names_the_module_and_line() -> None:
     assert "module 'blocks.1'" in message and "Gate.forward" in message
     assert "test_capture_errors.py:" in message and "if x.mean() > 0:" in message
     assert "torch.where" in message and "torch.cond" in message and "nn.Sequential" in message
+    assert "call the model without it" not in message  # the user's own code: the advice is to change it
+
+
+def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> None:
+    """Hugging Face's Wav2Vec2ForCTC checks ``labels.max()`` (and CTC counts each row's labels): code the user cannot
+    change, so the advice is to call the model without the labels and compute the loss in the step."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, mask_time_prob=0.0, layerdrop=0.0)
+    model = transformers.Wav2Vec2ForCTC(config)
+    with pytest.raises(CaptureError, match="call the model without it and compute the loss in the step"):
+        Splitter(model).segments((), {"input_values": torch.randn(2, 400), "labels": torch.randint(1, 16, (2, 5))})
+    Splitter(model).segments((), {"input_values": torch.randn(2, 400)})  # without the labels it is captured
 
 
 def test_a_custom_autograd_function_is_refused_by_class_and_module() -> None:

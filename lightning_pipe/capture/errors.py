@@ -68,10 +68,10 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
     where = locate_exception(error, names)
     mode = "train" if training else "eval"
     return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
-                        f"{where}: {first}. {_advice(error, text)}")
+                        f"{where}: {first}. {_advice(error, text, where)}")
 
 
-def _advice(error: BaseException, text: str) -> str:
+def _advice(error: BaseException, text: str, where: str = "") -> str:
     name = type(error).__name__
     if "Cache" in text and ("not a known type" in text or "pytree" in text):
         return ("A key/value cache cannot cross pipeline stages: pass use_cache=False to the model (or set "
@@ -80,7 +80,11 @@ def _advice(error: BaseException, text: str) -> str:
         return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
                 "type with torch.utils._pytree.register_pytree_node.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
-        return ("Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be captured: "
-                "compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "
+        library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
+                   "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "
+                   "the loss in the step from the model's outputs. "
+                   if "site-packages" in where or "dist-packages" in where else "")
+        return (library + "Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be "
+                "captured: compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "
                 + SEQUENTIAL_PATH + ".")
     return f"Make forward capturable by torch.export.export(model, args, kwargs, strict=False), {SEQUENTIAL_PATH}."
