@@ -450,7 +450,8 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("hf_vit", hf_vit, _images, lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True),
     *(Family(f"hf_{kind.lower()}", functools.partial(hf_vision, kind), _images,
              lambda mb: ((mb[0],), {"labels": mb[1]}), lambda out, mb: out.loss, hf=True)
-      for kind in ("ConvNext", "ResNet", "Swin")),    Family("hf_albert", hf_albert, _classified, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}),
+      for kind in ("ConvNext", "ResNet", "Swin")),
+    Family("hf_albert", hf_albert, _classified, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[2]}),
            lambda out, mb: out.loss, hf=True),
     Family("hf_whisper", hf_whisper, _spoken, lambda mb: ((), {"input_features": mb[0], "labels": mb[1]}),
            lambda out, mb: out.loss, hf=True),

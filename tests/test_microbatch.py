@@ -37,19 +37,31 @@ def _targets(counts: list[int]) -> list[dict[str, torch.Tensor]]:
 
 def test_a_list_with_one_dict_of_tensors_per_row_is_split_with_the_rows() -> None:
     images = torch.arange(8.0).view(8, 1)
-    for counts in ([1, 2, 3, 1, 2, 3, 1, 2], [8] * 8, [2, 2]):  # [8] * 8 and [2, 2]: every image has as many boxes
-        rows = len(counts)                                     # as the batch has rows, and still one dict per row
+    for counts in ([1, 2, 3, 1, 2, 3, 1, 2], [1, 3], [3] * 8):
+        rows = len(counts)
         batch = (images[:rows], _targets(counts))
         assert batch_rows(batch) == rows
         for part in split_batch(batch, 4):
             x, targets = part
+            assert batch_rows(part) == len(x)  # a micro-batch reads as it was cut
             assert [int(t["labels"][0]) for t in targets] == [int(v) for v in x[:, 0]]
             assert [len(t["boxes"]) for t in targets] == [counts[int(v)] for v in x[:, 0]]
-    # torchvision's detection collate, tuple(zip(*batch)): images of several sizes, nothing stacked
+
+
+def test_dicts_of_as_many_rows_as_the_batch_are_columns_and_a_batch_of_lists_alone_is_refused() -> None:
+    """Two encodings of 2 rows each (a pair, as DPO's chosen and rejected) are columns, as before; per-image targets
+    with exactly as many boxes as the batch has images look the same, which a warning says. Without a tensor of the
+    batch's rows beside them (torchvision's ``tuple(zip(*batch))``), lists of items have no rows to read."""
+    pair = [{"input_ids": torch.arange(6).view(2, 3)}, {"input_ids": torch.arange(6, 14).view(2, 4)}]
+    with pytest.warns(UserWarning, match="split as columns"):
+        parts = split_batch(pair, 2)
+    assert [[p[0]["input_ids"].shape, p[1]["input_ids"].shape] for p in parts] == [[(1, 3), (1, 4)]] * 2
+    for rows in (4, 8):  # pairs in batches of other sizes: columns, and nothing to warn about
+        encodings = [{"input_ids": torch.zeros(rows, 3)}, {"input_ids": torch.zeros(rows, 5)}]
+        assert batch_rows(encodings) == rows
     images = tuple(torch.zeros(3, 8 + i, 8) for i in range(4))
-    parts = split_batch((images, tuple(_targets([1, 3, 2, 3]))), 2)
-    assert [[im.shape[1] for im in p[0]] for p in parts] == [[8, 9], [10, 11]]
-    assert [[len(t["boxes"]) for t in p[1]] for p in parts] == [[1, 3], [2, 3]]
+    with pytest.raises(ValueError, match="beside a tensor of the batch's rows"):
+        split_batch((images, tuple(_targets([1, 3, 2, 3]))), 2)
 
 
 def test_a_list_of_ragged_tensors_one_per_row_is_split_but_equal_sized_columns_stay_columns() -> None:
@@ -57,16 +69,15 @@ def test_a_list_of_ragged_tensors_one_per_row_is_split_but_equal_sized_columns_s
     sequences = tuple(torch.full((1 + i % 4,), float(i)) for i in range(8))  # ragged: not columns of 8 rows
     parts = split_batch((x, sequences), 4)
     assert all([float(s[0]) for s in p[1]] == p[0][:, 0].tolist() for p in parts)
+    assert [batch_rows(p) for p in parts] == [2, 2, 2, 2]
     for rows in (2, 8):  # [x, y] of one dtype and shape: columns, also when the batch has as many rows as columns
         columns = [torch.randn(rows, 5), torch.randn(rows, 5)]
         assert batch_rows(columns) == rows
         assert all(len(p) == 2 and p[0].shape == (rows // 2, 5) for p in split_batch(columns, 2))
-    samples = [{"input": torch.randn(16)} for _ in range(2)]  # collate_fn=list: 2 rows of 16 values, not 16 rows
-    assert batch_rows(samples) == 2 and [len(p) for p in split_batch(samples, 2)] == [1, 1]
 
 
 def test_a_batch_whose_rows_cannot_be_told_is_refused_saying_what_splits() -> None:
-    with pytest.raises(ValueError, match="apart from lists with one item .* per row; got shapes"):
+    with pytest.raises(ValueError, match="apart from lists with one item .* per row beside"):
         split_batch((torch.zeros(8, 2), [torch.zeros(3), torch.zeros(5)]), 2)  # 2 items: not one per row
 
 

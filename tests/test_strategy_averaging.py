@@ -95,6 +95,14 @@ def test_weight_averaging_callbacks_average_every_ranks_share_as_one_device_aver
             for key, value in reference.items():
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
         assert results[1][kind]["logged"] == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-5)
+        # the file holds the averaging state whole, as one device's does (each rank wrote its share)
+        saved = torch.load(tmp_path / kind / "epoch=1.ckpt", weights_only=False)
+        if kind == "ema":
+            whole = saved["current_model_state"]
+        else:
+            (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("StochasticWeightAveraging")]
+            whole = state["average_model_state"]
+        assert sorted(whole) == sorted(reference), kind
         # the averages are what training ends with: without the callback the weights differ
         plain, _ = _fit(kind, 1, "auto", averaged=False)
         assert max((a.float() - b.float()).abs().max() for a, b in zip(plain.state_dict().values(),

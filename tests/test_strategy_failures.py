@@ -48,8 +48,6 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} finished although rank {failing_rank} failed"
         assert f"boom on rank {failing_rank}" in text, f"rank {rank} did not report the error:\n{text[-2000:]}"
-        # every rank shows where it was raised: the step's file, line and function
-        assert "test_strategy_failures.py" in text and "in training_step" in text, text[-3000:]
 
 
 class FailsOnTheWholeBatch(Regressor):

@@ -256,9 +256,9 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
 def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> None:
     from lightning_pipe.strategy.reduction import Probe, verdict
 
-    probe = Probe()
+    probe = Probe(torch.zeros(4, 1))
     for loss, rows in ((1.0, 2), (3.0, 2)):
-        probe.add(torch.zeros(rows, 1), torch.zeros(rows, 1), torch.tensor(loss), rows)
+        probe.add(torch.zeros(rows, 1), torch.tensor(loss), rows)
     assert verdict(probe, lambda output, batch, draw: torch.tensor(2.0))[0] == "mean"
     assert verdict(probe, lambda output, batch, draw: torch.tensor(4.0))[0] == "sum"
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5))  # a weighted mean: the second weighs more

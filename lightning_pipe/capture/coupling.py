@@ -49,9 +49,19 @@ def _fixed(size: int | torch.SymInt) -> bool:
 
 
 def _rows_symbols(user_inputs: Sequence[fx.Node]) -> set[object]:
-    """The symbols of the tensor inputs' dim 0, the batch's rows (export gives inputs their own symbols, CLIP's texts
-    and images two); empty where the capture fixed them."""
-    return {size.node.expr for size in _firsts(user_inputs) if not _fixed(size)}
+    """The symbols of the batch's rows: those of the tensor inputs' dim 0 whose example size is the first input's
+    (export gives inputs their own symbols, CLIP's texts and images two; a position tensor or a mask of the sequence's
+    size is left out); empty where the capture fixed them."""
+    firsts = _firsts(user_inputs)
+    if not firsts:
+        return set()
+    example = _example(firsts[0])
+    return {size.node.expr for size in firsts if not _fixed(size) and _example(size) == example}
+
+
+def _example(size: int | torch.SymInt) -> object:
+    """The example's value of a size, read without a guard."""
+    return int(size) if _fixed(size) else size.node.hint
 
 
 def _fixed_rows(user_inputs: Sequence[fx.Node]) -> int | None:
@@ -60,5 +70,5 @@ def _fixed_rows(user_inputs: Sequence[fx.Node]) -> int | None:
     firsts = _firsts(user_inputs)
     if not firsts:
         return None
-    example = firsts[0] if _fixed(firsts[0]) else firsts[0].node.hint
+    example = _example(firsts[0])
     return int(example) if any(_fixed(size) and int(size) == example for size in firsts) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,34 +32,49 @@ class _Lists:
 def _read(batch: Any) -> tuple[int, set[int]]:
     """``(rows, ids of the lists split item by item)``.
 
-    A list of mappings (per-image targets: ``[{"boxes": ..., "labels": ...}, ...]``) with as many items as the batch
-    has rows holds one item per row. So does a list of tensors with as many items, some of whose sizes along dim 0
-    differ from the rows (ragged sequences, torchvision's ``tuple(zip(*batch))``); one whose tensors all have that
-    many rows is a container of columns (the ``[x, y]`` a ``TensorDataset`` collates)."""
+    When every tensor has the same size along dim 0, that is the rows, and every list is a container of columns (the
+    ``[x, y]`` a ``TensorDataset`` collates), as it always was. Otherwise the rows are those of the tensors outside
+    the lists whose items are alike (stacked images beside their targets), and such a list holds one item per row
+    when it has that many items and some of its tensors do not have that many rows: per-image targets
+    (``[{"boxes": ..., "labels": ...}, ...]`` with a box count of their own each), ragged sequences. A micro-batch
+    keeps those tensors, so it reads the same way. A batch of such lists alone (torchvision's ``tuple(zip(*batch))``
+    of images of several sizes) has no rows to read and is refused."""
+    leaves = tree_flatten(batch)[0]
+    sizes = {t.shape[0] for t in leaves if t.dim() > 0}
+    if not sizes:
+        raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches")
     lists = _Lists()
     _find_lists(batch, lists)
-    candidates = {len(c) for c in lists.of_mappings + lists.of_tensors}
-    candidates |= {t.shape[0] for t in tree_flatten(batch)[0] if t.dim() > 0}
-    readings = [(rows, per_row) for rows in sorted(candidates) if (per_row := _per_row(batch, lists, rows)) is not None]
-    if len(readings) > 1:
-        # a list of 2 samples' dicts of 16-long tensors (collate_fn=list): 2 rows, not 16
-        of_mappings = [r for r in readings if any(id(c) in r[1] for c in lists.of_mappings)]
-        # [x, y] with 8 rows each: 8 rows, not 2 of a list with one tensor per row
-        columns = [r for r in readings if not r[1]]
-        readings = of_mappings if len(of_mappings) == 1 else columns if len(columns) == 1 else readings
-    if len(readings) == 1:
-        return readings[0][0], readings[0][1]
-    shapes = [tuple(t.shape) for t in tree_flatten(batch)[0]]
-    if not shapes or all(not shape for shape in shapes):
-        raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches")
-    if readings:
-        raise ValueError(f"the batch can be read as {' or as '.join(str(r) for r, _ in readings)} rows (a list with "
-                         f"one item per row, or columns of as many rows?); got shapes {shapes}. Collate the rows' "
-                         f"tensors into one tensor with a batch dimension where they have equal sizes")
+    if len(sizes) == 1:
+        rows = sizes.pop()
+        _warn_if_dicts_could_be_rows(lists, rows)
+        return rows, set()
+    candidates = lists.of_mappings + lists.of_tensors
+    anchors = {t.shape[0] for t in _outside(batch, {id(c) for c in candidates}) if t.dim() > 0}
+    if len(anchors) == 1:
+        rows = anchors.pop()
+        per_row = {id(c) for c in candidates
+                   if len(c) == rows and any(t.dim() == 0 or t.shape[0] != rows for t in tree_flatten(c)[0])}
+        if all(t.dim() == 0 or t.shape[0] == rows for t in _outside(batch, per_row)):
+            return rows, per_row
+    shapes = [tuple(t.shape) for t in leaves]
     raise ValueError(
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
-        f"lists with one item (a tensor or a dict of them) per row; got shapes {shapes}. Put per-batch constants in "
-        f"a 0-dim tensor or a non-tensor value.")
+        f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
+        f"images beside their targets); got shapes {shapes}. Put per-batch constants in a 0-dim tensor or a "
+        f"non-tensor value; stack or pad the rows' tensors in the collate_fn.")
+
+
+def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
+    """A list of as many dicts as rows, each of tensors of that many rows, is read as columns (a pair of encodings);
+    per-image targets with as many boxes each as the batch has images look the same: say so."""
+    for candidate in lists.of_mappings:
+        if len(candidate) == rows > 1:
+            warnings.warn(f"a list of {rows} dicts in a batch of {rows} rows, each holding tensors of {rows} rows, is "
+                          f"split as columns (each dict's tensors along dim 0, as a pair of encodings is), not as one "
+                          f"dict per row. If it holds one dict per row (per-image targets that happen to have {rows} "
+                          f"boxes each), use a batch size other than the number of items per row", stacklevel=4)
+            return
 
 
 def _find_lists(tree: Any, lists: _Lists) -> None:
@@ -87,18 +103,6 @@ def _children(tree: Any) -> list[Any]:
     return []
 
 
-def _per_row(batch: Any, lists: _Lists, rows: int) -> set[int] | None:
-    """The ids of the lists holding one item per row if the batch has ``rows`` rows, or None if it cannot have."""
-    per_row = {id(c) for c in lists.of_mappings if len(c) == rows}
-    per_row |= {id(c) for c in lists.of_tensors if len(c) == rows and any(t.shape[0] != rows for t in c)}
-    outside = _outside(batch, per_row)
-    if any(t.dim() > 0 and t.shape[0] != rows for t in outside):
-        return None
-    if not per_row and not any(t.dim() > 0 for t in outside):
-        return None
-    return per_row
-
-
 def _outside(tree: Any, per_row: set[int]) -> list[torch.Tensor]:
     """The tensors of ``tree`` outside the lists ``per_row``."""
     if isinstance(tree, torch.Tensor):
@@ -112,12 +116,12 @@ def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
     """Split ``batch`` (a tensor or a tuple/list/dict/mapping/dataclass tree of them) into micro-batches along dim 0.
 
     Uneven batches give uneven micro-batches (10 rows into 4: 3, 3, 2, 2). A batch with fewer rows than
-    ``num_microbatches`` gives one micro-batch per row. A list or tuple with one item per row is split with the rows:
-    one of non-tensor items (strings, ids, dicts without tensors) as long as the batch has rows (a list of 8 file names
-    in a batch of 8 rows gives each micro-batch its own names), and one of tensors or of dicts of them as
-    :func:`_read` tells (per-image detection targets, ragged sequences). 0-dim tensors and other non-tensor values are
-    given to every micro-batch as they are. A container of columns, such as the batch's ``(x, y)`` tuple, stays a
-    container, whatever its length.
+    ``num_microbatches`` gives one micro-batch per row. A list or tuple with one item per row is split with the
+    rows: one of non-tensor items (strings, ids, dicts without tensors) as long as the batch has rows (a list of 8
+    file names in a batch of 8 rows gives each micro-batch its own names), and one of tensors or of dicts of them
+    beside a tensor of the batch's rows, as :func:`_read` tells (per-image detection targets, ragged sequences).
+    0-dim tensors and other non-tensor values are given to every micro-batch as they are. A container of columns,
+    such as the batch's ``(x, y)`` tuple, stays a container, whatever its length.
 
     Raises ``ValueError`` for a batch of 0 rows: every rank is given the same batch, so each raises it before any
     rank waits for another.

@@ -13,7 +13,7 @@ pipeline's checkpoint merges across ranks like any callback state; it loads this
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -21,9 +21,12 @@ import torch.nn as nn
 __all__ = ["recopy_weight_averages"]
 
 
-def recopy_weight_averages(callbacks: Iterable[Any], module: Any) -> int:
-    """Make each weight-averaging callback's copy of ``module`` again from the cut module; the number of callbacks
-    changed. A callback that has not made its copy yet (outside ``fit``) is left alone."""
+def recopy_weight_averages(callbacks: Iterable[Any], module: Any, on_any_rank: Callable[[bool], bool]) -> int:
+    """Make each weight-averaging callback's copy of ``module`` again from the cut module (before the strategy moves
+    it to its device and precision, as the callbacks copy it); the number of callbacks changed. A callback that has
+    not made its copy yet (outside ``fit``) is left alone. ``on_any_rank(flag)``: whether any rank's flag is set
+    (a collective, called alike on every rank)."""
+    # Imported here: the callbacks' module imports much of Lightning, and the strategy needs it only with them.
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
     try:
@@ -37,7 +40,7 @@ def recopy_weight_averages(callbacks: Iterable[Any], module: Any) -> int:
         if isinstance(callback, StochasticWeightAveraging):
             # Whether to add an epoch that recomputes batch-norm statistics is asked of the module at fit start: of
             # the whole model on every rank, or ranks without a BatchNorm would stop an epoch earlier than the rest.
-            whole = callback.pl_module_contains_batch_norm(callback._average_model)
+            whole = on_any_rank(callback.pl_module_contains_batch_norm(module))
             callback.pl_module_contains_batch_norm = lambda pl_module: whole
             callback._average_model = _loads_a_share(copy.deepcopy(module))
         elif isinstance(callback, WeightAveraging):

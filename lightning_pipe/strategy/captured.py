@@ -27,6 +27,8 @@ from lightning_pipe.strategy.split import load_share, with_grad
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
+_SHAPES_KEPT = 4096  # micro-batch shapes remembered as checked against the captures
+
 
 def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
     """After ``model`` (at ``path``) was replaced by ``proxy``: :func:`~.references.redirect`, with a path into the
@@ -302,8 +304,8 @@ class CapturedModule:
         """Make the captures this step needs on every rank: the first micro-batch's when the step or the mode
         (train/eval, autocast) is new (``predict_step`` may call the model without the labels ``validation_step``
         passes); every micro-batch's pattern when the captures are static (one per shape); and when a symbolic
-        capture fixed some size, the first's and the last's, where their tensors' shapes are new (a new sequence
-        length is captured anew; the micro-batches of a batch differ in rows only)."""
+        capture fixed some size, that of each micro-batch whose tensors' shapes are new (a new sequence length is
+        captured anew)."""
         assert self.proxy is not None
         key = (step, self.training, autocast_state())
         for segment in self.segments:  # a segment picks its graph by its own mode
@@ -316,9 +318,9 @@ class CapturedModule:
             if key in self._seen:
                 return
             picked = [0]
-        else:  # symbolic, but some sizes fixed: the micro-batches of a batch differ in rows only
-            unseen = {(key, _shapes(microbatches[i])): i for i in (len(microbatches) - 1, 0)}.items()
-            picked = sorted(i for seen, i in unseen if seen not in self._shapes_seen)
+        else:  # symbolic, but some sizes fixed: each micro-batch whose tensors' shapes are new (cheap to tell)
+            unseen = {(key, _shapes(microbatch)): i for i, microbatch in reversed(list(enumerate(microbatches)))}
+            picked = sorted(i for seen, i in unseen.items() if seen not in self._shapes_seen)
             if not picked:
                 return
         before = len(captures)
@@ -337,6 +339,8 @@ class CapturedModule:
         if error is not None or len(self.splitter.captures) > before:
             self._agree(None, f"capturing {self.where}", error)
         self._seen.add(key)
+        if len(self._shapes_seen) > _SHAPES_KEPT:  # ragged batches make new shapes every step: a cache, not a log
+            self._shapes_seen.clear()
         self._shapes_seen.update((key, _shapes(microbatches[i])) for i in picked)
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:

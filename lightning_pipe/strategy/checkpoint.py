@@ -71,7 +71,19 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
             "param_names": [part["param_names"] for part in shares],
         }
     full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
-    return full
+    # Callback states and extras keyed by the model's names whole, from every rank's share (SWA's average model,
+    # EMAWeightAveraging's current_model_state), so that one device resumes from the file too; the rest rank 0's.
+    merge = CallbackMerge(ordered, ordered)
+    for part in shares:
+        merge.add(dict(part["own"]))
+    return merge.into(full)
+
+
+def _keyed_by_model(value: Any, model_keys: Iterable[str] | Mapping[str, Any]) -> bool:
+    """Whether ``value`` is a mapping of the model's state names to tensors: a rank holds its share of it."""
+    return (isinstance(value, Mapping) and bool(value) and all(isinstance(key, str) and key in model_keys
+                                                               for key in value)
+            and all(isinstance(item, torch.Tensor) for item in value.values()))
 
 
 _CHECKPOINT_ADVICE = ("keep callback states and on_save_checkpoint's extras to those types (a dataclass as a dict), or "
@@ -155,7 +167,8 @@ def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str,
 class CallbackMerge:
     """The callbacks' states of several ranks as one rank of another layout needs them: mappings merged key by key,
     where an entry keyed by a name of the model's state (an EMA's shadow of a parameter) is kept only for this rank's
-    ``local_keys``; anything else as the first rank had it. The other entries (the module's extras): the first rank's.
+    ``local_keys``; anything else as the first rank had it. The other entries (the module's extras): those keyed by
+    the model's names merged alike (EMAWeightAveraging's ``current_model_state``), the rest the first rank's.
     """
 
     def __init__(self, model_keys: Iterable[str], local_keys: Iterable[str]) -> None:
@@ -166,7 +179,10 @@ class CallbackMerge:
     def add(self, own: dict[str, Any]) -> None:
         self.callbacks = self._merged(self.callbacks, own.pop("callbacks", None) or {})
         for key, value in own.items():
-            self.extras.setdefault(key, value)
+            if _keyed_by_model(value, self.model_keys):  # this rank's share of it, from whichever rank held each
+                self.extras.setdefault(key, {}).update((k, v) for k, v in value.items() if k in self.local)
+            else:
+                self.extras.setdefault(key, value)
 
     def into(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         checkpoint.update(self.extras)

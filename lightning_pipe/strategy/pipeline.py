@@ -347,13 +347,14 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         # epoch-level logs across devices does not apply, and following it would only add a collective.
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
         self._build(module, trainer)
+        if fitting:
+            recopy_weight_averages(trainer.callbacks, module, self._on_any_rank)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if fitting:
-            recopy_weight_averages(trainer.callbacks, module)
             self.setup_optimizers(trainer)
             self.runner.tied.check_optimizers(self.optimizers)
             if self._async is not None:
@@ -421,6 +422,12 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         """The Trainer running the module, if any (``LightningModule.trainer`` raises without one)."""
         module = self.lightning_module
         return getattr(module, "_trainer", None) if module is not None else None
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank of the job (a collective)."""
+        value = torch.tensor([int(flag)], device=self._collective_device())
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def _collective_device(self) -> torch.device:
         """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""

@@ -110,15 +110,14 @@ class Counts:
 class Probe:
     """What the last stage keeps of a batch's micro-batches to check how the step's loss adds up."""
 
+    batch: Any  # the whole batch, as the step takes it
     outputs: list[Any] = field(default_factory=list)  # the pipeline's outputs, detached
-    microbatches: list[Any] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's loss as the step returned it
     rows: list[int] = field(default_factory=list)
 
-    def add(self, output: Any, microbatch: Any, loss: torch.Tensor, rows: int) -> None:
+    def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
         leaves, spec = tree_flatten(output)
         self.outputs.append(tree_unflatten([t.detach() for t in leaves], spec))
-        self.microbatches.append(microbatch)
         self.losses.append(loss)
         self.rows.append(rows)
 
@@ -142,8 +141,8 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     diffusion noise, masks)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
-    output, batch = _whole(probe.outputs), _whole(probe.microbatches)
-    if output is None or batch is None:
+    output, batch = _whole(probe.outputs), probe.batch
+    if output is None:
         return "mean", "the outputs have no batch dimension to put together"
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.rows, dtype=torch.float64) / sum(probe.rows)

@@ -222,7 +222,7 @@ class PipelineRunner:
         pipe, outputs, sizes = self.pipeline, [], []
         firsts = self._first_rows(rows)
         summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
-        probe = Probe() if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
+        probe = Probe(batch) if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
             and not pipe.asynchronous and len(firsts) > 1 else None
         counts = self._counts(batch, "training_step")
         self._prepare("training_step", batch, rest, kwargs, seed)
@@ -239,7 +239,7 @@ class PipelineRunner:
             outputs.append(extra)
             sizes.append(microbatch_rows)
             if probe is not None:
-                probe.add(output, microbatch, loss, microbatch_rows)
+                probe.add(output, loss, microbatch_rows)
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
                 self.recorder.add_up(loss)
                 return loss * (rows / microbatch_rows)
@@ -462,8 +462,11 @@ class PipelineRunner:
 
     @staticmethod
     def _error_text(error: BaseException) -> str:
-        """The error with where it was raised: the last frames of its traceback, for every rank to show."""
-        frames = traceback.extract_tb(error.__traceback__)[-_ERROR_FRAMES:]
+        """The error with where it was raised: the innermost frames of its traceback outside installed packages
+        (the step's code rather than torch's), for every rank to show."""
+        frames = traceback.extract_tb(error.__traceback__)
+        own = [frame for frame in frames if "site-packages" not in frame.filename]  # the user's code and ours
+        frames = (own or frames)[-_ERROR_FRAMES:]
         where = "".join(traceback.format_list(frames))
         return (f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}\n"
                 f"raised there at (innermost last):\n{where.rstrip()}")
