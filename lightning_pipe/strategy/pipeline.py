@@ -38,7 +38,8 @@ from lightning_pipe.strategy.asynchronous import (
     DrainPipeline,
     check_async_fit,
 )
-from lightning_pipe.strategy.averaging import recopy_weight_averages
+from lightning_pipe.strategy.callbacks import check_callbacks, prune_own_layers, recopy_weight_averages
+from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.data_order import share_order
@@ -336,6 +337,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         module = self.lightning_module
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
+        check_callbacks(trainer.callbacks)
         if fitting and not module.automatic_optimization:
             raise ValueError("PipelineStrategy runs forward and backward of every micro-batch itself and so supports "
                              "automatic optimization only; remove self.automatic_optimization = False")
@@ -349,6 +351,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         self._build(module, trainer)
         if fitting:
             recopy_weight_averages(trainer.callbacks, module, self._on_any_rank)
+            prune_own_layers(trainer.callbacks, module, captured=isinstance(self.runner.split, CapturedModule))
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)

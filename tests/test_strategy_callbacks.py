@@ -1,8 +1,10 @@
-"""Lightning's weight-averaging callbacks on a cut module, on 2 gloo ranks against one device:
+"""Lightning's callbacks on a cut module, on 2 gloo ranks. Weight averaging against one device:
 ``StochasticWeightAveraging`` over a network with a batch norm (its extra epoch that recomputes the statistics runs on
 every rank, also on the one without a BatchNorm), and ``EMAWeightAveraging`` over a captured model, resumed from a
 checkpoint. Both copy the whole module at setup, before the strategy cuts it, and pair the copy's parameters with the
-module's by position; without the strategy's re-copy the pairs do not match."""
+module's by position; without the strategy's re-copy the pairs do not match. ``BatchSizeFinder`` is refused on every
+rank before its trial fits; ``ModelPruning`` prunes each rank's layers of an ``nn.Sequential`` as one device does
+(global pruning is warned of), and is refused on a captured model."""
 
 from __future__ import annotations
 
@@ -107,3 +109,47 @@ def test_weight_averaging_callbacks_average_every_ranks_share_as_one_device_aver
         plain, _ = _fit(kind, 1, "auto", averaged=False)
         assert max((a.float() - b.float()).abs().max() for a, b in zip(plain.state_dict().values(),
                                                                         reference.values())) > 1e-3
+
+
+def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Fit with ``kind``'s callback on ``world_size`` ranks (one: one device); the pruning warnings and the weights."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import BatchSizeFinder, ModelPruning
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    callback = (BatchSizeFinder(max_trials=2) if kind == "batch-size" else
+                ModelPruning("l1_unstructured", amount=0.2, use_global_unstructured=kind == "pruning"))
+    strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"  # a batch norm: exact with one
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[callback])
+    model = _module("ema" if kind in ("batch-size", "pruning-captured") else "swa")  # captured, or nn.Sequential
+    model.batch_size = 8  # what BatchSizeFinder scales, in the module's own loader
+    model.train_dataloader = lambda: class_data(batches=2, batch_size=model.batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    return [str(w.message) for w in caught if "ModelPruning" in str(w.message)], model.state_dict()
+
+
+@pytest.mark.timeout(120)
+def test_the_batch_size_finder_is_refused_and_pruning_runs_as_on_one_device_where_it_can() -> None:
+    for rank, error in enumerate(run_ranks(_tuned, 2, "batch-size", timeout=100, expect_failure=True)):
+        assert error is not None and "BatchSizeFinder (Tuner.scale_batch_size) cannot run" in error, (rank, error)
+    (warned, _), (quiet, _) = run_ranks(_tuned, 2, "pruning", timeout=100)
+    assert len(warned) == 1 and "use_global_unstructured=False" in warned[0] and quiet == []
+    # pruning each layer by its own amount: each rank prunes its own layers, as one device prunes them
+    shares = run_ranks(_tuned, 2, "pruning-layers", timeout=100)
+    merged = {key: value for _, share in shares for key, value in share.items()}
+    warned, reference = _tuned(0, 1, "pruning-layers")
+    assert warned == [] and sorted(merged) == sorted(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert any((value == 0).float().mean() >= 0.19 for value in reference.values())  # it pruned
+    # a captured model's graph reads its parameters, not the masks pruning hooks apply: refused on every rank
+    for rank, error in enumerate(run_ranks(_tuned, 2, "pruning-captured", timeout=100, expect_failure=True)):
+        assert error is not None and "ModelPruning cannot prune a captured model" in error, (rank, error)

@@ -1,0 +1,121 @@
+"""Lightning's callbacks on a cut module: those that need the strategy's help, and those it cannot honour.
+
+Weight averaging (``StochasticWeightAveraging``, ``WeightAveraging`` and its EMA): both copy the whole LightningModule
+in their ``setup`` hook, which runs before the strategy cuts the module, and later pair the copy's parameters with the
+module's by position (``zip(average.parameters(), module.parameters())``). Once the module holds one rank's share, the
+pairs no longer match: the first update fails on a shape, or, where the shapes happen to agree, averages one layer
+into another silently. So, once cut, each such callback's copy is made again from the cut module. Its ``state_dict``
+then has this rank's keys under the full model's names, which the pipeline's checkpoint merges across ranks like any
+callback state; it loads this rank's share of a whole model's state (a resume gives it the checkpoint's).
+
+``BatchSizeFinder`` (also what ``Tuner.scale_batch_size`` adds) is refused: its trial fits save and restore a
+checkpoint at a path each rank names at random, and an out-of-memory trial on one stage would not end the others'.
+``ModelPruning`` listed the layers to prune at setup, before the cut: once cut, it keeps this rank's. With global
+unstructured pruning (its default) it prunes each rank's share by that share's own threshold, not the whole model's:
+a warning says so. A captured model is refused: its graph reads the parameters, not the masks pruning hooks apply.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["recopy_weight_averages", "check_callbacks", "prune_own_layers"]
+
+
+def recopy_weight_averages(callbacks: Iterable[Any], module: Any, on_any_rank: Callable[[bool], bool]) -> int:
+    """Make each weight-averaging callback's copy of ``module`` again from the cut module (before the strategy moves
+    it to its device and precision, as the callbacks copy it); the number of callbacks changed. A callback that has
+    not made its copy yet (outside ``fit``) is left alone. ``on_any_rank(flag)``: whether any rank's flag is set
+    (a collective, called alike on every rank)."""
+    # Imported here: the callbacks' module imports much of Lightning, and the strategy needs it only with them.
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning < 2.6
+        WeightAveraging = ()  # type: ignore[assignment,misc]  # noqa: N806
+    changed = 0
+    for callback in callbacks:
+        if getattr(callback, "_average_model", None) is None:
+            continue
+        if isinstance(callback, StochasticWeightAveraging):
+            # Whether to add an epoch that recomputes batch-norm statistics is asked of the module at fit start: of
+            # the whole model on every rank, or ranks without a BatchNorm would stop an epoch earlier than the rest.
+            whole = on_any_rank(callback.pl_module_contains_batch_norm(module))
+            callback.pl_module_contains_batch_norm = lambda pl_module: whole
+            callback._average_model = _loads_a_share(copy.deepcopy(module))
+        elif isinstance(callback, WeightAveraging):
+            from torch.optim.swa_utils import AveragedModel
+
+            callback._average_model = _loads_a_share(AveragedModel(
+                model=module, device=callback._device or module.device, use_buffers=callback._use_buffers,
+                **callback._kwargs))
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+def _loads_a_share(average: nn.Module) -> nn.Module:
+    """``average``, whose ``load_state_dict`` takes the whole model's state (a resumed checkpoint's) and loads this
+    rank's share of it; with ``strict``, a key of the share that the state lacks is still an error."""
+    load = average.load_state_dict
+
+    def load_share(state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        own = average.state_dict().keys()
+        missing = [key for key in own if key not in state_dict]
+        if strict and missing:
+            raise RuntimeError(f"the averaged model's state lacks {missing[:10]} of this rank's share")
+        return load({key: state_dict[key] for key in own if key in state_dict}, strict=strict, assign=assign)
+
+    average.load_state_dict = load_share  # type: ignore[method-assign]
+    return average
+
+
+def check_callbacks(callbacks: Iterable[Any]) -> None:
+    """Refuse the callbacks a pipeline cannot run; warn of those that run otherwise than on one device."""
+    from lightning.pytorch.callbacks import BatchSizeFinder, ModelPruning
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    for callback in callbacks:
+        if isinstance(callback, BatchSizeFinder):
+            raise ValueError("BatchSizeFinder (Tuner.scale_batch_size) cannot run under PipelineStrategy: its trial "
+                             "fits save and restore a checkpoint at a path each rank names at random, and a trial that "
+                             "runs out of memory on one stage would not end the others'. Find the batch size with a "
+                             "one-device run of the model, or plan the pipeline's memory with python -m "
+                             "lightning_pipe.plan, then pass batch_size to the DataLoader")
+        if isinstance(callback, ModelPruning) and getattr(callback, "_use_global_unstructured", False):
+            rank_zero_warn("ModelPruning(use_global_unstructured=True) prunes each pipeline rank's share of the model "
+                           "by that share's own threshold, not the whole model's, so other weights are pruned than "
+                           "on one device; use_global_unstructured=False prunes each layer by its own amount, as one "
+                           "device does")
+
+
+def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool) -> None:
+    """Leave each ``ModelPruning`` the layers this rank holds of those it listed at setup (the others are on other
+    ranks, or on the meta device here). Refused on a captured model (``captured``): pruning swaps a layer's weight for
+    a masked copy that a forward hook makes, and a captured graph reads the original parameter, never the hook's."""
+    from lightning.pytorch.callbacks import ModelPruning
+    from lightning.pytorch.callbacks.pruning import _LayerRef
+
+    own = {id(p) for p in module.parameters()}
+    for callback in callbacks:
+        listed = getattr(callback, "_parameters_to_prune", None)
+        if not isinstance(callback, ModelPruning) or not listed:
+            continue
+        if captured:
+            raise ValueError("ModelPruning cannot prune a captured model: it replaces each pruned weight by a masked "
+                             "copy made in a forward hook, and the captured graph reads the original parameter, so "
+                             "nothing would be pruned. Keep the layers to prune in one nn.Sequential, which the "
+                             "pipeline runs eagerly with their hooks, or prune after training")
+        callback._parameters_to_prune = [(layer, name) for layer, name in listed
+                                         if id(getattr(layer, name, None)) in own]
+        if callback._original_layers is not None:  # the lottery ticket's initial weights, regrouped as setup does
+            callback._original_layers = {}
+            for index, (layer, name) in enumerate(callback._parameters_to_prune):
+                entry = callback._original_layers.setdefault(id(layer), _LayerRef(data=copy.deepcopy(layer), names=[]))
+                entry["names"].append((index, name))
