@@ -4,7 +4,7 @@ every rank, also on the one without a BatchNorm), and ``EMAWeightAveraging`` ove
 checkpoint. Both copy the whole module at setup, before the strategy cuts it, and pair the copy's parameters with the
 module's by position; without the strategy's re-copy the pairs do not match. ``BatchSizeFinder`` is refused on every
 rank before its trial fits; ``ModelPruning`` prunes each rank's layers of an ``nn.Sequential`` as one device does
-(global pruning is warned of), and is refused on a captured model."""
+(by the whole model's magnitudes too; a random global pruning is warned of), and is refused on a captured model."""
 
 from __future__ import annotations
 
@@ -121,8 +121,9 @@ def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import class_data
 
+    method = "random_unstructured" if kind == "pruning-random" else "l1_unstructured"
     callback = (BatchSizeFinder(max_trials=2) if kind == "batch-size" else
-                ModelPruning("l1_unstructured", amount=0.2, use_global_unstructured=kind == "pruning"))
+                ModelPruning(method, amount=0.2, use_global_unstructured=kind != "pruning-layers"))
     strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"  # a batch norm: exact with one
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -140,16 +141,21 @@ def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, 
 def test_the_batch_size_finder_is_refused_and_pruning_runs_as_on_one_device_where_it_can() -> None:
     for rank, error in enumerate(run_ranks(_tuned, 2, "batch-size", timeout=100, expect_failure=True)):
         assert error is not None and "BatchSizeFinder (Tuner.scale_batch_size) cannot run" in error, (rank, error)
-    (warned, _), (quiet, _) = run_ranks(_tuned, 2, "pruning", timeout=100)
+    (warned, _), (quiet, _) = run_ranks(_tuned, 2, "pruning-random", timeout=100)
     assert len(warned) == 1 and "use_global_unstructured=False" in warned[0] and quiet == []
-    # pruning each layer by its own amount: each rank prunes its own layers, as one device prunes them
-    shares = run_ranks(_tuned, 2, "pruning-layers", timeout=100)
-    merged = {key: value for _, share in shares for key, value in share.items()}
-    warned, reference = _tuned(0, 1, "pruning-layers")
-    assert warned == [] and sorted(merged) == sorted(reference)
-    for key, value in reference.items():
-        torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5, msg=key)
-    assert any((value == 0).float().mean() >= 0.19 for value in reference.values())  # it pruned
+    # each layer by its own amount, and the whole model's smallest weights (global, by magnitude; the ranks agree on
+    # the magnitude where the model's count reaches the amount): each rank prunes its own layers as one device does
+    for kind in ("pruning-layers", "pruning"):
+        shares = run_ranks(_tuned, 2, kind, timeout=100)
+        merged = {key: value for _, share in shares for key, value in share.items()}
+        warned, reference = _tuned(0, 1, kind)
+        assert warned == [] and all(not w for w, _ in shares) and sorted(merged) == sorted(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5, msg=f"{kind} {key}")
+        pruned = [float((value == 0).float().mean()) for key, value in reference.items() if key.endswith("weight")]
+        assert max(pruned) >= 0.19, (kind, pruned)  # it pruned; globally, by the whole model's threshold, the
+        if kind == "pruning":                          # layers lost different shares of theirs
+            assert max(pruned) - min(pruned) > 0.05, pruned
     # a captured model's graph reads its parameters, not the masks pruning hooks apply: refused on every rank
     for rank, error in enumerate(run_ranks(_tuned, 2, "pruning-captured", timeout=100, expect_failure=True)):
         assert error is not None and "ModelPruning cannot prune a captured model" in error, (rank, error)

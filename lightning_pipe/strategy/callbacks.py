@@ -10,17 +10,21 @@ callback state; it loads this rank's share of a whole model's state (a resume gi
 
 ``BatchSizeFinder`` (also what ``Tuner.scale_batch_size`` adds) is refused: its trial fits save and restore a
 checkpoint at a path each rank names at random, and an out-of-memory trial on one stage would not end the others'.
-``ModelPruning`` listed the layers to prune at setup, before the cut: once cut, it keeps this rank's. With global
-unstructured pruning (its default) it prunes each rank's share by that share's own threshold, not the whole model's:
+``ModelPruning`` listed the layers to prune at setup, before the cut: once cut, it keeps this rank's. Its global
+pruning by magnitude (its default) would take each rank's share of the amount by that share's own magnitudes: the
+ranks agree on the whole model's threshold instead (a search over the magnitudes, each step a count summed over the
+ranks), so the same weights go as on one device. Other global methods (random) prune each share by its own amount, and
 a warning says so. A captured model is refused: its graph reads the parameters, not the masks pruning hooks apply.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 __all__ = ["recopy_weight_averages", "check_callbacks", "prune_own_layers"]
@@ -88,17 +92,22 @@ def check_callbacks(callbacks: Iterable[Any]) -> None:
                              "runs out of memory on one stage would not end the others'. Find the batch size with a "
                              "one-device run of the model, or plan the pipeline's memory with python -m "
                              "lightning_pipe.plan, then pass batch_size to the DataLoader")
-        if isinstance(callback, ModelPruning) and getattr(callback, "_use_global_unstructured", False):
-            rank_zero_warn("ModelPruning(use_global_unstructured=True) prunes each pipeline rank's share of the model "
-                           "by that share's own threshold, not the whole model's, so other weights are pruned than "
-                           "on one device; use_global_unstructured=False prunes each layer by its own amount, as one "
-                           "device does")
+        if isinstance(callback, ModelPruning) and getattr(callback, "_use_global_unstructured", False) \
+                and not _prunes_by_global_l1(callback):
+            rank_zero_warn("ModelPruning(use_global_unstructured=True) with a pruning method other than "
+                           "l1_unstructured, or with importance scores of its own, prunes each pipeline rank's share "
+                           "of the model by that share's own amount, not the whole model's, so other weights are "
+                           "pruned than on one device; use_global_unstructured=False prunes each layer by its own "
+                           "amount, as one device does")
 
 
-def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool) -> None:
+def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool,
+                     gather: Callable[[torch.Tensor], torch.Tensor], rank: int) -> None:
     """Leave each ``ModelPruning`` the layers this rank holds of those it listed at setup (the others are on other
-    ranks, or on the meta device here). Refused on a captured model (``captured``): pruning swaps a layer's weight for
-    a masked copy that a forward hook makes, and a captured graph reads the original parameter, never the hook's."""
+    ranks, or on the meta device here), and make its global L1 pruning the whole model's (``gather``: a tensor of
+    every rank of the pipeline, stacked in stage order, a collective; ``rank``: this rank's place in that order). Refused on a captured model (``captured``): pruning swaps a
+    layer's weight for a masked copy that a forward hook makes, and a captured graph reads the original parameter,
+    never the hook's."""
     from lightning.pytorch.callbacks import ModelPruning
     from lightning.pytorch.callbacks.pruning import _LayerRef
 
@@ -114,8 +123,51 @@ def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool
                              "pipeline runs eagerly with their hooks, or prune after training")
         callback._parameters_to_prune = [(layer, name) for layer, name in listed
                                          if id(getattr(layer, name, None)) in own]
+        if _prunes_by_global_l1(callback):
+            callback._apply_global_pruning = functools.partial(_global_l1, callback, gather, rank)
         if callback._original_layers is not None:  # the lottery ticket's initial weights, regrouped as setup does
             callback._original_layers = {}
             for index, (layer, name) in enumerate(callback._parameters_to_prune):
                 entry = callback._original_layers.setdefault(id(layer), _LayerRef(data=copy.deepcopy(layer), names=[]))
                 entry["names"].append((index, name))
+
+
+def _prunes_by_global_l1(callback: Any) -> bool:
+    """Whether ``callback`` prunes globally by the weights' magnitudes (its default), which ranks can agree on."""
+    from torch.nn.utils import prune
+
+    return (getattr(callback, "_use_global_unstructured", False) and callback.pruning_fn is prune.L1Unstructured
+            and not callback._global_kwargs.get("importance_scores"))
+
+
+def _global_l1(callback: Any, gather: Callable[[torch.Tensor], torch.Tensor], rank: int, amount: float | int) -> None:
+    """``ModelPruning._apply_global_pruning`` over the whole pipeline: the ``amount`` of the model's remaining weights
+    with the smallest magnitudes, found by agreeing on the magnitude at which the whole model's count reaches it;
+    each rank then prunes as many of its own as fall below it (ties at it go to the earlier stages, as one device's
+    order of the parameters has them). Called alike on every rank (collectives)."""
+    from torch.nn.utils import prune
+
+    listed = callback._parameters_to_prune
+    remaining = []
+    for layer, name in listed:
+        magnitudes = getattr(layer, name).detach().abs().flatten()
+        mask = getattr(layer, name + "_mask", None)
+        remaining.append(magnitudes[mask.flatten() == 1] if mask is not None else magnitudes)
+    bits = torch.cat(remaining).float().cpu().view(torch.int32) if remaining else torch.empty(0, dtype=torch.int32)
+    total = int(gather(torch.tensor([bits.numel()], dtype=torch.float64)).sum())
+    count = round(amount * total) if isinstance(amount, float) else int(amount)
+    if count <= 0:
+        return
+    low, high = 0, 0x7F800000  # non-negative floats order as their bits: the smallest whose count reaches ``count``
+    while low < high:
+        middle = (low + high) // 2
+        if int(gather(torch.tensor([(bits <= middle).sum().item()], dtype=torch.float64)).sum()) >= count:
+            high = middle
+        else:
+            low = middle + 1
+    below, at = int((bits < low).sum()), int((bits == low).sum())
+    shares = gather(torch.tensor([below, at], dtype=torch.float64))  # (ranks, 2): to share out the ties in order
+    ties = count - int(shares[:, 0].sum())  # those at the magnitude found, shared out to the ranks in stage order
+    mine = below + max(0, min(at, ties - int(shares[:rank, 1].sum())))
+    if listed and mine:
+        prune.global_unstructured(listed, pruning_method=prune.L1Unstructured, amount=mine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_glob
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
+from lightning_pipe.strategy.plain import gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
@@ -351,7 +353,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         self._build(module, trainer)
         if fitting:
             recopy_weight_averages(trainer.callbacks, module, self._on_any_rank)
-            prune_own_layers(trainer.callbacks, module, captured=isinstance(self.runner.split, CapturedModule))
+            pipeline = self.runner.pipeline
+            prune_own_layers(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
+                             functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
+                             pipeline.rank)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)

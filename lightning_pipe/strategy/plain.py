@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["encode", "decode", "broadcast_value", "all_gather_text"]
+__all__ = ["encode", "decode", "broadcast_value", "all_gather_text", "gather_stacked"]
 
 _TAGS = ("__tuple__", "__path__", "__items__", "__float__")
 
@@ -118,3 +118,12 @@ def all_gather_text(text: str, group: dist.ProcessGroup | None = None,
     parts = [torch.empty_like(padded, device=device) for _ in range(size)]
     dist.all_gather(parts, padded.to(device), group=group)
     return [part.cpu().numpy().tobytes()[:count].decode() for part, count in zip(parts, counts)]
+
+
+def gather_stacked(tensor: torch.Tensor, group: dist.ProcessGroup | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Every rank's ``tensor`` (of one shape on every rank) stacked in group order, on the CPU."""
+    device = device or torch.device("cpu")
+    parts = [torch.empty_like(tensor, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.to(device), group=group)
+    return torch.stack([part.cpu() for part in parts])
