@@ -13,6 +13,8 @@ from .tree import rebuild_mapping, tree_flatten
 
 __all__ = ["batch_rows", "split_batch", "microbatch_weights"]
 
+_PLAIN = (str, bytes, int, float, bool, type(None))  # values that hold no tensor
+
 
 def batch_rows(batch: Any) -> int:
     """The number of rows of ``batch``: the size of dim 0 its tensors share, leaving out the lists that hold one item
@@ -78,17 +80,23 @@ def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
 
 
 def _find_lists(tree: Any, lists: _Lists) -> None:
-    if isinstance(tree, torch.Tensor):
+    if isinstance(tree, torch.Tensor) or not isinstance(tree, (list, tuple, Mapping)) and not (
+            dataclasses.is_dataclass(tree) and not isinstance(tree, type)):
         return
-    if type(tree) in (list, tuple) and tree and any(tree_flatten(item)[0] for item in tree):
+    if type(tree) in (list, tuple) and tree:
         first = tree[0]
-        if all(isinstance(item, Mapping) and item.keys() == first.keys() for item in tree):
-            lists.of_mappings.append(tree)
-            return
-        if all(isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == first.dim() > 0
-               for item in tree):
+        if isinstance(first, Mapping) and all(isinstance(item, Mapping) and item.keys() == first.keys()
+                                              for item in tree):
+            if any(tree_flatten(item)[0] for item in tree):
+                lists.of_mappings.append(tree)
+                return
+        elif isinstance(first, torch.Tensor) and first.dim() > 0 and all(
+                isinstance(item, torch.Tensor) and item.dtype == first.dtype and item.dim() == first.dim()
+                for item in tree):
             lists.of_tensors.append(tree)
             return
+        if all(type(item) in _PLAIN for item in tree):
+            return  # names, ids
     for child in _children(tree):
         _find_lists(child, lists)
 
