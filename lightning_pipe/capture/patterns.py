@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-__all__ = ["Pattern", "pattern_of", "matches", "all_match", "overlap", "autocast_state", "describe"]
+__all__ = ["Pattern", "pattern_of", "fixed_size", "matches", "all_match", "overlap", "autocast_state", "describe"]
 
 Pattern = tuple
 """``("t", dtype, sizes)`` for a tensor (a size is ``None`` where the capture kept it symbolic), ``("int",)`` for a
@@ -20,13 +20,13 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 def pattern_of(value: Any) -> Pattern:
     """The pattern of a captured value (a fake tensor or symbolic int from a node's ``meta["val"]``) or a real one."""
     if isinstance(value, torch.Tensor):
-        return ("t", value.dtype, tuple(_fixed_size(d) for d in value.shape))
+        return ("t", value.dtype, tuple(fixed_size(d) for d in value.shape))
     if isinstance(value, torch.SymInt):
         return ("int",)
     return ("v", value)
 
 
-def _fixed_size(size: int | torch.SymInt) -> int | None:
+def fixed_size(size: int | torch.SymInt) -> int | None:
     """A size the graph holds fixed, or None where it stays symbolic. A symbol the trace specialized (a Python loop
     over a sequence length, as Mamba's scan runs without its kernels) is a SymInt whose value is fixed: the graph
     serves that size only."""

@@ -80,9 +80,6 @@ def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
 
 
 def _find_lists(tree: Any, lists: _Lists) -> None:
-    if isinstance(tree, torch.Tensor) or not isinstance(tree, (list, tuple, Mapping)) and not (
-            dataclasses.is_dataclass(tree) and not isinstance(tree, type)):
-        return
     if type(tree) in (list, tuple) and tree:
         first = tree[0]
         if isinstance(first, Mapping) and all(isinstance(item, Mapping) and item.keys() == first.keys()

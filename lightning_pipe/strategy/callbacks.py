@@ -27,14 +27,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["recopy_weight_averages", "check_callbacks", "prune_own_layers"]
+__all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers"]
 
 
-def recopy_weight_averages(callbacks: Iterable[Any], module: Any, on_any_rank: Callable[[bool], bool]) -> int:
-    """Make each weight-averaging callback's copy of ``module`` again from the cut module (before the strategy moves
-    it to its device and precision, as the callbacks copy it); the number of callbacks changed. A callback that has
-    not made its copy yet (outside ``fit``) is left alone. ``on_any_rank(flag)``: whether any rank's flag is set
-    (a collective, called alike on every rank)."""
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""A tensor of every rank of the pipeline, stacked in stage order: a collective, called alike on every rank."""
+
+
+def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather: Gather, rank: int) -> None:
+    """Once the module is cut (before the strategy moves it to its device and precision, as the callbacks copied it):
+    the weight-averaging callbacks' copies made again, and ``ModelPruning`` given this rank's layers
+    (``captured``: whether the model is a captured one; ``rank``: this rank's place in ``gather``'s order)."""
+    recopy_weight_averages(callbacks, module, gather)
+    prune_own_layers(callbacks, module, captured, gather, rank)
+
+
+def recopy_weight_averages(callbacks: Iterable[Any], module: Any, gather: Gather) -> int:
+    """Make each weight-averaging callback's copy of ``module`` again from the cut module; the number of callbacks
+    changed. A callback that has not made its copy yet (outside ``fit``) is left alone."""
     # Imported here: the callbacks' module imports much of Lightning, and the strategy needs it only with them.
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
@@ -49,7 +59,7 @@ def recopy_weight_averages(callbacks: Iterable[Any], module: Any, on_any_rank: C
         if isinstance(callback, StochasticWeightAveraging):
             # Whether to add an epoch that recomputes batch-norm statistics is asked of the module at fit start: of
             # the whole model on every rank, or ranks without a BatchNorm would stop an epoch earlier than the rest.
-            whole = on_any_rank(callback.pl_module_contains_batch_norm(module))
+            whole = bool(gather(torch.tensor([callback.pl_module_contains_batch_norm(module)])).any())
             callback.pl_module_contains_batch_norm = lambda pl_module: whole
             callback._average_model = _loads_a_share(copy.deepcopy(module))
         elif isinstance(callback, WeightAveraging):
@@ -101,13 +111,11 @@ def check_callbacks(callbacks: Iterable[Any]) -> None:
                            "amount, as one device does")
 
 
-def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool,
-                     gather: Callable[[torch.Tensor], torch.Tensor], rank: int) -> None:
+def prune_own_layers(callbacks: Iterable[Any], module: nn.Module, captured: bool, gather: Gather, rank: int) -> None:
     """Leave each ``ModelPruning`` the layers this rank holds of those it listed at setup (the others are on other
-    ranks, or on the meta device here), and make its global L1 pruning the whole model's (``gather``: a tensor of
-    every rank of the pipeline, stacked in stage order, a collective; ``rank``: this rank's place in that order). Refused on a captured model (``captured``): pruning swaps a
-    layer's weight for a masked copy that a forward hook makes, and a captured graph reads the original parameter,
-    never the hook's."""
+    ranks, or on the meta device here), and make its global L1 pruning the whole model's. Refused on a captured model:
+    pruning swaps a layer's weight for a masked copy that a forward hook makes, and a captured graph reads the
+    original parameter, never the hook's."""
     from lightning.pytorch.callbacks import ModelPruning
     from lightning.pytorch.callbacks.pruning import _LayerRef
 
@@ -140,7 +148,7 @@ def _prunes_by_global_l1(callback: Any) -> bool:
             and not callback._global_kwargs.get("importance_scores"))
 
 
-def _global_l1(callback: Any, gather: Callable[[torch.Tensor], torch.Tensor], rank: int, amount: float | int) -> None:
+def _global_l1(callback: Any, gather: Gather, rank: int, amount: float | int) -> None:
     """``ModelPruning._apply_global_pruning`` over the whole pipeline: the ``amount`` of the model's remaining weights
     with the smallest magnitudes, found by agreeing on the magnitude at which the whole model's count reaches it;
     each rank then prunes as many of its own as fall below it (ties at it go to the earlier stages, as one device's

@@ -312,6 +312,7 @@ class CapturedModule:
             if segment.training != key[1]:
                 segment.train(key[1])
         captures = self.splitter.captures
+        new_shapes: dict[tuple, int] = {}  # (key, a micro-batch's shapes) not checked yet -> its first micro-batch
         if not all(capture.dynamic for capture in captures):
             picked = list(range(len(microbatches)))  # one capture per shape
         elif all(capture.serves_every_size for capture in captures):
@@ -319,10 +320,13 @@ class CapturedModule:
                 return
             picked = [0]
         else:  # symbolic, but some sizes fixed: each micro-batch whose tensors' shapes are new (cheap to tell)
-            unseen = {(key, _shapes(microbatch)): i for i, microbatch in reversed(list(enumerate(microbatches)))}
-            picked = sorted(i for seen, i in unseen.items() if seen not in self._shapes_seen)
-            if not picked:
+            for index, microbatch in enumerate(microbatches):
+                shapes = (key, _shapes(microbatch))
+                if shapes not in self._shapes_seen:
+                    new_shapes.setdefault(shapes, index)
+            if not new_shapes:
                 return
+            picked = list(new_shapes.values())
         before = len(captures)
 
         def make() -> None:
@@ -341,7 +345,7 @@ class CapturedModule:
         self._seen.add(key)
         if len(self._shapes_seen) > _SHAPES_KEPT:  # ragged batches make new shapes every step: a cache, not a log
             self._shapes_seen.clear()
-        self._shapes_seen.update((key, _shapes(microbatches[i])) for i in picked)
+        self._shapes_seen.update(new_shapes)
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
         """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest

@@ -79,7 +79,7 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     return merge.into(full)
 
 
-def _keyed_by_model(value: Any, model_keys: Iterable[str] | Mapping[str, Any]) -> bool:
+def _keyed_by_model(value: Any, model_keys: set[str]) -> bool:
     """Whether ``value`` is a mapping of the model's state names to tensors: a rank holds its share of it."""
     return (isinstance(value, Mapping) and bool(value) and all(isinstance(key, str) and key in model_keys
                                                                for key in value)

@@ -39,7 +39,7 @@ from lightning_pipe.strategy.asynchronous import (
     DrainPipeline,
     check_async_fit,
 )
-from lightning_pipe.strategy.callbacks import check_callbacks, prune_own_layers, recopy_weight_averages
+from lightning_pipe.strategy.callbacks import check_callbacks, fit_to_the_cut
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.cutting import PipelineCutting
@@ -352,11 +352,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
         self._build(module, trainer)
         if fitting:
-            recopy_weight_averages(trainer.callbacks, module, self._on_any_rank)
             pipeline = self.runner.pipeline
-            prune_own_layers(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
-                             functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
-                             pipeline.rank)
+            fit_to_the_cut(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
+                           functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
+                           pipeline.rank)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
@@ -430,12 +429,6 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         """The Trainer running the module, if any (``LightningModule.trainer`` raises without one)."""
         module = self.lightning_module
         return getattr(module, "_trainer", None) if module is not None else None
-
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank of the job (a collective)."""
-        value = torch.tensor([int(flag)], device=self._collective_device())
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-        return bool(value.item())
 
     def _collective_device(self) -> torch.device:
         """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""
