@@ -47,7 +47,7 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import LoggedValue
 
-__all__ = ["StepResult", "ResultChannel", "encode", "decode", "tensor_specs", "encode_result", "decode_result", "gather_results"]
+__all__ = ["StepResult", "ResultChannel", "encode", "sendable", "decode", "tensor_specs", "encode_result", "decode_result", "gather_results"]
 
 _WORDS = 64
 _HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged), any rank's flag
@@ -68,6 +68,7 @@ class StepResult:
     error: str | None = None
     rows: int = 0
     grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
+    effects: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # the step's changes to the module
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -106,6 +107,17 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     raise TypeError(f"{where} holds a {type(value).__qualname__}, which PipelineStrategy cannot send between ranks "
                     f"(it sends tensors, numbers, strings, None, NumPy arrays, and lists, tuples and dicts of them, "
                     f"never pickled objects); {advice}")
+
+
+def sendable(value: Any) -> bool:
+    """Whether :func:`encode` carries ``value``."""
+    if value is None or isinstance(value, (bool, str, torch.Tensor)) or type(value) in (int, float):
+        return True
+    if type(value) in (dict, OrderedDict):
+        return all(sendable(key) and sendable(item) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return all(sendable(item) for item in value)
+    return _numpy_kind(value) is not None
 
 
 def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
@@ -176,8 +188,10 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
                            encode(options, tensors, f"the options of self.log({entry.name!r})"), entry.batch_size,
                            entry.weight]})
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
+    effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
-                       "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale}}
+                       "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale,
+                       "effects": {"l": effects}}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -187,7 +201,7 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     logs = [LoggedValue(name, value, metric, options, batch_size, weight)
             for name, value, metric, options, batch_size, weight in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
-                      fields["grad_scale"])
+                      fields["grad_scale"], [tuple(patch) for patch in fields["effects"]])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

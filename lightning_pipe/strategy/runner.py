@@ -47,6 +47,7 @@ from lightning_pipe.strategy.results import (
     gather_results,
 )
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, detached, on_device, settle
 from lightning_pipe.strategy.step_values import (
     check_rows,
     combine_outputs,
@@ -114,6 +115,10 @@ class PipelineRunner:
         self._loss_checks_left = 16  # training batches checked for that, on the first stage of a captured model
         self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
         self._probes_left = 3
+        # What a step changes on the module (outputs kept for an epoch-end hook), made one device's on every rank.
+        self.effects = StepEffects(self.module)
+        self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
+        self._effects_warned = False
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -225,6 +230,8 @@ class PipelineRunner:
         probe = Probe(batch) if self.loss_reduction == "auto" and self._probes_left > 0 and pipe.is_last_rank \
             and not pipe.asynchronous and len(firsts) > 1 else None
         counts = self._counts(batch, "training_step")
+        start = self.effects.snapshot()
+        kept: list[tuple[int, Any, int]] | None = [] if pipe.is_last_rank else None  # (index, output, rows)
         self._prepare("training_step", batch, rest, kwargs, seed)
         inputs = [] if self._checks_model_loss() else None  # the model's inputs per micro-batch (first stage)
 
@@ -238,6 +245,9 @@ class PipelineRunner:
             loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
+            if kept is not None and (self._keeps_outputs or self.effects.changed(start)):
+                self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
+                kept.append((index, detached(output), microbatch_rows))
             if probe is not None:
                 probe.add(output, loss, microbatch_rows)
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
@@ -268,10 +278,12 @@ class PipelineRunner:
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     result = self._result(total, outputs, sizes, check_outside=True)
                     result.grad_scale = scale
+                    result.effects = self._settle_effects("training_step", start, kept or [], len(sizes), batch,
+                                                          rest, kwargs, seed)
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)
-        result = self._share(encoded, fingerprint, "training_step")
+        result = self._share(encoded, fingerprint, "training_step", start)
         assert result.loss is not None
         if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
             self.loss_reduction = "sum"
@@ -293,6 +305,7 @@ class PipelineRunner:
         rows = check_rows(batch, step)
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe = self.pipeline
+        start = self.effects.snapshot()
         self._prepare(step, batch, rest, kwargs, seed)
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, self._first_rows(rows))
         pipe.loss_fn = None
@@ -302,11 +315,11 @@ class PipelineRunner:
             encoded = None
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
-                                                                        seed), replicas=True)
-        return self._share(encoded, fingerprint, step).output
+                                                                        seed, start), replicas=True)
+        return self._share(encoded, fingerprint, step, start).output
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
-                       kwargs: Mapping[str, Any], seed: int) -> StepResult:
+                       kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
         self.metrics.start()
         outputs, sizes = [], []
         counts = self._counts(batch, step)
@@ -317,7 +330,27 @@ class PipelineRunner:
             with self.recorder.recording(sizes[-1], weight), \
                     forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
-        return self._result(None, outputs, sizes, check_outside=False)
+        result = self._result(None, outputs, sizes, check_outside=False)
+        kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
+        result.effects = self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed)
+        return result
+
+    def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
+                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> list:
+        """On the last stage: the step's changes to the module since ``start``, as one device makes them
+        (:mod:`.step_effects`), for every rank."""
+
+        def replay(whole: Any) -> None:
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                self.split.run_step(step, whole, batch, rest, kwargs)
+
+        return settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects)
+
+    def _warn_effects(self, message: str) -> None:
+        if not self._effects_warned:
+            self._effects_warned = True
+            warnings.warn(message, stacklevel=4)
 
     def _prepare(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> None:
         """A captured model: make the captures this step needs, on every rank (the step code runs as in input_fn)."""
@@ -441,7 +474,8 @@ class PipelineRunner:
             loss = (weighted / max(rows, 1)).to(result.loss.dtype)
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
-        return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale)
+        return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
+                          effects=result.effects)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error
@@ -482,7 +516,8 @@ class PipelineRunner:
             self.channel.abandon()
             raise
 
-    def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str) -> StepResult:
+    def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str,
+               start: Snapshot) -> StepResult:
         """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
         and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
         (structure, tensors), fingerprints, self.flagged = self.channel.share(encoded, fingerprint, self.flag())
@@ -497,6 +532,9 @@ class PipelineRunner:
             self.metrics.apply({})
             raise RuntimeError(shared.error)
         self.metrics.apply(shared.metrics)
+        if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
+            self.effects.restore(start)
+            self.effects.apply(shared.effects, lambda value: on_device(value, self.pipeline.device))
         self.recorder.replay(shared.logs, self.pipeline.device)
         return shared
 

@@ -1,0 +1,290 @@
+"""What a step changes on the LightningModule besides its result (outputs collected for an epoch-end hook), made
+on every rank what one device makes.
+
+Lightning 2 has steps keep their outputs themselves: ``self.validation_step_outputs.append(loss)`` in the step, a
+``torch.stack`` of them in ``on_validation_epoch_end``. Under a pipeline the whole step runs only on the last stage,
+once per micro-batch; the first stage runs it up to the model, the others not at all. So the other ranks' lists stayed
+empty (the epoch-end hook failed there, or logged something else on rank 0, the rank that logs), and the last stage's
+held one entry per micro-batch.
+
+Here every rank notes, at the start of a step, the module's own attributes (those Lightning and torch do not set):
+their values, a list's length, a dict's entries. When the last stage's micro-batches changed any, it undoes their
+changes and runs the step once more, without gradients, on the whole batch's model output (the micro-batches' put
+back together along dim 0), so that its changes are one device's: one entry per batch, a counter raised once. What
+that run changed (a list's new entries, an attribute's new value) travels to every rank with the step's result; each
+other rank undoes what its part of the step changed and makes the same changes. Where the whole output cannot be put
+back together, or the run fails, the micro-batches' own changes travel instead, with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from lightning_pipe.strategy.results import sendable
+
+__all__ = ["StepEffects", "Snapshot", "settle", "whole_output", "detached", "on_device"]
+
+# A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
+# dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key).
+Patch = tuple[str, str, Any, Any]
+
+_MISSING = object()
+_IGNORED = frozenset({"log", "forward", "training", "_pipelined_model"})  # the strategy's own, and nn.Module's mode
+_SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
+
+
+@dataclass
+class _Entry:
+    value: Any
+    length: int = -1  # a list's length
+    items: dict[Any, tuple[Any, int]] | None = None  # a dict's entries: key -> (value, a list's length or -1)
+    version: int = -1  # a tensor's version counter (it counts changes in place)
+    saved: torch.Tensor | None = None  # a small tensor's values
+
+
+Snapshot = dict[str, _Entry]
+
+
+def _length(value: Any) -> int:
+    return len(value) if type(value) is list else -1
+
+
+def _entry(value: Any) -> _Entry:
+    if type(value) is list:
+        return _Entry(value, len(value))
+    if isinstance(value, dict):
+        return _Entry(value, items={key: (item, _length(item)) for key, item in value.items()})
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        saved = value.detach().clone() if value.numel() <= _SAVED_NUMEL else None
+        return _Entry(value, version=value._version, saved=saved)
+    return _Entry(value)
+
+
+class StepEffects:
+    """The attributes of ``module`` a step may change (its own plain attributes and buffers, not its submodules'):
+    what they hold now, what changed since, undoing and making changes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._lightning = _lightning_keys(type(module))
+
+    def _tracked(self) -> dict[str, Any]:
+        attributes = {name: value for name, value in self.module.__dict__.items()
+                      if name not in self._lightning and not isinstance(value, nn.Module)}
+        if "_pipelined_model" not in self.module.__dict__:  # its own buffers are not the model's (its forward's)
+            attributes.update((name, value) for name, value in self.module._buffers.items() if value is not None)
+        return attributes
+
+    def _bind(self, name: str, value: Any) -> None:
+        if name in self.module._buffers:
+            self.module._buffers[name] = value
+        else:
+            self.module.__dict__[name] = value
+
+    def _unbind(self, name: str) -> None:
+        self.module._buffers.pop(name, None)
+        self.module.__dict__.pop(name, None)
+
+    def snapshot(self) -> Snapshot:
+        """What the module's own attributes hold now."""
+        return {name: _entry(value) for name, value in self._tracked().items()}
+
+    def changes(self, since: Snapshot) -> list[Patch]:
+        """What changed since ``since``, as changes that make it again from there."""
+        patches: list[Patch] = []
+        now = self._tracked()
+        for name in since.keys() - now.keys():
+            patches.append(("del", name, None, None))
+        for name, value in now.items():
+            before = since.get(name)
+            if before is None or before.value is not value:
+                patches.append(("set", name, None, list(value) if type(value) is list else value))
+            elif before.length >= 0:
+                patches.extend(_list_changes(name, None, value, before.length))
+            elif before.items is not None:
+                patches.extend(_dict_changes(name, value, before.items))
+            elif before.version >= 0 and value._version != before.version:  # changed in place
+                patches.append(("set", name, None, value.detach().clone()))
+        return patches
+
+    def changed(self, since: Snapshot) -> bool:
+        return bool(self.changes(since))
+
+    def restore(self, since: Snapshot) -> None:
+        """Undo what changed since ``since``, as far as it can be undone (a list emptied in place stays empty, a
+        large tensor changed in place stays changed)."""
+        now = self._tracked()
+        for name in now.keys() - since.keys():
+            self._unbind(name)
+        for name, before in since.items():
+            if now.get(name, _MISSING) is not before.value:
+                self._bind(name, before.value)
+            elif before.length >= 0:
+                del before.value[before.length:]
+            elif before.items is not None:
+                _restore_dict(before.value, before.items)
+            elif before.saved is not None and before.value._version != before.version:
+                with torch.no_grad():
+                    before.value.copy_(before.saved)
+
+    def apply(self, patches: list[Patch], place: Callable[[Any], Any] = lambda value: value) -> None:
+        """Make ``patches`` (from :meth:`changes`), each value passed through ``place`` (to this rank's device); a
+        tensor attribute given a value of its shape takes it in place."""
+        now = self._tracked()
+        for kind, name, key, value in patches:
+            value = None if kind == "del" else place(value)
+            if key is None:
+                if kind == "del":
+                    self._unbind(name)
+                elif kind == "extend":
+                    now[name].extend(value)
+                elif not _set_tensor(now.get(name), value):
+                    self._bind(name, value)
+                continue
+            target = now[name]
+            if kind == "del":
+                target.pop(key, None)
+            elif kind == "set":
+                target[key] = value
+            else:
+                target[key].extend(value)
+
+
+def _set_tensor(target: Any, value: Any) -> bool:
+    """Copy ``value`` into the tensor ``target`` where both are tensors of one shape and dtype; whether it did."""
+    if not (isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor) and target.shape == value.shape
+            and target.dtype == value.dtype):
+        return False
+    with torch.no_grad():
+        target.copy_(value)
+    return True
+
+
+def _list_changes(name: str, key: Any, value: list, length: int) -> list[Patch]:
+    if len(value) > length:
+        return [("extend", name, key, value[length:])]
+    if len(value) < length:  # emptied or shortened in place
+        return [("set", name, key, list(value))]
+    return []
+
+
+def _dict_changes(name: str, value: dict, items: dict[Any, tuple[Any, int]]) -> list[Patch]:
+    patches: list[Patch] = [("del", name, key, None) for key in items.keys() - value.keys()]
+    for key, item in value.items():
+        before, length = items.get(key, (_MISSING, -1))
+        if before is not item:
+            patches.append(("set", name, key, list(item) if type(item) is list else item))
+        elif length >= 0:
+            patches.extend(_list_changes(name, key, item, length))
+    return patches
+
+
+def _restore_dict(value: dict, items: dict[Any, tuple[Any, int]]) -> None:
+    for key in list(value):
+        if key not in items:
+            del value[key]
+    for key, (item, length) in items.items():
+        if value.get(key, _MISSING) is not item:
+            value[key] = item
+        elif length >= 0:
+            del item[length:]
+
+
+_KEYS: dict[type, frozenset[str]] = {}
+
+
+def _lightning_keys(cls: type) -> frozenset[str]:
+    """The attributes torch and Lightning give a module of ``cls`` (a bare LightningModule's, for a LightningModule)."""
+    if cls not in _KEYS:
+        from lightning.pytorch import LightningModule
+
+        base = LightningModule() if issubclass(cls, LightningModule) else nn.Module()
+        _KEYS[cls] = frozenset(base.__dict__) | _IGNORED
+    return _KEYS[cls]
+
+
+def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
+    """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
+    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows; None where
+    the outputs do not show a batch dimension first."""
+    flat = [tree_flatten(output) for output in outputs]
+    if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
+        return None
+    whole = []
+    for column in zip(*(leaves for leaves, _ in flat)):
+        if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
+            weights = torch.tensor(sizes, dtype=torch.float64, device=column[0].device) / sum(sizes)
+            whole.append((torch.stack([leaf.double() for leaf in column]) * weights).sum().to(column[0].dtype))
+        elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
+            whole.append(torch.cat(column))
+        else:
+            return None
+    return tree_unflatten(whole, flat[0][1])
+
+
+def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
+           replay: Callable[[Any], None], warn: Callable[[str], None]) -> list[Patch]:
+    """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
+    ``start``, as one device changes it. ``kept``: (index, model output, rows) of the micro-batches whose outputs
+    were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``."""
+    patches = effects.changes(start)
+    if patches and microbatches > 1:
+        kept = sorted(kept, key=lambda item: item[0])
+        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept]) \
+            if len(kept) == microbatches else None
+        why = ("its first micro-batches changed nothing, so their model outputs were not kept" if len(kept) <
+               microbatches else "the model's outputs do not hold the batch's rows first")
+        if whole is not None:
+            effects.restore(start)
+            try:
+                replay(whole)
+                return _sendable(step, effects.changes(start), warn)
+            except Exception as error:  # noqa: BLE001 - the micro-batches' changes stand instead
+                why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
+                effects.restore(start)
+                effects.apply(patches)
+        warn(_per_microbatch(step, patches, why))
+    return _sendable(step, patches, warn)
+
+
+def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Patch]:
+    """``patches`` but those holding values no rank can be sent (warned of)."""
+    kept = [patch for patch in patches if sendable(patch[2]) and sendable(patch[3])]
+    if len(kept) < len(patches):
+        sent = {id(patch) for patch in kept}
+        names = sorted({f"self.{patch[1]}" for patch in patches if id(patch) not in sent})
+        warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
+             f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "
+             f"last stage's rank holds them; keep such values as tensors or numbers")
+    return kept
+
+
+def _per_microbatch(step: str, patches: list[Patch], why: str) -> str:
+    names = sorted({f"self.{name}" for _, name, _, _ in patches})
+    return (f"{step} changes {', '.join(names)} on the module; under a pipeline the whole step runs on the last stage "
+            f"once per micro-batch, and these changes could not be made as one device makes them ({why}), so every "
+            f"rank gets the micro-batches' changes (one entry per micro-batch where one device adds one per batch). "
+            f"Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), or compute it in "
+            f"the hook from the step's returned outputs")
+
+
+def detached(tree: Any) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([leaf.detach() for leaf in leaves], spec)
+
+
+def on_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a decoded change) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (list, tuple):
+        return type(value)(on_device(item, device) for item in value)
+    if type(value) is dict:
+        return {key: on_device(item, device) for key, item in value.items()}
+    return value

@@ -1,0 +1,207 @@
+"""A step's changes to the module besides its result (Lightning 2's outputs kept for an epoch-end hook), on every
+rank as on one device: :mod:`lightning_pipe.strategy.step_effects` alone, then a project that keeps losses and
+predictions in lists (per dataloader in a dict, per epoch), counts its steps, and reads them in its epoch-end hooks,
+on 2 gloo ranks against one device, over an ``nn.Sequential`` and over a captured model."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.strategy.step_effects import StepEffects, settle, whole_output
+from tests.helpers import run_ranks
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        self.outputs: list[Any] = [1]
+        self.by_key: dict[Any, Any] = {"a": [1], "b": 2}
+        self.count = 0
+
+
+def test_changes_are_undone_and_made_again_elsewhere() -> None:
+    one, other = _Holder(), _Holder()
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    one.outputs.append(torch.ones(2))
+    one.by_key["a"].extend([3, 4])
+    one.by_key["c"] = [5]
+    del one.by_key["b"]
+    one.count += 1
+    one.new = "x"
+    patches = effects.changes(start)
+    assert {(kind, name, key) for kind, name, key, _ in patches} == {
+        ("extend", "outputs", None), ("extend", "by_key", "a"), ("set", "by_key", "c"), ("del", "by_key", "b"),
+        ("set", "count", None), ("set", "new", None)}
+    other.outputs.append("made by the first stage's part of the step")  # undone before the changes are made
+    elsewhere.restore(other_start)
+    elsewhere.apply(patches)
+    for holder in (one, other):
+        assert holder.outputs[0] == 1 and torch.equal(holder.outputs[1], torch.ones(2)) and len(holder.outputs) == 2
+        assert holder.by_key == {"a": [1, 3, 4], "c": [5]} and holder.count == 1 and holder.new == "x"
+    effects.restore(start)
+    assert one.outputs == [1] and one.by_key == {"a": [1], "b": 2} and one.count == 0 and not hasattr(one, "new")
+    assert effects.changes(start) == [] and "layer" not in effects.snapshot()  # submodules are not the step's
+
+
+def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_stand() -> None:
+    holder = _Holder()
+    effects = StepEffects(holder)
+    start = effects.snapshot()
+    halves = [torch.arange(4.0).view(2, 2), torch.arange(4.0, 8.0).view(2, 2)]
+
+    def step(output: torch.Tensor) -> None:  # what each micro-batch's step does; then the whole batch's
+        holder.outputs.append(output.sum())
+        holder.count += 1
+
+    for half in halves:
+        step(half)
+    messages: list[str] = []
+    patches = settle(effects, "validation_step", start, [(1, halves[1], 2), (0, halves[0], 2)], 2, step,
+                     messages.append)
+    assert holder.count == 1 and len(holder.outputs) == 2 and float(holder.outputs[1]) == 28.0 and not messages
+    assert [(kind, name) for kind, name, _, _ in patches] == [("extend", "outputs"), ("set", "count")]
+    # outputs without the rows first: the micro-batches' changes, with a warning that says so
+    effects.restore(start)
+    for half in halves:
+        step(half)
+    patches = settle(effects, "validation_step", start, [(0, halves[0].T[:1], 2), (1, halves[1], 2)], 2, step,
+                     messages.append)
+    assert holder.count == 2 and len(holder.outputs) == 3 and "once per micro-batch" in messages[0]
+    assert len(patches) == 2
+    # a value no rank can be sent stays on this one, with a warning
+    effects.restore(start)
+    holder.count = object()
+    assert settle(effects, "training_step", start, [], 1, step, messages.append) == []
+    assert "self.count" in messages[-1] and "cannot be sent" in messages[-1]
+
+
+def test_whole_output_puts_rows_together_and_averages_a_models_loss() -> None:
+    parts = [{"loss": torch.tensor(1.0), "logits": torch.zeros(3, 2)}, {"loss": torch.tensor(4.0),
+                                                                         "logits": torch.ones(1, 2)}]
+    whole = whole_output(parts, [3, 1])
+    assert whole["logits"].shape == (4, 2) and float(whole["loss"]) == pytest.approx(1.75)
+    assert whole_output([torch.zeros(2, 3), torch.zeros(2, 3)], [3, 1]) is None  # rows second: no whole
+
+
+def _collector(captured: bool) -> Any:
+    import lightning as L
+
+    from tests.citizen_models import Blocks
+
+    class Collector(L.LightningModule):
+        """Keeps what its steps give, as Lightning 2's migration guide shows, and reads it in epoch-end hooks."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Blocks() if captured else nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16),
+                                                                nn.Tanh(), nn.Linear(16, 4))
+            self.train_losses: list[torch.Tensor] = []
+            self.predictions: dict[int, list[torch.Tensor]] = {}
+            self.val_outputs: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
+            self.steps_seen = 0
+            self.history: list[Any] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+            self.train_losses.append(loss.detach())
+            self.predictions.setdefault(self.current_epoch, []).append(logits.argmax(-1))
+            self.steps_seen += 1
+            return loss
+
+        def on_train_epoch_end(self) -> None:
+            self.history.append(("train", torch.stack(self.train_losses).mean().item(), len(self.train_losses),
+                                 torch.cat(self.predictions[self.current_epoch]).tolist(), self.steps_seen))
+            self.train_losses.clear()
+
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            x, y = batch
+            self.val_outputs[dataloader_idx].append(F.cross_entropy(self.net(x), y))
+
+        def on_validation_epoch_end(self) -> None:
+            means = {key: (torch.stack(values).mean().item(), len(values)) for key, values in self.val_outputs.items()}
+            self.log("val_mean", means[0][0])
+            self.history.append(("val", sorted(means.items())))
+            self.val_outputs.clear()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    return Collector()
+
+
+def _fit(captured: bool, devices: int, strategy: Any) -> tuple[list[Any], float, list[str]]:
+    import lightning as L
+
+    from tests.citizen_models import class_data
+
+    model = _collector(captured)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, class_data(batches=3), [class_data(batches=2, seed=7), class_data(batches=1, seed=8)])
+    return model.history, float(trainer.callback_metrics["val_mean"]), [str(w.message) for w in caught
+                                                                         if "on the module" in str(w.message)]
+
+
+def _ranks(rank: int, world_size: int) -> dict[bool, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return {captured: _fit(captured, world_size, PipelineStrategy(num_microbatches=4, wait_timeout=60))
+            for captured in (False, True)}
+
+
+def _assert_same(history: list[Any], reference: list[Any]) -> None:
+    assert len(history) == len(reference)
+    for got, want in zip(history, reference):
+        assert got[0] == want[0]
+        if got[0] == "train":
+            assert got[1] == pytest.approx(want[1], rel=1e-5) and got[2:] == want[2:]
+        else:
+            assert [key for key, _ in got[1]] == [key for key, _ in want[1]]
+            for (_, (mean, count)), (_, (want_mean, want_count)) in zip(got[1], want[1]):
+                assert mean == pytest.approx(want_mean, rel=1e-5) and count == want_count
+
+
+@pytest.mark.timeout(300)
+def test_outputs_kept_by_the_steps_are_one_devices_on_every_rank() -> None:
+    results = run_ranks(_ranks, 2, timeout=280)
+    for captured in (False, True):
+        reference, logged, _ = _fit(captured, 1, "auto")
+        assert [entry[0] for entry in reference] == ["val", "val", "train", "val", "train"]  # sanity check first
+        for rank in (0, 1):
+            history, rank_logged, messages = results[rank][captured]
+            _assert_same(history, reference)
+            assert rank_logged == pytest.approx(logged, rel=1e-5) and messages == []
+
+
+def test_tensors_changed_in_place_and_buffers_are_changes_too() -> None:
+    one, other = _Holder(), _Holder()
+    for holder in (one, other):
+        holder.register_buffer("seen", torch.zeros(()))
+        holder.total = torch.zeros(2)
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    one.total += torch.ones(2)  # in place: the same object, a new version
+    one.seen += 3
+    patches = effects.changes(start)
+    assert {(kind, name) for kind, name, _, _ in patches} == {("set", "total"), ("set", "seen")}
+    total = other.total
+    elsewhere.restore(other_start)
+    elsewhere.apply(patches)
+    assert other.total is total and other.total.tolist() == [1.0, 1.0] and float(other.seen) == 3.0
+    assert "seen" in dict(other.named_buffers())
+    effects.restore(start)  # put back in place
+    assert one.total.tolist() == [0.0, 0.0] and float(one.seen) == 0.0
