@@ -159,3 +159,54 @@ def test_the_batch_size_finder_is_refused_and_pruning_runs_as_on_one_device_wher
     # a captured model's graph reads its parameters, not the masks pruning hooks apply: refused on every rank
     for rank, error in enumerate(run_ranks(_tuned, 2, "pruning-captured", timeout=100, expect_failure=True)):
         assert error is not None and "ModelPruning cannot prune a captured model" in error, (rank, error)
+
+
+def _tied_lm() -> Any:
+    import lightning as L
+    import transformers
+
+    class TiedLM(L.LightningModule):  # GPT-2: the LM head shares the embedding's weight, on another rank
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+            self.model = transformers.GPT2LMHeadModel(config)
+            self.model.transformer.wpe.requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    return TiedLM()
+
+
+def _summarized(rank: int, world_size: int) -> list[tuple[int, int, list[int]]]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+
+    from lightning_pipe import PipelineStrategy
+
+    counts = []
+    for model, callback in ((_module("swa"), ModelSummary(max_depth=2)), (_tied_lm(), RichModelSummary())):
+        data = torch.utils.data.DataLoader(torch.randint(0, 64, (8, 8)), batch_size=4) \
+            if not hasattr(model, "net") else __import__("tests.citizen_models").citizen_models.class_data(batches=1)
+        trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=2), accelerator="cpu", devices=world_size,
+                            max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                            callbacks=[callback])
+        trainer.fit(model, data)
+        summary = callback._summary(trainer, model)  # what on_fit_start printed on rank 0 (a collective)
+        counts.append((summary.total_parameters, summary.trainable_parameters, summary.param_nums))
+    return counts
+
+
+@pytest.mark.timeout(200)
+def test_model_summaries_count_the_whole_model_on_every_rank() -> None:
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    results = run_ranks(_summarized, 2, timeout=180)
+    for index, (model, depth) in enumerate(((_module("swa"), 2), (_tied_lm(), 1))):
+        one = ModelSummary(model, max_depth=depth)
+        want = (one.total_parameters, one.trainable_parameters, one.param_nums)
+        assert want[0] > want[1] if index else want[0] == want[1]  # the frozen position embedding counts apart
+        assert results[0][index] == results[1][index] == want, (index, results, want)

@@ -15,31 +15,95 @@ pruning by magnitude (its default) would take each rank's share of the amount by
 ranks agree on the whole model's threshold instead (a search over the magnitudes, each step a count summed over the
 ranks), so the same weights go as on one device. Other global methods (random) prune each share by its own amount, and
 a warning says so. A captured model is refused: its graph reads the parameters, not the masks pruning hooks apply.
+
+``ModelSummary`` (and ``RichModelSummary``) count the parameters of the module each rank holds: rank 0, which prints,
+would show its share as the model's. Their counts are the whole model's instead, each rank's share summed (a tied
+parameter counted once).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers"]
+__all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers", "count_whole_model"]
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """A tensor of every rank of the pipeline, stacked in stage order: a collective, called alike on every rank."""
 
 
-def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather: Gather, rank: int) -> None:
+def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather: Gather, rank: int,
+                   gather_text: Callable[[str], list[str]], counted: Callable[[nn.Parameter], bool]) -> None:
     """Once the module is cut (before the strategy moves it to its device and precision, as the callbacks copied it):
-    the weight-averaging callbacks' copies made again, and ``ModelPruning`` given this rank's layers
-    (``captured``: whether the model is a captured one; ``rank``: this rank's place in ``gather``'s order)."""
+    the weight-averaging callbacks' copies made again, ``ModelPruning`` given this rank's layers, the model summaries
+    counting the whole model (``captured``: whether the model is a captured one; ``rank``: this rank's place in
+    ``gather``'s order; ``gather_text``: every rank's text, in stage order; ``counted``: whether this rank counts a
+    parameter it holds, once for all its holders)."""
+    callbacks = list(callbacks)
     recopy_weight_averages(callbacks, module, gather)
     prune_own_layers(callbacks, module, captured, gather, rank)
+    count_whole_model(callbacks, gather_text, counted)
+
+
+def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], list[str]],
+                      counted: Callable[[nn.Parameter], bool]) -> None:
+    """Make each ``ModelSummary`` callback count the whole model's parameters: its rows are every rank's (the layers
+    of each rank's stages, in stage order), each row's count and the totals summed over the ranks. Its summary is made
+    on every rank, so the gather runs on every rank alike."""
+    from lightning.pytorch.callbacks import ModelSummary as SummaryCallback
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    class WholeModelSummary(ModelSummary):
+        def __init__(self, model: Any, max_depth: int = 1) -> None:
+            super().__init__(model, max_depth)
+            rows = [[name, layer.layer_type, sum(p.numel() for p in layer._module.parameters() if counted(p)),
+                     layer.training] for name, layer in self._layer_summary.items()]
+            held = [p for p in self._model.parameters() if counted(p)]
+            mine = {"rows": rows, "total": sum(p.numel() for p in held),
+                    "trainable": sum(p.numel() for p in held if p.requires_grad)}
+            shares = [json.loads(text) for text in gather_text(json.dumps(mine))]
+            merged: dict[str, list[Any]] = {}
+            for share in shares:
+                for name, kind, count, training in share["rows"]:
+                    merged.setdefault(name, [kind, 0, training])[1] += count
+            self._rows = merged
+            self._totals = (sum(share["total"] for share in shares), sum(share["trainable"] for share in shares))
+
+        @property
+        def layer_names(self) -> list[str]:
+            return list(self._rows)
+
+        @property
+        def layer_types(self) -> list[str]:
+            return [kind for kind, _, _ in self._rows.values()]
+
+        @property
+        def param_nums(self) -> list[int]:
+            return [count for _, count, _ in self._rows.values()]
+
+        @property
+        def training_modes(self) -> list[bool]:
+            return [training for _, _, training in self._rows.values()]
+
+        @property
+        def total_parameters(self) -> int:
+            return self._totals[0]
+
+        @property
+        def trainable_parameters(self) -> int:
+            return self._totals[1]
+
+    for callback in callbacks:
+        if isinstance(callback, SummaryCallback) and type(callback)._summary is SummaryCallback._summary:
+            callback._summary = lambda trainer, module, callback=callback: WholeModelSummary(module,
+                                                                                              callback._max_depth)
 
 
 def recopy_weight_averages(callbacks: Iterable[Any], module: Any, gather: Gather) -> int:

@@ -49,7 +49,7 @@ from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_glob
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import placeholder_if_untrainable
-from lightning_pipe.strategy.plain import gather_stacked
+from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
@@ -355,7 +355,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             pipeline = self.runner.pipeline
             fit_to_the_cut(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
                            functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
-                           pipeline.rank)
+                           pipeline.rank,
+                           functools.partial(all_gather_text, group=pipeline.group, device=self._collective_device()),
+                           self.runner.tied.counts_in_norm)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
