@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_pipe.strategy.step_effects import StepEffects, settle, whole_output
+from lightning_pipe.strategy.step_effects import StepEffects, settle
+from lightning_pipe.strategy.step_values import whole_output
 from tests.helpers import run_ranks
 
 
@@ -205,3 +206,78 @@ def test_tensors_changed_in_place_and_buffers_are_changes_too() -> None:
     assert "seen" in dict(other.named_buffers())
     effects.restore(start)  # put back in place
     assert one.total.tolist() == [0.0, 0.0] and float(one.seen) == 0.0
+
+
+def test_the_loss_check_gives_no_verdict_when_the_models_rows_are_not_the_batchs() -> None:
+    from lightning_pipe.strategy.reduction import Probe, verdict
+
+    # a triplet's three parts stacked into one call: 3 x rows outputs; joining the micro-batches' would mix them up
+    probe = Probe(batch=torch.zeros(4, 2))
+    for _ in range(2):
+        probe.add(torch.randn(6, 3), torch.tensor(0.5), 2)
+    rule, why = verdict(probe, lambda output, batch, draw: pytest.fail("not run on a mixed-up output"))
+    assert rule is None and "rows first" in why
+
+
+def test_extra_runs_of_the_step_leave_python_and_numpy_draws_as_they_were() -> None:
+    import random
+
+    import numpy
+
+    from lightning_pipe.strategy.randomness import host_random_kept
+
+    random.seed(1)
+    numpy.random.seed(1)
+    with host_random_kept():
+        random.random(), numpy.random.rand()
+    after = random.random(), float(numpy.random.rand())
+    random.seed(1)
+    numpy.random.seed(1)
+    assert after == (random.random(), float(numpy.random.rand()))
+
+
+class _RunningNorm(nn.Module):
+    """Running statistics of its own, updated in forward (an RL observation normalizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x - self.mean
+
+
+def _buffers_warned(rank: int, world_size: int, microbatches: int) -> list[str]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Normalized(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(_RunningNorm(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=microbatches), accelerator="cpu", devices=2,
+                        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Normalized(), class_data(batches=2))
+    return [str(w.message) for w in caught if "changes the buffers" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_buffers_the_forward_changes_once_per_micro_batch_are_warned_of() -> None:
+    first, last = run_ranks(_buffers_warned, 2, 4, timeout=100)
+    assert len(first) == 1 and "0.mean" in first[0] and "4 per step" in first[0] and last == []
+    assert run_ranks(_buffers_warned, 2, 1, timeout=100) == [[], []]  # one micro-batch: as on one device

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from lightning_pipe.engine.rng import forked
 
-__all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states"]
+__all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states",
+           "host_random_kept"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -67,6 +71,22 @@ def fresh_seed() -> int:
 
 
 forked_random = forked  # torch's CPU (and the device's CUDA) generator seeded inside, restored after
+
+
+@contextmanager
+def host_random_kept() -> Iterator[None]:
+    """Python's ``random`` and NumPy's global state as they were after the code inside: for the step code only the
+    last stage runs once more (the whole-batch checks), so that its draws do not put that rank's streams ahead of the
+    first stage's, which a step drawing from them before the model (a NumPy mixup) reads alike."""
+    python = random.getstate()
+    numpy = sys.modules.get("numpy")
+    state = numpy.random.get_state() if numpy is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        if state is not None:
+            numpy.random.set_state(state)
 
 
 def global_random_states() -> dict[str, Any]:

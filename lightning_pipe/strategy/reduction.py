@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from lightning_pipe.capture.losses import MeanLoss
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from lightning_pipe.strategy.step_values import whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
            "model_loss_warning"]
@@ -122,18 +123,6 @@ class Probe:
         self.rows.append(rows)
 
 
-def _whole(parts: list[Any]) -> Any | None:
-    """The micro-batches' trees put back together along dim 0, or None where a leaf has no batch dimension."""
-    flat = [tree_flatten(part) for part in parts]
-    spec = flat[0][1]
-    if any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
-        return None
-    columns = list(zip(*(leaves for leaves, _ in flat)))
-    if any(t.dim() == 0 for column in columns for t in column):
-        return None
-    return tree_unflatten([torch.cat(column) for column in columns], spec)
-
-
 def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) -> tuple[str | None, str]:
     """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
@@ -141,9 +130,9 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     diffusion noise, masks)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
-    output, batch = _whole(probe.outputs), probe.batch
-    if output is None:
-        return "mean", "the outputs have no batch dimension to put together"
+    output, batch = whole_output(probe.outputs, probe.rows), probe.batch
+    if output is None:  # the model ran on something else than the batch's rows (a triplet's three parts stacked)
+        return None, "the model's outputs do not hold the batch's rows first"
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.rows, dtype=torch.float64) / sum(probe.rows)
     mean, total = float((losses * weights).sum()), float(losses.sum())

@@ -37,7 +37,7 @@ from lightning_pipe.strategy.logs import (
     MetricTracker,
     combine_replica_logs,
 )
-from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
 from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
 from lightning_pipe.strategy.results import (
     ResultChannel,
@@ -60,7 +60,8 @@ __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_o
 
 _ERROR_FRAMES = 6  # of a last-stage error's traceback, shown on every rank
 
-_BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
+_BATCH, _ROWS = "batch", "rows"
+_BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # also a captured batch norm's  # a batch handed to the engine, tagged with its row numbers
 
 
 class DifferentBatches(RuntimeError):
@@ -119,6 +120,7 @@ class PipelineRunner:
         self.effects = StepEffects(self.module)
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
+        self._buffer_checks_left = 2  # training steps whose buffer changes are checked
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -266,7 +268,9 @@ class PipelineRunner:
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
             # as the backward completes it
+            versions = self._buffer_versions()
             loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
+            self._check_buffers(versions)
             if averager is not None:
                 averager.start_remaining()
             if inputs is not None:
@@ -341,11 +345,40 @@ class PipelineRunner:
         (:mod:`.step_effects`), for every rank."""
 
         def replay(whole: Any) -> None:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 self.split.run_step(step, whole, batch, rest, kwargs)
 
         return settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects)
+
+    def _buffer_versions(self) -> dict[str, tuple[int, int]] | None:
+        """For the first training steps of several micro-batches: this rank's buffers other than batch norms' (whose
+        updates are deferred to once per step), each as (object, version); None otherwise."""
+        if self._buffer_checks_left <= 0 or self.pipeline.num_microbatches == 1:
+            return None
+        # this rank's share of the model (a captured model's segments register what they read when they first run)
+        stages = [self.split.proxy] if self.split.proxy is not None else self.pipeline.modules()
+        deferred = {id(buffer) for stage in stages for module in stage.modules()
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for buffer in module.buffers()}
+        return {name: (id(buffer), buffer._version) for stage in stages for name, buffer in stage.named_buffers()
+                if id(buffer) not in deferred and not name.endswith(_BATCH_NORM_BUFFERS)}
+
+    def _check_buffers(self, before: dict[str, tuple[int, int]] | None) -> None:
+        """Warn, once, of buffers the stages' forward changed in this training step (in place or replaced): once per
+        micro-batch, where one device changes them once per batch."""
+        if before is None:
+            return
+        self._buffer_checks_left -= 1
+        after = self._buffer_versions() or {}
+        changed = sorted(name for name, seen in before.items() if after.get(name, seen) != seen)
+        if changed:
+            self._buffer_checks_left = 0
+            warnings.warn(f"the forward changes the buffers {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} "
+                          f"(a spectral_norm's power iteration, a layer's own running statistics): under a pipeline "
+                          f"this happens once per micro-batch ({self.pipeline.num_microbatches} per step), where one "
+                          f"device does it once per batch, so they and what depends on them differ from one "
+                          f"device's. num_microbatches=1 matches one device; torch's batch norms are updated once per "
+                          f"step already", stacklevel=4)
 
     def _warn_effects(self, message: str) -> None:
         if not self._effects_warned:
@@ -366,7 +399,7 @@ class PipelineRunner:
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
         def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
                     forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
                 return loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
 

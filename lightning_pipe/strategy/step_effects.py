@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 from lightning_pipe.strategy.results import sendable
+from lightning_pipe.strategy.step_values import whole_output
 
-__all__ = ["StepEffects", "Snapshot", "settle", "whole_output", "detached", "on_device"]
+__all__ = ["StepEffects", "Snapshot", "settle", "detached", "on_device"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key).
@@ -207,25 +208,6 @@ def _lightning_keys(cls: type) -> frozenset[str]:
         base = LightningModule() if issubclass(cls, LightningModule) else nn.Module()
         _KEYS[cls] = frozenset(base.__dict__) | _IGNORED
     return _KEYS[cls]
-
-
-def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
-    """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
-    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows; None where
-    the outputs do not show a batch dimension first."""
-    flat = [tree_flatten(output) for output in outputs]
-    if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
-        return None
-    whole = []
-    for column in zip(*(leaves for leaves, _ in flat)):
-        if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
-            weights = torch.tensor(sizes, dtype=torch.float64, device=column[0].device) / sum(sizes)
-            whole.append((torch.stack([leaf.double() for leaf in column]) * weights).sum().to(column[0].dtype))
-        elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
-            whole.append(torch.cat(column))
-        else:
-            return None
-    return tree_unflatten(whole, flat[0][1])
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,

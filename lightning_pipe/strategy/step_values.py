@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.engine.microbatch import batch_rows
+from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs"]
+__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -75,3 +76,22 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
         return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
     return first if all(o == first for o in outputs) else list(outputs)
+
+
+def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
+    """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
+    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows; None where
+    the outputs do not show a batch dimension first."""
+    flat = [tree_flatten(output) for output in outputs]
+    if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
+        return None
+    whole = []
+    for column in zip(*(leaves for leaves, _ in flat)):
+        if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
+            weights = torch.tensor(sizes, dtype=torch.float64, device=column[0].device) / sum(sizes)
+            whole.append((torch.stack([leaf.double() for leaf in column]) * weights).sum().to(column[0].dtype))
+        elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
+            whole.append(torch.cat(column))
+        else:
+            return None
+    return tree_unflatten(whole, flat[0][1])
