@@ -281,3 +281,43 @@ def test_buffers_the_forward_changes_once_per_micro_batch_are_warned_of() -> Non
     first, last = run_ranks(_buffers_warned, 2, 4, timeout=100)
     assert len(first) == 1 and "0.mean" in first[0] and "4 per step" in first[0] and last == []
     assert run_ranks(_buffers_warned, 2, 1, timeout=100) == [[], []]  # one micro-batch: as on one device
+
+
+def _normalized_outside(rank: int, world_size: int) -> tuple[torch.Tensor, list[str]]:
+    """A normalizer with running statistics run by the step before the pipelined ``nn.Sequential``."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Normalized(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = _RunningNorm()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(self.norm(batch[0])), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    model = Normalized()
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, class_data(batches=3))
+    return model.norm.mean.clone(), [str(w.message) for w in caught if "outside the pipelined" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_devices() -> None:
+    (first, _), (last, warned) = run_ranks(_normalized_outside, 2, timeout=100)
+    reference, _ = _normalized_outside(0, 1)
+    assert float(reference.abs().sum()) > 0  # the statistics moved
+    torch.testing.assert_close(first, reference, rtol=0, atol=1e-6)  # once per batch, not once per micro-batch
+    torch.testing.assert_close(last, reference, rtol=0, atol=1e-6)
+    assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]

@@ -117,7 +117,7 @@ class PipelineRunner:
         self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
         self._probes_left = 3
         # What a step changes on the module (outputs kept for an epoch-end hook), made one device's on every rank.
-        self.effects = StepEffects(self.module)
+        self.effects = StepEffects(self.module, lambda: self.split.proxy.modules() if self.split.proxy else ())
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
         self._buffer_checks_left = 2  # training steps whose buffer changes are checked

@@ -18,7 +18,7 @@ back together, or the run fails, the micro-batches' own changes travel instead, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,29 +68,51 @@ def _entry(value: Any) -> _Entry:
 
 
 class StepEffects:
-    """The attributes of ``module`` a step may change (its own plain attributes and buffers, not its submodules'):
-    what they hold now, what changed since, undoing and making changes."""
+    """What a step may change on ``module``: its own plain attributes and buffers, and the buffers of its submodules
+    outside the pipelined model (``pipelined()``: the modules of this rank's share of the model, found once the
+    model is cut), such as the running statistics of a normalizer the step runs before the model. What they hold now,
+    what changed since, undoing and making changes."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, pipelined: Callable[[], Iterable[nn.Module]] = lambda: ()) -> None:
         self.module = module
         self._lightning = _lightning_keys(type(module))
+        self._pipelined = pipelined
+        self._outside: list[tuple[str, nn.Module]] | None = None
+
+    def _outside_modules(self) -> list[tuple[str, nn.Module]]:
+        if self._outside is None:
+            from torchmetrics import Metric  # its states are the metric tracker's (.logs)
+
+            inside = {id(m) for m in self._pipelined()}
+            self._outside = [(path, child) for path, child in self.module.named_modules(remove_duplicate=True)
+                             if path and id(child) not in inside and child._buffers and not isinstance(child, Metric)]
+        return self._outside
 
     def _tracked(self) -> dict[str, Any]:
         attributes = {name: value for name, value in self.module.__dict__.items()
                       if name not in self._lightning and not isinstance(value, nn.Module)}
         if "_pipelined_model" not in self.module.__dict__:  # its own buffers are not the model's (its forward's)
             attributes.update((name, value) for name, value in self.module._buffers.items() if value is not None)
+        for path, child in self._outside_modules():
+            attributes.update((f"{path}.{name}", value) for name, value in child._buffers.items() if value is not None)
         return attributes
 
+    def _owner(self, name: str) -> tuple[dict[str, Any], str]:
+        """Where ``name`` is bound: a submodule's buffers for a dotted name; else the module's buffers or attributes."""
+        if "." in name:
+            path, leaf = name.rsplit(".", 1)
+            return self.module.get_submodule(path)._buffers, leaf
+        return (self.module._buffers if name in self.module._buffers else self.module.__dict__), name
+
     def _bind(self, name: str, value: Any) -> None:
-        if name in self.module._buffers:
-            self.module._buffers[name] = value
-        else:
-            self.module.__dict__[name] = value
+        where, leaf = self._owner(name)
+        where[leaf] = value
 
     def _unbind(self, name: str) -> None:
-        self.module._buffers.pop(name, None)
-        self.module.__dict__.pop(name, None)
+        where, leaf = self._owner(name)
+        where.pop(leaf, None)
+        if "." not in name:
+            self.module.__dict__.pop(name, None)
 
     def snapshot(self) -> Snapshot:
         """What the module's own attributes hold now."""
@@ -117,9 +139,10 @@ class StepEffects:
     def changed(self, since: Snapshot) -> bool:
         return bool(self.changes(since))
 
-    def restore(self, since: Snapshot) -> None:
-        """Undo what changed since ``since``, as far as it can be undone (a list emptied in place stays empty, a
+    def restore(self, since: Snapshot) -> bool:
+        """Undo what changed since ``since``; whether all of it could be (a list emptied in place stays empty, a
         large tensor changed in place stays changed)."""
+        undone = True
         now = self._tracked()
         for name in now.keys() - since.keys():
             self._unbind(name)
@@ -127,12 +150,17 @@ class StepEffects:
             if now.get(name, _MISSING) is not before.value:
                 self._bind(name, before.value)
             elif before.length >= 0:
+                undone = undone and len(before.value) >= before.length
                 del before.value[before.length:]
             elif before.items is not None:
                 _restore_dict(before.value, before.items)
-            elif before.saved is not None and before.value._version != before.version:
+            elif before.version >= 0 and before.value._version != before.version:
+                if before.saved is None:
+                    undone = False
+                    continue
                 with torch.no_grad():
                     before.value.copy_(before.saved)
+        return undone
 
     def apply(self, patches: list[Patch], place: Callable[[Any], Any] = lambda value: value) -> None:
         """Make ``patches`` (from :meth:`changes`), each value passed through ``place`` (to this rank's device); a
@@ -222,11 +250,21 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
             if len(kept) == microbatches else None
         why = ("its first micro-batches changed nothing, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")
+        if whole is not None and not effects.restore(start):
+            why, whole = "a change could not be undone (a list emptied, a large tensor changed in place)", None
+            effects.apply(patches)
         if whole is not None:
-            effects.restore(start)
             try:
                 replay(whole)
-                return _sendable(step, effects.changes(start), warn)
+                patches = effects.changes(start)
+                buffers = sorted(name for _, name, _, _ in patches if "." in name)  # submodules' buffers
+                if buffers:
+                    warn(f"{step} runs modules that change their buffers ({', '.join(buffers[:4])}) outside the "
+                         f"pipelined model: each micro-batch runs them with the buffers as the micro-batches before "
+                         f"it left them, so what they compute differs from one device's (as a batch norm's does); "
+                         f"after each step the buffers are one device's on every rank. num_microbatches=1 matches "
+                         f"one device")
+                return _sendable(step, patches, warn)
             except Exception as error:  # noqa: BLE001 - the micro-batches' changes stand instead
                 why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
                 effects.restore(start)
