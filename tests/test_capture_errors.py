@@ -83,6 +83,27 @@ def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> No
     Splitter(model).segments((), {"input_values": torch.randn(2, 400)})  # without the labels it is captured
 
 
+class _Packed(nn.Module):
+    """A classifier over padded token rows that packs them by their lengths for its LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, (hidden, _) = self.lstm(packed)
+        return self.head(hidden[-1])
+
+
+def test_a_packed_sequence_says_to_run_the_rnn_on_the_padded_batch() -> None:
+    with pytest.raises(CaptureError, match=r"module 'lstm'.*PackedSequence \(pack_padded_sequence\).*padded batch"):
+        Splitter(_Packed()).segments((torch.randint(0, 16, (3, 5)), torch.tensor([5, 2, 4])))
+
+
 def test_a_custom_autograd_function_is_refused_by_class_and_module() -> None:
     with pytest.raises(CaptureError) as caught:
         Splitter(Blocks(Quantized())).segments((torch.randn(2, 8),))

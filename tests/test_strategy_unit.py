@@ -384,3 +384,26 @@ def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_ran
             module.projection(torch.ones(1, 3))
         with pytest.raises(RuntimeError, match="'net.blocks.1' is part of the module's forward"):
             net.blocks[1](torch.ones(1, 4))
+
+
+def test_a_cut_models_plain_attributes_and_parameter_naming_methods_stay_readable() -> None:
+    from lightning_pipe.strategy.model_parts import plain_attribute
+
+    class Vit(nn.Module):  # timm's create_optimizer_v2 asks a model for no_weight_decay() with hasattr
+        def __init__(self) -> None:
+            super().__init__()
+            self.depth = 4
+            self.head = nn.Linear(2, 2)
+
+        def no_weight_decay(self) -> set[str]:
+            return {"pos_embed", "cls_token"}
+
+        def logits_sum(self) -> torch.Tensor:  # computes with weights other ranks hold
+            return self.head.weight.sum()
+
+    model = Vit()
+    assert plain_attribute(model, "depth", lambda: "refused") == 4
+    assert plain_attribute(model, "no_weight_decay", lambda: "refused")() == {"pos_embed", "cls_token"}
+    for name in ("logits_sum", "head"):
+        with pytest.raises(AttributeError, match="refused"):
+            plain_attribute(model, name, lambda: "refused")

@@ -79,6 +79,11 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
     if "not a known type" in text or "register a pytree" in text:
         return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
                 "type with torch.utils._pytree.register_pytree_node.")
+    if "torch/nn/modules/rnn.py" in where and ("FakeTensor" in text or "data-dependent" in text):
+        return ("An RNN given a PackedSequence (pack_padded_sequence) takes its batch sizes from the lengths' values, "
+                "which cannot be captured: give the RNN the padded batch (batch_first as before) and pick each row's "
+                "last valid step with the lengths (`out[torch.arange(len(out)), lengths - 1]`) or mask the steps past "
+                f"them; {SEQUENTIAL_PATH}.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
         library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
                    "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "

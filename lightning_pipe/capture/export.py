@@ -61,6 +61,9 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
                 shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
+                stack.enter_context(warnings.catch_warnings())
+                # An RNN re-lists its parameters in _flat_weights as it runs; the graph reads the parameters themselves
+                warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
                 with fx_config.patch(backed_size_oblivious=symbolic):
                     program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
         except CaptureError:

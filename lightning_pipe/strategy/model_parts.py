@@ -13,12 +13,20 @@ import torch.nn as nn
 __all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "plain_attribute", "has_state"]
 
 
+# Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
+# hasattr, so a refusal would silently give the position embedding weight decay).
+NAMING_METHODS = frozenset({"no_weight_decay", "no_weight_decay_keywords", "group_matcher"})
+
+
 def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str]) -> Any:
-    """``module``'s attribute ``name`` where it is plain data (a config, a size); a module, a tensor or a method
-    (which would reach other ranks' weights) raises ``AttributeError(refusal())``."""
+    """``module``'s attribute ``name`` where it is plain data (a config, a size) or a method that only names
+    parameters (:data:`NAMING_METHODS`); a module, a tensor or another method (which would reach other ranks'
+    weights) raises ``AttributeError(refusal())``."""
     if module is None:
         raise AttributeError(name)
     value = getattr(module, name)  # AttributeError: the module has none either
+    if name in NAMING_METHODS and callable(value):
+        return value
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value

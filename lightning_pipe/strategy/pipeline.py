@@ -342,7 +342,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         check_callbacks(trainer.callbacks)
         if fitting and not module.automatic_optimization:
             raise ValueError("PipelineStrategy runs forward and backward of every micro-batch itself and so supports "
-                             "automatic optimization only; remove self.automatic_optimization = False")
+                             "automatic optimization only (self.automatic_optimization = True, one backward of the "
+                             "step's loss per batch); a step that calls manual_backward and steps optimizers itself "
+                             "(a GAN's alternating generator and discriminator updates) cannot be cut into a pipeline: "
+                             "train it with strategy='ddp' or 'fsdp'")
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")

@@ -121,6 +121,7 @@ class PipelineRunner:
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
         self._buffer_checks_left = 2  # training steps whose buffer changes are checked
+        self._warn_batch_norms()
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -350,6 +351,17 @@ class PipelineRunner:
                 self.split.run_step(step, whole, batch, rest, kwargs)
 
         return settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects)
+
+    def _warn_batch_norms(self) -> None:
+        """Say, on a rank holding batch norms, that they normalize each micro-batch by its own statistics."""
+        count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for stage in self.pipeline.modules()
+                    for m in stage.modules())
+        if count and self.pipeline.num_microbatches > 1:
+            warnings.warn(f"this rank's {count} batch norm(s) normalize each of the {self.pipeline.num_microbatches} "
+                          f"micro-batches of a step by that micro-batch's statistics in training (as GPipe's do), so "
+                          f"outputs and gradients differ from one device's, which uses the whole batch's; their "
+                          f"running statistics are the whole batch's, updated once per step. num_microbatches=1 gives "
+                          f"one device's results; GroupNorm and LayerNorm do not depend on the batch", stacklevel=3)
 
     def _buffer_versions(self) -> dict[str, tuple[int, int]] | None:
         """For the first training steps of several micro-batches: this rank's buffers other than batch norms' (whose
