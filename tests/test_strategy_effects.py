@@ -250,7 +250,23 @@ class _RunningNorm(nn.Module):
         return x - self.mean
 
 
-def _buffers_warned(rank: int, world_size: int, microbatches: int) -> list[str]:
+class _NormedBlocks(nn.Module):
+    """The normalizer inside a model with no nn.Sequential (the captured path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = _RunningNorm()
+        self.blocks = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def _buffers_warned(rank: int, world_size: int, microbatches: int, captured: bool = False) -> list[str]:
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
@@ -259,7 +275,8 @@ def _buffers_warned(rank: int, world_size: int, microbatches: int) -> list[str]:
     class Normalized(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(_RunningNorm(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.net = _NormedBlocks() if captured else nn.Sequential(_RunningNorm(), nn.Linear(12, 8), nn.Tanh(),
+                                                                       nn.Linear(8, 4))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
@@ -281,6 +298,8 @@ def test_buffers_the_forward_changes_once_per_micro_batch_are_warned_of() -> Non
     first, last = run_ranks(_buffers_warned, 2, 4, timeout=100)
     assert len(first) == 1 and "0.mean" in first[0] and "4 per step" in first[0] and last == []
     assert run_ranks(_buffers_warned, 2, 1, timeout=100) == [[], []]  # one micro-batch: as on one device
+    first, last = run_ranks(_buffers_warned, 2, 4, True, timeout=100)  # a captured model's segments
+    assert len(first) == 1 and "norm.mean" in first[0] and last == []
 
 
 def _normalized_outside(rank: int, world_size: int) -> tuple[torch.Tensor, list[str]]:
