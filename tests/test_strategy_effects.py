@@ -66,22 +66,24 @@ def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_sta
     for half in halves:
         step(half)
     messages: list[str] = []
-    patches = settle(effects, "validation_step", start, [(1, halves[1], 2), (0, halves[0], 2)], 2, step,
-                     messages.append)
+    patches, replayed = settle(effects, "validation_step", start, [(1, halves[1], 2), (0, halves[0], 2)], 2, step,
+                               messages.append)
+    assert replayed
     assert holder.count == 1 and len(holder.outputs) == 2 and float(holder.outputs[1]) == 28.0 and not messages
     assert [(kind, name) for kind, name, _, _ in patches] == [("extend", "outputs"), ("set", "count")]
     # outputs without the rows first: the micro-batches' changes, with a warning that says so
     effects.restore(start)
     for half in halves:
         step(half)
-    patches = settle(effects, "validation_step", start, [(0, halves[0].T[:1], 2), (1, halves[1], 2)], 2, step,
-                     messages.append)
+    patches, replayed = settle(effects, "validation_step", start, [(0, halves[0].T[:1], 2), (1, halves[1], 2)], 2,
+                               step, messages.append)
+    assert not replayed
     assert holder.count == 2 and len(holder.outputs) == 3 and "once per micro-batch" in messages[0]
     assert len(patches) == 2
     # a value no rank can be sent stays on this one, with a warning
     effects.restore(start)
     holder.count = object()
-    assert settle(effects, "training_step", start, [], 1, step, messages.append) == []
+    assert settle(effects, "training_step", start, [], 1, step, messages.append) == ([], False)
     assert "self.count" in messages[-1] and "cannot be sent" in messages[-1]
 
 
@@ -340,3 +342,88 @@ def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_
     torch.testing.assert_close(first, reference, rtol=0, atol=1e-6)  # once per batch, not once per micro-batch
     torch.testing.assert_close(last, reference, rtol=0, atol=1e-6)
     assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]
+
+
+def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
+    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``), which Lightning makes on
+    global rank 0 only."""
+    import lightning as L
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Book:
+        def __init__(self) -> None:
+            self.entries: list[Any] = []
+
+        def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+            self.entries.append((tag, tuple(values.shape), round(float(values.sum()), 4), step))
+
+        def add_text(self, tag: str, text: str, step: int) -> None:
+            self.entries.append((tag, text, step))
+
+    class BookLogger(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.book, self.images = Book(), []
+
+        name = "book"
+        version = 0
+
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Book:
+            return self.book
+
+        @rank_zero_only
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            pass
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        @rank_zero_only
+        def log_image(self, key: str, images: list[torch.Tensor], step: int | None = None) -> None:
+            self.images.append((key, [round(float(image.sum()), 4) for image in images], step))
+
+    class Logging(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 0:  # before the model: the first stage's run of the step must not log it too
+                self.logger.experiment.add_text("inputs", f"{len(batch[0])} rows", self.global_step)
+            logits = self.net(batch[0])
+            if batch_idx == 1:
+                self.logger.experiment.add_histogram("train_logits", logits.detach(), self.global_step)
+            return F.cross_entropy(logits, batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            logits = self.net(batch[0])
+            if batch_idx == 0 and isinstance(self.logger, BookLogger):
+                self.logger.log_image("samples", [logits[:2]], step=self.global_step)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    logger = BookLogger()
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=1, logger=logger,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(Logging(), class_data(batches=3), class_data(batches=2))
+    return logger.book.entries, logger.images
+
+
+@pytest.mark.timeout(120)
+def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_it() -> None:
+    zero, other = run_ranks(_logged, 2, timeout=100)
+    reference = _logged(0, 1)
+    assert reference[0] and reference[1]  # a text, a histogram of the whole batch; an image
+    assert zero == reference and other == ([], [])

@@ -69,6 +69,7 @@ class StepResult:
     rows: int = 0
     grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
     effects: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # the step's changes to the module
+    logger_calls: list[tuple[int, list[str], list[Any], dict[str, Any]]] = field(default_factory=list)  # for rank 0
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -189,9 +190,10 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
                            entry.weight]})
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
     effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
+    calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale,
-                       "effects": {"l": effects}}}
+                       "effects": {"l": effects}, "logger_calls": {"l": calls}}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -201,7 +203,8 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     logs = [LoggedValue(name, value, metric, options, batch_size, weight)
             for name, value, metric, options, batch_size, weight in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
-                      fields["grad_scale"], [tuple(patch) for patch in fields["effects"]])
+                      fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
+                      [tuple(call) for call in fields["logger_calls"]])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

@@ -12,6 +12,7 @@ stages first combine loss, logs and metrics into those of the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import (
     LogRecorder,
     MetricTracker,
@@ -45,6 +47,7 @@ from lightning_pipe.strategy.results import (
     decode_result,
     encode_result,
     gather_results,
+    sendable,
 )
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, detached, on_device, settle
@@ -121,6 +124,8 @@ class PipelineRunner:
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
         self._buffer_checks_left = 2  # training steps whose buffer changes are checked
+        # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
+        self.logger_calls = LoggerCalls(lambda: self.module._trainer.loggers if self.module._trainer else [])
         self._warn_batch_norms()
 
     @classmethod
@@ -242,13 +247,13 @@ class PipelineRunner:
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
             microbatch_rows = batch_rows(microbatch)
             weight = counts.counts[index] if counts is not None else None
-            with self.recorder.recording(microbatch_rows, weight), \
+            with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
             loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
-            if kept is not None and (self._keeps_outputs or self.effects.changed(start)):
+            if kept is not None and (self._keeps_outputs or self.logger_calls.calls or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
                 kept.append((index, detached(output), microbatch_rows))
             if probe is not None:
@@ -283,8 +288,8 @@ class PipelineRunner:
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     result = self._result(total, outputs, sizes, check_outside=True)
                     result.grad_scale = scale
-                    result.effects = self._settle_effects("training_step", start, kept or [], len(sizes), batch,
-                                                          rest, kwargs, seed)
+                    self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
+                                         result)
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)
@@ -332,25 +337,35 @@ class PipelineRunner:
                                                          last_outputs)):
             sizes.append(batch_rows(microbatch))
             weight = counts.counts[index] if counts is not None else None
-            with self.recorder.recording(sizes[-1], weight), \
+            with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         result = self._result(None, outputs, sizes, check_outside=False)
         kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
-        result.effects = self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed)
+        self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result)
         return result
 
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> list:
-        """On the last stage: the step's changes to the module since ``start``, as one device makes them
-        (:mod:`.step_effects`), for every rank."""
+                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult) -> None:
+        """On the last stage: the step's changes to the module since ``start`` and its calls on the loggers, as one
+        device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank."""
 
         def replay(whole: Any) -> None:
             with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
-                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                    self.logger_calls.recording(), forked_random(derive_seed(seed, 0), self.pipeline.device):
                 self.split.run_step(step, whole, batch, rest, kwargs)
 
-        return settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects)
+        made = self.logger_calls.take()
+        result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
+                                          called=bool(made))
+        calls = self.logger_calls.take()  # the whole batch's (a replay that failed part way: dropped)
+        calls = calls if replayed else made
+        sent = [call for call in calls if sendable(call[2]) and sendable(call[3])]
+        if len(sent) < len(calls):
+            self._warn_effects(f"{step} logs through self.logger values that cannot be sent to rank 0, where the "
+                               f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
+                               f"them can): images as tensors or arrays, not figures or logger-specific objects")
+        result.logger_calls = sent
 
     def _warn_batch_norms(self) -> None:
         """Say, on a rank holding batch norms, that they normalize each micro-batch by its own statistics."""
@@ -403,7 +418,8 @@ class PipelineRunner:
             device = self.pipeline.device
 
             def context(index: int) -> Any:
-                return _both(self.recorder.discarding(), forked_random(derive_seed(seed, index), device))
+                return _both(self.recorder.discarding(), self.logger_calls.discarding(),
+                             forked_random(derive_seed(seed, index), device))
 
             self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
     def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
@@ -485,7 +501,8 @@ class PipelineRunner:
 
         def input_fn(tagged: Any) -> Any:
             index = firsts[int(tagged[_ROWS][0])]
-            with self.recorder.discarding(), forked_random(derive_seed(seed, index), device):
+            with self.recorder.discarding(), self.logger_calls.discarding(), \
+                    forked_random(derive_seed(seed, index), device):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
             if seen is not None:
                 seen.append(tree_flatten(inputs)[0])
@@ -520,7 +537,7 @@ class PipelineRunner:
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
         return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
-                          effects=result.effects)
+                          effects=result.effects, logger_calls=result.logger_calls)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error
@@ -580,13 +597,17 @@ class PipelineRunner:
         if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
             self.effects.restore(start)
             self.effects.apply(shared.effects, lambda value: on_device(value, self.pipeline.device))
+        if shared.logger_calls and dist.get_rank() == 0:  # where the loggers write
+            self.logger_calls.make(shared.logger_calls)
         self.recorder.replay(shared.logs, self.pipeline.device)
         return shared
 
 
 @contextmanager
-def _both(first: Any, second: Any) -> Iterator[None]:
-    with first, second:
+def _both(*contexts: Any) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
         yield
 
 

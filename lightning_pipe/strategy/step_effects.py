@@ -239,16 +239,17 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], None], warn: Callable[[str], None]) -> list[Patch]:
+           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False) -> tuple[list[Patch], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
-    ``start``, as one device changes it. ``kept``: (index, model output, rows) of the micro-batches whose outputs
-    were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``."""
+    ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also when it
+    only ``called`` something to record, the loggers). ``kept``: (index, model output, rows) of the micro-batches
+    whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``."""
     patches = effects.changes(start)
-    if patches and microbatches > 1:
+    if (patches or called) and microbatches > 1:
         kept = sorted(kept, key=lambda item: item[0])
         whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept]) \
             if len(kept) == microbatches else None
-        why = ("its first micro-batches changed nothing, so their model outputs were not kept" if len(kept) <
+        why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")
         if whole is not None and not effects.restore(start):
             why, whole = "a change could not be undone (a list emptied, a large tensor changed in place)", None
@@ -264,13 +265,13 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
                          f"it left them, so what they compute differs from one device's (as a batch norm's does); "
                          f"after each step the buffers are one device's on every rank. num_microbatches=1 matches "
                          f"one device")
-                return _sendable(step, patches, warn)
+                return _sendable(step, patches, warn), True
             except Exception as error:  # noqa: BLE001 - the micro-batches' changes stand instead
                 why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
                 effects.restore(start)
                 effects.apply(patches)
-        warn(_per_microbatch(step, patches, why))
-    return _sendable(step, patches, warn)
+        warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + ["self.logger"] * called, why))
+    return _sendable(step, patches, warn), False
 
 
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Patch]:
@@ -285,13 +286,12 @@ def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> l
     return kept
 
 
-def _per_microbatch(step: str, patches: list[Patch], why: str) -> str:
-    names = sorted({f"self.{name}" for _, name, _, _ in patches})
-    return (f"{step} changes {', '.join(names)} on the module; under a pipeline the whole step runs on the last stage "
-            f"once per micro-batch, and these changes could not be made as one device makes them ({why}), so every "
-            f"rank gets the micro-batches' changes (one entry per micro-batch where one device adds one per batch). "
-            f"Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), or compute it in "
-            f"the hook from the step's returned outputs")
+def _per_microbatch(step: str, names: list[str], why: str) -> str:
+    return (f"{step} changes or calls {', '.join(sorted(set(names)))}; under a pipeline the whole step runs on the last "
+            f"stage once per micro-batch, and this could not be done as one device does it ({why}), so every rank "
+            f"gets the micro-batches' changes, and the loggers their calls (one per micro-batch where one device makes "
+            f"one per batch). Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), "
+            f"or compute it in the hook from the step's returned outputs")
 
 
 def detached(tree: Any) -> Any:

@@ -1,0 +1,112 @@
+"""Calls a step makes on the trainer's loggers (``self.logger.experiment.add_image(...)``,
+``self.logger.log_image(...)``), made on global rank 0 as on one device.
+
+Lightning makes such calls on global rank 0 only: elsewhere a logger's ``experiment`` is a stand-in that drops every
+call, and its ``rank_zero_only`` methods do nothing. Under a pipeline the step's code after the model runs on the last
+stage, never rank 0, so images, histograms and text a step logs that way were lost without a word. Here the last
+stage records them instead (the stand-in's calls, and the loggers' ``log_*`` methods), with the path from the logger
+to the method and the arguments; they travel with the step's result (tensors, numbers, strings, NumPy arrays, and
+lists, tuples and dicts of them), and rank 0 makes them on its real loggers. Like the step's changes to the module
+(:mod:`.step_effects`), they are recorded from the step run once on the whole batch, so the calls are one device's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["LoggerCalls", "Call"]
+
+Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
+
+
+class _Recorder:
+    """Stands for a logger's ``experiment`` (and any attribute of it) on a rank other than 0: records the calls."""
+
+    def __init__(self, calls: list[Call], index: int, path: list[str]) -> None:
+        self._calls, self._index, self._path = calls, index, path
+
+    def __getattr__(self, name: str) -> _Recorder:
+        return _Recorder(self._calls, self._index, [*self._path, name])
+
+    def __getitem__(self, index: int) -> _Recorder:  # as Lightning's stand-in: experiment[0]
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self._calls.append((self._index, self._path, list(args), dict(kwargs)))
+
+
+class LoggerCalls:
+    """Records the calls a step makes on ``loggers()`` where they would be dropped, and makes them on rank 0."""
+
+    def __init__(self, loggers: Any) -> None:
+        self._loggers = loggers  # () -> the trainer's loggers (none outside a Trainer)
+        self.calls: list[Call] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Inside, on a rank other than 0: the loggers' experiments and ``log_*`` methods record into :attr:`calls`."""
+        from lightning.fabric.loggers import logger as fabric_logger
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        loggers = list(self._loggers())
+        if not loggers or rank_zero_only.rank == 0:
+            yield
+            return
+        calls, index_of = self.calls, {id(logger): index for index, logger in enumerate(loggers)}
+
+        def stand_in() -> Any:  # called by rank_zero_experiment's wrapper, whose frame holds the logger as self
+            owner = sys._getframe(1).f_locals.get("self")
+            index = index_of.get(id(owner))
+            return dummy() if index is None else _Recorder(calls, index, ["experiment"])
+
+        dummy = fabric_logger._DummyExperiment
+        patched: list[tuple[Any, str]] = []
+        for index, logger in enumerate(loggers):
+            for name in _log_methods(logger):
+                setattr(logger, name, _Recorder(calls, index, [name]))
+                patched.append((logger, name))
+        fabric_logger._DummyExperiment = stand_in  # type: ignore[assignment,misc]
+        try:
+            yield
+        finally:
+            fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
+            for logger, name in patched:
+                del logger.__dict__[name]
+
+    @contextmanager
+    def discarding(self) -> Iterator[None]:
+        """Inside, on rank 0: the loggers drop the step's calls, as on other ranks (the first stage's run of the step
+        up to the model; the last stage's calls, which include those, reach rank 0 once the step ends)."""
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        rank = getattr(rank_zero_only, "rank", None)
+        if rank != 0:
+            yield
+            return
+        rank_zero_only.rank = 1
+        try:
+            yield
+        finally:
+            rank_zero_only.rank = rank
+
+    def take(self) -> list[Call]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def make(self, calls: Sequence[Call]) -> None:
+        """Make ``calls`` (recorded on the last stage) on this rank's loggers: on rank 0, where they log."""
+        loggers = list(self._loggers())
+        for index, path, args, kwargs in calls:
+            target: Any = loggers[index]
+            for name in path:
+                target = getattr(target, name)
+            target(*args, **kwargs)
+
+
+def _log_methods(logger: Any) -> list[str]:
+    """The public ``log_*`` methods of ``logger`` (``log_image``, ``log_text``, ...) a step may call itself."""
+    return [name for name in dir(type(logger)) if name.startswith("log_") and callable(getattr(type(logger), name))
+            and not isinstance(getattr(type(logger), name), property)]
