@@ -5,6 +5,8 @@ on 2 gloo ranks against one device, over an ``nn.Sequential`` and over a capture
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -344,9 +346,9 @@ def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_
     assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]
 
 
-def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
-    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``), which Lightning makes on
-    global rank 0 only."""
+def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]]:
+    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``) and prints with
+    ``self.print``, which Lightning does on global rank 0 only."""
     import lightning as L
     from lightning.fabric.loggers.logger import rank_zero_experiment
     from lightning.pytorch.loggers import Logger
@@ -401,7 +403,9 @@ def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
             logits = self.net(batch[0])
             if batch_idx == 1:
                 self.logger.experiment.add_histogram("train_logits", logits.detach(), self.global_step)
-            return F.cross_entropy(logits, batch[1])
+            loss = F.cross_entropy(logits, batch[1])
+            self.print(f"step {batch_idx}: {len(logits)} rows, loss {loss.item():.4f}")  # rank 0 prints, once
+            return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             logits = self.net(batch[0])
@@ -417,13 +421,15 @@ def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=1, logger=logger,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0)
-    trainer.fit(Logging(), class_data(batches=3), class_data(batches=2))
-    return logger.book.entries, logger.images
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.fit(Logging(), class_data(batches=3), class_data(batches=2))
+    return logger.book.entries, logger.images, [line for line in printed.getvalue().splitlines() if "rows" in line]
 
 
 @pytest.mark.timeout(120)
 def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_it() -> None:
     zero, other = run_ranks(_logged, 2, timeout=100)
     reference = _logged(0, 1)
-    assert reference[0] and reference[1]  # a text, a histogram of the whole batch; an image
-    assert zero == reference and other == ([], [])
+    assert reference[0] and reference[1] and len(reference[2]) == 3  # text, histogram; an image; printed lines
+    assert zero == reference and other == ([], [], [])

@@ -1,12 +1,13 @@
 """Calls a step makes on the trainer's loggers (``self.logger.experiment.add_image(...)``,
-``self.logger.log_image(...)``), made on global rank 0 as on one device.
+``self.logger.log_image(...)``) and its ``self.print(...)``, made on global rank 0 as on one device.
 
 Lightning makes such calls on global rank 0 only: elsewhere a logger's ``experiment`` is a stand-in that drops every
 call, and its ``rank_zero_only`` methods do nothing. Under a pipeline the step's code after the model runs on the last
 stage, never rank 0, so images, histograms and text a step logs that way were lost without a word. Here the last
 stage records them instead (the stand-in's calls, and the loggers' ``log_*`` methods), with the path from the logger
 to the method and the arguments; they travel with the step's result (tensors, numbers, strings, NumPy arrays, and
-lists, tuples and dicts of them), and rank 0 makes them on its real loggers. Like the step's changes to the module
+lists, tuples and dicts of them), and rank 0 makes them on its real loggers. ``self.print`` (which prints on global
+rank 0 only) is recorded the same way, as the text it prints. Like the step's changes to the module
 (:mod:`.step_effects`), they are recorded from the step run once on the whole batch, so the calls are one device's.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 __all__ = ["LoggerCalls", "Call"]
 
 Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
+_PRINT = -1  # the logger index of a self.print call
 
 
 class _Recorder:
@@ -41,9 +43,13 @@ class _Recorder:
 class LoggerCalls:
     """Records the calls a step makes on ``loggers()`` where they would be dropped, and makes them on rank 0."""
 
-    def __init__(self, loggers: Any) -> None:
+    def __init__(self, module: Any, loggers: Any) -> None:
+        self._module = module  # the LightningModule, whose print() prints on rank 0 only
         self._loggers = loggers  # () -> the trainer's loggers (none outside a Trainer)
         self.calls: list[Call] = []
+
+    def _print(self, *args: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
+        self.calls.append((_PRINT, [], [sep.join(str(arg) for arg in args)], {"end": end}))
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -52,7 +58,7 @@ class LoggerCalls:
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
         loggers = list(self._loggers())
-        if not loggers or rank_zero_only.rank == 0:
+        if rank_zero_only.rank == 0 or self._module._trainer is None:
             yield
             return
         calls, index_of = self.calls, {id(logger): index for index, logger in enumerate(loggers)}
@@ -69,9 +75,11 @@ class LoggerCalls:
                 setattr(logger, name, _Recorder(calls, index, [name]))
                 patched.append((logger, name))
         fabric_logger._DummyExperiment = stand_in  # type: ignore[assignment,misc]
+        self._module.print = self._print
         try:
             yield
         finally:
+            del self._module.print
             fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
             for logger, name in patched:
                 del logger.__dict__[name]
@@ -87,9 +95,11 @@ class LoggerCalls:
             yield
             return
         rank_zero_only.rank = 1
+        self._module.print = lambda *args, **kwargs: None
         try:
             yield
         finally:
+            del self._module.print
             rank_zero_only.rank = rank
 
     def take(self) -> list[Call]:
@@ -100,6 +110,9 @@ class LoggerCalls:
         """Make ``calls`` (recorded on the last stage) on this rank's loggers: on rank 0, where they log."""
         loggers = list(self._loggers())
         for index, path, args, kwargs in calls:
+            if index == _PRINT:
+                self._module.print(*args, **kwargs)
+                continue
             target: Any = loggers[index]
             for name in path:
                 target = getattr(target, name)

@@ -125,7 +125,8 @@ class PipelineRunner:
         self._effects_warned = False
         self._buffer_checks_left = 2  # training steps whose buffer changes are checked
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
-        self.logger_calls = LoggerCalls(lambda: self.module._trainer.loggers if self.module._trainer else [])
+        self.logger_calls = LoggerCalls(self.module,
+                                        lambda: self.module._trainer.loggers if self.module._trainer else [])
         self._warn_batch_norms()
 
     @classmethod
