@@ -36,7 +36,7 @@ __all__ = ["StepEffects", "Snapshot", "settle", "detached", "on_device"]
 Patch = tuple[str, str, Any, Any]
 
 _MISSING = object()
-_IGNORED = frozenset({"log", "forward", "training", "_pipelined_model"})  # the strategy's own, and nn.Module's mode
+_IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})  # the strategy's own; nn.Module's mode
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 
 
