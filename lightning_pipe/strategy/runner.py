@@ -30,6 +30,7 @@ from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
@@ -123,11 +124,14 @@ class PipelineRunner:
         self.effects = StepEffects(self.module, lambda: self.split.proxy.modules() if self.split.proxy else ())
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
-        self._buffer_checks_left = 2  # training steps whose buffer changes are checked
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
-        self._warn_batch_norms()
+        # Buffers of this rank's share of the model (a captured model's segments register what they read as they
+        # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
+        self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
+                                   pipeline.num_microbatches)
+        warn_of_batch_norms(pipeline.modules(), pipeline.num_microbatches)
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -275,9 +279,9 @@ class PipelineRunner:
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
             # as the backward completes it
-            versions = self._buffer_versions()
+            versions = self.buffers.before()
             loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
-            self._check_buffers(versions)
+            self.buffers.after(versions)
             if averager is not None:
                 averager.start_remaining()
             if inputs is not None:
@@ -367,46 +371,6 @@ class PipelineRunner:
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
-
-    def _warn_batch_norms(self) -> None:
-        """Say, on a rank holding batch norms, that they normalize each micro-batch by its own statistics."""
-        count = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for stage in self.pipeline.modules()
-                    for m in stage.modules())
-        if count and self.pipeline.num_microbatches > 1:
-            warnings.warn(f"this rank's {count} batch norm(s) normalize each of the {self.pipeline.num_microbatches} "
-                          f"micro-batches of a step by that micro-batch's statistics in training (as GPipe's do), so "
-                          f"outputs and gradients differ from one device's, which uses the whole batch's; their "
-                          f"running statistics are the whole batch's, updated once per step. num_microbatches=1 gives "
-                          f"one device's results; GroupNorm and LayerNorm do not depend on the batch", stacklevel=3)
-
-    def _buffer_versions(self) -> dict[str, tuple[int, int]] | None:
-        """For the first training steps of several micro-batches: this rank's buffers other than batch norms' (whose
-        updates are deferred to once per step), each as (object, version); None otherwise."""
-        if self._buffer_checks_left <= 0 or self.pipeline.num_microbatches == 1:
-            return None
-        # this rank's share of the model (a captured model's segments register what they read when they first run)
-        stages = [self.split.proxy] if self.split.proxy is not None else self.pipeline.modules()
-        deferred = {id(buffer) for stage in stages for module in stage.modules()
-                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for buffer in module.buffers()}
-        return {name: (id(buffer), buffer._version) for stage in stages for name, buffer in stage.named_buffers()
-                if id(buffer) not in deferred and not name.endswith(_BATCH_NORM_BUFFERS)}
-
-    def _check_buffers(self, before: dict[str, tuple[int, int]] | None) -> None:
-        """Warn, once, of buffers the stages' forward changed in this training step (in place or replaced): once per
-        micro-batch, where one device changes them once per batch."""
-        if before is None:
-            return
-        self._buffer_checks_left -= 1
-        after = self._buffer_versions() or {}
-        changed = sorted(name for name, seen in before.items() if after.get(name, seen) != seen)
-        if changed:
-            self._buffer_checks_left = 0
-            warnings.warn(f"the forward changes the buffers {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} "
-                          f"(a spectral_norm's power iteration, a layer's own running statistics): under a pipeline "
-                          f"this happens once per micro-batch ({self.pipeline.num_microbatches} per step), where one "
-                          f"device does it once per batch, so they and what depends on them differ from one "
-                          f"device's. num_microbatches=1 matches one device; torch's batch norms are updated once per "
-                          f"step already", stacklevel=4)
 
     def _warn_effects(self, message: str) -> None:
         if not self._effects_warned:
