@@ -433,3 +433,35 @@ def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_
     reference = _logged(0, 1)
     assert reference[0] and reference[1] and len(reference[2]) == 3  # text, histogram; an image; printed lines
     assert zero == reference and other == ([], [], [])
+
+
+def _stopped(rank: int, world_size: int) -> int:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Stopping(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            if self.global_step >= 2:  # after the model: on the last stage only
+                self.trainer.should_stop = True
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = PipelineStrategy(num_microbatches=4, wait_timeout=30) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=4, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Stopping(), class_data(batches=4))
+    return trainer.global_step
+
+
+@pytest.mark.timeout(120)
+def test_a_step_that_stops_the_fit_stops_every_rank_where_one_device_stops() -> None:
+    assert run_ranks(_stopped, 2, timeout=100) == [_stopped(0, 1)] * 2 == [3, 3]

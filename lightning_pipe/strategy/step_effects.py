@@ -36,6 +36,7 @@ __all__ = ["StepEffects", "Snapshot", "settle", "detached", "on_device"]
 Patch = tuple[str, str, Any, Any]
 
 _MISSING = object()
+_SHOULD_STOP = "trainer:should_stop"  # the Trainer's flag a step may raise, tracked with the module's attributes
 _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})  # the strategy's own; nn.Module's mode
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 
@@ -91,6 +92,9 @@ class StepEffects:
     def _tracked(self) -> dict[str, Any]:
         attributes = {name: value for name, value in self.module.__dict__.items()
                       if name not in self._lightning and not isinstance(value, nn.Module)}
+        trainer = self.module.__dict__.get("_trainer")
+        if trainer is not None:  # a step may stop the fit (the last stage's step alone sees it)
+            attributes[_SHOULD_STOP] = trainer.should_stop
         if "_pipelined_model" not in self.module.__dict__:  # its own buffers are not the model's (its forward's)
             attributes.update((name, value) for name, value in self.module._buffers.items() if value is not None)
         for path, child in self._outside_modules():
@@ -99,6 +103,8 @@ class StepEffects:
 
     def _owner(self, name: str) -> tuple[dict[str, Any], str]:
         """Where ``name`` is bound: a submodule's buffers for a dotted name; else the module's buffers or attributes."""
+        if name == _SHOULD_STOP:
+            return _TrainerFlag(self.module._trainer), name
         if "." in name:
             path, leaf = name.rsplit(".", 1)
             return self.module.get_submodule(path)._buffers, leaf
@@ -183,6 +189,20 @@ class StepEffects:
                 target[key] = value
             else:
                 target[key].extend(value)
+
+
+class _TrainerFlag(dict):  # type: ignore[type-arg]
+    """The trainer's ``should_stop`` as the one entry of a dict, so that it is bound like an attribute."""
+
+    def __init__(self, trainer: Any) -> None:
+        super().__init__()
+        self._trainer = trainer
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._trainer.should_stop = bool(value)
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return default
 
 
 def _set_tensor(target: Any, value: Any) -> bool:
