@@ -5,6 +5,7 @@ posted ahead while other traffic of the same group runs."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
@@ -41,10 +42,12 @@ def _steps(rank: int, world_size: int, point_to_point: bool) -> list[dict[str, A
             dist.recv(token, 0)
         encoded = None
         if rank == source:
-            result = StepResult(loss=torch.tensor(loss), output={"rows": torch.arange(rows)})
+            result = StepResult(loss=torch.tensor(loss), output={"rows": torch.arange(rows),
+                                                                 "scores": torch.full((rows,), 0.5)})
             encoded = encode_result(result, "training_step")
         (structure, tensors), different, flagged = channel.share(encoded, fingerprints[rank], flag)
         shared = decode_result(structure, tensors)
+        torch.save(shared.output, io.BytesIO())  # tensors of two dtypes, as predictions are: each its own storage
         seen.append({"loss": float(shared.loss), "rows": shared.output["rows"].tolist(), "different": different,
                      "flagged": flagged})
     return seen

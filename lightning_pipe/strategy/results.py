@@ -241,7 +241,9 @@ def _unpack(data: bytearray, start: int, specs: list[tuple[str, list[int]]]) -> 
         for size in shape:
             count *= size
         nbytes = count * dtype.itemsize
-        tensors.append(buffer[offset: offset + nbytes].view(dtype).reshape(shape) if nbytes
+        # each its own storage: views of one buffer as several dtypes cannot be saved together (torch.save of a
+        # predict step's outputs), and would keep the whole message alive
+        tensors.append(buffer[offset: offset + nbytes].view(dtype).reshape(shape).clone() if nbytes
                        else torch.empty(shape, dtype=dtype))
         offset += nbytes
     return tensors
