@@ -170,6 +170,13 @@ class ManualRegressor(Regressor):
         self.automatic_optimization = False
 
 
+class OwnBackward(Regressor):
+    """Overrides the backward, which no pipeline calls."""
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        (loss * 2).backward(*args, **kwargs)
+
+
 class NormClipping(Regressor):
     """Clips by norm from its own hook, which an asynchronous pipeline cannot do."""
 
@@ -212,6 +219,7 @@ def _resume_and_refuse(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         (TiedLM, "pipedream_async", token_data, {}),
         (ManualRegressor, "pipedream_2bw", regression_data, {}),
         (NormClipping, "pipedream_async", regression_data, {}),  # found at the first optimizer step
+        (OwnBackward, "pipedream", regression_data, {}),
     ]
     messages = []
     for make_model, strategy, data, options in attempts:
@@ -230,7 +238,8 @@ def test_resume_at_an_epoch_end_and_refused_combinations(tmp_path: Path) -> None
     drained weights and each rank's optimizer state), with either checkpoint format; refused combinations fail on every
     rank with a fix."""
     expected = ["remove accumulate_grad_batches=2", "use gradient_clip_algorithm='value'", "untie them",
-                "supports automatic optimization only", "clip by value (gradient_clip_algorithm='value')"]
+                "supports automatic optimization only", "clip by value (gradient_clip_algorithm='value')",
+                "overrides LightningModule.backward, which PipelineStrategy never calls"]
     for rank, result in enumerate(run_ranks(_resume_and_refuse, 2, str(tmp_path), timeout=140)):
         for key, value in result["uninterrupted"].items():
             torch.testing.assert_close(result["resumed"][key], value, rtol=0, atol=1e-6, msg=f"rank {rank} {key}")
