@@ -465,3 +465,35 @@ def _stopped(rank: int, world_size: int) -> int:
 @pytest.mark.timeout(120)
 def test_a_step_that_stops_the_fit_stops_every_rank_where_one_device_stops() -> None:
     assert run_ranks(_stopped, 2, timeout=100) == [_stopped(0, 1)] * 2 == [3, 3]
+
+
+def _gathered(rank: int, world_size: int) -> list[int]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Gathering(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.predictions: list[torch.Tensor] = []
+            self.shapes: list[int] = []
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.predictions.append(self.net(batch[0]).argmax(-1))
+
+        def on_validation_epoch_end(self) -> None:  # every replica's predictions: one device's, once
+            self.shapes = list(self.all_gather(torch.cat(self.predictions)).shape)
+
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    model = Gathering()
+    trainer.validate(model, class_data(batches=2))
+    return model.shapes
+
+
+@pytest.mark.timeout(120)
+def test_all_gather_gathers_over_data_parallel_replicas_not_pipeline_stages() -> None:
+    assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16]] * 2

@@ -545,6 +545,18 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
                               self.settings.wait_timeout)
 
     @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """``self.all_gather`` (whose group is the world unless given): over the data-parallel replicas, one entry
+        per replica, since every rank of a pipeline holds the same values; with one replica the tensor as it is, as
+        Lightning gives for a world of one process."""
+        runner = self._runner
+        if (group is not None and group is not torch.distributed.group.WORLD) or runner is None:
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+        if runner.replica_group is None:
+            return tensor
+        return super().all_gather(tensor, group=runner.replica_group, sync_grads=sync_grads)
+
+    @override
     def teardown(self) -> None:
         module = self.lightning_module
         if module is not None and self._example_input_array is not None:
