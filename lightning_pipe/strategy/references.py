@@ -41,6 +41,16 @@ class LayerElsewhere(nn.Module):
                            f"the step's call of the sequence runs its layers. Call the sequence, or load a checkpoint "
                            f"with YourModule.load_from_checkpoint(path) to run the whole model")
 
+    def __getattr__(self, attribute: str) -> Any:
+        try:
+            return super().__getattr__(attribute)
+        except AttributeError:
+            pass
+        raise AttributeError(f"{self.__dict__.get('alias')!r} is the module {self.__dict__.get('name')!r} of the "
+                             f"nn.Sequential at {self.__dict__.get('sequence_path')!r}, which another pipeline stage "
+                             f"holds, so its {attribute!r} is not on this rank; reach the layers this rank holds "
+                             f"through named_parameters() or named_modules() (each name as in the whole sequence)")
+
     def extra_repr(self) -> str:
         return f"{self.sequence_path}.{self.name} (on another rank)"
 

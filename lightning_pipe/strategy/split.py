@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.references import meta_skeleton, redirect
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
 
@@ -61,11 +61,12 @@ class PipelinedSequence(nn.Module):
     computing anything (last stage); anywhere else it refuses to run, since most layers live on other ranks.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str) -> None:
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, names: Sequence[str] = ()) -> None:
         super().__init__()
         for name, layer in layers:
             self.add_module(name, layer)
         self._path = path
+        self._names = list(names) or [name for name, _ in layers]  # every layer's name, in the sequence's order
         self._mode: str | None = None
         self._output: Any = None
         self._calls = 0
@@ -84,6 +85,20 @@ class PipelinedSequence(nn.Module):
                            f"{list(self._modules)}); it runs only inside training/validation/test/predict steps under "
                            f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
                            f"YourModule.load_from_checkpoint(path)")
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: int | slice) -> nn.Module:
+        """The sequence's layer ``index`` where this rank holds it, else a stand-in that says which module it is (its
+        ``parameters()`` are none); a slice as an ``nn.Sequential`` of those (this rank's share of its parameters)."""
+        if isinstance(index, slice):
+            return nn.Sequential(*(self[i] for i in range(len(self))[index]))
+        name = self._names[index]  # IndexError as the nn.Sequential gives
+        return self._modules.get(name) or LayerElsewhere(f"{self._path}[{index}]", name, self._path)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (self[index] for index in range(len(self)))
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle of the module (a hyper-parameter holding it, say) takes this rank's layers, never the
@@ -121,7 +136,7 @@ class SplitModule:
         """Replace the sequence by a proxy holding only ``local_layers``; the other layers are dropped."""
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
-        self.proxy = PipelinedSequence(local_layers, self.path)
+        self.proxy = PipelinedSequence(local_layers, self.path, list(self.sequence._modules))
         setattr(parent, attribute, self.proxy)
         self.aliases = redirect(self.module, self.sequence, self.proxy, self.path)
         proxy = self.proxy
