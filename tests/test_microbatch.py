@@ -202,3 +202,10 @@ def test_a_dict_subclass_keeps_its_type_through_a_tree() -> None:
     leaves, spec = tree_flatten(output)
     rebuilt = tree_unflatten(leaves, spec)
     assert type(rebuilt) is type(output) and torch.equal(rebuilt.logits, output.logits)
+
+
+def test_a_dict_of_loaders_batches_with_different_rows_says_to_give_them_one_batch_size() -> None:
+    batch = {"a": (torch.zeros(16, 8), torch.zeros(16, 1)), "b": (torch.zeros(8, 8), torch.zeros(8, 1))}
+    with pytest.raises(ValueError, match=r"entries \['a', 'b'\] have \[16, 8\] rows each.*one batch_size and "
+                                         r"drop_last=True"):
+        batch_rows(batch)

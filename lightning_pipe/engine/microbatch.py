@@ -63,8 +63,25 @@ def _read(batch: Any) -> tuple[int, set[int]]:
     raise ValueError(
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
         f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
-        f"images beside their targets); got shapes {shapes}. Put per-batch constants in a 0-dim tensor or a "
-        f"non-tensor value; stack or pad the rows' tensors in the collate_fn.")
+        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}Put per-batch constants in a "
+        f"0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the collate_fn.")
+
+
+def _several_loaders(batch: Any) -> str:
+    """Advice for a dict of batches that each agree on their rows but not with each other: a dict of DataLoaders."""
+    if not isinstance(batch, Mapping) or len(batch) < 2:
+        return ""
+    rows = []
+    for part in batch.values():
+        sizes = {t.shape[0] for t in tree_flatten(part)[0] if t.dim() > 0}
+        if len(sizes) != 1:
+            return ""
+        rows.append(sizes.pop())
+    if len(set(rows)) == 1:
+        return ""
+    return (f"The batch's entries {list(batch)} have {rows} rows each, as a dict of DataLoaders (Lightning's "
+            f"CombinedLoader) gives when their batch sizes differ or one ends with a smaller batch: give the loaders "
+            f"one batch_size and drop_last=True, so that every entry has the same rows. ")
 
 
 def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
