@@ -93,6 +93,15 @@ def test_parameters_outside_the_sequence_are_refused() -> None:
         split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
 
 
+def test_a_step_taking_gradients_of_the_input_is_refused_saying_so() -> None:
+    module = Regressor()
+    split = _cut_in_two(module)
+    module.training_step = lambda batch, index: module(batch[0].clone().requires_grad_())  # a gradient penalty's x
+    with pytest.raises(ValueError, match=r"makes the input of the nn.Sequential at 'layers' require grad .*"
+                                         r"torch.autograd.grad cannot reach the model's input"):
+        split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+
+
 def test_a_step_that_never_calls_the_sequence_is_refused() -> None:
     module = Regressor()
     split = _cut_in_two(module)

@@ -24,6 +24,7 @@ from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
+from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
@@ -372,11 +373,9 @@ class CapturedModule:
         inputs = self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)  # not the model's flag
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tree_flatten(inputs)[0]):
-            names = ", ".join(self.outside_trainable) or "parameters outside it"
-            raise ValueError(f"{step} computes the inputs of {self.where} with parameters outside it "
-                             f"that require grad ({names}); a pipeline trains only the model it cuts: move them into "
-                             f"the model, name a module holding both with layers=..., or freeze them with "
-                             f"requires_grad_(False)")
+            raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
+                                              "move them into the model, name a module holding both with "
+                                              "layers=..., or freeze them with requires_grad_(False)"))
         return inputs
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],

@@ -12,6 +12,7 @@ import torch.nn as nn
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
+from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
 
@@ -159,11 +160,9 @@ class SplitModule:
         finally:
             proxy._mode = None
         if any(t.requires_grad for t in tree_flatten(inputs)[0]) and torch.is_grad_enabled():
-            names = ", ".join(self.outside_trainable) or "parameters outside it"
-            raise ValueError(f"{step} computes the input of the nn.Sequential at {self.path!r} with parameters outside "
-                             f"the sequence that require grad ({names}); a pipeline trains only the layers inside it: "
-                             f"move them into the nn.Sequential (e.g. make the embedding its first layer), or freeze "
-                             f"them with requires_grad_(False)")
+            raise ValueError(input_needs_grad(step, f"the nn.Sequential at {self.path!r}", self.outside_trainable,
+                                              "move them into the nn.Sequential (e.g. make the embedding its first "
+                                              "layer), or freeze them with requires_grad_(False)"))
         return inputs
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output"]
+__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -95,3 +95,17 @@ def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
         else:
             return None
     return tree_unflatten(whole, flat[0][1])
+
+
+def input_needs_grad(step: str, where: str, outside_trainable: list[str], fix: str) -> str:
+    """The error for a model input that requires grad: computed with trainable parameters outside the model (``fix``
+    says where to put them), or made to require grad by the step itself (input gradients)."""
+    if not outside_trainable:
+        return (f"{step} makes the input of {where} require grad (x.requires_grad_(): gradients with respect to the "
+                f"input, such as a gradient penalty or a saliency map); a pipeline differentiates the loss with "
+                f"respect to the stages' weights only, so torch.autograd.grad cannot reach the model's input. Compute "
+                f"such terms with the whole model on one device (load a checkpoint), or leave them out under "
+                f"PipelineStrategy")
+    return (f"{step} computes the input of {where} with parameters outside it that require grad "
+            f"({', '.join(outside_trainable)}); a pipeline trains only the model it cuts: {fix}")
+
