@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pipe.engine.microbatch import split_batch
@@ -100,6 +101,13 @@ class PipelineCutting:
                              f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
         runner.loss_reduction = settings.loss_reduction
+        if self._materializer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.ckpt_path:
+            rank_zero_warn(f"{type(module).__name__} was built on the meta device (configure_model, or "
+                           f"Trainer.init_module(empty_init=True)): each rank gives its own layers their initial "
+                           f"values, from one seed per module name, the same on every layout but not the values the "
+                           f"model built whole would draw, so training starts elsewhere than on one device. To "
+                           f"start from given weights, load them: fit(ckpt_path=...) or load_state_dict in "
+                           f"configure_model (docs/checkpoints.md, 'Initial weights')")
         self._runner = runner
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
