@@ -497,3 +497,47 @@ def _gathered(rank: int, world_size: int) -> list[int]:
 @pytest.mark.timeout(120)
 def test_all_gather_gathers_over_data_parallel_replicas_not_pipeline_stages() -> None:
     assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16]] * 2
+
+
+def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Counting(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.seen: list[Any] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+            logits = self.net(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            correct = int((logits.argmax(-1) == batch[1]).sum())
+            return {"loss": loss, "rows": len(batch[0]), "correct": correct, "mean": logits.mean().item()}
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.seen.append((outputs["rows"], outputs["correct"], round(outputs["mean"], 5)))
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return {"rows": batch[0].shape[0], "logits": self.net(batch[0])}
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    model = Counting()
+    trainer.fit(model, class_data(batches=3))
+    predicted = trainer.predict(model, class_data(batches=2))
+    return model.seen, [(p["rows"], tuple(p["logits"].shape)) for p in predicted]
+
+
+@pytest.mark.timeout(120)
+def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
+    reference = _numbers(0, 1)
+    assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
+    assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2

@@ -56,6 +56,7 @@ from lightning_pipe.strategy.step_values import (
     check_rows,
     combine_outputs,
     different_batches,
+    holds_numbers,
     loss_of,
 )
 from lightning_pipe.strategy.tied import TiedParameters
@@ -258,7 +259,8 @@ class PipelineRunner:
             loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
-            if kept is not None and (self._keeps_outputs or self.logger_calls.calls or self.effects.changed(start)):
+            if kept is not None and (self._keeps_outputs or self.logger_calls.calls or holds_numbers(extra)
+                                     or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
                 kept.append((index, detached(output), microbatch_rows))
             if probe is not None:
@@ -353,16 +355,23 @@ class PipelineRunner:
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
                         batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult) -> None:
         """On the last stage: the step's changes to the module since ``start`` and its calls on the loggers, as one
-        device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank."""
+        device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank; so too
+        Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
+        gives for every kind of number."""
+        returned: list[Any] = []
 
         def replay(whole: Any) -> None:
             with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
                     self.logger_calls.recording(), forked_random(derive_seed(seed, 0), self.pipeline.device):
-                self.split.run_step(step, whole, batch, rest, kwargs)
+                returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
 
         made = self.logger_calls.take()
+        numbers = holds_numbers(result.output)
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          called=bool(made))
+                                          called=bool(made) or numbers)
+        if replayed and numbers:  # the whole batch's output, numbers and all
+            output = returned[0]
+            result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
         calls = self.logger_calls.take()  # the whole batch's (a replay that failed part way: dropped)
         calls = calls if replayed else made
         sent = [call for call in calls if sendable(call[2]) and sendable(call[3])]

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad"]
+__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
+           "holds_numbers"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -54,12 +55,24 @@ def _detached(value: Any) -> Any:
     return combine_outputs([value], [1])
 
 
+def holds_numbers(value: Any) -> bool:
+    """Whether ``value`` (a step's output) holds Python numbers (``len(x)``, ``acc.item()``), which only the step run
+    on the whole batch gives as one device does."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    if isinstance(value, Mapping):
+        return any(holds_numbers(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(holds_numbers(item) for item in value)
+    return False
+
+
 def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
 
-    Tensors with a batch dimension are concatenated along dim 0, scalar tensors and numbers averaged with weights
-    ``sizes`` (the micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are
-    kept if all micro-batches agree, else listed.
+    Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
+    micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are kept if all
+    micro-batches agree, else listed. (Python numbers are the step's on the whole batch: the runner runs it again.)
     """
     first = outputs[0] if outputs else None
     if first is None:
