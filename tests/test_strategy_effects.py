@@ -541,3 +541,67 @@ def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
     reference = _numbers(0, 1)
     assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
     assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
+
+
+def test_lists_per_dataloader_and_tensors_made_in_inference_mode_are_followed() -> None:
+    one, other = _Holder(), _Holder()
+    for holder in (one, other):
+        holder.per_loader = [[], [1]]
+        with torch.inference_mode():
+            holder.best = torch.zeros(())  # set in a validation hook: no version counter
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    assert not effects.changed(start)
+    one.per_loader[1].append(2)
+    one.best = torch.ones(())
+    assert effects.changed(start)
+    patches = effects.changes(start)
+    assert {(kind, name, key) for kind, name, key, _ in patches} == {("extend", "per_loader", 1),
+                                                                     ("set", "best", None)}
+    elsewhere.restore(other_start)
+    elsewhere.apply(patches)
+    assert other.per_loader == [[], [1, 2]] and float(other.best) == 1.0
+    effects.restore(start)
+    assert one.per_loader == [[], [1]] and float(one.best) == 0.0
+
+
+def _chained(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Chained(L.LightningModule):  # two nn.Sequential attributes called in turn, batch norms in both
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Tanh())
+            self.decoder = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.decoder(self.encoder(batch[0])), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    model = Chained()
+    strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"  # batch norms: exact with one
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, class_data(batches=3))
+    held = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_mean" in name}
+    held["first layer"] = torch.tensor(float(len(model.encoder))) if rank == 0 else torch.tensor(0.0)
+    if rank == 0 and world_size > 1:
+        assert model.encoder[0] is model.encoder.get_submodule("0")  # this rank's own layer, by index
+    return held
+
+
+@pytest.mark.timeout(120)
+def test_a_chains_own_batch_norms_are_not_taken_for_the_steps_changes() -> None:
+    reference = _chained(0, 1)
+    shares = run_ranks(_chained, 2, timeout=100)
+    merged = {name: value for share in shares for name, value in share.items() if "running_mean" in name}
+    assert sorted(merged) == sorted(name for name in reference if "running_mean" in name)
+    for name, value in merged.items():  # the running statistics moved on every rank, as on one device
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert float(shares[0]["first layer"]) == 3.0  # the encoder's length is the whole encoder's

@@ -64,8 +64,9 @@ class Handover(torch.Tensor):
 class ChainLink(PipelinedSequence):
     """Stands in for one ``nn.Sequential`` of a chain (this rank's layers of it, under their own names)."""
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, index: int, count: int) -> None:
-        super().__init__(layers, path)
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, index: int, count: int,
+                 names: Sequence[str] = ()) -> None:
+        super().__init__(layers, path, names)
         self._index, self._count = index, count
         self._previous: Handover | None = None  # the last stage: what the link before handed over
 
@@ -116,7 +117,7 @@ class ChainSplit(SplitModule):
             index, own = self.origin[int(name)]
             by_part[index].append((own, layer))
         for index, (path, part) in enumerate(zip(self.paths, self.parts)):
-            link = ChainLink(by_part[index], path, index, len(self.parts))
+            link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
             self.aliases += redirect(self.module, part, link, path)

@@ -14,6 +14,7 @@ rank 0 only) is recorded the same way, as the text it prints. Like the step's ch
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -58,7 +59,7 @@ class LoggerCalls:
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
         loggers = list(self._loggers())
-        if rank_zero_only.rank == 0 or self._module._trainer is None:
+        if self._module._trainer is None:
             yield
             return
         calls, index_of = self.calls, {id(logger): index for index, logger in enumerate(loggers)}
@@ -76,9 +77,12 @@ class LoggerCalls:
                 patched.append((logger, name))
         fabric_logger._DummyExperiment = stand_in  # type: ignore[assignment,misc]
         self._module.print = self._print
+        rank = rank_zero_only.rank
+        rank_zero_only.rank = max(rank, 1)  # rank 0 holds the last stage in a V schedule: its calls are recorded too
         try:
             yield
         finally:
+            rank_zero_only.rank = rank
             del self._module.print
             fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
             for logger, name in patched:
@@ -110,13 +114,17 @@ class LoggerCalls:
         """Make ``calls`` (recorded on the last stage) on this rank's loggers: on rank 0, where they log."""
         loggers = list(self._loggers())
         for index, path, args, kwargs in calls:
-            if index == _PRINT:
-                self._module.print(*args, **kwargs)
-                continue
-            target: Any = loggers[index]
-            for name in path:
-                target = getattr(target, name)
-            target(*args, **kwargs)
+            try:
+                if index == _PRINT:
+                    self._module.print(*args, **kwargs)
+                    continue
+                target: Any = loggers[index]
+                for name in path:
+                    target = getattr(target, name)
+                target(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - rank 0 alone makes them: never end the run there alone
+                warnings.warn(f"the step's call self.logger.{'.'.join(path)}(...) failed on rank 0, where the "
+                              f"pipeline makes it: {type(error).__name__}: {error}", stacklevel=2)
 
 
 def _log_methods(logger: Any) -> list[str]:

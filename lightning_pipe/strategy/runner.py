@@ -122,7 +122,8 @@ class PipelineRunner:
         self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
         self._probes_left = 3
         # What a step changes on the module (outputs kept for an epoch-end hook), made one device's on every rank.
-        self.effects = StepEffects(self.module, lambda: self.split.proxy.modules() if self.split.proxy else ())
+        self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
+                                                         if stage is not None for module in stage.modules()])
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
         self._effects_warned = False
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).

@@ -96,7 +96,8 @@ class PipelinedSequence(nn.Module):
         if isinstance(index, slice):
             return nn.Sequential(*(self[i] for i in range(len(self))[index]))
         name = self._names[index]  # IndexError as the nn.Sequential gives
-        return self._modules.get(name) or LayerElsewhere(f"{self._path}[{index}]", name, self._path)
+        layer = self._modules.get(name)
+        return layer if layer is not None else LayerElsewhere(f"{self._path}[{index}]", name, self._path)
 
     def __iter__(self) -> Iterator[nn.Module]:
         return (self[index] for index in range(len(self)))

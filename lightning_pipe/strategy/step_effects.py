@@ -41,11 +41,17 @@ _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"}
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 
 
+_NESTED = 64  # a list of up to this many items is looked into (one list per dataloader); longer ones: their length
+_ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
+
+
 @dataclass
 class _Entry:
     value: Any
     length: int = -1  # a list's length
-    items: dict[Any, tuple[Any, int]] | None = None  # a dict's entries: key -> (value, a list's length or -1)
+    # a dict's entries, or a short list's items that are lists: key or index -> (value, a list's length or -1)
+    items: dict[Any, tuple[Any, int]] | None = None
+    size: int = -1  # a large dict's size
     version: int = -1  # a tensor's version counter (it counts changes in place)
     saved: torch.Tensor | None = None  # a small tensor's values
 
@@ -57,15 +63,37 @@ def _length(value: Any) -> int:
     return len(value) if type(value) is list else -1
 
 
-def _entry(value: Any) -> _Entry:
+def _entry(value: Any, save: bool = True) -> _Entry:
     if type(value) is list:
-        return _Entry(value, len(value))
+        nested = {index: (item, len(item)) for index, item in enumerate(value) if type(item) is list} \
+            if len(value) <= _NESTED else None
+        return _Entry(value, len(value), items=nested or None)
     if isinstance(value, dict):
+        if len(value) > _ENTRIES:
+            return _Entry(value, size=len(value))
         return _Entry(value, items={key: (item, _length(item)) for key, item in value.items()})
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        saved = value.detach().clone() if value.numel() <= _SAVED_NUMEL else None
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.is_inference():
+        # (a tensor made under inference_mode, in validation, has no version counter: known by identity alone)
+        saved = value.detach().clone() if save and value.numel() <= _SAVED_NUMEL else None
         return _Entry(value, version=value._version, saved=saved)
     return _Entry(value)
+
+
+def _differs(before: _Entry | None, value: Any) -> bool:
+    """Whether ``value`` changed since ``before`` (what :meth:`StepEffects.changes` would list, without listing it)."""
+    if before is None or before.value is not value:
+        return True
+    if before.length >= 0:
+        return len(value) != before.length or (before.items is not None and any(
+            index >= len(value) or value[index] is not item or len(value[index]) != length
+            for index, (item, length) in before.items.items()))
+    if before.items is not None:
+        return len(value) != len(before.items) or any(
+            value.get(key, _MISSING) is not item or (length >= 0 and len(item) != length)
+            for key, (item, length) in before.items.items())
+    if before.size >= 0:
+        return len(value) != before.size
+    return before.version >= 0 and value._version != before.version
 
 
 class StepEffects:
@@ -121,8 +149,11 @@ class StepEffects:
             self.module.__dict__.pop(name, None)
 
     def snapshot(self) -> Snapshot:
-        """What the module's own attributes hold now."""
-        return {name: _entry(value) for name, value in self._tracked().items()}
+        """What the module's own attributes hold now (the values of small tensors too, but not of the buffers of
+        modules in eval mode, which keep them)."""
+        resting = {f"{path}.{name}" for path, child in self._outside_modules() if not child.training
+                   for name in child._buffers}
+        return {name: _entry(value, save=name not in resting) for name, value in self._tracked().items()}
 
     def changes(self, since: Snapshot) -> list[Patch]:
         """What changed since ``since``, as changes that make it again from there."""
@@ -136,14 +167,21 @@ class StepEffects:
                 patches.append(("set", name, None, list(value) if type(value) is list else value))
             elif before.length >= 0:
                 patches.extend(_list_changes(name, None, value, before.length))
+                for index, (item, length) in (before.items or {}).items():  # a list per dataloader
+                    if index < min(len(value), before.length):
+                        patches.extend(_item_changes(name, index, value[index], item, length))
             elif before.items is not None:
                 patches.extend(_dict_changes(name, value, before.items))
+            elif before.size >= 0 and len(value) != before.size:  # a large dict: whole
+                patches.append(("set", name, None, value))
             elif before.version >= 0 and value._version != before.version:  # changed in place
                 patches.append(("set", name, None, value.detach().clone()))
         return patches
 
     def changed(self, since: Snapshot) -> bool:
-        return bool(self.changes(since))
+        """Whether anything changed since ``since`` (stops at the first change)."""
+        now = self._tracked()
+        return now.keys() != since.keys() or any(_differs(since[name], value) for name, value in now.items())
 
     def restore(self, since: Snapshot) -> bool:
         """Undo what changed since ``since``; whether all of it could be (a list emptied in place stays empty, a
@@ -158,6 +196,14 @@ class StepEffects:
             elif before.length >= 0:
                 undone = undone and len(before.value) >= before.length
                 del before.value[before.length:]
+                for index, (item, length) in (before.items or {}).items():
+                    if index >= len(before.value):
+                        undone = False
+                        continue
+                    if before.value[index] is not item:
+                        before.value[index] = item
+                    undone = undone and len(item) >= length
+                    del item[length:]
             elif before.items is not None:
                 _restore_dict(before.value, before.items)
             elif before.version >= 0 and before.value._version != before.version:
@@ -208,7 +254,7 @@ class _TrainerFlag(dict):  # type: ignore[type-arg]
 def _set_tensor(target: Any, value: Any) -> bool:
     """Copy ``value`` into the tensor ``target`` where both are tensors of one shape and dtype; whether it did."""
     if not (isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor) and target.shape == value.shape
-            and target.dtype == value.dtype):
+            and target.dtype == value.dtype and not target.is_inference() and not isinstance(target, nn.Parameter)):
         return False
     with torch.no_grad():
         target.copy_(value)
@@ -223,14 +269,18 @@ def _list_changes(name: str, key: Any, value: list, length: int) -> list[Patch]:
     return []
 
 
+def _item_changes(name: str, key: Any, item: Any, before: Any, length: int) -> list[Patch]:
+    """The changes of one entry (a dict's, or a list's item that is a list) at ``key``."""
+    if before is not item:
+        return [("set", name, key, list(item) if type(item) is list else item)]
+    return _list_changes(name, key, item, length) if length >= 0 else []
+
+
 def _dict_changes(name: str, value: dict, items: dict[Any, tuple[Any, int]]) -> list[Patch]:
     patches: list[Patch] = [("del", name, key, None) for key in items.keys() - value.keys()]
     for key, item in value.items():
         before, length = items.get(key, (_MISSING, -1))
-        if before is not item:
-            patches.append(("set", name, key, list(item) if type(item) is list else item))
-        elif length >= 0:
-            patches.extend(_list_changes(name, key, item, length))
+        patches.extend(_item_changes(name, key, item, before, length))
     return patches
 
 
