@@ -196,6 +196,8 @@ def _summarized(rank: int, world_size: int) -> list[tuple[int, int, list[int]]]:
                             callbacks=[callback])
         trainer.fit(model, data)
         summary = callback._summary(trainer, model)  # what on_fit_start printed on rank 0 (a collective)
+        table = dict(summary._get_summary_data())
+        assert len(table[" "]) == len(table["Name"]) == len(summary.param_nums)  # every rank's rows, numbered
         counts.append((summary.total_parameters, summary.trainable_parameters, summary.param_nums))
     return counts
 

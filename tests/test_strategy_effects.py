@@ -72,7 +72,8 @@ def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_sta
                                messages.append)
     assert replayed
     assert holder.count == 1 and len(holder.outputs) == 2 and float(holder.outputs[1]) == 28.0 and not messages
-    assert [(kind, name) for kind, name, _, _ in patches] == [("extend", "outputs"), ("set", "count")]
+    assert [patch[:2] for patch in patches] == [("extend", "outputs"), ("set", "count")]
+    assert all(patch[4] for patch in patches)  # their tensors were on the CPU: they stay there elsewhere
     # outputs without the rows first: the micro-batches' changes, with a warning that says so
     effects.restore(start)
     for half in halves:

@@ -66,7 +66,8 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
             rows = [[name, layer.layer_type, sum(p.numel() for p in layer._module.parameters() if counted(p)),
                      layer.training] for name, layer in self._layer_summary.items()]
             held = [p for p in self._model.parameters() if counted(p)]
-            mine = {"rows": rows, "total": sum(p.numel() for p in held),
+            modes = [[name, module.training] for name, module in self._model.named_modules() if name]
+            mine = {"rows": rows, "total": sum(p.numel() for p in held), "modes": modes,
                     "trainable": sum(p.numel() for p in held if p.requires_grad)}
             shares = [json.loads(text) for text in gather_text(json.dumps(mine))]
             merged: dict[str, list[Any]] = {}
@@ -74,7 +75,11 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
                 for name, kind, count, training in share["rows"]:
                     merged.setdefault(name, [kind, 0, training])[1] += count
             self._rows = merged
+            # the table's rows are every rank's: Lightning numbers them by the layers it summarized
+            self._layer_summary = {name: self._layer_summary.get(name) for name in merged}
             self._totals = (sum(share["total"] for share in shares), sum(share["trainable"] for share in shares))
+            every = {name: training for share in shares for name, training in share["modes"]}
+            self._modes = {"train": sum(every.values()), "eval": len(every) - sum(every.values())}
 
         @property
         def layer_names(self) -> list[str]:
@@ -91,6 +96,10 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
         @property
         def training_modes(self) -> list[bool]:
             return [training for _, _, training in self._rows.values()]
+
+        @property
+        def total_training_modes(self) -> dict[str, int]:
+            return self._modes
 
         @property
         def total_parameters(self) -> int:

@@ -347,10 +347,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
                              "(a GAN's alternating generator and discriminator updates) cannot be cut into a pipeline: "
                              "train it with strategy='ddp' or 'fsdp'")
         if fitting and is_overridden("backward", module, LightningModule):
-            raise ValueError(f"{type(module).__name__} overrides LightningModule.backward, which PipelineStrategy never "
-                             f"calls: each stage runs its micro-batches' backward itself. Move what it does around "
-                             f"the backward to on_before_backward or on_after_backward (called as on one device), or "
-                             f"to loss_reduction / the loss the step returns")
+            raise ValueError(f"{type(module).__name__} overrides LightningModule.backward, which PipelineStrategy "
+                             f"never calls: each stage runs its micro-batches' backward itself. Move what it does "
+                             f"around the backward to on_before_backward or on_after_backward (called as on one "
+                             f"device), or to loss_reduction / the loss the step returns")
         if getattr(self.precision_plugin, "scaler", None) is not None:
             raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
                              "would skip steps on its own; use precision='bf16-mixed' or '32-true'")

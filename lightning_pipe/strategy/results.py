@@ -68,7 +68,7 @@ class StepResult:
     error: str | None = None
     rows: int = 0
     grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
-    effects: list[tuple[str, str, Any, Any]] = field(default_factory=list)  # the step's changes to the module
+    effects: list[tuple[Any, ...]] = field(default_factory=list)  # the step's changes to the module (.step_effects)
     logger_calls: list[tuple[int, list[str], list[Any], dict[str, Any]]] = field(default_factory=list)  # for rank 0
 
 
@@ -111,8 +111,10 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
 
 
 def sendable(value: Any) -> bool:
-    """Whether :func:`encode` carries ``value``."""
-    if value is None or isinstance(value, (bool, str, torch.Tensor)) or type(value) in (int, float):
+    """Whether :func:`encode` carries ``value`` (a tensor: a dense one, of torch's own type)."""
+    if isinstance(value, torch.Tensor):
+        return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
+    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
         return True
     if type(value) in (dict, OrderedDict):
         return all(sendable(key) and sendable(item) for key, item in value.items())

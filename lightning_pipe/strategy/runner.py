@@ -65,8 +65,7 @@ __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_o
 
 _ERROR_FRAMES = 6  # of a last-stage error's traceback, shown on every rank
 
-_BATCH, _ROWS = "batch", "rows"
-_BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # also a captured batch norm's  # a batch handed to the engine, tagged with its row numbers
+_BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
 class DifferentBatches(RuntimeError):
@@ -125,7 +124,7 @@ class PipelineRunner:
         self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
                                                          if stage is not None for module in stage.modules()])
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
-        self._effects_warned = False
+        self._effects_warned: set[str] = set()
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
@@ -368,6 +367,9 @@ class PipelineRunner:
 
         made = self.logger_calls.take()
         numbers = holds_numbers(result.output)
+        # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run, which a rerun would
+        # undo: their micro-batches' changes stand (they are not one device's anyway).
+        microbatches = 1 if self.pipeline.asynchronous else microbatches
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           called=bool(made) or numbers)
         if replayed and numbers:  # the whole batch's output, numbers and all
@@ -383,8 +385,9 @@ class PipelineRunner:
         result.logger_calls = sent
 
     def _warn_effects(self, message: str) -> None:
-        if not self._effects_warned:
-            self._effects_warned = True
+        kind = message.split(" ", 3)[:3]  # one warning of each kind (the step's name and what it is about)
+        if str(kind) not in self._effects_warned:
+            self._effects_warned.add(str(kind))
             warnings.warn(message, stacklevel=4)
 
     def _prepare(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> None:
@@ -397,6 +400,7 @@ class PipelineRunner:
                              forked_random(derive_seed(seed, index), device))
 
             self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
+
     def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
         """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
@@ -571,7 +575,7 @@ class PipelineRunner:
         self.metrics.apply(shared.metrics)
         if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
             self.effects.restore(start)
-            self.effects.apply(shared.effects, lambda value: on_device(value, self.pipeline.device))
+            self.effects.apply(shared.effects, lambda value, on_cpu: on_device(value, self.pipeline.device, on_cpu))
         if shared.logger_calls and dist.get_rank() == 0:  # where the loggers write
             self.logger_calls.make(shared.logger_calls)
         self.recorder.replay(shared.logs, self.pipeline.device)

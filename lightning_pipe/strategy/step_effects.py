@@ -18,7 +18,7 @@ back together, or the run fails, the micro-batches' own changes travel instead, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +34,12 @@ __all__ = ["StepEffects", "Snapshot", "settle", "detached", "on_device"]
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key).
 Patch = tuple[str, str, Any, Any]
+Sent = tuple[str, str, Any, Any, bool]  # a change as sent: and whether its tensors were on the CPU
 
 _MISSING = object()
 _SHOULD_STOP = "trainer:should_stop"  # the Trainer's flag a step may raise, tracked with the module's attributes
-_IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})  # the strategy's own; nn.Module's mode
+# the strategy's own stand-ins, and nn.Module's mode
+_IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 
 
@@ -214,12 +216,15 @@ class StepEffects:
                     before.value.copy_(before.saved)
         return undone
 
-    def apply(self, patches: list[Patch], place: Callable[[Any], Any] = lambda value: value) -> None:
-        """Make ``patches`` (from :meth:`changes`), each value passed through ``place`` (to this rank's device); a
-        tensor attribute given a value of its shape takes it in place."""
+    def apply(self, patches: Sequence[Sequence[Any]],
+              place: Callable[[Any, bool], Any] = lambda value, on_cpu: value) -> None:
+        """Make ``patches`` (from :meth:`changes`, or as sent: with a fifth item saying whether the value's tensors
+        were on the CPU), each value passed through ``place`` (to this rank's device, or the CPU); a tensor attribute
+        given a value of its shape takes it in place."""
         now = self._tracked()
-        for kind, name, key, value in patches:
-            value = None if kind == "del" else place(value)
+        for patch in patches:
+            kind, name, key, value = patch[:4]
+            value = None if kind == "del" else place(value, bool(patch[4]) if len(patch) > 4 else False)
             if key is None:
                 if kind == "del":
                     self._unbind(name)
@@ -309,7 +314,7 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False) -> tuple[list[Patch], bool]:
+           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also when it
     only ``called`` something to record, the loggers). ``kept``: (index, model output, rows) of the micro-batches
@@ -344,12 +349,11 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     return _sendable(step, patches, warn), False
 
 
-def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Patch]:
+def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
     """``patches`` but those holding values no rank can be sent (warned of)."""
-    kept = [patch for patch in patches if sendable(patch[2]) and sendable(patch[3])]
+    kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
     if len(kept) < len(patches):
-        sent = {id(patch) for patch in kept}
-        names = sorted({f"self.{patch[1]}" for patch in patches if id(patch) not in sent})
+        names = sorted({f"self.{patch[1]}" for patch in patches if not (sendable(patch[2]) and sendable(patch[3]))})
         warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
              f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "
              f"last stage's rank holds them; keep such values as tensors or numbers")
@@ -357,11 +361,22 @@ def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> l
 
 
 def _per_microbatch(step: str, names: list[str], why: str) -> str:
-    return (f"{step} changes or calls {', '.join(sorted(set(names)))}; under a pipeline the whole step runs on the last "
-            f"stage once per micro-batch, and this could not be done as one device does it ({why}), so every rank "
+    return (f"{step} changes or calls {', '.join(sorted(set(names)))}; under a pipeline the whole step runs on the "
+            f"last stage once per micro-batch, and this could not be done as one device does it ({why}), so every rank "
             f"gets the micro-batches' changes, and the loggers their calls (one per micro-batch where one device makes "
             f"one per batch). Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), "
             f"or compute it in the hook from the step's returned outputs")
+
+
+def _on_cpu(value: Any) -> bool:
+    """Whether every tensor in ``value`` is on the CPU (a step that moved what it keeps there, to spare the device)."""
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "cpu"
+    if isinstance(value, dict):
+        return all(_on_cpu(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_on_cpu(item) for item in value)
+    return True
 
 
 def detached(tree: Any) -> Any:
@@ -369,8 +384,10 @@ def detached(tree: Any) -> Any:
     return tree_unflatten([leaf.detach() for leaf in leaves], spec)
 
 
-def on_device(value: Any, device: torch.device) -> Any:
-    """``value`` (a decoded change) with its tensors on ``device``."""
+def on_device(value: Any, device: torch.device, on_cpu: bool = False) -> Any:
+    """``value`` (a decoded change) with its tensors on ``device``, or on the CPU where the last stage kept them."""
+    if on_cpu:
+        return value
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if type(value) in (list, tuple):
