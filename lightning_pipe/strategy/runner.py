@@ -13,7 +13,6 @@ stages first combine loss, logs and metrics into those of the whole batch.
 from __future__ import annotations
 
 import contextlib
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -35,44 +34,22 @@ from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.logs import (
-    LogRecorder,
-    MetricTracker,
-    combine_replica_logs,
-)
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker
 from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
 from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
-from lightning_pipe.strategy.results import (
-    ResultChannel,
-    StepResult,
-    decode_result,
-    encode_result,
-    gather_results,
-    sendable,
-)
+from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
+from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, detached, on_device, settle
-from lightning_pipe.strategy.step_values import (
-    check_rows,
-    combine_outputs,
-    different_batches,
-    holds_numbers,
-    loss_of,
-)
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, detached, settle
+from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
-_ERROR_FRAMES = 6  # of a last-stage error's traceback, shown on every rank
-
 _BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-class DifferentBatches(RuntimeError):
-    """The ranks of a pipeline read different batches in the same step."""
-
-
-class PipelineRunner:
+class PipelineRunner(SharedResults):
     """A LightningModule cut into pipeline stages, one per rank, that runs its steps through the pipeline.
 
     Build it on every rank with :meth:`build` (collective). Every rank then calls :meth:`train` or :meth:`evaluate`
@@ -488,98 +465,6 @@ class PipelineRunner:
             return inputs
 
         return input_fn
-
-    def _result(self, loss: torch.Tensor | None, outputs: list[Any], sizes: list[int],
-                check_outside: bool) -> StepResult:
-        if check_outside and (names := self.split.outside_parameters_with_grad()):
-            return StepResult(error=self.split.outside_error(names))
-        logs = self.recorder.combine()
-        metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
-        output = combine_outputs(outputs, sizes)
-        return StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
-
-    def _across_replicas(self, result: StepResult, step: str) -> StepResult:
-        """On the last stage's ranks: the whole batch's loss, logs and metric states from every replica's share
-        (each replica keeps its own outputs, as under DDP)."""
-        if self.replica_group is None:
-            return result
-        shares = gather_results(self._encoded(result, step), self.replica_group, self.collective_device,
-                                self.config.wait_timeout)
-        errors = [share.error for share in shares if share.error is not None]
-        if errors:
-            return StepResult(error=errors[0])
-        rows = sum(part.rows for part in shares)
-        loss = None
-        if result.loss is not None:
-            weighted = sum(part.loss.double() * part.rows for part in shares if part.loss is not None)
-            loss = (weighted / max(rows, 1)).to(result.loss.dtype)
-        logs = combine_replica_logs([part.logs for part in shares])
-        metrics = self.metrics.merge([part.metrics for part in shares])
-        return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
-                          effects=result.effects, logger_calls=result.logger_calls)
-
-    def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
-        """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error
-        raised while making or encoding it travels in its place, so that every rank learns of it."""
-        try:
-            result = make()
-        except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            result = StepResult(error=self._error_text(error))
-        if replicas:
-            result = self._across_replicas(result, step)
-        return self._encoded(result, step)
-
-    def _encoded(self, result: StepResult, step: str) -> tuple[str, list]:
-        try:
-            return encode_result(result, step)
-        except Exception as error:  # noqa: BLE001 - as in _guard
-            return encode_result(StepResult(error=self._error_text(error)), step)
-
-    @staticmethod
-    def _error_text(error: BaseException) -> str:
-        """The error with where it was raised: the innermost frames of its traceback outside installed packages
-        (the step's code rather than torch's), for every rank to show."""
-        frames = traceback.extract_tb(error.__traceback__)
-        own = [frame for frame in frames if "site-packages" not in frame.filename]  # the user's code and ours
-        frames = (own or frames)[-_ERROR_FRAMES:]
-        where = "".join(traceback.format_list(frames))
-        return (f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}\n"
-                f"raised there at (innermost last):\n{where.rstrip()}")
-
-    @contextmanager
-    def _result_posted(self, fingerprint: int | torch.Tensor) -> Iterator[None]:
-        """The step's result messages posted before its pipeline runs (:meth:`ResultChannel.post`), and abandoned if
-        it fails before sharing them."""
-        self.channel.post(fingerprint, self.flag())
-        try:
-            yield
-        except BaseException:
-            self.channel.abandon()
-            raise
-
-    def _share(self, encoded: tuple[str, list] | None, fingerprint: int | torch.Tensor, step: str,
-               start: Snapshot) -> StepResult:
-        """Send the last stage's result to every rank and compare the ranks' batches (one collective); bring metrics
-        and logs up to date, and raise the last stage's error, or a difference between the batches, on every rank."""
-        (structure, tensors), fingerprints, self.flagged = self.channel.share(encoded, fingerprint, self.flag())
-        if self.channel.sent_flag is False and not self.flagged and self.flag():
-            self.hold_flag()  # it rose during the step: every rank learns of it in the next step's messages
-        self.channel.sent_flag = None
-        shared = decode_result(structure, tensors)
-        if fingerprints is not None:
-            self.metrics.apply({})
-            raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group))
-        if shared.error is not None:
-            self.metrics.apply({})
-            raise RuntimeError(shared.error)
-        self.metrics.apply(shared.metrics)
-        if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
-            self.effects.restore(start)
-            self.effects.apply(shared.effects, lambda value, on_cpu: on_device(value, self.pipeline.device, on_cpu))
-        if shared.logger_calls and dist.get_rank() == 0:  # where the loggers write
-            self.logger_calls.make(shared.logger_calls)
-        self.recorder.replay(shared.logs, self.pipeline.device)
-        return shared
 
 
 @contextmanager
