@@ -606,3 +606,18 @@ def test_a_chains_own_batch_norms_are_not_taken_for_the_steps_changes() -> None:
     for name, value in merged.items():  # the running statistics moved on every rank, as on one device
         torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
     assert float(shares[0]["first layer"]) == 3.0  # the encoder's length is the whole encoder's
+
+
+def _asynchronous(rank: int, world_size: int) -> list[Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _fit(False, world_size, PipelineStrategy(schedule="async_1f1b", num_microbatches=4, wait_timeout=60))[0]
+
+
+@pytest.mark.timeout(120)
+def test_an_asynchronous_pipeline_keeps_one_entry_per_batch_in_evaluation_and_agrees_across_ranks() -> None:
+    first, last = run_ranks(_asynchronous, 2, timeout=100)
+    reference, _, _ = _fit(False, 1, "auto")
+    assert first == last  # the same history on every rank (its weights are not one device's: asynchronous)
+    assert [(entry[0], [count for _, (_, count) in entry[1]]) for entry in first if entry[0] == "val"] == [
+        (entry[0], [count for _, (_, count) in entry[1]]) for entry in reference if entry[0] == "val"]

@@ -344,9 +344,9 @@ class PipelineRunner(SharedResults):
 
         made = self.logger_calls.take()
         numbers = holds_numbers(result.output)
-        # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run, which a rerun would
-        # undo: their micro-batches' changes stand (they are not one device's anyway).
-        microbatches = 1 if self.pipeline.asynchronous else microbatches
+        # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
+        # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
+        microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           called=bool(made) or numbers)
         if replayed and numbers:  # the whole batch's output, numbers and all
