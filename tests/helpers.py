@@ -11,6 +11,7 @@ import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,13 @@ def _descendants(pid: int) -> list[int]:
         found.append(child)
         todo.extend(children.get(child, []))
     return found
+
+
+def quiet_trainer(devices: int, strategy: Any, **options: Any) -> Any:
+    """A CPU ``Trainer`` on ``devices`` processes with no logger, progress bar, model summary or checkpoints, unless
+    ``options`` say otherwise."""
+    import lightning as L
+
+    defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                "enable_checkpointing": False}
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, **{**defaults, **options})

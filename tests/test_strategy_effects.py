@@ -1,12 +1,12 @@
 """A step's changes to the module besides its result (Lightning 2's outputs kept for an epoch-end hook), on every
 rank as on one device: :mod:`lightning_pipe.strategy.step_effects` alone, then a project that keeps losses and
 predictions in lists (per dataloader in a dict, per epoch), counts its steps, and reads them in its epoch-end hooks,
-on 2 gloo ranks against one device, over an ``nn.Sequential`` and over a captured model."""
+on 2 gloo ranks against one device, over an ``nn.Sequential`` and over a captured model. Then the buffers a forward
+changes, those of modules the step runs before the model, a step that stops the fit, a chain's own batch norms (not
+the step's) and an asynchronous pipeline's evaluation."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lightning_pipe.strategy.step_effects import StepEffects, settle
 from lightning_pipe.strategy.step_values import whole_output
-from tests.helpers import run_ranks
+from tests.helpers import quiet_trainer, run_ranks
 
 
 class _Holder(nn.Module):
@@ -148,13 +148,10 @@ def _collector(captured: bool) -> Any:
 
 
 def _fit(captured: bool, devices: int, strategy: Any) -> tuple[list[Any], float, list[str]]:
-    import lightning as L
-
     from tests.citizen_models import class_data
 
     model = _collector(captured)
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=2, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(devices, strategy, max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, class_data(batches=3), [class_data(batches=2, seed=7), class_data(batches=1, seed=8)])
@@ -289,9 +286,7 @@ def _buffers_warned(rank: int, world_size: int, microbatches: int, captured: boo
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=microbatches), accelerator="cpu", devices=2,
-                        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False)
+    trainer = quiet_trainer(2, PipelineStrategy(num_microbatches=microbatches), max_steps=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Normalized(), class_data(batches=2))
@@ -329,8 +324,7 @@ def _normalized_outside(rank: int, world_size: int) -> tuple[torch.Tensor, list[
     L.seed_everything(3, verbose=False)
     model = Normalized()
     strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=3, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(world_size, strategy, max_steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, class_data(batches=3))
@@ -345,95 +339,6 @@ def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_
     torch.testing.assert_close(first, reference, rtol=0, atol=1e-6)  # once per batch, not once per micro-batch
     torch.testing.assert_close(last, reference, rtol=0, atol=1e-6)
     assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]
-
-
-def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]]:
-    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``) and prints with
-    ``self.print``, which Lightning does on global rank 0 only."""
-    import lightning as L
-    from lightning.fabric.loggers.logger import rank_zero_experiment
-    from lightning.pytorch.loggers import Logger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    from lightning_pipe import PipelineStrategy
-    from tests.citizen_models import class_data
-
-    class Book:
-        def __init__(self) -> None:
-            self.entries: list[Any] = []
-
-        def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-            self.entries.append((tag, tuple(values.shape), round(float(values.sum()), 4), step))
-
-        def add_text(self, tag: str, text: str, step: int) -> None:
-            self.entries.append((tag, text, step))
-
-    class BookLogger(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.book, self.images = Book(), []
-
-        name = "book"
-        version = 0
-
-        @property
-        @rank_zero_experiment
-        def experiment(self) -> Book:
-            return self.book
-
-        @rank_zero_only
-        def log_metrics(self, metrics: Any, step: Any = None) -> None:
-            pass
-
-        @rank_zero_only
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        @rank_zero_only
-        def log_image(self, key: str, images: list[torch.Tensor], step: int | None = None) -> None:
-            self.images.append((key, [round(float(image.sum()), 4) for image in images], step))
-
-    class Logging(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            if batch_idx == 0:  # before the model: the first stage's run of the step must not log it too
-                self.logger.experiment.add_text("inputs", f"{len(batch[0])} rows", self.global_step)
-            logits = self.net(batch[0])
-            if batch_idx == 1:
-                self.logger.experiment.add_histogram("train_logits", logits.detach(), self.global_step)
-            loss = F.cross_entropy(logits, batch[1])
-            self.print(f"step {batch_idx}: {len(logits)} rows, loss {loss.item():.4f}")  # rank 0 prints, once
-            return loss
-
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            logits = self.net(batch[0])
-            if batch_idx == 0 and isinstance(self.logger, BookLogger):
-                self.logger.log_image("samples", [logits[:2]], step=self.global_step)
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    L.seed_everything(3, verbose=False)
-    logger = BookLogger()
-    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=1, logger=logger,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        num_sanity_val_steps=0)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        trainer.fit(Logging(), class_data(batches=3), class_data(batches=2))
-    return logger.book.entries, logger.images, [line for line in printed.getvalue().splitlines() if "rows" in line]
-
-
-@pytest.mark.timeout(120)
-def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_it() -> None:
-    zero, other = run_ranks(_logged, 2, timeout=100)
-    reference = _logged(0, 1)
-    assert reference[0] and reference[1] and len(reference[2]) == 3  # text, histogram; an image; printed lines
-    assert zero == reference and other == ([], [], [])
 
 
 def _stopped(rank: int, world_size: int) -> int:
@@ -457,8 +362,7 @@ def _stopped(rank: int, world_size: int) -> int:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     strategy = PipelineStrategy(num_microbatches=4, wait_timeout=30) if world_size > 1 else "auto"
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=4, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(world_size, strategy, max_epochs=4)
     trainer.fit(Stopping(), class_data(batches=4))
     return trainer.global_step
 
@@ -466,82 +370,6 @@ def _stopped(rank: int, world_size: int) -> int:
 @pytest.mark.timeout(120)
 def test_a_step_that_stops_the_fit_stops_every_rank_where_one_device_stops() -> None:
     assert run_ranks(_stopped, 2, timeout=100) == [_stopped(0, 1)] * 2 == [3, 3]
-
-
-def _gathered(rank: int, world_size: int) -> list[int]:
-    import lightning as L
-
-    from lightning_pipe import PipelineStrategy
-    from tests.citizen_models import class_data
-
-    class Gathering(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
-            self.predictions: list[torch.Tensor] = []
-            self.shapes: list[int] = []
-
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.predictions.append(self.net(batch[0]).argmax(-1))
-
-        def on_validation_epoch_end(self) -> None:  # every replica's predictions: one device's, once
-            self.shapes = list(self.all_gather(torch.cat(self.predictions)).shape)
-
-    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    model = Gathering()
-    trainer.validate(model, class_data(batches=2))
-    return model.shapes
-
-
-@pytest.mark.timeout(120)
-def test_all_gather_gathers_over_data_parallel_replicas_not_pipeline_stages() -> None:
-    assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16]] * 2
-
-
-def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
-    import lightning as L
-
-    from lightning_pipe import PipelineStrategy
-    from tests.citizen_models import class_data
-
-    class Counting(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
-            self.seen: list[Any] = []
-
-        def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-            logits = self.net(batch[0])
-            loss = F.cross_entropy(logits, batch[1])
-            correct = int((logits.argmax(-1) == batch[1]).sum())
-            return {"loss": loss, "rows": len(batch[0]), "correct": correct, "mean": logits.mean().item()}
-
-        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.seen.append((outputs["rows"], outputs["correct"], round(outputs["mean"], 5)))
-
-        def predict_step(self, batch: Any, batch_idx: int) -> Any:
-            return {"rows": batch[0].shape[0], "logits": self.net(batch[0])}
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    L.seed_everything(5, verbose=False)
-    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    model = Counting()
-    trainer.fit(model, class_data(batches=3))
-    predicted = trainer.predict(model, class_data(batches=2))
-    return model.seen, [(p["rows"], tuple(p["logits"].shape)) for p in predicted]
-
-
-@pytest.mark.timeout(120)
-def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
-    reference = _numbers(0, 1)
-    assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
-    assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
 
 
 def test_lists_per_dataloader_and_tensors_made_in_inference_mode_are_followed() -> None:
@@ -587,8 +415,7 @@ def _chained(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     L.seed_everything(5, verbose=False)
     model = Chained()
     strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"  # batch norms: exact with one
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=3, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(world_size, strategy, max_steps=3)
     trainer.fit(model, class_data(batches=3))
     held = {name: buffer.clone() for name, buffer in model.named_buffers() if "running_mean" in name}
     held["first layer"] = torch.tensor(float(len(model.encoder))) if rank == 0 else torch.tensor(0.0)

@@ -26,7 +26,8 @@ _PRINT = -1  # the logger index of a self.print call
 
 
 class _Recorder:
-    """Stands for a logger's ``experiment`` (and any attribute of it) on a rank other than 0: records the calls."""
+    """Stands for a logger's ``experiment`` (and any attribute of it) while the last stage runs the step: records the
+    calls."""
 
     def __init__(self, calls: list[Call], index: int, path: list[str]) -> None:
         self._calls, self._index, self._path = calls, index, path
@@ -54,14 +55,15 @@ class LoggerCalls:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """Inside, on a rank other than 0: the loggers' experiments and ``log_*`` methods record into :attr:`calls`."""
+        """Inside (the last stage's runs of the step, on whichever rank): the loggers' experiments, ``log_*`` methods
+        and ``self.print`` record into :attr:`calls` instead of logging."""
         from lightning.fabric.loggers import logger as fabric_logger
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        loggers = list(self._loggers())
         if self._module._trainer is None:
             yield
             return
+        loggers = list(self._loggers())
         calls, index_of = self.calls, {id(logger): index for index, logger in enumerate(loggers)}
 
         def stand_in() -> Any:  # called by rank_zero_experiment's wrapper, whose frame holds the logger as self

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.capture.losses import MeanLoss
-from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.step_values import whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
@@ -117,8 +117,7 @@ class Probe:
     rows: list[int] = field(default_factory=list)
 
     def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
-        leaves, spec = tree_flatten(output)
-        self.outputs.append(tree_unflatten([t.detach() for t in leaves], spec))
+        self.outputs.append(tree_map_tensors(torch.Tensor.detach, output))
         self.losses.append(loss)
         self.rows.append(rows)
 

@@ -28,7 +28,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
-from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
@@ -40,7 +40,7 @@ from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning,
 from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, detached, settle
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, settle
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
 from lightning_pipe.strategy.tied import TiedParameters
 
@@ -239,7 +239,7 @@ class PipelineRunner(SharedResults):
             if kept is not None and (self._keeps_outputs or self.logger_calls.calls or holds_numbers(extra)
                                      or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
-                kept.append((index, detached(output), microbatch_rows))
+                kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
             if probe is not None:
                 probe.add(output, loss, microbatch_rows)
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
@@ -362,9 +362,8 @@ class PipelineRunner(SharedResults):
         result.logger_calls = sent
 
     def _warn_effects(self, message: str) -> None:
-        kind = message.split(" ", 3)[:3]  # one warning of each kind (the step's name and what it is about)
-        if str(kind) not in self._effects_warned:
-            self._effects_warned.add(str(kind))
+        if message not in self._effects_warned:  # once, not at every step
+            self._effects_warned.add(message)
             warnings.warn(message, stacklevel=4)
 
     def _prepare(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> None:
@@ -373,8 +372,8 @@ class PipelineRunner(SharedResults):
             device = self.pipeline.device
 
             def context(index: int) -> Any:
-                return _both(self.recorder.discarding(), self.logger_calls.discarding(),
-                             forked_random(derive_seed(seed, index), device))
+                return _entered(self.recorder.discarding(), self.logger_calls.discarding(),
+                                forked_random(derive_seed(seed, index), device))
 
             self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
 
@@ -468,7 +467,7 @@ class PipelineRunner(SharedResults):
 
 
 @contextmanager
-def _both(*contexts: Any) -> Iterator[None]:
+def _entered(*contexts: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for context in contexts:
             stack.enter_context(context)

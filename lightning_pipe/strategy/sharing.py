@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from lightning_pipe.strategy.logs import combine_replica_logs
 from lightning_pipe.strategy.results import StepResult, decode_result, encode_result, gather_results
-from lightning_pipe.strategy.step_effects import Snapshot, on_device
+from lightning_pipe.engine.tree import tree_map_tensors
+from lightning_pipe.strategy.step_effects import Snapshot
 from lightning_pipe.strategy.step_values import combine_outputs, different_batches
 
 __all__ = ["SharedResults", "DifferentBatches"]
@@ -129,7 +130,9 @@ class SharedResults:
         self.metrics.apply(shared.metrics)
         if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
             self.effects.restore(start)
-            self.effects.apply(shared.effects, lambda value, on_cpu: on_device(value, self.pipeline.device, on_cpu))
+            device = self.pipeline.device  # or the CPU, where the last stage kept a value there
+            self.effects.apply(shared.effects, lambda value, on_cpu: value if on_cpu else tree_map_tensors(
+                lambda tensor: tensor.to(device), value))
         if shared.logger_calls and dist.get_rank() == 0:  # where the loggers write
             self.logger_calls.make(shared.logger_calls)
         self.recorder.replay(shared.logs, self.pipeline.device)

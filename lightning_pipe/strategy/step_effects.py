@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import whole_output
 
-__all__ = ["StepEffects", "Snapshot", "settle", "detached", "on_device"]
+__all__ = ["StepEffects", "Snapshot", "settle"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key).
@@ -41,8 +41,6 @@ _SHOULD_STOP = "trainer:should_stop"  # the Trainer's flag a step may raise, tra
 # the strategy's own stand-ins, and nn.Module's mode
 _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
-
-
 _NESTED = 64  # a list of up to this many items is looked into (one list per dataloader); longer ones: their length
 _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
 
@@ -353,7 +351,7 @@ def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> l
     """``patches`` but those holding values no rank can be sent (warned of)."""
     kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
     if len(kept) < len(patches):
-        names = sorted({f"self.{patch[1]}" for patch in patches if not (sendable(patch[2]) and sendable(patch[3]))})
+        names = sorted({f"self.{name}" for _, name, *_ in patches} - {f"self.{name}" for _, name, *_ in kept})
         warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
              f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "
              f"last stage's rank holds them; keep such values as tensors or numbers")
@@ -366,32 +364,6 @@ def _per_microbatch(step: str, names: list[str], why: str) -> str:
             f"gets the micro-batches' changes, and the loggers their calls (one per micro-batch where one device makes "
             f"one per batch). Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), "
             f"or compute it in the hook from the step's returned outputs")
-
-
 def _on_cpu(value: Any) -> bool:
     """Whether every tensor in ``value`` is on the CPU (a step that moved what it keeps there, to spare the device)."""
-    if isinstance(value, torch.Tensor):
-        return value.device.type == "cpu"
-    if isinstance(value, dict):
-        return all(_on_cpu(item) for item in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_on_cpu(item) for item in value)
-    return True
-
-
-def detached(tree: Any) -> Any:
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([leaf.detach() for leaf in leaves], spec)
-
-
-def on_device(value: Any, device: torch.device, on_cpu: bool = False) -> Any:
-    """``value`` (a decoded change) with its tensors on ``device``, or on the CPU where the last stage kept them."""
-    if on_cpu:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if type(value) in (list, tuple):
-        return type(value)(on_device(item, device) for item in value)
-    if type(value) is dict:
-        return {key: on_device(item, device) for key, item in value.items()}
-    return value
+    return all(tensor.device.type == "cpu" for tensor in tree_flatten(value)[0])

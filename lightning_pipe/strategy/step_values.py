@@ -3,7 +3,7 @@ over micro-batches, and the error for ranks that read different batches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -80,15 +80,19 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     if isinstance(first, torch.Tensor):
         tensors = [t.detach().cpu() for t in outputs]
         if first.dim() == 0:
-            weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
-            return (torch.stack(tensors).double() * weights).sum().to(first.dtype if first.is_floating_point()
-                                                                      else torch.get_default_dtype())
+            return _row_mean(tensors, sizes).to(first.dtype if first.is_floating_point() else torch.get_default_dtype())
         return torch.cat(tensors)
     if isinstance(first, Mapping):
         return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
     if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
         return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
     return first if all(o == first for o in outputs) else list(outputs)
+
+
+def _row_mean(scalars: Sequence[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """The mean of the micro-batches' scalar ``scalars`` weighted by their rows ``sizes``, in float64."""
+    weights = torch.tensor(sizes, dtype=torch.float64, device=scalars[0].device) / sum(sizes)
+    return (torch.stack([scalar.double() for scalar in scalars]) * weights).sum()
 
 
 def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
@@ -101,8 +105,7 @@ def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
     whole = []
     for column in zip(*(leaves for leaves, _ in flat)):
         if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
-            weights = torch.tensor(sizes, dtype=torch.float64, device=column[0].device) / sum(sizes)
-            whole.append((torch.stack([leaf.double() for leaf in column]) * weights).sum().to(column[0].dtype))
+            whole.append(_row_mean(column, sizes).to(column[0].dtype))
         elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
             whole.append(torch.cat(column))
         else:

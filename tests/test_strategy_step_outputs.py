@@ -1,0 +1,178 @@
+"""What a step returns, logs and gathers, as one device gives it, on 2 gloo ranks: its calls on ``self.logger`` and
+its ``self.print`` reach global rank 0 once per batch (:mod:`lightning_pipe.strategy.logger_calls`; the first stage's
+run of the step up to the model logs nothing); Python numbers it returns are the whole batch's; ``self.all_gather``
+gathers over data-parallel replicas, not the stages of one pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.helpers import quiet_trainer, run_ranks
+
+
+def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]]:
+    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``) and prints with
+    ``self.print``, which Lightning does on global rank 0 only."""
+    import lightning as L
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Book:
+        def __init__(self) -> None:
+            self.entries: list[Any] = []
+
+        def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+            self.entries.append((tag, tuple(values.shape), round(float(values.sum()), 4), step))
+
+        def add_text(self, tag: str, text: str, step: int) -> None:
+            self.entries.append((tag, text, step))
+
+    class BookLogger(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.book, self.images = Book(), []
+
+        name = "book"
+        version = 0
+
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Book:
+            return self.book
+
+        @rank_zero_only
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            pass
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        @rank_zero_only
+        def log_image(self, key: str, images: list[torch.Tensor], step: int | None = None) -> None:
+            self.images.append((key, [round(float(image.sum()), 4) for image in images], step))
+
+    class Logging(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 0:  # before the model: the first stage's run of the step must not log it too
+                self.logger.experiment.add_text("inputs", f"{len(batch[0])} rows", self.global_step)
+            logits = self.net(batch[0])
+            if batch_idx == 1:
+                self.logger.experiment.add_histogram("train_logits", logits.detach(), self.global_step)
+            loss = F.cross_entropy(logits, batch[1])
+            self.print(f"step {batch_idx}: {len(logits)} rows, loss {loss.item():.4f}")  # rank 0 prints, once
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            logits = self.net(batch[0])
+            if batch_idx == 0 and isinstance(self.logger, BookLogger):
+                self.logger.log_image("samples", [logits[:2]], step=self.global_step)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    logger = BookLogger()
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=1, logger=logger, num_sanity_val_steps=0)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        trainer.fit(Logging(), class_data(batches=3), class_data(batches=2))
+    return logger.book.entries, logger.images, [line for line in printed.getvalue().splitlines() if "rows" in line]
+
+
+@pytest.mark.timeout(120)
+def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_it() -> None:
+    zero, other = run_ranks(_logged, 2, timeout=100)
+    reference = _logged(0, 1)
+    assert reference[0] and reference[1] and len(reference[2]) == 3  # text, histogram; an image; printed lines
+    assert zero == reference and other == ([], [], [])
+
+
+def _gathered(rank: int, world_size: int) -> list[int]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Gathering(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.predictions: list[torch.Tensor] = []
+            self.shapes: list[int] = []
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.predictions.append(self.net(batch[0]).argmax(-1))
+
+        def on_validation_epoch_end(self) -> None:  # every replica's predictions: one device's, once
+            self.shapes = list(self.all_gather(torch.cat(self.predictions)).shape)
+
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy)
+    model = Gathering()
+    trainer.validate(model, class_data(batches=2))
+    return model.shapes
+
+
+@pytest.mark.timeout(120)
+def test_all_gather_gathers_over_data_parallel_replicas_not_pipeline_stages() -> None:
+    assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16]] * 2
+
+
+def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Counting(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.seen: list[Any] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+            logits = self.net(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            correct = int((logits.argmax(-1) == batch[1]).sum())
+            return {"loss": loss, "rows": len(batch[0]), "correct": correct, "mean": logits.mean().item()}
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.seen.append((outputs["rows"], outputs["correct"], round(outputs["mean"], 5)))
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return {"rows": batch[0].shape[0], "logits": self.net(batch[0])}
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=1)
+    model = Counting()
+    trainer.fit(model, class_data(batches=3))
+    predicted = trainer.predict(model, class_data(batches=2))
+    return model.seen, [(p["rows"], tuple(p["logits"].shape)) for p in predicted]
+
+
+@pytest.mark.timeout(120)
+def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
+    reference = _numbers(0, 1)
+    assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
+    assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
