@@ -8,11 +8,13 @@ that micro-batch's statistics (``m`` updates per step, each of a fraction of the
 - normalizes each micro-batch with that micro-batch's statistics, as GPipe does (the one difference from one device
   that remains, and only for ``num_microbatches > 1``: the README's "what is exact");
 - records, in the stage's first forward of each micro-batch only, the micro-batch's rows and per-channel mean and
-  variance (one ``var_mean``), and never touches the running statistics;
+  variance (one ``var_mean``), and never touches the running statistics (with several calls of the model per
+  micro-batch, :mod:`.calls`, each call's apart);
 - on :meth:`DeferredStatistics.commit` (the executor calls it once at the end of each step) combines the recorded
   micro-batches into the batch's mean and unbiased variance (in float64, Chan's parallel formula) and updates
   ``running_mean``, ``running_var`` and ``num_batches_tracked`` exactly as one device's training forward of the whole
-  batch would (``momentum``, or the cumulative average when it is ``None``). Stage replicas that each ran some
+  batch would (``momentum``, or the cumulative average when it is ``None``); a step calling the model several times
+  commits each call's batch in call order, as one device's calls update them. Stage replicas that each ran some
   micro-batches add up their sums first, so they commit the same values.
 
 A recomputation runs while the stage's backward is active, when nothing is recorded. In eval mode the module uses its
@@ -52,9 +54,10 @@ class DeferredStatistics:
         self.norms = norms
         self.active = False  # inside a forward or backward of the stage: never update running statistics directly
         self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
+        self.current = 0  # which of the step's calls of the model the forward runs (:mod:`.calls`)
         for norm in norms:
             norm._deferred = self
-            norm._recorded = []  # per micro-batch since the last commit: (rows, mean, biased variance)
+            norm._recorded = []  # per micro-batch and call since the last commit: (call, rows, mean, biased variance)
 
     @contextmanager
     def running(self, record: bool) -> Iterator[None]:
@@ -71,28 +74,39 @@ class DeferredStatistics:
         """Whether some micro-batch has been recorded since the last commit."""
         return any(norm._recorded for norm in self.norms)
 
-    @staticmethod
+    def call(self, index: int) -> None:
+        """The forwards from now on run the step's ``index``-th call of the model (:func:`.calls.each_call`)."""
+        self.current = index
+
     @torch.no_grad()
-    def record(norm: nn.Module, input: torch.Tensor) -> None:
+    def record(self, norm: nn.Module, input: torch.Tensor) -> None:
         """Record the micro-batch ``input`` of ``norm``: its rows, and its per-channel mean and biased variance."""
         x = input.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-        norm._recorded.append((x.numel() // x.shape[1], mean, var))
+        norm._recorded.append((self.current, x.numel() // x.shape[1], mean, var))
 
     def commit(self, group: dist.ProcessGroup | None = None) -> None:
-        """Update the running statistics with the batch's statistics recorded since the last commit.
+        """Update the running statistics with the batch's statistics recorded since the last commit (each call of
+        the model's, in call order).
 
         ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
         that ran none); their sums are added up first."""
-        batches = [_batch_statistics(norm) for norm in self.norms]
-        if group is not None:
-            batches = self._sum_over(group, batches)
-        for norm, batch in zip(self.norms, batches):
+        calls = 1 + max((entry[0] for norm in self.norms for entry in norm._recorded), default=0)
+        if group is not None:  # a replica that ran no micro-batch has seen no call
+            count = torch.tensor([calls], device=self.norms[0].running_mean.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+            calls = int(count)
+        for call in range(calls):
+            batches = [_batch_statistics(norm, call) for norm in self.norms]
+            if group is not None:
+                batches = self._sum_over(group, batches)
+            for norm, batch in zip(self.norms, batches):
+                if batch is not None:
+                    _commit(norm, *batch)
+        for norm in self.norms:
             norm._recorded = []
-            if batch is not None:
-                _commit(norm, *batch)
 
     def discard(self) -> None:
         """Forget what was recorded (a failed step)."""
@@ -133,14 +147,15 @@ class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def _batch_statistics(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Rows, mean and (biased) variance per channel of everything ``norm`` recorded since the last commit, in
-    float64."""
-    if not norm._recorded:
+def _batch_statistics(norm: nn.Module, call: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Rows, mean and (biased) variance per channel of everything ``norm`` recorded for the model's ``call``-th call
+    since the last commit, in float64."""
+    recorded = [entry[1:] for entry in norm._recorded if entry[0] == call]
+    if not recorded:
         return None
-    means = torch.stack([mean for _, mean, _ in norm._recorded]).double()
-    variances = torch.stack([var for _, _, var in norm._recorded]).double()
-    counts = torch.tensor([rows for rows, _, _ in norm._recorded], dtype=torch.float64, device=means.device)
+    means = torch.stack([mean for _, mean, _ in recorded]).double()
+    variances = torch.stack([var for _, _, var in recorded]).double()
+    counts = torch.tensor([rows for rows, _, _ in recorded], dtype=torch.float64, device=means.device)
     rows = counts.sum()
     mean = (counts[:, None] * means).sum(0) / rows
     var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / rows

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from .batchnorm import DeferredStatistics, convert_batchnorm
+from .calls import each_call
 from .rng import forked, forward_seed
 from .tree import tree_flatten
 from .weights import WeightVersions
@@ -112,17 +113,22 @@ class PipelineStage:
         training = torch.is_grad_enabled()
         if training:
             self._inputs[microbatch] = tree_flatten(inputs)[0]
+        on_call = self.norms.call if self.norms is not None else None
+
+        def run(x: Any, function: Any = module) -> Any:  # each of the step's calls of the model in turn (.calls)
+            return each_call(function, x, on_call)
+
         with self._running(forward=True, training=training):
             if self.checkpoint_activations and training:
-                output = checkpoint(module, inputs, use_reentrant=False, preserve_rng_state=True)
+                output = checkpoint(run, inputs, use_reentrant=False, preserve_rng_state=True)
             elif self._hooks and training:
                 self._capturing = []
                 try:
-                    output = self.module(inputs)
+                    output = run(inputs, self.module)
                 finally:
                     self._captures[microbatch], self._capturing = self._capturing, None
             else:
-                output = module(inputs)
+                output = run(inputs)
         if training:
             self._outputs[microbatch] = output
         return output

@@ -20,10 +20,13 @@ from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.logger_calls import LoggerCalls
+from lightning_pipe.strategy.model_calls import ModelCalls
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
+from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
@@ -92,23 +95,15 @@ def _twin(module: nn.Module) -> nn.Module:
     return twin
 
 
-class _Called(BaseException):
-    """Stops a step where it calls the model (a BaseException, so that a user's ``except Exception`` lets it pass)."""
-
-    def __init__(self, args: tuple, kwargs: dict[str, Any]) -> None:
-        super().__init__()
-        self.args, self.kwargs = args, kwargs
-
-
 class PipelinedModel(nn.Module):
     """Stands in for a captured model: holds this rank's share of its parameters and buffers under the model's names,
     so that ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's
     names.
 
-    Inside a step it either stops the step where it is called, with the call's arguments (first stage), or returns
-    the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor); anywhere else it
-    refuses to run. Every module of the model is reachable through it by its path, as a
-    :class:`~.model_parts.ModelPart` holding this rank's share of that module's state (perhaps none), so that
+    Inside a step it either records each call's arguments and answers with a stand-in output (first stage), or
+    returns the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor), call by call
+    (:mod:`.model_calls`); anywhere else it refuses to run. Every module of the model is reachable through it by its
+    path, as a :class:`~.model_parts.ModelPart` holding this rank's share of that module's state (perhaps none), so that
     ``self.model.classifier.parameters()`` in ``configure_optimizers`` gives this rank's share of the head. Plain
     attributes of the model (a Hugging Face ``config``) stay readable through it.
     """
@@ -125,9 +120,7 @@ class PipelinedModel(nn.Module):
         object.__setattr__(self, "_model", model)
         self._path = path
         self._model_name = type(model).__name__
-        self._mode: str | None = None
-        self._output: Any = None
-        self._calls = 0
+        self.model_calls = ModelCalls(f"the model at {path!r} ({self._model_name})")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
         self.training = model.training
 
@@ -135,7 +128,7 @@ class PipelinedModel(nn.Module):
         # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
         # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
         state = dict(self.__dict__)
-        state.update(owner=None, _output=None, _mode=None, _segments=[], _model=None)
+        state.update(owner=None, model_calls=ModelCalls(self.model_calls.where), _segments=[], _model=None)
         return state
 
     def train(self, mode: bool = True) -> PipelinedModel:
@@ -145,14 +138,10 @@ class PipelinedModel(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._mode == "capture":
-            raise _Called(args, kwargs)
-        if self._mode == "output":
-            self._calls += 1
-            if self._calls > 1:
-                raise RuntimeError(f"the step calls the model at {self._path!r} more than once; a pipeline runs it "
-                                   f"once per step: concatenate the inputs and call it once")
-            return self._output
+        if self.model_calls.mode == "capture":
+            return self.model_calls.record((args, kwargs))
+        if self.model_calls.mode == "output":
+            return self.model_calls.answer()
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
                            f"(this rank holds part of its weights); it runs only inside training, validation, test and "
                            f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
@@ -229,6 +218,7 @@ class CapturedModule:
         """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
         the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
         self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
+        self.proxy.model_calls.module = self.module
         proxy = self.proxy
         self.deferred = DeferredCalls(self.module, lambda child: any(m is proxy for m in child.modules()),
                                       torch.device("cpu"))  # the runner sets the rank's device
@@ -267,34 +257,41 @@ class CapturedModule:
         return self.proxy
 
     # -- capturing ----------------------------------------------------------------------------------
-    def model_call(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple:
-        """Run ``step`` on ``microbatch`` up to the model's call and return that call's ``(args, kwargs)``."""
-        handle = None
+    def model_calls(self, step: str, microbatch: Any, args: Sequence[Any],
+                    kwargs: Mapping[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
+        """Run ``step`` on ``microbatch`` up to its first use of the model's output and return the ``(args, kwargs)``
+        of each call of the model before it (:mod:`.model_calls`)."""
         if self.proxy is not None:
-            self.proxy._mode = "capture"
-        else:
-            def stop(_: nn.Module, call_args: tuple, call_kwargs: dict[str, Any]) -> None:
-                raise _Called(call_args, call_kwargs)
-
-            handle = self.called.register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            getattr(self.module, step)(microbatch, *args, **kwargs)
-        except _Called as called:
-            return called.args, called.kwargs
-        finally:
-            if handle is not None:
-                handle.remove()
-            if self.proxy is not None:
-                self.proxy._mode = None
-        raise RuntimeError(self._never_called(step))
+            calls = self.proxy.model_calls
+            recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+        else:  # before the cut (at setup): the model's forward is never run, its calls are recorded instead; what
+            # the step's code after them changes on the module, or logs through its loggers, is undone or dropped
+            calls = ModelCalls(self.where, self.module)
+            called = self.called
+            own = called.__dict__.get("forward")
+            called.forward = lambda *call_args, **call_kwargs: calls.record((call_args, call_kwargs))
+            effects = StepEffects(self.module, lambda: [self.model])
+            start = effects.snapshot()
+            try:
+                with LoggerCalls(self.module, lambda: ()).discarding():
+                    recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+            finally:
+                if own is None:
+                    del called.forward
+                else:
+                    called.forward = own
+                effects.restore(start)
+        if recorded is None:
+            raise RuntimeError(self._never_called(step))
+        return recorded
 
     def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
         """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
         cut differently are raised on every rank."""
         def make() -> None:
             with torch.random.fork_rng(devices=[]), no_logging(self.module):
-                call_args, call_kwargs = self.model_call(step, microbatch, (0,), {})
-                self.splitter.capture(call_args, call_kwargs, training=training)
+                for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
+                    self.splitter.capture(call_args, call_kwargs, training=training)
 
         self._agree(make, f"capturing {self.where}")
         self._seen.add((step, training, autocast_state()))
@@ -333,8 +330,8 @@ class CapturedModule:
         def make() -> None:
             for index in picked:
                 with context(index):
-                    call_args, call_kwargs = self.model_call(step, microbatches[index], args, kwargs)
-                    self.splitter.capture(call_args, call_kwargs, training=key[1])
+                    for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
+                        self.splitter.capture(call_args, call_kwargs, training=key[1])
 
         error: BaseException | None = None
         try:
@@ -368,9 +365,10 @@ class CapturedModule:
                                f"model (same config, same code version) and call it with the same batch")
 
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened."""
-        call_args, call_kwargs = self.model_call(step, microbatch, args, kwargs)
-        inputs = self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)  # not the model's flag
+        """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened (of each
+        call, as :class:`~lightning_pipe.engine.calls.Calls`, for several)."""
+        inputs = ModelCalls.as_input([self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)
+                                      for call_args, call_kwargs in self.model_calls(step, microbatch, args, kwargs)])
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in tree_flatten(inputs)[0]):
             raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
@@ -381,18 +379,17 @@ class CapturedModule:
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
-        proxy = self.proxy
-        assert proxy is not None
-        proxy._mode, proxy._output, proxy._calls = "output", output, 0
-        deferring = self.deferred.around(lambda: proxy._calls > 0) if self.deferred is not None \
+        assert self.proxy is not None
+        calls = self.proxy.model_calls
+        calls.serve(output)
+        deferring = self.deferred.around(lambda: calls.calls > 0) if self.deferred is not None \
             else contextlib.nullcontext()
         try:
             with deferring:  # code before the model ran on the first stage: here it runs only where it is used
                 result = getattr(self.module, step)(microbatch, *args, **kwargs)
-            if proxy._calls == 0:
-                raise RuntimeError(self._never_called(step))
+            calls.finish(self._never_called(step))
         finally:
-            proxy._mode, proxy._output = None, None
+            calls.reset()
         return result
 
     def outside_parameters_with_grad(self) -> list[str]:

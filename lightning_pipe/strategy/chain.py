@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.references import redirect
-from lightning_pipe.strategy.split import PipelinedSequence, SplitModule, _Captured
+from lightning_pipe.strategy.model_calls import Stop
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 
 __all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
 
@@ -68,11 +69,15 @@ class ChainLink(PipelinedSequence):
                  names: Sequence[str] = ()) -> None:
         super().__init__(layers, path, names)
         self._index, self._count = index, count
+        self._mode: str | None = None  # "output" while the last stage runs a step
+        self._output: Any = None
+        self._calls = 0
         self._previous: Handover | None = None  # the last stage: what the link before handed over
 
     def forward(self, *inputs: Any) -> Any:
-        if self._mode == "capture" and self._index == 0:
-            raise _Captured(inputs[0] if len(inputs) == 1 else inputs)
+        if self.model_calls.mode == "capture" and self._index == 0:  # once per step: stop at the first call
+            self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
+            raise Stop()
         if self._mode == "output":
             self._calls += 1
             if self._calls > 1:
@@ -118,6 +123,7 @@ class ChainSplit(SplitModule):
             by_part[index].append((own, layer))
         for index, (path, part) in enumerate(zip(self.paths, self.parts)):
             link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
+            link.model_calls.module = self.module
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
             self.aliases += redirect(self.module, part, link, path)

@@ -15,6 +15,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
@@ -186,6 +187,8 @@ class PipelineCutting:
                     batch = self._as_step_gets(batch)  # as the capture's (the model is converted)
                     with torch.no_grad(), no_logging(module), self._step_context(step):
                         inputs = captured.capture_input(step, batch, (0,), {})
+                    if isinstance(inputs, Calls):  # several calls of the model: each costs as the first does
+                        inputs = inputs.each[0]
                 else:
                     _, sequence = find_sequence(module, self.layers)
                     batch = self.batch_to_device(batch)

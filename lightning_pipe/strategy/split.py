@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.deferred import DeferredCalls
+from lightning_pipe.strategy.model_calls import ModelCalls
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.step_values import input_needs_grad
 
@@ -46,20 +47,13 @@ def find_sequence(module: nn.Module, path: str | None = None) -> tuple[str, nn.S
     return candidates[0]
 
 
-class _Captured(BaseException):
-    """Stops a step at the sequence's input (a BaseException, so that a user's ``except Exception`` lets it pass)."""
-
-    def __init__(self, value: Any) -> None:
-        super().__init__()
-        self.value = value
-
-
 class PipelinedSequence(nn.Module):
     """Stands in for the cut ``nn.Sequential``: holds this rank's layers, named as in the sequence, so that
     ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's names.
 
-    Inside a step it either stops the step at its input (first stage) or returns the last stage's output without
-    computing anything (last stage); anywhere else it refuses to run, since most layers live on other ranks.
+    Inside a step it either records its input and answers with a stand-in output (first stage) or returns the last
+    stage's output without computing anything (last stage), call by call (:mod:`.model_calls`); anywhere else it
+    refuses to run, since most layers live on other ranks.
     """
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, names: Sequence[str] = ()) -> None:
@@ -68,20 +62,14 @@ class PipelinedSequence(nn.Module):
             self.add_module(name, layer)
         self._path = path
         self._names = list(names) or [name for name, _ in layers]  # every layer's name, in the sequence's order
-        self._mode: str | None = None
-        self._output: Any = None
-        self._calls = 0
+        self.model_calls = ModelCalls(f"the nn.Sequential at {path!r}")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
 
     def forward(self, *inputs: Any) -> Any:
-        if self._mode == "capture":
-            raise _Captured(inputs[0] if len(inputs) == 1 else inputs)
-        if self._mode == "output":
-            self._calls += 1
-            if self._calls > 1:
-                raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
-                                   f"runs it once per step: concatenate the inputs and call it once")
-            return self._output
+        if self.model_calls.mode == "capture":
+            return self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
+        if self.model_calls.mode == "output":
+            return self.model_calls.answer()
         raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
                            f"{list(self._modules)}); it runs only inside training/validation/test/predict steps under "
                            f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
@@ -106,7 +94,8 @@ class PipelinedSequence(nn.Module):
         # A copy or pickle of the module (a hyper-parameter holding it, say) takes this rank's layers, never the
         # runner and its process groups; a checkpoint stores hyper-parameters with the sequence whole instead.
         state = dict(self.__dict__)
-        state["owner"], state["_output"], state["_mode"] = None, None, None
+        state["owner"], state["model_calls"] = None, ModelCalls(self.model_calls.where)
+        state.update({key: None for key in ("_output", "_mode", "_previous") if key in state})  # a chain's link
         return state
 
 
@@ -139,6 +128,7 @@ class SplitModule:
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
         self.proxy = PipelinedSequence(local_layers, self.path, list(self.sequence._modules))
+        self.proxy.model_calls.module = self.module
         setattr(parent, attribute, self.proxy)
         self.aliases = redirect(self.module, self.sequence, self.proxy, self.path)
         proxy = self.proxy
@@ -149,17 +139,12 @@ class SplitModule:
 
     # -- running steps around the sequence --------------------------------------------------------
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input."""
-        proxy = self._proxy()
-        proxy._mode = "capture"
-        try:
-            getattr(self.module, step)(microbatch, *args, **kwargs)
-        except _Captured as captured:
-            inputs = captured.value
-        else:
+        """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input (of each call)."""
+        calls = self._proxy().model_calls
+        recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+        if recorded is None:
             raise RuntimeError(self._never_called(step))
-        finally:
-            proxy._mode = None
+        inputs = calls.as_input(recorded)
         if any(t.requires_grad for t in tree_flatten(inputs)[0]) and torch.is_grad_enabled():
             raise ValueError(input_needs_grad(step, f"the nn.Sequential at {self.path!r}", self.outside_trainable,
                                               "move them into the nn.Sequential (e.g. make the embedding its first "
@@ -169,16 +154,15 @@ class SplitModule:
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
-        proxy = self._proxy()
-        proxy._mode, proxy._output, proxy._calls = "output", output, 0
-        deferring = self.deferred.around(lambda: proxy._calls > 0) if self.deferred is not None else nullcontext()
+        calls = self._proxy().model_calls
+        calls.serve(output)
+        deferring = self.deferred.around(lambda: calls.calls > 0) if self.deferred is not None else nullcontext()
         try:
             with deferring:  # code before the sequence ran on the first stage: here it runs only where it is used
                 result = getattr(self.module, step)(microbatch, *args, **kwargs)
-            if proxy._calls == 0:
-                raise RuntimeError(self._never_called(step))
+            calls.finish(self._never_called(step))
         finally:
-            proxy._mode, proxy._output = None, None
+            calls.reset()
         return result
 
     def outside_parameters_with_grad(self) -> list[str]:

@@ -1,0 +1,205 @@
+"""A step that calls the pipelined model several times (a siamese network, a triplet, SimCLR's two views), on 2 gloo
+ranks against one device: the calls' inputs travel as one micro-batch's :class:`~lightning_pipe.engine.calls.Calls`,
+every stage runs each, and the weights, the batch norms' running statistics and the validation loss are one
+device's. Then the unit parts (the stand-in output, the deferred batch norms per call) and the clear error for a
+call whose input depends on an earlier call's output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_pipe.engine.batchnorm import convert_batchnorm
+from lightning_pipe.engine.calls import Calls, each_call
+from lightning_pipe.strategy.model_calls import ModelCalls, Pending, Stop
+from tests.helpers import quiet_trainer, run_ranks
+
+
+def test_a_pending_output_stops_the_step_at_its_first_use() -> None:
+    calls = ModelCalls("the model")
+
+    def step() -> None:
+        z1 = F.normalize(model(torch.ones(2)).last_hidden_state[:, 0], dim=-1)  # pooled before the next call
+        z2 = model(torch.zeros(2)) * 2
+        loss = F.mse_loss(z1, z2)
+        model(loss)  # a call on the earlier outputs: the run ends before it
+        raise AssertionError("not reached")
+
+    def model(x: torch.Tensor) -> Any:
+        return calls.record(x) if calls.mode == "capture" else None
+
+    recorded = calls.capture(step)
+    assert recorded is not None and len(recorded) == 2 and torch.equal(recorded[1], torch.zeros(2))
+    assert isinstance(ModelCalls.as_input(recorded), Calls) and ModelCalls.as_input(recorded[:1]) is recorded[0]
+    for compute in (lambda p: p.logits, lambda p: p[0], lambda p: 1 - p, lambda p: torch.cat([p, torch.ones(1)]),
+                    lambda p: torch.ones(1) * p, lambda p: p.softmax(-1).item(), lambda p: p == 0):
+        assert isinstance(compute(Pending()), Pending)
+    for needs_value in (lambda p: len(p), lambda p: bool(p), lambda p: f"{p}", lambda p: tuple(p),
+                        lambda p: float(p.item()), lambda p: range(p.size(0))):
+        with pytest.raises(Stop):
+            needs_value(Pending())
+    assert not hasattr(Pending(), "__array_interface__")  # protocols probed by name are not offered
+    with pytest.raises(ValueError, match="before"):  # an error before the first call is the step's own
+        calls.capture(lambda: (_ for _ in ()).throw(ValueError("before")))
+    assert calls.capture(lambda: None) is None  # never called
+
+
+def test_the_last_stage_answers_each_call_and_counts_them() -> None:
+    calls = ModelCalls("the model at 'net'")
+    calls.serve(Calls(("a", "b")))
+    assert calls.answer() == "a" and calls.answer() == "b"
+    with pytest.raises(RuntimeError, match="once more than the first stage saw"):
+        calls.answer()
+    calls.serve(Calls(("a", "b")))
+    calls.answer()
+    with pytest.raises(RuntimeError, match="1 time"):
+        calls.finish("never")
+    calls.serve("one")
+    with pytest.raises(RuntimeError, match="never"):
+        calls.finish("never")
+
+
+def test_deferred_batch_norms_commit_each_call_as_one_device_does() -> None:
+    torch.manual_seed(0)
+    reference, pipelined = nn.BatchNorm1d(3, momentum=0.3), nn.BatchNorm1d(3, momentum=0.3)
+    norms = convert_batchnorm(pipelined)
+    assert norms is not None
+    views = [torch.randn(8, 3), torch.randn(8, 3) * 3 + 1]
+    for view in views:  # one device: one update per call
+        reference(view)
+    for half in (slice(0, 4), slice(4, 8)):  # two micro-batches, each calling the layer on both views
+        with norms.running(record=True):
+            each_call(pipelined, Calls(tuple(view[half] for view in views)), norms.call)
+    norms.commit()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(pipelined, name), getattr(reference, name), rtol=1e-6, atol=1e-6)
+
+
+class _Twin(nn.Module):
+    """A small encoder with a batch norm (or a layer norm) and a residual (captured, not an nn.Sequential)."""
+
+    def __init__(self, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.inp(x)))
+        return self.out(h + self.block(h))
+
+
+def _module(kind: str) -> Any:
+    import lightning as L
+
+    class Siamese(L.LightningModule):
+        """Two noisy views of each row through one encoder; the loss pulls them together (and a triplet: three)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            if kind == "sequence":
+                self.encoder = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                                             nn.Tanh(), nn.Linear(16, 6))
+            else:
+                self.encoder = _Twin(batch_norm=kind != "triplet")
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            if kind == "triplet":
+                anchor, positive, negative = self.encoder(x), self.encoder(x + 0.1 * y[:, None]), self.encoder(-x)
+                loss = F.triplet_margin_loss(anchor, positive, negative, margin=0.5)
+            else:
+                view1 = x + 0.1 * y[:, None]  # the step's random numbers are not one device's (README): fixed views
+                view2 = x.flip(-1) * 0.9
+                z1, z2 = self.encoder(view1), self.encoder(view2)
+                loss = F.mse_loss(F.normalize(z1, dim=-1), F.normalize(z2, dim=-1))
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, _ = batch
+            self.log("val_gap", F.mse_loss(self.encoder(x), self.encoder(x.flip(-1))))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    L.seed_everything(3, verbose=False)
+    return Siamese()
+
+
+def _data() -> DataLoader:
+    generator = torch.Generator().manual_seed(11)
+    x, y = torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator).float()
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def _fit(kind: str, devices: int, strategy: Any) -> dict[str, Any]:
+    model = _module(kind)
+    trainer = quiet_trainer(devices, strategy, max_epochs=2, limit_val_batches=2)
+    trainer.fit(model, _data(), _data())
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    return {"state": state, "val_gap": float(trainer.callback_metrics["val_gap"]),
+            "train_loss": float(trainer.callback_metrics["train_loss"])}
+
+
+# The batch norms normalize each micro-batch with its own statistics (one device: the batch's), so the models with one
+# train one micro-batch per step; the triplet model has a layer norm instead and trains four.
+_CASES = {"sequence": 1, "captured": 1, "triplet": 4}
+
+
+def _ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return {kind: _fit(kind, world_size, PipelineStrategy(num_microbatches=microbatches, wait_timeout=60))
+            for kind, microbatches in _CASES.items()}
+
+
+@pytest.mark.timeout(300)
+def test_models_called_several_times_per_step_train_as_on_one_device() -> None:
+    results = run_ranks(_ranks, 2, timeout=280)
+    for kind in _CASES:
+        reference = _fit(kind, 1, "auto")
+        for rank in (0, 1):
+            got = results[rank][kind]
+            assert got["val_gap"] == pytest.approx(reference["val_gap"], rel=1e-4), kind
+            assert got["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4), kind
+        held = {**results[0][kind]["state"], **results[1][kind]["state"]}
+        assert set(held) == set(reference["state"])
+        for key, value in reference["state"].items():
+            torch.testing.assert_close(held[key], value, rtol=1e-4, atol=1e-5, msg=f"{kind}: {key}")
+
+
+def _dependent(rank: int, world_size: int) -> None:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    class Refined(L.LightningModule):
+        """Calls the model again on its own output: the second input is not known before the first output."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, _ = batch
+            return self.net(self.net(x)).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_steps=1).fit(Refined(),
+                                                                                                     _data())
+
+
+@pytest.mark.timeout(120)
+def test_a_call_on_an_earlier_calls_output_is_refused_on_every_rank() -> None:
+    errors = run_ranks(_dependent, 2, timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "once more than the first stage saw" in error
