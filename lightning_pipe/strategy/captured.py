@@ -18,6 +18,7 @@ import torch.nn as nn
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -176,6 +177,7 @@ class CapturedModule:
         self.model = _twin(module) if self.root else module.get_submodule(path)
         self.called = module if self.root else self.model  # what the step calls
         self.state_keys = list(module.state_dict().keys())
+        self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]

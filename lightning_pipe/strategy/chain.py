@@ -18,9 +18,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.references import redirect
 from lightning_pipe.strategy.model_calls import Stop
+from lightning_pipe.strategy.references import redirect
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 
 __all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
@@ -102,6 +103,7 @@ class ChainSplit(SplitModule):
         self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part.children()])
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
+        self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for part in self.parts for p in part.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]

@@ -3,8 +3,9 @@
 Lightning saves from global rank 0 only, which under a pipeline holds one stage. Here every rank sends its share to
 rank 0, which writes a single file whose ``state_dict`` has the keys of the unpipelined module (so that
 ``YourModule.load_from_checkpoint(path)`` works in a plain program) and whose ``"pipeline"`` entry keeps each rank's
-optimizer and LR scheduler states for resuming with the same layout. ``optimizer_states`` and ``lr_schedulers`` at
-the top level are rank 0's, as Lightning's own format expects one entry per optimizer.
+optimizer and LR scheduler states for resuming on any layout. ``optimizer_states`` at the top level are every rank's
+put together as one device numbers them (so that a one-device ``fit(ckpt_path=...)`` resumes them too), and
+``lr_schedulers`` rank 0's, as Lightning's own format expects one entry per optimizer.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
-           "param_groups_of", "named_optimizer_state", "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save",
-           "own_entries", "with_own_entries", "CallbackMerge"]
+           "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "SHARED_ENTRIES",
+           "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
+           "CallbackMerge"]
 
 PIPELINE_KEY = "pipeline"
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
@@ -35,14 +37,16 @@ MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, opt
 def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout: dict[str, Any],
                       group: dist.ProcessGroup | None = None,
                       param_names: list[list[list[str]]] | None = None,
-                      device: torch.device | None = None) -> dict[str, Any] | None:
+                      device: torch.device | None = None,
+                      tied: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
     (ranks and stages) so that a resume can check it matches; ``param_names``: for each optimizer of this rank, the
     names of each of its parameters in order (so that another layout can find each parameter's state). The shares
     travel as JSON and raw tensor bytes (:func:`gather_shares`), never pickled; ``device`` carries them (NCCL: the
-    rank's GPU).
+    rank's GPU); ``tied``: the whole model's tied parameter names (:func:`tied_names`), for the one-device optimizer
+    states.
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
@@ -64,6 +68,9 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     full = dict(checkpoint)
     full["state_dict"] = ordered
     if "optimizer_states" in checkpoint:
+        merged = one_device_optimizer_states(shares, state_keys, tied)
+        if merged is not None:  # else rank 0's, as before: a one-device resume fails in torch's load_state_dict
+            full["optimizer_states"] = merged
         full[PIPELINE_KEY] = {
             "layout": dict(layout),
             "optimizer_states": [part.get("optimizer_states", []) for part in shares],
@@ -199,6 +206,12 @@ class CallbackMerge:
         return value if into is None else into
 
 
+def tied_names(module: torch.nn.Module) -> dict[str, str]:
+    """Each name of a parameter that has several in the whole ``module`` (a tied one) -> its first name."""
+    names = parameter_names(module)
+    return {name: group[0] for group in names.values() if len(group) > 1 for name in group}
+
+
 def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
     """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``."""
     names: dict[int, list[str]] = {}
@@ -223,6 +236,58 @@ def optimizer_entries(index: int, state: Mapping[str, Any], names: Sequence[Sequ
             for key, value in values.items():
                 entries[f"{OPTIM}{index}/{name}/{key}"] = value
     return entries
+
+
+def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys: Sequence[str],
+                                tied: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
+    """Every rank's optimizer states (``shares``, as :func:`gather_checkpoint` collects them) put together as one
+    device's optimizers number them, so that a one-device ``fit(ckpt_path=...)`` resumes them too: each group's
+    parameters in the model's order (``state_keys``), a tied parameter once, at its first name's place (``tied``:
+    each name of a tied parameter -> its first name on one device, :func:`tied_names`). ``None`` where that order
+    cannot be known: a rank's group lists its parameters in another order than the model's, or the ranks' groups
+    differ."""
+    order = {key: index for index, key in enumerate(state_keys)}
+    first = dict(tied or {})
+    position = {name: order[first.get(name, name)] for name in order if first.get(name, name) in order}
+    counts = {len(part.get("optimizer_states", [])) for part in shares}
+    if len(counts) != 1 or any(len(part["param_names"]) != len(part.get("optimizer_states", [])) for part in shares):
+        return None
+    merged = []
+    for index in range(counts.pop()):
+        states = [(part["optimizer_states"][index], part["param_names"][index]) for part in shares]
+        if len({len(state["param_groups"]) for state, _ in states}) != 1:
+            return None
+        groups, values, number = [], {}, 0
+        for group_index in range(len(states[0][0]["param_groups"])):
+            found: dict[str, tuple[int, Any]] = {}  # first name -> (position in the model, state)
+            hyper: dict[str, Any] | None = None
+            for state, names in states:
+                group = state["param_groups"][group_index]
+                positions = []
+                for local in group["params"]:
+                    known = [name for name in names[local] if name in order]
+                    if not known:  # a stage with nothing to train holds a placeholder
+                        continue
+                    positions.append(order[known[0]])  # this rank's order: by its first name here
+                    place = position[known[0]]  # one device's: its first name's there
+                    found.setdefault(state_keys[place], (place, state["state"].get(local)))
+                if positions != sorted(positions):
+                    return None
+                if positions and hyper is None:
+                    hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            if hyper is None:
+                return None
+            ranked = sorted(found.items(), key=lambda item: item[1][0])
+            group = {**hyper, "params": list(range(number, number + len(ranked)))}
+            if any("param_names" in state["param_groups"][group_index] for state, _ in states):
+                group["param_names"] = [name for name, _ in ranked]
+            for offset, (_, (_, value)) in enumerate(ranked):
+                if value is not None:
+                    values[number + offset] = value
+            number += len(ranked)
+            groups.append(group)
+        merged.append({"state": values, "param_groups": groups})
+    return merged
 
 
 def param_groups_of(state: Mapping[str, Any]) -> list[dict[str, Any]]:

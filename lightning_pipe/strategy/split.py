@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
@@ -111,6 +112,7 @@ class SplitModule:
         self.module = module
         self.path, self.sequence = find_sequence(module, layers)
         self.state_keys = list(module.state_dict().keys())  # the full model's keys, in the full model's order
+        self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for p in self.sequence.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
