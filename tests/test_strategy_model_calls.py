@@ -6,6 +6,7 @@ call whose input depends on an earlier call's output."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import pytest
@@ -17,36 +18,60 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_pipe.engine.batchnorm import convert_batchnorm
 from lightning_pipe.engine.calls import Calls, each_call
 from lightning_pipe.strategy.model_calls import ModelCalls, Pending, Stop
+from lightning_pipe.strategy.step_values import whole_output
 from tests.helpers import quiet_trainer, run_ranks
 
 
-def test_a_pending_output_stops_the_step_at_its_first_use() -> None:
-    calls = ModelCalls("the model")
+def test_the_first_run_learns_the_calls_and_later_runs_stop_at_the_last() -> None:
+    import torchmetrics
 
-    def step() -> None:
-        z1 = F.normalize(model(torch.ones(2)).last_hidden_state[:, 0], dim=-1)  # pooled before the next call
-        z2 = model(torch.zeros(2)) * 2
-        loss = F.mse_loss(z1, z2)
-        model(loss)  # a call on the earlier outputs: the run ends before it
-        raise AssertionError("not reached")
+    class Meter:
+        def __init__(self) -> None:
+            self.total, self.count = 0.0, 0
+
+    holder = nn.Module()
+    holder.seen = torchmetrics.MeanMetric()
+    holder.meter, holder.recent = Meter(), deque([1], maxlen=4)  # objects the runner's StepEffects does not follow
+    calls = ModelCalls("the model", holder)
+    after: list[str] = []
 
     def model(x: torch.Tensor) -> Any:
         return calls.record(x) if calls.mode == "capture" else None
 
-    recorded = calls.capture(step)
+    def step() -> None:
+        z1 = F.normalize(model(torch.ones(2)).last_hidden_state[:, 0], dim=-1)  # pooled before the next call
+        holder.seen(z1.mean())  # a metric update between the calls: skipped, not a value read
+        holder.meter.total += z1.sum().item()  # these are put back as they were
+        holder.meter.count += 1
+        holder.recent.append(z1)
+        z2 = model(torch.zeros(2)) * 2
+        after.append("after the last call")
+        for compute in (lambda p: p.logits, lambda p: p[0], lambda p: 1 - p, lambda p: torch.cat([p, torch.ones(1)]),
+                        lambda p: torch.ones(1) * p, lambda p: p == 0, lambda p: p.softmax(-1).cpu(),
+                        lambda p: p.sum().item() / 2):
+            assert isinstance(compute(z2), Pending)
+        for needs_value in (lambda p: len(p), lambda p: bool(p), lambda p: f"{p}", lambda p: tuple(p),
+                            lambda p: float(p.item()), lambda p: range(p.size(0))):
+            with pytest.raises(Stop):
+                needs_value(z1)
+        assert not hasattr(z1, "__array_interface__")  # protocols probed by name are not offered
+        loss = F.mse_loss(z1, z2)
+        model(loss)  # a call on the earlier outputs: the run ends before it
+        raise AssertionError("not reached")
+
+    recorded = calls.capture(step, "training_step")
     assert recorded is not None and len(recorded) == 2 and torch.equal(recorded[1], torch.zeros(2))
+    assert calls.expected == {"training_step": 2} and after and holder.seen.update_count == 0
+    assert holder.meter.total == 0.0 and holder.meter.count == 0 and list(holder.recent) == [1]
     assert isinstance(ModelCalls.as_input(recorded), Calls) and ModelCalls.as_input(recorded[:1]) is recorded[0]
-    for compute in (lambda p: p.logits, lambda p: p[0], lambda p: 1 - p, lambda p: torch.cat([p, torch.ones(1)]),
-                    lambda p: torch.ones(1) * p, lambda p: p.softmax(-1).item(), lambda p: p == 0):
-        assert isinstance(compute(Pending()), Pending)
-    for needs_value in (lambda p: len(p), lambda p: bool(p), lambda p: f"{p}", lambda p: tuple(p),
-                        lambda p: float(p.item()), lambda p: range(p.size(0))):
-        with pytest.raises(Stop):
-            needs_value(Pending())
-    assert not hasattr(Pending(), "__array_interface__")  # protocols probed by name are not offered
+    after.clear()
+    assert len(calls.capture(step, "training_step") or []) == 2 and not after  # now it stops at the second call
+    with pytest.raises(RuntimeError, match="kept by the step"):  # a stand-in used outside a run: said clearly
+        Pending() + 1
     with pytest.raises(ValueError, match="before"):  # an error before the first call is the step's own
-        calls.capture(lambda: (_ for _ in ()).throw(ValueError("before")))
-    assert calls.capture(lambda: None) is None  # never called
+        calls.capture(lambda: (_ for _ in ()).throw(ValueError("before")), "validation_step")
+    assert calls.capture(lambda: None, "validation_step") is None  # never called
+    assert "validation_step" not in calls.expected
 
 
 def test_the_last_stage_answers_each_call_and_counts_them() -> None:
@@ -62,6 +87,14 @@ def test_the_last_stage_answers_each_call_and_counts_them() -> None:
     calls.serve("one")
     with pytest.raises(RuntimeError, match="never"):
         calls.finish("never")
+
+
+def test_the_whole_batchs_output_puts_each_call_together() -> None:
+    prototypes = torch.arange(8.0).view(4, 2)  # a call on fixed inputs: the same output in every micro-batch
+    parts = [Calls((torch.zeros(4, 2), prototypes)), Calls((torch.ones(4, 2), prototypes.clone()))]
+    whole = whole_output(parts, [4, 4])
+    assert isinstance(whole, Calls) and whole.each[0].shape == (8, 2) and torch.equal(whole.each[1], prototypes)
+    assert whole_output([Calls((torch.zeros(4, 2),)), Calls((torch.zeros(2, 4),))], [4, 4]) is None
 
 
 def test_deferred_batch_norms_commit_each_call_as_one_device_does() -> None:

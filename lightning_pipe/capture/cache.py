@@ -76,7 +76,9 @@ class CaptureCache:
                     raise CaptureError(
                         f"two captures of the model give segment {index} the same kind of values "
                         f"{describe(mine.live_in)} but run different ops on them, so a segment could not tell which "
-                        f"to run; call the model with the same non-tensor arguments (flags, sizes) every time")
+                        f"to run; call the model with the same arguments every time: the same keywords (a tensor "
+                        f"passed to some calls and left out of others, such as an attention_mask, counts), the same "
+                        f"non-tensor values (flags, sizes)")
         self.captures.append(capture)
 
     def for_inputs(self, training: bool, flat: Sequence[Any]) -> Capture | None:

@@ -178,6 +178,7 @@ class CapturedModule:
         self.called = module if self.root else self.model  # what the step calls
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
+        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -220,7 +221,7 @@ class CapturedModule:
         """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
         the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
         self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
-        self.proxy.model_calls.module = self.module
+        self.proxy.model_calls.module, self.proxy.model_calls.expected = self.module, self.expected_calls
         proxy = self.proxy
         self.deferred = DeferredCalls(self.module, lambda child: any(m is proxy for m in child.modules()),
                                       torch.device("cpu"))  # the runner sets the rank's device
@@ -263,12 +264,15 @@ class CapturedModule:
                     kwargs: Mapping[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
         """Run ``step`` on ``microbatch`` up to its first use of the model's output and return the ``(args, kwargs)``
         of each call of the model before it (:mod:`.model_calls`)."""
+        def run() -> Any:
+            return getattr(self.module, step)(microbatch, *args, **kwargs)
+
         if self.proxy is not None:
             calls = self.proxy.model_calls
-            recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+            recorded = calls.capture(run, step)
         else:  # before the cut (at setup): the model's forward is never run, its calls are recorded instead; what
             # the step's code after them changes on the module, or logs through its loggers, is undone or dropped
-            calls = ModelCalls(self.where, self.module)
+            calls = ModelCalls(self.where, self.module, self.expected_calls)
             called = self.called
             own = called.__dict__.get("forward")
             called.forward = lambda *call_args, **call_kwargs: calls.record((call_args, call_kwargs))
@@ -276,7 +280,7 @@ class CapturedModule:
             start = effects.snapshot()
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
-                    recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+                    recorded = calls.capture(run, step)
             finally:
                 if own is None:
                     del called.forward
@@ -384,7 +388,7 @@ class CapturedModule:
         assert self.proxy is not None
         calls = self.proxy.model_calls
         calls.serve(output)
-        deferring = self.deferred.around(lambda: calls.calls > 0) if self.deferred is not None \
+        deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None \
             else contextlib.nullcontext()
         try:
             with deferring:  # code before the model ran on the first stage: here it runs only where it is used

@@ -104,6 +104,7 @@ class ChainSplit(SplitModule):
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
+        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
         inside = {id(p) for part in self.parts for p in part.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]

@@ -113,6 +113,7 @@ class SplitModule:
         self.path, self.sequence = find_sequence(module, layers)
         self.state_keys = list(module.state_dict().keys())  # the full model's keys, in the full model's order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
+        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
         inside = {id(p) for p in self.sequence.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -130,7 +131,7 @@ class SplitModule:
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
         self.proxy = PipelinedSequence(local_layers, self.path, list(self.sequence._modules))
-        self.proxy.model_calls.module = self.module
+        self.proxy.model_calls.module, self.proxy.model_calls.expected = self.module, self.expected_calls
         setattr(parent, attribute, self.proxy)
         self.aliases = redirect(self.module, self.sequence, self.proxy, self.path)
         proxy = self.proxy
@@ -143,7 +144,8 @@ class SplitModule:
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input (of each call)."""
         calls = self._proxy().model_calls
-        recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs))
+        recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs),
+                                 step)
         if recorded is None:
             raise RuntimeError(self._never_called(step))
         inputs = calls.as_input(recorded)
@@ -158,7 +160,7 @@ class SplitModule:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
         calls = self._proxy().model_calls
         calls.serve(output)
-        deferring = self.deferred.around(lambda: calls.calls > 0) if self.deferred is not None else nullcontext()
+        deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None else nullcontext()
         try:
             with deferring:  # code before the sequence ran on the first stage: here it runs only where it is used
                 result = getattr(self.module, step)(microbatch, *args, **kwargs)

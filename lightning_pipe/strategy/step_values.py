@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
@@ -98,7 +99,21 @@ def _row_mean(scalars: Sequence[torch.Tensor], sizes: list[int]) -> torch.Tensor
 def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
     batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows; None where
-    the outputs do not show a batch dimension first."""
+    the outputs do not show a batch dimension first. Several calls of the model (:class:`Calls`) are put together
+    call by call; a call whose output is the same in every micro-batch (the model run on fixed prototypes, not on the
+    batch's rows) gives it once."""
+    if outputs and all(isinstance(output, Calls) and len(output.each) == len(outputs[0].each) for output in outputs):
+        calls = []
+        for index in range(len(outputs[0].each)):
+            each = [output.each[index] for output in outputs]
+            if len(each) > 1 and _same(each):
+                calls.append(each[0])
+                continue
+            whole = whole_output(each, sizes)
+            if whole is None:
+                return None
+            calls.append(whole)
+        return Calls(tuple(calls))
     flat = [tree_flatten(output) for output in outputs]
     if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
         return None
@@ -111,6 +126,16 @@ def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
         else:
             return None
     return tree_unflatten(whole, flat[0][1])
+
+
+def _same(values: list[Any]) -> bool:
+    """Whether every one of ``values`` holds the same tensors as the first (and the same structure)."""
+    first, spec = tree_flatten(values[0])
+    for value in values[1:]:
+        leaves, other = tree_flatten(value)
+        if other != spec or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, leaves)):
+            return False
+    return bool(first)
 
 
 def input_needs_grad(step: str, where: str, outside_trainable: list[str], fix: str) -> str:
