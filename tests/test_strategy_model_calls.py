@@ -6,7 +6,6 @@ call whose input depends on an earlier call's output."""
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_pipe.engine.batchnorm import convert_batchnorm
 from lightning_pipe.engine.calls import Calls, each_call
-from lightning_pipe.strategy.model_calls import ModelCalls, Pending, Stop
+from lightning_pipe.strategy.model_calls import ModelCalls, Pending, Stop, call_key
 from lightning_pipe.strategy.step_values import whole_output
 from tests.helpers import quiet_trainer, run_ranks
 
@@ -25,53 +24,65 @@ from tests.helpers import quiet_trainer, run_ranks
 def test_the_first_run_learns_the_calls_and_later_runs_stop_at_the_last() -> None:
     import torchmetrics
 
-    class Meter:
-        def __init__(self) -> None:
-            self.total, self.count = 0.0, 0
-
     holder = nn.Module()
     holder.seen = torchmetrics.MeanMetric()
-    holder.meter, holder.recent = Meter(), deque([1], maxlen=4)  # objects the runner's StepEffects does not follow
     calls = ModelCalls("the model", holder)
-    after: list[str] = []
+    between: list[str] = []
 
     def model(x: torch.Tensor) -> Any:
         return calls.record(x) if calls.mode == "capture" else None
 
     def step() -> None:
-        z1 = F.normalize(model(torch.ones(2)).last_hidden_state[:, 0], dim=-1)  # pooled before the next call
-        holder.seen(z1.mean())  # a metric update between the calls: skipped, not a value read
-        holder.meter.total += z1.sum().item()  # these are put back as they were
-        holder.meter.count += 1
-        holder.recent.append(z1)
-        z2 = model(torch.zeros(2)) * 2
-        after.append("after the last call")
-        for compute in (lambda p: p.logits, lambda p: p[0], lambda p: 1 - p, lambda p: torch.cat([p, torch.ones(1)]),
-                        lambda p: torch.ones(1) * p, lambda p: p == 0, lambda p: p.softmax(-1).cpu(),
-                        lambda p: p.sum().item() / 2):
-            assert isinstance(compute(z2), Pending)
-        for needs_value in (lambda p: len(p), lambda p: bool(p), lambda p: f"{p}", lambda p: tuple(p),
-                            lambda p: float(p.item()), lambda p: range(p.size(0))):
-            with pytest.raises(Stop):
-                needs_value(z1)
-        assert not hasattr(z1, "__array_interface__")  # protocols probed by name are not offered
-        loss = F.mse_loss(z1, z2)
-        model(loss)  # a call on the earlier outputs: the run ends before it
+        z1 = model(torch.ones(2))
+        holder.seen(torch.ones(3))  # code between the calls: runs, and leaves the metric as it was
+        between.append("between the calls")
+        z2 = model(torch.zeros(2))
+        F.mse_loss(z1, z2)  # the first use of an output: the run ends here
         raise AssertionError("not reached")
 
-    recorded = calls.capture(step, "training_step")
+    recorded = calls.capture(step, "training_step/0")
     assert recorded is not None and len(recorded) == 2 and torch.equal(recorded[1], torch.zeros(2))
-    assert calls.expected == {"training_step": 2} and after and holder.seen.update_count == 0
-    assert holder.meter.total == 0.0 and holder.meter.count == 0 and list(holder.recent) == [1]
+    assert calls.expected == {"training_step/0": 2} and between and holder.seen.update_count == 0
     assert isinstance(ModelCalls.as_input(recorded), Calls) and ModelCalls.as_input(recorded[:1]) is recorded[0]
-    after.clear()
-    assert len(calls.capture(step, "training_step") or []) == 2 and not after  # now it stops at the second call
+    for use in (lambda p: p.logits, lambda p: p[0], lambda p: 1 - p, lambda p: torch.cat([p, torch.ones(1)]),
+                lambda p: torch.ones(1) * p, lambda p: len(p), lambda p: bool(p), lambda p: f"{p}",
+                lambda p: tuple(p), lambda p: F.normalize(p)):
+        with pytest.raises(Stop):  # inside a run: ends it
+            _capturing_run(lambda: use(Pending()))
+    assert not hasattr(Pending(), "__array_interface__")  # protocols probed by name are not offered
+
+    def pooled() -> None:  # uses the first output before the second call: the run ends before it
+        F.normalize(model(torch.ones(2)).last_hidden_state[:, 0])
+        model(torch.zeros(2))
+
+    assert len(calls.capture(pooled, "validation_step/0") or []) == 1
+    assert len(calls.capture(lambda: model(model(torch.ones(2))), "test_step/0") or []) == 1  # on an output
+
+    def single() -> None:
+        model(torch.ones(2))
+        between.append("after the only call")
+
+    between.clear()
+    assert len(calls.capture(single, "predict_step/0") or []) == 1 and between  # the first run goes on...
+    between.clear()
+    assert len(calls.capture(single, "predict_step/0") or []) == 1 and not between  # ...later runs stop at the call
     with pytest.raises(RuntimeError, match="kept by the step"):  # a stand-in used outside a run: said clearly
         Pending() + 1
     with pytest.raises(ValueError, match="before"):  # an error before the first call is the step's own
-        calls.capture(lambda: (_ for _ in ()).throw(ValueError("before")), "validation_step")
-    assert calls.capture(lambda: None, "validation_step") is None  # never called
-    assert "validation_step" not in calls.expected
+        calls.capture(lambda: (_ for _ in ()).throw(ValueError("before")), "validation_step/1")
+    assert calls.capture(lambda: None, "validation_step/1") is None  # never called
+    assert "validation_step/1" not in calls.expected
+    assert call_key("validation_step", (3, 1), {}) == "validation_step/1" != call_key("validation_step", (3,), {})
+
+
+def _capturing_run(run: Any) -> None:
+    from lightning_pipe.strategy import model_calls
+
+    model_calls._capturing[0] += 1
+    try:
+        run()
+    finally:
+        model_calls._capturing[0] -= 1
 
 
 def test_the_last_stage_answers_each_call_and_counts_them() -> None:

@@ -22,7 +22,7 @@ from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.model_calls import ModelCalls
+from lightning_pipe.strategy.model_calls import ModelCalls, call_key
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
@@ -269,7 +269,7 @@ class CapturedModule:
 
         if self.proxy is not None:
             calls = self.proxy.model_calls
-            recorded = calls.capture(run, step)
+            recorded = calls.capture(run, call_key(step, args, kwargs))
         else:  # before the cut (at setup): the model's forward is never run, its calls are recorded instead; what
             # the step's code after them changes on the module, or logs through its loggers, is undone or dropped
             calls = ModelCalls(self.where, self.module, self.expected_calls)
@@ -280,7 +280,7 @@ class CapturedModule:
             start = effects.snapshot()
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
-                    recorded = calls.capture(run, step)
+                    recorded = calls.capture(run, call_key(step, args, kwargs))
             finally:
                 if own is None:
                     del called.forward

@@ -12,7 +12,7 @@ import torch.nn as nn
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.model_calls import ModelCalls
+from lightning_pipe.strategy.model_calls import ModelCalls, call_key
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.step_values import input_needs_grad
 
@@ -145,7 +145,7 @@ class SplitModule:
         """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input (of each call)."""
         calls = self._proxy().model_calls
         recorded = calls.capture(lambda: getattr(self.module, step)(microbatch, *args, **kwargs),
-                                 step)
+                                 call_key(step, args, kwargs))
         if recorded is None:
             raise RuntimeError(self._never_called(step))
         inputs = calls.as_input(recorded)
