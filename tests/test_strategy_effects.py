@@ -448,3 +448,43 @@ def test_an_asynchronous_pipeline_keeps_one_entry_per_batch_in_evaluation_and_ag
     assert first == last  # the same history on every rank (its weights are not one device's: asynchronous)
     assert [(entry[0], [count for _, (_, count) in entry[1]]) for entry in first if entry[0] == "val"] == [
         (entry[0], [count for _, (_, count) in entry[1]]) for entry in reference if entry[0] == "val"]
+
+
+def _v_schedule(rank: int, world_size: int, microbatches: int) -> tuple[int, list[int]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    class Counting(L.LightningModule):
+        """Counts its steps and notes each batch's rows before calling the model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+            self.count, self.seen = 0, []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, _ = batch
+            self.count += 1
+            self.seen.append(int(x.shape[0]))
+            return F.mse_loss(self.net(x), x)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Counting()
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator),
+                                                                      torch.zeros(24)), batch_size=8)
+    strategy = PipelineStrategy(schedule="zb_v", num_microbatches=microbatches, wait_timeout=60)
+    quiet_trainer(world_size, strategy, max_steps=3).fit(module, data)
+    return module.count, module.seen
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_holding_the_first_and_the_last_stage_makes_the_changes_once() -> None:
+    """A V schedule puts the first and the last stage on rank 0, which runs the step up to the model and then whole:
+    with one micro-batch (no rerun on the whole batch) the changes before the model were made twice."""
+    for microbatches in (1, 2):
+        for count, seen in run_ranks(_v_schedule, 2, microbatches, timeout=90):
+            assert count == 3 and seen == [8, 8, 8], microbatches
