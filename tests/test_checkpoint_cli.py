@@ -99,7 +99,10 @@ def test_consolidate_and_shard_round_trip(tmp_path: Path) -> None:
     for key, value in tensors.items():
         assert torch.equal(value, tensors_again[key]), key
     assert list(first["state_dict"]) == [f"layers.{i}.0.{p}" for i in range(8) for p in ("weight", "bias")]
-    assert "optimizer_states" not in first and first["global_step"] == 2
+    assert first["global_step"] == 2  # the optimizer's states numbered as one device numbers them, too:
+    assert sorted(first["optimizer_states"][0]["state"]) == list(range(16))
+    torch.testing.assert_close(first["optimizer_states"][0]["state"][15]["exp_avg_sq"],
+                               first["pipeline"]["optimizer_entries"]["optim/0/layers.7.0.bias/exp_avg_sq"])
     # one device opens it (configure_model builds the layers), with the weights the pipeline trained
     loaded = LazyRegressor.load_from_checkpoint(file)
     for key, value in loaded.state_dict().items():

@@ -1,6 +1,7 @@
-"""A pipeline's full checkpoint resumes on one device, optimizer states and all: every rank's states are put
-together as one device numbers them (:func:`~lightning_pipe.strategy.checkpoint.one_device_optimizer_states`); a
-plain ``Trainer`` continues the fit to the weights of an uninterrupted one-device fit."""
+"""A pipeline's full checkpoint (or a sharded one, consolidated) resumes on one device, optimizer states and all:
+every rank's states are put together as one device numbers them
+(:func:`~lightning_pipe.strategy.checkpoint.one_device_optimizer_states`); a plain ``Trainer`` continues the fit to the
+weights of an uninterrupted one-device fit."""
 
 from __future__ import annotations
 
@@ -90,21 +91,30 @@ def _data(kind: str) -> DataLoader:
     return DataLoader(TensorDataset(x, x.sum(-1).sin()), batch_size=8)
 
 
-def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str) -> None:
+def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, checkpoint_format: str) -> None:
     from lightning_pipe import PipelineStrategy
 
-    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_epochs=1)
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, checkpoint_format=checkpoint_format)
+    trainer = quiet_trainer(world_size, strategy, max_epochs=1)
     trainer.fit(_module(kind), _data(kind))
     trainer.save_checkpoint(path)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequence", "gpt2"])
-def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("gpt2", "full"),
+                                                         ("gpt2", "sharded")])
+def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
+                                                                             tmp_path: Path) -> None:
+    """A full file, or a sharded folder made one file with ``python -m lightning_pipe.checkpoint consolidate``."""
     if kind == "gpt2":
         pytest.importorskip("transformers")
     path = str(tmp_path / "pipeline.ckpt")
-    run_ranks(_pipeline_first_epoch, 2, kind, path, timeout=280)
+    run_ranks(_pipeline_first_epoch, 2, kind, path, checkpoint_format, timeout=280)
+    if checkpoint_format == "sharded":
+        from lightning_pipe.checkpoint.convert import consolidate
+
+        consolidate(path, str(tmp_path / "consolidated.ckpt"))
+        path = str(tmp_path / "consolidated.ckpt")
     resumed = _module(kind)
     quiet_trainer(1, "auto", max_epochs=3).fit(resumed, _data(kind), ckpt_path=path)
     reference = _module(kind)

@@ -4,9 +4,9 @@
 ``torch.save`` then writes storage by storage: the model is in memory once. The file is a standard Lightning
 checkpoint (``state_dict`` with the unpipelined model's names, hyperparameters, loops, LR schedulers) that
 ``YourModule.load_from_checkpoint`` opens on one device; the optimizer states go under ``"pipeline"`` by parameter
-name (``optimizer_entries``), where ``PipelineStrategy`` finds them on any layout, and the file has no top-level
-``optimizer_states`` (one device's numbering of them is the module's own business), so a one-device
-``fit(ckpt_path=...)`` refuses it as Lightning refuses a weights-only file. :func:`shard` memory-maps the file and
+name (``optimizer_entries``), where ``PipelineStrategy`` finds them on any layout, and at the top level numbered as one
+device numbers them (from every rank's parameter groups by name, which the folder keeps), so that a one-device
+``fit(ckpt_path=...)`` resumes them too. :func:`shard` memory-maps the file and
 writes its tensors with DCP, so the model is not held in memory at all; it takes a consolidated file or one written
 with ``checkpoint_format="full"``.
 """
@@ -29,6 +29,7 @@ from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     SHARED_ENTRIES,
     named_optimizer_state,
+    one_device_optimizer_states,
     own_entries,
 )
 from lightning_pipe.strategy.references import fill_skeleton
@@ -69,8 +70,46 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
     if groups is not None:
         section["optimizer_entries"] = dict(_read(reader, saved, [key for key in saved if key.startswith(OPTIM)]))
         section["optimizer_param_groups"] = groups
+        if written.get("optimizer_group_names"):  # every rank's groups by name: numbered as one device does
+            section["optimizer_group_names"] = written["optimizer_group_names"]  # kept for `shard`
+            section["tied_names"] = written.get("tied_names") or {}
+            shares = _shares(section["optimizer_entries"], written["optimizer_group_names"], groups)
+            merged = shares and one_device_optimizer_states(shares, written["state_keys"], written.get("tied_names"))
+            if merged is not None:
+                checkpoint["optimizer_states"] = merged
     checkpoint[PIPELINE_KEY] = section
     _save_file(checkpoint, os.fspath(output))
+
+
+def _shares(entries: dict[str, Any], group_names: list[Any], groups: list[list[dict[str, Any]]]) -> list[dict] | None:
+    """Each rank's optimizer states as :func:`~lightning_pipe.strategy.checkpoint.gather_checkpoint` collects them,
+    rebuilt from the folder's named entries (``optim/<i>/<name>/<key>``) and the names of each rank's groups; None
+    where a rank's optimizers or groups do not match the folder's."""
+    by_name: dict[tuple[int, str], dict[str, Any]] = {}
+    for entry, value in entries.items():
+        index, rest = entry[len(OPTIM):].split("/", 1)
+        name, key = rest.rsplit("/", 1)
+        by_name.setdefault((int(index), name), {})[key] = value
+    shares = []
+    for rank_groups in group_names:
+        states, names = [], []
+        if len(rank_groups) != len(groups):
+            return None
+        for index, optimizer_groups in enumerate(rank_groups):
+            if len(optimizer_groups) != len(groups[index]):
+                return None
+            numbered = [name for group in optimizer_groups for name in group]
+            params, start = [], 0
+            for group in optimizer_groups:
+                params.append(list(range(start, start + len(group))))
+                start += len(group)
+            states.append({"state": {number: by_name[(index, name)] for number, name in enumerate(numbered)
+                                     if (index, name) in by_name},
+                           "param_groups": [{**hyper, "params": numbers}
+                                            for hyper, numbers in zip(groups[index], params)]})
+            names.append([[name] if name is not None else [] for name in numbered])
+        shares.append({"optimizer_states": states, "param_names": names})
+    return shares
 
 
 def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
@@ -94,7 +133,9 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
             meta["optimizer_param_groups"] = named[1]
         own = list(section.get("own") or [own_entries(checkpoint)])
         meta[SHARDED_KEY] = {"layout": dict(section.get("layout") or {}), "world_size": len(own),
-                             "state_keys": list(checkpoint["state_dict"])}
+                             "state_keys": list(checkpoint["state_dict"]),
+                             "optimizer_group_names": section.get("optimizer_group_names"),
+                             "tied_names": section.get("tied_names") or {}}
         for rank, entries in enumerate(own):
             write_file(entries, os.path.join(staging, f"rank-{rank}.pt"))
         write_file(meta, os.path.join(staging, META_FILE))

@@ -21,6 +21,7 @@ on every rank, with its cause; the previous checkpoint at the path stays as it w
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,7 @@ from lightning_pipe.strategy.checkpoint import (
     parameter_names,
 )
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
 
@@ -110,9 +112,14 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
     try:
         state = _together(what, device, prepare) or {}
+        # every rank's parameter groups by name, so that consolidate can number the states as one device does
+        names = parameter_names(module)
+        mine = [[[names.get(id(p), [None])[0] for p in group["params"]] for group in optimizer.param_groups]
+                for optimizer in optimizers]
+        group_names = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
         # DCP gathers every rank's failure and raises it on all of them
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split))
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, group_names))
         _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
@@ -123,7 +130,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
-               split: SplitModule) -> None:
+               split: SplitModule, group_names: list[Any] | None = None) -> None:
     """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt). Hyper-parameters
     holding the network (``save_hyperparameters()`` of a ``net``) are kept with a meta copy of the whole sequence in
     its place, which ``consolidate`` fills with the weights (no rank holds them all)."""
@@ -134,7 +141,8 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
         if "optimizer_states" in checkpoint:
             meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
         meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
-                             "state_keys": list(split.state_keys)}
+                             "state_keys": list(split.state_keys), "optimizer_group_names": group_names,
+                             "tied_names": dict(getattr(split, "tied_names", {}))}
         if meta.get(HPARAMS_KEY) is not None and split.proxy is not None:
             hparams, whole = hparams_with_skeleton(meta[HPARAMS_KEY], split.proxy, split.skeleton, split.path)
             if whole is not None:
