@@ -102,17 +102,21 @@ def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, chec
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("gpt2", "full"),
-                                                         ("gpt2", "sharded")])
+                                                         ("gpt2", "sharded"), ("gpt2", "full, sharded")])
 def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
                                                                              tmp_path: Path) -> None:
-    """A full file, or a sharded folder made one file with ``python -m lightning_pipe.checkpoint consolidate``."""
+    """A full file; a sharded folder made one file with ``python -m lightning_pipe.checkpoint consolidate``; a full
+    file made a folder with ``shard``, then one file again."""
+    from lightning_pipe.checkpoint.convert import consolidate, shard
+
     if kind == "gpt2":
         pytest.importorskip("transformers")
     path = str(tmp_path / "pipeline.ckpt")
-    run_ranks(_pipeline_first_epoch, 2, kind, path, checkpoint_format, timeout=280)
-    if checkpoint_format == "sharded":
-        from lightning_pipe.checkpoint.convert import consolidate
-
+    run_ranks(_pipeline_first_epoch, 2, kind, path, checkpoint_format.split(",")[0], timeout=280)
+    if checkpoint_format == "full, sharded":
+        shard(path, str(tmp_path / "folder.ckpt"))
+        path = str(tmp_path / "folder.ckpt")
+    if "sharded" in checkpoint_format:
         consolidate(path, str(tmp_path / "consolidated.ckpt"))
         path = str(tmp_path / "consolidated.ckpt")
     resumed = _module(kind)

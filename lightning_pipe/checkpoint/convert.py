@@ -134,7 +134,7 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
         own = list(section.get("own") or [own_entries(checkpoint)])
         meta[SHARDED_KEY] = {"layout": dict(section.get("layout") or {}), "world_size": len(own),
                              "state_keys": list(checkpoint["state_dict"]),
-                             "optimizer_group_names": section.get("optimizer_group_names"),
+                             "optimizer_group_names": section.get("optimizer_group_names") or _group_names(section),
                              "tied_names": section.get("tied_names") or {}}
         for rank, entries in enumerate(own):
             write_file(entries, os.path.join(staging, f"rank-{rank}.pt"))
@@ -144,6 +144,17 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _group_names(section: dict[str, Any]) -> list[Any] | None:
+    """Every rank's parameter groups by name, from a full checkpoint's ``"pipeline"`` entry (each rank's optimizer
+    states and the names of their parameters); None for a file without them."""
+    if "param_names" not in section or "optimizer_states" not in section:
+        return None
+    return [[[[names[number][0] if names[number] else None for number in group["params"]]
+              for group in state["param_groups"]]
+             for state, names in zip(rank_states, rank_names)]
+            for rank_states, rank_names in zip(section["optimizer_states"], section["param_names"])]
 
 
 def _read(reader: FileSystemReader, saved: dict[str, Any], keys: list[str]) -> Iterator[tuple[str, Any]]:

@@ -76,6 +76,7 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
             "optimizer_states": [part.get("optimizer_states", []) for part in shares],
             "lr_schedulers": [part.get("lr_schedulers", []) for part in shares],
             "param_names": [part["param_names"] for part in shares],
+            "tied_names": dict(tied or {}),
         }
     full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
     # Callback states and extras keyed by the model's names whole, from every rank's share (SWA's average model,
