@@ -28,6 +28,7 @@ from lightning_pipe.strategy.checkpoint import (
     OPTIM,
     PIPELINE_KEY,
     SHARED_ENTRIES,
+    group_names,
     named_optimizer_state,
     one_device_optimizer_states,
     own_entries,
@@ -151,9 +152,7 @@ def _group_names(section: dict[str, Any]) -> list[Any] | None:
     states and the names of their parameters); None for a file without them."""
     if "param_names" not in section or "optimizer_states" not in section:
         return None
-    return [[[[names[number][0] if names[number] else None for number in group["params"]]
-              for group in state["param_groups"]]
-             for state, names in zip(rank_states, rank_names)]
+    return [[group_names(state, names) for state, names in zip(rank_states, rank_names)]
             for rank_states, rank_names in zip(section["optimizer_states"], section["param_names"])]
 
 

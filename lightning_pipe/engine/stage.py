@@ -113,22 +113,19 @@ class PipelineStage:
         training = torch.is_grad_enabled()
         if training:
             self._inputs[microbatch] = tree_flatten(inputs)[0]
-        on_call = self.norms.call if self.norms is not None else None
-
-        def run(x: Any, function: Any = module) -> Any:  # each of the step's calls of the model in turn (.calls)
-            return each_call(function, x, on_call)
-
+        on_call = self.norms.call if self.norms is not None else None  # each of the step's calls in turn (.calls)
         with self._running(forward=True, training=training):
             if self.checkpoint_activations and training:
-                output = checkpoint(run, inputs, use_reentrant=False, preserve_rng_state=True)
+                output = checkpoint(functools.partial(each_call, module, on_call=on_call), inputs, use_reentrant=False,
+                                    preserve_rng_state=True)
             elif self._hooks and training:
                 self._capturing = []
                 try:
-                    output = run(inputs, self.module)
+                    output = each_call(self.module, inputs, on_call)
                 finally:
                     self._captures[microbatch], self._capturing = self._capturing, None
             else:
-                output = run(inputs)
+                output = each_call(module, inputs, on_call)
         if training:
             self._outputs[microbatch] = output
         return output

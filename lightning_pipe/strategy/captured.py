@@ -110,7 +110,7 @@ class PipelinedModel(nn.Module):
     """
 
     def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
-                 path: str) -> None:
+                 path: str, calls: ModelCalls | None = None) -> None:
         super().__init__()
         for segment in segments:
             mirror(self, segment, model, path)
@@ -121,7 +121,7 @@ class PipelinedModel(nn.Module):
         object.__setattr__(self, "_model", model)
         self._path = path
         self._model_name = type(model).__name__
-        self.model_calls = ModelCalls(f"the model at {path!r} ({self._model_name})")
+        self.model_calls = calls or ModelCalls(f"the model at {path!r} ({self._model_name})")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
         self.training = model.training
 
@@ -178,7 +178,7 @@ class CapturedModule:
         self.called = module if self.root else self.model  # what the step calls
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
-        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
+        self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -220,8 +220,7 @@ class CapturedModule:
     def install(self, local: Sequence[Segment]) -> PipelinedModel:
         """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
         the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""
-        self.proxy = PipelinedModel(local, self.segments, self.model, self.path)
-        self.proxy.model_calls.module, self.proxy.model_calls.expected = self.module, self.expected_calls
+        self.proxy = PipelinedModel(local, self.segments, self.model, self.path, self.calls)
         proxy = self.proxy
         self.deferred = DeferredCalls(self.module, lambda child: any(m is proxy for m in child.modules()),
                                       torch.device("cpu"))  # the runner sets the rank's device
@@ -267,12 +266,11 @@ class CapturedModule:
         def run() -> Any:
             return getattr(self.module, step)(microbatch, *args, **kwargs)
 
+        calls, key = self.calls, call_key(step, args, kwargs)  # the proxy's, once cut
         if self.proxy is not None:
-            calls = self.proxy.model_calls
-            recorded = calls.capture(run, call_key(step, args, kwargs))
+            recorded = calls.capture(run, key)
         else:  # before the cut (at setup): the model's forward is never run, its calls are recorded instead; what
             # the step's code after them changes on the module, or logs through its loggers, is undone or dropped
-            calls = ModelCalls(self.where, self.module, self.expected_calls)
             called = self.called
             own = called.__dict__.get("forward")
             called.forward = lambda *call_args, **call_kwargs: calls.record((call_args, call_kwargs))
@@ -280,7 +278,7 @@ class CapturedModule:
             start = effects.snapshot()
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
-                    recorded = calls.capture(run, call_key(step, args, kwargs))
+                    recorded = calls.capture(run, key)
             finally:
                 if own is None:
                     del called.forward
@@ -386,7 +384,7 @@ class CapturedModule:
                  kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
         assert self.proxy is not None
-        calls = self.proxy.model_calls
+        calls = self.calls
         calls.serve(output)
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None \
             else contextlib.nullcontext()

@@ -75,6 +75,11 @@ class ChainLink(PipelinedSequence):
         self._calls = 0
         self._previous: Handover | None = None  # the last stage: what the link before handed over
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_output=None, _mode=None, _previous=None)
+        return state
+
     def forward(self, *inputs: Any) -> Any:
         if self.model_calls.mode == "capture" and self._index == 0:  # once per step: stop at the first call
             self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
@@ -104,7 +109,6 @@ class ChainSplit(SplitModule):
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
-        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
         inside = {id(p) for part in self.parts for p in part.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -126,7 +130,6 @@ class ChainSplit(SplitModule):
             by_part[index].append((own, layer))
         for index, (path, part) in enumerate(zip(self.paths, self.parts)):
             link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
-            link.model_calls.module = self.module
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
             self.aliases += redirect(self.module, part, link, path)

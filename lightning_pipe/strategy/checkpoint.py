@@ -26,8 +26,8 @@ from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
-           "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "SHARED_ENTRIES",
-           "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
+           "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "group_names",
+           "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
            "CallbackMerge"]
 
 PIPELINE_KEY = "pipeline"
@@ -228,6 +228,13 @@ def optimizers_parameter_names(module: torch.nn.Module, optimizers: Sequence[Opt
             for optimizer in optimizers]
 
 
+def group_names(state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """Optimizer ``state_dict()``'s parameter groups as each parameter's first name (None for one without: a
+    placeholder); ``names``: as :func:`optimizers_parameter_names`."""
+    return [[names[number][0] if names[number] else None for number in group["params"]]
+            for group in state["param_groups"]]
+
+
 def optimizer_entries(index: int, state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> dict[str, Any]:
     """Optimizer ``index``'s ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names (each
     of a tied parameter's names): ``optim/<index>/<name>/<key>``; ``names``: as :func:`optimizers_parameter_names`."""
@@ -260,7 +267,7 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
             return None
         groups, values, number = [], {}, 0
         for group_index in range(len(states[0][0]["param_groups"])):
-            found: dict[str, tuple[int, Any]] = {}  # first name -> (position in the model, state)
+            found: dict[int, Any] = {}  # one device's place of each parameter (its first name's) -> its state
             hyper: dict[str, Any] | None = None
             for state, names in states:
                 group = state["param_groups"][group_index]
@@ -270,22 +277,20 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
                     if not known:  # a stage with nothing to train holds a placeholder
                         continue
                     positions.append(order[known[0]])  # this rank's order: by its first name here
-                    place = position[known[0]]  # one device's: its first name's there
-                    found.setdefault(state_keys[place], (place, state["state"].get(local)))
+                    found.setdefault(position[known[0]], state["state"].get(local))  # one device's place
                 if positions != sorted(positions):
                     return None
                 if positions and hyper is None:
                     hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             if hyper is None:
                 return None
-            ranked = sorted(found.items(), key=lambda item: item[1][0])
-            group = {**hyper, "params": list(range(number, number + len(ranked)))}
+            places = sorted(found)
+            group = {**hyper, "params": list(range(number, number + len(places)))}
             if any("param_names" in state["param_groups"][group_index] for state, _ in states):
-                group["param_names"] = [name for name, _ in ranked]
-            for offset, (_, (_, value)) in enumerate(ranked):
-                if value is not None:
-                    values[number + offset] = value
-            number += len(ranked)
+                group["param_names"] = [state_keys[place] for place in places]
+            values.update((number + offset, found[place]) for offset, place in enumerate(places)
+                          if found[place] is not None)
+            number += len(places)
             groups.append(group)
         merged.append({"state": values, "param_groups": groups})
     return merged

@@ -119,7 +119,7 @@ class PipelineCheckpoints:
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
             full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
                                      optimizers_parameter_names(self.lightning_module, self.optimizers), device,
-                                     getattr(runner.split, "tied_names", None))
+                                     runner.split.tied_names)
             try:
                 if self.is_global_zero:
                     assert full is not None

@@ -454,11 +454,11 @@ class PipelineRunner(SharedResults):
         """The first stage's input of each micro-batch: the step run up to the model (kept in ``seen``, if given)."""
         device = self.pipeline.device
 
-        both = self.pipeline.is_last_rank  # a V schedule: this rank runs the whole step too, which makes the changes
+        whole_here = self.pipeline.is_last_rank  # a V schedule: the whole step runs here too, making the changes
 
         def input_fn(tagged: Any) -> Any:
             index = firsts[int(tagged[_ROWS][0])]
-            before = self.effects.snapshot() if both else None
+            before = self.effects.snapshot() if whole_here else None
             with self.recorder.discarding(), self.logger_calls.discarding(), \
                     forked_random(derive_seed(seed, index), device):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)

@@ -39,6 +39,7 @@ from lightning_pipe.strategy.checkpoint import (
     OPTIM,
     SHARED_ENTRIES,
     CallbackMerge,
+    group_names,
     optimizer_entries,
     optimizers_parameter_names,
     own_entries,
@@ -99,27 +100,26 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
     staging = os.path.join(parent, STAGING, name)
     rank = dist.get_rank()
     what = f"writing the sharded checkpoint {target}"
+    names = optimizers_parameter_names(module, optimizers)
+    optimizer_states = checkpoint.get("optimizer_states", [])
 
     def prepare() -> dict[str, Any]:
         if rank == 0:  # what a crash left of an earlier attempt
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging)
         state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
-        names = optimizers_parameter_names(module, optimizers)
-        for index, opt_state in enumerate(checkpoint.get("optimizer_states", [])):
+        for index, opt_state in enumerate(optimizer_states):
             state.update(optimizer_entries(index, opt_state, names[index]))
         return state
 
     try:
         state = _together(what, device, prepare) or {}
         # every rank's parameter groups by name, so that consolidate can number the states as one device does
-        names = parameter_names(module)
-        mine = [[[names.get(id(p), [None])[0] for p in group["params"]] for group in optimizer.param_groups]
-                for optimizer in optimizers]
-        group_names = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
+        mine = [group_names(opt_state, names[index]) for index, opt_state in enumerate(optimizer_states)]
+        every_group = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
         # DCP gathers every rank's failure and raises it on all of them
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, group_names))
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, every_group))
         _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
@@ -130,7 +130,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
-               split: SplitModule, group_names: list[Any] | None = None) -> None:
+               split: SplitModule, every_group: list[Any] | None = None) -> None:
     """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt). Hyper-parameters
     holding the network (``save_hyperparameters()`` of a ``net``) are kept with a meta copy of the whole sequence in
     its place, which ``consolidate`` fills with the weights (no rank holds them all)."""
@@ -141,8 +141,8 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
         if "optimizer_states" in checkpoint:
             meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
         meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
-                             "state_keys": list(split.state_keys), "optimizer_group_names": group_names,
-                             "tied_names": dict(getattr(split, "tied_names", {}))}
+                             "state_keys": list(split.state_keys), "optimizer_group_names": every_group,
+                             "tied_names": dict(split.tied_names)}
         if meta.get(HPARAMS_KEY) is not None and split.proxy is not None:
             hparams, whole = hparams_with_skeleton(meta[HPARAMS_KEY], split.proxy, split.skeleton, split.path)
             if whole is not None:

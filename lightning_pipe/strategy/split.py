@@ -57,13 +57,14 @@ class PipelinedSequence(nn.Module):
     refuses to run, since most layers live on other ranks.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, names: Sequence[str] = ()) -> None:
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], path: str, names: Sequence[str] = (),
+                 calls: ModelCalls | None = None) -> None:
         super().__init__()
         for name, layer in layers:
             self.add_module(name, layer)
         self._path = path
         self._names = list(names) or [name for name, _ in layers]  # every layer's name, in the sequence's order
-        self.model_calls = ModelCalls(f"the nn.Sequential at {path!r}")
+        self.model_calls = calls or ModelCalls(f"the nn.Sequential at {path!r}")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
 
     def forward(self, *inputs: Any) -> Any:
@@ -96,7 +97,6 @@ class PipelinedSequence(nn.Module):
         # runner and its process groups; a checkpoint stores hyper-parameters with the sequence whole instead.
         state = dict(self.__dict__)
         state["owner"], state["model_calls"] = None, ModelCalls(self.model_calls.where)
-        state.update({key: None for key in ("_output", "_mode", "_previous") if key in state})  # a chain's link
         return state
 
 
@@ -113,7 +113,6 @@ class SplitModule:
         self.path, self.sequence = find_sequence(module, layers)
         self.state_keys = list(module.state_dict().keys())  # the full model's keys, in the full model's order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
-        self.expected_calls: dict[str, int] = {}  # step name -> its calls of the layers, once learned
         inside = {id(p) for p in self.sequence.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -130,8 +129,8 @@ class SplitModule:
         """Replace the sequence by a proxy holding only ``local_layers``; the other layers are dropped."""
         parent_path, _, attribute = self.path.rpartition(".")
         parent = self.module.get_submodule(parent_path) if parent_path else self.module
-        self.proxy = PipelinedSequence(local_layers, self.path, list(self.sequence._modules))
-        self.proxy.model_calls.module, self.proxy.model_calls.expected = self.module, self.expected_calls
+        self.proxy = PipelinedSequence(local_layers, self.path, list(self.sequence._modules),
+                                       ModelCalls(f"the nn.Sequential at {self.path!r}", self.module))
         setattr(parent, attribute, self.proxy)
         self.aliases = redirect(self.module, self.sequence, self.proxy, self.path)
         proxy = self.proxy
