@@ -27,8 +27,8 @@ from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "group_names",
-           "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
-           "CallbackMerge"]
+           "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
+           "with_own_entries", "CallbackMerge"]
 
 PIPELINE_KEY = "pipeline"
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
