@@ -303,6 +303,17 @@ def hf_vision(kind: str) -> nn.Module:
     return getattr(transformers, f"{kind}ForImageClassification")(config)
 
 
+def peft_lora(layers: int = 4) -> nn.Module:
+    """PEFT's LoRA over Llama, as a fine-tuning project wraps a model: the base weights frozen, low-rank adapters on
+    the attention's query and value projections; ``PeftModel.forward(*args, **kwargs)`` takes every input by
+    keyword."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return get_peft_model(hf_llama(layers), adapters)
+
+
 def hf_albert(layers: int = 4) -> nn.Module:
     """ALBERT: one layer's weights shared by every layer, so the cut puts the same parameters on several stages."""
     from transformers import AlbertConfig, AlbertForSequenceClassification
@@ -364,8 +375,9 @@ class Family:
         if self.hf and not HAS_TRANSFORMERS:
             pytest.skip("transformers is not installed (pip install -e '.[dev]')")
         if self.requires and importlib.util.find_spec(self.requires) is None:
-            pytest.skip(f"{self.requires} is not installed (here: pip install torch==2.14.1 torchvision==0.29.1 "
-                        f"timm, whose torchvision loads its ops)")
+            how = ("pip install -e '.[dev]'" if self.requires == "peft" else
+                   "here: pip install torch==2.14.1 torchvision==0.29.1 timm, whose torchvision loads its ops")
+            pytest.skip(f"{self.requires} is not installed ({how})")
 
 
 def _tokens(rows: int, length: int, seed: int) -> Batch:
@@ -510,6 +522,9 @@ VARIANTS = {family.name: family for family in [
            lambda out, mb: F.mse_loss(out, mb[0].flip(1))),
     Family("hf_llama_eager_attention", functools.partial(hf_llama, attention="eager"), _masked,
            lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss, hf=True),
+    Family("peft_lora", peft_lora, _masked,
+           lambda mb: ((), {"input_ids": mb[0], "attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss,
+           hf=True, requires="peft"),
 ]}
 
 

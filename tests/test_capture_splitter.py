@@ -180,6 +180,38 @@ def test_a_first_micro_batch_of_one_row_keeps_the_batch_size_symbolic() -> None:
     assert len(splitter.captures) == 1
 
 
+class _Keywords(nn.Module):
+    """A wrapper taking its inputs through ``**kwargs``, as PEFT's ``PeftModel.forward(*args, **kwargs)`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = LitGPT()
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(kwargs.pop("input_ids", args[0] if args else None))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), kwargs["labels"].flatten())
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_inputs_taken_through_kwargs_keep_their_sizes_symbolic(positional: bool) -> None:
+    """torch's export lays out the symbolic sizes of inputs that land in ``**kwargs`` inconsistently ("Must provide a
+    tree_name when there might be a mismatch"); the capture names them for export, so one capture serves every
+    shape and no fallback warning is given."""
+    torch.manual_seed(0)
+    model = _Keywords()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    for rows, length in ((4, 8), (3, 5)):
+        tokens = torch.randint(0, 96, (rows, length))
+        args, kwargs = ((tokens,), {"labels": tokens}) if positional else ((), {"input_ids": tokens, "labels": tokens})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = splitter.run(*args, **kwargs)
+        torch.testing.assert_close(got, reference(*args, **kwargs), rtol=0, atol=1e-6)
+    assert len(splitter.captures) == 1 and splitter.captures[0].dynamic
+    assert "forward" not in model.__dict__, "the named forward is removed after the capture"
+
+
 class _Scan(nn.Module):
     """A recurrence over the sequence in a Python loop, as Hugging Face's Mamba scans without its CUDA kernels."""
 

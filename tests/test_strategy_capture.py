@@ -158,8 +158,10 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         kept = {id(p) for p in original.parameters() if not p.is_meta}
         validated = _trainer(strategy, world_size, precision=precision).validate(model, _data(name, 50, [(8, 14)]),
                                                                                  verbose=False)
+        splitter = getattr(trainer.strategy.runner.split, "splitter", None)
         results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
-                         "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads()}
+                         "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads(),
+                         "symbolic": splitter is not None and all(c.dynamic for c in splitter.captures)}
         if not resume:
             continue
         interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
@@ -483,6 +485,18 @@ def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
     names = list(MORE_FAMILIES)
     _check(run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, timeout=560), names)
+
+
+@pytest.mark.timeout(600)
+def test_a_peft_lora_model_trains_validates_and_resumes_like_one_device(tmp_path: Path) -> None:
+    """PEFT's LoRA over Llama, as a fine-tuning project builds it (the base frozen, adapters on the attention), under
+    ``pipedream`` on 2 ranks: its weights after three steps of changing sequence lengths, its validation loss and its
+    resume from a checkpoint equal one device's; ``PeftModel.forward(*args, **kwargs)`` is captured with symbolic
+    sizes (once, not once per length: torch's export needs the inputs it takes by ``**kwargs`` named)."""
+    family("peft_lora")  # skips without peft
+    results = run_ranks(_fit_families, 2, ["peft_lora"], "pipedream", str(tmp_path), True, timeout=560)
+    _check(results, ["peft_lora"])
+    assert all(result["peft_lora"]["symbolic"] for result in results)
 
 
 @pytest.mark.timeout(600)

@@ -55,6 +55,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_mode(model, training))
                 stack.enter_context(_no_caches(model))
+                stack.enter_context(_keywords_named(model, args, kwargs))
                 functions, checkpoints = stack.enter_context(_watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 if meta:
@@ -140,6 +141,34 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
+
+
+@contextlib.contextmanager
+def _keywords_named(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Iterator[None]:
+    """While export runs, a forward taking some of ``kwargs`` through ``**kwargs`` (PEFT's ``PeftModel.forward(*args,
+    **kwargs)``, a Hugging Face model given an extra keyword) names them in its signature: torch's export lays the
+    symbolic sizes of such inputs out one way when it checks them and another when it builds their ranges ("Must
+    provide a tree_name when there might be a mismatch"). The instance's own ``forward`` stands in for the class's
+    and calls it; it is removed afterwards."""
+    signature = inspect.signature(model.forward)
+    spill = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    extra = signature.bind(*args, **kwargs).arguments.get(spill, {}) if spill else {}
+    if not extra or "forward" in model.__dict__:
+        yield
+        return
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)
+
+    named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*named, *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra)])
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.forward
 
 
 @contextlib.contextmanager
