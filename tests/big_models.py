@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["LazyRegressor", "Scale", "ScaledRegressor", "EMA", "NotedRegressor", "materialized_like_pipeline"]
+__all__ = ["LazyRegressor", "MeteredRegressor", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
+           "materialized_like_pipeline"]
 
 
 class LazyRegressor(L.LightningModule):
@@ -44,6 +45,27 @@ class LazyRegressor(L.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MeteredRegressor(LazyRegressor):
+    """LazyRegressor that builds its torchmetrics in ``configure_model()`` beside the layers: a mean squared error
+    (states starting at zero) and a running maximum (a state starting at minus infinity), logged per epoch."""
+
+    def configure_model(self) -> None:
+        if self.layers is not None:
+            return
+        import torchmetrics
+
+        super().configure_model()
+        self.mse = torchmetrics.MeanSquaredError()
+        self.worst = torchmetrics.MaxMetric()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        prediction = self(x)
+        self.mse(prediction, y)
+        self.worst((prediction - y).abs().amax(dim=1) - 10.0)  # below zero: a state that started at 0 would show
+        self.log_dict({"val_mse": self.mse, "val_worst": self.worst})
 
 
 class Scale(nn.Module):

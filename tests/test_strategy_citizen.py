@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,7 +189,7 @@ def test_alias_paths_are_redirected_and_hparams_pickle_whole() -> None:
         torch.testing.assert_close(value, full[f"net.{key}"])
 
 
-def _compiled(rank: int, world_size: int, compiled: bool) -> dict[str, Any]:
+def _compiled(rank: int, world_size: int, compiled: bool, tmp: str) -> dict[str, Any]:
     import warnings
 
     import lightning as L
@@ -201,6 +202,7 @@ def _compiled(rank: int, world_size: int, compiled: bool) -> dict[str, Any]:
     class Model(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(SEED)
             layers = mlp(num_layers=4, width=16)
             self.layers = torch.compile(layers) if compiled else layers
 
@@ -211,27 +213,46 @@ def _compiled(rank: int, world_size: int, compiled: bool) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    model = Model()
-    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_steps=STEPS, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    def trainer(steps: int) -> Any:
+        return L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_steps=steps, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+
+    model, fitting = Model(), trainer(STEPS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, regression_data(STEPS))
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        fitting.fit(model, regression_data(STEPS + 1))
+    path = os.path.join(tmp, f"compiled-{compiled}.ckpt")
+    fitting.save_checkpoint(path)
+    resumed = Model()
+    trainer(STEPS + 1).fit(resumed, regression_data(STEPS + 1), ckpt_path=path)
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "path": path,
+            "resumed": {k: v.detach().clone() for k, v in resumed.state_dict().items()},
             "warned": any("torch.compile of ['layers'] is undone" in str(w.message) for w in caught)}
 
 
-@pytest.mark.timeout(120)
-def test_a_torch_compiled_model_trains_as_the_eager_one() -> None:
+@pytest.mark.timeout(200)
+def test_a_torch_compiled_model_trains_as_the_eager_one(tmp_path: Path) -> None:
     """self.layers = torch.compile(nn.Sequential(...)): the compiled wrapper would call the whole model, not the
-    stages; it is undone with a warning, and the weights equal the eager model's under the same pipeline."""
-    eager = run_ranks(_compiled, 2, False, timeout=100)
-    compiled = run_ranks(_compiled, 2, True, timeout=100)
+    stages; it is undone with a warning, and the weights equal the eager model's under the same pipeline. The state
+    dict keeps one device's names (``layers._orig_mod.0.weight``): the checkpoint loads into the compiled module on
+    one device, and a fit resumes from it (either name loads)."""
+    from tests.models import mlp
+
+    eager = run_ranks(_compiled, 2, False, str(tmp_path), timeout=180)
+    compiled = run_ranks(_compiled, 2, True, str(tmp_path), timeout=180)
     assert compiled[0]["warned"] and not eager[0]["warned"]
-    for got, want in zip(compiled, eager):
-        assert got["state"].keys() == want["state"].keys()
-        for key, value in want["state"].items():
-            torch.testing.assert_close(got["state"][key], value, rtol=0, atol=0, msg=key)
+    for which in ("state", "resumed"):
+        for got, want in zip(compiled, eager):
+            assert got[which].keys() == {k.replace("layers.", "layers._orig_mod.", 1) for k in want[which]}
+            for key, value in want[which].items():
+                torch.testing.assert_close(got[which][key.replace("layers.", "layers._orig_mod.", 1)], value,
+                                           rtol=0, atol=0, msg=key)
+    holder = torch.nn.Module()
+    holder.layers = torch.compile(mlp(num_layers=4, width=16))  # as the user's module holds it, on one device
+    holder.load_state_dict(torch.load(compiled[0]["path"], weights_only=True)["state_dict"])
+    merged = {k: v for result in compiled for k, v in result["state"].items()}
+    for key, value in holder.state_dict().items():
+        torch.testing.assert_close(value, merged[key], rtol=0, atol=0, msg=key)
 
 
 def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:

@@ -99,6 +99,49 @@ def test_meta_built_models_train_like_one_device(world_size: int) -> None:
     assert len(results[0]["local"]) < 8
 
 
+def _metered(rank: int, world_size: int) -> dict[str, Any]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import MeteredRegressor
+    from tests.lightning_models import regression_data
+
+    L.seed_everything(SEED)
+    model = MeteredRegressor()
+    trainer = _trainer(world_size, max_steps=2)
+    trainer.fit(model, regression_data(2))
+    (logged,) = trainer.validate(model, regression_data(2, seed=9), verbose=False)
+    return {"logged": logged, "state": model.state_dict(), "mse_on": str(model.mse.total.device)}
+
+
+@pytest.mark.timeout(200)
+def test_metrics_made_in_configure_model_keep_their_initial_states() -> None:
+    """torchmetrics made in configure_model() beside the layers (which are built on the meta device) are built on
+    the CPU, so their states start where they should: a running maximum from minus infinity, not from a lost value;
+    they log one device's values. They used to be refused ("created on the meta device")."""
+    import lightning as L
+
+    from tests.big_models import MeteredRegressor, materialized_like_pipeline
+    from tests.lightning_models import regression_data
+
+    results = run_ranks(_metered, 2, timeout=180)
+    with torch.device("meta"):
+        model = MeteredRegressor()
+        model.configure_model()
+    model.mse, model.worst = type(model.mse)(), type(model.worst)()  # one device's: made in the open
+    materialized_like_pipeline(model, SEED)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, regression_data(2))
+    (expected,) = trainer.validate(model, regression_data(2, seed=9), verbose=False)
+    assert expected["val_worst"] < 0
+    for result in results:
+        assert result["mse_on"] == "cpu"
+        assert result["logged"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert result["logged"][key] == pytest.approx(value, rel=1e-5), key
+
+
 def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     import lightning as L
 

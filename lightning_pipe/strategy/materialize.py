@@ -27,9 +27,11 @@ come from one stream in construction order):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,7 +39,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
-__all__ = ["has_meta_tensors", "LocalMaterializer", "refuse_planned_cut"]
+__all__ = ["has_meta_tensors", "LocalMaterializer", "metrics_on_host", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 
@@ -185,6 +187,47 @@ class LocalMaterializer:
                 f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
 
 
+@contextlib.contextmanager
+def metrics_on_host() -> Iterator[None]:
+    """torchmetrics built while the model is built on the meta device (a metric made in ``configure_model()`` beside
+    the layers) are built on the CPU instead: a metric keeps its states' initial values in tensors of its own, outside
+    parameters and buffers, which no initialization could restore on a meta device. Each ``Metric`` class' own
+    ``__init__`` runs under ``torch.device("cpu")`` while the block runs (the class' dtype default stays; Lightning
+    moves the module to its device afterwards, as it moves metrics made in ``__init__``)."""
+    metric = getattr(sys.modules.get("torchmetrics"), "Metric", None)
+    if metric is None:  # not imported yet: nothing built in the block can be a metric unless it imports it there
+        try:
+            from torchmetrics import Metric as metric
+        except ImportError:
+            yield
+            return
+    wrapped: list[tuple[type, Callable]] = []
+    classes, seen = [metric], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        if "__init__" in cls.__dict__:
+            original = cls.__dict__["__init__"]
+            wrapped.append((cls, original))
+            cls.__init__ = _on_host(original)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        for cls, original in wrapped:
+            cls.__init__ = original  # type: ignore[misc]
+
+
+def _on_host(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def build(*args: object, **kwargs: object) -> None:
+        with torch.device("cpu"):
+            init(*args, **kwargs)
+    return build
+
+
 def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequence: nn.Module) -> None:
     """torchmetrics keep their states outside parameters and buffers: on the meta device their defaults are lost."""
     inside = {id(m) for m in sequence.modules()}
@@ -195,9 +238,9 @@ def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequenc
         defaults = getattr(child, "_defaults", None)
         if isinstance(defaults, dict) and any(isinstance(v, torch.Tensor) and v.is_meta for v in defaults.values()):
             raise ValueError(f"the metric {name!r} ({type(child).__name__}) was created on the meta device, where its "
-                             f"states' initial values are lost; create torchmetrics outside it: in __init__ when the "
-                             f"model is built in configure_model(), or in setup(), not under "
-                             f"Trainer.init_module(empty_init=True)")
+                             f"states' initial values are lost; create the metric outside it: in __init__, "
+                             f"configure_model() or setup() (a metric class defined while the model is built is not "
+                             f"kept off the meta device)")
 
 
 def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: dict[str, int]) -> None:

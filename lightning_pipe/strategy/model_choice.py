@@ -6,6 +6,7 @@ parameter, or of the one ``layers=`` names, or, when several attributes hold the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Any
@@ -63,7 +64,10 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
 
 def undo_compile(module: nn.Module) -> list[str]:
     """Put back the module that each ``torch.compile``d submodule of ``module`` wraps (an ``OptimizedModule``, whose
-    compiled code would call the layers as they were, not the stages they are cut into); return their paths."""
+    compiled code would call the layers as they were, not the stages they are cut into); return their paths.
+
+    The state dict keeps the names one device gives (``net._orig_mod.0.weight``), so that checkpoints load into the
+    compiled module as the user built it; loading takes either name."""
     if not any(type(m).__name__ == "OptimizedModule" for m in module.modules()):
         return []  # no import of torch._dynamo for the common case
     from torch._dynamo.eval_frame import OptimizedModule
@@ -73,8 +77,28 @@ def undo_compile(module: nn.Module) -> list[str]:
         for child_name, child in list(parent.named_children()):
             if isinstance(child, OptimizedModule):
                 setattr(parent, child_name, child._orig_mod)
+                parent._register_state_dict_hook(functools.partial(_compiled_names, child_name))
+                parent._register_load_state_dict_pre_hook(functools.partial(_uncompiled_names, child_name))
                 undone.append(f"{name}.{child_name}" if name else child_name)
     return undone
+
+
+def _compiled_names(child: str, module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict hook: ``{prefix}{child}.x`` is named ``{prefix}{child}._orig_mod.x``, in place and in order."""
+    inside = f"{prefix}{child}."
+    if not any(key.startswith(inside) for key in state):
+        return
+    items = list(state.items())
+    state.clear()
+    state.update((f"{inside}_orig_mod.{key[len(inside):]}" if key.startswith(inside) else key, value)
+                 for key, value in items)
+
+
+def _uncompiled_names(child: str, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load pre-hook: ``{prefix}{child}._orig_mod.x`` loads into ``{prefix}{child}.x``."""
+    compiled = f"{prefix}{child}._orig_mod."
+    for key in [key for key in state if key.startswith(compiled)]:
+        state[f"{prefix}{child}.{key[len(compiled):]}"] = state.pop(key)
 
 
 def _own_forward(module: nn.Module) -> bool:
