@@ -303,6 +303,26 @@ def hf_vision(kind: str) -> nn.Module:
     return getattr(transformers, f"{kind}ForImageClassification")(config)
 
 
+def hf_bloom(layers: int = 4) -> nn.Module:
+    """Bloom: ALiBi position biases, and a GELU applied through a custom ``torch.autograd.Function`` whose backward is
+    the derivative written out (checked at the capture, then captured)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=layers, n_head=4, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0))
+
+
+def hf_bart(layers: int = 2) -> nn.Module:
+    """BART: an encoder-decoder whose token embedding is shared by the encoder, the decoder and the LM head."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=40, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None))
+
+
 def peft_lora(layers: int = 4) -> nn.Module:
     """PEFT's LoRA over Llama, as a fine-tuning project wraps a model: the base weights frozen, low-rank adapters on
     the attention's query and value projections; ``PeftModel.forward(*args, **kwargs)`` takes every input by
@@ -469,6 +489,10 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
            lambda out, mb: out.loss, hf=True),
     Family("hf_mamba", hf_mamba, _tokens, lambda mb: ((mb[0],), {"labels": mb[0]}), lambda out, mb: out.loss, hf=True),
     Family("hf_segformer", hf_segformer, _segmented, lambda mb: ((mb[0],), {}), _segmentation_loss, hf=True),
+    Family("hf_bloom", hf_bloom, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}),
+           lambda out, mb: out.loss, hf=True),
+    Family("hf_bart", hf_bart, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0].flip(1)}),
+           lambda out, mb: out.loss, hf=True),
 ]}
 
 

@@ -121,6 +121,89 @@ def test_allowing_autograd_functions_captures_their_forward() -> None:
     torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-6)
 
 
+class TanhGelu(torch.autograd.Function):
+    """The tanh-approximated GELU with its derivative written out, as Bloom's ``GeLUFunction`` does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        inner = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        slope = 0.5 * x * ((1 - inner * inner) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + inner)
+        return slope * grad
+
+
+class ScaledSum(torch.autograd.Function):
+    """The newer form (forward without a context, setup_context apart), two inputs, one not differentiable."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return (x * weight).sum(-1) * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        x, weight, ctx.scale = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        return grad[..., None] * weight * ctx.scale, grad[..., None] * x * ctx.scale, None
+
+
+class Derived(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.weight = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = TanhGelu.apply(self.linear(x))
+        return h + ScaledSum.apply(h, self.weight, 0.5)[..., None]
+
+
+def test_a_function_whose_backward_is_its_forwards_derivative_is_captured_without_a_flag() -> None:
+    """Each custom Function met is checked on random inputs of its shapes (in float64): its backward against
+    autograd through its own forward. One that agrees needs no allow_autograd_functions, and trains exactly."""
+    torch.manual_seed(0)
+    model = Blocks(Derived())
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    Splitter(model).run(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class Reversal(torch.autograd.Function):
+    """A gradient reversal: identity forward, negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return -grad
+
+
+class Reversed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Reversal.apply(x)
+
+
+def test_a_function_whose_backward_is_not_the_derivative_is_refused_with_the_difference() -> None:
+    with pytest.raises(CaptureError) as caught:
+        Splitter(Blocks(Reversed())).segments((torch.randn(2, 8),))
+    message = str(caught.value)
+    assert "Reversal" in message and "module 'blocks.1'" in message
+    assert "backward differs from its forward's derivative by up to" in message
+
+
 class Checkpointed(nn.Module):
     """A layer under torch's activation checkpoint, reentrant or not."""
 

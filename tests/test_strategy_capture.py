@@ -473,14 +473,16 @@ def test_static_captures_follow_every_new_shape_on_every_rank(tmp_path: Path) ->
 
 @pytest.mark.timeout(600)
 def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path: Path) -> None:
-    """Twenty-one more Hugging Face models as users bring them, unchanged, each under ``pipedream`` on 2 ranks:
+    """Twenty-three more Hugging Face models as users bring them, unchanged, each under ``pipedream`` on 2 ranks:
     Mistral (sliding window), Qwen2, Qwen3, Gemma, Gemma 2 (sliding window on every other layer), Mixtral (a mixture
     of experts), Phi (partial rotary), GPT-NeoX, OPT (positions from the attention mask), Swin (shifted windows),
     RoBERTa, DistilBERT, ELECTRA, T5 (encoder-decoder, cross-attention on the encoder's output), ViT, ConvNeXt,
     ResNet (batch norms), ALBERT (one layer's weights shared by every stage), Whisper (speech encoder, text decoder),
-    Mamba (its scan loops over the sequence, so each new length is captured anew) and SegFormer (the step's own loss
-    on ``.logits``, which checks how the loss adds up on the whole batch's ModelOutput): their weights after three
-    steps of changing sequence lengths, and their validation loss, equal one device's."""
+    Mamba (its scan loops over the sequence, so each new length is captured anew), SegFormer (the step's own loss
+    on ``.logits``, which checks how the loss adds up on the whole batch's ModelOutput), Bloom (ALiBi, and a GELU
+    through a custom autograd Function, checked to be exact at the capture) and BART (one embedding shared by the
+    encoder, the decoder and the head): their weights after three steps of changing sequence lengths, and their
+    validation loss, equal one device's."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
     names = list(MORE_FAMILIES)

@@ -121,18 +121,31 @@ class Cube(torch.autograd.Function):
         return 3 * x * x * grad
 
 
+class Reversal(torch.autograd.Function):
+    """A gradient reversal (domain-adversarial training): the identity forward, the negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
 class CubeBlocks(nn.Module):
-    def __init__(self, reentrant_checkpoint: bool = False) -> None:
+    def __init__(self, reentrant_checkpoint: bool = False, function: type = Cube) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
         self.reentrant_checkpoint = reentrant_checkpoint
+        self.function = function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.reentrant_checkpoint:  # as Hugging Face's gradient_checkpointing_enable() does by default
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
             else:
-                x = Cube.apply(torch.tanh(block(x)))
+                x = self.function.apply(torch.tanh(block(x)))
         return x
 
 
@@ -153,7 +166,7 @@ def _run(rank: int, world_size: int, case: str) -> None:
     elif case == "never_called":
         module, width = _lightning(AutoEncoder(), use="none"), 32
     elif case == "custom_function":
-        module, width = _lightning(CubeBlocks()), 8
+        module, width = _lightning(CubeBlocks(function=Reversal)), 8
     elif case == "reentrant_checkpoint":
         module, width = _lightning(CubeBlocks(reentrant_checkpoint=True)), 8
     else:
@@ -168,7 +181,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("gate", ["CaptureError", "Gate", "x.mean() > 0", "torch.where"]),
     ("outside", ["outside the model at 'model'", "extra.weight", "requires_grad_(False)"]),
     ("never_called", ["never called the model at 'model'", "layers="]),
-    ("custom_function", ["CaptureError", "Cube", "PipelineStrategy(allow_autograd_functions=True)"]),
+    ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
+                         "PipelineStrategy(allow_autograd_functions=True)"]),
     ("reentrant_checkpoint", ["CaptureError", "use_reentrant=True", "gradient_checkpointing_disable()",
                               "checkpoint_activations=True"]),
 ])
@@ -182,7 +196,7 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
     assert time.monotonic() - start < 200
 
 
-def _allowed(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def _checked(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -192,17 +206,17 @@ def _allowed(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     module = _lightning(CubeBlocks())
     data = DataLoader([(torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)],
                       batch_size=None)
-    L.Trainer(strategy=lightning_pipe.PipelineStrategy(allow_autograd_functions=True), accelerator="cpu",
-              devices=world_size, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, max_steps=2).fit(module, data)
+    L.Trainer(strategy=lightning_pipe.PipelineStrategy(), accelerator="cpu", devices=world_size, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+              max_steps=2).fit(module, data)
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.timeout(120)
-def test_allowed_autograd_functions_train_like_one_device() -> None:
-    """``PipelineStrategy(allow_autograd_functions=True)``: a custom Function whose backward is its forward's exact
-    derivative trains as on one device."""
-    results = run_ranks(_allowed, 2, timeout=100)
+def test_autograd_functions_whose_backward_is_the_derivative_train_like_one_device() -> None:
+    """A custom Function whose backward is its forward's exact derivative is checked so at the capture and trains
+    as on one device, with no flag (``allow_autograd_functions=True`` used to be needed)."""
+    results = run_ranks(_checked, 2, timeout=100)
     torch.manual_seed(0)
     module = _lightning(CubeBlocks())
     optimizer = module.configure_optimizers()

@@ -2,8 +2,9 @@
 
 Export runs the forward in Python on fake tensors and records the aten ops it calls, each with the stack of modules
 that called it (``nn_module_stack``), which is what the segments are cut by. Things the capture would otherwise get
-silently wrong are refused here with a message that says what to do: a custom ``torch.autograd.Function`` (export
-keeps its forward ops and drops its backward), a key/value cache (Hugging Face ``use_cache``), control flow on a
+silently wrong are refused here with a message that says what to do: a custom ``torch.autograd.Function`` whose
+backward is not its forward's derivative (export keeps its forward ops and drops its backward; :mod:`.functions`
+checks), a key/value cache (Hugging Face ``use_cache``), control flow on a
 tensor's value.
 """
 
@@ -27,6 +28,7 @@ from torch.export import Dim, ExportedProgram
 
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
+from .functions import not_derivatives, watch_autograd_functions
 
 __all__ = ["export_forward"]
 
@@ -56,7 +58,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 stack.enter_context(_mode(model, training))
                 stack.enter_context(_no_caches(model))
                 stack.enter_context(_keywords_named(model, args, kwargs))
-                functions, checkpoints = stack.enter_context(_watch_autograd_functions(names))
+                functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 if meta:
                     stack.enter_context(on_meta(model))
@@ -93,13 +95,15 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                           f"activations (gradients are exact); for the memory, pass "
                           f"PipelineStrategy(checkpoint_activations=True), which re-materializes every stage",
                           stacklevel=3)
-        if functions and not allow_autograd_functions:
+        refused = not_derivatives(functions) if functions and not allow_autograd_functions else []
+        if refused:
             raise CaptureError(
-                f"{type(model).__name__}.forward calls custom torch.autograd.Function(s): {'; '.join(functions)}. A "
-                f"captured graph keeps their forward ops but differentiates those ops itself instead of calling "
-                f"their backward, so their gradients would be silently wrong. Pass allow_autograd_functions=True "
-                f"(PipelineStrategy(allow_autograd_functions=True), or Splitter's) if each backward is the exact "
-                f"derivative of its forward, or keep the layers in one nn.Sequential (no capture)")
+                f"{type(model).__name__}.forward calls custom torch.autograd.Function(s) whose backward is not "
+                f"checked to be its forward's derivative: {'; '.join(refused)}. A captured graph keeps their forward "
+                f"ops but differentiates those ops itself instead of calling their backward, so their gradients "
+                f"would be silently wrong. Pass allow_autograd_functions=True (PipelineStrategy("
+                f"allow_autograd_functions=True), or Splitter's) if each backward is the exact derivative of its "
+                f"forward, or keep the layers in one nn.Sequential (no capture)")
         if symbolic is False and dynamic:
             reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
             warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "
@@ -196,35 +200,6 @@ def _no_caches(model: nn.Module) -> Iterator[None]:
     finally:
         for config in configs.values():
             config.use_cache = True
-
-
-@contextlib.contextmanager
-def _watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[str], list[str]]]:
-    """Records every custom ``torch.autograd.Function`` applied inside the block, with the module and line that
-    applied it (torch's own Functions are left alone: their backward is their forward's derivative), and apart from
-    them, where torch's reentrant activation checkpoint (``CheckpointFunction``) was applied."""
-    base = torch.autograd.function.Function
-    original = base.__dict__["apply"]  # a classmethod, or (torch >= 2.14) a C classmethod descriptor
-    found: list[str] = []
-    checkpoints: list[str] = []
-    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
-
-    def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if cls is reentrant:
-            where = locate_frame(sys._getframe(1), names)
-            if where not in checkpoints:
-                checkpoints.append(where)
-        elif not cls.__module__.startswith("torch."):
-            entry = f"{cls.__qualname__} (from {cls.__module__}) in {locate_frame(sys._getframe(1), names)}"
-            if entry not in found:
-                found.append(entry)
-        return original.__get__(None, cls)(*args, **kwargs)
-
-    base.apply = classmethod(spy)
-    try:
-        yield found, checkpoints
-    finally:
-        base.apply = original
 
 
 @contextlib.contextmanager

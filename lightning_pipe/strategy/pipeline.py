@@ -84,8 +84,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
             the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
         allow_autograd_functions: capture a model whose forward applies custom ``torch.autograd.Function`` s
-            (Bloom's GeLU): the graph keeps their forward ops and differentiates those itself, which is right only
-            if each backward is its forward's exact derivative; refused by default, naming each one.
+            unchecked: the graph keeps their forward ops and differentiates those itself, which is right only if
+            each backward is its forward's exact derivative. By default each one is checked so on random inputs of
+            its shapes (Bloom's GeLU passes) and one that fails is refused, naming it and the difference.
         dynamic_shapes: capture a model once per mode with symbolic sizes, serving every batch size and sequence
             length (the default; it falls back to one capture per shape where export cannot); ``False`` captures once
             per input shape from the start: for models of fixed input size whose symbolic capture is slow (window

@@ -1,0 +1,206 @@
+"""Custom ``torch.autograd.Function`` s met while capturing, and whether their backward is their forward's derivative.
+
+A captured graph keeps a Function's forward ops and differentiates them itself; the Function's own ``backward`` never
+runs. That is exact when the backward is the derivative of the forward (Bloom's ``GeLUFunction`` writes the tanh-GELU's
+derivative out by hand) and silently wrong otherwise (a straight-through estimator, a gradient reversal). So every
+Function applied during the capture is recorded with the shapes it was applied to, and afterwards, outside export,
+checked on random inputs of those shapes in float64: its ``backward`` against autograd through its own ``forward``.
+One that agrees is captured; one that differs, or cannot be run that way, is refused unless the user vouches for it
+(``allow_autograd_functions=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+import torch.utils.checkpoint
+
+from .errors import locate_frame
+
+__all__ = ["Applied", "watch_autograd_functions", "not_derivatives"]
+
+_MAX_ELEMENTS = 1 << 20  # per checked input; larger shapes are shrunk alike in every input (a size stays one size)
+_CHECKED: dict[type, str | None] = {}  # Function class -> why it failed the check (None: it passed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """A custom Function applied in the capture: its class, where (module and line), and its first call's arguments
+    (tensors as ``_Like``: shape, dtype, whether it needs a gradient)."""
+
+    cls: type
+    where: str
+    example: tuple
+
+    def __str__(self) -> str:
+        return f"{self.cls.__qualname__} (from {self.cls.__module__}) in {self.where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Like:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+
+@contextlib.contextmanager
+def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Applied], list[str]]]:
+    """Records every custom Function applied inside the block (torch's own are left alone: their backward is their
+    forward's derivative), and apart from them, where torch's reentrant activation checkpoint (``CheckpointFunction``)
+    was applied."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]  # a classmethod, or (torch >= 2.14) a C classmethod descriptor
+    found: list[Applied] = []
+    checkpoints: list[str] = []
+    reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+
+    def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if cls is reentrant:
+            where = locate_frame(sys._getframe(1), names)
+            if where not in checkpoints:
+                checkpoints.append(where)
+        elif not cls.__module__.startswith("torch."):
+            where = locate_frame(sys._getframe(1), names)
+            if not any(a.cls is cls and a.where == where for a in found):
+                found.append(Applied(cls, where, tuple(pytree.tree_map(_like, args)) if not kwargs else ()))
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    base.apply = classmethod(spy)
+    try:
+        yield found, checkpoints
+    finally:
+        base.apply = original
+
+
+def not_derivatives(applied: list[Applied]) -> list[str]:
+    """The Functions of ``applied`` whose backward is not their forward's derivative, or could not be checked, each
+    described with the reason; each class is checked once per process."""
+    refused = []
+    for entry in applied:
+        if entry.cls not in _CHECKED:
+            _CHECKED[entry.cls] = _check(entry.cls, entry.example)
+        reason = _CHECKED[entry.cls]
+        if reason is not None:
+            refused.append(f"{entry} ({reason})")
+    return refused
+
+
+def _like(value: Any) -> Any:
+    """A recorded argument: a tensor's shape (its sizes' hints where symbolic), dtype and gradient flag."""
+    if isinstance(value, torch.Tensor):
+        return _Like(tuple(_hint(size) for size in value.shape), value.dtype, value.requires_grad)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return _hint(value)
+    return value
+
+
+def _hint(size: Any) -> Any:
+    if isinstance(size, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = size.node.hint
+        return hint if hint is not None else 2  # an unbacked size: any small one serves the check
+    return size
+
+
+def _check(cls: type, example: tuple) -> str | None:
+    """Why ``cls``'s backward is not the derivative of its forward on random inputs shaped as ``example`` (None when
+    it is)."""
+    if not example or not any(isinstance(v, _Like) and v.requires_grad and v.dtype.is_floating_point
+                              for v in pytree.tree_leaves(example)):
+        return None if example else "called with keyword arguments: not checked"
+    shapes = _shrunk([v.shape for v in pytree.tree_leaves(example) if isinstance(v, _Like)])
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(0)
+            return _compare(cls, example, shapes)
+    except Exception as error:  # noqa: BLE001 - a Function that cannot run this way is not checked
+        return f"could not be checked on random inputs: {type(error).__name__}: {str(error).splitlines()[0][:150]}"
+
+
+def _compare(cls: type, example: tuple, shapes: dict[int, int]) -> str | None:
+    leaves, spec = pytree.tree_flatten(example)
+    inputs = [_random(v, shapes) if isinstance(v, _Like) else v for v in leaves]
+    differentiable = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    own = pytree.tree_leaves(cls.apply(*pytree.tree_unflatten(inputs, spec)))
+    traced = pytree.tree_leaves(_forward(cls, pytree.tree_unflatten(inputs, spec)))
+    outputs = [(a, b) for a, b in zip(own, traced) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point]
+    if len(own) != len(traced) or not outputs:
+        return "its forward run on its own gives other outputs"
+    for a, b in outputs:
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-8, equal_nan=True):
+            return "its forward run on its own gives other values (it draws random numbers, or uses its context)"
+    cotangents = [torch.randn_like(a) for a, _ in outputs]
+    expected = _grads([a for a, _ in outputs], differentiable, cotangents)
+    got = _grads([b for _, b in outputs], differentiable, cotangents)
+    for want, have in zip(expected, got):
+        if not torch.allclose(want, have, rtol=1e-5, atol=1e-8, equal_nan=True):
+            worst = (want - have).abs().nan_to_num(0.0).max().item()
+            return f"its backward differs from its forward's derivative by up to {worst:.3g} on random inputs"
+    return None
+
+
+def _forward(cls: type, args: tuple) -> Any:
+    """``cls``'s forward run as plain ops under autograd, as a captured graph runs it."""
+    if any("setup_context" in vars(klass) for klass in cls.__mro__ if not klass.__module__.startswith("torch.")):
+        return cls.forward(*args)
+    needs = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return cls.forward(_Context(needs), *args)
+
+
+def _grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor]) -> list:
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+
+
+def _random(like: _Like, shapes: dict[int, int]) -> torch.Tensor:
+    shape = tuple(shapes.get(size, size) for size in like.shape)
+    if like.dtype.is_floating_point:
+        return torch.randn(shape, dtype=torch.float64).requires_grad_(like.requires_grad)
+    if like.dtype.is_complex:
+        return torch.randn(shape, dtype=torch.complex128)
+    return torch.zeros(shape, dtype=like.dtype)  # indices, masks: the smallest valid ones
+
+
+def _shrunk(shapes: list[tuple[int, ...]]) -> dict[int, int]:
+    """A smaller size for the largest sizes, the same for every input, until no input is over ``_MAX_ELEMENTS``."""
+    sizes: dict[int, int] = {}
+    while True:
+        numel = max((math.prod(sizes.get(s, s) for s in shape) for shape in shapes), default=0)
+        if numel <= _MAX_ELEMENTS:
+            return sizes
+        largest = max((s for shape in shapes for s in shape), key=lambda s: sizes.get(s, s))
+        if sizes.get(largest, largest) <= 2:
+            return sizes
+        sizes[largest] = max(2, sizes.get(largest, largest) // 2)
+
+
+class _Context:
+    """What a Function's forward may ask of its context when it runs as plain ops."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        self.saved_tensors = tensors
+
+    def save_for_forward(self, *tensors: Any) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Any) -> None:
+        pass
+
+    def mark_dirty(self, *tensors: Any) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
