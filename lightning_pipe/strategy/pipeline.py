@@ -45,6 +45,7 @@ from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.grad_scaler import agree_on_overflow, scaled
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
@@ -352,9 +353,11 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
                              f"never calls: each stage runs its micro-batches' backward itself. Move what it does "
                              f"around the backward to on_before_backward or on_after_backward (called as on one "
                              f"device), or to loss_reduction / the loss the step returns")
-        if getattr(self.precision_plugin, "scaler", None) is not None:
-            raise ValueError("PipelineStrategy does not support a gradient scaler (precision='16-mixed'): each stage "
-                             "would skip steps on its own; use precision='bf16-mixed' or '32-true'")
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None and self.settings.asynchronous:
+            raise ValueError(f"schedule={self.schedule!r} steps each stage at its own time, so its stages cannot agree "
+                             f"on skipping a step as a gradient scaler (precision='16-mixed') must; use "
+                             f"precision='bf16-mixed' or '32-true', or a synchronous schedule ('1f1b', 'gpipe')")
         self._position.start(trainer)
         # Every rank logs the same values (the last stage's, combined over the replicas): Lightning's advice to sync
         # epoch-level logs across devices does not apply, and following it would only add a collective.
@@ -367,6 +370,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
                            pipeline.rank,
                            functools.partial(all_gather_text, group=pipeline.group, device=self._collective_device()),
                            self.runner.tied.counts_in_norm)
+            if scaler is not None:  # every stage skips a step together, and the scales stay equal
+                agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         self._fold_sigterm_check(trainer)
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
@@ -459,8 +464,9 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         else:
             with self.precision_plugin.train_step_context():
                 with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
-                    output = self.runner.train(args, kwargs, loss_scale=1.0 / trainer.accumulate_grad_batches,
-                                               seed=seed)
+                    loss_scale = scaled(1.0 / trainer.accumulate_grad_batches,
+                                        getattr(self.precision_plugin, "scaler", None))
+                    output = self.runner.train(args, kwargs, loss_scale=loss_scale, seed=seed)
         self._position.step_done(trainer)
         return output
 
