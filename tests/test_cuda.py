@@ -195,10 +195,10 @@ torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "rank"
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_trainer_on_gpu_equals_one_gpu(tmp_path: Path, precision: str) -> None:
     """Two torchrun "nodes" of one process each share cuda:0 (gloo between them) and train 2 stages; one GPU
-    trains the same model alone with the same precision."""
+    trains the same model alone with the same precision (``16-mixed``: float16 with CUDA's gradient scaler)."""
     import lightning as L
 
     from tests.lightning_models import Regressor, regression_data
@@ -213,7 +213,8 @@ def test_trainer_on_gpu_equals_one_gpu(tmp_path: Path, precision: str) -> None:
               enable_progress_bar=False, enable_model_summary=False).fit(reference, regression_data(6, 8, width=64))
     ranks = [torch.load(tmp_path / f"{precision}-rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert [r["device"] for r in ranks] == ["cuda:0", "cuda:0"]
-    assert ranks[0]["dtypes"] == {"torch.bfloat16" if precision == "bf16-mixed" else "torch.float32"}
+    assert ranks[0]["dtypes"] == {{"bf16-mixed": "torch.bfloat16", "16-mixed": "torch.float16"}.get(precision,
+                                                                                                   "torch.float32")}
     full = _full_state([r["state"] for r in ranks])
     tolerance = 1e-5 if precision == "32-true" else 2e-3
     moved = max((value.cpu() - initial[key].cpu()).abs().max().item() for key, value in reference.state_dict().items())
