@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["LazyRegressor", "MeteredRegressor", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
+__all__ = ["LazyRegressor", "MeteredRegressor", "Pretrained", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
            "materialized_like_pipeline"]
 
 
@@ -66,6 +66,29 @@ class MeteredRegressor(LazyRegressor):
         self.mse(prediction, y)
         self.worst((prediction - y).abs().amax(dim=1) - 10.0)  # below zero: a state that started at 0 would show
         self.log_dict({"val_mse": self.mse, "val_worst": self.worst})
+
+
+class Pretrained(L.LightningModule):
+    """Fine-tuning as Hugging Face users write it: ``from_pretrained`` in ``configure_model()`` (a GPT-2 saved at
+    ``path``)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from transformers import GPT2LMHeadModel
+
+            self.model = GPT2LMHeadModel.from_pretrained(self.path)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class Scale(nn.Module):

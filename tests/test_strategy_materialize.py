@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.capture_models import HAS_TRANSFORMERS
 from tests.helpers import run_ranks
 
 SEED = 1234
@@ -140,6 +141,47 @@ def test_metrics_made_in_configure_model_keep_their_initial_states() -> None:
         assert result["logged"].keys() == expected.keys()
         for key, value in expected.items():
             assert result["logged"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def _tokens() -> Any:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(torch.randint(0, 40, (16, 8), generator=torch.Generator().manual_seed(2))),
+                      batch_size=8)
+
+
+def _pretrained(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import Pretrained
+
+    model = Pretrained(path)
+    _trainer(world_size, max_steps=2).fit(model, _tokens())
+    return model.state_dict()
+
+
+@pytest.mark.timeout(200)
+def test_from_pretrained_in_configure_model_loads_the_pretrained_weights(tmp_path: Path) -> None:
+    """Hugging Face's ``from_pretrained`` in ``configure_model()`` (which refuses to load under a meta device) loads
+    on the CPU, so the pipeline fine-tunes the pretrained weights: two steps equal one device's from them."""
+    import lightning as L
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.big_models import Pretrained
+
+    torch.manual_seed(3)
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=4, n_head=4, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(tmp_path / "gpt2")
+    results = run_ranks(_pretrained, 2, str(tmp_path / "gpt2"), timeout=180)
+    reference = Pretrained(str(tmp_path / "gpt2"))
+    L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(reference, _tokens())
+    got = {**results[0], **results[1]}
+    assert got.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
 def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from lightning_pipe.strategy.checkpoint import (
     with_own_entries,
 )
 from lightning_pipe.strategy.failures import raise_together
-from lightning_pipe.strategy.materialize import metrics_on_host
+from lightning_pipe.strategy.materialize import built_on_host
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
 from lightning_pipe.strategy.randomness import (
     global_random_states,
@@ -76,13 +76,14 @@ class PipelineCheckpoints:
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
         it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
-        materialize`); torchmetrics made there are built on the CPU (:func:`~.materialize.metrics_on_host`).
-        ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this rank's device."""
+        materialize`); torchmetrics and Hugging Face's ``from_pretrained`` there build on the CPU
+        (:func:`~.materialize.built_on_host`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this
+        rank's device."""
         if empty_init is False:
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context(), metrics_on_host():
+        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host():
             yield
 
     @property

@@ -30,8 +30,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,7 +42,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
-__all__ = ["has_meta_tensors", "LocalMaterializer", "metrics_on_host", "refuse_planned_cut"]
+__all__ = ["built_on_host", "has_meta_tensors", "LocalMaterializer", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 
@@ -188,21 +191,20 @@ class LocalMaterializer:
 
 
 @contextlib.contextmanager
-def metrics_on_host() -> Iterator[None]:
-    """torchmetrics built while the model is built on the meta device (a metric made in ``configure_model()`` beside
-    the layers) are built on the CPU instead: a metric keeps its states' initial values in tensors of its own, outside
-    parameters and buffers, which no initialization could restore on a meta device. Each ``Metric`` class' own
-    ``__init__`` runs under ``torch.device("cpu")`` while the block runs (the class' dtype default stays; Lightning
-    moves the module to its device afterwards, as it moves metrics made in ``__init__``)."""
-    metric = getattr(sys.modules.get("torchmetrics"), "Metric", None)
-    if metric is None:  # not imported yet: nothing built in the block can be a metric unless it imports it there
-        try:
-            from torchmetrics import Metric as metric
-        except ImportError:
-            yield
-            return
-    wrapped: list[tuple[type, Callable]] = []
-    classes, seen = [metric], set()
+def built_on_host() -> Iterator[None]:
+    """While the model is built on the meta device, two things are built on the CPU instead, as in ``__init__``:
+
+    - torchmetrics (a metric made in ``configure_model()`` beside the layers): a metric keeps its states' initial values
+      in tensors of its own, outside parameters and buffers, which no initialization could restore on a meta device;
+    - Hugging Face's ``from_pretrained`` (which refuses a meta device: it has weights to load): the pretrained model is
+      read whole on every rank's CPU, once, and the cut keeps each rank's own layers, as for a model loaded in
+      ``__init__``.
+
+    Each ``Metric`` class' own ``__init__`` and ``PreTrainedModel.from_pretrained`` run under ``torch.device("cpu")``
+    while the block runs (the dtype default stays; Lightning moves the module to its device afterwards)."""
+    wrapped: list[tuple[type, str, Any]] = []
+    metric = _imported("torchmetrics", "Metric")
+    classes, seen = [metric] if metric is not None else [], set()
     while classes:
         cls = classes.pop()
         if cls in seen:
@@ -210,22 +212,36 @@ def metrics_on_host() -> Iterator[None]:
         seen.add(cls)
         classes.extend(cls.__subclasses__())
         if "__init__" in cls.__dict__:
-            original = cls.__dict__["__init__"]
-            wrapped.append((cls, original))
-            cls.__init__ = _on_host(original)  # type: ignore[misc]
+            wrapped.append((cls, "__init__", cls.__dict__["__init__"]))
+            cls.__init__ = _on_host(cls.__dict__["__init__"])  # type: ignore[misc]
+    pretrained = _imported("transformers.modeling_utils", "PreTrainedModel")
+    if pretrained is not None:
+        loader = pretrained.__dict__["from_pretrained"]
+        wrapped.append((pretrained, "from_pretrained", loader))
+        pretrained.from_pretrained = classmethod(_on_host(loader.__func__))
     try:
         yield
     finally:
-        for cls, original in wrapped:
-            cls.__init__ = original  # type: ignore[misc]
+        for cls, name, original in wrapped:
+            setattr(cls, name, original)
 
 
-def _on_host(init: Callable) -> Callable:
-    @functools.wraps(init)
-    def build(*args: object, **kwargs: object) -> None:
+def _imported(module: str, name: str) -> Any:
+    """``module.name`` if the package is installed (imported here if not yet: the block may import it first)."""
+    if module not in sys.modules and importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _on_host(function: Callable) -> Callable:
+    @functools.wraps(function)
+    def on_host(*args: Any, **kwargs: Any) -> Any:
         with torch.device("cpu"):
-            init(*args, **kwargs)
-    return build
+            return function(*args, **kwargs)
+    return on_host
 
 
 def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequence: nn.Module) -> None:
