@@ -21,6 +21,20 @@ from lightning_pipe.strategy.step_values import whole_output
 from tests.helpers import quiet_trainer, run_ranks
 
 
+class AverageMeter:
+    """The running average many training scripts keep (timm's, the ImageNet example's): a plain object."""
+
+    def __init__(self) -> None:
+        self.sum, self.count, self.avg = 0.0, 0, 0.0
+        self.values: list[float] = []
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += value * n
+        self.count += n
+        self.avg = self.sum / self.count
+        self.values.append(value)
+
+
 class _Holder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -28,6 +42,8 @@ class _Holder(nn.Module):
         self.outputs: list[Any] = [1]
         self.by_key: dict[Any, Any] = {"a": [1], "b": 2}
         self.count = 0
+        self.meter = AverageMeter()
+        self.logger_like = warnings  # a library's object: not followed
 
 
 def test_changes_are_undone_and_made_again_elsewhere() -> None:
@@ -53,6 +69,25 @@ def test_changes_are_undone_and_made_again_elsewhere() -> None:
     effects.restore(start)
     assert one.outputs == [1] and one.by_key == {"a": [1], "b": 2} and one.count == 0 and not hasattr(one, "new")
     assert effects.changes(start) == [] and "layer" not in effects.snapshot()  # submodules are not the step's
+
+
+def test_a_plain_objects_fields_are_followed() -> None:
+    one, other = _Holder(), _Holder()
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    assert "meter:fields" in start and not any(name.startswith("logger_like") for name in start if name != "logger_like")
+    one.meter.update(2.0, n=4)
+    patches = effects.changes(start)
+    assert {(kind, name, key) for kind, name, key, _ in patches} == {
+        ("set", "meter:fields", "sum"), ("set", "meter:fields", "count"), ("set", "meter:fields", "avg"),
+        ("extend", "meter:fields", "values")}
+    other.meter.update(9.0)  # the first stage's part of the step: undone before the changes are made
+    elsewhere.restore(other_start)
+    elsewhere.apply(patches)
+    for holder in (one, other):
+        assert vars(holder.meter) == {"sum": 8.0, "count": 4, "avg": 2.0, "values": [2.0]}
+    effects.restore(start)
+    assert vars(one.meter) == {"sum": 0.0, "count": 0, "avg": 0.0, "values": []}
 
 
 def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_stand() -> None:
@@ -114,6 +149,7 @@ def _collector(captured: bool) -> Any:
             self.predictions: dict[int, list[torch.Tensor]] = {}
             self.val_outputs: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
             self.steps_seen = 0
+            self.meter = AverageMeter()
             self.history: list[Any] = []
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -123,12 +159,15 @@ def _collector(captured: bool) -> Any:
             self.train_losses.append(loss.detach())
             self.predictions.setdefault(self.current_epoch, []).append(logits.argmax(-1))
             self.steps_seen += 1
+            self.meter.update(loss.item(), n=len(x))
             return loss
 
         def on_train_epoch_end(self) -> None:
             self.history.append(("train", torch.stack(self.train_losses).mean().item(), len(self.train_losses),
-                                 torch.cat(self.predictions[self.current_epoch]).tolist(), self.steps_seen))
+                                 torch.cat(self.predictions[self.current_epoch]).tolist(), self.steps_seen,
+                                 self.meter.count, self.meter.avg))
             self.train_losses.clear()
+            self.meter = AverageMeter()
 
         def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
             x, y = batch
@@ -171,7 +210,8 @@ def _assert_same(history: list[Any], reference: list[Any]) -> None:
     for got, want in zip(history, reference):
         assert got[0] == want[0]
         if got[0] == "train":
-            assert got[1] == pytest.approx(want[1], rel=1e-5) and got[2:] == want[2:]
+            assert got[1] == pytest.approx(want[1], rel=1e-5) and got[2:6] == want[2:6]
+            assert got[6] == pytest.approx(want[6], rel=1e-5)  # a running-average meter's mean
         else:
             assert [key for key, _ in got[1]] == [key for key, _ in want[1]]
             for (_, (mean, count)), (_, (want_mean, want_count)) in zip(got[1], want[1]):

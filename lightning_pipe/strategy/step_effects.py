@@ -8,7 +8,8 @@ empty (the epoch-end hook failed there, or logged something else on rank 0, the 
 held one entry per micro-batch.
 
 Here every rank notes, at the start of a step, the module's own attributes (those Lightning and torch do not set):
-their values, a list's length, a dict's entries. When the last stage's micro-batches changed any, it undoes their
+their values, a list's length, a dict's entries, the fields of a plain object of the user's (a running-average meter's
+sum and count; not a library's object). When the last stage's micro-batches changed any, it undoes their
 changes and runs the step once more, without gradients, on the whole batch's model output (the micro-batches' put
 back together along dim 0), so that its changes are one device's: one entry per batch, a counter raised once. What
 that run changed (a list's new entries, an attribute's new value) travels to every rank with the step's result; each
@@ -43,6 +44,10 @@ _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"}
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 _NESTED = 64  # a list of up to this many items is looked into (one list per dataloader); longer ones: their length
 _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
+_FIELDS = ":fields"  # "meter:fields": the fields of a plain object held in the attribute "meter", followed as a dict
+_FIELD_TYPES = (bool, int, float, str, type(None), torch.Tensor, list, tuple, dict)
+_LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
+                        "numpy", "logging", "enum", "functools", "types", "typing", "collections"})
 
 
 @dataclass
@@ -120,6 +125,8 @@ class StepEffects:
     def _tracked(self) -> dict[str, Any]:
         attributes = {name: value for name, value in self.module.__dict__.items()
                       if name not in self._lightning and not isinstance(value, nn.Module)}
+        attributes.update((f"{name}{_FIELDS}", vars(value)) for name, value in list(attributes.items())
+                          if _plain(value))
         trainer = self.module.__dict__.get("_trainer")
         if trainer is not None:  # a step may stop the fit (the last stage's step alone sees it)
             attributes[_SHOULD_STOP] = trainer.should_stop
@@ -139,10 +146,14 @@ class StepEffects:
         return (self.module._buffers if name in self.module._buffers else self.module.__dict__), name
 
     def _bind(self, name: str, value: Any) -> None:
+        if name.endswith(_FIELDS):
+            return  # an object's fields: bound with the object itself
         where, leaf = self._owner(name)
         where[leaf] = value
 
     def _unbind(self, name: str) -> None:
+        if name.endswith(_FIELDS):
+            return
         where, leaf = self._owner(name)
         where.pop(leaf, None)
         if "." not in name:
@@ -160,11 +171,13 @@ class StepEffects:
         patches: list[Patch] = []
         now = self._tracked()
         for name in since.keys() - now.keys():
-            patches.append(("del", name, None, None))
+            if not name.endswith(_FIELDS):
+                patches.append(("del", name, None, None))
         for name, value in now.items():
             before = since.get(name)
             if before is None or before.value is not value:
-                patches.append(("set", name, None, list(value) if type(value) is list else value))
+                if not name.endswith(_FIELDS):  # a new object's fields travel with it (or it cannot travel)
+                    patches.append(("set", name, None, list(value) if type(value) is list else value))
             elif before.length >= 0:
                 patches.extend(_list_changes(name, None, value, before.length))
                 for index, (item, length) in (before.items or {}).items():  # a list per dataloader
@@ -231,7 +244,9 @@ class StepEffects:
                 elif not _set_tensor(now.get(name), value):
                     self._bind(name, value)
                 continue
-            target = now[name]
+            target = now.get(name)
+            if target is None:  # an object that is not plain data here
+                continue
             if kind == "del":
                 target.pop(key, None)
             elif kind == "set":
@@ -252,6 +267,16 @@ class _TrainerFlag(dict):  # type: ignore[type-arg]
 
     def pop(self, key: str, default: Any = None) -> Any:
         return default
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a plain object of the user's whose fields hold data (a running-average meter: its sum and
+    count), followed field by field; library objects (loggers, metrics, enums) are not."""
+    if isinstance(value, (nn.Module, torch.Tensor, type)) or type(value).__module__.split(".")[0] in _LIBRARIES:
+        return False
+    fields = getattr(value, "__dict__", None)
+    return type(fields) is dict and 0 < len(fields) <= _NESTED and all(
+        isinstance(field, _FIELD_TYPES) for field in fields.values())
 
 
 def _set_tensor(target: Any, value: Any) -> bool:
