@@ -93,6 +93,7 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     from lightning_pipe.strategy.references import LayerElsewhere
 
     vit = ViT()
+    vit.generate = lambda *args, **kwargs: None  # as a Hugging Face model has
     module = _lightning(vit)
     module.again, module.head, module.embed = vit, vit.head, vit.patch_embed
     captured = CapturedModule(module, "model")
@@ -105,6 +106,9 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     assert {"head.weight", "again.head.weight", "model.norm.weight"} <= keys
     assert not any(key.startswith(("embed.", "model.blocks.", "again.blocks.")) for key in keys)
     assert sorted(captured.aliases) == ["again", "embed", "head"]
+    with pytest.raises(AttributeError, match=r"'generate' of the model at 'model' is not available.*generation .*"
+                                             r"load_from_checkpoint"):
+        module.model.generate
 
 
 class Cube(torch.autograd.Function):

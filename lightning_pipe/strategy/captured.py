@@ -156,7 +156,13 @@ class PipelinedModel(nn.Module):
         return plain_attribute(self.__dict__.get("_model"), name, lambda: (  # the model: set once this holds state
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
-            f"(self.{self._path}(...))"))
+            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else ''}"))
+
+
+# generation calls the model once per new token, each call on the last one's output: no pipeline step does that
+_GENERATE = ("; generation (one call of the model per new token, each on the output of the one before) is not run "
+             "under a pipeline: score teacher-forced outputs in validation_step (the loss, token accuracy), and "
+             "generate after training on one device (YourModule.load_from_checkpoint(path).model.generate(...))")
 
 
 class CapturedModule:
