@@ -374,6 +374,18 @@ def hf_segformer() -> nn.Module:
         drop_path_rate=0.0))
 
 
+def lightning_demo_transformer() -> nn.Module:
+    """Lightning's own demo ``Transformer`` (its docs' model-parallel example): torch's ``nn.Transformer`` with a
+    causal target mask, which torch compares with a causal mask to pick a kernel (captured as given)."""
+    from lightning.pytorch.demos import Transformer
+
+    return Transformer(vocab_size=VOCAB, ninp=32, nhead=4, nhid=64, nlayers=2, dropout=0.0)
+
+
+def _demo_loss(out: torch.Tensor, mb: Batch) -> torch.Tensor:
+    return F.nll_loss(out, mb[0][:, 1:].reshape(-1))
+
+
 # -- the families --------------------------------------------------------------------------------------------------
 Batch = tuple[torch.Tensor, ...]
 
@@ -493,6 +505,8 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
            lambda out, mb: out.loss, hf=True),
     Family("hf_bart", hf_bart, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0].flip(1)}),
            lambda out, mb: out.loss, hf=True),
+    Family("lightning_demo_transformer", lightning_demo_transformer, _tokens,
+           lambda mb: ((mb[0][:, :-1], mb[0][:, 1:]), {}), _demo_loss),
 ]}
 
 

@@ -44,7 +44,7 @@ def _assert_same(model: nn.Module, reference: nn.Module, what: str) -> None:
         torch.testing.assert_close(value, reference_state[name], rtol=0, atol=1e-6, msg=f"{what}: state {name}")
 
 
-@pytest.mark.parametrize("name", [*FAMILIES, *VISION_FAMILIES])
+@pytest.mark.parametrize("name", [*FAMILIES, *VISION_FAMILIES, "lightning_demo_transformer"])
 def test_segments_compute_what_the_model_computes(name: str) -> None:
     fam = family(name)
     torch.manual_seed(0)

@@ -58,6 +58,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 stack.enter_context(_mode(model, training))
                 stack.enter_context(_no_caches(model))
                 stack.enter_context(_keywords_named(model, args, kwargs))
+                stack.enter_context(_masks_as_given())
                 functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 if meta:
@@ -173,6 +174,29 @@ def _keywords_named(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> It
         yield
     finally:
         del model.forward
+
+
+@contextlib.contextmanager
+def _masks_as_given() -> Iterator[None]:
+    """torch's ``nn.TransformerEncoder`` and ``nn.TransformerDecoder`` compare an attention mask given without an
+    ``is_causal`` hint with a causal mask of its size, to use a causal kernel (``bool((mask == causal).all())``: a
+    branch on tensor values, which export cannot capture; Lightning's demo ``Transformer`` meets it). The hint only
+    chooses a kernel: while export runs, a mask without a hint is applied as given (the hint is kept when given)."""
+    import torch.nn.modules.transformer as transformer
+
+    detect = getattr(transformer, "_detect_is_causal_mask", None)
+    if detect is None:
+        yield
+        return
+
+    def as_given(mask: torch.Tensor | None, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return is_causal is True
+
+    transformer._detect_is_causal_mask = as_given
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = detect
 
 
 @contextlib.contextmanager
