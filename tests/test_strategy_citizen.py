@@ -211,7 +211,7 @@ def _compiled(rank: int, world_size: int, compiled: bool, tmp: str) -> dict[str,
             return F.mse_loss(self.layers(x), y)
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     def trainer(steps: int) -> Any:
         return L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_steps=steps, logger=False,
@@ -233,9 +233,9 @@ def _compiled(rank: int, world_size: int, compiled: bool, tmp: str) -> dict[str,
 @pytest.mark.timeout(200)
 def test_a_torch_compiled_model_trains_as_the_eager_one(tmp_path: Path) -> None:
     """self.layers = torch.compile(nn.Sequential(...)): the compiled wrapper would call the whole model, not the
-    stages; it is undone with a warning, and the weights equal the eager model's under the same pipeline. The state
-    dict keeps one device's names (``layers._orig_mod.0.weight``): the checkpoint loads into the compiled module on
-    one device, and a fit resumes from it (either name loads)."""
+    stages; it is undone with a warning, and the weights equal the eager model's under the same pipeline. The
+    checkpoint file keeps one device's names (``layers._orig_mod.0.weight``), so it loads into the compiled module on
+    one device, and its optimizer states are numbered as one device numbers them; a fit resumes from it."""
     from tests.models import mlp
 
     eager = run_ranks(_compiled, 2, False, str(tmp_path), timeout=180)
@@ -243,16 +243,19 @@ def test_a_torch_compiled_model_trains_as_the_eager_one(tmp_path: Path) -> None:
     assert compiled[0]["warned"] and not eager[0]["warned"]
     for which in ("state", "resumed"):
         for got, want in zip(compiled, eager):
-            assert got[which].keys() == {k.replace("layers.", "layers._orig_mod.", 1) for k in want[which]}
+            assert got[which].keys() == want[which].keys()
             for key, value in want[which].items():
-                torch.testing.assert_close(got[which][key.replace("layers.", "layers._orig_mod.", 1)], value,
-                                           rtol=0, atol=0, msg=key)
+                torch.testing.assert_close(got[which][key], value, rtol=0, atol=0, msg=key)
     holder = torch.nn.Module()
     holder.layers = torch.compile(mlp(num_layers=4, width=16))  # as the user's module holds it, on one device
-    holder.load_state_dict(torch.load(compiled[0]["path"], weights_only=True)["state_dict"])
+    saved = torch.load(compiled[0]["path"], weights_only=True)
+    holder.load_state_dict(saved["state_dict"])
     merged = {k: v for result in compiled for k, v in result["state"].items()}
     for key, value in holder.state_dict().items():
-        torch.testing.assert_close(value, merged[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(value, merged[key.replace("._orig_mod", "")], rtol=0, atol=0, msg=key)
+    optimizer = torch.optim.SGD(holder.parameters(), lr=0.1, momentum=0.9)  # one device resumes the optimizer
+    optimizer.load_state_dict(saved["optimizer_states"][0])
+    assert len(optimizer.state) == len(list(holder.parameters()))
 
 
 def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from lightning_pipe.strategy.checkpoint import (
 )
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import built_on_host
+from lightning_pipe.strategy.model_choice import compiled_names, compiled_paths, uncompiled_names
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
 from lightning_pipe.strategy.randomness import (
     global_random_states,
@@ -130,6 +131,8 @@ class PipelineCheckpoints:
                     if HPARAMS_KEY in full and split.proxy is not None:  # a module kept in hyper-parameters: whole
                         full[HPARAMS_KEY] = hparams_for_checkpoint(full[HPARAMS_KEY], split.proxy, split.skeleton,
                                                                    split.path, full["state_dict"])
+                    # a torch.compile'd module's state under one device's names, to load where it is compiled
+                    full["state_dict"] = compiled_names(full["state_dict"], compiled_paths(self.lightning_module))
                     atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
             except Exception as caught:
                 error = caught
@@ -148,6 +151,9 @@ class PipelineCheckpoints:
             if weights_only is None:
                 weights_only = _weights_only_given_to_the_trainer()
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            if "state_dict" in checkpoint:  # a compiled module's names (here the compile is undone)
+                checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"],
+                                                            compiled_paths(self.lightning_module))
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
                 checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
                                               self.lightning_module.state_dict().keys())

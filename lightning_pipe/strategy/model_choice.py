@@ -6,16 +6,18 @@ parameter, or of the one ``layers=`` names, or, when several attributes hold the
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
 
 from lightning_pipe.strategy.chain import chain_paths
 
-__all__ = ["choose_model", "owners", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
+__all__ = ["choose_model", "compiled_names", "compiled_paths", "owners", "uncompiled_names", "undo_compile", "SEQUENCE", "CAPTURED",
+           "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -64,10 +66,7 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
 
 def undo_compile(module: nn.Module) -> list[str]:
     """Put back the module that each ``torch.compile``d submodule of ``module`` wraps (an ``OptimizedModule``, whose
-    compiled code would call the layers as they were, not the stages they are cut into); return their paths.
-
-    The state dict keeps the names one device gives (``net._orig_mod.0.weight``), so that checkpoints load into the
-    compiled module as the user built it; loading takes either name."""
+    compiled code would call the layers as they were, not the stages they are cut into); return their paths."""
     if not any(type(m).__name__ == "OptimizedModule" for m in module.modules()):
         return []  # no import of torch._dynamo for the common case
     from torch._dynamo.eval_frame import OptimizedModule
@@ -77,28 +76,46 @@ def undo_compile(module: nn.Module) -> list[str]:
         for child_name, child in list(parent.named_children()):
             if isinstance(child, OptimizedModule):
                 setattr(parent, child_name, child._orig_mod)
-                parent._register_state_dict_hook(functools.partial(_compiled_names, child_name))
-                parent._register_load_state_dict_pre_hook(functools.partial(_uncompiled_names, child_name))
                 undone.append(f"{name}.{child_name}" if name else child_name)
+    _COMPILED[module] = undone
     return undone
 
 
-def _compiled_names(child: str, module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
-    """State-dict hook: ``{prefix}{child}.x`` is named ``{prefix}{child}._orig_mod.x``, in place and in order."""
-    inside = f"{prefix}{child}."
-    if not any(key.startswith(inside) for key in state):
-        return
-    items = list(state.items())
-    state.clear()
-    state.update((f"{inside}_orig_mod.{key[len(inside):]}" if key.startswith(inside) else key, value)
-                 for key, value in items)
+def compiled_paths(module: nn.Module) -> list[str]:
+    """The paths :func:`undo_compile` undid in ``module`` (none if it found no compiled module)."""
+    return _COMPILED.get(module, [])
 
 
-def _uncompiled_names(child: str, state: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Load pre-hook: ``{prefix}{child}._orig_mod.x`` loads into ``{prefix}{child}.x``."""
-    compiled = f"{prefix}{child}._orig_mod."
-    for key in [key for key in state if key.startswith(compiled)]:
-        state[f"{prefix}{child}.{key[len(compiled):]}"] = state.pop(key)
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
+
+
+def compiled_names(state: dict[str, Any], compiled: Sequence[str]) -> dict[str, Any]:
+    """``state`` with the names one device gives the state of the ``compiled`` paths (``layers.0.weight`` ->
+    ``layers._orig_mod.0.weight``), in order: what a checkpoint file holds, so that it loads into the module as its
+    user built it."""
+    if not compiled:
+        return state
+    prefixes = [f"{path}." for path in sorted(compiled, key=len, reverse=True)]
+
+    def named(key: str) -> str:
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        return key if prefix is None else f"{prefix}_orig_mod.{key[len(prefix):]}"
+
+    return {named(key): value for key, value in state.items()}
+
+
+def uncompiled_names(state: dict[str, Any], compiled: Sequence[str]) -> dict[str, Any]:
+    """``state`` with the ``_orig_mod`` of the ``compiled`` paths left out of its names (a checkpoint of the module as
+    its user built it, loaded where the compile is undone), in order; names without it stay."""
+    prefixes = [f"{path}._orig_mod." for path in sorted(compiled, key=len, reverse=True)]
+    if not prefixes or not any(key.startswith(tuple(prefixes)) for key in state):
+        return state
+
+    def named(key: str) -> str:
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        return key if prefix is None else f"{prefix.removesuffix('_orig_mod.')}{key[len(prefix):]}"
+
+    return {named(key): value for key, value in state.items()}
 
 
 def _own_forward(module: nn.Module) -> bool:
