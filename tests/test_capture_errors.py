@@ -204,6 +204,61 @@ def test_a_function_whose_backward_is_not_the_derivative_is_refused_with_the_dif
     assert "backward differs from its forward's derivative by up to" in message
 
 
+class GradientScale(torch.autograd.Function):
+    """The identity forward; the gradient times ``alpha`` backward: exact at 1, a gradient reversal at -1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        return grad * ctx.alpha, None
+
+
+class Scaled(nn.Module):
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return GradientScale.apply(x, self.alpha)
+
+
+class MaskedThrough(torch.autograd.Function):
+    """Zeroes the masked entries forward, passes every gradient through backward (a straight-through mask)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.masked_fill(mask, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        return grad, None
+
+
+class Masked(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return MaskedThrough.apply(x, x > 0)
+
+
+@pytest.mark.parametrize("case", ["second site", "second model", "frozen input", "mask"])
+def test_every_way_a_backward_can_differ_is_checked(case: str) -> None:
+    """The check is per class and arguments (an exact use first does not clear a reversal later, in this model or
+    the next), covers inputs that need no gradient at the capture (a frozen layer, thawed later), and draws masks
+    and indices at random (a mask of zeros would hide a straight-through mask)."""
+    if case == "second model":
+        Splitter(Blocks(Scaled(1.0))).segments((torch.randn(2, 8),))  # exact: captured
+    model = {"second site": Blocks(nn.Sequential(Scaled(1.0), nn.Linear(8, 8), Scaled(-1.0))),
+             "second model": Blocks(Scaled(-1.0)), "frozen input": Blocks(Scaled(-1.0)),
+             "mask": Blocks(Masked())}[case]
+    if case == "frozen input":
+        model.blocks[0].requires_grad_(False)
+    with pytest.raises(CaptureError, match=r"(GradientScale|MaskedThrough).*backward differs from its forward"):
+        Splitter(model).segments((torch.randn(2, 8),))
+
+
 class Checkpointed(nn.Module):
     """A layer under torch's activation checkpoint, reentrant or not."""
 

@@ -27,12 +27,14 @@ class AverageMeter:
     def __init__(self) -> None:
         self.sum, self.count, self.avg = 0.0, 0, 0.0
         self.values: list[float] = []
+        self.total = torch.zeros(())  # a tensor summed in place (no .item() per step)
 
     def update(self, value: float, n: int = 1) -> None:
         self.sum += value * n
         self.count += n
         self.avg = self.sum / self.count
         self.values.append(value)
+        self.total += value * n
 
 
 class _Holder(nn.Module):
@@ -75,19 +77,22 @@ def test_a_plain_objects_fields_are_followed() -> None:
     one, other = _Holder(), _Holder()
     effects, elsewhere = StepEffects(one), StepEffects(other)
     start, other_start = effects.snapshot(), elsewhere.snapshot()
-    assert "meter:fields" in start and not any(name.startswith("logger_like") for name in start if name != "logger_like")
+    assert "meter::sum" in start and not any(name.startswith("logger_like::") for name in start)
     one.meter.update(2.0, n=4)
     patches = effects.changes(start)
     assert {(kind, name, key) for kind, name, key, _ in patches} == {
-        ("set", "meter:fields", "sum"), ("set", "meter:fields", "count"), ("set", "meter:fields", "avg"),
-        ("extend", "meter:fields", "values")}
+        ("set", "meter::sum", None), ("set", "meter::count", None), ("set", "meter::avg", None),
+        ("extend", "meter::values", None), ("set", "meter::total", None)}
     other.meter.update(9.0)  # the first stage's part of the step: undone before the changes are made
     elsewhere.restore(other_start)
     elsewhere.apply(patches)
     for holder in (one, other):
-        assert vars(holder.meter) == {"sum": 8.0, "count": 4, "avg": 2.0, "values": [2.0]}
-    effects.restore(start)
-    assert vars(one.meter) == {"sum": 0.0, "count": 0, "avg": 0.0, "values": []}
+        fields = vars(holder.meter)
+        assert {k: v for k, v in fields.items() if k != "total"} == {"sum": 8.0, "count": 4, "avg": 2.0,
+                                                                     "values": [2.0]}
+        assert fields["total"].item() == 8.0
+    effects.restore(start)  # the tensor summed in place too
+    assert vars(one.meter)["count"] == 0 and one.meter.total.item() == 0.0 and one.meter.values == []
 
 
 def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_stand() -> None:

@@ -103,3 +103,12 @@ def test_every_stage_skips_an_overflowing_step_together() -> None:
     assert merged.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_fused_optimizer_which_unscales_in_its_own_step_is_refused() -> None:
+    from lightning_pipe.strategy.grad_scaler import refuse_self_unscaling
+
+    param = torch.nn.Parameter(torch.ones(4))
+    refuse_self_unscaling([torch.optim.Adam([param])])
+    with pytest.raises(ValueError, match=r"Adam with fused=True .* pass fused=False"):
+        refuse_self_unscaling([torch.optim.Adam([param], fused=True)])

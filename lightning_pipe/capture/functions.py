@@ -27,7 +27,7 @@ from .errors import locate_frame
 __all__ = ["Applied", "watch_autograd_functions", "not_derivatives"]
 
 _MAX_ELEMENTS = 1 << 20  # per checked input; larger shapes are shrunk alike in every input (a size stays one size)
-_CHECKED: dict[type, str | None] = {}  # Function class -> why it failed the check (None: it passed)
+_CHECKED: dict[tuple[type, str], str | None] = {}  # (class, its call's arguments) -> why it failed (None: passed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +81,14 @@ def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Appli
 
 def not_derivatives(applied: list[Applied]) -> list[str]:
     """The Functions of ``applied`` whose backward is not their forward's derivative, or could not be checked, each
-    described with the reason; each class is checked once per process."""
+    described with the reason; each class is checked once per process for each arguments it is applied to (shapes,
+    and values other than tensors: a scale of -1 at one call makes a gradient reversal of a Function exact at 1)."""
     refused = []
     for entry in applied:
-        if entry.cls not in _CHECKED:
-            _CHECKED[entry.cls] = _check(entry.cls, entry.example)
-        reason = _CHECKED[entry.cls]
+        key = (entry.cls, repr(entry.example))
+        if key not in _CHECKED:
+            _CHECKED[key] = _check(entry.cls, entry.example)
+        reason = _CHECKED[key]
         if reason is not None:
             refused.append(f"{entry} ({reason})")
     return refused
@@ -111,9 +113,10 @@ def _hint(size: Any) -> Any:
 def _check(cls: type, example: tuple) -> str | None:
     """Why ``cls``'s backward is not the derivative of its forward on random inputs shaped as ``example`` (None when
     it is)."""
-    if not example or not any(isinstance(v, _Like) and v.requires_grad and v.dtype.is_floating_point
-                              for v in pytree.tree_leaves(example)):
-        return None if example else "called with keyword arguments: not checked"
+    if not example:
+        return "called with keyword arguments: not checked"
+    if not any(isinstance(v, _Like) and v.dtype.is_floating_point for v in pytree.tree_leaves(example)):
+        return None  # nothing to differentiate
     shapes = _shrunk([v.shape for v in pytree.tree_leaves(example) if isinstance(v, _Like)])
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -125,8 +128,12 @@ def _check(cls: type, example: tuple) -> str | None:
 
 def _compare(cls: type, example: tuple, shapes: dict[int, int]) -> str | None:
     leaves, spec = pytree.tree_flatten(example)
-    inputs = [_random(v, shapes) if isinstance(v, _Like) else v for v in leaves]
+    smallest = min((shapes.get(size, size) for v in leaves if isinstance(v, _Like) for size in v.shape if size > 0),
+                   default=1)
+    inputs = [_random(v, shapes, smallest) if isinstance(v, _Like) else v for v in leaves]
+    # every floating input: one that needs no gradient now may need one later (a frozen layer thawed)
     differentiable = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    needed = [bool(v.requires_grad) for v in leaves if isinstance(v, _Like) and v.dtype.is_floating_point]
     own = pytree.tree_leaves(cls.apply(*pytree.tree_unflatten(inputs, spec)))
     traced = pytree.tree_leaves(_forward(cls, pytree.tree_unflatten(inputs, spec)))
     outputs = [(a, b) for a, b in zip(own, traced) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point]
@@ -138,7 +145,11 @@ def _compare(cls: type, example: tuple, shapes: dict[int, int]) -> str | None:
     cotangents = [torch.randn_like(a) for a, _ in outputs]
     expected = _grads([a for a, _ in outputs], differentiable, cotangents)
     got = _grads([b for _, b in outputs], differentiable, cotangents)
-    for want, have in zip(expected, got):
+    for tensor, want, have, need in zip(differentiable, expected, got, needed):
+        if not need and (want is None or have is None):
+            continue  # an input that needs no gradient here, which one side does not differentiate (a float mask)
+        want = torch.zeros_like(tensor) if want is None else want
+        have = torch.zeros_like(tensor) if have is None else have
         if not torch.allclose(want, have, rtol=1e-5, atol=1e-8, equal_nan=True):
             worst = (want - have).abs().nan_to_num(0.0).max().item()
             return f"its backward differs from its forward's derivative by up to {worst:.3g} on random inputs"
@@ -154,20 +165,24 @@ def _forward(cls: type, args: tuple) -> Any:
 
 
 def _grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor]) -> list:
+    """The gradients of ``inputs`` (None where the outputs give one none)."""
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not pairs:
-        return [torch.zeros_like(t) for t in inputs]
-    grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        return [None for _ in inputs]
+    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True))
 
 
-def _random(like: _Like, shapes: dict[int, int]) -> torch.Tensor:
+def _random(like: _Like, shapes: dict[int, int], smallest: int) -> torch.Tensor:
+    """A random tensor like ``like``: floating ones need a gradient; masks half true; integers in [0, ``smallest``),
+    the smallest size of any input, so that as indices they fit any dimension."""
     shape = tuple(shapes.get(size, size) for size in like.shape)
     if like.dtype.is_floating_point:
-        return torch.randn(shape, dtype=torch.float64).requires_grad_(like.requires_grad)
+        return torch.randn(shape, dtype=torch.float64).requires_grad_(True)
     if like.dtype.is_complex:
         return torch.randn(shape, dtype=torch.complex128)
-    return torch.zeros(shape, dtype=like.dtype)  # indices, masks: the smallest valid ones
+    if like.dtype == torch.bool:
+        return torch.rand(shape) < 0.5
+    return torch.randint(0, max(1, smallest), shape, dtype=like.dtype)
 
 
 def _shrunk(shapes: list[tuple[int, ...]]) -> dict[int, int]:

@@ -97,7 +97,10 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
                     check_finite(loss, "the loss", where(index, mb))
                 if training:
                     scale = grad_weights[mb] * state.loss_scale
-                    stage.hold(first_id + mb, loss * scale if scale != 1.0 else loss)
+                    # a float16 loss times a gradient scaler's scale (65536) would overflow: scaled in float32, as
+                    # one device's scaler multiplies by its float32 scale
+                    seed = loss.float() if scale != 1.0 and loss.dtype == torch.float16 else loss
+                    stage.hold(first_id + mb, seed * scale if scale != 1.0 else seed)
                 state.losses.append(loss.detach() * state.weights[mb])
             if not training:
                 state.outputs.append(output)

@@ -19,12 +19,24 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.deadline import collective
 
-__all__ = ["agree_on_overflow", "scaled"]
+__all__ = ["agree_on_overflow", "refuse_self_unscaling", "scaled"]
 
 
 def scaled(loss_scale: float, scaler: Any | None) -> float:
     """``loss_scale`` times the scaler's current scale (its initial one before its first step), if there is one."""
     return loss_scale * scaler.get_scale() if scaler is not None else loss_scale
+
+
+def refuse_self_unscaling(optimizers: list[torch.optim.Optimizer]) -> None:
+    """A fused optimizer (``fused=True``) unscales and looks for infs inside its own ``step``, where no rank learns of
+    another's: refused, with the fix."""
+    fused = [type(optimizer).__name__ for optimizer in optimizers
+             if getattr(optimizer, "_step_supports_amp_scaling", False)]
+    if fused:
+        raise ValueError(f"{', '.join(fused)} with fused=True unscales its gradients inside its own step, where the "
+                         f"pipeline's stages cannot agree on skipping a step under precision='16-mixed' (each would "
+                         f"skip on its own); pass fused=False (foreach=True is as fast on most models), or use "
+                         f"precision='bf16-mixed'")
 
 
 def agree_on_overflow(scaler: Any, group: dist.ProcessGroup | None, device: torch.device, timeout: float) -> None:

@@ -232,7 +232,7 @@ def _imported(module: str, name: str) -> Any:
         return None
     try:
         return getattr(importlib.import_module(module), name, None)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - an installed package that fails to import is not the user's model's concern
         return None
 
 

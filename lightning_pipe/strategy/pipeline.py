@@ -45,7 +45,7 @@ from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
-from lightning_pipe.strategy.grad_scaler import agree_on_overflow, scaled
+from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling, scaled
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
@@ -380,6 +380,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         if fitting:
             self.setup_optimizers(trainer)
             self.runner.tied.check_optimizers(self.optimizers)
+            if scaler is not None:
+                refuse_self_unscaling(self.optimizers)
             if self._async is not None:
                 check_async_fit(trainer, self.schedule, has_ties=len(self.runner.tied) > 0)
                 if not any(isinstance(c, DrainPipeline) and c.steps is self._async for c in trainer.callbacks):

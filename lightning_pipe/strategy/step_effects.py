@@ -44,7 +44,7 @@ _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"}
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
 _NESTED = 64  # a list of up to this many items is looked into (one list per dataloader); longer ones: their length
 _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
-_FIELDS = ":fields"  # "meter:fields": the fields of a plain object held in the attribute "meter", followed as a dict
+_FIELD = "::"  # "meter::sum": the field "sum" of a plain object held in the attribute "meter", followed as attributes
 _FIELD_TYPES = (bool, int, float, str, type(None), torch.Tensor, list, tuple, dict)
 _LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
                         "numpy", "logging", "enum", "functools", "types", "typing", "collections"})
@@ -125,8 +125,9 @@ class StepEffects:
     def _tracked(self) -> dict[str, Any]:
         attributes = {name: value for name, value in self.module.__dict__.items()
                       if name not in self._lightning and not isinstance(value, nn.Module)}
-        attributes.update((f"{name}{_FIELDS}", vars(value)) for name, value in list(attributes.items())
-                          if _plain(value))
+        for name, value in list(attributes.items()):
+            if _plain(value):
+                attributes.update((f"{name}{_FIELD}{field}", item) for field, item in vars(value).items())
         trainer = self.module.__dict__.get("_trainer")
         if trainer is not None:  # a step may stop the fit (the last stage's step alone sees it)
             attributes[_SHOULD_STOP] = trainer.should_stop
@@ -137,22 +138,29 @@ class StepEffects:
         return attributes
 
     def _owner(self, name: str) -> tuple[dict[str, Any], str]:
-        """Where ``name`` is bound: a submodule's buffers for a dotted name; else the module's buffers or attributes."""
+        """Where ``name`` is bound: a plain object's fields for ``attribute::field``, a submodule's buffers for a
+        dotted name; else the module's buffers or attributes."""
         if name == _SHOULD_STOP:
             return _TrainerFlag(self.module._trainer), name
+        if _FIELD in name:
+            attribute, field = name.split(_FIELD, 1)
+            return vars(self.module.__dict__[attribute]), field
         if "." in name:
             path, leaf = name.rsplit(".", 1)
             return self.module.get_submodule(path)._buffers, leaf
         return (self.module._buffers if name in self.module._buffers else self.module.__dict__), name
 
     def _bind(self, name: str, value: Any) -> None:
-        if name.endswith(_FIELDS):
-            return  # an object's fields: bound with the object itself
+        if _FIELD in name and name.split(_FIELD, 1)[0] not in self.module.__dict__:
+            return  # the object is gone (unbound before its fields)
         where, leaf = self._owner(name)
         where[leaf] = value
 
     def _unbind(self, name: str) -> None:
-        if name.endswith(_FIELDS):
+        if _FIELD in name:
+            if name.split(_FIELD, 1)[0] in self.module.__dict__:
+                where, leaf = self._owner(name)
+                where.pop(leaf, None)
             return
         where, leaf = self._owner(name)
         where.pop(leaf, None)
@@ -171,13 +179,11 @@ class StepEffects:
         patches: list[Patch] = []
         now = self._tracked()
         for name in since.keys() - now.keys():
-            if not name.endswith(_FIELDS):
-                patches.append(("del", name, None, None))
+            patches.append(("del", name, None, None))
         for name, value in now.items():
             before = since.get(name)
             if before is None or before.value is not value:
-                if not name.endswith(_FIELDS):  # a new object's fields travel with it (or it cannot travel)
-                    patches.append(("set", name, None, list(value) if type(value) is list else value))
+                patches.append(("set", name, None, list(value) if type(value) is list else value))
             elif before.length >= 0:
                 patches.extend(_list_changes(name, None, value, before.length))
                 for index, (item, length) in (before.items or {}).items():  # a list per dataloader
@@ -236,6 +242,8 @@ class StepEffects:
         for patch in patches:
             kind, name, key, value = patch[:4]
             value = None if kind == "del" else place(value, bool(patch[4]) if len(patch) > 4 else False)
+            if name not in now and (kind != "set" or key is not None) and _FIELD in name:
+                continue  # the field of an object that is not plain data on this rank
             if key is None:
                 if kind == "del":
                     self._unbind(name)
@@ -244,9 +252,7 @@ class StepEffects:
                 elif not _set_tensor(now.get(name), value):
                     self._bind(name, value)
                 continue
-            target = now.get(name)
-            if target is None:  # an object that is not plain data here
-                continue
+            target = now[name]
             if kind == "del":
                 target.pop(key, None)
             elif kind == "set":
