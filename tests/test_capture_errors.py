@@ -259,6 +259,47 @@ def test_every_way_a_backward_can_differ_is_checked(case: str) -> None:
         Splitter(model).segments((torch.randn(2, 8),))
 
 
+class RunningDouble(torch.autograd.Function):
+    """Doubles its input, and updates a float buffer it is given in place (running statistics): exact."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, running: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        running.mul_(0.9).add_(0.1 * x.detach().mean())
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        return 2 * grad, None
+
+
+class SquaredError(torch.autograd.Function):
+    """A squared error whose backward gives its target zeros rather than None: exact for the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, target)
+        return (x - target) ** 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001
+        x, target = ctx.saved_tensors
+        return 2 * (x - target) * grad, torch.zeros_like(target)
+
+
+class Exact(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running", torch.zeros(()))
+        self.register_buffer("target", torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SquaredError.apply(RunningDouble.apply(x, self.running), self.target)
+
+
+def test_exact_functions_with_buffers_updated_in_place_or_zero_gradients_for_targets_are_captured() -> None:
+    Splitter(Blocks(Exact())).segments((torch.randn(2, 8),))
+
+
 class Checkpointed(nn.Module):
     """A layer under torch's activation checkpoint, reentrant or not."""
 

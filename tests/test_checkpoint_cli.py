@@ -124,3 +124,38 @@ def test_consolidate_and_shard_round_trip(tmp_path: Path) -> None:
         assert from_folder.keys() == from_file.keys() == from_again.keys()
         for key, value in from_folder.items():
             assert torch.equal(from_file[key], value) and torch.equal(from_again[key], value), key
+
+
+def test_compiled_names_round_trip_and_shard_into_a_folder_that_loads(tmp_path: Path) -> None:
+    """A full file of a torch.compile'd module holds one device's names (``layers._orig_mod.0.weight``; a compiled
+    module inside another gets both parts); they come off where the plain name is the module's, and ``shard`` writes
+    the plain names, which a sharded load finds."""
+    import torch.nn as nn
+
+    from lightning_pipe.checkpoint.convert import consolidate, shard
+    from lightning_pipe.strategy.checkpoint import compiled_names, uncompiled_names
+    from lightning_pipe.strategy.model_choice import compiled_paths, undo_compile
+    from lightning_pipe.strategy.sharded import load_sharded_weights
+
+    holder = nn.Module()
+    inner = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    inner[0] = torch.compile(inner[0])
+    holder.net = torch.compile(inner)
+    one_device = list(holder.state_dict())
+    undo_compile(holder)
+    plain = holder.state_dict()
+    named = compiled_names(plain, compiled_paths(holder))
+    assert list(named) == one_device == ["net._orig_mod.0._orig_mod.weight", "net._orig_mod.0._orig_mod.bias",
+                                         "net._orig_mod.1.weight", "net._orig_mod.1.bias"]
+    assert list(uncompiled_names(named, set(plain))) == list(plain)
+    assert list(uncompiled_names(named, set(named))) == list(named)  # a module that keeps the compiled names
+
+    torch.save({"state_dict": named, "epoch": 0, "global_step": 1}, tmp_path / "full.ckpt")
+    shard(tmp_path / "full.ckpt", tmp_path / "folder")
+    fresh = nn.Module()
+    fresh.net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    load_sharded_weights(tmp_path / "folder", fresh)
+    for key, value in plain.items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    consolidate(tmp_path / "folder", tmp_path / "back.ckpt")
+    assert list(torch.load(tmp_path / "back.ckpt", weights_only=False)["state_dict"]) == list(plain)

@@ -95,6 +95,30 @@ def test_a_plain_objects_fields_are_followed() -> None:
     assert vars(one.meter)["count"] == 0 and one.meter.total.item() == 0.0 and one.meter.values == []
 
 
+def test_an_object_bound_or_unbound_takes_its_fields_with_it() -> None:
+    """A meter made in the step (lazily) cannot be sent: a warning, and no field of it is made on another rank's
+    None; a meter unbound while another attribute holds it keeps its fields there."""
+    for case in ("made in the step", "unbound, held elsewhere"):
+        one, other = _Holder(), _Holder()
+        for holder in (one, other):
+            holder.meter = None if case == "made in the step" else holder.meter
+            holder.also = holder.meter
+        effects, elsewhere = StepEffects(one), StepEffects(other)
+        start, other_start = effects.snapshot(), elsewhere.snapshot()
+        one.meter = AverageMeter() if case == "made in the step" else None
+        warned: list[str] = []
+        patches = effects.changes(start)
+        assert not any("::" in name for _, name, _, _ in patches), patches
+        from lightning_pipe.strategy.step_effects import _sendable
+
+        elsewhere.restore(other_start)
+        elsewhere.apply(_sendable("training_step", patches, warned.append))
+        if case == "made in the step":
+            assert other.meter is None and warned
+        else:
+            assert other.meter is None and vars(other.also)["count"] == 0 and "sum" in vars(other.also)
+
+
 def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_stand() -> None:
     holder = _Holder()
     effects = StepEffects(holder)

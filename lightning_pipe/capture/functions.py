@@ -27,7 +27,8 @@ from .errors import locate_frame
 __all__ = ["Applied", "watch_autograd_functions", "not_derivatives"]
 
 _MAX_ELEMENTS = 1 << 20  # per checked input; larger shapes are shrunk alike in every input (a size stays one size)
-_CHECKED: dict[tuple[type, str], str | None] = {}  # (class, its call's arguments) -> why it failed (None: passed)
+_CHECKED: dict[tuple[type, tuple], str | None] = {}  # (class, its arguments' key) -> why it failed (None: passed)
+_CHECKED_MAX = 4096  # entries kept before the cache starts over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +86,22 @@ def not_derivatives(applied: list[Applied]) -> list[str]:
     and values other than tensors: a scale of -1 at one call makes a gradient reversal of a Function exact at 1)."""
     refused = []
     for entry in applied:
-        key = (entry.cls, repr(entry.example))
+        key = (entry.cls, _key(entry.example))
         if key not in _CHECKED:
+            if len(_CHECKED) >= _CHECKED_MAX:
+                _CHECKED.clear()
             _CHECKED[key] = _check(entry.cls, entry.example)
         reason = _CHECKED[key]
         if reason is not None:
             refused.append(f"{entry} ({reason})")
     return refused
+
+
+def _key(example: tuple) -> tuple:
+    """What the check of a call depends on: its tensors' shapes, dtypes and gradient flags, its numbers and strings,
+    the types of its other arguments."""
+    return tuple(leaf if isinstance(leaf, (_Like, bool, int, float, str, type(None))) else type(leaf).__qualname__
+                 for leaf in pytree.tree_leaves(example))
 
 
 def _like(value: Any) -> Any:
@@ -118,22 +128,28 @@ def _check(cls: type, example: tuple) -> str | None:
     if not any(isinstance(v, _Like) and v.dtype.is_floating_point for v in pytree.tree_leaves(example)):
         return None  # nothing to differentiate
     shapes = _shrunk([v.shape for v in pytree.tree_leaves(example) if isinstance(v, _Like)])
-    try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(0)
-            return _compare(cls, example, shapes)
-    except Exception as error:  # noqa: BLE001 - a Function that cannot run this way is not checked
-        return f"could not be checked on random inputs: {type(error).__name__}: {str(error).splitlines()[0][:150]}"
+    first: BaseException | None = None
+    # every floating input first (one that needs no gradient now may need one later: a frozen layer thawed); then
+    # only those that need one (a Function that updates a float buffer in place cannot take a leaf needing one)
+    for everything in (True, False):
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                torch.manual_seed(0)
+                return _compare(cls, example, shapes, everything)
+        except Exception as error:  # noqa: BLE001 - a Function that cannot run this way is not checked
+            first = first or error
+    assert first is not None
+    return f"could not be checked on random inputs: {type(first).__name__}: {str(first).splitlines()[0][:150]}"
 
 
-def _compare(cls: type, example: tuple, shapes: dict[int, int]) -> str | None:
+def _compare(cls: type, example: tuple, shapes: dict[int, int], everything: bool) -> str | None:
     leaves, spec = pytree.tree_flatten(example)
     smallest = min((shapes.get(size, size) for v in leaves if isinstance(v, _Like) for size in v.shape if size > 0),
                    default=1)
-    inputs = [_random(v, shapes, smallest) if isinstance(v, _Like) else v for v in leaves]
-    # every floating input: one that needs no gradient now may need one later (a frozen layer thawed)
-    differentiable = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    needed = [bool(v.requires_grad) for v in leaves if isinstance(v, _Like) and v.dtype.is_floating_point]
+    inputs = [_random(v, shapes, smallest, everything) if isinstance(v, _Like) else v for v in leaves]
+    pairs = [(tensor, like.requires_grad) for tensor, like in zip(inputs, leaves)
+             if isinstance(like, _Like) and tensor.requires_grad]
+    differentiable, needed = [tensor for tensor, _ in pairs], [need for _, need in pairs]
     own = pytree.tree_leaves(cls.apply(*pytree.tree_unflatten(inputs, spec)))
     traced = pytree.tree_leaves(_forward(cls, pytree.tree_unflatten(inputs, spec)))
     outputs = [(a, b) for a, b in zip(own, traced) if isinstance(a, torch.Tensor) and a.dtype.is_floating_point]
@@ -146,8 +162,8 @@ def _compare(cls: type, example: tuple, shapes: dict[int, int]) -> str | None:
     expected = _grads([a for a, _ in outputs], differentiable, cotangents)
     got = _grads([b for _, b in outputs], differentiable, cotangents)
     for tensor, want, have, need in zip(differentiable, expected, got, needed):
-        if not need and (want is None or have is None):
-            continue  # an input that needs no gradient here, which one side does not differentiate (a float mask)
+        if not need and (want is None or not bool(want.any())):
+            continue  # an input needing no gradient here to which the Function gives none (a float mask, a label)
         want = torch.zeros_like(tensor) if want is None else want
         have = torch.zeros_like(tensor) if have is None else have
         if not torch.allclose(want, have, rtol=1e-5, atol=1e-8, equal_nan=True):
@@ -172,12 +188,12 @@ def _grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: 
     return list(torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True))
 
 
-def _random(like: _Like, shapes: dict[int, int], smallest: int) -> torch.Tensor:
-    """A random tensor like ``like``: floating ones need a gradient; masks half true; integers in [0, ``smallest``),
-    the smallest size of any input, so that as indices they fit any dimension."""
+def _random(like: _Like, shapes: dict[int, int], smallest: int, everything: bool) -> torch.Tensor:
+    """A random tensor like ``like``: floating ones need a gradient (all, or those that needed one); masks half true;
+    integers in [0, ``smallest``), the smallest size of any input, so that as indices they fit any dimension."""
     shape = tuple(shapes.get(size, size) for size in like.shape)
     if like.dtype.is_floating_point:
-        return torch.randn(shape, dtype=torch.float64).requires_grad_(True)
+        return torch.randn(shape, dtype=torch.float64).requires_grad_(everything or like.requires_grad)
     if like.dtype.is_complex:
         return torch.randn(shape, dtype=torch.complex128)
     if like.dtype == torch.bool:

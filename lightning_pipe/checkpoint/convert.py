@@ -32,6 +32,7 @@ from lightning_pipe.strategy.checkpoint import (
     named_optimizer_state,
     one_device_optimizer_states,
     own_entries,
+    uncompiled_names,
 )
 from lightning_pipe.strategy.references import fill_skeleton
 from lightning_pipe.strategy.sharded import (
@@ -118,6 +119,8 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
     checkpoint = torch.load(os.fspath(file), map_location="cpu", weights_only=False, mmap=True)
     if "state_dict" not in checkpoint:
         raise ValueError(f"{file} has no state_dict; give a Lightning checkpoint file")
+    # a compiled module's names (layers._orig_mod.0.weight) as a sharded folder holds them, without torch.compile's part
+    checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"])
     state = {f"{MODEL}{key}": value for key, value in checkpoint["state_dict"].items()}
     section = checkpoint.get(PIPELINE_KEY) or {}
     named = named_optimizer_state(checkpoint)

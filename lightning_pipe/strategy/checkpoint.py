@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from lightning_pipe.strategy.results import decode, encode, tensor_specs
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
-           "with_own_entries", "CallbackMerge"]
+           "with_own_entries", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
 
 PIPELINE_KEY = "pipeline"
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
@@ -365,3 +366,43 @@ def _fsync(path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+_COMPILED_PART = re.compile(r"(^|\.)_orig_mod\.")  # what torch.compile's wrapper adds to its module's names
+
+
+def uncompiled_name(key: str) -> str:
+    """``key`` without what ``torch.compile``'s wrappers add (``layers._orig_mod.0.weight`` -> ``layers.0.weight``)."""
+    return _COMPILED_PART.sub(r"\1", key)
+
+
+def compiled_names(state: dict[str, Any], compiled: Sequence[str]) -> dict[str, Any]:
+    """``state`` under the names one device gives the state of the ``compiled`` module paths (``layers.0.weight`` ->
+    ``layers._orig_mod.0.weight``; a compiled module inside another gets both), in order: what a checkpoint file
+    holds, so that it loads into the module as its user built it."""
+    if not compiled:
+        return state
+    prefixes = sorted((f"{path}." for path in compiled), key=len, reverse=True)  # inner ones first
+
+    def named(key: str) -> str:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = f"{prefix}_orig_mod.{key[len(prefix):]}"
+        return key
+
+    return {named(key): value for key, value in state.items()}
+
+
+def uncompiled_names(state: dict[str, Any], known: Collection[str] | None = None) -> dict[str, Any]:
+    """``state`` with the ``_orig_mod`` parts left out of its names where the name without them is one of ``known``
+    and the name itself is not (every name, without ``known``), in order: a checkpoint of a compiled module, loaded
+    where the compile is undone, or into a module that was never compiled."""
+    if not any("_orig_mod." in key for key in state):
+        return state
+
+    def named(key: str) -> str:
+        plain = uncompiled_name(key)
+        return plain if known is None or (plain in known and key not in known) else key
+
+    return {named(key): value for key, value in state.items()}
+

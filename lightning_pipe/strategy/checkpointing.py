@@ -24,15 +24,17 @@ from lightning_pipe.engine.deadline import explained
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     atomic_save,
+    compiled_names,
     gather_checkpoint,
     named_optimizer_state,
     optimizers_parameter_names,
     training_state_of_rank,
+    uncompiled_names,
     with_own_entries,
 )
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import built_on_host
-from lightning_pipe.strategy.model_choice import compiled_names, compiled_paths, uncompiled_names
+from lightning_pipe.strategy.model_choice import compiled_paths
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
 from lightning_pipe.strategy.randomness import (
     global_random_states,
@@ -152,8 +154,9 @@ class PipelineCheckpoints:
                 weights_only = _weights_only_given_to_the_trainer()
             checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
             if "state_dict" in checkpoint:  # a compiled module's names (here the compile is undone)
-                checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"],
-                                                            compiled_paths(self.lightning_module))
+                known = self._runner.split.state_keys if self._runner is not None else \
+                    self.lightning_module.state_dict().keys()
+                checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"], set(known))
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
                 checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
                                               self.lightning_module.state_dict().keys())

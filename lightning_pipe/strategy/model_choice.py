@@ -15,9 +15,9 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_pipe.strategy.chain import chain_paths
+from lightning_pipe.strategy.checkpoint import uncompiled_name
 
-__all__ = ["choose_model", "compiled_names", "compiled_paths", "owners", "uncompiled_names", "undo_compile", "SEQUENCE", "CAPTURED",
-           "CHAIN"]
+__all__ = ["choose_model", "compiled_paths", "owners", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -77,7 +77,8 @@ def undo_compile(module: nn.Module) -> list[str]:
             if isinstance(child, OptimizedModule):
                 setattr(parent, child_name, child._orig_mod)
                 undone.append(f"{name}.{child_name}" if name else child_name)
-    _COMPILED[module] = undone
+    # a compiled module inside a compiled module: its path once the outer one is undone
+    _COMPILED[module] = [uncompiled_name(path + ".").removesuffix(".") for path in undone]
     return undone
 
 
@@ -87,35 +88,6 @@ def compiled_paths(module: nn.Module) -> list[str]:
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
-
-
-def compiled_names(state: dict[str, Any], compiled: Sequence[str]) -> dict[str, Any]:
-    """``state`` with the names one device gives the state of the ``compiled`` paths (``layers.0.weight`` ->
-    ``layers._orig_mod.0.weight``), in order: what a checkpoint file holds, so that it loads into the module as its
-    user built it."""
-    if not compiled:
-        return state
-    prefixes = [f"{path}." for path in sorted(compiled, key=len, reverse=True)]
-
-    def named(key: str) -> str:
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        return key if prefix is None else f"{prefix}_orig_mod.{key[len(prefix):]}"
-
-    return {named(key): value for key, value in state.items()}
-
-
-def uncompiled_names(state: dict[str, Any], compiled: Sequence[str]) -> dict[str, Any]:
-    """``state`` with the ``_orig_mod`` of the ``compiled`` paths left out of its names (a checkpoint of the module as
-    its user built it, loaded where the compile is undone), in order; names without it stay."""
-    prefixes = [f"{path}._orig_mod." for path in sorted(compiled, key=len, reverse=True)]
-    if not prefixes or not any(key.startswith(tuple(prefixes)) for key in state):
-        return state
-
-    def named(key: str) -> str:
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        return key if prefix is None else f"{prefix.removesuffix('_orig_mod.')}{key[len(prefix):]}"
-
-    return {named(key): value for key, value in state.items()}
 
 
 def _own_forward(module: nn.Module) -> bool:

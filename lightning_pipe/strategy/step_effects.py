@@ -46,6 +46,7 @@ _NESTED = 64  # a list of up to this many items is looked into (one list per dat
 _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
 _FIELD = "::"  # "meter::sum": the field "sum" of a plain object held in the attribute "meter", followed as attributes
 _FIELD_TYPES = (bool, int, float, str, type(None), torch.Tensor, list, tuple, dict)
+_FIELD_NUMEL = 1024  # an object holding a larger tensor (a queue of features) is not followed
 _LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
                         "numpy", "logging", "enum", "functools", "types", "typing", "collections"})
 
@@ -195,7 +196,10 @@ class StepEffects:
                 patches.append(("set", name, None, value))
             elif before.version >= 0 and value._version != before.version:  # changed in place
                 patches.append(("set", name, None, value.detach().clone()))
-        return patches
+        # an object bound or unbound itself: its fields go with it (or it cannot go, and a warning says so); they
+        # are not made on another rank's object, which may be another attribute's too
+        rebound = {name for kind, name, key, _ in patches if key is None and kind in ("set", "del") and _FIELD not in name}
+        return [patch for patch in patches if _FIELD not in patch[1] or patch[1].split(_FIELD, 1)[0] not in rebound]
 
     def changed(self, since: Snapshot) -> bool:
         """Whether anything changed since ``since`` (stops at the first change)."""
@@ -242,7 +246,7 @@ class StepEffects:
         for patch in patches:
             kind, name, key, value = patch[:4]
             value = None if kind == "del" else place(value, bool(patch[4]) if len(patch) > 4 else False)
-            if name not in now and (kind != "set" or key is not None) and _FIELD in name:
+            if _FIELD in name and not _plain(self.module.__dict__.get(name.split(_FIELD, 1)[0])):
                 continue  # the field of an object that is not plain data on this rank
             if key is None:
                 if kind == "del":
@@ -282,7 +286,8 @@ def _plain(value: Any) -> bool:
         return False
     fields = getattr(value, "__dict__", None)
     return type(fields) is dict and 0 < len(fields) <= _NESTED and all(
-        isinstance(field, _FIELD_TYPES) for field in fields.values())
+        isinstance(field, _FIELD_TYPES) and (not isinstance(field, torch.Tensor) or field.numel() <= _FIELD_NUMEL)
+        for field in fields.values())
 
 
 def _set_tensor(target: Any, value: Any) -> bool:
