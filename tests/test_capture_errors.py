@@ -296,8 +296,30 @@ class Exact(nn.Module):
         return SquaredError.apply(RunningDouble.apply(x, self.running), self.target)
 
 
+class Binarize(torch.autograd.Function):
+    """A straight-through estimator: on the model's input, which needs no gradient, its backward never runs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+class BinarizedInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = Blocks(Exact())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(Binarize.apply(x))
+
+
 def test_exact_functions_with_buffers_updated_in_place_or_zero_gradients_for_targets_are_captured() -> None:
-    Splitter(Blocks(Exact())).segments((torch.randn(2, 8),))
+    """Also a straight-through estimator on data that needs no gradient: nothing differentiates it."""
+    Splitter(BinarizedInput()).segments((torch.randn(2, 8),))
 
 
 class Checkpointed(nn.Module):

@@ -119,6 +119,42 @@ def test_an_object_bound_or_unbound_takes_its_fields_with_it() -> None:
             assert other.meter is None and vars(other.also)["count"] == 0 and "sum" in vars(other.also)
 
 
+@pytest.mark.parametrize("case", ["reset by a new one", "a field grows large", "a large tensor in place",
+                                  "held twice"])
+def test_a_plain_objects_changes_reach_every_rank(case: str) -> None:
+    """As the last stage's step leaves the meter, so every rank has it: a meter reset by a new one of its class (it
+    cannot be sent as an object: its fields are), a field that grows past what is copied at a step's start, a large
+    tensor changed in place, a list field of an object two attributes hold (extended once)."""
+    from lightning_pipe.strategy.step_effects import _sendable
+
+    one, other = _Holder(), _Holder()
+    for holder in (one, other):
+        holder.meter.update(1.0)
+        holder.meter.big = torch.zeros(2000)
+        holder.also = holder.meter
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    if case == "reset by a new one":
+        one.meter = AverageMeter()
+        one.meter.update(5.0)
+    elif case == "a field grows large":
+        one.meter.values = torch.arange(3000.0)
+    elif case == "a large tensor in place":
+        one.meter.big += 1
+    else:
+        one.meter.update(2.0)
+    warned: list[str] = []
+    patches = _sendable("training_step", effects.changes(start), warned.append)
+    elsewhere.restore(other_start)
+    elsewhere.apply(patches)
+    assert not warned
+    for name in ("sum", "count", "avg", "values", "total", "big"):
+        want, got = getattr(one.meter, name, None), getattr(other.meter, name, None)
+        assert type(got) is type(want) and (torch.equal(got, want) if isinstance(want, torch.Tensor)
+                                            else got == want), (name, got, want)
+    assert (other.also is other.meter) == (one.also is one.meter)
+
+
 def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_stand() -> None:
     holder = _Holder()
     effects = StepEffects(holder)

@@ -100,8 +100,10 @@ def not_derivatives(applied: list[Applied]) -> list[str]:
 def _key(example: tuple) -> tuple:
     """What the check of a call depends on: its tensors' shapes, dtypes and gradient flags, its numbers and strings,
     the types of its other arguments."""
-    return tuple(leaf if isinstance(leaf, (_Like, bool, int, float, str, type(None))) else type(leaf).__qualname__
-                 for leaf in pytree.tree_leaves(example))
+    leaves, spec = pytree.tree_flatten(example)
+    return (str(spec), *(leaf if isinstance(leaf, _Like) else (type(leaf).__qualname__, repr(leaf))
+                         if isinstance(leaf, (bool, int, float, str, type(None))) else type(leaf).__qualname__
+                         for leaf in leaves))
 
 
 def _like(value: Any) -> Any:
@@ -128,7 +130,7 @@ def _check(cls: type, example: tuple) -> str | None:
     if not any(isinstance(v, _Like) and v.dtype.is_floating_point for v in pytree.tree_leaves(example)):
         return None  # nothing to differentiate
     shapes = _shrunk([v.shape for v in pytree.tree_leaves(example) if isinstance(v, _Like)])
-    first: BaseException | None = None
+    failed: BaseException | None = None
     # every floating input first (one that needs no gradient now may need one later: a frozen layer thawed); then
     # only those that need one (a Function that updates a float buffer in place cannot take a leaf needing one)
     for everything in (True, False):
@@ -137,9 +139,9 @@ def _check(cls: type, example: tuple) -> str | None:
                 torch.manual_seed(0)
                 return _compare(cls, example, shapes, everything)
         except Exception as error:  # noqa: BLE001 - a Function that cannot run this way is not checked
-            first = first or error
-    assert first is not None
-    return f"could not be checked on random inputs: {type(first).__name__}: {str(first).splitlines()[0][:150]}"
+            failed = error  # the last attempt's: the first may fail for the check's own leaves
+    assert failed is not None
+    return f"could not be checked on random inputs: {type(failed).__name__}: {str(failed).splitlines()[0][:150]}"
 
 
 def _compare(cls: type, example: tuple, shapes: dict[int, int], everything: bool) -> str | None:
@@ -162,8 +164,9 @@ def _compare(cls: type, example: tuple, shapes: dict[int, int], everything: bool
     expected = _grads([a for a, _ in outputs], differentiable, cotangents)
     got = _grads([b for _, b in outputs], differentiable, cotangents)
     for tensor, want, have, need in zip(differentiable, expected, got, needed):
-        if not need and (want is None or not bool(want.any())):
-            continue  # an input needing no gradient here to which the Function gives none (a float mask, a label)
+        if not need and (want is None or have is None or not bool(want.any())):
+            continue  # an input needing no gradient here that one side does not differentiate (a float mask, a label,
+            # a straight-through estimator's data input)
         want = torch.zeros_like(tensor) if want is None else want
         have = torch.zeros_like(tensor) if have is None else have
         if not torch.allclose(want, have, rtol=1e-5, atol=1e-8, equal_nan=True):

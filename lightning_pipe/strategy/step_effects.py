@@ -19,6 +19,7 @@ back together, or the run fails, the micro-batches' own changes travel instead, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,8 @@ from lightning_pipe.strategy.step_values import whole_output
 __all__ = ["StepEffects", "Snapshot", "settle"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
-# dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key).
+# dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
+# "object" (bind the attribute to a new object of its object's class, value: (class name, fields)).
 Patch = tuple[str, str, Any, Any]
 Sent = tuple[str, str, Any, Any, bool]  # a change as sent: and whether its tensors were on the CPU
 
@@ -46,7 +48,7 @@ _NESTED = 64  # a list of up to this many items is looked into (one list per dat
 _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger one (a vocabulary): its size
 _FIELD = "::"  # "meter::sum": the field "sum" of a plain object held in the attribute "meter", followed as attributes
 _FIELD_TYPES = (bool, int, float, str, type(None), torch.Tensor, list, tuple, dict)
-_FIELD_NUMEL = 1024  # an object holding a larger tensor (a queue of features) is not followed
+_FIELD_NUMEL = 1024  # a larger tensor in an object's field is not copied at a step's start (not undone in place)
 _LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
                         "numpy", "logging", "enum", "functools", "types", "typing", "collections"})
 
@@ -126,8 +128,10 @@ class StepEffects:
     def _tracked(self) -> dict[str, Any]:
         attributes = {name: value for name, value in self.module.__dict__.items()
                       if name not in self._lightning and not isinstance(value, nn.Module)}
+        followed: set[int] = set()  # an object held by two attributes: its fields once, under the first
         for name, value in list(attributes.items()):
-            if _plain(value):
+            if id(value) not in followed and _plain(value):
+                followed.add(id(value))
                 attributes.update((f"{name}{_FIELD}{field}", item) for field, item in vars(value).items())
         trainer = self.module.__dict__.get("_trainer")
         if trainer is not None:  # a step may stop the fit (the last stage's step alone sees it)
@@ -173,16 +177,21 @@ class StepEffects:
         modules in eval mode, which keep them)."""
         resting = {f"{path}.{name}" for path, child in self._outside_modules() if not child.training
                    for name in child._buffers}
-        return {name: _entry(value, save=name not in resting) for name, value in self._tracked().items()}
+        return {name: _entry(value, save=name not in resting and not (_FIELD in name and isinstance(value, torch.Tensor)
+                                                                      and value.numel() > _FIELD_NUMEL))
+                for name, value in self._tracked().items()}
 
     def changes(self, since: Snapshot) -> list[Patch]:
         """What changed since ``since``, as changes that make it again from there."""
         patches: list[Patch] = []
         now = self._tracked()
         for name in since.keys() - now.keys():
-            patches.append(("del", name, None, None))
+            if _FIELD in name:
+                patches.extend(self._field_left(name, since))
+            else:
+                patches.append(("del", name, None, None))
         for name, value in now.items():
-            before = since.get(name)
+            before = since.get(name) or (self._aliased(name, since) if _FIELD in name else None)
             if before is None or before.value is not value:
                 patches.append(("set", name, None, list(value) if type(value) is list else value))
             elif before.length >= 0:
@@ -197,9 +206,39 @@ class StepEffects:
             elif before.version >= 0 and value._version != before.version:  # changed in place
                 patches.append(("set", name, None, value.detach().clone()))
         # an object bound or unbound itself: its fields go with it (or it cannot go, and a warning says so); they
-        # are not made on another rank's object, which may be another attribute's too
+        # are not made on another rank's object, which may be another attribute's too. A plain object made anew in
+        # place of one of its class (a meter reset by a new one) goes as its class' name and fields.
         rebound = {name for kind, name, key, _ in patches if key is None and kind in ("set", "del") and _FIELD not in name}
-        return [patch for patch in patches if _FIELD not in patch[1] or patch[1].split(_FIELD, 1)[0] not in rebound]
+        patches = [patch for patch in patches if _FIELD not in patch[1] or patch[1].split(_FIELD, 1)[0] not in rebound]
+        return [("object", name, None, (type(value).__qualname__, dict(vars(value))))
+                if kind == "set" and key is None and name in rebound and _plain(value) and name in since
+                and type(since[name].value) is type(value) else (kind, name, key, value)
+                for kind, name, key, value in patches]
+
+    def _aliased(self, name: str, since: Snapshot) -> _Entry | None:
+        """The entry at the start of a field now followed under another attribute holding the same object (the one
+        it was followed under was unbound)."""
+        attribute, field = name.split(_FIELD, 1)
+        holder = self.module.__dict__.get(attribute)
+        for other, entry in since.items():
+            if _FIELD not in other and entry.value is holder and f"{other}{_FIELD}{field}" in since:
+                return since[f"{other}{_FIELD}{field}"]
+        return None
+
+    def _field_left(self, name: str, since: Snapshot) -> list[Patch]:
+        """The change of a field followed at the start and not now: deleted, if its object is still there and still
+        the attribute's; else, if the object is no longer followed (it took a value not followed), its new value."""
+        attribute, field = name.split(_FIELD, 1)
+        holder = self.module.__dict__.get(attribute, _MISSING)
+        if attribute not in since or since[attribute].value is not holder:
+            return []  # the object itself was unbound or replaced: that change says it
+        fields = vars(holder) if hasattr(holder, "__dict__") else {}
+        if field not in fields:
+            return [("del", name, None, None)]
+        if _differs(since[name], fields[field]):
+            value = fields[field]
+            return [("set", name, None, value.detach().clone() if isinstance(value, torch.Tensor) else value)]
+        return []
 
     def changed(self, since: Snapshot) -> bool:
         """Whether anything changed since ``since`` (stops at the first change)."""
@@ -246,13 +285,17 @@ class StepEffects:
         for patch in patches:
             kind, name, key, value = patch[:4]
             value = None if kind == "del" else place(value, bool(patch[4]) if len(patch) > 4 else False)
-            if _FIELD in name and not _plain(self.module.__dict__.get(name.split(_FIELD, 1)[0])):
-                continue  # the field of an object that is not plain data on this rank
+            if kind == "object":
+                self._renew(name, *value)
+                continue
+            holder = self.module.__dict__.get(name.split(_FIELD, 1)[0]) if _FIELD in name else None
+            if _FIELD in name and not hasattr(holder, "__dict__"):
+                continue  # the field of an object this rank does not hold
             if key is None:
                 if kind == "del":
                     self._unbind(name)
                 elif kind == "extend":
-                    now[name].extend(value)
+                    (now[name] if name in now else vars(holder)[name.split(_FIELD, 1)[1]]).extend(value)
                 elif not _set_tensor(now.get(name), value):
                     self._bind(name, value)
                 continue
@@ -263,6 +306,18 @@ class StepEffects:
                 target[key] = value
             else:
                 target[key].extend(value)
+
+
+    def _renew(self, name: str, class_name: str, fields: dict[str, Any]) -> None:
+        """Bind ``name`` to a new object of this rank's object's class holding ``fields`` (as the last stage's step
+        made one): a shallow copy of this rank's object, its fields replaced; other references keep the old one."""
+        old = self.module.__dict__.get(name)
+        if old is None or type(old).__qualname__ != class_name or not hasattr(old, "__dict__"):
+            return  # this rank holds no object of that class there: it keeps what it has
+        new = copy.copy(old)
+        vars(new).clear()
+        vars(new).update(fields)
+        self._bind(name, new)
 
 
 class _TrainerFlag(dict):  # type: ignore[type-arg]
@@ -286,8 +341,7 @@ def _plain(value: Any) -> bool:
         return False
     fields = getattr(value, "__dict__", None)
     return type(fields) is dict and 0 < len(fields) <= _NESTED and all(
-        isinstance(field, _FIELD_TYPES) and (not isinstance(field, torch.Tensor) or field.numel() <= _FIELD_NUMEL)
-        for field in fields.values())
+        isinstance(field, _FIELD_TYPES) for field in fields.values())
 
 
 def _set_tensor(target: Any, value: Any) -> bool:
