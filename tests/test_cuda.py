@@ -179,19 +179,32 @@ import lightning as L
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from tests.lightning_models import Regressor, regression_data
+from tests.test_cuda import precision_options
 
 precision = sys.argv[2]
 model = Regressor(width=64, lr=0.5)
 stage_dtypes = set()
 model.layers[0].register_forward_hook(lambda _m, _i, out: stage_dtypes.add(str(out.dtype)))
 trainer = L.Trainer(strategy=PipelineStrategy(num_stages=2, process_group_backend="gloo"), accelerator="gpu",
-                    devices=1, num_nodes=2, max_steps=3, precision=precision, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                    devices=1, num_nodes=2, max_steps=3, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    **precision_options(precision))
 trainer.fit(model, regression_data(6, batch_size=8, width=64))
 torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "rank": trainer.global_rank,
             "device": str(trainer.strategy.root_device), "dtypes": stage_dtypes},
            os.path.join(sys.argv[1], f"{precision}-rank{trainer.global_rank}.pt"))
 '''
+
+
+def precision_options(precision: str) -> dict[str, Any]:
+    """The Trainer's precision; ``16-mixed`` with a scaler starting at 256, where no step overflows: which steps
+    overflow at float16's default 65536 depends on how the batch is split (a micro-batch's gradients are smaller), so
+    the pipeline and one GPU would skip different steps (the skips themselves: tests/test_strategy_grad_scaler.py)."""
+    if precision != "16-mixed":
+        return {"precision": precision}
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return {"plugins": [MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda", init_scale=256.0))]}
 
 
 @pytest.mark.timeout(240)
@@ -209,8 +222,9 @@ def test_trainer_on_gpu_equals_one_gpu(tmp_path: Path, precision: str) -> None:
     run_torchrun_nodes(script, str(tmp_path), precision, nproc_per_node=1, timeout=150)
     reference = Regressor(width=64, lr=0.5)
     initial = copy.deepcopy(reference.state_dict())
-    L.Trainer(accelerator="gpu", devices=1, max_steps=3, precision=precision, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(reference, regression_data(6, 8, width=64))
+    L.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              **precision_options(precision)).fit(reference, regression_data(6, 8, width=64))
     ranks = [torch.load(tmp_path / f"{precision}-rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert [r["device"] for r in ranks] == ["cuda:0", "cuda:0"]
     assert ranks[0]["dtypes"] == {{"bf16-mixed": "torch.bfloat16", "16-mixed": "torch.float16"}.get(precision,
