@@ -176,3 +176,42 @@ def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
     reference = _numbers(0, 1)
     assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
     assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
+
+
+def _rank_zero_code(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Sampling(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        @rank_zero_only
+        def save_samples(self, logits: torch.Tensor) -> None:  # as projects write sample images to disk
+            pass
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            logits = self.net(batch[0])
+            self.save_samples(logits)
+            self.log("val_loss", torch.nn.functional.cross_entropy(logits, batch[1]))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2)).validate(Sampling(), class_data(batches=2))
+    return [str(w.message) for w in caught if "rank_zero_only" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_zero_only_function_the_step_calls_is_named_in_a_warning() -> None:
+    """The step's code runs on the last stage's rank, where a ``rank_zero_only`` function of the user's does nothing
+    (and rank 0 runs only the step up to the model, with logging off): a warning names it, once, on that rank;
+    Lightning's own rank-zero functions (its warnings) are not named."""
+    first, last = run_ranks(_rank_zero_code, 2, timeout=100)
+    assert first == [] and len(last) == 1
+    assert "Sampling.save_samples" in last[0] and "on_train_batch_end" in last[0]

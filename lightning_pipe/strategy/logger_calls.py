@@ -42,6 +42,32 @@ class _Recorder:
         self._calls.append((self._index, self._path, list(args), dict(kwargs)))
 
 
+_LIBRARIES = frozenset({"lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "lightning_pipe",
+                        "torchmetrics", "torch", "transformers"})
+
+
+class _NotingRank(int):
+    """The rank ``rank_zero_only`` reads while the last stage runs the step: this rank's number, which notes the
+    user's functions it keeps from running (their wrapper asks whether it is 0, holding the function as ``fn``)."""
+
+    skipped: set[str]
+
+    def __new__(cls, rank: int, skipped: set[str]) -> _NotingRank:
+        noting = super().__new__(cls, rank)
+        noting.skipped = skipped
+        return noting
+
+    def __eq__(self, other: object) -> bool:
+        if other == 0 and int(self) != 0:
+            function = sys._getframe(1).f_locals.get("fn")
+            module = getattr(function, "__module__", None) or ""
+            if callable(function) and module.split(".")[0] not in _LIBRARIES:
+                self.skipped.add(getattr(function, "__qualname__", repr(function)))
+        return int(self) == other
+
+    __hash__ = int.__hash__
+
+
 class LoggerCalls:
     """Records the calls a step makes on ``loggers()`` where they would be dropped, and makes them on rank 0."""
 
@@ -49,6 +75,8 @@ class LoggerCalls:
         self._module = module  # the LightningModule, whose print() prints on rank 0 only
         self._loggers = loggers  # () -> the trainer's loggers (none outside a Trainer)
         self.calls: list[Call] = []
+        self.skipped: set[str] = set()  # the user's rank_zero_only functions the step's code after the model called
+        self._warned: set[str] = set()
 
     def _print(self, *args: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
         self.calls.append((_PRINT, [], [sep.join(str(arg) for arg in args)], {"end": end}))
@@ -80,7 +108,8 @@ class LoggerCalls:
         fabric_logger._DummyExperiment = stand_in  # type: ignore[assignment,misc]
         self._module.print = self._print
         rank = rank_zero_only.rank
-        rank_zero_only.rank = max(rank, 1)  # rank 0 holds the last stage in a V schedule: its calls are recorded too
+        # rank 0 holds the last stage in a V schedule: its calls are recorded too
+        rank_zero_only.rank = _NotingRank(max(rank, 1), self.skipped)
         try:
             yield
         finally:
@@ -89,6 +118,20 @@ class LoggerCalls:
             fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
             for logger, name in patched:
                 del logger.__dict__[name]
+            self._warn_skipped()
+
+    def _warn_skipped(self) -> None:
+        """Once per function: the step called a ``rank_zero_only`` function of the user's, which therefore ran on no
+        rank (the last stage runs the step's code; rank 0 runs only its part up to the model, with logging off)."""
+        new = sorted(self.skipped - self._warned)
+        if not new:
+            return
+        self._warned.update(new)
+        warnings.warn(f"the step calls {', '.join(new)}, decorated with rank_zero_only: under a pipeline the step's "
+                      f"code runs on the last stage's rank (global rank 0 runs only its part up to the model, with "
+                      f"logging off), so it did not run. Log through self.log or self.logger (made on rank 0), or "
+                      f"call it from a hook every rank runs, where rank 0 has the step's outputs "
+                      f"(on_train_batch_end(outputs, ...), on_validation_epoch_end)", stacklevel=2)
 
     @contextmanager
     def discarding(self) -> Iterator[None]:
