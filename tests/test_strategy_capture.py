@@ -482,8 +482,8 @@ def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path:
     on ``.logits``, which checks how the loss adds up on the whole batch's ModelOutput), Bloom (ALiBi, and a GELU
     through a custom autograd Function, checked to be exact at the capture) and BART (one embedding shared by the
     encoder, the decoder and the head); and Lightning's demo ``Transformer`` (torch's ``nn.Transformer`` with a causal
-    target mask, which torch compares with a causal mask, a branch on tensor values, to pick a kernel): their weights after three steps of changing sequence lengths, and their
-    validation loss, equal one device's."""
+    target mask, which torch compares with a causal mask, a branch on tensor values, to pick a kernel): their weights
+    after three steps of changing sequence lengths, and their validation loss, equal one device's."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
     names = list(MORE_FAMILIES)

@@ -100,10 +100,15 @@ def not_derivatives(applied: list[Applied]) -> list[str]:
 def _key(example: tuple) -> tuple:
     """What the check of a call depends on: its tensors' shapes, dtypes and gradient flags, its numbers and strings,
     the types of its other arguments."""
+    def part(leaf: Any) -> Any:
+        if isinstance(leaf, _Like):
+            return leaf
+        if isinstance(leaf, (bool, int, float, str, type(None))):
+            return type(leaf).__qualname__, repr(leaf)  # 1, 1.0 and True apart; a NaN equal to itself
+        return type(leaf).__qualname__
+
     leaves, spec = pytree.tree_flatten(example)
-    return (str(spec), *(leaf if isinstance(leaf, _Like) else (type(leaf).__qualname__, repr(leaf))
-                         if isinstance(leaf, (bool, int, float, str, type(None))) else type(leaf).__qualname__
-                         for leaf in leaves))
+    return (str(spec), *map(part, leaves))
 
 
 def _like(value: Any) -> Any:

@@ -56,8 +56,9 @@ class Splitter:
     so that one capture per mode serves every batch size and sequence length; where that fails, one capture per input
     shape (with a warning). ``recompute`` (:data:`~.graph.Recompute`) lets a segment recompute cheap input-only values
     rather than receive them. A custom ``torch.autograd.Function`` whose backward is not checked to be its
-    forward's derivative (:mod:`.functions`) is refused unless ``allow_autograd_functions`` (export drops its backward). Hugging Face models are captured with ``config.use_cache`` off (a cache cannot
-    cross stages); the config is put back. ``capture_on_meta`` (default: when some state is on the meta device)
+    forward's derivative (:mod:`.functions`) is refused unless ``allow_autograd_functions`` (export drops its
+    backward). Hugging Face models are captured with ``config.use_cache`` off (a cache cannot cross stages); the
+    config is put back. ``capture_on_meta`` (default: when some state is on the meta device)
     captures on meta twins of the state, so a rank never needs the whole model's weights; :meth:`materialize` then
     gives its own segments storage.
     """

@@ -147,26 +147,20 @@ class StepEffects:
         dotted name; else the module's buffers or attributes."""
         if name == _SHOULD_STOP:
             return _TrainerFlag(self.module._trainer), name
-        if _FIELD in name:
+        if _FIELD in name:  # an object gone, or no longer one with fields: a dict of its own, which nothing reads
             attribute, field = name.split(_FIELD, 1)
-            return vars(self.module.__dict__[attribute]), field
+            fields = getattr(self.module.__dict__.get(attribute), "__dict__", None)
+            return (fields if type(fields) is dict else {}), field
         if "." in name:
             path, leaf = name.rsplit(".", 1)
             return self.module.get_submodule(path)._buffers, leaf
         return (self.module._buffers if name in self.module._buffers else self.module.__dict__), name
 
     def _bind(self, name: str, value: Any) -> None:
-        if _FIELD in name and name.split(_FIELD, 1)[0] not in self.module.__dict__:
-            return  # the object is gone (unbound before its fields)
         where, leaf = self._owner(name)
         where[leaf] = value
 
     def _unbind(self, name: str) -> None:
-        if _FIELD in name:
-            if name.split(_FIELD, 1)[0] in self.module.__dict__:
-                where, leaf = self._owner(name)
-                where.pop(leaf, None)
-            return
         where, leaf = self._owner(name)
         where.pop(leaf, None)
         if "." not in name:
@@ -208,7 +202,8 @@ class StepEffects:
         # an object bound or unbound itself: its fields go with it (or it cannot go, and a warning says so); they
         # are not made on another rank's object, which may be another attribute's too. A plain object made anew in
         # place of one of its class (a meter reset by a new one) goes as its class' name and fields.
-        rebound = {name for kind, name, key, _ in patches if key is None and kind in ("set", "del") and _FIELD not in name}
+        rebound = {name for kind, name, key, _ in patches
+                   if key is None and kind in ("set", "del") and _FIELD not in name}
         patches = [patch for patch in patches if _FIELD not in patch[1] or patch[1].split(_FIELD, 1)[0] not in rebound]
         return [("object", name, None, (type(value).__qualname__, dict(vars(value))))
                 if kind == "set" and key is None and name in rebound and _plain(value) and name in since
@@ -288,17 +283,18 @@ class StepEffects:
             if kind == "object":
                 self._renew(name, *value)
                 continue
-            holder = self.module.__dict__.get(name.split(_FIELD, 1)[0]) if _FIELD in name else None
-            if _FIELD in name and not hasattr(holder, "__dict__"):
-                continue  # the field of an object this rank does not hold
             if key is None:
                 if kind == "del":
                     self._unbind(name)
                 elif kind == "extend":
-                    (now[name] if name in now else vars(holder)[name.split(_FIELD, 1)[1]]).extend(value)
+                    where, leaf = self._owner(name)
+                    if leaf in where:  # (not the field of an object this rank does not hold)
+                        where[leaf].extend(value)
                 elif not _set_tensor(now.get(name), value):
                     self._bind(name, value)
                 continue
+            if name not in now and _FIELD in name:
+                continue  # the field of an object this rank does not follow
             target = now[name]
             if kind == "del":
                 target.pop(key, None)
@@ -306,7 +302,6 @@ class StepEffects:
                 target[key] = value
             else:
                 target[key].extend(value)
-
 
     def _renew(self, name: str, class_name: str, fields: dict[str, Any]) -> None:
         """Bind ``name`` to a new object of this rank's object's class holding ``fields`` (as the last stage's step
