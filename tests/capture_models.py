@@ -363,6 +363,16 @@ def hf_mamba(layers: int = 4) -> nn.Module:
                                         expand=2, conv_kernel=4))
 
 
+def hf_mamba2(layers: int = 4) -> nn.Module:
+    """Mamba 2: its chunked scan pads the sequence to a multiple of the chunk and trims it only when it padded, which
+    export records as a guard on the length (``length % 8 == 0``): each length whose padding differs is captured
+    anew."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    return Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_heads=4,
+                                          head_dim=16, n_groups=1, state_size=8, expand=2, conv_kernel=4, chunk_size=8))
+
+
 def hf_segformer() -> nn.Module:
     """SegFormer: a hierarchical encoder and an all-MLP decoder with a batch norm; logits at a quarter of the size."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
@@ -500,6 +510,8 @@ MORE_FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("hf_whisper", hf_whisper, _spoken, lambda mb: ((), {"input_features": mb[0], "labels": mb[1]}),
            lambda out, mb: out.loss, hf=True),
     Family("hf_mamba", hf_mamba, _tokens, lambda mb: ((mb[0],), {"labels": mb[0]}), lambda out, mb: out.loss, hf=True),
+    Family("hf_mamba2", hf_mamba2, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}),
+           lambda out, mb: out.loss, hf=True),
     Family("hf_segformer", hf_segformer, _segmented, lambda mb: ((mb[0],), {}), _segmentation_loss, hf=True),
     Family("hf_bloom", hf_bloom, _masked, lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}),
            lambda out, mb: out.loss, hf=True),

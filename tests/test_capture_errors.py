@@ -322,6 +322,115 @@ def test_exact_functions_with_buffers_updated_in_place_or_zero_gradients_for_tar
     Splitter(BinarizedInput()).segments((torch.randn(2, 8),))
 
 
+class BoundedSqrt(torch.autograd.Function):
+    """A square root whose gradient is clipped near zero, as RecurrentGemma's RG-LRU takes it: exact on its domain
+    but for inputs under 2.5e-7."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(torch.clip(4.0 * x, min=1e-6))
+
+
+class HalfSqrt(BoundedSqrt):
+    """A square root whose backward forgets the factor 1/2."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return grad / torch.sqrt(x)
+
+
+class LinearAcos(torch.autograd.Function):
+    """An arccosine with a backward of -1 (its derivative at 0), as YOSO's attention approximates its own: defined on
+    [-1, 1] only, where standard normal inputs often are not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.acos(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return -grad
+
+
+class Rooted(nn.Module):
+    def __init__(self, function: type) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(torch.sigmoid(x))
+
+
+def test_a_function_defined_on_positive_inputs_is_checked_on_them() -> None:
+    """Standard normal inputs give a square root NaN, whose derivative means nothing: the check draws positive ones
+    then (and smaller ones for an arccosine). A bounded square root is captured (its gradients as eager); ones whose
+    backward is wrong on the domain are refused."""
+    torch.manual_seed(0)
+    model = Blocks(Rooted(BoundedSqrt))
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    Splitter(model).run(x).sum().backward()
+    reference(x).sum().backward()
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, expected.grad, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(CaptureError, match="HalfSqrt.*backward differs from its forward's derivative by up to"):
+        Splitter(Blocks(Rooted(HalfSqrt))).segments((torch.randn(2, 8),))
+    # NaN on normal inputs and on their absolute values, which made every backward agree (YOSO's was captured)
+    with pytest.raises(CaptureError, match="LinearAcos.*backward differs from its forward's derivative by up to"):
+        Splitter(Blocks(Rooted(LinearAcos))).segments((torch.randn(2, 8),))
+
+
+class LayerDrop(nn.Module):
+    """Skips its second layer at random in training, as Hugging Face's encoders with ``layerdrop > 0``."""
+
+    def __init__(self, layerdrop: float) -> None:
+        super().__init__()
+        self.layers, self.layerdrop = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]), layerdrop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            dropout_probability = torch.rand([])
+            if self.training and dropout_probability < self.layerdrop:
+                continue
+            x = layer(x)
+        return x
+
+
+def test_layer_drop_says_to_set_it_to_zero() -> None:
+    with pytest.raises(CaptureError, match="LayerDrop skips layers at random.*set the model's layer drop"):
+        Splitter(LayerDrop(0.1)).segments((torch.randn(2, 8),))
+
+
+class Router(nn.Module):
+    """Converts its classifier to float32 on every call, as Switch Transformers' router does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        self.classifier = self.classifier.to(torch.float32)
+        return self.classifier(x)
+
+
+def test_a_module_converted_to_what_it_is_in_its_forward_is_captured() -> None:
+    """torch's Module._apply swapped each parameter with itself, which export refused ("Couldn't swap")."""
+    torch.manual_seed(0)
+    model = Router()
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(Splitter(model).run(x), model(x), rtol=0, atol=0)
+
+
 class Checkpointed(nn.Module):
     """A layer under torch's activation checkpoint, reentrant or not."""
 

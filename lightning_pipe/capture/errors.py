@@ -84,6 +84,10 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "which cannot be captured: give the RNN the padded batch (batch_first as before) and pick each row's "
                 "last valid step with the lengths (`out[torch.arange(len(out)), lengths - 1]`) or mask the steps past "
                 f"them; {SEQUENTIAL_PATH}.")
+    if "layerdrop" in where.lower():
+        return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
+                "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
+                f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
         library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
                    "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "

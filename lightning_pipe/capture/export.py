@@ -29,6 +29,7 @@ from torch.export import Dim, ExportedProgram
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
 from .functions import not_derivatives, watch_autograd_functions
+from .guards import guarded_sizes
 
 __all__ = ["export_forward"]
 
@@ -51,6 +52,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         args, kwargs = to_meta(args), to_meta(kwargs)
     attempts = [True, False] if dynamic else [False]
     first_error: BaseException | None = None
+    fixed: set[tuple[str, int]] = set()  # input sizes the symbolic capture holds at some values only (.guards)
     while attempts:
         symbolic = attempts[0]
         try:
@@ -59,17 +61,22 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 stack.enter_context(_no_caches(model))
                 stack.enter_context(_keywords_named(model, args, kwargs))
                 stack.enter_context(_masks_as_given())
+                stack.enter_context(_conversions_in_place())
                 functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 if meta:
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
-                shapes = _dynamic_shapes(model, args, kwargs) if symbolic else None
+                shapes = _dynamic_shapes(model, args, kwargs, fixed) if symbolic else None
                 stack.enter_context(warnings.catch_warnings())
                 # An RNN re-lists its parameters in _flat_weights as it runs; the graph reads the parameters themselves
                 warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
                 with fx_config.patch(backed_size_oblivious=symbolic):
                     program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+                if symbolic and not fixed:
+                    fixed = guarded_sizes(program, inspect.signature(model.forward), args, kwargs)
+                    if fixed:
+                        continue  # again, with those sizes fixed
         except CaptureError:
             raise
         except Exception as error:  # noqa: BLE001 - every export failure becomes a located CaptureError
@@ -138,14 +145,19 @@ def _fails_at_any_size(error: BaseException) -> bool:
     return "DataDependent" in text or "data-dependent" in text or "not a known type" in text
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``Dim.AUTO`` for every size of every tensor input, laid out as export binds the inputs to forward's
-    parameters (a ``**kwargs`` parameter takes a dict of its own)."""
-    def auto(value: Any) -> Any:
-        return {d: Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor) else None
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                    fixed: set[tuple[str, int]] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
+    """``Dim.AUTO`` for every size of every tensor input but the ``fixed`` ones (``(pytree.keystr path in the bound
+    arguments, dim)``), laid out as export binds the inputs to forward's parameters (a ``**kwargs`` parameter takes a
+    dict of its own)."""
+    def auto(path: pytree.KeyPath, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return None
+        where = pytree.keystr(path)
+        return {d: Dim.STATIC if (where, d) in fixed else Dim.AUTO for d in range(value.dim())}
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
+    return pytree.tree_map_with_path(auto, dict(bound.arguments))
 
 
 @contextlib.contextmanager
@@ -251,3 +263,25 @@ def _watch_checkpoints(names: dict[int, str]) -> Iterator[list[str]]:
         yield found
     finally:
         setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _conversions_in_place() -> Iterator[None]:
+    """A module converted in its own forward to what it already is (Switch Transformers' router runs
+    ``self.classifier = self.classifier.to(self.dtype)`` every call) is left as it is while export runs: torch's
+    ``Module._apply`` would swap each parameter with itself, which export's tracked parameters refuse ("Couldn't
+    swap Linear.weight"). A conversion that changes something still runs (and fails as before)."""
+    apply = nn.Module._apply
+
+    def in_place(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        tensors = [t for m in (module.modules() if recurse else [module])
+                   for table in (m._parameters, m._buffers) for t in table.values() if t is not None]
+        if all(fn(t) is t for t in tensors):
+            return module
+        return apply(module, fn, recurse)
+
+    nn.Module._apply = in_place  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module._apply = apply  # type: ignore[method-assign]

@@ -1,0 +1,166 @@
+"""Input sizes a symbolic capture holds only some values of: the guards export recorded on them.
+
+Export keeps a size symbolic and records, as guards, the conditions the forward's Python code checked on it: a
+chunked scan (Mamba 2's, Bamba's) pads the sequence to a multiple of its chunk and trims the padding only
+``if pad_size > 0``, so a capture made from a length that is a multiple of the chunk holds the guard
+``length % chunk == 0``, and its graph, run at another length, trims nothing (a wrong shape, or a wrong value). The
+graph itself does not check its guards (``ExportedProgram.module()`` would; the segments run the graph directly), and
+a guard can hold for every size (most do: what a ``view`` implies) or for some sizes only.
+
+:func:`guarded_sizes` finds the input sizes whose guards do not hold for every size: each size is tried at other
+values, the others kept, against the guards that hold at the example's; a size they allow with gaps (multiples of a
+chunk) is then captured fixed, like a length a Python loop runs over, and a new size gets a capture of its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+__all__ = ["guarded_sizes", "size_source"]
+
+_SIZE = re.compile(r"L((?:\[[^\[\]]+\])+)\.size\(\)\[(\d+)\]")
+# sizes tried for each input size: small ones densely (divisibility, chunking), then some powers of two and odd ones
+_TRIED = (*range(2, 34), 48, 63, 64, 100, 127, 128, 255, 256, 511, 512, 1000, 1023, 1024, 2048, 4095, 4096)
+
+
+def size_source(path: str, dim: int) -> str:
+    """How a guard names dimension ``dim`` of the input at ``path`` (``pytree.keystr`` of the bound arguments)."""
+    return f"L{path}.size()[{dim}]"
+
+
+def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: tuple,
+                  kwargs: dict[str, Any]) -> set[tuple[str, int]]:
+    """``(path, dim)`` of each input size (``path`` as ``pytree.keystr`` names it in the arguments bound to
+    ``signature``) that some guard of ``program`` allows with gaps: at some sizes and not at larger and smaller ones;
+    with every input size the capture made the same symbol (``labels`` sized as ``input_ids``).
+
+    A guard that names anything other than input sizes, or fails to evaluate, is left out (as the segments have
+    always left every guard out); so is one that does not hold at the example's sizes (not understood)."""
+    sizes = _input_sizes(signature.bind(*args, **kwargs).arguments)
+    if not sizes:
+        return set()
+    names = {source: f"v{index}" for index, source in enumerate(sizes)}
+    compiled = []
+    for guard in getattr(program, "_guards_code", None) or []:
+        code = _SIZE.sub(lambda m: names.get(size_source(m.group(1), int(m.group(2))), m.group(0)), guard)
+        if "L[" in code:
+            continue
+        try:
+            compiled.append((compile(code, "<guard>", "eval"), set(re.findall(r"\bv\d+\b", code))))
+        except SyntaxError:
+            continue
+    base = {names[source]: value for source, value in sizes.items()}
+    namespace = _namespace()
+    symbols = _symbols(program, signature)
+    # the sizes the capture kept symbolic (all, where the program does not bind back): the others never vary
+    symbolic = {names[size_source(*where)]: symbol for where, symbol in symbols.items()
+                if size_source(*where) in names} if symbols else {name: name for name in base}
+    held = [(code, used & set(symbolic)) for code, used in compiled if used and _holds(code, namespace, base)]
+    together = _equal_sizes(held, {name: base[name] for name in symbolic}, symbolic if symbols else {})
+    guarded: set[tuple[str, int]] = set()
+    for source, name in names.items():
+        if name in symbolic and any(name in used for _, used in held) and _varies(name, together, held, namespace,
+                                                                                  base):
+            path, dim = _SIZE.fullmatch(source).groups()  # type: ignore[union-attr]
+            guarded.add((path, int(dim)))
+    tied = {symbols[where] for where in guarded if where in symbols}
+    return guarded | {where for where, symbol in symbols.items() if symbol in tied}
+
+
+def _symbols(program: ExportedProgram, signature: inspect.Signature) -> dict[tuple[str, int], str]:
+    """The symbol the capture gave each input size it kept symbolic, by ``(path, dim)``; empty where the program's
+    inputs do not bind back to ``signature``."""
+    nodes = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    values = []  # the user inputs in order: a placeholder's value, or a constant input itself (a flag)
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            name = getattr(spec.arg, "name", None)
+            values.append(nodes[name].meta.get("val") if name in nodes else getattr(spec.arg, "value", None))
+    try:
+        args, kwargs = pytree.tree_unflatten(values, program.call_spec.in_spec)
+        leaves, _ = pytree.tree_flatten_with_path(signature.bind(*args, **kwargs).arguments)
+    except Exception:  # noqa: BLE001 - a layout not understood: each guarded size alone
+        return {}
+    symbols = {}
+    for path, value in leaves:
+        for dim, size in enumerate(getattr(value, "shape", ()) if isinstance(value, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                symbols[(pytree.keystr(path), dim)] = str(size.node.expr)
+    return symbols
+
+
+def _input_sizes(arguments: dict[str, Any]) -> dict[str, int]:
+    leaves, _ = pytree.tree_flatten_with_path(arguments)
+    sizes: dict[str, int] = {}
+    for path, value in leaves:
+        shape = getattr(value, "shape", None)
+        if shape is None or not hasattr(value, "dim"):
+            continue
+        for dim, size in enumerate(shape):
+            sizes[size_source(pytree.keystr(path), dim)] = int(size)
+    return sizes
+
+
+def _namespace() -> dict[str, Any]:
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    return {**SYMPY_INTERP, "math": math, "inf": float("inf"), "__builtins__": __builtins__}
+
+
+def _holds(code: Any, namespace: dict[str, Any], values: dict[str, int]) -> bool:
+    try:
+        return bool(eval(code, namespace, values))  # noqa: S307 - export's own guard text, over sizes only
+    except Exception:  # noqa: BLE001 - a guard that fails to evaluate (a division by zero) is not held
+        return False
+
+
+def _equal_sizes(held: list[tuple[Any, set[str]]], base: dict[str, int], symbols: dict[str, str]) -> dict[str, set[str]]:
+    """Sizes tried together: those the capture made one symbol (``labels`` sized as ``input_ids``), and those equal in
+    the example that a guard relates (a target's length that a guard computes from the input's)."""
+    parent = {name: name for name in base}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    first_of: dict[str, str] = {}
+    for name, symbol in symbols.items():
+        parent[root(name)] = root(first_of.setdefault(symbol, name))
+    for _, used in held:
+        for a, b in itertools.combinations(sorted(used), 2):
+            if base[a] == base[b]:
+                parent[root(a)] = root(b)
+    groups: dict[str, set[str]] = {}
+    for name in base:
+        groups.setdefault(root(name), set()).add(name)
+    return {name: groups[root(name)] for name in base}
+
+
+def _varies(name: str, together: dict[str, set[str]], held: Iterable[tuple[Any, set[str]]],
+            namespace: dict[str, Any], base: dict[str, int]) -> bool:
+    """Whether the guards on ``name`` (tried with the sizes tied to it) fail at some tried value between two at which
+    they hold: a size the graph serves at some values only. A bound alone (``length <= 64``, where a position table
+    ends) is a range the model serves on one device too, and is not counted."""
+    group = together[name]
+    relevant = [code for code, used in held if used & group]
+    results = []
+    for value in _TRIED:
+        moved = dict(base)
+        moved.update(dict.fromkeys(group, value))
+        results.append(all(_holds(code, namespace, moved) for code in relevant))
+    if True not in results:
+        return False
+    first, last = results.index(True), len(results) - 1 - results[::-1].index(True)
+    return not all(results[first:last + 1])
