@@ -180,6 +180,42 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
+class ProbeBackbone(nn.Module):
+    """Four residual blocks in a ModuleList: a pretrained backbone, in this test untrained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(12, 12) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+
+class LinearProbe(L.LightningModule):
+    """A backbone frozen in ``__init__`` under a trained head, both run by the module's ``forward`` (linear probing;
+    with Lightning's ``BackboneFinetuning`` the backbone trains from a later epoch, with a group of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = ProbeBackbone()
+        self.head = nn.Linear(12, 4)
+        self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=0.01)
+
+
 class CapturedBackbone(L.LightningModule):
     """A frozen backbone called in the step before a model that is captured."""
 

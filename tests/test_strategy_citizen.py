@@ -324,3 +324,58 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
     assert any(result["fine-tuned-counted"]["held"]["head"] == 0 for result in results)
     assert all("'head' is part of the module's forward" in result["fine-tuned-counted"]["head_call"]
                for result in results)
+
+
+def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resume: bool) -> dict[str, Any]:
+    """A linear probe fitted (``thawed``: under BackboneFinetuning, the backbone unfrozen at epoch 1), saved, or
+    resumed from what an earlier call saved."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import LinearProbe, class_data
+
+    L.seed_everything(SEED, verbose=False)
+    model = LinearProbe()
+    callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.5, verbose=False)]
+    # the backbone's four blocks on rank 0, the head alone on rank 1
+    strategy = PipelineStrategy(partition=[4, 1]) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size,
+                        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=callbacks if thawed else [])
+    path = os.path.join(tmp, f"probe-{thawed}-{world_size}.ckpt")
+    trainer.fit(model, class_data(), ckpt_path=path if resume else None)
+    if not resume:
+        trainer.save_checkpoint(path)
+    optimizer = trainer.optimizers[0]
+    return {"state": model.state_dict(), "groups": [(len(g["params"]), g["lr"]) for g in optimizer.param_groups],
+            "held": sorted({name.split(".")[0] for name, _ in model.named_parameters()})}
+
+
+@pytest.mark.timeout(400)
+def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_device(tmp_path: Path) -> None:
+    """A backbone frozen under a trained head, both in the module's forward: the pipelined model is the forward's,
+    backbone included (the head alone was taken, as the attribute holding every trainable parameter: "cannot cut 1
+    layers into 2 stages"). Under ``BackboneFinetuning`` the rank holding only frozen layers at the start gets an
+    optimizer with empty groups, not a placeholder parameter (the callback maps every parameter to its name: a
+    KeyError); the rank holding none of the backbone gets an empty group where the other's share of it made one (the
+    callback's later learning-rate changes by index hit the head's group there); and on resume its groups are rebuilt before the optimizer's
+    state loads (Lightning calls the callback's rebuild before it restores the callback's state, under a strategy
+    restoring after setup: "a different number of parameter groups"). Weights equal one device's, fitted and
+    resumed."""
+    tmp = str(tmp_path)
+    for thawed in (False, True):
+        (one,) = run_ranks(_probe, 1, tmp, thawed, 3, False, timeout=120)
+        two = run_ranks(_probe, 2, tmp, thawed, 3, False, timeout=200)
+        assert two[0]["held"] == ["backbone"] and two[1]["held"] == ["head"]
+        merged = {key: value for result in two for key, value in result["state"].items()}
+        _assert_close(merged, one["state"])
+        if thawed:  # one device: the head's group, then the backbone's; each rank holds its share of each
+            assert [lr for _, lr in one["groups"]] == [lr for _, lr in two[0]["groups"]] == [lr for _, lr in two[1]["groups"]]
+            assert [count for count, _ in one["groups"]] == [sum(c) for c in zip(*(
+                [count for count, _ in result["groups"]] for result in two))]
+    run_ranks(_probe, 1, tmp, True, 2, False, timeout=120)
+    (one,) = run_ranks(_probe, 1, tmp, True, 4, True, timeout=120)
+    run_ranks(_probe, 2, tmp, True, 2, False, timeout=200)
+    two = run_ranks(_probe, 2, tmp, True, 4, True, timeout=200)
+    _assert_close({key: value for result in two for key, value in result["state"].items()}, one["state"])

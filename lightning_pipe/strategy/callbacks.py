@@ -19,6 +19,10 @@ a warning says so. A captured model is refused: its graph reads the parameters, 
 ``ModelSummary`` (and ``RichModelSummary``) count the parameters of the module each rank holds: rank 0, which prints,
 would show its share as the model's. Their counts are the whole model's instead, each rank's share summed (a tied
 parameter counted once).
+
+Fine-tuning callbacks add a parameter group when they unfreeze a module; a rank holding none of it now adds an empty
+one too (:func:`add_groups_everywhere`), so that their learning-rate changes by group index reach the same group on
+every rank.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers", "count_whole_model"]
+__all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers", "count_whole_model",
+           "add_groups_everywhere", "regroup_after_restore"]
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +55,45 @@ def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather
     recopy_weight_averages(callbacks, module, gather)
     prune_own_layers(callbacks, module, captured, gather, rank)
     count_whole_model(callbacks, gather_text, counted)
+    add_groups_everywhere(callbacks, gather)
+
+
+def add_groups_everywhere(callbacks: Iterable[Any], gather: Gather) -> None:
+    """Lightning's fine-tuning callbacks (``BackboneFinetuning``, any ``BaseFinetuning``) add a parameter group when
+    they unfreeze a module (``unfreeze_and_add_param_group``) only where the module has parameters: a rank holding
+    none of the backbone added none, and the callback's later learning-rate changes to ``param_groups[-1]`` changed
+    that rank's last group, the head's, instead. Each such call now adds an empty group (at the learning rate the
+    others' got) on the ranks where another rank added one, so every rank's groups are one device's, by index."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    for callback in callbacks:
+        if not isinstance(callback, BaseFinetuning) or "unfreeze_and_add_param_group" in vars(callback):
+            continue
+        original = callback.unfreeze_and_add_param_group
+
+        def everywhere(modules: Any, optimizer: torch.optim.Optimizer, lr: float | None = None,
+                       initial_denom_lr: float = 10.0, train_bn: bool = True, original: Any = original) -> None:
+            before = len(optimizer.param_groups)
+            group_lr = (optimizer.param_groups[0]["lr"] / initial_denom_lr) if lr is None else float(lr)
+            original(modules, optimizer, lr=lr, initial_denom_lr=initial_denom_lr, train_bn=train_bn)
+            added = len(optimizer.param_groups) - before
+            for _ in range(int(gather(torch.tensor([added])).max()) - added):
+                optimizer.add_param_group({"params": [], "lr": group_lr})
+
+        callback.unfreeze_and_add_param_group = everywhere  # type: ignore[method-assign]
+
+
+def regroup_after_restore(trainer: Any, module: Any) -> None:
+    """A fine-tuning callback rebuilds the optimizer's groups of the run it resumes in its ``on_fit_start``, from the
+    state its ``load_state_dict`` was given; Lightning calls that hook before it restores the callbacks' states of a
+    strategy that restores after setup, as this one does, so the groups were not rebuilt and the optimizer's state,
+    saved with more groups, failed to load. Called before the optimizers' states load, it runs that hook again for
+    each callback still waiting to rebuild."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, BaseFinetuning) and getattr(callback, "_restarting", False):
+            callback.on_fit_start(trainer, module)
 
 
 def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], list[str]],

@@ -32,6 +32,7 @@ from lightning_pipe.strategy.checkpoint import (
     uncompiled_names,
     with_own_entries,
 )
+from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import built_on_host
 from lightning_pipe.strategy.model_choice import compiled_paths
@@ -195,6 +196,9 @@ class PipelineCheckpoints:
     @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         runner = self.runner  # replicas share their pipeline rank's states
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is not None:  # a fine-tuning callback's groups first, as on one device
+            regroup_after_restore(trainer, self.lightning_module)
         if self._sharded_path is not None:
             load_sharded_optimizers(self._sharded_path, self.lightning_module, self.optimizers,
                                     checkpoint["optimizer_param_groups"])
