@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -245,6 +246,11 @@ def test_a_length_a_python_loop_runs_over_is_fixed_and_a_new_length_is_captured_
     assert gpt.captures[0].serves_every_size
 
 
+class _Batch(NamedTuple):
+    x: torch.Tensor
+    target: torch.Tensor
+
+
 class _Chunked(nn.Module):
     """A scan in chunks of 4 that pads the sequence to a multiple of the chunk and trims the padding only when there
     is some (``if pad > 0``), as Hugging Face's Mamba 2 and Bamba run without their kernels; ``target`` is sized as the
@@ -278,6 +284,54 @@ def test_a_length_the_forward_checks_for_divisibility_is_fixed_and_a_new_length_
     assert [[p[2] for p in c.in_patterns] for c in splitter.captures] == [
         [(None, 8, 4), (None, 8, 4)], [(None, 6, 4), (None, 6, 4)], [(None, 16, 4), (None, 16, 4)]]
     assert all(c.dynamic and not c.serves_every_size for c in splitter.captures)
+
+
+class _OneOrMoreChunks(nn.Module):
+    """A chunked scan with a fast path for a single chunk, and its input in a NamedTuple: captured at one chunk its
+    guards hold at that length only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, batch: _Batch) -> torch.Tensor:
+        rows, length, _ = batch.x.shape
+        pad = (4 - length % 4) % 4
+        y = torch.nn.functional.pad(self.proj(batch.x), (0, 0, 0, pad))
+        if y.shape[1] // 4 == 1:
+            y = y.cumsum(1)
+        else:
+            y = y.view(rows, -1, 4, 4).cumsum(2).reshape(rows, -1, 4)
+        if pad > 0:
+            y = y[:, :length]
+        return torch.nn.functional.mse_loss(y, batch.target)
+
+
+def test_a_length_held_at_one_value_or_reached_through_attributes_is_fixed_and_equal_sizes_move_alone() -> None:
+    """Guards that hold at the example's length only, or up to a size (a fast path for one chunk: the capture at 4 gave
+    wrong values at 8, silently) fix it; inputs reached through attributes (a NamedTuple's ``batch.x``) are checked (their guards
+    were skipped); and 8 rows of 8 tokens fix the length, not the rows (moved together, the rows were fixed too, and
+    the next batch size's capture fixed only the length: "two captures ... the same kind of values")."""
+    torch.manual_seed(0)
+    model = _OneOrMoreChunks()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    for rows, length in ((2, 4), (2, 8), (3, 6)):
+        batch = _Batch(torch.randn(rows, length, 4), torch.randn(rows, length, 4))
+        torch.testing.assert_close(splitter.run(batch), reference(batch), rtol=0, atol=1e-6)
+    assert [c.in_patterns[0][2] for c in splitter.captures] == [(None, 4, 4), (None, 8, 4), (None, 6, 4)]
+    bounded = Splitter(_OneOrMoreChunks())  # captured at 3, its guards hold at 2 and 3 only (one padded chunk)
+    for length in (3, 10):
+        batch = _Batch(torch.randn(2, length, 4), torch.randn(2, length, 4))
+        torch.testing.assert_close(bounded.run(batch), _OneOrMoreChunks.forward(bounded.model, batch), rtol=0,
+                                   atol=1e-6)
+    assert [c.in_patterns[0][2] for c in bounded.captures] == [(None, 3, 4), (None, 10, 4)]
+    chunked = Splitter(_Chunked())
+    for rows, length in ((8, 8), (4, 8), (4, 12)):
+        x, target = torch.randn(rows, length, 4), torch.randn(rows, length, 4)
+        torch.testing.assert_close(chunked.run(x, target), _Chunked.forward(chunked.model, x, target), rtol=0,
+                                   atol=1e-6)
+    assert [c.in_patterns[0][2] for c in chunked.captures] == [(None, 8, 4), (None, 12, 4)]
 
 
 class _Contrastive(nn.Module):

@@ -35,14 +35,17 @@ __all__ = ["export_forward"]
 
 
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
-                   meta: bool, allow_autograd_functions: bool,
-                   device: torch.device = META) -> tuple[ExportedProgram, bool]:
+                   meta: bool, allow_autograd_functions: bool, device: torch.device = META,
+                   fixed_sizes: set[tuple[str, int]] | None = None) -> tuple[ExportedProgram, bool]:
     """Export ``model(*args, **kwargs)`` in train or eval mode; returns the program and whether its sizes are
     symbolic (``dynamic=True`` tries that first and falls back to the example's sizes, with a warning).
 
     ``meta=True`` exports on meta twins of the model's state and inputs, so that no real weight is read; their fakes
     say ``device``, the device the graphs will run on, so that autocast traces as it runs there (the graphs bake
     ``device`` in; see :func:`~.devices.rewrite_devices`).
+
+    ``fixed_sizes``: the input sizes (``(path, dim)``) earlier captures of the model fixed (:mod:`.guards`), fixed here
+    too; the ones this capture fixes are added to it.
     """
     if kwargs.get("use_cache") is True:
         raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
@@ -52,7 +55,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         args, kwargs = to_meta(args), to_meta(kwargs)
     attempts = [True, False] if dynamic else [False]
     first_error: BaseException | None = None
-    fixed: set[tuple[str, int]] = set()  # input sizes the symbolic capture holds at some values only (.guards)
+    fixed = set(fixed_sizes or ())  # input sizes the symbolic capture holds at some values only (.guards)
+    guards_checked = False
     while attempts:
         symbolic = attempts[0]
         try:
@@ -73,9 +77,16 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
                 with fx_config.patch(backed_size_oblivious=symbolic):
                     program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
-                if symbolic and not fixed:
-                    fixed = guarded_sizes(program, inspect.signature(model.forward), args, kwargs)
-                    if fixed:
+                if symbolic and not guards_checked:
+                    guards_checked = True
+                    try:
+                        more = guarded_sizes(program, inspect.signature(model.forward), args, kwargs) - fixed
+                    except Exception as error:  # noqa: BLE001 - not an export failure: no fallback to fixed shapes
+                        raise CaptureError(f"checking which input sizes {type(model).__name__}'s capture holds failed "
+                                           f"({type(error).__name__}: {error}); pass dynamic_shapes=False to capture "
+                                           f"per input shape") from error
+                    if more:
+                        fixed |= more
                         continue  # again, with those sizes fixed
         except CaptureError:
             raise
@@ -112,6 +123,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 f"would be silently wrong. Pass allow_autograd_functions=True (PipelineStrategy("
                 f"allow_autograd_functions=True), or Splitter's) if each backward is the exact derivative of its "
                 f"forward, or keep the layers in one nn.Sequential (no capture)")
+        if symbolic and fixed_sizes is not None:
+            fixed_sizes |= fixed
         if symbolic is False and dynamic:
             reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
             warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "
@@ -274,9 +287,10 @@ def _conversions_in_place() -> Iterator[None]:
     apply = nn.Module._apply
 
     def in_place(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
-        tensors = [t for m in (module.modules() if recurse else [module])
-                   for table in (m._parameters, m._buffers) for t in table.values() if t is not None]
-        if all(fn(t) is t for t in tensors):
+        modules = list(module.modules() if recurse else [module])
+        tensors = [t for m in modules for table in (m._parameters, m._buffers) for t in table.values() if t is not None]
+        # a module overriding _apply may convert more than its tensors (plain tensor attributes): it runs as it is
+        if all(type(m)._apply is apply for m in modules[1:]) and all(fn(t) is t for t in tensors):
             return module
         return apply(module, fn, recurse)
 

@@ -8,8 +8,12 @@ graph itself does not check its guards (``ExportedProgram.module()`` would; the 
 a guard can hold for every size (most do: what a ``view`` implies) or for some sizes only.
 
 :func:`guarded_sizes` finds the input sizes whose guards do not hold for every size: each size is tried at other
-values, the others kept, against the guards that hold at the example's; a size they allow with gaps (multiples of a
-chunk) is then captured fixed, like a length a Python loop runs over, and a new size gets a capture of its own.
+values, the others kept, against the guards that hold at the example's; a size they do not allow everywhere is then
+captured fixed, like a length a Python loop runs over, and a new size gets a capture of its own: multiples of a chunk
+only, one value only, or up to a size by chunk arithmetic (Mamba 2 captured at 5 tokens serves 2 to 7: one chunk);
+not a plain bound (a position table's length, beyond which one device fails too). Which sizes
+a model fixes is kept by the splitter and fixed again in its later captures, so that two captures never fix
+different sizes (a segment could not tell them apart).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import inspect
 import itertools
 import math
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import sympy
@@ -29,7 +32,8 @@ from torch.export.graph_signature import InputKind
 
 __all__ = ["guarded_sizes", "size_source"]
 
-_SIZE = re.compile(r"L((?:\[[^\[\]]+\])+)\.size\(\)\[(\d+)\]")
+# an input's size as a guard names it: L['x'].size()[1], L['batch']['mask'].size()[0], L['batch'].x.size()[1]
+_SIZE = re.compile(r"L((?:\[[^\[\]]+\]|\.(?!size\()\w+)+)\.size\(\)\[(\d+)\]")
 # sizes tried for each input size: small ones densely (divisibility, chunking), then some powers of two and odd ones
 _TRIED = (*range(2, 34), 48, 63, 64, 100, 127, 128, 255, 256, 511, 512, 1000, 1023, 1024, 2048, 4095, 4096)
 
@@ -42,8 +46,8 @@ def size_source(path: str, dim: int) -> str:
 def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: tuple,
                   kwargs: dict[str, Any]) -> set[tuple[str, int]]:
     """``(path, dim)`` of each input size (``path`` as ``pytree.keystr`` names it in the arguments bound to
-    ``signature``) that some guard of ``program`` allows with gaps: at some sizes and not at larger and smaller ones;
-    with every input size the capture made the same symbol (``labels`` sized as ``input_ids``).
+    ``signature``) that the guards of ``program`` do not allow at every size (see the module's text); with every input
+    size the capture made the same symbol (``labels`` sized as ``input_ids``).
 
     A guard that names anything other than input sizes, or fails to evaluate, is left out (as the segments have
     always left every guard out); so is one that does not hold at the example's sizes (not understood)."""
@@ -57,7 +61,7 @@ def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: 
         if "L[" in code:
             continue
         try:
-            compiled.append((compile(code, "<guard>", "eval"), set(re.findall(r"\bv\d+\b", code))))
+            compiled.append((compile(code, "<guard>", "eval"), set(re.findall(r"\bv\d+\b", code)), code))
         except SyntaxError:
             continue
     base = {names[source]: value for source, value in sizes.items()}
@@ -66,11 +70,12 @@ def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: 
     # the sizes the capture kept symbolic (all, where the program does not bind back): the others never vary
     symbolic = {names[size_source(*where)]: symbol for where, symbol in symbols.items()
                 if size_source(*where) in names} if symbols else {name: name for name in base}
-    held = [(code, used & set(symbolic)) for code, used in compiled if used and _holds(code, namespace, base)]
-    together = _equal_sizes(held, {name: base[name] for name in symbolic}, symbolic if symbols else {})
+    held = [(code, used & set(symbolic), text) for code, used, text in compiled
+            if used and _holds(code, namespace, base)]
+    together = _tied(held, namespace, {name: base[name] for name in symbolic}, symbolic if symbols else {})
     guarded: set[tuple[str, int]] = set()
     for source, name in names.items():
-        if name in symbolic and any(name in used for _, used in held) and _varies(name, together, held, namespace,
+        if name in symbolic and any(name in used for _, used, _ in held) and _varies(name, together, held, namespace,
                                                                                   base):
             path, dim = _SIZE.fullmatch(source).groups()  # type: ignore[union-attr]
             guarded.add((path, int(dim)))
@@ -125,9 +130,11 @@ def _holds(code: Any, namespace: dict[str, Any], values: dict[str, int]) -> bool
         return False
 
 
-def _equal_sizes(held: list[tuple[Any, set[str]]], base: dict[str, int], symbols: dict[str, str]) -> dict[str, set[str]]:
-    """Sizes tried together: those the capture made one symbol (``labels`` sized as ``input_ids``), and those equal in
-    the example that a guard relates (a target's length that a guard computes from the input's)."""
+def _tied(held: list[tuple[Any, set[str], str]], namespace: dict[str, Any], base: dict[str, int],
+          symbols: dict[str, str]) -> dict[str, set[str]]:
+    """Sizes tried together: those the capture made one symbol (``labels`` sized as ``input_ids``), and two equal in
+    the example that a guard ties (it fails when either moves alone, for one of them, and holds when both do: a
+    target's length as the input's, ``idx.size(0) * idx.size(1) == targets.size(0) * targets.size(1)``)."""
     parent = {name: name for name in base}
 
     def root(name: str) -> str:
@@ -138,9 +145,14 @@ def _equal_sizes(held: list[tuple[Any, set[str]]], base: dict[str, int], symbols
     first_of: dict[str, str] = {}
     for name, symbol in symbols.items():
         parent[root(name)] = root(first_of.setdefault(symbol, name))
-    for _, used in held:
+    for code, used, _ in held:
         for a, b in itertools.combinations(sorted(used), 2):
-            if base[a] == base[b]:
+            if base[a] != base[b] or root(a) == root(b):
+                continue
+            steps = (base[a] + 1, base[a] + 2)
+            if all(_holds(code, namespace, {**base, moved: value}) for moved in (a, b) for value in steps):
+                continue  # moving either alone does not break it
+            if all(_holds(code, namespace, {**base, a: value, b: value}) for value in steps):
                 parent[root(a)] = root(b)
     groups: dict[str, set[str]] = {}
     for name in base:
@@ -148,19 +160,36 @@ def _equal_sizes(held: list[tuple[Any, set[str]]], base: dict[str, int], symbols
     return {name: groups[root(name)] for name in base}
 
 
-def _varies(name: str, together: dict[str, set[str]], held: Iterable[tuple[Any, set[str]]],
+def _varies(name: str, together: dict[str, set[str]], held: list[tuple[Any, set[str], str]],
             namespace: dict[str, Any], base: dict[str, int]) -> bool:
-    """Whether the guards on ``name`` (tried with the sizes tied to it) fail at some tried value between two at which
-    they hold: a size the graph serves at some values only. A bound alone (``length <= 64``, where a position table
-    ends) is a range the model serves on one device too, and is not counted."""
-    group = together[name]
-    relevant = [code for code, used in held if used & group]
-    results = []
-    for value in _TRIED:
-        moved = dict(base)
-        moved.update(dict.fromkeys(group, value))
-        results.append(all(_holds(code, namespace, moved) for code in relevant))
-    if True not in results:
-        return False
+    """Whether the guards on ``name`` hold at some sizes only, tried alone and with the sizes tied to it (both ways:
+    a size tied to another by a guard holds at its example's value alone only; rows equal to a length in the example,
+    tied to it, would show the length's limits)."""
+    return _limited({name}, held, namespace, base) and _limited(together[name], held, namespace, base)
+
+
+def _limited(group: set[str], held: list[tuple[Any, set[str], str]], namespace: dict[str, Any],
+             base: dict[str, int]) -> bool:
+    """Whether the guards on ``group`` (moved together) fail at some tried size between two at which they hold (a
+    multiple of a chunk), hold at one tried size at most, or hold up to some size by chunk arithmetic (``//`` or
+    ``%`` in a guard that fails above it: one chunk's fast path). A plain bound (``length <= 32``, where a position
+    table ends, beyond which one device fails too) and a smallest size (export takes sizes of 1 as special) are not
+    counted."""
+    relevant = [(code, text) for code, used, text in held if used & group]
+
+    def failing(value: int) -> list[str]:
+        moved = {**base, **dict.fromkeys(group, value)}
+        return [text for code, text in relevant if not _holds(code, namespace, moved)]
+
+    results = [not failing(value) for value in _TRIED]
+    if results.count(True) <= 1:  # the example's value only, or none tried
+        return True
     first, last = results.index(True), len(results) - 1 - results[::-1].index(True)
-    return not all(results[first:last + 1])
+    if not all(results[first:last + 1]):
+        return True
+    if last == len(results) - 1:
+        return False
+    largest = _TRIED[last]  # the largest size allowed, between two tried ones
+    while not failing(largest + 1):
+        largest += 1
+    return any("//" in text or "%" in text for text in failing(largest + 1))

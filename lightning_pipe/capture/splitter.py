@@ -73,6 +73,7 @@ class Splitter:
         self.cuts: list[Cut] = (normalize_split_points(model, split_points) if split_points is not None
                                 else default_cuts(model))
         self.dynamic = dynamic
+        self._fixed_sizes: set[tuple[str, int]] = set()  # input sizes a capture fixed, fixed in every later one too
         self.recompute = recompute
         self.allow_autograd_functions = allow_autograd_functions
         self.capture_on_meta = capture_on_meta
@@ -179,7 +180,7 @@ class Splitter:
         try:
             program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
                                               meta=meta, allow_autograd_functions=self.allow_autograd_functions,
-                                              device=device)
+                                              device=device, fixed_sizes=self._fixed_sizes)
         finally:
             if padded is not None:
                 padded.stop()
