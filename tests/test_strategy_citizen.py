@@ -338,8 +338,9 @@ def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resu
     L.seed_everything(SEED, verbose=False)
     model = LinearProbe()
     callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.5, verbose=False)]
-    # the backbone's four blocks on rank 0, the head alone on rank 1
-    strategy = PipelineStrategy(partition=[4, 1]) if world_size > 1 else "auto"
+    # the backbone's four blocks on rank 0, the head alone on rank 1; the module's forward is the model (a fine-tuning
+    # callback makes it so; without one, the attribute holding every trainable parameter, the head, would be taken)
+    strategy = PipelineStrategy(partition=[4, 1], layers="") if world_size > 1 else "auto"
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size,
                         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=callbacks if thawed else [])
@@ -354,9 +355,8 @@ def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resu
 
 @pytest.mark.timeout(400)
 def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_device(tmp_path: Path) -> None:
-    """A backbone frozen under a trained head, both in the module's forward: the pipelined model is the forward's,
-    backbone included (the head alone was taken, as the attribute holding every trainable parameter: "cannot cut 1
-    layers into 2 stages"). Under ``BackboneFinetuning`` the rank holding only frozen layers at the start gets an
+    """A backbone frozen under a trained head, both in the module's forward (``layers=""``: the forward is the
+    model), trains as on one device. Under ``BackboneFinetuning`` the rank holding only frozen layers at the start gets an
     optimizer with empty groups, not a placeholder parameter (the callback maps every parameter to its name: a
     KeyError); the rank holding none of the backbone gets an empty group where the other's share of it made one (the
     callback's later learning-rate changes by index hit the head's group there); and on resume its groups are rebuilt before the optimizer's

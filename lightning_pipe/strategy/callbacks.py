@@ -55,15 +55,17 @@ def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather
     recopy_weight_averages(callbacks, module, gather)
     prune_own_layers(callbacks, module, captured, gather, rank)
     count_whole_model(callbacks, gather_text, counted)
-    add_groups_everywhere(callbacks, gather)
+    add_groups_everywhere(callbacks)
 
 
-def add_groups_everywhere(callbacks: Iterable[Any], gather: Gather) -> None:
+def add_groups_everywhere(callbacks: Iterable[Any]) -> None:
     """Lightning's fine-tuning callbacks (``BackboneFinetuning``, any ``BaseFinetuning``) add a parameter group when
     they unfreeze a module (``unfreeze_and_add_param_group``) only where the module has parameters: a rank holding
     none of the backbone added none, and the callback's later learning-rate changes to ``param_groups[-1]`` changed
-    that rank's last group, the head's, instead. Each such call now adds an empty group (at the learning rate the
-    others' got) on the ranks where another rank added one, so every rank's groups are one device's, by index."""
+    that rank's last group, the head's, instead. A rank holding no parameter of the modules it is given now adds an
+    empty group (at the learning rate the others' get), so every rank's groups are one device's, by index, when every
+    rank makes the call (as ``BackboneFinetuning`` does); no collective, so a call made on some ranks only (a
+    callback checking the rank's own parameters first) cannot stop the others."""
     from lightning.pytorch.callbacks import BaseFinetuning
 
     for callback in callbacks:
@@ -76,8 +78,8 @@ def add_groups_everywhere(callbacks: Iterable[Any], gather: Gather) -> None:
             before = len(optimizer.param_groups)
             group_lr = (optimizer.param_groups[0]["lr"] / initial_denom_lr) if lr is None else float(lr)
             original(modules, optimizer, lr=lr, initial_denom_lr=initial_denom_lr, train_bn=train_bn)
-            added = len(optimizer.param_groups) - before
-            for _ in range(int(gather(torch.tensor([added])).max()) - added):
+            held = any(True for module in BaseFinetuning.flatten_modules(modules) for _ in module.parameters())
+            if len(optimizer.param_groups) == before and not held:  # another rank holds these modules' parameters
                 optimizer.add_param_group({"params": [], "lr": group_lr})
 
         callback.unfreeze_and_add_param_group = everywhere  # type: ignore[method-assign]

@@ -48,8 +48,6 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
         return SEQUENCE, None
     holders = [name for name, child in module.named_children()
                if trainable and trainable <= {id(p) for p in child.parameters()}]
-    if holders and split_points is None and _forward_runs_frozen_layers(module, holders[0]):
-        return CAPTURED, ""  # a frozen backbone under a trained head: the forward holds the model
     if holders:
         return CAPTURED, holders[0]
     if split_points is None and len(outermost) >= 1 and not trainable:
@@ -97,19 +95,6 @@ def _own_forward(module: nn.Module) -> bool:
     from lightning.pytorch import LightningModule
 
     return type(module).forward not in (LightningModule.forward, nn.Module.forward)
-
-
-def _forward_runs_frozen_layers(module: nn.Module, holder: str) -> bool:
-    """Whether the module's own ``forward`` runs ``holder`` (the attribute holding every trainable parameter) and
-    another attribute holding only frozen parameters (linear probing: ``self.head(self.backbone(x))`` with the
-    backbone frozen): the model to pipeline is then the forward's, the backbone's layers with the head's, not the head
-    alone (which left the backbone to run whole on every rank, or could not be cut at all)."""
-    if not _own_forward(module):
-        return False
-    frozen = [name for name, child in module.named_children()
-              if name != holder and any(True for _ in child.parameters())]
-    return bool(frozen) and _forward_calls_all(module, [holder]) and any(
-        _forward_calls_all(module, [name]) for name in frozen)
 
 
 def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:

@@ -42,8 +42,11 @@ def placeholder_if_untrainable(module: nn.Module, device: torch.device) -> Itera
 
 
 def drop_placeholder(optimizers: Iterable[torch.optim.Optimizer], placeholder: nn.Parameter) -> None:
-    """Take ``placeholder`` out of every group of ``optimizers`` (a group may be left empty: a step skips it)."""
+    """Take ``placeholder`` out of every group of ``optimizers`` (a group may be left empty: a step skips it); not out
+    of an ``LBFGS``, whose step concatenates its one group's gradients (none would fail)."""
     for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.LBFGS):
+            continue
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if p is not placeholder]
         optimizer.state.pop(placeholder, None)
