@@ -54,7 +54,7 @@ def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: 
     sizes = _input_sizes(signature.bind(*args, **kwargs).arguments)
     if not sizes:
         return set()
-    names = {source: f"v{index}" for index, source in enumerate(sizes)}
+    names = {size_source(*where): f"v{index}" for index, where in enumerate(sizes)}
     compiled = []
     for guard in getattr(program, "_guards_code", None) or []:
         code = _SIZE.sub(lambda m: names.get(size_source(m.group(1), int(m.group(2))), m.group(0)), guard)
@@ -64,21 +64,18 @@ def guarded_sizes(program: ExportedProgram, signature: inspect.Signature, args: 
             compiled.append((compile(code, "<guard>", "eval"), set(re.findall(r"\bv\d+\b", code)), code))
         except SyntaxError:
             continue
-    base = {names[source]: value for source, value in sizes.items()}
+    base = {names[size_source(*where)]: value for where, value in sizes.items()}
     namespace = _namespace()
     symbols = _symbols(program, signature)
-    # the sizes the capture kept symbolic (all, where the program does not bind back): the others never vary
-    symbolic = {names[size_source(*where)]: symbol for where, symbol in symbols.items()
-                if size_source(*where) in names} if symbols else {name: name for name in base}
+    # each size the capture kept symbolic, by its variable, with its symbol (every size, each its own symbol, where the
+    # program does not bind back): the others never vary
+    symbolic = ({names[size_source(*where)]: symbol for where, symbol in symbols.items() if where in sizes}
+                if symbols else {name: name for name in base})
     held = [(code, used & set(symbolic), text) for code, used, text in compiled
             if used and _holds(code, namespace, base)]
-    together = _tied(held, namespace, {name: base[name] for name in symbolic}, symbolic if symbols else {})
-    guarded: set[tuple[str, int]] = set()
-    for source, name in names.items():
-        if name in symbolic and any(name in used for _, used, _ in held) and _varies(name, together, held, namespace,
-                                                                                  base):
-            path, dim = _SIZE.fullmatch(source).groups()  # type: ignore[union-attr]
-            guarded.add((path, int(dim)))
+    together = _tied(held, namespace, {name: base[name] for name in symbolic}, symbolic)
+    guarded = {where for where in sizes if (name := names[size_source(*where)]) in symbolic
+               and any(name in used for _, used, _ in held) and _varies(name, together, held, namespace, base)}
     tied = {symbols[where] for where in guarded if where in symbols}
     return guarded | {where for where, symbol in symbols.items() if symbol in tied}
 
@@ -105,16 +102,11 @@ def _symbols(program: ExportedProgram, signature: inspect.Signature) -> dict[tup
     return symbols
 
 
-def _input_sizes(arguments: dict[str, Any]) -> dict[str, int]:
+def _input_sizes(arguments: dict[str, Any]) -> dict[tuple[str, int], int]:
+    """Each tensor input's sizes by ``(path, dim)``."""
     leaves, _ = pytree.tree_flatten_with_path(arguments)
-    sizes: dict[str, int] = {}
-    for path, value in leaves:
-        shape = getattr(value, "shape", None)
-        if shape is None or not hasattr(value, "dim"):
-            continue
-        for dim, size in enumerate(shape):
-            sizes[size_source(pytree.keystr(path), dim)] = int(size)
-    return sizes
+    return {(pytree.keystr(path), dim): int(size) for path, value in leaves if isinstance(value, torch.Tensor)
+            for dim, size in enumerate(value.shape)}
 
 
 def _namespace() -> dict[str, Any]:
