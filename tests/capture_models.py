@@ -334,6 +334,15 @@ def peft_lora(layers: int = 4) -> nn.Module:
     return get_peft_model(hf_llama(layers), adapters)
 
 
+def peft_lora_checkpointed(layers: int = 4) -> nn.Module:
+    """PEFT's LoRA with Hugging Face's activation checkpointing in its reentrant variant, as QLoRA-style recipes
+    enable it (``gradient_checkpointing_enable`` also makes the embedding's output need a gradient, through a forward
+    hook, so the frozen base passes gradients to the adapters)."""
+    model = peft_lora(layers)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
 def hf_albert(layers: int = 4) -> nn.Module:
     """ALBERT: one layer's weights shared by every layer, so the cut puts the same parameters on several stages."""
     from transformers import AlbertConfig, AlbertForSequenceClassification
@@ -573,6 +582,9 @@ VARIANTS = {family.name: family for family in [
     Family("hf_llama_eager_attention", functools.partial(hf_llama, attention="eager"), _masked,
            lambda mb: ((mb[0],), {"attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss, hf=True),
     Family("peft_lora", peft_lora, _masked,
+           lambda mb: ((), {"input_ids": mb[0], "attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss,
+           hf=True, requires="peft"),
+    Family("peft_lora_checkpointed", peft_lora_checkpointed, _masked,
            lambda mb: ((), {"input_ids": mb[0], "attention_mask": mb[1], "labels": mb[0]}), lambda out, mb: out.loss,
            hf=True, requires="peft"),
 ]}

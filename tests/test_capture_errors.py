@@ -475,31 +475,52 @@ class Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.linear, x, use_reentrant=self.reentrant)
 
 
-def test_a_reentrant_activation_checkpoint_is_refused_with_the_fix() -> None:
-    """Reentrant checkpointing (Hugging Face's gradient_checkpointing_enable() default) runs its layer under no_grad
-    and recomputes it in its own backward; a captured graph keeps the no_grad, so the layer and every one before it
-    got no gradient (a test here used to accept it, checking no gradient)."""
-    with pytest.raises(CaptureError) as caught:
-        Splitter(Blocks(Checkpointed(reentrant=True))).segments((torch.randn(2, 8),))
-    message = str(caught.value)
-    assert "use_reentrant=True" in message and "module 'blocks.1'" in message and "Checkpointed.forward" in message
-    assert "gradient_checkpointing_disable()" in message and "checkpoint_activations=True" in message
-
-
-def test_a_non_reentrant_activation_checkpoint_runs_plainly_with_a_warning() -> None:
-    """torch's own autograd Functions are not refused; a non-reentrant checkpoint is traced as plain ops: gradients as
-    eagerly, and a warning that the memory saving is PipelineStrategy(checkpoint_activations=True)'s to make."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_an_activation_checkpoint_runs_plainly_with_a_warning(reentrant: bool) -> None:
+    """A checkpoint's layers are traced as plain ops: gradients as eagerly, and a warning that the memory saving is
+    PipelineStrategy(checkpoint_activations=True)'s to make. The reentrant variant (Hugging Face's
+    gradient_checkpointing_enable() default before transformers 5) runs its layers under no_grad and recomputes them
+    in its own backward: kept as a no_grad region, the graph gave that layer and every one before it no gradient
+    (it was refused for that, then)."""
     torch.manual_seed(0)
-    model = Blocks(Checkpointed(reentrant=False))
+    model = Blocks(Checkpointed(reentrant))
     reference = copy.deepcopy(model)
     x = torch.randn(2, 8)
-    with pytest.warns(UserWarning, match=r"checkpoint_activations=True"):
+    with pytest.warns(UserWarning, match=r"checkpoints activations .*module 'blocks\.1'.*checkpoint_activations=True"):
         out = Splitter(model).run(x)
     out.pow(2).sum().backward()
     reference(x).pow(2).sum().backward()
     for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
         assert got.grad is not None, name
         torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6, msg=name)
+
+
+class CheckpointedFirst(nn.Module):
+    """A reentrant checkpoint of the first layer, on an input that needs no gradient: torch gives that layer none
+    (its Function's output needs none), and the layers after it train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Checkpointed(reentrant=True), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_a_reentrant_checkpoint_of_inputs_needing_no_gradient_gives_its_layers_none_as_eagerly() -> None:
+    torch.manual_seed(0)
+    model = CheckpointedFirst()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="checkpoints activations"):
+        out = Splitter(model).run(x)
+    out.pow(2).sum().backward()
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        reference(x).pow(2).sum().backward()
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert (got.grad is None) == (want.grad is None) == name.startswith("first."), name
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6, msg=name)
 
 
 def test_unknown_split_point_names_the_model_and_close_names() -> None:

@@ -497,11 +497,14 @@ def test_a_peft_lora_model_trains_validates_and_resumes_like_one_device(tmp_path
     """PEFT's LoRA over Llama, as a fine-tuning project builds it (the base frozen, adapters on the attention), under
     ``pipedream`` on 2 ranks: its weights after three steps of changing sequence lengths, its validation loss and its
     resume from a checkpoint equal one device's; ``PeftModel.forward(*args, **kwargs)`` is captured with symbolic
-    sizes (once, not once per length: torch's export needs the inputs it takes by ``**kwargs`` named)."""
+    sizes (once, not once per length: torch's export needs the inputs it takes by ``**kwargs`` named). The same
+    with Hugging Face's reentrant activation checkpointing on (refused before: it runs its layers under no_grad and
+    recomputes them in its own backward; they run plainly in the graph, with the gradients that recompute gives)."""
+    names = ["peft_lora", "peft_lora_checkpointed"]
     family("peft_lora")  # skips without peft
-    results = run_ranks(_fit_families, 2, ["peft_lora"], "pipedream", str(tmp_path), True, timeout=560)
-    _check(results, ["peft_lora"])
-    assert all(result["peft_lora"]["symbolic"] for result in results)
+    results = run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), True, timeout=560)
+    _check(results, names)
+    assert all(result[name]["symbolic"] for result in results for name in names)
 
 
 @pytest.mark.timeout(600)

@@ -138,18 +138,14 @@ class Reversal(torch.autograd.Function):
 
 
 class CubeBlocks(nn.Module):
-    def __init__(self, reentrant_checkpoint: bool = False, function: type = Cube) -> None:
+    def __init__(self, function: type = Cube) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
-        self.reentrant_checkpoint = reentrant_checkpoint
         self.function = function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.reentrant_checkpoint:  # as Hugging Face's gradient_checkpointing_enable() does by default
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True)
-            else:
-                x = self.function.apply(torch.tanh(block(x)))
+            x = self.function.apply(torch.tanh(block(x)))
         return x
 
 
@@ -171,8 +167,6 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="none"), 32
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
-    elif case == "reentrant_checkpoint":
-        module, width = _lightning(CubeBlocks(reentrant_checkpoint=True)), 8
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -187,8 +181,6 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
-    ("reentrant_checkpoint", ["CaptureError", "use_reentrant=True", "gradient_checkpointing_disable()",
-                              "checkpoint_activations=True"]),
 ])
 def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
     start = time.monotonic()

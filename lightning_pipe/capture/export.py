@@ -98,19 +98,11 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             if attempts and not _fails_at_any_size(error):
                 continue
             raise explain_export_error(error, model, training, names) from error
+        checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
-            raise CaptureError(
-                f"{type(model).__name__}.forward checkpoints activations with torch.utils.checkpoint's reentrant "
-                f"variant (use_reentrant=True, the default of Hugging Face's gradient_checkpointing_enable() before "
-                f"transformers 5) in "
-                f"{checkpoints[0]}{f' and {len(checkpoints) - 1} more' if len(checkpoints) > 1 else ''}: it runs the "
-                f"layers under no_grad and recomputes them in its backward, which a captured graph does not, so "
-                f"those layers would get no gradient. Turn the model's own checkpointing off "
-                f"(model.gradient_checkpointing_disable()) and pass PipelineStrategy(checkpoint_activations=True), "
-                f"which re-materializes every stage, or use gradient_checkpointing_kwargs={{'use_reentrant': False}}")
-        if own_checkpoints:
+            more = f" and {len(checkpoints) - 1} more" if len(checkpoints) > 1 else ""
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
-                          f"{own_checkpoints[0]}): a captured graph runs those layers plainly and keeps their "
+                          f"{checkpoints[0]}{more}): a captured graph runs those layers plainly and keeps their "
                           f"activations (gradients are exact); for the memory, pass "
                           f"PipelineStrategy(checkpoint_activations=True), which re-materializes every stage",
                           stacklevel=3)
