@@ -518,6 +518,50 @@ def test_blocks_in_lists_come_before_the_stacks_that_enclose_them() -> None:
     assert repeated_blocks(Attributes()) == ["block1", "block2", "block3"]
 
 
+class _PlainBlocks(nn.Module):
+    """Blocks without a class of their own: ``nn.Sequential(Linear, Tanh)`` in a frozen backbone's ``nn.Sequential``
+    (a linear probe's), and residual ``nn.Sequential`` blocks in a ``ModuleList``; and one block of its own class
+    beside them (``typed``), whose blocks then are the units."""
+
+    def __init__(self, typed: bool = False) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.residual = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(2)])
+        self.typed = nn.ModuleList([_Typed(), _Typed()]) if typed else nn.ModuleList()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(x)
+        for block in [*self.residual, *self.typed]:
+            x = x + block(x)
+        return self.head(x)
+
+
+class _Typed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x)
+
+
+def test_plain_sequential_blocks_are_units_where_no_block_has_a_class() -> None:
+    """Plain ``nn.Sequential`` blocks in containers were no units at all: the default cut was only before the head
+    (two pieces, too few for three ranks). Where some blocks have a class of their own, those stay the units (timm's
+    SelecSLS has plain ``nn.Sequential`` convolutions in its head, HRNet in its parallel branches)."""
+    from lightning_pipe.capture.points import repeated_blocks
+
+    torch.manual_seed(0)
+    model = _PlainBlocks()
+    assert repeated_blocks(model) == ["backbone.0", "backbone.1", "backbone.2", "residual.0", "residual.1"]
+    x = torch.randn(4, 8)
+    splitter = Splitter(model)
+    assert len(splitter.segments((x,))) == 6
+    torch.testing.assert_close(splitter.run(x), model(x), rtol=0, atol=0)
+    assert repeated_blocks(_PlainBlocks(typed=True)) == ["typed.0", "typed.1"]
+
+
 def test_meta_capture_then_materialize_only_local_segments() -> None:
     fam = family("hf_llama")
     torch.manual_seed(0)

@@ -25,9 +25,22 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 _ENCLOSING_SHARE = 0.9  # a class enclosing the repeated one wins when its instances hold >= 90% as many parameters
 
 
+class _PlainBlock:
+    """The census' class of plain ``nn.Sequential`` blocks in a container (a VGG's convolution, norm and activation
+    in each ``nn.Sequential(...)`` of its features; ConvMixer's blocks): blocks without a class of their own, counted
+    only in a model without such blocks of a class of their own."""
+
+
+def _kind(child: nn.Module, parent: nn.Module) -> type:
+    if type(child) is nn.Sequential and isinstance(parent, (nn.Sequential, nn.ModuleList)) and len(child) >= 2:
+        return _PlainBlock
+    return type(child)
+
+
 @dataclass
 class _Census:
-    """Modules that sit beside at least one sibling of their own class (containers excluded), by class."""
+    """Modules that sit beside at least one sibling of their own class (containers excluded, but plain
+    ``nn.Sequential`` blocks in a container: :class:`_PlainBlock`), by class."""
 
     total: dict[type, int] = field(default_factory=lambda: defaultdict(int))  # their parameters, all instances
     members: dict[type, list[str]] = field(default_factory=lambda: defaultdict(list))  # their names
@@ -42,7 +55,7 @@ def _census(model: nn.Module) -> _Census:
     for parent_name, parent in model.named_modules():
         by_class: dict[type, list[tuple[str, nn.Module]]] = defaultdict(list)
         for child_name, child in parent.named_children():
-            by_class[type(child)].append((f"{parent_name}.{child_name}" if parent_name else child_name, child))
+            by_class[_kind(child, parent)].append((f"{parent_name}.{child_name}" if parent_name else child_name, child))
         for cls, children in by_class.items():
             if len(children) < 2 or issubclass(cls, _CONTAINERS):
                 continue
@@ -56,13 +69,21 @@ def _census(model: nn.Module) -> _Census:
                     census.chained.add(cls)
                 elif isinstance(parent, nn.ModuleList):
                     census.lists[cls].append([name for name, _ in children])
+    if any(composite for cls, composite in census.composite.items() if cls is not _PlainBlock):
+        # blocks of a class of their own are the author's units (timm's SelecSLS head, HRNet's parallel branches
+        # are plain nn.Sequential blocks beside them)
+        for table in (census.total, census.members, census.composite, census.lists):
+            table.pop(_PlainBlock, None)
+        census.listed.discard(_PlainBlock)
+        census.chained.discard(_PlainBlock)
     return census
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:
     """Names of the model's repeated blocks, in ``named_modules`` order.
 
-    Among modules that sit beside at least one sibling of their own class (containers excluded), the class whose such
+    Among modules that sit beside at least one sibling of their own class (containers excluded; plain
+    ``nn.Sequential`` blocks in a container count as one class), the class whose such
     instances hold the most parameters ("the largest ModuleList" alone would pick a ResNet's last stage, or an
     autoencoder's decoder). Outermost instances only. Then:
 
