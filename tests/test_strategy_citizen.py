@@ -326,9 +326,10 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
                for result in results)
 
 
-def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resume: bool) -> dict[str, Any]:
+def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resume: bool,
+           saved_by: int | None = None) -> dict[str, Any]:
     """A linear probe fitted (``thawed``: under BackboneFinetuning, the backbone unfrozen at epoch 1), saved, or
-    resumed from what an earlier call saved."""
+    resumed from what an earlier call on ``saved_by`` devices (default: as many as this one) saved."""
     import lightning as L
     from lightning.pytorch.callbacks import BackboneFinetuning
 
@@ -344,7 +345,7 @@ def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resu
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size,
                         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=callbacks if thawed else [])
-    path = os.path.join(tmp, f"probe-{thawed}-{world_size}.ckpt")
+    path = os.path.join(tmp, f"probe-{thawed}-{saved_by or world_size}.ckpt")
     trainer.fit(model, class_data(), ckpt_path=path if resume else None)
     if not resume:
         trainer.save_checkpoint(path)
@@ -362,7 +363,9 @@ def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_d
     callback's later learning-rate changes by index hit the head's group there); and on resume its groups are rebuilt before the optimizer's
     state loads (Lightning calls the callback's rebuild before it restores the callback's state, under a strategy
     restoring after setup: "a different number of parameter groups"). Weights equal one device's, fitted and
-    resumed."""
+    resumed; also where one device resumes the pipeline's checkpoint (the callback's saved groups name each rank's
+    parameters; the full file has them merged group by group, in the model's order: it had rank 0's, "a parameter
+    group that doesn't match the size"), with one device's groups."""
     tmp = str(tmp_path)
     for thawed in (False, True):
         (one,) = run_ranks(_probe, 1, tmp, thawed, 3, False, timeout=120)
@@ -379,3 +382,6 @@ def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_d
     run_ranks(_probe, 2, tmp, True, 2, False, timeout=200)
     two = run_ranks(_probe, 2, tmp, True, 4, True, timeout=200)
     _assert_close({key: value for result in two for key, value in result["state"].items()}, one["state"])
+    (across,) = run_ranks(_probe, 1, tmp, True, 4, True, 2, timeout=120)
+    _assert_close(across["state"], one["state"])
+    assert across["groups"] == one["groups"]

@@ -176,12 +176,15 @@ def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str,
 class CallbackMerge:
     """The callbacks' states of several ranks as one rank of another layout needs them: mappings merged key by key,
     where an entry keyed by a name of the model's state (an EMA's shadow of a parameter) is kept only for this rank's
-    ``local_keys``; anything else as the first rank had it. The other entries (the module's extras): those keyed by
-    the model's names merged alike (EMAWeightAveraging's ``current_model_state``), the rest the first rank's.
+    ``local_keys``; a fine-tuning callback's saved parameter groups (``BaseFinetuning``'s, which name their
+    parameters) merged group by group, each naming this rank's parameters, from every rank, in the model's order;
+    anything else as the first rank had it. The other entries (the module's extras): those keyed by the model's names
+    merged alike (EMAWeightAveraging's ``current_model_state``), the rest the first rank's.
     """
 
     def __init__(self, model_keys: Iterable[str], local_keys: Iterable[str]) -> None:
-        self.model_keys, self.local = set(model_keys), set(local_keys)
+        self.order = {key: index for index, key in enumerate(model_keys)}
+        self.model_keys, self.local = set(self.order), set(local_keys)
         self.callbacks: dict[str, Any] = {}
         self.extras: dict[str, Any] = {}
 
@@ -198,7 +201,22 @@ class CallbackMerge:
         checkpoint["callbacks"] = self.callbacks
         return checkpoint
 
+    def _groups(self, value: Any) -> bool:
+        """Whether ``value`` is a list of parameter groups naming their parameters by the model's names (the groups
+        ``BaseFinetuning`` saves in ``internal_optimizer_metadata``)."""
+        return (isinstance(value, list) and bool(value)
+                and all(isinstance(group, Mapping) and isinstance(group.get("params"), list) for group in value)
+                and all(isinstance(name, str) and name in self.model_keys for group in value
+                        for name in group["params"]))
+
     def _merged(self, into: Any, value: Any) -> Any:
+        if self._groups(value) and (into is None or (self._groups(into) and len(into) == len(value))):
+            merged = []
+            for index, group in enumerate(value):
+                first = into[index] if into is not None else {**group, "params": []}
+                names = {*first["params"], *(name for name in group["params"] if name in self.local)}
+                merged.append({**first, "params": sorted(names, key=self.order.__getitem__)})
+            return merged
         if isinstance(value, Mapping) and (into is None or isinstance(into, Mapping)):
             result = dict(into or {})
             for key, item in value.items():
