@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import random
+from random import random as draw
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -521,6 +524,41 @@ def test_a_reentrant_checkpoint_of_inputs_needing_no_gradient_gives_its_layers_n
         assert (got.grad is None) == (want.grad is None) == name.startswith("first."), name
         if want.grad is not None:
             torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6, msg=name)
+
+
+class HostRandom(nn.Module):
+    """A layer skipped at random with Python's ``random`` (a LayerDrop written so), or scaled by a NumPy mask, or
+    skipped through a function imported from ``random`` by name."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how = nn.Linear(8, 8), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "python":
+            return x if random.random() < 0.5 else self.linear(x)
+        if self.how == "numpy":
+            return self.linear(x) * torch.from_numpy(np.random.rand(8) < 0.5).float()
+        return x if draw() < 0.5 else self.linear(x)
+
+
+@pytest.mark.parametrize(("how", "where"), [
+    ("python", r"random\.random in module 'blocks\.1' \(HostRandom\.forward"),
+    ("numpy", r"numpy\.random\.rand in module 'blocks\.1' \(HostRandom\.forward"),
+    ("by_name", r"Python's random module \(a function imported from it by name\)"),
+])
+def test_random_numbers_drawn_outside_torch_are_refused_and_the_generators_left_alone(how: str, where: str) -> None:
+    """Export runs the forward once: what Python's ``random`` or NumPy's global generator drew there became a constant
+    of the graph, or the branch every step took (the layer was skipped at every step, or never), silently; one device
+    draws anew each step. Refused, with the place; the generators are as they were before the capture."""
+    random.seed(1)
+    np.random.seed(1)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with pytest.raises(CaptureError, match=where) as caught:
+        Splitter(Blocks(HostRandom(how))).segments((torch.randn(2, 8),))
+    assert "Draw with torch instead" in str(caught.value)
+    assert random.getstate() == python_state
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1]) and np.random.get_state()[2] == numpy_state[2]
 
 
 def test_unknown_split_point_names_the_model_and_close_names() -> None:

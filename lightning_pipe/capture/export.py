@@ -30,6 +30,7 @@ from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
 from .functions import not_derivatives, watch_autograd_functions
 from .guards import guarded_sizes
+from .host_random import host_random_advice, watch_host_random
 
 __all__ = ["export_forward"]
 
@@ -59,6 +60,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
     guards_checked = False
     while attempts:
         symbolic = attempts[0]
+        drawn: list[str] = []
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_mode(model, training))
@@ -68,6 +70,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 stack.enter_context(_conversions_in_place())
                 functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
+                drawn = stack.enter_context(watch_host_random(names))
                 if meta:
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
@@ -91,6 +94,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
         except CaptureError:
             raise
         except Exception as error:  # noqa: BLE001 - every export failure becomes a located CaptureError
+            if drawn:  # what it drew may be why it failed (a NumPy mask as an index): the draw is the thing to fix
+                raise CaptureError(host_random_advice(type(model).__name__, drawn)) from error
             if _register_output_dataclass(error):
                 continue  # the same attempt again, now that export can flatten the output
             first_error = first_error or error
@@ -98,6 +103,8 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             if attempts and not _fails_at_any_size(error):
                 continue
             raise explain_export_error(error, model, training, names) from error
+        if drawn:
+            raise CaptureError(host_random_advice(type(model).__name__, drawn))
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
             more = f" and {len(checkpoints) - 1} more" if len(checkpoints) > 1 else ""
