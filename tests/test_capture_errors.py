@@ -561,6 +561,62 @@ def test_random_numbers_drawn_outside_torch_are_refused_and_the_generators_left_
     assert np.array_equal(np.random.get_state()[1], numpy_state[1]) and np.random.get_state()[2] == numpy_state[2]
 
 
+class Assigning(nn.Module):
+    """A forward that assigns: a running mean buffer given a new tensor (``ema``), a call counter (``counter``), a
+    buffer given another shape (``grown``), or a shift set afresh from the input's size at each call, as Hugging
+    Face's Swin sets its own (``resized``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how, self.calls, self.shift = nn.Linear(8, 8), how, 0, 2
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "ema":
+            self.ema = 0.9 * self.ema + 0.1 * x.mean(0).detach()
+            return self.linear(x) - self.ema
+        if self.how == "counter":
+            self.calls += 1
+            return self.linear(x) * min(self.calls, 3)
+        if self.how == "grown":
+            self.ema = torch.cat([self.ema, x.mean(0).detach()])
+            return self.linear(x)
+        self.shift = 0 if x.shape[-1] <= 8 else 2
+        return self.linear(x).roll(self.shift, -1)
+
+
+def test_a_buffer_given_a_new_tensor_in_forward_is_updated_at_every_step() -> None:
+    """torch's export keeps a buffer assignment of the root module only: a submodule's was dropped, so the buffer
+    kept its first value at every step, silently. It is an in-place copy now, as on one device."""
+    torch.manual_seed(0)
+    model = Blocks(Assigning("ema"))
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    for step in range(3):
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(splitter.run(x), reference(x), rtol=0, atol=0, msg=f"step {step}")
+    torch.testing.assert_close(model.blocks[1].ema, reference.blocks[1].ema, rtol=0, atol=0)
+    assert model.blocks[1].ema.abs().sum() > 0
+
+
+def test_a_value_set_afresh_at_each_call_is_captured_and_a_counter_or_a_grown_buffer_is_refused() -> None:
+    """A plain attribute the forward changes: the graph keeps what it computed from the value at capture, so a call
+    counter would stay at its first value, silently; refused, with the place. One the forward sets from its inputs
+    at each call (Swin's shift) sets nothing new when run again from its own value: captured, and exact. A buffer
+    given a tensor of another shape cannot be copied into: refused. The attributes are as before the capture."""
+    torch.manual_seed(0)
+    model = Blocks(Assigning("resized"))
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(Splitter(model).run(x), copy.deepcopy(model)(x), rtol=0, atol=0)
+    assert model.blocks[1].shift == 2
+    counted = Blocks(Assigning("counter"))
+    with pytest.raises(CaptureError, match=r"'blocks\.1\.calls' \(1 -> 2\) in module 'blocks\.1' \(Assigning\.forward"):
+        Splitter(counted).segments((x,))
+    assert counted.blocks[1].calls == 0
+    with pytest.raises(CaptureError, match=r"buffer 'blocks\.1\.ema' assigned \(16,\) torch\.float32 in place of \(8,\)"):
+        Splitter(Blocks(Assigning("grown"))).segments((x,))
+
+
 def test_unknown_split_point_names_the_model_and_close_names() -> None:
     with pytest.raises(ValueError, match=r"LitGPT has no submodule of that name \(close: 'transformer.h.3'"):
         Splitter(LitGPT(), ["transformer.h.30"])

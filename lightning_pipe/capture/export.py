@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
+from .assignments import Assignments, assignment_advice
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, locate_frame, module_names
 from .functions import not_derivatives, watch_autograd_functions
@@ -48,10 +49,21 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
     ``fixed_sizes``: the input sizes (``(path, dim)``) earlier captures of the model fixed (:mod:`.guards`), fixed here
     too; the ones this capture fixes are added to it.
     """
+    assignments = Assignments(model, module_names(model))
+    try:
+        return _export(model, args, kwargs, assignments, training=training, dynamic=dynamic, meta=meta,
+                       allow_autograd_functions=allow_autograd_functions, device=device, fixed_sizes=fixed_sizes)
+    finally:
+        assignments.restore()  # the plain values a forward set are put back as they were (as torch's export does)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: Assignments, *, training: bool,
+            dynamic: bool, meta: bool, allow_autograd_functions: bool, device: torch.device,
+            fixed_sizes: set[tuple[str, int]] | None) -> tuple[ExportedProgram, bool]:
     if kwargs.get("use_cache") is True:
         raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
                            f"pipeline stages; pass use_cache=False")
-    names = module_names(model)
+    names = assignments.names
     if meta:
         args, kwargs = to_meta(args), to_meta(kwargs)
     attempts = [True, False] if dynamic else [False]
@@ -71,6 +83,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
                 functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 drawn = stack.enter_context(watch_host_random(names))
+                stack.enter_context(assignments.watch())
                 if meta:
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
@@ -105,6 +118,10 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
             raise explain_export_error(error, model, training, names) from error
         if drawn:
             raise CaptureError(host_random_advice(type(model).__name__, drawn))
+        if assignments.refused or (assignments.changed and not assignments.settle()):
+            raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
+        if assignments.changed:
+            continue  # again, from the values the forward set (one that sets them afresh at each call sets nothing)
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
             more = f" and {len(checkpoints) - 1} more" if len(checkpoints) > 1 else ""
