@@ -560,6 +560,10 @@ def test_plain_sequential_blocks_are_units_where_no_block_has_a_class() -> None:
     assert len(splitter.segments((x,))) == 6
     torch.testing.assert_close(splitter.run(x), model(x), rtol=0, atol=0)
     assert repeated_blocks(_PlainBlocks(typed=True)) == ["typed.0", "typed.1"]
+    # stages of plain blocks, as plain nn.Sequential too: the blocks are the units, not the stages (review)
+    staged = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+                             for _ in range(2)])
+    assert repeated_blocks(staged) == ["0.0", "0.1", "1.0", "1.1"]
 
 
 def test_meta_capture_then_materialize_only_local_segments() -> None:

@@ -325,6 +325,17 @@ def test_a_models_own_loss_over_unevenly_ignored_labels_is_found() -> None:
     found = mean_losses(p.graph_module for c in weighted.captures for p in c.programs)
     assert "class weights" in model_loss_warning(found, even)
 
+    class Positions(Classifier):  # BERT's question answering: the positions past the sequence ignored, a size
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return nn.functional.cross_entropy(x, labels.clamp(0, 3), ignore_index=x.size(0))  # symbolic
+
+    symbolic = Splitter(Positions())
+    symbolic.capture((x, labels.abs()), {}, training=True)
+    found = mean_losses(p.graph_module for c in symbolic.captures for p in c.programs)  # int(a graph node) failed
+    assert [loss.ignore_index for loss in found] == [None] and model_loss_warning(found, uneven) is None
+
 
 def test_loss_reduction_may_name_a_function_for_configs() -> None:
     from lightning_pipe.strategy.reduction import check_loss_reduction
@@ -431,3 +442,31 @@ def test_a_cut_sequence_indexes_and_iterates_as_the_whole_one() -> None:
         id(p) for p in cut[1].parameters()} and len(list(head.parameters())) > 0
     with pytest.raises(IndexError):
         cut[len(whole)]
+
+
+def test_a_fine_tuning_callbacks_groups_merge_into_one_devices_with_a_tied_parameter_once() -> None:
+    """``BaseFinetuning`` saves its groups by parameter name, each rank its own: the full file's copy has them merged
+    group by group, in the model's order, a tied parameter by its one-device name once (the last rank names the
+    tied embedding by the head's name: one device's resume failed on 'head.weight'); another layout's rank keeps
+    the names it holds. Other callback lists pass through as the first rank's."""
+    from lightning_pipe.strategy.checkpoint import CallbackMerge
+
+    keys = ["emb.weight", "body.weight", "body.bias", "head.weight"]
+    tied = {"emb.weight": "emb.weight", "head.weight": "emb.weight"}
+
+    def own(names: list[str]) -> dict[str, Any]:
+        groups = [{"lr": 0.1, "params": names}, {"lr": 0.01, "params": []}]
+        return {"callbacks": {"BackboneFinetuning": {"internal_optimizer_metadata": {0: groups}, "other": [1, 2]}}}
+
+    full = CallbackMerge(keys, keys, tied)
+    for names in (["emb.weight", "body.weight", "body.bias"], ["head.weight"]):
+        full.add(own(names))
+    state = full.into({})["callbacks"]["BackboneFinetuning"]
+    assert state["internal_optimizer_metadata"][0] == [{"lr": 0.1, "params": ["emb.weight", "body.weight", "body.bias"]},
+                                                       {"lr": 0.01, "params": []}]
+    assert state["other"] == [1, 2]
+    last = CallbackMerge(keys, ["body.bias", "head.weight"])
+    for names in (["emb.weight", "body.weight"], ["body.bias", "head.weight"]):
+        last.add(own(names))
+    groups = last.into({})["callbacks"]["BackboneFinetuning"]["internal_optimizer_metadata"][0]
+    assert [group["params"] for group in groups] == [["body.bias", "head.weight"], []]

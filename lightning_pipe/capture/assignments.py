@@ -26,14 +26,25 @@ from .errors import locate_frame
 __all__ = ["Assignments", "assignment_advice"]
 
 _PLAIN = (bool, int, float)
+_MISSING = object()  # an attribute the forward created
 
 
 class Assignments:
-    """What the forward assigned in each export run (:meth:`watch`): ``refused``, a buffer given a tensor of another
-    shape or dtype; ``changed``, plain attributes given a new value. A forward that sets such a value afresh from its
-    inputs at each call (Hugging Face's Swin sets its shift to 0 where the image is as small as its window) changes
-    nothing when run again from the values it set: :meth:`settle` sets them for a second run, and only a value that
-    changes again (a counter) is refused. :meth:`restore` puts the values back as they were before the first run."""
+    """What the forward assigned in each export run (:meth:`watch`).
+
+    A buffer of a submodule given a new tensor of its shape and dtype keeps it for the rest of the call (reads after
+    the assignment see the new value, and a reference taken before it the old one, as eagerly); once the module's
+    forward returns (or the forward of the module holding it, for an assignment made from outside its own), the new
+    value is copied into the original buffer, an in-place op of that module that the graph keeps. One of another
+    shape or dtype is ``refused``, except where the buffer was empty (a table filled on the first call: its value
+    cannot depend on the buffer's, and the graph computes it at each run).
+
+    Plain attributes (bool, int, float) given a new value, or created, are ``changed``: the graph may depend on them
+    (a call counter scaling the output, a flag guarding a data-dependent initialization), or not (Hugging Face's
+    flag that its output hooks are installed; Swin's shift, set afresh from the input's size at each call).
+    :meth:`settle` sets them to the values the first run gave them for a second run, whose graph must be the first's:
+    then the graph does not depend on them; else they are refused. One put back before the call returns is no change.
+    :meth:`restore` puts the values back as they were before the first run (created ones stay)."""
 
     def __init__(self, model: nn.Module, names: dict[int, str]) -> None:
         self.model, self.names = model, names
@@ -41,22 +52,19 @@ class Assignments:
         self.refused: list[str] = []
         self.changed: dict[tuple[int, str], tuple[nn.Module, Any, Any, str]] = {}  # -> (module, before, after, place)
         self.settled: dict[tuple[int, str], tuple[nn.Module, Any, Any, str]] | None = None
+        self.first_code: str | None = None  # the first run's graph, which the second must repeat
+        self.pending: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}  # buffers to copy into
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        """Within the block, buffers of the model's submodules assigned a new tensor are copied into in place."""
-        self.refused, self.changed = [], {}
+        self.refused, self.changed, self.pending = [], {}, {}
         setattr_ = nn.Module.__setattr__
-        handle = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
+        buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
+        returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
 
         def watched(module: nn.Module, name: str, value: Any) -> None:
-            if id(module) in self.mine and name != "training" and name in module.__dict__:
-                old = module.__dict__[name]
-                if type(old) in _PLAIN and type(value) in _PLAIN and old != value:
-                    before = self.changed.get((id(module), name), (module, old))[1]
-                    place = f"'{_name(self.names, module, name)}' ({before!r} -> {value!r}) in " \
-                            f"{locate_frame(_caller(), self.names)}"
-                    self.changed[(id(module), name)] = (module, before, value, place)
+            if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
+                self._plain_assigned(module, name, value)
             setattr_(module, name, value)
 
         nn.Module.__setattr__ = watched  # type: ignore[method-assign]
@@ -64,39 +72,88 @@ class Assignments:
             yield
         finally:
             nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
-            handle.remove()
+            buffers.remove()
+            returns.remove()
+            for (_, name), (module, original) in self.pending.items():  # a run that failed midway: originals back
+                module._buffers[name] = original
 
-    def settle(self) -> bool:
-        """After the first run that changed plain attributes: sets them to the values it gave them, for a second run
-        (True); False after the second (its changes are refused)."""
-        if self.settled is not None:
-            return False
-        self.settled = dict(self.changed)
+    def settle(self, code: str) -> None:
+        """After the first run that changed plain attributes (its graph's ``code``): sets them to the values it gave
+        them, for a second run."""
+        self.settled, self.first_code = dict(self.changed), code
         for (_, name), (module, _, after, _) in self.settled.items():
             module.__dict__[name] = after
-        return True
+
+    def depends(self, code: str) -> bool:
+        """After the second run (its graph's ``code``): whether the graph depends on the values (it changed)."""
+        return code != self.first_code
 
     def restore(self) -> None:
+        """The values that were there before the first run, back (as torch's export puts back what it finds); created
+        ones stay, as after torch's export: a library's flag that it installed its hooks (Hugging Face's output
+        capture) must stay set, or the next capture installs them twice."""
         for (_, name), (module, before, _, _) in (self.settled or {}).items():
-            module.__dict__[name] = before
+            if before is not _MISSING:
+                module.__dict__[name] = before
 
     def problems(self) -> list[str]:
-        return self.refused + [place for _, _, _, place in self.changed.values()]
+        """What cannot be captured: buffers given another shape, plain values the graph depends on."""
+        return self.refused + [place for _, _, _, place in (self.settled or {}).values()]
+
+    def _plain_assigned(self, module: nn.Module, name: str, value: Any) -> None:
+        key = (id(module), name)
+        if name in module.__dict__:
+            old = module.__dict__[name]
+            if type(old) not in _PLAIN:
+                return
+        elif name in module._parameters or name in module._buffers or name in module._modules:
+            return
+        else:
+            old = _MISSING
+        before = self.changed[key][1] if key in self.changed else old
+        if before is not _MISSING and before == value:  # put back (a flag set and cleared within the call)
+            self.changed.pop(key, None)
+            return
+        if old is not _MISSING and old == value:
+            return
+        shown = "unset" if before is _MISSING else repr(before)
+        place = f"'{_name(self.names, module, name)}' ({shown} -> {value!r}) in {locate_frame(_caller(), self.names)}"
+        self.changed[key] = (module, before, value, place)
 
     def _buffer_assigned(self, module: nn.Module, name: str, value: Any) -> Any:
         old = module._buffers.get(name)
+        key = (id(module), name)
         if module is self.model or id(module) not in self.mine or old is None or value is old:
             return None  # torch's export keeps the root's own
-        if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.dtype != old.dtype:
+        original = self.pending[key][1] if key in self.pending else old
+        if not isinstance(value, torch.Tensor) or value.shape != original.shape or value.dtype != original.dtype:
+            if original.numel() == 0:  # a table filled on the first call: computed by the graph at each run
+                return None
             got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-            entry = (f"buffer '{_name(self.names, module, name)}' assigned {got} in place of {tuple(old.shape)} "
-                     f"{old.dtype} in {locate_frame(_caller(), self.names)}")
+            entry = (f"buffer '{_name(self.names, module, name)}' assigned {got} in place of "
+                     f"{tuple(original.shape)} {original.dtype} in {locate_frame(_caller(), self.names)}")
             if entry not in self.refused:
                 self.refused.append(entry)
             return None
-        with torch.no_grad() if not value.requires_grad else contextlib.nullcontext():
-            old.copy_(value)
-        return old
+        self.pending.setdefault(key, (module, original))
+        return None
+
+    def _returned(self, module: nn.Module, args: Any, output: Any) -> None:
+        """At the end of a module's forward: the new values of the buffers it holds, or that modules inside it hold,
+        copied into the original buffers."""
+        if not self.pending or id(module) not in self.mine:
+            return
+        prefix = self.names.get(id(module), "")
+        for key, (owner, original) in list(self.pending.items()):
+            owner_name = self.names.get(id(owner), "")
+            if owner is not module and prefix and not owner_name.startswith(prefix + "."):
+                continue
+            name = key[1]
+            current = owner._buffers.get(name)
+            if isinstance(current, torch.Tensor) and current is not original:
+                original.copy_(current.detach())
+            owner._buffers[name] = original
+            del self.pending[key]
 
 
 def _caller() -> FrameType | None:
@@ -117,7 +174,8 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
     more = f" and {len(found) - 1} more" if len(found) > 1 else ""
     return (f"{model_name}.forward assigns to its modules what a captured graph cannot assign at each step: "
             f"{found[0]}{more}. Export runs the forward once: the graph keeps what was computed from such a value "
-            f"then, where one device sees it change from step to step. Keep per-step state in a buffer "
+            f"then (run again from the values set, it computes otherwise), where one device sees it change from "
+            f"step to step. Keep per-step state in a buffer "
             f"(self.register_buffer) updated in place or given a tensor of its shape and dtype "
             f"(self.count += 1 on a tensor buffer), compute it in training_step, or keep the layers in one "
             f"nn.Sequential (not captured)")

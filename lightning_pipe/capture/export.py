@@ -80,7 +80,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(_keywords_named(model, args, kwargs))
                 stack.enter_context(_masks_as_given())
                 stack.enter_context(_conversions_in_place())
-                functions, checkpoints = stack.enter_context(watch_autograd_functions(names))
+                functions, checkpoints, frozen = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 drawn = stack.enter_context(watch_host_random(names))
                 stack.enter_context(assignments.watch())
@@ -118,10 +118,22 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             raise explain_export_error(error, model, training, names) from error
         if drawn:
             raise CaptureError(host_random_advice(type(model).__name__, drawn))
-        if assignments.refused or (assignments.changed and not assignments.settle()):
+        if frozen:
+            raise CaptureError(
+                f"{type(model).__name__}.forward checkpoints activations with torch.utils.checkpoint's reentrant "
+                f"variant (use_reentrant=True) where no input of the checkpoint needs a gradient, in {frozen[0]}: "
+                f"it gives those layers no gradient (the layers before them are frozen), and a captured graph would "
+                f"keep that after they are unfrozen. Use use_reentrant=False (Hugging Face: gradient_checkpointing_"
+                f"kwargs={{'use_reentrant': False}}), or make the checkpoint's input need a gradient "
+                f"(model.enable_input_require_grads()), or turn the model's checkpointing off and pass "
+                f"PipelineStrategy(checkpoint_activations=True)")
+        if assignments.refused:
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
-        if assignments.changed:
-            continue  # again, from the values the forward set (one that sets them afresh at each call sets nothing)
+        if assignments.changed and assignments.settled is None:
+            assignments.settle(program.graph_module.code)
+            continue  # again, from the values the forward set: the same graph if it does not depend on them
+        if assignments.settled and assignments.depends(program.graph_module.code):
+            raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
             more = f" and {len(checkpoints) - 1} more" if len(checkpoints) > 1 else ""

@@ -52,18 +52,20 @@ class _Like:
 
 
 @contextlib.contextmanager
-def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Applied], list[str]]]:
+def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Applied], list[str], list[str]]]:
     """Records every custom Function applied inside the block (torch's own are left alone: their backward is their
     forward's derivative), and apart from them, where torch's reentrant activation checkpoint (``CheckpointFunction``)
     was applied. That checkpoint's layers run plainly instead: the Function runs them under no_grad and recomputes
     them in its backward, which a graph would keep as a no_grad region (no gradient to those layers or any before
-    them). Plainly, the gradients are its own: its outputs need a gradient exactly when an input tensor does (then
-    plain autograd gives what its recompute gives); when none does, it gives none, and neither does the no_grad
-    run it gets then. Its forward draws the same random numbers as a plain run (it restores them to recompute)."""
+    them). Plainly, the gradients are its own where an input tensor needs a gradient (then plain autograd gives
+    what its recompute gives); its forward draws the same random numbers as a plain run (it restores them to
+    recompute). Where no input needs one (the layers before it frozen), it gives its layers none, which a graph
+    would keep even after those layers are unfrozen (a fine-tuning callback): listed in ``frozen``, to refuse."""
     base = torch.autograd.function.Function
     original = base.__dict__["apply"]  # a classmethod, or (torch >= 2.14) a C classmethod descriptor
     found: list[Applied] = []
     checkpoints: list[str] = []
+    frozen: list[str] = []
     reentrant = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
 
     def spy(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -72,10 +74,10 @@ def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Appli
             if where not in checkpoints:
                 checkpoints.append(where)
             function, _, *inputs = args
-            if any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
-                return function(*inputs)
-            with torch.no_grad():
-                return function(*inputs)
+            if torch.is_grad_enabled() and not any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+                if where not in frozen:
+                    frozen.append(where)
+            return function(*inputs)
         elif not cls.__module__.startswith("torch."):
             where = locate_frame(sys._getframe(1), names)
             if not any(a.cls is cls and a.where == where for a in found):
@@ -84,7 +86,7 @@ def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Appli
 
     base.apply = classmethod(spy)
     try:
-        yield found, checkpoints
+        yield found, checkpoints, frozen
     finally:
         base.apply = original
 

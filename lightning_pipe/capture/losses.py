@@ -19,11 +19,12 @@ _MEAN = 1  # torch's Reduction::Mean
 
 @dataclass(frozen=True)
 class MeanLoss:
-    """A loss op that averages over its targets: by their class weights (``weighted``), leaving out ``ignore_index``."""
+    """A loss op that averages over its targets: by their class weights (``weighted``), leaving out ``ignore_index``
+    (None where the graph computes it: BERT's question answering ignores the positions past the sequence's length)."""
 
     op: str
     weighted: bool
-    ignore_index: int
+    ignore_index: int | None
 
 
 def mean_losses(graphs: Iterable[fx.GraphModule]) -> list[MeanLoss]:
@@ -39,6 +40,7 @@ def mean_losses(graphs: Iterable[fx.GraphModule]) -> list[MeanLoss]:
 
             if argument(3, "reduction", _MEAN) == _MEAN:
                 name = getattr(node.target, "_opname", str(node.target))
+                ignored = argument(4, "ignore_index", -100)
                 found.append(MeanLoss(name, argument(2, "weight", None) is not None,
-                                      int(argument(4, "ignore_index", -100))))  # type: ignore[call-overload]
+                                      ignored if isinstance(ignored, int) else None))
     return found

@@ -32,9 +32,15 @@ class _PlainBlock:
 
 
 def _kind(child: nn.Module, parent: nn.Module) -> type:
-    if type(child) is nn.Sequential and isinstance(parent, (nn.Sequential, nn.ModuleList)) and len(child) >= 2:
+    """``child``'s class in the census: :class:`_PlainBlock` for the innermost plain ``nn.Sequential`` blocks in a
+    container (one holding such blocks is a stage of them: its blocks are the units)."""
+    if _plain(child) and isinstance(parent, (nn.Sequential, nn.ModuleList)) and not any(map(_plain, child.children())):
         return _PlainBlock
     return type(child)
+
+
+def _plain(module: nn.Module) -> bool:
+    return type(module) is nn.Sequential and len(module) >= 2
 
 
 @dataclass

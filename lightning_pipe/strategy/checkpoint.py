@@ -82,7 +82,7 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
     # Callback states and extras keyed by the model's names whole, from every rank's share (SWA's average model,
     # EMAWeightAveraging's current_model_state), so that one device resumes from the file too; the rest rank 0's.
-    merge = CallbackMerge(ordered, ordered)
+    merge = CallbackMerge(ordered, ordered, tied)
     for part in shares:
         merge.add(dict(part["own"]))
     return merge.into(full)
@@ -177,14 +177,17 @@ class CallbackMerge:
     """The callbacks' states of several ranks as one rank of another layout needs them: mappings merged key by key,
     where an entry keyed by a name of the model's state (an EMA's shadow of a parameter) is kept only for this rank's
     ``local_keys``; a fine-tuning callback's saved parameter groups (``BaseFinetuning``'s, which name their
-    parameters) merged group by group, each naming this rank's parameters, from every rank, in the model's order;
+    parameters) merged group by group, each naming this rank's parameters, from every rank, in the model's order
+    (``tied``: a tied parameter by its one-device name, once);
     anything else as the first rank had it. The other entries (the module's extras): those keyed by the model's names
     merged alike (EMAWeightAveraging's ``current_model_state``), the rest the first rank's.
     """
 
-    def __init__(self, model_keys: Iterable[str], local_keys: Iterable[str]) -> None:
+    def __init__(self, model_keys: Iterable[str], local_keys: Iterable[str],
+                 tied: Mapping[str, str] | None = None) -> None:
         self.order = {key: index for index, key in enumerate(model_keys)}
         self.model_keys, self.local = set(self.order), set(local_keys)
+        self.first = dict(tied or {})  # the one-device name of each name of a tied parameter (a full file's groups)
         self.callbacks: dict[str, Any] = {}
         self.extras: dict[str, Any] = {}
 
@@ -214,7 +217,8 @@ class CallbackMerge:
             merged = []
             for index, group in enumerate(value):
                 first = into[index] if into is not None else {**group, "params": []}
-                names = {*first["params"], *(name for name in group["params"] if name in self.local)}
+                names = {*first["params"], *(self.first.get(name, name) for name in group["params"]
+                                             if name in self.local)}
                 merged.append({**first, "params": sorted(names, key=self.order.__getitem__)})
             return merged
         if isinstance(value, Mapping) and (into is None or isinstance(into, Mapping)):

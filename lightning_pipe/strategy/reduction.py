@@ -174,7 +174,8 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
         return None
     # A negative ignored label (-100, torch's and Hugging Face's default) is no token id or mask value; a
     # non-negative one (a pad id) could be, so the inputs cannot tell labels from the rest: not checked.
-    for ignore_index in sorted({loss.ignore_index for loss in losses if loss.ignore_index < 0}):
+    for ignore_index in sorted({loss.ignore_index for loss in losses
+                                if loss.ignore_index is not None and loss.ignore_index < 0}):
         for column in zip(*inputs):
             if not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point()
                        and not leaf.is_complex() and leaf.dtype != torch.bool for leaf in column):
