@@ -1,13 +1,15 @@
 """What a forward assigns to its modules' attributes, which a captured graph would not do at each run.
 
-- **A buffer given a new tensor** (``self.ema = 0.9 * self.ema + 0.1 * x.mean(0)``): torch's export turns that into
-  an in-place copy for the root module's buffers only; a submodule's assignment was dropped, so the graph computed
-  the new value and threw it away (the buffer kept its first value at every step, silently). While export runs, such
-  an assignment is made an in-place copy into the buffer (which the graph keeps, as it keeps ``self.ema.mul_(0.9)``),
-  where the new value has the buffer's shape and dtype; one of another shape or dtype cannot be, and is reported.
-- **A plain Python value changed** (a call counter, ``self.calls += 1``, a flag set on the first call): export runs
-  the forward once, so the graph keeps what the forward computed from the value at capture, and the attribute is put
-  back after it (by torch's export). On one device each step sees the new value. Reported with the place.
+- **A buffer given a new tensor** (``self.ema = 0.9 * self.ema + 0.1 * x.mean(0)``): torch's export keeps that for
+  the root module's buffers only; a submodule's assignment was dropped, so the buffer kept its first value at every
+  step, silently. While export runs, the new value is copied into the buffer when the module's forward returns, an
+  in-place op that the graph keeps.
+- **A plain Python value changed** (a call counter, ``self.calls += 1``, a flag guarding a first-call
+  initialization): export runs the forward once, so the graph keeps what the forward computed from the value at
+  capture. Where the graph depends on it (another graph when exported again from the values set), it is refused,
+  with the place.
+
+:class:`Assignments` says how.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import locate_frame
+from .errors import listed, locate_frame
 
 __all__ = ["Assignments", "assignment_advice"]
 
@@ -171,9 +173,8 @@ def _name(names: dict[int, str], module: nn.Module, attribute: str) -> str:
 
 def assignment_advice(model_name: str, found: list[str]) -> str:
     """The error for a forward whose assignments a captured graph would not make (``found``)."""
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
     return (f"{model_name}.forward assigns to its modules what a captured graph cannot assign at each step: "
-            f"{found[0]}{more}. Export runs the forward once: the graph keeps what was computed from such a value "
+            f"{listed(found)}. Export runs the forward once: the graph keeps what was computed from such a value "
             f"then (run again from the values set, it computes otherwise), where one device sees it change from "
             f"step to step. Keep per-step state in a buffer "
             f"(self.register_buffer) updated in place or given a tensor of its shape and dtype "

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error"]
+__all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error", "listed"]
 
 SEQUENTIAL_PATH = ("or keep the layers to pipeline in one nn.Sequential, which the strategy cuts without capturing "
                    "the forward")
@@ -21,6 +21,11 @@ class CaptureError(RuntimeError):
 def module_names(model: nn.Module) -> dict[int, str]:
     """``id(module) -> name`` for every module of ``model`` (``""`` for the model itself)."""
     return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def listed(places: list[str]) -> str:
+    """The first of ``places`` and how many more there are (``"module 'a' (...) and 2 more"``)."""
+    return places[0] + (f" and {len(places) - 1} more" if len(places) > 1 else "")
 
 
 def _describe(name: str, module: Any, function: str, filename: str, line: int, source: str | None) -> str:

@@ -28,8 +28,8 @@ from torch.export import Dim, ExportedProgram
 
 from .assignments import Assignments, assignment_advice
 from .devices import META, faking_device, on_meta, to_meta
-from .errors import CaptureError, explain_export_error, locate_frame, module_names
-from .functions import not_derivatives, watch_autograd_functions
+from .errors import CaptureError, explain_export_error, listed, locate_frame, module_names
+from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
 from .guards import guarded_sizes
 from .host_random import host_random_advice, watch_host_random
 
@@ -119,14 +119,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
         if drawn:
             raise CaptureError(host_random_advice(type(model).__name__, drawn))
         if frozen:
-            raise CaptureError(
-                f"{type(model).__name__}.forward checkpoints activations with torch.utils.checkpoint's reentrant "
-                f"variant (use_reentrant=True) where no input of the checkpoint needs a gradient, in {frozen[0]}: "
-                f"it gives those layers no gradient (the layers before them are frozen), and a captured graph would "
-                f"keep that after they are unfrozen. Use use_reentrant=False (Hugging Face: gradient_checkpointing_"
-                f"kwargs={{'use_reentrant': False}}), or make the checkpoint's input need a gradient "
-                f"(model.enable_input_require_grads()), or turn the model's checkpointing off and pass "
-                f"PipelineStrategy(checkpoint_activations=True)")
+            raise CaptureError(frozen_checkpoint_advice(type(model).__name__, frozen))
         if assignments.refused:
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
         if assignments.changed and assignments.settled is None:
@@ -136,9 +129,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
-            more = f" and {len(checkpoints) - 1} more" if len(checkpoints) > 1 else ""
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
-                          f"{checkpoints[0]}{more}): a captured graph runs those layers plainly and keeps their "
+                          f"{listed(checkpoints)}): a captured graph runs those layers plainly and keeps their "
                           f"activations (gradients are exact); for the memory, pass "
                           f"PipelineStrategy(checkpoint_activations=True), which re-materializes every stage",
                           stacklevel=3)

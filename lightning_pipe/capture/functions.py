@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 
 from .errors import locate_frame
 
-__all__ = ["Applied", "watch_autograd_functions", "not_derivatives"]
+__all__ = ["Applied", "watch_autograd_functions", "not_derivatives", "frozen_checkpoint_advice"]
 
 _MAX_ELEMENTS = 1 << 20  # per checked input; larger shapes are shrunk alike in every input (a size stays one size)
 _CHECKED: dict[tuple[type, tuple], str | None] = {}  # (class, its arguments' key) -> why it failed (None: passed)
@@ -89,6 +89,17 @@ def watch_autograd_functions(names: dict[int, str]) -> Iterator[tuple[list[Appli
         yield found, checkpoints, frozen
     finally:
         base.apply = original
+
+
+def frozen_checkpoint_advice(model_name: str, frozen: list[str]) -> str:
+    """The error for a reentrant checkpoint none of whose inputs needed a gradient while captured (``frozen``)."""
+    return (f"{model_name}.forward checkpoints activations with torch.utils.checkpoint's reentrant variant "
+            f"(use_reentrant=True) where no input of the checkpoint needs a gradient, in {frozen[0]}: it gives those "
+            f"layers no gradient (the layers before them are frozen), and a captured graph would keep that after "
+            f"they are unfrozen. Use use_reentrant=False (Hugging Face: gradient_checkpointing_kwargs="
+            f"{{'use_reentrant': False}}), or make the checkpoint's input need a gradient "
+            f"(model.enable_input_require_grads()), or turn the model's checkpointing off and pass "
+            f"PipelineStrategy(checkpoint_activations=True)")
 
 
 def not_derivatives(applied: list[Applied]) -> list[str]:

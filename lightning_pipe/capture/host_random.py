@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .errors import locate_frame
+from .errors import listed, locate_frame
 
 __all__ = ["watch_host_random", "host_random_advice"]
 
@@ -79,8 +79,7 @@ def _same_numpy_state(numpy: ModuleType, state: Any, before: Any) -> bool:
 
 def host_random_advice(model_name: str, found: list[str]) -> str:
     """The error for a forward that drew from Python's or NumPy's generators while captured (``found``)."""
-    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-    return (f"{model_name}.forward draws random numbers outside torch: {found[0]}{more}. A captured graph keeps what "
+    return (f"{model_name}.forward draws random numbers outside torch: {listed(found)}. A captured graph keeps what "
             f"was drawn while capturing as constants (or the branch it picked), so every step would reuse that one "
             f"draw, where one device draws anew each step. Draw with torch instead (torch.rand, torch.randint, "
             f"torch.bernoulli run in the graph and draw at every step), or draw in training_step and pass the "

@@ -1,0 +1,251 @@
+"""What a captured forward does besides its ops, which a graph would not repeat at each run: random numbers drawn
+(LayerDrop's branch, Python's and NumPy's generators), assignments to its modules, a module converted in place,
+torch's activation checkpoints. Each is refused with what to do, or kept as one device keeps it."""
+
+from __future__ import annotations
+
+import copy
+import random
+from random import random as draw
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_pipe.capture import CaptureError, Splitter
+from tests.test_capture_errors import Blocks
+
+pytestmark = pytest.mark.timeout(120)
+
+class LayerDrop(nn.Module):
+    """Skips its second layer at random in training, as Hugging Face's encoders with ``layerdrop > 0``."""
+
+    def __init__(self, layerdrop: float) -> None:
+        super().__init__()
+        self.layers, self.layerdrop = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)]), layerdrop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            dropout_probability = torch.rand([])
+            if self.training and dropout_probability < self.layerdrop:
+                continue
+            x = layer(x)
+        return x
+
+
+def test_layer_drop_says_to_set_it_to_zero() -> None:
+    with pytest.raises(CaptureError, match="LayerDrop skips layers at random.*set the model's layer drop"):
+        Splitter(LayerDrop(0.1)).segments((torch.randn(2, 8),))
+
+
+class Router(nn.Module):
+    """Converts its classifier to float32 on every call, as Switch Transformers' router does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.classifier = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        self.classifier = self.classifier.to(torch.float32)
+        return self.classifier(x)
+
+
+def test_a_module_converted_to_what_it_is_in_its_forward_is_captured() -> None:
+    """torch's Module._apply swapped each parameter with itself, which export refused ("Couldn't swap")."""
+    torch.manual_seed(0)
+    model = Router()
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(Splitter(model).run(x), model(x), rtol=0, atol=0)
+
+
+class Checkpointed(nn.Module):
+    """A layer under torch's activation checkpoint, reentrant or not."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.linear, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_an_activation_checkpoint_runs_plainly_with_a_warning(reentrant: bool) -> None:
+    """A checkpoint's layers are traced as plain ops: gradients as eagerly, and a warning that the memory saving is
+    PipelineStrategy(checkpoint_activations=True)'s to make. The reentrant variant (Hugging Face's
+    gradient_checkpointing_enable() default before transformers 5) runs its layers under no_grad and recomputes them
+    in its own backward: kept as a no_grad region, the graph gave that layer and every one before it no gradient
+    (it was refused for that, then)."""
+    torch.manual_seed(0)
+    model = Blocks(Checkpointed(reentrant))
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"checkpoints activations .*module 'blocks\.1'.*checkpoint_activations=True"):
+        out = Splitter(model).run(x)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert got.grad is not None, name
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-6, msg=name)
+
+
+class CheckpointedFirst(nn.Module):
+    """A reentrant checkpoint of the first layer, on an input that needs no gradient: torch gives that layer none
+    (its Function's output needs none), as it would a checkpointed block after a frozen one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Checkpointed(reentrant=True), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_a_reentrant_checkpoint_of_inputs_needing_no_gradient_is_refused() -> None:
+    """Its layers get no gradient eagerly; run under no_grad in the graph, they would get none either, but that stayed
+    after the layers before them were unfrozen (BackboneFinetuning freezes at setup, before the capture), where
+    eagerly they train: silently no gradient. Refused, with use_reentrant=False as the fix (traced plainly: exact)."""
+    with pytest.raises(CaptureError, match=r"no input of the checkpoint needs a gradient, in module 'first'.*"
+                                           r"use_reentrant=False"):
+        Splitter(CheckpointedFirst()).segments((torch.randn(2, 8),))
+    with torch.no_grad():  # no gradient anywhere: nothing to keep
+        Splitter(CheckpointedFirst()).segments((torch.randn(2, 8),))
+
+
+class HostRandom(nn.Module):
+    """A layer skipped at random with Python's ``random`` (a LayerDrop written so), or scaled by a NumPy mask, or
+    skipped through a function imported from ``random`` by name."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how = nn.Linear(8, 8), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "python":
+            return x if random.random() < 0.5 else self.linear(x)
+        if self.how == "numpy":
+            return self.linear(x) * torch.from_numpy(np.random.rand(8) < 0.5).float()
+        return x if draw() < 0.5 else self.linear(x)
+
+
+@pytest.mark.parametrize(("how", "where"), [
+    ("python", r"random\.random in module 'blocks\.1' \(HostRandom\.forward"),
+    ("numpy", r"numpy\.random\.rand in module 'blocks\.1' \(HostRandom\.forward"),
+    ("by_name", r"Python's random module \(a function imported from it by name\)"),
+])
+def test_random_numbers_drawn_outside_torch_are_refused_and_the_generators_left_alone(how: str, where: str) -> None:
+    """Export runs the forward once: what Python's ``random`` or NumPy's global generator drew there became a constant
+    of the graph, or the branch every step took (the layer was skipped at every step, or never), silently; one device
+    draws anew each step. Refused, with the place; the generators are as they were before the capture."""
+    random.seed(1)
+    np.random.seed(1)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with pytest.raises(CaptureError, match=where) as caught:
+        Splitter(Blocks(HostRandom(how))).segments((torch.randn(2, 8),))
+    assert "Draw with torch instead" in str(caught.value)
+    assert random.getstate() == python_state
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1]) and np.random.get_state()[2] == numpy_state[2]
+
+
+class Assigning(nn.Module):
+    """A forward that assigns: a running mean buffer given a new tensor (``ema``), a call counter (``counter``), a
+    buffer given another shape (``grown``), or a shift set afresh from the input's size at each call, as Hugging
+    Face's Swin sets its own (``resized``); and the cases a review found (below)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how, self.calls, self.shift = nn.Linear(8, 8), how, 0, 2
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "ema":
+            self.ema = 0.9 * self.ema + 0.1 * x.mean(0).detach()
+            return self.linear(x) - self.ema
+        if self.how == "ema_used_after":  # the old value, through a name taken before the assignment
+            before = self.ema
+            self.ema = 0.9 * before + 0.1 * x.mean(0).detach()
+            return self.linear(x) - before
+        if self.how == "first_call":  # a data-dependent initialization (ActNorm's)
+            if not getattr(self, "initialized", False):
+                self.ema.copy_(x.mean(0).detach())
+                self.initialized = True
+            return self.linear(x) - self.ema
+        if self.how == "lazy_counter":
+            self.steps = getattr(self, "steps", 0) + 1
+            return self.linear(x) * min(self.steps, 3)
+        if self.how == "table":  # a table filled on the first call, in a buffer registered empty
+            if self.ema.numel() == 0:
+                self.ema = torch.arange(2 * 8.0).reshape(2, 8) / 16
+            return self.linear(x) + self.ema[: x.shape[0]]
+        if self.how == "hooks_installed":  # first-call work that computes nothing (Hugging Face's output hooks)
+            if not getattr(self, "installed", False):
+                self.installed = True
+            return self.linear(x)
+        if self.how == "busy":  # set and put back within the call
+            self.busy = True
+            out = self.linear(x)
+            self.busy = False
+            return out
+        if self.how == "counter":
+            self.calls += 1
+            return self.linear(x) * min(self.calls, 3)
+        if self.how == "grown":
+            self.ema = torch.cat([self.ema, x.mean(0).detach()])
+            return self.linear(x)
+        self.shift = 0 if x.shape[-1] <= 8 else 2
+        return self.linear(x).roll(self.shift, -1)
+
+
+@pytest.mark.parametrize("how", ["ema", "ema_used_after"])
+def test_a_buffer_given_a_new_tensor_in_forward_is_updated_at_every_step(how: str) -> None:
+    """torch's export keeps a buffer assignment of the root module only: a submodule's was dropped, so the buffer
+    kept its first value at every step, silently. The new value is copied into the buffer once the module's forward
+    returns, as on one device; until then the new value is the buffer's, and a name taken before the assignment
+    still holds the old one (copied into at once, that name saw the new value: review)."""
+    torch.manual_seed(0)
+    model = Blocks(Assigning(how))
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    for step in range(3):
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(splitter.run(x), reference(x), rtol=0, atol=0, msg=f"step {step}")
+    torch.testing.assert_close(model.blocks[1].ema, reference.blocks[1].ema, rtol=0, atol=0)
+    assert model.blocks[1].ema.abs().sum() > 0
+
+
+def test_a_value_set_afresh_at_each_call_is_captured_and_a_counter_or_a_grown_buffer_is_refused() -> None:
+    """A plain attribute the forward changes: the graph keeps what it computed from the value at capture, so a call
+    counter would stay at its first value, silently; refused, with the place, where the graph depends on it (run
+    again from the values the first run set, the graph is another). One the forward sets from its inputs at each call
+    (Swin's shift) gives the same graph when run again from its own value: captured, and exact. A buffer
+    given a tensor of another shape cannot be copied into: refused. The attributes are as before the capture."""
+    torch.manual_seed(0)
+    model = Blocks(Assigning("resized"))
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(Splitter(model).run(x), copy.deepcopy(model)(x), rtol=0, atol=0)
+    assert model.blocks[1].shift == 2
+    counted = Blocks(Assigning("counter"))
+    with pytest.raises(CaptureError, match=r"'blocks\.1\.calls' \(0 -> 1\) in module 'blocks\.1' \(Assigning\.forward"):
+        Splitter(counted).segments((x,))
+    assert counted.blocks[1].calls == 0
+    with pytest.raises(CaptureError, match=r"buffer 'blocks\.1\.ema' assigned \(16,\) torch\.float32 in place of \(8,\)"):
+        Splitter(Blocks(Assigning("grown"))).segments((x,))
+    # found by review: a flag guarding a data-dependent initialization on the first call (the second run, from its
+    # value, computes otherwise), a counter the forward creates, and a flag set and put back within the call (no
+    # change: captured); a flag whose first-call work is no computation (Hugging Face installs its output hooks:
+    # refused until the second run's graph was compared with the first's) is captured
+    initialized = Blocks(Assigning("first_call"))
+    with pytest.raises(CaptureError, match=r"'blocks\.1\.initialized' \(unset -> True\) in module 'blocks\.1'"):
+        Splitter(initialized).segments((x,))
+    with pytest.raises(CaptureError, match=r"'blocks\.1\.steps' \(unset -> 1\)"):
+        Splitter(Blocks(Assigning("lazy_counter"))).segments((x,))
+    for how in ("busy", "table", "hooks_installed"):
+        model = Blocks(Assigning(how))
+        if how == "table":
+            model.blocks[1].ema = torch.empty(0, 8)
+        torch.testing.assert_close(Splitter(model).run(x), copy.deepcopy(model)(x), rtol=0, atol=0, msg=how)
