@@ -111,6 +111,27 @@ def test_weight_averaging_callbacks_average_every_ranks_share_as_one_device_aver
                                                                         reference.values())) > 1e-3
 
 
+def _resumed_from_one_device(rank: int, world_size: int, tmp: str) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    for kind in ("swa", "ema"):
+        strategy = PipelineStrategy(num_microbatches=1 if kind == "swa" else 4, wait_timeout=60)
+        _, trainer = _fit(kind, world_size, strategy, ckpt_path=os.path.join(tmp, kind, "epoch=1.ckpt"))
+        trainer.save_checkpoint(os.path.join(tmp, f"{kind}-pipeline.ckpt"))
+
+
+@pytest.mark.timeout(400)
+def test_weight_averaging_resumes_under_the_pipeline_from_a_one_device_checkpoint(tmp_path: Any) -> None:
+    """One device writes the averages of the whole model; each rank takes its stage's share of them (and of the
+    optimizer's states) and the fit ends with one device's averaged weights."""
+    references = {kind: _fit(kind, 1, "auto", keep_in=str(tmp_path / kind))[0].state_dict() for kind in ("swa", "ema")}
+    run_ranks(_resumed_from_one_device, 2, str(tmp_path), timeout=380)
+    for kind, reference in references.items():
+        state = torch.load(tmp_path / f"{kind}-pipeline.ckpt", weights_only=False)["state_dict"]
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=f"{kind} {key}")
+
+
 def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Fit with ``kind``'s callback on ``world_size`` ranks (one: one device); the pruning warnings and the weights."""
     import warnings

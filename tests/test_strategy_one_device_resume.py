@@ -1,7 +1,8 @@
 """A pipeline's full checkpoint (or a sharded one, consolidated) resumes on one device, optimizer states and all:
 every rank's states are put together as one device numbers them
-(:func:`~lightning_pipe.strategy.checkpoint.one_device_optimizer_states`); a plain ``Trainer`` continues the fit to the
-weights of an uninterrupted one-device fit."""
+(:func:`~lightning_pipe.strategy.one_device.one_device_optimizer_states`); a plain ``Trainer`` continues the fit to the
+weights of an uninterrupted one-device fit. And the other way: a one-device checkpoint resumes under the pipeline,
+each parameter's state found by its name (:func:`~lightning_pipe.strategy.one_device.one_device_names`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_pipe.strategy.checkpoint import one_device_optimizer_states
+from lightning_pipe.strategy.one_device import one_device_names, one_device_optimizer_states
 from tests.helpers import quiet_trainer, run_ranks
 
 
@@ -49,6 +50,33 @@ def test_ranks_states_are_numbered_as_one_device_numbers_them() -> None:
     assert len(one_device_optimizer_states([first, last], keys)[0]["state"]) == 6  # untold, the tie counts twice
 
 
+def test_a_one_device_checkpoints_states_are_named_from_every_ranks_groups() -> None:
+    keys = ["emb.weight", "a.weight", "a.bias", "norm.running_mean", "b.weight", "b.bias", "head.weight"]
+    tied = {"emb.weight": "emb.weight", "head.weight": "emb.weight"}
+    # one device numbered: group 0 = emb, a.weight, b.weight; group 1 = a.bias, b.bias; only some have a state yet
+    state = {"state": {0: {"step": 1}, 2: {"step": 3}, 4: {"step": 5}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}, {"lr": 0.2, "params": [3, 4]}]}
+    first = [[["emb.weight", "a.weight"], ["a.bias"]]]
+    last = [[["b.weight", "head.weight"], ["b.bias"]]]  # the head, tied to the embedding (one device: emb.weight)
+    names = one_device_names([state], [first, last], keys, tied)
+    assert names == [{0: ["emb.weight", "head.weight"], 1: ["a.weight"], 2: ["b.weight"], 3: ["a.bias"],
+                      4: ["b.bias"]}]
+    named = {**state, "param_groups": [{**state["param_groups"][0], "param_names": ["b.weight", "a.weight",
+                                                                                   "emb.weight"]},
+                                       state["param_groups"][1]]}
+    assert [one_device_names([named], [first, last], keys, tied)[0][n] for n in range(3)] == [
+        ["b.weight"], ["a.weight"], ["emb.weight", "head.weight"]]
+    with pytest.raises(ValueError, match="another order than the model's"):
+        one_device_names([state], [[[["a.weight", "emb.weight"], ["a.bias"]]], last], keys, tied)
+    with pytest.raises(ValueError, match="holds 3 parameters in the checkpoint and 2 in this model"):
+        one_device_names([state], [[[["emb.weight"], ["a.bias"]]], last], keys, tied)
+    moments = {**state, "state": {0: {"exp_avg": torch.zeros(4, 2)}}}  # one device's first is the head: (4, 2)
+    with pytest.raises(ValueError, match=r"falls to emb.weight \(shape \(8, 2\)\) in the model's order"):
+        one_device_names([moments], [first, last], keys, tied, {"emb.weight": (8, 2), "head.weight": (8, 2)})
+    with pytest.raises(ValueError, match="1 optimizers' states, configure_optimizers returns"):
+        one_device_names([state], [first + first, last + last], keys, tied)
+
+
 def _module(kind: str) -> Any:
     import lightning as L
 
@@ -72,6 +100,10 @@ def _module(kind: str) -> Any:
             return F.mse_loss(self.net(x).squeeze(-1), y)
 
         def configure_optimizers(self) -> Any:
+            if kind == "head first":  # one device's numbering cannot be told from a pipeline rank's groups
+                optimizer = torch.optim.AdamW([*self.net[4].parameters(), *self.net[0].parameters(),
+                                               *self.net[2].parameters()], lr=1e-2)
+                return optimizer
             decay = [p for p in self.parameters() if p.dim() >= 2]
             plain = [p for p in self.parameters() if p.dim() < 2]
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -132,3 +164,46 @@ def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind
     untouched = _module(kind)
     assert any(not torch.equal(a, b) for a, b in zip(untouched.state_dict().values(),
                                                       reference.state_dict().values()))
+
+
+def _pipeline_resumes(rank: int, world_size: int, kind: str, path: str, out: str) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60)
+    trainer = quiet_trainer(world_size, strategy, max_epochs=3)
+    trainer.fit(_module(kind), _data(kind), ckpt_path=path)
+    trainer.save_checkpoint(out)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["sequence", "gpt2"])
+def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weights(kind: str, tmp_path: Path) -> None:
+    """One device trains an epoch and saves; a 2-rank pipeline resumes the fit (weights, AdamW's states in two groups,
+    the scheduler, a tied head's state) and ends where an uninterrupted one-device fit ends."""
+    if kind == "gpt2":
+        pytest.importorskip("transformers")
+    path, out = str(tmp_path / "one_device.ckpt"), str(tmp_path / "resumed.ckpt")
+    first = quiet_trainer(1, "auto", max_epochs=1)
+    first.fit(_module(kind), _data(kind))
+    first.save_checkpoint(path)
+    run_ranks(_pipeline_resumes, 2, kind, path, out, timeout=280)
+    resumed = torch.load(out, weights_only=False)["state_dict"]
+    reference = _module(kind)
+    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data(kind))
+    atol = 3e-4 if kind == "gpt2" else 2e-5  # as above: GPT-2's key biases' gradients are rounding noise
+    for name, want in reference.state_dict().items():
+        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=atol, msg=name)
+    started = _module(kind)  # the states mattered: a fit from the weights alone ends elsewhere
+    assert any(not torch.equal(a, b) for a, b in zip(started.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.timeout(120)
+def test_a_one_device_checkpoint_whose_groups_cannot_be_named_is_refused_on_every_rank(tmp_path: Path) -> None:
+    path = str(tmp_path / "one_device.ckpt")
+    first = quiet_trainer(1, "auto", max_epochs=1)
+    first.fit(_module("head first"), _data("sequence"))
+    first.save_checkpoint(path)
+    errors = run_ranks(_pipeline_resumes, 2, "head first", path, str(tmp_path / "out.ckpt"), timeout=100,
+                       expect_failure=True)
+    assert all(error and "falls to net.0.weight (shape (16, 6)) in the model's order" in error
+               for error in errors), errors

@@ -30,10 +30,10 @@ from lightning_pipe.strategy.checkpoint import (
     SHARED_ENTRIES,
     group_names,
     named_optimizer_state,
-    one_device_optimizer_states,
     own_entries,
     uncompiled_names,
 )
+from lightning_pipe.strategy.one_device import one_device_optimizer_states
 from lightning_pipe.strategy.references import fill_skeleton
 from lightning_pipe.strategy.sharded import (
     META_FILE,

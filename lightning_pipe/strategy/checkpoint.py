@@ -23,11 +23,12 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.optim import Optimizer
 
+from lightning_pipe.strategy.one_device import one_device_optimizer_states
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
-           "param_groups_of", "named_optimizer_state", "one_device_optimizer_states", "tied_names", "group_names",
+           "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
            "with_own_entries", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
 
@@ -258,7 +259,8 @@ def group_names(state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> lis
             for group in state["param_groups"]]
 
 
-def optimizer_entries(index: int, state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> dict[str, Any]:
+def optimizer_entries(index: int, state: Mapping[str, Any],
+                      names: Sequence[Sequence[str]] | Mapping[Any, Sequence[str]]) -> dict[str, Any]:
     """Optimizer ``index``'s ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names (each
     of a tied parameter's names): ``optim/<index>/<name>/<key>``; ``names``: as :func:`optimizers_parameter_names`."""
     entries = {}
@@ -267,56 +269,6 @@ def optimizer_entries(index: int, state: Mapping[str, Any], names: Sequence[Sequ
             for key, value in values.items():
                 entries[f"{OPTIM}{index}/{name}/{key}"] = value
     return entries
-
-
-def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys: Sequence[str],
-                                tied: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
-    """Every rank's optimizer states (``shares``, as :func:`gather_checkpoint` collects them) put together as one
-    device's optimizers number them, so that a one-device ``fit(ckpt_path=...)`` resumes them too: each group's
-    parameters in the model's order (``state_keys``), a tied parameter once, at its first name's place (``tied``:
-    each name of a tied parameter -> its first name on one device, :func:`tied_names`). ``None`` where that order
-    cannot be known: a rank's group lists its parameters in another order than the model's, or the ranks' groups
-    differ."""
-    order = {key: index for index, key in enumerate(state_keys)}
-    first = dict(tied or {})
-    position = {name: order[first.get(name, name)] for name in order if first.get(name, name) in order}
-    counts = {len(part.get("optimizer_states", [])) for part in shares}
-    if len(counts) != 1 or any(len(part["param_names"]) != len(part.get("optimizer_states", [])) for part in shares):
-        return None
-    merged = []
-    for index in range(counts.pop()):
-        states = [(part["optimizer_states"][index], part["param_names"][index]) for part in shares]
-        if len({len(state["param_groups"]) for state, _ in states}) != 1:
-            return None
-        groups, values, number = [], {}, 0
-        for group_index in range(len(states[0][0]["param_groups"])):
-            found: dict[int, Any] = {}  # one device's place of each parameter (its first name's) -> its state
-            hyper: dict[str, Any] | None = None
-            for state, names in states:
-                group = state["param_groups"][group_index]
-                positions = []
-                for local in group["params"]:
-                    known = [name for name in names[local] if name in order]
-                    if not known:  # a stage with nothing to train holds a placeholder
-                        continue
-                    positions.append(order[known[0]])  # this rank's order: by its first name here
-                    found.setdefault(position[known[0]], state["state"].get(local))  # one device's place
-                if positions != sorted(positions):
-                    return None
-                if positions and hyper is None:
-                    hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            if hyper is None:
-                return None
-            places = sorted(found)
-            group = {**hyper, "params": list(range(number, number + len(places)))}
-            if any("param_names" in state["param_groups"][group_index] for state, _ in states):
-                group["param_names"] = [state_keys[place] for place in places]
-            values.update((number + offset, found[place]) for offset, place in enumerate(places)
-                          if found[place] is not None)
-            number += len(places)
-            groups.append(group)
-        merged.append({"state": values, "param_groups": groups})
-    return merged
 
 
 def param_groups_of(state: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ the run's position, the settings); the formats themselves live in :mod:`.checkpo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Generator
@@ -23,11 +24,16 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import explained
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
+    CallbackMerge,
     atomic_save,
     compiled_names,
     gather_checkpoint,
     named_optimizer_state,
+    optimizer_entries,
     optimizers_parameter_names,
+    own_entries,
+    param_groups_of,
+    parameter_names,
     training_state_of_rank,
     uncompiled_names,
     with_own_entries,
@@ -35,6 +41,8 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.materialize import built_on_host
+from lightning_pipe.strategy.one_device import local_group_names, one_device_names
+from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
 from lightning_pipe.strategy.randomness import (
@@ -161,6 +169,10 @@ class PipelineCheckpoints:
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
                 checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
                                               self.lightning_module.state_dict().keys())
+                if PIPELINE_KEY not in checkpoint and "state_dict" in checkpoint:  # one device's: this rank's share
+                    merge = CallbackMerge(checkpoint["state_dict"].keys(), self.lightning_module.state_dict().keys())
+                    merge.add(own_entries(checkpoint))
+                    checkpoint = merge.into(checkpoint)
             if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
                 checkpoint.setdefault("optimizer_states", [])
         trainer = self._trainer()
@@ -205,6 +217,15 @@ class PipelineCheckpoints:
             for optimizer in self.optimizers:
                 _optimizer_to_device(optimizer, self.root_device)
             return
+        if PIPELINE_KEY not in checkpoint:  # one device's (or DDP's): each parameter's state found by its name
+            names = one_device_names(checkpoint["optimizer_states"], self._ranks_group_names(),
+                                     runner.split.state_keys, runner.split.tied_names,
+                                     {key: value.shape for key, value in checkpoint.get("state_dict", {}).items()})
+            entries = {key: value for index, (state, numbered) in enumerate(zip(checkpoint["optimizer_states"], names))
+                       for key, value in optimizer_entries(index, state, numbered).items()}
+            groups = [[{k: v for k, v in group.items() if k != "param_names"} for group in param_groups_of(state)]
+                      for state in checkpoint["optimizer_states"]]
+            checkpoint[PIPELINE_KEY] = {"optimizer_entries": entries, "optimizer_param_groups": groups}
         named = named_optimizer_state(checkpoint)
         section = checkpoint.get(PIPELINE_KEY) or {}
         if named is not None and ("optimizer_entries" in section or dict(section["layout"]) != runner.layout):
@@ -219,6 +240,11 @@ class PipelineCheckpoints:
             optimizer.load_state_dict(state)
             _optimizer_to_device(optimizer, self.root_device)
         checkpoint["lr_schedulers"] = scheduler_states  # Lightning restores the schedulers from here next
+
+    def _ranks_group_names(self) -> list[list[list[list[str]]]]:
+        """Collective: every rank's optimizers' groups by one-device parameter names (:func:`local_group_names`)."""
+        mine = local_group_names(parameter_names(self.lightning_module), self.optimizers)
+        return [json.loads(text) for text in all_gather_text(json.dumps(mine), None, self._collective_device())]
 
 
 def _weights_only_given_to_the_trainer() -> bool | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
