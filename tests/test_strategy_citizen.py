@@ -22,7 +22,7 @@ def _make(case: str) -> Any:
     import lightning as L
 
     from tests.citizen_models import (Aliased, CapturedBackbone, DenseNet, Detector, FineTuned, FrozenBackbone,
-                                      PaddedLM, SummedLoss, TemplateModule)
+                                      PaddedLM, SummedLoss, TemplateModule, VariationalAutoEncoder)
 
     L.seed_everything(SEED, verbose=False)
     if case == "fine-tuned":
@@ -41,6 +41,8 @@ def _make(case: str) -> Any:
         return TemplateModule(DenseNet().model)
     if case == "aliased":
         return Aliased()
+    if case.startswith("vae"):
+        return VariationalAutoEncoder(calls=case.removeprefix("vae-") if "-" in case else "forward")
     return SummedLoss()
 
 
@@ -102,7 +104,7 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
     cases = [("detection", {}, 8), ("template", {}, 8), ("template-sequential", {}, 8), ("aliased", {}, 8),
              ("summed", {}, 8),  # auto: the first batch (4 micro-batches of 2 rows) shows the sum
              ("summed", {"loss_reduction": "sum"}, 10),  # micro-batches of 3, 3, 2, 2 rows
-             ("backbone", {}, 8), ("backbone-distill", {}, 8), ("captured-backbone", {}, 8)]
+             ("backbone", {}, 8), ("backbone-distill", {}, 8), ("captured-backbone", {}, 8), ("vae", {}, 8)]
     results = run_ranks(_ranks, 2, str(tmp_path), cases, timeout=280)
     assert [r["logged"] for r in results[0].values()] == [r["logged"] for r in results[1].values()]
     out = results[1]  # the last stage's rank: the one that tells how the loss adds up
@@ -138,12 +140,31 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
     _assert_close(checkpoint["state_dict"], reference)  # layers.*, model.* and head.*: the trained weights
     assert Aliased.load_from_checkpoint(tmp_path / "aliased-auto-8.ckpt", weights_only=False).head.weight.shape == (4, 16)
 
+    # a VAE used through encode and decode in the module's forward: that forward is pipelined (not the VAE's own)
+    reference, logged = _reference("vae")
+    _assert_close(torch.load(tmp_path / "vae-auto-8.ckpt", weights_only=False)["state_dict"], reference)
+    assert out["vae-auto-8"]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
+
     for name, batch_size in (("summed-auto-8", 8), ("summed-sum-10", 10)):
         reference, logged = _reference("summed", batch_size)
         _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
         assert out[name]["reduction"] == "sum"
         assert out[name]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
     assert SummedLoss.load_from_checkpoint(tmp_path / "summed-auto-8.ckpt") is not None
+
+
+def _vae_methods(rank: int, world_size: int) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    _fit("vae-methods", world_size, PipelineStrategy(num_microbatches=2))
+
+
+@pytest.mark.timeout(120)
+def test_a_model_used_only_through_its_other_methods_is_refused_with_the_fix_on_every_rank() -> None:
+    errors = run_ranks(_vae_methods, 2, timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and ("never called the model at 'vae' (VAE), but ran its parts encoder, moments, "
+                                      "decoder" in error) and "give VariationalAutoEncoder a forward" in error, error
 
 
 def _summed_uneven(rank: int, world_size: int) -> None:

@@ -282,18 +282,37 @@ class CapturedModule:
             called.forward = lambda *call_args, **call_kwargs: calls.record((call_args, call_kwargs))
             effects = StepEffects(self.module, lambda: [self.model])
             start = effects.snapshot()
+            parts: list[str] = []  # the model's children the step ran without its forward (vae.encode's encoder)
+            hooks = [] if self.root else [child.register_forward_pre_hook(lambda *_, name=name: parts.append(name))
+                                          for name, child in self.model.named_children()]
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
                     recorded = calls.capture(run, key)
             finally:
+                for hook in hooks:
+                    hook.remove()
                 if own is None:
                     del called.forward
                 else:
                     called.forward = own
                 effects.restore(start)
+            if recorded is None:
+                raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts))))
         if recorded is None:
-            raise RuntimeError(self._never_called(step))
+            raise ModelNotCalled(self._never_called(step))
         return recorded
+
+    def step_calls_model(self, step: str, microbatch: Any) -> bool:
+        """Whether ``step`` calls the model on ``microbatch`` (before the cut, on this rank). A step that fails
+        counts as calling it: the capture that follows raises its error on every rank."""
+        try:
+            with torch.random.fork_rng(devices=[]), no_logging(self.module):
+                self.model_calls(step, microbatch, (0,), {})
+        except ModelNotCalled:
+            return False
+        except Exception:  # noqa: BLE001 - raised on every rank by the capture
+            return True
+        return True
 
     def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
         """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
@@ -415,14 +434,24 @@ class CapturedModule:
         """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
         load_share(self.module, self.state_keys, state_dict, strict, self.is_cut)
 
-    def _never_called(self, step: str) -> str:
+    def _never_called(self, step: str, parts: Sequence[str] = ()) -> str:
+        name = type(self.module).__name__
         if self.root:
-            return (f"{type(self.module).__name__}.{step} never called self(...): its trainable parameters are spread "
+            return (f"{name}.{step} never called self(...): its trainable parameters are spread "
                     f"over {owners(self.module)}, so the pipeline runs the module's forward, which {step} must call "
                     f"(self(x)); or put the model in one attribute that the step calls (self.model = MyModel(...))")
-        return (f"{type(self.module).__name__}.{step} never called {self.where}; the pipeline runs that model, so "
+        if parts:  # the step used the model through its other methods
+            return (f"{name}.{step} never called {self.where}, but ran its parts {', '.join(parts)} (through methods "
+                    f"other than forward, as a VAE's encode and decode); the pipeline runs one forward: give {name} a "
+                    f"forward that makes those calls and returns what {step} needs from them, and call self(...) in "
+                    f"{step}; the strategy then pipelines {name}.forward")
+        return (f"{name}.{step} never called {self.where}; the pipeline runs that model, so "
                 f"{step} must call it (directly or through forward), or name the module it calls with "
                 f"PipelineStrategy(layers='attribute.path')")
+
+
+class ModelNotCalled(RuntimeError):
+    """A step that never called the model the strategy pipelines."""
 
 
 @contextlib.contextmanager

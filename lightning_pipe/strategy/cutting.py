@@ -24,7 +24,7 @@ from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
-from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, undo_compile
+from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, own_forward, undo_compile
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.split import find_sequence
@@ -144,6 +144,14 @@ class PipelineCutting:
             batch, step = first_batch(trainer, how)
         microbatch = split_batch(self._as_step_gets(batch), self.num_microbatches)[0]
         with self._step_context(step):
+            if self.layers is None and layers and own_forward(module) and not captured.step_calls_model(step,
+                                                                                                     microbatch):
+                # the step reaches the model only through the module's forward (self(x) calling vae.encode, decode)
+                whole = CapturedModule(module, "", self.settings.split_points, group, self._collective_device(),
+                                       allow_autograd_functions=self.settings.allow_autograd_functions,
+                                       dynamic_shapes=self.settings.dynamic_shapes)
+                if whole.step_calls_model(step, microbatch):
+                    captured = whole
             captured.capture_first(step, microbatch, training=step == "training_step")
         meeting = captured.splitter.captures[-1].rows_meet
         if meeting is not None and self.num_microbatches > 1:

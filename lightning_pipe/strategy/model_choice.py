@@ -2,7 +2,9 @@
 no-tracing fast path) whenever the module has one outermost ``nn.Sequential`` holding every trainable parameter;
 otherwise a capture (:mod:`.captured`) of the child attribute (``self.model``, ``self.net``) holding every trainable
 parameter, or of the one ``layers=`` names, or, when several attributes hold them (``self.encoder``,
-``self.decoder``), of the LightningModule's own ``forward`` (path ``""``)."""
+``self.decoder``), of the LightningModule's own ``forward`` (path ``""``). A child the step never calls itself but
+reaches through the LightningModule's ``forward`` (``self(x)`` calling ``self.vae.encode`` and ``decode``) is found
+at the first capture (:meth:`~.cutting.Cutting._capture`): that ``forward`` is captured instead."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch.nn as nn
 from lightning_pipe.strategy.chain import chain_paths
 from lightning_pipe.strategy.checkpoint import uncompiled_name
 
-__all__ = ["choose_model", "compiled_paths", "owners", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
+__all__ = ["choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -52,9 +54,9 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
     if split_points is None and len(outermost) >= 1 and not trainable:
         return SEQUENCE, None  # nothing to train: the sequence path's own errors and checks apply
     chain = chain_paths(module) if split_points is None else None
-    if chain is not None and not (_own_forward(module) and _forward_calls_all(module, chain)):
+    if chain is not None and not (own_forward(module) and _forward_calls_all(module, chain)):
         return CHAIN, None  # nn.Sequential attributes the step calls in turn (:mod:`.chain`)
-    if _own_forward(module):
+    if own_forward(module):
         return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
                      f"parameters are spread over {owners(module, thawing)} and it has no forward. Put the model in one "
@@ -89,7 +91,7 @@ def compiled_paths(module: nn.Module) -> list[str]:
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 
 
-def _own_forward(module: nn.Module) -> bool:
+def own_forward(module: nn.Module) -> bool:
     """Whether ``module``'s class defines its own ``forward`` (a LightningModule's default one runs nothing)."""
     from lightning.pytorch import LightningModule
 
