@@ -191,6 +191,10 @@ class Assigning(nn.Module):
             out = self.linear(x)
             self.busy = False
             return out
+        if self.how == "kept":  # an output kept for an auxiliary loss or to log (attention maps)
+            out = self.linear(x)
+            self.kept = out.softmax(-1)
+            return out
         if self.how == "counter":
             self.calls += 1
             return self.linear(x) * min(self.calls, 3)
@@ -249,3 +253,17 @@ def test_a_value_set_afresh_at_each_call_is_captured_and_a_counter_or_a_grown_bu
         if how == "table":
             model.blocks[1].ema = torch.empty(0, 8)
         torch.testing.assert_close(Splitter(model).run(x), copy.deepcopy(model)(x), rtol=0, atol=0, msg=how)
+
+
+def test_a_computed_tensor_kept_as_an_attribute_is_warned_of_where_it_needs_a_gradient() -> None:
+    """A training capture names the place; an evaluation capture's (no gradient: a cache, say) is not warned of."""
+    import warnings
+
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match=r"keeps tensors it computes as attributes: 'blocks\.1\.kept' in .*"
+                                         r"return it from forward"):
+        Splitter(Blocks(Assigning("kept"))).segments((x,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*keeps tensors it computes")
+        with torch.no_grad():
+            Splitter(Blocks(Assigning("kept"))).segments((x,), training=False)

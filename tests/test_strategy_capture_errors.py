@@ -1,7 +1,8 @@
 """Which path the strategy takes (the nn.Sequential fast path or a capture), the proxy that stands in for a captured
 model, and the errors of the captured path: a capture failure names the module and the construct on every rank before
 any rank waits for another; parameters used outside the captured model, a model the step never calls, and ranks that
-capture differently are refused on every rank."""
+capture differently are refused on every rank; a tensor a forward hook stored outside the model is an error where the
+step uses it."""
 
 from __future__ import annotations
 
@@ -42,12 +43,18 @@ def _lightning(model: nn.Module, extra: nn.Module | None = None, use: str = "mod
             if extra is not None:
                 self.extra = extra
 
+            if use == "hook":  # the encoder's output kept for an auxiliary loss, as feature hooks keep them
+                self.features: dict[str, torch.Tensor] = {}
+                model.encoder.register_forward_hook(lambda _, __, output: self.features.__setitem__("code", output))
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            out = self.model(batch[0]) if use == "model" else batch[0]
+            out = self.model(batch[0]) if use in ("model", "hook") else batch[0]
             if isinstance(out, tuple):
                 out = out[0]
             if extra is not None:
                 out = self.extra(out)
+            if use == "hook":
+                return out.pow(2).mean() + self.features["code"].pow(2).mean()
             return out.pow(2).mean()
 
         def configure_optimizers(self) -> Any:
@@ -165,6 +172,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
         strategy = lightning_pipe.PipelineStrategy(layers="model")
     elif case == "never_called":
         module, width = _lightning(AutoEncoder(), use="none"), 32
+    elif case == "hook":
+        module, width = _lightning(AutoEncoder(), use="hook"), 32
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
     else:
@@ -179,6 +188,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("gate", ["CaptureError", "Gate", "x.mean() > 0", "torch.where"]),
     ("outside", ["outside the model at 'model'", "extra.weight", "requires_grad_(False)"]),
     ("never_called", ["never called the model at 'model'", "layers="]),
+    ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
+              "Return what the step needs from the model's forward"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
 ])

@@ -4,6 +4,9 @@
   the root module's buffers only; a submodule's assignment was dropped, so the buffer kept its first value at every
   step, silently. While export runs, the new value is copied into the buffer when the module's forward returns, an
   in-place op that the graph keeps.
+- **A computed tensor kept as an attribute** (``self.attention = weights``, an intermediate output for an auxiliary
+  loss): the graph does not store it at each run; after the capture the attribute holds what it held before. Warned
+  (:func:`stored_advice`), since such a value is often only logged.
 - **A plain Python value changed** (a call counter, ``self.calls += 1``, a flag guarding a first-call
   initialization): export runs the forward once, so the graph keeps what the forward computed from the value at
   capture. Where the graph depends on it (another graph when exported again from the values set), it is refused,
@@ -25,7 +28,7 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "assignment_advice"]
+__all__ = ["Assignments", "assignment_advice", "stored_advice"]
 
 _PLAIN = (bool, int, float)
 _MISSING = object()  # an attribute the forward created
@@ -46,7 +49,10 @@ class Assignments:
     flag that its output hooks are installed; Swin's shift, set afresh from the input's size at each call).
     :meth:`settle` sets them to the values the first run gave them for a second run, whose graph must be the first's:
     then the graph does not depend on them; else they are refused. One put back before the call returns is no change.
-    :meth:`restore` puts the values back as they were before the first run (created ones stay)."""
+    :meth:`restore` puts the values back as they were before the first run (created ones stay).
+
+    Tensors that need a gradient kept as plain attributes (an intermediate output for deep supervision, attention
+    maps) are ``stored``: the graph does not keep them (:func:`stored_advice`)."""
 
     def __init__(self, model: nn.Module, names: dict[int, str]) -> None:
         self.model, self.names = model, names
@@ -56,10 +62,11 @@ class Assignments:
         self.settled: dict[tuple[int, str], tuple[nn.Module, Any, Any, str]] | None = None
         self.first_code: str | None = None  # the first run's graph, which the second must repeat
         self.pending: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}  # buffers to copy into
+        self.stored: list[str] = []  # tensors with a gradient kept as plain attributes (deep supervision's outputs)
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        self.refused, self.changed, self.pending = [], {}, {}
+        self.refused, self.changed, self.pending, self.stored = [], {}, {}, []
         setattr_ = nn.Module.__setattr__
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -67,6 +74,11 @@ class Assignments:
         def watched(module: nn.Module, name: str, value: Any) -> None:
             if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
                 self._plain_assigned(module, name, value)
+            elif (id(module) in self.mine and isinstance(value, torch.Tensor) and value.requires_grad
+                  and not isinstance(value, nn.Parameter) and name not in module._buffers):
+                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
+                if place not in self.stored:
+                    self.stored.append(place)
             setattr_(module, name, value)
 
         nn.Module.__setattr__ = watched  # type: ignore[method-assign]
@@ -180,3 +192,11 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
             f"(self.register_buffer) updated in place or given a tensor of its shape and dtype "
             f"(self.count += 1 on a tensor buffer), compute it in training_step, or keep the layers in one "
             f"nn.Sequential (not captured)")
+
+
+def stored_advice(model_name: str, found: list[str]) -> str:
+    """The warning for a forward that keeps tensors it computed as attributes (``found``)."""
+    return (f"{model_name}.forward keeps tensors it computes as attributes: {listed(found)}. A captured forward runs "
+            f"as a graph that does not store them at each step: after the capture they hold what they held before "
+            f"(and a stage holds only its own modules). To use such a value in the step (an auxiliary loss, deep "
+            f"supervision, attention maps to log), return it from forward")

@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
-from .assignments import Assignments, assignment_advice
+from .assignments import Assignments, assignment_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, listed, locate_frame, module_names
 from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
@@ -127,6 +127,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             continue  # again, from the values the forward set: the same graph if it does not depend on them
         if assignments.settled and assignments.depends(program.graph_module.code):
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
+        if assignments.stored:
+            warnings.warn(stored_advice(type(model).__name__, assignments.stored), stacklevel=3)
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, re
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import input_needs_grad
+from lightning_pipe.strategy.stored import mark_not_kept
 
 __all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
 
@@ -202,6 +204,7 @@ class CapturedModule:
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
         self._seen: set[tuple[str, bool, tuple]] = set()  # (step, training, autocast) captured so far
         self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
+        self._stored: set[str] = set()  # places outside the model where a capture's forward stored tensors
 
     @property
     def is_cut(self) -> bool:
@@ -321,6 +324,7 @@ class CapturedModule:
             with torch.random.fork_rng(devices=[]), no_logging(self.module):
                 for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
                     self.splitter.capture(call_args, call_kwargs, training=training)
+                    self._mark_stored()
 
         self._agree(make, f"capturing {self.where}")
         self._seen.add((step, training, autocast_state()))
@@ -361,6 +365,7 @@ class CapturedModule:
                 with context(index):
                     for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
                         self.splitter.capture(call_args, call_kwargs, training=key[1])
+                        self._mark_stored()
 
         error: BaseException | None = None
         try:
@@ -433,6 +438,17 @@ class CapturedModule:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Load a full model's ``state_dict``: all of it before the cut, this rank's share after it."""
         load_share(self.module, self.state_keys, state_dict, strict, self.is_cut)
+
+    def _mark_stored(self) -> None:
+        """After a capture: tensors its forward stored in the LightningModule's attributes (a forward hook's dict)
+        are the capture's fakes; each gets a stand-in that says so when used, and a warning names them once."""
+        found = [place for place in mark_not_kept(self.module, self.where) if place not in self._stored]
+        if found:
+            self._stored.update(found)
+            warnings.warn(f"the forward of {self.where} stored tensors in {', '.join(found)} (a forward hook, or "
+                          f"code that keeps an output): under PipelineStrategy the forward runs as a captured graph "
+                          f"that does not store them at each step, so using them raises; return what the step needs "
+                          f"from the model's forward instead", stacklevel=2)
 
     def _never_called(self, step: str, parts: Sequence[str] = ()) -> str:
         name = type(self.module).__name__
