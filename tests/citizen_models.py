@@ -350,6 +350,7 @@ class VariationalAutoEncoder(L.LightningModule):
         kl = -0.5 * (1 + log_variance - mean.pow(2) - log_variance.exp()).sum(-1).mean()
         loss = F.mse_loss(reconstruction, x) + 0.1 * kl
         self.log("train_loss", loss)
+        self.log("lr", self.optimizers().param_groups[0]["lr"])  # no optimizer yet when the strategy looks at the step
         return loss
 
     def configure_optimizers(self) -> Any:

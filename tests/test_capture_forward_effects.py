@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune
 
 from lightning_pipe.capture import CaptureError, Splitter
 from tests.test_capture_errors import Blocks
@@ -256,7 +257,8 @@ def test_a_value_set_afresh_at_each_call_is_captured_and_a_counter_or_a_grown_bu
 
 
 def test_a_computed_tensor_kept_as_an_attribute_is_warned_of_where_it_needs_a_gradient() -> None:
-    """A training capture names the place; an evaluation capture's (no gradient: a cache, say) is not warned of."""
+    """A training capture names the place; an evaluation capture's (no gradient: a cache, say) is not warned of, nor
+    a weight that pruning or weight_norm set from its parameters in a pre-hook."""
     import warnings
 
     x = torch.randn(2, 8)
@@ -267,3 +269,9 @@ def test_a_computed_tensor_kept_as_an_attribute_is_warned_of_where_it_needs_a_gr
         warnings.filterwarnings("error", message=".*keeps tensors it computes")
         with torch.no_grad():
             Splitter(Blocks(Assigning("kept"))).segments((x,), training=False)
+        pruned, normed = Blocks(Assigning("resized")), Blocks(Assigning("resized"))  # weights set in pre-hooks
+        torch.nn.utils.prune.l1_unstructured(pruned.blocks[1].linear, "weight", amount=0.5)
+        torch.nn.utils.weight_norm(normed.blocks[1].linear)
+        for model in (pruned, normed):
+            expected = model(x)
+            torch.testing.assert_close(Splitter(model).run(x), expected, rtol=0, atol=1e-6)

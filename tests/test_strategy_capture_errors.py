@@ -46,9 +46,12 @@ def _lightning(model: nn.Module, extra: nn.Module | None = None, use: str = "mod
             if use == "hook":  # the encoder's output kept for an auxiliary loss, as feature hooks keep them
                 self.features: dict[str, torch.Tensor] = {}
                 model.encoder.register_forward_hook(lambda _, __, output: self.features.__setitem__("code", output))
+            if use == "kept":  # kept as an attribute (in a tuple, too) that the step never reads
+                model.encoder.register_forward_hook(lambda _, __, output: setattr(self, "code", output))
+                model.decoder.register_forward_hook(lambda _, __, output: setattr(self, "pair", (output, 1)))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            out = self.model(batch[0]) if use in ("model", "hook") else batch[0]
+            out = self.model(batch[0]) if use in ("model", "hook", "kept") else batch[0]
             if isinstance(out, tuple):
                 out = out[0]
             if extra is not None:
@@ -201,6 +204,28 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
         for part in expected:
             assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
     assert time.monotonic() - start < 200
+
+
+def _kept(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = _lightning(AutoEncoder(), use="kept")
+    data = DataLoader([(torch.randn(8, 32),) for _ in range(2)], batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(module, data)
+    return [str(w.message) for w in caught if "stored tensors" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_tensors_a_hook_stores_that_the_step_never_reads_are_warned_of_and_train() -> None:
+    for warned in run_ranks(_kept, 2, timeout=100):
+        assert len(warned) == 1 and "Module.code, Module.pair[0]" in warned[0], warned
 
 
 def _checked(rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -43,10 +43,10 @@ def test_ranks_states_are_numbered_as_one_device_numbers_them() -> None:
     groups = merged[0]["param_groups"]
     assert [group["params"] for group in groups] == [[0, 1, 2], [3, 4]] and [g["lr"] for g in groups] == [0.1, 0.2]
     assert [float(merged[0]["state"][n]["exp_avg"]) for n in range(5)] == [1.0, 2.0, 4.0, 3.0, 5.0]
-    # a group listed in another order than the model's: one device's numbering cannot be known
-    swapped = _share([[("a.weight", 2.0), ("emb.weight", 1.0)], [("a.bias", 3.0)]],
-                     [["a.weight"], ["emb.weight"], ["a.bias"]])
-    assert one_device_optimizer_states([swapped, last], keys, tied) is None
+    # a group listed neither in the model's order nor by name (the head before b): one device's numbering is unknown
+    swapped = _share([[("head.weight", 1.0), ("b.weight", 4.0)], [("b.bias", 5.0)]],
+                     [["head.weight"], ["b.weight"], ["b.bias"]])
+    assert one_device_optimizer_states([first, swapped], keys, tied) is None
     assert len(one_device_optimizer_states([first, last], keys)[0]["state"]) == 6  # untold, the tie counts twice
 
 
@@ -66,15 +66,48 @@ def test_a_one_device_checkpoints_states_are_named_from_every_ranks_groups() -> 
                                        state["param_groups"][1]]}
     assert [one_device_names([named], [first, last], keys, tied)[0][n] for n in range(3)] == [
         ["b.weight"], ["a.weight"], ["emb.weight", "head.weight"]]
-    with pytest.raises(ValueError, match="another order than the model's"):
-        one_device_names([state], [[[["a.weight", "emb.weight"], ["a.bias"]]], last], keys, tied)
+    # names of another module (a child's named_parameters()): read by the order instead
+    child = {**state, "param_groups": [{**state["param_groups"][0], "param_names": ["weight", "0.weight", "1.weight"]},
+                                       state["param_groups"][1]]}
+    assert one_device_names([child], [first, last], keys, tied) == names
+    with pytest.raises(ValueError, match="in neither the model's order nor by name"):
+        one_device_names([state], [[[["a.bias", "emb.weight", "a.weight"], []]], last], keys, tied)
     with pytest.raises(ValueError, match="holds 3 parameters in the checkpoint and 2 in this model"):
         one_device_names([state], [[[["emb.weight"], ["a.bias"]]], last], keys, tied)
     moments = {**state, "state": {0: {"exp_avg": torch.zeros(4, 2)}}}  # one device's first is the head: (4, 2)
-    with pytest.raises(ValueError, match=r"falls to emb.weight \(shape \(8, 2\)\) in the model's order"):
+    with pytest.raises(ValueError, match=r"falls to emb.weight \(shape \(8, 2\)\): configure_optimizers lists group 0"):
         one_device_names([moments], [first, last], keys, tied, {"emb.weight": (8, 2), "head.weight": (8, 2)})
     with pytest.raises(ValueError, match="1 optimizers' states, configure_optimizers returns"):
         one_device_names([state], [first + first, last + last], keys, tied)
+
+
+def test_groups_sorted_by_name_are_numbered_by_name_both_ways() -> None:
+    """minGPT's configure_optimizers lists each group sorted by name (layers.0, layers.1, layers.10, ..., layers.2):
+    where a rank's list shows it (layers.10 before layers.6), one device's numbering is every name sorted; where every
+    rank's list could be either order and the states fit both, the numbering cannot be told, and is refused."""
+    keys = [f"layers.{i}.weight" for i in range(12)]
+    one_device = sorted(keys)  # torch's numbering on one device
+    state = {"state": {n: {"exp_avg": torch.full((2,), float(keys.index(name)))} for n, name in enumerate(one_device)},
+             "param_groups": [{"lr": 0.1, "params": list(range(12))}]}
+    ranks = [[[sorted(keys[:6])]], [[sorted(keys[6:])]]]
+    names = one_device_names([state], ranks, keys, {})
+    assert all(names[0][n] == [name] for n, name in enumerate(one_device))
+    # and a pipeline's states, numbered for one device
+    shares = [{"optimizer_states": [{"state": {i: {"exp_avg": torch.full((2,), float(keys.index(name)))}
+                                               for i, name in enumerate(rank[0][0])},
+                                     "param_groups": [{"lr": 0.1, "params": list(range(6))}]}],
+               "param_names": [[[name] for name in rank[0][0]]]} for rank in ranks]
+    merged = one_device_optimizer_states(shares, keys)
+    assert merged is not None
+    assert [float(merged[0]["state"][n]["exp_avg"][0]) for n in range(12)] == [keys.index(k) for k in one_device]
+    ambiguous = {"state": {0: {"exp_avg": torch.zeros(2)}, 1: {"exp_avg": torch.zeros(2)}},
+                 "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    with pytest.raises(ValueError, match="in the model's order or sorted by name"):
+        one_device_names([ambiguous], [[[["layers.2.weight"]]], [[["layers.10.weight"]]]], keys, {})
+    single = [{"optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}},
+                                     "param_groups": [{"lr": 0.1, "params": [0]}]}],
+               "param_names": [[[name]]]} for name in ("layers.2.weight", "layers.10.weight")]
+    assert one_device_optimizer_states(single, keys) is None  # either order possible: not numbered
 
 
 def _module(kind: str) -> Any:
@@ -193,8 +226,12 @@ def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weigh
     atol = 3e-4 if kind == "gpt2" else 2e-5  # as above: GPT-2's key biases' gradients are rounding noise
     for name, want in reference.state_dict().items():
         torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=atol, msg=name)
-    started = _module(kind)  # the states mattered: a fit from the weights alone ends elsewhere
-    assert any(not torch.equal(a, b) for a, b in zip(started.state_dict().values(), reference.state_dict().values()))
+    # the optimizer's states mattered: a fit from the checkpoint's weights alone ends elsewhere
+    weights_only = _module(kind)
+    weights_only.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    quiet_trainer(1, "auto", max_epochs=2).fit(weights_only, _data(kind))
+    assert max(float((a - b).abs().max()) for a, b in zip(weights_only.state_dict().values(),
+                                                         reference.state_dict().values())) > 10 * atol
 
 
 @pytest.mark.timeout(120)
@@ -205,5 +242,5 @@ def test_a_one_device_checkpoint_whose_groups_cannot_be_named_is_refused_on_ever
     first.save_checkpoint(path)
     errors = run_ranks(_pipeline_resumes, 2, "head first", path, str(tmp_path / "out.ckpt"), timeout=100,
                        expect_failure=True)
-    assert all(error and "falls to net.0.weight (shape (16, 6)) in the model's order" in error
+    assert all(error and "falls to net.0.weight (shape (16, 6)): configure_optimizers lists group 0" in error
                for error in errors), errors

@@ -75,7 +75,10 @@ class Assignments:
             if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
                 self._plain_assigned(module, name, value)
             elif (id(module) in self.mine and isinstance(value, torch.Tensor) and value.requires_grad
-                  and not isinstance(value, nn.Parameter) and name not in module._buffers):
+                  and not isinstance(value, nn.Parameter) and name not in module._buffers
+                  and not any(key.startswith(f"{name}_") for key in module._parameters)):
+                # (not a weight recomputed from its parameters at each call: pruning's weight_orig, weight_norm's
+                # weight_g and weight_v set module.weight in a pre-hook, which the graph computes)
                 place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
                 if place not in self.stored:
                     self.stored.append(place)

@@ -23,7 +23,7 @@ from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.model_calls import ModelCalls, call_key
+from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
@@ -291,6 +291,10 @@ class CapturedModule:
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
                     recorded = calls.capture(run, key)
+            except Exception as error:
+                if parts:  # the model's parts ran, its forward never: that is the thing to fix, not what failed after
+                    raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts)))) from error
+                raise
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -306,8 +310,11 @@ class CapturedModule:
         return recorded
 
     def step_calls_model(self, step: str, microbatch: Any) -> bool:
-        """Whether ``step`` calls the model on ``microbatch`` (before the cut, on this rank). A step that fails
-        counts as calling it: the capture that follows raises its error on every rank."""
+        """Whether ``step`` calls the model on ``microbatch`` (before the cut, on this rank): it runs up to the model's
+        call, or up to its first call of a module inside the model (its encoder, through ``vae.encode``), where it
+        stops, so that no layer runs. A step that fails before either counts as calling it: the capture that
+        follows raises its error on every rank."""
+        stops = [part.register_forward_pre_hook(_stop) for part in self.model.modules() if part is not self.model]
         try:
             with torch.random.fork_rng(devices=[]), no_logging(self.module):
                 self.model_calls(step, microbatch, (0,), {})
@@ -315,6 +322,9 @@ class CapturedModule:
             return False
         except Exception:  # noqa: BLE001 - raised on every rank by the capture
             return True
+        finally:
+            for stop in stops:
+                stop.remove()
         return True
 
     def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
@@ -459,8 +469,8 @@ class CapturedModule:
         if parts:  # the step used the model through its other methods
             return (f"{name}.{step} never called {self.where}, but ran its parts {', '.join(parts)} (through methods "
                     f"other than forward, as a VAE's encode and decode); the pipeline runs one forward: give {name} a "
-                    f"forward that makes those calls and returns what {step} needs from them, and call self(...) in "
-                    f"{step}; the strategy then pipelines {name}.forward")
+                    f"forward (or make its forward one) that makes those calls and returns what {step} needs from "
+                    f"them, and call self(...) in {step}; the strategy then pipelines {name}.forward")
         return (f"{name}.{step} never called {self.where}; the pipeline runs that model, so "
                 f"{step} must call it (directly or through forward), or name the module it calls with "
                 f"PipelineStrategy(layers='attribute.path')")
@@ -468,6 +478,10 @@ class CapturedModule:
 
 class ModelNotCalled(RuntimeError):
     """A step that never called the model the strategy pipelines."""
+
+
+def _stop(*_: Any) -> None:
+    raise Stop()
 
 
 @contextlib.contextmanager

@@ -220,7 +220,8 @@ class PipelineCheckpoints:
         if PIPELINE_KEY not in checkpoint:  # one device's (or DDP's): each parameter's state found by its name
             names = one_device_names(checkpoint["optimizer_states"], self._ranks_group_names(),
                                      runner.split.state_keys, runner.split.tied_names,
-                                     {key: value.shape for key, value in checkpoint.get("state_dict", {}).items()})
+                                     {key: value.shape for key, value in checkpoint.get("state_dict", {}).items()
+                                      if isinstance(value, torch.Tensor)})
             entries = {key: value for index, (state, numbered) in enumerate(zip(checkpoint["optimizer_states"], names))
                        for key, value in optimizer_entries(index, state, numbered).items()}
             groups = [[{k: v for k, v in group.items() if k != "param_names"} for group in param_groups_of(state)]

@@ -144,13 +144,16 @@ class PipelineCutting:
             batch, step = first_batch(trainer, how)
         microbatch = split_batch(self._as_step_gets(batch), self.num_microbatches)[0]
         with self._step_context(step):
-            if self.layers is None and layers and own_forward(module) and not captured.step_calls_model(step,
-                                                                                                     microbatch):
-                # the step reaches the model only through the module's forward (self(x) calling vae.encode, decode)
+            if self.layers is None and layers and own_forward(module):
+                # the step may reach the model only through the module's forward (self(x) calling vae.encode, decode)
                 whole = CapturedModule(module, "", self.settings.split_points, group, self._collective_device(),
                                        allow_autograd_functions=self.settings.allow_autograd_functions,
                                        dynamic_shapes=self.settings.dynamic_shapes)
-                if whole.step_calls_model(step, microbatch):
+                through_forward = torch.tensor([int(not captured.step_calls_model(step, microbatch)
+                                                    and whole.step_calls_model(step, microbatch))],
+                                               device=self._collective_device())
+                torch.distributed.all_reduce(through_forward, op=torch.distributed.ReduceOp.MIN, group=group)
+                if through_forward.item():  # on every rank alike
                     captured = whole
             captured.capture_first(step, microbatch, training=step == "training_step")
         meeting = captured.splitter.captures[-1].rows_meet

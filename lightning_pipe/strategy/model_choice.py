@@ -4,7 +4,7 @@ otherwise a capture (:mod:`.captured`) of the child attribute (``self.model``, `
 parameter, or of the one ``layers=`` names, or, when several attributes hold them (``self.encoder``,
 ``self.decoder``), of the LightningModule's own ``forward`` (path ``""``). A child the step never calls itself but
 reaches through the LightningModule's ``forward`` (``self(x)`` calling ``self.vae.encode`` and ``decode``) is found
-at the first capture (:meth:`~.cutting.Cutting._capture`): that ``forward`` is captured instead."""
+at the first capture (:meth:`~.cutting.PipelineCutting._capture`): that ``forward`` is captured instead."""
 
 from __future__ import annotations
 

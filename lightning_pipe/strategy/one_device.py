@@ -1,13 +1,15 @@
 """Optimizer states as one device numbers them, both ways.
 
 Torch numbers an optimizer's parameters group by group, in the order its ``configure_optimizers`` listed them; a
-pipeline rank lists only its own stages' parameters. Where every rank lists each group in the model's order (as
-``self.parameters()`` and the usual decay/no-decay filters over it do), one device's numbering is the ranks' groups
-put together in the model's order, a tied parameter once at its first name. That gives both directions:
+pipeline rank lists only its own stages' parameters. One device's order of a group is read from the ranks' orders
+(:func:`group_orders`): where every rank lists it in the model's order (as ``self.parameters()`` and the usual
+decay/no-decay filters over it do), the ranks' lists put together in the model's order, a tied parameter once at its
+first name; where every rank lists it sorted by name (minGPT's ``sorted(decay)``), all of them sorted by name. That
+gives both directions:
 
 - :func:`one_device_optimizer_states`: a pipeline's states, numbered for a one-device ``fit(ckpt_path=...)``;
-- :func:`one_device_names`: the parameters' names of a one-device (or DDP, or FSDP full) checkpoint's states, so that
-  a pipeline ``fit(ckpt_path=...)`` finds each parameter's state by its name, on any layout.
+- :func:`one_device_names`: the parameters' names of a one-device (or DDP) checkpoint's states, so that a pipeline
+  ``fit(ckpt_path=...)`` finds each parameter's state by its name, on any layout.
 """
 
 from __future__ import annotations
@@ -18,20 +20,39 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["one_device_optimizer_states", "local_group_names", "one_device_names"]
+__all__ = ["one_device_optimizer_states", "local_group_names", "one_device_names", "group_orders"]
+
+_FIX = ("list the parameters in the model's order (as self.parameters() does), give the optimizer "
+        "named_parameters(), or start a new fit from the weights (YourModule.load_from_checkpoint(path), then "
+        "trainer.fit(model) without ckpt_path)")
+
+
+def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first: Mapping[str, str]) -> list[list[str]]:
+    """The orders one device may have listed a group in, given each rank's list of it (by its names there): the
+    model's order where every rank's list follows it, sorted by name where every rank's is sorted (both where both
+    hold and they differ; none where neither holds). Each order names a tied parameter once, by its first name."""
+    def follows(names: Sequence[str], key: Any) -> bool:
+        keys = [key(name) for name in names]
+        return keys == sorted(keys)
+
+    union = {first.get(name, name) for names in ranks for name in names}
+    by_model = sorted(union, key=lambda name: (order.get(name, len(order)), name))
+    by_name = sorted(union)
+    model = all(follows([name for name in names if name in order], order.__getitem__) for names in ranks)
+    named = all(follows(names, str) for names in ranks)
+    return ([by_model] if model else []) + ([by_name] if named and not (model and by_name == by_model) else [])
 
 
 def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys: Sequence[str],
                                 tied: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
     """Every rank's optimizer states (``shares``, as :func:`gather_checkpoint` collects them) put together as one
     device's optimizers number them, so that a one-device ``fit(ckpt_path=...)`` resumes them too: each group's
-    parameters in the model's order (``state_keys``), a tied parameter once, at its first name's place (``tied``:
-    each name of a tied parameter -> its first name on one device, :func:`tied_names`). ``None`` where that order
-    cannot be known: a rank's group lists its parameters in another order than the model's, or the ranks' groups
-    differ."""
+    parameters in one device's order (:func:`group_orders`, ``state_keys`` the model's), a tied parameter once, at its
+    first name's place (``tied``: each name of a tied parameter -> its first name on one device, :func:`tied_names`).
+    ``None`` where that order cannot be known (a rank's group in neither order, both possible and different) or the
+    ranks' groups differ."""
     order = {key: index for index, key in enumerate(state_keys)}
     first = dict(tied or {})
-    position = {name: order[first.get(name, name)] for name in order if first.get(name, name) in order}
     counts = {len(part.get("optimizer_states", [])) for part in shares}
     if len(counts) != 1 or any(len(part["param_names"]) != len(part.get("optimizer_states", [])) for part in shares):
         return None
@@ -42,30 +63,31 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
             return None
         groups, values, number = [], {}, 0
         for group_index in range(len(states[0][0]["param_groups"])):
-            found: dict[int, Any] = {}  # one device's place of each parameter (its first name's) -> its state
+            lists: list[list[str]] = []  # each rank's group, by the parameters' names there
+            found: dict[str, Any] = {}  # one device's name of each parameter -> its state
             hyper: dict[str, Any] | None = None
             for state, names in states:
                 group = state["param_groups"][group_index]
-                positions = []
-                for local in group["params"]:
-                    known = [name for name in names[local] if name in order]
+                local = []
+                for number_here in group["params"]:
+                    known = [name for name in names[number_here] if name in order]
                     if not known:  # a stage with nothing to train holds a placeholder
                         continue
-                    positions.append(order[known[0]])  # this rank's order: by its first name here
-                    found.setdefault(position[known[0]], state["state"].get(local))  # one device's place
-                if positions != sorted(positions):
-                    return None
-                if positions and hyper is None:
+                    local.append(known[0])
+                    found.setdefault(first.get(known[0], known[0]), state["state"].get(number_here))
+                lists.append(local)
+                if local and hyper is None:
                     hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            if hyper is None:
+            candidates = group_orders(lists, order, first)
+            if hyper is None or len(candidates) != 1:
                 return None
-            places = sorted(found)
-            group = {**hyper, "params": list(range(number, number + len(places)))}
+            (names_in_order,) = candidates
+            group = {**hyper, "params": list(range(number, number + len(names_in_order)))}
             if any("param_names" in state["param_groups"][group_index] for state, _ in states):
-                group["param_names"] = [state_keys[place] for place in places]
-            values.update((number + offset, found[place]) for offset, place in enumerate(places)
-                          if found[place] is not None)
-            number += len(places)
+                group["param_names"] = names_in_order
+            values.update((number + offset, found[name]) for offset, name in enumerate(names_in_order)
+                          if found[name] is not None)
+            number += len(names_in_order)
             groups.append(group)
         merged.append({"state": values, "param_groups": groups})
     return merged
@@ -84,13 +106,14 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
     """For each of a one-device checkpoint's ``optimizer_states``, every name of each of its numbered parameters (each
     name of a tied one), as :func:`~.checkpoint.optimizer_entries` takes them.
 
-    ``ranks``: every pipeline rank's :func:`local_group_names`; ``state_keys``: the whole model's ``state_dict`` keys
-    in order; ``tied``: each name of a tied parameter -> its first name on one device (:func:`~.checkpoint.tied_names`);
-    ``shapes``: the checkpoint's weights' shapes by name. A group that names its parameters (an optimizer given
-    ``named_parameters()``) is read by those names; else by the model's order, which every rank's group must follow
-    (a group listed across stages in another order shows where a state of the parameter's shape, ``exp_avg`` say, has
-    another shape than the parameter given it). Raises ``ValueError`` (alike on every rank: all
-    it reads is every rank's) where the checkpoint's groups do not fit this model's."""
+    ``ranks``: every rank's :func:`local_group_names`; ``state_keys``: the whole model's ``state_dict`` keys in
+    order; ``tied``: each name of a tied parameter -> its first name on one device (:func:`~.checkpoint.tied_names`);
+    ``shapes``: the checkpoint's weights' shapes by name. A group that names its parameters by the model's names (an
+    optimizer given ``self.named_parameters()``) is read by those names; else in the order one device listed it
+    (:func:`group_orders`). Where both the model's order and the names' are possible, the one under which every state
+    kept in its parameter's shape (``exp_avg``) fits its parameter is taken; a group listed across stages in another
+    order shows where such a state does not fit. Raises ``ValueError`` (alike on every rank: all it reads is every
+    rank's) where the checkpoint's groups do not fit this model's or the order cannot be told."""
     order = {key: index for index, key in enumerate(state_keys)}
     aliases: dict[str, list[str]] = {}
     for name, first in tied.items():
@@ -108,45 +131,56 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
                              f"must make the groups one device made (an empty group is fine)")
         numbered: dict[Any, list[str]] = {}  # torch's number (or a name, where a file keys its states by name)
         for number, group in enumerate(saved):
-            names = list(group.get("param_names") or _in_model_order([rank[index][number] for rank in ranks], order,
-                                                                      tied, index, number))
-            if len(names) != len(group["params"]):
-                raise ValueError(f"group {number} of optimizer {index} holds {len(group['params'])} parameters in "
-                                 f"the checkpoint and {len(names)} in this model: resume with the model and "
-                                 f"configure_optimizers that wrote it")
+            where = f"group {number} of optimizer {index}"
+            given = list(group.get("param_names") or ())
+            if given and all(name in order for name in given):
+                names = given
+            else:  # no names, or not this module's (a child's named_parameters(), a compiled model's): the order
+                candidates = group_orders([rank[index][number] for rank in ranks], order, tied)
+                if not candidates:
+                    raise ValueError(f"a rank's configure_optimizers lists {where} in neither the model's order nor "
+                                     f"by name, so which of a one-device checkpoint's optimizer states is whose "
+                                     f"cannot be known; {_FIX}")
+                names = _fitting(candidates, state, group["params"], shapes or {}, where)
             for name, place in zip(names, group["params"]):
-                _check_shapes(state["state"].get(place, {}), name, (shapes or {}).get(name), index, number)
                 numbered[place] = aliases.get(name, [name])
         result.append(numbered)
     return result
+
+
 # the states torch's optimizers keep in the shape of their parameter (Adafactor's factored ones are not)
 _PARAMETER_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
                                "sum", "exp_inf", "prev", "step_size", "ax", "grad_avg"})
 
 
-def _check_shapes(values: Mapping[str, Any], name: str, shape: Sequence[int] | None, index: int, number: int) -> None:
-    for key, value in values.items():
-        if shape is not None and key in _PARAMETER_SHAPED and isinstance(value, torch.Tensor) \
-                and tuple(value.shape) != tuple(shape):
-            raise ValueError(f"a one-device optimizer state of group {number} of optimizer {index} ({key!r}, shape "
-                             f"{tuple(value.shape)}) falls to {name} (shape {tuple(shape)}) in the model's order: "
-                             f"configure_optimizers lists the group's parameters in another order than the model's, "
-                             f"so which state is whose cannot be known here; list the parameters in the model's order "
-                             f"(as self.parameters() does), give the optimizer named_parameters(), or start a new fit "
-                             f"from the weights (YourModule.load_from_checkpoint(path), then trainer.fit(model) without "
-                             f"ckpt_path)")
+def _fitting(candidates: list[list[str]], state: Mapping[str, Any], places: Sequence[Any],
+             shapes: Mapping[str, Sequence[int]], where: str) -> list[str]:
+    """The one order of ``candidates`` under which the group's states fit their parameters."""
+    misfits = [_misfit(names, state, places, shapes) for names in candidates]
+    fitting = [names for names, misfit in zip(candidates, misfits) if misfit is None]
+    if len(fitting) == 1:
+        return fitting[0]
+    if fitting:
+        raise ValueError(f"{where} of this one-device checkpoint may list its parameters in the model's order or "
+                         f"sorted by name (every rank's list is both), and its states fit either way, so which state "
+                         f"is whose cannot be told; {_FIX}")
+    if len(candidates[0]) != len(places):
+        raise ValueError(f"{where} holds {len(places)} parameters in the checkpoint and {len(candidates[0])} in this "
+                         f"model: resume with the model and configure_optimizers that wrote it")
+    raise ValueError(f"{misfits[0]}: configure_optimizers lists {where} in another order than the model's, so which "
+                     f"state is whose cannot be known here; {_FIX}")
 
 
-def _in_model_order(ranks: Sequence[Sequence[str]], order: Mapping[str, int], tied: Mapping[str, str], index: int,
-                    number: int) -> list[str]:
-    """One group's parameters on one device: every rank's, in the model's order, a tied one once by its first name."""
-    for rank, names in enumerate(ranks):
-        places = [order[name] for name in names if name in order]  # by its name here: a tied head's is its own
-        if places != sorted(places):
-            raise ValueError(f"pipeline rank {rank}'s configure_optimizers lists group {number} of optimizer {index} "
-                             f"in another order than the model's, so which of a one-device checkpoint's optimizer "
-                             f"states is whose cannot be known; list the parameters in the model's order (as "
-                             f"self.parameters() does), or start a new fit from the weights "
-                             f"(YourModule.load_from_checkpoint(path), then trainer.fit(model) without ckpt_path)")
-    return sorted({tied.get(name, name) for names in ranks for name in names},
-                  key=lambda name: order.get(name, len(order)))
+def _misfit(names: Sequence[str], state: Mapping[str, Any], places: Sequence[Any],
+            shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """Where a state kept in its parameter's shape does not fit the parameter ``names`` give it (None: all fit)."""
+    if len(names) != len(places):
+        return "another number of parameters"
+    for name, place in zip(names, places):
+        shape = shapes.get(name)
+        for key, value in state["state"].get(place, {}).items():
+            if shape is not None and key in _PARAMETER_SHAPED and isinstance(value, torch.Tensor) \
+                    and tuple(value.shape) != tuple(shape):
+                return (f"a one-device optimizer state ({key!r}, shape {tuple(value.shape)}) falls to {name} (shape "
+                        f"{tuple(shape)})")
+    return None

@@ -30,6 +30,7 @@ import torch.nn as nn
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import whole_output
+from lightning_pipe.strategy.stored import NotKept
 
 __all__ = ["StepEffects", "Snapshot", "settle"]
 
@@ -80,7 +81,7 @@ def _entry(value: Any, save: bool = True) -> _Entry:
         if len(value) > _ENTRIES:
             return _Entry(value, size=len(value))
         return _Entry(value, items={key: (item, _length(item)) for key, item in value.items()})
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.is_inference():
+    if isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, NotKept)) and not value.is_inference():
         # (a tensor made under inference_mode, in validation, has no version counter: known by identity alone)
         saved = value.detach().clone() if save and value.numel() <= _SAVED_NUMEL else None
         return _Entry(value, version=value._version, saved=saved)
