@@ -1,6 +1,7 @@
 """What a step returns, logs and gathers, as one device gives it, on 2 gloo ranks: its calls on ``self.logger`` and
 its ``self.print`` reach global rank 0 once per batch (:mod:`lightning_pipe.strategy.logger_calls`; the first stage's
-run of the step up to the model logs nothing); Python numbers it returns are the whole batch's; ``self.all_gather``
+run of the step up to the model logs nothing); Python numbers it returns and values it logs that are not means over
+rows (a maximum, a perplexity) are the whole batch's; ``self.all_gather``
 gathers over data-parallel replicas, not the stages of one pipeline."""
 
 from __future__ import annotations
@@ -176,6 +177,70 @@ def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
     reference = _numbers(0, 1)
     assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
     assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
+
+
+def _statistics(rank: int, world_size: int) -> list[dict[str, float]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Statistics(L.LightningModule):
+        """Logs what is not a mean over rows: a maximum (default reduce_fx), a perplexity, a count of rows, a
+        standard deviation; and what is (the loss, an accuracy). The step changes nothing on the module."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def _step(self, batch: Any, stage: str) -> torch.Tensor:
+            logits = self.net(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            self.log_dict({f"{stage}/loss": loss, f"{stage}/max": logits.max(), f"{stage}/ppl": loss.exp(),
+                           f"{stage}/rows": float(len(batch[0])), f"{stage}/std": logits.std(),
+                           f"{stage}/acc": (logits.argmax(-1) == batch[1]).float().mean()})
+            if stage == "noisy":  # a step drawing random numbers: its micro-batches' combination stands
+                self.log("noisy/draw", torch.rand(len(batch[0])).mean())
+            return loss
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self._step(batch, "train")
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self._step(batch, "val")
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self._step(batch, "noisy")
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=2)
+    model = Statistics()
+    trainer.fit(model, class_data(batches=3), class_data(batches=2, seed=7))
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    tested = trainer.test(model, class_data(batches=2, seed=9), verbose=False)[0]
+    return [logged, {name: value for name, value in tested.items() if name != "noisy/draw"}]
+
+
+@pytest.mark.timeout(120)
+def test_logged_values_that_are_not_means_over_rows_are_the_whole_batchs() -> None:
+    """A pipeline combines its micro-batches' logged values as means over rows; where a value is not one (the
+    maximum of 8 rows is not the mean of four maxima of 2), the whole batch's value is logged, as on one device."""
+    reference = _statistics(0, 1)
+    assert reference[0]["train/rows"] == 8.0
+    for ranks in run_ranks(_statistics, 2, timeout=100):
+        for got, want in zip(ranks, reference):
+            assert got.keys() == want.keys()
+            for name, value in want.items():
+                if name.startswith("noisy/") and name not in ("noisy/loss", "noisy/acc"):
+                    # a step that draws random numbers: a run on the whole batch would draw another sample, so its
+                    # micro-batches' combination stands, which for these is not the whole batch's
+                    assert got[name] != pytest.approx(value, rel=1e-3), name
+                else:
+                    assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def _rank_zero_code(rank: int, world_size: int) -> list[str]:

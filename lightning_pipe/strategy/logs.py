@@ -6,6 +6,10 @@ rank. So the last stage records each ``self.log`` call instead of logging it, co
 single batch would have produced them (means weighted by micro-batch rows), and every rank logs the same result.
 torchmetrics objects are kept equal on every rank by sending the state of the batch and merging it everywhere; their
 own cross-process sync is switched off, since every rank already holds the whole state.
+
+A value that is not a mean over rows (a maximum logged with the default ``reduce_fx``, a perplexity ``exp(loss)``, a
+count of rows, a standard deviation) does not combine from its micro-batches' values: :class:`WholeBatchLogs` finds
+such names on the first batch of each step kind and takes them from a run of the step on the whole batch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
-__all__ = ["LoggedValue", "LogRecorder", "MetricTracker", "combine_logs", "combine_replica_logs"]
+__all__ = ["LoggedValue", "LogRecorder", "MetricTracker", "WholeBatchLogs", "combine_logs", "combine_replica_logs"]
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -147,6 +151,46 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         logged.append(LoggedValue(name, value.to(dtype), None, options, int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None))
     return logged
+
+
+class WholeBatchLogs:
+    """The logged names that a step's micro-batches do not combine into, per step kind, and their whole-batch values.
+
+    On the first batch of each step kind (with more than one micro-batch) the last stage runs the step once more,
+    without gradients, on the whole batch's model output (its micro-batches' put back together) and compares what it
+    logs with the micro-batches' combination; the names that differ (a maximum under the default ``reduce_fx``, a
+    perplexity ``exp(loss)``, ``len(x)``) are taken from such a run at every batch after. A step that draws random
+    numbers gives no reliable comparison (the run draws another sample): its micro-batches' combination stands."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+        self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
+
+    def wanted(self, step: str) -> bool:
+        """Whether ``step``'s batch needs a whole-batch run for its logs (not checked yet, or names to take)."""
+        return step not in self.names or bool(self.names[step])
+
+    def recorder(self) -> LogRecorder:
+        return LogRecorder(self.module)
+
+    def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> None:
+        """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;
+        ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them."""
+        if whole is None:
+            self.names.setdefault(step, set())
+            return
+        values = {entry.name: entry.value for entry in combine_logs(
+            [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
+        if step not in self.names:
+            self.names[step] = {entry.name for entry in logs if entry.value is not None and entry.name in values
+                                and not _close(entry.value, values[entry.name])}
+        for entry in logs:
+            if entry.name in self.names[step] and entry.name in values:
+                entry.value = values[entry.name].to(entry.value.dtype if entry.value is not None else None)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
 
 
 def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]:

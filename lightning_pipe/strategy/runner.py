@@ -34,14 +34,14 @@ from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs
 from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
 from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
 from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, settle
-from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
+from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of, whole_output
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -64,6 +64,7 @@ class PipelineRunner(SharedResults):
         self.pipeline = pipeline
         self.tied = tied
         self.recorder = LogRecorder(self.module)
+        self.whole_logs = WholeBatchLogs(self.module)  # logged values the micro-batches do not combine into
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.layers: str | None = None  # the attribute path build() was given
@@ -240,6 +241,8 @@ class PipelineRunner(SharedResults):
                                      or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
                 kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
+            elif kept is not None and self.whole_logs.wanted("training_step"):  # for its logs (WholeBatchLogs)
+                kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
             if probe is not None:
                 probe.add(output, loss, microbatch_rows)
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
@@ -336,19 +339,28 @@ class PipelineRunner(SharedResults):
         Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
         gives for every kind of number."""
         returned: list[Any] = []
-
-        def replay(whole: Any) -> None:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
-                    self.logger_calls.recording(), forked_random(derive_seed(seed, 0), self.pipeline.device):
-                returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
-
-        made = self.logger_calls.take()
-        numbers = holds_numbers(result.output)
         # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
+        logged = self.whole_logs.recorder() if microbatches > 1 and self.whole_logs.wanted(step) else None
+        drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
+
+        def replay(whole: Any, for_logs: bool = False) -> None:
+            recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
+            loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
+            with torch.no_grad(), recording, self.metrics.untouched(), host_random_kept(), loggers, \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                before = _generator_states(self.pipeline.device)
+                returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
+                drew.append(not all(map(torch.equal, _generator_states(self.pipeline.device), before)))
+
+        made = self.logger_calls.take()
+        numbers = holds_numbers(result.output)
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           called=bool(made) or numbers)
+        if logged is not None:
+            ran = replayed or self._replay_for_logs(kept, microbatches, replay)
+            self.whole_logs.settle(step, result.logs, logged if ran and drew and not drew[-1] else None)
         if replayed and numbers:  # the whole batch's output, numbers and all
             output = returned[0]
             result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
@@ -360,6 +372,26 @@ class PipelineRunner(SharedResults):
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
+
+    def _replay_for_logs(self, kept: list[tuple[int, Any, int]], microbatches: int,
+                         replay: Callable[..., None]) -> bool:
+        """Run the step on the whole batch's output for its logs alone (a step that changed nothing on the module:
+        whatever this run changes is undone); whether it ran."""
+        kept = sorted(kept, key=lambda item: item[0])
+        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept]) \
+            if len(kept) == microbatches else None
+        if whole is None:
+            return False
+        mark = self.effects.snapshot()
+        try:
+            replay(whole, for_logs=True)
+        except Exception:  # noqa: BLE001 - the micro-batches' combination stands
+            return False
+        finally:
+            if self.effects.changed(mark) and not self.effects.restore(mark):
+                self._warn_effects("the run of the step on the whole batch for its logs changed the module in a way "
+                                   "that could not be undone (a list emptied, a large tensor changed in place)")
+        return True
 
     def _warn_effects(self, message: str) -> None:
         if message not in self._effects_warned:  # once, not at every step
@@ -469,6 +501,14 @@ class PipelineRunner(SharedResults):
             return inputs
 
         return input_fn
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    """torch's generator states that a step's draws move: the CPU's, and the device's."""
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 @contextmanager
