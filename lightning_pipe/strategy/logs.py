@@ -173,24 +173,34 @@ class WholeBatchLogs:
     def recorder(self) -> LogRecorder:
         return LogRecorder(self.module)
 
-    def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> None:
+    def skip(self, step: str) -> None:
+        """``step`` is not checked (one micro-batch, an asynchronous schedule, replicas, ``predict_step``)."""
+        self.names.setdefault(step, set())
+
+    def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> set[str]:
         """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;
-        ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them."""
+        ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them; returns
+        the names found this time (empty after the first check)."""
         if whole is None:
             self.names.setdefault(step, set())
-            return
+            return set()
         values = {entry.name: entry.value for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
+        found: set[str] = set()
         if step not in self.names:
-            self.names[step] = {entry.name for entry in logs if entry.value is not None and entry.name in values
-                                and not _close(entry.value, values[entry.name])}
+            found = {entry.name for entry in logs if entry.value is not None and entry.name in values
+                     and not _close(entry.value, values[entry.name])}
+            self.names[step] = found
         for entry in logs:
             if entry.name in self.names[step] and entry.name in values:
                 entry.value = values[entry.name].to(entry.value.dtype if entry.value is not None else None)
+        return found
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    """Equal but for rounding: to a few units of the logged dtype's last place (a bfloat16 loss's is 0.4%)."""
+    tolerance = max(1e-4, 4 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 1e-4
+    return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=tolerance, atol=1e-6)
 
 
 def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]:

@@ -13,6 +13,8 @@ stages first combine loss, logs and metrics into those of the whole batch.
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -241,7 +243,8 @@ class PipelineRunner(SharedResults):
                                      or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
                 kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
-            elif kept is not None and self.whole_logs.wanted("training_step"):  # for its logs (WholeBatchLogs)
+            elif kept is not None and len(firsts) > 1 and not pipe.asynchronous and self.replica_group is None \
+                    and self.whole_logs.wanted("training_step"):  # for its logs (WholeBatchLogs)
                 kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
             if probe is not None:
                 probe.add(output, loss, microbatch_rows)
@@ -342,7 +345,11 @@ class PipelineRunner(SharedResults):
         # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
-        logged = self.whole_logs.recorder() if microbatches > 1 and self.whole_logs.wanted(step) else None
+        # (not with replicas: each would decide and run alone, and a step calling a collective would wait on others)
+        checkable = microbatches > 1 and step != "predict_step" and self.replica_group is None
+        if not checkable:
+            self.whole_logs.skip(step)
+        logged = self.whole_logs.recorder() if checkable and self.whole_logs.wanted(step) else None
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
 
         def replay(whole: Any, for_logs: bool = False) -> None:
@@ -352,15 +359,22 @@ class PipelineRunner(SharedResults):
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 before = _generator_states(self.pipeline.device)
                 returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
-                drew.append(not all(map(torch.equal, _generator_states(self.pipeline.device), before)))
+                drew.append(_generator_states(self.pipeline.device) != before)
 
         made = self.logger_calls.take()
         numbers = holds_numbers(result.output)
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           called=bool(made) or numbers)
-        if logged is not None:
-            ran = replayed or self._replay_for_logs(kept, microbatches, replay)
-            self.whole_logs.settle(step, result.logs, logged if ran and drew and not drew[-1] else None)
+        if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
+            ran = replayed or (not self.effects.changed(start) and self._replay_for_logs(kept, microbatches, replay))
+            flagged = self.whole_logs.settle(step, result.logs, logged if ran and drew and not drew[-1] else None)
+            if flagged:
+                self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
+                                   f"combination of the micro-batches' values gives them: the last stage keeps each "
+                                   f"batch's model outputs and runs the step once more, without gradients, on the "
+                                   f"whole batch for them (one device's values). To spare that memory and time, log "
+                                   f"means over rows in the step and derive the rest later (a perplexity from the "
+                                   f"epoch's mean loss)")
         if replayed and numbers:  # the whole batch's output, numbers and all
             output = returned[0]
             result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
@@ -503,11 +517,15 @@ class PipelineRunner(SharedResults):
         return input_fn
 
 
-def _generator_states(device: torch.device) -> list[torch.Tensor]:
-    """torch's generator states that a step's draws move: the CPU's, and the device's."""
-    states = [torch.random.get_rng_state()]
+def _generator_states(device: torch.device) -> list[bytes]:
+    """The global generators' states that a step's draws move: torch's on the CPU and the device, Python's, NumPy's."""
+    states = [torch.random.get_rng_state().numpy().tobytes(), repr(random.getstate()).encode()]
     if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
+        states.append(torch.cuda.get_rng_state(device).numpy().tobytes())
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, position, *rest = numpy.random.get_state()
+        states.append(keys.tobytes() + repr((kind, position, *rest)).encode())
     return states
 
 
