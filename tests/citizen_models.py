@@ -279,6 +279,7 @@ class PaddedLM(L.LightningModule):
         ids, mask = batch
         loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         self.log("train_loss", loss)
+        self.log("train_ppl", loss.exp())  # not a mean over rows: the whole batch's, from the model's own loss
         return loss
 
     def configure_optimizers(self) -> Any:

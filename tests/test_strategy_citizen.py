@@ -111,9 +111,9 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
 
     # code before the layers runs on the first stage, per micro-batch (3 steps x 4): one device's rows; the last
     # stage computes it only where the step uses it after the layers (its first call runs, to learn that; and the first
-    # batch's check of how the loss adds up runs the step once more on the whole batch)
+    # batch's checks of how the loss and the logged values add up each run the step once more on the whole batch)
     # (a captured model: every rank also runs the step once on the first micro-batch of 2 rows at setup, to capture)
-    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 1, 0),
+    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 2, 0),
                                     ("captured-backbone-auto-8", 2, 1)):
         reference, logged = _reference(name.removesuffix("-auto-8"))
         _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
@@ -330,6 +330,8 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
         counted = torch.load(tmp_path / f"{case}-counted.ckpt", weights_only=False)["state_dict"]
         _assert_close(counted, reference)
         assert results[1][f"{case}-counted"]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
+        if case == "padded":  # exp of the model's own loss, which the micro-batches' losses give weighted by count
+            assert results[1]["padded-counted"]["logged"]["train_ppl"] == pytest.approx(logged["train_ppl"], rel=1e-5)
         assert not any(result[f"{case}-counted"]["warned"] for result in results)
 
         auto = torch.load(tmp_path / f"{case}-auto.ckpt", weights_only=False)["state_dict"]

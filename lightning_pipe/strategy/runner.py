@@ -279,7 +279,7 @@ class PipelineRunner(SharedResults):
                     result = self._result(total, outputs, sizes, check_outside=True)
                     result.grad_scale = scale
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
-                                         result)
+                                         result, counts)
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)
@@ -332,11 +332,12 @@ class PipelineRunner(SharedResults):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         result = self._result(None, outputs, sizes, check_outside=False)
         kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
-        self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result)
+        self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
 
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult) -> None:
+                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult,
+                        counts: Counts | None = None) -> None:
         """On the last stage: the step's changes to the module since ``start`` and its calls on the loggers, as one
         device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank; so too
         Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
@@ -363,10 +364,12 @@ class PipelineRunner(SharedResults):
 
         made = self.logger_calls.take()
         numbers = holds_numbers(result.output)
+        weights = [float(count) for count in counts.counts] if counts is not None else None
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          called=bool(made) or numbers)
+                                          called=bool(made) or numbers, weights=weights)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
-            ran = replayed or (not self.effects.changed(start) and self._replay_for_logs(kept, microbatches, replay))
+            ran = replayed or (not self.effects.changed(start)
+                               and self._replay_for_logs(kept, microbatches, replay, weights))
             flagged = self.whole_logs.settle(step, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
@@ -387,12 +390,13 @@ class PipelineRunner(SharedResults):
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
 
-    def _replay_for_logs(self, kept: list[tuple[int, Any, int]], microbatches: int,
-                         replay: Callable[..., None]) -> bool:
+    def _replay_for_logs(self, kept: list[tuple[int, Any, int]], microbatches: int, replay: Callable[..., None],
+                         weights: list[float] | None) -> bool:
         """Run the step on the whole batch's output for its logs alone (a step that changed nothing on the module:
         whatever this run changes is undone); whether it ran."""
         kept = sorted(kept, key=lambda item: item[0])
-        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept]) \
+        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
+                             None if weights is None else [weights[index] for index, _, _ in kept]) \
             if len(kept) == microbatches else None
         if whole is None:
             return False

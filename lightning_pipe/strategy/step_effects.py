@@ -398,15 +398,18 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False) -> tuple[list[Sent], bool]:
+           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False,
+           weights: Sequence[float] | None = None) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also when it
     only ``called`` something to record, the loggers). ``kept``: (index, model output, rows) of the micro-batches
-    whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``."""
+    whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
+    ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them)."""
     patches = effects.changes(start)
     if (patches or called) and microbatches > 1:
         kept = sorted(kept, key=lambda item: item[0])
-        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept]) \
+        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
+                             None if weights is None else [weights[index] for index, _, _ in kept]) \
             if len(kept) == microbatches else None
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")

@@ -96,9 +96,10 @@ def _row_mean(scalars: Sequence[torch.Tensor], sizes: list[int]) -> torch.Tensor
     return (torch.stack([scalar.double() for scalar in scalars]) * weights).sum()
 
 
-def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
+def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
-    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows; None where
+    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows (or by
+    ``weights``: what ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine); None where
     the outputs do not show a batch dimension first. Several calls of the model (:class:`Calls`) are put together
     call by call; a call whose output is the same in every micro-batch (the model run on fixed prototypes, not on the
     batch's rows) gives it once."""
@@ -109,7 +110,7 @@ def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
             if len(each) > 1 and _same(each):
                 calls.append(each[0])
                 continue
-            whole = whole_output(each, sizes)
+            whole = whole_output(each, sizes, weights)
             if whole is None:
                 return None
             calls.append(whole)
@@ -120,7 +121,7 @@ def whole_output(outputs: list[Any], sizes: list[int]) -> Any | None:
     whole = []
     for column in zip(*(leaves for leaves, _ in flat)):
         if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
-            whole.append(_row_mean(column, sizes).to(column[0].dtype))
+            whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
         elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
             whole.append(torch.cat(column))
         else:
