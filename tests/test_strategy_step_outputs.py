@@ -206,8 +206,8 @@ def _statistics(rank: int, world_size: int) -> list[dict[str, float]]:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self._step(batch, "train")
 
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self._step(batch, "val")
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self._step(batch, "val" if dataloader_idx == 0 else "other")  # each loader logs its own names
 
         def test_step(self, batch: Any, batch_idx: int) -> None:
             self._step(batch, "noisy")
@@ -219,7 +219,7 @@ def _statistics(rank: int, world_size: int) -> list[dict[str, float]]:
     strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
     trainer = quiet_trainer(world_size, strategy, max_epochs=2)
     model = Statistics()
-    trainer.fit(model, class_data(batches=3), class_data(batches=2, seed=7))
+    trainer.fit(model, class_data(batches=3), [class_data(batches=2, seed=7), class_data(batches=2, seed=8)])
     logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
     tested = trainer.test(model, class_data(batches=2, seed=9), verbose=False)[0]
     return [logged, {name: value for name, value in tested.items() if name != "noisy/draw"}]

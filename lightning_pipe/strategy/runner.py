@@ -348,9 +348,11 @@ class PipelineRunner(SharedResults):
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
         # (not with replicas: each would decide and run alone, and a step calling a collective would wait on others)
         checkable = microbatches > 1 and step != "predict_step" and self.replica_group is None
+        # each evaluation dataloader checked on its own first batch (its step may log other names)
+        kind = step if step == "training_step" or len(rest) < 2 else f"{step}/{rest[1]}"
         if not checkable:
-            self.whole_logs.skip(step)
-        logged = self.whole_logs.recorder() if checkable and self.whole_logs.wanted(step) else None
+            self.whole_logs.skip(kind)
+        logged = self.whole_logs.recorder() if checkable and self.whole_logs.wanted(kind) else None
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
 
         def replay(whole: Any, for_logs: bool = False) -> None:
@@ -370,7 +372,7 @@ class PipelineRunner(SharedResults):
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             ran = replayed or (not self.effects.changed(start)
                                and self._replay_for_logs(kept, microbatches, replay, weights))
-            flagged = self.whole_logs.settle(step, result.logs, logged if ran and drew and not drew[-1] else None)
+            flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
                                    f"combination of the micro-batches' values gives them: the last stage keeps each "
