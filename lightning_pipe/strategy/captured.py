@@ -276,6 +276,7 @@ class CapturedModule:
             return getattr(self.module, step)(microbatch, *args, **kwargs)
 
         calls, key = self.calls, call_key(step, args, kwargs)  # the proxy's, once cut
+        parts: list[str] = []  # the model's children the step ran without its forward (vae.encode's encoder)
         if self.proxy is not None:
             recorded = calls.capture(run, key)
         else:  # before the cut (at setup): the model's forward is never run, its calls are recorded instead; what
@@ -285,7 +286,6 @@ class CapturedModule:
             called.forward = lambda *call_args, **call_kwargs: calls.record((call_args, call_kwargs))
             effects = StepEffects(self.module, lambda: [self.model])
             start = effects.snapshot()
-            parts: list[str] = []  # the model's children the step ran without its forward (vae.encode's encoder)
             hooks = [] if self.root else [child.register_forward_pre_hook(lambda *_, name=name: parts.append(name))
                                           for name, child in self.model.named_children()]
             try:
@@ -303,10 +303,8 @@ class CapturedModule:
                 else:
                     called.forward = own
                 effects.restore(start)
-            if recorded is None:
-                raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts))))
         if recorded is None:
-            raise ModelNotCalled(self._never_called(step))
+            raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts))))
         return recorded
 
     def step_calls_model(self, step: str, microbatch: Any) -> bool:

@@ -135,9 +135,13 @@ class PipelineCutting:
         # captures then see the weights, inputs and autocast that the steps will run with.
         self.precision_plugin.convert_module(module)
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
-        captured = CapturedModule(module, layers, self.settings.split_points, group, self._collective_device(),
+
+        def capture(path: str) -> CapturedModule:
+            return CapturedModule(module, path, self.settings.split_points, group, self._collective_device(),
                                   allow_autograd_functions=self.settings.allow_autograd_functions,
                                   dynamic_shapes=self.settings.dynamic_shapes)
+
+        captured = capture(layers)
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
                f"the model one nn.Sequential")
         with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
@@ -146,9 +150,7 @@ class PipelineCutting:
         with self._step_context(step):
             if self.layers is None and layers and own_forward(module):
                 # the step may reach the model only through the module's forward (self(x) calling vae.encode, decode)
-                whole = CapturedModule(module, "", self.settings.split_points, group, self._collective_device(),
-                                       allow_autograd_functions=self.settings.allow_autograd_functions,
-                                       dynamic_shapes=self.settings.dynamic_shapes)
+                whole = capture("")
                 through_forward = torch.tensor([int(not captured.step_calls_model(step, microbatch)
                                                     and whole.step_calls_model(step, microbatch))],
                                                device=self._collective_device())

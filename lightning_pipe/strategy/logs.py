@@ -162,20 +162,12 @@ class WholeBatchLogs:
     perplexity ``exp(loss)``, ``len(x)``) are taken from such a run at every batch after. A step that draws random
     numbers gives no reliable comparison (the run draws another sample): its micro-batches' combination stands."""
 
-    def __init__(self, module: LightningModule) -> None:
-        self.module = module
+    def __init__(self) -> None:
         self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
 
     def wanted(self, step: str) -> bool:
         """Whether ``step``'s batch needs a whole-batch run for its logs (not checked yet, or names to take)."""
         return step not in self.names or bool(self.names[step])
-
-    def recorder(self) -> LogRecorder:
-        return LogRecorder(self.module)
-
-    def skip(self, step: str) -> None:
-        """``step`` is not checked (one micro-batch, an asynchronous schedule, replicas, ``predict_step``)."""
-        self.names.setdefault(step, set())
 
     def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> set[str]:
         """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;

@@ -31,7 +31,7 @@ import torch
 from lightning_pipe.engine.rng import forked
 
 __all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states",
-           "host_random_kept"]
+           "same_random_states", "host_random_kept"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -102,6 +102,18 @@ def global_random_states() -> dict[str, Any]:
     name, keys, position, has_gauss, cached = numpy.random.get_state()
     states["numpy"] = (str(name), torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached))
     return states
+
+
+def same_random_states(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether two of :func:`global_random_states`' results are the same (no generator drew in between)."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    return first.keys() == second.keys() and all(same(first[key], second[key]) for key in first)
 
 
 def set_global_random_states(states: dict[str, Any]) -> None:

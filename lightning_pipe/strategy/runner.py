@@ -13,8 +13,6 @@ stages first combine loss, logs and metrics into those of the whole batch.
 from __future__ import annotations
 
 import contextlib
-import random
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -37,13 +35,19 @@ from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs
-from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
+from lightning_pipe.strategy.randomness import (
+    derive_seed,
+    forked_random,
+    global_random_states,
+    host_random_kept,
+    same_random_states,
+)
 from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
 from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, settle
-from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of, whole_output
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
+from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -66,7 +70,7 @@ class PipelineRunner(SharedResults):
         self.pipeline = pipeline
         self.tied = tied
         self.recorder = LogRecorder(self.module)
-        self.whole_logs = WholeBatchLogs(self.module)  # logged values the micro-batches do not combine into
+        self.whole_logs = WholeBatchLogs()  # logged values the micro-batches do not combine into
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.layers: str | None = None  # the attribute path build() was given
@@ -228,6 +232,8 @@ class PipelineRunner(SharedResults):
         kept: list[tuple[int, Any, int]] | None = [] if pipe.is_last_rank else None  # (index, output, rows)
         self._prepare("training_step", batch, rest, kwargs, seed)
         inputs = [] if self._checks_model_loss() else None  # the model's inputs per micro-batch (first stage)
+        logs_kind = self._logs_kind("training_step", rest, len(firsts))
+        for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
@@ -242,9 +248,7 @@ class PipelineRunner(SharedResults):
             if kept is not None and (self._keeps_outputs or self.logger_calls.calls or holds_numbers(extra)
                                      or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
-                kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
-            elif kept is not None and len(firsts) > 1 and not pipe.asynchronous and self.replica_group is None \
-                    and self.whole_logs.wanted("training_step"):  # for its logs (WholeBatchLogs)
+            if kept is not None and (self._keeps_outputs or for_logs):
                 kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
             if probe is not None:
                 probe.add(output, loss, microbatch_rows)
@@ -346,13 +350,8 @@ class PipelineRunner(SharedResults):
         # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
-        # (not with replicas: each would decide and run alone, and a step calling a collective would wait on others)
-        checkable = microbatches > 1 and step != "predict_step" and self.replica_group is None
-        # each evaluation dataloader checked on its own first batch (its step may log other names)
-        kind = step if step == "training_step" or len(rest) < 2 else f"{step}/{rest[1]}"
-        if not checkable:
-            self.whole_logs.skip(kind)
-        logged = self.whole_logs.recorder() if checkable and self.whole_logs.wanted(kind) else None
+        kind = self._logs_kind(step, rest, microbatches)
+        logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(kind) else None
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
 
         def replay(whole: Any, for_logs: bool = False) -> None:
@@ -360,9 +359,9 @@ class PipelineRunner(SharedResults):
             loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
             with torch.no_grad(), recording, self.metrics.untouched(), host_random_kept(), loggers, \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
-                before = _generator_states(self.pipeline.device)
+                before = global_random_states()
                 returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
-                drew.append(_generator_states(self.pipeline.device) != before)
+                drew.append(not same_random_states(global_random_states(), before))
 
         made = self.logger_calls.take()
         numbers = holds_numbers(result.output)
@@ -370,8 +369,9 @@ class PipelineRunner(SharedResults):
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           called=bool(made) or numbers, weights=weights)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
+            assert kind is not None
             ran = replayed or (not self.effects.changed(start)
-                               and self._replay_for_logs(kept, microbatches, replay, weights))
+                               and self._replay_for_logs(kept_whole(kept, microbatches, weights), replay))
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
@@ -392,14 +392,19 @@ class PipelineRunner(SharedResults):
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
 
-    def _replay_for_logs(self, kept: list[tuple[int, Any, int]], microbatches: int, replay: Callable[..., None],
-                         weights: list[float] | None) -> bool:
-        """Run the step on the whole batch's output for its logs alone (a step that changed nothing on the module:
-        whatever this run changes is undone); whether it ran."""
-        kept = sorted(kept, key=lambda item: item[0])
-        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
-                             None if weights is None else [weights[index] for index, _, _ in kept]) \
-            if len(kept) == microbatches else None
+    def _logs_kind(self, step: str, rest: tuple, microbatches: int) -> str | None:
+        """What :class:`WholeBatchLogs` checks this step's logs under (each evaluation dataloader on its own first
+        batch: its step may log other names); None where they are not checked: one micro-batch, an asynchronous
+        training step (its optimizer steps inside the run), ``predict_step``, replicas (each would decide and run
+        alone, and a step calling a collective would wait on the others)."""
+        if microbatches <= 1 or step == "predict_step" or self.replica_group is not None \
+                or (self.pipeline.asynchronous and step == "training_step"):
+            return None
+        return step if step == "training_step" or len(rest) < 2 else f"{step}/{rest[1]}"
+
+    def _replay_for_logs(self, whole: Any, replay: Callable[..., None]) -> bool:
+        """Run the step on the whole batch's output (None: not kept whole) for its logs alone (a step that changed
+        nothing on the module: whatever this run changes is undone); whether it ran."""
         if whole is None:
             return False
         mark = self.effects.snapshot()
@@ -521,18 +526,6 @@ class PipelineRunner(SharedResults):
             return inputs
 
         return input_fn
-
-
-def _generator_states(device: torch.device) -> list[bytes]:
-    """The global generators' states that a step's draws move: torch's on the CPU and the device, Python's, NumPy's."""
-    states = [torch.random.get_rng_state().numpy().tobytes(), repr(random.getstate()).encode()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device).numpy().tobytes())
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        kind, keys, position, *rest = numpy.random.get_state()
-        states.append(keys.tobytes() + repr((kind, position, *rest)).encode())
-    return states
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["StepEffects", "Snapshot", "settle"]
+__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -407,10 +407,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them)."""
     patches = effects.changes(start)
     if (patches or called) and microbatches > 1:
-        kept = sorted(kept, key=lambda item: item[0])
-        whole = whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
-                             None if weights is None else [weights[index] for index, _, _ in kept]) \
-            if len(kept) == microbatches else None
+        whole = kept_whole(kept, microbatches, weights)
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")
         if whole is not None and not effects.restore(start):
@@ -434,6 +431,16 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
                 effects.apply(patches)
         warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + ["self.logger"] * called, why))
     return _sendable(step, patches, warn), False
+
+
+def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None) -> Any:
+    """The whole batch's model output from the (index, output, rows) ``kept`` of every one of its ``microbatches``
+    (:func:`~.step_values.whole_output`; ``weights`` by micro-batch index); None where some were not kept."""
+    if len(kept) != microbatches:
+        return None
+    kept = sorted(kept, key=lambda item: item[0])
+    return whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
+                        None if weights is None else [weights[index] for index, _, _ in kept])
 
 
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
