@@ -160,3 +160,18 @@ def test_lightning_overhead_rows(tmp_path, one_device):
         assert result[name]["engine_tokens_per_s"] > 0 and result[name]["trainer_tokens_per_s"] > 0
         assert result[name]["ratio"] == pytest.approx(result[name]["trainer_tokens_per_s"]
                                                       / result[name]["engine_tokens_per_s"])
+
+
+def test_pretrained_rows(tmp_path):
+    from benchmarks import pretrained
+    from tests.capture_models import HAS_TRANSFORMERS
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    rows = pretrained.run(4, 2, "float32", "bf16-true", str(tmp_path))
+    assert [row["rank"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["stored"] == "float32" and row["precision"] == "bf16-true" and row["ranks"] == 2
+        assert all(row[key] >= 0 for key in ("loaded_mapped_mb", "loaded_anon_mb", "mapped_mb", "anon_mb"))
+        # each rank holds its share, in bfloat16: less than half the float32 checkpoint
+        assert 0 < row["local_mb"] < row["checkpoint_mb"] / 2 and row["setup_peak_mb"] > 0

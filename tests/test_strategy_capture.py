@@ -151,6 +151,15 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         trainer = _trainer(strategy, world_size, max_steps=steps, precision=precision)
         with trainer.init_module(empty_init=True) if meta else contextlib.nullcontext():
             model = _module(name)
+        built = trainer.strategy._build
+        given: list[bool] = []  # whether each rank's values all came from the original tensors (no initializer ran)
+
+        def build(module: Any, trainer_: Any, built: Any = built, given: list[bool] = given) -> None:
+            built(module, trainer_)
+            materializer = trainer_.strategy._materializer
+            given.append(materializer is not None and not materializer.seeded and bool(materializer.materialized))
+
+        trainer.strategy._build = build
         trainer.fit(model, _data(name))
         # the whole model object the capture was made from (the nn.Sequential path has none)
         original = getattr(trainer.strategy.runner.split, "model", model)
@@ -161,6 +170,7 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         splitter = getattr(trainer.strategy.runner.split, "splitter", None)
         results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
                          "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads(),
+                         "converted_per_rank": given == [True],
                          "symbolic": splitter is not None and all(c.dynamic for c in splitter.captures)}
         if not resume:
             continue
@@ -301,7 +311,8 @@ def test_bfloat16_trains_captured_models_like_one_device(precision: str, tmp_pat
     the rank's device runs it; they used to fail with "Tensor dtype mismatch" (the meta trace saw float32 where
     autocast computes bfloat16), and could have elided a ``.float()`` where they did not. Under ``bf16-true`` the
     module is converted before the first capture, whose micro-batch is converted as the loops convert a batch; the
-    captures used to expect float32 values and refuse the bfloat16 ones.
+    captures used to expect float32 values and refuse the bfloat16 ones. The captured model is converted on meta
+    stand-ins, and each rank converts only its share of the float32 weights after the cut (strategy/conversion.py).
 
     Llama with its default SDPA attention differs from one device by bfloat16 rounding (1.5e-5 in the weights here):
     run eagerly, Hugging Face hands torch's causal kernel a micro-batch without padding, while the graph always
@@ -315,6 +326,10 @@ def test_bfloat16_trains_captured_models_like_one_device(precision: str, tmp_pat
         names = [name for name in names if name not in ("hf_gpt2", "litgpt")]
     results = run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, precision, timeout=550)
     _check(results, names, precision)
+    for result in results:  # bf16-true converts a captured model's float32 weights on each rank for its share only
+        for name in names:
+            expected = precision == "bf16-true" and name != "mlp_sequence"
+            assert result[name]["converted_per_rank"] == expected, name
 
 
 @pytest.mark.timeout(600)

@@ -307,3 +307,72 @@ def test_the_materializer_sees_writes_through_data_and_keeps_what_each_initializ
             del sys.modules["transformers"]
     assert 0.015 < float(model.linear.weight.detach().std()) < 0.025  # kept: reset_parameters' would be ~0.07
     assert not torch.isnan(model.linear.bias).any()  # from reset_parameters
+
+
+def _converted_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+    module.model[2].weight = module.model[0].weight  # a tie across stages
+    module.model[0].weight.no_weight_decay = True  # an attribute a project gives a parameter
+    module.scale = torch.nn.Parameter(torch.full((3,), 1.1))  # the step code's own: converted at once
+    return module
+
+
+def _tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+
+
+def test_a_precisions_conversion_waits_for_the_cut_and_each_rank_converts_its_share() -> None:
+    """``bf16-true`` over a float32 model: the captured model's tensors become meta stand-ins in bfloat16, the
+    originals untouched; the materializer gives this rank's share the originals' values converted (as ``.to`` rounds
+    them; a parameter keeps its attributes), the step code's own tensors are converted at once, and the other ranks'
+    stay on meta. Precisions that
+    change no dtype of the model, or do more than change dtypes, convert at once as before."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, Precision
+
+    from lightning_pipe.strategy.conversion import converted_later
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+
+    module = _converted_model()
+    originals = _tensors_of(module.model)
+    expected = {name: t.detach().to(torch.bfloat16) if t.is_floating_point() else t.clone()
+                for name, t in originals.items()}
+    sources = converted_later(module, module.model, HalfPrecision("bf16-true"))
+    assert module.scale.dtype == torch.bfloat16 and not module.scale.is_meta
+    for name, tensor in _tensors_of(module.model).items():
+        assert tensor.is_meta and tensor.dtype == expected[name].dtype, name
+        assert originals[name].dtype in (torch.float32, torch.int64) and not originals[name].is_meta, name
+    assert module.model[2].weight is module.model[0].weight
+    materializer = LocalMaterializer(module, module.model, torch.device("cpu"), SEED, sources=sources)
+    assert not materializer.seeded  # every value is given: no warning about initial values
+    materializer([module.model[0], module.model[1]])  # this rank's stages
+    assert materializer.sources == {}  # the originals go
+    for name, tensor in _tensors_of(module.model).items():
+        if name == "2.bias":
+            assert tensor.is_meta  # another rank's
+        else:
+            assert torch.equal(tensor, expected[name]), name
+    assert module.model[2].weight is module.model[0].weight and module.model[0].weight.no_weight_decay
+    assert materializer.unwritten() is None
+
+    double = _converted_model()
+    sources = converted_later(double, double.model, DoublePrecision())
+    assert sources and all(t.is_meta and t.dtype in (torch.float64, torch.int64)
+                           for t in _tensors_of(double.model).values())
+    for precision, dtype in ((Precision(), torch.float32), (HalfPrecision("bf16-true"), torch.bfloat16)):
+        unchanged = _converted_model()
+        if dtype == torch.bfloat16:
+            unchanged.model.to(torch.bfloat16)  # already in the precision's dtype
+        before = _tensors_of(unchanged.model)
+        assert converted_later(unchanged, unchanged.model, precision) == {}
+        after = _tensors_of(unchanged.model)
+        assert all(after[name] is before[name] for name in before), precision
+
+    class Replacing(HalfPrecision):  # a conversion that may replace layers (as bitsandbytes' does)
+        pass
+
+    replaced = _converted_model()
+    assert converted_later(replaced, replaced.model, Replacing("bf16-true")) == {}
+    assert all(not t.is_meta and (t.dtype == torch.bfloat16 or not t.is_floating_point())
+               for t in _tensors_of(replaced.model).values())

@@ -22,6 +22,7 @@ from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
+from lightning_pipe.strategy.conversion import converted_later
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
 from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, own_forward, undo_compile
@@ -39,6 +40,7 @@ class PipelineCutting:
     _cut_plan: CutPlan | None
     _planned_replicas: tuple[int, ...] | None
     _materializer: Any
+    _conversion_sources: dict[int, torch.Tensor]  # a precision's conversion deferred to the cut, until _build
     _example_input_array: Any
 
     def _build(self, module: LightningModule, trainer: Trainer) -> None:
@@ -79,9 +81,10 @@ class PipelineCutting:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
             if captured is not None:  # built on meta (configure_model): captured on meta, materialized per rank
+                sources, self._conversion_sources = self._conversion_sources, {}
                 self._materializer = LocalMaterializer.for_module(module, captured.model, self.root_device,
                                                                   self._position.base, holders=captured.segments,
-                                                                  whole_buffers=True)
+                                                                  whole_buffers=True, sources=sources)
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, materialize=self._materializer,
                                                        **groups)
@@ -102,7 +105,8 @@ class PipelineCutting:
                              f"{runner.config} on {runner.pipeline.num_ranks} processes; use the same strategy "
                              f"settings and devices, or a new module (YourModule.load_from_checkpoint(path))")
         runner.loss_reduction = settings.loss_reduction
-        if self._materializer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.ckpt_path:
+        if (self._materializer is not None and self._materializer.seeded and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.ckpt_path):
             rank_zero_warn(f"{type(module).__name__} was built on the meta device (configure_model, or "
                            f"Trainer.init_module(empty_init=True)): each rank gives its own layers their initial "
                            f"values, from one seed per module name, the same on every layout but not the values the "
@@ -131,9 +135,14 @@ class PipelineCutting:
         if path != CAPTURED:
             return None
         assert layers is not None
-        # The precision's conversion (bf16-true, 64-true) first, while this rank still holds the whole model: the
-        # captures then see the weights, inputs and autocast that the steps will run with.
-        self.precision_plugin.convert_module(module)
+        # The precision's conversion (bf16-true, 64-true) first: the captures then see the dtypes, inputs and
+        # autocast that the steps will run with. A model the step calls (not the module's own forward) is converted on
+        # meta stand-ins, and each rank converts its share after the cut (strategy/conversion.py), unless the cut is
+        # planned (the profile runs every layer).
+        if self.settings.plans_cut or not layers:
+            self.precision_plugin.convert_module(module)
+        else:
+            self._conversion_sources = converted_later(module, module.get_submodule(layers), self.precision_plugin)
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
 
         def capture(path: str) -> CapturedModule:

@@ -12,6 +12,9 @@ the module tree's order with torch's generators forked to a seed of the agreed s
 meta-built model starts from the same weights on every layout (but not from the weights an eager build draws, which
 come from one stream in construction order):
 
+- a tensor given a source (the original of a precision's conversion deferred to the cut,
+  :mod:`~lightning_pipe.strategy.conversion`) takes its value from it, and no initializer runs for it;
+
 - the enclosing Hugging Face model's ``_init_weights(module)`` (what its ``post_init`` applies when it is built
   eagerly);
 - then, for tensors still unwritten, ``module.reset_parameters()`` where the module that owns the tensor defines it
@@ -33,7 +36,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
-__all__ = ["built_on_host", "has_meta_tensors", "LocalMaterializer", "refuse_planned_cut"]
+__all__ = ["built_on_host", "has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 
@@ -73,7 +76,8 @@ class LocalMaterializer:
     """
 
     def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
-                 holders: Sequence[nn.Module] = (), whole_buffers: bool = False) -> None:
+                 holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
+                 sources: Mapping[int, torch.Tensor] | None = None) -> None:
         self.module = module
         self.sequence = sequence
         self.device = torch.device(device)
@@ -83,17 +87,23 @@ class LocalMaterializer:
         # every buffer of ``sequence`` on every rank (a captured model's: as one built eagerly keeps its buffers whole,
         # since a later capture may have a segment recompute from a rope table what the first one sent it)
         self.whole_buffers = whole_buffers
+        # meta tensors whose values come from other tensors (a precision's conversion deferred to the cut, see
+        # strategy/conversion.py), by id: copied in where this rank keeps them, the rest dropped with the cut
+        self.sources = dict(sources or {})
+        # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
+        self.seeded = any(t.is_meta and id(t) not in self.sources for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
     def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
-                   holders: Sequence[nn.Module] = (), whole_buffers: bool = False) -> LocalMaterializer | None:
+                   holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
+                   sources: Mapping[int, torch.Tensor] | None = None) -> LocalMaterializer | None:
         """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
         if not has_meta_tensors(module):
             return None
-        return cls(module, sequence, device, seed, holders, whole_buffers)
+        return cls(module, sequence, device, seed, holders, whole_buffers, sources)
 
     def __call__(self, stages: Sequence[nn.Module]) -> None:
         inside = {id(t) for t in _tensors(self.sequence)}
@@ -108,7 +118,14 @@ class LocalMaterializer:
         # rank's to load, not an error here
         self._extras = {id(fresh[key]) for key in extras if key in fresh}
         owners = self._give(fresh)
-        self._initialize(owners, fresh)
+        given = set()  # the new tensors whose values come from sources
+        with torch.no_grad():
+            for key, tensor in fresh.items():
+                if key in self.sources:
+                    tensor.copy_(self.sources[key])
+                    given.add(id(tensor))
+        self.sources = {}  # the other ranks' originals go
+        self._initialize(owners, fresh, given)
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
     def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
@@ -118,14 +135,17 @@ class LocalMaterializer:
         put_in_place([self.module, self.sequence, *self.holders], fresh)
         return owners
 
-    def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor]) -> None:
-        new = {id(t) for t in fresh.values()}
+    def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor], given: set[int]) -> None:
+        new = {id(t) for t in fresh.values()} - given
         parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
         done: set[int] = set()
         for name, owner in owners.items():
             if id(owner) in done:  # the same module under two names (shared layers)
                 continue
             done.add(id(owner))
+            if not any(id(t) in new for _, t in _own(owner)):  # every value given
+                self.materialized.append(name)
+                continue
             kept = {key: t.detach().clone() for key, t in _own(owner) if id(t) not in new}  # real state stays as it was
             with torch.no_grad():
                 for _, tensor in _own(owner):
@@ -305,8 +325,16 @@ def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Call
     return [*found, *([reset] if callable(reset) else []), *other[:1]]
 
 
+def meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``tensor``'s shape and dtype (a parameter if it is one, with its attributes)."""
+    return _empty_like(tensor, torch.device("meta"))
+
+
 def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """New storage on ``device`` for ``tensor``: a parameter stays one, with its ``requires_grad`` and the attributes a
+    project gave it (``param.no_weight_decay = True``, Hugging Face's ``_is_hf_initialized``)."""
     value = torch.empty_like(tensor, device=device)
     if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(value, requires_grad=tensor.requires_grad)
+        value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+    value.__dict__.update(tensor.__dict__)
     return value

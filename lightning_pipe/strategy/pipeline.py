@@ -227,6 +227,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
         self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
+        self._conversion_sources: dict[int, torch.Tensor] = {}  # a precision's conversion deferred to the cut
         self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
         self._saved_random_states: dict[str, Any] | None = None  # this rank's, from a checkpoint, until its first batch
 
