@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["LazyRegressor", "MeteredRegressor", "Pretrained", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
+__all__ = ["LazyRegressor", "MeteredRegressor", "Pretrained", "PretrainedLora", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
            "materialized_like_pipeline"]
 
 
@@ -89,6 +89,31 @@ class Pretrained(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PretrainedLora(L.LightningModule):
+    """LoRA fine-tuning as PEFT users write it: ``from_pretrained`` then ``get_peft_model`` in ``configure_model()`` (a
+    Llama saved at ``path``); only the adapters train."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from peft import LoraConfig, get_peft_model
+            from transformers import LlamaForCausalLM
+
+            adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+            self.model = get_peft_model(LlamaForCausalLM.from_pretrained(self.path), adapters)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
 
 
 class Scale(nn.Module):

@@ -88,7 +88,7 @@ class PipelineCheckpoints:
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
         it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
-        materialize`); torchmetrics and Hugging Face's ``from_pretrained`` there build on the CPU
+        materialize`); torchmetrics, Hugging Face's ``from_pretrained`` and PEFT's adapters build on the CPU
         (:func:`~.materialize.built_on_host`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this
         rank's device."""
         if empty_init is False:

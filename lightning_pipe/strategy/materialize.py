@@ -212,28 +212,24 @@ class LocalMaterializer:
 
 @contextlib.contextmanager
 def built_on_host() -> Iterator[None]:
-    """While the model is built on the meta device, two things are built on the CPU instead, as in ``__init__``:
+    """While the model is built on the meta device, three things are built on the CPU instead, as in ``__init__``:
 
     - torchmetrics (a metric made in ``configure_model()`` beside the layers): a metric keeps its states' initial values
       in tensors of its own, outside parameters and buffers, which no initialization could restore on a meta device;
-    - Hugging Face's ``from_pretrained`` (which refuses a meta device: it has weights to load): the pretrained model is
-      read whole on every rank's CPU, once, and the cut keeps each rank's own layers, as for a model loaded in
-      ``__init__``.
+    - Hugging Face's ``from_pretrained`` (which refuses a meta device: it has weights to load): the model's tensors
+      point into the checkpoint files mapped into memory, read where touched, so each rank reads its own layers once
+      the cut is made;
+    - PEFT's adapters (``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``, ``load_adapter``): built
+      beside their base layers, on the base's device, and initialized as PEFT initializes them (LoRA's B at zero), as
+      on one device; on the meta device they would get the materializer's initial values instead.
 
-    Each ``Metric`` class' own ``__init__`` and ``PreTrainedModel.from_pretrained`` run under ``torch.device("cpu")``
-    while the block runs (the dtype default stays; Lightning moves the module to its device afterwards)."""
+    Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
+    dtype default stays; Lightning moves the module to its device afterwards)."""
     wrapped: list[tuple[type, str, Any]] = []
-    metric = _imported("torchmetrics", "Metric")
-    classes, seen = [metric] if metric is not None else [], set()
-    while classes:
-        cls = classes.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        classes.extend(cls.__subclasses__())
-        if "__init__" in cls.__dict__:
-            wrapped.append((cls, "__init__", cls.__dict__["__init__"]))
-            cls.__init__ = _on_host(cls.__dict__["__init__"])  # type: ignore[misc]
+    for module, name, methods in _ON_HOST:
+        root = _imported(module, name)
+        if root is not None:
+            wrapped.extend(_wrap_on_host(root, methods))
     pretrained = _imported("transformers.modeling_utils", "PreTrainedModel")
     if pretrained is not None:
         loader = pretrained.__dict__["from_pretrained"]
@@ -242,8 +238,33 @@ def built_on_host() -> Iterator[None]:
     try:
         yield
     finally:
-        for cls, name, original in wrapped:
+        for cls, name, original in reversed(wrapped):
             setattr(cls, name, original)
+
+
+# (module, class, methods): each subclass' own methods of those names run on the host while the model is built
+_ON_HOST = (("torchmetrics", "Metric", ("__init__",)),
+            ("peft.peft_model", "PeftModel", ("__init__", "add_adapter", "load_adapter")),
+            ("peft.tuners.tuners_utils", "BaseTuner", ("__init__", "inject_adapter")))
+
+
+def _wrap_on_host(root: type, methods: Sequence[str]) -> list[tuple[type, str, Any]]:
+    """Wrap ``methods`` of ``root`` and of every subclass that defines its own, to run under the CPU device; returns
+    (class, name, original) for putting them back."""
+    wrapped: list[tuple[type, str, Any]] = []
+    classes, seen = [root], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        for method in methods:
+            original = cls.__dict__.get(method)
+            if callable(original):
+                wrapped.append((cls, method, original))
+                setattr(cls, method, _on_host(original))
+    return wrapped
 
 
 def _imported(module: str, name: str) -> Any:
