@@ -23,32 +23,54 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.materialize import meta_like
 
-__all__ = ["converted_later"]
+__all__ = ["converted_later", "restore"]
 
 _DTYPES_ONLY = (HalfPrecision, DoublePrecision)  # conversions that change floating dtypes and nothing else
 
 
 def converted_later(module: nn.Module, model: nn.Module, precision: Precision) -> dict[int, torch.Tensor]:
-    """Convert ``module`` with ``precision``, the tensors of ``model`` (a submodule, or ``module``) as meta
-    stand-ins; returns ``{id(stand-in): original}``, the values the materializer gives them on the ranks that keep
-    them. Empty, and everything converted at once, when the precision does more than change dtypes or changes none
-    of ``model``'s."""
+    """Convert ``module`` with ``precision``, the tensors of ``model`` (a submodule) as meta stand-ins (but those that
+    modules outside ``model`` hold too); returns ``{id(stand-in): original}``, the values the materializer gives them
+    on the ranks that keep them. Empty, and everything converted at once, when the precision does more than change
+    dtypes or changes none of ``model``'s."""
     if type(precision) not in _DTYPES_ONLY:
         precision.convert_module(module)
         return {}
-    originals = _named_tensors(model)
+    inside = {id(child) for child in model.modules()}
+    # a tensor the code around the model holds too (a head tied to the model's embedding) runs on every rank: as before
+    outside = {id(t) for child in module.modules() if id(child) not in inside
+               for table in (child._parameters, child._buffers) for t in table.values() if t is not None}
+    originals = {name: t for name, t in _named_tensors(model).items() if not t.is_meta and id(t) not in outside}
     stand_ins: dict[int, torch.Tensor] = {}
     for tensor in originals.values():
-        if not tensor.is_meta and id(tensor) not in stand_ins:
-            stand_ins[id(tensor)] = meta_like(tensor)
+        stand_ins.setdefault(id(tensor), meta_like(tensor))
     put_in_place([module], stand_ins)
-    precision.convert_module(module)
+    try:
+        precision.convert_module(module)
+    except BaseException:
+        _put_back(module, model, originals)
+        raise
     converted = _named_tensors(model)
-    sources = {id(converted[name]): original for name, original in originals.items() if not original.is_meta}
     if all(converted[name].dtype == original.dtype for name, original in originals.items()):
-        put_in_place([module], {id(converted[name]): original for name, original in originals.items()})
+        _put_back(module, model, originals)
         return {}
-    return sources
+    return {id(converted[name]): original for name, original in originals.items()}
+
+
+def restore(module: nn.Module, sources: dict[int, torch.Tensor], precision: Precision) -> None:
+    """Undo :func:`converted_later` when the cut did not happen (a capture failed): the originals back in ``module``,
+    converted as a whole, as the precision converts a module; ``sources`` emptied."""
+    if not sources:
+        return
+    put_in_place([module], sources)
+    sources.clear()
+    precision.convert_module(module)
+
+
+def _put_back(module: nn.Module, model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """The originals back in place of what ``model`` holds under their names now (stand-ins, or their conversions)."""
+    now = _named_tensors(model)
+    put_in_place([module], {id(now[name]): original for name, original in originals.items()})
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

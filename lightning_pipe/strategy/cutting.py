@@ -22,7 +22,7 @@ from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
-from lightning_pipe.strategy.conversion import converted_later
+from lightning_pipe.strategy.conversion import converted_later, restore
 from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
 from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, own_forward, undo_compile
@@ -44,6 +44,17 @@ class PipelineCutting:
     _example_input_array: Any
 
     def _build(self, module: LightningModule, trainer: Trainer) -> None:
+        try:
+            self._cut(module, trainer)
+        except BaseException:
+            # a capture that failed before the cut: the model's originals back, converted whole as before, so that the
+            # module stays usable (a later fit captures it again)
+            restore(module, self._conversion_sources, self.precision_plugin)
+            raise
+        finally:
+            self._conversion_sources = {}
+
+    def _cut(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
             return  # a later run of this Trainer (fit, then test): the module is cut already
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
@@ -81,10 +92,9 @@ class PipelineCutting:
             groups = {"group": mesh.get_group(PIPE), "replica_group": mesh.get_group(DATA),
                       "pipelines": shape.pipelines()} if mesh is not None else {}
             if captured is not None:  # built on meta (configure_model): captured on meta, materialized per rank
-                sources, self._conversion_sources = self._conversion_sources, {}
                 self._materializer = LocalMaterializer.for_module(module, captured.model, self.root_device,
                                                                   self._position.base, holders=captured.segments,
-                                                                  whole_buffers=True, sources=sources)
+                                                                  whole_buffers=True, sources=self._conversion_sources)
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, materialize=self._materializer,
                                                        **groups)

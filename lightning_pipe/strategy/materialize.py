@@ -36,7 +36,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,7 +77,7 @@ class LocalMaterializer:
 
     def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                  holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                 sources: Mapping[int, torch.Tensor] | None = None) -> None:
+                 sources: dict[int, torch.Tensor] | None = None) -> None:
         self.module = module
         self.sequence = sequence
         self.device = torch.device(device)
@@ -88,8 +88,9 @@ class LocalMaterializer:
         # since a later capture may have a segment recompute from a rope table what the first one sent it)
         self.whole_buffers = whole_buffers
         # meta tensors whose values come from other tensors (a precision's conversion deferred to the cut, see
-        # strategy/conversion.py), by id: copied in where this rank keeps them, the rest dropped with the cut
-        self.sources = dict(sources or {})
+        # strategy/conversion.py), by id: copied in where this rank keeps them (each let go once copied), the rest
+        # dropped with the cut. The caller's dict itself, emptied as it goes: no other reference keeps them.
+        self.sources = sources if sources is not None else {}
         # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
         self.seeded = any(t.is_meta and id(t) not in self.sources for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
@@ -99,7 +100,7 @@ class LocalMaterializer:
     @classmethod
     def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                    holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                   sources: Mapping[int, torch.Tensor] | None = None) -> LocalMaterializer | None:
+                   sources: dict[int, torch.Tensor] | None = None) -> LocalMaterializer | None:
         """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
         if not has_meta_tensors(module):
             return None
@@ -122,9 +123,9 @@ class LocalMaterializer:
         with torch.no_grad():
             for key, tensor in fresh.items():
                 if key in self.sources:
-                    tensor.copy_(self.sources[key])
+                    tensor.copy_(self.sources.pop(key))
                     given.add(id(tensor))
-        self.sources = {}  # the other ranks' originals go
+        self.sources.clear()  # the other ranks' originals go
         self._initialize(owners, fresh, given)
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -352,10 +353,13 @@ def meta_like(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """New storage on ``device`` for ``tensor``: a parameter stays one, with its ``requires_grad`` and the attributes a
-    project gave it (``param.no_weight_decay = True``, Hugging Face's ``_is_hf_initialized``)."""
+    """New storage on ``device`` for ``tensor``: a parameter stays one, with its ``requires_grad``, the attributes a
+    project gave it (``param.no_weight_decay = True``, Hugging Face's ``_is_hf_initialized``) and its gradient hooks."""
     value = torch.empty_like(tensor, device=device)
     if isinstance(tensor, nn.Parameter):
         value = nn.Parameter(value, requires_grad=tensor.requires_grad)
     value.__dict__.update(tensor.__dict__)
+    for hooks in ("_backward_hooks", "_post_accumulate_grad_hooks"):  # register_hook's, and after accumulation's
+        if getattr(tensor, hooks, None):
+            setattr(value, hooks, getattr(tensor, hooks))
     return value
