@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["LazyRegressor", "MeteredRegressor", "Pretrained", "PretrainedLora", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
+__all__ = ["LazyRegressor", "LoadedRegressor", "loaded_layers", "MeteredRegressor", "Pretrained", "PretrainedLora", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
            "materialized_like_pipeline"]
 
 
@@ -125,6 +125,44 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gain
+
+
+class LoadedRegressor(L.LightningModule):
+    """Layers built in ``configure_model()`` that load their weights there (``load_state_dict`` from a file saved at
+    ``path``), layers without ``reset_parameters()`` among them (a parameter, a buffer)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.layers: nn.Sequential | None = None
+
+    def configure_model(self) -> None:
+        if self.layers is None:
+            self.layers = loaded_layers()
+            self.layers.load_state_dict(torch.load(self.path, mmap=True, weights_only=True))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        assert self.layers is not None
+        return F.mse_loss(self.layers(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loaded_layers() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 16), Shift(16), nn.Tanh(), Scale(16), nn.Linear(16, 16))
+
+
+class Shift(nn.Module):
+    """A persistent buffer added to the input, and no ``reset_parameters()``: on meta, only loaded values fill it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
 
 
 class ScaledRegressor(LazyRegressor):

@@ -228,6 +228,60 @@ def test_lora_adapters_made_in_configure_model_start_as_peft_makes_them(tmp_path
     assert all(result["adapters_on"] == {"cpu"} for result in results)
 
 
+def _loaded(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    import warnings
+
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import LoadedRegressor, loaded_layers
+    from tests.lightning_models import regression_data
+
+    L.seed_everything(SEED)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = LoadedRegressor(path)
+        _trainer(world_size, max_steps=3).fit(model, regression_data(3))
+        trainer = _trainer(world_size, max_steps=3)  # loaded inside Trainer.init_module() too
+        with trainer.init_module():
+            layers = loaded_layers()
+            layers.load_state_dict(torch.load(path, weights_only=True))
+            built = LoadedRegressor(path)
+            built.layers = layers
+        trainer.fit(built, regression_data(3))
+    return {"state": model.state_dict(), "init_module": built.state_dict(),
+            "warnings": [str(w.message) for w in caught if "meta" in str(w.message)]}
+
+
+@pytest.mark.timeout(200)
+def test_weights_loaded_in_configure_model_reach_the_ranks_that_keep_them(tmp_path: Path) -> None:
+    """``load_state_dict`` in ``configure_model()`` (or in a ``Trainer.init_module()`` block) copies into meta
+    tensors, which is a no-op (torch only warns): the values are kept and each rank's materialized layers take them,
+    layers without ``reset_parameters()`` included (a parameter, a buffer), so training equals one device's from
+    those weights, with no warning about initial values (the values used to be the seeded ones, silently)."""
+    import lightning as L
+
+    from tests.big_models import LoadedRegressor, loaded_layers
+    from tests.lightning_models import regression_data
+
+    torch.manual_seed(5)
+    source = loaded_layers()
+    with torch.no_grad():
+        source[1].offset.add_(0.5)
+        source[3].gain.mul_(1.5)
+    torch.save(source.state_dict(), tmp_path / "layers.pt")
+    results = run_ranks(_loaded, 2, str(tmp_path / "layers.pt"), timeout=180)
+    reference = LoadedRegressor(str(tmp_path / "layers.pt"))
+    L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(reference, regression_data(3))
+    for which in ("state", "init_module"):
+        got = {**results[0][which], **results[1][which]}
+        assert got.keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=f"{which} {key}")
+    assert results[0]["warnings"] == [] and results[1]["warnings"] == []
+
+
 class _Refusing(torch.nn.Module):
     """Two linear layers whose forward fails while ``refuse`` is set (a capture that fails, then is fixed)."""
 

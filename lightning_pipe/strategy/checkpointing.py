@@ -88,14 +88,15 @@ class PipelineCheckpoints:
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
         """``configure_model()`` and ``Trainer.init_module()`` build the module on the meta device: no rank allocates
         it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
-        materialize`); torchmetrics, Hugging Face's ``from_pretrained`` and PEFT's adapters build on the CPU
+        materialize`); torchmetrics, Hugging Face's ``from_pretrained`` and PEFT's adapters build on the CPU, and
+        what a ``load_state_dict`` there copies into the meta tensors goes to the ranks that keep them
         (:func:`~.materialize.built_on_host`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this
         rank's device."""
         if empty_init is False:
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host():
+        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host(self._loaded_on_meta):
             yield
 
     @property

@@ -13,7 +13,8 @@ meta-built model starts from the same weights on every layout (but not from the 
 come from one stream in construction order):
 
 - a tensor given a source (the original of a precision's conversion deferred to the cut,
-  :mod:`~lightning_pipe.strategy.conversion`) takes its value from it, and no initializer runs for it;
+  :mod:`~lightning_pipe.strategy.conversion`), or a value by a ``load_state_dict`` while the module was built
+  (:func:`built_on_host`), takes its value from it, and no initializer runs for it;
 
 - the enclosing Hugging Face model's ``_init_weights(module)`` (what its ``post_init`` applies when it is built
   eagerly);
@@ -36,7 +37,9 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +48,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
-__all__ = ["built_on_host", "has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
+__all__ = ["built_on_host", "has_meta_tensors", "Loaded", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 
@@ -77,7 +80,7 @@ class LocalMaterializer:
 
     def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                  holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                 sources: dict[int, torch.Tensor] | None = None) -> None:
+                 sources: dict[int, torch.Tensor] | None = None, loaded: Loaded | None = None) -> None:
         self.module = module
         self.sequence = sequence
         self.device = torch.device(device)
@@ -91,8 +94,13 @@ class LocalMaterializer:
         # strategy/conversion.py), by id: copied in where this rank keeps them (each let go once copied), the rest
         # dropped with the cut. The caller's dict itself, emptied as it goes: no other reference keeps them.
         self.sources = sources if sources is not None else {}
+        # values a state dict loaded into meta tensors while the module was built (see built_on_host), by tensor id
+        loaded = loaded if loaded is not None else Loaded()
+        self._loaded = {id(tensor): loaded[child][key] for child in module.modules() if child in loaded
+                        for key, tensor in _own(child) if tensor.is_meta and key in loaded[child]}
         # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
-        self.seeded = any(t.is_meta and id(t) not in self.sources for t in _tensors(module))
+        self.seeded = any(t.is_meta and id(t) not in self.sources and id(t) not in self._loaded
+                          for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
@@ -100,11 +108,12 @@ class LocalMaterializer:
     @classmethod
     def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                    holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                   sources: dict[int, torch.Tensor] | None = None) -> LocalMaterializer | None:
+                   sources: dict[int, torch.Tensor] | None = None,
+                   loaded: Loaded | None = None) -> LocalMaterializer | None:
         """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
         if not has_meta_tensors(module):
             return None
-        return cls(module, sequence, device, seed, holders, whole_buffers, sources)
+        return cls(module, sequence, device, seed, holders, whole_buffers, sources, loaded)
 
     def __call__(self, stages: Sequence[nn.Module]) -> None:
         inside = {id(t) for t in _tensors(self.sequence)}
@@ -122,10 +131,13 @@ class LocalMaterializer:
         given = set()  # the new tensors whose values come from sources
         with torch.no_grad():
             for key, tensor in fresh.items():
-                if key in self.sources:
-                    tensor.copy_(self.sources.pop(key))
+                value = self.sources.pop(key, None)
+                value = self._loaded.pop(key, None) if value is None else value
+                if value is not None:
+                    tensor.copy_(value)
                     given.add(id(tensor))
         self.sources.clear()  # the other ranks' originals go
+        self._loaded.clear()
         self._initialize(owners, fresh, given)
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -211,8 +223,13 @@ class LocalMaterializer:
                 f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
 
 
+# values that ``load_state_dict`` copied into meta tensors while a module was built (a no-op on meta), by module and
+# name: the materializer gives them to the tensors this rank keeps
+Loaded = weakref.WeakKeyDictionary  # [nn.Module, dict[str, torch.Tensor]]
+
+
 @contextlib.contextmanager
-def built_on_host() -> Iterator[None]:
+def built_on_host(loaded: Loaded | None = None) -> Iterator[None]:
     """While the model is built on the meta device, three things are built on the CPU instead, as in ``__init__``:
 
     - torchmetrics (a metric made in ``configure_model()`` beside the layers): a metric keeps its states' initial values
@@ -225,8 +242,16 @@ def built_on_host() -> Iterator[None]:
       on one device; on the meta device they would get the materializer's initial values instead.
 
     Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
-    dtype default stays; Lightning moves the module to its device afterwards)."""
+    dtype default stays; Lightning moves the module to its device afterwards).
+
+    With ``loaded``, a ``load_state_dict`` in the block (``configure_model`` loading weights into the layers it just
+    built) is not the no-op that copying into a meta tensor is: each value it copies into a meta tensor is kept in
+    ``loaded``, for the materializer to give the tensors this rank keeps."""
     wrapped: list[tuple[type, str, Any]] = []
+    if loaded is not None:
+        original_load = nn.Module.__dict__["_load_from_state_dict"]
+        wrapped.append((nn.Module, "_load_from_state_dict", original_load))
+        nn.Module._load_from_state_dict = _recording_loads(original_load, loaded)  # type: ignore[method-assign]
     for module, name, methods in _ON_HOST:
         root = _imported(module, name)
         if root is not None:
@@ -241,6 +266,24 @@ def built_on_host() -> Iterator[None]:
     finally:
         for cls, name, original in reversed(wrapped):
             setattr(cls, name, original)
+
+
+def _recording_loads(load: Callable, loaded: Loaded) -> Callable:
+    """``nn.Module._load_from_state_dict`` that keeps, in ``loaded``, each value it would copy into a meta tensor."""
+    @functools.wraps(load)
+    def recording(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict, *args: Any,
+                  **kwargs: Any) -> Any:
+        if not local_metadata.get("assign_to_params_buffers", False):  # assign=True puts the value itself in place
+            for key, tensor in _own(module):
+                value = state_dict.get(prefix + key)
+                if (tensor.is_meta and isinstance(value, torch.Tensor) and not value.is_meta
+                        and value.shape == tensor.shape):
+                    loaded.setdefault(module, {})[key] = value.detach()
+        with warnings.catch_warnings():  # torch's "copying ... to a meta parameter ... is a no-op": not any more
+            warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a "
+                                                      r"meta parameter")
+            return load(module, state_dict, prefix, local_metadata, *args, **kwargs)
+    return recording
 
 
 # (module, class, methods): each subclass' own methods of those names run on the host while the model is built
