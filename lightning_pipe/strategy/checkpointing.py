@@ -40,7 +40,7 @@ from lightning_pipe.strategy.checkpoint import (
 )
 from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
-from lightning_pipe.strategy.materialize import built_on_host
+from lightning_pipe.strategy.host_built import built_on_host
 from lightning_pipe.strategy.one_device import local_group_names, one_device_names
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
@@ -90,13 +90,13 @@ class PipelineCheckpoints:
         it whole; each materializes only its stages when the strategy cuts it (:mod:`lightning_pipe.strategy.
         materialize`); torchmetrics, Hugging Face's ``from_pretrained`` and PEFT's adapters build on the CPU, and
         what a ``load_state_dict`` there copies into the meta tensors goes to the ranks that keep them
-        (:func:`~.materialize.built_on_host`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this
+        (:mod:`~.host_built`). ``Trainer.init_module(empty_init=False)`` builds it eagerly, on this
         rank's device."""
         if empty_init is False:
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host(self._loaded_on_meta):
+        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host():
             yield
 
     @property

@@ -41,7 +41,6 @@ class PipelineCutting:
     _planned_replicas: tuple[int, ...] | None
     _materializer: Any
     _conversion_sources: dict[int, torch.Tensor]  # a precision's conversion deferred to the cut, until _build
-    _loaded_on_meta: Any  # materialize.Loaded: what load_state_dict copied into meta tensors, until _build
     _example_input_array: Any
 
     def _build(self, module: LightningModule, trainer: Trainer) -> None:
@@ -54,7 +53,6 @@ class PipelineCutting:
             raise
         finally:
             self._conversion_sources = {}
-            self._loaded_on_meta.clear()  # given to this rank's tensors; the others' go
 
     def _cut(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
@@ -96,20 +94,19 @@ class PipelineCutting:
             if captured is not None:  # built on meta (configure_model): captured on meta, materialized per rank
                 self._materializer = LocalMaterializer.for_module(module, captured.model, self.root_device,
                                                                   self._position.base, holders=captured.segments,
-                                                                  whole_buffers=True, sources=self._conversion_sources,
-                                                                  loaded=self._loaded_on_meta)
+                                                                  whole_buffers=True, sources=self._conversion_sources)
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, materialize=self._materializer,
                                                        **groups)
             elif chain is not None:  # built on meta: each rank materializes its layers, as for one nn.Sequential
                 self._materializer = LocalMaterializer.for_module(module, chain.sequence, self.root_device,
-                                                                  self._position.base, loaded=self._loaded_on_meta)
+                                                                  self._position.base)
                 runner = PipelineRunner.build(module, layers=None, config=config, device=self.root_device,
                                               split=chain, materialize=self._materializer, **groups)
             else:
                 _, sequence = find_sequence(module, settings.layers)
                 self._materializer = LocalMaterializer.for_module(module, sequence, self.root_device,
-                                                                  self._position.base, loaded=self._loaded_on_meta)
+                                                                  self._position.base)
                 runner = PipelineRunner.build(module, layers=settings.layers, config=config, device=self.root_device,
                                               materialize=self._materializer, **groups)
         elif (runner.config, runner.layers, runner.pipeline.num_ranks, runner.replica_group is None) != (

@@ -14,7 +14,7 @@ come from one stream in construction order):
 
 - a tensor given a source (the original of a precision's conversion deferred to the cut,
   :mod:`~lightning_pipe.strategy.conversion`), or a value by a ``load_state_dict`` while the module was built
-  (:func:`built_on_host`), takes its value from it, and no initializer runs for it;
+  (:mod:`~lightning_pipe.strategy.host_built`), takes its value from it, and no initializer runs for it;
 
 - the enclosing Hugging Face model's ``_init_weights(module)`` (what its ``post_init`` applies when it is built
   eagerly);
@@ -31,24 +31,18 @@ come from one stream in construction order):
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import importlib
-import importlib.util
 import sys
-import warnings
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from lightning_pipe.capture.materialize import put_in_place
+from lightning_pipe.strategy.host_built import forget_loads, loaded_values
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
-__all__ = ["built_on_host", "has_meta_tensors", "Loaded", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
+__all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 
@@ -80,7 +74,7 @@ class LocalMaterializer:
 
     def __init__(self, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                  holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                 sources: dict[int, torch.Tensor] | None = None, loaded: Loaded | None = None) -> None:
+                 sources: dict[int, torch.Tensor] | None = None) -> None:
         self.module = module
         self.sequence = sequence
         self.device = torch.device(device)
@@ -94,10 +88,8 @@ class LocalMaterializer:
         # strategy/conversion.py), by id: copied in where this rank keeps them (each let go once copied), the rest
         # dropped with the cut. The caller's dict itself, emptied as it goes: no other reference keeps them.
         self.sources = sources if sources is not None else {}
-        # values a state dict loaded into meta tensors while the module was built (see built_on_host), by tensor id
-        loaded = loaded if loaded is not None else Loaded()
-        self._loaded = {id(tensor): loaded[child][key] for child in module.modules() if child in loaded
-                        for key, tensor in _own(child) if tensor.is_meta and key in loaded[child]}
+        # values a load_state_dict copied into meta tensors while the module was built (host_built), by tensor id
+        self._loaded = loaded_values(module)
         # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
         self.seeded = any(t.is_meta and id(t) not in self.sources and id(t) not in self._loaded
                           for t in _tensors(module))
@@ -108,12 +100,11 @@ class LocalMaterializer:
     @classmethod
     def for_module(cls, module: nn.Module, sequence: nn.Module, device: torch.device, seed: int,
                    holders: Sequence[nn.Module] = (), whole_buffers: bool = False,
-                   sources: dict[int, torch.Tensor] | None = None,
-                   loaded: Loaded | None = None) -> LocalMaterializer | None:
+                   sources: dict[int, torch.Tensor] | None = None) -> LocalMaterializer | None:
         """A materializer if ``module`` has tensors on the meta device, else ``None`` (built eagerly: as before)."""
         if not has_meta_tensors(module):
             return None
-        return cls(module, sequence, device, seed, holders, whole_buffers, sources, loaded)
+        return cls(module, sequence, device, seed, holders, whole_buffers, sources)
 
     def __call__(self, stages: Sequence[nn.Module]) -> None:
         inside = {id(t) for t in _tensors(self.sequence)}
@@ -138,6 +129,7 @@ class LocalMaterializer:
                     given.add(id(tensor))
         self.sources.clear()  # the other ranks' originals go
         self._loaded.clear()
+        forget_loads(self.module)
         self._initialize(owners, fresh, given)
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -221,112 +213,6 @@ class LocalMaterializer:
                 f"reset_parameters() (nor does an enclosing Hugging Face model define _init_weights). Define "
                 f"reset_parameters() on those modules to initialize their own parameters and buffers, as torch.nn "
                 f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
-
-
-# values that ``load_state_dict`` copied into meta tensors while a module was built (a no-op on meta), by module and
-# name: the materializer gives them to the tensors this rank keeps
-Loaded = weakref.WeakKeyDictionary  # [nn.Module, dict[str, torch.Tensor]]
-
-
-@contextlib.contextmanager
-def built_on_host(loaded: Loaded | None = None) -> Iterator[None]:
-    """While the model is built on the meta device, three things are built on the CPU instead, as in ``__init__``:
-
-    - torchmetrics (a metric made in ``configure_model()`` beside the layers): a metric keeps its states' initial values
-      in tensors of its own, outside parameters and buffers, which no initialization could restore on a meta device;
-    - Hugging Face's ``from_pretrained`` (which refuses a meta device: it has weights to load): the model's tensors
-      point into the checkpoint files mapped into memory, read where touched, so each rank reads its own layers once
-      the cut is made;
-    - PEFT's adapters (``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``, ``load_adapter``): built
-      beside their base layers, on the base's device, and initialized as PEFT initializes them (LoRA's B at zero), as
-      on one device; on the meta device they would get the materializer's initial values instead.
-
-    Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
-    dtype default stays; Lightning moves the module to its device afterwards).
-
-    With ``loaded``, a ``load_state_dict`` in the block (``configure_model`` loading weights into the layers it just
-    built) is not the no-op that copying into a meta tensor is: each value it copies into a meta tensor is kept in
-    ``loaded``, for the materializer to give the tensors this rank keeps."""
-    wrapped: list[tuple[type, str, Any]] = []
-    if loaded is not None:
-        original_load = nn.Module.__dict__["_load_from_state_dict"]
-        wrapped.append((nn.Module, "_load_from_state_dict", original_load))
-        nn.Module._load_from_state_dict = _recording_loads(original_load, loaded)  # type: ignore[method-assign]
-    for module, name, methods in _ON_HOST:
-        root = _imported(module, name)
-        if root is not None:
-            wrapped.extend(_wrap_on_host(root, methods))
-    pretrained = _imported("transformers.modeling_utils", "PreTrainedModel")
-    if pretrained is not None:
-        loader = pretrained.__dict__["from_pretrained"]
-        wrapped.append((pretrained, "from_pretrained", loader))
-        pretrained.from_pretrained = classmethod(_on_host(loader.__func__))
-    try:
-        yield
-    finally:
-        for cls, name, original in reversed(wrapped):
-            setattr(cls, name, original)
-
-
-def _recording_loads(load: Callable, loaded: Loaded) -> Callable:
-    """``nn.Module._load_from_state_dict`` that keeps, in ``loaded``, each value it would copy into a meta tensor."""
-    @functools.wraps(load)
-    def recording(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict, *args: Any,
-                  **kwargs: Any) -> Any:
-        if not local_metadata.get("assign_to_params_buffers", False):  # assign=True puts the value itself in place
-            for key, tensor in _own(module):
-                value = state_dict.get(prefix + key)
-                if (tensor.is_meta and isinstance(value, torch.Tensor) and not value.is_meta
-                        and value.shape == tensor.shape):
-                    loaded.setdefault(module, {})[key] = value.detach()
-        with warnings.catch_warnings():  # torch's "copying ... to a meta parameter ... is a no-op": not any more
-            warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a "
-                                                      r"meta parameter")
-            return load(module, state_dict, prefix, local_metadata, *args, **kwargs)
-    return recording
-
-
-# (module, class, methods): each subclass' own methods of those names run on the host while the model is built
-_ON_HOST = (("torchmetrics", "Metric", ("__init__",)),
-            ("peft.peft_model", "PeftModel", ("__init__", "add_adapter", "load_adapter")),
-            ("peft.tuners.tuners_utils", "BaseTuner", ("__init__", "inject_adapter")))
-
-
-def _wrap_on_host(root: type, methods: Sequence[str]) -> list[tuple[type, str, Any]]:
-    """Wrap ``methods`` of ``root`` and of every subclass that defines its own, to run under the CPU device; returns
-    (class, name, original) for putting them back."""
-    wrapped: list[tuple[type, str, Any]] = []
-    classes, seen = [root], set()
-    while classes:
-        cls = classes.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        classes.extend(cls.__subclasses__())
-        for method in methods:
-            original = cls.__dict__.get(method)
-            if callable(original):
-                wrapped.append((cls, method, original))
-                setattr(cls, method, _on_host(original))
-    return wrapped
-
-
-def _imported(module: str, name: str) -> Any:
-    """``module.name`` if the package is installed (imported here if not yet: the block may import it first)."""
-    if module not in sys.modules and importlib.util.find_spec(module.split(".")[0]) is None:
-        return None
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except Exception:  # noqa: BLE001 - an installed package that fails to import is not the user's model's concern
-        return None
-
-
-def _on_host(function: Callable) -> Callable:
-    @functools.wraps(function)
-    def on_host(*args: Any, **kwargs: Any) -> Any:
-        with torch.device("cpu"):
-            return function(*args, **kwargs)
-    return on_host
 
 
 def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequence: nn.Module) -> None:

@@ -47,7 +47,7 @@ from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling, scaled
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.strategy.materialize import Loaded, LocalMaterializer
+from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.optimizers import drop_placeholder, placeholder_if_untrainable
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
@@ -228,7 +228,6 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         self._position = RunPosition()
         self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
         self._conversion_sources: dict[int, torch.Tensor] = {}  # a precision's conversion deferred to the cut
-        self._loaded_on_meta = Loaded()  # what load_state_dict copied into meta tensors while the module was built
         self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
         self._saved_random_states: dict[str, Any] | None = None  # this rank's, from a checkpoint, until its first batch
 

@@ -1,0 +1,224 @@
+"""What is made real while a module is built on the meta device (``configure_model()``, ``Trainer.init_module()``).
+
+Under :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy` the module is built on the meta device, and each
+rank materializes its own layers after the cut (:mod:`~lightning_pipe.strategy.materialize`). A few things made in
+that block need real values that no initializer could give back later; :func:`built_on_host` keeps them, as they
+would be in ``__init__``:
+
+- torchmetrics (a metric made beside the layers): a metric keeps its states' initial values in tensors of its own,
+  outside parameters and buffers; it is built on the CPU;
+- Hugging Face's ``from_pretrained`` (which refuses a meta device: it has weights to load) runs on the CPU: the model's
+  tensors point into the checkpoint files mapped into memory, read where touched, so each rank reads its own layers
+  once the cut is made;
+- PEFT's adapters (``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``, ``load_adapter``) are built on
+  the CPU and initialized as PEFT initializes them (LoRA's B at zero), as on one device: beside a ``from_pretrained``
+  base, and beside a base built on the meta device too (kept on the CPU, where PEFT would move them to the base's
+  meta device, and the materializer would give them seeded values);
+- ``load_state_dict`` into layers just built: copying into a meta tensor does nothing (torch only warns); each value
+  it would copy into a meta tensor is recorded instead (:func:`loaded_values`), and the materializer gives it to the
+  tensors this rank keeps; so are the values of real tensors a ``module.to("meta")`` moves there (PEFT moves the
+  adapters it made to its base layers' device).
+
+Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
+dtype default stays; Lightning moves the module to its device afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import itertools
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["built_on_host", "forget_loads", "loaded_values", "MetaBuildError"]
+
+# module -> {name: (order of the load, value, the tensor it was loaded into)}; weak: a module that goes takes its
+# values with it. Kept until a materializer gives them (a setup that failed keeps them for the next fit).
+_LOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ORDER = itertools.count()
+
+# (module, class, methods): each subclass' own methods of those names run on the host while the model is built
+_ON_HOST = (("torchmetrics", "Metric", ("__init__",)),
+            ("peft.peft_model", "PeftModel", ("__init__", "add_adapter", "load_adapter")),
+            ("peft.tuners.tuners_utils", "BaseTuner", ("__init__", "inject_adapter")))
+
+
+@contextlib.contextmanager
+def built_on_host() -> Iterator[None]:
+    """The block in which a module is built on the meta device: see the module's docstring."""
+    wrapped: list[tuple[type, str, Any]] = []
+    try:
+        original_load = nn.Module.__dict__["_load_from_state_dict"]
+        wrapped.append((nn.Module, "_load_from_state_dict", original_load))
+        nn.Module._load_from_state_dict = _recording_loads(original_load)  # type: ignore[method-assign]
+        original_to = nn.Module.__dict__["to"]
+        wrapped.append((nn.Module, "to", original_to))
+        nn.Module.to = _recording_moves(original_to)  # type: ignore[method-assign]
+        for module, name, methods in _ON_HOST:
+            root = _imported(module, name)
+            if root is not None:
+                wrapped.extend(_wrap(root, methods, _on_host))
+        layer = _imported("peft.tuners.tuners_utils", "BaseTunerLayer")
+        if layer is not None:
+            wrapped.extend(_wrap(layer, ("_move_adapter_to_device_of_base_layer",), _off_meta))
+        pretrained = _imported("transformers.modeling_utils", "PreTrainedModel")
+        if pretrained is not None:
+            loader = pretrained.__dict__["from_pretrained"]
+            wrapped.append((pretrained, "from_pretrained", loader))
+            pretrained.from_pretrained = classmethod(_on_host(loader.__func__))
+        yield
+    finally:
+        for cls, name, original in reversed(wrapped):
+            setattr(cls, name, original)
+
+
+def loaded_values(module: nn.Module) -> dict[int, torch.Tensor]:
+    """The values recorded for ``module``'s meta tensors, by tensor id: first each to the tensor it was loaded into
+    (the latest load wins, as the copies would), then, for a tensor that replaced it since at the same name and shape
+    (a precision's conversion makes new buffers), by name. A name tied since to another loaded tensor keeps that one's
+    value, as the tie does on one device."""
+    records = sorted(((order, child, key, value, into) for child in module.modules() if child in _LOADS
+                      for key, (order, value, into) in _LOADS[child].items()), key=lambda record: record[0])
+    values: dict[int, torch.Tensor] = {}
+    for _, child, key, value, into in records:
+        tensor = _tensor(child, key)
+        if tensor is not None and tensor is into() and tensor.is_meta:
+            values[id(tensor)] = value
+    loaded_into = {id(into()) for _, _, _, _, into in records if into() is not None}
+    for _, child, key, value, into in records:
+        tensor = _tensor(child, key)
+        if (tensor is not None and tensor.is_meta and id(tensor) not in values and id(tensor) not in loaded_into
+                and tensor.shape == value.shape):
+            values[id(tensor)] = value
+    return values
+
+
+def forget_loads(module: nn.Module) -> None:
+    """Drop the values recorded for ``module`` and its submodules (given to this rank's tensors; the rest go)."""
+    for child in module.modules():
+        _LOADS.pop(child, None)
+
+
+def _tensor(module: nn.Module, key: str) -> torch.Tensor | None:
+    if key in module._parameters:
+        return module._parameters[key]
+    return module._buffers.get(key)
+
+
+def _recording_loads(load: Callable) -> Callable:
+    """``nn.Module._load_from_state_dict`` that records each value it would copy into a meta tensor (after the load's
+    pre-hooks, which edit the state dict in place; ``assign=True`` puts the values themselves in place instead)."""
+    @functools.wraps(load)
+    def recording(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():  # torch's "copying ... to a meta parameter ... is a no-op": not any more
+            warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a "
+                                                      r"meta parameter")
+            result = load(module, state_dict, prefix, *args, **kwargs)
+        persistent = [*module._parameters.items(),
+                      *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set)]
+        for key, tensor in persistent:
+            value = state_dict.get(prefix + key)
+            if tensor is None or not tensor.is_meta or not isinstance(value, torch.Tensor) or value.is_meta:
+                continue
+            if tensor.dim() == 0 and value.shape == (1,):  # torch loads a one-element value into a scalar
+                value = value[0]
+            if value.shape == tensor.shape:
+                # the value itself, not a copy: a memory-mapped checkpoint is then read only where a rank keeps it
+                _record(module, key, value.detach(), tensor)
+        return result
+    return recording
+
+
+def _recording_moves(to: Callable) -> Callable:
+    """``nn.Module.to`` that records the values of the real tensors it moves to the meta device (PEFT puts the
+    adapters it made and initialized beside a base built on meta there), for the ranks that keep them."""
+    @functools.wraps(to)
+    def recording(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and torch.device(device).type == "meta":
+            for child in module.modules():
+                for key, tensor in [*child._parameters.items(), *child._buffers.items()]:
+                    if tensor is not None and not tensor.is_meta:
+                        _record(child, key, tensor.detach(), tensor)
+        return to(module, *args, **kwargs)
+    return recording
+
+
+def _record(module: nn.Module, key: str, value: torch.Tensor, into: torch.Tensor) -> None:
+    _LOADS.setdefault(module, {})[key] = (next(_ORDER), value, weakref.ref(into))
+
+
+def _wrap(root: type, methods: Sequence[str], wrapper: Callable[[Callable], Callable]) -> list[tuple[type, str, Any]]:
+    """Wrap ``methods`` of ``root`` and of every subclass that defines its own with ``wrapper``; returns (class,
+    name, original) for putting them back."""
+    wrapped: list[tuple[type, str, Any]] = []
+    classes, seen = [root], set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes.extend(cls.__subclasses__())
+        for method in methods:
+            original = cls.__dict__.get(method)
+            if callable(original):
+                wrapped.append((cls, method, original))
+                setattr(cls, method, wrapper(original))
+    return wrapped
+
+
+def _imported(module: str, name: str) -> Any:
+    """``module.name`` if the package is installed (imported here if not yet: the block may import it first)."""
+    if module not in sys.modules and importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except Exception:  # noqa: BLE001 - an installed package that fails to import is not the user's model's concern
+        return None
+
+
+def _on_host(function: Callable) -> Callable:
+    @functools.wraps(function)
+    def on_host(*args: Any, **kwargs: Any) -> Any:
+        with torch.device("cpu"):
+            try:
+                return function(*args, **kwargs)
+            except MetaBuildError:
+                raise
+            except Exception as error:
+                model = next((a for a in args if isinstance(a, nn.Module)), None)
+                if model is None or not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                    raise
+                raise MetaBuildError(
+                    f"{getattr(function, '__qualname__', function)} failed on a model built on the meta device "
+                    f"(configure_model() or Trainer.init_module() under PipelineStrategy): {type(error).__name__}: "
+                    f"{error}. If it reads the base model's weights (as PEFT's PiSSA and OLoRA initializations do), "
+                    f"it cannot run there: load the base with from_pretrained (or build it in __init__), or "
+                    f"initialize otherwise") from error
+    return on_host
+
+
+class MetaBuildError(ValueError):
+    """Something run on the host while the module was built failed because the module it read is on meta."""
+
+
+def _off_meta(move: Callable) -> Callable:
+    """PEFT's move of an adapter to its base layer's device: to the CPU where that device is meta (the adapter keeps
+    the values PEFT gave it; the base's layers get theirs when materialized)."""
+    @functools.wraps(move)
+    def off_meta(layer: nn.Module, adapter_name: str, device: torch.device | None = None, *args: Any,
+                 **kwargs: Any) -> Any:
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+        if device is None and base is not None and any(t.is_meta for t in base.parameters(recurse=False)):
+            device = torch.device("cpu")
+        return move(layer, adapter_name, device, *args, **kwargs)
+    return off_meta
