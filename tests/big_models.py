@@ -91,14 +91,9 @@ class Pretrained(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class PretrainedLora(L.LightningModule):
+class PretrainedLora(Pretrained):
     """LoRA fine-tuning as PEFT users write it: ``from_pretrained`` then ``get_peft_model`` in ``configure_model()`` (a
     Llama saved at ``path``); only the adapters train."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-        self.model: nn.Module | None = None
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -107,10 +102,6 @@ class PretrainedLora(L.LightningModule):
 
             adapters = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
             self.model = get_peft_model(LlamaForCausalLM.from_pretrained(self.path), adapters)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        (tokens,) = batch
-        return self.model(input_ids=tokens, labels=tokens).loss
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
