@@ -280,6 +280,52 @@ def test_weights_loaded_in_configure_model_reach_the_ranks_that_keep_them(tmp_pa
     assert results[0]["warnings"] == [] and results[1]["warnings"] == []
 
 
+def _from_checkpoint(rank: int, world_size: int, path: str, checkpoint: str) -> dict[str, Any]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import LoadedRegressor
+    from tests.lightning_models import regression_data
+
+    L.seed_everything(SEED)
+    trainer = _trainer(world_size, max_steps=2)
+    with trainer.init_module(empty_init=True):
+        model = LoadedRegressor.load_from_checkpoint(checkpoint, path=path)
+    meta = all(p.is_meta for p in model.parameters())
+    trainer.fit(model, regression_data(3))
+    return {"state": model.state_dict(), "built_on_meta": meta}
+
+
+@pytest.mark.timeout(200)
+def test_load_from_checkpoint_under_init_module_gives_the_checkpoints_weights(tmp_path: Path) -> None:
+    """Lightning's way for big models, ``with trainer.init_module(empty_init=True): model =
+    Model.load_from_checkpoint(path)``: the module is built on meta and the checkpoint's state dict is loaded into it
+    (after ``configure_model``'s own load, which it overrides); each rank's layers take the checkpoint's values, and
+    training goes on as one device's from them (it used to start from seeded values, silently)."""
+    import lightning as L
+
+    from tests.big_models import LoadedRegressor, loaded_layers
+    from tests.lightning_models import regression_data
+
+    def trainer(steps: int) -> Any:
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+
+    torch.manual_seed(5)
+    torch.save(loaded_layers().state_dict(), tmp_path / "layers.pt")
+    first = trainer(3)
+    first.fit(LoadedRegressor(str(tmp_path / "layers.pt")), regression_data(3))
+    first.save_checkpoint(tmp_path / "trained.ckpt")
+    results = run_ranks(_from_checkpoint, 2, str(tmp_path / "layers.pt"), str(tmp_path / "trained.ckpt"), timeout=180)
+    reference = LoadedRegressor.load_from_checkpoint(tmp_path / "trained.ckpt", path=str(tmp_path / "layers.pt"))
+    trainer(2).fit(reference, regression_data(3))
+    assert all(result["built_on_meta"] for result in results)
+    got = {**results[0]["state"], **results[1]["state"]}
+    assert got.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 class _Refusing(torch.nn.Module):
     """Two linear layers whose forward fails while ``refuse`` is set (a capture that fails, then is fixed)."""
 

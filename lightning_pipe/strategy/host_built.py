@@ -17,7 +17,8 @@ would be in ``__init__``:
 - ``load_state_dict`` into layers just built: copying into a meta tensor does nothing (torch only warns); each value
   it would copy into a meta tensor is recorded instead (:func:`loaded_values`), and the materializer gives it to the
   tensors this rank keeps; so are the values of real tensors a ``module.to("meta")`` moves there (PEFT moves the
-  adapters it made to its base layers' device).
+  adapters it made to its base layers' device). A move of the module to a real device leaves its meta tensors on
+  meta (``load_from_checkpoint`` ends with one) for the ranks to materialize on their own devices.
 
 Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
 dtype default stays; Lightning moves the module to its device afterwards).
@@ -143,14 +144,44 @@ def _recording_moves(to: Callable) -> Callable:
     adapters it made and initialized beside a base built on meta there), for the ranks that keep them."""
     @functools.wraps(to)
     def recording(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
         if device is not None and torch.device(device).type == "meta":
             for child in module.modules():
                 for key, tensor in [*child._parameters.items(), *child._buffers.items()]:
                     if tensor is not None and not tensor.is_meta:
                         _record(child, key, tensor.detach(), tensor)
+        elif device is not None:
+            # a module built on meta moved to a device (load_from_checkpoint's last step, a configure_model that
+            # moves its layers): its meta tensors stay there, for the ranks to materialize on their own devices
+            return _moved_but_meta(module, lambda: to(module, *args, **kwargs), dtype)
         return to(module, *args, **kwargs)
     return recording
+
+
+def _moved_but_meta(module: nn.Module, move: Callable[[], Any], dtype: torch.dtype | None) -> Any:
+    """Run ``move`` (a ``.to`` of ``module``) with its meta tensors set aside, then put them back in their places (in
+    ``dtype``, for floating ones, if the move changes it)."""
+    aside: list[tuple[dict, list[str], dict[str, torch.Tensor]]] = []
+    for child in module.modules():
+        for table in (child._parameters, child._buffers):
+            meta = {key: t for key, t in table.items() if t is not None and t.is_meta}
+            if meta:
+                aside.append((table, list(table), meta))
+                for key in meta:
+                    del table[key]
+    try:
+        return move()
+    finally:
+        for table, order, meta in aside:
+            for key, tensor in meta.items():
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.to(dtype)
+                    else:
+                        meta[key] = tensor.to(dtype)
+            moved = dict(table)
+            table.clear()
+            table.update((key, meta[key] if key in meta else moved[key]) for key in order)
 
 
 def _record(module: nn.Module, key: str, value: torch.Tensor, into: torch.Tensor) -> None:
