@@ -3,6 +3,7 @@ its own stages, and training equals one device's from the same initial weights."
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -614,7 +615,8 @@ def test_values_given_to_meta_tensors_while_the_module_is_built_reach_the_tensor
     the load's pre-hooks; a one-element value into a scalar; not a non-persistent buffer, which a load skips), and
     the values of real tensors moved to meta (PEFT's adapters beside a base built on meta: LoRA's A as PEFT drew it,
     its B at zero) reach the tensors when they are materialized; a name tied after the load to another loaded tensor
-    keeps that one's value, as on one device; the records go once given. An initialization that reads the base's
+    keeps that one's value, as on one device; a module deep-copied in the block starts as its source (its loaded
+    values, else its initialization); the records go once given. An initialization that reads the base's
     weights (PiSSA) fails with an error that says why and what to do."""
     from lightning_pipe.strategy.host_built import MetaBuildError, built_on_host, loaded_values
     from lightning_pipe.strategy.materialize import LocalMaterializer
@@ -650,6 +652,18 @@ def test_values_given_to_meta_tensors_while_the_module_is_built_reach_the_tensor
     assert float(module.layer.scale) == 5.0
     assert torch.equal(module.layer.table, torch.arange(2.0))  # recomputed, not loaded: a load skips it
     assert loaded_values(module) == {}
+
+    with torch.device("meta"), built_on_host():  # copies made in the block start as their sources (EMA teachers)
+        pair = torch.nn.Module()
+        pair.student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+        pair.teacher = copy.deepcopy(pair.student)  # seeded: initialized as the student is
+        pair.loaded = torch.nn.Linear(2, 2)
+        pair.loaded.load_state_dict({"weight": torch.full((2, 2), 3.0, device=cpu), "bias": torch.ones(2, device=cpu)})
+        pair.loaded_copy = copy.deepcopy(pair.loaded)  # loaded: takes the loaded values
+    LocalMaterializer(pair, pair, cpu, SEED)([pair])
+    assert all(torch.equal(s, t) for s, t in zip(pair.student.parameters(), pair.teacher.parameters()))
+    assert not torch.equal(pair.student[0].weight, torch.zeros(3, 3))
+    assert torch.equal(pair.loaded_copy.weight, torch.full((2, 2), 3.0))
 
     if not HAS_TRANSFORMERS or importlib.util.find_spec("peft") is None:
         return

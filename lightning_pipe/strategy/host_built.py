@@ -18,7 +18,10 @@ would be in ``__init__``:
   it would copy into a meta tensor is recorded instead (:func:`loaded_values`), and the materializer gives it to the
   tensors this rank keeps; so are the values of real tensors a ``module.to("meta")`` moves there (PEFT moves the
   adapters it made to its base layers' device). A move of the module to a real device leaves its meta tensors on
-  meta (``load_from_checkpoint`` ends with one) for the ranks to materialize on their own devices.
+  meta (``load_from_checkpoint`` ends with one) for the ranks to materialize on their own devices;
+- ``copy.deepcopy`` of layers built on meta (an EMA teacher of its student, PEFT's ``modules_to_save``): the copies
+  follow their source (:func:`copy_sources`): its recorded values, else its initialization, so they start equal, as
+  on one device.
 
 Those classes' own ``__init__`` and the listed methods run under ``torch.device("cpu")`` while the block runs (the
 dtype default stays; Lightning moves the module to its device afterwards).
@@ -40,12 +43,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["built_on_host", "forget_loads", "loaded_values", "MetaBuildError"]
+__all__ = ["built_on_host", "copied_from", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError"]
 
 # module -> {name: (order of the load, value, the tensor it was loaded into)}; weak: a module that goes takes its
 # values with it. Kept until a materializer gives them (a setup that failed keeps them for the next fit).
 _LOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ORDER = itertools.count()
+# id(copy) -> (copy, the meta tensor it was deep-copied from), while the copy lives
+_COPIES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 # (module, class, methods): each subclass' own methods of those names run on the host while the model is built
 _ON_HOST = (("torchmetrics", "Metric", ("__init__",)),
@@ -64,6 +69,10 @@ def built_on_host() -> Iterator[None]:
         original_to = nn.Module.__dict__["to"]
         wrapped.append((nn.Module, "to", original_to))
         nn.Module.to = _recording_moves(original_to)  # type: ignore[method-assign]
+        for tensor_class in (torch.Tensor, nn.Parameter):
+            original_copy = tensor_class.__dict__["__deepcopy__"]
+            wrapped.append((tensor_class, "__deepcopy__", original_copy))
+            tensor_class.__deepcopy__ = _recording_copies(original_copy)  # type: ignore[method-assign]
         for module, name, methods in _ON_HOST:
             root = _imported(module, name)
             if root is not None:
@@ -100,7 +109,39 @@ def loaded_values(module: nn.Module) -> dict[int, torch.Tensor]:
         if (tensor is not None and tensor.is_meta and id(tensor) not in values and id(tensor) not in loaded_into
                 and tensor.shape == value.shape):
             values[id(tensor)] = value
+    for child in module.modules():  # a copy made since takes its source's value (an EMA teacher of its student)
+        for _, tensor in _own(child):
+            source = copied_from(tensor)
+            if tensor.is_meta and id(tensor) not in values and source is not None and id(source) in values:
+                values[id(tensor)] = values[id(source)]
     return values
+
+
+def copied_from(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The meta tensor ``tensor`` was deep-copied from while a module was built (the first of a chain of copies),
+    if it was."""
+    source = None
+    while (entry := _COPIES.get(id(tensor))) is not None and entry[0]() is tensor and entry[1]() is not None:
+        source = tensor = entry[1]()
+    return source
+
+
+def copy_sources(module: nn.Module) -> dict[str, str]:
+    """For each submodule of ``module`` whose tensors are all copies of one other submodule's (``copy.deepcopy`` in
+    the block: an EMA teacher, PEFT's ``modules_to_save``), that one's name, by the copy's name: the copy is
+    initialized as its source is."""
+    owners = {id(t): name for name, child in module.named_modules() for _, t in _own(child)}
+    found = {}
+    for name, child in module.named_modules():
+        tensors = [t for _, t in _own(child)]
+        sources = {owners.get(id(source)) if (source := copied_from(t)) is not None else None for t in tensors}
+        if tensors and len(sources) == 1 and None not in sources:
+            found[name] = sources.pop()
+    return found
+
+
+def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
 
 
 def forget_loads(module: nn.Module) -> None:
@@ -182,6 +223,18 @@ def _moved_but_meta(module: nn.Module, move: Callable[[], Any], dtype: torch.dty
             moved = dict(table)
             table.clear()
             table.update((key, meta[key] if key in meta else moved[key]) for key in order)
+
+
+def _recording_copies(deepcopy: Callable) -> Callable:
+    """A tensor class' ``__deepcopy__`` that notes which meta tensor each copy comes from."""
+    @functools.wraps(deepcopy)
+    def recording(tensor: torch.Tensor, memo: dict) -> Any:
+        copy = deepcopy(tensor, memo)
+        if tensor.is_meta and isinstance(copy, torch.Tensor) and copy is not tensor:
+            key = id(copy)
+            _COPIES[key] = (weakref.ref(copy, lambda _: _COPIES.pop(key, None)), weakref.ref(tensor))
+        return copy
+    return recording
 
 
 def _record(module: nn.Module, key: str, value: torch.Tensor, into: torch.Tensor) -> None:

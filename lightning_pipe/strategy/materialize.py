@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.capture.materialize import put_in_place
-from lightning_pipe.strategy.host_built import forget_loads, loaded_values
+from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
@@ -90,6 +90,8 @@ class LocalMaterializer:
         self.sources = sources if sources is not None else {}
         # values a load_state_dict copied into meta tensors while the module was built (host_built), by tensor id
         self._loaded = loaded_values(module)
+        # a module deep-copied from another while built (an EMA teacher) is initialized as its source, by its name
+        self._seed_names = copy_sources(module)
         # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
         self.seeded = any(t.is_meta and id(t) not in self.sources and id(t) not in self._loaded
                           for t in _tensors(module))
@@ -164,7 +166,7 @@ class LocalMaterializer:
                 return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
 
             placed = dict(_own(owner))
-            with torch.no_grad(), forked_random(self._seed_of(name), self.device):
+            with torch.no_grad(), forked_random(self._seed_of(self._seed_names.get(name, name)), self.device):
                 for init in _initializers(owner, parents):  # the next one only for tensors still unwritten
                     earlier = {key: t.clone() for key, t in _own(owner) if id(t) in new and written(key, t)}
                     if all(key in earlier for key, t in _own(owner) if id(t) in new):
