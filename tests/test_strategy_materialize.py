@@ -658,12 +658,14 @@ def test_values_given_to_meta_tensors_while_the_module_is_built_reach_the_tensor
         pair.student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
         pair.teacher = copy.deepcopy(pair.student)  # seeded: initialized as the student is
         pair.loaded = torch.nn.Linear(2, 2)
+        pair.early_copy = copy.deepcopy(pair.loaded)  # made before the load: the initial values, as on one device
         pair.loaded.load_state_dict({"weight": torch.full((2, 2), 3.0, device=cpu), "bias": torch.ones(2, device=cpu)})
         pair.loaded_copy = copy.deepcopy(pair.loaded)  # loaded: takes the loaded values
     LocalMaterializer(pair, pair, cpu, SEED)([pair])
     assert all(torch.equal(s, t) for s, t in zip(pair.student.parameters(), pair.teacher.parameters()))
     assert not torch.equal(pair.student[0].weight, torch.zeros(3, 3))
     assert torch.equal(pair.loaded_copy.weight, torch.full((2, 2), 3.0))
+    assert not torch.equal(pair.early_copy.weight, torch.full((2, 2), 3.0)) and not pair.early_copy.weight.is_meta
 
     if not HAS_TRANSFORMERS or importlib.util.find_spec("peft") is None:
         return

@@ -50,7 +50,7 @@ __all__ = ["built_on_host", "copied_from", "copy_sources", "forget_loads", "load
 _LOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ORDER = itertools.count()
 # id(copy) -> (copy, the meta tensor it was deep-copied from), while the copy lives
-_COPIES: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_COPIES: dict[int, tuple[weakref.ref, weakref.ref, int]] = {}  # ..., and when it was copied
 
 # (module, class, methods): each subclass' own methods of those names run on the host while the model is built
 _ON_HOST = (("torchmetrics", "Metric", ("__init__",)),
@@ -98,32 +98,41 @@ def loaded_values(module: nn.Module) -> dict[int, torch.Tensor]:
     value, as the tie does on one device."""
     records = sorted(((order, child, key, value, into) for child in module.modules() if child in _LOADS
                       for key, (order, value, into) in _LOADS[child].items()), key=lambda record: record[0])
-    values: dict[int, torch.Tensor] = {}
-    for _, child, key, value, into in records:
+    values: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (order of the load, value)
+    for order, child, key, value, into in records:
         tensor = _tensor(child, key)
         if tensor is not None and tensor is into() and tensor.is_meta:
-            values[id(tensor)] = value
+            values[id(tensor)] = (order, value)
     loaded_into = {id(into()) for _, _, _, _, into in records if into() is not None}
-    for _, child, key, value, into in records:
+    for order, child, key, value, into in records:
         tensor = _tensor(child, key)
         if (tensor is not None and tensor.is_meta and id(tensor) not in values and id(tensor) not in loaded_into
                 and tensor.shape == value.shape):
-            values[id(tensor)] = value
-    for child in module.modules():  # a copy made since takes its source's value (an EMA teacher of its student)
+            values[id(tensor)] = (order, value)
+    for child in module.modules():  # a copy takes what its source had loaded when copied (an EMA teacher)
         for _, tensor in _own(child):
-            source = copied_from(tensor)
-            if tensor.is_meta and id(tensor) not in values and source is not None and id(source) in values:
-                values[id(tensor)] = values[id(source)]
-    return values
+            copied = _copy_of(tensor)
+            if tensor.is_meta and id(tensor) not in values and copied is not None:
+                source, when = copied
+                if id(source) in values and values[id(source)][0] < when:
+                    values[id(tensor)] = values[id(source)]
+    return {key: value for key, (_, value) in values.items()}
 
 
 def copied_from(tensor: torch.Tensor) -> torch.Tensor | None:
     """The meta tensor ``tensor`` was deep-copied from while a module was built (the first of a chain of copies),
     if it was."""
-    source = None
+    copied = _copy_of(tensor)
+    return None if copied is None else copied[0]
+
+
+def _copy_of(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(the first source of a chain of copies, when the first copy was made), if ``tensor`` is a copy."""
+    found = None
     while (entry := _COPIES.get(id(tensor))) is not None and entry[0]() is tensor and entry[1]() is not None:
-        source = tensor = entry[1]()
-    return source
+        tensor = entry[1]()
+        found = (tensor, entry[2])
+    return found
 
 
 def copy_sources(module: nn.Module) -> dict[str, str]:
@@ -232,7 +241,7 @@ def _recording_copies(deepcopy: Callable) -> Callable:
         copy = deepcopy(tensor, memo)
         if tensor.is_meta and isinstance(copy, torch.Tensor) and copy is not tensor:
             key = id(copy)
-            _COPIES[key] = (weakref.ref(copy, lambda _: _COPIES.pop(key, None)), weakref.ref(tensor))
+            _COPIES[key] = (weakref.ref(copy, lambda _: _COPIES.pop(key, None)), weakref.ref(tensor), next(_ORDER))
         return copy
     return recording
 
