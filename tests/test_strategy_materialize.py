@@ -667,6 +667,25 @@ def test_values_given_to_meta_tensors_while_the_module_is_built_reach_the_tensor
     assert torch.equal(pair.loaded_copy.weight, torch.full((2, 2), 3.0))
     assert not torch.equal(pair.early_copy.weight, torch.full((2, 2), 3.0)) and not pair.early_copy.weight.is_meta
 
+    def state(value: float) -> dict[str, torch.Tensor]:
+        return {"weight": torch.full((2, 2), value, device=cpu), "bias": torch.zeros(2, device=cpu)}
+
+    with torch.device("meta"), built_on_host():  # each copy holds what its source held when it was made
+        chain = torch.nn.Module()
+        chain.source = torch.nn.Linear(2, 2)
+        chain.first = copy.deepcopy(chain.source)
+        chain.first.load_state_dict(state(7.0))
+        chain.second = copy.deepcopy(chain.first)  # a copy of a loaded copy
+        chain.source.load_state_dict(state(1.0))
+        chain.between = copy.deepcopy(chain.source)  # between two loads of its source
+        chain.source.load_state_dict(state(2.0))
+        with pytest.raises(TypeError):  # a move that fails leaves the meta tensors in place
+            chain.to("cpu", torch.int64)
+    assert [name for name, _ in chain.named_parameters()][:2] == ["source.weight", "source.bias"]
+    LocalMaterializer(chain, chain, cpu, SEED)([chain])
+    for name, value in {"source": 2.0, "first": 7.0, "second": 7.0, "between": 1.0}.items():
+        assert torch.equal(chain.get_submodule(name).weight, torch.full((2, 2), value)), name
+
     if not HAS_TRANSFORMERS or importlib.util.find_spec("peft") is None:
         return
     from peft import LoraConfig, get_peft_model

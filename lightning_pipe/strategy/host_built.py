@@ -43,9 +43,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["built_on_host", "copied_from", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError"]
+__all__ = ["built_on_host", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError"]
 
-# module -> {name: (order of the load, value, the tensor it was loaded into)}; weak: a module that goes takes its
+# module -> {name: [(order of the load, value, the tensor it was loaded into)]}; weak: a module that goes takes its
 # values with it. Kept until a materializer gives them (a setup that failed keeps them for the next fit).
 _LOADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ORDER = itertools.count()
@@ -92,61 +92,88 @@ def built_on_host() -> Iterator[None]:
 
 
 def loaded_values(module: nn.Module) -> dict[int, torch.Tensor]:
-    """The values recorded for ``module``'s meta tensors, by tensor id: first each to the tensor it was loaded into
-    (the latest load wins, as the copies would), then, for a tensor that replaced it since at the same name and shape
-    (a precision's conversion makes new buffers), by name. A name tied since to another loaded tensor keeps that one's
-    value, as the tie does on one device."""
-    records = sorted(((order, child, key, value, into) for child in module.modules() if child in _LOADS
-                      for key, (order, value, into) in _LOADS[child].items()), key=lambda record: record[0])
-    values: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (order of the load, value)
-    for order, child, key, value, into in records:
-        tensor = _tensor(child, key)
-        if tensor is not None and tensor is into() and tensor.is_meta:
-            values[id(tensor)] = (order, value)
-    loaded_into = {id(into()) for _, _, _, _, into in records if into() is not None}
-    for order, child, key, value, into in records:
-        tensor = _tensor(child, key)
-        if (tensor is not None and tensor.is_meta and id(tensor) not in values and id(tensor) not in loaded_into
-                and tensor.shape == value.shape):
-            values[id(tensor)] = (order, value)
-    for child in module.modules():  # a copy takes what its source had loaded when copied (an EMA teacher)
+    """The values recorded for ``module``'s meta tensors, by tensor id: each tensor's latest load (as the copies
+    would have left it); a deep copy's, what its source held when it was copied (a copy made before its source's load
+    keeps the initial values, as on one device); then, for a tensor that replaced a loaded one at the same name and
+    shape since (a precision's conversion makes new buffers), by name. A name tied since to another loaded tensor
+    keeps that one's value, as the tie does on one device."""
+    history: dict[int, list[tuple[int, torch.Tensor]]] = {}  # id of the tensor loaded into -> [(order, value)]
+    latest: list[tuple[nn.Module, str, torch.Tensor]] = []  # each name's latest load, for the fallback by name
+    for child in module.modules():
+        for key, loads in _LOADS.get(child, {}).items():
+            for order, value, into in loads:
+                if (target := into()) is not None:
+                    history.setdefault(id(target), []).append((order, value))
+            latest.append((child, key, max(loads, key=lambda load: load[0])[1]))
+
+    def value_at(tensor: torch.Tensor, when: float) -> torch.Tensor | None:
+        loads = [load for load in history.get(id(tensor), ()) if load[0] < when]
+        if loads:
+            return max(loads, key=lambda load: load[0])[1]
+        entry = _COPIES.get(id(tensor))
+        if entry is not None and entry[0]() is tensor and (source := entry[1]()) is not None:
+            return value_at(source, min(when, entry[2]))
+        return None
+
+    values: dict[int, torch.Tensor] = {}
+    for child in module.modules():
         for _, tensor in _own(child):
-            copied = _copy_of(tensor)
-            if tensor.is_meta and id(tensor) not in values and copied is not None:
-                source, when = copied
-                if id(source) in values and values[id(source)][0] < when:
-                    values[id(tensor)] = values[id(source)]
-    return {key: value for key, (_, value) in values.items()}
-
-
-def copied_from(tensor: torch.Tensor) -> torch.Tensor | None:
-    """The meta tensor ``tensor`` was deep-copied from while a module was built (the first of a chain of copies),
-    if it was."""
-    copied = _copy_of(tensor)
-    return None if copied is None else copied[0]
-
-
-def _copy_of(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(the first source of a chain of copies, when the first copy was made), if ``tensor`` is a copy."""
-    found = None
-    while (entry := _COPIES.get(id(tensor))) is not None and entry[0]() is tensor and entry[1]() is not None:
-        tensor = entry[1]()
-        found = (tensor, entry[2])
-    return found
+            if tensor.is_meta and (value := value_at(tensor, float("inf"))) is not None:
+                values[id(tensor)] = value
+    for child, key, value in latest:
+        tensor = _tensor(child, key)
+        if (tensor is not None and tensor.is_meta and id(tensor) not in values and id(tensor) not in history
+                and _copy_of(tensor) is None and tensor.shape == value.shape):
+            values[id(tensor)] = value
+    return values
 
 
 def copy_sources(module: nn.Module) -> dict[str, str]:
-    """For each submodule of ``module`` whose tensors are all copies of one other submodule's (``copy.deepcopy`` in
-    the block: an EMA teacher, PEFT's ``modules_to_save``), that one's name, by the copy's name: the copy is
-    initialized as its source is."""
-    owners = {id(t): name for name, child in module.named_modules() for _, t in _own(child)}
+    """For each submodule of ``module`` whose tensors are all copies of one other submodule's, key by key, of the same
+    class and under the same kind of enclosing model (``copy.deepcopy`` in the block: an EMA teacher, PEFT's
+    ``modules_to_save``), that one's name, by the copy's name: the copy is initialized as its source is."""
+    holders: dict[int, set[tuple[str, str]]] = {}  # id of a tensor -> {(module name, key)}
+    modules = dict(module.named_modules(remove_duplicate=False))
+    for name, child in modules.items():
+        for key, tensor in _own(child):
+            holders.setdefault(id(tensor), set()).add((name, key))
     found = {}
-    for name, child in module.named_modules():
-        tensors = [t for _, t in _own(child)]
-        sources = {owners.get(id(source)) if (source := copied_from(t)) is not None else None for t in tensors}
-        if tensors and len(sources) == 1 and None not in sources:
-            found[name] = sources.pop()
+    for name, child in modules.items():
+        candidates: set[str] | None = None
+        for key, tensor in _own(child):
+            copied = _copy_of(tensor)
+            names = {holder for holder, held in holders.get(id(copied[0]), ()) if held == key} if copied else set()
+            candidates = names if candidates is None else candidates & names
+        matching = sorted(source for source in candidates or () if source != name
+                          and type(modules[source]) is type(child) and _enclosing(modules, source) ==
+                          _enclosing(modules, name))
+        if matching:
+            found[name] = matching[0]
+    for name in list(found):  # a copy of a copy starts as the first source
+        seen, target = {name}, found[name]
+        while target in found and target not in seen:
+            seen.add(target)
+            target = found[target]
+        found[name] = target
     return found
+
+
+def _enclosing(modules: dict[str, nn.Module], name: str) -> type | None:
+    """The class of the nearest module enclosing ``name`` that defines ``_init_weights`` (whose initialization the
+    materializer runs first), if any."""
+    while name:
+        name = name.rpartition(".")[0]
+        if callable(getattr(modules.get(name), "_init_weights", None)):
+            return type(modules[name])
+    return None
+
+
+def _copy_of(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(the tensor ``tensor`` was deep-copied from while a module was built, when), if it is such a copy."""
+    entry = _COPIES.get(id(tensor))
+    if entry is None or entry[0]() is not tensor or (source := entry[1]()) is None:
+        return None
+    return source, entry[2]
 
 
 def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -209,8 +236,8 @@ def _recording_moves(to: Callable) -> Callable:
 
 
 def _moved_but_meta(module: nn.Module, move: Callable[[], Any], dtype: torch.dtype | None) -> Any:
-    """Run ``move`` (a ``.to`` of ``module``) with its meta tensors set aside, then put them back in their places (in
-    ``dtype``, for floating ones, if the move changes it)."""
+    """Run ``move`` (a ``.to`` of ``module``) with its meta tensors set aside, then put them back in their places; if
+    the move succeeded and changes the dtype, their floating ones follow it."""
     aside: list[tuple[dict, list[str], dict[str, torch.Tensor]]] = []
     for child in module.modules():
         for table in (child._parameters, child._buffers):
@@ -220,18 +247,21 @@ def _moved_but_meta(module: nn.Module, move: Callable[[], Any], dtype: torch.dty
                 for key in meta:
                     del table[key]
     try:
-        return move()
+        result = move()
     finally:
         for table, order, meta in aside:
-            for key, tensor in meta.items():
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = tensor.data.to(dtype)
-                    else:
-                        meta[key] = tensor.to(dtype)
             moved = dict(table)
             table.clear()
             table.update((key, meta[key] if key in meta else moved[key]) for key in order)
+    if dtype is not None:
+        for table, _, meta in aside:
+            for key, tensor in meta.items():
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.to(dtype)
+                    else:
+                        table[key] = tensor.to(dtype)
+    return result
 
 
 def _recording_copies(deepcopy: Callable) -> Callable:
@@ -247,7 +277,7 @@ def _recording_copies(deepcopy: Callable) -> Callable:
 
 
 def _record(module: nn.Module, key: str, value: torch.Tensor, into: torch.Tensor) -> None:
-    _LOADS.setdefault(module, {})[key] = (next(_ORDER), value, weakref.ref(into))
+    _LOADS.setdefault(module, {}).setdefault(key, []).append((next(_ORDER), value, weakref.ref(into)))
 
 
 def _wrap(root: type, methods: Sequence[str], wrapper: Callable[[Callable], Callable]) -> list[tuple[type, str, Any]]:
