@@ -12,8 +12,8 @@ would be in ``__init__``:
   once the cut is made;
 - PEFT's adapters (``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``, ``load_adapter``) are built on
   the CPU and initialized as PEFT initializes them (LoRA's B at zero), as on one device: beside a ``from_pretrained``
-  base, and beside a base built on the meta device too (kept on the CPU, where PEFT would move them to the base's
-  meta device, and the materializer would give them seeded values);
+  base, and beside a base built on the meta device too (PEFT then moves them to the base's meta device; their values
+  are recorded, below, where the materializer would otherwise give them seeded ones);
 - ``load_state_dict`` into layers just built: copying into a meta tensor does nothing (torch only warns); each value
   it would copy into a meta tensor is recorded instead (:func:`loaded_values`), and the materializer gives it to the
   tensors this rank keeps; so are the values of real tensors a ``module.to("meta")`` moves there (PEFT moves the
