@@ -18,7 +18,6 @@ Adam's state created at the first), ``saving``, ``resuming`` (setup and loading 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import markdown_table, run_ranks, write_json
+from benchmarks.common import markdown_table, reset_peak_rss, return_freed_memory, run_ranks, status_kib, write_json
 
 __all__ = ["main", "run", "width_for"]
 
@@ -42,31 +41,18 @@ def width_for(size_mb: float) -> int:
     return int(math.sqrt(size_mb * 2**20 / 4 / LAYERS))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (the benchmark reads Linux's RSS counters)")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM (Linux >= 4.0)
-
-
 class _Phases:
     """Peak RSS above the baseline, phase by phase."""
 
     def __init__(self) -> None:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed tensors leave RSS
-        self.baseline = _status_kib("VmRSS")
+        return_freed_memory()
+        self.baseline = status_kib("VmRSS")
         self.peaks: dict[str, float] = {}
-        _reset_peak()
+        reset_peak_rss()
 
     def end(self, phase: str) -> None:
-        self.peaks[phase] = round((_status_kib("VmHWM") - self.baseline) / 1024, 1)
-        _reset_peak()
+        self.peaks[phase] = round((status_kib("VmHWM") - self.baseline) / 1024, 1)
+        reset_peak_rss()
 
 
 def _model_class() -> Any:

@@ -1,10 +1,12 @@
-"""What the benchmarks share: spawning N gloo ranks, layers that sleep instead of computing, and a markdown table.
+"""What the benchmarks share: spawning N gloo ranks, layers that sleep instead of computing, a markdown table, and
+Linux's memory counters.
 
 Not imported from ``tests/``: benchmarks are run by users, tests by CI, and neither should depend on the other.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +18,8 @@ import torch.nn as nn
 
 from lightning_pipe.engine import launch
 
-__all__ = ["SleepCosts", "SleepLayer", "run_ranks", "markdown_table", "write_json"]
+__all__ = ["SleepCosts", "SleepLayer", "run_ranks", "markdown_table", "write_json", "status_kib", "reset_peak_rss",
+           "return_freed_memory"]
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 900.0) -> list[Any]:
@@ -126,3 +129,34 @@ def write_json(results: Any, path: str | None) -> None:
     if path:
         with open(path, "w") as file:
             json.dump(results, file, indent=1)
+
+
+# -- memory counters ------------------------------------------------------------------------------
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon``...), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (the benchmark reads Linux's memory counters)")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM, the peak RSS (Linux >= 4.0; elsewhere nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand every tensor-sized block back to the OS when freed, so that RSS follows live tensors.
+
+    By default its mmap threshold rises to the largest block freed so far, after which tensors come from the heap
+    and stay resident when freed: peak RSS would then also count freed activations.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: RSS is coarser
+        pass

@@ -20,7 +20,6 @@ out of the hooks' sight, one micro-batch at a time).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import resource
 from collections import Counter
 from collections.abc import Iterable
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import markdown_table, run_ranks, write_json
+from benchmarks.common import markdown_table, reset_peak_rss, return_freed_memory, run_ranks, write_json
 
 __all__ = ["SavedTensorCounter", "Config", "CONFIGURATIONS", "main", "run"]
 
@@ -161,30 +160,10 @@ def _status_kib(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the peak, in KiB too
 
 
-def _return_freed_memory() -> None:
-    """Make glibc hand every tensor-sized block back to the OS when freed, so that RSS follows live tensors.
-
-    By default its mmap threshold rises to the largest block freed so far, after which tensors come from the heap
-    and stay resident when freed: peak RSS would then also count freed activations.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: RSS is coarser, the saved-bytes count is unaffected
-        pass
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-
-
 def _rank(rank: int, world_size: int, config: Config, schedule: str, remat: bool) -> dict[str, Any]:
     from lightning_pipe.engine.executor import Pipeline
 
-    _return_freed_memory()
+    return_freed_memory()
     pipe = Pipeline(_model(config), loss_fn=_loss, schedule=schedule, num_microbatches=config.microbatches,
                     checkpoint_activations=remat)
     rows = config.rows * config.microbatches
@@ -195,7 +174,7 @@ def _rank(rank: int, world_size: int, config: Config, schedule: str, remat: bool
     # A first step does one-time work (imports on first use: torch.utils.checkpoint's alone add ~80 MB of RSS,
     # gloo connections, gradient buffers); the second step is the one measured.
     pipe.train_step(batch)
-    _reset_peak_rss()
+    reset_peak_rss()
     base_rss_kib = _status_kib("VmRSS")
     counter = SavedTensorCounter(exclude=params)
     with counter:

@@ -24,14 +24,13 @@ converts them (``bf16-true`` over a float32 checkpoint) converts each rank's sha
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import tempfile
 from typing import Any
 
 import torch
 
-from benchmarks.common import markdown_table, run_ranks, write_json
+from benchmarks.common import markdown_table, reset_peak_rss, return_freed_memory, run_ranks, status_kib, write_json
 
 __all__ = ["main", "run"]
 
@@ -43,11 +42,7 @@ COLUMNS = ("stored", "precision", "checkpoint_mb", "ranks", "rank", "loaded_mapp
 
 
 def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (the benchmark reads Linux's memory counters)")
+    return status_kib(field) / 1024
 
 
 def _mapped_mb(suffix: str = ".safetensors") -> float:
@@ -86,10 +81,9 @@ def _fit(rank: int, world_size: int, path: str, precision: str) -> dict[str, Any
     from lightning_pipe import PipelineStrategy
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed tensors leave RSS
+    return_freed_memory()
     baseline_rss, baseline_anon = _status_mb("VmRSS"), _status_mb("RssAnon")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM
+    reset_peak_rss()
     seen: dict[str, float] = {}
 
     class FineTune(L.LightningModule):

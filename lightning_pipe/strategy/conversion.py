@@ -21,6 +21,7 @@ import torch.nn as nn
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, Precision
 
 from lightning_pipe.capture.materialize import put_in_place
+from lightning_pipe.strategy.host_built import own_tensors
 from lightning_pipe.strategy.materialize import meta_like
 
 __all__ = ["converted_later", "restore"]
@@ -38,12 +39,12 @@ def converted_later(module: nn.Module, model: nn.Module, precision: Precision) -
         return {}
     inside = {id(child) for child in model.modules()}
     # a tensor the code around the model holds too (a head tied to the model's embedding) runs on every rank: as before
-    outside = {id(t) for child in module.modules() if id(child) not in inside
-               for table in (child._parameters, child._buffers) for t in table.values() if t is not None}
+    outside = {id(t) for child in module.modules() if id(child) not in inside for _, t in own_tensors(child)}
     originals = {name: t for name, t in _named_tensors(model).items() if not t.is_meta and id(t) not in outside}
     stand_ins: dict[int, torch.Tensor] = {}
     for tensor in originals.values():
-        stand_ins.setdefault(id(tensor), meta_like(tensor))
+        if id(tensor) not in stand_ins:
+            stand_ins[id(tensor)] = meta_like(tensor)
     put_in_place([module], stand_ins)
     try:
         precision.convert_module(module)

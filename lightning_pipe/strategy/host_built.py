@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["built_on_host", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError"]
+__all__ = ["built_on_host", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError", "own_tensors"]
 
 # module -> {name: [(order of the load, value, the tensor it was loaded into)]}; weak: a module that goes takes its
 # values with it. Kept until a materializer gives them (a setup that failed keeps them for the next fit).
@@ -117,7 +117,7 @@ def loaded_values(module: nn.Module) -> dict[int, torch.Tensor]:
 
     values: dict[int, torch.Tensor] = {}
     for child in module.modules():
-        for _, tensor in _own(child):
+        for _, tensor in own_tensors(child):
             if tensor.is_meta and (value := value_at(tensor, float("inf"))) is not None:
                 values[id(tensor)] = value
     for child, key, value in latest:
@@ -135,12 +135,12 @@ def copy_sources(module: nn.Module) -> dict[str, str]:
     holders: dict[int, set[tuple[str, str]]] = {}  # id of a tensor -> {(module name, key)}
     modules = dict(module.named_modules(remove_duplicate=False))
     for name, child in modules.items():
-        for key, tensor in _own(child):
+        for key, tensor in own_tensors(child):
             holders.setdefault(id(tensor), set()).add((name, key))
     found = {}
     for name, child in modules.items():
         candidates: set[str] | None = None
-        for key, tensor in _own(child):
+        for key, tensor in own_tensors(child):
             copied = _copy_of(tensor)
             names = {holder for holder, held in holders.get(id(copied[0]), ()) if held == key} if copied else set()
             candidates = names if candidates is None else candidates & names
@@ -176,7 +176,8 @@ def _copy_of(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return source, entry[2]
 
 
-def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s own parameters and buffers (not its children's), by name."""
     return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
 
 
@@ -201,11 +202,10 @@ def _recording_loads(load: Callable) -> Callable:
             warnings.filterwarnings("ignore", message=r".*copying from a non-meta parameter in the checkpoint to a "
                                                       r"meta parameter")
             result = load(module, state_dict, prefix, *args, **kwargs)
-        persistent = [*module._parameters.items(),
-                      *((k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set)]
-        for key, tensor in persistent:
+        for key, tensor in own_tensors(module):
             value = state_dict.get(prefix + key)
-            if tensor is None or not tensor.is_meta or not isinstance(value, torch.Tensor) or value.is_meta:
+            if (key in module._non_persistent_buffers_set or not tensor.is_meta or not isinstance(value, torch.Tensor)
+                    or value.is_meta):
                 continue
             if tensor.dim() == 0 and value.shape == (1,):  # torch loads a one-element value into a scalar
                 value = value[0]
@@ -224,8 +224,8 @@ def _recording_moves(to: Callable) -> Callable:
         device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
         if device is not None and torch.device(device).type == "meta":
             for child in module.modules():
-                for key, tensor in [*child._parameters.items(), *child._buffers.items()]:
-                    if tensor is not None and not tensor.is_meta:
+                for key, tensor in own_tensors(child):
+                    if not tensor.is_meta:
                         _record(child, key, tensor.detach(), tensor)
         elif device is not None:
             # a module built on meta moved to a device (load_from_checkpoint's last step, a configure_model that

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.capture.materialize import put_in_place
-from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values
+from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
@@ -138,7 +138,7 @@ class LocalMaterializer:
     def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
         """Put the new tensors in place of the meta ones, in every module that holds one; the owning modules by name."""
         owners = {name: child for name, child in self.module.named_modules(remove_duplicate=False)
-                  if any(id(t) in fresh for _, t in _own(child))}
+                  if any(id(t) in fresh for _, t in own_tensors(child))}
         put_in_place([self.module, self.sequence, *self.holders], fresh)
         return owners
 
@@ -150,37 +150,37 @@ class LocalMaterializer:
             if id(owner) in done:  # the same module under two names (shared layers)
                 continue
             done.add(id(owner))
-            if not any(id(t) in new for _, t in _own(owner)):  # every value given
+            if not any(id(t) in new for _, t in own_tensors(owner)):  # every value given
                 self.materialized.append(name)
                 continue
-            kept = {key: t.detach().clone() for key, t in _own(owner) if id(t) not in new}  # real state stays as it was
+            kept = {key: t.detach().clone() for key, t in own_tensors(owner) if id(t) not in new}  # real state stays as it was
             with torch.no_grad():
-                for _, tensor in _own(owner):
+                for _, tensor in own_tensors(owner):
                     if id(tensor) in new and tensor.is_floating_point():
                         tensor.fill_(float("nan"))  # so that a write through .data shows too (no version bump)
-            versions = {key: t._version for key, t in _own(owner)}
+            versions = {key: t._version for key, t in own_tensors(owner)}
 
             def written(key: str, tensor: torch.Tensor) -> bool:
                 if tensor._version != versions[key] or tensor.numel() == 0:
                     return True
                 return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
 
-            placed = dict(_own(owner))
+            placed = dict(own_tensors(owner))
             with torch.no_grad(), forked_random(self._seed_of(self._seed_names.get(name, name)), self.device):
                 for init in _initializers(owner, parents):  # the next one only for tensors still unwritten
-                    earlier = {key: t.clone() for key, t in _own(owner) if id(t) in new and written(key, t)}
-                    if all(key in earlier for key, t in _own(owner) if id(t) in new):
+                    earlier = {key: t.clone() for key, t in own_tensors(owner) if id(t) in new and written(key, t)}
+                    if all(key in earlier for key, t in own_tensors(owner) if id(t) in new):
                         break
                     init()
                     _keep_objects(owner, placed, versions)
-                    for key, tensor in _own(owner):  # what an earlier initializer wrote stays
+                    for key, tensor in own_tensors(owner):  # what an earlier initializer wrote stays
                         if key in earlier:
                             tensor.copy_(earlier[key])
             with torch.no_grad():
-                for key, tensor in _own(owner):
+                for key, tensor in own_tensors(owner):
                     if key in kept:
                         tensor.copy_(kept[key])
-            for key, tensor in _own(owner):
+            for key, tensor in own_tensors(owner):
                 if id(tensor) not in new or written(key, tensor):
                     continue
                 qualified = f"{name}.{key}" if name else key
@@ -249,10 +249,6 @@ def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: d
             table[key] = before
             if versions.get(key) == before._version:  # copy_ moves it; a zero-size copy need not
                 versions[key] = before._version - 1
-
-
-def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(key, t) for table in (module._parameters, module._buffers) for key, t in table.items() if t is not None]
 
 
 def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
