@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -9,9 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from torch.nn.init import orthogonal_ as bound_orthogonal_
 
-__all__ = ["LazyRegressor", "LoadedRegressor", "loaded_layers", "MeteredRegressor", "Pretrained", "PretrainedLora", "Scale", "ScaledRegressor", "EMA", "NotedRegressor",
-           "materialized_like_pipeline"]
+__all__ = ["built_like_the_strategy", "EMA", "LazyRegressor", "LoadedRegressor", "loaded_layers",
+           "materialized_like_pipeline", "MeteredRegressor", "NotedRegressor", "Pretrained", "PretrainedLora",
+           "Rotation", "RotatedRegressor", "Scale", "ScaledRegressor", "Shift"]
 
 
 class LazyRegressor(L.LightningModule):
@@ -108,7 +112,8 @@ class PretrainedLora(Pretrained):
 
 
 class Scale(nn.Module):
-    """A layer without ``reset_parameters()``: built on the meta device, only a checkpoint can give it values."""
+    """A layer without ``reset_parameters()``: built on the meta device under the strategy, its ``torch.ones`` is
+    computed again from the recorded construction (strategy/recorded_init.py)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -116,6 +121,19 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gain
+
+
+class Rotation(nn.Module):
+    """A layer initialized by a function that torch skips on meta tensors, bound by name before any build block, so
+    the recording cannot see it: built on the meta device, only a checkpoint can give it values."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(width, width))
+        bound_orthogonal_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
 
 
 class LoadedRegressor(L.LightningModule):
@@ -165,6 +183,15 @@ class ScaledRegressor(LazyRegressor):
                                       for _ in range(4)])
 
 
+class RotatedRegressor(LazyRegressor):
+    """LazyRegressor with a Rotation after every Linear, built in ``__init__``."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__(num_layers=4, width=width)
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), Rotation(width), nn.Tanh())
+                                      for _ in range(4)])
+
+
 class EMA(Callback):
     """Shadow weights (an exponential moving average) of this rank's parameters, kept in the callback's state."""
 
@@ -183,6 +210,17 @@ class EMA(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shadow = dict(state["shadow"])
+
+
+@contextlib.contextmanager
+def built_like_the_strategy() -> Iterator[None]:
+    """The block PipelineStrategy builds a module in (``configure_model()``, ``Trainer.init_module()``): on the meta
+    device, a few things on the CPU, the construction recorded; for the one-device references of meta-built runs."""
+    from lightning_pipe.strategy.host_built import built_on_host
+    from lightning_pipe.strategy.recorded_init import recording
+
+    with torch.device("meta"), built_on_host(), recording():
+        yield
 
 
 def materialized_like_pipeline(module: nn.Module, seed: int) -> nn.Module:

@@ -222,12 +222,13 @@ def _reference_run(name: str, steps: int, precision: str, meta: bool) -> tuple[d
 
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
     from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.big_models import built_like_the_strategy
 
     plugin = {"32-true": Precision, "bf16-mixed": lambda: MixedPrecision("bf16-mixed", "cpu"),
               "bf16-true": lambda: HalfPrecision("bf16-true")}[precision]()
 
     if meta:  # built on meta, every tensor materialized as the pipeline materializes its share (on any layout)
-        with torch.device("meta"):
+        with built_like_the_strategy():
             module = _module(name)
         LocalMaterializer(module, module.model, torch.device("cpu"), SEED)([module.model])
     else:

@@ -23,6 +23,7 @@ def _fit(model_name: str, devices: int, strategy: Any, root: str, meta: bool = F
 
     from lightning_pipe.strategy.materialize import LocalMaterializer
     from tests import citizen_models
+    from tests.big_models import built_like_the_strategy
     from tests.citizen_models import class_data
 
     L.seed_everything(SEED, verbose=False)
@@ -30,7 +31,7 @@ def _fit(model_name: str, devices: int, strategy: Any, root: str, meta: bool = F
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=0, default_root_dir=root)
     one_device = devices == 1 and meta
-    with torch.device("meta") if one_device else trainer.init_module(empty_init=True) if meta else \
+    with built_like_the_strategy() if one_device else trainer.init_module(empty_init=True) if meta else \
             contextlib.nullcontext():
         model = getattr(citizen_models, model_name)()
     if one_device:

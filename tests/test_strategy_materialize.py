@@ -61,9 +61,9 @@ def _fit_meta(rank: int, world_size: int) -> dict[str, Any]:
 def _one_device(make: Any, data: Any, max_steps: int) -> dict[str, torch.Tensor]:
     import lightning as L
 
-    from tests.big_models import materialized_like_pipeline
+    from tests.big_models import built_like_the_strategy, materialized_like_pipeline
 
-    with torch.device("meta"):
+    with built_like_the_strategy():
         model = make()
         model.configure_model()
     materialized_like_pipeline(model, SEED)
@@ -122,11 +122,11 @@ def test_metrics_made_in_configure_model_keep_their_initial_states() -> None:
     they log one device's values. They used to be refused ("created on the meta device")."""
     import lightning as L
 
-    from tests.big_models import MeteredRegressor, materialized_like_pipeline
+    from tests.big_models import MeteredRegressor, built_like_the_strategy, materialized_like_pipeline
     from tests.lightning_models import regression_data
 
     results = run_ranks(_metered, 2, timeout=180)
-    with torch.device("meta"):
+    with built_like_the_strategy():
         model = MeteredRegressor()
         model.configure_model()
     model.mse, model.worst = type(model.mse)(), type(model.worst)()  # one device's: made in the open
@@ -188,7 +188,7 @@ def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     import lightning as L
 
     import lightning_pipe  # noqa: F401
-    from tests.big_models import ScaledRegressor
+    from tests.big_models import RotatedRegressor, ScaledRegressor
     from tests.lightning_models import OutsideParameters, regression_data
 
     L.seed_everything(SEED)
@@ -208,7 +208,7 @@ def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
         meta_resumed = ScaledRegressor()
     trainer.fit(meta_resumed, regression_data(2), ckpt_path=path)
     messages = []  # last: a failure inside a step leaves the ranks unable to run another fit together
-    for make in (ScaledRegressor, OutsideParameters):
+    for make in (RotatedRegressor, OutsideParameters):
         trainer = _trainer(world_size, max_steps=1)
         with trainer.init_module(empty_init=True):
             model = make()
@@ -222,13 +222,14 @@ def _uninitialized(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(200)
 def test_meta_tensors_nothing_initializes_need_a_checkpoint(tmp_path: Path) -> None:
-    """A layer without reset_parameters() built on the meta device: a clear error on every rank, unless a checkpoint
-    gives its values (then training equals the eagerly built module's); a module whose trainable layers lie outside
+    """A layer built on the meta device whose values neither an initializer nor the recorded construction gives (an
+    orthogonal_ bound by name before the block, which torch skips on meta): a clear error on every rank; and a layer
+    without reset_parameters() whose values a checkpoint gives trains as the eagerly built module does; a module whose trainable layers lie outside
     the sequence takes the captured path, which materializes its share as well."""
     results = run_ranks(_uninitialized, 2, str(tmp_path), timeout=160)
     for result in results:
         first, outside = result["messages"]
-        assert ".1.gain' (Scale)" in first and "nothing initialized them" in first and "reset_parameters()" in first and "ckpt_path" in first, first
+        assert ".1.weight' (Rotation)" in first and "nothing initialized them" in first and "reset_parameters()" in first and "ckpt_path" in first, first
         # its layers are spread over two attributes and its forward: the captured path, which materializes a meta
         # build per rank too (torch's layers initialize themselves)
         assert outside == "no error", outside

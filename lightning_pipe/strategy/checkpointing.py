@@ -41,6 +41,7 @@ from lightning_pipe.strategy.checkpoint import (
 from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.host_built import built_on_host
+from lightning_pipe.strategy.recorded_init import recording
 from lightning_pipe.strategy.one_device import local_group_names, one_device_names
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
@@ -96,7 +97,7 @@ class PipelineCheckpoints:
             with super().tensor_init_context(empty_init):
                 yield
             return
-        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host():
+        with torch.device("meta"), self.precision_plugin.tensor_init_context(), built_on_host(), recording():
             yield
 
     @property

@@ -7,6 +7,7 @@ A mixin of :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy`, which ho
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planne
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
 from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, own_forward, undo_compile
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
+from lightning_pipe.strategy.recorded_init import recorded, recording
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.split import find_sequence
 
@@ -149,10 +151,13 @@ class PipelineCutting:
         # autocast that the steps will run with. A model the step calls (not the module's own forward) is converted on
         # meta stand-ins, and each rank converts its share after the cut (strategy/conversion.py), unless the cut is
         # planned (the profile runs every layer).
-        if self.settings.plans_cut or not layers:
-            self.precision_plugin.convert_module(module)
-        else:
-            self._conversion_sources = converted_later(module, module.get_submodule(layers), self.precision_plugin)
+        # A conversion of tensors built on meta is recorded with their construction, to be replayed after the cut.
+        with recording() if recorded() else contextlib.nullcontext():
+            if self.settings.plans_cut or not layers:
+                self.precision_plugin.convert_module(module)
+            else:
+                self._conversion_sources = converted_later(module, module.get_submodule(layers),
+                                                           self.precision_plugin)
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
 
         def capture(path: str) -> CapturedModule:

@@ -16,9 +16,14 @@ come from one stream in construction order):
   :mod:`~lightning_pipe.strategy.conversion`), or a value by a ``load_state_dict`` while the module was built
   (:mod:`~lightning_pipe.strategy.host_built`), takes its value from it, and no initializer runs for it;
 
-- the enclosing Hugging Face model's ``_init_weights(module)`` (what its ``post_init`` applies when it is built
-  eagerly);
-- then, for tensors still unwritten, ``module.reset_parameters()`` where the module that owns the tensor defines it
+- a Hugging Face model's own initialization, which it skips on the meta device: its ``_init_weights`` applied to
+  every module that holds new tensors (and their parents), in post-order, as its ``initialize_weights`` applies it
+  (:meth:`LocalMaterializer._hugging_face_pass`);
+- then, per module, for tensors still unwritten: what the module's construction computed for them, computed again
+  from the operations recorded while it was built in the strategy's block (:mod:`~lightning_pipe.strategy.
+  recorded_init`: a rope table, a position table, a parameter made with ``torch.zeros``, an enclosing model's
+  ``self.apply(self._init_weights)``), where every value it depends on was recorded;
+- then ``module.reset_parameters()`` where the module that owns the tensor defines it
   (torch's layers do; it must initialize the module's own parameters and buffers);
 - then the nearest other enclosing ``_init_weights(module)``; what an earlier one wrote stays. A write counts however
   it is made (in place, through ``.data``, or by assigning the tensor anew, whose value then goes into the placed
@@ -41,10 +46,15 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.recorded_init import forget_recording, replay
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
+_NOT_REPLAYED = ("what their construction computed could not be computed again (the model was built outside the "
+                 "strategy's configure_model() or Trainer.init_module(), or from a tensor made before it, or "
+                 "initialized by a function that skips meta tensors, such as torch's orthogonal_ imported by name "
+                 "before the model was built: call it as torch.nn.init.orthogonal_)")
 
 
 def has_meta_tensors(module: nn.Module) -> bool:
@@ -97,6 +107,7 @@ class LocalMaterializer:
                           for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
+        self._metas: dict[int, torch.Tensor] = {}  # id(new tensor) -> the meta tensor it replaces, while initializing
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
@@ -117,6 +128,7 @@ class LocalMaterializer:
             extras = {id(t) for t in self.sequence.buffers() if id(t) not in wanted}
             wanted.update((id(t), t) for t in self.sequence.buffers())
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
+        self._metas = {id(new): wanted[key] for key, new in fresh.items()}  # for the recorded construction's replay
         # a checkpoint loads this rank's layers only: another rank's persistent buffer nothing initialized is that
         # rank's to load, not an error here
         self._extras = {id(fresh[key]) for key in extras if key in fresh}
@@ -132,7 +144,11 @@ class LocalMaterializer:
         self.sources.clear()  # the other ranks' originals go
         self._loaded.clear()
         forget_loads(self.module)
-        self._initialize(owners, fresh, given)
+        try:
+            self._initialize(owners, fresh, given)
+        finally:
+            self._metas = {}
+            forget_recording()
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
     def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
@@ -144,6 +160,19 @@ class LocalMaterializer:
 
     def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor], given: set[int]) -> None:
         new = {id(t) for t in fresh.values()} - given
+        with torch.no_grad():
+            for tensor in fresh.values():
+                if id(tensor) in new and tensor.is_floating_point():
+                    tensor.fill_(float("nan"))  # so that a write through .data shows too (no version bump)
+        versions = {id(t): t._version for t in fresh.values()}
+
+        def written(tensor: torch.Tensor) -> bool:
+            if tensor._version != versions.get(id(tensor)) or tensor.numel() == 0:
+                return True
+            return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
+
+        placed = {id(owner): dict(own_tensors(owner)) for owner in owners.values()}
+        self._hugging_face_pass(new, placed, versions)
         parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
         done: set[int] = set()
         for name, owner in owners.items():
@@ -153,26 +182,21 @@ class LocalMaterializer:
             if not any(id(t) in new for _, t in own_tensors(owner)):  # every value given
                 self.materialized.append(name)
                 continue
-            kept = {key: t.detach().clone() for key, t in own_tensors(owner) if id(t) not in new}  # real state stays as it was
-            with torch.no_grad():
-                for _, tensor in own_tensors(owner):
-                    if id(tensor) in new and tensor.is_floating_point():
-                        tensor.fill_(float("nan"))  # so that a write through .data shows too (no version bump)
-            versions = {key: t._version for key, t in own_tensors(owner)}
+            kept = {key: t.detach().clone() for key, t in own_tensors(owner) if id(t) not in new}  # real state stays
 
-            def written(key: str, tensor: torch.Tensor) -> bool:
-                if tensor._version != versions[key] or tensor.numel() == 0:
-                    return True
-                return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
+            def replayed(owner: nn.Module = owner) -> None:
+                unwritten = [t for _, t in own_tensors(owner) if id(t) in new and not written(t)]
+                for tensor, value in zip(unwritten, replay([self._metas[id(t)] for t in unwritten])):
+                    if value is not None:
+                        tensor.copy_(value)
 
-            placed = dict(own_tensors(owner))
             with torch.no_grad(), forked_random(self._seed_of(self._seed_names.get(name, name)), self.device):
-                for init in _initializers(owner, parents):  # the next one only for tensors still unwritten
-                    earlier = {key: t.clone() for key, t in own_tensors(owner) if id(t) in new and written(key, t)}
+                for init in _initializers(owner, parents, replayed):  # the next one only for tensors still unwritten
+                    earlier = {key: t.clone() for key, t in own_tensors(owner) if id(t) in new and written(t)}
                     if all(key in earlier for key, t in own_tensors(owner) if id(t) in new):
                         break
                     init()
-                    _keep_objects(owner, placed, versions)
+                    _keep_objects(owner, placed[id(owner)], versions)
                     for key, tensor in own_tensors(owner):  # what an earlier initializer wrote stays
                         if key in earlier:
                             tensor.copy_(earlier[key])
@@ -181,18 +205,56 @@ class LocalMaterializer:
                     if key in kept:
                         tensor.copy_(kept[key])
             for key, tensor in own_tensors(owner):
-                if id(tensor) not in new or written(key, tensor):
+                if id(tensor) not in new or written(tensor):
                     continue
                 qualified = f"{name}.{key}" if name else key
                 if key in owner._non_persistent_buffers_set:
                     raise ValueError(
                         f"the buffer {qualified!r} of {type(owner).__name__} was built on the meta device and is not "
-                        f"persistent, so no checkpoint holds it and nothing recomputes it; give "
+                        f"persistent, so no checkpoint holds it, and nothing recomputes it: {_NOT_REPLAYED}; give "
                         f"{type(owner).__name__} a reset_parameters() that recomputes it (as its __init__ does), or "
                         f"build the model eagerly")
                 if id(tensor) not in self._extras:
                     self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
             self.materialized.append(name)
+
+    def _hugging_face_pass(self, new: set[int], placed: dict[int, dict[str, torch.Tensor]],
+                           versions: dict[int, int]) -> None:
+        """A Hugging Face model initializes its modules as its ``initialize_weights`` does: every module in
+        post-order, each by the nearest enclosing model's ``_init_weights``, so that a parent's initialization of its
+        children comes after theirs (T5's attention sets its projections' scales, GPT-2 scales its residual
+        projections by depth, Whisper writes its sinusoids into an embedding, Mamba's mixer sets its time steps).
+        Here only for the modules that hold new tensors of this rank, each under a seed of its name; what it writes into
+        tensors whose values were given (or real) is put back."""
+        hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+        if hugging_face is None or not new:
+            return
+        visited: set[int] = set()
+
+        def visit(module: nn.Module, name: str, model: nn.Module | None) -> bool:
+            if id(module) in visited:
+                return False
+            visited.add(id(module))
+            model = module if isinstance(module, hugging_face) else model
+            holds_new = any(id(t) in new for _, t in own_tensors(module))
+            for child_name, child in module.named_children():
+                holds_new |= visit(child, f"{name}.{child_name}" if name else child_name, model)
+            if model is None or not holds_new:
+                return holds_new
+            subtree = list(module.modules())
+            other = [t for child in subtree for _, t in own_tensors(child) if id(t) not in new and not t.is_meta]
+            saved = [t.detach().clone() for t in other]
+            with torch.no_grad(), forked_random(self._seed_of(f"{self._seed_names.get(name, name)}:_init_weights"),
+                                                self.device):
+                model._init_weights(module)
+                for child in subtree:
+                    if id(child) in placed:
+                        _keep_objects(child, placed[id(child)], versions)
+                for tensor, value in zip(other, saved):
+                    tensor.copy_(value)
+            return holds_new
+
+        visit(self.module, "", None)
 
     def _seed_of(self, name: str) -> int:
         digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
@@ -212,7 +274,8 @@ class LocalMaterializer:
             return None
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         return (f"{shown} were built on the meta device and nothing initialized them: their modules define no "
-                f"reset_parameters() (nor does an enclosing Hugging Face model define _init_weights). Define "
+                f"reset_parameters() (nor does an enclosing Hugging Face model define _init_weights), and "
+                f"{_NOT_REPLAYED}. Define "
                 f"reset_parameters() on those modules to initialize their own parameters and buffers, as torch.nn "
                 f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
 
@@ -232,7 +295,7 @@ def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequenc
                              f"kept off the meta device)")
 
 
-def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
+def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: dict[int, int]) -> None:
     """An initializer that assigned a tensor anew (``self.cos = ...``, as litgpt's rope tables are): its value goes
     into the tensor placed before, which goes back, since other modules (a captured model's segments, a tie) refer to
     that object; it then counts as written."""
@@ -247,31 +310,27 @@ def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: d
                                  f"place, or at the shape it was built with")
             before.copy_(tensor.detach())
             table[key] = before
-            if versions.get(key) == before._version:  # copy_ moves it; a zero-size copy need not
-                versions[key] = before._version - 1
+            if versions.get(id(before)) == before._version:  # copy_ moves it; a zero-size copy need not
+                versions[id(before)] = before._version - 1
 
 
-def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
-    """How ``module``'s tensors are initialized, in order, each tried for the tensors still unwritten: the nearest
-    enclosing Hugging Face model's ``_init_weights`` bound to ``module`` (what its ``post_init`` applies: GPT-2's and
-    Llama's linear layers draw from N(0, 0.02), not torch's default), then ``module.reset_parameters``, then the
-    nearest other enclosing ``_init_weights(module)``."""
+def _initializers(module: nn.Module, parents: dict[int, nn.Module],
+                  replayed: Callable[[], object]) -> list[Callable[[], object]]:
+    """How ``module``'s tensors are initialized after the Hugging Face pass, in order, each tried for the tensors still
+    unwritten: its construction replayed, then ``module.reset_parameters``, then the ``_init_weights(module)`` of the
+    nearest enclosing module that has one, unless that is a Hugging Face model (whose pass ran)."""
     hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
-    found: list[Callable[[], object]] = []
     other: list[Callable[[], object]] = []
     parent = parents.get(id(module))
-    while parent is not None and not (found and other):
+    while parent is not None and not other:
+        if hugging_face is not None and isinstance(parent, hugging_face):
+            break
         init_weights = getattr(parent, "_init_weights", None)
         if callable(init_weights):
-            is_hf = hugging_face is not None and isinstance(parent, hugging_face)
-            chosen = found if is_hf else other
-            if not chosen:
-                chosen.append(lambda init_weights=init_weights: init_weights(module))
-            if is_hf:
-                break
+            other.append(lambda init_weights=init_weights: init_weights(module))
         parent = parents.get(id(parent))
     reset = getattr(module, "reset_parameters", None)
-    return [*found, *([reset] if callable(reset) else []), *other[:1]]
+    return [replayed, *([reset] if callable(reset) else []), *other]
 
 
 def meta_like(tensor: torch.Tensor) -> torch.Tensor:

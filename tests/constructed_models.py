@@ -1,0 +1,243 @@
+"""Plain-torch models whose ``__init__`` computes values no initializer recomputes, as projects write them: built on
+the meta device, each rank replays the construction (tests/test_strategy_recorded_init.py)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["Constructed", "constructed_data", "MODELS", "NanoGPT", "ReferenceLlama", "TinyViT", "TutorialTransformer",
+           "VOCAB"]
+
+VOCAB = 64
+
+
+def _rope_table(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    return torch.polar(torch.ones(end, dim // 2), torch.outer(torch.arange(end, device=freqs.device), freqs))
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * table.view(1, x.shape[1], 1, pairs.shape[-1])).flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.w1, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+        self.w2 = nn.Linear(2 * dim, dim, bias=False)
+        self.attention_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        rows, length, dim = x.shape
+        q, k, v = (t.view(rows, length, self.heads, dim // self.heads)
+                   for t in self.wqkv(self.attention_norm(x)).split(dim, -1))
+        q, k = _rotate(q, table), _rotate(k, table)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.wo(a.transpose(1, 2).reshape(rows, length, dim))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class ReferenceLlama(nn.Module):
+    """Meta's reference Llama: a complex rope table in a non-persistent buffer, blocks in an ``nn.ModuleList``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, layers: int = 4, length: int = 32) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList(ReferenceBlock(dim, heads) for _ in range(layers))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, VOCAB, bias=False)
+        self.register_buffer("freqs_cis", _rope_table(dim // heads, length * 2), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        table = self.freqs_cis[: tokens.shape[1]]
+        for layer in self.layers:
+            h = layer(h, table)
+        return self.output(self.norm(h)).float()
+
+
+class PositionalEncoding(nn.Module):
+    """torch's transformer tutorial: a persistent sinusoid table written through slices."""
+
+    def __init__(self, dim: int, length: int = 64) -> None:
+        super().__init__()
+        position = torch.arange(length).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(length, 1, dim)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pe[: x.size(0)]
+
+
+class TutorialTransformer(nn.Module):
+    """The tutorial's model, sequence-first, with its causal mask kept as a buffer (as older nanoGPT keeps one)."""
+
+    def __init__(self, dim: int = 32, layers: int = 2, length: int = 64) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, dim)
+        self.pos_encoder = PositionalEncoding(dim, length)
+        # float32 whatever the default dtype: under bf16-true, converted after it is built
+        self.register_buffer("mask", torch.triu(torch.full((length, length), float("-inf"), dtype=torch.float32),
+                                                diagonal=1))
+        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0)
+        self.transformer_encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.linear = nn.Linear(dim, VOCAB)
+        self.embedding.weight.data.uniform_(-0.1, 0.1)  # the tutorial's init_weights
+        self.linear.bias.data.zero_()
+        self.linear.weight.data.uniform_(-0.1, 0.1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.pos_encoder(self.embedding(tokens.t()) * math.sqrt(self.embedding.embedding_dim))
+        length = tokens.shape[1]
+        return self.linear(self.transformer_encoder(x, self.mask[:length, :length])).transpose(0, 1)
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.c_fc, self.mlp_proj = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.view(*x.shape[:2], 4, -1).transpose(1, 2) for t in self.c_attn(self.ln_1(x)).split(self.dim, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's initialization: ``self.apply(self._init_weights)`` (linear and embedding weights from N(0, 0.02),
+    not torch's defaults: an embedding's is N(0, 1)), its projections scaled by depth, the head tied to the token
+    embedding."""
+
+    def __init__(self, dim: int = 32, layers: int = 4, length: int = 32) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, dim), nn.Embedding(length, dim)
+        self.h = nn.ModuleList(NanoBlock(dim) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, VOCAB, bias=False)
+        self.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def _sincos(dim: int, positions: int) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", np.arange(positions, dtype=np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+class TinyViT(nn.Module):
+    """A hand-written ViT as research code writes one: a class token from ``torch.zeros``, a learned position
+    embedding drawn by ``trunc_normal_`` (a no-op on meta tensors in torch), a fixed sin-cos table from NumPy
+    (MAE's), ImageNet's mean and deviation from ``torch.tensor``, and an orthogonal projection."""
+
+    def __init__(self, dim: int = 32, layers: int = 4, patches: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.fixed = nn.Parameter(torch.zeros(1, patches + 1, dim), requires_grad=False)
+        self.fixed.data.copy_(torch.from_numpy(_sincos(dim, patches + 1)).float().unsqueeze(0))
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
+                                    for _ in range(layers))
+        self.project = nn.Linear(dim, dim, bias=False)
+        nn.init.orthogonal_(self.project.weight)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch((images - self.mean) / self.std).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed + self.fixed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.project(x[:, 0]))
+
+
+MODELS = {"reference_llama": ReferenceLlama, "tutorial_transformer": TutorialTransformer, "nanogpt": NanoGPT,
+          "tiny_vit": TinyViT}
+
+
+class Constructed(L.LightningModule):
+    """One of :data:`MODELS`, built in ``configure_model()`` (on the meta device under PipelineStrategy)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.model: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = MODELS[self.name]()
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        assert self.model is not None
+        if self.name == "tiny_vit":
+            images, labels = batch
+            return F.cross_entropy(self.model(images), labels)
+        (tokens,) = batch
+        logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def constructed_data(name: str, batches: int = 3, rows: int = 8) -> DataLoader:
+    generator = torch.Generator().manual_seed(3)
+    if name == "tiny_vit":
+        data = TensorDataset(torch.randn(batches * rows, 3, 16, 16, generator=generator),
+                             torch.randint(0, 10, (batches * rows,), generator=generator))
+    else:
+        data = TensorDataset(torch.randint(0, VOCAB, (batches * rows, 17), generator=generator))
+    return DataLoader(data, batch_size=rows)

@@ -1,0 +1,246 @@
+"""A module built on the meta device under the strategy gets what its construction computed, computed again per rank
+(lightning_pipe/strategy/recorded_init.py): rope tables, position tables, masks, literal buffers, parameters made
+with zeros or ones, and what an enclosing model's ``__init__`` did to its layers; what cannot be known is not
+guessed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.helpers import run_ranks
+
+SEED = 23
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _eager(make: Any, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return _tensors(make())
+
+
+def _materialized(make: Any) -> tuple[nn.Module, Any]:
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.big_models import built_like_the_strategy
+
+    with built_like_the_strategy():
+        model = make()
+    materializer = LocalMaterializer(model, model, torch.device("cpu"), SEED)
+    materializer([model])
+    return model, materializer
+
+
+def _check_initialized_as_built(make: Any) -> nn.Module:
+    """``make()`` built on meta and materialized holds what an eager build holds: a value that does not depend on the
+    seed bit for bit, a drawn one with the spread of the eager build's (within 30%)."""
+    from lightning_pipe.strategy.recorded_init import recorded
+
+    first, second = _eager(make, 0), _eager(make, 1)
+    model, materializer = _materialized(make)
+    assert not recorded()  # the tape goes with the materialization
+    assert materializer.unwritten() is None
+    got = _tensors(model)
+    assert got.keys() == first.keys()
+    for key, value in first.items():
+        mine = got[key].detach()
+        assert not mine.is_meta and not (mine.is_floating_point() and torch.isnan(mine).any()), key
+        if torch.equal(value, second[key]):  # the construction does not draw it
+            assert torch.equal(mine, value.detach()), key
+        elif value.numel() >= 64:  # drawn: the spread of the model's own initialization
+            ratio = float(mine.float().std() / value.detach().float().std())
+            assert 0.7 < ratio < 1.4, (key, ratio)
+    return model
+
+
+@pytest.mark.parametrize("name", ["reference_llama", "tutorial_transformer", "nanogpt", "tiny_vit"])
+def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -> None:
+    """Built on meta and materialized, each tensor holds what the model's own ``__init__`` computes: a value that does
+    not depend on the random seed (a rope table in a complex buffer, the tutorial's sinusoids written through slices,
+    a causal mask, ImageNet's mean from ``torch.tensor``, MAE's NumPy sin-cos table, a class token of zeros, the norms'
+    ones) bit for bit; a random one from the model's own distribution, which torch's defaults are not (nanoGPT's
+    N(0, 0.02) linear and embedding weights, where reset_parameters() draws ~0.1 and N(0, 1), and its projections
+    scaled by depth; the tutorial's U(-0.1, 0.1) embedding; a ViT's trunc_normal_ position embedding and orthogonal
+    projection, which torch skips on meta tensors). Before, the buffers were an error ("not persistent ... nothing
+    recomputes it", or "nothing initialized them" without a checkpoint) and the weights torch's defaults."""
+    from tests.constructed_models import MODELS
+
+    model = _check_initialized_as_built(MODELS[name])
+    if name == "nanogpt":
+        assert model.wte.weight is model.lm_head.weight
+        assert 0.015 < float(model.wte.weight.std()) < 0.025  # N(0, 1) from nn.Embedding's own reset_parameters
+        assert 0.004 < float(model.h[0].c_proj.weight.std()) < 0.01  # 0.02 / sqrt(2 * 4)
+    if name == "tiny_vit":
+        weight = model.project.weight.detach()
+        torch.testing.assert_close(weight @ weight.T, torch.eye(len(weight)), atol=1e-5, rtol=0)
+        assert 0.015 < float(model.pos_embed.std()) < 0.025
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_t5", "hf_whisper", "hf_mamba", "hf_resnet", "hf_llama", "hf_bart"])
+def test_hugging_face_models_initialize_every_module_as_their_initialize_weights_does(name: str) -> None:
+    """Hugging Face skips its initialization on the meta device; each rank runs it for its modules as
+    ``initialize_weights`` does: every module in post-order by the enclosing model's ``_init_weights``, a parent after
+    its children. Calling it only for the module owning each tensor (as before) missed what a parent sets: GPT-2's
+    residual projections scaled by depth (3x too wide), T5's attention and feed-forward scales (5-16x), Whisper's
+    sinusoidal positions (deterministic: other values), Mamba's convolution and time-step initialization, ResNet's
+    fan-out convolutions."""
+    from tests.capture_models import HAS_TRANSFORMERS, MORE_FAMILIES, hf_bart, hf_gpt2, hf_llama, hf_mamba, hf_t5, \
+        hf_whisper
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    makers = {"hf_gpt2": hf_gpt2, "hf_t5": hf_t5, "hf_whisper": hf_whisper, "hf_mamba": hf_mamba,
+              "hf_resnet": MORE_FAMILIES["hf_resnet"].make, "hf_llama": hf_llama, "hf_bart": hf_bart}
+    _check_initialized_as_built(makers[name])
+
+
+class _Copied(nn.Module):
+    """A layer whose weight a large host tensor gives through ``.data.copy_`` (no load_state_dict to record)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(value.shape[1], value.shape[0])
+        self.linear.weight.data.copy_(value)
+
+
+class _Late(nn.Module):
+    """A buffer computed from a meta tensor made before the block: nothing recorded can give its value."""
+
+    def __init__(self, made_before: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", made_before * 2, persistent=False)
+
+
+def test_what_the_recording_cannot_know_is_not_guessed() -> None:
+    """Values copied in from a host tensor (5 MB here) are given; a value computed from a tensor the recording never
+    saw, or initialized by a function torch skips on meta tensors that the block could not see (``orthogonal_``
+    bound by name at import), is not guessed: it falls to the module's other initializers, and else to the errors
+    that say what to do, as before."""
+    from tests.big_models import Rotation
+
+    value = torch.randn(1100, 1200)
+    copied, _ = _materialized(lambda: _Copied(value))
+    assert torch.equal(copied.linear.weight.detach(), value)
+    with torch.device("meta"):
+        made_before = torch.ones(3)
+    with pytest.raises(ValueError, match="the buffer 'table' of _Late .* is not persistent"):
+        _materialized(lambda: _Late(made_before))
+    rotation, materializer = _materialized(lambda: Rotation(8))
+    message = materializer.unwritten()
+    assert message is not None and "'weight' (Rotation)" in message, message
+
+
+def test_a_conversion_after_the_block_is_replayed_too() -> None:
+    """``bf16-true`` converts a meta-built model after the block (its float32 buffers become new bfloat16 tensors): the
+    strategy records that conversion too, so the tables are their own, converted."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from lightning_pipe.strategy.recorded_init import recording
+    from tests.big_models import built_like_the_strategy
+    from tests.constructed_models import TutorialTransformer
+
+    eager = HalfPrecision("bf16-true").convert_module(TutorialTransformer())
+    with built_like_the_strategy():
+        model = TutorialTransformer()
+    with recording():
+        HalfPrecision("bf16-true").convert_module(model)
+    LocalMaterializer(model, model, torch.device("cpu"), SEED)([model])
+    assert model.pos_encoder.pe.dtype == torch.bfloat16
+    assert torch.equal(model.pos_encoder.pe, eager.pos_encoder.pe)
+    assert torch.equal(model.mask, eager.mask)
+
+
+def _fit(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.constructed_models import Constructed, constructed_data
+
+    results = {}
+    for name in names:
+        L.seed_everything(SEED, verbose=False)
+        model = Constructed(name)
+        trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4), accelerator="cpu", devices=world_size,
+                            max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False)
+        trainer.fit(model, constructed_data(name))
+        results[name] = {key: value for key, value in model.state_dict().items() if not value.is_meta}
+    # bf16-true converts the model after the block: its float32 mask too, a conversion recorded for the replay
+    model = Constructed("tutorial_transformer")
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4), accelerator="cpu", devices=world_size,
+                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, precision="bf16-true")
+    trainer.fit(model, constructed_data("tutorial_transformer"))
+    state = model.state_dict()
+    results["bf16-true"] = {key: state[f"model.{key}"] for key in ("mask", "pos_encoder.pe")
+                            if f"model.{key}" in state and not state[f"model.{key}"].is_meta}
+    return results
+
+
+@pytest.mark.timeout(400)
+def test_models_that_compute_in_their_construction_train_like_one_device_built_on_meta() -> None:
+    """Meta's reference Llama (complex rope table), torch's transformer tutorial (sinusoids, causal mask buffer),
+    nanoGPT (its own initialization, a tie across the first and last stage) and a hand-written ViT, each built in
+    ``configure_model()`` under ``pipedream`` on 2 ranks: after three steps every rank's weights equal one device's
+    from the same construction, replayed whole (they used to fail at setup, or start from torch's defaults)."""
+    import lightning as L
+
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.big_models import built_like_the_strategy
+    from tests.constructed_models import Constructed, constructed_data
+
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from tests.constructed_models import TutorialTransformer
+
+    names = ["reference_llama", "tutorial_transformer", "nanogpt", "tiny_vit"]
+    results = run_ranks(_fit, 2, names, timeout=360)
+    precision = HalfPrecision("bf16-true")
+    with precision.tensor_init_context():  # as configure_model() runs on one device (in bfloat16 by default)
+        eager = precision.convert_module(TutorialTransformer()).state_dict()
+    converted = {**results[0]["bf16-true"], **results[1]["bf16-true"]}
+    assert converted.keys() == {"mask", "pos_encoder.pe"}
+    for key, value in converted.items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, eager[key]), key
+    for name in names:
+        L.seed_everything(SEED, verbose=False)
+        with built_like_the_strategy():
+            reference = Constructed(name)
+            reference.configure_model()
+        LocalMaterializer(reference, reference.model, torch.device("cpu"), SEED)([reference.model])
+        L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False).fit(reference, constructed_data(name))
+        expected = reference.state_dict()
+        got = {**results[0][name], **results[1][name]}
+        assert got.keys() == expected.keys(), name
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=f"{name} {key}")
+
+
+def test_the_recording_keeps_no_host_tensor_it_only_took_a_layout_from() -> None:
+    """A meta tensor made like a host tensor (``empty_like``: the conversion's stand-ins of a mapped checkpoint's
+    tensors, strategy/conversion.py) is recorded by its layout, not with a reference that would keep the host tensor
+    in memory until the materialization."""
+    import gc
+    import weakref
+
+    from lightning_pipe.strategy.recorded_init import forget_recording, recorded, recording, replay
+
+    host = torch.arange(12.0).view(3, 4).t()
+    gone = weakref.ref(host)
+    with recording():
+        stand_in = torch.empty_like(host, device="meta")
+        filled = torch.ones(4, 3, device="meta")
+    del host
+    gc.collect()
+    assert gone() is None and recorded()
+    assert replay([stand_in]) == [None]  # what nothing wrote is not guessed
+    assert torch.equal(replay([filled])[0], torch.ones(4, 3))
+    forget_recording()
+    assert not recorded()
