@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["Constructed", "constructed_data", "MODELS", "NanoGPT", "ReferenceLlama", "TinyViT", "TutorialTransformer",
-           "VOCAB"]
+__all__ = ["Constructed", "constructed_data", "MODELS", "NanoGPT", "Parametrized", "ReferenceLlama", "TinyViT",
+           "TutorialTransformer", "VOCAB"]
 
 VOCAB = 64
 
@@ -173,7 +173,8 @@ def _sincos(dim: int, positions: int) -> np.ndarray:
 class TinyViT(nn.Module):
     """A hand-written ViT as research code writes one: a class token from ``torch.zeros``, a learned position
     embedding drawn by ``trunc_normal_`` (a no-op on meta tensors in torch), a fixed sin-cos table from NumPy
-    (MAE's), ImageNet's mean and deviation from ``torch.tensor``, and an orthogonal projection."""
+    (MAE's), ImageNet's mean and deviation from ``torch.tensor``, an orthogonal projection, and timm's stochastic
+    depth rates read from ``torch.linspace`` into Python."""
 
     def __init__(self, dim: int = 32, layers: int = 4, patches: int = 16) -> None:
         super().__init__()
@@ -185,6 +186,8 @@ class TinyViT(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.fixed = nn.Parameter(torch.zeros(1, patches + 1, dim), requires_grad=False)
         self.fixed.data.copy_(torch.from_numpy(_sincos(dim, patches + 1)).float().unsqueeze(0))
+        # timm's stochastic-depth rates: Python numbers read from a tensor (a meta tensor cannot give them)
+        self.drop_rates = [x.item() for x in torch.linspace(0, 0.1, layers)]
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
                                     for _ in range(layers))
         self.project = nn.Linear(dim, dim, bias=False)
@@ -199,8 +202,25 @@ class TinyViT(nn.Module):
         return self.head(self.project(x[:, 0]))
 
 
+class Parametrized(nn.Module):
+    """torch's parametrizations: an orthogonal weight (its set-up checks the weight with ``torch.allclose``, makes it
+    orthogonal with ``torch.geqrf``, which has no meta kernel, and moves the parameter's storage with ``set_``), a
+    weight norm and a spectral norm (a power iteration's vectors in buffers)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
+
+        self.rotate = orthogonal(nn.Linear(dim, dim))
+        self.scale = weight_norm(nn.Linear(dim, dim))
+        self.bound = spectral_norm(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bound(torch.tanh(self.scale(self.rotate(x))))
+
+
 MODELS = {"reference_llama": ReferenceLlama, "tutorial_transformer": TutorialTransformer, "nanogpt": NanoGPT,
-          "tiny_vit": TinyViT}
+          "tiny_vit": TinyViT, "parametrized": Parametrized}
 
 
 class Constructed(L.LightningModule):

@@ -58,7 +58,7 @@ def _check_initialized_as_built(make: Any) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["reference_llama", "tutorial_transformer", "nanogpt", "tiny_vit"])
+@pytest.mark.parametrize("name", ["reference_llama", "tutorial_transformer", "nanogpt", "tiny_vit", "parametrized"])
 def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -> None:
     """Built on meta and materialized, each tensor holds what the model's own ``__init__`` computes: a value that does
     not depend on the random seed (a rope table in a complex buffer, the tutorial's sinusoids written through slices,
@@ -66,7 +66,10 @@ def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -
     ones) bit for bit; a random one from the model's own distribution, which torch's defaults are not (nanoGPT's
     N(0, 0.02) linear and embedding weights, where reset_parameters() draws ~0.1 and N(0, 1), and its projections
     scaled by depth; the tutorial's U(-0.1, 0.1) embedding; a ViT's trunc_normal_ position embedding and orthogonal
-    projection, which torch skips on meta tensors). Before, the buffers were an error ("not persistent ... nothing
+    projection, which torch skips on meta tensors); and Python numbers the construction reads from a tensor (timm's
+    stochastic-depth rates, ``.item()`` of a ``torch.linspace``: an error on meta); torch's orthogonal
+    parametrization, whose set-up reads ``torch.allclose``, runs ``torch.geqrf`` (no meta kernel: run on the recorded
+    values) and moves its parameter's storage (``set_``). Before, the buffers were an error ("not persistent ... nothing
     recomputes it", or "nothing initialized them" without a checkpoint) and the weights torch's defaults."""
     from tests.constructed_models import MODELS
 
@@ -75,10 +78,14 @@ def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -
         assert model.wte.weight is model.lm_head.weight
         assert 0.015 < float(model.wte.weight.std()) < 0.025  # N(0, 1) from nn.Embedding's own reset_parameters
         assert 0.004 < float(model.h[0].c_proj.weight.std()) < 0.01  # 0.02 / sqrt(2 * 4)
+    if name == "parametrized":
+        weight = model.rotate.weight.detach()
+        torch.testing.assert_close(weight @ weight.T, torch.eye(len(weight)), atol=1e-5, rtol=0)
     if name == "tiny_vit":
         weight = model.project.weight.detach()
         torch.testing.assert_close(weight @ weight.T, torch.eye(len(weight)), atol=1e-5, rtol=0)
         assert 0.015 < float(model.pos_embed.std()) < 0.025
+        assert model.drop_rates == MODELS[name]().drop_rates  # read from a meta linspace: computed from the recording
 
 
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_t5", "hf_whisper", "hf_mamba", "hf_resnet", "hf_llama", "hf_bart"])
