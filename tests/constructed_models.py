@@ -261,3 +261,65 @@ def constructed_data(name: str, batches: int = 3, rows: int = 8) -> DataLoader:
     else:
         data = TensorDataset(torch.randint(0, VOCAB, (batches * rows, 17), generator=generator))
     return DataLoader(data, batch_size=rows)
+
+
+# -- constructions the replay must follow in order (tests/test_strategy_recorded_init.py) ---------------------------
+class Staged(nn.Module):
+    """Layers loaded through one reused host buffer, refilled for each layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(3))
+        staging = torch.empty(4, 4, device="cpu")
+        for index, layer in enumerate(self.layers):
+            staging.fill_(float(index + 1))
+            with torch.no_grad():
+                layer.weight.copy_(staging)
+
+
+class Converted(nn.Module):
+    """Converted to float64 in ``__init__`` (``.data`` given new storage under the same parameter), then edited; a
+    weight written in place and then given new storage through ``.data``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.to(torch.float64)
+        self.linear.bias.data.fill_(2.0)
+        with torch.no_grad():
+            self.linear.weight.fill_(3.0)
+        self.linear.weight.data = self.linear.weight.data + 1
+
+
+class Target(nn.Module):
+    """A target network that starts as its online network (DQN, BYOL): a ``load_state_dict`` between two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.online, self.target = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.target.load_state_dict(self.online.state_dict())
+
+
+class Drawn(nn.Module):
+    """Layers drawn from one ``torch.Generator`` of the project's own."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(3)))
+        for layer in self.layers:
+            with torch.no_grad():
+                layer.weight.normal_(0.0, 0.02, generator=generator)
+
+
+class EditedGPT2(nn.Module):
+    """A Hugging Face model whose weights the project edits after building it (Hugging Face skips its initialization
+    on meta: the edits must still come after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2,
+                                                                           n_head=4, n_positions=32))
+        nn.init.zeros_(self.model.transformer.h[0].mlp.c_fc.weight)
+        self.model.transformer.ln_f.weight.data.fill_(0.5)

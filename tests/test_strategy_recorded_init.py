@@ -90,12 +90,12 @@ def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -
 
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_t5", "hf_whisper", "hf_mamba", "hf_resnet", "hf_llama", "hf_bart"])
 def test_hugging_face_models_initialize_every_module_as_their_initialize_weights_does(name: str) -> None:
-    """Hugging Face skips its initialization on the meta device; each rank runs it for its modules as
-    ``initialize_weights`` does: every module in post-order by the enclosing model's ``_init_weights``, a parent after
-    its children. Calling it only for the module owning each tensor (as before) missed what a parent sets: GPT-2's
-    residual projections scaled by depth (3x too wide), T5's attention and feed-forward scales (5-16x), Whisper's
-    sinusoidal positions (deterministic: other values), Mamba's convolution and time-step initialization, ResNet's
-    fan-out convolutions."""
+    """Hugging Face skips its initialization on the meta device; the strategy's block runs it there (every module in
+    post-order by the enclosing model's ``_init_weights``, a parent after its children), so it is recorded and each
+    rank replays it for its tensors. Calling ``_init_weights`` only for the module owning each tensor (as before) missed
+    what a parent sets: GPT-2's residual projections scaled by depth (3x too wide), T5's attention and feed-forward
+    scales (5-16x), Whisper's sinusoidal positions (deterministic: other values), Mamba's convolution and time-step
+    initialization, ResNet's fan-out convolutions."""
     from tests.capture_models import HAS_TRANSFORMERS, MORE_FAMILIES, hf_bart, hf_gpt2, hf_llama, hf_mamba, hf_t5, \
         hf_whisper
 
@@ -104,6 +104,61 @@ def test_hugging_face_models_initialize_every_module_as_their_initialize_weights
     makers = {"hf_gpt2": hf_gpt2, "hf_t5": hf_t5, "hf_whisper": hf_whisper, "hf_mamba": hf_mamba,
               "hf_resnet": MORE_FAMILIES["hf_resnet"].make, "hf_llama": hf_llama, "hf_bart": hf_bart}
     _check_initialized_as_built(makers[name])
+
+
+def test_the_replay_follows_the_construction_in_order() -> None:
+    """What the construction did, in its order: a host buffer refilled for each layer gives each layer its own
+    value; a conversion in ``__init__`` (new storage under the same parameter) and an edit after it; a target network
+    loaded from its online network is equal to it; draws from the project's own generator do not depend on which
+    layers a rank holds (each draw seeded by its place in the recording) and leave that generator alone; edits made to
+    a Hugging Face model after building it come after its initialization (which Hugging Face skips on meta and the
+    block runs there, to be recorded in its place)."""
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.big_models import built_like_the_strategy
+    from tests.capture_models import HAS_TRANSFORMERS
+    from tests.constructed_models import Converted, Drawn, EditedGPT2, Staged, Target
+
+    staged, _ = _materialized(Staged)
+    assert [float(layer.weight[0, 0]) for layer in staged.layers] == [1.0, 2.0, 3.0]
+    converted, _ = _materialized(Converted)
+    assert converted.linear.bias.dtype == torch.float64 and converted.linear.bias.tolist() == [2.0] * 4
+    assert converted.linear.weight.dtype == torch.float64 and bool((converted.linear.weight == 4.0).all())
+    target, _ = _materialized(Target)
+    assert torch.equal(target.target.weight, target.online.weight) and torch.equal(target.target.bias,
+                                                                                     target.online.bias)
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    whole, _ = _materialized(lambda: Drawn(generator))
+    with built_like_the_strategy():
+        torch.zeros(3)  # something else recorded first (a project's own tensors, another model): no other values
+        part = Drawn(generator)
+    LocalMaterializer(part, part.layers, torch.device("cpu"), SEED)([part.layers[2]])  # a rank with the last layer
+    assert torch.equal(part.layers[2].weight, whole.layers[2].weight) and part.layers[0].weight.is_meta
+    generator.set_state(state)
+    with built_like_the_strategy():
+        drawn = Drawn(generator)
+    built = generator.get_state()
+    LocalMaterializer(drawn, drawn.layers, torch.device("cpu"), SEED)([drawn.layers])
+    assert torch.equal(generator.get_state(), built)  # the replay's draws came from generators of its own
+    if HAS_TRANSFORMERS:
+        edited, _ = _materialized(EditedGPT2)
+        assert float(edited.model.transformer.h[0].mlp.c_fc.weight.abs().max()) == 0.0
+        assert edited.model.transformer.ln_f.weight.tolist() == [0.5] * 32
+        assert 0.015 < float(edited.model.transformer.h[1].mlp.c_fc.weight.std()) < 0.025  # Hugging Face's N(0, 0.02)
+        assert 0.007 < float(edited.model.transformer.h[1].attn.c_proj.weight.std()) < 0.013  # scaled: 0.02 / 2
+
+
+class _Masked(nn.Module):
+    """A mask computed from a weight that an unseen initialization set (a comparison carries no NaN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.big_models import bound_orthogonal_
+
+        self.weight = nn.Parameter(torch.empty(4, 4))
+        bound_orthogonal_(self.weight)
+        self.register_buffer("mask", self.weight.detach().abs() > 0.1, persistent=False)
+        self.register_buffer("scale", torch.ones(4), persistent=False)
 
 
 class _Copied(nn.Module):
@@ -140,6 +195,8 @@ def test_what_the_recording_cannot_know_is_not_guessed() -> None:
     rotation, materializer = _materialized(lambda: Rotation(8))
     message = materializer.unwritten()
     assert message is not None and "'weight' (Rotation)" in message, message
+    with pytest.raises(ValueError, match="the buffer 'mask' of _Masked"):  # not a mask of falses
+        _materialized(_Masked)
 
 
 def test_a_conversion_after_the_block_is_replayed_too() -> None:

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_pipe.strategy.recorded_init import paused
+
 __all__ = ["built_on_host", "copy_sources", "forget_loads", "loaded_values", "MetaBuildError", "own_tensors"]
 
 # module -> {name: [(order of the load, value, the tensor it was loaded into)]}; weak: a module that goes takes its
@@ -312,7 +314,7 @@ def _imported(module: str, name: str) -> Any:
 def _on_host(function: Callable) -> Callable:
     @functools.wraps(function)
     def on_host(*args: Any, **kwargs: Any) -> Any:
-        with torch.device("cpu"):
+        with torch.device("cpu"), paused():  # its own meta tensors (from_pretrained's skeleton) are not the model's
             try:
                 return function(*args, **kwargs)
             except MetaBuildError:

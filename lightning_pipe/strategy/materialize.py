@@ -16,15 +16,16 @@ come from one stream in construction order):
   :mod:`~lightning_pipe.strategy.conversion`), or a value by a ``load_state_dict`` while the module was built
   (:mod:`~lightning_pipe.strategy.host_built`), takes its value from it, and no initializer runs for it;
 
-- a Hugging Face model's own initialization, which it skips on the meta device: its ``_init_weights`` applied to
-  every module that holds new tensors (and their parents), in post-order, as its ``initialize_weights`` applies it
+- what the module's construction computed for the tensor, computed again from the operations recorded while it was
+  built in the strategy's block (:mod:`~lightning_pipe.strategy.recorded_init`: a rope table, a position table, a
+  parameter made with ``torch.zeros``, an enclosing model's ``self.apply(self._init_weights)``, a Hugging Face model's
+  own initialization, which the block runs on meta to record it), where every value it depends on was recorded;
+- then, for what a Hugging Face model still leaves unwritten, its ``_init_weights`` applied to the modules holding it
+  and their parents, in post-order, as its ``initialize_weights`` applies it
   (:meth:`LocalMaterializer._hugging_face_pass`);
-- then, per module, for tensors still unwritten: what the module's construction computed for them, computed again
-  from the operations recorded while it was built in the strategy's block (:mod:`~lightning_pipe.strategy.
-  recorded_init`: a rope table, a position table, a parameter made with ``torch.zeros``, an enclosing model's
-  ``self.apply(self._init_weights)``), where every value it depends on was recorded;
-- then ``module.reset_parameters()`` where the module that owns the tensor defines it
-  (torch's layers do; it must initialize the module's own parameters and buffers);
+- then, per module, for tensors still unwritten (a module built outside the strategy's block, ``with
+  torch.device("meta")``, has no recording): ``module.reset_parameters()`` where the module that owns the tensor
+  defines it (torch's layers do; it must initialize the module's own parameters and buffers);
 - then the nearest other enclosing ``_init_weights(module)``; what an earlier one wrote stays. A write counts however
   it is made (in place, through ``.data``, or by assigning the tensor anew, whose value then goes into the placed
   tensor): fresh floating tensors start as NaN;
@@ -36,6 +37,7 @@ come from one stream in construction order):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +48,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.recorded_init import forget_recording, replay
+from lightning_pipe.strategy.recorded_init import forget_recording, replay, storage_names
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
@@ -108,6 +110,7 @@ class LocalMaterializer:
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._metas: dict[int, torch.Tensor] = {}  # id(new tensor) -> the meta tensor it replaces, while initializing
+        self._names: dict[int, str] = {}  # the meta tensors' names by storage, while initializing
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
@@ -129,6 +132,7 @@ class LocalMaterializer:
             wanted.update((id(t), t) for t in self.sequence.buffers())
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
         self._metas = {id(new): wanted[key] for key, new in fresh.items()}  # for the recorded construction's replay
+        self._names = storage_names(self.module)
         # a checkpoint loads this rank's layers only: another rank's persistent buffer nothing initialized is that
         # rank's to load, not an error here
         self._extras = {id(fresh[key]) for key in extras if key in fresh}
@@ -147,7 +151,7 @@ class LocalMaterializer:
         try:
             self._initialize(owners, fresh, given)
         finally:
-            self._metas = {}
+            self._metas, self._names = {}, {}
             forget_recording()
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -160,6 +164,7 @@ class LocalMaterializer:
 
     def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor], given: set[int]) -> None:
         new = {id(t) for t in fresh.values()} - given
+        fresh_by_id = {id(t): t for t in fresh.values()}
         with torch.no_grad():
             for tensor in fresh.values():
                 if id(tensor) in new and tensor.is_floating_point():
@@ -172,7 +177,13 @@ class LocalMaterializer:
             return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
 
         placed = {id(owner): dict(own_tensors(owner)) for owner in owners.values()}
-        self._hugging_face_pass(new, placed, versions)
+        with torch.no_grad():  # first what the construction computed (Hugging Face's initialization recorded too)
+            for tensor in fresh.values():
+                if id(tensor) in new:
+                    (value,) = replay([self._metas[id(tensor)]], self.seed, self._names)
+                    if value is not None:
+                        tensor.copy_(value)
+        self._hugging_face_pass({key for key in new if not written(fresh_by_id[key])}, placed, versions)
         parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
         done: set[int] = set()
         for name, owner in owners.items():
@@ -183,15 +194,8 @@ class LocalMaterializer:
                 self.materialized.append(name)
                 continue
             kept = {key: t.detach().clone() for key, t in own_tensors(owner) if id(t) not in new}  # real state stays
-
-            def replayed(owner: nn.Module = owner) -> None:
-                unwritten = [t for _, t in own_tensors(owner) if id(t) in new and not written(t)]
-                for tensor, value in zip(unwritten, replay([self._metas[id(t)] for t in unwritten])):
-                    if value is not None:
-                        tensor.copy_(value)
-
             with torch.no_grad(), forked_random(self._seed_of(self._seed_names.get(name, name)), self.device):
-                for init in _initializers(owner, parents, replayed):  # the next one only for tensors still unwritten
+                for init in _initializers(owner, parents):  # the next one only for tensors still unwritten
                     earlier = {key: t.clone() for key, t in own_tensors(owner) if id(t) in new and written(t)}
                     if all(key in earlier for key, t in own_tensors(owner) if id(t) in new):
                         break
@@ -218,17 +222,19 @@ class LocalMaterializer:
                     self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
             self.materialized.append(name)
 
-    def _hugging_face_pass(self, new: set[int], placed: dict[int, dict[str, torch.Tensor]],
+    def _hugging_face_pass(self, unwritten: set[int], placed: dict[int, dict[str, torch.Tensor]],
                            versions: dict[int, int]) -> None:
-        """A Hugging Face model initializes its modules as its ``initialize_weights`` does: every module in
-        post-order, each by the nearest enclosing model's ``_init_weights``, so that a parent's initialization of its
-        children comes after theirs (T5's attention sets its projections' scales, GPT-2 scales its residual
-        projections by depth, Whisper writes its sinusoids into an embedding, Mamba's mixer sets its time steps).
-        Here only for the modules that hold new tensors of this rank, each under a seed of its name; what it writes into
-        tensors whose values were given (or real) is put back."""
-        hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
-        if hugging_face is None or not new:
+        """What the replay left unwritten in a Hugging Face model (one whose initialization on meta could not be
+        recorded) is initialized as its ``initialize_weights`` does: every module in post-order by the nearest
+        enclosing model's ``_init_weights``, a parent after its children (T5's attention sets its projections'
+        scales, GPT-2 scales its residual projections by depth, Whisper writes its sinusoids into an embedding). Here
+        for the modules holding such tensors and their parents, each under a seed of its name; every other tensor
+        carries Hugging Face's ``_is_hf_initialized`` meanwhile, which its initialization functions leave alone."""
+        transformers = sys.modules.get("transformers")
+        hugging_face = getattr(transformers, "PreTrainedModel", None)
+        if hugging_face is None or not unwritten:
             return
+        guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
         visited: set[int] = set()
 
         def visit(module: nn.Module, name: str, model: nn.Module | None) -> bool:
@@ -236,23 +242,27 @@ class LocalMaterializer:
                 return False
             visited.add(id(module))
             model = module if isinstance(module, hugging_face) else model
-            holds_new = any(id(t) in new for _, t in own_tensors(module))
+            holds = any(id(t) in unwritten for _, t in own_tensors(module))
             for child_name, child in module.named_children():
-                holds_new |= visit(child, f"{name}.{child_name}" if name else child_name, model)
-            if model is None or not holds_new:
-                return holds_new
+                holds |= visit(child, f"{name}.{child_name}" if name else child_name, model)
+            if model is None or not holds:
+                return holds
             subtree = list(module.modules())
-            other = [t for child in subtree for _, t in own_tensors(child) if id(t) not in new and not t.is_meta]
-            saved = [t.detach().clone() for t in other]
-            with torch.no_grad(), forked_random(self._seed_of(f"{self._seed_names.get(name, name)}:_init_weights"),
-                                                self.device):
-                model._init_weights(module)
-                for child in subtree:
-                    if id(child) in placed:
-                        _keep_objects(child, placed[id(child)], versions)
-                for tensor, value in zip(other, saved):
-                    tensor.copy_(value)
-            return holds_new
+            flagged = [t for child in subtree for _, t in own_tensors(child)
+                       if id(t) not in unwritten and not getattr(t, "_is_hf_initialized", False)]
+            for tensor in flagged:
+                tensor._is_hf_initialized = True
+            try:
+                with torch.no_grad(), guard() if guard is not None else contextlib.nullcontext(), forked_random(
+                        self._seed_of(f"{self._seed_names.get(name, name)}:_init_weights"), self.device):
+                    model._init_weights(module)
+                    for child in subtree:
+                        if id(child) in placed:
+                            _keep_objects(child, placed[id(child)], versions)
+            finally:
+                for tensor in flagged:
+                    del tensor._is_hf_initialized
+            return holds
 
         visit(self.module, "", None)
 
@@ -314,11 +324,10 @@ def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: d
                 versions[id(before)] = before._version - 1
 
 
-def _initializers(module: nn.Module, parents: dict[int, nn.Module],
-                  replayed: Callable[[], object]) -> list[Callable[[], object]]:
-    """How ``module``'s tensors are initialized after the Hugging Face pass, in order, each tried for the tensors still
-    unwritten: its construction replayed, then ``module.reset_parameters``, then the ``_init_weights(module)`` of the
-    nearest enclosing module that has one, unless that is a Hugging Face model (whose pass ran)."""
+def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
+    """How ``module``'s tensors are initialized after the replay and the Hugging Face pass, in order, each tried for
+    the tensors still unwritten: ``module.reset_parameters``, then the ``_init_weights(module)`` of the nearest
+    enclosing module that has one, unless that is a Hugging Face model (whose pass ran)."""
     hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
     other: list[Callable[[], object]] = []
     parent = parents.get(id(module))
@@ -330,7 +339,7 @@ def _initializers(module: nn.Module, parents: dict[int, nn.Module],
             other.append(lambda init_weights=init_weights: init_weights(module))
         parent = parents.get(id(parent))
     reset = getattr(module, "reset_parameters", None)
-    return [replayed, *([reset] if callable(reset) else []), *other]
+    return [*([reset] if callable(reset) else []), *other]
 
 
 def meta_like(tensor: torch.Tensor) -> torch.Tensor:

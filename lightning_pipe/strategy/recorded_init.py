@@ -1,29 +1,38 @@
 """What a module's construction computed on the meta device, recorded so that each rank computes it again for its share.
 
 A module built in ``configure_model()`` (or ``Trainer.init_module()``) under the strategy is built on the meta device:
-every value its ``__init__`` computed is lost. Most come back from the modules' initializers (Hugging Face's
-``_init_weights``, ``reset_parameters()``), but not what no initializer recomputes: a rope table in a complex buffer
-(Meta's reference Llama, torchtitan), a sinusoidal position table (torch's transformer tutorial), a causal mask, a
-class token made with ``nn.Parameter(torch.zeros(...))``, and what an enclosing model's ``__init__`` did to its layers
-(nanoGPT's ``self.apply(self._init_weights)`` and its scaled projections, a ViT's ``trunc_normal_`` position
-embedding), which torch's defaults would replace with other distributions.
+every value its ``__init__`` computed is lost, and torch's layers' defaults would not bring back what the model's own
+code computed: a rope table in a complex buffer (Meta's reference Llama, torchtitan), a sinusoidal position table
+(torch's transformer tutorial), a causal mask, a class token made with ``nn.Parameter(torch.zeros(...))``, what an
+enclosing model's ``__init__`` did to its layers (nanoGPT's ``self.apply(self._init_weights)`` and its scaled
+projections, a ViT's ``trunc_normal_`` position embedding), a Hugging Face model's initialization (which Hugging Face
+skips on the meta device: it is run there while recording, so that it lands in its place, after the model's
+construction and before what the project's code does to the model next).
 
 So while the block runs, every operation with a meta result is recorded, in order (a dispatch mode): the aten op, its
-arguments, the default dtype. :func:`replay` takes meta tensors and computes their values again on the CPU, running
-only the recorded operations they depend on: the ones that made or changed their storage, and, before each, the ones
-its inputs depend on (views and in-place writes replay as views and writes of the new tensors). Random draws come
-from the generators the caller forked (the materializer: a seed per module name), so they follow the model's own
-distributions but are not the draws of an eager build. Host tensors an operation read (a NumPy table, a tensor
-copied in with ``.data.copy_``) are kept by reference until :func:`forget_recording`, as the loads of
-:mod:`~.host_built` are. No value is guessed: none is given where an input was not recorded (a tensor made before the
-block), or where the storage holds what nothing wrote since an ``empty``, which replays as NaN (an initialization
-that skips meta tensors and was not seen). Three things that never reach the dispatcher are recorded by hand:
-``torch.tensor(data)`` on meta (made on the CPU, then moved), and torch's ``trunc_normal_``, ``orthogonal_``,
-``dirac_`` and ``sparse_``, which return at once for a meta tensor (called through ``torch.nn.init``; a name bound
-before the block, ``from torch.nn.init import orthogonal_``, is not seen). And a meta tensor's value that the
-construction reads into Python (``.item()``, ``.tolist()``, ``bool()``, ``torch.allclose``: timm's stochastic-depth
-rates from ``torch.linspace``, the orthogonal parametrization's check of its weight) is computed from the recording
-where it can be, instead of failing as a meta tensor does.
+arguments, the layouts of its meta inputs then, the default dtype. :func:`replay` takes meta tensors and computes
+their values again on the CPU, running only the recorded operations they depend on: the ones that made or changed
+their storage, and, before each, the ones its inputs depend on (views and in-place writes replay as views and writes
+of the new tensors; ``.data = ...`` and ``set_`` moving a tensor to another storage are followed). Each random draw
+is seeded by the agreed seed, the named tensor it draws into and how many draws into it came before (else the tensor
+replayed and a count): the model's own distributions, the same on every rank and layout and whatever else was
+recorded, and a value copied from another tensor (a target network loaded from its online network) has that tensor's
+draws; not the draws of an eager build. A draw from the project's own ``torch.Generator`` uses one of the replay's,
+leaving the project's alone. Host tensors an operation read (a NumPy table, a staging buffer copied in and refilled)
+are copied when recorded, up to 1 MiB; a larger one (a checkpoint's tensor) is kept by reference until
+:func:`forget_recording` and refused if it changed since. What is built on the host (``from_pretrained``, PEFT's
+adapters, torchmetrics: :mod:`~.host_built`) is not recorded (:func:`paused`).
+
+No value is guessed: none is given where an input was not recorded (a tensor made before the block), or where the
+storage holds what nothing wrote since an ``empty``, which replays as NaN, also when a comparison or a count of it would
+hide the NaN (an initialization that skips meta tensors and was not seen; a value that is NaN on purpose is refused
+too). Three things that never reach the dispatcher are recorded by hand: ``torch.tensor(data)`` on meta (made on the
+CPU, then moved), and torch's ``trunc_normal_``, ``orthogonal_``, ``dirac_`` and ``sparse_``, which return at once
+for a meta tensor (called through ``torch.nn.init``; a name bound before the block, ``from torch.nn.init import
+orthogonal_``, is not seen). A meta tensor's value that the construction reads into Python (``.item()``,
+``.tolist()``, ``bool()``, ``torch.allclose``: timm's stochastic-depth rates from ``torch.linspace``, the orthogonal
+parametrization's check of its weight) is computed from the recording where it can be, and an op without a meta
+kernel (``torch.geqrf``) runs on its inputs' values for its results' layouts, instead of failing as on meta.
 """
 
 from __future__ import annotations
@@ -31,20 +40,27 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import hashlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.init as init
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-__all__ = ["recording", "replay", "forget_recording"]
+from lightning_pipe.strategy.randomness import derive_seed
+
+__all__ = ["forget_recording", "paused", "recorded", "recording", "replay", "storage_names"]
 
 _EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default,
           torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default}
 _EMPTY_STRIDED = torch.ops.aten.empty_strided.default
+_COPIED_BYTES = 1 << 20  # a host tensor an operation reads is copied up to this size, else kept by reference
+_DRAW_STREAM = 14  # derived seeds of the replayed random draws (see strategy/randomness.Stream)
 _LITERALS = {torch.tensor, torch.as_tensor, torch.asarray}
 _TO_PYTHON = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.allclose.default,
               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}  # ops whose results leave torch
@@ -67,6 +83,9 @@ class _Entry:
     dtype: torch.dtype  # the default dtype then (factories read it inside the op)
     inputs: dict[int, _Layout]  # by id, each meta input's layout before the op (``set_`` moves a tensor's storage)
     results: list[_Layout | None]  # the outputs' layouts after it (None: not meta)
+    hosts: list[tuple[torch.Tensor, int]]  # the large host tensors it reads, by reference, and their versions then
+    draws: bool  # it draws random numbers
+    writes: frozenset[int]  # the meta storages it makes, views or changes
 
     @property
     def reads(self) -> set[int]:
@@ -77,6 +96,7 @@ class _Entry:
 _TAPE: list[_Entry] = []
 _WRITERS: dict[int, list[int]] = {}  # meta storage -> the entries that made, viewed or changed it, in order
 _DEPTH = [0]
+_PAUSED = [0]
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -92,11 +112,23 @@ def _meta_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, _La
 
 
 def _record(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], inputs: dict[int, _Layout],
-            outputs: list[torch.Tensor], written: list[torch.Tensor]) -> None:
+            outputs: list[torch.Tensor], written: list[torch.Tensor], draws: bool) -> None:
     index = len(_TAPE)
     results = [_layout(t) if t.is_meta else None for t in outputs]
-    _TAPE.append(_Entry(call, args, kwargs, outputs, torch.get_default_dtype(), inputs, results))
-    for key in {_storage(t) for t in [*outputs, *written] if t.is_meta}:
+    hosts: list[tuple[torch.Tensor, int]] = []
+
+    def kept(value: Any) -> Any:  # a host tensor: as it is now (a staging buffer may be refilled for the next layer)
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            return value
+        if value.untyped_storage().nbytes() <= _COPIED_BYTES:
+            return value.clone()
+        hosts.append((value, value._version))  # a checkpoint's tensor: not copied, its version checked at the replay
+        return value
+
+    args, kwargs = tree_map(kept, (args, kwargs))
+    writes = frozenset(_storage(t) for t in [*outputs, *written] if t.is_meta)
+    _TAPE.append(_Entry(call, args, kwargs, outputs, torch.get_default_dtype(), inputs, results, hosts, draws, writes))
+    for key in writes:
         _WRITERS.setdefault(key, []).append(index)
 
 
@@ -115,6 +147,8 @@ class _Operations(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if _PAUSED[0]:
+            return func(*args, **kwargs)
         if func in _TO_PYTHON:  # .item(), bool(), torch.allclose: a value read into Python
             values = [_value_of(t) if isinstance(t, torch.Tensor) and t.is_meta else t for t in args]
             if all(v is not None for v in values):
@@ -131,7 +165,7 @@ class _Operations(TorchDispatchMode):
             # host tensor, strategy/conversion.py, would keep the original alive)
             func, args, kwargs = _EMPTY_STRIDED, (out.shape, out.stride()), {"dtype": out.dtype, "device": _META}
         if written or any(t.is_meta for t in outputs):
-            _record(func, args, kwargs, inputs, outputs, written)
+            _record(func, args, kwargs, inputs, outputs, written, torch.Tag.nondeterministic_seeded in func.tags)
         return out
 
 
@@ -143,6 +177,8 @@ class _Functions(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        if _PAUSED[0]:
+            return func(*args, **kwargs)
         device = kwargs.get("device")
         if (func in _LITERALS and args and not isinstance(args[0], torch.Tensor)
                 and (device is None or torch.device(device).type == "meta")):
@@ -171,19 +207,32 @@ def _on_host_then_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 
 def _value_of(tensor: torch.Tensor) -> torch.Tensor | None:
-    """The value of a meta tensor the construction reads into Python, from the recording (``None`` if unknown); the
-    generators are left as they were."""
-    with torch.random.fork_rng(devices=[]):
-        return replay([tensor])[0]
+    """The value of a meta tensor the construction reads into Python, from the recording (``None`` if unknown): the
+    same on every rank."""
+    return replay([tensor])[0]
 
 
 def _recorded_call(function: Callable[..., Any]) -> Callable[..., Any]:
     def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if isinstance(tensor, torch.Tensor) and tensor.is_meta:
-            _record(function, (tensor, *args), kwargs, _meta_inputs((tensor, *args), kwargs), [tensor], [tensor])
+            _record(function, (tensor, *args), kwargs, _meta_inputs((tensor, *args), kwargs), [tensor], [tensor], True)
         return function(tensor, *args, **kwargs)
 
     return call
+
+
+def _initialized_on_meta(init_weights: Callable[..., Any]) -> Callable[..., Any]:
+    """Hugging Face's ``init_weights`` skips the initialization on the meta device: run it there, to be recorded in
+    its place (after the model's construction, before what the project's code does to the model next)."""
+    def initialized(self: Any) -> Any:
+        if torch.get_default_device().type == "meta" and not _PAUSED[0]:  # not from_pretrained's skeleton
+            try:
+                self.initialize_weights()
+            except Exception:  # an initialization that cannot run on meta: the materializer's Hugging Face pass
+                pass
+        return init_weights(self)
+
+    return initialized
 
 
 @contextlib.contextmanager
@@ -197,16 +246,32 @@ def recording() -> Iterator[None]:
             _DEPTH[0] -= 1
         return
     originals = {name: getattr(init, name) for name in _SKIPPING_META}
+    pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    init_weights = pretrained.__dict__.get("init_weights") if pretrained is not None else None
     _DEPTH[0] = 1
     try:
         for name, function in originals.items():
             setattr(init, name, _recorded_call(function))
+        if init_weights is not None:
+            pretrained.init_weights = _initialized_on_meta(init_weights)
         with _Functions(), _Operations():
             yield
     finally:
         _DEPTH[0] = 0
         for name, function in originals.items():
             setattr(init, name, function)
+        if init_weights is not None:
+            pretrained.init_weights = init_weights
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Nothing recorded while the block runs (what is built on the host, such as ``from_pretrained``'s model)."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
 
 
 def recorded() -> bool:
@@ -244,21 +309,21 @@ class _Replayed:
     """The new tensors of a replay, by the recorded meta tensor they stand for."""
 
     def __init__(self) -> None:
-        self.real: dict[int, torch.Tensor] = {}
+        self.real: dict[int, tuple[_Layout, torch.Tensor]] = {}  # id(meta tensor) -> its layout then, new tensor
         self.made: dict[int, list[tuple[_Layout, torch.Tensor]]] = {}  # meta storage -> (layout, new tensor)
 
     def add(self, recorded_tensor: torch.Tensor, layout: _Layout | None, result: torch.Tensor) -> None:
-        self.real[id(recorded_tensor)] = result
         if layout is not None:
+            self.real[id(recorded_tensor)] = layout, result
             self.made.setdefault(layout[0], []).append((layout, result))
 
     def of(self, tensor: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        """The new tensor for ``tensor`` (of ``layout`` then): itself recorded, else a tensor on the same storage (a
-        parameter made of a recorded tensor, which no operation returned) seen through its geometry. KeyError if
-        unknown."""
+        """The new tensor for ``tensor`` (of ``layout`` then): itself recorded with that layout (``.data = ...``
+        gives a tensor another storage under the same object), else a tensor on the same storage (a parameter made
+        of a recorded tensor, which no operation returned) seen through its geometry. KeyError if unknown."""
         found = self.real.get(id(tensor))
-        if found is not None:
-            return found
+        if found is not None and found[0] == layout:
+            return found[1]
         on_storage = self.made.get(layout[0], [])
         for seen, result in reversed(on_storage):
             if seen[1:] == layout[1:]:
@@ -267,38 +332,95 @@ class _Replayed:
             return torch.as_strided(on_storage[-1][1], layout[1], layout[2], layout[3])
         raise KeyError(id(tensor))
 
-    def host(self, value: Any, inputs: dict[int, _Layout]) -> Any:
+    def host(self, value: Any, inputs: dict[int, _Layout], generator: torch.Generator | None) -> Any:
         if isinstance(value, torch.Tensor) and value.is_meta:
             return self.of(value, inputs[id(value)])
         if isinstance(value, torch.device) and value.type == "meta":
             return _HOST
+        if isinstance(value, torch.Generator) and generator is not None:
+            return generator  # a draw seeded as the others are, the user's generator left alone
         return value
 
 
-def replay(targets: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The values the recorded operations computed for the meta tensors ``targets``, computed again on the CPU with
-    torch's current generators; ``None`` for all if some value they depend on cannot be known (see the docstring)."""
+class _Unknown(Exception):
+    """A value the replay cannot know."""
+
+
+def _unknown_if_unwritten(inputs: list[Any], out: Any) -> None:
+    """A value derived from what nothing wrote (NaN since an ``empty``) without carrying the NaN (a comparison, a count)
+    would pass for known."""
+    if any(isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex())
+           for t in tree_leaves(out)) and any(isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+                                               and bool(torch.isnan(t).any()) for t in inputs):
+        raise _Unknown
+
+
+def storage_names(module: nn.Module) -> dict[int, str]:
+    """The names of ``module``'s meta tensors by storage (the first of a tied tensor's names), for :func:`replay`."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    names: dict[int, str] = {}
+    for name, tensor in named:
+        if tensor.is_meta:
+            names.setdefault(_storage(tensor), name)
+    return names
+
+
+def _draw_seed(seed: int, entry: _Entry, index: int, names: dict[int, str], label: str, unnamed: int) -> int:
+    """A draw into a named tensor (``names``) is seeded by that name and how many draws into it came before: the same
+    on every rank and in every replay that needs it (a target network loaded from its online network has the online
+    network's draws); any other draw (into a temporary: ``torch.randn(...) * scale``) by ``label``, the tensor the
+    replay is for, and its count among those."""
+    named = sorted((names[key], key) for key in entry.writes if key in names)
+    if named:
+        name, key = named[0]
+        earlier = sum(1 for other in _WRITERS[key] if other < index and _TAPE[other].draws)
+        return derive_seed(seed, _DRAW_STREAM, _digest(name), earlier)
+    return derive_seed(seed, _DRAW_STREAM, _digest(label), 1 << 32, unnamed)
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def replay(targets: Sequence[torch.Tensor], seed: int = 0,
+           names: dict[int, str] | None = None) -> list[torch.Tensor | None]:
+    """The values the recorded operations computed for the meta tensors ``targets``, computed again on the CPU; each
+    random draw seeded by ``seed`` and the tensor it draws into (:func:`_draw_seed`, with ``names`` from
+    :func:`storage_names`), so the values do not depend on which tensors a rank holds, nor on what else was recorded;
+    ``None`` for all if some value they depend on cannot be known (see the docstring)."""
     unknown: list[torch.Tensor | None] = [None] * len(targets)
     keys = {_storage(t) for t in targets}
     if not _TAPE or not all(key in _WRITERS for key in keys):
         return unknown
-    order = _needed(keys)
+    names = names or {}
+    label = names.get(_storage(targets[0]), "") if targets else ""
+    unnamed = 0
     replayed = _Replayed()
     previous = torch.get_default_dtype()
     try:
-        for index in order:
-            entry = _TAPE[index]
-            args, kwargs = tree_map(lambda value: replayed.host(value, entry.inputs), (entry.args, entry.kwargs))
-            torch.set_default_dtype(entry.dtype)
-            with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for index in _needed(keys):
+                entry = _TAPE[index]
+                if any(tensor._version != version for tensor, version in entry.hosts):
+                    raise _Unknown  # a host tensor changed since (its value then is gone)
+                generator = None
+                if entry.draws:
+                    drawn = _draw_seed(seed, entry, index, names, label, unnamed)
+                    unnamed += not any(key in names for key in entry.writes)
+                    torch.manual_seed(drawn)
+                    generator = torch.Generator().manual_seed(drawn)
+                args, kwargs = tree_map(lambda value: replayed.host(value, entry.inputs, generator),
+                                        (entry.args, entry.kwargs))
+                torch.set_default_dtype(entry.dtype)
                 out = entry.call(*args, **kwargs)
-            if entry.call in _EMPTY and (out.is_floating_point() or out.is_complex()):
-                out.fill_(float("nan"))  # what nothing writes afterwards stays unknown
-            results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            for recorded_tensor, layout, result in zip(entry.outputs, entry.results, results):
-                replayed.add(recorded_tensor, layout, result)
+                if entry.call in _EMPTY and (out.is_floating_point() or out.is_complex()):
+                    out.fill_(float("nan"))  # what nothing writes afterwards stays unknown
+                _unknown_if_unwritten(tree_leaves((args, kwargs)), out)
+                results = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                for recorded_tensor, layout, result in zip(entry.outputs, entry.results, results):
+                    replayed.add(recorded_tensor, layout, result)
         values = [replayed.of(target, _layout(target)).detach() for target in targets]
-    except KeyError:  # made outside the tape
+    except (KeyError, _Unknown):  # made outside the tape, or derived from what nothing wrote
         return unknown
     finally:
         torch.set_default_dtype(previous)
