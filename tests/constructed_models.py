@@ -323,3 +323,53 @@ class EditedGPT2(nn.Module):
                                                                            n_head=4, n_positions=32))
         nn.init.zeros_(self.model.transformer.h[0].mlp.c_fc.weight)
         self.model.transformer.ln_f.weight.data.fill_(0.5)
+
+
+class SharedDraw(nn.Module):
+    """One random matrix copied into several layers, and a bias copied from a weight's row (eager: equal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        shared = torch.randn(8, 8) * 0.1
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.weight.copy_(shared)
+            self.layers[0].bias.copy_(self.layers[0].weight[0])
+
+
+class DrawnNumber(nn.Module):
+    """A random number read into Python while built (a per-layer scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.empty(1).uniform_(0.5, 1.5).item()
+        self.linear = nn.Linear(4, 4)
+
+
+def hugging_face_initialized(reads: bool) -> nn.Module:
+    """A Hugging Face model that initializes a layer through Hugging Face's own ``orthogonal_`` (which calls torch's
+    through a table taken at import) and the others from N(0, 0.02); with ``reads``, its initialization also reads a
+    weight into NumPy, which cannot run on meta."""
+    import transformers
+    from transformers import initialization
+
+    class Initialized(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.rotation = nn.Linear(32, 32, bias=False)
+            self.linear = nn.Linear(32, 32)
+            self.post_init()
+
+        def _init_weights(self, module: nn.Module) -> None:
+            if module is self.rotation:
+                initialization.orthogonal_(module.weight)
+            elif isinstance(module, nn.Linear):
+                if reads:
+                    module.weight.detach().numpy()  # fails on meta
+                initialization.normal_(module.weight, std=0.02)
+                initialization.zeros_(module.bias)
+
+    return Initialized(transformers.PretrainedConfig())

@@ -148,6 +148,32 @@ def test_the_replay_follows_the_construction_in_order() -> None:
         assert 0.007 < float(edited.model.transformer.h[1].attn.c_proj.weight.std()) < 0.013  # scaled: 0.02 / 2
 
 
+def test_draws_shared_by_tensors_hugging_face_fallbacks_and_numbers_drawn_while_built() -> None:
+    """One random matrix copied into several layers comes out equal in each (its draw is seeded by the first named
+    tensor it flows into, whichever tensor is replayed); Hugging Face's own ``orthogonal_`` (through its table of
+    torch's functions) is recorded; a Hugging Face initialization that cannot run on meta (it reads a weight into
+    NumPy) falls to the per-module pass, not to torch's defaults; a random number read into Python while the model is
+    built (which the materialization would draw otherwise) is refused with what to do."""
+    from tests.capture_models import HAS_TRANSFORMERS
+    from tests.constructed_models import DrawnNumber, SharedDraw, hugging_face_initialized
+
+    shared, _ = _materialized(SharedDraw)
+    assert all(torch.equal(layer.weight, shared.layers[0].weight) for layer in shared.layers)
+    assert torch.equal(shared.layers[0].bias, shared.layers[0].weight[0])
+    assert 0.07 < float(shared.layers[0].weight.std()) < 0.13  # drawn: 0.1 * N(0, 1)
+    with pytest.raises(ValueError, match="a value drawn at random is read into Python"):
+        _materialized(DrawnNumber)
+    if not HAS_TRANSFORMERS:
+        return
+    for reads in (False, True):
+        model, materializer = _materialized(lambda reads=reads: hugging_face_initialized(reads))
+        assert materializer.unwritten() is None
+        rotation = model.rotation.weight.detach()
+        torch.testing.assert_close(rotation @ rotation.T, torch.eye(32), atol=1e-5, rtol=0, msg=str(reads))
+        assert 0.015 < float(model.linear.weight.std()) < 0.025, reads  # not torch's default (~0.1)
+        assert not bool(model.linear.bias.any()), reads
+
+
 class _Masked(nn.Module):
     """A mask computed from a weight that an unseen initialization set (a comparison carries no NaN)."""
 

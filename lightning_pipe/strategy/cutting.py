@@ -121,8 +121,9 @@ class PipelineCutting:
                 and not trainer.ckpt_path):
             rank_zero_warn(f"{type(module).__name__} was built on the meta device (configure_model, or "
                            f"Trainer.init_module(empty_init=True)): each rank gives its own layers their initial "
-                           f"values, from one seed per module name, the same on every layout but not the values the "
-                           f"model built whole would draw, so training starts elsewhere than on one device. To "
+                           f"values as the model's construction computes them, its random draws seeded by tensor or "
+                           f"module name: the same on every layout and from the same distributions, but not the draws "
+                           f"the model built whole would make, so training starts elsewhere than on one device. To "
                            f"start from given weights, load them: fit(ckpt_path=...) or load_state_dict in "
                            f"configure_model (docs/checkpoints.md, 'Initial weights')")
         self._runner = runner

@@ -48,7 +48,7 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.recorded_init import forget_recording, replay, storage_names
+from lightning_pipe.strategy.recorded_init import forget_recording, not_replayed, replay, storage_names
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
@@ -111,6 +111,7 @@ class LocalMaterializer:
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._metas: dict[int, torch.Tensor] = {}  # id(new tensor) -> the meta tensor it replaces, while initializing
         self._names: dict[int, str] = {}  # the meta tensors' names by storage, while initializing
+        self._later: set[int] = set()  # meta tensors replayed after the Hugging Face pass (its init failed on meta)
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
@@ -133,6 +134,7 @@ class LocalMaterializer:
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
         self._metas = {id(new): wanted[key] for key, new in fresh.items()}  # for the recorded construction's replay
         self._names = storage_names(self.module)
+        self._later = not_replayed(self.module)
         # a checkpoint loads this rank's layers only: another rank's persistent buffer nothing initialized is that
         # rank's to load, not an error here
         self._extras = {id(fresh[key]) for key in extras if key in fresh}
@@ -151,7 +153,7 @@ class LocalMaterializer:
         try:
             self._initialize(owners, fresh, given)
         finally:
-            self._metas, self._names = {}, {}
+            self._metas, self._names, self._later = {}, {}, set()
             forget_recording()
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -177,13 +179,12 @@ class LocalMaterializer:
             return tensor.is_floating_point() and not bool(torch.isnan(tensor).all())
 
         placed = {id(owner): dict(own_tensors(owner)) for owner in owners.values()}
-        with torch.no_grad():  # first what the construction computed (Hugging Face's initialization recorded too)
-            for tensor in fresh.values():
-                if id(tensor) in new:
-                    (value,) = replay([self._metas[id(tensor)]], self.seed, self._names)
-                    if value is not None:
-                        tensor.copy_(value)
+        # first what the construction computed (Hugging Face's initialization recorded too); where that could not
+        # run on meta, Hugging Face's pass first and the replay for what it leaves
+        later = self._later
+        self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) not in later], written)
         self._hugging_face_pass({key for key in new if not written(fresh_by_id[key])}, placed, versions)
+        self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) in later], written)
         parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
         done: set[int] = set()
         for name, owner in owners.items():
@@ -221,6 +222,15 @@ class LocalMaterializer:
                 if id(tensor) not in self._extras:
                     self._unwritten[qualified] = (tensor, tensor._version, f"{qualified!r} ({type(owner).__name__})")
             self.materialized.append(name)
+
+    def _replay(self, tensors: list[torch.Tensor], written: Callable[[torch.Tensor], bool]) -> None:
+        """What the construction computed for each of ``tensors`` still unwritten, where it can be known."""
+        with torch.no_grad():
+            for tensor in tensors:
+                if not written(tensor):
+                    (value,) = replay([self._metas[id(tensor)]], self.seed, self._names)
+                    if value is not None:
+                        tensor.copy_(value)
 
     def _hugging_face_pass(self, unwritten: set[int], placed: dict[int, dict[str, torch.Tensor]],
                            versions: dict[int, int]) -> None:

@@ -14,12 +14,14 @@ arguments, the layouts of its meta inputs then, the default dtype. :func:`replay
 their values again on the CPU, running only the recorded operations they depend on: the ones that made or changed
 their storage, and, before each, the ones its inputs depend on (views and in-place writes replay as views and writes
 of the new tensors; ``.data = ...`` and ``set_`` moving a tensor to another storage are followed). Each random draw
-is seeded by the agreed seed, the named tensor it draws into and how many draws into it came before (else the tensor
-replayed and a count): the model's own distributions, the same on every rank and layout and whatever else was
-recorded, and a value copied from another tensor (a target network loaded from its online network) has that tensor's
-draws; not the draws of an eager build. A draw from the project's own ``torch.Generator`` uses one of the replay's,
-leaving the project's alone. Host tensors an operation read (a NumPy table, a staging buffer copied in and refilled)
-are copied when recorded, up to 1 MiB; a larger one (a checkpoint's tensor) is kept by reference until
+is seeded by the agreed seed, the named tensor it draws into and how many draws into it came before (a draw into a
+temporary: the first named tensor it flows into): the model's own distributions, the same on every rank and layout
+and whatever else was recorded, and a value copied from another tensor (a target network loaded from its online
+network, one random matrix copied into several layers) has that tensor's draws; not the draws of an eager build.
+A Hugging Face model whose initialization fails on meta is left to the materializer's Hugging Face pass. A draw
+from the project's own ``torch.Generator`` uses one of the replay's, leaving the project's alone. Host tensors an
+operation read (a NumPy table, a staging buffer copied in and refilled) are copied when recorded, up to 1 MiB; a
+larger one (a checkpoint's tensor) is kept by reference until
 :func:`forget_recording` and refused if it changed since. What is built on the host (``from_pretrained``, PEFT's
 adapters, torchmetrics: :mod:`~.host_built`) is not recorded (:func:`paused`).
 
@@ -28,10 +30,12 @@ storage holds what nothing wrote since an ``empty``, which replays as NaN, also 
 hide the NaN (an initialization that skips meta tensors and was not seen; a value that is NaN on purpose is refused
 too). Three things that never reach the dispatcher are recorded by hand: ``torch.tensor(data)`` on meta (made on the
 CPU, then moved), and torch's ``trunc_normal_``, ``orthogonal_``, ``dirac_`` and ``sparse_``, which return at once
-for a meta tensor (called through ``torch.nn.init``; a name bound before the block, ``from torch.nn.init import
-orthogonal_``, is not seen). A meta tensor's value that the construction reads into Python (``.item()``,
-``.tolist()``, ``bool()``, ``torch.allclose``: timm's stochastic-depth rates from ``torch.linspace``, the orthogonal
-parametrization's check of its weight) is computed from the recording where it can be, and an op without a meta
+for a meta tensor (called through ``torch.nn.init`` or Hugging Face's table of them; a name bound before the block,
+``from torch.nn.init import orthogonal_``, is not seen: its tensor keeps what was written before, a layer's default
+initialization, or, made with ``torch.empty``, is refused as unwritten). A meta tensor's value that the construction
+reads into Python (``.item()``, ``.tolist()``, ``bool()``, ``torch.allclose``: timm's stochastic-depth rates from
+``torch.linspace``, the orthogonal parametrization's check of its weight) is computed from the recording where it
+can be (a number drawn at random is refused: the materialization would draw it otherwise), and an op without a meta
 kernel (``torch.geqrf``) runs on its inputs' values for its results' layouts, instead of failing as on meta.
 """
 
@@ -42,6 +46,7 @@ import contextlib
 import dataclasses
 import hashlib
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -54,15 +59,17 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_pipe.strategy.randomness import derive_seed
 
-__all__ = ["forget_recording", "paused", "recorded", "recording", "replay", "storage_names"]
+__all__ = ["forget_recording", "not_replayed", "paused", "recorded", "recording", "replay", "storage_names"]
 
 _EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default,
           torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default}
 _EMPTY_STRIDED = torch.ops.aten.empty_strided.default
 _COPIED_BYTES = 1 << 20  # a host tensor an operation reads is copied up to this size, else kept by reference
 _DRAW_STREAM = 14  # derived seeds of the replayed random draws (see strategy/randomness.Stream)
+_FLOW_SCAN = 10_000  # how far on a draw into a temporary is followed to the named tensor it flows into
 _LITERALS = {torch.tensor, torch.as_tensor, torch.asarray}
-_TO_PYTHON = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.allclose.default,
+_SCALAR = torch.ops.aten._local_scalar_dense.default
+_TO_PYTHON = {_SCALAR, torch.ops.aten.allclose.default,
               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}  # ops whose results leave torch
 _SKIPPING_META = ("_no_grad_trunc_normal_", "orthogonal_", "dirac_", "sparse_")  # torch.nn.init's, no-ops on meta
 _META = torch.device("meta")
@@ -86,17 +93,14 @@ class _Entry:
     hosts: list[tuple[torch.Tensor, int]]  # the large host tensors it reads, by reference, and their versions then
     draws: bool  # it draws random numbers
     writes: frozenset[int]  # the meta storages it makes, views or changes
-
-    @property
-    def reads(self) -> set[int]:
-        """The meta storages it reads."""
-        return {layout[0] for layout in self.inputs.values()}
+    reads: frozenset[int]  # the meta storages it reads
 
 
 _TAPE: list[_Entry] = []
 _WRITERS: dict[int, list[int]] = {}  # meta storage -> the entries that made, viewed or changed it, in order
 _DEPTH = [0]
 _PAUSED = [0]
+_UNINITIALIZED: weakref.WeakSet = weakref.WeakSet()  # Hugging Face models whose initialization failed on meta
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -127,7 +131,9 @@ def _record(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
 
     args, kwargs = tree_map(kept, (args, kwargs))
     writes = frozenset(_storage(t) for t in [*outputs, *written] if t.is_meta)
-    _TAPE.append(_Entry(call, args, kwargs, outputs, torch.get_default_dtype(), inputs, results, hosts, draws, writes))
+    reads = frozenset(layout[0] for layout in inputs.values())
+    _TAPE.append(_Entry(call, args, kwargs, outputs, torch.get_default_dtype(), inputs, results, hosts, draws, writes,
+                        reads))
     for key in writes:
         _WRITERS.setdefault(key, []).append(index)
 
@@ -150,7 +156,8 @@ class _Operations(TorchDispatchMode):
         if _PAUSED[0]:
             return func(*args, **kwargs)
         if func in _TO_PYTHON:  # .item(), bool(), torch.allclose: a value read into Python
-            values = [_value_of(t) if isinstance(t, torch.Tensor) and t.is_meta else t for t in args]
+            numbers = func is _SCALAR  # a number read (else a yes or no: a check, such as torch.allclose's)
+            values = [_value_of(t, numbers) if isinstance(t, torch.Tensor) and t.is_meta else t for t in args]
             if all(v is not None for v in values):
                 return func(*values, **kwargs)
         inputs = _meta_inputs(args, kwargs)
@@ -184,7 +191,7 @@ class _Functions(TorchFunctionMode):
                 and (device is None or torch.device(device).type == "meta")):
             return func(*args, **{**kwargs, "device": _HOST}).to(_META)
         if func is torch.Tensor.tolist and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            value = _value_of(args[0])
+            value = _value_of(args[0], True)
             if value is not None:
                 return value.tolist()
         return func(*args, **kwargs)
@@ -196,7 +203,7 @@ def _on_host_then_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     if _written_arguments(func, args, kwargs):
         raise
     inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_meta]
-    values = {id(t): _value_of(t) for t in inputs}
+    values = {id(t): _value_of(t, False) for t in inputs}
     if any(value is None for value in values.values()):
         raise
     real_args, real_kwargs = tree_map(
@@ -206,9 +213,17 @@ def _on_host_then_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
                     if isinstance(v, torch.Tensor) else v, func(*real_args, **real_kwargs))
 
 
-def _value_of(tensor: torch.Tensor) -> torch.Tensor | None:
-    """The value of a meta tensor the construction reads into Python, from the recording (``None`` if unknown): the
-    same on every rank."""
+def _value_of(tensor: torch.Tensor, numbers: bool) -> torch.Tensor | None:
+    """The value of a meta tensor the construction reads into Python, from the recording (``None`` if unknown). With
+    ``numbers``, one that depends on a random draw is refused (not a yes or no, which a check reads: whether a random
+    matrix is orthogonal): the draw is made again, otherwise, when the tensors are materialized."""
+    keys = {_storage(tensor)}
+    if (numbers and tensor.dtype != torch.bool and all(key in _WRITERS for key in keys)
+            and any(_TAPE[index].draws for index in _needed(keys))):
+        raise ValueError(
+            "a value drawn at random is read into Python (.item(), .tolist(), bool()) while the module is built on the "
+            "meta device (configure_model() or Trainer.init_module() under PipelineStrategy), where nothing is drawn "
+            "yet; draw it with Python's random module, or build the module in __init__")
     return replay([tensor])[0]
 
 
@@ -229,7 +244,7 @@ def _initialized_on_meta(init_weights: Callable[..., Any]) -> Callable[..., Any]
             try:
                 self.initialize_weights()
             except Exception:  # an initialization that cannot run on meta: the materializer's Hugging Face pass
-                pass
+                _UNINITIALIZED.add(self)
         return init_weights(self)
 
     return initialized
@@ -248,18 +263,28 @@ def recording() -> Iterator[None]:
     originals = {name: getattr(init, name) for name in _SKIPPING_META}
     pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     init_weights = pretrained.__dict__.get("init_weights") if pretrained is not None else None
+    # Hugging Face's initialization functions call torch's through a table taken at import
+    table = getattr(sys.modules.get("transformers.initialization"), "TORCH_INIT_FUNCTIONS", None)
+    tabled = {name: table[name] for name in _SKIPPING_META if name in table} if isinstance(table, dict) else {}
     _DEPTH[0] = 1
     try:
         for name, function in originals.items():
             setattr(init, name, _recorded_call(function))
+        for name, function in tabled.items():
+            table[name] = _recorded_call(function)
         if init_weights is not None:
             pretrained.init_weights = _initialized_on_meta(init_weights)
         with _Functions(), _Operations():
             yield
+    except BaseException:
+        forget_recording()  # a failed build is built again
+        raise
     finally:
         _DEPTH[0] = 0
         for name, function in originals.items():
             setattr(init, name, function)
+        for name, function in tabled.items():
+            table[name] = function
         if init_weights is not None:
             pretrained.init_weights = init_weights
 
@@ -274,6 +299,13 @@ def paused() -> Iterator[None]:
         _PAUSED[0] -= 1
 
 
+def not_replayed(module: nn.Module) -> set[int]:
+    """The ids of the meta tensors of the Hugging Face models in ``module`` whose initialization failed on meta (the
+    materializer's Hugging Face pass initializes them, and only then the replay gives what is left)."""
+    return {id(t) for child in module.modules() if child in _UNINITIALIZED
+            for t in (*child.parameters(), *child.buffers()) if t.is_meta}
+
+
 def recorded() -> bool:
     """Whether some operation was recorded since the last :func:`forget_recording`."""
     return bool(_TAPE)
@@ -283,6 +315,7 @@ def forget_recording() -> None:
     """Drop the tape (after the materialization: it holds small host tensors and every intermediate meta tensor)."""
     _TAPE.clear()
     _WRITERS.clear()
+    _UNINITIALIZED.clear()
 
 
 def _needed(keys: set[int]) -> list[int]:
@@ -365,17 +398,27 @@ def storage_names(module: nn.Module) -> dict[int, str]:
     return names
 
 
-def _draw_seed(seed: int, entry: _Entry, index: int, names: dict[int, str], label: str, unnamed: int) -> int:
-    """A draw into a named tensor (``names``) is seeded by that name and how many draws into it came before: the same
-    on every rank and in every replay that needs it (a target network loaded from its online network has the online
-    network's draws); any other draw (into a temporary: ``torch.randn(...) * scale``) by ``label``, the tensor the
-    replay is for, and its count among those."""
+def _draw_seed(seed: int, entry: _Entry, index: int, names: dict[int, str], label: str, others: list[int]) -> int:
+    """A draw into a named tensor (``names``) is seeded by that name and how many draws into it came before; a draw
+    into a temporary (``torch.randn(...) * scale``, one matrix copied into several layers) by the first named tensor
+    it flows into and how far on in the recording that happens, else by ``label`` (the tensor replayed) and a count
+    (``others``) of such draws in the replay.
+    So every replay that needs a draw makes it alike, on every rank and whatever else was recorded (a target network
+    loaded from its online network has the online network's draws)."""
     named = sorted((names[key], key) for key in entry.writes if key in names)
     if named:
         name, key = named[0]
         earlier = sum(1 for other in _WRITERS[key] if other < index and _TAPE[other].draws)
         return derive_seed(seed, _DRAW_STREAM, _digest(name), earlier)
-    return derive_seed(seed, _DRAW_STREAM, _digest(label), 1 << 32, unnamed)
+    flowed = set(entry.writes)
+    for later in range(index + 1, min(len(_TAPE), index + _FLOW_SCAN)):
+        if _TAPE[later].reads & flowed:
+            reached = sorted(names[key] for key in _TAPE[later].writes if key in names)
+            if reached:
+                return derive_seed(seed, _DRAW_STREAM, _digest(reached[0]), 1 << 32, later - index)
+            flowed |= _TAPE[later].writes
+    others[0] += 1
+    return derive_seed(seed, _DRAW_STREAM, _digest(label), 1 << 33, others[0])
 
 
 def _digest(text: str) -> int:
@@ -394,7 +437,7 @@ def replay(targets: Sequence[torch.Tensor], seed: int = 0,
         return unknown
     names = names or {}
     label = names.get(_storage(targets[0]), "") if targets else ""
-    unnamed = 0
+    others = [0]
     replayed = _Replayed()
     previous = torch.get_default_dtype()
     try:
@@ -405,9 +448,8 @@ def replay(targets: Sequence[torch.Tensor], seed: int = 0,
                     raise _Unknown  # a host tensor changed since (its value then is gone)
                 generator = None
                 if entry.draws:
-                    drawn = _draw_seed(seed, entry, index, names, label, unnamed)
-                    unnamed += not any(key in names for key in entry.writes)
-                    torch.manual_seed(drawn)
+                    drawn = _draw_seed(seed, entry, index, names, label, others)
+                    torch.default_generator.manual_seed(drawn)  # the CPU's only: the device's are the run's
                     generator = torch.Generator().manual_seed(drawn)
                 args, kwargs = tree_map(lambda value: replayed.host(value, entry.inputs, generator),
                                         (entry.args, entry.kwargs))
