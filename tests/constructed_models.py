@@ -373,3 +373,34 @@ def hugging_face_initialized(reads: bool) -> nn.Module:
                 initialization.zeros_(module.bias)
 
     return Initialized(transformers.PretrainedConfig())
+
+
+class RowDrawn(nn.Module):
+    """A parameter drawn row by row into temporaries (a loop), and a temporary copied in after an unrelated op."""
+
+    def __init__(self, unrelated: bool = False) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.empty(3, 256))
+        with torch.no_grad():
+            for row in range(3):
+                self.rows[row] = torch.randn(256) * 0.02
+        self.copied = nn.Parameter(torch.empty(8))
+        drawn = torch.randn(8)
+        if unrelated:
+            torch.zeros(1)
+        with torch.no_grad():
+            self.copied.copy_(drawn)
+
+
+class Reads(nn.Module):
+    """Values read into Python while built: a count of ones after a layer's default draw (known), and a random branch
+    (``kind``: "bool" or "tolist", refused)."""
+
+    def __init__(self, kind: str = "") -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.ones = nn.init.ones_(self.linear.weight).sum().item()
+        if kind == "bool":
+            self.flip = bool(torch.rand(()) < 0.5)
+        elif kind == "tolist":
+            self.keep = (torch.rand(8) < 0.5).tolist()

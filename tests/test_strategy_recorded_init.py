@@ -174,6 +174,52 @@ def test_draws_shared_by_tensors_hugging_face_fallbacks_and_numbers_drawn_while_
         assert not bool(model.linear.bias.any()), reads
 
 
+def test_draws_into_temporaries_reads_failed_initializations_and_failed_blocks() -> None:
+    """Rows drawn in a loop into temporaries are each their own draw (they were one: seeded by their distance to
+    the parameter); an unrelated op recorded between a draw and its copy changes nothing; a read of what a draw wrote
+    and a later ``ones_`` overwrote is a known value, while a random yes or no read into Python (``bool()``,
+    ``.tolist()``) is refused like a number; when Hugging Face's initialization fails on meta, the changes the code
+    made to the model afterwards are named in a warning (the per-module pass replaces them); a block that raises drops
+    only what it recorded, not what an earlier block did."""
+    import warnings
+
+    from lightning_pipe.strategy.recorded_init import recording
+    from tests.big_models import built_like_the_strategy
+    from tests.capture_models import HAS_TRANSFORMERS
+    from tests.constructed_models import Reads, RowDrawn, hugging_face_initialized
+
+    rows, _ = _materialized(RowDrawn)
+    assert not torch.equal(rows.rows[0], rows.rows[1]) and not torch.equal(rows.rows[1], rows.rows[2])
+    assert 0.015 < float(rows.rows.std()) < 0.025
+    unrelated, _ = _materialized(lambda: RowDrawn(unrelated=True))
+    assert torch.equal(unrelated.copied, rows.copied) and torch.equal(unrelated.rows, rows.rows)
+    assert _materialized(Reads)[0].ones == 16.0
+    for kind in ("bool", "tolist"):
+        with pytest.raises(ValueError, match="a value drawn at random is read into Python"):
+            _materialized(lambda kind=kind: Reads(kind))
+    with built_like_the_strategy():
+        kept = nn.Linear(64, 64)
+        nn.init.normal_(kept.weight, std=0.02)
+    with pytest.raises(RuntimeError, match="failed"):
+        with recording():
+            torch.ones(3)
+            raise RuntimeError("failed")
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+
+    LocalMaterializer(kept, kept, torch.device("cpu"), SEED)([kept])
+    assert 0.015 < float(kept.weight.std()) < 0.025  # torch's default would be ~0.07
+    if HAS_TRANSFORMERS:
+        def edited() -> nn.Module:
+            model = hugging_face_initialized(reads=True)
+            nn.init.constant_(model.linear.weight, 0.5)
+            return model
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _materialized(edited)
+        assert any("Initialized.linear.weight" in str(w.message) and "is lost" in str(w.message) for w in caught)
+
+
 class _Masked(nn.Module):
     """A mask computed from a weight that an unseen initialization set (a comparison carries no NaN)."""
 
@@ -320,7 +366,8 @@ def test_the_recording_keeps_no_host_tensor_it_only_took_a_layout_from() -> None
     import gc
     import weakref
 
-    from lightning_pipe.strategy.recorded_init import forget_recording, recorded, recording, replay
+    from lightning_pipe.strategy.init_replay import replay
+    from lightning_pipe.strategy.recorded_init import forget_recording, recorded, recording
 
     host = torch.arange(12.0).view(3, 4).t()
     gone = weakref.ref(host)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -48,7 +49,8 @@ import torch.nn as nn
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.recorded_init import forget_recording, not_replayed, replay, storage_names
+from lightning_pipe.strategy.init_replay import flows, replay, storage_names
+from lightning_pipe.strategy.recorded_init import forget_recording, not_replayed
 
 __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned_cut"]
 
@@ -111,7 +113,8 @@ class LocalMaterializer:
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._metas: dict[int, torch.Tensor] = {}  # id(new tensor) -> the meta tensor it replaces, while initializing
         self._names: dict[int, str] = {}  # the meta tensors' names by storage, while initializing
-        self._later: set[int] = set()  # meta tensors replayed after the Hugging Face pass (its init failed on meta)
+        self._flows: dict[int, tuple[str, int]] = {}  # draws into temporaries: the named tensor each reaches first
+        self._later: dict[int, str] = {}  # meta tensors replayed after the Hugging Face pass (its init failed on meta)
         self._unwritten: dict[str, tuple[torch.Tensor, int, str]] = {}  # name -> (tensor, version, owner description)
 
     @classmethod
@@ -134,6 +137,7 @@ class LocalMaterializer:
         fresh = {key: _empty_like(tensor, self.device) for key, tensor in wanted.items() if tensor.is_meta}
         self._metas = {id(new): wanted[key] for key, new in fresh.items()}  # for the recorded construction's replay
         self._names = storage_names(self.module)
+        self._flows = flows(self._names)
         self._later = not_replayed(self.module)
         # a checkpoint loads this rank's layers only: another rank's persistent buffer nothing initialized is that
         # rank's to load, not an error here
@@ -153,7 +157,7 @@ class LocalMaterializer:
         try:
             self._initialize(owners, fresh, given)
         finally:
-            self._metas, self._names, self._later = {}, {}, set()
+            self._metas, self._names, self._flows, self._later = {}, {}, {}, {}
             forget_recording()
         _refuse_meta_metrics(self.module, stages, self.sequence)
 
@@ -181,7 +185,14 @@ class LocalMaterializer:
         placed = {id(owner): dict(own_tensors(owner)) for owner in owners.values()}
         # first what the construction computed (Hugging Face's initialization recorded too); where that could not
         # run on meta, Hugging Face's pass first and the replay for what it leaves
-        later = self._later
+        later = set(self._later)
+        lost = sorted(name for name in self._later.values() if name)
+        if lost:
+            shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            warnings.warn(f"the Hugging Face initialization of a model built on the meta device failed there, so each "
+                          f"rank initializes its modules as Hugging Face does after materializing them; what the "
+                          f"code changed in {shown} after building the model is lost. Make those changes after the "
+                          f"setup (in setup() or on_fit_start()), or build the model in __init__", stacklevel=2)
         self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) not in later], written)
         self._hugging_face_pass({key for key in new if not written(fresh_by_id[key])}, placed, versions)
         self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) in later], written)
@@ -228,7 +239,7 @@ class LocalMaterializer:
         with torch.no_grad():
             for tensor in tensors:
                 if not written(tensor):
-                    (value,) = replay([self._metas[id(tensor)]], self.seed, self._names)
+                    (value,) = replay([self._metas[id(tensor)]], self.seed, self._names, self._flows)
                     if value is not None:
                         tensor.copy_(value)
 
