@@ -133,8 +133,8 @@ def replay(targets: Sequence[torch.Tensor], seed: int = 0, names: dict[int, str]
     """The values the recorded operations computed for the meta tensors ``targets``, computed again on the CPU; each
     random draw seeded by ``seed`` and the tensor it draws into (:func:`_draw_seed`, with ``names`` from
     :func:`storage_names`; ``reached`` from :func:`flows` with those names), so the values do not depend on which
-    tensors a rank holds, nor on what else was recorded;
-    ``None`` for all if some value they depend on cannot be known (see the docstring)."""
+    tensors a rank holds, nor on what else was recorded; ``None`` for all if some value they depend on cannot be
+    known (:mod:`~.recorded_init` says when)."""
     unknown: list[torch.Tensor | None] = [None] * len(targets)
     keys = {storage_key(t) for t in targets}
     if not TAPE or not all(key in WRITERS for key in keys):
