@@ -3,7 +3,6 @@ they depend on, each random draw seeded by the tensor it draws into (see :mod:`~
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_pipe.strategy.init_tape import EMPTY, HOST, TAPE, WRITERS, Entry, Layout, layout_of, needed, storage_key
-from lightning_pipe.strategy.randomness import derive_seed
+from lightning_pipe.strategy.randomness import derive_seed, name_digest
 
 __all__ = ["flows", "replay", "storage_names"]
 
@@ -116,16 +115,12 @@ def _draw_seed(seed: int, entry: Entry, index: int, names: dict[int, str], reach
     if named:
         name, key = named[0]
         earlier = sum(1 for other in WRITERS[key] if other < index and TAPE[other].draws)
-        return derive_seed(seed, _DRAW_STREAM, _digest(name), earlier)
+        return derive_seed(seed, _DRAW_STREAM, name_digest(name), earlier)
     if index in reached:
         name, count = reached[index]
-        return derive_seed(seed, _DRAW_STREAM, _digest(name), 1 << 32, count)
+        return derive_seed(seed, _DRAW_STREAM, name_digest(name), 1 << 32, count)
     others[0] += 1
-    return derive_seed(seed, _DRAW_STREAM, _digest(label), 1 << 33, others[0])
-
-
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    return derive_seed(seed, _DRAW_STREAM, name_digest(label), 1 << 33, others[0])
 
 
 def replay(targets: Sequence[torch.Tensor], seed: int = 0, names: dict[int, str] | None = None,

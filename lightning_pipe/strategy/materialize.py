@@ -38,7 +38,6 @@ come from one stream in construction order):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -48,7 +47,7 @@ import torch.nn as nn
 
 from lightning_pipe.capture.materialize import put_in_place
 from lightning_pipe.strategy.host_built import copy_sources, forget_loads, loaded_values, own_tensors
-from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.randomness import derive_seed, forked_random, name_digest
 from lightning_pipe.strategy.init_replay import flows, replay, storage_names
 from lightning_pipe.strategy.recorded_init import forget_recording, not_replayed
 
@@ -170,7 +169,6 @@ class LocalMaterializer:
 
     def _initialize(self, owners: dict[str, nn.Module], fresh: dict[int, torch.Tensor], given: set[int]) -> None:
         new = {id(t) for t in fresh.values()} - given
-        fresh_by_id = {id(t): t for t in fresh.values()}
         with torch.no_grad():
             for tensor in fresh.values():
                 if id(tensor) in new and tensor.is_floating_point():
@@ -185,17 +183,17 @@ class LocalMaterializer:
         placed = {id(owner): dict(own_tensors(owner)) for owner in owners.values()}
         # first what the construction computed (Hugging Face's initialization recorded too); where that could not
         # run on meta, Hugging Face's pass first and the replay for what it leaves
-        later = set(self._later)
         lost = sorted(name for name in self._later.values() if name)
         if lost:
-            shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
             warnings.warn(f"the Hugging Face initialization of a model built on the meta device failed there, so each "
                           f"rank initializes its modules as Hugging Face does after materializing them; what the "
-                          f"code changed in {shown} after building the model is lost. Make those changes after the "
-                          f"setup (in setup() or on_fit_start()), or build the model in __init__", stacklevel=2)
-        self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) not in later], written)
-        self._hugging_face_pass({key for key in new if not written(fresh_by_id[key])}, placed, versions)
-        self._replay([t for t in fresh.values() if id(t) in new and id(self._metas[id(t)]) in later], written)
+                          f"code changed in {_listed(lost)} after building the model is lost. Make those changes "
+                          f"after the setup (in setup() or on_fit_start()), or build the model in __init__",
+                          stacklevel=2)
+        unset = [t for t in fresh.values() if id(t) in new]
+        self._replay([t for t in unset if id(self._metas[id(t)]) not in self._later], written)
+        self._hugging_face_pass({id(t) for t in unset if not written(t)}, placed, versions)
+        self._replay([t for t in unset if id(self._metas[id(t)]) in self._later], written)
         parents = {id(child): parent for parent in self.module.modules() for child in parent.children()}
         done: set[int] = set()
         for name, owner in owners.items():
@@ -251,8 +249,7 @@ class LocalMaterializer:
         scales, GPT-2 scales its residual projections by depth, Whisper writes its sinusoids into an embedding). Here
         for the modules holding such tensors and their parents, each under a seed of its name; every other tensor
         carries Hugging Face's ``_is_hf_initialized`` meanwhile, which its initialization functions leave alone."""
-        transformers = sys.modules.get("transformers")
-        hugging_face = getattr(transformers, "PreTrainedModel", None)
+        hugging_face = _pretrained_class()
         if hugging_face is None or not unwritten:
             return
         guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
@@ -288,8 +285,7 @@ class LocalMaterializer:
         visit(self.module, "", None)
 
     def _seed_of(self, name: str) -> int:
-        digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
-        return derive_seed(self.seed, _INIT_STREAM, digest)
+        return derive_seed(self.seed, _INIT_STREAM, name_digest(name))
 
     def unwritten(self) -> str | None:
         """An error text if tensors that nothing initialized were still not written (by a checkpoint or the user)."""
@@ -303,12 +299,16 @@ class LocalMaterializer:
         self._unwritten = {}
         if not left:
             return None
-        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
-        return (f"{shown} were built on the meta device and nothing initialized them: their modules define no "
+        return (f"{_listed(left)} were built on the meta device and nothing initialized them: their modules define no "
                 f"reset_parameters() (nor does an enclosing Hugging Face model define _init_weights), and "
                 f"{_NOT_REPLAYED}. Define "
                 f"reset_parameters() on those modules to initialize their own parameters and buffers, as torch.nn "
                 f"layers do, or load the weights from a checkpoint: trainer.fit(model, ckpt_path=...)")
+
+
+def _listed(names: list[str]) -> str:
+    """The first five of ``names`` and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _refuse_meta_metrics(module: nn.Module, stages: Sequence[nn.Module], sequence: nn.Module) -> None:
@@ -345,11 +345,16 @@ def _keep_objects(owner: nn.Module, placed: dict[str, torch.Tensor], versions: d
                 versions[id(before)] = before._version - 1
 
 
+def _pretrained_class() -> type | None:
+    """Hugging Face's ``PreTrainedModel`` if transformers is imported (a model of it exists only then)."""
+    return getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+
+
 def _initializers(module: nn.Module, parents: dict[int, nn.Module]) -> list[Callable[[], object]]:
     """How ``module``'s tensors are initialized after the replay and the Hugging Face pass, in order, each tried for
     the tensors still unwritten: ``module.reset_parameters``, then the ``_init_weights(module)`` of the nearest
     enclosing module that has one, unless that is a Hugging Face model (whose pass ran)."""
-    hugging_face = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    hugging_face = _pretrained_class()
     other: list[Callable[[], object]] = []
     parent = parents.get(id(module))
     while parent is not None and not other:

@@ -19,6 +19,7 @@ code that draws from those must use a generator it seeds itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
@@ -30,7 +31,7 @@ import torch
 
 from lightning_pipe.engine.rng import forked
 
-__all__ = ["derive_seed", "forked_random", "fresh_seed", "Stream", "global_random_states", "set_global_random_states",
+__all__ = ["derive_seed", "forked_random", "fresh_seed", "name_digest", "Stream", "global_random_states", "set_global_random_states",
            "same_random_states", "host_random_kept"]
 
 _MASK64 = (1 << 64) - 1
@@ -63,6 +64,11 @@ def derive_seed(*parts: int) -> int:
     for part in parts:
         x = _splitmix64(x ^ (int(part) & _MASK64))
     return x >> 1
+
+
+def name_digest(name: str) -> int:
+    """A 64-bit integer of ``name`` (a module's or tensor's), the same in every process, for :func:`derive_seed`."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
 def fresh_seed() -> int:

@@ -59,8 +59,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_pipe.strategy.init_replay import replay
-from lightning_pipe.strategy.init_tape import (EMPTY, FULL, HOST, TAPE, WRITERS, counted_draw, meta_inputs, needed,
-                                               record, storage_key, truncate, written_arguments)
+from lightning_pipe.strategy.init_tape import (EMPTY, HOST, TAPE, WRITERS, counted_draw, meta_inputs, needed, record,
+                                               storage_key, truncate, written_arguments)
 
 __all__ = ["forget_recording", "not_replayed", "paused", "recorded", "recording"]
 
@@ -252,7 +252,5 @@ def recorded() -> bool:
 
 def forget_recording() -> None:
     """Drop the tape (after the materialization: it holds small host tensors and every intermediate meta tensor)."""
-    TAPE.clear()
-    WRITERS.clear()
-    FULL.clear()
+    truncate(0)
     _UNINITIALIZED.clear()
