@@ -11,11 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch.nn.init import orthogonal_ as bound_orthogonal_
 
 __all__ = ["built_like_the_strategy", "EMA", "LazyRegressor", "LoadedRegressor", "loaded_layers",
            "materialized_like_pipeline", "MeteredRegressor", "NotedRegressor", "Pretrained", "PretrainedLora",
-           "Rotation", "RotatedRegressor", "Scale", "ScaledRegressor", "Shift"]
+           "Rotation", "RotatedRegressor", "Scale", "skipping_orthogonal_", "ScaledRegressor", "Shift"]
 
 
 class LazyRegressor(L.LightningModule):
@@ -123,14 +122,22 @@ class Scale(nn.Module):
         return x * self.gain
 
 
+def skipping_orthogonal_(tensor: torch.Tensor) -> torch.Tensor:
+    """A project's own initialization that returns at once for a meta tensor (as torch's ``orthogonal_`` does)."""
+    if tensor.is_meta:
+        return tensor
+    with torch.no_grad():
+        return tensor.copy_(torch.linalg.qr(torch.randn(tensor.shape))[0])
+
+
 class Rotation(nn.Module):
-    """A layer initialized by a function that torch skips on meta tensors, bound by name before any build block, so
-    the recording cannot see it: built on the meta device, only a checkpoint can give it values."""
+    """A layer initialized by the project's own function, which skips meta tensors, so the recording sees nothing:
+    built on the meta device, only a checkpoint can give it values."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(width, width))
-        bound_orthogonal_(self.weight)
+        skipping_orthogonal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.init import dirac_, orthogonal_, sparse_  # bound at import, as some projects do
 from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["Constructed", "constructed_data", "MODELS", "NanoGPT", "Parametrized", "ReferenceLlama", "TinyViT",
@@ -173,13 +174,16 @@ def _sincos(dim: int, positions: int) -> np.ndarray:
 class TinyViT(nn.Module):
     """A hand-written ViT as research code writes one: a class token from ``torch.zeros``, a learned position
     embedding drawn by ``trunc_normal_`` (a no-op on meta tensors in torch), a fixed sin-cos table from NumPy
-    (MAE's), ImageNet's mean and deviation from ``torch.tensor``, an orthogonal projection, and timm's stochastic
-    depth rates read from ``torch.linspace`` into Python."""
+    (MAE's), ImageNet's mean and deviation from ``torch.tensor``, an orthogonal projection, a Dirac (identity) stem
+    and a sparse layer (their init functions imported by name, as some projects do), and timm's stochastic depth
+    rates read from ``torch.linspace`` into Python."""
 
     def __init__(self, dim: int = 32, layers: int = 4, patches: int = 16) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+        dirac_(self.stem.weight)
         self.patch = nn.Conv2d(3, dim, 4, 4)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, patches + 1, dim))
@@ -191,15 +195,17 @@ class TinyViT(nn.Module):
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
                                     for _ in range(layers))
         self.project = nn.Linear(dim, dim, bias=False)
-        nn.init.orthogonal_(self.project.weight)
+        orthogonal_(self.project.weight)
+        self.sparse = nn.Linear(dim, dim, bias=False)
+        sparse_(self.sparse.weight, sparsity=0.5)
         self.head = nn.Linear(dim, 10)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch((images - self.mean) / self.std).flatten(2).transpose(1, 2)
+        x = self.patch(self.stem((images - self.mean) / self.std)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed + self.fixed
         for block in self.blocks:
             x = block(x)
-        return self.head(self.project(x[:, 0]))
+        return self.head(self.sparse(self.project(x[:, 0])))
 
 
 class Parametrized(nn.Module):

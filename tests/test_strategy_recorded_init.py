@@ -65,8 +65,9 @@ def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -
     a causal mask, ImageNet's mean from ``torch.tensor``, MAE's NumPy sin-cos table, a class token of zeros, the norms'
     ones) bit for bit; a random one from the model's own distribution, which torch's defaults are not (nanoGPT's
     N(0, 0.02) linear and embedding weights, where reset_parameters() draws ~0.1 and N(0, 1), and its projections
-    scaled by depth; the tutorial's U(-0.1, 0.1) embedding; a ViT's trunc_normal_ position embedding and orthogonal
-    projection, which torch skips on meta tensors); and Python numbers the construction reads from a tensor (timm's
+    scaled by depth; the tutorial's U(-0.1, 0.1) embedding; a ViT's trunc_normal_ position embedding, orthogonal
+    projection, Dirac stem and sparse weight, which torch skips on meta tensors, the last three called through names
+    bound at import); and Python numbers the construction reads from a tensor (timm's
     stochastic-depth rates, ``.item()`` of a ``torch.linspace``: an error on meta); torch's orthogonal
     parametrization, whose set-up reads ``torch.allclose``, runs ``torch.geqrf`` (no meta kernel: run on the recorded
     values) and moves its parameter's storage (``set_``). Before, the buffers were an error ("not persistent ... nothing
@@ -85,6 +86,7 @@ def test_a_construction_is_computed_again_where_no_initializer_does(name: str) -
         weight = model.project.weight.detach()
         torch.testing.assert_close(weight @ weight.T, torch.eye(len(weight)), atol=1e-5, rtol=0)
         assert 0.015 < float(model.pos_embed.std()) < 0.025
+        assert float((model.sparse.weight == 0).float().mean()) == 0.5  # half of each column: sparse_'s zeros
         assert model.drop_rates == MODELS[name]().drop_rates  # read from a meta linspace: computed from the recording
 
 
@@ -225,10 +227,10 @@ class _Masked(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from tests.big_models import bound_orthogonal_
+        from tests.big_models import skipping_orthogonal_
 
         self.weight = nn.Parameter(torch.empty(4, 4))
-        bound_orthogonal_(self.weight)
+        skipping_orthogonal_(self.weight)
         self.register_buffer("mask", self.weight.detach().abs() > 0.1, persistent=False)
         self.register_buffer("scale", torch.ones(4), persistent=False)
 
@@ -252,9 +254,8 @@ class _Late(nn.Module):
 
 def test_what_the_recording_cannot_know_is_not_guessed() -> None:
     """Values copied in from a host tensor (5 MB here) are given; a value computed from a tensor the recording never
-    saw, or initialized by a function torch skips on meta tensors that the block could not see (``orthogonal_``
-    bound by name at import), is not guessed: it falls to the module's other initializers, and else to the errors
-    that say what to do, as before."""
+    saw, or initialized by a project's own function that skips meta tensors (which the block cannot see), is not
+    guessed: it falls to the module's other initializers, and else to the errors that say what to do, as before."""
     from tests.big_models import Rotation
 
     value = torch.randn(1100, 1200)

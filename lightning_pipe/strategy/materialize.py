@@ -56,8 +56,8 @@ __all__ = ["has_meta_tensors", "LocalMaterializer", "meta_like", "refuse_planned
 _INIT_STREAM = 13  # derived seeds of the modules' initialization (see strategy/randomness.Stream)
 _NOT_REPLAYED = ("what their construction computed could not be computed again (the model was built outside the "
                  "strategy's configure_model() or Trainer.init_module(), or from a tensor made before it, or "
-                 "initialized by a function that skips meta tensors, such as torch's orthogonal_ imported by name "
-                 "before the model was built: call it as torch.nn.init.orthogonal_)")
+                 "initialized by a function of the project's that skips meta tensors: build the model in "
+                 "__init__, or give the values with a checkpoint)")
 
 
 def has_meta_tensors(module: nn.Module) -> bool:

@@ -32,9 +32,11 @@ storage holds what nothing wrote since an ``empty``, which replays as NaN, also 
 hide the NaN (an initialization that skips meta tensors and was not seen; a value that is NaN on purpose is refused
 too). Three things that never reach the dispatcher are recorded by hand: ``torch.tensor(data)`` on meta (made on the
 CPU, then moved), and torch's ``trunc_normal_``, ``orthogonal_``, ``dirac_`` and ``sparse_``, which return at once
-for a meta tensor (called through ``torch.nn.init`` or Hugging Face's table of them; a name bound before the block,
-``from torch.nn.init import orthogonal_``, is not seen: its tensor keeps what was written before, a layer's default
-initialization, or, made with ``torch.empty``, is refused as unwritten). A meta tensor's value that the construction
+for a meta tensor: while the block runs, their function objects run code that records the call, so that they are seen
+by whatever name they are called (``torch.nn.init``'s, Hugging Face's table of them, or a name bound at import, ``from
+torch.nn.init import orthogonal_``). A project's own initialization that skips meta tensors is not seen: its tensor
+keeps what was written before (a layer's default initialization), or, made with ``torch.empty``, is refused as
+unwritten. A meta tensor's value that the construction
 reads into Python (``.item()``, ``.tolist()``, ``bool()``, ``torch.allclose``: timm's stochastic-depth rates from
 ``torch.linspace``, the orthogonal parametrization's check of its weight) is computed from the recording where it
 can be (a value drawn at random is refused, a number, a yes or no or a list: the materialization would draw it
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -165,6 +168,31 @@ def _recorded_call(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _redirected(*args: Any, _lightning_pipe_call: Any = None, **kwargs: Any) -> Any:
+    """The code an initialization function that skips meta tensors runs while the block records."""
+    return _lightning_pipe_call(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _recorded_calls(names: tuple[str, ...]) -> Iterator[None]:
+    """Each of these functions of ``torch.nn.init`` runs :func:`_redirected`'s code while the block runs, calling a
+    recording wrapper of a copy of itself: so every reference to the function object is seen, also a name bound
+    before the block."""
+    functions = [f for f in (getattr(init, name, None) for name in names) if isinstance(f, types.FunctionType)]
+    kept = [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in functions]
+    try:
+        for function, code, defaults, kwdefaults in kept:
+            original = types.FunctionType(code, function.__globals__, function.__name__, defaults,
+                                          function.__closure__)
+            original.__kwdefaults__ = kwdefaults
+            function.__code__, function.__defaults__ = _redirected.__code__, None
+            function.__kwdefaults__ = {"_lightning_pipe_call": _recorded_call(original)}
+        yield
+    finally:
+        for function, code, defaults, kwdefaults in kept:
+            function.__code__, function.__defaults__, function.__kwdefaults__ = code, defaults, kwdefaults
+
+
 def _initialized_on_meta(init_weights: Callable[..., Any]) -> Callable[..., Any]:
     """Hugging Face's ``init_weights`` skips the initialization on the meta device: run it there, to be recorded in
     its place (after the model's construction, before what the project's code does to the model next)."""
@@ -189,32 +217,20 @@ def recording() -> Iterator[None]:
         finally:
             _DEPTH[0] -= 1
         return
-    originals = {name: getattr(init, name) for name in _SKIPPING_META}
     pretrained = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     init_weights = pretrained.__dict__.get("init_weights") if pretrained is not None else None
-    # Hugging Face's initialization functions call torch's through a table taken at import
-    table = getattr(sys.modules.get("transformers.initialization"), "TORCH_INIT_FUNCTIONS", None)
-    tabled = {name: table[name] for name in _SKIPPING_META if name in table} if isinstance(table, dict) else {}
     _DEPTH[0] = 1
     begun = len(TAPE)
     try:
-        for name, function in originals.items():
-            setattr(init, name, _recorded_call(function))
-        for name, function in tabled.items():
-            table[name] = _recorded_call(function)
         if init_weights is not None:
             pretrained.init_weights = _initialized_on_meta(init_weights)
-        with _Functions(), _Operations():
+        with _recorded_calls(_SKIPPING_META), _Functions(), _Operations():
             yield
     except BaseException:
         truncate(begun)  # a failed build is built again; what earlier blocks recorded stays
         raise
     finally:
         _DEPTH[0] = 0
-        for name, function in originals.items():
-            setattr(init, name, function)
-        for name, function in tabled.items():
-            table[name] = function
         if init_weights is not None:
             pretrained.init_weights = init_weights
 
