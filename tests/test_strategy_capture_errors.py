@@ -179,6 +179,24 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="hook"), 32
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
+    elif case == "root_scale":  # CLIP's logit scale on the module, which its forward (two towers) does not read
+        class Towers(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.image, self.text = nn.Linear(8, 4), nn.Linear(8, 4)
+                self.scale = nn.Parameter(torch.ones(()))
+
+            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.image(x), self.text(x)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                image, text = self(batch[0])
+                return (self.scale.exp() * image @ text.T).pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module, width = Towers(), 8
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -193,6 +211,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
               "Return what the step needs from the model's forward"]),
+    # before: an AttributeError on the last stage ('Towers' object has no attribute 'scale')
+    ("root_scale", ["parameters outside Towers.forward that require grad (scale)", "requires_grad_(False)"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
 ])

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from torchmetrics import MeanAbsoluteError
@@ -18,7 +19,7 @@ import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from lightning_pipe.strategy.checkpoint import atomic_save, training_state_of_rank
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, combine_logs
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs, combine_logs
 from lightning_pipe.strategy.split import SplitModule, find_sequence
 from lightning_pipe.strategy.runner import combine_outputs
 from lightning_pipe.strategy.tied import find_ties
@@ -132,6 +133,20 @@ def test_logged_values_combine_as_one_batch() -> None:
     assert float(logged["peak"].value) == 7
     assert float(logged["given"].value) == pytest.approx((2.0 + 3 * 6.0) / 4) and logged["given"].batch_size == 4
     assert "sync_dist" not in logged["loss"].options  # values are alike on every rank: never synced
+    # a batch_size every micro-batch gives alike and not as its rows (self.hparams.batch_size): the batch's, as one
+    # device logs it, the values weighted by rows (before: the sum, 4 x the batch's weight in the epoch's mean)
+    constant = combine_logs([_call("c", torch.tensor(1.0), 3, batch_size=4), _call("c", torch.tensor(4.0), 1,
+                                                                                   batch_size=4)], {})[0]
+    assert constant.batch_size == 4 and float(constant.value) == pytest.approx((3 * 1.0 + 4.0) / 4)
+    # a count alike in every micro-batch by chance (tokens without padding) reads as such a constant; the first
+    # batch's run of the step on the whole batch finds that, and its batch size is taken from such runs after
+    whole_logs, whole = WholeBatchLogs(), LogRecorder(nn.Linear(1, 1))
+    whole.calls = [_call("tokens", torch.tensor(2.0), 4, batch_size=12)]
+    counted = combine_logs([_call("tokens", torch.tensor(1.0), 2, batch_size=6),
+                            _call("tokens", torch.tensor(3.0), 2, batch_size=6)], {})
+    assert counted[0].batch_size == 6
+    assert whole_logs.settle("training_step", counted, whole) == {"tokens"} and counted[0].batch_size == 12
+    assert whole_logs.wanted("training_step")
     with pytest.raises(ValueError, match="reduce_fx must be"):
         combine_logs([_call("x", 1.0, 1, reduce_fx=lambda v: v)], {})
 
@@ -168,6 +183,17 @@ def test_outputs_combine_over_microbatches() -> None:
     assert float(combined["m"]) == pytest.approx(1.4)
     assert combined["t"][1] == "x"
     assert combine_outputs([None, None], [1, 1]) is None
+    # one item per row (names from the batch, ids.tolist(), a dict of boxes per image): the batch's list, in order,
+    # also for uneven micro-batches (before: taken as columns, transposed, or an IndexError on the last stage)
+    names = combine_outputs([{"y": a, "name": ["r0", "r1", "r2"]}, {"y": b, "name": ["r3", "r4"]}], [3, 2])
+    assert names["name"] == ["r0", "r1", "r2", "r3", "r4"]
+    assert combine_outputs([[0, 1], [2, 3]], [2, 2]) == [0, 1, 2, 3]
+    boxes = combine_outputs([[{"boxes": torch.ones(1, 4)}], [{"boxes": torch.zeros(3, 4)}]], [1, 1])
+    assert [len(item["boxes"]) for item in boxes] == [1, 3]
+    # columns stay columns: a tensor of the rows per entry, or not one item per row
+    pairs = combine_outputs([(a, a[:, 0]), (b, b[:, 0])], [3, 2])
+    torch.testing.assert_close(pairs[1], torch.cat([a[:, 0], b[:, 0]]))
+    assert combine_outputs([["x", "y", "z"], ["x", "y", "z"]], [2, 2]) == ["x", "y", "z"]
 
 
 # -- gradients --------------------------------------------------------------------------------------
@@ -275,6 +301,17 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     # a step whose loss draws random numbers (diffusion noise) cannot tell: no verdict, and so no warning
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5 + draw))
     assert rule is None and "random" in why
+
+    # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
+    # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run
+    def contrastive(output: torch.Tensor, batch: Any, draw: int) -> torch.Tensor:
+        return F.cross_entropy(output, torch.arange(len(output)))
+
+    similarities = Probe(torch.zeros(4, 1))
+    for loss in (1.0, 3.0):
+        similarities.add(torch.zeros(2, 2), torch.tensor(loss), 2)
+    rule, why = verdict(similarities, contrastive)
+    assert rule is None and "IndexError" in why and "Target 2 is out of bounds" in why
 
 
 def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:

@@ -253,7 +253,12 @@ class CapturedModule:
                         f"{name!r} holds trainable parameters that {type(module).__name__}.forward does not use, "
                         f"so no pipeline stage holds it; a pipeline trains only the model it cuts (the module's "
                         f"forward here): call it inside forward, or freeze it with requires_grad_(False)")
-            module._parameters = dict(proxy._parameters)
+            # The module's own parameters that no graph reads (a scale the step applies) stay whole on every rank, as
+            # such children do; a trainable one is the step's, outside the model: it gets a gradient on one rank only,
+            # which the step's check refuses, saying so.
+            unread = {name: p for name, p in module._parameters.items() if p is not None and id(p) not in read}
+            self.outside_trainable += [name for name, p in unread.items() if p.requires_grad]
+            module._parameters = {**unread, **proxy._parameters}
             module._buffers = dict(proxy._buffers)
             module._non_persistent_buffers_set = set(proxy._non_persistent_buffers_set)
             module.forward = proxy.forward  # type: ignore[method-assign]

@@ -113,7 +113,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
 
     ``reduce_fx`` says how: "mean" weights each micro-batch's value by its batch size (its rows, or the
     ``batch_size`` it logged; or the weight it was recorded with), "sum" adds, "max"/"min" take the extreme. The batch
-    size logged is the sum.
+    size logged is the sum, but for a ``batch_size`` every micro-batch gave alike and not as its rows (a constant,
+    ``self.hparams.batch_size``): the batch's, as one device logs it, its values then weighted by rows. (Where the
+    whole-batch run checks a step, :class:`WholeBatchLogs` finds batch sizes this reading gets wrong.)
     """
     by_name: dict[str, list[tuple[dict[str, Any], int]]] = {}
     for arguments, rows in calls:
@@ -132,13 +134,16 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
                                  f"LightningModule; assign it in __init__ (self.metric = ...) so every rank holds it")
             logged.append(LoggedValue(name, None, metric, options, None))
             continue
-        sizes = [args["batch_size"] if args["batch_size"] is not None else rows for args, rows in group]
+        given_sizes = [None if args["batch_size"] is None else int(args["batch_size"]) for args, _ in group]
+        sizes = [rows if size is None else size for size, (_, rows) in zip(given_sizes, group)]
+        constant = (len(group) > 1 and None not in given_sizes and len(set(given_sizes)) == 1
+                    and any(size != rows for size, (_, rows) in zip(given_sizes, group)))
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
         if reduce == "mean":
-            weights = torch.tensor([args["weight"] if counted else size for (args, _), size in zip(group, sizes)],
-                                   dtype=torch.float64)
+            weights = torch.tensor([args["weight"] if counted else rows if constant else size
+                                    for (args, rows), size in zip(group, sizes)], dtype=torch.float64)
             weights = weights / weights.sum()
             value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
         elif reduce == "sum":
@@ -148,7 +153,7 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         given = first["value"]
         floating = isinstance(given, torch.Tensor) and given.is_floating_point()
         dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
-        logged.append(LoggedValue(name, value.to(dtype), None, options, int(sum(sizes)),
+        logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None))
     return logged
 
@@ -159,8 +164,10 @@ class WholeBatchLogs:
     On the first batch of each step kind (with more than one micro-batch) the last stage runs the step once more,
     without gradients, on the whole batch's model output (its micro-batches' put back together) and compares what it
     logs with the micro-batches' combination; the names that differ (a maximum under the default ``reduce_fx``, a
-    perplexity ``exp(loss)``, ``len(x)``) are taken from such a run at every batch after. A step that draws random
-    numbers gives no reliable comparison (the run draws another sample): its micro-batches' combination stands."""
+    perplexity ``exp(loss)``, ``len(x)``; or whose ``batch_size`` the combination reads otherwise than one device
+    gives it: a count that happened to be alike in every micro-batch) are taken from such a run at every batch after,
+    with their batch sizes. A step that draws random numbers gives no reliable comparison (the run draws another
+    sample): its micro-batches' combination stands."""
 
     def __init__(self) -> None:
         self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
@@ -176,16 +183,19 @@ class WholeBatchLogs:
         if whole is None:
             self.names.setdefault(step, set())
             return set()
-        values = {entry.name: entry.value for entry in combine_logs(
+        wholes = {entry.name: entry for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
         if step not in self.names:
-            found = {entry.name for entry in logs if entry.value is not None and entry.name in values
-                     and not _close(entry.value, values[entry.name])}
+            found = {entry.name for entry in logs if entry.value is not None and entry.name in wholes
+                     and (not _close(entry.value, wholes[entry.name].value)
+                          or entry.batch_size != wholes[entry.name].batch_size)}
             self.names[step] = found
         for entry in logs:
-            if entry.name in self.names[step] and entry.name in values:
-                entry.value = values[entry.name].to(entry.value.dtype if entry.value is not None else None)
+            if entry.name in self.names[step] and entry.name in wholes:
+                taken = wholes[entry.name]
+                entry.value = taken.value.to(entry.value.dtype if entry.value is not None else None)
+                entry.batch_size = taken.batch_size
         return found
 
 

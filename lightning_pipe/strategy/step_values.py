@@ -72,8 +72,10 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
 
     Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
-    micro-batches' rows); dicts, tuples and lists are combined entry by entry; other values are kept if all
-    micro-batches agree, else listed. (Python numbers are the step's on the whole batch: the runner runs it again.)
+    micro-batches' rows); a list or tuple with one item per row (names from the batch, ``ids.tolist()``, one dict of
+    boxes per image) is put together as the batch's, others (``(logits, labels)``) and dicts entry by entry; other
+    values are kept if all micro-batches agree, else listed. (Python numbers are the step's on the whole batch: the
+    runner runs it again.)
     """
     first = outputs[0] if outputs else None
     if first is None:
@@ -86,8 +88,27 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     if isinstance(first, Mapping):
         return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
     if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
-        return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
-    return first if all(o == first for o in outputs) else list(outputs)
+        if _per_row(outputs, sizes):
+            return type(first)(combine_outputs([item], [1]) for output in outputs for item in output)
+        if all(isinstance(o, (tuple, list)) and len(o) == len(first) for o in outputs):
+            return type(first)(combine_outputs([o[i] for o in outputs], sizes) for i in range(len(first)))
+    return first if all(_equal(o, first) for o in outputs) else list(outputs)
+
+
+def _per_row(outputs: list[Any], sizes: list[int]) -> bool:
+    """Whether each micro-batch's list or tuple holds one item per row: as many items as its rows, and not each a
+    tensor of its rows (columns, such as ``(logits, labels)``)."""
+    if len(outputs) < 2 or any(type(o) is not type(outputs[0]) or len(o) != rows for o, rows in zip(outputs, sizes)):
+        return False
+    return not all(isinstance(item, torch.Tensor) and item.dim() > 0 and item.shape[0] == rows
+                   for output, rows in zip(outputs, sizes) for item in output)
+
+
+def _equal(value: Any, other: Any) -> bool:
+    try:
+        return bool(value == other)
+    except (RuntimeError, TypeError, ValueError):  # tensors inside (an ambiguous truth value)
+        return False
 
 
 def _row_mean(scalars: Sequence[torch.Tensor], sizes: list[int]) -> torch.Tensor:
