@@ -364,6 +364,81 @@ def test_a_value_where_the_rows_of_a_batch_meet_is_found() -> None:
     assert gpt.captures[0].rows_meet is None
 
 
+class _Tagger(nn.Module):
+    """Tags tokens with torch's sequence layers, time-major (their default, ``batch_first=False``) or batch-first."""
+
+    def __init__(self, kind: str, batch_first: bool) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 8), nn.Linear(8, 3)
+        self.kind = kind
+        if kind == "lstm":
+            self.body: nn.Module = nn.LSTM(8, 8, batch_first=batch_first)
+        else:
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+            self.body = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.embed(tokens))
+        return self.head(x[0] if self.kind == "lstm" else x)
+
+
+class _Experts(nn.Module):
+    """Top-1 routing to two experts by index (``nonzero``, ``index_add``), and, with ``balance``, the load-balancing
+    loss of a mixture of experts: the fraction of tokens per expert times their mean router probability."""
+
+    def __init__(self, balance: bool) -> None:
+        super().__init__()
+        self.router, self.balance = nn.Linear(4, 2), balance
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.router(x).softmax(-1)
+        chosen = probs.argmax(-1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = (chosen == index).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]) * probs[rows, index:index + 1])
+        if not self.balance:
+            return out, out.pow(2).mean()
+        fraction = torch.nn.functional.one_hot(chosen, 2).float().mean(0)
+        return out, 2 * (fraction * probs.mean(0)).sum()
+
+
+class _Centered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y - y.mean(0)
+
+
+def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
+    """A time-major batch given to torch's batch_first=False layers (micro-batches would cut the sequences in time),
+    a statistic over the rows brought back into them, and a mixture of experts' load-balancing loss are found (they
+    trained silently otherwise than on one device); batch-first layers, routing by index and a batch norm are not."""
+    found = {}
+    for name, model, x in (("lstm", _Tagger("lstm", False), torch.randint(0, 10, (7, 4))),
+                           ("encoder", _Tagger("encoder", False), torch.randint(0, 10, (7, 4))),
+                           ("lstm_batch_first", _Tagger("lstm", True), torch.randint(0, 10, (4, 7))),
+                           ("encoder_batch_first", _Tagger("encoder", True), torch.randint(0, 10, (4, 7))),
+                           ("routed", _Experts(False), torch.randn(6, 4)),
+                           ("balanced", _Experts(True), torch.randn(6, 4)),
+                           ("centered", _Centered(), torch.randn(6, 4)),
+                           ("batch_norm", nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(6, 4))):
+        splitter = Splitter(model)
+        splitter.capture((x,))
+        found[name] = splitter.captures[0].rows_meet
+    assert "lstm in module 'body' runs its recurrence along the batch's rows" in found["lstm"], found
+    assert "batch_first=True" in found["lstm"]
+    assert "attends along the batch's rows" in found["encoder"] and "self_attn" in found["encoder"], found
+    assert "multiplies two statistics" in found["balanced"], found
+    assert "brings a statistic over the batch's rows (mean" in found["centered"], found
+    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm")
+    assert all(found[name] is None for name in unmixed), found
+
+
 def test_recompute_everything_input_only_gives_the_same_gradients() -> None:
     fam = family("hf_llama")
     torch.manual_seed(0)

@@ -341,6 +341,61 @@ def test_mid_epoch_resume_with_shuffling_equals_uninterrupted_training(tmp_path:
                                                msg=f"rank {rank} {kind} step {step} {key}")
 
 
+def _resume_after_validation(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Order(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, list[int]]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.seen.append((trainer.current_epoch, batch[1].tolist()))
+
+    def loader() -> Any:  # the user's own seeded generator: its state goes into checkpoints
+        data = TensorDataset(torch.randn(12, 3, generator=torch.Generator().manual_seed(3)), torch.arange(12))
+        return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7))
+
+    class Indexed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layers(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", self.layers(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(epochs: int, directory: str, ckpt_path: str | None = None) -> list[tuple[int, list[int]]]:
+        L.seed_everything(SEED, verbose=False)
+        order = Order()
+        # saved after the epoch's validation, as ModelCheckpoint does when validation runs less than every epoch
+        checkpoints = ModelCheckpoint(dirpath=directory, save_last=True, save_on_train_epoch_end=False)
+        _trainer("pipedream", max_epochs=epochs, callbacks=[order, checkpoints], enable_checkpointing=True).fit(
+            Indexed(), loader(), loader(), ckpt_path=ckpt_path)
+        return order.seen
+
+    uninterrupted = fit(3, os.path.join(tmp, "uninterrupted"))
+    fit(2, os.path.join(tmp, "stopped"))
+    return {"uninterrupted": uninterrupted,
+            "resumed": fit(3, os.path.join(tmp, "resumed"), os.path.join(tmp, "stopped", "last.ckpt"))}
+
+
+@pytest.mark.timeout(240)
+def test_a_resume_from_a_checkpoint_written_after_the_epochs_validation_keeps_the_order(tmp_path: Path) -> None:
+    """A checkpoint written by the epoch's validation, after its last batch: Lightning enters that epoch again and
+    starts its loader once more without running a batch. That iteration used to take the next epoch's order from the
+    user's generator restored from the checkpoint, so the resumed epoch drew the one after (another order than the
+    uninterrupted run's, silently)."""
+    for result in run_ranks(_resume_after_validation, 2, str(tmp_path / "checkpoints"), timeout=200):
+        assert result["resumed"] == result["uninterrupted"][-3:], result
+
+
 # -- edge inputs -----------------------------------------------------------------------------------------
 def _edges(rank: int, world_size: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader

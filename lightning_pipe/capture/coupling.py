@@ -1,14 +1,22 @@
-"""Where a captured forward lets the rows of a batch meet: a value with the batch's rows along two dimensions.
+"""Where a captured forward lets the rows of a batch meet, which a pipeline, running each micro-batch alone, cannot
+give as one device does:
 
-A pipeline runs each micro-batch alone, so such a value (CLIP's image-text similarity logits, ``rows x rows``) pairs a
-row with the others of its micro-batch only, and a contrastive loss over it is not the one a device running the whole
-batch computes. A capture whose batch size stayed symbolic shows it: there the rows are symbols. One that fixed the
-rows (the forward took their number as an int, as a contrastive loss's labels do) is reported as that.
+- a value with the batch's rows along two dimensions (CLIP's image-text similarity logits, ``rows x rows``): a
+  contrastive loss over it pairs a row with the others of its micro-batch only;
+- attention or a recurrence along the rows (a time-major batch, ``(T, B)``, given to torch's ``batch_first=False``
+  layers: the split into micro-batches cuts the sequences in time);
+- a statistic over the rows that comes back into the rows (``x - x.mean(0)``), or two such statistics multiplied
+  (a mixture of experts' load-balancing loss, the fraction of tokens routed to each expert times their mean router
+  probability): the mean of the micro-batches' values is not the batch's. (Torch's batch norms are deferred apart.)
+
+A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
+forward took their number as an int, as a contrastive loss's labels do) is reported as that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -36,14 +44,19 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
         if sum(isinstance(size, torch.SymInt) and size.node.expr in rows for size in value.shape) >= 2:
-            stack = node.meta.get("nn_module_stack") or {}
-            module = next(reversed(stack.values()))[0] if stack else ""
             shape = ", ".join("rows" if isinstance(s, torch.SymInt) and s.node.expr in rows else str(s)
                               for s in value.shape)
-            where = f"module {module!r}" if module else "the model's own forward"
-            return f"{getattr(node.target, '__name__', node.target)} in {where} makes a ({shape}) value"
+            return (f"{_place(node)} makes a ({shape}) value. If the rows of a batch meet there (each row's "
+                    f"similarity with every other, as a contrastive loss takes it)")
+    mixed = _mixed(nodes, rows) if rows else None
+    if mixed is not None:
+        return mixed
     if not any(fixed_size(size) == example for size in firsts):
         return None
+    for node in nodes:  # an RNN's loop over time fixes its length: here the rows
+        if node.op == "call_function" and _op_name(node) in _RECURRENCES and _along_time(node, lambda size: (
+                fixed_size(size) == example)):
+            return _RECURRENCE.format(place=_place(node))
     return (f"the graph fixes the batch's rows to {example}: the forward takes their number as a Python int, as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels (each micro-batch size is captured anew)")
 
@@ -52,3 +65,95 @@ def _example(size: int | torch.SymInt) -> object:
     """The example's value of a size, read without a guard."""
     fixed = fixed_size(size)
     return fixed if fixed is not None else size.node.hint
+
+
+_ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention"}
+_RECURRENCES = {"lstm", "gru", "rnn_tanh", "rnn_relu"}  # aten's, batch_first their 9th argument
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
+               "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
+_PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
+
+
+def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
+    """Attention or a recurrence along the rows, a statistic over the rows brought back into them, or a product of
+    two statistics over the rows (module docstring), described; else None. A statistic is a floating-point value
+    without the rows that some value with them went into (a mean, a sum; not a count or offsets of tokens routed to
+    experts, which only place rows): the rows of a data-dependent selection (``nonzero``, unbacked sizes) count as
+    rows."""
+    statistics: set[fx.Node] = set()
+    for node in nodes:
+        value = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(value, torch.Tensor):
+            continue
+        name = _op_name(node)
+        inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+        if name in _ATTENTION and len(node.args) >= 2:
+            if any(_rows_at(arg, -2, rows) for arg in node.args[:2] if isinstance(arg, fx.Node)):
+                return (f"{_place(node)} attends along the batch's rows (a sequence whose positions are the rows: "
+                        f"a time-major batch, (T, B), given to torch's batch_first=False layers? The pipeline "
+                        f"splits every batch along dim 0, so micro-batches would cut the sequences in time: give "
+                        f"batches with their rows first and build the layers with batch_first=True)")
+        if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
+                                                and size.node.expr in rows):
+            return _RECURRENCE.format(place=_place(node))
+        if name in _SHAPE_ONLY or "batch_norm" in name:
+            continue
+        carried = [arg for arg in inputs if arg in statistics]
+        if _has_rows(value, rows):
+            if carried:
+                return (f"{_place(node)} brings a statistic over the batch's rows ({_place(carried[0])}) back into "
+                        f"its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch only)")
+        elif (value.is_floating_point() or value.is_complex()) and (
+                carried or any(_has_rows(arg.meta["val"], rows) for arg in inputs)):
+            statistics.add(node)
+            if name in _PRODUCTS and len(carried) >= 2:
+                return (f"{_place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
+                        f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
+                        f"router probability), so the batch's value is not the mean of its micro-batches' values")
+    return None
+
+
+_RECURRENCE = ("{place} runs its recurrence along the batch's rows (a time-major batch, (T, B), given to an RNN with "
+               "batch_first=False? The pipeline splits every batch along dim 0, so micro-batches would cut the "
+               "sequences in time: give batches with their rows first and build the RNN with batch_first=True)")
+
+
+def _along_time(node: fx.Node, is_rows: Any) -> bool:
+    """Whether a recurrence's (aten.lstm's, gru's, rnn's) time dimension is the rows (``is_rows`` of its size)."""
+    first = node.args[0] if node.args else None
+    value = first.meta.get("val") if isinstance(first, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False
+    batch_first = bool(node.args[8]) if len(node.args) > 8 else False
+    return bool(is_rows(value.shape[1 if batch_first else 0]))
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+def _is_rows(size: Any, rows: set[Any]) -> bool:
+    """Whether a size counts the batch's rows: holds a rows symbol, or a data-dependent (unbacked) one."""
+    if not isinstance(size, torch.SymInt):
+        return False
+    return any(symbol in rows or str(symbol).startswith("u") for symbol in size.node.expr.free_symbols)
+
+
+def _has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
+    return any(_is_rows(size, rows) for size in value.shape)
+
+
+def _rows_at(node: fx.Node, dim: int, rows: set[Any]) -> bool:
+    value = node.meta.get("val")
+    return (isinstance(value, torch.Tensor) and value.dim() > max(dim, -dim - 1)
+            and isinstance(value.shape[dim], torch.SymInt) and value.shape[dim].node.expr in rows)
+
+
+def _place(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    return f"{_op_name(node)} in " + (f"module {module!r}" if module else "the model's own forward")

@@ -185,12 +185,11 @@ class PipelineCutting:
             captured.capture_first(step, microbatch, training=step == "training_step")
         meeting = captured.splitter.captures[-1].rows_meet
         if meeting is not None and self.num_microbatches > 1:
-            rank_zero_warn(f"{type(captured.model).__name__}: {meeting}. If the rows of a batch meet there (each "
-                           f"row's similarity with every other, as a contrastive loss takes it): a pipeline runs each "
-                           f"of its {self.num_microbatches} micro-batches alone, so each row meets only the rows of "
-                           f"its micro-batch, and the loss and its gradients are not one device's. For one device's, "
-                           f"pass num_microbatches=1; a contrastive loss over fewer rows also trains, with fewer "
-                           f"negatives per row")
+            rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: a pipeline runs each of its "
+                           f"{self.num_microbatches} micro-batches alone, so each row meets only the rows of its "
+                           f"micro-batch, and the loss and its gradients are not one device's. For one device's, "
+                           f"pass num_microbatches=1" + ("; a contrastive loss over fewer rows also trains, with "
+                                                         "fewer negatives per row" if "contrastive" in meeting else ""))
         return captured
 
     def _as_step_gets(self, batch: Any) -> Any:

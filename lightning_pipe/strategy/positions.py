@@ -48,6 +48,7 @@ class RunPosition:
         self._loaded: dict[str, Any] | None = None  # from a checkpoint being resumed, until the run starts
         self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) of the resumed epoch
         self._resumed: set[int] = set()  # the training orders that have begun the resumed epoch
+        self._again: set[int] = set()  # orders that began a finished epoch again (Lightning's restart), not resumed yet
         self._loader_states: list[dict[str, Any]] = []
 
     # -- the base seed --------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class RunPosition:
         """At the start of a run: continue from a checkpoint just loaded for this fit, else from its beginning."""
         loaded, self._loaded = self._loaded, None
         self.train_orders = []
-        self._resume, self._loader_states, self._resumed = None, [], set()
+        self._resume, self._loader_states, self._resumed, self._again = None, [], set(), set()
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self.epoch, self.consumed = 0, 0
@@ -114,9 +115,17 @@ class RunPosition:
         if training:
             epoch, skip, loading = trainer.current_epoch, 0, None
             if self._resume is not None and id(order) not in self._resumed:
-                self._resumed.add(id(order))
-                epoch, skip = self._resume
                 index = next((i for i, o in enumerate(self.train_orders) if o is order), None)
+                if trainer.current_epoch < self._resume[0]:
+                    # a checkpoint written after the epoch's last batch (by its validation): Lightning enters that
+                    # epoch again and starts its loader once more, running none of its batches; the generators'
+                    # states of the checkpoint are put back again for the next epoch's iteration
+                    self._again.add(id(order))
+                    return DataStart(derive_seed(self.base, Stream.DATA_ORDER, epoch), epoch, 0, True)
+                self._resumed.add(id(order))
+                if id(order) in self._again and index is not None and index < len(self._loader_states):
+                    order.load_state_dict(self._loader_states[index])
+                epoch, skip = self._resume
                 if skip and index is not None and index < len(self._loader_states):
                     loading = self._loader_states[index].get("loading")
             return DataStart(derive_seed(self.base, Stream.DATA_ORDER, epoch), epoch, skip, True, loading)
