@@ -50,31 +50,32 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
         assert f"boom on rank {failing_rank}" in text, f"rank {rank} did not report the error:\n{text[-2000:]}"
 
 
-class FailsOnTheWholeBatch(Regressor):
-    """Raises when the step is given the whole batch of 8 rows: only where the last stage checks how the loss adds
-    up (it runs the step once more on the whole batch), outside the pipeline's own actions."""
+class LogsWithItsOwnReduction(Regressor):
+    """Logs with a reduce_fx of its own, which only the last stage meets, when it combines the micro-batches' logs
+    after the pipeline's run (outside the pipeline's own actions)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if len(batch[0]) == 8:
-            raise ValueError("boom on the whole batch")
-        return super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        self.log("spread", loss, reduce_fx=lambda values: values.max() - values.min())
+        return loss
 
 
-def _fit_whole(rank: int, world_size: int) -> None:
+def _fit_own_reduction(rank: int, world_size: int) -> None:
     import lightning as L
 
     trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4), accelerator="cpu", devices=world_size,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, max_steps=1)
-    trainer.fit(FailsOnTheWholeBatch(), regression_data(2, batch_size=8))
+    trainer.fit(LogsWithItsOwnReduction(), regression_data(2, batch_size=8))
 
 
 @pytest.mark.timeout(120)
 def test_an_error_in_the_last_stages_own_work_tells_every_rank_where_it_was_raised() -> None:
-    for rank, text in enumerate(run_ranks(_fit_whole, 2, timeout=90, expect_failure=True)):
-        assert text is not None and "boom on the whole batch" in text, f"rank {rank}: {text}"
+    for rank, text in enumerate(run_ranks(_fit_own_reduction, 2, timeout=90, expect_failure=True)):
+        assert text is not None and "self.log('spread', reduce_fx=" in text, f"rank {rank}: {text}"
+        assert "reduce_fx must be 'mean', 'sum', 'max' or 'min'" in text, text
         where = text[text.index("raised there at"):]  # the last stage's frames, on every rank
-        assert "test_strategy_failures.py" in where and "in training_step" in where, where
+        assert "lightning_pipe/strategy/logs.py" in where and "in combine_logs" in where, where
 
 
 def _scoped_failures(rank: int, world_size: int) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from torchmetrics import MeanAbsoluteError
@@ -300,6 +301,17 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     # a step whose loss draws random numbers (diffusion noise) cannot tell: no verdict, and so no warning
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5 + draw))
     assert rule is None and "random" in why
+
+    # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
+    # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run
+    def contrastive(output: torch.Tensor, batch: Any, draw: int) -> torch.Tensor:
+        return F.cross_entropy(output, torch.arange(len(output)))
+
+    similarities = Probe(torch.zeros(4, 1))
+    for loss in (1.0, 3.0):
+        similarities.add(torch.zeros(2, 2), torch.tensor(loss), 2)
+    rule, why = verdict(similarities, contrastive)
+    assert rule is None and "IndexError" in why and "Target 2 is out of bounds" in why
 
 
 def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:

@@ -126,7 +126,8 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
     None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:
-    diffusion noise, masks)."""
+    diffusion noise, masks; a step that fails on the whole batch's outputs put together, as one indexing a rows x rows
+    output of the model's, CLIP's similarity logits, whose micro-batches' blocks do not make the batch's)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
     output, batch = whole_output(probe.outputs, probe.rows), probe.batch
@@ -135,7 +136,10 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.rows, dtype=torch.float64) / sum(probe.rows)
     mean, total = float((losses * weights).sum()), float(losses.sum())
-    whole = float(run_whole(output, batch, 0).detach().double().cpu())
+    try:
+        whole = float(run_whole(output, batch, 0).detach().double().cpu())
+    except Exception as error:  # noqa: BLE001 - any failure of the user's step here only means: cannot tell
+        return None, f"the step fails on the micro-batches' outputs put together ({type(error).__name__}: {error})"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
     if abs(total - mean) <= 10 * _TOLERANCE * scale:
         return None, "the micro-batches' mean and sum are equal"
