@@ -414,6 +414,22 @@ class _Centered(nn.Module):
         return y - y.mean(0)
 
 
+class _Shifted(nn.Module):
+    """A softmax shifted by the batch's maximum for stability (the shift cancels), a codebook's usage perplexity
+    (from integers alone: no gradient), and a mean over a mask written with ``reciprocal``: none lets rows meet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.code = nn.Linear(4, 3), nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.linear(x)
+        shifted = torch.exp(z - z.max())
+        usage = torch.nn.functional.one_hot(torch.cdist(z, self.code).argmin(-1), 8).float().mean(0)
+        perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
+        return shifted / shifted.sum(-1, keepdim=True), perplexity, (z.sum(-1) * mask).sum() * mask.sum().reciprocal()
+
+
 def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
     """A time-major batch given to torch's batch_first=False layers (micro-batches would cut the sequences in time),
     a statistic over the rows brought back into them, and a mixture of experts' load-balancing loss are found (they
@@ -430,12 +446,15 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
         splitter = Splitter(model)
         splitter.capture((x,))
         found[name] = splitter.captures[0].rows_meet
+    shifted = Splitter(_Shifted())
+    shifted.capture((torch.randn(6, 4), torch.ones(6)))
+    found["shifted"] = shifted.captures[0].rows_meet
     assert "lstm in module 'body' runs its recurrence along the batch's rows" in found["lstm"], found
     assert "batch_first=True" in found["lstm"]
     assert "attends along the batch's rows" in found["encoder"] and "self_attn" in found["encoder"], found
     assert "multiplies two statistics" in found["balanced"], found
     assert "brings a statistic over the batch's rows (mean" in found["centered"], found
-    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm")
+    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted")
     assert all(found[name] is None for name in unmixed), found
 
 

@@ -226,6 +226,47 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
     assert time.monotonic() - start < 200
 
 
+def _frozen_scale(rank: int, world_size: int) -> list[float]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+
+    class Towers(L.LightningModule):
+        """A frozen scale on the module that the step applies and its forward (two towers) does not read, the whole
+        built in configure_model (on meta under the strategy)."""
+
+        def configure_model(self) -> None:
+            self.image, self.text = nn.Linear(8, 4), nn.Linear(8, 4)
+            self.scale = nn.Parameter(torch.full((), 2.0), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.image(x), self.text(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            image, text = self(batch[0])
+            self.seen.append(float(self.scale))
+            return (self.scale * image * text).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    module = Towers()
+    module.seen = []
+    data = DataLoader([(torch.randn(8, 8),) for _ in range(2)], batch_size=None)
+    L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(module, data)
+    return [float(module.scale), *module.seen]
+
+
+@pytest.mark.timeout(200)
+def test_a_frozen_parameter_of_the_module_that_only_the_step_reads_is_on_every_rank() -> None:
+    """Before: only the rank whose stage took it held it (an AttributeError in the step elsewhere), and built on meta
+    no other rank materialized it (a meta tensor at the move to the device)."""
+    for values in run_ranks(_frozen_scale, 2, timeout=160):
+        assert values and all(value == 2.0 for value in values), values
+
+
 def _kept(rank: int, world_size: int) -> list[str]:
     import warnings
 

@@ -133,20 +133,27 @@ def test_logged_values_combine_as_one_batch() -> None:
     assert float(logged["peak"].value) == 7
     assert float(logged["given"].value) == pytest.approx((2.0 + 3 * 6.0) / 4) and logged["given"].batch_size == 4
     assert "sync_dist" not in logged["loss"].options  # values are alike on every rank: never synced
-    # a batch_size every micro-batch gives alike and not as its rows (self.hparams.batch_size): the batch's, as one
-    # device logs it, the values weighted by rows (before: the sum, 4 x the batch's weight in the epoch's mean)
-    constant = combine_logs([_call("c", torch.tensor(1.0), 3, batch_size=4), _call("c", torch.tensor(4.0), 1,
-                                                                                   batch_size=4)], {})[0]
-    assert constant.batch_size == 4 and float(constant.value) == pytest.approx((3 * 1.0 + 4.0) / 4)
-    # a count alike in every micro-batch by chance (tokens without padding) reads as such a constant; the first
-    # batch's run of the step on the whole batch finds that, and its batch size is taken from such runs after
-    whole_logs, whole = WholeBatchLogs(), LogRecorder(nn.Linear(1, 1))
-    whole.calls = [_call("tokens", torch.tensor(2.0), 4, batch_size=12)]
-    counted = combine_logs([_call("tokens", torch.tensor(1.0), 2, batch_size=6),
-                            _call("tokens", torch.tensor(3.0), 2, batch_size=6)], {})
-    assert counted[0].batch_size == 6
-    assert whole_logs.settle("training_step", counted, whole) == {"tokens"} and counted[0].batch_size == 12
-    assert whole_logs.wanted("training_step")
+    # a batch_size every micro-batch gives alike and not as its rows: a constant (self.hparams.batch_size, which one
+    # device logs as the step's weight: before, 4 x that in the epoch's mean) or a count alike by chance (tokens
+    # without padding, a sum). The first batch's run of the step on the whole batch tells them apart; until then a sum
+    whole_logs = WholeBatchLogs()
+    for name, whole_size, taken in (("c", 4, 4), ("tokens", 12, 12)):
+        def micro() -> list[tuple[dict[str, Any], int]]:
+            return [_call(name, torch.tensor(1.0), 3, batch_size=whole_size // 2 if name == "tokens" else 4),
+                    _call(name, torch.tensor(4.0), 1, batch_size=whole_size // 2 if name == "tokens" else 4)]
+
+        first = combine_logs(micro(), {}, whole_logs.constants)[0]
+        assert first.batch_size == (8 if name == "c" else 12) and first.given == (4 if name == "c" else 6)
+        whole = LogRecorder(nn.Linear(1, 1))
+        whole.calls = [_call(name, torch.tensor(1.75 if name == "c" else 2.5), 4, batch_size=whole_size)]
+        assert whole_logs.settle(name, [first], whole) == set() and first.batch_size == taken
+        later = combine_logs(micro(), {}, whole_logs.constants)[0]
+        assert later.batch_size == taken
+    assert whole_logs.constants == {"c"} and not whole_logs.wanted("c") and not whole_logs.wanted("tokens")
+    assert float(later.value) == pytest.approx(2.5)  # the tokens' values weighed by their counts
+    assert float(combine_logs([_call("c", torch.tensor(1.0), 3, batch_size=4), _call("c", torch.tensor(4.0), 1,
+                                                                                     batch_size=4)], {},
+                              whole_logs.constants)[0].value) == pytest.approx((3 * 1.0 + 4.0) / 4)  # by rows
     with pytest.raises(ValueError, match="reduce_fx must be"):
         combine_logs([_call("x", 1.0, 1, reduce_fx=lambda v: v)], {})
 
@@ -194,6 +201,12 @@ def test_outputs_combine_over_microbatches() -> None:
     pairs = combine_outputs([(a, a[:, 0]), (b, b[:, 0])], [3, 2])
     torch.testing.assert_close(pairs[1], torch.cat([a[:, 0], b[:, 0]]))
     assert combine_outputs([["x", "y", "z"], ["x", "y", "z"]], [2, 2]) == ["x", "y", "z"]
+    # as many entries as rows, but columns: a tensor of the rows beside a scalar or names, lists of the rows
+    l0, l1 = torch.zeros(2, 3), torch.ones(2, 3)
+    mixed = combine_outputs([(l0, torch.tensor(1.0)), (l1, torch.tensor(3.0))], [2, 2])
+    assert len(mixed) == 2 and mixed[0].shape == (4, 3) and float(mixed[1]) == 2.0
+    assert combine_outputs([(l0, ["a", "b"]), (l1, ["c", "d"])], [2, 2])[1] == ["a", "b", "c", "d"]
+    assert combine_outputs([[[0, 1], [1, 1]], [[1, 0], [0, 0]]], [2, 2]) == [[0, 1, 1, 0], [1, 1, 0, 0]]
 
 
 # -- gradients --------------------------------------------------------------------------------------

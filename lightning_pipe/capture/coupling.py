@@ -74,15 +74,18 @@ _RECURRENCES = {"lstm", "gru", "rnn_tanh", "rnn_relu"}  # aten's, batch_first th
 _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
                "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
+_EXTREMES = {"max", "amax", "min", "amin", "aminmax", "maximum", "minimum"}
 
 
 def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     """Attention or a recurrence along the rows, a statistic over the rows brought back into them, or a product of
     two statistics over the rows (module docstring), described; else None. A statistic is a floating-point value
     without the rows that some value with them went into (a mean, a sum; not a count or offsets of tokens routed to
-    experts, which only place rows): the rows of a data-dependent selection (``nonzero``, unbacked sizes) count as
-    rows."""
+    experts, which only place rows; not an extreme, the shift of ``exp(z - z.max())``, nor a reciprocal, a divisor):
+    the rows of a data-dependent selection (``nonzero``, unbacked sizes) count as rows. A product of statistics
+    computed from integers alone (a codebook's usage and its perplexity, logged) carries no gradient: not counted."""
     statistics: set[fx.Node] = set()
+    counted: set[fx.Node] = set()  # values computed from integers alone (one_hot(codes).float()): no gradient's
     for node in nodes:
         value = node.meta.get("val")
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
@@ -100,6 +103,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             return _RECURRENCE.format(place=_place(node))
         if name in _SHAPE_ONLY or "batch_norm" in name:
             continue
+        if inputs and all(arg in counted or not (arg.meta["val"].is_floating_point() or arg.meta["val"].is_complex())
+                          for arg in inputs):
+            counted.add(node)
+        if name in _EXTREMES or name == "reciprocal":  # a shift (exp(z - z.max())) or a divisor: not a mean's kind
+            continue
         carried = [arg for arg in inputs if arg in statistics]
         if _has_rows(value, rows):
             if carried:
@@ -108,7 +116,7 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif (value.is_floating_point() or value.is_complex()) and (
                 carried or any(_has_rows(arg.meta["val"], rows) for arg in inputs)):
             statistics.add(node)
-            if name in _PRODUCTS and len(carried) >= 2:
+            if name in _PRODUCTS and len(carried) >= 2 and not all(arg in counted for arg in carried):
                 return (f"{_place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
                         f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
                         f"router probability), so the batch's value is not the mean of its micro-batches' values")

@@ -41,14 +41,16 @@ class LoggedValue:
     options: dict[str, Any]
     batch_size: int | None
     weight: float | None = None  # what its micro-batches weighed together, where not their rows (loss_reduction counts)
+    given: int | None = None  # the batch_size every micro-batch logged alike, not as its rows (a constant, or a count)
 
 
 class LogRecorder:
     """Records ``self.log`` calls of a LightningModule while a micro-batch's step runs, and logs their combination."""
 
-    def __init__(self, module: LightningModule) -> None:
+    def __init__(self, module: LightningModule, constants: set[str] | None = None) -> None:
         self.module = module
         self.calls: list[tuple[dict[str, Any], int]] = []  # (bound log arguments, micro-batch rows)
+        self.constants = constants if constants is not None else set()  # names whose batch_size is a constant
 
     @contextmanager
     def recording(self, rows: int, weight: float | None = None) -> Iterator[None]:
@@ -91,7 +93,7 @@ class LogRecorder:
         """The recorded calls as one batch's logs; clears the record."""
         metrics = any(isinstance(arguments["value"], Metric) for arguments, _ in self.calls)
         names = {id(m): name for name, m in self.module.named_modules() if isinstance(m, Metric)} if metrics else {}
-        logged = combine_logs(self.calls, names)
+        logged = combine_logs(self.calls, names, self.constants)
         self.calls = []
         return logged
 
@@ -108,14 +110,15 @@ class LogRecorder:
                 self.module.log(entry.name, entry.value.to(device), batch_size=entry.batch_size, **options)
 
 
-def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int, str]) -> list[LoggedValue]:
+def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int, str],
+                 constants: set[str] | frozenset[str] = frozenset()) -> list[LoggedValue]:
     """Combine per-micro-batch ``self.log`` calls into one per name, as one call for the whole batch would be.
 
     ``reduce_fx`` says how: "mean" weights each micro-batch's value by its batch size (its rows, or the
     ``batch_size`` it logged; or the weight it was recorded with), "sum" adds, "max"/"min" take the extreme. The batch
-    size logged is the sum, but for a ``batch_size`` every micro-batch gave alike and not as its rows (a constant,
-    ``self.hparams.batch_size``): the batch's, as one device logs it, its values then weighted by rows. (Where the
-    whole-batch run checks a step, :class:`WholeBatchLogs` finds batch sizes this reading gets wrong.)
+    size logged is the sum, but for a name of ``constants`` whose ``batch_size`` every micro-batch gave alike and not
+    as its rows (``self.hparams.batch_size``, which :class:`WholeBatchLogs` tells from a count alike by chance): the
+    batch's, as one device logs it, its values then weighted by rows.
     """
     by_name: dict[str, list[tuple[dict[str, Any], int]]] = {}
     for arguments, rows in calls:
@@ -136,8 +139,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
             continue
         given_sizes = [None if args["batch_size"] is None else int(args["batch_size"]) for args, _ in group]
         sizes = [rows if size is None else size for size, (_, rows) in zip(given_sizes, group)]
-        constant = (len(group) > 1 and None not in given_sizes and len(set(given_sizes)) == 1
-                    and any(size != rows for size, (_, rows) in zip(given_sizes, group)))
+        alike = (len(group) > 1 and None not in given_sizes and len(set(given_sizes)) == 1
+                 and any(size != rows for size, (_, rows) in zip(given_sizes, group)))
+        constant = alike and name in constants
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
@@ -154,7 +158,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         floating = isinstance(given, torch.Tensor) and given.is_floating_point()
         dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
         logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
-                                  float(sum(args["weight"] for args, _ in group)) if counted else None))
+                                  float(sum(args["weight"] for args, _ in group)) if counted else None,
+                                  sizes[0] if alike else None))
     return logged
 
 
@@ -171,6 +176,7 @@ class WholeBatchLogs:
 
     def __init__(self) -> None:
         self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
+        self.constants: set[str] = set()  # names whose batch_size the whole batch's run showed to be a constant
 
     def wanted(self, step: str) -> bool:
         """Whether ``step``'s batch needs a whole-batch run for its logs (not checked yet, or names to take)."""
@@ -187,9 +193,15 @@ class WholeBatchLogs:
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
         if step not in self.names:
-            found = {entry.name for entry in logs if entry.value is not None and entry.name in wholes
-                     and (not _close(entry.value, wholes[entry.name].value)
-                          or entry.batch_size != wholes[entry.name].batch_size)}
+            for entry in logs:
+                taken = wholes.get(entry.name)
+                if entry.value is None or taken is None:
+                    continue
+                if entry.batch_size != taken.batch_size and entry.given == taken.batch_size:
+                    self.constants.add(entry.name)  # a constant (read as a sum this once): combined as one after
+                    entry.value, entry.batch_size = taken.value.to(entry.value.dtype), taken.batch_size
+                elif not _close(entry.value, taken.value) or entry.batch_size != taken.batch_size:
+                    found.add(entry.name)
             self.names[step] = found
         for entry in logs:
             if entry.name in self.names[step] and entry.name in wholes:

@@ -109,6 +109,9 @@ class LocalMaterializer:
         self.seeded = any(t.is_meta and id(t) not in self.sources and id(t) not in self._loaded
                           for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
+        # the module's own parameters that its captured forward does not read (a scale the step applies): every rank
+        # keeps them (strategy/captured.py), so every rank materializes them
+        self.step_state: set[str] = set()
         self._extras: set[int] = set()  # the ids of buffers materialized only because of whole_buffers
         self._metas: dict[int, torch.Tensor] = {}  # id(new tensor) -> the meta tensor it replaces, while initializing
         self._names: dict[int, str] = {}  # the meta tensors' names by storage, while initializing
@@ -129,6 +132,7 @@ class LocalMaterializer:
         inside = {id(t) for t in _tensors(self.sequence)}
         wanted = {id(t): t for stage in stages for t in _tensors(stage)}
         wanted.update((id(t), t) for t in _tensors(self.module) if id(t) not in inside)  # the step code's state
+        wanted.update((id(t), t) for name, t in self.module.named_parameters() if name in self.step_state)
         extras: set[int] = set()  # buffers of other ranks' layers (whole_buffers)
         if self.whole_buffers:
             extras = {id(t) for t in self.sequence.buffers() if id(t) not in wanted}

@@ -75,6 +75,8 @@ _TO_PYTHON = {_SCALAR, torch.ops.aten.allclose.default,
               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}  # ops whose results leave torch
 _SKIPPING_META = ("_no_grad_trunc_normal_", "orthogonal_", "dirac_", "sparse_")  # torch.nn.init's, no-ops on meta
 _META = torch.device("meta")
+# torch's own function objects (whatever wraps or replaces them later in torch.nn.init calls them in the end)
+_INIT_FUNCTIONS = {name: getattr(init, name, None) for name in _SKIPPING_META}
 _DEPTH = [0]
 _PAUSED = [0]
 # Hugging Face models whose initialization failed on meta -> the recording's length then
@@ -178,7 +180,8 @@ def _recorded_calls(names: tuple[str, ...]) -> Iterator[None]:
     """Each of these functions of ``torch.nn.init`` runs :func:`_redirected`'s code while the block runs, calling a
     recording wrapper of a copy of itself: so every reference to the function object is seen, also a name bound
     before the block."""
-    functions = [f for f in (getattr(init, name, None) for name in names) if isinstance(f, types.FunctionType)]
+    functions = [f for f in (_INIT_FUNCTIONS.get(name) for name in names)
+                 if isinstance(f, types.FunctionType) and not f.__code__.co_freevars]
     kept = [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in functions]
     try:
         for function, code, defaults, kwdefaults in kept:

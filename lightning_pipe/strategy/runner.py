@@ -69,8 +69,8 @@ class PipelineRunner(SharedResults):
         self.module: LightningModule = split.module  # type: ignore[assignment]
         self.pipeline = pipeline
         self.tied = tied
-        self.recorder = LogRecorder(self.module)
         self.whole_logs = WholeBatchLogs()  # logged values the micro-batches do not combine into
+        self.recorder = LogRecorder(self.module, self.whole_logs.constants)
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.layers: str | None = None  # the attribute path build() was given

@@ -96,11 +96,17 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
 
 
 def _per_row(outputs: list[Any], sizes: list[int]) -> bool:
-    """Whether each micro-batch's list or tuple holds one item per row: as many items as its rows, and not each a
-    tensor of its rows (columns, such as ``(logits, labels)``)."""
+    """Whether each micro-batch's list or tuple holds one item per row: as many items as its rows, items alike (of
+    one type; tensors of one rank), none of them a column (a tensor or list of its rows, as in ``(logits, labels)``,
+    ``(probs, names)`` or ``(logits, loss)`` with as many rows as entries)."""
     if len(outputs) < 2 or any(type(o) is not type(outputs[0]) or len(o) != rows for o, rows in zip(outputs, sizes)):
         return False
-    return not all(isinstance(item, torch.Tensor) and item.dim() > 0 and item.shape[0] == rows
+    items = [item for output in outputs for item in output]
+    if len({type(item) for item in items}) > 1 or len({item.dim() for item in items
+                                                       if isinstance(item, torch.Tensor)}) > 1:
+        return False
+    return not any((isinstance(item, torch.Tensor) and item.dim() > 0 and item.shape[0] == rows)
+                   or (isinstance(item, (list, tuple)) and len(item) == rows)
                    for output, rows in zip(outputs, sizes) for item in output)
 
 
