@@ -382,3 +382,24 @@ def test_the_recording_keeps_no_host_tensor_it_only_took_a_layout_from() -> None
     assert torch.equal(replay([filled])[0], torch.ones(4, 3))
     forget_recording()
     assert not recorded()
+
+
+def test_initializations_made_by_other_threads_while_a_model_is_built_are_not_recorded() -> None:
+    """torch's ``orthogonal_`` runs recording code for every caller while the block runs (so that a name bound at
+    import is seen): a call from another thread (a data loader's, a logger's) is not the model's construction."""
+    import threading
+
+    from lightning_pipe.strategy.init_tape import TAPE
+    from lightning_pipe.strategy.recorded_init import forget_recording, recording
+
+    with recording():
+        weight = torch.empty(4, 4, device="meta")
+        before = len(TAPE)
+        other = threading.Thread(target=lambda: torch.nn.init.orthogonal_(torch.empty(4, 4, device="meta")))
+        other.start()
+        other.join()
+        after_other = len(TAPE)
+        torch.nn.init.orthogonal_(weight)
+        after_own = len(TAPE)
+    forget_recording()
+    assert after_other == before and after_own == before + 1

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -161,9 +162,10 @@ def _value_of(tensor: torch.Tensor, read: bool) -> torch.Tensor | None:
     return replay([tensor])[0]
 
 
-def _recorded_call(function: Callable[..., Any]) -> Callable[..., Any]:
+def _recorded_call(function: Callable[..., Any], thread: int) -> Callable[..., Any]:
+    """``function`` recording its calls on meta tensors made by ``thread`` (the one building the model)."""
     def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta and threading.get_ident() == thread:
             record(function, (tensor, *args), kwargs, meta_inputs((tensor, *args), kwargs), [tensor], [tensor], True)
         return function(tensor, *args, **kwargs)
 
@@ -189,7 +191,7 @@ def _recorded_calls(names: tuple[str, ...]) -> Iterator[None]:
                                           function.__closure__)
             original.__kwdefaults__ = kwdefaults
             function.__code__, function.__defaults__ = _redirected.__code__, None
-            function.__kwdefaults__ = {"_lightning_pipe_call": _recorded_call(original)}
+            function.__kwdefaults__ = {"_lightning_pipe_call": _recorded_call(original, threading.get_ident())}
         yield
     finally:
         for function, code, defaults, kwdefaults in kept:
