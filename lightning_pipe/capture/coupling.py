@@ -28,7 +28,8 @@ __all__ = ["rows_meet"]
 
 def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str | None:
     """The first op among ``nodes`` that makes a value with the batch's rows along two dimensions, described (its
-    module, op and shape); else, where the capture fixed the rows of an input, that; else None.
+    module, op and shape); else the first that mixes rows otherwise (:func:`_mixed`); else, where the capture fixed
+    the rows of an input, that (an RNN's loop over them, or the forward taking their number); else None.
 
     The rows are the tensor inputs' dim 0 (each is split along it) of the first input's example size: export gives
     inputs their own symbols (CLIP's texts and images two), and a position tensor or a mask of the sequence's size
