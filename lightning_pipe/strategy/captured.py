@@ -226,6 +226,11 @@ class CapturedModule:
     def segments(self) -> list[Segment]:
         return self.splitter.segments()
 
+    def own_unread_parameters(self) -> set[str]:
+        """The names of the module's own parameters that its captured forward does not read (a scale the step
+        applies): every rank keeps them (:meth:`install`)."""
+        return set(self.module._parameters) & self.splitter.unread_state if self.root else set()
+
     def install(self, local: Sequence[Segment]) -> PipelinedModel:
         """Replace the model by a proxy holding only the state of ``local`` segments (for the module's own forward:
         the module keeps this rank's share of its state, and its ``forward`` becomes the proxy's)."""

@@ -97,8 +97,8 @@ class PipelineCutting:
                 self._materializer = LocalMaterializer.for_module(module, captured.model, self.root_device,
                                                                   self._position.base, holders=captured.segments,
                                                                   whole_buffers=True, sources=self._conversion_sources)
-                if self._materializer is not None and captured.root:
-                    self._materializer.step_state = set(module._parameters) & captured.splitter.unread_state
+                if self._materializer is not None:
+                    self._materializer.step_state = captured.own_unread_parameters()
                 runner = PipelineRunner.build_captured(captured, layers=settings.layers, config=config,
                                                        device=self.root_device, materialize=self._materializer,
                                                        **groups)

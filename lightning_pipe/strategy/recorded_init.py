@@ -74,10 +74,10 @@ _SCALAR = torch.ops.aten._local_scalar_dense.default
 _CHECKS = {torch.ops.aten.allclose.default, torch.ops.aten.equal.default}  # compare values: read, but not taken
 _TO_PYTHON = {_SCALAR, torch.ops.aten.allclose.default,
               torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default}  # ops whose results leave torch
-_SKIPPING_META = ("_no_grad_trunc_normal_", "orthogonal_", "dirac_", "sparse_")  # torch.nn.init's, no-ops on meta
 _META = torch.device("meta")
-# torch's own function objects (whatever wraps or replaces them later in torch.nn.init calls them in the end)
-_INIT_FUNCTIONS = {name: getattr(init, name, None) for name in _SKIPPING_META}
+# torch.nn.init's functions that are no-ops on meta: torch's own objects (whatever wraps or replaces them later in
+# torch.nn.init calls them in the end)
+_SKIPPING_META = [getattr(init, name, None) for name in ("_no_grad_trunc_normal_", "orthogonal_", "dirac_", "sparse_")]
 _DEPTH = [0]
 _PAUSED = [0]
 # Hugging Face models whose initialization failed on meta -> the recording's length then
@@ -178,12 +178,11 @@ def _redirected(*args: Any, _lightning_pipe_call: Any = None, **kwargs: Any) -> 
 
 
 @contextlib.contextmanager
-def _recorded_calls(names: tuple[str, ...]) -> Iterator[None]:
-    """Each of these functions of ``torch.nn.init`` runs :func:`_redirected`'s code while the block runs, calling a
+def _recorded_calls() -> Iterator[None]:
+    """Each function of ``_SKIPPING_META`` runs :func:`_redirected`'s code while the block runs, calling a
     recording wrapper of a copy of itself: so every reference to the function object is seen, also a name bound
     before the block."""
-    functions = [f for f in (_INIT_FUNCTIONS.get(name) for name in names)
-                 if isinstance(f, types.FunctionType) and not f.__code__.co_freevars]
+    functions = [f for f in _SKIPPING_META if isinstance(f, types.FunctionType) and not f.__code__.co_freevars]
     kept = [(f, f.__code__, f.__defaults__, f.__kwdefaults__) for f in functions]
     try:
         for function, code, defaults, kwdefaults in kept:
@@ -229,7 +228,7 @@ def recording() -> Iterator[None]:
     try:
         if init_weights is not None:
             pretrained.init_weights = _initialized_on_meta(init_weights)
-        with _recorded_calls(_SKIPPING_META), _Functions(), _Operations():
+        with _recorded_calls(), _Functions(), _Operations():
             yield
     except BaseException:
         truncate(begun)  # a failed build is built again; what earlier blocks recorded stays
