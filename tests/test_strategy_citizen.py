@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.helpers import run_ranks
 
@@ -112,12 +114,15 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
     # code before the layers runs on the first stage, per micro-batch (3 steps x 4): one device's rows; the last
     # stage computes it only where the step uses it after the layers (its first call runs, to learn that; and the first
     # batch's checks of how the loss and the logged values add up each run the step once more on the whole batch)
-    # (a captured model: every rank also runs the step once on the first micro-batch of 2 rows at setup, to capture)
-    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 2, 0),
+    # (a captured model: every rank also runs the step once on the first micro-batch of 2 rows at setup, to capture;
+    # and the first stage runs the code before the layers once more on the first batch's 8 rows, to compare the
+    # layers' inputs with the micro-batches': tests/test_rows_meet.py)
+    # (the last stage's: the first batch's two checks, and the later batches' check of a mean loss, one each)
+    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 1 + STEPS, 0),
                                     ("captured-backbone-auto-8", 2, 1)):
         reference, logged = _reference(name.removesuffix("-auto-8"))
         _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)
-        assert results[0][name]["backbone"] == (STEPS * 4 + setup, STEPS * 8 + 2 * setup)
+        assert results[0][name]["backbone"] == (STEPS * 4 + setup + 1, STEPS * 8 + 2 * setup + 8)
         assert out[name]["backbone"][0] == last_calls
         assert out[name]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
 
@@ -347,6 +352,49 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
     assert any(result["fine-tuned-counted"]["held"]["head"] == 0 for result in results)
     assert all("'head' is part of the module's forward" in result["fine-tuned-counted"]["head_call"]
                for result in results)
+
+
+def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
+    """A tagger's loss over the tokens other than those ignored at -100, whose first batch has none ignored (so it
+    looks like a mean over rows) and whose later batches have some (``padded``), or never any."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Tagger(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.layers(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=-100)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 10, 4, generator=generator), torch.randint(0, 3, (32, 10), generator=generator)
+    for row in range(8, 32) if padded else ():  # the first batch unpadded, later rows padded by varying amounts
+        y[row, 9 - row % 8:] = -100
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
+                        devices=world_size, max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tagger(), loader)
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_a_mean_over_a_count_that_the_first_batch_shares_by_rows_is_found_on_a_later_batch() -> None:
+    first, last = run_ranks(_late_padding, 2, True, timeout=90)
+    assert first == [] and len(last) == 1 and "ignore_index" in last[0], (first, last)
+    assert run_ranks(_late_padding, 2, False, timeout=90) == [[], []]  # a mean over rows throughout: nothing
 
 
 def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resume: bool,

@@ -446,6 +446,54 @@ def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_
     assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]
 
 
+def _frozen_teacher(rank: int, world_size: int, sequence: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Distillation from a frozen teacher with a batch norm, put in eval mode when training starts (Lightning's idiom):
+    the step code the strategy runs at set-up only to look (capturing the student; the planner reaching the
+    ``nn.Sequential`` to profile it, on rank 0) must not count as a step of the teacher, still in training mode."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Distilled(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+            self.teacher.requires_grad_(False)
+            self.student = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def on_train_epoch_start(self) -> None:
+            self.teacher.eval()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            with torch.no_grad():
+                target = self.teacher(batch[0])
+            return F.mse_loss(self.student(batch[0]), target)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.student.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    model = Distilled()
+    options = {"layers": "student", "partition": "profile", "profile_cache": False} if sequence else {}
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, **options) if world_size > 1 else "auto"
+    quiet_trainer(world_size, strategy, max_steps=2).fit(model, class_data(batches=2))
+    return model.teacher[1].running_mean.clone(), {name: p.detach().clone() for name, p in
+                                                   model.student.named_parameters()}
+
+
+@pytest.mark.timeout(180)
+def test_step_code_run_at_set_up_only_to_look_leaves_the_modules_buffers_as_they_were() -> None:
+    reference_mean, reference = _frozen_teacher(0, 1, False)
+    assert float(reference_mean.abs().sum()) == 0  # the teacher never trained
+    for sequence in (False, True):
+        for mean, weights in run_ranks(_frozen_teacher, 2, sequence, timeout=150):
+            assert float(mean.abs().sum()) == 0, sequence
+            assert weights, sequence
+            for name, value in weights.items():  # each rank's share of the student
+                torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
+
+
 def _stopped(rank: int, world_size: int) -> int:
     import lightning as L
 

@@ -396,6 +396,69 @@ def test_a_resume_from_a_checkpoint_written_after_the_epochs_validation_keeps_th
         assert result["resumed"] == result["uninterrupted"][-3:], result
 
 
+def _seeded_order(rank: int, world_size: int, how: str) -> list[list[int]]:
+    """The batches' rows seen by a fit whose loader shuffles with a generator of its own (``loader``) or whose
+    sampler has one (``sampler``), over a captured model and over an ``nn.Sequential`` with a planned cut: the set-up
+    reads the first batch to capture or profile, which must not use up an order of that generator."""
+    import lightning as L
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    class Order(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.seen.append(batch[1].tolist())
+
+    class Blocks(torch.nn.Module):  # no nn.Sequential: captured
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return x
+
+    class Indexed(L.LightningModule):
+        def __init__(self, captured: bool) -> None:
+            super().__init__()
+            self.layers = Blocks() if captured else torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                                                        torch.nn.Linear(4, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layers(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(12, 3, generator=torch.Generator().manual_seed(3)), torch.arange(12))
+    seen = []
+    for captured in (True, False):
+        if how == "loader":
+            loader = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7))
+        else:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(7))
+            loader = DataLoader(data, batch_size=4, sampler=sampler)
+        order = Order()
+        strategy = "auto" if world_size == 1 else \
+            {"num_microbatches": 2, "wait_timeout": 60, **({} if captured else {"partition": "profile",
+                                                                               "profile_cache": False})}
+        L.seed_everything(SEED, verbose=False)
+        _trainer(strategy, devices=world_size, max_epochs=2, callbacks=[order]).fit(Indexed(captured), loader)
+        seen.append(order.seen)
+    return seen
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["loader", "sampler"])
+def test_a_generator_of_the_users_loader_gives_one_devices_order_when_the_set_up_reads_a_batch(how: str) -> None:
+    reference = _seeded_order(0, 1, how)
+    assert reference[0] == reference[1] and reference[0][:3] != reference[0][3:]  # shuffled anew per epoch
+    for result in run_ranks(_seeded_order, 2, how, timeout=200):
+        assert result == reference, (result, reference)
+
+
 # -- edge inputs -----------------------------------------------------------------------------------------
 def _edges(rank: int, world_size: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader

@@ -6,6 +6,7 @@ each parameter's state found by its name (:func:`~lightning_pipe.strategy.one_de
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,40 @@ def test_groups_sorted_by_name_are_numbered_by_name_both_ways() -> None:
                                      "param_groups": [{"lr": 0.1, "params": [0]}]}],
                "param_names": [[[name]]]} for name in ("layers.2.weight", "layers.10.weight")]
     assert one_device_optimizer_states(single, keys) is None  # either order possible: not numbered
+    # ... unless configure_optimizers does not sort (an encoder-decoder's stacks, a rank each): the model's order
+    merged = one_device_optimizer_states(single, keys, by_name=False)
+    assert merged is not None and merged[0]["param_groups"][0]["params"] == [0, 1]
+    assert one_device_names([ambiguous], [[[["layers.2.weight"]]], [[["layers.10.weight"]]]], keys, {},
+                            by_name=False) == [{0: ["layers.2.weight"], 1: ["layers.10.weight"]}]
+
+
+def test_only_code_that_sorts_may_list_parameters_by_name() -> None:
+    import lightning as L
+
+    from lightning_pipe.strategy.one_device import sorts_by_name
+
+    class Plain(L.LightningModule):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters())
+
+    class MinGPT(L.LightningModule):
+        def configure_optimizers(self) -> Any:
+            names = {name for name, _ in self.named_parameters()}
+            return torch.optim.AdamW([dict(self.named_parameters())[name] for name in sorted(names)])
+
+    class GPT(nn.Module):  # minGPT's own model, whose configure_optimizers the module's calls
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW([p for _, p in sorted(self.named_parameters())])
+
+    class Calling(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = GPT()
+
+        def configure_optimizers(self) -> Any:
+            return self.model.configure_optimizers()
+
+    assert not sorts_by_name(Plain()) and sorts_by_name(MinGPT()) and sorts_by_name(Calling())
 
 
 def _module(kind: str) -> Any:
@@ -123,6 +158,9 @@ def _module(kind: str) -> Any:
                 from tests.capture_models import hf_gpt2
 
                 self.net = hf_gpt2(layers=2)
+            elif kind == "encdec":  # names that sort otherwise than the model ("decoder" < "encoder"), one stack a rank
+                self.net = nn.Sequential(OrderedDict(encoder=nn.Linear(6, 16), act=nn.Tanh(), decoder=nn.Linear(16, 16),
+                                                     out_act=nn.Tanh(), head=nn.Linear(16, 1)))
             else:
                 self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
 
@@ -159,14 +197,15 @@ def _data(kind: str) -> DataLoader:
 def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, checkpoint_format: str) -> None:
     from lightning_pipe import PipelineStrategy
 
-    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, checkpoint_format=checkpoint_format)
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, checkpoint_format=checkpoint_format,
+                                partition=[2, 3] if kind == "encdec" else "uniform")
     trainer = quiet_trainer(world_size, strategy, max_epochs=1)
     trainer.fit(_module(kind), _data(kind))
     trainer.save_checkpoint(path)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("gpt2", "full"),
+@pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("encdec", "full"), ("gpt2", "full"),
                                                          ("gpt2", "sharded"), ("gpt2", "full, sharded")])
 def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
                                                                              tmp_path: Path) -> None:
@@ -202,14 +241,15 @@ def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind
 def _pipeline_resumes(rank: int, world_size: int, kind: str, path: str, out: str) -> None:
     from lightning_pipe import PipelineStrategy
 
-    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60)
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60,
+                                partition=[2, 3] if kind == "encdec" else "uniform")
     trainer = quiet_trainer(world_size, strategy, max_epochs=3)
     trainer.fit(_module(kind), _data(kind), ckpt_path=path)
     trainer.save_checkpoint(out)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequence", "gpt2"])
+@pytest.mark.parametrize("kind", ["sequence", "encdec", "gpt2"])
 def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weights(kind: str, tmp_path: Path) -> None:
     """One device trains an epoch and saves; a 2-rank pipeline resumes the fit (weights, AdamW's states in two groups,
     the scheduler, a tied head's state) and ends where an uninterrupted one-device fit ends."""

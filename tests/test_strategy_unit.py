@@ -287,6 +287,9 @@ def test_registered_names() -> None:
     assert StrategyRegistry["gpipe"]["init_params"] == {"schedule": "gpipe", "checkpoint_activations": True}
     strategy = StrategyRegistry.get("gpipe")
     assert strategy.schedule == "gpipe" and strategy.checkpoint_activations and strategy.num_microbatches == 4
+    # the strategy names as schedules, as users write them after Trainer(strategy="pipedream")
+    assert [PipelineStrategy(schedule=name).schedule for name in ("pipedream", "pipedream_async", "pipedream_2bw")] \
+        == ["1f1b", "async_1f1b", "2bw"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

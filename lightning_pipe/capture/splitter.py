@@ -122,6 +122,10 @@ class Splitter:
                                f"model with the same arguments each time")
         return tuple(flat)
 
+    def leaves(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> list[Any]:
+        """The leaves :meth:`flat_inputs` gives for these inputs, without capturing anything."""
+        return pytree.tree_flatten((_positional(args), self._ordered(kwargs)))[0]
+
     def segments(self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None, *,
                  training: bool | None = None) -> list[Segment]:
         """The segments, in order (the same objects every time: one segment serves every capture), after capturing

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .batchnorm import DeferredStatistics, convert_batchnorm
 from .calls import each_call
 from .rng import forked, forward_seed
-from .tree import tree_flatten
+from .tree import tree_flatten, tree_map_tensors
 from .weights import WeightVersions
 
 __all__ = ["PipelineStage"]
@@ -69,6 +69,7 @@ class PipelineStage:
         self.versions: WeightVersions | None = None
         self._version_of: dict[int, int] = {}
         self.version_history: list[tuple[int, int]] | None = None  # set to [] to record (micro-batch, version)
+        self.kept_inputs: list[Any] | None = None  # set to [] to keep copies of the next two training forwards' inputs
 
     @property
     def is_first(self) -> bool:
@@ -113,6 +114,8 @@ class PipelineStage:
         training = torch.is_grad_enabled()
         if training:
             self._inputs[microbatch] = tree_flatten(inputs)[0]
+            if self.kept_inputs is not None and len(self.kept_inputs) < 2:
+                self.kept_inputs.append(tree_map_tensors(lambda t: t.detach().clone(), inputs))
         on_call = self.norms.call if self.norms is not None else None  # each of the step's calls in turn (.calls)
         with self._running(forward=True, training=training):
             if self.checkpoint_activations and training:

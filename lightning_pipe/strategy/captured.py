@@ -19,6 +19,7 @@ import torch.nn as nn
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.buffers import unchanged_buffers
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
@@ -324,7 +325,7 @@ class CapturedModule:
         follows raises its error on every rank."""
         stops = [part.register_forward_pre_hook(_stop) for part in self.model.modules() if part is not self.model]
         try:
-            with torch.random.fork_rng(devices=[]), no_logging(self.module):
+            with torch.random.fork_rng(devices=[]), no_logging(self.module), unchanged_buffers(self.module, self.model):
                 self.model_calls(step, microbatch, (0,), {})
         except ModelNotCalled:
             return False
@@ -339,7 +340,7 @@ class CapturedModule:
         """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
         cut differently are raised on every rank."""
         def make() -> None:
-            with torch.random.fork_rng(devices=[]), no_logging(self.module):
+            with torch.random.fork_rng(devices=[]), no_logging(self.module), unchanged_buffers(self.module, self.model):
                 for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
                     self.splitter.capture(call_args, call_kwargs, training=training)
                     self._mark_stored()
@@ -380,7 +381,7 @@ class CapturedModule:
 
         def make() -> None:
             for index in picked:
-                with context(index):
+                with context(index), unchanged_buffers(self.module, self.model):
                     for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
                         self.splitter.capture(call_args, call_kwargs, training=key[1])
                         self._mark_stored()
@@ -427,6 +428,12 @@ class CapturedModule:
                                               "move them into the model, name a module holding both with "
                                               "layers=..., or freeze them with requires_grad_(False)"))
         return inputs
+
+    def input_leaves(self, step: str, batch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
+        """The tensors of :meth:`capture_input` for ``batch``, without capturing (a whole batch, whose shape may be
+        new: a capture made on one rank alone would part the ranks' captures)."""
+        return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
+                for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:

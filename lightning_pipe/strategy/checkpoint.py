@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,14 +41,15 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
                       group: dist.ProcessGroup | None = None,
                       param_names: list[list[list[str]]] | None = None,
                       device: torch.device | None = None,
-                      tied: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+                      tied: Mapping[str, str] | None = None, by_name: bool = True) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
     (ranks and stages) so that a resume can check it matches; ``param_names``: for each optimizer of this rank, the
     names of each of its parameters in order (so that another layout can find each parameter's state). The shares
     travel as JSON and raw tensor bytes (:func:`gather_shares`), never pickled; ``device`` carries them (NCCL: the
-    rank's GPU); ``tied``: the whole model's tied parameter names (:func:`tied_names`), for the one-device optimizer
+    rank's GPU); ``tied``: the whole model's tied parameter names (:func:`tied_names`), and ``by_name``, whether
+    ``configure_optimizers`` may sort by name (:func:`~.one_device.sorts_by_name`), for the one-device optimizer
     states.
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
@@ -70,9 +72,15 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     full = dict(checkpoint)
     full["state_dict"] = ordered
     if "optimizer_states" in checkpoint:
-        merged = one_device_optimizer_states(shares, state_keys, tied)
-        if merged is not None:  # else rank 0's, as before: a one-device resume fails in torch's load_state_dict
+        merged = one_device_optimizer_states(shares, state_keys, tied, by_name)
+        if merged is not None:
             full["optimizer_states"] = merged
+        else:  # rank 0's: a pipeline resumes from the section below; one device's fails in torch's load_state_dict
+            warnings.warn("the checkpoint's optimizer states cannot be numbered as one device's optimizer numbers "
+                          "them (a rank's parameter group is listed in neither the model's order nor by name, or in "
+                          "either, and configure_optimizers sorts): a pipeline resumes from it, a one-device "
+                          "fit(ckpt_path=...) would not; list the parameters in the model's order (self.parameters()) "
+                          "for one that does", stacklevel=2)
         full[PIPELINE_KEY] = {
             "layout": dict(layout),
             "optimizer_states": [part.get("optimizer_states", []) for part in shares],

@@ -42,7 +42,7 @@ from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.host_built import built_on_host
 from lightning_pipe.strategy.recorded_init import recording
-from lightning_pipe.strategy.one_device import local_group_names, one_device_names
+from lightning_pipe.strategy.one_device import local_group_names, one_device_names, sorts_by_name
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
@@ -136,7 +136,7 @@ class PipelineCheckpoints:
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
             full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
                                      optimizers_parameter_names(self.lightning_module, self.optimizers), device,
-                                     runner.split.tied_names)
+                                     runner.split.tied_names, sorts_by_name(self.lightning_module))
             try:
                 if self.is_global_zero:
                     assert full is not None
@@ -223,7 +223,7 @@ class PipelineCheckpoints:
             names = one_device_names(checkpoint["optimizer_states"], self._ranks_group_names(),
                                      runner.split.state_keys, runner.split.tied_names,
                                      {key: value.shape for key, value in checkpoint.get("state_dict", {}).items()
-                                      if isinstance(value, torch.Tensor)})
+                                      if isinstance(value, torch.Tensor)}, sorts_by_name(self.lightning_module))
             entries = {key: value for index, (state, numbered) in enumerate(zip(checkpoint["optimizer_states"], names))
                        for key, value in optimizer_entries(index, state, numbered).items()}
             groups = [[{k: v for k, v in group.items() if k != "param_names"} for group in param_groups_of(state)]

@@ -15,42 +15,68 @@ gives both directions:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import inspect
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["one_device_optimizer_states", "local_group_names", "one_device_names", "group_orders"]
+__all__ = ["one_device_optimizer_states", "local_group_names", "one_device_names", "group_orders", "sorts_by_name"]
 
 _FIX = ("list the parameters in the model's order (as self.parameters() does), give the optimizer "
         "named_parameters(), or start a new fit from the weights (YourModule.load_from_checkpoint(path), then "
         "trainer.fit(model) without ckpt_path)")
 
 
-def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first: Mapping[str, str]) -> list[list[str]]:
+def sorts_by_name(module: Any) -> bool:
+    """Whether ``module``'s ``configure_optimizers`` may list parameters sorted by name (minGPT's ``sorted(decay)``):
+    the source of a class of the module's (not Lightning's), or of a submodule with a ``configure_optimizers`` of its
+    own (minGPT's model, which the module's calls), sorts something, or cannot be read. Code that does not sort lists
+    them in the model's order (or in neither order, which every rank's list then shows)."""
+    classes = [cls for cls in type(module).__mro__ if not cls.__module__.startswith(("lightning", "torch", "builtins"))]
+    classes += [type(part) for part in module.modules() if part is not module
+                and callable(getattr(type(part), "configure_optimizers", None))]
+    for cls in dict.fromkeys(classes):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            return True
+        if "sorted(" in source or ".sort(" in source:
+            return True
+    return False
+
+
+def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first: Mapping[str, str],
+                 by_name: bool = True) -> list[list[str]]:
     """The orders one device may have listed a group in, given each rank's list of it (by its names there): the
     model's order where every rank's list follows it, sorted by name where every rank's is sorted (both where both
-    hold and they differ; none where neither holds). Each order names a tied parameter once, by its first name."""
+    hold and they differ; none where neither holds), but not where every rank's list follows the model's order and
+    the code does not sort (``by_name=False``, :func:`sorts_by_name`: an encoder-decoder's ranks each list their
+    stack's layers, in both orders). Each order names a tied parameter once, by its first name."""
     def follows(names: Sequence[str], key: Any) -> bool:
         keys = [key(name) for name in names]
         return keys == sorted(keys)
 
     union = {first.get(name, name) for names in ranks for name in names}
     by_model = sorted(union, key=lambda name: (order.get(name, len(order)), name))
-    by_name = sorted(union)
+    sorted_names = sorted(union)
     model = all(follows([name for name in names if name in order], order.__getitem__) for names in ranks)
     named = all(follows(names, str) for names in ranks)
-    return ([by_model] if model else []) + ([by_name] if named and not (model and by_name == by_model) else [])
+    if model and not by_name:
+        return [by_model]
+    return ([by_model] if model else []) + ([sorted_names] if named and not (model and sorted_names == by_model)
+                                            else [])
 
 
 def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys: Sequence[str],
-                                tied: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
+                                tied: Mapping[str, str] | None = None,
+                                by_name: bool = True) -> list[dict[str, Any]] | None:
     """Every rank's optimizer states (``shares``, as :func:`gather_checkpoint` collects them) put together as one
     device's optimizers number them, so that a one-device ``fit(ckpt_path=...)`` resumes them too: each group's
     parameters in one device's order (:func:`group_orders`, ``state_keys`` the model's), a tied parameter once, at its
     first name's place (``tied``: each name of a tied parameter -> its first name on one device, :func:`tied_names`).
     ``None`` where that order cannot be known (a rank's group in neither order, both possible and different) or the
-    ranks' groups differ."""
+    ranks' groups differ. ``by_name``: whether the code may sort by name (:func:`sorts_by_name`)."""
     order = {key: index for index, key in enumerate(state_keys)}
     first = dict(tied or {})
     counts = {len(part.get("optimizer_states", [])) for part in shares}
@@ -78,7 +104,7 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
                 lists.append(local)
                 if local and hyper is None:
                     hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            candidates = group_orders(lists, order, first)
+            candidates = group_orders(lists, order, first, by_name)
             if hyper is None or len(candidates) != 1:
                 return None
             (names_in_order,) = candidates
@@ -102,17 +128,19 @@ def local_group_names(names: Mapping[int, Sequence[str]], optimizers: Sequence[O
 
 def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequence[Sequence[Sequence[str]]]],
                      state_keys: Sequence[str], tied: Mapping[str, str],
-                     shapes: Mapping[str, Sequence[int]] | None = None) -> list[dict[Any, list[str]]]:
+                     shapes: Mapping[str, Sequence[int]] | None = None,
+                     by_name: bool = True) -> list[dict[Any, list[str]]]:
     """For each of a one-device checkpoint's ``optimizer_states``, every name of each of its numbered parameters (each
     name of a tied one), as :func:`~.checkpoint.optimizer_entries` takes them.
 
     ``ranks``: every rank's :func:`local_group_names`; ``state_keys``: the whole model's ``state_dict`` keys in
     order; ``tied``: each name of a tied parameter -> its first name on one device (:func:`~.checkpoint.tied_names`);
-    ``shapes``: the checkpoint's weights' shapes by name. A group that names its parameters by the model's names (an
-    optimizer given ``self.named_parameters()``) is read by those names; else in the order one device listed it
-    (:func:`group_orders`). Where both the model's order and the names' are possible, the one under which every state
-    kept in its parameter's shape (``exp_avg``) fits its parameter is taken; a group listed across stages in another
-    order shows where such a state does not fit. Raises ``ValueError`` (alike on every rank: all it reads is every
+    ``shapes``: the checkpoint's weights' shapes by name; ``by_name``: as for :func:`group_orders`. A group that names
+    its parameters by the model's names (an optimizer given ``self.named_parameters()``) is read by those names; else
+    in the order one device listed it (:func:`group_orders`). Where both the model's order and the names' are
+    possible, the one under which every state kept in its parameter's shape (``exp_avg``) fits its parameter is taken
+    (where both fit, the model's, unless the code sorts); a group listed across stages in another order shows where
+    such a state does not fit. Raises ``ValueError`` (alike on every rank: all it reads is every
     rank's) where the checkpoint's groups do not fit this model's or the order cannot be told."""
     order = {key: index for index, key in enumerate(state_keys)}
     aliases: dict[str, list[str]] = {}
@@ -141,7 +169,7 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
                     raise ValueError(f"a rank's configure_optimizers lists {where} in neither the model's order nor "
                                      f"by name, so which of a one-device checkpoint's optimizer states is whose "
                                      f"cannot be known; {_FIX}")
-                names = _fitting(candidates, state, group["params"], shapes or {}, where)
+                names = _fitting(candidates, state, group["params"], shapes or {}, where, by_name)
             for name, place in zip(names, group["params"]):
                 numbered[place] = aliases.get(name, [name])
         result.append(numbered)
@@ -154,11 +182,12 @@ _PARAMETER_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momen
 
 
 def _fitting(candidates: list[list[str]], state: Mapping[str, Any], places: Sequence[Any],
-             shapes: Mapping[str, Sequence[int]], where: str) -> list[str]:
-    """The one order of ``candidates`` under which the group's states fit their parameters."""
+             shapes: Mapping[str, Sequence[int]], where: str, by_name: bool = True) -> list[str]:
+    """The one order of ``candidates`` (the model's first) under which the group's states fit their parameters; where
+    both fit, the model's, if the code does not sort (``by_name=False``)."""
     misfits = [_misfit(names, state, places, shapes) for names in candidates]
     fitting = [names for names, misfit in zip(candidates, misfits) if misfit is None]
-    if len(fitting) == 1:
+    if len(fitting) == 1 or (fitting and not by_name and misfits[0] is None):
         return fitting[0]
     if fitting:
         raise ValueError(f"{where} of this one-device checkpoint may list its parameters in the model's order or "

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
@@ -35,11 +36,32 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
     if not source.is_defined():
         raise ValueError(f"there is no {hook}: {how.format(hook=hook)}")
     mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
+    loaders = _request_dataloader(source)
+    generators = _generators(loaders)  # a shuffle's own generator draws an order as the loader starts: put back, so
+    states = [generator.get_state() for generator in generators]  # that the fit's first epoch is one device's
     try:
-        batch = next(iter(CombinedLoader(_request_dataloader(source), mode)))[0]
+        batch = next(iter(CombinedLoader(loaders, mode)))[0]
     except StopIteration:
         raise ValueError(f"{hook} is empty: {how.format(hook=hook)}") from None
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
     return batch, step
+
+
+def _generators(loaders: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` s of ``loaders`` (one, or a list or dict of them) and of their samplers and batch
+    samplers (``DataLoader(generator=...)``, ``RandomSampler(generator=...)``), each once."""
+    found: dict[int, torch.Generator] = {}
+    items = loaders.values() if isinstance(loaders, dict) else loaders if isinstance(loaders, (list, tuple)) \
+        else [loaders]
+    for loader in items:
+        for holder in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                       getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            generator = getattr(holder, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found.setdefault(id(generator), generator)
+    return list(found.values())
 
 
 def plan_on_rank_zero(strategy: Strategy, make: Callable[[], CutPlan]) -> CutPlan:

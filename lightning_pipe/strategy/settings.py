@@ -102,7 +102,13 @@ class PipelineSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+# The strategy names Lightning knows, as schedules: PipelineStrategy(schedule="pipedream") is Trainer(strategy=
+# "pipedream")'s schedule (gpipe is both; its re-materialization stays checkpoint_activations').
+_STRATEGY_NAMES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipedream_2bw": "2bw"}
+
+
 def _check_schedule(schedule: str) -> str:
+    schedule = _STRATEGY_NAMES.get(schedule, schedule)
     if schedule != AUTO_SCHEDULE and (schedule not in SCHEDULES or not SCHEDULES[schedule].trains):
         names = ", ".join(name for name, kind in SCHEDULES.items() if kind.trains)
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or "

@@ -1,0 +1,176 @@
+"""Whether a stage's layers let the rows of a batch meet, tried on two of its micro-batches.
+
+A pipeline runs each micro-batch through the layers alone. Layers that mix the rows of their input (attention or a
+recurrence along dim 0, as torch's ``batch_first=False`` layers do with a time-major batch; a statistic over the rows
+brought back into them, as a minibatch-standard-deviation layer does) then compute something else than they would
+on the whole batch, and nothing fails. :func:`rows_meet` runs the layers in eval mode without gradients on two
+micro-batches' inputs, apart and joined along dim 0, and compares: rows that do not meet give each micro-batch's
+output either way. Eval mode keeps dropout and batch norms' batch statistics out of it (those are per micro-batch by
+design). What the layers hold is restored afterwards and the global random generators are left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .calls import each_call
+from .rng import forked
+
+__all__ = ["rows_meet", "parts_differ"]
+
+_LOW, _AUTOCAST, _FULL = 5e-2, 2e-2, 1e-3  # relative: half-precision values; float32 computed under autocast (from
+# half-precision products, whose kernels may differ with the number of rows); float32 and float64
+_SEED = 0x5EED
+
+
+class _CannotTell(Exception):
+    pass
+
+
+def rows_meet(module: nn.Module, first: Any, second: Any, device: torch.device | None = None) -> float | None:
+    """The largest relative difference between ``module``'s outputs for the inputs ``first`` and ``second`` (two
+    micro-batches' inputs) run together and run apart, if beyond rounding; ``None`` when they agree, or when it
+    cannot be told (inputs that do not join along dim 0, outputs without rows, layers that draw random numbers even
+    in eval mode, a layer that fails on the joined input)."""
+    try:
+        joined = _join(first, second, _rows(first), _rows(second))
+        with _evaluating(module), torch.no_grad():
+            apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
+            again = _run(module, first, device, _SEED + 1)
+            if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
+                return None  # random even in eval mode: no telling
+            together = _run(module, joined, device, _SEED)
+        return _difference(_pairs(apart, together))
+    except _CannotTell:
+        return None
+    except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
+        return None
+
+
+def parts_differ(parts: list[Any], whole: Any) -> float | None:
+    """The largest relative difference between ``whole`` (a value computed from a whole batch) and ``parts`` (the
+    same computed from each of its micro-batches) put together along dim 0, if beyond rounding (1 for integer tensors
+    that differ); ``None`` when they agree, or when no tensor of ``whole`` holds the parts' rows."""
+    try:
+        return _difference(_pairs(parts, whole))
+    except _CannotTell:
+        return None
+
+
+def _run(module: nn.Module, inputs: Any, device: torch.device | None, seed: int) -> Any:
+    with forked(seed, device):
+        return each_call(module, inputs)
+
+
+@contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode, its buffers and every submodule's mode restored afterwards."""
+    modes = [(child, child.training) for child in module.modules()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, mode in modes:
+            child.training = mode
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def _rows(tree: Any) -> int:
+    """The rows of a micro-batch's input: the most common size along dim 0 of its tensors."""
+    sizes = [leaf.shape[0] for leaf in _leaves(tree) if leaf.dim() > 0]
+    if not sizes:
+        raise _CannotTell
+    return max(set(sizes), key=sizes.count)
+
+
+def _leaves(tree: Any) -> Iterator[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _leaves(item)
+
+
+def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
+    """``a`` and ``b`` as one input: tensors of their rows concatenated along dim 0, what they share kept once."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dim() > 0 and a.shape[0] == rows_a and b.shape[0] == rows_b and a.shape[1:] == b.shape[1:]:
+            return torch.cat([a, b])
+        if a.shape == b.shape and torch.equal(a, b):
+            return a
+        raise _CannotTell
+    if isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
+        items = [_join(x, y, rows_a, rows_b) for x, y in zip(a, b)]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict) and type(a) is type(b) and a.keys() == b.keys():
+        return type(a)((key, _join(a[key], b[key], rows_a, rows_b)) for key in a)
+    if not isinstance(a, torch.Tensor) and type(a) is type(b) and _same(a, b):
+        return a
+    raise _CannotTell
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that do not compare (arrays): not the same
+        return False
+
+
+def _pairs(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(joined output, the micro-batches' outputs ``parts`` concatenated) for each tensor of the outputs that has their
+    rows along dim 0; others (a value over the whole input, as a recurrence's last state) are left out."""
+    if isinstance(together, torch.Tensor):
+        if all(isinstance(part, torch.Tensor) and part.dim() > 0 and part.shape[1:] == together.shape[1:]
+               and part.dtype == together.dtype for part in parts) \
+                and together.shape[0] == sum(part.shape[0] for part in parts):
+            yield together, torch.cat(parts)
+    elif isinstance(together, (list, tuple)) and all(isinstance(part, (list, tuple)) and len(part) == len(together)
+                                                     for part in parts):
+        for index, item in enumerate(together):
+            yield from _pairs([part[index] for part in parts], item)
+    elif isinstance(together, dict) and all(isinstance(part, dict) and part.keys() == together.keys()
+                                            for part in parts):
+        for key, item in together.items():
+            yield from _pairs([part[key] for part in parts], item)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative difference that rounding may make between values of ``dtype`` computed for other row counts."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return _LOW
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return _AUTOCAST
+    return _FULL
+
+
+def _difference(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """The largest relative difference between the tensors of each pair, if beyond rounding (1 for integer tensors
+    that differ)."""
+    worst, compared = 0.0, False
+    for got, expected in pairs:
+        if got.shape != expected.shape:
+            raise _CannotTell
+        if got.numel() == 0:
+            continue
+        compared = True
+        if not got.is_floating_point():
+            worst = worst if torch.equal(got, expected) else max(worst, 1.0)
+            continue
+        scale = expected.abs().max().float().clamp_min(1e-6)
+        relative = float((got.float() - expected.float()).abs().max() / scale)
+        if relative > tolerance(got.dtype):
+            worst = max(worst, relative)
+    if not compared:
+        raise _CannotTell
+    return worst or None

@@ -1,0 +1,239 @@
+"""Layers that let the rows of a batch meet, found by running two micro-batches together and apart
+(:mod:`lightning_pipe.engine.rows`): alone on stage modules, then an ``nn.Sequential`` on the strategy's fast path
+given a time-major batch, on 2 gloo ranks (it trained silently otherwise than on one device before)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.engine.calls import Calls
+from lightning_pipe.engine.rows import rows_meet
+from tests.helpers import quiet_trainer, run_ranks
+
+
+class _Output(nn.Module):
+    """A recurrence's output without its last state (which has no rows)."""
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return pair[0]
+
+
+class _MinibatchStd(nn.Module):
+    """The standard deviation over the batch appended as a feature (progressive GANs' discriminators)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.std(0, keepdim=True).mean().expand(len(x), 1)], 1)
+
+
+class _Noisy(nn.Module):
+    """Noise added in every mode: a layer random even in eval mode (no telling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.randn_like(x)
+
+
+class _Counting(nn.Module):
+    """A buffer its forward changes in every mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x
+
+
+def _halves(x: Any) -> tuple[Any, Any]:
+    return x[:3], x[3:]
+
+
+def test_layers_that_mix_rows_are_found_and_others_are_not() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4)
+    found = {
+        "gru_time_major": rows_meet(nn.Sequential(nn.GRU(4, 4), _Output()), *_halves(x)),
+        "encoder_time_major": rows_meet(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0), *_halves(x)),
+        "minibatch_std": rows_meet(nn.Sequential(nn.Flatten(), _MinibatchStd()), *_halves(x)),
+        "gru_batch_first": rows_meet(nn.Sequential(nn.GRU(4, 4, batch_first=True), _Output()), *_halves(x)),
+        "encoder_batch_first": rows_meet(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), *_halves(x)),
+        "mlp_dropout_norm": rows_meet(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Flatten(),
+                                                    nn.BatchNorm1d(40)), *_halves(x)),
+        "noisy": rows_meet(nn.Sequential(_Noisy(), nn.GRU(4, 4), _Output()), *_halves(x)),
+    }
+    assert found["gru_time_major"] is not None and found["gru_time_major"] > 1e-2, found
+    assert found["encoder_time_major"] is not None and found["minibatch_std"] is not None, found
+    assert all(found[name] is None for name in ("gru_batch_first", "encoder_batch_first", "mlp_dropout_norm",
+                                                "noisy")), found
+
+
+def test_the_check_leaves_the_layers_and_the_generators_as_they_were() -> None:
+    torch.manual_seed(0)
+    counting, norm = _Counting(), nn.BatchNorm1d(4)
+    model = nn.Sequential(counting, nn.Linear(4, 4), norm, nn.Dropout(0.1))
+    model.train()
+    model[1].eval()  # a frozen submodule keeps its own mode
+    first, second = torch.randn(3, 4), torch.randn(2, 4)
+    state = torch.get_rng_state()
+    mean = norm.running_mean.clone()
+    assert rows_meet(model, first, second) is None
+    assert torch.equal(torch.get_rng_state(), state)
+    assert float(counting.calls) == 0 and torch.equal(norm.running_mean, mean)
+    assert model.training and norm.training and not model[1].training
+
+
+def test_several_calls_inputs_with_shared_values_and_unjoinable_inputs() -> None:
+    """A step calling the model twice (``Calls``), an input holding a per-batch constant beside the rows, and inputs
+    that cannot be joined (no telling, not an error)."""
+    torch.manual_seed(0)
+    gru = nn.Sequential(nn.GRU(4, 4), _Output())
+    x, y = torch.randn(6, 5, 4), torch.randn(6, 5, 4)
+    assert rows_meet(gru, Calls((x[:3], y[:3])), Calls((x[3:], y[3:]))) is not None
+
+    class Scaled(nn.Module):
+        def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+            return inputs["x"] * inputs["scale"] + inputs["offset"]
+
+    shared = torch.randn(7)  # the same in both: kept once
+    first, second = ({"x": torch.randn(n, 7), "scale": shared, "offset": 1.0} for n in (3, 2))
+    assert rows_meet(Scaled(), first, second) is None
+    assert rows_meet(Scaled(), {**first, "offset": 1.0}, {**second, "offset": 2.0}) is None  # unjoinable
+    assert rows_meet(nn.Linear(4, 4), torch.randn(3, 4), torch.randn(2, 5)) is None  # fails joined: no telling
+
+
+def _tagger_fit(rank: int, world_size: int, batch_first: bool) -> list[str]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Tagger(L.LightningModule):
+        """Tags every step of a sequence; its collate puts time first, for the batch_first=False GRU."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 8), nn.GRU(8, 8, batch_first=batch_first), _Output(),
+                                        nn.Linear(8, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.layers(x).flatten(0, 1), y.flatten())
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def collate(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = 0 if batch_first else 1
+        return torch.stack([row[0] for row in rows], dim), torch.stack([row[1] for row in rows], dim)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, 4, generator=generator),
+                                          torch.randint(0, 3, (16, 6), generator=generator))
+    torch.manual_seed(0)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tagger(), torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate))
+    return [str(w.message) for w in caught if "let the rows of a batch meet" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_time_major_batch_through_a_sequential_is_warned_of_by_the_stage_holding_the_recurrence() -> None:
+    first, last = run_ranks(_tagger_fit, 2, False, timeout=100)
+    assert len(first) == 1 and last == [], (first, last)
+    assert "stage 0's layers (0..1 of the nn.Sequential at 'layers')" in first[0] and "time-major" in first[0]
+    assert run_ranks(_tagger_fit, 2, True, timeout=100) == [[], []]  # rows first: nothing to say
+
+
+def test_parts_put_together_are_compared_with_the_whole() -> None:
+    from lightning_pipe.engine.rows import parts_differ
+
+    x, ids = torch.randn(6, 3), torch.arange(6)
+    assert parts_differ([[x[:2], ids[:2]], [x[2:], ids[2:]]], [x, ids]) is None
+    assert parts_differ([[x[:2], ids[:2]], [x[2:], ids[2:]]], [x, ids.flip(0)]) == 1.0  # integers: exact
+    assert parts_differ([x[:3], x[3:]], x.flip(0)) > 0.1
+    assert parts_differ([x[:3], x[3:]], x[:4]) is None  # no rows in common: no telling
+
+
+def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynamic: bool = True) -> list[str]:
+    """A step whose code before the model mixes rows (``mixup``: with the batch flipped), draws from a generator it
+    makes and seeds per step (``generator``, in validation: a diffusion model's noise), from the global generator
+    (``global``: forked per micro-batch, said elsewhere) or one the module holds (``held``), changes the batch in
+    place (``in_place``, in validation), or none of these (``plain``)."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Blocks(nn.Module):  # no nn.Sequential: captured
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(12, 12), nn.Linear(12, 12)])
+            self.head = nn.Linear(12, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return self.head(x)
+
+    class Mixing(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Blocks() if captured else nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4))
+            self.generator = torch.Generator().manual_seed(5)
+
+        def _inputs(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            if kind == "mixup":
+                return 0.7 * x + 0.3 * x.flip(0)
+            if kind == "generator":
+                return x + torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx))
+            if kind == "global":
+                return x + torch.randn_like(x)
+            if kind == "held":  # a generator the module holds, made once: not checked, and put back
+                return x + torch.randn(x.shape, generator=self.generator)
+            if kind == "in_place":  # the batch changed in place (in validation): no longer what the step read
+                return x.mul_(2)
+            return x * 2
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x = self._inputs(batch[0], batch_idx) if kind not in ("generator", "in_place") else batch[0]
+            return F.cross_entropy(self.net(x), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", F.cross_entropy(self.net(self._inputs(batch[0], batch_idx)), batch[1]))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, dynamic_shapes=dynamic)
+    trainer = quiet_trainer(world_size, strategy, max_steps=2, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Mixing(), class_data(batches=2), class_data(batches=1))
+    return [str(w.message) for w in caught if "code before the model" in str(w.message)]
+
+
+@pytest.mark.timeout(300)
+def test_step_code_before_the_model_that_mixes_rows_or_reseeds_a_generator_is_warned_of_by_the_first_stage() -> None:
+    for captured in (False, True):
+        found = {kind: run_ranks(_step_code_fit, 2, kind, captured, timeout=100)
+                 for kind in ("mixup", "generator", "global", "held", "in_place", "plain")}
+        first, last = found["mixup"]
+        assert len(first) == 2 and last == [], (captured, found)  # validation's first batch (sanity), training's
+        assert {message.split("'")[0] for message in first} == {"training_step", "validation_step"}, first
+        assert "x.flip(0)" in first[0] and "torch.Generator" in first[0]
+        assert len(found["generator"][0]) == 1 and found["generator"][0][0].startswith("validation_step"), found
+        assert all(found[kind] == [[], []] for kind in ("global", "held", "in_place", "plain")), (captured, found)
+    # captured once per shape: the whole batch's inputs are read without a capture (one on the first stage alone
+    # would part the ranks' captures)
+    first, last = run_ranks(_step_code_fit, 2, "mixup", True, False, timeout=100)
+    assert len(first) == 2 and last == []
