@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from lightning_pipe.engine.microbatch import microbatch_weights, split_batch
 from lightning_pipe.engine.cut import balance, cut, stage_sizes
+from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
 
@@ -113,3 +114,17 @@ def test_the_engine_imports_without_lightning() -> None:
                  "import lightning.pytorch as pl, lightning_pipe"):
         subprocess.run([sys.executable, "-c", code + "; assert 'pipedream_2bw' in pl.strategies.StrategyRegistry"],
                        check=True, timeout=120)
+
+
+def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_when_the_run_replaced_one():
+    norm = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), norm).train()
+    mean, count = norm.running_mean, norm.num_batches_tracked
+    with kept_modes([model]), kept_buffers([model]):
+        model.eval()
+        model.train()(torch.randn(4, 3))  # changes the statistics in place
+        norm.running_mean = torch.full((3,), 7.0)  # and replaces one, as .to(another device) does
+        model.eval()
+    assert norm.running_mean is mean and torch.equal(mean, torch.zeros(3))
+    assert norm.num_batches_tracked is count and int(count) == 0
+    assert model.training and norm.training

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.microbatch import batch_rows, microbatch_weights, split_batch
+from lightning_pipe.engine.microbatch import batch_rows, microbatch_weights, owned, split_batch
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 from tests.helpers import run_ranks
 from tests.models import mlp
@@ -209,3 +209,17 @@ def test_a_dict_of_loaders_batches_with_different_rows_says_to_give_them_one_bat
     with pytest.raises(ValueError, match=r"entries \['a', 'b'\] have \[16, 8\] rows each.*one batch_size and "
                                          r"drop_last=True"):
         batch_rows(batch)
+
+
+def test_owned_micro_batches_have_tensors_of_their_own_and_keep_the_batchs_types() -> None:
+    batch = {"x": torch.arange(12.0).reshape(6, 2), "names": list("abcdef"), "scale": torch.tensor(2.0)}
+    views = split_batch(batch, 3)
+    views[1]["x"].mul_(2)  # a view: reaches the batch and bumps every view's version
+    assert batch["x"][2, 0] == 8.0 and views[0]["x"]._version == 1
+    for piece in split_batch(batch, 3, copy=True) + [owned(views[2])]:
+        version = views[0]["x"]._version
+        piece["x"].mul_(10)
+        piece["scale"].add_(1)
+        assert views[0]["x"]._version == version and batch["scale"] == 2.0
+        assert piece["names"] in (["a", "b"], ["c", "d"], ["e", "f"])
+    assert batch["x"][0, 0] == 0.0 and batch["x"][4, 0] == 8.0

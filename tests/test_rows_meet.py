@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -163,7 +164,8 @@ def test_parts_put_together_are_compared_with_the_whole() -> None:
 
 
 def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynamic: bool = True) -> list[str]:
-    """A step whose code before the model mixes rows (``mixup``: with the batch flipped), draws from a generator it
+    """A step whose code before the model mixes rows (``mixup``: with the batch flipped; with a ratio drawn from torch's
+    or NumPy's global generator: ``global_mixup``, ``numpy_mixup``), draws from a generator it
     makes and seeds per step (``generator``, in validation: a diffusion model's noise), from the global generator
     (``global``: forked per micro-batch, said elsewhere) or one the module holds (``held``), changes the batch in
     place (``in_place``, in validation), or none of these (``plain``)."""
@@ -194,6 +196,12 @@ def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynami
         def _inputs(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
             if kind == "mixup":
                 return 0.7 * x + 0.3 * x.flip(0)
+            if kind == "global_mixup":  # its ratio drawn from torch's generator: other draws per micro-batch
+                ratio = torch.rand(())
+                return ratio * x + (1 - ratio) * x.flip(0)
+            if kind == "numpy_mixup":  # from NumPy's, as timm's Mixup draws it
+                ratio = float(np.random.beta(0.4, 0.4))
+                return ratio * x + (1 - ratio) * x.roll(1, 0)
             if kind == "generator":
                 return x + torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx))
             if kind == "global":
@@ -226,11 +234,15 @@ def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynami
 def test_step_code_before_the_model_that_mixes_rows_or_reseeds_a_generator_is_warned_of_by_the_first_stage() -> None:
     for captured in (False, True):
         found = {kind: run_ranks(_step_code_fit, 2, kind, captured, timeout=100)
-                 for kind in ("mixup", "generator", "global", "held", "in_place", "plain")}
-        first, last = found["mixup"]
-        assert len(first) == 2 and last == [], (captured, found)  # validation's first batch (sanity), training's
-        assert {message.split("'")[0] for message in first} == {"training_step", "validation_step"}, first
-        assert "x.flip(0)" in first[0] and "torch.Generator" in first[0]
+                 for kind in ("mixup", "global_mixup", "numpy_mixup", "generator", "global", "held", "in_place",
+                              "plain")}
+        for kind in ("mixup", "global_mixup", "numpy_mixup"):
+            first, last = found[kind]
+            assert len(first) == 2 and last == [], (captured, kind, found)  # validation's first batch (sanity),
+            # training's
+            assert {message.split("'")[0] for message in first} == {"training_step", "validation_step"}, first
+            assert "x.flip(0)" in first[0]
+        assert "torch.Generator" in found["mixup"][0][0] and "same random numbers" in found["global_mixup"][0][0]
         assert len(found["generator"][0]) == 1 and found["generator"][0][0].startswith("validation_step"), found
         assert all(found[kind] == [[], []] for kind in ("global", "held", "in_place", "plain")), (captured, found)
     # captured once per shape: the whole batch's inputs are read without a capture (one on the first stage alone

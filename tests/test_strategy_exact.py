@@ -524,3 +524,77 @@ def test_edge_inputs_fail_clearly_or_work_on_every_rank() -> None:
         assert got.keys() == model.state_dict().keys()
         for key, value in model.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{name} {key}")
+
+
+# -- step code that changes the batch in place ------------------------------------------------------
+def _in_place_module(captured: bool) -> Any:
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Blocks(nn.Module):  # not a Sequential: captured
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.head = nn.Linear(16, 8), nn.Linear(8, 8), nn.Linear(8, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+    class InPlace(L.LightningModule):
+        """Scales its inputs and clips its targets in place on the batch, as many steps do (``x.div_(255)``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Blocks() if captured else nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8),
+                                                               nn.Tanh(), nn.Linear(8, 16))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            x.mul_(2)
+            y[y < 0] = 0.0
+            loss = F.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            x.sub_(1)
+            self.log("val_loss", F.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    return InPlace()
+
+
+def _fit_in_place(devices: int, strategy: Any, captured: bool) -> tuple[dict[str, torch.Tensor], float]:
+    from tests.lightning_models import regression_data
+
+    model = _in_place_module(captured)
+    trainer = _trainer(strategy, devices, max_steps=3, limit_val_batches=2)
+    trainer.fit(model, regression_data(3, batch_size=10), regression_data(2, batch_size=10, seed=8))
+    return model.state_dict(), float(trainer.callback_metrics["val_loss"])
+
+
+def _in_place_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    return {f"{schedule}-{captured}": _fit_in_place(world_size, {"schedule": schedule, "num_microbatches": 4,
+                                                                 "wait_timeout": 60}, captured)
+            for schedule, captured in (("1f1b", False), ("zb_v", False), ("gpipe", True))}
+
+
+@pytest.mark.timeout(300)
+def test_step_code_that_changes_the_batch_in_place_trains_as_one_device() -> None:
+    """Micro-batches are views of the batch, sharing its version counter: a change in place to one (``x.mul_(2)``
+    before the model, ``y[y < 0] = 0`` before the loss) would fail a saved tensor of another's backward, and a step
+    code rerun on a batch changed already would change it twice (the zero-bubble V schedule holds first and last
+    stage on one rank)."""
+    results = run_ranks(_in_place_ranks, 2, timeout=280)
+    for key in ("1f1b-False", "zb_v-False", "gpipe-True"):
+        weights, validated = _fit_in_place(1, "auto", key.endswith("True"))
+        held = {**results[0][key][0], **results[1][key][0]}  # each rank holds its stages' share
+        assert held.keys() == weights.keys(), key
+        for name, tensor in weights.items():
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+        for rank in (0, 1):
+            assert results[rank][key][1] == pytest.approx(validated, rel=1e-5), key

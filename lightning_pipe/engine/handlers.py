@@ -10,6 +10,7 @@ import torch
 
 from .anomaly import check_finite, check_gradients
 from .comm import Communicator
+from .microbatch import owned
 from .schedules import Action, Op, Schedule
 from .schedules.transfers import Step
 from .stage import PipelineStage
@@ -79,7 +80,7 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
         version = None
         if index == 0:
             inputs = tree_map_tensors(lambda t: t.to(pipe.device, non_blocking=True),
-                                      pipe.input_fn(state.microbatches[mb]))
+                                      pipe.input_fn(owned(state.microbatches[mb])))
         else:
             inputs = state.activations.pop((index, mb))
             if vertical_sync and training:
@@ -92,7 +93,7 @@ def make_handlers(pipe: RankView, plan: Schedule, state: StepState, training: bo
             check_finite(output, f"the output of stage {index}'s forward", where(index, mb))
         if index == last:
             if pipe.loss_fn is not None:
-                loss = pipe.loss_fn(output, state.microbatches[mb])
+                loss = pipe.loss_fn(output, owned(state.microbatches[mb]))
                 if anomaly:
                     check_finite(loss, "the loss", where(index, mb))
                 if training:

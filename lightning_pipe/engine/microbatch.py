@@ -11,7 +11,7 @@ import torch
 
 from .tree import rebuild_mapping, tree_flatten
 
-__all__ = ["batch_rows", "split_batch", "microbatch_weights"]
+__all__ = ["batch_rows", "split_batch", "owned", "microbatch_weights"]
 
 _PLAIN = (str, bytes, int, float, bool, type(None))  # values that hold no tensor
 
@@ -134,7 +134,7 @@ def _outside(tree: Any, per_row: set[int]) -> list[torch.Tensor]:
     return [t for child in _children(tree) for t in _outside(child, per_row)]
 
 
-def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
+def split_batch(batch: Any, num_microbatches: int, copy: bool = False) -> list[Any]:
     """Split ``batch`` (a tensor or a tuple/list/dict/mapping/dataclass tree of them) into micro-batches along dim 0.
 
     Uneven batches give uneven micro-batches (10 rows into 4: 3, 3, 2, 2). A batch with fewer rows than
@@ -144,6 +144,8 @@ def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
     beside a tensor of the batch's rows, as :func:`_read` tells (per-image detection targets, ragged sequences).
     0-dim tensors and other non-tensor values are given to every micro-batch as they are. A container of columns,
     such as the batch's ``(x, y)`` tuple, stays a container, whatever its length.
+
+    The micro-batches' tensors are views of the batch's, unless ``copy`` (see :func:`owned`).
 
     Raises ``ValueError`` for a batch of 0 rows: every rank is given the same batch, so each raises it before any
     rank waits for another.
@@ -157,26 +159,39 @@ def split_batch(batch: Any, num_microbatches: int) -> list[Any]:
     count = max(1, min(num_microbatches, rows))
     base, extra = divmod(rows, count)  # the first `extra` micro-batches get one row more, as torch.tensor_split does
     starts = [i * base + min(i, extra) for i in range(count + 1)]
-    return [_take(batch, rows, per_row, slice(starts[i], starts[i + 1])) for i in range(count)]
+    return [_take(batch, rows, per_row, slice(starts[i], starts[i + 1]), copy) for i in range(count)]
 
 
-def _take(tree: Any, rows: int, per_row: set[int], part: slice) -> Any:
-    """The rows ``part`` of ``tree`` (``per_row``: the ids of its lists holding one item per row)."""
+def owned(batch: Any) -> Any:
+    """``batch`` (a batch or a micro-batch) with tensors of its own, for step code to run on. A micro-batch's tensors
+    are views of the batch's, which share one version counter: a change in place to one micro-batch (step code's
+    ``x.div_(255)``, ``labels[labels == pad] = -100``) would fail the backward of another whose tensor a layer
+    saved, and would reach the batch, which the micro-batch's other runs (first and last stage on one rank) and the
+    runs on the whole batch read again."""
+    rows, per_row = _read(batch)
+    return _take(batch, rows, per_row, slice(None), copy=True)
+
+
+def _take(tree: Any, rows: int, per_row: set[int], part: slice, copy: bool) -> Any:
+    """The rows ``part`` of ``tree`` (``per_row``: the ids of its lists holding one item per row), its tensors copied
+    if ``copy``."""
     if isinstance(tree, torch.Tensor):
-        return tree[part] if tree.dim() > 0 else tree
+        piece = tree[part] if tree.dim() > 0 else tree
+        return piece.clone() if copy else piece
     if id(tree) in per_row or _is_per_row(tree, rows):
         return tree[part]
     if isinstance(tree, tuple):
-        children = [_take(child, rows, per_row, part) for child in tree]
+        children = [_take(child, rows, per_row, part, copy) for child in tree]
         return type(tree)(*children) if hasattr(tree, "_fields") else tuple(children)
     if isinstance(tree, list):
-        return [_take(child, rows, per_row, part) for child in tree]
+        return [_take(child, rows, per_row, part, copy) for child in tree]
     if isinstance(tree, dict):
-        return {key: _take(child, rows, per_row, part) for key, child in tree.items()}
+        return {key: _take(child, rows, per_row, part, copy) for key, child in tree.items()}
     if isinstance(tree, Mapping):  # Hugging Face's BatchEncoding, a UserDict: split as a dict, kept of its type
-        return rebuild_mapping(type(tree), {key: _take(child, rows, per_row, part) for key, child in tree.items()})
+        return rebuild_mapping(type(tree),
+                               {key: _take(child, rows, per_row, part, copy) for key, child in tree.items()})
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # each field split, the rest kept
-        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, per_row, part)
+        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, per_row, part, copy)
                                             for f in dataclasses.fields(tree) if f.init})
     return tree
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .calls import each_call
+from .kept import kept_buffers, kept_modes
 from .rng import forked
 
 __all__ = ["rows_meet", "parts_differ"]
@@ -70,17 +71,9 @@ def _run(module: nn.Module, inputs: Any, device: torch.device | None, seed: int)
 @contextmanager
 def _evaluating(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode, its buffers and every submodule's mode restored afterwards."""
-    modes = [(child, child.training) for child in module.modules()]
-    buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
-    module.eval()
-    try:
+    with kept_modes([module]), kept_buffers([module]):
+        module.eval()
         yield
-    finally:
-        for child, mode in modes:
-            child.training = mode
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
 
 
 def _rows(tree: Any) -> int:

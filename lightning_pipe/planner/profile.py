@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 
 __all__ = ["LayerProfile", "profile_layers", "profile_key", "load_profiles", "save_profiles", "scale_profiles"]
@@ -302,11 +303,10 @@ def _borrowed(named: list[tuple[str, nn.Module]], device: torch.device) -> Itera
     """Run on ``device`` and in training mode; afterwards put back devices, modes, gradients, buffers and RNG."""
     layers = [layer for _, layer in named]
     homes = [_device_of([(name, layer)]) for name, layer in named]
-    modes = [[(m, m.training) for m in layer.modules()] for layer in layers]
     params = [p for layer in layers for p in layer.parameters()]
     grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for layer in layers for b in layer.buffers()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), kept_modes(layers), \
+            kept_buffers(layers):
         try:
             for layer in layers:
                 layer.to(device).train()
@@ -316,10 +316,5 @@ def _borrowed(named: list[tuple[str, nn.Module]], device: torch.device) -> Itera
         finally:
             for p, grad in zip(params, grads):
                 p.grad = grad
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved.to(buffer.device))
-            for layer, home, mode in zip(layers, homes, modes):
+            for layer, home in zip(layers, homes):
                 layer.to(home)
-                for module, training in mode:
-                    module.training = training

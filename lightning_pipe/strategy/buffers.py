@@ -5,33 +5,13 @@ them: batch norms normalize each micro-batch by its own statistics, and any othe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
-import torch
 import torch.nn as nn
 
-__all__ = ["warn_of_batch_norms", "BufferWatch", "unchanged_buffers"]
+__all__ = ["warn_of_batch_norms", "BufferWatch"]
 
 _BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # also a captured batch norm's
-
-
-@contextmanager
-def unchanged_buffers(module: nn.Module, skip: nn.Module | None = None) -> Iterator[None]:
-    """Inside: step code run only to look (a capture of the model, finding its call, a planner's profile); afterwards
-    every buffer of ``module`` (but those of ``skip``: the model, which such a run does not reach) holds what it held
-    before, so that such a run does not count as a step (a frozen teacher's batch norm, still in training mode at
-    set-up, would update its running statistics)."""
-    skipped = {id(part) for part in skip.modules()} if skip is not None else set()
-    kept = [(owner, name, buffer, buffer.detach().clone()) for owner in module.modules() if id(owner) not in skipped
-            for name, buffer in owner._buffers.items() if buffer is not None]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for owner, name, buffer, saved in kept:
-                owner._buffers[name] = buffer
-                buffer.copy_(saved)
 
 
 def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> None:

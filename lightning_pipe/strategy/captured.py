@@ -19,7 +19,7 @@ import torch.nn as nn
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.strategy.buffers import unchanged_buffers
+from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
@@ -325,7 +325,8 @@ class CapturedModule:
         follows raises its error on every rank."""
         stops = [part.register_forward_pre_hook(_stop) for part in self.model.modules() if part is not self.model]
         try:
-            with torch.random.fork_rng(devices=[]), no_logging(self.module), unchanged_buffers(self.module, self.model):
+            with torch.random.fork_rng(devices=[]), no_logging(self.module), \
+                    kept_buffers([self.module], skip=self.model):
                 self.model_calls(step, microbatch, (0,), {})
         except ModelNotCalled:
             return False
@@ -340,7 +341,8 @@ class CapturedModule:
         """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
         cut differently are raised on every rank."""
         def make() -> None:
-            with torch.random.fork_rng(devices=[]), no_logging(self.module), unchanged_buffers(self.module, self.model):
+            with torch.random.fork_rng(devices=[]), no_logging(self.module), \
+                    kept_buffers([self.module], skip=self.model):
                 for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
                     self.splitter.capture(call_args, call_kwargs, training=training)
                     self._mark_stored()
@@ -381,7 +383,7 @@ class CapturedModule:
 
         def make() -> None:
             for index in picked:
-                with context(index), unchanged_buffers(self.module, self.model):
+                with context(index), kept_buffers([self.module], skip=self.model):
                     for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
                         self.splitter.capture(call_args, call_kwargs, training=key[1])
                         self._mark_stored()

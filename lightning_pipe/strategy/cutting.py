@@ -21,7 +21,7 @@ from lightning_pipe.engine.microbatch import split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
-from lightning_pipe.strategy.buffers import unchanged_buffers
+from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.conversion import converted_later, restore
@@ -217,7 +217,7 @@ class PipelineCutting:
 
         def make() -> CutPlan:
             # (a shuffling loader draws from the global generator; the step code run to reach the layers, buffers)
-            with torch.random.fork_rng(devices=[]), unchanged_buffers(module):
+            with torch.random.fork_rng(devices=[]), kept_buffers([module]):
                 batch, step = first_batch(trainer, how)
                 cache = self.profile_cache
                 if cache is None:

@@ -32,7 +32,7 @@ import torch
 from lightning_pipe.engine.rng import forked
 
 __all__ = ["derive_seed", "forked_random", "fresh_seed", "name_digest", "Stream", "global_random_states", "set_global_random_states",
-           "same_random_states", "host_random_kept"]
+           "same_random_states", "same_state", "host_random_kept"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -112,14 +112,21 @@ def global_random_states() -> dict[str, Any]:
 
 def same_random_states(first: dict[str, Any], second: dict[str, Any]) -> bool:
     """Whether two of :func:`global_random_states`' results are the same (no generator drew in between)."""
-    def same(a: Any, b: Any) -> bool:
-        if isinstance(a, torch.Tensor):
-            return isinstance(b, torch.Tensor) and torch.equal(a, b)
-        if isinstance(a, (list, tuple)):
-            return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
-        return a == b
+    return same_state(first, second)
 
-    return first.keys() == second.keys() and all(same(first[key], second[key]) for key in first)
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two generator states (tensors, numpy arrays, and dicts, lists and tuples of them) are equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    if type(a).__module__ == "numpy":
+        numpy = sys.modules["numpy"]
+        return bool(numpy.array_equal(a, b))
+    return bool(a == b)
 
 
 def set_global_random_states(states: dict[str, Any]) -> None:

@@ -22,18 +22,17 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
-from lightning_pipe.capture.losses import MeanLoss, mean_losses
 from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
-from lightning_pipe.engine.rows import rows_meet
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
-from lightning_pipe.strategy.buffers import BufferWatch, unchanged_buffers, warn_of_batch_norms
+from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.first_checks import FirstBatchChecks
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs
 from lightning_pipe.strategy.randomness import (
@@ -43,22 +42,20 @@ from lightning_pipe.strategy.randomness import (
     host_random_kept,
     same_random_states,
 )
-from lightning_pipe.strategy.reduction import Counts, Probe, model_loss_warning, neither_warning, verdict
+from lightning_pipe.strategy.reduction import Counts, Probe
 from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
-from lightning_pipe.strategy.step_inputs import HeldGenerators, batch_versions, inputs_warning
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
-_MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
 _BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-class PipelineRunner(SharedResults):
+class PipelineRunner(FirstBatchChecks, SharedResults):
     """A LightningModule cut into pipeline stages, one per rank, that runs its steps through the pipeline.
 
     Build it on every rank with :meth:`build` (collective). Every rank then calls :meth:`train` or :meth:`evaluate`
@@ -103,11 +100,6 @@ class PipelineRunner(SharedResults):
         self.hold_flag: Callable[[], None] = lambda: None
         # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
         self.loss_reduction = "auto"
-        self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
-        self._loss_checks_left = 16  # training batches checked for that, on the first stage of a captured model
-        self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
-        self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
-        self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         # What a step changes on the module (outputs kept for an epoch-end hook), made one device's on every rank.
         self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
                                                          if stage is not None for module in stage.modules()])
@@ -121,13 +113,7 @@ class PipelineRunner(SharedResults):
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
                                    pipeline.num_microbatches)
         warn_of_batch_norms(pipeline.modules(), pipeline.num_microbatches)
-        # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
-        # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
-        self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
-        # The step's code before the model, on the first batch of each step: does it mix rows (.step_inputs)?
-        self._inputs_unchecked = {"training_step", "validation_step", "test_step", "predict_step"}
-        for stage in pipeline.stages.values() if self._rows_unchecked else ():
-            stage.kept_inputs = []
+        self._init_checks(split, pipeline)
 
     @classmethod
     def build(cls, module: LightningModule, *, layers: str | None, config: PipelineConfig, device: torch.device,
@@ -246,7 +232,6 @@ class PipelineRunner(SharedResults):
         checks_inputs = self._checks_inputs("training_step", len(firsts))
         inputs: dict[int, list[Any]] | None = {} if checks_loss or checks_inputs else None  # the model's, by
         # micro-batch (first stage)
-        batch_state = batch_versions(batch) if checks_inputs else []
         logs_kind = self._logs_kind("training_step", rest, len(firsts))
         for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
@@ -291,7 +276,7 @@ class PipelineRunner(SharedResults):
             if averager is not None:
                 averager.start_remaining()
             if checks_inputs:
-                self._check_inputs("training_step", batch, batch_state, rest, kwargs, seed, inputs or {})
+                self._check_inputs("training_step", batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
                 self._check_model_loss(list((inputs or {}).values()))
             encoded = None
@@ -332,14 +317,13 @@ class PipelineRunner(SharedResults):
         self._prepare(step, batch, rest, kwargs, seed)
         firsts = self._first_rows(rows)
         inputs: dict[int, list[Any]] | None = {} if self._checks_inputs(step, len(firsts)) else None
-        batch_state = batch_versions(batch) if inputs is not None else []
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, inputs)
         pipe.loss_fn = None
         self.recorder.calls = []
         with self._result_posted(fingerprint):
             _, last_outputs = pipe.eval_step(_tagged(batch, rows))
             if inputs is not None:
-                self._check_inputs(step, batch, batch_state, rest, kwargs, seed, inputs)
+                self._check_inputs(step, batch, rest, kwargs, seed, inputs)
             encoded = None
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
@@ -351,7 +335,7 @@ class PipelineRunner(SharedResults):
         self.metrics.start()
         outputs, sizes = [], []
         counts = self._counts(batch, step)
-        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches),
+        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
                                                          last_outputs)):
             sizes.append(batch_rows(microbatch))
             weight = counts.counts[index] if counts is not None else None
@@ -384,7 +368,7 @@ class PipelineRunner(SharedResults):
             with torch.no_grad(), recording, self.metrics.untouched(), host_random_kept(), loggers, \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 before = global_random_states()
-                returned.append(self.split.run_step(step, whole, batch, rest, kwargs))
+                returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
                 drew.append(not same_random_states(global_random_states(), before))
 
         made = self.logger_calls.take()
@@ -456,132 +440,8 @@ class PipelineRunner(SharedResults):
                 return _entered(self.recorder.discarding(), self.logger_calls.discarding(),
                                 forked_random(derive_seed(seed, index), device))
 
-            self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches), rest, kwargs, context)
-
-    def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
-        """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
-        factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
-
-        def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
-                    forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
-                return loss_of(self.split.run_step("training_step", output, batch, rest, kwargs))[0]
-
-        self._probes_left -= 1
-        if self._mean_found:
-            try:
-                rule, why = verdict(probe, run_whole)
-            except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
-                self._probes_left = 0
-                return 1.0
-        else:
-            rule, why = verdict(probe, run_whole)
-        if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
-            # batches happened to share alike (no ignored labels yet) shows here
-            if rule in ("neither", "sum"):
-                self._warn_once(neither_warning(why))
-                self._probes_left = 0
-            return 1.0
-        if rule == "neither":
-            self._warn_once(neither_warning(why))
-            rule = "mean"
-        if rule is not None:
-            self._mean_found = rule == "mean" and not self._loss_warned
-            self._probes_left = _MEAN_PROBES if self._mean_found else 0
-            self.loss_reduction = rule
-        if rule != "sum":
-            return 1.0
-        if len(set(probe.rows)) > 1:
-            raise ValueError(f"training_step returns a loss summed over the batch's rows ({why}); a pipeline averages "
-                             f"its micro-batches' losses, which would divide this loss's gradients by "
-                             f"{len(probe.rows)}. Pass PipelineStrategy(loss_reduction='sum') so that each "
-                             f"micro-batch's loss counts whole (what one device computes), or return a mean")
-        for loss in probe.losses:
-            self.recorder.add_up(loss)
-        return float(len(probe.rows))
-
-    def _probing(self) -> bool:
-        """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",
-        until a batch tells, and then, for a mean, a few batches more."""
-        return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
-
-    def _checks_model_loss(self) -> bool:
-        """Whether this training step checks the captured model's own loss (first stage, a mean, a few batches)."""
-        return (isinstance(self.split, CapturedModule) and self.loss_reduction in ("auto", "mean")
-                and not self._loss_warned and self._loss_checks_left > 0 and 0 in self.pipeline.stages
-                and not self.pipeline.asynchronous)
-
-    def _check_model_loss(self, inputs: list[Any]) -> None:
-        """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
-        micro-batches (``inputs``: their model inputs) do not share alike: warn, once (the step's probe cannot see
-        inside the model)."""
-        assert isinstance(self.split, CapturedModule)
-        self._loss_checks_left -= 1
-        captures = self.split.splitter.captures
-        if self._model_losses[0] != len(captures):
-            graphs = [program.graph_module for capture in captures if capture.training for program in capture.programs]
-            self._model_losses = (len(captures), mean_losses(graphs))
-        message = model_loss_warning(self._model_losses[1], inputs)
-        if message is not None:
-            self._warn_once(message)
-
-    def _checks_inputs(self, step: str, microbatches: int) -> bool:
-        """Whether this step's batch checks the step's code before the model (the first of each step's batches of
-        several micro-batches, on the first stage)."""
-        return step in self._inputs_unchecked and microbatches > 1 and 0 in self.pipeline.stages
-
-    def _check_inputs(self, step: str, batch: Any, versions: list[int], rest: tuple, kwargs: Mapping[str, Any],
-                      seed: int, seen: dict[int, list[Any]]) -> None:
-        """Warn if the step's code before the model gives it other inputs for the whole ``batch`` than for its
-        micro-batches one by one (``seen``), unless it draws random numbers (not one device's draws either way, and
-        said so elsewhere) or changed the batch in place (``versions``: its tensors' before the step)."""
-        self._inputs_unchecked.discard(step)
-        if batch_versions(batch) != versions:
-            return
-        before, held = self.effects.snapshot(), HeldGenerators(self.module)
-        copied = tree_map_tensors(torch.Tensor.clone, batch)
-        try:
-            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(), unchanged_buffers(self.module), \
-                    forked_random(derive_seed(seed, 0), self.pipeline.device):
-                states = global_random_states()
-                whole = self.split.input_leaves(step, copied, rest, kwargs) if isinstance(self.split, CapturedModule) \
-                    else tree_flatten(self.split.capture_input(step, copied, rest, kwargs))[0]
-                if not same_random_states(global_random_states(), states) or held.moved():
-                    return
-        except Exception:  # noqa: BLE001 - a step that cannot run on the whole batch here: no telling
-            return
-        finally:
-            held.restore()
-            self.effects.restore(before)
-        message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole)
-        if message is not None:
-            warnings.warn(message, stacklevel=2)
-
-    def _check_rows(self) -> None:
-        """Warn of each stage of this rank whose layers let the rows of a batch meet (the first training step's)."""
-        self._rows_unchecked = False
-        assert isinstance(self.split, SplitModule)
-        for index, stage in sorted(self.pipeline.stages.items()):
-            kept, stage.kept_inputs = stage.kept_inputs, None
-            difference = rows_meet(stage.module, *kept, self.pipeline.device) if kept and len(kept) == 2 else None
-            if difference is not None:
-                names = list(stage.module._modules)
-                warnings.warn(
-                    f"stage {index}'s layers ({names[0]}..{names[-1]} of the nn.Sequential at {self.split.path!r}) "
-                    f"give two micro-batches other outputs run together than run apart (in eval mode, without "
-                    f"gradients; relative difference {difference:.2g}): they let the rows of a batch meet, through "
-                    f"attention or a recurrence along dim 0 (a time-major batch, (T, B), given to batch_first=False "
-                    f"layers: the pipeline splits every batch along dim 0, so micro-batches cut the sequences in "
-                    f"time; give batches with their rows first) or a statistic over the rows brought back into them "
-                    f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics). A "
-                    f"pipeline runs each micro-batch alone, so this "
-                    f"trains otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
-
-    def _warn_once(self, message: str) -> None:
-        if not self._loss_warned:
-            self._loss_warned = True
-            warnings.warn(message, stacklevel=3)
+            self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches, copy=True), rest, kwargs,
+                               context)
 
     def _counts(self, batch: Any, step: str) -> Counts | None:
         """A ``loss_reduction`` function's counts of ``batch``'s micro-batches (training and evaluation steps, not

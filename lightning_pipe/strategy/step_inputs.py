@@ -6,9 +6,11 @@ a ``torch.Generator`` it makes and seeds at each step (each micro-batch then dra
 diffusion model's noise repeated), gives the model other inputs than one device would, and nothing fails. On the
 first batch of each step the first stage runs that code once more on the whole batch and compares the model's
 inputs with the micro-batches' put together (:func:`lightning_pipe.engine.rows.parts_differ`).
-Code drawing from the global generators, or from generators the module holds, is left out: its draws are not one
-device's either way (forked per micro-batch, as the README says), and the check puts the module's back. So is a step
-that changes its batch in place (its code would then run on another batch); the check runs on a copy of the batch.
+Code drawing from the global generators, or from generators the module holds (a mixup drawing its ratio from NumPy),
+draws other numbers for the whole batch than for its micro-batches, so there the check asks another question: run
+twice on the whole batch from the same generator states, once as it is and once with the rows after the first
+micro-batch's changed (:func:`shifted_rows`), do the first micro-batch's rows of the model's inputs change? Rows that
+do not meet keep them. The check runs on copies of the batch and puts the generators back.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch.nn as nn
 
 from lightning_pipe.engine.rows import parts_differ
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.randomness import same_state
 
-__all__ = ["inputs_warning", "batch_versions", "HeldGenerators"]
+__all__ = ["inputs_warning", "mixing_warning", "shifted_rows", "HeldGenerators"]
 
 
 def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any]) -> str | None:
@@ -34,20 +37,53 @@ def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any]) -> s
     difference = parts_differ(list(parts), whole)
     if difference is None:
         return None
-    return (f"{step}'s code before the model gives it other inputs for the whole batch than for its {len(parts)} "
-            f"micro-batches one by one (relative difference {difference:.2g}, on the first batch): it lets the rows "
-            f"of the batch meet before the model (a mixup or cutmix with x.flip(0), a normalization by the batch's "
-            f"statistics), or draws random numbers from a torch.Generator of its own "
-            f"seeded at each step (each micro-batch then draws the same first numbers). A pipeline runs this code on "
-            f"each micro-batch alone, so the model sees other inputs than on one device: mix the rows in the "
-            f"dataloader's collate_fn (timm's Mixup can run there), and draw from torch's global generator, which the "
-            f"pipeline forks per micro-batch")
+    return _warning(step, f"other inputs for the whole batch than for its {len(parts)} micro-batches one by one "
+                          f"(relative difference {difference:.2g}, on the first batch)",
+                    "or draws random numbers from a torch.Generator of its own seeded at each step (each micro-batch "
+                    "then draws the same first numbers)")
 
 
-def batch_versions(batch: Any) -> list[int]:
-    """The version counters of ``batch``'s tensors (an inference tensor's is unknown: -1): a step that changes the
-    batch in place shows as a change, and its code would then run on another batch than the micro-batches' own."""
-    return [-1 if leaf.is_inference() else leaf._version for leaf in tree_flatten(batch)[0]]
+def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: list[Any]) -> str | None:
+    """What to tell a user whose ``step`` draws random numbers and gives the model other inputs for the first
+    ``first`` rows of a ``rows``-row batch (``kept``: their tensors) when only the other rows changed (``shifted``:
+    :func:`shifted_rows`' batch's); None if they agree or cannot be compared."""
+    if len(kept) != len(shifted):
+        return None
+    pairs = [(a[:first], b[:first]) for a, b in zip(kept, shifted)
+             if a.dim() > 0 and a.shape[0] == rows and a.shape == b.shape and a.dtype == b.dtype]
+    difference = parts_differ([[a for a, _ in pairs]], [b for _, b in pairs]) if pairs else None
+    if difference is None:
+        return None
+    return _warning(step, f"other inputs for the rows of the first micro-batch when only the other rows of the batch "
+                          f"change (relative difference {difference:.2g}, on the first batch, drawing the same random "
+                          f"numbers)", "")
+
+
+def _warning(step: str, what: str, or_draws: str) -> str:
+    draws = f", {or_draws}" if or_draws else ""
+    return (f"{step}'s code before the model gives it {what}: it lets the rows of the batch meet before the model (a "
+            f"mixup or cutmix with x.flip(0), a normalization by the batch's statistics){draws}. "
+            f"A pipeline runs this code on each micro-batch alone, so the model sees other inputs than on one device: "
+            f"mix the rows in the dataloader's collate_fn (timm's Mixup can run there), and draw from torch's global "
+            f"generator, which the pipeline forks per micro-batch")
+
+
+def shifted_rows(batch: Any, rows: int, first: int) -> Any:
+    """``batch`` (a copy of its own) with the rows after the first ``first`` of each ``rows``-row tensor changed in
+    place: floating and complex values plus one, booleans negated, integers to the next value that the tensor holds
+    (the largest to the smallest: an index stays an index, a label ignored stays one of the labels)."""
+    for leaf in tree_flatten(batch)[0]:
+        if leaf.dim() == 0 or leaf.shape[0] != rows or leaf.numel() == 0:
+            continue
+        rest = leaf[first:]
+        if leaf.is_floating_point() or leaf.is_complex():
+            rest.add_(1)
+        elif leaf.dtype == torch.bool:
+            rest.logical_not_()
+        else:
+            held = torch.unique(leaf)  # sorted
+            rest.copy_(held[(torch.searchsorted(held, rest) + 1) % len(held)])
+    return batch
 
 
 class HeldGenerators:
@@ -60,7 +96,7 @@ class HeldGenerators:
                       if _state(generator) is not None]
 
     def moved(self) -> bool:
-        return any(not _same(_state(generator), state) for generator, state in self.saved)
+        return any(not same_state(_state(generator), state) for generator, state in self.saved)
 
     def restore(self) -> None:
         for generator, state in self.saved:
@@ -85,16 +121,3 @@ def _state(value: Any) -> Any:
     if numpy is not None and isinstance(value, numpy.random.RandomState):
         return value.get_state()
     return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
-    if type(a).__module__ == "numpy":
-        numpy = sys.modules["numpy"]
-        return bool(numpy.array_equal(a, b))
-    return bool(a == b)

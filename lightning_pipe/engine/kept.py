@@ -1,0 +1,40 @@
+"""What a look at a module (a run only to measure or compare: a profile, a rows check, set-up's runs of step code)
+must leave as it found: every buffer's object and values, and every submodule's training mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+__all__ = ["kept_buffers", "kept_modes"]
+
+
+@contextmanager
+def kept_buffers(modules: Iterable[nn.Module], skip: nn.Module | None = None) -> Iterator[None]:
+    """Afterwards every buffer of ``modules`` and their submodules (but those of ``skip``) is the tensor it was, put
+    back in its place if the run replaced it (``.to(device)`` does), holding the values it held."""
+    skipped = {id(part) for part in skip.modules()} if skip is not None else set()
+    owners = {id(owner): owner for module in modules for owner in module.modules() if id(owner) not in skipped}
+    kept = [(owner, name, buffer, buffer.detach().clone()) for owner in owners.values()
+            for name, buffer in owner._buffers.items() if buffer is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, buffer, saved in kept:
+                owner._buffers[name] = buffer
+                buffer.copy_(saved)
+
+
+@contextmanager
+def kept_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Afterwards every submodule of ``modules`` is in the training mode it was in."""
+    modes = [(part, part.training) for module in modules for part in module.modules()]
+    try:
+        yield
+    finally:
+        for part, training in modes:
+            part.training = training

@@ -1,0 +1,206 @@
+"""What the first batches of a run are checked for, once, because a pipeline would otherwise train otherwise than one
+device without a sound: how the loss adds up over rows ("auto" probes, :mod:`.reduction`), a captured model's own
+mean loss over a count the micro-batches do not share, the step's code before the model mixing rows
+(:mod:`.step_inputs`), and a fast-path sequence's layers letting rows meet (:mod:`lightning_pipe.engine.rows`).
+A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds the state these read."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from lightning_pipe.capture.losses import MeanLoss, mean_losses
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.kept import kept_buffers
+from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
+from lightning_pipe.engine.rows import rows_meet
+from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.logger_calls import LoggerCalls
+from lightning_pipe.strategy.logs import LogRecorder, MetricTracker
+from lightning_pipe.strategy.randomness import (
+    derive_seed,
+    forked_random,
+    global_random_states,
+    host_random_kept,
+    same_random_states,
+    set_global_random_states,
+)
+from lightning_pipe.strategy.reduction import Probe, model_loss_warning, neither_warning, verdict
+from lightning_pipe.strategy.split import SplitModule
+from lightning_pipe.strategy.step_effects import StepEffects
+from lightning_pipe.strategy.step_inputs import HeldGenerators, inputs_warning, mixing_warning, shifted_rows
+from lightning_pipe.strategy.step_values import loss_of
+
+__all__ = ["FirstBatchChecks"]
+
+_MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
+
+
+class FirstBatchChecks:
+    """The first batches' checks of a runner: call :meth:`_init_checks` from its ``__init__``."""
+
+    split: SplitModule | CapturedModule
+    module: LightningModule
+    pipeline: Pipeline
+    recorder: LogRecorder
+    metrics: MetricTracker
+    logger_calls: LoggerCalls
+    effects: StepEffects
+    loss_reduction: Any
+
+    def _init_checks(self, split: SplitModule | CapturedModule, pipeline: Pipeline) -> None:
+        """Every check still to run, and for a fast-path sequence its stages keeping two micro-batches' inputs."""
+        self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
+        self._loss_checks_left = 16  # training batches checked for that, on the first stage of a captured model
+        self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
+        self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
+        self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
+        # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
+        # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
+        self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
+        # The step's code before the model, on the first batch of each step: does it mix rows (.step_inputs)?
+        self._inputs_unchecked = {"training_step", "validation_step", "test_step", "predict_step"}
+        for stage in pipeline.stages.values() if self._rows_unchecked else ():
+            stage.kept_inputs = []
+
+    def _settle_reduction(self, probe: Probe, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> float:
+        """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
+        factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
+
+        def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
+                    forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
+                return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
+
+        self._probes_left -= 1
+        if self._mean_found:
+            try:
+                rule, why = verdict(probe, run_whole)
+            except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
+                self._probes_left = 0
+                return 1.0
+        else:
+            rule, why = verdict(probe, run_whole)
+        if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
+            # batches happened to share alike (no ignored labels yet) shows here
+            if rule in ("neither", "sum"):
+                self._warn_once(neither_warning(why))
+                self._probes_left = 0
+            return 1.0
+        if rule == "neither":
+            self._warn_once(neither_warning(why))
+            rule = "mean"
+        if rule is not None:
+            self._mean_found = rule == "mean" and not self._loss_warned
+            self._probes_left = _MEAN_PROBES if self._mean_found else 0
+            self.loss_reduction = rule
+        if rule != "sum":
+            return 1.0
+        if len(set(probe.rows)) > 1:
+            raise ValueError(f"training_step returns a loss summed over the batch's rows ({why}); a pipeline averages "
+                             f"its micro-batches' losses, which would divide this loss's gradients by "
+                             f"{len(probe.rows)}. Pass PipelineStrategy(loss_reduction='sum') so that each "
+                             f"micro-batch's loss counts whole (what one device computes), or return a mean")
+        for loss in probe.losses:
+            self.recorder.add_up(loss)
+        return float(len(probe.rows))
+
+    def _probing(self) -> bool:
+        """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",
+        until a batch tells, and then, for a mean, a few batches more."""
+        return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
+
+    def _checks_model_loss(self) -> bool:
+        """Whether this training step checks the captured model's own loss (first stage, a mean, a few batches)."""
+        return (isinstance(self.split, CapturedModule) and self.loss_reduction in ("auto", "mean")
+                and not self._loss_warned and self._loss_checks_left > 0 and 0 in self.pipeline.stages
+                and not self.pipeline.asynchronous)
+
+    def _check_model_loss(self, inputs: list[Any]) -> None:
+        """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
+        micro-batches (``inputs``: their model inputs) do not share alike: warn, once (the step's probe cannot see
+        inside the model)."""
+        assert isinstance(self.split, CapturedModule)
+        self._loss_checks_left -= 1
+        captures = self.split.splitter.captures
+        if self._model_losses[0] != len(captures):
+            graphs = [program.graph_module for capture in captures if capture.training for program in capture.programs]
+            self._model_losses = (len(captures), mean_losses(graphs))
+        message = model_loss_warning(self._model_losses[1], inputs)
+        if message is not None:
+            self._warn_once(message)
+
+    def _checks_inputs(self, step: str, microbatches: int) -> bool:
+        """Whether this step's batch checks the step's code before the model (the first of each step's batches of
+        several micro-batches, on the first stage)."""
+        return step in self._inputs_unchecked and microbatches > 1 and 0 in self.pipeline.stages
+
+    def _check_inputs(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int,
+                      seen: dict[int, list[Any]]) -> None:
+        """Warn if the step's code before the model gives it other inputs for the whole ``batch`` than for its
+        micro-batches one by one (``seen``); for code that draws random numbers (other draws for the whole batch),
+        if the first micro-batch's rows of its inputs change when only the batch's other rows do
+        (:mod:`.step_inputs`)."""
+        self._inputs_unchecked.discard(step)
+        before, held = self.effects.snapshot(), HeldGenerators(self.module)
+
+        def inputs(data: Any) -> list[Any]:
+            if isinstance(self.split, CapturedModule):
+                return self.split.input_leaves(step, data, rest, kwargs)
+            return tree_flatten(self.split.capture_input(step, data, rest, kwargs))[0]
+
+        message = None
+        try:
+            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
+                    self.metrics.untouched(), host_random_kept(), kept_buffers([self.module]), \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                states = global_random_states()
+                whole = inputs(owned(batch))
+                if same_random_states(global_random_states(), states) and not held.moved():
+                    message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole)
+                else:  # drew: the same draws again, on a batch whose rows after the first micro-batch changed
+                    rows = batch_rows(batch)
+                    first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0])
+                    set_global_random_states(states)
+                    held.restore()
+                    self.effects.restore(before)
+                    shifted = inputs(shifted_rows(owned(batch), rows, first))
+                    message = mixing_warning(step, rows, first, whole, shifted)
+        except Exception:  # noqa: BLE001 - a step that cannot run on the whole batch here: no telling
+            return
+        finally:
+            held.restore()
+            self.effects.restore(before)
+        if message is not None:
+            warnings.warn(message, stacklevel=2)
+
+    def _check_rows(self) -> None:
+        """Warn of each stage of this rank whose layers let the rows of a batch meet (the first training step's)."""
+        self._rows_unchecked = False
+        assert isinstance(self.split, SplitModule)
+        for index, stage in sorted(self.pipeline.stages.items()):
+            kept, stage.kept_inputs = stage.kept_inputs, None
+            difference = rows_meet(stage.module, *kept, self.pipeline.device) if kept and len(kept) == 2 else None
+            if difference is not None:
+                names = list(stage.module._modules)
+                warnings.warn(
+                    f"stage {index}'s layers ({names[0]}..{names[-1]} of the nn.Sequential at {self.split.path!r}) "
+                    f"give two micro-batches other outputs run together than run apart (in eval mode, without "
+                    f"gradients; relative difference {difference:.2g}): they let the rows of a batch meet, through "
+                    f"attention or a recurrence along dim 0 (a time-major batch, (T, B), given to batch_first=False "
+                    f"layers: the pipeline splits every batch along dim 0, so micro-batches cut the sequences in "
+                    f"time; give batches with their rows first) or a statistic over the rows brought back into them "
+                    f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics). A "
+                    f"pipeline runs each micro-batch alone, so this "
+                    f"trains otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
+
+    def _warn_once(self, message: str) -> None:
+        if not self._loss_warned:
+            self._loss_warned = True
+            warnings.warn(message, stacklevel=3)
+
