@@ -598,3 +598,85 @@ def test_step_code_that_changes_the_batch_in_place_trains_as_one_device() -> Non
             torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
         for rank in (0, 1):
             assert results[rank][key][1] == pytest.approx(validated, rel=1e-5), key
+
+
+# -- a layer repeated in the model ------------------------------------------------------------------
+def _repeating_module(captured: bool) -> Any:
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.tanh(self.layer(x))
+
+    class Looped(nn.Module):  # not a Sequential: captured
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.inp, self.blocks, self.out = nn.Linear(16, 16), nn.ModuleList([block] * 4), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.inp(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.out(x)
+
+    class Repeating(L.LightningModule):
+        """One block at four places of the model (ALBERT's and Universal Transformers' sharing across depth)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            block = Residual()
+            self.net = Looped(block) if captured else nn.Sequential(nn.Linear(16, 16), block, block, block, block,
+                                                                    nn.Linear(16, 16))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    L.seed_everything(5, verbose=False)
+    return Repeating()
+
+
+def _fit_repeating(devices: int, strategy: Any, captured: bool, path: str) -> dict[str, torch.Tensor]:
+    from tests.lightning_models import regression_data
+
+    model = _repeating_module(captured)
+    trainer = _trainer(strategy, devices, max_steps=3)
+    trainer.fit(model, regression_data(3, batch_size=10))
+    trainer.save_checkpoint(path)
+    return model.state_dict()
+
+
+def _repeating_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    return {f"{schedule}-{captured}": _fit_repeating(world_size, {"schedule": schedule, "num_microbatches": 2,
+                                                                 "wait_timeout": 60}, captured,
+                                                     f"{folder}/{schedule}-{captured}.ckpt")
+            for schedule, captured in (("1f1b", False), ("gpipe", True))}
+
+
+@pytest.mark.timeout(300)
+def test_a_block_repeated_in_the_model_runs_at_each_of_its_places_as_on_one_device(tmp_path: Path) -> None:
+    """The block's places fall on both ranks: each holds a copy, tied; the checkpoint is one device's (the weights
+    under every name, the optimizer's states for each parameter once)."""
+    results = run_ranks(_repeating_ranks, 2, str(tmp_path), timeout=280)
+    for key in ("1f1b-False", "gpipe-True"):
+        weights = _fit_repeating(1, "auto", key.endswith("True"), str(tmp_path / f"one-{key}.ckpt"))
+        held = {**results[0][key], **results[1][key]}
+        assert held.keys() == weights.keys(), key
+        for name, tensor in weights.items():
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)
+        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)
+        assert written["state_dict"].keys() == one["state_dict"].keys(), key
+        states, want = written["optimizer_states"][0]["state"], one["optimizer_states"][0]["state"]
+        assert states.keys() == want.keys(), key
+        for number, state in want.items():
+            torch.testing.assert_close(states[number]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)

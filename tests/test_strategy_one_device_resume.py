@@ -145,6 +145,20 @@ def test_only_code_that_sorts_may_list_parameters_by_name() -> None:
     assert not sorts_by_name(Plain()) and sorts_by_name(MinGPT()) and sorts_by_name(Calling())
 
 
+class _HeadFirst(nn.Module):
+    """Registers its modules in another order than its forward uses them (as Hugging Face models often do): a
+    pipeline rank's ``self.parameters()`` must still list them as one device does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 1)
+        self.norm = nn.LayerNorm(16)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.body(x)))
+
+
 def _module(kind: str) -> Any:
     import lightning as L
 
@@ -161,6 +175,8 @@ def _module(kind: str) -> Any:
             elif kind == "encdec":  # names that sort otherwise than the model ("decoder" < "encoder"), one stack a rank
                 self.net = nn.Sequential(OrderedDict(encoder=nn.Linear(6, 16), act=nn.Tanh(), decoder=nn.Linear(16, 16),
                                                      out_act=nn.Tanh(), head=nn.Linear(16, 1)))
+            elif kind == "reordered":  # captured; registers its head first and a norm after the layer using it
+                self.net = _HeadFirst()
             else:
                 self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
 
@@ -175,6 +191,8 @@ def _module(kind: str) -> Any:
                 optimizer = torch.optim.AdamW([*self.net[4].parameters(), *self.net[0].parameters(),
                                                *self.net[2].parameters()], lr=1e-2)
                 return optimizer
+            if kind == "reordered":
+                return torch.optim.AdamW(self.parameters(), lr=1e-2)
             decay = [p for p in self.parameters() if p.dim() >= 2]
             plain = [p for p in self.parameters() if p.dim() < 2]
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -206,6 +224,7 @@ def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, chec
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("encdec", "full"), ("gpt2", "full"),
+                                                         ("reordered", "full"),
                                                          ("gpt2", "sharded"), ("gpt2", "full, sharded")])
 def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
                                                                              tmp_path: Path) -> None:
@@ -249,7 +268,7 @@ def _pipeline_resumes(rank: int, world_size: int, kind: str, path: str, out: str
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequence", "encdec", "gpt2"])
+@pytest.mark.parametrize("kind", ["sequence", "encdec", "gpt2", "reordered"])
 def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weights(kind: str, tmp_path: Path) -> None:
     """One device trains an epoch and saves; a 2-rank pipeline resumes the fit (weights, AdamW's states in two groups,
     the scheduler, a tied head's state) and ends where an uninterrupted one-device fit ends."""

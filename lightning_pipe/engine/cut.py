@@ -100,7 +100,7 @@ def cut(layers: Sequence[nn.Module], sizes: Sequence[int]) -> list[nn.Sequential
     stage's ``state_dict`` keys are the full model's keys.
     """
     if isinstance(layers, nn.Sequential):
-        named = list(layers.named_children())
+        named = [(name, layer) for name, layer in layers._modules.items() if layer is not None]  # repeats too
     else:
         named = [(str(i), layer) for i, layer in enumerate(layers)]
     stages, start = [], 0

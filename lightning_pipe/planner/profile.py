@@ -281,7 +281,7 @@ def _clock(device: torch.device) -> float:
 
 def _named_layers(layers: nn.Sequential | Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
     if isinstance(layers, nn.Sequential):
-        return list(layers.named_children())
+        return [(name, layer) for name, layer in layers._modules.items() if layer is not None]  # repeats too
     return [(str(i), layer) for i, layer in enumerate(layers)]
 
 

@@ -26,7 +26,7 @@ from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import owners
-from lightning_pipe.strategy.model_parts import complete, has_state, mirror, plain_attribute
+from lightning_pipe.strategy.model_parts import complete, has_state, in_model_order, mirror, plain_attribute
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects
@@ -120,6 +120,7 @@ class PipelinedModel(nn.Module):
         for name, _ in model.named_modules(remove_duplicate=False):  # aliases too: the same paths on every rank
             if name:
                 complete(self, name, model, path)
+        in_model_order(self, model)
         object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
         object.__setattr__(self, "_model", model)
         self._path = path

@@ -104,8 +104,9 @@ class ChainSplit(SplitModule):
         self.module = module
         self.paths = list(paths)
         self.parts = [module.get_submodule(path) for path in self.paths]
-        self.origin = [(index, name) for index, part in enumerate(self.parts) for name, _ in part.named_children()]
-        self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part.children()])
+        # every layer, a repeated one at each of its places (named_children() and children() list it once)
+        self.origin = [(index, name) for index, part in enumerate(self.parts) for name in part._modules]
+        self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part._modules.values()])
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once

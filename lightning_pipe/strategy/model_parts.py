@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "plain_attribute", "has_state"]
+__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
@@ -76,7 +76,7 @@ class ModelPartList(ModelPart):
     slicing, ``len`` and iteration work as on the container, over the parts."""
 
     def _children_in_order(self) -> list[nn.Module]:
-        return [self._modules[name] for name, _ in self.__dict__["_original"].named_children()]
+        return [self._modules[name] for name, child in self.__dict__["_original"]._modules.items() if child is not None]
 
     def __bool__(self) -> bool:  # a module is true, whatever its length
         return True
@@ -129,3 +129,19 @@ def mirror(target: nn.Module, source: nn.Module, model: nn.Module, model_path: s
         holder = target._modules[name]
         if holder is not child:
             mirror(holder, child, model, model_path, f"{prefix}{name}.")
+
+
+def in_model_order(target: nn.Module, original: nn.Module) -> None:
+    """Re-register ``target``'s parameters, buffers and children (and theirs, down the tree) in the order ``original``
+    registers them: :func:`mirror` registers them in the order the captured graph uses them, and ``parameters()``
+    must list them as one device does, for optimizers numbering their states and checkpoints naming them."""
+    for table in ("_parameters", "_buffers", "_modules"):
+        mine, theirs = getattr(target, table), getattr(original, table)
+        place = {name: index for index, name in enumerate(theirs)}
+        items = sorted(mine.items(), key=lambda item: place.get(item[0], len(place)))  # stable: others keep theirs
+        mine.clear()
+        mine.update(items)
+    for name, child in target._modules.items():
+        counterpart = original._modules.get(name)
+        if child is not None and counterpart is not None and child is not counterpart:
+            in_model_order(child, counterpart)

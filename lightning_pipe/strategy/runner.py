@@ -131,7 +131,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
-        local = [child for stage in pipeline.modules() for child in stage.named_children()]
+        local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
         if split.deferred is not None:

@@ -39,7 +39,7 @@ def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: 
     ``stage_ranks[s]``: the ranks holding stage ``s`` (one, or its replicas)."""
     layer_stage = [stage for stage, size in enumerate(stage_sizes) for _ in range(size)]
     uses: dict[int, tuple[list[str], set[int]]] = {}
-    for (layer_name, layer), stage in zip(sequence.named_children(), layer_stage):
+    for (layer_name, layer), stage in zip(sequence._modules.items(), layer_stage):  # a repeated layer: each use
         for name, param in layer.named_parameters(remove_duplicate=False):
             names, stages = uses.setdefault(id(param), ([], set()))
             names.append(f"{layer_name}.{name}")
