@@ -125,6 +125,46 @@ def test_batchnorm_running_statistics_update_in_the_model() -> None:
     assert int(model.bn1.num_batches_tracked) == 1
 
 
+class _Tracker(nn.Module):
+    """Keeps a moving average and a count of its inputs in buffers, changed in place inside ``torch.no_grad()`` with
+    the results unused (a VQ-VAE's EMA codebook, a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("average", torch.zeros(8))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.average.mul_(0.9).add_(0.1 * x.mean(0))
+                self.calls += 1
+        return x
+
+
+class _Tracked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.tracker, self.second = nn.Linear(4, 8), _Tracker(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.tracker(torch.tanh(self.first(x))))
+
+
+def test_buffers_changed_in_a_no_grad_region_whose_results_are_unused_update_in_the_model() -> None:
+    torch.manual_seed(0)
+    model = _Tracked().train()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model, ["tracker", "second"])
+    x = torch.randn(5, 4)
+    assert len(splitter.segments((x,))) == 3
+    for _ in range(2):
+        splitter.run(x)
+        reference(x)
+    assert int(model.tracker.calls) == 2
+    torch.testing.assert_close(model.tracker.average, reference.tracker.average, rtol=0, atol=0)
+
+
 def test_dropout_masks_match_the_model_and_modes_are_separate_captures() -> None:
     torch.manual_seed(0)
     model = ViT(dropout=0.3).train()

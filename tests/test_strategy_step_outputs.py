@@ -157,6 +157,14 @@ def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
             self.seen.append((outputs["rows"], outputs["correct"], round(outputs["mean"], 5)))
 
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            logits = self.net(batch[0])  # tensors without the batch's rows first: a mean per class, counts per class
+            return {"class_mean": logits.mean(0), "predicted": torch.bincount(logits.argmax(-1), minlength=4)}
+
+        def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.seen.append(([round(value, 5) for value in outputs["class_mean"].tolist()],
+                              outputs["predicted"].tolist()))
+
         def predict_step(self, batch: Any, batch_idx: int) -> Any:
             return {"rows": batch[0].shape[0], "logits": self.net(batch[0])}
 
@@ -168,14 +176,16 @@ def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
     trainer = quiet_trainer(world_size, strategy, max_epochs=1)
     model = Counting()
     trainer.fit(model, class_data(batches=3))
+    trainer.validate(model, class_data(batches=2), verbose=False)
     predicted = trainer.predict(model, class_data(batches=2))
     return model.seen, [(p["rows"], tuple(p["logits"].shape)) for p in predicted]
 
 
 @pytest.mark.timeout(120)
-def test_python_numbers_a_step_returns_are_the_whole_batchs() -> None:
+def test_python_numbers_and_tensors_without_the_rows_first_a_step_returns_are_the_whole_batchs() -> None:
     reference = _numbers(0, 1)
     assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
+    assert [(len(means), sum(counts)) for means, counts in reference[0][3:]] == [(4, 8)] * 2  # validated batches
     assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
 
 

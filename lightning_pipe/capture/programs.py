@@ -105,7 +105,7 @@ def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -
             results = [_sendable(graph, env[a], a in layout.live[s] or any(u in mine for u in a.users))
                        for a in layout.live[s + 1]]
         graph.output(tuple(results))
-        graph.eliminate_dead_code()  # an input-only op that this segment now recomputes may have lost its users
+        _drop_unread(graph, roots)  # an input-only op that this segment now recomputes may have lost its users
         graph.lint()
         constants = {name: program.constants[name] for kind, name in state if kind == "CONSTANT"}
         names = {a: name for a, (kind, name) in zip(state_nodes, state) if kind == "PARAMETER"}
@@ -167,6 +167,28 @@ def _state_name(entry: tuple[str, str], users: list[fx.Node], model: nn.Module,
             if name.rpartition(".")[0] in paths:
                 return kind, name
     return kind, target
+
+
+def _drop_unread(graph: fx.Graph, roots: dict[str, Any]) -> None:
+    """Remove the ops whose values nothing reads, but not those run for what they change: torch's impure ops, and a
+    higher-order op (a ``torch.no_grad()`` or autocast region, ``roots`` holding its body) whose body changes a buffer
+    in place, as an EMA codebook or a call counter does without using the result (``eliminate_dead_code`` would
+    drop it: a higher-order op has no schema that says it mutates)."""
+    for node in reversed(graph.nodes):
+        if node.op in ("call_function", "get_attr") and not node.users and not _has_effects(node, roots):
+            graph.erase_node(node)
+
+
+def _has_effects(node: fx.Node, roots: dict[str, Any]) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.is_impure():
+        return True
+    if not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False
+    bodies = [roots.get(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+    return any(_has_effects(inner, {name: getattr(body, name, None) for name, _ in body.named_children()})
+               for body in bodies if isinstance(body, fx.GraphModule) for inner in body.graph.nodes)
 
 
 def _attr(root: nn.Module, target: str, owners: dict[str, nn.Module]) -> Any:

@@ -47,7 +47,7 @@ from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
-from lightning_pipe.strategy.step_values import check_rows, combine_outputs, holds_numbers, loss_of
+from lightning_pipe.strategy.step_values import check_rows, combine_outputs, listed, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -245,7 +245,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
             loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)
-            if kept is not None and (self._keeps_outputs or self.logger_calls.calls or holds_numbers(extra)
+            if kept is not None and (self._keeps_outputs or self.logger_calls.calls
+                                     or needs_whole_batch(extra, microbatch_rows)
                                      or self.effects.changed(start)):
                 self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
             if kept is not None and (self._keeps_outputs or for_logs):
@@ -372,10 +373,12 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                 drew.append(not same_random_states(global_random_states(), before))
 
         made = self.logger_calls.take()
-        numbers = holds_numbers(result.output)
+        numbers = needs_whole_batch(result.output)
         weights = [float(count) for count in counts.counts] if counts is not None else None
+        needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
+                                                "without the batch's rows first)"] * numbers
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          called=bool(made) or numbers, weights=weights)
+                                          needs=needs, weights=weights)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             ran = replayed or (not self.effects.changed(start)
@@ -391,6 +394,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         if replayed and numbers:  # the whole batch's output, numbers and all
             output = returned[0]
             result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
+        elif numbers:  # as the micro-batches gave them (settle said so)
+            result.output = listed(result.output)
         calls = self.logger_calls.take()  # the whole batch's (a replay that failed part way: dropped)
         calls = calls if replayed else made
         sent = [call for call in calls if sendable(call[2]) and sendable(call[3])]

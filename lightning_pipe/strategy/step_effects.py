@@ -398,15 +398,16 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], None], warn: Callable[[str], None], called: bool = False,
+           replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
            weights: Sequence[float] | None = None) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
-    ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also when it
-    only ``called`` something to record, the loggers). ``kept``: (index, model output, rows) of the micro-batches
+    ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
+    ``needs`` alone). ``kept``: (index, model output, rows) of the micro-batches
     whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
+    ``needs``: what else the step did that only that run does as one device (called the loggers, returned numbers);
     ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them)."""
     patches = effects.changes(start)
-    if (patches or called) and microbatches > 1:
+    if (patches or needs) and microbatches > 1:
         whole = kept_whole(kept, microbatches, weights)
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")
@@ -429,7 +430,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
                 why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
                 effects.restore(start)
                 effects.apply(patches)
-        warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + ["self.logger"] * called, why))
+        warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + list(needs), why))
     return _sendable(step, patches, warn), False
 
 
@@ -455,11 +456,14 @@ def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> l
 
 
 def _per_microbatch(step: str, names: list[str], why: str) -> str:
-    return (f"{step} changes or calls {', '.join(sorted(set(names)))}; under a pipeline the whole step runs on the "
-            f"last stage once per micro-batch, and this could not be done as one device does it ({why}), so every rank "
-            f"gets the micro-batches' changes, and the loggers their calls (one per micro-batch where one device makes "
-            f"one per batch). Keep what a step collects in its returned outputs (on_*_batch_end hooks receive them), "
-            f"or compute it in the hook from the step's returned outputs")
+    return (f"{step} changes, calls or returns {', '.join(sorted(set(names)))}; under a pipeline the whole step runs "
+            f"on the last stage once per micro-batch, and this could not be done as one device does it ({why}), so "
+            f"every rank gets the micro-batches' changes, the loggers their calls (one per micro-batch where one device "
+            f"makes one per batch), and the batch-end hooks such outputs as the micro-batches' values, listed. Keep "
+            f"what a step collects in its returned outputs with the batch's rows first (on_*_batch_end hooks receive "
+            f"them), or compute it in the hook from the step's returned outputs")
+
+
 def _on_cpu(value: Any) -> bool:
     """Whether every tensor in ``value`` is on the CPU (a step that moved what it keeps there, to spare the device)."""
     return all(tensor.device.type == "cpu" for tensor in tree_flatten(value)[0])

@@ -14,7 +14,7 @@ from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
 __all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
-           "holds_numbers"]
+           "needs_whole_batch", "PerMicroBatch", "listed"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -56,26 +56,47 @@ def _detached(value: Any) -> Any:
     return combine_outputs([value], [1])
 
 
-def holds_numbers(value: Any) -> bool:
-    """Whether ``value`` (a step's output) holds Python numbers (``len(x)``, ``acc.item()``), which only the step run
-    on the whole batch gives as one device does."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+class PerMicroBatch(list):
+    """The micro-batches' values of a tensor a step returns without the batch's rows first (a per-class mean
+    ``out.mean(0)``, a confusion matrix): no combination of them gives the whole batch's, which the step run on the
+    whole batch gives (:func:`needs_whole_batch`); where it cannot run, they stay listed (:func:`listed`)."""
+
+
+def needs_whole_batch(value: Any, rows: int | None = None) -> bool:
+    """Whether ``value`` (a step's output put together by :func:`combine_outputs`, or one micro-batch's of ``rows``
+    rows) holds what only the step run on the whole batch gives as one device does: Python numbers (``len(x)``,
+    ``acc.item()``), or tensors without the batch's rows first (:class:`PerMicroBatch`)."""
+    if isinstance(value, PerMicroBatch) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return True
+    if rows is not None and isinstance(value, torch.Tensor):
+        return value.dim() > 0 and value.shape[0] != rows
     if isinstance(value, Mapping):
-        return any(holds_numbers(item) for item in value.values())
+        return any(needs_whole_batch(item, rows) for item in value.values())
     if isinstance(value, (list, tuple)):
-        return any(holds_numbers(item) for item in value)
+        per_row = rows is not None and len(value) == rows  # one item per row: a tensor in it is that row's
+        return any(needs_whole_batch(item, None if per_row else rows) for item in value)
     return False
+
+
+def listed(value: Any) -> Any:
+    """``value`` with every :class:`PerMicroBatch` in it a plain list of the micro-batches' tensors."""
+    if isinstance(value, PerMicroBatch):
+        return list(value)
+    if isinstance(value, Mapping):
+        return {key: listed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(listed(item) for item in value)
+    return value
 
 
 def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
 
     Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
-    micro-batches' rows); a list or tuple with one item per row (names from the batch, ``ids.tolist()``, one dict of
+    micro-batches' rows), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row (names from the batch, ``ids.tolist()``, one dict of
     boxes per image) is put together as the batch's, others (``(logits, labels)``) and dicts entry by entry; other
-    values are kept if all micro-batches agree, else listed. (Python numbers are the step's on the whole batch: the
-    runner runs it again.)
+    values are kept if all micro-batches agree, else listed. (Python numbers and :class:`PerMicroBatch` tensors are the
+    step's on the whole batch: the runner runs it again, :func:`needs_whole_batch`.)
     """
     first = outputs[0] if outputs else None
     if first is None:
@@ -84,6 +105,8 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
         tensors = [t.detach().cpu() for t in outputs]
         if first.dim() == 0:
             return _row_mean(tensors, sizes).to(first.dtype if first.is_floating_point() else torch.get_default_dtype())
+        if len(tensors) > 1 and any(t.dim() == 0 or t.shape[0] != rows for t, rows in zip(tensors, sizes)):
+            return PerMicroBatch(tensors)
         return torch.cat(tensors)
     if isinstance(first, Mapping):
         return {key: combine_outputs([o[key] for o in outputs], sizes) for key in first}
