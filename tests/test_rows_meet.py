@@ -39,6 +39,18 @@ class _Noisy(nn.Module):
         return x + torch.randn_like(x)
 
 
+class _Spectrum(nn.Module):
+    """A complex output: the Fourier transform along ``dim`` (the features: each row's own; the rows: they meet)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # and a rounding difference between row counts, as a batched matrix product may make
+        return torch.fft.fft(x, dim=self.dim) * (1 + 1e-6 * len(x))
+
+
 class _Counting(nn.Module):
     """A buffer its forward changes in every mode."""
 
@@ -67,11 +79,14 @@ def test_layers_that_mix_rows_are_found_and_others_are_not() -> None:
         "mlp_dropout_norm": rows_meet(nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Flatten(),
                                                     nn.BatchNorm1d(40)), *_halves(x)),
         "noisy": rows_meet(nn.Sequential(_Noisy(), nn.GRU(4, 4), _Output()), *_halves(x)),
+        "spectrum_of_features": rows_meet(nn.Sequential(nn.Linear(4, 8), _Spectrum(-1)), *_halves(x)),
+        "spectrum_over_rows": rows_meet(nn.Sequential(nn.Linear(4, 8), _Spectrum(0)), *_halves(x)),
     }
     assert found["gru_time_major"] is not None and found["gru_time_major"] > 1e-2, found
     assert found["encoder_time_major"] is not None and found["minibatch_std"] is not None, found
+    assert found["spectrum_over_rows"] is not None, found
     assert all(found[name] is None for name in ("gru_batch_first", "encoder_batch_first", "mlp_dropout_norm",
-                                                "noisy")), found
+                                                "noisy", "spectrum_of_features")), found
 
 
 def test_the_check_leaves_the_layers_and_the_generators_as_they_were() -> None:

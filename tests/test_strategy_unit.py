@@ -290,6 +290,9 @@ def test_registered_names() -> None:
     # the strategy names as schedules, as users write them after Trainer(strategy="pipedream")
     assert [PipelineStrategy(schedule=name).schedule for name in ("pipedream", "pipedream_async", "pipedream_2bw")] \
         == ["1f1b", "async_1f1b", "2bw"]
+    # and the interleaved schedule as Megatron and torch name it
+    assert {PipelineStrategy(schedule=name).schedule for name in ("interleaved", "Interleaved1F1B")} \
+        == {"interleaved_1f1b"}
 
 
 @pytest.mark.parametrize("kwargs, message", [

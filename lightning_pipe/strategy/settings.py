@@ -103,12 +103,14 @@ class PipelineSettings:
 
 
 # The strategy names Lightning knows, as schedules: PipelineStrategy(schedule="pipedream") is Trainer(strategy=
-# "pipedream")'s schedule (gpipe is both; its re-materialization stays checkpoint_activations').
-_STRATEGY_NAMES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipedream_2bw": "2bw"}
+# "pipedream")'s schedule (gpipe is both; its re-materialization stays checkpoint_activations'); and the names people
+# use for the interleaved schedule (Megatron's "interleaved", torch's "Interleaved1F1B").
+_SCHEDULE_ALIASES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipedream_2bw": "2bw",
+                     "interleaved": "interleaved_1f1b", "interleaved1f1b": "interleaved_1f1b"}
 
 
 def _check_schedule(schedule: str) -> str:
-    schedule = _STRATEGY_NAMES.get(schedule, schedule)
+    schedule = _SCHEDULE_ALIASES.get(schedule.lower() if isinstance(schedule, str) else schedule, schedule)
     if schedule != AUTO_SCHEDULE and (schedule not in SCHEDULES or not SCHEDULES[schedule].trains):
         names = ", ".join(name for name, kind in SCHEDULES.items() if kind.trains)
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or "
