@@ -51,10 +51,11 @@ def _lightning(model: nn.Module, extra: nn.Module | None = None, use: str = "mod
                 model.decoder.register_forward_hook(lambda _, __, output: setattr(self, "pair", (output, 1)))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            out = self.model(batch[0]) if use in ("model", "hook", "kept") else batch[0]
+            x = self.extra(batch[0]) if use == "before" else batch[0]
+            out = self.model(x) if use in ("model", "hook", "kept", "before") else x
             if isinstance(out, tuple):
                 out = out[0]
-            if extra is not None:
+            if extra is not None and use != "before":
                 out = self.extra(out)
             if use == "hook":
                 return out.pow(2).mean() + self.features["code"].pow(2).mean()
@@ -170,8 +171,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     strategy: Any = "pipedream"
     if case == "gate":
         module, width = _lightning(Gate()), 8
-    elif case == "outside":  # the step uses a trainable head beside the model it names
-        module, width = _lightning(AutoEncoder(), extra=nn.Linear(32, 2), use="model"), 32
+    elif case == "outside":  # the step computes the model's input with a trainable layer beside the model it names
+        module, width = _lightning(AutoEncoder(), extra=nn.Linear(32, 32), use="before"), 32
         strategy = lightning_pipe.PipelineStrategy(layers="model")
     elif case == "never_called":
         module, width = _lightning(AutoEncoder(), use="none"), 32
@@ -179,24 +180,6 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="hook"), 32
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
-    elif case == "root_scale":  # CLIP's logit scale on the module, which its forward (two towers) does not read
-        class Towers(L.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.image, self.text = nn.Linear(8, 4), nn.Linear(8, 4)
-                self.scale = nn.Parameter(torch.ones(()))
-
-            def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.image(x), self.text(x)
-
-            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-                image, text = self(batch[0])
-                return (self.scale.exp() * image @ text.T).pow(2).mean()
-
-            def configure_optimizers(self) -> Any:
-                return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        module, width = Towers(), 8
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -207,12 +190,11 @@ def _run(rank: int, world_size: int, case: str) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("case", "expected"), [
     ("gate", ["CaptureError", "Gate", "x.mean() > 0", "torch.where"]),
-    ("outside", ["outside the model at 'model'", "extra.weight", "requires_grad_(False)"]),
+    ("outside", ["computes the input of the model at 'model' (AutoEncoder) with parameters outside it", "extra.weight",
+                 "requires_grad_(False)"]),
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
               "Return what the step needs from the model's forward"]),
-    # before: an AttributeError on the last stage ('Towers' object has no attribute 'scale')
-    ("root_scale", ["parameters outside Towers.forward that require grad (scale)", "requires_grad_(False)"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
 ])
@@ -224,6 +206,52 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
         for part in expected:
             assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
     assert time.monotonic() - start < 200
+
+
+def _towers(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+
+    class Towers(L.LightningModule):
+        """CLIP's logit scale on the module, which the step applies and its forward (two towers) does not read."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.image, self.text = nn.Linear(8, 4), nn.Linear(8, 4)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.image(x), self.text(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            image, text = self(batch[0])
+            return (self.scale.exp() * image @ text.T).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Towers()
+    data = DataLoader([(torch.randn(8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)],
+                      batch_size=None)
+    L.Trainer(strategy=lightning_pipe.PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto",
+              accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(module, data)
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+@pytest.mark.timeout(240)
+def test_a_scale_on_the_module_that_the_step_applies_after_its_forward_trains_as_on_one_device() -> None:
+    """Once refused (before that: an AttributeError on the last stage): every rank holds the scale; its gradient is
+    the last stage's. One micro-batch: the loss compares every row with every other."""
+    reference = _towers(0, 1)
+    assert not torch.equal(reference["scale"], torch.ones(()))
+    for held in run_ranks(_towers, 2, timeout=200):
+        torch.testing.assert_close(held["scale"], reference["scale"], rtol=1e-5, atol=1e-6)
+        for name, tensor in held.items():
+            torch.testing.assert_close(tensor, reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _frozen_scale(rank: int, world_size: int) -> list[float]:

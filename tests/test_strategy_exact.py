@@ -680,3 +680,89 @@ def test_a_block_repeated_in_the_model_runs_at_each_of_its_places_as_on_one_devi
         assert states.keys() == want.keys(), key
         for number, state in want.items():
             torch.testing.assert_close(states[number]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+# -- parameters of the step's own code --------------------------------------------------------------
+def _weighing_module(captured: bool) -> Any:
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class TwoHeads(nn.Module):  # not a Sequential: captured
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.classes, self.value = nn.Linear(16, 16), nn.Linear(16, 4), nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.body(x))
+            return self.classes(h), self.value(h)
+
+    class Split(nn.Module):
+        def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return h[:, :4], h[:, 4:5]
+
+    class Weighing(L.LightningModule):
+        """A learned temperature and the uncertainty weights of two task losses (Kendall et al.), held by the module
+        and read only by the step's code after the model; and one it never reads (no gradient: no step)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TwoHeads() if captured else nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
+                                                                 nn.Tanh(), nn.Linear(16, 5), Split())
+            self.log_temperature = nn.Parameter(torch.zeros(()))
+            self.log_variances = nn.Parameter(torch.zeros(2))
+            self.unread = nn.Parameter(torch.ones(3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            logits, value = self.net(x)
+            classes = F.cross_entropy(logits / self.log_temperature.exp(), (y[:, 0] > 0).long() + 2 * (y[:, 1] > 0))
+            regression = F.mse_loss(value.squeeze(-1), y[:, 2])
+            return (torch.exp(-self.log_variances[0]) * classes + self.log_variances[0]
+                    + torch.exp(-self.log_variances[1]) * regression + self.log_variances[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
+
+    L.seed_everything(6, verbose=False)
+    return Weighing()
+
+
+def _fit_weighing(devices: int, strategy: Any, captured: bool, path: str) -> dict[str, torch.Tensor]:
+    from tests.lightning_models import regression_data
+
+    model = _weighing_module(captured)
+    trainer = _trainer(strategy, devices, max_steps=3)
+    trainer.fit(model, regression_data(3, batch_size=10))
+    trainer.save_checkpoint(path)
+    return model.state_dict()
+
+
+def _weighing_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    return {f"{schedule}-{captured}": _fit_weighing(world_size, {"schedule": schedule, "num_microbatches": 4,
+                                                                "wait_timeout": 60}, captured,
+                                                    f"{folder}/{schedule}-{captured}.ckpt")
+            for schedule, captured in (("1f1b", False), ("zb_v", False), ("gpipe", True))}
+
+
+@pytest.mark.timeout(300)
+def test_parameters_the_step_reads_after_the_model_train_as_on_one_device(tmp_path: Path) -> None:
+    """Every rank holds them, equal; their gradient is the last stage's (the zero-bubble schedule's split backward
+    too); the one never read is not stepped (AdamW's weight decay would move it); the checkpoint is one device's."""
+    results = run_ranks(_weighing_ranks, 2, str(tmp_path), timeout=280)
+    for key in ("1f1b-False", "zb_v-False", "gpipe-True"):
+        weights = _fit_weighing(1, "auto", key.endswith("True"), str(tmp_path / f"one-{key}.ckpt"))
+        assert not torch.equal(weights["log_temperature"], torch.zeros(())), key  # it trained
+        assert torch.equal(weights["unread"], torch.ones(3)), key
+        for rank in (0, 1):
+            for name in ("log_temperature", "log_variances", "unread"):
+                torch.testing.assert_close(results[rank][key][name], weights[name], rtol=1e-5, atol=1e-6,
+                                           msg=f"{key} rank {rank}: {name}")
+        held = {**results[0][key], **results[1][key]}
+        for name, tensor in weights.items():
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)["optimizer_states"][0]["state"]
+        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)["optimizer_states"][0]["state"]
+        assert written.keys() == one.keys(), key
+        for number, state in one.items():
+            torch.testing.assert_close(written[number]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)

@@ -70,6 +70,9 @@ class PipelineStage:
         self._version_of: dict[int, int] = {}
         self.version_history: list[tuple[int, int]] | None = None  # set to [] to record (micro-batch, version)
         self.kept_inputs: list[Any] | None = None  # set to [] to keep copies of the next two training forwards' inputs
+        # Parameters the loss function reads besides the stage's (a learned temperature of the step's code): a held
+        # loss's backward gives them gradients, the split one in its input half.
+        self.loss_parameters: list[nn.Parameter] = []
 
     @property
     def is_first(self) -> bool:
@@ -237,12 +240,17 @@ class PipelineStage:
         captures = self._captures.pop(microbatch, [])
         wanted = [x for x in inputs if x.requires_grad]
         captured = [t for _, leaves in captures for t in leaves]
+        extra = [p for p in self.loss_parameters if p.requires_grad] if grad_outputs is None else []
         results: list[torch.Tensor | None] = []
-        if tensors and (wanted or captured):
+        if tensors and (wanted or captured or extra):
             with self._running(forward=False):
-                results = list(torch.autograd.grad(tensors, wanted + captured, grads, retain_graph=True,
+                results = list(torch.autograd.grad(tensors, wanted + captured + extra, grads, retain_graph=True,
                                                    allow_unused=True))
-        self._weight_grads_owed[microbatch] = (tensors, grads, captures, results[len(wanted):])
+            for param, grad in zip(extra, results[len(wanted) + len(captured):]):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+        self._weight_grads_owed[microbatch] = (tensors, grads, captures,
+                                               results[len(wanted):len(wanted) + len(captured)])
         found = iter(results[: len(wanted)])
         return [next(found) if x.requires_grad else None for x in inputs]
 

@@ -19,7 +19,7 @@ stages do, so they take the same updates and stay equal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -123,7 +123,7 @@ class DrainPipeline(Callback):
         self.steps.drain()
 
 
-def check_async_fit(trainer: Trainer, schedule: str, has_ties: bool) -> None:
+def check_async_fit(trainer: Trainer, schedule: str, has_ties: bool, step_parameters: Sequence[str] = ()) -> None:
     """Refuse, before the first step, what an asynchronous schedule cannot do inside Lightning."""
     if trainer.accumulate_grad_batches != 1:
         raise ValueError(f"schedule={schedule!r} updates the weights inside the pipeline (no flush between batches), "
@@ -136,6 +136,11 @@ def check_async_fit(trainer: Trainer, schedule: str, has_ties: bool) -> None:
         raise ValueError(f"schedule={schedule!r} steps each stage at a different time, so parameters tied across "
                          f"stages (e.g. an LM head sharing the embedding's weight) would drift apart; untie them, put "
                          f"both uses on one stage (partition=...), or use a synchronous schedule ('1f1b')")
+    if step_parameters:
+        raise ValueError(f"schedule={schedule!r} steps each stage at a different time, and training_step trains "
+                         f"parameters outside the pipelined model ({', '.join(step_parameters[:5])}), which every rank "
+                         f"holds and would step at its own time; move them into the model, or use a synchronous "
+                         f"schedule ('1f1b')")
 
 
 def _no_closure() -> None:

@@ -39,6 +39,8 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
             return SEQUENCE, layers
         return CAPTURED, layers
     trainable = {id(p) for p in module.parameters() if p.requires_grad or thawing}
+    if not own_forward(module):  # the module's own parameters (a learned temperature) are the step's, not the model's
+        trainable -= {id(p) for p in module._parameters.values() if p is not None}
     outermost: list[nn.Sequential] = []
     names: list[str] = []
     for name, child in module.named_modules():

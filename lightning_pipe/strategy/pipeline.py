@@ -384,7 +384,8 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
             if scaler is not None:
                 refuse_self_unscaling(self.optimizers)
             if self._async is not None:
-                check_async_fit(trainer, self.schedule, has_ties=len(self.runner.tied) > 0)
+                check_async_fit(trainer, self.schedule, has_ties=any(not tie.step for tie in self.runner.tied.ties),
+                                step_parameters=sorted(self.runner.tied.step_names))
                 if not any(isinstance(c, DrainPipeline) and c.steps is self._async for c in trainer.callbacks):
                     trainer.callbacks.insert(0, DrainPipeline(self._async))  # first: the others see drained weights
         self.setup_precision_plugin()

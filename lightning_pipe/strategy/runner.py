@@ -134,6 +134,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
+        runner._hold_step_parameters()
         if split.deferred is not None:
             split.deferred.device = pipeline.device
         runner.layers = layers
@@ -158,6 +159,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
         captured.install(local).owner = runner
+        runner._hold_step_parameters()
         if captured.deferred is not None:
             captured.deferred.device = pipeline.device
         runner.layers = layers
@@ -188,6 +190,24 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         if pipe.replicas:
             layout["replicas"] = list(pipe.replicas)
         return layout
+
+    def _hold_step_parameters(self) -> None:
+        """The step's trainable parameters outside the model (a learned temperature, uncertainty weights of task
+        losses, a head the step applies to the model's output): every rank keeps them, equal, with the gradient the
+        last stage's run of the step gives them (collective)."""
+        params = dict(self.module.named_parameters())
+        named = [(name, params[name]) for name in self.split.outside_trainable if name in params]
+        if not named:
+            return
+        if self.replica_group is not None:
+            raise ValueError(f"training_step trains parameters outside the pipelined model "
+                             f"({', '.join(name for name, _ in named[:5])}) and the pipeline has data-parallel "
+                             f"replicas, which would not average them; move them into the model, or train without "
+                             f"replicas")
+        self.tied.add_step_parameters(named, self.pipeline.stage_ranks[-1])
+        self.tied.synchronize_values()
+        for stage in self.pipeline.stages.values():  # the step's code after the model is the last stage's loss
+            stage.loss_parameters = [param for _, param in named]
 
     def counts_in_norm(self, param: torch.nn.Parameter) -> bool:
         """Whether this rank counts ``param`` in the pipeline's gradient norm: each parameter once, so neither the

@@ -32,6 +32,7 @@ class SharedResults:
     """The runner's part that makes the last stage's result and shares it with every rank (see the module)."""
 
     split: Any
+    tied: Any
     recorder: Any
     metrics: Any
     channel: Any
@@ -46,7 +47,8 @@ class SharedResults:
 
     def _result(self, loss: torch.Tensor | None, outputs: list[Any], sizes: list[int],
                 check_outside: bool) -> StepResult:
-        if check_outside and (names := self.split.outside_parameters_with_grad()):
+        if check_outside and (names := [name for name in self.split.outside_parameters_with_grad()
+                                        if name not in self.tied.step_names]):
             return StepResult(error=self.split.outside_error(names))
         logs = self.recorder.combine()
         metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})

@@ -93,9 +93,9 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     """The outputs of a step's micro-batches as one output for the whole batch, on CPU.
 
     Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
-    micro-batches' rows), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row (names from the batch, ``ids.tolist()``, one dict of
-    boxes per image) is put together as the batch's, others (``(logits, labels)``) and dicts entry by entry; other
-    values are kept if all micro-batches agree, else listed. (Python numbers and :class:`PerMicroBatch` tensors are the
+    micro-batches' rows), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row (names from
+    the batch, ``ids.tolist()``, one dict of boxes per image) is put together as the batch's, others (``(logits,
+    labels)``) and dicts entry by entry; other values are kept if all micro-batches agree, else listed. (Python numbers and :class:`PerMicroBatch` tensors are the
     step's on the whole batch: the runner runs it again, :func:`needs_whole_batch`.)
     """
     first = outputs[0] if outputs else None
@@ -199,5 +199,6 @@ def input_needs_grad(step: str, where: str, outside_trainable: list[str], fix: s
                 f"such terms with the whole model on one device (load a checkpoint), or leave them out under "
                 f"PipelineStrategy")
     return (f"{step} computes the input of {where} with parameters outside it that require grad "
-            f"({', '.join(outside_trainable)}); a pipeline trains only the model it cuts: {fix}")
+            f"({', '.join(outside_trainable)}); the first stage takes the model's input without a path back for "
+            f"gradients, so what computes it cannot train (parameters the step reads after the model can): {fix}")
 

@@ -32,6 +32,9 @@ class Tie:
     names: list[str]  # its names in the sequence, one per use ("0.weight", "5.weight")
     ranks: list[int]  # the ranks holding a copy, ascending; ranks[0] is the one that counts it in norms
     adders: list[int]  # the ranks whose gradient goes into the sum: one per stage that uses it
+    # A parameter of the step's own code outside the model (a learned temperature, loss weights): every rank holds
+    # it, the last stage's rank (its one adder) runs that code and gives its gradient, or none, as one device would.
+    step: bool = False
 
 
 def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: Sequence[Sequence[int]]) -> list[Tie]:
@@ -90,6 +93,23 @@ class TiedParameters:
         assert mine is not None, f"rank {me} is in none of the pipelines {pipelines}"
         return mine
 
+    def add_step_parameters(self, named: Sequence[tuple[str, nn.Parameter]], last: Sequence[int]) -> None:
+        """Hold ``named`` (the step's trainable parameters outside the model, on every rank) equal on every rank of the
+        pipeline: their gradient is the sum of those of pipeline ranks ``last`` (the last stage's: the step's code
+        after the model runs there, each rank on its micro-batches)."""
+        rank, ranks = dist.get_rank(self.group), list(range(dist.get_world_size(self.group)))
+        for name, param in named:
+            tie = Tie([name], ranks, sorted(last), step=True)
+            self.ties.append(tie)
+            self.local.append((tie, param, self.group))
+            if rank != ranks[0]:
+                self._not_counted.add(id(param))
+
+    @property
+    def step_names(self) -> set[str]:
+        """The names of the step's parameters held here (:meth:`add_step_parameters`)."""
+        return {tie.names[0] for tie in self.ties if tie.step}
+
     def __len__(self) -> int:
         return len(self.ties)
 
@@ -106,8 +126,17 @@ class TiedParameters:
     @torch.no_grad()
     def sum_gradients(self, grads: dict[int, torch.Tensor | None]) -> None:
         """Replace each tied copy's gradient in ``grads`` (keyed by ``id(param)``) by the sum over its holders."""
-        for _, param, group in self.local:
+        rank = dist.get_rank(self.group)
+        for tie, param, group in self.local:
             grad = grads.get(id(param))
+            if tie.step:  # the adder's gradient, or none where the step gave it none (as one device leaves it)
+                flat = torch.zeros(param.numel() + 1, dtype=param.dtype, device=param.device)
+                if grad is not None and rank in tie.adders:
+                    flat[:-1] = grad.reshape(-1)
+                    flat[-1] = 1
+                dist.all_reduce(flat, group=group)
+                grads[id(param)] = flat[:-1].view_as(param) if flat[-1] > 0 else None
+                continue
             if grad is None:  # this holder's use got no gradient; it still takes part in the sum
                 grad = torch.zeros_like(param)
             elif id(param) in self._not_added:  # a replica of a stage whose first rank adds the stage's gradient
@@ -130,6 +159,10 @@ class TiedParameters:
             seen = {rank: views[index] for rank, views in enumerate(everyone) if views and index in views}
             if len(set(seen.values())) > 1:
                 detail = "; ".join(f"rank {rank}: {how}" for rank, how in sorted(seen.items()))
+                if tie.step:
+                    raise ValueError(f"the step's parameter {tie.names[0]} (outside the model) is held by every rank, "
+                                     f"which would step it differently ({detail}); give it the same optimizer and "
+                                     f"settings on every rank")
                 raise ValueError(
                     f"the tied parameter {' = '.join(tie.names)} is held by ranks {tie.ranks}, which would step it "
                     f"differently ({detail}); configure_optimizers sees only each rank's stage, so give the tied "
