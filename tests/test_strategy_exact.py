@@ -766,3 +766,77 @@ def test_parameters_the_step_reads_after_the_model_train_as_on_one_device(tmp_pa
         assert written.keys() == one.keys(), key
         for number, state in one.items():
             torch.testing.assert_close(written[number]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)
+
+
+# -- a parameter named in configure_optimizers that another rank holds --------------------------------
+def _scaled_module(root: bool) -> Any:
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+            self.scale = nn.Parameter(torch.ones(16))
+            self.out = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.layers(x) * self.scale)
+
+    class Grouped(L.LightningModule):
+        """The scale (a CLIP logit scale, a layer scale) in a group of its own, named directly: on one rank only."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            if root:  # the module's own forward is the model
+                model = Scaled()
+                self.layers, self.scale, self.out = model.layers, model.scale, model.out
+            else:
+                self.model = Scaled()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return Scaled.forward(self, x) if root else self.model(x)  # type: ignore[arg-type]
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            holder = self if root else self.model
+            return torch.optim.Adam([{"params": holder.layers.parameters()}, {"params": [holder.scale], "lr": 0.05},
+                                     {"params": holder.out.parameters(), "lr": 0.02}], lr=0.01)
+
+    L.seed_everything(7, verbose=False)
+    return Grouped()
+
+
+def _fit_scaled(devices: int, strategy: Any, root: bool, path: str) -> dict[str, torch.Tensor]:
+    from tests.lightning_models import regression_data
+
+    model = _scaled_module(root)
+    trainer = _trainer(strategy, devices, max_steps=3)
+    trainer.fit(model, regression_data(3, batch_size=8))
+    trainer.save_checkpoint(path)
+    return model.state_dict()
+
+
+def _scaled_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    return {str(root): _fit_scaled(world_size, {"num_microbatches": 2, "wait_timeout": 60}, root,
+                                   f"{folder}/{root}.ckpt") for root in (True, False)}
+
+
+@pytest.mark.timeout(300)
+def test_a_parameter_configure_optimizers_names_that_another_rank_holds_trains_as_on_one_device(tmp_path: Path) -> None:
+    """On the rank without it, the name holds a placeholder while configure_optimizers runs (once an
+    AttributeError); the checkpoint's optimizer states are one device's."""
+    results = run_ranks(_scaled_ranks, 2, str(tmp_path), timeout=280)
+    for key in ("True", "False"):
+        weights = _fit_scaled(1, "auto", key == "True", str(tmp_path / f"one-{key}.ckpt"))
+        held = {**results[0][key], **results[1][key]}
+        assert held.keys() == weights.keys(), key
+        for name, tensor in weights.items():
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)["optimizer_states"][0]
+        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)["optimizer_states"][0]
+        assert [group["lr"] for group in written["param_groups"]] == [0.01, 0.05, 0.02]
+        assert written["state"].keys() == one["state"].keys(), key

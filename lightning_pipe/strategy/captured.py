@@ -26,7 +26,8 @@ from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import owners
-from lightning_pipe.strategy.model_parts import complete, has_state, in_model_order, mirror, plain_attribute
+from lightning_pipe.strategy.model_parts import (ModelPart, complete, has_state, in_model_order, mirror,
+                                                 plain_attribute)
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects
@@ -185,6 +186,7 @@ class CapturedModule:
         self.path = path
         self.root = path == ""  # the module's own forward is the model
         self.model = _twin(module) if self.root else module.get_submodule(path)
+        self._own_parameters = [name for name, p in self.model._parameters.items() if p is not None]
         self.called = module if self.root else self.model  # what the step calls
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
@@ -278,6 +280,21 @@ class CapturedModule:
         self.aliases = _redirect(self.module, self.model, self.proxy, self.path)
         _release_others(local, [self.model, *self.segments])
         return self.proxy
+
+    def parameters_held_elsewhere(self) -> list[tuple[nn.Module, str]]:
+        """``(stand-in, name)`` of each parameter the model registers directly on a module (``logit_scale``) that this
+        rank stands in for but another rank holds: ``configure_optimizers`` naming it gets a placeholder here
+        (:mod:`.optimizers`)."""
+        if self.proxy is None:
+            return []
+        found = []
+        for part in self.proxy.modules():
+            original = part.__dict__.get("_original") if isinstance(part, ModelPart) else None
+            if original is not None:
+                found += [(part, name) for name, p in original._parameters.items()
+                          if p is not None and name not in part._parameters]
+        holder = self.module if self.root else self.proxy
+        return found + [(holder, name) for name in self._own_parameters if name not in holder._parameters]
 
     # -- capturing ----------------------------------------------------------------------------------
     def model_calls(self, step: str, microbatch: Any, args: Sequence[Any],

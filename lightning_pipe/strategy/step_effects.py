@@ -458,10 +458,10 @@ def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> l
 def _per_microbatch(step: str, names: list[str], why: str) -> str:
     return (f"{step} changes, calls or returns {', '.join(sorted(set(names)))}; under a pipeline the whole step runs "
             f"on the last stage once per micro-batch, and this could not be done as one device does it ({why}), so "
-            f"every rank gets the micro-batches' changes, the loggers their calls (one per micro-batch where one device "
-            f"makes one per batch), and the batch-end hooks such outputs as the micro-batches' values, listed. Keep "
-            f"what a step collects in its returned outputs with the batch's rows first (on_*_batch_end hooks receive "
-            f"them), or compute it in the hook from the step's returned outputs")
+            f"every rank gets the micro-batches' changes, the loggers their calls (one per micro-batch where one "
+            f"device makes one per batch), and the batch-end hooks such outputs as the micro-batches' values, "
+            f"listed. Keep what a step collects in its returned outputs with the batch's rows first (on_*_batch_end "
+            f"hooks receive them), or compute it in the hook from the step's returned outputs")
 
 
 def _on_cpu(value: Any) -> bool:

@@ -95,8 +95,9 @@ def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
     Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
     micro-batches' rows), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row (names from
     the batch, ``ids.tolist()``, one dict of boxes per image) is put together as the batch's, others (``(logits,
-    labels)``) and dicts entry by entry; other values are kept if all micro-batches agree, else listed. (Python numbers and :class:`PerMicroBatch` tensors are the
-    step's on the whole batch: the runner runs it again, :func:`needs_whole_batch`.)
+    labels)``) and dicts entry by entry; other values are kept if all micro-batches agree, else listed. (Python
+    numbers and :class:`PerMicroBatch` tensors are the step's on the whole batch: the runner runs it again,
+    :func:`needs_whole_batch`.)
     """
     first = outputs[0] if outputs else None
     if first is None:
