@@ -460,6 +460,16 @@ def test_a_generator_of_the_users_loader_gives_one_devices_order_when_the_set_up
 
 
 # -- edge inputs -----------------------------------------------------------------------------------------
+def _edge_head_alone() -> Any:
+    from tests.lightning_models import Regressor
+
+    class HeadAlone(Regressor):  # a linear probe: the optimizer names the last layer alone, which rank 0 has not
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.layers[-1].parameters(), lr=0.1)
+
+    return HeadAlone()
+
+
 def _edges(rank: int, world_size: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
@@ -484,6 +494,10 @@ def _edges(rank: int, world_size: int) -> dict[str, Any]:
             return super().configure_optimizers()
 
     attempt("optimizer", lambda: _trainer("pipedream", max_steps=1).fit(FailsOnRankOne(), regression_data(1)))
+
+    model = _edge_head_alone()
+    attempt("head alone", lambda: (_trainer("pipedream", max_steps=2).fit(model, regression_data(2)),
+                                   model.state_dict())[1])
 
     class ReturnsObject(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> Any:
@@ -515,6 +529,14 @@ def test_edge_inputs_fail_clearly_or_work_on_every_rank() -> None:
             outcome["unsendable"], outcome["unsendable"]
     from torch.utils.data import DataLoader
 
+    probe = {k: v for result in results for k, v in result["head alone"].items()}
+    alone = _edge_head_alone()
+    _trainer("auto", devices=1, max_steps=2).fit(alone, regression_data(2))
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(probe[key], value, rtol=0, atol=1e-6, msg=f"head alone {key}")
+    trained, untouched = alone.state_dict(), _edge_head_alone().state_dict()
+    assert [key for key in trained if not torch.equal(trained[key], untouched[key])] == \
+        [f"layers.{len(alone.layers) - 1}.{name}" for name, _ in alone.layers[-1].named_parameters()]  # the head
     for last in (True, False):
         name = f"untrainable-{'last' if last else 'first'}"
         got = {k: v for result in results for k, v in result[name].items()}

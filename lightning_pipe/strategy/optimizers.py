@@ -14,18 +14,20 @@ map each to its name, and add the backbone's parameters as a group of their own 
 
 Likewise a parameter that ``configure_optimizers`` names directly (``[self.logit_scale]`` in a group of its own) where
 another rank holds it: while it runs, this rank's stand-in for its module holds a placeholder under that name, taken
-out of the groups afterwards as well.
+out of the groups afterwards as well; and an optimizer given only parameters that other ranks hold (a head trained
+alone, SparseAdam for an embedding), which torch would refuse as empty, holds a placeholder instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["PLACEHOLDER", "placeholders", "drop_placeholders"]
+__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders"]
 
 PLACEHOLDER = "_pipeline_stage_trains_nothing"
 
@@ -47,6 +49,27 @@ def placeholders(module: nn.Module, device: torch.device,
     finally:
         for owner, name, _ in made:
             del owner._parameters[name]
+
+
+@contextmanager
+def empty_optimizers_allowed(made: list[nn.Parameter], device: torch.device) -> Iterator[None]:
+    """Inside, an optimizer built on no parameters (every one it names is on other ranks) holds a placeholder instead,
+    appended to ``made``: torch's ``Optimizer.__init__`` is wrapped while ``configure_optimizers`` runs."""
+    original = torch.optim.Optimizer.__init__
+
+    def init(self: torch.optim.Optimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(params, torch.Tensor):
+            params = list(params)
+            if not params:
+                made.append(nn.Parameter(torch.empty(0, device=device)))
+                params = [made[-1]]
+        original(self, params, *args, **kwargs)
+
+    torch.optim.Optimizer.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.optim.Optimizer.__init__ = original  # type: ignore[method-assign]
 
 
 def drop_placeholders(optimizers: Iterable[torch.optim.Optimizer], made: Sequence[nn.Parameter]) -> None:

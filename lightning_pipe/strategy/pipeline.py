@@ -49,7 +49,7 @@ from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_u
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
-from lightning_pipe.strategy.optimizers import drop_placeholders, placeholders
+from lightning_pipe.strategy.optimizers import drop_placeholders, empty_optimizers_allowed, placeholders
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -439,9 +439,10 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         every rank here, before any of them waits for another in a step."""
         error: BaseException | None = None
         try:
-            split = self.runner.split if self.runner is not None else None
+            split = self._runner.split if self._runner is not None else None
             elsewhere = split.parameters_held_elsewhere() if isinstance(split, CapturedModule) else []
-            with placeholders(self.lightning_module, self.root_device, elsewhere) as made:
+            with placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
+                    empty_optimizers_allowed(made, self.root_device):
                 super().setup_optimizers(trainer)
             drop_placeholders(self.optimizers, made)
         except Exception as caught:
