@@ -240,7 +240,7 @@ class OutsideParameters(_Base):
 
 
 class OutsideHead(_Base):
-    """A trainable layer after the sequence: the pipeline cannot train it."""
+    """A trainable layer after the sequence: the step's parameters under the pipeline, held by every rank."""
 
     def __init__(self, num_layers: int = 4) -> None:
         super().__init__()

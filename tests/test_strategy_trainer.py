@@ -228,7 +228,7 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
         torch.testing.assert_close(value, first_half[key], rtol=0, atol=0, msg=key)
 
 
-def _failures(rank: int, world_size: int) -> list[str]:
+def _failures(rank: int, world_size: int) -> tuple[list[str], dict[str, torch.Tensor]]:
     import lightning_pipe  # noqa: F401
     from tests.lightning_models import (NoSequence, OutsideHead, OutsideParameters, Regressor, TiedLM, TwoSequences,
                                         regression_data, token_data)
@@ -239,19 +239,23 @@ def _failures(rank: int, world_size: int) -> list[str]:
         (lambda: Regressor(num_layers=1), "pipedream", regression_data),
         (Regressor, {"partition": [5, 4]}, regression_data),
         (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
-        # naming the nn.Sequential keeps the no-tracing path, which trains only the layers inside it
-        (OutsideHead, {"layers": "layers", "schedule": "gpipe"}, regression_data),  # found on the last stage
+        # naming the nn.Sequential keeps the no-tracing path: a head after it trains as the step's parameters (every
+        # rank holds it), parameters before it cannot train
+        (OutsideHead, {"layers": "layers", "schedule": "gpipe"}, regression_data),
         (OutsideParameters, {"layers": "layers"}, regression_data),  # found on the first stage inside a step
     ]
-    messages = []
+    messages, head = [], {}
     for make_model, strategy, data in attempts:
         try:
-            _trainer(strategy, world_size, max_steps=1).fit(make_model(), data(1))
+            model = make_model()
+            _trainer(strategy, world_size, max_steps=1).fit(model, data(1))
+            if isinstance(model, OutsideHead):
+                head = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         except Exception as error:  # noqa: BLE001 - the test reads the message
             messages.append(f"{type(error).__name__}: {error}")
         else:
             messages.append("no error")
-    return messages
+    return messages, head
 
 
 @pytest.mark.timeout(150)
@@ -262,13 +266,19 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
         "cannot cut 1 layers into 2 stages",
         "make the counts add up to 8",
         "give the tied parameter the same optimizer and settings on every rank",
-        "move them into the nn.Sequential (e.g. make the head its last layer)",
+        "no error",  # a head after the sequence: trains (below)
         "move them into the nn.Sequential (e.g. make the embedding its first layer)",
     ]
-    for rank, messages in enumerate(run_ranks(_failures, 2, timeout=120)):
+    from tests.lightning_models import OutsideHead, regression_data
+
+    reference = OutsideHead()
+    _trainer("auto", 1, max_steps=1).fit(reference, regression_data(1))
+    for rank, (messages, head) in enumerate(run_ranks(_failures, 2, timeout=120)):
         for message, text in zip(messages, expected):
             assert text in message, f"rank {rank}: expected {text!r} in {message!r}"
         assert len(messages) == len(expected)
+        for name in ("head.weight", "head.bias"):  # every rank holds the head, trained as on one device
+            torch.testing.assert_close(head[name], reference.state_dict()[name], rtol=1e-5, atol=1e-6)
 
 
 def _callbacks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
