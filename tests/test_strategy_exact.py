@@ -622,6 +622,44 @@ def test_step_code_that_changes_the_batch_in_place_trains_as_one_device() -> Non
             assert results[rank][key][1] == pytest.approx(validated, rel=1e-5), key
 
 
+# -- fits checked against one device, checkpoint included ------------------------------------------------
+def _fit_saved(kind: str, devices: int, strategy: Any, variant: bool, path: str) -> dict[str, torch.Tensor]:
+    from tests.lightning_models import regression_data
+
+    make = {"repeating": _repeating_module, "weighing": _weighing_module, "scaled": _scaled_module}[kind]
+    model = make(variant)
+    trainer = _trainer(strategy, devices, max_steps=3)
+    trainer.fit(model, regression_data(3, batch_size=10))
+    trainer.save_checkpoint(path)
+    return model.state_dict()
+
+
+def _saved_ranks(rank: int, world_size: int, kind: str, runs: list[tuple[str, bool]], folder: str) -> dict[str, Any]:
+    return {f"{schedule}-{variant}": _fit_saved(kind, world_size, {"schedule": schedule, "num_microbatches": 2,
+                                                                  "wait_timeout": 60}, variant,
+                                                f"{folder}/{schedule}-{variant}.ckpt")
+            for schedule, variant in runs}
+
+
+def _as_one_device(kind: str, runs: Any, tmp_path: Path) -> Any:
+    """Each run of ``runs`` (schedule, variant) on 2 ranks against one device: every weight (each rank its share),
+    the checkpoint's names and optimizer states' numbers; yields (each rank's weights, one device's, the
+    pipeline's checkpoint, one device's) for more checks."""
+    results = run_ranks(_saved_ranks, 2, kind, list(runs), str(tmp_path), timeout=280)
+    for schedule, variant in runs:
+        key = f"{schedule}-{variant}"
+        weights = _fit_saved(kind, 1, "auto", variant, str(tmp_path / f"one-{key}.ckpt"))
+        held = {**results[0][key], **results[1][key]}
+        assert held.keys() == weights.keys(), key
+        for name, tensor in weights.items():
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
+        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)
+        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)
+        assert written["state_dict"].keys() == one["state_dict"].keys(), key
+        assert written["optimizer_states"][0]["state"].keys() == one["optimizer_states"][0]["state"].keys(), key
+        yield [results[0][key], results[1][key]], weights, written, one
+
+
 # -- a layer repeated in the model ------------------------------------------------------------------
 def _repeating_module(captured: bool) -> Any:
     import lightning as L
@@ -667,41 +705,14 @@ def _repeating_module(captured: bool) -> Any:
     return Repeating()
 
 
-def _fit_repeating(devices: int, strategy: Any, captured: bool, path: str) -> dict[str, torch.Tensor]:
-    from tests.lightning_models import regression_data
-
-    model = _repeating_module(captured)
-    trainer = _trainer(strategy, devices, max_steps=3)
-    trainer.fit(model, regression_data(3, batch_size=10))
-    trainer.save_checkpoint(path)
-    return model.state_dict()
-
-
-def _repeating_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
-    return {f"{schedule}-{captured}": _fit_repeating(world_size, {"schedule": schedule, "num_microbatches": 2,
-                                                                 "wait_timeout": 60}, captured,
-                                                     f"{folder}/{schedule}-{captured}.ckpt")
-            for schedule, captured in (("1f1b", False), ("gpipe", True))}
-
-
 @pytest.mark.timeout(300)
 def test_a_block_repeated_in_the_model_runs_at_each_of_its_places_as_on_one_device(tmp_path: Path) -> None:
     """The block's places fall on both ranks: each holds a copy, tied; the checkpoint is one device's (the weights
     under every name, the optimizer's states for each parameter once)."""
-    results = run_ranks(_repeating_ranks, 2, str(tmp_path), timeout=280)
-    for key in ("1f1b-False", "gpipe-True"):
-        weights = _fit_repeating(1, "auto", key.endswith("True"), str(tmp_path / f"one-{key}.ckpt"))
-        held = {**results[0][key], **results[1][key]}
-        assert held.keys() == weights.keys(), key
-        for name, tensor in weights.items():
-            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
-        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)
-        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)
-        assert written["state_dict"].keys() == one["state_dict"].keys(), key
-        states, want = written["optimizer_states"][0]["state"], one["optimizer_states"][0]["state"]
-        assert states.keys() == want.keys(), key
-        for number, state in want.items():
-            torch.testing.assert_close(states[number]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    for _, _, written, one in _as_one_device("repeating", (("1f1b", False), ("gpipe", True)), tmp_path):
+        for number, state in one["optimizer_states"][0]["state"].items():
+            torch.testing.assert_close(written["optimizer_states"][0]["state"][number]["exp_avg_sq"],
+                                       state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
 # -- parameters of the step's own code --------------------------------------------------------------
@@ -750,44 +761,20 @@ def _weighing_module(captured: bool) -> Any:
     return Weighing()
 
 
-def _fit_weighing(devices: int, strategy: Any, captured: bool, path: str) -> dict[str, torch.Tensor]:
-    from tests.lightning_models import regression_data
-
-    model = _weighing_module(captured)
-    trainer = _trainer(strategy, devices, max_steps=3)
-    trainer.fit(model, regression_data(3, batch_size=10))
-    trainer.save_checkpoint(path)
-    return model.state_dict()
-
-
-def _weighing_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
-    return {f"{schedule}-{captured}": _fit_weighing(world_size, {"schedule": schedule, "num_microbatches": 4,
-                                                                "wait_timeout": 60}, captured,
-                                                    f"{folder}/{schedule}-{captured}.ckpt")
-            for schedule, captured in (("1f1b", False), ("zb_v", False), ("gpipe", True))}
-
-
 @pytest.mark.timeout(300)
 def test_parameters_the_step_reads_after_the_model_train_as_on_one_device(tmp_path: Path) -> None:
     """Every rank holds them, equal; their gradient is the last stage's (the zero-bubble schedule's split backward
     too); the one never read is not stepped (AdamW's weight decay would move it); the checkpoint is one device's."""
-    results = run_ranks(_weighing_ranks, 2, str(tmp_path), timeout=280)
-    for key in ("1f1b-False", "zb_v-False", "gpipe-True"):
-        weights = _fit_weighing(1, "auto", key.endswith("True"), str(tmp_path / f"one-{key}.ckpt"))
-        assert not torch.equal(weights["log_temperature"], torch.zeros(())), key  # it trained
-        assert torch.equal(weights["unread"], torch.ones(3)), key
-        for rank in (0, 1):
+    runs = (("1f1b", False), ("zb_v", False), ("gpipe", True))
+    for ranks, weights, written, one in _as_one_device("weighing", runs, tmp_path):
+        assert not torch.equal(weights["log_temperature"], torch.zeros(()))  # it trained
+        assert torch.equal(weights["unread"], torch.ones(3))
+        for held in ranks:
             for name in ("log_temperature", "log_variances", "unread"):
-                torch.testing.assert_close(results[rank][key][name], weights[name], rtol=1e-5, atol=1e-6,
-                                           msg=f"{key} rank {rank}: {name}")
-        held = {**results[0][key], **results[1][key]}
-        for name, tensor in weights.items():
-            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
-        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)["optimizer_states"][0]["state"]
-        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)["optimizer_states"][0]["state"]
-        assert written.keys() == one.keys(), key
-        for number, state in one.items():
-            torch.testing.assert_close(written[number]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)
+                torch.testing.assert_close(held[name], weights[name], rtol=1e-5, atol=1e-6, msg=name)
+        for number, state in one["optimizer_states"][0]["state"].items():
+            torch.testing.assert_close(written["optimizer_states"][0]["state"][number]["exp_avg"], state["exp_avg"],
+                                       rtol=1e-4, atol=1e-8)
 
 
 # -- a parameter named in configure_optimizers that another rank holds --------------------------------
@@ -832,33 +819,9 @@ def _scaled_module(root: bool) -> Any:
     return Grouped()
 
 
-def _fit_scaled(devices: int, strategy: Any, root: bool, path: str) -> dict[str, torch.Tensor]:
-    from tests.lightning_models import regression_data
-
-    model = _scaled_module(root)
-    trainer = _trainer(strategy, devices, max_steps=3)
-    trainer.fit(model, regression_data(3, batch_size=8))
-    trainer.save_checkpoint(path)
-    return model.state_dict()
-
-
-def _scaled_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
-    return {str(root): _fit_scaled(world_size, {"num_microbatches": 2, "wait_timeout": 60}, root,
-                                   f"{folder}/{root}.ckpt") for root in (True, False)}
-
-
 @pytest.mark.timeout(300)
 def test_a_parameter_configure_optimizers_names_that_another_rank_holds_trains_as_on_one_device(tmp_path: Path) -> None:
     """On the rank without it, the name holds a placeholder while configure_optimizers runs (once an
     AttributeError); the checkpoint's optimizer states are one device's."""
-    results = run_ranks(_scaled_ranks, 2, str(tmp_path), timeout=280)
-    for key in ("True", "False"):
-        weights = _fit_scaled(1, "auto", key == "True", str(tmp_path / f"one-{key}.ckpt"))
-        held = {**results[0][key], **results[1][key]}
-        assert held.keys() == weights.keys(), key
-        for name, tensor in weights.items():
-            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key}: {name}")
-        written = torch.load(tmp_path / f"{key}.ckpt", weights_only=False)["optimizer_states"][0]
-        one = torch.load(tmp_path / f"one-{key}.ckpt", weights_only=False)["optimizer_states"][0]
-        assert [group["lr"] for group in written["param_groups"]] == [0.01, 0.05, 0.02]
-        assert written["state"].keys() == one["state"].keys(), key
+    for _, _, written, _ in _as_one_device("scaled", (("1f1b", True), ("1f1b", False)), tmp_path):
+        assert [group["lr"] for group in written["optimizer_states"][0]["param_groups"]] == [0.01, 0.05, 0.02]
