@@ -526,3 +526,26 @@ def test_a_fine_tuning_callbacks_groups_merge_into_one_devices_with_a_tied_param
         last.add(own(names))
     groups = last.into({})["callbacks"]["BackboneFinetuning"]["internal_optimizer_metadata"][0]
     assert [group["params"] for group in groups] == [["body.bias", "head.weight"], []]
+
+
+def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
+    """An EMA target or a teacher stays whole on every rank while each holds its share of the model: pairing their
+    parameters goes wrong, so the build says so; a trainable twin (a second tower) or another shape is not warned of."""
+    import copy
+    import warnings
+
+    from lightning_pipe.strategy.model_choice import frozen_copies
+    from lightning_pipe.strategy.runner import _warn_of_frozen_copies
+
+    module = Regressor()
+    module.target = copy.deepcopy(module.layers).requires_grad_(False)
+    module.tower = copy.deepcopy(module.layers)  # trainable
+    module.other = nn.Sequential(nn.Linear(16, 8)).requires_grad_(False)
+    assert frozen_copies(module, "layers", module.layers) == ["target"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_of_frozen_copies(module, "layers", module.layers)
+    assert any("target has the structure of the model at 'layers' and is frozen" in str(w.message)
+               and "zip(self.target.parameters(), self.layers.parameters())" in str(w.message) for w in caught)
+    del module.target
+    assert frozen_copies(module, "layers", module.layers) == []

@@ -18,7 +18,8 @@ import torch.nn as nn
 from lightning_pipe.strategy.chain import chain_paths
 from lightning_pipe.strategy.checkpoint import uncompiled_name
 
-__all__ = ["choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "SEQUENCE", "CAPTURED", "CHAIN"]
+__all__ = ["choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "frozen_copies", "SEQUENCE",
+           "CAPTURED", "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -113,3 +114,22 @@ def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:
 def owners(module: nn.Module, thawing: bool = False) -> list[str]:
     """The attributes holding ``module``'s trainable parameters (all of its parameters when ``thawing``)."""
     return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad or thawing})
+
+
+def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
+    """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes:
+    an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs
+    parameter by parameter with the model's."""
+    def layout(part: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(tensor.shape)) for name, tensor in (*part.named_parameters(), *part.named_buffers())]
+
+    wanted = layout(model)
+    found: list[str] = []
+    for name, part in module.named_modules():
+        inside = name == path or name.startswith(f"{path}.") or path.startswith(f"{name}.") or not name
+        if inside or any(name.startswith(f"{other}.") for other in found) or part is model:
+            continue
+        if any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()) \
+                and layout(part) == wanted:
+            found.append(name)
+    return found

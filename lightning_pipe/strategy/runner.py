@@ -29,6 +29,7 @@ from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
+from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
@@ -128,6 +129,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         gives a module built on the meta device storage for this rank's stages (:mod:`.materialize`); ``split``, a
         module's layers found otherwise (:mod:`.chain`)."""
         split = split or SplitModule(module, layers)
+        if "+" not in split.path:  # not a chain of sequences
+            _warn_of_frozen_copies(module, split.path, split.sequence)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
@@ -148,6 +151,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                        materialize: Callable[[list[torch.nn.Module]], None] | None = None) -> PipelineRunner:
         """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
         segments = captured.segments
+        if captured.path:
+            _warn_of_frozen_copies(captured.module, captured.path, captured.model)
         # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
         # then, the others' wherever the model was built; their graphs run on this rank's device.
         captured.splitter.to(device)
@@ -522,3 +527,18 @@ def _tagged(batch: Any, rows: int) -> dict[str, Any]:
     """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
     it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
     return {_BATCH: batch, _ROWS: torch.arange(rows)}
+
+
+def _warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:
+    """Say (on global rank 0) that a frozen copy of the model (:func:`~.model_choice.frozen_copies`) stays whole on
+    every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
+    copies = frozen_copies(module, path, model)
+    if copies and (not dist.is_initialized() or dist.get_rank() == 0):
+        target = copies[0]
+        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is frozen (an EMA target, a "
+                      f"teacher, a momentum encoder): it stays whole on every rank, while under PipelineStrategy each "
+                      f"rank holds only its share of the model, so code that pairs their parameters "
+                      f"(zip(self.{target}.parameters(), self.{path}.parameters()), an EMA update) pairs the wrong "
+                      f"ones and updates {target} from part of the model. Train such a pair on one device or with "
+                      f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
+                      f"the pipeline", stacklevel=3)
