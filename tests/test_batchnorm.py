@@ -67,6 +67,25 @@ def _check_deferred(kind: type, momentum: float | None, affine: bool, remat: boo
     assert norm.num_batches_tracked.item() == 3
 
 
+def test_a_batch_norm_at_several_places_takes_one_update_per_place_in_order() -> None:
+    """A block repeated in the model (its batch norm run three times per forward) updates the running statistics once
+    per place, in the places' order, as one device does (one micro-batch: with more, a place's input depends on the
+    micro-batch statistics the place before normalized with)."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Tanh())
+    reference = nn.Sequential(nn.Linear(3, 3), block, block, block)
+    model = copy.deepcopy(reference)
+    stage = PipelineStage(model, 0, 1)
+    for step in range(2):
+        batch = torch.randn(12, 3) * (step + 1)
+        reference.train()(batch)
+        stage.forward(0, batch.clone().requires_grad_())
+        stage.backward(0, [torch.ones(12, 3)])
+        stage.end_step()
+        _assert_stats_equal(model[1][1], reference[1][1], f"step {step}")
+    assert model[1][1].num_batches_tracked.item() == 6
+
+
 def _two_batch_norms() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4, track_running_stats=False),

@@ -90,6 +90,35 @@ def test_one_microbatch_equals_one_device_in_weights_and_buffers(remat: bool) ->
     assert int(model.bn1.num_batches_tracked) == 3
 
 
+class Repeated(nn.Module):
+    """One block with a batch norm at three places (weights shared across depth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Tanh())
+        self.inp, self.blocks, self.head = nn.Linear(6, 6), nn.ModuleList([block] * 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_batch_norm_at_several_places_counts_and_updates_once_per_place() -> None:
+    """Its graph counts each place on the result of the place before (not on the buffer itself): every count is
+    deferred, and the commit takes one update per place, in order, as one device (one micro-batch)."""
+    torch.manual_seed(0)
+    reference = Repeated().train()
+    model = copy.deepcopy(reference)
+    batches = [torch.randn(8, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _stage_steps(model, batches, 1, False)
+    _one_device_steps(reference, batches)
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-5, msg=name)
+    assert int(model.blocks[0][1].num_batches_tracked) == 9
+
+
 @pytest.mark.parametrize("norm", [nn.BatchNorm1d, NormAct1d], ids=["torch", "subclass"])
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "rematerialized"])
 def test_several_microbatches_commit_the_whole_batchs_statistics(remat: bool, norm: type[nn.BatchNorm1d]) -> None:

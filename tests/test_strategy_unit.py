@@ -250,6 +250,16 @@ def test_ties_are_found_across_ranks_only() -> None:
     assert [(t.ranks, t.adders) for t in ties] == [([0, 1, 2, 3], [0, 3])]
 
 
+def test_a_module_with_buffers_at_places_on_several_ranks_is_found() -> None:
+    from lightning_pipe.strategy.tied import split_buffers
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    layers = nn.Sequential(nn.Linear(4, 4), block, block, block, nn.Linear(4, 1))
+    assert split_buffers(layers, [2, 3], [[0], [1]]) == ["1.1 = 2.1 = 3.1"]
+    assert split_buffers(layers, [4, 1], [[0], [1]]) == []  # every place on rank 0
+    assert split_buffers(layers, [2, 3], [[0], [0]]) == []  # both stages on one rank (a V-shape's)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 class _FailingIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:

@@ -55,6 +55,7 @@ def defer_batch_norms(program: Program, model: nn.Module) -> int:
             changed += 1
         elif node.target is _ADD_ and node.args[0] in norms:
             node.target = _deferred_count(norms[node.args[0]])
+            norms[node] = norms[node.args[0]]  # a norm run again (a block repeated) counts on from this result
             changed += 1
     if changed:
         program.graph_module.recompile()

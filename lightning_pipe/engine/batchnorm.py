@@ -55,19 +55,22 @@ class DeferredStatistics:
         self.active = False  # inside a forward or backward of the stage: never update running statistics directly
         self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
         self.current = 0  # which of the step's calls of the model the forward runs (:mod:`.calls`)
+        self.microbatch = 0  # the micro-batch the forward runs
         for norm in norms:
             norm._deferred = self
-            norm._recorded = []  # per micro-batch and call since the last commit: (call, rows, mean, biased variance)
+            # per micro-batch, call and use since the last commit: (call, use, micro-batch, rows, mean, biased
+            # variance); a norm the model runs at several places (a block repeated) has a use for each, in order
+            norm._recorded = []
 
     @contextmanager
-    def running(self, record: bool) -> Iterator[None]:
-        """The stage's forward (``record=True`` when it trains) or backward runs inside this."""
-        outer = self.active, self.recording
-        self.active, self.recording = True, record
+    def running(self, record: bool, microbatch: int = 0) -> Iterator[None]:
+        """The stage's forward (``record=True`` when it trains, of ``microbatch``) or backward runs inside this."""
+        outer = self.active, self.recording, self.microbatch
+        self.active, self.recording, self.microbatch = True, record, microbatch
         try:
             yield
         finally:
-            self.active, self.recording = outer
+            self.active, self.recording, self.microbatch = outer
 
     @property
     def pending(self) -> bool:
@@ -85,26 +88,29 @@ class DeferredStatistics:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-        norm._recorded.append((self.current, x.numel() // x.shape[1], mean, var))
+        use = sum(1 for entry in norm._recorded if entry[0] == self.current and entry[2] == self.microbatch)
+        norm._recorded.append((self.current, use, self.microbatch, x.numel() // x.shape[1], mean, var))
 
     def commit(self, group: dist.ProcessGroup | None = None) -> None:
         """Update the running statistics with the batch's statistics recorded since the last commit (each call of
-        the model's, in call order).
+        the model's, in call order, and in it each use of a norm the model runs at several places, in order).
 
         ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
         that ran none); their sums are added up first."""
         calls = 1 + max((entry[0] for norm in self.norms for entry in norm._recorded), default=0)
+        uses = 1 + max((entry[1] for norm in self.norms for entry in norm._recorded), default=0)
         if group is not None:  # a replica that ran no micro-batch has seen no call
-            count = torch.tensor([calls], device=self.norms[0].running_mean.device)
+            count = torch.tensor([calls, uses], device=self.norms[0].running_mean.device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-            calls = int(count)
+            calls, uses = (int(n) for n in count)
         for call in range(calls):
-            batches = [_batch_statistics(norm, call) for norm in self.norms]
-            if group is not None:
-                batches = self._sum_over(group, batches)
-            for norm, batch in zip(self.norms, batches):
-                if batch is not None:
-                    _commit(norm, *batch)
+            for use in range(uses):
+                batches = [_batch_statistics(norm, call, use) for norm in self.norms]
+                if group is not None:
+                    batches = self._sum_over(group, batches)
+                for norm, batch in zip(self.norms, batches):
+                    if batch is not None:
+                        _commit(norm, *batch)
         for norm in self.norms:
             norm._recorded = []
 
@@ -147,10 +153,11 @@ class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 @torch.no_grad()
-def _batch_statistics(norm: nn.Module, call: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _batch_statistics(norm: nn.Module, call: int = 0,
+                      use: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Rows, mean and (biased) variance per channel of everything ``norm`` recorded for the model's ``call``-th call
-    since the last commit, in float64."""
-    recorded = [entry[1:] for entry in norm._recorded if entry[0] == call]
+    (its ``use``-th place in it) since the last commit, in float64."""
+    recorded = [entry[3:] for entry in norm._recorded if entry[0] == call and entry[1] == use]
     if not recorded:
         return None
     means = torch.stack([mean for _, mean, _ in recorded]).double()

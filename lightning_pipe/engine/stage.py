@@ -120,7 +120,7 @@ class PipelineStage:
             if self.kept_inputs is not None and len(self.kept_inputs) < 2:
                 self.kept_inputs.append(tree_map_tensors(lambda t: t.detach().clone(), inputs))
         on_call = self.norms.call if self.norms is not None else None  # each of the step's calls in turn (.calls)
-        with self._running(forward=True, training=training):
+        with self._running(forward=True, training=training, microbatch=microbatch):
             if self.checkpoint_activations and training:
                 output = checkpoint(functools.partial(each_call, module, on_call=on_call), inputs, use_reentrant=False,
                                     preserve_rng_state=True)
@@ -136,12 +136,12 @@ class PipelineStage:
             self._outputs[microbatch] = output
         return output
 
-    def _running(self, forward: bool, training: bool = True) -> AbstractContextManager[Any]:
-        """Around the stage's forwards and backwards: its batch norms' state (record a training forward; a backward's
-        recomputation must not touch the running statistics)."""
+    def _running(self, forward: bool, training: bool = True, microbatch: int = 0) -> AbstractContextManager[Any]:
+        """Around the stage's forwards and backwards: its batch norms' state (record a training forward of
+        ``microbatch``; a backward's recomputation must not touch the running statistics)."""
         if self.norms is None:
             return nullcontext()
-        return self.norms.running(record=forward and training)
+        return self.norms.running(record=forward and training, microbatch=microbatch)
 
     def end_step(self, group: dist.ProcessGroup | None = None) -> None:
         """The step's micro-batches are done: commit the batch norms' running statistics of the whole batch.

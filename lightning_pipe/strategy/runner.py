@@ -49,7 +49,7 @@ from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, listed, loss_of, needs_whole_batch
-from lightning_pipe.strategy.tied import TiedParameters
+from lightning_pipe.strategy.tied import TiedParameters, split_buffers
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
@@ -134,6 +134,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
+        _warn_of_split_buffers(split.sequence, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
@@ -161,6 +162,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         tied.synchronize_values()
+        _warn_of_split_buffers(torch.nn.Sequential(*segments), pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
         captured.install(local).owner = runner
@@ -542,3 +544,14 @@ def _warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.M
                       f"ones and updates {target} from part of the model. Train such a pair on one device or with "
                       f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
                       f"the pipeline", stacklevel=3)
+
+
+def _warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None:
+    """Say (on the pipeline's rank 0) which modules at places on several ranks hold buffers (:func:`.split_buffers`)."""
+    split = split_buffers(sequence, pipeline.stage_sizes, pipeline.stage_ranks)
+    if split and pipeline.rank == 0:
+        warnings.warn(f"{'; '.join(split)}: a module the model runs at places that fall on several ranks holds buffers "
+                      f"(a batch norm's running statistics); its parameters are tied, but each rank's copy of its "
+                      f"buffers takes only the updates of its own places, so they differ from one device's and the "
+                      f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
+                      f"device's buffers", stacklevel=3)

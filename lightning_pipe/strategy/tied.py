@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_pipe.strategy.plain import all_gather_text, decode, encode
 
-__all__ = ["Tie", "find_ties", "TiedParameters"]
+__all__ = ["Tie", "find_ties", "split_buffers", "TiedParameters"]
 
 
 @dataclass
@@ -53,6 +53,21 @@ def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: 
         if len({stage_ranks[stage][0] for stage in stages}) > 1:  # stages on one rank share the tensor itself
             ties.append(Tie(names, holders, sorted({stage_ranks[stage][0] for stage in stages})))
     return ties
+
+
+def split_buffers(sequence: nn.Sequential, stage_sizes: Sequence[int],
+                  stage_ranks: Sequence[Sequence[int]]) -> list[str]:
+    """Modules of ``sequence`` with buffers of their own (a batch norm's running statistics) that layers of stages on
+    several ranks share (a block repeated): each rank's copy takes the updates of its own places only."""
+    layer_stage = [stage for stage, size in enumerate(stage_sizes) for _ in range(size)]
+    places: dict[int, tuple[list[str], set[int]]] = {}
+    for (layer_name, layer), stage in zip(sequence._modules.items(), layer_stage):
+        for name, module in layer.named_modules(remove_duplicate=False):
+            if any(True for _ in module.buffers(recurse=False)):
+                names, ranks = places.setdefault(id(module), ([], set()))
+                names.append(f"{layer_name}.{name}" if name else layer_name)
+                ranks.add(stage_ranks[stage][0])
+    return [" = ".join(names) for names, ranks in places.values() if len(ranks) > 1]
 
 
 class TiedParameters:
