@@ -446,6 +446,42 @@ def test_buffers_of_modules_the_step_runs_before_the_model_end_each_step_as_one_
     assert len(warned) == 1 and "self.norm" not in warned[0] and "norm.mean" in warned[0]
 
 
+def _normalized_head(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """A torch batch norm in a head the step applies after the pipelined ``nn.Sequential`` (trained as the step's
+    parameters), one micro-batch: its kernel updates the running statistics without moving their version counters."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Headed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.head(self.net(batch[0])), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    model = Headed()
+    strategy = PipelineStrategy(num_microbatches=1, layers="net") if world_size > 1 else "auto"
+    quiet_trainer(world_size, strategy, max_steps=3).fit(model, class_data(batches=3))
+    return {name: buffer.clone() for name, buffer in model.head[0].named_buffers()}
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_norm_the_step_runs_after_the_model_ends_each_step_as_one_devices_on_every_rank() -> None:
+    reference = _normalized_head(0, 1)
+    assert float(reference["running_mean"].abs().sum()) > 0
+    for buffers in run_ranks(_normalized_head, 2, timeout=100):
+        for name, value in reference.items():
+            torch.testing.assert_close(buffers[name], value, rtol=0, atol=1e-6, msg=name)
+
+
 def _frozen_teacher(rank: int, world_size: int, sequence: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation from a frozen teacher with a batch norm, put in eval mode when training starts (Lightning's idiom):
     the step code the strategy runs at set-up only to look (capturing the student; the planner reaching the

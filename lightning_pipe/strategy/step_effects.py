@@ -88,6 +88,12 @@ def _entry(value: Any, save: bool = True) -> _Entry:
     return _Entry(value)
 
 
+def _changed_in_place(before: _Entry, value: torch.Tensor) -> bool:
+    """Whether the tensor ``value`` changed in place since ``before``: its version counter moved, or (a small one) its
+    values differ; a batch norm's kernel updates the running statistics without moving the counter."""
+    return value._version != before.version or (before.saved is not None and not torch.equal(value, before.saved))
+
+
 def _differs(before: _Entry | None, value: Any) -> bool:
     """Whether ``value`` changed since ``before`` (what :meth:`StepEffects.changes` would list, without listing it)."""
     if before is None or before.value is not value:
@@ -102,7 +108,7 @@ def _differs(before: _Entry | None, value: Any) -> bool:
             for key, (item, length) in before.items.items())
     if before.size >= 0:
         return len(value) != before.size
-    return before.version >= 0 and value._version != before.version
+    return before.version >= 0 and _changed_in_place(before, value)
 
 
 class StepEffects:
@@ -198,7 +204,7 @@ class StepEffects:
                 patches.extend(_dict_changes(name, value, before.items))
             elif before.size >= 0 and len(value) != before.size:  # a large dict: whole
                 patches.append(("set", name, None, value))
-            elif before.version >= 0 and value._version != before.version:  # changed in place
+            elif before.version >= 0 and _changed_in_place(before, value):
                 patches.append(("set", name, None, value.detach().clone()))
         # an object bound or unbound itself: its fields go with it (or it cannot go, and a warning says so); they
         # are not made on another rank's object, which may be another attribute's too. A plain object made anew in
@@ -264,7 +270,7 @@ class StepEffects:
                     del item[length:]
             elif before.items is not None:
                 _restore_dict(before.value, before.items)
-            elif before.version >= 0 and before.value._version != before.version:
+            elif before.version >= 0 and _changed_in_place(before, before.value):
                 if before.saved is None:
                     undone = False
                     continue
