@@ -178,6 +178,21 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="none"), 32
     elif case == "hook":
         module, width = _lightning(AutoEncoder(), use="hook"), 32
+    elif case == "thawed":  # a parameter the step reads after the model, frozen at the build, unfrozen in the step
+        class Thawing(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = AutoEncoder()
+                self.temperature = nn.Parameter(torch.ones(()), requires_grad=False)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                self.temperature.requires_grad_(True)
+                return (self.model(batch[0])[0] / self.temperature).pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module, width = Thawing(), 32
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
     else:
@@ -195,6 +210,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
               "Return what the step needs from the model's forward"]),
+    ("thawed", ["gave gradients to temperature, outside the pipelined model and frozen when the pipeline was built",
+                "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
 ])

@@ -32,6 +32,7 @@ class SharedResults:
     """The runner's part that makes the last stage's result and shares it with every rank (see the module)."""
 
     split: Any
+    module: Any
     tied: Any
     recorder: Any
     metrics: Any
@@ -50,10 +51,23 @@ class SharedResults:
         if check_outside and (names := [name for name in self.split.outside_parameters_with_grad()
                                         if name not in self.tied.step_names]):
             return StepResult(error=self.split.outside_error(names))
+        if check_outside and (names := self._thawed_outside()):
+            return StepResult(error=f"training_step gave gradients to {', '.join(names[:5])}, outside the pipelined "
+                                    f"model and frozen when the pipeline was built (requires_grad=False then), so no "
+                                    f"rank keeps them equal and they would train on the last stage's rank alone: set "
+                                    f"requires_grad before trainer.fit (the step's parameters train on every rank), "
+                                    f"or keep them frozen")
         logs = self.recorder.combine()
         metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
         output = combine_outputs(outputs, sizes)
         return StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
+
+    def _thawed_outside(self) -> list[str]:
+        """Parameters with a gradient that are neither this rank's stages' nor the step's (:meth:`TiedParameters.
+        add_step_parameters`): frozen when the pipeline was built, unfrozen by the code since."""
+        held = {id(p) for p in self.pipeline.parameters()}
+        return [name for name, p in self.module.named_parameters()
+                if p.grad is not None and id(p) not in held and name not in self.tied.step_names]
 
     def _across_replicas(self, result: StepResult, step: str) -> StepResult:
         """On the last stage's ranks: the whole batch's loss, logs and metric states from every replica's share
