@@ -626,7 +626,8 @@ def test_step_code_that_changes_the_batch_in_place_trains_as_one_device() -> Non
 def _fit_saved(kind: str, devices: int, strategy: Any, variant: bool, path: str) -> dict[str, torch.Tensor]:
     from tests.lightning_models import regression_data
 
-    make = {"repeating": _repeating_module, "weighing": _weighing_module, "scaled": _scaled_module}[kind]
+    make = {"repeating": _repeating_module, "weighing": _weighing_module, "scaled": _scaled_module,
+            "chained": _chained_module}[kind]
     model = make(variant)
     trainer = _trainer(strategy, devices, max_steps=3)
     trainer.fit(model, regression_data(3, batch_size=10))
@@ -713,6 +714,46 @@ def test_a_block_repeated_in_the_model_runs_at_each_of_its_places_as_on_one_devi
         for number, state in one["optimizer_states"][0]["state"].items():
             torch.testing.assert_close(written["optimizer_states"][0]["state"][number]["exp_avg_sq"],
                                        state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def _chained_module(_: bool) -> Any:  # one variant
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.tanh(self.layer(x))
+
+    class EncoderDecoder(L.LightningModule):
+        """Two nn.Sequential attributes the step calls in turn (a chain), sharing one block: the encoder's two places
+        on rank 0, the decoder's on rank 1."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            block = Residual()
+            self.encoder = nn.Sequential(nn.Linear(16, 16), block, block)
+            self.decoder = nn.Sequential(block, nn.Linear(16, 16))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.decoder(self.encoder(batch[0])), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    L.seed_everything(8, verbose=False)
+    return EncoderDecoder()
+
+
+@pytest.mark.timeout(300)
+def test_a_block_two_chained_sequences_share_runs_at_each_of_its_places_as_on_one_device(tmp_path: Path) -> None:
+    """Once refused: the decoder's stand-in took the encoder's place of the block for its own (held elsewhere)."""
+    for ranks, _, _, _ in _as_one_device("chained", (("1f1b", False),), tmp_path):
+        assert all("encoder.1.layer.weight" in held for held in ranks[:1])
 
 
 # -- parameters of the step's own code --------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn as nn
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import Stop
-from lightning_pipe.strategy.references import redirect
+from lightning_pipe.strategy.references import LayerElsewhere, redirect
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 
 __all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
@@ -133,9 +133,15 @@ class ChainSplit(SplitModule):
             link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
-            self.aliases += redirect(self.module, part, link, path)
             self.links.append(link)
         links = self.links
+        # a layer of several attributes (a block shared by the encoder and the decoder) is held where any link holds it
+        local = {id(m) for link in links for m in link.modules()}
+        for path, part in zip(self.paths, self.parts):
+            def inside_to(alias: str, name: str, child: nn.Module, path: str = path) -> nn.Module | None:
+                return None if id(child) in local else LayerElsewhere(alias, name, path)
+
+            self.aliases += redirect(self.module, part, links[self.paths.index(path)], path, inside_to)
         device = next(iter(self.sequence.parameters()), torch.empty(0)).device
         self.deferred = DeferredCalls(self.module, lambda child: any(m in links for m in child.modules()), device)
         self.parts, self.sequence = [], None  # type: ignore[assignment]  # the other ranks' layers go
