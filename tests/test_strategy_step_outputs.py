@@ -165,6 +165,13 @@ def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
             self.seen.append(([round(value, 5) for value in outputs["class_mean"].tolist()],
                               outputs["predicted"].tolist()))
 
+        def test_step(self, batch: Any, batch_idx: int) -> Any:
+            logits = self.net(batch[0])  # tensors with the rows first, in which the rows meet
+            return {"centered": logits - logits.mean(0), "index": torch.arange(len(logits))}
+
+        def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.seen.append((outputs["centered"].round(decimals=5).tolist(), outputs["index"].tolist()))
+
         def predict_step(self, batch: Any, batch_idx: int) -> Any:
             return {"rows": batch[0].shape[0], "logits": self.net(batch[0])}
 
@@ -177,6 +184,7 @@ def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
     model = Counting()
     trainer.fit(model, class_data(batches=3))
     trainer.validate(model, class_data(batches=2), verbose=False)
+    trainer.test(model, class_data(batches=2), verbose=False)
     predicted = trainer.predict(model, class_data(batches=2))
     return model.seen, [(p["rows"], tuple(p["logits"].shape)) for p in predicted]
 
@@ -185,7 +193,8 @@ def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:
 def test_python_numbers_and_tensors_without_the_rows_first_a_step_returns_are_the_whole_batchs() -> None:
     reference = _numbers(0, 1)
     assert reference[0][0][0] == 8 and reference[1] == [(8, (8, 4))] * 2  # rows of the batch, not a micro-batch's
-    assert [(len(means), sum(counts)) for means, counts in reference[0][3:]] == [(4, 8)] * 2  # validated batches
+    assert [(len(means), sum(counts)) for means, counts in reference[0][3:5]] == [(4, 8)] * 2  # validated batches
+    assert [index for _, index in reference[0][5:]] == [list(range(8))] * 2  # tested batches
     assert run_ranks(_numbers, 2, timeout=100) == [reference] * 2
 
 

@@ -48,7 +48,8 @@ from lightning_pipe.strategy.results import ResultChannel, StepResult, sendable
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
-from lightning_pipe.strategy.step_values import check_rows, combine_outputs, listed, loss_of, needs_whole_batch
+from lightning_pipe.strategy.step_values import (check_rows, combine_outputs, listed, loss_of, needs_whole_batch,
+                                                 same_output)
 from lightning_pipe.strategy.tied import TiedParameters, split_buffers
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -105,6 +106,10 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
                                                          if stage is not None for module in stage.modules()])
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
+        # steps (and dataloaders) whose returned outputs the micro-batches' do not put together (rows that meet: out -
+        # out.mean(0), torch.arange(len(x))), found on their first batch: their outputs come from the whole batch's run
+        self._whole_outputs: set[str] = set()
+        self._outputs_checked: set[str] = set()
         self._effects_warned: set[str] = set()
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
@@ -400,7 +405,10 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                 drew.append(not same_random_states(global_random_states(), before))
 
         made = self.logger_calls.take()
-        numbers = needs_whole_batch(result.output)
+        # the outputs are checked as the logs are (predict_step's too, which logs nothing)
+        checked = kind if kind is not None or microbatches <= 1 or self.replica_group is not None \
+            or step != "predict_step" else step
+        numbers = needs_whole_batch(result.output) or (checked is not None and checked in self._whole_outputs)
         weights = [float(count) for count in counts.counts] if counts is not None else None
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
@@ -418,6 +426,21 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                    f"whole batch for them (one device's values). To spare that memory and time, log "
                                    f"means over rows in the step and derive the rest later (a perplexity from the "
                                    f"epoch's mean loss)")
+        if checked is not None and checked not in self._outputs_checked and not numbers:
+            self._outputs_checked.add(checked)
+            if not returned and not self.effects.changed(start):
+                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
+            if returned and drew and not drew[-1]:  # the micro-batches' outputs put together: the whole batch's?
+                whole = combine_outputs([loss_of(returned[-1])[1] if step == "training_step" else returned[-1]], [1])
+                if not same_output(whole, result.output):
+                    self._whole_outputs.add(checked)
+                    self._keeps_outputs = True
+                    result.output = whole
+                    self._warn_effects(f"{step} returns outputs in which the batch's rows meet (out - out.mean(0), "
+                                       f"torch.arange(len(x)), a softmax over rows), so the micro-batches' outputs put "
+                                       f"together differ from the whole batch's: the last stage keeps each batch's "
+                                       f"model outputs and runs the step once more, without gradients, on the whole "
+                                       f"batch for them (one device's values)")
         if replayed and numbers:  # the whole batch's output, numbers and all
             output = returned[0]
             result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])

@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
+from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
 __all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
-           "needs_whole_batch", "PerMicroBatch", "listed"]
+           "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -87,6 +88,25 @@ def listed(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(listed(item) for item in value)
     return value
+
+
+def same_output(one: Any, other: Any) -> bool:
+    """Whether two outputs of a step (put together by :func:`combine_outputs`) agree: the same structure, equal plain
+    values, and tensors equal up to rounding (other row counts sum in other orders)."""
+    leaves, spec = tree_flatten(one)
+    others, other_spec = tree_flatten(other)
+    if not _equal(spec, other_spec) or len(leaves) != len(others):  # (plain values are in the specs)
+        return False
+    for a, b in zip(leaves, others):
+        if a.shape != b.shape:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            if not torch.allclose(a.cpu(), b.cpu(), rtol=tolerance(a.dtype), atol=1e-5 * max(scale, 1.0)):
+                return False
+        elif not torch.equal(a.cpu(), b.cpu()):
+            return False
+    return True
 
 
 def combine_outputs(outputs: list[Any], sizes: list[int]) -> Any:
