@@ -627,7 +627,7 @@ def _fit_saved(kind: str, devices: int, strategy: Any, variant: bool, path: str)
     from tests.lightning_models import regression_data
 
     make = {"repeating": _repeating_module, "weighing": _weighing_module, "scaled": _scaled_module,
-            "chained": _chained_module}[kind]
+            "chained": _chained_module, "scaled_in_step": _scaled_in_step_module}[kind]
     model = make(variant)
     trainer = _trainer(strategy, devices, max_steps=3)
     trainer.fit(model, regression_data(3, batch_size=10))
@@ -866,3 +866,42 @@ def test_a_parameter_configure_optimizers_names_that_another_rank_holds_trains_a
     AttributeError); the checkpoint's optimizer states are one device's."""
     for _, _, written, _ in _as_one_device("scaled", (("1f1b", True), ("1f1b", False)), tmp_path):
         assert [group["lr"] for group in written["optimizer_states"][0]["param_groups"]] == [0.01, 0.05, 0.02]
+
+
+def _scaled_in_step_module(_: bool) -> Any:  # one variant
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Scored(nn.Module):
+        """A scale the model holds but its forward does not read (open_clip's logit_scale): the step applies it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.logit_scale = nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(torch.tanh(self.first(x)))
+
+    class Scaling(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Scored()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.model(batch[0]) * self.model.logit_scale.exp(), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    L.seed_everything(9, verbose=False)
+    return Scaling()
+
+
+@pytest.mark.timeout(300)
+def test_a_parameter_of_the_model_that_only_the_step_reads_trains_as_on_one_device(tmp_path: Path) -> None:
+    """It is held by the last stage, where the step's code after the model runs (once: by the first, where reading
+    it raised an error)."""
+    for _, weights, _, _ in _as_one_device("scaled_in_step", (("1f1b", False),), tmp_path):
+        assert not torch.equal(weights["model.logit_scale"], torch.tensor(0.5))

@@ -246,7 +246,9 @@ class Splitter:
 
     def _place_unused_state(self) -> None:
         """State no graph reads (frozen or unused modules) goes to the segment whose cut encloses its module (else
-        the first), so that the segments' ``state_dict``s together are exactly the model's."""
+        the first), so that the segments' ``state_dict``s together are exactly the model's; the model's own (a CLIP
+        model's ``logit_scale``, which the step applies to its outputs) to the last, where the step's code after the
+        model runs."""
         held = {name for segment in self._segments for name in segment.state_names()}
         self.unread_state = set()
         for kind, named in (("PARAMETER", self.model.named_parameters(remove_duplicate=False)),
@@ -254,7 +256,7 @@ class Splitter:
             for name, _ in list(named):
                 if name in held:
                     continue
-                owner = 0
+                owner = 0 if "." in name else len(self._segments) - 1
                 for i, (module, where) in enumerate(self.cuts):
                     if name.startswith(module + "."):
                         owner = max(owner, i + 1 if where == "begin" else i)

@@ -91,7 +91,8 @@ def _entry(value: Any, save: bool = True) -> _Entry:
 def _changed_in_place(before: _Entry, value: torch.Tensor) -> bool:
     """Whether the tensor ``value`` changed in place since ``before``: its version counter moved, or (a small one) its
     values differ; a batch norm's kernel updates the running statistics without moving the counter."""
-    return value._version != before.version or (before.saved is not None and not torch.equal(value, before.saved))
+    return value._version != before.version or (before.saved is not None and not value.is_meta
+                                                 and not torch.equal(value, before.saved))
 
 
 def _differs(before: _Entry | None, value: Any) -> bool:
