@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import warnings
 
@@ -55,7 +56,8 @@ class DeferredStatistics:
         self.active = False  # inside a forward or backward of the stage: never update running statistics directly
         self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
         self.current = 0  # which of the step's calls of the model the forward runs (:mod:`.calls`)
-        self.microbatch = 0  # the micro-batch the forward runs
+        self.microbatch: Any = 0  # the micro-batch the forward runs
+        self._runs = 0  # forwards run without a micro-batch's number: each counts as another micro-batch
         for norm in norms:
             norm._deferred = self
             # per micro-batch, call and use since the last commit: (call, use, micro-batch, rows, mean, biased
@@ -63,10 +65,14 @@ class DeferredStatistics:
             norm._recorded = []
 
     @contextmanager
-    def running(self, record: bool, microbatch: int = 0) -> Iterator[None]:
-        """The stage's forward (``record=True`` when it trains, of ``microbatch``) or backward runs inside this."""
+    def running(self, record: bool, microbatch: int | None = None) -> Iterator[None]:
+        """The stage's forward (``record=True`` when it trains, of ``microbatch``: by default another one than any
+        before) or backward runs inside this."""
         outer = self.active, self.recording, self.microbatch
-        self.active, self.recording, self.microbatch = True, record, microbatch
+        if microbatch is None:
+            self._runs += 1
+        self.active, self.recording = True, record
+        self.microbatch = microbatch if microbatch is not None else ("run", self._runs)
         try:
             yield
         finally:
