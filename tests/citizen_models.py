@@ -282,6 +282,12 @@ class PaddedLM(L.LightningModule):
         self.log("train_ppl", loss.exp())  # not a mean over rows: the whole batch's, from the model's own loss
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        ids, mask = batch
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        self.log("val_loss", loss)
+        return {"loss": loss}
+
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.2)
 

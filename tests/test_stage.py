@@ -80,3 +80,22 @@ def test_split_backward_falls_back_when_a_parameter_is_used_by_a_module_that_doe
     module = nn.Sequential(lender, nn.Tanh(), Borrower(lender), nn.Tanh())
     stage, _, _ = _split_vs_plain(module, microbatches=3)
     assert stage._split_mode == "full"
+
+
+class SparseBias(nn.Module):
+    """Adds rows of an ``nn.Embedding(sparse=True)``, whose weight gets a sparse gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(10, 8, sparse=True)
+        self.register_buffer("ids", torch.tensor([1, 3, 3, 7]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table(self.ids)
+
+
+def test_split_backward_of_a_sparse_gradient_is_exact() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), SparseBias(), nn.Linear(8, 8))
+    _, _, _ = _split_vs_plain(module, microbatches=2)
+    assert module[2].table.weight.grad.is_sparse

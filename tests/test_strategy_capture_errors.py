@@ -52,13 +52,15 @@ def _lightning(model: nn.Module, extra: nn.Module | None = None, use: str = "mod
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x = self.extra(batch[0]) if use == "before" else batch[0]
-            out = self.model(x) if use in ("model", "hook", "kept", "before") else x
+            out = self.model(x) if use in ("model", "hook", "kept", "before", "stored") else x
             if isinstance(out, tuple):
                 out = out[0]
             if extra is not None and use != "before":
                 out = self.extra(out)
             if use == "hook":
                 return out.pow(2).mean() + self.features["code"].pow(2).mean()
+            if use == "stored":  # an auxiliary loss its block's forward keeps as an attribute
+                return out.pow(2).mean() + self.model.second.aux
             return out.pow(2).mean()
 
         def configure_optimizers(self) -> Any:
@@ -160,6 +162,26 @@ class CubeBlocks(nn.Module):
         return x
 
 
+class AuxiliaryBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.aux = nn.Linear(8, 8), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer(x)
+        self.aux = x.pow(2).mean()  # MoE load balancing, deep supervision
+        return x
+
+
+class Storing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), AuxiliaryBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
 # -- errors on every rank ----------------------------------------------------------------------------
 def _run(rank: int, world_size: int, case: str) -> None:
     import lightning as L
@@ -178,6 +200,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="none"), 32
     elif case == "hook":
         module, width = _lightning(AutoEncoder(), use="hook"), 32
+    elif case == "stored":
+        module, width = _lightning(Storing(), use="stored"), 8
     elif case == "thawed":  # a parameter the step reads after the model, frozen at the build, unfrozen in the step
         class Thawing(L.LightningModule):
             def __init__(self) -> None:
@@ -210,6 +234,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
               "Return what the step needs from the model's forward"]),
+    ("stored", ["'aux' of 'second' is a tensor that its forward stores at each call",
+                "Return it from the model's forward"]),
     ("thawed", ["gave gradients to temperature, outside the pipelined model and frozen when the pipeline was built",
                 "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",

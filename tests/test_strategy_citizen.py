@@ -305,7 +305,10 @@ def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             model, trainer = _fit(case, world_size, PipelineStrategy(num_microbatches=4, **options))
         trainer.save_checkpoint(os.path.join(tmp, f"{name}.ckpt"))
         results[name] = {"logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
-                         "warned": [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]}
+                         "warned": [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)
+                       or "returns outputs in which" in str(w.message)]}
+        if case == "padded":
+            results[name]["validated"] = _validated(model, trainer)
         if case.startswith("fine-tuned"):
             results[name]["held"] = {part: sum(p.numel() for p in getattr(model, part).parameters())
                                      for part in ("backbone", "head")}
@@ -314,6 +317,34 @@ def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
             except RuntimeError as error:
                 results[name]["head_call"] = str(error)
     return results
+
+
+def _validated(model: Any, trainer: Any) -> dict[str, Any]:
+    """``trainer.validate`` of the padded LM on other padded rows: the logged loss, the loss each batch returned, and
+    the warnings of a loss that is a mean over a count (or of outputs that only the whole batch gives: a returned
+    loss told to be a mean over a count is weighted by it, so no run on the whole batch is needed for it)."""
+    import warnings
+
+    from lightning.pytorch.callbacks import Callback
+
+    from tests.citizen_models import padded_tokens
+
+    class Returned(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    returned = Returned()
+    trainer.callbacks.append(returned)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = trainer.validate(model, padded_tokens(batches=2, seed=9), verbose=False)[0]
+    trainer.callbacks.remove(returned)
+    return {"val_loss": logged["val_loss"], "returned": returned.losses,
+            "warned": [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)
+                       or "returns outputs in which" in str(w.message)]}
 
 
 @pytest.mark.timeout(300)
@@ -337,6 +368,15 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
         assert results[1][f"{case}-counted"]["logged"]["train_loss"] == pytest.approx(logged["train_loss"], rel=1e-5)
         if case == "padded":  # exp of the model's own loss, which the micro-batches' losses give weighted by count
             assert results[1]["padded-counted"]["logged"]["train_ppl"] == pytest.approx(logged["train_ppl"], rel=1e-5)
+            # and in validation: the logged loss and the one each batch returns, as one device's
+            model, trainer = _fit(case, 1, "auto")
+            validated = _validated(model, trainer)
+            for result in results:
+                got = result["padded-counted"]["validated"]
+                assert got["val_loss"] == pytest.approx(validated["val_loss"], rel=1e-5)
+                assert got["returned"] == pytest.approx(validated["returned"], rel=1e-5) and not got["warned"]
+            warned = [message for result in results for message in result["padded-auto"]["validated"]["warned"]]
+            assert len(warned) == 1 and warned[0].startswith("validation_step's loss") and "differs" in warned[0], warned
         assert not any(result[f"{case}-counted"]["warned"] for result in results)
 
         auto = torch.load(tmp_path / f"{case}-auto.ckpt", weights_only=False)["state_dict"]

@@ -299,3 +299,126 @@ def test_a_rank_zero_only_function_the_step_calls_is_named_in_a_warning() -> Non
     first, last = run_ranks(_rank_zero_code, 2, timeout=100)
     assert first == [] and len(last) == 1
     assert "Sampling.save_samples" in last[0] and "on_train_batch_end" in last[0]
+
+
+def _aggregates(rank: int, world_size: int) -> list[dict[str, float]]:
+    import lightning as L
+    import torchmetrics
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pipe import PipelineStrategy
+
+    class Aggregates(L.LightningModule):
+        """Feeds torchmetrics one value per batch (the loss: lightning-hydra-template's ``self.train_loss(loss)``),
+        which its micro-batches would feed once each; and per-row values, which split over them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.mean, self.total = torchmetrics.MeanMetric(), torchmetrics.SumMetric()
+            self.top = torchmetrics.MaxMetric()
+            self.weighted, self.right = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+            self.val_mean, self.val_all = torchmetrics.MeanMetric(), torchmetrics.CatMetric()
+            self.seen, self.updates = torchmetrics.SumMetric(), torchmetrics.SumMetric()  # not logged: never reset
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            logits = self.net(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            self.mean(loss)
+            self.total.update(loss)
+            self.top.update(loss)
+            self.weighted.update(loss, weight=len(batch[0]))
+            self.seen.update(loss)
+            self.updates.update(1.0)
+            self.right.update((logits.argmax(-1) == batch[1]).float())
+            self.log_dict({"train/mean": self.mean, "train/total": self.total, "train/top": self.top,
+                           "train/weighted": self.weighted, "train/right": self.right}, on_step=False, on_epoch=True)
+            self.log("train/total_so_far", self.total.compute())  # the earlier batches' updates too
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            self.val_mean(loss)
+            self.log("val/mean", self.val_mean)
+            self.val_all.update(loss)
+
+        def on_validation_epoch_end(self) -> None:
+            values = self.val_all.compute()
+            self.log_dict({"val/count": float(values.numel()), "val/last": values[-1]})
+            self.val_all.reset()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def data(seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        rows = TensorDataset(torch.randn(21, 12, generator=generator), torch.randint(0, 4, (21,), generator=generator))
+        return DataLoader(rows, batch_size=7)  # micro-batches of 4 and 3 rows
+
+    L.seed_everything(5, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=2, num_sanity_val_steps=0)
+    model = Aggregates()
+    trainer.fit(model, data(1), data(2))
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    states = {"seen": float(model.seen.compute()), "updates": float(model.updates.compute())}
+    return [logged, states]
+
+
+@pytest.mark.timeout(120)
+def test_metrics_fed_one_value_per_batch_are_one_devices() -> None:
+    """A SumMetric, MaxMetric or MeanMetric of the loss, and a CatMetric of it, take one update per batch on one
+    device; under a pipeline the step runs per micro-batch (uneven ones here), so these metrics are taken from the
+    step's run on the whole batch, on every rank, while per-row updates keep their micro-batches' states."""
+    reference = _aggregates(0, 1)
+    assert reference[0]["val/count"] == 3.0 and reference[1]["updates"] == 6.0  # one update per batch
+    for got in run_ranks(_aggregates, 2, timeout=100):
+        for part, want in zip(got, reference):
+            assert part.keys() == want.keys()
+            for name, value in want.items():
+                assert part[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def _masked(rank: int, world_size: int) -> list[float]:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pipe import PipelineStrategy
+
+    class Tagger(L.LightningModule):
+        """Returns, without logging it, a loss over the tokens not ignored at -100: a mean over a count of the whole
+        batch's, which its micro-batches' losses weighted by rows miss by little (one token fewer in one of them)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+
+        def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=-100)
+
+    class Returned(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+            self.losses.append(float(outputs))
+
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 10, 6, generator=generator), torch.randint(0, 5, (16, 10), generator=generator)
+    y[7::8, -1] = -100  # the last row of each batch's second micro-batch: one token ignored of 40
+    L.seed_everything(5, verbose=False)
+    returned = Returned()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, callbacks=[returned])
+    trainer.validate(Tagger(), DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    return returned.losses
+
+
+@pytest.mark.timeout(120)
+def test_a_returned_loss_over_a_count_of_the_whole_batch_is_one_devices_to_float32_rounding() -> None:
+    """The first batch's check of the returned outputs compares them with the step's run on the whole batch to
+    float32's rounding (1e-5), so a loss that the micro-batches' put together misses by 1e-4 is found."""
+    reference = _masked(0, 1)
+    for got in run_ranks(_masked, 2, timeout=100):
+        assert got == pytest.approx(reference, rel=1e-6)

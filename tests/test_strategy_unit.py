@@ -19,7 +19,8 @@ import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from lightning_pipe.strategy.checkpoint import atomic_save, training_state_of_rank
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs, combine_logs
+from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs, combine_logs
+from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.split import SplitModule, find_sequence
 from lightning_pipe.strategy.runner import combine_outputs
 from lightning_pipe.strategy.tied import find_ties

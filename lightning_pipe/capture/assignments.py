@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -28,10 +29,24 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "assignment_advice", "stored_advice"]
+__all__ = ["Assignments", "assignment_advice", "stored_advice", "stored_attributes", "stored_refusal"]
 
 _PLAIN = (bool, int, float)
 _MISSING = object()  # an attribute the forward created
+_STORED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()  # module -> its stored names
+
+
+def stored_attributes(module: nn.Module) -> frozenset[str]:
+    """The attributes of ``module`` in which a captured forward stored computed tensors (:func:`stored_advice`)."""
+    return frozenset(_STORED.get(module, ()))
+
+
+def stored_refusal(name: str, where: str) -> str:
+    """The error for a step reading ``where``'s attribute ``name``, a tensor its forward stored (:func:`stored_advice`)."""
+    return (f"{name!r} of {where!r} is a tensor that its forward stores at each call (an auxiliary loss, attention "
+            f"maps); under PipelineStrategy the forward runs as a captured graph, which does not store it, and that "
+            f"layer may run on another rank. Return it from the model's forward (return logits, aux) and read it from "
+            f"the model's output in the step")
 
 
 class Assignments:
@@ -80,6 +95,7 @@ class Assignments:
                 # (not a weight recomputed from its parameters at each call: pruning's weight_orig, weight_norm's
                 # weight_g and weight_v set module.weight in a pre-hook, which the graph computes)
                 place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
+                _STORED.setdefault(module, set()).add(name)
                 if place not in self.stored:
                     self.stored.append(place)
             setattr_(module, name, value)

@@ -264,7 +264,8 @@ class PipelineStage:
             full = torch.autograd.grad(tensors, params, grads, retain_graph=True, allow_unused=True)
             split = self._weight_grads_from(captures, captured_grads, accumulate=False)
             same = all((g is None and id(p) not in split) or (g is not None and id(p) in split and
-                       torch.allclose(split[id(p)], g, rtol=1e-5, atol=1e-6)) for p, g in zip(params, full))
+                       torch.allclose(_dense(split[id(p)]), _dense(g), rtol=1e-5, atol=1e-6))
+                       for p, g in zip(params, full))
             self._split_mode = "captured" if same else "full"
             for param, grad in zip(params, full):
                 if grad is not None:
@@ -344,3 +345,8 @@ def _backward_takes_edges() -> bool:
     except (TypeError, RuntimeError, AttributeError):
         return False
     return True
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient to compare by value: a sparse one (``nn.Embedding(sparse=True)``'s) as its dense tensor."""
+    return grad.to_dense() if grad.is_sparse else grad

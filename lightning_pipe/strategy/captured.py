@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
+from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers
@@ -158,7 +159,10 @@ class PipelinedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        return plain_attribute(self.__dict__.get("_model"), name, lambda: (  # the model: set once this holds state
+        model = self.__dict__.get("_model")
+        if model is not None and name in stored_attributes(model):
+            raise AttributeError(stored_refusal(name, self._path))
+        return plain_attribute(model, name, lambda: (  # the model: set once this holds state
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
             f"(self.{self._path}(...)){_GENERATE if name == 'generate' else ''}"))

@@ -21,7 +21,8 @@ from lightning_pipe.engine.rows import rows_meet
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker
+from lightning_pipe.strategy.logs import LogRecorder
+from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.randomness import (
     derive_seed,
     forked_random,
@@ -56,8 +57,11 @@ class FirstBatchChecks:
     def _init_checks(self, split: SplitModule | CapturedModule, pipeline: Pipeline) -> None:
         """Every check still to run, and for a fast-path sequence its stages keeping two micro-batches' inputs."""
         self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
-        self._loss_checks_left = 16  # training batches checked for that, on the first stage of a captured model
-        self._model_losses: tuple[int, list[MeanLoss]] = (0, [])  # (captures seen, their mean losses)
+        # batches of each step checked for a captured model's own such loss (on the first stage), and the steps warned
+        self._loss_checks_left = dict.fromkeys(("training_step", "validation_step", "test_step"), 16)
+        self._model_loss_warned: set[str] = set()
+        # (training, captures seen) -> their mean losses
+        self._model_losses: dict[bool, tuple[int, list[MeanLoss]]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
@@ -115,25 +119,37 @@ class FirstBatchChecks:
         until a batch tells, and then, for a mean, a few batches more."""
         return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
 
-    def _checks_model_loss(self) -> bool:
-        """Whether this training step checks the captured model's own loss (first stage, a mean, a few batches)."""
+    def _checks_model_loss(self, step: str = "training_step") -> bool:
+        """Whether this step checks the captured model's own loss (first stage, a mean, a few batches; not
+        predictions)."""
+        training = step == "training_step"
         return (isinstance(self.split, CapturedModule) and self.loss_reduction in ("auto", "mean")
-                and not self._loss_warned and self._loss_checks_left > 0 and 0 in self.pipeline.stages
-                and not self.pipeline.asynchronous)
+                and self._loss_checks_left.get(step, 0) > 0 and 0 in self.pipeline.stages
+                and not (self._loss_warned if training else step in self._model_loss_warned)
+                and not (training and self.pipeline.asynchronous))
 
-    def _check_model_loss(self, inputs: list[Any]) -> None:
+    def _check_model_loss(self, inputs: list[Any], step: str = "training_step") -> None:
         """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
-        micro-batches (``inputs``: their model inputs) do not share alike: warn, once (the step's probe cannot see
-        inside the model)."""
+        micro-batches (``inputs``: their model inputs) do not share alike: warn, once per step (the step's probe
+        cannot see inside the model; in evaluation the loss it logs and returns is then not one device's)."""
         assert isinstance(self.split, CapturedModule)
-        self._loss_checks_left -= 1
+        self._loss_checks_left[step] -= 1
+        training = step == "training_step"
         captures = self.split.splitter.captures
-        if self._model_losses[0] != len(captures):
-            graphs = [program.graph_module for capture in captures if capture.training for program in capture.programs]
-            self._model_losses = (len(captures), mean_losses(graphs))
-        message = model_loss_warning(self._model_losses[1], inputs)
-        if message is not None:
+        seen, losses = self._model_losses.get(training, (-1, []))
+        if seen != len(captures):
+            graphs = [program.graph_module for capture in captures if capture.training == training
+                      for program in capture.programs]
+            losses = mean_losses(graphs)
+            self._model_losses[training] = (len(captures), losses)
+        message = model_loss_warning(losses, inputs, step)
+        if message is None:
+            return
+        if training:
             self._warn_once(message)
+        else:
+            self._model_loss_warned.add(step)
+            warnings.warn(message, stacklevel=2)
 
     def _checks_inputs(self, step: str, microbatches: int) -> bool:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of

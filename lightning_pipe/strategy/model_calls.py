@@ -21,7 +21,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_pipe.engine.calls import Calls
-from lightning_pipe.strategy.logs import MetricTracker
+from lightning_pipe.strategy.metric_states import MetricTracker
 
 __all__ = ["Pending", "ModelCalls", "Stop", "call_key"]
 

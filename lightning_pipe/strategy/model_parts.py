@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
+
 __all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state"]
 
 
@@ -62,7 +64,10 @@ class ModelPart(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        return plain_attribute(self.__dict__.get("_original"), name, lambda: (
+        original = self.__dict__.get("_original")
+        if original is not None and name in stored_attributes(original):
+            raise AttributeError(stored_refusal(name, self.part_name))
+        return plain_attribute(original, name, lambda: (
             f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
             f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
             f"attributes, or call the whole model in the step"))

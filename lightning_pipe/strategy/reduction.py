@@ -154,26 +154,29 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     return "neither", why
 
 
-def neither_warning(why: str) -> str:
+def neither_warning(why: str, step: str = "training_step") -> str:
     """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither")."""
-    return (f"training_step's loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
+    differ = ("these gradients differ from one device's (as they do under accumulate_grad_batches or DDP). For one "
+              "device's gradients" if step == "training_step" else
+              "the loss this step logs and returns differs from one device's. For one device's")
+    return (f"{step}'s loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
             f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), or it "
             f"couples the rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
-            f"pipeline weights each micro-batch's loss by its rows, so these gradients differ from one device's (as "
-            f"they do under accumulate_grad_batches or DDP). For one device's gradients with a count, say what the "
+            f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
             f"(batch['labels'] != -100).sum()) for labels ignored at -100, or the sum of the class weights of its "
             f"labels")
 
 
-def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any]]) -> str | None:
+def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any]],
+                       step: str = "training_step") -> str | None:
     """What to tell a user whose captured model computes its loss inside (a Hugging Face model given ``labels``) as
     a mean its micro-batches do not share alike: by class weights, or over the labels other than an ignored one
     (-100) when the micro-batches (``inputs``: each one's flattened inputs of the model) hold different shares of
     those; None if none does."""
     for loss in losses:
         if loss.weighted:
-            return neither_warning(f"the model's {loss.op} averages over its labels' class weights")
+            return neither_warning(f"the model's {loss.op} averages over its labels' class weights", step)
     if len(inputs) < 2:
         return None
     # A negative ignored label (-100, torch's and Hugging Face's default) is no token id or mask value; a
@@ -188,7 +191,7 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
             shares = [count / max(leaf.numel(), 1) for count, leaf in zip(counts, column)]
             if max(shares) - min(shares) > 1e-9:
                 return neither_warning(f"the model's {loss.op} is a mean over the labels other than {ignore_index}, "
-                                       f"and this batch's micro-batches hold {counts} of them") + (
+                                       f"and this batch's micro-batches hold {counts} of them", step) + (
                     f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != {ignore_index})"
                     f".sum())")
     return None

@@ -35,7 +35,8 @@ from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.logs import LogRecorder, MetricTracker, WholeBatchLogs
+from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
+from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.randomness import (
     derive_seed,
     forked_random,
@@ -110,6 +111,9 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         # out.mean(0), torch.arange(len(x))), found on their first batch: their outputs come from the whole batch's run
         self._whole_outputs: set[str] = set()
         self._outputs_checked: set[str] = set()
+        # and those whose metric updates differ so (a SumMetric of the loss): taken from that run (:mod:`.metric_states`)
+        self._whole_metrics: dict[str, list[str]] = {}
+        self._metrics_checked: set[str] = set()
         self._effects_warned: set[str] = set()
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
@@ -317,7 +321,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                 def make() -> StepResult:
                     scale = self._settle_reduction(probe, rest, kwargs, seed) if probe is not None else 1.0
                     total = loss if loss is None or scale == 1.0 else loss * scale
-                    result = self._result(total, outputs, sizes, check_outside=True)
+                    result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
                     result.grad_scale = scale
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
                                          result, counts)
@@ -349,14 +353,18 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         start = self.effects.snapshot()
         self._prepare(step, batch, rest, kwargs, seed)
         firsts = self._first_rows(rows)
-        inputs: dict[int, list[Any]] | None = {} if self._checks_inputs(step, len(firsts)) else None
+        checks_inputs = self._checks_inputs(step, len(firsts))
+        checks_loss = self._checks_model_loss(step)
+        inputs: dict[int, list[Any]] | None = {} if checks_inputs or checks_loss else None
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, inputs)
         pipe.loss_fn = None
         self.recorder.calls = []
         with self._result_posted(fingerprint):
             _, last_outputs = pipe.eval_step(_tagged(batch, rows))
-            if inputs is not None:
-                self._check_inputs(step, batch, rest, kwargs, seed, inputs)
+            if checks_inputs:
+                self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
+            if checks_loss:
+                self._check_model_loss(list((inputs or {}).values()), step)
             encoded = None
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
@@ -375,7 +383,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
-        result = self._result(None, outputs, sizes, check_outside=False)
+        result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
         kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
@@ -398,7 +406,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         def replay(whole: Any, for_logs: bool = False) -> None:
             recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
             loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
-            with torch.no_grad(), recording, self.metrics.untouched(), host_random_kept(), loggers, \
+            with torch.no_grad(), recording, self.metrics.replaying(), host_random_kept(), loggers, \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 before = global_random_states()
                 returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
@@ -412,6 +420,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         weights = [float(count) for count in counts.counts] if counts is not None else None
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
+        if checked is not None and checked in self._whole_metrics:
+            needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
                                           needs=needs, weights=weights)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
@@ -437,12 +447,17 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                     self._keeps_outputs = True
                     result.output = whole
                     self._warn_effects(f"{step} returns outputs in which the batch's rows meet (out - out.mean(0), "
-                                       f"torch.arange(len(x)), a softmax over rows), so the micro-batches' outputs put "
+                                       f"torch.arange(len(x)), a softmax over rows, a loss averaged over a count of "
+                                       f"the whole batch's: masked tokens), so the micro-batches' outputs put "
                                        f"together differ from the whole batch's: the last stage keeps each batch's "
                                        f"model outputs and runs the step once more, without gradients, on the whole "
                                        f"batch for them (one device's values)")
-        if replayed and numbers:  # the whole batch's output, numbers and all
-            output = returned[0]
+        if checked is not None:
+            self._settle_metrics(step, checked, result, kept, microbatches, weights, replay,
+                                 lambda: bool(returned) and bool(drew) and not drew[-1], self.effects.changed(start))
+        if (replayed and numbers) or (returned and drew and not drew[-1]):  # the whole batch's output (numbers
+            # and all), from a run of the step on it (for its effects, logs, outputs or metrics) that drew nothing
+            output = returned[0] if numbers else returned[-1]
             result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
         elif numbers:  # as the micro-batches gave them (settle said so)
             result.output = listed(result.output)
@@ -454,6 +469,33 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
+
+    def _settle_metrics(self, step: str, checked: str, result: StepResult, kept: list[tuple[int, Any, int]],
+                        microbatches: int, weights: list[float] | None, replay: Callable[..., None],
+                        whole_run: Callable[[], bool], changed: bool) -> None:
+        """The metrics the step updated as one device's (:mod:`.metric_states`): on the first batch of each step kind
+        (``checked``), the micro-batches' updates compared with a run of the step on the whole batch (``whole_run()``:
+        one ran, the last without drawing random numbers); metrics updated otherwise there are taken from such a run
+        at every batch of that kind."""
+        if checked not in self._metrics_checked and self.metrics.updated():
+            self._metrics_checked.add(checked)
+            if not whole_run() and not changed:
+                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
+            found = self.metrics.differing() if whole_run() else []
+            if found:
+                self._whole_metrics[checked] = found
+                self._keeps_outputs = True
+                self._warn_effects(f"{step} updates {', '.join(found)} with values that are not per row (a loss, a "
+                                   f"batch statistic: SumMetric, MaxMetric, CatMetric or MeanMetric of the loss, a "
+                                   f"running window), so its micro-batches' updates do not make the whole batch's "
+                                   f"update: the last stage keeps each batch's model outputs and runs the step once "
+                                   f"more, without gradients, on the whole batch for them (one device's states). To "
+                                   f"spare that, update metrics per row, or weight a loss by its rows "
+                                   f"(MeanMetric: metric(loss, weight=len(x)))")
+        if checked in self._whole_metrics and whole_run():
+            self.metrics.adopt(self._whole_metrics[checked])
+            result.metrics = self.metrics.batch_update({entry.metric for entry in result.logs
+                                                        if entry.metric is not None})
 
     def _logs_kind(self, step: str, rest: tuple, microbatches: int) -> str | None:
         """What :class:`WholeBatchLogs` checks this step's logs under (each evaluation dataloader on its own first

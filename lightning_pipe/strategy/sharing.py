@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.strategy.logs import combine_replica_logs
+from lightning_pipe.strategy.reduction import Counts
 from lightning_pipe.strategy.results import StepResult, decode_result, encode_result, gather_results
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.step_effects import Snapshot
@@ -47,7 +48,7 @@ class SharedResults:
     flagged: bool
 
     def _result(self, loss: torch.Tensor | None, outputs: list[Any], sizes: list[int],
-                check_outside: bool) -> StepResult:
+                check_outside: bool, counts: Counts | None = None) -> StepResult:
         if check_outside and (names := [name for name in self.split.outside_parameters_with_grad()
                                         if name not in self.tied.step_names]):
             return StepResult(error=self.split.outside_error(names))
@@ -59,7 +60,7 @@ class SharedResults:
                                     f"or keep them frozen")
         logs = self.recorder.combine()
         metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
-        output = combine_outputs(outputs, sizes)
+        output = combine_outputs(outputs, sizes, None if counts is None else [float(c) for c in counts.counts])
         return StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
 
     def _thawed_outside(self) -> list[str]:
