@@ -96,3 +96,27 @@ def test_a_rank_that_fails_under_torch_multiprocessing_spawn_is_reported_as_fail
 
     with pytest.raises(Exception, match="a loss that fails|exited with exit code"):
         mp.spawn(_spawned_rank, args=(free_port(),), nprocs=2)
+
+
+def test_a_wait_explained_after_the_store_went_names_the_failure_its_heartbeat_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Global rank 0 holds the job's store and lingers only a while for the others to explain their waits; a rank
+    whose wait runs out after that still ends with the failure its heartbeat read, not "the store does not answer"."""
+    import time
+
+    import torch.distributed as dist
+
+    from lightning_pipe.engine import watchdog
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(watchdog, "sample_peers", lambda *args, **kwargs: None)  # the store is gone
+        message, root = watchdog.explain_wait(0, [1], "writing a checkpoint", 10.0)
+        assert root == 0 and message.startswith("the job's store does not answer")  # nothing read: say so
+        failure = {"time": time.time(), "rank": 1, "message": "PeerLost: rank 1 is gone"}
+        monkeypatch.setattr(watchdog, "_KNOWN", [(dist.group.WORLD, failure)])
+        message, root = watchdog.explain_wait(0, [1], "writing a checkpoint", 10.0)
+        assert root == 1 and message == "rank 1 failed: PeerLost: rank 1 is gone; rank 0 waited 10 s for writing a " \
+                                        "checkpoint"
+    finally:
+        dist.destroy_process_group()

@@ -433,6 +433,9 @@ def explain_wait(me: int, awaited: Sequence[int], what: str, waited: float, *, l
     peers = sample_peers(range(world), interrupt=interrupt)
     waited_text = f"rank {me} waited {waited:.0f} s for {what}"
     if peers is None:
+        known = known_failure()  # read by this rank's heartbeat before the store went (its host ended with it)
+        if known is not None and known[0] != me:
+            return f"rank {known[0]} failed: {known[1]}; {waited_text}", known[0]
         return (f"the job's store does not answer (it is served by {_store_host()}, which may have stopped or gone); "
                 f"{waited_text}"), 0
     candidates = [rank for rank in awaited if rank != me and not (same and peers[rank].doing == same
