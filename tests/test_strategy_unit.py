@@ -19,7 +19,7 @@ import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from lightning_pipe.strategy.checkpoint import atomic_save, training_state_of_rank
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
-from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs, combine_logs
+from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs, combine_logs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.split import SplitModule, find_sequence
 from lightning_pipe.strategy.runner import combine_outputs
@@ -150,13 +150,31 @@ def test_logged_values_combine_as_one_batch() -> None:
         assert whole_logs.settle(name, [first], whole) == set() and first.batch_size == taken
         later = combine_logs(micro(), {}, whole_logs.constants)[0]
         assert later.batch_size == taken
-    assert whole_logs.constants == {"c"} and not whole_logs.wanted("c") and not whole_logs.wanted("tokens")
+    assert whole_logs.constants == {"c"} and whole_logs.checks == {"c": 1, "tokens": 1}
     assert float(later.value) == pytest.approx(2.5)  # the tokens' values weighed by their counts
     assert float(combine_logs([_call("c", torch.tensor(1.0), 3, batch_size=4), _call("c", torch.tensor(4.0), 1,
                                                                                      batch_size=4)], {},
                               whole_logs.constants)[0].value) == pytest.approx((3 * 1.0 + 4.0) / 4)  # by rows
     with pytest.raises(ValueError, match="reduce_fx must be"):
         combine_logs([_call("x", 1.0, 1, reduce_fx=lambda v: v)], {})
+    # a value that the first batch's micro-batches give alike (a loss over the tokens with labels, before any batch
+    # holds padding) and a later checked batch's do not: found there, and taken from the whole batch's run after
+    late = WholeBatchLogs()
+    for batch, whole_value in enumerate([2.5, 2.5, 3.0, 2.5, 3.0, 3.0]):
+        combined = combine_logs([_call("loss", torch.tensor(1.0), 2), _call("loss", torch.tensor(4.0), 2)], {})
+        whole = LogRecorder(nn.Linear(1, 1))
+        whole.calls = [_call("loss", torch.tensor(whole_value), 4)]
+        wanted = late.wanted("loss")
+        found = late.settle("loss", combined, whole if wanted else None)
+        assert found == ({"loss"} if batch == 2 else set()) and wanted == (batch < CHECKED_BATCHES or batch > 2)
+        assert float(combined[0].value) == (whole_value if batch >= 2 else 2.5)
+    quiet = WholeBatchLogs()
+    for _ in range(CHECKED_BATCHES):  # nothing found in the batches checked: no more runs on the whole batch
+        whole = LogRecorder(nn.Linear(1, 1))
+        whole.calls = [_call("loss", torch.tensor(2.5), 4)]
+        assert quiet.wanted("loss") and quiet.settle("loss", combine_logs(
+            [_call("loss", torch.tensor(1.0), 2), _call("loss", torch.tensor(4.0), 2)], {}), whole) == set()
+    assert not quiet.wanted("loss")
 
 
 def test_metric_state_of_a_batch_merges_like_one_device() -> None:

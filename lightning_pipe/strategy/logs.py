@@ -24,7 +24,11 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
-__all__ = ["LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs"]
+__all__ = ["LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs", "CHECKED_BATCHES"]
+
+# The first batches of each step kind whose logs, outputs and metric updates are checked against a run of the step on
+# the whole batch (a loss over the tokens that have labels looks like a mean over rows until a batch holds padding).
+CHECKED_BATCHES = 4
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -166,8 +170,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
 class WholeBatchLogs:
     """The logged names that a step's micro-batches do not combine into, per step kind, and their whole-batch values.
 
-    On the first batch of each step kind (with more than one micro-batch) the last stage runs the step once more,
-    without gradients, on the whole batch's model output (its micro-batches' put back together) and compares what it
+    On the first batches of each step kind (:data:`CHECKED_BATCHES`, with more than one micro-batch) the last stage
+    runs the step once more, without gradients, on the whole batch's model output (its micro-batches' put back
+    together) and compares what it
     logs with the micro-batches' combination; the names that differ (a maximum under the default ``reduce_fx``, a
     perplexity ``exp(loss)``, ``len(x)``; or whose ``batch_size`` the combination reads otherwise than one device
     gives it: a count that happened to be alike in every micro-batch) are taken from such a run at every batch after,
@@ -176,33 +181,36 @@ class WholeBatchLogs:
 
     def __init__(self) -> None:
         self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
+        self.checks: dict[str, int] = {}  # step -> its batches checked so far
         self.constants: set[str] = set()  # names whose batch_size the whole batch's run showed to be a constant
 
     def wanted(self, step: str) -> bool:
-        """Whether ``step``'s batch needs a whole-batch run for its logs (not checked yet, or names to take)."""
-        return step not in self.names or bool(self.names[step])
+        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, or names to take)."""
+        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step))
 
     def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> set[str]:
         """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;
         ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them; returns
         the names found this time (empty after the first check)."""
-        if whole is None:
-            self.names.setdefault(step, set())
+        names = self.names.setdefault(step, set())
+        if whole is None:  # no telling (a step that draws random numbers): its micro-batches' combination stands
+            self.checks[step] = CHECKED_BATCHES
             return set()
         wholes = {entry.name: entry for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
-        if step not in self.names:
+        if self.checks.get(step, 0) < CHECKED_BATCHES:
+            self.checks[step] = self.checks.get(step, 0) + 1
             for entry in logs:
                 taken = wholes.get(entry.name)
-                if entry.value is None or taken is None:
+                if entry.value is None or taken is None or entry.name in names:
                     continue
                 if entry.batch_size != taken.batch_size and entry.given == taken.batch_size:
                     self.constants.add(entry.name)  # a constant (read as a sum this once): combined as one after
                     entry.value, entry.batch_size = taken.value.to(entry.value.dtype), taken.batch_size
                 elif not _close(entry.value, taken.value) or entry.batch_size != taken.batch_size:
                     found.add(entry.name)
-            self.names[step] = found
+            names |= found
         for entry in logs:
             if entry.name in self.names[step] and entry.name in wholes:
                 taken = wholes[entry.name]

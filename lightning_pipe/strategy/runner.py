@@ -35,7 +35,7 @@ from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
+from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.randomness import (
     derive_seed,
@@ -110,10 +110,10 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         # steps (and dataloaders) whose returned outputs the micro-batches' do not put together (rows that meet: out -
         # out.mean(0), torch.arange(len(x))), found on their first batch: their outputs come from the whole batch's run
         self._whole_outputs: set[str] = set()
-        self._outputs_checked: set[str] = set()
+        self._outputs_checked: dict[str, int] = {}  # batches checked so far (:data:`~.logs.CHECKED_BATCHES`)
         # and those whose metric updates differ so (a SumMetric of the loss): taken from that run (:mod:`.metric_states`)
         self._whole_metrics: dict[str, list[str]] = {}
-        self._metrics_checked: set[str] = set()
+        self._metrics_checked: dict[str, int] = {}
         self._effects_warned: set[str] = set()
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
@@ -436,8 +436,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                    f"whole batch for them (one device's values). To spare that memory and time, log "
                                    f"means over rows in the step and derive the rest later (a perplexity from the "
                                    f"epoch's mean loss)")
-        if checked is not None and checked not in self._outputs_checked and not numbers:
-            self._outputs_checked.add(checked)
+        if checked is not None and self._outputs_checked.get(checked, 0) < CHECKED_BATCHES and not numbers:
+            self._outputs_checked[checked] = self._outputs_checked.get(checked, 0) + 1
             if not returned and not self.effects.changed(start):
                 self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
             if returned and drew and not drew[-1]:  # the micro-batches' outputs put together: the whole batch's?
@@ -473,16 +473,17 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
     def _settle_metrics(self, step: str, checked: str, result: StepResult, kept: list[tuple[int, Any, int]],
                         microbatches: int, weights: list[float] | None, replay: Callable[..., None],
                         whole_run: Callable[[], bool], changed: bool) -> None:
-        """The metrics the step updated as one device's (:mod:`.metric_states`): on the first batch of each step kind
+        """The metrics the step updated as one device's (:mod:`.metric_states`): on the first batches of each step kind
         (``checked``), the micro-batches' updates compared with a run of the step on the whole batch (``whole_run()``:
         one ran, the last without drawing random numbers); metrics updated otherwise there are taken from such a run
         at every batch of that kind."""
-        if checked not in self._metrics_checked and self.metrics.updated():
-            self._metrics_checked.add(checked)
+        if self._metrics_checked.get(checked, 0) < CHECKED_BATCHES and self.metrics.updated():
+            self._metrics_checked[checked] = self._metrics_checked.get(checked, 0) + 1
             if not whole_run() and not changed:
                 self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
             found = self.metrics.differing() if whole_run() else []
             if found:
+                found = sorted({*self._whole_metrics.get(checked, []), *found})
                 self._whole_metrics[checked] = found
                 self._keeps_outputs = True
                 self._warn_effects(f"{step} updates {', '.join(found)} with values that are not per row (a loss, a "
