@@ -424,9 +424,10 @@ class _Tagger(nn.Module):
 
 class _Experts(nn.Module):
     """Top-1 routing to two experts by index (``nonzero``, ``index_add``), and, with ``balance``, the load-balancing
-    loss of a mixture of experts: the fraction of tokens per expert times their mean router probability."""
+    loss of a mixture of experts: the fraction of tokens per expert times their mean router probability ("stored":
+    kept on the module, which a captured graph does not do, and read by nothing)."""
 
-    def __init__(self, balance: bool) -> None:
+    def __init__(self, balance: bool | str) -> None:
         super().__init__()
         self.router, self.balance = nn.Linear(4, 2), balance
         self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
@@ -441,6 +442,9 @@ class _Experts(nn.Module):
         if not self.balance:
             return out, out.pow(2).mean()
         fraction = torch.nn.functional.one_hot(chosen, 2).float().mean(0)
+        if self.balance == "stored":
+            self.aux = 2 * (fraction * probs.mean(0)).sum()
+            return out, out.pow(2).mean()
         return out, 2 * (fraction * probs.mean(0)).sum()
 
 
@@ -481,6 +485,7 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
                            ("encoder_batch_first", _Tagger("encoder", True), torch.randint(0, 10, (4, 7))),
                            ("routed", _Experts(False), torch.randn(6, 4)),
                            ("balanced", _Experts(True), torch.randn(6, 4)),
+                           ("stored", _Experts("stored"), torch.randn(6, 4)),
                            ("centered", _Centered(), torch.randn(6, 4)),
                            ("batch_norm", nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(6, 4))):
         splitter = Splitter(model)
@@ -494,7 +499,7 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
     assert "attends along the batch's rows" in found["encoder"] and "self_attn" in found["encoder"], found
     assert "multiplies two statistics" in found["balanced"], found
     assert "brings a statistic over the batch's rows (mean" in found["centered"], found
-    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted")
+    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted", "stored")
     assert all(found[name] is None for name in unmixed), found
 
 

@@ -38,6 +38,7 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
               if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
     if not firsts:
         return None
+    nodes = _read(nodes)
     example = _example(firsts[0])
     rows = {size.node.expr for size in firsts if fixed_size(size) is None and _example(size) == example}
     for node in nodes if rows else ():
@@ -60,6 +61,20 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
             return _RECURRENCE.format(place=_place(node))
     return (f"the graph fixes the batch's rows to {example}: the forward takes their number as a Python int, as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels (each micro-batch size is captured anew)")
+
+
+def _read(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    """Those of ``nodes`` that the graph's output depends on: a value the forward only stores on a module (a
+    load-balancing loss kept as ``self.aux``, which the captured graph does not store) lets no rows meet in training."""
+    live, waiting = set(), [node for node in nodes if node.op == "output"]
+    if not waiting:
+        return list(nodes)
+    while waiting:
+        node = waiting.pop()
+        if node not in live:
+            live.add(node)
+            waiting.extend(node.all_input_nodes)
+    return [node for node in nodes if node in live]
 
 
 def _example(size: int | torch.SymInt) -> object:
