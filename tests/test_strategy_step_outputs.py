@@ -334,6 +334,7 @@ def _aggregates(rank: int, world_size: int) -> list[dict[str, float]]:
             self.log_dict({"train/mean": self.mean, "train/total": self.total, "train/top": self.top,
                            "train/weighted": self.weighted, "train/right": self.right}, on_step=False, on_epoch=True)
             self.log("train/total_so_far", self.total.compute())  # the earlier batches' updates too
+            self.log("train/right_so_far", self.right.compute())  # of a metric updated per row
             return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
