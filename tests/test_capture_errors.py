@@ -27,6 +27,23 @@ class Gate(nn.Module):
         return x
 
 
+class Forcing(nn.Module):
+    """Random teacher forcing in a loop, in a forward whose first argument is not called ``self``."""
+
+    def __init__(this) -> None:  # noqa: N805
+        super().__init__()
+        this.cell = nn.Linear(1, 1)
+
+    def forward(this, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: N805
+        outputs, step = [], x[:, -1:]
+        for t in range(3):
+            step = this.cell(step)
+            outputs.append(step)
+            if torch.rand(()) < 0.5:  # the line the error must name
+                step = y[:, t:t + 1]
+        return torch.cat(outputs, 1)
+
+
 class RoundThrough(torch.autograd.Function):
     """A straight-through estimator: round forward, identity backward (export would differentiate the round)."""
 
@@ -67,6 +84,10 @@ def test_control_flow_on_a_tensor_value_names_the_module_and_line() -> None:
     assert "test_capture_errors.py:" in message and "if x.mean() > 0:" in message
     assert "torch.where" in message and "torch.cond" in message and "nn.Sequential" in message
     assert "call the model without it" not in message  # the user's own code: the advice is to change it
+    with pytest.raises(CaptureError) as caught:
+        Splitter(Forcing()).segments((torch.randn(2, 5), torch.randn(2, 3)))
+    message = str(caught.value)  # the user's line, not torch's call of the module (module.py's _call_impl)
+    assert "Forcing.forward" in message and "if torch.rand(()) < 0.5:" in message and "module.py" not in message
 
 
 def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> None:

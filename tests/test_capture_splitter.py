@@ -901,3 +901,21 @@ def test_a_nested_tensor_transformer_encoder_without_a_padding_mask_does_not_war
         warnings.simplefilter("error")
         with torch.no_grad():
             Splitter(encoder).capture((torch.randn(2, 5, 16),), {}, training=False)
+
+
+def test_a_fallback_to_fixed_sizes_says_where_and_that_the_model_is_fine() -> None:
+    """torch's export cannot keep a 2-layer GRU's sizes symbolic; the warning of the capture per shape names the
+    layer and says it is a limit of the tracing, not a fault of the model (it read like one)."""
+
+    class Speech(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.gru = nn.Conv1d(8, 16, 3, stride=2, padding=1), nn.GRU(16, 16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gru(self.conv(x.transpose(1, 2)).transpose(1, 2))[0]
+
+    with pytest.warns(UserWarning, match="could not keep the input sizes symbolic") as caught:
+        Splitter(Speech()).capture((torch.randn(4, 20, 8),))
+    message = next(str(w.message) for w in caught if "symbolic" in str(w.message))
+    assert "module 'gru' (GRU.forward" in message and "the model is fine and trains exactly" in message

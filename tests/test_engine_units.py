@@ -128,3 +128,8 @@ def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_w
     assert norm.running_mean is mean and torch.equal(mean, torch.zeros(3))
     assert norm.num_batches_tracked is count and int(count) == 0
     assert model.training and norm.training
+    untouched = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).eval()  # a frozen teacher's: run, not changed
+    versions = [buffer._version for buffer in untouched.buffers()]
+    with kept_buffers([untouched]):
+        untouched(torch.randn(4, 3))
+    assert [buffer._version for buffer in untouched.buffers()] == versions  # nothing to tell a step it changed them

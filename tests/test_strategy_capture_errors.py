@@ -217,6 +217,30 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 return torch.optim.SGD(self.parameters(), lr=0.1)
 
         module, width = Thawing(), 32
+    elif case == "graph":  # node classification on one whole graph: the batch is its nodes and their adjacency
+        class Propagation(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.first, self.second = nn.Linear(4, 8), nn.Linear(8, 3)
+
+            def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+                return self.second(adjacency @ torch.relu(self.first(adjacency @ x)))
+
+        class Nodes(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = Propagation()
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                return self.model(batch[0], batch[1]).pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        graph = DataLoader([(torch.randn(8, 4), torch.rand(8, 8)) for _ in range(2)], batch_size=None)
+        L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(Nodes(), graph)
+        return
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
     else:
@@ -234,6 +258,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("never_called", ["never called the model at 'model'", "layers="]),
     ("hook", ["Module.features['code'] was stored while the model at 'model' (AutoEncoder) was captured",
               "Return what the step needs from the model's forward"]),
+    ("graph", ["CaptureError", "The batch holds a tensor of shape (8, 8) over its 8 rows twice",
+               "pass num_microbatches=1"]),
     ("stored", ["'aux' of 'second' is a tensor that its forward stores at each call",
                 "Return it from the model's forward"]),
     ("thawed", ["gave gradients to temperature, outside the pipelined model and frozen when the pipeline was built",

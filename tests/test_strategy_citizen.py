@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_pipe.strategy.logs import CHECKED_BATCHES
 from tests.helpers import run_ranks
 
 SEED = 77
@@ -117,8 +118,10 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
     # (a captured model: every rank also runs the step once on the first micro-batch of 2 rows at setup, to capture;
     # and the first stage runs the code before the layers once more on the first batch's 8 rows, to compare the
     # layers' inputs with the micro-batches': tests/test_rows_meet.py)
-    # (the last stage's: the first batch's two checks, and the later batches' check of a mean loss, one each)
-    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", STEPS * 4 + 1 + STEPS, 0),
+    # (the last stage's: the first batch's two checks, and the later batches' check of a mean loss, one each; and
+    # the checks of the logs and outputs on the first CHECKED_BATCHES batches, one run each after the first batch's)
+    distilled = STEPS * 4 + 1 + STEPS + min(STEPS, CHECKED_BATCHES) - 1
+    for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", distilled, 0),
                                     ("captured-backbone-auto-8", 2, 1)):
         reference, logged = _reference(name.removesuffix("-auto-8"))
         _assert_close(torch.load(tmp_path / f"{name}.ckpt", weights_only=False)["state_dict"], reference)

@@ -427,3 +427,48 @@ def test_a_returned_loss_over_a_count_of_the_whole_batch_is_one_devices_to_float
     reference = _masked(0, 1)
     for got in run_ranks(_masked, 2, timeout=100):
         assert got == pytest.approx(reference, rel=1e-6)
+
+
+def _meeting(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Centered(nn.Module):  # no nn.Sequential: captured; its outputs let the rows of a batch meet
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(12, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.first(x)
+            return self.second(y - y.mean(0))
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Centered()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.model(batch[0]), batch[1])
+            self.log("ppl", loss.exp())  # not a mean over rows: from the step's run on the whole batch
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), class_data(batches=1))
+    return [str(w.message) for w in caught if "which are not means over rows" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_the_whole_batchs_run_does_not_promise_one_devices_values_where_the_model_lets_rows_meet() -> None:
+    """The step's run on the whole batch gives one device's values only where the model's outputs are one device's;
+    a captured model that lets the batch's rows meet (warned at its capture) makes other outputs per micro-batch."""
+    warned = [message for messages in run_ranks(_meeting, 2, timeout=100) for message in messages]
+    assert len(warned) == 1 and "those differ from one device's here" in warned[0], warned

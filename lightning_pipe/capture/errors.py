@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 from types import FrameType
 from typing import Any
 
 import torch.nn as nn
+import torch.nn.modules.module
 
 __all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error", "listed"]
+
+_MODULE_FILE = torch.nn.modules.module.__file__  # where torch calls a module: its hooks, then its forward
 
 SEQUENTIAL_PATH = ("or keep the layers to pipeline in one nn.Sequential, which the strategy cuts without capturing "
                    "the forward")
@@ -34,10 +38,16 @@ def _describe(name: str, module: Any, function: str, filename: str, line: int, s
     return text + (f": `{source.strip()}`)" if source else ")")
 
 
+def _bound(frame: FrameType) -> Any:
+    """The object a frame's method runs on: its first argument (``self``, or whatever the code names it)."""
+    code = frame.f_code
+    return frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+
+
 def locate_frame(frame: FrameType | None, names: dict[int, str]) -> str:
     """The innermost of the model's modules running on the Python stack, from ``frame`` outwards."""
     while frame is not None:
-        obj = frame.f_locals.get("self")
+        obj = _bound(frame)
         if obj is not None and id(obj) in names:
             lines = traceback.extract_stack(frame, limit=1)
             source = lines[0].line if lines else None
@@ -50,19 +60,24 @@ def locate_frame(frame: FrameType | None, names: dict[int, str]) -> str:
 def locate_exception(error: BaseException, names: dict[int, str]) -> str:
     """The innermost frame of one of the model's modules in ``error``'s traceback, or in the errors it came from
     (export re-raises from deep inside torch; the user's line is in a cause's traceback)."""
-    found, seen = None, set()
+    found, dispatch, seen = None, None, set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         tb = current.__traceback__
         while tb is not None:
-            obj = tb.tb_frame.f_locals.get("self")
+            obj = _bound(tb.tb_frame)
             if obj is not None and id(obj) in names:
                 summary = traceback.extract_tb(tb, limit=1)[0]
-                found = (names[id(obj)], obj, tb.tb_frame.f_code.co_name, summary.filename, summary.lineno,
+                place = (names[id(obj)], obj, tb.tb_frame.f_code.co_name, summary.filename, summary.lineno,
                          summary.line)
+                if os.path.abspath(summary.filename) == os.path.abspath(_MODULE_FILE):
+                    dispatch = place  # torch's call of a module (hooks, forward): the user's line is elsewhere
+                else:
+                    found = place
             tb = tb.tb_next
         current = current.__cause__ or current.__context__
+    found = found or dispatch
     return _describe(*found) if found else "code outside the model's modules"
 
 

@@ -28,7 +28,7 @@ from torch.export import Dim, ExportedProgram
 
 from .assignments import Assignments, assignment_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
-from .errors import CaptureError, explain_export_error, listed, locate_frame, module_names
+from .errors import CaptureError, explain_export_error, listed, locate_exception, locate_frame, module_names
 from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
 from .guards import guarded_sizes
 from .host_random import host_random_advice, watch_host_random
@@ -149,9 +149,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             fixed_sizes |= fixed
         if symbolic is False and dynamic:
             reason = f"{type(first_error).__name__}: {str(first_error).strip().splitlines()[0][:200]}"
-            warnings.warn(f"{type(model).__name__}: capturing with symbolic sizes failed ({reason}); capturing per "
-                          f"input shape instead, once for each new shape (bucket sequence lengths to keep the captures "
-                          f"few)", stacklevel=3)
+            where = locate_exception(first_error, module_names(model))
+            warnings.warn(f"{type(model).__name__}: torch.export could not keep the input sizes symbolic (at "
+                          f"{where}: {reason}), a limit of its tracing that some ops and layers meet (recurrent "
+                          f"layers, sizes computed in Python); the model is fine and trains exactly, captured per "
+                          f"input shape instead: once for each new shape, which costs time at the first batch of "
+                          f"each (bucket sequence lengths, or use drop_last=True, to keep the captures few)",
+                          stacklevel=3)
         return program, symbolic
     raise AssertionError("unreachable: the last attempt returns or raises")
 

@@ -15,18 +15,21 @@ __all__ = ["kept_buffers", "kept_modes"]
 @contextmanager
 def kept_buffers(modules: Iterable[nn.Module], skip: nn.Module | None = None) -> Iterator[None]:
     """Afterwards every buffer of ``modules`` and their submodules (but those of ``skip``) is the tensor it was, put
-    back in its place if the run replaced it (``.to(device)`` does), holding the values it held."""
+    back in its place if the run replaced it (``.to(device)`` does), holding the values it held; one the run left
+    alone is not written (its version counter, by which a step's changes to the module are seen, stays)."""
     skipped = {id(part) for part in skip.modules()} if skip is not None else set()
     owners = {id(owner): owner for module in modules for owner in module.modules() if id(owner) not in skipped}
-    kept = [(owner, name, buffer, buffer.detach().clone()) for owner in owners.values()
+    kept = [(owner, name, buffer, buffer._version, buffer.detach().clone()) for owner in owners.values()
             for name, buffer in owner._buffers.items() if buffer is not None]
     try:
         yield
     finally:
         with torch.no_grad():
-            for owner, name, buffer, saved in kept:
+            for owner, name, buffer, version, saved in kept:
                 owner._buffers[name] = buffer
-                buffer.copy_(saved)
+                if buffer._version != version or not torch.equal(buffer, saved):  # (a kernel may write in place
+                    # without counting it: a batch norm's running statistics)
+                    buffer.copy_(saved)
 
 
 @contextmanager

@@ -16,8 +16,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_pipe.capture import CaptureError
 from lightning_pipe.engine.calls import Calls
-from lightning_pipe.engine.microbatch import split_batch
+from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
@@ -185,7 +186,13 @@ class PipelineCutting:
                 torch.distributed.all_reduce(through_forward, op=torch.distributed.ReduceOp.MIN, group=group)
                 if through_forward.item():  # on every rank alike
                     captured = whole
-            captured.capture_first(step, microbatch, training=step == "training_step")
+            try:
+                captured.capture_first(step, microbatch, training=step == "training_step")
+            except CaptureError as error:
+                hint = _rows_by_rows(self._as_step_gets(batch), self.num_microbatches)
+                if hint is None:
+                    raise
+                raise CaptureError(f"{error}\n{hint}") from error
         meeting = captured.splitter.captures[-1].rows_meet
         if meeting is not None and self.num_microbatches > 1:
             rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: a pipeline runs each of its "
@@ -255,3 +262,19 @@ def thawing(trainer: Trainer) -> bool:
     from lightning.pytorch.callbacks import BaseFinetuning
 
     return any(isinstance(callback, BaseFinetuning) for callback in trainer.callbacks)
+
+
+def _rows_by_rows(batch: Any, microbatches: int) -> str | None:
+    """What to tell of a batch holding a tensor over its rows twice (an adjacency of one whole graph's nodes, a
+    similarity of its rows), which a split along dim 0 gives each micro-batch as a slice of ``rows / m`` rows by all
+    ``rows`` columns; None if it holds none (or has one micro-batch)."""
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
+    rows = batch_rows(batch) if leaves and microbatches > 1 else 0
+    square = [tuple(leaf.shape) for leaf in leaves if leaf.dim() >= 2 and leaf.shape[0] == leaf.shape[1] == rows > 1]
+    if not square:
+        return None
+    return (f"The batch holds a tensor of shape {square[0]} over its {rows} rows twice (an adjacency of one graph's "
+            f"nodes, a similarity of the rows): a pipeline splits every tensor of a batch along dim 0 into "
+            f"{microbatches} micro-batches, so the model gets {rows // microbatches} of its rows against all {rows} "
+            f"columns. A model over one whole graph cannot be split into micro-batches: pass num_microbatches=1, or "
+            f"give batches of several graphs (their rows first, as (graphs, nodes, nodes))")

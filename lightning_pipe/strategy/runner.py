@@ -433,7 +433,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
                                    f"combination of the micro-batches' values gives them: the last stage keeps each "
                                    f"batch's model outputs and runs the step once more, without gradients, on the "
-                                   f"whole batch for them (one device's values). To spare that memory and time, log "
+                                   f"whole batch for them{self._as_one_device()}. To spare that memory and time, log "
                                    f"means over rows in the step and derive the rest later (a perplexity from the "
                                    f"epoch's mean loss)")
         if checked is not None and self._outputs_checked.get(checked, 0) < CHECKED_BATCHES and not numbers:
@@ -451,7 +451,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                        f"the whole batch's: masked tokens), so the micro-batches' outputs put "
                                        f"together differ from the whole batch's: the last stage keeps each batch's "
                                        f"model outputs and runs the step once more, without gradients, on the whole "
-                                       f"batch for them (one device's values)")
+                                       f"batch for them{self._as_one_device()}")
         if checked is not None:
             self._settle_metrics(step, checked, result, kept, microbatches, weights, replay,
                                  lambda: bool(returned) and bool(drew) and not drew[-1], self.effects.changed(start))
@@ -490,13 +490,21 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                    f"batch statistic: SumMetric, MaxMetric, CatMetric or MeanMetric of the loss, a "
                                    f"running window), so its micro-batches' updates do not make the whole batch's "
                                    f"update: the last stage keeps each batch's model outputs and runs the step once "
-                                   f"more, without gradients, on the whole batch for them (one device's states). To "
+                                   f"more, without gradients, on the whole batch for them{self._as_one_device()}. To "
                                    f"spare that, update metrics per row, or weight a loss by its rows "
                                    f"(MeanMetric: metric(loss, weight=len(x)))")
         if checked in self._whole_metrics and whole_run():
             self.metrics.adopt(self._whole_metrics[checked])
             result.metrics = self.metrics.batch_update({entry.metric for entry in result.logs
                                                         if entry.metric is not None})
+
+    def _as_one_device(self) -> str:
+        """What a run of the step on the whole batch's model output gives: one device's values, unless the captured
+        model lets the batch's rows meet (warned at its capture), whose outputs per micro-batch are not one device's."""
+        if isinstance(self.split, CapturedModule) and any(capture.rows_meet for capture in self.split.splitter.captures):
+            return (" (one device's values for the model's outputs; those differ from one device's here, where the "
+                    "model lets the rows of a batch meet, as warned when it was captured)")
+        return " (one device's values)"
 
     def _logs_kind(self, step: str, rest: tuple, microbatches: int) -> str | None:
         """What :class:`WholeBatchLogs` checks this step's logs under (each evaluation dataloader on its own first
