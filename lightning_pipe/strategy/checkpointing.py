@@ -255,13 +255,52 @@ def _weights_only_given_to_the_trainer() -> bool | None:
     strategy's checkpoint after setup (``restore_checkpoint_after_setup``, which this strategy needs to load each
     rank's share) without passing it on, so ``fit(ckpt_path=..., weights_only=False)`` (a checkpoint whose
     hyper-parameters hold a module) would fail in ``torch.load``; it is read from ``Trainer._run``'s frame."""
+    value = _given_to_run("weights_only")
+    return value if isinstance(value, bool) else None
+
+
+def _given_to_run(name: str) -> Any:
+    """The argument ``name`` of the running ``Trainer._run`` (None outside one), read from its frame."""
     from lightning.pytorch import Trainer
 
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "_run" and isinstance(frame.f_locals.get("self"), Trainer):
-            value = frame.f_locals.get("weights_only")
-            return value if isinstance(value, bool) else None
+            return frame.f_locals.get(name)
         frame = frame.f_back
     return None
 
+
+def fit_start_after_restore(trainer: Any, module: LightningModule) -> None:
+    """On a resumed fit, the ``on_fit_start`` hooks after the modules and callbacks are restored, as on one device.
+
+    Lightning restores a strategy's checkpoint after setup (``restore_checkpoint_after_setup``, which this strategy
+    needs to load each rank's share) and so calls ``on_fit_start`` before the restore: a callback reading its restored
+    state there (a curriculum's level), or a module changing a buffer the restore then overwrites, would see the fresh
+    ones. Here those hooks are held until Lightning's restore of the modules and callbacks has run, then called."""
+    from lightning.pytorch.trainer import call
+
+    connector = trainer._checkpoint_connector
+    if trainer.state.fn != TrainerFn.FITTING or _given_to_run("ckpt_path") is None:  # (the connector learns the
+        return  # path only as it restores)
+    held = [holder for holder in (*trainer.callbacks, module) if "on_fit_start" not in vars(holder)]
+    for holder in held:
+        vars(holder)["on_fit_start"] = _later
+    restore = connector._restore_modules_and_callbacks
+
+    def restored(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = restore(*args, **kwargs)
+        finally:
+            del connector._restore_modules_and_callbacks
+            for holder in held:
+                vars(holder).pop("on_fit_start", None)
+        call._call_callback_hooks(trainer, "on_fit_start")
+        call._call_lightning_module_hook(trainer, "on_fit_start")
+        return result
+
+    connector._restore_modules_and_callbacks = restored
+
+
+def _later(*args: Any, **kwargs: Any) -> None:
+    """``on_fit_start`` while it is held (:func:`fit_start_after_restore`)."""

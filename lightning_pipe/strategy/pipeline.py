@@ -41,7 +41,7 @@ from lightning_pipe.strategy.asynchronous import (
 )
 from lightning_pipe.strategy.callbacks import check_callbacks, fit_to_the_cut
 from lightning_pipe.strategy.captured import CapturedModule
-from lightning_pipe.strategy.checkpointing import PipelineCheckpoints
+from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
@@ -364,6 +364,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         # epoch-level logs across devices does not apply, and following it would only add a collective.
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
         self._build(module, trainer)
+        fit_start_after_restore(trainer, module)
         if fitting:
             pipeline = self.runner.pipeline
             fit_to_the_cut(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
