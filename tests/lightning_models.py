@@ -64,6 +64,8 @@ class Regressor(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "adam":
             optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        elif self.hparams.optimizer == "lbfgs":
+            optimizer = torch.optim.LBFGS(self.parameters(), lr=self.hparams.lr)
         else:
             optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         if not self.hparams.scheduler:

@@ -83,3 +83,18 @@ def drop_placeholders(optimizers: Iterable[torch.optim.Optimizer], made: Sequenc
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         for placeholder in made:
             optimizer.state.pop(placeholder, None)
+
+
+def refuse_searching_optimizers(optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Refuse an optimizer that calls the closure several times per step and reads all parameters' gradients
+    together (``torch.optim.LBFGS``'s line search and direction): each rank of a pipeline holds a share of the
+    parameters, so each would search on its own share, and its calls of the closure (each a run of the whole pipeline)
+    could differ in number between ranks."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("torch.optim.LBFGS computes its search direction and step size from the gradients of all "
+                             "the parameters together and calls the closure several times per step; under a "
+                             "pipeline each rank holds a share of the parameters, so each rank would search on its "
+                             "share alone (not one device's steps) and run the pipeline a number of times of its own. "
+                             "Use an optimizer that steps each parameter from its own gradient (SGD, Adam, AdamW), or "
+                             "train with LBFGS on one device or under DDP")

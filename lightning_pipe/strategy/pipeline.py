@@ -49,7 +49,8 @@ from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_u
 from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_global
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
-from lightning_pipe.strategy.optimizers import drop_placeholders, empty_optimizers_allowed, placeholders
+from lightning_pipe.strategy.optimizers import (drop_placeholders, empty_optimizers_allowed, placeholders,
+                                                refuse_searching_optimizers)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -446,6 +447,7 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
                     empty_optimizers_allowed(made, self.root_device):
                 super().setup_optimizers(trainer)
             drop_placeholders(self.optimizers, made)
+            refuse_searching_optimizers(self.optimizers)
         except Exception as caught:
             error = caught
         raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
