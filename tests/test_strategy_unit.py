@@ -63,6 +63,8 @@ def test_cut_module_holds_local_layers_with_full_names() -> None:
     assert {n for n, _ in split.module.named_parameters()} == {k for k in local if "layers" in k}
     with pytest.raises(RuntimeError, match="cut into pipeline stages"):
         split.module(torch.randn(2, 16))
+    with pytest.raises(RuntimeError, match="cannot be scripted or exported .*load_from_checkpoint"):
+        split.module.to_torchscript()  # the LightningModule's export (torch.jit.script of every submodule)
     # loading a full state_dict into the cut module takes this rank's share
     with torch.no_grad():
         full.layers[0][0].weight.add_(1.0)

@@ -154,6 +154,12 @@ class PipelinedModel(nn.Module):
                            f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
                            f"with YourModule.load_from_checkpoint(path)")
 
+    def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
+        raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages (this rank "
+                           f"holds part of its weights), so it cannot be scripted or exported (to_torchscript, "
+                           f"torch.jit.script): load a checkpoint with YourModule.load_from_checkpoint(path) and "
+                           f"export the whole model on one device")
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

@@ -77,6 +77,12 @@ class PipelinedSequence(nn.Module):
                            f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
                            f"YourModule.load_from_checkpoint(path)")
 
+    def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
+        raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
+                           f"{list(self._modules)}), so it cannot be scripted or exported (to_torchscript, "
+                           f"torch.jit.script): load a checkpoint with YourModule.load_from_checkpoint(path) and "
+                           f"export the whole model on one device")
+
     def __len__(self) -> int:
         return len(self._names)
 
