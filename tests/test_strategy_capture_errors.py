@@ -122,6 +122,9 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     with pytest.raises(AttributeError, match=r"'generate' of the model at 'model' is not available.*generation .*"
                                              r"load_from_checkpoint"):
         module.model.generate
+    with pytest.raises(RuntimeError, match="the model at 'model' .* cannot be scripted or exported .*"
+                                           "load_from_checkpoint"):
+        torch.jit.script(module.model)
 
 
 class Cube(torch.autograd.Function):

@@ -379,7 +379,8 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
                 assert got["val_loss"] == pytest.approx(validated["val_loss"], rel=1e-5)
                 assert got["returned"] == pytest.approx(validated["returned"], rel=1e-5) and not got["warned"]
             warned = [message for result in results for message in result["padded-auto"]["validated"]["warned"]]
-            assert len(warned) == 1 and warned[0].startswith("validation_step's loss") and "differs" in warned[0], warned
+            assert len(warned) == 1, warned
+            assert warned[0].startswith("validation_step's loss") and "differs" in warned[0]
         assert not any(result[f"{case}-counted"]["warned"] for result in results)
 
         auto = torch.load(tmp_path / f"{case}-auto.ckpt", weights_only=False)["state_dict"]

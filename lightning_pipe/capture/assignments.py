@@ -42,7 +42,8 @@ def stored_attributes(module: nn.Module) -> frozenset[str]:
 
 
 def stored_refusal(name: str, where: str) -> str:
-    """The error for a step reading ``where``'s attribute ``name``, a tensor its forward stored (:func:`stored_advice`)."""
+    """The error for a step reading ``where``'s attribute ``name``, a tensor its forward stored
+    (:func:`stored_advice`)."""
     return (f"{name!r} of {where!r} is a tensor that its forward stores at each call (an auxiliary loss, attention "
             f"maps); under PipelineStrategy the forward runs as a captured graph, which does not store it, and that "
             f"layer may run on another rank. Return it from the model's forward (return logits, aux) and read it from "

@@ -111,7 +111,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
         # out.mean(0), torch.arange(len(x))), found on their first batch: their outputs come from the whole batch's run
         self._whole_outputs: set[str] = set()
         self._outputs_checked: dict[str, int] = {}  # batches checked so far (:data:`~.logs.CHECKED_BATCHES`)
-        # and those whose metric updates differ so (a SumMetric of the loss): taken from that run (:mod:`.metric_states`)
+        # and those whose metric updates differ so (a SumMetric of the loss): taken from that run
+        # (:mod:`.metric_states`)
         self._whole_metrics: dict[str, list[str]] = {}
         self._metrics_checked: dict[str, int] = {}
         self._effects_warned: set[str] = set()
@@ -501,7 +502,8 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
     def _as_one_device(self) -> str:
         """What a run of the step on the whole batch's model output gives: one device's values, unless the captured
         model lets the batch's rows meet (warned at its capture), whose outputs per micro-batch are not one device's."""
-        if isinstance(self.split, CapturedModule) and any(capture.rows_meet for capture in self.split.splitter.captures):
+        captures = self.split.splitter.captures if isinstance(self.split, CapturedModule) else []
+        if any(capture.rows_meet for capture in captures):
             return (" (one device's values for the model's outputs; those differ from one device's here, where the "
                     "model lets the rows of a batch meet, as warned when it was captured)")
         return " (one device's values)"

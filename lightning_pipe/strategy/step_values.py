@@ -118,10 +118,10 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
 
     Tensors with a batch dimension are concatenated along dim 0, scalar tensors averaged with weights ``sizes`` (the
     micro-batches' rows; ``weights`` instead where given: what ``loss_reduction`` counted in each, as the
-    micro-batches' losses combine), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row (names from
-    the batch, ``ids.tolist()``, one dict of boxes per image) is put together as the batch's, others (``(logits,
-    labels)``) and dicts entry by entry; other values are kept if all micro-batches agree, else listed. (Python
-    numbers and :class:`PerMicroBatch` tensors are the step's on the whole batch: the runner runs it again,
+    micro-batches' losses combine), others kept as a :class:`PerMicroBatch`; a list or tuple with one item per row
+    (names from the batch, ``ids.tolist()``, one dict of boxes per image) is put together as the batch's, others
+    (``(logits, labels)``) and dicts entry by entry; other values are kept if all micro-batches agree, else listed.
+    (Python numbers and :class:`PerMicroBatch` tensors are the step's on the whole batch: the runner runs it again,
     :func:`needs_whole_batch`.)
     """
     first = outputs[0] if outputs else None
