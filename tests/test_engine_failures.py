@@ -42,6 +42,7 @@ def _failing_pipeline(rank: int, world_size: int, schedule: str, where: str) -> 
         pipe.train_step(make_batch(8))
     except PipelineError as error:
         assert error.origin_rank == 2
+        assert isinstance(error, ValueError) == (rank == 2)  # the user's type where it was raised (except ValueError)
         raise
     return time.monotonic() - start
 
@@ -55,6 +56,23 @@ def test_exception_in_stage_2_of_4_ends_every_rank(schedule: str, where: str) ->
         assert text is not None, f"rank {rank} finished although rank 2 failed"
         assert "PipelineError: rank 2 failed in 2" in text, text
         assert "boom in stage 2" in text, text
+
+
+def test_a_ranks_own_error_keeps_its_type_where_python_can_make_one() -> None:
+    from lightning_pipe.engine.notices import failed_as
+
+    class NeedsTwo(Exception):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"{a} {b}")
+
+    for error, kind in ((ValueError("x"), ValueError), (torch.OutOfMemoryError("oom"), torch.OutOfMemoryError),
+                        (NeedsTwo(1, 2), NeedsTwo), (OSError("disk"), OSError),
+                        (ExceptionGroup("several", [ValueError("x")]), None)):
+        made = failed_as(error, "rank 2 failed in 2F1: ...", 2)
+        assert isinstance(made, PipelineError) and made.origin_rank == 2 and str(made) == "rank 2 failed in 2F1: ..."
+        assert type(made).__name__ == "PipelineError" and (kind is None or isinstance(made, kind))
+    group = ExceptionGroup("several", [ValueError("x")])  # a type that cannot be made from a message alone
+    assert type(failed_as(group, "m", 0)) is PipelineError
 
 
 def _bad_shape(rank: int, world_size: int) -> None:

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .asynchronous_steps import AsynchronousSteps
 from .comm import Communicator, PipelineError
+from .notices import failed_as
 from .config import PipelineConfig
 from .cut import cut, stage_sizes
 from .handlers import StepState, make_exchange, make_handlers
@@ -425,7 +426,7 @@ class Pipeline(AsynchronousSteps):
             message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
             self._abort(steps, issued, message, self.rank)
-            raise PipelineError(message, self.rank) from error
+            raise failed_as(error, message, self.rank) from error
         return state.losses, state.outputs
 
     def _record_step(self, step: Step, start: float, end: float) -> None:

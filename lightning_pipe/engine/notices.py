@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .watchdog import linger, mark_failed, short_store
 
-__all__ = ["PipelineError", "FailureBoard"]
+__all__ = ["failed_as", "PipelineError", "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
@@ -30,6 +30,25 @@ class PipelineError(RuntimeError):
     def __init__(self, message: str, origin_rank: int) -> None:
         super().__init__(message)
         self.origin_rank = origin_rank
+
+
+_KINDS: dict[type, type] = {}  # a user's exception type -> the PipelineError that is also one (:func:`failed_as`)
+
+
+def failed_as(error: BaseException, message: str, rank: int) -> PipelineError:
+    """The :class:`PipelineError` a rank raises for its own ``error``: also an instance of ``error``'s type where
+    Python can make such a class (``except ValueError`` or ``except torch.OutOfMemoryError`` around ``fit`` still
+    catches the user's error on the rank that raised it; other ranks learn only its text)."""
+    kind = type(error)
+    if kind not in _KINDS:
+        try:
+            _KINDS[kind] = type("PipelineError", (PipelineError, kind), {"__module__": __name__})
+        except TypeError:  # an exception type whose layout cannot be combined with RuntimeError's
+            _KINDS[kind] = PipelineError
+    try:
+        return _KINDS[kind](message, rank)
+    except Exception:  # noqa: BLE001 - a type that cannot be made from a message alone (ExceptionGroup)
+        return PipelineError(message, rank)
 
 
 def default_store() -> Any:
