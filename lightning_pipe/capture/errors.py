@@ -39,9 +39,18 @@ def _describe(name: str, module: Any, function: str, filename: str, line: int, s
 
 
 def _bound(frame: FrameType) -> Any:
-    """The object a frame's method runs on: its first argument (``self``, or whatever the code names it)."""
+    """The object a frame's method runs on: its ``self``, or a first argument under another name whose class defines
+    the frame's function (``def forward(this, x)``; not a function given a module, as ``checkpoint(block, x)``)."""
     code = frame.f_code
-    return frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+    if not code.co_argcount:
+        return None
+    first = frame.f_locals.get(code.co_varnames[0])
+    if first is None or code.co_varnames[0] == "self":
+        return first
+    for klass in type(first).__mro__:
+        if getattr(klass.__dict__.get(code.co_name), "__code__", None) is code:
+            return first
+    return None
 
 
 def locate_frame(frame: FrameType | None, names: dict[int, str]) -> str:
