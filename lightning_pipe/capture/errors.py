@@ -12,7 +12,7 @@ import torch.nn.modules.module
 
 __all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error", "listed"]
 
-_MODULE_FILE = torch.nn.modules.module.__file__  # where torch calls a module: its hooks, then its forward
+_MODULE_FILE = os.path.abspath(torch.nn.modules.module.__file__)  # where torch calls a module: hooks, then forward
 
 SEQUENTIAL_PATH = ("or keep the layers to pipeline in one nn.Sequential, which the strategy cuts without capturing "
                    "the forward")
@@ -80,7 +80,7 @@ def locate_exception(error: BaseException, names: dict[int, str]) -> str:
                 summary = traceback.extract_tb(tb, limit=1)[0]
                 place = (names[id(obj)], obj, tb.tb_frame.f_code.co_name, summary.filename, summary.lineno,
                          summary.line)
-                if os.path.abspath(summary.filename) == os.path.abspath(_MODULE_FILE):
+                if os.path.abspath(summary.filename) == _MODULE_FILE:
                     dispatch = place  # torch's call of a module (hooks, forward): the user's line is elsewhere
                 else:
                     found = place

@@ -413,6 +413,17 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                 returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
                 drew.append(not same_random_states(global_random_states(), before))
 
+        def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
+            return bool(returned) and bool(drew) and not drew[-1]
+
+        def run_whole() -> bool:  # the same, running it for that where it has not run and changed nothing
+            if not returned and not self.effects.changed(start):
+                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
+            return ran_whole()
+
+        def as_output(output: Any) -> Any:  # what the step returned on the whole batch, as the batch's output
+            return combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
+
         made = self.logger_calls.take()
         # the outputs are checked as the logs are (predict_step's too, which logs nothing)
         checked = kind if kind is not None or microbatches <= 1 or self.replica_group is not None \
@@ -437,12 +448,9 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                    f"whole batch for them{self._as_one_device()}. To spare that memory and time, log "
                                    f"means over rows in the step and derive the rest later (a perplexity from the "
                                    f"epoch's mean loss)")
-        if checked is not None and self._outputs_checked.get(checked, 0) < CHECKED_BATCHES and not numbers:
-            self._outputs_checked[checked] = self._outputs_checked.get(checked, 0) + 1
-            if not returned and not self.effects.changed(start):
-                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
-            if returned and drew and not drew[-1]:  # the micro-batches' outputs put together: the whole batch's?
-                whole = combine_outputs([loss_of(returned[-1])[1] if step == "training_step" else returned[-1]], [1])
+        if checked is not None and not numbers and _counted(self._outputs_checked, checked):
+            if run_whole():  # the micro-batches' outputs put together: the whole batch's?
+                whole = as_output(returned[-1])
                 if not same_output(whole, result.output):
                     self._whole_outputs.add(checked)
                     self._keeps_outputs = True
@@ -454,12 +462,10 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                        f"model outputs and runs the step once more, without gradients, on the whole "
                                        f"batch for them{self._as_one_device()}")
         if checked is not None:
-            self._settle_metrics(step, checked, result, kept, microbatches, weights, replay,
-                                 lambda: bool(returned) and bool(drew) and not drew[-1], self.effects.changed(start))
-        if (replayed and numbers) or (returned and drew and not drew[-1]):  # the whole batch's output (numbers
-            # and all), from a run of the step on it (for its effects, logs, outputs or metrics) that drew nothing
-            output = returned[0] if numbers else returned[-1]
-            result.output = combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
+            self._settle_metrics(step, checked, result, run_whole, ran_whole)
+        if (replayed and numbers) or ran_whole():  # the whole batch's output (numbers and all), from a run of the
+            # step on it (for its effects, logs, outputs or metrics) that drew nothing
+            result.output = as_output(returned[0] if numbers else returned[-1])
         elif numbers:  # as the micro-batches gave them (settle said so)
             result.output = listed(result.output)
         calls = self.logger_calls.take()  # the whole batch's (a replay that failed part way: dropped)
@@ -471,18 +477,14 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
 
-    def _settle_metrics(self, step: str, checked: str, result: StepResult, kept: list[tuple[int, Any, int]],
-                        microbatches: int, weights: list[float] | None, replay: Callable[..., None],
-                        whole_run: Callable[[], bool], changed: bool) -> None:
+    def _settle_metrics(self, step: str, checked: str, result: StepResult, run_whole: Callable[[], bool],
+                        ran_whole: Callable[[], bool]) -> None:
         """The metrics the step updated as one device's (:mod:`.metric_states`): on the first batches of each step kind
-        (``checked``), the micro-batches' updates compared with a run of the step on the whole batch (``whole_run()``:
-        one ran, the last without drawing random numbers); metrics updated otherwise there are taken from such a run
-        at every batch of that kind."""
-        if self._metrics_checked.get(checked, 0) < CHECKED_BATCHES and self.metrics.updated():
-            self._metrics_checked[checked] = self._metrics_checked.get(checked, 0) + 1
-            if not whole_run() and not changed:
-                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
-            found = self.metrics.differing() if whole_run() else []
+        (``checked``), the micro-batches' updates compared with a run of the step on the whole batch (``run_whole()``
+        makes one where none ran); metrics updated otherwise there are taken from such a run (``ran_whole()``) at
+        every batch of that kind."""
+        if self.metrics.updated() and _counted(self._metrics_checked, checked):
+            found = self.metrics.differing() if run_whole() else []
             if found:
                 found = sorted({*self._whole_metrics.get(checked, []), *found})
                 self._whole_metrics[checked] = found
@@ -494,7 +496,7 @@ class PipelineRunner(FirstBatchChecks, SharedResults):
                                    f"more, without gradients, on the whole batch for them{self._as_one_device()}. To "
                                    f"spare that, update metrics per row, or weight a loss by its rows "
                                    f"(MeanMetric: metric(loss, weight=len(x)))")
-        if checked in self._whole_metrics and whole_run():
+        if checked in self._whole_metrics and ran_whole():
             self.metrics.adopt(self._whole_metrics[checked])
             result.metrics = self.metrics.batch_update({entry.metric for entry in result.logs
                                                         if entry.metric is not None})
@@ -631,3 +633,12 @@ def _warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> Non
                       f"buffers takes only the updates of its own places, so they differ from one device's and the "
                       f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
                       f"device's buffers", stacklevel=3)
+
+
+def _counted(checks: dict[str, int], kind: str) -> bool:
+    """Whether this batch of step ``kind`` is one of its first :data:`~.logs.CHECKED_BATCHES` checked in ``checks``
+    (then counted)."""
+    if checks.get(kind, 0) >= CHECKED_BATCHES:
+        return False
+    checks[kind] = checks.get(kind, 0) + 1
+    return True
