@@ -234,7 +234,7 @@ def _error_on_the_wire(rank: int, world_size: int) -> str:
     comm = Communicator()
     if rank == 0:
         comm.send(torch.ones(3), dst=1, tag="F")
-        comm.abort("rank 0 failed in 0F1: ValueError: boom", 0, owed_to=[(1, "F")], expected_from=[])
+        comm.abort(PipelineError("rank 0 failed in 0F1: ValueError: boom", 0), owed_to=[(1, "F")], expected_from=[])
         return ""
     comm.recv(0, "F")
     try:

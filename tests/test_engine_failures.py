@@ -16,6 +16,10 @@ from tests.models import make_batch, mse_loss
 pytestmark = pytest.mark.timeout(120)
 
 
+class Boom(ValueError):
+    """The user's own exception type (module level: every rank's program has it)."""
+
+
 class Explode(nn.Module):
     """Raises on the micro-batch given, in forward or backward."""
 
@@ -27,10 +31,10 @@ class Explode(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
         if self.where == "forward" and call == self.microbatch:
-            raise ValueError("boom in stage 2")
+            raise Boom("boom in stage 2")
         y = self.linear(x)
         if self.where == "backward" and call == self.microbatch:
-            y.register_hook(lambda grad: (_ for _ in ()).throw(ValueError("boom in stage 2 backward")))
+            y.register_hook(lambda grad: (_ for _ in ()).throw(Boom("boom in stage 2 backward")))
         return y
 
 
@@ -42,7 +46,8 @@ def _failing_pipeline(rank: int, world_size: int, schedule: str, where: str) -> 
         pipe.train_step(make_batch(8))
     except PipelineError as error:
         assert error.origin_rank == 2
-        assert isinstance(error, ValueError) == (rank == 2)  # the user's type where it was raised (except ValueError)
+        if not isinstance(error, Boom):  # the user's type on every rank (except Boom, except ValueError)
+            raise RuntimeError(f"untyped on rank {rank}: {type(error).__mro__}") from None
         raise
     return time.monotonic() - start
 
@@ -55,7 +60,7 @@ def test_exception_in_stage_2_of_4_ends_every_rank(schedule: str, where: str) ->
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} finished although rank 2 failed"
         assert "PipelineError: rank 2 failed in 2" in text, text
-        assert "boom in stage 2" in text, text
+        assert "boom in stage 2" in text and "untyped" not in text, text
 
 
 def test_a_ranks_own_error_keeps_its_type_where_python_can_make_one() -> None:
@@ -73,6 +78,29 @@ def test_a_ranks_own_error_keeps_its_type_where_python_can_make_one() -> None:
         assert type(made).__name__ == "PipelineError" and (kind is None or isinstance(made, kind))
     group = ExceptionGroup("several", [ValueError("x")])  # a type that cannot be made from a message alone
     assert type(failed_as(group, "m", 0)) is PipelineError
+    assert str(failed_as(KeyError("k"), "rank 2 failed:\nKeyError: 'k'", 2)) == "rank 2 failed:\nKeyError: 'k'"
+
+
+def test_other_ranks_read_the_users_exception_type_from_the_notice_where_their_program_has_it() -> None:
+    from lightning_pipe.engine.notices import failed_as, from_notice, notice_text
+
+    class Local(Exception):
+        pass
+
+    oom = torch.OutOfMemoryError
+    for error, kind in ((Boom("b"), Boom), (KeyError("k"), KeyError), (oom("o"), oom), (Local("l"), None),
+                        (ExceptionGroup("g", [ValueError("x")]), None)):
+        text = notice_text(failed_as(error, "rank 3 failed in 3F0: ...\nline two", 3))
+        read = from_notice(text)
+        assert isinstance(read, PipelineError) and read.origin_rank == 3
+        assert str(read) == "rank 3 failed in 3F0: ...\nline two"
+        assert (kind is None and type(read) is PipelineError) or isinstance(read, kind), (text, type(read).__mro__)
+    for head in ("3 builtins:KeyboardInterrupt", "3 builtins:SystemExit", "3 not_imported_here:Error", "3 builtins:len",
+                 "3 tests.test_engine_failures:Explode", "3 builtins:ValueError.mro"):
+        read = from_notice(f"{head}\nmessage")  # only exception types of modules already imported count
+        assert type(read) is PipelineError and read.origin_rank == 3 and str(read) == "message", head
+    assert from_notice("2\nplain notice").origin_rank == 2
+    assert from_notice("cut sh", unknown_rank=1).origin_rank == 1
 
 
 def _bad_shape(rank: int, world_size: int) -> None:

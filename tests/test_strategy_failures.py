@@ -34,7 +34,12 @@ def _fit_failing(rank: int, world_size: int, strategy_args: dict, failing_rank: 
     trainer = L.Trainer(strategy=PipelineStrategy(**strategy_args), accelerator="cpu", devices=world_size,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, max_epochs=1)
-    trainer.fit(FailsOnRank(failing_rank), regression_data(6, batch_size=8))
+    try:
+        trainer.fit(FailsOnRank(failing_rank), regression_data(6, batch_size=8))
+    except Exception as error:
+        if not isinstance(error, ValueError):  # every rank's error is of the user's type (``except ValueError``)
+            raise RuntimeError(f"untyped on rank {rank}: {type(error).__mro__}") from error
+        raise
 
 
 @pytest.mark.timeout(120)
@@ -48,6 +53,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} finished although rank {failing_rank} failed"
         assert f"boom on rank {failing_rank}" in text, f"rank {rank} did not report the error:\n{text[-2000:]}"
+        assert "untyped" not in text, text
 
 
 class LogsWithItsOwnReduction(Regressor):

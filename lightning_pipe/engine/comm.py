@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import local_link, wire
-from .notices import FailureBoard, PipelineError
+from .notices import FailureBoard, PipelineError, from_notice, notice_text
 from .runtime import next_serial
 from .socket_ends import Parts
 from .waits import Waits
@@ -416,21 +416,20 @@ class Communicator(Waits):
     def _error_from(self, src: int, buffer: torch.Tensor) -> PipelineError:
         _, _, _, length, _ = wire.HEADER.unpack(self._head(buffer, 0, wire.HEADER.size))
         text = self._head(buffer, wire.HEADER.size, min(length, buffer.numel() - wire.HEADER.size))
-        origin, _, message = text.decode("utf-8", "replace").partition("\n")
         posted = self.board.read()  # the whole text, where the wire's copy had to be cut to the message's size
-        error = posted or PipelineError(message, int(origin) if origin.lstrip("-").isdigit() else src)
+        error = posted or from_notice(text.decode("utf-8", "replace"), unknown_rank=src)
         self.failed = error
         return error
 
-    def abort(self, message: str, origin_rank: int, owed_to: Sequence[tuple[int, Hashable]],
+    def abort(self, error: PipelineError, owed_to: Sequence[tuple[int, Hashable]],
               expected_from: Sequence[tuple[int, Hashable]]) -> None:
-        """This pipeline failed (here, or at ``origin_rank``): post ``message`` to the store, send an error message
+        """This pipeline failed (here, or at ``error.origin_rank``): post ``error`` to the store, send an error message
         to each ``(peer, channel)`` that would otherwise wait for this rank's next message on it, post the receive a
         peer may be blocked sending on each of ``expected_from``, and give them ``error_grace_s`` to be taken.
         Never raises."""
-        self.board.post(message, origin_rank)
-        self.failed = self.failed or PipelineError(message, origin_rank)
-        notice = f"{origin_rank}\n{message}".encode()
+        self.board.post(error)
+        self.failed = self.failed or error
+        notice = notice_text(error).encode()
         works = []
         try:
             self._release_staged(block=True)  # sends already promised go first: the error follows them on the wire

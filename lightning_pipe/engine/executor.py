@@ -417,7 +417,7 @@ class Pipeline(AsynchronousSteps):
             self.comm.wait_sends(skip={(kind, stage, first_id + mb) for kind, stage, mb in leaving})
             activity.doing(_BETWEEN_STEPS)
         except PipelineError as error:  # another rank failed: pass its error on, then end with it
-            self._abort(steps, issued, str(error), error.origin_rank)
+            self._abort(steps, issued, error)
             raise
         except Exception as error:
             last = steps[issued - 1].action if issued else None
@@ -425,8 +425,9 @@ class Pipeline(AsynchronousSteps):
                      else f"in the messages before {last}" if last is not None else "in its last messages")
             message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
-            self._abort(steps, issued, message, self.rank)
-            raise failed_as(error, message, self.rank) from error
+            failure = failed_as(error, message, self.rank)
+            self._abort(steps, issued, failure)
+            raise failure from error
         return state.losses, state.outputs
 
     def _record_step(self, step: Step, start: float, end: float) -> None:
@@ -437,7 +438,7 @@ class Pipeline(AsynchronousSteps):
             self.records.append((Action(t.receiving_stage, Op.RECV_ACTIVATION if t.kind == "F" else Op.RECV_GRAD,
                                         t.microbatch), start, end))
 
-    def _abort(self, steps: tuple[Step, ...], issued: int, message: str, origin_rank: int) -> None:
+    def _abort(self, steps: tuple[Step, ...], issued: int, error: PipelineError) -> None:
         """Tell the peers this rank still owed a message (they may be waiting for it), take the message a peer may be
         blocked sending, let the store's holder wait for the others to read the error, and drop this step's state."""
         activity.doing("ending after a failure")
@@ -450,7 +451,7 @@ class Pipeline(AsynchronousSteps):
             for t in step.recvs:
                 expected.setdefault(t.src, t.channel)
         self.comm.error_grace_s = self.error_grace_s
-        self.comm.abort(message, origin_rank, list(owed.items()), list(expected.items()))
+        self.comm.abort(error, list(owed.items()), list(expected.items()))
         self.comm.board.linger(self.error_grace_s)
         for stage in self.stages.values():
             stage.clear()

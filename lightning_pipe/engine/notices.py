@@ -1,8 +1,9 @@
 """Failure notices: the first error of a pipeline, as plain text in the job's store, where every rank can read it.
 
-A rank that fails posts ``"<rank>\\n<message>"`` under its pipeline's key (the first notice wins); a rank waiting on
-a peer that failed or went away reads it and raises it as its own :class:`PipelineError`, naming the rank where it
-began. Text only: a notice is read, never unpickled or run, whoever wrote it.
+A rank that fails posts ``"<rank> <type>\\n<message>"`` under its pipeline's key (the first notice wins); a rank
+waiting on a peer that failed or went away reads it and raises it as its own :class:`PipelineError`, naming the rank
+where it began, and also of the user's exception type (``<type>``, its module and name) where the program has that
+type. Text only: a notice is read, never unpickled or run, whoever wrote it.
 
 The store lives in one process (global rank 0's, unless the launcher's agent holds it); if that rank ended at once,
 the others could no longer read the notice, so it waits a little for them (:meth:`FailureBoard.linger`). Notices are
@@ -13,23 +14,30 @@ the process group's timeout.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import torch.distributed as dist
 
 from .watchdog import linger, mark_failed, short_store
 
-__all__ = ["failed_as", "PipelineError", "FailureBoard"]
+__all__ = ["failed_as", "from_notice", "notice_text", "PipelineError", "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
     """A rank of the pipeline failed; the message names the rank and carries its error and traceback."""
 
+    kind = ""  # the user's exception type this error is also an instance of, as "module:qualname" ("" for none)
+
     def __init__(self, message: str, origin_rank: int) -> None:
         super().__init__(message)
         self.origin_rank = origin_rank
+
+    def __str__(self) -> str:  # the message as written, also where the user's type quotes its own (KeyError)
+        return str(self.args[0]) if self.args else ""
 
 
 _KINDS: dict[type, type] = {}  # a user's exception type -> the PipelineError that is also one (:func:`failed_as`)
@@ -37,18 +45,57 @@ _KINDS: dict[type, type] = {}  # a user's exception type -> the PipelineError th
 
 def failed_as(error: BaseException, message: str, rank: int) -> PipelineError:
     """The :class:`PipelineError` a rank raises for its own ``error``: also an instance of ``error``'s type where
-    Python can make such a class (``except ValueError`` or ``except torch.OutOfMemoryError`` around ``fit`` still
-    catches the user's error on the rank that raised it; other ranks learn only its text)."""
-    kind = type(error)
+    Python can make such a class, so that ``except ValueError`` or ``except torch.OutOfMemoryError`` around ``fit``
+    still catches the user's error; other ranks read the type's name in the notice (:func:`notice_text`) and raise
+    the same kind where their program knows the type."""
+    if isinstance(error, PipelineError):
+        return error
+    return _typed(type(error), message, rank)
+
+
+def _typed(kind: type, message: str, rank: int) -> PipelineError:
     if kind not in _KINDS:
         try:
             _KINDS[kind] = type("PipelineError", (PipelineError, kind), {"__module__": __name__})
+            _KINDS[kind].kind = _name_of(kind)
         except TypeError:  # an exception type whose layout cannot be combined with RuntimeError's
             _KINDS[kind] = PipelineError
     try:
         return _KINDS[kind](message, rank)
     except Exception:  # noqa: BLE001 - a type that cannot be made from a message alone (ExceptionGroup)
         return PipelineError(message, rank)
+
+
+def _name_of(kind: type) -> str:
+    """``"module:qualname"`` of an exception type another rank may look up; ``""`` for one defined in a function."""
+    return "" if "<locals>" in kind.__qualname__ else f"{kind.__module__}:{kind.__qualname__}"
+
+
+def _known_type(name: str) -> type | None:
+    """The exception type ``name`` (:func:`_name_of`) names in a module this program has imported already; nothing is
+    imported or called to find it (a notice is text from another process), and only ``Exception`` subclasses count
+    (never a ``KeyboardInterrupt`` or ``SystemExit`` made from another rank's text)."""
+    module, _, qualname = name.partition(":")
+    found: object = sys.modules.get(module)
+    for part in qualname.split(".") if found is not None and qualname else ():
+        found = vars(found).get(part) if isinstance(found, (type, ModuleType)) else None
+    return found if isinstance(found, type) and issubclass(found, Exception) else None
+
+
+def notice_text(error: PipelineError) -> str:
+    """The failure notice of ``error``: ``"<origin rank> <kind>"`` (the kind where there is one), a newline, then
+    the message."""
+    return f"{error.origin_rank} {error.kind}".rstrip() + "\n" + str(error)
+
+
+def from_notice(text: str, unknown_rank: int = -1) -> PipelineError:
+    """The error a notice (:func:`notice_text`) stands for, of the user's exception type where this program knows
+    it; ``unknown_rank`` where the notice names no rank (cut short on the wire)."""
+    head, _, message = text.partition("\n")
+    origin, _, kind = head.partition(" ")
+    rank = int(origin) if origin.lstrip("-").isdigit() else unknown_rank
+    known = _known_type(kind) if kind else None
+    return _typed(known, message, rank) if known is not None else PipelineError(message, rank)
 
 
 def default_store() -> Any:
@@ -70,13 +117,13 @@ class FailureBoard:
         self.store = default_store()  # the process group's own client (the side plane's messages go through it)
         self.notices = short_store() if self.store is not None else None
 
-    def post(self, message: str, origin_rank: int) -> None:
-        """Make ``message`` the pipeline's first error unless there is one already; never raises."""
+    def post(self, error: PipelineError) -> None:
+        """Make ``error`` the pipeline's first error unless there is one already; never raises."""
         if self.notices is None:
             return
         try:
-            self.notices.compare_set(self.key, "", f"{origin_rank}\n{message}")
-            mark_failed(self.notices, origin_rank, message)
+            self.notices.compare_set(self.key, "", notice_text(error))
+            mark_failed(self.notices, error.origin_rank, str(error))
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that held it
             pass
 
@@ -86,8 +133,7 @@ class FailureBoard:
         while self.notices is not None:
             try:
                 if self.notices.check([self.key]):
-                    origin, _, message = self.notices.get(self.key).decode("utf-8", "replace").partition("\n")
-                    return PipelineError(message, int(origin) if origin.lstrip("-").isdigit() else -1)
+                    return from_notice(self.notices.get(self.key).decode("utf-8", "replace"))
             except Exception:  # noqa: BLE001 - the store is gone: nothing more to learn from it
                 return None
             if time.monotonic() >= deadline:

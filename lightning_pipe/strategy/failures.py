@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.engine.comm import PipelineError
+from lightning_pipe.engine.notices import PipelineError, failed_as, from_notice, notice_text
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
 from lightning_pipe.engine.watchdog import linger, mark_failed, short_store
 
@@ -27,12 +27,12 @@ def _store() -> Any:
     return short_store()
 
 
-def _announce(scope: str, message: str) -> None:
+def _announce(scope: str, error: PipelineError) -> None:
     store = _store()
     if store is not None:
         try:
-            store.compare_set(f"{_PREFIX}/{scope}/first_error", "", f"{dist.get_rank()}\n{message}")  # first wins
-            mark_failed(store, dist.get_rank(), message)
+            store.compare_set(f"{_PREFIX}/{scope}/first_error", "", notice_text(error))  # the first wins
+            mark_failed(store, dist.get_rank(), str(error))
         except Exception:  # noqa: BLE001 - the store may be gone with the rank that hosted it
             pass
 
@@ -44,8 +44,7 @@ def _first_error(scope: str, wait: float) -> PipelineError | None:
     while store is not None:
         try:
             if store.check([key]):
-                origin, _, message = store.get(key).decode().partition("\n")
-                return PipelineError(message, int(origin))
+                return from_notice(store.get(key).decode("utf-8", "replace"))
         except Exception:  # noqa: BLE001
             return None
         if time.monotonic() > deadline:
@@ -81,7 +80,7 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
             if cause is not None:
                 _leave(scope)
                 raise cause from error
-        _announce(scope, str(error))
+        _announce(scope, error)
         _leave(scope)
         raise
     except Exception as error:
@@ -90,8 +89,9 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
             if cause is not None:
                 _leave(scope)
                 raise cause from error
-        _announce(scope, f"rank {dist.get_rank() if dist.is_initialized() else 0} failed: {type(error).__name__}: "
-                         f"{error}\n{traceback.format_exc()}")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        _announce(scope, failed_as(error, f"rank {rank} failed: {type(error).__name__}: {error}\n"
+                                          f"{traceback.format_exc()}", rank))
         _leave(scope)
         raise
 
