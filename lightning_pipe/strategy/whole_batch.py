@@ -1,0 +1,226 @@
+"""The step's run on the whole batch, on the last stage, after the pipeline's run on its micro-batches: where the
+step changes the module, calls the loggers, returns Python numbers, logs values that are not means over rows, returns
+outputs in which rows meet, or updates metrics with values that are not per row, the micro-batches' results do not
+make one device's, so the step runs once more, without gradients, on the whole batch's model outputs (kept for it),
+and that run's effects, logs, outputs and metric updates stand. What needs it is found on the first batches of each
+step kind (:data:`~.logs.CHECKED_BATCHES`) and said once. A mixin of
+:class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds the state these read."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.microbatch import batch_rows, owned
+from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.logger_calls import LoggerCalls
+from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs
+from lightning_pipe.strategy.metric_states import MetricTracker
+from lightning_pipe.strategy.randomness import (
+    derive_seed,
+    forked_random,
+    global_random_states,
+    host_random_kept,
+    same_random_states,
+)
+from lightning_pipe.strategy.reduction import Counts
+from lightning_pipe.strategy.results import StepResult, sendable
+from lightning_pipe.strategy.split import SplitModule
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
+from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
+
+__all__ = ["WholeBatchRuns"]
+
+
+class WholeBatchRuns:
+    """The whole-batch runs of a runner: call :meth:`_init_whole_batch_runs` from its ``__init__``."""
+
+    split: SplitModule | CapturedModule
+    module: LightningModule
+    pipeline: Pipeline
+    recorder: LogRecorder
+    whole_logs: WholeBatchLogs
+    metrics: MetricTracker
+    logger_calls: LoggerCalls
+    effects: StepEffects
+    replica_group: dist.ProcessGroup | None
+
+    def _init_whole_batch_runs(self) -> None:
+        self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
+        # steps (and dataloaders) whose returned outputs the micro-batches' do not put together (rows that meet: out -
+        # out.mean(0), torch.arange(len(x))), found on their first batches: their outputs come from the whole batch's
+        # run
+        self._whole_outputs: set[str] = set()
+        self._outputs_checked: dict[str, int] = {}  # batches checked so far (:data:`~.logs.CHECKED_BATCHES`)
+        # and those whose metric updates differ so (a SumMetric of the loss): taken from that run
+        # (:mod:`.metric_states`)
+        self._whole_metrics: dict[str, list[str]] = {}
+        self._metrics_checked: dict[str, int] = {}
+        self._effects_warned: set[str] = set()
+
+    def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
+                        batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult,
+                        counts: Counts | None = None) -> None:
+        """On the last stage: the step's changes to the module since ``start`` and its calls on the loggers, as one
+        device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank; so too
+        Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
+        gives for every kind of number."""
+        returned: list[Any] = []
+        # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
+        # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
+        microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
+        kind = self._logs_kind(step, rest, microbatches)
+        logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(kind) else None
+        drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
+
+        def replay(whole: Any, for_logs: bool = False) -> None:
+            recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
+            loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
+            with torch.no_grad(), recording, self.metrics.replaying(), host_random_kept(), loggers, \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                before = global_random_states()
+                returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
+                drew.append(not same_random_states(global_random_states(), before))
+
+        def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
+            return bool(returned) and bool(drew) and not drew[-1]
+
+        def run_whole() -> bool:  # the same, running it for that where it has not run and changed nothing
+            if not returned and not self.effects.changed(start):
+                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
+            return ran_whole()
+
+        def as_output(output: Any) -> Any:  # what the step returned on the whole batch, as the batch's output
+            return combine_outputs([loss_of(output)[1] if step == "training_step" else output], [1])
+
+        made = self.logger_calls.take()
+        # the outputs are checked as the logs are (predict_step's too, which logs nothing)
+        checked = kind if kind is not None or microbatches <= 1 or self.replica_group is not None \
+            or step != "predict_step" else step
+        numbers = needs_whole_batch(result.output) or (checked is not None and checked in self._whole_outputs)
+        weights = [float(count) for count in counts.counts] if counts is not None else None
+        needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
+                                                "without the batch's rows first)"] * numbers
+        if checked is not None and checked in self._whole_metrics:
+            needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
+        result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
+                                          needs=needs, weights=weights)
+        if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
+            assert kind is not None
+            ran = replayed or (not self.effects.changed(start)
+                               and self._replay_for_logs(kept_whole(kept, microbatches, weights), replay))
+            flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
+            if flagged:
+                self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
+                                   f"combination of the micro-batches' values gives them: the last stage keeps each "
+                                   f"batch's model outputs and runs the step once more, without gradients, on the "
+                                   f"whole batch for them{self._as_one_device()}. To spare that memory and time, log "
+                                   f"means over rows in the step and derive the rest later (a perplexity from the "
+                                   f"epoch's mean loss)")
+        if checked is not None and not numbers and _counted(self._outputs_checked, checked):
+            if run_whole():  # the micro-batches' outputs put together: the whole batch's?
+                whole = as_output(returned[-1])
+                if not same_output(whole, result.output):
+                    self._whole_outputs.add(checked)
+                    self._keeps_outputs = True
+                    result.output = whole
+                    self._warn_effects(f"{step} returns outputs in which the batch's rows meet (out - out.mean(0), "
+                                       f"torch.arange(len(x)), a softmax over rows, a loss averaged over a count of "
+                                       f"the whole batch's: masked tokens), so the micro-batches' outputs put "
+                                       f"together differ from the whole batch's: the last stage keeps each batch's "
+                                       f"model outputs and runs the step once more, without gradients, on the whole "
+                                       f"batch for them{self._as_one_device()}")
+        if checked is not None:
+            self._settle_metrics(step, checked, result, run_whole, ran_whole)
+        if (replayed and numbers) or ran_whole():  # the whole batch's output (numbers and all), from a run of the
+            # step on it (for its effects, logs, outputs or metrics) that drew nothing
+            result.output = as_output(returned[0] if numbers else returned[-1])
+        elif numbers:  # as the micro-batches gave them (settle said so)
+            result.output = listed(result.output)
+        calls = self.logger_calls.take()  # the whole batch's (a replay that failed part way: dropped)
+        calls = calls if replayed else made
+        sent = [call for call in calls if sendable(call[2]) and sendable(call[3])]
+        if len(sent) < len(calls):
+            self._warn_effects(f"{step} logs through self.logger values that cannot be sent to rank 0, where the "
+                               f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
+                               f"them can): images as tensors or arrays, not figures or logger-specific objects")
+        result.logger_calls = sent
+
+    def _settle_metrics(self, step: str, checked: str, result: StepResult, run_whole: Callable[[], bool],
+                        ran_whole: Callable[[], bool]) -> None:
+        """The metrics the step updated as one device's (:mod:`.metric_states`): on the first batches of each step kind
+        (``checked``), the micro-batches' updates compared with a run of the step on the whole batch (``run_whole()``
+        makes one where none ran); metrics updated otherwise there are taken from such a run (``ran_whole()``) at
+        every batch of that kind."""
+        if self.metrics.updated() and _counted(self._metrics_checked, checked):
+            found = self.metrics.differing() if run_whole() else []
+            if found:
+                found = sorted({*self._whole_metrics.get(checked, []), *found})
+                self._whole_metrics[checked] = found
+                self._keeps_outputs = True
+                self._warn_effects(f"{step} updates {', '.join(found)} with values that are not per row (a loss, a "
+                                   f"batch statistic: SumMetric, MaxMetric, CatMetric or MeanMetric of the loss, a "
+                                   f"running window), so its micro-batches' updates do not make the whole batch's "
+                                   f"update: the last stage keeps each batch's model outputs and runs the step once "
+                                   f"more, without gradients, on the whole batch for them{self._as_one_device()}. To "
+                                   f"spare that, update metrics per row, or weight a loss by its rows "
+                                   f"(MeanMetric: metric(loss, weight=len(x)))")
+        if checked in self._whole_metrics and ran_whole():
+            self.metrics.adopt(self._whole_metrics[checked])
+            result.metrics = self.metrics.batch_update({entry.metric for entry in result.logs
+                                                        if entry.metric is not None})
+
+    def _as_one_device(self) -> str:
+        """What a run of the step on the whole batch's model output gives: one device's values, unless the captured
+        model lets the batch's rows meet (warned at its capture), whose outputs per micro-batch are not one device's."""
+        captures = self.split.splitter.captures if isinstance(self.split, CapturedModule) else []
+        if any(capture.rows_meet for capture in captures):
+            return (" (one device's values for the model's outputs; those differ from one device's here, where the "
+                    "model lets the rows of a batch meet, as warned when it was captured)")
+        return " (one device's values)"
+
+    def _logs_kind(self, step: str, rest: tuple, microbatches: int) -> str | None:
+        """What :class:`WholeBatchLogs` checks this step's logs under (each evaluation dataloader on its own first
+        batch: its step may log other names); None where they are not checked: one micro-batch, an asynchronous
+        training step (its optimizer steps inside the run), ``predict_step``, replicas (each would decide and run
+        alone, and a step calling a collective would wait on the others)."""
+        if microbatches <= 1 or step == "predict_step" or self.replica_group is not None \
+                or (self.pipeline.asynchronous and step == "training_step"):
+            return None
+        return step if step == "training_step" or len(rest) < 2 else f"{step}/{rest[1]}"
+
+    def _replay_for_logs(self, whole: Any, replay: Callable[..., None]) -> bool:
+        """Run the step on the whole batch's output (None: not kept whole) for its logs alone (a step that changed
+        nothing on the module: whatever this run changes is undone); whether it ran."""
+        if whole is None:
+            return False
+        mark = self.effects.snapshot()
+        try:
+            replay(whole, for_logs=True)
+        except Exception:  # noqa: BLE001 - the micro-batches' combination stands
+            return False
+        finally:
+            if self.effects.changed(mark) and not self.effects.restore(mark):
+                self._warn_effects("the run of the step on the whole batch for its logs changed the module in a way "
+                                   "that could not be undone (a list emptied, a large tensor changed in place)")
+        return True
+
+    def _warn_effects(self, message: str) -> None:
+        if message not in self._effects_warned:  # once, not at every step
+            self._effects_warned.add(message)
+            warnings.warn(message, stacklevel=4)
+
+
+def _counted(checks: dict[str, int], kind: str) -> bool:
+    """Whether this batch of step ``kind`` is one of its first :data:`~.logs.CHECKED_BATCHES` checked in ``checks``
+    (then counted)."""
+    if checks.get(kind, 0) >= CHECKED_BATCHES:
+        return False
+    checks[kind] = checks.get(kind, 0) + 1
+    return True
