@@ -22,6 +22,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -59,6 +60,9 @@ from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 
 __all__ = ["PipelineStrategy"]
+
+_NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+                  r"resumable")
 
 
 class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
@@ -538,6 +542,12 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
     @override
     def on_train_start(self) -> None:
         self._check_materialized()
+        trainer = self._trainer()
+        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", None) if trainer is not None else None
+        if self._position.resumes_within_epoch and loaders and all(hasattr(d, "_pipeline_order") for d in loaders):
+            # The strategy's loaders continue the epoch at the checkpoint's batch, in its order (:mod:`.data_order`):
+            # Lightning's warning that a plain DataLoader does not (it starts a new order) is not theirs.
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning)
 
     @override
     def on_validation_start(self) -> None:

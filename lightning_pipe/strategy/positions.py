@@ -89,6 +89,11 @@ class RunPosition:
         self._resume = (epoch, consumed)
         self._loader_states = list(loaded.get("loaders", []))
 
+    @property
+    def resumes_within_epoch(self) -> bool:
+        """Whether this fit continues an epoch part way (a mid-epoch checkpoint): its loaders skip what was trained."""
+        return self._resume is not None and self._resume[1] > 0
+
     def step_seed(self, trainer: Trainer) -> int:
         """The seed of the step about to run (every rank alike); :meth:`step_done` moves past it."""
         stage = trainer.state.stage
