@@ -186,6 +186,59 @@ class Storing(nn.Module):
 
 
 # -- errors on every rank ----------------------------------------------------------------------------
+class Tempered(nn.Module):
+    """Reads plain values in its forward: a temperature of its own and a scale of its second block's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+        self.blocks[1].scale = 1.0
+        self.tau, self.calls_seen = 1.0, 0  # calls_seen: set from outside, never read by forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            x = torch.tanh(block(x)) * (self.blocks[1].scale if index == 1 else 1.0)
+        return x / self.tau
+
+
+def _Annealed(case: str) -> Any:
+    import lightning as L
+
+    class Annealed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            if case == "annealed_root":  # the module's own forward is the model
+                self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+                self.tau = 1.0
+            else:
+                self.model = Tempered()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if case != "annealed_root":
+                return self.model(x)
+            for block in self.blocks:
+                x = torch.tanh(block(x))
+            return x / self.tau
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if case == "annealed":
+                self.model.tau = 1.0 + self.global_step
+            elif case == "annealed_part":
+                self.model.blocks[1].scale = 1.0 / (1 + self.global_step)
+            elif case == "annealed_root":
+                self.tau = 1.0 + self.global_step
+            else:  # "annealed_unread": a value forward never reads may change
+                self.model.calls_seen += 1
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Annealed()
+
+
 def _run(rank: int, world_size: int, case: str) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
@@ -246,6 +299,9 @@ def _run(rank: int, world_size: int, case: str) -> None:
         return
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
+    elif case.startswith("annealed"):  # a plain value the forward reads, changed by a hook (a temperature schedule)
+        module, width = _Annealed(case), 8
+        strategy = lightning_pipe.PipelineStrategy(layers="" if case == "annealed_root" else None)
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -269,6 +325,10 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
+    ("annealed", ["Tempered.forward reads plain Python values that changed after it was captured",
+                  "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),
+    ("annealed_part", ["blocks.1.scale (1.0 at its capture, now 0.5)", "pass it to forward as a tensor"]),
+    ("annealed_root", ["Annealed.forward reads plain Python values", "tau (1.0 at its capture, now 2.0)"]),
 ])
 def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
     start = time.monotonic()
@@ -278,6 +338,11 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
         for part in expected:
             assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
     assert time.monotonic() - start < 200
+
+
+@pytest.mark.timeout(120)
+def test_a_plain_value_the_captured_forward_never_reads_may_change() -> None:
+    run_ranks(_run, 2, "annealed_unread", timeout=100)  # a step counter kept on the model, set by a hook
 
 
 def _towers(rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -11,6 +11,10 @@
   initialization): export runs the forward once, so the graph keeps what the forward computed from the value at
   capture. Where the graph depends on it (another graph when exported again from the values set), it is refused,
   with the place.
+- **A plain Python value the forward reads** (a temperature ``logits / self.tau``, a dropout's ``p``, a flag): the
+  graph keeps the value it had at capture. Each one is noted with that value (:attr:`Assignments.read`), so that a
+  change made later from outside the forward (an annealed temperature, a scheduled drop rate) is refused rather than
+  silently ignored (:func:`changed_reads`).
 
 :class:`Assignments` says how.
 """
@@ -20,18 +24,20 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "assignment_advice", "stored_advice", "stored_attributes", "stored_refusal"]
+__all__ = ["Assignments", "Read", "assignment_advice", "changed_reads", "read_advice", "stored_advice",
+           "stored_attributes", "stored_refusal"]
 
 _PLAIN = (bool, int, float)
+_READ = (bool, int, float, str)  # plain values whose reads are noted (a None, a tuple of sizes: never changed later)
 _MISSING = object()  # an attribute the forward created
 _STORED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()  # module -> its stored names
 
@@ -79,15 +85,33 @@ class Assignments:
         self.first_code: str | None = None  # the first run's graph, which the second must repeat
         self.pending: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}  # buffers to copy into
         self.stored: list[str] = []  # tensors with a gradient kept as plain attributes (deep supervision's outputs)
+        self.read: dict[tuple[int, str], Read] = {}  # plain values the forward read from its modules' attributes
+        self.assigned: set[tuple[int, str]] = set()  # plain attributes the forward assigned, in any run (:meth:`watch`)
+
+    def reads(self) -> list[Read]:
+        """The plain attributes the forward read and never assigns (Swin's shift, set afresh from the input at each
+        call, is the forward's own), with the values the graph keeps."""
+        return [read for key, read in self.read.items() if key not in self.assigned and read.name != "training"]
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        self.refused, self.changed, self.pending, self.stored = [], {}, {}, []
+        self.refused, self.changed, self.pending, self.stored, self.read = [], {}, {}, [], {}
         setattr_ = nn.Module.__setattr__
+        getattribute = object.__getattribute__
+        mine, read = self.mine, self.read
+
+        def reading(module: nn.Module, name: str) -> Any:
+            value = getattribute(module, name)
+            if type(value) in _READ and id(module) in mine and (id(module), name) not in read \
+                    and name in getattribute(module, "__dict__"):
+                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
+            return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
 
         def watched(module: nn.Module, name: str, value: Any) -> None:
+            if id(module) in self.mine and type(value) in _READ:
+                self.assigned.add((id(module), name))
             if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
                 self._plain_assigned(module, name, value)
             elif (id(module) in self.mine and isinstance(value, torch.Tensor) and value.requires_grad
@@ -102,10 +126,12 @@ class Assignments:
             setattr_(module, name, value)
 
         nn.Module.__setattr__ = watched  # type: ignore[method-assign]
+        nn.Module.__getattribute__ = reading  # type: ignore[method-assign]
         try:
             yield
         finally:
             nn.Module.__setattr__ = setattr_  # type: ignore[method-assign]
+            del nn.Module.__getattribute__  # object's again
             buffers.remove()
             returns.remove()
             for (_, name), (module, original) in self.pending.items():  # a run that failed midway: originals back
@@ -188,6 +214,35 @@ class Assignments:
                 original.copy_(current.detach())
             owner._buffers[name] = original
             del self.pending[key]
+
+
+class Read(NamedTuple):
+    """A plain attribute a captured forward read: ``module``'s ``name`` (``place``, its path) held ``value``."""
+
+    module: nn.Module
+    name: str
+    value: Any
+    place: str
+
+
+def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] = lambda module: module) -> list[str]:
+    """The reads (:class:`Read`) whose attribute holds another value now (on ``live(module)``, the object that the
+    user's code sets it on), each as ``"place (value at capture -> now)"``."""
+    found = []
+    for read in reads:
+        now = live(read.module).__dict__.get(read.name, read.value)
+        if now is not read.value and (type(now) is not type(read.value) or now != read.value):
+            found.append(f"{read.place} ({read.value!r} at its capture, now {now!r})")
+    return found
+
+
+def read_advice(model_name: str, found: list[str]) -> str:
+    """The error for plain attributes a captured forward read that were changed after its capture (``found``)."""
+    return (f"{model_name}.forward reads plain Python values that changed after it was captured: {listed(found)}. "
+            f"Under PipelineStrategy the forward runs as a graph captured once, which keeps the value it read then, "
+            f"so the change would be ignored (one device uses it at once). Keep such a value in a buffer "
+            f"(self.register_buffer('tau', torch.tensor(1.0)), changed in place: self.tau.fill_(value)) or pass it "
+            f"to forward as a tensor argument; both reach the graph at every step")
 
 
 def _caller() -> FrameType | None:

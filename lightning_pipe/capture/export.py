@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
-from .assignments import Assignments, assignment_advice, stored_advice
+from .assignments import Assignments, Read, assignment_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, listed, locate_exception, locate_frame, module_names
 from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
@@ -38,7 +38,8 @@ __all__ = ["export_forward"]
 
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
                    meta: bool, allow_autograd_functions: bool, device: torch.device = META,
-                   fixed_sizes: set[tuple[str, int]] | None = None) -> tuple[ExportedProgram, bool]:
+                   fixed_sizes: set[tuple[str, int]] | None = None,
+                   reads: list[Read] | None = None) -> tuple[ExportedProgram, bool]:
     """Export ``model(*args, **kwargs)`` in train or eval mode; returns the program and whether its sizes are
     symbolic (``dynamic=True`` tries that first and falls back to the example's sizes, with a warning).
 
@@ -47,12 +48,16 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
     ``device`` in; see :func:`~.devices.rewrite_devices`).
 
     ``fixed_sizes``: the input sizes (``(path, dim)``) earlier captures of the model fixed (:mod:`.guards`), fixed here
-    too; the ones this capture fixes are added to it.
+    too; the ones this capture fixes are added to it. ``reads`` gets the plain attributes the forward read, with the
+    values the graph keeps (:class:`~.assignments.Read`).
     """
     assignments = Assignments(model, module_names(model))
     try:
-        return _export(model, args, kwargs, assignments, training=training, dynamic=dynamic, meta=meta,
-                       allow_autograd_functions=allow_autograd_functions, device=device, fixed_sizes=fixed_sizes)
+        exported = _export(model, args, kwargs, assignments, training=training, dynamic=dynamic, meta=meta,
+                           allow_autograd_functions=allow_autograd_functions, device=device, fixed_sizes=fixed_sizes)
+        if reads is not None:
+            reads.extend(assignments.reads())
+        return exported
     finally:
         assignments.restore()  # the plain values a forward set are put back as they were (as torch's export does)
 

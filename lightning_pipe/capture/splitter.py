@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .assignments import Read
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache
 from .coupling import rows_meet
@@ -80,6 +81,8 @@ class Splitter:
         self.device: torch.device | None = None  # where the graphs run; None: where they were captured
         self.cache = CaptureCache()
         self.unread_state: set[str] = set()  # the model's state the first capture's graphs do not read
+        # the plain attributes the captured forward read, with the values the graphs keep (:func:`changed_reads`)
+        self.reads: dict[tuple[int, str], Read] = {}
         self._segments: list[Segment] = []
         self._parameter_order = {name: i for i, name in enumerate(inspect.signature(model.forward).parameters)}
 
@@ -182,9 +185,12 @@ class Splitter:
         device = self.device if self.device is not None else _device_of(flat)
         start = time.perf_counter()
         try:
+            reads: list[Read] = []
             program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
                                               meta=meta, allow_autograd_functions=self.allow_autograd_functions,
-                                              device=device, fixed_sizes=self._fixed_sizes)
+                                              device=device, fixed_sizes=self._fixed_sizes, reads=reads)
+            for read in reads:  # the value the first capture that read it keeps
+                self.reads.setdefault((id(read.module), read.name), read)
         finally:
             if padded is not None:
                 padded.stop()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
-from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
+from lightning_pipe.capture.assignments import changed_reads, read_advice, stored_attributes, stored_refusal
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers
@@ -28,7 +28,7 @@ from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import (ModelPart, complete, has_state, in_model_order, mirror,
-                                                 plain_attribute)
+                                                 plain_attribute, written_through)
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects
@@ -159,6 +159,10 @@ class PipelinedModel(nn.Module):
                            f"holds part of its weights), so it cannot be scripted or exported (to_torchscript, "
                            f"torch.jit.script): load a checkpoint with YourModule.load_from_checkpoint(path) and "
                            f"export the whole model on one device")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not written_through(self.__dict__.get("_model"), self, name, value):
+            super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -387,6 +391,7 @@ class CapturedModule:
         capture fixed some size, that of each micro-batch whose tensors' shapes are new (a new sequence length is
         captured anew)."""
         assert self.proxy is not None
+        self._check_reads()
         key = (step, self.training, autocast_state())
         for segment in self.segments:  # a segment picks its graph by its own mode
             if segment.training != key[1]:
@@ -427,6 +432,16 @@ class CapturedModule:
         if len(self._shapes_seen) > _SHAPES_KEPT:  # ragged batches make new shapes every step: a cache, not a log
             self._shapes_seen.clear()
         self._shapes_seen.update(new_shapes)
+
+    def _check_reads(self) -> None:
+        """Refuse a plain attribute the captured forward read (a temperature, a dropout's ``p``) that was changed
+        since (an annealing hook): the graphs keep the value it had then (:func:`~.assignments.changed_reads`). The
+        model's own forward reads the LightningModule's attributes through a twin (:func:`_twin`), which a change
+        made on the module does not reach: those are read on the module."""
+        twin = self.model if self.root else None
+        found = changed_reads(self.splitter.reads.values(), lambda m: self.module if m is twin else m)
+        if found:
+            raise ValueError(read_advice(type(self.model).__name__, found))
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
         """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest

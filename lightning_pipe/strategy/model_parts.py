@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
 
-__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state"]
+__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state",
+           "written_through"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
@@ -32,6 +33,21 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value
+
+
+_PLAIN_DATA = (bool, int, float, str)
+
+
+def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
+    """Set a plain value on ``original`` where ``holder`` (its stand-in) was given it for an attribute that
+    ``original`` holds as plain data (a temperature, a dropout's ``p``): the captures read the original, and the
+    stand-in reads it from there. Whether it did (else the stand-in keeps the value itself)."""
+    if original is None or name in holder.__dict__ or type(value) not in _PLAIN_DATA:
+        return False
+    if type(original.__dict__.get(name)) not in _PLAIN_DATA:
+        return False
+    setattr(original, name, value)
+    return True
 
 
 def has_state(module: nn.Module) -> bool:
@@ -58,6 +74,10 @@ class ModelPart(nn.Module):
                            f"holds {'part' if has_state(self) else 'none'} of its weights); under PipelineStrategy "
                            f"only the step's call of the whole model runs its parts. Call the model, or load a "
                            f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not written_through(self.__dict__.get("_original"), self, name, value):
+            super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
         try:
