@@ -194,11 +194,12 @@ class Tempered(nn.Module):
         self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
         self.blocks[1].scale = 1.0
         self.tau, self.calls_seen = 1.0, 0  # calls_seen: set from outside, never read by forward
+        self.register_buffer("offset", torch.zeros(8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, block in enumerate(self.blocks):
             x = torch.tanh(block(x)) * (self.blocks[1].scale if index == 1 else 1.0)
-        return x / self.tau
+        return x / self.tau + self.offset
 
 
 def _Annealed(case: str) -> Any:
@@ -227,6 +228,8 @@ def _Annealed(case: str) -> Any:
                 self.model.blocks[1].scale = 1.0 / (1 + self.global_step)
             elif case == "annealed_root":
                 self.tau = 1.0 + self.global_step
+            elif case == "annealed_buffer":  # a buffer given a new tensor: copied into the one the graph reads
+                self.model.offset = torch.full((8,), float(self.global_step))
             else:  # "annealed_unread": a value forward never reads may change
                 self.model.calls_seen += 1
 
@@ -325,10 +328,11 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
-    ("annealed", ["Tempered.forward reads plain Python values that changed after it was captured",
+    ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
+                  "that changed after it was captured",
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),
     ("annealed_part", ["blocks.1.scale (1.0 at its capture, now 0.5)", "pass it to forward as a tensor"]),
-    ("annealed_root", ["Annealed.forward reads plain Python values", "tau (1.0 at its capture, now 2.0)"]),
+    ("annealed_root", ["Annealed.forward reads plain attributes", "tau (1.0 at its capture, now 2.0)"]),
 ])
 def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
     start = time.monotonic()
@@ -343,6 +347,30 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
 @pytest.mark.timeout(120)
 def test_a_plain_value_the_captured_forward_never_reads_may_change() -> None:
     run_ranks(_run, 2, "annealed_unread", timeout=100)  # a step counter kept on the model, set by a hook
+
+
+def _buffer_given(rank: int, world_size: int) -> tuple[list[float], list[float]]:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = _Annealed("annealed_buffer")
+    data = DataLoader([(torch.randn(8, 8),) for _ in range(3)], batch_size=None)
+    devices, strategy = (world_size, "pipedream") if world_size > 1 else (1, "auto")
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=3).fit(module, data)
+    weights = module.state_dict()
+    return [float(weights[name].sum()) for name in sorted(weights) if "blocks" in name], module.model.offset.tolist()
+
+
+@pytest.mark.timeout(120)
+def test_a_buffer_given_a_new_tensor_from_outside_the_forward_trains_as_on_one_device() -> None:
+    """The new tensor is copied into the buffer the captured graphs read (each rank holds it whole)."""
+    ranks = run_ranks(_buffer_given, 2, timeout=100)
+    one_weights, one_offset = _buffer_given(0, 1)
+    assert ranks[0][1] == ranks[1][1] == one_offset == [2.0] * 8
+    held = sorted(ranks[0][0] + ranks[1][0])
+    assert len(held) == len(one_weights) and all(abs(a - b) < 1e-5 for a, b in zip(held, sorted(one_weights)))
 
 
 def _towers(rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -634,7 +634,8 @@ def _fit_saved(kind: str, devices: int, strategy: Any, variant: bool, path: str)
     from tests.lightning_models import regression_data
 
     make = {"repeating": _repeating_module, "weighing": _weighing_module, "scaled": _scaled_module,
-            "chained": _chained_module, "scaled_in_step": _scaled_in_step_module}[kind]
+            "chained": _chained_module, "scaled_in_step": _scaled_in_step_module,
+            "summed_term": _summed_term_module}[kind]
     model = make(variant)
     trainer = _trainer(strategy, devices, max_steps=3)
     trainer.fit(model, regression_data(3, batch_size=10))
@@ -912,3 +913,45 @@ def test_a_parameter_of_the_model_that_only_the_step_reads_trains_as_on_one_devi
     it raised an error)."""
     for _, weights, _, _ in _as_one_device("scaled_in_step", (("1f1b", False),), tmp_path):
         assert not torch.equal(weights["model.logit_scale"], torch.tensor(0.5))
+
+
+def _summed_term_module(_: bool) -> Any:  # one variant
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Regularized(nn.Module):
+        """Returns its output and a term summed over the batch's rows (a VAE's KL)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.middle, self.second = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = torch.tanh(self.middle(torch.tanh(self.first(x))))
+            return self.second(hidden), -0.5 * torch.sum(1 + hidden - hidden.pow(2))
+
+    class Summing(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Regularized()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out, term = self.model(batch[0])
+            self.log("term", term)
+            return F.mse_loss(out, batch[1], reduction="sum") + term  # a sum over rows ("auto" finds it)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.002)
+
+    L.seed_everything(9, verbose=False)
+    return Summing()
+
+
+@pytest.mark.timeout(300)
+def test_a_number_the_model_sums_over_rows_adds_up_as_on_one_device(tmp_path: Path) -> None:
+    """A model returning a term summed over the batch (a VAE's KL) in a loss summed over rows: the whole batch's term
+    is the micro-batches' sum (read from the captured graph), so "auto" finds the sum, and the gradients are one
+    device's (the term averaged would make the loss look like neither a mean nor a sum)."""
+    for ranks, _, _, _ in _as_one_device("summed_term", (("1f1b", False),), tmp_path):
+        assert ranks[0] and ranks[1]  # each rank holds a share

@@ -102,15 +102,16 @@ class Assignments:
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
-            if type(value) in _READ and id(module) in mine and (id(module), name) not in read \
-                    and name in getattribute(module, "__dict__"):
-                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
+            if (type(value) in _READ or isinstance(value, torch.Tensor)) and id(module) in mine \
+                    and (id(module), name) not in read and name in getattribute(module, "__dict__"):
+                version = value._version if isinstance(value, torch.Tensor) else None
+                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name), version)
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
 
         def watched(module: nn.Module, name: str, value: Any) -> None:
-            if id(module) in self.mine and type(value) in _READ:
+            if id(module) in self.mine:
                 self.assigned.add((id(module), name))
             if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
                 self._plain_assigned(module, name, value)
@@ -217,12 +218,14 @@ class Assignments:
 
 
 class Read(NamedTuple):
-    """A plain attribute a captured forward read: ``module``'s ``name`` (``place``, its path) held ``value``."""
+    """A plain attribute a captured forward read: ``module``'s ``name`` (``place``, its path) held ``value`` (a
+    tensor kept as a plain attribute, not a buffer: at ``version``)."""
 
     module: nn.Module
     name: str
     value: Any
     place: str
+    version: int | None = None
 
 
 def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] = lambda module: module) -> list[str]:
@@ -231,18 +234,23 @@ def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] 
     found = []
     for read in reads:
         now = live(read.module).__dict__.get(read.name, read.value)
-        if now is not read.value and (type(now) is not type(read.value) or now != read.value):
+        if isinstance(read.value, torch.Tensor):  # the graph keeps the tensor as a constant: replaced, or changed
+            if now is not read.value or now._version != read.version:
+                found.append(f"{read.place} (a tensor kept as a plain attribute, "
+                             f"{'replaced' if now is not read.value else 'changed in place'})")
+        elif now is not read.value and (type(now) is not type(read.value) or now != read.value):
             found.append(f"{read.place} ({read.value!r} at its capture, now {now!r})")
     return found
 
 
 def read_advice(model_name: str, found: list[str]) -> str:
     """The error for plain attributes a captured forward read that were changed after its capture (``found``)."""
-    return (f"{model_name}.forward reads plain Python values that changed after it was captured: {listed(found)}. "
-            f"Under PipelineStrategy the forward runs as a graph captured once, which keeps the value it read then, "
-            f"so the change would be ignored (one device uses it at once). Keep such a value in a buffer "
-            f"(self.register_buffer('tau', torch.tensor(1.0)), changed in place: self.tau.fill_(value)) or pass it "
-            f"to forward as a tensor argument; both reach the graph at every step")
+    return (f"{model_name}.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
+            f"that changed after it was captured: {listed(found)}. Under PipelineStrategy the forward runs as a graph "
+            f"captured once, which keeps the value it read then, so the change would be ignored (one device uses it "
+            f"at once). Keep such a value in a buffer (self.register_buffer('tau', torch.tensor(1.0)), then "
+            f"self.tau.fill_(value) or self.tau = new_tensor) or pass it to forward as a tensor argument; both reach "
+            f"the graph at every step")
 
 
 def _caller() -> FrameType | None:

@@ -39,6 +39,10 @@ class Capture:
     cut_seconds: float
     rows_meet: str | None = None
     """Where the forward makes a value with the batch's rows along two dimensions (:mod:`.coupling`), if it does."""
+    scalar_kinds: tuple[str | None, ...] | None = None
+    """How each output (in ``out_spec``'s order) adds up over rows, for 0-dim floating ones (:mod:`.scalars`)."""
+    output_markers: tuple[Any, ...] | None = None
+    """Stand-ins that rebuild an output of ``out_spec`` whose tensors name their index (:func:`.output_markers`)."""
 
     @property
     def serves_every_size(self) -> bool:

@@ -33,6 +33,7 @@ from .points import (
     repeated_blocks,
 )
 from .programs import build_programs
+from .scalars import output_markers, scalar_kinds
 from .segment import Segment
 
 __all__ = ["Splitter", "split_model"]
@@ -211,6 +212,10 @@ class Splitter:
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported,
                           rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None)
+        try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
+            capture.scalar_kinds, capture.output_markers = tuple(scalar_kinds(program)), tuple(output_markers(program))
+        except Exception:  # noqa: BLE001 - not known: the micro-batches' numbers are not put together
+            capture.scalar_kinds = capture.output_markers = None
         if self.device is not None:
             self._retarget(capture)
         self.cache.add(capture)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_reads, read_advice, stored_attributes, stored_refusal
@@ -28,7 +29,7 @@ from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import owners
 from lightning_pipe.strategy.model_parts import (ModelPart, complete, has_state, in_model_order, mirror,
-                                                 plain_attribute, written_through)
+                                                 plain_attribute, whole_buffer, written_through)
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects
@@ -80,6 +81,22 @@ def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str
     tensors.update(model.named_buffers(remove_duplicate=False))
     return {id(tensors[name]) for segment in segments for name in segment.state_names()
             if name not in unread and name in tensors}
+
+
+def _output_kinds(captures: Sequence[Any]) -> list[str | None] | None:
+    found: list[str | None] | None = None
+    for capture in captures:
+        if capture.scalar_kinds is None or capture.output_markers is None:
+            return None
+        try:
+            leaves, _ = tree_flatten(pytree.tree_unflatten(list(capture.output_markers), capture.out_spec))
+            kinds = [capture.scalar_kinds[int(leaf.reshape(-1)[0])] for leaf in leaves]
+        except Exception:  # noqa: BLE001 - an output this cannot rebuild from stand-ins: not known
+            return None
+        if found is not None and kinds != found:
+            return None
+        found = kinds
+    return found
 
 
 def _shapes(microbatch: Any) -> tuple:
@@ -172,6 +189,9 @@ class PipelinedModel(nn.Module):
         model = self.__dict__.get("_model")
         if model is not None and name in stored_attributes(model):
             raise AttributeError(stored_refusal(name, self._path))
+        buffer = whole_buffer(model, name)
+        if buffer is not None:
+            return buffer
         return plain_attribute(model, name, lambda: (  # the model: set once this holds state
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
@@ -202,6 +222,7 @@ class CapturedModule:
         self.model = _twin(module) if self.root else module.get_submodule(path)
         self._own_parameters = [name for name, p in self.model._parameters.items() if p is not None]
         self.called = module if self.root else self.model  # what the step calls
+        self._kinds: tuple[int, list[str | None] | None] = (-1, None)  # (captures, output_kinds()) last computed
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
@@ -479,6 +500,15 @@ class CapturedModule:
         new: a capture made on one rank alone would part the ranks' captures)."""
         return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
                 for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
+
+    def output_kinds(self) -> list[str | None] | None:
+        """How each tensor of the model's output (as :func:`~lightning_pipe.engine.tree.tree_flatten` lists them) adds
+        up over rows where it is a single number ("mean", "sum", "other": :mod:`lightning_pipe.capture.scalars`; None
+        for the others); None where not known, or where captures disagree."""
+        captures = self.splitter.captures
+        if self._kinds[0] != len(captures):
+            self._kinds = (len(captures), _output_kinds(captures))
+        return self._kinds[1]
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:

@@ -84,12 +84,12 @@ class FirstBatchChecks:
         self._probes_left -= 1
         if self._mean_found:
             try:
-                rule, why = verdict(probe, run_whole)
+                rule, why = verdict(probe, run_whole, self.split.output_kinds())
             except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
                 self._probes_left = 0
                 return 1.0
         else:
-            rule, why = verdict(probe, run_whole)
+            rule, why = verdict(probe, run_whole, self.split.output_kinds())
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
             # batches happened to share alike (no ignored labels yet) shows here
             if rule in ("neither", "sum"):

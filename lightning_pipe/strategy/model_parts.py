@@ -13,7 +13,7 @@ import torch.nn as nn
 from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
 
 __all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state",
-           "written_through"]
+           "whole_buffer", "written_through"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
@@ -39,15 +39,45 @@ _PLAIN_DATA = (bool, int, float, str)
 
 
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
-    """Set a plain value on ``original`` where ``holder`` (its stand-in) was given it for an attribute that
-    ``original`` holds as plain data (a temperature, a dropout's ``p``): the captures read the original, and the
-    stand-in reads it from there. Whether it did (else the stand-in keeps the value itself)."""
-    if original is None or name in holder.__dict__ or type(value) not in _PLAIN_DATA:
+    """Give ``original`` what ``holder`` (its stand-in) was given, where the captures read it from ``original``; whether
+    it did (else the stand-in keeps the value itself):
+
+    - a plain value for an attribute ``original`` holds as plain data (a temperature, a dropout's ``p``): set there,
+      and the stand-in reads it from there;
+    - a tensor for one of ``original``'s buffers: copied into the buffer, which the graphs read (a new tensor of
+      another shape or dtype is an error: they read the buffer they were captured with);
+    - a tensor for a tensor ``original`` keeps as a plain attribute: set there (the graphs kept the old one as a
+      constant, which the next step's check refuses, saying to register a buffer)."""
+    if original is None or name in holder.__dict__:
         return False
-    if type(original.__dict__.get(name)) not in _PLAIN_DATA:
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        buffer = original._buffers.get(name)
+        if buffer is not None:
+            if buffer.shape != value.shape or buffer.dtype != value.dtype:
+                raise ValueError(f"buffer {name!r} of a pipelined model ({tuple(buffer.shape)}, {buffer.dtype}) was "
+                                 f"given a tensor of {tuple(value.shape)}, {value.dtype}: under PipelineStrategy the "
+                                 f"captured graphs read the buffer they were captured with, so a new value must keep "
+                                 f"its shape and dtype (it is copied in)")
+            with torch.no_grad():
+                for target in {id(t): t for t in (buffer, holder._buffers.get(name)) if t is not None}.values():
+                    if not target.is_meta:
+                        target.copy_(value)
+            return True
+        if isinstance(original.__dict__.get(name), torch.Tensor):
+            setattr(original, name, value)
+            return True
+        return False
+    if type(value) not in _PLAIN_DATA or type(original.__dict__.get(name)) not in _PLAIN_DATA:
         return False
     setattr(original, name, value)
     return True
+
+
+def whole_buffer(original: nn.Module | None, name: str) -> torch.Tensor | None:
+    """``original``'s buffer ``name`` where every rank holds it whole (a captured model's buffers stay whole), so that
+    reading it, or changing it in place, is the same on every rank; None for none."""
+    buffer = original._buffers.get(name) if original is not None else None
+    return buffer if buffer is not None and not buffer.is_meta else None
 
 
 def has_state(module: nn.Module) -> bool:
@@ -87,6 +117,9 @@ class ModelPart(nn.Module):
         original = self.__dict__.get("_original")
         if original is not None and name in stored_attributes(original):
             raise AttributeError(stored_refusal(name, self.part_name))
+        buffer = whole_buffer(original, name)
+        if buffer is not None:
+            return buffer
         return plain_attribute(original, name, lambda: (
             f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
             f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "

@@ -122,7 +122,8 @@ class Probe:
         self.rows.append(rows)
 
 
-def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) -> tuple[str | None, str]:
+def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
+            kinds: Sequence[str | None] | None = None) -> tuple[str | None, str]:
     """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
     None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:
@@ -130,7 +131,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor]) ->
     output of the model's, CLIP's similarity logits, whose micro-batches' blocks do not make the batch's)."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
-    output, batch = whole_output(probe.outputs, probe.rows), probe.batch
+    output, batch = whole_output(probe.outputs, probe.rows, kinds=kinds), probe.batch
     if output is None:  # the model ran on something else than the batch's rows (a triplet's three parts stacked)
         return None, "the model's outputs do not hold the batch's rows first"
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])

@@ -160,6 +160,11 @@ class SplitModule:
                                               "layer), or freeze them with requires_grad_(False)"))
         return inputs
 
+    def output_kinds(self) -> list[str | None] | None:
+        """How the model's single-number outputs add up over rows: not known for a sequence (its last layer's output
+        is put together as a mean, the rare case of a number)."""
+        return None
+
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""

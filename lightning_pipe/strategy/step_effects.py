@@ -406,16 +406,18 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
            replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Sequence[float] | None = None) -> tuple[list[Sent], bool]:
+           weights: Sequence[float] | None = None, kinds: Sequence[str | None] | None = None
+           ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
     ``needs`` alone). ``kept``: (index, model output, rows) of the micro-batches
     whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
     ``needs``: what else the step did that only that run does as one device (called the loggers, returned numbers);
-    ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them)."""
+    ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them);
+    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`)."""
     patches = effects.changes(start)
     if (patches or needs) and microbatches > 1:
-        whole = kept_whole(kept, microbatches, weights)
+        whole = kept_whole(kept, microbatches, weights, kinds)
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else "the model's outputs do not hold the batch's rows first")
         if whole is not None and not effects.restore(start):
@@ -441,14 +443,15 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     return _sendable(step, patches, warn), False
 
 
-def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None) -> Any:
+def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None,
+               kinds: Sequence[str | None] | None = None) -> Any:
     """The whole batch's model output from the (index, output, rows) ``kept`` of every one of its ``microbatches``
     (:func:`~.step_values.whole_output`; ``weights`` by micro-batch index); None where some were not kept."""
     if len(kept) != microbatches:
         return None
     kept = sorted(kept, key=lambda item: item[0])
     return whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
-                        None if weights is None else [weights[index] for index, _, _ in kept])
+                        None if weights is None else [weights[index] for index, _, _ in kept], kinds)
 
 
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:

@@ -173,13 +173,16 @@ def _row_mean(scalars: Sequence[torch.Tensor], sizes: Sequence[float]) -> torch.
     return (torch.stack([scalar.double() for scalar in scalars]) * weights).sum()
 
 
-def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None) -> Any | None:
+def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None,
+                 kinds: Sequence[str | None] | None = None) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
     batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows (or by
-    ``weights``: what ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine); None where
-    the outputs do not show a batch dimension first. Several calls of the model (:class:`Calls`) are put together
-    call by call; a call whose output is the same in every micro-batch (the model run on fixed prototypes, not on the
-    batch's rows) gives it once."""
+    ``weights``: what ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed,
+    as ``kinds`` says of each tensor (:mod:`lightning_pipe.capture.scalars`: "mean", "sum", "other"; without it,
+    averaged); None where the outputs do not show a batch dimension first, hold a number the micro-batches do not
+    share (``len(x)``) or one equal to each micro-batch's rows, or a scalar that adds up otherwise. Several calls of
+    the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
+    (the model run on fixed prototypes, not on the batch's rows) gives it once."""
     if outputs and all(isinstance(output, Calls) and len(output.each) == len(outputs[0].each) for output in outputs):
         calls = []
         for index in range(len(outputs[0].each)):
@@ -187,7 +190,7 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if len(each) > 1 and _same(each):
                 calls.append(each[0])
                 continue
-            whole = whole_output(each, sizes, weights)
+            whole = whole_output(each, sizes, weights, kinds)
             if whole is None:
                 return None
             calls.append(whole)
@@ -195,15 +198,36 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     flat = [tree_flatten(output) for output in outputs]
     if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
         return None
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]) or (len(set(sizes)) == 1 and _holds_number(spec, sizes[0])):
+        return None  # a number of the model's output: the micro-batches' differ, or each is its rows (len(x))
+    if kinds is not None and len(kinds) != len(flat[0][0]):
+        kinds = None
     whole = []
-    for column in zip(*(leaves for leaves, _ in flat)):
+    for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
         if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
+            kind = kinds[index] if kinds is not None else "mean"
+            if kind == "sum":
+                whole.append(torch.stack(list(column)).sum().to(column[0].dtype))
+                continue
+            if kind != "mean":
+                return None
             whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
         elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
             whole.append(torch.cat(column))
         else:
             return None
     return tree_unflatten(whole, flat[0][1])
+
+
+def _holds_number(spec: Any, number: int) -> bool:
+    """Whether a tree spec (:mod:`lightning_pipe.engine.tree`) carries ``number`` as a value (not a bool)."""
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "v":
+        value = spec[1]
+        return type(value) in (int, float) and value == number
+    if isinstance(spec, (tuple, list)):
+        return any(_holds_number(part, number) for part in spec)
+    return False
 
 
 def _same(values: list[Any]) -> bool:

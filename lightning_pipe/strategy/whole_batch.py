@@ -93,7 +93,7 @@ class WholeBatchRuns:
 
         def run_whole() -> bool:  # the same, running it for that where it has not run and changed nothing
             if not returned and not self.effects.changed(start):
-                self._replay_for_logs(kept_whole(kept, microbatches, weights), replay)
+                self._replay_for_logs(kept_whole(kept, microbatches, weights, kinds), replay)
             return ran_whole()
 
         def as_output(output: Any) -> Any:  # what the step returned on the whole batch, as the batch's output
@@ -105,16 +105,17 @@ class WholeBatchRuns:
             or step != "predict_step" else step
         numbers = needs_whole_batch(result.output) or (checked is not None and checked in self._whole_outputs)
         weights = [float(count) for count in counts.counts] if counts is not None else None
+        kinds = self.split.output_kinds()  # how the model's single numbers add up over rows
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
         if checked is not None and checked in self._whole_metrics:
             needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          needs=needs, weights=weights)
+                                          needs=needs, weights=weights, kinds=kinds)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             ran = replayed or (not self.effects.changed(start)
-                               and self._replay_for_logs(kept_whole(kept, microbatches, weights), replay))
+                               and self._replay_for_logs(kept_whole(kept, microbatches, weights, kinds), replay))
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "

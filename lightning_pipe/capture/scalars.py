@@ -1,0 +1,127 @@
+"""How a captured model's single-number outputs add up over a batch's rows, read from its graph.
+
+A model may return numbers besides its per-row outputs: Hugging Face's ``loss`` (a mean over the tokens with labels),
+a VAE's KL term summed over the batch, a count of masked tokens. The last stage sometimes needs the whole batch's
+output from its micro-batches' (a run of the step on the whole batch, for its logs or a check of its loss), and such a
+number is the micro-batches' mean for one kind and their sum for another. :func:`scalar_kinds` follows each 0-dim
+floating output back through scalings and casts to the reduction that made it: ``"mean"`` (``mean``, a loss reduced by
+its mean, a sum divided by a sum: a mean over a count), ``"sum"`` (``sum``, a loss reduced by its sum, a sum of sums),
+or ``"other"`` where it cannot tell (then no whole batch's output is made from the micro-batches').
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ConstantArgument, OutputKind
+
+__all__ = ["scalar_kinds", "output_markers", "MEAN", "SUM", "OTHER"]
+
+MEAN, SUM, OTHER = "mean", "sum", "other"
+
+_aten = torch.ops.aten
+
+
+def _ops(*names: str) -> set[Any]:
+    found = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(_aten, packet, None)
+        if op is not None and hasattr(op, overload or "default"):
+            found.add(getattr(op, overload or "default"))
+    return found
+
+
+_MEANS = _ops("mean", "mean.dim")
+_SUMS = _ops("sum", "sum.dim_IntList")
+_SAME = _ops("clone", "detach", "alias", "_to_copy", "to.dtype", "to.dtype_layout", "to.device", "view", "reshape",
+             "squeeze", "squeeze.dim", "contiguous", "lift_fresh_copy", "neg", "type_as")
+_SCALED = _ops("mul.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar")
+_ADDED = _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar")
+_DIVIDED = _ops("div.Tensor")
+_REDUCTION = {1: MEAN, 2: SUM}  # torch's Reduction::Mean and ::Sum
+_DEPTH = 64
+
+
+def scalar_kinds(program: ExportedProgram) -> list[str | None]:
+    """For each user output of ``program``, in its output spec's order: :data:`MEAN`, :data:`SUM` or :data:`OTHER`
+    for a 0-dim floating value, None for anything else (a tensor with dimensions, a number)."""
+    output = next(node for node in program.graph.nodes if node.op == "output")
+    nodes = [node for node, spec in zip(output.args[0], program.graph_signature.output_specs)
+             if spec.kind == OutputKind.USER_OUTPUT]
+    return [_kind(node) if _is_scalar(node) else None for node in nodes]
+
+
+def output_markers(program: ExportedProgram) -> list[Any]:
+    """Stand-ins for ``program``'s user outputs, in its output spec's order, that rebuild an output of its structure
+    (``tree_unflatten(markers, out_spec)``): a 1-element tensor holding each tensor output's index, a number output
+    (a constant of the graph) as itself, so that another flattening of tensors finds each tensor's index."""
+    markers: list[Any] = []
+    specs = [spec for spec in program.graph_signature.output_specs if spec.kind == OutputKind.USER_OUTPUT]
+    for index, spec in enumerate(specs):
+        constant = isinstance(spec.arg, ConstantArgument)
+        markers.append(spec.arg.value if constant else torch.full((1,), float(index)))
+    return markers
+
+
+def _is_scalar(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+
+
+def _kind(node: Any, depth: int = 0) -> str:
+    if not isinstance(node, fx.Node) or node.op != "call_function" or depth > _DEPTH:
+        return OTHER
+    target, args = node.target, node.args
+    if target is operator.getitem:  # a loss op that returns (loss, total weight): NLL's
+        source = args[0]
+        return _reduced_by_argument(source) if isinstance(source, fx.Node) and args[1] == 0 else OTHER
+    if target in _MEANS:
+        return MEAN
+    if target in _SUMS:
+        return SUM
+    reduced = _reduced_by_argument(node)
+    if reduced != OTHER:
+        return reduced
+    if target in _SAME:
+        return _kind(args[0], depth + 1)
+    if target in _SCALED:
+        left, right = args[0], args[1]
+        if not isinstance(right, fx.Node) or _constant(right):
+            return _kind(left, depth + 1)
+        if not isinstance(left, fx.Node) or _constant(left):
+            return _kind(right, depth + 1) if target not in _DIVIDED else OTHER
+        if target in _DIVIDED and _kind(left, depth + 1) == SUM and _kind(right, depth + 1) == SUM:
+            return MEAN  # a sum over a count: a mean over what it counts (Hugging Face's loss over its tokens)
+        return OTHER
+    if target in _ADDED:
+        kinds = {_kind(arg, depth + 1) for arg in args[:2] if isinstance(arg, fx.Node) and not _constant(arg)}
+        return kinds.pop() if len(kinds) == 1 else OTHER
+    return OTHER
+
+
+def _reduced_by_argument(node: fx.Node) -> str:
+    """MEAN or SUM for an op with a ``reduction`` argument (a loss: cross entropy, NLL, MSE, BCE, smooth L1)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return OTHER
+    for index, argument in enumerate(schema.arguments):
+        if argument.name == "reduction":
+            value = node.args[index] if len(node.args) > index else node.kwargs.get("reduction", argument.default_value)
+            return _REDUCTION.get(value, OTHER) if isinstance(value, int) else OTHER
+    return OTHER
+
+
+def _constant(node: fx.Node) -> bool:
+    """Whether ``node`` is a value the batch does not make: a lifted constant, or computed from constants only."""
+    if node.op == "placeholder":
+        return False  # an input, a parameter or a buffer: perhaps the batch's
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    return all(_constant(arg) for arg in node.all_input_nodes)

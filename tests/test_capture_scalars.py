@@ -1,0 +1,52 @@
+"""How a captured model's single-number outputs add up over rows (:mod:`lightning_pipe.capture.scalars`), and the
+whole batch's output put together from its micro-batches' by them (:func:`~lightning_pipe.strategy.step_values.
+whole_output`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.capture.scalars import scalar_kinds
+from lightning_pipe.strategy.step_values import whole_output
+
+
+class Numbers(nn.Module):
+    """Returns, beside its output, numbers made in every way the reading tells apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.layer(x)
+        counted = (x[:, 0] > 0).float().sum()
+        return (h,
+                -0.5 * torch.sum(1 + h - h.pow(2)),  # a VAE's KL: sum
+                h.mean(),  # mean
+                counted,  # a count: sum
+                F.mse_loss(h, x, reduction="sum") + h.sum(),  # sums added: sum
+                h.sum() + h.mean(),  # a sum and a mean added: other
+                F.cross_entropy(h, x.argmax(1), reduction="sum") / counted,  # a sum over a count: mean (HF's loss)
+                F.cross_entropy(h, x.argmax(1)),  # a loss reduced by its mean
+                h.sum() / 2.0,  # scaled by a constant: sum
+                torch.logsumexp(h.flatten(), 0))  # other
+
+
+def test_the_graph_tells_how_each_number_adds_up_over_rows() -> None:
+    program = torch.export.export(Numbers(), (torch.randn(3, 4),), strict=False)
+    assert scalar_kinds(program) == [None, "sum", "mean", "sum", "sum", "other", "mean", "mean", "sum", "other"]
+
+
+def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_up() -> None:
+    parts = [(torch.ones(3, 2), torch.tensor(2.0), torch.tensor(1.0)), (torch.ones(1, 2), torch.tensor(4.0),
+                                                                         torch.tensor(3.0))]
+    whole = whole_output(parts, [3, 1], kinds=[None, "sum", "mean"])
+    assert whole[0].shape == (4, 2) and float(whole[1]) == 6.0 and float(whole[2]) == 1.5  # mean by rows
+    assert whole_output(parts, [3, 1], kinds=[None, "other", "mean"]) is None  # cannot tell: none made
+    assert float(whole_output(parts, [3, 1])[1]) == 2.5  # unknown (a Sequential's): by rows, as before
+    # a number of the output the micro-batches do not share (len(x)), or equal to each one's rows: not made
+    assert whole_output([(torch.ones(3, 2), 3), (torch.ones(1, 2), 1)], [3, 1]) is None
+    assert whole_output([(torch.ones(2, 2), 2), (torch.ones(2, 2), 2)], [2, 2]) is None
+    assert whole_output([(torch.ones(2, 2), 5), (torch.ones(2, 2), 5)], [2, 2])[1] == 5  # a constant stays
