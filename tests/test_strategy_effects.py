@@ -373,7 +373,8 @@ class _NormedBlocks(nn.Module):
         return self.head(x)
 
 
-def _buffers_warned(rank: int, world_size: int, microbatches: int, captured: bool = False) -> list[str]:
+def _buffers_warned(rank: int, world_size: int, microbatches: int, captured: bool = False,
+                    instance: bool = False) -> list[str]:
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
@@ -384,6 +385,10 @@ def _buffers_warned(rank: int, world_size: int, microbatches: int, captured: boo
             super().__init__()
             self.net = _NormedBlocks() if captured else nn.Sequential(_RunningNorm(), nn.Linear(12, 8), nn.Tanh(),
                                                                        nn.Linear(8, 4))
+            if instance:  # an InstanceNorm's running statistics (not deferred as a batch norm's are), and a batch norm
+                self.net = nn.Sequential(nn.BatchNorm1d(12), nn.Unflatten(1, (3, 4)),
+                                         nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.Flatten(),
+                                         nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
@@ -405,6 +410,8 @@ def test_buffers_the_forward_changes_once_per_micro_batch_are_warned_of() -> Non
     assert run_ranks(_buffers_warned, 2, 1, timeout=100) == [[], []]  # one micro-batch: as on one device
     first, last = run_ranks(_buffers_warned, 2, 4, True, timeout=100)  # a captured model's segments
     assert len(first) == 1 and "norm.mean" in first[0] and last == []
+    first, last = run_ranks(_buffers_warned, 2, 4, False, True, timeout=100)
+    assert len(first) == 1 and "2.running_mean" in first[0] and "0.running" not in first[0] and last == []
 
 
 def _normalized_outside(rank: int, world_size: int) -> tuple[torch.Tensor, list[str]]:

@@ -11,9 +11,6 @@ import torch.nn as nn
 
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
 
-_BATCH_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # also a captured batch norm's
-
-
 def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> None:
     """Say, on a rank whose ``stages`` hold batch norms, that they normalize each micro-batch by its own statistics."""
     count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for stage in stages for m in stage.modules())
@@ -36,10 +33,13 @@ class BufferWatch:
 
     def _versions(self) -> dict[str, tuple[int, int]]:
         stages = self._stages()
+        # torch's batch norms, also as a captured model's parts (which stand for them): deferred. Not by their
+        # buffers' names: an InstanceNorm's running statistics, or a module's own, are updated per micro-batch.
         deferred = {id(buffer) for stage in stages for module in stage.modules()
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm) for buffer in module.buffers()}
+                    if isinstance(module.__dict__.get("_original", module), nn.modules.batchnorm._BatchNorm)
+                    for buffer in module.buffers()}
         return {name: (id(buffer), buffer._version) for stage in stages for name, buffer in stage.named_buffers()
-                if id(buffer) not in deferred and not name.endswith(_BATCH_NORM_BUFFERS)}
+                if id(buffer) not in deferred}
 
     def before(self) -> dict[str, tuple[int, int]] | None:
         """Each buffer as (object, version) before a step; None once the steps to watch are over."""
