@@ -204,3 +204,27 @@ def test_an_error_in_a_hook_on_one_rank_ends_the_ones_waiting_for_it_with_that_e
     assert errors[failing].startswith(message), errors[failing]
     assert errors[1 - failing].startswith("PipelineError: "), errors[1 - failing]
     assert f"rank {failing} failed: {message}" in errors[1 - failing], errors[1 - failing]
+
+
+def _saved_on_rank_zero_only(rank: int, world_size: int, folder: str) -> None:
+    import lightning as L
+
+    class SavesOnRankZero(L.Callback):  # a collective called on one rank only (it would hang under DDP too)
+        def on_train_epoch_end(self, trainer: L.Trainer, module: Any) -> None:
+            if trainer.is_global_zero:
+                trainer.save_checkpoint(f"{folder}/rank_zero.ckpt")
+
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=6), accelerator="cpu", devices=world_size,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=folder, callbacks=[SavesOnRankZero()], max_epochs=1)
+    trainer.fit(Regressor(), regression_data(2, batch_size=8))  # its ModelCheckpoint reduces on rank 1 meanwhile
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_saved_on_one_rank_only_ends_every_rank_with_why(tmp_path: Any) -> None:
+    start = time.monotonic()
+    for rank, text in enumerate(run_ranks(_saved_on_rank_zero_only, 2, str(tmp_path), timeout=100,
+                                          expect_failure=True)):
+        assert text is not None and "trainer.save_checkpoint, which every rank calls" in text, f"rank {rank}: {text}"
+        assert "if trainer.is_global_zero:" in text and "rank 1 is alive but made no progress" in text, text
+    assert time.monotonic() - start < 60

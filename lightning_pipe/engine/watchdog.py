@@ -187,7 +187,7 @@ class PipelineStuck(RuntimeError):
 
 def mark_failed(store: Any, rank: int, message: str) -> None:
     """Record that the job failed (first one wins): ranks stuck in user code end themselves (:class:`_Heartbeat`)."""
-    first_line = message.strip().splitlines()[0][:300] if message.strip() else "an error"
+    first_line = message.strip().splitlines()[0][:600] if message.strip() else "an error"
     store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": first_line}))
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import explained
+from lightning_pipe.engine.deadline import collective, explained
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     CallbackMerge,
@@ -62,6 +62,9 @@ from lightning_pipe.strategy.sharded import (
 )
 
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
+
+_SAVING = ("trainer.save_checkpoint, which every rank calls (not under `if trainer.is_global_zero:`: a collective, "
+           "as under DDP; global rank 0 writes the file)")
 
 HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
@@ -122,6 +125,10 @@ class PipelineCheckpoints:
         writes its own share into a folder at ``filepath`` (:mod:`lightning_pipe.strategy.sharded`). Either way the
         file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
         runner = self.runner
+        # Collective, as under DDP: a rank that calls it alone (under `if trainer.is_global_zero:`) must not wait for
+        # the others for ever. One watched all_reduce first says so after wait_timeout, naming where the others are.
+        collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
+                   timeout=runner.pipeline.config.wait_timeout, notice=runner.pipeline.comm.board.read)
         trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)

@@ -30,7 +30,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import explained
+from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store
@@ -152,8 +152,13 @@ class ProcessStrategy(ParallelStrategy):
         rank waiting for this one in a collective ends with this error rather than a closed connection. Where this
         rank holds the job's store (global rank 0), it then stays until the others' heartbeats have read the error
         (a few seconds at most), since the store ends with this process."""
-        if not _distributed_is_initialized() or isinstance(exception, (PipelineError, KeyboardInterrupt)):
-            return  # a pipeline error is posted already (or came from another rank); an interrupt is not a failure
+        # A pipeline error is posted already (or came from another rank), but for a wait this rank gave up on (the
+        # others never came to a collective it is in: a checkpoint saved on one rank only): its explanation is this
+        # rank's to post. An interrupt is not a failure.
+        given_up = isinstance(exception, PeerLost) and exception.timed_out
+        if not _distributed_is_initialized() or isinstance(exception, KeyboardInterrupt) \
+                or (isinstance(exception, PipelineError) and not given_up):
+            return
         store = short_store()
         if store is not None and type(exception).__name__ != "SIGTERMException":
             with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
