@@ -302,6 +302,20 @@ def _run(rank: int, world_size: int, case: str) -> None:
         return
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
+    elif case == "headed":  # a backbone and a margin head (ArcFace) the step applies to its output
+        class Headed(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.encoder = AutoEncoder()
+                self.head = nn.Linear(32, 4)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                return self.head(self.encoder(batch[0])[0]).pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module, width = Headed(), 32
     elif case.startswith("annealed"):  # a plain value the forward reads, changed by a hook (a temperature schedule)
         module, width = _Annealed(case), 8
         strategy = lightning_pipe.PipelineStrategy(layers="" if case == "annealed_root" else None)
@@ -328,6 +342,7 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
+    ("headed", ["cannot tell which model of Headed to pipeline", "PipelineStrategy(layers='encoder')"]),
     ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
                   "that changed after it was captured",
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),

@@ -27,7 +27,7 @@ from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
-from lightning_pipe.strategy.model_choice import owners
+from lightning_pipe.strategy.model_choice import largest_owner, owners
 from lightning_pipe.strategy.model_parts import (ModelPart, complete, has_state, in_model_order, mirror,
                                                  plain_attribute, whole_buffer, written_through)
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
@@ -553,9 +553,12 @@ class CapturedModule:
     def _never_called(self, step: str, parts: Sequence[str] = ()) -> str:
         name = type(self.module).__name__
         if self.root:
-            return (f"{name}.{step} never called self(...): its trainable parameters are spread "
-                    f"over {owners(self.module)}, so the pipeline runs the module's forward, which {step} must call "
-                    f"(self(x)); or put the model in one attribute that the step calls (self.model = MyModel(...))")
+            spread, largest = owners(self.module), largest_owner(self.module)
+            return (f"{name}.{step} never called self(...): its trainable parameters are spread over {spread}, so "
+                    f"the pipeline runs the module's forward, which {step} must call (self(x)); or name the attribute "
+                    f"holding the model to pipeline, whose output the step then gives to the others (a classifier or "
+                    f"margin head, an ArcFace: PipelineStrategy(layers={largest!r})); or put the model in one "
+                    f"attribute that the step calls (self.model = MyModel(...))")
         if parts:  # the step used the model through its other methods
             return (f"{name}.{step} never called {self.where}, but ran its parts {', '.join(parts)} (through methods "
                     f"other than forward, as a VAE's encode and decode); the pipeline runs one forward: give {name} a "

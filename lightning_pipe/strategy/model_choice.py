@@ -62,10 +62,12 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
     if own_forward(module):
         return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
-                     f"parameters are spread over {owners(module, thawing)} and it has no forward. Put the model in one "
-                     f"attribute that the step calls (self.model = MyModel(...)) and name it with layers='model' if "
-                     f"needed, or call the layers from the module's forward and call self(...) in the step; or, for "
-                     f"one nn.Sequential, put every trainable layer inside it")
+                     f"parameters are spread over {owners(module, thawing)} and it has no forward. Name the attribute "
+                     f"holding the model to pipeline, whose output the step then gives to the others (a classifier "
+                     f"or margin head, an ArcFace: PipelineStrategy(layers={largest_owner(module, thawing)!r})); or "
+                     f"put the model in one attribute that the step calls (self.model = MyModel(...)); or call the "
+                     f"layers from the module's forward and call self(...) in the step; or, for one nn.Sequential, put "
+                     f"every trainable layer inside it")
 
 
 def undo_compile(module: nn.Module) -> list[str]:
@@ -114,6 +116,15 @@ def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:
 def owners(module: nn.Module, thawing: bool = False) -> list[str]:
     """The attributes holding ``module``'s trainable parameters (all of its parameters when ``thawing``)."""
     return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad or thawing})
+
+
+def largest_owner(module: nn.Module, thawing: bool = False) -> str:
+    """The attribute among :func:`owners` holding the most parameters (a backbone, beside its head)."""
+    def size(attribute: str) -> int:
+        part = getattr(module, attribute, None)
+        return sum(p.numel() for p in part.parameters()) if isinstance(part, nn.Module) else 0
+
+    return max(owners(module, thawing), key=size, default="backbone")
 
 
 def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
