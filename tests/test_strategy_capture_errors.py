@@ -302,6 +302,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
         return
     elif case == "custom_function":
         module, width = _lightning(CubeBlocks(function=Reversal)), 8
+    elif case == "lazy":  # a lazy layer: no shape before its first call
+        module, width = _lightning(nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())), 8
     elif case == "headed":  # a backbone and a margin head (ArcFace) the step applies to its output
         class Headed(L.LightningModule):
             def __init__(self) -> None:
@@ -342,6 +344,7 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "set requires_grad before trainer.fit"]),
     ("custom_function", ["CaptureError", "Reversal", "backward differs from its forward's derivative",
                          "PipelineStrategy(allow_autograd_functions=True)"]),
+    ("lazy", ["lazy layers whose weights have no shape yet: ['model.0']", "model(example_input)"]),
     ("headed", ["cannot tell which model of Headed to pipeline", "PipelineStrategy(layers='encoder')"]),
     ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
                   "that changed after it was captured",

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -71,6 +72,7 @@ class PipelineCutting:
                 rank_zero_warn(f"PipelineStrategy runs the pipeline's stages eagerly: torch.compile of {undone} is "
                                f"undone (the compiled code would call the whole model, not this rank's stages); "
                                f"compiling the stages themselves is not supported yet")
+            refuse_lazy_layers(module)
             refuse_planned_cut(module, settings.plans_cut)
             if choose_model(module, settings.layers, settings.split_points, thawing(trainer))[0] == CHAIN:
                 chain = self._chain(module)
@@ -278,3 +280,17 @@ def _rows_by_rows(batch: Any, microbatches: int) -> str | None:
             f"{microbatches} micro-batches, so the model gets {rows // microbatches} of its rows against all {rows} "
             f"columns. A model over one whole graph cannot be split into micro-batches: pass num_microbatches=1, or "
             f"give batches of several graphs (their rows first, as (graphs, nodes, nodes))")
+
+
+def refuse_lazy_layers(module: nn.Module) -> None:
+    """A lazy layer (``nn.LazyLinear``) has no shape until its first call, and the cut needs every layer's: said on
+    every rank alike, with the fix."""
+    lazy = [name for name, param in module.named_parameters()
+            if isinstance(param, nn.parameter.UninitializedParameter)]
+    if lazy:
+        layers = sorted({name.rpartition(".")[0] or name for name in lazy})
+        raise ValueError(f"{type(module).__name__} has lazy layers whose weights have no shape yet: {layers} "
+                         f"(nn.LazyLinear, nn.LazyConv2d, ...); PipelineStrategy cuts the model before its first step, "
+                         f"so it needs every weight's shape. Give their input sizes (nn.Linear(in_features, ...)), or "
+                         f"run the model once on an example batch before trainer.fit (model(example_input)), which "
+                         f"gives the lazy layers their shapes")
