@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import UserDict, namedtuple
 from typing import Any
 
@@ -43,7 +44,7 @@ def test_a_list_with_one_dict_of_tensors_per_row_is_split_with_the_rows() -> Non
         assert batch_rows(batch) == rows
         for part in split_batch(batch, 4):
             x, targets = part
-            assert batch_rows(part) == len(x)  # a micro-batch reads as it was cut
+            assert batch_rows(part, microbatch=True) == len(x)  # a micro-batch reads as it was cut
             assert [int(t["labels"][0]) for t in targets] == [int(v) for v in x[:, 0]]
             assert [len(t["boxes"]) for t in targets] == [counts[int(v)] for v in x[:, 0]]
 
@@ -59,6 +60,15 @@ def test_dicts_of_as_many_rows_as_the_batch_are_columns_and_a_batch_of_lists_alo
     for rows in (4, 8):  # pairs in batches of other sizes: columns, and nothing to warn about
         encodings = [{"input_ids": torch.zeros(rows, 3)}, {"input_ids": torch.zeros(rows, 5)}]
         assert batch_rows(encodings) == rows
+    # a micro-batch of 3 images with 3 boxes each, cut from a batch read per row, is not warned of
+    batch = (torch.zeros(7, 2), _targets([1, 2, 1, 2, 3, 3, 3]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parts = split_batch(batch, 2)
+        assert [batch_rows(part, microbatch=True) for part in parts] == [4, 3]
+        assert batch_rows(owned(parts[1])[0]) == 3
+    with pytest.warns(UserWarning, match="split as columns"):  # read as a batch of its own: as above
+        batch_rows(parts[1])
     images = tuple(torch.zeros(3, 8 + i, 8) for i in range(4))
     with pytest.raises(ValueError, match="beside a tensor of the batch's rows"):
         split_batch((images, tuple(_targets([1, 3, 2, 3]))), 2)

@@ -16,10 +16,11 @@ __all__ = ["batch_rows", "split_batch", "owned", "microbatch_weights"]
 _PLAIN = (str, bytes, int, float, bool, type(None))  # values that hold no tensor
 
 
-def batch_rows(batch: Any) -> int:
+def batch_rows(batch: Any, microbatch: bool = False) -> int:
     """The number of rows of ``batch``: the size of dim 0 its tensors share, leaving out the lists that hold one item
-    per row (see :func:`split_batch`)."""
-    return _read(batch)[0]
+    per row (see :func:`split_batch`). A ``microbatch`` was read as part of its batch already: nothing is said of it
+    (its per-image targets may happen to have as many boxes each as it has images)."""
+    return _read(batch, warn=not microbatch)[0]
 
 
 @dataclasses.dataclass
@@ -31,7 +32,7 @@ class _Lists:
     of_tensors: list[Any] = dataclasses.field(default_factory=list)
 
 
-def _read(batch: Any) -> tuple[int, set[int]]:
+def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     """``(rows, ids of the lists split item by item)``.
 
     When every tensor has the same size along dim 0, that is the rows, and every list is a container of columns (the
@@ -49,7 +50,8 @@ def _read(batch: Any) -> tuple[int, set[int]]:
     _find_lists(batch, lists)
     if len(sizes) == 1:
         rows = sizes.pop()
-        _warn_if_dicts_could_be_rows(lists, rows)
+        if warn:
+            _warn_if_dicts_could_be_rows(lists, rows)
         return rows, set()
     candidates = lists.of_mappings + lists.of_tensors
     anchors = {t.shape[0] for t in _outside(batch, {id(c) for c in candidates}) if t.dim() > 0}
@@ -168,7 +170,7 @@ def owned(batch: Any) -> Any:
     ``x.div_(255)``, ``labels[labels == pad] = -100``) would fail the backward of another whose tensor a layer
     saved, and would reach the batch, which the micro-batch's other runs (first and last stage on one rank) and the
     runs on the whole batch read again."""
-    rows, per_row = _read(batch)
+    rows, per_row = _read(batch, warn=False)  # read before (a micro-batch with its batch): nothing more to say
     return _take(batch, rows, per_row, slice(None), copy=True)
 
 
@@ -204,6 +206,6 @@ def _is_per_row(tree: Any, rows: int) -> bool:
 
 def microbatch_weights(microbatches: list[Any]) -> list[float]:
     """Weight of each micro-batch's mean loss so that their weighted sum is the mean loss over the batch."""
-    rows = [batch_rows(mb) for mb in microbatches]
+    rows = [batch_rows(mb, microbatch=True) for mb in microbatches]
     total = sum(rows)
     return [r / total for r in rows]

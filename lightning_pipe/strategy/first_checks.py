@@ -181,7 +181,7 @@ class FirstBatchChecks:
                     message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole)
                 else:  # drew: the same draws again, on a batch whose rows after the first micro-batch changed
                     rows = batch_rows(batch)
-                    first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0])
+                    first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0], microbatch=True)
                     set_global_random_states(states)
                     held.restore()
                     self.effects.restore(before)

@@ -259,7 +259,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
-            microbatch_rows = batch_rows(microbatch)
+            microbatch_rows = batch_rows(microbatch, microbatch=True)
             weight = counts.counts[index] if counts is not None else None
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device):
@@ -364,7 +364,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         counts = self._counts(batch, step)
         for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
                                                          last_outputs)):
-            sizes.append(batch_rows(microbatch))
+            sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device):
