@@ -1,13 +1,15 @@
 """How a captured model's single-number outputs add up over rows (:mod:`lightning_pipe.capture.scalars`), and the
 whole batch's output put together from its micro-batches' by them (:func:`~lightning_pipe.strategy.step_values.
-whole_output`)."""
+whole_output`); a number argument of the model that changes between captures, named."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_pipe.capture import CaptureError, Splitter
 from lightning_pipe.capture.scalars import scalar_kinds
 from lightning_pipe.strategy.step_values import whole_output
 
@@ -50,3 +52,21 @@ def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_
     assert whole_output([(torch.ones(3, 2), 3), (torch.ones(1, 2), 1)], [3, 1]) is None
     assert whole_output([(torch.ones(2, 2), 2), (torch.ones(2, 2), 2)], [2, 2]) is None
     assert whole_output([(torch.ones(2, 2), 5), (torch.ones(2, 2), 5)], [2, 2])[1] == 5  # a constant stays
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x))) * scale
+
+
+def test_a_number_argument_that_changes_between_calls_is_named_with_the_fix() -> None:
+    """A Python float passed to the model (an annealed scale) is a constant of each capture: the second capture's
+    refusal names the argument and its values, and says to pass it as a tensor."""
+    splitter = Splitter(Scaled())
+    splitter.capture((torch.randn(3, 4),), {"scale": 1.0})
+    with pytest.raises(CaptureError, match=r"other values of scale \(1\.0, then 0\.5\).*as a tensor"):
+        splitter.capture((torch.randn(3, 4),), {"scale": 0.5})

@@ -80,9 +80,9 @@ class CaptureCache:
                     raise CaptureError(
                         f"two captures of the model give segment {index} the same kind of values "
                         f"{describe(mine.live_in)} but run different ops on them, so a segment could not tell which "
-                        f"to run; call the model with the same arguments every time: the same keywords (a tensor "
-                        f"passed to some calls and left out of others, such as an attention_mask, counts), the same "
-                        f"non-tensor values (flags, sizes)")
+                        f"to run; {_changed_values(capture, other)}call the model with the same arguments every "
+                        f"time: the same keywords (a tensor passed to some calls and left out of others, such as an "
+                        f"attention_mask, counts), the same non-tensor values (flags, sizes)")
         self.captures.append(capture)
 
     def for_inputs(self, training: bool, flat: Sequence[Any]) -> Capture | None:
@@ -112,3 +112,30 @@ class CaptureCache:
                 self._last[index] = (training, autocast, capture)
                 return capture
         return None
+
+
+def _changed_values(capture: Capture, other: Capture) -> str:
+    """The model's non-tensor arguments that two captures were given different values of, named (``scale``), with
+    the fix; "" for none."""
+    changed = [(index, mine[1], theirs[1]) for index, (mine, theirs) in enumerate(zip(capture.in_patterns,
+                                                                                      other.in_patterns))
+               if mine[0] == "v" and theirs[0] == "v" and mine[1] != theirs[1]]
+    if not changed:
+        return ""
+    try:
+        paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(
+            pytree.tree_unflatten(list(range(len(capture.in_patterns))), capture.in_spec))[0]]
+    except Exception:  # noqa: BLE001 - unnamed: by position
+        paths = [f"#{index}" for index in range(len(capture.in_patterns))]
+    named = ", ".join(f"{_argument(paths[index])} ({theirs!r}, then {mine!r})" for index, mine, theirs in changed)
+    return (f"the model was given other values of {named}, which a captured graph keeps as constants: pass a value "
+            f"that changes from step to step as a tensor (torch.tensor(value)), or keep it fixed; ")
+
+
+def _argument(path: str) -> str:
+    """A model argument's name from its pytree path in ``(args, kwargs)``: ``[1]['scale']`` -> ``scale``."""
+    if path.startswith("[1]['") and path.endswith("']") and path.count("[") == 2:
+        return path[5:-2]
+    if path.startswith("[0][") and path.count("[") == 2:
+        return f"positional argument {path[4:-1]}"
+    return path
