@@ -45,6 +45,8 @@ def test_split_errors() -> None:
         split_batch((torch.ones(4, 1), torch.ones(3)), 2)
     with pytest.raises(ValueError, match="without tensors"):
         split_batch(("a", 1), 2)
+    with pytest.raises(ValueError, match="has no rows: give the DataLoader a batch_size"):  # batch_size=None
+        split_batch((torch.tensor(1.0), torch.tensor(2)), 1)
 
 
 def test_stage_sizes() -> None:

@@ -348,3 +348,26 @@ def test_early_stopping_learning_rate_monitor_and_checkpoints_on_every_rank(tmp_
         assert {"lr-SGD", "val_mse", "train_loss_epoch"} <= set(result["metrics"]), result["metrics"]
         assert result["sync_advice"] == []
     assert results[0]["metrics"] == results[1]["metrics"]
+
+
+def _fit_with_sync_batchnorm(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.lightning_models import Regressor, regression_data
+
+    trainer = L.Trainer(strategy=PipelineStrategy(), accelerator="cpu", devices=world_size, sync_batchnorm=True,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Regressor(), regression_data(1, batch_size=8))
+    return [str(w.message) for w in caught if "sync_batchnorm" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_sync_batchnorm_is_said_to_have_no_effect() -> None:
+    first, last = run_ranks(_fit_with_sync_batchnorm, 2, timeout=100)
+    assert len(first) == 1 and "has no effect under PipelineStrategy" in first[0] and last == []  # rank 0 says it

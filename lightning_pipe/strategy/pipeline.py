@@ -22,6 +22,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -348,6 +349,11 @@ class PipelineStrategy(PipelineCutting, PipelineCheckpoints, ProcessStrategy):
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
         check_callbacks(trainer.callbacks)
+        if fitting and getattr(self, "_layer_sync", None) is not None:
+            rank_zero_warn("Trainer(sync_batchnorm=True) has no effect under PipelineStrategy: its batch norms "
+                           "normalize each micro-batch by its own statistics and update their running statistics "
+                           "once per step from the whole batch's (see the README on BatchNorm); drop the flag, or use "
+                           "GroupNorm or LayerNorm for results independent of the micro-batches")
         if fitting and not module.automatic_optimization:
             raise ValueError("PipelineStrategy runs forward and backward of every micro-batch itself and so supports "
                              "automatic optimization only (self.automatic_optimization = True, one backward of the "
