@@ -104,8 +104,7 @@ class Assignments:
             value = getattribute(module, name)
             if (type(value) in _READ or isinstance(value, torch.Tensor)) and id(module) in mine \
                     and (id(module), name) not in read and name in getattribute(module, "__dict__"):
-                version = value._version if isinstance(value, torch.Tensor) else None
-                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name), version)
+                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -219,13 +218,12 @@ class Assignments:
 
 class Read(NamedTuple):
     """A plain attribute a captured forward read: ``module``'s ``name`` (``place``, its path) held ``value`` (a
-    tensor kept as a plain attribute, not a buffer: at ``version``)."""
+    number, a flag, a string, or a tensor kept as a plain attribute, not a buffer)."""
 
     module: nn.Module
     name: str
     value: Any
     place: str
-    version: int | None = None
 
 
 def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] = lambda module: module) -> list[str]:
@@ -234,10 +232,9 @@ def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] 
     found = []
     for read in reads:
         now = live(read.module).__dict__.get(read.name, read.value)
-        if isinstance(read.value, torch.Tensor):  # the graph keeps the tensor as a constant: replaced, or changed
-            if now is not read.value or now._version != read.version:
-                found.append(f"{read.place} (a tensor kept as a plain attribute, "
-                             f"{'replaced' if now is not read.value else 'changed in place'})")
+        if isinstance(read.value, torch.Tensor):  # the graph keeps the tensor it read as a constant
+            if now is not read.value:  # (in place, the same tensor: an alias of a buffer loaded from a checkpoint)
+                found.append(f"{read.place} (a tensor kept as a plain attribute, replaced)")
         elif now is not read.value and (type(now) is not type(read.value) or now != read.value):
             found.append(f"{read.place} ({read.value!r} at its capture, now {now!r})")
     return found
