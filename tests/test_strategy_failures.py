@@ -225,6 +225,7 @@ def test_a_checkpoint_saved_on_one_rank_only_ends_every_rank_with_why(tmp_path: 
     start = time.monotonic()
     for rank, text in enumerate(run_ranks(_saved_on_rank_zero_only, 2, str(tmp_path), timeout=100,
                                           expect_failure=True)):
-        assert text is not None and "trainer.save_checkpoint, which every rank calls" in text, f"rank {rank}: {text}"
+        assert text is not None and "checkpoint: trainer.save_checkpoint, which every rank calls" in text, \
+            f"rank {rank}: {text}"
         assert "if trainer.is_global_zero:" in text and "rank 1 is alive but made no progress" in text, text
     assert time.monotonic() - start < 60

@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
 from .notices import FailureBoard, PipelineError
-from .watchdog import DEFAULT_WAIT_TIMEOUT, activity, arm_exit_guard, explain_wait, posted_failure
+from .watchdog import (
+    DEFAULT_WAIT_TIMEOUT,
+    activity,
+    arm_exit_guard,
+    explain_wait,
+    known_failure,
+    mark_failed,
+    posted_failure,
+    short_store,
+)
 
 __all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection"]
 
@@ -146,6 +155,14 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
     activity.doing(what, tuple(others))
     try:
         yield
+    except PeerLost as error:  # a watched wait inside (a checkpoint's opening collective) explained it: posted for
+        # the job, for ranks waiting on others that are alive; the store's host then waits a little for them
+        store = short_store()
+        if store is not None:
+            with suppress(Exception):  # the store may be gone with the rank that held it
+                mark_failed(store, me, f"{type(error).__name__}: {error}")
+        FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
+        raise
     except PipelineError:
         raise
     except RuntimeError as error:
@@ -166,3 +183,22 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
 
 
 _LOOK_S = 0.25  # seconds between two looks at the clock and the notices while a collective waits
+
+
+def job_failure_notice(board: FailureBoard, what: str) -> Callable[[], PipelineError | None]:
+    """A ``notice`` for :func:`collective`: the failure posted on ``board``, or else one the job's heartbeats read
+    since now (a rank that failed in a collective of another group, or outside any pipeline), as the error to end
+    with."""
+    since, me = time.time(), dist.get_rank()
+
+    def notice() -> PipelineError | None:
+        posted = board.read()
+        if posted is not None:
+            return posted
+        failure = known_failure(since)
+        if failure is None or failure[0] == me:
+            return None
+        return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})",
+                             failure[0])
+
+    return notice

@@ -176,8 +176,10 @@ def mirror(target: nn.Module, source: nn.Module, model: nn.Module, model_path: s
         if param is not None and name not in target._parameters:
             target.register_parameter(name, param)
     for name, buffer in source._buffers.items():
-        if buffer is not None and name not in target._buffers:
-            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+        if buffer is not None and name not in target._buffers:  # (a part reads its model's buffers: no hasattr check)
+            target._buffers[name] = buffer
+            if name in source._non_persistent_buffers_set:
+                target._non_persistent_buffers_set.add(name)
     for name, child in source._modules.items():
         if child is None:
             continue
