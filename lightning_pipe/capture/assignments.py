@@ -33,11 +33,11 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "Read", "assignment_advice", "changed_reads", "read_advice", "stored_advice",
-           "stored_attributes", "stored_refusal"]
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "assignment_advice", "changed_reads", "read_advice",
+           "stored_advice", "stored_attributes", "stored_refusal"]
 
 _PLAIN = (bool, int, float)
-_READ = (bool, int, float, str)  # plain values whose reads are noted (a None, a tuple of sizes: never changed later)
+PLAIN_VALUES = (bool, int, float, str)  # plain values whose reads are noted (a None, a tuple of sizes: never changed)
 _MISSING = object()  # an attribute the forward created
 _STORED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()  # module -> its stored names
 
@@ -102,7 +102,7 @@ class Assignments:
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
-            if (type(value) in _READ or isinstance(value, torch.Tensor)) and id(module) in mine \
+            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor)) and id(module) in mine \
                     and (id(module), name) not in read and name in getattribute(module, "__dict__"):
                 read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
             return value

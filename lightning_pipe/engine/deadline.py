@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .notices import FailureBoard, PipelineError
+from .notices import FailureBoard, PipelineError, failed_elsewhere
 from .watchdog import (
     DEFAULT_WAIT_TIMEOUT,
     activity,
@@ -169,11 +169,9 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
         timed_out = "timed out" in str(error).lower()
         if not (timed_out or lost_connection(error)):
             raise
-        failure = posted_failure(wait=2.0) if not timed_out else None
-        if failure is not None and failure[0] != me:  # a rank failed and said why: that is the error to end with
-            explanation: PipelineError = PipelineError(
-                f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})", failure[0])
-        else:
+        # a rank failed and said why: that is the error to end with
+        explanation = failed_elsewhere(posted_failure(wait=2.0) if not timed_out else None, me, f" in {what}")
+        if explanation is None:
             message, root = explain_wait(me, others, what, time.monotonic() - start, lost=not timed_out, same=what)
             explanation = PeerLost(f"{message} (torch: {str(error).splitlines()[0]})", root, timed_out)
         # the store's host (global rank 0) waits a little for the others to explain it too, or they find no store
@@ -192,13 +190,6 @@ def job_failure_notice(board: FailureBoard, what: str) -> Callable[[], PipelineE
     since, me = time.time(), dist.get_rank()
 
     def notice() -> PipelineError | None:
-        posted = board.read()
-        if posted is not None:
-            return posted
-        failure = known_failure(since)
-        if failure is None or failure[0] == me:
-            return None
-        return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it in {what})",
-                             failure[0])
+        return board.read() or failed_elsewhere(known_failure(since), me, f" in {what}")
 
     return notice

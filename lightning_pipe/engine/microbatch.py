@@ -47,8 +47,8 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     if not sizes:
         raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches: a "
                          "pipeline step splits every batch along its rows (dim 0). A batch of single numbers (a "
-                         "DataLoader with batch_size=None over items of 0-dim tensors) has no rows: give the DataLoader "
-                         "a batch_size, or make each item a tensor of rows")
+                         "DataLoader with batch_size=None over items of 0-dim tensors) has no rows: give the "
+                         "DataLoader a batch_size, or make each item a tensor of rows")
     lists = _Lists()
     _find_lists(batch, lists)
     if len(sizes) == 1:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .watchdog import linger, mark_failed, short_store
 
-__all__ = ["failed_as", "from_notice", "notice_text", "PipelineError", "FailureBoard"]
+__all__ = ["failed_as", "failed_elsewhere", "from_notice", "notice_text", "PipelineError", "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
@@ -96,6 +96,18 @@ def from_notice(text: str, unknown_rank: int = -1) -> PipelineError:
     rank = int(origin) if origin.lstrip("-").isdigit() else unknown_rank
     known = _known_type(kind) if kind else None
     return _typed(known, message, rank) if known is not None else PipelineError(message, rank)
+
+
+def failed_elsewhere(failure: tuple[int, str] | None, me: int, waiting: str,
+                     origin: int | None = None) -> PipelineError | None:
+    """The error to end with for the job's failure ``failure`` (``(global rank, first line)``, as the heartbeats
+    record it) posted by another rank while this one (global rank ``me``) waited (``waiting``: "in a reduce",
+    ": <what it awaited>"); ``None`` for none or this rank's own. ``origin``: the failed rank as the error names it
+    (its rank in a pipeline's group), else its global rank."""
+    if failure is None or failure[0] == me:
+        return None
+    return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it{waiting})",
+                         failure[0] if origin is None else origin)
 
 
 def default_store() -> Any:

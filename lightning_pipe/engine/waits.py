@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .notices import FailureBoard, PipelineError
+from .notices import FailureBoard, PipelineError, failed_elsewhere
 from .watchdog import activity, arm_exit_guard, explain_wait, known_failure, posted_failure
 
 __all__ = ["Waits"]
@@ -108,11 +108,8 @@ class Waits:
     def _failed_elsewhere(self, failure: tuple[int, str] | None, awaited: _Awaited) -> PipelineError | None:
         """The error to raise for the job's failure ``failure`` (``(global rank, first line)``) posted by another
         rank (a hook's error, outside the pipeline's steps); ``None`` for none or this rank's own."""
-        me = self._global[self.rank]
-        if failure is None or failure[0] == me:
-            return None
-        return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it: {awaited})",
-                             self._group_rank(failure[0]))
+        origin = self._group_rank(failure[0]) if failure is not None else None
+        return failed_elsewhere(failure, self._global[self.rank], f": {awaited}", origin)
 
     def _group_rank(self, global_rank: int) -> int:
         return self._global.index(global_rank) if global_rank in self._global else -1

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
+from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
 
 __all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state",
            "whole_buffer", "written_through"]
@@ -35,9 +35,6 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
     return value
 
 
-_PLAIN_DATA = (bool, int, float, str)
-
-
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
     """Give ``original`` what ``holder`` (its stand-in) was given, where the captures read it from ``original``; whether
     it did (else the stand-in keeps the value itself):
@@ -58,8 +55,9 @@ def written_through(original: nn.Module | None, holder: nn.Module, name: str, va
                                  f"given a tensor of {tuple(value.shape)}, {value.dtype}: under PipelineStrategy the "
                                  f"captured graphs read the buffer they were captured with, so a new value must keep "
                                  f"its shape and dtype (it is copied in)")
+            held = holder._buffers.get(name)  # the stand-in's own, where this rank holds it: the same tensor
             with torch.no_grad():
-                for target in {id(t): t for t in (buffer, holder._buffers.get(name)) if t is not None}.values():
+                for target in (buffer,) if held is None or held is buffer else (buffer, held):
                     if not target.is_meta:
                         target.copy_(value)
             return True
@@ -67,7 +65,7 @@ def written_through(original: nn.Module | None, holder: nn.Module, name: str, va
             setattr(original, name, value)
             return True
         return False
-    if type(value) not in _PLAIN_DATA or type(original.__dict__.get(name)) not in _PLAIN_DATA:
+    if type(value) not in PLAIN_VALUES or type(original.__dict__.get(name)) not in PLAIN_VALUES:
         return False
     setattr(original, name, value)
     return True
