@@ -54,6 +54,43 @@ def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_
     assert whole_output([(torch.ones(2, 2), 5), (torch.ones(2, 2), 5)], [2, 2])[1] == 5  # a constant stays
 
 
+class Tagger(nn.Module):
+    """A CRF-like tagger: its summed loss given tags, its best tags without (pytorch-crf's two calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.layer(x)
+        if tags is None:
+            return scores.argmax(-1)
+        return F.cross_entropy(scores, tags, reduction="sum")
+
+
+def test_a_model_called_two_ways_in_a_step_keeps_each_ways_numbers() -> None:
+    """Validation scores the summed loss and decodes: two captures, two output structures; the calls' whole outputs
+    take each structure's kinds (the loss summed), and a structure no capture gives makes no whole output."""
+    from lightning_pipe.engine.calls import Calls
+    from lightning_pipe.strategy.captured import _output_kinds
+
+    splitter = Splitter(Tagger())
+    x, tags = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    splitter.capture((x, tags), {}, training=False)
+    splitter.capture((x,), {}, training=False)
+    known = _output_kinds(splitter.captures)
+    assert [kinds for _, kinds in known] == [["sum"], [0]]
+
+    def kinds(structure: object) -> list | None:
+        return next((found for other, found in known if other == structure), None)
+
+    parts = [Calls((torch.tensor(2.0), torch.zeros(3, dtype=torch.long))),
+             Calls((torch.tensor(5.0), torch.ones(2, dtype=torch.long)))]
+    loss, best = whole_output(parts, [3, 2], kinds=kinds).each
+    assert float(loss) == 7.0 and best.tolist() == [0, 0, 0, 1, 1]
+    assert whole_output([{"loss": torch.tensor(2.0)}, {"loss": torch.tensor(5.0)}], [3, 2], kinds=kinds) is None
+
+
 class Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -303,3 +303,97 @@ def test_a_one_device_checkpoint_whose_groups_cannot_be_named_is_refused_on_ever
                        expect_failure=True)
     assert all(error and "falls to net.0.weight (shape (16, 6)): configure_optimizers lists group 0" in error
                for error in errors), errors
+
+
+def _pruned_module() -> Any:
+    import lightning as L
+    from torch.nn.utils import prune
+
+    class Pruned(L.LightningModule):
+        """Pruned at the epoch's end and not made permanent (ModelPruning's make_pruning_permanent=False): its
+        weights are then ``weight_orig`` and ``weight_mask``, named otherwise than when the model was cut; its
+        on_save_checkpoint leaves out a frozen layer's weights, as "save only what trains" projects do."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+            self.net[2].requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.net(x).squeeze(-1), y)
+
+        def on_train_epoch_end(self) -> None:  # the layers this rank holds, as ModelPruning finds them
+            for layer in [m for m in self.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad]:
+                prune.l1_unstructured(layer, "weight", amount=0.3)
+
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            for key in [key for key in checkpoint["state_dict"] if key.startswith("net.2.")]:
+                del checkpoint["state_dict"][key]
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    L.seed_everything(4, verbose=False)
+    return Pruned()
+
+
+def _pruned_epoch(rank: int, world_size: int, path: str) -> None:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1
+                            else "auto", max_epochs=1)
+    trainer.fit(_pruned_module(), _data("sequence"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot be numbered as one device's" warning
+        trainer.save_checkpoint(path)
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_a_model_renamed_or_trimmed_since_the_cut_is_one_devices(tmp_path: Path) -> None:
+    """Keys pruning renamed after the cut, and keys on_save_checkpoint dropped, are written as one device writes
+    them (no "no rank holds" error); the optimizer states are numbered as one device's, each parameter known by its
+    name at the cut."""
+    run_ranks(_pruned_epoch, 2, str(tmp_path / "pipeline.ckpt"), timeout=280)
+    _pruned_epoch(0, 1, str(tmp_path / "one.ckpt"))
+    written = torch.load(tmp_path / "pipeline.ckpt", weights_only=False)
+    one = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    assert set(written["state_dict"]) == set(one["state_dict"])
+    assert {"net.0.weight_orig", "net.0.weight_mask"} <= set(one["state_dict"]) and "net.2.weight" not in one[
+        "state_dict"]
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(written["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    states, want = written["optimizer_states"][0], one["optimizer_states"][0]
+    assert states["param_groups"][0]["params"] == want["param_groups"][0]["params"] == [0, 1, 2, 3]
+    for number, state in want["state"].items():
+        torch.testing.assert_close(states["state"][number]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+def _state_dict_after_fit(rank: int, world_size: int, path: str) -> tuple[list[str], list[str], int]:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_epochs=1)
+    model = _module("sequence")
+    trainer.fit(model, _data("sequence"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.save_checkpoint(path)
+        saving = [str(w.message) for w in caught]
+        share = model.state_dict()
+        model.state_dict()
+    return saving, [str(w.message) for w in caught][len(saving):], len(share)
+
+
+@pytest.mark.timeout(120)
+def test_a_cut_modules_state_dict_after_the_fit_is_said_to_be_a_share(tmp_path: Path) -> None:
+    """``torch.save(model.state_dict())`` after fit would save this rank's stages only: said once per rank; the
+    checkpoint, which holds every rank's weights, says nothing."""
+    for saving, after, keys in run_ranks(_state_dict_after_fit, 2, str(tmp_path / "fit.ckpt"), timeout=110):
+        assert not [message for message in saving if "share" in message]
+        assert len([message for message in after if "holds only this rank's share" in message]) == 1, after
+        assert keys < 6
+    assert len(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"]) == 6

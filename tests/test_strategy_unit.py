@@ -576,7 +576,43 @@ def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _warn_of_frozen_copies(module, "layers", module.layers)
-    assert any("target has the structure of the model at 'layers' and is frozen" in str(w.message)
+    assert any("target has the structure of the model at 'layers' and is a frozen or averaged copy" in str(w.message)
                and "zip(self.target.parameters(), self.layers.parameters())" in str(w.message) for w in caught)
     del module.target
     assert frozen_copies(module, "layers", module.layers) == []
+
+
+def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_model() -> None:
+    """torch's AveragedModel (an EMA updated with update_parameters) copies the model with its parameters still
+    requiring grad: it is warned of as a frozen copy is, and the model choice passes over it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from lightning_pipe.strategy.model_choice import choose_model, frozen_copies
+
+    import lightning as L
+
+    class Averaging(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    module = Averaging()
+    assert frozen_copies(module, "net", module.net) == ["ema"]
+    assert choose_model(module, None, None)[1] == "net"
+
+
+def test_the_skeleton_of_a_model_with_the_hook_based_weight_norm_is_made() -> None:
+    """The deprecated torch.nn.utils.weight_norm keeps ``weight`` as a plain tensor computed from weight_g and
+    weight_v, which deepcopy refuses (HiFi-GAN's, TCN's, fairseq's code): the skeleton holds it on meta too."""
+    import warnings
+
+    from lightning_pipe.strategy.references import meta_skeleton
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of it
+        layers = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(2, 4, 3)), nn.ReLU())
+    layers(torch.randn(1, 2, 5))  # its hook made weight from weight_g, weight_v
+    skeleton = meta_skeleton(layers)
+    assert skeleton[0].weight_v.is_meta and skeleton[0].weight.is_meta
+    assert not layers[0].weight_v.is_meta

@@ -39,10 +39,17 @@ class Capture:
     cut_seconds: float
     rows_meet: str | None = None
     """Where the forward makes a value with the batch's rows along two dimensions (:mod:`.coupling`), if it does."""
-    scalar_kinds: tuple[str | None, ...] | None = None
-    """How each output (in ``out_spec``'s order) adds up over rows, for 0-dim floating ones (:mod:`.scalars`)."""
+    output_kinds: tuple[str | int | None, ...] | None = None
+    """How each output (in ``out_spec``'s order) adds up over micro-batches: a 0-dim floating one's kind, a
+    tensor's dim of the rows (:func:`.scalars.output_kinds`)."""
+    output_dims: tuple[int | None, ...] | None = None
+    """The number of dims of each output (None for a number), in ``out_spec``'s order."""
     output_markers: tuple[Any, ...] | None = None
     """Stand-ins that rebuild an output of ``out_spec`` whose tensors name their index (:func:`.output_markers`)."""
+    provisional: bool = False
+    """Made from the model's inputs before any of the user's hooks ran (a pipeline's set-up): a capture for the
+    inputs of a step that would share a segment's inputs with it replaces it, rather than being refused as
+    ambiguous (an RNN's state, None at set-up, a tensor once a hook set it), until a step of its mode ran."""
 
     @property
     def serves_every_size(self) -> bool:
@@ -69,13 +76,18 @@ class CaptureCache:
         self._last: dict[int, tuple[bool, tuple, Capture]] = {}
 
     def add(self, capture: Capture) -> None:
-        """Keep ``capture``; refuses one that would make some segment's lookup ambiguous."""
-        for other in self.captures:
+        """Keep ``capture``; refuses one that would make some segment's lookup ambiguous, but where that is a
+        provisional capture (:attr:`Capture.provisional`), drops that one instead."""
+        for other in list(self.captures):
             if other.training != capture.training or other.autocast != capture.autocast:
                 continue
             for index, (mine, theirs) in enumerate(zip(capture.programs, other.programs)):
                 last = index == len(capture.programs) - 1
                 same = mine.fingerprint() == theirs.fingerprint() and (not last or capture.out_spec == other.out_spec)
+                if overlap(mine.live_in, theirs.live_in) and not same and other.provisional:
+                    self.captures.remove(other)
+                    self._last = {key: entry for key, entry in self._last.items() if entry[2] is not other}
+                    break
                 if overlap(mine.live_in, theirs.live_in) and not same:
                     raise CaptureError(
                         f"two captures of the model give segment {index} the same kind of values "

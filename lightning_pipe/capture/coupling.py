@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["rows_meet"]
+__all__ = ["rows_meet", "rows_symbols", "row_dims"]
 
 
 def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str | None:
@@ -31,16 +31,13 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
     module, op and shape); else the first that mixes rows otherwise (:func:`_mixed`); else, where the capture fixed
     the rows of an input, that (an RNN's loop over them, or the forward taking their number); else None.
 
-    The rows are the tensor inputs' dim 0 (each is split along it) of the first input's example size: export gives
-    inputs their own symbols (CLIP's texts and images two), and a position tensor or a mask of the sequence's size
-    is left out."""
-    firsts = [value.shape[0] for node in user_inputs
-              if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
+    The rows are :func:`rows_symbols`."""
+    firsts = _firsts(user_inputs)
     if not firsts:
         return None
     nodes = _read(nodes)
     example = _example(firsts[0])
-    rows = {size.node.expr for size in firsts if fixed_size(size) is None and _example(size) == example}
+    rows = rows_symbols(user_inputs)
     for node in nodes if rows else ():
         value = node.meta.get("val")
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
@@ -61,6 +58,35 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
             return _RECURRENCE.format(place=_place(node))
     return (f"the graph fixes the batch's rows to {example}: the forward takes their number as a Python int, as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels (each micro-batch size is captured anew)")
+
+
+def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
+    return [value.shape[0] for node in user_inputs
+            if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
+
+
+def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
+    """The symbols that count the batch's rows: the tensor inputs' dim 0 (each is split along it) where it stayed
+    symbolic and has the first input's example size (export gives inputs their own symbols, CLIP's texts and images
+    two; a position tensor or a mask of the sequence's size is left out)."""
+    firsts = _firsts(user_inputs)
+    if not firsts:
+        return set()
+    example = _example(firsts[0])
+    return {size.node.expr for size in firsts if fixed_size(size) is None and _example(size) == example}
+
+
+def row_dims(outputs: Sequence[Any], rows: set[Any]) -> list[int | None]:
+    """For each of a graph's ``outputs`` (its output node's arguments), the one dim along which it has the batch's
+    rows (``rows``: :func:`rows_symbols`): 0 for most, 1 for an RNN's last hidden state ``(layers, rows, size)``;
+    None for a value without them, with them along several dims, or not a tensor."""
+    dims: list[int | None] = []
+    for node in outputs:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        found = [dim for dim, size in enumerate(value.shape) if isinstance(size, torch.SymInt)
+                 and size.node.expr in rows] if isinstance(value, torch.Tensor) else []
+        dims.append(found[0] if len(found) == 1 else None)
+    return dims
 
 
 def _read(nodes: Sequence[fx.Node]) -> list[fx.Node]:

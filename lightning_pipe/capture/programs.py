@@ -58,8 +58,20 @@ class Program:
         self._with_weight_ops = None
 
     def fingerprint(self) -> tuple:
-        """What must agree for two captures' programs to be interchangeable."""
-        return (self.live_in, tuple(self.state), self.ops, self.graph_module.code)
+        """What must agree for two captures' programs to be interchangeable: their inputs, state and graph, whose
+        values' names do not count (two captures of one forward number them apart where one ran more ops before)."""
+        return (self.live_in, tuple(self.state), self.ops, _canonical(self.graph_module.graph))
+
+
+def _canonical(graph: fx.Graph) -> tuple:
+    """``graph``'s nodes in order, each as its op, target and arguments, a value given by its node's position."""
+    position: dict[fx.Node, int] = {}
+    nodes = []
+    for index, node in enumerate(graph.nodes):
+        position[node] = index
+        args = fx.node.map_arg((node.args, node.kwargs), lambda used: ("node", position[used]))
+        nodes.append((node.op, "" if node.op == "placeholder" else str(node.target), repr(args)))
+    return tuple(nodes)
 
 
 def state_aliases(model: nn.Module) -> dict[int, list[str]]:

@@ -6,7 +6,9 @@ output from its micro-batches' (a run of the step on the whole batch, for its lo
 number is the micro-batches' mean for one kind and their sum for another. :func:`scalar_kinds` follows each 0-dim
 floating output back through scalings and casts to the reduction that made it: ``"mean"`` (``mean``, a loss reduced by
 its mean, a sum divided by a sum: a mean over a count), ``"sum"`` (``sum``, a loss reduced by its sum, a sum of sums),
-or ``"other"`` where it cannot tell (then no whole batch's output is made from the micro-batches').
+or ``"other"`` where it cannot tell (then no whole batch's output is made from the micro-batches'). A tensor's
+micro-batches are put together along the dim of its rows (:func:`output_kinds`): dim 0 for most, dim 1 for an RNN's
+last hidden state, ``(layers, rows, size)``, which a step may keep to give the next batch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, OutputKind
 
-__all__ = ["scalar_kinds", "output_markers", "MEAN", "SUM", "OTHER"]
+from .coupling import row_dims
+
+__all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "MEAN", "SUM", "OTHER"]
 
 MEAN, SUM, OTHER = "mean", "sum", "other"
 
@@ -50,10 +54,28 @@ _DEPTH = 64
 def scalar_kinds(program: ExportedProgram) -> list[str | None]:
     """For each user output of ``program``, in its output spec's order: :data:`MEAN`, :data:`SUM` or :data:`OTHER`
     for a 0-dim floating value, None for anything else (a tensor with dimensions, a number)."""
+    return [_kind(node) if _is_scalar(node) else None for node in _user_outputs(program)]
+
+
+def output_kinds(program: ExportedProgram, rows: set[Any]) -> list[str | int | None]:
+    """How the micro-batches' values of each user output of ``program`` make the whole batch's: a single number's
+    kind (:func:`scalar_kinds`), a tensor's dim of the batch's rows (``rows``, the symbols counting them:
+    :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), None where neither is known."""
+    dims = row_dims(_user_outputs(program), rows)
+    return [kind if kind is not None else dim for kind, dim in zip(scalar_kinds(program), dims)]
+
+
+def output_dims(program: ExportedProgram) -> list[int | None]:
+    """The number of dims of each user output of ``program`` (None for a number): a single number's kind is known
+    for outputs of these dims (a model called two ways returns a summed loss one way and best tags the other)."""
+    return [value.dim() if isinstance(value := node.meta.get("val") if isinstance(node, fx.Node) else None,
+                                      torch.Tensor) else None for node in _user_outputs(program)]
+
+
+def _user_outputs(program: ExportedProgram) -> list[Any]:
     output = next(node for node in program.graph.nodes if node.op == "output")
-    nodes = [node for node, spec in zip(output.args[0], program.graph_signature.output_specs)
-             if spec.kind == OutputKind.USER_OUTPUT]
-    return [_kind(node) if _is_scalar(node) else None for node in nodes]
+    return [node for node, spec in zip(output.args[0], program.graph_signature.output_specs)
+            if spec.kind == OutputKind.USER_OUTPUT]
 
 
 def output_markers(program: ExportedProgram) -> list[Any]:

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from .assignments import Read
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache
-from .coupling import rows_meet
+from .coupling import rows_meet, rows_symbols
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
@@ -33,7 +33,7 @@ from .points import (
     repeated_blocks,
 )
 from .programs import build_programs
-from .scalars import output_markers, scalar_kinds
+from .scalars import output_dims, output_kinds, output_markers
 from .segment import Segment
 
 __all__ = ["Splitter", "split_model"]
@@ -213,9 +213,12 @@ class Splitter:
                           exported - start, time.perf_counter() - exported,
                           rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None)
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
-            capture.scalar_kinds, capture.output_markers = tuple(scalar_kinds(program)), tuple(output_markers(program))
+            rows = rows_symbols(layout.user_inputs) if dynamic else set()
+            capture.output_kinds = tuple(output_kinds(program, rows))
+            capture.output_dims = tuple(output_dims(program))
+            capture.output_markers = tuple(output_markers(program))
         except Exception:  # noqa: BLE001 - not known: the micro-batches' numbers are not put together
-            capture.scalar_kinds = capture.output_markers = None
+            capture.output_kinds = capture.output_dims = capture.output_markers = None
         if self.device is not None:
             self._retarget(capture)
         self.cache.add(capture)

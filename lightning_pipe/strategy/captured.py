@@ -22,17 +22,18 @@ from lightning_pipe.capture.assignments import changed_reads, read_advice, store
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers
+from lightning_pipe.strategy.carried import CarriedRows
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import largest_owner, owners
-from lightning_pipe.strategy.model_parts import (ModelPart, complete, has_state, in_model_order, mirror,
+from lightning_pipe.strategy.model_parts import (METHODS, ModelPart, complete, has_state, in_model_order, mirror,
                                                  plain_attribute, whole_buffer, written_through)
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
-from lightning_pipe.strategy.step_effects import StepEffects
+from lightning_pipe.strategy.step_effects import StepEffects, lightning_keys
 from lightning_pipe.strategy.step_values import input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
 
@@ -83,19 +84,27 @@ def _read_tensors(model: nn.Module, segments: Sequence[Segment], unread: set[str
             if name not in unread and name in tensors}
 
 
-def _output_kinds(captures: Sequence[Any]) -> list[str | None] | None:
-    found: list[str | None] | None = None
+def _output_kinds(captures: Sequence[Any]) -> list[tuple[Any, list[str | int | None]]]:
+    """Each output structure the captures give (as :func:`~lightning_pipe.engine.tree.tree_flatten` specs it, with
+    its tensors' numbers of dims: :func:`~lightning_pipe.strategy.step_values.output_structure`), with how each of
+    its tensors adds up over micro-batches; where captures of one structure disagree on a tensor, not known (None)."""
+    found: list[tuple[Any, list[str | int | None]]] = []
     for capture in captures:
-        if capture.scalar_kinds is None or capture.output_markers is None:
-            return None
+        if capture.output_kinds is None or capture.output_dims is None or capture.output_markers is None:
+            continue
         try:
-            leaves, _ = tree_flatten(pytree.tree_unflatten(list(capture.output_markers), capture.out_spec))
-            kinds = [capture.scalar_kinds[int(leaf.reshape(-1)[0])] for leaf in leaves]
+            leaves, spec = tree_flatten(pytree.tree_unflatten(list(capture.output_markers), capture.out_spec))
+            numbers = [int(leaf.reshape(-1)[0]) for leaf in leaves]
+            kinds = [capture.output_kinds[number] for number in numbers]
+            spec = (spec, tuple(capture.output_dims[number] for number in numbers))
         except Exception:  # noqa: BLE001 - an output this cannot rebuild from stand-ins: not known
-            return None
-        if found is not None and kinds != found:
-            return None
-        found = kinds
+            continue
+        for index, (other, known) in enumerate(found):
+            if other == spec:
+                found[index] = (spec, [kind if kind == mine else None for kind, mine in zip(known, kinds)])
+                break
+        else:
+            found.append((spec, kinds))
     return found
 
 
@@ -195,7 +204,7 @@ class PipelinedModel(nn.Module):
         return plain_attribute(model, name, lambda: (  # the model: set once this holds state
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
-            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else ''}"))
+            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else f'; {METHODS}'}"), self)
 
 
 # generation calls the model once per new token, each call on the last one's output: no pipeline step does that
@@ -222,10 +231,11 @@ class CapturedModule:
         self.model = _twin(module) if self.root else module.get_submodule(path)
         self._own_parameters = [name for name, p in self.model._parameters.items() if p is not None]
         self.called = module if self.root else self.model  # what the step calls
-        self._kinds: tuple[int, list[str | None] | None] = (-1, None)  # (captures, output_kinds()) last computed
+        self._kinds: tuple[tuple, list[tuple[Any, list[str | int | None]]]] = ((), [])  # captures, their kinds
         self.state_keys = list(module.state_dict().keys())
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
+        self.carried = CarriedRows(module, lightning_keys(type(module)))  # states given to the model with the rows
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]
@@ -241,7 +251,8 @@ class CapturedModule:
         # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
         self.skeleton = None if self.root else meta_skeleton(self.model)
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
-        self._seen: set[tuple[str, bool, tuple]] = set()  # (step, training, autocast) captured so far
+        # (step, training, autocast, the module's attributes by kind) captured so far
+        self._seen: set[tuple[str, bool, tuple, tuple]] = set()
         self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
         self._stored: set[str] = set()  # places outside the model where a capture's forward stored tensors
 
@@ -369,7 +380,7 @@ class CapturedModule:
                 effects.restore(start)
         if recorded is None:
             raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts))))
-        return recorded
+        return self.carried.take(recorded)
 
     def step_calls_model(self, step: str, microbatch: Any) -> bool:
         """Whether ``step`` calls the model on ``microbatch`` (before the cut, on this rank): it runs up to the model's
@@ -401,8 +412,11 @@ class CapturedModule:
                     self._mark_stored()
 
         self._agree(make, f"capturing {self.where}")
-        self._seen.add((step, training, autocast_state()))
-        self._shapes_seen.add(((step, training, autocast_state()), _shapes(microbatch)))
+        for capture in self.splitter.captures:  # made before any hook ran: a later one for the same inputs replaces it
+            capture.provisional = True
+        key = (step, training, autocast_state(), self.carried.pattern())
+        self._seen.add(key)
+        self._shapes_seen.add((key, _shapes(microbatch)))
 
     def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
                 context: Callable[[int], Any]) -> None:
@@ -413,7 +427,7 @@ class CapturedModule:
         captured anew)."""
         assert self.proxy is not None
         self._check_reads()
-        key = (step, self.training, autocast_state())
+        key = (step, self.training, autocast_state(), self.carried.pattern())
         for segment in self.segments:  # a segment picks its graph by its own mode
             if segment.training != key[1]:
                 segment.train(key[1])
@@ -423,7 +437,7 @@ class CapturedModule:
             picked = list(range(len(microbatches)))  # one capture per shape
         elif all(capture.serves_every_size for capture in captures):
             if key in self._seen:
-                return
+                return self._served(key[1])
             picked = [0]
         else:  # symbolic, but some sizes fixed: each micro-batch whose tensors' shapes are new (cheap to tell)
             for index, microbatch in enumerate(microbatches):
@@ -431,9 +445,9 @@ class CapturedModule:
                 if shapes not in self._shapes_seen:
                     new_shapes.setdefault(shapes, index)
             if not new_shapes:
-                return
+                return self._served(key[1])
             picked = list(new_shapes.values())
-        before = len(captures)
+        before = [id(capture) for capture in captures]
 
         def make() -> None:
             for index in picked:
@@ -447,12 +461,24 @@ class CapturedModule:
             make()
         except Exception as caught:  # noqa: BLE001 - raised on every rank below
             error = caught
-        if error is not None or len(self.splitter.captures) > before:
+        after = [id(capture) for capture in self.splitter.captures]
+        if error is not None or after != before:
             self._agree(None, f"capturing {self.where}", error)
+        if not set(before) <= set(after):  # a provisional capture was replaced: its inputs are captured anew
+            self._seen.clear()
+            self._shapes_seen.clear()
+        self._served(key[1])
         self._seen.add(key)
         if len(self._shapes_seen) > _SHAPES_KEPT:  # ragged batches make new shapes every step: a cache, not a log
             self._shapes_seen.clear()
+            self._seen.clear()
         self._shapes_seen.update(new_shapes)
+
+    def _served(self, training: bool) -> None:
+        """This mode's captures made at setup have served a step, as the step's inputs are: none is replaced now."""
+        for capture in self.splitter.captures:
+            if capture.training == training:
+                capture.provisional = False
 
     def _check_reads(self) -> None:
         """Refuse a plain attribute the captured forward read (a temperature, a dropout's ``p``) that was changed
@@ -501,14 +527,17 @@ class CapturedModule:
         return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
                 for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
 
-    def output_kinds(self) -> list[str | None] | None:
-        """How each tensor of the model's output (as :func:`~lightning_pipe.engine.tree.tree_flatten` lists them) adds
-        up over rows where it is a single number ("mean", "sum", "other": :mod:`lightning_pipe.capture.scalars`; None
-        for the others); None where not known, or where captures disagree."""
+    def output_kinds(self) -> Callable[[Any], list[str | int | None] | None]:
+        """For a model output's structure (:func:`~lightning_pipe.strategy.step_values.output_structure`), how each of
+        its tensors adds up over micro-batches: a single number's kind ("mean", "sum", "other"), a tensor's dim of the
+        batch's rows (:func:`lightning_pipe.capture.scalars.output_kinds`), None for one not known; None for a
+        structure no capture gives. A model called two ways (a summed loss, and a decoding) gives two structures."""
         captures = self.splitter.captures
-        if self._kinds[0] != len(captures):
-            self._kinds = (len(captures), _output_kinds(captures))
-        return self._kinds[1]
+        made = tuple(id(capture) for capture in captures)
+        if self._kinds[0] != made:
+            self._kinds = (made, _output_kinds(captures))
+        known = self._kinds[1]
+        return lambda spec: next((kinds for other, kinds in known if other == spec), None)
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:

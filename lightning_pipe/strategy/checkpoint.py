@@ -63,12 +63,10 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     for part in shares:
         for key, value in part["state_dict"].items():
             state.setdefault(key, value)
-    missing = [key for key in state_keys if key not in state]
-    if missing:
-        raise RuntimeError(f"no rank holds {missing[:10]} of the model's state_dict; every layer must belong to a "
-                           f"stage: check the partition")
-    ordered = {key: state.pop(key) for key in state_keys}
-    ordered.update(state)  # keys the module added since it was cut (e.g. in on_save_checkpoint), after the rest
+    # the model's keys in its order; then those added since the cut (in on_save_checkpoint; pruning's weight_orig
+    # and weight_mask). One an on_save_checkpoint dropped (frozen weights), or pruning renamed, is left out.
+    ordered = {key: state.pop(key) for key in state_keys if key in state}
+    ordered.update(state)
     full = dict(checkpoint)
     full["state_dict"] = ordered
     if "optimizer_states" in checkpoint:
@@ -253,11 +251,19 @@ def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def optimizers_parameter_names(module: torch.nn.Module, optimizers: Sequence[Optimizer]) -> list[list[list[str]]]:
-    """For each optimizer, the names of each of its parameters, in the numbering of its ``state_dict()``."""
+def optimizers_parameter_names(module: torch.nn.Module, optimizers: Sequence[Optimizer],
+                               before: Mapping[int, list[str]] | None = None) -> list[list[list[str]]]:
+    """For each optimizer, the names of each of its parameters, in the numbering of its ``state_dict()``; after
+    them, those ``before`` gave it (:func:`parameter_names` when the model was cut) where it has other names now
+    (pruning registers ``weight`` anew as ``weight_orig``)."""
     names = parameter_names(module)
-    return [[names.get(id(p), []) for group in optimizer.param_groups for p in group["params"]]
-            for optimizer in optimizers]
+    earlier = before or {}
+
+    def all_names(param: torch.nn.Parameter) -> list[str]:
+        now = names.get(id(param), [])
+        return now + [name for name in earlier.get(id(param), []) if now and name not in now]
+
+    return [[all_names(p) for group in optimizer.param_groups for p in group["params"]] for optimizer in optimizers]
 
 
 def group_names(state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> list[list[str | None]]:

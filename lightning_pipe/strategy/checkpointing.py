@@ -52,6 +52,7 @@ from lightning_pipe.strategy.randomness import (
 )
 from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
+from lightning_pipe.strategy.share_warning import strategy_reads
 from lightning_pipe.strategy.sharded import (
     is_sharded,
     load_named_optimizers,
@@ -115,7 +116,8 @@ class PipelineCheckpoints:
         """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
         if self._async is not None:
             self._async.drain()
-        return super().lightning_module_state_dict()
+        with strategy_reads():  # the checkpoint gathers every rank's share: not the share alone (.share_warning)
+            return super().lightning_module_state_dict()
 
     @override
     @explained("writing a checkpoint")  # a rank lost while saving is named, not gloo's closed connection
@@ -143,7 +145,8 @@ class PipelineCheckpoints:
         error: BaseException | None = None
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
             full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
-                                     optimizers_parameter_names(self.lightning_module, self.optimizers), device,
+                                     optimizers_parameter_names(self.lightning_module, self.optimizers,
+                                                                runner.cut_names), device,
                                      runner.split.tied_names, sorts_by_name(self.lightning_module))
             try:
                 if self.is_global_zero:

@@ -33,6 +33,7 @@ from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, 
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
 from lightning_pipe.strategy.recorded_init import recorded, recording
 from lightning_pipe.strategy.runner import PipelineRunner
+from lightning_pipe.strategy.share_warning import watch_state_dict
 from lightning_pipe.strategy.split import find_sequence
 
 __all__ = ["PipelineCutting"]
@@ -125,14 +126,18 @@ class PipelineCutting:
         runner.loss_reduction = settings.loss_reduction
         if (self._materializer is not None and self._materializer.seeded and trainer.state.fn == TrainerFn.FITTING
                 and not trainer.ckpt_path):
-            rank_zero_warn(f"{type(module).__name__} was built on the meta device (configure_model, or "
-                           f"Trainer.init_module(empty_init=True)): each rank gives its own layers their initial "
-                           f"values as the model's construction computes them, its random draws seeded by tensor or "
-                           f"module name: the same on every layout and from the same distributions, but not the draws "
-                           f"the model built whole would make, so training starts elsewhere than on one device. To "
-                           f"start from given weights, load them: fit(ckpt_path=...) or load_state_dict in "
-                           f"configure_model (docs/checkpoints.md, 'Initial weights')")
+            rank_zero_warn(f"{type(module).__name__} was built on the meta device (in configure_model, or under "
+                           f"Trainer.init_module(), which builds there under PipelineStrategy unless "
+                           f"empty_init=False): each rank gives its own layers their initial values as the model's "
+                           f"construction computes them, its random draws seeded by tensor or module name: the same "
+                           f"on every layout and from the same distributions, but not the draws the model built whole "
+                           f"would make, so training starts elsewhere than on one device. A load_state_dict or an "
+                           f"initialization (model.apply(init_fn)) run after the init_module block, before fit, "
+                           f"reached no weight: there are none yet. To start from given weights, load them: "
+                           f"fit(ckpt_path=...), or load_state_dict in configure_model (docs/checkpoints.md, 'Initial "
+                           f"weights'); or build with Trainer.init_module(empty_init=False)")
         self._runner = runner
+        watch_state_dict(module, len(runner.split.state_keys))  # its state_dict() after the fit is a share
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
 
@@ -189,7 +194,9 @@ class PipelineCutting:
                 if through_forward.item():  # on every rank alike
                     captured = whole
             try:
-                captured.capture_first(step, microbatch, training=step == "training_step")
+                with captured.carried.window(0, batch_rows(microbatch, microbatch=True),
+                                             batch_rows(self._as_step_gets(batch))):
+                    captured.capture_first(step, microbatch, training=step == "training_step")
             except CaptureError as error:
                 hint = _rows_by_rows(self._as_step_gets(batch), self.num_microbatches)
                 if hint is None:

@@ -18,8 +18,8 @@ import torch.nn as nn
 from lightning_pipe.strategy.chain import chain_paths
 from lightning_pipe.strategy.checkpoint import uncompiled_name
 
-__all__ = ["choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "frozen_copies", "SEQUENCE",
-           "CAPTURED", "CHAIN"]
+__all__ = ["averaged", "choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "frozen_copies",
+           "SEQUENCE", "CAPTURED", "CHAIN"]
 
 SEQUENCE, CAPTURED, CHAIN = "sequence", "captured", "chain"
 
@@ -39,7 +39,7 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
         if isinstance(target, nn.Sequential) and split_points is None:
             return SEQUENCE, layers
         return CAPTURED, layers
-    trainable = {id(p) for p in module.parameters() if p.requires_grad or thawing}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad or thawing} - averaged(module)
     if not own_forward(module):  # the module's own parameters (a learned temperature) are the step's, not the model's
         trainable -= {id(p) for p in module._parameters.values() if p is not None}
     outermost: list[nn.Sequential] = []
@@ -114,8 +114,19 @@ def _forward_calls_all(module: nn.Module, names: list[str]) -> bool:
 
 
 def owners(module: nn.Module, thawing: bool = False) -> list[str]:
-    """The attributes holding ``module``'s trainable parameters (all of its parameters when ``thawing``)."""
-    return sorted({name.split(".")[0] for name, p in module.named_parameters() if p.requires_grad or thawing})
+    """The attributes holding ``module``'s trainable parameters (all of its parameters when ``thawing``; never an
+    average's copy: :func:`averaged`)."""
+    copies = averaged(module)
+    return sorted({name.split(".")[0] for name, p in module.named_parameters()
+                   if (p.requires_grad or thawing) and id(p) not in copies})
+
+
+def averaged(module: nn.Module) -> set[int]:
+    """The ids of the parameters of ``module``'s ``torch.optim.swa_utils.AveragedModel`` copies (an EMA, SWA): they
+    require grad as the model they copy does, but no optimizer trains them."""
+    from torch.optim.swa_utils import AveragedModel
+
+    return {id(p) for part in module.modules() if isinstance(part, AveragedModel) for p in part.parameters()}
 
 
 def largest_owner(module: nn.Module, thawing: bool = False) -> str:
@@ -128,9 +139,11 @@ def largest_owner(module: nn.Module, thawing: bool = False) -> str:
 
 
 def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
-    """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes:
-    an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs
-    parameter by parameter with the model's."""
+    """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes,
+    and of its ``AveragedModel`` copies of the model: an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO,
+    a mean teacher), which the step's code pairs parameter by parameter with the model's."""
+    from torch.optim.swa_utils import AveragedModel
+
     def layout(part: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
         return [(name, tuple(tensor.shape)) for name, tensor in (*part.named_parameters(), *part.named_buffers())]
 
@@ -140,7 +153,9 @@ def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
         inside = name == path or name.startswith(f"{path}.") or path.startswith(f"{name}.") or not name
         if inside or any(name.startswith(f"{other}.") for other in found) or part is model:
             continue
-        if any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()) \
+        if isinstance(part, AveragedModel) and layout(part.module) == wanted:
+            found.append(name)
+        elif any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()) \
                 and layout(part) == wanted:
             found.append(name)
     return found

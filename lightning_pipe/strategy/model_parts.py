@@ -4,16 +4,20 @@ proxy of :mod:`.captured` is built of them."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 
 from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
 
-__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "has_state",
-           "whole_buffer", "written_through"]
+__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only", "METHODS",
+           "has_state", "whole_buffer", "written_through"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
@@ -21,18 +25,67 @@ __all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order",
 NAMING_METHODS = frozenset({"no_weight_decay", "no_weight_decay_keywords", "group_matcher"})
 
 
-def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str]) -> Any:
+def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str],
+                    holder: nn.Module | None = None) -> Any:
     """``module``'s attribute ``name`` where it is plain data (a config, a size) or a method that only names
-    parameters (:data:`NAMING_METHODS`); a module, a tensor or another method (which would reach other ranks'
-    weights) raises ``AttributeError(refusal())``."""
+    parameters (:data:`NAMING_METHODS`); another of its methods runs on ``holder`` (its stand-in), where it may read
+    the parameters' dtype, device and shape but not their values (:func:`shape_only`: an RNN's ``init_hidden``); a
+    module, a tensor or anything else callable (which would reach other ranks' weights) raises
+    ``AttributeError(refusal())``."""
     if module is None:
         raise AttributeError(name)
     value = getattr(module, name)  # AttributeError: the module has none either
     if name in NAMING_METHODS and callable(value):
         return value
+    if holder is not None and inspect.ismethod(value) and value.__self__ is module and name != "generate":
+        return functools.partial(shape_only, value.__func__, holder, refusal)
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value
+
+
+METHODS = "a method of it may read its parameters' dtype, device and shape, not their values"
+# what may be done with a parameter in a method run on a stand-in: make a new tensor of its dtype and device
+_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new", "zeros_like",
+                        "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"})
+
+
+class _NoValues(TorchFunctionMode):
+    """Refuses any op that reads the values of the given tensors or of their aliases (``.data``, ``.detach()``):
+    their metadata and new tensors made like them stay allowed."""
+
+    def __init__(self, tensors: list[torch.Tensor], refusal: Callable[[], str]) -> None:
+        super().__init__()
+        self.tensors = list(tensors)  # kept alive, so that their ids stay theirs
+        self.ids = {id(tensor) for tensor in tensors}
+        self.refusal = refusal
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        touched = any(isinstance(leaf, torch.Tensor) and id(leaf) in self.ids
+                      for leaf in pytree.tree_leaves((args, kwargs)))
+        name = getattr(func, "__name__", "")
+        out = func(*args, **kwargs)
+        if not touched or name in _FACTORIES or not isinstance(out, torch.Tensor):
+            return out
+        if name in ("__get__", "detach"):  # .data, .grad, .detach(): an alias of it
+            self.tensors.append(out)
+            self.ids.add(id(out))
+            return out
+        raise RuntimeError(self.refusal())
+
+
+def shape_only(function: Callable[..., Any], holder: nn.Module, refusal: Callable[[], str], *args: Any,
+               **kwargs: Any) -> Any:
+    """A model's method run on ``holder``, its stand-in on this rank (its plain attributes, this rank's share of its
+    parameters, its whole buffers): allowed to read the parameters' dtype, device and shape (``next(
+    self.parameters()).new_zeros(layers, rows, size)``), refused with ``refusal()`` where it computes with their
+    values, which this rank holds only a share of."""
+    try:
+        with _NoValues(list(holder.parameters()), refusal):
+            return function(holder, *args, **kwargs)
+    except StopIteration as error:  # next(self.parameters()) on a rank holding none of them
+        raise RuntimeError(refusal()) from error
 
 
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
@@ -121,7 +174,7 @@ class ModelPart(nn.Module):
         return plain_attribute(original, name, lambda: (
             f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
             f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
-            f"attributes, or call the whole model in the step"))
+            f"attributes, or call the whole model in the step ({METHODS})"), self)
 
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lightning_pipe.capture.losses import MeanLoss
 from lightning_pipe.engine.tree import tree_map_tensors
-from lightning_pipe.strategy.step_values import whole_output
+from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
            "model_loss_warning"]
@@ -123,7 +123,7 @@ class Probe:
 
 
 def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
-            kinds: Sequence[str | None] | None = None) -> tuple[str | None, str]:
+            kinds: OutputKinds | None = None) -> tuple[str | None, str]:
     """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
     None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:

@@ -58,7 +58,10 @@ class LayerElsewhere(nn.Module):
 def meta_skeleton(sequence: nn.Module) -> nn.Module:
     """A copy of ``sequence`` whose parameters and buffers are on the meta device: its structure, no storage."""
     memo: dict[int, Any] = {}
-    for tensor in itertools.chain(sequence.parameters(), sequence.buffers()):
+    # tensors modules keep as plain attributes too: one computed from parameters (the deprecated hook-based
+    # torch.nn.utils.weight_norm's weight), which deepcopy refuses
+    held = (value for part in sequence.modules() for value in vars(part).values() if isinstance(value, torch.Tensor))
+    for tensor in itertools.chain(sequence.parameters(), sequence.buffers(), held):
         if id(tensor) not in memo:
             meta = torch.empty_like(tensor, device="meta")
             memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta

@@ -29,6 +29,7 @@ from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
+from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
@@ -71,6 +72,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.metrics = MetricTracker(self.module)
         self.last_rank = dist.get_global_rank(pipeline.group, pipeline.stage_to_rank[pipeline.num_stages - 1])
         self.layers: str | None = None  # the attribute path build() was given
+        # each parameter's names when the model was cut: a parameter renamed since (pruning's weight_orig) is still
+        # numbered in the checkpoint's optimizer states as one device numbered it
+        self.cut_names = parameter_names(self.module)
         # every rank builds its runners in the same order (counted per job): the count names this one
         self.scope = f"runner{next_serial('runner')}"
         # the ranks holding this rank's stages in the other replicas (None: one replica)
@@ -282,7 +286,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                 return loss * counts.scale(index, rows, microbatch_rows)
             return loss
 
-        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts, inputs)
+        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts, rows, inputs)
         pipe.loss_fn = loss_fn
         self.recorder.calls = []
         if pipe.is_last_rank:
@@ -315,6 +319,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
 
                 encoded = self._guard("training_step", make, replicas=True)
         result = self._share(encoded, fingerprint, "training_step", start)
+        self._carried("training_step", result)
         assert result.loss is not None
         if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
             self.loss_reduction = "sum"
@@ -342,7 +347,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         checks_inputs = self._checks_inputs(step, len(firsts))
         checks_loss = self._checks_model_loss(step)
         inputs: dict[int, list[Any]] | None = {} if checks_inputs or checks_loss else None
-        pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, inputs)
+        pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, rows, inputs)
         pipe.loss_fn = None
         self.recorder.calls = []
         with self._result_posted(fingerprint):
@@ -355,7 +360,15 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
                                                                         seed, start), replicas=True)
-        return self._share(encoded, fingerprint, step, start).output
+        result = self._share(encoded, fingerprint, step, start)
+        self._carried(step, result)
+        return result.output
+
+    def _carried(self, step: str, result: StepResult) -> None:
+        """After a step: warn of a tensor given to the model with each micro-batch's rows that the step did not store
+        anew (:mod:`.carried`)."""
+        if isinstance(self.split, CapturedModule) and self.split.carried.taken:
+            self.split.carried.after_step(step, {name for _, name, *_ in result.effects})
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
                        kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
@@ -379,9 +392,14 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         if isinstance(self.split, CapturedModule):
             device = self.pipeline.device
 
+            total = batch_rows(batch)
+            rows = split_batch(torch.arange(total), self.pipeline.num_microbatches)
+            carried = self.split.carried
+
             def context(index: int) -> Any:
                 return _entered(self.recorder.discarding(), self.logger_calls.discarding(),
-                                forked_random(derive_seed(seed, index), device))
+                                forked_random(derive_seed(seed, index), device),
+                                carried.window(int(rows[index][0]), int(rows[index][-1]) + 1, total))
 
             self.split.prepare(step, split_batch(batch, self.pipeline.num_microbatches, copy=True), rest, kwargs,
                                context)
@@ -406,17 +424,21 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
 
     # -- the last stage's results, for every rank -------------------------------------------------
     def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any], seed: int,
-                  firsts: dict[int, int], seen: dict[int, list[Any]] | None = None) -> Callable[[Any], Any]:
-        """The first stage's input of each micro-batch: the step run up to the model (its tensors kept in ``seen`` by
-        micro-batch, if given)."""
+                  firsts: dict[int, int], total: int,
+                  seen: dict[int, list[Any]] | None = None) -> Callable[[Any], Any]:
+        """The first stage's input of each micro-batch of a ``total``-row batch: the step run up to the model (its
+        tensors kept in ``seen`` by micro-batch, if given)."""
         device = self.pipeline.device
 
         whole_here = self.pipeline.is_last_rank  # a V schedule: the whole step runs here too, making the changes
 
         def input_fn(tagged: Any) -> Any:
-            index = firsts[int(tagged[_ROWS][0])]
+            rows = tagged[_ROWS]
+            index = firsts[int(rows[0])]
             before = self.effects.snapshot() if whole_here else None
-            with self.recorder.discarding(), self.logger_calls.discarding(), \
+            window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
+                if isinstance(self.split, CapturedModule) else nullcontext()
+            with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
             if before is not None:
@@ -443,15 +465,16 @@ def _tagged(batch: Any, rows: int) -> dict[str, Any]:
 
 
 def _warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:
-    """Say (on global rank 0) that a frozen copy of the model (:func:`~.model_choice.frozen_copies`) stays whole on
-    every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
+    """Say (on global rank 0) that a frozen or averaged copy of the model (:func:`~.model_choice.frozen_copies`) stays
+    whole on every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
     copies = frozen_copies(module, path, model)
     if copies and (not dist.is_initialized() or dist.get_rank() == 0):
         target = copies[0]
-        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is frozen (an EMA target, a "
-                      f"teacher, a momentum encoder): it stays whole on every rank, while under PipelineStrategy each "
-                      f"rank holds only its share of the model, so code that pairs their parameters "
-                      f"(zip(self.{target}.parameters(), self.{path}.parameters()), an EMA update) pairs the wrong "
+        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged copy "
+                      f"of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays whole on "
+                      f"every rank, while under PipelineStrategy each rank holds only its share of the model, so "
+                      f"code that pairs their parameters (zip(self.{target}.parameters(), self.{path}.parameters()), "
+                      f"{target}.update_parameters(self.{path}), an EMA update) pairs the wrong "
                       f"ones and updates {target} from part of the model. Train such a pair on one device or with "
                       f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
                       f"the pipeline", stacklevel=3)

@@ -14,6 +14,7 @@ from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, call_key
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
+from lightning_pipe.strategy.share_warning import strategy_reads
 from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
@@ -160,7 +161,7 @@ class SplitModule:
                                               "layer), or freeze them with requires_grad_(False)"))
         return inputs
 
-    def output_kinds(self) -> list[str | None] | None:
+    def output_kinds(self) -> None:
         """How the model's single-number outputs add up over rows: not known for a sequence (its last layer's output
         is put together as a mean, the rare case of a number)."""
         return None
@@ -216,7 +217,8 @@ def load_share(module: nn.Module, state_keys: Sequence[str], state_dict: Mapping
     if not is_cut:
         module.load_state_dict(state_dict, strict=strict)
         return
-    local_keys = module.state_dict().keys()
+    with strategy_reads():
+        local_keys = module.state_dict().keys()
     if strict:
         missing = [key for key in local_keys if key not in state_dict]
         unexpected = [key for key in state_dict if key not in set(state_keys)]

@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.results import sendable
-from lightning_pipe.strategy.step_values import whole_output
+from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole"]
+__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "lightning_keys"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -120,7 +120,7 @@ class StepEffects:
 
     def __init__(self, module: nn.Module, pipelined: Callable[[], Iterable[nn.Module]] = lambda: ()) -> None:
         self.module = module
-        self._lightning = _lightning_keys(type(module))
+        self._lightning = lightning_keys(type(module))
         self._pipelined = pipelined
         self._outside: list[tuple[str, nn.Module]] | None = None
 
@@ -394,7 +394,7 @@ def _restore_dict(value: dict, items: dict[Any, tuple[Any, int]]) -> None:
 _KEYS: dict[type, frozenset[str]] = {}
 
 
-def _lightning_keys(cls: type) -> frozenset[str]:
+def lightning_keys(cls: type) -> frozenset[str]:
     """The attributes torch and Lightning give a module of ``cls`` (a bare LightningModule's, for a LightningModule)."""
     if cls not in _KEYS:
         from lightning.pytorch import LightningModule
@@ -406,7 +406,7 @@ def _lightning_keys(cls: type) -> frozenset[str]:
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
            replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Sequence[float] | None = None, kinds: Sequence[str | None] | None = None
+           weights: Sequence[float] | None = None, kinds: OutputKinds | None = None
            ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
@@ -444,7 +444,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
 
 
 def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None,
-               kinds: Sequence[str | None] | None = None) -> Any:
+               kinds: OutputKinds | None = None) -> Any:
     """The whole batch's model output from the (index, output, rows) ``kept`` of every one of its ``microbatches``
     (:func:`~.step_values.whole_output`; ``weights`` by micro-batch index); None where some were not kept."""
     if len(kept) != microbatches:

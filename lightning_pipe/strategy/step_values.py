@@ -3,8 +3,8 @@ over micro-batches, and the error for ranks that read different batches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
+__all__ = ["OutputKinds", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
            "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
 
 
@@ -173,13 +173,19 @@ def _row_mean(scalars: Sequence[torch.Tensor], sizes: Sequence[float]) -> torch.
     return (torch.stack([scalar.double() for scalar in scalars]) * weights).sum()
 
 
+# how each tensor of a model output adds up over micro-batches, listed; or a function of the output's structure
+# (a captured model's: its calls may give outputs of several structures), None for a structure not known
+OutputKinds = Union[Sequence[Union[str, int, None]], Callable[[Any], Optional[Sequence[Union[str, int, None]]]]]
+
+
 def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None,
-                 kinds: Sequence[str | None] | None = None) -> Any | None:
+                 kinds: OutputKinds | None = None) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
-    batch dimension put together along dim 0, scalar ones (a loss the model computed) averaged by rows (or by
-    ``weights``: what ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed,
-    as ``kinds`` says of each tensor (:mod:`lightning_pipe.capture.scalars`: "mean", "sum", "other"; without it,
-    averaged); None where the outputs do not show a batch dimension first, hold a number the micro-batches do not
+    batch dimension put together along it (dim 0, or the dim ``kinds`` gives: an RNN's last hidden state has its rows
+    along dim 1), scalar ones (a loss the model computed) averaged by rows (or by ``weights``: what
+    ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed, as ``kinds``
+    says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other"; without
+    ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the outputs do not show a batch dimension first, hold a number the micro-batches do not
     share (``len(x)``) or one equal to each micro-batch's rows, or a scalar that adds up otherwise. Several calls of
     the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
     (the model run on fixed prototypes, not on the batch's rows) gives it once."""
@@ -201,23 +207,33 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     spec = flat[0][1]
     if any(other != spec for _, other in flat[1:]) or (len(set(sizes)) == 1 and _holds_number(spec, sizes[0])):
         return None  # a number of the model's output: the micro-batches' differ, or each is its rows (len(x))
+    unknown = "mean"  # a scalar's kind where not known: a Sequential's last layer's output, as before
+    if callable(kinds):  # a captured model's: by the output's structure; one no capture gives is not known
+        kinds, unknown = kinds(output_structure(flat[0][0], spec)), "other"
     if kinds is not None and len(kinds) != len(flat[0][0]):
         kinds = None
     whole = []
     for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
         if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
-            kind = kinds[index] if kinds is not None else "mean"
+            kind = kinds[index] if kinds is not None else unknown
             if kind == "sum":
                 whole.append(torch.stack(list(column)).sum().to(column[0].dtype))
                 continue
             if kind != "mean":
                 return None
             whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
-        elif all(leaf.dim() > 0 and leaf.shape[0] == rows for leaf, rows in zip(column, sizes)):
-            whole.append(torch.cat(column))
         else:
-            return None
+            dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else 0
+            if not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
+                return None
+            whole.append(torch.cat(column, dim))
     return tree_unflatten(whole, flat[0][1])
+
+
+def output_structure(leaves: Sequence[torch.Tensor], spec: Any) -> tuple[Any, tuple[int, ...]]:
+    """What tells a model's outputs apart for :data:`OutputKinds`: their tree spec and each tensor's number of dims
+    (a tagger returns a summed loss one way, its best tags the other: one tensor each)."""
+    return spec, tuple(leaf.dim() for leaf in leaves)
 
 
 def _holds_number(spec: Any, number: int) -> bool:
