@@ -47,6 +47,14 @@ def test_split_errors() -> None:
         split_batch(("a", 1), 2)
     with pytest.raises(ValueError, match="has no rows: give the DataLoader a batch_size"):  # batch_size=None
         split_batch((torch.tensor(1.0), torch.tensor(2)), 1)
+    # a batch of graphs as PyTorch Geometric collates it: not a dict of loaders' batches, but graphs to make rows
+    graphs = {"x": torch.ones(9, 3), "edge_index": torch.zeros(2, 14, dtype=torch.long),
+              "batch": torch.zeros(9, dtype=torch.long), "y": torch.ones(3)}
+    with pytest.raises(ValueError, match="a batch of graphs") as error:
+        split_batch(graphs, 2)
+    assert "CombinedLoader" not in str(error.value)
+    with pytest.raises(ValueError, match="CombinedLoader"):  # a dict of loaders' batches with other batch sizes
+        split_batch({"a": (torch.ones(4, 1), torch.ones(4)), "b": (torch.ones(3, 1), torch.ones(3))}, 2)
 
 
 def test_stage_sizes() -> None:

@@ -68,14 +68,26 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     raise ValueError(
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
         f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
-        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}Put per-batch constants in a "
-        f"0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the collate_fn.")
+        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}Put "
+        f"per-batch constants in a 0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the "
+        f"collate_fn.")
+
+
+def _graphs(leaves: list[torch.Tensor]) -> str:
+    """Advice for a batch of graphs as PyTorch Geometric collates them: an integer ``(2, edges)`` edge list."""
+    if not any(t.dim() == 2 and t.shape[0] == 2 and not t.is_floating_point() and t.shape[1] != 2 for t in leaves):
+        return ""
+    return ("It looks like a batch of graphs (PyTorch Geometric's: every graph's nodes stacked, a (2, edges) "
+            "edge_index, a vector naming each node's graph), whose rows are not along any dim: make the graphs the "
+            "rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
+            "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. ")
 
 
 def _several_loaders(batch: Any) -> str:
     """Advice for a dict of batches that each agree on their rows but not with each other: a dict of DataLoaders."""
-    if not isinstance(batch, Mapping) or len(batch) < 2:
-        return ""
+    if not isinstance(batch, Mapping) or len(batch) < 2 or any(isinstance(part, torch.Tensor)
+                                                                for part in batch.values()):
+        return ""  # a loader's batch each: a tuple or dict of them, never a tensor
     rows = []
     for part in batch.values():
         sizes = {t.shape[0] for t in tree_flatten(part)[0] if t.dim() > 0}
