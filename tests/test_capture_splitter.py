@@ -448,6 +448,26 @@ class _Experts(nn.Module):
         return out, 2 * (fraction * probs.mean(0)).sum()
 
 
+class _Capacity(nn.Module):
+    """Top-1 routing with an expert capacity (GShard's, Switch's): each token's place among those routed to its
+    expert, counted along the tokens, against a fixed capacity; tokens past it are dropped. ``positions`` counts along
+    the sequence instead (HF's position ids from an attention mask): no rows meet there."""
+
+    def __init__(self, positions: bool = False) -> None:
+        super().__init__()
+        self.router, self.expert, self.positions = nn.Linear(4, 2), nn.Linear(4, 4), positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions:
+            mask = (x[..., 0] > 0).long()
+            return x * (mask.cumsum(-1) - 1).clamp(min=0).unsqueeze(-1)
+        tokens = x.reshape(-1, 4)
+        chosen = torch.nn.functional.one_hot(self.router(tokens).argmax(-1), 2)
+        place = (chosen.cumsum(0) * chosen).sum(-1) - 1
+        kept = (place < 3).unsqueeze(-1).float()
+        return (tokens + kept * self.expert(tokens)).reshape(x.shape)
+
+
 class _Centered(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -476,8 +496,9 @@ class _Shifted(nn.Module):
 
 def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
     """A time-major batch given to torch's batch_first=False layers (micro-batches would cut the sequences in time),
-    a statistic over the rows brought back into them, and a mixture of experts' load-balancing loss are found (they
-    trained silently otherwise than on one device); batch-first layers, routing by index and a batch norm are not."""
+    a statistic over the rows brought back into them, a mixture of experts' load-balancing loss and an expert capacity
+    are found (they trained silently otherwise than on one device); batch-first layers, routing by index, a batch
+    norm and positions counted along the sequence are not."""
     found = {}
     for name, model, x in (("lstm", _Tagger("lstm", False), torch.randint(0, 10, (7, 4))),
                            ("encoder", _Tagger("encoder", False), torch.randint(0, 10, (7, 4))),
@@ -487,6 +508,8 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
                            ("balanced", _Experts(True), torch.randn(6, 4)),
                            ("stored", _Experts("stored"), torch.randn(6, 4)),
                            ("centered", _Centered(), torch.randn(6, 4)),
+                           ("capacity", _Capacity(), torch.randn(6, 5, 4)),
+                           ("positions", _Capacity(positions=True), torch.randn(6, 5, 4)),
                            ("batch_norm", nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(6, 4))):
         splitter = Splitter(model)
         splitter.capture((x,))
@@ -499,7 +522,9 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
     assert "attends along the batch's rows" in found["encoder"] and "self_attn" in found["encoder"], found
     assert "multiplies two statistics" in found["balanced"], found
     assert "brings a statistic over the batch's rows (mean" in found["centered"], found
-    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted", "stored")
+    assert "compares each row's place among the batch's rows (a running count along them, cumsum" in found[
+        "capacity"], found
+    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted", "stored", "positions")
     assert all(found[name] is None for name in unmixed), found
 
 

@@ -8,6 +8,8 @@ give as one device does:
 - a statistic over the rows that comes back into the rows (``x - x.mean(0)``), or two such statistics multiplied
   (a mixture of experts' load-balancing loss, the fraction of tokens routed to each expert times their mean router
   probability): the mean of the micro-batches' values is not the batch's. (Torch's batch norms are deferred apart.)
+- a running count along the rows compared (an expert's capacity: the tokens routed to it counted in order, those past
+  it dropped): which rows pass depends on the rows before them.
 
 A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
 forward took their number as an int, as a contrastive loss's labels do) is reported as that.
@@ -57,7 +59,8 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
                 fixed_size(size) == example)):
             return _RECURRENCE.format(place=_place(node))
     return (f"the graph fixes the batch's rows to {example}: the forward takes their number as a Python int, as "
-            f"torch.arange(len(logits)) does for a contrastive loss's labels (each micro-batch size is captured anew)")
+            f"torch.arange(len(logits)) does for a contrastive loss's labels, or an expert capacity computed from the "
+            f"tokens (int(capacity_factor * tokens / experts)) does (each micro-batch size is captured anew)")
 
 
 def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
@@ -116,6 +119,8 @@ _RECURRENCES = {"lstm", "gru", "rnn_tanh", "rnn_relu"}  # aten's, batch_first th
 _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
                "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
+_SCANS = {"cumsum", "cumprod"}  # a running count along a dim
+_COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
 _EXTREMES = {"max", "amax", "min", "amin", "aminmax", "maximum", "minimum"}
 
 
@@ -128,12 +133,25 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     computed from integers alone (a codebook's usage and its perplexity, logged) carries no gradient: not counted."""
     statistics: set[fx.Node] = set()
     counted: set[fx.Node] = set()  # values computed from integers alone (one_hot(codes).float()): no gradient's
+    ranked: dict[fx.Node, fx.Node] = {}  # values from a running count along the rows (each row's place among them)
+    # -> that count
     for node in nodes:
         value = node.meta.get("val")
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
         name = _op_name(node)
         inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+        if name in _SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
+                and isinstance(node.args[1], int) and _rows_at_dim(node.args[0], node.args[1], rows):
+            ranked[node] = node
+        elif any(arg in ranked for arg in inputs):
+            count = ranked[next(arg for arg in inputs if arg in ranked)]
+            if name in _COMPARISONS:
+                return (f"{_place(node)} compares each row's place among the batch's rows (a running count along "
+                        f"them, {_place(count)}: the tokens routed to an expert counted against its capacity, which "
+                        f"drops those past it), so which rows pass depends on the rows before them in the batch (in "
+                        f"a pipeline: in their micro-batch only)")
+            ranked[node] = count
         if name in _ATTENTION and len(node.args) >= 2:
             if any(_rows_at(arg, -2, rows) for arg in node.args[:2] if isinstance(arg, fx.Node)):
                 return (f"{_place(node)} attends along the batch's rows (a sequence whose positions are the rows: "
@@ -195,6 +213,12 @@ def _is_rows(size: Any, rows: set[Any]) -> bool:
 
 def _has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
     return any(_is_rows(size, rows) for size in value.shape)
+
+
+def _rows_at_dim(node: fx.Node, dim: int, rows: set[Any]) -> bool:
+    """Whether ``node``'s value counts the batch's rows along ``dim`` (a symbol of them, or of rows times tokens)."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and -value.dim() <= dim < value.dim() and _is_rows(value.shape[dim], rows)
 
 
 def _rows_at(node: fx.Node, dim: int, rows: set[Any]) -> bool:
