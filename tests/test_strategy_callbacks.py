@@ -233,3 +233,87 @@ def test_model_summaries_count_the_whole_model_on_every_rank() -> None:
         want = (one.total_parameters, one.trainable_parameters, one.param_nums)
         assert want[0] > want[1] if index else want[0] == want[1]  # the frozen position embedding counts apart
         assert results[0][index] == results[1][index] == want, (index, results, want)
+
+
+class _Shadows:
+    """A hand-written EMA callback: a list of one shadow per parameter, in ``parameters()`` order, saved as it is."""
+
+    def __new__(cls) -> Any:
+        from lightning.pytorch.callbacks import Callback
+
+        class Shadows(Callback):
+            def __init__(self) -> None:
+                self.shadow: list[torch.Tensor] | None = None
+
+            def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+                params = [p.detach() for p in pl_module.parameters()]
+                if self.shadow is None:
+                    self.shadow = [p.clone() for p in params]
+                    return
+                for shadow, param in zip(self.shadow, params):
+                    shadow.mul_(0.5).add_(param, alpha=0.5)
+
+            def state_dict(self) -> dict[str, Any]:
+                return {"shadow": self.shadow}
+
+            def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+                self.shadow = [tensor.clone() for tensor in state_dict["shadow"]]
+
+        return Shadows()
+
+
+def _shadowed(devices: int, folder: str, ckpt_path: str | None = None) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(SEED, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if devices > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[_Shadows(), ModelCheckpoint(folder, "{epoch}", save_top_k=-1)])
+    trainer.fit(Net(), class_data(batches=3), ckpt_path=ckpt_path)
+
+
+def _shadowed_ranks(rank: int, world_size: int, tmp: str) -> None:
+    _shadowed(world_size, os.path.join(tmp, "pipeline"))
+    _shadowed(world_size, os.path.join(tmp, "from-one"), ckpt_path=os.path.join(tmp, "one", "epoch=0.ckpt"))
+
+
+@pytest.mark.timeout(300)
+def test_a_callbacks_list_of_one_tensor_per_parameter_is_one_devices_in_a_checkpoint(tmp_path: Any) -> None:
+    """The pipeline's file holds the whole list in one device's order (rank 0's half before), so one device resumes
+    from it to its own shadows; a one-device file gives each rank its parameters' part of the list (the whole list,
+    paired with a share, before)."""
+    def shadows(path: Any) -> list[torch.Tensor]:
+        callbacks = torch.load(path, weights_only=False)["callbacks"]
+        (state,) = [value for key, value in callbacks.items() if "Shadows" in key]
+        return state["shadow"]
+
+    def assert_same(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want], what
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+
+    _shadowed(1, str(tmp_path / "one"))
+    run_ranks(_shadowed_ranks, 2, str(tmp_path), timeout=280)
+    assert_same(shadows(tmp_path / "pipeline" / "epoch=0.ckpt"), shadows(tmp_path / "one" / "epoch=0.ckpt"), "saved")
+    assert_same(shadows(tmp_path / "from-one" / "epoch=1.ckpt"), shadows(tmp_path / "one" / "epoch=1.ckpt"),
+                "the pipeline resumed from one device's file")
+    _shadowed(1, str(tmp_path / "one-from-pipeline"), ckpt_path=str(tmp_path / "pipeline" / "epoch=0.ckpt"))
+    assert_same(shadows(tmp_path / "one-from-pipeline" / "epoch=1.ckpt"), shadows(tmp_path / "one" / "epoch=1.ckpt"),
+                "one device resumed from the pipeline's file")

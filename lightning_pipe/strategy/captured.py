@@ -233,6 +233,7 @@ class CapturedModule:
         self.called = module if self.root else self.model  # what the step calls
         self._kinds: tuple[tuple, list[tuple[Any, list[str | int | None]]]] = ((), [])  # captures, their kinds
         self.state_keys = list(module.state_dict().keys())
+        self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
         self.carried = CarriedRows(module, lightning_keys(type(module)))  # states given to the model with the rows

@@ -109,6 +109,7 @@ class ChainSplit(SplitModule):
         self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part._modules.values()])
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
+        self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for part in self.parts for p in part.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()

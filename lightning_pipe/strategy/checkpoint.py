@@ -25,6 +25,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.optim import Optimizer
 
 from lightning_pipe.strategy.one_device import one_device_optimizer_states
+from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
@@ -41,7 +42,8 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
                       group: dist.ProcessGroup | None = None,
                       param_names: list[list[list[str]]] | None = None,
                       device: torch.device | None = None,
-                      tied: Mapping[str, str] | None = None, by_name: bool = True) -> dict[str, Any] | None:
+                      tied: Mapping[str, str] | None = None, by_name: bool = True,
+                      parameters: tuple[list[str], list[str]] | None = None) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
@@ -50,11 +52,13 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     travel as JSON and raw tensor bytes (:func:`gather_shares`), never pickled; ``device`` carries them (NCCL: the
     rank's GPU); ``tied``: the whole model's tied parameter names (:func:`tied_names`), and ``by_name``, whether
     ``configure_optimizers`` may sort by name (:func:`~.one_device.sorts_by_name`), for the one-device optimizer
-    states.
+    states; ``parameters``: one device's parameter names in order and this rank's, for callback states listing a
+    tensor per parameter (:mod:`.parameter_lists`).
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
     share["param_names"] = param_names or []
+    share["parameters"] = list(parameters[1]) if parameters is not None else []
     share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
     shares = gather_shares(share, group, device or torch.device("cpu"))
     if shares is None:
@@ -92,7 +96,12 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     merge = CallbackMerge(ordered, ordered, tied)
     for part in shares:
         merge.add(dict(part["own"]))
-    return merge.into(full)
+    full = merge.into(full)
+    if parameters is not None:  # a list with a tensor per parameter (a hand-written EMA's shadows): one device's
+        full["callbacks"] = whole_lists(full["callbacks"], [part["own"].get("callbacks") or {} for part in shares],
+                                        [part["parameters"] for part in shares], parameters[0],
+                                        {key: value.shape for key, value in ordered.items()}, tied or {})
+    return full
 
 
 def _keyed_by_model(value: Any, model_keys: set[str]) -> bool:

@@ -43,6 +43,7 @@ from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.host_built import built_on_host
 from lightning_pipe.strategy.recorded_init import recording
 from lightning_pipe.strategy.one_device import local_group_names, one_device_names, sorts_by_name
+from lightning_pipe.strategy.parameter_lists import own_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
 from lightning_pipe.strategy.positions import CHECKPOINT_KEY
@@ -147,7 +148,8 @@ class PipelineCheckpoints:
             full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
                                      optimizers_parameter_names(self.lightning_module, self.optimizers,
                                                                 runner.cut_names), device,
-                                     runner.split.tied_names, sorts_by_name(self.lightning_module))
+                                     runner.split.tied_names, sorts_by_name(self.lightning_module),
+                                     (runner.split.parameter_keys, self._own_parameter_names()))
             try:
                 if self.is_global_zero:
                     assert full is not None
@@ -186,6 +188,11 @@ class PipelineCheckpoints:
                     merge = CallbackMerge(checkpoint["state_dict"].keys(), self.lightning_module.state_dict().keys())
                     merge.add(own_entries(checkpoint))
                     checkpoint = merge.into(checkpoint)
+                    split = self._runner.split  # a list with a tensor per parameter: this rank's parameters' ones
+                    checkpoint["callbacks"] = own_lists(checkpoint["callbacks"], split.parameter_keys,
+                                                        self._own_parameter_names(),
+                                                        {k: v.shape for k, v in checkpoint["state_dict"].items()},
+                                                        split.tied_names)
             if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
                 checkpoint.setdefault("optimizer_states", [])
         trainer = self._trainer()
@@ -195,6 +202,10 @@ class PipelineCheckpoints:
             if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
                 self._position.start(trainer)
         return checkpoint
+
+    def _own_parameter_names(self) -> list[str]:
+        """This rank's parameters, in its module's ``parameters()`` order."""
+        return [name for name, _ in self.lightning_module.named_parameters()]
 
     def _resume_global_random_states(self) -> None:
         """At the first training batch after a resume (before its hooks run), torch's, NumPy's and Python's global
