@@ -121,7 +121,10 @@ class _Packed(nn.Module):
 
 
 def test_a_packed_sequence_says_to_run_the_rnn_on_the_padded_batch() -> None:
-    with pytest.raises(CaptureError, match=r"module 'lstm'.*PackedSequence \(pack_padded_sequence\).*padded batch"):
+    """One direction: the padded batch, each row's last valid step; both directions (the reverse one would start in
+    the padding): batches of one length each."""
+    with pytest.raises(CaptureError, match=r"module 'lstm'.*PackedSequence \(pack_padded_sequence\).*padded batch"
+                                           r".*bidirectional one cannot.*groups the dataset by length"):
         Splitter(_Packed()).segments((torch.randint(0, 16, (3, 5)), torch.tensor([5, 2, 4])))
 
 

@@ -195,7 +195,7 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
 
 def _captured(module: Any) -> bool:
     """Whether the strategy took the captured path (not the nn.Sequential one) for ``module``."""
-    from lightning_pipe.strategy.captured import PipelinedModel
+    from lightning_pipe.strategy.pipelined_model import PipelinedModel
 
     return "_pipelined_model" in module.__dict__ or any(isinstance(m, PipelinedModel) for m in module.modules())
 

@@ -102,7 +102,8 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     """Another attribute holding the model leads to the proxy; one holding a module of it leads to this rank's
     holder of that module (same tensors), or to a stand-in without state where another rank holds it; so the
     LightningModule's state_dict holds trained weights only, under every name."""
-    from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
+    from lightning_pipe.strategy.captured import CapturedModule
+    from lightning_pipe.strategy.pipelined_model import PipelinedModel
     from lightning_pipe.strategy.references import LayerElsewhere
 
     vit = ViT()

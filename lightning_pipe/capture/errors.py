@@ -110,9 +110,11 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "type with torch.utils._pytree.register_pytree_node.")
     if "torch/nn/modules/rnn.py" in where and ("FakeTensor" in text or "data-dependent" in text):
         return ("An RNN given a PackedSequence (pack_padded_sequence) takes its batch sizes from the lengths' values, "
-                "which cannot be captured: give the RNN the padded batch (batch_first as before) and pick each row's "
-                "last valid step with the lengths (`out[torch.arange(len(out)), lengths - 1]`) or mask the steps past "
-                f"them; {SEQUENTIAL_PATH}.")
+                "which cannot be captured. A one-directional RNN can take the padded batch (batch_first as before): "
+                "its outputs at the valid steps are the same, so pick each row's last valid step with the lengths "
+                "(`out[torch.arange(len(out)), lengths - 1]`, not h_n) or mask the steps past them. A bidirectional "
+                "one cannot (its reverse direction would start in the padding): give it batches whose sequences have "
+                "one length each, with a batch sampler that groups the dataset by length, and no packing.")
     if "layerdrop" in where.lower():
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
-from lightning_pipe.capture.assignments import changed_reads, read_advice, stored_attributes, stored_refusal
+from lightning_pipe.capture.assignments import changed_reads, read_advice
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers
@@ -29,15 +29,15 @@ from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import largest_owner, owners
-from lightning_pipe.strategy.model_parts import (METHODS, ModelPart, complete, has_state, in_model_order, mirror,
-                                                 plain_attribute, whole_buffer, written_through)
+from lightning_pipe.strategy.model_parts import ModelPart, has_state
+from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects, lightning_keys
 from lightning_pipe.strategy.step_values import input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
 
-__all__ = ["CapturedModule", "PipelinedModel", "no_logging"]
+__all__ = ["CapturedModule", "no_logging"]
 
 _SHAPES_KEPT = 4096  # micro-batch shapes remembered as checked against the captures
 
@@ -125,92 +125,6 @@ def _twin(module: nn.Module) -> nn.Module:
         if "hooks" in key and isinstance(value, dict):
             twin.__dict__[key] = type(value)()
     return twin
-
-
-class PipelinedModel(nn.Module):
-    """Stands in for a captured model: holds this rank's share of its parameters and buffers under the model's names,
-    so that ``parameters()`` and ``state_dict()`` of the LightningModule are this rank's share with the full model's
-    names.
-
-    Inside a step it either records each call's arguments and answers with a stand-in output (first stage), or
-    returns the model's own output computed by the last stage (a ``ModelOutput``, a tuple, a tensor), call by call
-    (:mod:`.model_calls`); anywhere else it refuses to run. Every module of the model is reachable through it by its
-    path, as a :class:`~.model_parts.ModelPart` holding this rank's share of that module's state (perhaps none), so that
-    ``self.model.classifier.parameters()`` in ``configure_optimizers`` gives this rank's share of the head. Plain
-    attributes of the model (a Hugging Face ``config``) stay readable through it.
-    """
-
-    def __init__(self, segments: Sequence[Segment], all_segments: Sequence[Segment], model: nn.Module,
-                 path: str, calls: ModelCalls | None = None) -> None:
-        super().__init__()
-        for segment in segments:
-            mirror(self, segment, model, path)
-        for name, _ in model.named_modules(remove_duplicate=False):  # aliases too: the same paths on every rank
-            if name:
-                complete(self, name, model, path)
-        in_model_order(self, model)
-        object.__setattr__(self, "_segments", list(all_segments))  # not submodules: their modes follow this one
-        object.__setattr__(self, "_model", model)
-        self._path = path
-        self._model_name = type(model).__name__
-        self.model_calls = calls or ModelCalls(f"the model at {path!r} ({self._model_name})")
-        self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
-        self.training = model.training
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
-        # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
-        state = dict(self.__dict__)
-        state.update(owner=None, model_calls=ModelCalls(self.model_calls.where), _segments=[], _model=None)
-        return state
-
-    def train(self, mode: bool = True) -> PipelinedModel:
-        super().train(mode)
-        for segment in self._segments:
-            segment.train(mode)
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.model_calls.mode == "capture":
-            return self.model_calls.record((args, kwargs))
-        if self.model_calls.mode == "output":
-            return self.model_calls.answer()
-        raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
-                           f"(this rank holds part of its weights); it runs only inside training, validation, test and "
-                           f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "
-                           f"with YourModule.load_from_checkpoint(path)")
-
-    def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
-        raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages (this rank "
-                           f"holds part of its weights), so it cannot be scripted or exported (to_torchscript, "
-                           f"torch.jit.script): load a checkpoint with YourModule.load_from_checkpoint(path) and "
-                           f"export the whole model on one device")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if not written_through(self.__dict__.get("_model"), self, name, value):
-            super().__setattr__(name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        model = self.__dict__.get("_model")
-        if model is not None and name in stored_attributes(model):
-            raise AttributeError(stored_refusal(name, self._path))
-        buffer = whole_buffer(model, name)
-        if buffer is not None:
-            return buffer
-        return plain_attribute(model, name, lambda: (  # the model: set once this holds state
-            f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
-            f"into stages and this rank holds only part of it; call the model itself in the step "
-            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else f'; {METHODS}'}"), self)
-
-
-# generation calls the model once per new token, each call on the last one's output: no pipeline step does that
-_GENERATE = ("; generation (one call of the model per new token, each on the output of the one before) is not run "
-             "under a pipeline: score teacher-forced outputs in validation_step (the loss, token accuracy), and "
-             "generate after training on one device (YourModule.load_from_checkpoint(path).model.generate(...))")
 
 
 class CapturedModule:

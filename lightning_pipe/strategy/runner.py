@@ -31,7 +31,8 @@ from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.model_choice import frozen_copies
-from lightning_pipe.strategy.captured import CapturedModule, PipelinedModel
+from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
