@@ -1,0 +1,174 @@
+"""The Trainer's step hooks of PipelineStrategy: every step run as a pipeline, gradients handed over at ``backward``,
+global clipping, and Lightning's per-step SIGTERM check folded into the step's own collective.
+
+A mixin of :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy`, which holds the state it reads (the runner,
+the run's position, the held gradients, the asynchronous steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_pipe.strategy.grad_scaler import scaled
+from lightning_pipe.strategy.gradients import clip_grad_norm_global
+
+__all__ = ["PipelineSteps"]
+
+_NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
+                  r"resumable")
+
+
+class PipelineSteps:
+    """The step hooks (a mixin of the strategy)."""
+
+    def _fold_sigterm_check(self, trainer: Trainer) -> None:
+        """Lightning broadcasts rank 0's "received SIGTERM" before every training step, a collective of its own; here
+        every rank's flag rides in the collective each step already makes (:mod:`lightning_pipe.strategy.results`),
+        and the check before the next step reads it: one collective per step fewer, and a SIGTERM that reaches any
+        rank while a step runs stops every rank after that step (the signalled rank by Lightning's own check at the
+        end of the step, the others here). On gloo, where a rank other than the last sends its flag as the step
+        starts, one that reaches such a rank mid-step is held for the next step's messages: every rank stops after
+        that one. One that arrives after a rank's result has come, before the step's end, stops only the signalled
+        rank, as under DDP; the others then end with its error (:mod:`lightning_pipe.strategy.failures`)."""
+        runner = self.runner
+        held = [False]
+
+        def hold() -> None:
+            # On gloo a rank other than the last sends its flag when a step starts; one that rose later travels with
+            # the next step, and Lightning's own check must not stop this rank alone at the end of this one.
+            held[0] = True
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                connector.received_sigterm = False
+
+        runner.flag = lambda: held[0] or bool(getattr(trainer, "received_sigterm", False))
+        runner.hold_flag = hold
+        runner.flagged = False
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if callable(getattr(type(epoch_loop), "_broadcast_sigterm_tensor", None)):  # Lightning 2.x's private check
+            epoch_loop._broadcast_sigterm_tensor = self._sigterm_after_last_step
+
+    def _sigterm_after_last_step(self) -> None:
+        if self._runner is not None and self._runner.flagged:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()  # as Lightning: no rank leaves while another is still in a collective
+            raise SIGTERMException()
+
+    # -- steps --------------------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
+        trainer = self.lightning_module.trainer
+        seed = self._position.step_seed(trainer)
+        self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
+            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
+                output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
+        else:
+            with self.precision_plugin.train_step_context():
+                with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
+                    loss_scale = scaled(1.0 / trainer.accumulate_grad_batches,
+                                        getattr(self.precision_plugin, "scaler", None))
+                    output = self.runner.train(args, kwargs, loss_scale=loss_scale, seed=seed)
+        self._position.step_done(trainer)
+        return output
+
+    def _grads_needed_later(self, trainer: Trainer) -> bool:
+        """Whether the gradients from before this step live on after it: they do while accumulating, or if the module
+        zeroes them its own way; otherwise Lightning's ``zero_grad`` drops them right after ``training_step`` (only
+        ``on_before_zero_grad`` could still read them), so the step frees them as it starts."""
+        first_of_accumulation = trainer.fit_loop.epoch_loop.batch_idx % trainer.accumulate_grad_batches == 0
+        own_zero_grad = is_overridden("optimizer_zero_grad", self.lightning_module, LightningModule)
+        # Skipping backward (StochasticWeightAveraging's batch-norm epoch) skips zero_grad too: the gradients stay.
+        skipping = getattr(trainer.fit_loop, "_skip_backward", False)
+        return not first_of_accumulation or own_zero_grad or skipping
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                       model: LightningModule | Module | None = None, **kwargs: Any) -> Any:
+        """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
+        its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
+        if self._async is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        model = model or self.lightning_module
+        assert isinstance(model, LightningModule)
+        return self._async.run_closure(optimizer, closure, model, **kwargs)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """The pipeline ran backward in ``training_step``; hand its gradients over now that zero_grad is done."""
+        module = self.lightning_module
+        assert module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        self._gradients.release(self.runner.tied)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self._evaluate("validation_step", args, kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self._evaluate("test_step", args, kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            return self._evaluate("predict_step", args, kwargs)
+
+    def _evaluate(self, step: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        trainer = self.lightning_module.trainer
+        output = self.runner.evaluate(step, args, kwargs, seed=self._position.step_seed(trainer))
+        self._position.step_done(trainer)
+        return output
+
+    @override
+    def on_train_start(self) -> None:
+        self._check_materialized()
+        trainer = self._trainer()
+        loaders = getattr(trainer.fit_loop._combined_loader, "flattened", None) if trainer is not None else None
+        if self._position.resumes_within_epoch and loaders and all(hasattr(d, "_pipeline_order") for d in loaders):
+            # The strategy's loaders continue the epoch at the checkpoint's batch, in its order (:mod:`.data_order`):
+            # Lightning's warning that a plain DataLoader does not (it starts a new order) is not theirs.
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning)
+
+    @override
+    def on_validation_start(self) -> None:
+        self._check_materialized()
+        self._position.evaluation_started()
+
+    @override
+    def on_test_start(self) -> None:
+        self._check_materialized()
+        self._position.evaluation_started()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._check_materialized()
+        self._position.evaluation_started()
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        if self._async is not None:
+            raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
+                             f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
+        parameters = self.precision_plugin.main_params(optimizer)
+        clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
+                              self.settings.wait_timeout)
