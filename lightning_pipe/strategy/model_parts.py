@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
 
-__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only", "METHODS",
-           "has_state", "whole_buffer", "written_through"]
+__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only",
+           "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with
@@ -86,6 +86,19 @@ def shape_only(function: Callable[..., Any], holder: nn.Module, refusal: Callabl
             return function(holder, *args, **kwargs)
     except StopIteration as error:  # next(self.parameters()) on a rank holding none of them
         raise RuntimeError(refusal()) from error
+
+
+def stand_in_attribute(holder: nn.Module, original: nn.Module | None, name: str, where: str,
+                       refusal: Callable[[], str]) -> Any:
+    """What ``holder``, the stand-in of ``original`` (at ``where``), gives for an attribute it does not hold itself:
+    a refusal for a tensor the captured forward stored there; a whole buffer; plain data or a method run on the
+    stand-in (:func:`plain_attribute`); else ``AttributeError(refusal())``."""
+    if original is not None and name in stored_attributes(original):
+        raise AttributeError(stored_refusal(name, where))
+    buffer = whole_buffer(original, name)
+    if buffer is not None:
+        return buffer
+    return plain_attribute(original, name, refusal, holder)
 
 
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
@@ -165,16 +178,12 @@ class ModelPart(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        original = self.__dict__.get("_original")
-        if original is not None and name in stored_attributes(original):
-            raise AttributeError(stored_refusal(name, self.part_name))
-        buffer = whole_buffer(original, name)
-        if buffer is not None:
-            return buffer
-        return plain_attribute(original, name, lambda: (
+        # (read from __dict__: an attribute looked up while __init__ runs must not look up another)
+        part = self.__dict__.get("part_name", "")
+        return stand_in_attribute(self, self.__dict__.get("_original"), name, part, lambda: (
             f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
             f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
-            f"attributes, or call the whole model in the step ({METHODS})"), self)
+            f"attributes, or call the whole model in the step ({METHODS})"))
 
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"

@@ -10,10 +10,9 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_pipe.capture import Segment
-from lightning_pipe.capture.assignments import stored_attributes, stored_refusal
 from lightning_pipe.strategy.model_calls import ModelCalls
-from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, plain_attribute,
-                                                 whole_buffer, written_through)
+from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, stand_in_attribute,
+                                                 written_through)
 
 __all__ = ["PipelinedModel"]
 
@@ -86,16 +85,11 @@ class PipelinedModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             pass
-        model = self.__dict__.get("_model")
-        if model is not None and name in stored_attributes(model):
-            raise AttributeError(stored_refusal(name, self._path))
-        buffer = whole_buffer(model, name)
-        if buffer is not None:
-            return buffer
-        return plain_attribute(model, name, lambda: (  # the model: set once this holds state
+        # (read from __dict__: an attribute looked up while __init__ runs must not look up another)
+        return stand_in_attribute(self, self.__dict__.get("_model"), name, self.__dict__.get("_path", ""), lambda: (
             f"{name!r} of the model at {self._path!r} is not available under PipelineStrategy: the model is cut "
             f"into stages and this rank holds only part of it; call the model itself in the step "
-            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else f'; {METHODS}'}"), self)
+            f"(self.{self._path}(...)){_GENERATE if name == 'generate' else f'; {METHODS}'}"))
 
 
 # generation calls the model once per new token, each call on the last one's output: no pipeline step does that
