@@ -616,3 +616,22 @@ def test_the_skeleton_of_a_model_with_the_hook_based_weight_norm_is_made() -> No
     skeleton = meta_skeleton(layers)
     assert skeleton[0].weight_v.is_meta and skeleton[0].weight.is_meta
     assert not layers[0].weight_v.is_meta
+
+
+def test_a_nan_in_the_first_batches_checks_is_no_telling_not_an_error() -> None:
+    """A diverged step (or a NaN validation loss in the sanity check) on the batches the strategy checks: the checks
+    say they cannot tell, and nothing raises (torch.allclose refused a NaN tolerance before)."""
+    from lightning_pipe.strategy.logs import _close
+    from lightning_pipe.strategy.metric_states import _same
+    from lightning_pipe.strategy.reduction import Probe, verdict
+    from lightning_pipe.strategy.step_values import same_output
+
+    nan = torch.tensor(float("nan"))
+    assert same_output({"loss": torch.stack([nan, torch.tensor(1.0)])}, {"loss": torch.tensor([2.0, 1.0])})
+    assert _close(nan.double(), torch.tensor(1.0, dtype=torch.float64))
+    assert _same(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
+    assert not _same(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 2.0]))
+    probe = Probe(torch.ones(4, 2))
+    for rows, loss in ((2, nan), (2, torch.tensor(1.0))):
+        probe.add(torch.ones(rows, 2), loss, rows)
+    assert verdict(probe, lambda output, batch, draw: nan)[0] is None

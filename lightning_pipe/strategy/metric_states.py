@@ -231,7 +231,8 @@ def _same(value: Any, other: Any) -> bool:
         return False
     value, other = value.detach().cpu(), other.detach().cpu()
     if value.is_floating_point() or value.is_complex():
-        scale = max(float(other.abs().max()), 1.0) if other.numel() else 1.0
+        finite = other[torch.isfinite(other)] if other.numel() else other
+        scale = max(float(finite.abs().max()), 1.0) if finite.numel() else 1.0  # a NaN state: the finite ones' scale
         return torch.allclose(value.to(other.dtype), other, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
     return torch.equal(value, other)
 

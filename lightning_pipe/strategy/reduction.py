@@ -22,6 +22,7 @@ batch, and so are the values it logs (:class:`Counts`).
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,8 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         whole = float(run_whole(output, batch, 0).detach().double().cpu())
     except Exception as error:  # noqa: BLE001 - any failure of the user's step here only means: cannot tell
         return None, f"the step fails on the micro-batches' outputs put together ({type(error).__name__}: {error})"
+    if not all(math.isfinite(value) for value in (mean, total, whole)):
+        return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
     if abs(total - mean) <= 10 * _TOLERANCE * scale:
         return None, "the micro-batches' mean and sum are equal"
