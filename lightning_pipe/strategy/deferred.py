@@ -7,8 +7,9 @@ children that do not hold the pipelined layers while the last stage runs a step:
 a call of such a module returns a :class:`LazyValue`, a tensor that computes the module's real output only if the
 step uses it (a distillation loss against the backbone's features, say). Passed to the layers, it is dropped unseen.
 
-A module is deferred only after one real call showed that it returns a plain tensor, draws no random numbers and
-changes none of its buffers (BatchNorm in train mode does): otherwise deferring it could change what the step computes.
+A module is deferred only after one real call showed that it returns a plain tensor, draws no random numbers,
+changes none of its buffers (BatchNorm in train mode does) and stores nothing on itself (RevIN keeps the statistics of
+its "norm" call for its "denorm" call after the model): otherwise deferring it could change what the step computes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ class LazyValue(torch.Tensor):
         return repr(self.materialize())
 
 
+def _bindings(module: nn.Module) -> list[tuple[int, str, int]]:
+    """What ``module`` and its submodules hold, by identity: each attribute and buffer. A forward that stores
+    something there (RevIN's statistics, kept for its "denorm" call after the model) changes one."""
+    found = []
+    for part in module.modules():
+        found.extend((id(part), key, id(value)) for key, value in part.__dict__.items())
+        found.extend((id(part), f"buffer {key}", id(value)) for key, value in part._buffers.items())
+    return found
+
+
 def _random_states(device: torch.device) -> list[torch.Tensor]:
     states = [torch.get_rng_state()]
     if device.type == "cuda":
@@ -97,9 +108,11 @@ class DeferredCalls:
                 return forward(*args, **kwargs)
             if name not in self.deferrable:  # the first call runs for real and shows whether deferring is safe
                 random, versions = _random_states(self.device), [b._version for b in child.buffers()]
+                bindings = _bindings(child)
                 output = forward(*args, **kwargs)
-                self.deferrable[name] = (type(output) is torch.Tensor and versions == [b._version for b in child.buffers()]
-                                         and all(torch.equal(a, b) for a, b in zip(random, _random_states(self.device))))
+                same_draws = all(torch.equal(a, b) for a, b in zip(random, _random_states(self.device)))
+                self.deferrable[name] = (type(output) is torch.Tensor and bindings == _bindings(child) and same_draws
+                                         and versions == [b._version for b in child.buffers()])
                 return output
             self.deferred += 1
             grad, kind = torch.is_grad_enabled(), self.device.type
