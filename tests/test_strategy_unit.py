@@ -332,6 +332,11 @@ def test_registered_names() -> None:
     ({"partition": "balanced"}, "unknown partition 'balanced'"),
     ({"partition": [3, 0]}, "each at least 1"),
     ({"layers": 3}, "attribute path"),
+    # a string from a config is no flag: "false" would be true (helper-58 R6-4)
+    ({"checkpoint_activations": "false"}, "checkpoint_activations must be True or False, not 'false'"),
+    ({"dynamic_shapes": "no"}, "dynamic_shapes must be True or False"),
+    ({"allow_autograd_functions": 1}, "allow_autograd_functions must be True or False"),
+    ({"schedule": "async_1f1b", "vertical_sync": "false"}, "vertical_sync must be True or False"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):

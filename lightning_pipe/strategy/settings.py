@@ -59,14 +59,14 @@ class PipelineSettings:
         put("checkpoint_format", _check_checkpoint_format(self.checkpoint_format))
         put("layers", _check_layers(self.layers))
         put("split_points", _check_split_points(self.split_points))
-        put("allow_autograd_functions", bool(self.allow_autograd_functions))
-        put("dynamic_shapes", bool(self.dynamic_shapes))
+        put("allow_autograd_functions", _check_flag("allow_autograd_functions", self.allow_autograd_functions))
+        put("dynamic_shapes", _check_flag("dynamic_shapes", self.dynamic_shapes))
         put("loss_reduction", check_loss_reduction(self.loss_reduction))
         if callable(self.loss_reduction) and self.asynchronous:
             raise ValueError(f"loss_reduction as a function (a mean over what it counts in the batch) needs a "
                              f"synchronous schedule; {self.schedule!r} updates the weights after every micro-batch, "
                              f"each with its own mean: leave loss_reduction='auto'")
-        put("checkpoint_activations", bool(self.checkpoint_activations))
+        put("checkpoint_activations", _check_flag("checkpoint_activations", self.checkpoint_activations))
         put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
         put("num_stages", _check_num_stages(self.num_stages))
@@ -142,7 +142,15 @@ def _check_planning(partition: Partition, schedule: str, schedule_options: dict[
     return float(memory_cap)
 
 
+def _check_flag(name: str, value: Any) -> bool:
+    """A setting that is True or False (a string such as "false" from a config would be true): refused otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
 def _check_vertical_sync(vertical_sync: bool, schedule: str, schedule_options: dict[str, int]) -> bool:
+    _check_flag("vertical_sync", vertical_sync)
     kind = schedule_kind(schedule) if schedule != AUTO_SCHEDULE else None
     if vertical_sync and not (kind and kind.vertical_sync):
         raise ValueError(f"vertical_sync=True applies to schedule='async_1f1b' (strategy 'pipedream_async'), not "
@@ -235,8 +243,7 @@ def _check_wait_timeout(wait_timeout: Any) -> float:
 
 
 def _check_detect_anomaly(detect_anomaly: Any, schedule: str) -> bool:
-    if not isinstance(detect_anomaly, bool):
-        raise TypeError(f"detect_anomaly must be True or False, not {detect_anomaly!r}")
+    _check_flag("detect_anomaly", detect_anomaly)
     if detect_anomaly and schedule != AUTO_SCHEDULE and schedule_kind(schedule).asynchronous:
         raise ValueError(f"detect_anomaly=True checks each batch before the optimizer steps, which schedule "
                          f"{schedule!r} does inside the pipeline; use a synchronous schedule (e.g. '1f1b') or drop "
