@@ -125,10 +125,17 @@ class DrainPipeline(Callback):
 
 def check_async_fit(trainer: Trainer, schedule: str, has_ties: bool, step_parameters: Sequence[str] = ()) -> None:
     """Refuse, before the first step, what an asynchronous schedule cannot do inside Lightning."""
-    if trainer.accumulate_grad_batches != 1:
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    # a GradientAccumulationScheduler sets accumulate_grad_batches at each epoch's start: its counts too
+    scheduled = [count for callback in trainer.callbacks if isinstance(callback, GradientAccumulationScheduler)
+                 for count in callback.scheduling.values() if count != 1]
+    if trainer.accumulate_grad_batches != 1 or scheduled:
+        given = (f"accumulate_grad_batches={trainer.accumulate_grad_batches}" if not scheduled else
+                 f"the GradientAccumulationScheduler (accumulating {scheduled[0]} batches)")
         raise ValueError(f"schedule={schedule!r} updates the weights inside the pipeline (no flush between batches), "
-                         f"so Lightning cannot accumulate gradients over batches; remove accumulate_grad_batches="
-                         f"{trainer.accumulate_grad_batches} and raise num_microbatches or the batch size instead")
+                         f"so Lightning cannot accumulate gradients over batches; remove {given} and raise "
+                         f"num_microbatches or the batch size instead")
     if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":  # Lightning's default
         raise ValueError(f"schedule={schedule!r} steps each stage at a different time, so there is no global gradient "
                          f"norm to clip by; use gradient_clip_algorithm='value', or a synchronous schedule ('1f1b')")
