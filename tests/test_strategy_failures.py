@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -184,20 +185,24 @@ def _hook_fails(rank: int, world_size: int, failing: int, waiting_in: str) -> No
                 raise ValueError(f"a bug in a hook on rank {failing} only")
             if waiting_in == "a barrier":
                 self.trainer.strategy.barrier("epoch end")  # the others wait for the failed rank here
+            if waiting_in == "a checkpoint":  # the others wait in the checkpoint's opening collective
+                self.trainer.save_checkpoint(os.path.join(self.trainer.default_root_dir, "never.ckpt"))
             # else: the others go on to the next epoch's first step and wait there for the failed rank's messages
 
-    epochs = 1 if waiting_in == "a barrier" else 2
+    epochs = 2 if waiting_in == "a step" else 1
     trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=epochs, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(Module(), regression_data(2))
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("failing", "waiting_in"), [(1, "a barrier"), (0, "a barrier"), (0, "a step")])
+@pytest.mark.parametrize(("failing", "waiting_in"), [(1, "a barrier"), (0, "a barrier"), (0, "a step"), (1, "a step"),
+                                                     (1, "a checkpoint")])
 def test_an_error_in_a_hook_on_one_rank_ends_the_ones_waiting_for_it_with_that_error(failing: int,
                                                                                        waiting_in: str) -> None:
-    """Outside the pipeline's steps too: a rank waiting for a rank whose hook raised (in the strategy's barrier, or in
-    the next step) ends with that rank's error, not gloo's closed connection. Global rank 0 holds the job's store,
+    """Outside the pipeline's steps too: a rank waiting for a rank whose hook raised (in the strategy's barrier, in
+    the next step, in a checkpoint) ends with that rank's error, not gloo's closed connection nor "rank 1 has ended
+    (see its output)": the error is posted as its rank ends, a moment after its connections close. Global rank 0 holds the job's store,
     which ends with its process: failing, it stays until the others' heartbeats have read its error."""
     errors = run_ranks(_hook_fails, 2, failing, waiting_in, timeout=100, expect_failure=True)
     message = f"ValueError: a bug in a hook on rank {failing} only"

@@ -21,7 +21,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import collective, explained, job_failure_notice
+from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     CallbackMerge,
@@ -65,8 +65,10 @@ from lightning_pipe.strategy.sharded import (
 
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
-_SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
-           "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
+_SAVING = "writing a checkpoint"
+# said where the others did not come to write it: a rank that calls it alone (not where a rank failed otherwise)
+_CALLED_ALONE = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
+                 "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
 
 HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
@@ -130,9 +132,14 @@ class PipelineCheckpoints:
         runner = self.runner
         # Collective, as under DDP: a rank that calls it alone (under `if trainer.is_global_zero:`) must not wait for
         # the others for ever. One watched all_reduce first says so after wait_timeout, naming where the others are.
-        collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
-                   timeout=runner.pipeline.config.wait_timeout,
-                   notice=job_failure_notice(runner.pipeline.comm.board, _SAVING))
+        try:
+            collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
+                       timeout=runner.pipeline.config.wait_timeout,
+                       notice=job_failure_notice(runner.pipeline.comm.board, _SAVING))
+        except PeerLost as error:
+            if not error.timed_out:
+                raise
+            raise PeerLost(f"{error}; {_CALLED_ALONE}", error.origin_rank, True) from None
         trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
