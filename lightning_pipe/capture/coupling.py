@@ -25,7 +25,9 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["rows_meet", "rows_symbols", "row_dims"]
+__all__ = ["rows_meet", "rows_symbols", "row_dims", "FIXED_ROWS"]
+
+FIXED_ROWS = "the graph fixes the batch's rows"
 
 
 def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str | None:
@@ -58,7 +60,7 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
         if node.op == "call_function" and _op_name(node) in _RECURRENCES and _along_time(node, lambda size: (
                 fixed_size(size) == example)):
             return _RECURRENCE.format(place=_place(node))
-    return (f"the graph fixes the batch's rows to {example}: the forward takes their number as a Python int, as "
+    return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels, or an expert capacity computed from the "
             f"tokens (int(capacity_factor * tokens / experts)) does (each micro-batch size is captured anew)")
 

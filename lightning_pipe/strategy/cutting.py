@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pipe.capture import CaptureError
+from lightning_pipe.capture.coupling import FIXED_ROWS
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.runtime import configure_threads
@@ -204,11 +205,19 @@ class PipelineCutting:
                 raise CaptureError(f"{error}\n{hint}") from error
         meeting = captured.splitter.captures[-1].rows_meet
         if meeting is not None and self.num_microbatches > 1:
-            rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: a pipeline runs each of its "
-                           f"{self.num_microbatches} micro-batches alone, so each row meets only the rows of its "
-                           f"micro-batch, and the loss and its gradients are not one device's. For one device's, "
-                           f"pass num_microbatches=1" + ("; a contrastive loss over fewer rows also trains, with "
-                                                         "fewer negatives per row" if "contrastive" in meeting else ""))
+            alone = (f"a pipeline runs each of its {self.num_microbatches} micro-batches alone, so each row meets only "
+                     f"the rows of its micro-batch")
+            if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: no telling what it does
+                rank_zero_warn(f"{type(captured.model).__name__}: {meeting}. Where the number only sizes a tensor "
+                               f"(self.cls.expand(len(x), -1, -1)) this trains as on one device, and x.shape[0] in "
+                               f"place of len(x) keeps one capture for every size; where it pairs or limits the rows "
+                               f"(labels torch.arange(len(logits)), a capacity), {alone}, and the loss and its "
+                               f"gradients are not one device's: num_microbatches=1 gives one device's")
+            else:
+                rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: {alone}, and the loss and its gradients "
+                               f"are not one device's. For one device's, pass num_microbatches=1"
+                               + ("; a contrastive loss over fewer rows also trains, with fewer negatives per row"
+                                  if "contrastive" in meeting else ""))
         return captured
 
     def _as_step_gets(self, batch: Any) -> Any:
