@@ -489,3 +489,22 @@ def test_a_segment_given_values_no_capture_expects_says_what_to_do() -> None:
     hidden = torch.randn(3, 5, 32)  # another shape than the static capture's
     with pytest.raises(CaptureError, match=r"call splitter.capture\(args, kwargs, training=True\)"):
         segments[1]((hidden,))
+
+
+class _OwnGenerator(nn.Module):
+    """Stochastic depth drawing from a generator of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.generator = nn.Linear(4, 4), torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (torch.rand(x.shape[0], 1, generator=self.generator) >= 0.5).to(x.dtype)
+        return x + keep * self.layer(x)
+
+
+def test_a_draw_from_a_generator_the_model_keeps_says_to_draw_from_the_global_one() -> None:
+    with pytest.raises(CaptureError, match=r"torch.Generator the model keeps.*drop generator="):
+        Splitter(_OwnGenerator()).segments((torch.randn(3, 4),))
+    with pytest.raises(CaptureError, match=r"torch.Generator it keeps.*drop generator="):  # one capture per shape
+        Splitter(_OwnGenerator(), dynamic=False).segments((torch.randn(3, 4),))

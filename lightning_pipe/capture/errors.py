@@ -108,6 +108,10 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
     if "not a known type" in text or "register a pytree" in text:
         return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
                 "type with torch.utils._pytree.register_pytree_node.")
+    if "generator=" in where or "torch._C.Generator" in text:
+        return ("A draw from a torch.Generator the model keeps (torch.rand(..., generator=self.g)) cannot be captured: "
+                "the graph takes no generator. Draw from torch's global generator instead (drop generator=): the "
+                "pipeline forks it for each micro-batch from a seed every rank shares, and a checkpoint keeps it.")
     if "torch/nn/modules/rnn.py" in where and ("FakeTensor" in text or "data-dependent" in text):
         return ("An RNN given a PackedSequence (pack_padded_sequence) takes its batch sizes from the lengths' values, "
                 "which cannot be captured. A one-directional RNN can take the padded batch (batch_first as before): "

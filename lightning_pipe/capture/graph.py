@@ -172,6 +172,11 @@ def _inputs(nodes: list[fx.Node], signature) -> tuple[list[fx.Node], dict[fx.Nod
             state[node] = (spec.kind.name, spec.target)
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             state[node] = ("CONSTANT", spec.target)
+        elif "Generator" in str(spec.arg):
+            raise CaptureError("the model draws random numbers from a torch.Generator it keeps (torch.rand(..., "
+                               "generator=self.g)), which the captured graph would take as an input that segments "
+                               "cannot carry: draw from torch's global generator instead (drop generator=); the "
+                               "pipeline forks it for each micro-batch from a seed every rank shares")
         else:
             raise CaptureError(f"the captured graph takes a {spec.kind.name} input ({spec.arg}), which segments "
                                f"cannot carry; capture a forward without script objects or effect tokens")
