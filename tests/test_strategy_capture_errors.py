@@ -319,6 +319,41 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 return torch.optim.SGD(self.parameters(), lr=0.1)
 
         module, width = Headed(), 32
+    elif case == "shared":  # ELECTRA: a generator sharing the discriminator's embeddings, run beside the pipeline
+        class Discriminator(nn.Module):
+            def __init__(self, embed: nn.Module) -> None:
+                super().__init__()
+                self.embed, self.blocks = embed, nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x = self.embed(x)
+                for block in self.blocks:
+                    x = torch.tanh(block(x))
+                return x
+
+        class Generator(nn.Module):
+            def __init__(self, embed: nn.Module) -> None:
+                super().__init__()
+                self.embed, self.head = embed, nn.Linear(8, 8)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.head(self.embed(x))
+
+        class Electra(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                embed = nn.Linear(8, 8)
+                self.discriminator, self.generator = Discriminator(embed), Generator(embed)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                replaced = self.generator(batch[0])
+                return self.discriminator(replaced.detach()).pow(2).mean() + replaced.pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module, width = Electra(), 8
+        strategy = lightning_pipe.PipelineStrategy(layers="discriminator")
     elif case.startswith("annealed"):  # a plain value the forward reads, changed by a hook (a temperature schedule)
         module, width = _Annealed(case), 8
         strategy = lightning_pipe.PipelineStrategy(layers="" if case == "annealed_root" else None)
@@ -347,6 +382,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
                          "PipelineStrategy(allow_autograd_functions=True)"]),
     ("lazy", ["lazy layers whose weights have no shape yet: ['model.0']", "model(example_input)"]),
     ("headed", ["cannot tell which model of Headed to pipeline", "PipelineStrategy(layers='encoder')"]),
+    ("shared", ["'generator.embed' is the module 'embed' of the", "self.generator.embed: ELECTRA's generator",
+                "call both models from the LightningModule's forward and self(...) in the step"]),
     ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
                   "that changed after it was captured",
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),

@@ -31,7 +31,7 @@ from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
 from lightning_pipe.strategy.model_choice import largest_owner, owners
 from lightning_pipe.strategy.model_parts import ModelPart, has_state
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
-from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect, shared_advice
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.step_effects import StepEffects, lightning_keys
 from lightning_pipe.strategy.step_values import input_needs_grad
@@ -51,7 +51,13 @@ def _redirect(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: 
     def inside_to(alias: str, name: str, child: nn.Module) -> nn.Module:
         holder = held.get(name)
         whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
-        return holder if whole else LayerElsewhere(alias, name, path)  # type: ignore[return-value]
+        if not whole:
+            return LayerElsewhere(alias, name, path, kind="captured model")
+        if isinstance(holder, ModelPart) and holder.reason is None:  # run through the other path: say what to do
+            holder.reason = (f"{alias!r} is the module {name!r} of the model at {path!r}, which is cut into pipeline "
+                             f"stages; under PipelineStrategy only the step's call of the model runs its parts. "
+                             + shared_advice(alias))
+        return holder
 
     return redirect(module, model, proxy, path, inside_to)
 

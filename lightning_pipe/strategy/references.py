@@ -24,22 +24,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["LayerElsewhere", "meta_skeleton", "redirect", "hparams_for_checkpoint", "hparams_with_skeleton",
+__all__ = ["LayerElsewhere", "shared_advice", "meta_skeleton", "redirect", "hparams_for_checkpoint", "hparams_with_skeleton",
            "fill_skeleton"]
 
 
 class LayerElsewhere(nn.Module):
     """Stands where a module of the pipelined sequence held by another rank was reached by a second path."""
 
-    def __init__(self, alias: str, name: str, sequence_path: str) -> None:
+    def __init__(self, alias: str, name: str, sequence_path: str, kind: str = "nn.Sequential") -> None:
         super().__init__()
-        self.alias, self.name, self.sequence_path = alias, name, sequence_path
+        self.alias, self.name, self.sequence_path, self.kind = alias, name, sequence_path, kind
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{self.alias!r} is the module {self.name!r} of the nn.Sequential at "
+        raise RuntimeError(f"{self.alias!r} is the module {self.name!r} of the {self.kind} at "
                            f"{self.sequence_path!r}, which another pipeline stage holds; under PipelineStrategy only "
-                           f"the step's call of the sequence runs its layers. Call the sequence, or load a checkpoint "
-                           f"with YourModule.load_from_checkpoint(path) to run the whole model")
+                           f"the step's call of the {self.kind} runs its layers. " + shared_advice(self.alias))
 
     def __getattr__(self, attribute: str) -> Any:
         try:
@@ -47,12 +46,22 @@ class LayerElsewhere(nn.Module):
         except AttributeError:
             pass
         raise AttributeError(f"{self.__dict__.get('alias')!r} is the module {self.__dict__.get('name')!r} of the "
-                             f"nn.Sequential at {self.__dict__.get('sequence_path')!r}, which another pipeline stage "
+                             f"{self.__dict__.get('kind', 'nn.Sequential')} at {self.__dict__.get('sequence_path')!r}, "
+                             f"which another pipeline stage "
                              f"holds, so its {attribute!r} is not on this rank; reach the layers this rank holds "
                              f"through named_parameters() or named_modules() (each name as in the whole sequence)")
 
     def extra_repr(self) -> str:
         return f"{self.sequence_path}.{self.name} (on another rank)"
+
+
+def shared_advice(alias: str) -> str:
+    """What to do where a second path (``alias``) reaches a pipelined module: a model sharing a module with the
+    pipelined one (ELECTRA's generator sharing the discriminator's embeddings) cannot run it outside the pipeline."""
+    return (f"Where another model shares it (self.{alias}: ELECTRA's generator sharing the discriminator's "
+            f"embeddings), call both models from the LightningModule's forward and self(...) in the step, which "
+            f"pipelines them together; else call the pipelined model, or load a checkpoint with "
+            f"YourModule.load_from_checkpoint(path) to run the whole model")
 
 
 def meta_skeleton(sequence: nn.Module) -> nn.Module:
