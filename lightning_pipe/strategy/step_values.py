@@ -40,7 +40,9 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
             f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
             f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
             f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
-            f".manual_seed(seed)), or derive it from the epoch")
+            f".manual_seed(seed)), or derive it from the epoch. Or the ranks run different steps: a flag set on one rank "
+            f"only (trainer.should_stop = True in a callback under `if trainer.is_global_zero:`, which Lightning does "
+            f"not share) ends the epoch on that rank alone; set it on every rank")
 
 
 def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
