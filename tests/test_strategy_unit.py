@@ -640,3 +640,17 @@ def test_a_nan_in_the_first_batches_checks_is_no_telling_not_an_error() -> None:
     for rows, loss in ((2, nan), (2, torch.tensor(1.0))):
         probe.add(torch.ones(rows, 2), loss, rows)
     assert verdict(probe, lambda output, batch, draw: nan)[0] is None
+
+
+def test_a_mid_epoch_checkpoint_resumed_by_other_replicas_is_warned_of() -> None:
+    """Each replica reads its own share of an epoch: going on from a mid-epoch batch with other shares trains some rows
+    twice (helper-58 R6-7); an epoch's end, or the same replicas, is silent."""
+    from lightning_pipe.strategy.positions import other_replicas
+
+    position = {"seed": 1, "epoch": 0, "consumed": 3, "finished": False, "replicas": 2}
+    assert "written part way through epoch 0 by 2 data-parallel replica(s), and this fit has 1" in other_replicas(
+        position, 1)
+    assert other_replicas(position, 2) is None
+    assert other_replicas({**position, "finished": True}, 1) is None
+    assert other_replicas({**position, "consumed": 0}, 1) is None
+    assert other_replicas({k: v for k, v in position.items() if k != "replicas"}, 1) is None  # an older file

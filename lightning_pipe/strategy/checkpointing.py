@@ -19,6 +19,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
@@ -46,7 +47,7 @@ from lightning_pipe.strategy.one_device import local_group_names, one_device_nam
 from lightning_pipe.strategy.parameter_lists import own_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.model_choice import compiled_paths
-from lightning_pipe.strategy.positions import CHECKPOINT_KEY
+from lightning_pipe.strategy.positions import CHECKPOINT_KEY, other_replicas
 from lightning_pipe.strategy.randomness import (
     global_random_states,
     set_global_random_states,
@@ -142,7 +143,8 @@ class PipelineCheckpoints:
             raise PeerLost(f"{error}; {_CALLED_ALONE}", error.origin_rank, True) from None
         trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
-            checkpoint[CHECKPOINT_KEY] = self._position.state_dict(trainer)
+            checkpoint[CHECKPOINT_KEY] = {**self._position.state_dict(trainer),
+                                          "replicas": self.mesh_shape.replicas}  # each one's share of the data
         # this rank's own entry (every rank's is kept): the global generators' states, for user code that draws there
         checkpoint[RANDOM_STATES_KEY] = global_random_states()
         device = self._collective_device()
@@ -204,8 +206,12 @@ class PipelineCheckpoints:
                 checkpoint.setdefault("optimizer_states", [])
         trainer = self._trainer()
         if CHECKPOINT_KEY in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._position.load_state_dict(checkpoint[CHECKPOINT_KEY])
+            position = checkpoint[CHECKPOINT_KEY]
+            self._position.load_state_dict(position)
             self._saved_random_states = checkpoint.get(RANDOM_STATES_KEY)
+            changed = other_replicas(position, self.mesh_shape.replicas)
+            if changed is not None:
+                rank_zero_warn(changed)
             if self._runner is not None:  # loaded after setup (restore_checkpoint_after_setup): continue from it now
                 self._position.start(trainer)
         return checkpoint

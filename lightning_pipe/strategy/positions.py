@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning_pipe.strategy.data_order import DataStart, SharedOrder
 from lightning_pipe.strategy.randomness import Stream, derive_seed, fresh_seed
 
-__all__ = ["RunPosition", "CHECKPOINT_KEY"]
+__all__ = ["RunPosition", "CHECKPOINT_KEY", "other_replicas"]
 
 CHECKPOINT_KEY = "pipeline_position"
 
@@ -155,3 +155,15 @@ class RunPosition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep ``state`` (from a checkpoint being resumed) until :meth:`start`."""
         self._loaded = dict(state)
+
+
+def other_replicas(position: dict[str, Any], replicas: int) -> str | None:
+    """What to say where a checkpoint's ``position`` (:meth:`RunPosition.state_dict`, with the replicas that wrote it)
+    is resumed part way through an epoch by another number of data-parallel ``replicas``; None where nothing is."""
+    written = position.get("replicas")
+    if written is None or written == replicas or not position.get("consumed") or position.get("finished"):
+        return None
+    return (f"this checkpoint was written part way through epoch {position.get('epoch')} by {written} data-parallel "
+            f"replica(s), and this fit has {replicas}: each replica reads its own share of an epoch's data, so the "
+            f"shares change, and going on from batch {position.get('consumed')} trains some rows of this epoch twice "
+            f"and others not at all. Resume with the same replicas, or from a checkpoint written at an epoch's end")
