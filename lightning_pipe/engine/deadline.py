@@ -108,7 +108,7 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
         me = dist.get_rank()
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         others = [rank for rank in ranks if rank != me]
-        posted = _posted_after_loss(notice, me, what)
+        posted = notice() if notice is not None else None
         if posted is not None:
             raise posted from error
         message, root = explain_wait(me, others or [me], what, time.monotonic() - start, lost=True, same=what)
@@ -131,22 +131,14 @@ def wait_messages(works: Sequence[dist.Work], what: str, peers: Sequence[int], t
             work.wait(timedelta(seconds=max(1e-3, start + timeout - time.monotonic())))
         except RuntimeError as error:
             arm_exit_guard()  # receives still posted to a peer that is gone must not hold this process's exit
-            timed_out = "timed out" in str(error).lower()
-            posted = (notice() if notice is not None else None) if timed_out else _posted_after_loss(notice, me, what)
-            if posted is not None:
+            if notice is not None and (posted := notice()) is not None:
                 raise posted from error
+            timed_out = "timed out" in str(error).lower()
             message, root = explain_wait(me, list(peers) or [me], what, time.monotonic() - start, lost=not timed_out,
                                          same=what)
             message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
             raise PeerLost(message, root, timed_out) from error
     activity.doing(f"its own code after {what}")
-
-
-def _posted_after_loss(notice: Callable[[], PipelineError | None] | None, me: int, what: str) -> PipelineError | None:
-    """After a connection closed: the failure the rank that ended posted, waited for a moment (it posts it as it
-    ends, a moment after its connections close: an error in a hook or callback on that rank); None if none comes."""
-    posted = notice() if notice is not None else None
-    return posted if posted is not None else failed_elsewhere(posted_failure(wait=2.0), me, f" in {what}")
 
 
 @contextmanager
@@ -164,7 +156,11 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
     try:
         yield
     except PeerLost as error:  # a watched wait inside (a checkpoint's opening collective) explained it: posted for
-        # the job, for ranks waiting on others that are alive; the store's host then waits a little for them
+        # the job, for ranks waiting on others that are alive; the store's host then waits a little for them. Where a
+        # connection closed, the rank that ended may have posted why as it ended (a hook's error): that is the error.
+        posted = None if error.timed_out else failed_elsewhere(posted_failure(wait=2.0), me, f" in {what}")
+        if posted is not None:
+            raise posted from error
         store = short_store()
         if store is not None:
             with suppress(Exception):  # the store may be gone with the rank that held it

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.engine.notices import PipelineError, failed_as, from_notice, notice_text
+from lightning_pipe.engine.notices import PipelineError, failed_as, failed_elsewhere, from_notice, notice_text
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
-from lightning_pipe.engine.watchdog import linger, mark_failed, short_store
+from lightning_pipe.engine.watchdog import linger, mark_failed, posted_failure, short_store
 
 __all__ = ["reported_failures", "raise_together"]
 
@@ -76,7 +76,10 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
         yield
     except PipelineError as error:
         if isinstance(error, PeerLost):  # a wait for other ranks failed: a rank's own error, if posted, says more
-            cause = _first_error(scope, wait=1.0)
+            # (one in a step of this run; else, where a connection closed, one a rank posted as it ended: an error
+            # in a hook or callback, outside the steps)
+            cause = _first_error(scope, wait=1.0) or (None if error.timed_out else failed_elsewhere(
+                posted_failure(wait=2.0), dist.get_rank(), ""))
             if cause is not None:
                 _leave(scope)
                 raise cause from error
