@@ -6,6 +6,7 @@ each parameter's state found by its name (:func:`~lightning_pipe.strategy.one_de
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,7 @@ def _state_dict_after_fit(rank: int, world_size: int, path: str) -> tuple[list[s
         saving = [str(w.message) for w in caught]
         share = model.state_dict()
         model.state_dict()
+    pickle.dumps(model._state_dict_pre_hooks)  # the warning's hook leaves the module picklable (torch.save(model))
     return saving, [str(w.message) for w in caught][len(saving):], len(share)
 
 

@@ -8,6 +8,7 @@ strategy merges) are not warned of.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -24,27 +25,27 @@ _reading = [0]  # the strategy's own state_dict() calls in progress
 
 def watch_state_dict(module: nn.Module, whole_keys: int) -> None:
     """Warn once when ``module``'s ``state_dict()`` is called outside the Trainer's run (``whole_keys``: the whole
-    model's number of keys, for the message)."""
+    model's number of keys, for the message). The hook is a module-level function, so the module still pickles."""
     if module in _watched:
         return
     _watched.add(module)
+    module.register_state_dict_pre_hook(functools.partial(_said_once, whole_keys))
 
-    def hook(part: nn.Module, prefix: str, keep_vars: bool) -> None:
-        if prefix or _reading[0] or part in _warned:
-            return
-        trainer = getattr(part, "_trainer", None)
-        if trainer is not None and trainer.state.status.value == "running":
-            return
-        _warned.add(part)
-        warnings.warn(
-            f"{type(part).__name__}.state_dict() called outside the Trainer's run holds only this rank's share of "
-            f"the pipelined model (the whole model has {whole_keys} keys): under PipelineStrategy each rank keeps its "
-            f"own stages after fit, so saving it (torch.save(model.state_dict(), ...)) saves part of the model. Save "
-            f"the whole model with trainer.save_checkpoint(path), which every rank calls (its file holds every "
-            f"rank's weights under one device's names), and load it with YourModule.load_from_checkpoint(path) or "
-            f"torch.load(path)['state_dict']", stacklevel=3)
 
-    module.register_state_dict_pre_hook(hook)
+def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -> None:
+    if prefix or _reading[0] or part in _warned:
+        return
+    trainer = getattr(part, "_trainer", None)
+    if trainer is not None and trainer.state.status.value == "running":
+        return
+    _warned.add(part)
+    warnings.warn(
+        f"{type(part).__name__}.state_dict() called outside the Trainer's run holds only this rank's share of the "
+        f"pipelined model (the whole model has {whole_keys} keys): under PipelineStrategy each rank keeps its own "
+        f"stages after fit, so saving it (torch.save(model.state_dict(), ...)) saves part of the model. Save the whole "
+        f"model with trainer.save_checkpoint(path), which every rank calls (its file holds every rank's weights under "
+        f"one device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)"
+        f"['state_dict']", stacklevel=3)
 
 
 @contextmanager
