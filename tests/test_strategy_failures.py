@@ -202,8 +202,9 @@ def test_an_error_in_a_hook_on_one_rank_ends_the_ones_waiting_for_it_with_that_e
                                                                                        waiting_in: str) -> None:
     """Outside the pipeline's steps too: a rank waiting for a rank whose hook raised (in the strategy's barrier, in
     the next step, in a checkpoint) ends with that rank's error, not gloo's closed connection nor "rank 1 has ended
-    (see its output)": the error is posted as its rank ends, a moment after its connections close. Global rank 0 holds the job's store,
-    which ends with its process: failing, it stays until the others' heartbeats have read its error."""
+    (see its output)": the error is posted as its rank ends, a moment after its connections close. Global rank 0
+    holds the job's store, which ends with its process: failing, it stays until the others' heartbeats have read its
+    error."""
     errors = run_ranks(_hook_fails, 2, failing, waiting_in, timeout=100, expect_failure=True)
     message = f"ValueError: a bug in a hook on rank {failing} only"
     assert errors[failing].startswith(message), errors[failing]

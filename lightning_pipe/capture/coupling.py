@@ -144,7 +144,7 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         name = _op_name(node)
         inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
         if name in _SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
-                and isinstance(node.args[1], int) and _rows_at_dim(node.args[0], node.args[1], rows):
+                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows, counted=True):
             ranked[node] = node
         elif any(arg in ranked for arg in inputs):
             count = ranked[next(arg for arg in inputs if arg in ranked)]
@@ -217,16 +217,14 @@ def _has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
     return any(_is_rows(size, rows) for size in value.shape)
 
 
-def _rows_at_dim(node: fx.Node, dim: int, rows: set[Any]) -> bool:
-    """Whether ``node``'s value counts the batch's rows along ``dim`` (a symbol of them, or of rows times tokens)."""
+def _rows_at(node: fx.Node, dim: int, rows: set[Any], counted: bool = False) -> bool:
+    """Whether ``node``'s value has the batch's rows along ``dim``: a rows symbol; with ``counted``, any size that
+    counts them (rows times tokens, once flattened)."""
     value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and -value.dim() <= dim < value.dim() and _is_rows(value.shape[dim], rows)
-
-
-def _rows_at(node: fx.Node, dim: int, rows: set[Any]) -> bool:
-    value = node.meta.get("val")
-    return (isinstance(value, torch.Tensor) and value.dim() > max(dim, -dim - 1)
-            and isinstance(value.shape[dim], torch.SymInt) and value.shape[dim].node.expr in rows)
+    if not (isinstance(value, torch.Tensor) and value.dim() > max(dim, -dim - 1)):
+        return False
+    size = value.shape[dim]
+    return _is_rows(size, rows) if counted else isinstance(size, torch.SymInt) and size.node.expr in rows
 
 
 def _place(node: fx.Node) -> str:

@@ -33,7 +33,7 @@ from lightning_pipe.strategy.model_parts import ModelPart, has_state
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect, shared_advice
 from lightning_pipe.strategy.split import load_share, with_grad
-from lightning_pipe.strategy.step_effects import StepEffects, lightning_keys
+from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
 
@@ -156,7 +156,7 @@ class CapturedModule:
         self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
-        self.carried = CarriedRows(module, lightning_keys(type(module)))  # states given to the model with the rows
+        self.carried = CarriedRows(module)  # states given to the model with the batch's rows
         inside = {id(p) for p in self.model.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
                                   if p.requires_grad and id(p) not in inside]

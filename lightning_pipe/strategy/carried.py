@@ -16,13 +16,15 @@ as the batch has rows) is warned of after the step, since a state is stored anew
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lightning_pipe.strategy.step_effects import own_attributes
 
 __all__ = ["CarriedRows", "RowWindow"]
 
@@ -42,9 +44,8 @@ class CarriedRows:
     """Gives each micro-batch's model calls its rows of the states the module carries (:meth:`take`), while a
     :meth:`window` is open; tells after a step which attributes it took rows of but did not store anew."""
 
-    def __init__(self, module: nn.Module, own: Sequence[str] = ()) -> None:
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self._skipped = frozenset(own)  # attributes torch and Lightning give the module
         self._window: RowWindow | None = None
         self.taken: dict[str, tuple[tuple[int, ...], int]] = {}  # attribute -> (a tensor's whole shape, its rows' dim)
         self._warned: set[str] = set()
@@ -71,8 +72,8 @@ class CarriedRows:
         def cut(value: Any, depth: int = 0) -> Any:
             if isinstance(value, torch.Tensor):
                 name = held.get(id(value))
-                dims = [dim for dim, size in enumerate(value.shape) if size == window.total]
-                if name is None or len(dims) != 1:
+                dims = [dim for dim, size in enumerate(value.shape) if size == window.total] if name else []
+                if len(dims) != 1:
                     return value
                 self.taken[name] = (tuple(value.shape), dims[0])
                 return value.narrow(dims[0], window.start, window.stop - window.start)
@@ -99,8 +100,7 @@ class CarriedRows:
                 return tuple(kind(item, depth + 1) for item in value)
             return type(value).__name__
 
-        return tuple((name, kind(value, 0)) for name, value in self.module.__dict__.items()
-                     if name not in self._skipped and not isinstance(value, nn.Module))
+        return tuple((name, kind(value, 0)) for name, value in own_attributes(self.module).items())
 
     def _held(self) -> dict[int, str]:
         """The tensors the module's own attributes hold (in tuples, lists and dicts too), by id: their attribute."""
@@ -117,9 +117,8 @@ class CarriedRows:
                 for item in value.values():
                     visit(item, name, depth + 1)
 
-        for name, value in self.module.__dict__.items():
-            if name not in self._skipped and not isinstance(value, nn.Module):
-                visit(value, name, 0)
+        for name, value in own_attributes(self.module).items():
+            visit(value, name, 0)
         return found
 
     def after_step(self, step: str, stored: set[str]) -> None:

@@ -26,8 +26,8 @@ def _fits(value: Any, names: Sequence[str], shapes: Mapping[str, Any]) -> bool:
 
 
 def _walk(value: Any, others: Sequence[Any], change: Callable[[Any, Sequence[Any]], Any]) -> Any:
-    """``value`` (a callback state) with ``change(item, the others' items at its place)`` made at every list and
-    tuple; ``others``: other ranks' states of the same structure (missing places: None)."""
+    """``value`` (a callback state) with ``change(item, the others' items at its place)`` made at each of its values,
+    dicts followed; ``others``: other ranks' states of the same structure (missing places: None)."""
     changed = change(value, others)
     if changed is not value:
         return changed

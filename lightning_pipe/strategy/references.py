@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["LayerElsewhere", "shared_advice", "meta_skeleton", "redirect", "hparams_for_checkpoint", "hparams_with_skeleton",
-           "fill_skeleton"]
+__all__ = ["LayerElsewhere", "shared_advice", "meta_skeleton", "redirect", "hparams_for_checkpoint",
+           "hparams_with_skeleton", "fill_skeleton"]
 
 
 class LayerElsewhere(nn.Module):

@@ -471,9 +471,9 @@ def _warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.M
     copies = frozen_copies(module, path, model)
     if copies and (not dist.is_initialized() or dist.get_rank() == 0):
         target = copies[0]
-        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged copy "
-                      f"of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays whole on "
-                      f"every rank, while under PipelineStrategy each rank holds only its share of the model, so "
+        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged "
+                      f"copy of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays "
+                      f"whole on every rank, while under PipelineStrategy each rank holds only its share of the model, so "
                       f"code that pairs their parameters (zip(self.{target}.parameters(), self.{path}.parameters()), "
                       f"{target}.update_parameters(self.{path}), an EMA update) pairs the wrong "
                       f"ones and updates {target} from part of the model. Train such a pair on one device or with "

@@ -32,7 +32,7 @@ from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "lightning_keys"]
+__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -120,7 +120,6 @@ class StepEffects:
 
     def __init__(self, module: nn.Module, pipelined: Callable[[], Iterable[nn.Module]] = lambda: ()) -> None:
         self.module = module
-        self._lightning = lightning_keys(type(module))
         self._pipelined = pipelined
         self._outside: list[tuple[str, nn.Module]] | None = None
 
@@ -134,8 +133,7 @@ class StepEffects:
         return self._outside
 
     def _tracked(self) -> dict[str, Any]:
-        attributes = {name: value for name, value in self.module.__dict__.items()
-                      if name not in self._lightning and not isinstance(value, nn.Module)}
+        attributes = own_attributes(self.module)
         followed: set[int] = set()  # an object held by two attributes: its fields once, under the first
         for name, value in list(attributes.items()):
             if id(value) not in followed and _plain(value):
@@ -394,7 +392,14 @@ def _restore_dict(value: dict, items: dict[Any, tuple[Any, int]]) -> None:
 _KEYS: dict[type, frozenset[str]] = {}
 
 
-def lightning_keys(cls: type) -> frozenset[str]:
+def own_attributes(module: nn.Module) -> dict[str, Any]:
+    """``module``'s own attributes: those neither torch nor Lightning gives it, other than submodules."""
+    skipped = _lightning_keys(type(module))
+    return {name: value for name, value in module.__dict__.items()
+            if name not in skipped and not isinstance(value, nn.Module)}
+
+
+def _lightning_keys(cls: type) -> frozenset[str]:
     """The attributes torch and Lightning give a module of ``cls`` (a bare LightningModule's, for a LightningModule)."""
     if cls not in _KEYS:
         from lightning.pytorch import LightningModule

@@ -14,8 +14,8 @@ from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["OutputKinds", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs", "whole_output", "input_needs_grad",
-           "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
+__all__ = ["OutputKinds", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs",
+           "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -40,9 +40,9 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
             f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
             f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
             f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
-            f".manual_seed(seed)), or derive it from the epoch. Or the ranks run different steps: a flag set on one rank "
-            f"only (trainer.should_stop = True in a callback under `if trainer.is_global_zero:`, which Lightning does "
-            f"not share) ends the epoch on that rank alone; set it on every rank")
+            f".manual_seed(seed)), or derive it from the epoch. Or the ranks run different steps: a flag set on one "
+            f"rank only (trainer.should_stop = True in a callback under `if trainer.is_global_zero:`, which Lightning "
+            f"does not share) ends the epoch on that rank alone; set it on every rank")
 
 
 def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -189,7 +189,8 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     along dim 1), scalar ones (a loss the model computed) averaged by rows (or by ``weights``: what
     ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed, as ``kinds``
     says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other"; without
-    ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the outputs do not show a batch dimension first, hold a number the micro-batches do not
+    ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the
+    outputs do not show a batch dimension first, hold a number the micro-batches do not
     share (``len(x)``) or one equal to each micro-batch's rows, or a scalar that adds up otherwise. Several calls of
     the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
     (the model run on fixed prototypes, not on the batch's rows) gives it once."""
