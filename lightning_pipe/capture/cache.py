@@ -11,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError
+from .losses import CountedMean
 from .patterns import Pattern, all_match, autocast_state, describe, overlap
 from .points import Cut, cut_label
 from .programs import Program
@@ -46,6 +47,8 @@ class Capture:
     """The number of dims of each output (None for a number), in ``out_spec``'s order."""
     output_markers: tuple[Any, ...] | None = None
     """Stand-ins that rebuild an output of ``out_spec`` whose tensors name their index (:func:`.output_markers`)."""
+    counted_means: tuple[CountedMean, ...] = ()
+    """Means the forward takes over a count of its inputs' elements (:func:`.losses.counted_means`)."""
     provisional: bool = False
     """Made from the model's inputs before any of the user's hooks ran (a pipeline's set-up): a capture for the
     inputs of a step that would share a segment's inputs with it replaces it, rather than being refused as

@@ -1,15 +1,18 @@
-"""Losses inside a captured model that are means over a count: cross entropy or NLL with class weights or an ignored
-label (Hugging Face's ``labels`` with -100), whose micro-batch means do not average to the batch's."""
+"""Losses inside a captured model that are means over a count, whose micro-batch means do not average to the batch's:
+cross entropy or NLL with class weights or an ignored label (Hugging Face's ``labels`` with -100), and a mean over a
+count of the inputs' elements (a loss over the tokens an attention mask keeps, :func:`counted_means`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-__all__ = ["MeanLoss", "mean_losses"]
+__all__ = ["MeanLoss", "mean_losses", "CountedMean", "counted_means"]
 
 _LOSSES = {getattr(torch.ops.aten, name).default for name in ("cross_entropy_loss", "nll_loss", "nll_loss_nd",
                                                              "nll_loss_forward", "nll_loss2d", "nll_loss2d_forward")
@@ -44,3 +47,181 @@ def mean_losses(graphs: Iterable[fx.GraphModule]) -> list[MeanLoss]:
                 found.append(MeanLoss(name, argument(2, "weight", None) is not None,
                                       ignored if isinstance(ignored, int) else None))
     return found
+
+
+# -- means over a count of the inputs' elements ------------------------------------------------------------------------
+
+_MEAN_OPS = {getattr(torch.ops.aten, name).default: index for name, index in (
+    ("mean", None), ("binary_cross_entropy_with_logits", 4), ("binary_cross_entropy", 3), ("mse_loss", 2),
+    ("l1_loss", 2), ("smooth_l1_loss", 2), ("huber_loss", 2), ("soft_margin_loss", 2), ("kl_div", 2),
+    ("cross_entropy_loss", 3), ("nll_loss", 3), ("nll_loss_nd", 3)) if hasattr(torch.ops.aten, name)}
+_MEAN_OPS[torch.ops.aten.mean.dim] = None
+_SELECTIONS = {torch.ops.aten.index.Tensor, torch.ops.aten.masked_select.default, torch.ops.aten.nonzero.default}
+_RELATIONS = {"eq": "==", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_PASSED = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "clone", "contiguous", "alias",
+           "expand", "clamp", "clamp_min", "detach", "lift_fresh_copy"}
+
+
+@dataclass(frozen=True)
+class CountedMean:
+    """A mean the model takes over a count of its inputs' elements that its rows do not share alike (HF ELECTRA's
+    discriminator loss over ``attention_mask == 1``): a reduction over a boolean selection (``loss[mask].mean()``, a
+    loss of ``logits[active]``) or a division by a sum over inputs (``(loss * mask).sum() / mask.sum()``).
+    :attr:`count` computes that count from the model's flattened inputs at :attr:`inputs`."""
+
+    op: str
+    inputs: tuple[int, ...]
+    count: fx.GraphModule
+    expression: str | None
+    """The count written over ``batch[...]``, named as the model's inputs (where its ops are simple ones)."""
+
+    def counted(self, flat: Sequence[Any]) -> float | None:
+        """The count for one micro-batch's flattened model inputs (None where it cannot be computed)."""
+        try:
+            with torch.no_grad():
+                return float(self.count(*(flat[index] for index in self.inputs)))
+        except Exception:  # noqa: BLE001 - inputs this count was not made for: no telling
+            return None
+
+
+def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node]) -> list[CountedMean]:
+    """The means over counts of its inputs' elements that ``graph`` (a whole captured forward, ``user_inputs`` its
+    model inputs' placeholders) takes on the way to its outputs (:class:`CountedMean`)."""
+    position = {node: index for index, node in enumerate(user_inputs)}
+    reaches = _reaching_output(graph)
+    found: dict[str, CountedMean] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node not in reaches:
+            continue
+        count = None
+        if node.target in _MEAN_OPS:
+            index = _MEAN_OPS[node.target]
+            reduction = node.args[index] if index is not None and len(node.args) > index else \
+                node.kwargs.get("reduction", 1)
+            selection = _selection(node.args[0]) if reduction == 1 and _data_sized(node.args[0]) else None
+            count = ("sum", selection) if selection is not None else None
+        elif node.target is torch.ops.aten.div.Tensor and _is_scalar(node) and isinstance(node.args[1], fx.Node) \
+                and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position):
+            count = ("value", node.args[1])
+        if count is None or not _inputs_only(count[1], position):
+            continue
+        mean = _counting(node, *count, position)
+        if mean is not None:
+            found.setdefault(mean.expression or str(len(found)), mean)
+    return list(found.values())
+
+
+def _counting(node: fx.Node, how: str, value: fx.Node, position: dict[fx.Node, int]) -> CountedMean | None:
+    """The count ``value`` (a mask: its true elements) as a graph of the model inputs it reads."""
+    ancestors = _ancestors(value)
+    used = sorted((n for n in ancestors if n in position), key=position.__getitem__)
+    if not used:
+        return None
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for placeholder in used:
+        env[placeholder] = graph.placeholder(placeholder.name)
+    for original in value.graph.nodes:
+        if original in ancestors and original not in env:
+            env[original] = graph.node_copy(original, env.__getitem__)
+    result = env[value]
+    if how == "sum":
+        result = graph.call_function(torch.ops.aten.sum.default, (result,))
+    graph.output(result)
+    expression = _written(value)
+    if expression is not None and how == "sum":
+        expression = f"{expression}.sum()"
+    return CountedMean(getattr(node.target, "_opname", str(node.target)), tuple(position[n] for n in used),
+                       fx.GraphModule(torch.nn.Module(), graph), expression)
+
+
+def _selection(node: Any) -> fx.Node | None:
+    """The boolean mask whose selected elements ``node``'s first dim counts (``x[mask]``, ``masked_select``), found
+    back through the ops that keep the selection's elements."""
+    seen = 0
+    while isinstance(node, fx.Node) and seen < 64:
+        seen += 1
+        if node.target in _SELECTIONS:
+            if node.target is torch.ops.aten.nonzero.default:
+                return node.args[0]
+            masks = node.args[1] if node.target is torch.ops.aten.index.Tensor else [node.args[1]]
+            masks = [mask for mask in masks if isinstance(mask, fx.Node) and _dtype(mask) == torch.bool]
+            return masks[0] if len(masks) == 1 else None
+        if node.op != "call_function" or not node.args:
+            return None
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        if name == "getitem" and isinstance(node.args[0], fx.Node):  # broadcast_tensors(...)[i]
+            node = node.args[0].args[0][node.args[1]] if isinstance(node.args[0].args[0], (list, tuple)) else None
+            continue
+        node = node.args[0]
+    return None
+
+
+def _inputs_only(node: Any, position: dict[fx.Node, int]) -> bool:
+    """Whether ``node`` is computed from the model's inputs alone (no parameter, buffer or random draw)."""
+    if not isinstance(node, fx.Node):
+        return False
+    for ancestor in _ancestors(node):
+        if ancestor.op == "placeholder" and ancestor not in position:
+            return False
+        if ancestor.op != "placeholder" and (ancestor.op != "call_function" or torch.Tag.nondeterministic_seeded in
+                                             getattr(ancestor.target, "tags", ())):
+            return False
+    return True
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    found, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in found:
+            found.add(current)
+            todo.extend(current.all_input_nodes)
+    return found
+
+
+def _reaching_output(graph: fx.Graph) -> set[fx.Node]:
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    return _ancestors(output)
+
+
+def _is_scalar(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def _data_sized(node: Any) -> bool:
+    """Whether ``node``'s size depends on its values (a selection's count: an unbacked symbol of the trace)."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and bool(free_unbacked_symbols(value))
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = node.meta.get("val")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _written(node: Any, depth: int = 0) -> str | None:
+    """``node`` written as Python over ``batch[name]`` (the model inputs' names), for the few ops a count is made of;
+    None for any other."""
+    if not isinstance(node, fx.Node) or depth > 16:
+        return repr(node) if isinstance(node, (int, float, bool)) else None
+    if node.op == "placeholder":
+        return f"batch[{node.name!r}]"
+    name = getattr(node.target, "__name__", "").split(".")[0]
+    first = _written(node.args[0], depth + 1) if node.args else None
+    if first is None:
+        return None
+    if name in _RELATIONS and len(node.args) == 2:
+        other = _written(node.args[1], depth + 1)
+        return None if other is None else f"({first} {_RELATIONS[name]} {other})"
+    if name in ("logical_and", "bitwise_and", "mul") and len(node.args) == 2:
+        other = _written(node.args[1], depth + 1)
+        return None if other is None else f"({first} {'*' if name == 'mul' else '&'} {other})"
+    if name in ("sum",) and len(node.args) == 1:
+        return f"{first}.sum()"
+    if name in ("to", "_to_copy"):
+        return f"{first}.bool()" if _dtype(node) == torch.bool else first
+    if name in _PASSED:
+        return first
+    return None

@@ -20,6 +20,7 @@ from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
 from .graph import Recompute, chained_lists, lay_out
+from .losses import counted_means
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of
 from .points import (
@@ -219,6 +220,10 @@ class Splitter:
             capture.output_markers = tuple(output_markers(program))
         except Exception:  # noqa: BLE001 - not known: the micro-batches' numbers are not put together
             capture.output_kinds = capture.output_dims = capture.output_markers = None
+        try:  # means over a count of the inputs' elements, which the first stage counts per micro-batch
+            capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs))
+        except Exception:  # noqa: BLE001 - not found: not looked for
+            capture.counted_means = ()
         if self.device is not None:
             self._retarget(capture)
         self.cache.add(capture)

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.capture.losses import MeanLoss, mean_losses
+from lightning_pipe.capture.patterns import all_match
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
@@ -31,7 +32,13 @@ from lightning_pipe.strategy.randomness import (
     same_random_states,
     set_global_random_states,
 )
-from lightning_pipe.strategy.reduction import Probe, model_loss_warning, neither_warning, verdict
+from lightning_pipe.strategy.reduction import (
+    Probe,
+    counted_mean_warning,
+    model_loss_warning,
+    neither_warning,
+    verdict,
+)
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_inputs import HeldGenerators, inputs_warning, mixing_warning, shifted_rows
@@ -128,21 +135,24 @@ class FirstBatchChecks:
                 and not (self._loss_warned if training else step in self._model_loss_warned)
                 and not (training and self.pipeline.asynchronous))
 
-    def _check_model_loss(self, inputs: list[Any], step: str = "training_step") -> None:
+    def _check_model_loss(self, seen: dict[int, list[Any]], rows: int, step: str = "training_step") -> None:
         """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
-        micro-batches (``inputs``: their model inputs) do not share alike: warn, once per step (the step's probe
-        cannot see inside the model; in evaluation the loss it logs and returns is then not one device's)."""
+        micro-batches (``seen``: their model inputs, by index, of a ``rows``-row batch) do not share alike: warn,
+        once per step (the step's probe cannot see inside the model, and at the start of training every row's loss
+        may be alike; in evaluation the loss it logs and returns is then not one device's)."""
         assert isinstance(self.split, CapturedModule)
         self._loss_checks_left[step] -= 1
         training = step == "training_step"
-        captures = self.split.splitter.captures
-        seen, losses = self._model_losses.get(training, (-1, []))
-        if seen != len(captures):
-            graphs = [program.graph_module for capture in captures if capture.training == training
-                      for program in capture.programs]
-            losses = mean_losses(graphs)
+        captures = [capture for capture in self.split.splitter.captures if capture.training == training]
+        seen_captures, losses = self._model_losses.get(training, (-1, []))
+        if seen_captures != len(captures):
+            losses = mean_losses([program.graph_module for capture in captures for program in capture.programs])
             self._model_losses[training] = (len(captures), losses)
-        message = model_loss_warning(losses, inputs, step)
+        inputs = [seen[index] for index in sorted(seen)]
+        sizes = [len(piece) for piece in split_batch(torch.arange(rows), self.pipeline.num_microbatches)]
+        counted = [mean for capture in captures if inputs and all_match(capture.in_patterns, inputs[0])
+                   for mean in capture.counted_means]
+        message = model_loss_warning(losses, inputs, step) or counted_mean_warning(counted, inputs, sizes, step)
         if message is None:
             return
         if training:

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.capture.losses import MeanLoss
+from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
-           "model_loss_warning"]
+           "model_loss_warning", "counted_mean_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
 _TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
@@ -158,8 +158,9 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     return "neither", why
 
 
-def neither_warning(why: str, step: str = "training_step") -> str:
-    """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither")."""
+def neither_warning(why: str, step: str = "training_step", count: str | None = None) -> str:
+    """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither");
+    ``count``: the function of a micro-batch to suggest, where known."""
     differ = ("these gradients differ from one device's (as they do under accumulate_grad_batches or DDP). For one "
               "device's gradients" if step == "training_step" else
               "the loss this step logs and returns differs from one device's. For one device's")
@@ -167,9 +168,11 @@ def neither_warning(why: str, step: str = "training_step") -> str:
             f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), or it "
             f"couples the rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
-            f"loss is a mean over with a function of a micro-batch: PipelineStrategy(loss_reduction=lambda batch: "
-            f"(batch['labels'] != -100).sum()) for labels ignored at -100, or the sum of the class weights of its "
-            f"labels")
+            f"loss is a mean over with a function of a micro-batch: " + (
+                f"PipelineStrategy(loss_reduction=lambda batch: {count}), batch[...] naming where your batch holds "
+                f"those model inputs" if count else
+                "PipelineStrategy(loss_reduction=lambda batch: (batch['labels'] != -100).sum()) for labels ignored "
+                "at -100, or the sum of the class weights of its labels"))
 
 
 def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any]],
@@ -199,3 +202,28 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
                     f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != {ignore_index})"
                     f".sum())")
     return None
+
+
+def counted_mean_warning(means: Sequence[CountedMean], inputs: Sequence[Sequence[Any]], rows: Sequence[int],
+                         step: str = "training_step") -> str | None:
+    """What to tell a user whose captured model takes a mean over a count of its inputs' elements (``means``: the
+    tokens an attention mask keeps) that its micro-batches (``inputs``: each one's flattened model inputs, ``rows``
+    rows each) do not hold in proportion to their rows; None if they do (or it cannot be counted)."""
+    if len(inputs) < 2 or len(inputs) != len(rows):
+        return None
+    for mean in means:
+        counts = [mean.counted(flat) for flat in inputs]
+        if any(count is None or not math.isfinite(count) for count in counts):
+            continue
+        shares = [count / max(size, 1) for count, size in zip(counts, rows)]
+        if max(shares) - min(shares) <= 1e-9 * max(abs(share) for share in shares):
+            continue
+        counted = f", {mean.expression}," if mean.expression else ""
+        return neither_warning(f"the model's {mean.op} is a mean over a count of its inputs' elements{counted} and "
+                               f"this batch's micro-batches of {list(rows)} rows hold {_numbers(counts)} of them",
+                               step, mean.expression)
+    return None
+
+
+def _numbers(values: Sequence[float]) -> list[int | float]:
+    return [int(value) if float(value).is_integer() else value for value in values]

@@ -306,7 +306,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if checks_inputs:
                 self._check_inputs("training_step", batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
-                self._check_model_loss(list((inputs or {}).values()))
+                self._check_model_loss(inputs or {}, rows)
             encoded = None
             if pipe.is_last_rank:
                 def make() -> StepResult:
@@ -356,7 +356,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if checks_inputs:
                 self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
-                self._check_model_loss(list((inputs or {}).values()), step)
+                self._check_model_loss(inputs or {}, rows, step)
             encoded = None
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,

@@ -1,0 +1,166 @@
+"""A captured model whose own loss is a mean over a count of its inputs' elements (Hugging Face ELECTRA's discriminator:
+a binary cross entropy over the tokens ``attention_mask == 1`` keeps). A pipeline weights each micro-batch's loss by
+its rows, so with padding that differs between micro-batches this is not one device's mean; and at the start of
+training every token's loss is near log 2, so the first batches' check of the step's loss cannot tell. The graph can:
+the first stage counts each micro-batch's tokens and warns with the function to give; given it, the run trains as on
+one device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_pipe.capture.losses import counted_means
+from tests.helpers import run_ranks
+
+ROWS = 7  # micro-batches of 4 and 3 rows
+
+
+class Discriminator(nn.Module):
+    """Scores each token; its loss averages over the tokens the attention mask keeps (``kind``: how it selects)."""
+
+    def __init__(self, kind: str = "select") -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(11, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x).squeeze(-1)
+        if self.kind == "select":  # ElectraForPreTraining's
+            active = attention_mask.view(-1, logits.shape[1]) == 1
+            loss = F.binary_cross_entropy_with_logits(logits.view(-1, logits.shape[1])[active],
+                                                      labels[active].float())
+        else:  # a sum over the kept tokens divided by their count
+            tokens = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+            loss = (tokens * attention_mask).sum() / attention_mask.sum().clamp(min=1)
+        return {"loss": loss, "logits": logits}
+
+
+def _data() -> Any:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 11, (3 * ROWS, 6), generator=generator)
+    lengths = torch.tensor([6, 2, 5, 3, 6, 1, 4] * 3)  # padding differs between the micro-batches
+    mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    labels = torch.randint(0, 2, (3 * ROWS, 6), generator=generator)
+    rows = [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids * mask, mask, labels)]
+    return torch.utils.data.DataLoader(rows, batch_size=ROWS)
+
+
+def _count(batch: Any) -> torch.Tensor:
+    return (batch["attention_mask"] == 1).sum()
+
+
+def _fit(devices: int, strategy: Any, kind: str, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    import warnings
+
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Discriminator(kind)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(**batch)["loss"]
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    L.seed_everything(0, verbose=False)
+    module = Module()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _data())
+    trainer.save_checkpoint(path)  # every rank: the whole model's weights
+    return torch.load(path, weights_only=False)["state_dict"], [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+def _ranks(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    auto = _fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), kind, f"{tmp}/auto.ckpt")
+    told = _fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60, loss_reduction=_count), kind,
+                f"{tmp}/told.ckpt")
+    return {"auto": auto, "told": told}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["select", "divided"])
+def test_a_models_mean_over_the_tokens_its_mask_keeps_is_warned_of_and_trains_as_on_one_device_when_told(
+        kind: str, tmp_path: Path) -> None:
+    results = run_ranks(_ranks, 2, kind, str(tmp_path), timeout=200)
+    reference, _ = _fit(1, "auto", kind, str(tmp_path / "one.ckpt"))
+    (auto, _), (told, _) = results[0]["auto"], results[0]["told"]
+    for key, value in reference.items():
+        torch.testing.assert_close(told[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert max(float((auto[key] - value).abs().max()) for key, value in reference.items()) > 1e-4  # it differs
+    warned = [message for result in results for message in result["auto"][1]]
+    assert len(warned) == 1, warned  # the first stage's, once
+    expected = ("(batch['attention_mask'] == 1).sum()" if kind == "select" else "batch['attention_mask'].sum()")
+    assert f"PipelineStrategy(loss_reduction=lambda batch: {expected})" in warned[0]
+    assert "micro-batches of [4, 3] rows hold" in warned[0]
+    assert not any(result["told"][1] for result in results)
+
+
+def _graph(module: nn.Module, *inputs: torch.Tensor) -> Any:
+    from torch.export import Dim, export
+
+    rows = Dim("rows")
+    program = export(module, inputs, dynamic_shapes=tuple({0: rows} for _ in inputs), strict=False)
+    names = set(program.graph_signature.user_inputs)
+    return program.graph, [node for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+
+
+class _Masked(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.linear = kind, nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x).squeeze(-1)
+        if self.kind == "mean-of-selected":
+            return ((out - y) ** 2)[mask.bool()].mean()
+        if self.kind == "mse-of-selected":
+            kept = mask > 0
+            return F.mse_loss(out[kept], y[kept])
+        if self.kind == "by-rows":  # a sum divided by the rows: a mean over rows
+            return ((out - y) ** 2).sum() / x.shape[0]
+        if self.kind == "summed-over-selected":  # a selection summed, then a mean over the features: not a count
+            return (x[mask.bool()].sum(0) * self.linear.weight).mean()
+        if self.kind == "random-mask":  # drawn, not counted from the inputs
+            kept = torch.rand_like(y) > 0.5
+            return ((out - y) ** 2)[kept].mean()
+        return ((out - y) ** 2 * mask).sum() / (mask * (y > 0)).sum()
+
+
+@pytest.mark.parametrize("kind, expression", [
+    ("mean-of-selected", "batch['mask'].bool().sum()"),
+    ("mse-of-selected", "(batch['mask'] > 0).sum()"),
+    ("divided", "(batch['mask'] * (batch['y'] > 0)).sum()"),
+    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None)])
+def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: str, expression: str | None) -> None:
+    x, y = torch.randn(4, 5, 4), torch.rand(4, 5)
+    mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 1])[:, None]).long()
+    found = counted_means(*_graph(_Masked(kind), x, mask, y))
+    if expression is None:
+        assert found == []
+        return
+    assert [mean.expression for mean in found] == [expression]
+    count = found[0]
+    kept = mask.bool() if kind != "divided" else mask.bool() & (y > 0)
+    assert count.counted([x, mask, y]) == int(kept.sum())
+    assert count.counted([x[:2], mask[:2], y[:2]]) == int(kept[:2].sum())  # any rows: the count is symbolic
