@@ -48,10 +48,17 @@ def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_
     assert whole[0].shape == (4, 2) and float(whole[1]) == 6.0 and float(whole[2]) == 1.5  # mean by rows
     assert whole_output(parts, [3, 1], kinds=[None, "other", "mean"]) is None  # cannot tell: none made
     assert float(whole_output(parts, [3, 1])[1]) == 2.5  # unknown (a Sequential's): by rows, as before
-    # a number of the output the micro-batches do not share (len(x)), or equal to each one's rows: not made
-    assert whole_output([(torch.ones(3, 2), 3), (torch.ones(1, 2), 1)], [3, 1]) is None
+    # a number of the output that is each micro-batch's rows (len(x)), or a multiple of them (its tokens), is the
+    # whole batch's; one equal to the rows of micro-batches of equal rows (or a constant?), or otherwise apart: none
+    assert whole_output([(torch.ones(3, 2), 3), (torch.ones(1, 2), 1)], [3, 1])[1] == 4
+    tokens = whole_output([{"x": torch.ones(3, 2), "n": 15}, {"x": torch.ones(1, 2), "n": 5}], [3, 1])
+    assert tokens["n"] == 20 and tokens["x"].shape == (4, 2)
+    assert whole_output([(torch.ones(3, 2), 3), (torch.ones(1, 2), 2)], [3, 1]) is None
     assert whole_output([(torch.ones(2, 2), 2), (torch.ones(2, 2), 2)], [2, 2]) is None
     assert whole_output([(torch.ones(2, 2), 5), (torch.ones(2, 2), 5)], [2, 2])[1] == 5  # a constant stays
+    assert whole_output([(torch.ones(3, 2), 5, "a"), (torch.ones(1, 2), 5, "a")], [3, 1])[1:] == (5, "a")
+    assert whole_output([(torch.ones(3, 2), "a"), (torch.ones(1, 2), "b")], [3, 1]) is None
+    assert whole_output([(torch.ones(3, 2), True), (torch.ones(1, 2), True)], [3, 1])[1] is True
 
 
 class Tagger(nn.Module):

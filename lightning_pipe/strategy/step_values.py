@@ -209,12 +209,13 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     flat = [tree_flatten(output) for output in outputs]
     if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
         return None
-    spec = flat[0][1]
-    if any(other != spec for _, other in flat[1:]) or (len(set(sizes)) == 1 and _holds_number(spec, sizes[0])):
-        return None  # a number of the model's output: the micro-batches' differ, or each is its rows (len(x))
+    try:
+        spec = _joined_spec([spec for _, spec in flat], sizes)
+    except _Apart:
+        return None
     unknown = "mean"  # a scalar's kind where not known: a Sequential's last layer's output, as before
     if callable(kinds):  # a captured model's: by the output's structure; one no capture gives is not known
-        kinds, unknown = kinds(output_structure(flat[0][0], spec)), "other"
+        kinds, unknown = kinds(output_structure(flat[0][0], flat[0][1])), "other"
     if kinds is not None and len(kinds) != len(flat[0][0]):
         kinds = None
     whole = []
@@ -232,7 +233,7 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
                 return None
             whole.append(torch.cat(column, dim))
-    return tree_unflatten(whole, flat[0][1])
+    return tree_unflatten(whole, spec)
 
 
 def output_structure(leaves: Sequence[torch.Tensor], spec: Any) -> tuple[Any, tuple[int, ...]]:
@@ -241,14 +242,65 @@ def output_structure(leaves: Sequence[torch.Tensor], spec: Any) -> tuple[Any, tu
     return spec, tuple(leaf.dim() for leaf in leaves)
 
 
-def _holds_number(spec: Any, number: int) -> bool:
-    """Whether a tree spec (:mod:`lightning_pipe.engine.tree`) carries ``number`` as a value (not a bool)."""
-    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == "v":
-        value = spec[1]
-        return type(value) in (int, float) and value == number
-    if isinstance(spec, (tuple, list)):
-        return any(_holds_number(part, number) for part in spec)
-    return False
+class _Apart(Exception):
+    """Micro-batches' output structures that make no whole batch's."""
+
+
+def _joined_spec(specs: list[Any], sizes: list[int]) -> Any:
+    """The whole batch's tree spec (:mod:`lightning_pipe.engine.tree`) from its micro-batches' (of ``sizes`` rows):
+    alike, but a number may be each one's rows (``x.shape[0]``), or a multiple of them (its tokens), which the whole
+    batch's is of its own rows. Raises :class:`_Apart` for any other difference, and for a number equal to the rows of
+    micro-batches of equal rows (the batch's count, or a constant: no telling)."""
+    first = specs[0]
+    if not isinstance(first, tuple):
+        if any(other != first for other in specs[1:]):
+            raise _Apart
+        return first
+    kind, body = first
+    if any(not isinstance(other, tuple) or other[0] != kind for other in specs[1:]):
+        raise _Apart
+    bodies = [other[1] for other in specs]
+    if kind == "v":
+        return ("v", _joined_number(bodies, sizes))
+    if kind in ("t", "l"):
+        return (kind, _joined_children(bodies, sizes))
+    if kind == "d":
+        return (kind, _joined_items(bodies, sizes))
+    if any(other[0] != body[0] for other in bodies[1:]):  # the class of a namedtuple, mapping or dataclass
+        raise _Apart
+    parts = [other[1] for other in bodies]
+    return (kind, (body[0], _joined_children(parts, sizes) if kind == "n" else _joined_items(parts, sizes)))
+
+
+def _joined_children(bodies: list[Any], sizes: list[int]) -> tuple:
+    if any(len(other) != len(bodies[0]) for other in bodies[1:]):
+        raise _Apart
+    return tuple(_joined_spec(list(column), sizes) for column in zip(*bodies))
+
+
+def _joined_items(bodies: list[Any], sizes: list[int]) -> tuple:
+    keys = [key for key, _ in bodies[0]]
+    if any([key for key, _ in other] != keys for other in bodies[1:]):
+        raise _Apart
+    return tuple((key, _joined_spec([other[index][1] for other in bodies], sizes)) for index, key in enumerate(keys))
+
+
+def _joined_number(values: list[Any], sizes: list[int]) -> Any:
+    first = values[0]
+    if type(first) not in (int, float) or any(type(value) is not type(first) for value in values):
+        if any(value != first for value in values[1:]):
+            raise _Apart
+        return first
+    if len(set(sizes)) == 1:  # a number of micro-batches of equal rows: alike, and not their rows
+        if any(value != first for value in values[1:]) or (len(values) > 1 and first == sizes[0]):
+            raise _Apart
+        return first
+    if all(value == first for value in values):
+        return first
+    per_row = first / sizes[0]
+    if all(value == per_row * size for value, size in zip(values, sizes)):
+        return type(first)(per_row * sum(sizes))  # each one's rows, or a multiple of them: the batch's
+    raise _Apart
 
 
 def _same(values: list[Any]) -> bool:
