@@ -262,7 +262,7 @@ class _Shadows:
         return Shadows()
 
 
-def _shadowed(devices: int, folder: str, ckpt_path: str | None = None) -> None:
+def _shadowed(devices: int, folder: str, ckpt_path: str | None = None, **options: Any) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -282,7 +282,7 @@ def _shadowed(devices: int, folder: str, ckpt_path: str | None = None) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     L.seed_everything(SEED, verbose=False)
-    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if devices > 1 else "auto"
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, **options) if devices > 1 else "auto"
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_epochs=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[_Shadows(), ModelCheckpoint(folder, "{epoch}", save_top_k=-1)])
@@ -290,8 +290,12 @@ def _shadowed(devices: int, folder: str, ckpt_path: str | None = None) -> None:
 
 
 def _shadowed_ranks(rank: int, world_size: int, tmp: str) -> None:
-    _shadowed(world_size, os.path.join(tmp, "pipeline"))
+    _shadowed(world_size, os.path.join(tmp, "pipeline"), partition=[3, 2])
     _shadowed(world_size, os.path.join(tmp, "from-one"), ckpt_path=os.path.join(tmp, "one", "epoch=0.ckpt"))
+    _shadowed(world_size, os.path.join(tmp, "sharded"), partition=[3, 2], checkpoint_format="sharded")
+    for saved in ("pipeline", "sharded"):  # resumed by another layout
+        _shadowed(world_size, os.path.join(tmp, f"{saved}-other-layout"), partition=[1, 4],
+                  ckpt_path=os.path.join(tmp, saved, "epoch=0.ckpt"))
 
 
 @pytest.mark.timeout(300)
@@ -317,3 +321,10 @@ def test_a_callbacks_list_of_one_tensor_per_parameter_is_one_devices_in_a_checkp
     _shadowed(1, str(tmp_path / "one-from-pipeline"), ckpt_path=str(tmp_path / "pipeline" / "epoch=0.ckpt"))
     assert_same(shadows(tmp_path / "one-from-pipeline" / "epoch=1.ckpt"), shadows(tmp_path / "one" / "epoch=1.ckpt"),
                 "one device resumed from the pipeline's file")
+    for saved in ("pipeline", "sharded"):  # a pipeline of another layout: from the whole list (rank 0's share before)
+        assert_same(shadows(tmp_path / f"{saved}-other-layout" / "epoch=1.ckpt"),
+                    shadows(tmp_path / "one" / "epoch=1.ckpt"), f"another layout resumed from the {saved} checkpoint")
+    from lightning_pipe.checkpoint import consolidate
+
+    consolidate(tmp_path / "sharded" / "epoch=0.ckpt", tmp_path / "consolidated.ckpt")  # rank 0's share before
+    assert_same(shadows(tmp_path / "consolidated.ckpt"), shadows(tmp_path / "one" / "epoch=0.ckpt"), "consolidated")

@@ -39,6 +39,7 @@ from lightning_pipe.strategy.sharded import (
     META_FILE,
     SHARDED_KEY,
     is_sharded,
+    whole_parameter_lists,
     write_file,
 )
 
@@ -68,7 +69,14 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
              for rank in range(written["world_size"]) if os.path.exists(os.path.join(folder, f"rank-{rank}.pt"))]
     if ranks:
         checkpoint.update(ranks[0])  # the callbacks and extras of global rank 0, as Lightning's own files have
+        shapes = {key: value.shape for key, value in checkpoint["state_dict"].items()}
+        whole = whole_parameter_lists(checkpoint.get("callbacks") or {},
+                                      [rank.get("callbacks") or {} for rank in ranks], written, shapes)
+        if whole is not None:  # a list with a tensor per parameter: one device's
+            checkpoint["callbacks"] = whole
     section: dict[str, Any] = {"layout": written["layout"], "own": ranks}
+    if written.get("parameters"):
+        section["parameters"], section["parameter_keys"] = written["parameters"], written["parameter_keys"]
     if groups is not None:
         section["optimizer_entries"] = dict(_read(reader, saved, [key for key in saved if key.startswith(OPTIM)]))
         section["optimizer_param_groups"] = groups
@@ -139,7 +147,8 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
         meta[SHARDED_KEY] = {"layout": dict(section.get("layout") or {}), "world_size": len(own),
                              "state_keys": list(checkpoint["state_dict"]),
                              "optimizer_group_names": section.get("optimizer_group_names") or _group_names(section),
-                             "tied_names": section.get("tied_names") or {}}
+                             "tied_names": section.get("tied_names") or {},
+                             "parameters": section.get("parameters"), "parameter_keys": section.get("parameter_keys")}
         for rank, entries in enumerate(own):
             write_file(entries, os.path.join(staging, f"rank-{rank}.pt"))
         write_file(meta, os.path.join(staging, META_FILE))

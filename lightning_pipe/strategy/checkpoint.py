@@ -32,7 +32,7 @@ from lightning_pipe.strategy.results import decode, encode, tensor_specs
 __all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
-           "with_own_entries", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
+           "with_own_entries", "written_here", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
 
 PIPELINE_KEY = "pipeline"
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
@@ -90,7 +90,11 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
             "param_names": [part["param_names"] for part in shares],
             "tied_names": dict(tied or {}),
         }
-    full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})["own"] = [part["own"] for part in shares]
+    section = full.setdefault(PIPELINE_KEY, {"layout": dict(layout)})
+    section["own"] = [part["own"] for part in shares]
+    if parameters is not None:  # each rank's parameters, for its callbacks' per-parameter lists (`shard` keeps them)
+        section["parameters"] = [part["parameters"] for part in shares]
+        section["parameter_keys"] = list(parameters[0])
     # Callback states and extras keyed by the model's names whole, from every rank's share (SWA's average model,
     # EMAWeightAveraging's current_model_state), so that one device resumes from the file too; the rest rank 0's.
     merge = CallbackMerge(ordered, ordered, tied)
@@ -173,6 +177,13 @@ def own_entries(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in checkpoint.items() if key not in SHARED_ENTRIES}
 
 
+def written_here(checkpoint: Mapping[str, Any], rank: int, layout: Mapping[str, Any]) -> bool:
+    """Whether a full checkpoint was written by this layout, which has a rank ``rank`` (it keeps that rank's own
+    callbacks and extras)."""
+    section = checkpoint.get(PIPELINE_KEY) or {}
+    return "own" in section and dict(section.get("layout") or {}) == dict(layout) and rank < len(section["own"])
+
+
 def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str, Any],
                      local_keys: Iterable[str]) -> dict[str, Any]:
     """A full checkpoint with pipeline rank ``rank``'s own callbacks and extras in place of rank 0's where the layout
@@ -180,7 +191,7 @@ def with_own_entries(checkpoint: dict[str, Any], rank: int, layout: Mapping[str,
     section = checkpoint.get(PIPELINE_KEY)
     if not section or "own" not in section:
         return checkpoint
-    if dict(section["layout"]) == dict(layout) and rank < len(section["own"]):
+    if written_here(checkpoint, rank, layout):
         checkpoint.update(section["own"][rank])
         return checkpoint
     merge = CallbackMerge(checkpoint["state_dict"].keys(), local_keys)

@@ -38,6 +38,7 @@ from lightning_pipe.strategy.checkpoint import (
     training_state_of_rank,
     uncompiled_names,
     with_own_entries,
+    written_here,
 )
 from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together
@@ -181,7 +182,8 @@ class PipelineCheckpoints:
         self._sharded_path = None
         if is_sharded(checkpoint_path):
             self._sharded_path = os.fspath(checkpoint_path)
-            checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys())
+            checkpoint = read_sharded(checkpoint_path, self.runner.layout, self.lightning_module.state_dict().keys(),
+                                      self._own_parameter_names())
         else:
             if weights_only is None:
                 weights_only = _weights_only_given_to_the_trainer()
@@ -191,17 +193,22 @@ class PipelineCheckpoints:
                     self.lightning_module.state_dict().keys()
                 checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"], set(known))
             if self._runner is not None:  # this rank's callbacks and extras, where the layout is the same
-                checkpoint = with_own_entries(checkpoint, self._runner.pipeline.rank, self._runner.layout,
-                                              self.lightning_module.state_dict().keys())
-                if PIPELINE_KEY not in checkpoint and "state_dict" in checkpoint:  # one device's: this rank's share
+                rank, layout = self._runner.pipeline.rank, self._runner.layout
+                one_device = PIPELINE_KEY not in checkpoint and "state_dict" in checkpoint
+                # a pipeline's file of another layout: its callbacks' lists with a tensor per parameter are whole
+                whole = checkpoint.get("callbacks") if not one_device and not written_here(checkpoint, rank, layout) \
+                    else None
+                checkpoint = with_own_entries(checkpoint, rank, layout, self.lightning_module.state_dict().keys())
+                if one_device:  # this rank's share
                     merge = CallbackMerge(checkpoint["state_dict"].keys(), self.lightning_module.state_dict().keys())
                     merge.add(own_entries(checkpoint))
                     checkpoint = merge.into(checkpoint)
-                    split = self._runner.split  # a list with a tensor per parameter: this rank's parameters' ones
-                    checkpoint["callbacks"] = own_lists(checkpoint["callbacks"], split.parameter_keys,
+                if (one_device or whole is not None) and "state_dict" in checkpoint:  # such a list (one device's):
+                    split = self._runner.split  # this rank's parameters' tensors of it
+                    checkpoint["callbacks"] = own_lists(checkpoint.get("callbacks") or {}, split.parameter_keys,
                                                         self._own_parameter_names(),
                                                         {k: v.shape for k, v in checkpoint["state_dict"].items()},
-                                                        split.tied_names)
+                                                        split.tied_names, whole)
             if "optimizer_entries" in checkpoint.get(PIPELINE_KEY, {}):  # consolidated: optimizer states by name
                 checkpoint.setdefault("optimizer_states", [])
         trainer = self._trainer()

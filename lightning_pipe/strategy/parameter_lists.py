@@ -59,14 +59,18 @@ def whole_lists(merged: dict[str, Any], ranks: Sequence[Mapping[str, Any]], name
 
 
 def own_lists(callbacks: dict[str, Any], whole: Sequence[str], local: Sequence[str], shapes: Mapping[str, Any],
-              first: Mapping[str, str]) -> dict[str, Any]:
+              first: Mapping[str, str], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One device's callback states with each per-parameter list (of ``whole``, one device's parameters in order)
-    cut to this rank's parameters ``local``, in its ``parameters()`` order (a tied copy by its one-device name)."""
+    cut to this rank's parameters ``local``, in its ``parameters()`` order (a tied copy by its one-device name).
+    ``source``: one device's states to cut the lists from, where ``callbacks`` hold another rank's share of them (a
+    pipeline's file resumed on another layout)."""
     index = {name: position for position, name in enumerate(whole)}
 
-    def change(value: Any, _: Sequence[Any]) -> Any:
-        if not _fits(value, whole, shapes) or any(first.get(name, name) not in index for name in local):
+    def change(value: Any, whole_values: Sequence[Any]) -> Any:
+        candidate = whole_values[0] if source is not None else value
+        if not _fits(candidate, whole, shapes) or any(first.get(name, name) not in index for name in local):
             return value
-        return type(value)(value[index[first.get(name, name)]] for name in local)
+        return type(candidate)(candidate[index[first.get(name, name)]] for name in local)
 
-    return {key: _walk(state, [], change) for key, state in callbacks.items()}
+    return {key: _walk(state, [source.get(key)] if source is not None else [], change)
+            for key, state in callbacks.items()}

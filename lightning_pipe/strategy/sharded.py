@@ -47,12 +47,14 @@ from lightning_pipe.strategy.checkpoint import (
     parameter_names,
 )
 from lightning_pipe.strategy.failures import raise_together
+from lightning_pipe.strategy.parameter_lists import own_lists, whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
-           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file"]
+           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file",
+           "whole_parameter_lists"]
 
 META_FILE = "meta.pt"
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
@@ -114,12 +116,16 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
     try:
         state = _together(what, device, prepare) or {}
-        # every rank's parameter groups by name, so that consolidate can number the states as one device does
-        mine = [group_names(opt_state, names[index]) for index, opt_state in enumerate(optimizer_states)]
-        every_group = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
+        # every rank's parameter groups by name, so that consolidate can number the states as one device does, and
+        # its parameters in order, for callbacks' lists with a tensor per parameter (:mod:`.parameter_lists`)
+        mine = [[group_names(opt_state, names[index]) for index, opt_state in enumerate(optimizer_states)],
+                [name for name, _ in module.named_parameters()]]
+        every = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
+        every_group, every_parameters = [part[0] for part in every], [part[1] for part in every]
         # DCP gathers every rank's failure and raises it on all of them
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
-        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, every_group))
+        _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, every_group,
+                                                   every_parameters))
         _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
@@ -130,7 +136,8 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
-               split: SplitModule, every_group: list[Any] | None = None) -> None:
+               split: SplitModule, every_group: list[Any] | None = None,
+               every_parameters: list[list[str]] | None = None) -> None:
     """This rank's callbacks and extras; on global rank 0 also what every rank has alike (meta.pt). Hyper-parameters
     holding the network (``save_hyperparameters()`` of a ``net``) are kept with a meta copy of the whole sequence in
     its place, which ``consolidate`` fills with the weights (no rank holds them all)."""
@@ -142,7 +149,8 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
             meta["optimizer_param_groups"] = [param_groups_of(state) for state in checkpoint["optimizer_states"]]
         meta[SHARDED_KEY] = {"layout": dict(layout), "world_size": dist.get_world_size(),
                              "state_keys": list(split.state_keys), "optimizer_group_names": every_group,
-                             "tied_names": dict(split.tied_names)}
+                             "tied_names": dict(split.tied_names), "parameters": every_parameters,
+                             "parameter_keys": list(split.parameter_keys)}
         if meta.get(HPARAMS_KEY) is not None and split.proxy is not None:
             hparams, whole = hparams_with_skeleton(meta[HPARAMS_KEY], split.proxy, split.skeleton, split.path)
             if whole is not None:
@@ -182,11 +190,12 @@ def _fsync_dir(path: str) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys: Iterable[str]) -> dict[str, Any]:
+def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys: Iterable[str],
+                 local_parameters: Sequence[str] = ()) -> dict[str, Any]:
     """Lightning's checkpoint dict of a sharded folder, without weights and optimizer states (which
     :func:`load_sharded_weights` and :func:`load_sharded_optimizers` read), for this rank: its own ``rank-<r>.pt`` on
     the layout that wrote it, else the ranks' callback states merged (entries named after the model's tensors only for
-    those in ``local_keys``)."""
+    those in ``local_keys``; a list with a tensor per parameter cut to ``local_parameters``, this rank's in order)."""
     path = os.fspath(path)
     checkpoint = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=False)
     written = checkpoint[SHARDED_KEY]
@@ -195,12 +204,33 @@ def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys:
         checkpoint.update(torch.load(os.path.join(path, f"rank-{rank}.pt"), map_location="cpu", weights_only=False))
     else:
         merge = CallbackMerge(written["state_keys"], local_keys)
+        callbacks = []
         for other in range(written["world_size"]):  # one rank's file at a time
-            merge.add(torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False))
+            entries = torch.load(os.path.join(path, f"rank-{other}.pt"), map_location="cpu", weights_only=False)
+            callbacks.append(entries.get("callbacks") or {})
+            merge.add(entries)
         merge.into(checkpoint)
+        shapes = {key[len(MODEL):]: meta.size for key, meta in
+                  FileSystemReader(path).read_metadata().state_dict_metadata.items()
+                  if key.startswith(MODEL) and isinstance(meta, TensorStorageMetadata)}
+        whole = whole_parameter_lists(checkpoint.get("callbacks") or {}, callbacks, written, shapes)
+        if whole is not None:
+            checkpoint["callbacks"] = own_lists(checkpoint.get("callbacks") or {}, written["parameter_keys"],
+                                                local_parameters, shapes, written.get("tied_names") or {}, whole)
     if "optimizer_param_groups" in checkpoint:
         checkpoint["optimizer_states"] = []  # Lightning asks for the key; load_sharded_optimizers fills them
     return checkpoint
+
+
+def whole_parameter_lists(callbacks: dict[str, Any], ranks: Sequence[Mapping[str, Any]], written: Mapping[str, Any],
+                          shapes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The callback states ``callbacks`` (rank 0's) with each list of one tensor per parameter put together from every
+    rank's (``ranks``: each one's callback states) in one device's order, as a folder's ``written`` entry names each
+    rank's parameters; None for a folder written without those names."""
+    if not written.get("parameters") or len(ranks) != len(written["parameters"]):
+        return None
+    return whole_lists(callbacks, ranks, written["parameters"], written["parameter_keys"], shapes,
+                       written.get("tied_names") or {})
 
 
 def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
