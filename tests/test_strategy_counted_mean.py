@@ -40,9 +40,13 @@ class Discriminator(nn.Module):
             active = attention_mask.view(-1, logits.shape[1]) == 1
             loss = F.binary_cross_entropy_with_logits(logits.view(-1, logits.shape[1])[active],
                                                       labels[active].float())
-        else:  # a sum over the kept tokens divided by their count
+        elif self.kind == "divided":  # a sum over the kept tokens divided by their count
             tokens = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
             loss = (tokens * attention_mask).sum() / attention_mask.sum().clamp(min=1)
+        else:  # the labels of padding made ignored ones (Hugging Face's older token classifiers)
+            scores = torch.stack([-logits, logits], -1)
+            kept = torch.where(attention_mask.view(-1) == 1, labels.view(-1), torch.tensor(-100).type_as(labels))
+            loss = F.cross_entropy(scores.view(-1, 2), kept)
         return {"loss": loss, "logits": logits}
 
 
@@ -99,7 +103,7 @@ def _ranks(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", ["select", "divided"])
+@pytest.mark.parametrize("kind", ["select", "divided", "ignored"])
 def test_a_models_mean_over_the_tokens_its_mask_keeps_is_warned_of_and_trains_as_on_one_device_when_told(
         kind: str, tmp_path: Path) -> None:
     results = run_ranks(_ranks, 2, kind, str(tmp_path), timeout=200)
@@ -110,7 +114,8 @@ def test_a_models_mean_over_the_tokens_its_mask_keeps_is_warned_of_and_trains_as
     assert max(float((auto[key] - value).abs().max()) for key, value in reference.items()) > 1e-4  # it differs
     warned = [message for result in results for message in result["auto"][1]]
     assert len(warned) == 1, warned  # the first stage's, once
-    expected = ("(batch['attention_mask'] == 1).sum()" if kind == "select" else "batch['attention_mask'].sum()")
+    expected = {"select": "(batch['attention_mask'] == 1).sum()", "divided": "batch['attention_mask'].sum()",
+                "ignored": "(torch.where((batch['attention_mask'] == 1), batch['labels'], -100) != -100).sum()"}[kind]
     assert f"PipelineStrategy(loss_reduction=lambda batch: {expected})" in warned[0]
     assert "micro-batches of [4, 3] rows hold" in warned[0]
     assert not any(result["told"][1] for result in results)
@@ -121,8 +126,11 @@ def _graph(module: nn.Module, *inputs: torch.Tensor) -> Any:
 
     rows = Dim("rows")
     program = export(module, inputs, dynamic_shapes=tuple({0: rows} for _ in inputs), strict=False)
-    names = set(program.graph_signature.user_inputs)
-    return program.graph, [node for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
+    specs = dict(zip(placeholders, program.graph_signature.input_specs))
+    constants = {node: program.constants[spec.target] for node, spec in specs.items()
+                 if spec.kind.name == "CONSTANT_TENSOR"}
+    return program.graph, [node for node in placeholders if specs[node].kind.name == "USER_INPUT"], constants
 
 
 class _Masked(nn.Module):
@@ -144,6 +152,15 @@ class _Masked(nn.Module):
         if self.kind == "random-mask":  # drawn, not counted from the inputs
             kept = torch.rand_like(y) > 0.5
             return ((out - y) ** 2)[kept].mean()
+        if self.kind in ("ignored", "shifted"):  # a cross entropy over labels some of which are ignored
+            scores, labels = torch.stack([-out, out], -1), (y > 0.5).long()
+            if self.kind == "shifted":  # a causal language model's, as Hugging Face's loss pads and shifts them
+                labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+                return F.cross_entropy(scores.flatten(0, 1), labels.flatten())
+            return F.cross_entropy(scores.flatten(0, 1), torch.where(mask.bool(), labels, -100).flatten())
+        if self.kind == "teacher":  # labels from the model's own output: not counted from the inputs
+            scores = torch.stack([-out, out], -1)
+            return F.cross_entropy(scores.flatten(0, 1), scores.detach().argmax(-1).flatten())
         return ((out - y) ** 2 * mask).sum() / (mask * (y > 0)).sum()
 
 
@@ -151,7 +168,9 @@ class _Masked(nn.Module):
     ("mean-of-selected", "batch['mask'].bool().sum()"),
     ("mse-of-selected", "(batch['mask'] > 0).sum()"),
     ("divided", "(batch['mask'] * (batch['y'] > 0)).sum()"),
-    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None)])
+    ("ignored", "(torch.where(batch['mask'].bool(), (batch['y'] > 0.5), -100) != -100).sum()"),
+    ("shifted", "(torch.nn.functional.pad((batch['y'] > 0.5), [0, 1], value=-100)[:, 1:] != -100).sum()"),
+    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None)])
 def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: str, expression: str | None) -> None:
     x, y = torch.randn(4, 5, 4), torch.rand(4, 5)
     mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 1])[:, None]).long()
@@ -161,6 +180,8 @@ def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: 
         return
     assert [mean.expression for mean in found] == [expression]
     count = found[0]
-    kept = mask.bool() if kind != "divided" else mask.bool() & (y > 0)
+    kept = {"divided": mask.bool() & (y > 0), "shifted": torch.ones(4, 5).bool()}.get(kind, mask.bool())
+    if kind == "shifted":
+        kept[:, -1] = False
     assert count.counted([x, mask, y]) == int(kept.sum())
     assert count.counted([x[:2], mask[:2], y[:2]]) == int(kept[:2].sum())  # any rows: the count is symbolic

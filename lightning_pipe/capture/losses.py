@@ -4,7 +4,7 @@ count of the inputs' elements (a loss over the tokens an attention mask keeps, :
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,14 +59,15 @@ _MEAN_OPS[torch.ops.aten.mean.dim] = None
 _SELECTIONS = {torch.ops.aten.index.Tensor, torch.ops.aten.masked_select.default, torch.ops.aten.nonzero.default}
 _RELATIONS = {"eq": "==", "ne": "!=", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _PASSED = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "clone", "contiguous", "alias",
-           "expand", "clamp", "clamp_min", "detach", "lift_fresh_copy"}
+           "expand", "clamp", "clamp_min", "detach", "detach_", "lift_fresh_copy", "type_as"}
 
 
 @dataclass(frozen=True)
 class CountedMean:
     """A mean the model takes over a count of its inputs' elements that its rows do not share alike (HF ELECTRA's
     discriminator loss over ``attention_mask == 1``): a reduction over a boolean selection (``loss[mask].mean()``, a
-    loss of ``logits[active]``) or a division by a sum over inputs (``(loss * mask).sum() / mask.sum()``).
+    loss of ``logits[active]``), a division by a sum over inputs (``(loss * mask).sum() / mask.sum()``), or a cross
+    entropy over labels made from the inputs, some ignored (``torch.where(mask, labels, -100)``, a causal LM's shift).
     :attr:`count` computes that count from the model's flattened inputs at :attr:`inputs`."""
 
     op: str
@@ -84,25 +85,31 @@ class CountedMean:
             return None
 
 
-def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node]) -> list[CountedMean]:
+def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
+                  constants: Mapping[fx.Node, torch.Tensor] | None = None) -> list[CountedMean]:
     """The means over counts of its inputs' elements that ``graph`` (a whole captured forward, ``user_inputs`` its
-    model inputs' placeholders) takes on the way to its outputs (:class:`CountedMean`)."""
-    position = {node: index for index, node in enumerate(user_inputs)}
+    model inputs' placeholders, ``constants`` the values of its lifted constants: ``torch.tensor(-100)``) takes on
+    the way to its outputs (:class:`CountedMean`)."""
+    position: dict[fx.Node, Any] = {node: index for index, node in enumerate(user_inputs)}
+    position.update({node: value for node, value in (constants or {}).items() if value.numel() <= 64})
     reaches = _reaching_output(graph)
     found: dict[str, CountedMean] = {}
     for node in graph.nodes:
         if node.op != "call_function" or node not in reaches:
             continue
-        count = None
+        count: tuple[str, Any, int | None] | None = None
         if node.target in _MEAN_OPS:
             index = _MEAN_OPS[node.target]
             reduction = node.args[index] if index is not None and len(node.args) > index else \
                 node.kwargs.get("reduction", 1)
-            selection = _selection(node.args[0]) if reduction == 1 and _data_sized(node.args[0]) else None
-            count = ("sum", selection) if selection is not None else None
+            ignored = _ignore_index(node) if reduction == 1 else None
+            if ignored is not None and _inputs_only(node.args[1], position):  # its targets other than ignored ones
+                count = ("ignored", node.args[1], ignored)  # (labels masked by torch.where(mask, labels, -100))
+            elif reduction == 1 and _data_sized(node.args[0]):
+                count = ("sum", _selection(node.args[0]), None)
         elif node.target is torch.ops.aten.div.Tensor and _is_scalar(node) and isinstance(node.args[1], fx.Node) \
                 and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position):
-            count = ("value", node.args[1])
+            count = ("value", node.args[1], None)
         if count is None or not _inputs_only(count[1], position):
             continue
         mean = _counting(node, *count, position)
@@ -111,28 +118,47 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node]) -> list[Count
     return list(found.values())
 
 
-def _counting(node: fx.Node, how: str, value: fx.Node, position: dict[fx.Node, int]) -> CountedMean | None:
-    """The count ``value`` (a mask: its true elements) as a graph of the model inputs it reads."""
+def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | None,
+              position: dict[fx.Node, int]) -> CountedMean | None:
+    """The count ``value`` (``how``: "value" itself, "sum" of a mask: its true elements, "ignored": its elements other
+    than ``ignored``) as a graph of the model inputs it reads."""
     ancestors = _ancestors(value)
-    used = sorted((n for n in ancestors if n in position), key=position.__getitem__)
+    used = sorted((n for n in ancestors if isinstance(position.get(n), int)), key=position.__getitem__)
     if not used:
         return None
-    graph = fx.Graph()
+    graph, root = fx.Graph(), torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     for placeholder in used:
         env[placeholder] = graph.placeholder(placeholder.name)
+    for constant in (n for n in ancestors if isinstance(position.get(n), torch.Tensor)):
+        root.register_buffer(constant.name, position[constant].detach().clone())
+        env[constant] = graph.get_attr(constant.name)
     for original in value.graph.nodes:
         if original in ancestors and original not in env:
             env[original] = graph.node_copy(original, env.__getitem__)
     result = env[value]
-    if how == "sum":
+    if how == "ignored":
+        result = graph.call_function(torch.ops.aten.ne.Scalar, (result, ignored))
+    if how != "value":
         result = graph.call_function(torch.ops.aten.sum.default, (result,))
     graph.output(result)
-    expression = _written(value)
-    if expression is not None and how == "sum":
-        expression = f"{expression}.sum()"
+    expression = _written(value, {n: v for n, v in position.items() if isinstance(v, torch.Tensor)})
+    if expression is not None and how != "value":
+        expression = f"({expression} != {ignored}).sum()" if how == "ignored" else f"{expression}.sum()"
     return CountedMean(getattr(node.target, "_opname", str(node.target)), tuple(position[n] for n in used),
-                       fx.GraphModule(torch.nn.Module(), graph), expression)
+                       fx.GraphModule(root, graph), expression)
+
+
+def _ignore_index(node: fx.Node) -> int | None:
+    """A cross entropy's or NLL's ignored label, where it has no class weights (those :func:`mean_losses` finds)."""
+    if node.target not in _LOSSES:
+        return None
+
+    def argument(index: int, name: str, default: object) -> object:
+        return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+    ignored = argument(4, "ignore_index", -100)
+    return ignored if isinstance(ignored, int) and argument(2, "weight", None) is None else None
 
 
 def _selection(node: Any) -> fx.Node | None:
@@ -201,27 +227,44 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
-def _written(node: Any, depth: int = 0) -> str | None:
-    """``node`` written as Python over ``batch[name]`` (the model inputs' names), for the few ops a count is made of;
-    None for any other."""
+def _written(node: Any, constants: Mapping[fx.Node, torch.Tensor], depth: int = 0) -> str | None:
+    """``node`` written as Python over ``batch[name]`` (the model inputs' names) and single-number ``constants``, for
+    the few ops a count is made of; None for any other."""
     if not isinstance(node, fx.Node) or depth > 16:
         return repr(node) if isinstance(node, (int, float, bool)) else None
+    if node in constants:
+        value = constants[node]
+        return repr(value.item()) if value.numel() == 1 else None
     if node.op == "placeholder":
         return f"batch[{node.name!r}]"
     name = getattr(node.target, "__name__", "").split(".")[0]
-    first = _written(node.args[0], depth + 1) if node.args else None
+    if name == "where" and len(node.args) == 3:
+        parts = [_written(arg, constants, depth + 1) for arg in node.args]
+        return None if None in parts else f"torch.where({', '.join(map(str, parts))})"
+    first = _written(node.args[0], constants, depth + 1) if node.args else None
     if first is None:
         return None
-    if name in _RELATIONS and len(node.args) == 2:
-        other = _written(node.args[1], depth + 1)
-        return None if other is None else f"({first} {_RELATIONS[name]} {other})"
-    if name in ("logical_and", "bitwise_and", "mul") and len(node.args) == 2:
-        other = _written(node.args[1], depth + 1)
-        return None if other is None else f"({first} {'*' if name == 'mul' else '&'} {other})"
-    if name in ("sum",) and len(node.args) == 1:
+    if name == "slice" and len(node.args) >= 2 and all(isinstance(arg, int) for arg in node.args[1:]):
+        dim, start, end, step = (*node.args[1:], *(0, 2**63 - 1, 1)[len(node.args) - 2:])
+        if start == 0 and end >= 2**62 and step == 1:
+            return first
+        if dim < 0 and dim != -1:
+            return None
+        cut = f"{start or ''}:{'' if end >= 2**62 else end}{'' if step == 1 else f':{step}'}"
+        return f"{first}[{'..., ' if dim == -1 else ':, ' * dim}{cut}]"
+    if name in ("constant_pad_nd", "pad") and len(node.args) >= 2:  # aten.pad: (input, pad, mode, value)
+        mode, value = ("constant", node.args[2] if len(node.args) > 2 else 0) if name == "constant_pad_nd" else \
+            (*node.args[2:4], *("constant", None)[len(node.args) - 2:])[:2]
+        if mode != "constant":
+            return None
+        value = int(value) if isinstance(value, float) and value.is_integer() else value
+        return f"torch.nn.functional.pad({first}, {list(node.args[1])}, value={value!r})"
+    if name in _RELATIONS and len(node.args) == 2 or name in ("logical_and", "bitwise_and", "mul"):
+        other = _written(node.args[1], constants, depth + 1) if len(node.args) == 2 else None
+        sign = _RELATIONS.get(name, "*" if name == "mul" else "&")
+        return None if other is None else f"({first} {sign} {other})"
+    if name == "sum" and len(node.args) == 1:
         return f"{first}.sum()"
     if name in ("to", "_to_copy"):
         return f"{first}.bool()" if _dtype(node) == torch.bool else first
-    if name in _PASSED:
-        return first
-    return None
+    return first if name in _PASSED else None

@@ -221,7 +221,9 @@ class Splitter:
         except Exception:  # noqa: BLE001 - not known: the micro-batches' numbers are not put together
             capture.output_kinds = capture.output_dims = capture.output_markers = None
         try:  # means over a count of the inputs' elements, which the first stage counts per micro-batch
-            capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs))
+            constants = {node: program.constants[name] for node, (kind, name) in layout.state.items()
+                         if kind == "CONSTANT"}
+            capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs, constants))
         except Exception:  # noqa: BLE001 - not found: not looked for
             capture.counted_means = ()
         if self.device is not None:
