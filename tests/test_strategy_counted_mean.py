@@ -90,7 +90,8 @@ def _fit(devices: int, strategy: Any, kind: str, path: str) -> tuple[dict[str, t
         warnings.simplefilter("always")
         trainer.fit(module, _data())
     trainer.save_checkpoint(path)  # every rank: the whole model's weights
-    return torch.load(path, weights_only=False)["state_dict"], [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+    warned = [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+    return torch.load(path, weights_only=False)["state_dict"], warned
 
 
 def _ranks(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, Any]:
