@@ -72,6 +72,9 @@ def test_cut_module_holds_local_layers_with_full_names() -> None:
     torch.testing.assert_close(split.module.get_submodule("layers.0.0").weight, full.layers[0][0].weight)
     with pytest.raises(RuntimeError, match="missing keys"):
         split.load_state_dict({k: v for k, v in full.state_dict().items() if k != "layers.0.0.bias"})
+    # a key this rank does not hold is missing too: every rank names every missing key, and fails alike
+    with pytest.raises(RuntimeError, match=r"missing keys \['layers.7.0.weight'\]"):
+        split.load_state_dict({k: v for k, v in full.state_dict().items() if k != "layers.7.0.weight"})
 
 
 def test_steps_run_around_the_sequence() -> None:

@@ -243,7 +243,8 @@ class PipelineCheckpoints:
         runner = self._runner if self._runner is not None and self._runner.module is module else None
         runner = runner or PipelineRunner.of(module)
         if self._sharded_path is not None and "state_dict" not in checkpoint:
-            load_sharded_weights(self._sharded_path, module, strict=strict)
+            load_sharded_weights(self._sharded_path, module, strict=strict,
+                                 state_keys=runner.split.state_keys if runner is not None else None)
         elif runner is None:
             super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
         else:

@@ -233,16 +233,20 @@ def whole_parameter_lists(callbacks: dict[str, Any], ranks: Sequence[Mapping[str
                        written.get("tied_names") or {})
 
 
-def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
+def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True,
+                         state_keys: Sequence[str] | None = None) -> None:
     """Load this rank's weights of ``module`` (cut: its share, with the full model's names) from the folder, in place
-    (collective: every rank calls it)."""
+    (collective: every rank calls it). ``state_keys``: the whole model's, so that a strict load missing any fails on
+    every rank alike (before DCP's collective load)."""
     reader = FileSystemReader(os.fspath(path))
     saved = reader.read_metadata().state_dict_metadata
     state = {f"{MODEL}{key}": value for key, value in module.state_dict(keep_vars=True).items()}
-    missing = [key[len(MODEL):] for key in state if key not in saved]
+    missing = [key for key in (state_keys if state_keys is not None else [k[len(MODEL):] for k in state])
+               if f"{MODEL}{key}" not in saved]
     if missing and strict:
         raise RuntimeError(f"the sharded checkpoint {os.fspath(path)} does not match {type(module).__name__}: it has no "
-                           f"{missing[:10]}; load it into the module that wrote it, or pass strict_loading=False")
+                           f"{missing[:10]}{f' and {len(missing) - 10} more' if len(missing) > 10 else ''}; load "
+                           f"it into the module that wrote it, or set the module's strict_loading = False")
     state = {key: value.data for key, value in state.items() if key in saved}
     dcp.load(state, storage_reader=reader)
 

@@ -220,10 +220,15 @@ def load_share(module: nn.Module, state_keys: Sequence[str], state_dict: Mapping
         return
     with strategy_reads():
         local_keys = module.state_dict().keys()
-    if strict:
-        missing = [key for key in local_keys if key not in state_dict]
+    if strict:  # the whole model's keys, so that every rank says the same and fails alike
+        missing = [key for key in state_keys if key not in state_dict]
         unexpected = [key for key in state_dict if key not in set(state_keys)]
         if missing or unexpected:
             raise RuntimeError(f"the checkpoint does not match {type(module).__name__}: missing keys "
-                               f"{missing[:10]}, unexpected keys {unexpected[:10]}")
+                               f"{_listed(missing)}, unexpected keys {_listed(unexpected)} (the module's strict_loading = "
+                               f"False loads the keys that match)")
     module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
+
+
+def _listed(keys: Sequence[str], shown: int = 10) -> str:
+    return f"{list(keys[:shown])}" + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
