@@ -87,17 +87,35 @@ def _capturing_run(run: Any) -> None:
 
 def test_the_last_stage_answers_each_call_and_counts_them() -> None:
     calls = ModelCalls("the model at 'net'")
-    calls.serve(Calls(("a", "b")))
-    assert calls.answer() == "a" and calls.answer() == "b"
+    calls.serve(Calls(("a", "b")), True)
+    assert calls.answer(True) == "a" and calls.answer(True) == "b"
     with pytest.raises(RuntimeError, match="once more than the first stage saw"):
-        calls.answer()
-    calls.serve(Calls(("a", "b")))
-    calls.answer()
+        calls.answer(True)
+    calls.serve(Calls(("a", "b")), True)
+    calls.answer(True)
     with pytest.raises(RuntimeError, match="1 time"):
         calls.finish("never")
-    calls.serve("one")
+    calls.serve("one", True)
     with pytest.raises(RuntimeError, match="never"):
         calls.finish("never")
+
+
+def test_each_call_is_answered_in_the_steps_gradient_mode_and_refused_in_another_mode_or_autocast() -> None:
+    calls = ModelCalls("the model at 'net'")
+    output = {"logits": torch.ones(2, 3, requires_grad=True) * 2}
+    calls.serve(Calls((output, output)), True)
+    with torch.no_grad():  # targets from the model itself: no gradient through them, as on one device
+        targets = calls.answer(True)
+    assert not targets["logits"].requires_grad and calls.answer(True)["logits"].requires_grad
+    calls.serve(output, True)
+    with pytest.raises(RuntimeError, match=r"call 1 of the model at 'net' in eval mode \(self.model.eval\(\)"):
+        calls.answer(False)
+    calls.serve(output, False)
+    with pytest.raises(RuntimeError, match="in train mode .* Monte Carlo dropout"):
+        calls.answer(True)
+    calls.serve(output, True)
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(RuntimeError, match="cpu bfloat16 where the step"):
+        calls.answer(True)
 
 
 def test_the_whole_batchs_output_puts_each_call_together() -> None:
@@ -147,15 +165,20 @@ def _module(kind: str) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            if kind == "sequence":
-                self.encoder = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
-                                             nn.Tanh(), nn.Linear(16, 6))
+            if kind in ("sequence", "distilled-sequence"):
+                norm = nn.BatchNorm1d(16) if kind == "sequence" else nn.LayerNorm(16)
+                self.encoder = nn.Sequential(nn.Linear(8, 16), norm, nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
+                                             nn.Linear(16, 6))
             else:
-                self.encoder = _Twin(batch_norm=kind != "triplet")
+                self.encoder = _Twin(batch_norm=kind == "captured")
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            if kind == "triplet":
+            if kind.startswith("distilled"):  # targets from the model itself, without gradients through them
+                with torch.no_grad():
+                    target = self.encoder(x.flip(-1))
+                loss = F.mse_loss(self.encoder(x), target.softmax(-1))
+            elif kind == "triplet":
                 anchor, positive, negative = self.encoder(x), self.encoder(x + 0.1 * y[:, None]), self.encoder(-x)
                 loss = F.triplet_margin_loss(anchor, positive, negative, margin=0.5)
             else:
@@ -194,7 +217,7 @@ def _fit(kind: str, devices: int, strategy: Any) -> dict[str, Any]:
 
 # The batch norms normalize each micro-batch with its own statistics (one device: the batch's), so the models with one
 # train one micro-batch per step; the triplet model has a layer norm instead and trains four.
-_CASES = {"sequence": 1, "captured": 1, "triplet": 4}
+_CASES = {"sequence": 1, "captured": 1, "triplet": 4, "distilled": 4, "distilled-sequence": 4}
 
 
 def _ranks(rank: int, world_size: int) -> dict[str, Any]:
@@ -219,13 +242,14 @@ def test_models_called_several_times_per_step_train_as_on_one_device() -> None:
             torch.testing.assert_close(held[key], value, rtol=1e-4, atol=1e-5, msg=f"{kind}: {key}")
 
 
-def _dependent(rank: int, world_size: int) -> None:
+def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
 
     class Refined(L.LightningModule):
-        """Calls the model again on its own output: the second input is not known before the first output."""
+        """Calls the model again on its own output: the second input is not known before the first output (or
+        calls it in eval mode for pseudo-labels: the pipeline runs every call in the step's mode)."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -233,6 +257,12 @@ def _dependent(rank: int, world_size: int) -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, _ = batch
+            if kind == "eval":
+                self.net.eval()
+                with torch.no_grad():
+                    labels = self.net(x).argmax(-1)
+                self.net.train()
+                return F.cross_entropy(self.net(x + 0.1), labels)
             return self.net(self.net(x)).pow(2).mean()
 
         def configure_optimizers(self) -> Any:
@@ -247,3 +277,10 @@ def test_a_call_on_an_earlier_calls_output_is_refused_on_every_rank() -> None:
     errors = run_ranks(_dependent, 2, timeout=100, expect_failure=True)
     for error in errors:
         assert error is not None and "once more than the first stage saw" in error
+
+
+@pytest.mark.timeout(120)
+def test_a_call_in_another_mode_than_the_steps_is_refused_on_every_rank() -> None:
+    errors = run_ranks(_dependent, 2, "eval", timeout=100, expect_failure=True)
+    for error in errors:  # the pseudo-labels were made in train mode, silently, before
+        assert error is not None and "makes call 1 of the nn.Sequential at 'net' in eval mode" in error, error

@@ -18,9 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import torch
 import torch.nn as nn
 
+from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
+from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
 __all__ = ["Pending", "ModelCalls", "Stop", "call_key"]
@@ -148,9 +151,11 @@ class ModelCalls:
         """The pipeline's input for the recorded calls: one call's as it is, several as :class:`Calls`."""
         return recorded[0] if len(recorded) == 1 else Calls(tuple(recorded))
 
-    def serve(self, output: Any) -> None:
-        """The last stage: answer the step's calls with ``output`` (the pipeline's output)."""
+    def serve(self, output: Any, training: bool) -> None:
+        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in ``training`` mode
+        with the gradient mode and autocast state of now, the step's)."""
         self.mode, self.output, self.calls = "output", output, 0
+        self.context = (torch.is_grad_enabled(), training, autocast_state())
 
     @property
     def answered(self) -> bool:
@@ -158,8 +163,19 @@ class ModelCalls:
         first stage needs, is deferred until then: :class:`~.deferred.DeferredCalls`)."""
         return self.calls >= (len(self.output.each) if isinstance(self.output, Calls) else 1)
 
-    def answer(self) -> Any:
-        """The output of the step's next call."""
+    def answer(self, training: bool) -> Any:
+        """The output of the step's next call, made with the model in ``training`` mode: detached where the step
+        makes it without gradients (``with torch.no_grad():`` targets from the model itself), as one device's has
+        none; a call in another mode or autocast state than the pipeline ran it in is an error that says so."""
+        grad, ran_training, autocast = self.context
+        if training != ran_training:
+            raise RuntimeError(_other_mode(self.where, ran_training, self.calls + 1))
+        if autocast_state() != autocast:
+            raise RuntimeError(f"the step makes call {self.calls + 1} of {self.where} under another autocast than "
+                               f"the step's ({_autocast(autocast_state())} where the step runs under "
+                               f"{_autocast(autocast)}): a pipeline runs every call of a step under the step's "
+                               f"precision. Give it with Trainer(precision='bf16-mixed'), not torch.autocast in the "
+                               f"step")
         self.calls += 1
         outputs = self.output.each if isinstance(self.output, Calls) else (self.output,)
         if self.calls > len(outputs):
@@ -170,7 +186,8 @@ class ModelCalls:
                                f"or it makes more calls than in its first run. A pipeline learns every call's input "
                                f"before it runs the model: make the calls first, then use their outputs "
                                f"(out1, out2 = self.model(**queries), self.model(**documents); then pool each)")
-        return outputs[self.calls - 1]
+        output = outputs[self.calls - 1]
+        return tree_map_tensors(torch.Tensor.detach, output) if grad and not torch.is_grad_enabled() else output
 
     def finish(self, never_called: str) -> None:
         """After the last stage's step: it made as many calls as the pipeline ran (``never_called``: the message for
@@ -187,3 +204,17 @@ class ModelCalls:
 
     def reset(self) -> None:
         self.mode, self.output = None, None
+
+
+def _other_mode(where: str, training: bool, call: int) -> str:
+    ran, other = ("train", "eval") if training else ("eval", "train")
+    example = ("self.model.eval() before the call, as a teacher's pseudo-labels are often made" if training else
+               "self.model.train() before it, as Monte Carlo dropout does")
+    return (f"the step makes call {call} of {where} in {other} mode ({example}), but a pipeline runs every call of "
+            f"a step in the step's mode, {ran}: its stages run the calls before the step's code sets the mode. Call "
+            f"the model in the step's mode (under torch.no_grad() for targets: that is honoured), or make such "
+            f"outputs with a separate model kept outside the pipeline (an EMA teacher) or in another step")
+
+
+def _autocast(state: tuple) -> str:
+    return ", ".join(f"{device} {str(dtype).replace('torch.', '')}" for device, dtype in state) or "none"
