@@ -7,6 +7,7 @@ the step's) and an asynchronous pipeline's evaluation."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -684,3 +685,65 @@ def test_a_rank_holding_the_first_and_the_last_stage_makes_the_changes_once() ->
     for microbatches in (1, 2):
         for count, seen in run_ranks(_v_schedule, 2, microbatches, timeout=90):
             assert count == 3 and seen == [8, 8, 8], microbatches
+
+
+def _memory_bank(rank: int, world_size: int, slots: int, tmp: str) -> dict[str, Any]:
+    """Cross-batch memory (a queue of the model's own embeddings, as metric learning keeps it) and a warm-up counted
+    in the step: each micro-batch's run reads the memory and the counter as the step found them, as one device's one
+    run does (before, micro-batch 1 read micro-batch 0's entries and count). ``slots``: a memory over 64K elements is
+    not copied at a step's start until it is found changed in place (the first step: as the runs left it)."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Memory(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+            self.register_buffer("memory", torch.zeros(slots, 16))
+            self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+            self.seen = 0
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            z = F.normalize(self.net(x), dim=-1)
+            self.seen += 1
+            warm = min(1.0, self.seen / 3)
+            used = self.memory[: int(self.filled)].clone()
+            loss = F.mse_loss(z, torch.ones_like(z) / 4) + warm * (z @ used.T).pow(2).mean() if len(used) else \
+                F.mse_loss(z, torch.ones_like(z) / 4)
+            start = int(self.filled) % slots
+            self.memory[start:start + len(z)] = z.detach()
+            self.filled.fill_(min(slots, int(self.filled) + len(z)))
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    L.seed_everything(5, verbose=False)
+    model = Memory()
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_steps=4)
+    trainer.fit(model, class_data(batches=4))
+    trainer.save_checkpoint(os.path.join(tmp, f"memory-{world_size}-{slots}.ckpt"))
+    return {"loss": float(trainer.callback_metrics["train_loss"]), "seen": model.seen}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("slots", [64, 5000])
+def test_state_the_step_reads_and_changes_is_read_by_each_micro_batch_as_the_step_found_it(
+        slots: int, tmp_path: Any) -> None:
+    reference = _memory_bank(0, 1, slots, str(tmp_path))
+    results = run_ranks(_memory_bank, 2, slots, str(tmp_path), timeout=160)
+    want = torch.load(tmp_path / f"memory-1-{slots}.ckpt", weights_only=False)["state_dict"]
+    got = torch.load(tmp_path / f"memory-2-{slots}.ckpt", weights_only=False)["state_dict"]
+    assert reference["seen"] == 4
+    if slots == 64:  # copied at every step's start: every step as one device's, the counter raised once per step
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert results[1]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert [result["seen"] for result in results] == [4, 4]
+    else:  # the first step's two runs stand (warned: the memory could not be put back), then once per step
+        assert [result["seen"] for result in results] == [5, 5]

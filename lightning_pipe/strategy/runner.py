@@ -44,7 +44,7 @@ from lightning_pipe.strategy.reduction import Counts, Probe
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
+from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters, split_buffers
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
@@ -254,6 +254,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         counts = self._counts(batch, "training_step")
         start = self.effects.snapshot()
         kept: list[tuple[int, Any, int]] | None = [] if pipe.is_last_rank else None  # (index, output, rows)
+        # each micro-batch's run of the step from the module as the step found it (asynchronous: one update each)
+        runs = MicrobatchRuns(self.effects, start) if pipe.is_last_rank and not pipe.asynchronous else None
         self._prepare("training_step", batch, rest, kwargs, seed)
         checks_loss = self._checks_model_loss()
         checks_inputs = self._checks_inputs("training_step", len(firsts))
@@ -266,6 +268,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
             microbatch_rows = batch_rows(microbatch, microbatch=True)
             weight = counts.counts[index] if counts is not None else None
+            if runs is not None:
+                runs.before_run()
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
@@ -310,7 +314,15 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             encoded = None
             if pipe.is_last_rank:
                 def make() -> StepResult:
+                    # the probe runs from the step's start too, and what it changes is undone
+                    rewound = probe is not None and runs is not None and runs.rewind()
+                    mark = self.effects.snapshot() if probe is not None and not rewound else None
                     scale = self._settle_reduction(probe, rest, kwargs, seed) if probe is not None else 1.0
+                    if rewound:
+                        assert runs is not None
+                        runs.remake()
+                    elif mark is not None and self.effects.changed(mark):
+                        self.effects.restore(mark)
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
                     result.grad_scale = scale
@@ -376,13 +388,17 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.metrics.start()
         outputs, sizes = [], []
         counts = self._counts(batch, step)
+        runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
         for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
                                                          last_outputs)):
+            runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
+        if runs.rewind():
+            runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
         kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)

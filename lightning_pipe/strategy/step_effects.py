@@ -32,7 +32,7 @@ from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes"]
+__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes", "MicrobatchRuns"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -72,7 +72,7 @@ def _length(value: Any) -> int:
     return len(value) if type(value) is list else -1
 
 
-def _entry(value: Any, save: bool = True) -> _Entry:
+def _entry(value: Any, save: bool = True, always: bool = False) -> _Entry:
     if type(value) is list:
         nested = {index: (item, len(item)) for index, item in enumerate(value) if type(item) is list} \
             if len(value) <= _NESTED else None
@@ -83,7 +83,7 @@ def _entry(value: Any, save: bool = True) -> _Entry:
         return _Entry(value, items={key: (item, _length(item)) for key, item in value.items()})
     if isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, NotKept)) and not value.is_inference():
         # (a tensor made under inference_mode, in validation, has no version counter: known by identity alone)
-        saved = value.detach().clone() if save and value.numel() <= _SAVED_NUMEL else None
+        saved = value.detach().clone() if save and (always or value.numel() <= _SAVED_NUMEL) else None
         return _Entry(value, version=value._version, saved=saved)
     return _Entry(value)
 
@@ -122,6 +122,8 @@ class StepEffects:
         self.module = module
         self._pipelined = pipelined
         self._outside: list[tuple[str, nn.Module]] | None = None
+        # large tensors found changed in place where they could not be put back (a memory bank): copied from now on
+        self.saved_always: set[str] = set()
 
     def _outside_modules(self) -> list[tuple[str, nn.Module]]:
         if self._outside is None:
@@ -177,8 +179,9 @@ class StepEffects:
         modules in eval mode, which keep them)."""
         resting = {f"{path}.{name}" for path, child in self._outside_modules() if not child.training
                    for name in child._buffers}
-        return {name: _entry(value, save=name not in resting and not (_FIELD in name and isinstance(value, torch.Tensor)
-                                                                      and value.numel() > _FIELD_NUMEL))
+        return {name: _entry(value, save=name in self.saved_always or (
+                    name not in resting and not (_FIELD in name and isinstance(value, torch.Tensor)
+                                                 and value.numel() > _FIELD_NUMEL)), always=name in self.saved_always)
                 for name, value in self._tracked().items()}
 
     def changes(self, since: Snapshot) -> list[Patch]:
@@ -272,6 +275,7 @@ class StepEffects:
             elif before.version >= 0 and _changed_in_place(before, before.value):
                 if before.saved is None:
                     undone = False
+                    self.saved_always.add(name)
                     continue
                 with torch.no_grad():
                     before.value.copy_(before.saved)
@@ -390,6 +394,48 @@ def _restore_dict(value: dict, items: dict[Any, tuple[Any, int]]) -> None:
 
 
 _KEYS: dict[type, frozenset[str]] = {}
+
+
+class MicrobatchRuns:
+    """A step's runs on the last stage, one per micro-batch, each from the module as the step found it, as one
+    device's single run is: before each run, what the runs before it changed (a memory bank's entries, a counter, a
+    running normalizer) is noted and undone; :meth:`rewind` puts the step's start back for one more run (the loss
+    probe), and :meth:`remake` makes every run's changes again (lists extended by each, a value the last one's), which
+    :func:`settle` then makes one device's by a run on the whole batch. A change that cannot be undone (a large tensor
+    changed in place, which is copied from the next step on) leaves the runs as they were, and :attr:`stuck` says so."""
+
+    def __init__(self, effects: StepEffects, start: Snapshot) -> None:
+        self.effects, self.start = effects, start
+        self.made: list[list[Patch]] = []
+        self.ran = self.stuck = False
+
+    def before_run(self) -> None:
+        if self.ran and not self.stuck and self.effects.changed(self.start):
+            patches = self.effects.changes(self.start)
+            if self.effects.restore(self.start):
+                self.made.append(patches)
+            else:  # as they were: the runs go on from what the earlier ones left
+                self.effects.apply(patches)
+                self.stuck = True
+        self.ran = True
+
+    def rewind(self) -> bool:
+        """The step's start again, if the runs changed anything (then :meth:`remake` must follow); whether it did."""
+        if not self.made:
+            return False
+        self.made.append(self.effects.changes(self.start))
+        if not self.effects.restore(self.start):
+            self.effects.apply(self.made.pop())
+            self.made.clear()
+            return False
+        return True
+
+    def remake(self) -> None:
+        """After :meth:`rewind` (and a run since, undone here): every run's changes made again."""
+        self.effects.restore(self.start)
+        for patches in self.made:
+            self.effects.apply(patches)
+        self.made = []
 
 
 def own_attributes(module: nn.Module) -> dict[str, Any]:
