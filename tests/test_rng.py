@@ -5,6 +5,7 @@ replayed by re-materialization, invisible to the process's generator."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -184,3 +185,41 @@ def test_pipeline_stages_draw_their_own_masks() -> None:
             torch.testing.assert_close(results[rank][remat]["grads"][name], grad, rtol=0, atol=1e-6,
                                        msg=f"rank {rank} {name}: re-materialization drew other masks")
     assert not torch.equal(*[results[rank][one_f_one_b]["masks"][rank] for rank in range(2)])
+
+
+def _built_in_setup(rank: int, world_size: int, tmp: str) -> dict[str, torch.Tensor]:
+    """A model whose layers ``setup()`` builds (Lightning's lazy-build hook) from torch's global generator after a
+    draw of the script's own: its weights are one device's (the generators were reseeded at every fit before)."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Lazy(L.LightningModule):
+        def setup(self, stage: str) -> None:
+            if not hasattr(self, "net"):
+                self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    L.seed_everything(7, verbose=False)
+    torch.randn(5)  # the script draws before the fit
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Lazy(), class_data(batches=1))
+    path = f"{tmp}/lazy-{world_size}.ckpt"
+    trainer.save_checkpoint(path)
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+@pytest.mark.timeout(120)
+def test_a_model_built_in_setup_draws_one_devices_weights(tmp_path: Any) -> None:
+    reference = _built_in_setup(0, 1, str(tmp_path))
+    for state in run_ranks(_built_in_setup, 2, str(tmp_path), timeout=100):
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)

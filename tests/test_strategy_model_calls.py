@@ -87,35 +87,37 @@ def _capturing_run(run: Any) -> None:
 
 def test_the_last_stage_answers_each_call_and_counts_them() -> None:
     calls = ModelCalls("the model at 'net'")
-    calls.serve(Calls(("a", "b")), True)
-    assert calls.answer(True) == "a" and calls.answer(True) == "b"
+    calls.serve(Calls(("a", "b")), lambda: True)
+    assert calls.answer() == "a" and calls.answer() == "b"
     with pytest.raises(RuntimeError, match="once more than the first stage saw"):
-        calls.answer(True)
-    calls.serve(Calls(("a", "b")), True)
-    calls.answer(True)
+        calls.answer()
+    calls.serve(Calls(("a", "b")), lambda: True)
+    calls.answer()
     with pytest.raises(RuntimeError, match="1 time"):
         calls.finish("never")
-    calls.serve("one", True)
+    calls.serve("one", lambda: True)
     with pytest.raises(RuntimeError, match="never"):
         calls.finish("never")
 
 
 def test_each_call_is_answered_in_the_steps_gradient_mode_and_refused_in_another_mode_or_autocast() -> None:
-    calls = ModelCalls("the model at 'net'")
+    calls, mode = ModelCalls("the model at 'net'"), [True]
     output = {"logits": torch.ones(2, 3, requires_grad=True) * 2}
-    calls.serve(Calls((output, output)), True)
+    calls.serve(Calls((output, output)), lambda: mode[0])
     with torch.no_grad():  # targets from the model itself: no gradient through them, as on one device
-        targets = calls.answer(True)
-    assert not targets["logits"].requires_grad and calls.answer(True)["logits"].requires_grad
-    calls.serve(output, True)
+        targets = calls.answer()
+    assert not targets["logits"].requires_grad and calls.answer()["logits"].requires_grad
+    calls.serve(output, lambda: mode[0])
+    mode[0] = False  # the step's self.model.eval()
     with pytest.raises(RuntimeError, match=r"call 1 of the model at 'net' in eval mode \(self.model.eval\(\)"):
-        calls.answer(False)
-    calls.serve(output, False)
+        calls.answer()
+    calls.serve(output, lambda: mode[0])
+    mode[0] = True
     with pytest.raises(RuntimeError, match="in train mode .* Monte Carlo dropout"):
-        calls.answer(True)
-    calls.serve(output, True)
+        calls.answer()
+    calls.serve(output, lambda: mode[0])
     with torch.autocast("cpu", torch.bfloat16), pytest.raises(RuntimeError, match="cpu bfloat16 where the step"):
-        calls.answer(True)
+        calls.answer()
 
 
 def test_the_whole_batchs_output_puts_each_call_together() -> None:

@@ -465,7 +465,7 @@ class CapturedModule:
         """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
         assert self.proxy is not None
         calls = self.calls
-        calls.serve(output, self.training)
+        calls.serve(output, lambda: self.training)
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None \
             else contextlib.nullcontext()
         try:

@@ -106,6 +106,9 @@ class ModelCalls:
         self.recorded: list[Any] = []  # capture: each call's input
         self.output: Any = None  # output: the pipeline's output, Calls for several calls
         self.calls = 0  # output: the calls answered so far
+        self.context: tuple[bool, bool, tuple] = (True, True, ())  # output: the step's gradient mode, model mode and
+        # autocast state, in which the pipeline ran the calls
+        self._training: Callable[[], bool] = lambda: True  # output: the model's mode now
 
     def capture(self, run: Callable[[], Any], key: str) -> list[Any] | None:
         """Run a step (``run``; ``key``: its name and dataloader) up to its calls of the model, recorded; their
@@ -151,11 +154,12 @@ class ModelCalls:
         """The pipeline's input for the recorded calls: one call's as it is, several as :class:`Calls`."""
         return recorded[0] if len(recorded) == 1 else Calls(tuple(recorded))
 
-    def serve(self, output: Any, training: bool) -> None:
-        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in ``training`` mode
-        with the gradient mode and autocast state of now, the step's)."""
+    def serve(self, output: Any, training: Callable[[], bool]) -> None:
+        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in the mode
+        ``training()`` says now, with the gradient mode and autocast state of now: the step's)."""
         self.mode, self.output, self.calls = "output", output, 0
-        self.context = (torch.is_grad_enabled(), training, autocast_state())
+        self._training = training
+        self.context = (torch.is_grad_enabled(), training(), autocast_state())
 
     @property
     def answered(self) -> bool:
@@ -163,12 +167,12 @@ class ModelCalls:
         first stage needs, is deferred until then: :class:`~.deferred.DeferredCalls`)."""
         return self.calls >= (len(self.output.each) if isinstance(self.output, Calls) else 1)
 
-    def answer(self, training: bool) -> Any:
-        """The output of the step's next call, made with the model in ``training`` mode: detached where the step
-        makes it without gradients (``with torch.no_grad():`` targets from the model itself), as one device's has
-        none; a call in another mode or autocast state than the pipeline ran it in is an error that says so."""
+    def answer(self) -> Any:
+        """The output of the step's next call: detached where the step makes it without gradients (``with
+        torch.no_grad():`` targets from the model itself), as one device's has none; a call in another mode or
+        autocast state than the pipeline ran it in is an error that says so."""
         grad, ran_training, autocast = self.context
-        if training != ran_training:
+        if self._training() != ran_training:
             raise RuntimeError(_other_mode(self.where, ran_training, self.calls + 1))
         if autocast_state() != autocast:
             raise RuntimeError(f"the step makes call {self.calls + 1} of {self.where} under another autocast than "

@@ -64,7 +64,7 @@ class PipelinedModel(nn.Module):
         if self.model_calls.mode == "capture":
             return self.model_calls.record((args, kwargs))
         if self.model_calls.mode == "output":
-            return self.model_calls.answer(self.training)
+            return self.model_calls.answer()
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
                            f"(this rank holds part of its weights); it runs only inside training, validation, test and "
                            f"predict steps under PipelineStrategy. To run the whole model elsewhere, load a checkpoint "

@@ -34,7 +34,8 @@ from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store
-from lightning_pipe.strategy.plain import broadcast_value
+from lightning_pipe.strategy.plain import all_gather_text, broadcast_value
+from lightning_pipe.strategy.randomness import random_states_digest
 
 __all__ = ["ProcessStrategy"]
 
@@ -96,7 +97,6 @@ class ProcessStrategy(ParallelStrategy):
         self.setup_distributed()
 
     def setup_distributed(self) -> None:
-        reset_seed()
         self.set_world_ranks()
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device)
@@ -106,6 +106,13 @@ class ProcessStrategy(ParallelStrategy):
         device_id = self.root_device if "nccl" in self._process_group_backend else None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
                               device_id=device_id)
+        # Every rank ran the same script up to here, so their global generators agree, and agree with one device's:
+        # kept (a model built in setup(), a random_split, draws in hooks come out as on one device). Only where
+        # they differ (code that drew on some ranks only) are they reseeded alike, as DDP reseeds always.
+        nccl = "nccl" in self._process_group_backend
+        digests = all_gather_text(random_states_digest(), None, self.root_device if nccl else None)
+        if len(set(digests)) > 1:
+            reset_seed()
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

@@ -32,7 +32,7 @@ import torch
 from lightning_pipe.engine.rng import forked
 
 __all__ = ["derive_seed", "forked_random", "fresh_seed", "name_digest", "Stream", "global_random_states", "set_global_random_states",
-           "same_random_states", "same_state", "host_random_kept"]
+           "same_random_states", "same_state", "host_random_kept", "random_states_digest"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -108,6 +108,17 @@ def global_random_states() -> dict[str, Any]:
     name, keys, position, has_gauss, cached = numpy.random.get_state()
     states["numpy"] = (str(name), torch.from_numpy(keys.astype("int64")), int(position), int(has_gauss), float(cached))
     return states
+
+
+def random_states_digest() -> str:
+    """A hash of this process's global generators' states (torch's CPU one, Python's, NumPy's), to compare ranks'."""
+    states = global_random_states()
+    digest = hashlib.sha256(states["torch"].numpy().tobytes())
+    digest.update(repr(states["python"]).encode())
+    if "numpy" in states:
+        name, keys, *rest = states["numpy"]
+        digest.update(keys.numpy().tobytes() + repr((name, *rest)).encode())
+    return digest.hexdigest()
 
 
 def same_random_states(first: dict[str, Any], second: dict[str, Any]) -> bool:

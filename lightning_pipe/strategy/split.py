@@ -72,7 +72,7 @@ class PipelinedSequence(nn.Module):
         if self.model_calls.mode == "capture":
             return self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
         if self.model_calls.mode == "output":
-            return self.model_calls.answer(self.training)
+            return self.model_calls.answer()
         raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
                            f"{list(self._modules)}); it runs only inside training/validation/test/predict steps under "
                            f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
@@ -172,7 +172,7 @@ class SplitModule:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
         proxy = self._proxy()
         calls = proxy.model_calls
-        calls.serve(output, proxy.training)
+        calls.serve(output, lambda: proxy.training)
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None else nullcontext()
         try:
             with deferring:  # code before the sequence ran on the first stage: here it runs only where it is used
