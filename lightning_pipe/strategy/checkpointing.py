@@ -18,11 +18,12 @@ import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
+from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
     CallbackMerge,
@@ -67,6 +68,7 @@ from lightning_pipe.strategy.sharded import (
 
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
+_ON_EXCEPTION_WAIT = 10.0  # seconds a rank saving on its own exception waits for the others
 _SAVING = "writing a checkpoint"
 # said where the others did not come to write it: a rank that calls it alone (not where a rank failed otherwise)
 _CALLED_ALONE = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
@@ -132,17 +134,30 @@ class PipelineCheckpoints:
         writes its own share into a folder at ``filepath`` (:mod:`lightning_pipe.strategy.sharded`). Either way the
         file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
         runner = self.runner
+        trainer = self._trainer()
+        # Saved from a callback's on_exception (OnExceptionCheckpoint), which Lightning runs before the strategy's:
+        # this rank's own error is posted first, so that the others end with it rather than train on while this
+        # rank waits for them (they do not come: a rank that knows of a failure takes part in no collective), and
+        # this rank waits for them a few seconds only (an error every rank met, or an interrupt, brings them all).
+        pending = sys.exc_info()[1]
+        interrupted = pending is not None and trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
+        if interrupted and not isinstance(pending, (PipelineError, KeyboardInterrupt)):
+            self.on_exception(pending)
+        timeout = runner.pipeline.config.wait_timeout
         # Collective, as under DDP: a rank that calls it alone (under `if trainer.is_global_zero:`) must not wait for
         # the others for ever. One watched all_reduce first says so after wait_timeout, naming where the others are.
         try:
             collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
-                       timeout=runner.pipeline.config.wait_timeout,
+                       timeout=min(timeout, _ON_EXCEPTION_WAIT) if interrupted else timeout,
                        notice=job_failure_notice(runner.pipeline.comm.board, _SAVING))
         except PeerLost as error:
             if not error.timed_out:
                 raise
+            if interrupted:
+                raise RuntimeError(f"no checkpoint is written on this rank's error ({type(pending).__name__}: "
+                                   f"{pending}): the other ranks did not come to save, having ended with it ("
+                                   f"{error}); a pipeline's checkpoint needs every rank") from pending
             raise PeerLost(f"{error}; {_CALLED_ALONE}", error.origin_rank, True) from None
-        trainer = self._trainer()
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = {**self._position.state_dict(trainer),
                                           "replicas": self.mesh_shape.replicas}  # each one's share of the data
