@@ -105,7 +105,7 @@ def test_what_a_step_logs_through_self_logger_reaches_rank_0_as_one_device_logs_
     assert zero == reference and other == ([], [], [])
 
 
-def _gathered(rank: int, world_size: int) -> list[int]:
+def _gathered(rank: int, world_size: int) -> list[Any]:
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
@@ -123,6 +123,10 @@ def _gathered(rank: int, world_size: int) -> list[int]:
 
         def on_validation_epoch_end(self) -> None:  # every replica's predictions: one device's, once
             self.shapes = list(self.all_gather(torch.cat(self.predictions)).shape)
+            # and DDP's manual sum of counts, once (it counted every replica's once per stage); a decision of all
+            rows = torch.tensor(float(len(torch.cat(self.predictions))))
+            counted = self.trainer.strategy.reduce(rows, reduce_op="sum")
+            self.shapes += [float(counted), self.trainer.strategy.reduce_boolean_decision(True)]
 
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
     trainer = quiet_trainer(world_size, strategy)
@@ -133,7 +137,7 @@ def _gathered(rank: int, world_size: int) -> list[int]:
 
 @pytest.mark.timeout(120)
 def test_all_gather_gathers_over_data_parallel_replicas_not_pipeline_stages() -> None:
-    assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16]] * 2
+    assert run_ranks(_gathered, 2, timeout=100) == [_gathered(0, 1)] * 2 == [[16, 16.0, True]] * 2
 
 
 def _numbers(rank: int, world_size: int) -> tuple[list[Any], list[Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.types import ReduceOp
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import (
     _optimizers_to_device,
@@ -431,6 +432,19 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         """Where the tensors of this strategy's collectives live: the device under NCCL, else the CPU."""
         backend = self._process_group_backend or ""
         return self.root_device if "nccl" in backend else torch.device("cpu")
+
+    @override
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None,
+               reduce_op: ReduceOp | str | None = "mean") -> Tensor | Any:
+        """``trainer.strategy.reduce`` (a sum of what each rank counted, as under DDP): over the data-parallel
+        replicas, as :meth:`all_gather`, since every rank of a pipeline holds the same values (over the world it
+        counted each replica's once per stage)."""
+        runner = self._runner
+        if (group is not None and group is not torch.distributed.group.WORLD) or runner is None:
+            return super().reduce(tensor, group=group, reduce_op=reduce_op)
+        if runner.replica_group is None or not isinstance(tensor, Tensor):
+            return tensor
+        return super().reduce(tensor, group=runner.replica_group, reduce_op=reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:

@@ -149,6 +149,15 @@ class ProcessStrategy(ParallelStrategy):
         return tensor
 
     @override
+    @explained("a reduce")
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Over every process of the job (a decision to stop, to save), whatever group :meth:`reduce` takes."""
+        if not _distributed_is_initialized():
+            return decision
+        count = _sync_ddp_if_available(torch.tensor(int(decision), device=self.root_device), None, reduce_op="sum")
+        return bool(count == self.world_size) if all else bool(count)
+
+    @override
     @explained("an all_gather")
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)

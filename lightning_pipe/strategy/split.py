@@ -226,8 +226,8 @@ def load_share(module: nn.Module, state_keys: Sequence[str], state_dict: Mapping
         unexpected = [key for key in state_dict if key not in set(state_keys)]
         if missing or unexpected:
             raise RuntimeError(f"the checkpoint does not match {type(module).__name__}: missing keys "
-                               f"{_listed(missing)}, unexpected keys {_listed(unexpected)} (the module's strict_loading = "
-                               f"False loads the keys that match)")
+                               f"{_listed(missing)}, unexpected keys {_listed(unexpected)} (the module's "
+                               f"strict_loading = False loads the keys that match)")
     module.load_state_dict({k: state_dict[k] for k in local_keys if k in state_dict}, strict=strict)
 
 
