@@ -230,6 +230,16 @@ def test_outputs_combine_over_microbatches() -> None:
     mixed = combine_outputs([(l0, torch.tensor(1.0)), (l1, torch.tensor(3.0))], [2, 2])
     assert len(mixed) == 2 and mixed[0].shape == (4, 3) and float(mixed[1]) == 2.0
     assert combine_outputs([(l0, ["a", "b"]), (l1, ["c", "d"])], [2, 2])[1] == ["a", "b", "c", "d"]
+    # NumPy arrays (predict_step's out.cpu().numpy()) as a tensor's rows, alone as they are (not wrapped in a list)
+    import numpy as np
+
+    from lightning_pipe.strategy.step_values import same_output
+
+    arrays = combine_outputs([a.numpy(), b.numpy()], [3, 2])
+    assert isinstance(arrays, np.ndarray) and arrays.shape == (5, 2)
+    alone = combine_outputs([{"p": a.numpy()}], [3])["p"]
+    assert isinstance(alone, np.ndarray) and alone.shape == (3, 2)
+    assert same_output({"p": arrays}, {"p": arrays + 1e-9}) and not same_output(arrays, arrays + 1)
     assert combine_outputs([[[0, 1], [1, 1]], [[1, 0], [0, 0]]], [2, 2]) == [[0, 1, 1, 0], [1, 1, 0, 0]]
 
 

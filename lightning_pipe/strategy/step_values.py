@@ -3,6 +3,7 @@ over micro-batches, and the error for ranks that read different batches."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -95,8 +96,8 @@ def listed(value: Any) -> Any:
 def same_output(one: Any, other: Any) -> bool:
     """Whether two outputs of a step (put together by :func:`combine_outputs`) agree: the same structure, equal plain
     values, and tensors equal up to rounding (other row counts sum in other orders)."""
-    leaves, spec = tree_flatten(one)
-    others, other_spec = tree_flatten(other)
+    leaves, spec = tree_flatten(_arrays_as_tensors(one))  # a NumPy array compared as a tensor, up to rounding
+    others, other_spec = tree_flatten(_arrays_as_tensors(other))
     if not _equal(spec, other_spec) or len(leaves) != len(others):  # (plain values are in the specs)
         return False
     for a, b in zip(leaves, others):
@@ -139,6 +140,12 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
         if len(tensors) > 1 and any(t.dim() == 0 or t.shape[0] != rows for t, rows in zip(tensors, sizes)):
             return PerMicroBatch(tensors)
         return torch.cat(tensors)
+    if _is_array(first):  # a NumPy array (predict_step's out.cpu().numpy()): as a tensor's rows, else alike
+        numpy = sys.modules["numpy"]
+        if len(outputs) == 1:
+            return first
+        if all(_is_array(o) and o.ndim > 0 and o.shape[0] == rows for o, rows in zip(outputs, sizes)):
+            return numpy.concatenate(outputs)
     if isinstance(first, Mapping):
         return {key: combine_outputs([o[key] for o in outputs], sizes, weights) for key in first}
     if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
@@ -164,7 +171,23 @@ def _per_row(outputs: list[Any], sizes: list[int]) -> bool:
                    for output, rows in zip(outputs, sizes) for item in output)
 
 
+def _arrays_as_tensors(value: Any) -> Any:
+    if _is_array(value):
+        return torch.from_numpy(value)
+    if type(value) in (dict, list, tuple):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        converted = {key: _arrays_as_tensors(item) for key, item in items}
+        return converted if isinstance(value, dict) else type(value)(converted.values())
+    return value
+
+
+def _is_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
+
+
 def _equal(value: Any, other: Any) -> bool:
+    if _is_array(value) or _is_array(other):
+        return bool(sys.modules["numpy"].array_equal(value, other))
     try:
         return bool(value == other)
     except (RuntimeError, TypeError, ValueError):  # tensors inside (an ambiguous truth value)
