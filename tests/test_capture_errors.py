@@ -508,3 +508,25 @@ def test_a_draw_from_a_generator_the_model_keeps_says_to_draw_from_the_global_on
         Splitter(_OwnGenerator()).segments((torch.randn(3, 4),))
     with pytest.raises(CaptureError, match=r"torch.Generator it keeps.*drop generator="):  # one capture per shape
         Splitter(_OwnGenerator(), dynamic=False).segments((torch.randn(3, 4),))
+
+
+class _Residual(nn.Module):
+    """A physics-informed network: its forward differentiates its output with respect to its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_(True)
+        u = self.blocks(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        return u, du[:, 0] - du[:, 1]
+
+
+def test_a_forward_that_takes_gradients_itself_is_refused_with_the_reason() -> None:
+    # (torch's export said "a fake tensor in the exported program constant's list ... file an issue")
+    with pytest.raises(CaptureError, match=r"_Residual.forward takes gradients itself \(torch.autograd.grad"):
+        Splitter(_Residual()).segments((torch.randn(3, 2),))
+    x = torch.ones(2, requires_grad=True)
+    assert torch.autograd.grad((x * 3).sum(), x)[0].tolist() == [3.0, 3.0]  # torch's own again after the capture

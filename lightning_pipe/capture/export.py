@@ -36,6 +36,25 @@ from .host_random import host_random_advice, watch_host_random
 __all__ = ["export_forward"]
 
 
+@contextlib.contextmanager
+def _no_gradients_taken(name: str) -> Iterator[None]:
+    """A forward that takes gradients itself (``torch.autograd.grad``: a PINN's residual, a force field's ``-dE/dx``)
+    is refused with the reason: torch's export fails on it with a message about fake constants."""
+    grad = torch.autograd.grad
+
+    def refused(*_: Any, **__: Any) -> Any:
+        raise CaptureError(f"{name}.forward takes gradients itself (torch.autograd.grad: a physics-informed "
+                           f"network's residual, a force field's -dE/dx, a gradient penalty): a pipeline runs the "
+                           f"forward as a graph cut into stages, which such gradients cannot cross (to the input, "
+                           f"on the first stage). Train such a model on one device or with DDP")
+
+    torch.autograd.grad = refused
+    try:
+        yield
+    finally:
+        torch.autograd.grad = grad
+
+
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
                    meta: bool, allow_autograd_functions: bool, device: torch.device = META,
                    fixed_sizes: set[tuple[str, int]] | None = None,
@@ -85,6 +104,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(_keywords_named(model, args, kwargs))
                 stack.enter_context(_masks_as_given())
                 stack.enter_context(_conversions_in_place())
+                stack.enter_context(_no_gradients_taken(type(model).__name__))
                 functions, checkpoints, frozen = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 drawn = stack.enter_context(watch_host_random(names))

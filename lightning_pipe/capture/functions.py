@@ -24,6 +24,8 @@ import torch.utils.checkpoint
 
 from .errors import locate_frame
 
+_GRAD = torch.autograd.grad  # bound once: a capture refuses calls of torch.autograd.grad from the forward
+
 __all__ = ["Applied", "watch_autograd_functions", "not_derivatives", "frozen_checkpoint_advice"]
 
 _MAX_ELEMENTS = 1 << 20  # per checked input; larger shapes are shrunk alike in every input (a size stays one size)
@@ -249,7 +251,7 @@ def _grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: 
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not pairs:
         return [None for _ in inputs]
-    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True))
+    return list(_GRAD([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True))
 
 
 def _random(like: _Like, shapes: dict[int, int], smallest: int, everything: bool,
