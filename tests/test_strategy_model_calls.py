@@ -259,6 +259,8 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, _ = batch
+            if kind == "attribute":  # a layer another stage holds, annealed in the step: a step late there
+                self.net[2].temperature = 1.0 + batch_idx
             if kind == "eval":
                 self.net.eval()
                 with torch.no_grad():
@@ -279,6 +281,13 @@ def test_a_call_on_an_earlier_calls_output_is_refused_on_every_rank() -> None:
     errors = run_ranks(_dependent, 2, timeout=100, expect_failure=True)
     for error in errors:
         assert error is not None and "once more than the first stage saw" in error
+
+
+@pytest.mark.timeout(120)
+def test_an_attribute_the_step_sets_on_a_layer_another_stage_holds_is_refused_on_every_rank() -> None:
+    errors = run_ranks(_dependent, 2, "attribute", timeout=100, expect_failure=True)
+    for error in errors:  # set on the first stage's stand-in, silently, before
+        assert error is not None and "the step sets 'temperature' of 'net[2]'" in error, error
 
 
 @pytest.mark.timeout(120)

@@ -26,7 +26,7 @@ from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
-__all__ = ["Pending", "ModelCalls", "Stop", "call_key"]
+__all__ = ["Pending", "ModelCalls", "Stop", "call_key", "capturing"]
 
 
 class Stop(BaseException):
@@ -39,6 +39,15 @@ _KEPT = ("a value computed from the model's output on the first stage, which nev
          "used later. Keep what a step collects in the module's own attributes (lists, dicts, tensors, numbers: "
          "those every rank receives from the last stage), or in a torchmetrics Metric")
 _capturing = [0]  # runs of a step up to the model in progress in this process
+
+
+def _training() -> bool:  # a module-level function, not a lambda: the stand-ins holding calls pickle
+    return True
+
+
+def capturing() -> bool:
+    """Whether a run of a step up to the model is in progress (the first stage's: code before the model's call)."""
+    return _capturing[0] > 0
 
 
 def _stop(*_: Any, **__: Any) -> Any:
@@ -108,7 +117,7 @@ class ModelCalls:
         self.calls = 0  # output: the calls answered so far
         self.context: tuple[bool, bool, tuple] = (True, True, ())  # output: the step's gradient mode, model mode and
         # autocast state, in which the pipeline ran the calls
-        self._training: Callable[[], bool] = lambda: True  # output: the model's mode now
+        self._training: Callable[[], bool] = _training  # output: the model's mode now
 
     def capture(self, run: Callable[[], Any], key: str) -> list[Any] | None:
         """Run a step (``run``; ``key``: its name and dataloader) up to its calls of the model, recorded; their
@@ -207,7 +216,7 @@ class ModelCalls:
                                f"batch (no branching on the model's outputs or on which rank runs it)")
 
     def reset(self) -> None:
-        self.mode, self.output = None, None
+        self.mode, self.output, self._training = None, None, _training
 
 
 def _other_mode(where: str, training: bool, call: int) -> str:

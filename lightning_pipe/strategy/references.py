@@ -51,6 +51,19 @@ class LayerElsewhere(nn.Module):
                              f"holds, so its {attribute!r} is not on this rank; reach the layers this rank holds "
                              f"through named_parameters() or named_modules() (each name as in the whole sequence)")
 
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        from lightning_pipe.strategy.model_calls import capturing
+
+        # the step's code before the model, on the first stage (a mode is checked where the call is answered)
+        if capturing() and "kind" in self.__dict__ and attribute != "training":
+            raise RuntimeError(f"the step sets {attribute!r} of {self.alias!r}, the module {self.name!r} of the "
+                               f"{self.kind} at {self.sequence_path!r}, which another pipeline stage holds: it runs "
+                               f"its part of each micro-batch before the step's code reaches it there, so the value "
+                               f"would come a step late, or never. Set it in a hook every rank runs before the step "
+                               f"(on_train_batch_start, on_predict_model_eval for a mode), or pass it to the model as "
+                               f"a tensor")
+        super().__setattr__(attribute, value)
+
     def extra_repr(self) -> str:
         return f"{self.sequence_path}.{self.name} (on another rank)"
 
