@@ -747,3 +747,27 @@ def test_state_the_step_reads_and_changes_is_read_by_each_micro_batch_as_the_ste
         assert [result["seen"] for result in results] == [4, 4]
     else:  # the first step's two runs stand (warned: the memory could not be put back), then once per step
         assert [result["seen"] for result in results] == [5, 5]
+
+
+def test_a_buffer_written_without_moving_its_version_counter_is_found_changed() -> None:
+    """Torch's default fake-quantize observers (a fused kernel) update their scale in place without moving the
+    version counter: a small buffer is compared by value too (its once-per-micro-batch updates were silent)."""
+    from lightning_pipe.strategy.buffers import BufferWatch
+
+    class Observed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.scale.data.add_(1)  # (as the fused kernel: .data's writes leave the counter alone)
+            return x * self.scale
+
+    stage = Observed()
+    watch = BufferWatch(lambda: [stage], num_microbatches=2)
+    before = watch.before()
+    version = stage.scale._version
+    stage(torch.ones(2))
+    assert stage.scale._version == version  # the counter did not move
+    with pytest.warns(UserWarning, match="the forward changes the buffers scale"):
+        watch.after(before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
@@ -20,6 +21,16 @@ def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> N
                       f"differ from one device's, which uses the whole batch's; their running statistics are the whole "
                       f"batch's, updated once per step. num_microbatches=1 gives one device's results; GroupNorm and "
                       f"LayerNorm do not depend on the batch", stacklevel=3)
+
+
+_COMPARED = 4096  # a buffer up to this size is compared by value as well
+
+
+def _changed(before: tuple, after: tuple) -> bool:
+    if before[:2] != after[:2]:
+        return True
+    first, second = before[2], after[2]
+    return first is not None and second is not None and not torch.equal(first, second)
 
 
 class BufferWatch:
@@ -38,20 +49,24 @@ class BufferWatch:
         deferred = {id(buffer) for stage in stages for module in stage.modules()
                     if isinstance(module.__dict__.get("_original", module), nn.modules.batchnorm._BatchNorm)
                     for buffer in module.buffers()}
-        return {name: (id(buffer), buffer._version) for stage in stages for name, buffer in stage.named_buffers()
-                if id(buffer) not in deferred}
+        # a small buffer's values too: a fused kernel (torch's default fake-quantize observers) writes them in place
+        # without moving the version counter
+        return {name: (id(buffer), buffer._version,
+                       buffer.detach().clone() if buffer.numel() <= _COMPARED and not buffer.is_meta else None)
+                for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
-    def before(self) -> dict[str, tuple[int, int]] | None:
-        """Each buffer as (object, version) before a step; None once the steps to watch are over."""
+    def before(self) -> dict[str, tuple] | None:
+        """Each buffer as (object, version, a small one's values) before a step; None once the steps to watch are
+        over."""
         return self._versions() if self._left > 0 else None
 
-    def after(self, before: dict[str, tuple[int, int]] | None) -> None:
+    def after(self, before: dict[str, tuple] | None) -> None:
         """Warn, once, of the buffers changed (in place or replaced) since ``before``."""
         if before is None:
             return
         after = self._versions()
         self._left -= 1
-        changed = sorted(name for name, seen in before.items() if after.get(name, seen) != seen)
+        changed = sorted(name for name, seen in before.items() if name in after and _changed(seen, after[name]))
         if changed:
             self._left = 0
             more = " ..." if len(changed) > 6 else ""
