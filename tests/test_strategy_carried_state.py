@@ -73,6 +73,9 @@ def _language_model(kind: str, batch_size: int) -> Any:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
+            if kind == "lstm_guarded" and self.hidden is not None and self.hidden[0].size(1) != x.size(0):
+                self.hidden = None  # a smaller last batch starts afresh (never on one device here: each micro-batch
+                # reads its rows of the state, rather than the whole batch's, which reset it at every step)
             output, hidden = self.model(x, self.hidden)
             self.hidden = detached(hidden)
             loss = F.cross_entropy(output.reshape(-1, VOCAB), y.reshape(-1))
@@ -116,7 +119,7 @@ def _fits(rank: int, world_size: int, runs: list[tuple[str, int]]) -> dict[str, 
     return {f"{kind}-{batch_size}": _fit(kind, world_size, batch_size) for kind, batch_size in runs}
 
 
-RUNS = [("lstm", 7), ("gru_rows_first", 7), ("lstm_from_none", 8)]
+RUNS = [("lstm", 7), ("gru_rows_first", 7), ("lstm_from_none", 8), ("lstm_guarded", 7)]
 
 
 @pytest.mark.timeout(300)
@@ -155,8 +158,20 @@ def test_each_micro_batch_gets_its_rows_of_a_state_the_module_holds() -> None:
     with carried.window(0, 7, 7):  # one micro-batch: the whole batch
         assert carried.take([((module.hidden,), {})])[0][0][0] is module.hidden
     with pytest.warns(UserWarning, match=r"self.hidden.*did not store it anew"):
-        carried.after_step("training_step", set())
-    carried.after_step("training_step", set())  # nothing taken since
+        carried.after_step("training_step", {}, 7)
+    carried.after_step("training_step", {}, 7)  # nothing taken since
+    # a state the step stores anew, with the batch's rows along one dim: the step's code reads a micro-batch's rows
+    # of it (a guard `if self.hidden[0].size(1) != x.size(0): self.hidden = None` reset it at every step before)
+    carried.after_step("training_step", {"hidden": module.hidden, "table": module.table}, 7)
+    assert carried.states == {"hidden"}  # the table has the rows along two dims: not taken for a state
+    whole = module.hidden
+    with carried.window(4, 7, 7):
+        assert module.hidden[0].shape == (2, 3, 3) and module.table.shape == (7, 7)
+        torch.testing.assert_close(module.hidden[0], whole[0][:, 4:7])
+    assert module.hidden is whole  # put back
+    with carried.window(0, 4, 7):
+        module.hidden = None  # stored anew by the step: left so (the runs are undone and replayed on the whole)
+    assert module.hidden is None
 
 
 def test_a_model_output_with_its_rows_along_dim_1_is_put_together_there() -> None:

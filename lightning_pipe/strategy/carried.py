@@ -48,16 +48,34 @@ class CarriedRows:
         self.module = module
         self._window: RowWindow | None = None
         self.taken: dict[str, tuple[tuple[int, ...], int]] = {}  # attribute -> (a tensor's whole shape, its rows' dim)
+        self.states: set[str] = set()  # attributes found to be such states (taken, and stored anew by the step)
         self._warned: set[str] = set()
 
     @contextmanager
     def window(self, start: int, stop: int, total: int) -> Iterator[None]:
-        """Model calls within are a micro-batch's, of rows ``start:stop`` of a ``total``-row batch."""
+        """Model calls within are a micro-batch's, of rows ``start:stop`` of a ``total``-row batch; and the step's
+        code reads its rows of each state (a guard ``if self.hidden[0].size(1) != x.size(0): self.hidden = None``
+        sees the micro-batch's rows, as one device's sees the batch's), the whole put back after unless the step
+        stored another."""
         before, self._window = self._window, RowWindow(start, stop, total)
+        bound = self._bind_rows(self._window) if stop - start < total else []
         try:
             yield
         finally:
             self._window = before
+            for name, whole, rows in bound:
+                if self.module.__dict__.get(name) is rows:
+                    self.module.__dict__[name] = whole
+
+    def _bind_rows(self, window: RowWindow) -> list[tuple[str, Any, Any]]:
+        bound = []
+        for name in sorted(self.states):
+            whole = self.module.__dict__.get(name)
+            rows = _rows_of(whole, window)
+            if rows is not None:
+                self.module.__dict__[name] = rows
+                bound.append((name, whole, rows))
+        return bound
 
     def take(self, calls: list[Any]) -> list[Any]:
         """``calls`` (each a model call's ``(args, kwargs)``) with each carried state in them cut to the open
@@ -100,7 +118,9 @@ class CarriedRows:
                 return tuple(kind(item, depth + 1) for item in value)
             return type(value).__name__
 
-        return tuple((name, kind(value, 0)) for name, value in own_attributes(self.module).items())
+        # and which of them are states, which the step reads a micro-batch's rows of (it may call the model otherwise)
+        return (*((name, kind(value, 0)) for name, value in own_attributes(self.module).items()),
+                tuple(sorted(self.states)))
 
     def _held(self) -> dict[int, str]:
         """The tensors the module's own attributes hold (in tuples, lists and dicts too), by id: their attribute."""
@@ -121,11 +141,16 @@ class CarriedRows:
             visit(value, name, 0)
         return found
 
-    def after_step(self, step: str, stored: set[str]) -> None:
-        """Warn of each attribute whose rows the step's calls got but that the step (``stored``: the attributes it
-        set, as every rank learns them) did not store anew: a state is; a tensor with the batch's rows by chance is
-        not one, and each micro-batch's call got only a part of it."""
+    def after_step(self, step: str, stored: dict[str, Any], rows: int) -> None:
+        """Learn the states: attributes the step (``stored``: the attributes it set, as every rank learns them, each
+        with the value it bound) stores with the batch's ``rows`` along one dim of each tensor (also where no call
+        took them yet: a guard that reset the state whenever its rows were not the micro-batch's). Warn of each
+        attribute whose rows the step's calls got but that the step did not store anew: a state is; a tensor with
+        the batch's rows by chance is not one, and each micro-batch's call got only a part of it."""
         taken, self.taken = self.taken, {}
+        whole = RowWindow(0, rows, rows)
+        self.states |= {name for name, value in stored.items()
+                        if name in taken or _rows_of(value, whole) is not None}
         for name, (shape, dim) in taken.items():
             if name in stored or name in self._warned:
                 continue
@@ -137,3 +162,15 @@ class CarriedRows:
                 f"such a state is. If it is no such state (a table with as many entries as the batch has rows, by "
                 f"chance), each call got a part of it and this trains otherwise than one device: keep it in the "
                 f"model (a buffer), or use another batch size", stacklevel=2)
+
+
+def _rows_of(value: Any, window: RowWindow, depth: int = 0) -> Any:
+    """``value`` (a tensor, or tuples and lists of them) with each tensor cut to the window's rows along its one dim
+    of the batch's rows; None where any tensor has no such single dim (not a state of this batch's rows now)."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        dims = [dim for dim, size in enumerate(value.shape) if size == window.total]
+        return value.narrow(dims[0], window.start, window.stop - window.start) if len(dims) == 1 else None
+    if depth < _DEPTH and isinstance(value, (tuple, list)) and not hasattr(value, "_fields") and value:
+        parts = [_rows_of(item, window, depth + 1) for item in value]
+        return None if any(part is None for part in parts) else type(value)(parts)
+    return None

@@ -271,7 +271,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if runs is not None:
                 runs.before_run()
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), pipe.device):
+                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
             loss, extra = loss_of(result)
             outputs.append(extra)
@@ -332,7 +332,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
 
                 encoded = self._guard("training_step", make, replicas=True)
         result = self._share(encoded, fingerprint, "training_step", start)
-        self._carried("training_step", result)
+        self._carried("training_step", result, rows)
         assert result.loss is not None
         if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
             self.loss_reduction = "sum"
@@ -374,14 +374,15 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
                                                                         seed, start), replicas=True)
         result = self._share(encoded, fingerprint, step, start)
-        self._carried(step, result)
+        self._carried(step, result, rows)
         return result.output
 
-    def _carried(self, step: str, result: StepResult) -> None:
-        """After a step: warn of a tensor given to the model with each micro-batch's rows that the step did not store
-        anew (:mod:`.carried`)."""
-        if isinstance(self.split, CapturedModule) and self.split.carried.taken:
-            self.split.carried.after_step(step, {name for _, name, *_ in result.effects})
+    def _carried(self, step: str, result: StepResult, rows: int) -> None:
+        """After a step of ``rows`` rows: learn the states the module carries with the rows, and warn of a tensor
+        given to the model with each micro-batch's rows that the step did not store anew (:mod:`.carried`)."""
+        if isinstance(self.split, CapturedModule):
+            self.split.carried.after_step(step, {name: value if kind == "set" and key is None else None
+                                                 for kind, name, key, value, *_ in result.effects}, rows)
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
                        kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
@@ -389,13 +390,16 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         outputs, sizes = [], []
         counts = self._counts(batch, step)
         runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
+        total = batch_rows(batch)
+        pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
         for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
                                                          last_outputs)):
             runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), self.pipeline.device):
+                    forked_random(derive_seed(seed, index), self.pipeline.device), \
+                    self._rows_window(pieces[index], total):
                 outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
         if runs.rewind():
             runs.remake()
@@ -403,6 +407,13 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
+
+    def _rows_window(self, rows: torch.Tensor, total: int) -> Any:
+        """The step's run on a micro-batch of rows ``rows`` of a ``total``-row batch reads its rows of the states the
+        module carries with the rows (:class:`~lightning_pipe.strategy.carried.CarriedRows`)."""
+        if not isinstance(self.split, CapturedModule):
+            return nullcontext()
+        return self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total)
 
     def _prepare(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> None:
         """A captured model: make the captures this step needs, on every rank (the step code runs as in input_fn)."""
