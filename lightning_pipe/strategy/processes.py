@@ -172,8 +172,12 @@ class ProcessStrategy(ParallelStrategy):
         # others never came to a collective it is in: a checkpoint saved on one rank only): its explanation is this
         # rank's to post. An interrupt is not a failure.
         given_up = isinstance(exception, PeerLost) and exception.timed_out
-        if not _distributed_is_initialized() or isinstance(exception, KeyboardInterrupt) \
-                or (isinstance(exception, PipelineError) and not given_up):
+        if not _distributed_is_initialized() or isinstance(exception, KeyboardInterrupt):
+            return
+        if isinstance(exception, PipelineError) and not given_up:
+            # another rank's failure, posted already: where this process holds the job's store, it stays until the
+            # others have read it too (a rank still waiting said "the store does not answer" when it ended first)
+            hold_for_readers()
             return
         store = short_store()
         if store is not None and type(exception).__name__ != "SIGTERMException":
