@@ -37,14 +37,10 @@ def mean_losses(graphs: Iterable[fx.GraphModule]) -> list[MeanLoss]:
         for node in graph_module.graph.nodes:
             if node.op != "call_function" or node.target not in _LOSSES:
                 continue
-
-            def argument(index: int, name: str, default: object) -> object:
-                return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-            if argument(3, "reduction", _MEAN) == _MEAN:
+            if _argument(node, 3, "reduction", _MEAN) == _MEAN:
                 name = getattr(node.target, "_opname", str(node.target))
-                ignored = argument(4, "ignore_index", -100)
-                found.append(MeanLoss(name, argument(2, "weight", None) is not None,
+                ignored = _argument(node, 4, "ignore_index", -100)
+                found.append(MeanLoss(name, _argument(node, 2, "weight", None) is not None,
                                       ignored if isinstance(ignored, int) else None))
     return found
 
@@ -153,12 +149,13 @@ def _ignore_index(node: fx.Node) -> int | None:
     """A cross entropy's or NLL's ignored label, where it has no class weights (those :func:`mean_losses` finds)."""
     if node.target not in _LOSSES:
         return None
+    ignored = _argument(node, 4, "ignore_index", -100)
+    return ignored if isinstance(ignored, int) and _argument(node, 2, "weight", None) is None else None
 
-    def argument(index: int, name: str, default: object) -> object:
-        return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
-    ignored = argument(4, "ignore_index", -100)
-    return ignored if isinstance(ignored, int) and argument(2, "weight", None) is None else None
+def _argument(node: fx.Node, index: int, name: str, default: object) -> object:
+    """A call's argument, given by position or by name."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _selection(node: Any) -> fx.Node | None:
