@@ -36,6 +36,9 @@ def _module(kind: str) -> Any:
             else:  # no nn.Sequential: captured
                 self.net = Blocks()
 
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = F.cross_entropy(self.net(x), y)
@@ -193,6 +196,9 @@ def _tied_lm() -> Any:
             self.model = transformers.GPT2LMHeadModel(config)
             self.model.transformer.wpe.requires_grad_(False)
 
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids).logits
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.model(input_ids=batch, labels=batch).loss
 
@@ -202,24 +208,33 @@ def _tied_lm() -> Any:
     return TiedLM()
 
 
-def _summarized(rank: int, world_size: int) -> list[tuple[int, int, list[int]]]:
+_EXAMPLES = (torch.zeros(4, 12), torch.zeros(4, 8, dtype=torch.long))  # each summarized model's example_input_array
+
+
+def _summarized(rank: int, world_size: int) -> list[tuple[Any, ...]]:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, ThroughputMonitor
 
     from lightning_pipe import PipelineStrategy
 
     counts = []
-    for model, callback in ((_module("swa"), ModelSummary(max_depth=2)), (_tied_lm(), RichModelSummary())):
+    for model, callback, example in zip((_module("swa"), _tied_lm()), (ModelSummary(max_depth=2), RichModelSummary()),
+                                        _EXAMPLES):
+        model.example_input_array = example
         data = torch.utils.data.DataLoader(torch.randint(0, 64, (8, 8)), batch_size=4) \
             if not hasattr(model, "net") else __import__("tests.citizen_models").citizen_models.class_data(batches=1)
+        monitor = ThroughputMonitor(batch_size_fn=len)
         trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=2), accelerator="cpu", devices=world_size,
                             max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                            callbacks=[callback])
+                            callbacks=[callback, monitor])
         trainer.fit(model, data)
+        # the job's rates count one pipeline, not each of its stages (Lightning scaled them by world_size)
+        assert [meter.world_size for meter in monitor._throughputs.values()] == [1], monitor._throughputs
         summary = callback._summary(trainer, model)  # what on_fit_start printed on rank 0 (a collective)
         table = dict(summary._get_summary_data())
         assert len(table[" "]) == len(table["Name"]) == len(summary.param_nums)  # every rank's rows, numbered
-        counts.append((summary.total_parameters, summary.trainable_parameters, summary.param_nums))
+        counts.append((summary.total_parameters, summary.trainable_parameters, summary.param_nums,
+                       summary.total_flops, table))
     return counts
 
 
@@ -228,11 +243,36 @@ def test_model_summaries_count_the_whole_model_on_every_rank() -> None:
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     results = run_ranks(_summarized, 2, timeout=180)
-    for index, (model, depth) in enumerate(((_module("swa"), 2), (_tied_lm(), 1))):
+    for index, (model, depth, example) in enumerate(((_module("swa"), 2, _EXAMPLES[0]),
+                                                     (_tied_lm(), 1, _EXAMPLES[1]))):
+        model.example_input_array = example
         one = ModelSummary(model, max_depth=depth)
-        want = (one.total_parameters, one.trainable_parameters, one.param_nums)
+        want = (one.total_parameters, one.trainable_parameters, one.param_nums, one.total_flops,
+                dict(one._get_summary_data()))
         assert want[0] > want[1] if index else want[0] == want[1]  # the frozen position embedding counts apart
+        assert want[3] > 0 and "Out sizes" in want[4]  # FLOPs and sizes of the example input, by the whole model
         assert results[0][index] == results[1][index] == want, (index, results, want)
+
+
+def test_a_throughput_monitor_counts_the_pipelines_and_each_devices_share_of_the_flops() -> None:
+    from lightning.fabric.utilities.throughput import Throughput
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from lightning_pipe.strategy.callbacks import count_throughput_per_pipeline
+
+    monitor = ThroughputMonitor(batch_size_fn=len, window_size=2)
+    # what its setup made on each of 4 ranks (2 stages x 2 replicas): world_size=trainer.world_size
+    monitor._throughputs = {RunningStage.TRAINING: Throughput(available_flops=100.0, world_size=4, window_size=2)}
+    for _ in range(2):  # once more changes nothing
+        count_throughput_per_pipeline([monitor], pipelines=2, devices=4)
+    meter = monitor._throughputs[RunningStage.TRAINING]
+    for second in (1, 2):  # each device takes its pipeline's 8 rows per second; the model's 1000 FLOPs per batch
+        meter.update(time=second, batches=second, samples=8 * second, flops=1000)
+    metrics = meter.compute()
+    assert metrics["device/samples_per_sec"] == 8 and metrics["samples_per_sec"] == 16  # 2 pipelines, not 4 ranks
+    assert metrics["flops_per_sec"] == 2000 and metrics["device/flops_per_sec"] == 500  # each device's quarter
+    assert metrics["device/mfu"] == 5.0
 
 
 class _Shadows:

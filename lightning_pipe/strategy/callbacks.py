@@ -18,7 +18,14 @@ a warning says so. A captured model is refused: its graph reads the parameters, 
 
 ``ModelSummary`` (and ``RichModelSummary``) count the parameters of the module each rank holds: rank 0, which prints,
 would show its share as the model's. Their counts are the whole model's instead, each rank's share summed (a tied
-parameter counted once).
+parameter counted once). Their FLOPs and input and output sizes (from ``example_input_array``) come from the whole
+model before the cut, run on fake tensors (shapes without data: no compute, no change to any buffer, and a model
+built on the meta device runs too); a model whose forward fakes cannot run shows none, as before.
+
+``ThroughputMonitor`` scales a device's rates by ``trainer.world_size`` for the job's: under a pipeline every rank of
+a pipeline takes the same batches, so the job's samples per second were counted once per stage (twice on 2 stages).
+Its rates are the pipelines' instead (one device's batch rate times the data-parallel replicas), and a device's
+FLOPs its share of the job's (the module's ``flops_per_batch`` is the whole model's, run by every device together).
 
 Fine-tuning callbacks add a parameter group when they unfreeze a module; a rank holding none of it now adds an empty
 one too (:func:`add_groups_everywhere`), so that their learning-rate changes by group index reach the same group on
@@ -37,7 +44,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers", "count_whole_model",
-           "add_groups_everywhere", "regroup_after_restore"]
+           "add_groups_everywhere", "regroup_after_restore", "count_throughput_per_pipeline", "summarize_before_cut"]
 
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -85,6 +92,35 @@ def add_groups_everywhere(callbacks: Iterable[Any]) -> None:
         callback.unfreeze_and_add_param_group = everywhere  # type: ignore[method-assign]
 
 
+def count_throughput_per_pipeline(callbacks: Iterable[Any], pipelines: int, devices: int) -> None:
+    """Make each ``ThroughputMonitor``'s job-wide rates count ``pipelines`` data-parallel pipelines rather than every
+    process, and its device FLOPs each of the ``devices`` processes' share of them. Call after the callbacks' ``setup``
+    (which makes their meters from ``trainer.world_size``), at every fit, validate, test and predict."""
+    from lightning.fabric.utilities.throughput import Throughput
+    from lightning.pytorch.callbacks import ThroughputMonitor
+
+    class PipelineThroughput(Throughput):
+        per_pipeline = True
+
+        def compute(self) -> dict[str, int | float]:
+            metrics = super().compute()
+            share = self.world_size / devices  # the job's FLOPs / devices: Lightning divided by world_size
+            for name in (f"device{self.separator}flops_per_sec", f"device{self.separator}mfu"):
+                if name in metrics:
+                    metrics[name] *= share
+            return metrics
+
+    for callback in callbacks:
+        if not isinstance(callback, ThroughputMonitor):
+            continue
+        for stage, meter in list(callback._throughputs.items()):
+            if getattr(meter, "per_pipeline", False):
+                continue
+            callback._throughputs[stage] = PipelineThroughput(
+                available_flops=meter.available_flops, world_size=pipelines, window_size=meter._time.maxlen,
+                separator=meter.separator)
+
+
 def regroup_after_restore(trainer: Any, module: Any) -> None:
     """A fine-tuning callback rebuilds the optimizer's groups of the run it resumes in its ``on_fit_start``, from the
     state its ``load_state_dict`` was given; Lightning calls that hook before it restores the callbacks' states of a
@@ -107,8 +143,9 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     class WholeModelSummary(ModelSummary):
-        def __init__(self, model: Any, max_depth: int = 1) -> None:
+        def __init__(self, model: Any, max_depth: int = 1, whole: tuple[dict[str, Any], int] = ({}, 0)) -> None:
             super().__init__(model, max_depth)
+            self._whole, self._whole_total = whole
             rows = [[name, layer.layer_type, sum(p.numel() for p in layer._module.parameters() if counted(p)),
                      layer.training] for name, layer in self._layer_summary.items()]
             held = [p for p in self._model.parameters() if counted(p)]
@@ -132,8 +169,8 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
             return list(self._rows)
 
         @property
-        def layer_types(self) -> list[str]:
-            return [kind for kind, _, _ in self._rows.values()]
+        def layer_types(self) -> list[str]:  # the model's own classes, not the pipeline's containers
+            return [self._whole.get(name, {}).get("type", kind) for name, (kind, _, _) in self._rows.items()]
 
         @property
         def param_nums(self) -> list[int]:
@@ -155,10 +192,65 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
         def trainable_parameters(self) -> int:
             return self._totals[1]
 
+        @property
+        def flop_counts(self) -> dict[str, dict[Any, int]]:
+            return {name: self._whole.get(name, {}).get("flops", {}) for name in self._rows}
+
+        @property
+        def total_flops(self) -> int:
+            return self._whole_total
+
+        def _forward_example_input(self) -> None:  # the cut module cannot run the whole model: see summarize_before_cut
+            pass
+
+        @property
+        def in_sizes(self) -> list[Any]:
+            return [self._whole.get(name, {}).get("in", "?") for name in self._rows]
+
+        @property
+        def out_sizes(self) -> list[Any]:
+            return [self._whole.get(name, {}).get("out", "?") for name in self._rows]
+
+        def _get_summary_data(self) -> list[tuple[str, list[str]]]:
+            arrays = super()._get_summary_data()
+            if self._whole and not any(name == "In sizes" for name, _ in arrays):  # example_input_array set aside
+                arrays += [("In sizes", [str(size) for size in self.in_sizes]),
+                           ("Out sizes", [str(size) for size in self.out_sizes])]
+            return arrays
+
     for callback in callbacks:
         if isinstance(callback, SummaryCallback) and type(callback)._summary is SummaryCallback._summary:
-            callback._summary = lambda trainer, module, callback=callback: WholeModelSummary(module,
-                                                                                              callback._max_depth)
+            callback._summary = lambda trainer, module, callback=callback: WholeModelSummary(
+                module, callback._max_depth, getattr(callback, "_pipeline_whole_model", ({}, 0)))
+
+
+def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
+    """Give each ``ModelSummary`` callback the whole model's FLOPs and input and output sizes per layer, while the
+    module is whole: Lightning's summary of its ``example_input_array`` run on fake tensors (their shapes only, on any
+    device, meta included), the module's trainer set aside so that the input stays on the module's device. Where the
+    fakes cannot run the forward (a size read as a number), the summary shows none, as without an example input."""
+    from lightning.pytorch.callbacks import ModelSummary as SummaryCallback
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    wanted = [callback for callback in callbacks if isinstance(callback, SummaryCallback) and callback._max_depth]
+    if not wanted or getattr(module, "example_input_array", None) is None:
+        return
+    trainer, module._trainer = module._trainer, None
+    try:
+        for callback in wanted:
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    whole = ModelSummary(module, max_depth=callback._max_depth)
+                rows = {name: {"type": kind, "flops": flops, "in": size_in, "out": size_out}
+                        for name, kind, flops, size_in, size_out in zip(whole.layer_names, whole.layer_types,
+                                                                        whole.flop_counts.values(), whole.in_sizes,
+                                                                        whole.out_sizes)}
+                callback._pipeline_whole_model = (rows, whole.total_flops)
+            except Exception:  # noqa: BLE001 - the summary goes on without them, as one device's would without
+                callback._pipeline_whole_model = ({}, 0)
+    finally:
+        module._trainer = trainer
 
 
 def recopy_weight_averages(callbacks: Iterable[Any], module: Any, gather: Gather) -> int:

@@ -37,7 +37,8 @@ from lightning_pipe.strategy.asynchronous import (
     DrainPipeline,
     check_async_fit,
 )
-from lightning_pipe.strategy.callbacks import check_callbacks, fit_to_the_cut
+from lightning_pipe.strategy.callbacks import (check_callbacks, count_throughput_per_pipeline, fit_to_the_cut,
+                                               summarize_before_cut)
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
@@ -368,7 +369,10 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         # Every rank logs the same values (the last stage's, combined over the replicas): Lightning's advice to sync
         # epoch-level logs across devices does not apply, and following it would only add a collective.
         warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True\)`")
+        if fitting:
+            summarize_before_cut(trainer.callbacks, module)
         self._build(module, trainer)
+        count_throughput_per_pipeline(trainer.callbacks, self.mesh_shape.replicas, self.mesh_shape.world_size)
         fit_start_after_restore(trainer, module)
         if fitting:
             pipeline = self.runner.pipeline
