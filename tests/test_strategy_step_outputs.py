@@ -224,6 +224,9 @@ def _statistics(rank: int, world_size: int) -> list[dict[str, float]]:
                            f"{stage}/acc": (logits.argmax(-1) == batch[1]).float().mean()})
             if stage == "noisy":  # a step drawing random numbers: its micro-batches' combination stands
                 self.log("noisy/draw", torch.rand(len(batch[0])).mean())
+            if stage != "noisy" and self.current_epoch == 1 and self.global_step >= 4:  # names first logged after
+                # the first batches' checks: a mean summed over batches, a maximum
+                self.log_dict({f"{stage}/late_sum": loss, f"{stage}/late_max": logits.max()}, reduce_fx="sum")
             return loss
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -254,6 +257,7 @@ def test_logged_values_that_are_not_means_over_rows_are_the_whole_batchs() -> No
     maximum of 8 rows is not the mean of four maxima of 2), the whole batch's value is logged, as on one device."""
     reference = _statistics(0, 1)
     assert reference[0]["train/rows"] == 8.0
+    assert sum("late" in name for name in reference[0]) == 6  # train's, and each validation loader's
     for ranks in run_ranks(_statistics, 2, timeout=100):
         for got, want in zip(ranks, reference):
             assert got.keys() == want.keys()

@@ -15,7 +15,7 @@ such names on the first batch of each step kind and takes them from a run of the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -170,7 +170,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
 class WholeBatchLogs:
     """The logged names that a step's micro-batches do not combine into, per step kind, and their whole-batch values.
 
-    On the first batches of each step kind (:data:`CHECKED_BATCHES`, with more than one micro-batch) the last stage
+    On the first batches of each step kind (:data:`CHECKED_BATCHES`, with more than one micro-batch), and at the first
+    batch that logs a name the step had not logged before (``if batch_idx % 100 == 0: self.log(...)``), the last stage
     runs the step once more, without gradients, on the whole batch's model output (its micro-batches' put back
     together) and compares what it
     logs with the micro-batches' combination; the names that differ (a maximum under the default ``reduce_fx``, a
@@ -183,27 +184,37 @@ class WholeBatchLogs:
         self.names: dict[str, set[str]] = {}  # step -> the names taken from the whole batch (checked steps only)
         self.checks: dict[str, int] = {}  # step -> its batches checked so far
         self.constants: set[str] = set()  # names whose batch_size the whole batch's run showed to be a constant
+        self.seen: dict[str, set[str]] = {}  # step -> every name its batches logged so far (checked or not)
 
-    def wanted(self, step: str) -> bool:
-        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, or names to take)."""
-        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step))
+    def wanted(self, step: str, names: Iterable[str] = ()) -> bool:
+        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, names to take, or among
+        ``names``, logged by this batch so far, one the step had not logged before)."""
+        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step)) or self.new(step, names)
+
+    def new(self, step: str, names: Iterable[str]) -> bool:
+        """Whether ``names`` hold one that ``step`` had not logged before."""
+        return not self.seen.get(step, set()).issuperset(names)
 
     def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> set[str]:
         """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;
         ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them; returns
         the names found this time (empty after the first check)."""
         names = self.names.setdefault(step, set())
+        seen = self.seen.setdefault(step, set())
+        new = {entry.name for entry in logs} - seen
+        seen.update(new)
         if whole is None:  # no telling (a step that draws random numbers): its micro-batches' combination stands
-            self.checks[step] = CHECKED_BATCHES
+            self.checks[step] = max(self.checks.get(step, 0), CHECKED_BATCHES)
             return set()
         wholes = {entry.name: entry for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
-        if self.checks.get(step, 0) < CHECKED_BATCHES:
-            self.checks[step] = self.checks.get(step, 0) + 1
+        checking = self.checks.get(step, 0) < CHECKED_BATCHES
+        if checking or new:
+            self.checks[step] = self.checks.get(step, 0) + checking
             for entry in logs:
                 taken = wholes.get(entry.name)
-                if entry.value is None or taken is None or entry.name in names:
+                if entry.value is None or taken is None or entry.name in names or not (checking or entry.name in new):
                     continue
                 if entry.batch_size != taken.batch_size and entry.given == taken.batch_size:
                     self.constants.add(entry.name)  # a constant (read as a sum this once): combined as one after

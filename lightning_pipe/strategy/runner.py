@@ -265,6 +265,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
+            nonlocal for_logs
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
             microbatch_rows = batch_rows(microbatch, microbatch=True)
             weight = counts.counts[index] if counts is not None else None
@@ -273,6 +274,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows):
                 result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
+            if kept is not None and not for_logs and logs_kind is not None and not outputs \
+                    and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
+                for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
             loss, extra = loss_of(result)
             outputs.append(extra)
             sizes.append(microbatch_rows)

@@ -76,7 +76,8 @@ class WholeBatchRuns:
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
         kind = self._logs_kind(step, rest, microbatches)
-        logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(kind) else None
+        logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(
+            kind, [entry.name for entry in result.logs]) else None
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
 
         def replay(whole: Any, for_logs: bool = False) -> None:
