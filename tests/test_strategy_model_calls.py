@@ -255,10 +255,14 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
 
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)) if kind != "functional" \
+                else _Twin(batch_norm=False)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, _ = batch
+            if kind == "functional":  # perturbed weights (SAM's ascent, MAML's fast weights): the model's own ran
+                weights = {name: p + 0.01 for name, p in self.net.named_parameters()}
+                return torch.func.functional_call(self.net, weights, (x,)).pow(2).mean()
             if kind == "attribute":  # a layer another stage holds, annealed in the step: a step late there
                 self.net[2].temperature = 1.0 + batch_idx
             if kind == "eval":
@@ -288,6 +292,28 @@ def test_an_attribute_the_step_sets_on_a_layer_another_stage_holds_is_refused_on
     errors = run_ranks(_dependent, 2, "attribute", timeout=100, expect_failure=True)
     for error in errors:  # set on the first stage's stand-in, silently, before
         assert error is not None and "the step sets 'temperature' of 'net[2]'" in error, error
+
+
+@pytest.mark.timeout(120)
+def test_a_call_with_other_weights_than_the_models_own_is_refused_on_every_rank() -> None:
+    errors = run_ranks(_dependent, 2, "functional", timeout=100, expect_failure=True)
+    for error in errors:  # the stages ran their own weights, silently, before
+        assert error is not None and "with tensors in place of its parameters (inp.weight" in error, error
+
+
+def test_a_pipelined_sequence_called_with_its_own_weights_runs_and_with_others_is_refused() -> None:
+    from lightning_pipe.strategy.split import PipelinedSequence
+
+    sequence = PipelinedSequence([("0", nn.Linear(4, 4)), ("2", nn.Linear(4, 2))], "net", names=["0", "1", "2"])
+    sequence.model_calls.mode = "capture"
+    sequence.model_calls.recorded = []
+    x = torch.ones(3, 4)
+    own = dict(sequence.named_parameters())
+    assert isinstance(torch.func.functional_call(sequence, own, (x,)), Pending)  # the same weights: a plain call
+    with pytest.raises(RuntimeError, match=r"nn.Sequential at 'net' with tensors in place of its parameters "
+                                           r"\(0.weight, 0.bias, 2.weight, 2.bias\)"):
+        torch.func.functional_call(sequence, {name: p * 2 for name, p in own.items()}, (x,))
+    assert all(isinstance(p, nn.Parameter) for p in sequence.parameters())  # put back as they were
 
 
 @pytest.mark.timeout(120)

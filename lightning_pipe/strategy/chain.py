@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.model_calls import Stop
+from lightning_pipe.strategy.model_calls import Stop, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, redirect
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 
@@ -81,6 +81,7 @@ class ChainLink(PipelinedSequence):
         return state
 
     def forward(self, *inputs: Any) -> Any:
+        refuse_other_weights(self, f"the nn.Sequential at {self._path!r}")
         if self.model_calls.mode == "capture" and self._index == 0:  # once per step: stop at the first call
             self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
             raise Stop()

@@ -26,7 +26,7 @@ from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
-__all__ = ["Pending", "ModelCalls", "Stop", "call_key", "capturing"]
+__all__ = ["Pending", "ModelCalls", "Stop", "call_key", "capturing", "refuse_other_weights"]
 
 
 class Stop(BaseException):
@@ -217,6 +217,21 @@ class ModelCalls:
 
     def reset(self) -> None:
         self.mode, self.output, self._training = None, None, _training
+
+
+def refuse_other_weights(module: nn.Module, where: str) -> None:
+    """Refuse a call of the pipelined model through ``torch.func.functional_call`` (or another reparametrization)
+    with tensors in place of its parameters: the stand-in ``module`` holds them only while the call runs, and the
+    stages would run their own weights instead, silently."""
+    swapped = [name for name, value in module.named_parameters(remove_duplicate=False)
+               if not isinstance(value, nn.Parameter)]
+    if swapped:
+        raise RuntimeError(f"the step calls {where} with tensors in place of its parameters ({', '.join(swapped[:4])}"
+                           f"{', ...' if len(swapped) > 4 else ''}): torch.func.functional_call, or another "
+                           f"reparametrization (weight perturbation as SAM's, MAML's fast weights). A pipeline runs "
+                           f"each stage with the weights it holds, so the given tensors would be ignored. Change the "
+                           f"weights in place between optimizer steps instead (a callback's on_before_optimizer_step), "
+                           f"or train such a model on one device or with DDP")
 
 
 def _other_mode(where: str, training: bool, call: int) -> str:

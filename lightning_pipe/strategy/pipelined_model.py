@@ -10,7 +10,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_pipe.capture import Segment
-from lightning_pipe.strategy.model_calls import ModelCalls
+from lightning_pipe.strategy.model_calls import ModelCalls, refuse_other_weights
 from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, stand_in_attribute,
                                                  written_through)
 
@@ -61,6 +61,8 @@ class PipelinedModel(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.model_calls.mode is not None:
+            refuse_other_weights(self, self.model_calls.where)
         if self.model_calls.mode == "capture":
             return self.model_calls.record((args, kwargs))
         if self.model_calls.mode == "output":

@@ -12,7 +12,7 @@ import torch.nn as nn
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.model_calls import ModelCalls, call_key
+from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.share_warning import strategy_reads
 from lightning_pipe.strategy.step_values import input_needs_grad
@@ -69,6 +69,8 @@ class PipelinedSequence(nn.Module):
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
 
     def forward(self, *inputs: Any) -> Any:
+        if self.model_calls.mode is not None:
+            refuse_other_weights(self, self.model_calls.where)
         if self.model_calls.mode == "capture":
             return self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
         if self.model_calls.mode == "output":
