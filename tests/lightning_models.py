@@ -66,12 +66,41 @@ class Regressor(L.LightningModule):
             optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         elif self.hparams.optimizer == "lbfgs":
             optimizer = torch.optim.LBFGS(self.parameters(), lr=self.hparams.lr)
+        elif self.hparams.optimizer == "sam":
+            optimizer = SharpnessAware(self.parameters(), lr=self.hparams.lr)
         else:
             optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         if not self.hparams.scheduler:
             return optimizer
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SharpnessAware(torch.optim.SGD):
+    """SAM as a user writes it for automatic optimization: the closure's gradients, an ascent to the weights' worst
+    neighbour scaled by the norm of every parameter's gradient, the closure again there, back, and SGD's step."""
+
+    def __init__(self, params: Any, lr: float, rho: float = 0.05) -> None:
+        super().__init__(params, lr=lr)
+        self.rho = rho
+
+    def step(self, closure: Any = None) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+            ascents = [p.grad * (self.rho / (norm + 1e-12)) for p in params]
+            for p, ascent in zip(params, ascents):
+                p.add_(ascent)
+        self.zero_grad()
+        with torch.enable_grad():
+            closure()
+        with torch.no_grad():
+            for p, ascent in zip(params, ascents):
+                p.sub_(ascent)
+        super().step()
+        return loss
 
 
 class Wide(nn.Module):

@@ -102,7 +102,7 @@ class PipelineSteps:
         """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
         its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            return super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
         model = model or self.lightning_module
         assert isinstance(model, LightningModule)
         return self._async.run_closure(optimizer, closure, model, **kwargs)
@@ -172,3 +172,23 @@ class PipelineSteps:
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
                               self.settings.wait_timeout)
+
+
+def _only_once(closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[], Any]:
+    """``closure`` for one call per optimizer step: a step calling it again (SAM's gradients at perturbed weights, a
+    line search) reads all parameters' gradients together between the calls (a norm, a direction), of which each
+    rank of a pipeline holds a share: refused on every rank alike, before the pipeline runs again."""
+    calls = [0]
+
+    def once() -> Any:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise ValueError(f"{type(optimizer).__name__}'s step runs the training step's closure a second time, as "
+                             f"sharpness-aware minimization (SAM: the gradients again at perturbed weights) or a line "
+                             f"search does, from quantities over all parameters' gradients together (their norm): "
+                             f"each rank of a pipeline holds only its stages' share, so its perturbation or search "
+                             f"would be another than one device's. Use an optimizer that steps once per closure, or "
+                             f"train with it on one device or under DDP")
+        return closure()
+
+    return once
