@@ -103,13 +103,22 @@ def test_other_ranks_read_the_users_exception_type_from_the_notice_where_their_p
     assert from_notice("cut sh", unknown_rank=1).origin_rank == 1
 
 
-def _bad_shape(rank: int, world_size: int) -> None:
-    # Stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only.
-    layers = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16))
-    Pipeline(layers, loss_fn=mse_loss, schedule="1f1b", num_microbatches=2).train_step(make_batch(4))
+def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
+    if kind == "shape":  # stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only
+        layers, rows = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16)), 4
+    else:  # a batch norm given a micro-batch of 1 row: 3 rows into 2 micro-batches
+        layers, rows = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), 3
+    Pipeline(layers, loss_fn=mse_loss, schedule="1f1b", num_microbatches=2).train_step(make_batch(rows))
 
 
 def test_bad_shape_names_the_rank() -> None:
     errors = run_ranks(_bad_shape, 2, timeout=60, expect_failure=True)
     for text in errors:
         assert "rank 1 failed in 1F0" in text and "mat1 and mat2 shapes cannot be multiplied" in text, text
+
+
+def test_a_batch_norm_given_a_micro_batch_of_one_row_says_what_to_do() -> None:
+    errors = run_ranks(_bad_shape, 2, "batch norm", timeout=60, expect_failure=True)
+    for text in errors:  # torch's message alone named no micro-batch
+        assert "rank 1 failed in 1F1" in text and "Expected more than 1 value per channel" in text, text
+        assert "the batch had fewer than 4 rows" in text and "drop_last=True" in text, text

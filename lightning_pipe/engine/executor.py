@@ -423,7 +423,7 @@ class Pipeline(AsynchronousSteps):
             last = steps[issued - 1].action if issued else None
             where = ("before its first action" if not issued else f"in {last}" if in_action
                      else f"in the messages before {last}" if last is not None else "in its last messages")
-            message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}\n"
+            message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}{_advice(error, self)}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
             failure = failed_as(error, message, self.rank)
             self._abort(steps, issued, failure)
@@ -458,6 +458,17 @@ class Pipeline(AsynchronousSteps):
 
 
 _BETWEEN_STEPS = "its own code between two pipeline steps"
+
+
+def _advice(error: Exception, pipeline: Pipeline) -> str:
+    """What to do about a failure that splitting the batch caused, where torch's message does not say."""
+    if isinstance(error, ValueError) and "Expected more than 1 value per channel when training" in str(error):
+        m = pipeline.num_microbatches
+        return (f". A batch norm in training mode got a micro-batch of 1 row: the batch had fewer than {2 * m} rows "
+                f"(often the last, partial batch of an epoch), split into {m} micro-batches, where one device "
+                f"normalizes the whole batch. Drop the partial batch (DataLoader(drop_last=True)), or give every "
+                f"batch at least 2 rows per micro-batch (fewer micro-batches: num_microbatches)")
+    return ""
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
 
