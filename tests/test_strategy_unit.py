@@ -108,6 +108,18 @@ def test_a_step_taking_gradients_of_the_input_is_refused_saying_so() -> None:
                                          r"torch.autograd.grad cannot reach the model's input"):
         split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
 
+    def saliency(batch: Any, index: int) -> Any:  # an evaluation step's own enable_grad, ended by the check
+        with torch.enable_grad():
+            x = batch[0].clone().requires_grad_()
+            return torch.autograd.grad(module(x).sum(), x)
+
+    module.validation_step = saliency
+    with torch.no_grad(), pytest.raises(ValueError, match="validation_step makes the input of the nn.Sequential"):
+        split.capture_input("validation_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+    module.validation_step = lambda batch, index: module(batch[0].requires_grad_())  # gradients off: none wanted
+    with torch.no_grad():
+        split.capture_input("validation_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+
 
 def test_a_step_that_never_calls_the_sequence_is_refused() -> None:
     module = Regressor()

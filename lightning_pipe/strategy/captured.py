@@ -435,8 +435,7 @@ class CapturedModule:
         call, as :class:`~lightning_pipe.engine.calls.Calls`, for several)."""
         inputs = ModelCalls.as_input([self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)
                                       for call_args, call_kwargs in self.model_calls(step, microbatch, args, kwargs)])
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                           for t in tree_flatten(inputs)[0]):
+        if self.calls.needs_grad:
             raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
                                               "move them into the model, name a module holding both with "
                                               "layers=..., or freeze them with requires_grad_(False)"))

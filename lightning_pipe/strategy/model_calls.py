@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
-from lightning_pipe.engine.tree import tree_map_tensors
+from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
 __all__ = ["Pending", "ModelCalls", "Stop", "call_key", "capturing", "refuse_other_weights"]
@@ -113,6 +113,7 @@ class ModelCalls:
         self._limit: int | None = None  # capture: the calls after which the run stops
         self.mode: str | None = None  # "capture", "output", or None outside a step
         self.recorded: list[Any] = []  # capture: each call's input
+        self.needs_grad = False  # capture: a call's input required grad, with gradients on at the call
         self.output: Any = None  # output: the pipeline's output, Calls for several calls
         self.calls = 0  # output: the calls answered so far
         self.context: tuple[bool, bool, tuple] = (True, True, ())  # output: the step's gradient mode, model mode and
@@ -123,7 +124,7 @@ class ModelCalls:
         """Run a step (``run``; ``key``: its name and dataloader) up to its calls of the model, recorded; their
         inputs, or None if it never called it. An error after a call ends the run too (the first stage needs only
         the inputs; the last stage runs the step whole and meets the error if it is real)."""
-        self.mode, self.recorded, self._limit = "capture", [], self.expected.get(key)
+        self.mode, self.recorded, self._limit, self.needs_grad = "capture", [], self.expected.get(key), False
         learning = self._limit is None
         if (learning or self._limit > 1) and self._metrics is None and self.module is not None:
             self._metrics = MetricTracker(self.module)
@@ -153,6 +154,9 @@ class ModelCalls:
         step's last call (once known) right after it."""
         if _holds_pending(value):
             raise Stop()
+        # read at the call: an evaluation step's own torch.enable_grad() (a saliency map) has ended by the check
+        self.needs_grad |= torch.is_grad_enabled() and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad
+                                                           for leaf in tree_flatten(value)[0])
         self.recorded.append(value)
         if self._limit is not None and len(self.recorded) >= self._limit:
             raise Stop()

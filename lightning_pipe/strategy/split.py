@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.engine.tree import tree_flatten
+
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
@@ -158,7 +158,7 @@ class SplitModule:
         if recorded is None:
             raise RuntimeError(self._never_called(step))
         inputs = calls.as_input(recorded)
-        if any(t.requires_grad for t in tree_flatten(inputs)[0]) and torch.is_grad_enabled():
+        if calls.needs_grad:
             raise ValueError(input_needs_grad(step, f"the nn.Sequential at {self.path!r}", self.outside_trainable,
                                               "move them into the nn.Sequential (e.g. make the embedding its first "
                                               "layer), or freeze them with requires_grad_(False)"))
