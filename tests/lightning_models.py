@@ -17,7 +17,7 @@ from tests.models import mlp, tuple_model
 
 __all__ = ["Regressor", "UnevenRegressor", "FrontHeavy", "TupleRegressor", "TiedLM", "NoSequence", "TwoSequences",
            "OutsideParameters", "OutsideHead", "Denoiser", "MaskedLM", "ActivationStages", "regression_data",
-           "token_data", "MetricsLog"]
+           "token_data", "MetricsLog", "IteratorStep"]
 
 
 class Regressor(L.LightningModule):
@@ -74,6 +74,14 @@ class Regressor(L.LightningModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class IteratorStep(Regressor):
+    """Lightning's iterator-style step: it fetches its own batch from ``dataloader_iter``."""
+
+    def training_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        batch, _, _ = next(dataloader_iter)
+        return F.mse_loss(self(batch[0]), batch[1])
 
 
 class SharpnessAware(torch.optim.SGD):

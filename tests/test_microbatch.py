@@ -195,6 +195,21 @@ def test_a_dataclass_batch_splits_field_by_field() -> None:
     assert type(rebuilt) is Batch and torch.equal(rebuilt.tokens, batch.tokens) and rebuilt.source == "val"
 
 
+def test_a_batch_class_of_the_users_own_is_refused_saying_to_make_it_a_dataclass() -> None:
+    class Batch:  # tensors in attributes, a .to() for Lightning's transfer: no tree walk reads them
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.x, self.y = x, y
+
+        def to(self, device: Any) -> Batch:
+            return Batch(self.x.to(device), self.y.to(device))
+
+    for batch in (Batch(torch.ones(4, 2), torch.ones(4)), {"pair": Batch(torch.ones(4, 2), torch.ones(4))}):
+        with pytest.raises(ValueError, match=r"a batch of Batch \(a class of its own\).* Make it a dataclass"):
+            split_batch(batch, 2)
+    with pytest.raises(ValueError, match="batch of single numbers"):  # no object holding tensors: as before
+        split_batch([torch.tensor(1.0), "name"], 2)
+
+
 def test_a_dict_subclass_keeps_its_type_through_a_tree() -> None:
     """A model's output of a dict subclass (Hugging Face's ModelOutput) is rebuilt as its own class, not a dict: the
     step reads ``.logits`` off the whole batch's output when it checks how the loss adds up."""

@@ -45,6 +45,13 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     leaves = tree_flatten(batch)[0]
     sizes = {t.shape[0] for t in leaves if t.dim() > 0}
     if not sizes:
+        hidden = _hidden_tensors(batch)
+        if hidden is not None:
+            raise ValueError(f"cannot split a batch of {hidden} (a class of its own) into micro-batches: a pipeline "
+                             f"splits a batch's tensors along their rows (dim 0) in tensors, tuples, lists, dicts, "
+                             f"NamedTuples and dataclasses, and cannot see those this class holds. Make it a "
+                             f"dataclass (@dataclasses.dataclass, its fields given to __init__: each is split and the "
+                             f"class rebuilt), or have the collate_fn return a dict or a tuple")
         raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches: a "
                          "pipeline step splits every batch along its rows (dim 0). A batch of single numbers (a "
                          "DataLoader with batch_size=None over items of 0-dim tensors) has no rows: give the "
@@ -71,6 +78,18 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
         f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}Put "
         f"per-batch constants in a 0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the "
         f"collate_fn.")
+
+
+def _hidden_tensors(tree: Any) -> str | None:
+    """The class name of an object in ``tree`` that holds tensors in attributes no tree walk reads (a batch class of
+    the user's own, with a ``.to()`` for Lightning's device transfer), else None."""
+    if isinstance(tree, torch.Tensor) or type(tree) in _PLAIN:
+        return None
+    children = _children(tree)
+    if not children and hasattr(tree, "__dict__") and not isinstance(tree, type) \
+            and tree_flatten(list(vars(tree).values()))[0]:
+        return type(tree).__name__
+    return next((name for child in children if (name := _hidden_tensors(child)) is not None), None)
 
 
 def _graphs(leaves: list[torch.Tensor]) -> str:

@@ -344,6 +344,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
         check_callbacks(trainer.callbacks)
+        _refuse_iterator_steps(module, trainer.state.fn)
         if fitting and getattr(self, "_layer_sync", None) is not None:
             rank_zero_warn("Trainer(sync_batchnorm=True) has no effect under PipelineStrategy: its batch norms "
                            "normalize each micro-batch by its own statistics and update their running statistics "
@@ -495,3 +496,22 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
 # Lightning is fully imported by now (this module imports it), so the names can be registered; importing
 # ``lightning_pipe`` makes sure this module is imported as soon as Lightning is (see ``lightning_pipe/__init__``).
 PipelineStrategy.register_strategies(StrategyRegistry)
+
+
+_STEPS = {TrainerFn.FITTING: ("training_step", "validation_step"), TrainerFn.VALIDATING: ("validation_step",),
+          TrainerFn.TESTING: ("test_step",), TrainerFn.PREDICTING: ("predict_step",)}
+
+
+def _refuse_iterator_steps(module: LightningModule, fn: TrainerFn | None) -> None:
+    """A step taking ``dataloader_iter`` (Lightning's iterator-style step, fetching its own batches) cannot be
+    pipelined: refused on every rank at setup, saying so (the iterator reached the batch splitter, which said the
+    batch held no tensors)."""
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+    for name in _STEPS.get(fn, ()) if fn is not None else ():
+        if is_overridden(name, module, LightningModule) and is_param_in_hook_signature(
+                getattr(module, name), "dataloader_iter", explicit=True):
+            raise ValueError(f"{type(module).__name__}.{name} takes dataloader_iter (Lightning's iterator-style "
+                             f"step, which fetches its own batches): a pipeline splits each batch into micro-batches "
+                             f"and runs the step on each of them, so it must be given the batch. Write "
+                             f"{name}(self, batch, batch_idx) and let the DataLoader give the batch")
