@@ -41,6 +41,48 @@ def test_the_graph_tells_how_each_number_adds_up_over_rows() -> None:
     assert scalar_kinds(program) == [None, "sum", "mean", "sum", "sum", "other", "mean", "mean", "sum", "other"]
 
 
+class Reduced(nn.Module):
+    """Numbers and tensors reduced over the rows and over other dims, in both orders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.layer(x)
+        kl = -0.5 * (1 + h - h.pow(2))  # (rows, latent)
+        chosen = F.one_hot(h.argmax(-1), 4)  # (rows, experts)
+        share, probability = chosen.float().mean(0), h.softmax(-1).mean(0)
+        return (h,
+                kl.mean(0).sum(),  # averaged over the rows, summed over the latent dims: mean
+                kl.sum(0).mean(),  # summed over the rows, averaged over the latent dims: sum
+                kl.view(-1).mean(),  # rows x latent flattened, averaged: mean
+                kl.sum(1).mean(),  # summed per row, averaged over the rows: mean
+                4 * (share * probability).sum(),  # a load-balancing loss: a product of two statistics: other
+                chosen.sum(0),  # tokens per expert, without rows: a sum, element by element
+                h.softmax(-1).mean(0),  # the experts' mean probability: a mean, element by element
+                self.layer.weight.sum(0))  # no rows at all: other
+
+
+def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
+    from lightning_pipe.capture.coupling import rows_symbols
+    from lightning_pipe.capture.scalars import output_kinds
+
+    x = torch.randn(6, 4)
+    program = torch.export.export(Reduced(), (x,), dynamic_shapes=({0: torch.export.Dim("rows")},), strict=False)
+    inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == "x"]
+    rows = rows_symbols(inputs)
+    assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "other"]
+    # without the rows' symbol (a capture of fixed sizes) the last reduction reads, as before
+    assert scalar_kinds(program)[1:5] == ["sum", "mean", "mean", "mean"]
+    known = [0, 1, 2, 6, 7]  # an output of another kind makes no whole batch's output: left out
+    model = Reduced()
+    parts = [[model(piece)[index] for index in known] for piece in x.split([2, 4])]
+    whole = whole_output(parts, [2, 4], kinds=[output_kinds(program, rows)[index] for index in known])
+    for index, want in enumerate(model(x)[index] for index in known):  # one device's, from the micro-batches'
+        torch.testing.assert_close(whole[index].float(), want.float(), msg=f"output {known[index]}")
+
+
 def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_up() -> None:
     parts = [(torch.ones(3, 2), torch.tensor(2.0), torch.tensor(1.0)), (torch.ones(1, 2), torch.tensor(4.0),
                                                                          torch.tensor(3.0))]

@@ -51,18 +51,28 @@ _REDUCTION = {1: MEAN, 2: SUM}  # torch's Reduction::Mean and ::Sum
 _DEPTH = 64
 
 
-def scalar_kinds(program: ExportedProgram) -> list[str | None]:
+def scalar_kinds(program: ExportedProgram, rows: set[Any] = frozenset()) -> list[str | None]:
     """For each user output of ``program``, in its output spec's order: :data:`MEAN`, :data:`SUM` or :data:`OTHER`
-    for a 0-dim floating value, None for anything else (a tensor with dimensions, a number)."""
-    return [_kind(node) if _is_scalar(node) else None for node in _user_outputs(program)]
+    for a 0-dim floating value, None for anything else (a tensor with dimensions, a number). With ``rows`` (the
+    symbols counting the batch's rows), the reduction that reads is the one over the rows: a KL averaged over the rows
+    and summed over the latent dims (``.mean(0).sum()``) is a mean, one summed over the rows and averaged over the
+    latent dims (``.sum(0).mean()``) a sum."""
+    return [_kind(node, rows) if _is_scalar(node) else None for node in _user_outputs(program)]
 
 
 def output_kinds(program: ExportedProgram, rows: set[Any]) -> list[str | int | None]:
     """How the micro-batches' values of each user output of ``program`` make the whole batch's: a single number's
     kind (:func:`scalar_kinds`), a tensor's dim of the batch's rows (``rows``, the symbols counting them:
-    :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), None where neither is known."""
-    dims = row_dims(_user_outputs(program), rows)
-    return [kind if kind is not None else dim for kind, dim in zip(scalar_kinds(program), dims)]
+    :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
+    dim of rows but was reduced over them (an MoE's tokens per expert, ``one_hot(choice).sum(0)``: a sum, element by
+    element), None where none is known."""
+    outputs = _user_outputs(program)
+    kinds: list[str | int | None] = []
+    for node, kind, dim in zip(outputs, scalar_kinds(program, rows), row_dims(outputs, rows)):
+        if kind is None and dim is None and rows and _without_rows(node, rows):
+            kind = _kind(node, rows)
+        kinds.append(kind if kind is not None else dim)
+    return kinds
 
 
 def output_dims(program: ExportedProgram) -> list[int | None]:
@@ -95,35 +105,61 @@ def _is_scalar(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
 
 
-def _kind(node: Any, depth: int = 0) -> str:
+def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0) -> str:
     if not isinstance(node, fx.Node) or node.op != "call_function" or depth > _DEPTH:
         return OTHER
     target, args = node.target, node.args
     if target is operator.getitem:  # a loss op that returns (loss, total weight): NLL's
         source = args[0]
         return _reduced_by_argument(source) if isinstance(source, fx.Node) and args[1] == 0 else OTHER
-    if target in _MEANS:
-        return MEAN
-    if target in _SUMS:
-        return SUM
+    if target in _MEANS or target in _SUMS:
+        return _over_rows(node, MEAN if target in _MEANS else SUM, rows, depth)
     reduced = _reduced_by_argument(node)
     if reduced != OTHER:
         return reduced
     if target in _SAME:
-        return _kind(args[0], depth + 1)
+        return _kind(args[0], rows, depth + 1)
     if target in _SCALED:
         left, right = args[0], args[1]
         if not isinstance(right, fx.Node) or _constant(right):
-            return _kind(left, depth + 1)
+            return _kind(left, rows, depth + 1)
         if not isinstance(left, fx.Node) or _constant(left):
-            return _kind(right, depth + 1) if target not in _DIVIDED else OTHER
-        if target in _DIVIDED and _kind(left, depth + 1) == SUM and _kind(right, depth + 1) == SUM:
+            return _kind(right, rows, depth + 1) if target not in _DIVIDED else OTHER
+        if target in _DIVIDED and _kind(left, rows, depth + 1) == SUM and _kind(right, rows, depth + 1) == SUM:
             return MEAN  # a sum over a count: a mean over what it counts (Hugging Face's loss over its tokens)
         return OTHER
     if target in _ADDED:
-        kinds = {_kind(arg, depth + 1) for arg in args[:2] if isinstance(arg, fx.Node) and not _constant(arg)}
+        kinds = {_kind(arg, rows, depth + 1) for arg in args[:2] if isinstance(arg, fx.Node) and not _constant(arg)}
         return kinds.pop() if len(kinds) == 1 else OTHER
     return OTHER
+
+
+def _over_rows(node: fx.Node, own: str, rows: set[Any], depth: int) -> str:
+    """The kind a ``mean`` or ``sum`` (``own``) gives: its own where it reduces the rows (or where the rows are not
+    known: a capture of fixed sizes); where its input has no rows left (reduced before), the kind of that input, which
+    a mean or sum over other dims keeps; :data:`OTHER` where it leaves some of the rows."""
+    source = node.args[0] if node.args else None
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not rows or not isinstance(value, torch.Tensor):
+        return own
+    carrying = {dim for dim, size in enumerate(value.shape) if _counts_rows(size, rows)}
+    if not carrying:
+        return _kind(source, rows, depth + 1)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    reduced = set(range(value.dim())) if not dims else {dim % max(value.dim(), 1) for dim in dims}
+    return own if carrying <= reduced else OTHER
+
+
+def _counts_rows(size: int | torch.SymInt, rows: set[Any]) -> bool:
+    """Whether a size counts the batch's rows: their symbol, or an expression of it (rows x tokens, flattened)."""
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & rows)
+
+
+def _without_rows(node: Any, rows: set[Any]) -> bool:
+    """Whether ``node`` is a tensor none of whose sizes counts the batch's rows."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and not any(_counts_rows(size, rows)
+                                                                             for size in value.shape)
 
 
 def _reduced_by_argument(node: fx.Node) -> str:

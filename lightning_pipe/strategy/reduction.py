@@ -165,8 +165,10 @@ def neither_warning(why: str, step: str = "training_step", count: str | None = N
               "device's gradients" if step == "training_step" else
               "the loss this step logs and returns differs from one device's. For one device's")
     return (f"{step}'s loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
-            f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), or it "
-            f"couples the rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
+            f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), adds "
+            f"a term summed over the rows to one averaged over them (a VAE's KL summed over the batch beside a mean "
+            f"reconstruction error: average both, or sum both and pass loss_reduction='sum'), or it couples the "
+            f"rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: " + (
                 f"PipelineStrategy(loss_reduction=lambda batch: {count}), batch[...] naming where your batch holds "

@@ -195,9 +195,11 @@ def _equal(value: Any, other: Any) -> bool:
 
 
 def _row_mean(scalars: Sequence[torch.Tensor], sizes: Sequence[float]) -> torch.Tensor:
-    """The mean of the micro-batches' scalar ``scalars`` weighted by their rows ``sizes``, in float64."""
+    """The mean of the micro-batches' ``scalars`` (single numbers, or tensors of one shape without rows, element by
+    element) weighted by their rows ``sizes``, in float64."""
     weights = torch.tensor(sizes, dtype=torch.float64, device=scalars[0].device) / sum(sizes)
-    return (torch.stack([scalar.double() for scalar in scalars]) * weights).sum()
+    stacked = torch.stack([scalar.double() for scalar in scalars])
+    return (stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
 
 
 # how each tensor of a model output adds up over micro-batches, listed; or a function of the output's structure
@@ -243,12 +245,17 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
         kinds = None
     whole = []
     for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
-        if all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point():
+        scalar = all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point()
+        # a tensor without rows that the model reduced over them (an MoE's tokens per expert): as a single number
+        reduced = not scalar and kinds is not None and isinstance(kinds[index], str)
+        if scalar or reduced:
             kind = kinds[index] if kinds is not None else unknown
+            if reduced and any(leaf.shape != column[0].shape for leaf in column):
+                return None
             if kind == "sum":
-                whole.append(torch.stack(list(column)).sum().to(column[0].dtype))
+                whole.append(torch.stack(list(column)).sum(0).to(column[0].dtype))
                 continue
-            if kind != "mean":
+            if kind != "mean" or not column[0].is_floating_point():
                 return None
             whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
         else:
