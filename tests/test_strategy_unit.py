@@ -218,6 +218,33 @@ def test_metric_state_of_a_batch_merges_like_one_device() -> None:
     assert not last.val_mse.sync_on_compute  # every rank holds the whole state: never gathered
 
 
+def test_a_wrapper_holding_its_inner_metrics_states_merges_the_batch_like_one_device() -> None:
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.wrappers import ClasswiseWrapper
+
+    torch.manual_seed(0)
+    preds, target = torch.randn(3, 8, 4).softmax(-1), torch.randint(0, 4, (3, 8))
+    reference = ClasswiseWrapper(MulticlassAccuracy(4, average=None))
+    for row in range(3):
+        reference.update(preds[row], target[row])
+    last, other = nn.Module(), nn.Module()  # the last stage's module and another rank's
+    for module in (last, other):
+        module.classes = MetricCollection({"acc": ClasswiseWrapper(MulticlassAccuracy(4, average=None))})
+        module.classes.update(preds[0], target[0])
+    last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
+    assert list(last_tracker.metrics) == ["classes.acc.metric"]  # the wrapper's states are its inner metric's
+    last_tracker.start()
+    for rows in (slice(0, 5), slice(5, 8)):  # the second batch in two micro-batches
+        last.classes.update(preds[1, rows], target[1, rows])
+    update = last_tracker.batch_update(set())
+    for module, tracker in ((last, last_tracker), (other, other_tracker)):
+        tracker.apply(update)
+        module.classes.update(preds[2], target[2])
+        computed, want = module.classes.compute(), reference.compute()
+        assert computed.keys() == want.keys() and all(torch.allclose(computed[key], want[key]) for key in want)
+
+
 def test_outputs_combine_over_microbatches() -> None:
     a, b = torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2)
     combined = combine_outputs([{"p": a, "m": torch.tensor(1.0), "t": (a, "x")}, {"p": b, "m": torch.tensor(2.0),

@@ -36,7 +36,12 @@ class MetricTracker:
     """
 
     def __init__(self, module: LightningModule) -> None:
-        self.metrics = {name: m for name, m in module.named_modules() if isinstance(m, Metric)}
+        found = [(name, m) for name, m in module.named_modules() if isinstance(m, Metric)]
+        # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
+        # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update
+        # was lost
+        inner = {id(m._defaults): name for name, m in found}  # the last of a name and its children: the innermost
+        self.metrics = {name: m for name, m in found if inner[id(m._defaults)] == name}
         windows = [name for name, metric in self.metrics.items() if isinstance(metric, Running)]
         if windows:
             rank_zero_warn(f"{', '.join(windows)}: a running window (RunningMean, RunningSum) counts the step's "
