@@ -589,3 +589,15 @@ def test_ranks_that_capture_differently_are_refused_on_every_rank() -> None:
     errors = run_ranks(_differently, 2, timeout=100, expect_failure=True)
     for rank, text in enumerate(errors):
         assert text is not None and "captured AutoEncoder differently" in text, f"rank {rank}:\n{(text or '')[-2000:]}"
+
+
+def test_the_adjacency_hint_comes_only_with_a_size_error_over_a_square_tensor_of_values() -> None:
+    from lightning_pipe.strategy.cutting import _rows_by_rows
+
+    nodes, adjacency = torch.randn(8, 4), torch.rand(8, 8)
+    sizes = "a and b must have same reduction dim, but got [s17, s20] X [s77, s27]"
+    assert "over its 8 rows twice" in _rows_by_rows((nodes, adjacency), 4, sizes)
+    # padded CTC targets or token ids as long as the batch has rows are no adjacency; nor is another error about one
+    assert _rows_by_rows((nodes, torch.ones(8, 8, dtype=torch.long)), 4, sizes) is None
+    assert _rows_by_rows((nodes, adjacency), 4, "pack_padded_sequence cannot be captured") is None
+    assert _rows_by_rows((nodes, adjacency), 1, sizes) is None

@@ -8,6 +8,7 @@ A mixin of :class:`~lightning_pipe.strategy.pipeline.PipelineStrategy`, which ho
 from __future__ import annotations
 
 import contextlib
+import re
 import os
 from typing import Any
 
@@ -199,7 +200,7 @@ class PipelineCutting:
                                              batch_rows(self._as_step_gets(batch))):
                     captured.capture_first(step, microbatch, training=step == "training_step")
             except CaptureError as error:
-                hint = _rows_by_rows(self._as_step_gets(batch), self.num_microbatches)
+                hint = _rows_by_rows(self._as_step_gets(batch), self.num_microbatches, str(error))
                 if hint is None:
                     raise
                 raise CaptureError(f"{error}\n{hint}") from error
@@ -282,13 +283,17 @@ def thawing(trainer: Trainer) -> bool:
     return any(isinstance(callback, BaseFinetuning) for callback in trainer.callbacks)
 
 
-def _rows_by_rows(batch: Any, microbatches: int) -> str | None:
+def _rows_by_rows(batch: Any, microbatches: int, error: str) -> str | None:
     """What to tell of a batch holding a tensor over its rows twice (an adjacency of one whole graph's nodes, a
     similarity of its rows), which a split along dim 0 gives each micro-batch as a slice of ``rows / m`` rows by all
-    ``rows`` columns; None if it holds none (or has one micro-batch)."""
+    ``rows`` columns, where the capture failed on sizes (``error``, its message); None if it holds none (token ids,
+    padded targets as long as the batch has rows: integers), the error is another, or there is one micro-batch."""
     leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(batch) if isinstance(leaf, torch.Tensor)]
     rows = batch_rows(batch) if leaves and microbatches > 1 else 0
-    square = [tuple(leaf.shape) for leaf in leaves if leaf.dim() >= 2 and leaf.shape[0] == leaf.shape[1] == rows > 1]
+    if not re.search(r"\b(shapes?|sizes?|dims?|mismatch|multiplied)\b", error):
+        return None
+    square = [tuple(leaf.shape) for leaf in leaves if leaf.dim() >= 2 and leaf.shape[0] == leaf.shape[1] == rows > 1
+              and (leaf.is_floating_point() or leaf.dtype == torch.bool)]
     if not square:
         return None
     return (f"The batch holds a tensor of shape {square[0]} over its {rows} rows twice (an adjacency of one graph's "
