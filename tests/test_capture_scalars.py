@@ -117,6 +117,16 @@ class Tagger(nn.Module):
         return F.cross_entropy(scores, tags, reduction="sum")
 
 
+def test_time_major_outputs_are_put_together_along_the_dim_of_their_rows() -> None:
+    sizes = [3, 3, 2]  # uneven micro-batches: only the rows' dim matches them all
+    parts = [(torch.randn(5, rows, 7), torch.randn(rows, 4)) for rows in sizes]
+    whole = whole_output(parts, sizes)
+    assert whole[0].shape == (5, 8, 7) and whole[1].shape == (8, 4)
+    torch.testing.assert_close(whole[0][:, 3:6], parts[1][0])
+    assert whole_output([(torch.randn(2, 2),), (torch.randn(2, 2),)], [2, 2])[0].shape == (4, 2)  # dim 0 first
+    assert whole_output([(torch.randn(3, 5),), (torch.randn(2, 6),)], [2, 2]) is None  # no dim of the rows
+
+
 def test_a_model_called_two_ways_in_a_step_keeps_each_ways_numbers() -> None:
     """Validation scores the summed loss and decodes: two captures, two output structures; the calls' whole outputs
     take each structure's kinds (the loss summed), and a structure no capture gives makes no whole output."""

@@ -259,11 +259,23 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
                 return None
             whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
         else:
-            dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else 0
-            if not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
+            dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else _rows_dim(column, sizes)
+            if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
                 return None
             whole.append(torch.cat(column, dim))
     return tree_unflatten(whole, spec)
+
+
+def _rows_dim(column: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:
+    """Where the graph does not say: the dim of the micro-batches' tensors ``column`` holding their rows (``sizes``):
+    dim 0 where it does, else the one other dim that does in every micro-batch, the rest alike (a time-major
+    ``(time, rows, classes)`` output, as CTC takes it); None if none or several."""
+    shapes = [tuple(leaf.shape) for leaf in column]
+    if any(len(shape) != len(shapes[0]) for shape in shapes):
+        return None
+    found = [dim for dim in range(len(shapes[0])) if all(shape[dim] == rows for shape, rows in zip(shapes, sizes))
+             and all(shape[:dim] + shape[dim + 1:] == shapes[0][:dim] + shapes[0][dim + 1:] for shape in shapes)]
+    return 0 if 0 in found else found[0] if len(found) == 1 else None
 
 
 def output_structure(leaves: Sequence[torch.Tensor], spec: Any) -> tuple[Any, tuple[int, ...]]:

@@ -115,8 +115,15 @@ class WholeBatchRuns:
                                           needs=needs, weights=weights, kinds=kinds)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
-            ran = replayed or (not self.effects.changed(start)
-                               and self._replay_for_logs(kept_whole(kept, microbatches, weights, kinds), replay))
+            whole = None if replayed or self.effects.changed(start) else kept_whole(kept, microbatches, weights, kinds)
+            ran = replayed or (whole is not None and self._replay_for_logs(whole, replay))
+            if not replayed and whole is None and len(kept) == microbatches and result.logs:
+                self._warn_effects(f"{step}'s logged values are not checked against a run of the step on the whole "
+                                   f"batch: its micro-batches' model outputs do not put together into the whole "
+                                   f"batch's (their rows along no one dim, or a number whose sum or mean over rows "
+                                   f"the model does not show), so a value that is not a mean over rows (a maximum, "
+                                   f"loss.exp(), len(x)) is logged as the micro-batches' combination, not as one "
+                                   f"device logs it. Return outputs with the batch's rows along one dim")
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
