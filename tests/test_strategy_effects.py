@@ -771,3 +771,41 @@ def test_a_buffer_written_without_moving_its_version_counter_is_found_changed() 
     assert stage.scale._version == version  # the counter did not move
     with pytest.warns(UserWarning, match="the forward changes the buffers scale"):
         watch.after(before)
+
+
+def test_parameters_a_forward_writes_itself_are_warned_of_with_the_fix() -> None:
+    """Glow's ActNorm initializes its parameters from its first input's statistics: under a pipeline that is the first
+    micro-batch's, not the whole batch's (silent before). Embedding(max_norm=...) renormalizes as one device does."""
+    from lightning_pipe.strategy.buffers import BufferWatch
+
+    class ActNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loc, self.initialized = nn.Parameter(torch.zeros(3)), False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.initialized:
+                self.loc.data.copy_(-x.mean(0))
+                self.initialized = True
+            return x + self.loc
+
+    stage = nn.Sequential(ActNorm(), nn.Linear(3, 3))
+    renormed = nn.Embedding(10, 3, max_norm=0.1)
+    watch = BufferWatch(lambda: [stage, renormed], num_microbatches=4)
+    before = watch.before()
+    renormed(torch.arange(10))  # writes its weight: not said
+    stage(torch.randn(2, 3) + 5)
+    with pytest.warns(UserWarning, match=r"writes the parameters 0\.loc itself.* first sees a micro-batch .*ActNorm"):
+        watch.after(before)
+    quiet = BufferWatch(lambda: [renormed], num_microbatches=4)
+    before = quiet.before()
+    renormed(torch.arange(10) % 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.after(before)
+    asynchronous = BufferWatch(lambda: [stage], num_microbatches=4, parameters=False)  # the optimizer steps inside
+    before = asynchronous.before()
+    stage[1].weight.data.add_(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asynchronous.after(before)

@@ -1,6 +1,8 @@
 """Buffers of the pipelined model that a pipeline treats otherwise than one device, said once on the rank holding
 them: batch norms normalize each micro-batch by its own statistics, and any other buffer its forward changes (a
-``spectral_norm``'s power iteration, a layer's own running statistics) changes once per micro-batch."""
+``spectral_norm``'s power iteration, a layer's own running statistics) changes once per micro-batch. So too the
+parameters a forward writes itself (a data-dependent initialization on the first call, as Glow's ActNorm makes):
+from the first micro-batch's rows, not the whole batch's."""
 
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ class BufferWatch:
     """Over the first ``steps`` training steps of several micro-batches: which buffers of ``stages()`` (this rank's
     share of the model) other than batch norms' (deferred to once per step) the step changed; warns once."""
 
-    def __init__(self, stages: Callable[[], Sequence[nn.Module]], num_microbatches: int, steps: int = 2) -> None:
+    def __init__(self, stages: Callable[[], Sequence[nn.Module]], num_microbatches: int, steps: int = 2,
+                 parameters: bool = True) -> None:
         self._stages = stages
         self._num_microbatches = num_microbatches
         self._left = steps if num_microbatches > 1 else 0
+        self._parameters = parameters  # also the parameters (not where the optimizer steps inside the run)
 
     def _versions(self) -> dict[str, tuple[int, int]]:
         stages = self._stages()
@@ -55,15 +59,38 @@ class BufferWatch:
                        buffer.detach().clone() if buffer.numel() <= _COMPARED and not buffer.is_meta else None)
                 for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
-    def before(self) -> dict[str, tuple] | None:
-        """Each buffer as (object, version, a small one's values) before a step; None once the steps to watch are
-        over."""
-        return self._versions() if self._left > 0 else None
+    def _sums(self) -> dict[str, tuple[float, float]]:
+        """Each parameter's sum and sum of magnitudes (a write changes them; no copy of the weights is kept).
+        ``Embedding(max_norm=...)`` renormalizes the rows it looks up in its forward as one device does: left out."""
+        if not self._parameters:
+            return {}
+        with torch.no_grad():
+            return {f"{path}.{name}" if path else name: (float(p.double().sum()), float(p.double().abs().sum()))
+                    for stage in self._stages() for path, module in stage.named_modules()
+                    if not (isinstance(module, nn.Embedding) and module.max_norm is not None)
+                    for name, p in module.named_parameters(recurse=False) if not p.is_meta}
 
-    def after(self, before: dict[str, tuple] | None) -> None:
-        """Warn, once, of the buffers changed (in place or replaced) since ``before``."""
+    def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]]] | None:
+        """Each buffer as (object, version, a small one's values) and each parameter's sums before a step; None once
+        the steps to watch are over."""
+        return (self._versions(), self._sums()) if self._left > 0 else None
+
+    def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, float]]] | None) -> None:
+        """Warn, once, of the buffers changed (in place or replaced), and of the parameters written, since
+        ``before``."""
         if before is None:
             return
+        before, sums = before
+        written = sorted(name for name, seen in self._sums().items() if name in sums and seen != sums[name])
+        if written:
+            self._parameters = False
+            more = " ..." if len(written) > 6 else ""
+            warnings.warn(f"the forward writes the parameters {', '.join(written[:6])}{more} itself. Under a pipeline each stage's forward first sees a micro-batch (1/"
+                          f"{self._num_microbatches} of the batch's rows), not the whole batch: a data-dependent "
+                          f"initialization on the first call (Glow's ActNorm: loc and scale from the input's "
+                          f"statistics) takes that micro-batch's, so training starts elsewhere than on one device. "
+                          f"Initialize such layers before trainer.fit, on a whole batch (the model is whole then: "
+                          f"model.layers(batch) once), or pass num_microbatches=1", stacklevel=4)
         after = self._versions()
         self._left -= 1
         changed = sorted(name for name, seen in before.items() if name in after and _changed(seen, after[name]))

@@ -112,7 +112,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         # Buffers of this rank's share of the model (a captured model's segments register what they read as they
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
-                                   pipeline.num_microbatches)
+                                   pipeline.num_microbatches, parameters=not pipeline.asynchronous)
         warn_of_batch_norms(pipeline.modules(), pipeline.num_microbatches)
         self._init_checks(split, pipeline)
 
