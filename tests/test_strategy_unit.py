@@ -245,6 +245,30 @@ def test_a_wrapper_holding_its_inner_metrics_states_merges_the_batch_like_one_de
         assert computed.keys() == want.keys() and all(torch.allclose(computed[key], want[key]) for key in want)
 
 
+def test_a_metric_made_after_the_pipeline_is_followed_on_every_rank() -> None:
+    from torchmetrics import MetricTracker as Tracked
+    from torchmetrics.classification import MulticlassAccuracy
+
+    torch.manual_seed(0)
+    preds, target = torch.randn(8, 4).softmax(-1), torch.randint(0, 4, (8,))
+    last, other = nn.Module(), nn.Module()  # the last stage's module and another rank's
+    for module in (last, other):
+        module.tracker = Tracked(MulticlassAccuracy(4))
+    last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
+    for module in (last, other):  # an epoch's start: torchmetrics' tracker copies its metric (after the build)
+        module.tracker.increment()
+    last_tracker.start()
+    for rows in (slice(0, 5), slice(5, 8)):  # a batch in two micro-batches
+        last.tracker.update(preds[rows], target[rows])
+    update = last_tracker.batch_update(set())
+    assert len(update) == 1  # the epoch's copy
+    other_tracker.apply(update)
+    last_tracker.apply(update)
+    want = MulticlassAccuracy(4)(preds, target)
+    for module in (last, other):  # rank 0 computed from an untouched copy before (0.0, "compute before update")
+        torch.testing.assert_close(module.tracker.compute(), want)
+
+
 def test_outputs_combine_over_microbatches() -> None:
     a, b = torch.arange(6.0).view(3, 2), torch.arange(4.0).view(2, 2)
     combined = combine_outputs([{"p": a, "m": torch.tensor(1.0), "t": (a, "x")}, {"p": b, "m": torch.tensor(2.0),

@@ -36,27 +36,40 @@ class MetricTracker:
     """
 
     def __init__(self, module: LightningModule) -> None:
-        found = [(name, m) for name, m in module.named_modules() if isinstance(m, Metric)]
-        # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
-        # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update
-        # was lost
-        inner = {id(m._defaults): name for name, m in found}  # the last of a name and its children: the innermost
-        self.metrics = {name: m for name, m in found if inner[id(m._defaults)] == name}
-        windows = [name for name, metric in self.metrics.items() if isinstance(metric, Running)]
-        if windows:
-            rank_zero_warn(f"{', '.join(windows)}: a running window (RunningMean, RunningSum) counts the step's "
-                           f"updates, which a pipeline makes once per micro-batch; its values are not one device's. "
-                           f"Log the step's value and smooth it in the logger, or pass num_microbatches=1")
-        for metric in self.metrics.values():
-            metric.sync_on_compute = False
-            metric.dist_sync_on_step = False
-            metric._to_sync = False
+        self.module = module
+        self.metrics: dict[str, Metric] = {}
+        self._warned: set[str] = set()
+        self.refresh()
         self._saved: dict[str, _State] = {}
         self.replayed: dict[str, _State] | None = None  # the last whole-batch run's states (:meth:`replaying`)
         self._whole: set[str] = set()  # metrics whose state this batch is the whole run's (:meth:`adopt`)
 
+    def refresh(self) -> None:
+        """Follow the module's metrics as they are now: one made after the pipeline was built (torchmetrics'
+        ``MetricTracker.increment()`` copies its metric at each epoch's start; a metric made in a hook) too."""
+        found = [(name, m) for name, m in self.module.named_modules() if isinstance(m, Metric)]
+        # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
+        # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update
+        # was lost
+        inner = {id(m._defaults): name for name, m in found}  # the last of a name and its children: the innermost
+        metrics = {name: m for name, m in found if inner[id(m._defaults)] == name}
+        if metrics.keys() == self.metrics.keys() and all(m is self.metrics[name] for name, m in metrics.items()):
+            return
+        windows = [name for name, metric in metrics.items() if isinstance(metric, Running) and name not in self._warned]
+        if windows:
+            self._warned.update(windows)
+            rank_zero_warn(f"{', '.join(windows)}: a running window (RunningMean, RunningSum) counts the step's "
+                           f"updates, which a pipeline makes once per micro-batch; its values are not one device's. "
+                           f"Log the step's value and smooth it in the logger, or pass num_microbatches=1")
+        for metric in metrics.values():
+            metric.sync_on_compute = False
+            metric.dist_sync_on_step = False
+            metric._to_sync = False
+        self.metrics = metrics
+
     def start(self) -> None:
         """Set every metric's state aside and start it empty (on the last stage, before the micro-batches)."""
+        self.refresh()
         self._saved = {name: self._take(metric) for name, metric in self.metrics.items()}
         self.replayed = None
 
@@ -147,6 +160,8 @@ class MetricTracker:
 
     def apply(self, update: dict[str, dict[str, Any]]) -> None:
         """Merge each metric's batch state into its earlier state; the same on every rank."""
+        if not self._saved and not update.keys() <= self.metrics.keys():  # made since (another rank's start saw it)
+            self.refresh()
         for name, metric in self.metrics.items():
             saved = self._saved.pop(name, None)
             if name not in update:
