@@ -73,9 +73,19 @@ def test_plain_values_come_back_as_they_left(value: Any) -> None:
         assert back == value and type(back) is type(value)
 
 
+def test_tensors_come_back_as_they_left_without_pickle() -> None:
+    """DDP's broadcast takes tensors (pickled): here their bytes, dtype and shape travel in the JSON."""
+    for tensor in (torch.tensor([3.0]), torch.arange(6).view(2, 3), torch.ones(2, dtype=torch.bfloat16),
+                   torch.tensor(2.5), torch.zeros(0, 4), torch.tensor([True, False]), torch.tensor([1 + 2j])):
+        back = decode(encode({"value": (tensor, 1)}))["value"][0]
+        assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor), tensor
+    with pytest.raises(ValueError, match="dtype 'load'"):  # a dtype name is looked up in torch, nothing else
+        decode('{"__tensor__": ["load", [1], "cpu", "AA=="]}')
+
+
 def test_other_values_are_refused_naming_where_they_are() -> None:
-    with pytest.raises(TypeError, match=r"value\['plan'\]\[1\] is a torch.Tensor .*never pickled"):
-        encode({"plan": [1, torch.zeros(2)]})
+    with pytest.raises(TypeError, match=r"value\['plan'\]\[1\] is a torch.Tensor .*meta"):  # no data: refused
+        encode({"plan": [1, torch.zeros(2, device="meta")]})
     with pytest.raises(TypeError, match=r"is a builtins.set"):
         encode({1, 2})
 
@@ -103,6 +113,7 @@ def _fit_without_pickle(rank: int, world_size: int, root: str) -> dict[str, Any]
     trainer.fit(TiedLM(), token_data(2))  # tied embedding and head: their optimizers are compared across ranks
     seen["partition"] = strategy.cut_plan.partition
     seen["broadcast"] = strategy.broadcast({"path": Path(root), "rank": rank, "pair": (1, 2)}, src=1)
+    seen["tensor"] = strategy.broadcast(torch.tensor([rank + 3.0]), src=1).tolist()  # as DDP's takes one
     try:
         strategy.broadcast({"bad": object()} if rank == 1 else None, src=1)
     except TypeError as error:
@@ -132,6 +143,7 @@ def test_a_trainer_run_needs_no_pickling_collective(tmp_path: Path) -> None:
     assert results[0]["partition"] == results[1]["partition"]
     for result in results:
         assert result["broadcast"] == {"path": tmp_path, "rank": 1, "pair": (1, 2)}
+        assert result["tensor"] == [4.0]
         assert "broadcast from rank 1: value['bad'] is a builtins.object" in result["refused"]
         assert "pipeline rank 1: this rank's share of the checkpoint" in result["bad checkpoint"]
         assert "holds a object" in result["bad checkpoint"]

@@ -3,13 +3,15 @@ with paths, flags and numbers), the cut plan global rank 0 makes, the ranks' vie
 
 ``torch.distributed``'s ``*_object`` collectives pickle, and ``pickle.loads`` of bytes another process sent runs
 whatever code they name. Here a value crosses as JSON: ``None``, booleans, numbers, strings, lists, and dicts with
-string keys as they are; tuples, ``pathlib`` paths and dicts with other keys (ints, tuples...) tagged
-(``{"__tuple__": [...]}``) so they come back as they left. Anything else is refused on the sending rank, with its
+string keys as they are; tuples, ``pathlib`` paths, tensors (their bytes, dtype and shape; on the CPU, or on this
+rank's CUDA device for a CUDA tensor) and dicts with other keys (ints, tuples...) tagged (``{"__tuple__": [...]}``)
+so they come back as they left. Anything else is refused on the sending rank, with its
 place in the value, and every rank raises that error (none is left waiting for the value).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from pathlib import Path, PurePath
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 __all__ = ["encode", "decode", "broadcast_value", "all_gather_text", "gather_stacked"]
 
-_TAGS = ("__tuple__", "__path__", "__items__", "__float__")
+_TAGS = ("__tuple__", "__path__", "__items__", "__float__", "__tensor__")
 
 
 def encode(value: Any) -> str:
@@ -37,6 +39,10 @@ def _plain(value: Any, where: str) -> Any:
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, PurePath):
         return {"__path__": str(value)}
+    if isinstance(value, torch.Tensor) and not value.is_meta and value.layout == torch.strided:
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return {"__tensor__": [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type,
+                               base64.b64encode(data).decode()]}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return {"__tuple__": [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]}
     if isinstance(value, list):
@@ -68,10 +74,23 @@ def _restore(value: Any) -> Any:
                 return Path(inner)
             if tag == "__float__":
                 return float(inner)
+            if tag == "__tensor__":
+                return _tensor(*inner)
             if tag == "__items__":
                 return {_restore(key): _restore(item) for key, item in inner}
         return {key: _restore(item) for key, item in value.items()}
     return value
+
+
+def _tensor(dtype: str, shape: list[int], device: str, data: str) -> torch.Tensor:
+    """The tensor :func:`_plain` wrote: a CUDA tensor comes on this rank's CUDA device."""
+    kind = getattr(torch, dtype)
+    if not isinstance(kind, torch.dtype):
+        raise ValueError(f"a broadcast tensor of dtype {dtype!r}, which torch does not have")
+    raw = base64.b64decode(data)
+    tensor = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(kind) if raw
+              else torch.empty(0, dtype=kind)).reshape(shape)
+    return tensor.to(torch.device("cuda", torch.cuda.current_device())) if device == "cuda" else tensor
 
 
 def _short(value: Any) -> str:
