@@ -73,6 +73,7 @@ def _train(case: str, world_size: int, tmp: str) -> dict[str, Any]:
         result["test"] = trainer.test(model, regression_data(2, batch_size=5, seed=6), verbose=False)
         result["predict"] = trainer.predict(model, regression_data(1, batch_size=7, seed=5))
         trainer.save_checkpoint(os.path.join(tmp, f"final{world_size}.ckpt"))
+        trainer.save_checkpoint(os.path.join(tmp, f"weights{world_size}.ckpt"), weights_only=True)
         result["csv"] = logger.log_dir
     else:
         trainer = _trainer(strategy, world_size, callbacks=[log], **options)
@@ -157,6 +158,10 @@ def test_training_equals_one_device(world_size: int, env: dict[str, str], tmp_pa
     assert len(checkpoint["pipeline"]["optimizer_states"]) == world_size
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, expected["state"][key], rtol=0, atol=1e-5, msg=key)
+    # a weights-only file holds what one device's does: no pipeline sections, positions or callbacks
+    weights = torch.load(tmp_path / f"weights{world_size}.ckpt", weights_only=False)
+    one = torch.load(tmp_path / "reference" / "weights1.ckpt", weights_only=False)
+    assert sorted(weights) == sorted(one) and list(weights["state_dict"]) == list(one["state_dict"])
 
 
 def _resume(rank: int, world_size: int, tmp: str) -> dict[str, Any]:

@@ -158,6 +158,8 @@ class PipelineCheckpoints:
                                    f"{pending}): the other ranks did not come to save, having ended with it ("
                                    f"{error}); a pipeline's checkpoint needs every rank") from pending
             raise PeerLost(f"{error}; {_CALLED_ALONE}", error.origin_rank, True) from None
+        # save_weights_only: the weights and the loops' counters, as one device writes them (nothing to resume from)
+        weights_only, had_callbacks = "optimizer_states" not in checkpoint, "callbacks" in checkpoint
         if trainer is not None and self._position.seed is not None:
             checkpoint[CHECKPOINT_KEY] = {**self._position.state_dict(trainer),
                                           "replicas": self.mesh_shape.replicas}  # each one's share of the data
@@ -184,6 +186,10 @@ class PipelineCheckpoints:
                                                                    split.path, full["state_dict"])
                     # a torch.compile'd module's state under one device's names, to load where it is compiled
                     full["state_dict"] = compiled_names(full["state_dict"], compiled_paths(self.lightning_module))
+                    if weights_only:
+                        for key in (PIPELINE_KEY, CHECKPOINT_KEY, RANDOM_STATES_KEY) + ("callbacks",) * (
+                                not had_callbacks):
+                            full.pop(key, None)
                     atomic_save(self.checkpoint_io, full, filepath, storage_options=storage_options)
             except Exception as caught:
                 error = caught
