@@ -85,8 +85,9 @@ class BufferWatch:
         if written:
             self._parameters = False
             more = " ..." if len(written) > 6 else ""
-            warnings.warn(f"the forward writes the parameters {', '.join(written[:6])}{more} itself. Under a pipeline each stage's forward first sees a micro-batch (1/"
-                          f"{self._num_microbatches} of the batch's rows), not the whole batch: a data-dependent "
+            warnings.warn(f"the forward writes the parameters {', '.join(written[:6])}{more} itself. Under a "
+                          f"pipeline each stage's forward first sees a micro-batch (1/{self._num_microbatches} of "
+                          f"the batch's rows), not the whole batch: a data-dependent "
                           f"initialization on the first call (Glow's ActNorm: loc and scale from the input's "
                           f"statistics) takes that micro-batch's, so training starts elsewhere than on one device. "
                           f"Initialize such layers before trainer.fit, on a whole batch (the model is whole then: "

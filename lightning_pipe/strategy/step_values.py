@@ -260,7 +260,8 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
         else:
             dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else _rows_dim(column, sizes)
-            if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
+            if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows
+                                      for leaf, rows in zip(column, sizes)):
                 return None
             whole.append(torch.cat(column, dim))
     return tree_unflatten(whole, spec)
