@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -75,16 +75,34 @@ class PipelineSteps:
         seed = self._position.step_seed(trainer)
         self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
-            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
+            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()), \
+                    self._as_replica():
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
-            with self.precision_plugin.train_step_context():
+            with self.precision_plugin.train_step_context(), self._as_replica():
                 with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
                     loss_scale = scaled(1.0 / trainer.accumulate_grad_batches,
                                         getattr(self.precision_plugin, "scaler", None))
                     output = self.runner.train(args, kwargs, loss_scale=loss_scale, seed=seed)
         self._position.step_done(trainer)
         return output
+
+    @property
+    def global_rank(self) -> int:
+        """The process's rank; inside a step, that of its data-parallel replica, as a step of DDP's sees it. The step's
+        code after the model runs on the last stage, never global rank 0: ``if self.trainer.is_global_zero:`` around
+        a log or a sample written through ``self.logger`` (made on rank 0 from the last stage's record) skipped it
+        there, silently."""
+        replica = self.__dict__.get("_step_replica")
+        return replica if replica is not None else super().global_rank
+
+    @contextlib.contextmanager
+    def _as_replica(self) -> Iterator[None]:
+        self._step_replica = self.mesh_shape.coordinates(super().global_rank)[1]
+        try:
+            yield
+        finally:
+            self._step_replica = None
 
     def _grads_needed_later(self, trainer: Trainer) -> bool:
         """Whether the gradients from before this step live on after it: they do while accumulating, or if the module
@@ -136,7 +154,8 @@ class PipelineSteps:
 
     def _evaluate(self, step: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         trainer = self.lightning_module.trainer
-        output = self.runner.evaluate(step, args, kwargs, seed=self._position.step_seed(trainer))
+        with self._as_replica():
+            output = self.runner.evaluate(step, args, kwargs, seed=self._position.step_seed(trainer))
         self._position.step_done(trainer)
         return output
 
