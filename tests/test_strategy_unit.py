@@ -245,6 +245,23 @@ def test_a_wrapper_holding_its_inner_metrics_states_merges_the_batch_like_one_de
         assert computed.keys() == want.keys() and all(torch.allclose(computed[key], want[key]) for key in want)
 
 
+def test_a_logged_metric_the_step_only_updates_has_no_step_value_as_on_one_device() -> None:
+    """Lightning logs a Metric object's step value from its forward cache: update() sets none, so one device logs
+    no step value (and the pipeline logged the batch's compute() as one)."""
+    preds, target = torch.randn(4, 10), torch.randn(4, 10)
+    for called, want in ((lambda metric: metric.update(preds, target), None), (lambda metric: metric(preds, target),
+                                                                              MeanAbsoluteError()(preds, target))):
+        last, other = Regressor(), Regressor()
+        last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
+        last_tracker.start()
+        called(last.train_mae)
+        update = last_tracker.batch_update({"train_mae"})
+        for module, tracker in ((last, last_tracker), (other, other_tracker)):
+            tracker.apply(update)
+            cache = module.train_mae._forward_cache
+            assert (cache is None) if want is None else torch.allclose(cache, want)
+
+
 def test_a_metric_made_after_the_pipeline_is_followed_on_every_rank() -> None:
     from torchmetrics import MetricTracker as Tracked
     from torchmetrics.classification import MulticlassAccuracy

@@ -150,9 +150,10 @@ class MetricTracker:
             if metric._update_count == 0:
                 continue
             value = None
-            if name in logged_metrics:  # the batch's value; a whole run's state holds the earlier batches too
-                value = metric._forward_cache if name in self._whole else None
-                value = metric.compute() if value is None else value
+            # the batch's value, where the step called the metric (forward: update() alone sets none, and Lightning
+            # then logs no step value); a whole run's state holds the earlier batches too
+            if name in logged_metrics and metric._forward_cache is not None:
+                value = metric._forward_cache if name in self._whole else metric.compute()
             update[name] = {"state": {attr: _to(getattr(metric, attr), "cpu") for attr in metric._defaults},
                             "count": metric._update_count, "value": _to(value, "cpu"), "whole": name in self._whole}
         self._whole = set()
