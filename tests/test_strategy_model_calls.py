@@ -6,6 +6,7 @@ call whose input depends on an earlier call's output."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -260,6 +261,10 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, _ = batch
+            if kind == "collective":  # a barrier the other ranks never join: each stage runs this code alone
+                out = self.net(x)
+                self.trainer.strategy.barrier()
+                return out.pow(2).mean()
             if kind == "functional":  # perturbed weights (SAM's ascent, MAML's fast weights): the model's own ran
                 weights = {name: p + 0.01 for name, p in self.net.named_parameters()}
                 return torch.func.functional_call(self.net, weights, (x,)).pow(2).mean()
@@ -299,6 +304,15 @@ def test_a_call_with_other_weights_than_the_models_own_is_refused_on_every_rank(
     errors = run_ranks(_dependent, 2, "functional", timeout=100, expect_failure=True)
     for error in errors:  # the stages ran their own weights, silently, before
         assert error is not None and "with tensors in place of its parameters (inp.weight" in error, error
+
+
+@pytest.mark.timeout(120)
+def test_a_collective_in_the_steps_code_is_refused_on_every_rank_at_once() -> None:
+    start = time.monotonic()
+    errors = run_ranks(_dependent, 2, "collective", timeout=100, expect_failure=True)
+    for error in errors:  # the last stage waited wait_timeout in it, then blamed an endless loop
+        assert error is not None and "strategy.barrier() called in a step" in error, error
+    assert time.monotonic() - start < 55  # not the wait timeout (60 s)
 
 
 def test_a_pipelined_sequence_called_with_its_own_weights_runs_and_with_others_is_refused() -> None:

@@ -461,7 +461,9 @@ def explain_wait(me: int, awaited: Sequence[int], what: str, waited: float, *, l
         head = f"rank {root} stopped answering: it never sent a heartbeat"
     else:
         head = (f"rank {root} is alive but made no progress: it has been in {peer.doing} for {peer.for_s:.0f} s (an "
-                f"endless loop in user code, or work slower than the pipeline's wait timeout: raise wait_timeout)")
+                f"endless loop in user code, a collective in the step's own code that no other rank joins (each "
+                f"stage runs that code at its own time: call it in a hook every rank runs), or work slower than the "
+                f"pipeline's wait timeout: raise wait_timeout)")
     if lost and root not in awaited:
         head = f"rank {me} lost its connection to rank {awaited[0] if len(awaited) == 1 else 'a peer'}; " + head
     return f"{head}; {waited_text}{via}", root
