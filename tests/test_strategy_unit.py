@@ -237,9 +237,10 @@ def test_a_wrapper_holding_its_inner_metrics_states_merges_the_batch_like_one_de
     last_tracker.start()
     for rows in (slice(0, 5), slice(5, 8)):  # the second batch in two micro-batches
         last.classes.update(preds[1, rows], target[1, rows])
-    update = last_tracker.batch_update(set())
+    update = last_tracker.batch_update(set(), runs=2)
     for module, tracker in ((last, last_tracker), (other, other_tracker)):
         tracker.apply(update)
+        assert module.classes["acc"].metric.update_count == 2  # one per batch, as on one device (not per run)
         module.classes.update(preds[2], target[2])
         computed, want = module.classes.compute(), reference.compute()
         assert computed.keys() == want.keys() and all(torch.allclose(computed[key], want[key]) for key in want)

@@ -143,12 +143,16 @@ class MetricTracker:
         finally:
             self._restore(metric, batch)
 
-    def batch_update(self, logged_metrics: set[str]) -> dict[str, dict[str, Any]]:
-        """Each updated metric's state for this batch alone (on CPU), with its batch value if it is logged."""
+    def batch_update(self, logged_metrics: set[str], runs: int = 1) -> dict[str, dict[str, Any]]:
+        """Each updated metric's state for this batch alone (on CPU), with its batch value if it is logged. Its
+        update count is one device's: the ``runs`` of the step (one per micro-batch) each counted its calls, where
+        they called it alike."""
         update = {}
         for name, metric in self.metrics.items():
             if metric._update_count == 0:
                 continue
+            if name not in self._whole and runs > 1 and metric._update_count % runs == 0:
+                metric._update_count //= runs
             value = None
             # the batch's value, where the step called the metric (forward: update() alone sets none, and Lightning
             # then logs no step value); a whole run's state holds the earlier batches too

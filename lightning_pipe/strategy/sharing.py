@@ -59,7 +59,8 @@ class SharedResults:
                                     f"requires_grad before trainer.fit (the step's parameters train on every rank), "
                                     f"or keep them frozen")
         logs = self.recorder.combine()
-        metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None})
+        metrics = self.metrics.batch_update({entry.metric for entry in logs if entry.metric is not None},
+                                            runs=len(sizes))
         output = combine_outputs(outputs, sizes, None if counts is None else [float(c) for c in counts.counts])
         return StepResult(None if loss is None else loss.detach().cpu(), output, logs, metrics, rows=sum(sizes))
 
