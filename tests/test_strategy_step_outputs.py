@@ -484,3 +484,74 @@ def test_the_whole_batchs_run_does_not_promise_one_devices_values_where_the_mode
     a captured model that lets the batch's rows meet (warned at its capture) makes other outputs per micro-batch."""
     warned = [message for messages in run_ranks(_meeting, 2, timeout=100) for message in messages]
     assert len(warned) == 1 and "those differ from one device's here" in warned[0], warned
+
+
+def _gradient_norms(rank: int, world_size: int) -> dict[str, float]:
+    import lightning as L
+    from lightning.pytorch.utilities import grad_norm
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Tracked(L.LightningModule):
+        """Lightning's way to track gradient norms: grad_norm's dict logged before each optimizer step."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            self.log_dict(grad_norm(self, norm_type=2))
+            self.log("lr", optimizer.param_groups[0]["lr"])  # alike on every rank
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(2, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_steps=2)
+    trainer.fit(Tracked(), class_data(batches=2))
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+@pytest.mark.timeout(120)
+def test_gradient_norms_logged_before_the_optimizer_step_are_the_whole_models() -> None:
+    """Each rank computes grad_norm over its own stages: rank 0, whose loggers write, logged the first stage's
+    norms and a total over them alone."""
+    reference = _gradient_norms(0, 1)
+    assert len(reference) == 8 and "grad_2.0_norm_total" in reference  # 6 parameters, the total, the lr
+    for got in run_ranks(_gradient_norms, 2, timeout=100):
+        assert got.keys() == reference.keys()
+        for name, value in reference.items():
+            assert got[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_hook_logs_merge_as_one_device_logs_them_and_a_failed_hook_ends_every_rank() -> None:
+    import json
+
+    import lightning as L
+
+    from lightning_pipe.strategy.hook_logs import gather_hook_logs, merge_hook_logs, release_hook_logs
+
+    first = [("grad_2.0_norm/a", 3.0), ("grad_2.0_norm/tied", 1.0), ("grad_2.0_norm_total", 3.2), ("lr", 0.1),
+             ("mine", 1.0)]
+    last = [("grad_2.0_norm/b", 4.0), ("grad_2.0_norm/tied", 1.0), ("grad_2.0_norm_total", 4.1), ("lr", 0.1),
+            ("mine", 2.0), ("grad_inf_norm/b", 7.0), ("grad_inf_norm_total", 7.0)]
+    merged, differing = merge_hook_logs([first, last])
+    assert merged["grad_2.0_norm_total"] == pytest.approx((9 + 1 + 16) ** 0.5)  # a tied parameter once
+    assert merged["grad_inf_norm_total"] == 7.0 and merged["lr"] == 0.1 and differing == ["mine"]
+
+    class Hooked(L.LightningModule):
+        def on_after_backward(self) -> None:
+            self.log("seen", 1.0)
+
+    module = Hooked()
+    other_failed = [json.dumps({"error": "ValueError: bad"})]
+    gather_hook_logs(module, lambda mine: [mine, *other_failed])
+    with pytest.raises(RuntimeError, match="pipeline rank 1's on_after_backward failed: ValueError: bad"):
+        module.on_after_backward()
+    release_hook_logs(module)
+    assert "on_after_backward" not in vars(module)

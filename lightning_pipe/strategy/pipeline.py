@@ -42,6 +42,7 @@ from lightning_pipe.strategy.callbacks import (check_callbacks, count_throughput
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
+from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_logs
 from lightning_pipe.strategy.data_order import share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
@@ -382,6 +383,9 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                            pipeline.rank,
                            functools.partial(all_gather_text, group=pipeline.group, device=self._collective_device()),
                            self.runner.tied.counts_in_norm)
+            if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
+                gather_hook_logs(module, functools.partial(all_gather_text, group=pipeline.group,
+                                                           device=self._collective_device()))
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         self._fold_sigterm_check(trainer)
@@ -466,6 +470,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
     @override
     def teardown(self) -> None:
         module = self.lightning_module
+        if module is not None:
+            release_hook_logs(module)
         if module is not None and self._example_input_array is not None:
             module.example_input_array = self._example_input_array
             self._example_input_array = None

@@ -1,0 +1,122 @@
+"""What hooks outside the step log about the model's gradients, made one device's on every rank.
+
+Lightning's way to track gradient norms logs in ``on_before_optimizer_step`` (or ``on_after_backward``)
+``self.log_dict(grad_norm(self, norm_type=2))``: each parameter's norm and their total. Under a pipeline every rank
+runs the hook over its own stages' parameters, and global rank 0, whose loggers write, logged the first stage's norms
+and a total over them alone. Here every rank's logs of such a hook are gathered over the pipeline (every rank runs
+the hook at the same point of a synchronous step) and every rank logs the union: a name one rank logged, its value; a
+name several logged alike (a tied parameter's norm, a learning rate), that value; a ``grad_norm`` total, the p-norm of
+every rank's parameter norms, as one device computes it. Another name the ranks logged differently keeps each rank's
+own, with a warning. Values travel as JSON text (:mod:`.plain`), never pickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+__all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
+
+_HOOKS = ("on_before_optimizer_step", "on_after_backward")
+_TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
+
+
+def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]]) -> None:
+    """Wrap the module's own gradient hooks so that what they log is every rank's (``gather_text``: every pipeline
+    rank's text, a collective every rank makes in the hook; synchronous schedules only, whose ranks all reach it).
+    Hooks the module does not override are left alone; :func:`release_hook_logs` undoes it."""
+    for name in _HOOKS:
+        if getattr(type(module), name) is getattr(LightningModule, name) or name in vars(module):
+            continue
+        setattr(module, name, functools.partial(_gathered, module, getattr(module, name), gather_text))
+
+
+def release_hook_logs(module: LightningModule) -> None:
+    """The module's hooks as they were (after the fit: the pipeline's group is gone)."""
+    for name in _HOOKS:
+        wrapped = vars(module).get(name)
+        if isinstance(wrapped, functools.partial) and wrapped.func is _gathered:
+            delattr(module, name)
+
+
+def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],
+              *args: Any, **kwargs: Any) -> Any:
+    calls: list[tuple[str, Any, dict[str, Any]]] = []
+    real = module.log
+
+    def log(name: str, value: Any, *rest: Any, **options: Any) -> None:
+        if rest or not _number(value):  # positional options, a Metric, a tensor of several values: as it was
+            real(name, value, *rest, **options)
+        else:
+            calls.append((name, value, options))
+
+    module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method (log_dict calls it)
+    failure: BaseException | None = None
+    try:
+        result = hook(*args, **kwargs)
+    except BaseException as error:  # noqa: BLE001 - the others are told, then this rank raises it
+        failure, result = error, None
+    finally:
+        del module.log
+    mine = json.dumps({"error": f"{type(failure).__name__}: {failure}"} if failure is not None else
+                      [[name, float(value)] for name, value, _ in calls])
+    texts = [json.loads(text) for text in gather_text(mine)]  # every rank comes, its hook failed or not
+    if failure is not None:
+        raise failure
+    failed = [(rank, text["error"]) for rank, text in enumerate(texts) if isinstance(text, dict)]
+    if failed:
+        raise RuntimeError(f"pipeline rank {failed[0][0]}'s {hook.__name__} failed: {failed[0][1]}")
+    merged, differing = merge_hook_logs([[(name, value) for name, value in text] for text in texts])
+    if differing:
+        warnings.warn(f"{', '.join(differing[:5])} logged in a gradient hook take another value on each rank of the "
+                      f"pipeline (each holds its own stages' parameters): each rank logs its own, and global rank 0's "
+                      f"loggers write the first stage's. Log values of each parameter (Lightning's grad_norm: its "
+                      f"total is made the whole model's) or gather them yourself", stacklevel=2)
+    for name, value, options in calls:  # this rank's names first, in its order, with its options
+        real(name, merged.pop(name, float(value)), **options)
+    options = calls[0][2] if calls else {}
+    for name, value in merged.items():  # the other ranks' (their parameters' norms), as this rank logs its own
+        real(name, value, **options)
+    return result
+
+
+def merge_hook_logs(every: list[list[tuple[str, float]]]) -> tuple[dict[str, float], list[str]]:
+    """The union of every rank's ``(name, value)`` logs in rank order, and the names several ranks logged with other
+    values (each keeps its own: left out of the union); a ``grad_{p}_norm_total`` is the p-norm over the union's
+    ``grad_{p}_norm`` values of each parameter."""
+    values: dict[str, list[float]] = {}
+    for logged in every:
+        for name, value in logged:
+            values.setdefault(name, []).append(value)
+    merged: dict[str, float] = {}
+    differing: list[str] = []
+    for name, seen in values.items():
+        if _TOTAL.match(name):
+            continue
+        if all(math.isclose(value, seen[0], rel_tol=1e-6, abs_tol=1e-12) or value != value for value in seen):
+            merged[name] = seen[0]
+        else:
+            differing.append(name)
+    for name in values:
+        found = _TOTAL.match(name)
+        if found is None:
+            continue
+        prefix = f"grad_{found['p']}_norm"
+        parts = [value for key, value in merged.items() if key.startswith(prefix) and key != name]
+        if parts:
+            merged[name] = float(torch.tensor(parts, dtype=torch.float64).norm(float(found["p"])))
+    return merged, differing
+
+
+def _number(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
