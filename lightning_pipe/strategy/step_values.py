@@ -269,11 +269,14 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
 
 def _rows_dim(column: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:
     """Where the graph does not say: the dim of the micro-batches' tensors ``column`` holding their rows (``sizes``):
-    dim 0 where it does, else the one other dim that does in every micro-batch, the rest alike (a time-major
-    ``(time, rows, classes)`` output, as CTC takes it); None if none or several."""
+    dim 0 where it does, else the one other dim that does in every micro-batch, the rest alike, in a tensor of 3 dims
+    or more (a time-major ``(time, rows, classes)`` output, as CTC takes it; an RNN's ``(layers, rows, size)`` state);
+    None if none or several."""
     shapes = [tuple(leaf.shape) for leaf in column]
     if any(len(shape) != len(shapes[0]) for shape in shapes):
         return None
+    if len(shapes[0]) < 3:
+        return 0
     found = [dim for dim in range(len(shapes[0])) if all(shape[dim] == rows for shape, rows in zip(shapes, sizes))
              and all(shape[:dim] + shape[dim + 1:] == shapes[0][:dim] + shapes[0][dim + 1:] for shape in shapes)]
     return 0 if 0 in found else found[0] if len(found) == 1 else None
