@@ -61,7 +61,9 @@ class Reduced(nn.Module):
                 4 * (share * probability).sum(),  # a load-balancing loss: a product of two statistics: other
                 chosen.sum(0),  # tokens per expert, without rows: a sum, element by element
                 h.softmax(-1).mean(0),  # the experts' mean probability: a mean, element by element
-                self.layer.weight.sum(0))  # no rows at all: other
+                self.layer.weight.sum(0),  # no rows at all: other
+                (h.T @ h).sum(),  # the rows contracted: a sum of each row's outer product
+                torch.logsumexp(h, 0).sum())  # not a sum over the rows: other
 
 
 def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
@@ -72,10 +74,11 @@ def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
     program = torch.export.export(Reduced(), (x,), dynamic_shapes=({0: torch.export.Dim("rows")},), strict=False)
     inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == "x"]
     rows = rows_symbols(inputs)
-    assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "other"]
+    assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "other",
+                                                    "sum", "other"]
     # without the rows' symbol (a capture of fixed sizes) the last reduction reads, as before
     assert scalar_kinds(program)[1:5] == ["sum", "mean", "mean", "mean"]
-    known = [0, 1, 2, 6, 7]  # an output of another kind makes no whole batch's output: left out
+    known = [0, 1, 2, 6, 7, 9]  # an output of another kind makes no whole batch's output: left out
     model = Reduced()
     parts = [[model(piece)[index] for index in known] for piece in x.split([2, 4])]
     whole = whole_output(parts, [2, 4], kinds=[output_kinds(program, rows)[index] for index in known])

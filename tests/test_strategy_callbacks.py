@@ -368,3 +368,41 @@ def test_a_callbacks_list_of_one_tensor_per_parameter_is_one_devices_in_a_checkp
 
     consolidate(tmp_path / "sharded" / "epoch=0.ckpt", tmp_path / "consolidated.ckpt")  # rank 0's share before
     assert_same(shadows(tmp_path / "consolidated.ckpt"), shadows(tmp_path / "one" / "epoch=0.ckpt"), "consolidated")
+
+
+def test_the_summary_run_before_the_cut_leaves_the_module_as_it_found_it() -> None:
+    """The whole model's FLOPs come from a run on fake tensors: where the forward cannot run on them (a value read as
+    a number), nothing of the run stays: not eval mode, the summary's hooks, fake tensors stored, flags set."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from lightning_pipe.strategy.callbacks import summarize_before_cut
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.dropout, self.initialized = nn.Linear(4, 4), nn.Dropout(0.5), False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.initialized, self.cache = True, torch.arange(len(x))  # a first-call flag, a cache
+            self.register_buffer("made", torch.zeros(2))
+            if self.read and int(x.sum().item() > 0):  # a number fakes do not have
+                x = x + 1
+            return self.dropout(self.linear(x))
+
+    class Module(L.LightningModule):
+        def __init__(self, read: bool) -> None:
+            super().__init__()
+            self.net, self.example_input_array = Net(), torch.ones(2, 4)
+            self.net.read = read
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    for read, flops in ((True, 0), (False, 64)):
+        module, callback = Module(read), ModelSummary()
+        summarize_before_cut([callback], module)
+        assert callback._pipeline_whole_model[1] == flops
+        net = module.net
+        assert all(child.training for child in module.modules()) and not net.initialized
+        assert not hasattr(net, "cache") and "made" not in net._buffers and not net.linear._forward_hooks

@@ -803,6 +803,14 @@ def test_parameters_a_forward_writes_itself_are_warned_of_with_the_fix() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet.after(before)
+    diverged = nn.Linear(2, 2)
+    with torch.no_grad():
+        diverged.weight[0, 0] = float("nan")  # a NaN is equal to itself here: no write
+    quiet = BufferWatch(lambda: [diverged], num_microbatches=4)
+    before = quiet.before()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.after(before)
     asynchronous = BufferWatch(lambda: [stage], num_microbatches=4, parameters=False)  # the optimizer steps inside
     before = asynchronous.before()
     stage[1].weight.data.add_(1)

@@ -285,6 +285,14 @@ def test_a_metric_made_after_the_pipeline_is_followed_on_every_rank() -> None:
     want = MulticlassAccuracy(4)(preds, target)
     for module in (last, other):  # rank 0 computed from an untouched copy before (0.0, "compute before update")
         torch.testing.assert_close(module.tracker.compute(), want)
+    for module in (last, other):  # made again under its name (a hook's self.acc = ...): the new one is followed
+        module.tracker = MulticlassAccuracy(4)
+    last_tracker.start()
+    last.tracker.update(preds, target)
+    update = last_tracker.batch_update(set())
+    for module, tracker in ((last, last_tracker), (other, other_tracker)):
+        tracker.apply(update)
+        torch.testing.assert_close(module.tracker.compute(), want)
 
 
 def test_outputs_combine_over_microbatches() -> None:

@@ -79,6 +79,10 @@ def test_tensors_come_back_as_they_left_without_pickle() -> None:
                    torch.tensor(2.5), torch.zeros(0, 4), torch.tensor([True, False]), torch.tensor([1 + 2j])):
         back = decode(encode({"value": (tensor, 1)}))["value"][0]
         assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor), tensor
+    conjugate = torch.tensor([1 + 2j]).conj()  # a conjugate bit: its values travel
+    assert torch.equal(decode(encode(conjugate)), torch.tensor([1 - 2j]))
+    with pytest.raises(TypeError, match="never pickled"):  # its scale and zero point would not travel
+        encode(torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8))
     with pytest.raises(ValueError, match="dtype 'load'"):  # a dtype name is looked up in torch, nothing else
         decode('{"__tensor__": ["load", [1], "cpu", "AA=="]}')
 

@@ -47,6 +47,7 @@ _SAME = _ops("clone", "detach", "alias", "_to_copy", "to.dtype", "to.dtype_layou
 _SCALED = _ops("mul.Tensor", "mul.Scalar", "div.Tensor", "div.Scalar")
 _ADDED = _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar")
 _DIVIDED = _ops("div.Tensor")
+_PRODUCTS = _ops("mm", "matmul")
 _REDUCTION = {1: MEAN, 2: SUM}  # torch's Reduction::Mean and ::Sum
 _DEPTH = 64
 
@@ -117,6 +118,13 @@ def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0) -> str:
     reduced = _reduced_by_argument(node)
     if reduced != OTHER:
         return reduced
+    if target in _PRODUCTS:  # x.T @ y over the rows: a sum over them of each row's outer product
+        left, right = (arg.meta.get("val") if isinstance(arg, fx.Node) else None for arg in args[:2])
+        if isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor) and left.dim() == right.dim() == 2 \
+                and _counts_rows(left.shape[1], rows) and _counts_rows(right.shape[0], rows) \
+                and not _counts_rows(left.shape[0], rows) and not _counts_rows(right.shape[1], rows):
+            return SUM
+        return OTHER
     if target in _SAME:
         return _kind(args[0], rows, depth + 1)
     if target in _SCALED:

@@ -6,6 +6,7 @@ from the first micro-batch's rows, not the whole batch's."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -35,6 +36,11 @@ def _changed(before: tuple, after: tuple) -> bool:
     return first is not None and second is not None and not torch.equal(first, second)
 
 
+def _alike(first: tuple[float, ...], second: tuple[float, ...]) -> bool:
+    """Equal sums, a NaN or an infinity equal to itself (a step that diverged is no write)."""
+    return all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second))
+
+
 class BufferWatch:
     """Over the first ``steps`` training steps of several micro-batches: which buffers of ``stages()`` (this rank's
     share of the model) other than batch norms' (deferred to once per step) the step changed; warns once."""
@@ -60,15 +66,22 @@ class BufferWatch:
                 for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
     def _sums(self) -> dict[str, tuple[float, float]]:
-        """Each parameter's sum and sum of magnitudes (a write changes them; no copy of the weights is kept).
-        ``Embedding(max_norm=...)`` renormalizes the rows it looks up in its forward as one device does: left out."""
+        """Each parameter's sum and sum of magnitudes, accumulated in float64 (a write changes them; no copy of the
+        weights is made, and one read from the device for all). ``Embedding(max_norm=...)`` renormalizes the rows it
+        looks up in its forward as one device does: left out."""
         if not self._parameters:
             return {}
+        named = [(f"{path}.{name}" if path else name, p) for stage in self._stages()
+                 for path, module in stage.named_modules()
+                 if not (isinstance(module, nn.Embedding) and module.max_norm is not None)
+                 for name, p in module.named_parameters(recurse=False) if not p.is_meta and p.numel()]
+        if not named:
+            return {}
         with torch.no_grad():
-            return {f"{path}.{name}" if path else name: (float(p.double().sum()), float(p.double().abs().sum()))
-                    for stage in self._stages() for path, module in stage.named_modules()
-                    if not (isinstance(module, nn.Embedding) and module.max_norm is not None)
-                    for name, p in module.named_parameters(recurse=False) if not p.is_meta}
+            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1,
+                                                                                                  dtype=torch.float64)])
+                                for _, p in named]).cpu().tolist()
+        return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}
 
     def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]]] | None:
         """Each buffer as (object, version, a small one's values) and each parameter's sums before a step; None once
@@ -81,7 +94,7 @@ class BufferWatch:
         if before is None:
             return
         before, sums = before
-        written = sorted(name for name, seen in self._sums().items() if name in sums and seen != sums[name])
+        written = sorted(name for name, seen in self._sums().items() if name in sums and not _alike(seen, sums[name]))
         if written:
             self._parameters = False
             more = " ..." if len(written) > 6 else ""

@@ -165,7 +165,7 @@ class MetricTracker:
 
     def apply(self, update: dict[str, dict[str, Any]]) -> None:
         """Merge each metric's batch state into its earlier state; the same on every rank."""
-        if not self._saved and not update.keys() <= self.metrics.keys():  # made since (another rank's start saw it)
+        if not self._saved:  # (not the last stage, whose start looked) made since, or made again under its name
             self.refresh()
         for name, metric in self.metrics.items():
             saved = self._saved.pop(name, None)

@@ -39,8 +39,10 @@ def _plain(value: Any, where: str) -> Any:
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if isinstance(value, PurePath):
         return {"__path__": str(value)}
-    if isinstance(value, torch.Tensor) and not value.is_meta and value.layout == torch.strided:
-        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_meta and not value.is_quantized \
+            and value.layout == torch.strided:
+        plain = value.detach().resolve_conj().resolve_neg().cpu().contiguous()
+        data = plain.reshape(-1).view(torch.uint8).numpy().tobytes()
         return {"__tensor__": [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type,
                                base64.b64encode(data).decode()]}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
@@ -107,8 +109,9 @@ def broadcast_value(value: Any, src: int = 0, group: dist.ProcessGroup | None = 
     if dist.get_rank() == src:
         try:
             payload = encode(value).encode()
-        except TypeError as error:
-            payload, failed = str(error).encode(), 1
+        except Exception as error:  # noqa: BLE001 - every rank raises it: none is left waiting for the value
+            payload, failed = f"{error}" if isinstance(error, TypeError) else f"{type(error).__name__}: {error}", 1
+            payload = payload.encode()
     header = torch.tensor([len(payload), failed], dtype=torch.int64, device=device)
     dist.broadcast(header, src=src, group=group)
     length, failed = (int(n) for n in header.cpu())

@@ -75,8 +75,7 @@ class PipelineSteps:
         seed = self._position.step_seed(trainer)
         self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
-            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()), \
-                    self._as_replica():
+            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
             with self.precision_plugin.train_step_context(), self._as_replica():
@@ -89,7 +88,8 @@ class PipelineSteps:
 
     @property
     def global_rank(self) -> int:
-        """The process's rank; inside a step, that of its data-parallel replica, as a step of DDP's sees it. The step's
+        """The process's rank; inside a step of a synchronous schedule (whose optimizer steps outside it) or of an
+        evaluation, that of its data-parallel replica, as a step of DDP's sees it. The step's
         code after the model runs on the last stage, never global rank 0: ``if self.trainer.is_global_zero:`` around
         a log or a sample written through ``self.logger`` (made on rank 0 from the last stage's record) skipped it
         there, silently."""

@@ -115,8 +115,9 @@ class WholeBatchRuns:
                                           needs=needs, weights=weights, kinds=kinds)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
-            whole = None if replayed or self.effects.changed(start) else kept_whole(kept, microbatches, weights, kinds)
-            ran = replayed or (whole is not None and self._replay_for_logs(whole, replay))
+            whole = None if replayed else kept_whole(kept, microbatches, weights, kinds)
+            ran = replayed or (not self.effects.changed(start) and whole is not None
+                               and self._replay_for_logs(whole, replay))
             if not replayed and whole is None and len(kept) == microbatches and result.logs:
                 self._warn_effects(f"{step}'s logged values are not checked against a run of the step on the whole "
                                    f"batch: its micro-batches' model outputs do not put together into the whole "
