@@ -176,6 +176,7 @@ def test_each_micro_batch_gets_its_rows_of_a_state_the_module_holds() -> None:
 
 def test_a_model_output_with_its_rows_along_dim_1_is_put_together_there() -> None:
     from lightning_pipe.capture.splitter import Splitter
+    from lightning_pipe.engine.tree import tree_flatten
     from lightning_pipe.strategy.step_values import whole_output
 
     model = nn.LSTM(4, 5, 2, batch_first=True)
@@ -188,7 +189,9 @@ def test_a_model_output_with_its_rows_along_dim_1_is_put_together_there() -> Non
     output, (h, c) = whole_output(parts, [3, 2], kinds=[0, 1, 1])
     assert output.shape == (5, 6, 5) and h.shape == c.shape == (2, 5, 5)
     torch.testing.assert_close(h[:, 3:], torch.ones(2, 2, 5))
-    assert whole_output(parts, [3, 2]) is None  # not known where the rows are: no whole output
+    # without the graph's word (an nn.Sequential's): the one dim holding each micro-batch's rows
+    for got, want in zip(tree_flatten(whole_output(parts, [3, 2]))[0], (output, h, c)):
+        torch.testing.assert_close(got, want)
 
 
 def test_a_models_method_may_make_tensors_like_its_parameters_but_not_compute_with_them() -> None:
