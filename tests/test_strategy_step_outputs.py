@@ -292,14 +292,10 @@ def _rank_zero_code(rank: int, world_size: int) -> list[str]:
             logits = self.net(batch[0])
             self.save_samples(logits)
             self.log("val_loss", torch.nn.functional.cross_entropy(logits, batch[1]))
-            if batch_idx == 0 and self.trainer.is_global_zero and self.global_rank == 0:  # one sample per epoch
-                self.log("first_batch_mean", logits.mean())
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2)).validate(Sampling(),
-                                                                                         class_data(batches=2))
-    assert "first_batch_mean" in results[0]  # the step's replica's rank: 0 (the last stage skipped it, silently)
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2)).validate(Sampling(), class_data(batches=2))
     return [str(w.message) for w in caught if "rank_zero_only" in str(w.message)]
 
 

@@ -78,7 +78,7 @@ class PipelineSteps:
             with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
-            with self.precision_plugin.train_step_context(), self._as_replica():
+            with self.precision_plugin.train_step_context(), self._in_a_step():
                 with self._gradients.held_aside(self.lightning_module.parameters(), self._grads_needed_later(trainer)):
                     loss_scale = scaled(1.0 / trainer.accumulate_grad_batches,
                                         getattr(self.precision_plugin, "scaler", None))
@@ -86,23 +86,14 @@ class PipelineSteps:
         self._position.step_done(trainer)
         return output
 
-    @property
-    def global_rank(self) -> int:
-        """The process's rank; inside a step of a synchronous schedule (whose optimizer steps outside it) or of an
-        evaluation, that of its data-parallel replica, as a step of DDP's sees it. The step's
-        code after the model runs on the last stage, never global rank 0: ``if self.trainer.is_global_zero:`` around
-        a log or a sample written through ``self.logger`` (made on rank 0 from the last stage's record) skipped it
-        there, silently."""
-        replica = self.__dict__.get("_step_replica")
-        return replica if replica is not None else super().global_rank
-
     @contextlib.contextmanager
-    def _as_replica(self) -> Iterator[None]:
-        self._step_replica = self.mesh_shape.coordinates(super().global_rank)[1]
+    def _in_a_step(self) -> Iterator[None]:
+        """Inside, the step's own code may run (a collective there is refused: :meth:`_no_collective_in_a_step`)."""
+        self._stepping = True
         try:
             yield
         finally:
-            self._step_replica = None
+            self._stepping = False
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         self._no_collective_in_a_step("barrier()")
@@ -116,7 +107,7 @@ class PipelineSteps:
         """A collective the step's own code calls cannot be matched: each stage runs that code at its own time (the
         code before the model on the first stage, the rest on the last, once per micro-batch), so the others never
         come to it. Raised at once (the rank waited ``wait_timeout``, then blamed an endless loop)."""
-        if self.__dict__.get("_step_replica") is not None:
+        if self.__dict__.get("_stepping"):
             raise RuntimeError(f"strategy.{what} called in a step: under a pipeline each stage runs the step's code "
                                f"at its own time (the code before the model on the first stage, the rest on the last "
                                f"stage, once per micro-batch), so no other rank comes to this collective. Call it in "
@@ -173,7 +164,7 @@ class PipelineSteps:
 
     def _evaluate(self, step: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         trainer = self.lightning_module.trainer
-        with self._as_replica():
+        with self._in_a_step():
             output = self.runner.evaluate(step, args, kwargs, seed=self._position.step_seed(trainer))
         self._position.step_done(trainer)
         return output
