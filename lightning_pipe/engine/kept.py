@@ -1,5 +1,6 @@
-"""What a look at a module (a run only to measure or compare: a profile, a rows check, set-up's runs of step code)
-must leave as it found: every buffer's object and values, and every submodule's training mode."""
+"""What a look at a module (a run only to measure or compare: a profile, a rows check, set-up's runs of step code, a
+summary's run on fake tensors) must leave as it found: every buffer's object and values, every submodule's training
+mode, and for a run that writes no values, every attribute."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-__all__ = ["kept_buffers", "kept_modes"]
+__all__ = ["kept_buffers", "kept_modes", "kept_attributes"]
 
 
 @contextmanager
@@ -41,3 +42,24 @@ def kept_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for part, training in modes:
             part.training = training
+
+
+@contextmanager
+def kept_attributes(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Afterwards every submodule of ``modules`` holds the attributes it held, and its dicts (parameters, buffers,
+    submodules, hooks) what they held: whatever a run set on them (a cache, a first-call flag, a hook left where the
+    run failed, eval mode) is gone. The tensors' values are not kept: for runs that write none (on fake tensors)."""
+    saved = []
+    for part in (part for module in modules for part in module.modules()):
+        attributes = dict(part.__dict__)
+        saved.append((part, attributes, {key: dict(value) for key, value in attributes.items()
+                                         if isinstance(value, dict)}))
+    try:
+        yield
+    finally:
+        for part, attributes, contents in saved:
+            for key, items in contents.items():
+                attributes[key].clear()
+                attributes[key].update(items)
+            part.__dict__.clear()
+            part.__dict__.update(attributes)

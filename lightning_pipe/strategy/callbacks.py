@@ -34,15 +34,16 @@ every rank.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lightning_pipe.engine.kept import kept_attributes
 
 __all__ = ["check_callbacks", "fit_to_the_cut", "recopy_weight_averages", "prune_own_layers", "count_whole_model",
            "add_groups_everywhere", "regroup_after_restore", "count_throughput_per_pipeline", "summarize_before_cut"]
@@ -242,7 +243,7 @@ def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
     try:
         for callback in wanted:
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True), _module_kept(module):
+                with FakeTensorMode(allow_non_fake_inputs=True), kept_attributes([module]):
                     whole = ModelSummary(module, max_depth=callback._max_depth)
                 rows = {name: {"type": kind, "flops": flops, "in": size_in, "out": size_out}
                         for name, kind, flops, size_in, size_out in zip(whole.layer_names, whole.layer_types,
@@ -253,27 +254,6 @@ def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
                 callback._pipeline_whole_model = ({}, 0)
     finally:
         module._trainer = trainer
-
-
-@contextlib.contextmanager
-def _module_kept(module: nn.Module) -> Iterator[None]:
-    """Inside, whatever a run of ``module`` sets on its modules (a fake tensor stored as a cache, a first-call flag,
-    the summary's hooks where the run fails, eval mode) is put back as it was afterwards: each module's attributes
-    and its dicts of parameters, buffers, submodules and hooks."""
-    saved = []
-    for child in module.modules():
-        attributes = dict(child.__dict__)
-        saved.append((child, attributes, {key: dict(value) for key, value in attributes.items()
-                                          if isinstance(value, dict)}))
-    try:
-        yield
-    finally:
-        for child, attributes, contents in saved:
-            for key, items in contents.items():
-                attributes[key].clear()
-                attributes[key].update(items)
-            child.__dict__.clear()
-            child.__dict__.update(attributes)
 
 
 def recopy_weight_averages(callbacks: Iterable[Any], module: Any, gather: Gather) -> int:

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
