@@ -458,6 +458,14 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     # a step whose loss draws random numbers (diffusion noise) cannot tell: no verdict, and so no warning
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5 + draw))
     assert rule is None and "random" in why
+    # micro-batches' losses of 0 (a batch-hard triplet loss, each micro-batch one identity: no negative) against a
+    # whole batch's that is not: neither (it gave up before, and the model never trained); equal to it: cannot tell
+    zeros = Probe(torch.zeros(4, 1))
+    for rows in (2, 2):
+        zeros.add(torch.zeros(rows, 1), torch.tensor(0.0), rows)
+    rule, why = verdict(zeros, lambda output, batch, draw: torch.tensor(0.49))
+    assert rule == "neither" and "0.49" in why
+    assert verdict(zeros, lambda output, batch, draw: torch.tensor(0.0))[0] is None
 
     # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
     # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run

@@ -1,4 +1,5 @@
-"""The captures of one model, and finding the one that fits a call: by mode, autocast state and input pattern."""
+"""The captures of one model, and finding the one that fits a call: by mode (the model's, and any of its modules set
+otherwise), autocast state and input pattern."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .patterns import Pattern, all_match, autocast_state, describe, overlap
 from .points import Cut, cut_label
 from .programs import Program
 
-__all__ = ["Capture", "CaptureCache"]
+__all__ = ["Capture", "CaptureCache", "modes_of"]
 
 
 @dataclass
@@ -49,6 +50,11 @@ class Capture:
     """Stand-ins that rebuild an output of ``out_spec`` whose tensors name their index (:func:`.output_markers`)."""
     counted_means: tuple[CountedMean, ...] = ()
     """Means the forward takes over a count of its inputs' elements (:func:`.losses.counted_means`)."""
+    modes: frozenset[str] = frozenset()
+    """The model's modules that were in the other mode than ``training`` when it was captured (a frozen backbone's
+    batch norms in eval while the model trains: :func:`modes_of`), and the flags its forward read that held the other
+    value than at their first capture (``place=value``): the graphs keep them
+    (:meth:`~.splitter.Splitter.follow_modes`)."""
     provisional: bool = False
     """Made from the model's inputs before any of the user's hooks ran (a pipeline's set-up): a capture for the
     inputs of a step that would share a segment's inputs with it replaces it, rather than being refused as
@@ -64,32 +70,42 @@ class Capture:
     def digest(self) -> str:
         """A hash of the cut (split points, what is live at each cut, each segment's state and ops) that ranks
         compare to prove they cut the same way; devices and timings are left out."""
-        parts: list[Any] = [self.training, [cut_label(c) for c in self.cuts], str(self.out_spec)]
+        parts: list[Any] = [self.training, sorted(self.modes), [cut_label(c) for c in self.cuts], str(self.out_spec)]
         for program in self.programs:
             parts.append((describe(program.live_in), program.state, program.ops))
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def modes_of(model: torch.nn.Module, training: bool) -> frozenset[str]:
+    """The names of ``model``'s modules in the other mode than ``training`` (none where the model itself is in the
+    other mode: a capture in ``training`` mode then sets every module to it)."""
+    if model.training != training or all(module.training == training for module in model.modules()):
+        return frozenset()
+    return frozenset(name for name, module in model.named_modules() if module.training != training)
+
+
 class CaptureCache:
-    """Every capture of one model; each segment finds its program by its mode, the autocast state and the values
-    it is given (the last one found is tried first: a training loop asks for the same one again and again)."""
+    """Every capture of one model; each segment finds its program by its mode, the modes of the model's modules now
+    (:attr:`modes`, which the splitter follows), the autocast state and the values it is given (the last one found is
+    tried first: a training loop asks for the same one again and again)."""
 
     def __init__(self) -> None:
         self.captures: list[Capture] = []
-        self._last: dict[int, tuple[bool, tuple, Capture]] = {}
+        self.modes: frozenset[str] = frozenset()  # the model's modules in the other mode than it, now
+        self._last: dict[int, tuple[bool, frozenset[str], tuple, Capture]] = {}
 
     def add(self, capture: Capture) -> None:
         """Keep ``capture``; refuses one that would make some segment's lookup ambiguous, but where that is a
         provisional capture (:attr:`Capture.provisional`), drops that one instead."""
         for other in list(self.captures):
-            if other.training != capture.training or other.autocast != capture.autocast:
+            if (other.training, other.modes, other.autocast) != (capture.training, capture.modes, capture.autocast):
                 continue
             for index, (mine, theirs) in enumerate(zip(capture.programs, other.programs)):
                 last = index == len(capture.programs) - 1
                 same = mine.fingerprint() == theirs.fingerprint() and (not last or capture.out_spec == other.out_spec)
                 if overlap(mine.live_in, theirs.live_in) and not same and other.provisional:
                     self.captures.remove(other)
-                    self._last = {key: entry for key, entry in self._last.items() if entry[2] is not other}
+                    self._last = {key: entry for key, entry in self._last.items() if entry[-1] is not other}
                     break
                 if overlap(mine.live_in, theirs.live_in) and not same:
                     raise CaptureError(
@@ -108,7 +124,8 @@ class CaptureCache:
         """The capture whose segment ``index`` takes ``live``; raises with what to do when none does."""
         found = self._find(index, training, live, lambda c: c.programs[index].live_in)
         if found is None:
-            mode = "train" if training else "eval"
+            mode = ("train" if training else "eval") + (f" ({', '.join(sorted(self.modes))} in the other)"
+                                                        if self.modes else "")
             raise CaptureError(
                 f"segment {index} got values no capture of this model expects in {mode} mode (autocast "
                 f"{autocast_state() or 'off'}): call splitter.capture(args, kwargs, training={training}) with this "
@@ -117,14 +134,14 @@ class CaptureCache:
         return found
 
     def _find(self, index: int, training: bool, values: Sequence[Any], patterns: Any) -> Capture | None:
-        autocast = autocast_state()
+        autocast, modes = autocast_state(), self.modes
         last = self._last.get(index)
-        if last is not None and last[0] == training and last[1] == autocast and all_match(patterns(last[2]), values):
-            return last[2]
+        if last is not None and last[:3] == (training, modes, autocast) and all_match(patterns(last[3]), values):
+            return last[3]
         for capture in self.captures:
-            if (capture.training == training and capture.autocast == autocast
+            if (capture.training == training and capture.modes == modes and capture.autocast == autocast
                     and all_match(patterns(capture), values)):
-                self._last[index] = (training, autocast, capture)
+                self._last[index] = (training, modes, autocast, capture)
                 return capture
         return None
 

@@ -277,9 +277,12 @@ def _masks_as_given() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Train or eval mode for the capture; every module's own flag is put back afterwards."""
+    """Train or eval mode for the capture: a model already in that mode is captured as it is, each module in its own
+    mode (a frozen backbone's batch norms in eval while the model trains; :func:`.cache.modes_of`); one in the other
+    mode is set to it whole; every module's own flag is put back afterwards."""
     flags = [(module, module.training) for module in model.modules()]
-    model.train(training)
+    if model.training != training:
+        model.train(training)
     try:
         yield
     finally:

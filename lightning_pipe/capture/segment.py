@@ -24,8 +24,9 @@ class Segment(nn.Module):
     that uses it, under the name of the module using it there. State is read at each call, so
     ``torch.func.functional_call(segment, weights, (live,))`` runs on other weights.
 
-    The graph run is picked by the segment's mode (``train()`` / ``eval()``), the autocast state and the values
-    given, among the captures made so far (:class:`~.splitter.Splitter` makes them).
+    The graph run is picked by the segment's mode (``train()`` / ``eval()``), the modes of the model's modules
+    (:meth:`~.splitter.Splitter.follow_modes`), the autocast state and the values given, among the captures made so
+    far (:class:`~.splitter.Splitter` makes them).
 
     No submodule of a segment runs: its modules only hold state. A forward hook on one of them (a zero-bubble
     ``PipelineStage`` puts one on every module that owns parameters) is called with the output of each op that reads
@@ -42,6 +43,12 @@ class Segment(nn.Module):
         self._where: dict[str, tuple[nn.Module, str]] = {}  # state name -> (module of this segment, attribute)
         self._slots: dict[int, list[tuple[Any, str]]] = {}  # id(program) -> where each state argument is read
         self._owners: dict[int, list[tuple[nn.Module, int]]] = {}  # id(program) -> (module, weight op) pairs
+
+    def train(self, mode: bool = True) -> Segment:
+        """Pick the graphs of ``mode``; the modules holding the segment's state keep theirs (a batch norm held as
+        itself is the model's: its mode is the model's to set, and the graphs follow it)."""
+        self.training = mode
+        return self
 
     @property
     def is_last(self) -> bool:

@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from .assignments import Read
 from .batchnorm import defer_batch_norms
-from .cache import Capture, CaptureCache
+from .cache import Capture, CaptureCache, modes_of
 from .coupling import rows_meet, rows_symbols
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
@@ -107,6 +107,7 @@ class Splitter:
         current autocast state: found among the earlier ones, or made now (seconds). Every rank of a pipeline
         calls this with the same inputs, so that each finds the graphs its segments need."""
         training = self.model.training if training is None else training
+        self.follow_modes(training)
         kwargs = self._ordered(kwargs)
         flat, _ = pytree.tree_flatten((_positional(args), kwargs))
         found = self.cache.for_inputs(training, flat)
@@ -117,6 +118,7 @@ class Splitter:
         """Segment 0's input for ``model(*args, **kwargs)``: the pytree leaves of ``(args, kwargs)`` (tensors and
         plain values, keywords in ``forward``'s parameter order), captured first if this pattern is new."""
         training = self.model.training if training is None else training
+        self.follow_modes(training)
         kwargs = self._ordered(kwargs)
         flat, spec = pytree.tree_flatten((_positional(args), kwargs))
         capture = self.cache.for_inputs(training, flat)
@@ -126,6 +128,25 @@ class Splitter:
             raise CaptureError(f"the inputs are structured as {spec}, but captured as {capture.in_spec}; call the "
                                f"model with the same arguments each time")
         return tuple(flat)
+
+    def follow_modes(self, training: bool) -> frozenset[str]:
+        """Run the segments' graphs for the model's switches as they are now: its modules in the other mode than
+        ``training`` (a frozen backbone's batch norms in eval) by name, and the flags its forward reads that were
+        changed since they were first captured (a callback's ``bn.track_running_stats = False``) as ``place=value``;
+        each such state has graphs of its own. :meth:`capture` and :meth:`flat_inputs` follow them; a rank that runs
+        only later segments calls this; returns them."""
+        self.cache.modes = modes_of(self.model, training) | self.changed_flags()
+        return self.cache.modes
+
+    def changed_flags(self) -> frozenset[str]:
+        """The flags (``True`` / ``False``) the forward read that hold the other value now, as ``place=value``."""
+        found = []
+        for read in self.reads.values():
+            if type(read.value) is bool:
+                now = read.module.__dict__.get(read.name, read.value)
+                if type(now) is bool and now != read.value:
+                    found.append(f"{read.place}={now}")
+        return frozenset(found)
 
     def leaves(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> list[Any]:
         """The leaves :meth:`flat_inputs` gives for these inputs, without capturing anything."""
@@ -182,6 +203,7 @@ class Splitter:
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
         padded = _NestedTensorEncoders(self.model) if not training else None
+        modes = modes_of(self.model, training) | self.changed_flags()  # the switches as the capture keeps them
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)
@@ -212,7 +234,8 @@ class Splitter:
         capture = Capture(training, autocast_state(), dynamic, in_patterns, program.call_spec.in_spec,
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported,
-                          rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None)
+                          rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None,
+                          modes=modes)
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()
             capture.output_kinds = tuple(output_kinds(program, rows))

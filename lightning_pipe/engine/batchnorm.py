@@ -149,7 +149,7 @@ class _DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         deferred = self._deferred
-        if deferred is None or not deferred.active or not self.training:
+        if deferred is None or not deferred.active or not self.training or not self.track_running_stats:
             return super().forward(input)
         self._check_input_dim(input)
         if deferred.recording:
@@ -208,7 +208,8 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
     norms = []
     left: set[str] = set()
     for child in module.modules():
-        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or not child.track_running_stats:
+        # (one whose tracking is off for now, frozen by Lightning's BaseFinetuning, may be switched on later)
+        if not isinstance(child, nn.modules.batchnorm._BatchNorm) or child.running_mean is None:
             continue
         if type(child) in _DEFERRED:
             child.__class__ = _DEFERRED[type(child)]

@@ -16,8 +16,10 @@ import torch.nn as nn
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
 
 def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> None:
-    """Say, on a rank whose ``stages`` hold batch norms, that they normalize each micro-batch by its own statistics."""
-    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for stage in stages for m in stage.modules())
+    """Say, on a rank whose ``stages`` hold batch norms in training mode, that they normalize each micro-batch by its
+    own statistics (one in eval, a frozen backbone's, uses its running statistics, as on one device)."""
+    count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                for stage in stages for m in stage.modules())
     if count and num_microbatches > 1:
         warnings.warn(f"this rank's {count} batch norm(s) normalize each of the {num_microbatches} micro-batches of a "
                       f"step by that micro-batch's statistics in training (as GPipe's do), so outputs and gradients "

@@ -19,15 +19,16 @@ import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_reads, read_advice
+from lightning_pipe.capture.cache import modes_of
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.engine.kept import kept_buffers
+from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
 from lightning_pipe.strategy.checkpoint import tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key
+from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key, other_modes
 from lightning_pipe.strategy.model_choice import largest_owner, owners
 from lightning_pipe.strategy.model_parts import ModelPart, has_state
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
@@ -172,8 +173,12 @@ class CapturedModule:
         # the model's structure, for checkpoints' hyper-parameters (the module's own forward is in none)
         self.skeleton = None if self.root else meta_skeleton(self.model)
         self.aliases: list[str] = []  # other paths to the model or into it, redirected by install()
-        # (step, training, autocast, the module's attributes by kind) captured so far
-        self._seen: set[tuple[str, bool, tuple, tuple]] = set()
+        # (step, training, autocast, the module's attributes by kind, its modules in the other mode) captured so far
+        self._seen: set[tuple[str, bool, tuple, tuple, frozenset[str]]] = set()
+        # such a key -> the modules in the other mode at the step's call of the model (the step may set some: a
+        # frozen backbone put in eval before the call); the modes every rank's segments run the step's calls in
+        self._call_modes: dict[tuple, frozenset[str]] = {}
+        self.modes: frozenset[str] = frozenset()  # those of this step's calls
         self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
         self._stored: set[str] = set()  # places outside the model where a capture's forward stored tensors
 
@@ -192,6 +197,17 @@ class CapturedModule:
     def training(self) -> bool:
         """The mode the step runs the model in (Lightning sets the LightningModule's; a user may set the model's)."""
         return self.module.training if self.root or self.proxy is None else self.proxy.training
+
+    def modes_now(self) -> frozenset[str]:
+        """The model's modules in the other mode than the step's (a frozen backbone's batch norms in eval while the
+        model trains): the module's own forward's twin follows the module's mode first."""
+        if self.root:
+            self.model.training = self.module.training
+        return modes_of(self.model, self.training)
+
+    def mode(self) -> tuple[bool, frozenset[str]]:
+        """The step's mode and the model's modules in the other one, now: what a call of the model runs in."""
+        return self.training, self.modes_now()
 
     @property
     def segments(self) -> list[Segment]:
@@ -325,9 +341,11 @@ class CapturedModule:
     def capture_first(self, step: str, microbatch: Any, training: bool) -> None:
         """Capture from ``step``'s call of the model on ``microbatch`` (every rank, at setup); errors and ranks that
         cut differently are raised on every rank."""
+        before = self.modes_now()
+
         def make() -> None:
             with torch.random.fork_rng(devices=[]), no_logging(self.module), \
-                    kept_buffers([self.module], skip=self.model):
+                    kept_buffers([self.module], skip=self.model), kept_modes([self.module, self.model]):
                 for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
                     self.splitter.capture(call_args, call_kwargs, training=training)
                     self._mark_stored()
@@ -335,7 +353,8 @@ class CapturedModule:
         self._agree(make, f"capturing {self.where}")
         for capture in self.splitter.captures:  # made before any hook ran: a later one for the same inputs replaces it
             capture.provisional = True
-        key = (step, training, autocast_state(), self.carried.pattern())
+        key = (step, training, autocast_state(), self.carried.pattern(), before)
+        self._call_modes[key] = self.splitter.cache.modes
         self._seen.add(key)
         self._shapes_seen.add((key, _shapes(microbatch)))
 
@@ -348,7 +367,8 @@ class CapturedModule:
         captured anew)."""
         assert self.proxy is not None
         self._check_reads()
-        key = (step, self.training, autocast_state(), self.carried.pattern())
+        key = (step, self.training, autocast_state(), self.carried.pattern(), self.modes_now())
+        self.modes = self.splitter.cache.modes = self._call_modes.get(key, key[4])
         for segment in self.segments:  # a segment picks its graph by its own mode
             if segment.training != key[1]:
                 segment.train(key[1])
@@ -385,6 +405,8 @@ class CapturedModule:
         after = [id(capture) for capture in self.splitter.captures]
         if error is not None or after != before:
             self._agree(None, f"capturing {self.where}", error)
+        # the step's own code may set modes before its call (self.backbone.eval()): its calls run in those
+        self.modes = self._call_modes[key] = self.splitter.cache.modes
         if not set(before) <= set(after):  # a provisional capture was replaced: its inputs are captured anew
             self._seen.clear()
             self._shapes_seen.clear()
@@ -402,12 +424,16 @@ class CapturedModule:
                 capture.provisional = False
 
     def _check_reads(self) -> None:
-        """Refuse a plain attribute the captured forward read (a temperature, a dropout's ``p``) that was changed
-        since (an annealing hook): the graphs keep the value it had then (:func:`~.assignments.changed_reads`). The
+        """Refuse a plain attribute the captured forward read (a temperature, a dropout's ``p``; not a flag of a module
+        of the model) that was changed since (an annealing hook): the graphs keep the value it had then
+        (:func:`~.assignments.changed_reads`). The
         model's own forward reads the LightningModule's attributes through a twin (:func:`_twin`), which a change
         made on the module does not reach: those are read on the module."""
         twin = self.model if self.root else None
-        found = changed_reads(self.splitter.reads.values(), lambda m: self.module if m is twin else m)
+        # a flag of the model's modules (a callback's bn.track_running_stats = False) has graphs of each value
+        # (:meth:`~lightning_pipe.capture.Splitter.follow_modes`)
+        reads = [read for read in self.splitter.reads.values() if type(read.value) is not bool or read.module is twin]
+        found = changed_reads(reads, lambda m: self.module if m is twin else m)
         if found:
             raise ValueError(read_advice(type(self.model).__name__, found))
 
@@ -433,8 +459,12 @@ class CapturedModule:
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened (of each
         call, as :class:`~lightning_pipe.engine.calls.Calls`, for several)."""
+        calls = self.model_calls(step, microbatch, args, kwargs)
+        ran = (self.training, self.modes)
+        if self.mode() != ran:
+            raise RuntimeError(other_modes(self.where, ran, self.mode()))
         inputs = ModelCalls.as_input([self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)
-                                      for call_args, call_kwargs in self.model_calls(step, microbatch, args, kwargs)])
+                                      for call_args, call_kwargs in calls])
         if self.calls.needs_grad:
             raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
                                               "move them into the model, name a module holding both with "
@@ -464,7 +494,7 @@ class CapturedModule:
         """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
         assert self.proxy is not None
         calls = self.calls
-        calls.serve(output, lambda: self.training)
+        calls.serve(output, self.mode, ran=(self.training, self.modes))
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None \
             else contextlib.nullcontext()
         try:

@@ -26,7 +26,7 @@ from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
-__all__ = ["Pending", "ModelCalls", "Stop", "call_key", "capturing", "refuse_other_weights"]
+__all__ = ["other_modes", "Pending", "ModelCalls", "Stop", "call_key", "capturing", "refuse_other_weights"]
 
 
 class Stop(BaseException):
@@ -167,12 +167,13 @@ class ModelCalls:
         """The pipeline's input for the recorded calls: one call's as it is, several as :class:`Calls`."""
         return recorded[0] if len(recorded) == 1 else Calls(tuple(recorded))
 
-    def serve(self, output: Any, training: Callable[[], bool]) -> None:
-        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in the mode
-        ``training()`` says now, with the gradient mode and autocast state of now: the step's)."""
+    def serve(self, output: Any, training: Callable[[], Any], ran: Any = None) -> None:
+        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in the mode ``ran``,
+        by default the one ``training()`` says now, with the gradient mode and autocast state of now: the step's).
+        A mode is ``training``'s value: the model's (a bool), or that and the modules in the other one."""
         self.mode, self.output, self.calls = "output", output, 0
         self._training = training
-        self.context = (torch.is_grad_enabled(), training(), autocast_state())
+        self.context = (torch.is_grad_enabled(), training() if ran is None else ran, autocast_state())
 
     @property
     def answered(self) -> bool:
@@ -184,9 +185,10 @@ class ModelCalls:
         """The output of the step's next call: detached where the step makes it without gradients (``with
         torch.no_grad():`` targets from the model itself), as one device's has none; a call in another mode or
         autocast state than the pipeline ran it in is an error that says so."""
-        grad, ran_training, autocast = self.context
-        if self._training() != ran_training:
-            raise RuntimeError(_other_mode(self.where, ran_training, self.calls + 1))
+        grad, ran, autocast = self.context
+        now = self._training()
+        if now != ran:
+            raise RuntimeError(other_modes(self.where, ran, now, self.calls + 1))
         if autocast_state() != autocast:
             raise RuntimeError(f"the step makes call {self.calls + 1} of {self.where} under another autocast than "
                                f"the step's ({_autocast(autocast_state())} where the step runs under "
@@ -236,6 +238,19 @@ def refuse_other_weights(module: nn.Module, where: str) -> None:
                            f"each stage with the weights it holds, so the given tensors would be ignored. Change the "
                            f"weights in place between optimizer steps instead (a callback's on_before_optimizer_step), "
                            f"or train such a model on one device or with DDP")
+
+
+def other_modes(where: str, ran: Any, now: Any, call: int = 1) -> str:
+    """Why the step's call ``call`` of the model, in mode ``now``, cannot be answered by the pipeline's run in mode
+    ``ran`` (each the model's mode, or that and the names of its modules in the other one)."""
+    if isinstance(ran, tuple) and ran[0] == now[0]:
+        changed = sorted(ran[1] ^ now[1])
+        shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        return (f"the step sets the mode of part of {where} ({shown}) before its call {call} of it, otherwise than "
+                f"the pipeline ran that call (its stages run the step's calls before the step's code runs): set the "
+                f"modes of the model's parts the same way for every batch, before the call (a frozen backbone put in "
+                f"eval in __init__, in on_train_epoch_start or at the step's top), not depending on the batch")
+    return _other_mode(where, ran[0] if isinstance(ran, tuple) else ran, call)
 
 
 def _other_mode(where: str, training: bool, call: int) -> str:

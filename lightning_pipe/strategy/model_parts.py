@@ -160,6 +160,40 @@ class ModelPart(nn.Module):
         self.reason: str | None = None  # why it cannot run, where not the usual (set by the install)
         object.__setattr__(self, "_original", original)  # not a submodule: its weights are other ranks'
 
+    # isinstance() sees the module's class, as user code and Lightning's callbacks look for modules by it (a frozen
+    # backbone's batch norms put in eval in a hook, BaseFinetuning's freezing), alike on every rank; type() stays this
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        original = self.__dict__.get("_original")
+        return type(original) if original is not None else type(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # (pickle reads __class__; the part is a part)
+        return object.__new__, (type(self),), self.__dict__.copy()
+
+    # The mode is the module's own: set through the part (Lightning's eval() and its putting back of each module's
+    # mode after validation, a frozen backbone's .eval()), it is the module's, which the captured graphs follow.
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        original = self.__dict__.get("_original")
+        return original.training if original is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        original = self.__dict__.get("_original")
+        if original is not None:
+            original.training = mode
+        else:
+            self.__dict__["_training"] = mode
+
+    def train(self, mode: bool = True) -> ModelPart:
+        """The module's own ``train(mode)`` (an override keeping its batch norms in eval, as mmdetection's
+        ``norm_eval`` does, runs): its parts' modes are its modules'."""
+        original = self.__dict__.get("_original")
+        if original is None:
+            return super().train(mode)
+        original.train(mode)  # (a batch norm held as itself is the module's own)
+        return self
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.reason is not None:
             raise RuntimeError(self.reason)

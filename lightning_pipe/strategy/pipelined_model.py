@@ -45,17 +45,35 @@ class PipelinedModel(nn.Module):
         self._model_name = type(model).__name__
         self.model_calls = calls or ModelCalls(f"the model at {path!r} ({self._model_name})")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
-        self.training = model.training
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
         # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
         state = dict(self.__dict__)
-        state.update(owner=None, model_calls=ModelCalls(self.model_calls.where), _segments=[], _model=None)
+        state.update(owner=None, model_calls=ModelCalls(self.model_calls.where), _segments=[], _model=None,
+                     _training=self.training)
         return state
 
+    # The mode is the model's own (as a part's is its module's: :class:`~.model_parts.ModelPart`).
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        model = self.__dict__.get("_model")
+        return model.training if model is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_model")
+        if model is not None:
+            model.training = mode
+        else:
+            self.__dict__["_training"] = mode
+
     def train(self, mode: bool = True) -> PipelinedModel:
-        super().train(mode)
+        """The model's own ``train(mode)`` (its overrides run); the segments pick the graphs of ``mode``."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            return super().train(mode)
+        model.train(mode)
         for segment in self._segments:
             segment.train(mode)
         return self

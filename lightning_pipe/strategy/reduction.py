@@ -145,13 +145,15 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     if not all(math.isfinite(value) for value in (mean, total, whole)):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
-    if abs(total - mean) <= 10 * _TOLERANCE * scale:
+    alike = abs(total - mean) <= 10 * _TOLERANCE * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
+    # whose micro-batches hold one identity each; against a whole batch's that is not, the answer is "neither")
+    if alike and abs(whole - mean) <= _TOLERANCE * scale:
         return None, "the micro-batches' mean and sum are equal"
     why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses have the "
            f"mean {mean:.6g} and the sum {total:.6g}")
-    if abs(whole - total) <= _TOLERANCE * scale:
+    if not alike and abs(whole - total) <= _TOLERANCE * scale:
         return "sum", why
-    if abs(whole - mean) <= _TOLERANCE * scale:
+    if not alike and abs(whole - mean) <= _TOLERANCE * scale:
         return "mean", why
     if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"
