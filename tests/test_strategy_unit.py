@@ -246,6 +246,61 @@ def test_a_wrapper_holding_its_inner_metrics_states_merges_the_batch_like_one_de
         assert computed.keys() == want.keys() and all(torch.allclose(computed[key], want[key]) for key in want)
 
 
+def test_metrics_kept_outside_the_modules_tree_are_followed_as_one_devices() -> None:
+    """Metrics in a plain dict, a list or a plain object's fields (a shortcut for nn.ModuleDict): set aside and merged
+    per batch as the module's own are, so a batch of two micro-batches counts once (they took every run's update)."""
+    from torchmetrics import MeanMetric
+
+    class Meters:
+        def __init__(self) -> None:
+            self.loss = MeanMetric()
+
+    values = torch.arange(8, dtype=torch.float32)
+    reference = MeanMetric()
+    reference.update(values[:2])
+    reference.update(values[2:])
+    last, other = nn.Module(), nn.Module()  # the last stage's module and another rank's
+    for module in (last, other):
+        module.by_name, module.listed, module.meters = {"train": MeanMetric()}, [MeanMetric()], Meters()
+    last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
+    assert sorted(last_tracker.metrics) == ["by_name['train']", "listed[0]", "meters.loss"]
+    assert not last.listed[0].sync_on_compute  # each rank computes its own state, equal on every rank
+    for module in (last, other):
+        for metric in (module.by_name["train"], module.listed[0], module.meters.loss):
+            metric.update(values[:2])
+    last_tracker.start()
+    for rows in (slice(2, 5), slice(5, 8)):  # the second batch in two micro-batches, updated per micro-batch
+        for metric in (last.by_name["train"], last.listed[0], last.meters.loss):
+            metric.update(values[rows])
+    update = last_tracker.batch_update(set(), runs=2)
+    for module, tracker in ((last, last_tracker), (other, other_tracker)):
+        tracker.apply(update)
+        for metric in (module.by_name["train"], module.listed[0], module.meters.loss):
+            assert metric.update_count == 2 and torch.allclose(metric.compute(), reference.compute())
+
+
+def test_a_callbacks_metrics_sync_over_the_replicas_never_over_the_stages() -> None:
+    """A callback's metric, updated in a hook every rank runs on the same batch: torchmetrics' sync over the world
+    counted each batch once per stage (a SumMetric of 30 rows gave 60)."""
+    from lightning.pytorch.callbacks import Callback
+    from torchmetrics import SumMetric
+
+    from lightning_pipe.strategy.metric_states import sync_callback_metrics
+
+    class Counting(Callback):
+        def __init__(self) -> None:
+            self.rows = SumMetric()
+            self.by_split = {"val": [SumMetric()]}
+
+    alone, replicated = Counting(), Counting()
+    sync_callback_metrics([alone], None)  # one pipeline: no sync at all
+    assert not alone.rows.sync_on_compute and not alone.by_split["val"][0].sync_on_compute
+    group = object()  # (the replicas' process group)
+    sync_callback_metrics([replicated], group)
+    assert replicated.rows.process_group is group and replicated.by_split["val"][0].process_group is group
+    assert replicated.rows.sync_on_compute
+
+
 def test_a_logged_metric_the_step_only_updates_has_no_step_value_as_on_one_device() -> None:
     """Lightning logs a Metric object's step value from its forward cache: update() sets none, so one device logs
     no step value (and the pipeline logged the batch's compute() as one)."""

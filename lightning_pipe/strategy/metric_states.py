@@ -17,14 +17,69 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn as nn
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.wrappers import Running
 
-__all__ = ["MetricTracker"]
+__all__ = ["MetricTracker", "plain_metrics", "sync_callback_metrics"]
 
 _State = tuple[dict[str, Any], int, Any, Any]  # a metric's states, update count, forward cache, computed value
+
+
+_LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
+                        "numpy", "logging", "types", "functools", "collections", "lightning_pipe"})
+
+
+def plain_metrics(module: Any, known: set[int]) -> list[tuple[str, Metric]]:
+    """The metrics ``module`` (or a callback) keeps outside its submodules (``self.metrics = {"train": Accuracy(...)}``,
+    a list of them, a plain object's fields), named by their path (``metrics['train']``); those of ids in ``known``
+    left out."""
+    found: list[tuple[str, Metric]] = []
+    seen: set[int] = set()
+
+    def visit(value: Any, path: str, depth: int) -> None:
+        if isinstance(value, Metric):
+            if id(value) not in known:
+                known.add(id(value))
+                found.append((path, value))
+            return
+        if depth > 3 or id(value) in seen or isinstance(value, (nn.Module, torch.Tensor, str, bytes, type)):
+            return
+        seen.add(id(value))
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        elif hasattr(value, "__dict__") and type(value).__module__.split(".")[0] not in _LIBRARIES:
+            items = [(name, item) for name, item in vars(value).items() if not name.startswith("__")]
+            for name, item in items:
+                visit(item, f"{path}.{name}", depth + 1)
+            return
+        else:
+            return
+        for key, item in list(items):
+            visit(item, f"{path}[{key!r}]", depth + 1)
+
+    for name, value in vars(module).items():
+        if name not in ("_modules", "_parameters", "_buffers") and not name.endswith("hooks"):
+            visit(value, name, 0)
+    return found
+
+
+def sync_callback_metrics(callbacks: Any, group: Any) -> None:
+    """Metrics the user's callbacks keep (updated in hooks every rank runs, on the same batch): each rank's state is
+    the whole of it, so they sync over the data-parallel replicas (``group``), or not at all, never over the world,
+    which would count each batch once per stage."""
+    for callback in callbacks:
+        if type(callback).__module__.split(".")[0] in _LIBRARIES:
+            continue
+        for _, metric in plain_metrics(callback, set()):
+            if group is None:
+                metric.sync_on_compute = metric.dist_sync_on_step = metric._to_sync = False
+            else:
+                metric.process_group = group
 
 
 class MetricTracker:
@@ -48,6 +103,7 @@ class MetricTracker:
         """Follow the module's metrics as they are now: one made after the pipeline was built (torchmetrics'
         ``MetricTracker.increment()`` copies its metric at each epoch's start; a metric made in a hook) too."""
         found = [(name, m) for name, m in self.module.named_modules() if isinstance(m, Metric)]
+        found += plain_metrics(self.module, {id(m) for _, m in found})
         # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
         # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update
         # was lost

@@ -49,6 +49,7 @@ from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_u
 from lightning_pipe.strategy.gradients import HeldGradients
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
+from lightning_pipe.strategy.metric_states import sync_callback_metrics
 from lightning_pipe.strategy.optimizers import (drop_placeholders, empty_optimizers_allowed, placeholders,
                                                 refuse_searching_optimizers)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
@@ -320,6 +321,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         """As Lightning, with the module's transfer hooks drawing their random numbers (a GPU augmentation in
         ``on_after_batch_transfer``) from a seed of the step's position, the same on every rank."""
         trainer = self._trainer()
+        if trainer is not None and self._runner is not None:
+            sync_callback_metrics(trainer.callbacks, self._runner.replica_group)
         if trainer is None or self._position.seed is None or trainer.state.stage is None:
             return super().batch_to_device(batch, device, dataloader_idx)
         if trainer.state.stage == RunningStage.TRAINING:
