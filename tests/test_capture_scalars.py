@@ -63,7 +63,8 @@ class Reduced(nn.Module):
                 h.softmax(-1).mean(0),  # the experts' mean probability: a mean, element by element
                 self.layer.weight.sum(0),  # no rows at all: other
                 (h.T @ h).sum(),  # the rows contracted: a sum of each row's outer product
-                torch.logsumexp(h, 0).sum())  # not a sum over the rows: other
+                torch.logsumexp(h, 0).sum(),  # not a sum over the rows: other
+                (h > 0).sum())  # a count (an integer): a sum
 
 
 def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
@@ -75,10 +76,10 @@ def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
     inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == "x"]
     rows = rows_symbols(inputs)
     assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "other",
-                                                    "sum", "other"]
+                                                    "sum", "other", "sum"]
     # without the rows' symbol (a capture of fixed sizes) the last reduction reads, as before
     assert scalar_kinds(program)[1:5] == ["sum", "mean", "mean", "mean"]
-    known = [0, 1, 2, 6, 7, 9]  # an output of another kind makes no whole batch's output: left out
+    known = [0, 1, 2, 6, 7, 9, 11]  # an output of another kind makes no whole batch's output: left out
     model = Reduced()
     parts = [[model(piece)[index] for index in known] for piece in x.split([2, 4])]
     whole = whole_output(parts, [2, 4], kinds=[output_kinds(program, rows)[index] for index in known])

@@ -164,10 +164,11 @@ def _counts_rows(size: int | torch.SymInt, rows: set[Any]) -> bool:
 
 
 def _without_rows(node: Any, rows: set[Any]) -> bool:
-    """Whether ``node`` is a tensor none of whose sizes counts the batch's rows."""
+    """Whether ``node`` is a tensor none of whose sizes counts the batch's rows (a single number too, where it is not
+    floating: a count, ``(logits > 0).sum()``; a floating one's kind is :func:`scalar_kinds`')."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and not any(_counts_rows(size, rows)
-                                                                             for size in value.shape)
+    return isinstance(value, torch.Tensor) and (value.dim() > 0 or not value.is_floating_point()) \
+        and not any(_counts_rows(size, rows) for size in value.shape)
 
 
 def _reduced_by_argument(node: fx.Node) -> str:
