@@ -128,6 +128,14 @@ def test_a_packed_sequence_says_to_run_the_rnn_on_the_padded_batch() -> None:
         Splitter(_Packed()).segments((torch.randint(0, 16, (3, 5)), torch.tensor([5, 2, 4])))
 
 
+def test_a_batch_norm_averaging_every_batch_says_to_give_it_a_momentum() -> None:
+    """torch's momentum=None (a cumulative average, weighted by 1 / num_batches_tracked): not an input's check."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 2))
+    with pytest.raises(CaptureError, match=r"module '1'.*momentum=None.*give it a momentum.*nn.Sequential") as caught:
+        Splitter(model.train()).segments((torch.randn(6, 4),))
+    assert "labels" not in str(caught.value)
+
+
 def test_a_custom_autograd_function_is_refused_by_class_and_module() -> None:
     with pytest.raises(CaptureError) as caught:
         Splitter(Blocks(Quantized())).segments((torch.randn(2, 8),))

@@ -119,6 +119,14 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "(`out[torch.arange(len(out)), lengths - 1]`, not h_n) or mask the steps past them. A bidirectional "
                 "one cannot (its reverse direction would start in the padding): give it batches whose sequences have "
                 "one length each, with a batch sampler that groups the dataset by length, and no packing.")
+    if "torch/nn/modules/batchnorm.py" in where and "num_batches_tracked" in where:
+        return ("A batch norm with momentum=None (a cumulative average of the batches' statistics, weighted by "
+                "1 / num_batches_tracked) reads its step count's value, which a captured graph cannot: give it a "
+                f"momentum (the default 0.1), {SEQUENTIAL_PATH}, whose batch norms run as modules.")
+    if "observer_enabled" in where or "fake_quant_enabled" in where:
+        return ("Quantization-aware training's FakeQuantize switches its observer and its rounding on the values of "
+                "its flags (observer_enabled, fake_quant_enabled), which a captured graph cannot follow: train such "
+                f"a model on one device or with DDP, {SEQUENTIAL_PATH}, whose layers run as modules.")
     if "layerdrop" in where.lower():
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
