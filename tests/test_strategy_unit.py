@@ -457,6 +457,18 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Any) -> N
     assert torch.load(path, weights_only=True) == {"step": 3}
 
 
+def test_a_checkpoint_io_writing_in_the_background_gets_the_final_path(tmp_path: Any) -> None:
+    """Lightning's AsyncCheckpointIO queues the write: the temporary file was not there to rename (FileNotFoundError
+    at the first checkpoint)."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    background = AsyncCheckpointIO(TorchCheckpointIO())
+    atomic_save(background, {"step": 1}, tmp_path / "last.ckpt")
+    background.teardown()  # waits for the write
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
 def test_resuming_with_another_layout_is_refused() -> None:
     layout = {"num_ranks": 2, "stage_sizes": [4, 4], "stage_to_rank": [0, 1]}
     checkpoint = {"pipeline": {"layout": layout, "optimizer_states": [["a"], ["b"]], "lr_schedulers": [[], []]}}

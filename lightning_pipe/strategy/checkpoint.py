@@ -352,7 +352,7 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole.
     """
     target = os.fspath(path)
-    if "://" in target and not target.startswith("file://"):
+    if "://" in target and not target.startswith("file://") or _writes_later(checkpoint_io):
         checkpoint_io.save_checkpoint(checkpoint, target, storage_options=storage_options)
         return
     target = target.removeprefix("file://")
@@ -366,6 +366,14 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _writes_later(checkpoint_io: CheckpointIO) -> bool:
+    """Whether ``checkpoint_io`` writes in the background (Lightning's ``AsyncCheckpointIO``): the file is not there
+    when its call returns, so it gets the final path itself (its write is as atomic as it makes it)."""
+    from lightning.pytorch.plugins.io.async_plugin import AsyncCheckpointIO
+
+    return isinstance(checkpoint_io, AsyncCheckpointIO)
 
 
 def _fsync(path: str) -> None:
