@@ -1,8 +1,8 @@
 """Parts of a captured model in their own mode, as on one device: a frozen backbone's batch norms and dropout put in
-eval in ``__init__`` or by a hook looking for them by class (``isinstance`` on every rank), a model whose ``train()``
-keeps its batch norms in eval (mmdetection's ``norm_eval``), and Lightning's ``BaseFinetuning`` switching a batch
-norm's ``track_running_stats`` off and on again (a flag its forward reads: graphs of each value), with validation
-putting every module in eval and back between epochs; on 2 gloo ranks against one device."""
+eval in ``__init__``, by a hook looking for them by class (``isinstance`` on every rank) or at the step's top, a model
+whose ``train()`` keeps its batch norms in eval (mmdetection's ``norm_eval``), and Lightning's ``BaseFinetuning``
+switching a batch norm's ``track_running_stats`` off and on again (a flag its forward reads: graphs of each value),
+with validation putting every module in eval and back between epochs; on 2 gloo ranks against one device."""
 
 from __future__ import annotations
 
@@ -67,6 +67,8 @@ def _fit(rank: int, world_size: int, case: str) -> dict[str, torch.Tensor]:
                         module.eval()
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if case == "step":  # frozen at the step's top, every step (its first step too)
+                self.model.stem.eval()
             loss = F.cross_entropy(self.model(batch[0]), batch[1])
             self.log("loss", loss)
             return loss
@@ -92,11 +94,11 @@ def _fit(rank: int, world_size: int, case: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("case", ["init", "hook", "norm_eval", "finetune"])
+@pytest.mark.parametrize("case", ["init", "hook", "step", "norm_eval", "finetune"])
 def test_parts_of_a_captured_model_in_their_own_mode_train_as_on_one_device(case: str) -> None:
     reference = _fit(0, 1, case)
     tracked = reference["model.stem.1.num_batches_tracked"]
-    assert int(tracked) == {"init": 0, "hook": 0, "norm_eval": 0, "finetune": 3}[case]  # one device's own
+    assert int(tracked) == {"init": 0, "hook": 0, "step": 0, "norm_eval": 0, "finetune": 3}[case]  # one device's
     held: dict[str, torch.Tensor] = {}
     for state in run_ranks(_fit, 2, case, timeout=200):
         held.update({name: value for name, value in state.items() if not value.is_meta})
