@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
 
-__all__ = ["ModelPart", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only",
+__all__ = ["ModelPart", "mode_of", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only",
            "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
 
 
@@ -148,6 +148,23 @@ def has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
+def mode_of(attribute: str) -> Any:
+    """A stand-in's ``training``: the mode of the module it keeps in ``attribute`` (not a submodule), read and set
+    there; its own where it keeps none (a copy without it)."""
+    def get(self: nn.Module) -> bool:
+        original = self.__dict__.get(attribute)
+        return original.training if original is not None else self.__dict__.get("_training", True)
+
+    def put(self: nn.Module, mode: bool) -> None:
+        original = self.__dict__.get(attribute)
+        if original is not None:
+            original.training = mode
+        else:
+            self.__dict__["_training"] = mode
+
+    return property(get, put)
+
+
 class ModelPart(nn.Module):
     """Stands for a module of a captured model under its path: holds this rank's share of its state (perhaps none),
     so that ``parameters()`` of it work on every rank (and indexing, for a container: :class:`ModelPartList`); its
@@ -172,18 +189,7 @@ class ModelPart(nn.Module):
 
     # The mode is the module's own: set through the part (Lightning's eval() and its putting back of each module's
     # mode after validation, a frozen backbone's .eval()), it is the module's, which the captured graphs follow.
-    @property  # type: ignore[override]
-    def training(self) -> bool:
-        original = self.__dict__.get("_original")
-        return original.training if original is not None else self.__dict__.get("_training", True)
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        original = self.__dict__.get("_original")
-        if original is not None:
-            original.training = mode
-        else:
-            self.__dict__["_training"] = mode
+    training = mode_of("_original")  # type: ignore[assignment]
 
     def train(self, mode: bool = True) -> ModelPart:
         """The module's own ``train(mode)`` (an override keeping its batch norms in eval, as mmdetection's

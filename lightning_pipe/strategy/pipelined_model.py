@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from lightning_pipe.capture import Segment
 from lightning_pipe.strategy.model_calls import ModelCalls, refuse_other_weights
-from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, stand_in_attribute,
-                                                 written_through)
+from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, mode_of,
+                                                 stand_in_attribute, written_through)
 
 __all__ = ["PipelinedModel"]
 
@@ -54,19 +54,7 @@ class PipelinedModel(nn.Module):
                      _training=self.training)
         return state
 
-    # The mode is the model's own (as a part's is its module's: :class:`~.model_parts.ModelPart`).
-    @property  # type: ignore[override]
-    def training(self) -> bool:
-        model = self.__dict__.get("_model")
-        return model.training if model is not None else self.__dict__.get("_training", True)
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        model = self.__dict__.get("_model")
-        if model is not None:
-            model.training = mode
-        else:
-            self.__dict__["_training"] = mode
+    training = mode_of("_model")  # type: ignore[assignment]  # the model's own, as a part's is its module's
 
     def train(self, mode: bool = True) -> PipelinedModel:
         """The model's own ``train(mode)`` (its overrides run); the segments pick the graphs of ``mode``."""
