@@ -1,8 +1,9 @@
 """Parts of a captured model in their own mode, as on one device: a frozen backbone's batch norms and dropout put in
 eval in ``__init__``, by a hook looking for them by class (``isinstance`` on every rank) or at the step's top, a model
 whose ``train()`` keeps its batch norms in eval (mmdetection's ``norm_eval``), and Lightning's ``BaseFinetuning``
-switching a batch norm's ``track_running_stats`` off and on again (a flag its forward reads: graphs of each value),
-with validation putting every module in eval and back between epochs; on 2 gloo ranks against one device."""
+switching a batch norm's ``track_running_stats`` off and on again (a flag its forward reads: graphs of each value) on
+the first stage or the last, captured for every size or per shape, with validation putting every module in eval and
+back between epochs; on 2 gloo ranks against one device."""
 
 from __future__ import annotations
 
@@ -45,11 +46,15 @@ def _fit(rank: int, world_size: int, case: str) -> dict[str, torch.Tensor]:
 
     class Finetuning(BaseFinetuning):
         def freeze_before_training(self, pl_module: Any) -> None:
-            self.freeze(pl_module.model.stem, train_bn=False)  # batch norms: track_running_stats off
+            self.freeze(self.part(pl_module), train_bn=False)  # batch norms: track_running_stats off
 
         def finetune_function(self, pl_module: Any, epoch: int, optimizer: Any) -> None:
             if epoch == 1:
-                self.unfreeze_and_add_param_group(pl_module.model.stem, optimizer, train_bn=True)
+                self.unfreeze_and_add_param_group(self.part(pl_module), optimizer, train_bn=True)
+
+        @staticmethod
+        def part(pl_module: Any) -> Any:  # the first stage's stem, or the last stage's body
+            return pl_module.model.body if case == "finetune_last" else pl_module.model.stem
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -85,20 +90,21 @@ def _fit(rank: int, world_size: int, case: str) -> dict[str, torch.Tensor]:
     x, y = torch.randn(48, 12, generator=generator) * 2 + 1, torch.randint(0, 4, (48,), generator=generator)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     module = Module()
-    strategy = PipelineStrategy(num_microbatches=1, layers="model", split_points=["body"]) if world_size > 1 \
-        else "auto"
-    callbacks = [Finetuning()] if case == "finetune" else []
+    strategy = PipelineStrategy(num_microbatches=1, layers="model", split_points=["body"],
+                                dynamic_shapes=case != "finetune_static") if world_size > 1 else "auto"
+    callbacks = [Finetuning()] if case.startswith("finetune") else []
     quiet_trainer(world_size, strategy, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
                   num_sanity_val_steps=0, callbacks=callbacks).fit(module, data, data)
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("case", ["init", "hook", "step", "norm_eval", "finetune"])
+@pytest.mark.parametrize("case", ["init", "hook", "step", "norm_eval", "finetune", "finetune_last", "finetune_static"])
 def test_parts_of_a_captured_model_in_their_own_mode_train_as_on_one_device(case: str) -> None:
     reference = _fit(0, 1, case)
-    tracked = reference["model.stem.1.num_batches_tracked"]
-    assert int(tracked) == {"init": 0, "hook": 0, "step": 0, "norm_eval": 0, "finetune": 3}[case]  # one device's
+    frozen = "body" if case == "finetune_last" else "stem"
+    tracked = int(reference[f"model.{frozen}.1.num_batches_tracked"])
+    assert tracked == (3 if case.startswith("finetune") else 0)  # one device's: frozen, or tracked from epoch 1
     held: dict[str, torch.Tensor] = {}
     for state in run_ranks(_fit, 2, case, timeout=200):
         held.update({name: value for name, value in state.items() if not value.is_meta})

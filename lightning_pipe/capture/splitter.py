@@ -114,11 +114,15 @@ class Splitter:
         return found if found is not None else self._capture(tuple(args), kwargs, training, flat)
 
     def flat_inputs(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *,
-                    training: bool | None = None) -> tuple:
+                    training: bool | None = None, modes: frozenset[str] | None = None) -> tuple:
         """Segment 0's input for ``model(*args, **kwargs)``: the pytree leaves of ``(args, kwargs)`` (tensors and
-        plain values, keywords in ``forward``'s parameter order), captured first if this pattern is new."""
+        plain values, keywords in ``forward``'s parameter order), captured first if this pattern is new. ``modes``:
+        the model's switches, where the caller knows them (else followed: :meth:`follow_modes`)."""
         training = self.model.training if training is None else training
-        self.follow_modes(training)
+        if modes is None:
+            self.follow_modes(training)
+        else:
+            self.cache.modes = modes
         kwargs = self._ordered(kwargs)
         flat, spec = pytree.tree_flatten((_positional(args), kwargs))
         capture = self.cache.for_inputs(training, flat)

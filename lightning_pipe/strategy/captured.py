@@ -199,11 +199,13 @@ class CapturedModule:
         return self.module.training if self.root or self.proxy is None else self.proxy.training
 
     def modes_now(self) -> frozenset[str]:
-        """The model's modules in the other mode than the step's (a frozen backbone's batch norms in eval while the
-        model trains): the module's own forward's twin follows the module's mode first."""
+        """The model's switches now: its modules in the other mode than the step's (a frozen backbone's batch norms in
+        eval while the model trains), and the flags its forward reads that a callback switched since their capture
+        (:meth:`~lightning_pipe.capture.Splitter.follow_modes`); the module's own forward's twin follows the
+        module's mode first."""
         if self.root:
             self.model.training = self.module.training
-        return modes_of(self.model, self.training)
+        return modes_of(self.model, self.training) | self.splitter.changed_flags()
 
     def mode(self) -> tuple[bool, frozenset[str]]:
         """The step's mode and the model's modules in the other one, now: what a call of the model runs in."""
@@ -460,11 +462,11 @@ class CapturedModule:
         """The first segment's input for ``step`` on ``microbatch``: the model call's arguments, flattened (of each
         call, as :class:`~lightning_pipe.engine.calls.Calls`, for several)."""
         calls = self.model_calls(step, microbatch, args, kwargs)
-        ran = (self.training, self.modes)
-        if self.mode() != ran:
-            raise RuntimeError(other_modes(self.where, ran, self.mode()))
-        inputs = ModelCalls.as_input([self.splitter.flat_inputs(call_args, call_kwargs, training=self.training)
-                                      for call_args, call_kwargs in calls])
+        ran, now = (self.training, self.modes), self.mode()
+        if now != ran:
+            raise RuntimeError(other_modes(self.where, ran, now))
+        inputs = ModelCalls.as_input([self.splitter.flat_inputs(call_args, call_kwargs, training=self.training,
+                                                                modes=self.modes) for call_args, call_kwargs in calls])
         if self.calls.needs_grad:
             raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
                                               "move them into the model, name a module holding both with "

@@ -85,7 +85,7 @@ class DeferredCalls:
         )
 
         self.children = [(name, child) for name, child in module.named_children()
-                         if not holds_layers(child) and not isinstance(child, Metric)]
+                         if not holds_layers(child) and not issubclass(type(child), Metric)]
         self.device = device
         self.deferrable: dict[str, bool] = {}  # learned from each child's first real call
         self.deferred = 0  # calls deferred so far (for tests and the docs)

@@ -102,7 +102,7 @@ class MetricTracker:
     def refresh(self) -> None:
         """Follow the module's metrics as they are now: one made after the pipeline was built (torchmetrics'
         ``MetricTracker.increment()`` copies its metric at each epoch's start; a metric made in a hook) too."""
-        found = [(name, m) for name, m in self.module.named_modules() if isinstance(m, Metric)]
+        found = [(name, m) for name, m in self.module.named_modules() if issubclass(type(m), Metric)]
         found += plain_metrics(self.module, {id(m) for _, m in found})
         # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
         # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update

@@ -16,8 +16,8 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
 
-__all__ = ["ModelPart", "mode_of", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute", "shape_only",
-           "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
+__all__ = ["ModelPart", "mode_of", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute",
+           "shape_only", "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
 
 
 # Methods that name parameters rather than compute with them: timm's, which its create_optimizer_v2 asks for (with

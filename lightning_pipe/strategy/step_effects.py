@@ -131,7 +131,8 @@ class StepEffects:
 
             inside = {id(m) for m in self._pipelined()}
             self._outside = [(path, child) for path, child in self.module.named_modules(remove_duplicate=True)
-                             if path and id(child) not in inside and child._buffers and not isinstance(child, Metric)]
+                             if path and id(child) not in inside and child._buffers
+                             and not issubclass(type(child), Metric)]  # (a part of the model answers as its class)
         return self._outside
 
     def _tracked(self) -> dict[str, Any]:
