@@ -139,8 +139,12 @@ class Splitter:
         changed since they were first captured (a callback's ``bn.track_running_stats = False``) as ``place=value``;
         each such state has graphs of its own. :meth:`capture` and :meth:`flat_inputs` follow them; a rank that runs
         only later segments calls this; returns them."""
-        self.cache.modes = modes_of(self.model, training) | self.changed_flags()
+        self.cache.modes = self.switches(training)
         return self.cache.modes
+
+    def switches(self, training: bool) -> frozenset[str]:
+        """The model's switches now, as :meth:`follow_modes` names them (without following them)."""
+        return modes_of(self.model, training) | self.changed_flags()
 
     def changed_flags(self) -> frozenset[str]:
         """The flags (``True`` / ``False``) the forward read that hold the other value now, as ``place=value``."""
@@ -207,7 +211,7 @@ class Splitter:
 
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
         padded = _NestedTensorEncoders(self.model) if not training else None
-        modes = modes_of(self.model, training) | self.changed_flags()  # the switches as the capture keeps them
+        modes = self.switches(training)  # as the capture keeps them
         meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)

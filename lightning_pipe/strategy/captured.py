@@ -19,7 +19,6 @@ import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_reads, read_advice
-from lightning_pipe.capture.cache import modes_of
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
@@ -205,7 +204,7 @@ class CapturedModule:
         module's mode first."""
         if self.root:
             self.model.training = self.module.training
-        return modes_of(self.model, self.training) | self.splitter.changed_flags()
+        return self.splitter.switches(self.training)
 
     def mode(self) -> tuple[bool, frozenset[str]]:
         """The step's mode and the model's modules in the other one, now: what a call of the model runs in."""

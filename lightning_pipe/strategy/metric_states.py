@@ -23,13 +23,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.wrappers import Running
 
+from lightning_pipe.strategy.step_effects import LIBRARIES
+
 __all__ = ["MetricTracker", "plain_metrics", "sync_callback_metrics"]
 
 _State = tuple[dict[str, Any], int, Any, Any]  # a metric's states, update count, forward cache, computed value
 
 
-_LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
-                        "numpy", "logging", "types", "functools", "collections", "lightning_pipe"})
+_LIBRARIES = LIBRARIES | {"lightning_pipe"}  # objects whose fields hold no user's metric
 
 
 def plain_metrics(module: Any, known: set[int]) -> list[tuple[str, Metric]]:
@@ -49,18 +50,15 @@ def plain_metrics(module: Any, known: set[int]) -> list[tuple[str, Metric]]:
             return
         seen.add(id(value))
         if isinstance(value, dict):
-            items: Any = value.items()
+            items, step = list(value.items()), "[{!r}]"
         elif isinstance(value, (list, tuple)):
-            items = enumerate(value)
+            items, step = list(enumerate(value)), "[{!r}]"
         elif hasattr(value, "__dict__") and type(value).__module__.split(".")[0] not in _LIBRARIES:
-            items = [(name, item) for name, item in vars(value).items() if not name.startswith("__")]
-            for name, item in items:
-                visit(item, f"{path}.{name}", depth + 1)
-            return
+            items, step = [(name, item) for name, item in vars(value).items() if not name.startswith("__")], ".{}"
         else:
             return
-        for key, item in list(items):
-            visit(item, f"{path}[{key!r}]", depth + 1)
+        for key, item in items:
+            visit(item, path + step.format(key), depth + 1)
 
     for name, value in vars(module).items():
         if name not in ("_modules", "_parameters", "_buffers") and not name.endswith("hooks"):

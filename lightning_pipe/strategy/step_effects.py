@@ -32,7 +32,7 @@ from lightning_pipe.strategy.results import sendable
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes", "MicrobatchRuns"]
+__all__ = ["LIBRARIES", "StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes", "MicrobatchRuns"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -50,7 +50,7 @@ _ENTRIES = 4096  # a dict of up to this many entries is looked into; a larger on
 _FIELD = "::"  # "meter::sum": the field "sum" of a plain object held in the attribute "meter", followed as attributes
 _FIELD_TYPES = (bool, int, float, str, type(None), torch.Tensor, list, tuple, dict)
 _FIELD_NUMEL = 1024  # a larger tensor in an object's field is not copied at a step's start (not undone in place)
-_LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
+LIBRARIES = frozenset({"builtins", "torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics",
                         "numpy", "logging", "enum", "functools", "types", "typing", "collections"})
 
 
@@ -343,7 +343,7 @@ class _TrainerFlag(dict):  # type: ignore[type-arg]
 def _plain(value: Any) -> bool:
     """Whether ``value`` is a plain object of the user's whose fields hold data (a running-average meter: its sum and
     count), followed field by field; library objects (loggers, metrics, enums) are not."""
-    if isinstance(value, (nn.Module, torch.Tensor, type)) or type(value).__module__.split(".")[0] in _LIBRARIES:
+    if isinstance(value, (nn.Module, torch.Tensor, type)) or type(value).__module__.split(".")[0] in LIBRARIES:
         return False
     fields = getattr(value, "__dict__", None)
     return type(fields) is dict and 0 < len(fields) <= _NESTED and all(
