@@ -186,3 +186,85 @@ def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: 
         kept[:, -1] = False
     assert count.counted([x, mask, y]) == int(kept.sum())
     assert count.counted([x[:2], mask[:2], y[:2]]) == int(kept[:2].sum())  # any rows: the count is symbolic
+
+
+class CountedLM(nn.Module):
+    """Hugging Face's loss given ``num_items_in_batch``: the kept tokens' summed cross entropy over that count (a mean
+    over the kept tokens without it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+        scores = self.head(self.embed(input_ids)).flatten(0, 1)
+        kept = torch.where(attention_mask == 1, labels, -100).flatten()
+        if num_items_in_batch is None:
+            return F.cross_entropy(scores, kept)
+        return F.cross_entropy(scores, kept, reduction="sum") / num_items_in_batch.to(scores.device)
+
+
+def _fit_counted(devices: int, strategy: Any, where: str, path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    import warnings
+
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.items = CountedLM(), None
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if where == "hook":  # over the whole batch, as Hugging Face's Trainer counts before its steps
+                self.items = _count(batch)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(**batch, num_items_in_batch=self.items if where == "hook" else _count(batch))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), _data())
+    trainer.save_checkpoint(path)
+    warned = [str(w.message) for w in caught if "training_step's loss is" in str(w.message)]
+    return torch.load(path, weights_only=False)["state_dict"], warned
+
+
+def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    def fit(where: str, reduction: str) -> Any:
+        strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, loss_reduction=reduction)
+        return _fit_counted(world_size, strategy, where, f"{tmp}/{where}-{reduction}.ckpt")
+
+    return {"hook": fit("hook", "auto"), "hook-sum": fit("hook", "sum"), "step": fit("step", "auto")}
+
+
+@pytest.mark.timeout(240)
+def test_a_count_the_step_passes_the_model_is_told_apart_whole_batch_from_per_micro_batch(tmp_path: Path) -> None:
+    """A ``num_items_in_batch`` counted over the whole batch before the step makes the loss a sum over rows: the
+    warning says so and suggests ``loss_reduction="sum"``, which trains as one device (not the count, which would
+    stay wrong; nor the ignored labels of the set-up's capture, made before the hook gave the model its count). One
+    the step counts per micro-batch is a mean over a count: the warning names the model input, not a batch key."""
+    results = run_ranks(_counted_ranks, 2, str(tmp_path), timeout=200)
+    reference, _ = _fit_counted(1, "auto", "hook", str(tmp_path / "one.ckpt"))
+    summed, _ = results[0]["hook-sum"]
+    for key, value in reference.items():
+        torch.testing.assert_close(summed[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    hook = [message for result in results for message in result["hook"][1]]
+    assert len(hook) == 1, hook
+    assert "divided by a count over the whole batch" in hook[0] and "num_items_in_batch your code passes" in hook[0]
+    assert "loss_reduction='sum'" in hook[0] and "lambda batch" not in hook[0]
+    assert "1/2 of one device's" in hook[0]
+    assert not any(result["hook-sum"][1] for result in results)
+    step = [message for result in results for message in result["step"][1]]
+    assert len(step) == 1, step
+    assert "the num_items_in_batch your code passes it, [" in step[0] and "batch['num_items_in_batch']" not in step[0]

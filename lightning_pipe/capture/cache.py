@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError
-from .losses import CountedMean
+from .losses import CountedMean, MeanLoss
 from .patterns import Pattern, all_match, autocast_state, describe, overlap
 from .points import Cut, cut_label
 from .programs import Program
@@ -50,6 +50,8 @@ class Capture:
     """Stand-ins that rebuild an output of ``out_spec`` whose tensors name their index (:func:`.output_markers`)."""
     counted_means: tuple[CountedMean, ...] = ()
     """Means the forward takes over a count of its inputs' elements (:func:`.losses.counted_means`)."""
+    mean_losses: tuple[MeanLoss, ...] = ()
+    """Its cross entropies and NLLs that average over their targets (:func:`.losses.mean_losses`)."""
     modes: frozenset[str] = frozenset()
     """The model's modules that were in the other mode than ``training`` when it was captured (a frozen backbone's
     batch norms in eval while the model trains: :func:`modes_of`), and the flags its forward read that held the other

@@ -71,6 +71,9 @@ class CountedMean:
     count: fx.GraphModule
     expression: str | None
     """The count written over ``batch[...]``, named as the model's inputs (where its ops are simple ones)."""
+    given: str | None = None
+    """The model input that is the count itself, where one is (Hugging Face's ``num_items_in_batch``, which the
+    user's code computes)."""
 
     def counted(self, flat: Sequence[Any]) -> float | None:
         """The count for one micro-batch's flattened model inputs (None where it cannot be computed)."""
@@ -141,8 +144,17 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | None,
     expression = _written(value, {n: v for n, v in position.items() if isinstance(v, torch.Tensor)})
     if expression is not None and how != "value":
         expression = f"({expression} != {ignored}).sum()" if how == "ignored" else f"{expression}.sum()"
+    given = None
+    while how == "value" and given is None and isinstance(value, fx.Node):  # through .to(device), views
+        if value.op == "placeholder":
+            given = value.name
+        elif value.op == "call_function" and value.args and \
+                getattr(value.target, "__name__", "").split(".")[0] in (*_PASSED, "to", "_to_copy"):
+            value = value.args[0]
+        else:
+            break
     return CountedMean(getattr(node.target, "_opname", str(node.target)), tuple(position[n] for n in used),
-                       fx.GraphModule(root, graph), expression)
+                       fx.GraphModule(root, graph), expression, given)
 
 
 def _ignore_index(node: fx.Node) -> int | None:

@@ -20,7 +20,7 @@ from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward
 from .graph import Recompute, chained_lists, lay_out
-from .losses import counted_means
+from .losses import counted_means, mean_losses
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of
 from .points import (
@@ -257,6 +257,7 @@ class Splitter:
             capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs, constants))
         except Exception:  # noqa: BLE001 - not found: not looked for
             capture.counted_means = ()
+        capture.mean_losses = tuple(mean_losses([program.graph_module]))
         if self.device is not None:
             self._retarget(capture)
         self.cache.add(capture)

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_pipe.capture.losses import MeanLoss, mean_losses
 from lightning_pipe.capture.patterns import all_match
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
@@ -67,8 +66,8 @@ class FirstBatchChecks:
         # batches of each step checked for a captured model's own such loss (on the first stage), and the steps warned
         self._loss_checks_left = dict.fromkeys(("training_step", "validation_step", "test_step"), 16)
         self._model_loss_warned: set[str] = set()
-        # (training, captures seen) -> their mean losses
-        self._model_losses: dict[bool, tuple[int, list[MeanLoss]]] = {}
+        # a step's whole first batch's model inputs (:meth:`_check_inputs`), for the model's loss check that follows
+        self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
@@ -143,16 +142,15 @@ class FirstBatchChecks:
         assert isinstance(self.split, CapturedModule)
         self._loss_checks_left[step] -= 1
         training = step == "training_step"
-        captures = [capture for capture in self.split.splitter.captures if capture.training == training]
-        seen_captures, losses = self._model_losses.get(training, (-1, []))
-        if seen_captures != len(captures):
-            losses = mean_losses([program.graph_module for capture in captures for program in capture.programs])
-            self._model_losses[training] = (len(captures), losses)
         inputs = [seen[index] for index in sorted(seen)]
+        # this batch's captures (not one made at set-up, before a hook gave the model its num_items_in_batch)
+        captures = [capture for capture in self.split.splitter.captures if capture.training == training
+                    and inputs and all_match(capture.in_patterns, inputs[0])]
         sizes = [len(piece) for piece in split_batch(torch.arange(rows), self.pipeline.num_microbatches)]
-        counted = [mean for capture in captures if inputs and all_match(capture.in_patterns, inputs[0])
-                   for mean in capture.counted_means]
-        message = model_loss_warning(losses, inputs, step) or counted_mean_warning(counted, inputs, sizes, step)
+        losses = [loss for capture in captures for loss in capture.mean_losses]
+        counted = [mean for capture in captures for mean in capture.counted_means]
+        message = model_loss_warning(losses, inputs, step) or \
+            counted_mean_warning(counted, inputs, sizes, step, self._whole_inputs.pop(step, None))
         if message is None:
             return
         if training:
@@ -189,6 +187,8 @@ class FirstBatchChecks:
                 whole = inputs(owned(batch))
                 if same_random_states(global_random_states(), states) and not held.moved():
                     message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole)
+                    if self._checks_model_loss(step):
+                        self._whole_inputs[step] = whole
                 else:  # drew: the same draws again, on a batch whose rows after the first micro-batch changed
                     rows = batch_rows(batch)
                     first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0], microbatch=True)

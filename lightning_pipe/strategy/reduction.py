@@ -160,9 +160,10 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     return "neither", why
 
 
-def neither_warning(why: str, step: str = "training_step", count: str | None = None) -> str:
+def neither_warning(why: str, step: str = "training_step", count: str | None = None, given: str | None = None) -> str:
     """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither");
-    ``count``: the function of a micro-batch to suggest, where known."""
+    ``count``: the function of a micro-batch to suggest, where known; ``given``: the model input that is the count,
+    where the user's code computes it."""
     differ = ("these gradients differ from one device's (as they do under accumulate_grad_batches or DDP). For one "
               "device's gradients" if step == "training_step" else
               "the loss this step logs and returns differs from one device's. For one device's")
@@ -173,6 +174,9 @@ def neither_warning(why: str, step: str = "training_step", count: str | None = N
             f"rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: " + (
+                f"PipelineStrategy(loss_reduction=lambda batch: ...) computing from a micro-batch the {given} your "
+                f"code passes the model (for a causal LM's labels ignored at -100: (batch['labels'][:, 1:] != -100)"
+                f".sum(), batch[...] naming where your batch holds them)" if given else
                 f"PipelineStrategy(loss_reduction=lambda batch: {count}), batch[...] naming where your batch holds "
                 f"those model inputs" if count else
                 "PipelineStrategy(loss_reduction=lambda batch: (batch['labels'] != -100).sum()) for labels ignored "
@@ -209,24 +213,44 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
 
 
 def counted_mean_warning(means: Sequence[CountedMean], inputs: Sequence[Sequence[Any]], rows: Sequence[int],
-                         step: str = "training_step") -> str | None:
+                         step: str = "training_step", whole: Sequence[Any] | None = None) -> str | None:
     """What to tell a user whose captured model takes a mean over a count of its inputs' elements (``means``: the
     tokens an attention mask keeps) that its micro-batches (``inputs``: each one's flattened model inputs, ``rows``
-    rows each) do not hold in proportion to their rows; None if they do (or it cannot be counted)."""
+    rows each) do not hold in proportion to their rows, or that each of them gives as the whole batch's (``whole``:
+    its flattened model inputs, where known); None if neither (or it cannot be counted)."""
     if len(inputs) < 2 or len(inputs) != len(rows):
         return None
     for mean in means:
         counts = [mean.counted(flat) for flat in inputs]
         if any(count is None or not math.isfinite(count) for count in counts):
             continue
+        total = mean.counted(whole) if whole is not None else None
+        if total and all(abs(count - total) <= 1e-9 * abs(total) for count in counts):
+            return _whole_count_warning(mean, total, len(counts), step)
         shares = [count / max(size, 1) for count, size in zip(counts, rows)]
         if max(shares) - min(shares) <= 1e-9 * max(abs(share) for share in shares):
             continue
-        counted = f", {mean.expression}," if mean.expression else ""
-        return neither_warning(f"the model's {mean.op} is a mean over a count of its inputs' elements{counted} and "
-                               f"this batch's micro-batches of {list(rows)} rows hold {_numbers(counts)} of them",
-                               step, mean.expression)
+        why = (f"the model's {mean.op} is a mean over the {mean.given} your code passes it, {_numbers(counts)} for "
+               f"this batch's micro-batches of {list(rows)} rows" if mean.given else
+               f"the model's {mean.op} is a mean over a count of its inputs' elements"
+               f"{f', {mean.expression},' if mean.expression else ''} and this batch's micro-batches of {list(rows)} "
+               f"rows hold {_numbers(counts)} of them")
+        return neither_warning(why, step, mean.expression, mean.given)
     return None
+
+
+def _whole_count_warning(mean: CountedMean, total: float, microbatches: int, step: str) -> str:
+    """What to tell a user whose model divides its loss by a count over the whole batch, which every micro-batch
+    passes it (Hugging Face's ``num_items_in_batch`` as its Trainer counts it, before the step)."""
+    what = f"the {mean.given} your code passes it" if mean.given else "a count of its inputs' elements" + (
+        f", {mean.expression}," if mean.expression else "")
+    effect = "the gradients are" if step == "training_step" else "the loss it logs and returns is"
+    return (f"{step}'s loss is divided by a count over the whole batch: the model's {mean.op} divides by {what}, "
+            f"{_numbers([total])[0]} in each of the batch's {microbatches} micro-batches as in the whole batch "
+            f"(Hugging Face's num_items_in_batch, as its Trainer counts it before the step). Each micro-batch's loss "
+            f"is then its share of a sum over the batch's rows, which the pipeline averages as it would means, so "
+            f"{effect} 1/{microbatches} of one device's. Pass PipelineStrategy(loss_reduction='sum'): each "
+            f"micro-batch's loss then counts whole, and they add up to one device's")
 
 
 def _numbers(values: Sequence[float]) -> list[int | float]:
