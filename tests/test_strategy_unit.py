@@ -553,10 +553,15 @@ def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:
     assert counts.counts == [1.0, 2.0]
     # the engine weighs a micro-batch of 2 rows out of 4 by 1/2: the scale makes that its count's share, 1/3
     assert counts.scale(0, rows=4, microbatch_rows=2) * 2 / 4 == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match="counted nothing in micro-batch 1 of 2"):
-        Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])])
+    # a micro-batch that counts nothing weighs nothing (its loss, a mean over nothing, gives no gradients)
+    empty = Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])])
+    assert empty.counts == [1.0, 0.0] and empty.empty(1) and not empty.empty(0)
+    with pytest.raises(ValueError, match=r"counted nothing in the whole batch \(its micro-batches: \[0.0, 0.0\]\)"):
+        Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([-100]), torch.tensor([-100])])
+    with pytest.raises(ValueError, match=r"a negative number or NaN in micro-batch 1 of 2 \(-1.0\)"):
+        Counts.of(lambda batch: batch.sum(), [torch.tensor([1]), torch.tensor([-1])])
     # in evaluation the counts only weigh logged values: a batch with nothing to count weighs them by rows
-    assert Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([1]), torch.tensor([-100])],
+    assert Counts.of(lambda batch: (batch != -100).sum(), [torch.tensor([-100]), torch.tensor([-100])],
                      training=False) is None
     with pytest.raises(ValueError, match="needs a synchronous schedule"):
         PipelineStrategy(schedule="async_1f1b", loss_reduction=lambda batch: 1)

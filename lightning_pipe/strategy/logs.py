@@ -152,8 +152,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         if reduce == "mean":
             weights = torch.tensor([args["weight"] if counted else rows if constant else size
                                     for (args, rows), size in zip(group, sizes)], dtype=torch.float64)
-            weights = weights / weights.sum()
-            value = (values * weights.view(-1, *([1] * (values.dim() - 1)))).sum(0)
+            weights = (weights / weights.sum()).view(-1, *([1] * (values.dim() - 1)))
+            value = torch.where(weights > 0, values * weights, 0).sum(0)  # a micro-batch that counted nothing: its
+            # value (a mean over nothing, NaN) is left out
         elif reduce == "sum":
             value = values.sum(0)
         else:

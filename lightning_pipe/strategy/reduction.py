@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.capture.losses import CountedMean, MeanLoss
-from lightning_pipe.engine.tree import tree_map_tensors
+from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
@@ -78,34 +78,58 @@ class Counts:
     def of(cls, count: Callable[[Any], Any], microbatches: Sequence[Any], training: bool = True,
            group: Any = None, device: torch.device | None = None) -> Counts | None:
         """The counts of ``microbatches`` (read from the device once; in training with replicas, ``group``, their
-        total is summed over the replicas on ``device``). A micro-batch that counts nothing is an error in training
-        (its loss would be a mean over nothing: NaN), raised on every replica alike; in evaluation, where the counts
-        only weigh the logged values, the batch's logs weigh by rows then (``None``)."""
+        total is summed over the replicas on ``device``). A micro-batch that counts nothing weighs nothing: its loss
+        (a mean over nothing, NaN) gives no gradients and its logged values are left out, as one device's mean over
+        the batch leaves out its rows (:meth:`empty`). A batch that counts nothing at all, or a count that is negative
+        or not a number, is an error in training, raised on every replica alike; in evaluation, where the counts only
+        weigh the logged values, the batch's logs weigh by rows then (``None``)."""
         values = [torch.as_tensor(count(microbatch)).detach().sum().to(torch.float64) for microbatch in microbatches]
         local = torch.stack([value.to(values[0].device) for value in values])
-        empty = ~(local > 0)  # also NaN
-        replicas, summary = 1, torch.stack([local.sum(), empty.sum().to(torch.float64)])
+        wrong = ~(local >= 0)  # negative, or NaN
+        replicas, summary = 1, torch.stack([local.sum(), wrong.sum().to(torch.float64)])
         if training and group is not None:
             replicas = dist.get_world_size(group)
             summary = summary.to(device or torch.device("cpu"))
             dist.all_reduce(summary, group=group)
         numbers = local.tolist()
-        total, empties = summary.tolist()
-        if empties:
+        total, wrongs = summary.tolist()
+        if wrongs or not total > 0:
             if not training:
                 return None
-            where = (f"micro-batch {int(empty.nonzero()[0])} of {len(microbatches)}" if bool(empty.any())
-                     else "a micro-batch of another data-parallel replica")
-            raise ValueError(f"loss_reduction's function counted nothing in {where}: its loss would be a mean over "
-                             f"nothing (NaN). Each micro-batch needs something to count; use fewer micro-batches or "
-                             f"batches with more rows that have labels")
+            if not wrongs:
+                raise ValueError(f"loss_reduction's function counted nothing in the whole batch (its micro-batches: "
+                                 f"{numbers}): its loss would be a mean over nothing (NaN), as on one device. Leave "
+                                 f"out batches without anything to count (every label ignored)")
+            index = int(wrong.nonzero()[0]) if bool(wrong.any()) else None
+            where = "a micro-batch of another data-parallel replica" if index is None else \
+                f"micro-batch {index} of {len(microbatches)} ({numbers[index]})"
+            raise ValueError(f"loss_reduction's function counted a negative number or NaN in {where}: a count must "
+                             f"be a number of at least 0")
         return cls(numbers, total, replicas)
+
+    def empty(self, index: int) -> bool:
+        """Whether micro-batch ``index`` counts nothing (every label of its rows ignored): it weighs nothing."""
+        return self.counts[index] == 0
 
     def scale(self, index: int, rows: int, microbatch_rows: int) -> float:
         """What micro-batch ``index``'s loss is multiplied by, so that the engine's weighting by rows gives it its
         count's share of the whole batch (the replicas then average: each replica's share counts ``replicas``
         times)."""
         return self.counts[index] * self.replicas / self.total * rows / microbatch_rows
+
+
+def nothing_counted(output: Any, loss: torch.Tensor) -> torch.Tensor:
+    """What the engine takes as the loss of a micro-batch that counted nothing (every label of its rows ignored): 0,
+    whose gradients are 0 for the model's finite ``output`` tensors, as one device's mean over the batch gives those
+    rows nothing. Not through the step's ``loss`` itself: a mean over nothing is NaN, and so would its gradients be
+    (``(loss * mask).sum() / mask.sum()``)."""
+    finite = [value for value in tree_flatten(output)[0] if isinstance(value, torch.Tensor) and value.requires_grad
+              and value.is_floating_point() and bool(torch.isfinite(value).all())]
+    if not finite:
+        raise ValueError("loss_reduction's function counted nothing in a micro-batch, and the model gives no output "
+                         "but the step's loss, a mean over nothing (NaN), for its gradients of 0. Use fewer "
+                         "micro-batches or batches with more rows that have labels")
+    return sum(((value * 0).sum() for value in finite[1:]), (finite[0] * 0).sum()).to(loss.dtype)
 
 
 @dataclass

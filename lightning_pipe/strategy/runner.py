@@ -40,7 +40,7 @@ from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.reduction import Counts, Probe
+from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
@@ -291,6 +291,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
                 self.recorder.add_up(loss)
                 return loss * (rows / microbatch_rows)
+            if counts is not None and counts.empty(index):  # a mean over nothing (NaN): it weighs nothing
+                return nothing_counted(output, loss)
             if counts is not None:  # a mean over what loss_reduction counts: by its share of the batch's count
                 return loss * counts.scale(index, rows, microbatch_rows)
             return loss

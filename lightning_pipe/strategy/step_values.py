@@ -196,10 +196,12 @@ def _equal(value: Any, other: Any) -> bool:
 
 def _row_mean(scalars: Sequence[torch.Tensor], sizes: Sequence[float]) -> torch.Tensor:
     """The mean of the micro-batches' ``scalars`` (single numbers, or tensors of one shape without rows, element by
-    element) weighted by their rows ``sizes``, in float64."""
-    weights = torch.tensor(sizes, dtype=torch.float64, device=scalars[0].device) / sum(sizes)
+    element) weighted by their rows ``sizes`` (or counts: one of 0, a micro-batch that counted nothing, is left out),
+    in float64."""
     stacked = torch.stack([scalar.double() for scalar in scalars])
-    return (stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
+    weights = torch.tensor(sizes, dtype=torch.float64, device=scalars[0].device) / sum(sizes)
+    weights = weights.view(-1, *([1] * (stacked.dim() - 1)))
+    return torch.where(weights > 0, stacked * weights, 0).sum(0)
 
 
 # how each tensor of a model output adds up over micro-batches, listed; or a function of the output's structure
