@@ -244,3 +244,55 @@ def test_a_checkpoint_saved_on_one_rank_only_ends_every_rank_with_why(tmp_path: 
             f"rank {rank}: {text}"
         assert "if trainer.is_global_zero:" in text and "rank 1 is alive but made no progress" in text, text
     assert time.monotonic() - start < 60
+
+
+class _StepBug(ValueError):
+    """A user's error type, raised by a step."""
+
+
+def _step_fails(rank: int, world_size: int, where: str, folder: str) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    torch.set_num_threads(1)
+
+    class Module(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if where == "training_step" and self.global_step == 2:
+                raise _StepBug("a bug in training_step, after the model")
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            super().validation_step(batch, batch_idx)
+            if where == "validation_step" and self.current_epoch == 1:
+                raise _StepBug("a bug in validation_step, after the model")
+
+    L.seed_everything(0, verbose=False)
+    strategy = PipelineStrategy(wait_timeout=30) if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[OnExceptionCheckpoint(folder, filename="on-exception")])
+    try:
+        trainer.fit(Module(), regression_data(4, batch_size=8), regression_data(2, batch_size=8, seed=2))
+    except ValueError as error:  # the user's type, on every rank
+        return {"caught": isinstance(error, _StepBug), "text": str(error), "step": trainer.global_step}
+    return {"caught": False}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["training_step", "validation_step"])
+def test_an_error_in_a_step_is_of_its_type_on_every_rank_and_on_exception_checkpoints_save(where: str,
+                                                                                              tmp_path: Any) -> None:
+    """A step's error ends every rank as an error of the user's type (``except ValueError`` around ``fit`` catches
+    it), and Lightning's ``OnExceptionCheckpoint`` writes the checkpoint one device writes (before, an error in
+    ``training_step`` left none: a rank that knew of the job's failure took part in no collective)."""
+    results = run_ranks(_step_fails, 2, where, str(tmp_path / "pipe"), timeout=150)
+    one = _step_fails(0, 1, where, str(tmp_path / "one"))
+    for result in results + [one]:
+        assert result["caught"] and f"a bug in {where}" in result["text"] and result["step"] == one["step"], result
+    reference = torch.load(tmp_path / "one" / "on-exception.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "pipe" / "on-exception.ckpt", weights_only=False)["state_dict"]
+    assert list(saved) == list(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(saved[key], value, msg=key)

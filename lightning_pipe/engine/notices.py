@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from .watchdog import linger, mark_failed, short_store
 
-__all__ = ["failed_as", "failed_elsewhere", "from_notice", "notice_text", "PipelineError", "FailureBoard"]
+__all__ = ["failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error", "PipelineError",
+           "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
@@ -57,7 +58,7 @@ def _typed(kind: type, message: str, rank: int) -> PipelineError:
     if kind not in _KINDS:
         try:
             _KINDS[kind] = type("PipelineError", (PipelineError, kind), {"__module__": __name__})
-            _KINDS[kind].kind = _name_of(kind)
+            _KINDS[kind].kind = type_name(kind)
         except TypeError:  # an exception type whose layout cannot be combined with RuntimeError's
             _KINDS[kind] = PipelineError
     try:
@@ -66,13 +67,13 @@ def _typed(kind: type, message: str, rank: int) -> PipelineError:
         return PipelineError(message, rank)
 
 
-def _name_of(kind: type) -> str:
+def type_name(kind: type) -> str:
     """``"module:qualname"`` of an exception type another rank may look up; ``""`` for one defined in a function."""
     return "" if "<locals>" in kind.__qualname__ else f"{kind.__module__}:{kind.__qualname__}"
 
 
 def _known_type(name: str) -> type | None:
-    """The exception type ``name`` (:func:`_name_of`) names in a module this program has imported already; nothing is
+    """The exception type ``name`` (:func:`type_name`) names in a module this program has imported already; nothing is
     imported or called to find it (a notice is text from another process), and only ``Exception`` subclasses count
     (never a ``KeyboardInterrupt`` or ``SystemExit`` made from another rank's text)."""
     module, _, qualname = name.partition(":")
@@ -93,7 +94,12 @@ def from_notice(text: str, unknown_rank: int = -1) -> PipelineError:
     it; ``unknown_rank`` where the notice names no rank (cut short on the wire)."""
     head, _, message = text.partition("\n")
     origin, _, kind = head.partition(" ")
-    rank = int(origin) if origin.lstrip("-").isdigit() else unknown_rank
+    return typed_error(message, kind, int(origin) if origin.lstrip("-").isdigit() else unknown_rank)
+
+
+def typed_error(message: str, kind: str, rank: int) -> PipelineError:
+    """The :class:`PipelineError` for another rank's error of type ``kind`` (:func:`type_name`; "" for none), also an
+    instance of that type where this program knows it."""
     known = _known_type(kind) if kind else None
     return _typed(known, message, rank) if known is not None else PipelineError(message, rank)
 

@@ -143,13 +143,16 @@ class PipelineCheckpoints:
         interrupted = pending is not None and trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
         if interrupted and not isinstance(pending, (PipelineError, KeyboardInterrupt)):
             self.on_exception(pending)
+        # The job's failure in a step, which every rank raises, each into its own on_exception: the ranks come to save
+        # (the failure posted is theirs, not a reason to stay away); one that does not is waited for a few seconds.
+        shared_failure = interrupted and isinstance(pending, PipelineError) and not isinstance(pending, PeerLost)
         timeout = runner.pipeline.config.wait_timeout
         # Collective, as under DDP: a rank that calls it alone (under `if trainer.is_global_zero:`) must not wait for
         # the others for ever. One watched all_reduce first says so after wait_timeout, naming where the others are.
         try:
             collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
                        timeout=min(timeout, _ON_EXCEPTION_WAIT) if interrupted else timeout,
-                       notice=job_failure_notice(runner.pipeline.comm.board, _SAVING))
+                       notice=None if shared_failure else job_failure_notice(runner.pipeline.comm.board, _SAVING))
         except PeerLost as error:
             if not error.timed_out:
                 raise

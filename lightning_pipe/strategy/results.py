@@ -66,6 +66,7 @@ class StepResult:
     logs: list[LoggedValue] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
     rows: int = 0
     grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
     effects: list[tuple[Any, ...]] = field(default_factory=list)  # the step's changes to the module (.step_effects)
@@ -194,7 +195,7 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
     calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
-                       "error": result.error, "rows": result.rows, "grad_scale": result.grad_scale,
+                       "error": result.error, "error_kind": result.error_kind, "rows": result.rows, "grad_scale": result.grad_scale,
                        "effects": {"l": effects}, "logger_calls": {"l": calls}}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
@@ -204,9 +205,9 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     fields = decode(structure, list(tensors))
     logs = [LoggedValue(name, value, metric, options, batch_size, weight)
             for name, value, metric, options, batch_size, weight in fields["logs"]]
-    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
-                      fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
-                      [tuple(call) for call in fields["logger_calls"]])
+    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"],
+                      fields["error_kind"], fields["rows"], fields["grad_scale"],
+                      [tuple(patch) for patch in fields["effects"]], [tuple(call) for call in fields["logger_calls"]])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

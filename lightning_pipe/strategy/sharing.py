@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning_pipe.strategy.logs import combine_replica_logs
 from lightning_pipe.strategy.reduction import Counts
 from lightning_pipe.strategy.results import StepResult, decode_result, encode_result, gather_results
+from lightning_pipe.engine.notices import type_name, typed_error
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.step_effects import Snapshot
 from lightning_pipe.strategy.step_values import combine_outputs, different_batches
@@ -78,9 +79,9 @@ class SharedResults:
             return result
         shares = gather_results(self._encoded(result, step), self.replica_group, self.collective_device,
                                 self.pipeline.config.wait_timeout)
-        errors = [share.error for share in shares if share.error is not None]
-        if errors:
-            return StepResult(error=errors[0])
+        failed = [share for share in shares if share.error is not None]
+        if failed:
+            return StepResult(error=failed[0].error, error_kind=failed[0].error_kind)
         rows = sum(part.rows for part in shares)
         loss = None
         if result.loss is not None:
@@ -97,7 +98,7 @@ class SharedResults:
         try:
             result = make()
         except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            result = StepResult(error=self._error_text(error))
+            result = self._failed(error)
         if replicas:
             result = self._across_replicas(result, step)
         return self._encoded(result, step)
@@ -106,18 +107,20 @@ class SharedResults:
         try:
             return encode_result(result, step)
         except Exception as error:  # noqa: BLE001 - as in _guard
-            return encode_result(StepResult(error=self._error_text(error)), step)
+            return encode_result(self._failed(error), step)
 
     @staticmethod
-    def _error_text(error: BaseException) -> str:
-        """The error with where it was raised: the innermost frames of its traceback outside installed packages
-        (the step's code rather than torch's), for every rank to show."""
+    def _failed(error: BaseException) -> StepResult:
+        """The result that carries ``error`` to every rank: with where it was raised, the innermost frames of its
+        traceback outside installed packages (the step's code rather than torch's), and its type, which every rank
+        raises it as where it knows it (``except ValueError`` around ``fit`` catches a step's ValueError)."""
         frames = traceback.extract_tb(error.__traceback__)
         own = [frame for frame in frames if "site-packages" not in frame.filename]  # the user's code and ours
         frames = (own or frames)[-_ERROR_FRAMES:]
         where = "".join(traceback.format_list(frames))
-        return (f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}\n"
+        text = (f"{type(error).__name__} on the last stage's rank {dist.get_rank()}: {error}\n"
                 f"raised there at (innermost last):\n{where.rstrip()}")
+        return StepResult(error=text, error_kind=type_name(type(error)))
 
     @contextmanager
     def _result_posted(self, fingerprint: int | torch.Tensor) -> Iterator[None]:
@@ -144,7 +147,7 @@ class SharedResults:
             raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group))
         if shared.error is not None:
             self.metrics.apply({})
-            raise RuntimeError(shared.error)
+            raise typed_error(shared.error, shared.error_kind, self.channel.source)
         self.metrics.apply(shared.metrics)
         if not self.pipeline.is_last_rank:  # its part of the step undone, the last stage's changes made
             self.effects.restore(start)
