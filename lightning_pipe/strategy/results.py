@@ -47,7 +47,8 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import LoggedValue
 
-__all__ = ["StepResult", "ResultChannel", "encode", "sendable", "decode", "tensor_specs", "encode_result", "decode_result", "gather_results"]
+__all__ = ["StepResult", "ResultChannel", "encode", "sendable", "decode", "tensor_specs", "encode_result",
+           "decode_result", "gather_results"]
 
 _WORDS = 64
 _HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged), any rank's flag
@@ -66,11 +67,11 @@ class StepResult:
     logs: list[LoggedValue] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
-    error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
     rows: int = 0
     grad_scale: float = 1.0  # the factor of this batch's gradients on every rank (a summed loss found by "auto")
     effects: list[tuple[Any, ...]] = field(default_factory=list)  # the step's changes to the module (.step_effects)
     logger_calls: list[tuple[int, list[str], list[Any], dict[str, Any]]] = field(default_factory=list)  # for rank 0
+    error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -82,7 +83,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
            advice: str = _STEP_ADVICE) -> Any:
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
-    Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, and lists, tuples and dicts of them.
+    Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, and lists, tuples and dicts of them,
+    and torch's named tuples of results (``torch.return_types.topk``).
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -100,6 +102,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         return {"l": [encode(item, tensors, where, advice) for item in value]}
     if type(value) is tuple:
         return {"t": [encode(item, tensors, where, advice) for item in value]}
+    if _return_type(value) is not None:  # torch's named tuples of results (topk, max, sort)
+        return {"r": [type(value).__name__, [encode(item, tensors, where, advice) for item in value]]}
     numpy = _numpy_kind(value)
     if numpy == "array":
         tensors.append(torch.from_numpy(value).contiguous())
@@ -119,7 +123,7 @@ def sendable(value: Any) -> bool:
         return True
     if type(value) in (dict, OrderedDict):
         return all(sendable(key) and sendable(item) for key, item in value.items())
-    if type(value) in (list, tuple):
+    if type(value) in (list, tuple) or _return_type(value) is not None:
         return all(sendable(item) for item in value)
     return _numpy_kind(value) is not None
 
@@ -140,7 +144,19 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         return [decode(item, tensors) for item in body]
     if kind == "t":
         return tuple(decode(item, tensors) for item in body)
+    if kind == "r":
+        name, items = body
+        made = getattr(torch.return_types, name, None) if isinstance(name, str) else None
+        if not (isinstance(made, type) and issubclass(made, tuple) and made.__module__ == "torch.return_types"):
+            raise ValueError(f"unknown result type {name!r} in a step result")  # never made: anything but those
+        return made(tuple(decode(item, tensors) for item in items))
     raise ValueError(f"unknown kind {kind!r} in a step result")
+
+
+def _return_type(value: Any) -> type | None:
+    """The type of ``value`` where it is one of torch's named tuples of results (``torch.return_types.topk``)."""
+    kind = type(value)
+    return kind if isinstance(value, tuple) and kind.__module__ == "torch.return_types" else None
 
 
 def _hashable(key: Any) -> Any:
@@ -174,6 +190,9 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
             for key, item in body:
                 tensor_specs(key, specs)
                 tensor_specs(item, specs)
+        elif kind == "r":
+            for item in body[1]:
+                tensor_specs(item, specs)
         else:
             for item in body:
                 tensor_specs(item, specs)
@@ -195,8 +214,8 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
     calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
-                       "error": result.error, "error_kind": result.error_kind, "rows": result.rows, "grad_scale": result.grad_scale,
-                       "effects": {"l": effects}, "logger_calls": {"l": calls}}}
+                       "error": result.error, "error_kind": result.error_kind, "rows": result.rows,
+                       "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls}}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -205,9 +224,9 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     fields = decode(structure, list(tensors))
     logs = [LoggedValue(name, value, metric, options, batch_size, weight)
             for name, value, metric, options, batch_size, weight in fields["logs"]]
-    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"],
-                      fields["error_kind"], fields["rows"], fields["grad_scale"],
-                      [tuple(patch) for patch in fields["effects"]], [tuple(call) for call in fields["logger_calls"]])
+    return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
+                      fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
+                      [tuple(call) for call in fields["logger_calls"]], fields["error_kind"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:
