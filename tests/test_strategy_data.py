@@ -151,3 +151,22 @@ def test_fingerprint_reads_the_tensors_of_a_dataclass_batch() -> None:
     assert batch_fingerprint(Batch(torch.zeros(4, 2))) == batch_fingerprint(Batch(torch.zeros(4, 2)))
     assert batch_fingerprint(Batch(torch.zeros(4, 2))) != batch_fingerprint(Batch(torch.ones(4, 2)))
     assert batch_fingerprint(Batch(torch.zeros(4, 2))) != batch_fingerprint(Batch(torch.zeros(4, 2), "b"))
+
+
+def test_a_distributed_sampler_made_for_ddp_is_refused_by_name() -> None:
+    """One made for DDP splits the data over every rank: the stages of a pipeline would read different batches.
+    Lightning's own, over the data-parallel replicas (``distributed_sampler_kwargs``), is the pipeline's."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from lightning_pipe.strategy.data_order import check_distributed_samplers
+
+    data = TensorDataset(torch.arange(8.0))
+    ddp = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=1), batch_size=2)
+    with pytest.raises(ValueError, match=r"the training DataLoader's sampler is a DistributedSampler over 2 ranks "
+                                         r"\(this one as rank 1\).*shares the data among its 1 data-parallel"):
+        check_distributed_samplers(ddp, 1, 0, "the training DataLoader")
+    inner = BatchSampler(DistributedSampler(data, num_replicas=4, rank=3), 2, drop_last=False)
+    with pytest.raises(ValueError, match="over 4 ranks"):  # inside a batch sampler too
+        check_distributed_samplers(DataLoader(data, batch_sampler=inner), 2, 1, "the test DataLoader")
+    check_distributed_samplers(ddp, 2, 1, "the training DataLoader")  # the replicas' own (2 replicas, this one 1)
+    check_distributed_samplers(DataLoader(data, shuffle=True), 1, 0, "the training DataLoader")

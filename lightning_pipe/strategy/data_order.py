@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_pipe.strategy.randomness import Stream, derive_seed
 
-__all__ = ["DataStart", "SharedOrder", "share_order", "samplers_of"]
+__all__ = ["DataStart", "SharedOrder", "share_order", "samplers_of", "check_distributed_samplers"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,25 @@ def samplers_of(index_sampler: Any) -> list[Any]:
         if type(dataset).__name__ == "_DatasetSamplerWrapper":
             pending.append(getattr(dataset, "_sampler", None))
     return found
+
+
+def check_distributed_samplers(loader: Any, replicas: int, replica: int, what: str) -> None:
+    """Refuse a ``DistributedSampler`` in ``loader`` (``what`` names it) that splits the data otherwise than over the
+    ``replicas`` data-parallel replicas (this rank's: ``replica``), as one the user made for DDP does (over every
+    rank): the ranks of a pipeline would read different batches."""
+    if not isinstance(loader, DataLoader):
+        return
+    for sampler in samplers_of(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler):
+        if not isinstance(sampler, DistributedSampler):
+            continue
+        if (sampler.num_replicas, sampler.rank) != (replicas, replica):
+            raise ValueError(
+                f"{what}'s sampler is a DistributedSampler over {sampler.num_replicas} ranks (this one as rank "
+                f"{sampler.rank}), as one made for DDP: the ranks of a pipeline read the same batches (the first stage "
+                f"takes the inputs, the last the targets), and PipelineStrategy shares the data among its {replicas} "
+                f"data-parallel replica(s) itself. Give the DataLoader the sampler you would use on one device "
+                f"(shuffle=True): with Trainer(use_distributed_sampler=True), the default, each replica reads its "
+                f"share")
 
 
 class _Swapped:

@@ -43,7 +43,7 @@ from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_logs
-from lightning_pipe.strategy.data_order import share_order
+from lightning_pipe.strategy.data_order import check_distributed_samplers, share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
 from lightning_pipe.strategy.gradients import HeldGradients
@@ -311,6 +311,9 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             return dataloader
         training = trainer.state.stage == RunningStage.TRAINING
         replica = self.mesh_shape.coordinates(self.global_rank)[1]
+        stage = trainer.state.stage.value if trainer.state.stage else ""
+        check_distributed_samplers(dataloader, self.mesh_shape.replicas, replica, "the " + {
+            "train": "training", "sanity_check": "validation", "validate": "validation"}.get(stage, stage) + " DataLoader")
         shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
