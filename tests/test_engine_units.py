@@ -55,6 +55,13 @@ def test_split_errors() -> None:
     assert "CombinedLoader" not in str(error.value)
     with pytest.raises(ValueError, match="CombinedLoader"):  # a dict of loaders' batches with other batch sizes
         split_batch({"a": (torch.ones(4, 1), torch.ones(4)), "b": (torch.ones(3, 1), torch.ones(3))}, 2)
+    # the rows' sequences concatenated beside their start offsets, as nn.EmbeddingBag takes them
+    bags = (torch.tensor([1, 0, 2]), torch.arange(11), torch.tensor([0, 4, 4]))
+    with pytest.raises(ValueError, match=r"concatenated beside their 3 start offsets \(as nn.EmbeddingBag"):
+        split_batch(bags, 2)
+    with pytest.raises(ValueError) as error:  # offsets that fall are not offsets
+        split_batch((torch.tensor([1, 0, 2]), torch.arange(11), torch.tensor([0, 4, 2])), 2)
+    assert "EmbeddingBag" not in str(error.value)
 
 
 def test_stage_sizes() -> None:

@@ -75,7 +75,8 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     raise ValueError(
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
         f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
-        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}Put "
+        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}"
+        f"{_offsets(leaves)}Put "
         f"per-batch constants in a 0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the "
         f"collate_fn.")
 
@@ -100,6 +101,24 @@ def _graphs(leaves: list[torch.Tensor]) -> str:
             "edge_index, a vector naming each node's graph), whose rows are not along any dim: make the graphs the "
             "rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
             "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. ")
+
+
+def _offsets(leaves: list[torch.Tensor]) -> str:
+    """Advice for a flat concatenation of the rows' sequences beside their start offsets (what ``nn.EmbeddingBag``
+    takes, as torch's text classification tutorial collates): a 1-D integer tensor starting at 0 and never falling,
+    whose last entry is below the length of another 1-D tensor."""
+    flat = [t for t in leaves if t.dim() == 1]
+    for offsets in flat:
+        if offsets.is_floating_point() or offsets.dtype == torch.bool or len(offsets) < 2 or int(offsets[0]) != 0 \
+                or bool((offsets[1:] < offsets[:-1]).any()):
+            continue
+        if any(len(text) > len(offsets) and int(offsets[-1]) < len(text) for text in flat if text is not offsets):
+            return (f"It looks like the rows' sequences concatenated beside their {len(offsets)} start offsets (as "
+                    f"nn.EmbeddingBag(text, offsets) takes them), which no split along dim 0 cuts into rows: pad "
+                    f"the rows to one length in the collate_fn and give nn.EmbeddingBag the 2-D batch "
+                    f"(padding_idx= leaves the padding out of each bag's sum or mean), or give a list of the rows' "
+                    f"tensors. ")
+    return ""
 
 
 def _several_loaders(batch: Any) -> str:
