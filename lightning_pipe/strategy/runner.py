@@ -68,6 +68,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.module: LightningModule = split.module  # type: ignore[assignment]
         self.pipeline = pipeline
         self.tied = tied
+        tied.timeout = pipeline.config.wait_timeout
         self.whole_logs = WholeBatchLogs()  # logged values the micro-batches do not combine into
         self.recorder = LogRecorder(self.module, self.whole_logs.constants)
         self.metrics = MetricTracker(self.module)

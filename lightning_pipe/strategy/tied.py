@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from lightning_pipe.engine.deadline import collective
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.strategy.plain import all_gather_text, decode, encode
 
 __all__ = ["Tie", "find_ties", "split_buffers", "TiedParameters"]
@@ -95,6 +97,10 @@ class TiedParameters:
                 self.local.append((tie, params[tie.names[0]], groups[key]))
         self._not_counted = {id(p) for tie, p, _ in self.local if tie.ranks[0] != rank}
         self._not_added = {id(p) for tie, p, _ in self.local if rank not in tie.adders}
+        self.timeout = DEFAULT_WAIT_TIMEOUT  # seconds a gradient sum waits for the other holders
+        # per tie: whether every holder's gradient is sparse (an nn.Embedding(sparse=True) tied to another such), as
+        # the first sum learns: the sum is then sparse, as one device's; a dense one anywhere makes it dense
+        self._sparse: dict[int, bool] = {}
 
     def _new_group(self, ranks: list[int], pipelines: Sequence[Sequence[int]] | None) -> dist.ProcessGroup:
         """The group of pipeline ranks ``ranks`` of this rank's pipeline (collective over all ranks)."""
@@ -140,24 +146,34 @@ class TiedParameters:
 
     @torch.no_grad()
     def sum_gradients(self, grads: dict[int, torch.Tensor | None]) -> None:
-        """Replace each tied copy's gradient in ``grads`` (keyed by ``id(param)``) by the sum over its holders."""
+        """Replace each tied copy's gradient in ``grads`` (keyed by ``id(param)``) by the sum over its holders; a
+        sparse one (an ``nn.Embedding(sparse=True)``'s) is summed dense, and the sum is sparse where every holder's
+        gradient is, dense where one is dense (as one device's autograd adds them)."""
         rank = dist.get_rank(self.group)
         for tie, param, group in self.local:
             grad = grads.get(id(param))
+            sparse = grad is not None and grad.is_sparse
+            if sparse:
+                grad = grad.to_dense()
+            what = f"the tied parameter {tie.names[0]}'s gradient sum"
             if tie.step:  # the adder's gradient, or none where the step gave it none (as one device leaves it)
                 flat = torch.zeros(param.numel() + 1, dtype=param.dtype, device=param.device)
                 if grad is not None and rank in tie.adders:
                     flat[:-1] = grad.reshape(-1)
                     flat[-1] = 1
-                dist.all_reduce(flat, group=group)
+                collective(dist.all_reduce, flat, what=what, group=group, timeout=self.timeout)
                 grads[id(param)] = flat[:-1].view_as(param) if flat[-1] > 0 else None
                 continue
+            if id(tie) not in self._sparse:
+                dense = torch.tensor([float(grad is not None and not sparse)], device=param.device)
+                collective(dist.all_reduce, dense, what=what, group=group, timeout=self.timeout)
+                self._sparse[id(tie)] = not bool(dense.item())
             if grad is None:  # this holder's use got no gradient; it still takes part in the sum
                 grad = torch.zeros_like(param)
             elif id(param) in self._not_added:  # a replica of a stage whose first rank adds the stage's gradient
                 grad = grad.zero_()
-            dist.all_reduce(grad, group=group)
-            grads[id(param)] = grad
+            collective(dist.all_reduce, grad, what=what, group=group, timeout=self.timeout)
+            grads[id(param)] = grad.to_sparse() if self._sparse[id(tie)] else grad
 
     def counts_in_norm(self, param: nn.Parameter) -> bool:
         """Whether this rank counts ``param`` in a global gradient norm (each tied parameter is counted once)."""
