@@ -170,3 +170,30 @@ def test_a_number_argument_that_changes_between_calls_is_named_with_the_fix() ->
     splitter.capture((torch.randn(3, 4),), {"scale": 1.0})
     with pytest.raises(CaptureError, match=r"other values of scale \(1\.0, then 0\.5\).*as a tensor"):
         splitter.capture((torch.randn(3, 4),), {"scale": 0.5})
+
+
+class PerImage(nn.Module):
+    """A detector's loss: a Python loop over the batch's images (which fixes their number in the graph), each image's
+    loss summed, then divided by ``divisor`` ("rows": their number, torchvision RetinaNet's mean over images)."""
+
+    def __init__(self, divisor: str | float | None) -> None:
+        super().__init__()
+        self.divisor, self.linear = divisor, nn.Linear(4, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        rows = images.shape[0]
+        total = torch.stack([self.linear(images[b]).pow(2).sum() for b in range(rows)]).sum()
+        if self.divisor is None:
+            return total
+        return total / (rows if self.divisor == "rows" else self.divisor)
+
+
+@pytest.mark.parametrize("divisor, kind", [("rows", "other"), (None, "sum"), (3.0, "sum")])
+def test_a_sum_divided_by_the_rows_the_graph_fixed_is_not_taken_for_a_sum(divisor: str | float | None,
+                                                                          kind: str) -> None:
+    """Divided by the number of rows the graph fixed (2), a sum is a mean over the rows as much as a scaled sum: not
+    known (before, a sum: the whole batch's loss was made as the micro-batches' sum, and the step's loss check then
+    counted each micro-batch's loss whole, 4 x one device's gradients). By another number it stays a sum."""
+    splitter = Splitter(PerImage(divisor))
+    splitter.capture((torch.randn(2, 3, 4),), {})
+    assert splitter.captures[0].output_kinds == (kind,)

@@ -52,16 +52,21 @@ _REDUCTION = {1: MEAN, 2: SUM}  # torch's Reduction::Mean and ::Sum
 _DEPTH = 64
 
 
-def scalar_kinds(program: ExportedProgram, rows: set[Any] = frozenset()) -> list[str | None]:
+def scalar_kinds(program: ExportedProgram, rows: set[Any] = frozenset(),
+                 fixed: frozenset[int] = frozenset()) -> list[str | None]:
     """For each user output of ``program``, in its output spec's order: :data:`MEAN`, :data:`SUM` or :data:`OTHER`
     for a 0-dim floating value, None for anything else (a tensor with dimensions, a number). With ``rows`` (the
     symbols counting the batch's rows), the reduction that reads is the one over the rows: a KL averaged over the rows
     and summed over the latent dims (``.mean(0).sum()``) is a mean, one summed over the rows and averaged over the
-    latent dims (``.sum(0).mean()``) a sum."""
-    return [_kind(node, rows) if _is_scalar(node) else None for node in _user_outputs(program)]
+    latent dims (``.sum(0).mean()``) a sum. In a capture of fixed sizes, ``fixed`` holds the sizes its inputs' rows
+    may have (their dim 0): a sum divided by one of those is a mean over the rows (a detector's per-image losses
+    summed over a loop of the batch's images and divided by their number) as much as a scaled sum, so it is
+    :data:`OTHER`."""
+    return [_kind(node, rows, 0, fixed) if _is_scalar(node) else None for node in _user_outputs(program)]
 
 
-def output_kinds(program: ExportedProgram, rows: set[Any]) -> list[str | int | None]:
+def output_kinds(program: ExportedProgram, rows: set[Any],
+                 fixed: frozenset[int] = frozenset()) -> list[str | int | None]:
     """How the micro-batches' values of each user output of ``program`` make the whole batch's: a single number's
     kind (:func:`scalar_kinds`), a tensor's dim of the batch's rows (``rows``, the symbols counting them:
     :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
@@ -69,9 +74,9 @@ def output_kinds(program: ExportedProgram, rows: set[Any]) -> list[str | int | N
     element), None where none is known."""
     outputs = _user_outputs(program)
     kinds: list[str | int | None] = []
-    for node, kind, dim in zip(outputs, scalar_kinds(program, rows), row_dims(outputs, rows)):
+    for node, kind, dim in zip(outputs, scalar_kinds(program, rows, fixed), row_dims(outputs, rows)):
         if kind is None and dim is None and rows and _without_rows(node, rows):
-            kind = _kind(node, rows)
+            kind = _kind(node, rows, 0, fixed)
         kinds.append(kind if kind is not None else dim)
     return kinds
 
@@ -106,7 +111,7 @@ def _is_scalar(node: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
 
 
-def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0) -> str:
+def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0, fixed: frozenset[int] = frozenset()) -> str:
     if not isinstance(node, fx.Node) or node.op != "call_function" or depth > _DEPTH:
         return OTHER
     target, args = node.target, node.args
@@ -114,7 +119,7 @@ def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0) -> str:
         source = args[0]
         return _reduced_by_argument(source) if isinstance(source, fx.Node) and args[1] == 0 else OTHER
     if target in _MEANS or target in _SUMS:
-        return _over_rows(node, MEAN if target in _MEANS else SUM, rows, depth)
+        return _over_rows(node, MEAN if target in _MEANS else SUM, rows, depth, fixed)
     reduced = _reduced_by_argument(node)
     if reduced != OTHER:
         return reduced
@@ -126,23 +131,28 @@ def _kind(node: Any, rows: set[Any] = frozenset(), depth: int = 0) -> str:
             return SUM
         return OTHER
     if target in _SAME:
-        return _kind(args[0], rows, depth + 1)
+        return _kind(args[0], rows, depth + 1, fixed)
     if target in _SCALED:
         left, right = args[0], args[1]
         if not isinstance(right, fx.Node) or _constant(right):
-            return _kind(left, rows, depth + 1)
+            kind = _kind(left, rows, depth + 1, fixed)
+            if kind == SUM and target in _DIVIDED and isinstance(right, (int, float)) and right in fixed:
+                return OTHER  # divided by the rows, fixed: a mean over them, or a sum scaled by a number alike
+            return kind
         if not isinstance(left, fx.Node) or _constant(left):
-            return _kind(right, rows, depth + 1) if target not in _DIVIDED else OTHER
-        if target in _DIVIDED and _kind(left, rows, depth + 1) == SUM and _kind(right, rows, depth + 1) == SUM:
+            return _kind(right, rows, depth + 1, fixed) if target not in _DIVIDED else OTHER
+        if target in _DIVIDED and _kind(left, rows, depth + 1, fixed) == SUM \
+                and _kind(right, rows, depth + 1, fixed) == SUM:
             return MEAN  # a sum over a count: a mean over what it counts (Hugging Face's loss over its tokens)
         return OTHER
     if target in _ADDED:
-        kinds = {_kind(arg, rows, depth + 1) for arg in args[:2] if isinstance(arg, fx.Node) and not _constant(arg)}
+        kinds = {_kind(arg, rows, depth + 1, fixed) for arg in args[:2]
+                 if isinstance(arg, fx.Node) and not _constant(arg)}
         return kinds.pop() if len(kinds) == 1 else OTHER
     return OTHER
 
 
-def _over_rows(node: fx.Node, own: str, rows: set[Any], depth: int) -> str:
+def _over_rows(node: fx.Node, own: str, rows: set[Any], depth: int, fixed: frozenset[int] = frozenset()) -> str:
     """The kind a ``mean`` or ``sum`` (``own``) gives: its own where it reduces the rows (or where the rows are not
     known: a capture of fixed sizes); where its input has no rows left (reduced before), the kind of that input, which
     a mean or sum over other dims keeps; :data:`OTHER` where it leaves some of the rows."""
@@ -152,7 +162,7 @@ def _over_rows(node: fx.Node, own: str, rows: set[Any], depth: int) -> str:
         return own
     carrying = {dim for dim, size in enumerate(value.shape) if _counts_rows(size, rows)}
     if not carrying:
-        return _kind(source, rows, depth + 1)
+        return _kind(source, rows, depth + 1, fixed)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     reduced = set(range(value.dim())) if not dims else {dim % max(value.dim(), 1) for dim in dims}
     return own if carrying <= reduced else OTHER

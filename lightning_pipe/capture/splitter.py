@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .assignments import Read
 from .batchnorm import defer_batch_norms
@@ -246,7 +247,10 @@ class Splitter:
                           modes=modes)
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()
-            capture.output_kinds = tuple(output_kinds(program, rows))
+            fixed = frozenset(  # the sizes the rows may have where the graph fixed them: the inputs' dim 0
+                int(value.shape[0]) for value in (node.meta.get("val") for node in layout.user_inputs)
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and is_concrete_int(value.shape[0]))
+            capture.output_kinds = tuple(output_kinds(program, rows, fixed))
             capture.output_dims = tuple(output_dims(program))
             capture.output_markers = tuple(output_markers(program))
         except Exception:  # noqa: BLE001 - not known: the micro-batches' numbers are not put together
