@@ -295,3 +295,34 @@ def test_a_count_the_step_passes_the_model_is_told_apart_whole_batch_from_per_mi
     step = [message for result in results for message in result["step"][1]]
     assert len(step) == 1, step
     assert "the num_items_in_batch your code passes it, [" in step[0] and "batch['num_items_in_batch']" not in step[0]
+
+
+class Boxes(nn.Module):
+    """A detector's loss over each image's own positives (torchvision RetinaNet's per-image normalization, a row's
+    value: not a count over the batch), or over the batch's (FCOS's: a count over the batch)."""
+
+    def __init__(self, per_image: bool) -> None:
+        super().__init__()
+        self.per_image, self.linear = per_image, nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(images)
+        losses, counts = [], []
+        for b in range(images.shape[0]):  # fixes the rows in the graph
+            loss, count = (scores[b] * positives[b]).pow(2).sum(), positives[b].sum()
+            losses.append(loss / count.clamp(min=1) if self.per_image else loss)
+            counts.append(count)
+        total = torch.stack(losses).sum()
+        return total / images.shape[0] if self.per_image else total / torch.stack(counts).sum()
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_a_loss_over_each_images_own_count_is_not_a_count_over_the_batch(per_image: bool) -> None:
+    from torch.export import export
+
+    images, positives = torch.randn(2, 5, 4), (torch.rand(2, 5, 3) > 0.5).float()
+    program = export(Boxes(per_image), (images, positives), strict=False)
+    placeholders = [node for node in program.graph.nodes if node.op == "placeholder"]
+    specs = dict(zip(placeholders, program.graph_signature.input_specs))
+    found = counted_means(program.graph, [node for node in placeholders if specs[node].kind.name == "USER_INPUT"])
+    assert (found == []) == per_image, found

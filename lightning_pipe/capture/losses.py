@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_concrete_int
 
 __all__ = ["MeanLoss", "mean_losses", "CountedMean", "counted_means"]
 
@@ -107,7 +107,8 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
             elif reduction == 1 and _data_sized(node.args[0]):
                 count = ("sum", _selection(node.args[0]), None)
         elif node.target is torch.ops.aten.div.Tensor and _is_scalar(node) and isinstance(node.args[1], fx.Node) \
-                and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position):
+                and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position) \
+                and not _one_row(node.args[0]):  # (one image's loss over its own boxes: a row's value)
             count = ("value", node.args[1], None)
         if count is None or not _inputs_only(count[1], position):
             continue
@@ -168,6 +169,17 @@ def _ignore_index(node: fx.Node) -> int | None:
 def _argument(node: fx.Node, index: int, name: str, default: object) -> object:
     """A call's argument, given by position or by name."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _one_row(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from one row of the batch: from ``x[b]`` of a tensor whose rows the graph fixed (a
+    detector's loop over its images), and from no other value with rows."""
+    selects = [n for n in _ancestors(node) if n.target is torch.ops.aten.select.int and len(n.args) == 3
+               and n.args[1] == 0 and isinstance(n.args[0], fx.Node)]
+    if not selects:
+        return False
+    sizes = [n.args[0].meta["val"].shape[0] for n in selects if isinstance(n.args[0].meta.get("val"), torch.Tensor)]
+    return len({n.args[2] for n in selects}) == 1 and all(is_concrete_int(size) and size > 1 for size in sizes)
 
 
 def _selection(node: Any) -> fx.Node | None:
