@@ -144,8 +144,10 @@ def test_logged_values_combine_as_one_batch() -> None:
              _call("n", 2, 3, reduce_fx="sum"), _call("n", 5, 1, reduce_fx="sum"),
              _call("peak", torch.tensor(7.0), 3, reduce_fx=torch.max),
              _call("peak", torch.tensor(2.0), 1, reduce_fx="max"),
+             _call("low", torch.tensor(7.0), 3, reduce_fx=min), _call("low", torch.tensor(2.0), 1, reduce_fx=min),
              _call("given", torch.tensor(2.0), 3, batch_size=1), _call("given", torch.tensor(6.0), 1, batch_size=3)]
     logged = {entry.name: entry for entry in combine_logs(calls, {})}
+    assert float(logged["low"].value) == 2  # Python's min, as Lightning takes it
     assert float(logged["loss"].value) == pytest.approx((3 * 1.0 + 4.0) / 4) and logged["loss"].batch_size == 4
     assert float(logged["n"].value) == 7 and logged["n"].value.dtype == torch.float32
     assert float(logged["peak"].value) == 7

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
-__all__ = ["LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs", "CHECKED_BATCHES"]
+__all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs", "CHECKED_BATCHES"]
 
 # The first batches of each step kind whose logs, outputs and metric updates are checked against a run of the step on
 # the whole batch (a loss over the tokens that have labels looks like a mean over rows until a batch holds padding).
@@ -32,7 +32,8 @@ CHECKED_BATCHES = 4
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
-_TORCH_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
+REDUCTION_NAMES = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min",
+                   sum: "sum", max: "max", min: "min"}  # Python's builtins too, as Lightning takes them
 
 
 @dataclass
@@ -264,8 +265,8 @@ def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]
 def _reduction(reduce_fx: Any, name: str) -> str:
     if isinstance(reduce_fx, str) and reduce_fx.lower() in _REDUCTIONS:
         return _REDUCTIONS[reduce_fx.lower()]
-    if reduce_fx in _TORCH_REDUCTIONS:
-        return _TORCH_REDUCTIONS[reduce_fx]
+    if reduce_fx in REDUCTION_NAMES:
+        return REDUCTION_NAMES[reduce_fx]
     raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): under PipelineStrategy reduce_fx must be 'mean', "
                      f"'sum', 'max' or 'min', to combine the values of micro-batches")
 

@@ -45,7 +45,7 @@ from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
-from lightning_pipe.strategy.logs import LoggedValue
+from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
 
 __all__ = ["StepResult", "ResultChannel", "encode", "sendable", "decode", "tensor_specs", "encode_result",
            "decode_result", "gather_results"]
@@ -232,9 +232,8 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
 def _reduce_name(reduce_fx: Any) -> Any:
     if isinstance(reduce_fx, str):
         return reduce_fx
-    names = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
-    if reduce_fx in names:
-        return names[reduce_fx]
+    if reduce_fx in REDUCTION_NAMES:
+        return REDUCTION_NAMES[reduce_fx]
     raise TypeError(f"reduce_fx={reduce_fx!r} cannot be sent to the other ranks; use 'mean', 'sum', 'max' or 'min'")
 
 
