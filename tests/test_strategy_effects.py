@@ -237,12 +237,14 @@ def _collector(captured: bool) -> Any:
 
         def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
             x, y = batch
-            self.val_outputs[dataloader_idx].append(F.cross_entropy(self.net(x), y))
+            logits = self.net(x)
+            self.last_logits = logits.detach()  # for an epoch-end plot: shares its storage with the model's output
+            self.val_outputs[dataloader_idx].append(F.cross_entropy(logits, y))
 
         def on_validation_epoch_end(self) -> None:
             means = {key: (torch.stack(values).mean().item(), len(values)) for key, values in self.val_outputs.items()}
             self.log("val_mean", means[0][0])
-            self.history.append(("val", sorted(means.items())))
+            self.history.append(("val", sorted(means.items()), self.last_logits.sum().item()))
             self.val_outputs.clear()
 
         def configure_optimizers(self) -> Any:
@@ -282,6 +284,7 @@ def _assert_same(history: list[Any], reference: list[Any]) -> None:
             assert [key for key, _ in got[1]] == [key for key, _ in want[1]]
             for (_, (mean, count)), (_, (want_mean, want_count)) in zip(got[1], want[1]):
                 assert mean == pytest.approx(want_mean, rel=1e-5) and count == want_count
+            assert got[2] == pytest.approx(want[2], rel=1e-5)  # the last batch's output the step kept
 
 
 @pytest.mark.timeout(300)

@@ -283,10 +283,12 @@ class StepEffects:
         return undone
 
     def apply(self, patches: Sequence[Sequence[Any]],
-              place: Callable[[Any, bool], Any] = lambda value, on_cpu: value) -> None:
+              place: Callable[[Any, bool], Any] = lambda value, on_cpu: value, start: Snapshot | None = None) -> None:
         """Make ``patches`` (from :meth:`changes`, or as sent: with a fifth item saying whether the value's tensors
         were on the CPU), each value passed through ``place`` (to this rank's device, or the CPU); a tensor attribute
-        given a value of its shape takes it in place."""
+        given a value of its shape takes it in place where it holds the module's own tensor: the one it held at
+        ``start``, where given (not a run's output the step kept, ``self.last = out.detach()``, which shares its
+        storage with the output the runs on the whole batch put together)."""
         now = self._tracked()
         for patch in patches:
             kind, name, key, value = patch[:4]
@@ -301,7 +303,8 @@ class StepEffects:
                     where, leaf = self._owner(name)
                     if leaf in where:  # (not the field of an object this rank does not hold)
                         where[leaf].extend(value)
-                elif not _set_tensor(now.get(name), value):
+                elif not ((start is None or name in start and now.get(name) is start[name].value)
+                          and _set_tensor(now.get(name), value)):
                     self._bind(name, value)
                 continue
             if name not in now and _FIELD in name:
@@ -435,7 +438,7 @@ class MicrobatchRuns:
         """After :meth:`rewind` (and a run since, undone here): every run's changes made again."""
         self.effects.restore(self.start)
         for patches in self.made:
-            self.effects.apply(patches)
+            self.effects.apply(patches, start=self.start)
         self.made = []
 
 
