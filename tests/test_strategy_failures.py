@@ -296,3 +296,29 @@ def test_an_error_in_a_step_is_of_its_type_on_every_rank_and_on_exception_checkp
     assert list(saved) == list(reference)
     for key, value in reference.items():
         torch.testing.assert_close(saved[key], value, msg=key)
+
+
+def _penalized(rank: int, world_size: int) -> None:
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Module(Regressor):  # hand-written L2 regularization over the module's parameters, in the step
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss + 0.01 * sum(p.pow(2).sum() for p in self.parameters())
+
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=30), accelerator="cpu", devices=world_size,
+                        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(Module(), regression_data(2, batch_size=8))
+
+
+@pytest.mark.timeout(120)
+def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_rank() -> None:
+    """The step's code runs on the last stage's rank, where ``self.parameters()`` is that rank's share: an L2 penalty
+    there would reach the last stage's parameters alone (before: silently, the other stages trained without it)."""
+    errors = run_ranks(_penalized, 2, timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "ValueError" in error and "reads the pipelined model's parameters itself" in error
+        assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error

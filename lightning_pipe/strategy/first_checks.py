@@ -46,6 +46,36 @@ from lightning_pipe.strategy.step_values import loss_of
 __all__ = ["FirstBatchChecks"]
 
 _MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
+_PARAMETER_READ_CHECKS = 8  # training steps whose first loss is looked through for parameters the step reads
+
+
+def parameters_reached(loss: torch.Tensor, output: Any, parameters: set[int]) -> set[int]:
+    """The ids in ``parameters`` that ``loss``'s autograd graph reaches both through ``output``'s tensors (the
+    model's output: its layers' weights) and other than through them (the step's own code): a penalty over the
+    layers' parameters; not a parameter only the step's code uses (a learned temperature after the model)."""
+    ends = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    direct = _leaves_reached([loss.grad_fn], parameters, set(ends))
+    return direct & _leaves_reached(ends, direct, set()) if direct else set()
+
+
+def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) -> set[int]:
+    """The ids in ``parameters`` whose gradient accumulators the autograd graph from ``starts`` reaches, not walking
+    through the ``stops``."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    pending = list(starts)
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # a leaf's gradient accumulator
+            if id(variable) in parameters:
+                found.add(id(variable))
+            continue
+        pending.extend(function for function, _ in node.next_functions)
+    return found
 
 
 class FirstBatchChecks:
@@ -73,6 +103,8 @@ class FirstBatchChecks:
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
         # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
+        # Training steps whose loss is looked through for the model's parameters read by the step's own code
+        self._parameter_reads_left = _PARAMETER_READ_CHECKS
         # The step's code before the model, on the first batch of each step: does it mix rows (.step_inputs)?
         self._inputs_unchecked = {"training_step", "validation_step", "test_step", "predict_step"}
         for stage in pipeline.stages.values() if self._rows_unchecked else ():
@@ -158,6 +190,25 @@ class FirstBatchChecks:
         else:
             self._model_loss_warned.add(step)
             warnings.warn(message, stacklevel=2)
+
+    def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
+        """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters
+        other than through the model's ``output`` (an L2 penalty over ``self.parameters()`` in the step), which on
+        this rank covers its own stages' alone; ``allowed``: those the step may read (tied, held on every rank)."""
+        self._parameter_reads_left -= 1
+        local = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - allowed
+        read = parameters_reached(loss, output, local)
+        if not read:
+            return
+        names = [name for name, param in self.module.named_parameters() if id(param) in read]
+        raise ValueError(
+            f"training_step's loss reads the pipelined model's parameters itself ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}), not through the model's output: a penalty over self.parameters() "
+            f"(an L2 term, L2-SP, EWC). The step's code runs on the last stage's rank, which holds only its own "
+            f"stages' parameters, so the penalty would cover those alone and the other stages would get none of its "
+            f"gradient. For an L2 penalty use the optimizer's weight_decay; for another, add its gradient in "
+            f"on_after_backward, which every rank runs over its own parameters (for p in self.parameters(): "
+            f"p.grad.add_(...))")
 
     def _checks_inputs(self, step: str, microbatches: int) -> bool:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of

@@ -279,6 +279,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                     and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
                 for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
             loss, extra = loss_of(result)
+            if self._parameter_reads_left > 0 and index == 0 and loss.requires_grad:
+                self._check_parameter_reads(loss, output, {id(param) for param in self.tied.parameters()})
             outputs.append(extra)
             sizes.append(microbatch_rows)
             if kept is not None and (self._keeps_outputs or self.logger_calls.calls
