@@ -197,3 +197,27 @@ def test_a_sum_divided_by_the_rows_the_graph_fixed_is_not_taken_for_a_sum(diviso
     splitter = Splitter(PerImage(divisor))
     splitter.capture((torch.randn(2, 3, 4),), {})
     assert splitter.captures[0].output_kinds == (kind,)
+
+
+class SummedOverRows(nn.Module):
+    """A VAE's loss as PyTorch's example writes it: a sum over the batch divided by its rows, ``x.size(0)`` or
+    ``len(x)``."""
+
+    def __init__(self, length: bool) -> None:
+        super().__init__()
+        self.length, self.linear = length, nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = (self.linear(x) - x).pow(2).sum()
+        return total / (len(x) if self.length else x.size(0))
+
+
+@pytest.mark.parametrize("dynamic, length", [(False, False), (True, True), (True, False)])
+def test_a_sum_divided_by_its_rows_in_a_capture_of_fixed_rows_is_not_taken_for_a_sum(dynamic: bool,
+                                                                                     length: bool) -> None:
+    """Per shape (``dynamic_shapes=False``) or with ``len(x)`` (a Python int), the rows are the constant 2: the
+    division is by a number, which may be the rows (before: a sum, 4 x one device's gradients). Symbolic, it is a
+    division by the rows' symbol, not a sum either."""
+    splitter = Splitter(SummedOverRows(length), dynamic=dynamic)
+    splitter.capture((torch.randn(2, 4),), {})
+    assert splitter.captures[0].output_kinds == ("other",)
