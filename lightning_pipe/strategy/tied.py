@@ -164,6 +164,9 @@ class TiedParameters:
                 collective(dist.all_reduce, flat, what=what, group=group, timeout=self.timeout)
                 grads[id(param)] = flat[:-1].view_as(param) if flat[-1] > 0 else None
                 continue
+            if not param.requires_grad:  # frozen (on every holder alike): no gradient, as one device leaves it,
+                grads.pop(id(param), None)  # so that the optimizer skips it (no weight decay, no state)
+                continue
             if id(tie) not in self._sparse:
                 dense = torch.tensor([float(grad is not None and not sparse)], device=param.device)
                 collective(dist.all_reduce, dense, what=what, group=group, timeout=self.timeout)

@@ -1,7 +1,8 @@
-"""A tied parameter whose uses give sparse gradients (``nn.Embedding(sparse=True)``): the holders on other ranks sum
-them as one device's autograd adds them, dense where one use is dense (a nanoGPT-style head tied to the embedding),
-sparse where every use is (two lookups of one table). Before, a sparse and a dense gradient met in gloo's sparse and
-dense all-reduces that never match, and the run hung."""
+"""Tied parameters' gradients, summed over the ranks that hold a copy, as one device's autograd adds them. Sparse
+ones (``nn.Embedding(sparse=True)``): dense where one use is dense (a nanoGPT-style head tied to the embedding),
+sparse where every use is (two lookups of one table); before, a sparse and a dense gradient met in gloo's sparse and
+dense all-reduces that never match, and the run hung. A frozen tied parameter gets none (before, a zero gradient,
+which AdamW's weight decay stepped)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ class Lookup(nn.Module):
 
 def _sequence(kind: str) -> nn.Sequential:
     torch.manual_seed(0)
-    embedding = nn.Embedding(VOCAB, WIDTH, sparse=True)
-    if kind == "head":  # the head's use is dense: one device's sum is dense
+    embedding = nn.Embedding(VOCAB, WIDTH, sparse=kind != "frozen")
+    if kind == "frozen":
+        embedding.weight.requires_grad_(False)
+    if kind in ("head", "frozen"):  # the head's use is dense: one device's sum is dense
         head = nn.Linear(WIDTH, VOCAB, bias=False)
         head.weight = embedding.weight
     else:
@@ -68,9 +71,12 @@ def _fit(devices: int, kind: str, path: str) -> dict[str, Any]:
             return F.cross_entropy(scores.flatten(0, 1), (ids[:, 1:] % scores.shape[-1]).flatten())
 
         def on_before_optimizer_step(self, optimizer: Any) -> None:
-            layouts.extend(p.grad.is_sparse for p in self.parameters() if p.shape == (VOCAB, WIDTH))
+            layouts.extend(p.grad.is_sparse for p in self.parameters() if p.shape == (VOCAB, WIDTH)
+                           and p.grad is not None)
 
         def configure_optimizers(self) -> Any:
+            if kind == "frozen":  # every parameter given: torch skips those without a gradient
+                return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
     ids = torch.randint(0, VOCAB, (24, 6), generator=torch.Generator().manual_seed(1))
@@ -88,11 +94,14 @@ def _ranks(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("kind", ["head", "lookups"])
-def test_a_sparse_tied_embeddings_gradients_sum_as_on_one_device(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["head", "lookups", "frozen"])
+def test_tied_gradients_sum_as_on_one_device(kind: str, tmp_path: Path) -> None:
     results = run_ranks(_ranks, 2, kind, str(tmp_path), timeout=150)
     one = _fit(1, kind, str(tmp_path / "one.ckpt"))
-    assert one["sparse"] == [kind == "lookups"] * 3  # one device's layout of the table's summed gradient
+    # one device's layout of the table's summed gradient; none for a frozen table
+    assert one["sparse"] == ([] if kind == "frozen" else [kind == "lookups"] * 3)
+    if kind == "frozen":
+        torch.testing.assert_close(one["state"]["model.0.weight"], _sequence(kind)[0].weight)
     for result in results:
         for key, value in one["state"].items():
             torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
