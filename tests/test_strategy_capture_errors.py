@@ -319,6 +319,24 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 return torch.optim.SGD(self.parameters(), lr=0.1)
 
         module, width = Headed(), 32
+    elif case == "looped":  # a forward that runs its nn.Sequential's layers one by one, collecting features
+        class Looped(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layers = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                for layer in self.layers:
+                    x = torch.tanh(layer(x))
+                return x
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                return self(batch[0]).pow(2).mean()
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        module, width = Looped(), 8
     elif case == "shared":  # ELECTRA: a generator sharing the discriminator's embeddings, run beside the pipeline
         class Discriminator(nn.Module):
             def __init__(self, embed: nn.Module) -> None:
@@ -382,6 +400,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
                          "PipelineStrategy(allow_autograd_functions=True)"]),
     ("lazy", ["lazy layers whose weights have no shape yet: ['model.0']", "model(example_input)"]),
     ("headed", ["cannot tell which model of Headed to pipeline", "PipelineStrategy(layers='encoder')"]),
+    ("looped", ["of the nn.Sequential at 'layers', which another pipeline stage holds",
+                "runs the sequence's layers one by one", "pass PipelineStrategy(layers='')"]),
     ("shared", ["'generator.embed' is the module 'embed' of the", "self.generator.embed: ELECTRA's generator",
                 "call both models from the LightningModule's forward and self(...) in the step"]),
     ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "

@@ -71,7 +71,9 @@ class LayerElsewhere(nn.Module):
 def shared_advice(alias: str) -> str:
     """What to do where a second path (``alias``) reaches a pipelined module: a model sharing a module with the
     pipelined one (ELECTRA's generator sharing the discriminator's embeddings) cannot run it outside the pipeline."""
-    return (f"Where another model shares it (self.{alias}: ELECTRA's generator sharing the discriminator's "
+    return (f"Where the module's forward runs the sequence's layers one by one (for layer in self.layers, "
+            f"self.layers[:4](x), to collect features), pass PipelineStrategy(layers='') to pipeline that forward "
+            f"instead. Where another model shares it (self.{alias}: ELECTRA's generator sharing the discriminator's "
             f"embeddings), call both models from the LightningModule's forward and self(...) in the step, which "
             f"pipelines them together; else call the pipelined model, or load a checkpoint with "
             f"YourModule.load_from_checkpoint(path) to run the whole model")
