@@ -820,3 +820,64 @@ def test_parameters_a_forward_writes_itself_are_warned_of_with_the_fix() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         asynchronous.after(before)
+
+
+def _in_place(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Tempered(L.LightningModule):
+        """Steps that change the model's output in place (a temperature, ``out.div_(T)``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.net(batch[0])
+            out.div_(2.0)
+            loss = F.cross_entropy(out, batch[1])
+            self.log("train_loss", loss)
+            self.log("train_max", out.max(), reduce_fx="max")
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            out = self.net(batch[0])
+            out.div_(2.0)
+            self.log("val_loss", F.cross_entropy(out, batch[1]))
+            self.log("val_top", out.max())  # not a mean over rows: the step runs once more on the whole batch
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return {"out": self.net(batch[0]).div_(2.0), "rows": len(batch[0])}
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    model, trainer = Tempered(), quiet_trainer(devices, strategy, max_epochs=2)
+    trainer.fit(model, class_data(batches=3, batch_size=6), class_data(batches=2, batch_size=6, seed=7))
+    predicted = trainer.predict(model, class_data(batches=2, batch_size=6, seed=8))
+    return {"logged": {key: float(value) for key, value in trainer.callback_metrics.items()},
+            "predicted": [(entry["out"], entry["rows"]) for entry in predicted]}
+
+
+def _in_place_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _in_place(world_size, PipelineStrategy(num_microbatches=4, wait_timeout=60))
+
+
+@pytest.mark.timeout(240)
+def test_a_step_that_changes_the_models_output_in_place_logs_and_predicts_as_on_one_device() -> None:
+    """The runs on the whole batch put the micro-batches' outputs together: a step that divides the output in place
+    (before: those outputs, divided already, were divided again: val_loss, val_top and the predictions wrong) is
+    given copies, from its first run on."""
+    reference = _in_place(1, "auto")
+    for result in run_ranks(_in_place_ranks, 2, timeout=200):
+        assert result["logged"] == pytest.approx(reference["logged"], rel=1e-5)
+        assert [rows for _, rows in result["predicted"]] == [rows for _, rows in reference["predicted"]]
+        for (out, _), (want, _) in zip(result["predicted"], reference["predicted"]):
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -107,6 +107,10 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
                                                          if stage is not None for module in stage.modules()])
         self._init_whole_batch_runs()
+        # Steps whose code changes the model's output in place (out.div_(T)): each run of one gets a copy, so that
+        # the outputs kept for the run on the whole batch are the model's
+        self._changes_outputs: set[str] = set()
+        self._outputs_looked: set[str] = set()  # steps whose first run (given a copy) told whether they do
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
@@ -265,6 +269,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         logs_kind = self._logs_kind("training_step", rest, len(firsts))
         for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
+        changed: list[int] = []  # micro-batches whose model output the step changed in place (before copies)
+
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             nonlocal for_logs
             microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
@@ -272,9 +278,12 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             weight = counts.counts[index] if counts is not None else None
             if runs is not None:
                 runs.before_run()
+            given, watched = self._given_output("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows):
-                result = self.split.run_step("training_step", output, microbatch, rest, kwargs)
+                result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
+            if self._changed_output("training_step", output, watched):
+                changed.append(index)
             if kept is not None and not for_logs and logs_kind is not None and not outputs \
                     and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
                 for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
@@ -321,6 +330,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if checks_loss:
                 self._check_model_loss(inputs or {}, rows)
             encoded = None
+            if changed:  # the outputs kept were changed by the step: no run on the whole batch from them
+                probe, kept = None, []
             if pipe.is_last_rank:
                 def make() -> StepResult:
                     # the probe runs from the step's start too, and what it changes is undone
@@ -401,21 +412,44 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
         total = batch_rows(batch)
         pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
+        changed = False
         for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
                                                          last_outputs)):
             runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
+            given, watched = self._given_output(step, output)
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
                     self._rows_window(pieces[index], total):
-                outputs.append(self.split.run_step(step, output, microbatch, rest, kwargs))
+                outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
+            changed = self._changed_output(step, output, watched) or changed
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
-        kept = [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs, sizes))]
+        kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
+                                                                                                     sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
+
+    def _given_output(self, step: str, output: Any) -> tuple[Any, tuple[Any, list[int]] | None]:
+        """What a run of ``step`` is given of the model's ``output``: a copy where its code changes the output in
+        place, and at its first run, which tells; else the output. With it, what to look at after the run (the
+        tensors given, and their versions), where not known yet."""
+        copied = step in self._changes_outputs or step not in self._outputs_looked
+        given = tree_map_tensors(torch.Tensor.clone, output) if copied else output
+        if step in self._changes_outputs:
+            return given, None
+        return given, (given, _versions(given))
+
+    def _changed_output(self, step: str, output: Any, watched: tuple[Any, list[int]] | None) -> bool:
+        """Whether a run of ``step`` changed the model's ``output`` itself in place (``watched``: what it was given,
+        and their versions before); from a change on, its runs get copies."""
+        self._outputs_looked.add(step)
+        if watched is None or watched[1] == _versions(watched[0]):
+            return False
+        self._changes_outputs.add(step)
+        return watched[0] is output
 
     def _rows_window(self, rows: torch.Tensor, total: int) -> Any:
         """The step's run on a micro-batch of rows ``rows`` of a ``total``-row batch reads its rows of the states the
@@ -526,3 +560,8 @@ def _warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> Non
                       f"buffers takes only the updates of its own places, so they differ from one device's and the "
                       f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
                       f"device's buffers", stacklevel=3)
+
+
+def _versions(tree: Any) -> list[int]:
+    """The version counters of ``tree``'s tensors (each change in place moves one)."""
+    return [tensor._version for tensor in tree_flatten(tree)[0] if isinstance(tensor, torch.Tensor)]
