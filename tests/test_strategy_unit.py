@@ -264,20 +264,26 @@ def test_metrics_kept_outside_the_modules_tree_are_followed_as_one_devices() -> 
     last, other = nn.Module(), nn.Module()  # the last stage's module and another rank's
     for module in (last, other):
         module.by_name, module.listed, module.meters = {"train": MeanMetric()}, [MeanMetric()], Meters()
+        module.criterion = nn.Module()  # a loss module keeping its own in a dict
+        module.criterion.kept = {"loss": MeanMetric()}
     last_tracker, other_tracker = MetricTracker(last), MetricTracker(other)
-    assert sorted(last_tracker.metrics) == ["by_name['train']", "listed[0]", "meters.loss"]
+    assert sorted(last_tracker.metrics) == ["by_name['train']", "criterion.kept['loss']", "listed[0]", "meters.loss"]
     assert not last.listed[0].sync_on_compute  # each rank computes its own state, equal on every rank
+
+    def followed(module: nn.Module) -> list[Any]:
+        return [module.by_name["train"], module.listed[0], module.meters.loss, module.criterion.kept["loss"]]
+
     for module in (last, other):
-        for metric in (module.by_name["train"], module.listed[0], module.meters.loss):
+        for metric in followed(module):
             metric.update(values[:2])
     last_tracker.start()
     for rows in (slice(2, 5), slice(5, 8)):  # the second batch in two micro-batches, updated per micro-batch
-        for metric in (last.by_name["train"], last.listed[0], last.meters.loss):
+        for metric in followed(last):
             metric.update(values[rows])
     update = last_tracker.batch_update(set(), runs=2)
     for module, tracker in ((last, last_tracker), (other, other_tracker)):
         tracker.apply(update)
-        for metric in (module.by_name["train"], module.listed[0], module.meters.loss):
+        for metric in followed(module):
             assert metric.update_count == 2 and torch.allclose(metric.compute(), reference.compute())
 
 

@@ -102,6 +102,9 @@ class MetricTracker:
         ``MetricTracker.increment()`` copies its metric at each epoch's start; a metric made in a hook) too."""
         found = [(name, m) for name, m in self.module.named_modules() if issubclass(type(m), Metric)]
         found += plain_metrics(self.module, {id(m) for _, m in found})
+        for child_name, child in self.module.named_children():  # a loss module's own (self.criterion.metrics)
+            if not issubclass(type(child), Metric):
+                found += [(f"{child_name}.{path}", m) for path, m in plain_metrics(child, {id(m) for _, m in found})]
         # a wrapper holding its inner metric's states as its own (ClasswiseWrapper aliases its _defaults and sets
         # them on the inner one) is followed through the inner metric alone: set aside twice, the batch's update
         # was lost
