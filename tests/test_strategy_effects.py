@@ -881,3 +881,53 @@ def test_a_step_that_changes_the_models_output_in_place_logs_and_predicts_as_on_
         assert [rows for _, rows in result["predicted"]] == [rows for _, rows in reference["predicted"]]
         for (out, _), (want, _) in zip(result["predicted"], reference["predicted"]):
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it() -> None:
+    """A deque, a set or a NumPy array changed in place, a container inside a container, a dict too large to look
+    into, a loss module's plain attributes: the last stage takes every run's change and the other ranks none, so a
+    change is warned of (before: silently); what the effects follow (a list appended to, an array bound anew) is not."""
+    from collections import deque
+
+    import numpy
+
+    from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
+
+    class Criterion(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls, self.history = 0, []
+
+    module = nn.Module()
+    module.body = nn.Linear(2, 2)  # the pipelined model
+    module.criterion = Criterion()
+    module.window, module.seen, module.confusion = deque(maxlen=3), set(), numpy.zeros((2, 2))
+    module.store, module.losses, module.rebound = {"train": {"n": 0}}, [], numpy.zeros(2)
+    module.table = dict.fromkeys(range(5000), 0.0)
+    outside = user_modules(module, module.body.modules(), ["body"])
+    assert [path for path, _ in outside] == ["criterion"]
+    state = UnfollowedState(module, lambda: outside)
+
+    def step() -> None:
+        module.window.append(1.0)
+        module.seen.add(3)
+        module.confusion[0, 1] += 1
+        module.store["train"]["n"] += 2
+        module.table[7] = 0.5
+        module.criterion.calls += 1
+        module.losses.append(1.0)  # followed
+        module.rebound = module.rebound + 1  # followed
+
+    marks = state.mark()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+        state.warn_of_changes("training_step", marks)
+        marks = state.mark()
+        step()
+        state.warn_of_changes("training_step", marks)  # once per name
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith("training_step changes self.confusion, self.criterion.calls, self.seen, "
+                              "self.store['train'], self.table, self.window in a way the pipeline does not follow")
+    assert "losses" not in message and "rebound" not in message

@@ -47,6 +47,7 @@ from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters, split_buffers
+from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -107,6 +108,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
                                                          if stage is not None for module in stage.modules()])
         self._init_whole_batch_runs()
+        # What the step may change that the effects do not follow: warned of on the last stage (:mod:`.unfollowed`)
+        self._user_modules: list[tuple[str, torch.nn.Module]] | None = None
+        self.unfollowed = UnfollowedState(self.module, self._outside_user_modules)
         # Steps whose code changes the model's output in place (out.div_(T)): each run of one gets a copy, so that
         # the outputs kept for the run on the whole batch are the model's
         self._changes_outputs: set[str] = set()
@@ -262,6 +266,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         # each micro-batch's run of the step from the module as the step found it (asynchronous: one update each)
         runs = MicrobatchRuns(self.effects, start) if pipe.is_last_rank and not pipe.asynchronous else None
         self._prepare("training_step", batch, rest, kwargs, seed)
+        marks = self.unfollowed.mark() if pipe.is_last_rank else None
         checks_loss = self._checks_model_loss()
         checks_inputs = self._checks_inputs("training_step", len(firsts))
         inputs: dict[int, list[Any]] | None = {} if checks_loss or checks_inputs else None  # the model's, by
@@ -351,6 +356,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)
+                self.unfollowed.warn_of_changes("training_step", marks or {})
         result = self._share(encoded, fingerprint, "training_step", start)
         self._carried("training_step", result, rows)
         assert result.loss is not None
@@ -376,6 +382,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         pipe = self.pipeline
         start = self.effects.snapshot()
         self._prepare(step, batch, rest, kwargs, seed)
+        marks = self.unfollowed.mark() if pipe.is_last_rank else None
         firsts = self._first_rows(rows)
         checks_inputs = self._checks_inputs(step, len(firsts))
         checks_loss = self._checks_model_loss(step)
@@ -393,6 +400,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
                                                                         seed, start), replicas=True)
+                self.unfollowed.warn_of_changes(step, marks or {})
         result = self._share(encoded, fingerprint, step, start)
         self._carried(step, result, rows)
         return result.output
@@ -431,6 +439,13 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                                                                                                      sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
+
+    def _outside_user_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        if self._user_modules is None:
+            pipelined = [module for stage in [*self.pipeline.modules(), self.split.proxy] if stage is not None
+                         for module in stage.modules()]
+            self._user_modules = user_modules(self.module, pipelined, self.split.path.split("+"))
+        return self._user_modules
 
     def _given_output(self, step: str, output: Any) -> tuple[Any, tuple[Any, list[int]] | None]:
         """What a run of ``step`` is given of the model's ``output``: a copy where its code changes the output in

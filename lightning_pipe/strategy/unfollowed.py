@@ -1,0 +1,131 @@
+"""State a step may change that :mod:`.step_effects` does not follow, marked before the step and compared after it
+on the last stage, so that such a change is warned of rather than silent: a ``deque``, a ``set`` or a NumPy array
+changed in place, a container inside a container (``self.store["train"]["loss"].append(...)``), a dict too large to
+look into, and the plain attributes of the user's modules the step calls outside the pipelined model (a loss module's
+call counter). The last stage's step takes every micro-batch run's change of such state, and the other ranks (rank 0,
+which logs) none."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
+
+__all__ = ["UnfollowedState", "user_modules"]
+
+_ITEMS = 64  # items of a container looked at (its length counts the rest)
+_LARGE = 4096  # a dict larger than this is not looked into by the step's effects (step_effects._ENTRIES)
+_HASHED = 1 << 16  # a NumPy array up to this size is marked by its bytes, a larger one by identity
+
+
+def _mark(value: Any, depth: int = 0) -> Any:
+    """A cheap mark of ``value`` that changes when it changes (for containers: their first items and lengths)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), -1 if value.is_inference() else value._version)
+    if type(value).__module__.split(".")[0] == "numpy":
+        size = getattr(value, "size", 0)
+        if hasattr(value, "tobytes") and size <= _HASHED:
+            return ("numpy", getattr(value, "shape", ()), hash(value.tobytes()))
+        return ("numpy", id(value))
+    if depth >= 4:
+        return ("deep", id(value))
+    if isinstance(value, dict):
+        return ("dict", len(value), tuple((key, _mark(item, depth + 1))
+                                          for key, item in itertools.islice(value.items(), _ITEMS)))
+    if isinstance(value, (list, tuple, deque)):
+        return (type(value).__name__, len(value), tuple(_mark(item, depth + 1)
+                                                         for item in itertools.islice(value, _ITEMS)))
+    if isinstance(value, (set, frozenset)):
+        try:
+            return ("set", len(value), hash(frozenset(value)) if len(value) <= _LARGE else 0)
+        except TypeError:  # unhashable items cannot be in a set; a subclass may hold them
+            return ("set", len(value))
+    return ("object", id(value))
+
+
+def _container(value: Any) -> bool:
+    return isinstance(value, (dict, list, tuple, deque, set)) or type(value).__module__.split(".")[0] == "numpy"
+
+
+def _own_marks(name: str, value: Any) -> dict[str, Any]:
+    """Marks of what of the module's own attribute ``name`` the step's effects do not follow, each with the id of the
+    value it marks (one bound anew is followed)."""
+    if isinstance(value, (deque, set)) or type(value).__module__.split(".")[0] == "numpy":
+        return {name: (id(value), _mark(value))}
+    if isinstance(value, dict):
+        if len(value) > _LARGE:  # followed by its size alone
+            return {name: (id(value), len(value), hash(tuple(map(id, itertools.islice(value.values(), 1 << 17)))))}
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif type(value) is list:
+        items = enumerate(itertools.islice(value, _ITEMS))
+    else:
+        return {}
+    # one level is followed: a dict's entries and a list's items; a list's own items if it is an item (a list per
+    # dataloader). Containers below that are marked.
+    marks = {}
+    for key, item in items:
+        if isinstance(item, dict) or (isinstance(item, (list, tuple, deque, set)) and (
+                not type(item) is list or any(_container(inner) for inner in itertools.islice(item, _ITEMS)))):
+            marks[f"{name}[{key!r}]"] = (id(item), _mark(item))
+    return marks
+
+
+class UnfollowedState:
+    """Marks of ``module``'s state the step's effects do not follow; ``outside()``: the user's modules the step may
+    call outside the pipelined model (their plain attributes)."""
+
+    def __init__(self, module: nn.Module, outside: Callable[[], Iterable[tuple[str, nn.Module]]]) -> None:
+        self.module = module
+        self.outside = outside
+        self.warned: set[str] = set()
+
+    def mark(self) -> dict[str, Any]:
+        marks: dict[str, Any] = {}
+        for name, value in own_attributes(self.module).items():
+            marks.update(_own_marks(name, value))
+        for path, child in self.outside():
+            for name, value in own_attributes(child).items():
+                marks[f"{path}.{name}"] = (None, _mark(value))
+        return marks
+
+    def warn_of_changes(self, step: str, before: dict[str, Any]) -> None:
+        """Warn, once per name, of what changed since ``before``."""
+        now = self.mark()
+        # (the module's own attributes bound anew, or a dict's entry, are followed: marked with the value's id)
+        changed = sorted(name for name, mark in now.items() if name not in self.warned and name in before
+                         and before[name][0] == mark[0] and before[name] != mark)
+        if not changed:
+            return
+        self.warned.update(changed)
+        warnings.warn(
+            f"{step} changes {', '.join(f'self.{name}' for name in changed[:6])} in a way the pipeline does not "
+            f"follow (a deque, a set or a NumPy array changed in place, a container inside a container, a dict of "
+            f"over {_LARGE} entries, a plain attribute of a module the step calls): on the last stage's rank it "
+            f"takes the change of every micro-batch's run of the step, and of the runs on the whole batch that check "
+            f"it, and the other ranks, rank 0 and its loggers among them, see none of it. Keep such state on the "
+            f"LightningModule itself in a list, or a dict of numbers, lists or tensors (their changes are made one "
+            f"device's on every rank), in a tensor, or in a torchmetrics metric", stacklevel=2)
+
+
+def user_modules(module: nn.Module, pipelined: Iterable[nn.Module],
+                 paths: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``module``'s submodules of the user's own classes outside the ``pipelined`` ones and the pipelined model's
+    ``paths`` (a loss module, a teacher)."""
+    from torchmetrics import Metric
+
+    inside = {id(part) for part in pipelined}
+    paths = [path for path in paths if path]
+    prefixes = tuple(path + "." for path in paths)
+    return [(path, child) for path, child in module.named_modules(remove_duplicate=True)
+            if path and id(child) not in inside and not path.startswith(prefixes) and path not in paths
+            and not issubclass(type(child), Metric)
+            and type(child).__module__.split(".")[0] not in LIBRARIES | {"lightning_pipe"}]
