@@ -931,3 +931,38 @@ def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it()
     assert message.startswith("training_step changes self.confusion, self.criterion.calls, self.seen, "
                               "self.store['train'], self.table, self.window in a way the pipeline does not follow")
     assert "losses" not in message and "rebound" not in message
+
+
+def test_plain_attributes_a_layers_forward_changes_are_warned_of() -> None:
+    """A call counter or a recurrent state kept for the next call in a layer of the ``nn.Sequential`` changes once per
+    micro-batch (before: silently)."""
+    from lightning_pipe.strategy.buffers import BufferWatch
+
+    class Counted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.calls, self.state = nn.Linear(2, 2), 0, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            self.state = x.detach()
+            return self.linear(x) * min(1.0, self.calls / 4)
+
+    stage = nn.Sequential(nn.Linear(2, 2), Counted())
+    watch = BufferWatch(lambda: [stage], num_microbatches=4)
+    before = watch.before()
+    stage(torch.randn(3, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch.after(before)
+        before = watch.before()
+        stage(torch.randn(3, 2))
+        watch.after(before)  # once
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("the forward changes the plain attributes 1.calls, 1.state")
+    plain = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    still = BufferWatch(lambda: [plain], num_microbatches=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        still.after(still.before())
+    assert not caught

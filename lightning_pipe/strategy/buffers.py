@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
+from lightning_pipe.strategy.unfollowed import mark
 
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
 
@@ -29,6 +33,11 @@ def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> N
 
 
 _COMPARED = 4096  # a buffer up to this size is compared by value as well
+
+
+def _users(module: nn.Module) -> bool:
+    """Whether ``module`` is of a class of the user's (not torch's, a library's, or this package's stand-ins)."""
+    return type(module).__module__.split(".")[0] not in LIBRARIES | {"lightning_pipe"}
 
 
 def _changed(before: tuple, after: tuple) -> bool:
@@ -53,6 +62,7 @@ class BufferWatch:
         self._num_microbatches = num_microbatches
         self._left = steps if num_microbatches > 1 else 0
         self._parameters = parameters  # also the parameters (not where the optimizer steps inside the run)
+        self._attributes_warned = False
 
     def _versions(self) -> dict[str, tuple[int, int]]:
         stages = self._stages()
@@ -85,17 +95,37 @@ class BufferWatch:
                                 for _, p in named]).cpu().tolist()
         return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}
 
-    def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]]] | None:
-        """Each buffer as (object, version, a small one's values) and each parameter's sums before a step; None once
-        the steps to watch are over."""
-        return (self._versions(), self._sums()) if self._left > 0 else None
+    def _attributes(self) -> dict[str, Any]:
+        """The plain attributes of this rank's layers of the user's own classes (a call counter, a recurrent state
+        kept for the next call), each marked (:func:`~.unfollowed.mark`)."""
+        return {f"{path}.{name}" if path else name: mark(value) for stage in self._stages()
+                for path, module in stage.named_modules() if _users(module)
+                for name, value in own_attributes(module).items()}
 
-    def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, float]]] | None) -> None:
-        """Warn, once, of the buffers changed (in place or replaced), and of the parameters written, since
-        ``before``."""
+    def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None:
+        """Each buffer as (object, version, a small one's values), each parameter's sums and each plain attribute
+        of the layers before a step; None once the steps to watch are over."""
+        return (self._versions(), self._sums(), self._attributes()) if self._left > 0 else None
+
+    def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None) -> None:
+        """Warn, once, of the buffers changed (in place or replaced), of the parameters written and of the layers'
+        plain attributes changed since ``before``."""
         if before is None:
             return
-        before, sums = before
+        before, sums, attributes = before
+        moved = sorted(name for name, seen in self._attributes().items()
+                       if name not in attributes or attributes[name] != seen)
+        if moved and not self._attributes_warned:
+            self._attributes_warned = True
+            more = " ..." if len(moved) > 6 else ""
+            warnings.warn(f"the forward changes the plain attributes {', '.join(moved[:6])}{more} of its layers (a "
+                          f"call counter, a state kept for the next call: self.h = h.detach()). Under a pipeline a "
+                          f"stage's forward runs once per micro-batch ({self._num_microbatches} per step), so a counter "
+                          f"counts micro-batches and a state kept for the next call is the micro-batch's before, of "
+                          f"other rows: what depends on them differs from one device's. Count in a hook "
+                          f"(on_train_batch_start) and pass the count to the model, carry a recurrent state through "
+                          f"the step (returned by the model, given back as an input), or pass num_microbatches=1",
+                          stacklevel=4)
         written = sorted(name for name, seen in self._sums().items() if name in sums and not _alike(seen, sums[name]))
         if written:
             self._parameters = False

@@ -18,14 +18,14 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
 
-__all__ = ["UnfollowedState", "user_modules"]
+__all__ = ["UnfollowedState", "mark", "user_modules"]
 
 _ITEMS = 64  # items of a container looked at (its length counts the rest)
 _LARGE = 4096  # a dict larger than this is not looked into by the step's effects (step_effects._ENTRIES)
 _HASHED = 1 << 16  # a NumPy array up to this size is marked by its bytes, a larger one by identity
 
 
-def _mark(value: Any, depth: int = 0) -> Any:
+def mark(value: Any, depth: int = 0) -> Any:
     """A cheap mark of ``value`` that changes when it changes (for containers: their first items and lengths)."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return value
@@ -39,10 +39,10 @@ def _mark(value: Any, depth: int = 0) -> Any:
     if depth >= 4:
         return ("deep", id(value))
     if isinstance(value, dict):
-        return ("dict", len(value), tuple((key, _mark(item, depth + 1))
+        return ("dict", len(value), tuple((key, mark(item, depth + 1))
                                           for key, item in itertools.islice(value.items(), _ITEMS)))
     if isinstance(value, (list, tuple, deque)):
-        return (type(value).__name__, len(value), tuple(_mark(item, depth + 1)
+        return (type(value).__name__, len(value), tuple(mark(item, depth + 1)
                                                          for item in itertools.islice(value, _ITEMS)))
     if isinstance(value, (set, frozenset)):
         try:
@@ -60,7 +60,7 @@ def _own_marks(name: str, value: Any) -> dict[str, Any]:
     """Marks of what of the module's own attribute ``name`` the step's effects do not follow, each with the id of the
     value it marks (one bound anew is followed)."""
     if isinstance(value, (deque, set)) or type(value).__module__.split(".")[0] == "numpy":
-        return {name: (id(value), _mark(value))}
+        return {name: (id(value), mark(value))}
     if isinstance(value, dict):
         if len(value) > _LARGE:  # followed by its size alone
             return {name: (id(value), len(value), hash(tuple(map(id, itertools.islice(value.values(), 1 << 17)))))}
@@ -75,7 +75,7 @@ def _own_marks(name: str, value: Any) -> dict[str, Any]:
     for key, item in items:
         if isinstance(item, dict) or (isinstance(item, (list, tuple, deque, set)) and (
                 not type(item) is list or any(_container(inner) for inner in itertools.islice(item, _ITEMS)))):
-            marks[f"{name}[{key!r}]"] = (id(item), _mark(item))
+            marks[f"{name}[{key!r}]"] = (id(item), mark(item))
     return marks
 
 
@@ -94,7 +94,7 @@ class UnfollowedState:
             marks.update(_own_marks(name, value))
         for path, child in self.outside():
             for name, value in own_attributes(child).items():
-                marks[f"{path}.{name}"] = (None, _mark(value))
+                marks[f"{path}.{name}"] = (None, mark(value))
         return marks
 
     def warn_of_changes(self, step: str, before: dict[str, Any]) -> None:
