@@ -844,3 +844,24 @@ def test_a_mid_epoch_checkpoint_resumed_by_other_replicas_is_warned_of() -> None
     assert other_replicas({**position, "finished": True}, 1) is None
     assert other_replicas({**position, "consumed": 0}, 1) is None
     assert other_replicas({k: v for k, v in position.items() if k != "replicas"}, 1) is None  # an older file
+
+
+def test_parameter_groups_that_differ_between_ranks_are_warned_of() -> None:
+    """Groups built per layer from named_parameters() (layer-wise learning-rate decay): each rank makes its own
+    layers' groups, so a per-group scheduler list, LearningRateMonitor and the checkpoint do not match one device."""
+    from lightning_pipe.strategy.optimizers import differing_groups_warning, group_settings
+
+    layers = [nn.Linear(2, 2) for _ in range(4)]
+
+    def layer_decay(held: list[nn.Module], first: int) -> Any:
+        return torch.optim.AdamW([{"params": list(layer.parameters()), "lr": 0.1 * 0.5 ** (first + index),
+                                   "name": f"layer{first + index}"} for index, layer in enumerate(held)])
+
+    per_rank = [group_settings([layer_decay(layers[:2], 0)]), group_settings([layer_decay(layers[2:], 2)])]
+    message = differing_groups_warning(per_rank)
+    assert message is not None and "rank 0: AdamW: [lr=0.1, name='layer0'" in message
+    assert "rank 1: AdamW: [lr=0.025, name='layer2'" in message and "an empty list is fine" in message
+    alike = [group_settings([torch.optim.SGD([{"params": [layer.weight], "weight_decay": 0.1},
+                                              {"params": [layer.bias], "weight_decay": 0.0}], lr=0.1)])
+             for layer in layers[:2]]
+    assert differing_groups_warning(alike) is None  # decay and no-decay groups on every rank

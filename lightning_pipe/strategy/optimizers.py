@@ -98,3 +98,32 @@ def refuse_searching_optimizers(optimizers: Iterable[torch.optim.Optimizer]) -> 
                              "share alone (not one device's steps) and run the pipeline a number of times of its own. "
                              "Use an optimizer that steps each parameter from its own gradient (SGD, Adam, AdamW), or "
                              "train with LBFGS on one device or under DDP")
+
+
+def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:
+    """Each optimizer's parameter groups as text, by their settings (what a rank compares with the others')."""
+    described = []
+    for optimizer in optimizers:
+        groups = []
+        for group in optimizer.param_groups:
+            groups.append(", ".join(f"{key}={value!r}" for key, value in sorted(group.items())
+                                    if key in ("name", "lr", "weight_decay", "initial_lr")
+                                    and isinstance(value, (int, float, str))))
+        described.append(f"{type(optimizer).__name__}: " + "; ".join(f"[{group}]" for group in groups))
+    return " | ".join(described)
+
+
+def differing_groups_warning(settings: Sequence[str]) -> str | None:
+    """What to tell a user whose ranks' ``configure_optimizers`` made other parameter groups (``settings``: each
+    rank's :func:`group_settings`); None where they agree."""
+    if len(set(settings)) <= 1:
+        return None
+    shown = "; ".join(f"rank {rank}: {text[:160]}{'...' if len(text) > 160 else ''}"
+                      for rank, text in enumerate(settings))
+    return (f"configure_optimizers made other parameter groups on each rank of the pipeline ({shown}): each rank sees "
+            f"only its own stages' parameters, so groups built from named_parameters() (a group per layer: "
+            f"layer-wise learning-rate decay) differ from rank to rank. Each group's own settings train as on one "
+            f"device, but a scheduler given one value per group (LambdaLR with a list, OneCycleLR's max_lr list) "
+            f"applies them to other groups, LearningRateMonitor logs rank 0's groups alone, and the checkpoint's "
+            f"optimizer state cannot be resumed on one device. Make the same groups on every rank, each with the "
+            f"parameters this rank holds (an empty list is fine): a group per layer of the whole model, by name")

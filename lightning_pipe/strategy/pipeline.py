@@ -50,8 +50,8 @@ from lightning_pipe.strategy.gradients import HeldGradients
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
-from lightning_pipe.strategy.optimizers import (drop_placeholders, empty_optimizers_allowed, placeholders,
-                                                refuse_searching_optimizers)
+from lightning_pipe.strategy.optimizers import (differing_groups_warning, drop_placeholders, empty_optimizers_allowed,
+                                                group_settings, placeholders, refuse_searching_optimizers)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -312,8 +312,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         training = trainer.state.stage == RunningStage.TRAINING
         replica = self.mesh_shape.coordinates(self.global_rank)[1]
         stage = trainer.state.stage.value if trainer.state.stage else ""
-        check_distributed_samplers(dataloader, self.mesh_shape.replicas, replica, "the " + {
-            "train": "training", "sanity_check": "validation", "validate": "validation"}.get(stage, stage) + " DataLoader")
+        named = {"train": "training", "sanity_check": "validation", "validate": "validation"}.get(stage, stage)
+        check_distributed_samplers(dataloader, self.mesh_shape.replicas, replica, f"the {named} DataLoader")
         shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
@@ -402,6 +402,11 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         if fitting:
             self.setup_optimizers(trainer)
             self.runner.tied.check_optimizers(self.optimizers)
+            if pipeline.num_ranks > 1:
+                message = differing_groups_warning(all_gather_text(group_settings(self.optimizers), pipeline.group,
+                                                                   self._collective_device()))
+                if message is not None:
+                    rank_zero_warn(message)
             if scaler is not None:
                 refuse_self_unscaling(self.optimizers)
             if self._async is not None:
