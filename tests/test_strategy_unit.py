@@ -865,3 +865,21 @@ def test_parameter_groups_that_differ_between_ranks_are_warned_of() -> None:
                                               {"params": [layer.bias], "weight_decay": 0.0}], lr=0.1)])
              for layer in layers[:2]]
     assert differing_groups_warning(alike) is None  # decay and no-decay groups on every rank
+
+
+def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> None:
+    """A hook storing a layer's output for the step runs on the rank holding the layer, never reaching the step's code
+    on the last stage (before: the step read a stale value silently); torch's own hooks (spectral_norm's) are not."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.runner import _warn_of_layer_hooks
+
+    kept: dict[str, torch.Tensor] = {}
+    layers = nn.Sequential(nn.Linear(2, 2), torch.nn.utils.spectral_norm(nn.Linear(2, 2)), nn.Linear(2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
+        layers[2].register_forward_hook(lambda module, args, output: kept.update(feat=output))
+        _warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
+    assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")

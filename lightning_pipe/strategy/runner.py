@@ -44,7 +44,7 @@ from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
+from lightning_pipe.strategy.step_effects import LIBRARIES, MicrobatchRuns, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters, split_buffers
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
@@ -144,6 +144,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
         _warn_of_split_buffers(split.sequence, pipeline)
+        _warn_of_layer_hooks(split.sequence, split.path, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
@@ -575,6 +576,23 @@ def _warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> Non
                       f"buffers takes only the updates of its own places, so they differ from one device's and the "
                       f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
                       f"device's buffers", stacklevel=3)
+
+
+def _warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
+    """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward hooks of the user's:
+    each runs on the rank holding its layer, so what it stores for the step (features for an auxiliary loss or a log)
+    never reaches the step's code, which runs after the model on the last stage."""
+    hooked = sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
+                     for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+                     if getattr(hook, "__module__", None) and hook.__module__.split(".")[0] not in LIBRARIES
+                     | {"lightning_pipe"}})
+    if hooked and pipeline.rank == 0:
+        warnings.warn(f"{', '.join(hooked[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each runs "
+                      f"on the rank holding its layer, inside that stage's forward, so a value it stores for the step "
+                      f"(features for an auxiliary loss or a log: setattr(self, 'feat', output)) does not reach the "
+                      f"step's code, which runs after the model on the last stage's rank. Return such features from "
+                      f"the model (a layer that passes them on with its output), or pipeline the module's forward "
+                      f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
 
 
 def _versions(tree: Any) -> list[int]:
