@@ -966,3 +966,53 @@ def test_plain_attributes_a_layers_forward_changes_are_warned_of() -> None:
         warnings.simplefilter("always")
         still.after(still.before())
     assert not caught
+
+
+def _scaled(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Scaled(L.LightningModule):
+        """A learned logit scale the step applies after the model (so the module's forward is captured, the metric
+        beside it), and a metric the step updates."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+            self.scale = nn.Parameter(torch.ones(()))
+            self.accuracy = MulticlassAccuracy(num_classes=4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self(batch[0]) * self.scale
+            self.accuracy(out, batch[1])
+            self.log("acc", self.accuracy, on_epoch=True, on_step=False)
+            return F.cross_entropy(out, batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(5, verbose=False)
+    model, trainer = Scaled(), quiet_trainer(devices, strategy, max_epochs=2)
+    trainer.fit(model, class_data(batches=3, batch_size=8))
+    return {"acc": float(trainer.callback_metrics["acc"]), "scale": float(model.scale)}
+
+
+def _scaled_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _scaled(world_size, PipelineStrategy(num_microbatches=4, wait_timeout=60))
+
+
+@pytest.mark.timeout(240)
+def test_a_metric_the_step_updates_beside_a_captured_forward_is_not_taken_for_a_value_it_read() -> None:
+    """Before: refused at the second step, "forward reads plain attributes ... accuracy.tp", which it never read."""
+    reference = _scaled(1, "auto")
+    for result in run_ranks(_scaled_ranks, 2, timeout=200):
+        assert result == pytest.approx(reference, rel=1e-5)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from torchmetrics import Metric
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_reads, read_advice
@@ -433,7 +434,10 @@ class CapturedModule:
         twin = self.model if self.root else None
         # a flag of the model's modules (a callback's bn.track_running_stats = False) has graphs of each value
         # (:meth:`~lightning_pipe.capture.Splitter.follow_modes`)
-        reads = [read for read in self.splitter.reads.values() if type(read.value) is not bool or read.module is twin]
+        # (a torchmetrics metric's states, which the step's update replaces, are the metric tracker's: not read by a
+        # forward that only holds the metric)
+        reads = [read for read in self.splitter.reads.values()
+                 if (type(read.value) is not bool or read.module is twin) and not issubclass(type(read.module), Metric)]
         found = changed_reads(reads, lambda m: self.module if m is twin else m)
         if found:
             raise ValueError(read_advice(type(self.model).__name__, found))
