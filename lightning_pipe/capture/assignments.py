@@ -270,8 +270,9 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
             f"then (run again from the values set, it computes otherwise), where one device sees it change from "
             f"step to step. Keep per-step state in a buffer "
             f"(self.register_buffer) updated in place or given a tensor of its shape and dtype "
-            f"(self.count += 1 on a tensor buffer), compute it in training_step, or keep the layers in one "
-            f"nn.Sequential (not captured)")
+            f"(self.count += 1 on a tensor buffer; it then changes once per micro-batch, which a warning says), "
+            f"compute it in training_step or a hook and pass it to the model, or carry a state kept for the next "
+            f"call through the step (returned by the model, given back as an input)")
 
 
 def stored_advice(model_name: str, found: list[str]) -> str:
