@@ -883,3 +883,26 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
         layers[2].register_forward_hook(lambda module, args, output: kept.update(feat=output))
         _warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
+
+
+def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_a_share() -> None:
+    """StochasticWeightAveraging's averaged copy of the module (no Trainer of its own) serialized into a checkpoint
+    during fit, which the strategy merges whole: not warned of (before: at every checkpoint); after fit it is."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.share_warning import watch_state_dict
+
+    def status(value: str) -> Any:
+        return SimpleNamespace(state=SimpleNamespace(status=SimpleNamespace(value=value)))
+
+    module, copy = nn.Linear(2, 2), nn.Linear(2, 2)
+    module._trainer, copy._trainer = status("running"), None
+    watch_state_dict(module, 6)
+    watch_state_dict(copy, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy.state_dict()
+        module._trainer = status("finished")
+        copy.state_dict()
+    assert len(caught) == 1 and "holds only this rank's share" in str(caught[0].message)

@@ -35,8 +35,9 @@ def watch_state_dict(module: nn.Module, whole_keys: int) -> None:
 def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -> None:
     if prefix or _reading[0] or part in _warned:
         return
-    trainer = getattr(part, "_trainer", None)
-    if trainer is not None and trainer.state.status.value == "running":
+    # while a Trainer runs a watched module: a copy of it too (StochasticWeightAveraging's averaged model, whose
+    # state the strategy merges into the checkpoint), which has no Trainer of its own
+    if any(_running(module) for module in [part, *_watched]):
         return
     _warned.add(part)
     warnings.warn(
@@ -46,6 +47,11 @@ def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -
         f"model with trainer.save_checkpoint(path), which every rank calls (its file holds every rank's weights under "
         f"one device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)"
         f"['state_dict']", stacklevel=3)
+
+
+def _running(module: nn.Module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and trainer.state.status.value == "running"
 
 
 @contextmanager
