@@ -903,6 +903,7 @@ def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         copy.state_dict()
+        assert not caught
         module._trainer = status("finished")
         copy.state_dict()
     assert len(caught) == 1 and "holds only this rank's share" in str(caught[0].message)
