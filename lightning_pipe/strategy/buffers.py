@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
-from lightning_pipe.strategy.unfollowed import mark
+from lightning_pipe.strategy.step_effects import own_attributes
+from lightning_pipe.strategy.unfollowed import FOREIGN, mark
 
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
 
@@ -37,7 +37,7 @@ _COMPARED = 4096  # a buffer up to this size is compared by value as well
 
 def _users(module: nn.Module) -> bool:
     """Whether ``module`` is of a class of the user's (not torch's, a library's, or this package's stand-ins)."""
-    return type(module).__module__.split(".")[0] not in LIBRARIES | {"lightning_pipe"}
+    return type(module).__module__.split(".")[0] not in FOREIGN
 
 
 def _changed(before: tuple, after: tuple) -> bool:
@@ -113,8 +113,9 @@ class BufferWatch:
         if before is None:
             return
         before, sums, attributes = before
+        # (one made or first set on the first call, a lazily filled cache, is not a change: a later one says it)
         moved = sorted(name for name, seen in self._attributes().items()
-                       if name not in attributes or attributes[name] != seen)
+                       if attributes.get(name) is not None and attributes[name] != seen)
         if moved and not self._attributes_warned:
             self._attributes_warned = True
             more = " ..." if len(moved) > 6 else ""

@@ -44,10 +44,10 @@ from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import LIBRARIES, MicrobatchRuns, Snapshot, StepEffects
+from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters, split_buffers
-from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
+from lightning_pipe.strategy.unfollowed import FOREIGN, UnfollowedState, user_modules
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -267,7 +267,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         # each micro-batch's run of the step from the module as the step found it (asynchronous: one update each)
         runs = MicrobatchRuns(self.effects, start) if pipe.is_last_rank and not pipe.asynchronous else None
         self._prepare("training_step", batch, rest, kwargs, seed)
-        marks = self.unfollowed.mark() if pipe.is_last_rank else None
+        marks = self.unfollowed.mark("training_step") if pipe.is_last_rank else None
         checks_loss = self._checks_model_loss()
         checks_inputs = self._checks_inputs("training_step", len(firsts))
         inputs: dict[int, list[Any]] | None = {} if checks_loss or checks_inputs else None  # the model's, by
@@ -357,7 +357,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)
-                self.unfollowed.warn_of_changes("training_step", marks or {})
+                self.unfollowed.warn_of_changes("training_step", marks)
         result = self._share(encoded, fingerprint, "training_step", start)
         self._carried("training_step", result, rows)
         assert result.loss is not None
@@ -383,7 +383,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         pipe = self.pipeline
         start = self.effects.snapshot()
         self._prepare(step, batch, rest, kwargs, seed)
-        marks = self.unfollowed.mark() if pipe.is_last_rank else None
+        marks = self.unfollowed.mark(step) if pipe.is_last_rank else None
         firsts = self._first_rows(rows)
         checks_inputs = self._checks_inputs(step, len(firsts))
         checks_loss = self._checks_model_loss(step)
@@ -401,7 +401,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if pipe.is_last_rank:
                 encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
                                                                         seed, start), replicas=True)
-                self.unfollowed.warn_of_changes(step, marks or {})
+                self.unfollowed.warn_of_changes(step, marks)
         result = self._share(encoded, fingerprint, step, start)
         self._carried(step, result, rows)
         return result.output
@@ -584,8 +584,7 @@ def _warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipelin
     never reaches the step's code, which runs after the model on the last stage."""
     hooked = sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
                      for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-                     if getattr(hook, "__module__", None) and hook.__module__.split(".")[0] not in LIBRARIES
-                     | {"lightning_pipe"}})
+                     if getattr(hook, "__module__", None) and hook.__module__.split(".")[0] not in FOREIGN})
     if hooked and pipeline.rank == 0:
         warnings.warn(f"{', '.join(hooked[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each runs "
                       f"on the rank holding its layer, inside that stage's forward, so a value it stores for the step "

@@ -419,7 +419,7 @@ class MicrobatchRuns:
             if self.effects.restore(self.start):
                 self.made.append(patches)
             else:  # as they were: the runs go on from what the earlier ones left
-                self.effects.apply(patches)
+                self.effects.apply(patches, start=self.start)
                 self.stuck = True
         self.ran = True
 
@@ -429,7 +429,7 @@ class MicrobatchRuns:
             return False
         self.made.append(self.effects.changes(self.start))
         if not self.effects.restore(self.start):
-            self.effects.apply(self.made.pop())
+            self.effects.apply(self.made.pop(), start=self.start)
             self.made.clear()
             return False
         return True

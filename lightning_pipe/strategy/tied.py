@@ -98,9 +98,6 @@ class TiedParameters:
         self._not_counted = {id(p) for tie, p, _ in self.local if tie.ranks[0] != rank}
         self._not_added = {id(p) for tie, p, _ in self.local if rank not in tie.adders}
         self.timeout = DEFAULT_WAIT_TIMEOUT  # seconds a gradient sum waits for the other holders
-        # per tie: whether every holder's gradient is sparse (an nn.Embedding(sparse=True) tied to another such), as
-        # the first sum learns: the sum is then sparse, as one device's; a dense one anywhere makes it dense
-        self._sparse: dict[int, bool] = {}
 
     def _new_group(self, ranks: list[int], pipelines: Sequence[Sequence[int]] | None) -> dist.ProcessGroup:
         """The group of pipeline ranks ``ranks`` of this rank's pipeline (collective over all ranks)."""
@@ -164,19 +161,21 @@ class TiedParameters:
                 collective(dist.all_reduce, flat, what=what, group=group, timeout=self.timeout)
                 grads[id(param)] = flat[:-1].view_as(param) if flat[-1] > 0 else None
                 continue
-            if not param.requires_grad:  # frozen (on every holder alike): no gradient, as one device leaves it,
-                grads.pop(id(param), None)  # so that the optimizer skips it (no weight decay, no state)
+            # the holders whose uses gave a gradient, and a dense one: none at all (frozen, or not used this step)
+            # leaves it without one, as one device does, so that the optimizer skips it (no weight decay, no state)
+            kinds = torch.tensor([float(grad is not None), float(grad is not None and not sparse)],
+                                 device=param.device)
+            collective(dist.all_reduce, kinds, what=what, group=group, timeout=self.timeout)
+            present, dense = kinds.tolist()
+            if not present:
+                grads.pop(id(param), None)
                 continue
-            if id(tie) not in self._sparse:
-                dense = torch.tensor([float(grad is not None and not sparse)], device=param.device)
-                collective(dist.all_reduce, dense, what=what, group=group, timeout=self.timeout)
-                self._sparse[id(tie)] = not bool(dense.item())
             if grad is None:  # this holder's use got no gradient; it still takes part in the sum
                 grad = torch.zeros_like(param)
             elif id(param) in self._not_added:  # a replica of a stage whose first rank adds the stage's gradient
                 grad = grad.zero_()
             collective(dist.all_reduce, grad, what=what, group=group, timeout=self.timeout)
-            grads[id(param)] = grad.to_sparse() if self._sparse[id(tie)] else grad
+            grads[id(param)] = grad if dense else grad.to_sparse(sparse_dim=1)  # (an embedding's: its rows)
 
     def counts_in_norm(self, param: nn.Parameter) -> bool:
         """Whether this rank counts ``param`` in a global gradient norm (each tied parameter is counted once)."""

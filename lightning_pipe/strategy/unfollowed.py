@@ -18,8 +18,13 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
 
-__all__ = ["UnfollowedState", "mark", "user_modules"]
+__all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules"]
 
+# the code of these packages keeps its own attributes (a rotary embedding's cache filled on the first call): not
+# the user's state
+FOREIGN = LIBRARIES | {"lightning_pipe", "transformers", "timm", "torchvision", "torchaudio", "peft", "diffusers",
+                       "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers"}
+_STEPS = 16  # steps of each kind whose state is marked and compared
 _ITEMS = 64  # items of a container looked at (its length counts the rest)
 _LARGE = 4096  # a dict larger than this is not looked into by the step's effects (step_effects._ENTRIES)
 _HASHED = 1 << 16  # a NumPy array up to this size is marked by its bytes, a larger one by identity
@@ -87,8 +92,17 @@ class UnfollowedState:
         self.module = module
         self.outside = outside
         self.warned: set[str] = set()
+        self._left: dict[str, int] = {}  # steps of each kind still to look at
 
-    def mark(self) -> dict[str, Any]:
+    def mark(self, step: str) -> dict[str, Any] | None:
+        """The marks before a ``step``; None once its first steps were looked at."""
+        left = self._left.get(step, _STEPS)
+        if left <= 0:
+            return None
+        self._left[step] = left - 1
+        return self._marks()
+
+    def _marks(self) -> dict[str, Any]:
         marks: dict[str, Any] = {}
         for name, value in own_attributes(self.module).items():
             marks.update(_own_marks(name, value))
@@ -97,9 +111,11 @@ class UnfollowedState:
                 marks[f"{path}.{name}"] = (None, mark(value))
         return marks
 
-    def warn_of_changes(self, step: str, before: dict[str, Any]) -> None:
-        """Warn, once per name, of what changed since ``before``."""
-        now = self.mark()
+    def warn_of_changes(self, step: str, before: dict[str, Any] | None) -> None:
+        """Warn, once per name, of what changed since ``before`` (:meth:`mark`'s)."""
+        if before is None:
+            return
+        now = self._marks()
         # (the module's own attributes bound anew, or a dict's entry, are followed: marked with the value's id)
         changed = sorted(name for name, mark in now.items() if name not in self.warned and name in before
                          and before[name][0] == mark[0] and before[name] != mark)
@@ -128,4 +144,4 @@ def user_modules(module: nn.Module, pipelined: Iterable[nn.Module],
     return [(path, child) for path, child in module.named_modules(remove_duplicate=True)
             if path and id(child) not in inside and not path.startswith(prefixes) and path not in paths
             and not issubclass(type(child), Metric)
-            and type(child).__module__.split(".")[0] not in LIBRARIES | {"lightning_pipe"}]
+            and type(child).__module__.split(".")[0] not in FOREIGN]
