@@ -39,6 +39,7 @@ from lightning_pipe.strategy.first_checks import FirstBatchChecks
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
+from lightning_pipe.strategy.output_copies import OutputCopies
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
@@ -105,16 +106,12 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         # How training_step's loss adds up over rows (:mod:`.reduction`); "auto" probes the first batches.
         self.loss_reduction = "auto"
         # What a step changes on the module (outputs kept for an epoch-end hook), made one device's on every rank.
-        self.effects = StepEffects(self.module, lambda: [module for stage in [*pipeline.modules(), split.proxy]
-                                                         if stage is not None for module in stage.modules()])
+        self.effects = StepEffects(self.module, self._pipelined_modules)
         self._init_whole_batch_runs()
         # What the step may change that the effects do not follow: warned of on the last stage (:mod:`.unfollowed`)
         self._user_modules: list[tuple[str, torch.nn.Module]] | None = None
         self.unfollowed = UnfollowedState(self.module, self._outside_user_modules)
-        # Steps whose code changes the model's output in place (out.div_(T)): each run of one gets a copy, so that
-        # the outputs kept for the run on the whole batch are the model's
-        self._changes_outputs: set[str] = set()
-        self._outputs_looked: set[str] = set()  # steps whose first run (given a copy) told whether they do
+        self.output_copies = OutputCopies()  # for steps that change the model's output in place
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
@@ -284,11 +281,11 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             weight = counts.counts[index] if counts is not None else None
             if runs is not None:
                 runs.before_run()
-            given, watched = self._given_output("training_step", output)
+            given, watched = self.output_copies.given("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows):
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
-            if self._changed_output("training_step", output, watched):
+            if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)
             if kept is not None and not for_logs and logs_kind is not None and not outputs \
                     and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
@@ -427,12 +424,12 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
-            given, watched = self._given_output(step, output)
+            given, watched = self.output_copies.given(step, output)
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
                     self._rows_window(pieces[index], total):
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
-            changed = self._changed_output(step, output, watched) or changed
+            changed = self.output_copies.changed(step, output, watched) or changed
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
@@ -441,31 +438,15 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
 
+    def _pipelined_modules(self) -> list[torch.nn.Module]:
+        """The modules of this rank's share of the model (its stages, and the stand-in of a captured one)."""
+        return [module for stage in [*self.pipeline.modules(), self.split.proxy] if stage is not None
+                for module in stage.modules()]
+
     def _outside_user_modules(self) -> list[tuple[str, torch.nn.Module]]:
         if self._user_modules is None:
-            pipelined = [module for stage in [*self.pipeline.modules(), self.split.proxy] if stage is not None
-                         for module in stage.modules()]
-            self._user_modules = user_modules(self.module, pipelined, self.split.path.split("+"))
+            self._user_modules = user_modules(self.module, self._pipelined_modules(), self.split.path.split("+"))
         return self._user_modules
-
-    def _given_output(self, step: str, output: Any) -> tuple[Any, tuple[Any, list[int]] | None]:
-        """What a run of ``step`` is given of the model's ``output``: a copy where its code changes the output in
-        place, and at its first run, which tells; else the output. With it, what to look at after the run (the
-        tensors given, and their versions), where not known yet."""
-        copied = step in self._changes_outputs or step not in self._outputs_looked
-        given = tree_map_tensors(torch.Tensor.clone, output) if copied else output
-        if step in self._changes_outputs:
-            return given, None
-        return given, (given, _versions(given))
-
-    def _changed_output(self, step: str, output: Any, watched: tuple[Any, list[int]] | None) -> bool:
-        """Whether a run of ``step`` changed the model's ``output`` itself in place (``watched``: what it was given,
-        and their versions before); from a change on, its runs get copies."""
-        self._outputs_looked.add(step)
-        if watched is None or watched[1] == _versions(watched[0]):
-            return False
-        self._changes_outputs.add(step)
-        return watched[0] is output
 
     def _rows_window(self, rows: torch.Tensor, total: int) -> Any:
         """The step's run on a micro-batch of rows ``rows`` of a ``total``-row batch reads its rows of the states the
@@ -593,7 +574,3 @@ def _warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipelin
                       f"the model (a layer that passes them on with its output), or pipeline the module's forward "
                       f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
 
-
-def _versions(tree: Any) -> list[int]:
-    """The version counters of ``tree``'s tensors (each change in place moves one)."""
-    return [tensor._version for tensor in tree_flatten(tree)[0] if isinstance(tensor, torch.Tensor)]
