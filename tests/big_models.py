@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["built_like_the_strategy", "EMA", "LazyRegressor", "LoadedRegressor", "loaded_layers",
+__all__ = ["built_like_the_strategy", "EMA", "KeptPeakRegressor", "LazyRegressor", "LoadedRegressor", "loaded_layers",
            "materialized_like_pipeline", "MeteredRegressor", "NotedRegressor", "Pretrained", "PretrainedLora",
            "Rotation", "RotatedRegressor", "Scale", "skipping_orthogonal_", "ScaledRegressor", "Shift"]
 
@@ -164,6 +164,43 @@ class LoadedRegressor(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class KeptPeakRegressor(LoadedRegressor):
+    """LoadedRegressor that keeps, beside the layers it builds in ``configure_model()``, the running maximum of its
+    outputs in a plain tensor attribute (``peak``); with ``scaled``, also the running minimum in a buffer (``trough``)
+    and a learned scale applied in the step (so its forward is captured); with ``guarded=False`` its
+    ``configure_model()`` builds the layers again on every call, which Lightning asks it not to."""
+
+    def __init__(self, path: str, scaled: bool = False, guarded: bool = True) -> None:
+        super().__init__(path)
+        self.scaled, self.guarded = scaled, guarded
+
+    def configure_model(self) -> None:
+        if self.guarded and self.layers is not None:
+            return
+        self.layers = loaded_layers()
+        self.layers.load_state_dict(torch.load(self.path, mmap=True, weights_only=True))
+        self.peak = torch.tensor(float("-inf"))
+        if self.scaled:
+            self.register_buffer("trough", torch.tensor(float("inf")))
+            self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.layers is not None
+        return self.layers(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x) * self.scale if self.scaled else self(x)
+        self.peak = torch.maximum(self.peak, out.max().detach())
+        if self.scaled:
+            self.trough = torch.minimum(self.trough, out.min().detach())
+        return F.mse_loss(out, y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
 
 
 def loaded_layers() -> nn.Sequential:

@@ -112,6 +112,64 @@ def test_weights_loaded_in_configure_model_reach_the_ranks_that_keep_them(tmp_pa
     assert results[0]["warnings"] == [] and results[1]["warnings"] == []
 
 
+def _kept_peak(rank: int, world_size: int, path: str, scaled: bool, guarded: bool) -> dict[str, Any]:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+    from tests.big_models import KeptPeakRegressor
+    from tests.lightning_models import regression_data
+
+    L.seed_everything(SEED)
+    model = KeptPeakRegressor(path, scaled=scaled, guarded=guarded)
+    trainer = _trainer(world_size, max_steps=3)
+    trainer.fit(model, regression_data(3))
+    trainer.validate(model, regression_data(1))  # configure_model() again
+    return {"state": model.state_dict(), "peak": model.peak}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scaled", [False, True], ids=["layers", "captured"])
+def test_tensors_made_beside_the_layers_in_configure_model_get_their_values(tmp_path: Path, scaled: bool) -> None:
+    """A plain tensor attribute made in ``configure_model()`` beside the layers (``self.peak = torch.tensor(-inf)``)
+    is given the value its construction computed on every rank (it stayed on meta: torch's "Cannot copy out of meta
+    tensor" at the first step), and so is a buffer of a module whose forward is captured (torch's "aten::equal ...
+    Meta tensors" in the capture); training and the kept maximum equal one device's."""
+    import lightning as L
+
+    from tests.big_models import KeptPeakRegressor, loaded_layers
+    from tests.lightning_models import regression_data
+
+    torch.manual_seed(5)
+    torch.save(loaded_layers().state_dict(), tmp_path / "layers.pt")
+    results = run_ranks(_kept_peak, 2, str(tmp_path / "layers.pt"), scaled, True, timeout=240)
+    L.seed_everything(SEED)
+    reference = KeptPeakRegressor(str(tmp_path / "layers.pt"), scaled=scaled)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(reference, regression_data(3))
+    got = {**results[0]["state"], **results[1]["state"]}
+    assert got.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.isfinite(reference.peak)
+    torch.testing.assert_close(results[1]["peak"], reference.peak)  # the last stage runs the step
+
+
+@pytest.mark.timeout(200)
+def test_configure_model_that_builds_the_layers_again_is_an_error_that_names_the_guard(tmp_path: Path) -> None:
+    """``configure_model()`` without Lightning's "build once" guard builds new layers for ``validate()`` after
+    ``fit()`` (on one device: silently the untrained ones); under the pipeline they are on meta in place of the cut
+    ones, which used to fail with torch's "Cannot copy out of meta tensor; use to_empty()": now every rank names the
+    layers and the guard."""
+    from tests.big_models import loaded_layers
+
+    torch.save(loaded_layers().state_dict(), tmp_path / "layers.pt")
+    errors = run_ranks(_kept_peak, 2, str(tmp_path / "layers.pt"), False, False, timeout=180, expect_failure=True)
+    for text in errors:
+        assert text is not None and "configure_model() built layers of KeptPeakRegressor again" in text, text
+        assert "if self.layers is not None: return" in text
+
+
 def _from_checkpoint(rank: int, world_size: int, path: str, checkpoint: str) -> dict[str, Any]:
     import lightning as L
 
@@ -256,3 +314,26 @@ def test_values_given_to_meta_tensors_while_the_module_is_built_reach_the_tensor
         with torch.device("meta"), built_on_host():
             get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"],
                                                                 init_lora_weights="pissa"))
+
+
+def test_a_plain_tensor_attribute_whose_value_cannot_be_known_is_an_error_that_names_it() -> None:
+    """A plain tensor attribute made on meta from nothing the recording can compute again (``torch.empty``) is named
+    at the cut, with the fix; one whose construction was recorded gets its value, on every rank the same."""
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from tests.big_models import built_like_the_strategy
+
+    def built(unknown: bool) -> torch.nn.Module:
+        with built_like_the_strategy():
+            module = torch.nn.Module()
+            module.layers = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            module.table = torch.arange(4.0).exp()
+            module.layers[0].cache = torch.empty(3) if unknown else torch.ones(3)
+        return module
+
+    module = built(unknown=False)
+    LocalMaterializer(module, module.layers, torch.device("cpu"), SEED)([module.layers])
+    assert torch.equal(module.table, torch.arange(4.0).exp()) and torch.equal(module.layers[0].cache, torch.ones(3))
+    module = built(unknown=True)
+    with pytest.raises(ValueError, match=r"layers\.0\.cache of Module: plain tensor attributes made on the meta "
+                                         r"device .* make them in __init__ or setup\(\)"):
+        LocalMaterializer(module, module.layers, torch.device("cpu"), SEED)([module.layers])

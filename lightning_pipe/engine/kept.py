@@ -20,7 +20,7 @@ def kept_buffers(modules: Iterable[nn.Module], skip: nn.Module | None = None) ->
     alone is not written (its version counter, by which a step's changes to the module are seen, stays)."""
     skipped = {id(part) for part in skip.modules()} if skip is not None else set()
     owners = {id(owner): owner for module in modules for owner in module.modules() if id(owner) not in skipped}
-    kept = [(owner, name, buffer, buffer._version, buffer.detach().clone()) for owner in owners.values()
+    kept = [(owner, name, buffer, buffer._version, buffer if buffer.is_meta else buffer.detach().clone()) for owner in owners.values()
             for name, buffer in owner._buffers.items() if buffer is not None]
     try:
         yield
@@ -28,6 +28,8 @@ def kept_buffers(modules: Iterable[nn.Module], skip: nn.Module | None = None) ->
         with torch.no_grad():
             for owner, name, buffer, version, saved in kept:
                 owner._buffers[name] = buffer
+                if buffer.is_meta:  # no values (a module built on the meta device, before the cut)
+                    continue
                 if buffer._version != version or not torch.equal(buffer, saved):  # (a kernel may write in place
                     # without counting it: a batch norm's running statistics)
                     buffer.copy_(saved)

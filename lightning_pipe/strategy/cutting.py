@@ -29,7 +29,7 @@ from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.conversion import converted_later, restore
-from lightning_pipe.strategy.materialize import LocalMaterializer, refuse_planned_cut
+from lightning_pipe.strategy.materialize import LocalMaterializer, has_meta_tensors, refuse_planned_cut
 from lightning_pipe.strategy.mesh import AUTO, DATA, PIPE
 from lightning_pipe.strategy.model_choice import CAPTURED, CHAIN, choose_model, own_forward, undo_compile
 from lightning_pipe.strategy.planned_cut import first_batch, plan_on_rank_zero
@@ -64,6 +64,7 @@ class PipelineCutting:
 
     def _cut(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
+            _refuse_rebuilt(module, self._runner)
             return  # a later run of this Trainer (fit, then test): the module is cut already
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
@@ -315,3 +316,17 @@ def refuse_lazy_layers(module: nn.Module) -> None:
                          f"so it needs every weight's shape. Give their input sizes (nn.Linear(in_features, ...)), or "
                          f"run the model once on an example batch before trainer.fit (model(example_input)), which "
                          f"gives the lazy layers their shapes")
+
+
+def _refuse_rebuilt(module: LightningModule, runner: PipelineRunner) -> None:
+    """A ``configure_model()`` that built the layers again for a later run of the Trainer (fit, then validate): its
+    new modules are on the meta device, in place of the cut ones."""
+    if PipelineRunner.of(module) is runner and not has_meta_tensors(module):
+        return
+    rebuilt = sorted({name.split(".")[0] for name, t in (*module.named_parameters(), *module.named_buffers())
+                      if t.is_meta})
+    raise ValueError(f"configure_model() built {', '.join(rebuilt) or 'the layers'} of {type(module).__name__} again "
+                     f"after the module was cut into the pipeline: Lightning calls configure_model() before every "
+                     f"fit, validate, test and predict, and asks it to build the model once. Begin it with a guard, "
+                     f"e.g. `if self.layers is not None: return` (on one device the unguarded hook silently replaces "
+                     f"the trained layers by new ones)")

@@ -159,10 +159,39 @@ class LocalMaterializer:
         forget_loads(self.module)
         try:
             self._initialize(owners, fresh, given)
+            self._plain_tensors(stages)
         finally:
             self._metas, self._names, self._flows, self._later = {}, {}, {}, {}
             forget_recording()
         _refuse_meta_metrics(self.module, stages, self.sequence)
+
+    def _plain_tensors(self, stages: Sequence[nn.Module]) -> None:
+        """Plain tensor attributes made while the module was built (``self.best = torch.tensor(-inf)`` beside the
+        layers in configure_model), in the step code's modules and this rank's layers: what their construction
+        computed, on this rank's device; an error naming them where that cannot be known."""
+        inside = {id(m) for m in self.sequence.modules()}
+        local = {id(m) for stage in stages for m in stage.modules()}
+        done: dict[int, torch.Tensor] = {}
+        lost = []
+        for name, owner in self.module.named_modules():
+            if (id(owner) in inside and id(owner) not in local) or isinstance(getattr(owner, "_defaults", None), dict):
+                continue  # another rank's layer, dropped with the cut; a metric (refused if built on meta)
+            for key, value in list(vars(owner).items()):
+                if not isinstance(value, torch.Tensor) or not value.is_meta or key.startswith("__"):
+                    continue
+                if id(value) not in done:
+                    (computed,) = replay([value], self.seed, self._names, self._flows)
+                    if computed is None:
+                        lost.append(f"{name}.{key}" if name else key)
+                        continue
+                    done[id(value)] = computed.to(self.device).requires_grad_(value.requires_grad)
+                owner.__dict__[key] = done[id(value)]
+        if lost:
+            raise ValueError(f"{_listed(lost)} of {type(self.module).__name__}: plain tensor attributes made on the "
+                             f"meta device while the module was built (configure_model() or Trainer.init_module() "
+                             f"under PipelineStrategy), whose values could not be computed again (made from a tensor "
+                             f"made before the block, or by a function that skips meta tensors); make them in "
+                             f"__init__ or setup()")
 
     def _give(self, fresh: dict[int, torch.Tensor]) -> dict[str, nn.Module]:
         """Put the new tensors in place of the meta ones, in every module that holds one; the owning modules by name."""
