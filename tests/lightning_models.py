@@ -236,6 +236,11 @@ class TiedLM(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.hparams.optimizer == "mismatch":  # a different learning rate on each stage: the tie cannot hold
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr * (1 + self.global_rank))
+        if self.hparams.optimizer == "by_name":  # no decay for the embedding, chosen by its name on one device
+            named = dict(self.named_parameters())
+            embedding = [p for n, p in named.items() if "embedding" in n]
+            return torch.optim.AdamW([{"params": embedding, "weight_decay": 0.0},
+                                      {"params": [p for n, p in named.items() if "embedding" not in n]}])
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 

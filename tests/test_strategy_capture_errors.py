@@ -621,3 +621,34 @@ def test_the_adjacency_hint_comes_only_with_a_size_error_over_a_square_tensor_of
     assert _rows_by_rows((nodes, torch.ones(8, 8, dtype=torch.long)), 4, sizes) is None
     assert _rows_by_rows((nodes, adjacency), 4, "pack_padded_sequence cannot be captured") is None
     assert _rows_by_rows((nodes, adjacency), 1, sizes) is None
+
+
+def test_hugging_face_embedding_getters_reach_this_ranks_share_or_say_where_it_is() -> None:
+    """``self.model.get_input_embeddings()`` (new-token training masks rows of its gradient) used to fail with
+    transformers' "not auto-handled for PipelinedModel; please override in the subclass": its ``base_model`` property
+    was refused on the stand-in. It runs there now: the rank holding the embedding gets its weight, another rank an
+    error saying the weight is held elsewhere and how a gradient hook reaches what each rank holds."""
+    from tests.capture_models import HAS_TRANSFORMERS
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_pipe.strategy.captured import CapturedModule
+
+    for held in ("first", "last"):
+        gpt = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                         tie_word_embeddings=False))
+        module = _lightning(gpt)
+        captured = CapturedModule(module, "model")
+        captured.splitter.capture((torch.randint(0, 40, (2, 8)),), {})
+        captured.install(captured.segments[:1] if held == "first" else captured.segments[-1:])
+        embedding = module.model.get_input_embeddings()
+        assert isinstance(embedding, nn.Embedding)
+        if held == "first":
+            assert embedding.weight is gpt.transformer.wte.weight
+        else:
+            with pytest.raises(AttributeError, match=r"'weight' of 'transformer.wte' is held by another rank.*"
+                                                     r"self.named_parameters\(\)"):
+                embedding.weight
+            assert module.model.get_output_embeddings().weight is gpt.lm_head.weight

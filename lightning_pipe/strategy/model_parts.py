@@ -39,6 +39,11 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
         return value
     if holder is not None and inspect.ismethod(value) and value.__self__ is module and name != "generate":
         return functools.partial(shape_only, value.__func__, holder, refusal)
+    getter = inspect.getattr_static(type(module), name, None)
+    if holder is not None and isinstance(getter, property) and isinstance(value, nn.Module):
+        # a property giving a module of the model (Hugging Face's base_model, which get_input_embeddings asks for):
+        # computed on the stand-in, it gives that module's stand-in
+        return shape_only(getter.fget, holder, refusal)  # type: ignore[arg-type]
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value
@@ -219,11 +224,20 @@ class ModelPart(nn.Module):
         except AttributeError:
             pass
         # (read from __dict__: an attribute looked up while __init__ runs must not look up another)
-        part = self.__dict__.get("part_name", "")
-        return stand_in_attribute(self, self.__dict__.get("_original"), name, part, lambda: (
-            f"{name!r} of {self.part_name!r} is not available under PipelineStrategy: the model is cut into stages "
-            f"and this rank holds only its share of {self.part_name!r} (parameters() gives it); read plain "
-            f"attributes, or call the whole model in the step ({METHODS})"))
+        part, original = self.__dict__.get("part_name", ""), self.__dict__.get("_original")
+        if original is not None and name in original._parameters:
+            return stand_in_attribute(self, original, name, part, lambda: (
+                f"{name!r} of {part!r} is held by another rank: under PipelineStrategy the model is cut into stages, "
+                f"and this rank holds {'part' if has_state(self) else 'none'} of the parameters of {part!r}. Code that "
+                f"changes parameters or their gradients (an on_after_backward masking rows of an embedding) reaches "
+                f"the ones each rank holds through self.named_parameters(), run by every rank over its own (a "
+                f"parameter tied across stages is held, and named, on each rank that uses it: match every name it "
+                f"has); to compute with the values (logits from the embedding's weight), do it in the model: a head "
+                f"whose weight is tied to the embedding stays tied across stages"))
+        return stand_in_attribute(self, original, name, part, lambda: (
+            f"{name!r} of {part!r} is not available under PipelineStrategy: the model is cut into stages and this "
+            f"rank holds only its share of {part!r} (parameters() gives it); read plain attributes, or call the "
+            f"whole model in the step ({METHODS})"))
 
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"

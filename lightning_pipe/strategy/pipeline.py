@@ -401,7 +401,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         self.model_to_device()
         if fitting:
             self.setup_optimizers(trainer)
-            self.runner.tied.check_optimizers(self.optimizers)
+            self.runner.tied.check_optimizers(self.optimizers, {id(p): n for n, p in module.named_parameters()})
             if pipeline.num_ranks > 1:
                 message = differing_groups_warning(all_gather_text(group_settings(self.optimizers), pipeline.group,
                                                                    self._collective_device()))

@@ -48,8 +48,12 @@ class LayerElsewhere(nn.Module):
         raise AttributeError(f"{self.__dict__.get('alias')!r} is the module {self.__dict__.get('name')!r} of the "
                              f"{self.__dict__.get('kind', 'nn.Sequential')} at {self.__dict__.get('sequence_path')!r}, "
                              f"which another pipeline stage "
-                             f"holds, so its {attribute!r} is not on this rank; reach the layers this rank holds "
-                             f"through named_parameters() or named_modules() (each name as in the whole sequence)")
+                             f"holds, so its {attribute!r} is not on this rank. Hooks that change parameters or "
+                             f"gradients reach the layers this rank holds through named_parameters() or "
+                             f"named_modules() (each name as in the whole sequence); to compute with another "
+                             f"stage's weights in the step (logits from the embedding's weight), do it in a layer of "
+                             f"the model instead: a head whose weight is tied to the embedding (head.weight = "
+                             f"embedding.weight) stays tied across stages")
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         from lightning_pipe.strategy.model_calls import capturing

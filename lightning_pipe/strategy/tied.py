@@ -181,25 +181,32 @@ class TiedParameters:
         """Whether this rank counts ``param`` in a global gradient norm (each tied parameter is counted once)."""
         return id(param) not in self._not_counted
 
-    def check_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
-        """Fail, on every rank alike, where the holders of a tied parameter would step it differently."""
-        optimizers = list(optimizers)
-        mine = {index: _how_optimized(param, optimizers)
+    def check_optimizers(self, optimizers: Iterable[Optimizer], names: dict[int, str] | None = None) -> None:
+        """Fail, on every rank alike, where the holders of a tied parameter would step it differently; ``names``
+        (by parameter id: the module's ``named_parameters()``) names each rank's copy as its optimizer groups saw it."""
+        optimizers, names = list(optimizers), names or {}
+        mine = {index: [_how_optimized(param, optimizers), names.get(id(param))]
                 for index, (_, param) in enumerate(self.ties_here()) if param is not None}
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else None
-        everyone: list[dict[int, str]] = [decode(text) for text in all_gather_text(encode(mine), self.group, device)]
+        everyone: list[dict[int, list]] = [decode(text) for text in all_gather_text(encode(mine), self.group, device)]
         for index, tie in enumerate(self.ties):
             seen = {rank: views[index] for rank, views in enumerate(everyone) if views and index in views}
-            if len(set(seen.values())) > 1:
-                detail = "; ".join(f"rank {rank}: {how}" for rank, how in sorted(seen.items()))
+            if len({how for how, _ in seen.values()}) > 1:
+                detail = "; ".join(f"rank {rank}{f' names it {name!r}' if name else ''}: {how}"
+                                   for rank, (how, name) in sorted(seen.items()))
+                named = {name for _, name in seen.values() if name}
                 if tie.step:
                     raise ValueError(f"the step's parameter {tie.names[0]} (outside the model) is held by every rank, "
                                      f"which would step it differently ({detail}); give it the same optimizer and "
                                      f"settings on every rank")
+                listed = " and ".join(repr(name) for name in sorted(named))
+                by_name = (f"; parameter groups chosen by name see the name each rank gives it ({listed}, where one "
+                           f"device lists it once, under its first name): match every name it has"
+                           if len(named) > 1 else "")
                 raise ValueError(
                     f"the tied parameter {' = '.join(tie.names)} is held by ranks {tie.ranks}, which would step it "
                     f"differently ({detail}); configure_optimizers sees only each rank's stage, so give the tied "
-                    f"parameter the same optimizer and settings on every rank, or untie it")
+                    f"parameter the same optimizer and settings on every rank, or untie it{by_name}")
 
     def ties_here(self) -> list[tuple[Tie, nn.Parameter | None]]:
         """Every tie, with this rank's copy or None: indices match ``self.ties``."""
