@@ -399,3 +399,65 @@ def test_a_cut_modules_state_dict_after_the_fit_is_said_to_be_a_share(tmp_path: 
         assert len([message for message in after if "holds only this rank's share" in message]) == 1, after
         assert keys < 6
     assert len(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"]) == 6
+
+
+def _extras_module() -> Any:
+    import lightning as L
+
+    class Noted(L.LightningModule):
+        """on_save_checkpoint's extras computed from the parameters, as projects write them: a count, norms by name,
+        a tensor per parameter in parameters() order."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.net(x).squeeze(-1), y)
+
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            checkpoint["count"] = sum(p.numel() for p in self.parameters())
+            checkpoint["norms"] = {name: float(p.norm()) for name, p in self.named_parameters()}
+            checkpoint["squares"] = [p.detach() ** 2 for p in self.parameters()]
+            checkpoint["note"] = "the same on every rank"
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    L.seed_everything(4, verbose=False)
+    return Noted()
+
+
+def _extras_epoch(rank: int, world_size: int, path: str) -> list[str]:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1
+                            else "auto", max_epochs=1)
+    trainer.fit(_extras_module(), _data("sequence"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.save_checkpoint(path)
+    return [str(w.message) for w in caught if "on_save_checkpoint" in str(w.message)]
+
+
+@pytest.mark.timeout(300)
+def test_extras_computed_from_the_parameters_are_one_devices_or_said_to_be_rank_zeros(tmp_path: Path) -> None:
+    """on_save_checkpoint's extras keyed by parameter name (norms) and listing a tensor per parameter are put
+    together from every rank as one device writes them (they held rank 0's share: 4 of 6 tensors, norms of rank 0's
+    layers, silently); a count of the parameters, which each rank computes over its own, is warned of by name."""
+    results = run_ranks(_extras_epoch, 2, str(tmp_path / "pipeline.ckpt"), timeout=280)
+    _extras_epoch(0, 1, str(tmp_path / "one.ckpt"))
+    written = torch.load(tmp_path / "pipeline.ckpt", weights_only=False)
+    one = torch.load(tmp_path / "one.ckpt", weights_only=False)
+    assert written["norms"].keys() == one["norms"].keys()
+    for name, value in one["norms"].items():
+        assert abs(written["norms"][name] - value) < 1e-5, name
+    assert len(written["squares"]) == len(one["squares"]) == 6
+    for got, want in zip(written["squares"], one["squares"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert written["note"] == one["note"] and written["count"] != one["count"]  # rank 0's count, as warned
+    assert len(results[0]) == 1 and "on_save_checkpoint's 'count' differ between the pipeline's ranks" in results[0][0]
+    assert results[1] == []

@@ -10,6 +10,7 @@ put together as one device numbers them (so that a one-device ``fit(ckpt_path=..
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -101,18 +102,43 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     for part in shares:
         merge.add(dict(part["own"]))
     full = merge.into(full)
+    extras = {key: full[key] for key in merge.extras if key not in merge.by_model}
     if parameters is not None:  # a list with a tensor per parameter (a hand-written EMA's shadows): one device's
-        full["callbacks"] = whole_lists(full["callbacks"], [part["own"].get("callbacks") or {} for part in shares],
-                                        [part["parameters"] for part in shares], parameters[0],
-                                        {key: value.shape for key, value in ordered.items()}, tied or {})
+        lists = functools.partial(whole_lists, names=[part["parameters"] for part in shares], whole=parameters[0],
+                                  shapes={key: value.shape for key, value in ordered.items()}, first=tied or {})
+        full["callbacks"] = lists(full["callbacks"], [part["own"].get("callbacks") or {} for part in shares])
+        whole = lists(extras, [part["own"] for part in shares])
+        full.update(whole)
+        extras = {key: value for key, value in extras.items() if _equal(whole[key], value)}
+    differing = [key for key in extras if not all(_equal(part["own"].get(key), extras[key]) for part in shares)]
+    if differing:
+        warnings.warn(f"on_save_checkpoint's {', '.join(map(repr, differing))} differ between the pipeline's ranks "
+                      f"(each computed them from its own stages: a count or norms of self.parameters()): the file "
+                      f"holds pipeline rank 0's, and a pipeline resumed on this layout gives each rank its own back. "
+                      f"For one device's values, key them by parameter name ({{name: value}}, merged from every "
+                      f"rank) or list one tensor per parameter in self.parameters() order", stacklevel=2)
     return full
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two checkpoint entries (tensors, numbers, strings, and lists and dicts of them) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b) or (a != a and b != b)  # (NaN equals NaN here)
+    except Exception:  # noqa: BLE001 - an object whose == is not a truth value: not compared
+        return True
+
+
 def _keyed_by_model(value: Any, model_keys: set[str]) -> bool:
-    """Whether ``value`` is a mapping of the model's state names to tensors: a rank holds its share of it."""
+    """Whether ``value`` is a mapping of the model's state names (to tensors, or norms): a rank holds its share."""
     return (isinstance(value, Mapping) and bool(value) and all(isinstance(key, str) and key in model_keys
-                                                               for key in value)
-            and all(isinstance(item, torch.Tensor) for item in value.values()))
+                                                               for key in value))
 
 
 _CHECKPOINT_ADVICE = ("keep callback states and on_save_checkpoint's extras to those types (a dataclass as a dict), or "
@@ -217,12 +243,14 @@ class CallbackMerge:
         self.first = dict(tied or {})  # the one-device name of each name of a tied parameter (a full file's groups)
         self.callbacks: dict[str, Any] = {}
         self.extras: dict[str, Any] = {}
+        self.by_model: set[str] = set()  # the extras keyed by the model's names, merged
 
     def add(self, own: dict[str, Any]) -> None:
         self.callbacks = self._merged(self.callbacks, own.pop("callbacks", None) or {})
         for key, value in own.items():
             if _keyed_by_model(value, self.model_keys):  # this rank's share of it, from whichever rank held each
                 self.extras.setdefault(key, {}).update((k, v) for k, v in value.items() if k in self.local)
+                self.by_model.add(key)
             else:
                 self.extras.setdefault(key, value)
 
