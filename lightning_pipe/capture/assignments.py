@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "PLAIN_VALUES", "Read", "assignment_advice", "changed_reads", "read_advice",
-           "stored_advice", "stored_attributes", "stored_refusal"]
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "assignment_advice", "carried_advice", "changed_reads",
+           "read_advice", "stored_advice", "stored_attributes", "stored_refusal"]
 
 _PLAIN = (bool, int, float)
 PLAIN_VALUES = (bool, int, float, str)  # plain values whose reads are noted (a None, a tuple of sizes: never changed)
@@ -85,6 +85,8 @@ class Assignments:
         self.first_code: str | None = None  # the first run's graph, which the second must repeat
         self.pending: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] = {}  # buffers to copy into
         self.stored: list[str] = []  # tensors with a gradient kept as plain attributes (deep supervision's outputs)
+        self.carried: list[str] = []  # tensors without one kept where the forward read them (a state, or a cache)
+        self.looked: set[tuple[int, str]] = set()  # attributes holding None or a tensor that the forward read
         self.read: dict[tuple[int, str], Read] = {}  # plain values the forward read from its modules' attributes
         self.assigned: set[tuple[int, str]] = set()  # plain attributes the forward assigned, in any run (:meth:`watch`)
 
@@ -96,15 +98,19 @@ class Assignments:
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
         self.refused, self.changed, self.pending, self.stored, self.read = [], {}, {}, [], {}
+        self.carried, self.looked = [], set()
         setattr_ = nn.Module.__setattr__
         getattribute = object.__getattribute__
-        mine, read = self.mine, self.read
+        mine, read, looked = self.mine, self.read, self.looked
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
-            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor)) and id(module) in mine \
-                    and (id(module), name) not in read and name in getattribute(module, "__dict__"):
-                read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
+            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None) \
+                    and id(module) in mine and name in getattribute(module, "__dict__"):
+                if value is None or isinstance(value, torch.Tensor):
+                    looked.add((id(module), name))
+                if value is not None and (id(module), name) not in read:
+                    read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -123,6 +129,13 @@ class Assignments:
                 _STORED.setdefault(module, set()).add(name)
                 if place not in self.stored:
                     self.stored.append(place)
+            elif (id(module) in self.mine and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                  and (id(module), name) in self.looked and name not in module._buffers):
+                # read, then given a tensor computed now: a state kept for the next call (a stateful RNN's hidden
+                # state), which the graph does not carry; or a cache made on first use, which it recomputes
+                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
+                if place not in self.carried:
+                    self.carried.append(place)
             setattr_(module, name, value)
 
         nn.Module.__setattr__ = watched  # type: ignore[method-assign]
@@ -273,6 +286,16 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
             f"(self.count += 1 on a tensor buffer; it then changes once per micro-batch, which a warning says), "
             f"compute it in training_step or a hook and pass it to the model, or carry a state kept for the next "
             f"call through the step (returned by the model, given back as an input)")
+
+
+def carried_advice(model_name: str, found: list[str]) -> str:
+    """The warning for a forward that reads tensors it keeps as attributes and gives them new values (``found``)."""
+    return (f"{model_name}.forward reads tensors it keeps as attributes and gives them new values: {listed(found)}. A "
+            f"captured forward runs as a graph that neither stores them nor reads a later value: every step runs as "
+            f"the capture found them. A cache computed on first use from the weights or sizes (a rope table) is "
+            f"recomputed at each step, as it should be; a state carried from one batch to the next (a stateful RNN's "
+            f"hidden state, self.h = h.detach()) is not carried, where one device carries it: carry it through the "
+            f"step instead (out, self.h = self.model(x, self.h), which the pipeline supports)")
 
 
 def stored_advice(model_name: str, found: list[str]) -> str:

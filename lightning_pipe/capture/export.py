@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
-from .assignments import Assignments, Read, assignment_advice, stored_advice
+from .assignments import Assignments, Read, assignment_advice, carried_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import CaptureError, explain_export_error, listed, locate_exception, locate_frame, module_names
 from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
@@ -154,6 +154,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
         if assignments.stored:
             warnings.warn(stored_advice(type(model).__name__, assignments.stored), stacklevel=3)
+        if assignments.carried:
+            warnings.warn(carried_advice(type(model).__name__, assignments.carried), stacklevel=3)
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
         if checkpoints:
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
