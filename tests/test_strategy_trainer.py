@@ -274,7 +274,6 @@ def _failures(rank: int, world_size: int) -> tuple[list[str], dict[str, torch.Te
         (lambda: Regressor(num_layers=1), "pipedream", regression_data),
         (Regressor, {"partition": [5, 4]}, regression_data),
         (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
-        (lambda: TiedLM(optimizer="by_name"), "pipedream", token_data),
         (lambda: Regressor(optimizer="lbfgs"), "pipedream", regression_data),
         (lambda: Regressor(optimizer="sam"), "pipedream", regression_data),
         (IteratorStep, "pipedream", regression_data),
@@ -305,8 +304,6 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
         "cannot cut 1 layers into 2 stages",
         "make the counts add up to 8",
         "give the tied parameter the same optimizer and settings on every rank",
-        "parameter groups chosen by name see the name each rank gives it ('layers.0.embedding.weight' and "
-        "'layers.4.proj.weight', where one device lists it once, under its first name): match every name it has",
         "torch.optim.LBFGS computes its search direction",
         "SharpnessAware's step runs the training step's closure a second time",
         "IteratorStep.training_step takes dataloader_iter",

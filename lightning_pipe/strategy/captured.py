@@ -266,20 +266,22 @@ class CapturedModule:
         _release_others(local, [self.model, *self.segments])
         return self.proxy
 
-    def parameters_held_elsewhere(self) -> list[tuple[nn.Module, str]]:
-        """``(stand-in, name)`` of each parameter the model registers directly on a module (``logit_scale``) that this
-        rank stands in for but another rank holds: ``configure_optimizers`` naming it gets a placeholder here
-        (:mod:`.optimizers`)."""
+    def parameters_held_elsewhere(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """``(stand-in, name, parameter)`` of each parameter of the model that this rank stands in for but another
+        rank holds: while ``configure_optimizers`` runs, each gets a placeholder of its shape there
+        (:mod:`.optimizers`), so that groups made from ``named_parameters()`` are one device's on every rank."""
         if self.proxy is None:
             return []
         found = []
         for part in self.proxy.modules():
             original = part.__dict__.get("_original") if isinstance(part, ModelPart) else None
             if original is not None:
-                found += [(part, name) for name, p in original._parameters.items()
+                found += [(part, name, p) for name, p in original._parameters.items()
                           if p is not None and name not in part._parameters]
         holder = self.module if self.root else self.proxy
-        return found + [(holder, name) for name in self._own_parameters if name not in holder._parameters]
+        own = self.model._parameters
+        return found + [(holder, name, own.get(name) if own.get(name) is not None else torch.empty(0))
+                        for name in self._own_parameters if name not in holder._parameters]
 
     # -- capturing ----------------------------------------------------------------------------------
     def model_calls(self, step: str, microbatch: Any, args: Sequence[Any],

@@ -27,20 +27,29 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders"]
+__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in"]
 
 PLACEHOLDER = "_pipeline_stage_trains_nothing"
 
 
+def stand_in(like: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """A placeholder for another rank's parameter ``like``: its shape, dtype and ``requires_grad`` on ``device``, with
+    storage for one element (every stride 0), so that ``configure_optimizers`` may sort it as one device would
+    (``p.ndim <= 1`` for no weight decay, ``p.requires_grad`` for frozen layers, ``p.numel()``)."""
+    data = torch.empty_strided(tuple(like.shape), (0,) * like.dim(), dtype=like.dtype, device=device)
+    return nn.Parameter(data, requires_grad=like.requires_grad)
+
+
 @contextmanager
 def placeholders(module: nn.Module, device: torch.device,
-                 elsewhere: Sequence[tuple[nn.Module, str]] = ()) -> Iterator[list[nn.Parameter]]:
-    """Inside, each ``(owner, name)`` of ``elsewhere`` (parameters other ranks hold) is a placeholder parameter of
-    ``owner``, and ``module`` holds one more if none of its parameters requires grad; yields the placeholders."""
+                 elsewhere: Sequence[tuple[nn.Module, str, torch.Tensor]] = ()) -> Iterator[list[nn.Parameter]]:
+    """Inside, each ``(owner, name, like)`` of ``elsewhere`` (parameters other ranks hold) is a placeholder parameter
+    of ``owner`` like ``like`` (:func:`stand_in`), and ``module`` holds one more if none of its parameters requires
+    grad; yields the placeholders."""
     made: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        for owner, name in elsewhere:
-            made.append((owner, name, nn.Parameter(torch.empty(0, device=device))))
+        for owner, name, like in elsewhere:
+            made.append((owner, name, stand_in(like, device)))
             owner.register_parameter(name, made[-1][2])
         if not any(p.requires_grad for p in module.parameters()):
             made.append((module, PLACEHOLDER, nn.Parameter(torch.empty(0, device=device))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -10,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.nn as nn
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import ReduceOp
@@ -51,7 +53,7 @@ from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
 from lightning_pipe.strategy.optimizers import (differing_groups_warning, drop_placeholders, empty_optimizers_allowed,
-                                                group_settings, placeholders, refuse_searching_optimizers)
+                                                group_settings, placeholders, refuse_searching_optimizers, stand_in)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -59,6 +61,7 @@ from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_rando
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.step_hooks import PipelineSteps
+from lightning_pipe.strategy.split import SplitModule
 
 __all__ = ["PipelineStrategy"]
 
@@ -434,10 +437,17 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         try:
             split = self._runner.split if self._runner is not None else None
             elsewhere = split.parameters_held_elsewhere() if isinstance(split, CapturedModule) else []
-            with placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
+            layers: list[nn.Parameter] = []  # placeholders in other ranks' layers of an nn.Sequential
+
+            def layer_placeholder(meta: torch.Tensor) -> nn.Parameter:
+                layers.append(stand_in(meta, self.root_device))
+                return layers[-1]
+
+            whole = split.whole(layer_placeholder) if isinstance(split, SplitModule) else contextlib.nullcontext()
+            with whole, placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
                     empty_optimizers_allowed(made, self.root_device):
                 super().setup_optimizers(trainer)
-            drop_placeholders(self.optimizers, made)
+            drop_placeholders(self.optimizers, made + layers)
             refuse_searching_optimizers(self.optimizers)
         except Exception as caught:
             error = caught

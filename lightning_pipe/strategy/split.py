@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -149,6 +150,45 @@ class SplitModule:
         return self.proxy
 
     # -- running steps around the sequence --------------------------------------------------------
+    @contextmanager
+    def whole(self, make: Callable[[torch.Tensor], nn.Parameter]) -> Iterator[None]:
+        """Inside (while ``configure_optimizers`` runs), the proxy holds every layer of the sequence in its order:
+        other ranks' as copies of their meta skeleton whose parameters are ``make(meta parameter)`` placeholders, or,
+        for a parameter tied to one this rank holds, this rank's copy, so that ``named_parameters()`` and
+        ``modules()`` list one device's names, in its order (a tie once, at its first name)."""
+        proxy = self.proxy
+        if proxy is None or self.skeleton is None or len(proxy._modules) == len(proxy._names):
+            yield
+            return
+        prefix = f"{self.path}." if self.path else ""
+        first = self.tied_names
+        local = {first.get(prefix + name, prefix + name): p for name, p in proxy.named_parameters()}
+        mine = dict(proxy._modules)
+        made: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}  # (the meta parameter kept alive: its id stays its)
+        layers = {}
+        for name in proxy._names:
+            if name in mine:
+                layers[name] = mine[name]
+                continue
+            layer = copy.deepcopy(self.skeleton._modules[name])
+            for part_name, part in layer.named_modules(prefix=f"{prefix}{name}"):
+                for key, meta in part._parameters.items():
+                    if meta is None:
+                        continue
+                    full = f"{part_name}.{key}"
+                    if id(meta) not in made:
+                        tied = local.get(first.get(full, full))
+                        made[id(meta)] = meta, tied if tied is not None else make(meta)
+                    part._parameters[key] = made[id(meta)][1]
+            layers[name] = layer
+        proxy._modules.clear()
+        proxy._modules.update(layers)
+        try:
+            yield
+        finally:
+            proxy._modules.clear()
+            proxy._modules.update(mine)
+
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input (of each call)."""
         calls = self._proxy().model_calls
