@@ -266,21 +266,22 @@ class CapturedModule:
         _release_others(local, [self.model, *self.segments])
         return self.proxy
 
-    def parameters_held_elsewhere(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
-        """``(stand-in, name, parameter)`` of each parameter of the model that this rank stands in for but another
-        rank holds: while ``configure_optimizers`` runs, each gets a placeholder of its shape there
-        (:mod:`.optimizers`), so that groups made from ``named_parameters()`` are one device's on every rank."""
+    def parameters_held_elsewhere(self) -> list[tuple[nn.Module, str, torch.Tensor, nn.Parameter | None]]:
+        """``(stand-in, name, parameter, tied)`` of each parameter of the model that this rank stands in for but does
+        not hold there: while ``configure_optimizers`` runs, each gets a placeholder of its shape there, or ``tied``,
+        this rank's copy where it holds the parameter under another name (a tie: listed at its first name then), so
+        that groups made from ``named_parameters()`` are one device's on every rank (:mod:`.optimizers`)."""
         if self.proxy is None:
             return []
-        found = []
-        for part in self.proxy.modules():
-            original = part.__dict__.get("_original") if isinstance(part, ModelPart) else None
-            if original is not None:
-                found += [(part, name, p) for name, p in original._parameters.items()
-                          if p is not None and name not in part._parameters]
+        parts = [(part, part.__dict__["_original"]) for part in self.proxy.modules()
+                 if isinstance(part, ModelPart) and part.__dict__.get("_original") is not None]
+        held = {id(original._parameters.get(name)): p for part, original in parts for name, p in part._parameters.items()
+                if original._parameters.get(name) is not None}
+        found = [(part, name, p, held.get(id(p))) for part, original in parts for name, p in original._parameters.items()
+                 if p is not None and name not in part._parameters]
         holder = self.module if self.root else self.proxy
         own = self.model._parameters
-        return found + [(holder, name, own.get(name) if own.get(name) is not None else torch.empty(0))
+        return found + [(holder, name, own.get(name) if own.get(name) is not None else torch.empty(0), None)
                         for name in self._own_parameters if name not in holder._parameters]
 
     # -- capturing ----------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
-__all__ = ["PIPELINE_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
+__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
            "with_own_entries", "written_here", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
 
 PIPELINE_KEY = "pipeline"
+RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
 
 
@@ -110,7 +111,8 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
         whole = lists(extras, [part["own"] for part in shares])
         full.update(whole)
         extras = {key: value for key, value in extras.items() if _equal(whole[key], value)}
-    differing = [key for key in extras if not all(_equal(part["own"].get(key), extras[key]) for part in shares)]
+    differing = [key for key in extras if key != RANDOM_STATES_KEY
+                 and not all(_equal(part["own"].get(key), extras[key]) for part in shares)]
     if differing:
         warnings.warn(f"on_save_checkpoint's {', '.join(map(repr, differing))} differ between the pipeline's ranks "
                       f"(each computed them from its own stages: a count or norms of self.parameters()): the file "

@@ -26,6 +26,7 @@ from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
+    RANDOM_STATES_KEY,
     CallbackMerge,
     atomic_save,
     compiled_names,
@@ -75,7 +76,6 @@ _CALLED_ALONE = ("writing a checkpoint: trainer.save_checkpoint, which every ran
                  "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
 
 HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
-RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 
 
 class PipelineCheckpoints:

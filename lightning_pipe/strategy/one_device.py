@@ -60,7 +60,12 @@ def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first
     union = {first.get(name, name) for names in ranks for name in names}
     by_model = sorted(union, key=lambda name: (order.get(name, len(order)), name))
     sorted_names = sorted(union)
-    model = all(follows([name for name in names if name in order], order.__getitem__) for names in ranks)
+    def in_model_order(names: Sequence[str]) -> bool:  # a tied copy at its own place, or at its first name's
+        known = [name for name in names if name in order]
+        return follows(known, order.__getitem__) or follows([first.get(name, name) for name in known],
+                                                             lambda name: order.get(name, len(order)))
+
+    model = all(in_model_order(names) for names in ranks)
     named = all(follows(names, str) for names in ranks)
     if model and not by_name:
         return [by_model]

@@ -42,13 +42,20 @@ def stand_in(like: torch.Tensor, device: torch.device) -> nn.Parameter:
 
 @contextmanager
 def placeholders(module: nn.Module, device: torch.device,
-                 elsewhere: Sequence[tuple[nn.Module, str, torch.Tensor]] = ()) -> Iterator[list[nn.Parameter]]:
-    """Inside, each ``(owner, name, like)`` of ``elsewhere`` (parameters other ranks hold) is a placeholder parameter
-    of ``owner`` like ``like`` (:func:`stand_in`), and ``module`` holds one more if none of its parameters requires
-    grad; yields the placeholders."""
+                 elsewhere: Sequence[tuple[nn.Module, str, torch.Tensor, nn.Parameter | None]] = ()
+                 ) -> Iterator[list[nn.Parameter]]:
+    """Inside, each ``(owner, name, like, tied)`` of ``elsewhere`` (parameters this rank does not hold there) is a
+    parameter of ``owner``: ``tied``, this rank's copy of a tied parameter, or else a placeholder like ``like``
+    (:func:`stand_in`); and ``module`` holds one more placeholder if none of its parameters requires grad; yields the
+    placeholders."""
     made: list[tuple[nn.Module, str, nn.Parameter]] = []
+    held: list[tuple[nn.Module, str]] = []
     try:
-        for owner, name, like in elsewhere:
+        for owner, name, like, tied in elsewhere:
+            if tied is not None:
+                held.append((owner, name))
+                owner.register_parameter(name, tied)
+                continue
             made.append((owner, name, stand_in(like, device)))
             owner.register_parameter(name, made[-1][2])
         if not any(p.requires_grad for p in module.parameters()):
@@ -56,7 +63,7 @@ def placeholders(module: nn.Module, device: torch.device,
             module.register_parameter(PLACEHOLDER, made[-1][2])
         yield [placeholder for _, _, placeholder in made]
     finally:
-        for owner, name, _ in made:
+        for owner, name in [*held, *((owner, name) for owner, name, _ in made)]:
             del owner._parameters[name]
 
 
