@@ -488,7 +488,8 @@ def test_static_captures_follow_every_new_shape_on_every_rank(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(600)
-def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path: Path) -> None:
+@pytest.mark.parametrize("half", [0, 1], ids=["first_half", "second_half"])  # (all at once took 560 s on a busy host)
+def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path: Path, half: int) -> None:
     """Twenty-three more Hugging Face models as users bring them, unchanged, each under ``pipedream`` on 2 ranks:
     Mistral (sliding window), Qwen2, Qwen3, Gemma, Gemma 2 (sliding window on every other layer), Mixtral (a mixture
     of experts), Phi (partial rotary), GPT-NeoX, OPT (positions from the attention mask), Swin (shifted windows),
@@ -504,7 +505,7 @@ def test_more_hugging_face_families_train_and_validate_like_one_device(tmp_path:
     after three steps of changing sequence lengths, and their validation loss, equal one device's."""
     if not HAS_TRANSFORMERS:
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
-    names = list(MORE_FAMILIES)
+    names = list(MORE_FAMILIES)[half::2]
     _check(run_ranks(_fit_families, 2, names, "pipedream", str(tmp_path), False, timeout=560), names)
 
 
