@@ -500,3 +500,51 @@ def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_d
     (across,) = run_ranks(_probe, 1, tmp, True, 4, True, 2, timeout=120)
     _assert_close(across["state"], one["state"])
     assert across["groups"] == one["groups"]
+
+
+def _late_term(rank: int, world_size: int) -> list[str]:
+    """A regression's mean loss, to which a term coupling the batch's rows (the spread of the outputs over the batch)
+    is added after a warm-up of ten steps, and logged under a name of its own."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class WarmedUp(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.layers(batch[0])
+            loss = F.mse_loss(out, batch[1])
+            if self.global_step >= 10:
+                spread = out.std(0).mean()
+                self.log("spread", spread)
+                loss = loss + spread
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * 14, 4, generator=generator), torch.randn(8 * 14, 2, generator=generator)
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
+                        devices=world_size, max_steps=14, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(WarmedUp(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_a_loss_term_added_after_the_first_batches_is_checked_when_it_is_first_logged() -> None:
+    """The probe of how the loss adds up stopped after the first batches; a term that couples the rows, added at step
+    10 (a curriculum), trained silently otherwise than one device (found by review: 0.99 off). A name the step logs
+    for the first time has the next batches probed again."""
+    first, last = run_ranks(_late_term, 2, timeout=150)
+    assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)

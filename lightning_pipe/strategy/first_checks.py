@@ -7,7 +7,7 @@ A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -100,6 +100,7 @@ class FirstBatchChecks:
         self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
+        self._logged: set[str] | None = None  # the names the training step logged so far (a new one: probed again)
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
         # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
@@ -151,6 +152,15 @@ class FirstBatchChecks:
         for loss in probe.losses:
             self.recorder.add_up(loss)
         return float(len(probe.rows))
+
+    def _probe_new_terms(self, logged: Iterable[str]) -> None:
+        """After a training batch on the last stage: a step that logs a name it never logged before (a loss term
+        added after a warm-up, ``if self.global_step >= 1000``) has its next batches probed again, if "auto" found a
+        mean: the new term may couple the rows, or be counted otherwise."""
+        names = set(logged)
+        if self._logged is not None and not names <= self._logged and self._mean_found and self._probes_left == 0:
+            self._probes_left = _MEAN_PROBES
+        self._logged = names | (self._logged or set())
 
     def _probing(self) -> bool:
         """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",

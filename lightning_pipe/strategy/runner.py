@@ -346,6 +346,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                         runs.remake()
                     elif mark is not None and self.effects.changed(mark):
                         self.effects.restore(mark)
+                    self._probe_new_terms(arguments["name"] for arguments, _ in self.recorder.calls)
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
                     result.grad_scale = scale
