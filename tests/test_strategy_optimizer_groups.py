@@ -192,3 +192,53 @@ def test_a_captured_tie_in_a_group_chosen_by_name_trains_and_checkpoints_as_on_o
     assert [g["params"] for g in written["param_groups"]] == [g["params"] for g in one["param_groups"]]
     for number, entry in one["state"].items():
         torch.testing.assert_close(written["state"][number]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+def _reversed(rank: int, world_size: int, path: str, resume: str | None) -> dict[str, Any]:
+    """Weights in reversed order in one group, biases in another: neither the model's order nor by name, so only the
+    order configure_optimizers listed with the whole model in view tells one device's numbering."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    class Reversed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.layers = nn.Sequential(nn.Linear(6, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+                                        nn.Linear(WIDTH, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.layers(x), y)
+
+        def configure_optimizers(self) -> Any:
+            named = list(self.named_parameters())
+            return torch.optim.AdamW([{"params": [p for n, p in reversed(named) if n.endswith("weight")]},
+                                      {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}])
+
+    module = Reversed()
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto",
+                            max_steps=4 if resume else 2)
+    trainer.fit(module, _data(), ckpt_path=resume)
+    trainer.save_checkpoint(path)
+    return {"state": module.state_dict()}
+
+
+@pytest.mark.timeout(300)
+def test_groups_in_an_order_of_their_own_number_as_one_devices_both_ways(tmp_path: Path) -> None:
+    """The pipeline's file holds one device's optimizer states (it held rank 0's share, renumbered, with a warning,
+    and a one-device resume failed in torch), and a one-device file resumes under the pipeline (it was refused)."""
+    run_ranks(_reversed, 2, str(tmp_path / "pipeline.ckpt"), None, timeout=200)
+    _reversed(0, 1, str(tmp_path / "one.ckpt"), None)
+    written = torch.load(tmp_path / "pipeline.ckpt", weights_only=False)["optimizer_states"][0]
+    one = torch.load(tmp_path / "one.ckpt", weights_only=False)["optimizer_states"][0]
+    assert [g["params"] for g in written["param_groups"]] == [g["params"] for g in one["param_groups"]] == [
+        [0, 1, 2], [3, 4, 5]]
+    for number, entry in one["state"].items():
+        torch.testing.assert_close(written["state"][number]["exp_avg"], entry["exp_avg"], rtol=1e-4, atol=1e-8)
+    resumed = run_ranks(_reversed, 2, str(tmp_path / "again.ckpt"), str(tmp_path / "one.ckpt"), timeout=200)
+    reference = _reversed(0, 1, str(tmp_path / "one_again.ckpt"), str(tmp_path / "one.ckpt"))["state"]
+    state = {**resumed[0]["state"], **resumed[1]["state"]}
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -45,7 +45,8 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
                       param_names: list[list[list[str]]] | None = None,
                       device: torch.device | None = None,
                       tied: Mapping[str, str] | None = None, by_name: bool = True,
-                      parameters: tuple[list[str], list[str]] | None = None) -> dict[str, Any] | None:
+                      parameters: tuple[list[str], list[str]] | None = None,
+                      whole_orders: list[list[list[str]]] | None = None) -> dict[str, Any] | None:
     """Collect every rank's share of ``checkpoint`` on the group's rank 0 (collective; None on the other ranks).
 
     ``state_keys`` are the full model's ``state_dict`` keys in their order; ``layout`` describes the pipeline
@@ -55,11 +56,13 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     rank's GPU); ``tied``: the whole model's tied parameter names (:func:`tied_names`), and ``by_name``, whether
     ``configure_optimizers`` may sort by name (:func:`~.one_device.sorts_by_name`), for the one-device optimizer
     states; ``parameters``: one device's parameter names in order and this rank's, for callback states listing a
-    tensor per parameter (:mod:`.parameter_lists`).
+    tensor per parameter (:mod:`.parameter_lists`); ``whole_orders``: each optimizer's groups as one device lists
+    them, where ``configure_optimizers`` saw the whole model (:func:`~.optimizers.whole_orders`).
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}
     share["param_names"] = param_names or []
+    share["whole_orders"] = whole_orders
     share["parameters"] = list(parameters[1]) if parameters is not None else []
     share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
     shares = gather_shares(share, group, device or torch.device("cpu"))

@@ -83,6 +83,7 @@ class PipelineCheckpoints:
 
     _materializer: Any
     _sharded_path: str | None
+    _whole_orders: list[list[list[str]]] | None
     _saved_random_states: dict[str, Any] | None
 
     def _check_materialized(self) -> None:
@@ -179,7 +180,7 @@ class PipelineCheckpoints:
                                      optimizers_parameter_names(self.lightning_module, self.optimizers,
                                                                 runner.cut_names), device,
                                      runner.split.tied_names, sorts_by_name(self.lightning_module),
-                                     (runner.split.parameter_keys, self._own_parameter_names()))
+                                     (runner.split.parameter_keys, self._own_parameter_names()), self._whole_orders)
             try:
                 if self.is_global_zero:
                     assert full is not None
@@ -290,7 +291,8 @@ class PipelineCheckpoints:
             names = one_device_names(checkpoint["optimizer_states"], self._ranks_group_names(),
                                      runner.split.state_keys, runner.split.tied_names,
                                      {key: value.shape for key, value in checkpoint.get("state_dict", {}).items()
-                                      if isinstance(value, torch.Tensor)}, sorts_by_name(self.lightning_module))
+                                      if isinstance(value, torch.Tensor)}, sorts_by_name(self.lightning_module),
+                                     self._whole_orders)
             entries = {key: value for index, (state, numbered) in enumerate(zip(checkpoint["optimizer_states"], names))
                        for key, value in optimizer_entries(index, state, numbered).items()}
             groups = [[{k: v for k, v in group.items() if k != "param_names"} for group in param_groups_of(state)]

@@ -73,6 +73,19 @@ def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first
                                             else [])
 
 
+def _whole_order(orders: Sequence[Any], index: int, group: int, lists: Sequence[Sequence[str]],
+                 first: Mapping[str, str]) -> list[str] | None:
+    """Group ``group`` of optimizer ``index`` as one device lists it, where every rank recorded it alike (each saw
+    the whole model while configure_optimizers ran: :func:`~.optimizers.whole_orders`) and it holds just the
+    parameters the ranks' groups hold (``lists``, by their names there); else None."""
+    found = [o[index][group] if o is not None and index < len(o) and group < len(o[index]) else None for o in orders]
+    if not found or found[0] is None or any(other != found[0] for other in found[1:]):
+        return None
+    whole = list(dict.fromkeys(first.get(name, name) for name in found[0]))
+    held = {first.get(name, name) for names in lists for name in names}
+    return whole if set(whole) == held else None
+
+
 def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys: Sequence[str],
                                 tied: Mapping[str, str] | None = None,
                                 by_name: bool = True) -> list[dict[str, Any]] | None:
@@ -109,7 +122,8 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
                 lists.append(local)
                 if local and hyper is None:
                     hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            candidates = group_orders(lists, order, first, by_name)
+            whole = _whole_order([part.get("whole_orders") for part in shares], index, group_index, lists, first)
+            candidates = [whole] if whole is not None else group_orders(lists, order, first, by_name)
             if hyper is None or len(candidates) != 1:
                 return None
             (names_in_order,) = candidates
@@ -134,7 +148,8 @@ def local_group_names(names: Mapping[int, Sequence[str]], optimizers: Sequence[O
 def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequence[Sequence[Sequence[str]]]],
                      state_keys: Sequence[str], tied: Mapping[str, str],
                      shapes: Mapping[str, Sequence[int]] | None = None,
-                     by_name: bool = True) -> list[dict[Any, list[str]]]:
+                     by_name: bool = True, whole_orders: list[list[list[str]]] | None = None
+                     ) -> list[dict[Any, list[str]]]:
     """For each of a one-device checkpoint's ``optimizer_states``, every name of each of its numbered parameters (each
     name of a tied one), as :func:`~.checkpoint.optimizer_entries` takes them.
 
@@ -146,7 +161,9 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
     possible, the one under which every state kept in its parameter's shape (``exp_avg``) fits its parameter is taken
     (where both fit, the model's, unless the code sorts); a group listed across stages in another order shows where
     such a state does not fit. Raises ``ValueError`` (alike on every rank: all it reads is every
-    rank's) where the checkpoint's groups do not fit this model's or the order cannot be told."""
+    rank's) where the checkpoint's groups do not fit this model's or the order cannot be told. ``whole_orders``:
+    each group as one device lists it, where ``configure_optimizers`` saw the whole model
+    (:func:`~.optimizers.whole_orders`): taken where it holds as many parameters as the saved group."""
     order = {key: index for index, key in enumerate(state_keys)}
     aliases: dict[str, list[str]] = {}
     for name, first in tied.items():
@@ -166,8 +183,12 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
         for number, group in enumerate(saved):
             where = f"group {number} of optimizer {index}"
             given = list(group.get("param_names") or ())
+            whole = (whole_orders[index][number] if whole_orders is not None and index < len(whole_orders)
+                     and number < len(whole_orders[index]) else None)
             if given and all(name in order for name in given):
                 names = given
+            elif whole is not None and len(whole) == len(group["params"]):
+                names = whole
             else:  # no names, or not this module's (a child's named_parameters(), a compiled model's): the order
                 candidates = group_orders([rank[index][number] for rank in ranks], order, tied)
                 if not candidates:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in"]
+__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in", "whole_orders"]
 
 PLACEHOLDER = "_pipeline_stage_trains_nothing"
 
@@ -86,6 +86,15 @@ def empty_optimizers_allowed(made: list[nn.Parameter], device: torch.device) -> 
         yield
     finally:
         torch.optim.Optimizer.__init__ = original  # type: ignore[method-assign]
+
+
+def whole_orders(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> list[list[list[str]]]:
+    """While ``configure_optimizers``'s placeholders stand in ``module`` for other ranks' parameters: each group of
+    each optimizer as one device lists it, by the parameters' names (a tie at its first name); what one device's
+    optimizer states are numbered by, whatever order the code listed them in."""
+    names = {id(p): name for name, p in module.named_parameters() if name != PLACEHOLDER}
+    return [[[names[id(p)] for p in group["params"] if id(p) in names] for group in optimizer.param_groups]
+            for optimizer in optimizers]
 
 
 def drop_placeholders(optimizers: Iterable[torch.optim.Optimizer], made: Sequence[nn.Parameter]) -> None:

@@ -53,7 +53,8 @@ from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
 from lightning_pipe.strategy.optimizers import (differing_groups_warning, drop_placeholders, empty_optimizers_allowed,
-                                                group_settings, placeholders, refuse_searching_optimizers, stand_in)
+                                                group_settings, placeholders, refuse_searching_optimizers, stand_in,
+                                                whole_orders)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -233,6 +234,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
         self._materializer: LocalMaterializer | None = None  # a module built on the meta device, until checked
+        # each optimizer's groups as one device lists them, by name (configure_optimizers saw the whole model)
+        self._whole_orders: list[list[list[str]]] | None = None
         self._conversion_sources: dict[int, torch.Tensor] = {}  # a precision's conversion deferred to the cut
         self._sharded_path: str | None = None  # the sharded checkpoint folder being loaded
         self._saved_random_states: dict[str, Any] | None = None  # this rank's, from a checkpoint, until its first batch
@@ -447,6 +450,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             with whole, placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
                     empty_optimizers_allowed(made, self.root_device):
                 super().setup_optimizers(trainer)
+                self._whole_orders = whole_orders(self.lightning_module, self.optimizers) if layers or elsewhere \
+                    else None
             drop_placeholders(self.optimizers, made + layers)
             refuse_searching_optimizers(self.optimizers)
         except Exception as caught:
