@@ -572,6 +572,57 @@ def test_a_step_that_stops_the_fit_stops_every_rank_where_one_device_stops() -> 
     assert run_ranks(_stopped, 2, timeout=100) == [_stopped(0, 1)] * 2 == [3, 3]
 
 
+def _scheduled(rank: int, world_size: int, where: str) -> dict[str, Any]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Scheduled(L.LightningModule):
+        """The learning rate changed in the step: decayed by hand before the model (so the first stage runs it too,
+        once per micro-batch), or a scheduler stepped after it (the last stage alone, once per micro-batch and once
+        on the whole batch)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if where == "before":
+                for group in self.optimizers().param_groups:
+                    group["lr"] *= 0.8
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            if where == "after":
+                self.lr_schedulers().step()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5), "interval": "epoch"}}
+
+    strategy = PipelineStrategy(num_microbatches=4, wait_timeout=30) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_steps=6)
+    module = Scheduled()
+    trainer.fit(module, class_data(batches=6))
+    return {"state": module.state_dict(), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.last_epoch}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_learning_rates_changed_in_the_step_are_one_devices_on_every_rank(where: str) -> None:
+    """An optimizer's group settings and a scheduler's state are followed with the module's attributes: changed once
+    per batch on every rank, as on one device (they were changed once per micro-batch run, on some ranks only:
+    learning rates 5x apart between the stages, found by review)."""
+    reference = _scheduled(0, 1, where)
+    for result in run_ranks(_scheduled, 2, where, timeout=180):
+        assert result["lr"] == pytest.approx(reference["lr"]) and result["scheduler"] == reference["scheduler"]
+        for key, value in result["state"].items():
+            torch.testing.assert_close(value, reference["state"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_lists_per_dataloader_and_tensors_made_in_inference_mode_are_followed() -> None:
     one, other = _Holder(), _Holder()
     for holder in (one, other):

@@ -42,6 +42,9 @@ Sent = tuple[str, str, Any, Any, bool]  # a change as sent: and whether its tens
 
 _MISSING = object()
 _SHOULD_STOP = "trainer:should_stop"  # the Trainer's flag a step may raise, tracked with the module's attributes
+# an optimizer's group's setting ("optimizer:0:1:lr") and a scheduler's plain state ("scheduler:0:last_epoch"), which a
+# step may change (a warm-up written in training_step, self.lr_schedulers().step())
+_OPTIMIZER, _SCHEDULER = "optimizer:", "scheduler:"
 # the strategy's own stand-ins, and nn.Module's mode
 _IGNORED = frozenset({"log", "print", "forward", "training", "_pipelined_model"})
 _SAVED_NUMEL = 1 << 16  # a tensor attribute up to this size is copied at a step's start, so that it can be put back
@@ -145,6 +148,7 @@ class StepEffects:
         trainer = self.module.__dict__.get("_trainer")
         if trainer is not None:  # a step may stop the fit (the last stage's step alone sees it)
             attributes[_SHOULD_STOP] = trainer.should_stop
+            attributes.update(_optimizer_settings(trainer))
         if "_pipelined_model" not in self.module.__dict__:  # its own buffers are not the model's (its forward's)
             attributes.update((name, value) for name, value in self.module._buffers.items() if value is not None)
         for path, child in self._outside_modules():
@@ -156,6 +160,8 @@ class StepEffects:
         dotted name; else the module's buffers or attributes."""
         if name == _SHOULD_STOP:
             return _TrainerFlag(self.module._trainer), name
+        if name.startswith((_OPTIMIZER, _SCHEDULER)):
+            return _settings_of(self.module._trainer, name)
         if _FIELD in name:  # an object gone, or no longer one with fields: a dict of its own, which nothing reads
             attribute, field = name.split(_FIELD, 1)
             fields = getattr(self.module.__dict__.get(attribute), "__dict__", None)
@@ -327,6 +333,35 @@ class StepEffects:
         vars(new).clear()
         vars(new).update(fields)
         self._bind(name, new)
+
+
+def _setting(value: Any) -> bool:
+    """A number, a flag, or a list or tuple of numbers (a group's ``betas``, a scheduler's ``base_lrs``)."""
+    return type(value) in (bool, int, float) or (type(value) in (list, tuple) and all(
+        type(item) in (bool, int, float) for item in value))
+
+
+def _optimizer_settings(trainer: Any) -> dict[str, Any]:
+    """The settings of every optimizer's parameter groups and the plain state of every learning-rate scheduler, under
+    names :func:`_settings_of` finds them by."""
+    found: dict[str, Any] = {}
+    for index, optimizer in enumerate(getattr(trainer.strategy, "optimizers", None) or ()):
+        for number, group in enumerate(optimizer.param_groups):
+            found.update((f"{_OPTIMIZER}{index}:{number}:{key}", value) for key, value in group.items()
+                         if key != "params" and _setting(value))
+    for index, config in enumerate(getattr(trainer.strategy, "lr_scheduler_configs", None) or ()):
+        found.update((f"{_SCHEDULER}{index}:{key}", value) for key, value in vars(config.scheduler).items()
+                     if _setting(value))
+    return found
+
+
+def _settings_of(trainer: Any, name: str) -> tuple[dict[str, Any], str]:
+    """Where an optimizer's or scheduler's setting named by :func:`_optimizer_settings` is bound, and its key."""
+    if name.startswith(_OPTIMIZER):
+        index, number, key = name[len(_OPTIMIZER):].split(":", 2)
+        return trainer.strategy.optimizers[int(index)].param_groups[int(number)], key
+    index, key = name[len(_SCHEDULER):].split(":", 1)
+    return vars(trainer.strategy.lr_scheduler_configs[int(index)].scheduler), key
 
 
 class _TrainerFlag(dict):  # type: ignore[type-arg]
