@@ -6,6 +6,8 @@ call whose input depends on an earlier call's output."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from typing import Any
 
@@ -265,6 +267,10 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
                 out = self.net(x)
                 self.trainer.strategy.barrier()
                 return out.pow(2).mean()
+            if kind == "save":  # a checkpoint saved by hand in the step: its gather is a collective too
+                out = self.net(x)
+                self.trainer.save_checkpoint(os.path.join(tempfile.gettempdir(), f"in_step_{os.getpid()}.ckpt"))
+                return out.pow(2).mean()
             if kind == "functional":  # perturbed weights (SAM's ascent, MAML's fast weights): the model's own ran
                 weights = {name: p + 0.01 for name, p in self.net.named_parameters()}
                 return torch.func.functional_call(self.net, weights, (x,)).pow(2).mean()
@@ -313,6 +319,15 @@ def test_a_collective_in_the_steps_code_is_refused_on_every_rank_at_once() -> No
     for error in errors:  # the last stage waited wait_timeout in it, then blamed an endless loop
         assert error is not None and "strategy.barrier() called in a step" in error, error
     assert time.monotonic() - start < 55  # not the wait timeout (60 s)
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_saved_in_the_steps_code_is_refused_on_every_rank_at_once() -> None:
+    """trainer.save_checkpoint in training_step (a hand-written "save every N steps") hung both ranks for ever."""
+    errors = run_ranks(_dependent, 2, "save", timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "save_checkpoint(...) (through trainer.save_checkpoint) called in a step" in error
+        assert "ModelCheckpoint(every_n_train_steps=N)" in error, error
 
 
 def test_a_pipelined_sequence_called_with_its_own_weights_runs_and_with_others_is_refused() -> None:

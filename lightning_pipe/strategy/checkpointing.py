@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -84,6 +84,7 @@ class PipelineCheckpoints:
     _materializer: Any
     _sharded_path: str | None
     _whole_orders: list[list[list[str]]] | None
+    _no_collective_in_a_step: Callable[..., None]
     _saved_random_states: dict[str, Any] | None
 
     def _check_materialized(self) -> None:
@@ -122,6 +123,9 @@ class PipelineCheckpoints:
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's weights; an asynchronous pipeline is drained first (the first thing a checkpoint reads)."""
+        self._no_collective_in_a_step("save_checkpoint(...) (through trainer.save_checkpoint)",
+                                      "save from a callback's on_train_batch_end, every rank's hook, or with "
+                                      "ModelCheckpoint(every_n_train_steps=N)")
         if self._async is not None:
             self._async.drain()
         with strategy_reads():  # the checkpoint gathers every rank's share: not the share alone (.share_warning)

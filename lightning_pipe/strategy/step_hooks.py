@@ -103,16 +103,19 @@ class PipelineSteps:
         self._no_collective_in_a_step("broadcast(...)")
         return super().broadcast(obj, src)  # type: ignore[misc]
 
-    def _no_collective_in_a_step(self, what: str) -> None:
+    def _no_collective_in_a_step(self, what: str, advice: str | None = None) -> None:
         """A collective the step's own code calls cannot be matched: each stage runs that code at its own time (the
         code before the model on the first stage, the rest on the last, once per micro-batch), so the others never
-        come to it. Raised at once (the rank waited ``wait_timeout``, then blamed an endless loop)."""
+        come to it. Raised at once (the rank waited ``wait_timeout``, then blamed an endless loop; a checkpoint's
+        gather waited for ever)."""
         if self.__dict__.get("_stepping"):
             raise RuntimeError(f"strategy.{what} called in a step: under a pipeline each stage runs the step's code "
                                f"at its own time (the code before the model on the first stage, the rest on the last "
-                               f"stage, once per micro-batch), so no other rank comes to this collective. Call it in "
-                               f"a hook every rank runs (on_train_batch_start, on_validation_epoch_end); every rank "
-                               f"of a pipeline already has the same batch and the same random numbers in the step")
+                               f"stage, once per micro-batch), so no other rank comes to this collective. " + (
+                                   advice[0].upper() + advice[1:] if advice else
+                                   "Call it in a hook every rank runs (on_train_batch_start, on_validation_epoch_end);"
+                                   " every rank of a pipeline already has the same batch and the same random numbers "
+                                   "in the step"))
 
     def _grads_needed_later(self, trainer: Trainer) -> bool:
         """Whether the gradients from before this step live on after it: they do while accumulating, or if the module
