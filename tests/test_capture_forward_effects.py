@@ -290,3 +290,29 @@ def test_a_tensor_the_forward_reads_and_keeps_for_the_next_call_is_warned_of() -
     with pytest.warns(UserWarning, match=r"reads tensors it keeps as attributes and gives them new values: "
                                          r"'blocks\.1\.state' in .*out, self\.h = self\.model\(x, self\.h\)"):
         Splitter(Blocks(Assigning("carried"))).segments((x,))
+
+
+class Reversing(nn.Module):
+    """A gradient reversal written as hooks, as hook-based DANN code writes it: on an activation (``tensor``) or as a
+    module's backward hook (``module``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how = nn.Linear(8, 8), how
+        if how == "module":
+            self.linear.register_full_backward_hook(lambda module, grad_in, grad_out: (-grad_in[0],))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "tensor" and x.requires_grad:
+            x.register_hook(lambda grad: -grad)
+        return self.linear(x)
+
+
+def test_backward_hooks_inside_the_forward_are_refused_with_the_place() -> None:
+    """A captured graph does not keep them: the gradients before them were the unreversed ones, silently."""
+    x = torch.randn(2, 8)
+    with pytest.raises(CaptureError, match=r"registers a hook on a tensor's gradient \(register_hook in module "
+                                           r"'blocks\.1'.*custom torch\.autograd\.Function"):
+        Splitter(Blocks(Reversing("tensor"))).segments((x,))
+    with pytest.raises(CaptureError, match=r"has backward hooks on blocks\.1\.linear \(register_full_backward_hook\)"):
+        Splitter(Blocks(Reversing("module"))).segments((x,))

@@ -55,6 +55,33 @@ def _no_gradients_taken(name: str) -> Iterator[None]:
         torch.autograd.grad = grad
 
 
+@contextlib.contextmanager
+def _no_backward_hooks(model: nn.Module, names: dict[int, str]) -> Iterator[None]:
+    """Backward hooks inside the forward are not in a captured graph: a tensor's ``register_hook`` on an activation
+    (a gradient reversal written as a hook, DANN's) and a module's backward hooks would silently never run (the
+    gradients before them -2x one device's, found by review); refused, with the place."""
+    hooked = [names.get(id(part), type(part).__name__) or type(model).__name__ for part in model.modules()
+              if part._backward_hooks or part._backward_pre_hooks]
+    advice = ("a captured graph keeps the forward's operations, not backward hooks. Write the gradient's change as a "
+              "custom torch.autograd.Function (a gradient reversal's backward returning -alpha * grad), which the "
+              "capture checks, or keep the layers in an nn.Sequential the step calls (PipelineStrategy(layers=...)), "
+              "whose layers run as themselves")
+    if hooked:
+        raise CaptureError(f"{type(model).__name__} has backward hooks on {listed(hooked)} "
+                           f"(register_full_backward_hook): {advice}")
+    register = torch.Tensor.register_hook
+
+    def refused(tensor: torch.Tensor, hook: Any) -> Any:
+        raise CaptureError(f"{type(model).__name__}.forward registers a hook on a tensor's gradient "
+                           f"(register_hook in {locate_frame(sys._getframe(1), names)}): {advice}")
+
+    torch.Tensor.register_hook = refused  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.register_hook = register  # type: ignore[method-assign]
+
+
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
                    meta: bool, allow_autograd_functions: bool, device: torch.device = META,
                    fixed_sizes: set[tuple[str, int]] | None = None,
@@ -105,6 +132,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(_masks_as_given())
                 stack.enter_context(_conversions_in_place())
                 stack.enter_context(_no_gradients_taken(type(model).__name__))
+                stack.enter_context(_no_backward_hooks(model, names))
                 functions, checkpoints, frozen = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
                 drawn = stack.enter_context(watch_host_random(names))

@@ -142,6 +142,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         tied.synchronize_values()
         _warn_of_split_buffers(split.sequence, pipeline)
         _warn_of_layer_hooks(split.sequence, split.path, pipeline)
+        _warn_of_gradient_hooks(module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
@@ -170,6 +171,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                               pipeline.group, pipelines)
         tied.synchronize_values()
         _warn_of_split_buffers(torch.nn.Sequential(*segments), pipeline)
+        _warn_of_gradient_hooks(captured.module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
         captured.install(local).owner = runner
@@ -575,3 +577,25 @@ def _warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipelin
                       f"the model (a layer that passes them on with its output), or pipeline the module's forward "
                       f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
 
+
+
+def _warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
+    """Say (on each rank holding some) which of this rank's parameters carry gradient hooks of the user's
+    (``p.register_hook``, ``register_post_accumulate_grad_hook``): each backward of a micro-batch runs them on that
+    micro-batch's share of the gradient, which only a hook linear in the gradient (scaling, masking rows) takes as one
+    device's whole gradient (a clamp of each share is not a clamp of the sum)."""
+    if pipeline.num_microbatches <= 1:
+        return
+    names = {id(p): name for name, p in module.named_parameters()}
+    hooked = sorted({names.get(id(p), "?") for stage in pipeline.modules() for p in stage.parameters()
+                     for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
+                     for hook in (hooks or {}).values()
+                     if (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN})
+    if hooked:
+        warnings.warn(f"{', '.join(hooked[:6])}{' and more' if len(hooked) > 6 else ''} carry gradient hooks of yours "
+                      f"(register_hook, register_post_accumulate_grad_hook): the pipeline runs one backward per "
+                      f"micro-batch, so each hook runs {pipeline.num_microbatches} times a step, on a micro-batch's "
+                      f"share of the gradient. A hook linear in the gradient (a scale, a mask) gives one device's "
+                      f"result; one that is not (g.clamp(-c, c), a norm) does not. Change the gradient once per step "
+                      f"instead, in on_before_optimizer_step over self.parameters() (every rank runs it over its own "
+                      f"share, after the last micro-batch)", stacklevel=3)
