@@ -316,3 +316,12 @@ def test_backward_hooks_inside_the_forward_are_refused_with_the_place() -> None:
         Splitter(Blocks(Reversing("tensor"))).segments((x,))
     with pytest.raises(CaptureError, match=r"has backward hooks on blocks\.1\.linear \(register_full_backward_hook\)"):
         Splitter(Blocks(Reversing("module"))).segments((x,))
+
+
+def test_a_scripted_module_in_a_captured_model_is_refused_by_its_name() -> None:
+    """It failed in set-up with torch's "register_forward_pre_hook is not supported on ScriptModules" (or a
+    capture's argument count), naming nothing."""
+    model = Blocks(torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Tanh())))
+    with pytest.raises(CaptureError, match=r"holds TorchScript modules \(torch\.jit\.script\) at blocks\.1: .*"
+                                           r"Keep such modules unscripted"):
+        Splitter(model).segments((torch.randn(2, 8),))

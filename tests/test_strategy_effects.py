@@ -1068,3 +1068,22 @@ def test_a_metric_the_step_updates_beside_a_captured_forward_is_not_taken_for_a_
     reference = _scaled(1, "auto")
     for result in run_ranks(_scaled_ranks, 2, timeout=200):
         assert result == pytest.approx(reference, rel=1e-5)
+
+
+def test_integer_parameters_are_watched_as_the_others() -> None:
+    """A frozen integer parameter (an int8 base under LoRA, an index table) failed the first step in the watch's
+    norm: "linalg.vector_norm: Expected a floating point ... Got Char"."""
+    from lightning_pipe.strategy.buffers import BufferWatch
+
+    stage = nn.Linear(2, 2)
+    stage.codes = nn.Parameter(torch.arange(-3, 3, dtype=torch.int8), requires_grad=False)
+    watch = BufferWatch(lambda: [stage], num_microbatches=4)
+    before = watch.before()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stage(torch.randn(2, 2))
+        watch.after(before)
+    with torch.no_grad():
+        stage.codes.add_(1)
+    with pytest.warns(UserWarning, match=r"writes the parameters codes itself"):
+        watch.after(before)

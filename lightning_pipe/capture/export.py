@@ -115,6 +115,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
         raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
                            f"pipeline stages; pass use_cache=False")
     names = assignments.names
+    scripted = [names.get(id(part)) or type(model).__name__ for part in model.modules()
+                if isinstance(part, torch.jit.ScriptModule)]
+    scripted = [name for name in scripted if not any(name.startswith(f"{other}.") for other in scripted)]
+    if scripted:
+        raise CaptureError(f"{type(model).__name__} holds TorchScript modules (torch.jit.script) at {listed(scripted)}: "
+                           f"a capture traces the forward's Python code, which a scripted module no longer has. Keep "
+                           f"such modules unscripted (the pipeline runs the graph it captures; scripting gains nothing "
+                           f"there), or put the layers in an nn.Sequential the step calls (PipelineStrategy("
+                           f"layers=...)), whose layers run as themselves, scripted ones included")
     if meta:
         args, kwargs = to_meta(args), to_meta(kwargs)
     attempts = [True, False] if dynamic else [False]

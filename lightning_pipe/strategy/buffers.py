@@ -90,8 +90,8 @@ class BufferWatch:
         if not named:
             return {}
         with torch.no_grad():
-            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1,
-                                                                                                  dtype=torch.float64)])
+            # (in float64: a frozen integer parameter, an int8 base under LoRA or an index table, has no norm of its own)
+            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p.double(), 1)])
                                 for _, p in named]).cpu().tolist()
         return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}
 

@@ -304,7 +304,8 @@ class CapturedModule:
             effects = StepEffects(self.module, lambda: [self.model])
             start = effects.snapshot()
             hooks = [] if self.root else [child.register_forward_pre_hook(lambda *_, name=name: parts.append(name))
-                                          for name, child in self.model.named_children()]
+                                          for name, child in self.model.named_children()
+                                          if not isinstance(child, torch.jit.ScriptModule)]  # (which take no hooks)
             try:
                 with LoggerCalls(self.module, lambda: ()).discarding():
                     recorded = calls.capture(run, key)
