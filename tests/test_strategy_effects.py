@@ -1087,3 +1087,47 @@ def test_integer_parameters_are_watched_as_the_others() -> None:
         stage.codes.add_(1)
     with pytest.warns(UserWarning, match=r"writes the parameters codes itself"):
         watch.after(before)
+
+
+def _lazy_outputs(rank: int, world_size: int) -> list[tuple[int, ...]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    class Net(nn.Module):  # not an nn.Sequential: captured
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    class Collecting(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.net(batch[0])
+            if not hasattr(self, "outs"):  # made by the step itself, not in __init__
+                self.outs = []
+            self.outs.append(out.detach())
+            return F.mse_loss(out, batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=generator), torch.randn(24, 2, generator=generator))
+    module = Collecting()
+    quiet_trainer(world_size, PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto", max_steps=3).fit(
+        module, torch.utils.data.DataLoader(data, batch_size=8))
+    return [tuple(out.shape) for out in module.outs]
+
+
+@pytest.mark.timeout(120)
+def test_a_list_of_outputs_the_step_makes_itself_collects_every_batch() -> None:
+    """``if not hasattr(self, "outs"): self.outs = []`` in the step: its first batch's list, holding the batch's rows,
+    was taken for a state carried with the rows (an RNN's hidden state), so each later micro-batch got its rows of
+    it and the epoch-end hook saw one batch (found by review: AUROC 0.553 for 0.457)."""
+    assert run_ranks(_lazy_outputs, 2, timeout=100) == [_lazy_outputs(0, 1)] * 2 == [[(8, 2)] * 3] * 2

@@ -149,8 +149,9 @@ class CarriedRows:
         the batch's rows by chance is not one, and each micro-batch's call got only a part of it."""
         taken, self.taken = self.taken, {}
         whole = RowWindow(0, rows, rows)
+        # (a list no call took is outputs collected for an epoch-end hook, self.outs = [out]: not a state)
         self.states |= {name for name, value in stored.items()
-                        if name in taken or _rows_of(value, whole) is not None}
+                        if name in taken or (type(value) is not list and _rows_of(value, whole) is not None)}
         for name, (shape, dim) in taken.items():
             if name in stored or name in self._warned:
                 continue
