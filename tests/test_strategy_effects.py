@@ -1118,7 +1118,8 @@ def _lazy_outputs(rank: int, world_size: int) -> list[tuple[int, ...]]:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=generator), torch.randn(24, 2, generator=generator))
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4, generator=generator),
+                                          torch.randn(24, 2, generator=generator))
     module = Collecting()
     quiet_trainer(world_size, PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto", max_steps=3).fit(
         module, torch.utils.data.DataLoader(data, batch_size=8))

@@ -20,7 +20,8 @@ def kept_buffers(modules: Iterable[nn.Module], skip: nn.Module | None = None) ->
     alone is not written (its version counter, by which a step's changes to the module are seen, stays)."""
     skipped = {id(part) for part in skip.modules()} if skip is not None else set()
     owners = {id(owner): owner for module in modules for owner in module.modules() if id(owner) not in skipped}
-    kept = [(owner, name, buffer, buffer._version, buffer if buffer.is_meta else buffer.detach().clone()) for owner in owners.values()
+    kept = [(owner, name, buffer, buffer._version, buffer if buffer.is_meta else buffer.detach().clone())
+            for owner in owners.values()
             for name, buffer in owner._buffers.items() if buffer is not None]
     try:
         yield

@@ -90,7 +90,7 @@ class BufferWatch:
         if not named:
             return {}
         with torch.no_grad():
-            # (in float64: a frozen integer parameter, an int8 base under LoRA or an index table, has no norm of its own)
+            # (in float64: a frozen integer parameter, an int8 base under LoRA, an index table, has no norm itself)
             sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p.double(), 1)])
                                 for _, p in named]).cpu().tolist()
         return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}

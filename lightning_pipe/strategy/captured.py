@@ -275,10 +275,10 @@ class CapturedModule:
             return []
         parts = [(part, part.__dict__["_original"]) for part in self.proxy.modules()
                  if isinstance(part, ModelPart) and part.__dict__.get("_original") is not None]
-        held = {id(original._parameters.get(name)): p for part, original in parts for name, p in part._parameters.items()
-                if original._parameters.get(name) is not None}
-        found = [(part, name, p, held.get(id(p))) for part, original in parts for name, p in original._parameters.items()
-                 if p is not None and name not in part._parameters]
+        held = {id(original._parameters.get(name)): p for part, original in parts
+                for name, p in part._parameters.items() if original._parameters.get(name) is not None}
+        found = [(part, name, p, held.get(id(p))) for part, original in parts
+                 for name, p in original._parameters.items() if p is not None and name not in part._parameters]
         holder = self.module if self.root else self.proxy
         own = self.model._parameters
         return found + [(holder, name, own.get(name) if own.get(name) is not None else torch.empty(0), None)

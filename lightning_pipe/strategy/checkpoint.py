@@ -30,7 +30,8 @@ from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
-__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
+__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM",
+           "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
            "with_own_entries", "written_here", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
