@@ -551,3 +551,48 @@ def test_hook_logs_merge_as_one_device_logs_them_and_a_failed_hook_ends_every_ra
         module.on_after_backward()
     release_hook_logs(module)
     assert "on_after_backward" not in vars(module)
+
+
+def _counted_before_the_model(rank: int, world_size: int) -> dict[str, float]:
+    import lightning as L
+    import torchmetrics
+
+    from lightning_pipe import PipelineStrategy
+
+    class Counting(L.LightningModule):
+        """Metrics updated by the step's code before the model: the first stage runs that code too."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+            self.rows, self.val_rows = torchmetrics.SumMetric(), torchmetrics.SumMetric()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.rows.update(float(len(batch[0])))
+            self.log("rows", self.rows, on_step=False, on_epoch=True)
+            return F.mse_loss(self.layers(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.val_rows.update(float(len(batch[0])))
+            self.log("val_rows", self.val_rows, on_step=False, on_epoch=True)
+            self.log("val_loss", F.mse_loss(self.layers(batch[0]), batch[1]))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.randn(24, 4, generator=generator), torch.randn(24, 2, generator=generator)), batch_size=6)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=3) if world_size > 1 else "auto",
+                            max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(Counting(), data, data)
+    return {key: float(value) for key, value in trainer.callback_metrics.items() if "rows" in key}
+
+
+@pytest.mark.timeout(120)
+def test_a_metric_updated_before_the_model_counts_each_row_once() -> None:
+    """The first stage's part of the step updated it too, and that was merged with the last stage's batch (found by
+    review: 48 rows counted of 24)."""
+    reference = _counted_before_the_model(0, 1)
+    assert reference == {"rows": 24.0, "val_rows": 24.0}
+    assert run_ranks(_counted_before_the_model, 2, timeout=100) == [reference] * 2

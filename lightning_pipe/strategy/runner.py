@@ -317,8 +317,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts, rows, inputs)
         pipe.loss_fn = loss_fn
         self.recorder.calls = []
-        if pipe.is_last_rank:
-            self.metrics.start()
+        # every rank: the last stage's runs make the batch's state; what another rank's part of the step updated
+        # (a metric updated before the model, on the first stage) is dropped when that state comes
+        self.metrics.start()
         averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
         averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
         with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
@@ -391,6 +392,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, rows, inputs)
         pipe.loss_fn = None
         self.recorder.calls = []
+        if not pipe.is_last_rank:  # (the last stage's, in _evaluate_last) as in training
+            self.metrics.start()
         with self._result_posted(fingerprint):
             _, last_outputs = pipe.eval_step(_tagged(batch, rows))
             if checks_inputs:
