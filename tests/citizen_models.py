@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
+__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "NoGradAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
            "row_data", "FineTuned", "PaddedLM", "padded_tokens", "CLASS_WEIGHTS", "Detector", "detection_data"]
 
 
@@ -51,6 +51,16 @@ class PeekingAutoEncoder(ReadmeAutoEncoder):
         x, _ = batch
         z = self.encoder(x)
         return F.mse_loss(self.decoder(z), x) + z.pow(2).mean()
+
+
+class NoGradAutoEncoder(ReadmeAutoEncoder):
+    """Runs the encoder under torch.no_grad() (a frozen feature extractor, as linear probing writes it)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        with torch.no_grad():
+            z = self.encoder(x)
+        return F.mse_loss(self.decoder(z), x)
 
 
 class DenseNet(nn.Module):

@@ -83,6 +83,21 @@ def test_a_step_using_a_value_between_the_links_fails_on_every_rank(tmp_path: An
         assert error is not None and "the step uses the output of 'encoder'" in error, error
 
 
+def _no_grad(rank: int, world_size: int, root: str) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    _fit("NoGradAutoEncoder", world_size, PipelineStrategy(num_microbatches=2), root)
+
+
+@pytest.mark.timeout(120)
+def test_a_link_called_under_no_grad_in_training_is_refused_with_the_freeze_that_works(tmp_path: Any) -> None:
+    """The chain ran it with gradients: a frozen feature extractor was trained (found by review: 5.7e-2 off)."""
+    errors = run_ranks(_no_grad, 2, str(tmp_path), expect_failure=True, timeout=100)
+    for error in errors:
+        assert error is not None and "calls the nn.Sequential at 'encoder' under torch.no_grad()" in error, error
+        assert "self.encoder.requires_grad_(False)" in error, error
+
+
 def test_the_chain_is_chosen_for_sequentials_holding_every_trainable_parameter() -> None:
     import torch.nn as nn
 

@@ -74,6 +74,8 @@ class ChainLink(PipelinedSequence):
         self._output: Any = None
         self._calls = 0
         self._previous: Handover | None = None  # the last stage: what the link before handed over
+        self._step = ""  # the step the last stage runs, in "output" mode
+        self.trains = False  # whether some layer of the link (on any rank) has a parameter that requires grad
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -87,6 +89,12 @@ class ChainLink(PipelinedSequence):
             raise Stop()
         if self._mode == "output":
             self._calls += 1
+            if self._step == "training_step" and self.trains and not torch.is_grad_enabled():
+                raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} under torch.no_grad() (a "
+                                   f"frozen feature extractor); the pipeline runs the chain's links as one model, "
+                                   f"with gradients, so it would train. Freeze it instead: "
+                                   f"self.{self._path}.requires_grad_(False) in __init__ or setup(), which trains as "
+                                   f"on one device")
             if self._calls > 1:
                 raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
                                    f"runs each link of a chain once per step")
@@ -133,6 +141,7 @@ class ChainSplit(SplitModule):
             by_part[index].append((own, layer))
         for index, (path, part) in enumerate(zip(self.paths, self.parts)):
             link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
+            link.trains = any(p.requires_grad for p in part.parameters())
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
             self.links.append(link)
@@ -161,7 +170,7 @@ class ChainSplit(SplitModule):
         links = self.links
         handovers = [Handover(link._path) for link in links[:-1]]
         for index, link in enumerate(links):
-            link._mode, link._calls = "output", 0
+            link._mode, link._calls, link._step = "output", 0, step
             link._output = output if index == len(links) - 1 else handovers[index]
             link._previous = handovers[index - 1] if index else None
         deferring = self.deferred.around(lambda: links[0]._calls > 0) if self.deferred is not None else None
