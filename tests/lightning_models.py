@@ -68,6 +68,9 @@ class Regressor(L.LightningModule):
             optimizer = torch.optim.LBFGS(self.parameters(), lr=self.hparams.lr)
         elif self.hparams.optimizer == "sam":
             optimizer = SharpnessAware(self.parameters(), lr=self.hparams.lr)
+        elif self.hparams.optimizer == "two":  # one per half of the layers: Lightning asks for manual optimization
+            params = list(self.parameters())
+            return [torch.optim.SGD(params[:2], lr=self.hparams.lr), torch.optim.SGD(params[2:], lr=self.hparams.lr)]
         else:
             optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         if not self.hparams.scheduler:

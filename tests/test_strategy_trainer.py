@@ -276,6 +276,7 @@ def _failures(rank: int, world_size: int) -> tuple[list[str], dict[str, torch.Te
         (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
         (lambda: Regressor(optimizer="lbfgs"), "pipedream", regression_data),
         (lambda: Regressor(optimizer="sam"), "pipedream", regression_data),
+        (lambda: Regressor(optimizer="two"), "pipedream", regression_data),
         (IteratorStep, "pipedream", regression_data),
         # naming the nn.Sequential keeps the no-tracing path: a head after it trains as the step's parameters (every
         # rank holds it), parameters before it cannot train
@@ -306,6 +307,7 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
         "give the tied parameter the same optimizer and settings on every rank",
         "torch.optim.LBFGS computes its search direction",
         "SharpnessAware's step runs the training step's closure a second time",
+        "Under PipelineStrategy manual optimization is not supported either",
         "IteratorStep.training_step takes dataloader_iter",
         "no error",  # a head after the sequence: trains (below)
         "move them into the nn.Sequential (e.g. make the embedding its first layer)",

@@ -456,6 +456,13 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             refuse_searching_optimizers(self.optimizers)
         except Exception as caught:
             error = caught
+            if "multiple optimizers is only supported with manual optimization" in str(caught):
+                error = RuntimeError(
+                    f"{caught} Under PipelineStrategy manual optimization is not supported either (the pipeline runs "
+                    f"each micro-batch's backward itself): where the optimizers are of one kind, give one optimizer a "
+                    f"parameter group each instead ([{{'params': self.encoder.parameters(), 'lr': 1e-4}}, {{'params': "
+                    f"self.head.parameters(), 'lr': 1e-2}}]), which trains as on one device; alternating updates of "
+                    f"different models (a GAN's) cannot be pipelined: train them with strategy='ddp'")
         raise_together(error, "configure_optimizers", None, self._collective_device())  # every replica too
 
     def _trainer(self) -> Trainer | None:
