@@ -652,3 +652,23 @@ def test_hugging_face_embedding_getters_reach_this_ranks_share_or_say_where_it_i
                                                      r"self.named_parameters\(\)"):
                 embedding.weight
             assert module.model.get_output_embeddings().weight is gpt.lm_head.weight
+
+
+def test_a_whole_models_state_dict_loads_into_the_stand_in_as_this_ranks_share() -> None:
+    """``self.model.load_state_dict(torch.load(pretrained))`` in ``on_fit_start``, after the cut: torch's "Unexpected
+    key(s) in state_dict for PipelinedModel" before (every other rank's keys); now this rank's share loads, and a
+    state dict of another model is refused alike on every rank."""
+    from lightning_pipe.strategy.captured import CapturedModule
+
+    vit = ViT()
+    pretrained = {key: torch.full_like(value, 0.5) for key, value in ViT().state_dict().items()}
+    module = _lightning(vit)
+    captured = CapturedModule(module, "model")
+    captured.splitter.capture((torch.randn(2, 3, 16, 16),), {})
+    captured.install(captured.segments[-1:])  # this rank: the last segment (norm and head)
+    module.model.load_state_dict(pretrained)
+    assert torch.equal(module.model.head.weight, pretrained["head.weight"])
+    with pytest.raises(RuntimeError, match=r"does not match ViT: missing keys \['head.bias'\], unexpected keys "
+                                           r"\['head.bias_typo'\]"):
+        module.model.load_state_dict({**{k: v for k, v in pretrained.items() if k != "head.bias"},
+                                      "head.bias_typo": pretrained["head.bias"]})

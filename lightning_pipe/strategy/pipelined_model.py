@@ -56,6 +56,25 @@ class PipelinedModel(nn.Module):
 
     training = mode_of("_model")  # type: ignore[assignment]  # the model's own, as a part's is its module's
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """A whole model's ``state_dict`` (pretrained weights loaded in ``on_fit_start``): this rank loads its share;
+        with ``strict``, every key of the whole model must be there and no other, alike on every rank."""
+        from lightning_pipe.strategy.share_warning import strategy_reads
+
+        model = self.__dict__.get("_model")
+        if model is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        with strategy_reads():
+            whole, local = list(model.state_dict().keys()), set(super().state_dict().keys())
+        if strict:
+            missing = [key for key in whole if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in set(whole)]
+            if missing or unexpected:
+                raise RuntimeError(f"the state dict does not match {self._model_name}: missing keys {missing[:10]}, "
+                                   f"unexpected keys {unexpected[:10]} (strict=False loads the keys that match)")
+        return super().load_state_dict({key: value for key, value in state_dict.items() if key in local},
+                                       strict=False, assign=assign)
+
     def train(self, mode: bool = True) -> PipelinedModel:
         """The model's own ``train(mode)`` (its overrides run); the segments pick the graphs of ``mode``."""
         model = self.__dict__.get("_model")
