@@ -447,22 +447,39 @@ def test_a_module_with_buffers_at_places_on_several_ranks_is_found() -> None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
-class _FailingIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        with open(path, "wb") as file:
-            file.write(b"half a checkpoint")
-        raise OSError("disk full")
+def _failing_write(checkpoint: dict, path: Any) -> None:
+    with open(path, "wb") as file:
+        file.write(b"half a checkpoint")
+    raise OSError("disk full")
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Any) -> None:
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Any, monkeypatch: Any) -> None:
     path = tmp_path / "last.ckpt"
     atomic_save(TorchCheckpointIO(), {"step": 1}, path)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_save(_FailingIO(), {"step": 2}, path)
+    with monkeypatch.context() as patched:  # Lightning's own IO, failing halfway through its write
+        patched.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", _failing_write)
+        with pytest.raises(OSError, match="disk full"):
+            atomic_save(TorchCheckpointIO(), {"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
     atomic_save(TorchCheckpointIO(), {"step": 3}, path)
     assert torch.load(path, weights_only=True) == {"step": 3}
+
+
+class _KeyedIO(TorchCheckpointIO):
+    """A project's own checkpoint IO: it writes under a key of its own, and a sidecar file beside it."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        torch.save(checkpoint, f"{path}.keyed")
+        with open(f"{path}.json", "w") as file:
+            file.write("{}")
+
+
+def test_a_checkpoint_io_of_the_projects_own_gets_the_final_path(tmp_path: Any) -> None:
+    """It was given a hidden temporary path to rename afterwards: one that wrote elsewhere failed to be renamed
+    (FileNotFoundError on '.last.ckpt.tmp-<pid>'), one that wrote a sidecar left it under the temporary name."""
+    atomic_save(_KeyedIO(), {"step": 1}, tmp_path / "last.ckpt")
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt.json", "last.ckpt.keyed"]
 
 
 def test_a_checkpoint_io_writing_in_the_background_gets_the_final_path(tmp_path: Any) -> None:

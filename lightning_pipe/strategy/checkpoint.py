@@ -383,10 +383,12 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     """Write ``checkpoint`` to ``path`` so that a crash while writing leaves any previous file there intact.
 
     Local paths are written to a temporary file beside ``path``, fsync'd, and renamed over it (``os.replace`` is atomic);
-    remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole.
+    remote URLs (``s3://...``) go straight to the checkpoint IO, whose stores replace objects whole, and so does a
+    checkpoint IO of the project's own, which may write elsewhere, or files beside the one it is given.
     """
     target = os.fspath(path)
-    if "://" in target and not target.startswith("file://") or _writes_later(checkpoint_io):
+    if "://" in target and not target.startswith("file://") or _writes_later(checkpoint_io) \
+            or not _torch_save(checkpoint_io):
         checkpoint_io.save_checkpoint(checkpoint, target, storage_options=storage_options)
         return
     target = target.removeprefix("file://")
@@ -400,6 +402,14 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _torch_save(checkpoint_io: CheckpointIO) -> bool:
+    """Whether ``checkpoint_io`` writes the one file it is given as Lightning's own does (``torch.save``)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    return isinstance(checkpoint_io, TorchCheckpointIO) and \
+        type(checkpoint_io).save_checkpoint is TorchCheckpointIO.save_checkpoint
 
 
 def _writes_later(checkpoint_io: CheckpointIO) -> bool:
