@@ -24,7 +24,7 @@ from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
-from lightning_pipe.strategy.checkpoint import tied_names
+from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -154,7 +154,7 @@ class CapturedModule:
         self.called = module if self.root else self.model  # what the step calls
         self._kinds: tuple[tuple, list[tuple[Any, list[str | int | None]]]] = ((), [])  # captures, their kinds
         self.state_keys = list(module.state_dict().keys())
-        self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
+        self.parameter_keys = parameter_keys(module)  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         self.calls = ModelCalls(self.where, module)  # the step's calls of the model (the proxy's, once cut)
         self.carried = CarriedRows(module)  # states given to the model with the batch's rows

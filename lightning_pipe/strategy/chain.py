@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.checkpoint import tied_names
+from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import Stop, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, redirect
@@ -118,7 +118,7 @@ class ChainSplit(SplitModule):
         self.sequence = nn.Sequential(*[layer for part in self.parts for layer in part._modules.values()])
         self.path = "+".join(self.paths)  # in messages
         self.state_keys = list(module.state_dict().keys())
-        self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
+        self.parameter_keys = parameter_keys(module)  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for part in self.parts for p in part.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()

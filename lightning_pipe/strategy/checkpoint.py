@@ -31,7 +31,7 @@ from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
 __all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM",
-           "parameter_names", "optimizers_parameter_names", "optimizer_entries",
+           "parameter_keys", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
            "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
            "with_own_entries", "written_here", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
@@ -298,11 +298,31 @@ def tied_names(module: torch.nn.Module) -> dict[str, str]:
 
 
 def parameter_names(module: torch.nn.Module) -> dict[int, list[str]]:
-    """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``."""
+    """Every name of each parameter of ``module`` (a tied parameter has several), by ``id``: the names its
+    ``state_dict`` gives it, which a wrapper's hooks may change (torch's ``checkpoint_wrapper`` drops its
+    ``_checkpoint_wrapped_module.``), as checkpoints and one device's optimizer states know them."""
+    from lightning_pipe.strategy.share_warning import strategy_reads
+
+    with strategy_reads():
+        state = module.state_dict(keep_vars=True)
+    stated: dict[int, list[str]] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.nn.Parameter):
+            stated.setdefault(id(value), []).append(key)
     names: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+        if id(param) in stated:
+            names[id(param)] = stated[id(param)]
+        else:
+            names.setdefault(id(param), []).append(name)
     return names
+
+
+def parameter_keys(module: torch.nn.Module) -> list[str]:
+    """``module``'s parameters in ``named_parameters()`` order (a tied one once), by their first name as its
+    ``state_dict`` gives it (:func:`parameter_names`)."""
+    names = parameter_names(module)
+    return [names[id(param)][0] for param in module.parameters()]
 
 
 def optimizers_parameter_names(module: torch.nn.Module, optimizers: Sequence[Optimizer],

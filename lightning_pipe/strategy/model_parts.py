@@ -181,6 +181,11 @@ class ModelPart(nn.Module):
         self.part_name, self.model_path = name, model_path
         self.reason: str | None = None  # why it cannot run, where not the usual (set by the install)
         object.__setattr__(self, "_original", original)  # not a submodule: its weights are other ranks'
+        # the module's state-dict hooks (torch's checkpoint_wrapper drops its _checkpoint_wrapped_module. prefix):
+        # this rank's share is saved and loaded under the names one device's state_dict gives
+        for table in ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                      "_load_state_dict_post_hooks"):
+            getattr(self, table).update(getattr(original, table, {}))
 
     # isinstance() sees the module's class, as user code and Lightning's callbacks look for modules by it (a frozen
     # backbone's batch norms put in eval in a hook, BaseFinetuning's freezing), alike on every rank; type() stays this

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.checkpoint import tied_names
+from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
@@ -121,7 +121,7 @@ class SplitModule:
         self.module = module
         self.path, self.sequence = find_sequence(module, layers)
         self.state_keys = list(module.state_dict().keys())  # the full model's keys, in the full model's order
-        self.parameter_keys = [name for name, _ in module.named_parameters()]  # one device's, in its order
+        self.parameter_keys = parameter_keys(module)  # one device's, in its order
         self.tied_names = tied_names(module)  # one device's numbering of optimizer states counts a tie once
         inside = {id(p) for p in self.sequence.parameters()}
         self.outside_trainable = [name for name, p in module.named_parameters()
