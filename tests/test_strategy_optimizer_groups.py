@@ -84,6 +84,15 @@ def _data() -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randint(0, 3, (32,), generator=generator)), batch_size=8)
 
 
+def _same_optimizer_states(folder: Path) -> None:
+    """The pipeline's file (``pipeline.ckpt``) numbers and holds its optimizer states as one device's (``one.ckpt``)."""
+    written = torch.load(folder / "pipeline.ckpt", weights_only=False)["optimizer_states"][0]
+    one = torch.load(folder / "one.ckpt", weights_only=False)["optimizer_states"][0]
+    assert [g["params"] for g in written["param_groups"]] == [g["params"] for g in one["param_groups"]]
+    for number, entry in one["state"].items():
+        torch.testing.assert_close(written["state"][number]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
 def _fit(rank: int, world_size: int, kind: str, path: str) -> dict[str, Any]:
     from lightning_pipe import PipelineStrategy
 
@@ -109,11 +118,7 @@ def test_groups_made_by_name_are_one_devices_on_every_rank(kind: str, tmp_path: 
     state = {**results[0]["state"], **results[1]["state"]}
     for key, value in reference["state"].items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    written = torch.load(tmp_path / "pipeline.ckpt", weights_only=False)["optimizer_states"][0]
-    one = torch.load(tmp_path / "one.ckpt", weights_only=False)["optimizer_states"][0]
-    assert [g["params"] for g in written["param_groups"]] == [g["params"] for g in one["param_groups"]]
-    for number, entry in one["state"].items():
-        torch.testing.assert_close(written["state"][number]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    _same_optimizer_states(tmp_path)
 
 
 def _tied(rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -187,11 +192,7 @@ def test_a_captured_tie_in_a_group_chosen_by_name_trains_and_checkpoints_as_on_o
     state = {**results[1]["state"], **results[0]["state"]}
     for key, value in reference.items():
         torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
-    written = torch.load(tmp_path / "pipeline.ckpt", weights_only=False)["optimizer_states"][0]
-    one = torch.load(tmp_path / "one.ckpt", weights_only=False)["optimizer_states"][0]
-    assert [g["params"] for g in written["param_groups"]] == [g["params"] for g in one["param_groups"]]
-    for number, entry in one["state"].items():
-        torch.testing.assert_close(written["state"][number]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+    _same_optimizer_states(tmp_path)
 
 
 def _reversed(rank: int, world_size: int, path: str, resume: str | None) -> dict[str, Any]:
