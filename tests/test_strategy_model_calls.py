@@ -267,6 +267,11 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
                 out = self.net(x)
                 self.trainer.strategy.barrier()
                 return out.pow(2).mean()
+            if kind == "clamp":  # weight clipping written at the top of the step (WGAN's), before the model
+                with torch.no_grad():
+                    for param in self.parameters():
+                        param.clamp_(-0.3, 0.3)
+                return self.net(x).pow(2).mean()
             if kind == "save":  # a checkpoint saved by hand in the step: its gather is a collective too
                 out = self.net(x)
                 self.trainer.save_checkpoint(os.path.join(tempfile.gettempdir(), f"in_step_{os.getpid()}.ckpt"))
@@ -319,6 +324,15 @@ def test_a_collective_in_the_steps_code_is_refused_on_every_rank_at_once() -> No
     for error in errors:  # the last stage waited wait_timeout in it, then blamed an endless loop
         assert error is not None and "strategy.barrier() called in a step" in error, error
     assert time.monotonic() - start < 55  # not the wait timeout (60 s)
+
+
+@pytest.mark.timeout(120)
+def test_parameters_changed_in_place_by_the_steps_code_are_refused_on_every_rank_with_the_hook_to_use() -> None:
+    """The step's code runs once per micro-batch on some stages: torch's "modified by an inplace operation" before."""
+    errors = run_ranks(_dependent, 2, "clamp", timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "changes the model's parameters in place before calling the model" in error
+        assert "on_train_batch_start" in error, error
 
 
 @pytest.mark.timeout(120)

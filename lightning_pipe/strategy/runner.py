@@ -512,9 +512,18 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             before = self.effects.snapshot() if whole_here else None
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
                 if isinstance(self.split, CapturedModule) else nullcontext()
+            versions = [(p, p._version) for p in self.pipeline.parameters()] if step == "training_step" else []
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
+            if any(p._version != version for p, version in versions):
+                raise RuntimeError(
+                    "training_step changes the model's parameters in place before calling the model (clamp_, mul_, "
+                    "copy_: weight clipping, a max-norm constraint, a shrink by hand); under a pipeline the step's "
+                    "code runs once per micro-batch, and on some stages only, so the change would be made several "
+                    "times, and in the middle of other micro-batches' backward. Do it in on_train_batch_start or "
+                    "on_before_zero_grad (with torch.no_grad(), over self.parameters()), which every rank runs once "
+                    "per batch over its own share, as on one device")
             if before is not None:
                 self.effects.restore(before)
             if seen is not None:
