@@ -596,3 +596,14 @@ def test_a_metric_updated_before_the_model_counts_each_row_once() -> None:
     reference = _counted_before_the_model(0, 1)
     assert reference == {"rows": 24.0, "val_rows": 24.0}
     assert run_ranks(_counted_before_the_model, 2, timeout=100) == [reference] * 2
+
+
+def test_outputs_whose_sizes_past_the_rows_differ_are_an_error_that_says_why() -> None:
+    """predict_step's outputs trimmed to each micro-batch's longest row: torch's "Sizes of tensors must match" in
+    the concatenation before, naming nothing."""
+    from lightning_pipe.strategy.step_values import combine_outputs
+
+    with pytest.raises(ValueError, match=r"sizes past the rows differ between micro-batches \(\(2, 11, 4\), \(2, 10, 4\)"
+                                         r"\).*Pad them"):
+        combine_outputs([torch.zeros(2, 11, 4), torch.zeros(2, 10, 4)], [2, 2])
+    assert combine_outputs([torch.zeros(2, 3), torch.ones(2, 3)], [2, 2]).shape == (4, 3)

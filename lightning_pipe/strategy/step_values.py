@@ -139,6 +139,13 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
                 first.dtype if first.is_floating_point() else torch.get_default_dtype())
         if len(tensors) > 1 and any(t.dim() == 0 or t.shape[0] != rows for t, rows in zip(tensors, sizes)):
             return PerMicroBatch(tensors)
+        shapes = {tuple(t.shape[1:]) for t in tensors}
+        if len(shapes) > 1 or len({t.dim() for t in tensors}) > 1:
+            raise ValueError(f"the step returns tensors whose sizes past the rows differ between micro-batches "
+                             f"({', '.join(str(tuple(t.shape)) for t in tensors)}), so they do not put together as "
+                             f"the whole batch's: one device's step saw the whole batch (padding trimmed to its longest "
+                             f"row). Pad them to a size every batch shares in the step (the loader's longest), return "
+                             f"a list with one tensor per row, or pass num_microbatches=1")
         return torch.cat(tensors)
     if _is_array(first):  # a NumPy array (predict_step's out.cpu().numpy()): as a tensor's rows, else alike
         numpy = sys.modules["numpy"]
