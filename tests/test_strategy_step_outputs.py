@@ -603,7 +603,7 @@ def test_outputs_whose_sizes_past_the_rows_differ_are_an_error_that_says_why() -
     the concatenation before, naming nothing."""
     from lightning_pipe.strategy.step_values import combine_outputs
 
-    with pytest.raises(ValueError, match=r"sizes past the rows differ between micro-batches \(\(2, 11, 4\), \(2, 10, 4\)"
-                                         r"\).*Pad them"):
+    with pytest.raises(ValueError, match=r"sizes past the rows differ between micro-batches "
+                                         r"\(\(2, 11, 4\), \(2, 10, 4\)\).*Pad them"):
         combine_outputs([torch.zeros(2, 11, 4), torch.zeros(2, 10, 4)], [2, 2])
     assert combine_outputs([torch.zeros(2, 3), torch.ones(2, 3)], [2, 2]).shape == (4, 3)
