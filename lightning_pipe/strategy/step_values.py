@@ -144,8 +144,8 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
             raise ValueError(f"the step returns tensors whose sizes past the rows differ between micro-batches "
                              f"({', '.join(str(tuple(t.shape)) for t in tensors)}), so they do not put together as "
                              f"the whole batch's: one device's step saw the whole batch (padding trimmed to its "
-                             f"longest row). Pad them to a size every batch shares in the step (the loader's longest), return "
-                             f"a list with one tensor per row, or pass num_microbatches=1")
+                             f"longest row). Pad them to a size every batch shares in the step (the loader's "
+                             f"longest), return a list with one tensor per row, or pass num_microbatches=1")
         return torch.cat(tensors)
     if _is_array(first):  # a NumPy array (predict_step's out.cpu().numpy()): as a tensor's rows, else alike
         numpy = sys.modules["numpy"]
