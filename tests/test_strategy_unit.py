@@ -678,6 +678,7 @@ def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_ran
         def __init__(self) -> None:
             super().__init__()
             self.net, self.projection = Net(), nn.Linear(3, 3)
+            self.heads = nn.ModuleDict({"a": nn.Linear(3, 3)})  # (a head per task, applied in the step)
             self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -699,8 +700,11 @@ def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_ran
                 else contextlib.nullcontext():
             assert net.head.weight is head_weight
         assert torch.equal(module.criterion.weight, torch.tensor([1.0, 2.0, 3.0]))  # unread, frozen: kept whole
-        with pytest.raises(RuntimeError, match="'projection' holds trainable parameters that Module.forward does not"):
+        with pytest.raises(RuntimeError, match="'projection' holds trainable parameters that Module.forward does not"
+                                               r".*pass PipelineStrategy\(layers='net'\)"):
             module.projection(torch.ones(1, 3))
+        with pytest.raises(RuntimeError, match="'heads' holds trainable parameters"):  # not "part of the forward"
+            module.heads["a"](torch.ones(1, 3))
         with pytest.raises(RuntimeError, match="'net.blocks.1' is part of the module's forward"):
             net.blocks[1](torch.ones(1, 4))
 

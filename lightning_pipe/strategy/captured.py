@@ -233,6 +233,8 @@ class CapturedModule:
             # weighted loss, a frozen teacher): it stays whole on every rank. Any other child is this rank's share.
             read = _read_tensors(self.model, self.segments, self.splitter.unread_state)
             kept: list[nn.Module] = []
+            used = [name for name, child in module._modules.items() if child is not None and any(
+                id(t) in read for t in itertools.chain(child.parameters(), child.buffers()))]
             for name, child in list(module._modules.items()):
                 if child is None or name not in proxy._modules:
                     continue
@@ -243,10 +245,16 @@ class CapturedModule:
                     continue
                 module._modules[name] = proxy._modules[name]
                 if unread and has_state(child):
-                    proxy._modules[name].reason = (
-                        f"{name!r} holds trainable parameters that {type(module).__name__}.forward does not use, "
-                        f"so no pipeline stage holds it; a pipeline trains only the model it cuts (the module's "
-                        f"forward here): call it inside forward, or freeze it with requires_grad_(False)")
+                    layers = (f"; or, where the step applies it to what forward returns (a head on the features of "
+                              f"{used[0]!r}), pass PipelineStrategy(layers={used[0]!r}): the pipeline then cuts "
+                              f"{used[0]!r}, and every rank holds {name!r} for the step" if len(used) == 1 else "")
+                    reason = (f"{name!r} holds trainable parameters that {type(module).__name__}.forward does not "
+                              f"use, so no pipeline stage holds it; a pipeline trains only the model it cuts (the "
+                              f"module's forward here): call it inside forward, or freeze it with "
+                              f"requires_grad_(False){layers}")
+                    for part in proxy._modules[name].modules():  # (heads["a"] of a ModuleDict of heads too)
+                        if isinstance(part, ModelPart):
+                            part.reason = reason
             # The module's own parameters that no graph reads (a scale the step applies) stay whole on every rank, as
             # such children do; a trainable one is the step's, outside the model: it gets a gradient on one rank only,
             # which the step's check refuses, saying so.
