@@ -783,7 +783,7 @@ def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
     import warnings
 
     from lightning_pipe.strategy.model_choice import frozen_copies
-    from lightning_pipe.strategy.runner import _warn_of_frozen_copies
+    from lightning_pipe.strategy.cut_warnings import warn_of_frozen_copies
 
     module = Regressor()
     module.target = copy.deepcopy(module.layers).requires_grad_(False)
@@ -792,7 +792,7 @@ def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
     assert frozen_copies(module, "layers", module.layers) == ["target"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _warn_of_frozen_copies(module, "layers", module.layers)
+        warn_of_frozen_copies(module, "layers", module.layers)
     assert any("target has the structure of the model at 'layers' and is a frozen or averaged copy" in str(w.message)
                and "zip(self.target.parameters(), self.layers.parameters())" in str(w.message) for w in caught)
     del module.target
@@ -895,15 +895,15 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
     import warnings
     from types import SimpleNamespace
 
-    from lightning_pipe.strategy.runner import _warn_of_layer_hooks
+    from lightning_pipe.strategy.cut_warnings import warn_of_layer_hooks
 
     kept: dict[str, torch.Tensor] = {}
     layers = nn.Sequential(nn.Linear(2, 2), torch.nn.utils.spectral_norm(nn.Linear(2, 2)), nn.Linear(2, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
+        warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
         layers[2].register_forward_hook(lambda module, args, output: kept.update(feat=output))
-        _warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
+        warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
 
 
@@ -937,14 +937,14 @@ def test_gradient_hooks_of_the_users_on_the_parameters_are_warned_of_with_the_fi
     import warnings
     from types import SimpleNamespace
 
-    from lightning_pipe.strategy.runner import _warn_of_gradient_hooks
+    from lightning_pipe.strategy.cut_warnings import warn_of_gradient_hooks
 
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     model[0].weight.register_hook(lambda grad: grad.clamp(-1, 1))
     model[1].bias.register_post_accumulate_grad_hook(lambda param: None)
     with pytest.warns(UserWarning, match=r"0\.weight, 1\.bias carry gradient hooks of yours .* 4 times a step, on a "
                                          r"micro-batch's share .*on_before_optimizer_step"):
-        _warn_of_gradient_hooks(model, SimpleNamespace(num_microbatches=4, modules=lambda: [model]))
+        warn_of_gradient_hooks(model, SimpleNamespace(num_microbatches=4, modules=lambda: [model]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_of_gradient_hooks(model, SimpleNamespace(num_microbatches=1, modules=lambda: [model]))
+        warn_of_gradient_hooks(model, SimpleNamespace(num_microbatches=1, modules=lambda: [model]))

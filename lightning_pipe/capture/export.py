@@ -120,9 +120,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
     scripted = [name for name in scripted if not any(name.startswith(f"{other}.") for other in scripted)]
     if scripted:
         raise CaptureError(f"{type(model).__name__} holds TorchScript modules (torch.jit.script) at "
-                           f"{listed(scripted)}: a capture traces the forward's Python code, which a scripted module no longer has. Keep "
-                           f"such modules unscripted (the pipeline runs the graph it captures; scripting gains nothing "
-                           f"there), or put the layers in an nn.Sequential the step calls (PipelineStrategy("
+                           f"{listed(scripted)}: a capture traces the forward's Python code, which a scripted "
+                           f"module no longer has. Keep such modules unscripted (the pipeline runs the graph it "
+                           f"captures; scripting gains nothing there), or put the layers in an nn.Sequential the step calls (PipelineStrategy("
                            f"layers=...)), whose layers run as themselves, scripted ones included")
     if meta:
         args, kwargs = to_meta(args), to_meta(kwargs)

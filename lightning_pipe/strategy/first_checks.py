@@ -106,6 +106,8 @@ class FirstBatchChecks:
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
         # Training steps whose loss is looked through for the model's parameters read by the step's own code
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
+        # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
+        self._parameter_writes_left = _PARAMETER_READ_CHECKS
         # The step's code before the model, on the first batch of each step: does it mix rows (.step_inputs)?
         self._inputs_unchecked = {"training_step", "validation_step", "test_step", "predict_step"}
         for stage in pipeline.stages.values() if self._rows_unchecked else ():

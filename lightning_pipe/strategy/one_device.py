@@ -73,12 +73,18 @@ def group_orders(ranks: Sequence[Sequence[str]], order: Mapping[str, int], first
                                             else [])
 
 
+def _recorded(orders: list[list[list[str]]] | None, index: int, group: int) -> list[str] | None:
+    """Group ``group`` of optimizer ``index`` in ``orders`` (:func:`~.optimizers.whole_orders`), if recorded."""
+    return orders[index][group] if orders is not None and index < len(orders) and group < len(orders[index]) \
+        else None
+
+
 def _whole_order(orders: Sequence[Any], index: int, group: int, lists: Sequence[Sequence[str]],
                  first: Mapping[str, str]) -> list[str] | None:
     """Group ``group`` of optimizer ``index`` as one device lists it, where every rank recorded it alike (each saw
     the whole model while configure_optimizers ran: :func:`~.optimizers.whole_orders`) and it holds just the
     parameters the ranks' groups hold (``lists``, by their names there); else None."""
-    found = [o[index][group] if o is not None and index < len(o) and group < len(o[index]) else None for o in orders]
+    found = [_recorded(o, index, group) for o in orders]
     if not found or found[0] is None or any(other != found[0] for other in found[1:]):
         return None
     whole = list(dict.fromkeys(first.get(name, name) for name in found[0]))
@@ -183,8 +189,7 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
         for number, group in enumerate(saved):
             where = f"group {number} of optimizer {index}"
             given = list(group.get("param_names") or ())
-            whole = (whole_orders[index][number] if whole_orders is not None and index < len(whole_orders)
-                     and number < len(whole_orders[index]) else None)
+            whole = _recorded(whole_orders, index, number)
             if given and all(name in order for name in given):
                 names = given
             elif whole is not None and len(whole) == len(group["params"]):

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.nn as nn
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import ReduceOp
@@ -53,7 +52,7 @@ from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
 from lightning_pipe.strategy.optimizers import (differing_groups_warning, drop_placeholders, empty_optimizers_allowed,
-                                                group_settings, placeholders, refuse_searching_optimizers, stand_in,
+                                                group_settings, placeholders, refuse_searching_optimizers,
                                                 whole_orders)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
@@ -440,14 +439,9 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         try:
             split = self._runner.split if self._runner is not None else None
             elsewhere = split.parameters_held_elsewhere() if isinstance(split, CapturedModule) else []
-            layers: list[nn.Parameter] = []  # placeholders in other ranks' layers of an nn.Sequential
-
-            def layer_placeholder(meta: torch.Tensor) -> nn.Parameter:
-                layers.append(stand_in(meta, self.root_device))
-                return layers[-1]
-
-            whole = split.whole(layer_placeholder) if isinstance(split, SplitModule) else contextlib.nullcontext()
-            with whole, placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
+            # placeholders in other ranks' layers of an nn.Sequential
+            whole = split.whole(self.root_device) if isinstance(split, SplitModule) else contextlib.nullcontext([])
+            with whole as layers, placeholders(self.lightning_module, self.root_device, elsewhere) as made, \
                     empty_optimizers_allowed(made, self.root_device):
                 super().setup_optimizers(trainer)
                 self._whole_orders = whole_orders(self.lightning_module, self.optimizers) if layers or elsewhere \

@@ -13,7 +13,6 @@ stages first combine loss, logs and metrics into those of the whole batch.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -30,7 +29,8 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.checkpoint import parameter_names
-from lightning_pipe.strategy.model_choice import frozen_copies
+from lightning_pipe.strategy.cut_warnings import (warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
+                                                   warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
@@ -47,8 +47,8 @@ from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
-from lightning_pipe.strategy.tied import TiedParameters, split_buffers
-from lightning_pipe.strategy.unfollowed import FOREIGN, UnfollowedState, user_modules
+from lightning_pipe.strategy.tied import TiedParameters
+from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -136,13 +136,13 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         module's layers found otherwise (:mod:`.chain`)."""
         split = split or SplitModule(module, layers)
         if "+" not in split.path:  # not a chain of sequences
-            _warn_of_frozen_copies(module, split.path, split.sequence)
+            warn_of_frozen_copies(module, split.path, split.sequence)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         tied.synchronize_values()
-        _warn_of_split_buffers(split.sequence, pipeline)
-        _warn_of_layer_hooks(split.sequence, split.path, pipeline)
-        _warn_of_gradient_hooks(module, pipeline)
+        warn_of_split_buffers(split.sequence, pipeline)
+        warn_of_layer_hooks(split.sequence, split.path, pipeline)
+        warn_of_gradient_hooks(module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
         split.install(local).owner = runner
@@ -161,7 +161,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
         segments = captured.segments
         if captured.path:
-            _warn_of_frozen_copies(captured.module, captured.path, captured.model)
+            warn_of_frozen_copies(captured.module, captured.path, captured.model)
         # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
         # then, the others' wherever the model was built; their graphs run on this rank's device.
         captured.splitter.to(device)
@@ -170,8 +170,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         tied.synchronize_values()
-        _warn_of_split_buffers(torch.nn.Sequential(*segments), pipeline)
-        _warn_of_gradient_hooks(captured.module, pipeline)
+        warn_of_split_buffers(torch.nn.Sequential(*segments), pipeline)
+        warn_of_gradient_hooks(captured.module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
         captured.install(local).owner = runner
@@ -361,6 +361,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                 self.unfollowed.warn_of_changes("training_step", marks)
         result = self._share(encoded, fingerprint, "training_step", start)
         self._carried("training_step", result, rows)
+        self._parameter_writes_left -= 1
         assert result.loss is not None
         if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
             self.loss_reduction = "sum"
@@ -512,7 +513,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             before = self.effects.snapshot() if whole_here else None
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
                 if isinstance(self.split, CapturedModule) else nullcontext()
-            versions = [(p, p._version) for p in self.pipeline.parameters()] if step == "training_step" else []
+            versions = [(p, p._version) for p in self.pipeline.parameters()] \
+                if step == "training_step" and self._parameter_writes_left > 0 else []
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
@@ -545,69 +547,3 @@ def _tagged(batch: Any, rows: int) -> dict[str, Any]:
     """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
     it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
     return {_BATCH: batch, _ROWS: torch.arange(rows)}
-
-
-def _warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:
-    """Say (on global rank 0) that a frozen or averaged copy of the model (:func:`~.model_choice.frozen_copies`) stays
-    whole on every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
-    copies = frozen_copies(module, path, model)
-    if copies and (not dist.is_initialized() or dist.get_rank() == 0):
-        target = copies[0]
-        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged "
-                      f"copy of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays "
-                      f"whole on every rank, while under PipelineStrategy each rank holds only its share of the model, so "
-                      f"code that pairs their parameters (zip(self.{target}.parameters(), self.{path}.parameters()), "
-                      f"{target}.update_parameters(self.{path}), an EMA update) pairs the wrong "
-                      f"ones and updates {target} from part of the model. Train such a pair on one device or with "
-                      f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
-                      f"the pipeline", stacklevel=3)
-
-
-def _warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None:
-    """Say (on the pipeline's rank 0) which modules at places on several ranks hold buffers (:func:`.split_buffers`)."""
-    split = split_buffers(sequence, pipeline.stage_sizes, pipeline.stage_ranks)
-    if split and pipeline.rank == 0:
-        warnings.warn(f"{'; '.join(split)}: a module the model runs at places that fall on several ranks holds buffers "
-                      f"(a batch norm's running statistics); its parameters are tied, but each rank's copy of its "
-                      f"buffers takes only the updates of its own places, so they differ from one device's and the "
-                      f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
-                      f"device's buffers", stacklevel=3)
-
-
-def _warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
-    """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward hooks of the user's:
-    each runs on the rank holding its layer, so what it stores for the step (features for an auxiliary loss or a log)
-    never reaches the step's code, which runs after the model on the last stage."""
-    hooked = sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
-                     for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-                     if getattr(hook, "__module__", None) and hook.__module__.split(".")[0] not in FOREIGN})
-    if hooked and pipeline.rank == 0:
-        warnings.warn(f"{', '.join(hooked[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each runs "
-                      f"on the rank holding its layer, inside that stage's forward, so a value it stores for the step "
-                      f"(features for an auxiliary loss or a log: setattr(self, 'feat', output)) does not reach the "
-                      f"step's code, which runs after the model on the last stage's rank. Return such features from "
-                      f"the model (a layer that passes them on with its output), or pipeline the module's forward "
-                      f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
-
-
-
-def _warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
-    """Say (on each rank holding some) which of this rank's parameters carry gradient hooks of the user's
-    (``p.register_hook``, ``register_post_accumulate_grad_hook``): each backward of a micro-batch runs them on that
-    micro-batch's share of the gradient, which only a hook linear in the gradient (scaling, masking rows) takes as one
-    device's whole gradient (a clamp of each share is not a clamp of the sum)."""
-    if pipeline.num_microbatches <= 1:
-        return
-    names = {id(p): name for name, p in module.named_parameters()}
-    hooked = sorted({names.get(id(p), "?") for stage in pipeline.modules() for p in stage.parameters()
-                     for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
-                     for hook in (hooks or {}).values()
-                     if (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN})
-    if hooked:
-        warnings.warn(f"{', '.join(hooked[:6])}{' and more' if len(hooked) > 6 else ''} carry gradient hooks of yours "
-                      f"(register_hook, register_post_accumulate_grad_hook): the pipeline runs one backward per "
-                      f"micro-batch, so each hook runs {pipeline.num_microbatches} times a step, on a micro-batch's "
-                      f"share of the gradient. A hook linear in the gradient (a scale, a mask) gives one device's "
-                      f"result; one that is not (g.clamp(-c, c), a norm) does not. Change the gradient once per step "
-                      f"instead, in on_before_optimizer_step over self.parameters() (every rank runs it over its own "
-                      f"share, after the last micro-batch)", stacklevel=3)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch.nn as nn
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
+from lightning_pipe.strategy.optimizers import stand_in
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.share_warning import strategy_reads
 from lightning_pipe.strategy.step_values import input_needs_grad
@@ -151,14 +152,16 @@ class SplitModule:
 
     # -- running steps around the sequence --------------------------------------------------------
     @contextmanager
-    def whole(self, make: Callable[[torch.Tensor], nn.Parameter]) -> Iterator[None]:
+    def whole(self, device: torch.device) -> Iterator[list[nn.Parameter]]:
         """Inside (while ``configure_optimizers`` runs), the proxy holds every layer of the sequence in its order:
-        other ranks' as copies of their meta skeleton whose parameters are ``make(meta parameter)`` placeholders, or,
-        for a parameter tied to one this rank holds, this rank's copy, so that ``named_parameters()`` and
-        ``modules()`` list one device's names, in its order (a tie once, at its first name)."""
+        other ranks' as copies of their meta skeleton whose parameters are placeholders on ``device``
+        (:func:`~.optimizers.stand_in`), or, for a parameter tied to one this rank holds, this rank's copy, so that
+        ``named_parameters()`` and ``modules()`` list one device's names, in its order (a tie once, at its first
+        name); yields the placeholders."""
         proxy = self.proxy
+        placeholders: list[nn.Parameter] = []
         if proxy is None or self.skeleton is None or len(proxy._modules) == len(proxy._names):
-            yield
+            yield placeholders
             return
         prefix = f"{self.path}." if self.path else ""
         first = self.tied_names
@@ -178,13 +181,15 @@ class SplitModule:
                     full = f"{part_name}.{key}"
                     if id(meta) not in made:
                         tied = local.get(first.get(full, full))
-                        made[id(meta)] = meta, tied if tied is not None else make(meta)
+                        if tied is None:
+                            placeholders.append(stand_in(meta, device))
+                        made[id(meta)] = meta, tied if tied is not None else placeholders[-1]
                     part._parameters[key] = made[id(meta)][1]
             layers[name] = layer
         proxy._modules.clear()
         proxy._modules.update(layers)
         try:
-            yield
+            yield placeholders
         finally:
             proxy._modules.clear()
             proxy._modules.update(mine)

@@ -1,0 +1,88 @@
+"""Warnings given when the model is cut, about what the cut changes for the user's code: a frozen or averaged copy of
+the model kept whole beside it, buffers of a module placed on several ranks, forward hooks on the layers of a
+pipelined ``nn.Sequential``, gradient hooks on the parameters (run once per micro-batch)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.strategy.model_choice import frozen_copies
+from lightning_pipe.strategy.tied import split_buffers
+from lightning_pipe.strategy.unfollowed import FOREIGN
+
+__all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers"]
+
+
+def _users(hook: Any) -> bool:
+    """Whether ``hook`` is the user's own (not torch's, a library's, or this package's)."""
+    return (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN
+
+
+def warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:
+    """Say (on global rank 0) that a frozen or averaged copy of the model (:func:`~.model_choice.frozen_copies`) stays
+    whole on every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
+    copies = frozen_copies(module, path, model)
+    if copies and (not dist.is_initialized() or dist.get_rank() == 0):
+        target = copies[0]
+        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged "
+                      f"copy of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays "
+                      f"whole on every rank, while under PipelineStrategy each rank holds only its share of the model, so "
+                      f"code that pairs their parameters (zip(self.{target}.parameters(), self.{path}.parameters()), "
+                      f"{target}.update_parameters(self.{path}), an EMA update) pairs the wrong "
+                      f"ones and updates {target} from part of the model. Train such a pair on one device or with "
+                      f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
+                      f"the pipeline", stacklevel=3)
+
+
+def warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None:
+    """Say (on the pipeline's rank 0) which modules at places on several ranks hold buffers (:func:`.split_buffers`)."""
+    split = split_buffers(sequence, pipeline.stage_sizes, pipeline.stage_ranks)
+    if split and pipeline.rank == 0:
+        warnings.warn(f"{'; '.join(split)}: a module the model runs at places that fall on several ranks holds buffers "
+                      f"(a batch norm's running statistics); its parameters are tied, but each rank's copy of its "
+                      f"buffers takes only the updates of its own places, so they differ from one device's and the "
+                      f"checkpoint holds the first rank's. Put its places on one rank (partition=[...]) for one "
+                      f"device's buffers", stacklevel=3)
+
+
+def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
+    """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward hooks of the user's:
+    each runs on the rank holding its layer, so what it stores for the step (features for an auxiliary loss or a log)
+    never reaches the step's code, which runs after the model on the last stage."""
+    hooked = sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
+                     for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+                     if getattr(hook, "__module__", None) and _users(hook)})
+    if hooked and pipeline.rank == 0:
+        warnings.warn(f"{', '.join(hooked[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each runs "
+                      f"on the rank holding its layer, inside that stage's forward, so a value it stores for the step "
+                      f"(features for an auxiliary loss or a log: setattr(self, 'feat', output)) does not reach the "
+                      f"step's code, which runs after the model on the last stage's rank. Return such features from "
+                      f"the model (a layer that passes them on with its output), or pipeline the module's forward "
+                      f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
+
+
+def warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
+    """Say (on each rank holding some) which of this rank's parameters carry gradient hooks of the user's
+    (``p.register_hook``, ``register_post_accumulate_grad_hook``): each backward of a micro-batch runs them on that
+    micro-batch's share of the gradient, which only a hook linear in the gradient (scaling, masking rows) takes as one
+    device's whole gradient (a clamp of each share is not a clamp of the sum)."""
+    if pipeline.num_microbatches <= 1:
+        return
+    names = {id(p): name for name, p in module.named_parameters()}
+    hooked = sorted({names.get(id(p), "?") for stage in pipeline.modules() for p in stage.parameters()
+                     for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
+                     for hook in (hooks or {}).values() if _users(hook)})
+    if hooked:
+        warnings.warn(f"{', '.join(hooked[:6])}{' and more' if len(hooked) > 6 else ''} carry gradient hooks of yours "
+                      f"(register_hook, register_post_accumulate_grad_hook): the pipeline runs one backward per "
+                      f"micro-batch, so each hook runs {pipeline.num_microbatches} times a step, on a micro-batch's "
+                      f"share of the gradient. A hook linear in the gradient (a scale, a mask) gives one device's "
+                      f"result; one that is not (g.clamp(-c, c), a norm) does not. Change the gradient once per step "
+                      f"instead, in on_before_optimizer_step over self.parameters() (every rank runs it over its own "
+                      f"share, after the last micro-batch)", stacklevel=3)
