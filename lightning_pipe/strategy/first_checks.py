@@ -33,6 +33,7 @@ from lightning_pipe.strategy.randomness import (
 )
 from lightning_pipe.strategy.reduction import (
     Probe,
+    count_warning,
     counted_mean_warning,
     model_loss_warning,
     neither_warning,
@@ -99,6 +100,7 @@ class FirstBatchChecks:
         # a step's whole first batch's model inputs (:meth:`_check_inputs`), for the model's loss check that follows
         self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
+        self._count_probes_left = _MEAN_PROBES  # batches a loss_reduction function's count is checked on
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         self._logged: set[str] | None = None  # the names the training step logged so far (a new one: probed again)
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
@@ -122,6 +124,13 @@ class FirstBatchChecks:
                     forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
                 return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
 
+        if probe.counts is not None:  # told a mean over a count: checked, never changed
+            self._count_probes_left -= 1
+            rule, why = verdict(probe, run_whole, self.split.output_kinds())
+            if rule == "neither":
+                self._warn_once(count_warning(why))
+                self._count_probes_left = 0
+            return 1.0
         self._probes_left -= 1
         if self._mean_found:
             try:
@@ -166,7 +175,10 @@ class FirstBatchChecks:
 
     def _probing(self) -> bool:
         """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",
-        until a batch tells, and then, for a mean, a few batches more."""
+        until a batch tells, and then, for a mean, a few batches more; a ``loss_reduction`` function's count, on the
+        first few batches (a loss adding terms averaged over other counts is not that count's mean)."""
+        if callable(self.loss_reduction):
+            return self._count_probes_left > 0
         return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
 
     def _checks_model_loss(self, step: str = "training_step") -> bool:

@@ -34,7 +34,7 @@ from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
-__all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "neither_warning",
+__all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning", "neither_warning",
            "model_loss_warning", "counted_mean_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
@@ -140,6 +140,7 @@ class Probe:
     outputs: list[Any] = field(default_factory=list)  # the pipeline's outputs, detached
     losses: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's loss as the step returned it
     rows: list[int] = field(default_factory=list)
+    counts: list[float] | None = None  # what a loss_reduction function counted in each micro-batch, if one is given
 
     def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
         self.outputs.append(tree_map_tensors(torch.Tensor.detach, output))
@@ -153,20 +154,36 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
     None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:
     diffusion noise, masks; a step that fails on the whole batch's outputs put together, as one indexing a rows x rows
-    output of the model's, CLIP's similarity logits, whose micro-batches' blocks do not make the batch's)."""
+    output of the model's, CLIP's similarity logits, whose micro-batches' blocks do not make the batch's). A probe
+    with the ``counts`` of a ``loss_reduction`` function checks that count instead: ``"counted"`` when the batch's loss
+    is its micro-batches' losses weighted by their counts, ``"neither"`` when it is not."""
     if len(probe.losses) < 2:
         return None, "one micro-batch"
-    output, batch = whole_output(probe.outputs, probe.rows, kinds=kinds), probe.batch
+    # (a loss the model computed itself: its micro-batches' values combined as told, by the counts)
+    output, batch = whole_output(probe.outputs, probe.rows, probe.counts, kinds=kinds), probe.batch
     if output is None:  # the model ran on something else than the batch's rows (a triplet's three parts stacked)
         return None, "the model's outputs do not hold the batch's rows first"
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
-    weights = torch.tensor(probe.rows, dtype=torch.float64) / sum(probe.rows)
-    mean, total = float((losses * weights).sum()), float(losses.sum())
+    weights = torch.tensor(probe.counts if probe.counts is not None else probe.rows, dtype=torch.float64)
+    counted = weights > 0  # a micro-batch that counts nothing weighs nothing (its mean over nothing is NaN)
+    mean = float((losses[counted] * weights[counted]).sum() / weights.sum())
+    total = float(losses.sum())
     try:
         whole = float(run_whole(output, batch, 0).detach().double().cpu())
     except Exception as error:  # noqa: BLE001 - any failure of the user's step here only means: cannot tell
         return None, f"the step fails on the micro-batches' outputs put together ({type(error).__name__}: {error})"
-    if not all(math.isfinite(value) for value in (mean, total, whole)):
+    if not all(math.isfinite(value) for value in (mean, whole)):
+        return None, "the loss is not finite (a NaN or an infinity)"
+    if probe.counts is not None:  # told a mean over a count: is the batch's loss its micro-batches' counted mean?
+        why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses, "
+               f"weighted by the counts {[round(count, 6) for count in probe.counts]} of loss_reduction's function, "
+               f"give {mean:.6g}")
+        if abs(whole - mean) <= _TOLERANCE * max(abs(mean), abs(whole), 1e-12):
+            return "counted", why
+        if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * abs(whole):
+            return None, "the step's loss draws random numbers (it changes with the seed)"
+        return "neither", why
+    if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
     alike = abs(total - mean) <= 10 * _TOLERANCE * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
@@ -184,6 +201,18 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     return "neither", why
 
 
+def count_warning(why: str) -> str:
+    """What to tell a user whose ``loss_reduction`` function does not count what the step's loss is a mean over (a
+    :func:`verdict` of "neither" for a probe with counts)."""
+    return (f"training_step's loss is not a mean over what loss_reduction's function counts ({why}), so these "
+            f"gradients differ from one device's. A loss that adds terms averaged over different counts (a "
+            f"classification term over the rows that have a label beside a regression term over the rows that have a "
+            f"target, or over every row) has no single count: compute each term's count over the whole batch (in the "
+            f"collate_fn, passed with the batch as a 0-dim tensor, which every micro-batch gets whole), return the sum "
+            f"of each term's per-row losses divided by its count, and pass loss_reduction='sum'; or train with "
+            f"num_microbatches=1")
+
+
 def neither_warning(why: str, step: str = "training_step", count: str | None = None, given: str | None = None) -> str:
     """What to tell a user whose step's loss is neither a mean nor a sum over rows (a :func:`verdict` of "neither");
     ``count``: the function of a micro-batch to suggest, where known; ``given``: the model input that is the count,
@@ -194,7 +223,10 @@ def neither_warning(why: str, step: str = "training_step", count: str | None = N
     return (f"{step}'s loss is neither a mean nor a sum over the batch's rows ({why}): it is normalized by "
             f"something counted over the whole batch (ignore_index or padding labels, class weights, a mask), adds "
             f"a term summed over the rows to one averaged over them (a VAE's KL summed over the batch beside a mean "
-            f"reconstruction error: average both, or sum both and pass loss_reduction='sum'), or it couples the "
+            f"reconstruction error: average both, or sum both and pass loss_reduction='sum'), adds terms "
+            f"averaged over different counts (tasks whose labels are missing on different rows: divide each term's "
+            f"sum by its count over the whole batch, passed with the batch as a 0-dim tensor, and pass "
+            f"loss_reduction='sum'), or it couples the "
             f"rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: " + (

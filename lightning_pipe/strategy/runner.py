@@ -258,9 +258,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         pipe, outputs, sizes = self.pipeline, [], []
         firsts = self._first_rows(rows)
         summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
-        probe = Probe(batch) if self._probing() and pipe.is_last_rank \
-            and not pipe.asynchronous and len(firsts) > 1 else None
         counts = self._counts(batch, "training_step")
+        probe = Probe(batch, counts=counts.counts if counts is not None else None) if self._probing() \
+            and pipe.is_last_rank and not pipe.asynchronous and len(firsts) > 1 else None
         start = self.effects.snapshot()
         kept: list[tuple[int, Any, int]] | None = [] if pipe.is_last_rank else None  # (index, output, rows)
         # each micro-batch's run of the step from the module as the step found it (asynchronous: one update each)
