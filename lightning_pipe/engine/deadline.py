@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .notices import FailureBoard, PipelineError, failed_elsewhere
+from .notices import FailureBoard, PipelineError, error_text, failed_elsewhere
 from .watchdog import (
     DEFAULT_WAIT_TIMEOUT,
     activity,
@@ -164,7 +164,7 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
         store = short_store()
         if store is not None:
             with suppress(Exception):  # the store may be gone with the rank that held it
-                mark_failed(store, me, f"{type(error).__name__}: {error}")
+                mark_failed(store, me, error_text(error))
         FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
         raise
     except PipelineError:

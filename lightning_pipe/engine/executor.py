@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .asynchronous_steps import AsynchronousSteps
 from .comm import Communicator, PipelineError
-from .notices import failed_as
+from .notices import error_text, failed_as
 from .config import PipelineConfig
 from .cut import cut, stage_sizes
 from .handlers import StepState, make_exchange, make_handlers
@@ -423,7 +423,7 @@ class Pipeline(AsynchronousSteps):
             last = steps[issued - 1].action if issued else None
             where = ("before its first action" if not issued else f"in {last}" if in_action
                      else f"in the messages before {last}" if last is not None else "in its last messages")
-            message = (f"rank {self.rank} failed {where}: {type(error).__name__}: {error}{_advice(error, self)}\n"
+            message = (f"rank {self.rank} failed {where}: {error_text(error)}{_advice(error, self)}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
             failure = failed_as(error, message, self.rank)
             self._abort(steps, issued, failure)

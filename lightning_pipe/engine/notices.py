@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from .watchdog import linger, mark_failed, short_store
 
-__all__ = ["failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error", "PipelineError",
-           "FailureBoard"]
+__all__ = ["error_text", "failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error",
+           "PipelineError", "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
@@ -39,6 +39,13 @@ class PipelineError(RuntimeError):
 
     def __str__(self) -> str:  # the message as written, also where the user's type quotes its own (KeyError)
         return str(self.args[0]) if self.args else ""
+
+
+def error_text(error: BaseException) -> str:
+    """``"Type: message"`` of ``error``, with the notes added to it on its way up (``add_note``: which micro-batch's
+    run of the step failed), which ``str`` leaves out."""
+    notes = "".join(f" {note}" for note in getattr(error, "__notes__", ()) if isinstance(note, str))
+    return f"{type(error).__name__}: {error}{notes}"
 
 
 _KINDS: dict[type, type] = {}  # a user's exception type -> the PipelineError that is also one (:func:`failed_as`)

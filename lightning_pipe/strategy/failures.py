@@ -12,7 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.engine.notices import PipelineError, failed_as, failed_elsewhere, from_notice, notice_text
+from lightning_pipe.engine.notices import (
+    PipelineError,
+    error_text,
+    failed_as,
+    failed_elsewhere,
+    from_notice,
+    notice_text,
+)
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
 from lightning_pipe.engine.watchdog import linger, mark_failed, posted_failure, short_store
 
@@ -93,7 +100,7 @@ def reported_failures(scope: str = "run") -> Iterator[None]:
                 _leave(scope)
                 raise cause from error
         rank = dist.get_rank() if dist.is_initialized() else 0
-        _announce(scope, failed_as(error, f"rank {rank} failed: {type(error).__name__}: {error}\n"
+        _announce(scope, failed_as(error, f"rank {rank} failed: {error_text(error)}\n"
                                           f"{traceback.format_exc()}", rank))
         _leave(scope)
         raise

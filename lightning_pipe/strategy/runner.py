@@ -46,6 +46,7 @@ from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
+from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
 from lightning_pipe.strategy.tied import TiedParameters
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
@@ -285,7 +286,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
                 runs.before_run()
             given, watched = self.output_copies.given("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows):
+                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows), \
+                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows):
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)
@@ -434,7 +436,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             given, watched = self.output_copies.given(step, output)
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
-                    self._rows_window(pieces[index], total):
+                    self._rows_window(pieces[index], total), microbatch_run(step, index, len(pieces), sizes[-1], total):
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
             changed = self.output_copies.changed(step, output, watched) or changed
         if runs.rewind():
@@ -516,7 +518,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             versions = [(p, p._version) for p in self.pipeline.parameters()] \
                 if step == "training_step" and self._parameter_writes_left > 0 else []
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
-                    forked_random(derive_seed(seed, index), device):
+                    forked_random(derive_seed(seed, index), device), \
+                    microbatch_run(step, index, len(firsts), len(rows), total):
                 inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
             if any(p._version != version for p, version in versions):
                 raise RuntimeError(

@@ -41,9 +41,13 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
             f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
             f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
             f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
-            f".manual_seed(seed)), or derive it from the epoch. Or the ranks run different steps: a flag set on one "
-            f"rank only (trainer.should_stop = True in a callback under `if trainer.is_global_zero:`, which Lightning "
-            f"does not share) ends the epoch on that rank alone; set it on every rank")
+            f".manual_seed(seed)), or derive it from the epoch. Or the step's code changed the data: the step's "
+            f"code after the model runs on the last stage only, so a dataset or sampler it changes (a curriculum's "
+            f"difficulty, per-sample weights for a WeightedRandomSampler) changes there alone; make such changes in a "
+            f"hook every rank runs (on_train_batch_end, from the step's outputs; on_train_epoch_start). Or the ranks "
+            f"run different steps: a flag set on one rank only (trainer.should_stop = True in a callback under `if "
+            f"trainer.is_global_zero:`, which Lightning does not share) ends the epoch on that rank alone; set it on "
+            f"every rank")
 
 
 def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -1,0 +1,112 @@
+"""A run of the step's code on one micro-batch, as the user should hear of it.
+
+Under a pipeline the step's code runs once per micro-batch (the code before the model on the first stage, all of it
+on the last). Two things a user cannot see from their own code follow, and :func:`microbatch_run` says them where they
+happen: an error the run raises gets a note naming the micro-batch and its rows (a step sized by a configured batch
+size fails on torch's shape check, which names sizes the user never saw); and a file the run opens for writing is
+warned of once per step, since a file written per batch then holds one micro-batch's rows and an appended line
+appears once per micro-batch (the run on the whole batch that some batches get is left alone: it writes what one
+device writes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from lightning_pipe.engine.notices import PipelineError
+
+__all__ = ["microbatch_run"]
+
+_RUN_NOTE = "this run of "
+_EVALUATION_HOOKS = {"training_step": "on_train_batch_end", "validation_step": "on_validation_batch_end",
+                     "test_step": "on_test_batch_end", "predict_step": "on_predict_batch_end"}
+
+
+class _Writes:
+    """The files opened for writing while a micro-batch's run of a step is watched: Python's ``open`` through an audit
+    hook, installed once per process on the first run (audit hooks cannot be taken away, so it only looks while
+    watching), and ``torch.save`` to a path, which opens its file in C++, through ``torch.save`` replaced for the
+    run."""
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.watching = 0
+        self.opened: list[tuple[str, str]] = []  # (path, mode)
+        self.warned: set[str] = set()  # the steps warned of
+
+    def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.watching or event != "open" or len(args) < 2:
+            return
+        path, mode = args[0], args[1]
+        if isinstance(mode, str) and any(letter in mode for letter in "wax+") and isinstance(path, (str, bytes)):
+            path = path.decode(errors="replace") if isinstance(path, bytes) else path
+            if not path.startswith(("/dev/", "/proc/")):
+                self.opened.append((path, mode))
+
+    @contextmanager
+    def watched(self, step: str) -> Iterator[None]:
+        if step in self.warned:
+            yield
+            return
+        if not self.installed:
+            sys.addaudithook(self.hook)
+            self.installed = True
+        self.watching += 1
+        start = len(self.opened)
+        save = torch.save  # writes through its own file handle, which Python's audit hook does not see
+
+        def watched_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(f, (str, os.PathLike)):
+                self.opened.append((os.fspath(f), "wb"))
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = watched_save
+        try:
+            yield
+        finally:
+            torch.save = save
+            self.watching -= 1
+            opened, self.opened[start:] = self.opened[start:], []
+        if opened:
+            self.warned.add(step)
+            path, mode = opened[0]
+            warnings.warn(
+                f"{step} opens {path!r} for writing (mode {mode!r}) in its run on a micro-batch. Under "
+                f"PipelineStrategy the step's code runs once per micro-batch (the code before the model on the first "
+                f"stage, all of it on the last), so a file written per batch holds one micro-batch's rows (the last "
+                f"one's) and a line appended per batch appears once per micro-batch. Write a batch's outputs where "
+                f"the whole batch's are given once: return them from the step and write them in "
+                f"{_EVALUATION_HOOKS.get(step, 'on_train_batch_end')}(outputs=...) under `if "
+                f"trainer.is_global_zero:`, use a BasePredictionWriter callback for predictions, or name each file by "
+                f"its row's own id", stacklevel=2)
+
+
+_WRITES = _Writes()
+
+
+@contextmanager
+def microbatch_run(step: str, index: int, count: int, rows: int, total: int) -> Iterator[None]:
+    """Around a run of ``step``'s code on micro-batch ``index`` of ``count`` (``rows`` of the batch's ``total``): an
+    error it raises gets a note saying so, and a file it opens for writing is warned of (see the module)."""
+    try:
+        with _WRITES.watched(step):
+            yield
+    except Exception as error:
+        notes = getattr(error, "__notes__", ())
+        if rows != total and not isinstance(error, PipelineError) \
+                and not any(isinstance(note, str) and note.startswith(f"({_RUN_NOTE}") for note in notes):
+            sized = re.search(rf"(?<![\d.]){total}(?![\d.])", str(error)) is not None
+            error.add_note(
+                f"({_RUN_NOTE}{step} got micro-batch {index} of {count}: {rows} of the batch's {total} rows; under "
+                f"PipelineStrategy the step's code runs once per micro-batch" + (
+                    f": size its tensors by the rows it gets (len(x), x.shape[0]), not by a configured batch size "
+                    f"({total} here), or pass num_microbatches=1" if sized else "") + ")")
+        raise
