@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["ReadmeAutoEncoder", "PeekingAutoEncoder", "NoGradAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
+__all__ = ["ReadmeAutoEncoder", "SwitchingAutoEncoder", "PeekingAutoEncoder", "NoGradAutoEncoder", "DenseNet", "TemplateModule", "Aliased", "SummedLoss", "CountingBackbone", "FrozenBackbone", "Blocks", "CapturedBackbone", "class_data",
            "row_data", "FineTuned", "PaddedLM", "padded_tokens", "CLASS_WEIGHTS", "Detector", "detection_data"]
 
 
@@ -40,8 +40,24 @@ class ReadmeAutoEncoder(L.LightningModule):
         x, _ = batch
         self.log("val_loss", F.mse_loss(self.decoder(self.encoder(x)), x))
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # through forward: the encoder alone
+        x, _ = batch
+        self.log("z_norm", self(x).norm(dim=1).mean())
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # the embeddings
+        return self(batch[0])
+
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class SwitchingAutoEncoder(ReadmeAutoEncoder):
+    """Its test step embeds the first batch, and reconstructs the later ones."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        z = self(x)
+        self.log("z_norm", (self.decoder(z) if batch_idx else z).norm(dim=1).mean())
 
 
 class PeekingAutoEncoder(ReadmeAutoEncoder):

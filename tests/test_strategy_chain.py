@@ -70,6 +70,49 @@ def test_sequentials_the_step_calls_in_turn_train_as_one_pipeline(tmp_path: Any,
     assert loaded(torch.ones(2, 12)).shape == (2, 3)
 
 
+def _evaluated(devices: int, strategy: Any, root: str, model_name: str = "ReadmeAutoEncoder") -> dict[str, Any]:
+    from tests.citizen_models import class_data
+
+    model, trainer = _fit(model_name, devices, strategy, root)
+    tested = trainer.test(model, class_data(batches=2, batch_size=6), verbose=False)
+    predicted = trainer.predict(model, class_data(batches=2, batch_size=6))
+    return {"tested": tested, "predicted": predicted}
+
+
+def _evaluated_ranks(rank: int, world_size: int, root: str, partition: Any) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _evaluated(world_size, PipelineStrategy(num_microbatches=4, partition=partition), root)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("partition", ["uniform", [2, 4], [4, 2]])
+def test_test_and_predict_through_forward_run_the_links_the_step_calls(tmp_path: Any, partition: Any) -> None:
+    """Lightning's README autoencoder tests and predicts through ``forward``, the encoder alone (its embeddings):
+    the pipeline runs the chain's layers up to the encoder's last, wherever the cut falls (the stages after pass
+    its output on), and gives one device's embeddings and logged values (was refused: "never called
+    ['decoder']")."""
+    results = run_ranks(_evaluated_ranks, 2, str(tmp_path), partition, timeout=180)
+    reference = _evaluated(1, "auto", str(tmp_path / "reference"))
+    for result in results:
+        assert result["tested"][0] == pytest.approx(reference["tested"][0], rel=1e-5)
+        assert [tuple(batch.shape) for batch in result["predicted"]] == [(6, 3), (6, 3)]
+        for batch, expected in zip(result["predicted"], reference["predicted"]):
+            torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-6)
+
+
+def _switching(rank: int, world_size: int, root: str) -> None:
+    from lightning_pipe import PipelineStrategy
+
+    _evaluated(world_size, PipelineStrategy(num_microbatches=2), root, "SwitchingAutoEncoder")
+
+
+@pytest.mark.timeout(120)
+def test_a_step_calling_more_links_than_on_its_first_batch_fails_on_every_rank(tmp_path: Any) -> None:
+    for error in run_ranks(_switching, 2, str(tmp_path), expect_failure=True, timeout=100):
+        assert error is not None and "calls the nn.Sequential at 'decoder' in test_step on this batch" in error, error
+
+
 def _peeking(rank: int, world_size: int, root: str) -> None:
     from lightning_pipe import PipelineStrategy
 

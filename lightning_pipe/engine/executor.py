@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import traceback
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -291,9 +292,12 @@ class Pipeline(AsynchronousSteps):
             stage.end_step(group)
 
     @torch.no_grad()
-    def eval_step(self, batch: Any, seed: int | None = None) -> tuple[torch.Tensor | None, list[Any] | None]:
+    def eval_step(self, batch: Any, seed: int | None = None,
+                  layers: int | None = None) -> tuple[torch.Tensor | None, list[Any] | None]:
         """Forward only. On the last stage's rank returns (mean loss or None without loss_fn, the micro-batch
-        outputs in order); on the other ranks (None, None). ``seed``: as for :meth:`train_step`."""
+        outputs in order); on the other ranks (None, None). ``seed``: as for :meth:`train_step`. ``layers``: only
+        the sequence's first ``layers`` layers run (an autoencoder's encoder, for its embeddings); the stages after
+        them pass their input on as it is."""
         if self.asynchronous and self._in_flight:
             raise RuntimeError("call flush() before eval_step: micro-batches of the last train_step are still in "
                                "flight and the weights are not final")
@@ -304,10 +308,18 @@ class Pipeline(AsynchronousSteps):
             plan = replicated_forward_only(self.replicas, len(microbatches))
         else:
             plan = forward_only(self.num_stages, len(microbatches), self.stage_to_rank)
+        modules = {index: stage.module for index, stage in self.stages.items()}
+        if layers is not None:
+            for index, stage in self.stages.items():
+                start = sum(self.stage_sizes[:index])
+                kept = list(stage.module._modules.items())[:max(0, layers - start)]
+                stage.module = nn.Sequential(OrderedDict(kept))
         try:
             losses, outputs = self._run(plan, microbatches, training=False)
         finally:
             self._batch_seeds = in_flight
+            for index, stage in self.stages.items():
+                stage.module = modules[index]
         if not self.is_last_rank:
             return None, None
         return (torch.stack(losses).sum() if losses else None), outputs

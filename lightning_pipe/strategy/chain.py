@@ -63,6 +63,18 @@ class Handover(torch.Tensor):
         return f"Handover({self._link})"
 
 
+class _Used(Exception):
+    """The step used what a link gave it, while :meth:`ChainSplit.links_called` looked (see :class:`_Given`)."""
+
+
+class _Given(Handover):
+    """What a link gives the step while :meth:`ChainSplit.links_called` looks: its use ends the look."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        raise _Used()
+
+
 class ChainLink(PipelinedSequence):
     """Stands in for one ``nn.Sequential`` of a chain (this rank's layers of it, under their own names)."""
 
@@ -75,6 +87,8 @@ class ChainLink(PipelinedSequence):
         self._calls = 0
         self._previous: Handover | None = None  # the last stage: what the link before handed over
         self._step = ""  # the step the last stage runs, in "output" mode
+        self._ends = count  # in "output" mode: the links the step calls (an autoencoder's test: the encoder only)
+        self._apart = False  # in "look" mode: called on something other than the link before's output
         self.trains = False  # whether some layer of the link (on any rank) has a parameter that requires grad
 
     def __getstate__(self) -> dict[str, Any]:
@@ -87,6 +101,14 @@ class ChainLink(PipelinedSequence):
         if self.model_calls.mode == "capture" and self._index == 0:  # once per step: stop at the first call
             self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
             raise Stop()
+        if self._mode == "look":  # :meth:`ChainSplit.links_called`
+            self._calls += 1
+            self._apart = self._apart or (self._index > 0 and not (len(inputs) == 1 and inputs[0] is self._previous))
+            return self._output
+        if self._mode == "output" and self._index >= self._ends:
+            raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} in {self._step} on this batch, "
+                               f"though on its first batch it used the output of the link before it (the chain's "
+                               f"links it calls are found on a step's first batch, and only those run)")
         if self._mode == "output":
             self._calls += 1
             if self._step == "training_step" and self.trains and not torch.is_grad_enabled():
@@ -128,6 +150,7 @@ class ChainSplit(SplitModule):
         self.links: list[ChainLink] = []
         self.aliases: list[str] = []
         self.deferred: DeferredCalls | None = None
+        self.called: dict[str, int] = {}  # evaluation steps: how many links each calls (:meth:`links_called`)
 
     @property
     def is_cut(self) -> bool:
@@ -165,13 +188,48 @@ class ChainSplit(SplitModule):
         finally:
             self.proxy = None
 
+    def links_called(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> int:
+        """How many of the chain's links ``step`` calls, each on the one before's output, before it uses what the
+        last of them gives (``test_step`` through an autoencoder's ``forward``: the encoder alone), found by running
+        the step on ``microbatch`` with each link giving a stand-in whose use ends the run; every link where the run
+        shows anything else (the step's errors are then met in the pipeline's run). The caller keeps the step's
+        logs, metrics and changes out of this run. Remembered per step: :meth:`layers_called`."""
+        links = self.links
+        given = [_Given(link._path) for link in links]
+        for index, link in enumerate(links):
+            link._mode, link._calls, link._apart = "look", 0, False
+            link._output, link._previous = given[index], given[index - 1] if index else None
+        try:
+            getattr(self.module, step)(microbatch, *args, **kwargs)
+        except _Used:
+            pass
+        except Exception:  # noqa: BLE001 - the step's own error shows in the pipeline's run of it
+            self.called[step] = len(links)
+            return len(links)
+        finally:
+            calls = [(link._calls, link._apart) for link in links]
+            for link in links:
+                link._mode, link._output, link._previous = None, None, None
+        ends = next((index for index, (count, _) in enumerate(calls) if count == 0), len(links))
+        plain = ends > 0 and all(count == 1 and not apart for count, apart in calls[:ends]) \
+            and not any(count for count, _ in calls[ends:])
+        self.called[step] = ends if plain else len(links)
+        return self.called[step]
+
+    def layers_called(self, step: str) -> int | None:
+        """The number of the sequence's layers ``step`` runs, where it calls only the chain's first links
+        (:meth:`links_called`); None where it calls every link."""
+        ends = self.called.get(step, len(self.links))
+        return None if ends == len(self.links) else sum(1 for index, _ in self.origin if index < ends)
+
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:
         links = self.links
+        ends = self.called.get(step, len(links)) if step != "training_step" else len(links)
         handovers = [Handover(link._path) for link in links[:-1]]
         for index, link in enumerate(links):
-            link._mode, link._calls, link._step = "output", 0, step
-            link._output = output if index == len(links) - 1 else handovers[index]
+            link._mode, link._calls, link._step, link._ends = "output", 0, step, ends
+            link._output = output if index == ends - 1 else handovers[index] if index < ends else None
             link._previous = handovers[index - 1] if index else None
         deferring = self.deferred.around(lambda: links[0]._calls > 0) if self.deferred is not None else None
         try:
@@ -180,14 +238,14 @@ class ChainSplit(SplitModule):
             else:
                 with deferring:
                     result = getattr(self.module, step)(microbatch, *args, **kwargs)
-            missing = [link._path for link in links if link._calls == 0]
+            missing = [link._path for link in links[:ends] if link._calls == 0]
             if missing:
                 raise RuntimeError(f"{type(self.module).__name__}.{step} never called {missing}; PipelineStrategy "
                                    f"pipelines {self.paths} as one chain, so the step must call each of them once, "
                                    f"in that order")
         finally:
             for link in links:
-                link._mode, link._output, link._previous = None, None, None
+                link._mode, link._output, link._previous, link._ends = None, None, None, len(links)
         return result
 
     def _never_called(self, step: str) -> str:

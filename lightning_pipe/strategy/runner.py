@@ -32,6 +32,7 @@ from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.cut_warnings import (warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
                                                    warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.chain import ChainSplit
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
@@ -40,7 +41,7 @@ from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.output_copies import OutputCopies
-from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
 from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
@@ -397,8 +398,9 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         self.recorder.calls = []
         if not pipe.is_last_rank:  # (the last stage's, in _evaluate_last) as in training
             self.metrics.start()
+        layers = self._chain_layers(step, batch, rest, kwargs, seed)
         with self._result_posted(fingerprint):
-            _, last_outputs = pipe.eval_step(_tagged(batch, rows))
+            _, last_outputs = pipe.eval_step(_tagged(batch, rows), layers=layers)
             if checks_inputs:
                 self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
@@ -411,6 +413,23 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         result = self._share(encoded, fingerprint, step, start)
         self._carried(step, result, rows)
         return result.output
+
+    def _chain_layers(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> int | None:
+        """On every rank: the layers of a chain an evaluation step runs, where it calls only its first links (an
+        autoencoder's test or predict through ``forward``, the encoder alone), found on the step's first batch
+        (:meth:`.chain.ChainSplit.links_called`) with what that look does to the module undone; None for all."""
+        if not isinstance(self.split, ChainSplit):
+            return None
+        if step not in self.split.called:
+            microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[0]
+            mark = self.effects.snapshot()
+            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
+                    self.metrics.untouched(), host_random_kept(), \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                self.split.links_called(step, microbatch, rest, kwargs)
+            if self.effects.changed(mark):
+                self.effects.restore(mark)
+        return self.split.layers_called(step)
 
     def _carried(self, step: str, result: StepResult, rows: int) -> None:
         """After a step of ``rows`` rows: learn the states the module carries with the rows, and warn of a tensor
