@@ -325,3 +325,63 @@ def test_a_scripted_module_in_a_captured_model_is_refused_by_its_name() -> None:
     with pytest.raises(CaptureError, match=r"holds TorchScript modules \(torch\.jit\.script\) at blocks\.1: .*"
                                            r"Keep such modules unscripted"):
         Splitter(model).segments((torch.randn(2, 8),))
+
+
+class Ensemble(nn.Module):
+    """Heads stacked and run under torch.func.vmap (PyTorch's model-ensembling recipe: ``stack_module_state``, a
+    meta-device base kept out of the module, ``functional_call``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        heads = [nn.Linear(8, 8) for _ in range(3)]
+        params, _ = torch.func.stack_module_state(heads)
+        self.stacked = nn.ParameterDict({name.replace(".", "_"): nn.Parameter(value) for name, value in params.items()})
+        self.names = list(params)
+        self.__dict__["base"] = copy.deepcopy(heads[0]).to("meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = {name: self.stacked[name.replace(".", "_")] for name in self.names}
+
+        def one(weights: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.base, weights, (h,))
+
+        return torch.func.vmap(one, in_dims=(0, None))(params, x).mean(0)
+
+
+class VmappedBlocks(nn.Module):
+    """Every block run under one torch.func.vmap over the rows: no cut between blocks falls outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def row(r: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                r = torch.tanh(block(r))
+            return r
+
+        return torch.func.vmap(row)(x)
+
+
+def test_an_ensemble_under_vmap_runs_in_its_segment_as_on_one_device() -> None:
+    """vmap's level calls have no users in the graph, and were dropped as unread: the batched ops then failed with
+    functorch's "tensor may have escaped ... internal functorch error" (found by review)."""
+    torch.manual_seed(0)
+    model = Blocks(Ensemble())
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    splitter = Splitter(model)
+    assert len(splitter.segments((x,))) > 1
+    out = splitter.run(x)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=1e-6)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, expected.grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_cut_inside_a_vmapped_function_is_refused_with_the_split_points_to_choose() -> None:
+    with pytest.raises(CaptureError, match=r"the cut at blocks\.\d falls inside a function run under torch\.func\.vmap"
+                                           r".*PipelineStrategy\(split_points="):
+        Splitter(VmappedBlocks()).segments((torch.randn(4, 8),))

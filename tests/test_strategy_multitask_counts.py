@@ -25,7 +25,7 @@ def _rows() -> list[dict[str, torch.Tensor]]:
     x = torch.randn(4 * ROWS, 6, generator=generator)
     y = torch.randint(0, 3, (4 * ROWS,), generator=generator)
     r = torch.randn(4 * ROWS, generator=generator)
-    y[torch.tensor([0, 1, 3, 9, 10, 11, 17, 20, 21, 22, 23, 26, 30])] = -1
+    y[torch.tensor([0, 3, 5, 9, 11, 17, 20, 23, 26, 28, 30])] = -1
     r[torch.tensor([2, 4, 5, 7, 12, 13, 14, 18, 24, 25, 31])] = float("nan")
     return [{"x": a, "y": b, "r": c} for a, b, c in zip(x, y, r)]
 
@@ -40,7 +40,35 @@ def _labelled(batch: Any) -> torch.Tensor:
     return (batch["y"] != -1).sum()
 
 
-def _fit(devices: int, strategy: Any, summed: bool, path: str) -> tuple[dict[str, Any], list[str]]:
+class MultiTask(nn.Module):
+    """The trunk and the two tasks' losses in the model's forward (captured: the step's probe cannot see inside)."""
+
+    def __init__(self, summed: bool) -> None:
+        super().__init__()
+        self.summed = summed
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.trunk(batch["x"])
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return _loss(self.head(h), batch, self.summed)
+
+
+def _loss(out: torch.Tensor, batch: dict[str, torch.Tensor], summed: bool) -> torch.Tensor:
+    targeted = batch["r"] == batch["r"]  # (not NaN)
+    squares = (out[:, 3] - batch["r"].nan_to_num()) ** 2 * targeted
+    if summed:  # each term's sum over its count in the whole batch
+        cls = F.cross_entropy(out[:, :3], batch["y"], ignore_index=-1, reduction="sum") / batch["labelled"]
+        return cls + squares.sum() / batch["targeted"]
+    # each term a mean over its own count in the (micro-)batch
+    return F.cross_entropy(out[:, :3], batch["y"], ignore_index=-1) + squares.sum() / targeted.sum().clamp(min=1)
+
+
+def _fit(devices: int, strategy: Any, summed: bool, path: str,
+         inside: bool = False) -> tuple[dict[str, Any], list[str]]:
     import warnings
 
     import lightning as L
@@ -50,19 +78,11 @@ def _fit(devices: int, strategy: Any, summed: bool, path: str) -> tuple[dict[str
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+            self.model = MultiTask(summed) if inside else \
+                nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            out = self.model(batch["x"])
-            targeted = ~batch["r"].isnan()
-            squares = (out[:, 3] - batch["r"].nan_to_num()) ** 2 * targeted
-            if summed:  # each term's sum over its count in the whole batch
-                cls = F.cross_entropy(out[:, :3], batch["y"], ignore_index=-1, reduction="sum") / batch["labelled"]
-                reg = squares.sum() / batch["targeted"]
-            else:  # each term a mean over its own count in the (micro-)batch
-                cls = F.cross_entropy(out[:, :3], batch["y"], ignore_index=-1)
-                reg = squares.sum() / targeted.sum().clamp(min=1)
-            loss = cls + reg
+            loss = self.model(batch) if inside else _loss(self.model(batch["x"]), batch, summed)
             self.log("train_loss", loss, reduce_fx="sum" if summed else "mean")
             return loss
 
@@ -82,26 +102,31 @@ def _fit(devices: int, strategy: Any, summed: bool, path: str) -> tuple[dict[str
     return torch.load(path, weights_only=False)["state_dict"], warned
 
 
-def _ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+def _ranks(rank: int, world_size: int, tmp: str, inside: bool) -> dict[str, Any]:
     from lightning_pipe import PipelineStrategy
 
     def strategy(reduction: Any) -> Any:
         return PipelineStrategy(num_microbatches=4, wait_timeout=60, loss_reduction=reduction)
 
-    return {"one count": _fit(world_size, strategy(_labelled), False, f"{tmp}/count.ckpt"),
-            "summed": _fit(world_size, strategy("sum"), True, f"{tmp}/summed.ckpt")}
+    return {"one count": _fit(world_size, strategy(_labelled), False, f"{tmp}/count.ckpt", inside),
+            "summed": _fit(world_size, strategy("sum"), True, f"{tmp}/summed.ckpt", inside)}
 
 
 @pytest.mark.timeout(300)
-def test_a_count_that_is_not_every_terms_is_warned_of_and_the_advice_trains_as_on_one_device(tmp_path: Path) -> None:
-    results = run_ranks(_ranks, 2, str(tmp_path), timeout=260)
-    reference, _ = _fit(1, "auto", False, str(tmp_path / "one.ckpt"))
+@pytest.mark.parametrize("inside", [False, True], ids=["loss-in-the-step", "loss-in-the-model"])
+def test_a_count_that_is_not_every_terms_is_warned_of_and_the_advice_trains_as_on_one_device(
+        tmp_path: Path, inside: bool) -> None:
+    """The step's terms: its first batches' check against a run on the whole batch; the model's own (captured):
+    the counts its graph shows against the given one."""
+    results = run_ranks(_ranks, 2, str(tmp_path), inside, timeout=260)
+    reference, _ = _fit(1, "auto", False, str(tmp_path / "one.ckpt"), inside)
     (counted, _), (summed, _) = results[0]["one count"], results[0]["summed"]
     for key, value in reference.items():
-        torch.testing.assert_close(summed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        if not inside:  # the same terms inside a captured model are not yet one device's: an open gap (README)
+            torch.testing.assert_close(summed[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert max(float((counted[key] - value).abs().max()) for key, value in reference.items()) > 1e-3
     warned = [message for result in results for message in result["one count"][1]]
-    assert len(warned) == 1, warned  # the last stage's, once
+    assert len(warned) == 1, warned  # once (the model's own: the first stage's, which sees its inputs)
     assert "not a mean over what loss_reduction's function counts" in warned[0]
     assert "loss_reduction='sum'" in warned[0] and "0-dim tensor" in warned[0]
     assert not any(result["summed"][1] for result in results)

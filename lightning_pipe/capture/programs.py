@@ -11,8 +11,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.export import ExportedProgram
 
+from .errors import CaptureError
 from .graph import Layout, module_paths
 from .patterns import Pattern, pattern_of
+from .points import cut_label
 
 __all__ = ["Program", "build_programs", "state_aliases"]
 
@@ -88,8 +90,17 @@ def build_programs(program: ExportedProgram, layout: Layout, model: nn.Module) -
     aliases = state_aliases(model)
     owners = {name: module for name, module in program.graph_module.named_modules()}
     programs = []
+    levels = 0  # torch.func.vmap levels entered and not left
     for s in range(layout.num_segments):
         ops = layout.ops_of(s)
+        levels += sum(_VMAP_LEVEL.get(getattr(n.target, "__name__", ""), 0) for n in ops
+                      if n.op == "call_function" and getattr(n.target, "__module__", None) == _FUNCTORCH_LEVELS)
+        if levels and s < layout.num_segments - 1:
+            raise CaptureError(
+                f"the cut at {cut_label(layout.cuts[s])} falls inside a function run under torch.func.vmap: its "
+                f"batched values live in this process's vmap level and cannot cross to another stage. Choose split "
+                f"points outside the vmapped code (PipelineStrategy(split_points=[...]), Splitter(split_points=...)), "
+                f"so that one stage runs all of it")
         last = s == layout.num_segments - 1
         readers = ops + ([layout.output] if last else [])
         state_nodes: list[fx.Node] = []
@@ -181,6 +192,12 @@ def _state_name(entry: tuple[str, str], users: list[fx.Node], model: nn.Module,
     return kind, target
 
 
+# torch.func.vmap's calls in a graph (entering and leaving a vmap level): what they change is functorch's level stack,
+# which the batched ops between them read, though no value shows it
+_FUNCTORCH_LEVELS = "torch._functorch.predispatch"
+_VMAP_LEVEL = {"_vmap_increment_nesting": 1, "_vmap_decrement_nesting": -1}
+
+
 def _drop_unread(graph: fx.Graph, roots: dict[str, Any]) -> None:
     """Remove the ops whose values nothing reads, but not those run for what they change: torch's impure ops, and a
     higher-order op (a ``torch.no_grad()`` or autocast region, ``roots`` holding its body) whose body changes a buffer
@@ -194,7 +211,7 @@ def _drop_unread(graph: fx.Graph, roots: dict[str, Any]) -> None:
 def _has_effects(node: fx.Node, roots: dict[str, Any]) -> bool:
     if node.op != "call_function":
         return False
-    if node.is_impure():
+    if node.is_impure() or getattr(node.target, "__module__", None) == _FUNCTORCH_LEVELS:
         return True
     if not isinstance(node.target, torch._ops.HigherOrderOperator):
         return False

@@ -35,6 +35,7 @@ from lightning_pipe.strategy.reduction import (
     Probe,
     count_warning,
     counted_mean_warning,
+    given_count_warning,
     model_loss_warning,
     neither_warning,
     verdict,
@@ -185,16 +186,19 @@ class FirstBatchChecks:
         """Whether this step checks the captured model's own loss (first stage, a mean, a few batches; not
         predictions)."""
         training = step == "training_step"
-        return (isinstance(self.split, CapturedModule) and self.loss_reduction in ("auto", "mean")
+        counted = callable(self.loss_reduction) and training  # a given count, checked against the model's
+        return (isinstance(self.split, CapturedModule) and (self.loss_reduction in ("auto", "mean") or counted)
                 and self._loss_checks_left.get(step, 0) > 0 and 0 in self.pipeline.stages
                 and not (self._loss_warned if training else step in self._model_loss_warned)
                 and not (training and self.pipeline.asynchronous))
 
-    def _check_model_loss(self, seen: dict[int, list[Any]], rows: int, step: str = "training_step") -> None:
+    def _check_model_loss(self, seen: dict[int, list[Any]], rows: int, step: str = "training_step",
+                          given: list[float] | None = None) -> None:
         """A captured model's own loss (a Hugging Face model given labels) that is a mean over a count the
         micro-batches (``seen``: their model inputs, by index, of a ``rows``-row batch) do not share alike: warn,
         once per step (the step's probe cannot see inside the model, and at the start of training every row's loss
-        may be alike; in evaluation the loss it logs and returns is then not one device's)."""
+        may be alike; in evaluation the loss it logs and returns is then not one device's). ``given``: the counts of
+        a ``loss_reduction`` function, which the model's means must be over."""
         assert isinstance(self.split, CapturedModule)
         self._loss_checks_left[step] -= 1
         training = step == "training_step"
@@ -205,8 +209,12 @@ class FirstBatchChecks:
         sizes = [len(piece) for piece in split_batch(torch.arange(rows), self.pipeline.num_microbatches)]
         losses = [loss for capture in captures for loss in capture.mean_losses]
         counted = [mean for capture in captures for mean in capture.counted_means]
-        message = model_loss_warning(losses, inputs, step) or \
-            counted_mean_warning(counted, inputs, sizes, step, self._whole_inputs.pop(step, None))
+        whole = self._whole_inputs.pop(step, None)
+        if given is not None:  # loss_reduction's counts (training): the model's own means must be over them
+            message = given_count_warning(losses, counted, inputs, given)
+        else:
+            message = model_loss_warning(losses, inputs, step) or \
+                counted_mean_warning(counted, inputs, sizes, step, whole)
         if message is None:
             return
         if training:

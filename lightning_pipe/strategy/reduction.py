@@ -35,7 +35,7 @@ from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning", "neither_warning",
-           "model_loss_warning", "counted_mean_warning"]
+           "model_loss_warning", "counted_mean_warning", "given_count_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
 _TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
@@ -292,6 +292,42 @@ def counted_mean_warning(means: Sequence[CountedMean], inputs: Sequence[Sequence
                f"{f', {mean.expression},' if mean.expression else ''} and this batch's micro-batches of {list(rows)} "
                f"rows hold {_numbers(counts)} of them")
         return neither_warning(why, step, mean.expression, mean.given)
+    return None
+
+
+def given_count_warning(losses: Sequence[MeanLoss], means: Sequence[CountedMean], inputs: Sequence[Sequence[Any]],
+                        given: Sequence[float]) -> str | None:
+    """What to tell a user whose ``loss_reduction`` function counts ``given`` in each micro-batch while their
+    captured model's own loss takes a mean over another count (a multi-task model's terms over the rows each task
+    has labels for): a count the graph shows (``means``) that the micro-batches (``inputs``: their flattened model
+    inputs) do not hold in proportion to ``given``; or, where the graph shows none, a cross entropy leaving out an
+    ignored label that no integer input of the model holds in that proportion. None if none."""
+    if len(inputs) < 2 or len(inputs) != len(given):
+        return None
+
+    def apart(counts: Sequence[float]) -> bool:
+        if any((count == 0) != (share == 0) for count, share in zip(counts, given)):
+            return True
+        ratios = [count / share for count, share in zip(counts, given) if share]
+        return bool(ratios) and max(ratios) - min(ratios) > 1e-9 * max(abs(ratio) for ratio in ratios)
+
+    for mean in means:
+        counts = [mean.counted(flat) for flat in inputs]
+        if any(count is None or not math.isfinite(count) for count in counts) or not apart(counts):  # type: ignore
+            continue
+        what = mean.given or mean.expression or "a count of its inputs' elements"
+        return count_warning(f"the model's {mean.op} is a mean over {what}: {_numbers(counts)} in this batch's "
+                             f"micro-batches, where loss_reduction's function counts {_numbers(given)}")
+    columns = [column for column in zip(*inputs) if all(
+        isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point() and not leaf.is_complex()
+        and leaf.dtype != torch.bool for leaf in column)]
+    for loss in losses if not means else ():
+        if loss.ignore_index is None or loss.weighted or not columns:
+            continue
+        if all(apart([int((leaf != loss.ignore_index).sum()) for leaf in column]) for column in columns):
+            return count_warning(f"the model's {loss.op} is a mean over its labels other than {loss.ignore_index}, "
+                                 f"which no input of the model holds in proportion to the counts of loss_reduction's "
+                                 f"function, {_numbers(given)} in this batch's micro-batches")
     return None
 
 

@@ -337,7 +337,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             if checks_inputs:
                 self._check_inputs("training_step", batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
-                self._check_model_loss(inputs or {}, rows)
+                self._check_model_loss(inputs or {}, rows, given=counts.counts if counts is not None else None)
             encoded = None
             if changed:  # the outputs kept were changed by the step: no run on the whole batch from them
                 probe, kept = None, []
