@@ -31,7 +31,8 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
         self.head = nn.Linear(8, 1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                return_dict: bool = True) -> Any:
         x = self.embed(input_ids)
         for block in self.blocks:
             x = x + block(x)
@@ -67,7 +68,8 @@ def _count(batch: Any) -> torch.Tensor:
     return (batch["attention_mask"] == 1).sum()
 
 
-def _fit(devices: int, strategy: Any, kind: str, path: str, empty: bool = False) -> tuple[dict[str, Any], list[str]]:
+def _fit(devices: int, strategy: Any, kind: str, path: str, empty: bool = False,
+         constant: bool = False) -> tuple[dict[str, Any], list[str]]:
     import warnings
 
     import lightning as L
@@ -80,7 +82,7 @@ def _fit(devices: int, strategy: Any, kind: str, path: str, empty: bool = False)
             self.model = Discriminator(kind)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            loss = self.model(**batch)["loss"]
+            loss = (self.model(**batch, return_dict=True) if constant else self.model(**batch))["loss"]
             self.log("train_loss", loss)
             return loss
 
@@ -100,21 +102,25 @@ def _fit(devices: int, strategy: Any, kind: str, path: str, empty: bool = False)
     return {**state, "logged": float(trainer.callback_metrics["train_loss"])}, warned
 
 
-def _ranks(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, Any]:
+def _ranks(rank: int, world_size: int, kind: str, tmp: str, constant: bool = False) -> dict[str, Any]:
     from lightning_pipe import PipelineStrategy
 
-    auto = _fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), kind, f"{tmp}/auto.ckpt")
+    auto = _fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), kind, f"{tmp}/auto.ckpt",
+                constant=constant)
     told = _fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60, loss_reduction=_count), kind,
-                f"{tmp}/told.ckpt")
+                f"{tmp}/told.ckpt", constant=constant)
     return {"auto": auto, "told": told}
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", ["select", "divided", "ignored"])
+@pytest.mark.parametrize(("kind", "constant"), [("select", False), ("divided", False), ("ignored", False),
+                                                ("select", True)])
 def test_a_models_mean_over_the_tokens_its_mask_keeps_is_warned_of_and_trains_as_on_one_device_when_told(
-        kind: str, tmp_path: Path) -> None:
-    results = run_ranks(_ranks, 2, kind, str(tmp_path), timeout=200)
-    reference, _ = _fit(1, "auto", kind, str(tmp_path / "one.ckpt"))
+        kind: str, constant: bool, tmp_path: Path) -> None:
+    """``constant``: the model is also given a constant argument (``return_dict=True``), which the pipeline's inputs
+    leave out: the check looked at no capture then, silently."""
+    results = run_ranks(_ranks, 2, kind, str(tmp_path), constant, timeout=200)
+    reference, _ = _fit(1, "auto", kind, str(tmp_path / "one.ckpt"), constant=constant)
     (auto, _), (told, _) = results[0]["auto"], results[0]["told"]
     for key, value in reference.items():
         torch.testing.assert_close(told[key], value, rtol=1e-5, atol=1e-5, msg=key)

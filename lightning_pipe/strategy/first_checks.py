@@ -7,7 +7,7 @@ A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +78,18 @@ def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) ->
             continue
         pending.extend(function for function, _ in node.next_functions)
     return found
+
+
+def with_values(patterns: Sequence[Any], flat: Sequence[Any]) -> list[Any] | None:
+    """A capture's flattened inputs from a micro-batch's ``flat`` model inputs as the pipeline takes them (tensors,
+    without the constant arguments the capture keeps: ``return_dict=True``), those put back in their places from the
+    capture's ``patterns``; None where ``flat`` does not fill the other places."""
+    if len(flat) == len(patterns):
+        return list(flat)
+    if len(flat) != sum(1 for pattern in patterns if pattern[0] != "v"):
+        return None
+    given = iter(flat)
+    return [pattern[1] if pattern[0] == "v" else next(given) for pattern in patterns]
 
 
 class FirstBatchChecks:
@@ -202,14 +214,22 @@ class FirstBatchChecks:
         assert isinstance(self.split, CapturedModule)
         self._loss_checks_left[step] -= 1
         training = step == "training_step"
-        inputs = [seen[index] for index in sorted(seen)]
-        # this batch's captures (not one made at set-up, before a hook gave the model its num_items_in_batch)
-        captures = [capture for capture in self.split.splitter.captures if capture.training == training
-                    and inputs and all_match(capture.in_patterns, inputs[0])]
+        tensors = [seen[index] for index in sorted(seen)]
+        # this batch's captures (not one made at set-up, before a hook gave the model its num_items_in_batch); the
+        # model's inputs as they count its means: its tensors with its other arguments (return_dict=True) in place
+        captures, inputs = [], []
+        for capture in self.split.splitter.captures:
+            full = [with_values(capture.in_patterns, flat) for flat in tensors]
+            if capture.training == training and full and full[0] is not None \
+                    and all_match(capture.in_patterns, full[0]):
+                captures.append(capture)
+                inputs = inputs or full
         sizes = [len(piece) for piece in split_batch(torch.arange(rows), self.pipeline.num_microbatches)]
         losses = [loss for capture in captures for loss in capture.mean_losses]
         counted = [mean for capture in captures for mean in capture.counted_means]
         whole = self._whole_inputs.pop(step, None)
+        if whole is not None and captures:
+            whole = with_values(captures[0].in_patterns, whole)
         if given is not None:  # loss_reduction's counts (training): the model's own means must be over them
             message = given_count_warning(losses, counted, inputs, given)
         else:
