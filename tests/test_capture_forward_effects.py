@@ -385,3 +385,27 @@ def test_a_cut_inside_a_vmapped_function_is_refused_with_the_split_points_to_cho
     with pytest.raises(CaptureError, match=r"the cut at blocks\.\d falls inside a function run under torch\.func\.vmap"
                                            r".*PipelineStrategy\(split_points="):
         Splitter(VmappedBlocks()).segments((torch.randn(4, 8),))
+
+
+class Constrained(nn.Module):
+    """Writes its weight's ``.data`` in forward: braindecode's max-norm (``how="renorm"``), PixelCNN's mask."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.linear, self.how = nn.Linear(8, 8), how
+        self.register_buffer("mask", torch.ones(8, 8).tril())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "renorm":
+            self.linear.weight.data = torch.renorm(self.linear.weight.data, 2, 0, 0.5)
+        else:
+            self.linear.weight.data.mul_(self.mask)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("how", ["renorm", "mask"])
+def test_a_weights_data_written_in_forward_is_refused_with_the_module_and_where_to_constrain(how: str) -> None:
+    """torch's message said "code outside the model's modules" and "Please file an issue on github"."""
+    with pytest.raises(CaptureError, match=r"module 'blocks\.1' writes a tensor's \.data in its forward .*"
+                                           r"on_train_batch_start or on_before_optimizer_step"):
+        Splitter(Blocks(Constrained(how))).segments((torch.randn(2, 8),))

@@ -103,12 +103,26 @@ def test_other_ranks_read_the_users_exception_type_from_the_notice_where_their_p
     assert from_notice("cut sh", unknown_rank=1).origin_rank == 1
 
 
+class Masked(nn.Linear):
+    """Writes its own weight in forward (a masked layer, PixelCNN style), under torch.no_grad()."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.weight.mul_(torch.ones_like(self.weight).tril())
+        return super().forward(x)
+
+
 def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
     if kind == "shape":  # stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only
         layers, rows = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16)), 4
+    elif kind == "in place":  # micro-batch 1's forward changes the weight micro-batch 0's backward needs
+        layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), Masked(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                               nn.Linear(16, 16), nn.Tanh())
+        rows = 4
     else:  # a batch norm given a micro-batch of 1 row: 3 rows into 2 micro-batches
         layers, rows = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), 3
-    Pipeline(layers, loss_fn=mse_loss, schedule="1f1b", num_microbatches=2).train_step(make_batch(rows))
+    schedule = "gpipe" if kind == "in place" else "1f1b"  # gpipe: both forwards before the backwards
+    Pipeline(layers, loss_fn=mse_loss, schedule=schedule, num_microbatches=2).train_step(make_batch(rows))
 
 
 def test_bad_shape_names_the_rank() -> None:
@@ -122,3 +136,12 @@ def test_a_batch_norm_given_a_micro_batch_of_one_row_says_what_to_do() -> None:
     for text in errors:  # torch's message alone named no micro-batch
         assert "rank 1 failed in 1F1" in text and "Expected more than 1 value per channel" in text, text
         assert "the batch had fewer than 4 rows" in text and "drop_last=True" in text, text
+
+
+def test_a_forward_writing_its_own_weight_in_place_says_why_and_what_to_do() -> None:
+    errors = run_ranks(_bad_shape, 2, "in place", timeout=60, expect_failure=True)
+    assert errors[0] is not None  # (rank 1 owes rank 0 nothing after its backwards: its step ends first)
+    for text in [error for error in errors if error is not None]:  # torch's alone: "enable anomaly detection"
+        assert "modified by an inplace operation" in text, text
+        assert "the forwards of later micro-batches run before the backwards of earlier ones" in text, text
+        assert "on_train_batch_start or on_before_optimizer_step" in text, text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from types import FrameType
 from typing import Any
@@ -96,6 +97,18 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
     first = text.splitlines()[0][:300] if text else type(error).__name__
     where = locate_exception(error, names)
     mode = "train" if training else "eval"
+    lifted = re.search(r"fake tensor in the exported program constant's list.*?model attribute: ([\w.]+?)\.?"
+                       r"lifted_tensor", text, re.S)
+    if lifted is not None:  # a parameter's .data written in forward: torch's own message asks for an issue
+        owner = lifted.group(1).rstrip(".") or type(model).__name__
+        return CaptureError(
+            f"cannot capture {type(model).__name__}.forward ({mode} mode): module {owner!r} writes a tensor's .data in "
+            f"its forward (`self.weight.data = torch.renorm(...)`, `self.weight.data.mul_(self.mask)`: a max-norm "
+            f"constraint, a masked convolution), which a captured graph cannot keep. Apply the constraint outside "
+            f"the forward, once per step, where every rank applies it to the parameters it holds: in "
+            f"on_train_batch_start or on_before_optimizer_step over self.named_parameters() under torch.no_grad(); "
+            f"or compute the constrained weight in forward without writing it (torch.nn.utils.parametrize, "
+            f"F.linear(x, self.weight * self.mask)), {SEQUENTIAL_PATH}")
     return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
                         f"{where}: {first}. {_advice(error, text, where)}")
 

@@ -480,6 +480,13 @@ def _advice(error: Exception, pipeline: Pipeline) -> str:
                 f"(often the last, partial batch of an epoch), split into {m} micro-batches, where one device "
                 f"normalizes the whole batch. Drop the partial batch (DataLoader(drop_last=True)), or give every "
                 f"batch at least 2 rows per micro-batch (fewer micro-batches: num_microbatches)")
+    if isinstance(error, RuntimeError) and "modified by an inplace operation" in str(error):
+        return (". Under a pipeline the forwards of later micro-batches run before the backwards of earlier ones, so a "
+                "tensor a forward changes in place (a layer writing its own weight: a max-norm constraint, a mask "
+                "applied with mul_ under torch.no_grad()) is changed under a backward that still needs it. Change it "
+                "outside the forward, once per step (under Lightning: on_train_batch_start or "
+                "on_before_optimizer_step over the parameters, under torch.no_grad()), or compute the changed weight "
+                "without writing it (torch.nn.utils.parametrize)")
     return ""
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
