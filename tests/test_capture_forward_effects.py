@@ -409,3 +409,22 @@ def test_a_weights_data_written_in_forward_is_refused_with_the_module_and_where_
     with pytest.raises(CaptureError, match=r"module 'blocks\.1' writes a tensor's \.data in its forward .*"
                                            r"on_train_batch_start or on_before_optimizer_step"):
         Splitter(Blocks(Constrained(how))).segments((torch.randn(2, 8),))
+
+
+class GaussianHead(nn.Module):
+    """Returns a torch.distributions object (a DeepAR or mixture-density head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Normal:
+        loc, scale = self.linear(x).chunk(2, -1)
+        return torch.distributions.Normal(loc, nn.functional.softplus(scale))
+
+
+def test_a_distribution_built_in_forward_is_refused_with_its_parameters_to_return() -> None:
+    """The refusal spoke of the user's control flow on a tensor's value (torch.where, torch.cond): the control flow
+    is the distribution's own argument check."""
+    with pytest.raises(CaptureError, match=r"A torch\.distributions object built in forward .* return its parameters"):
+        Splitter(Blocks(GaussianHead())).segments((torch.randn(2, 8),))

@@ -322,3 +322,4 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
     for error in errors:
         assert error is not None and "ValueError" in error and "reads the pipelined model's parameters itself" in error
         assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error
+        assert error.index("on_after_backward") < error.index("weight_decay") and "alpha=2 * lambda" in error

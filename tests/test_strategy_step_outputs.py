@@ -607,3 +607,38 @@ def test_outputs_whose_sizes_past_the_rows_differ_are_an_error_that_says_why() -
                                          r"\(\(2, 11, 4\), \(2, 10, 4\)\).*Pad them"):
         combine_outputs([torch.zeros(2, 11, 4), torch.zeros(2, 10, 4)], [2, 2])
     assert combine_outputs([torch.zeros(2, 3), torch.ones(2, 3)], [2, 2]).shape == (4, 3)
+
+
+def _counted_logs(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.net(batch[0]), batch[1], ignore_index=0)
+            self.log("ppl", loss.exp())
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = PipelineStrategy(num_microbatches=2, loss_reduction=lambda batch: (batch[1] != 0).sum())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, strategy, max_steps=1).fit(Module(), class_data(batches=1))
+    return [str(w.message) for w in caught if "which are not means" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_values_logged_under_a_count_are_said_to_be_means_over_that_count() -> None:
+    """With loss_reduction=<count> the logged values combine by the count, not by rows (the warning said rows)."""
+    warned = [message for messages in run_ranks(_counted_logs, 2, timeout=100) for message in messages]
+    assert len(warned) == 1 and "logs ppl, which are not means over what loss_reduction counts" in warned[0], warned

@@ -109,8 +109,15 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
             f"on_train_batch_start or on_before_optimizer_step over self.named_parameters() under torch.no_grad(); "
             f"or compute the constrained weight in forward without writing it (torch.nn.utils.parametrize, "
             f"F.linear(x, self.weight * self.mask)), {SEQUENTIAL_PATH}")
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
+    if any(f"{os.sep}distributions{os.sep}" in frame.filename for frame in frames):  # not the user's control flow
+        advice = ("A torch.distributions object built in forward checks its arguments' values (validate_args) and "
+                  "cannot be a captured graph's output: return its parameters as tensors (loc and scale, logits) "
+                  f"and build the distribution in the step from the model's output; {SEQUENTIAL_PATH}.")
+    else:
+        advice = _advice(error, text, where)
     return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
-                        f"{where}: {first}. {_advice(error, text, where)}")
+                        f"{where}: {first}. {advice}")
 
 
 def _advice(error: BaseException, text: str, where: str = "") -> str:

@@ -259,9 +259,10 @@ class FirstBatchChecks:
             f"{', ...' if len(names) > 4 else ''}), not through the model's output: a penalty over self.parameters() "
             f"(an L2 term, L2-SP, EWC). The step's code runs on the last stage's rank, which holds only its own "
             f"stages' parameters, so the penalty would cover those alone and the other stages would get none of its "
-            f"gradient. For an L2 penalty use the optimizer's weight_decay; for another, add its gradient in "
-            f"on_after_backward, which every rank runs over its own parameters (for p in self.parameters(): "
-            f"p.grad.add_(...))")
+            f"gradient. Add its gradient in on_after_backward instead, which every rank runs over its own "
+            f"parameters (for an L2 term lambda * ||p||^2: for p in self.parameters(): p.grad.add_(p, alpha=2 * "
+            f"lambda)), which is the same gradient. An optimizer's weight_decay is that only for SGD and Adam (with "
+            f"weight_decay=2 * lambda); AdamW's decays the weights apart from the gradient")
 
     def _checks_inputs(self, step: str, microbatches: int) -> bool:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of

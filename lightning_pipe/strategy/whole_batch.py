@@ -127,11 +127,13 @@ class WholeBatchRuns:
                                    f"device logs it. Return outputs with the batch's rows along one dim")
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
-                self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means over rows, so no "
+                over = "over what loss_reduction counts" if callable(getattr(self, "loss_reduction", None)) else \
+                    "over rows"
+                self._warn_effects(f"{step} logs {', '.join(sorted(flagged))}, which are not means {over}, so no "
                                    f"combination of the micro-batches' values gives them: the last stage keeps each "
                                    f"batch's model outputs and runs the step once more, without gradients, on the "
                                    f"whole batch for them{self._as_one_device()}. To spare that memory and time, log "
-                                   f"means over rows in the step and derive the rest later (a perplexity from the "
+                                   f"means {over} in the step and derive the rest later (a perplexity from the "
                                    f"epoch's mean loss)")
         if checked is not None and not numbers and _counted(self._outputs_checked, checked):
             if run_whole():  # the micro-batches' outputs put together: the whole batch's?
