@@ -680,6 +680,8 @@ def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_ran
             self.net, self.projection = Net(), nn.Linear(3, 3)
             self.heads = nn.ModuleDict({"a": nn.Linear(3, 3)})  # (a head per task, applied in the step)
             self.criterion = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+            self.by_name = {"projection": self.projection}  # modules kept by name in a plain dict, list and tuple
+            self.listed, self.paired = [self.projection, 1], (self.projection, self.criterion)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
@@ -705,6 +707,10 @@ def test_every_path_into_a_captured_model_leads_to_this_ranks_share_on_every_ran
             module.projection(torch.ones(1, 3))
         with pytest.raises(RuntimeError, match="'heads' holds trainable parameters"):  # not "part of the forward"
             module.heads["a"](torch.ones(1, 3))
+        for kept in (module.by_name["projection"], module.listed[0], module.paired[0]):  # (ran on meta, naming none)
+            with pytest.raises(RuntimeError, match=r"'projection' holds .*PipelineStrategy\(layers='net'\)"):
+                kept(torch.ones(1, 3))
+        assert module.listed[1] == 1 and module.paired[1] is module.criterion
         with pytest.raises(RuntimeError, match="'net.blocks.1' is part of the module's forward"):
             net.blocks[1](torch.ones(1, 4))
 

@@ -134,6 +134,21 @@ def _twin(module: nn.Module) -> nn.Module:
     return twin
 
 
+def _replace_in_containers(module: nn.Module, replaced: dict[int, nn.Module]) -> None:
+    """Where ``module`` keeps children in a plain dict, list or tuple of its own (``self.heads = {"a": self.head}``,
+    modules kept by name outside a ModuleDict), the entries of ``replaced`` children (by id) become their
+    replacements: the originals are released (left on the meta device), and would run there, naming nothing."""
+    for attribute, value in list(vars(module).items()):
+        if isinstance(value, dict) and any(id(item) in replaced for item in value.values()):
+            for key, item in list(value.items()):
+                value[key] = replaced.get(id(item), item)
+        elif isinstance(value, list) and any(id(item) in replaced for item in value):
+            value[:] = [replaced.get(id(item), item) for item in value]
+        elif isinstance(value, tuple) and not hasattr(value, "_fields") \
+                and any(id(item) in replaced for item in value):
+            object.__setattr__(module, attribute, tuple(replaced.get(id(item), item) for item in value))
+
+
 class CapturedModule:
     """A LightningModule whose model (any module the step calls) is captured and pipelined as segments.
 
@@ -233,6 +248,7 @@ class CapturedModule:
             # weighted loss, a frozen teacher): it stays whole on every rank. Any other child is this rank's share.
             read = _read_tensors(self.model, self.segments, self.splitter.unread_state)
             kept: list[nn.Module] = []
+            replaced: dict[int, nn.Module] = {}
             used = [name for name, child in module._modules.items() if child is not None and any(
                 id(t) in read for t in itertools.chain(child.parameters(), child.buffers()))]
             for name, child in list(module._modules.items()):
@@ -243,7 +259,7 @@ class CapturedModule:
                 if unread and not trainable:
                     kept.append(child)
                     continue
-                module._modules[name] = proxy._modules[name]
+                module._modules[name] = replaced[id(child)] = proxy._modules[name]
                 if unread and has_state(child):
                     layers = (f"; or, where the step applies it to what forward returns (a head on the features of "
                               f"{used[0]!r}), pass PipelineStrategy(layers={used[0]!r}): the pipeline then cuts "
@@ -255,6 +271,7 @@ class CapturedModule:
                     for part in proxy._modules[name].modules():  # (heads["a"] of a ModuleDict of heads too)
                         if isinstance(part, ModelPart):
                             part.reason = reason
+            _replace_in_containers(module, replaced)
             # The module's own parameters that no graph reads (a scale the step applies) stay whole on every rank, as
             # such children do; a trainable one is the step's, outside the model: it gets a gradient on one rank only,
             # which the step's check refuses, saying so.
