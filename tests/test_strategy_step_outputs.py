@@ -642,3 +642,63 @@ def test_values_logged_under_a_count_are_said_to_be_means_over_that_count() -> N
     """With loss_reduction=<count> the logged values combine by the count, not by rows (the warning said rows)."""
     warned = [message for messages in run_ranks(_counted_logs, 2, timeout=100) for message in messages]
     assert len(warned) == 1 and "logs ppl, which are not means over what loss_reduction counts" in warned[0], warned
+
+
+def _on_rank_zero(devices: int, strategy: Any, folder: str) -> dict[str, Any]:
+    import csv
+    import glob
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.citizen_models import class_data
+
+    class Module(L.LightningModule):
+        """Logs one sample per epoch the usual way: under `if self.trainer.is_global_zero:` in the step."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            out = self.net(batch[0])
+            self.log("val_loss", F.cross_entropy(out, batch[1]))
+            if batch_idx == 0 and self.trainer.is_global_zero:
+                self.logger.log_metrics({"sample_logit_sum": float(out.sum())})
+            if batch_idx == 0 and self.global_rank == 0:
+                self.log("first_batch_mean", out.mean())
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(devices, strategy, max_epochs=1, logger=CSVLogger(folder, name="", version=0))
+    trainer.fit(Module(), class_data(batches=2), class_data(batches=2, seed=4))
+    rows = []
+    for path in glob.glob(f"{folder}/**/metrics.csv", recursive=True):
+        with open(path) as file:
+            rows += list(csv.DictReader(file))
+    return {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "sample_logit_sum": [float(row["sample_logit_sum"]) for row in rows if row.get("sample_logit_sum")]}
+
+
+def _on_rank_zero_ranks(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _on_rank_zero(world_size, PipelineStrategy(num_microbatches=2), folder)
+
+
+@pytest.mark.timeout(150)
+def test_step_code_under_is_global_zero_runs_as_on_one_device(tmp_path: Any) -> None:
+    """The step's code after the model runs on the last stage, where is_global_zero was False: what it logged under
+    `if self.trainer.is_global_zero:` was dropped, silently (found by review). The step now asks as the first stage."""
+    first, _ = run_ranks(_on_rank_zero_ranks, 2, str(tmp_path / "pipe"), timeout=120)
+    reference = _on_rank_zero(1, "auto", str(tmp_path / "one"))
+    assert set(first["metrics"]) == set(reference["metrics"]) >= {"first_batch_mean", "val_loss"}
+    for name, value in reference["metrics"].items():
+        assert first["metrics"][name] == pytest.approx(value, rel=1e-5), name
+    assert len(reference["sample_logit_sum"]) == 2  # the sanity check's and the epoch's
+    assert first["sample_logit_sum"] == pytest.approx(reference["sample_logit_sum"], rel=1e-5)

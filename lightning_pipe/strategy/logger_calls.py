@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 __all__ = ["LoggerCalls", "Call"]
@@ -111,7 +111,8 @@ class LoggerCalls:
         # rank 0 holds the last stage in a V schedule: its calls are recorded too
         rank_zero_only.rank = _NotingRank(max(rank, 1), self.skipped)
         try:
-            yield
+            with self._as_first_stage():
+                yield
         finally:
             rank_zero_only.rank = rank
             del self._module.print
@@ -141,15 +142,24 @@ class LoggerCalls:
 
         rank = getattr(rank_zero_only, "rank", None)
         if rank != 0:
-            yield
+            with self._as_first_stage():
+                yield
             return
         rank_zero_only.rank = 1
         self._module.print = lambda *args, **kwargs: None
         try:
-            yield
+            with self._as_first_stage():
+                yield
         finally:
             del self._module.print
             rank_zero_only.rank = rank
+
+    def _as_first_stage(self) -> Any:
+        """The strategy's ``answering_as_first_stage`` (the step's code asking its rank gets the pipeline's first
+        stage's), where the module is attached to a pipeline's Trainer."""
+        trainer = getattr(self._module, "_trainer", None)
+        answering = getattr(getattr(trainer, "strategy", None), "answering_as_first_stage", None)
+        return answering() if answering is not None else nullcontext()
 
     def take(self) -> list[Call]:
         calls, self.calls = self.calls, []

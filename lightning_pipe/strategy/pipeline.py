@@ -6,7 +6,7 @@ import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -294,6 +294,29 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                              f"(strategy 'pipedream') or 'gpipe', not {self.schedule!r}: its stages take micro-batches "
                              f"in turn (1F1B round-robin); name one of those, or give every stage the same replicas")
         return shape
+
+    @property
+    @override
+    def global_rank(self) -> int:
+        answering = getattr(self, "_answering_as", None)
+        return answering if answering is not None else super().global_rank
+
+    @contextlib.contextmanager
+    def answering_as_first_stage(self) -> Iterator[None]:
+        """While the step's code runs, on any stage: ``global_rank`` (``self.global_rank``,
+        ``trainer.is_global_zero``) answers as the pipeline's first stage, the rank one device or DDP would run the
+        step on, so that code under ``if self.trainer.is_global_zero:`` runs where the step's results are made (the
+        last stage's run), as on one device, instead of on no rank. ``rank_zero_only`` functions are another matter
+        (:mod:`.logger_calls`)."""
+        if self.num_processes == 0 or getattr(self, "_answering_as", None) is not None:
+            yield
+            return
+        shape = self.mesh_shape
+        self._answering_as = shape.pipelines()[shape.coordinates(super().global_rank)[1]][0]
+        try:
+            yield
+        finally:
+            self._answering_as = None
 
     @override
     def _configure_launcher(self) -> None:
