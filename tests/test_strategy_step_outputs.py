@@ -702,3 +702,43 @@ def test_step_code_under_is_global_zero_runs_as_on_one_device(tmp_path: Any) -> 
         assert first["metrics"][name] == pytest.approx(value, rel=1e-5), name
     assert len(reference["sample_logit_sum"]) == 2  # the sanity check's and the epoch's
     assert first["sample_logit_sum"] == pytest.approx(reference["sample_logit_sum"], rel=1e-5)
+
+
+def _histograms(rank: int, world_size: int, folder: str) -> list[str]:
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_train_epoch_end(self) -> None:  # a weight summary per parameter, as histograms are logged
+            for name, param in self.named_parameters():
+                self.logger.experiment.log_metrics({f"norm/{name}": float(param.norm())}, self.current_epoch)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_epochs=1,
+                            logger=CSVLogger(folder, name="", version=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), class_data(batches=1))
+    return [str(w.message) for w in caught if "outside the steps" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_hooks_logger_calls_dropped_on_a_rank_holding_other_layers_are_warned_of(tmp_path: Any) -> None:
+    """Rank 1's parameters' values logged from a hook through the logger's experiment were missing, silently."""
+    first, second = run_ranks(_histograms, 2, str(tmp_path), timeout=100)
+    assert not first
+    assert len(second) == 1 and "self.logger.experiment.log_metrics(...) is called on rank 1" in second[0], second

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["LoggerCalls", "Call"]
+__all__ = ["note_dropped_experiment_calls", "LoggerCalls", "Call"]
 
 Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
 _PRINT = -1  # the logger index of a self.print call
@@ -180,6 +180,39 @@ class LoggerCalls:
             except Exception as error:  # noqa: BLE001 - rank 0 alone makes them: never end the run there alone
                 warnings.warn(f"the step's call self.logger.{'.'.join(path)}(...) failed on rank 0, where the "
                               f"pipeline makes it: {type(error).__name__}: {error}", stacklevel=2)
+
+
+def note_dropped_experiment_calls(rank: int) -> None:
+    """On a rank other than 0, for the rest of the process: a call the user's code makes on a logger's experiment
+    outside the steps (a hook logging weight histograms over ``self.named_parameters()``), which Lightning drops
+    there as under DDP, is warned of once: under a pipeline this rank holds other layers than rank 0, so what it
+    would have logged is missing from the logs, not logged by rank 0 instead. The steps' calls are recorded and made
+    on rank 0 (:meth:`LoggerCalls.recording`)."""
+    from lightning.fabric.loggers import logger as fabric_logger
+
+    dummy = fabric_logger._DummyExperiment
+    if rank == 0 or getattr(dummy, "_noting", False):
+        return
+    warned: set[str] = set()
+
+    class NotingExperiment(dummy):  # type: ignore[misc,valid-type]
+        _noting = True
+
+        def __getattr__(self, name: str) -> Any:
+            frame = sys._getframe(1)
+            module = frame.f_globals.get("__name__", "") or ""
+            if module.split(".")[0] not in _LIBRARIES and name not in warned and not name.startswith("_"):
+                warned.add(name)
+                warnings.warn(f"self.logger.experiment.{name}(...) is called on rank {rank} outside the steps (in a "
+                              f"hook or callback), where Lightning's loggers do not write (global rank 0 only, as "
+                              f"under DDP). Under a pipeline this rank holds other layers than rank 0 (its stages'), "
+                              f"so what it logs of its own parameters (weight or gradient histograms over "
+                              f"named_parameters()) is missing from the logs. Log numbers with self.log in "
+                              f"on_before_optimizer_step or on_after_backward (gathered over the pipeline), or give "
+                              f"this rank a logger of its own", stacklevel=2)
+            return super().__getattr__(name)
+
+    fabric_logger._DummyExperiment = NotingExperiment  # type: ignore[misc]
 
 
 def _log_methods(logger: Any) -> list[str]:

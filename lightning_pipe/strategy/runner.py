@@ -37,7 +37,7 @@ from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
-from lightning_pipe.strategy.logger_calls import LoggerCalls
+from lightning_pipe.strategy.logger_calls import LoggerCalls, note_dropped_experiment_calls
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.output_copies import OutputCopies
@@ -117,6 +117,8 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
+        if 0 not in pipeline.stages:  # other layers than rank 0's: a hook's logging of them is dropped, said once
+            note_dropped_experiment_calls(dist.get_rank())
         # Buffers of this rank's share of the model (a captured model's segments register what they read as they
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
