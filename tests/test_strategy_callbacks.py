@@ -406,3 +406,18 @@ def test_the_summary_run_before_the_cut_leaves_the_module_as_it_found_it() -> No
         net = module.net
         assert all(child.training for child in module.modules()) and not net.initialized
         assert not hasattr(net, "cache") and "made" not in net._buffers and not net.linear._forward_hooks
+
+
+def test_a_logger_drawing_the_models_graph_is_said_to_draw_none() -> None:
+    """TensorBoardLogger(log_graph=True) logged no graph, and Lightning's warning blamed an unset example_input_array
+    that the module set (found by review)."""
+    import types
+    import warnings
+
+    from lightning_pipe.strategy.callbacks import check_callbacks
+
+    with pytest.warns(UserWarning, match=r"log_graph=True\) draws the model's graph .* no graph is logged"):
+        check_callbacks([], [types.SimpleNamespace(_log_graph=True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_callbacks([], [types.SimpleNamespace(_log_graph=False)])

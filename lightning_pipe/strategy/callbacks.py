@@ -304,10 +304,17 @@ def _loads_a_share(average: nn.Module) -> nn.Module:
     return average
 
 
-def check_callbacks(callbacks: Iterable[Any]) -> None:
-    """Refuse the callbacks a pipeline cannot run; warn of those that run otherwise than on one device."""
+def check_callbacks(callbacks: Iterable[Any], loggers: Iterable[Any] = ()) -> None:
+    """Refuse the callbacks a pipeline cannot run; warn of those, and of loggers' options, that run otherwise than on
+    one device."""
     from lightning.pytorch.callbacks import BatchSizeFinder, ModelPruning
     from lightning.pytorch.utilities import rank_zero_warn
+
+    if any(getattr(logger, "_log_graph", False) for logger in loggers):
+        rank_zero_warn("TensorBoardLogger(log_graph=True) draws the model's graph by running the whole model on its "
+                       "example_input_array, which no rank holds under PipelineStrategy: no graph is logged (Lightning "
+                       "then says example_input_array is not set; the pipeline keeps it from Lightning, which would "
+                       "run it). Draw the graph from a one-device run of the model")
 
     for callback in callbacks:
         if isinstance(callback, BatchSizeFinder):

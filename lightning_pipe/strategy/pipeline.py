@@ -378,7 +378,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         module = self.lightning_module
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
-        check_callbacks(trainer.callbacks)
+        check_callbacks(trainer.callbacks, trainer.loggers)
         _refuse_iterator_steps(module, trainer.state.fn)
         if fitting and getattr(self, "_layer_sync", None) is not None:
             rank_zero_warn("Trainer(sync_batchnorm=True) has no effect under PipelineStrategy: its batch norms "
