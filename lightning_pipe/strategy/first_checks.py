@@ -114,6 +114,8 @@ class FirstBatchChecks:
         self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
         self._count_probes_left = _MEAN_PROBES  # batches a loss_reduction function's count is checked on
+        # loss_reduction="sum" on an nn.Sequential: the first batch tells how single numbers it returns add up
+        self._scalar_probes_left = 1 if isinstance(split, SplitModule) else 0
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         self._logged: set[str] | None = None  # the names the training step logged so far (a new one: probed again)
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
@@ -137,6 +139,12 @@ class FirstBatchChecks:
                     forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
                 return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
 
+        if self.loss_reduction == "sum":  # told: only how the sequence's single numbers add up is learned
+            self._scalar_probes_left -= 1
+            verdict(probe, run_whole, self.split.output_kinds())
+            if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):
+                self.split.scalar_kinds = probe.scalar_kinds
+            return 1.0
         if probe.counts is not None:  # told a mean over a count: checked, never changed
             self._count_probes_left -= 1
             rule, why = verdict(probe, run_whole, self.split.output_kinds())
@@ -153,6 +161,8 @@ class FirstBatchChecks:
                 return 1.0
         else:
             rule, why = verdict(probe, run_whole, self.split.output_kinds())
+        if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):  # single numbers the sequence
+            self.split.scalar_kinds = probe.scalar_kinds  # returns are summed (a VAE's KL): so logged and replayed
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
             # batches happened to share alike (no ignored labels yet) shows here
             if rule in ("neither", "sum"):
@@ -192,6 +202,8 @@ class FirstBatchChecks:
         first few batches (a loss adding terms averaged over other counts is not that count's mean)."""
         if callable(self.loss_reduction):
             return self._count_probes_left > 0
+        if self.loss_reduction == "sum":
+            return self._scalar_probes_left > 0
         return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
 
     def _checks_model_loss(self, step: str = "training_step") -> bool:

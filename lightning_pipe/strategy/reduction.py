@@ -141,6 +141,7 @@ class Probe:
     losses: list[torch.Tensor] = field(default_factory=list)  # each micro-batch's loss as the step returned it
     rows: list[int] = field(default_factory=list)
     counts: list[float] | None = None  # what a loss_reduction function counted in each micro-batch, if one is given
+    scalar_kinds: list[str | None] | None = None  # found by :func:`verdict`: an nn.Sequential's single numbers summed
 
     def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
         self.outputs.append(tree_map_tensors(torch.Tensor.detach, output))
@@ -198,7 +199,29 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         return "mean", why
     if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"
+    summed = _scalars_summed(probe, kinds)
+    if summed is not None:  # single numbers an nn.Sequential returns (a VAE's KL summed over its rows): as sums?
+        try:
+            again = float(run_whole(whole_output(probe.outputs, probe.rows, probe.counts, kinds=summed), batch,
+                                    0).detach().double().cpu())
+        except Exception:  # noqa: BLE001 - the step fails on them: no telling
+            again = math.nan
+        for rule, value in (("sum", total), ("mean", mean)):
+            if not alike and abs(again - value) <= _TOLERANCE * max(abs(value), abs(again), 1e-12):
+                probe.scalar_kinds = summed
+                return rule, (f"{why}, with the single numbers the model returns summed over the micro-batches: on "
+                              f"the whole batch {again:.6g}")
     return "neither", why
+
+
+def _scalars_summed(probe: Probe, kinds: OutputKinds | None) -> list[str | None] | None:
+    """For an output whose single numbers' kinds are not known (an ``nn.Sequential``'s): the kinds that sum them over
+    the micro-batches and put the rest together by rows; None where it holds no single number or kinds are known."""
+    if kinds is not None or not probe.outputs:
+        return None
+    leaves = tree_flatten(probe.outputs[0])[0]
+    scalars = [isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point() for leaf in leaves]
+    return ["sum" if scalar else None for scalar in scalars] if any(scalars) else None
 
 
 def count_warning(why: str) -> str:

@@ -118,6 +118,8 @@ class SplitModule:
     after it (loss, ``self.log``, metrics) runs there unchanged.
     """
 
+    scalar_kinds: list[str | None] | None = None  # the output's single numbers summed over micro-batches, where found
+
     def __init__(self, module: nn.Module, layers: str | None = None) -> None:
         self.module = module
         self.path, self.sequence = find_sequence(module, layers)
@@ -208,10 +210,11 @@ class SplitModule:
                                               "layer), or freeze them with requires_grad_(False)"))
         return inputs
 
-    def output_kinds(self) -> None:
+    def output_kinds(self) -> list[str | None] | None:
         """How the model's single-number outputs add up over rows: not known for a sequence (its last layer's output
-        is put together as a mean, the rare case of a number)."""
-        return None
+        is put together as a mean, the rare case of a number), unless the first batches' check of the loss found them
+        summed (a VAE's KL summed over the batch, passed on by the decoder: :func:`.reduction.verdict`)."""
+        return self.scalar_kinds
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],
                  kwargs: Mapping[str, Any]) -> Any:
