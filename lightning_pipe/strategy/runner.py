@@ -32,8 +32,8 @@ from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.cut_warnings import (warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
                                                    warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
-from lightning_pipe.strategy.chain import ChainSplit
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
+from lightning_pipe.strategy.evaluation import EvaluationSteps
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
@@ -41,24 +41,24 @@ from lightning_pipe.strategy.logger_calls import LoggerCalls, note_dropped_exper
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.output_copies import OutputCopies
-from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
+from lightning_pipe.strategy.randomness import derive_seed, forked_random
 from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot, StepEffects
+from lightning_pipe.strategy.step_effects import MicrobatchRuns, StepEffects
 from lightning_pipe.strategy.step_runs import microbatch_run
-from lightning_pipe.strategy.step_values import check_rows, combine_outputs, loss_of, needs_whole_batch
+from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,
+                                                 tagged)
 from lightning_pipe.strategy.tied import TiedParameters
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
-_BATCH, _ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
+class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedResults):
     """A LightningModule cut into pipeline stages, one per rank, that runs its steps through the pipeline.
 
     Build it on every rank with :meth:`build` (collective). Every rank then calls :meth:`train` or :meth:`evaluate`
@@ -282,14 +282,14 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
             nonlocal for_logs
-            microbatch, index = tagged[_BATCH], firsts[int(tagged[_ROWS][0])]
+            microbatch, index = tagged[BATCH], firsts[int(tagged[ROWS][0])]
             microbatch_rows = batch_rows(microbatch, microbatch=True)
             weight = counts.counts[index] if counts is not None else None
             if runs is not None:
                 runs.before_run()
             given, watched = self.output_copies.given("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[_ROWS], rows), \
+                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
                     microbatch_run("training_step", index, len(firsts), microbatch_rows, rows):
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
@@ -330,7 +330,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
             # as the backward completes it
             versions = self.buffers.before()
-            loss = pipe.train_step(_tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
+            loss = pipe.train_step(tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
             self.buffers.after(versions)
             if self._rows_unchecked:
                 self._check_rows()
@@ -376,97 +376,12 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         loss = result.loss.to(pipe.device)
         return {"loss": loss, **result.output} if result.output else loss
 
-    def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int | None = None) -> Any:
-        """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
-        outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank. ``seed``: as for
-        :meth:`train`."""
-        with reported_failures(self.scope):
-            return self._evaluate(step, args, kwargs, self._seed(seed))
-
-    def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int) -> Any:
-        batch, rest = args[0], tuple(args[1:])
-        rows = check_rows(batch, step)
-        fingerprint = batch_fingerprint(batch, self.collective_device)
-        pipe = self.pipeline
-        start = self.effects.snapshot()
-        self._prepare(step, batch, rest, kwargs, seed)
-        marks = self.unfollowed.mark(step) if pipe.is_last_rank else None
-        firsts = self._first_rows(rows)
-        checks_inputs = self._checks_inputs(step, len(firsts))
-        checks_loss = self._checks_model_loss(step)
-        inputs: dict[int, list[Any]] | None = {} if checks_inputs or checks_loss else None
-        pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, rows, inputs)
-        pipe.loss_fn = None
-        self.recorder.calls = []
-        if not pipe.is_last_rank:  # (the last stage's, in _evaluate_last) as in training
-            self.metrics.start()
-        layers = self._chain_layers(step, batch, rest, kwargs, seed)
-        with self._result_posted(fingerprint):
-            _, last_outputs = pipe.eval_step(_tagged(batch, rows), layers=layers)
-            if checks_inputs:
-                self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
-            if checks_loss:
-                self._check_model_loss(inputs or {}, rows, step)
-            encoded = None
-            if pipe.is_last_rank:
-                encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
-                                                                        seed, start), replicas=True)
-                self.unfollowed.warn_of_changes(step, marks)
-        result = self._share(encoded, fingerprint, step, start)
-        self._carried(step, result, rows)
-        return result.output
-
-    def _chain_layers(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> int | None:
-        """On every rank: the layers of a chain an evaluation step runs, where it calls only its first links (an
-        autoencoder's test or predict through ``forward``, the encoder alone), found on the step's first batch
-        (:meth:`.chain.ChainSplit.links_called`) with what that look does to the module undone; None for all."""
-        if not isinstance(self.split, ChainSplit):
-            return None
-        if step not in self.split.called:
-            microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[0]
-            mark = self.effects.snapshot()
-            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(), \
-                    forked_random(derive_seed(seed, 0), self.pipeline.device):
-                self.split.links_called(step, microbatch, rest, kwargs)
-            if self.effects.changed(mark):
-                self.effects.restore(mark)
-        return self.split.layers_called(step)
-
     def _carried(self, step: str, result: StepResult, rows: int) -> None:
         """After a step of ``rows`` rows: learn the states the module carries with the rows, and warn of a tensor
         given to the model with each micro-batch's rows that the step did not store anew (:mod:`.carried`)."""
         if isinstance(self.split, CapturedModule):
             self.split.carried.after_step(step, {name: value if kind == "set" and key is None else None
                                                  for kind, name, key, value, *_ in result.effects}, rows)
-
-    def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
-                       kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
-        self.metrics.start()
-        outputs, sizes = [], []
-        counts = self._counts(batch, step)
-        runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
-        total = batch_rows(batch)
-        pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
-        changed = False
-        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
-                                                         last_outputs)):
-            runs.before_run()
-            sizes.append(batch_rows(microbatch, microbatch=True))
-            weight = counts.counts[index] if counts is not None else None
-            given, watched = self.output_copies.given(step, output)
-            with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), self.pipeline.device), \
-                    self._rows_window(pieces[index], total), microbatch_run(step, index, len(pieces), sizes[-1], total):
-                outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
-            changed = self.output_copies.changed(step, output, watched) or changed
-        if runs.rewind():
-            runs.remake()
-        result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
-        kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
-                                                                                                     sizes))]
-        self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
-        return result
 
     def _pipelined_modules(self) -> list[torch.nn.Module]:
         """The modules of this rank's share of the model (its stages, and the stand-in of a captured one)."""
@@ -531,7 +446,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
         whole_here = self.pipeline.is_last_rank  # a V schedule: the whole step runs here too, making the changes
 
         def input_fn(tagged: Any) -> Any:
-            rows = tagged[_ROWS]
+            rows = tagged[ROWS]
             index = firsts[int(rows[0])]
             before = self.effects.snapshot() if whole_here else None
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
@@ -541,7 +456,7 @@ class PipelineRunner(FirstBatchChecks, WholeBatchRuns, SharedResults):
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device), \
                     microbatch_run(step, index, len(firsts), len(rows), total):
-                inputs = self.split.capture_input(step, tagged[_BATCH], rest, kwargs)
+                inputs = self.split.capture_input(step, tagged[BATCH], rest, kwargs)
             if any(p._version != version for p, version in versions):
                 raise RuntimeError(
                     "training_step changes the model's parameters in place before calling the model (clamp_, mul_, "
@@ -566,8 +481,3 @@ def _entered(*contexts: Any) -> Iterator[None]:
             stack.enter_context(context)
         yield
 
-
-def _tagged(batch: Any, rows: int) -> dict[str, Any]:
-    """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
-    it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
-    return {_BATCH: batch, _ROWS: torch.arange(rows)}

@@ -50,6 +50,15 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
             f"every rank")
 
 
+
+BATCH, ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
+
+
+def tagged(batch: Any, rows: int) -> dict[str, Any]:
+    """The batch with each row's number beside it: the engine splits both alike, so that each micro-batch says which
+    it is (the step code's seeds depend on it, and the schedule decides in which order a rank sees them)."""
+    return {BATCH: batch, ROWS: torch.arange(rows)}
+
 def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     if isinstance(result, torch.Tensor):
         return result, {}

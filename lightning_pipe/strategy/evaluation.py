@@ -1,0 +1,141 @@
+"""The evaluation steps of a runner (a mixin of :class:`~.runner.PipelineRunner`): ``validation_step``,
+``test_step`` and ``predict_step`` of a batch, forward only through the pipeline, the step's code after the model run
+per micro-batch on the last stage, and the batch's result shared with every rank (:mod:`.sharing`). A chain whose
+evaluation step calls only its first links (an autoencoder's embeddings) runs those layers only (:mod:`.chain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lightning_pipe.engine.executor import Pipeline
+from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.strategy.chain import ChainSplit
+from lightning_pipe.strategy.failures import reported_failures
+from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
+from lightning_pipe.strategy.results import StepResult
+from lightning_pipe.strategy.step_effects import MicrobatchRuns, Snapshot
+from lightning_pipe.strategy.step_runs import microbatch_run
+from lightning_pipe.strategy.step_values import check_rows, tagged
+
+__all__ = ["EvaluationSteps"]
+
+
+class EvaluationSteps:
+    """The evaluation steps of a :class:`~.runner.PipelineRunner`, whose parts they use."""
+
+    pipeline: Pipeline
+    split: Any
+    scope: str
+    effects: Any
+    recorder: Any
+    metrics: Any
+    logger_calls: Any
+    unfollowed: Any
+    output_copies: Any
+    collective_device: torch.device
+    _seed: Callable[[int | None], int]
+    _prepare: Callable[..., None]
+    _first_rows: Callable[[int], dict[int, int]]
+    _checks_inputs: Callable[[str, int], bool]
+    _checks_model_loss: Callable[..., bool]
+    _input_fn: Callable[..., Any]
+    _check_inputs: Callable[..., None]
+    _check_model_loss: Callable[..., None]
+    _result_posted: Callable[..., Any]
+    _guard: Callable[..., Any]
+    _share: Callable[..., StepResult]
+    _carried: Callable[[str, StepResult, int], None]
+    _counts: Callable[[Any, str], Any]
+    _rows_window: Callable[[torch.Tensor, int], Any]
+    _result: Callable[..., StepResult]
+    _settle_effects: Callable[..., None]
+
+    def evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int | None = None) -> Any:
+        """``validation_step``, ``test_step`` or ``predict_step`` of a batch, forward only; returns the step's
+        outputs for the whole batch (micro-batch outputs concatenated along dim 0) on every rank. ``seed``: as for
+        :meth:`train`."""
+        with reported_failures(self.scope):
+            return self._evaluate(step, args, kwargs, self._seed(seed))
+
+    def _evaluate(self, step: str, args: Sequence[Any], kwargs: Mapping[str, Any], seed: int) -> Any:
+        batch, rest = args[0], tuple(args[1:])
+        rows = check_rows(batch, step)
+        fingerprint = batch_fingerprint(batch, self.collective_device)
+        pipe = self.pipeline
+        start = self.effects.snapshot()
+        self._prepare(step, batch, rest, kwargs, seed)
+        marks = self.unfollowed.mark(step) if pipe.is_last_rank else None
+        firsts = self._first_rows(rows)
+        checks_inputs = self._checks_inputs(step, len(firsts))
+        checks_loss = self._checks_model_loss(step)
+        inputs: dict[int, list[Any]] | None = {} if checks_inputs or checks_loss else None
+        pipe.input_fn = self._input_fn(step, rest, kwargs, seed, firsts, rows, inputs)
+        pipe.loss_fn = None
+        self.recorder.calls = []
+        if not pipe.is_last_rank:  # (the last stage's, in _evaluate_last) as in training
+            self.metrics.start()
+        layers = self._chain_layers(step, batch, rest, kwargs, seed)
+        with self._result_posted(fingerprint):
+            _, last_outputs = pipe.eval_step(tagged(batch, rows), layers=layers)
+            if checks_inputs:
+                self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
+            if checks_loss:
+                self._check_model_loss(inputs or {}, rows, step)
+            encoded = None
+            if pipe.is_last_rank:
+                encoded = self._guard(step, lambda: self._evaluate_last(step, batch, last_outputs or [], rest, kwargs,
+                                                                        seed, start), replicas=True)
+                self.unfollowed.warn_of_changes(step, marks)
+        result = self._share(encoded, fingerprint, step, start)
+        self._carried(step, result, rows)
+        return result.output
+
+    def _chain_layers(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> int | None:
+        """On every rank: the layers of a chain an evaluation step runs, where it calls only its first links (an
+        autoencoder's test or predict through ``forward``, the encoder alone), found on the step's first batch
+        (:meth:`.chain.ChainSplit.links_called`) with what that look does to the module undone; None for all."""
+        if not isinstance(self.split, ChainSplit):
+            return None
+        if step not in self.split.called:
+            microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[0]
+            mark = self.effects.snapshot()
+            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
+                    self.metrics.untouched(), host_random_kept(), \
+                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+                self.split.links_called(step, microbatch, rest, kwargs)
+            if self.effects.changed(mark):
+                self.effects.restore(mark)
+        return self.split.layers_called(step)
+
+    def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
+                       kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
+        self.metrics.start()
+        outputs, sizes = [], []
+        counts = self._counts(batch, step)
+        runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
+        total = batch_rows(batch)
+        pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
+        changed = False
+        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
+                                                         last_outputs)):
+            runs.before_run()
+            sizes.append(batch_rows(microbatch, microbatch=True))
+            weight = counts.counts[index] if counts is not None else None
+            given, watched = self.output_copies.given(step, output)
+            with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
+                    forked_random(derive_seed(seed, index), self.pipeline.device), \
+                    self._rows_window(pieces[index], total), microbatch_run(step, index, len(pieces), sizes[-1], total):
+                outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
+            changed = self.output_copies.changed(step, output, watched) or changed
+        if runs.rewind():
+            runs.remake()
+        result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
+        kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
+                                                                                                     sizes))]
+        self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
+        return result
