@@ -51,15 +51,21 @@ def _module(kind: str) -> Any:
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(3)
-            self.model = (nn.Sequential(nn.Linear(6, WIDTH), *[Block() for _ in range(BLOCKS)], nn.Linear(WIDTH, 3))
-                          if kind == "sequential" else Net())
+            if kind == "chain":  # two nn.Sequentials the step calls in turn (an encoder, then a decoder)
+                self.encoder = nn.Sequential(nn.Linear(6, WIDTH), *[Block() for _ in range(BLOCKS // 2)])
+                self.decoder = nn.Sequential(*[Block() for _ in range(BLOCKS - BLOCKS // 2)], nn.Linear(WIDTH, 3))
+            else:
+                self.model = (nn.Sequential(nn.Linear(6, WIDTH), *[Block() for _ in range(BLOCKS)],
+                                            nn.Linear(WIDTH, 3)) if kind == "sequential" else Net())
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            return F.cross_entropy(self.model(x), y)
+            return F.cross_entropy(self.decoder(self.encoder(x)) if kind == "chain" else self.model(x), y)
 
         def layer(self, name: str) -> int:
             parts = name.split(".")
+            if kind == "chain":
+                return int(parts[1]) + (BLOCKS // 2 + 1 if parts[0] == "decoder" else 0)
             if kind == "sequential":
                 return int(parts[1])
             return 0 if parts[1] == "stem" else int(parts[2]) + 1 if parts[1] == "blocks" else BLOCKS + 1
@@ -106,7 +112,7 @@ def _fit(rank: int, world_size: int, kind: str, path: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequential", "captured"])
+@pytest.mark.parametrize("kind", ["sequential", "captured", "chain"])
 def test_groups_made_by_name_are_one_devices_on_every_rank(kind: str, tmp_path: Path) -> None:
     results = run_ranks(_fit, 2, kind, str(tmp_path / "pipeline.ckpt"), timeout=280)
     reference = _fit(0, 1, kind, str(tmp_path / "one.ckpt"))

@@ -12,7 +12,8 @@ says so.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn as nn
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import Stop, refuse_other_weights
-from lightning_pipe.strategy.references import LayerElsewhere, redirect
-from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule, whole_sequences
 
 __all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
 
@@ -147,6 +148,7 @@ class ChainSplit(SplitModule):
                                   if p.requires_grad and id(p) not in inside]
         self.proxy = None  # hyper-parameters holding a link are checkpointed as they are, not made whole
         self.skeleton = None
+        self.skeletons = [meta_skeleton(part) for part in self.parts]  # for configure_optimizers' whole view
         self.links: list[ChainLink] = []
         self.aliases: list[str] = []
         self.deferred: DeferredCalls | None = None
@@ -180,6 +182,14 @@ class ChainSplit(SplitModule):
         self.deferred = DeferredCalls(self.module, lambda child: any(m in links for m in child.modules()), device)
         self.parts, self.sequence = [], None  # type: ignore[assignment]  # the other ranks' layers go
         return links[0]
+
+    @contextmanager
+    def whole(self, device: torch.device) -> Iterator[list[nn.Parameter]]:
+        """Inside (while ``configure_optimizers`` runs), every link holds every layer of its ``nn.Sequential``, other
+        ranks' as placeholders (:func:`~.split.whole_sequences`), so that groups made by name are one device's."""
+        parts = [(link, skeleton, f"{link._path}.") for link, skeleton in zip(self.links, self.skeletons)]
+        with whole_sequences(parts, self.tied_names, device) as placeholders:
+            yield placeholders
 
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         self.proxy = self.links[0]

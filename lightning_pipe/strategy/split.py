@@ -110,6 +110,50 @@ class PipelinedSequence(nn.Module):
         return state
 
 
+@contextmanager
+def whole_sequences(parts: Sequence[tuple[PipelinedSequence, nn.Module, str]], first: Mapping[str, str],
+                    device: torch.device) -> Iterator[list[nn.Parameter]]:
+    """Inside, each proxy of ``parts`` (``(proxy, its sequence's meta skeleton, the sequence's path prefix)``) holds
+    every layer of its sequence in its order: other ranks' as copies of their meta skeleton whose parameters are
+    placeholders on ``device`` (:func:`~.optimizers.stand_in`), or, for a parameter tied to one this rank holds (by
+    ``first``: a name -> its tie's first name), this rank's copy, so that ``named_parameters()`` and ``modules()``
+    list one device's names, in its order (a tie once, at its first name); yields the placeholders."""
+    placeholders: list[nn.Parameter] = []
+    local = {first.get(prefix + name, prefix + name): p for proxy, _, prefix in parts
+             for name, p in proxy.named_parameters()}
+    made: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}  # (the meta parameter kept alive: its id stays its)
+    saved = [(proxy, dict(proxy._modules)) for proxy, _, _ in parts]
+    for (proxy, skeleton, prefix), (_, mine) in zip(parts, saved):
+        if len(mine) == len(proxy._names):
+            continue
+        layers = {}
+        for name in proxy._names:
+            if name in mine:
+                layers[name] = mine[name]
+                continue
+            layer = copy.deepcopy(skeleton._modules[name])
+            for part_name, part in layer.named_modules(prefix=f"{prefix}{name}"):
+                for key, meta in part._parameters.items():
+                    if meta is None:
+                        continue
+                    full = f"{part_name}.{key}"
+                    if id(meta) not in made:
+                        tied = local.get(first.get(full, full))
+                        if tied is None:
+                            placeholders.append(stand_in(meta, device))
+                        made[id(meta)] = meta, tied if tied is not None else placeholders[-1]
+                    part._parameters[key] = made[id(meta)][1]
+            layers[name] = layer
+        proxy._modules.clear()
+        proxy._modules.update(layers)
+    try:
+        yield placeholders
+    finally:
+        for proxy, mine in saved:
+            proxy._modules.clear()
+            proxy._modules.update(mine)
+
+
 class SplitModule:
     """A LightningModule whose ``nn.Sequential`` is pipelined: cuts it, and runs the module's steps around it.
 
@@ -155,46 +199,14 @@ class SplitModule:
     # -- running steps around the sequence --------------------------------------------------------
     @contextmanager
     def whole(self, device: torch.device) -> Iterator[list[nn.Parameter]]:
-        """Inside (while ``configure_optimizers`` runs), the proxy holds every layer of the sequence in its order:
-        other ranks' as copies of their meta skeleton whose parameters are placeholders on ``device``
-        (:func:`~.optimizers.stand_in`), or, for a parameter tied to one this rank holds, this rank's copy, so that
-        ``named_parameters()`` and ``modules()`` list one device's names, in its order (a tie once, at its first
-        name); yields the placeholders."""
-        proxy = self.proxy
-        placeholders: list[nn.Parameter] = []
-        if proxy is None or self.skeleton is None or len(proxy._modules) == len(proxy._names):
-            yield placeholders
+        """Inside (while ``configure_optimizers`` runs), the proxy holds every layer of the sequence in its order
+        (:func:`whole_sequences`); yields the placeholders of other ranks' parameters."""
+        if self.proxy is None or self.skeleton is None:
+            yield []
             return
-        prefix = f"{self.path}." if self.path else ""
-        first = self.tied_names
-        local = {first.get(prefix + name, prefix + name): p for name, p in proxy.named_parameters()}
-        mine = dict(proxy._modules)
-        made: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}  # (the meta parameter kept alive: its id stays its)
-        layers = {}
-        for name in proxy._names:
-            if name in mine:
-                layers[name] = mine[name]
-                continue
-            layer = copy.deepcopy(self.skeleton._modules[name])
-            for part_name, part in layer.named_modules(prefix=f"{prefix}{name}"):
-                for key, meta in part._parameters.items():
-                    if meta is None:
-                        continue
-                    full = f"{part_name}.{key}"
-                    if id(meta) not in made:
-                        tied = local.get(first.get(full, full))
-                        if tied is None:
-                            placeholders.append(stand_in(meta, device))
-                        made[id(meta)] = meta, tied if tied is not None else placeholders[-1]
-                    part._parameters[key] = made[id(meta)][1]
-            layers[name] = layer
-        proxy._modules.clear()
-        proxy._modules.update(layers)
-        try:
+        with whole_sequences([(self.proxy, self.skeleton, f"{self.path}." if self.path else "")], self.tied_names,
+                             device) as placeholders:
             yield placeholders
-        finally:
-            proxy._modules.clear()
-            proxy._modules.update(mine)
 
     def capture_input(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """Run ``step`` on ``microbatch`` up to the sequence and return the sequence's input (of each call)."""
