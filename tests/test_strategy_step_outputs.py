@@ -609,26 +609,35 @@ def test_outputs_whose_sizes_past_the_rows_differ_are_an_error_that_says_why() -
     assert combine_outputs([torch.zeros(2, 3), torch.ones(2, 3)], [2, 2]).shape == (4, 3)
 
 
-def _counted_logs(rank: int, world_size: int) -> list[str]:
-    import warnings
-
+def _classifier() -> type:
+    """A LightningModule training a small classifier in an ``nn.Sequential`` (``self.net``), for the tests to vary."""
     import lightning as L
 
-    from lightning_pipe import PipelineStrategy
-    from tests.citizen_models import class_data
-
-    class Module(L.LightningModule):
+    class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            loss = F.cross_entropy(self.net(batch[0]), batch[1], ignore_index=0)
-            self.log("ppl", loss.exp())
-            return loss
+            return F.cross_entropy(self.net(batch[0]), batch[1])
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Classifier
+
+
+def _counted_logs(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Module(_classifier()):  # type: ignore[misc]
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.net(batch[0]), batch[1], ignore_index=0)
+            self.log("ppl", loss.exp())
+            return loss
 
     strategy = PipelineStrategy(num_microbatches=2, loss_reduction=lambda batch: (batch[1] != 0).sum())
     with warnings.catch_warnings(record=True) as caught:
@@ -653,15 +662,8 @@ def _on_rank_zero(devices: int, strategy: Any, folder: str) -> dict[str, Any]:
 
     from tests.citizen_models import class_data
 
-    class Module(L.LightningModule):
+    class Module(_classifier()):  # type: ignore[misc]
         """Logs one sample per epoch the usual way: under `if self.trainer.is_global_zero:` in the step."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             out = self.net(batch[0])
@@ -670,9 +672,6 @@ def _on_rank_zero(devices: int, strategy: Any, folder: str) -> dict[str, Any]:
                 self.logger.log_metrics({"sample_logit_sum": float(out.sum())})
             if batch_idx == 0 and self.global_rank == 0:
                 self.log("first_batch_mean", out.mean())
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     L.seed_everything(0, verbose=False)
     trainer = quiet_trainer(devices, strategy, max_epochs=1, logger=CSVLogger(folder, name="", version=0))
@@ -707,26 +706,15 @@ def test_step_code_under_is_global_zero_runs_as_on_one_device(tmp_path: Any) -> 
 def _histograms(rank: int, world_size: int, folder: str) -> list[str]:
     import warnings
 
-    import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import class_data
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
+    class Module(_classifier()):  # type: ignore[misc]
         def on_train_epoch_end(self) -> None:  # a weight summary per parameter, as histograms are logged
             for name, param in self.named_parameters():
                 self.logger.experiment.log_metrics({f"norm/{name}": float(param.norm())}, self.current_epoch)
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_epochs=1,
                             logger=CSVLogger(folder, name="", version=0))
