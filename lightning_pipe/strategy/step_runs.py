@@ -26,7 +26,7 @@ from lightning_pipe.engine.notices import PipelineError
 __all__ = ["microbatch_run"]
 
 _RUN_NOTE = "this run of "
-_EVALUATION_HOOKS = {"training_step": "on_train_batch_end", "validation_step": "on_validation_batch_end",
+_BATCH_END_HOOKS = {"training_step": "on_train_batch_end", "validation_step": "on_validation_batch_end",
                      "test_step": "on_test_batch_end", "predict_step": "on_predict_batch_end"}
 
 
@@ -84,7 +84,7 @@ class _Writes:
                 f"stage, all of it on the last), so a file written per batch holds one micro-batch's rows (the last "
                 f"one's) and a line appended per batch appears once per micro-batch. Write a batch's outputs where "
                 f"the whole batch's are given once: return them from the step and write them in "
-                f"{_EVALUATION_HOOKS.get(step, 'on_train_batch_end')}(outputs=...) under `if "
+                f"{_BATCH_END_HOOKS.get(step, 'on_train_batch_end')}(outputs=...) under `if "
                 f"trainer.is_global_zero:`, use a BasePredictionWriter callback for predictions, or name each file by "
                 f"its row's own id", stacklevel=2)
 
