@@ -15,14 +15,15 @@ from tests.lightning_models import Regressor, regression_data
 
 
 class FailsOnRank(Regressor):
-    """Raises in ``training_step`` on one global rank, at the second batch (after the first full step)."""
+    """Raises in ``training_step`` on one global rank, at the second batch (after the first full step). The process's
+    own rank: inside the step's code ``self.global_rank`` answers as the pipeline's first stage on every stage."""
 
     def __init__(self, failing_rank: int) -> None:
         super().__init__()
         self.failing_rank = failing_rank
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if batch_idx == 1 and self.global_rank == self.failing_rank:
+        if batch_idx == 1 and torch.distributed.get_rank() == self.failing_rank:
             raise ValueError(f"boom on rank {self.failing_rank}")
         return super().training_step(batch, batch_idx)
 

@@ -99,7 +99,7 @@ def _fit(devices: int, strategy: Any, summed: bool, path: str,
         warnings.simplefilter("always")
         trainer.fit(module, loader)
     trainer.save_checkpoint(path)  # every rank: the whole model's weights
-    warned = [str(w.message) for w in caught if "loss_reduction" in str(w.message)]
+    warned = [str(w.message) for w in caught if "what loss_reduction's function counts" in str(w.message)]
     return torch.load(path, weights_only=False)["state_dict"], warned
 
 
