@@ -117,3 +117,42 @@ def test_a_dataset_the_steps_code_changes_is_named_when_the_ranks_batches_differ
         assert text is not None and "DifferentBatches" in text, rank
         assert "the step's code after the model runs on the last stage only, so a dataset or sampler it changes" \
             in text and "on_train_batch_end" in text, text[-3000:]
+
+
+class Weighted(torch.utils.data.Dataset):
+    """Rows with an index and a per-sample weight the step sets from each row's loss (hard-example mining)."""
+
+    def __init__(self) -> None:
+        self.x, self.y, self.weights = torch.randn(32, 16), torch.randn(32, 16), torch.ones(32)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.x[index], self.y[index], index
+
+
+class RecordsHardness(Regressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        rows = torch.nn.functional.mse_loss(self(x), y, reduction="none").mean(1)
+        self.trainer.train_dataloader.dataset.weights[index] = rows.detach()
+        return rows.mean()
+
+
+def _fit_hardness(rank: int, world_size: int) -> list[str]:
+    from torch.utils.data import DataLoader
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(world_size, max_steps=2).fit(RecordsHardness(), DataLoader(Weighted(), batch_size=8))
+    return [str(w.message) for w in caught if "changes trainer.train_dataloader.dataset" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_dataset_the_steps_code_changes_after_the_model_is_warned_of_on_the_rank_that_changes_it() -> None:
+    """Rank 0 never saw the per-sample weights (all 1.0 there): silent (found by review)."""
+    first, last = run_ranks(_fit_hardness, 2, timeout=90)
+    assert not first
+    assert len(last) == 1 and "changes trainer.train_dataloader.dataset.weights" in last[0], last
+    assert "on_train_batch_end" in last[0]

@@ -25,6 +25,9 @@ __all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules"]
 FOREIGN = LIBRARIES | {"lightning_pipe", "transformers", "timm", "torchvision", "torchaudio", "peft", "diffusers",
                        "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers"}
 _STEPS = 16  # steps of each kind whose state is marked and compared
+_DATA = "\0data"  # the datasets' marks, among a step's marks
+_LOADERS = {"training_step": "train_dataloader", "validation_step": "val_dataloaders",
+            "test_step": "test_dataloaders", "predict_step": "predict_dataloaders"}
 _ITEMS = 64  # items of a container looked at (its length counts the rest)
 _LARGE = 4096  # a dict larger than this is not looked into by the step's effects (step_effects._ENTRIES)
 _HASHED = 1 << 16  # a NumPy array up to this size is marked by its bytes, a larger one by identity
@@ -100,7 +103,7 @@ class UnfollowedState:
         if left <= 0:
             return None
         self._left[step] = left - 1
-        return self._marks()
+        return {**self._marks(), _DATA: self._data_marks(step)}
 
     def _marks(self) -> dict[str, Any]:
         marks: dict[str, Any] = {}
@@ -111,10 +114,32 @@ class UnfollowedState:
                 marks[f"{path}.{name}"] = (None, mark(value))
         return marks
 
+    def _data_marks(self, step: str) -> dict[str, Any]:
+        """Marks of the plain attributes of the datasets the step's DataLoaders read (a curriculum's difficulty,
+        per-sample weights for a sampler), which the step's code may change but which no rank but this one sees."""
+        trainer = getattr(self.module, "_trainer", None)
+        attribute = _LOADERS.get(step)
+        try:
+            loaders = getattr(trainer, attribute) if trainer is not None and attribute else None
+        except Exception:  # noqa: BLE001 - no loaders in this state of the Trainer
+            return {}
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        marks: dict[str, Any] = {}
+        for index, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+                continue
+            where = f"trainer.{attribute}{f'[{index}]' if isinstance(loaders, (list, tuple)) else ''}.dataset"
+            for name, value in list(getattr(dataset, "__dict__", {}).items())[:_ITEMS]:
+                marks[f"{where}.{name}"] = (None, mark(value))
+        return marks
+
     def warn_of_changes(self, step: str, before: dict[str, Any] | None) -> None:
         """Warn, once per name, of what changed since ``before`` (:meth:`mark`'s)."""
         if before is None:
             return
+        self._warn_of_data(step, before.pop(_DATA, {}))
         now = self._marks()
         # (the module's own attributes bound anew, or a dict's entry, are followed: marked with the value's id)
         changed = sorted(name for name, mark in now.items() if name not in self.warned and name in before
@@ -130,6 +155,23 @@ class UnfollowedState:
             f"it, and the other ranks, rank 0 and its loggers among them, see none of it. Keep such state on the "
             f"LightningModule itself in a list, or a dict of numbers, lists or tensors (their changes are made one "
             f"device's on every rank), in a tensor, or in a torchmetrics metric", stacklevel=2)
+
+
+    def _warn_of_data(self, step: str, before: dict[str, Any]) -> None:
+        """Warn, once per name, of a dataset attribute the step changed since ``before``."""
+        now = self._data_marks(step)
+        changed = sorted(name for name, value in now.items() if name not in self.warned and name in before
+                         and before[name] != value)
+        if not changed:
+            return
+        self.warned.update(changed)
+        warnings.warn(
+            f"{step} changes {', '.join(changed[:4])}: the step's code runs on the pipeline's stages in parts (after "
+            f"the model on the last stage's rank only, once per micro-batch), so the dataset changes on that rank "
+            f"alone; rank 0, which logs and checkpoints, and the first stage, which reads the inputs, do not see it "
+            f"(a change that alters later batches makes the ranks read different ones). Make such changes in a hook "
+            f"every rank runs once per batch or epoch (on_train_batch_end, from the step's outputs; "
+            f"on_train_epoch_start)", stacklevel=2)
 
 
 def user_modules(module: nn.Module, pipelined: Iterable[nn.Module],
