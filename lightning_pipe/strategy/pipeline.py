@@ -311,8 +311,11 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         if self.num_processes == 0 or getattr(self, "_answering_as", None) is not None:
             yield
             return
-        shape = self.mesh_shape
-        self._answering_as = shape.pipelines()[shape.coordinates(super().global_rank)[1]][0]
+        first = getattr(self, "_first_stage_rank", None)  # the layout is fixed once set up: found once (each
+        if first is None:  # micro-batch's run of the step asks)
+            shape = self.mesh_shape
+            first = self._first_stage_rank = shape.pipelines()[shape.coordinates(super().global_rank)[1]][0]
+        self._answering_as = first
         try:
             yield
         finally:

@@ -277,10 +277,7 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
     # non-negative one (a pad id) could be, so the inputs cannot tell labels from the rest: not checked.
     for ignore_index in sorted({loss.ignore_index for loss in losses
                                 if loss.ignore_index is not None and loss.ignore_index < 0}):
-        for column in zip(*inputs):
-            if not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point()
-                       and not leaf.is_complex() and leaf.dtype != torch.bool for leaf in column):
-                continue
+        for column in _label_columns(inputs):
             counts = [int((leaf != ignore_index).sum()) for leaf in column]
             shares = [count / max(leaf.numel(), 1) for count, leaf in zip(counts, column)]
             if max(shares) - min(shares) > 1e-9:
@@ -289,6 +286,14 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
                     f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != {ignore_index})"
                     f".sum())")
     return None
+
+
+def _label_columns(inputs: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """The model inputs that could be labels, each as its micro-batches' values (``inputs``: each micro-batch's
+    flattened inputs): integer tensors with dims, in every micro-batch."""
+    return [column for column in zip(*inputs) if all(
+        isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point() and not leaf.is_complex()
+        and leaf.dtype != torch.bool for leaf in column)]
 
 
 def counted_mean_warning(means: Sequence[CountedMean], inputs: Sequence[Sequence[Any]], rows: Sequence[int],
@@ -341,9 +346,7 @@ def given_count_warning(losses: Sequence[MeanLoss], means: Sequence[CountedMean]
         what = mean.given or mean.expression or "a count of its inputs' elements"
         return count_warning(f"the model's {mean.op} is a mean over {what}: {_numbers(counts)} in this batch's "
                              f"micro-batches, where loss_reduction's function counts {_numbers(given)}")
-    columns = [column for column in zip(*inputs) if all(
-        isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and not leaf.is_floating_point() and not leaf.is_complex()
-        and leaf.dtype != torch.bool for leaf in column)]
+    columns = _label_columns(inputs)
     for loss in losses if not means else ():
         if loss.ignore_index is None or loss.weighted or not columns:
             continue
