@@ -754,6 +754,45 @@ def test_meta_capture_then_materialize_only_local_segments() -> None:
     torch.testing.assert_close(splitter.run(*args, **kwargs).logits, real(*args, **kwargs).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["hf_llama", "litgpt"])
+def test_a_model_whose_state_is_not_where_its_inputs_are_is_captured_on_meta_twins(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU's pipeline keeps the whole model where it was built (each rank moves only its own layers) while the
+    batch is on the GPU already: a trace on the real weights mixed cpu and cuda:0 and every captured model failed
+    there (found by the GPU check; ``tests/test_cuda.py`` trains such models on a GPU). State on another device than
+    the inputs is captured on meta twins that say the inputs' device; here the devices are said to differ (a CPU-only
+    build cannot fake a CUDA tensor), and the graphs compute what the model computes."""
+    import lightning_pipe.capture.splitter as splitter_module
+
+    fam = family(name)
+    torch.manual_seed(0)
+    model = fam.make().train()
+    reference = copy.deepcopy(model)
+    assert splitter_module._state_elsewhere(model, torch.device("cuda", 0))
+    assert not splitter_module._state_elsewhere(model, torch.device("cpu"))
+    on_meta: list[bool] = []
+    export = splitter_module.export_forward
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        on_meta.append(bool(kwargs["meta"]))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(splitter_module, "export_forward", recorded)
+    Splitter(copy.deepcopy(model)).segments(*fam.call(fam.batch(4, 12, 1)))
+    monkeypatch.setattr(splitter_module, "_state_elsewhere", lambda model, device: True)
+    splitter = Splitter(model)
+    batch = fam.batch(4, 12, 1)
+    args, kwargs = fam.call(batch)
+    splitter.segments(args, kwargs)
+    assert on_meta == [False, True], "the same devices: the real tensors; others: meta twins"
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers())), "the weights stay as they were"
+    loss, out = _step(splitter.run, args, kwargs, fam.loss, batch)
+    ref_loss, ref_out = _step(reference, args, kwargs, fam.loss, batch)
+    for got, expected in zip(_outputs(out), _outputs(ref_out), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    _assert_same(model, reference, name)
+
+
 def test_materializing_keeps_a_tie_one_object() -> None:
     with torch.device("meta"):
         model = LitGPT()

@@ -11,6 +11,7 @@ command runs everything this machine can: ``python -m pytest tests/test_cuda.py 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import functools
 import sys
 from pathlib import Path
@@ -279,8 +280,8 @@ def test_replicated_stages_on_gpu_equal_one_gpu(tmp_path: Path, layout: str) -> 
     script.write_text(REPLICATED_SCRIPT)
     run_torchrun_nodes(script, str(tmp_path), layout, nnodes=4, nproc_per_node=1, timeout=180)
     reference = Regressor(width=64, lr=0.5)
-    L.Trainer(accelerator="gpu", devices=1, max_steps=3, gradient_clip_val=0.3, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(
+    L.Trainer(accelerator="gpu", devices=1, max_steps=3, gradient_clip_val=0.3, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(
                   reference, one_device_loader(3, 16, functools.partial(regression_data, width=64)))
     ranks = [torch.load(tmp_path / f"{layout}-rank{rank}.pt", weights_only=False) for rank in range(4)]
     assert {r["device"] for r in ranks} == {"cuda:0"}
@@ -291,6 +292,140 @@ def test_replicated_stages_on_gpu_equal_one_gpu(tmp_path: Path, layout: str) -> 
         full = _full_state([ranks[first]["state"], ranks[last]["state"]])
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(full[key], value.cpu(), rtol=0, atol=1e-5, msg=f"{layout} ranks {first} {key}")
+
+
+# -- any model on a GPU: the captured path, meta-device builds ------------------------------------
+# Families of the capture tests (Hugging Face decoders and an encoder-decoder, litgpt, ViTs from this repository,
+# torchvision and timm, a model kept in hyper-parameters, layers called from the module's own forward) and models
+# built on the meta device (configure_model; init_module(empty_init=True) with a tied head; a Hugging Face Llama).
+# Batch norms are left out: one GPU normalizes over the whole batch, a pipeline over each micro-batch.
+GPU_FAMILIES = ["hf_gpt2", "hf_llama", "hf_t5", "litgpt", "vit", "forward", "hparams", "tv_vit",
+                "timm_vit_tiny_patch16_224"]
+GPU_META = ["lazy", "tied", "meta_hf_llama"]
+
+CAPTURED_SCRIPT = """
+import sys
+from tests.test_cuda import fit_on_gpu
+
+fit_on_gpu(sys.argv[1], sys.argv[2].split(","), sys.argv[3], pipelined=True, accelerator=sys.argv[4])
+"""
+
+
+def fit_on_gpu(out: str, names: list[str], precision: str, pipelined: bool, accelerator: str = "gpu") -> None:
+    """Fit each of ``names`` for three steps on cuda:0 and validate it, as two torchrun nodes' pipeline (``1f1b``, 4
+    micro-batches, gloo between the ranks) or on one GPU; each rank's weights and validation loss go to ``out``.
+    TF32 is off (cuDNN convolutions use it by default): its rounding would depend on the micro-batch's size."""
+    import os
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.big_models import LazyRegressor, built_like_the_strategy
+    from tests.lightning_models import TiedLM, regression_data, token_data
+    from tests.test_strategy_capture import SEED, _captured, _data, _module
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for name in names:
+        def trainer(**options: Any) -> Any:
+            if pipelined:
+                options.update(num_nodes=2, strategy=PipelineStrategy(schedule="1f1b", num_microbatches=4,
+                                                                       process_group_backend="gloo"))
+            return L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                             precision=precision, **options)
+
+        fitting = trainer(max_steps=3)
+        family = name.removeprefix("meta_")
+        if family in ("lazy", "tied"):
+            data = regression_data(3) if family == "lazy" else token_data(3)
+        else:
+            data, validation = _data(family), _data(family, 50, [(8, 14)])
+        L.seed_everything(SEED, verbose=False)
+        make = {"lazy": LazyRegressor, "tied": TiedLM}.get(family, functools.partial(_module, family))
+        if name in GPU_META and pipelined:  # built on meta: each rank materializes its own layers on the GPU
+            with fitting.init_module(empty_init=True):
+                model = make()  # LazyRegressor has none yet: the strategy calls its configure_model on meta
+            on_meta = all(p.is_meta for p in model.parameters())
+        elif name in GPU_META:  # the one-GPU reference: every tensor materialized as the pipeline materializes its own
+            model = _materialized_on(torch.device("cuda", 0) if accelerator == "gpu" else torch.device("cpu"), make,
+                                     built_like_the_strategy, SEED)
+        else:
+            model = make()
+        if not pipelined or name not in GPU_META:
+            on_meta = False
+        fitting.fit(model, data)
+        loss = None
+        if type(model).validation_step is not L.LightningModule.validation_step:
+            loss = trainer().validate(model, validation, verbose=False)[0]["val_loss"]  # the families' own
+        rank = fitting.global_rank
+        torch.save({"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "val_loss": loss,
+                    "device": str(fitting.strategy.root_device), "captured": _captured(model),
+                    "built_on_meta": on_meta, "left_on_meta": any(p.is_meta for p in model.parameters())},
+                   os.path.join(out, f"{name}-{'pipe' if pipelined else 'one'}-rank{rank}.pt"))
+
+
+def _materialized_on(device: torch.device, make: Any, built_like_the_strategy: Any, seed: int) -> Any:
+    from lightning_pipe.strategy.materialize import LocalMaterializer
+    from lightning_pipe.strategy.split import find_sequence
+
+    with built_like_the_strategy():
+        model = make()
+        if hasattr(model, "configure_model"):
+            model.configure_model()
+    sequence = model.model if hasattr(model, "model") and not hasattr(model, "layers") else find_sequence(model)[1]
+    LocalMaterializer(model, sequence, device, seed)([sequence])
+    return model
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_captured_and_meta_built_models_on_gpu_equal_one_gpu(tmp_path: Path, precision: str) -> None:
+    """Models that are not one ``nn.Sequential`` (captured, then cut) and models built on the meta device train and
+    validate on a GPU as a pipeline of two torchrun nodes like one GPU: 1e-4 in float32 (the GPU's kernels for a
+    micro-batch's and a whole batch's sizes sum in other orders), 1e-2 under bf16-mixed (validation losses: 1e-5 and
+    2e-2 relative)."""
+    pytest.importorskip("transformers")
+    names = GPU_FAMILIES + GPU_META if precision == "32-true" else ["hf_llama", "litgpt", "meta_hf_llama"]
+    if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
+        names = [name for name in names if not name.startswith(("tv_", "timm_"))]
+    compare_pipeline_with_one_device(tmp_path, names, precision)
+
+
+def compare_pipeline_with_one_device(tmp_path: Path, names: list[str], precision: str,
+                                     accelerator: str = "gpu") -> None:
+    """:func:`fit_on_gpu` as a pipeline and on one device (a dry run on CPU: ``accelerator="cpu"``), compared."""
+    script = tmp_path / "train.py"
+    script.write_text(CAPTURED_SCRIPT)
+    run_torchrun_nodes(script, str(tmp_path), ",".join(names), precision, accelerator, nproc_per_node=1, timeout=240)
+    fit_on_gpu(str(tmp_path), names, precision, pipelined=False, accelerator=accelerator)
+    failures = []
+    for name in names:
+        (one,) = [torch.load(tmp_path / f"{name}-one-rank0.pt", weights_only=False)]
+        ranks = [torch.load(tmp_path / f"{name}-pipe-rank{rank}.pt", weights_only=False) for rank in range(2)]
+        device = "cuda:0" if accelerator == "gpu" else "cpu"
+        assert [r["device"] for r in ranks] == [one["device"]] * 2 == [device] * 2, name
+        assert all(r["captured"] for r in ranks) == (name not in ("lazy", "tied")), name
+        assert all(r["built_on_meta"] == (name in GPU_META) for r in ranks), f"{name}: built on meta or not"
+        assert not any(r["left_on_meta"] for r in ranks), f"{name}: a parameter stayed on the meta device"
+        merged = _full_state_of(ranks)
+        assert merged.keys() == one["state"].keys(), f"{name}: {sorted(set(merged) ^ set(one['state']))}"
+        error = max((merged[k].float() - v.float()).abs().max().item() for k, v in one["state"].items())
+        assert (one["val_loss"] is None) == (name in ("lazy", "tied")), name
+        loss_error = 0.0 if one["val_loss"] is None else \
+            max(abs(r["val_loss"] - one["val_loss"]) for r in ranks) / max(abs(one["val_loss"]), 1e-6)
+        print(f"{precision} {name}: weights differ from one GPU's by {error:.3g} at most, validation loss "
+              f"{ranks[1]['val_loss']} vs {one['val_loss']}")
+        tolerance = 1e-4 if precision == "32-true" else 1e-2
+        if error > tolerance or loss_error > (1e-5 if precision == "32-true" else 2e-2):
+            failures.append(f"{name}: weights {error:.3g}, validation loss relative {loss_error:.3g}")
+    assert not failures, failures
+
+
+def _full_state_of(ranks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    merged: dict[str, torch.Tensor] = {}
+    for rank in ranks:
+        merged.update(rank["state"])
+    return merged
 
 
 # -- NCCL: two GPUs --------------------------------------------------------------------------------

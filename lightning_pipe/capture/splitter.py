@@ -62,9 +62,9 @@ class Splitter:
     rather than receive them. A custom ``torch.autograd.Function`` whose backward is not checked to be its
     forward's derivative (:mod:`.functions`) is refused unless ``allow_autograd_functions`` (export drops its
     backward). Hugging Face models are captured with ``config.use_cache`` off (a cache cannot cross stages); the
-    config is put back. ``capture_on_meta`` (default: when some state is on the meta device)
-    captures on meta twins of the state, so a rank never needs the whole model's weights; :meth:`materialize` then
-    gives its own segments storage.
+    config is put back. ``capture_on_meta`` (default: when some state is on the meta device, or on another device
+    than the inputs) captures on meta twins of the state, so a rank never needs the whole model's weights;
+    :meth:`materialize` then gives its own segments storage.
     """
 
     def __init__(self, model: nn.Module, split_points: SplitPoints | None = None, *, dynamic: bool = True,
@@ -213,9 +213,10 @@ class Splitter:
     def _capture(self, args: tuple, kwargs: dict[str, Any], training: bool, flat: list[Any]) -> Capture:
         padded = _NestedTensorEncoders(self.model) if not training else None
         modes = self.switches(training)  # as the capture keeps them
-        meta = has_meta_state(self.model) if self.capture_on_meta is None else self.capture_on_meta
         # On meta twins, the trace still says the device the graphs run on (autocast follows it).
         device = self.device if self.device is not None else _device_of(flat)
+        meta = (has_meta_state(self.model) or _state_elsewhere(self.model, device) if self.capture_on_meta is None
+                else self.capture_on_meta)
         start = time.perf_counter()
         try:
             reads: list[Read] = []
@@ -365,6 +366,15 @@ def _positional(args: Sequence[Any]) -> tuple:
 
 def _device_of(flat: Sequence[Any]) -> torch.device:
     return next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def _state_elsewhere(model: nn.Module, device: torch.device) -> bool:
+    """Whether some of ``model``'s state is on another device than its inputs: a GPU's pipeline keeps the whole model
+    where it was built (each rank moves only its own layers) while the batch is already on the GPU; the capture then
+    runs on meta twins that say ``device`` (a trace on the real tensors would mix devices)."""
+    kind = torch.device(device)
+    return any(t.device.type != kind.type or (kind.index is not None and t.device.index not in (None, kind.index))
+               for t in (*model.parameters(), *model.buffers()))
 
 
 def split_model(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None,
