@@ -705,33 +705,98 @@ def test_step_code_under_is_global_zero_runs_as_on_one_device(tmp_path: Any) -> 
     assert first["sample_logit_sum"] == pytest.approx(reference["sample_logit_sum"], rel=1e-5)
 
 
-def _histograms(rank: int, world_size: int, folder: str) -> list[str]:
+def _histograms(rank: int, world_size: int) -> dict[str, Any]:
+    """Hooks and a callback logging every parameter through the logger's experiment (tensors, NumPy arrays, numbers),
+    as weight histograms are logged; and a figure, which cannot travel."""
     import warnings
 
-    from lightning.pytorch.loggers import CSVLogger
+    import lightning as L
+    import numpy as np
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.utilities import rank_zero_only
 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import class_data
 
-    class Module(_classifier()):  # type: ignore[misc]
-        def on_train_epoch_end(self) -> None:  # a weight summary per parameter, as histograms are logged
-            for name, param in self.named_parameters():
-                self.logger.experiment.log_metrics({f"norm/{name}": float(param.norm())}, self.current_epoch)
+    class Book:
+        def __init__(self) -> None:
+            self.entries: list[Any] = []
 
-    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_epochs=1,
-                            logger=CSVLogger(folder, name="", version=0))
+        def add_histogram(self, tag: str, values: Any, global_step: int | None = None) -> None:
+            kind = "numpy" if isinstance(values, np.ndarray) else "tensor" if isinstance(values, torch.Tensor) else "?"
+            self.entries.append((tag, kind, tuple(values.shape), round(float((values ** 2).sum()), 5), global_step))
+
+        def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+            self.entries.append((tag, round(value, 5), global_step))
+
+        def add_figure(self, tag: str, figure: Any, global_step: int) -> None:
+            self.entries.append((tag, "figure", global_step))
+
+    class BookLogger(Logger):
+        name, version = "book", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.book = Book()
+
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Book:
+            return self.book
+
+        @rank_zero_only
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            pass
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class Module(_classifier()):  # type: ignore[misc]
+        def on_train_epoch_end(self) -> None:  # a histogram per parameter, as the TensorBoard tutorials log them
+            for name, param in self.named_parameters():
+                self.logger.experiment.add_histogram(f"weights/{name}", param, self.global_step)
+                self.logger.experiment.add_scalar(f"norm/{name}", float(param.norm()), self.global_step)
+
+        def on_after_backward(self) -> None:
+            if self.global_step == 1:
+                for name, param in self.named_parameters():
+                    self.logger.experiment.add_histogram(f"grads/{name}", param.grad.numpy(), self.global_step)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.net(batch[0])
+
+    class Figures(L.Callback):
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            pl_module.logger.experiment.add_figure("figure", object(), trainer.global_step)
+            for name, param in pl_module.named_parameters():
+                pl_module.logger.experiment.add_histogram(f"val/{name}", param, trainer.global_step)
+
+    L.seed_everything(4, verbose=False)
+    module = Module()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=2, logger=BookLogger(), callbacks=[Figures()],
+                            num_sanity_val_steps=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Module(), class_data(batches=1))
-    return [str(w.message) for w in caught if "outside the steps" in str(w.message)]
+        trainer.fit(module, class_data(batches=2), class_data(batches=1, seed=5))
+    return {"entries": trainer.logger.book.entries,
+            "warnings": [str(w.message) for w in caught if "outside the steps" in str(w.message)]}
 
 
 @pytest.mark.timeout(120)
-def test_a_hooks_logger_calls_dropped_on_a_rank_holding_other_layers_are_warned_of(tmp_path: Any) -> None:
-    """Rank 1's parameters' values logged from a hook through the logger's experiment were missing, silently."""
-    first, second = run_ranks(_histograms, 2, str(tmp_path), timeout=100)
-    assert not first
-    assert len(second) == 1 and "self.logger.experiment.log_metrics(...) is called on rank 1" in second[0], second
+def test_what_hooks_log_through_the_experiment_on_a_rank_holding_other_layers_is_logged_on_rank_0() -> None:
+    """Rank 1's parameters logged from hooks and callbacks through the logger's experiment (histograms of tensors and
+    of NumPy arrays, scalars) were missing, silently: rank 0 logs them as one device does, with the steps they name;
+    a figure, which cannot travel, is warned of on the rank that made it."""
+    first, second = run_ranks(_histograms, 2, timeout=100)
+    reference = _histograms(0, 1)
+    assert {entry[0] for entry in reference["entries"]} >= {"weights/net.4.bias", "grads/net.4.bias",
+                                                            "val/net.4.bias", "figure"}
+    assert sorted(first["entries"], key=str) == sorted(reference["entries"], key=str)  # rank 1's come later
+    assert second["entries"] == [] and not first["warnings"]
+    assert len(second["warnings"]) == 1 and "add_figure" in second["warnings"][0], second["warnings"]
 
 
 def _distilled(rank: int, world_size: int) -> list[str]:

@@ -19,10 +19,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["note_dropped_experiment_calls", "LoggerCalls", "Call"]
+__all__ = ["LoggerCalls", "Call", "in_step_code", "made_on_loggers"]
 
 Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
 _PRINT = -1  # the logger index of a self.print call
+_STEP_CODE = [0]  # how deep this process is in a step's code (recorded or discarded runs)
+
+
+def in_step_code() -> bool:
+    """Whether a run of a step's code is under way in this process (its logger calls are the step's, recorded on the
+    last stage or dropped elsewhere), rather than a hook's or a callback's."""
+    return _STEP_CODE[0] > 0
 
 
 class _Recorder:
@@ -154,12 +161,18 @@ class LoggerCalls:
             del self._module.print
             rank_zero_only.rank = rank
 
-    def _as_first_stage(self) -> Any:
+    @contextmanager
+    def _as_first_stage(self) -> Iterator[None]:
         """The strategy's ``answering_as_first_stage`` (the step's code asking its rank gets the pipeline's first
-        stage's), where the module is attached to a pipeline's Trainer."""
+        stage's), where the module is attached to a pipeline's Trainer; :func:`in_step_code` says True inside."""
         trainer = getattr(self._module, "_trainer", None)
         answering = getattr(getattr(trainer, "strategy", None), "answering_as_first_stage", None)
-        return answering() if answering is not None else nullcontext()
+        _STEP_CODE[0] += 1
+        try:
+            with answering() if answering is not None else nullcontext():
+                yield
+        finally:
+            _STEP_CODE[0] -= 1
 
     def take(self) -> list[Call]:
         calls, self.calls = self.calls, []
@@ -169,50 +182,24 @@ class LoggerCalls:
         """Make ``calls`` (recorded on the last stage) on this rank's loggers: on rank 0, where they log."""
         loggers = list(self._loggers())
         for index, path, args, kwargs in calls:
-            try:
-                if index == _PRINT:
-                    self._module.print(*args, **kwargs)
-                    continue
-                target: Any = loggers[index]
-                for name in path:
-                    target = getattr(target, name)
-                target(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - rank 0 alone makes them: never end the run there alone
-                warnings.warn(f"the step's call self.logger.{'.'.join(path)}(...) failed on rank 0, where the "
-                              f"pipeline makes it: {type(error).__name__}: {error}", stacklevel=2)
+            if index == _PRINT:
+                self._module.print(*args, **kwargs)
+            else:
+                made_on_loggers(loggers, (index, path, args, kwargs), "the step's")
 
 
-def note_dropped_experiment_calls(rank: int) -> None:
-    """On a rank other than 0, for the rest of the process: a call the user's code makes on a logger's experiment
-    outside the steps (a hook logging weight histograms over ``self.named_parameters()``), which Lightning drops
-    there as under DDP, is warned of once: under a pipeline this rank holds other layers than rank 0, so what it
-    would have logged is missing from the logs, not logged by rank 0 instead. The steps' calls are recorded and made
-    on rank 0 (:meth:`LoggerCalls.recording`)."""
-    from lightning.fabric.loggers import logger as fabric_logger
-
-    dummy = fabric_logger._DummyExperiment
-    if rank == 0 or getattr(dummy, "_noting", False):
-        return
-    warned: set[str] = set()
-
-    class NotingExperiment(dummy):  # type: ignore[misc,valid-type]
-        _noting = True
-
-        def __getattr__(self, name: str) -> Any:
-            frame = sys._getframe(1)
-            module = frame.f_globals.get("__name__", "") or ""
-            if module.split(".")[0] not in _LIBRARIES and name not in warned and not name.startswith("_"):
-                warned.add(name)
-                warnings.warn(f"self.logger.experiment.{name}(...) is called on rank {rank} outside the steps (in a "
-                              f"hook or callback), where Lightning's loggers do not write (global rank 0 only, as "
-                              f"under DDP). Under a pipeline this rank holds other layers than rank 0 (its stages'), "
-                              f"so what it logs of its own parameters (weight or gradient histograms over "
-                              f"named_parameters()) is missing from the logs. Log numbers with self.log in "
-                              f"on_before_optimizer_step or on_after_backward (gathered over the pipeline), or give "
-                              f"this rank a logger of its own", stacklevel=2)
-            return super().__getattr__(name)
-
-    fabric_logger._DummyExperiment = NotingExperiment  # type: ignore[misc]
+def made_on_loggers(loggers: Sequence[Any], call: Call, whose: str) -> None:
+    """Make ``call`` (recorded elsewhere) on ``loggers``, on rank 0; a failure is warned of (``whose`` call), never
+    raised: rank 0 alone makes the calls, and an error there alone would leave the other ranks waiting."""
+    index, path, args, kwargs = call
+    try:
+        target: Any = loggers[index]
+        for name in path:
+            target = getattr(target, name)
+        target(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"{whose} call self.logger.{'.'.join(path)}(...) failed on rank 0, where the pipeline makes "
+                      f"it: {type(error).__name__}: {error}", stacklevel=3)
 
 
 def _log_methods(logger: Any) -> list[str]:

@@ -426,6 +426,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         self._fold_sigterm_check(trainer)
+        self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
         if self._async is not None:
             self._async.attach(self.runner, self.precision_plugin)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -525,6 +526,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         module = self.lightning_module
         if module is not None:
             release_hook_logs(module)
+        if self._runner is not None:
+            self._runner.hook_calls.uninstall()
         if module is not None and self._example_input_array is not None:
             module.example_input_array = self._example_input_array
             self._example_input_array = None

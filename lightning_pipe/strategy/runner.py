@@ -37,7 +37,8 @@ from lightning_pipe.strategy.evaluation import EvaluationSteps
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
-from lightning_pipe.strategy.logger_calls import LoggerCalls, note_dropped_experiment_calls
+from lightning_pipe.strategy.hook_experiment import HookExperimentCalls
+from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.output_copies import OutputCopies
@@ -117,8 +118,9 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # Calls the step makes on the loggers, which log on global rank 0 only (:mod:`.logger_calls`).
         self.logger_calls = LoggerCalls(self.module,
                                         lambda: self.module._trainer.loggers if self.module._trainer else [])
-        if 0 not in pipeline.stages:  # other layers than rank 0's: a hook's logging of them is dropped, said once
-            note_dropped_experiment_calls(dist.get_rank())
+        # What hooks log through the loggers' experiments on a rank holding other layers than rank 0, made there
+        self.hook_calls = HookExperimentCalls(self.logger_calls._loggers, dist.get_rank(),
+                                              _records_hook_calls(pipeline))
         # Buffers of this rank's share of the model (a captured model's segments register what they read as they
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
@@ -481,3 +483,12 @@ def _entered(*contexts: Any) -> Iterator[None]:
             stack.enter_context(context)
         yield
 
+
+
+def _records_hook_calls(pipeline: Pipeline) -> bool:
+    """Whether this rank records what hooks log through the loggers' experiments (:mod:`.hook_experiment`): the first
+    rank of a stage of global rank 0's pipeline that rank 0 does not hold (other ranks hold copies of those layers)."""
+    ranks = dist.get_process_group_ranks(pipeline.group)  # global ranks, by rank in the pipeline's group
+    stages = [[ranks[rank] for rank in stage] for stage in pipeline.stage_ranks]
+    mine = dist.get_rank()
+    return 0 in ranks and any(stages[index][0] == mine and 0 not in stages[index] for index in pipeline.stages)

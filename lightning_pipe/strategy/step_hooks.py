@@ -8,6 +8,7 @@ the run's position, the held gradients, the asynchronous steps).
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from typing_extensions import override
 
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradients import clip_grad_norm_global
+from lightning_pipe.strategy.plain import all_gather_text
 
 __all__ = ["PipelineSteps"]
 
@@ -75,7 +77,8 @@ class PipelineSteps:
         seed = self._position.step_seed(trainer)
         self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
-            with self.precision_plugin.train_step_context(), self._async.carried(self.lightning_module.parameters()):
+            with self.precision_plugin.train_step_context(), self._in_a_step(), \
+                    self._async.carried(self.lightning_module.parameters()):
                 output = self.runner.train(args, kwargs, optimizer_step=self._async.optimizer_step, seed=seed)
         else:
             with self.precision_plugin.train_step_context(), self._in_a_step():
@@ -181,6 +184,35 @@ class PipelineSteps:
             # The strategy's loaders continue the epoch at the checkpoint's batch, in its order (:mod:`.data_order`):
             # Lightning's warning that a plain DataLoader does not (it starts a new order) is not theirs.
             warnings.filterwarnings("ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:  # a training epoch's first batch: every rank is here, between steps
+            self._make_hook_calls()
+
+    @override
+    def on_train_end(self) -> None:
+        self._make_hook_calls()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._make_hook_calls()
+
+    @override
+    def on_test_end(self) -> None:
+        self._make_hook_calls()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._make_hook_calls()
+
+    def _make_hook_calls(self) -> None:
+        """What hooks and callbacks logged through the loggers' experiments on ranks that hold other layers than
+        rank 0, made on rank 0 (:mod:`lightning_pipe.strategy.hook_experiment`); every rank comes."""
+        runner = self._runner
+        if runner is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return
+        runner.hook_calls.flush(functools.partial(all_gather_text, device=self._collective_device()))
 
     @override
     def on_validation_start(self) -> None:
