@@ -18,38 +18,23 @@ import torch.nn.functional as F
 from tests.helpers import quiet_trainer, run_ranks
 
 
-def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]]:
-    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``) and prints with
-    ``self.print``, which Lightning does on global rank 0 only."""
-    import lightning as L
+def _book_logger(book: Any) -> Any:
+    """A logger whose experiment is ``book`` on global rank 0 (Lightning's stand-in elsewhere) and whose
+    ``log_image`` keeps each image's sum in ``images``."""
     from lightning.fabric.loggers.logger import rank_zero_experiment
     from lightning.pytorch.loggers import Logger
     from lightning.pytorch.utilities import rank_zero_only
 
-    from lightning_pipe import PipelineStrategy
-    from tests.citizen_models import class_data
-
-    class Book:
-        def __init__(self) -> None:
-            self.entries: list[Any] = []
-
-        def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-            self.entries.append((tag, tuple(values.shape), round(float(values.sum()), 4), step))
-
-        def add_text(self, tag: str, text: str, step: int) -> None:
-            self.entries.append((tag, text, step))
-
     class BookLogger(Logger):
+        name, version = "book", 0
+
         def __init__(self) -> None:
             super().__init__()
-            self.book, self.images = Book(), []
-
-        name = "book"
-        version = 0
+            self.book, self.images = book, []
 
         @property
         @rank_zero_experiment
-        def experiment(self) -> Book:
+        def experiment(self) -> Any:
             return self.book
 
         @rank_zero_only
@@ -63,6 +48,27 @@ def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]
         @rank_zero_only
         def log_image(self, key: str, images: list[torch.Tensor], step: int | None = None) -> None:
             self.images.append((key, [round(float(image.sum()), 4) for image in images], step))
+
+    return BookLogger()
+
+
+def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]]:
+    """What a step logs through ``self.logger`` itself (its experiment, a ``log_image``) and prints with
+    ``self.print``, which Lightning does on global rank 0 only."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Book:
+        def __init__(self) -> None:
+            self.entries: list[Any] = []
+
+        def add_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+            self.entries.append((tag, tuple(values.shape), round(float(values.sum()), 4), step))
+
+        def add_text(self, tag: str, text: str, step: int) -> None:
+            self.entries.append((tag, text, step))
 
     class Logging(L.LightningModule):
         def __init__(self) -> None:
@@ -81,14 +87,14 @@ def _logged(rank: int, world_size: int) -> tuple[list[Any], list[Any], list[str]
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             logits = self.net(batch[0])
-            if batch_idx == 0 and isinstance(self.logger, BookLogger):
+            if batch_idx == 0 and self.logger is not None:
                 self.logger.log_image("samples", [logits[:2]], step=self.global_step)
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     L.seed_everything(3, verbose=False)
-    logger = BookLogger()
+    logger = _book_logger(Book())
     strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
     trainer = quiet_trainer(world_size, strategy, max_epochs=1, logger=logger, num_sanity_val_steps=0)
     printed = io.StringIO()
@@ -712,9 +718,6 @@ def _histograms(rank: int, world_size: int) -> dict[str, Any]:
 
     import lightning as L
     import numpy as np
-    from lightning.fabric.loggers.logger import rank_zero_experiment
-    from lightning.pytorch.loggers import Logger
-    from lightning.pytorch.utilities import rank_zero_only
 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import class_data
@@ -732,26 +735,6 @@ def _histograms(rank: int, world_size: int) -> dict[str, Any]:
 
         def add_figure(self, tag: str, figure: Any, global_step: int) -> None:
             self.entries.append((tag, "figure", global_step))
-
-    class BookLogger(Logger):
-        name, version = "book", 0
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.book = Book()
-
-        @property
-        @rank_zero_experiment
-        def experiment(self) -> Book:
-            return self.book
-
-        @rank_zero_only
-        def log_metrics(self, metrics: Any, step: Any = None) -> None:
-            pass
-
-        @rank_zero_only
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
 
     class Module(_classifier()):  # type: ignore[misc]
         def on_train_epoch_end(self) -> None:  # a histogram per parameter, as the TensorBoard tutorials log them
@@ -776,7 +759,7 @@ def _histograms(rank: int, world_size: int) -> dict[str, Any]:
     L.seed_everything(4, verbose=False)
     module = Module()
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
-    trainer = quiet_trainer(world_size, strategy, max_epochs=2, logger=BookLogger(), callbacks=[Figures()],
+    trainer = quiet_trainer(world_size, strategy, max_epochs=2, logger=_book_logger(Book()), callbacks=[Figures()],
                             num_sanity_val_steps=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
