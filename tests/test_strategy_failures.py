@@ -247,6 +247,30 @@ def test_a_checkpoint_saved_on_one_rank_only_ends_every_rank_with_why(tmp_path: 
     assert time.monotonic() - start < 60
 
 
+def _reads_other_stages_in_on_save_checkpoint(rank: int, world_size: int, folder: str) -> None:
+    import lightning as L
+
+    class Exporting(Regressor):
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # the first and the last layer's weights
+            names = [name for name in Regressor().state_dict() if name.endswith("weight")]
+            state = checkpoint["state_dict"]
+            checkpoint["exported"] = [state[names[0]].norm().item(), state[names[-1]].norm().item()]
+
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder)
+    trainer.fit(Exporting(), regression_data(2, batch_size=8))
+
+
+@pytest.mark.timeout(120)
+def test_on_save_checkpoint_reading_another_stages_weights_is_told_the_state_dict_is_this_ranks_share(
+        tmp_path: Any) -> None:
+    """A bare ``KeyError: 'layers.4.weight'`` named the key and not why (found by review)."""
+    for rank, text in enumerate(run_ranks(_reads_other_stages_in_on_save_checkpoint, 2, str(tmp_path), timeout=100,
+                                          expect_failure=True)):
+        assert text is not None and "is not in checkpoint['state_dict'] on rank" in text, f"rank {rank}: {text}"
+        assert "holds this rank's share of the model" in text, text
+
+
 class _StepBug(ValueError):
     """A user's error type, raised by a step."""
 

@@ -490,7 +490,7 @@ def test_the_whole_batchs_run_does_not_promise_one_devices_values_where_the_mode
     assert len(warned) == 1 and "those differ from one device's here" in warned[0], warned
 
 
-def _gradient_norms(rank: int, world_size: int) -> dict[str, float]:
+def _gradient_norms(rank: int, world_size: int, where: str = "module") -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.utilities import grad_norm
 
@@ -507,27 +507,36 @@ def _gradient_norms(rank: int, world_size: int) -> dict[str, float]:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
 
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            self.log_dict(grad_norm(self, norm_type=2))
-            self.log("lr", optimizer.param_groups[0]["lr"])  # alike on every rank
-
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    def log_norms(module: L.LightningModule, optimizer: Any) -> None:
+        module.log_dict(grad_norm(module, norm_type=2))
+        module.log("lr", optimizer.param_groups[0]["lr"])  # alike on every rank
+
+    class InModule(Tracked):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            log_norms(self, optimizer)
+
+    class InCallback(L.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            log_norms(pl_module, optimizer)
+
     L.seed_everything(2, verbose=False)
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
-    trainer = quiet_trainer(world_size, strategy, max_steps=2)
-    trainer.fit(Tracked(), class_data(batches=2))
+    trainer = quiet_trainer(world_size, strategy, max_steps=2, callbacks=[InCallback()] if where == "callback" else [])
+    trainer.fit(InModule() if where == "module" else Tracked(), class_data(batches=2))
     return {name: float(value) for name, value in trainer.callback_metrics.items()}
 
 
 @pytest.mark.timeout(120)
-def test_gradient_norms_logged_before_the_optimizer_step_are_the_whole_models() -> None:
+@pytest.mark.parametrize("where", ["module", "callback"])
+def test_gradient_norms_logged_before_the_optimizer_step_are_the_whole_models(where: str) -> None:
     """Each rank computes grad_norm over its own stages: rank 0, whose loggers write, logged the first stage's
-    norms and a total over them alone."""
-    reference = _gradient_norms(0, 1)
+    norms and a total over them alone; logged from a callback's hook too (its values were not gathered)."""
+    reference = _gradient_norms(0, 1, where)
     assert len(reference) == 8 and "grad_2.0_norm_total" in reference  # 6 parameters, the total, the lr
-    for got in run_ranks(_gradient_norms, 2, timeout=100):
+    for got in run_ranks(_gradient_norms, 2, where, timeout=100):
         assert got.keys() == reference.keys()
         for name, value in reference.items():
             assert got[name] == pytest.approx(value, rel=1e-5), name

@@ -129,7 +129,7 @@ class PipelineCheckpoints:
         if self._async is not None:
             self._async.drain()
         with strategy_reads():  # the checkpoint gathers every rank's share: not the share alone (.share_warning)
-            return super().lightning_module_state_dict()
+            return _ShareOfState(super().lightning_module_state_dict(), torch.distributed.get_rank())
 
     @override
     @explained("writing a checkpoint")  # a rank lost while saving is named, not gloo's closed connection
@@ -140,6 +140,8 @@ class PipelineCheckpoints:
         file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
         runner = self.runner
         trainer = self._trainer()
+        if isinstance(checkpoint.get("state_dict"), _ShareOfState):  # a plain dict again (the file holds plain types)
+            checkpoint["state_dict"] = dict(checkpoint["state_dict"])
         # Saved from a callback's on_exception (OnExceptionCheckpoint), which Lightning runs before the strategy's:
         # this rank's own error is posted first, so that the others end with it rather than train on while this
         # rank waits for them (they do not come: a rank that knows of a failure takes part in no collective), and
@@ -321,6 +323,22 @@ class PipelineCheckpoints:
         """Collective: every rank's optimizers' groups by one-device parameter names (:func:`local_group_names`)."""
         mine = local_group_names(parameter_names(self.lightning_module), self.optimizers)
         return [json.loads(text) for text in all_gather_text(json.dumps(mine), None, self._collective_device())]
+
+
+class _ShareOfState(dict):
+    """``checkpoint["state_dict"]`` while the ``on_save_checkpoint`` hooks run: this rank's share of the module's
+    state, whose missing keys are said to be another rank's (a bare ``KeyError`` named a key the hook read)."""
+
+    def __init__(self, share: dict[str, Any], rank: int) -> None:
+        super().__init__(share)
+        self.rank = rank
+
+    def __missing__(self, key: str) -> Any:
+        raise KeyError(f"{key!r} is not in checkpoint['state_dict'] on rank {self.rank}: while on_save_checkpoint runs "
+                       f"under a pipeline it holds this rank's share of the model (its stages' weights), and the "
+                       f"shares are merged into the file afterwards (keys dropped or renamed there are kept so). "
+                       f"Read other stages' weights from the file once written (torch.load, load_from_checkpoint), or "
+                       f"compute such an extra from keys this rank holds (checkpoint['state_dict'].keys())")
 
 
 def _weights_only_given_to_the_trainer() -> bool | None:

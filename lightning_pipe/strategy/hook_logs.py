@@ -1,7 +1,8 @@
 """What hooks outside the step log about the model's gradients, made one device's on every rank.
 
 Lightning's way to track gradient norms logs in ``on_before_optimizer_step`` (or ``on_after_backward``)
-``self.log_dict(grad_norm(self, norm_type=2))``: each parameter's norm and their total. Under a pipeline every rank
+``self.log_dict(grad_norm(self, norm_type=2))``, in the module or in a callback: each parameter's norm and their
+total. Under a pipeline every rank
 runs the hook over its own stages' parameters, and global rank 0, whose loggers write, logged the first stage's norms
 and a total over them alone. Here every rank's logs of such a hook are gathered over the pipeline (every rank runs
 the hook at the same point of a synchronous step) and every rank logs the union: a name one rank logged, its value; a
@@ -17,11 +18,11 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 
 __all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
 
@@ -29,22 +30,26 @@ _HOOKS = ("on_before_optimizer_step", "on_after_backward")
 _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
-def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]]) -> None:
-    """Wrap the module's own gradient hooks so that what they log is every rank's (``gather_text``: every pipeline
-    rank's text, a collective every rank makes in the hook; synchronous schedules only, whose ranks all reach it).
-    Hooks the module does not override are left alone; :func:`release_hook_logs` undoes it."""
-    for name in _HOOKS:
-        if getattr(type(module), name) is getattr(LightningModule, name) or name in vars(module):
-            continue
-        setattr(module, name, functools.partial(_gathered, module, getattr(module, name), gather_text))
+def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]],
+                     callbacks: Sequence[Callback] = ()) -> None:
+    """Wrap the gradient hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
+    ``on_before_optimizer_step``) so that what they log through the module is every rank's (``gather_text``: every
+    pipeline rank's text, a collective every rank makes in the hook; synchronous schedules only, whose ranks all reach
+    it). Hooks not overridden are left alone; :func:`release_hook_logs` undoes it."""
+    for owner, base in [(module, LightningModule), *((callback, Callback) for callback in callbacks)]:
+        for name in _HOOKS:
+            if getattr(type(owner), name) is getattr(base, name) or name in vars(owner):
+                continue
+            setattr(owner, name, functools.partial(_gathered, module, getattr(owner, name), gather_text))
 
 
-def release_hook_logs(module: LightningModule) -> None:
-    """The module's hooks as they were (after the fit: the pipeline's group is gone)."""
-    for name in _HOOKS:
-        wrapped = vars(module).get(name)
-        if isinstance(wrapped, functools.partial) and wrapped.func is _gathered:
-            delattr(module, name)
+def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
+    """The hooks as they were (after the fit: the pipeline's group is gone)."""
+    for owner in (module, *callbacks):
+        for name in _HOOKS:
+            wrapped = vars(owner).get(name)
+            if isinstance(wrapped, functools.partial) and wrapped.func is _gathered:
+                delattr(owner, name)
 
 
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],

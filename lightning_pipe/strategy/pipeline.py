@@ -422,7 +422,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                            self.runner.tied.counts_in_norm)
             if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
                 gather_hook_logs(module, functools.partial(all_gather_text, group=pipeline.group,
-                                                           device=self._collective_device()))
+                                                           device=self._collective_device()), trainer.callbacks)
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         self._fold_sigterm_check(trainer)
@@ -525,7 +525,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
     def teardown(self) -> None:
         module = self.lightning_module
         if module is not None:
-            release_hook_logs(module)
+            trainer = getattr(module, "_trainer", None)
+            release_hook_logs(module, trainer.callbacks if trainer is not None else ())
         if self._runner is not None:
             self._runner.hook_calls.uninstall()
         if module is not None and self._example_input_array is not None:
