@@ -412,6 +412,45 @@ def test_a_cut_modules_state_dict_after_the_fit_is_said_to_be_a_share(tmp_path: 
     assert len(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"]) == 6
 
 
+def _state_dict_in_a_callback(rank: int, world_size: int, folder: str) -> list[str]:
+    import copy
+    import os
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+
+    from lightning_pipe import PipelineStrategy
+
+    class BestWeights(L.Callback):  # Keras's restore_best_weights: a copy of the weights kept, and saved
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.best = copy.deepcopy(pl_module.state_dict())
+            if trainer.is_global_zero:
+                torch.save(self.best, os.path.join(folder, "best_weights.pt"))
+
+    callbacks = [ModelCheckpoint(dirpath=folder), StochasticWeightAveraging(swa_lrs=0.01)]  # Lightning's own reads
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_epochs=2,
+                            enable_checkpointing=True, callbacks=callbacks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_module("sequence"), _data("sequence"))
+        quiet = [str(w.message) for w in caught if "share" in str(w.message)]
+        trainer.callbacks.append(BestWeights())
+        trainer.fit_loop.max_epochs = 3
+        trainer.fit(trainer.lightning_module, _data("sequence"))
+    return quiet + ["--"] + [str(w.message) for w in caught if "share" in str(w.message)][len(quiet):]
+
+
+@pytest.mark.timeout(180)
+def test_a_cut_modules_state_dict_saved_by_a_callback_during_fit_is_said_to_be_a_share(tmp_path: Path) -> None:
+    """A callback saving "the best weights" during fit wrote rank 0's share, silently (found by review): the user's
+    own call is warned of once per rank; Lightning's (checkpoints, SWA's averaged model) say nothing."""
+    for messages in run_ranks(_state_dict_in_a_callback, 2, str(tmp_path), timeout=170):
+        quiet, during = messages[:messages.index("--")], messages[messages.index("--") + 1:]
+        assert not quiet, quiet
+        assert len(during) == 1 and "during the Trainer's run (from a hook or a callback)" in during[0], during
+
+
 def _extras_module() -> Any:
     import lightning as L
 

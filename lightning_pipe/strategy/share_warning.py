@@ -1,14 +1,15 @@
-"""A cut LightningModule's ``state_dict()`` called outside the Trainer's run: it holds this rank's share, said once.
+"""A cut LightningModule's ``state_dict()`` called by the user's code: it holds this rank's share, said once.
 
 After ``fit`` each rank keeps its stages, so the common ending ``torch.save(model.state_dict(), path)`` (on global
-rank 0) would save part of the model, and a strict load of it fail far from the cause. The strategy's own reads (a
-checkpoint, which gathers every rank's share) and those made while the Trainer runs (callbacks, whose states the
-strategy merges) are not warned of.
+rank 0) would save part of the model, and a strict load of it fail far from the cause; so would a callback saving
+"the best weights" during fit. The strategy's own reads (a checkpoint, which gathers every rank's share) and the
+libraries' while the Trainer runs (callbacks' states, which the strategy merges) are not warned of.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -35,18 +36,38 @@ def watch_state_dict(module: nn.Module, whole_keys: int) -> None:
 def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -> None:
     if prefix or _reading[0] or part in _warned:
         return
-    # while a Trainer runs a watched module: a copy of it too (StochasticWeightAveraging's averaged model, whose
-    # state the strategy merges into the checkpoint), which has no Trainer of its own
-    if any(_running(module) for module in [part, *_watched]):
+    # while a Trainer runs a watched module (a copy of it too: StochasticWeightAveraging's averaged model, whose
+    # state the strategy merges into the checkpoint, has no Trainer of its own), only the user's own calls: a
+    # callback's or a hook's (Lightning's, the strategy's and the libraries' are merged or stay on this rank)
+    running = any(_running(module) for module in [part, *_watched])
+    if running and not _called_by_the_user():
         return
     _warned.add(part)
+    when = ("during the Trainer's run (from a hook or a callback)" if running else "outside the Trainer's run")
+    kept = (" A copy kept in memory and loaded back on this rank is fine; a file written from it is not." if running
+            else "")
     warnings.warn(
-        f"{type(part).__name__}.state_dict() called outside the Trainer's run holds only this rank's share of the "
-        f"pipelined model (the whole model has {whole_keys} keys): under PipelineStrategy each rank keeps its own "
-        f"stages after fit, so saving it (torch.save(model.state_dict(), ...)) saves part of the model. Save the whole "
-        f"model with trainer.save_checkpoint(path), which every rank calls (its file holds every rank's weights under "
-        f"one device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)"
-        f"['state_dict']", stacklevel=3)
+        f"{type(part).__name__}.state_dict() called {when} holds only this rank's share of the pipelined model (the "
+        f"whole model has {whole_keys} keys): under PipelineStrategy each rank keeps its own stages, so saving it "
+        f"(torch.save(model.state_dict(), ...)) saves part of the model.{kept} Save the whole model with "
+        f"trainer.save_checkpoint(path), which every rank calls (its file holds every rank's weights under one "
+        f"device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)['state_dict']",
+        stacklevel=3)
+
+
+_LIBRARIES = frozenset({"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities",
+                        "lightning_pipe", "torchmetrics", "transformers", "peft", "copy", "contextlib", "functools"})
+
+
+def _called_by_the_user() -> bool:
+    """Whether the ``state_dict()`` under way was called by code outside torch, Lightning and this package."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        package = (frame.f_globals.get("__name__", "") or "").split(".")[0]
+        if package != "torch":
+            return package not in _LIBRARIES
+        frame = frame.f_back
+    return False
 
 
 def _running(module: nn.Module) -> bool:
