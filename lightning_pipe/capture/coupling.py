@@ -9,7 +9,9 @@ give as one device does:
   (a mixture of experts' load-balancing loss, the fraction of tokens routed to each expert times their mean router
   probability): the mean of the micro-batches' values is not the batch's. (Torch's batch norms are deferred apart.)
 - a running count along the rows compared (an expert's capacity: the tokens routed to it counted in order, those past
-  it dropped): which rows pass depends on the rows before them.
+  it dropped): which rows pass depends on the rows before them;
+- the rows moved (``z.roll(1, 0)``, ``z.flip(0)``: in-batch negatives taken from another row): a row meets the row
+  its micro-batch puts there.
 
 A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
 forward took their number as an int, as a contrastive loss's labels do) is reported as that.
@@ -163,6 +165,10 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
                                                 and size.node.expr in rows):
             return _RECURRENCE.format(place=_place(node))
+        if name in ("roll", "flip") and _moves_rows(node, rows):
+            return (f"{_place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
+                    f"as in-batch negatives taken from the next row do), so which rows meet depends on the whole "
+                    f"batch (in a pipeline: on its micro-batch only)")
         if name in _SHAPE_ONLY or "batch_norm" in name:
             continue
         if inputs and all(arg in counted or not (arg.meta["val"].is_floating_point() or arg.meta["val"].is_complex())
@@ -198,6 +204,19 @@ def _along_time(node: fx.Node, is_rows: Any) -> bool:
         return False
     batch_first = bool(node.args[8]) if len(node.args) > 8 else False
     return bool(is_rows(value.shape[1 if batch_first else 0]))
+
+
+def _moves_rows(node: fx.Node, rows: set[Any]) -> bool:
+    """Whether a ``roll`` or ``flip`` moves values along the batch's rows (a roll without dims: the whole tensor's)."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
+        return False
+    index = 2 if _op_name(node) == "roll" else 1
+    dims = node.args[index] if len(node.args) > index else node.kwargs.get("dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    if not dims:
+        return _op_name(node) == "roll" and _has_rows(source.meta["val"], rows)
+    return any(_rows_at(source, dim, rows) for dim in dims)
 
 
 def _op_name(node: fx.Node) -> str:
