@@ -6,6 +6,7 @@ step uses it."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.strategy.model_choice import CAPTURED, SEQUENCE, choose_model
-from tests.capture_models import AutoEncoder, ViT
+from tests.capture_models import HAS_TRANSFORMERS, AutoEncoder, ViT
 from tests.helpers import run_ranks
 
 
@@ -243,6 +244,9 @@ def _Annealed(case: str) -> Any:
     return Annealed()
 
 
+_NEEDS_TRANSFORMERS = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+
+
 def _run(rank: int, world_size: int, case: str) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
@@ -277,6 +281,30 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 return torch.optim.SGD(self.parameters(), lr=0.1)
 
         module, width = Thawing(), 32
+    elif case in ("save_pretrained", "num_parameters"):  # Hugging Face's whole-model methods, from hooks
+        from tests.capture_models import hf_gpt2
+
+        class Saving(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = hf_gpt2(layers=2)
+
+            def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+                return self.model(batch[0], labels=batch[0]).loss
+
+            def on_train_epoch_end(self) -> None:
+                if case == "save_pretrained":
+                    self.model.save_pretrained(tempfile.mkdtemp())
+                else:
+                    self.log("parameters", float(self.model.num_parameters()))
+
+            def configure_optimizers(self) -> Any:
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        tokens = DataLoader([(torch.randint(0, 50, (4, 6)),) for _ in range(2)], batch_size=None)
+        L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, max_epochs=1).fit(Saving(), tokens)
+        return
     elif case == "graph":  # node classification on one whole graph: the batch is its nodes and their adjacency
         class Propagation(nn.Module):
             def __init__(self) -> None:
@@ -409,6 +437,10 @@ def _run(rank: int, world_size: int, case: str) -> None:
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),
     ("annealed_part", ["blocks.1.scale (1.0 at its capture, now 0.5)", "pass it to forward as a tensor"]),
     ("annealed_root", ["Annealed.forward reads plain attributes", "tau (1.0 at its capture, now 2.0)"]),
+    pytest.param("save_pretrained", ["GPT2LMHeadModel.save_pretrained(...) under PipelineStrategy would write this "
+                                     "rank's share", "trainer.save_checkpoint(path)"], marks=_NEEDS_TRANSFORMERS),
+    pytest.param("num_parameters", ["GPT2LMHeadModel.num_parameters() under PipelineStrategy would count this rank's "
+                                    "share", "count it before the fit"], marks=_NEEDS_TRANSFORMERS),
 ])
 def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[str]) -> None:
     start = time.monotonic()

@@ -37,6 +37,8 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
     value = getattr(module, name)  # AttributeError: the module has none either
     if name in NAMING_METHODS and callable(value):
         return value
+    if name in WHOLE_MODEL_METHODS and callable(value):
+        return functools.partial(_refused_whole, name, type(module).__name__)
     if holder is not None and inspect.ismethod(value) and value.__self__ is module and name != "generate":
         return functools.partial(shape_only, value.__func__, holder, refusal)
     getter = inspect.getattr_static(type(module), name, None)
@@ -47,6 +49,23 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value
+
+
+# Methods that would write or count the whole model's weights, where this rank holds a share: Hugging Face's and
+# PEFT's save_pretrained wrote this rank's share of the weights (or adapters) silently, num_parameters counted them.
+WHOLE_MODEL_METHODS = frozenset({"save_pretrained", "push_to_hub", "num_parameters", "get_memory_footprint"})
+
+
+def _refused_whole(name: str, kind: str, *args: Any, **kwargs: Any) -> Any:
+    if name in ("num_parameters", "get_memory_footprint"):
+        raise RuntimeError(f"{kind}.{name}() under PipelineStrategy would count this rank's share of the model only "
+                           f"(its stages' parameters): count it before the fit (in __init__ or configure_model, where the "
+                           f"model is whole) and keep the number, or read the whole model's count from Lightning's "
+                           f"model summary, which the strategy makes before the cut")
+    raise RuntimeError(f"{kind}.{name}(...) under PipelineStrategy would write this rank's share of the weights only "
+                       f"(its stages'; the other ranks hold the rest): save the whole model with "
+                       f"trainer.save_checkpoint(path), which every rank calls, then on one process load it "
+                       f"(YourModule.load_from_checkpoint(path)) and call {name} on its model there")
 
 
 METHODS = "a method of it may read its parameters' dtype, device and shape, not their values"
