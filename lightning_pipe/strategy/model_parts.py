@@ -59,9 +59,9 @@ WHOLE_MODEL_METHODS = frozenset({"save_pretrained", "push_to_hub", "num_paramete
 def _refused_whole(name: str, kind: str, *args: Any, **kwargs: Any) -> Any:
     if name in ("num_parameters", "get_memory_footprint"):
         raise RuntimeError(f"{kind}.{name}() under PipelineStrategy would count this rank's share of the model only "
-                           f"(its stages' parameters): count it before the fit (in __init__ or configure_model, where the "
-                           f"model is whole) and keep the number, or read the whole model's count from Lightning's "
-                           f"model summary, which the strategy makes before the cut")
+                           f"(its stages' parameters): count it before the fit (in __init__ or configure_model, "
+                           f"where the model is whole) and keep the number, or read the whole model's count from "
+                           f"Lightning's model summary, which the strategy makes before the cut")
     raise RuntimeError(f"{kind}.{name}(...) under PipelineStrategy would write this rank's share of the weights only "
                        f"(its stages'; the other ranks hold the rest): save the whole model with "
                        f"trainer.save_checkpoint(path), which every rank calls, then on one process load it "
