@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -119,6 +120,11 @@ class PipelineCheckpoints:
         """Checkpoints are loaded after the cut: each rank reads only its own stages' weights and state."""
         return True
 
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        _explain_a_missing_share(exception, self.lightning_module)
+        super().on_exception(exception)  # type: ignore[misc]
+
     # -- checkpoints --------------------------------------------------------------------------------
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -129,7 +135,7 @@ class PipelineCheckpoints:
         if self._async is not None:
             self._async.drain()
         with strategy_reads():  # the checkpoint gathers every rank's share: not the share alone (.share_warning)
-            return _ShareOfState(super().lightning_module_state_dict(), torch.distributed.get_rank())
+            return super().lightning_module_state_dict()
 
     @override
     @explained("writing a checkpoint")  # a rank lost while saving is named, not gloo's closed connection
@@ -140,8 +146,6 @@ class PipelineCheckpoints:
         file is fsync'd before it is renamed into place, and a failure on any rank is raised on every rank."""
         runner = self.runner
         trainer = self._trainer()
-        if isinstance(checkpoint.get("state_dict"), _ShareOfState):  # a plain dict again (the file holds plain types)
-            checkpoint["state_dict"] = dict(checkpoint["state_dict"])
         # Saved from a callback's on_exception (OnExceptionCheckpoint), which Lightning runs before the strategy's:
         # this rank's own error is posted first, so that the others end with it rather than train on while this
         # rank waits for them (they do not come: a rank that knows of a failure takes part in no collective), and
@@ -325,20 +329,23 @@ class PipelineCheckpoints:
         return [json.loads(text) for text in all_gather_text(json.dumps(mine), None, self._collective_device())]
 
 
-class _ShareOfState(dict):
-    """``checkpoint["state_dict"]`` while the ``on_save_checkpoint`` hooks run: this rank's share of the module's
-    state, whose missing keys are said to be another rank's (a bare ``KeyError`` named a key the hook read)."""
-
-    def __init__(self, share: dict[str, Any], rank: int) -> None:
-        super().__init__(share)
-        self.rank = rank
-
-    def __missing__(self, key: str) -> Any:
-        raise KeyError(f"{key!r} is not in checkpoint['state_dict'] on rank {self.rank}: while on_save_checkpoint runs "
-                       f"under a pipeline it holds this rank's share of the model (its stages' weights), and the "
-                       f"shares are merged into the file afterwards (keys dropped or renamed there are kept so). "
-                       f"Read other stages' weights from the file once written (torch.load, load_from_checkpoint), or "
-                       f"compute such an extra from keys this rank holds (checkpoint['state_dict'].keys())")
+def _explain_a_missing_share(exception: BaseException, module: LightningModule | None) -> None:
+    """A ``KeyError`` of a key this rank's share of the module lacks, raised in an ``on_save_checkpoint`` hook (one
+    that reads another stage's weight from ``checkpoint["state_dict"]``): its message says why (a bare key before)."""
+    if not isinstance(exception, KeyError) or len(exception.args) != 1 or not isinstance(exception.args[0], str):
+        return
+    frames = traceback.extract_tb(exception.__traceback__)
+    if module is None or not any(frame.name == "on_save_checkpoint" for frame in frames):
+        return
+    key = exception.args[0]
+    with strategy_reads():
+        if key in module.state_dict():
+            return
+    exception.args = (f"{key!r} is not in checkpoint['state_dict'] on rank {torch.distributed.get_rank()}: while "
+                      f"on_save_checkpoint runs under a pipeline it holds this rank's share of the model (its "
+                      f"stages' weights), and the shares are merged into the file afterwards (keys dropped or renamed "
+                      f"there are kept so). Read other stages' weights from the file once written (torch.load, "
+                      f"load_from_checkpoint), or compute such an extra from keys this rank holds",)
 
 
 def _weights_only_given_to_the_trainer() -> bool | None:
