@@ -915,7 +915,8 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
 
 def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_a_share() -> None:
     """StochasticWeightAveraging's averaged copy of the module (no Trainer of its own) serialized into a checkpoint
-    during fit, which the strategy merges whole: not warned of (before: at every checkpoint); after fit it is."""
+    during fit, which the strategy merges whole: not warned of (before: at every checkpoint); after fit it is. The
+    user's own read during the run (a callback saving "the best weights") is."""
     import warnings
     from types import SimpleNamespace
 
@@ -924,17 +925,22 @@ def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_
     def status(value: str) -> Any:
         return SimpleNamespace(state=SimpleNamespace(status=SimpleNamespace(value=value)))
 
-    module, copy = nn.Linear(2, 2), nn.Linear(2, 2)
-    module._trainer, copy._trainer = status("running"), None
-    watch_state_dict(module, 6)
-    watch_state_dict(copy, 6)
+    lightnings: dict[str, Any] = {}  # a reader in Lightning's code, as the callback's state_dict() is
+    exec("def read(module):\n    return module.state_dict()",
+         {"__name__": "lightning.pytorch.callbacks.stochastic_weight_avg"}, lightnings)
+    module, copy, mine = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    module._trainer, copy._trainer, mine._trainer = status("running"), None, status("running")
+    for watched in (module, copy, mine):
+        watch_state_dict(watched, 6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        copy.state_dict()
+        lightnings["read"](copy)
         assert not caught
-        module._trainer = status("finished")
+        mine.state_dict()
+        assert len(caught) == 1 and "during the Trainer's run" in str(caught[0].message)
+        module._trainer = mine._trainer = status("finished")
         copy.state_dict()
-    assert len(caught) == 1 and "holds only this rank's share" in str(caught[0].message)
+    assert len(caught) == 2 and "outside the Trainer's run holds only this rank's share" in str(caught[1].message)
 
 
 def test_gradient_hooks_of_the_users_on_the_parameters_are_warned_of_with_the_fix() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -125,20 +126,23 @@ def broadcast_value(value: Any, src: int = 0, group: dist.ProcessGroup | None = 
     return decode(text)
 
 
-def all_gather_text(text: str, group: dist.ProcessGroup | None = None,
-                    device: torch.device | None = None) -> list[str]:
-    """Every rank's ``text`` in group order (two all_gathers: the lengths, then the padded bytes)."""
+def all_gather_text(text: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
+                    run: Callable[..., Any] | None = None) -> list[str]:
+    """Every rank's ``text`` in group order (two all_gathers: the lengths, then the padded bytes); ``run(call, *args,
+    group=group)`` makes each (default: the call itself; a watched one, :func:`~lightning_pipe.engine.deadline.
+    collective`, ends when another rank fails)."""
     device = device or torch.device("cpu")
+    run = run or (lambda call, *args, **kwargs: call(*args, **kwargs))
     mine = text.encode()
     size = dist.get_world_size(group)
     lengths = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(size)]
-    dist.all_gather(lengths, torch.tensor([len(mine)], dtype=torch.int64, device=device), group=group)
+    run(dist.all_gather, lengths, torch.tensor([len(mine)], dtype=torch.int64, device=device), group=group)
     counts = [int(n.item()) for n in lengths]
     padded = torch.zeros(max(counts + [1]), dtype=torch.uint8)
     if mine:
         padded[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
     parts = [torch.empty_like(padded, device=device) for _ in range(size)]
-    dist.all_gather(parts, padded.to(device), group=group)
+    run(dist.all_gather, parts, padded.to(device), group=group)
     return [part.cpu().numpy().tobytes()[:count].decode() for part, count in zip(parts, counts)]
 
 

@@ -121,6 +121,9 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # What hooks log through the loggers' experiments on a rank holding other layers than rank 0, made there
         self.hook_calls = HookExperimentCalls(self.logger_calls._loggers, dist.get_rank(),
                                               _records_hook_calls(pipeline))
+        # their own gloo group: a gather abandoned when another rank failed leaves no stale collective in the world
+        # group, where the ranks' last checkpoint (OnExceptionCheckpoint) then meets
+        self.hook_calls_group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         # Buffers of this rank's share of the model (a captured model's segments register what they read as they
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),

@@ -23,12 +23,14 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_pipe.engine.deadline import collective, explained, job_failure_notice
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradients import clip_grad_norm_global
 from lightning_pipe.strategy.plain import all_gather_text
 
 __all__ = ["PipelineSteps"]
 
+_SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -210,9 +212,13 @@ class PipelineSteps:
         """What hooks and callbacks logged through the loggers' experiments on ranks that hold other layers than
         rank 0, made on rank 0 (:mod:`lightning_pipe.strategy.hook_experiment`); every rank comes."""
         runner = self._runner
-        if runner is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        if runner is None or runner.hook_calls_group is None:
             return
-        runner.hook_calls.flush(functools.partial(all_gather_text, device=self._collective_device()))
+        # watched: a rank whose hook failed before this point ends the others with its error, not a closed connection
+        watched = functools.partial(collective, what=_SHARING_HOOK_CALLS, timeout=runner.pipeline.config.wait_timeout,
+                                    notice=job_failure_notice(runner.pipeline.comm.board, _SHARING_HOOK_CALLS))
+        with explained(_SHARING_HOOK_CALLS, runner.hook_calls_group):  # a rank that ended: the error it posted
+            runner.hook_calls.flush(functools.partial(all_gather_text, group=runner.hook_calls_group, run=watched))
 
     @override
     def on_validation_start(self) -> None:
