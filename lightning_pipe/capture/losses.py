@@ -102,6 +102,8 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
             reduction = node.args[index] if index is not None and len(node.args) > index else \
                 node.kwargs.get("reduction", 1)
             ignored = _ignore_index(node) if reduction == 1 else None
+            if isinstance(ignored, fx.Node) and not _inputs_only(ignored, position):
+                ignored = None  # (an ignored label computed from the model's weights: not countable from inputs)
             if ignored is not None and _inputs_only(node.args[1], position):  # its targets other than ignored ones
                 count = ("ignored", node.args[1], ignored)  # (labels masked by torch.where(mask, labels, -100))
             elif reduction == 1 and _data_sized(node.args[0]):
@@ -118,11 +120,12 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
     return list(found.values())
 
 
-def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | None,
+def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | fx.Node | None,
               position: dict[fx.Node, int]) -> CountedMean | None:
     """The count ``value`` (``how``: "value" itself, "sum" of a mask: its true elements, "ignored": its elements other
-    than ``ignored``) as a graph of the model inputs it reads."""
-    ancestors = _ancestors(value)
+    than ``ignored``, a number or one the graph computes from the inputs' sizes) as a graph of the model inputs it
+    reads."""
+    ancestors = _ancestors(value) | (_ancestors(ignored) if isinstance(ignored, fx.Node) else set())
     used = sorted((n for n in ancestors if isinstance(position.get(n), int)), key=position.__getitem__)
     if not used:
         return None
@@ -138,13 +141,16 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | None,
             env[original] = graph.node_copy(original, env.__getitem__)
     result = env[value]
     if how == "ignored":
-        result = graph.call_function(torch.ops.aten.ne.Scalar, (result, ignored))
+        result = graph.call_function(torch.ops.aten.ne.Scalar, (result, env.get(ignored, ignored)))
     if how != "value":
         result = graph.call_function(torch.ops.aten.sum.default, (result,))
     graph.output(result)
     expression = _written(value, {n: v for n, v in position.items() if isinstance(v, torch.Tensor)})
-    if expression is not None and how != "value":
-        expression = f"({expression} != {ignored}).sum()" if how == "ignored" else f"{expression}.sum()"
+    if expression is not None and how == "ignored":
+        other = _written(ignored, {}) if isinstance(ignored, fx.Node) else ignored
+        expression = None if other is None else f"({expression} != {other}).sum()"
+    elif expression is not None and how != "value":
+        expression = f"{expression}.sum()"
     given = None
     while how == "value" and given is None and isinstance(value, fx.Node):  # through .to(device), views
         if value.op == "placeholder":
@@ -158,12 +164,14 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | None,
                        fx.GraphModule(root, graph), expression, given)
 
 
-def _ignore_index(node: fx.Node) -> int | None:
-    """A cross entropy's or NLL's ignored label, where it has no class weights (those :func:`mean_losses` finds)."""
+def _ignore_index(node: fx.Node) -> int | fx.Node | None:
+    """A cross entropy's or NLL's ignored label, where it has no class weights (those :func:`mean_losses` finds): a
+    number, or the node computing it (Hugging Face's question answering ignores the positions past the sequence:
+    ``input_ids.size(1)``)."""
     if node.target not in _LOSSES:
         return None
     ignored = _argument(node, 4, "ignore_index", -100)
-    return ignored if isinstance(ignored, int) and _argument(node, 2, "weight", None) is None else None
+    return ignored if isinstance(ignored, (int, fx.Node)) and _argument(node, 2, "weight", None) is None else None
 
 
 def _argument(node: fx.Node, index: int, name: str, default: object) -> object:
@@ -288,4 +296,9 @@ def _written(node: Any, constants: Mapping[fx.Node, torch.Tensor], depth: int = 
         return f"{first}.sum()"
     if name in ("to", "_to_copy"):
         return f"{first}.bool()" if _dtype(node) == torch.bool else first
+    if name == "sym_size" and len(node.args) == 2:
+        return f"{first}.shape[{node.args[1]}]"
+    if name in ("clamp", "clamp_min") and len(node.args) > 1:  # (positions clamped to the sequence's length)
+        bounds = ["None" if arg is None else _written(arg, constants, depth + 1) for arg in node.args[1:]]
+        return None if None in bounds else f"{first}.clamp({', '.join(map(str, bounds))})"
     return first if name in _PASSED else None
