@@ -847,3 +847,55 @@ def test_a_distillation_kl_is_taken_for_the_mean_over_rows_it_is() -> None:
     """Its micro-batches' combination was off by float32 rounding beyond the check's tolerance: said "not a mean over
     rows", and the step was run once more on every batch for it (found by review)."""
     assert run_ranks(_distilled, 2, timeout=100) == [[], []]
+
+
+def _count_first(rank: int, world_size: int) -> dict[str, float]:
+    """Epoch means of values logged without a batch_size, over batches of 8, 8 and 4 rows whose collate_fn puts a
+    0-dim count first: one device infers each batch's size from it (1), so the epoch means weigh batches alike."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    def collate(rows: list[Any]) -> dict[str, torch.Tensor]:
+        x, y = torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
+        return {"count": torch.tensor(len(rows)), "x": x, "y": y}
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = F.cross_entropy(self.net(batch["x"]), batch["y"])
+            self.log("loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", F.cross_entropy(self.net(batch["x"]), batch["y"]))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(2)
+    rows = list(zip(torch.randn(20, 12, generator=generator), torch.randint(0, 4, (20,), generator=generator)))
+    loader = DataLoader(rows, batch_size=8, collate_fn=collate)
+    L.seed_everything(0, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=1)
+    trainer.fit(Classifier(), loader, loader)
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+@pytest.mark.timeout(120)
+def test_values_logged_without_a_batch_size_weigh_batches_as_lightning_infers_their_sizes() -> None:
+    """No micro-batch gave a batch_size: the pipeline logs the batch's value with none, so Lightning infers the
+    batch's size from the whole batch as on one device (here 1, from a 0-dim count put first: the epoch means weigh
+    the batches of 8, 8 and 4 rows alike; weighed by rows, val_loss was 1e-2 off)."""
+    reference = _count_first(0, 1)
+    for ranks in run_ranks(_count_first, 2, timeout=100):
+        assert ranks.keys() == reference.keys()
+        for name, value in reference.items():
+            assert ranks[name] == pytest.approx(value, rel=1e-5), name

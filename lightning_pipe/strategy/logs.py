@@ -47,6 +47,9 @@ class LoggedValue:
     batch_size: int | None
     weight: float | None = None  # what its micro-batches weighed together, where not their rows (loss_reduction counts)
     given: int | None = None  # the batch_size every micro-batch logged alike, not as its rows (a constant, or a count)
+    inferred: bool = False
+    """No micro-batch gave a batch_size: one device's is Lightning's inference from the whole batch (its first tensor's
+    dim 0, 1 for a 0-dim one: a count the collate_fn puts first), which the replay leaves to Lightning."""
 
 
 class LogRecorder:
@@ -112,7 +115,8 @@ class LogRecorder:
                 self.module.log(entry.name, metric, **options)
             else:
                 assert entry.value is not None
-                self.module.log(entry.name, entry.value.to(device), batch_size=entry.batch_size, **options)
+                self.module.log(entry.name, entry.value.to(device), batch_size=None if entry.inferred else
+                                entry.batch_size, **options)
 
 
 def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int, str],
@@ -165,7 +169,7 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
         logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None,
-                                  sizes[0] if alike else None))
+                                  sizes[0] if alike else None, all(size is None for size in given_sizes)))
     return logged
 
 
@@ -259,6 +263,8 @@ def combine_replica_logs(replicas: list[list[LoggedValue]]) -> list[LoggedValue]
             calls.append(({**entry.options, "name": entry.name, "value": entry.value, "batch_size": None,
                            "weight": entry.weight}, entry.batch_size))
     combined = {entry.name: entry for entry in combine_logs(calls, {})}
+    for entry in combined.values():  # a replica's batch is its share: the replicas' rows together are the batch's
+        entry.inferred = False
     combined.update(metrics)
     order = list(dict.fromkeys(entry.name for logged in replicas for entry in logged))  # first seen, first logged
     return [combined[name] for name in order]
