@@ -245,7 +245,8 @@ def test_a_checkpoint_saved_on_one_rank_only_ends_every_rank_with_why(tmp_path: 
                                           expect_failure=True)):
         assert text is not None and "checkpoint: trainer.save_checkpoint, which every rank calls" in text, \
             f"rank {rank}: {text}"
-        assert "if trainer.is_global_zero:" in text and "rank 1 is alive but made no progress" in text, text
+        # rank 0 waits in the checkpoint, rank 1 in the epoch-end hooks' gather: the first to run out explains it
+        assert "if trainer.is_global_zero:" in text and "is alive but made no progress" in text, text
     assert time.monotonic() - start < 60
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from typing import Any
 
 import pytest
@@ -542,9 +543,7 @@ def test_gradient_norms_logged_before_the_optimizer_step_are_the_whole_models(wh
             assert got[name] == pytest.approx(value, rel=1e-5), name
 
 
-def test_hook_logs_merge_as_one_device_logs_them_and_a_failed_hook_ends_every_rank() -> None:
-    import json
-
+def test_hook_logs_merge_as_one_device_logs_them_and_a_failed_hook_raises_before_the_gather() -> None:
     import lightning as L
 
     from lightning_pipe.strategy.hook_logs import gather_hook_logs, merge_hook_logs, release_hook_logs
@@ -556,16 +555,18 @@ def test_hook_logs_merge_as_one_device_logs_them_and_a_failed_hook_ends_every_ra
     merged, differing = merge_hook_logs([first, last])
     assert merged["grad_2.0_norm_total"] == pytest.approx((9 + 1 + 16) ** 0.5)  # a tied parameter once
     assert merged["grad_inf_norm_total"] == 7.0 and merged["lr"] == 0.1 and differing == ["mine"]
+    assert merged["mine"] == 1.0  # the first rank's, on every rank
 
     class Hooked(L.LightningModule):
         def on_after_backward(self) -> None:
             self.log("seen", 1.0)
+            raise ValueError("bad")
 
-    module = Hooked()
-    other_failed = [json.dumps({"error": "ValueError: bad"})]
-    gather_hook_logs(module, lambda mine: [mine, *other_failed])
-    with pytest.raises(RuntimeError, match="pipeline rank 1's on_after_backward failed: ValueError: bad"):
+    module, gathered = Hooked(), []
+    gather_hook_logs(module, lambda mine: gathered.append(mine) or [mine])
+    with pytest.raises(ValueError, match="bad"):  # at once: the others' gather ends with the error it posts
         module.on_after_backward()
+    assert not gathered
     release_hook_logs(module)
     assert "on_after_backward" not in vars(module)
 
@@ -899,3 +900,72 @@ def test_values_logged_without_a_batch_size_weigh_batches_as_lightning_infers_th
         assert ranks.keys() == reference.keys()
         for name, value in reference.items():
             assert ranks[name] == pytest.approx(value, rel=1e-5), name
+
+
+def _epoch_end_logs(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    """Epoch-end hooks logging a weight norm over self.parameters() (each rank's share under a pipeline), the same
+    summed over the pipeline's ranks (the warning's advice), and a value only global rank 0 logs; a ModelCheckpoint
+    names its files by the share."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Normed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def on_train_epoch_end(self) -> None:
+            square = sum((p.detach() ** 2).sum() for p in self.parameters())
+            self.log("share_norm", square.sqrt())
+            if world_size > 1:
+                torch.distributed.all_reduce(square, group=self.trainer.strategy.pipeline_group)
+            self.log("whole_norm", square.sqrt())
+
+        def on_validation_epoch_end(self) -> None:
+            if self.trainer.is_global_zero:
+                self.log("zero_only", float(self.current_epoch) + 0.5)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp, monitor="share_norm", mode="max", filename="{epoch}-{share_norm:.5f}")
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto",
+                            max_epochs=2, callbacks=[checkpoint], enable_checkpointing=True, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Normed(), class_data(), class_data(batches=1))
+    return {"logged": {name: float(value) for name, value in trainer.callback_metrics.items()},
+            "best": os.path.basename(checkpoint.best_model_path),
+            "warned": [str(w.message) for w in caught if "take another value on each rank" in str(w.message)]}
+
+
+@pytest.mark.timeout(150)
+def test_epoch_end_hooks_log_the_same_values_on_every_rank(tmp_path: Any) -> None:
+    """A value only rank 0 logs, or one the ranks compute over their own stages' parameters, was each rank's: a
+    ModelCheckpoint watching the share named a file per rank (so ``ckpt_path="best"`` named a file one rank wrote).
+    Every rank now logs the first stage's share, with a warning saying how to sum the shares; summed over
+    ``trainer.strategy.pipeline_group``, the norm is one device's."""
+    reference = _epoch_end_logs(0, 1, str(tmp_path / "one"))
+    assert not reference["warned"]
+    ranks = run_ranks(_epoch_end_logs, 2, str(tmp_path / "pipe"), timeout=130)
+    assert ranks[0]["logged"] == ranks[1]["logged"] and ranks[0]["best"] == ranks[1]["best"]
+    for name in ("whole_norm", "val_loss", "zero_only"):
+        assert ranks[0]["logged"][name] == pytest.approx(reference["logged"][name], rel=1e-5), name
+    assert ranks[0]["logged"]["share_norm"] < reference["logged"]["whole_norm"] - 0.1  # the first stage's share
+    for result in ranks:
+        assert len(result["warned"]) == 2 and "share_norm logged in Normed.on_train_epoch_end" in result["warned"][0]
+        assert "group=trainer.strategy.pipeline_group" in result["warned"][0]

@@ -71,10 +71,10 @@ from lightning_pipe.strategy.sharded import (
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
 _ON_EXCEPTION_WAIT = 10.0  # seconds a rank saving on its own exception waits for the others
-_SAVING = "writing a checkpoint"
-# said where the others did not come to write it: a rank that calls it alone (not where a rank failed otherwise)
-_CALLED_ALONE = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
-                 "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
+# what a rank is doing while it waits for the others to write a checkpoint, as its heartbeat and errors name it: said
+# so for a rank that calls it alone, and for the others, which time out waiting elsewhere (a hook's gather)
+_SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
+           "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
 
 HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 
@@ -165,13 +165,11 @@ class PipelineCheckpoints:
                        timeout=min(timeout, _ON_EXCEPTION_WAIT) if interrupted else timeout,
                        notice=None if shared_failure else job_failure_notice(runner.pipeline.comm.board, _SAVING))
         except PeerLost as error:
-            if not error.timed_out:
+            if not (error.timed_out and interrupted):
                 raise
-            if interrupted:
-                raise RuntimeError(f"no checkpoint is written on this rank's error ({type(pending).__name__}: "
-                                   f"{pending}): the other ranks did not come to save, having ended with it ("
-                                   f"{error}); a pipeline's checkpoint needs every rank") from pending
-            raise PeerLost(f"{error}; {_CALLED_ALONE}", error.origin_rank, True) from None
+            raise RuntimeError(f"no checkpoint is written on this rank's error ({type(pending).__name__}: "
+                               f"{pending}): the other ranks did not come to save, having ended with it ("
+                               f"{error}); a pipeline's checkpoint needs every rank") from pending
         # save_weights_only: the weights and the loops' counters, as one device writes them (nothing to resume from)
         weights_only, had_callbacks = "optimizer_states" not in checkpoint, "callbacks" in checkpoint
         if trainer is not None and self._position.seed is not None:

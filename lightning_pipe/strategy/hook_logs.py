@@ -1,4 +1,4 @@
-"""What hooks outside the step log about the model's gradients, made one device's on every rank.
+"""What hooks outside the step log about the model, made one device's, and the same, on every rank.
 
 Lightning's way to track gradient norms logs in ``on_before_optimizer_step`` (or ``on_after_backward``)
 ``self.log_dict(grad_norm(self, norm_type=2))``, in the module or in a callback: each parameter's norm and their
@@ -7,8 +7,15 @@ runs the hook over its own stages' parameters, and global rank 0, whose loggers 
 and a total over them alone. Here every rank's logs of such a hook are gathered over the pipeline (every rank runs
 the hook at the same point of a synchronous step) and every rank logs the union: a name one rank logged, its value; a
 name several logged alike (a tied parameter's norm, a learning rate), that value; a ``grad_norm`` total, the p-norm of
-every rank's parameter norms, as one device computes it. Another name the ranks logged differently keeps each rank's
-own, with a warning. Values travel as JSON text (:mod:`.plain`), never pickled.
+every rank's parameter norms, as one device computes it.
+
+The epoch-end hooks (``on_train_epoch_end``, ``on_validation_epoch_end``, ``on_test_epoch_end`` of the module and of
+the user's callbacks) are gathered alike: what they log from the shared step results is the same everywhere, and a
+name one rank alone logged (under ``trainer.is_global_zero``) is every rank's. A name the ranks logged with other
+values (a weight norm over ``self.parameters()``, each rank's share) takes the first stage's value on every rank, with
+a warning: it is not one device's, but a ``ModelCheckpoint`` or ``EarlyStopping`` watching it decides alike on every
+rank (each rank's own value named a checkpoint file per rank). Values travel as JSON text (:mod:`.plain`), never
+pickled.
 """
 
 from __future__ import annotations
@@ -26,18 +33,23 @@ from lightning.pytorch import Callback, LightningModule
 
 __all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
 
-_HOOKS = ("on_before_optimizer_step", "on_after_backward")
+_GRADIENT_HOOKS = ("on_before_optimizer_step", "on_after_backward")
+_EPOCH_HOOKS = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end")
+_HOOKS = _GRADIENT_HOOKS + _EPOCH_HOOKS
 _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
 def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]],
                      callbacks: Sequence[Callback] = ()) -> None:
-    """Wrap the gradient hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
-    ``on_before_optimizer_step``) so that what they log through the module is every rank's (``gather_text``: every
-    pipeline rank's text, a collective every rank makes in the hook; synchronous schedules only, whose ranks all reach
-    it). Hooks not overridden are left alone; :func:`release_hook_logs` undoes it."""
+    """Wrap the gradient and epoch-end hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
+    ``on_before_optimizer_step``; Lightning's own callbacks log nothing there) so that what they log through the
+    module is every rank's (``gather_text``: every pipeline rank's text, a collective every rank makes in the hook,
+    which ends with another rank's error where that rank failed; synchronous schedules only, whose ranks all reach
+    it). Hooks not overridden are left alone;
+    :func:`release_hook_logs` undoes it."""
     for owner, base in [(module, LightningModule), *((callback, Callback) for callback in callbacks)]:
-        for name in _HOOKS:
+        lightnings = type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+        for name in _GRADIENT_HOOKS if lightnings else _HOOKS:
             if getattr(type(owner), name) is getattr(base, name) or name in vars(owner):
                 continue
             setattr(owner, name, functools.partial(_gathered, module, getattr(owner, name), gather_text))
@@ -64,27 +76,23 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
             calls.append((name, value, options))
 
     module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method (log_dict calls it)
-    failure: BaseException | None = None
-    try:
-        result = hook(*args, **kwargs)
-    except BaseException as error:  # noqa: BLE001 - the others are told, then this rank raises it
-        failure, result = error, None
+    try:  # a hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this
+        result = hook(*args, **kwargs)  # rank (a barrier), end with its error (``gather_text`` is watched)
     finally:
         del module.log
-    mine = json.dumps({"error": f"{type(failure).__name__}: {failure}"} if failure is not None else
-                      [[name, float(value)] for name, value, _ in calls])
-    texts = [json.loads(text) for text in gather_text(mine)]  # every rank comes, its hook failed or not
-    if failure is not None:
-        raise failure
-    failed = [(rank, text["error"]) for rank, text in enumerate(texts) if isinstance(text, dict)]
-    if failed:
-        raise RuntimeError(f"pipeline rank {failed[0][0]}'s {hook.__name__} failed: {failed[0][1]}")
+    texts = [json.loads(text) for text in gather_text(json.dumps([[name, float(value)] for name, value, _ in calls]))]
     merged, differing = merge_hook_logs([[(name, value) for name, value in text] for text in texts])
     if differing:
-        warnings.warn(f"{', '.join(differing[:5])} logged in a gradient hook take another value on each rank of the "
-                      f"pipeline (each holds its own stages' parameters): each rank logs its own, and global rank 0's "
-                      f"loggers write the first stage's. Log values of each parameter (Lightning's grad_norm: its "
-                      f"total is made the whole model's) or gather them yourself", stacklevel=2)
+        owner = getattr(hook, "__self__", None)
+        names, where = ", ".join(differing[:5]), f"{type(owner).__name__}.{hook.__name__}" if owner else hook.__name__
+        fix = ("log values of each parameter (Lightning's grad_norm: its total is made the whole model's), or " if
+               hook.__name__ in _GRADIENT_HOOKS else "")
+        warnings.warn(f"{names} logged in {where} take another value on each rank of the pipeline (each holds its own "
+                      f"stages' parameters: a norm over self.parameters() is this rank's share), so every rank logs "
+                      f"the first stage's, which is not one device's (a ModelCheckpoint or EarlyStopping watching it "
+                      f"decides alike on every rank). For the whole model's value, {fix}add up each rank's share "
+                      f"over the pipeline's ranks: torch.distributed.all_reduce(share, group=trainer.strategy."
+                      f"pipeline_group) (for a norm, of its square)", stacklevel=2)
     for name, value, options in calls:  # this rank's names first, in its order, with its options
         real(name, merged.pop(name, float(value)), **options)
     options = calls[0][2] if calls else {}
@@ -95,7 +103,7 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
 
 def merge_hook_logs(every: list[list[tuple[str, float]]]) -> tuple[dict[str, float], list[str]]:
     """The union of every rank's ``(name, value)`` logs in rank order, and the names several ranks logged with other
-    values (each keeps its own: left out of the union); a ``grad_{p}_norm_total`` is the p-norm over the union's
+    values (the first rank's value in the union); a ``grad_{p}_norm_total`` is the p-norm over the union's
     ``grad_{p}_norm`` values of each parameter."""
     values: dict[str, list[float]] = {}
     for logged in every:
@@ -106,9 +114,8 @@ def merge_hook_logs(every: list[list[tuple[str, float]]]) -> tuple[dict[str, flo
     for name, seen in values.items():
         if _TOTAL.match(name):
             continue
-        if all(math.isclose(value, seen[0], rel_tol=1e-6, abs_tol=1e-12) or value != value for value in seen):
-            merged[name] = seen[0]
-        else:
+        merged[name] = seen[0]
+        if not all(math.isclose(value, seen[0], rel_tol=1e-6, abs_tol=1e-12) or value != value for value in seen):
             differing.append(name)
     for name in values:
         found = _TOTAL.match(name)

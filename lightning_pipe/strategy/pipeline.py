@@ -373,6 +373,13 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                                "validate, test or predict first")
         return self._runner
 
+    @property
+    def pipeline_group(self) -> Any:
+        """The process group of this rank's pipeline, one rank per stage (the world for one pipeline): a sum over it of
+        what each rank computes over its own stages' parameters (a weight norm's square in ``on_train_epoch_end``) is
+        the whole model's."""
+        return self.runner.pipeline.group
+
     # -- cutting the module ---------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -413,18 +420,17 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         self._build(module, trainer)
         count_throughput_per_pipeline(trainer.callbacks, self.mesh_shape.replicas, self.mesh_shape.world_size)
         fit_start_after_restore(trainer, module)
+        pipeline = self.runner.pipeline
         if fitting:
-            pipeline = self.runner.pipeline
             fit_to_the_cut(trainer.callbacks, module, isinstance(self.runner.split, CapturedModule),
                            functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
                            pipeline.rank,
                            functools.partial(all_gather_text, group=pipeline.group, device=self._collective_device()),
                            self.runner.tied.counts_in_norm)
-            if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
-                gather_hook_logs(module, functools.partial(all_gather_text, group=pipeline.group,
-                                                           device=self._collective_device()), trainer.callbacks)
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
+        if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
+            gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
         if self._async is not None:

@@ -31,6 +31,7 @@ from lightning_pipe.strategy.plain import all_gather_text
 __all__ = ["PipelineSteps"]
 
 _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
+_SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -219,6 +220,22 @@ class PipelineSteps:
                                     notice=job_failure_notice(runner.pipeline.comm.board, _SHARING_HOOK_CALLS))
         with explained(_SHARING_HOOK_CALLS, runner.hook_calls_group):  # a rank that ended: the error it posted
             runner.hook_calls.flush(functools.partial(all_gather_text, group=runner.hook_calls_group, run=watched))
+
+    def _pipeline_texts(self) -> Callable[[str], list[str]]:
+        """A gather of every rank of this rank's pipeline's text, in stage order, over the hooks' own gloo group (as
+        :meth:`_make_hook_calls`): watched, so that a rank whose hook failed ends the others with its error."""
+        runner = self.runner
+        ranks = torch.distributed.get_process_group_ranks(runner.pipeline.group)
+        wait_timeout = runner.pipeline.config.wait_timeout
+
+        def gather(text: str) -> list[str]:
+            watched = functools.partial(collective, what=_SHARING_HOOK_LOGS, timeout=wait_timeout,
+                                        notice=job_failure_notice(runner.pipeline.comm.board, _SHARING_HOOK_LOGS))
+            with explained(_SHARING_HOOK_LOGS, runner.hook_calls_group):
+                texts = all_gather_text(text, group=runner.hook_calls_group, run=watched)
+            return [texts[rank] for rank in ranks]
+
+        return gather
 
     @override
     def on_validation_start(self) -> None:
