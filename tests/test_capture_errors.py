@@ -538,3 +538,18 @@ def test_a_forward_that_takes_gradients_itself_is_refused_with_the_reason() -> N
         Splitter(_Residual()).segments((torch.randn(3, 2),))
     x = torch.ones(2, requires_grad=True)
     assert torch.autograd.grad((x * 3).sum(), x)[0].tolist() == [3.0, 3.0]  # torch's own again after the capture
+
+
+def test_rwkv_rescaling_its_weights_for_evaluation_is_refused_with_the_config_that_pipelines_it() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=50, hidden_size=16, num_hidden_layers=4, attention_hidden_size=16, intermediate_size=32,
+                  context_length=16)
+    ids = torch.randint(0, 50, (2, 8))
+    model = transformers.RwkvForCausalLM(transformers.RwkvConfig(**config)).eval()
+    with pytest.raises(CaptureError, match=r"layers_are_rescaled.*build it with rescale_every=0"):
+        Splitter(model).segments((), {"input_ids": ids, "use_cache": False})
+    model = transformers.RwkvForCausalLM(transformers.RwkvConfig(**config, rescale_every=0)).eval()
+    splitter = Splitter(model)
+    assert len(splitter.segments((), {"input_ids": ids, "use_cache": False})) > 1
+    torch.testing.assert_close(splitter.run(input_ids=ids, use_cache=False).logits,
+                               model(input_ids=ids, use_cache=False).logits)

@@ -428,3 +428,34 @@ def test_a_distribution_built_in_forward_is_refused_with_its_parameters_to_retur
     is the distribution's own argument check."""
     with pytest.raises(CaptureError, match=r"A torch\.distributions object built in forward .* return its parameters"):
         Splitter(Blocks(GaussianHead())).segments((torch.randn(2, 8),))
+
+
+class GaussianLoss(nn.Module):
+    """A loss from a distribution built inside forward (Hugging Face's TimeSeriesTransformer: a Student-t's
+    log_prob), returned as a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        loc, scale = self.head(x).chunk(2, -1)
+        return -torch.distributions.Normal(loc, nn.functional.softplus(scale)).log_prob(y).mean()
+
+
+def test_a_distribution_used_inside_forward_is_captured_with_its_checks_off_as_the_refusal_says() -> None:
+    x, y = torch.randn(4, 8), torch.randn(4, 1)
+    model = GaussianLoss()
+    with pytest.raises(CaptureError, match=r"set_default_validate_args\(False\) before the fit"):
+        Splitter(model).segments((x, y))
+    checks = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    try:
+        splitter = Splitter(model)
+        assert len(splitter.segments((x, y))) > 1
+        torch.testing.assert_close(splitter.run(x, y), model(x, y))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(checks)

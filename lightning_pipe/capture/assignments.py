@@ -285,7 +285,11 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
             f"(self.register_buffer) updated in place or given a tensor of its shape and dtype "
             f"(self.count += 1 on a tensor buffer; it then changes once per micro-batch, which a warning says), "
             f"compute it in training_step or a hook and pass it to the model, or carry a state kept for the next "
-            f"call through the step (returned by the model, given back as an input)")
+            f"call through the step (returned by the model, given back as an input)" + (
+                ". Hugging Face's RWKV (layers_are_rescaled) divides its layers' weights in place as evaluation "
+                "starts, every config.rescale_every layers (a guard against float16 overflow at inference): build it "
+                "with rescale_every=0 to pipeline it" if any("layers_are_rescaled" in item for item in found) else
+                ""))
 
 
 def carried_advice(model_name: str, found: list[str]) -> str:

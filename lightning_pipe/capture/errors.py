@@ -111,9 +111,12 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
             f"F.linear(x, self.weight * self.mask)), {SEQUENTIAL_PATH}")
     frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
     if any(f"{os.sep}distributions{os.sep}" in frame.filename for frame in frames):  # not the user's control flow
-        advice = ("A torch.distributions object built in forward checks its arguments' values (validate_args) and "
-                  "cannot be a captured graph's output: return its parameters as tensors (loc and scale, logits) "
-                  f"and build the distribution in the step from the model's output; {SEQUENTIAL_PATH}.")
+        advice = ("A torch.distributions object built in forward checks its arguments' values (validate_args), "
+                  "which a captured graph cannot: where forward uses it inside (a loss from its log_prob, as Hugging "
+                  "Face's TimeSeriesTransformer, Informer and Autoformer do), call torch.distributions.Distribution."
+                  "set_default_validate_args(False) before the fit; where forward returns it, which a graph cannot, "
+                  "return its parameters as tensors (loc and scale, logits) and build the distribution in the step "
+                  f"from the model's output; {SEQUENTIAL_PATH}.")
     else:
         advice = _advice(error, text, where)
     return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
