@@ -192,6 +192,9 @@ class _Masked(nn.Module):
                 labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
                 return F.cross_entropy(scores.flatten(0, 1), labels.flatten())
             return F.cross_entropy(scores.flatten(0, 1), torch.where(mask.bool(), labels, -100).flatten())
+        if self.kind == "silog":  # a scale-invariant log loss over the valid pixels (depth models): no weighted mean
+            diff = (torch.log(out.abs() + 1) - torch.log(y + 1))[mask.bool()]
+            return torch.sqrt((diff ** 2).mean() - 0.85 * diff.mean() ** 2)
         if self.kind == "teacher":  # labels from the model's own output: not counted from the inputs
             scores = torch.stack([-out, out], -1)
             return F.cross_entropy(scores.flatten(0, 1), scores.detach().argmax(-1).flatten())
@@ -204,7 +207,7 @@ class _Masked(nn.Module):
     ("divided", "(batch['mask'] * (batch['y'] > 0)).sum()"),
     ("ignored", "(torch.where(batch['mask'].bool(), (batch['y'] > 0.5), -100) != -100).sum()"),
     ("shifted", "(torch.nn.functional.pad((batch['y'] > 0.5), [0, 1], value=-100)[:, 1:] != -100).sum()"),
-    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None)])
+    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None), ("silog", None)])
 def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: str, expression: str | None) -> None:
     x, y = torch.randn(4, 5, 4), torch.rand(4, 5)
     mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 1])[:, None]).long()

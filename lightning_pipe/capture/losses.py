@@ -112,7 +112,7 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
                 and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position) \
                 and not _one_row(node.args[0]):  # (one image's loss over its own boxes: a row's value)
             count = ("value", node.args[1], None)
-        if count is None or not _inputs_only(count[1], position):
+        if count is None or not _inputs_only(count[1], position) or not _linear_to_output(node, reaches):
             continue
         mean = _counting(node, *count, position)
         if mean is not None:
@@ -162,6 +162,32 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | fx.Node | 
             break
     return CountedMean(getattr(node.target, "_opname", str(node.target)), tuple(position[n] for n in used),
                        fx.GraphModule(root, graph), expression, given)
+
+
+_LINEAR = {"add", "sub", "rsub", "neg", "sum", "mean", "stack", "cat", "clone", "alias", "view", "reshape",
+           "_unsafe_view", "squeeze", "unsqueeze", "expand", "select", "getitem", "to", "_to_copy", "detach",
+           "lift_fresh_copy", "type_as", "contiguous", "flatten", "mul", "div"}
+
+
+def _linear_to_output(mean: fx.Node, reaches: set[fx.Node]) -> bool:
+    """Whether ``mean`` reaches the graph's output only through sums and scalings (so that a mean of micro-batch means
+    weighted by their counts is the batch's): not a scale-invariant log loss's ``sqrt(mean(d**2) - mean(d)**2)``,
+    which no weighting makes the batch's."""
+    after, todo = {mean}, [mean]
+    while todo:  # what the mean reaches on the way to the output
+        for user in todo.pop().users:
+            if user in reaches and user not in after and user.op != "output":
+                after.add(user)
+                todo.append(user)
+    for node in after - {mean}:
+        name = getattr(node.target, "__name__", "").split(".")[0]
+        if name not in _LINEAR:
+            return False
+        operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
+        if name in ("mul", "div") and (sum(arg in after for arg in operands) > 1 or (
+                name == "div" and len(node.args) > 1 and node.args[1] in after)):
+            return False  # (a product of two of its values, or a division by it)
+    return True
 
 
 def _ignore_index(node: fx.Node) -> int | fx.Node | None:
