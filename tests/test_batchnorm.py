@@ -315,3 +315,46 @@ def test_asynchronous_and_replicated_stages_commit_once_per_step() -> None:
         for name, value in state.items():
             if name.rsplit(".", 1)[-1] in STATS:
                 torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-5, msg=f"rank {rank} {name}")
+
+
+def _batch_norm_warnings(rank: int, world_size: int, frozen: bool) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8),
+                                     nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+
+        def on_train_epoch_start(self) -> None:
+            if frozen:  # a frozen backbone's batch norms use their running statistics, as on one device
+                for module in self.net.modules():
+                    if isinstance(module, nn.BatchNorm1d):
+                        module.eval()
+
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_steps=2).fit(Classifier(), class_data())
+    return [str(w.message) for w in caught if "batch norm(s) normalize each" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batch_norms_a_hook_puts_in_eval_mode_are_not_warned_of(frozen: bool) -> None:
+    """The warning looked at the modes as the model was cut, before the hooks that freeze batch norms ran."""
+    warned = run_ranks(_batch_norm_warnings, 2, frozen, timeout=100)
+    assert [len(found) for found in warned] == ([0, 0] if frozen else [1, 1]), warned

@@ -128,7 +128,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
                                    pipeline.num_microbatches, parameters=not pipeline.asynchronous)
-        warn_of_batch_norms(pipeline.modules(), pipeline.num_microbatches)
+        self._batch_norms_said = False  # at the first training step: after the hooks that freeze some (eval mode)
         self._init_checks(split, pipeline)
 
     @classmethod
@@ -256,6 +256,9 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         generators forked to ``derive_seed(seed, i)`` on every rank that runs its step code. Asynchronous schedules
         call ``optimizer_step`` at each of their optimizer steps; the loss returned is this batch's, which the last
         stage computes within this call (earlier stages finish its backward later)."""
+        if not self._batch_norms_said:
+            self._batch_norms_said = True
+            warn_of_batch_norms(self.pipeline.modules(), self.pipeline.num_microbatches)
         with reported_failures(self.scope):
             return self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
 
