@@ -207,7 +207,8 @@ class _Masked(nn.Module):
     ("divided", "(batch['mask'] * (batch['y'] > 0)).sum()"),
     ("ignored", "(torch.where(batch['mask'].bool(), (batch['y'] > 0.5), -100) != -100).sum()"),
     ("shifted", "(torch.nn.functional.pad((batch['y'] > 0.5), [0, 1], value=-100)[:, 1:] != -100).sum()"),
-    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None), ("silog", None)])
+    ("silog", "batch['mask'].bool().sum()"),
+    ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None)])
 def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: str, expression: str | None) -> None:
     x, y = torch.randn(4, 5, 4), torch.rand(4, 5)
     mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 1])[:, None]).long()
@@ -217,6 +218,13 @@ def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: 
         return
     assert [mean.expression for mean in found] == [expression]
     count = found[0]
+    assert count.linear is (kind != "silog")  # a square root of it: no count makes the micro-batches' the batch's
+    if kind == "silog":
+        from lightning_pipe.strategy.reduction import counted_mean_warning
+
+        message = counted_mean_warning(found, [[x[:2], mask[:2], y[:2]], [x[2:], mask[2:], y[2:]]], [2, 2])
+        assert message is not None and "no weighting" in message and "num_microbatches=1" in message
+        assert "loss_reduction" not in message
     kept = {"divided": mask.bool() & (y > 0), "shifted": torch.ones(4, 5).bool()}.get(kind, mask.bool())
     if kind == "shifted":
         kept[:, -1] = False

@@ -74,6 +74,9 @@ class CountedMean:
     given: str | None = None
     """The model input that is the count itself, where one is (Hugging Face's ``num_items_in_batch``, which the
     user's code computes)."""
+    linear: bool = True
+    """Whether the mean reaches the output through sums and scalings only; else (a square root of it, its square: a
+    scale-invariant log loss) no weighting of micro-batches' values makes the batch's."""
 
     def counted(self, flat: Sequence[Any]) -> float | None:
         """The count for one micro-batch's flattened model inputs (None where it cannot be computed)."""
@@ -112,16 +115,16 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
                 and _is_scalar(node.args[1]) and not _inputs_only(node.args[0], position) \
                 and not _one_row(node.args[0]):  # (one image's loss over its own boxes: a row's value)
             count = ("value", node.args[1], None)
-        if count is None or not _inputs_only(count[1], position) or not _linear_to_output(node, reaches):
+        if count is None or not _inputs_only(count[1], position):
             continue
-        mean = _counting(node, *count, position)
+        mean = _counting(node, *count, position, _linear_to_output(node, reaches))
         if mean is not None:
             found.setdefault(mean.expression or str(len(found)), mean)
     return list(found.values())
 
 
 def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | fx.Node | None,
-              position: dict[fx.Node, int]) -> CountedMean | None:
+              position: dict[fx.Node, int], linear: bool = True) -> CountedMean | None:
     """The count ``value`` (``how``: "value" itself, "sum" of a mask: its true elements, "ignored": its elements other
     than ``ignored``, a number or one the graph computes from the inputs' sizes) as a graph of the model inputs it
     reads."""
@@ -161,7 +164,7 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | fx.Node | 
         else:
             break
     return CountedMean(getattr(node.target, "_opname", str(node.target)), tuple(position[n] for n in used),
-                       fx.GraphModule(root, graph), expression, given)
+                       fx.GraphModule(root, graph), expression, given, linear)
 
 
 _LINEAR = {"add", "sub", "rsub", "neg", "sum", "mean", "stack", "cat", "clone", "alias", "view", "reshape",

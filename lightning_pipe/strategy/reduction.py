@@ -35,7 +35,7 @@ from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning", "neither_warning",
-           "model_loss_warning", "counted_mean_warning", "given_count_warning"]
+           "model_loss_warning", "counted_mean_warning", "given_count_warning", "nonlinear_mean_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
 _TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
@@ -305,6 +305,8 @@ def counted_mean_warning(means: Sequence[CountedMean], inputs: Sequence[Sequence
     if len(inputs) < 2 or len(inputs) != len(rows):
         return None
     for mean in means:
+        if not mean.linear:
+            return nonlinear_mean_warning(mean, step)
         counts = [mean.counted(flat) for flat in inputs]
         if any(count is None or not math.isfinite(count) for count in counts):
             continue
@@ -340,6 +342,8 @@ def given_count_warning(losses: Sequence[MeanLoss], means: Sequence[CountedMean]
         return bool(ratios) and max(ratios) - min(ratios) > 1e-9 * max(abs(ratio) for ratio in ratios)
 
     for mean in means:
+        if not mean.linear:
+            return nonlinear_mean_warning(mean, "training_step")
         counts = [mean.counted(flat) for flat in inputs]
         if any(count is None or not math.isfinite(count) for count in counts) or not apart(counts):  # type: ignore
             continue
@@ -355,6 +359,19 @@ def given_count_warning(losses: Sequence[MeanLoss], means: Sequence[CountedMean]
                                  f"which no input of the model holds in proportion to the counts of loss_reduction's "
                                  f"function, {_numbers(given)} in this batch's micro-batches")
     return None
+
+
+def nonlinear_mean_warning(mean: CountedMean, step: str) -> str:
+    """What to tell a user whose captured model's loss is a nonlinear function of a mean over a count of its inputs'
+    elements (a scale-invariant log loss over the valid pixels: ``sqrt(mean(d**2) - 0.85 * mean(d)**2)``)."""
+    effect = "these gradients differ" if step == "training_step" else "the loss it logs and returns differs"
+    what = f", {mean.expression}," if mean.expression else ""
+    return (f"{step}'s loss is neither a mean nor a sum over the batch's rows, nor a mean over a count: the model's "
+            f"{mean.op} over a count of its inputs' elements{what} reaches its loss through a square root or a "
+            f"product with itself (a scale-invariant log loss, sqrt(mean(d**2) - lambda * mean(d)**2)). Each "
+            f"micro-batch's loss is then a nonlinear function of its own means, which no weighting of the "
+            f"micro-batches' losses makes the batch's, so {effect} from one device's. num_microbatches=1 gives one "
+            f"device's; a loss that is a mean over rows or over a count (the mean of d**2) pipelines exactly")
 
 
 def _whole_count_warning(mean: CountedMean, total: float, microbatches: int, step: str) -> str:
