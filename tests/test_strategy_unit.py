@@ -617,6 +617,9 @@ def test_a_models_own_loss_over_unevenly_ignored_labels_is_found() -> None:
     assert [(loss.op, loss.weighted, loss.ignore_index) for loss in losses] == [("cross_entropy_loss", False, -100)]
     uneven = [[x[:2], labels[:2]], [x[2:], labels[2:]]]  # 1 and 2 labels count
     assert "micro-batches hold [1, 2] of them" in model_loss_warning(losses, uneven)
+    assert "[:, 1:]" not in model_loss_warning(losses, uneven)  # a causal LM's shift, for (rows, tokens) labels only
+    tokens = [[x[:2], torch.tensor([[0, -100], [-100, -100]])], [x[2:], torch.tensor([[1, 2], [3, -100]])]]
+    assert "(batch['labels'][:, 1:] != -100).sum()" in model_loss_warning(losses, tokens)
     even = [[x[:2], torch.tensor([0, 1])], [x[2:], torch.tensor([2, 3])]]
     assert model_loss_warning(losses, even) is None
     weighted = Splitter(Classifier(torch.ones(4)))

@@ -281,10 +281,10 @@ def model_loss_warning(losses: Sequence[MeanLoss], inputs: Sequence[Sequence[Any
             counts = [int((leaf != ignore_index).sum()) for leaf in column]
             shares = [count / max(leaf.numel(), 1) for count, leaf in zip(counts, column)]
             if max(shares) - min(shares) > 1e-9:
+                causal = (f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != "
+                          f"{ignore_index}).sum())") if column[0].dim() == 2 else ""  # (rows, tokens) labels
                 return neither_warning(f"the model's {loss.op} is a mean over the labels other than {ignore_index}, "
-                                       f"and this batch's micro-batches hold {counts} of them", step) + (
-                    f" (for a causal LM, which predicts the next token: (batch['labels'][:, 1:] != {ignore_index})"
-                    f".sum())")
+                                       f"and this batch's micro-batches hold {counts} of them", step) + causal
     return None
 
 
