@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import clip_grad_norm_
 
 from tests.helpers import quiet_trainer, run_ranks
 
@@ -969,3 +970,54 @@ def test_epoch_end_hooks_log_the_same_values_on_every_rank(tmp_path: Any) -> Non
     for result in ranks:
         assert len(result["warned"]) == 2 and "share_norm logged in Normed.on_train_epoch_end" in result["warned"][0]
         assert "group=trainer.strategy.pipeline_group" in result["warned"][0]
+
+
+def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[str, Any]:
+    """Gradients clipped in a hook with torch's function (as ported code does), the norm it returns logged."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Clipped(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if where == "attribute":
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
+            else:  # the name imported from torch.nn.utils, the infinity norm
+                norm = clip_grad_norm_(self.parameters(), 0.05, norm_type=float("inf"))
+            self.log("pre_clip_norm", norm)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    L.seed_everything(2, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_steps=3)
+    trainer.fit(Clipped(), class_data(batches=3))
+    trainer.save_checkpoint(f"{tmp}/{world_size}.ckpt")
+    import torch.nn.utils.clip_grad as torchs
+
+    restored = torch.nn.utils.clip_grad_norm_ is torchs.clip_grad_norm_ is globals()["clip_grad_norm_"]
+    return {"logged": float(trainer.callback_metrics["pre_clip_norm"]), "restored": restored,
+            "state": torch.load(f"{tmp}/{world_size}.ckpt", weights_only=False)["state_dict"]}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["attribute", "imported"])
+def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
+    """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
+    hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it."""
+    reference = _clipped_by_hand(0, 1, where, str(tmp_path))
+    for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
+        assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]
+        for key, value in reference["state"].items():
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)

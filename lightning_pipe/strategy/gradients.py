@@ -23,7 +23,7 @@ from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 if TYPE_CHECKING:
     from lightning_pipe.strategy.tied import TiedParameters
 
-__all__ = ["HeldGradients", "clip_grad_norm_global"]
+__all__ = ["HeldGradients", "clip_grad_norm_global", "clip_grad_norm_over"]
 
 
 class HeldGradients:
@@ -71,29 +71,52 @@ class HeldGradients:
 
 
 @torch.no_grad()
-def clip_grad_norm_global(parameters: Iterable[nn.Parameter], max_norm: float,
+def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                           counts: Callable[[nn.Parameter], bool] = lambda p: True,
                           group: dist.ProcessGroup | None = None,
-                          timeout: float = DEFAULT_WAIT_TIMEOUT) -> torch.Tensor:
+                          timeout: float = DEFAULT_WAIT_TIMEOUT, norm_type: float = 2.0,
+                          error_if_nonfinite: bool = False) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the parameters of all ranks of ``group``: returns the global norm.
 
-    Every rank scales its gradients by the same factor, computed from the 2-norm of all stages' gradients together
-    (a parameter for which ``counts`` is False, such as a tied parameter's second copy, is left out of the norm).
+    Every rank scales its gradients by the same factor, computed from the ``norm_type``-norm of all stages' gradients
+    together (a parameter for which ``counts`` is False, such as a tied parameter's second copy, is left out of the
+    norm).
     """
-    params = [p for p in parameters if p.grad is not None]
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    params = [p for p in params if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
     if dist.is_initialized():
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    squares = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        if counts(p):
-            squares += torch.linalg.vector_norm(p.grad, 2.0, dtype=torch.float32).to(device) ** 2
+    norm_type = float(norm_type)
+    infinite = norm_type == float("inf")
+    norms = [torch.linalg.vector_norm(p.grad, norm_type, dtype=torch.float32).to(device) for p in params if counts(p)]
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if norms:  # this rank's part: the largest magnitude, or the sum of the norms' powers
+        stacked = torch.stack(norms)
+        total = stacked.max() if infinite else (stacked ** norm_type).sum()
     if dist.is_initialized():
-        collective(dist.all_reduce, squares, what="the global gradient norm's all_reduce", group=group,
-                   timeout=timeout)
-    total = squares.sqrt()
+        collective(dist.all_reduce, total, what="the global gradient norm's all_reduce", group=group,
+                   timeout=timeout, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
+    if not infinite:
+        total = total ** (1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
+                           f"it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                           f"norm anyway, set `error_if_nonfinite=False`")
     scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
     return total
+
+
+def clip_grad_norm_over(group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool],
+                        timeout: float) -> Callable[..., torch.Tensor]:
+    """A ``torch.nn.utils.clip_grad_norm_`` (its signature) that clips by the norm over every rank of ``group``: for
+    the gradient hooks, which every rank runs over its own stages' parameters."""
+
+    def clip_grad_norm_(parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+        return clip_grad_norm_global(parameters, max_norm, counts, group, timeout, norm_type, error_if_nonfinite)
+
+    return clip_grad_norm_

@@ -20,12 +20,13 @@ pickled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,19 +41,21 @@ _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
 def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]],
-                     callbacks: Sequence[Callback] = ()) -> None:
+                     callbacks: Sequence[Callback] = (), clip: Callable[..., Any] | None = None) -> None:
     """Wrap the gradient and epoch-end hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
     ``on_before_optimizer_step``; Lightning's own callbacks log nothing there) so that what they log through the
     module is every rank's (``gather_text``: every pipeline rank's text, a collective every rank makes in the hook,
     which ends with another rank's error where that rank failed; synchronous schedules only, whose ranks all reach
-    it). Hooks not overridden are left alone;
-    :func:`release_hook_logs` undoes it."""
+    it). In the gradient hooks, ``torch.nn.utils.clip_grad_norm_`` is ``clip`` (where given): the norm over every
+    rank's gradients, as one device clips by. Hooks not overridden are left alone; :func:`release_hook_logs` undoes
+    it."""
     for owner, base in [(module, LightningModule), *((callback, Callback) for callback in callbacks)]:
         lightnings = type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
         for name in _GRADIENT_HOOKS if lightnings else _HOOKS:
             if getattr(type(owner), name) is getattr(base, name) or name in vars(owner):
                 continue
-            setattr(owner, name, functools.partial(_gathered, module, getattr(owner, name), gather_text))
+            setattr(owner, name, functools.partial(_gathered, module, getattr(owner, name), gather_text,
+                                                   clip if name in _GRADIENT_HOOKS else None))
 
 
 def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
@@ -64,8 +67,37 @@ def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = (
                 delattr(owner, name)
 
 
+@contextlib.contextmanager
+def _clipping_by(clip: Callable[..., Any] | None, hook: Callable[..., Any]) -> Iterator[None]:
+    """Inside, ``torch.nn.utils.clip_grad_norm_`` is ``clip``: as torch's module attribute, and where the hook's module
+    imported it by name (``from torch.nn.utils import clip_grad_norm_``)."""
+    if clip is None:
+        yield
+        return
+    import torch.nn.utils.clip_grad as clip_grad
+
+    original = clip_grad.clip_grad_norm_
+    names = getattr(getattr(hook, "__func__", hook), "__globals__", {})
+    places = [(torch.nn.utils, "clip_grad_norm_"), (clip_grad, "clip_grad_norm_")]
+    places += [(names, key) for key, value in list(names.items()) if value is original]
+    for owner, key in places:
+        _put(owner, key, clip)
+    try:
+        yield
+    finally:
+        for owner, key in places:
+            _put(owner, key, original)
+
+
+def _put(owner: Any, key: str, value: Any) -> None:
+    if isinstance(owner, dict):
+        owner[key] = value
+    else:
+        setattr(owner, key, value)
+
+
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],
-              *args: Any, **kwargs: Any) -> Any:
+              clip: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> Any:
     calls: list[tuple[str, Any, dict[str, Any]]] = []
     real = module.log
 
@@ -77,7 +109,8 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
 
     module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method (log_dict calls it)
     try:  # a hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this
-        result = hook(*args, **kwargs)  # rank (a barrier), end with its error (``gather_text`` is watched)
+        with _clipping_by(clip, hook):  # rank (a barrier), end with its error (``gather_text`` is watched)
+            result = hook(*args, **kwargs)
     finally:
         del module.log
     texts = [json.loads(text) for text in gather_text(json.dumps([[name, float(value)] for name, value, _ in calls]))]
