@@ -125,10 +125,16 @@ class HostRandom(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()
         self.linear, self.how = nn.Linear(8, 8), how
+        self.rng = {"numpy_owned": np.random.default_rng(0), "legacy_owned": np.random.RandomState(0),
+                    "python_owned": random.Random(0)}.get(how)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.how == "python":
             return x if random.random() < 0.5 else self.linear(x)
+        if self.how in ("numpy_owned", "legacy_owned"):  # a feature mask from a generator the layer keeps
+            return self.linear(x) * torch.from_numpy(self.rng.random(8) < 0.5).float()
+        if self.how == "python_owned":
+            return x if self.rng.random() < 0.5 else self.linear(x)
         if self.how == "numpy":
             return self.linear(x) * torch.from_numpy(np.random.rand(8) < 0.5).float()
         return x if draw() < 0.5 else self.linear(x)
@@ -138,6 +144,9 @@ class HostRandom(nn.Module):
     ("python", r"random\.random in module 'blocks\.1' \(HostRandom\.forward"),
     ("numpy", r"numpy\.random\.rand in module 'blocks\.1' \(HostRandom\.forward"),
     ("by_name", r"Python's random module \(a function imported from it by name\)"),
+    ("numpy_owned", r"numpy\.random\._generator\.Generator self\.rng of module 'blocks\.1' \(a generator the model "),
+    ("legacy_owned", r"RandomState self\.rng of module 'blocks\.1'"),
+    ("python_owned", r"random\.Random self\.rng of module 'blocks\.1'"),
 ])
 def test_random_numbers_drawn_outside_torch_are_refused_and_the_generators_left_alone(how: str, where: str) -> None:
     """Export runs the forward once: what Python's ``random`` or NumPy's global generator drew there became a constant
@@ -151,6 +160,12 @@ def test_random_numbers_drawn_outside_torch_are_refused_and_the_generators_left_
     assert "Draw with torch instead" in str(caught.value)
     assert random.getstate() == python_state
     assert np.array_equal(np.random.get_state()[1], numpy_state[1]) and np.random.get_state()[2] == numpy_state[2]
+    if how.endswith("_owned"):  # the model's own generator too: its next draw is its first
+        layer = HostRandom(how)
+        model = Blocks(layer)
+        with pytest.raises(CaptureError):
+            Splitter(model).segments((torch.randn(2, 8),))
+        assert layer.rng.random() == HostRandom(how).rng.random()
 
 
 class Assigning(nn.Module):

@@ -144,7 +144,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(_no_backward_hooks(model, names))
                 functions, checkpoints, frozen = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
-                drawn = stack.enter_context(watch_host_random(names))
+                drawn = stack.enter_context(watch_host_random(names, model))
                 stack.enter_context(assignments.watch())
                 if meta:
                     stack.enter_context(on_meta(model))
