@@ -10,8 +10,10 @@ give as one device does:
   probability): the mean of the micro-batches' values is not the batch's. (Torch's batch norms are deferred apart.)
 - a running count along the rows compared (an expert's capacity: the tokens routed to it counted in order, those past
   it dropped): which rows pass depends on the rows before them;
-- the rows moved (``z.roll(1, 0)``, ``z.flip(0)``: in-batch negatives taken from another row): a row meets the row
-  its micro-batch puts there.
+- the rows moved (``z.roll(1, 0)``, ``z.flip(0)``: in-batch negatives taken from another row) or shifted
+  (``z[1:] - z[:-1]``, ``torch.diff`` along them): a row meets the row its micro-batch puts there;
+- a running sum, product or extreme of floating-point values along the rows (a Cox partial likelihood's
+  ``exp(risk).cumsum(0)``): each row takes in the rows before it.
 
 A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
 forward took their number as an int, as a contrastive loss's labels do) is reported as that.
@@ -124,6 +126,7 @@ _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "
                "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
 _SCANS = {"cumsum", "cumprod"}  # a running count along a dim
+_FLOAT_SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}  # of floating values along the rows
 _COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
 _EXTREMES = {"max", "amax", "min", "amin", "aminmax", "maximum", "minimum"}
 
@@ -141,9 +144,15 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     # -> that count
     for node in nodes:
         value = node.meta.get("val")
+        name = _op_name(node) if node.op == "call_function" else ""
+        if name in _FLOAT_SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
+                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows) \
+                and node.args[0].meta["val"].is_floating_point():  # (cummax's value: a pair)
+            return (f"{_place(node)} runs along the batch's rows ({name}: each row's value takes in the rows before "
+                    f"it, as a Cox partial likelihood's risk sets do), so each row depends on the rows before it in "
+                    f"the batch (in a pipeline: in its micro-batch only)")
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
-        name = _op_name(node)
         inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
         if name in _SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
                 and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows, counted=True):
@@ -165,6 +174,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
                                                 and size.node.expr in rows):
             return _RECURRENCE.format(place=_place(node))
+        if name == "slice" and _shifts_rows(node, rows) or name == "diff" and isinstance(node.args[0], fx.Node) \
+                and _rows_at(node.args[0], node.args[2] if len(node.args) > 2 else -1, rows):
+            return (f"{_place(node)} takes the batch's rows shifted (z[1:] - z[:-1], torch.diff along them: each row "
+                    f"meets its neighbour), so which rows meet depends on the whole batch (in a pipeline: on its "
+                    f"micro-batch only, and the rows at a micro-batch's edge meet none)")
         if name in ("roll", "flip") and _moves_rows(node, rows):
             return (f"{_place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
                     f"as in-batch negatives taken from the next row do), so which rows meet depends on the whole "
@@ -217,6 +231,21 @@ def _moves_rows(node: fx.Node, rows: set[Any]) -> bool:
     if not dims:
         return _op_name(node) == "roll" and _has_rows(source.meta["val"], rows)
     return any(_rows_at(source, dim, rows) for dim in dims)
+
+
+def _shifts_rows(node: fx.Node, rows: set[Any]) -> bool:
+    """Whether a ``slice`` along the batch's rows keeps all but some of them (``z[1:]``, ``z[:-1]``: a size of the rows
+    and a number apart), not a share of a batch put together from several (``torch.cat([a, b])[:rows]``)."""
+    source, value = (node.args[0] if node.args else None), node.meta.get("val")
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if not isinstance(source, fx.Node) or not isinstance(dim, int) or not isinstance(value, torch.Tensor) \
+            or not _rows_at(source, dim, rows, counted=True) or not value.dim() > max(dim, -dim - 1):
+        return False
+    size = value.shape[dim]
+    if not isinstance(size, torch.SymInt) or not (size.node.expr.free_symbols & rows):
+        return False
+    constant, _ = size.node.expr.as_coeff_add()
+    return constant != 0
 
 
 def _op_name(node: fx.Node) -> str:
