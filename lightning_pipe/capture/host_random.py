@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from .generators import HeldGenerators
 from .errors import listed, locate_frame
 
 __all__ = ["watch_host_random", "host_random_advice"]
@@ -41,8 +42,7 @@ def watch_host_random(names: dict[int, str], model: Any = None) -> Iterator[list
     (``self.rng = np.random.default_rng(0)``, ``random.Random(0)``), and puts them all back as they were before it."""
     numpy = sys.modules.get("numpy")  # NumPy's generator can only have been drawn from where NumPy is imported
     found: list[str] = []
-    owned = _owned_generators(model, numpy) if model is not None else []
-    owned_states = [(label, generator, _state(generator)) for label, generator in owned]
+    owned = HeldGenerators(model) if model is not None else None
     python_state = random.getstate()
     numpy_state = numpy.random.get_state() if numpy is not None else None
     patched: list[tuple[ModuleType, str, Any]] = []
@@ -57,10 +57,9 @@ def watch_host_random(names: dict[int, str], model: Any = None) -> Iterator[list
     finally:
         for module, name, original in patched:
             setattr(module, name, original)
-        for label, generator, state in owned_states:
-            if not _same_state(numpy, _state(generator), state):
-                _set_state(generator, state)
-                found.append(label)
+        if owned is not None:
+            found.extend(f"{where} (a generator the model keeps)" for where in owned.drawn())
+            owned.restore()
         if random.getstate() != python_state:
             random.setstate(python_state)
             if not any(place.startswith("random.") for place in found):
@@ -69,45 +68,6 @@ def watch_host_random(names: dict[int, str], model: Any = None) -> Iterator[list
             numpy.random.set_state(numpy_state)
             if not any(place.startswith("numpy.random.") for place in found):
                 found.append("NumPy's global generator (a function imported from numpy.random by name)")
-
-
-def _owned_generators(model: Any, numpy: ModuleType | None) -> list[tuple[str, Any]]:
-    """The Python and NumPy generator objects ``model``'s modules keep as attributes, with a label each."""
-    kinds: tuple[type, ...] = (random.Random,)
-    if numpy is not None:
-        kinds += (numpy.random.Generator, numpy.random.RandomState)
-    found, seen = [], set()
-    for path, module in model.named_modules():
-        for attribute, value in vars(module).items():
-            if isinstance(value, kinds) and id(value) not in seen:
-                seen.add(id(value))
-                owner = f"module '{path}'" if path else f"the model ({type(model).__name__})"
-                found.append((f"{type(value).__module__}.{type(value).__name__} self.{attribute} of {owner} (a "
-                              f"generator the model keeps)", value))
-    return found
-
-
-def _state(generator: Any) -> Any:
-    if isinstance(generator, random.Random):
-        return generator.getstate()
-    if hasattr(generator, "bit_generator"):  # numpy.random.Generator
-        return generator.bit_generator.state
-    return generator.get_state()  # numpy.random.RandomState
-
-
-def _set_state(generator: Any, state: Any) -> None:
-    if isinstance(generator, random.Random):
-        generator.setstate(state)
-    elif hasattr(generator, "bit_generator"):
-        generator.bit_generator.state = state
-    else:
-        generator.set_state(state)
-
-
-def _same_state(numpy: ModuleType | None, state: Any, before: Any) -> bool:
-    if numpy is not None and isinstance(state, tuple) and any(isinstance(part, numpy.ndarray) for part in state):
-        return _same_numpy_state(numpy, state, before)
-    return bool(state == before)
 
 
 def _spy(label: str, original: Any, names: dict[int, str], found: list[str]) -> Any:

@@ -105,7 +105,7 @@ class EvaluationSteps:
             microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[0]
             mark = self.effects.snapshot()
             with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(), \
+                    self.metrics.untouched(), host_random_kept(self.module), \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 self.split.links_called(step, microbatch, rest, kwargs)
             if self.effects.changed(mark):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from lightning_pipe.capture.generators import HeldGenerators
 from lightning_pipe.capture.patterns import all_match
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
@@ -42,7 +43,7 @@ from lightning_pipe.strategy.reduction import (
 )
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
-from lightning_pipe.strategy.step_inputs import HeldGenerators, inputs_warning, mixing_warning, shifted_rows
+from lightning_pipe.strategy.step_inputs import inputs_warning, mixing_warning, shifted_rows
 from lightning_pipe.strategy.step_values import loss_of
 
 __all__ = ["FirstBatchChecks"]
@@ -135,8 +136,11 @@ class FirstBatchChecks:
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
         def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), host_random_kept(), \
+            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
+                    host_random_kept(self.module) as held, \
                     forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
+                if draw:  # the generators the module keeps draw other numbers too (put back after)
+                    held.shift()
                 return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
 
         if self.loss_reduction == "sum":  # told: only how the sequence's single numbers add up is learned

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lightning_pipe.capture.generators import HeldGenerators, same_state
 from lightning_pipe.engine.rng import forked
 
 __all__ = ["derive_seed", "forked_random", "fresh_seed", "name_digest", "Stream", "global_random_states", "set_global_random_states",
@@ -80,19 +81,23 @@ forked_random = forked  # torch's CPU (and the device's CUDA) generator seeded i
 
 
 @contextmanager
-def host_random_kept() -> Iterator[None]:
-    """Python's ``random`` and NumPy's global state as they were after the code inside: for the step code only the
-    last stage runs once more (the whole-batch checks), so that its draws do not put that rank's streams ahead of the
-    first stage's, which a step drawing from them before the model (a NumPy mixup) reads alike."""
+def host_random_kept(module: torch.nn.Module | None = None) -> Iterator[HeldGenerators | None]:
+    """Python's ``random`` and NumPy's global state, and the generators ``module`` keeps (``self.gen``, yielded: which
+    drew), as they were after the code inside: for the step code only the last stage runs once more (the whole-batch
+    checks), so that its draws do not put that rank's streams ahead of the first stage's, which a step drawing from
+    them before the model (a NumPy mixup, a diffusion model's noise from its own generator) reads alike."""
     python = random.getstate()
     numpy = sys.modules.get("numpy")
     state = numpy.random.get_state() if numpy is not None else None
+    held = HeldGenerators(module) if module is not None else None
     try:
-        yield
+        yield held
     finally:
         random.setstate(python)
         if state is not None:
             numpy.random.set_state(state)
+        if held is not None:
+            held.restore()
 
 
 def global_random_states() -> dict[str, Any]:
@@ -124,20 +129,6 @@ def random_states_digest() -> str:
 def same_random_states(first: dict[str, Any], second: dict[str, Any]) -> bool:
     """Whether two of :func:`global_random_states`' results are the same (no generator drew in between)."""
     return same_state(first, second)
-
-
-def same_state(a: Any, b: Any) -> bool:
-    """Whether two generator states (tensors, numpy arrays, and dicts, lists and tuples of them) are equal."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
-    if type(a).__module__ == "numpy":
-        numpy = sys.modules["numpy"]
-        return bool(numpy.array_equal(a, b))
-    return bool(a == b)
 
 
 def set_global_random_states(states: dict[str, Any]) -> None:

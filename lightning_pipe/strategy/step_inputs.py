@@ -15,20 +15,15 @@ do not meet keep them. The check runs on copies of the batch and puts the genera
 
 from __future__ import annotations
 
-import copy
-import random
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from lightning_pipe.engine.rows import parts_differ
 from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.strategy.randomness import same_state
 
-__all__ = ["inputs_warning", "mixing_warning", "shifted_rows", "HeldGenerators"]
+__all__ = ["inputs_warning", "mixing_warning", "shifted_rows"]
 
 
 def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any]) -> str | None:
@@ -84,40 +79,3 @@ def shifted_rows(batch: Any, rows: int, first: int) -> Any:
             held = torch.unique(leaf)  # sorted
             rest.copy_(held[(torch.searchsorted(held, rest) + 1) % len(held)])
     return batch
-
-
-class HeldGenerators:
-    """The random generators the module keeps in its attributes and its submodules' (a ``torch.Generator``, NumPy's
-    ``default_rng()`` or ``RandomState``, a ``random.Random``), as they are now: whether one drew since, and putting
-    them back (a check that runs the step's code once more must not move the user's streams)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.saved = [(generator, _state(generator)) for part in module.modules() for generator in vars(part).values()
-                      if _state(generator) is not None]
-
-    def moved(self) -> bool:
-        return any(not same_state(_state(generator), state) for generator, state in self.saved)
-
-    def restore(self) -> None:
-        for generator, state in self.saved:
-            if isinstance(generator, torch.Generator):
-                generator.set_state(state)
-            elif isinstance(generator, random.Random):
-                generator.setstate(state)
-            elif hasattr(generator, "bit_generator"):  # numpy.random.Generator
-                generator.bit_generator.state = state
-            else:  # numpy.random.RandomState
-                generator.set_state(state)
-
-
-def _state(value: Any) -> Any:
-    if isinstance(value, torch.Generator):
-        return value.get_state()
-    if isinstance(value, random.Random):
-        return value.getstate()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.random.Generator):
-        return copy.deepcopy(value.bit_generator.state)
-    if numpy is not None and isinstance(value, numpy.random.RandomState):
-        return value.get_state()
-    return None

@@ -83,11 +83,11 @@ class WholeBatchRuns:
         def replay(whole: Any, for_logs: bool = False) -> None:
             recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
             loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
-            with torch.no_grad(), recording, self.metrics.replaying(), host_random_kept(), loggers, \
-                    forked_random(derive_seed(seed, 0), self.pipeline.device):
+            with torch.no_grad(), recording, self.metrics.replaying(), host_random_kept(self.module) as held, \
+                    loggers, forked_random(derive_seed(seed, 0), self.pipeline.device):
                 before = global_random_states()
                 returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
-                drew.append(not same_random_states(global_random_states(), before))
+                drew.append(not same_random_states(global_random_states(), before) or held.moved())
 
         def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
             return bool(returned) and bool(drew) and not drew[-1]
