@@ -197,10 +197,14 @@ class Tempered(nn.Module):
         self.blocks[1].scale = 1.0
         self.tau, self.calls_seen = 1.0, 0  # calls_seen: set from outside, never read by forward
         self.register_buffer("offset", torch.zeros(8))
+        self.active = [0, 1, 2, 3]  # the blocks that run (progressive growing lists them)
+        self.gain: float | None = None  # applied once set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for index, block in enumerate(self.blocks):
-            x = torch.tanh(block(x)) * (self.blocks[1].scale if index == 1 else 1.0)
+        for index in self.active:
+            x = torch.tanh(self.blocks[index](x)) * (self.blocks[1].scale if index == 1 else 1.0)
+        if self.gain is not None:
+            x = x * self.gain
         return x / self.tau + self.offset
 
 
@@ -215,6 +219,8 @@ def _Annealed(case: str) -> Any:
                 self.tau = 1.0
             else:
                 self.model = Tempered()
+                if case in ("annealed_grown", "annealed_regrown"):
+                    self.model.active = [0, 1]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if case != "annealed_root":
@@ -230,6 +236,12 @@ def _Annealed(case: str) -> Any:
                 self.model.blocks[1].scale = 1.0 / (1 + self.global_step)
             elif case == "annealed_root":
                 self.tau = 1.0 + self.global_step
+            elif case == "annealed_grown" and self.global_step > 0:  # a block switched on (progressive growing)
+                self.model.active.append(len(self.model.active))  # in place
+            elif case == "annealed_regrown" and self.global_step > 0:
+                self.model.active = list(range(3))  # a new list
+            elif case == "annealed_gain":  # a value the forward skips while it is None
+                self.model.gain = None if self.global_step == 0 else 2.0
             elif case == "annealed_buffer":  # a buffer given a new tensor: copied into the one the graph reads
                 self.model.offset = torch.full((8,), float(self.global_step))
             else:  # "annealed_unread": a value forward never reads may change
@@ -432,11 +444,14 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "runs the sequence's layers one by one", "pass PipelineStrategy(layers='')"]),
     ("shared", ["'generator.embed' is the module 'embed' of the", "self.generator.embed: ELECTRA's generator",
                 "call both models from the LightningModule's forward and self(...) in the step"]),
-    ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
-                  "that changed after it was captured",
+    ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, None, lists of them, tensors "
+                  "that are not buffers) that changed after it was captured",
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),
     ("annealed_part", ["blocks.1.scale (1.0 at its capture, now 0.5)", "pass it to forward as a tensor"]),
     ("annealed_root", ["Annealed.forward reads plain attributes", "tau (1.0 at its capture, now 2.0)"]),
+    ("annealed_grown", ["active ([0, 1] at its capture, now [0, 1, 2])", "progressive growing"]),
+    ("annealed_regrown", ["active ([0, 1] at its capture, now [0, 1, 2])"]),
+    ("annealed_gain", ["gain (None at its capture, now 2.0)"]),
     pytest.param("save_pretrained", ["GPT2LMHeadModel.save_pretrained(...) under PipelineStrategy would write this "
                                      "rank's share", "trainer.save_checkpoint(path)"], marks=_NEEDS_TRANSFORMERS),
     pytest.param("num_parameters", ["GPT2LMHeadModel.num_parameters() under PipelineStrategy would count this rank's "

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,7 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "PLAIN_VALUES", "Read", "assignment_advice", "carried_advice", "changed_reads",
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "plain_list", "assignment_advice", "carried_advice", "changed_reads",
            "read_advice", "stored_advice", "stored_attributes", "stored_refusal"]
 
 _PLAIN = (bool, int, float)
@@ -93,7 +94,9 @@ class Assignments:
     def reads(self) -> list[Read]:
         """The plain attributes the forward read and never assigns (Swin's shift, set afresh from the input at each
         call, is the forward's own), with the values the graph keeps."""
-        return [read for key, read in self.read.items() if key not in self.assigned and read.name != "training"]
+        return [read for key, read in self.read.items() if key not in self.assigned and read.name != "training"
+                and not (plain_list(read.value) and read.module.__dict__.get(read.name) != read.value)]  # (a list the
+        # forward itself changed in place: its own record)
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
@@ -105,12 +108,16 @@ class Assignments:
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
-            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None) \
+            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None or plain_list(value)) \
                     and id(module) in mine and name in getattribute(module, "__dict__"):
                 if value is None or isinstance(value, torch.Tensor):
                     looked.add((id(module), name))
-                if value is not None and (id(module), name) not in read:
-                    read[(id(module), name)] = Read(module, name, value, _name(self.names, module, name))
+                # None and lists of plain values (which blocks run, as progressive growing lists them) too, but not
+                # torch's own (a module's _compiled_call_impl)
+                if (id(module), name) not in read and (value is not None and not plain_list(value)
+                                                       or not name.startswith("_")):
+                    read[(id(module), name)] = Read(module, name, copy.copy(value) if plain_list(value) else value,
+                                                    _name(self.names, module, name))
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -239,6 +246,11 @@ class Read(NamedTuple):
     place: str
 
 
+def plain_list(value: Any) -> bool:
+    """A short list or tuple of plain values (``self.active = [0, 1]``)."""
+    return type(value) in (list, tuple) and len(value) <= 64 and all(type(item) in PLAIN_VALUES for item in value)
+
+
 def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] = lambda module: module) -> list[str]:
     """The reads (:class:`Read`) whose attribute holds another value now (on ``live(module)``, the object that the
     user's code sets it on), each as ``"place (value at capture -> now)"``."""
@@ -255,12 +267,14 @@ def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] 
 
 def read_advice(model_name: str, found: list[str]) -> str:
     """The error for plain attributes a captured forward read that were changed after its capture (``found``)."""
-    return (f"{model_name}.forward reads plain attributes (Python numbers, flags, tensors that are not buffers) "
-            f"that changed after it was captured: {listed(found)}. Under PipelineStrategy the forward runs as a graph "
-            f"captured once, which keeps the value it read then, so the change would be ignored (one device uses it "
-            f"at once). Keep such a value in a buffer (self.register_buffer('tau', torch.tensor(1.0)), then "
-            f"self.tau.fill_(value) or self.tau = new_tensor) or pass it to forward as a tensor argument; both reach "
-            f"the graph at every step")
+    return (f"{model_name}.forward reads plain attributes (Python numbers, flags, None, lists of them, tensors that "
+            f"are not buffers) that changed after it was captured: {listed(found)}. Under PipelineStrategy the forward "
+            f"runs as a graph captured once, which keeps the value it read then, so the change would be ignored (one "
+            f"device uses it at once). Keep such a value in a buffer (self.register_buffer('tau', torch.tensor(1.0)), "
+            f"then self.tau.fill_(value) or self.tau = new_tensor) or pass it to forward as a tensor argument; both "
+            f"reach the graph at every step. For blocks switched on as training goes (progressive growing: a list of "
+            f"the blocks that run), run every block and scale each one's contribution by a buffer (0 until it is on, "
+            f"then 1, or faded in)")
 
 
 def _caller() -> FrameType | None:

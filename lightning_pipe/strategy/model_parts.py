@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
-from lightning_pipe.capture.assignments import PLAIN_VALUES, stored_attributes, stored_refusal
+from lightning_pipe.capture.assignments import PLAIN_VALUES, plain_list, stored_attributes, stored_refusal
 
 __all__ = ["ModelPart", "mode_of", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute",
            "shape_only", "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
@@ -129,8 +129,8 @@ def written_through(original: nn.Module | None, holder: nn.Module, name: str, va
     """Give ``original`` what ``holder`` (its stand-in) was given, where the captures read it from ``original``; whether
     it did (else the stand-in keeps the value itself):
 
-    - a plain value for an attribute ``original`` holds as plain data (a temperature, a dropout's ``p``): set there,
-      and the stand-in reads it from there;
+    - a plain value for an attribute ``original`` holds as plain data (a temperature, a dropout's ``p``, None, a list
+      of the blocks that run): set there, and the stand-in reads it from there;
     - a tensor for one of ``original``'s buffers: copied into the buffer, which the graphs read (a new tensor of
       another shape or dtype is an error: they read the buffer they were captured with);
     - a tensor for a tensor ``original`` keeps as a plain attribute: set there (the graphs kept the old one as a
@@ -155,10 +155,15 @@ def written_through(original: nn.Module | None, holder: nn.Module, name: str, va
             setattr(original, name, value)
             return True
         return False
-    if type(value) not in PLAIN_VALUES or type(original.__dict__.get(name)) not in PLAIN_VALUES:
+    if not (_plain(value) and name in original.__dict__ and _plain(original.__dict__[name])):
         return False
     setattr(original, name, value)
     return True
+
+
+def _plain(value: Any) -> bool:
+    """A value the captures read as plain data: a number, flag or string, None, or a short list of those."""
+    return type(value) in PLAIN_VALUES or value is None or plain_list(value)
 
 
 def whole_buffer(original: nn.Module | None, name: str) -> torch.Tensor | None:
