@@ -105,3 +105,58 @@ def test_a_sum_the_sequence_passes_on_is_found_summed_and_trains_and_logs_as_on_
         for key, value in reference.items():
             torch.testing.assert_close(torch.as_tensor(state[key]), torch.as_tensor(value), rtol=1e-5, atol=1e-6,
                                        msg=key)
+
+
+def _warmed_up(rank: int, world_size: int) -> list[str]:
+    """A VAE step whose KL, summed over the batch, joins the loss only after a warm-up of 13 steps (past the batches
+    whose loss is checked first); the KL is logged from the start, so the step runs on the whole batch every step."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class VAE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+            self.dec = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+
+        def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            mu, logvar = self.enc(x).chunk(2, -1)
+            return self.dec(mu + eps * torch.exp(0.5 * logvar)), mu, logvar
+
+    class WarmedVAE(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = VAE()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, eps = batch
+            recon, mu, logvar = self.model(x, eps)
+            kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            self.log("kl", kl)
+            return F.mse_loss(recon, x) + (0.0 if self.global_step < 13 else 1.0) * kl
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    generator = torch.Generator().manual_seed(1)
+    rows = list(zip(torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_steps=16, max_epochs=-1).fit(
+            WarmedVAE(), torch.utils.data.DataLoader(rows, batch_size=4))
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(180)
+def test_a_term_summed_over_rows_switched_on_after_the_checked_batches_is_warned_of() -> None:
+    """The first batches' check saw a mean; from step 13 the summed KL was averaged over micro-batches silently
+    (weights 6e-2 off). The step runs on the whole batch at every step for its logged KL anyway: its loss there is
+    compared with the micro-batches' too."""
+    first, last = run_ranks(_warmed_up, 2, timeout=160)
+    assert not first and len(last) == 1 and "at a batch past the first ones checked" in last[0], last

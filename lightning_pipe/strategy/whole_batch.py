@@ -8,6 +8,7 @@ step kind (:data:`~.logs.CHECKED_BATCHES`) and said once. A mixin of
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,13 +30,16 @@ from lightning_pipe.strategy.randomness import (
     host_random_kept,
     same_random_states,
 )
-from lightning_pipe.strategy.reduction import Counts
+from lightning_pipe.strategy.reduction import Counts, neither_warning
 from lightning_pipe.strategy.results import StepResult, sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
 from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
 
 __all__ = ["WholeBatchRuns"]
+
+
+_LOSS_TOLERANCE = 1e-4  # relative, as the first batches' check of the loss (float32 sums in another order)
 
 
 class WholeBatchRuns:
@@ -148,6 +152,8 @@ class WholeBatchRuns:
                                        f"together differ from the whole batch's: the last stage keeps each batch's "
                                        f"model outputs and runs the step once more, without gradients, on the whole "
                                        f"batch for them{self._as_one_device()}")
+        if step == "training_step" and ran_whole():
+            self._compare_loss(result, loss_of(returned[-1])[0])
         if checked is not None:
             self._settle_metrics(step, checked, result, run_whole, ran_whole)
         if (replayed and numbers) or ran_whole():  # the whole batch's output (numbers and all), from a run of the
@@ -163,6 +169,22 @@ class WholeBatchRuns:
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
+
+    def _compare_loss(self, result: StepResult, whole: Any) -> None:
+        """A training batch the step ran on whole anyway (for its logs, outputs or metrics), past the batches whose
+        loss was checked first: where "auto" found a mean over rows, the whole batch's loss must be the micro-batches'
+        combination; else (a term switched on after a warm-up: a KL summed over the batch from step 1000) warn, once."""
+        if not getattr(self, "_mean_found", False) or getattr(self, "_loss_warned", True) or result.loss is None \
+                or not isinstance(whole, torch.Tensor) or whole.numel() != 1:
+            return
+        combined, value = float(result.loss), float(whole.detach().double())
+        tolerance = max(_LOSS_TOLERANCE, 4 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 0.0
+        if not (math.isfinite(combined) and math.isfinite(value)) or \
+                abs(combined - value) <= tolerance * max(abs(value), abs(combined), 1e-12):
+            return
+        self._warn_once(neither_warning(  # type: ignore[attr-defined]
+            f"on the whole batch the step's loss is {value:.6g}, its micro-batches' combination {combined:.6g}, at a "
+            f"batch past the first ones checked: a term switched on later, such as a KL warm-up's?"))
 
     def _settle_metrics(self, step: str, checked: str, result: StepResult, run_whole: Callable[[], bool],
                         ran_whole: Callable[[], bool]) -> None:
