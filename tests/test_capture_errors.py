@@ -553,3 +553,17 @@ def test_rwkv_rescaling_its_weights_for_evaluation_is_refused_with_the_config_th
     assert len(splitter.segments((), {"input_ids": ids, "use_cache": False})) > 1
     torch.testing.assert_close(splitter.run(input_ids=ids, use_cache=False).logits,
                                model(input_ids=ids, use_cache=False).logits)
+
+
+def test_a_sequence_classifier_choosing_its_loss_by_the_labels_values_is_told_its_problem_type() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32, num_labels=3)
+    model = transformers.DebertaV2ForSequenceClassification(config).eval()
+    ids, labels = torch.randint(0, 50, (2, 8)), torch.tensor([0, 2])
+    with pytest.raises(CaptureError, match=r"set model\.config\.problem_type = 'single_label_classification'"):
+        Splitter(model).segments((), {"input_ids": ids, "labels": labels})
+    model.config.problem_type = "single_label_classification"  # as the refusal says: captured, the same loss
+    splitter = Splitter(model)
+    assert len(splitter.segments((), {"input_ids": ids, "labels": labels})) > 1
+    torch.testing.assert_close(splitter.run(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)

@@ -719,3 +719,42 @@ def test_a_whole_models_state_dict_loads_into_the_stand_in_as_this_ranks_share()
                                            r"\['head.bias_typo'\]"):
         module.model.load_state_dict({**{k: v for k, v in pretrained.items() if k != "head.bias"},
                                       "head.bias_typo": pretrained["head.bias"]})
+
+
+def _peft_reference(rank: int, world_size: int) -> None:
+    """LoRA on a tiny Llama whose step takes a reference model's logits with the adapters off, as DPO and KL-to-base
+    fine-tuning do with PEFT."""
+    import lightning as L
+    import peft
+    import transformers
+
+    torch.set_num_threads(1)
+
+    class Referenced(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+            self.model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            logits = self.model(input_ids=batch).logits
+            with torch.no_grad(), self.model.disable_adapter():
+                reference = self.model(input_ids=batch).logits
+            return (logits - reference).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+    data = torch.utils.data.DataLoader(torch.randint(0, 64, (8, 8)), batch_size=4)
+    L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, max_steps=2).fit(Referenced(), data)
+
+
+@pytest.mark.timeout(180)
+def test_peft_adapters_switched_off_in_the_step_are_refused_with_the_ways_that_work() -> None:
+    pytest.importorskip("peft")
+    for text in run_ranks(_peft_reference, 2, timeout=160, expect_failure=True):
+        assert text is not None and "PEFT's disable_adapter() and set_adapter() switch the adapters" in text, text
+        assert "precompute_ref_log_probs" in text and "frozen copy of the base model" in text

@@ -154,6 +154,11 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
                 f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
+    if ("DataDependent" in name or "data-dependent" in text) and "ForSequenceClassification" in where:
+        return ("Hugging Face's ...ForSequenceClassification picks its loss from the labels' values when "
+                "config.problem_type is unset (DeBERTa-v2 even looks for labels below 0): set model.config."
+                "problem_type = 'single_label_classification' (or 'multi_label_classification', 'regression') before "
+                "the fit, and it computes that loss as a graph can.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
         library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
                    "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "

@@ -125,6 +125,16 @@ def stand_in_attribute(holder: nn.Module, original: nn.Module | None, name: str,
     return plain_attribute(original, name, refusal, holder)
 
 
+# PEFT's switches, which a step's `with model.disable_adapter():` flips for a reference model's outputs (DPO, a KL to
+# the base model): each layer's adapters are on the rank that holds it, and the step's code runs on the last stage
+_ADAPTER_SWITCH = ("PEFT's disable_adapter() and set_adapter() switch the adapters in every layer, which are spread "
+                   "over the pipeline's ranks, while the step's code runs on the last stage alone. For a reference "
+                   "model's outputs (DPO, a KL to the base model), compute them before the fit (as TRL's "
+                   "precompute_ref_log_probs does) and pass them with the batch, or keep a frozen copy of the base "
+                   "model beside the adapted one in the LightningModule (it stays whole on every rank) and call it "
+                   "in the step")
+
+
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
     """Give ``original`` what ``holder`` (its stand-in) was given, where the captures read it from ``original``; whether
     it did (else the stand-in keeps the value itself):
@@ -265,8 +275,9 @@ class ModelPart(nn.Module):
                 f"whose weight is tied to the embedding stays tied across stages"))
         return stand_in_attribute(self, original, name, part, lambda: (
             f"{name!r} of {part!r} is not available under PipelineStrategy: the model is cut into stages and this "
-            f"rank holds only its share of {part!r} (parameters() gives it); read plain attributes, or call the "
-            f"whole model in the step ({METHODS})"))
+            f"rank holds only its share of {part!r} (parameters() gives it); " + (_ADAPTER_SWITCH if name in (
+                "disable_adapter_layers", "enable_adapter_layers", "set_adapter") else
+                f"read plain attributes, or call the whole model in the step ({METHODS})")))
 
     def extra_repr(self) -> str:
         return f"{self.part_name}: this rank's share"
