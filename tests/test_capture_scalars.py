@@ -172,6 +172,26 @@ def test_a_number_argument_that_changes_between_calls_is_named_with_the_fix() ->
         splitter.capture((torch.randn(3, 4),), {"scale": 0.5})
 
 
+class TaskHeads(nn.Module):
+    """A trunk and a head per task, picked by the task's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return self.heads[task](self.trunk(x))
+
+
+def test_a_task_name_that_picks_a_head_is_told_a_way_that_works() -> None:
+    """"As a tensor" cannot index a ModuleDict: the refusal says to run every head and pick in the step."""
+    splitter = Splitter(TaskHeads())
+    splitter.capture((torch.randn(3, 4), "a"))
+    with pytest.raises(CaptureError, match=r"\('a', then 'b'\).*cannot be a tensor: run every task's head"):
+        splitter.capture((torch.randn(3, 4), "b"))
+
+
 class PerImage(nn.Module):
     """A detector's loss: a Python loop over the batch's images (which fixes their number in the graph), each image's
     loss summed, then divided by ``divisor`` ("rows": their number, torchvision RetinaNet's mean over images)."""
