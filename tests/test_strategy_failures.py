@@ -351,3 +351,28 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
         assert error is not None and "ValueError" in error and "reads the pipelined model's parameters itself" in error
         assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error
         assert error.index("on_after_backward") < error.index("weight_decay") and "alpha=2 * lambda" in error
+
+
+def _stops_on_rank_zero(rank: int, world_size: int) -> None:
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from tests.lightning_models import Regressor, regression_data
+
+    class StopSignal(L.Callback):  # a stop decided on global rank 0 only (a file or remote signal checked there)
+        @rank_zero_only
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2:
+                trainer.should_stop = True
+
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=6), accelerator="cpu", devices=world_size,
+                        max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[StopSignal()])
+    trainer.fit(Regressor(), regression_data(6, batch_size=8))
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_decided_on_one_rank_only_is_named_as_the_cause() -> None:
+    """Rank 0 ended the fit while rank 1 trained on: the error named an endless loop or a slow step."""
+    for rank, text in enumerate(run_ranks(_stops_on_rank_zero, 2, timeout=100, expect_failure=True)):
+        assert text is not None and "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"

@@ -32,6 +32,10 @@ __all__ = ["PipelineSteps"]
 
 _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
 _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
+# where the ranks meet as the fit ends: a rank waiting here while others train on stopped alone
+_ENDING_THE_FIT = ("ending the fit (on_train_end), while others train on: trainer.should_stop set on some ranks only "
+                   "(under `if trainer.is_global_zero:` or in a rank_zero_only hook)? Set it on every rank, as the "
+                   "step's own code does")
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -195,7 +199,7 @@ class PipelineSteps:
 
     @override
     def on_train_end(self) -> None:
-        self._make_hook_calls()
+        self._make_hook_calls(_ENDING_THE_FIT)
 
     @override
     def on_validation_end(self) -> None:
@@ -209,16 +213,16 @@ class PipelineSteps:
     def on_predict_end(self) -> None:
         self._make_hook_calls()
 
-    def _make_hook_calls(self) -> None:
+    def _make_hook_calls(self, what: str = _SHARING_HOOK_CALLS) -> None:
         """What hooks and callbacks logged through the loggers' experiments on ranks that hold other layers than
         rank 0, made on rank 0 (:mod:`lightning_pipe.strategy.hook_experiment`); every rank comes."""
         runner = self._runner
         if runner is None or runner.hook_calls_group is None:
             return
         # watched: a rank whose hook failed before this point ends the others with its error, not a closed connection
-        watched = functools.partial(collective, what=_SHARING_HOOK_CALLS, timeout=runner.pipeline.config.wait_timeout,
-                                    notice=job_failure_notice(runner.pipeline.comm.board, _SHARING_HOOK_CALLS))
-        with explained(_SHARING_HOOK_CALLS, runner.hook_calls_group):  # a rank that ended: the error it posted
+        watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
+                                    notice=job_failure_notice(runner.pipeline.comm.board, what))
+        with explained(what, runner.hook_calls_group):  # a rank that ended: the error it posted
             runner.hook_calls.flush(functools.partial(all_gather_text, group=runner.hook_calls_group, run=watched))
 
     def _pipeline_texts(self) -> Callable[[str], list[str]]:
