@@ -6,7 +6,9 @@ brought back into them, as a minibatch-standard-deviation layer does) then compu
 on the whole batch, and nothing fails. :func:`rows_meet` runs the layers in eval mode without gradients on two
 micro-batches' inputs, apart and joined along dim 0, and compares: rows that do not meet give each micro-batch's
 output either way. Eval mode keeps dropout and batch norms' batch statistics out of it (those are per micro-batch by
-design). What the layers hold is restored afterwards and the global random generators are left untouched.
+design); :func:`rows_meet_in_training` tries the training modes too, with those two kinds in eval mode, for layers
+that mix rows only in training. What the layers hold is restored afterwards and the global random generators are
+left untouched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .calls import each_call
 from .kept import kept_buffers, kept_modes
 from .rng import forked
 
-__all__ = ["rows_meet", "parts_differ"]
+__all__ = ["rows_meet", "rows_meet_in_training", "parts_differ"]
 
 _LOW, _AUTOCAST, _FULL = 5e-2, 2e-2, 1e-3  # relative: half-precision values; float32 computed under autocast (from
 # half-precision products, whose kernels may differ with the number of rows); float32 and float64
@@ -45,6 +47,34 @@ def rows_meet(module: nn.Module, first: Any, second: Any, device: torch.device |
             again = _run(module, first, device, _SEED + 1)
             if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
                 return None  # random even in eval mode: no telling
+            together = _run(module, joined, device, _SEED)
+        return _difference(_pairs(apart, together))
+    except _CannotTell:
+        return None
+    except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
+        return None
+
+
+_PER_DESIGN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)  # per micro-batch by design
+
+
+def rows_meet_in_training(module: nn.Module, first: Any, second: Any,
+                          device: torch.device | None = None) -> float | None:
+    """As :func:`rows_meet`, in the modes the layers train in (without gradients; dropout and torch's batch norms in
+    eval mode, which are per micro-batch by design): a layer of the user's that mixes rows in training only (a
+    mean-only or ghost batch norm normalizing by the batch's statistics) differs joined and apart. None when they
+    agree, or when it cannot be told (layers that draw random numbers in training, ...). Buffers and modes are put
+    back."""
+    try:
+        joined = _join(first, second, _rows(first), _rows(second))
+        with kept_modes([module]), kept_buffers([module]), torch.no_grad():
+            for part in module.modules():
+                if isinstance(part, _PER_DESIGN):
+                    part.eval()
+            apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
+            again = _run(module, first, device, _SEED + 1)
+            if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
+                return None  # random in training: no telling
             together = _run(module, joined, device, _SEED)
         return _difference(_pairs(apart, together))
     except _CannotTell:

@@ -18,7 +18,7 @@ from lightning_pipe.capture.patterns import all_match
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
-from lightning_pipe.engine.rows import rows_meet
+from lightning_pipe.engine.rows import rows_meet, rows_meet_in_training
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -333,16 +333,21 @@ class FirstBatchChecks:
         for index, stage in sorted(self.pipeline.stages.items()):
             kept, stage.kept_inputs = stage.kept_inputs, None
             difference = rows_meet(stage.module, *kept, self.pipeline.device) if kept and len(kept) == 2 else None
+            mode = "in eval mode"
+            if difference is None and kept and len(kept) == 2 and stage.module.training:
+                difference = rows_meet_in_training(stage.module, *kept, self.pipeline.device)
+                mode = "in training, with dropout and batch norms in eval mode"
             if difference is not None:
                 names = list(stage.module._modules)
                 warnings.warn(
                     f"stage {index}'s layers ({names[0]}..{names[-1]} of the nn.Sequential at {self.split.path!r}) "
-                    f"give two micro-batches other outputs run together than run apart (in eval mode, without "
+                    f"give two micro-batches other outputs run together than run apart ({mode}, without "
                     f"gradients; relative difference {difference:.2g}): they let the rows of a batch meet, through "
                     f"attention or a recurrence along dim 0 (a time-major batch, (T, B), given to batch_first=False "
                     f"layers: the pipeline splits every batch along dim 0, so micro-batches cut the sequences in "
                     f"time; give batches with their rows first) or a statistic over the rows brought back into them "
-                    f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics). A "
+                    f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics, "
+                    f"a mean-only batch norm of your own). A "
                     f"pipeline runs each micro-batch alone, so this "
                     f"trains otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
 
