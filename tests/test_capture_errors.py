@@ -567,3 +567,17 @@ def test_a_sequence_classifier_choosing_its_loss_by_the_labels_values_is_told_it
     splitter = Splitter(model)
     assert len(splitter.segments((), {"input_ids": ids, "labels": labels})) > 1
     torch.testing.assert_close(splitter.run(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+
+
+def test_the_config_fields_a_capture_turns_off_for_itself_are_not_taken_for_changes() -> None:
+    """Every capture turns Hugging Face's use_cache off and back on: that is no change of the user's."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_pipe.capture.assignments import changed_fields
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2,
+                                                                 n_positions=16))
+    splitter = Splitter(model)
+    splitter.capture((), {"input_ids": torch.randint(0, 50, (2, 8))})
+    assert model.config.use_cache and changed_fields(splitter.reads.values()) == []
+    model.config.summary_first_dropout = 0.5  # a field of the config: said
+    assert changed_fields(splitter.reads.values()) == ["config.summary_first_dropout (0.1 at its capture, now 0.5)"]

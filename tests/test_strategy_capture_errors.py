@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import types
 from typing import Any
 
 import pytest
@@ -199,13 +200,14 @@ class Tempered(nn.Module):
         self.register_buffer("offset", torch.zeros(8))
         self.active = [0, 1, 2, 3]  # the blocks that run (progressive growing lists them)
         self.gain: float | None = None  # applied once set
+        self.config = types.SimpleNamespace(shift=0.0, name="tempered")  # settings read as Hugging Face's are
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index in self.active:
             x = torch.tanh(self.blocks[index](x)) * (self.blocks[1].scale if index == 1 else 1.0)
         if self.gain is not None:
             x = x * self.gain
-        return x / self.tau + self.offset
+        return x / self.tau + self.offset + self.config.shift
 
 
 def _Annealed(case: str) -> Any:
@@ -240,6 +242,8 @@ def _Annealed(case: str) -> Any:
                 self.model.active.append(len(self.model.active))  # in place
             elif case == "annealed_regrown" and self.global_step > 0:
                 self.model.active = list(range(3))  # a new list
+            elif case == "annealed_config":  # a field of the model's settings, as Hugging Face's config holds them
+                self.model.config.shift = float(self.global_step)
             elif case == "annealed_gain":  # a value the forward skips while it is None
                 self.model.gain = None if self.global_step == 0 else 2.0
             elif case == "annealed_buffer":  # a buffer given a new tensor: copied into the one the graph reads
@@ -470,6 +474,22 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
 @pytest.mark.timeout(120)
 def test_a_plain_value_the_captured_forward_never_reads_may_change() -> None:
     run_ranks(_run, 2, "annealed_unread", timeout=100)  # a step counter kept on the model, set by a hook
+
+
+def _config_changed(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(rank, world_size, "annealed_config")
+    return [str(w.message) for w in caught if "fields of a config object" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_field_of_a_config_the_captured_forward_reads_changed_after_the_capture_is_warned_of() -> None:
+    """``self.config.shift`` changed by a hook was ignored by the graph, silently (weights 0.17 off)."""
+    for warned in run_ranks(_config_changed, 2, timeout=100):
+        assert len(warned) == 1 and "config.shift (0.0 at its capture, now 1.0)" in warned[0], warned
 
 
 def _buffer_given(rank: int, world_size: int) -> tuple[list[float], list[float]]:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
@@ -34,8 +36,9 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "PLAIN_VALUES", "Read", "plain_list", "assignment_advice", "carried_advice", "changed_reads",
-           "read_advice", "stored_advice", "stored_attributes", "stored_refusal"]
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "changed_fields", "fields_warning",
+           "assignment_advice", "carried_advice", "changed_reads", "read_advice", "stored_advice", "stored_attributes",
+           "stored_refusal"]
 
 _PLAIN = (bool, int, float)
 PLAIN_VALUES = (bool, int, float, str)  # plain values whose reads are noted (a None, a tuple of sizes: never changed)
@@ -94,7 +97,8 @@ class Assignments:
     def reads(self) -> list[Read]:
         """The plain attributes the forward read and never assigns (Swin's shift, set afresh from the input at each
         call, is the forward's own), with the values the graph keeps."""
-        return [read for key, read in self.read.items() if key not in self.assigned and read.name != "training"
+        return [read._replace(value=read.value.settled()) if isinstance(read.value, Fields) else read
+                for key, read in self.read.items() if key not in self.assigned and read.name != "training"
                 and not (plain_list(read.value) and read.module.__dict__.get(read.name) != read.value)]  # (a list the
         # forward itself changed in place: its own record)
 
@@ -108,6 +112,10 @@ class Assignments:
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
+            if _config_like(value) and id(module) in mine and (id(module), name) not in read \
+                    and not name.startswith("_") and name in getattribute(module, "__dict__"):
+                read[(id(module), name)] = Read(module, name, Fields.of(value), _name(self.names, module, name))
+                return value
             if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None or plain_list(value)) \
                     and id(module) in mine and name in getattribute(module, "__dict__"):
                 if value is None or isinstance(value, torch.Tensor):
@@ -246,6 +254,40 @@ class Read(NamedTuple):
     place: str
 
 
+class Fields(NamedTuple):
+    """A config object a captured forward read (``self.config``, a ``SimpleNamespace`` or dataclass of settings), and
+    its plain fields as they were then: the graph keeps what the forward read of them."""
+
+    holder: Any
+    values: dict[str, Any]
+
+    @classmethod
+    def of(cls, holder: Any) -> Fields:
+        return cls(holder, {key: copy.copy(value) for key, value in vars(holder).items() if not key.startswith("_")
+                            and (type(value) in PLAIN_VALUES or value is None or plain_list(value))})
+
+    def settled(self) -> Fields:
+        """Without the fields that changed while the capture ran (set for it and put back after: Hugging Face's
+        ``use_cache``, which every capture turns off)."""
+        changed = {key for key, _, _ in self.changed()}
+        return Fields(self.holder, {key: value for key, value in self.values.items() if key not in changed})
+
+    def changed(self) -> list[tuple[str, Any, Any]]:
+        """The fields that hold another value now: (name, then, now)."""
+        now = vars(self.holder)
+        return [(key, value, now.get(key)) for key, value in self.values.items()
+                if now.get(key, _MISSING) is not value and now.get(key, _MISSING) != value]
+
+
+def _config_like(value: Any) -> bool:
+    """A settings object a forward reads fields of (Hugging Face's ``self.config``, a ``SimpleNamespace``, a dataclass
+    instance)."""
+    if isinstance(value, (nn.Module, torch.Tensor, type)) or not hasattr(value, "__dict__"):
+        return False
+    return isinstance(value, types.SimpleNamespace) or dataclasses.is_dataclass(value) or \
+        type(value).__name__.endswith(("Config", "Configuration"))
+
+
 def plain_list(value: Any) -> bool:
     """A short list or tuple of plain values (``self.active = [0, 1]``)."""
     return type(value) in (list, tuple) and len(value) <= 64 and all(type(item) in PLAIN_VALUES for item in value)
@@ -256,6 +298,8 @@ def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] 
     user's code sets it on), each as ``"place (value at capture -> now)"``."""
     found = []
     for read in reads:
+        if isinstance(read.value, Fields):  # a config's fields: warned of, not refused (:func:`changed_fields`)
+            continue
         now = live(read.module).__dict__.get(read.name, read.value)
         if isinstance(read.value, torch.Tensor):  # the graph keeps the tensor it read as a constant
             if now is not read.value:  # (in place, the same tensor: an alias of a buffer loaded from a checkpoint)
@@ -263,6 +307,27 @@ def changed_reads(reads: Iterable[Read], live: Callable[[nn.Module], nn.Module] 
         elif now is not read.value and (type(now) is not type(read.value) or now != read.value):
             found.append(f"{read.place} ({read.value!r} at its capture, now {now!r})")
     return found
+
+
+def changed_fields(reads: Iterable[Read]) -> list[str]:
+    """The fields of config objects the captured forward read (:class:`Fields`) that hold another value now, each as
+    ``"place.field (value at capture -> now)"``."""
+    found: dict[tuple[int, str], str] = {}  # one holder read by several modules (Hugging Face's config): said once
+    for read in reads:
+        if isinstance(read.value, Fields):
+            for key, then, now in read.value.changed():
+                found.setdefault((id(read.value.holder), key), f"{read.place}.{key} ({then!r} at its capture, now "
+                                                               f"{now!r})")
+    return list(found.values())
+
+
+def fields_warning(model_name: str, found: list[str]) -> str:
+    """The warning for changed config fields (:func:`changed_fields`)."""
+    return (f"fields of a config object {model_name}.forward reads changed after it was captured: {listed(found)}. "
+            f"Under PipelineStrategy the forward runs as a graph captured once, which keeps what it read of them "
+            f"then: where the forward reads such a field (a scale, a flag choosing a branch), the change is ignored, "
+            f"where one device uses it at once. Keep a value that changes in training in a buffer "
+            f"(self.register_buffer) or pass it to forward as a tensor")
 
 
 def read_advice(model_name: str, found: list[str]) -> str:

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torchmetrics import Metric
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
-from lightning_pipe.capture.assignments import changed_reads, read_advice
+from lightning_pipe.capture.assignments import changed_fields, changed_reads, fields_warning, read_advice
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
@@ -133,6 +133,7 @@ class CapturedModule:
         self.modes: frozenset[str] = frozenset()  # those of this step's calls
         self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
         self._stored: set[str] = set()  # places outside the model where a capture's forward stored tensors
+        self._fields_warned: set[str] = set()  # changed fields of config objects the forward read, said once
 
     @property
     def is_cut(self) -> bool:
@@ -369,6 +370,10 @@ class CapturedModule:
         found = changed_reads(reads, lambda m: self.module if m is twin else m)
         if found:
             raise ValueError(read_advice(type(self.model).__name__, found))
+        fields = [field for field in changed_fields(reads) if field not in self._fields_warned]
+        if fields:
+            self._fields_warned.update(fields)
+            warnings.warn(fields_warning(type(self.model).__name__, fields), stacklevel=2)
 
     def _agree(self, make: Callable[[], None] | None, what: str, error: BaseException | None = None) -> None:
         """Run ``make`` here; raise its error (or another rank's) on every rank; then check that every rank's newest
