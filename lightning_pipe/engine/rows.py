@@ -13,8 +13,8 @@ left untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -40,19 +40,7 @@ def rows_meet(module: nn.Module, first: Any, second: Any, device: torch.device |
     micro-batches' inputs) run together and run apart, if beyond rounding; ``None`` when they agree, or when it
     cannot be told (inputs that do not join along dim 0, outputs without rows, layers that draw random numbers even
     in eval mode, a layer that fails on the joined input)."""
-    try:
-        joined = _join(first, second, _rows(first), _rows(second))
-        with _evaluating(module), torch.no_grad():
-            apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
-            again = _run(module, first, device, _SEED + 1)
-            if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
-                return None  # random even in eval mode: no telling
-            together = _run(module, joined, device, _SEED)
-        return _difference(_pairs(apart, together))
-    except _CannotTell:
-        return None
-    except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
-        return None
+    return _joined_and_apart(module, first, second, device, _evaluating)
 
 
 _PER_DESIGN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)  # per micro-batch by design
@@ -65,16 +53,19 @@ def rows_meet_in_training(module: nn.Module, first: Any, second: Any,
     mean-only or ghost batch norm normalizing by the batch's statistics) differs joined and apart. None when they
     agree, or when it cannot be told (layers that draw random numbers in training, ...). Buffers and modes are put
     back."""
+    return _joined_and_apart(module, first, second, device, _training)
+
+
+def _joined_and_apart(module: nn.Module, first: Any, second: Any, device: torch.device | None,
+                      modes: Callable[[nn.Module], AbstractContextManager[None]]) -> float | None:
+    """:func:`rows_meet` in the ``modes`` given."""
     try:
         joined = _join(first, second, _rows(first), _rows(second))
-        with kept_modes([module]), kept_buffers([module]), torch.no_grad():
-            for part in module.modules():
-                if isinstance(part, _PER_DESIGN):
-                    part.eval()
+        with modes(module), torch.no_grad():
             apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
             again = _run(module, first, device, _SEED + 1)
             if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
-                return None  # random in training: no telling
+                return None  # random in these modes: no telling
             together = _run(module, joined, device, _SEED)
         return _difference(_pairs(apart, together))
     except _CannotTell:
@@ -103,6 +94,17 @@ def _evaluating(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode, its buffers and every submodule's mode restored afterwards."""
     with kept_modes([module]), kept_buffers([module]):
         module.eval()
+        yield
+
+
+@contextmanager
+def _training(module: nn.Module) -> Iterator[None]:
+    """``module`` in its modes but dropout and torch's batch norms in eval mode, its buffers and every submodule's
+    mode restored afterwards."""
+    with kept_modes([module]), kept_buffers([module]):
+        for part in module.modules():
+            if isinstance(part, _PER_DESIGN):
+                part.eval()
         yield
 
 
