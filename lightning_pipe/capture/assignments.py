@@ -112,20 +112,19 @@ class Assignments:
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
-            if _config_like(value) and id(module) in mine and (id(module), name) not in read \
-                    and not name.startswith("_") and name in getattribute(module, "__dict__"):
-                read[(id(module), name)] = Read(module, name, Fields.of(value), _name(self.names, module, name))
+            if id(module) not in mine or name not in getattribute(module, "__dict__"):
                 return value
-            if (type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None or plain_list(value)) \
-                    and id(module) in mine and name in getattribute(module, "__dict__"):
+            key, listed = (id(module), name), plain_list(value)
+            if type(value) in PLAIN_VALUES or isinstance(value, torch.Tensor) or value is None or listed:
                 if value is None or isinstance(value, torch.Tensor):
-                    looked.add((id(module), name))
+                    looked.add(key)
                 # None and lists of plain values (which blocks run, as progressive growing lists them) too, but not
                 # torch's own (a module's _compiled_call_impl)
-                if (id(module), name) not in read and (value is not None and not plain_list(value)
-                                                       or not name.startswith("_")):
-                    read[(id(module), name)] = Read(module, name, copy.copy(value) if plain_list(value) else value,
-                                                    _name(self.names, module, name))
+                if key not in read and (value is not None and not listed or not name.startswith("_")):
+                    read[key] = Read(module, name, copy.copy(value) if listed else value,
+                                     _name(self.names, module, name))
+            elif key not in read and not name.startswith("_") and _config_like(value):
+                read[key] = Read(module, name, Fields.of(value), _name(self.names, module, name))
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -274,9 +273,9 @@ class Fields(NamedTuple):
 
     def changed(self) -> list[tuple[str, Any, Any]]:
         """The fields that hold another value now: (name, then, now)."""
-        now = vars(self.holder)
-        return [(key, value, now.get(key)) for key, value in self.values.items()
-                if now.get(key, _MISSING) is not value and now.get(key, _MISSING) != value]
+        now = {key: vars(self.holder).get(key, _MISSING) for key in self.values}
+        return [(key, value, None if now[key] is _MISSING else now[key]) for key, value in self.values.items()
+                if now[key] is not value and now[key] != value]
 
 
 def _config_like(value: Any) -> bool:

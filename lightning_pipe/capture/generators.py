@@ -87,12 +87,8 @@ class HeldGenerators:
         for _, generator, _ in self.saved:
             if isinstance(generator, torch.Generator):
                 torch.empty(1, device=generator.device).uniform_(generator=generator)
-            elif isinstance(generator, random.Random):
+            else:  # random.Random, NumPy's Generator and RandomState
                 generator.random()
-            elif hasattr(generator, "bit_generator"):
-                generator.random()
-            else:
-                generator.random_sample()
 
     def restore(self) -> None:
         for _, generator, state in self.saved:

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .generators import HeldGenerators
 from .errors import listed, locate_frame
+from .generators import HeldGenerators
 
 __all__ = ["watch_host_random", "host_random_advice"]
 

@@ -167,9 +167,8 @@ def _counting(node: fx.Node, how: str, value: fx.Node, ignored: int | fx.Node | 
                        fx.GraphModule(root, graph), expression, given, linear)
 
 
-_LINEAR = {"add", "sub", "rsub", "neg", "sum", "mean", "stack", "cat", "clone", "alias", "view", "reshape",
-           "_unsafe_view", "squeeze", "unsqueeze", "expand", "select", "getitem", "to", "_to_copy", "detach",
-           "lift_fresh_copy", "type_as", "contiguous", "flatten", "mul", "div"}
+_LINEAR = (_PASSED - {"clamp", "clamp_min"}) | {"add", "sub", "rsub", "neg", "sum", "mean", "stack", "cat", "select",
+                                                "getitem", "to", "_to_copy", "mul", "div"}
 
 
 def _linear_to_output(mean: fx.Node, reaches: set[fx.Node]) -> bool:

@@ -332,9 +332,10 @@ class FirstBatchChecks:
         assert isinstance(self.split, SplitModule)
         for index, stage in sorted(self.pipeline.stages.items()):
             kept, stage.kept_inputs = stage.kept_inputs, None
-            difference = rows_meet(stage.module, *kept, self.pipeline.device) if kept and len(kept) == 2 else None
-            mode = "in eval mode"
-            if difference is None and kept and len(kept) == 2 and stage.module.training:
+            if not kept or len(kept) != 2:
+                continue
+            difference, mode = rows_meet(stage.module, *kept, self.pipeline.device), "in eval mode"
+            if difference is None and stage.module.training:
                 difference = rows_meet_in_training(stage.module, *kept, self.pipeline.device)
                 mode = "in training, with dropout and batch norms in eval mode"
             if difference is not None:

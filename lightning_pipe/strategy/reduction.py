@@ -34,11 +34,12 @@ from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
-__all__ = ["LOSS_REDUCTIONS", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning", "neither_warning",
-           "model_loss_warning", "counted_mean_warning", "given_count_warning", "nonlinear_mean_warning"]
+__all__ = ["LOSS_REDUCTIONS", "LOSS_TOLERANCE", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning",
+           "neither_warning", "model_loss_warning", "counted_mean_warning", "given_count_warning",
+           "nonlinear_mean_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
-_TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
+LOSS_TOLERANCE = 1e-4  # relative: the whole batch's loss against the micro-batches' mean and sum (float32 sums)
 
 
 def check_loss_reduction(value: Any) -> str | Callable[[Any], Any]:
@@ -179,25 +180,25 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses, "
                f"weighted by the counts {[round(count, 6) for count in probe.counts]} of loss_reduction's function, "
                f"give {mean:.6g}")
-        if abs(whole - mean) <= _TOLERANCE * max(abs(mean), abs(whole), 1e-12):
+        if abs(whole - mean) <= LOSS_TOLERANCE * max(abs(mean), abs(whole), 1e-12):
             return "counted", why
-        if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * abs(whole):
+        if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > LOSS_TOLERANCE * abs(whole):
             return None, "the step's loss draws random numbers (it changes with the seed)"
         return "neither", why
     if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
-    alike = abs(total - mean) <= 10 * _TOLERANCE * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
+    alike = abs(total - mean) <= 10 * LOSS_TOLERANCE * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
     # whose micro-batches hold one identity each; against a whole batch's that is not, the answer is "neither")
-    if alike and abs(whole - mean) <= _TOLERANCE * scale:
+    if alike and abs(whole - mean) <= LOSS_TOLERANCE * scale:
         return None, "the micro-batches' mean and sum are equal"
     why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses have the "
            f"mean {mean:.6g} and the sum {total:.6g}")
-    if not alike and abs(whole - total) <= _TOLERANCE * scale:
+    if not alike and abs(whole - total) <= LOSS_TOLERANCE * scale:
         return "sum", why
-    if not alike and abs(whole - mean) <= _TOLERANCE * scale:
+    if not alike and abs(whole - mean) <= LOSS_TOLERANCE * scale:
         return "mean", why
-    if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > _TOLERANCE * scale:
+    if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > LOSS_TOLERANCE * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"
     summed = _scalars_summed(probe, kinds)
     if summed is not None:  # single numbers an nn.Sequential returns (a VAE's KL summed over its rows): as sums?
@@ -207,7 +208,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         except Exception:  # noqa: BLE001 - the step fails on them: no telling
             again = math.nan
         for rule, value in (("sum", total), ("mean", mean)):
-            if not alike and abs(again - value) <= _TOLERANCE * max(abs(value), abs(again), 1e-12):
+            if not alike and abs(again - value) <= LOSS_TOLERANCE * max(abs(value), abs(again), 1e-12):
                 probe.scalar_kinds = summed
                 return rule, (f"{why}, with the single numbers the model returns summed over the micro-batches: on "
                               f"the whole batch {again:.6g}")

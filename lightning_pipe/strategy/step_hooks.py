@@ -219,24 +219,23 @@ class PipelineSteps:
         runner = self._runner
         if runner is None or runner.hook_calls_group is None:
             return
-        # watched: a rank whose hook failed before this point ends the others with its error, not a closed connection
+        runner.hook_calls.flush(functools.partial(self._hook_texts, what=what))
+
+    def _hook_texts(self, text: str, what: str) -> list[str]:
+        """Every rank's ``text`` over the hooks' own gloo group: watched (a rank whose hook failed before this point
+        ends the others with its error, not a closed connection) and explained (a rank that ended: its posted error)."""
+        runner = self.runner
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
                                     notice=job_failure_notice(runner.pipeline.comm.board, what))
-        with explained(what, runner.hook_calls_group):  # a rank that ended: the error it posted
-            runner.hook_calls.flush(functools.partial(all_gather_text, group=runner.hook_calls_group, run=watched))
+        with explained(what, runner.hook_calls_group):
+            return all_gather_text(text, group=runner.hook_calls_group, run=watched)
 
     def _pipeline_texts(self) -> Callable[[str], list[str]]:
-        """A gather of every rank of this rank's pipeline's text, in stage order, over the hooks' own gloo group (as
-        :meth:`_make_hook_calls`): watched, so that a rank whose hook failed ends the others with its error."""
-        runner = self.runner
-        ranks = torch.distributed.get_process_group_ranks(runner.pipeline.group)
-        wait_timeout = runner.pipeline.config.wait_timeout
+        """A gather of every rank of this rank's pipeline's text, in stage order (:meth:`_hook_texts`)."""
+        ranks = torch.distributed.get_process_group_ranks(self.runner.pipeline.group)
 
         def gather(text: str) -> list[str]:
-            watched = functools.partial(collective, what=_SHARING_HOOK_LOGS, timeout=wait_timeout,
-                                        notice=job_failure_notice(runner.pipeline.comm.board, _SHARING_HOOK_LOGS))
-            with explained(_SHARING_HOOK_LOGS, runner.hook_calls_group):
-                texts = all_gather_text(text, group=runner.hook_calls_group, run=watched)
+            texts = self._hook_texts(text, _SHARING_HOOK_LOGS)
             return [texts[rank] for rank in ranks]
 
         return gather

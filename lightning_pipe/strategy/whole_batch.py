@@ -30,16 +30,13 @@ from lightning_pipe.strategy.randomness import (
     host_random_kept,
     same_random_states,
 )
-from lightning_pipe.strategy.reduction import Counts, neither_warning
+from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_warning
 from lightning_pipe.strategy.results import StepResult, sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
 from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
 
 __all__ = ["WholeBatchRuns"]
-
-
-_LOSS_TOLERANCE = 1e-4  # relative, as the first batches' check of the loss (float32 sums in another order)
 
 
 class WholeBatchRuns:
@@ -54,6 +51,9 @@ class WholeBatchRuns:
     logger_calls: LoggerCalls
     effects: StepEffects
     replica_group: dist.ProcessGroup | None
+    _mean_found: bool  # the first batches' check of the loss (:mod:`.first_checks`)
+    _loss_warned: bool
+    _warn_once: Callable[[str], None]
 
     def _init_whole_batch_runs(self) -> None:
         self._keeps_outputs = False  # the last stage keeps the training micro-batches' outputs (a step changed some)
@@ -174,15 +174,15 @@ class WholeBatchRuns:
         """A training batch the step ran on whole anyway (for its logs, outputs or metrics), past the batches whose
         loss was checked first: where "auto" found a mean over rows, the whole batch's loss must be the micro-batches'
         combination; else (a term switched on after a warm-up: a KL summed over the batch from step 1000) warn, once."""
-        if not getattr(self, "_mean_found", False) or getattr(self, "_loss_warned", True) or result.loss is None \
+        if not self._mean_found or self._loss_warned or result.loss is None \
                 or not isinstance(whole, torch.Tensor) or whole.numel() != 1:
             return
         combined, value = float(result.loss), float(whole.detach().double())
-        tolerance = max(_LOSS_TOLERANCE, 4 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 0.0
+        tolerance = max(LOSS_TOLERANCE, 4 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 0.0
         if not (math.isfinite(combined) and math.isfinite(value)) or \
                 abs(combined - value) <= tolerance * max(abs(value), abs(combined), 1e-12):
             return
-        self._warn_once(neither_warning(  # type: ignore[attr-defined]
+        self._warn_once(neither_warning(
             f"on the whole batch the step's loss is {value:.6g}, its micro-batches' combination {combined:.6g}, at a "
             f"batch past the first ones checked: a term switched on later, such as a KL warm-up's?"))
 
