@@ -252,7 +252,7 @@ def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynami
             np.random.seed(3)  # NumPy's ratios the same in every run (one near 1 mixes below what the check tells)
 
         def _inputs(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            if kind == "mixup":
+            if kind == "mixup" or (kind == "mixup_later" and self.current_epoch >= 1):  # later: from epoch 1
                 return 0.7 * x + 0.3 * x.flip(0)
             if kind == "global_mixup":  # its ratio drawn from torch's generator: other draws per micro-batch
                 ratio = torch.rand(())
@@ -281,7 +281,8 @@ def _step_code_fit(rank: int, world_size: int, kind: str, captured: bool, dynami
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60, dynamic_shapes=dynamic)
-    trainer = quiet_trainer(world_size, strategy, max_steps=2, limit_val_batches=1)
+    length = {"max_epochs": 3} if kind == "mixup_later" else {"max_steps": 2}  # 2 batches an epoch
+    trainer = quiet_trainer(world_size, strategy, limit_val_batches=1, **length)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Mixing(), class_data(batches=2), class_data(batches=1))
@@ -307,3 +308,12 @@ def test_step_code_before_the_model_that_mixes_rows_or_reseeds_a_generator_is_wa
     # would part the ranks' captures)
     first, last = run_ranks(_step_code_fit, 2, "mixup", True, False, timeout=100)
     assert len(first) == 2 and last == []
+
+
+@pytest.mark.timeout(120)
+def test_step_code_that_starts_mixing_rows_in_a_later_epoch_is_warned_of_once() -> None:
+    """The step's code before the model is looked at again on the first batch of every epoch: a mixup switched on
+    from epoch 1 is found there (training's and validation's), and said once though epoch 2 mixes too."""
+    first, last = run_ranks(_step_code_fit, 2, "mixup_later", False, timeout=100)
+    assert sorted(message.split("'")[0] for message in first) == ["training_step", "validation_step"], first
+    assert all("on the first batch of epoch 1" in message for message in first) and last == [], first

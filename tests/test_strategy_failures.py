@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
@@ -376,3 +377,40 @@ def test_a_stop_decided_on_one_rank_only_is_named_as_the_cause() -> None:
     """Rank 0 ended the fit while rank 1 trained on: the error named an endless loop or a slow step."""
     for rank, text in enumerate(run_ranks(_stops_on_rank_zero, 2, timeout=100, expect_failure=True)):
         assert text is not None and "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"
+
+
+class FailsInSetup(Regressor):
+    """Raises in ``setup``: at once on rank 0, and on rank 1 only once rank 0's process, which holds the job's
+    store, has ended (its port refuses connections)."""
+
+    def setup(self, stage: str) -> None:
+        if torch.distributed.get_rank() == 1:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), 1).close()
+                except OSError:
+                    break
+                time.sleep(0.2)
+        raise ValueError(f"setup failed on rank {torch.distributed.get_rank()}")
+
+
+def _fails_after_the_store_is_gone(rank: int, world_size: int) -> None:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+
+    trainer = L.Trainer(strategy=PipelineStrategy(), accelerator="cpu", devices=world_size, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        max_steps=1)
+    trainer.fit(FailsInSetup(), regression_data(2, batch_size=8))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_failing_after_the_stores_holder_ended_ends_at_once() -> None:
+    """Posting a failure to a store whose holder has ended must not wait out the store's timeout: a new client's
+    connection did (the process group's, 30 minutes under Lightning), so a rank failing late never ended."""
+    start = time.monotonic()
+    errors = run_ranks(_fails_after_the_store_is_gone, 2, timeout=60, expect_failure=True)
+    assert "setup failed on rank 0" in errors[0] and "setup failed on rank 1" in errors[1], errors
+    assert time.monotonic() - start < 45

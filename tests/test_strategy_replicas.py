@@ -169,12 +169,17 @@ def test_two_stages_by_two_replicas_equal_one_device(tmp_path: Path) -> None:
 
 
 SCRIPT = '''
-import os, sys
+import atexit, os, sys
 import torch
 import lightning as L
 import lightning_pipe
 from lightning_pipe import PipelineStrategy
 from tests.lightning_models import Regressor, regression_data
+
+def _at_exit():  # registered first, so it runs last: after lightning_pipe's own exit handler
+    with open(os.path.join(sys.argv[1], f"exit{os.environ['RANK']}.txt"), "w") as file:
+        file.write(str(torch.distributed.is_initialized()))
+atexit.register(_at_exit)
 
 model = Regressor()
 trainer = L.Trainer(strategy=PipelineStrategy(num_stages=2), accelerator="cpu", devices=2, num_nodes=2, max_steps=3,
@@ -196,6 +201,9 @@ def test_two_nodes_launched_by_torchrun_on_loopback(tmp_path: Path) -> None:
     _trainer("auto", 1, max_steps=3).fit(reference, one_device_loader(3, 16))
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(4)]
     assert [(r["world_size"], r["node_rank"]) for r in ranks] == [(4, 0), (4, 0), (4, 1), (4, 1)]
+    # each process destroyed its process group at exit, while the interpreter was whole (left to finalization,
+    # gloo's threads once aborted a finished node: "terminate called without an active exception")
+    assert [(tmp_path / f"exit{rank}.txt").read_text() for rank in range(4)] == ["False"] * 4
     for replica in range(2):
         full = _full_state([ranks[replica]["state"], ranks[2 + replica]["state"]])
         for key, value in reference.state_dict().items():

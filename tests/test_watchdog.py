@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lightning_pipe.engine.anomaly import NonFiniteError, check_finite, check_gradients
-from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root
+from lightning_pipe.engine.launch import reserved_port
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root, store_gone
 from lightning_pipe.strategy.settings import PipelineSettings
 
 
@@ -120,3 +121,21 @@ def test_a_wait_explained_after_the_store_went_names_the_failure_its_heartbeat_r
                                         "checkpoint"
     finally:
         dist.destroy_process_group()
+
+
+def test_a_store_whose_server_ended_is_told_gone_through_the_process_groups_prefixes() -> None:
+    """The failure and exit paths ask before they write (torch logs each failed write with its C++ stack)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with reserved_port() as port:
+        server = dist.TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=10), wait_for_workers=False)
+        client = dist.PrefixStore("default_pg", dist.PrefixStore("0", dist.TCPStore(
+            "127.0.0.1", port, 1, False, timedelta(seconds=10), wait_for_workers=False)))
+        assert not store_gone(client)
+        client.set("key", "value")  # the look did not disturb the server
+        assert dist.PrefixStore("default_pg", dist.PrefixStore("0", server)).get("key") == b"value"
+        del server
+        assert store_gone(client)
+    assert not store_gone(dist.HashStore())  # not a TCPStore: taken as answering

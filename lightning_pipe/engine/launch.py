@@ -4,15 +4,18 @@ For tests, benchmarks and quick experiments on one machine (torchrun is the way 
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Any
 
@@ -64,7 +67,9 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
-               env: dict[str, str], backend: str = "gloo") -> None:
+               env: dict[str, str], backend: str = "gloo", stacks: str | None = None) -> None:
+    if stacks is not None:  # where this rank's threads' stacks go when the launcher finds it hung (SIGUSR1)
+        faulthandler.register(signal.SIGUSR1, file=open(stacks, "w"), all_threads=True)  # noqa: SIM115 - kept open
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
     os.environ.update(env)
@@ -119,8 +124,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 def _collect(ctx: Any, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple,
              env: dict[str, str] | None, timeout: float, backend: str) -> dict[int, tuple[bool, Any]]:
     """Start the ranks and gather each one's (ok, payload); raise RankError if one hangs or dies silently."""
-    processes = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, results, args, env or {}, backend),
-                             daemon=True) for rank in range(world_size)]
+    folder = tempfile.TemporaryDirectory(prefix="lightning-pipe-stacks-")
+    stacks = [os.path.join(folder.name, f"rank{rank}.txt") for rank in range(world_size)]
+    processes = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(fn, rank, world_size, port, results, args, env or {}, backend, stacks[rank]))
+                 for rank in range(world_size)]
     for process in processes:
         process.start()
     outcome: dict[int, tuple[bool, Any]] = {}
@@ -131,7 +139,7 @@ def _collect(ctx: Any, fn: Callable[..., Any], world_size: int, port: int, resul
             if left <= 0:
                 missing = sorted(set(range(world_size)) - set(outcome))
                 raise RankError(f"ranks {missing} did not finish within {timeout:.0f} s (deadlock?); "
-                                f"finished: {_describe(outcome)}")
+                                f"finished: {_describe(outcome)}{_stacks(processes, missing, stacks)}")
             try:
                 rank, ok, payload = results.get(timeout=min(1.0, left))
                 outcome[rank] = (ok, payload)
@@ -147,7 +155,23 @@ def _collect(ctx: Any, fn: Callable[..., Any], world_size: int, port: int, resul
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
+        folder.cleanup()
     return outcome
+
+
+def _stacks(processes: list[Any], ranks: list[int], files: list[str]) -> str:
+    """Where each of ``ranks`` is stuck: every thread's Python stack, which each rank writes on SIGUSR1."""
+    alive = [rank for rank in ranks if processes[rank].is_alive()]
+    for rank in alive:
+        with suppress(OSError):
+            os.kill(processes[rank].pid, signal.SIGUSR1)
+    time.sleep(1.0 if alive else 0.0)  # the handler writes at once, even while the rank is blocked in C code
+    parts = []
+    for rank in alive:
+        with suppress(OSError), open(files[rank]) as file:
+            text = file.read().strip()
+            parts.append(f"\n--- where rank {rank} is ---\n{text[-6000:] if text else '(no stack written)'}")
+    return "".join(parts)
 
 
 def _describe(outcome: dict[int, tuple[bool, Any]]) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .watchdog import linger, mark_failed, short_store
+from .watchdog import linger, mark_failed, short_store, store_gone
 
 __all__ = ["error_text", "failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error",
            "PipelineError", "FailureBoard"]
@@ -144,7 +144,7 @@ class FailureBoard:
 
     def post(self, error: PipelineError) -> None:
         """Make ``error`` the pipeline's first error unless there is one already; never raises."""
-        if self.notices is None:
+        if self.notices is None or store_gone(self.notices):
             return
         try:
             self.notices.compare_set(self.key, "", notice_text(error))

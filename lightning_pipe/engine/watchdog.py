@@ -28,6 +28,7 @@ under Lightning's launcher), and a stopped host must not stop the diagnosis that
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -44,7 +45,7 @@ import torch.distributed as dist
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
            "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
-           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
+           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S", "store_gone"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -90,7 +91,12 @@ _CLIENTS: dict[str, tuple[Any, Any]] = {}  # purpose -> (default process group, 
 
 def short_store(purpose: str = "main", timeout: float = STORE_TIMEOUT_S) -> Any:
     """A client of the job's store of its own, whose operations give up after ``timeout`` seconds (``None`` where
-    there is no store). One per ``purpose`` and process group: a client serves one thread."""
+    there is no store, or it no longer answers). One per ``purpose`` and process group: a client serves one thread.
+
+    Made while the store answers (the heartbeat makes the main one as it starts), since connecting to a store that
+    is gone waits out the store's whole timeout (the process group's: 30 minutes under Lightning) before it fails:
+    a rank that failed after the store's holder had ended blocked there, never ending. A connection made here
+    gives up after ``timeout`` too, and then there is no client."""
     world = dist.group.WORLD if dist.is_initialized() else None
     cached = _CLIENTS.get(purpose)
     if cached is not None and cached[0] is world:
@@ -98,14 +104,48 @@ def short_store(purpose: str = "main", timeout: float = STORE_TIMEOUT_S) -> Any:
     client = None
     try:
         store = dist.distributed_c10d._get_default_store()
-        try:
-            client = store.clone()
-            client.set_timeout(timedelta(seconds=timeout))
-        except Exception:  # noqa: BLE001 - a store that cannot be cloned: share it (its own, longer timeout)
-            client = store
     except Exception:  # noqa: BLE001 - no process group: nothing to read or write
-        client = None
+        store = None
+    if store is not None:
+        try:
+            client = _clone(store, timeout)
+        except dist.DistError:  # the store's holder is gone (or does not answer): nothing to read or write
+            client = None
+        except Exception:  # noqa: BLE001 - a store that cannot be cloned (a FileStore): share it (its own timeout)
+            client = store
     _CLIENTS[purpose] = (world, client)
+    return client
+
+
+def store_gone(store: Any) -> bool:
+    """Whether ``store``'s server refuses connections now (its holder ended): an operation on it would fail, and
+    torch logs each such failure with its C++ stack, so the failure and exit paths look first. Only a TCPStore can
+    tell (one quick connection); any other store is taken as answering."""
+    inner = store
+    while hasattr(inner, "underlying_store"):  # the process group's prefixes
+        inner = inner.underlying_store
+    host, port = getattr(inner, "host", None), getattr(inner, "port", None)
+    if not host or not port:
+        return False
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # slow or unreachable: not known to be gone
+        return False
+    return False
+
+
+def _clone(store: Any, timeout: float) -> Any:
+    """A new client of ``store`` whose connecting and operations give up after ``timeout`` seconds. A clone takes
+    the store's timeout for its connection, so the store's is lowered meanwhile (on this thread, for a moment)."""
+    was = store.timeout
+    store.set_timeout(timedelta(seconds=timeout))
+    try:
+        client = store.clone()
+    finally:
+        store.set_timeout(was)
+    client.set_timeout(timedelta(seconds=timeout))
     return client
 
 
@@ -131,8 +171,10 @@ class _Heartbeat(threading.Thread):
                 try:
                     self.store.set(self.key, _beat_text(beat, self.host))
                     missed = 0
-                except Exception:  # noqa: BLE001 - the store's host is gone or stopped: try again, it may come back
+                except Exception:  # noqa: BLE001 - the store's host is stopped (try again, it may come back) or gone
                     missed += 1
+                    if store_gone(self.store):
+                        break  # nobody left to tell
             try:
                 self._learn_failure()
                 self._unstick()
@@ -232,7 +274,7 @@ def hold_for_readers(timeout: float = 3.0) -> None:
     if _STARTED[0] is None or _STARTED[0] is not dist.group.WORLD:
         return  # no heartbeats here (so none to read it elsewhere either)
     store = short_store()
-    if store is None:
+    if store is None or store_gone(store):
         return
     try:
         linger(store, _READ_KEY, range(dist.get_world_size()), timeout)
@@ -257,6 +299,7 @@ def start_heartbeat() -> None:
         return
     _STARTED[0] = dist.group.WORLD
     activity.doing("its own code before the pipeline's first step")
+    short_store()  # the main client, while the store answers: a failure later must not connect to a store gone
     _BEATING[0] = _Heartbeat(dist.group.WORLD, dist.get_rank())
     _BEATING[0].start()
     _register_exit_hook()
@@ -306,10 +349,17 @@ def _at_exit() -> None:
     if _STARTED[0] is not None and dist.is_initialized() and cached is not None and cached[0] is dist.group.WORLD:
         store = cached[1]
         try:
-            if store is not None:
+            if store is not None and not store_gone(store):
                 store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))
         except Exception:  # noqa: BLE001 - nobody left to tell
             pass
+    if not _HOOKS["armed"] and dist.is_initialized():
+        # Destroyed here, while the interpreter is whole: left to its finalization, gloo's threads could end a
+        # finished rank with "terminate called without an active exception" (an abort, exit status 134, after the
+        # script succeeded; seen once under torchrun). Lightning does this for NCCL only. Nothing is pending here:
+        # a rank that gave up a wait, or failed inside a step, armed the guard below and leaves without it.
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
     if _HOOKS["armed"]:
         for stream in (sys.stdout, sys.stderr):
             try:

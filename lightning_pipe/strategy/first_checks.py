@@ -49,6 +49,7 @@ from lightning_pipe.strategy.step_values import loss_of
 __all__ = ["FirstBatchChecks"]
 
 _MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
+_STEPS = ("training_step", "validation_step", "test_step", "predict_step")
 _PARAMETER_READ_CHECKS = 8  # training steps whose first loss is looked through for parameters the step reads
 
 
@@ -126,8 +127,11 @@ class FirstBatchChecks:
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
         self._parameter_writes_left = _PARAMETER_READ_CHECKS
-        # The step's code before the model, on the first batch of each step: does it mix rows (.step_inputs)?
-        self._inputs_unchecked = {"training_step", "validation_step", "test_step", "predict_step"}
+        # The step's code before the model, on the first batch of each step in each epoch (code may start mixing rows
+        # later: mixup from epoch 5): does it mix rows (.step_inputs)? Each warning is given once.
+        self._inputs_unchecked = set(_STEPS)
+        self._inputs_epoch = 0
+        self._inputs_warned: set[str] = set()
         for stage in pipeline.stages.values() if self._rows_unchecked else ():
             stage.kept_inputs = []
 
@@ -282,8 +286,15 @@ class FirstBatchChecks:
 
     def _checks_inputs(self, step: str, microbatches: int) -> bool:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of
-        several micro-batches, on the first stage)."""
+        several micro-batches in each epoch, on the first stage)."""
+        epoch = self._epoch()
+        if epoch != self._inputs_epoch:
+            self._inputs_epoch, self._inputs_unchecked = epoch, set(_STEPS)
         return step in self._inputs_unchecked and microbatches > 1 and 0 in self.pipeline.stages
+
+    def _epoch(self) -> int:
+        trainer = getattr(self.module, "_trainer", None)
+        return int(getattr(trainer, "current_epoch", 0) or 0)
 
     def _check_inputs(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int,
                       seen: dict[int, list[Any]]) -> None:
@@ -293,6 +304,7 @@ class FirstBatchChecks:
         (:mod:`.step_inputs`)."""
         self._inputs_unchecked.discard(step)
         before, held = self.effects.snapshot(), HeldGenerators(self.module)
+        where = f"the first batch of epoch {self._inputs_epoch}" if self._inputs_epoch else "the first batch"
 
         def inputs(data: Any) -> list[Any]:
             if isinstance(self.split, CapturedModule):
@@ -307,7 +319,7 @@ class FirstBatchChecks:
                 states = global_random_states()
                 whole = inputs(owned(batch))
                 if same_random_states(global_random_states(), states) and not held.moved():
-                    message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole)
+                    message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole, where)
                     if self._checks_model_loss(step):
                         self._whole_inputs[step] = whole
                 else:  # drew: the same draws again, on a batch whose rows after the first micro-batch changed
@@ -317,13 +329,14 @@ class FirstBatchChecks:
                     held.restore()
                     self.effects.restore(before)
                     shifted = inputs(shifted_rows(owned(batch), rows, first))
-                    message = mixing_warning(step, rows, first, whole, shifted)
+                    message = mixing_warning(step, rows, first, whole, shifted, where)
         except Exception:  # noqa: BLE001 - a step that cannot run on the whole batch here: no telling
             return
         finally:
             held.restore()
             self.effects.restore(before)
-        if message is not None:
+        if message is not None and step not in self._inputs_warned:
+            self._inputs_warned.add(step)
             warnings.warn(message, stacklevel=2)
 
     def _check_rows(self) -> None:

@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store
+from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store, store_gone
 from lightning_pipe.strategy.plain import all_gather_text, broadcast_value
 from lightning_pipe.strategy.randomness import random_states_digest
 
@@ -106,6 +106,7 @@ class ProcessStrategy(ParallelStrategy):
         device_id = self.root_device if "nccl" in self._process_group_backend else None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout,
                               device_id=device_id)
+        short_store()  # the client a failure posts through, made while the store answers (it may not, by then)
         # Every rank ran the same script up to here, so their global generators agree, and agree with one device's:
         # kept (a model built in setup(), a random_split, draws in hooks come out as on one device). Only where
         # they differ (code that drew on some ranks only) are they reseeded alike, as DDP reseeds always.
@@ -180,7 +181,7 @@ class ProcessStrategy(ParallelStrategy):
             hold_for_readers()
             return
         store = short_store()
-        if store is not None and type(exception).__name__ != "SIGTERMException":
+        if store is not None and not store_gone(store) and type(exception).__name__ != "SIGTERMException":
             with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
                 mark_failed(store, torch.distributed.get_rank(), f"{type(exception).__name__}: {exception}")
             hold_for_readers()

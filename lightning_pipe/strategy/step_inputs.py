@@ -26,22 +26,25 @@ from lightning_pipe.engine.tree import tree_flatten
 __all__ = ["inputs_warning", "mixing_warning", "shifted_rows"]
 
 
-def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any]) -> str | None:
+def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any], where: str = "the first batch"
+                   ) -> str | None:
     """What to tell a user whose ``step`` gives the model other inputs for the whole batch (``whole``: their tensors)
-    than for its micro-batches one by one (``parts``); None if they agree or cannot be compared."""
+    than for its micro-batches one by one (``parts``), found on ``where``; None if they agree or cannot be
+    compared."""
     difference = parts_differ(list(parts), whole)
     if difference is None:
         return None
     return _warning(step, f"other inputs for the whole batch than for its {len(parts)} micro-batches one by one "
-                          f"(relative difference {difference:.2g}, on the first batch)",
+                          f"(relative difference {difference:.2g}, on {where})",
                     "or draws random numbers from a torch.Generator of its own seeded at each step (each micro-batch "
                     "then draws the same first numbers)")
 
 
-def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: list[Any]) -> str | None:
+def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: list[Any],
+                   where: str = "the first batch") -> str | None:
     """What to tell a user whose ``step`` draws random numbers and gives the model other inputs for the first
     ``first`` rows of a ``rows``-row batch (``kept``: their tensors) when only the other rows changed (``shifted``:
-    :func:`shifted_rows`' batch's); None if they agree or cannot be compared."""
+    :func:`shifted_rows`' batch's), found on ``where``; None if they agree or cannot be compared."""
     if len(kept) != len(shifted):
         return None
     pairs = [(a[:first], b[:first]) for a, b in zip(kept, shifted)
@@ -50,7 +53,7 @@ def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: l
     if difference is None:
         return None
     return _warning(step, f"other inputs for the rows of the first micro-batch when only the other rows of the batch "
-                          f"change (relative difference {difference:.2g}, on the first batch, drawing the same random "
+                          f"change (relative difference {difference:.2g}, on {where}, drawing the same random "
                           f"numbers)", "")
 
 
