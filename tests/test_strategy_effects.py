@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_pipe.strategy.step_effects import StepEffects, settle
+from lightning_pipe.strategy.step_effects import StepEffects
+from lightning_pipe.strategy.effect_runs import settle
 from lightning_pipe.strategy.step_values import whole_output
 from tests.helpers import quiet_trainer, run_ranks
 
@@ -110,7 +111,7 @@ def test_an_object_bound_or_unbound_takes_its_fields_with_it() -> None:
         warned: list[str] = []
         patches = effects.changes(start)
         assert not any("::" in name for _, name, _, _ in patches), patches
-        from lightning_pipe.strategy.step_effects import _sendable
+        from lightning_pipe.strategy.effect_runs import _sendable
 
         elsewhere.restore(other_start)
         elsewhere.apply(_sendable("training_step", patches, warned.append))
@@ -126,7 +127,7 @@ def test_a_plain_objects_changes_reach_every_rank(case: str) -> None:
     """As the last stage's step leaves the meter, so every rank has it: a meter reset by a new one of its class (it
     cannot be sent as an object: its fields are), a field that grows past what is copied at a step's start, a large
     tensor changed in place, a list field of an object two attributes hold (extended once)."""
-    from lightning_pipe.strategy.step_effects import _sendable
+    from lightning_pipe.strategy.effect_runs import _sendable
 
     one, other = _Holder(), _Holder()
     for holder in (one, other):

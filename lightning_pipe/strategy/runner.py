@@ -47,7 +47,8 @@ from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_effects import MicrobatchRuns, StepEffects
+from lightning_pipe.strategy.step_effects import StepEffects
+from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,
                                                  tagged)

@@ -14,7 +14,8 @@ changes and runs the step once more, without gradients, on the whole batch's mod
 back together along dim 0), so that its changes are one device's: one entry per batch, a counter raised once. What
 that run changed (a list's new entries, an attribute's new value) travels to every rank with the step's result; each
 other rank undoes what its part of the step changed and makes the same changes. Where the whole output cannot be put
-back together, or the run fails, the micro-batches' own changes travel instead, with a warning.
+back together, or the run fails, the micro-batches' own changes travel instead, with a warning. This module follows
+the changes (note, compare, undo, make); :mod:`.effect_runs` makes the step's runs change the module as one device's.
 """
 
 from __future__ import annotations
@@ -27,12 +28,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.strategy.results import sendable
-from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 from lightning_pipe.strategy.stored import NotKept
 
-__all__ = ["LIBRARIES", "StepEffects", "Snapshot", "settle", "kept_whole", "own_attributes", "MicrobatchRuns"]
+__all__ = ["LIBRARIES", "StepEffects", "Snapshot", "Patch", "Sent", "own_attributes"]
 
 # A change: (kind, attribute, key in a dict attribute or None, value). Kinds: "set" (bind the attribute or the
 # dict's key to value), "extend" (add value's items to the list there), "del" (remove the attribute or the key),
@@ -435,48 +433,6 @@ def _restore_dict(value: dict, items: dict[Any, tuple[Any, int]]) -> None:
 _KEYS: dict[type, frozenset[str]] = {}
 
 
-class MicrobatchRuns:
-    """A step's runs on the last stage, one per micro-batch, each from the module as the step found it, as one
-    device's single run is: before each run, what the runs before it changed (a memory bank's entries, a counter, a
-    running normalizer) is noted and undone; :meth:`rewind` puts the step's start back for one more run (the loss
-    probe), and :meth:`remake` makes every run's changes again (lists extended by each, a value the last one's), which
-    :func:`settle` then makes one device's by a run on the whole batch. A change that cannot be undone (a large tensor
-    changed in place, which is copied from the next step on) leaves the runs as they were, and :attr:`stuck` says so."""
-
-    def __init__(self, effects: StepEffects, start: Snapshot) -> None:
-        self.effects, self.start = effects, start
-        self.made: list[list[Patch]] = []
-        self.ran = self.stuck = False
-
-    def before_run(self) -> None:
-        if self.ran and not self.stuck and self.effects.changed(self.start):
-            patches = self.effects.changes(self.start)
-            if self.effects.restore(self.start):
-                self.made.append(patches)
-            else:  # as they were: the runs go on from what the earlier ones left
-                self.effects.apply(patches, start=self.start)
-                self.stuck = True
-        self.ran = True
-
-    def rewind(self) -> bool:
-        """The step's start again, if the runs changed anything (then :meth:`remake` must follow); whether it did."""
-        if not self.made:
-            return False
-        self.made.append(self.effects.changes(self.start))
-        if not self.effects.restore(self.start):
-            self.effects.apply(self.made.pop(), start=self.start)
-            self.made.clear()
-            return False
-        return True
-
-    def remake(self) -> None:
-        """After :meth:`rewind` (and a run since, undone here): every run's changes made again."""
-        self.effects.restore(self.start)
-        for patches in self.made:
-            self.effects.apply(patches, start=self.start)
-        self.made = []
-
-
 def own_attributes(module: nn.Module) -> dict[str, Any]:
     """``module``'s own attributes: those neither torch nor Lightning gives it, other than submodules."""
     skipped = _lightning_keys(type(module))
@@ -492,78 +448,3 @@ def _lightning_keys(cls: type) -> frozenset[str]:
         base = LightningModule() if issubclass(cls, LightningModule) else nn.Module()
         _KEYS[cls] = frozenset(base.__dict__) | _IGNORED
     return _KEYS[cls]
-
-
-def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Sequence[float] | None = None, kinds: OutputKinds | None = None
-           ) -> tuple[list[Sent], bool]:
-    """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
-    ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
-    ``needs`` alone). ``kept``: (index, model output, rows) of the micro-batches
-    whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
-    ``needs``: what else the step did that only that run does as one device (called the loggers, returned numbers);
-    ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them);
-    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`)."""
-    patches = effects.changes(start)
-    if (patches or needs) and microbatches > 1:
-        whole = kept_whole(kept, microbatches, weights, kinds)
-        why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
-               microbatches else "the model's outputs do not hold the batch's rows first")
-        if whole is not None and not effects.restore(start):
-            why, whole = "a change could not be undone (a list emptied, a large tensor changed in place)", None
-            effects.apply(patches)
-        if whole is not None:
-            try:
-                replay(whole)
-                patches = effects.changes(start)
-                buffers = sorted(name for _, name, _, _ in patches if "." in name)  # submodules' buffers
-                if buffers:
-                    warn(f"{step} runs modules that change their buffers ({', '.join(buffers[:4])}) outside the "
-                         f"pipelined model: each micro-batch runs them with the buffers as the micro-batches before "
-                         f"it left them, so what they compute differs from one device's (as a batch norm's does); "
-                         f"after each step the buffers are one device's on every rank. num_microbatches=1 matches "
-                         f"one device")
-                return _sendable(step, patches, warn), True
-            except Exception as error:  # noqa: BLE001 - the micro-batches' changes stand instead
-                why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
-                effects.restore(start)
-                effects.apply(patches)
-        warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + list(needs), why))
-    return _sendable(step, patches, warn), False
-
-
-def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None,
-               kinds: OutputKinds | None = None) -> Any:
-    """The whole batch's model output from the (index, output, rows) ``kept`` of every one of its ``microbatches``
-    (:func:`~.step_values.whole_output`; ``weights`` by micro-batch index); None where some were not kept."""
-    if len(kept) != microbatches:
-        return None
-    kept = sorted(kept, key=lambda item: item[0])
-    return whole_output([output for _, output, _ in kept], [rows for _, _, rows in kept],
-                        None if weights is None else [weights[index] for index, _, _ in kept], kinds)
-
-
-def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
-    """``patches`` but those holding values no rank can be sent (warned of)."""
-    kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
-    if len(kept) < len(patches):
-        names = sorted({f"self.{name}" for _, name, *_ in patches} - {f"self.{name}" for _, name, *_ in kept})
-        warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
-             f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "
-             f"last stage's rank holds them; keep such values as tensors or numbers")
-    return kept
-
-
-def _per_microbatch(step: str, names: list[str], why: str) -> str:
-    return (f"{step} changes, calls or returns {', '.join(sorted(set(names)))}; under a pipeline the whole step runs "
-            f"on the last stage once per micro-batch, and this could not be done as one device does it ({why}), so "
-            f"every rank gets the micro-batches' changes, the loggers their calls (one per micro-batch where one "
-            f"device makes one per batch), and the batch-end hooks such outputs as the micro-batches' values, "
-            f"listed. Keep what a step collects in its returned outputs with the batch's rows first (on_*_batch_end "
-            f"hooks receive them), or compute it in the hook from the step's returned outputs")
-
-
-def _on_cpu(value: Any) -> bool:
-    """Whether every tensor in ``value`` is on the CPU (a step that moved what it keeps there, to spare the device)."""
-    return all(tensor.device.type == "cpu" for tensor in tree_flatten(value)[0])

@@ -33,7 +33,8 @@ from lightning_pipe.strategy.randomness import (
 from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_warning
 from lightning_pipe.strategy.results import StepResult, sendable
 from lightning_pipe.strategy.split import SplitModule
-from lightning_pipe.strategy.step_effects import Snapshot, StepEffects, kept_whole, settle
+from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
+from lightning_pipe.strategy.effect_runs import kept_whole, settle
 from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
 
 __all__ = ["WholeBatchRuns"]
