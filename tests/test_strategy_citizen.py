@@ -287,6 +287,62 @@ def test_a_torch_compiled_model_trains_as_the_eager_one(tmp_path: Path) -> None:
     assert len(optimizer.state) == len(list(holder.parameters()))
 
 
+def _validated_with(rank: int, world_size: int, draws: bool, counted: bool, microbatches: int = 4
+                    ) -> tuple[float, list[str]]:
+    """``trainer.validate`` of a Hugging Face causal LM on padded rows under ``loss_reduction="sum"`` (training's
+    loss, a model given ``num_items_in_batch``), its own loss over the labels other than -100 logged as it is or
+    with its count as batch_size, by a step that ``draws`` a random number or not: the logged loss and the warnings
+    of a mean over a count."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import PaddedLM, padded_tokens
+
+    class Validated(PaddedLM):
+        def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            ids, mask = batch
+            if draws:  # a run of the step on the whole batch would draw again: its logs are not taken
+                torch.rand(())
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            # the labels a causal LM predicts: every token but the first
+            self.log("val_loss", loss, batch_size=int(mask[:, 1:].sum()) if counted else None)
+            return {"loss": loss}
+
+    torch.manual_seed(0)
+    model = Validated()
+    strategy = PipelineStrategy(num_microbatches=microbatches, loss_reduction="sum") if world_size > 1 else "auto"
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = trainer.validate(model, padded_tokens(batches=2, seed=9), verbose=False)[0]
+    return logged["val_loss"], [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(300)
+def test_a_validation_loss_over_a_count_is_one_devices_or_warned_of_under_a_summed_training_loss() -> None:
+    """``loss_reduction="sum"`` says how training's loss adds up, not what an evaluation step logs. A model's own
+    mean over the labels other than -100 is one device's where the last stage runs the step on the whole batch (the
+    whole output it makes from the micro-batches' averages their losses by the count the model takes them over, read
+    from each one's model inputs); where it cannot (a step that draws random numbers would draw again), it is
+    warned of in validation, and logging it with its count as batch_size, as the warning says, gives one device's
+    with no warning."""
+    for draws in (False, True):
+        for counted in (False, True):
+            expected, _ = _validated_with(0, 1, draws, counted)
+            results = run_ranks(_validated_with, 2, draws, counted, timeout=180)
+            warned = [message for _, messages in results for message in messages]
+            if draws and not counted:
+                assert len(warned) == 1 and "tells of training_step's loss" in warned[0], warned
+                assert "batch_size=int((batch['labels'] != -100).sum())" in warned[0]
+                assert all(abs(value - expected) > 1e-5 * expected for value, _ in results)  # the difference is real
+            else:
+                assert not warned, (draws, counted, warned)
+                assert all(value == pytest.approx(expected, rel=1e-5) for value, _ in results), (draws, counted)
+
+
 def _counted_ranks(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     import warnings
 
@@ -378,9 +434,13 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
                 got = result["padded-counted"]["validated"]
                 assert got["val_loss"] == pytest.approx(validated["val_loss"], rel=1e-5)
                 assert got["returned"] == pytest.approx(validated["returned"], rel=1e-5) and not got["warned"]
+            # left to "auto" (trained otherwise): in validation the last stage runs the step on the whole batch, whose
+            # model output averages the micro-batches' losses by the labels each counts (one device's for the same
+            # weights: test_a_validation_loss_over_a_count_is_one_devices_or_warned_of_under_a_summed_training_loss),
+            # and says so once
             warned = [message for result in results for message in result["padded-auto"]["validated"]["warned"]]
             assert len(warned) == 1, warned
-            assert warned[0].startswith("validation_step's loss") and "differs" in warned[0]
+            assert warned[0].startswith("validation_step returns outputs in which") and "count" in warned[0]
         assert not any(result[f"{case}-counted"]["warned"] for result in results)
 
         auto = torch.load(tmp_path / f"{case}-auto.ckpt", weights_only=False)["state_dict"]

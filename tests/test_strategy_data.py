@@ -118,6 +118,18 @@ def test_shared_loaders_draw_their_order_from_the_seed_and_resume_mid_epoch(opti
     assert sorted(first[0]) != [] and loader.sampler is options.get("sampler", loader.sampler)
 
 
+def test_a_mid_epoch_resume_of_a_loader_with_its_own_generator_continues_the_same_order() -> None:
+    """The DataLoader draws its workers' base seed from the user's generator between ``iter`` and the first batch,
+    and a shuffling sampler draws its order from it at the first batch: a resume passes over the batches done at the
+    first batch too, so the order comes from the state it came from in the uninterrupted epoch."""
+    def loader() -> DataLoader:
+        return _loader(shuffle=True, generator=torch.Generator().manual_seed(5))
+
+    whole = _epochs(loader(), [DataStart(11, 0, training=True)])[0]
+    resumed = _epochs(loader(), [DataStart(11, 0, skip=3, training=True)])[0]
+    assert resumed == whole[3:] and sorted(whole) != whole
+
+
 def test_the_users_loader_is_left_as_it_was_and_main_process_loading_is_private() -> None:
     class Noisy(torch.utils.data.Dataset):
         def __len__(self) -> int:

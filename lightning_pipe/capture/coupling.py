@@ -21,7 +21,7 @@ forward took their number as an int, as a contrastive loss's labels do) is repor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,13 +60,18 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
         return mixed
     if not any(fixed_size(size) == example for size in firsts):
         return None
-    for node in nodes:  # an RNN's loop over time fixes its length: here the rows
-        if node.op == "call_function" and _op_name(node) in _RECURRENCES and _along_time(node, lambda size: (
-                fixed_size(size) == example)):
+    for node in nodes:  # an RNN's loop over time fixes its length: here the rows (so may a pooling's windows)
+        name = _op_name(node) if node.op == "call_function" else ""
+        if name in _RECURRENCES and _along_time(node, lambda size: fixed_size(size) == example):
             return _RECURRENCE.format(place=_place(node))
+        if (name in _CONVOLUTIONS or name in _POOLS) and _windows_rows(
+                node, name, lambda size: fixed_size(size) == example):
+            return _windows(node, name)
     return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
-            f"torch.arange(len(logits)) does for a contrastive loss's labels, or an expert capacity computed from the "
-            f"tokens (int(capacity_factor * tokens / experts)) does (each micro-batch size is captured anew)")
+            f"torch.arange(len(logits)) does for a contrastive loss's labels, a Python loop over them does (for t in "
+            f"range(x.shape[0]): a recurrence over a time-major batch's time steps, which micro-batches cut), or an "
+            f"expert capacity computed from the tokens (int(capacity_factor * tokens / experts)) does (each "
+            f"micro-batch size is captured anew)")
 
 
 def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
@@ -122,6 +127,11 @@ _ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attenti
               "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
               "_scaled_dot_product_cudnn_attention"}
 _RECURRENCES = {"lstm", "gru", "rnn_tanh", "rnn_relu"}  # aten's, batch_first their 9th argument
+_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
+                 "conv_transpose3d"}  # (input, weight, ...): the weight's dims after the second are the kernel's
+_POOLS = {f"{kind}{n}d{suffix}": n for n in (1, 2, 3) for kind, suffix in (
+    ("max_pool", ""), ("max_pool", "_with_indices"), ("avg_pool", ""), ("adaptive_avg_pool", ""),
+    ("_adaptive_avg_pool", ""), ("adaptive_max_pool", ""), ("lp_pool", ""))}  # -> its spatial dims
 _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
                "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
@@ -174,6 +184,9 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
                                                 and size.node.expr in rows):
             return _RECURRENCE.format(place=_place(node))
+        if (name in _CONVOLUTIONS or name in _POOLS) and _windows_rows(
+                node, name, lambda size: isinstance(size, torch.SymInt) and size.node.expr in rows):
+            return _windows(node, name)
         if name == "slice" and _shifts_rows(node, rows) or name == "diff" and isinstance(node.args[0], fx.Node) \
                 and _rows_at(node.args[0], node.args[2] if len(node.args) > 2 else -1, rows):
             return (f"{_place(node)} takes the batch's rows shifted (z[1:] - z[:-1], torch.diff along them: each row "
@@ -263,6 +276,35 @@ def _is_rows(size: Any, rows: set[Any]) -> bool:
 
 def _has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
     return any(_is_rows(size, rows) for size in value.shape)
+
+
+def _windows(node: fx.Node, name: str) -> str:
+    return (f"{_place(node)} {'convolves' if name in _CONVOLUTIONS else 'pools'} along the batch's rows (a time-major "
+            f"batch, (T, B, ...), whose time the model moves to a convolution's length: the pipeline splits every "
+            f"batch along dim 0, so micro-batches would cut the sequences in time and each window at a cut sees "
+            f"padding for the rows of the next micro-batch: give batches with their rows first)")
+
+
+def _windows_rows(node: fx.Node, name: str, counts_rows: Callable[[Any], bool]) -> bool:
+    """Whether a convolution or pooling ``node`` (op ``name``) slides a window wider than one along a dim of its input
+    whose size ``counts_rows`` (one of its spatial dims, the last ones)."""
+    source = node.args[0] if node.args else None
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return False
+    if name in _CONVOLUTIONS:
+        weight = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() < 3:
+            return False
+        kernel = list(weight.shape[2:])
+    else:
+        size = node.args[1] if len(node.args) > 1 else None  # a kernel, or an adaptive pool's output size
+        kernel = [size] * _POOLS[name] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) \
+            else [None] * _POOLS[name]
+        if name.startswith(("adaptive", "_adaptive")):
+            kernel = [None] * len(kernel)  # any output size other than the rows' own pools them together
+    return value.dim() >= len(kernel) and any(counts_rows(value.shape[dim]) and width != 1
+                                              for dim, width in zip(range(-len(kernel), 0), kernel))
 
 
 def _rows_at(node: fx.Node, dim: int, rows: set[Any], counted: bool = False) -> bool:

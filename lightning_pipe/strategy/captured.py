@@ -415,13 +415,15 @@ class CapturedModule:
         return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
                 for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
 
-    def output_kinds(self) -> Callable[[Any], list[str | int | None] | None]:
+    def output_kinds(self, training: bool | None = None) -> Callable[[Any], list[str | int | None] | None]:
         """For a model output's structure (:func:`~lightning_pipe.strategy.step_values.output_structure`), how each of
         its tensors adds up over micro-batches: a single number's kind ("mean", "sum", "other"), a tensor's dim of the
         batch's rows (:func:`lightning_pipe.capture.scalars.output_kinds`), None for one not known; None for a
-        structure no capture gives. A model called two ways (a summed loss, and a decoding) gives two structures."""
-        captures = self.splitter.captures
-        made = tuple(id(capture) for capture in captures)
+        structure no capture gives. A model called two ways (a summed loss, and a decoding) gives two structures.
+        ``training``: the captures of that mode only (training's loss over ``num_items_in_batch`` is a sum where
+        evaluation's, without it, is a mean: together, neither would be known)."""
+        captures = [capture for capture in self.splitter.captures if training is None or capture.training == training]
+        made = (training, *(id(capture) for capture in captures))
         if self._kinds[0] != made:
             self._kinds = (made, _output_kinds(captures))
         known = self._kinds[1]

@@ -118,17 +118,27 @@ class _Swapped:
 
 
 class _Iterator:
-    """Each ``next`` of ``iterator`` under ``stream``."""
+    """Each ``next`` of ``iterator`` under ``stream``, the first ``skip`` items passed over at the first ``next``:
+    lazily, as an uninterrupted epoch draws, since the DataLoader draws its workers' base seed between ``iter`` and the
+    first ``next`` (from the loader's own generator, if the user gave one: a shuffling sampler drawing from that
+    generator at once would draw its order from another state than the uninterrupted epoch)."""
 
-    def __init__(self, stream: _Swapped) -> None:
+    def __init__(self, stream: _Swapped, skip: int = 0) -> None:
         self.stream = stream
         self.iterator: Iterator[Any] = iter(())
+        self.skip = skip
 
     def __iter__(self) -> _Iterator:
         return self
 
     def __next__(self) -> Any:
-        return self.stream.run(lambda: next(self.iterator))
+        return self.stream.run(self._next)
+
+    def _next(self) -> Any:
+        while self.skip:
+            self.skip -= 1
+            next(self.iterator)  # StopIteration: an epoch shorter than where it resumes ends at once
+        return next(self.iterator)
 
 
 class SharedOrder:
@@ -188,11 +198,8 @@ class SharedOrder:
         # __init__ and _reset): both get the same start, and so the same order.
         start = self._current or self.begin()
         order = _Iterator(_Swapped(torch.Generator().manual_seed(derive_seed(start.seed, Stream.DATA_ORDER))
-                                   .get_state()))
+                                   .get_state()), start.skip)
         order.iterator = order.stream.run(lambda: iter(self.inner))  # some samplers draw as their iteration starts
-        for _ in range(start.skip):
-            if next(order, None) is None:
-                break
         return order
 
     def state_dict(self, finished: bool = False) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class EvaluationSteps:
     _input_fn: Callable[..., Any]
     _check_inputs: Callable[..., None]
     _check_model_loss: Callable[..., None]
+    _warn_of_model_loss: Callable[[str, StepResult], None]
     _result_posted: Callable[..., Any]
     _guard: Callable[..., Any]
     _share: Callable[..., StepResult]
@@ -93,6 +94,8 @@ class EvaluationSteps:
                                                                         seed, start), replicas=True)
                 self.unfollowed.warn_of_changes(step, marks)
         result = self._share(encoded, fingerprint, step, start)
+        if checks_loss:
+            self._warn_of_model_loss(step, result)
         self._carried(step, result, rows)
         return result.output
 

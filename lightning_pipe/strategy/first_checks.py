@@ -41,6 +41,7 @@ from lightning_pipe.strategy.reduction import (
     neither_warning,
     verdict,
 )
+from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_inputs import inputs_warning, mixing_warning, shifted_rows
@@ -112,6 +113,7 @@ class FirstBatchChecks:
         # batches of each step checked for a captured model's own such loss (on the first stage), and the steps warned
         self._loss_checks_left = dict.fromkeys(("training_step", "validation_step", "test_step"), 16)
         self._model_loss_warned: set[str] = set()
+        self._model_loss_pending: str | None = None  # an evaluation step's, until its logs are known
         # a step's whole first batch's model inputs (:meth:`_check_inputs`), for the model's loss check that follows
         self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
@@ -149,13 +151,13 @@ class FirstBatchChecks:
 
         if self.loss_reduction == "sum":  # told: only how the sequence's single numbers add up is learned
             self._scalar_probes_left -= 1
-            verdict(probe, run_whole, self.split.output_kinds())
+            verdict(probe, run_whole, self.split.output_kinds(True))
             if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):
                 self.split.scalar_kinds = probe.scalar_kinds
             return 1.0
         if probe.counts is not None:  # told a mean over a count: checked, never changed
             self._count_probes_left -= 1
-            rule, why = verdict(probe, run_whole, self.split.output_kinds())
+            rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
             if rule == "neither":
                 self._warn_once(count_warning(why))
                 self._count_probes_left = 0
@@ -163,12 +165,12 @@ class FirstBatchChecks:
         self._probes_left -= 1
         if self._mean_found:
             try:
-                rule, why = verdict(probe, run_whole, self.split.output_kinds())
+                rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
             except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
                 self._probes_left = 0
                 return 1.0
         else:
-            rule, why = verdict(probe, run_whole, self.split.output_kinds())
+            rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
         if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):  # single numbers the sequence
             self.split.scalar_kinds = probe.scalar_kinds  # returns are summed (a VAE's KL): so logged and replayed
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
@@ -219,7 +221,9 @@ class FirstBatchChecks:
         predictions)."""
         training = step == "training_step"
         counted = callable(self.loss_reduction) and training  # a given count, checked against the model's
-        return (isinstance(self.split, CapturedModule) and (self.loss_reduction in ("auto", "mean") or counted)
+        # "sum" tells of training's loss (HF's num_items_in_batch), not of what an evaluation step logs
+        told = self.loss_reduction in ("auto", "mean") or (self.loss_reduction == "sum" and not training)
+        return (isinstance(self.split, CapturedModule) and (told or counted)
                 and self._loss_checks_left.get(step, 0) > 0 and 0 in self.pipeline.stages
                 and not (self._loss_warned if training else step in self._model_loss_warned)
                 and not (training and self.pipeline.asynchronous))
@@ -259,9 +263,27 @@ class FirstBatchChecks:
             return
         if training:
             self._warn_once(message)
-        else:
-            self._model_loss_warned.add(step)
-            warnings.warn(message, stacklevel=2)
+        else:  # said once the step's logs are known (:meth:`_warn_of_model_loss`)
+            told = (" (loss_reduction='sum' tells of training_step's loss, not of this step's logs)"
+                    if self.loss_reduction == "sum" else "")
+            self._model_loss_pending = (
+                f"{message}. In {step}{told}, logging the value with its count as batch_size gives one device's too: "
+                f"self.log('val_loss', loss, batch_size=int((batch['labels'] != -100).sum())), each micro-batch's "
+                f"value then weighing by its count")
+
+    def _warn_of_model_loss(self, step: str, result: StepResult) -> None:
+        """After an evaluation step whose check found the model's loss a mean its micro-batches do not share: warn,
+        unless the last stage took the step's logs and output from a run on the whole batch (whose model output
+        averages that loss by the counts: :meth:`~.whole_batch.WholeBatchRuns._model_counts`), or every value the
+        step logged came with a batch size that differs between its micro-batches (a count: then Lightning weighs
+        each micro-batch's value by it, as one device's mean over the whole batch)."""
+        message, self._model_loss_pending = self._model_loss_pending, None
+        values = [entry for entry in result.logs if entry.metric is None]
+        if message is None or result.whole or (values and all(not entry.inferred and entry.given is None
+                                                              for entry in values)):
+            return
+        self._model_loss_warned.add(step)
+        warnings.warn(message, stacklevel=3)
 
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters

@@ -72,6 +72,7 @@ class StepResult:
     effects: list[tuple[Any, ...]] = field(default_factory=list)  # the step's changes to the module (.step_effects)
     logger_calls: list[tuple[int, list[str], list[Any], dict[str, Any]]] = field(default_factory=list)  # for rank 0
     error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
+    whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -215,7 +216,8 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "error_kind": result.error_kind, "rows": result.rows,
-                       "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls}}}
+                       "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls},
+                       "whole": result.whole}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -226,7 +228,7 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
             for name, value, metric, options, batch_size, weight, inferred in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
-                      [tuple(call) for call in fields["logger_calls"]], fields["error_kind"])
+                      [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

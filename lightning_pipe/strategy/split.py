@@ -222,10 +222,11 @@ class SplitModule:
                                               "layer), or freeze them with requires_grad_(False)"))
         return inputs
 
-    def output_kinds(self) -> list[str | None] | None:
+    def output_kinds(self, training: bool | None = None) -> list[str | None] | None:
         """How the model's single-number outputs add up over rows: not known for a sequence (its last layer's output
         is put together as a mean, the rare case of a number), unless the first batches' check of the loss found them
-        summed (a VAE's KL summed over the batch, passed on by the decoder: :func:`.reduction.verdict`)."""
+        summed (a VAE's KL summed over the batch, passed on by the decoder: :func:`.reduction.verdict`). In either
+        mode (``training``) alike."""
         return self.scalar_kinds
 
     def run_step(self, step: str, output: Any, microbatch: Any, args: Sequence[Any],

@@ -18,8 +18,12 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.microbatch import batch_rows, owned
+from lightning_pipe.capture.generators import HeldGenerators
+from lightning_pipe.capture.patterns import all_match
+from lightning_pipe.engine.kept import kept_buffers
+from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.first_checks import with_values
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
@@ -69,6 +73,52 @@ class WholeBatchRuns:
         self._metrics_checked: dict[str, int] = {}
         self._effects_warned: set[str] = set()
 
+    def _counts_loss(self, step: str) -> bool:
+        """Whether the captured model's loss in ``step``'s mode is a mean over a count (labels other than an ignored
+        one, class weights) that micro-batches may not share as their rows."""
+        training = step == "training_step"
+        return isinstance(self.split, CapturedModule) and any(
+            capture.counted_means or any(loss.weighted or loss.ignore_index is None or loss.ignore_index < 0
+                                         for loss in capture.mean_losses)
+            for capture in self.split.splitter.captures if capture.training == training)
+
+    def _model_counts(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any],
+                      microbatches: int) -> list[float] | None:
+        """What a captured model's own loss is a mean over in each micro-batch (Hugging Face's, over the labels other
+        than -100 after its causal shift), counted from each one's model inputs, so that the whole batch's output
+        made from the micro-batches' averages that loss by them, as one device's is (averaged by rows, a validation
+        loss logged with its count as batch_size was taken for another); None where the model takes no such mean or
+        the inputs do not tell. The step's code before the model runs again per micro-batch, its effects undone."""
+        if not isinstance(self.split, CapturedModule):
+            return None
+        training = step == "training_step"
+        captures = [capture for capture in self.split.splitter.captures if capture.training == training
+                    and any(mean.linear for mean in capture.counted_means)]
+        if not captures:
+            return None
+        weights: list[float] = []
+        before, held = self.effects.snapshot(), HeldGenerators(self.module)
+        try:
+            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
+                    self.metrics.untouched(), host_random_kept(), kept_buffers([self.module]):
+                for microbatch in split_batch(batch, microbatches):
+                    tensors = self.split.input_leaves(step, owned(microbatch), rest, kwargs)
+                    found: set[float | None] = set()
+                    for capture in captures:
+                        full = with_values(capture.in_patterns, tensors)
+                        if full is not None and all_match(capture.in_patterns, full):
+                            found = {mean.counted(full) for mean in capture.counted_means if mean.linear}
+                            break
+                    if len(found) != 1 or None in found:
+                        return None  # no capture of these inputs, or means over several counts
+                    weights.append(float(found.pop()))  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - code before the model that cannot run again here: no telling
+            return None
+        finally:
+            held.restore()
+            self.effects.restore(before)
+        return weights if sum(weights) > 0 else None
+
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
                         batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult,
                         counts: Counts | None = None) -> None:
@@ -110,8 +160,13 @@ class WholeBatchRuns:
         checked = kind if kind is not None or microbatches <= 1 or self.replica_group is not None \
             or step != "predict_step" else step
         numbers = needs_whole_batch(result.output) or (checked is not None and checked in self._whole_outputs)
+        kinds = self.split.output_kinds(step == "training_step")  # how the model's single numbers add up over rows
         weights = [float(count) for count in counts.counts] if counts is not None else None
-        kinds = self.split.output_kinds()  # how the model's single numbers add up over rows
+        counting = counts is None and bool(kept) and microbatches > 1 and self._counts_loss(step)
+        if counting:  # (the loss then differs from the micro-batches' combination as the first stage warns of)
+            weights = self._model_counts(step, batch, rest, kwargs, microbatches)
+            if weights is None:  # a mean over a count that cannot be counted here: no whole output with that loss
+                kinds = lambda structure: None  # noqa: E731 - every single number's kind not known
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
         if checked is not None and checked in self._whole_metrics:
@@ -153,7 +208,7 @@ class WholeBatchRuns:
                                        f"together differ from the whole batch's: the last stage keeps each batch's "
                                        f"model outputs and runs the step once more, without gradients, on the whole "
                                        f"batch for them{self._as_one_device()}")
-        if step == "training_step" and ran_whole():
+        if step == "training_step" and ran_whole() and not counting:
             self._compare_loss(result, loss_of(returned[-1])[0])
         if checked is not None:
             self._settle_metrics(step, checked, result, run_whole, ran_whole)
@@ -170,6 +225,7 @@ class WholeBatchRuns:
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
+        result.whole = ran_whole()
 
     def _compare_loss(self, result: StepResult, whole: Any) -> None:
         """A training batch the step ran on whole anyway (for its logs, outputs or metrics), past the batches whose
