@@ -364,3 +364,55 @@ def test_a_call_in_another_mode_than_the_steps_is_refused_on_every_rank() -> Non
     errors = run_ranks(_dependent, 2, "eval", timeout=100, expect_failure=True)
     for error in errors:  # the pseudo-labels were made in train mode, silently, before
         assert error is not None and "makes call 1 of the nn.Sequential at 'net' in eval mode" in error, error
+
+
+class _Labelled(nn.Module):
+    """Blocks with a loss inside when given labels (a Hugging Face model's way): captured, not an nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(12, 12), nn.Linear(12, 12)])
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        logits = self.head(x)
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+
+def _two_loaders(rank: int, world_size: int) -> dict[str, float]:
+    """Validation on two dataloaders whose steps call the model differently: with labels (its loss inside), and
+    without (the loss computed in the step)."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class TwoWays(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = _Labelled()
+
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            x, y = batch
+            loss = self.model(x, labels=y) if dataloader_idx == 0 else F.cross_entropy(self.model(x), y)
+            self.log("val_loss", loss, add_dataloader_idx=True)
+
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy)
+    results = trainer.validate(TwoWays(), [class_data(batches=2), class_data(batches=2, seed=4)], verbose=False)
+    return {name: value for result in results for name, value in result.items()}
+
+
+@pytest.mark.timeout(120)
+def test_evaluation_dataloaders_whose_steps_call_the_model_differently_are_captured_each() -> None:
+    """Each evaluation dataloader's step is captured as it calls the model (it ended every rank with an error that
+    named the splitter's own API, found by review)."""
+    expected = _two_loaders(0, 1)
+    assert set(expected) == {"val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"}
+    for got in run_ranks(_two_loaders, 2, timeout=100):
+        assert got == pytest.approx(expected, rel=1e-5)

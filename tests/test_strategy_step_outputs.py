@@ -1021,3 +1021,48 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]
         for key, value in reference["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _bucketed(rank: int, world_size: int) -> dict[str, float]:
+    """A length-bucketed loader: its first batches hold rows of one length each (as Hugging Face's group_by_length
+    gives), later ones mixed lengths; the step logs the batch's longest row."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Bucketed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, lengths, y = batch
+            self.log("max_len", lengths.max().float(), on_step=True, on_epoch=True)  # not a mean over rows
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.cat([torch.full((24,), 8), torch.randint(2, 9, (16,), generator=generator)])  # 6 alike, 4 mixed
+    data = TensorDataset(torch.randn(40, 8, generator=generator), lengths,
+                         torch.randint(0, 3, (40,), generator=generator))
+    strategy = PipelineStrategy(num_microbatches=2, wait_timeout=60) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_epochs=1)
+    trainer.fit(Bucketed(), DataLoader(data, batch_size=4))
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+@pytest.mark.timeout(120)
+def test_a_value_not_a_mean_that_its_first_micro_batches_logged_alike_is_checked_until_they_differ() -> None:
+    """The batches checked for logged values that are not means over rows (a maximum) held rows of one length each,
+    so every micro-batch logged the batch's maximum; it was taken for a mean, and later batches logged the mean of
+    their micro-batches' maxima (6.5 for 8, found by review). Such a name is checked again until its micro-batches
+    differ."""
+    expected = _bucketed(0, 1)
+    for got in run_ranks(_bucketed, 2, timeout=100):
+        assert got == pytest.approx(expected, rel=1e-5)

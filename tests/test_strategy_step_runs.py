@@ -53,6 +53,18 @@ def test_an_error_in_a_micro_batchs_run_of_the_step_says_which_micro_batch_and_i
         assert "not by a configured batch size (8 here), or pass num_microbatches=1" in text, text[-3000:]
 
 
+def test_an_error_names_the_plain_lists_that_were_split_with_the_rows() -> None:
+    """A per-batch list that happens to have as many items as the batch has rows (a vocabulary of two classes, two
+    rows) is split one item per row: the error of the step that used it whole says so (found by review)."""
+    from lightning_pipe.strategy.step_runs import microbatch_run
+
+    microbatch = {"x": torch.zeros(1, 3), "classes": ["pos"], "files": ("b.png",), "ids": torch.ones(1)}
+    with pytest.raises(RuntimeError) as caught, microbatch_run("training_step", 1, 2, 1, 2, microbatch):
+        raise RuntimeError("Class values must be smaller than num_classes.")
+    note = caught.value.__notes__[-1]
+    assert "batch['classes'], batch['files'] held 2 items, one per row, and were split with the rows" in note, note
+
+
 class WritesItsOutputs(Regressor):
     """A test step that saves each batch's outputs to a file of its own and appends a line per batch."""
 

@@ -122,12 +122,14 @@ def test_a_step_taking_gradients_of_the_input_is_refused_saying_so() -> None:
 
 
 def test_a_step_that_never_calls_the_sequence_is_refused() -> None:
+    """Also where it calls it on some batches only (validating every other one): the error says how to skip them."""
     module = Regressor()
     split = _cut_in_two(module)
     module.forward = lambda x: x  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="never called the nn.Sequential at 'layers'"), \
+    with pytest.raises(RuntimeError, match="never called the nn.Sequential at 'layers'") as caught, \
             LogRecorder(module).discarding():
         split.capture_input("training_step", (torch.randn(2, 16), torch.randn(2, 16)), (0,), {})
+    assert "returns before it on some" in str(caught.value) and "limit_val_batches" in str(caught.value)
 
 
 # -- logs, metrics, outputs -------------------------------------------------------------------------

@@ -130,9 +130,13 @@ class CaptureCache:
                                                         if self.modes else "")
             raise CaptureError(
                 f"segment {index} got values no capture of this model expects in {mode} mode (autocast "
-                f"{autocast_state() or 'off'}): call splitter.capture(args, kwargs, training={training}) with this "
-                f"micro-batch's model inputs on every rank before running it (known: "
-                f"{[describe(c.programs[index].live_in) for c in self.captures if c.training == training]})")
+                f"{autocast_state() or 'off'}; known: "
+                f"{[describe(c.programs[index].live_in) for c in self.captures if c.training == training]}): the "
+                f"model was called otherwise than in the calls it was captured from. Under a Trainer, call it the "
+                f"same way at every batch of a step (the same keywords, labels=None given where a batch has none, "
+                f"the same non-tensor values); each evaluation dataloader may call it its own way. Using the "
+                f"splitter directly: call splitter.capture(args, kwargs, training={training}) with this "
+                f"micro-batch's model inputs on every rank before running it")
         return found
 
     def _find(self, index: int, training: bool, values: Sequence[Any], patterns: Any) -> Capture | None:

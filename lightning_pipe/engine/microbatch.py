@@ -11,7 +11,7 @@ import torch
 
 from .tree import rebuild_mapping, tree_flatten
 
-__all__ = ["batch_rows", "split_batch", "owned", "microbatch_weights"]
+__all__ = ["batch_rows", "split_batch", "owned", "microbatch_weights", "per_row_lists"]
 
 _PLAIN = (str, bytes, int, float, bool, type(None))  # values that hold no tensor
 
@@ -255,6 +255,19 @@ def _is_per_row(tree: Any, rows: int) -> bool:
     """A plain list or tuple of ``rows`` items none of which holds a tensor: one item per row."""
     return (type(tree) in (list, tuple) and len(tree) == rows
             and not any(tree_flatten(item)[0] for item in tree))
+
+
+def per_row_lists(microbatch: Any, rows: int, path: str = "batch") -> list[str]:
+    """Where ``microbatch`` (of ``rows`` rows) holds plain lists or tuples split one item per row (file names, or a
+    per-batch list that happened to have as many items as the batch has rows), as ``batch['key']`` paths."""
+    if _is_per_row(microbatch, rows):
+        return [path]
+    if isinstance(microbatch, dict):
+        return [found for key, value in microbatch.items() for found in per_row_lists(value, rows, f"{path}[{key!r}]")]
+    if type(microbatch) in (list, tuple):
+        return [found for index, value in enumerate(microbatch) for found in per_row_lists(value, rows,
+                                                                                          f"{path}[{index}]")]
+    return []
 
 
 def microbatch_weights(microbatches: list[Any]) -> list[float]:

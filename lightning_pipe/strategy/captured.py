@@ -27,7 +27,7 @@ from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
-from lightning_pipe.strategy.model_calls import ModelCalls, Stop, call_key, other_modes
+from lightning_pipe.strategy.model_calls import SKIPPED_BATCHES, ModelCalls, Stop, call_key, other_modes
 from lightning_pipe.strategy.model_choice import largest_owner, owners
 from lightning_pipe.strategy.model_parts import ModelPart
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
@@ -298,7 +298,10 @@ class CapturedModule:
         captured anew)."""
         assert self.proxy is not None
         self._check_reads()
-        key = (step, self.training, autocast_state(), self.carried.pattern(), self.modes_now())
+        # each evaluation dataloader's step may call the model its own way (labels for one, none for another)
+        loader = args[1] if step != "training_step" and len(args) > 1 and type(args[1]) is int and args[1] else None
+        key = (step if loader is None else f"{step}:{loader}", self.training, autocast_state(), self.carried.pattern(),
+               self.modes_now())
         self.modes = self.splitter.cache.modes = self._call_modes.get(key, key[4])
         for segment in self.segments:  # a segment picks its graph by its own mode
             if segment.training != key[1]:
@@ -485,7 +488,7 @@ class CapturedModule:
                     f"them, and call self(...) in {step}; the strategy then pipelines {name}.forward")
         return (f"{name}.{step} never called {self.where}; the pipeline runs that model, so "
                 f"{step} must call it (directly or through forward), or name the module it calls with "
-                f"PipelineStrategy(layers='attribute.path')")
+                f"PipelineStrategy(layers='attribute.path'){SKIPPED_BATCHES}")
 
 
 class ModelNotCalled(RuntimeError):

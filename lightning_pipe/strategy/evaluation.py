@@ -133,7 +133,8 @@ class EvaluationSteps:
             given, watched = self.output_copies.given(step, output)
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
-                    self._rows_window(pieces[index], total), microbatch_run(step, index, len(pieces), sizes[-1], total):
+                    self._rows_window(pieces[index], total), \
+                    microbatch_run(step, index, len(pieces), sizes[-1], total, microbatch):
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
             changed = self.output_copies.changed(step, output, watched) or changed
         if runs.rewind():

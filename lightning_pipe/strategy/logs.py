@@ -29,6 +29,7 @@ __all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "c
 # The first batches of each step kind whose logs, outputs and metric updates are checked against a run of the step on
 # the whole batch (a loss over the tokens that have labels looks like a mean over rows until a batch holds padding).
 CHECKED_BATCHES = 4
+UNSETTLED_CHECKS = 16  # batches more for a name whose micro-batches logged it alike on every batch checked
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -50,6 +51,7 @@ class LoggedValue:
     inferred: bool = False
     """No micro-batch gave a batch_size: one device's is Lightning's inference from the whole batch (its first tensor's
     dim 0, 1 for a 0-dim one: a count the collate_fn puts first), which the replay leaves to Lightning."""
+    varied: bool = False  # its micro-batches logged different values (alike, a maximum is each one's mean too)
 
 
 class LogRecorder:
@@ -169,7 +171,8 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         dtype = given.dtype if floating else torch.get_default_dtype()  # as Lightning stores logged numbers
         logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None,
-                                  sizes[0] if alike else None, all(size is None for size in given_sizes)))
+                                  sizes[0] if alike else None, all(size is None for size in given_sizes),
+                                  any(not torch.equal(values[0], other) for other in values[1:])))
     return logged
 
 
@@ -191,11 +194,20 @@ class WholeBatchLogs:
         self.checks: dict[str, int] = {}  # step -> its batches checked so far
         self.constants: set[str] = set()  # names whose batch_size the whole batch's run showed to be a constant
         self.seen: dict[str, set[str]] = {}  # step -> every name its batches logged so far (checked or not)
+        # step -> the names checked so far only on batches whose micro-batches logged them alike (a maximum of
+        # length-bucketed batches): checked again until a batch's micro-batches differ, for UNSETTLED_CHECKS more
+        self.unsettled: dict[str, set[str]] = {}
+        self.settled: dict[str, set[str]] = {}  # step -> names checked on a batch whose micro-batches differed
+        self.extra: dict[str, int] = {}  # step -> batches checked for its unsettled names
 
     def wanted(self, step: str, names: Iterable[str] = ()) -> bool:
-        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, names to take, or among
-        ``names``, logged by this batch so far, one the step had not logged before)."""
-        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step)) or self.new(step, names)
+        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, names to take, names still
+        unsettled, or among ``names``, logged by this batch so far, one the step had not logged before)."""
+        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step)) or self._unsettled(step) \
+            or self.new(step, names)
+
+    def _unsettled(self, step: str) -> bool:
+        return bool(self.unsettled.get(step)) and self.extra.get(step, 0) < UNSETTLED_CHECKS
 
     def new(self, step: str, names: Iterable[str]) -> bool:
         """Whether ``names`` hold one that ``step`` had not logged before."""
@@ -216,12 +228,21 @@ class WholeBatchLogs:
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
         checking = self.checks.get(step, 0) < CHECKED_BATCHES
-        if checking or new:
+        unsettled, settled = self.unsettled.setdefault(step, set()), self.settled.setdefault(step, set())
+        again = not checking and self._unsettled(step)
+        if checking or new or again:
             self.checks[step] = self.checks.get(step, 0) + checking
+            self.extra[step] = self.extra.get(step, 0) + again
             for entry in logs:
                 taken = wholes.get(entry.name)
-                if entry.value is None or taken is None or entry.name in names or not (checking or entry.name in new):
+                if entry.value is None or taken is None or entry.name in names or not (
+                        checking or entry.name in new or (again and entry.name in unsettled)):
                     continue
+                if entry.varied:
+                    settled.add(entry.name)
+                    unsettled.discard(entry.name)
+                elif entry.name not in settled:
+                    unsettled.add(entry.name)
                 if entry.batch_size != taken.batch_size and entry.given == taken.batch_size:
                     self.constants.add(entry.name)  # a constant (read as a sum this once): combined as one after
                     entry.value, entry.batch_size = taken.value.to(entry.value.dtype), taken.batch_size

@@ -26,7 +26,13 @@ from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
-__all__ = ["other_modes", "Pending", "ModelCalls", "Stop", "call_key", "capturing", "refuse_other_weights"]
+__all__ = ["SKIPPED_BATCHES", "other_modes", "Pending", "ModelCalls", "Stop", "call_key", "capturing",
+           "refuse_other_weights"]
+
+SKIPPED_BATCHES = (". The step must call it at every batch: every stage runs the model for each batch, so a step that "
+                   "returns before it on some (validating every other batch) cannot be pipelined; skip batches with "
+                   "limit_val_batches or a sampler (torch.utils.data.Subset) instead, or call the model and leave its "
+                   "output unused")
 
 
 class Stop(BaseException):

@@ -299,7 +299,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             given, watched = self.output_copies.given("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
-                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows):
+                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch):
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)
@@ -464,7 +464,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                 if step == "training_step" and self._parameter_writes_left > 0 else []
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device), \
-                    microbatch_run(step, index, len(firsts), len(rows), total):
+                    microbatch_run(step, index, len(firsts), len(rows), total, tagged[BATCH]):
                 inputs = self.split.capture_input(step, tagged[BATCH], rest, kwargs)
             if any(p._version != version for p, version in versions):
                 raise RuntimeError(

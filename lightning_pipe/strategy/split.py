@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.model_calls import ModelCalls, call_key, refuse_other_weights
+from lightning_pipe.strategy.model_calls import SKIPPED_BATCHES, ModelCalls, call_key, refuse_other_weights
 from lightning_pipe.strategy.optimizers import stand_in
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.share_warning import strategy_reads
@@ -265,7 +265,8 @@ class SplitModule:
 
     def _never_called(self, step: str) -> str:
         return (f"{type(self.module).__name__}.{step} never called the nn.Sequential at {self.path!r}; the pipeline "
-                f"runs that sequence, so {step} must call it (directly or through forward): {_HOW_TO_CHOOSE}")
+                f"runs that sequence, so {step} must call it (directly or through forward): {_HOW_TO_CHOOSE}"
+                f"{SKIPPED_BATCHES}")
 
 
 def with_grad(module: nn.Module, names: Sequence[str]) -> list[str]:

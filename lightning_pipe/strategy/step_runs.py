@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_pipe.engine.microbatch import per_row_lists
 from lightning_pipe.engine.notices import PipelineError
 
 __all__ = ["microbatch_run"]
@@ -93,9 +94,11 @@ _WRITES = _Writes()
 
 
 @contextmanager
-def microbatch_run(step: str, index: int, count: int, rows: int, total: int) -> Iterator[None]:
-    """Around a run of ``step``'s code on micro-batch ``index`` of ``count`` (``rows`` of the batch's ``total``): an
-    error it raises gets a note saying so, and a file it opens for writing is warned of (see the module)."""
+def microbatch_run(step: str, index: int, count: int, rows: int, total: int, microbatch: Any = None
+                   ) -> Iterator[None]:
+    """Around a run of ``step``'s code on ``microbatch``, number ``index`` of ``count`` (``rows`` of the batch's
+    ``total``): an error it raises gets a note saying so, and naming the lists split with the rows, and a file it
+    opens for writing is warned of (see the module)."""
     try:
         with _WRITES.watched(step):
             yield
@@ -104,9 +107,13 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int) -> 
         if rows != total and not isinstance(error, PipelineError) \
                 and not any(isinstance(note, str) and note.startswith(f"({_RUN_NOTE}") for note in notes):
             sized = re.search(rf"(?<![\d.]){total}(?![\d.])", str(error)) is not None
+            lists = per_row_lists(microbatch, rows) if microbatch is not None else []
             error.add_note(
                 f"({_RUN_NOTE}{step} got micro-batch {index} of {count}: {rows} of the batch's {total} rows; under "
                 f"PipelineStrategy the step's code runs once per micro-batch" + (
                     f": size its tensors by the rows it gets (len(x), x.shape[0]), not by a configured batch size "
-                    f"({total} here), or pass num_microbatches=1" if sized else "") + ")")
+                    f"({total} here), or pass num_microbatches=1" if sized else "") + (
+                    f"; {', '.join(lists)} held {total} items, one per row, and were split with the rows: a list "
+                    f"that is one per batch (a vocabulary) with as many items as the batch has rows must be kept "
+                    f"elsewhere (on the module) or nested in a list of one" if lists else "") + ")")
         raise
