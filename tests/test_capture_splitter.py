@@ -495,6 +495,26 @@ def test_a_convolution_or_pooling_along_a_time_major_batchs_rows_is_found(kind: 
             f"batch's rows" in found and "time-major" in found, found
 
 
+class _LayeredState(nn.Module):
+    """A GRU of two layers given its state, ``(layers, rows, size)``: its dim 0 is the layers, not the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.out = nn.GRU(6, 8, num_layers=2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output, h = self.gru(x, h)
+        return self.out(output), h
+
+
+def test_a_state_whose_layers_equal_the_rows_fixes_no_rows() -> None:
+    """Two layers and micro-batches of two rows: the state's dim 0 (its layers, fixed) was taken for the rows fixed
+    to 2, and a false warning said the rows meet (found by review)."""
+    splitter = Splitter(_LayeredState())
+    splitter.capture((torch.randn(2, 5, 6), torch.zeros(2, 2, 8)))
+    assert splitter.captures[0].rows_meet is None, splitter.captures[0].rows_meet
+
+
 class _Tagger(nn.Module):
     """Tags tokens with torch's sequence layers, time-major (their default, ``batch_first=False``) or batch-first."""
 

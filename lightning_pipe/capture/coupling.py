@@ -58,7 +58,12 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
     mixed = _mixed(nodes, rows) if rows else None
     if mixed is not None:
         return mixed
-    if not any(fixed_size(size) == example for size in firsts):
+    # an input with the rows along another dim (an RNN's state, (layers, rows, size)) has no rows along dim 0: its
+    # number of layers, equal to the rows by chance, fixes nothing
+    fixed = [value.shape[0] for node in user_inputs if isinstance(value := node.meta.get("val"), torch.Tensor)
+             and value.dim() > 0 and not any(isinstance(size, torch.SymInt) and size.node.expr in rows
+                                             for size in value.shape[1:])]
+    if not any(fixed_size(size) == example for size in fixed):
         return None
     for node in nodes:  # an RNN's loop over time fixes its length: here the rows (so may a pooling's windows)
         name = _op_name(node) if node.op == "call_function" else ""

@@ -452,12 +452,13 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         tensors kept in ``seen`` by micro-batch, if given)."""
         device = self.pipeline.device
 
-        whole_here = self.pipeline.is_last_rank  # a V schedule: the whole step runs here too, making the changes
-
         def input_fn(tagged: Any) -> Any:
             rows = tagged[ROWS]
             index = firsts[int(rows[0])]
-            before = self.effects.snapshot() if whole_here else None
+            # each micro-batch's code before the model runs from the module as the step found it, as one device's
+            # single run does (a running mean the code updates: the next micro-batch read it updated), and what it
+            # changes is undone: the last stage's runs make the step's changes (on a V schedule, here too)
+            before = self.effects.snapshot()
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
                 if isinstance(self.split, CapturedModule) else nullcontext()
             versions = [(p, p._version) for p in self.pipeline.parameters()] \
@@ -474,8 +475,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                     "times, and in the middle of other micro-batches' backward. Do it in on_train_batch_start or "
                     "on_before_zero_grad (with torch.no_grad(), over self.parameters()), which every rank runs once "
                     "per batch over its own share, as on one device")
-            if before is not None:
-                self.effects.restore(before)
+            self.effects.restore(before)
             if seen is not None:
                 seen[index] = tree_flatten(inputs)[0]
             return inputs
