@@ -308,8 +308,9 @@ def _windows_rows(node: fx.Node, name: str, counts_rows: Callable[[Any], bool]) 
             else [None] * _POOLS[name]
         if name.startswith(("adaptive", "_adaptive")):
             kernel = [None] * len(kernel)  # any output size other than the rows' own pools them together
-    return value.dim() >= len(kernel) and any(counts_rows(value.shape[dim]) and width != 1
-                                              for dim, width in zip(range(-len(kernel), 0), kernel))
+    if value.dim() < len(kernel) + 2 or counts_rows(value.shape[0]):
+        return False  # unbatched, or batch-first: a spatial size equal to the rows by chance (8 rows of 8x8 maps)
+    return any(counts_rows(value.shape[dim]) and width != 1 for dim, width in zip(range(-len(kernel), 0), kernel))
 
 
 def _rows_at(node: fx.Node, dim: int, rows: set[Any], counted: bool = False) -> bool:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-__all__ = ["Pattern", "pattern_of", "fixed_size", "matches", "all_match", "overlap", "autocast_state", "describe"]
+__all__ = ["Pattern", "pattern_of", "fixed_size", "matches", "all_match", "overlap", "autocast_state", "describe",
+           "with_values"]
 
 Pattern = tuple
 """``("t", dtype, sizes)`` for a tensor (a size is ``None`` where the capture kept it symbolic), ``("int",)`` for a
@@ -84,3 +85,15 @@ def describe(patterns: Sequence[Pattern]) -> str:
         else:
             parts.append("int" if p[0] == "int" else repr(p[1]))
     return "[" + ", ".join(parts) + "]"
+
+
+def with_values(patterns: Sequence[Any], flat: Sequence[Any]) -> list[Any] | None:
+    """A capture's flattened inputs from a micro-batch's ``flat`` model inputs as the pipeline takes them (tensors,
+    without the constant arguments the capture keeps: ``return_dict=True``), those put back in their places from the
+    capture's ``patterns``; None where ``flat`` does not fill the other places."""
+    if len(flat) == len(patterns):
+        return list(flat)
+    if len(flat) != sum(1 for pattern in patterns if pattern[0] != "v"):
+        return None
+    given = iter(flat)
+    return [pattern[1] if pattern[0] == "v" else next(given) for pattern in patterns]

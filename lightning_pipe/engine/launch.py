@@ -25,6 +25,10 @@ __all__ = ["RankError", "free_port", "reserved_port", "run_ranks", "PRELOAD"]
 # "lightning.pytorch" when the ranks run a Trainer: seconds saved per rank).
 PRELOAD = ["torch", "torch.distributed", "lightning_pipe.engine.executor"]
 
+# The signal on which a rank writes its threads' stacks (not SIGUSR1: SLURM's requeue signal under Lightning); none
+# where the platform has no such signal.
+_STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)
+
 
 class RankError(RuntimeError):
     """One or more ranks raised, died or hung; the message holds each failing rank's traceback."""
@@ -68,8 +72,9 @@ def _context() -> multiprocessing.context.BaseContext:
 
 def _rank_main(fn: Callable, rank: int, world_size: int, port: int, results: Any, args: tuple,
                env: dict[str, str], backend: str = "gloo", stacks: str | None = None) -> None:
-    if stacks is not None:  # where this rank's threads' stacks go when the launcher finds it hung (SIGUSR1)
-        faulthandler.register(signal.SIGUSR1, file=open(stacks, "w"), all_threads=True)  # noqa: SIM115 - kept open
+    if stacks is not None and _STACKS_SIGNAL is not None:  # where this rank's threads' stacks go when the launcher
+        # finds it hung
+        faulthandler.register(_STACKS_SIGNAL, file=open(stacks, "w"), all_threads=True)  # noqa: SIM115 - kept open
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)})
     os.environ.update(env)
@@ -160,11 +165,11 @@ def _collect(ctx: Any, fn: Callable[..., Any], world_size: int, port: int, resul
 
 
 def _stacks(processes: list[Any], ranks: list[int], files: list[str]) -> str:
-    """Where each of ``ranks`` is stuck: every thread's Python stack, which each rank writes on SIGUSR1."""
-    alive = [rank for rank in ranks if processes[rank].is_alive()]
+    """Where each of ``ranks`` is stuck: every thread's Python stack, which each rank writes on SIGUSR2."""
+    alive = [rank for rank in ranks if processes[rank].is_alive()] if _STACKS_SIGNAL is not None else []
     for rank in alive:
         with suppress(OSError):
-            os.kill(processes[rank].pid, signal.SIGUSR1)
+            os.kill(processes[rank].pid, _STACKS_SIGNAL)
     time.sleep(1.0 if alive else 0.0)  # the handler writes at once, even while the rank is blocked in C code
     parts = []
     for rank in alive:

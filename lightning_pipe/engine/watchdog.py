@@ -109,8 +109,8 @@ def short_store(purpose: str = "main", timeout: float = STORE_TIMEOUT_S) -> Any:
     if store is not None:
         try:
             client = _clone(store, timeout)
-        except dist.DistError:  # the store's holder is gone (or does not answer): nothing to read or write
-            client = None
+        except dist.DistError:  # the store's holder is gone (or did not answer in time): none now, try again later
+            return None
         except Exception:  # noqa: BLE001 - a store that cannot be cloned (a FileStore): share it (its own timeout)
             client = store
     _CLIENTS[purpose] = (world, client)
@@ -138,7 +138,8 @@ def store_gone(store: Any) -> bool:
 
 def _clone(store: Any, timeout: float) -> Any:
     """A new client of ``store`` whose connecting and operations give up after ``timeout`` seconds. A clone takes
-    the store's timeout for its connection, so the store's is lowered meanwhile (on this thread, for a moment)."""
+    the store's timeout for its connection, so the store's is lowered meanwhile: for a moment, for every user of the
+    process group's store in this process (its prefixes share the one under them)."""
     was = store.timeout
     store.set_timeout(timedelta(seconds=timeout))
     try:
@@ -173,8 +174,8 @@ class _Heartbeat(threading.Thread):
                     missed = 0
                 except Exception:  # noqa: BLE001 - the store's host is stopped (try again, it may come back) or gone
                     missed += 1
-                    if store_gone(self.store):
-                        break  # nobody left to tell
+                    if self.failure is None and store_gone(self.store):
+                        break  # nobody left to tell; after a failure this thread still ends a rank stuck in user code
             try:
                 self._learn_failure()
                 self._unstick()
@@ -353,11 +354,12 @@ def _at_exit() -> None:
                 store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))
         except Exception:  # noqa: BLE001 - nobody left to tell
             pass
-    if not _HOOKS["armed"] and dist.is_initialized():
+    if not (_HOOKS["armed"] or _HOOKS["failed"] or _HOOKS["code"]) and dist.is_initialized():
         # Destroyed here, while the interpreter is whole: left to its finalization, gloo's threads could end a
         # finished rank with "terminate called without an active exception" (an abort, exit status 134, after the
-        # script succeeded; seen once under torchrun). Lightning does this for NCCL only. Nothing is pending here:
-        # a rank that gave up a wait, or failed inside a step, armed the guard below and leaves without it.
+        # script succeeded; seen once under torchrun). Lightning does this for NCCL only. Only at a clean exit:
+        # a rank that failed (or gave up a wait, which armed the guard below) leaves without it, since torch would
+        # wait for its operations still posted to peers that are gone.
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     if _HOOKS["armed"]:

@@ -14,12 +14,12 @@ import torch
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.strategy.chain import ChainSplit
+from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.step_effects import Snapshot
-from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import check_rows, tagged
 

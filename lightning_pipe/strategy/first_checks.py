@@ -7,14 +7,14 @@ A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.capture.generators import HeldGenerators
-from lightning_pipe.capture.patterns import all_match
+from lightning_pipe.capture.patterns import all_match, with_values
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
@@ -81,18 +81,6 @@ def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) ->
             continue
         pending.extend(function for function, _ in node.next_functions)
     return found
-
-
-def with_values(patterns: Sequence[Any], flat: Sequence[Any]) -> list[Any] | None:
-    """A capture's flattened inputs from a micro-batch's ``flat`` model inputs as the pipeline takes them (tensors,
-    without the constant arguments the capture keeps: ``return_dict=True``), those put back in their places from the
-    capture's ``patterns``; None where ``flat`` does not fill the other places."""
-    if len(flat) == len(patterns):
-        return list(flat)
-    if len(flat) != sum(1 for pattern in patterns if pattern[0] != "v"):
-        return None
-    given = iter(flat)
-    return [pattern[1] if pattern[0] == "v" else next(given) for pattern in patterns]
 
 
 class FirstBatchChecks:
@@ -267,9 +255,9 @@ class FirstBatchChecks:
             told = (" (loss_reduction='sum' tells of training_step's loss, not of this step's logs)"
                     if self.loss_reduction == "sum" else "")
             self._model_loss_pending = (
-                f"{message}. In {step}{told}, logging the value with its count as batch_size gives one device's too: "
-                f"self.log('val_loss', loss, batch_size=int((batch['labels'] != -100).sum())), each micro-batch's "
-                f"value then weighing by its count")
+                f"{message}. In {step}{told}, logging the value with its count as batch_size gives one device's too "
+                f"(self.log('val_loss', loss, batch_size=int((batch['labels'] != -100).sum())), or the count above "
+                f"for a causal LM), each micro-batch's value then weighing by its count")
 
     def _warn_of_model_loss(self, step: str, result: StepResult) -> None:
         """After an evaluation step whose check found the model's loss a mean its micro-batches do not share: warn,
@@ -279,8 +267,7 @@ class FirstBatchChecks:
         each micro-batch's value by it, as one device's mean over the whole batch)."""
         message, self._model_loss_pending = self._model_loss_pending, None
         values = [entry for entry in result.logs if entry.metric is None]
-        if message is None or result.whole or (values and all(not entry.inferred and entry.given is None
-                                                              for entry in values)):
+        if message is None or result.whole or (values and all(entry.by_count for entry in values)):
             return
         self._model_loss_warned.add(step)
         warnings.warn(message, stacklevel=3)

@@ -52,6 +52,7 @@ class LoggedValue:
     """No micro-batch gave a batch_size: one device's is Lightning's inference from the whole batch (its first tensor's
     dim 0, 1 for a 0-dim one: a count the collate_fn puts first), which the replay leaves to Lightning."""
     varied: bool = False  # its micro-batches logged different values (alike, a maximum is each one's mean too)
+    by_count: bool = False  # every micro-batch gave a batch_size, not in proportion to its rows (a count of labels)
 
 
 class LogRecorder:
@@ -172,7 +173,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None,
                                   sizes[0] if alike else None, all(size is None for size in given_sizes),
-                                  any(not torch.equal(values[0], other) for other in values[1:])))
+                                  any(not torch.equal(values[0], other) for other in values[1:]),
+                                  None not in given_sizes and any(size * group[0][1] != sizes[0] * rows
+                                                                  for size, (_, rows) in zip(sizes, group))))
     return logged
 
 
@@ -223,6 +226,7 @@ class WholeBatchLogs:
         seen.update(new)
         if whole is None:  # no telling (a step that draws random numbers): its micro-batches' combination stands
             self.checks[step] = max(self.checks.get(step, 0), CHECKED_BATCHES)
+            self.extra[step] = UNSETTLED_CHECKS
             return set()
         wholes = {entry.name: entry for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}

@@ -210,7 +210,7 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
         options = {key: _reduce_name(value) if key == "reduce_fx" else value for key, value in entry.options.items()}
         logs.append({"l": [entry.name, encode(entry.value, tensors, f"self.log({entry.name!r})"), entry.metric,
                            encode(options, tensors, f"the options of self.log({entry.name!r})"), entry.batch_size,
-                           entry.weight, entry.inferred]})
+                           entry.weight, entry.inferred, entry.by_count]})
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
     effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
     calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
@@ -224,8 +224,8 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
 def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     """The :class:`StepResult` :func:`encode_result` encoded."""
     fields = decode(structure, list(tensors))
-    logs = [LoggedValue(name, value, metric, options, batch_size, weight, inferred=inferred)
-            for name, value, metric, options, batch_size, weight, inferred in fields["logs"]]
+    logs = [LoggedValue(name, value, metric, options, batch_size, weight, inferred=inferred, by_count=by_count)
+            for name, value, metric, options, batch_size, weight, inferred, by_count in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
                       [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"])

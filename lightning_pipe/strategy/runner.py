@@ -32,6 +32,7 @@ from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.cut_warnings import (warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
                                                    warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
+from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.evaluation import EvaluationSteps
 from lightning_pipe.strategy.failures import reported_failures
@@ -48,7 +49,6 @@ from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
-from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,
                                                  tagged)

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
-from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.capture.generators import HeldGenerators
-from lightning_pipe.capture.patterns import all_match
+from lightning_pipe.capture.patterns import all_match, with_values
+from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.strategy.captured import CapturedModule
-from lightning_pipe.strategy.first_checks import with_values
+from lightning_pipe.strategy.effect_runs import kept_whole, settle
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
@@ -38,7 +38,6 @@ from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_wa
 from lightning_pipe.strategy.results import StepResult, sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
-from lightning_pipe.strategy.effect_runs import kept_whole, settle
 from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
 
 __all__ = ["WholeBatchRuns"]
@@ -83,12 +82,13 @@ class WholeBatchRuns:
             for capture in self.split.splitter.captures if capture.training == training)
 
     def _model_counts(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any],
-                      microbatches: int) -> list[float] | None:
+                      microbatches: int, seed: int) -> list[float] | None:
         """What a captured model's own loss is a mean over in each micro-batch (Hugging Face's, over the labels other
         than -100 after its causal shift), counted from each one's model inputs, so that the whole batch's output
         made from the micro-batches' averages that loss by them, as one device's is (averaged by rows, a validation
         loss logged with its count as batch_size was taken for another); None where the model takes no such mean or
-        the inputs do not tell. The step's code before the model runs again per micro-batch, its effects undone."""
+        the inputs do not tell. The step's code before the model runs again per micro-batch as the first stage ran it
+        (its random numbers, its rows of a carried state), its effects undone."""
         if not isinstance(self.split, CapturedModule):
             return None
         training = step == "training_step"
@@ -98,11 +98,17 @@ class WholeBatchRuns:
             return None
         weights: list[float] = []
         before, held = self.effects.snapshot(), HeldGenerators(self.module)
+        total = batch_rows(batch)
+        pieces = split_batch(torch.arange(total), microbatches)
         try:
             with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
                     self.metrics.untouched(), host_random_kept(), kept_buffers([self.module]):
-                for microbatch in split_batch(batch, microbatches):
-                    tensors = self.split.input_leaves(step, owned(microbatch), rest, kwargs)
+                for index, microbatch in enumerate(split_batch(batch, microbatches)):
+                    rows = pieces[index]
+                    with self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total), \
+                            forked_random(derive_seed(seed, index), self.pipeline.device):
+                        tensors = self.split.input_leaves(step, owned(microbatch), rest, kwargs)
+                    self.effects.restore(before)
                     found: set[float | None] = set()
                     for capture in captures:
                         full = with_values(capture.in_patterns, tensors)
@@ -134,6 +140,7 @@ class WholeBatchRuns:
         logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(
             kind, [entry.name for entry in result.logs]) else None
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
+        logs_checked = False
 
         def replay(whole: Any, for_logs: bool = False) -> None:
             recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
@@ -162,9 +169,12 @@ class WholeBatchRuns:
         numbers = needs_whole_batch(result.output) or (checked is not None and checked in self._whole_outputs)
         kinds = self.split.output_kinds(step == "training_step")  # how the model's single numbers add up over rows
         weights = [float(count) for count in counts.counts] if counts is not None else None
-        counting = counts is None and bool(kept) and microbatches > 1 and self._counts_loss(step)
-        if counting:  # (the loss then differs from the micro-batches' combination as the first stage warns of)
-            weights = self._model_counts(step, batch, rest, kwargs, microbatches)
+        # evaluation only: in training the loss is the micro-batches' combination that the gradients follow (a
+        # count the user gives with loss_reduction weighs both), and the first stage warns where it is not one device's
+        counting = step != "training_step" and counts is None and bool(kept) and microbatches > 1 \
+            and self._counts_loss(step)
+        if counting:
+            weights = self._model_counts(step, batch, rest, kwargs, microbatches, seed)
             if weights is None:  # a mean over a count that cannot be counted here: no whole output with that loss
                 kinds = lambda structure: None  # noqa: E731 - every single number's kind not known
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
@@ -176,6 +186,7 @@ class WholeBatchRuns:
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             whole = None if replayed else kept_whole(kept, microbatches, weights, kinds)
+            logs_checked = True  # (if the run below drew nothing)
             ran = replayed or (not self.effects.changed(start) and whole is not None
                                and self._replay_for_logs(whole, replay))
             if not replayed and whole is None and len(kept) == microbatches and result.logs:
@@ -208,7 +219,7 @@ class WholeBatchRuns:
                                        f"together differ from the whole batch's: the last stage keeps each batch's "
                                        f"model outputs and runs the step once more, without gradients, on the whole "
                                        f"batch for them{self._as_one_device()}")
-        if step == "training_step" and ran_whole() and not counting:
+        if step == "training_step" and ran_whole():
             self._compare_loss(result, loss_of(returned[-1])[0])
         if checked is not None:
             self._settle_metrics(step, checked, result, run_whole, ran_whole)
@@ -225,7 +236,7 @@ class WholeBatchRuns:
                                f"loggers write (tensors, numbers, strings, NumPy arrays and lists, tuples and dicts of "
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
-        result.whole = ran_whole()
+        result.whole = logs_checked and ran_whole()  # the logs compared with (or taken from) that run
 
     def _compare_loss(self, result: StepResult, whole: Any) -> None:
         """A training batch the step ran on whole anyway (for its logs, outputs or metrics), past the batches whose
