@@ -69,8 +69,7 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
         name = _op_name(node) if node.op == "call_function" else ""
         if name in _RECURRENCES and _along_time(node, lambda size: fixed_size(size) == example):
             return _RECURRENCE.format(place=_place(node))
-        if (name in _CONVOLUTIONS or name in _POOLS) and _windows_rows(
-                node, name, lambda size: fixed_size(size) == example):
+        if _windows_rows(node, name, lambda size: fixed_size(size) == example):
             return _windows(node, name)
     return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels, a Python loop over them does (for t in "
@@ -189,8 +188,7 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
                                                 and size.node.expr in rows):
             return _RECURRENCE.format(place=_place(node))
-        if (name in _CONVOLUTIONS or name in _POOLS) and _windows_rows(
-                node, name, lambda size: isinstance(size, torch.SymInt) and size.node.expr in rows):
+        if _windows_rows(node, name, lambda size: isinstance(size, torch.SymInt) and size.node.expr in rows):
             return _windows(node, name)
         if name == "slice" and _shifts_rows(node, rows) or name == "diff" and isinstance(node.args[0], fx.Node) \
                 and _rows_at(node.args[0], node.args[2] if len(node.args) > 2 else -1, rows):
@@ -291,23 +289,22 @@ def _windows(node: fx.Node, name: str) -> str:
 
 
 def _windows_rows(node: fx.Node, name: str, counts_rows: Callable[[Any], bool]) -> bool:
-    """Whether a convolution or pooling ``node`` (op ``name``) slides a window wider than one along a dim of its input
-    whose size ``counts_rows`` (one of its spatial dims, the last ones)."""
-    source = node.args[0] if node.args else None
+    """Whether ``node`` (op ``name``) is a convolution or pooling that slides a window wider than one along a dim of
+    its input whose size ``counts_rows`` (one of its spatial dims, the last ones)."""
+    source = node.args[0] if node.args and (name in _CONVOLUTIONS or name in _POOLS) else None
     value = source.meta.get("val") if isinstance(source, fx.Node) else None
     if not isinstance(value, torch.Tensor):
         return False
+    size = node.args[1] if len(node.args) > 1 else None  # a weight, a kernel, or an adaptive pool's output size
     if name in _CONVOLUTIONS:
-        weight = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+        weight = size.meta.get("val") if isinstance(size, fx.Node) else None
         if not isinstance(weight, torch.Tensor) or weight.dim() < 3:
             return False
-        kernel = list(weight.shape[2:])
-    else:
-        size = node.args[1] if len(node.args) > 1 else None  # a kernel, or an adaptive pool's output size
-        kernel = [size] * _POOLS[name] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) \
-            else [None] * _POOLS[name]
-        if name.startswith(("adaptive", "_adaptive")):
-            kernel = [None] * len(kernel)  # any output size other than the rows' own pools them together
+        kernel: list[Any] = list(weight.shape[2:])
+    elif isinstance(size, int | list | tuple) and not name.startswith(("adaptive", "_adaptive")):
+        kernel = [size] * _POOLS[name] if isinstance(size, int) else list(size)
+    else:  # an adaptive pool: any output size other than the rows' own pools them together
+        kernel = [None] * _POOLS[name]
     if value.dim() < len(kernel) + 2 or counts_rows(value.shape[0]):
         return False  # unbatched, or batch-first: a spatial size equal to the rows by chance (8 rows of 8x8 maps)
     return any(counts_rows(value.shape[dim]) and width != 1 for dim, width in zip(range(-len(kernel), 0), kernel))

@@ -297,8 +297,8 @@ class FirstBatchChecks:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of
         several micro-batches in each epoch, on the first stage)."""
         epoch = self._epoch()
-        if epoch != self._inputs_epoch:
-            self._inputs_epoch, self._inputs_unchecked = epoch, set(_STEPS)
+        if epoch != self._inputs_epoch:  # (a step warned of already is not run again)
+            self._inputs_epoch, self._inputs_unchecked = epoch, set(_STEPS) - self._inputs_warned
         return step in self._inputs_unchecked and microbatches > 1 and 0 in self.pipeline.stages
 
     def _epoch(self) -> int:
