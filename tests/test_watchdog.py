@@ -8,7 +8,8 @@ from torch import nn
 
 from lightning_pipe.engine.anomaly import NonFiniteError, check_finite, check_gradients
 from lightning_pipe.engine.launch import reserved_port
-from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root, store_gone
+from lightning_pipe.engine.store import store_gone
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root
 from lightning_pipe.strategy.settings import PipelineSettings
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .notices import FailureBoard, PipelineError, error_text, failed_elsewhere
+from .store import short_store
 from .watchdog import (
     DEFAULT_WAIT_TIMEOUT,
     activity,
@@ -27,7 +28,6 @@ from .watchdog import (
     known_failure,
     mark_failed,
     posted_failure,
-    short_store,
 )
 
 __all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection"]

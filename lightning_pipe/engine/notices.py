@@ -8,7 +8,7 @@ type. Text only: a notice is read, never unpickled or run, whoever wrote it.
 The store lives in one process (global rank 0's, unless the launcher's agent holds it); if that rank ended at once,
 the others could no longer read the notice, so it waits a little for them (:meth:`FailureBoard.linger`). Notices are
 posted and read through a store client of their own that gives up after a few seconds
-(:func:`~.watchdog.short_store`): if the store's host is stopped, a rank reporting a failure must not wait for it for
+(:func:`~.store.short_store`): if the store's host is stopped, a rank reporting a failure must not wait for it for
 the process group's timeout.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .watchdog import linger, mark_failed, short_store, store_gone
+from .store import short_store, store_gone
+from .watchdog import linger, mark_failed
 
 __all__ = ["error_text", "failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error",
            "PipelineError", "FailureBoard"]

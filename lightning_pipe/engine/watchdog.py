@@ -21,8 +21,8 @@ it began before it (user code that never returns) gets :class:`PipelineStuck` ra
 gone (:func:`arm_exit_guard`).
 
 The heartbeat is JSON, read with ``json.loads``: like every notice in the store, data and never code. Store reads here
-use a client of their own with a short timeout (:func:`short_store`): the store lives in one process (global rank 0's
-under Lightning's launcher), and a stopped host must not stop the diagnosis that names it.
+use a client of their own with a short timeout (:func:`~.store.short_store`): the store lives in one process (global
+rank 0's under Lightning's launcher), and a stopped host must not stop the diagnosis that names it.
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat", "short_store",
+from .store import cached_store, short_store, store_gone
+
+__all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat",
            "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
-           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S", "store_gone"]
+           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -54,8 +55,6 @@ HEARTBEAT_S = 1.0
 """Seconds between two heartbeats of a rank."""
 SAMPLE_S = 2.5
 """Seconds between the two reads of the heartbeats that tell a live rank from a stopped one."""
-STORE_TIMEOUT_S = 5.0
-"""Seconds a read of the store may take in a diagnosis before the store itself counts as not answering."""
 
 STUCK_GRACE_S = 10.0
 """Seconds after a failure of the job that a rank still inside the compute action it began before it is ended."""
@@ -83,71 +82,6 @@ class Activity:
 
 activity = Activity()
 """The activity of this process's main thread (one per process, as the heartbeat is)."""
-
-
-# -- the store -------------------------------------------------------------------------------------
-_CLIENTS: dict[str, tuple[Any, Any]] = {}  # purpose -> (default process group, store client)
-
-
-def short_store(purpose: str = "main", timeout: float = STORE_TIMEOUT_S) -> Any:
-    """A client of the job's store of its own, whose operations give up after ``timeout`` seconds (``None`` where
-    there is no store, or it no longer answers). One per ``purpose`` and process group: a client serves one thread.
-
-    Made while the store answers (the heartbeat makes the main one as it starts), since connecting to a store that
-    is gone waits out the store's whole timeout (the process group's: 30 minutes under Lightning) before it fails:
-    a rank that failed after the store's holder had ended blocked there, never ending. A connection made here
-    gives up after ``timeout`` too, and then there is no client."""
-    world = dist.group.WORLD if dist.is_initialized() else None
-    cached = _CLIENTS.get(purpose)
-    if cached is not None and cached[0] is world:
-        return cached[1]
-    client = None
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - no process group: nothing to read or write
-        store = None
-    if store is not None:
-        try:
-            client = _clone(store, timeout)
-        except dist.DistError:  # the store's holder is gone (or did not answer in time): none now, try again later
-            return None
-        except Exception:  # noqa: BLE001 - a store that cannot be cloned (a FileStore): share it (its own timeout)
-            client = store
-    _CLIENTS[purpose] = (world, client)
-    return client
-
-
-def store_gone(store: Any) -> bool:
-    """Whether ``store``'s server refuses connections now (its holder ended): an operation on it would fail, and
-    torch logs each such failure with its C++ stack, so the failure and exit paths look first. Only a TCPStore can
-    tell (one quick connection); any other store is taken as answering."""
-    inner = store
-    while hasattr(inner, "underlying_store"):  # the process group's prefixes
-        inner = inner.underlying_store
-    host, port = getattr(inner, "host", None), getattr(inner, "port", None)
-    if not host or not port:
-        return False
-    try:
-        socket.create_connection((host, port), timeout=0.5).close()
-    except ConnectionRefusedError:
-        return True
-    except OSError:  # slow or unreachable: not known to be gone
-        return False
-    return False
-
-
-def _clone(store: Any, timeout: float) -> Any:
-    """A new client of ``store`` whose connecting and operations give up after ``timeout`` seconds. A clone takes
-    the store's timeout for its connection, so the store's is lowered meanwhile: for a moment, for every user of the
-    process group's store in this process (its prefixes share the one under them)."""
-    was = store.timeout
-    store.set_timeout(timedelta(seconds=timeout))
-    try:
-        client = store.clone()
-    finally:
-        store.set_timeout(was)
-    client.set_timeout(timedelta(seconds=timeout))
-    return client
 
 
 # -- the heartbeat ---------------------------------------------------------------------------------
@@ -346,9 +280,8 @@ def _at_exit() -> None:
         beating.stopped.set()
         if not _HOOKS["armed"]:
             beating.join(timeout=3 * HEARTBEAT_S)
-    cached = _CLIENTS.get("main")  # never a new client here: connecting to a store that is gone blocks
-    if _STARTED[0] is not None and dist.is_initialized() and cached is not None and cached[0] is dist.group.WORLD:
-        store = cached[1]
+    store = cached_store()  # never a new client here: connecting to a store that is gone blocks
+    if _STARTED[0] is not None and dist.is_initialized():
         try:
             if store is not None and not store_gone(store):
                 store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))

@@ -21,7 +21,8 @@ from lightning_pipe.engine.notices import (
     notice_text,
 )
 from lightning_pipe.engine.deadline import PeerLost, lost_connection
-from lightning_pipe.engine.watchdog import linger, mark_failed, posted_failure, short_store
+from lightning_pipe.engine.store import short_store
+from lightning_pipe.engine.watchdog import linger, mark_failed, posted_failure
 
 __all__ = ["reported_failures", "raise_together"]
 

@@ -33,7 +33,8 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
-from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed, short_store, store_gone
+from lightning_pipe.engine.store import short_store, store_gone
+from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed
 from lightning_pipe.strategy.plain import all_gather_text, broadcast_value
 from lightning_pipe.strategy.randomness import random_states_digest
 
