@@ -13,11 +13,12 @@ import torch
 
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.chain import ChainSplit
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
-from lightning_pipe.strategy.randomness import derive_seed, forked_random, host_random_kept
+from lightning_pipe.strategy.randomness import derive_seed, forked_random
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.step_effects import Snapshot
 from lightning_pipe.strategy.step_runs import microbatch_run
@@ -107,13 +108,9 @@ class EvaluationSteps:
             return None
         if step not in self.split.called:
             microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[0]
-            mark = self.effects.snapshot()
-            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(self.module), \
+            with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics), \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 self.split.links_called(step, microbatch, rest, kwargs)
-            if self.effects.changed(mark):
-                self.effects.restore(mark)
         return self.split.layers_called(step)
 
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,

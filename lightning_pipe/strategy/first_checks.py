@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_pipe.capture.generators import HeldGenerators
 from lightning_pipe.capture.patterns import all_match, with_values
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.engine.rows import rows_meet, rows_meet_in_training
 from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder
@@ -312,7 +311,6 @@ class FirstBatchChecks:
         if the first micro-batch's rows of its inputs change when only the batch's other rows do
         (:mod:`.step_inputs`)."""
         self._inputs_unchecked.discard(step)
-        before, held = self.effects.snapshot(), HeldGenerators(self.module)
         where = f"the first batch of epoch {self._inputs_epoch}" if self._inputs_epoch else "the first batch"
 
         def inputs(data: Any) -> list[Any]:
@@ -322,12 +320,11 @@ class FirstBatchChecks:
 
         message = None
         try:
-            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(), kept_buffers([self.module]), \
+            with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics) as aside, \
                     forked_random(derive_seed(seed, 0), self.pipeline.device):
                 states = global_random_states()
                 whole = inputs(owned(batch))
-                if same_random_states(global_random_states(), states) and not held.moved():
+                if same_random_states(global_random_states(), states) and not aside.drew():
                     message = inputs_warning(step, [seen[index] for index in sorted(seen)], whole, where)
                     if self._checks_model_loss(step):
                         self._whole_inputs[step] = whole
@@ -335,15 +332,11 @@ class FirstBatchChecks:
                     rows = batch_rows(batch)
                     first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0], microbatch=True)
                     set_global_random_states(states)
-                    held.restore()
-                    self.effects.restore(before)
+                    aside.undo()
                     shifted = inputs(shifted_rows(owned(batch), rows, first))
                     message = mixing_warning(step, rows, first, whole, shifted, where)
         except Exception:  # noqa: BLE001 - a step that cannot run on the whole batch here: no telling
             return
-        finally:
-            held.restore()
-            self.effects.restore(before)
         if message is not None and step not in self._inputs_warned:
             self._inputs_warned.add(step)
             warnings.warn(message, stacklevel=2)

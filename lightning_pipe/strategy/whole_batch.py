@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
-from lightning_pipe.capture.generators import HeldGenerators
 from lightning_pipe.capture.patterns import all_match, with_values
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.kept import kept_buffers
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
+from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.effect_runs import kept_whole, settle
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -97,18 +96,16 @@ class WholeBatchRuns:
         if not captures:
             return None
         weights: list[float] = []
-        before, held = self.effects.snapshot(), HeldGenerators(self.module)
         total = batch_rows(batch)
         pieces = split_batch(torch.arange(total), microbatches)
         try:
-            with torch.no_grad(), self.recorder.discarding(), self.logger_calls.discarding(), \
-                    self.metrics.untouched(), host_random_kept(), kept_buffers([self.module]):
+            with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics) as aside:
                 for index, microbatch in enumerate(split_batch(batch, microbatches)):
                     rows = pieces[index]
                     with self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total), \
                             forked_random(derive_seed(seed, index), self.pipeline.device):
                         tensors = self.split.input_leaves(step, owned(microbatch), rest, kwargs)
-                    self.effects.restore(before)
+                    aside.undo()
                     found: set[float | None] = set()
                     for capture in captures:
                         full = with_values(capture.in_patterns, tensors)
@@ -120,9 +117,6 @@ class WholeBatchRuns:
                     weights.append(float(found.pop()))  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - code before the model that cannot run again here: no telling
             return None
-        finally:
-            held.restore()
-            self.effects.restore(before)
         return weights if sum(weights) > 0 else None
 
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
