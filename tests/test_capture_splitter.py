@@ -458,18 +458,24 @@ def test_rows_moved_within_the_batch_are_found(kind: str) -> None:
 
 class _TimeMajorWindows(nn.Module):
     """A time-major batch ``(T, B, F)`` whose time a temporal convolution or pooling slides along (after a permute),
-    or a batch-first one whose convolution slides along each row's time (``rows_first``), or a 1-wide kernel along
-    the rows (a per-row linear map)."""
+    or a batch-first one whose convolution slides along each row's time (``rows_first``), batch-first images as
+    wide as the batch has rows (``images``: a size equal to the rows by chance), or a 1-wide kernel along the rows (a
+    per-row linear map)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
         self.conv = nn.Conv1d(5, 8, 1 if kind == "pointwise" else 3, padding="same")
         self.conv2d = nn.Conv2d(5, 8, (3, 1), padding="same")
+        self.position = nn.Parameter(torch.zeros(1, 5, 4, 4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rows_first":  # (B, T, F): the rows stay the batch dim
             return self.conv(x.transpose(1, 2)).mean()
+        if self.kind == "images":  # (B, C, H, W) with H == W == B: the rows stay the batch dim
+            return self.conv2d(x).mean()
+        if self.kind == "images_fixed":  # the same, a position table fixing H and W and len() the rows, all to 4
+            return self.conv2d(x + self.position).mean() + torch.arange(len(x)).float().mean()
         h = x.permute(1, 2, 0)  # (B, F, T): time, the batch's rows, is the convolution's length
         if self.kind == "pool":
             return nn.functional.max_pool1d(h, 2).mean()
@@ -480,16 +486,21 @@ class _TimeMajorWindows(nn.Module):
         return self.conv(h).mean()
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv2d", "pool", "adaptive", "pointwise", "rows_first"])
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "pool", "adaptive", "pointwise", "rows_first", "images",
+                                  "images_fixed"])
 def test_a_convolution_or_pooling_along_a_time_major_batchs_rows_is_found(kind: str) -> None:
     """A temporal convolution over a time-major batch's time (its rows) trained silently differently: micro-batches
-    cut the sequences in time, and the windows at a cut saw padding (5.4e-2 off, found by review)."""
+    cut the sequences in time, and the windows at a cut saw padding (5.4e-2 off, found by review). Batch-first
+    inputs are never taken for it, even where a spatial size equals the rows."""
     splitter = Splitter(_TimeMajorWindows(kind))
-    x = torch.randn(6, 4, 5) if kind != "rows_first" else torch.randn(4, 6, 5)
+    x = {"rows_first": torch.randn(4, 6, 5), "images": torch.randn(4, 5, 4, 4),
+         "images_fixed": torch.randn(4, 5, 4, 4)}.get(kind, torch.randn(6, 4, 5))
     splitter.capture((x,))
     found = splitter.captures[0].rows_meet
-    if kind in ("pointwise", "rows_first"):
+    if kind in ("pointwise", "rows_first", "images"):
         assert found is None, found
+    elif kind == "images_fixed":  # rows and images' sizes fixed to 4: not a convolution along the rows
+        assert found is not None and "fixes the batch's rows to 4" in found and "convolves" not in found, found
     else:
         assert found is not None and f"{'pools' if kind in ('pool', 'adaptive') else 'convolves'} along the " \
             f"batch's rows" in found and "time-major" in found, found
