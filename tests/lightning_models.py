@@ -126,7 +126,9 @@ class Wide(nn.Module):
 
 
 class UnevenRegressor(L.LightningModule):
-    """Seven small Linear layers and a heavy last one: a profile should give the heavy layer a stage to itself."""
+    """Seven small Linear layers and a heavy last one: a profile should give the heavy layer a stage to itself. The
+    step counts its calls before the model and scales the input by them (the planner's run of the step up to the
+    layers left the count one ahead on the rank that planned)."""
 
     def __init__(self, width: int = 16, hidden: int = 32768, lr: float = 0.05) -> None:
         super().__init__()
@@ -134,10 +136,12 @@ class UnevenRegressor(L.LightningModule):
         torch.manual_seed(0)
         self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(7)],
                                     Wide(width, hidden))
+        self.calls = 0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.mse_loss(self.layers(x), y)
+        self.calls += 1
+        loss = F.mse_loss(self.layers(x * (1 + 0.5 * self.calls)), y)
         self.log("train_loss", loss)
         return loss
 

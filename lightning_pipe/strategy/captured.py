@@ -327,14 +327,10 @@ class CapturedModule:
         def make() -> None:
             effects = StepEffects(self.module, lambda: [self.model])  # what the step's code changes: undone (a
             for index in picked:  # running mean it updates would be updated twice)
-                start = effects.snapshot()
-                try:
-                    with context(index), kept_buffers([self.module], skip=self.model):
-                        for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
-                            self.splitter.capture(call_args, call_kwargs, training=key[1])
-                            self._mark_stored()
-                finally:
-                    effects.restore(start)
+                with effects.undone(), context(index), kept_buffers([self.module], skip=self.model):
+                    for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
+                        self.splitter.capture(call_args, call_kwargs, training=key[1])
+                        self._mark_stored()
 
         error: BaseException | None = None
         try:

@@ -37,6 +37,7 @@ from lightning_pipe.strategy.recorded_init import recorded, recording
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.share_warning import watch_state_dict
 from lightning_pipe.strategy.split import find_sequence
+from lightning_pipe.strategy.step_effects import StepEffects
 
 __all__ = ["PipelineCutting"]
 
@@ -243,8 +244,9 @@ class PipelineCutting:
                f"the Trainer data, or cut with partition='uniform' or a list of layer counts")
 
         def make() -> CutPlan:
-            # (a shuffling loader draws from the global generator; the step code run to reach the layers, buffers)
-            with torch.random.fork_rng(devices=[]), kept_buffers([module]):
+            # (a shuffling loader draws from the global generator; the step code run to reach the layers, buffers
+            # and what else it changes on the module: a counter of its calls would start one ahead on this rank)
+            with torch.random.fork_rng(devices=[]), kept_buffers([module]), StepEffects(module).undone():
                 batch, step = first_batch(trainer, how)
                 cache = self.profile_cache
                 if cache is None:

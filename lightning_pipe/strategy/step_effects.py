@@ -21,7 +21,8 @@ the changes (note, compare, undo, make); :mod:`.effect_runs` makes the step's ru
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +254,15 @@ class StepEffects:
         """Whether anything changed since ``since`` (stops at the first change)."""
         now = self._tracked()
         return now.keys() != since.keys() or any(_differs(since[name], value) for name, value in now.items())
+
+    @contextmanager
+    def undone(self) -> Iterator[None]:
+        """What changes inside is undone after (a run of the step's code that must leave no trace)."""
+        start = self.snapshot()
+        try:
+            yield
+        finally:
+            self.restore(start)
 
     def restore(self, since: Snapshot) -> bool:
         """Undo what changed since ``since``; whether all of it could be (a list emptied in place stays empty, a
