@@ -105,6 +105,45 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# -- message passing over a batch of graphs, written as PyG writes it ----------------------------------------------
+class _Passing(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.message, self.update = nn.Linear(width, width), nn.Linear(2 * width, width)
+
+    def forward(self, h: torch.Tensor, into: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = F.relu(h, inplace=True)  # written in place where the block's segment gets it (from the last Linear)
+        into.index_add_(0, target, self.message(h)[source])  # into a buffer made before the block, on another segment
+        return self.update(torch.cat([h, into], -1))
+
+
+class MessagePassing(nn.Module):
+    """Graphs of ``N`` nodes each (a batch's rows), their edges within each graph; every block adds each edge's
+    message into a buffer made before it (``torch.zeros_like(h)``, then ``index_add_``), so a cut before a block falls
+    between the two; each block first applies ReLU in place to its input."""
+
+    def __init__(self, width: int = 16, blocks: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, width)
+        self.blocks = nn.ModuleList(_Passing(width) for _ in range(blocks))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, nodes: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        graphs, size, _ = nodes.shape
+        h = self.embed(nodes).reshape(graphs * size, -1)
+        offset = (torch.arange(graphs, device=nodes.device) * size)[:, None]
+        source, target = (edges[..., 0] + offset).reshape(-1), (edges[..., 1] + offset).reshape(-1)
+        for block in self.blocks:
+            h = block(h, torch.zeros_like(h), source, target)
+        return self.head(h.reshape(graphs, size, -1).mean(1))
+
+
+def _graphs(rows: int, nodes: int, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, nodes, 6, generator=g), torch.randint(0, nodes, (rows, 2 * nodes, 2), generator=g),
+            torch.randint(0, 10, (rows,), generator=g))
+
+
 # -- deep supervision: an auxiliary head that runs in training only -------------------------------------------------
 class AuxHeadNet(nn.Module):
     """GoogLeNet's and Inception's deep supervision: an auxiliary classifier that runs in training only. Train mode
@@ -498,6 +537,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("aux_head", AuxHeadNet, _images, lambda mb: ((mb[0],), {}), _classifier_loss),
     Family("autoencoder", AutoEncoder, _vectors, lambda mb: ((mb[0],), {}), _autoencoder_loss),
     Family("litgpt", LitGPT, _tokens, lambda mb: ((mb[0],), {"targets": mb[0].roll(-1, 1)}), lambda out, mb: out),
+    Family("message_passing", MessagePassing, _graphs, lambda mb: ((mb[0], mb[1]), {}),
+           lambda out, mb: F.cross_entropy(out, mb[2])),
 ]}
 # More families (Hugging Face decoders, encoders, an encoder-decoder and vision models): train and validate in
 # tests/test_strategy_capture.py::test_more_hugging_face_families_train_and_validate_like_one_device

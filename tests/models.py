@@ -51,6 +51,36 @@ def tuple_model(width: int = 16, seed: int = 0) -> nn.Sequential:
                          TupleIn(width, collapse=True), nn.Linear(width, width))
 
 
+class _ZerosBeside(nn.Module):
+    """``x -> (x, zeros_like(x))``: a buffer for the next layer to add into (PyG's message passing makes one)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, torch.zeros_like(x)
+
+
+class _AddInto(nn.Module):
+    """``(h, z) -> h + z.index_add_(0, rows, linear(h))``: writes the received buffer in place, while ``linear`` keeps
+    ``h`` (received in the same message) for its backward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h, z = pair
+        return h + z.index_add_(0, torch.arange(len(h)), self.linear(h))
+
+
+def in_place_model(width: int = 16, seed: int = 0) -> nn.Sequential:
+    """Layers that write their input in place where a 2- or 4-stage uniform cut starts a stage (at 2, 4 and 6):
+    ``nn.ReLU(inplace=True)`` after a Linear, as torchvision's VGG has them, and a buffer made on one stage and
+    added into on the next."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(width, width), _ZerosBeside(), _AddInto(width), nn.Linear(width, width),
+                         nn.ReLU(inplace=True), nn.Linear(width, width), nn.ReLU(inplace=True),
+                         nn.Linear(width, width))
+
+
 def mse_loss(output: torch.Tensor, microbatch: tuple) -> torch.Tensor:
     return F.mse_loss(output, microbatch[1])
 

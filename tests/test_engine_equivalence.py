@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from lightning_pipe.engine.executor import Pipeline
 from tests.helpers import run_ranks
-from tests.models import make_batch, mlp, mse_loss, tuple_model
+from tests.models import in_place_model, make_batch, mlp, mse_loss, tuple_model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,13 +38,18 @@ CASES = [
     ("tuple", "zb_h1", False, 12, 4),
     ("mlp", "zb_v", False, 16, 8),
     ("mlp", "zb_v", False, 3, 8),
+    # a stage whose first layer writes its input in place (a leaf needing a gradient; a buffer received beside a
+    # tensor that a layer keeps for its backward)
+    ("in_place", "1f1b", False, 16, 4),
+    ("in_place", "gpipe", True, 16, 4),
+    ("in_place", "zb_h1", False, 16, 4),
 ]
 
 
 def _compare_with_reference(rank: int, world_size: int, cases: list) -> list[dict]:
     reports = []
     for model_name, schedule, remat, rows, num_microbatches in cases:
-        model = tuple_model() if model_name == "tuple" else mlp(num_layers=8)
+        model = {"tuple": tuple_model, "in_place": in_place_model}.get(model_name, lambda: mlp(num_layers=8))()
         stages_needed = world_size * (2 if schedule in ("interleaved_1f1b", "zb_v") else 1)
         if stages_needed > len(model):
             continue

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .cache import CaptureCache
 from .programs import Program
 
-__all__ = ["Segment"]
+__all__ = ["Segment", "written_inputs"]
 
 
 class Segment(nn.Module):
@@ -43,6 +44,7 @@ class Segment(nn.Module):
         self._where: dict[str, tuple[nn.Module, str]] = {}  # state name -> (module of this segment, attribute)
         self._slots: dict[int, list[tuple[Any, str]]] = {}  # id(program) -> where each state argument is read
         self._owners: dict[int, list[tuple[nn.Module, int]]] = {}  # id(program) -> (module, weight op) pairs
+        self._written: dict[int, list[int]] = {}  # id(program) -> the live values its ops write in place
 
     def train(self, mode: bool = True) -> Segment:
         """Pick the graphs of ``mode``; the modules holding the segment's state keep theirs (a batch norm held as
@@ -92,6 +94,7 @@ class Segment(nn.Module):
         slots = [(program.constants, name) if kind == "CONSTANT" else self._where[name]
                  for kind, name in program.state]
         self._slots[id(program)] = slots
+        self._written[id(program)] = written_inputs(program.graph_module.graph, len(slots))
         # The modules owning the parameters of each weight op; the segment itself (the model's root parameters, a
         # ViT's class token) is left out: its own hooks fire as any module's do, with its output.
         self._owners[id(program)] = [(module, index) for index, (_, reads) in enumerate(program.weight_ops)
@@ -106,6 +109,11 @@ class Segment(nn.Module):
         if slots is None:
             slots = self._bind(program)
         state = [owner[name] if isinstance(owner, dict) else getattr(owner, name) for owner, name in slots]
+        if self._written[id(program)]:  # a value the last segment made, written in place here (a ReLU(inplace=True)
+            # first, a PyG-style zeros_like(h).index_add_ cut in between): on a copy where it is a pipeline stage's
+            # input, which torch refuses to change in place where it needs a gradient (a leaf)
+            live = tuple(value.clone() if index in self._written[id(program)] and value.requires_grad else value
+                         for index, value in enumerate(live))
         hooked = [(module, index) for module, index in self._owners[id(program)] if module._forward_hooks]
         if hooked:
             values = program.with_weight_ops()(*state, *live)
@@ -122,3 +130,19 @@ class Segment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"segment {self.segment_index} of {self.num_segments}"
+
+
+def written_inputs(graph: fx.Graph, skip: int) -> list[int]:
+    """The positions among the graph's inputs after the first ``skip`` (its state) that one of its ops writes in place
+    (an op whose schema marks that argument written: ``relu_``, ``index_add_``)."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"][skip:]
+    position = {node: index for index, node in enumerate(placeholders)}
+    written: set[int] = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.is_mutable:
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            if argument.alias_info is not None and argument.alias_info.is_write and value in position:
+                written.add(position[value])
+    return sorted(written)

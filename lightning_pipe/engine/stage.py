@@ -19,7 +19,18 @@ from .rng import forked, forward_seed
 from .tree import tree_flatten, tree_map_tensors
 from .weights import WeightVersions
 
-__all__ = ["PipelineStage"]
+__all__ = ["PipelineStage", "first_layer_in_place"]
+
+
+def first_layer_in_place(module: nn.Module) -> bool:
+    """Whether ``module``'s first layer writes its input in place (``nn.ReLU(inplace=True)``, a ``Dropout`` or
+    ``Hardtanh`` with ``inplace=True``): torchvision's VGG and AlexNet put one after every convolution of their
+    ``features``, so a cut often puts one first on a stage. There the input is a leaf that needs a gradient, which
+    torch refuses to change in place; on one device it was the convolution's output. The first layer is found
+    through nested ``nn.Sequential`` s."""
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[0]
+    return getattr(module, "inplace", False) is True
 
 
 class PipelineStage:
@@ -56,7 +67,14 @@ class PipelineStage:
         self.seed = seed  # the base of the seeds of forwards given none (a stage driven by hand)
         self._forwards = 0
         self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
-        self._inputs: dict[int, list[torch.Tensor]] = {}  # micro-batch -> input leaves
+        # Whether the layers get copies of the stage's input tensors: where the first layer writes its input in place
+        # (a received leaf needing a gradient, which torch refuses to change), and where a checkpoint's recomputation
+        # would run on an input the first run already changed (None: not known yet, found on the first forward)
+        self.writes_input: bool | None = (stage_index > 0 and first_layer_in_place(module)) or (
+            None if checkpoint_activations else False)
+        # micro-batch -> its input leaves that need a gradient, None for the others (as they were at its forward: a
+        # layer writing one in place with a value that needs one, a PyG-style index_add_, makes it need one after)
+        self._inputs: dict[int, list[torch.Tensor | None]] = {}
         self._outputs: dict[int, Any] = {}  # micro-batch -> output tree (or the scaled loss, on the last stage)
         self._weight_grads_owed: dict[int, tuple] = {}
         # Split backward (zero-bubble schedules): the outputs of every module that owns parameters, per
@@ -116,9 +134,16 @@ class PipelineStage:
                 return functional_call(self.module, weights, (x,), strict=False)
         training = torch.is_grad_enabled()
         if training:
-            self._inputs[microbatch] = tree_flatten(inputs)[0]
+            self._inputs[microbatch] = [t if t.requires_grad else None for t in tree_flatten(inputs)[0]]
             if self.kept_inputs is not None and len(self.kept_inputs) < 2:
                 self.kept_inputs.append(tree_map_tensors(lambda t: t.detach().clone(), inputs))
+            if self.writes_input is not False:  # the layers run on copies (made inside a checkpoint too: its
+                layers, copies = module, []  # recomputation copies the input as the first run found it)
+
+                def module(x: Any) -> Any:
+                    copied = tree_map_tensors(torch.Tensor.clone, x)
+                    copies.extend(tree_flatten(copied)[0])
+                    return layers(copied)
         on_call = self.norms.call if self.norms is not None else None  # each of the step's calls in turn (.calls)
         with self._running(forward=True, training=training, microbatch=microbatch):
             if self.checkpoint_activations and training:
@@ -127,13 +152,15 @@ class PipelineStage:
             elif self._hooks and training:
                 self._capturing = []
                 try:
-                    output = each_call(self.module, inputs, on_call)
+                    output = each_call(module, inputs, on_call)
                 finally:
                     self._captures[microbatch], self._capturing = self._capturing, None
             else:
                 output = each_call(module, inputs, on_call)
         if training:
             self._outputs[microbatch] = output
+            if self.writes_input is None:  # the first forward tells: copies from now on only if it wrote one
+                self.writes_input = any(copy._version > 0 for copy in copies)
         return output
 
     def _running(self, forward: bool, training: bool = True, microbatch: int = 0) -> AbstractContextManager[Any]:
@@ -214,13 +241,13 @@ class PipelineStage:
         if tensors:
             with self._running(forward=False):
                 torch.autograd.backward(tensors, grads)
-        return [x.grad if x.requires_grad else None for x in inputs]
+        return [x.grad if x is not None else None for x in inputs]
 
     def _backward_on_version(self, microbatch: int, tensors: list, grads: list, inputs: list) -> list:
         """Backward through a weight snapshot: input gradients out, weight gradients into the live ``.grad``."""
         version = self._version_of.pop(microbatch)
         snapshot = self.versions.snapshot(version)
-        wanted = [x for x in inputs if x.requires_grad]
+        wanted = [x for x in inputs if x is not None]
         with self._running(forward=False):
             results = (torch.autograd.grad(tensors, wanted + snapshot, grads, allow_unused=True) if tensors
                        else (None,) * (len(wanted) + len(snapshot)))
@@ -229,7 +256,7 @@ class PipelineStage:
                 live.grad = grad if live.grad is None else live.grad + grad
         self.versions.release(version)
         found = iter(results[: len(wanted)])
-        return [next(found) if x.requires_grad else None for x in inputs]
+        return [next(found) if x is not None else None for x in inputs]
 
     def backward_input(
         self, microbatch: int, grad_outputs: list[torch.Tensor | None] | None
@@ -238,7 +265,7 @@ class PipelineStage:
         tensors, grads = self._roots(microbatch, grad_outputs)
         inputs = self._inputs.pop(microbatch)
         captures = self._captures.pop(microbatch, [])
-        wanted = [x for x in inputs if x.requires_grad]
+        wanted = [x for x in inputs if x is not None]
         captured = [t for _, leaves in captures for t in leaves]
         extra = [p for p in self.loss_parameters if p.requires_grad] if grad_outputs is None else []
         results: list[torch.Tensor | None] = []
@@ -252,7 +279,7 @@ class PipelineStage:
         self._weight_grads_owed[microbatch] = (tensors, grads, captures,
                                                results[len(wanted):len(wanted) + len(captured)])
         found = iter(results[: len(wanted)])
-        return [next(found) if x.requires_grad else None for x in inputs]
+        return [next(found) if x is not None else None for x in inputs]
 
     def backward_weight(self, microbatch: int) -> None:
         """The weight-gradient half of :meth:`backward` for a micro-batch that went through :meth:`backward_input`."""

@@ -134,8 +134,11 @@ class Channel:
 
 
 def as_received(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    """A received tensor as the sender's was: a leaf of its own, needing a gradient where that one did."""
-    return tensor.detach().requires_grad_() if requires_grad else tensor
+    """A received tensor as the sender's was: a leaf of its own, needing a gradient where that one did, with a
+    version counter of its own (``.data``; ``.detach()`` would share the message's): the tensors of one message are
+    views of its buffer, and a stage writing one in place (a mask, a PyG-style ``index_add_`` into zeros) made
+    autograd take every other one saved for backward as changed."""
+    return tensor.data.requires_grad_(requires_grad)
 
 
 _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128, torch.int64,
