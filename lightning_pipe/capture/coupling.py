@@ -21,6 +21,7 @@ forward took their number as an int, as a contrastive loss's labels do) is repor
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,10 +40,13 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
     module, op and shape); else the first that mixes rows otherwise (:func:`_mixed`); else, where the capture fixed
     the rows of an input, that (an RNN's loop over them, or the forward taking their number); else None.
 
-    The rows are :func:`rows_symbols`."""
+    The rows are :func:`rows_symbols`. Ops inside a region the forward runs under ``torch.no_grad()`` or autocast
+    (a higher-order op calling a subgraph: SwAV's Sinkhorn targets, normalized over the batch without gradients) are
+    looked at as if inlined."""
     firsts = _firsts(user_inputs)
     if not firsts:
         return None
+    nodes, user_inputs = _inlined(nodes, user_inputs)
     nodes = _read(nodes)
     example = _example(firsts[0])
     rows = rows_symbols(user_inputs)
@@ -76,6 +80,54 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
             f"range(x.shape[0]): a recurrence over a time-major batch's time steps, which micro-batches cut), or an "
             f"expert capacity computed from the tokens (int(capacity_factor * tokens / experts)) does (each "
             f"micro-batch size is captured anew)")
+
+
+def _inlined(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """``nodes`` (a graph's, in order) and ``user_inputs`` copied into a graph of their own where every call of a
+    subgraph (a higher-order op: ``wrap_with_set_grad_enabled``, ``wrap_with_autocast``) is replaced by the
+    subgraph's ops, its outputs read through the call's ``getitem`` s; the nodes themselves where there is none."""
+    if not any(_subgraph(node) is not None for node in nodes):
+        return list(nodes), list(user_inputs)
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    _copy_into(graph, nodes, env)
+    return list(graph.nodes), [env[node] for node in user_inputs]
+
+
+def _subgraph(node: fx.Node) -> tuple[fx.Graph, list[Any]] | None:
+    """The subgraph a higher-order op ``node`` calls and the values it passes it, if it is one."""
+    if node.op != "call_function":
+        return None
+    for index, arg in enumerate(node.args):
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            module = getattr(node.graph.owning_module, str(arg.target), None)
+            if isinstance(module, fx.GraphModule):
+                return module.graph, list(node.args[index + 1:])
+    return None
+
+
+def _copy_into(graph: fx.Graph, nodes: Sequence[fx.Node], env: dict[fx.Node, Any], inner: bool = False) -> list[Any]:
+    """Copy ``nodes`` into ``graph`` (``env``: each node's copy; a subgraph's inputs given), subgraphs inlined; for an
+    ``inner`` (inlined) one, the copies of what it returns, its output node left out."""
+    returned: list[Any] = []
+    for node in nodes:
+        called = _subgraph(node)
+        if called is not None:
+            subgraph, operands = called
+            inputs = [n for n in subgraph.nodes if n.op == "placeholder"]
+            inner_env = {placeholder: env[operand] if isinstance(operand, fx.Node) else operand
+                         for placeholder, operand in zip(inputs, operands)}
+            env[node] = _copy_into(graph, [n for n in subgraph.nodes if n.op != "placeholder"], inner_env, True)
+        elif node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), list):
+            env[node] = env[node.args[0]][node.args[1]]  # a subgraph's output
+        elif node.op == "get_attr" and isinstance(getattr(node.graph.owning_module, str(node.target), None),
+                                                   fx.GraphModule):
+            continue  # a subgraph: inlined where it is called
+        elif node.op == "output" and inner:
+            returned = list(fx.node.map_arg(node.args[0], lambda arg: env[arg]))
+        else:
+            env[node] = graph.node_copy(node, lambda arg: env[arg])
+    return returned
 
 
 def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:

@@ -109,13 +109,17 @@ def rewrite_devices(graph_module: fx.GraphModule, old: torch.device, new: torch.
             return str(new)
         return value
 
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function":
+    for module in graph_module.modules():  # the subgraphs of a no_grad or autocast region too
+        if not isinstance(module, fx.GraphModule):
             continue
-        args, kwargs = pytree.tree_map(swap, (node.args, node.kwargs))
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs = args, kwargs
-            changed += 1
-    if changed:
-        graph_module.recompile()
+        before = changed
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args, kwargs = pytree.tree_map(swap, (node.args, node.kwargs))
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        if changed != before:
+            module.recompile()
     return changed
