@@ -13,7 +13,8 @@ give as one device does:
 - the rows moved (``z.roll(1, 0)``, ``z.flip(0)``: in-batch negatives taken from another row) or shifted
   (``z[1:] - z[:-1]``, ``torch.diff`` along them): a row meets the row its micro-batch puts there;
 - a running sum, product or extreme of floating-point values along the rows (a Cox partial likelihood's
-  ``exp(risk).cumsum(0)``): each row takes in the rows before it.
+  ``exp(risk).cumsum(0)``): each row takes in the rows before it;
+- in training, an embedding scaling each token's gradient by its count in the batch (``scale_grad_by_freq``).
 
 A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
 forward took their number as an int, as a contrastive loss's labels do) is reported as that.
@@ -35,7 +36,7 @@ __all__ = ["rows_meet", "rows_symbols", "row_dims", "FIXED_ROWS"]
 FIXED_ROWS = "the graph fixes the batch's rows"
 
 
-def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str | None:
+def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training: bool = True) -> str | None:
     """The first op among ``nodes`` that makes a value with the batch's rows along two dimensions, described (its
     module, op and shape); else the first that mixes rows otherwise (:func:`_mixed`); else, where the capture fixed
     the rows of an input, that (an RNN's loop over them, or the forward taking their number); else None.
@@ -59,6 +60,11 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> str |
                               for s in value.shape)
             return (f"{_place(node)} makes a ({shape}) value. If the rows of a batch meet there (each row's "
                     f"similarity with every other, as a contrastive loss takes it)")
+    scaled = next((node for node in nodes if training and _scales_by_frequency(node, rows)), None) if rows else None
+    if scaled is not None:
+        return (f"{_place(scaled)} scales each token's gradient by how often the token occurs in the batch "
+                f"(nn.Embedding(scale_grad_by_freq=True)), so each row's gradient depends on the whole batch (in a "
+                f"pipeline: on its micro-batch only)")
     mixed = _mixed(nodes, rows) if rows else None
     if mixed is not None:
         return mixed
@@ -157,6 +163,17 @@ def row_dims(outputs: Sequence[Any], rows: set[Any]) -> list[int | None]:
                  and size.node.expr in rows] if isinstance(value, torch.Tensor) else []
         dims.append(found[0] if len(found) == 1 else None)
     return dims
+
+
+def _scales_by_frequency(node: fx.Node, rows: set[Any]) -> bool:
+    """Whether ``node`` is an embedding whose backward divides each token's gradient by its count among the indices
+    (``scale_grad_by_freq``), indices holding the batch's rows."""
+    if node.op != "call_function" or _op_name(node) != "embedding":
+        return False
+    scales = node.args[3] if len(node.args) > 3 else node.kwargs.get("scale_grad_by_freq", False)
+    indices = node.args[1] if len(node.args) > 1 else None
+    return scales is True and isinstance(indices, fx.Node) and isinstance(indices.meta.get("val"), torch.Tensor) \
+        and _has_rows(indices.meta["val"], rows)
 
 
 def _read(nodes: Sequence[fx.Node]) -> list[fx.Node]:

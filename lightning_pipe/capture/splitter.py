@@ -244,7 +244,7 @@ class Splitter:
         capture = Capture(training, autocast_state(), dynamic, in_patterns, program.call_spec.in_spec,
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported,
-                          rows_meet(list(program.graph.nodes), layout.user_inputs) if dynamic else None,
+                          rows_meet(list(program.graph.nodes), layout.user_inputs, training) if dynamic else None,
                           modes=modes)
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()

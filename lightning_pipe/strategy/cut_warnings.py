@@ -67,6 +67,20 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
                       f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
 
 
+def warn_of_frequency_scaling(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
+    """Say (on the pipeline's rank 0) which embeddings of a pipelined ``nn.Sequential`` scale each token's gradient
+    by its count in the batch (``scale_grad_by_freq=True``): each micro-batch's backward counts its own tokens. (A
+    captured model's graph shows it: :mod:`lightning_pipe.capture.coupling`.)"""
+    scaled = [f"{path}.{name}" if path else name for name, module in sequence.named_modules()
+              if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag) and module.scale_grad_by_freq]
+    if scaled and pipeline.rank == 0 and pipeline.num_microbatches > 1:
+        warnings.warn(f"{', '.join(scaled[:6])} scale each token's gradient by how often the token occurs in the batch "
+                      f"(scale_grad_by_freq=True): a pipeline runs each of its {pipeline.num_microbatches} "
+                      f"micro-batches' backward alone, so each token's gradient is scaled by its count in its "
+                      f"micro-batch, not one device's. For one device's, pass num_microbatches=1 or drop "
+                      f"scale_grad_by_freq", stacklevel=3)
+
+
 def warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
     """Say (on each rank holding some) which of this rank's parameters carry gradient hooks of the user's
     (``p.register_hook``, ``register_post_accumulate_grad_hook``): each backward of a micro-batch runs them on that

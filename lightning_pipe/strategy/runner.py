@@ -29,8 +29,8 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.checkpoint import parameter_names
-from lightning_pipe.strategy.cut_warnings import (warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
-                                                   warn_of_split_buffers)
+from lightning_pipe.strategy.cut_warnings import (warn_of_frequency_scaling, warn_of_frozen_copies,
+                                                   warn_of_gradient_hooks, warn_of_layer_hooks, warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
@@ -152,6 +152,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         tied.synchronize_values()
         warn_of_split_buffers(split.sequence, pipeline)
         warn_of_layer_hooks(split.sequence, split.path, pipeline)
+        warn_of_frequency_scaling(split.sequence, split.path, pipeline)
         warn_of_gradient_hooks(module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
