@@ -918,6 +918,29 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
 
 
+def test_a_renormalizing_embedding_tied_across_ranks_is_refused() -> None:
+    """Embedding(max_norm=...) renormalizes its weight in its forward on the rank holding it only: a tied head's copy
+    on another rank drifted away silently (loss 9.9 where one device's is 3.7, found by review). Untied, it is exact."""
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.tied import find_ties, refuse_renormalized_ties
+
+    for max_norm in (None, 1.0):
+        layers = nn.Sequential(nn.Embedding(10, 4, max_norm=max_norm), nn.Linear(4, 4), nn.Linear(4, 10, bias=False))
+        layers[2].weight = layers[0].weight
+        ties = find_ties(layers, [2, 1], [[0], [1]])
+        assert [tie.names for tie in ties] == [["0.weight", "2.weight"]]
+        tied = SimpleNamespace(ties=ties, params=dict(layers.named_parameters(remove_duplicate=False)))
+        if max_norm is None:
+            refuse_renormalized_ties(tied, layers)
+        else:
+            with pytest.raises(ValueError, match=r"embedding '0' \(max_norm=1.0\) renormalizes its weight .* tied to "
+                                                 r"layers on other ranks \(0.weight, 2.weight\)"):
+                refuse_renormalized_ties(tied, layers)
+        untied = SimpleNamespace(ties=find_ties(layers, [3], [[0]]), params=tied.params)  # one stage: no tie
+        refuse_renormalized_ties(untied, layers)
+
+
 def test_an_embedding_scaling_gradients_by_frequency_in_a_pipelined_sequence_is_warned_of() -> None:
     """scale_grad_by_freq divides each token's gradient by its count in the micro-batch under a pipeline (4.1e-3 off
     one device's, silent before; found by review)."""

@@ -52,7 +52,7 @@ from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,
                                                  tagged)
-from lightning_pipe.strategy.tied import TiedParameters
+from lightning_pipe.strategy.tied import TiedParameters, refuse_renormalized_ties
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
@@ -149,6 +149,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             warn_of_frozen_copies(module, split.path, split.sequence)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
+        refuse_renormalized_ties(tied, split.sequence)
         tied.synchronize_values()
         warn_of_split_buffers(split.sequence, pipeline)
         warn_of_layer_hooks(split.sequence, split.path, pipeline)
@@ -180,6 +181,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         pipeline = Pipeline(segments, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
+        refuse_renormalized_ties(tied, captured.model)
         tied.synchronize_values()
         warn_of_split_buffers(torch.nn.Sequential(*segments), pipeline)
         warn_of_gradient_hooks(captured.module, pipeline)

@@ -24,7 +24,7 @@ from lightning_pipe.engine.deadline import collective
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.strategy.plain import all_gather_text, decode, encode
 
-__all__ = ["Tie", "find_ties", "split_buffers", "TiedParameters"]
+__all__ = ["Tie", "find_ties", "split_buffers", "TiedParameters", "refuse_renormalized_ties"]
 
 
 @dataclass
@@ -57,6 +57,26 @@ def find_ties(sequence: nn.Sequential, stage_sizes: Sequence[int], stage_ranks: 
     return ties
 
 
+def refuse_renormalized_ties(tied: TiedParameters, modules: nn.Module) -> None:
+    """Raise (on every rank alike: each finds the same ties) where a tied parameter is the weight of an embedding that
+    renormalizes it in its forward (``max_norm``, among ``modules``): only the rank holding the embedding renormalizes
+    its copy, in place, so the copies (a tied LM head's) drift apart, and the head computes with rows one device's
+    never has (found by review: loss 9.9 where one device's is 3.7)."""
+    renormalizing = {id(module.weight): name for name, module in modules.named_modules()
+                     if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.max_norm is not None}
+    for tie in tied.ties:
+        param = tied.params.get(tie.names[0])
+        name = renormalizing.get(id(param))
+        if name is not None:
+            uses = [use for use, held in modules.named_parameters(remove_duplicate=False) if held is param]
+            raise ValueError(
+                f"{type(modules).__name__}'s embedding {name!r} (max_norm={modules.get_submodule(name).max_norm}) "
+                f"renormalizes its weight in its forward, in place, and that weight is tied to layers on other ranks "
+                f"({', '.join(uses or tie.names)}): only the rank holding the embedding would renormalize its copy, "
+                f"and the copies would drift apart. Put the embedding and the layers tied to it on one stage (a "
+                f"partition giving them one stage), untie them, or drop max_norm")
+
+
 def split_buffers(sequence: nn.Sequential, stage_sizes: Sequence[int],
                   stage_ranks: Sequence[Sequence[int]]) -> list[str]:
     """Modules of ``sequence`` with buffers of their own (a batch norm's running statistics) that layers of stages on
@@ -86,7 +106,7 @@ class TiedParameters:
         self.ties = find_ties(sequence, stage_sizes, stage_ranks)
         self.group = group if group is not None else dist.group.WORLD
         rank = dist.get_rank(self.group)
-        params = dict(sequence.named_parameters(remove_duplicate=False))
+        params = self.params = dict(sequence.named_parameters(remove_duplicate=False))
         groups: dict[tuple[int, ...], dist.ProcessGroup] = {}
         self.local: list[tuple[Tie, nn.Parameter, dist.ProcessGroup]] = []
         for tie in self.ties:
