@@ -1169,3 +1169,44 @@ def test_a_fallback_to_fixed_sizes_says_where_and_that_the_model_is_fine() -> No
         Splitter(Speech()).capture((torch.randn(4, 20, 8),))
     message = next(str(w.message) for w in caught if "symbolic" in str(w.message))
     assert "module 'gru' (GRU.forward" in message and "the model is fine and trains exactly" in message
+
+
+_LAZY_MODEL_OUTPUT = '''
+import sys, torch, torch.nn as nn
+from lightning_pipe.capture import Splitter
+assert "transformers.modeling_outputs" not in sys.modules
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        from transformers.modeling_outputs import SequenceClassifierOutput  # first imported while export traces
+        for block in self.blocks:
+            x = block(x)
+        return SequenceClassifierOutput(logits=x, hidden_states=(x,))
+
+torch.manual_seed(0)
+model, x = Net(), torch.randn(2, 4)
+splitter = Splitter(model)
+splitter.capture((x,))
+out = splitter.run(x)
+assert type(out).__name__ == "SequenceClassifierOutput" and torch.allclose(out.logits, model(x).logits)
+print("ok")
+'''
+
+
+def test_a_hugging_face_output_first_imported_while_capturing_is_rebuilt() -> None:
+    """A ModelOutput whose module is imported inside forward skips transformers' own registration while export
+    traces; the capture registered it as a dataclass, and then its __init__ failed registering it again ("already
+    registered as pytree node", found by review). In a process of its own, where transformers has not been imported."""
+    import subprocess
+    import sys
+
+    from tests.capture_models import HAS_TRANSFORMERS
+
+    if not HAS_TRANSFORMERS:
+        pytest.skip("transformers is not installed (pip install -e '.[dev]')")
+    done = subprocess.run([sys.executable, "-c", _LAZY_MODEL_OUTPUT], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

@@ -237,6 +237,14 @@ def _register_output_dataclass(error: BaseException) -> bool:
         cls = getattr(cls, part, None)
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or cls in pytree.SUPPORTED_NODES:
         return False  # not a dataclass, or registered already and still failing: let the error through
+    generic = sys.modules.get("transformers.utils.generic")
+    register = getattr(generic, "_register_model_output_pytree_node", None)
+    if register is not None and issubclass(cls, generic.ModelOutput):
+        # A Hugging Face ModelOutput first imported while export traced (a lazy import in forward) skipped its own
+        # registration then; registered as transformers does it, so that its __init__ (which registers each class
+        # it makes) does not find it registered by someone else and fail
+        register(cls)
+        return cls in pytree.SUPPORTED_NODES
     torch.export.register_dataclass(cls)
     return True
 
