@@ -961,8 +961,9 @@ def test_an_embedding_scaling_gradients_by_frequency_in_a_pipelined_sequence_is_
 
 def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_a_share() -> None:
     """StochasticWeightAveraging's averaged copy of the module (no Trainer of its own) serialized into a checkpoint
-    during fit, which the strategy merges whole: not warned of (before: at every checkpoint); after fit it is. The
-    user's own read during the run (a callback saving "the best weights") is."""
+    during fit, which the strategy merges whole: not warned of (before: at every checkpoint); after fit it is, but for
+    a trainer.save_checkpoint (found by review). The user's own read during the run (a callback saving "the best
+    weights") is."""
     import warnings
     from types import SimpleNamespace
 
@@ -985,6 +986,11 @@ def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_
         mine.state_dict()
         assert len(caught) == 1 and "during the Trainer's run" in str(caught[0].message)
         module._trainer = mine._trainer = status("finished")
+        connectors: dict[str, Any] = {}  # trainer.save_checkpoint after fit: the callback's state goes in the file,
+        exec("def dump_checkpoint(read, module):\n    return read(module)",  # which the strategy merges whole
+             {"__name__": "lightning.pytorch.trainer.connectors.checkpoint_connector"}, connectors)
+        connectors["dump_checkpoint"](lightnings["read"], copy)
+        assert len(caught) == 1, caught
         copy.state_dict()
     assert len(caught) == 2 and "outside the Trainer's run holds only this rank's share" in str(caught[1].message)
 

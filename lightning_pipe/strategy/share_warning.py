@@ -2,8 +2,9 @@
 
 After ``fit`` each rank keeps its stages, so the common ending ``torch.save(model.state_dict(), path)`` (on global
 rank 0) would save part of the model, and a strict load of it fail far from the cause; so would a callback saving
-"the best weights" during fit. The strategy's own reads (a checkpoint, which gathers every rank's share) and the
-libraries' while the Trainer runs (callbacks' states, which the strategy merges) are not warned of.
+"the best weights" during fit. The strategy's own reads (a checkpoint, which gathers every rank's share), the
+libraries' while the Trainer runs and callbacks' states put in a checkpoint (which the strategy merges) are not
+warned of.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -
     # state the strategy merges into the checkpoint, has no Trainer of its own), only the user's own calls: a
     # callback's or a hook's (Lightning's, the strategy's and the libraries' are merged or stay on this rank)
     running = any(_running(module) for module in [part, *_watched])
-    if running and not _called_by_the_user():
+    if running and not _called_by_the_user() or _in_checkpoint_dump():
         return
     _warned.add(part)
     when = ("during the Trainer's run (from a hook or a callback)" if running else "outside the Trainer's run")
@@ -66,6 +67,18 @@ def _called_by_the_user() -> bool:
         package = (frame.f_globals.get("__name__", "") or "").split(".")[0]
         if package != "torch":
             return package not in _LIBRARIES
+        frame = frame.f_back
+    return False
+
+
+def _in_checkpoint_dump() -> bool:
+    """Whether Lightning is putting a checkpoint together (``trainer.save_checkpoint``, after fit too): a callback's
+    state (StochasticWeightAveraging's averaged copy) is merged whole by the strategy."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "dump_checkpoint" and (frame.f_globals.get("__name__", "") or "").startswith(
+                ("lightning.pytorch.", "pytorch_lightning.")):
+            return True
         frame = frame.f_back
     return False
 
