@@ -458,6 +458,40 @@ def test_a_loss_that_is_a_mean_over_a_count_trains_as_on_one_device_when_told_an
                for result in results)
 
 
+def _masked_in_the_step(rank: int, world_size: int) -> list[str]:
+    """A language model whose step masks its labels with a random draw (masked-LM style): the count warnings."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import PaddedLM, padded_tokens
+
+    class Masked(PaddedLM):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            ids, mask = batch
+            hidden = (torch.rand(ids.shape) < 0.5) | (mask == 0)  # labels only at a random half of the tokens
+            return self.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(hidden, -100)).loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
+                        devices=world_size, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Masked(), padded_tokens(batches=2))
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_labels_masked_by_a_draw_in_the_step_are_said_to_be_uncountable_from_the_batch() -> None:
+    """The count warning suggested a loss_reduction function of the batch's labels; a mask drawn in the step makes
+    labels the batch does not hold, so the warning says to draw it in the collate_fn (found by review)."""
+    warned = [message for messages in run_ranks(_masked_in_the_step, 2, timeout=180) for message in messages]
+    assert len(warned) == 1 and "draws random numbers before the model" in warned[0] and "collate_fn" in warned[0]
+
+
 def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
     """A tagger's loss over the tokens other than those ignored at -100, whose first batch has none ignored (so it
     looks like a mean over rows) and whose later batches have some (``padded``), or never any."""

@@ -121,6 +121,7 @@ class FirstBatchChecks:
         self._inputs_unchecked = set(_STEPS)
         self._inputs_epoch = 0
         self._inputs_warned: set[str] = set()
+        self._drawing: set[str] = set()  # steps whose code before the model draws random numbers (a masked-LM mask)
         for stage in pipeline.stages.values() if self._rows_unchecked else ():
             stage.kept_inputs = []
 
@@ -248,6 +249,11 @@ class FirstBatchChecks:
                 counted_mean_warning(counted, inputs, sizes, step, whole)
         if message is None:
             return
+        if step in self._drawing:  # labels the step makes from its draws: no function of the batch counts them
+            message += (f". {step} draws random numbers before the model (a masked-LM mask drawn there?): labels made "
+                        f"from them are not in the batch, so no loss_reduction function of the batch can count them; "
+                        f"draw the mask in the DataLoader's collate_fn (transformers' "
+                        f"DataCollatorForLanguageModeling does), so that the batch holds the labels")
         if training:
             self._warn_once(message)
         else:  # said once the step's logs are known (:meth:`_warn_of_model_loss`)
@@ -329,6 +335,7 @@ class FirstBatchChecks:
                     if self._checks_model_loss(step):
                         self._whole_inputs[step] = whole
                 else:  # drew: the same draws again, on a batch whose rows after the first micro-batch changed
+                    self._drawing.add(step)
                     rows = batch_rows(batch)
                     first = batch_rows(split_batch(batch, self.pipeline.num_microbatches)[0], microbatch=True)
                     set_global_random_states(states)
