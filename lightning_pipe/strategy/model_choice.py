@@ -64,7 +64,10 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
                      f"parameters are spread over {owners(module, thawing)} and it has no forward. Name the attribute "
                      f"holding the model to pipeline, whose output the step then gives to the others (a classifier "
-                     f"or margin head, an ArcFace: PipelineStrategy(layers={largest_owner(module, thawing)!r})); or "
+                     f"or margin head, an ArcFace: PipelineStrategy(layers={largest_owner(module, thawing)!r}); "
+                     f"parameters the step uses before calling it, a condition's embedding or a classifier-free "
+                     f"guidance's null embedding, belong inside that model, since only its output reaches the "
+                     f"others); or "
                      f"put the model in one attribute that the step calls (self.model = MyModel(...)); or call the "
                      f"layers from the module's forward and call self(...) in the step; or, for one nn.Sequential, put "
                      f"every trainable layer inside it")
