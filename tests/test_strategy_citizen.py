@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_pipe.strategy.logs import CHECKED_BATCHES
-from tests.helpers import run_ranks
+from tests.helpers import quiet_trainer, run_ranks
 
 SEED = 77
 STEPS = 3
@@ -462,8 +462,6 @@ def _masked_in_the_step(rank: int, world_size: int) -> list[str]:
     """A language model whose step masks its labels with a random draw (masked-LM style): the count warnings."""
     import warnings
 
-    import lightning as L
-
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import PaddedLM, padded_tokens
 
@@ -475,12 +473,9 @@ def _masked_in_the_step(rank: int, world_size: int) -> list[str]:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
-                        devices=world_size, max_steps=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Masked(), padded_tokens(batches=2))
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=4), max_steps=2).fit(Masked(), padded_tokens(2))
     return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
 
 
