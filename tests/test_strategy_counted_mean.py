@@ -421,3 +421,59 @@ def test_question_answering_that_ignores_answers_past_the_sequence_is_warned_of_
     assert ("loss_reduction=lambda batch: (batch['start_positions'].clamp(0, batch['input_ids'].shape[1]) != "
             "batch['input_ids'].shape[1]).sum())") in warned[0], warned[0]
     assert not any(result["told"][1] for result in results)
+
+
+class _TwoCounts(nn.Module):
+    """Two token losses, each a mean over its own labels other than -100 (masked apart), added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x).flatten(0, 1)
+        return F.cross_entropy(logits, first.flatten()) + F.cross_entropy(logits, second.flatten())
+
+
+def _two_counts(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    class Validated(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _TwoCounts()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            loss = self.model(*batch)
+            self.log("val_loss", loss)
+            self.log("val_ppl", loss.exp())  # not a mean over rows: asks for the step's run on the whole batch
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (16, 6), generator=generator)
+    first, second = ids.clone(), ids.clone()
+    first[torch.rand(16, 6, generator=generator) < 0.5] = -100
+    second[torch.rand(16, 6, generator=generator) < 0.3] = -100
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, first, second), batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2)).validate(Validated(), loader, verbose=False)
+    return [str(w.message) for w in caught if "logged values are not checked" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_loss_of_means_over_different_counts_says_why_no_whole_batch_run_checks_the_logs() -> None:
+    """The micro-batches' model outputs cannot be put together where the model adds means over different counts: the
+    warning says so, not the generic "rows along no one dim"."""
+    warned = [message for messages in run_ranks(_two_counts, 2, timeout=100) for message in messages]
+    assert len(warned) == 1 and "means over different counts added" in warned[0], warned

@@ -167,10 +167,15 @@ class WholeBatchRuns:
         # count the user gives with loss_reduction weighs both), and the first stage warns where it is not one device's
         counting = step != "training_step" and counts is None and bool(kept) and microbatches > 1 \
             and self._counts_loss(step)
+        # why the micro-batches' model outputs may not put together into the whole batch's (said where they do not)
+        apart = "their rows along no one dim, or a number whose sum or mean over rows the model does not show"
         if counting:
             weights = self._model_counts(step, batch, rest, kwargs, microbatches, seed)
             if weights is None:  # a mean over a count that cannot be counted here: no whole output with that loss
                 kinds = lambda structure: None  # noqa: E731 - every single number's kind not known
+                apart = ("the model's loss is a mean over a count of its labels that no one count of each "
+                         "micro-batch's model inputs gives: means over different counts added, or inputs the step's "
+                         "code before the model could not make again here")
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
         if checked is not None and checked in self._whole_metrics:
@@ -186,8 +191,7 @@ class WholeBatchRuns:
             if not replayed and whole is None and len(kept) == microbatches and result.logs:
                 self._warn_effects(f"{step}'s logged values are not checked against a run of the step on the whole "
                                    f"batch: its micro-batches' model outputs do not put together into the whole "
-                                   f"batch's (their rows along no one dim, or a number whose sum or mean over rows "
-                                   f"the model does not show), so a value that is not a mean over rows (a maximum, "
+                                   f"batch's ({apart}), so a value that is not a mean over rows (a maximum, "
                                    f"loss.exp(), len(x)) is logged as the micro-batches' combination, not as one "
                                    f"device logs it. Return outputs with the batch's rows along one dim")
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
