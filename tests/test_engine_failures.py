@@ -112,6 +112,11 @@ class Masked(nn.Linear):
         return super().forward(x)
 
 
+class _ReluInPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.relu_()
+
+
 def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
     if kind == "shape":  # stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only
         layers, rows = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16)), 4
@@ -119,6 +124,8 @@ def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
         layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), Masked(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                                nn.Linear(16, 16), nn.Tanh())
         rows = 4
+    elif kind == "input in place":  # stage 1's first layer, one of the user's, writes its input (a leaf) in place
+        layers, rows = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), _ReluInPlace(), nn.Linear(16, 16)), 4
     else:  # a batch norm given a micro-batch of 1 row: 3 rows into 2 micro-batches
         layers, rows = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), 3
     schedule = "gpipe" if kind == "in place" else "1f1b"  # gpipe: both forwards before the backwards
@@ -145,3 +152,12 @@ def test_a_forward_writing_its_own_weight_in_place_says_why_and_what_to_do() -> 
         assert "modified by an inplace operation" in text, text
         assert "the forwards of later micro-batches run before the backwards of earlier ones" in text, text
         assert "on_train_batch_start or on_before_optimizer_step" in text, text
+
+
+def test_a_first_layer_writing_its_stages_input_in_place_says_what_to_do() -> None:
+    """torch's message alone ("a leaf Variable that requires grad ...") does not say that the leaf is the stage's
+    input, which on one device was the last layer's output (nn.ReLU(inplace=True) is told apart and gets a copy)."""
+    errors = run_ranks(_bad_shape, 2, "input in place", timeout=60, expect_failure=True)
+    for text in errors:
+        assert "rank 1 failed in 1F0" in text and "stage's first layer writes its input in place" in text, text
+        assert "inplace = True" in text, text

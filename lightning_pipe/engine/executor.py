@@ -487,6 +487,12 @@ def _advice(error: Exception, pipeline: Pipeline) -> str:
                 "outside the forward, once per step (under Lightning: on_train_batch_start or "
                 "on_before_optimizer_step over the parameters, under torch.no_grad()), or compute the changed weight "
                 "without writing it (torch.nn.utils.parametrize)")
+    if isinstance(error, RuntimeError) and "leaf Variable that requires grad is being used in an in-place" in str(error):
+        return (". A stage's input is a leaf that needs a gradient, and torch refuses to change it in place: the "
+                "stage's first layer writes its input in place (x.relu_(), x += y, x[mask] = 0 at the start of a "
+                "block of yours). On one device it was the last layer's output. Make that op out of place (x = "
+                "x.relu()), or give the layer an attribute inplace = True, as torch's nn.ReLU(inplace=True) has: a "
+                "stage whose first layer has it gets a copy of its input")
     return ""
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}
