@@ -30,6 +30,7 @@ __all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "c
 # the whole batch (a loss over the tokens that have labels looks like a mean over rows until a batch holds padding).
 CHECKED_BATCHES = 4
 UNSETTLED_CHECKS = 16  # batches more for a name whose micro-batches logged it alike on every batch checked
+VARIED = 1e-2  # how far apart (relative) micro-batches' values tell a mean from another statistic (LoggedValue.varied)
 
 _LOG_SIGNATURE = inspect.signature(LightningModule.log)
 _REDUCTIONS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
@@ -51,7 +52,10 @@ class LoggedValue:
     inferred: bool = False
     """No micro-batch gave a batch_size: one device's is Lightning's inference from the whole batch (its first tensor's
     dim 0, 1 for a 0-dim one: a count the collate_fn puts first), which the replay leaves to Lightning."""
-    varied: bool = False  # its micro-batches logged different values (alike, a maximum is each one's mean too)
+    varied: bool = False
+    """Its micro-batches logged values at least :data:`VARIED` apart (relative): alike, a maximum is each one's mean
+    too, and nearly alike, a smooth function of a mean (``loss.exp()`` of micro-batches' losses near log C, at the
+    start of training) is within rounding of the mean of its micro-batches' values: neither tells a mean."""
     by_count: bool = False  # every micro-batch gave a batch_size, not in proportion to its rows (a count of labels)
 
 
@@ -173,10 +177,21 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         logged.append(LoggedValue(name, value.to(dtype), None, options, sizes[0] if constant else int(sum(sizes)),
                                   float(sum(args["weight"] for args, _ in group)) if counted else None,
                                   sizes[0] if alike else None, all(size is None for size in given_sizes),
-                                  any(not torch.equal(values[0], other) for other in values[1:]),
+                                  _apart(values),
                                   None not in given_sizes and any(size * group[0][1] != sizes[0] * rows
                                                                   for size, (_, rows) in zip(sizes, group))))
     return logged
+
+
+def _apart(values: torch.Tensor) -> bool:
+    """Whether micro-batches' ``values`` (stacked along dim 0) lie :data:`VARIED` apart or more, relative to their
+    size (see :attr:`LoggedValue.varied`)."""
+    finite = values[torch.isfinite(values).all(dim=tuple(range(1, values.dim())))] if values.dim() > 1 \
+        else values[torch.isfinite(values)]
+    if len(finite) < 2:
+        return False
+    spread = (finite.amax(0) - finite.amin(0)).abs().max()
+    return bool(spread > VARIED * max(float(finite.abs().max()), 1e-12))
 
 
 class WholeBatchLogs:
