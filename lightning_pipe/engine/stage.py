@@ -72,6 +72,9 @@ class PipelineStage:
         # would run on an input the first run already changed (None: not known yet, found on the first forward)
         self.writes_input: bool | None = (stage_index > 0 and first_layer_in_place(module)) or (
             None if checkpoint_activations else False)
+        # the first stage: whether a forward wrote one of the tensors it was given in place (the batch as the loader
+        # gave it, which code reading the batch after the model, on another rank, sees unchanged); looked at until seen
+        self.wrote_input = False
         # micro-batch -> its input leaves that need a gradient, None for the others (as they were at its forward: a
         # layer writing one in place with a value that needs one, a PyG-style index_add_, makes it need one after)
         self._inputs: dict[int, list[torch.Tensor | None]] = {}
@@ -122,6 +125,14 @@ class PipelineStage:
             return self._forward(microbatch, inputs, version)
 
     def _forward(self, microbatch: int, inputs: Any, version: int | None) -> Any:
+        if self.stage_index == 0 and not self.wrote_input:
+            given = [(t, t._version) for t in tree_flatten(inputs)[0]]
+            output = self._run(microbatch, inputs, version)
+            self.wrote_input = self.wrote_input or any(t._version != seen for t, seen in given)
+            return output
+        return self._run(microbatch, inputs, version)
+
+    def _run(self, microbatch: int, inputs: Any, version: int | None) -> Any:
         module: Any = self.module
         if self.versions is not None and torch.is_grad_enabled():
             assert version is not None, "a stage with weight versions needs the version of each forward"
@@ -161,6 +172,7 @@ class PipelineStage:
             self._outputs[microbatch] = output
             if self.writes_input is None:  # the first forward tells: copies from now on only if it wrote one
                 self.writes_input = any(copy._version > 0 for copy in copies)
+                self.wrote_input = self.wrote_input or (self.stage_index == 0 and self.writes_input)
         return output
 
     def _running(self, forward: bool, training: bool = True, microbatch: int = 0) -> AbstractContextManager[Any]:

@@ -48,6 +48,7 @@ class EvaluationSteps:
     _input_fn: Callable[..., Any]
     _check_inputs: Callable[..., None]
     _check_model_loss: Callable[..., None]
+    _warn_of_written_input: Callable[[str], None]
     _warn_of_model_loss: Callable[[str, StepResult], None]
     _result_posted: Callable[..., Any]
     _guard: Callable[..., Any]
@@ -85,6 +86,7 @@ class EvaluationSteps:
         layers = self._chain_layers(step, batch, rest, kwargs, seed)
         with self._result_posted(fingerprint):
             _, last_outputs = pipe.eval_step(tagged(batch, rows), layers=layers)
+            self._warn_of_written_input(step)
             if checks_inputs:
                 self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})
             if checks_loss:

@@ -348,6 +348,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                 self._check_rows()
             if averager is not None:
                 averager.start_remaining()
+            self._warn_of_written_input("training_step")
             if checks_inputs:
                 self._check_inputs("training_step", batch, rest, kwargs, seed, inputs or {})
             if checks_loss:
