@@ -14,6 +14,7 @@ Faults (``fault=``), all on ``victim`` at batch ``AT_BATCH`` (the third step) un
 - ``kill-checkpoint``: SIGKILL in ``on_save_checkpoint`` of the second checkpoint (one every 2 steps);
 - ``stop``: SIGSTOP in a layer's forward (the rank freezes; the parent SIGKILLs it when the others have ended);
 - ``loop``: an endless loop in a layer's forward hook (user code);
+- ``load-loop``: an endless loop in the dataset's ``__getitem__`` (a read that never returns, between steps);
 - ``nan``: a layer's output becomes NaN on ``victim`` (with ``detect_anomaly=True``);
 - ``bad-shape``: the last stage's targets of one batch have a wrong shape (only the last stage sees them);
 - ``none``: no fault (a reference run).
@@ -42,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["RankOutcome", "launch_fit", "FAULTS", "AT_BATCH"]
 
 AT_BATCH = 2
-FAULTS = ("kill-forward", "kill-backward", "kill-receive", "kill-checkpoint", "stop", "loop", "nan", "bad-shape",
-          "none")
+FAULTS = ("kill-forward", "kill-backward", "kill-receive", "kill-checkpoint", "stop", "loop", "load-loop", "nan",
+          "bad-shape", "none")
 BATCHES, BATCH_SIZE, WIDTH = 6, 8, 16
 
 
@@ -105,7 +106,27 @@ def _fit(rank: int, fault: str, victim: int, folder: str, options: dict[str, Any
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=4, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
                         max_epochs=1, default_root_dir=folder)
-    trainer.fit(model, regression_data(BATCHES, BATCH_SIZE, WIDTH), ckpt_path=options.get("ckpt_path"))
+    data = regression_data(BATCHES, BATCH_SIZE, WIDTH)
+    if fault == "load-loop" and rank == victim:
+        data = torch.utils.data.DataLoader(_Hanging(data.dataset, mark), batch_size=BATCH_SIZE)
+    trainer.fit(model, data, ckpt_path=options.get("ckpt_path"))
+
+
+class _Hanging(torch.utils.data.Dataset):
+    """``data`` whose first row of batch ``AT_BATCH`` is never read: its ``__getitem__`` loops."""
+
+    def __init__(self, data: Any, mark: Path) -> None:
+        self.data, self.mark = data, mark
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        if index == AT_BATCH * BATCH_SIZE:
+            self.mark.write_text(repr(time.time()))
+            while True:
+                time.sleep(0.01)
+        return self.data[index]
 
 
 def _hook(model: Any, fault: str, output: torch.Tensor, fault_now: Any) -> torch.Tensor | None:

@@ -83,6 +83,17 @@ def test_an_endless_loop_in_user_code_is_named_and_ended(tmp_path: Path) -> None
 
 
 @pytest.mark.timeout(150)
+def test_a_rank_looping_in_its_own_data_loading_is_ended_once_the_job_failed(tmp_path: Path) -> None:
+    """Between two steps (a read that never returns), not in a compute action: it outlived the job (found by
+    review: still reading 150 s after the others had ended)."""
+    outcomes = launch_fit("load-loop", tmp_path, victim=2, timeout=120, wait_timeout=WAIT_TIMEOUT)
+    _check_the_others(outcomes, 2, WAIT_TIMEOUT + 25.0, "rank 2 is alive but made no progress")
+    looping = outcomes[2]
+    assert looping.exit_s is not None and looping.exit_s < WAIT_TIMEOUT + 40.0, _summary(outcomes)
+    assert "PipelineStuck" in (looping.error or "") and "loading a batch" in looping.error, _summary(outcomes)
+
+
+@pytest.mark.timeout(150)
 def test_detect_anomaly_names_step_microbatch_and_stage_on_every_rank(tmp_path: Path) -> None:
     outcomes = launch_fit("nan", tmp_path, victim=2, timeout=120)
     _check_the_others(outcomes, -1, 30.0, "NaN first appeared in the output of stage 2's forward",

@@ -127,22 +127,25 @@ class _Heartbeat(threading.Thread):
             self.store.set(f"{_READ_KEY}/{dist.get_rank()}", "1")
 
     def _unstick(self) -> None:
-        """If the job failed while this rank's main thread was inside one compute action (user code that never
-        returns: an endless loop), end it: an exception in the main thread after :data:`STUCK_GRACE_S`, and if it is
-        still there (stuck in native code) the process after twice that."""
+        """If the job failed elsewhere while this rank's main thread was inside one compute action, or in its own
+        code between the pipeline's actions (user code that never returns: an endless loop, a data loader's read
+        that blocks), end it: an exception in the main thread after :data:`STUCK_GRACE_S`, and if it is still there
+        (stuck in native code) the process after twice that. A wait for peers ends by its own deadline."""
         if self.failure is None:
             return
         what, waits, since = activity.state
-        if isinstance(what, str) or waits:
+        between = isinstance(what, str)
+        if waits or between and not what.startswith(("its own code", "starting")):
             return
         failed_at = float(self.failure.get("time", time.time()))
         began = time.time() - (time.monotonic() - since)
         stuck = time.time() - failed_at
         if began > failed_at or stuck < STUCK_GRACE_S:
             return
-        message = (f"rank {dist.get_rank()} was still in {what} {stuck:.0f} s after the job failed (rank "
+        doing = f"{what} (loading a batch, a hook or a callback)" if between else what
+        message = (f"rank {dist.get_rank()} was still in {doing} {stuck:.0f} s after the job failed (rank "
                    f"{self.failure.get('rank')}: {self.failure.get('message', '')}); ended by lightning_pipe's "
-                   f"watchdog (user code in that action does not return: an endless loop?)")
+                   f"watchdog (user code there does not return: an endless loop, a read that blocks?)")
         if not self.interrupted:
             self.interrupted = True
             stuck_error = type("PipelineStuck", (PipelineStuck,), {"message": message})

@@ -34,7 +34,7 @@ from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.store import short_store, store_gone
-from lightning_pipe.engine.watchdog import hold_for_readers, mark_failed
+from lightning_pipe.engine.watchdog import activity, hold_for_readers, mark_failed
 from lightning_pipe.strategy.plain import all_gather_text, broadcast_value
 from lightning_pipe.strategy.randomness import random_states_digest
 
@@ -174,7 +174,10 @@ class ProcessStrategy(ParallelStrategy):
         # others never came to a collective it is in: a checkpoint saved on one rank only): its explanation is this
         # rank's to post. An interrupt is not a failure.
         given_up = isinstance(exception, PeerLost) and exception.timed_out
-        if not _distributed_is_initialized() or isinstance(exception, KeyboardInterrupt):
+        if not _distributed_is_initialized():
+            return
+        activity.doing("ending after a failure")  # not stuck in its own code: the watchdog leaves it to end
+        if isinstance(exception, KeyboardInterrupt):
             return
         if isinstance(exception, PipelineError) and not given_up:
             # another rank's failure, posted already: where this process holds the job's store, it stays until the
