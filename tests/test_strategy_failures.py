@@ -59,6 +59,39 @@ def test_an_error_on_one_rank_ends_every_rank_with_it(strategy_args: dict, faili
         assert "untyped" not in text, text
 
 
+class InterruptedOnRank(Regressor):
+    """Ctrl+C on rank 1 at the second batch: ``KeyboardInterrupt`` in its step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 1 and torch.distributed.get_rank() == 1:
+            raise KeyboardInterrupt
+        return super().training_step(batch, batch_idx)
+
+
+def _fit_interrupted(rank: int, world_size: int) -> str:
+    import lightning as L
+
+    import lightning_pipe  # noqa: F401
+
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=30), accelerator="cpu", devices=world_size,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, max_epochs=1)
+    try:
+        trainer.fit(InterruptedOnRank(), regression_data(6, batch_size=8))
+    except BaseException as error:  # noqa: BLE001 - the test reads how each rank ended
+        return f"{type(error).__name__}: {error}"
+    return "finished"
+
+
+@pytest.mark.timeout(120)
+def test_an_interrupt_on_one_rank_is_told_to_the_others_as_one() -> None:
+    """Lightning ends the interrupted rank gracefully; the others said it was killed ("or the out-of-memory
+    killer"), which sent users after an OOM (found by review)."""
+    interrupted, other = run_ranks(_fit_interrupted, 2, timeout=100)[::-1]
+    assert "killed" not in other and "KeyboardInterrupt: interrupted" in other, other
+    assert interrupted != "finished", interrupted
+
+
 class LogsWithItsOwnReduction(Regressor):
     """Logs with a reduce_fx of its own, which only the last stage meets, when it combines the micro-batches' logs
     after the pipeline's run (outside the pipeline's own actions)."""

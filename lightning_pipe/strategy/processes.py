@@ -172,13 +172,11 @@ class ProcessStrategy(ParallelStrategy):
         (a few seconds at most), since the store ends with this process."""
         # A pipeline error is posted already (or came from another rank), but for a wait this rank gave up on (the
         # others never came to a collective it is in: a checkpoint saved on one rank only): its explanation is this
-        # rank's to post. An interrupt is not a failure.
+        # rank's to post. An interrupt is posted as one (the others said "killed ... or the out-of-memory killer").
         given_up = isinstance(exception, PeerLost) and exception.timed_out
         if not _distributed_is_initialized():
             return
         activity.doing("ending after a failure")  # not stuck in its own code: the watchdog leaves it to end
-        if isinstance(exception, KeyboardInterrupt):
-            return
         if isinstance(exception, PipelineError) and not given_up:
             # another rank's failure, posted already: where this process holds the job's store, it stays until the
             # others have read it too (a rank still waiting said "the store does not answer" when it ended first)
@@ -186,6 +184,8 @@ class ProcessStrategy(ParallelStrategy):
             return
         store = short_store()
         if store is not None and not store_gone(store) and type(exception).__name__ != "SIGTERMException":
+            what = ("KeyboardInterrupt: interrupted (Ctrl+C, SIGINT)" if isinstance(exception, KeyboardInterrupt)
+                    else f"{type(exception).__name__}: {exception}")
             with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
-                mark_failed(store, torch.distributed.get_rank(), f"{type(exception).__name__}: {exception}")
+                mark_failed(store, torch.distributed.get_rank(), what)
             hold_for_readers()
