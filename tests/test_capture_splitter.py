@@ -1210,3 +1210,35 @@ def test_a_hugging_face_output_first_imported_while_capturing_is_rebuilt() -> No
         pytest.skip("transformers is not installed (pip install -e '.[dev]')")
     done = subprocess.run([sys.executable, "-c", _LAZY_MODEL_OUTPUT], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+class _LabelsMasked(nn.Module):
+    """A tagger marking padding in its labels input in place, as the step's metric then reads them."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.embedding, self.head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            labels.masked_fill_(labels == 0, -100)
+        else:
+            labels = labels.masked_fill(labels == 0, -100)
+        return nn.functional.cross_entropy(self.head(self.embedding(ids)).flatten(0, 1), labels.flatten())
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_forward_writing_its_input_in_place_is_warned_of_at_capture(in_place: bool) -> None:
+    """The segment writing it holds a copy under a pipeline: the step's code after the model reads the batch
+    unchanged (an accuracy over the labels not ignored: 0.21 where one device's is 0.26, found by review)."""
+    splitter = Splitter(_LabelsMasked(in_place))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # warned once
+            splitter.capture((torch.randint(0, 10, (4, 5)), torch.randint(0, 10, (4, 5))))
+    said = [str(w.message) for w in caught if "in place" in str(w.message)]
+    if in_place:
+        assert len(said) == 1 and said[0].startswith("_LabelsMasked.forward writes its input labels in place"), said
+    else:
+        assert said == [], said

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch.fx as fx
@@ -132,10 +133,12 @@ class Segment(nn.Module):
         return f"segment {self.segment_index} of {self.num_segments}"
 
 
-def written_inputs(graph: fx.Graph, skip: int) -> list[int]:
-    """The positions among the graph's inputs after the first ``skip`` (its state) that one of its ops writes in place
-    (an op whose schema marks that argument written: ``relu_``, ``index_add_``)."""
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"][skip:]
+def written_inputs(graph: fx.Graph, skip: int, among: Sequence[fx.Node] | None = None) -> list[int]:
+    """The positions among the graph's inputs after the first ``skip`` (its state), or among the placeholders
+    ``among``, that one of its ops writes in place (an op whose schema marks that argument written: ``relu_``,
+    ``index_add_``)."""
+    placeholders = list(among) if among is not None else [node for node in graph.nodes
+                                                          if node.op == "placeholder"][skip:]
     position = {node: index for index, node in enumerate(placeholders)}
     written: set[int] = set()
     for node in graph.nodes:
