@@ -284,13 +284,16 @@ def _at_exit() -> None:
         if not _HOOKS["armed"]:
             beating.join(timeout=3 * HEARTBEAT_S)
     store = cached_store()  # never a new client here: connecting to a store that is gone blocks
+    clean = not (_HOOKS["armed"] or _HOOKS["failed"] or _HOOKS["code"])
     if _STARTED[0] is not None and dist.is_initialized():
         try:
             if store is not None and not store_gone(store):
                 store.set(f"{_KEY}{dist.get_rank()}", _beat_text(-1, socket.gethostname(), ended=True))
+                if clean and dist.get_rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                    _wait_for_the_others(5.0)
         except Exception:  # noqa: BLE001 - nobody left to tell
             pass
-    if not (_HOOKS["armed"] or _HOOKS["failed"] or _HOOKS["code"]) and dist.is_initialized():
+    if clean and dist.is_initialized():
         # Destroyed here, while the interpreter is whole: left to its finalization, gloo's threads could end a
         # finished rank with "terminate called without an active exception" (an abort, exit status 134, after the
         # script succeeded; seen once under torchrun). Lightning does this for NCCL only. Only at a clean exit:
@@ -305,6 +308,17 @@ def _at_exit() -> None:
             except Exception:  # noqa: BLE001
                 pass
         os._exit(_HOOKS["code"] or (1 if _HOOKS["failed"] else 0))
+
+
+def _wait_for_the_others(timeout: float) -> None:
+    """On the process holding the job's store (global rank 0 under Lightning's launchers), at a clean exit: wait up
+    to ``timeout`` seconds until every other rank's heartbeat has ended (or gone silent). The store ends with this
+    process, and a rank whose heartbeat still wrote to it then printed torch's "sendBytes failed ... Broken pipe"
+    with its C++ stack, after a run that succeeded (found by review)."""
+    others = set(range(1, dist.get_world_size()))
+    deadline = time.monotonic() + timeout
+    while others and time.monotonic() < deadline and not others <= silent_ranks(ended=True):
+        time.sleep(0.05)
 
 
 def arm_exit_guard() -> None:
