@@ -1021,6 +1021,46 @@ def test_plain_attributes_a_layers_forward_changes_are_warned_of() -> None:
     assert not caught
 
 
+class _Expert(nn.Module):
+    """A mixture-of-experts block as many write it: its load-balancing term kept for the step to collect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.aux_loss = nn.Linear(2, 2), torch.tensor(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + torch.tanh(self.linear(x))
+        self.aux_loss = (h**2).mean()
+        return h
+
+
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_a_value_a_layer_keeps_for_the_step_on_a_rank_not_running_it_is_warned_of(microbatches: int) -> None:
+    """The step's code (summing every block's aux_loss over self.modules()) runs on the last stage's rank, whose
+    copies of the other ranks' layers keep a stale value: its term and gradient were lost, silently with one
+    micro-batch (found by review: 9.7e-3 off). Said by the ranks that do not run the step, whatever the
+    micro-batches; by the last stage's rank only as a change per micro-batch."""
+    from lightning_pipe.strategy.buffers import BufferWatch
+
+    said = {}
+    for runs_step in (False, True):
+        stage = nn.Sequential(nn.Linear(2, 2), _Expert())
+        watch = BufferWatch(lambda: [stage], num_microbatches=microbatches, runs_step=runs_step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                before = watch.before()
+                stage(torch.randn(3, 2))
+                watch.after(before)
+        said[runs_step] = [str(w.message) for w in caught]
+    assert len(said[False]) == 1 and "1.aux_loss" in said[False][0], said
+    assert "the step's code runs on the last stage's rank" in said[False][0], said
+    if microbatches == 1:
+        assert said[True] == [], said  # one device's: the last stage's own layers set what its step reads
+    else:
+        assert len(said[True]) == 1 and "last stage's rank" not in said[True][0], said
+
+
 def _scaled(devices: int, strategy: Any) -> dict[str, Any]:
     import lightning as L
     from torchmetrics.classification import MulticlassAccuracy

@@ -58,11 +58,15 @@ class BufferWatch:
     share of the model) other than batch norms' (deferred to once per step) the step changed; warns once."""
 
     def __init__(self, stages: Callable[[], Sequence[nn.Module]], num_microbatches: int, steps: int = 2,
-                 parameters: bool = True) -> None:
+                 parameters: bool = True, runs_step: bool = True) -> None:
         self._stages = stages
         self._num_microbatches = num_microbatches
-        self._left = steps if num_microbatches > 1 else 0
-        self._parameters = parameters  # also the parameters (not where the optimizer steps inside the run)
+        # a rank that does not run the step's code after the model (not the last stage's) looks at the layers' plain
+        # attributes with one micro-batch too: the step reads the last stage's copies, which these layers never set
+        self._runs_step = runs_step
+        self._left = steps if num_microbatches > 1 or not runs_step else 0
+        self._parameters = parameters and num_microbatches > 1  # also the parameters (not where the optimizer steps
+        # inside the run)
         self._attributes_warned = False
 
     def _versions(self) -> dict[str, tuple[int, int]]:
@@ -120,14 +124,21 @@ class BufferWatch:
         if moved and not self._attributes_warned:
             self._attributes_warned = True
             more = " ..." if len(moved) > 6 else ""
+            elsewhere = "" if self._runs_step else (
+                " Above all, the step's code runs on the last stage's rank and reads that rank's copies of these "
+                "layers, which their forward never sets there: a value the step collects from them (an auxiliary "
+                "loss summed over self.modules(), a statistic to log) is stale, and its gradient never reaches this "
+                "rank. Return such values from forward (carried along the sequence with the activations), or let "
+                "the pipeline capture the model (any model but an nn.Sequential), whose stand-ins refuse the read.")
+            per_microbatch = "" if self._num_microbatches <= 1 else (
+                f" Under a pipeline a stage's forward runs once per micro-batch ({self._num_microbatches} per step), "
+                f"so a counter counts micro-batches and a state kept for the next call is the micro-batch's before, "
+                f"of other rows: what depends on them differs from one device's. Count in a hook "
+                f"(on_train_batch_start) and pass the count to the model, or carry a recurrent state through the step "
+                f"(returned by the model, given back as an input).")
             warnings.warn(f"the forward changes the plain attributes {', '.join(moved[:6])}{more} of its layers (a "
-                          f"call counter, a state kept for the next call: self.h = h.detach()). Under a pipeline a "
-                          f"stage's forward runs once per micro-batch ({self._num_microbatches} per step), so a counter "
-                          f"counts micro-batches and a state kept for the next call is the micro-batch's before, of "
-                          f"other rows: what depends on them differs from one device's. Count in a hook "
-                          f"(on_train_batch_start) and pass the count to the model, carry a recurrent state through "
-                          f"the step (returned by the model, given back as an input), or pass num_microbatches=1",
-                          stacklevel=4)
+                          f"call counter, a state kept for the next call: self.h = h.detach(), a value for the "
+                          f"step: self.aux_loss).{elsewhere}{per_microbatch}", stacklevel=4)
         written = sorted(name for name, seen in self._sums().items() if name in sums and not _alike(seen, sums[name]))
         if written:
             self._parameters = False
@@ -142,7 +153,7 @@ class BufferWatch:
         after = self._versions()
         self._left -= 1
         changed = sorted(name for name, seen in before.items() if name in after and _changed(seen, after[name]))
-        if changed:
+        if changed and self._num_microbatches > 1:
             self._left = 0
             more = " ..." if len(changed) > 6 else ""
             warnings.warn(f"the forward changes the buffers {', '.join(changed[:6])}{more} (a spectral_norm's power "

@@ -128,7 +128,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # Buffers of this rank's share of the model (a captured model's segments register what they read as they
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
-                                   pipeline.num_microbatches, parameters=not pipeline.asynchronous)
+                                   pipeline.num_microbatches, parameters=not pipeline.asynchronous,
+                                   runs_step=pipeline.is_last_rank)
         self._batch_norms_said = False  # at the first training step: after the hooks that freeze some (eval mode)
         self._init_checks(split, pipeline)
 
