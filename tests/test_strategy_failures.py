@@ -385,6 +385,7 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
         assert error is not None and "ValueError" in error and "reads the pipelined model's parameters itself" in error
         assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error
         assert error.index("on_after_backward") < error.index("weight_decay") and "alpha=2 * lambda" in error
+        assert "a value the layers' forward kept for the step (an auxiliary loss" in error  # the other way to it
 
 
 def _stops_on_rank_zero(rank: int, world_size: int) -> None:

@@ -297,7 +297,11 @@ class FirstBatchChecks:
             f"gradient. Add its gradient in on_after_backward instead, which every rank runs over its own "
             f"parameters (for an L2 term lambda * ||p||^2: for p in self.parameters(): p.grad.add_(p, alpha=2 * "
             f"lambda)), which is the same gradient. An optimizer's weight_decay is that only for SGD and Adam (with "
-            f"weight_decay=2 * lambda); AdamW's decays the weights apart from the gradient")
+            f"weight_decay=2 * lambda); AdamW's decays the weights apart from the gradient. If it is instead a value "
+            f"the layers' forward kept for the step (an auxiliary loss, self.aux_loss, summed over self.modules()), "
+            f"the last stage's rank holds only its own layers' values: return such values from forward (carried "
+            f"along the sequence with the activations), or let the pipeline capture the model (any model but an "
+            f"nn.Sequential)")
 
     def _checks_inputs(self, step: str, microbatches: int) -> bool:
         """Whether this step's batch checks the step's code before the model (the first of each step's batches of
