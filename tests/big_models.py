@@ -208,14 +208,16 @@ def loaded_layers() -> nn.Sequential:
 
 
 class Shift(nn.Module):
-    """A persistent buffer added to the input, and no ``reset_parameters()``: on meta, only loaded values fill it."""
+    """A persistent buffer added to the input, and no ``reset_parameters()``: on meta, only loaded values fill it;
+    and a non-persistent one its construction computes (a rope table's frequencies), which no state dict holds."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.register_buffer("offset", torch.zeros(width))
+        self.register_buffer("frequencies", 1.0 / 10000 ** (torch.arange(width) / width), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.offset
+        return x + self.offset + 0.0 * self.frequencies
 
 
 class ScaledRegressor(LazyRegressor):

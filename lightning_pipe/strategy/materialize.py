@@ -105,9 +105,13 @@ class LocalMaterializer:
         self._loaded = loaded_values(module)
         # a module deep-copied from another while built (an EMA teacher) is initialized as its source, by its name
         self._seed_names = copy_sources(module)
-        # whether some tensor gets its initial value from an initializer (else every value is given: no warning)
+        # whether some tensor gets its initial value from an initializer (else every value is given: no warning); not
+        # a non-persistent buffer, which no state dict holds, so none can be loaded: a rope table (Llama's inv_freq)
+        # or a mask its construction computes without a draw (a user whose weights were all loaded was warned)
+        transient = {id(buffer) for owner in module.modules() for name, buffer in owner._buffers.items()
+                     if buffer is not None and name in owner._non_persistent_buffers_set}
         self.seeded = any(t.is_meta and id(t) not in self.sources and id(t) not in self._loaded
-                          for t in _tensors(module))
+                          and id(t) not in transient for t in _tensors(module))
         self.materialized: list[str] = []  # names of the modules whose state this rank materialized
         # the module's own parameters that its captured forward does not read (a scale the step applies): every rank
         # keeps them (strategy/captured.py), so every rank materializes them
