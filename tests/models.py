@@ -71,13 +71,24 @@ class _AddInto(nn.Module):
         return h + z.index_add_(0, torch.arange(len(h)), self.linear(h))
 
 
+class _PreActivated(nn.Module):
+    """A pre-activation block of the user's: ``x.relu_()`` first (no ``inplace`` attribute to tell it by)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.relu_())
+
+
 def in_place_model(width: int = 16, seed: int = 0) -> nn.Sequential:
     """Layers that write their input in place where a 2- or 4-stage uniform cut starts a stage (at 2, 4 and 6):
-    ``nn.ReLU(inplace=True)`` after a Linear, as torchvision's VGG has them, and a buffer made on one stage and
-    added into on the next."""
+    ``nn.ReLU(inplace=True)`` after a Linear, as torchvision's VGG has them, a block of the user's starting with
+    ``x.relu_()``, and a buffer made on one stage and added into on the next."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(width, width), _ZerosBeside(), _AddInto(width), nn.Linear(width, width),
-                         nn.ReLU(inplace=True), nn.Linear(width, width), nn.ReLU(inplace=True),
+                         _PreActivated(width), nn.Linear(width, width), nn.ReLU(inplace=True),
                          nn.Linear(width, width))
 
 

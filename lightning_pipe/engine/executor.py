@@ -490,9 +490,10 @@ def _advice(error: Exception, pipeline: Pipeline) -> str:
     if isinstance(error, RuntimeError) and "leaf Variable that requires grad is being used in an in-place" in str(error):
         return (". A stage's input is a leaf that needs a gradient, and torch refuses to change it in place: the "
                 "stage's first layer writes its input in place (x.relu_(), x += y, x[mask] = 0 at the start of a "
-                "block of yours). On one device it was the last layer's output. Make that op out of place (x = "
-                "x.relu()), or give the layer an attribute inplace = True, as torch's nn.ReLU(inplace=True) has: a "
-                "stage whose first layer has it gets a copy of its input")
+                "block of yours), here on a later micro-batch than the stage's first forward, which ran on a copy and "
+                "wrote none. On one device it was the last layer's output. Make that op out of place (x = x.relu()), "
+                "or give the layer an attribute inplace = True, as torch's nn.ReLU(inplace=True) has: a stage whose "
+                "first layer has it always gets a copy of its input")
     return ""
 
 _REPLICA_GROUPS: dict[tuple[int, ...], tuple[Any, dist.ProcessGroup]] = {}

@@ -67,11 +67,13 @@ class PipelineStage:
         self.seed = seed  # the base of the seeds of forwards given none (a stage driven by hand)
         self._forwards = 0
         self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
-        # Whether the layers get copies of the stage's input tensors: where the first layer writes its input in place
-        # (a received leaf needing a gradient, which torch refuses to change), and where a checkpoint's recomputation
-        # would run on an input the first run already changed (None: not known yet, found on the first forward)
+        # Whether the layers get copies of the stage's input tensors: where they write their input in place (a
+        # received leaf needing a gradient, which torch refuses to change: a ReLU(inplace=True) first, a block of the
+        # user's starting with x.relu_()), and where a checkpoint's recomputation would run on an input the first run
+        # already changed. None: not known yet, found on the first training forward, which runs on copies. (The first
+        # stage's input is the batch: its layers write it as on one device, unless a checkpoint would run twice.)
         self.writes_input: bool | None = (stage_index > 0 and first_layer_in_place(module)) or (
-            None if checkpoint_activations else False)
+            None if checkpoint_activations or stage_index > 0 else False)
         # the first stage: whether a forward wrote one of the tensors it was given in place (the batch as the loader
         # gave it, which code reading the batch after the model, on another rank, sees unchanged); looked at until seen
         self.wrote_input = False
