@@ -127,14 +127,16 @@ class PipelineStage:
             return self._forward(microbatch, inputs, version)
 
     def _forward(self, microbatch: int, inputs: Any, version: int | None) -> Any:
-        if self.stage_index == 0 and not self.wrote_input:
-            given = [(t, t._version) for t in tree_flatten(inputs)[0]]
-            output = self._run(microbatch, inputs, version)
-            self.wrote_input = self.wrote_input or any(t._version != seen for t, seen in given)
-            return output
-        return self._run(microbatch, inputs, version)
+        training = torch.is_grad_enabled()
+        looking = self.stage_index == 0 and not self.wrote_input
+        leaves = tree_flatten(inputs)[0] if training or looking else []
+        given = [t._version for t in leaves] if looking else []
+        output = self._run(microbatch, inputs, leaves, version)
+        if looking:
+            self.wrote_input = self.wrote_input or any(t._version != seen for t, seen in zip(leaves, given))
+        return output
 
-    def _run(self, microbatch: int, inputs: Any, version: int | None) -> Any:
+    def _run(self, microbatch: int, inputs: Any, leaves: list[torch.Tensor], version: int | None) -> Any:
         module: Any = self.module
         if self.versions is not None and torch.is_grad_enabled():
             assert version is not None, "a stage with weight versions needs the version of each forward"
@@ -147,7 +149,7 @@ class PipelineStage:
                 return functional_call(self.module, weights, (x,), strict=False)
         training = torch.is_grad_enabled()
         if training:
-            self._inputs[microbatch] = [t if t.requires_grad else None for t in tree_flatten(inputs)[0]]
+            self._inputs[microbatch] = [t if t.requires_grad else None for t in leaves]
             if self.kept_inputs is not None and len(self.kept_inputs) < 2:
                 self.kept_inputs.append(tree_map_tensors(lambda t: t.detach().clone(), inputs))
             if self.writes_input is not False:  # the layers run on copies (made inside a checkpoint too: its
