@@ -477,3 +477,54 @@ def test_a_loss_of_means_over_different_counts_says_why_no_whole_batch_run_check
     warning says so, not the generic "rows along no one dim"."""
     warned = [message for messages in run_ranks(_two_counts, 2, timeout=100) for message in messages]
     assert len(warned) == 1 and "means over different counts added" in warned[0], warned
+
+
+class _WithMeanOverRows(Discriminator):
+    """The discriminator's loss over the tokens its mask keeps, and beside it a mean over every row's scores."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> Any:
+        out = super().forward(input_ids, attention_mask, labels)
+        return {**out, "spread": out["logits"].pow(2).mean()}
+
+
+def _validated_beside(rank: int, world_size: int) -> tuple[dict[str, float], list[str]]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    class Validated(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _WithMeanOverRows()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            out = self.model(**batch)
+            self.log("val_loss", out["loss"])
+            self.log("val_spread", out["spread"])
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    module = Validated()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logged = quiet_trainer(world_size, strategy).validate(module, _data(), verbose=False)[0]
+    return logged, [str(w.message) for w in caught if "which are not means" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_mean_over_rows_beside_a_loss_over_a_count_is_weighted_by_rows_in_the_whole_batchs_output() -> None:
+    """The last stage makes the whole batch's output from the micro-batches' to run the step on it (the loss over the
+    kept tokens is not a mean over rows): the loss is averaged by each micro-batch's kept tokens, and a mean over
+    rows returned beside it by rows; weighted by the tokens it was 3e-3 off, silently, and said to be no mean over
+    rows."""
+    expected, _ = _validated_beside(0, 1)
+    results = run_ranks(_validated_beside, 2, timeout=100)
+    for logged, _ in results:
+        for name, value in expected.items():
+            assert logged[name] == pytest.approx(value, rel=1e-5), (name, logged, expected)
+    warned = [message for _, messages in results for message in messages]
+    assert len(warned) == 1 and "logs val_loss, which" in warned[0], warned

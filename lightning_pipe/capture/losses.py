@@ -5,7 +5,7 @@ count of the inputs' elements (a loss over the tokens an attention mask keeps, :
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,6 +77,9 @@ class CountedMean:
     linear: bool = True
     """Whether the mean reaches the output through sums and scalings only; else (a square root of it, its square: a
     scale-invariant log loss) no weighting of micro-batches' values makes the batch's."""
+    outputs: frozenset[int] = frozenset()
+    """The model's outputs (by index among ``user_outputs`` of :func:`counted_means`) that the mean reaches: the loss,
+    not a mean over rows returned beside it."""
 
     def counted(self, flat: Sequence[Any]) -> float | None:
         """The count for one micro-batch's flattened model inputs (None where it cannot be computed)."""
@@ -88,10 +91,11 @@ class CountedMean:
 
 
 def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
-                  constants: Mapping[fx.Node, torch.Tensor] | None = None) -> list[CountedMean]:
+                  constants: Mapping[fx.Node, torch.Tensor] | None = None,
+                  user_outputs: Sequence[Any] = ()) -> list[CountedMean]:
     """The means over counts of its inputs' elements that ``graph`` (a whole captured forward, ``user_inputs`` its
-    model inputs' placeholders, ``constants`` the values of its lifted constants: ``torch.tensor(-100)``) takes on
-    the way to its outputs (:class:`CountedMean`)."""
+    model inputs' placeholders, ``constants`` the values of its lifted constants: ``torch.tensor(-100)``,
+    ``user_outputs`` the nodes of its model outputs) takes on the way to its outputs (:class:`CountedMean`)."""
     position: dict[fx.Node, Any] = {node: index for index, node in enumerate(user_inputs)}
     position.update({node: value for node, value in (constants or {}).items() if value.numel() <= 64})
     reaches = _reaching_output(graph)
@@ -117,8 +121,11 @@ def counted_means(graph: fx.Graph, user_inputs: Sequence[fx.Node],
             count = ("value", node.args[1], None)
         if count is None or not _inputs_only(count[1], position):
             continue
-        mean = _counting(node, *count, position, _linear_to_output(node, reaches))
+        after = _after(node, reaches)
+        mean = _counting(node, *count, position, _linear_to_output(node, after))
         if mean is not None:
+            mean = replace(mean, outputs=frozenset(
+                index for index, output in enumerate(user_outputs) if output in after))
             found.setdefault(mean.expression or str(len(found)), mean)
     return list(found.values())
 
@@ -171,16 +178,21 @@ _LINEAR = (_PASSED - {"clamp", "clamp_min"}) | {"add", "sub", "rsub", "neg", "su
                                                 "getitem", "to", "_to_copy", "mul", "div"}
 
 
-def _linear_to_output(mean: fx.Node, reaches: set[fx.Node]) -> bool:
-    """Whether ``mean`` reaches the graph's output only through sums and scalings (so that a mean of micro-batch means
-    weighted by their counts is the batch's): not a scale-invariant log loss's ``sqrt(mean(d**2) - mean(d)**2)``,
-    which no weighting makes the batch's."""
+def _after(mean: fx.Node, reaches: set[fx.Node]) -> set[fx.Node]:
+    """``mean`` and what it reaches on the way to the graph's output (``reaches``: what reaches the output)."""
     after, todo = {mean}, [mean]
-    while todo:  # what the mean reaches on the way to the output
+    while todo:
         for user in todo.pop().users:
             if user in reaches and user not in after and user.op != "output":
                 after.add(user)
                 todo.append(user)
+    return after
+
+
+def _linear_to_output(mean: fx.Node, after: set[fx.Node]) -> bool:
+    """Whether ``mean`` reaches the graph's output only through sums and scalings (``after``: what it reaches, itself
+    too), so that a mean of micro-batch means weighted by their counts is the batch's: not a scale-invariant log
+    loss's ``sqrt(mean(d**2) - mean(d)**2)``, which no weighting makes the batch's."""
     for node in after - {mean}:
         name = getattr(node.target, "__name__", "").split(".")[0]
         if name not in _LINEAR:

@@ -23,7 +23,7 @@ from torch.export.graph_signature import ConstantArgument, OutputKind
 
 from .coupling import row_dims
 
-__all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "MEAN", "SUM", "OTHER"]
+__all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "user_outputs", "MEAN", "SUM", "OTHER"]
 
 MEAN, SUM, OTHER = "mean", "sum", "other"
 
@@ -62,7 +62,7 @@ def scalar_kinds(program: ExportedProgram, rows: set[Any] = frozenset(),
     may have (their dim 0): a sum divided by one of those is a mean over the rows (a detector's per-image losses
     summed over a loop of the batch's images and divided by their number) as much as a scaled sum, so it is
     :data:`OTHER`."""
-    return [_kind(node, rows, 0, fixed) if _is_scalar(node) else None for node in _user_outputs(program)]
+    return [_kind(node, rows, 0, fixed) if _is_scalar(node) else None for node in user_outputs(program)]
 
 
 def output_kinds(program: ExportedProgram, rows: set[Any],
@@ -72,7 +72,7 @@ def output_kinds(program: ExportedProgram, rows: set[Any],
     :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
     dim of rows but was reduced over them (an MoE's tokens per expert, ``one_hot(choice).sum(0)``: a sum, element by
     element), None where none is known."""
-    outputs = _user_outputs(program)
+    outputs = user_outputs(program)
     kinds: list[str | int | None] = []
     for node, kind, dim in zip(outputs, scalar_kinds(program, rows, fixed), row_dims(outputs, rows)):
         if kind is None and dim is None and rows and _without_rows(node, rows):
@@ -85,10 +85,11 @@ def output_dims(program: ExportedProgram) -> list[int | None]:
     """The number of dims of each user output of ``program`` (None for a number): a single number's kind is known
     for outputs of these dims (a model called two ways returns a summed loss one way and best tags the other)."""
     return [value.dim() if isinstance(value := node.meta.get("val") if isinstance(node, fx.Node) else None,
-                                      torch.Tensor) else None for node in _user_outputs(program)]
+                                      torch.Tensor) else None for node in user_outputs(program)]
 
 
-def _user_outputs(program: ExportedProgram) -> list[Any]:
+def user_outputs(program: ExportedProgram) -> list[Any]:
+    """The nodes (or constants) of ``program``'s model outputs, in its output spec's order."""
     output = next(node for node in program.graph.nodes if node.op == "output")
     return [node for node, spec in zip(output.args[0], program.graph_signature.output_specs)
             if spec.kind == OutputKind.USER_OUTPUT]

@@ -35,7 +35,7 @@ from .points import (
     repeated_blocks,
 )
 from .programs import build_programs
-from .scalars import output_dims, output_kinds, output_markers
+from .scalars import output_dims, output_kinds, output_markers, user_outputs
 from .segment import Segment, written_inputs
 
 __all__ = ["Splitter", "split_model"]
@@ -279,7 +279,8 @@ class Splitter:
         try:  # means over a count of the inputs' elements, which the first stage counts per micro-batch
             constants = {node: program.constants[name] for node, (kind, name) in layout.state.items()
                          if kind == "CONSTANT"}
-            capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs, constants))
+            capture.counted_means = tuple(counted_means(program.graph, layout.user_inputs, constants,
+                                                        user_outputs(program)))
         except Exception:  # noqa: BLE001 - not found: not looked for
             capture.counted_means = ()
         capture.mean_losses = tuple(mean_losses([program.graph_module]))

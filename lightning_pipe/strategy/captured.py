@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_fields, changed_reads, fields_warning, read_advice
 from lightning_pipe.capture.patterns import autocast_state
+from lightning_pipe.capture.scalars import MEAN
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
@@ -35,7 +36,7 @@ from lightning_pipe.strategy.references import meta_skeleton
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.standing_in import redirect_into, release_others, stand_in_for_children
 from lightning_pipe.strategy.step_effects import StepEffects
-from lightning_pipe.strategy.step_values import input_needs_grad
+from lightning_pipe.strategy.step_values import ROW_MEAN, input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
 
 __all__ = ["CapturedModule", "no_logging"]
@@ -43,10 +44,12 @@ __all__ = ["CapturedModule", "no_logging"]
 _SHAPES_KEPT = 4096  # micro-batch shapes remembered as checked against the captures
 
 
-def _output_kinds(captures: Sequence[Any]) -> list[tuple[Any, list[str | int | None]]]:
+def _output_kinds(captures: Sequence[Any], counted: bool = False) -> list[tuple[Any, list[str | int | None]]]:
     """Each output structure the captures give (as :func:`~lightning_pipe.engine.tree.tree_flatten` specs it, with
     its tensors' numbers of dims: :func:`~lightning_pipe.strategy.step_values.output_structure`), with how each of
-    its tensors adds up over micro-batches; where captures of one structure disagree on a tensor, not known (None)."""
+    its tensors adds up over micro-batches; where captures of one structure disagree on a tensor, not known (None).
+    ``counted``: the means that no mean over a count of the inputs' elements reaches (a mean over rows returned beside
+    a loss over the labels other than -100) are :data:`~.step_values.ROW_MEAN`, weighted by rows, not by the counts."""
     found: list[tuple[Any, list[str | int | None]]] = []
     for capture in captures:
         if capture.output_kinds is None or capture.output_dims is None or capture.output_markers is None:
@@ -55,6 +58,10 @@ def _output_kinds(captures: Sequence[Any]) -> list[tuple[Any, list[str | int | N
             leaves, spec = tree_flatten(pytree.tree_unflatten(list(capture.output_markers), capture.out_spec))
             numbers = [int(leaf.reshape(-1)[0]) for leaf in leaves]
             kinds = [capture.output_kinds[number] for number in numbers]
+            if counted:
+                reached = {index for mean in capture.counted_means if mean.linear for index in mean.outputs}
+                kinds = [ROW_MEAN if kind == MEAN and number not in reached else kind
+                         for kind, number in zip(kinds, numbers)]
             spec = (spec, tuple(capture.output_dims[number] for number in numbers))
         except Exception:  # noqa: BLE001 - an output this cannot rebuild from stand-ins: not known
             continue
@@ -419,17 +426,19 @@ class CapturedModule:
         return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
                 for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
 
-    def output_kinds(self, training: bool | None = None) -> Callable[[Any], list[str | int | None] | None]:
+    def output_kinds(self, training: bool | None = None,
+                     counted: bool = False) -> Callable[[Any], list[str | int | None] | None]:
         """For a model output's structure (:func:`~lightning_pipe.strategy.step_values.output_structure`), how each of
         its tensors adds up over micro-batches: a single number's kind ("mean", "sum", "other"), a tensor's dim of the
         batch's rows (:func:`lightning_pipe.capture.scalars.output_kinds`), None for one not known; None for a
         structure no capture gives. A model called two ways (a summed loss, and a decoding) gives two structures.
         ``training``: the captures of that mode only (training's loss over ``num_items_in_batch`` is a sum where
-        evaluation's, without it, is a mean: together, neither would be known)."""
+        evaluation's, without it, is a mean: together, neither would be known). ``counted``: for micro-batches
+        weighted by the counts the model's loss is a mean over (:func:`_output_kinds`)."""
         captures = [capture for capture in self.splitter.captures if training is None or capture.training == training]
-        made = (training, *(id(capture) for capture in captures))
+        made = (training, counted, *(id(capture) for capture in captures))
         if self._kinds[0] != made:
-            self._kinds = (made, _output_kinds(captures))
+            self._kinds = (made, _output_kinds(captures, counted))
         known = self._kinds[1]
         return lambda spec: next((kinds for other, kinds in known if other == spec), None)
 

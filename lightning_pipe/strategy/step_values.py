@@ -15,7 +15,7 @@ from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["OutputKinds", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs",
+__all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs",
            "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
 
 
@@ -226,6 +226,9 @@ def _row_mean(scalars: Sequence[torch.Tensor], sizes: Sequence[float]) -> torch.
 
 # how each tensor of a model output adds up over micro-batches, listed; or a function of the output's structure
 # (a captured model's: its calls may give outputs of several structures), None for a structure not known
+ROW_MEAN = "row mean"
+"""A single number's kind: a mean over rows beside a loss whose micro-batches are weighted by another count (the
+labels other than -100 it averages over), which weights it by rows all the same."""
 OutputKinds = Union[Sequence[Union[str, int, None]], Callable[[Any], Optional[Sequence[Union[str, int, None]]]]]
 
 
@@ -235,8 +238,8 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     batch dimension put together along it (dim 0, or the dim ``kinds`` gives: an RNN's last hidden state has its rows
     along dim 1), scalar ones (a loss the model computed) averaged by rows (or by ``weights``: what
     ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed, as ``kinds``
-    says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other"; without
-    ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the
+    says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other";
+    :data:`ROW_MEAN` by rows even where ``weights`` are given; without ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the
     outputs do not show a batch dimension first, hold a number the micro-batches do not
     share (``len(x)``) or one equal to each micro-batch's rows, or a scalar that adds up otherwise. Several calls of
     the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
@@ -277,9 +280,10 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if kind == "sum":
                 whole.append(torch.stack(list(column)).sum(0).to(column[0].dtype))
                 continue
-            if kind != "mean" or not column[0].is_floating_point():
+            if kind not in ("mean", ROW_MEAN) or not column[0].is_floating_point():
                 return None
-            whole.append(_row_mean(column, list(weights) if weights is not None else sizes).to(column[0].dtype))
+            by = list(weights) if weights is not None and kind != ROW_MEAN else sizes
+            whole.append(_row_mean(column, by).to(column[0].dtype))
         else:
             dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else _rows_dim(column, sizes)
             if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows

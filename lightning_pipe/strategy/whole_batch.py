@@ -171,7 +171,9 @@ class WholeBatchRuns:
         apart = "their rows along no one dim, or a number whose sum or mean over rows the model does not show"
         if counting:
             weights = self._model_counts(step, batch, rest, kwargs, microbatches, seed)
-            if weights is None:  # a mean over a count that cannot be counted here: no whole output with that loss
+            if weights is not None:  # the counts weigh the means they count, not a mean over rows beside them
+                kinds = self.split.output_kinds(False, counted=True)
+            else:  # a mean over a count that cannot be counted here: no whole output with that loss
                 kinds = lambda structure: None  # noqa: E731 - every single number's kind not known
                 apart = ("the model's loss is a mean over a count of its labels that no one count of each "
                          "micro-batch's model inputs gives: means over different counts added, or inputs the step's "
