@@ -61,7 +61,7 @@ class Reduced(nn.Module):
                 4 * (share * probability).sum(),  # a load-balancing loss: a product of two statistics: other
                 chosen.sum(0),  # tokens per expert, without rows: a sum, element by element
                 h.softmax(-1).mean(0),  # the experts' mean probability: a mean, element by element
-                self.layer.weight.sum(0),  # no rows at all: other
+                self.layer.weight.sum(0),  # reads no input (a function of the weights): alike in every micro-batch
                 (h.T @ h).sum(),  # the rows contracted: a sum of each row's outer product
                 torch.logsumexp(h, 0).sum(),  # not a sum over the rows: other
                 (h > 0).sum())  # a count (an integer): a sum
@@ -75,11 +75,11 @@ def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
     program = torch.export.export(Reduced(), (x,), dynamic_shapes=({0: torch.export.Dim("rows")},), strict=False)
     inputs = [node for node in program.graph.nodes if node.op == "placeholder" and node.name == "x"]
     rows = rows_symbols(inputs)
-    assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "other",
+    assert rows and output_kinds(program, rows) == [0, "mean", "sum", "mean", "mean", "other", "sum", "mean", "alike",
                                                     "sum", "other", "sum"]
     # without the rows' symbol (a capture of fixed sizes) the last reduction reads, as before
     assert scalar_kinds(program)[1:5] == ["sum", "mean", "mean", "mean"]
-    known = [0, 1, 2, 6, 7, 9, 11]  # an output of another kind makes no whole batch's output: left out
+    known = [0, 1, 2, 6, 7, 8, 9, 11]  # an output of another kind makes no whole batch's output: left out
     model = Reduced()
     parts = [[model(piece)[index] for index in known] for piece in x.split([2, 4])]
     whole = whole_output(parts, [2, 4], kinds=[output_kinds(program, rows)[index] for index in known])
@@ -105,6 +105,11 @@ def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_
     assert whole_output([(torch.ones(3, 2), 5, "a"), (torch.ones(1, 2), 5, "a")], [3, 1])[1:] == (5, "a")
     assert whole_output([(torch.ones(3, 2), "a"), (torch.ones(1, 2), "b")], [3, 1]) is None
     assert whole_output([(torch.ones(3, 2), True), (torch.ones(1, 2), True)], [3, 1])[1] is True
+    # a number that reads none of the batch (a learned temperature) is taken once; one that differs (a counter the
+    # model steps per call) makes none
+    alike = [(torch.ones(3, 2), torch.tensor(2.5)), (torch.ones(1, 2), torch.tensor(2.5))]
+    assert float(whole_output(alike, [3, 1], kinds=[None, "alike"])[1]) == 2.5
+    assert whole_output([alike[0], (torch.ones(1, 2), torch.tensor(3.5))], [3, 1], kinds=[None, "alike"]) is None
 
 
 class Tagger(nn.Module):

@@ -637,3 +637,64 @@ def test_a_loss_term_added_after_the_first_batches_is_checked_when_it_is_first_l
     for the first time has the next batches probed again."""
     first, last = run_ranks(_late_term, 2, timeout=150)
     assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)
+
+
+class _DualEncoder(nn.Module):
+    """open_clip's ``CLIP.forward``: both embeddings, normalized, and the learned temperature ``logit_scale.exp()``,
+    which reads none of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 8))
+        self.text = nn.Sequential(nn.Linear(10, 16), nn.GELU(), nn.Linear(16, 8))
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return F.normalize(self.image(image), dim=-1), F.normalize(self.text(text), dim=-1), self.logit_scale.exp()
+
+
+def _contrastive(rank: int, world_size: int) -> list[str]:
+    """An in-batch contrastive loss over a dual encoder's outputs, written in the step: the warnings."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class Contrastive(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _DualEncoder()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            image, text, scale = self.model(*batch)
+            logits = scale * image @ text.t()
+            labels = torch.arange(len(logits))
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.randn(24, 12, generator=generator), torch.randn(24, 10, generator=generator)), batch_size=8)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=4), max_steps=3).fit(Contrastive(), loader)
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)
+            or "not checked against a run" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_a_contrastive_loss_over_a_dual_encoder_returning_its_temperature_is_warned_of() -> None:
+    """The temperature, one number that reads none of the batch, is every micro-batch's alike: the whole batch's
+    output takes it once, and the check of the loss sees the rows coupled. It was put together as no known kind,
+    which left the loss unchecked: 0.83 logged against one device's 2.50, the weights up to 77% apart, silent."""
+    first, last = run_ranks(_contrastive, 2, timeout=150)
+    assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)

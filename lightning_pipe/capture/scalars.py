@@ -6,7 +6,9 @@ output from its micro-batches' (a run of the step on the whole batch, for its lo
 number is the micro-batches' mean for one kind and their sum for another. :func:`scalar_kinds` follows each 0-dim
 floating output back through scalings and casts to the reduction that made it: ``"mean"`` (``mean``, a loss reduced by
 its mean, a sum divided by a sum: a mean over a count), ``"sum"`` (``sum``, a loss reduced by its sum, a sum of sums),
-or ``"other"`` where it cannot tell (then no whole batch's output is made from the micro-batches'). A tensor's
+or ``"other"`` where it cannot tell (then no whole batch's output is made from the micro-batches'); an output that
+reads none of the model's inputs (open_clip's ``logit_scale.exp()`` beside the embeddings) is ``"alike"``: every
+micro-batch gives the batch's value, taken once. A tensor's
 micro-batches are put together along the dim of its rows (:func:`output_kinds`): dim 0 for most, dim 1 for an RNN's
 last hidden state, ``(layers, rows, size)``, which a step may keep to give the next batch.
 """
@@ -19,13 +21,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ConstantArgument, OutputKind
+from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from .coupling import row_dims
 
-__all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "user_outputs", "MEAN", "SUM", "OTHER"]
+__all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "user_outputs", "MEAN", "SUM", "OTHER",
+           "ALIKE"]
 
-MEAN, SUM, OTHER = "mean", "sum", "other"
+MEAN, SUM, OTHER, ALIKE = "mean", "sum", "other", "alike"
 
 _aten = torch.ops.aten
 
@@ -71,14 +74,29 @@ def output_kinds(program: ExportedProgram, rows: set[Any],
     kind (:func:`scalar_kinds`), a tensor's dim of the batch's rows (``rows``, the symbols counting them:
     :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
     dim of rows but was reduced over them (an MoE's tokens per expert, ``one_hot(choice).sum(0)``: a sum, element by
-    element), None where none is known."""
+    element), :data:`ALIKE` for one that reads none of the model's inputs (a function of the weights: a learned
+    temperature), None where none is known."""
     outputs = user_outputs(program)
+    reading = _reading_inputs(program)
     kinds: list[str | int | None] = []
     for node, kind, dim in zip(outputs, scalar_kinds(program, rows, fixed), row_dims(outputs, rows)):
+        if isinstance(node, fx.Node) and node not in reading:
+            kinds.append(ALIKE)
+            continue
         if kind is None and dim is None and rows and _without_rows(node, rows):
             kind = _kind(node, rows, 0, fixed)
         kinds.append(kind if kind is not None else dim)
     return kinds
+
+
+def _reading_inputs(program: ExportedProgram) -> set[fx.Node]:
+    """The nodes of ``program``'s graph that read one of its model inputs (the batch's tensors)."""
+    names = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    reading: set[fx.Node] = set()
+    for node in program.graph.nodes:
+        if (node.op == "placeholder" and node.name in names) or any(arg in reading for arg in node.all_input_nodes):
+            reading.add(node)
+    return reading
 
 
 def output_dims(program: ExportedProgram) -> list[int | None]:

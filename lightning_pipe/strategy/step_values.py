@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.capture.scalars import ALIKE
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
@@ -238,10 +239,11 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     batch dimension put together along it (dim 0, or the dim ``kinds`` gives: an RNN's last hidden state has its rows
     along dim 1), scalar ones (a loss the model computed) averaged by rows (or by ``weights``: what
     ``loss_reduction`` counted in each micro-batch, as the micro-batches' losses combine) or summed, as ``kinds``
-    says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other";
-    :data:`ROW_MEAN` by rows even where ``weights`` are given; without ``kinds``, averaged; of a structure the function ``kinds`` does not know, not put together); None where the
-    outputs do not show a batch dimension first, hold a number the micro-batches do not
-    share (``len(x)``) or one equal to each micro-batch's rows, or a scalar that adds up otherwise. Several calls of
+    says of each tensor (:func:`lightning_pipe.capture.scalars.output_kinds`: "mean", "sum", "other", "alike": one
+    micro-batch's where all are equal; :data:`ROW_MEAN` by rows even where ``weights`` are given; without ``kinds``,
+    averaged; of a structure the function ``kinds`` does not know, not put together); None where the outputs do not
+    show a batch dimension first, hold a number the micro-batches do not share (``len(x)``) or one equal to each
+    micro-batch's rows, or a scalar that adds up otherwise. Several calls of
     the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
     (the model run on fixed prototypes, not on the batch's rows) gives it once."""
     if outputs and all(isinstance(output, Calls) and len(output.each) == len(outputs[0].each) for output in outputs):
@@ -270,6 +272,11 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
         kinds = None
     whole = []
     for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
+        if kinds is not None and kinds[index] == ALIKE:  # read no input: every micro-batch's is the batch's
+            if not _same(list(column)):  # (a counter the model steps, a draw)
+                return None
+            whole.append(column[0])
+            continue
         scalar = all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point()
         # a tensor without rows that the model reduced over them (an MoE's tokens per expert): as a single number
         reduced = not scalar and kinds is not None and isinstance(kinds[index], str)
