@@ -1039,6 +1039,47 @@ def test_a_dataclass_output_comes_back_as_the_same_dataclass() -> None:
     torch.testing.assert_close(out.logits, model(x).logits, rtol=0, atol=0)
 
 
+@dataclasses.dataclass
+class Inputs:
+    x: torch.Tensor
+    mask: torch.Tensor
+
+
+class DataclassInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, inputs: Inputs, scale: float = 1.0) -> torch.Tensor:
+        x = inputs.x * inputs.mask[..., None]
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x * scale
+
+
+def test_a_dataclass_of_inputs_is_captured_once_for_every_batch_size() -> None:
+    """Export refused it ("Unsupported input type"; the error's hint was cut mid-sentence), and registered by hand it
+    was captured per shape: the capture registers it, and lays its sizes out as export reads them."""
+    torch.manual_seed(0)
+    model = DataclassInput()
+    splitter = Splitter(model)
+    for rows in (3, 5):
+        inputs = Inputs(torch.randn(rows, 2, 4), (torch.rand(rows, 2) > 0.3).float())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no capture per shape
+            out = splitter.run(inputs, scale=2.0)
+        torch.testing.assert_close(out, model(inputs, scale=2.0), rtol=0, atol=0)
+    assert len(splitter.captures) == 1
+
+
+def test_an_export_error_is_cut_after_a_sentence() -> None:
+    from lightning_pipe.capture.errors import _first_sentences
+
+    line = "Unsupported input type <class 'Inp'>. " + "To register a custom dataclass, use register_dataclass. " * 9
+    assert _first_sentences(line).endswith("use register_dataclass") and len(_first_sentences(line)) <= 400
+    assert _first_sentences("x" * 500) == "x" * 400 + "..."
+
+
 def test_a_nested_tensor_transformer_encoder_in_eval_mode_warns_and_agrees_off_the_padding() -> None:
     """Eagerly, nn.TransformerEncoder's nested-tensor path zeroes padded positions in eval mode; a captured graph
     computes them (torch.export takes the plain path): the capture says so, and agrees everywhere else."""

@@ -94,7 +94,7 @@ def locate_exception(error: BaseException, names: dict[int, str]) -> str:
 def explain_export_error(error: BaseException, model: nn.Module, training: bool, names: dict[int, str]) -> CaptureError:
     """A :class:`CaptureError` for an exception of ``torch.export``: where it happened and what to do about it."""
     text = str(error).strip()
-    first = text.splitlines()[0][:300] if text else type(error).__name__
+    first = _first_sentences(text.splitlines()[0]) if text else type(error).__name__
     where = locate_exception(error, names)
     mode = "train" if training else "eval"
     lifted = re.search(r"fake tensor in the exported program constant's list.*?model attribute: ([\w.]+?)\.?"
@@ -121,6 +121,15 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
         advice = _advice(error, text, where)
     return CaptureError(f"cannot capture {type(model).__name__}.forward ({mode} mode): {type(error).__name__} in "
                         f"{where}: {first}. {advice}")
+
+
+def _first_sentences(line: str, limit: int = 400) -> str:
+    """``line``, or its sentences that fit in ``limit`` characters (torch's hints end sentences: "To register a custom
+    dataclass, use torch.export.register_dataclass."), without the last full stop."""
+    if len(line) <= limit:
+        return line.removesuffix(".")
+    end = line.rfind(". ", 0, limit)
+    return line[:end] if end > 0 else line[:limit] + "..."
 
 
 def _advice(error: BaseException, text: str, where: str = "") -> str:

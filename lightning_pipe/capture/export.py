@@ -33,7 +33,7 @@ from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd
 from .guards import guarded_sizes
 from .host_random import host_random_advice, watch_host_random
 
-__all__ = ["export_forward"]
+__all__ = ["export_forward", "register_dataclass"]
 
 
 @contextlib.contextmanager
@@ -225,16 +225,23 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
 
 
 def _register_output_dataclass(error: BaseException) -> bool:
-    """Registers the dataclass export met in the model's output and could not flatten (``Found <class 'pkg.Out'>
-    in output, which is not a known type``) with ``torch.export.register_dataclass``; whether it did. Registering
-    is global, and is what lets the last segment rebuild the same dataclass."""
-    found = re.search(r"Found <class '([\w.]+)'> in output", str(error))
+    """Registers the dataclass export met in the model's output or inputs and could not flatten (``Found <class
+    'pkg.Out'> in output, which is not a known type``; ``Unsupported input type <class 'pkg.Inputs'>``) with
+    ``torch.export.register_dataclass``; whether it did. Registering is global, and is what lets the last segment
+    rebuild the same dataclass."""
+    found = re.search(r"Found <class '([\w.]+)'> in output|Unsupported input type <class '([\w.]+)'>", str(error))
     if found is None:
         return False
-    module_name, _, qualname = found.group(1).rpartition(".")
+    module_name, _, qualname = (found.group(1) or found.group(2)).rpartition(".")
     cls: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
         cls = getattr(cls, part, None)
+    return register_dataclass(cls)
+
+
+def register_dataclass(cls: Any) -> bool:
+    """Registers the dataclass ``cls`` with pytree, as export flattens one (a Hugging Face ``ModelOutput`` as
+    transformers does); whether it did (not for a class that is no dataclass, or one registered already)."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or cls in pytree.SUPPORTED_NODES:
         return False  # not a dataclass, or registered already and still failing: let the error through
     generic = sys.modules.get("transformers.utils.generic")
@@ -260,15 +267,25 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any],
                     fixed: set[tuple[str, int]] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
     """``Dim.AUTO`` for every size of every tensor input but the ``fixed`` ones (``(pytree.keystr path in the bound
     arguments, dim)``), laid out as export binds the inputs to forward's parameters (a ``**kwargs`` parameter takes a
-    dict of its own)."""
+    dict of its own; a class of the user's registered with pytree, as a dataclass of inputs, its flattened list)."""
+    def own(value: Any) -> bool:  # a registered class not built into pytree: export reads its flattened list
+        kind = pytree._get_node_type(value)
+        return kind in pytree.SUPPORTED_NODES and kind not in pytree.BUILTIN_TYPES
+
     def auto(path: pytree.KeyPath, value: Any) -> Any:
+        if own(value):
+            node = pytree.SUPPORTED_NODES[pytree._get_node_type(value)]
+            keyed = node.flatten_with_keys_fn(value)[0] if node.flatten_with_keys_fn is not None else \
+                [(pytree.SequenceKey(index), child) for index, child in enumerate(node.flatten_fn(value)[0])]
+            return [pytree.tree_map_with_path(lambda inner, leaf: auto((*path, key, *inner), leaf), child,
+                                              is_leaf=own) for key, child in keyed]
         if not isinstance(value, torch.Tensor):
             return None
         where = pytree.keystr(path)
         return {d: Dim.STATIC if (where, d) in fixed else Dim.AUTO for d in range(value.dim())}
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return pytree.tree_map_with_path(auto, dict(bound.arguments))
+    return pytree.tree_map_with_path(auto, dict(bound.arguments), is_leaf=own)
 
 
 @contextlib.contextmanager

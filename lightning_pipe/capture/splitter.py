@@ -19,7 +19,7 @@ from .cache import Capture, CaptureCache, modes_of
 from .coupling import rows_meet, rows_symbols
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
-from .export import export_forward
+from .export import export_forward, register_dataclass
 from .graph import Recompute, chained_lists, lay_out
 from .losses import counted_means, mean_losses
 from .materialize import materialize
@@ -111,7 +111,7 @@ class Splitter:
         training = self.model.training if training is None else training
         self.follow_modes(training)
         kwargs = self._ordered(kwargs)
-        flat, _ = pytree.tree_flatten((_positional(args), kwargs))
+        flat, _ = _flattened(args, kwargs)
         found = self.cache.for_inputs(training, flat)
         return found if found is not None else self._capture(tuple(args), kwargs, training, flat)
 
@@ -126,7 +126,7 @@ class Splitter:
         else:
             self.cache.modes = modes
         kwargs = self._ordered(kwargs)
-        flat, spec = pytree.tree_flatten((_positional(args), kwargs))
+        flat, spec = _flattened(args, kwargs)
         capture = self.cache.for_inputs(training, flat)
         if capture is None:
             capture = self._capture(tuple(args), kwargs, training, flat)
@@ -160,7 +160,7 @@ class Splitter:
 
     def leaves(self, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> list[Any]:
         """The leaves :meth:`flat_inputs` gives for these inputs, without capturing anything."""
-        return pytree.tree_flatten((_positional(args), self._ordered(kwargs)))[0]
+        return _flattened(args, self._ordered(kwargs))[0]
 
     def segments(self, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None, *,
                  training: bool | None = None) -> list[Segment]:
@@ -376,6 +376,15 @@ class _NestedTensorEncoders:
                           f"the output is pooled (the unpadded outputs are equal), or build it with "
                           f"enable_nested_tensor=False", stacklevel=4)
 
+
+
+def _flattened(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[list[Any], pytree.TreeSpec]:
+    """The pytree leaves and structure of a model call's ``(args, kwargs)``; a dataclass of inputs (``model(Inputs(x,
+    mask))``), which export refuses unregistered, registered first, so that its tensors are leaves."""
+    while True:
+        flat, spec = pytree.tree_flatten((_positional(args), kwargs))
+        if not any([register_dataclass(type(leaf)) for leaf in flat if not isinstance(leaf, torch.Tensor)]):
+            return flat, spec
 
 
 def _positional(args: Sequence[Any]) -> tuple:
