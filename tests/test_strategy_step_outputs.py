@@ -1010,9 +1010,30 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
         def on_before_optimizer_step(self, optimizer: Any) -> None:
             if where == "attribute":
                 norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
-            else:  # the name imported from torch.nn.utils, the infinity norm
+            elif where == "imported":  # the name imported from torch.nn.utils, the infinity norm
                 norm = clip_grad_norm_(self.parameters(), 0.05, norm_type=float("inf"))
+            elif where == "total":  # torch's two steps of it
+                grads = [p for p in self.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+                torch.nn.utils.clip_grads_with_norm_(grads, 0.1, norm)
+            else:
+                return
             self.log("pre_clip_norm", norm)
+
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                        gradient_clip_algorithm: Any = None) -> None:
+            if where in ("configured", "configured-tail"):  # Lightning's hook for it; a part of the model one rank holds
+                norm = torch.nn.utils.clip_grad_norm_(self.net[:3].parameters() if where == "configured" else
+                                                      self.net[4].parameters(), 0.05)
+                self.log("pre_clip_norm", norm)
+
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
+            if where == "closure-first":  # the closure called first, clipped, then stepped
+                optimizer_closure()
+                self.log("pre_clip_norm", torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1))
+                optimizer.step()
+            else:
+                optimizer.step(closure=optimizer_closure)
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -1024,16 +1045,21 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
     trainer.save_checkpoint(f"{tmp}/{world_size}.ckpt")
     import torch.nn.utils.clip_grad as torchs
 
-    restored = torch.nn.utils.clip_grad_norm_ is torchs.clip_grad_norm_ is globals()["clip_grad_norm_"]
+    restored = torch.nn.utils.clip_grad_norm_ is torchs.clip_grad_norm_ is globals()["clip_grad_norm_"] and \
+        torch.nn.utils.get_total_norm is torchs._get_total_norm
     return {"logged": float(trainer.callback_metrics["pre_clip_norm"]), "restored": restored,
             "state": torch.load(f"{tmp}/{world_size}.ckpt", weights_only=False)["state_dict"]}
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["attribute", "imported"])
+@pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
+                                   "closure-first"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
-    hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it."""
+    hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
+    steps (get_total_norm, clip_grads_with_norm_), and so it does in configure_gradient_clipping (the first layers,
+    which both ranks hold part of; the last one, which one rank holds: the other logged 0) and in an optimizer_step
+    that calls the closure first (these were each rank's share, silently, found by review)."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

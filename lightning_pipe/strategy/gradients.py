@@ -23,7 +23,7 @@ from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 if TYPE_CHECKING:
     from lightning_pipe.strategy.tied import TiedParameters
 
-__all__ = ["HeldGradients", "clip_grad_norm_global", "clip_grad_norm_over"]
+__all__ = ["HeldGradients", "clip_grad_norm_global", "GlobalNorms"]
 
 
 class HeldGradients:
@@ -84,13 +84,23 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
+    total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite)
+    scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
+    return total
+
+
+def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.ProcessGroup | None, timeout: float,
+                 error_if_nonfinite: bool) -> torch.Tensor:
+    """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together."""
+    device = grads[0].device if grads else torch.device("cpu")
     if dist.is_initialized():
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     norm_type = float(norm_type)
     infinite = norm_type == float("inf")
-    norms = [torch.linalg.vector_norm(p.grad, norm_type, dtype=torch.float32).to(device) for p in params if counts(p)]
+    norms = [torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32).to(device) for grad in grads]
     total = torch.zeros((), dtype=torch.float32, device=device)
     if norms:  # this rank's part: the largest magnitude, or the sum of the norms' powers
         stacked = torch.stack(norms)
@@ -104,19 +114,29 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
                            f"it cannot be clipped. To disable this error and scale the gradients by the non-finite "
                            f"norm anyway, set `error_if_nonfinite=False`")
-    scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
     return total
 
 
-def clip_grad_norm_over(group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool],
-                        timeout: float) -> Callable[..., torch.Tensor]:
-    """A ``torch.nn.utils.clip_grad_norm_`` (its signature) that clips by the norm over every rank of ``group``: for
-    the gradient hooks, which every rank runs over its own stages' parameters."""
+class GlobalNorms:
+    """Stand-ins for torch's ``clip_grad_norm_`` and ``get_total_norm`` (their signatures) that take the norm over
+    every rank of ``group``: for the hooks where one device clips (the gradient hooks, ``configure_gradient_clipping``,
+    ``optimizer_step``), which every rank runs over its own stages' parameters. ``counts``: whether a parameter's
+    gradient counts in the norm (a tied parameter's second copy does not); ``parameters``: the module's, to tell the
+    parameter of a gradient ``get_total_norm`` is given."""
 
-    def clip_grad_norm_(parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float, norm_type: float = 2.0,
-                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
-        return clip_grad_norm_global(parameters, max_norm, counts, group, timeout, norm_type, error_if_nonfinite)
+    def __init__(self, group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool], timeout: float,
+                 parameters: Callable[[], Iterable[nn.Parameter]] = lambda: ()) -> None:
+        self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
 
-    return clip_grad_norm_
+    def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
+                        norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> torch.Tensor:
+        return clip_grad_norm_global(parameters, max_norm, self.counts, self.group, self.timeout, norm_type,
+                                     error_if_nonfinite)
+
+    def get_total_norm(self, tensors: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0,
+                       error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+        grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        owners = {id(p.grad): p for p in self.parameters() if p.grad is not None}
+        kept = [grad for grad in grads if id(grad) not in owners or self.counts(owners[id(grad)])]
+        return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite)

@@ -32,30 +32,40 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 
+from lightning_pipe.strategy.gradients import GlobalNorms
+
 __all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
 
 _GRADIENT_HOOKS = ("on_before_optimizer_step", "on_after_backward")
+_CLIPPING = "configure_gradient_clipping"  # the module's: gathered, and clipped by every rank's norm
+_STEPPING = "optimizer_step"  # the module's, where it clips after calling the closure: clipped so, not gathered
 _EPOCH_HOOKS = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end")
-_HOOKS = _GRADIENT_HOOKS + _EPOCH_HOOKS
+_HOOKS = _GRADIENT_HOOKS + _EPOCH_HOOKS + (_CLIPPING, _STEPPING)
 _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
 def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]],
-                     callbacks: Sequence[Callback] = (), clip: Callable[..., Any] | None = None) -> None:
+                     callbacks: Sequence[Callback] = (), clip: GlobalNorms | None = None) -> None:
     """Wrap the gradient and epoch-end hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
-    ``on_before_optimizer_step``; Lightning's own callbacks log nothing there) so that what they log through the
-    module is every rank's (``gather_text``: every pipeline rank's text, a collective every rank makes in the hook,
-    which ends with another rank's error where that rank failed; synchronous schedules only, whose ranks all reach
-    it). In the gradient hooks, ``torch.nn.utils.clip_grad_norm_`` is ``clip`` (where given): the norm over every
-    rank's gradients, as one device clips by. Hooks not overridden are left alone; :func:`release_hook_logs` undoes
-    it."""
+    ``on_before_optimizer_step``; Lightning's own callbacks log nothing there), and the module's
+    ``configure_gradient_clipping``, so that what they log through the module is every rank's (``gather_text``: every
+    pipeline rank's text, a collective every rank makes in the hook, which ends with another rank's error where that
+    rank failed; synchronous schedules only, whose ranks all reach it). In those and in the module's
+    ``optimizer_step`` (clipping after it called the closure), torch's ``clip_grad_norm_`` and ``get_total_norm``
+    are ``clip``'s (where given): the norm over every rank's gradients, as one device clips by. Hooks not overridden
+    are left alone; :func:`release_hook_logs` undoes it."""
     for owner, base in [(module, LightningModule), *((callback, Callback) for callback in callbacks)]:
         lightnings = type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
-        for name in _GRADIENT_HOOKS if lightnings else _HOOKS:
+        names = _GRADIENT_HOOKS if lightnings else _HOOKS if owner is module else _GRADIENT_HOOKS + _EPOCH_HOOKS
+        for name in names:
             if getattr(type(owner), name) is getattr(base, name) or name in vars(owner):
                 continue
-            setattr(owner, name, functools.partial(_gathered, module, getattr(owner, name), gather_text,
-                                                   clip if name in _GRADIENT_HOOKS else None))
+            hook = getattr(owner, name)
+            if name == _STEPPING:
+                setattr(owner, name, functools.partial(_clipping, hook, clip))
+                continue
+            setattr(owner, name, functools.partial(_gathered, module, hook, gather_text,
+                                                   clip if name in (*_GRADIENT_HOOKS, _CLIPPING) else None))
 
 
 def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
@@ -63,29 +73,40 @@ def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = (
     for owner in (module, *callbacks):
         for name in _HOOKS:
             wrapped = vars(owner).get(name)
-            if isinstance(wrapped, functools.partial) and wrapped.func is _gathered:
+            if isinstance(wrapped, functools.partial) and wrapped.func in (_gathered, _clipping):
                 delattr(owner, name)
 
 
+def _clipping(hook: Callable[..., Any], clip: GlobalNorms | None, *args: Any, **kwargs: Any) -> Any:
+    with _clipping_by(clip, hook):
+        return hook(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _clipping_by(clip: Callable[..., Any] | None, hook: Callable[..., Any]) -> Iterator[None]:
-    """Inside, ``torch.nn.utils.clip_grad_norm_`` is ``clip``: as torch's module attribute, and where the hook's module
-    imported it by name (``from torch.nn.utils import clip_grad_norm_``)."""
+def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[None]:
+    """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
+    ``clip``'s: as torch's module attributes, and where the hook's module imported them by name (``from
+    torch.nn.utils import clip_grad_norm_``)."""
     if clip is None:
         yield
         return
     import torch.nn.utils.clip_grad as clip_grad
 
-    original = clip_grad.clip_grad_norm_
     names = getattr(getattr(hook, "__func__", hook), "__globals__", {})
-    places = [(torch.nn.utils, "clip_grad_norm_"), (clip_grad, "clip_grad_norm_")]
-    places += [(names, key) for key, value in list(names.items()) if value is original]
-    for owner, key in places:
-        _put(owner, key, clip)
+    places: list[tuple[Any, str, Any, Any]] = []  # (owner, key, torch's, the stand-in)
+    for original, stand_in, where in (
+            (clip_grad.clip_grad_norm_, clip.clip_grad_norm_, ((torch.nn.utils, "clip_grad_norm_"),
+                                                               (clip_grad, "clip_grad_norm_"))),
+            (clip_grad._get_total_norm, clip.get_total_norm, ((torch.nn.utils, "get_total_norm"),
+                                                              (clip_grad, "_get_total_norm")))):
+        places += [(owner, key, original, stand_in) for owner, key in where if hasattr(owner, key)]
+        places += [(names, key, original, stand_in) for key, value in list(names.items()) if value is original]
+    for owner, key, _, stand_in in places:
+        _put(owner, key, stand_in)
     try:
         yield
     finally:
-        for owner, key in places:
+        for owner, key, original, _ in places:
             _put(owner, key, original)
 
 

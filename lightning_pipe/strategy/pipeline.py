@@ -47,7 +47,7 @@ from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_log
 from lightning_pipe.strategy.data_order import check_distributed_samplers, share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
-from lightning_pipe.strategy.gradients import HeldGradients, clip_grad_norm_over
+from lightning_pipe.strategy.gradients import GlobalNorms, HeldGradients
 from lightning_pipe.strategy.materialize import LocalMaterializer
 from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
@@ -430,7 +430,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
-            clip = clip_grad_norm_over(pipeline.group, self.runner.counts_in_norm, self.settings.wait_timeout)
+            clip = GlobalNorms(pipeline.group, self.runner.counts_in_norm, self.settings.wait_timeout,
+                               module.parameters)
             gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
