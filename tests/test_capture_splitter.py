@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -1078,6 +1078,34 @@ def test_an_export_error_is_cut_after_a_sentence() -> None:
     line = "Unsupported input type <class 'Inp'>. " + "To register a custom dataclass, use register_dataclass. " * 9
     assert _first_sentences(line).endswith("use register_dataclass") and len(_first_sentences(line)) <= 400
     assert _first_sentences("x" * 500) == "x" * 400 + "..."
+
+
+class AliasedShared(nn.Module):
+    """One block applied at two places of its list (a universal transformer), also kept under a name of its own that
+    is registered first: ``named_modules()`` lists it there only, not as ``blocks.0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.blocks = nn.ModuleList([self.shared, nn.Sequential(nn.Linear(4, 4), nn.Tanh()), self.shared,
+                                     nn.Sequential(nn.Linear(4, 4), nn.Tanh())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+@pytest.mark.parametrize("split_points", [None, ["blocks.2"]])
+def test_a_shared_block_known_first_by_another_name_is_cut_at_its_places_in_the_list(split_points: Any) -> None:
+    """The default cut looked its blocks up among ``named_modules()`` (KeyError: 'blocks.0', found by review), and a
+    split point at such a place was said not to exist."""
+    torch.manual_seed(0)
+    model, x = AliasedShared(), torch.randn(3, 4)
+    splitter = Splitter(model, split_points)
+    out = splitter.run(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    assert splitter.num_segments >= 2
 
 
 def test_a_nested_tensor_transformer_encoder_in_eval_mode_warns_and_agrees_off_the_padding() -> None:

@@ -135,7 +135,7 @@ def listed_blocks(model: nn.Module, blocks: Sequence[str]) -> list[list[str]]:
     experts); else the ``nn.Sequential`` containers of blocks of several classes (EdgeNeXt's convolution blocks, then an
     attention block, in each stage)."""
     census = _census(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     blocks_total = sum(p.numel() for name in blocks for p in modules[name].parameters())
     candidates = [cls for cls, lists in census.lists.items() if census.composite[cls]
                   and census.total[cls] >= 0.5 * blocks_total
@@ -190,7 +190,7 @@ def normalize_split_points(model: nn.Module, points: SplitPoints) -> list[Cut]:
             else:
                 raise TypeError(f"split point {point!r}: give a module name ('blocks.3', cut before it) or a pair "
                                 f"('blocks.3', 'end') (cut after it)")
-    names = {name for name, _ in model.named_modules() if name}
+    names = {name for name, _ in model.named_modules(remove_duplicate=False) if name}
     for name, _ in items:
         if name not in names:
             close = difflib.get_close_matches(name, sorted(names), n=3)
