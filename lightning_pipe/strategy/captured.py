@@ -447,7 +447,7 @@ class CapturedModule:
         """Run ``step`` on ``microbatch`` with the model returning ``output``; returns what the step returns."""
         assert self.proxy is not None
         calls = self.calls
-        calls.serve(output, self.mode, ran=(self.training, self.modes))
+        calls.serve(output, self.mode, ran=(self.training, self.modes), step=step)
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None \
             else contextlib.nullcontext()
         try:

@@ -118,6 +118,7 @@ class ModelCalls:
         self._metrics: MetricTracker | None = None
         self._limit: int | None = None  # capture: the calls after which the run stops
         self.mode: str | None = None  # "capture", "output", or None outside a step
+        self.step = "the step"  # the step being answered (named in errors)
         self.recorded: list[Any] = []  # capture: each call's input
         self.needs_grad = False  # capture: a call's input required grad, with gradients on at the call
         self.output: Any = None  # output: the pipeline's output, Calls for several calls
@@ -173,11 +174,11 @@ class ModelCalls:
         """The pipeline's input for the recorded calls: one call's as it is, several as :class:`Calls`."""
         return recorded[0] if len(recorded) == 1 else Calls(tuple(recorded))
 
-    def serve(self, output: Any, training: Callable[[], Any], ran: Any = None) -> None:
-        """The last stage: answer the step's calls with ``output`` (the pipeline's output, run in the mode ``ran``,
+    def serve(self, output: Any, training: Callable[[], Any], ran: Any = None, step: str = "the step") -> None:
+        """The last stage: answer ``step``'s calls with ``output`` (the pipeline's output, run in the mode ``ran``,
         by default the one ``training()`` says now, with the gradient mode and autocast state of now: the step's).
         A mode is ``training``'s value: the model's (a bool), or that and the modules in the other one."""
-        self.mode, self.output, self.calls = "output", output, 0
+        self.mode, self.output, self.calls, self.step = "output", output, 0, step
         self._training = training
         self.context = (torch.is_grad_enabled(), training() if ran is None else ran, autocast_state())
 
@@ -205,7 +206,7 @@ class ModelCalls:
         outputs = self.output.each if isinstance(self.output, Calls) else (self.output,)
         if self.calls > len(outputs):
             sent = f"{len(outputs)} call{'s' if len(outputs) > 1 else ''}"
-            raise RuntimeError(f"the step calls {self.where} once more than the first stage saw ({sent}): before "
+            raise RuntimeError(f"{self.step} calls {self.where} once more than the first stage saw ({sent}): before "
                                f"call {self.calls} it uses an earlier call's output, which the first stage does not "
                                f"have (pools or reads it, computes the call's input from it, or fails without it), "
                                f"or it makes more calls than in its first run. A pipeline learns every call's input "

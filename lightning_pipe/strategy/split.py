@@ -234,7 +234,7 @@ class SplitModule:
         """Run ``step`` on ``microbatch`` with the sequence returning ``output``; returns what the step returns."""
         proxy = self._proxy()
         calls = proxy.model_calls
-        calls.serve(output, lambda: proxy.training)
+        calls.serve(output, lambda: proxy.training, step=step)
         deferring = self.deferred.around(lambda: calls.answered) if self.deferred is not None else nullcontext()
         try:
             with deferring:  # code before the sequence ran on the first stage: here it runs only where it is used
