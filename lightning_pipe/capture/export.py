@@ -84,8 +84,8 @@ def _no_backward_hooks(model: nn.Module, names: dict[int, str]) -> Iterator[None
 
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
                    meta: bool, allow_autograd_functions: bool, device: torch.device = META,
-                   fixed_sizes: set[tuple[str, int]] | None = None,
-                   reads: list[Read] | None = None) -> tuple[ExportedProgram, bool]:
+                   fixed_sizes: set[tuple[str, int]] | None = None, reads: list[Read] | None = None,
+                   rematerialized: bool = False) -> tuple[ExportedProgram, bool]:
     """Export ``model(*args, **kwargs)`` in train or eval mode; returns the program and whether its sizes are
     symbolic (``dynamic=True`` tries that first and falls back to the example's sizes, with a warning).
 
@@ -95,12 +95,14 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
 
     ``fixed_sizes``: the input sizes (``(path, dim)``) earlier captures of the model fixed (:mod:`.guards`), fixed here
     too; the ones this capture fixes are added to it. ``reads`` gets the plain attributes the forward read, with the
-    values the graph keeps (:class:`~.assignments.Read`).
+    values the graph keeps (:class:`~.assignments.Read`). ``rematerialized``: the pipeline re-materializes every
+    stage, so the forward's own ``torch.utils.checkpoint`` calls, which the graph runs plainly, go unsaid.
     """
     assignments = Assignments(model, module_names(model))
     try:
         exported = _export(model, args, kwargs, assignments, training=training, dynamic=dynamic, meta=meta,
-                           allow_autograd_functions=allow_autograd_functions, device=device, fixed_sizes=fixed_sizes)
+                           allow_autograd_functions=allow_autograd_functions, device=device, fixed_sizes=fixed_sizes,
+                           rematerialized=rematerialized)
         if reads is not None:
             reads.extend(assignments.reads())
         return exported
@@ -110,7 +112,7 @@ def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, tra
 
 def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: Assignments, *, training: bool,
             dynamic: bool, meta: bool, allow_autograd_functions: bool, device: torch.device,
-            fixed_sizes: set[tuple[str, int]] | None) -> tuple[ExportedProgram, bool]:
+            fixed_sizes: set[tuple[str, int]] | None, rematerialized: bool) -> tuple[ExportedProgram, bool]:
     if kwargs.get("use_cache") is True:
         raise CaptureError(f"{type(model).__name__} was called with use_cache=True: a key/value cache cannot cross "
                            f"pipeline stages; pass use_cache=False")
@@ -194,7 +196,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
         if assignments.carried:
             warnings.warn(carried_advice(type(model).__name__, assignments.carried), stacklevel=3)
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
-        if checkpoints:
+        if checkpoints and not rematerialized:
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
                           f"{listed(checkpoints)}): a captured graph runs those layers plainly and keeps their "
                           f"activations (gradients are exact); for the memory, pass "

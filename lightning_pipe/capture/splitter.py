@@ -69,7 +69,7 @@ class Splitter:
 
     def __init__(self, model: nn.Module, split_points: SplitPoints | None = None, *, dynamic: bool = True,
                  recompute: Recompute = "auto", allow_autograd_functions: bool = False,
-                 capture_on_meta: bool | None = None) -> None:
+                 capture_on_meta: bool | None = None, rematerialized: bool = False) -> None:
         if recompute not in (True, False, "auto"):
             raise ValueError(f"recompute must be True, False or 'auto', got {recompute!r}")
         self.model = model
@@ -82,6 +82,7 @@ class Splitter:
         self.recompute = recompute
         self.allow_autograd_functions = allow_autograd_functions
         self.capture_on_meta = capture_on_meta
+        self.rematerialized = rematerialized  # the pipeline re-materializes every stage (checkpoint_activations)
         self.device: torch.device | None = None  # where the graphs run; None: where they were captured
         self.cache = CaptureCache()
         self.unread_state: set[str] = set()  # the model's state the first capture's graphs do not read
@@ -241,7 +242,8 @@ class Splitter:
             reads: list[Read] = []
             program, dynamic = export_forward(self.model, args, kwargs, training=training, dynamic=self.dynamic,
                                               meta=meta, allow_autograd_functions=self.allow_autograd_functions,
-                                              device=device, fixed_sizes=self._fixed_sizes, reads=reads)
+                                              device=device, fixed_sizes=self._fixed_sizes, reads=reads,
+                                              rematerialized=self.rematerialized)
             for read in reads:  # the value the first capture that read it keeps
                 self.reads.setdefault((id(read.module), read.name), read)
         finally:

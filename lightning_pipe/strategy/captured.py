@@ -104,7 +104,7 @@ class CapturedModule:
 
     def __init__(self, module: nn.Module, path: str, split_points: Any = None, group: Any = None,
                  device: torch.device | None = None, allow_autograd_functions: bool = False,
-                 dynamic_shapes: bool = True) -> None:
+                 dynamic_shapes: bool = True, rematerialized: bool = False) -> None:
         self.module = module
         self.path = path
         self.root = path == ""  # the module's own forward is the model
@@ -122,7 +122,7 @@ class CapturedModule:
                                   if p.requires_grad and id(p) not in inside]
         try:
             self.splitter = Splitter(self.model, split_points, dynamic=dynamic_shapes,
-                                     allow_autograd_functions=allow_autograd_functions)
+                                     allow_autograd_functions=allow_autograd_functions, rematerialized=rematerialized)
         except (CaptureError, ValueError) as error:
             raise ValueError(f"split_points for {self.where}: {error}") from None
         self.group = group

@@ -179,7 +179,8 @@ class PipelineCutting:
         def capture(path: str) -> CapturedModule:
             return CapturedModule(module, path, self.settings.split_points, group, self._collective_device(),
                                   allow_autograd_functions=self.settings.allow_autograd_functions,
-                                  dynamic_shapes=self.settings.dynamic_shapes)
+                                  dynamic_shapes=self.settings.dynamic_shapes,
+                                  rematerialized=self.settings.checkpoint_activations)
 
         captured = capture(layers)
         how = (f"the model at {layers!r} is captured from the first batch of {{hook}}: give the Trainer data, or make "
