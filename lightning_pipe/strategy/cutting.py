@@ -218,8 +218,10 @@ class PipelineCutting:
                                f"(labels torch.arange(len(logits)), a capacity), {alone}, and the loss and its "
                                f"gradients are not one device's: num_microbatches=1 gives one device's")
             else:
-                rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: {alone}, and the loss and its gradients "
-                               f"are not one device's. For one device's, pass num_microbatches=1"
+                rank_zero_warn(f"{type(captured.model).__name__}: {meeting}: {alone}, and where that reaches the "
+                               f"output the loss and its gradients are not one device's (a value a torch.where picks "
+                               f"for some rows only, as a scaler's default for series with nothing observed, reaches "
+                               f"it for those rows alone). For one device's, pass num_microbatches=1"
                                + ("; a contrastive loss over fewer rows also trains, with fewer negatives per row"
                                   if "contrastive" in meeting else ""))
         return captured
