@@ -417,3 +417,46 @@ def test_evaluation_dataloaders_whose_steps_call_the_model_differently_are_captu
     assert set(expected) == {"val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"}
     for got in run_ranks(_two_loaders, 2, timeout=100):
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def _averaged_copy(rank: int, world_size: int) -> None:
+    """An EMA of the model kept as torch's AveragedModel, made in on_fit_start (after the cut) and evaluated in
+    validation_step: a copy of this rank's share, which cannot run."""
+    import lightning as L
+    from torch.optim.swa_utils import AveragedModel
+
+    from lightning_pipe import PipelineStrategy
+
+    class Averaged(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _Twin(batch_norm=False)
+
+        def on_fit_start(self) -> None:
+            self.ema = AveragedModel(self.model)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.model(batch[0]).pow(2).mean()
+
+        def on_train_batch_end(self, *_: Any) -> None:
+            self.ema.update_parameters(self.model)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_ema", self.ema(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.set_num_threads(1)
+    quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_epochs=1,
+                  limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0).fit(Averaged(), _data(), _data())
+
+
+@pytest.mark.timeout(120)
+def test_a_copy_of_the_cut_model_called_in_a_step_is_refused_naming_the_copy_and_the_callbacks_to_use() -> None:
+    """The error said the model runs only inside the steps, though the copy was called inside one (found by
+    review)."""
+    errors = run_ranks(_averaged_copy, 2, timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "AveragedModel made in a hook after the cut" in error, error
+        assert "EMAWeightAveraging" in error
