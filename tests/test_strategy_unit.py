@@ -573,6 +573,23 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     assert rule is None and "IndexError" in why and "Target 2 is out of bounds" in why
 
 
+def test_an_output_the_micro_batches_do_not_make_the_batchs_is_stood_in_for_where_the_loss_does_not_read_it() -> None:
+    """A model returning beside its rows a number over them that is no mean or sum (a VQ-VAE's codebook perplexity):
+    the whole batch's output could not be made, so a loss summed over the rows went unchecked and trained as a mean
+    (gradients 4x too small, silent: found by review). Where the step's loss does not read that number, one
+    micro-batch's stands in; where it does, no verdict, and why."""
+    from lightning_pipe.strategy.reduction import Probe, verdict
+
+    probe = Probe(torch.zeros(4, 1))
+    for rows, (value, stat) in zip((2, 2), ((1.0, 5.0), (3.0, 7.0))):
+        probe.add((torch.full((rows, 1), value), torch.tensor(stat)), torch.tensor(value * rows), rows)
+    kinds = [0, "other"]
+    summed = verdict(probe, lambda output, batch, draw: output[0].sum(), kinds)
+    assert summed[0] == "sum", summed
+    reading = verdict(probe, lambda output, batch, draw: output[0].sum() + output[1], kinds)
+    assert reading[0] is None and "reads an output of the model" in reading[1], reading
+
+
 def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:
     from lightning_pipe.strategy.reduction import Counts
 

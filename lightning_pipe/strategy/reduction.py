@@ -163,8 +163,10 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         return None, "one micro-batch"
     # (a loss the model computed itself: its micro-batches' values combined as told, by the counts)
     output, batch = whole_output(probe.outputs, probe.rows, probe.counts, kinds=kinds), probe.batch
-    if output is None:  # the model ran on something else than the batch's rows (a triplet's three parts stacked)
-        return None, "the model's outputs do not hold the batch's rows first"
+    if output is None:  # some output the micro-batches' do not make the batch's: told apart if the loss reads it
+        output, why = _stood_in(probe, run_whole, kinds)
+        if output is None:
+            return None, why
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.counts if probe.counts is not None else probe.rows, dtype=torch.float64)
     counted = weights > 0  # a micro-batch that counts nothing weighs nothing (its mean over nothing is NaN)
@@ -213,6 +215,27 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
                 return rule, (f"{why}, with the single numbers the model returns summed over the micro-batches: on "
                               f"the whole batch {again:.6g}")
     return "neither", why
+
+
+def _stood_in(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
+              kinds: OutputKinds | None) -> tuple[Any, str]:
+    """The whole batch's model output for a probe whose micro-batches' outputs hold something they do not make the
+    batch's (a number over the rows that is no mean or sum, as a VQ-VAE's codebook perplexity; a tensor of another
+    length): that part is one micro-batch's, where the step's loss on the whole batch does not read it (the same with
+    the first micro-batch's and with the last's); else None, and why."""
+    stand_ins = [whole_output(probe.outputs, probe.rows, probe.counts, kinds=kinds, fill=fill)
+                 for fill in (0, len(probe.outputs) - 1)]
+    apart = "the model's outputs do not hold the batch's rows first"
+    if any(output is None for output in stand_ins):  # the model ran on something else than the batch's rows
+        return None, apart
+    try:
+        first, last = (float(run_whole(output, probe.batch, 0).detach().double().cpu()) for output in stand_ins)
+    except Exception:  # noqa: BLE001 - a step that fails on such outputs: no telling
+        return None, apart
+    if not (first == last or abs(first - last) <= LOSS_TOLERANCE * max(abs(first), abs(last), 1e-12)):
+        return None, ("the step's loss reads an output of the model that its micro-batches' outputs do not make the "
+                      "batch's (a number over the rows that is neither a mean nor a sum of them)")
+    return stand_ins[0], ""
 
 
 def _scalars_summed(probe: Probe, kinds: OutputKinds | None) -> list[str | None] | None:

@@ -234,7 +234,7 @@ OutputKinds = Union[Sequence[Union[str, int, None]], Callable[[Any], Optional[Se
 
 
 def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None,
-                 kinds: OutputKinds | None = None) -> Any | None:
+                 kinds: OutputKinds | None = None, fill: int | None = None) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
     batch dimension put together along it (dim 0, or the dim ``kinds`` gives: an RNN's last hidden state has its rows
     along dim 1), scalar ones (a loss the model computed) averaged by rows (or by ``weights``: what
@@ -245,7 +245,9 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
     show a batch dimension first, hold a number the micro-batches do not share (``len(x)``) or one equal to each
     micro-batch's rows, or a scalar that adds up otherwise. Several calls of
     the model (:class:`Calls`) are put together call by call; a call whose output is the same in every micro-batch
-    (the model run on fixed prototypes, not on the batch's rows) gives it once."""
+    (the model run on fixed prototypes, not on the batch's rows) gives it once. ``fill``: a tensor the micro-batches'
+    do not make the batch's is micro-batch ``fill``'s (a stand-in, for a step that may not read it) rather than
+    making the whole output None."""
     if outputs and all(isinstance(output, Calls) and len(output.each) == len(outputs[0].each) for output in outputs):
         calls = []
         for index in range(len(outputs[0].each)):
@@ -253,7 +255,7 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if len(each) > 1 and _same(each):
                 calls.append(each[0])
                 continue
-            whole = whole_output(each, sizes, weights, kinds)
+            whole = whole_output(each, sizes, weights, kinds, fill)
             if whole is None:
                 return None
             calls.append(whole)
@@ -272,32 +274,37 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
         kinds = None
     whole = []
     for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
-        if kinds is not None and kinds[index] == ALIKE:  # read no input: every micro-batch's is the batch's
-            if not _same(list(column)):  # (a counter the model steps, a draw)
-                return None
-            whole.append(column[0])
-            continue
-        scalar = all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point()
-        # a tensor without rows that the model reduced over them (an MoE's tokens per expert): as a single number
-        reduced = not scalar and kinds is not None and isinstance(kinds[index], str)
-        if scalar or reduced:
-            kind = kinds[index] if kinds is not None else unknown
-            if reduced and any(leaf.shape != column[0].shape for leaf in column):
-                return None
-            if kind == "sum":
-                whole.append(torch.stack(list(column)).sum(0).to(column[0].dtype))
-                continue
-            if kind not in ("mean", ROW_MEAN) or not column[0].is_floating_point():
-                return None
-            by = list(weights) if weights is not None and kind != ROW_MEAN else sizes
-            whole.append(_row_mean(column, by).to(column[0].dtype))
-        else:
-            dim = kinds[index] if kinds is not None and isinstance(kinds[index], int) else _rows_dim(column, sizes)
-            if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows
-                                      for leaf, rows in zip(column, sizes)):
-                return None
-            whole.append(torch.cat(column, dim))
+        joined = _joined_column(list(column), sizes, weights, kinds[index] if kinds is not None else None,
+                                kinds is not None, unknown)
+        if joined is None and fill is None:
+            return None
+        whole.append(column[fill] if joined is None else joined)
     return tree_unflatten(whole, spec)
+
+
+def _joined_column(column: list[torch.Tensor], sizes: list[int], weights: Sequence[float] | None,
+                   kind: str | int | None, known: bool, unknown: str) -> torch.Tensor | None:
+    """One tensor of the whole batch's output from its micro-batches' ``column`` (see :func:`whole_output`; ``kind``
+    its kind where ``known``, else ``unknown`` for a single number); None where they do not make one."""
+    if kind == ALIKE:  # read no input: every micro-batch's is the batch's
+        return column[0] if _same(column) else None  # (not a counter the model steps, a draw)
+    scalar = all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point()
+    # a tensor without rows that the model reduced over them (an MoE's tokens per expert): as a single number
+    reduced = not scalar and known and isinstance(kind, str)
+    if scalar or reduced:
+        kind = kind if known else unknown
+        if reduced and any(leaf.shape != column[0].shape for leaf in column):
+            return None
+        if kind == "sum":
+            return torch.stack(column).sum(0).to(column[0].dtype)
+        if kind not in ("mean", ROW_MEAN) or not column[0].is_floating_point():
+            return None
+        by = list(weights) if weights is not None and kind != ROW_MEAN else sizes
+        return _row_mean(column, by).to(column[0].dtype)
+    dim = kind if known and isinstance(kind, int) else _rows_dim(column, sizes)
+    if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
+        return None
+    return torch.cat(column, dim)
 
 
 def _rows_dim(column: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:

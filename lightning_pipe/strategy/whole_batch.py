@@ -252,7 +252,9 @@ class WholeBatchRuns:
             return
         self._warn_once(neither_warning(
             f"on the whole batch the step's loss is {value:.6g}, its micro-batches' combination {combined:.6g}, at a "
-            f"batch past the first ones checked: a term switched on later, such as a KL warm-up's?"))
+            f"batch past the first ones checked: the first ones' micro-batches had losses too alike to tell (every "
+            f"token's loss near log(vocabulary) at the start), or a term was switched on later, such as a KL "
+            f"warm-up's"))
 
     def _settle_metrics(self, step: str, checked: str, result: StepResult, run_whole: Callable[[], bool],
                         ran_whole: Callable[[], bool]) -> None:
