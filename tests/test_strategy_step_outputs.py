@@ -1012,6 +1012,10 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
                 norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
             elif where == "imported":  # the name imported from torch.nn.utils, the infinity norm
                 norm = clip_grad_norm_(self.parameters(), 0.05, norm_type=float("inf"))
+            elif where == "per-parameter":  # each parameter alone: the ranks make as many calls as they hold
+                for param in self.parameters():
+                    torch.nn.utils.clip_grad_norm_([param], 0.02)
+                norm = torch.tensor(0.0)
             elif where == "total":  # torch's two steps of it
                 grads = [p for p in self.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
@@ -1053,13 +1057,15 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first"])
+                                   "closure-first", "per-parameter"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
     steps (get_total_norm, clip_grads_with_norm_), and so it does in configure_gradient_clipping (the first layers,
     which both ranks hold part of; the last one, which one rank holds: the other logged 0) and in an optimizer_step
-    that calls the closure first (these were each rank's share, silently, found by review)."""
+    that calls the closure first (these were each rank's share, silently, found by review). A call per parameter
+    clips that parameter alone (each call took the norm over every rank: the ranks, holding as many parameters,
+    paired theirs up, silently; holding more on one, they waited for each other until the timeout)."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

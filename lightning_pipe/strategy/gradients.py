@@ -75,16 +75,16 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
                           counts: Callable[[nn.Parameter], bool] = lambda p: True,
                           group: dist.ProcessGroup | None = None,
                           timeout: float = DEFAULT_WAIT_TIMEOUT, norm_type: float = 2.0,
-                          error_if_nonfinite: bool = False) -> torch.Tensor:
+                          error_if_nonfinite: bool = False, reduce: bool = True) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the parameters of all ranks of ``group``: returns the global norm.
 
     Every rank scales its gradients by the same factor, computed from the ``norm_type``-norm of all stages' gradients
     together (a parameter for which ``counts`` is False, such as a tied parameter's second copy, is left out of the
-    norm).
+    norm); ``reduce=False``: of this rank's alone (one parameter, which one rank holds).
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
-    total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite)
+    total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite, reduce)
     scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
@@ -92,10 +92,12 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
 
 
 def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.ProcessGroup | None, timeout: float,
-                 error_if_nonfinite: bool) -> torch.Tensor:
-    """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together."""
+                 error_if_nonfinite: bool, reduce: bool = True) -> torch.Tensor:
+    """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together (``reduce``;
+    else of this rank's alone)."""
+    reduce = reduce and dist.is_initialized()
     device = grads[0].device if grads else torch.device("cpu")
-    if dist.is_initialized():
+    if reduce:
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     norm_type = float(norm_type)
@@ -105,8 +107,9 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
     if norms:  # this rank's part: the largest magnitude, or the sum of the norms' powers
         stacked = torch.stack(norms)
         total = stacked.max() if infinite else (stacked ** norm_type).sum()
-    if dist.is_initialized():
-        collective(dist.all_reduce, total, what="the global gradient norm's all_reduce", group=group,
+    if reduce:
+        collective(dist.all_reduce, total, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
+                   "get_total_norm over several parameters, which every rank calls alike)", group=group,
                    timeout=timeout, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
     if not infinite:
         total = total ** (1.0 / norm_type)
@@ -131,12 +134,19 @@ class GlobalNorms:
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                         norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None) -> torch.Tensor:
-        return clip_grad_norm_global(parameters, max_norm, self.counts, self.group, self.timeout, norm_type,
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        if len(params) == 1:  # one parameter, which one rank holds: clipped alone (a loop over the parameters,
+            # whose calls the ranks make as many times as they hold parameters)
+            return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
+                                         error_if_nonfinite, reduce=False)
+        return clip_grad_norm_global(params, max_norm, self.counts, self.group, self.timeout, norm_type,
                                      error_if_nonfinite)
 
     def get_total_norm(self, tensors: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0,
                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
         grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        if len(grads) == 1:  # one parameter's gradient: its own norm (see clip_grad_norm_)
+            return _global_norm(grads, norm_type, self.group, self.timeout, error_if_nonfinite, reduce=False)
         owners = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         kept = [grad for grad in grads if id(grad) not in owners or self.counts(owners[id(grad)])]
         return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite)
