@@ -1002,13 +1002,15 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
     class Clipped(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+            # ("one-held": the last rank holds one parameter, a head without a bias)
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                                     nn.Linear(8, 4, bias=where != "one-held"))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
 
         def on_before_optimizer_step(self, optimizer: Any) -> None:
-            if where == "attribute":
+            if where in ("attribute", "one-held"):
                 norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
             elif where == "imported":  # the name imported from torch.nn.utils, the infinity norm
                 norm = clip_grad_norm_(self.parameters(), 0.05, norm_type=float("inf"))
@@ -1057,7 +1059,7 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first", "per-parameter"])
+                                   "closure-first", "per-parameter", "one-held"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
@@ -1065,7 +1067,8 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
     which both ranks hold part of; the last one, which one rank holds: the other logged 0) and in an optimizer_step
     that calls the closure first (these were each rank's share, silently, found by review). A call per parameter
     clips that parameter alone (each call took the norm over every rank: the ranks, holding as many parameters,
-    paired theirs up, silently; holding more on one, they waited for each other until the timeout)."""
+    paired theirs up, silently; holding more on one, they waited for each other until the timeout); all of a
+    module's parameters, where a rank holds one of them, are every rank's share of a whole all the same."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

@@ -134,9 +134,11 @@ class GlobalNorms:
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                         norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None) -> torch.Tensor:
+        one = isinstance(parameters, torch.Tensor) or (isinstance(parameters, (list, tuple)) and len(parameters) == 1)
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-        if len(params) == 1:  # one parameter, which one rank holds: clipped alone (a loop over the parameters,
-            # whose calls the ranks make as many times as they hold parameters)
+        if one:  # one parameter given as such (p, [p]), which one rank holds: clipped alone (a loop over the
+            # parameters, whose calls the ranks make as many times as they hold parameters); an iterator
+            # (module.parameters()) is every rank's share of a whole, even where this rank holds one of it
             return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
                                          error_if_nonfinite, reduce=False)
         return clip_grad_norm_global(params, max_norm, self.counts, self.group, self.timeout, norm_type,
@@ -144,9 +146,9 @@ class GlobalNorms:
 
     def get_total_norm(self, tensors: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0,
                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
-        grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        if len(grads) == 1:  # one parameter's gradient: its own norm (see clip_grad_norm_)
-            return _global_norm(grads, norm_type, self.group, self.timeout, error_if_nonfinite, reduce=False)
+        if isinstance(tensors, torch.Tensor):  # one parameter's gradient: its own norm (see clip_grad_norm_)
+            return _global_norm([tensors], norm_type, self.group, self.timeout, error_if_nonfinite, reduce=False)
+        grads = list(tensors)
         owners = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         kept = [grad for grad in grads if id(grad) not in owners or self.counts(owners[id(grad)])]
         return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite)
