@@ -272,13 +272,20 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
         kinds, unknown = kinds(output_structure(flat[0][0], flat[0][1])), "other"
     if kinds is not None and len(kinds) != len(flat[0][0]):
         kinds = None
-    whole = []
+    whole, along_rows = [], False
     for index, column in enumerate(zip(*(leaves for leaves, _ in flat))):
         joined = _joined_column(list(column), sizes, weights, kinds[index] if kinds is not None else None,
                                 kinds is not None, unknown)
-        if joined is None and fill is None:
-            return None
-        whole.append(column[fill] if joined is None else joined)
+        if joined is None:  # stood in for only where alike in shape in every micro-batch (a number over the rows)
+            if fill is None or any(leaf.shape != column[0].shape for leaf in column):
+                return None
+            joined = column[fill]
+        else:
+            along_rows = along_rows or not all(leaf is joined for leaf in column) and joined.dim() > 0 and \
+                joined.shape != column[0].shape
+        whole.append(joined)
+    if fill is not None and not along_rows:  # nothing of the batch's rows put together: no stand-in tells
+        return None
     return tree_unflatten(whole, spec)
 
 
