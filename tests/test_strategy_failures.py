@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal as signals
 import socket
 import time
 from typing import Any
@@ -150,7 +151,7 @@ def test_a_lost_connection_reports_the_first_error_of_its_own_run_only() -> None
     assert "boom" not in rank0[1] + rank1[1]
 
 
-def _sigterm(rank: int, world_size: int, signalled_rank: int, mid_step: bool = False) -> list[int]:
+def _sigterm(rank: int, world_size: int, signalled_rank: int, mid_step: bool = False, real: bool = False) -> list[int]:
     import lightning as L
 
     import lightning_pipe  # noqa: F401
@@ -163,6 +164,9 @@ def _sigterm(rank: int, world_size: int, signalled_rank: int, mid_step: bool = F
 
         def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
             if trainer.global_step == 3 and trainer.global_rank == signalled_rank:
+                if real:  # the signal itself, through the handler the Trainer installed
+                    os.kill(os.getpid(), signals.SIGTERM)
+                    return
                 if not mid_step:
                     trainer._signal_connector.received_sigterm = True
                     return
@@ -194,6 +198,15 @@ def test_sigterm_on_any_rank_stops_every_rank_before_the_next_step(signalled_ran
     """Lightning broadcasts rank 0's SIGTERM flag before every step; the strategy carries every rank's flag in the
     collective each step already makes, so a SIGTERM on any rank during a step stops all of them after that step."""
     for steps in run_ranks(_sigterm, 2, signalled_rank, timeout=90):
+        assert steps == [1, 2, 3, 4, -1], steps
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signalled_rank", [0, 1])
+def test_a_real_sigterm_on_one_rank_stops_every_rank_after_its_step(signalled_rank: int) -> None:
+    """Lightning's handler broadcast rank 0's flag from inside the signal handler, a collective no other rank made
+    then: the strategy's handler raises the flag only, and the step's collective carries it."""
+    for steps in run_ranks(_sigterm, 2, signalled_rank, False, True, timeout=90):
         assert steps == [1, 2, 3, 4, -1], steps
 
 

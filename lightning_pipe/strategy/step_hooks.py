@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -40,6 +41,20 @@ _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoc
                   r"resumable")
 
 
+def _notify_sigterm(trainer: Trainer, connector: Any, signum: int, _: Any) -> None:
+    """Lightning's SIGTERM handler without its broadcast of rank 0's flag: a collective run inside a signal handler,
+    at whatever point each rank is, which met the pipeline's own messages or, on a rank stalled by a peer, nothing
+    (it held rank 0 in the handler, so that the watchdog's end of the job never reached it). The step's own
+    collective carries every rank's flag (:meth:`PipelineSteps._fold_sigterm_check`)."""
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").info(
+        f"[rank: {trainer.global_rank}] Received SIGTERM: {signum}")
+    if not connector.received_sigterm:
+        launcher = trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)
+    connector.received_sigterm = True
+
+
 class PipelineSteps:
     """The step hooks (a mixin of the strategy)."""
 
@@ -63,6 +78,10 @@ class PipelineSteps:
             if connector is not None and hasattr(connector, "received_sigterm"):
                 connector.received_sigterm = False
 
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and callable(getattr(connector, "_sigterm_notifier_fn", None)):
+            # (before Lightning registers its handlers, which read the instance's attribute)
+            connector._sigterm_notifier_fn = functools.partial(_notify_sigterm, trainer, connector)
         runner.flag = lambda: held[0] or bool(getattr(trainer, "received_sigterm", False))
         runner.hold_flag = hold
         runner.flagged = False
