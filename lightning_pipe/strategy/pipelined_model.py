@@ -96,10 +96,10 @@ class PipelinedModel(nn.Module):
                            f"(this rank holds part of its weights); it runs only where a training, validation, test "
                            f"or predict step calls it as the module's own attribute under PipelineStrategy. A copy of "
                            f"it (copy.deepcopy, or torch.optim.swa_utils.AveragedModel made in a hook after the cut, "
-                           f"for an EMA) holds this rank's share and cannot run: keep averaged weights with Lightning's "
-                           f"EMAWeightAveraging or StochasticWeightAveraging callback, or as one tensor per parameter "
-                           f"swapped into the model for validation. To run the whole model elsewhere, load a "
-                           f"checkpoint with YourModule.load_from_checkpoint(path)")
+                           f"for an EMA) holds this rank's share and cannot run: keep averaged weights with "
+                           f"Lightning's EMAWeightAveraging or StochasticWeightAveraging callback, or as one tensor "
+                           f"per parameter swapped into the model for validation. To run the whole model elsewhere, "
+                           f"load a checkpoint with YourModule.load_from_checkpoint(path)")
 
     def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages (this rank "

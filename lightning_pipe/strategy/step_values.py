@@ -16,8 +16,9 @@ from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
 
-__all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of", "combine_outputs",
-           "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed", "same_output"]
+__all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
+           "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
+           "same_output"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -280,9 +281,8 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if fill is None or any(leaf.shape != column[0].shape for leaf in column):
                 return None
             joined = column[fill]
-        else:
-            along_rows = along_rows or not all(leaf is joined for leaf in column) and joined.dim() > 0 and \
-                joined.shape != column[0].shape
+        else:  # (put together along the rows: grown; a mean, a sum or one alike keeps the shape)
+            along_rows = along_rows or joined.shape != column[0].shape
         whole.append(joined)
     if fill is not None and not along_rows:  # nothing of the batch's rows put together: no stand-in tells
         return None
