@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -358,3 +359,37 @@ def test_batch_norms_a_hook_puts_in_eval_mode_are_not_warned_of(frozen: bool) ->
     """The warning looked at the modes as the model was cut, before the hooks that freeze batch norms ran."""
     warned = run_ranks(_batch_norm_warnings, 2, frozen, timeout=100)
     assert [len(found) for found in warned] == ([0, 0] if frozen else [1, 1]), warned
+
+
+@pytest.mark.parametrize("rows, warned", [(2, True), (16, False)])
+def test_a_batch_norm_seeing_few_values_per_micro_batch_is_named(rows: int, warned: bool) -> None:
+    """LeViT's late BatchNorm1d normalized 2 values per channel in each micro-batch (8 on one device) and training
+    diverged: the first commit names a norm that saw fewer than 16, with its count, and says what to change."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    stage = PipelineStage(model, 0, 1)
+    for step in range(2):  # said once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for mb in range(4):
+                stage.forward(mb, torch.randn(rows, 3).requires_grad_())
+            stage.end_step()
+        said = [str(w.message) for w in caught if "values per channel" in str(w.message)]
+        if warned and step == 0:
+            assert len(said) == 1 and f"'1' ({rows} of the batch's {4 * rows})" in said[0], said
+            assert "num_microbatches" in said[0] and "GroupNorm" in said[0], said
+        else:
+            assert not said, said
+
+
+def test_norms_are_named_as_the_model_names_them_and_converted_once() -> None:
+    """Below a module keeping the model's names (a captured segment) a norm is named as in the model, and a norm
+    shared by two places is converted (and committed) once."""
+
+    class Holder(nn.Module):
+        keeps_model_names = True
+
+    shared = nn.BatchNorm1d(3)
+    holder = Holder()
+    holder.head = nn.Sequential(nn.Linear(3, 3), shared)
+    statistics = convert_batchnorm(nn.Sequential(nn.Linear(3, 3), holder, nn.Sequential(shared)))
+    assert statistics is not None and statistics.names == ["head.1"] and statistics.norms == [shared]

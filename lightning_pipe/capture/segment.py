@@ -35,6 +35,8 @@ class Segment(nn.Module):
     that module's parameters, as ``hook(module, (), output)``, which is where its weight gradients start.
     """
 
+    keeps_model_names = True  # its modules are registered under the model's names (lightning_pipe.engine.batchnorm)
+
     def __init__(self, segment_index: int, num_segments: int, cache: CaptureCache, model: nn.Module) -> None:
         super().__init__()
         self.segment_index = segment_index

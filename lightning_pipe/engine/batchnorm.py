@@ -48,11 +48,16 @@ __all__ = ["DeferredBatchNorm1d", "DeferredBatchNorm2d", "DeferredBatchNorm3d", 
            "convert_batchnorm", "restore_batchnorm"]
 
 
+FEW_VALUES = 16  # fewer values per channel than this in a micro-batch make a batch norm's statistics noisy
+
+
 class DeferredStatistics:
     """The converted batch norms of one stage, what they recorded this step, and whether a stage pass is running."""
 
-    def __init__(self, norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
+    def __init__(self, norms: list[nn.modules.batchnorm._BatchNorm], names: list[str] | None = None) -> None:
         self.norms = norms
+        self.names = names if names is not None else [type(norm).__name__ for norm in norms]
+        self._few_said = False  # whether the first commit looked for norms that see few values per micro-batch
         self.active = False  # inside a forward or backward of the stage: never update running statistics directly
         self.recording = False  # inside a training forward (not a recomputation): record the micro-batch's sums
         self.current = 0  # which of the step's calls of the model the forward runs (:mod:`.calls`)
@@ -103,6 +108,9 @@ class DeferredStatistics:
 
         ``group``: replicas of this stage that ran the other micro-batches of the step (each must call this, even one
         that ran none); their sums are added up first."""
+        if not self._few_said and self.pending:
+            self._few_said = True
+            self._warn_of_few_values()
         calls = 1 + max((entry[0] for norm in self.norms for entry in norm._recorded), default=0)
         uses = 1 + max((entry[1] for norm in self.norms for entry in norm._recorded), default=0)
         if group is not None:  # a replica that ran no micro-batch has seen no call
@@ -119,6 +127,26 @@ class DeferredStatistics:
                         _commit(norm, *batch)
         for norm in self.norms:
             norm._recorded = []
+
+    def _warn_of_few_values(self) -> None:
+        """Say which norms normalized some micro-batch by fewer than ``FEW_VALUES`` values per channel where one
+        device, normalizing the batch, sees more: statistics of so few values are noisy (two values give every
+        channel +-1), so training may diverge where one device's does not (LeViT's late ``BatchNorm1d``)."""
+        few = []
+        for norm, name in zip(self.norms, self.names):
+            counts: dict[tuple, list[int]] = {}  # (call, use) -> each micro-batch's values per channel
+            for call, use, _, values, _, _ in norm._recorded:
+                counts.setdefault((call, use), []).append(values)
+            for values in counts.values():
+                if len(values) > 1 and min(values) < FEW_VALUES:
+                    few.append(f"'{name}' ({min(values)} of the batch's {sum(values)})")
+                    break
+        if few:
+            warnings.warn(f"batch norm(s) {', '.join(few[:4])}{' and more' if len(few) > 4 else ''} normalize "
+                          f"some micro-batch by fewer than {FEW_VALUES} values per channel: statistics of so few "
+                          f"values are noisy, and training may diverge where one device's, normalizing the whole "
+                          f"batch, does not. Use fewer micro-batches (num_microbatches), bigger batches, or a norm "
+                          f"that does not depend on the batch (GroupNorm, LayerNorm)", stacklevel=3)
 
     def discard(self) -> None:
         """Forget what was recorded (a failed step)."""
@@ -205,9 +233,9 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
     """Make every plain batch norm with running statistics in ``module`` deferred, in place; ``None`` if there is none.
 
     A module converted before (by an earlier pipeline) is taken over by the new one."""
-    norms = []
+    norms, names = [], []
     left: set[str] = set()
-    for child in module.modules():
+    for name, child in _named_modules(module):
         # (one whose tracking is off for now, frozen by Lightning's BaseFinetuning, may be switched on later)
         if not isinstance(child, nn.modules.batchnorm._BatchNorm) or child.running_mean is None:
             continue
@@ -215,6 +243,7 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
             child.__class__ = _DEFERRED[type(child)]
         if isinstance(child, _DeferredBatchNorm) or child.__dict__.get("_defers_in_graph", False):
             norms.append(child)
+            names.append(name or type(child).__name__)
         else:
             left.add(type(child).__name__)
     if left:
@@ -222,7 +251,21 @@ def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:
                       f"own forward) update their running statistics once per micro-batch, not once per step as "
                       f"the model's other batch norms do; capture the model (any model but an nn.Sequential) for "
                       f"them to be deferred too, or use nn.BatchNorm", stacklevel=2)
-    return DeferredStatistics(norms) if norms else None
+    return DeferredStatistics(norms, names) if norms else None
+
+
+def _named_modules(module: nn.Module, prefix: str = "",
+                   seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """``module.named_modules()`` (each module once), but below a module that keeps its modules under the model's
+    names (a captured segment's ``keeps_model_names``) named as the model names them (``head.1``, not ``2.head.1``)."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield prefix, module
+    for name, child in module.named_children():
+        child_prefix = name if getattr(module, "keeps_model_names", False) or not prefix else f"{prefix}.{name}"
+        yield from _named_modules(child, child_prefix, seen)
 
 
 def restore_batchnorm(module: nn.Module) -> None:
