@@ -397,17 +397,25 @@ def _state_dict_after_fit(rank: int, world_size: int, path: str) -> tuple[list[s
         saving = [str(w.message) for w in caught]
         share = model.state_dict()
         model.state_dict()
+        model.net.state_dict()  # the bare network's, to use without Lightning: a share too (found by review)
+        model.net.state_dict()
+        if rank == 0:
+            model.net[0].state_dict()  # a layer this rank holds whole: all of it
     pickle.dumps(model._state_dict_pre_hooks)  # the warning's hook leaves the module picklable (torch.save(model))
     return saving, [str(w.message) for w in caught][len(saving):], len(share)
 
 
 @pytest.mark.timeout(120)
 def test_a_cut_modules_state_dict_after_the_fit_is_said_to_be_a_share(tmp_path: Path) -> None:
-    """``torch.save(model.state_dict())`` after fit would save this rank's stages only: said once per rank; the
-    checkpoint, which holds every rank's weights, says nothing."""
+    """``torch.save(model.state_dict())`` after fit would save this rank's stages only: said once per rank, and once
+    for the pipelined network's own (``model.net``), not for a layer the rank holds whole; the checkpoint, which holds
+    every rank's weights, says nothing."""
     for saving, after, keys in run_ranks(_state_dict_after_fit, 2, str(tmp_path / "fit.ckpt"), timeout=110):
         assert not [message for message in saving if "share" in message]
-        assert len([message for message in after if "holds only this rank's share" in message]) == 1, after
+        said = [message for message in after if "holds only this rank's share" in message]
+        assert len(said) == 2 and said[0].startswith("Regressor.state_dict()"), after
+        assert said[1].startswith("the state_dict() of 'net'") and "whole of it has 6 keys" in said[1], said
+        assert "keys are those starting with 'net.'" in said[1], said
         assert keys < 6
     assert len(torch.load(tmp_path / "fit.ckpt", weights_only=False)["state_dict"]) == 6
 

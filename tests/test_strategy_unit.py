@@ -995,7 +995,7 @@ def test_a_copy_of_the_cut_module_read_while_the_trainer_runs_is_not_said_to_be_
     module, copy, mine = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
     module._trainer, copy._trainer, mine._trainer = status("running"), None, status("running")
     for watched in (module, copy, mine):
-        watch_state_dict(watched, 6)
+        watch_state_dict(watched, [f"part{i}.weight" for i in range(6)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lightnings["read"](copy)

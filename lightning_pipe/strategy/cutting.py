@@ -141,7 +141,7 @@ class PipelineCutting:
                            f"fit(ckpt_path=...), or load_state_dict in configure_model (docs/checkpoints.md, 'Initial "
                            f"weights'); or build with Trainer.init_module(empty_init=False)")
         self._runner = runner
-        watch_state_dict(module, len(runner.split.state_keys))  # its state_dict() after the fit is a share
+        watch_state_dict(module, runner.split.state_keys)  # its state_dict() after the fit is a share
         # ModelSummary would run the whole model on example_input_array, which no rank holds any more.
         self._example_input_array, module.example_input_array = module.example_input_array, None
 

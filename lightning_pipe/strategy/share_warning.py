@@ -13,7 +13,7 @@ import functools
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch.nn as nn
@@ -25,16 +25,33 @@ _warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _reading = [0]  # the strategy's own state_dict() calls in progress
 
 
-def watch_state_dict(module: nn.Module, whole_keys: int) -> None:
-    """Warn once when ``module``'s ``state_dict()`` is called outside the Trainer's run (``whole_keys``: the whole
-    model's number of keys, for the message). The hook is a module-level function, so the module still pickles."""
-    if module in _watched:
-        return
-    _watched.add(module)
-    module.register_state_dict_pre_hook(functools.partial(_said_once, whole_keys))
+def watch_state_dict(module: nn.Module, state_keys: Sequence[str]) -> None:
+    """Warn once when the ``state_dict()`` of ``module`` or of a submodule whose state this rank holds only part of
+    (the pipelined ``self.model``, a backbone cut across ranks) is called by the user's code (``state_keys``: the whole
+    model's keys). The hooks are module-level functions, so the module still pickles."""
+    with strategy_reads():
+        here = list(module.state_dict().keys())
+    whole, held = _counts(state_keys), _counts(here)
+    for name, part in module.named_modules():
+        count = whole.get(name, 0)
+        if part in _watched or (name and held.get(name, 0) == count):
+            continue  # a submodule this rank holds whole: its state dict is all of it
+        _watched.add(part)
+        part.register_state_dict_pre_hook(functools.partial(_said_once, count, name))
 
 
-def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -> None:
+def _counts(keys: Sequence[str]) -> dict[str, int]:
+    """How many of ``keys`` lie under each module path ('' for all of them)."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        path = key.split(".")[:-1]
+        for depth in range(len(path) + 1):
+            prefix = ".".join(path[:depth])
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return counts
+
+
+def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_vars: bool) -> None:
     if prefix or _reading[0] or part in _warned:
         return
     # while a Trainer runs a watched module (a copy of it too: StochasticWeightAveraging's averaged model, whose
@@ -47,12 +64,14 @@ def _said_once(whole_keys: int, part: nn.Module, prefix: str, keep_vars: bool) -
     when = ("during the Trainer's run (from a hook or a callback)" if running else "outside the Trainer's run")
     kept = (" A copy kept in memory and loaded back on this rank is fine; a file written from it is not." if running
             else "")
+    who = f"the state_dict() of '{name}' ({type(part).__name__})" if name else f"{type(part).__name__}.state_dict()"
     warnings.warn(
-        f"{type(part).__name__}.state_dict() called {when} holds only this rank's share of the pipelined model (the "
-        f"whole model has {whole_keys} keys): under PipelineStrategy each rank keeps its own stages, so saving it "
-        f"(torch.save(model.state_dict(), ...)) saves part of the model.{kept} Save the whole model with "
+        f"{who} called {when} holds only this rank's share of the pipelined model (the whole of it has {whole_keys} "
+        f"keys): under PipelineStrategy each rank keeps its own stages, "
+        f"so saving it (torch.save(model.state_dict(), ...)) saves part of the model.{kept} Save the whole model with "
         f"trainer.save_checkpoint(path), which every rank calls (its file holds every rank's weights under one "
-        f"device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)['state_dict']",
+        f"device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)['state_dict']"
+        + (f" (this module's keys are those starting with '{name}.')" if name else ""),
         stacklevel=3)
 
 
