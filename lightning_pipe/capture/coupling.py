@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["rows_meet", "rows_symbols", "row_dims", "FIXED_ROWS"]
+__all__ = ["rows_meet", "rows_symbols", "row_dims", "example_rows", "FIXED_ROWS"]
 
 FIXED_ROWS = "the graph fixes the batch's rows"
 
@@ -139,6 +139,13 @@ def _copy_into(graph: fx.Graph, nodes: Sequence[fx.Node], env: dict[fx.Node, Any
 def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
     return [value.shape[0] for node in user_inputs
             if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
+
+
+def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
+    """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
+    along dim 0; None without one."""
+    firsts = _firsts(user_inputs)
+    return int(_example(firsts[0])) if firsts else None
 
 
 def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:

@@ -16,7 +16,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from .assignments import Read
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache, modes_of
-from .coupling import rows_meet, rows_symbols
+from .coupling import example_rows, rows_meet, rows_symbols
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward, register_dataclass
@@ -267,7 +267,7 @@ class Splitter:
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported,
                           rows_meet(list(program.graph.nodes), layout.user_inputs, training) if dynamic else None,
-                          modes=modes)
+                          modes=modes, example_rows=example_rows(layout.user_inputs))
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()
             fixed = frozenset(  # the sizes the rows may have where the graph fixed them: the inputs' dim 0

@@ -98,8 +98,10 @@ def _graphs(leaves: list[torch.Tensor]) -> str:
     if not any(t.dim() == 2 and t.shape[0] == 2 and not t.is_floating_point() and t.shape[1] != 2 for t in leaves):
         return ""
     return ("It looks like a batch of graphs (PyTorch Geometric's: every graph's nodes stacked, a (2, edges) "
-            "edge_index, a vector naming each node's graph), whose rows are not along any dim: make the graphs the "
-            "rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
+            "edge_index, a vector naming each node's graph), whose rows are not along any dim: have the collate_fn "
+            "give a list of the graphs, each a dict of its tensors, beside their labels (a micro-batch then holds "
+            "whole graphs) and put them together in the step (the sparse layers run unchanged), or make the graphs "
+            "the rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
             "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. ")
 
 

@@ -207,10 +207,18 @@ class PipelineCutting:
                 if hint is None:
                     raise
                 raise CaptureError(f"{error}\n{hint}") from error
-        meeting = captured.splitter.captures[-1].rows_meet
+        last = captured.splitter.captures[-1]
+        meeting = last.rows_meet
         if meeting is not None and self.num_microbatches > 1:
             alone = (f"a pipeline runs each of its {self.num_microbatches} micro-batches alone, so each row meets only "
                      f"the rows of its micro-batch")
+            rows = batch_rows(microbatch, microbatch=True)
+            if last.example_rows is not None and rows != last.example_rows:  # rows the step made: graphs' nodes
+                alone += (f" (here the model's rows, dim 0 of its inputs, {last.example_rows} in the first "
+                          f"micro-batch, are not the "
+                          f"batch's, {rows}: where they are parts of the batch's rows that the step puts together, "
+                          f"as the nodes of a batch of graphs, and meet only within a row of the batch, as messages "
+                          f"along each graph's edges do, it trains as on one device)")
             if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: no telling what it does
                 rank_zero_warn(f"{type(captured.model).__name__}: {meeting}. Where the number only sizes a tensor "
                                f"(self.cls.expand(len(x), -1, -1)) this trains as on one device, and x.shape[0] in "

@@ -32,12 +32,37 @@ def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any], wher
     than for its micro-batches one by one (``parts``), found on ``where``; None if they agree or cannot be
     compared."""
     difference = parts_differ(list(parts), whole)
-    if difference is None:
+    if difference is None or parts_differ(rebased(parts, whole), whole) is None:
         return None
     return _warning(step, f"other inputs for the whole batch than for its {len(parts)} micro-batches one by one "
                           f"(relative difference {difference:.2g}, on {where})",
                     "or draws random numbers from a torch.Generator of its own seeded at each step (each micro-batch "
                     "then draws the same first numbers)")
+
+
+def rebased(parts: Sequence[list[Any]], whole: list[Any]) -> list[list[Any]]:
+    """``parts`` with each integer tensor that equals its rows of ``whole`` but for one number added (an index
+    relative to its micro-batch: a batch of graphs' node-to-graph vector, numbered from 0 in each micro-batch as
+    in the whole batch from the graphs before) given that number added, so that it reads as the whole's."""
+    parts = [list(part) for part in parts]
+    for index, together in enumerate(whole):
+        if not isinstance(together, torch.Tensor) or together.is_floating_point() or together.is_complex() \
+                or together.dtype == torch.bool or together.dim() == 0:
+            continue
+        pieces = [part[index] if index < len(part) else None for part in parts]
+        if not all(isinstance(piece, torch.Tensor) and piece.dtype == together.dtype and piece.dim() > 0
+                   and piece.shape[1:] == together.shape[1:] for piece in pieces) \
+                or sum(piece.shape[0] for piece in pieces) != together.shape[0]:
+            continue
+        start, shifted = 0, []
+        for piece in pieces:
+            rows = together[start:start + piece.shape[0]]
+            start += piece.shape[0]
+            offset = rows.flatten()[0] - piece.flatten()[0] if piece.numel() else 0
+            shifted.append(piece + offset if piece.numel() and torch.equal(piece + offset, rows) else piece)
+        for part, piece in zip(parts, shifted):
+            part[index] = piece
+    return parts
 
 
 def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: list[Any],
