@@ -171,7 +171,8 @@ def _fit_families(rank: int, world_size: int, names: list[str], strategy: str, t
         results[name] = {"state": _state(model), "val_loss": validated[0]["val_loss"], "captured": _captured(model),
                          "only_mine_kept": kept <= mine and bool(kept), "threads": torch.get_num_threads(),
                          "converted_per_rank": given == [True],
-                         "symbolic": splitter is not None and all(c.dynamic for c in splitter.captures)}
+                         "symbolic": splitter is not None and all(c.dynamic for c in splitter.captures),
+                         "rows_meet": [c.rows_meet for c in splitter.captures if c.rows_meet] if splitter else []}
         if not resume:
             continue
         interrupted = _trainer(strategy, world_size, max_steps=steps - 1)
@@ -290,6 +291,7 @@ def _check(results: list[dict[str, Any]], names: list[str], precision: str = "32
             assert result[name]["val_loss"] == pytest.approx(val_loss, rel=rel, abs=1e-6), f"{name} rank {rank}"
             assert result[name]["captured"] == (name != "mlp_sequence"), f"{name}: the path it takes"
             assert result[name]["only_mine_kept"], f"{name} rank {rank}: the other ranks' parameters went to meta"
+            assert result[name]["rows_meet"] == [], f"{name}: no rows meet in it, {result[name]['rows_meet']}"
 
 
 @pytest.mark.timeout(1500)

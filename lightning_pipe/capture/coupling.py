@@ -225,10 +225,14 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     """Attention or a recurrence along the rows, a statistic over the rows brought back into them, or a product of
     two statistics over the rows (module docstring), described; else None. A statistic is a floating-point value
     without the rows that some value with them went into (a mean, a sum; not a count or offsets of tokens routed to
-    experts, which only place rows; not an extreme, the shift of ``exp(z - z.max())``, nor a reciprocal, a divisor):
-    the rows of a data-dependent selection (``nonzero``, unbacked sizes) count as rows. A product of statistics
-    computed from integers alone (a codebook's usage and its perplexity, logged) carries no gradient: not counted."""
+    experts, which only place rows), also as a number read out of it (``.item()``): the rows of a data-dependent
+    selection (``nonzero``, unbacked sizes) count as rows. An extreme over the rows (``h.abs().max()``) is one where
+    it scales or bounds the rows, not where it shifts them into an exponential or a softmax (``exp(z - z.max())``,
+    where it cancels). A product of statistics computed from integers alone (a codebook's usage and its perplexity,
+    logged) carries no gradient, and a sum times a reciprocal is a mean: neither is counted as a product."""
     statistics: set[fx.Node] = set()
+    shifts: set[fx.Node] = set()  # an extreme over the rows, and values made from it alone
+    divisors: set[fx.Node] = set()  # reciprocals of statistics
     counted: set[fx.Node] = set()  # values computed from integers alone (one_hot(codes).float()): no gradient's
     ranked: dict[fx.Node, fx.Node] = {}  # values from a running count along the rows (each row's place among them)
     # -> that count
@@ -241,6 +245,13 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             return (f"{_place(node)} runs along the batch's rows ({name}: each row's value takes in the rows before "
                     f"it, as a Cox partial likelihood's risk sets do), so each row depends on the rows before it in "
                     f"the batch (in a pipeline: in its micro-batch only)")
+        if node.op == "call_function" and isinstance(value, (torch.SymFloat, torch.SymInt, float, int)):
+            # a number read out of a tensor (.item()) and Python arithmetic on it keep what the tensor was
+            for kind in (statistics, shifts):
+                if any(arg in kind for arg in node.all_input_nodes):
+                    kind.add(node)
+                    break
+            continue
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
         inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
@@ -280,21 +291,41 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if inputs and all(arg in counted or not (arg.meta["val"].is_floating_point() or arg.meta["val"].is_complex())
                           for arg in inputs):
             counted.add(node)
-        if name in _EXTREMES or name == "reciprocal":  # a shift (exp(z - z.max())) or a divisor: not a mean's kind
+        if name in _EXTREMES and not _has_rows(value, rows) and any(_has_rows(arg.meta["val"], rows)
+                                                                    for arg in inputs):
+            shifts.add(node)  # an extreme over the rows: a shift (exp(z - z.max())) cancels, a scale does not
             continue
-        carried = [arg for arg in inputs if arg in statistics]
+        carried = [arg for arg in node.all_input_nodes if arg in statistics]
+        shifted = [arg for arg in node.all_input_nodes if arg in shifts]
         if _has_rows(value, rows):
-            if carried:
-                return (f"{_place(node)} brings a statistic over the batch's rows ({_place(carried[0])}) back into "
-                        f"its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch only)")
+            if carried or shifted and not (name in ("sub", "add", "rsub") and _normalized(node)):
+                kind = "a statistic" if carried else "an extreme"
+                return (f"{_place(node)} brings {kind} over the batch's rows ({_place((carried or shifted)[0])}) back "
+                        f"into its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch "
+                        f"only)")
         elif (value.is_floating_point() or value.is_complex()) and (
                 carried or any(_has_rows(arg.meta["val"], rows) for arg in inputs)):
             statistics.add(node)
+            if name == "reciprocal":  # a divisor: a sum times it is a mean, not a product of two statistics
+                divisors.add(node)
+            carried = [arg for arg in carried if arg not in divisors]
             if name in _PRODUCTS and len(carried) >= 2 and not all(arg in counted for arg in carried):
                 return (f"{_place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
                         f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
                         f"router probability), so the batch's value is not the mean of its micro-batches' values")
+        elif shifted:
+            shifts.add(node)
     return None
+
+
+_NORMALIZING = {"exp", "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp"}
+
+
+def _normalized(node: fx.Node) -> bool:
+    """Whether every use of ``node`` (a value shifted by an extreme) exponentiates or normalizes it, where the shift
+    cancels (a softmax made stable by the batch's maximum)."""
+    return bool(node.users) and all(user.op == "call_function" and _op_name(user) in _NORMALIZING
+                                    for user in node.users)
 
 
 _RECURRENCE = ("{place} runs its recurrence along the batch's rows (a time-major batch, (T, B), given to an RNN with "
