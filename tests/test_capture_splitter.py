@@ -1349,3 +1349,16 @@ def test_a_forward_writing_its_input_in_place_is_warned_of_at_capture(in_place: 
         assert len(said) == 1 and said[0].startswith("_LabelsMasked.forward writes its input labels in place"), said
     else:
         assert said == [], said
+
+
+def test_parametrized_layers_are_blocks_of_their_layers_class() -> None:
+    """``parametrizations.spectral_norm`` gives each layer a class of its own (``ParametrizedLinear``, one per
+    instance): four such layers were no repeated block, and the cut refused 'one layer into 2 stages' (found by
+    review: an SNGAN discriminator)."""
+    from lightning_pipe.capture.points import repeated_blocks
+
+    spectral = nn.utils.parametrizations.spectral_norm
+    model = nn.Module()
+    model.l1, model.l2, model.l3, model.l4 = (spectral(nn.Linear(6, 6)) for _ in range(4))
+    assert len({type(getattr(model, name)) for name in ("l1", "l2", "l3", "l4")}) == 4
+    assert repeated_blocks(model) == ["l1", "l2", "l3", "l4"]

@@ -416,6 +416,16 @@ def _run(rank: int, world_size: int, case: str) -> None:
 
         module, width = Electra(), 8
         strategy = lightning_pipe.PipelineStrategy(layers="discriminator")
+    elif case == "one_piece":  # one layer, nothing to cut before: one piece for two stages
+        class OnePiece(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = nn.Linear(8, 8)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.tanh(self.linear(x)).pow(2)
+
+        module, width = _lightning(OnePiece()), 8
     elif case.startswith("annealed"):  # a plain value the forward reads, changed by a hook (a temperature schedule)
         module, width = _Annealed(case), 8
         strategy = lightning_pipe.PipelineStrategy(layers="" if case == "annealed_root" else None)
@@ -449,6 +459,7 @@ def _run(rank: int, world_size: int, case: str) -> None:
                 "runs the sequence's layers one by one", "pass PipelineStrategy(layers='')"]),
     ("shared", ["'generator.embed' is the module 'embed' of the", "self.generator.embed: ELECTRA's generator",
                 "call both models from the LightningModule's forward and self(...) in the step"]),
+    ("one_piece", ["cannot cut 1 layers into 2 stages", "found 1 piece(s)", "PipelineStrategy(split_points=[...])"]),
     ("annealed", ["Tempered.forward reads plain attributes (Python numbers, flags, None, lists of them, tensors "
                   "that are not buffers) that changed after it was captured",
                   "tau (1.0 at its capture, now 2.0)", "self.register_buffer("]),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 __all__ = ["SplitPoint", "SplitPoints", "Cut", "repeated_blocks", "listed_blocks", "default_cuts", "block_cuts",
            "normalize_split_points", "cut_label"]
@@ -36,6 +37,8 @@ def _kind(child: nn.Module, parent: nn.Module) -> type:
     container (one holding such blocks is a stage of them: its blocks are the units)."""
     if _plain(child) and isinstance(parent, (nn.Sequential, nn.ModuleList)) and not any(map(_plain, child.children())):
         return _PlainBlock
+    if parametrize.is_parametrized(child):  # a class made for each instance (ParametrizedLinear): its layer's class
+        return type(child).__bases__[0]
     return type(child)
 
 

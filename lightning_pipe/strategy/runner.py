@@ -179,7 +179,15 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # then, the others' wherever the model was built; their graphs run on this rank's device.
         captured.splitter.to(device)
         captured.splitter.capture_on_meta = True
-        pipeline = Pipeline(segments, config=config, group=group, device=device, materialize=materialize)
+        try:
+            pipeline = Pipeline(segments, config=config, group=group, device=device, materialize=materialize)
+        except ValueError as error:
+            if "every stage needs at least one layer" not in str(error):
+                raise
+            where = f"the model at {captured.path!r}" if captured.path else "the model"
+            raise ValueError(f"{error}. The capture cut {where} before its repeated blocks, and found "
+                             f"{len(segments)} piece(s): name where to cut with PipelineStrategy(split_points=[...]) "
+                             f"(module names, as model.named_modules() gives them; each starts a stage)") from None
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         refuse_renormalized_ties(tied, captured.model)
