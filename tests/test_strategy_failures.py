@@ -401,7 +401,7 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
         assert "a value the layers' forward kept for the step (an auxiliary loss" in error  # the other way to it
 
 
-def _stops_on_rank_zero(rank: int, world_size: int) -> None:
+def _stops_on_rank_zero(rank: int, world_size: int, wait_timeout: float = 6.0) -> None:
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -413,7 +413,7 @@ def _stops_on_rank_zero(rank: int, world_size: int) -> None:
             if trainer.global_step == 2:
                 trainer.should_stop = True
 
-    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=6), accelerator="cpu", devices=world_size,
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=wait_timeout), accelerator="cpu", devices=world_size,
                         max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=[StopSignal()])
     trainer.fit(Regressor(), regression_data(6, batch_size=8))
@@ -424,6 +424,19 @@ def test_a_stop_decided_on_one_rank_only_is_named_as_the_cause() -> None:
     """Rank 0 ended the fit while rank 1 trained on: the error named an endless loop or a slow step."""
     for rank, text in enumerate(run_ranks(_stops_on_rank_zero, 2, timeout=100, expect_failure=True)):
         assert text is not None and "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"
+
+
+
+@pytest.mark.timeout(150)
+def test_a_stop_decided_on_one_rank_only_ends_the_fit_long_before_the_wait_timeout() -> None:
+    """At the default wait_timeout (300 s) both ranks sat idle for 5 minutes (found by review): the rank ending the
+    fit sees in the heartbeats that its peer waits for it inside a step, and ends every rank within seconds."""
+    start = time.monotonic()
+    texts = run_ranks(_stops_on_rank_zero, 2, 300.0, timeout=130, expect_failure=True)
+    for rank, text in enumerate(texts):
+        assert text is not None and "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"
+    assert "Rank 1 has waited" in texts[0] and "for rank 0 in" in texts[0], texts[0]
+    assert time.monotonic() - start < 120
 
 
 class FailsInSetup(Regressor):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,9 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import collective, explained, job_failure_notice
+from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
+from lightning_pipe.engine.notices import PipelineError
+from lightning_pipe.engine.watchdog import sample_peers
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradients import clip_grad_norm_global
 from lightning_pipe.strategy.plain import all_gather_text
@@ -37,6 +40,7 @@ _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
 _ENDING_THE_FIT = ("ending the fit (on_train_end), while others train on: trainer.should_stop set on some ranks only "
                    "(under `if trainer.is_global_zero:` or in a rank_zero_only hook)? Set it on every rank, as the "
                    "step's own code does")
+_LEFT_BEHIND_S = 10.0  # seconds a peer waits for a rank that is ending the fit before that parts them
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -53,6 +57,31 @@ def _notify_sigterm(trainer: Trainer, connector: Any, signum: int, _: Any) -> No
         if launcher is not None:
             launcher.kill(signum)
     connector.received_sigterm = True
+
+
+def _left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any,
+                 after_s: float = _LEFT_BEHIND_S) -> Callable[[], PipelineError | None]:
+    """``notice`` for the collective that ends the fit, which also looks at the other ranks' heartbeats every
+    ``after_s`` seconds: one that has waited that long for this rank inside a step (a rank that stopped alone never
+    sends it what it waits for) ends the fit at once, rather than at the wait's timeout (5 minutes by default)."""
+    me = torch.distributed.get_rank()
+    others = [rank for rank in torch.distributed.get_process_group_ranks(group) if rank != me]
+    start = time.monotonic()
+    next_look = [start + after_s]
+
+    def check() -> PipelineError | None:
+        posted = notice()
+        now = time.monotonic()
+        if posted is not None or now < next_look[0]:
+            return posted
+        next_look[0] = now + after_s
+        for peer in (sample_peers(others, window=0.0) or {}).values():
+            if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
+                return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
+                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}", me, timed_out=False)
+        return None
+
+    return check
 
 
 class PipelineSteps:
@@ -244,8 +273,11 @@ class PipelineSteps:
         """Every rank's ``text`` over the hooks' own gloo group: watched (a rank whose hook failed before this point
         ends the others with its error, not a closed connection) and explained (a rank that ended: its posted error)."""
         runner = self.runner
+        notice = job_failure_notice(runner.pipeline.comm.board, what)
+        if what == _ENDING_THE_FIT:
+            notice = _left_behind(notice, what, runner.hook_calls_group)
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
-                                    notice=job_failure_notice(runner.pipeline.comm.board, what))
+                                    notice=notice)
         with explained(what, runner.hook_calls_group):
             return all_gather_text(text, group=runner.hook_calls_group, run=watched)
 
