@@ -245,6 +245,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             return (f"{_place(node)} runs along the batch's rows ({name}: each row's value takes in the rows before "
                     f"it, as a Cox partial likelihood's risk sets do), so each row depends on the rows before it in "
                     f"the batch (in a pipeline: in its micro-batch only)")
+        if name in _ORDERS and _orders_rows(node, name, rows):
+            return (f"{_place(node)} orders the batch's rows ({name} along them: each row's value goes where the "
+                    f"other rows' values put it, as a sliced Wasserstein distance's sorted projections or hard "
+                    f"examples mined with topk over the batch are), so what each row meets depends on the whole batch "
+                    f"(in a pipeline: on its micro-batch only)")
         if node.op == "call_function" and isinstance(value, (torch.SymFloat, torch.SymInt, float, int)):
             # a number read out of a tensor (.item()) and Python arithmetic on it keep what the tensor was
             for kind in (statistics, shifts):
@@ -316,6 +321,29 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif shifted:
             shifts.add(node)
     return None
+
+
+_ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2, "median": 1, "nanmedian": 1}
+"""Ops that order values along a dim, and the index of that dim among their arguments (None: always dim 0)."""
+
+
+def _orders_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
+    """Whether ``node`` (a sort, topk, kthvalue or median: :data:`_ORDERS`) orders values along the batch's rows."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
+        return False
+    index = _ORDERS[name]
+    if index is None:
+        dim = 0
+    elif len(node.args) > index and isinstance(node.args[index], int):
+        dim = node.args[index]
+    elif isinstance(node.kwargs.get("dim"), int):
+        dim = node.kwargs["dim"]
+    elif name in ("median", "nanmedian") and len(node.args) == 1:
+        return False  # the median of every value: a statistic, not an order
+    else:
+        dim = -1
+    return _rows_at(source, dim, rows)
 
 
 _NORMALIZING = {"exp", "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp"}
