@@ -1395,3 +1395,14 @@ def test_parametrized_layers_are_blocks_of_their_layers_class() -> None:
     model.l1, model.l2, model.l3, model.l4 = (spectral(nn.Linear(6, 6)) for _ in range(4))
     assert len({type(getattr(model, name)) for name in ("l1", "l2", "l3", "l4")}) == 4
     assert repeated_blocks(model) == ["l1", "l2", "l3", "l4"]
+
+
+def test_a_plain_value_holding_tensors_matches_by_identity_without_comparing_values() -> None:
+    """A list of a layer's parameters given to a custom Function (a RevNet block's) compared with ``==``: 'Boolean
+    value of Tensor with more than one value is ambiguous' (found by review). Its tensors match by identity."""
+    from lightning_pipe.capture.patterns import matches
+
+    first, second = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    assert matches(("v", [first, second]), [first, second])
+    assert not matches(("v", [first, second]), [second, first])
+    assert not matches(("v", (first,)), [first]) and matches(("v", 2.0), 2.0)

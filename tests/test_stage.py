@@ -99,3 +99,24 @@ def test_split_backward_of_a_sparse_gradient_is_exact() -> None:
     module = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), SparseBias(), nn.Linear(8, 8))
     _, _, _ = _split_vs_plain(module, microbatches=2)
     assert module[2].table.weight.grad.is_sparse
+
+
+def test_a_loss_that_needs_no_gradient_is_an_error_not_a_step_without_one() -> None:
+    """A forward that runs its layers under no_grad (a reversible Function's, captured with
+    allow_autograd_functions=True: found by review, Reformer trained not one weight, silently) gives a loss that needs
+    no gradient: one device's loss.backward() raises; so does the stage's backward, saying why."""
+    import pytest
+
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.linear(x).pow(2).mean()
+
+    stage = PipelineStage(NoGrad(), 0, 1)
+    stage.forward(0, torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="the loss of micro-batch 0 needs no gradient.*torch.no_grad"):
+        stage.backward(0, None)

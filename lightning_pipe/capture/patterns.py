@@ -47,7 +47,22 @@ def matches(pattern: Pattern, value: Any) -> bool:
         return len(shape) == len(sizes) and all(s is None or s == d for s, d in zip(sizes, shape))
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    return not isinstance(value, torch.Tensor) and type(value) is type(pattern[1]) and value == pattern[1]
+    return not isinstance(value, torch.Tensor) and type(value) is type(pattern[1]) and _same(value, pattern[1])
+
+
+def _same(value: Any, kept: Any) -> bool:
+    """Whether a plain ``value`` is the one a pattern ``kept``: tensors inside it (a list of a layer's parameters
+    given to a custom autograd Function) by identity, where ``==`` would compare them element by element."""
+    if value is kept:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(kept, torch.Tensor):
+        return False
+    if isinstance(value, (list, tuple)) and type(value) is type(kept):
+        return len(value) == len(kept) and all(_same(a, b) for a, b in zip(value, kept))
+    try:
+        return bool(value == kept)
+    except Exception:  # noqa: BLE001 - values that do not compare to one truth value: not the same
+        return False
 
 
 def all_match(patterns: Sequence[Pattern], values: Sequence[Any]) -> bool:

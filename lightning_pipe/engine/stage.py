@@ -344,7 +344,15 @@ class PipelineStage:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         output = self._outputs.pop(microbatch)
         if grad_outputs is None:  # a scalar loss
-            return ([output], [None]) if output.requires_grad else ([], [])
+            if not output.requires_grad:
+                raise RuntimeError(
+                    f"the loss of micro-batch {microbatch} needs no gradient: nothing it was computed from needs one "
+                    f"(one device's loss.backward() raises here too), so no layer would train. A forward that runs "
+                    f"its layers under torch.no_grad() does this, as a custom torch.autograd.Function computing their "
+                    f"gradients in its own backward does (reversible layers, Reformer's): a captured graph "
+                    f"differentiates the forward's ops and never calls that backward; keep such layers in an "
+                    f"nn.Sequential (not captured), or write them without the Function")
+            return [output], [None]
         leaves = output if isinstance(output, _Released) else tree_flatten(output)[0]
         if len(leaves) != len(grad_outputs):
             raise RuntimeError(
