@@ -87,6 +87,41 @@ def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
         torch.testing.assert_close(whole[index].float(), want.float(), msg=f"output {known[index]}")
 
 
+class AtMasked(nn.Module):
+    """An MLM's logits at the masked tokens only (fairseq's ``features[masked_tokens]``): ``(masked, vocabulary)``,
+    beside the same selected with ``masked_select`` and through ``nonzero``, and a selection ``unique`` makes (which
+    the micro-batches' do not make the batch's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.layer(x)
+        where = mask.nonzero()
+        return h[mask], h.masked_select(mask[..., None]), h[where[:, 0], where[:, 1]], torch.unique(h.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["masked", "masked_select", "nonzero"])
+def test_what_a_mask_selects_of_the_rows_is_the_batchs_put_together(kind: str) -> None:
+    """Found by review: the output had no dim of rows, so the loss check could not run, and a loss averaged over the
+    masked tokens trained silently otherwise (47% off). The micro-batches' put together along dim 0 are the batch's."""
+    from lightning_pipe.capture import Splitter
+    from lightning_pipe.capture.scalars import SELECTED
+
+    model = AtMasked()
+    x, mask = torch.randn(6, 3, 4), torch.rand(6, 3) < 0.5
+    mask[0, 0] = mask[4, 1] = True
+    splitter = Splitter(model)
+    splitter.capture((x, mask))
+    kinds = splitter.captures[0].output_kinds
+    index = ["masked", "masked_select", "nonzero"].index(kind)
+    assert kinds[index] == SELECTED and kinds[3] != SELECTED, kinds
+    parts = [[model(x[rows], mask[rows])[index]] for rows in (slice(0, 2), slice(2, 6))]
+    whole = whole_output(parts, [2, 4], kinds=[kinds[index]])
+    torch.testing.assert_close(whole[0], model(x, mask)[index])
+
+
 def test_the_whole_batchs_numbers_are_the_micro_batches_sum_or_mean_as_they_add_up() -> None:
     parts = [(torch.ones(3, 2), torch.tensor(2.0), torch.tensor(1.0)), (torch.ones(1, 2), torch.tensor(4.0),
                                                                          torch.tensor(3.0))]

@@ -26,9 +26,12 @@ from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 from .coupling import row_dims
 
 __all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "user_outputs", "MEAN", "SUM", "OTHER",
-           "ALIKE"]
+           "ALIKE", "SELECTED"]
 
 MEAN, SUM, OTHER, ALIKE = "mean", "sum", "other", "alike"
+SELECTED = "selected rows"
+"""A tensor whose dim 0 holds the elements a mask over the batch's rows selected, in row order (an MLM's logits at the
+masked tokens, ``h[mask]``): the micro-batches' put together along dim 0 are the batch's."""
 
 _aten = torch.ops.aten
 
@@ -83,10 +86,40 @@ def output_kinds(program: ExportedProgram, rows: set[Any],
         if isinstance(node, fx.Node) and node not in reading:
             kinds.append(ALIKE)
             continue
+        if kind is None and dim is None and rows and _selected(program, node, rows):
+            kind = SELECTED
         if kind is None and dim is None and rows and _without_rows(node, rows):
             kind = _kind(node, rows, 0, fixed)
         kinds.append(kind if kind is not None else dim)
     return kinds
+
+
+def _selected(program: ExportedProgram, node: Any, rows: set[Any]) -> bool:
+    """Whether ``node``'s dim 0 is a data-dependent size made by a mask's selection over the batch's rows, in row
+    order (:data:`SELECTED`): ``h[mask]`` (``index`` by a boolean mask), ``masked_select``, or indices from
+    ``nonzero`` of a tensor with the rows along dim 0."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or not isinstance(value.shape[0], torch.SymInt):
+        return False
+    symbols = value.shape[0].node.expr.free_symbols
+    if not symbols or not all(str(symbol).startswith("u") for symbol in symbols):
+        return False
+    for origin in program.graph.nodes:  # the op that made the size
+        made = origin.meta.get("val")
+        if not (isinstance(made, torch.Tensor) and made.dim() > 0 and isinstance(made.shape[0], torch.SymInt)
+                and made.shape[0].node.expr.free_symbols & symbols):
+            continue
+        source = origin.args[0] if origin.op == "call_function" and origin.args else None
+        taken = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if not isinstance(taken, torch.Tensor) or taken.dim() == 0 or not _counts_rows(taken.shape[0], rows):
+            return False
+        name = getattr(getattr(origin.target, "_overloadpacket", None), "__name__", "")
+        if name == "index" and len(origin.args) > 1 and isinstance(origin.args[1], (list, tuple)):
+            first = origin.args[1][0] if origin.args[1] else None
+            mask = first.meta.get("val") if isinstance(first, fx.Node) else None
+            return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+        return name in ("nonzero", "masked_select")
+    return False
 
 
 def _reading_inputs(program: ExportedProgram) -> set[fx.Node]:

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from lightning_pipe.capture.scalars import ALIKE
+from lightning_pipe.capture.scalars import ALIKE, SELECTED
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
@@ -295,6 +295,9 @@ def _joined_column(column: list[torch.Tensor], sizes: list[int], weights: Sequen
     its kind where ``known``, else ``unknown`` for a single number); None where they do not make one."""
     if kind == ALIKE:  # read no input: every micro-batch's is the batch's
         return column[0] if _same(column) else None  # (not a counter the model steps, a draw)
+    if kind == SELECTED:  # what a mask selected of each micro-batch's rows, in row order
+        shapes = [leaf.shape[1:] for leaf in column]
+        return torch.cat(column) if all(shape == shapes[0] for shape in shapes) else None
     scalar = all(leaf.dim() == 0 for leaf in column) and column[0].is_floating_point()
     # a tensor without rows that the model reduced over them (an MoE's tokens per expert): as a single number
     reduced = not scalar and known and isinstance(kind, str)
