@@ -82,6 +82,18 @@ def _no_backward_hooks(model: nn.Module, names: dict[int, str]) -> Iterator[None
         torch.Tensor.register_hook = register  # type: ignore[method-assign]
 
 
+def _recomputed_by_hooks(model: nn.Module) -> list[str]:
+    """The attributes that torch's old ``weight_norm`` and ``spectral_norm`` hooks set before each forward from their
+    parameters (``l1.weight`` from ``l1.weight_g`` and ``l1.weight_v``): plain attributes, recomputed at every call,
+    which export says were assigned (harmless here: the graph computes them from the parameters)."""
+    names = []
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if type(hook).__name__ in ("WeightNorm", "SpectralNorm") and isinstance(getattr(hook, "name", None), str):
+                names.append(f"{name}.{hook.name}" if name else hook.name)
+    return names
+
+
 def export_forward(model: nn.Module, args: tuple, kwargs: dict[str, Any], *, training: bool, dynamic: bool,
                    meta: bool, allow_autograd_functions: bool, device: torch.device = META,
                    fixed_sizes: set[tuple[str, int]] | None = None, reads: list[Read] | None = None,
@@ -155,6 +167,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(warnings.catch_warnings())
                 # An RNN re-lists its parameters in _flat_weights as it runs; the graph reads the parameters themselves
                 warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights\[")
+                recomputed = _recomputed_by_hooks(model)
+                if recomputed:  # the old weight_norm / spectral_norm: a pre-hook sets .weight from parameters
+                    listed_ = "|".join(re.escape(f"self.{name}") for name in recomputed)
+                    warnings.filterwarnings("ignore", message=rf"The tensor attributes? (?:(?:{listed_})(?:, | ))+"
+                                                              rf"(?:was|were) assigned during export")
                 with fx_config.patch(backed_size_oblivious=symbolic):
                     program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
                 if symbolic and not guards_checked:
