@@ -90,6 +90,25 @@ def test_control_flow_on_a_tensor_value_names_the_module_and_line() -> None:
     assert "Forcing.forward" in message and "if torch.rand(()) < 0.5:" in message and "module.py" not in message
 
 
+class _Trimmed(nn.Module):
+    """Trims a padded batch to its longest row inside forward (a size read from the batch's values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.layer(x[:, :int(mask.sum(1).max().item())])
+
+
+def test_a_size_read_from_the_batchs_values_says_to_trim_before_the_model() -> None:
+    """The torch.where advice does not apply to a trim to the longest row (found by review): say where to trim."""
+    with pytest.raises(CaptureError) as caught:
+        Splitter(_Trimmed()).segments((torch.randn(3, 5, 4), torch.ones(3, 5)))
+    message = str(caught.value)
+    assert "trim in the collate_fn or in the step before the model" in message and "ActNorm" in message, message
+
+
 def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> None:
     """Hugging Face's Wav2Vec2ForCTC checks ``labels.max()`` (and CTC counts each row's labels): code the user cannot
     change, so the advice is to call the model without the labels and compute the loss in the step."""

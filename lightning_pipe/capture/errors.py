@@ -168,12 +168,21 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "config.problem_type is unset (DeBERTa-v2 even looks for labels below 0): set model.config."
                 "problem_type = 'single_label_classification' (or 'multi_label_classification', 'regression') before "
                 "the fit, and it computes that loss as a graph can.")
+    if ("DataDependent" in name or "data-dependent" in text) and "big_bird" in where.lower():
+        return ("BigBird's block-sparse attention draws its random blocks with NumPy at every call, which a graph "
+                "cannot: build it with config.attention_type='original_full', which a graph captures.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
+        sizes = ("A size read from the batch's values (a padded batch trimmed to its longest row, "
+                 "`x[:, :int(mask.sum(1).max())]`) cannot be captured either: trim in the collate_fn or in the step "
+                 "before the model. A flag buffer guarding a first-call initialization (Glow's ActNorm, `if "
+                 "self.initialized.item() == 0:`) neither: initialize on a batch before trainer.fit and take the "
+                 "check out of forward. "
+                 if "Could not extract specialized" in text or ".item()" in where else "")
         library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
                    "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "
                    "the loss in the step from the model's outputs. "
                    if "site-packages" in where or "dist-packages" in where else "")
         return (library + "Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be "
                 "captured: compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "
-                + SEQUENTIAL_PATH + ".")
+                + SEQUENTIAL_PATH + "." + (" " + sizes.rstrip() if sizes else ""))
     return f"Make forward capturable by torch.export.export(model, args, kwargs, strict=False), {SEQUENTIAL_PATH}."
