@@ -260,6 +260,22 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
         inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if isinstance(source, fx.Node) and source.op == "call_function" \
+                and not isinstance(source.meta.get("val"), torch.Tensor):
+            # a part of an op's tuple (var_mean's mean, median(0)'s values): that op, of the op's own inputs
+            name = _op_name(source)
+            inputs = [arg for arg in source.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+        if name in _SOFTMAXES and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
+                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows):
+            return (f"{_place(node)} normalizes along the batch's rows ({name} over them: each row's weight depends "
+                    f"on every other row's), so each row depends on the whole batch (in a pipeline: on its "
+                    f"micro-batch only)")
+        if name == "batch_norm" and len(node.args) > 5 and node.args[5] is True and node.args[3] is None \
+                and not _in_batch_norm_module(node) and isinstance(node.args[0], fx.Node) \
+                and _rows_at(node.args[0], 0, rows):
+            return (f"{_place(node)} normalizes by the batch's statistics in training (F.batch_norm without running "
+                    f"statistics), so each row depends on the whole batch (in a pipeline: on its micro-batch only)")
         if name in _SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
                 and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows, counted=True):
             ranked[node] = node
@@ -323,12 +339,12 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     return None
 
 
-_ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2, "median": 1, "nanmedian": 1}
+_ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
 """Ops that order values along a dim, and the index of that dim among their arguments (None: always dim 0)."""
 
 
 def _orders_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
-    """Whether ``node`` (a sort, topk, kthvalue or median: :data:`_ORDERS`) orders values along the batch's rows."""
+    """Whether ``node`` (a sort, topk or kthvalue: :data:`_ORDERS`) orders values along the batch's rows."""
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
         return False
@@ -339,11 +355,23 @@ def _orders_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
         dim = node.args[index]
     elif isinstance(node.kwargs.get("dim"), int):
         dim = node.kwargs["dim"]
-    elif name in ("median", "nanmedian") and len(node.args) == 1:
-        return False  # the median of every value: a statistic, not an order
     else:
         dim = -1
     return _rows_at(source, dim, rows)
+
+
+_SOFTMAXES = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}  # (input, dim, ...)
+
+
+def _in_batch_norm_module(node: fx.Node) -> bool:
+    """Whether ``node`` runs inside a batch norm module (torch's, or a subclass: warned of by the strategy)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    kind = list(stack.values())[-1][1]
+    if isinstance(kind, type):
+        return issubclass(kind, torch.nn.modules.batchnorm._BatchNorm)
+    return "BatchNorm" in str(kind)
 
 
 _NORMALIZING = {"exp", "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp"}
