@@ -824,7 +824,13 @@ def test_a_buffer_written_without_moving_its_version_counter_is_found_changed() 
     version = stage.scale._version
     stage(torch.ones(2))
     assert stage.scale._version == version  # the counter did not move
-    with pytest.warns(UserWarning, match="the forward changes the buffers scale"):
+    with pytest.warns(UserWarning, match=r"the forward changes the buffers scale .*once per micro-batch \(2 per"):
+        watch.after(before)
+    # re-materialized in backward (gpipe's checkpoint_activations), each forward runs twice (found by review)
+    watch = BufferWatch(lambda: [stage], num_microbatches=2, rematerialized=True)
+    before = watch.before()
+    stage(torch.ones(2))
+    with pytest.warns(UserWarning, match=r"twice per micro-batch \(4 per step.*checkpoint_activations=False match"):
         watch.after(before)
 
 

@@ -58,8 +58,9 @@ class BufferWatch:
     share of the model) other than batch norms' (deferred to once per step) the step changed; warns once."""
 
     def __init__(self, stages: Callable[[], Sequence[nn.Module]], num_microbatches: int, steps: int = 2,
-                 parameters: bool = True, runs_step: bool = True) -> None:
+                 parameters: bool = True, runs_step: bool = True, rematerialized: bool = False) -> None:
         self._stages = stages
+        self._rematerialized = rematerialized  # each forward runs again in backward (checkpoint_activations)
         self._num_microbatches = num_microbatches
         # a rank that does not run the step's code after the model (not the last stage's) looks at the layers' plain
         # attributes with one micro-batch too: the step reads the last stage's copies, which these layers never set
@@ -156,8 +157,13 @@ class BufferWatch:
         if changed and self._num_microbatches > 1:
             self._left = 0
             more = " ..." if len(changed) > 6 else ""
+            again = (f"twice per micro-batch ({2 * self._num_microbatches} per step: the forward re-materialized "
+                     f"in backward, checkpoint_activations, changes them once more, so the backward differentiates "
+                     f"another forward than the one whose loss it follows)" if self._rematerialized else
+                     f"once per micro-batch ({self._num_microbatches} per step)")
             warnings.warn(f"the forward changes the buffers {', '.join(changed[:6])}{more} (a spectral_norm's power "
-                          f"iteration, a layer's own running statistics): under a pipeline this happens once per "
-                          f"micro-batch ({self._num_microbatches} per step), where one device does it once per batch, "
-                          f"so they and what depends on them differ from one device's. num_microbatches=1 matches one "
+                          f"iteration, a layer's own running statistics): under a pipeline this happens {again}, "
+                          f"where one device does it once per batch, so they and what depends on them differ from one "
+                          f"device's. num_microbatches=1"
+                          f"{' and checkpoint_activations=False match' if self._rematerialized else ' matches'} one "
                           f"device; torch's batch norms are updated once per step already", stacklevel=4)

@@ -129,7 +129,9 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         # first run) that its forward changes, and batch norms: said once (:mod:`.buffers`).
         self.buffers = BufferWatch(lambda: [split.proxy] if split.proxy is not None else pipeline.modules(),
                                    pipeline.num_microbatches, parameters=not pipeline.asynchronous,
-                                   runs_step=pipeline.is_last_rank)
+                                   runs_step=pipeline.is_last_rank,
+                                   rematerialized=any(stage.checkpoint_activations
+                                                      for stage in pipeline.stages.values()))
         self._batch_norms_said = False  # at the first training step: after the hooks that freeze some (eval mode)
         self._init_checks(split, pipeline)
 
