@@ -1427,3 +1427,37 @@ def test_the_old_weight_norm_and_spectral_norm_hooks_are_not_said_to_assign_tens
         warnings.simplefilter("always")
         Splitter(model).capture((torch.randn(3, 4),))
     assert not [w for w in caught if "assigned during export" in str(w.message)], [str(w.message) for w in caught]
+
+
+class _Probe(nn.Module):
+    """Linear probing: a frozen backbone run under ``torch.no_grad()`` inside forward, a trained head after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.stem(x)
+            for block in self.blocks:
+                h = block(h)
+        return self.head(h)
+
+
+def test_a_no_grad_region_s_outputs_cross_a_cut_as_tensors() -> None:
+    """The region is one op whose outputs are a tuple; a cut after it made segment 1 receive the tuple, which no
+    capture matched ('Boolean value of Tensor ... is ambiguous', then 'values no capture expects'; found by review).
+    Its parts are taken where it runs, and the head trains as on one device."""
+    torch.manual_seed(0)
+    model = _Probe()
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)  # (its default cut lands after the region, before its outputs are taken apart)
+    x = torch.randn(5, 6)
+    segments = splitter.segments((x,))
+    assert len(segments) == 2
+    assert all(p[0] == "t" for p in splitter.captures[0].programs[1].live_in), splitter.captures[0].programs[1].live_in
+    _step(splitter.run, (x,), {}, lambda out, _: out.pow(2).mean(), None)
+    _step(reference, (x,), {}, lambda out, _: out.pow(2).mean(), None)
+    _assert_same(model, reference, "probe")

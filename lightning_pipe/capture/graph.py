@@ -150,6 +150,11 @@ def lay_out(program: ExportedProgram, cuts: Sequence[Cut], *, empty: str, recomp
             raise CaptureError(f"split points {[cut_label(c) for c in cuts]} leave segment(s) {idle} without any "
                                f"computation ({mode} mode); drop or move the split points around them")
         cuts.pop(min(idle[0], len(cuts) - 1))  # merge the idle segment into a neighbour
+    for n in body:  # a part of an op's tuple (a no_grad region's outputs) is taken where the op runs: no segment
+        source = n.args[0] if n.args else None  # receives a tuple, which no transport carries
+        if _op_name(n) == "getitem" and isinstance(source, fx.Node) and source in segment_of \
+                and not isinstance(source.meta.get("val"), torch.Tensor):
+            segment_of[n] = segment_of[source]
     for n in user_inputs:
         segment_of[n] = 0
     segment_of[nodes[-1]] = len(cuts)

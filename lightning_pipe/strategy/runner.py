@@ -189,7 +189,9 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             where = f"the model at {captured.path!r}" if captured.path else "the model"
             raise ValueError(f"{error}. The capture cut {where} before its repeated blocks, and found "
                              f"{len(segments)} piece(s): name where to cut with PipelineStrategy(split_points=[...]) "
-                             f"(module names, as model.named_modules() gives them; each starts a stage)") from None
+                             f"(module names, as model.named_modules() gives them; each starts a stage). Layers a "
+                             f"forward runs inside one torch.no_grad() region are one piece, which trains none of "
+                             f"them") from None
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         refuse_renormalized_ties(tied, captured.model)
