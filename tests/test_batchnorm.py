@@ -318,7 +318,21 @@ def test_asynchronous_and_replicated_stages_commit_once_per_step() -> None:
                 torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-5, msg=f"rank {rank} {name}")
 
 
-def _batch_norm_warnings(rank: int, world_size: int, frozen: bool) -> list[str]:
+class _WithUnused(nn.Module):
+    """A captured model holding a batch norm its forward never runs (Barlow Twins' projector norm, left defined)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 4)])
+        self.unused = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _batch_norm_warnings(rank: int, world_size: int, frozen: bool | str) -> list[str]:
     import warnings
 
     import lightning as L
@@ -332,11 +346,12 @@ def _batch_norm_warnings(rank: int, world_size: int, frozen: bool) -> list[str]:
     class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8),
-                                     nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+            self.net = _WithUnused() if frozen == "unused" else nn.Sequential(
+                nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                nn.Linear(8, 4))
 
         def on_train_epoch_start(self) -> None:
-            if frozen:  # a frozen backbone's batch norms use their running statistics, as on one device
+            if frozen is True:  # a frozen backbone's batch norms use their running statistics, as on one device
                 for module in self.net.modules():
                     if isinstance(module, nn.BatchNorm1d):
                         module.eval()
@@ -354,9 +369,10 @@ def _batch_norm_warnings(rank: int, world_size: int, frozen: bool) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("frozen", [False, True])
-def test_batch_norms_a_hook_puts_in_eval_mode_are_not_warned_of(frozen: bool) -> None:
-    """The warning looked at the modes as the model was cut, before the hooks that freeze batch norms ran."""
+@pytest.mark.parametrize("frozen", [False, True, "unused"])
+def test_batch_norms_a_hook_puts_in_eval_mode_are_not_warned_of(frozen: bool | str) -> None:
+    """The warning looked at the modes as the model was cut, before the hooks that freeze batch norms ran; and at
+    batch norms the forward never runs (found by review)."""
     warned = run_ranks(_batch_norm_warnings, 2, frozen, timeout=100)
     assert [len(found) for found in warned] == ([0, 0] if frozen else [1, 1]), warned
 

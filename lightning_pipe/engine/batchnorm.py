@@ -65,6 +65,7 @@ class DeferredStatistics:
         self._runs = 0  # forwards run without a micro-batch's number: each counts as another micro-batch
         for norm in norms:
             norm._deferred = self
+            norm._used = False  # whether a forward of the stage ran it (recorded it) yet
             # per micro-batch, call and use since the last commit: (call, use, micro-batch, rows, mean, biased
             # variance); a norm the model runs at several places (a block repeated) has a use for each, in order
             norm._recorded = []
@@ -99,6 +100,7 @@ class DeferredStatistics:
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        norm._used = True
         use = sum(1 for entry in norm._recorded if entry[0] == self.current and entry[2] == self.microbatch)
         norm._recorded.append((self.current, use, self.microbatch, x.numel() // x.shape[1], mean, var))
 
@@ -276,3 +278,4 @@ def restore_batchnorm(module: nn.Module) -> None:
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.__dict__.pop("_deferred", None)
             child.__dict__.pop("_recorded", None)
+            child.__dict__.pop("_used", None)

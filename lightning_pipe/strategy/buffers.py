@@ -20,10 +20,11 @@ from lightning_pipe.strategy.unfollowed import FOREIGN, mark
 __all__ = ["warn_of_batch_norms", "BufferWatch"]
 
 def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> None:
-    """Say, on a rank whose ``stages`` hold batch norms in training mode at the first training step, that they
+    """Say, on a rank whose ``stages`` hold batch norms in training mode that the first training step ran, that they
     normalize each micro-batch by its own statistics (one in eval, a frozen backbone's, uses its running statistics,
     as on one device: also one a hook puts in eval mode as each epoch starts)."""
     count = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                and m.__dict__.get("_used", True)  # a deferred one the step's forward never ran: not said
                 for stage in stages for m in stage.modules())
     if count and num_microbatches > 1:
         warnings.warn(f"this rank's {count} batch norm(s) normalize each of the {num_microbatches} micro-batches of a "

@@ -273,11 +273,12 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         generators forked to ``derive_seed(seed, i)`` on every rank that runs its step code. Asynchronous schedules
         call ``optimizer_step`` at each of their optimizer steps; the loss returned is this batch's, which the last
         stage computes within this call (earlier stages finish its backward later)."""
-        if not self._batch_norms_said:
+        with reported_failures(self.scope):
+            result = self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
+        if not self._batch_norms_said:  # after the step: those its forward ran
             self._batch_norms_said = True
             warn_of_batch_norms(self.pipeline.modules(), self.pipeline.num_microbatches)
-        with reported_failures(self.scope):
-            return self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
+        return result
 
     def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
                optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
