@@ -170,7 +170,13 @@ def _check(cls: type, example: tuple) -> str | None:
         except Exception as error:  # noqa: BLE001 - a Function that cannot run this way is not checked
             failed = error  # the last attempt's: the first may fail for the check's own leaves
     assert failed is not None
-    return f"could not be checked on random inputs: {type(failed).__name__}: {str(failed).splitlines()[0][:150]}"
+    modules = (": it is given modules and runs their layers itself, and a captured graph differentiates only what its "
+               "forward runs with gradients on, so layers it runs under torch.no_grad() to recompute them in its own "
+               "backward (reversible layers, Reformer's) get no gradient that way whatever the flag below; keep such "
+               "layers in an nn.Sequential" if any(isinstance(leaf, torch.nn.Module)
+                                                   for leaf in pytree.tree_leaves(example)) else "")
+    return (f"could not be checked on random inputs: {type(failed).__name__}: {str(failed).splitlines()[0][:150]}"
+            f"{modules}")
 
 
 # how floating inputs are drawn; the backward is compared on each draw where its forward's derivative is defined for
