@@ -787,8 +787,8 @@ def test_values_ordered_along_the_rows_are_found(kind: str) -> None:
         assert found is not None and "orders the batch's rows" in found, found
 
 
-@pytest.mark.parametrize("kind", ["absmax", "absmax_item", "quantized", "mean_item", "reciprocal", "maximum", "var_mean",
-                                  "median", "softmax", "functional_batch_norm"])
+@pytest.mark.parametrize("kind", ["absmax", "absmax_item", "quantized", "mean_item", "reciprocal", "maximum",
+                                  "var_mean", "median", "softmax", "functional_batch_norm"])
 def test_a_statistic_over_the_rows_that_scales_or_bounds_them_is_found(kind: str) -> None:
     splitter = Splitter(_Scaled(kind))
     splitter.capture((torch.randn(6, 4),))
