@@ -1029,3 +1029,19 @@ def test_gradient_hooks_of_the_users_on_the_parameters_are_warned_of_with_the_fi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_of_gradient_hooks(model, SimpleNamespace(num_microbatches=1, modules=lambda: [model]))
+
+
+def test_split_points_name_the_model_either_way() -> None:
+    """A module whose forward calls its model (self.model): split points named in the model ('l3') or in the module
+    ('model.l3') each failed in one of the two captures, whose errors advised the other spelling (found by review)."""
+    from lightning_pipe.strategy.cutting import _points_for
+
+    module = nn.Module()
+    module.model = nn.Module()
+    module.model.l3, module.model.head = nn.Linear(2, 2), nn.Linear(2, 2)
+    for points in (["l3"], ["model.l3"], ("l3",)):
+        assert _points_for(module, "model", "model", points) == ["l3"]
+        assert _points_for(module, "", "model", points) == ["model.l3"]
+    assert _points_for(module, "model", "model", [("model.head", "end")]) == [("head", "end")]
+    assert _points_for(module, "", "model", {"head": "begin"}) == {"model.head": "begin"}
+    assert _points_for(module, "model", "model", ["nowhere"]) == ["nowhere"]  # its own error names it

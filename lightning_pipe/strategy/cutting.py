@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -177,7 +178,8 @@ class PipelineCutting:
         group = self._mesh.get_group(PIPE) if self._mesh is not None else None
 
         def capture(path: str) -> CapturedModule:
-            return CapturedModule(module, path, self.settings.split_points, group, self._collective_device(),
+            points = _points_for(module, path, layers, self.settings.split_points)
+            return CapturedModule(module, path, points, group, self._collective_device(),
                                   allow_autograd_functions=self.settings.allow_autograd_functions,
                                   dynamic_shapes=self.settings.dynamic_shapes,
                                   rematerialized=self.settings.checkpoint_activations)
@@ -343,3 +345,30 @@ def _refuse_rebuilt(module: LightningModule, runner: PipelineRunner) -> None:
                      f"fit, validate, test and predict, and asks it to build the model once. Begin it with a guard, "
                      f"e.g. `if self.layers is not None: return` (on one device the unguarded hook silently replaces "
                      f"the trained layers by new ones)")
+
+
+def _points_for(module: nn.Module, path: str, model_path: str, points: Any) -> Any:
+    """The user's split points, named in the model at ``model_path`` (``"l3"``) or in the module (``"model.l3"``), as
+    the model at ``path`` names them: its own capture strips the model's prefix, the module's whole forward's (which
+    reaches the model) adds it. Either spelling cuts the same place."""
+    if points is None or not model_path or path == model_path and path == "":
+        return points
+    prefix = f"{model_path}."
+    root = module.get_submodule(path) if path else module
+    names = {name for name, _ in root.named_modules(remove_duplicate=False) if name}
+
+    def named(name: Any) -> Any:
+        if not isinstance(name, str) or name in names:
+            return name
+        if path == model_path and name.startswith(prefix) and name[len(prefix):] in names:
+            return name[len(prefix):]
+        if path == "" and f"{prefix}{name}" in names:
+            return f"{prefix}{name}"
+        return name
+
+    if isinstance(points, Mapping):
+        return {named(name): where for name, where in points.items()}
+    if isinstance(points, str) or isinstance(points, tuple) and len(points) == 2 and points[1] in ("begin", "end"):
+        return points  # a malformed value: its own error says so
+    return [named(point) if isinstance(point, str) else (named(point[0]), *point[1:])
+            if isinstance(point, tuple) and point else point for point in points]
