@@ -67,6 +67,11 @@ class BufferWatch:
         # attributes with one micro-batch too: the step reads the last stage's copies, which these layers never set
         self._runs_step = runs_step
         self._left = steps if num_microbatches > 1 or not runs_step else 0
+        self._steps = steps
+        # the layers' modes as last watched: a part put in train mode later (held in eval for a first epoch, then
+        # trained) may start changing its buffers then, so a change of modes watches some steps more
+        self._modes_seen: tuple[bool, ...] | None = None
+        self._rearm = self._left > 0
         self._parameters = parameters and num_microbatches > 1  # also the parameters (not where the optimizer steps
         # inside the run)
         self._attributes_warned = False
@@ -112,6 +117,11 @@ class BufferWatch:
     def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None:
         """Each buffer as (object, version, a small one's values), each parameter's sums and each plain attribute
         of the layers before a step; None once the steps to watch are over."""
+        if self._rearm:
+            modes = tuple(module.training for stage in self._stages() for module in stage.modules())
+            if self._left <= 0 and modes != self._modes_seen:
+                self._left = self._steps
+            self._modes_seen = modes
         return (self._versions(), self._sums(), self._attributes()) if self._left > 0 else None
 
     def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None) -> None:
@@ -156,7 +166,7 @@ class BufferWatch:
         self._left -= 1
         changed = sorted(name for name, seen in before.items() if name in after and _changed(seen, after[name]))
         if changed and self._num_microbatches > 1:
-            self._left = 0
+            self._left, self._rearm = 0, False
             more = " ..." if len(changed) > 6 else ""
             again = (f"twice per micro-batch ({2 * self._num_microbatches} per step: the forward re-materialized "
                      f"in backward, checkpoint_activations, changes them once more, so the backward differentiates "
