@@ -49,6 +49,9 @@ class PipelinedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle of the module takes this rank's share, never the runner, its process groups, the whole
         # model or its captures; a checkpoint stores hyper-parameters with the model whole instead.
+        from lightning_pipe.strategy.share_warning import said_pickled
+
+        said_pickled(self)
         state = dict(self.__dict__)
         state.update(owner=None, model_calls=ModelCalls(self.model_calls.where), _segments=[], _model=None,
                      _training=self.training)

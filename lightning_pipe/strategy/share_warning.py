@@ -18,10 +18,11 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-__all__ = ["watch_state_dict", "strategy_reads"]
+__all__ = ["watch_state_dict", "strategy_reads", "said_pickled"]
 
 _watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_pickled: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # said to be pickled
 _reading = [0]  # the strategy's own state_dict() calls in progress
 
 
@@ -73,6 +74,31 @@ def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_va
         f"device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)['state_dict']"
         + (f" (this module's keys are those starting with '{name}.')" if name else ""),
         stacklevel=3)
+
+
+def said_pickled(part: nn.Module) -> None:
+    """Warn once per object when a pipelined model's stand-in is pickled by the user's code (``torch.save(model.
+    model)`` after fit, to load the network elsewhere): the file holds this rank's share, and a call of what it loads
+    is refused. A copy (``copy.deepcopy``: a weight-averaging callback's), the strategy's own reads and a checkpoint's
+    hyper-parameters (which hold the model whole) are not said."""
+    if _reading[0] or part in _pickled or _in_checkpoint_dump() or _copying():
+        return
+    _pickled.add(part)
+    warnings.warn(f"pickling {type(part).__name__} (torch.save(model) or torch.save(model.model)) under "
+                  f"PipelineStrategy writes only this rank's share of the pipelined model, whose call is refused "
+                  f"where it is loaded. Save the whole model with trainer.save_checkpoint(path), which every rank "
+                  f"calls, and build the network from YourModule.load_from_checkpoint(path) on one process (then "
+                  f"torch.save(loaded.model) if you need a pickle)", stacklevel=3)
+
+
+def _copying() -> bool:
+    """Whether a ``copy.deepcopy`` (or ``copy.copy``) is under way on this thread."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "copy":
+            return True
+        frame = frame.f_back
+    return False
 
 
 _LIBRARIES = frozenset({"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities",

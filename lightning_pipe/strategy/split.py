@@ -15,7 +15,7 @@ from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import SKIPPED_BATCHES, ModelCalls, call_key, refuse_other_weights
 from lightning_pipe.strategy.optimizers import stand_in
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
-from lightning_pipe.strategy.share_warning import strategy_reads
+from lightning_pipe.strategy.share_warning import said_pickled, strategy_reads
 from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
@@ -105,6 +105,7 @@ class PipelinedSequence(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle of the module (a hyper-parameter holding it, say) takes this rank's layers, never the
         # runner and its process groups; a checkpoint stores hyper-parameters with the sequence whole instead.
+        said_pickled(self)
         state = dict(self.__dict__)
         state["owner"], state["model_calls"] = None, ModelCalls(self.model_calls.where)
         return state
