@@ -117,6 +117,23 @@ def test_a_loss_that_needs_no_gradient_is_an_error_not_a_step_without_one() -> N
                 return self.linear(x).pow(2).mean()
 
     stage = PipelineStage(NoGrad(), 0, 1)
-    stage.forward(0, torch.randn(4, 8))
-    with pytest.raises(RuntimeError, match="the loss of micro-batch 0 needs no gradient.*torch.no_grad"):
-        stage.backward(0, None)
+    for microbatch in range(2):
+        stage.forward(microbatch, torch.randn(4, 8))
+        stage.backward(microbatch, None)
+    with pytest.raises(RuntimeError, match="each of the step's 2 micro-batch.*needs no gradient.*torch.no_grad"):
+        stage.end_step()
+
+    class Sometimes(nn.Module):  # a micro-batch with nothing to learn from returns a constant: as on one device
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).pow(2).mean() if x.sum() > 0 else torch.zeros(())
+
+    stage = PipelineStage(Sometimes(), 0, 1)
+    for microbatch, sign in enumerate((1.0, -1.0)):
+        stage.forward(microbatch, sign * torch.ones(4, 8))
+        stage.backward(microbatch, None)
+    stage.end_step()
+    assert stage.module.linear.weight.grad is not None

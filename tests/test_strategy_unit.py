@@ -1045,3 +1045,41 @@ def test_split_points_name_the_model_either_way() -> None:
     assert _points_for(module, "model", "model", [("model.head", "end")]) == [("head", "end")]
     assert _points_for(module, "", "model", {"head": "begin"}) == {"model.head": "begin"}
     assert _points_for(module, "model", "model", ["nowhere"]) == ["nowhere"]  # its own error names it
+
+
+def test_pickling_a_share_is_said_but_not_where_a_worker_a_copy_or_a_checkpoint_pickles_it() -> None:
+    """A DataLoader worker started with spawn pickles the module (its collate_fn a method of it), a deepcopy copies
+    it, a checkpoint's hyper-parameters hold it: none writes the share to a file of the user's (found by review)."""
+    import warnings
+
+    from lightning_pipe.strategy.share_warning import said_pickled
+
+    callers: dict[str, Any] = {}
+    for module in ("multiprocessing.reduction", "copy"):
+        exec("def run(said, part):\n    return said(part)", {"__name__": module}, callers)
+        callers[module] = callers.pop("run")
+    exec("def save_checkpoint(said, part):\n    return said(part)", {"__name__": "lightning_pipe.strategy.x"}, callers)
+    part = nn.Linear(2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callers["multiprocessing.reduction"](said_pickled, part)
+        callers["copy"](said_pickled, part)
+        callers["save_checkpoint"](said_pickled, part)
+        assert not caught
+        said_pickled(part)
+        said_pickled(part)
+    assert len(caught) == 1 and "writes only this rank's share" in str(caught[0].message)
+
+
+def test_an_index_relative_to_its_micro_batch_reads_as_the_whole_batchs() -> None:
+    """A batch of graphs' node-to-graph ids, numbered from 0 in each micro-batch, are the whole batch's but for a
+    number added; a micro-batch of one value is no evidence of that (a per-row draw would hide behind it)."""
+    from lightning_pipe.strategy.step_inputs import rebased
+
+    whole = [torch.tensor([0, 0, 1, 2, 2, 3])]
+    parts = [[torch.tensor([0, 0, 1])], [torch.tensor([0, 0, 1])]]
+    assert torch.equal(torch.cat([part[0] for part in rebased(parts, whole)]), whole[0])
+    single = rebased([[torch.tensor([3])], [torch.tensor([4])]], [torch.tensor([0, 9])])
+    assert [part[0].tolist() for part in single] == [[3], [4]]
+    other = rebased([[torch.tensor([0, 1])], [torch.tensor([1, 0])]], [torch.tensor([0, 1, 2, 3])])
+    assert [part[0].tolist() for part in other] == [[0, 1], [1, 0]]  # not an offset: left as it was

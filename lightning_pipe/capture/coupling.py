@@ -344,9 +344,14 @@ _ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
 
 
 def _orders_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
-    """Whether ``node`` (a sort, topk or kthvalue: :data:`_ORDERS`) orders values along the batch's rows."""
+    """Whether ``node`` (a sort, topk or kthvalue: :data:`_ORDERS`) orders floating values along the batch's rows and
+    its ordered values are read (not only the order: tokens grouped by expert with argsort and put back, rows sorted
+    by length and unsorted, leave each row its own)."""
     source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return False
+    if not any(user.target is operator.getitem and len(user.args) > 1 and user.args[1] == 0 for user in node.users):
         return False
     index = _ORDERS[name]
     if index is None:

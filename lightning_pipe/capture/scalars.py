@@ -99,7 +99,8 @@ def _selected(program: ExportedProgram, node: Any, rows: set[Any]) -> bool:
     order (:data:`SELECTED`): ``h[mask]`` (``index`` by a boolean mask), ``masked_select``, or indices from
     ``nonzero`` of a tensor with the rows along dim 0."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(value, torch.Tensor) or value.dim() == 0 or not isinstance(value.shape[0], torch.SymInt):
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or not isinstance(value.shape[0], torch.SymInt) \
+            or not value.is_floating_point():  # (indices, nonzero's own, count from 0 in each micro-batch)
         return False
     symbols = value.shape[0].node.expr.free_symbols
     if not symbols or not all(str(symbol).startswith("u") for symbol in symbols):

@@ -289,7 +289,15 @@ class Pipeline(AsynchronousSteps):
         stage first add up what each recorded)."""
         group = self._replica_sum.group if self._replica_sum is not None else None
         for stage in self.stages.values():
-            stage.end_step(group)
+            try:
+                stage.end_step(group)
+            except PipelineError:
+                raise
+            except RuntimeError as error:  # (a step no loss of which needs a gradient): posted for the others
+                failure = failed_as(error, f"rank {self.rank} failed at the end of the step: {error_text(error)}",
+                                    self.rank)
+                self.comm.board.post(failure)
+                raise failure from error
 
     @torch.no_grad()
     def eval_step(self, batch: Any, seed: int | None = None,

@@ -66,6 +66,7 @@ class PipelineStage:
         self.checkpoint_activations = checkpoint_activations
         self.seed = seed  # the base of the seeds of forwards given none (a stage driven by hand)
         self._forwards = 0
+        self._losses = self._gradless = 0  # the step's losses backward ran on, and those that needed no gradient
         self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
         # Whether the layers get copies of the stage's input tensors: where they write their input in place (a
         # received leaf needing a gradient, which torch refuses to change: a ReLU(inplace=True) first, a block of the
@@ -192,6 +193,15 @@ class PipelineStage:
         ``group``: the replicas of this stage that ran the step's other micro-batches (all of them call this)."""
         if self.norms is not None:
             self.norms.commit(group)
+        losses, gradless, self._losses, self._gradless = self._losses, self._gradless, 0, 0
+        if losses and gradless == losses:
+            raise RuntimeError(
+                f"the loss of each of the step's {losses} micro-batch(es) needs no gradient: nothing it was computed "
+                f"from needs one (one device's loss.backward() of the batch raises here too), so no layer would "
+                f"train. A forward that runs its layers under torch.no_grad() does this, as a custom "
+                f"torch.autograd.Function computing their gradients in its own backward does (reversible layers, "
+                f"Reformer's): a captured graph differentiates the forward's ops and never calls that backward; keep "
+                f"such layers in an nn.Sequential (not captured), or write them without the Function")
 
     def enable_split_backward(self) -> None:
         """Prepare for :meth:`backward_input` / :meth:`backward_weight` (zero-bubble schedules).
@@ -343,15 +353,11 @@ class PipelineStage:
         self, microbatch: int, grad_outputs: list[torch.Tensor | None] | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         output = self._outputs.pop(microbatch)
-        if grad_outputs is None:  # a scalar loss
+        if grad_outputs is None:  # a scalar loss; one needing no gradient (a micro-batch with nothing to learn
+            self._losses += 1  # from, torch.zeros(())) gives none, unless every micro-batch's does (end_step)
             if not output.requires_grad:
-                raise RuntimeError(
-                    f"the loss of micro-batch {microbatch} needs no gradient: nothing it was computed from needs one "
-                    f"(one device's loss.backward() raises here too), so no layer would train. A forward that runs "
-                    f"its layers under torch.no_grad() does this, as a custom torch.autograd.Function computing their "
-                    f"gradients in its own backward does (reversible layers, Reformer's): a captured graph "
-                    f"differentiates the forward's ops and never calls that backward; keep such layers in an "
-                    f"nn.Sequential (not captured), or write them without the Function")
+                self._gradless += 1
+                return [], []
             return [output], [None]
         leaves = output if isinstance(output, _Released) else tree_flatten(output)[0]
         if len(leaves) != len(grad_outputs):

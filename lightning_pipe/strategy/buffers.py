@@ -34,6 +34,7 @@ def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> N
                       f"LayerNorm do not depend on the batch", stacklevel=3)
 
 
+_MODES_EVERY = 8  # steps between two looks at the layers' modes, once the watched steps are over
 _COMPARED = 4096  # a buffer up to this size is compared by value as well
 
 
@@ -72,6 +73,7 @@ class BufferWatch:
         # trained) may start changing its buffers then, so a change of modes watches some steps more
         self._modes_seen: tuple[bool, ...] | None = None
         self._rearm = self._left > 0
+        self._calls = 0
         self._parameters = parameters and num_microbatches > 1  # also the parameters (not where the optimizer steps
         # inside the run)
         self._attributes_warned = False
@@ -117,7 +119,8 @@ class BufferWatch:
     def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None:
         """Each buffer as (object, version, a small one's values), each parameter's sums and each plain attribute
         of the layers before a step; None once the steps to watch are over."""
-        if self._rearm:
+        self._calls += 1
+        if self._rearm and (self._left > 0 or self._calls % _MODES_EVERY == 0):  # (a walk of every module)
             modes = tuple(module.training for stage in self._stages() for module in stage.modules())
             if self._left <= 0 and modes != self._modes_seen:
                 self._left = self._steps

@@ -215,7 +215,8 @@ class PipelineCutting:
             alone = (f"a pipeline runs each of its {self.num_microbatches} micro-batches alone, so each row meets only "
                      f"the rows of its micro-batch")
             rows = batch_rows(microbatch, microbatch=True)
-            if last.example_rows is not None and rows != last.example_rows:  # rows the step made: graphs' nodes
+            if last.example_rows is not None and rows and last.example_rows % rows:  # rows the step made: nodes
+                # (a multiple of the batch's rows is views put together, SimCLR's: no hedge)
                 alone += (f" (here the model's rows, dim 0 of its inputs, {last.example_rows} in the first "
                           f"micro-batch, are not the "
                           f"batch's, {rows}: where they are parts of the batch's rows that the step puts together, "
@@ -351,7 +352,7 @@ def _points_for(module: nn.Module, path: str, model_path: str, points: Any) -> A
     """The user's split points, named in the model at ``model_path`` (``"l3"``) or in the module (``"model.l3"``), as
     the model at ``path`` names them: its own capture strips the model's prefix, the module's whole forward's (which
     reaches the model) adds it. Either spelling cuts the same place."""
-    if points is None or not model_path or path == model_path and path == "":
+    if points is None or not model_path:
         return points
     prefix = f"{model_path}."
     root = module.get_submodule(path) if path else module

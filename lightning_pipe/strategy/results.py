@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -418,6 +419,18 @@ class ResultChannel:
             raise RuntimeError("a step result arrived without its structure; this is a bug, please report it")
         return (self._structure, _unpack(data, start, self._specs)), fingerprints, bool(words[4])
 
+    def _posted_error(self, wait: float = 3.0) -> Exception | None:
+        """The error the failed last stage posts, which may follow its "failed" answer by a moment (a failure at
+        the step's end, after the pipeline ran); None if none comes within ``wait`` seconds."""
+        if self.notice is None:
+            return None
+        deadline = time.monotonic() + wait
+        while True:
+            posted = self.notice()
+            if posted is not None or time.monotonic() >= deadline:
+                return posted
+            time.sleep(0.05)
+
     def _exchange(self, header: torch.Tensor, fingerprint: int | torch.Tensor, flag: bool) -> torch.Tensor:
         """The header every rank would get from the all_reduce, by messages: the source receives the others'
         fingerprints and flags, folds them into its header as the maximum would, and sends it to each."""
@@ -429,7 +442,7 @@ class ResultChannel:
             self._wait(posted, works, [self.source])
             if int(answer[2]) == _FAILED:
                 self._broken = True
-                raise (self.notice() if self.notice is not None else None) or RuntimeError(
+                raise self._posted_error() or RuntimeError(
                     f"the last stage (rank {self.source}) failed in this step; its error is in its own output")
             return answer
         halves, works = posted

@@ -81,7 +81,7 @@ def said_pickled(part: nn.Module) -> None:
     model)`` after fit, to load the network elsewhere): the file holds this rank's share, and a call of what it loads
     is refused. A copy (``copy.deepcopy``: a weight-averaging callback's), the strategy's own reads and a checkpoint's
     hyper-parameters (which hold the model whole) are not said."""
-    if _reading[0] or part in _pickled or _in_checkpoint_dump() or _copying():
+    if _reading[0] or part in _pickled or _in_checkpoint_dump() or _copying_or_saving():
         return
     _pickled.add(part)
     warnings.warn(f"pickling {type(part).__name__} (torch.save(model) or torch.save(model.model)) under "
@@ -91,18 +91,24 @@ def said_pickled(part: nn.Module) -> None:
                   f"torch.save(loaded.model) if you need a pickle)", stacklevel=3)
 
 
-def _copying() -> bool:
-    """Whether a ``copy.deepcopy`` (or ``copy.copy``) is under way on this thread."""
+def _copying_or_saving() -> bool:
+    """Whether the pickling is a ``copy.deepcopy``, a process started with the object (a DataLoader worker given a
+    LightningModule's method as its ``collate_fn``) or a checkpoint being written (its hyper-parameters), on this
+    thread."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_globals.get("__name__") == "copy":
+        name = frame.f_globals.get("__name__", "") or ""
+        if name == "copy" or name.startswith("multiprocessing") or name.startswith("torch.multiprocessing") or (
+                frame.f_code.co_name == "save_checkpoint" and name.startswith(
+                    ("lightning.", "pytorch_lightning.", "lightning_fabric.", "lightning_pipe."))):
             return True
         frame = frame.f_back
     return False
 
 
 _LIBRARIES = frozenset({"torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities",
-                        "lightning_pipe", "torchmetrics", "transformers", "peft", "copy", "contextlib", "functools"})
+                        "lightning_pipe", "torchmetrics", "transformers", "peft", "copy", "contextlib", "functools",
+                        "timm"})  # (timm's ModelEmaV2 reads the model's state_dict each step, to average in memory)
 
 
 def _called_by_the_user() -> bool:

@@ -55,11 +55,13 @@ def rebased(parts: Sequence[list[Any]], whole: list[Any]) -> list[list[Any]]:
                 or sum(piece.shape[0] for piece in pieces) != together.shape[0]:
             continue
         start, shifted = 0, []
+        if any(piece.numel() < 2 for piece in pieces):
+            continue  # one number is any other plus something: no evidence of an index
         for piece in pieces:
             rows = together[start:start + piece.shape[0]]
             start += piece.shape[0]
-            offset = rows.flatten()[0] - piece.flatten()[0] if piece.numel() else 0
-            shifted.append(piece + offset if piece.numel() and torch.equal(piece + offset, rows) else piece)
+            offset = rows.flatten()[0] - piece.flatten()[0]
+            shifted.append(piece + offset if torch.equal(piece + offset, rows) else piece)
         for part, piece in zip(parts, shifted):
             part[index] = piece
     return parts
