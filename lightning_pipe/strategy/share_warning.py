@@ -98,7 +98,7 @@ def _copying_or_saving() -> bool:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "") or ""
-        if name == "copy" or name.startswith("multiprocessing") or name.startswith("torch.multiprocessing") or (
+        if name in ("copy", "multiprocessing.reduction") or name.startswith("multiprocessing.popen") or (
                 frame.f_code.co_name == "save_checkpoint" and name.startswith(
                     ("lightning.", "pytorch_lightning.", "lightning_fabric.", "lightning_pipe."))):
             return True
