@@ -379,7 +379,7 @@ def _in_batch_norm_module(node: fx.Node) -> bool:
     return "BatchNorm" in str(kind)
 
 
-_NORMALIZING = {"exp", "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp"}
+_NORMALIZING = _SOFTMAXES | {"exp", "logsumexp"}  # where a shift by an extreme cancels
 
 
 def _normalized(node: fx.Node) -> bool:

@@ -353,8 +353,10 @@ class PipelineStage:
         self, microbatch: int, grad_outputs: list[torch.Tensor | None] | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         output = self._outputs.pop(microbatch)
-        if grad_outputs is None:  # a scalar loss; one needing no gradient (a micro-batch with nothing to learn
-            self._losses += 1  # from, torch.zeros(())) gives none, unless every micro-batch's does (end_step)
+        if grad_outputs is None:  # a scalar loss
+            # one that needs no gradient (a micro-batch with nothing to learn from, torch.zeros(())) gives none;
+            # end_step refuses a step where every micro-batch's needs none
+            self._losses += 1
             if not output.requires_grad:
                 self._gradless += 1
                 return [], []

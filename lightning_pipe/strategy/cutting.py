@@ -218,10 +218,9 @@ class PipelineCutting:
             if last.example_rows is not None and rows and last.example_rows % rows:  # rows the step made: nodes
                 # (a multiple of the batch's rows is views put together, SimCLR's: no hedge)
                 alone += (f" (here the model's rows, dim 0 of its inputs, {last.example_rows} in the first "
-                          f"micro-batch, are not the "
-                          f"batch's, {rows}: where they are parts of the batch's rows that the step puts together, "
-                          f"as the nodes of a batch of graphs, and meet only within a row of the batch, as messages "
-                          f"along each graph's edges do, it trains as on one device)")
+                          f"micro-batch, are not the batch's, {rows}: where they are parts of the batch's rows that "
+                          f"the step puts together, as the nodes of a batch of graphs, and meet only within a row of "
+                          f"the batch, as messages along each graph's edges do, it trains as on one device)")
             if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: no telling what it does
                 rank_zero_warn(f"{type(captured.model).__name__}: {meeting}. Where the number only sizes a tensor "
                                f"(self.cls.expand(len(x), -1, -1)) this trains as on one device, and x.shape[0] in "

@@ -81,7 +81,7 @@ def said_pickled(part: nn.Module) -> None:
     model)`` after fit, to load the network elsewhere): the file holds this rank's share, and a call of what it loads
     is refused. A copy (``copy.deepcopy``: a weight-averaging callback's), the strategy's own reads and a checkpoint's
     hyper-parameters (which hold the model whole) are not said."""
-    if _reading[0] or part in _pickled or _in_checkpoint_dump() or _copying_or_saving():
+    if _reading[0] or part in _pickled or _copying_or_saving():
         return
     _pickled.add(part)
     warnings.warn(f"pickling {type(part).__name__} (torch.save(model) or torch.save(model.model)) under "
@@ -99,7 +99,7 @@ def _copying_or_saving() -> bool:
     while frame is not None:
         name = frame.f_globals.get("__name__", "") or ""
         if name in ("copy", "multiprocessing.reduction") or name.startswith("multiprocessing.popen") or (
-                frame.f_code.co_name == "save_checkpoint" and name.startswith(
+                frame.f_code.co_name in ("save_checkpoint", "dump_checkpoint") and name.startswith(
                     ("lightning.", "pytorch_lightning.", "lightning_fabric.", "lightning_pipe."))):
             return True
         frame = frame.f_back

@@ -54,9 +54,9 @@ def rebased(parts: Sequence[list[Any]], whole: list[Any]) -> list[list[Any]]:
                    and piece.shape[1:] == together.shape[1:] for piece in pieces) \
                 or sum(piece.shape[0] for piece in pieces) != together.shape[0]:
             continue
-        start, shifted = 0, []
         if any(piece.numel() < 2 for piece in pieces):
             continue  # one number is any other plus something: no evidence of an index
+        start, shifted = 0, []
         for piece in pieces:
             rows = together[start:start + piece.shape[0]]
             start += piece.shape[0]
