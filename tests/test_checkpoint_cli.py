@@ -91,6 +91,7 @@ def test_consolidate_and_shard_round_trip(tmp_path: Path) -> None:
     _cli("consolidate", folder, file)
     _cli("shard", file, again)
     _cli("consolidate", again, file_again)
+    assert "consolidate" in (tmp_path / "resharded" / "README.txt").read_text()
     first, second = (torch.load(path, weights_only=False) for path in (file, file_again))
     tensors, tensors_again = _tensors(first), _tensors(second)
     assert len(tensors) > 16 and tensors.keys() == tensors_again.keys()

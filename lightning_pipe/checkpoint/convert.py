@@ -41,6 +41,7 @@ from lightning_pipe.strategy.sharded import (
     is_sharded,
     whole_parameter_lists,
     write_file,
+    write_guide,
 )
 
 __all__ = ["consolidate", "shard", "BATCH_BYTES"]
@@ -152,6 +153,7 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
         for rank, entries in enumerate(own):
             write_file(entries, os.path.join(staging, f"rank-{rank}.pt"))
         write_file(meta, os.path.join(staging, META_FILE))
+        write_guide(staging)
         if os.path.lexists(target):
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
         os.replace(staging, target)

@@ -12,6 +12,8 @@ A sharded checkpoint is a folder at the path Lightning gives (``epoch=3-step=400
 - ``rank-<r>.pt`` (every rank): what may differ between ranks: the callbacks' states (an EMA of a stage's weights)
   and the module's ``on_save_checkpoint`` extras. On the same layout each rank gets its own back; on another, the
   callbacks' states are merged over the ranks, and entries keyed by a name of the model go only to the rank holding it.
+- ``README.txt``: for whoever finds the folder where a file was expected (one-device code reading it gets a bare
+  ``IsADirectoryError``): what it is and the one command that makes it a file.
 
 Durable: all of it is written into ``<parent>/.lightning_pipe-writing/<name>``, every file fsync'd (DCP's
 ``sync_files``, and :func:`write_file`), and only when every rank has written its part does global rank 0 rename the
@@ -53,10 +55,21 @@ from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
-           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file",
+           "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file", "write_guide",
            "whole_parameter_lists"]
 
 META_FILE = "meta.pt"
+GUIDE_FILE = "README.txt"
+GUIDE = """This folder is one checkpoint: a sharded checkpoint written by lightning_pipe's PipelineStrategy
+(checkpoint_format='sharded'), every rank's stages in torch.distributed.checkpoint's files, the rest in meta.pt
+and rank-<r>.pt.
+
+- To resume the pipeline, on this layout or another:  trainer.fit(model, ckpt_path="<this folder>")
+- Code that reads one file (YourModule.load_from_checkpoint, a Trainer without the pipeline, torch.load) fails on
+  a folder with "IsADirectoryError". Make one standard Lightning file of it first:
+
+      python -m lightning_pipe.checkpoint consolidate <this folder> model.ckpt
+"""
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
 HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
@@ -72,6 +85,14 @@ def write_file(value: Any, path: str) -> None:
     """``torch.save`` to ``path``, flushed and fsync'd before returning."""
     with open(path, "wb") as file:
         torch.save(value, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_guide(folder: str) -> None:
+    """The folder's README.txt (:data:`GUIDE`), flushed and fsync'd."""
+    with open(os.path.join(folder, GUIDE_FILE), "w") as file:
+        file.write(GUIDE)
         file.flush()
         os.fsync(file.fileno())
 
@@ -157,6 +178,7 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
                 meta[HPARAMS_KEY] = hparams
                 meta[SHARDED_KEY]["hparams_sequence"] = (split.path, whole)  # one pickle: hparams refer to it
         write_file(meta, os.path.join(staging, META_FILE))
+        write_guide(staging)
 
 
 def _publish(staging: str, target: str) -> None:
