@@ -668,19 +668,23 @@ class _Centered(nn.Module):
 
 
 class _Shifted(nn.Module):
-    """A softmax shifted by the batch's maximum for stability (the shift cancels), a codebook's usage perplexity
-    (from integers alone: no gradient), and a mean over a mask written with ``reciprocal``: none lets rows meet."""
+    """A softmax shifted by the batch's maximum for stability (the shift cancels), a logsumexp written by hand with
+    the batch's maximum added back, a codebook's usage perplexity (from integers alone: no gradient), and a mean over a
+    mask written with ``reciprocal``: none lets rows meet."""
 
     def __init__(self) -> None:
         super().__init__()
         self.linear, self.code = nn.Linear(4, 3), nn.Parameter(torch.randn(8, 3))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z = self.linear(x)
         shifted = torch.exp(z - z.max())
+        top = z.detach().max()
+        logsumexp = top + torch.log(torch.exp(z - top).sum(-1))
         usage = torch.nn.functional.one_hot(torch.cdist(z, self.code).argmin(-1), 8).float().mean(0)
         perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
-        return shifted / shifted.sum(-1, keepdim=True), perplexity, (z.sum(-1) * mask).sum() * mask.sum().reciprocal()
+        return (shifted / shifted.sum(-1, keepdim=True), logsumexp, perplexity,
+                (z.sum(-1) * mask).sum() * mask.sum().reciprocal())
 
 
 def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
@@ -751,6 +755,8 @@ class _Scaled(nn.Module):
             h = h + h.softmax(0)
         elif self.kind == "functional_batch_norm":  # MAML's functional network, no running statistics
             h = F.batch_norm(h, None, None, None, None, training=True)
+        elif self.kind == "max_added":  # the batch's maximum added to a logsumexp that it did not shift
+            h = h - (h.max() + torch.log(torch.exp(h).sum(-1, keepdim=True)))
         return self.last(h)
 
 
@@ -794,7 +800,7 @@ def test_values_ordered_along_the_rows_are_found(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["absmax", "absmax_item", "quantized", "mean_item", "reciprocal", "maximum",
-                                  "var_mean", "median", "softmax", "functional_batch_norm"])
+                                  "var_mean", "median", "softmax", "functional_batch_norm", "max_added"])
 def test_a_statistic_over_the_rows_that_scales_or_bounds_them_is_found(kind: str) -> None:
     splitter = Splitter(_Scaled(kind))
     splitter.capture((torch.randn(6, 4),))

@@ -228,7 +228,7 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     experts, which only place rows), also as a number read out of it (``.item()``): the rows of a data-dependent
     selection (``nonzero``, unbacked sizes) count as rows. An extreme over the rows (``h.abs().max()``) is one where
     it scales or bounds the rows, not where it shifts them into an exponential or a softmax (``exp(z - z.max())``,
-    where it cancels). A product of statistics computed from integers alone (a codebook's usage and its perplexity,
+    where it cancels, also when added back: ``m + log(exp(z - m).sum(-1))``). A product of statistics computed from integers alone (a codebook's usage and its perplexity,
     logged) carries no gradient, and a sum times a reciprocal is a mean: neither is counted as a product."""
     statistics: set[fx.Node] = set()
     shifts: set[fx.Node] = set()  # an extreme over the rows, and values made from it alone
@@ -319,7 +319,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         carried = [arg for arg in node.all_input_nodes if arg in statistics]
         shifted = [arg for arg in node.all_input_nodes if arg in shifts]
         if _has_rows(value, rows):
-            if carried or shifted and not (name in ("sub", "add", "rsub") and _normalized(node)):
+            if carried or shifted and not (name in ("sub", "add", "rsub")
+                                           and (_normalized(node) or _added_back(node, shifts))):
                 kind = "a statistic" if carried else "an extreme"
                 return (f"{_place(node)} brings {kind} over the batch's rows ({_place((carried or shifted)[0])}) back "
                         f"into its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch "
@@ -387,6 +388,47 @@ def _normalized(node: fx.Node) -> bool:
     cancels (a softmax made stable by the batch's maximum)."""
     return bool(node.users) and all(user.op == "call_function" and _op_name(user) in _NORMALIZING
                                     for user in node.users)
+
+
+_LOGSUMEXP_PATH = {"log", "sum", "exp", "squeeze", "unsqueeze", "view", "reshape", "_unsafe_view"}
+
+
+def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
+    """Whether ``node`` adds an extreme ``m`` back to ``log(sum(exp(x - m)))``: a logsumexp written by hand with the
+    batch's maximum for stability, where the shift cancels (``m`` itself, or a view of it, on both sides)."""
+    if _op_name(node) != "add":
+        return False
+    added = [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and arg in shifts]
+    others = [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and arg not in shifts]
+    if len(added) != 1 or len(others) != 1:
+        return False
+    root, logged = _extreme_of(added[0]), others[0]
+    if logged.op != "call_function" or _op_name(logged) != "log":
+        return False
+    seen, frontier = set(), [logged]
+    while frontier:  # back through the log, the sum and the exp, to the subtraction of the same extreme
+        value = frontier.pop()
+        if value in seen or value.op != "call_function":
+            continue
+        seen.add(value)
+        name = _op_name(value)
+        if name == "sub" and value.args and any(value.users) and any(
+                user.op == "call_function" and _op_name(user) == "exp" for user in value.users) \
+                and isinstance(value.args[1], fx.Node) and value.args[1] in shifts \
+                and _extreme_of(value.args[1]) is root:
+            return True
+        if name in _LOGSUMEXP_PATH:
+            frontier.extend(arg for arg in value.all_input_nodes if arg not in shifts)
+    return False
+
+
+def _extreme_of(node: fx.Node) -> fx.Node:
+    """The extreme a shift was made from through views and detaches (``m.detach().unsqueeze(-1)``: ``m``)."""
+    while node.op == "call_function" and _op_name(node) in ("detach", "squeeze", "unsqueeze", "view", "reshape",
+                                                             "expand", "alias", "_unsafe_view") \
+            and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 _RECURRENCE = ("{place} runs its recurrence along the batch's rows (a time-major batch, (T, B), given to an RNN with "
