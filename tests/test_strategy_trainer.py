@@ -382,3 +382,47 @@ def _fit_with_sync_batchnorm(rank: int, world_size: int) -> list[str]:
 def test_sync_batchnorm_is_said_to_have_no_effect() -> None:
     first, last = run_ranks(_fit_with_sync_batchnorm, 2, timeout=100)
     assert len(first) == 1 and "has no effect under PipelineStrategy" in first[0] and last == []  # rank 0 says it
+
+
+def _fit_combined(rank: int, world_size: int, mode: str) -> dict[str, torch.Tensor]:
+    """Two loaders of other lengths given as the user's own ``CombinedLoader`` in ``mode``; the step reads both."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    from tests.helpers import quiet_trainer
+    from tests.lightning_models import Regressor, regression_data
+
+    class TwoLoaders(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            (xa, ya), (xb, yb) = batch["a"], batch["b"]
+            out_a, out_b = self(xa), self(xb)
+            loss = F.mse_loss(out_a, ya) + 0.5 * F.mse_loss(out_b, yb)
+            self.log("train_loss", loss)
+            return loss
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = TwoLoaders()
+    loaders = CombinedLoader({"a": regression_data(3, batch_size=8), "b": regression_data(2, batch_size=8, seed=2)},
+                             mode)
+    from lightning_pipe import PipelineStrategy
+
+    # the module's forward captured (its first batch is drawn before the fit to capture it)
+    trainer = quiet_trainer(world_size, PipelineStrategy(layers="") if world_size > 1 else "auto", max_epochs=1)
+    trainer.fit(model, loaders)
+    return {"steps": torch.tensor(trainer.global_step), "loss": trainer.callback_metrics["train_loss"],
+            **{name: value.detach().clone() for name, value in model.state_dict().items()}}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("mode", ["max_size_cycle", "min_size"])
+def test_the_users_combined_loader_trains_as_on_one_device(mode: str) -> None:
+    """A ``CombinedLoader`` given to ``fit`` is the loop's, in its own mode (found by review: the strategy wrapped it
+    once more, and the step was given the inner loader's ``(batch, index, loader)`` tuple as the batch)."""
+    expected = _fit_combined(0, 1, mode)
+    assert int(expected["steps"]) == (3 if mode == "max_size_cycle" else 2)
+    first, last = run_ranks(_fit_combined, 2, mode, timeout=120)
+    assert int(first["steps"]) == int(expected["steps"])
+    for name, value in expected.items():
+        held = [result[name] for result in (first, last) if name in result]
+        torch.testing.assert_close(held[-1], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -37,10 +37,12 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
         raise ValueError(f"there is no {hook}: {how.format(hook=hook)}")
     mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
     loaders = _request_dataloader(source)
-    generators = _generators(loaders)  # a shuffle's own generator draws an order as the loader starts: put back, so
-    states = [generator.get_state() for generator in generators]  # that the fit's first epoch is one device's
+    # the loop's own wrapping: the user's CombinedLoader (with its mode) as it is, other loaders in the loop's mode
+    combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, mode)
+    generators = _generators(combined.iterables)  # a shuffle's own generator draws an order as the loader starts:
+    states = [generator.get_state() for generator in generators]  # put back, so the fit's first epoch is one device's
     try:
-        batch = next(iter(CombinedLoader(loaders, mode)))[0]
+        batch = next(iter(combined))[0]
     except StopIteration:
         raise ValueError(f"{hook} is empty: {how.format(hook=hook)}") from None
     finally:
