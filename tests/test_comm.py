@@ -39,6 +39,8 @@ def _trees() -> list:
         Pair(torch.zeros(0, 3), torch.tensor(2.0, dtype=torch.float64)),  # empty and 0-dim tensors
         {f"t{i}": torch.full((2,), float(i)) for i in range(120)},  # a layout longer than the first message
         torch.randn(2, 3, generator=g)[:, 1],  # not contiguous
+        # one-element columns (a micro-batch of one row), which count as contiguous with their stride
+        (torch.randn(2, 3, generator=g)[:1, 1], torch.randn(2, 3, generator=g).to(torch.bfloat16)[:1, 1]),
         (torch.randn(3, generator=g, dtype=torch.complex64).conj(), torch.randn(2, generator=g, dtype=torch.complex64).conj().imag,
          torch.ones(3).expand(2, 3), torch.randn(2, 2, generator=g).t()),  # conjugate, negative, stride-0 views
         ("no tensors at all", 1),

@@ -59,6 +59,12 @@ def test_results_travel_as_json_and_tensors() -> None:
                      3), LoggedValue("mae", None, "train_mae", {"on_step": None}, None)],
         {"train_mae": {"state": {"total": torch.tensor(4), "parts": [torch.ones(2), torch.zeros(1)]}, "count": 2,
                        "value": None}}, None, 3)
+    # views without their own contiguous storage (a metric state's probs[:, 1] at a one-row micro-batch: found by
+    # review), an expanded tensor and a conjugate view travel as their values
+    columns = torch.arange(8.0).view(4, 2)
+    strange = {"column": columns[:1, 1], "columns": columns[:, 1], "expanded": torch.ones(1).expand(3),
+               "conjugate": torch.tensor([1 + 2j]).conj()}
+    result.output.update(strange)
     text, tensors = encode_result(result, "predict_step")
     structure = json.loads(text)
     data = _pack(tensors, text.encode())
@@ -76,6 +82,8 @@ def test_results_travel_as_json_and_tensors() -> None:
     state = decoded.metrics["train_mae"]["state"]
     assert int(state["total"]) == 4 and [p.tolist() for p in state["parts"]] == [[1.0, 1.0], [0.0]]
     assert decoded.rows == 3 and decoded.error is None
+    for name, value in strange.items():
+        assert torch.equal(decoded.output[name], value.resolve_conj()), name
 
 
 def test_a_value_that_cannot_travel_is_named() -> None:

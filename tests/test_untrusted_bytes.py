@@ -76,7 +76,8 @@ def test_plain_values_come_back_as_they_left(value: Any) -> None:
 def test_tensors_come_back_as_they_left_without_pickle() -> None:
     """DDP's broadcast takes tensors (pickled): here their bytes, dtype and shape travel in the JSON."""
     for tensor in (torch.tensor([3.0]), torch.arange(6).view(2, 3), torch.ones(2, dtype=torch.bfloat16),
-                   torch.tensor(2.5), torch.zeros(0, 4), torch.tensor([True, False]), torch.tensor([1 + 2j])):
+                   torch.tensor(2.5), torch.zeros(0, 4), torch.tensor([True, False]), torch.tensor([1 + 2j]),
+                   torch.arange(6.0).view(2, 3)[:1, 1], torch.ones(1).expand(3)):  # a one-element column, expanded
         back = decode(encode({"value": (tensor, 1)}))["value"][0]
         assert back.dtype == tensor.dtype and back.shape == tensor.shape and torch.equal(back, tensor), tensor
     conjugate = torch.tensor([1 + 2j]).conj()  # a conjugate bit: its values travel

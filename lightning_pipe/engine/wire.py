@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
-           "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "write_host", "message_pieces",
-           "as_received"]
+           "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "flat_bytes", "write_host",
+           "message_pieces", "as_received"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -156,6 +156,16 @@ def host_bytes(tensor: torch.Tensor) -> memoryview | None:
         return None
 
 
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values as one flat uint8 tensor where it is: conjugate and negative views resolved, copied where
+    its elements do not lie one after another (also a one-element column, ``h[:1, 1]``, which counts as contiguous
+    with its stride)."""
+    flat = tensor.detach().resolve_conj().resolve_neg().reshape(-1)
+    if flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
+
+
 def write_host(message: torch.Tensor, head: bytes, leaves: list[torch.Tensor], sizes: list[int], start: int) -> None:
     """``head`` at the start of ``message`` (host memory) and each of ``leaves`` from ``start`` on, aligned: by the
     bytes where numpy can view them, else by torch's copy."""
@@ -183,8 +193,7 @@ def message_pieces(head: bytes, leaves: list[torch.Tensor], sizes: list[int], st
                 pieces.append(_zeros(offset - written))
             data = host_bytes(tensor)
             if data is None:
-                flat = tensor.detach().resolve_conj().resolve_neg().contiguous().cpu().reshape(-1)
-                data = memoryview(flat.view(torch.uint8).numpy())
+                data = memoryview(flat_bytes(tensor.cpu()).numpy())
             pieces.append(data)
             written = offset + nbytes
         offset += aligned(nbytes)

@@ -25,6 +25,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.optim import Optimizer
 
+from lightning_pipe.engine.wire import flat_bytes
 from lightning_pipe.strategy.one_device import one_device_optimizer_states
 from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
@@ -175,7 +176,7 @@ def gather_shares(share: Any, group: dist.ProcessGroup | None, device: torch.dev
         dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device), dst, group=group)
         for tensor in tensors:
             if tensor.numel():
-                dist.send(tensor.reshape(-1).view(torch.uint8).to(device), dst, group=group)
+                dist.send(flat_bytes(tensor).to(device), dst, group=group)
         return None
     shares = [share]
     for peer in range(1, size):

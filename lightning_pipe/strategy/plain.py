@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_pipe.engine.wire import flat_bytes
+
 __all__ = ["encode", "decode", "broadcast_value", "all_gather_text", "gather_stacked"]
 
 _TAGS = ("__tuple__", "__path__", "__items__", "__float__", "__tensor__")
@@ -42,8 +44,7 @@ def _plain(value: Any, where: str) -> Any:
         return {"__path__": str(value)}
     if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_meta and not value.is_quantized \
             and value.layout == torch.strided:
-        plain = value.detach().resolve_conj().resolve_neg().cpu().contiguous()
-        data = plain.reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = flat_bytes(value.cpu()).numpy().tobytes()
         return {"__tensor__": [str(value.dtype).removeprefix("torch."), list(value.shape), value.device.type,
                                base64.b64encode(data).decode()]}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):

@@ -45,6 +45,7 @@ from lightning_pipe.engine import local_link
 from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
+from lightning_pipe.engine.wire import flat_bytes
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
 
@@ -246,9 +247,8 @@ def _pack(tensors: list[torch.Tensor], prefix: bytes = b"") -> bytearray:
     out = bytearray(prefix)
     for tensor in tensors:
         out += b"\0" * (-len(out) % 8)
-        if tensor.numel():
-            out += tensor.view(torch.uint8).numpy().tobytes() if tensor.dim() else \
-                tensor.reshape(1).view(torch.uint8).numpy().tobytes()
+        if tensor.numel():  # (a metric's state probs[:, 1] at a one-row micro-batch is a one-element column)
+            out += flat_bytes(tensor).numpy().tobytes()
     return out
 
 
