@@ -426,3 +426,62 @@ def test_the_users_combined_loader_trains_as_on_one_device(mode: str) -> None:
     for name, value in expected.items():
         held = [result[name] for result in (first, last) if name in result]
         torch.testing.assert_close(held[-1], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _fit_complex(rank: int, world_size: int) -> dict[str, Any]:
+    """A Fourier neural operator's blocks (complex spectral weights beside real ones), clipped by the global norm."""
+    import warnings
+
+    import lightning as L
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tests.helpers import quiet_trainer
+
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 3, dtype=torch.cfloat) / 16)
+            self.mix = nn.Conv1d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            spectrum = torch.fft.rfft(x)[..., :3]
+            mixed = torch.einsum("bix,iox->box", spectrum, self.weight)
+            return F.gelu(torch.fft.irfft(mixed, n=x.shape[-1]) + self.mix(x))
+
+    class Operator(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv1d(2, 4, 1), *[Spectral() for _ in range(3)], nn.Conv1d(4, 1, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self.layers(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), 1e-2)
+
+    torch.manual_seed(0)
+    model = Operator()
+    x = torch.randn(24, 2, 12, generator=torch.Generator().manual_seed(1))
+    data = DataLoader(TensorDataset(x, torch.sin(x.sum(1, keepdim=True))), batch_size=8)
+    trainer = quiet_trainer(world_size, "pipedream" if world_size > 1 else "auto", max_steps=3, gradient_clip_val=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, data)
+    return {"state": {name: value.detach().clone() for name, value in model.state_dict().items()},
+            "warnings": [str(w.message) for w in caught if "complex" in str(w.message).lower()]}
+
+
+@pytest.mark.timeout(150)
+def test_complex_parameters_clipped_by_the_global_norm_train_as_on_one_device() -> None:
+    """Found by review: the global norm failed on complex gradients ("dtype should be complex"), and the watch of the
+    parameters' writes summed complex values as real (torch's "discards the imaginary part" warning)."""
+    expected = _fit_complex(0, 1)
+    results = run_ranks(_fit_complex, 2, timeout=120)
+    for result in results:
+        assert result["warnings"] == []
+        for name, value in result["state"].items():
+            torch.testing.assert_close(value, expected["state"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert sum(len(result["state"]) for result in results) == len(expected["state"])

@@ -411,6 +411,23 @@ def test_clip_without_processes_equals_torch() -> None:
     torch.testing.assert_close(b.weight.grad, a.weight.grad)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_of_complex_gradients_equals_torch(norm_type: float) -> None:
+    """A Fourier neural operator's complex spectral weights beside real ones (found by review: the norm failed)."""
+    torch.manual_seed(0)
+    made = [nn.Parameter(torch.randn(3, 2, dtype=torch.cfloat)), nn.Parameter(torch.randn(4))]
+    for p in made:
+        p.grad = torch.randn_like(p) * 3
+    copies = [nn.Parameter(p.detach().clone()) for p in made]
+    for p, copy in zip(made, copies):
+        copy.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(made, 0.5, norm_type)
+    total = clip_grad_norm_global(copies, 0.5, norm_type=norm_type)
+    torch.testing.assert_close(total, expected)
+    for p, copy in zip(made, copies):
+        torch.testing.assert_close(copy.grad, p.grad)
+
+
 def test_held_gradients_survive_zero_grad_and_accumulate() -> None:
     layer = nn.Linear(2, 2)
     layer.weight.grad = torch.ones(2, 2)  # from an earlier batch of an accumulation

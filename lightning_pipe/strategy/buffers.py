@@ -105,8 +105,10 @@ class BufferWatch:
             return {}
         with torch.no_grad():
             # (in float64: a frozen integer parameter, an int8 base under LoRA, an index table, has no norm itself)
+            # (a complex parameter's real and imaginary parts: both are written)
+            real = [torch.view_as_real(p) if p.is_complex() else p for _, p in named]
             sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p.double(), 1)])
-                                for _, p in named]).cpu().tolist()
+                                for p in real]).cpu().tolist()
         return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}
 
     def _attributes(self) -> dict[str, Any]:

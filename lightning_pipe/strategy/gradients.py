@@ -102,7 +102,9 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     norm_type = float(norm_type)
     infinite = norm_type == float("inf")
-    norms = [torch.linalg.vector_norm(grad, norm_type, dtype=torch.float32).to(device) for grad in grads]
+    # (a complex gradient's norm is its magnitudes', as torch's)
+    norms = [torch.linalg.vector_norm(grad.abs() if grad.is_complex() else grad, norm_type,
+                                      dtype=torch.float32).to(device) for grad in grads]
     total = torch.zeros((), dtype=torch.float32, device=device)
     if norms:  # this rank's part: the largest magnitude, or the sum of the norms' powers
         stacked = torch.stack(norms)
