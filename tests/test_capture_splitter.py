@@ -667,6 +667,19 @@ class _Centered(nn.Module):
         return y - y.mean(0)
 
 
+class _TypedLike(nn.Module):
+    """A table cast to the activations' dtype and device (HF VideoMAE's position embeddings, ``type_as``; ``to`` of
+    a tensor): the activations are read for their dtype alone (found by review: a false warning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.table = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        return h + self.table.detach().type_as(h) + self.table.to(h)
+
+
 class _Shifted(nn.Module):
     """A softmax shifted by the batch's maximum for stability (the shift cancels), a logsumexp written by hand with
     the batch's maximum added back, a codebook's usage perplexity (from integers alone: no gradient), and a mean over a
@@ -701,6 +714,7 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
                            ("balanced", _Experts(True), torch.randn(6, 4)),
                            ("stored", _Experts("stored"), torch.randn(6, 4)),
                            ("centered", _Centered(), torch.randn(6, 4)),
+                           ("typed_like", _TypedLike(), torch.randn(6, 4)),
                            ("capacity", _Capacity(), torch.randn(6, 5, 4)),
                            ("positions", _Capacity(positions=True), torch.randn(6, 5, 4)),
                            ("batch_norm", nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(6, 4))):
@@ -717,7 +731,8 @@ def test_sequences_along_the_rows_and_statistics_over_them_are_found() -> None:
     assert "brings a statistic over the batch's rows (mean" in found["centered"], found
     assert "compares each row's place among the batch's rows (a running count along them, cumsum" in found[
         "capacity"], found
-    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted", "stored", "positions")
+    unmixed = ("lstm_batch_first", "encoder_batch_first", "routed", "batch_norm", "shifted", "stored", "positions",
+               "typed_like")
     assert all(found[name] is None for name in unmixed), found
 
 

@@ -259,7 +259,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             continue
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
-        inputs = [arg for arg in node.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
+        read = [arg for arg in node.all_input_nodes if arg not in _metadata_only(node, name)]
+        inputs = [arg for arg in read if isinstance(arg.meta.get("val"), torch.Tensor)]
         source = node.args[0] if node.target is operator.getitem and node.args else None
         if isinstance(source, fx.Node) and source.op == "call_function" \
                 and not isinstance(source.meta.get("val"), torch.Tensor):
@@ -316,8 +317,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
                                                                     for arg in inputs):
             shifts.add(node)  # an extreme over the rows: a shift (exp(z - z.max())) cancels, a scale does not
             continue
-        carried = [arg for arg in node.all_input_nodes if arg in statistics]
-        shifted = [arg for arg in node.all_input_nodes if arg in shifts]
+        carried = [arg for arg in read if arg in statistics]
+        shifted = [arg for arg in read if arg in shifts]
         if _has_rows(value, rows):
             if carried or shifted and not (name in ("sub", "add", "rsub")
                                            and (_normalized(node) or _added_back(node, shifts))):
@@ -338,6 +339,13 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif shifted:
             shifts.add(node)
     return None
+
+
+def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
+    """The arguments of ``node`` whose dtype and device alone it reads (``table.to(h)``, ``table.type_as(h)``)."""
+    if name in ("to", "type_as") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        return (node.args[1],)
+    return ()
 
 
 _ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
