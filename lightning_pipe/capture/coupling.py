@@ -236,6 +236,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     counted: set[fx.Node] = set()  # values computed from integers alone (one_hot(codes).float()): no gradient's
     ranked: dict[fx.Node, fx.Node] = {}  # values from a running count along the rows (each row's place among them)
     # -> that count
+    ranges: set[fx.Node] = set()  # integers counting the rows (arange(B)), and arithmetic on them
+    partners: dict[fx.Node, fx.Node] = {}  # indices of other rows (randperm(B), (arange(B) + 1) % B) -> their source
     for node in nodes:
         value = node.meta.get("val")
         name = _op_name(node) if node.op == "call_function" else ""
@@ -304,6 +306,18 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             return (f"{_place(node)} takes the batch's rows shifted (z[1:] - z[:-1], torch.diff along them: each row "
                     f"meets its neighbour), so which rows meet depends on the whole batch (in a pipeline: on its "
                     f"micro-batch only, and the rows at a micro-batch's edge meet none)")
+        made = _partner_index(node, name, rows, ranges, partners)
+        if made is not None:
+            partners[node] = made
+        elif name == "arange" and any(_counts_rows(arg, rows) for arg in node.args[:2]) \
+                or inputs and any(arg in ranges for arg in inputs) and not value.is_floating_point():
+            ranges.add(node)
+        picked = _picked_by(node, name, rows, partners)
+        if picked is not None:
+            return (f"{_place(node)} picks other rows of the batch by an index ({_place(picked)}: each row meets "
+                    f"the row the index names, as manifold mixup's or MixStyle's permutation of the batch does), so "
+                    f"which rows meet depends on the whole batch (in a pipeline: each row meets rows of its "
+                    f"micro-batch only)")
         if name in ("roll", "flip") and _moves_rows(node, rows):
             return (f"{_place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
                     f"as in-batch negatives taken from the next row do), so which rows meet depends on the whole "
@@ -339,6 +353,44 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif shifted:
             shifts.add(node)
     return None
+
+
+def _counts_rows(arg: Any, rows: set[Any]) -> bool:
+    """Whether ``arg`` is a node giving a number of the batch's rows (``h.shape[0]``)."""
+    return isinstance(arg, fx.Node) and _is_rows(arg.meta.get("val"), rows)
+
+
+def _partner_index(node: fx.Node, name: str, rows: set[Any], ranges: set[fx.Node],
+                   partners: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    """Where ``node`` is an integer index of other rows than each row's own: a permutation of the rows or a draw
+    among them (``randperm(B)``, ``randint(0, B, (B,))``), a count of the rows shifted round (``(arange(B) + k) %
+    B``), rolled or flipped, or integers computed from such an index; None otherwise."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
+        return None
+    if name == "randperm" and node.args and _counts_rows(node.args[0], rows):
+        return node
+    if name == "randint" and any(_counts_rows(arg, rows) for arg in node.args[:2]):
+        return node
+    if name in ("remainder", "fmod", "roll", "flip") and node.args and node.args[0] in ranges \
+            and (name in ("roll", "flip") or _counts_rows(node.args[1] if len(node.args) > 1 else None, rows)):
+        return node
+    return next((partners[arg] for arg in node.all_input_nodes if arg in partners), None)
+
+
+def _picked_by(node: fx.Node, name: str, rows: set[Any], partners: dict[fx.Node, fx.Node]) -> fx.Node | None:
+    """The index of other rows (:func:`_partner_index`) with which ``node`` picks rows of a value along the batch's
+    rows (``h[index]``, ``index_select(h, 0, index)``, ``gather`` along them), if any."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node) or not _rows_at(source, 0, rows):
+        return None
+    if name == "index" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and node.args[1]:
+        index = node.args[1][0]
+    elif name in ("index_select", "gather") and len(node.args) > 2 and node.args[1] == 0:
+        index = node.args[2]
+    else:
+        return None
+    return partners.get(index) if isinstance(index, fx.Node) else None
 
 
 def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
