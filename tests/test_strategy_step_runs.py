@@ -63,6 +63,11 @@ def test_an_error_names_the_plain_lists_that_were_split_with_the_rows() -> None:
         raise RuntimeError("Class values must be smaller than num_classes.")
     note = caught.value.__notes__[-1]
     assert "batch['classes'], batch['files'] held 2 items, one per row, and were split with the rows" in note, note
+    # a metric that needs two rows, at a one-row micro-batch of a last, smaller batch (found by review)
+    with pytest.raises(ValueError) as caught, microbatch_run("training_step", 0, 4, 1, 4, {"x": torch.zeros(1, 3)}):
+        raise ValueError("Needs at least two samples to calculate r2 score.")
+    assert "drop a last, smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches" in \
+        caught.value.__notes__[-1]
 
 
 class WritesItsOutputs(Regressor):

@@ -115,5 +115,8 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"({total} here), or pass num_microbatches=1" if sized else "") + (
                     f"; {', '.join(lists)} held {total} items, one per row, and were split with the rows: a list "
                     f"that is one per batch (a vocabulary) with as many items as the batch has rows must be kept "
-                    f"elsewhere (on the module) or nested in a list of one" if lists else "") + ")")
+                    f"elsewhere (on the module) or nested in a list of one" if lists else "") + (
+                    f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
+                    f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
+                    f"(metric.update(...)) and log the metric object" if rows <= 2 and not sized else "") + ")")
         raise
