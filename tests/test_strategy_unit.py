@@ -577,6 +577,13 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     rule, why = verdict(zeros, lambda output, batch, draw: torch.tensor(0.49))
     assert rule == "neither" and "0.49" in why
     assert verdict(zeros, lambda output, batch, draw: torch.tensor(0.0))[0] is None
+    # a loss in bfloat16 (precision="bf16-true"): the whole batch's is its micro-batches' mean but for rounding (the
+    # mean of 1.2578 and 1.2520 against 1.2578: found by review, a false "neither"); a weighted mean still is neither
+    coarse = Probe(torch.zeros(4, 1))
+    for loss, rows in ((1.2578, 2), (1.2520, 2)):
+        coarse.add(torch.zeros(rows, 1, dtype=torch.bfloat16), torch.tensor(loss, dtype=torch.bfloat16), rows)
+    assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.2578, dtype=torch.bfloat16))[0] == "mean"
+    assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.4, dtype=torch.bfloat16))[0] == "neither"
 
     # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
     # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run

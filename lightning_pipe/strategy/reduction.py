@@ -167,6 +167,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         output, why = _stood_in(probe, run_whole, kinds)
         if output is None:
             return None, why
+    tolerance = _tolerance(probe)
     losses = torch.stack([loss.detach().double().cpu() for loss in probe.losses])
     weights = torch.tensor(probe.counts if probe.counts is not None else probe.rows, dtype=torch.float64)
     counted = weights > 0  # a micro-batch that counts nothing weighs nothing (its mean over nothing is NaN)
@@ -182,25 +183,25 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses, "
                f"weighted by the counts {[round(count, 6) for count in probe.counts]} of loss_reduction's function, "
                f"give {mean:.6g}")
-        if abs(whole - mean) <= LOSS_TOLERANCE * max(abs(mean), abs(whole), 1e-12):
+        if abs(whole - mean) <= tolerance * max(abs(mean), abs(whole), 1e-12):
             return "counted", why
-        if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > LOSS_TOLERANCE * abs(whole):
+        if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * abs(whole):
             return None, "the step's loss draws random numbers (it changes with the seed)"
         return "neither", why
     if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
-    alike = abs(total - mean) <= 10 * LOSS_TOLERANCE * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
+    alike = abs(total - mean) <= 10 * tolerance * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
     # whose micro-batches hold one identity each; against a whole batch's that is not, the answer is "neither")
-    if alike and abs(whole - mean) <= LOSS_TOLERANCE * scale:
+    if alike and abs(whole - mean) <= tolerance * scale:
         return None, "the micro-batches' mean and sum are equal"
     why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses have the "
            f"mean {mean:.6g} and the sum {total:.6g}")
-    if not alike and abs(whole - total) <= LOSS_TOLERANCE * scale:
+    if not alike and abs(whole - total) <= tolerance * scale:
         return "sum", why
-    if not alike and abs(whole - mean) <= LOSS_TOLERANCE * scale:
+    if not alike and abs(whole - mean) <= tolerance * scale:
         return "mean", why
-    if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > LOSS_TOLERANCE * scale:
+    if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"
     summed = _scalars_summed(probe, kinds)
     if summed is not None:  # single numbers an nn.Sequential returns (a VAE's KL summed over its rows): as sums?
@@ -210,11 +211,20 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         except Exception:  # noqa: BLE001 - the step fails on them: no telling
             again = math.nan
         for rule, value in (("sum", total), ("mean", mean)):
-            if not alike and abs(again - value) <= LOSS_TOLERANCE * max(abs(value), abs(again), 1e-12):
+            if not alike and abs(again - value) <= tolerance * max(abs(value), abs(again), 1e-12):
                 probe.scalar_kinds = summed
                 return rule, (f"{why}, with the single numbers the model returns summed over the micro-batches: on "
                               f"the whole batch {again:.6g}")
     return "neither", why
+
+
+def _tolerance(probe: Probe) -> float:
+    """How far (relative) the whole batch's loss may be from its micro-batches' mean or sum by rounding alone:
+    :data:`LOSS_TOLERANCE`, or two epsilons of the coarsest float among the losses and the model's outputs (a loss in
+    bfloat16, as ``precision="bf16-true"`` computes it, differs by ~2e-3 where the batch's rows are added otherwise)."""
+    values = [*probe.losses, *(value for value in tree_flatten(probe.outputs)[0] if isinstance(value, torch.Tensor))]
+    epsilons = [torch.finfo(value.dtype).eps for value in values if value.is_floating_point()]
+    return max([LOSS_TOLERANCE, *(2 * eps for eps in epsilons)])
 
 
 def _stood_in(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
