@@ -110,6 +110,31 @@ def test_a_size_read_from_the_batchs_values_says_to_trim_before_the_model() -> N
     assert "trim in the collate_fn or in the step before the model" in message and "ActNorm" in message, message
 
 
+class _Selected(nn.Module):
+    """Keeps the positions a boolean mask leaves (VideoMAE's pre-training, ``x[~bool_masked_pos]``), then shapes what
+    follows by their count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kept = x[~mask].reshape(x.shape[0], -1, x.shape[-1])
+        if kept.shape[1] > 1:
+            kept = kept * 2
+        return self.layer(kept)
+
+
+def test_a_size_counted_by_a_boolean_masks_values_says_to_select_by_index() -> None:
+    """Found by review: VideoMAE's pre-training got the advice to call the model without the mask, which it needs."""
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    with pytest.raises(CaptureError) as caught:
+        Splitter(_Selected()).segments((torch.randn(3, 6, 4), mask))
+    message = str(caught.value)
+    assert "select a fixed number by index instead" in message and "if kept.shape[1] > 1:" in message, message
+
+
 def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> None:
     """Hugging Face's Wav2Vec2ForCTC checks ``labels.max()`` (and CTC counts each row's labels): code the user cannot
     change, so the advice is to call the model without the labels and compute the loss in the step."""
@@ -119,8 +144,9 @@ def test_a_library_models_check_of_an_input_says_to_leave_that_input_out() -> No
         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4, mask_time_prob=0.0, layerdrop=0.0)
     model = transformers.Wav2Vec2ForCTC(config)
-    with pytest.raises(CaptureError, match="call the model without it and compute the loss in the step"):
+    with pytest.raises(CaptureError, match="call the model without it and compute the loss in the step") as caught:
         Splitter(model).segments((), {"input_values": torch.randn(2, 400), "labels": torch.randint(1, 16, (2, 5))})
+    assert "select a fixed number by index" not in str(caught.value)  # no size is counted there
     Splitter(model).segments((), {"input_values": torch.randn(2, 400)})  # without the labels it is captured
 
 

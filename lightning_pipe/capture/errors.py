@@ -178,7 +178,13 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                  "self.initialized.item() == 0:`) neither: initialize on a batch before trainer.fit and take the "
                  "check out of forward. "
                  if "Could not extract specialized" in text or ".item()" in where else "")
-        library = ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
+        selected = ("A size counted from values (a selection by a boolean mask, `x[mask]`, `masked_select`, "
+                    "`nonzero`, has as many rows as the mask's values say: VideoMAE's pre-training keeps the patches "
+                    "`bool_masked_pos` leaves) cannot be followed by code that shapes or checks it: select a fixed "
+                    "number by index instead (the kept positions from `argsort` of the mask, then `gather`, as "
+                    "ViTMAE does), or train such a model on one device or with DDP. "
+                    if re.search(r"Size-like symbols: u\d", text) and ".item()" not in where else "")
+        library = selected + ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
                    "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "
                    "the loss in the step from the model's outputs. "
                    if "site-packages" in where or "dist-packages" in where else "")
