@@ -92,8 +92,9 @@ def test_the_last_stage_answers_each_call_and_counts_them() -> None:
     calls = ModelCalls("the model at 'net'")
     calls.serve(Calls(("a", "b")), lambda: True)
     assert calls.answer() == "a" and calls.answer() == "b"
-    with pytest.raises(RuntimeError, match="once more than the first stage saw"):
+    with pytest.raises(RuntimeError, match="once more than the first stage saw") as caught:
         calls.answer()
+    assert "greedy decoding" in str(caught.value)  # a decoding loop is told what to do instead (found by review)
     calls.serve(Calls(("a", "b")), lambda: True)
     calls.answer()
     with pytest.raises(RuntimeError, match="1 time"):

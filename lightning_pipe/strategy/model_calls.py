@@ -211,7 +211,11 @@ class ModelCalls:
                                f"have (pools or reads it, computes the call's input from it, or fails without it), "
                                f"or it makes more calls than in its first run. A pipeline learns every call's input "
                                f"before it runs the model: make the calls first, then use their outputs "
-                               f"(out1, out2 = self.model(**queries), self.model(**documents); then pool each)")
+                               f"(out1, out2 = self.model(**queries), self.model(**documents); then pool each). A "
+                               f"loop that decodes a token per call, each on the one before (greedy decoding), "
+                               f"cannot run under a pipeline: score teacher-forced outputs in the step (the loss, "
+                               f"token accuracy), and decode after training on one device "
+                               f"(YourModule.load_from_checkpoint(path))")
         output = outputs[self.calls - 1]
         return tree_map_tensors(torch.Tensor.detach, output) if grad and not torch.is_grad_enabled() else output
 
