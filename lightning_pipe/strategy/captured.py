@@ -492,8 +492,9 @@ class CapturedModule:
                     f"margin head, an ArcFace: PipelineStrategy(layers={largest!r})); or put the model in one "
                     f"attribute that the step calls (self.model = MyModel(...))")
         if parts:  # the step used the model through its other methods
-            return (f"{name}.{step} never called {self.where}, but ran its parts {', '.join(parts)} (through methods "
-                    f"other than forward, as a VAE's encode and decode); the pipeline runs one forward: give {name} a "
+            return (f"{name}.{step} never called {self.where}, but ran its parts {', '.join(parts)} (each "
+                    f"called itself, as an ensemble's members, or through methods other than forward, as a VAE's "
+                    f"encode and decode); the pipeline runs one forward: give {name} a "
                     f"forward (or make its forward one) that makes those calls and returns what {step} needs from "
                     f"them, and call self(...) in {step}; the strategy then pipelines {name}.forward")
         return (f"{name}.{step} never called {self.where}; the pipeline runs that model, so "
