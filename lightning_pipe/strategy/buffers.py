@@ -30,7 +30,9 @@ def warn_of_batch_norms(stages: Sequence[nn.Module], num_microbatches: int) -> N
         warnings.warn(f"this rank's {count} batch norm(s) normalize each of the {num_microbatches} micro-batches of a "
                       f"step by that micro-batch's statistics in training (as GPipe's do), so outputs and gradients "
                       f"differ from one device's, which uses the whole batch's; their running statistics are the whole "
-                      f"batch's, updated once per step. num_microbatches=1 gives one device's results; GroupNorm and "
+                      f"batch's, updated once per step (one device updates them at each call: a norm called more "
+                      f"than once a step, as a ghost batch norm over chunks of the batch is, gets others). "
+                      f"num_microbatches=1 gives one device's results; GroupNorm and "
                       f"LayerNorm do not depend on the batch", stacklevel=3)
 
 
