@@ -249,3 +249,49 @@ def test_groups_in_an_order_of_their_own_number_as_one_devices_both_ways(tmp_pat
     state = {**resumed[0]["state"], **resumed[1]["state"]}
     for key, value in reference.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+class _GlobalStepSize(torch.optim.Optimizer):
+    """SGD whose step size ``d`` is computed from all its parameters' gradients together and kept in each group, as
+    Prodigy and D-Adaptation keep theirs."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr, "d": 1.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        d = 1.0 / (1.0 + float(sum(g.pow(2).sum() for g in grads)))
+        for group in self.param_groups:
+            group["d"] = d
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] * d)
+
+
+def _fit_global(rank: int, world_size: int, kind: str) -> list[str]:
+    import warnings
+
+    module = _module("sequential")
+    if kind == "global":
+        module.configure_optimizers = lambda: _GlobalStepSize(module.parameters())  # type: ignore[method-assign]
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _data())
+    return [str(w.message) for w in caught if "step left another" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_an_optimizer_computing_its_step_size_from_all_its_parameters_is_said_to_differ_per_rank() -> None:
+    """Found by review: Prodigy's step size d, computed from every parameter it holds, was each rank's own (the
+    weights 0.175 off one device, the loss 1.18 against 1.08), unwarned. Layer-wise groups of AdamW, empty on some
+    ranks, are not said to differ."""
+    first, last = run_ranks(_fit_global, 2, "global", timeout=120)
+    assert len(first) == 1 and last == [], (first, last)
+    assert "_GlobalStepSize's step left another 'd' in parameter group 0 on each rank" in first[0], first[0]
+    assert "Prodigy" in first[0] and "under DDP" in first[0]
+    assert run_ranks(_fit_global, 2, "layer_decay", timeout=120) == [[], []]

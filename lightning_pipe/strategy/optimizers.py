@@ -20,6 +20,7 @@ alone, SparseAdam for an embedding), which torch would refuse as empty, holds a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in", "whole_orders"]
+__all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in", "whole_orders",
+           "group_values", "differing_values_warning"]
 
 PLACEHOLDER = "_pipeline_stage_trains_nothing"
 
@@ -154,3 +156,44 @@ def differing_groups_warning(settings: Sequence[str]) -> str | None:
             f"applies them to other groups, LearningRateMonitor logs rank 0's groups alone, and the checkpoint's "
             f"optimizer state cannot be resumed on one device. Make the same groups on every rank, each with the "
             f"parameters this rank holds (an empty list is fine): a group per layer of the whole model, by name")
+
+
+def group_values(optimizers: Iterable[torch.optim.Optimizer]) -> str:
+    """Each optimizer's class and the numbers in its parameter groups (its settings, and what its step keeps there:
+    Prodigy's step size ``d``), as JSON; a group that holds no parameter on this rank as null."""
+    described = []
+    for optimizer in optimizers:
+        groups: list[dict[str, str] | None] = []
+        for group in optimizer.param_groups:
+            numbers = {}
+            for key, value in group.items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    numbers[key] = repr(float(value))
+            groups.append(numbers if group["params"] else None)
+        described.append([type(optimizer).__name__, groups])
+    return json.dumps(described)
+
+
+def differing_values_warning(texts: Sequence[str]) -> str | None:
+    """What to tell a user whose optimizer's step left another number in a parameter group on each rank (``texts``:
+    each rank's :func:`group_values` after a step); None where the ranks holding the group's parameters agree."""
+    every = [json.loads(text) for text in texts]
+    for index, (kind, groups) in enumerate(every[0]):
+        for number in range(len(groups)):
+            held = {rank: described[index][1][number] for rank, described in enumerate(every)
+                    if index < len(described) and number < len(described[index][1])
+                    and described[index][1][number] is not None}
+            for key in sorted({key for values in held.values() for key in values}):
+                seen = {rank: values.get(key) for rank, values in held.items()}
+                if len(set(seen.values())) > 1:
+                    shown = ", ".join(f"rank {rank}: {value}" for rank, value in seen.items())
+                    return (f"{kind}'s step left another {key!r} in parameter group {number} on each rank of the "
+                            f"pipeline ({shown}): it computes {key!r} from all the parameters it holds together (as "
+                            f"Prodigy's and D-Adaptation's step size d is computed), and under a pipeline each "
+                            f"rank's optimizer holds its own stages' parameters only, so each stage trains with a "
+                            f"{key!r} of its own, none of them one device's. Use an optimizer that steps each "
+                            f"parameter from its own gradient and state (SGD, Adam, AdamW), or train with {kind} on "
+                            f"one device or under DDP")
+    return None

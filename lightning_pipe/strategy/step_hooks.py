@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.nn import Module
@@ -30,6 +31,7 @@ from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.watchdog import sample_peers
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradients import clip_grad_norm_global
+from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
 from lightning_pipe.strategy.plain import all_gather_text
 
 __all__ = ["PipelineSteps"]
@@ -191,10 +193,29 @@ class PipelineSteps:
         """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
         its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
-            return super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
+            result = super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
+            self._compare_group_values(optimizer)
+            return result
         model = model or self.lightning_module
         assert isinstance(model, LightningModule)
         return self._async.run_closure(optimizer, closure, model, **kwargs)
+
+    def _compare_group_values(self, optimizer: Optimizer) -> None:
+        """After each optimizer's first two steps, compare the numbers in its parameter groups over the pipeline's
+        ranks: an optimizer that computes one from all its parameters together (Prodigy's step size) has another on
+        each rank, which is said (:func:`~.optimizers.differing_values_warning`). Every rank steps alike here
+        (automatic optimization)."""
+        checked = self.__dict__.setdefault("_group_values_checked", {})
+        key = id(getattr(optimizer, "_optimizer", optimizer))
+        module = self.lightning_module
+        if checked.get(key, 0) >= 2 or self.runner.pipeline.num_ranks < 2 or module is None \
+                or not module.automatic_optimization:
+            return
+        checked[key] = checked.get(key, 0) + 1
+        message = differing_values_warning(self._pipeline_texts()(group_values([optimizer])))
+        if message is not None and checked.get("said") is None:
+            checked["said"] = True
+            rank_zero_warn(message)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
