@@ -192,6 +192,11 @@ class _Masked(nn.Module):
                 labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
                 return F.cross_entropy(scores.flatten(0, 1), labels.flatten())
             return F.cross_entropy(scores.flatten(0, 1), torch.where(mask.bool(), labels, -100).flatten())
+        if self.kind == "auxiliary-in-place":  # a main and an auxiliary head's, added in place (HF's UperNet)
+            scores, labels = torch.stack([-out, out], -1), torch.where(mask.bool(), (y > 0.5).long(), -100)
+            loss = F.cross_entropy(scores.flatten(0, 1), labels.flatten())
+            loss += 0.4 * F.cross_entropy((2 * scores).flatten(0, 1), labels.flatten())
+            return loss
         if self.kind == "silog":  # a scale-invariant log loss over the valid pixels (depth models): no weighted mean
             diff = (torch.log(out.abs() + 1) - torch.log(y + 1))[mask.bool()]
             return torch.sqrt((diff ** 2).mean() - 0.85 * diff.mean() ** 2)
@@ -206,6 +211,7 @@ class _Masked(nn.Module):
     ("mse-of-selected", "(batch['mask'] > 0).sum()"),
     ("divided", "(batch['mask'] * (batch['y'] > 0)).sum()"),
     ("ignored", "(torch.where(batch['mask'].bool(), (batch['y'] > 0.5), -100) != -100).sum()"),
+    ("auxiliary-in-place", "(torch.where(batch['mask'].bool(), (batch['y'] > 0.5), -100) != -100).sum()"),
     ("shifted", "(torch.nn.functional.pad((batch['y'] > 0.5), [0, 1], value=-100)[:, 1:] != -100).sum()"),
     ("silog", "batch['mask'].bool().sum()"),
     ("by-rows", None), ("summed-over-selected", None), ("random-mask", None), ("teacher", None)])

@@ -195,6 +195,8 @@ def _linear_to_output(mean: fx.Node, after: set[fx.Node]) -> bool:
     loss's ``sqrt(mean(d**2) - mean(d)**2)``, which no weighting makes the batch's."""
     for node in after - {mean}:
         name = getattr(node.target, "__name__", "").split(".")[0]
+        if name in ("add_", "sub_", "mul_", "div_"):  # in place (`loss += 0.4 * aux_loss`, as HF's UperNet writes)
+            name = name[:-1]
         if name not in _LINEAR:
             return False
         operands = [arg for arg in node.args[:2] if isinstance(arg, fx.Node)]
