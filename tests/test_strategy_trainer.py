@@ -485,3 +485,34 @@ def test_complex_parameters_clipped_by_the_global_norm_train_as_on_one_device() 
         for name, value in result["state"].items():
             torch.testing.assert_close(value, expected["state"][name], rtol=1e-5, atol=1e-6, msg=name)
     assert sum(len(result["state"]) for result in results) == len(expected["state"])
+
+
+def _fit_self_normalized(rank: int, world_size: int) -> list[str]:
+    """Task losses balanced by their own detached values: l / l.detach() is 1 on any rows."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from tests.helpers import quiet_trainer
+    from tests.lightning_models import Regressor, regression_data
+
+    class Balanced(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            out = self(x)
+            first, second = F.mse_loss(out[:, :8], y[:, :8]), F.l1_loss(out[:, 8:], y[:, 8:])
+            return first / first.detach() + second / second.detach()
+
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Balanced(), regression_data(2))
+    return [str(w.message) for w in caught if "same value on every part of the batch" in str(w.message)]
+
+
+@pytest.mark.timeout(150)
+def test_a_loss_divided_by_its_own_detached_value_is_said_to_differ() -> None:
+    """Found by review: its value (2 on any rows) passed the loss check as a mean, and it trained 4.6e-2 off one
+    device unwarned."""
+    said = [text for texts in run_ranks(_fit_self_normalized, 2, timeout=120) for text in texts]
+    assert len(said) == 1 and "l / l.detach()" in said[0] and "num_microbatches=1" in said[0], said

@@ -584,6 +584,12 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
         coarse.add(torch.zeros(rows, 1, dtype=torch.bfloat16), torch.tensor(loss, dtype=torch.bfloat16), rows)
     assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.2578, dtype=torch.bfloat16))[0] == "mean"
     assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.4, dtype=torch.bfloat16))[0] == "neither"
+    # a loss divided by its own detached value (found by review: taken for a mean, 4.6e-2 off one device, silent)
+    balanced = Probe(torch.zeros(4, 1))
+    for rows in (2, 2):
+        balanced.add(torch.zeros(rows, 1), torch.tensor(2.0), rows)
+    rule, why = verdict(balanced, lambda output, batch, draw: torch.tensor(2.0))
+    assert rule == "constant" and "2 on the whole batch and on each of its 2 micro-batches" in why, why
 
     # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
     # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run

@@ -33,6 +33,7 @@ from lightning_pipe.strategy.randomness import (
 )
 from lightning_pipe.strategy.reduction import (
     Probe,
+    constant_warning,
     count_warning,
     counted_mean_warning,
     given_count_warning,
@@ -147,8 +148,8 @@ class FirstBatchChecks:
         if probe.counts is not None:  # told a mean over a count: checked, never changed
             self._count_probes_left -= 1
             rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
-            if rule == "neither":
-                self._warn_once(count_warning(why))
+            if rule in ("neither", "constant"):
+                self._warn_once(count_warning(why) if rule == "neither" else constant_warning(why))
                 self._count_probes_left = 0
             return 1.0
         self._probes_left -= 1
@@ -164,12 +165,12 @@ class FirstBatchChecks:
             self.split.scalar_kinds = probe.scalar_kinds  # returns are summed (a VAE's KL): so logged and replayed
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
             # batches happened to share alike (no ignored labels yet) shows here
-            if rule in ("neither", "sum"):
-                self._warn_once(neither_warning(why))
+            if rule in ("neither", "sum", "constant"):
+                self._warn_once(constant_warning(why) if rule == "constant" else neither_warning(why))
                 self._probes_left = 0
             return 1.0
-        if rule == "neither":
-            self._warn_once(neither_warning(why))
+        if rule in ("neither", "constant"):
+            self._warn_once(constant_warning(why) if rule == "constant" else neither_warning(why))
             rule = "mean"
         if rule is not None:
             self._mean_found = rule == "mean" and not self._loss_warned

@@ -35,7 +35,7 @@ from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "LOSS_TOLERANCE", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning",
-           "neither_warning", "model_loss_warning", "counted_mean_warning", "given_count_warning",
+           "constant_warning", "neither_warning", "model_loss_warning", "counted_mean_warning", "given_count_warning",
            "nonlinear_mean_warning"]
 
 LOSS_REDUCTIONS = ("auto", "mean", "sum")
@@ -179,6 +179,9 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         return None, f"the step fails on the micro-batches' outputs put together ({type(error).__name__}: {error})"
     if not all(math.isfinite(value) for value in (mean, whole)):
         return None, "the loss is not finite (a NaN or an infinity)"
+    if whole != 0 and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in losses.tolist()):
+        return "constant", (f"{whole:.6g} on the whole batch and on each of its {len(probe.losses)} micro-batches, "
+                            f"whose rows differ")
     if probe.counts is not None:  # told a mean over a count: is the batch's loss its micro-batches' counted mean?
         why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses, "
                f"weighted by the counts {[round(count, 6) for count in probe.counts]} of loss_reduction's function, "
@@ -268,6 +271,17 @@ def count_warning(why: str) -> str:
             f"collate_fn, passed with the batch as a 0-dim tensor, which every micro-batch gets whole), return the sum "
             f"of each term's per-row losses divided by its count, and pass loss_reduction='sum'; or train with "
             f"num_microbatches=1")
+
+
+def constant_warning(why: str) -> str:
+    """What to tell a user whose step's loss has the same value on the batch and each micro-batch (a :func:`verdict`
+    of "constant")."""
+    return (f"training_step's loss has the same value on every part of the batch ({why}), so its value does not tell "
+            f"how its gradients add up over the rows. A loss divided by its own detached value (l / l.detach(), "
+            f"balancing task losses by their magnitudes) is such a loss, and its gradient on the batch, grad(l) / l, "
+            f"is not the mean of its micro-batches' grad(l_m) / l_m: with micro-batches it trains otherwise than one "
+            f"device. Divide by a value that is the whole batch's (a running average kept on the module), or pass "
+            f"num_microbatches=1 for one device's gradients")
 
 
 def neither_warning(why: str, step: str = "training_step", count: str | None = None, given: str | None = None) -> str:
