@@ -336,6 +336,9 @@ def _aggregates(rank: int, world_size: int) -> list[dict[str, float]]:
             self.weighted, self.right = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
             self.val_mean, self.val_all = torchmetrics.MeanMetric(), torchmetrics.CatMetric()
             self.seen, self.updates = torchmetrics.SumMetric(), torchmetrics.SumMetric()  # not logged: never reset
+            # the extremes of a metric's values so far, kept as tensors beside its states (found by review: each
+            # micro-batch's compute() set them, on the last rank only)
+            self.extremes = torchmetrics.wrappers.MinMaxMetric(torchmetrics.MeanMetric())
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             logits = self.net(batch[0])
@@ -351,6 +354,8 @@ def _aggregates(rank: int, world_size: int) -> list[dict[str, float]]:
                            "train/weighted": self.weighted, "train/right": self.right}, on_step=False, on_epoch=True)
             self.log("train/total_so_far", self.total.compute())  # the earlier batches' updates too
             self.log("train/right_so_far", self.right.compute())  # of a metric updated per row
+            self.extremes.update(F.cross_entropy(logits, batch[1], reduction="none"))
+            self.log("train/lowest_so_far", self.extremes.compute()["min"])
             return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -378,7 +383,8 @@ def _aggregates(rank: int, world_size: int) -> list[dict[str, float]]:
     model = Aggregates()
     trainer.fit(model, data(1), data(2))
     logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    states = {"seen": float(model.seen.compute()), "updates": float(model.updates.compute())}
+    states = {"seen": float(model.seen.compute()), "updates": float(model.updates.compute()),
+              "highest": float(model.extremes.max_val), "lowest": float(model.extremes.min_val)}
     return [logged, states]
 
 

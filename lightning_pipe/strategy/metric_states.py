@@ -27,7 +27,8 @@ from lightning_pipe.strategy.step_effects import LIBRARIES
 
 __all__ = ["MetricTracker", "plain_metrics", "sync_callback_metrics"]
 
-_State = tuple[dict[str, Any], int, Any, Any]  # a metric's states, update count, forward cache, computed value
+# a metric's states, update count, forward cache, computed value, and the tensors it keeps beside its states
+_State = tuple[dict[str, Any], int, Any, Any, dict[str, torch.Tensor]]
 
 
 _LIBRARIES = LIBRARIES | {"lightning_pipe"}  # objects whose fields hold no user's metric
@@ -159,7 +160,14 @@ class MetricTracker:
 
     def updated(self) -> bool:
         """Whether the step updated any metric in this batch (on the last stage, after its micro-batches)."""
-        return any(metric._update_count for metric in self.metrics.values())
+        return any(metric._update_count or self._extras_changed(name) for name, metric in self.metrics.items())
+
+    def _extras_changed(self, name: str) -> bool:
+        """Whether the tensors metric ``name`` keeps beside its states changed in this batch (a ``compute()`` of
+        MinMaxMetric, a wrapper whose own update count stays 0)."""
+        saved = self._saved.get(name)
+        return saved is not None and not all(_same(value, saved[4].get(attr))
+                                             for attr, value in _extras(self.metrics[name]).items())
 
     def differing(self) -> list[str]:
         """The metrics whose state after the micro-batches, merged into the state before the batch, differs from the
@@ -169,12 +177,16 @@ class MetricTracker:
             return []
         found = []
         for name, metric in self.metrics.items():
-            state, count, _, _ = self.replayed[name]
+            state, count, _, _, replayed_extras = self.replayed[name]
             earlier = self._saved.get(name)
             before = earlier[1] if earlier is not None else 0
+            extras_differ = not all(_same(value, replayed_extras.get(attr))
+                                    for attr, value in _extras(metric).items())
             if metric._update_count == 0 and count == before:
+                if extras_differ:
+                    found.append(name)
                 continue
-            if metric._update_count == 0 or count == before or not all(
+            if metric._update_count == 0 or count == before or extras_differ or not all(
                     _same(value, state[attr]) for attr, value in self._merged(name).items()):
                 found.append(name)
         return found
@@ -206,7 +218,7 @@ class MetricTracker:
         they called it alike."""
         update = {}
         for name, metric in self.metrics.items():
-            if metric._update_count == 0:
+            if metric._update_count == 0 and not (name in self._whole or self._extras_changed(name)):
                 continue
             if name not in self._whole and runs > 1 and metric._update_count % runs == 0:
                 metric._update_count //= runs
@@ -216,7 +228,8 @@ class MetricTracker:
             if name in logged_metrics and metric._forward_cache is not None:
                 value = metric._forward_cache if name in self._whole else metric.compute()
             update[name] = {"state": {attr: _to(getattr(metric, attr), "cpu") for attr in metric._defaults},
-                            "count": metric._update_count, "value": _to(value, "cpu"), "whole": name in self._whole}
+                            "count": metric._update_count, "value": _to(value, "cpu"), "whole": name in self._whole,
+                            "extras": _to(_extras(metric), "cpu")}
         self._whole = set()
         return update
 
@@ -230,8 +243,10 @@ class MetricTracker:
                 if saved is not None:  # untouched on the last stage: put the state set aside back as it was
                     self._restore(metric, saved)
                 continue
-            earlier, count, _, _ = saved if saved is not None else self._take(metric)
+            earlier, count, _, _, _ = saved if saved is not None else self._take(metric)
             for attr, value in update[name]["state"].items():
+                setattr(metric, attr, _to(value, metric.device))
+            for attr, value in update[name].get("extras", {}).items():  # the last stage's, alike on every rank
                 setattr(metric, attr, _to(value, metric.device))
             if update[name].get("whole"):  # the state with the earlier batches' (:meth:`adopt`)
                 metric._update_count = update[name]["count"]
@@ -265,16 +280,19 @@ class MetricTracker:
                 logged = any(part["value"] is not None for part in parts)
                 value = metric.compute() if logged else None
                 merged[name] = {"state": {attr: _to(getattr(metric, attr), "cpu") for attr in metric._defaults},
-                                "count": metric._update_count, "value": _to(value, "cpu")}
+                                "count": metric._update_count, "value": _to(value, "cpu"),
+                                "extras": parts[0].get("extras", {})}
             finally:
                 self._restore(metric, saved)
         return merged
 
     @staticmethod
     def _take(metric: Metric) -> _State:
-        """The metric's state (the objects themselves, not copies) and counters; leaves it empty."""
+        """The metric's state (the objects themselves, not copies) and counters, and a copy of the tensors it keeps
+        beside them (:func:`_extras`); leaves its state empty, those tensors as they are."""
         saved = ({attr: getattr(metric, attr) for attr in metric._defaults}, metric._update_count,
-                 metric._forward_cache, metric._computed)
+                 metric._forward_cache, metric._computed,
+                 {attr: value.clone() for attr, value in _extras(metric).items()})
         for attr, default in metric._defaults.items():
             empty = default.detach().clone().to(metric.device) if isinstance(default, torch.Tensor) else []
             setattr(metric, attr, empty)
@@ -283,16 +301,25 @@ class MetricTracker:
 
     @staticmethod
     def _restore(metric: Metric, saved: _State) -> None:
-        state, metric._update_count, metric._forward_cache, metric._computed = saved
-        for attr, value in state.items():
+        state, metric._update_count, metric._forward_cache, metric._computed, extras = saved
+        for attr, value in {**state, **extras}.items():
             setattr(metric, attr, value)
 
 
 def _copied(saved: _State) -> _State:
     """A copy of a metric's saved state that updates in place cannot change."""
-    state, count, cache, computed = saved
+    state, count, cache, computed, extras = saved
     return ({attr: value.clone() if isinstance(value, torch.Tensor) else list(value) if isinstance(value, list)
-             else value for attr, value in state.items()}, count, cache, computed)
+             else value for attr, value in state.items()}, count, cache, computed,
+            {attr: value.clone() for attr, value in extras.items()})
+
+
+def _extras(metric: Metric) -> dict[str, torch.Tensor]:
+    """The tensors a metric keeps as plain attributes beside its states, which its ``compute()`` may set
+    (MinMaxMetric's ``max_val`` and ``min_val``): not merged over micro-batches, so a change that differs from the
+    whole batch's makes the metric one whose state comes from a run on the whole batch."""
+    return {attr: value for attr, value in vars(metric).items()
+            if isinstance(value, torch.Tensor) and not attr.startswith("_") and attr not in metric._defaults}
 
 
 def _same(value: Any, other: Any) -> bool:
