@@ -1010,7 +1010,7 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
             super().__init__()
             # ("one-held": the last rank holds one parameter, a head without a bias)
             self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
-                                     nn.Linear(8, 4, bias=where != "one-held"))
+                                     nn.Linear(8, 4, bias=where not in ("one-held", "listed-one-held")))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])
@@ -1018,6 +1018,8 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
         def on_before_optimizer_step(self, optimizer: Any) -> None:
             if where in ("attribute", "one-held"):
                 norm = torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
+            elif where == "listed-one-held":  # a list the hook makes of them, which holds one on the last rank
+                norm = torch.nn.utils.clip_grad_norm_(list(self.parameters()), 0.1)
             elif where == "imported":  # the name imported from torch.nn.utils, the infinity norm
                 norm = clip_grad_norm_(self.parameters(), 0.05, norm_type=float("inf"))
             elif where == "per-parameter":  # each parameter alone: the ranks make as many calls as they hold
@@ -1065,7 +1067,7 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first", "per-parameter", "one-held"])
+                                   "closure-first", "per-parameter", "one-held", "listed-one-held"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
@@ -1074,7 +1076,8 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
     that calls the closure first (these were each rank's share, silently, found by review). A call per parameter
     clips that parameter alone (each call took the norm over every rank: the ranks, holding as many parameters,
     paired theirs up, silently; holding more on one, they waited for each other until the timeout); all of a
-    module's parameters, where a rank holds one of them, are every rank's share of a whole all the same."""
+    module's parameters, where a rank holds one of them, are every rank's share of a whole all the same, also as a
+    list (it waited for the timeout)."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

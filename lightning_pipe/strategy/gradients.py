@@ -136,15 +136,22 @@ class GlobalNorms:
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                         norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None) -> torch.Tensor:
-        one = isinstance(parameters, torch.Tensor) or (isinstance(parameters, (list, tuple)) and len(parameters) == 1)
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        one = isinstance(parameters, torch.Tensor) or (isinstance(parameters, (list, tuple)) and len(params) == 1
+                                                       and not self._all_held(params[0]))
         if one:  # one parameter given as such (p, [p]), which one rank holds: clipped alone (a loop over the
             # parameters, whose calls the ranks make as many times as they hold parameters); an iterator
-            # (module.parameters()) is every rank's share of a whole, even where this rank holds one of it
+            # (module.parameters()) is every rank's share of a whole, even where this rank holds one of it, and so is
+            # a list of the one parameter this rank trains (list(self.parameters()) on a rank holding one)
             return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
                                          error_if_nonfinite, reduce=False)
         return clip_grad_norm_global(params, max_norm, self.counts, self.group, self.timeout, norm_type,
                                      error_if_nonfinite)
+
+    def _all_held(self, parameter: torch.Tensor) -> bool:
+        """Whether ``parameter`` is the only trainable parameter of the module on this rank."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        return len(trained) == 1 and trained[0] is parameter
 
     def get_total_norm(self, tensors: Iterable[torch.Tensor] | torch.Tensor, norm_type: float = 2.0,
                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
