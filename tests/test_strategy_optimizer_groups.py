@@ -295,3 +295,31 @@ def test_an_optimizer_computing_its_step_size_from_all_its_parameters_is_said_to
     assert "_GlobalStepSize's step left another 'd' in parameter group 0 on each rank" in first[0], first[0]
     assert "Prodigy" in first[0] and "under DDP" in first[0]
     assert run_ranks(_fit_global, 2, "layer_decay", timeout=120) == [[], []]
+
+
+class _SharedOverTheWorld(torch.optim.SGD):
+    """An optimizer made for DDP: its step gathers parameter r from process r (distributed Muon's all_gather of its
+    matrices, each process updating its own)."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        import torch.distributed as dist
+
+        loss = super().step(closure)
+        params = self.param_groups[0]["params"]
+        dist.all_gather([torch.empty_like(p) for p in params[:dist.get_world_size()]], params[dist.get_rank()])
+        return loss
+
+
+def _fit_shared(rank: int, world_size: int) -> None:
+    module = _module("sequential")
+    module.configure_optimizers = lambda: _SharedOverTheWorld(module.parameters(), lr=0.1)  # type: ignore
+    quiet_trainer(world_size, "pipedream", max_steps=2).fit(module, _data())
+
+
+@pytest.mark.timeout(120)
+def test_an_optimizers_own_collective_over_every_process_is_explained() -> None:
+    """Found by review: distributed Muon under a pipeline ended with gloo's bare "invalid tensor size"."""
+    texts = run_ranks(_fit_shared, 2, timeout=100, expect_failure=True)
+    assert any("_SharedOverTheWorld's step calls a collective of torch.distributed" in (text or "") and
+               "single-process variant" in (text or "") for text in texts), texts

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -193,7 +194,11 @@ class PipelineSteps:
         """Synchronous schedules: as Lightning. Asynchronous ones: run the closure, inside which the pipeline takes
         its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
-            result = super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
+            try:
+                result = super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
+            except RuntimeError as error:
+                _note_optimizer_collective(error, optimizer)
+                raise
             self._compare_group_values(optimizer)
             return result
         model = model or self.lightning_module
@@ -334,6 +339,25 @@ class PipelineSteps:
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
                               self.settings.wait_timeout)
+
+
+def _note_optimizer_collective(error: BaseException, optimizer: Optimizer) -> None:
+    """Add a note to ``error`` where the optimizer's own step failed in a collective of torch.distributed (an
+    optimizer made for DDP, such as distributed Muon's all_gather of its matrices over every process): a pipeline's
+    ranks hold different parameters, so such a collective meets tensors of other shapes, or none."""
+    frames = traceback.extract_tb(error.__traceback__)
+    inside = [index for index, frame in enumerate(frames)
+              if "torch/distributed/" in frame.filename.replace("\\", "/")]
+    if not inside:
+        return
+    caller = frames[inside[0] - 1] if inside[0] > 0 else None
+    if caller is None or "lightning_pipe" in caller.filename or "/lightning/" in caller.filename:
+        return
+    error.add_note(f"{type(optimizer).__name__}'s step calls a collective of torch.distributed ({caller.filename}:"
+                   f"{caller.lineno}: `{caller.line}`): an optimizer made for data parallelism (DDP), which shares "
+                   f"parameters over every process. Under a pipeline the ranks hold different parameters (each its "
+                   f"stages'), so its collective meets others' tensors: use its single-process variant (Muon's "
+                   f"SingleDeviceMuonWithAuxAdam), or train with it under DDP")
 
 
 def _only_once(closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[], Any]:
