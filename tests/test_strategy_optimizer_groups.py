@@ -278,11 +278,15 @@ def _fit_global(rank: int, world_size: int, kind: str) -> list[str]:
     module = _module("sequential")
     if kind == "global":
         module.configure_optimizers = lambda: _GlobalStepSize(module.parameters())  # type: ignore[method-assign]
+    elif kind == "adams":  # (pytorch-optimizer's AdamS: a mean of exp_avg_sq over every parameter, kept nowhere)
+        AdamS = type("AdamS", (torch.optim.Adam,), {})  # noqa: N806 - the class's name is what is looked for
+        module.configure_optimizers = lambda: AdamS(module.parameters())  # type: ignore[method-assign]
     trainer = quiet_trainer(world_size, "pipedream", max_steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, _data())
-    return [str(w.message) for w in caught if "step left another" in str(w.message)]
+    return [str(w.message) for w in caught if "step left another" in str(w.message)
+            or "from a mean over all the parameters it holds" in str(w.message)]
 
 
 @pytest.mark.timeout(200)
@@ -295,6 +299,8 @@ def test_an_optimizer_computing_its_step_size_from_all_its_parameters_is_said_to
     assert "_GlobalStepSize's step left another 'd' in parameter group 0 on each rank" in first[0], first[0]
     assert "Prodigy" in first[0] and "under DDP" in first[0]
     assert run_ranks(_fit_global, 2, "layer_decay", timeout=120) == [[], []]
+    first, last = run_ranks(_fit_global, 2, "adams", timeout=120)
+    assert len(first) == 1 and first[0].startswith("AdamS computes its step") and last == [], (first, last)
 
 
 class _SharedOverTheWorld(torch.optim.SGD):

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in", "whole_orders",
-           "group_values", "differing_values_warning"]
+           "group_values", "differing_values_warning", "whole_set_warning"]
 
 PLACEHOLDER = "_pipeline_stage_trains_nothing"
 
@@ -127,6 +127,23 @@ def refuse_searching_optimizers(optimizers: Iterable[torch.optim.Optimizer]) -> 
                              "share alone (not one device's steps) and run the pipeline a number of times of its own. "
                              "Use an optimizer that steps each parameter from its own gradient (SGD, Adam, AdamW), or "
                              "train with LBFGS on one device or under DDP")
+
+
+# Optimizers whose step computes a number from all their parameters together without keeping it in a group (which
+# :func:`differing_values_warning` would compare): AdamS's and Adai's means of exp_avg_sq over every parameter
+_WHOLE_SET_OPTIMIZERS = frozenset({"AdamS", "Adai", "AdaiV2"})
+
+
+def whole_set_warning(optimizers: Iterable[torch.optim.Optimizer]) -> str | None:
+    """What to tell a user whose optimizer's step reads all its parameters together (:data:`_WHOLE_SET_OPTIMIZERS`);
+    None for others."""
+    kinds = sorted({type(optimizer).__name__ for optimizer in optimizers} & _WHOLE_SET_OPTIMIZERS)
+    if not kinds:
+        return None
+    return (f"{', '.join(kinds)} computes its step from a mean over all the parameters it holds (of exp_avg_sq), and "
+            f"under a pipeline each rank's optimizer holds its own stages' parameters only, so each stage steps by a "
+            f"mean of its own, not one device's. Use an optimizer that steps each parameter from its own gradient and "
+            f"state (SGD, Adam, AdamW), or train with it on one device or under DDP")
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:

@@ -53,7 +53,7 @@ from lightning_pipe.strategy.mesh import AUTO, MeshShape, build_mesh
 from lightning_pipe.strategy.metric_states import sync_callback_metrics
 from lightning_pipe.strategy.optimizers import (differing_groups_warning, drop_placeholders, empty_optimizers_allowed,
                                                 group_settings, placeholders, refuse_searching_optimizers,
-                                                whole_orders)
+                                                whole_orders, whole_set_warning)
 from lightning_pipe.strategy.plain import all_gather_text, gather_stacked
 from lightning_pipe.strategy.positions import RunPosition
 from lightning_pipe.strategy.processes import ProcessStrategy
@@ -483,6 +483,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                     else None
             drop_placeholders(self.optimizers, made + layers)
             refuse_searching_optimizers(self.optimizers)
+            if (message := whole_set_warning(self.optimizers)) is not None and self.runner.pipeline.num_ranks > 1:
+                rank_zero_warn(message)
         except Exception as caught:
             error = caught
             if "multiple optimizers is only supported with manual optimization" in str(caught):
