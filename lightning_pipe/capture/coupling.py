@@ -318,6 +318,10 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
                     f"the row the index names, as manifold mixup's or MixStyle's permutation of the batch does), so "
                     f"which rows meet depends on the whole batch (in a pipeline: each row meets rows of its "
                     f"micro-batch only)")
+        if _reordered_parts(node, name, rows):
+            return (f"{_place(node)} puts parts of a value cut along the batch's rows (chunk, split) together in "
+                    f"another order, or one part with another (each row meets a row of another part of the batch), "
+                    f"so which rows meet depends on the whole batch (in a pipeline: on its micro-batch only)")
         if name in ("roll", "flip") and _moves_rows(node, rows):
             return (f"{_place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
                     f"as in-batch negatives taken from the next row do), so which rows meet depends on the whole "
@@ -382,15 +386,56 @@ def _picked_by(node: fx.Node, name: str, rows: set[Any], partners: dict[fx.Node,
     """The index of other rows (:func:`_partner_index`) with which ``node`` picks rows of a value along the batch's
     rows (``h[index]``, ``index_select(h, 0, index)``, ``gather`` along them), if any."""
     source = node.args[0] if node.args else None
+    if name in ("index_copy", "index_add") and len(node.args) > 3:  # (rows written at the index's places)
+        source = node.args[3]
     if not isinstance(source, fx.Node) or not _rows_at(source, 0, rows):
         return None
     if name == "index" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and node.args[1]:
         index = node.args[1][0]
-    elif name in ("index_select", "gather") and len(node.args) > 2 and node.args[1] == 0:
+    elif name in ("index_select", "gather", "index_copy", "index_add") and len(node.args) > 2 and node.args[1] == 0:
         index = node.args[2]
+    elif name == "embedding" and len(node.args) > 1:  # F.embedding(index, h): h's rows looked up
+        index = node.args[1]
     else:
         return None
     return partners.get(index) if isinstance(index, fx.Node) else None
+
+
+def _reordered_parts(node: fx.Node, name: str, rows: set[Any]) -> bool:
+    """Whether ``node`` puts parts of a value cut along the batch's rows (``chunk``, ``split`` along them) back in
+    another order (``torch.cat([b, a])`` of ``a, b = h.chunk(2)``), or combines two parts of it with each other (each
+    row of one half meets a row of the other)."""
+    if name == "cat":
+        parts = node.args[0] if node.args else ()
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim != 0 or not isinstance(parts, (list, tuple)):
+            return False
+        places = [_part_of(part, rows) for part in parts]
+        sources = {place[0] for place in places if place is not None}
+        return len(sources) == 1 and None not in places and [place[1] for place in places] != sorted(
+            place[1] for place in places)
+    if name in _ELEMENTWISE:
+        places = [_part_of(arg, rows) for arg in node.args[:2]]
+        return all(places) and places[0][0] is places[1][0] and places[0][1] != places[1][1]
+    return False
+
+
+_ELEMENTWISE = {"add", "sub", "mul", "div", "maximum", "minimum", "rsub"}
+
+
+def _part_of(node: Any, rows: set[Any]) -> tuple[fx.Node, int] | None:
+    """``(value, number)`` where ``node`` is part ``number`` of a value cut along its batch's rows (``chunk``,
+    ``split`` along dim 0); else None."""
+    if not isinstance(node, fx.Node) or node.target is not operator.getitem or len(node.args) < 2:
+        return None
+    cut, number = node.args[0], node.args[1]
+    if not isinstance(cut, fx.Node) or cut.op != "call_function" or not isinstance(number, int):
+        return None
+    if _op_name(cut) not in ("chunk", "split", "split_with_sizes", "tensor_split"):
+        return None
+    dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
+    source = cut.args[0] if cut.args else None
+    return (source, number) if dim == 0 and isinstance(source, fx.Node) and _rows_at(source, 0, rows) else None
 
 
 def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
