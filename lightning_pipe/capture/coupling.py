@@ -228,8 +228,9 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     experts, which only place rows), also as a number read out of it (``.item()``): the rows of a data-dependent
     selection (``nonzero``, unbacked sizes) count as rows. An extreme over the rows (``h.abs().max()``) is one where
     it scales or bounds the rows, not where it shifts them into an exponential or a softmax (``exp(z - z.max())``,
-    where it cancels, also when added back: ``m + log(exp(z - m).sum(-1))``). A product of statistics computed from integers alone (a codebook's usage and its perplexity,
-    logged) carries no gradient, and a sum times a reciprocal is a mean: neither is counted as a product."""
+    where it cancels, also when added back: ``m + log(exp(z - m).sum(-1))``). A product of statistics computed from
+    integers alone (a codebook's usage and its perplexity, logged) carries no gradient, and a sum times a reciprocal
+    is a mean: neither is counted as a product."""
     statistics: set[fx.Node] = set()
     shifts: set[fx.Node] = set()  # an extreme over the rows, and values made from it alone
     divisors: set[fx.Node] = set()  # reciprocals of statistics

@@ -184,10 +184,10 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                     "number by index instead (the kept positions from `argsort` of the mask, then `gather`, as "
                     "ViTMAE does), or train such a model on one device or with DDP. "
                     if re.search(r"Size-like symbols: u\d", text) and ".item()" not in where else "")
-        library = selected + ("If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
-                   "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute "
-                   "the loss in the step from the model's outputs. "
-                   if "site-packages" in where or "dist-packages" in where else "")
+        library = selected + (
+            "If the value is an input the model checks or takes sizes from (labels: Wav2Vec2ForCTC checks "
+            "`labels.max()`, and a CTC loss counts each row's labels), call the model without it and compute the loss "
+            "in the step from the model's outputs. " if "site-packages" in where or "dist-packages" in where else "")
         return (library + "Python control flow on a tensor's value (`if t > 0:`, `.item()`, `int(t)`) cannot be "
                 "captured: compute both branches and pick with torch.where(condition, a, b), or use torch.cond; "
                 + SEQUENTIAL_PATH + "." + (" " + sizes.rstrip() if sizes else ""))
