@@ -487,8 +487,9 @@ def test_complex_parameters_clipped_by_the_global_norm_train_as_on_one_device() 
     assert sum(len(result["state"]) for result in results) == len(expected["state"])
 
 
-def _fit_self_normalized(rank: int, world_size: int) -> list[str]:
-    """Task losses balanced by their own detached values: l / l.detach() is 1 on any rows."""
+def _fit_self_normalized(rank: int, world_size: int, kind: str) -> list[str]:
+    """Task losses balanced by their own detached values: l / l.detach() is 1 on any rows; or a classifier whose head
+    starts at zero (its first loss is log C on any rows, its next ones are not)."""
     import warnings
 
     import torch.nn.functional as F
@@ -500,13 +501,19 @@ def _fit_self_normalized(rank: int, world_size: int) -> list[str]:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             out = self(x)
+            if kind == "zero_head":
+                return F.cross_entropy(out, y.argmax(-1))
             first, second = F.mse_loss(out[:, :8], y[:, :8]), F.l1_loss(out[:, 8:], y[:, 8:])
             return first / first.detach() + second / second.detach()
 
-    trainer = quiet_trainer(world_size, "pipedream", max_steps=2)
+    module = Balanced()
+    if kind == "zero_head":
+        torch.nn.init.zeros_(module.layers[-1][0].weight)
+        torch.nn.init.zeros_(module.layers[-1][0].bias)
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Balanced(), regression_data(2))
+        trainer.fit(module, regression_data(3))
     return [str(w.message) for w in caught if "same value on every part of the batch" in str(w.message)]
 
 
@@ -514,5 +521,7 @@ def _fit_self_normalized(rank: int, world_size: int) -> list[str]:
 def test_a_loss_divided_by_its_own_detached_value_is_said_to_differ() -> None:
     """Found by review: its value (2 on any rows) passed the loss check as a mean, and it trained 4.6e-2 off one
     device unwarned."""
-    said = [text for texts in run_ranks(_fit_self_normalized, 2, timeout=120) for text in texts]
+    said = [text for texts in run_ranks(_fit_self_normalized, 2, "balanced", timeout=120) for text in texts]
     assert len(said) == 1 and "l / l.detach()" in said[0] and "num_microbatches=1" in said[0], said
+    # a head initialized to zeros: the same loss everywhere at the first batch only (found by review: warned)
+    assert run_ranks(_fit_self_normalized, 2, "zero_head", timeout=120) == [[], []]

@@ -596,6 +596,11 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
         coarse.add(torch.zeros(rows, 1, dtype=torch.bfloat16), torch.tensor(loss, dtype=torch.bfloat16), rows)
     assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.2578, dtype=torch.bfloat16))[0] == "mean"
     assert verdict(coarse, lambda output, batch, draw: torch.tensor(1.4, dtype=torch.bfloat16))[0] == "neither"
+    # bfloat16 outputs with a float32 loss (bf16-mixed): the float32 loss's tolerance (found by review)
+    mixed = Probe(torch.zeros(4, 1))
+    for loss, rows in ((2.0, 2), (2.04, 2)):
+        mixed.add(torch.zeros(rows, 1, dtype=torch.bfloat16), torch.tensor(loss), rows)
+    assert verdict(mixed, lambda output, batch, draw: torch.tensor(2.03))[0] == "neither"
     # a loss divided by its own detached value (found by review: taken for a mean, 4.6e-2 off one device, silent)
     balanced = Probe(torch.zeros(4, 1))
     for rows in (2, 2):

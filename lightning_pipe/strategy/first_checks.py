@@ -109,6 +109,9 @@ class FirstBatchChecks:
         # loss_reduction="sum" on an nn.Sequential: the first batch tells how single numbers it returns add up
         self._scalar_probes_left = 1 if isinstance(split, SplitModule) else 0
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
+        # batches in a row whose loss had the same value on every part (a zero-initialized head's log C at the first
+        # step is one; a loss divided by its own detached value, l / l.detach(), has it at every batch)
+        self._constant_batches = 0
         self._logged: set[str] | None = None  # the names the training step logged so far (a new one: probed again)
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
         # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
@@ -147,7 +150,7 @@ class FirstBatchChecks:
             return 1.0
         if probe.counts is not None:  # told a mean over a count: checked, never changed
             self._count_probes_left -= 1
-            rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
+            rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True)))
             if rule in ("neither", "constant"):
                 self._warn_once(count_warning(why) if rule == "neither" else constant_warning(why))
                 self._count_probes_left = 0
@@ -155,12 +158,12 @@ class FirstBatchChecks:
         self._probes_left -= 1
         if self._mean_found:
             try:
-                rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
+                rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True)))
             except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
                 self._probes_left = 0
                 return 1.0
         else:
-            rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
+            rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True)))
         if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):  # single numbers the sequence
             self.split.scalar_kinds = probe.scalar_kinds  # returns are summed (a VAE's KL): so logged and replayed
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
@@ -186,6 +189,15 @@ class FirstBatchChecks:
         for loss in probe.losses:
             self.recorder.add_up(loss)
         return float(len(probe.rows))
+
+    def _constant_twice(self, rule: str | None, why: str) -> tuple[str | None, str]:
+        """A verdict of "constant" stands at the second batch in a row that has it; at the first it tells nothing (a
+        head initialized to zeros gives every part of the first batch the loss log C)."""
+        if rule != "constant":
+            self._constant_batches = 0
+            return rule, why
+        self._constant_batches += 1
+        return (rule, why) if self._constant_batches >= 2 else (None, why)
 
     def _probe_new_terms(self, logged: Iterable[str]) -> None:
         """After a training batch on the last stage: a step that logs a name it never logged before (a loss term
