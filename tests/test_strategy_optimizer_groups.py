@@ -255,16 +255,18 @@ class _GlobalStepSize(torch.optim.Optimizer):
     """SGD whose step size ``d`` is computed from all its parameters' gradients together and kept in each group, as
     Prodigy and D-Adaptation keep theirs."""
 
-    def __init__(self, params: Any, lr: float = 0.1) -> None:
+    def __init__(self, params: Any, lr: float = 0.1, from_step: int = 1) -> None:
         super().__init__(params, {"lr": lr, "d": 1.0})
+        self.steps, self.from_step = 0, from_step
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        self.steps += 1
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        d = 1.0 / (1.0 + float(sum(g.pow(2).sum() for g in grads)))
+        d = 1.0 / (1.0 + float(sum(g.pow(2).sum() for g in grads))) if self.steps >= self.from_step else 1.0
         for group in self.param_groups:
             group["d"] = d
             for p in group["params"]:
@@ -276,12 +278,13 @@ def _fit_global(rank: int, world_size: int, kind: str) -> list[str]:
     import warnings
 
     module = _module("sequential")
-    if kind == "global":
-        module.configure_optimizers = lambda: _GlobalStepSize(module.parameters())  # type: ignore[method-assign]
+    if kind in ("global", "late"):  # late: d moves from the 4th step on (after a warm-up)
+        module.configure_optimizers = lambda: _GlobalStepSize(  # type: ignore[method-assign]
+            module.parameters(), from_step=4 if kind == "late" else 1)
     elif kind == "adams":  # (pytorch-optimizer's AdamS: a mean of exp_avg_sq over every parameter, kept nowhere)
         AdamS = type("AdamS", (torch.optim.Adam,), {})  # noqa: N806 - the class's name is what is looked for
         module.configure_optimizers = lambda: AdamS(module.parameters())  # type: ignore[method-assign]
-    trainer = quiet_trainer(world_size, "pipedream", max_steps=3)
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=5 if kind == "late" else 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, _data())
@@ -299,6 +302,8 @@ def test_an_optimizer_computing_its_step_size_from_all_its_parameters_is_said_to
     assert "_GlobalStepSize's step left another 'd' in parameter group 0 on each rank" in first[0], first[0]
     assert "Prodigy" in first[0] and "under DDP" in first[0]
     assert run_ranks(_fit_global, 2, "layer_decay", timeout=120) == [[], []]
+    first, last = run_ranks(_fit_global, 2, "late", timeout=120)  # compared at steps 1, 2, 3, 4, 8, ...
+    assert len(first) == 1 and "step left another 'd'" in first[0] and last == [], (first, last)
     first, last = run_ranks(_fit_global, 2, "adams", timeout=120)
     assert len(first) == 1 and first[0].startswith("AdamS computes its step") and last == [], (first, last)
 

@@ -39,6 +39,8 @@ __all__ = ["PipelineSteps"]
 
 _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
 _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
+_COMPARING_GROUPS = ("comparing the optimizer's parameter groups after its step (a step skipped on some ranks only, "
+                     "by an optimizer_step of yours deciding from this rank's gradients?)")
 # where the ranks meet as the fit ends: a rank waiting here while others train on stopped alone
 _ENDING_THE_FIT = ("ending the fit (on_train_end), while others train on: trainer.should_stop set on some ranks only "
                    "(under `if trainer.is_global_zero:` or in a rank_zero_only hook)? Set it on every rank, as the "
@@ -206,19 +208,22 @@ class PipelineSteps:
         return self._async.run_closure(optimizer, closure, model, **kwargs)
 
     def _compare_group_values(self, optimizer: Optimizer) -> None:
-        """After each optimizer's first two steps, compare the numbers in its parameter groups over the pipeline's
-        ranks: an optimizer that computes one from all its parameters together (Prodigy's step size) has another on
-        each rank, which is said (:func:`~.optimizers.differing_values_warning`). Every rank steps alike here
+        """After each optimizer's steps 1, 2, 3, then 4, 8, 16, ... (up to 1024), compare the numbers in its
+        parameter groups over the pipeline's ranks: an optimizer that computes one from all its parameters together
+        (Prodigy's step size, which may move only after a warm-up or a GradScaler's skipped steps) has another on each
+        rank, which is said once (:func:`~.optimizers.differing_values_warning`). Every rank steps alike here
         (automatic optimization)."""
         checked = self.__dict__.setdefault("_group_values_checked", {})
         key = id(getattr(optimizer, "_optimizer", optimizer))
         module = self.lightning_module
-        if checked.get(key, 0) >= 2 or self.runner.pipeline.num_ranks < 2 or module is None \
+        if checked.get("said") or self.runner.pipeline.num_ranks < 2 or module is None \
                 or not module.automatic_optimization:
             return
-        checked[key] = checked.get(key, 0) + 1
-        message = differing_values_warning(self._pipeline_texts()(group_values([optimizer])))
-        if message is not None and checked.get("said") is None:
+        steps = checked[key] = checked.get(key, 0) + 1
+        if steps > 3 and (steps & (steps - 1) or steps > 1024):
+            return
+        message = differing_values_warning(self._pipeline_texts(_COMPARING_GROUPS)(group_values([optimizer])))
+        if message is not None:
             checked["said"] = True
             rank_zero_warn(message)
 
@@ -307,12 +312,13 @@ class PipelineSteps:
         with explained(what, runner.hook_calls_group):
             return all_gather_text(text, group=runner.hook_calls_group, run=watched)
 
-    def _pipeline_texts(self) -> Callable[[str], list[str]]:
-        """A gather of every rank of this rank's pipeline's text, in stage order (:meth:`_hook_texts`)."""
+    def _pipeline_texts(self, what: str = _SHARING_HOOK_LOGS) -> Callable[[str], list[str]]:
+        """A gather of every rank of this rank's pipeline's text, in stage order (:meth:`_hook_texts`); ``what``
+        names it where a peer does not come."""
         ranks = torch.distributed.get_process_group_ranks(self.runner.pipeline.group)
 
         def gather(text: str) -> list[str]:
-            texts = self._hook_texts(text, _SHARING_HOOK_LOGS)
+            texts = self._hook_texts(text, what)
             return [texts[rank] for rank in ranks]
 
         return gather
@@ -346,6 +352,8 @@ def _note_optimizer_collective(error: BaseException, optimizer: Optimizer) -> No
     optimizer made for DDP, such as distributed Muon's all_gather of its matrices over every process): a pipeline's
     ranks hold different parameters, so such a collective meets tensors of other shapes, or none."""
     frames = traceback.extract_tb(error.__traceback__)
+    if any("lightning/pytorch/loops" in frame.filename.replace("\\", "/") for frame in frames):
+        return  # in the closure the optimizer ran: the step's own code (training_step, backward), not the optimizer's
     inside = [index for index, frame in enumerate(frames)
               if "torch/distributed/" in frame.filename.replace("\\", "/")]
     if not inside:
