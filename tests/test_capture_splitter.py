@@ -694,9 +694,10 @@ class _Shifted(nn.Module):
         shifted = torch.exp(z - z.max())
         top = z.detach().max()
         logsumexp = top + torch.log(torch.exp(z - top).sum(-1))
+        logmeanexp = top + torch.log(torch.exp(z - top).mean(-1) + 1e-8)  # a mean, an epsilon: the same
         usage = torch.nn.functional.one_hot(torch.cdist(z, self.code).argmin(-1), 8).float().mean(0)
         perplexity = torch.exp(-(usage * torch.log(usage + 1e-10)).sum())
-        return (shifted / shifted.sum(-1, keepdim=True), logsumexp, perplexity,
+        return (shifted / shifted.sum(-1, keepdim=True), logsumexp, logmeanexp, perplexity,
                 (z.sum(-1) * mask).sum() * mask.sum().reciprocal())
 
 
@@ -855,6 +856,14 @@ class _Partnered(nn.Module):
         elif self.kind == "halves":  # the batch's halves swapped
             first, second = h.chunk(2)
             h = h + torch.cat([second, first])
+        elif self.kind == "pairs":  # neighbours paired
+            h = h + h[torch.arange(count) ^ 1]
+        elif self.kind == "index_put":
+            h = h + torch.zeros_like(h).index_put((torch.randperm(count),), h)
+        elif self.kind == "negative_dim":
+            h = h + torch.index_select(h, -2, torch.randperm(count))
+        elif self.kind == "own_modulo":  # each row's own, through a remainder that moves nothing
+            h = h[torch.arange(count) % count]
         elif self.kind == "own_label":
             return self.last(h)[torch.arange(count), x[:, 0].long().clamp(0, 2)].unsqueeze(-1).expand(-1, 3)
         elif self.kind == "own_token":
@@ -863,7 +872,8 @@ class _Partnered(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["randperm", "index_select", "cyclic", "mixstyle", "randint", "embedding",
-                                  "index_copy", "halves", "own_label", "own_token"])
+                                  "index_copy", "halves", "pairs", "index_put", "negative_dim", "own_label",
+                                  "own_token", "own_modulo"])
 def test_rows_picked_by_an_index_of_other_rows_are_found(kind: str) -> None:
     splitter = Splitter(_Partnered(kind))
     splitter.capture((torch.randn(6, 4),))

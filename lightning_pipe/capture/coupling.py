@@ -237,7 +237,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     counted: set[fx.Node] = set()  # values computed from integers alone (one_hot(codes).float()): no gradient's
     ranked: dict[fx.Node, fx.Node] = {}  # values from a running count along the rows (each row's place among them)
     # -> that count
-    ranges: set[fx.Node] = set()  # integers counting the rows (arange(B)), and arithmetic on them
+    ranges: dict[fx.Node, bool] = {}  # integers counting the rows (arange(B)), and arithmetic on them -> whether
+    # shifted by a number (arange(B) + 1)
     partners: dict[fx.Node, fx.Node] = {}  # indices of other rows (randperm(B), (arange(B) + 1) % B) -> their source
     for node in nodes:
         value = node.meta.get("val")
@@ -310,9 +311,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         made = _partner_index(node, name, rows, ranges, partners)
         if made is not None:
             partners[node] = made
-        elif name == "arange" and any(_counts_rows(arg, rows) for arg in node.args[:2]) \
-                or inputs and any(arg in ranges for arg in inputs) and not value.is_floating_point():
-            ranges.add(node)
+        elif name == "arange" and any(_counts_rows(arg, rows) for arg in node.args[:2]):
+            ranges[node] = False
+        elif inputs and any(arg in ranges for arg in inputs) and not value.is_floating_point():
+            ranges[node] = any(ranges.get(arg, False) for arg in inputs) or (
+                name in ("add", "sub") and any(isinstance(arg, int) and arg != 0 for arg in node.args[1:2]))
         picked = _picked_by(node, name, rows, partners)
         if picked is not None:
             return (f"{_place(node)} picks other rows of the batch by an index ({_place(picked)}: each row meets "
@@ -365,11 +368,12 @@ def _counts_rows(arg: Any, rows: set[Any]) -> bool:
     return isinstance(arg, fx.Node) and _is_rows(arg.meta.get("val"), rows)
 
 
-def _partner_index(node: fx.Node, name: str, rows: set[Any], ranges: set[fx.Node],
+def _partner_index(node: fx.Node, name: str, rows: set[Any], ranges: dict[fx.Node, bool],
                    partners: dict[fx.Node, fx.Node]) -> fx.Node | None:
     """Where ``node`` is an integer index of other rows than each row's own: a permutation of the rows or a draw
     among them (``randperm(B)``, ``randint(0, B, (B,))``), a count of the rows shifted round (``(arange(B) + k) %
-    B``), rolled or flipped, or integers computed from such an index; None otherwise."""
+    B``; not ``arange(3 * B) % B``, each row's own), rolled, flipped or paired (``arange(B) ^ 1``), or integers
+    computed from such an index; None otherwise."""
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
         return None
@@ -377,8 +381,11 @@ def _partner_index(node: fx.Node, name: str, rows: set[Any], ranges: set[fx.Node
         return node
     if name == "randint" and any(_counts_rows(arg, rows) for arg in node.args[:2]):
         return node
-    if name in ("remainder", "fmod", "roll", "flip") and node.args and node.args[0] in ranges \
-            and (name in ("roll", "flip") or _counts_rows(node.args[1] if len(node.args) > 1 else None, rows)):
+    source = node.args[0] if node.args else None
+    if name in ("remainder", "fmod") and ranges.get(source) and len(node.args) > 1 \
+            and _counts_rows(node.args[1], rows):
+        return node
+    if name in ("roll", "flip", "bitwise_xor", "__xor__") and source in ranges:
         return node
     return next((partners[arg] for arg in node.all_input_nodes if arg in partners), None)
 
@@ -389,11 +396,15 @@ def _picked_by(node: fx.Node, name: str, rows: set[Any], partners: dict[fx.Node,
     source = node.args[0] if node.args else None
     if name in ("index_copy", "index_add") and len(node.args) > 3:  # (rows written at the index's places)
         source = node.args[3]
+    elif name == "index_put" and len(node.args) > 2:
+        source = node.args[2]
     if not isinstance(source, fx.Node) or not _rows_at(source, 0, rows):
         return None
-    if name == "index" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) and node.args[1]:
+    if name in ("index", "index_put") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) \
+            and node.args[1]:
         index = node.args[1][0]
-    elif name in ("index_select", "gather", "index_copy", "index_add") and len(node.args) > 2 and node.args[1] == 0:
+    elif name in ("index_select", "gather", "index_copy", "index_add") and len(node.args) > 2 \
+            and _dim(node.args[1], node.args[0]) == 0:
         index = node.args[2]
     elif name == "embedding" and len(node.args) > 1:  # F.embedding(index, h): h's rows looked up
         index = node.args[1]
@@ -409,7 +420,7 @@ def _reordered_parts(node: fx.Node, name: str, rows: set[Any]) -> bool:
     if name == "cat":
         parts = node.args[0] if node.args else ()
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if dim != 0 or not isinstance(parts, (list, tuple)):
+        if not isinstance(parts, (list, tuple)) or not parts or _dim(dim, parts[0]) != 0:
             return False
         places = [_part_of(part, rows) for part in parts]
         sources = {place[0] for place in places if place is not None}
@@ -436,7 +447,16 @@ def _part_of(node: Any, rows: set[Any]) -> tuple[fx.Node, int] | None:
         return None
     dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
     source = cut.args[0] if cut.args else None
-    return (source, number) if dim == 0 and isinstance(source, fx.Node) and _rows_at(source, 0, rows) else None
+    return (source, number) if _dim(dim, source) == 0 and isinstance(source, fx.Node) \
+        and _rows_at(source, 0, rows) else None
+
+
+def _dim(dim: Any, of: Any) -> int | None:
+    """``dim`` of the value of node ``of`` as a number from 0 (``-2`` of a matrix: 0); None where not known."""
+    value = of.meta.get("val") if isinstance(of, fx.Node) else None
+    if not isinstance(dim, int) or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    return dim % value.dim()
 
 
 def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
@@ -496,12 +516,13 @@ def _normalized(node: fx.Node) -> bool:
                                     for user in node.users)
 
 
-_LOGSUMEXP_PATH = {"log", "sum", "exp", "squeeze", "unsqueeze", "view", "reshape", "_unsafe_view"}
+_LOGSUMEXP_PATH = {"log", "sum", "mean", "add", "exp", "squeeze", "unsqueeze", "view", "reshape", "_unsafe_view"}
 
 
 def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
     """Whether ``node`` adds an extreme ``m`` back to ``log(sum(exp(x - m)))``: a logsumexp written by hand with the
-    batch's maximum for stability, where the shift cancels (``m`` itself, or a view of it, on both sides)."""
+    batch's maximum for stability, where the shift cancels (``m`` itself, or a view of it, on both sides; a mean for
+    the sum, an epsilon added inside the log)."""
     if _op_name(node) != "add":
         return False
     added = [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and arg in shifts]
