@@ -202,8 +202,9 @@ def differing_values_warning(texts: Sequence[str]) -> str | None:
             held = {rank: described[index][1][number] for rank, described in enumerate(every)
                     if index < len(described) and number < len(described[index][1])
                     and described[index][1][number] is not None}
-            for key in sorted({key for values in held.values() for key in values}):
-                seen = {rank: values.get(key) for rank, values in held.items()}
+            # (a key some ranks' step has not set yet is not compared)
+            for key in sorted(set.intersection(*(set(values) for values in held.values())) if held else ()):
+                seen = {rank: values[key] for rank, values in held.items()}
                 if len(set(seen.values())) > 1:
                     shown = ", ".join(f"rank {rank}: {value}" for rank, value in seen.items())
                     return (f"{kind}'s step left another {key!r} in parameter group {number} on each rank of the "

@@ -46,6 +46,8 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
     except StopIteration:
         raise ValueError(f"{hook} is empty: {how.format(hook=hook)}") from None
     finally:
+        if combined is loaders:  # the user's: left as it came (no iterator, no workers)
+            combined.reset()
         for generator, state in zip(generators, states):
             generator.set_state(state)
     return batch, step
