@@ -516,7 +516,8 @@ def _normalized(node: fx.Node) -> bool:
                                     for user in node.users)
 
 
-_LOGSUMEXP_PATH = {"log", "sum", "mean", "add", "exp", "squeeze", "unsqueeze", "view", "reshape", "_unsafe_view"}
+_VIEWS = {"squeeze", "unsqueeze", "view", "reshape", "_unsafe_view", "expand", "alias"}
+_LOGSUMEXP_PATH = {"log", "sum", "mean", "add", "exp"} | _VIEWS
 
 
 def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
@@ -539,7 +540,7 @@ def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
             continue
         seen.add(value)
         name = _op_name(value)
-        if name == "sub" and value.args and any(value.users) and any(
+        if name == "sub" and value.args and any(
                 user.op == "call_function" and _op_name(user) == "exp" for user in value.users) \
                 and isinstance(value.args[1], fx.Node) and value.args[1] in shifts \
                 and _extreme_of(value.args[1]) is root:
@@ -551,8 +552,7 @@ def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
 
 def _extreme_of(node: fx.Node) -> fx.Node:
     """The extreme a shift was made from through views and detaches (``m.detach().unsqueeze(-1)``: ``m``)."""
-    while node.op == "call_function" and _op_name(node) in ("detach", "squeeze", "unsqueeze", "view", "reshape",
-                                                             "expand", "alias", "_unsafe_view") \
+    while node.op == "call_function" and (_op_name(node) in _VIEWS or _op_name(node) == "detach") \
             and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node

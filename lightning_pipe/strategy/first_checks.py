@@ -7,7 +7,7 @@ A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -152,7 +152,7 @@ class FirstBatchChecks:
             self._count_probes_left -= 1
             rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True)))
             if rule in ("neither", "constant"):
-                self._warn_once(count_warning(why) if rule == "neither" else constant_warning(why))
+                self._warn_once(_warning(rule, why, count_warning))
                 self._count_probes_left = 0
             return 1.0
         self._probes_left -= 1
@@ -169,11 +169,11 @@ class FirstBatchChecks:
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
             # batches happened to share alike (no ignored labels yet) shows here
             if rule in ("neither", "sum", "constant"):
-                self._warn_once(constant_warning(why) if rule == "constant" else neither_warning(why))
+                self._warn_once(_warning(rule, why, neither_warning))
                 self._probes_left = 0
             return 1.0
         if rule in ("neither", "constant"):
-            self._warn_once(constant_warning(why) if rule == "constant" else neither_warning(why))
+            self._warn_once(_warning(rule, why, neither_warning))
             rule = "mean"
         if rule is not None:
             self._mean_found = rule == "mean" and not self._loss_warned
@@ -416,3 +416,8 @@ class FirstBatchChecks:
             self._loss_warned = True
             warnings.warn(message, stacklevel=3)
 
+
+
+def _warning(rule: str, why: str, otherwise: Callable[[str], str]) -> str:
+    """What to tell of a loss :func:`~.reduction.verdict` judged ``rule`` ("constant", or ``otherwise``'s case)."""
+    return constant_warning(why) if rule == "constant" else otherwise(why)

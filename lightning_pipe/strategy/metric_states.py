@@ -166,8 +166,7 @@ class MetricTracker:
         """Whether the tensors metric ``name`` keeps beside its states changed in this batch (a ``compute()`` of
         MinMaxMetric, a wrapper whose own update count stays 0)."""
         saved = self._saved.get(name)
-        return saved is not None and not all(_same(value, saved[4].get(attr))
-                                             for attr, value in _extras(self.metrics[name]).items())
+        return saved is not None and _extras_differ(self.metrics[name], saved[4])
 
     def differing(self) -> list[str]:
         """The metrics whose state after the micro-batches, merged into the state before the batch, differs from the
@@ -180,8 +179,7 @@ class MetricTracker:
             state, count, _, _, replayed_extras = self.replayed[name]
             earlier = self._saved.get(name)
             before = earlier[1] if earlier is not None else 0
-            extras_differ = not all(_same(value, replayed_extras.get(attr))
-                                    for attr, value in _extras(metric).items())
+            extras_differ = _extras_differ(metric, replayed_extras)
             if metric._update_count == 0 and count == before:
                 if extras_differ:
                     found.append(name)
@@ -320,6 +318,11 @@ def _extras(metric: Metric) -> dict[str, torch.Tensor]:
     whole batch's makes the metric one whose state comes from a run on the whole batch."""
     return {attr: value for attr, value in vars(metric).items()
             if isinstance(value, torch.Tensor) and not attr.startswith("_") and attr not in metric._defaults}
+
+
+def _extras_differ(metric: Metric, extras: dict[str, torch.Tensor]) -> bool:
+    """Whether the tensors ``metric`` keeps beside its states now differ from ``extras`` (a :data:`_State`'s)."""
+    return not all(_same(value, extras.get(attr)) for attr, value in _extras(metric).items())
 
 
 def _same(value: Any, other: Any) -> bool:

@@ -196,12 +196,10 @@ def group_values(optimizers: Iterable[torch.optim.Optimizer]) -> str:
 def differing_values_warning(texts: Sequence[str]) -> str | None:
     """What to tell a user whose optimizer's step left another number in a parameter group on each rank (``texts``:
     each rank's :func:`group_values` after a step); None where the ranks holding the group's parameters agree."""
-    every = [json.loads(text) for text in texts]
-    for index, (kind, groups) in enumerate(every[0]):
-        for number in range(len(groups)):
-            held = {rank: described[index][1][number] for rank, described in enumerate(every)
-                    if index < len(described) and number < len(described[index][1])
-                    and described[index][1][number] is not None}
+    every = [json.loads(text) for text in texts]  # (the same optimizers on every rank)
+    for index, (kind, _) in enumerate(every[0]):
+        for number, groups in enumerate(zip(*(described[index][1] for described in every))):
+            held = {rank: values for rank, values in enumerate(groups) if values is not None}
             # (a key some ranks' step has not set yet is not compared)
             for key in sorted(set.intersection(*(set(values) for values in held.values())) if held else ()):
                 seen = {rank: values[key] for rank, values in held.items()}

@@ -83,16 +83,17 @@ def is_sharded(path: str | os.PathLike) -> bool:
 
 def write_file(value: Any, path: str) -> None:
     """``torch.save`` to ``path``, flushed and fsync'd before returning."""
-    with open(path, "wb") as file:
-        torch.save(value, file)
-        file.flush()
-        os.fsync(file.fileno())
+    _write_durably(path, "wb", lambda file: torch.save(value, file))
 
 
 def write_guide(folder: str) -> None:
     """The folder's README.txt (:data:`GUIDE`), flushed and fsync'd."""
-    with open(os.path.join(folder, GUIDE_FILE), "w") as file:
-        file.write(GUIDE)
+    _write_durably(os.path.join(folder, GUIDE_FILE), "w", lambda file: file.write(GUIDE))
+
+
+def _write_durably(path: str, mode: str, write: Callable[[Any], Any]) -> None:
+    with open(path, mode) as file:
+        write(file)
         file.flush()
         os.fsync(file.fileno())
 
