@@ -68,7 +68,7 @@ class Reduced(nn.Module):
 
 
 def test_the_reduction_over_the_rows_tells_how_a_number_adds_up() -> None:
-    from lightning_pipe.capture.coupling import rows_symbols
+    from lightning_pipe.capture.graph_rows import rows_symbols
     from lightning_pipe.capture.scalars import output_kinds
 
     x = torch.randn(6, 4)

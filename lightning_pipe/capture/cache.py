@@ -42,7 +42,7 @@ class Capture:
     rows_meet: str | None = None
     """Where the forward makes a value with the batch's rows along two dimensions (:mod:`.coupling`), if it does."""
     example_rows: int | None = None
-    """The model's rows in the example it was captured from (:func:`.coupling.example_rows`)."""
+    """The model's rows in the example it was captured from (:func:`.graph_rows.example_rows`)."""
     output_kinds: tuple[str | int | None, ...] | None = None
     """How each output (in ``out_spec``'s order) adds up over micro-batches: a 0-dim floating one's kind, a
     tensor's dim of the rows (:func:`.scalars.output_kinds`)."""

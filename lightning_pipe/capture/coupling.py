@@ -29,9 +29,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .graph_rows import counts_rows, example_size, first_sizes, has_rows, op_name, place, rows_at, rows_symbols
 from .patterns import fixed_size
+from .row_moves import ORDERS, moves_rows, orders_rows, partner_index, picked_by, reordered_parts, shifts_rows
 
-__all__ = ["rows_meet", "rows_symbols", "row_dims", "example_rows", "FIXED_ROWS"]
+__all__ = ["rows_meet", "FIXED_ROWS"]
 
 FIXED_ROWS = "the graph fixes the batch's rows"
 
@@ -44,12 +46,12 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
     The rows are :func:`rows_symbols`. Ops inside a region the forward runs under ``torch.no_grad()`` or autocast
     (a higher-order op calling a subgraph: SwAV's Sinkhorn targets, normalized over the batch without gradients) are
     looked at as if inlined."""
-    firsts = _firsts(user_inputs)
+    firsts = first_sizes(user_inputs)
     if not firsts:
         return None
     nodes, user_inputs = _inlined(nodes, user_inputs)
     nodes = _read(nodes)
-    example = _example(firsts[0])
+    example = example_size(firsts[0])
     rows = rows_symbols(user_inputs)
     for node in nodes if rows else ():
         value = node.meta.get("val")
@@ -58,11 +60,11 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
         if sum(isinstance(size, torch.SymInt) and size.node.expr in rows for size in value.shape) >= 2:
             shape = ", ".join("rows" if isinstance(s, torch.SymInt) and s.node.expr in rows else str(s)
                               for s in value.shape)
-            return (f"{_place(node)} makes a ({shape}) value. If the rows of a batch meet there (each row's "
+            return (f"{place(node)} makes a ({shape}) value. If the rows of a batch meet there (each row's "
                     f"similarity with every other, as a contrastive loss takes it)")
     scaled = next((node for node in nodes if training and _scales_by_frequency(node, rows)), None) if rows else None
     if scaled is not None:
-        return (f"{_place(scaled)} scales each token's gradient by how often the token occurs in the batch "
+        return (f"{place(scaled)} scales each token's gradient by how often the token occurs in the batch "
                 f"(nn.Embedding(scale_grad_by_freq=True)), so each row's gradient depends on the whole batch (in a "
                 f"pipeline: on its micro-batch only)")
     mixed = _mixed(nodes, rows) if rows else None
@@ -76,9 +78,9 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
     if not any(fixed_size(size) == example for size in fixed):
         return None
     for node in nodes:  # an RNN's loop over time fixes its length: here the rows (so may a pooling's windows)
-        name = _op_name(node) if node.op == "call_function" else ""
+        name = op_name(node) if node.op == "call_function" else ""
         if name in _RECURRENCES and _along_time(node, lambda size: fixed_size(size) == example):
-            return _RECURRENCE.format(place=_place(node))
+            return _RECURRENCE.format(place=place(node))
         if _windows_rows(node, name, lambda size: fixed_size(size) == example):
             return _windows(node, name)
     return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
@@ -136,51 +138,15 @@ def _copy_into(graph: fx.Graph, nodes: Sequence[fx.Node], env: dict[fx.Node, Any
     return returned
 
 
-def _firsts(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
-    return [value.shape[0] for node in user_inputs
-            if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
-
-
-def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
-    """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
-    along dim 0; None without one."""
-    firsts = _firsts(user_inputs)
-    return int(_example(firsts[0])) if firsts else None
-
-
-def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
-    """The symbols that count the batch's rows: the tensor inputs' dim 0 (each is split along it) where it stayed
-    symbolic and has the first input's example size (export gives inputs their own symbols, CLIP's texts and images
-    two; a position tensor or a mask of the sequence's size is left out)."""
-    firsts = _firsts(user_inputs)
-    if not firsts:
-        return set()
-    example = _example(firsts[0])
-    return {size.node.expr for size in firsts if fixed_size(size) is None and _example(size) == example}
-
-
-def row_dims(outputs: Sequence[Any], rows: set[Any]) -> list[int | None]:
-    """For each of a graph's ``outputs`` (its output node's arguments), the one dim along which it has the batch's
-    rows (``rows``: :func:`rows_symbols`): 0 for most, 1 for an RNN's last hidden state ``(layers, rows, size)``;
-    None for a value without them, with them along several dims, or not a tensor."""
-    dims: list[int | None] = []
-    for node in outputs:
-        value = node.meta.get("val") if isinstance(node, fx.Node) else None
-        found = [dim for dim, size in enumerate(value.shape) if isinstance(size, torch.SymInt)
-                 and size.node.expr in rows] if isinstance(value, torch.Tensor) else []
-        dims.append(found[0] if len(found) == 1 else None)
-    return dims
-
-
 def _scales_by_frequency(node: fx.Node, rows: set[Any]) -> bool:
     """Whether ``node`` is an embedding whose backward divides each token's gradient by its count among the indices
     (``scale_grad_by_freq``), indices holding the batch's rows."""
-    if node.op != "call_function" or _op_name(node) != "embedding":
+    if node.op != "call_function" or op_name(node) != "embedding":
         return False
     scales = node.args[3] if len(node.args) > 3 else node.kwargs.get("scale_grad_by_freq", False)
     indices = node.args[1] if len(node.args) > 1 else None
     return scales is True and isinstance(indices, fx.Node) and isinstance(indices.meta.get("val"), torch.Tensor) \
-        and _has_rows(indices.meta["val"], rows)
+        and has_rows(indices.meta["val"], rows)
 
 
 def _read(nodes: Sequence[fx.Node]) -> list[fx.Node]:
@@ -195,12 +161,6 @@ def _read(nodes: Sequence[fx.Node]) -> list[fx.Node]:
             live.add(node)
             waiting.extend(node.all_input_nodes)
     return [node for node in nodes if node in live]
-
-
-def _example(size: int | torch.SymInt) -> object:
-    """The example's value of a size, read without a guard."""
-    fixed = fixed_size(size)
-    return fixed if fixed is not None else size.node.hint
 
 
 _ATTENTION = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -242,15 +202,15 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     partners: dict[fx.Node, fx.Node] = {}  # indices of other rows (randperm(B), (arange(B) + 1) % B) -> their source
     for node in nodes:
         value = node.meta.get("val")
-        name = _op_name(node) if node.op == "call_function" else ""
+        name = op_name(node) if node.op == "call_function" else ""
         if name in _FLOAT_SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
-                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows) \
+                and isinstance(node.args[1], int) and rows_at(node.args[0], node.args[1], rows) \
                 and node.args[0].meta["val"].is_floating_point():  # (cummax's value: a pair)
-            return (f"{_place(node)} runs along the batch's rows ({name}: each row's value takes in the rows before "
+            return (f"{place(node)} runs along the batch's rows ({name}: each row's value takes in the rows before "
                     f"it, as a Cox partial likelihood's risk sets do), so each row depends on the rows before it in "
                     f"the batch (in a pipeline: in its micro-batch only)")
-        if name in _ORDERS and _orders_rows(node, name, rows):
-            return (f"{_place(node)} orders the batch's rows ({name} along them: each row's value goes where the "
+        if name in ORDERS and orders_rows(node, name, rows):
+            return (f"{place(node)} orders the batch's rows ({name} along them: each row's value goes where the "
                     f"other rows' values put it, as a sliced Wasserstein distance's sorted projections or hard "
                     f"examples mined with topk over the batch are), so what each row meets depends on the whole batch "
                     f"(in a pipeline: on its micro-batch only)")
@@ -269,65 +229,65 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if isinstance(source, fx.Node) and source.op == "call_function" \
                 and not isinstance(source.meta.get("val"), torch.Tensor):
             # a part of an op's tuple (var_mean's mean, median(0)'s values): that op, of the op's own inputs
-            name = _op_name(source)
+            name = op_name(source)
             inputs = [arg for arg in source.all_input_nodes if isinstance(arg.meta.get("val"), torch.Tensor)]
         if name in _SOFTMAXES and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
-                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows):
-            return (f"{_place(node)} normalizes along the batch's rows ({name} over them: each row's weight depends "
+                and isinstance(node.args[1], int) and rows_at(node.args[0], node.args[1], rows):
+            return (f"{place(node)} normalizes along the batch's rows ({name} over them: each row's weight depends "
                     f"on every other row's), so each row depends on the whole batch (in a pipeline: on its "
                     f"micro-batch only)")
         if name == "batch_norm" and len(node.args) > 5 and node.args[5] is True and node.args[3] is None \
                 and not _in_batch_norm_module(node) and isinstance(node.args[0], fx.Node) \
-                and _rows_at(node.args[0], 0, rows):
-            return (f"{_place(node)} normalizes by the batch's statistics in training (F.batch_norm without running "
+                and rows_at(node.args[0], 0, rows):
+            return (f"{place(node)} normalizes by the batch's statistics in training (F.batch_norm without running "
                     f"statistics), so each row depends on the whole batch (in a pipeline: on its micro-batch only)")
         if name in _SCANS and isinstance(node.args[0], fx.Node) and len(node.args) > 1 \
-                and isinstance(node.args[1], int) and _rows_at(node.args[0], node.args[1], rows, counted=True):
+                and isinstance(node.args[1], int) and rows_at(node.args[0], node.args[1], rows, counted=True):
             ranked[node] = node
         elif any(arg in ranked for arg in inputs):
             count = ranked[next(arg for arg in inputs if arg in ranked)]
             if name in _COMPARISONS:
-                return (f"{_place(node)} compares each row's place among the batch's rows (a running count along "
-                        f"them, {_place(count)}: the tokens routed to an expert counted against its capacity, which "
+                return (f"{place(node)} compares each row's place among the batch's rows (a running count along "
+                        f"them, {place(count)}: the tokens routed to an expert counted against its capacity, which "
                         f"drops those past it), so which rows pass depends on the rows before them in the batch (in "
                         f"a pipeline: in their micro-batch only)")
             ranked[node] = count
         if name in _ATTENTION and len(node.args) >= 2:
-            if any(_rows_at(arg, -2, rows) for arg in node.args[:2] if isinstance(arg, fx.Node)):
-                return (f"{_place(node)} attends along the batch's rows (a sequence whose positions are the rows: "
+            if any(rows_at(arg, -2, rows) for arg in node.args[:2] if isinstance(arg, fx.Node)):
+                return (f"{place(node)} attends along the batch's rows (a sequence whose positions are the rows: "
                         f"a time-major batch, (T, B), given to torch's batch_first=False layers? The pipeline "
                         f"splits every batch along dim 0, so micro-batches would cut the sequences in time: give "
                         f"batches with their rows first and build the layers with batch_first=True)")
         if name in _RECURRENCES and _along_time(node, lambda size: isinstance(size, torch.SymInt)
                                                 and size.node.expr in rows):
-            return _RECURRENCE.format(place=_place(node))
+            return _RECURRENCE.format(place=place(node))
         if _windows_rows(node, name, lambda size: isinstance(size, torch.SymInt) and size.node.expr in rows):
             return _windows(node, name)
-        if name == "slice" and _shifts_rows(node, rows) or name == "diff" and isinstance(node.args[0], fx.Node) \
-                and _rows_at(node.args[0], node.args[2] if len(node.args) > 2 else -1, rows):
-            return (f"{_place(node)} takes the batch's rows shifted (z[1:] - z[:-1], torch.diff along them: each row "
+        if name == "slice" and shifts_rows(node, rows) or name == "diff" and isinstance(node.args[0], fx.Node) \
+                and rows_at(node.args[0], node.args[2] if len(node.args) > 2 else -1, rows):
+            return (f"{place(node)} takes the batch's rows shifted (z[1:] - z[:-1], torch.diff along them: each row "
                     f"meets its neighbour), so which rows meet depends on the whole batch (in a pipeline: on its "
                     f"micro-batch only, and the rows at a micro-batch's edge meet none)")
-        made = _partner_index(node, name, rows, ranges, partners)
+        made = partner_index(node, name, rows, ranges, partners)
         if made is not None:
             partners[node] = made
-        elif name == "arange" and any(_counts_rows(arg, rows) for arg in node.args[:2]):
+        elif name == "arange" and any(counts_rows(arg, rows) for arg in node.args[:2]):
             ranges[node] = False
         elif inputs and any(arg in ranges for arg in inputs) and not value.is_floating_point():
             ranges[node] = any(ranges.get(arg, False) for arg in inputs) or (
                 name in ("add", "sub") and any(isinstance(arg, int) and arg != 0 for arg in node.args[1:2]))
-        picked = _picked_by(node, name, rows, partners)
+        picked = picked_by(node, name, rows, partners)
         if picked is not None:
-            return (f"{_place(node)} picks other rows of the batch by an index ({_place(picked)}: each row meets "
+            return (f"{place(node)} picks other rows of the batch by an index ({place(picked)}: each row meets "
                     f"the row the index names, as manifold mixup's or MixStyle's permutation of the batch does), so "
                     f"which rows meet depends on the whole batch (in a pipeline: each row meets rows of its "
                     f"micro-batch only)")
-        if _reordered_parts(node, name, rows):
-            return (f"{_place(node)} puts parts of a value cut along the batch's rows (chunk, split) together in "
+        if reordered_parts(node, name, rows):
+            return (f"{place(node)} puts parts of a value cut along the batch's rows (chunk, split) together in "
                     f"another order, or one part with another (each row meets a row of another part of the batch), "
                     f"so which rows meet depends on the whole batch (in a pipeline: on its micro-batch only)")
-        if name in ("roll", "flip") and _moves_rows(node, rows):
-            return (f"{_place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
+        if name in ("roll", "flip") and moves_rows(node, rows):
+            return (f"{place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "
                     f"as in-batch negatives taken from the next row do), so which rows meet depends on the whole "
                     f"batch (in a pipeline: on its micro-batch only)")
         if name in _SHAPE_ONLY or "batch_norm" in name:
@@ -335,27 +295,27 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         if inputs and all(arg in counted or not (arg.meta["val"].is_floating_point() or arg.meta["val"].is_complex())
                           for arg in inputs):
             counted.add(node)
-        if name in _EXTREMES and not _has_rows(value, rows) and any(_has_rows(arg.meta["val"], rows)
-                                                                    for arg in inputs):
+        if name in _EXTREMES and not has_rows(value, rows) and any(has_rows(arg.meta["val"], rows)
+                                                                   for arg in inputs):
             shifts.add(node)  # an extreme over the rows: a shift (exp(z - z.max())) cancels, a scale does not
             continue
         carried = [arg for arg in read if arg in statistics]
         shifted = [arg for arg in read if arg in shifts]
-        if _has_rows(value, rows):
+        if has_rows(value, rows):
             if carried or shifted and not (name in ("sub", "add", "rsub")
                                            and (_normalized(node) or _added_back(node, shifts))):
                 kind = "a statistic" if carried else "an extreme"
-                return (f"{_place(node)} brings {kind} over the batch's rows ({_place((carried or shifted)[0])}) back "
+                return (f"{place(node)} brings {kind} over the batch's rows ({place((carried or shifted)[0])}) back "
                         f"into its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch "
                         f"only)")
         elif (value.is_floating_point() or value.is_complex()) and (
-                carried or any(_has_rows(arg.meta["val"], rows) for arg in inputs)):
+                carried or any(has_rows(arg.meta["val"], rows) for arg in inputs)):
             statistics.add(node)
             if name == "reciprocal":  # a divisor: a sum times it is a mean, not a product of two statistics
                 divisors.add(node)
             carried = [arg for arg in carried if arg not in divisors]
             if name in _PRODUCTS and len(carried) >= 2 and not all(arg in counted for arg in carried):
-                return (f"{_place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
+                return (f"{place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
                         f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
                         f"router probability), so the batch's value is not the mean of its micro-batches' values")
         elif shifted:
@@ -363,133 +323,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
     return None
 
 
-def _counts_rows(arg: Any, rows: set[Any]) -> bool:
-    """Whether ``arg`` is a node giving a number of the batch's rows (``h.shape[0]``)."""
-    return isinstance(arg, fx.Node) and _is_rows(arg.meta.get("val"), rows)
-
-
-def _partner_index(node: fx.Node, name: str, rows: set[Any], ranges: dict[fx.Node, bool],
-                   partners: dict[fx.Node, fx.Node]) -> fx.Node | None:
-    """Where ``node`` is an integer index of other rows than each row's own: a permutation of the rows or a draw
-    among them (``randperm(B)``, ``randint(0, B, (B,))``), a count of the rows shifted round (``(arange(B) + k) %
-    B``; not ``arange(3 * B) % B``, each row's own), rolled, flipped or paired (``arange(B) ^ 1``), or integers
-    computed from such an index; None otherwise."""
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
-        return None
-    if name == "randperm" and node.args and _counts_rows(node.args[0], rows):
-        return node
-    if name == "randint" and any(_counts_rows(arg, rows) for arg in node.args[:2]):
-        return node
-    source = node.args[0] if node.args else None
-    if name in ("remainder", "fmod") and ranges.get(source) and len(node.args) > 1 \
-            and _counts_rows(node.args[1], rows):
-        return node
-    if name in ("roll", "flip", "bitwise_xor", "__xor__") and source in ranges:
-        return node
-    return next((partners[arg] for arg in node.all_input_nodes if arg in partners), None)
-
-
-def _picked_by(node: fx.Node, name: str, rows: set[Any], partners: dict[fx.Node, fx.Node]) -> fx.Node | None:
-    """The index of other rows (:func:`_partner_index`) with which ``node`` picks rows of a value along the batch's
-    rows (``h[index]``, ``index_select(h, 0, index)``, ``gather`` along them), if any."""
-    source = node.args[0] if node.args else None
-    if name in ("index_copy", "index_add") and len(node.args) > 3:  # (rows written at the index's places)
-        source = node.args[3]
-    elif name == "index_put" and len(node.args) > 2:
-        source = node.args[2]
-    if not isinstance(source, fx.Node) or not _rows_at(source, 0, rows):
-        return None
-    if name in ("index", "index_put") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) \
-            and node.args[1]:
-        index = node.args[1][0]
-    elif name in ("index_select", "gather", "index_copy", "index_add") and len(node.args) > 2 \
-            and _dim(node.args[1], node.args[0]) == 0:
-        index = node.args[2]
-    elif name == "embedding" and len(node.args) > 1:  # F.embedding(index, h): h's rows looked up
-        index = node.args[1]
-    else:
-        return None
-    return partners.get(index) if isinstance(index, fx.Node) else None
-
-
-def _reordered_parts(node: fx.Node, name: str, rows: set[Any]) -> bool:
-    """Whether ``node`` puts parts of a value cut along the batch's rows (``chunk``, ``split`` along them) back in
-    another order (``torch.cat([b, a])`` of ``a, b = h.chunk(2)``), or combines two parts of it with each other (each
-    row of one half meets a row of the other)."""
-    if name == "cat":
-        parts = node.args[0] if node.args else ()
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if not isinstance(parts, (list, tuple)) or not parts or _dim(dim, parts[0]) != 0:
-            return False
-        places = [_part_of(part, rows) for part in parts]
-        sources = {place[0] for place in places if place is not None}
-        return len(sources) == 1 and None not in places and [place[1] for place in places] != sorted(
-            place[1] for place in places)
-    if name in _ELEMENTWISE:
-        places = [_part_of(arg, rows) for arg in node.args[:2]]
-        return all(places) and places[0][0] is places[1][0] and places[0][1] != places[1][1]
-    return False
-
-
-_ELEMENTWISE = {"add", "sub", "mul", "div", "maximum", "minimum", "rsub"}
-
-
-def _part_of(node: Any, rows: set[Any]) -> tuple[fx.Node, int] | None:
-    """``(value, number)`` where ``node`` is part ``number`` of a value cut along its batch's rows (``chunk``,
-    ``split`` along dim 0); else None."""
-    if not isinstance(node, fx.Node) or node.target is not operator.getitem or len(node.args) < 2:
-        return None
-    cut, number = node.args[0], node.args[1]
-    if not isinstance(cut, fx.Node) or cut.op != "call_function" or not isinstance(number, int):
-        return None
-    if _op_name(cut) not in ("chunk", "split", "split_with_sizes", "tensor_split"):
-        return None
-    dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
-    source = cut.args[0] if cut.args else None
-    return (source, number) if _dim(dim, source) == 0 and isinstance(source, fx.Node) \
-        and _rows_at(source, 0, rows) else None
-
-
-def _dim(dim: Any, of: Any) -> int | None:
-    """``dim`` of the value of node ``of`` as a number from 0 (``-2`` of a matrix: 0); None where not known."""
-    value = of.meta.get("val") if isinstance(of, fx.Node) else None
-    if not isinstance(dim, int) or not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return None
-    return dim % value.dim()
-
-
 def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
     """The arguments of ``node`` whose dtype and device alone it reads (``table.to(h)``, ``table.type_as(h)``)."""
     if name in ("to", "type_as") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
         return (node.args[1],)
     return ()
-
-
-_ORDERS = {"sort": 1, "argsort": 1, "msort": None, "topk": 2, "kthvalue": 2}
-"""Ops that order values along a dim, and the index of that dim among their arguments (None: always dim 0)."""
-
-
-def _orders_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
-    """Whether ``node`` (a sort, topk or kthvalue: :data:`_ORDERS`) orders floating values along the batch's rows and
-    its ordered values are read (not only the order: tokens grouped by expert with argsort and put back, rows sorted
-    by length and unsorted, leave each row its own)."""
-    source = node.args[0] if node.args else None
-    value = source.meta.get("val") if isinstance(source, fx.Node) else None
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return False
-    if not any(user.target is operator.getitem and len(user.args) > 1 and user.args[1] == 0 for user in node.users):
-        return False
-    index = _ORDERS[name]
-    if index is None:
-        dim = 0
-    elif len(node.args) > index and isinstance(node.args[index], int):
-        dim = node.args[index]
-    elif isinstance(node.kwargs.get("dim"), int):
-        dim = node.kwargs["dim"]
-    else:
-        dim = -1
-    return _rows_at(source, dim, rows)
 
 
 _SOFTMAXES = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}  # (input, dim, ...)
@@ -512,7 +350,7 @@ _NORMALIZING = _SOFTMAXES | {"exp", "logsumexp"}  # where a shift by an extreme 
 def _normalized(node: fx.Node) -> bool:
     """Whether every use of ``node`` (a value shifted by an extreme) exponentiates or normalizes it, where the shift
     cancels (a softmax made stable by the batch's maximum)."""
-    return bool(node.users) and all(user.op == "call_function" and _op_name(user) in _NORMALIZING
+    return bool(node.users) and all(user.op == "call_function" and op_name(user) in _NORMALIZING
                                     for user in node.users)
 
 
@@ -524,14 +362,14 @@ def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
     """Whether ``node`` adds an extreme ``m`` back to ``log(sum(exp(x - m)))``: a logsumexp written by hand with the
     batch's maximum for stability, where the shift cancels (``m`` itself, or a view of it, on both sides; a mean for
     the sum, an epsilon added inside the log)."""
-    if _op_name(node) != "add":
+    if op_name(node) != "add":
         return False
     added = [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and arg in shifts]
     others = [arg for arg in node.args[:2] if isinstance(arg, fx.Node) and arg not in shifts]
     if len(added) != 1 or len(others) != 1:
         return False
     root, logged = _extreme_of(added[0]), others[0]
-    if logged.op != "call_function" or _op_name(logged) != "log":
+    if logged.op != "call_function" or op_name(logged) != "log":
         return False
     seen, frontier = set(), [logged]
     while frontier:  # back through the log, the sum and the exp, to the subtraction of the same extreme
@@ -539,9 +377,9 @@ def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
         if value in seen or value.op != "call_function":
             continue
         seen.add(value)
-        name = _op_name(value)
+        name = op_name(value)
         if name == "sub" and value.args and any(
-                user.op == "call_function" and _op_name(user) == "exp" for user in value.users) \
+                user.op == "call_function" and op_name(user) == "exp" for user in value.users) \
                 and isinstance(value.args[1], fx.Node) and value.args[1] in shifts \
                 and _extreme_of(value.args[1]) is root:
             return True
@@ -552,7 +390,7 @@ def _added_back(node: fx.Node, shifts: set[fx.Node]) -> bool:
 
 def _extreme_of(node: fx.Node) -> fx.Node:
     """The extreme a shift was made from through views and detaches (``m.detach().unsqueeze(-1)``: ``m``)."""
-    while node.op == "call_function" and (_op_name(node) in _VIEWS or _op_name(node) == "detach") \
+    while node.op == "call_function" and (op_name(node) in _VIEWS or op_name(node) == "detach") \
             and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
@@ -573,53 +411,8 @@ def _along_time(node: fx.Node, is_rows: Any) -> bool:
     return bool(is_rows(value.shape[1 if batch_first else 0]))
 
 
-def _moves_rows(node: fx.Node, rows: set[Any]) -> bool:
-    """Whether a ``roll`` or ``flip`` moves values along the batch's rows (a roll without dims: the whole tensor's)."""
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
-        return False
-    index = 2 if _op_name(node) == "roll" else 1
-    dims = node.args[index] if len(node.args) > index else node.kwargs.get("dims")
-    dims = [dims] if isinstance(dims, int) else list(dims or ())
-    if not dims:
-        return _op_name(node) == "roll" and _has_rows(source.meta["val"], rows)
-    return any(_rows_at(source, dim, rows) for dim in dims)
-
-
-def _shifts_rows(node: fx.Node, rows: set[Any]) -> bool:
-    """Whether a ``slice`` along the batch's rows keeps all but some of them (``z[1:]``, ``z[:-1]``: a size of the rows
-    and a number apart), not a share of a batch put together from several (``torch.cat([a, b])[:rows]``)."""
-    source, value = (node.args[0] if node.args else None), node.meta.get("val")
-    dim = node.args[1] if len(node.args) > 1 else 0
-    if not isinstance(source, fx.Node) or not isinstance(dim, int) or not isinstance(value, torch.Tensor) \
-            or not _rows_at(source, dim, rows, counted=True) or not value.dim() > max(dim, -dim - 1):
-        return False
-    size = value.shape[dim]
-    if not isinstance(size, torch.SymInt) or not (size.node.expr.free_symbols & rows):
-        return False
-    constant, _ = size.node.expr.as_coeff_add()
-    return constant != 0
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    packet = getattr(target, "_overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
-
-
-def _is_rows(size: Any, rows: set[Any]) -> bool:
-    """Whether a size counts the batch's rows: holds a rows symbol, or a data-dependent (unbacked) one."""
-    if not isinstance(size, torch.SymInt):
-        return False
-    return any(symbol in rows or str(symbol).startswith("u") for symbol in size.node.expr.free_symbols)
-
-
-def _has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
-    return any(_is_rows(size, rows) for size in value.shape)
-
-
 def _windows(node: fx.Node, name: str) -> str:
-    return (f"{_place(node)} {'convolves' if name in _CONVOLUTIONS else 'pools'} along the batch's rows (a time-major "
+    return (f"{place(node)} {'convolves' if name in _CONVOLUTIONS else 'pools'} along the batch's rows (a time-major "
             f"batch, (T, B, ...), whose time the model moves to a convolution's length: the pipeline splits every "
             f"batch along dim 0, so micro-batches would cut the sequences in time and each window at a cut sees "
             f"padding for the rows of the next micro-batch: give batches with their rows first)")
@@ -647,17 +440,3 @@ def _windows_rows(node: fx.Node, name: str, counts_rows: Callable[[Any], bool]) 
     return any(counts_rows(value.shape[dim]) and width != 1 for dim, width in zip(range(-len(kernel), 0), kernel))
 
 
-def _rows_at(node: fx.Node, dim: int, rows: set[Any], counted: bool = False) -> bool:
-    """Whether ``node``'s value has the batch's rows along ``dim``: a rows symbol; with ``counted``, any size that
-    counts them (rows times tokens, once flattened)."""
-    value = node.meta.get("val")
-    if not (isinstance(value, torch.Tensor) and value.dim() > max(dim, -dim - 1)):
-        return False
-    size = value.shape[dim]
-    return _is_rows(size, rows) if counted else isinstance(size, torch.SymInt) and size.node.expr in rows
-
-
-def _place(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    module = next(reversed(stack.values()))[0] if stack else ""
-    return f"{_op_name(node)} in " + (f"module {module!r}" if module else "the model's own forward")

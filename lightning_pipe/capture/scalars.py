@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
-from .coupling import row_dims
+from .graph_rows import row_dims
 
 __all__ = ["scalar_kinds", "output_kinds", "output_dims", "output_markers", "user_outputs", "MEAN", "SUM", "OTHER",
            "ALIKE", "SELECTED"]
@@ -75,7 +75,7 @@ def output_kinds(program: ExportedProgram, rows: set[Any],
                  fixed: frozenset[int] = frozenset()) -> list[str | int | None]:
     """How the micro-batches' values of each user output of ``program`` make the whole batch's: a single number's
     kind (:func:`scalar_kinds`), a tensor's dim of the batch's rows (``rows``, the symbols counting them:
-    :func:`~.coupling.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
+    :func:`~.graph_rows.row_dims`; an RNN's last hidden state has them along dim 1), a tensor's kind where it has no
     dim of rows but was reduced over them (an MoE's tokens per expert, ``one_hot(choice).sum(0)``: a sum, element by
     element), :data:`ALIKE` for one that reads none of the model's inputs (a function of the weights: a learned
     temperature), None where none is known."""

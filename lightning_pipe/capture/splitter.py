@@ -16,11 +16,12 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from .assignments import Read
 from .batchnorm import defer_batch_norms
 from .cache import Capture, CaptureCache, modes_of
-from .coupling import example_rows, rows_meet, rows_symbols
+from .coupling import rows_meet
 from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward, register_dataclass
 from .graph import Recompute, chained_lists, lay_out
+from .graph_rows import example_rows, rows_symbols
 from .losses import counted_means, mean_losses
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of

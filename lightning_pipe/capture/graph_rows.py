@@ -1,0 +1,104 @@
+"""The batch's rows in a captured graph: the symbols that count them, where a value has them, and how an op is named
+and placed when a check describes it (:mod:`.coupling`, :mod:`.row_moves`, :mod:`.scalars`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .patterns import fixed_size
+
+__all__ = ["first_sizes", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows", "dim_of",
+           "op_name", "is_rows", "has_rows", "rows_at", "place"]
+
+
+def first_sizes(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
+    """Each tensor input's size along dim 0 (the dim every batch is split along)."""
+    return [value.shape[0] for node in user_inputs
+            if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
+
+
+def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
+    """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
+    along dim 0; None without one."""
+    firsts = first_sizes(user_inputs)
+    return int(example_size(firsts[0])) if firsts else None
+
+
+def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
+    """The symbols that count the batch's rows: the tensor inputs' dim 0 (each is split along it) where it stayed
+    symbolic and has the first input's example size (export gives inputs their own symbols, CLIP's texts and images
+    two; a position tensor or a mask of the sequence's size is left out)."""
+    firsts = first_sizes(user_inputs)
+    if not firsts:
+        return set()
+    example = example_size(firsts[0])
+    return {size.node.expr for size in firsts if fixed_size(size) is None and example_size(size) == example}
+
+
+def row_dims(outputs: Sequence[Any], rows: set[Any]) -> list[int | None]:
+    """For each of a graph's ``outputs`` (its output node's arguments), the one dim along which it has the batch's
+    rows (``rows``: :func:`rows_symbols`): 0 for most, 1 for an RNN's last hidden state ``(layers, rows, size)``;
+    None for a value without them, with them along several dims, or not a tensor."""
+    dims: list[int | None] = []
+    for node in outputs:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        found = [dim for dim, size in enumerate(value.shape) if isinstance(size, torch.SymInt)
+                 and size.node.expr in rows] if isinstance(value, torch.Tensor) else []
+        dims.append(found[0] if len(found) == 1 else None)
+    return dims
+
+
+def example_size(size: int | torch.SymInt) -> object:
+    """The example's value of a size, read without a guard."""
+    fixed = fixed_size(size)
+    return fixed if fixed is not None else size.node.hint
+
+
+def counts_rows(arg: Any, rows: set[Any]) -> bool:
+    """Whether ``arg`` is a node giving a number of the batch's rows (``h.shape[0]``)."""
+    return isinstance(arg, fx.Node) and is_rows(arg.meta.get("val"), rows)
+
+
+def dim_of(dim: Any, of: Any) -> int | None:
+    """``dim`` of the value of node ``of`` as a number from 0 (``-2`` of a matrix: 0); None where not known."""
+    value = of.meta.get("val") if isinstance(of, fx.Node) else None
+    if not isinstance(dim, int) or not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    return dim % value.dim()
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+def is_rows(size: Any, rows: set[Any]) -> bool:
+    """Whether a size counts the batch's rows: holds a rows symbol, or a data-dependent (unbacked) one."""
+    if not isinstance(size, torch.SymInt):
+        return False
+    return any(symbol in rows or str(symbol).startswith("u") for symbol in size.node.expr.free_symbols)
+
+
+def has_rows(value: torch.Tensor, rows: set[Any]) -> bool:
+    return any(is_rows(size, rows) for size in value.shape)
+
+
+def rows_at(node: fx.Node, dim: int, rows: set[Any], counted: bool = False) -> bool:
+    """Whether ``node``'s value has the batch's rows along ``dim``: a rows symbol; with ``counted``, any size that
+    counts them (rows times tokens, once flattened)."""
+    value = node.meta.get("val")
+    if not (isinstance(value, torch.Tensor) and value.dim() > max(dim, -dim - 1)):
+        return False
+    size = value.shape[dim]
+    return is_rows(size, rows) if counted else isinstance(size, torch.SymInt) and size.node.expr in rows
+
+
+def place(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = next(reversed(stack.values()))[0] if stack else ""
+    return f"{op_name(node)} in " + (f"module {module!r}" if module else "the model's own forward")
