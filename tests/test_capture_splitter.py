@@ -829,7 +829,8 @@ class _Partnered(nn.Module):
     manifold mixup (``h[randperm(B)]``, ``index_select``, ``F.embedding``, ``index_copy``), a fixed partner
     (``(arange(B) + 1) % B``), MixStyle's statistics of a permuted batch, a partner drawn with ``randint``, the batch's
     halves swapped; and picks that keep each row to itself (a label's
-    logit, ``h[arange(B), y]``; the last token, ``h[arange(B), lengths]``)."""
+    logit, ``h[arange(B), y]``; the last token, ``h[arange(B), lengths]``). Halves cut by slicing too (found by review).
+    """
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -856,6 +857,10 @@ class _Partnered(nn.Module):
         elif self.kind == "halves":  # the batch's halves swapped
             first, second = h.chunk(2)
             h = h + torch.cat([second, first])
+        elif self.kind == "sliced_halves":  # the same, cut by slicing
+            h = h + torch.cat([h[count // 2:], h[:count // 2]])
+        elif self.kind == "own_slices":  # the rows in order, cut and put back (and all of them sliced)
+            h = torch.cat([h[:count // 2], h[count // 2:]]) + h[:count]
         elif self.kind == "pairs":  # neighbours paired
             h = h + h[torch.arange(count) ^ 1]
         elif self.kind == "index_put":
@@ -873,7 +878,7 @@ class _Partnered(nn.Module):
 
 @pytest.mark.parametrize("kind", ["randperm", "index_select", "cyclic", "mixstyle", "randint", "embedding",
                                   "index_copy", "halves", "pairs", "index_put", "negative_dim", "own_label",
-                                  "own_token", "own_modulo"])
+                                  "own_token", "own_modulo", "sliced_halves", "own_slices"])
 def test_rows_picked_by_an_index_of_other_rows_are_found(kind: str) -> None:
     splitter = Splitter(_Partnered(kind))
     splitter.capture((torch.randn(6, 4),))
@@ -882,6 +887,29 @@ def test_rows_picked_by_an_index_of_other_rows_are_found(kind: str) -> None:
         assert found is None, found
     else:
         assert found is not None and ("picks other rows of the batch" in found or "another order" in found), found
+
+
+class _HalvesCompared(nn.Module):
+    """Two views of each row given as the batch's halves, each half's rows compared with the other's (SimCLR's
+    similarity of two views, ``a @ b.T``): a ``(rows / 2, rows / 2)`` value, cut by ``chunk`` or by slicing."""
+
+    def __init__(self, sliced: bool) -> None:
+        super().__init__()
+        self.first, self.sliced = nn.Linear(4, 6), sliced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        half = h.shape[0] // 2
+        a, b = (h[:half], h[half:]) if self.sliced else h.chunk(2)
+        return a @ b.T
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_the_halves_of_a_batch_compared_row_by_row_are_found(sliced: bool) -> None:
+    splitter = Splitter(_HalvesCompared(sliced))
+    splitter.capture((torch.randn(6, 4),))
+    found = splitter.captures[0].rows_meet
+    assert found is not None and "(part of the rows, part of the rows)" in found, found
 
 
 def test_recompute_everything_input_only_gives_the_same_gradients() -> None:

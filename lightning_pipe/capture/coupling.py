@@ -29,7 +29,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_rows import counts_rows, example_size, first_sizes, has_rows, op_name, place, rows_at, rows_symbols
+from .graph_rows import (
+    counts_rows, example_size, first_sizes, has_rows, op_name, part_of_rows, place, rows_at, rows_symbols,
+)
 from .patterns import fixed_size
 from .row_moves import ORDERS, moves_rows, orders_rows, partner_index, picked_by, reordered_parts, shifts_rows
 
@@ -57,9 +59,9 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
         value = node.meta.get("val")
         if node.op != "call_function" or not isinstance(value, torch.Tensor):
             continue
-        if sum(isinstance(size, torch.SymInt) and size.node.expr in rows for size in value.shape) >= 2:
-            shape = ", ".join("rows" if isinstance(s, torch.SymInt) and s.node.expr in rows else str(s)
-                              for s in value.shape)
+        if sum(isinstance(size, torch.SymInt) and size.node.expr in rows or part_of_rows(size, rows)
+               for size in value.shape) >= 2:
+            shape = ", ".join(_rows_named(size, rows) for size in value.shape)
             return (f"{place(node)} makes a ({shape}) value. If the rows of a batch meet there (each row's "
                     f"similarity with every other, as a contrastive loss takes it)")
     scaled = next((node for node in nodes if training and _scales_by_frequency(node, rows)), None) if rows else None
@@ -88,6 +90,13 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
             f"range(x.shape[0]): a recurrence over a time-major batch's time steps, which micro-batches cut), or an "
             f"expert capacity computed from the tokens (int(capacity_factor * tokens / experts)) does (each "
             f"micro-batch size is captured anew)")
+
+
+def _rows_named(size: Any, rows: set[Any]) -> str:
+    """A size for a message: "rows" for the batch's rows, "part of the rows" for a number of them fewer."""
+    if isinstance(size, torch.SymInt) and size.node.expr in rows:
+        return "rows"
+    return "part of the rows" if part_of_rows(size, rows) else str(size)
 
 
 def _inlined(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -283,8 +292,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
                     f"which rows meet depends on the whole batch (in a pipeline: each row meets rows of its "
                     f"micro-batch only)")
         if reordered_parts(node, name, rows):
-            return (f"{place(node)} puts parts of a value cut along the batch's rows (chunk, split) together in "
-                    f"another order, or one part with another (each row meets a row of another part of the batch), "
+            return (f"{place(node)} puts parts of a value cut along the batch's rows (chunk, split, slices) together "
+                    f"in another order, or one part with another (each row meets a row of another part of the batch), "
                     f"so which rows meet depends on the whole batch (in a pipeline: on its micro-batch only)")
         if name in ("roll", "flip") and moves_rows(node, rows):
             return (f"{place(node)} moves the batch's rows ({name} along them: each row meets another row's values, "

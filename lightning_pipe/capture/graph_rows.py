@@ -12,7 +12,7 @@ import torch.fx as fx
 from .patterns import fixed_size
 
 __all__ = ["first_sizes", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows", "dim_of",
-           "op_name", "is_rows", "has_rows", "rows_at", "place"]
+           "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
 
 
 def first_sizes(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
@@ -82,6 +82,19 @@ def is_rows(size: Any, rows: set[Any]) -> bool:
     if not isinstance(size, torch.SymInt):
         return False
     return any(symbol in rows or str(symbol).startswith("u") for symbol in size.node.expr.free_symbols)
+
+
+def part_of_rows(size: Any, rows: set[Any]) -> bool:
+    """Whether a size is a number computed from the batch's rows (not unbacked) and, in the capture's example, fewer
+    than them: a part of them (``B // 2``, ``B - 1``; not ``B``, nor ``B * T`` tokens)."""
+    if not isinstance(size, torch.SymInt) or size.node.expr in rows:
+        return False
+    counted = size.node.expr.free_symbols & rows
+    env = size.node.shape_env
+    values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # (renamed in torch 2.13)
+    examples = [values.get(symbol) for symbol in counted]
+    return bool(counted) and size.node.hint is not None and all(example is not None for example in examples) \
+        and int(size.node.hint) < min(int(example) for example in examples)
 
 
 def has_rows(value: torch.Tensor, rows: set[Any]) -> bool:

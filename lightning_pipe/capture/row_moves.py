@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .graph_rows import counts_rows, dim_of, has_rows, op_name, rows_at
+from .graph_rows import counts_rows, dim_of, has_rows, op_name, part_of_rows, rows_at
 
 __all__ = ["partner_index", "picked_by", "reordered_parts", "ORDERS", "orders_rows", "moves_rows", "shifts_rows"]
 
@@ -62,9 +62,9 @@ def picked_by(node: fx.Node, name: str, rows: set[Any], partners: dict[fx.Node, 
 
 
 def reordered_parts(node: fx.Node, name: str, rows: set[Any]) -> bool:
-    """Whether ``node`` puts parts of a value cut along the batch's rows (``chunk``, ``split`` along them) back in
-    another order (``torch.cat([b, a])`` of ``a, b = h.chunk(2)``), or combines two parts of it with each other (each
-    row of one half meets a row of the other)."""
+    """Whether ``node`` puts parts of a value cut along the batch's rows (``chunk``, ``split`` or slices along them)
+    back in another order (``torch.cat([b, a])`` of ``a, b = h.chunk(2)``, ``torch.cat([h[B // 2:], h[:B // 2]])``),
+    or combines two parts of it with each other (each row of one half meets a row of the other)."""
     if name == "cat":
         parts = node.args[0] if node.args else ()
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -83,9 +83,30 @@ def reordered_parts(node: fx.Node, name: str, rows: set[Any]) -> bool:
 _ELEMENTWISE = {"add", "sub", "mul", "div", "maximum", "minimum", "rsub"}
 
 
+def _slice_of(node: fx.Node, rows: set[Any]) -> tuple[fx.Node, int] | None:
+    """``(value, first row)`` where the ``slice`` ``node`` keeps a part of its value's rows along dim 0, as many as
+    some number of the rows smaller than them (``h[:B // 2]``; not ``h[:B]``, all of them), the first row as in the
+    capture's example; else None."""
+    source, value = (node.args[0] if node.args else None), node.meta.get("val")
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if not isinstance(source, fx.Node) or dim_of(dim, source) != 0 or not rows_at(source, 0, rows) \
+            or not isinstance(value, torch.Tensor) or not part_of_rows(value.shape[0], rows):
+        return None
+    start = node.args[2] if len(node.args) > 2 else 0
+    if isinstance(start, fx.Node):
+        start = start.meta.get("val")
+    first = start.node.hint if isinstance(start, torch.SymInt) else start if isinstance(start, int) else 0
+    if not isinstance(first, int):
+        return None
+    return source, first + int(source.meta["val"].shape[0].node.hint) if first < 0 else first
+
+
 def _part_of(node: Any, rows: set[Any]) -> tuple[fx.Node, int] | None:
-    """``(value, number)`` where ``node`` is part ``number`` of a value cut along its batch's rows (``chunk``,
-    ``split`` along dim 0); else None."""
+    """``(value, place)`` where ``node`` is a part of a value cut along its batch's rows, ``place`` its order among
+    the parts: part ``place`` of a ``chunk`` or ``split`` along dim 0, or a slice along dim 0 whose size is a part of
+    the rows (``h[B // 2:]``), starting at row ``place`` of the example; else None."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and op_name(node) == "slice":
+        return _slice_of(node, rows)
     if not isinstance(node, fx.Node) or node.target is not operator.getitem or len(node.args) < 2:
         return None
     cut, number = node.args[0], node.args[1]
