@@ -265,8 +265,8 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path) -> None:
 
 def _failures(rank: int, world_size: int) -> tuple[list[str], dict[str, torch.Tensor]]:
     import lightning_pipe  # noqa: F401
-    from tests.lightning_models import (IteratorStep, NoSequence, OutsideHead, OutsideParameters, Regressor, TiedLM,
-                                        TwoSequences, regression_data, token_data)
+    from tests.lightning_models import (IteratorStep, NoSequence, OutsideHead, OutsideParameters, Regressor,
+                                        SharpnessAwareHook, TiedLM, TwoSequences, regression_data, token_data)
 
     attempts = [  # errors found while setting up come first: they leave nothing in flight between the ranks
         (NoSequence, "pipedream", regression_data),
@@ -276,6 +276,7 @@ def _failures(rank: int, world_size: int) -> tuple[list[str], dict[str, torch.Te
         (lambda: TiedLM(optimizer="mismatch"), "pipedream", token_data),
         (lambda: Regressor(optimizer="lbfgs"), "pipedream", regression_data),
         (lambda: Regressor(optimizer="sam"), "pipedream", regression_data),
+        (SharpnessAwareHook, "pipedream", regression_data),
         (lambda: Regressor(optimizer="two"), "pipedream", regression_data),
         (IteratorStep, "pipedream", regression_data),
         # naming the nn.Sequential keeps the no-tracing path: a head after it trains as the step's parameters (every
@@ -307,6 +308,7 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
         "give the tied parameter the same optimizer and settings on every rank",
         "torch.optim.LBFGS computes its search direction",
         "SharpnessAware's step runs the training step's closure a second time",
+        "The module's optimizer_step runs the training step's closure a second time",
         "Under PipelineStrategy manual optimization is not supported either",
         "IteratorStep.training_step takes dataloader_iter",
         "no error",  # a head after the sequence: trains (below)

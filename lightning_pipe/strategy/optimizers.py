@@ -135,15 +135,26 @@ _WHOLE_SET_OPTIMIZERS = frozenset({"AdamS", "Adai", "AdaiV2"})
 
 
 def whole_set_warning(optimizers: Iterable[torch.optim.Optimizer]) -> str | None:
-    """What to tell a user whose optimizer's step reads all its parameters together (:data:`_WHOLE_SET_OPTIMIZERS`);
-    None for others."""
+    """What to tell a user whose optimizer's step reads all its parameters together: a mean over them
+    (:data:`_WHOLE_SET_OPTIMIZERS`), or their gradients' norm, by which it clips them (a group's ``max_grad_norm``:
+    timm's and apex's LAMB); None for others."""
+    optimizers = list(optimizers)
     kinds = sorted({type(optimizer).__name__ for optimizer in optimizers} & _WHOLE_SET_OPTIMIZERS)
-    if not kinds:
-        return None
-    return (f"{', '.join(kinds)} computes its step from a mean over all the parameters it holds (of exp_avg_sq), and "
-            f"under a pipeline each rank's optimizer holds its own stages' parameters only, so each stage steps by a "
-            f"mean of its own, not one device's. Use an optimizer that steps each parameter from its own gradient and "
-            f"state (SGD, Adam, AdamW), or train with it on one device or under DDP")
+    if kinds:
+        return (f"{', '.join(kinds)} computes its step from a mean over all the parameters it holds (of exp_avg_sq), "
+                f"and under a pipeline each rank's optimizer holds its own stages' parameters only, so each stage "
+                f"steps by a mean of its own, not one device's. Use an optimizer that steps each parameter from its "
+                f"own gradient and state (SGD, Adam, AdamW), or train with it on one device or under DDP")
+    clipping = sorted({f"{type(optimizer).__name__}(max_grad_norm={group['max_grad_norm']!r})"
+                       for optimizer in optimizers for group in optimizer.param_groups
+                       if isinstance(group.get("max_grad_norm"), (int, float)) and group["max_grad_norm"] > 0})
+    if clipping:
+        return (f"{', '.join(clipping)} clips the gradients by their norm over all the parameters it holds (as "
+                f"timm's and apex's LAMB do), and under a pipeline each rank's optimizer holds its own stages' "
+                f"parameters only, so each stage would clip by the norm of its own share, not one device's. Give it "
+                f"max_grad_norm=None (or 0) and clip with Trainer(gradient_clip_val=...), which the pipeline computes "
+                f"over every rank's gradients")
+    return None
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:

@@ -134,6 +134,9 @@ class PipelineSteps:
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         """Forward and backward of every micro-batch; the gradients wait in ``self._gradients`` for ``backward``."""
         trainer = self.lightning_module.trainer
+        self._steps_in_batch = self.__dict__.get("_steps_in_batch", 0) + 1
+        if self._steps_in_batch > 1:  # a LightningModule.optimizer_step of its own calling the closure again
+            raise ValueError(_second_closure_run("The module's optimizer_step"))
         seed = self._position.step_seed(trainer)
         self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
@@ -273,6 +276,7 @@ class PipelineSteps:
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._steps_in_batch = 0
         if batch_idx == 0:  # a training epoch's first batch: every rank is here, between steps
             self._make_hook_calls()
 
@@ -377,12 +381,17 @@ def _only_once(closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[],
     def once() -> Any:
         calls[0] += 1
         if calls[0] > 1:
-            raise ValueError(f"{type(optimizer).__name__}'s step runs the training step's closure a second time, as "
-                             f"sharpness-aware minimization (SAM: the gradients again at perturbed weights) or a line "
-                             f"search does, from quantities over all parameters' gradients together (their norm): "
-                             f"each rank of a pipeline holds only its stages' share, so its perturbation or search "
-                             f"would be another than one device's. Use an optimizer that steps once per closure, or "
-                             f"train with it on one device or under DDP")
+            raise ValueError(_second_closure_run(f"{type(optimizer).__name__}'s step"))
         return closure()
 
     return once
+
+
+def _second_closure_run(who: str) -> str:
+    """Why a step that runs the training step's closure again for one batch is refused (:func:`_only_once`, and
+    ``training_step`` for a module's own ``optimizer_step`` calling it twice)."""
+    return (f"{who} runs the training step's closure a second time for one batch, as sharpness-aware minimization "
+            f"(SAM: the gradients again at perturbed weights) or a line search does, from quantities over all "
+            f"parameters' gradients together (their norm): each rank of a pipeline holds only its stages' share, so "
+            f"its perturbation or search would be another than one device's. Use an optimizer that steps once per "
+            f"closure, or train with it on one device or under DDP")
