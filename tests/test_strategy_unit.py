@@ -1004,6 +1004,27 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
 
 
+def test_backward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> None:
+    """A full backward hook keeping a gradient norm for on_after_backward's log runs per micro-batch on the rank
+    holding its layer, and the step's changes to the module are undone there (found by review: the logged norms were
+    missing, silently)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.cut_warnings import warn_of_layer_hooks
+
+    norms: dict[str, torch.Tensor] = {}
+    layers = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+    layers[0].register_full_backward_hook(lambda module, grad_in, grad_out: norms.update(n0=grad_out[0].norm()))
+    layers[2].register_full_backward_pre_hook(lambda module, grad_out: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=0))
+        warn_of_layer_hooks(layers, "layers", SimpleNamespace(rank=1))
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert str(caught[0].message).startswith("layers.0, layers.2 of the pipelined nn.Sequential carry backward hooks")
+
+
 def test_a_renormalizing_embedding_tied_across_ranks_is_refused() -> None:
     """Embedding(max_norm=...) renormalizes its weight in its forward on the rank holding it only: a tied head's copy
     on another rank drifted away silently (loss 9.9 where one device's is 3.7, found by review). Untied, it is exact."""

@@ -52,19 +52,35 @@ def warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None
 
 
 def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
-    """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward hooks of the user's:
-    each runs on the rank holding its layer, so what it stores for the step (features for an auxiliary loss or a log)
-    never reaches the step's code, which runs after the model on the last stage."""
-    hooked = sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
-                     for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-                     if getattr(hook, "__module__", None) and _users(hook)})
-    if hooked and pipeline.rank == 0:
-        warnings.warn(f"{', '.join(hooked[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each runs "
-                      f"on the rank holding its layer, inside that stage's forward, so a value it stores for the step "
-                      f"(features for an auxiliary loss or a log: setattr(self, 'feat', output)) does not reach the "
-                      f"step's code, which runs after the model on the last stage's rank. Return such features from "
-                      f"the model (a layer that passes them on with its output), or pipeline the module's forward "
+    """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward or backward hooks of
+    the user's: each runs on the rank holding its layer, so what a forward hook stores for the step (features for an
+    auxiliary loss or a log) never reaches the step's code, which runs after the model on the last stage; a backward
+    hook runs once per micro-batch on its share of the gradient, and what it writes on the module is undone (a step's
+    changes to the module are one device's run of the step without gradients, which runs no backward hook)."""
+    def hooked(kinds: tuple[str, ...]) -> list[str]:
+        return sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
+                       for kind in kinds for hook in getattr(module, kind).values()
+                       if getattr(hook, "__module__", None) and _users(hook)})
+
+    if pipeline.rank != 0:
+        return
+    forward = hooked(("_forward_hooks", "_forward_pre_hooks"))
+    if forward:
+        warnings.warn(f"{', '.join(forward[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each "
+                      f"runs on the rank holding its layer, inside that stage's forward, so a value it stores for the "
+                      f"step (features for an auxiliary loss or a log: setattr(self, 'feat', output)) does not reach "
+                      f"the step's code, which runs after the model on the last stage's rank. Return such features "
+                      f"from the model (a layer that passes them on with its output), or pipeline the module's forward "
                       f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
+    backward = hooked(("_backward_hooks", "_backward_pre_hooks"))
+    if backward:
+        warnings.warn(f"{', '.join(backward[:6])} of the pipelined nn.Sequential carry backward hooks of yours: each "
+                      f"runs on the rank holding its layer, once per micro-batch, on that micro-batch's share of the "
+                      f"gradients, and what it writes on the module (a gradient norm kept for on_after_backward's log) "
+                      f"is undone after the step, whose changes to the module come from one device's run of it without "
+                      f"gradients, where no backward hook runs. Read the gradients where they are whole: the "
+                      f"parameters' .grad in on_after_backward or on_before_optimizer_step (logs from there are "
+                      f"gathered over the pipeline)", stacklevel=3)
 
 
 def warn_of_frequency_scaling(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
