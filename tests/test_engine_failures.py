@@ -170,3 +170,22 @@ def test_a_first_layer_writing_its_stages_input_in_place_says_what_to_do() -> No
     for text in errors:
         assert "rank 1 failed in 1F1" in text and "stage's first layer writes its input in place" in text, text
         assert "inplace = True" in text, text
+
+
+def _too_few_layers(rank: int, world_size: int, schedule: str) -> None:
+    layers = nn.Sequential(*[nn.Linear(16, 16) for _ in range(3)])
+    Pipeline(layers, loss_fn=mse_loss, schedule=schedule, num_microbatches=2)
+
+
+@pytest.mark.parametrize("schedule,advice", [
+    ("zb_v", "'zb_v' puts 2 stages on each of the pipeline's 2 ranks. Use at most 1 ranks per pipeline with it"),
+    ("1f1b", None),
+])
+def test_too_few_layers_for_the_stages_says_how_many_ranks_fit(schedule: str, advice: str | None) -> None:
+    """A schedule holding two stages per rank: the advice counts ranks that fit it (it said "use at most 3 devices",
+    which made it worse: found by review)."""
+    if advice is None:
+        run_ranks(_too_few_layers, 2, schedule, timeout=60)  # 3 layers into 2 stages: fine
+        return
+    for text in run_ranks(_too_few_layers, 2, schedule, timeout=60, expect_failure=True):
+        assert "cannot cut 3 layers into 4 stages" in text and advice in text, text

@@ -131,7 +131,7 @@ class Pipeline(AsynchronousSteps):
         try:
             sizes = stage_sizes(layers, self.num_stages, partition, self.replicas)
         except ValueError as error:
-            raise ValueError(f"{error} (the pipeline has {self.num_ranks} ranks and {self.num_stages} stages)") from None
+            raise ValueError(self._cut_refused(error, len(layers), plan.stage_to_rank)) from None
         self.stage_sizes = sizes
         modules = cut(layers, sizes)
         self.stage_to_rank = plan.stage_to_rank
@@ -347,6 +347,23 @@ class Pipeline(AsynchronousSteps):
         raise RuntimeError(f"micro-batch {microbatch_id} belongs to no batch in flight; this is a bug, please report it")
 
     # -- replicated stages ------------------------------------------------------------------------
+    def _cut_refused(self, error: ValueError, num_layers: int, stage_to_rank: Sequence[int]) -> str:
+        """The cut's error, with how many ranks the pipeline has and, where there are more stages than layers, what
+        to change: a schedule holding several stages per rank (interleaved, zero-bubble V) fits fewer ranks."""
+        ranks = len(set(stage_to_rank))
+        if self.num_stages <= num_layers:
+            return f"{error} (the pipeline has {self.num_ranks} ranks and {self.num_stages} stages)"
+        per_rank = self.num_stages // max(ranks, 1)
+        head = str(error).split(";")[0]
+        if per_rank > 1:
+            fewer = (f"at most {num_layers // per_rank} ranks per pipeline with it" if num_layers >= per_rank else
+                     f"a model of at least {per_rank} layers with it")
+            return (f"{head}: schedule {self.schedule_name!r} puts {per_rank} stages on each of the pipeline's "
+                    f"{ranks} ranks. Use {fewer}, a schedule with one stage per rank (1f1b, gpipe), or split the "
+                    f"model into more layers")
+        return (f"{head}: the pipeline has {ranks} ranks, one stage each. Use at most {num_layers} ranks per pipeline "
+                f"(devices, or num_stages with data-parallel replicas), or split the model into more layers")
+
     def _check_replicas(self, replicas: Sequence[int] | None) -> list[int] | None:
         if replicas is None:
             return None
