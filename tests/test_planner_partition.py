@@ -310,6 +310,7 @@ def test_fixed_uneven_replicas_and_round_robin_agree_on_memory(schedule, m):
             plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
                           replicas="round_robin", memory_cap=1.0)
         least = error.value.least_bytes
+        assert "memory_cap=0.0000 MiB (1 bytes)" in str(error.value)  # (a cap in bytes by mistake read "0.0 MiB")
         fits = plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
                              replicas="round_robin", memory_cap=least)
         assert fits.peak_memory <= least

@@ -36,7 +36,7 @@ from lightning_pipe.engine.cut import balance, stage_sizes
 from lightning_pipe.engine.schedules import Schedule
 from lightning_pipe.planner import uneven
 from lightning_pipe.planner.costs import LayerSums, stage_peaks
-from lightning_pipe.planner.plans import MemoryCapError, Plan
+from lightning_pipe.planner.plans import MemoryCapError, Plan, in_mib
 from lightning_pipe.planner.problem import Method, Problem
 from lightning_pipe.planner.profile import LayerProfile
 from lightning_pipe.planner.search import Segment, search, search_depths
@@ -221,7 +221,7 @@ def _too_big(problem: Problem, needed: float | None, num_stages: int | None, rep
     searched = "any cut fits" if probe.num_stages == probe.num_ranks else "the time-balanced cut needs"
     what = f"the {method!r} plan needs {needed / 2**20:.1f} MiB on its fullest device; " if needed else ""
     raise MemoryCapError(
-        f"no plan of {problem.L} layers on {problem.D} devices fits memory_cap={problem.cap / 2**20:.1f} MiB per device "
+        f"no plan of {problem.L} layers on {problem.D} devices fits memory_cap={in_mib(problem.cap)} per device "
         f"with schedule {problem.schedule!r} and {problem.m} micro-batches: {what}the smallest cap {searched} is "
         f"{least / 2**20:.1f} MiB ({least:.0f} bytes). Raise memory_cap to at least that, use more devices, "
         f"use method='memory' or 'profile' to search under the cap, or keep fewer micro-batches in flight "

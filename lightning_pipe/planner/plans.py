@@ -7,7 +7,13 @@ from typing import Any
 
 from lightning_pipe.planner.simulate import Prediction
 
-__all__ = ["MemoryCapError", "StagePlan", "Plan"]
+__all__ = ["MemoryCapError", "StagePlan", "Plan", "in_mib"]
+
+
+def in_mib(size: float) -> str:
+    """A memory size for a message: in MiB, with the bytes beside it where it is under a tenth of one (a cap given in
+    bytes by mistake read "0.0 MiB")."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 / 10 else f"{size / 2**20:.4f} MiB ({size:.0f} bytes)"
 
 
 class MemoryCapError(ValueError):

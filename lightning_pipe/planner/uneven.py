@@ -12,7 +12,7 @@ from lightning_pipe.engine.cut import balance, stage_sizes
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.engine.schedules.replicated import check_replicas, replicated
 from lightning_pipe.planner.costs import stage_peaks
-from lightning_pipe.planner.plans import MemoryCapError, Plan
+from lightning_pipe.planner.plans import MemoryCapError, Plan, in_mib
 from lightning_pipe.planner.problem import Method, Problem
 from lightning_pipe.planner.search import SearchResult, Segment, search
 
@@ -94,6 +94,6 @@ def _too_big(ctx: Problem, counts: list[int], held: list[int], method: Method, n
     least = found.value if found is not None else math.inf
     what = f"the {method!r} plan needs {needed / 2**20:.1f} MiB on its fullest device; " if needed else ""
     raise MemoryCapError(
-        f"no plan of {ctx.L} layers with replicas={counts} fits memory_cap={ctx.cap / 2**20:.1f} MiB per "
+        f"no plan of {ctx.L} layers with replicas={counts} fits memory_cap={in_mib(ctx.cap)} per "
         f"device: {what}the smallest cap any cut fits is {least / 2**20:.1f} MiB ({least:.0f} bytes). Raise "
         f"memory_cap, or change the replicas", least)
