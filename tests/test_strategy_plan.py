@@ -105,6 +105,10 @@ def test_planning_arguments_are_checked_where_they_enter() -> None:
         ({"schedule": "auto", "schedule_options": {"virtual_stages": 2}}, "takes no schedule_options"),
         ({"schedule": "fastest"}, "or 'auto' to let the planner choose"),
         ({"partition": "profile", "profile_cache": 3}, "profile_cache must be a folder path"),
+        # found by review: refused on every rank after the profile, in the planner's words (method='time')
+        ({"schedule": "zb_v", "partition": "profile"}, "runs 2 stages per rank: use partition='time' with it"),
+        ({"schedule": "interleaved_1f1b", "partition": "memory", "memory_cap": 1e9,
+          "schedule_options": {"virtual_stages": 3}}, "runs 3 stages per rank: use partition='time' with it"),
     ]
     for arguments, message in cases:
         with pytest.raises((ValueError, TypeError)) as caught:
@@ -112,3 +116,4 @@ def test_planning_arguments_are_checked_where_they_enter() -> None:
         assert message in str(caught.value), (arguments, str(caught.value))
     assert PipelineStrategy(schedule="auto", memory_cap=2e8).memory_cap == 2e8
     assert PipelineStrategy(partition="time").plans_cut and not PipelineStrategy().plans_cut
+    assert PipelineStrategy(schedule="zb_v", partition="time").plans_cut

@@ -128,6 +128,14 @@ def _check_planning(partition: Partition, schedule: str, schedule_options: dict[
         if schedule_options:
             raise ValueError(f"schedule='auto' tries each schedule with its default options and takes no "
                              f"schedule_options (got {schedule_options}); remove them, or name a schedule")
+    if partition in ("profile", "memory") and schedule != AUTO_SCHEDULE:
+        kind = schedule_kind(schedule)
+        per_rank = kind.stages_per_rank or int((schedule_options or {}).get("virtual_stages", 2))
+        if per_rank > 1:
+            raise ValueError(f"partition={partition!r} places one stage on each device, but schedule {schedule!r} runs "
+                             f"{per_rank} stages per rank: use partition='time' with it (a profile balancing the "
+                             f"stages' times{', under memory_cap' if partition == 'memory' else ''}), 'uniform', "
+                             f"'parameters' or a list of layer counts, or schedule='1f1b'")
     planned = schedule == AUTO_SCHEDULE or partition in PLANNED_PARTITIONS
     if memory_cap is None:
         if partition == "memory":
