@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads must sleep, not spin (DESIGN.md, 4); libgomp reads this when torch loads.
+# Idle OpenMP threads must sleep, not spin (spinning ones burn the cores other ranks need); libgomp reads this
+# when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import argparse  # noqa: E402

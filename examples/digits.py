@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/digits.py                     # well under a minute on 2 cores
 
-The classifier (``lightning_pipe/examples/digits.py``) is an ordinary LightningModule: ``layers`` is an
+The classifier (``lightning_pipe/demos/digits.py``) is an ordinary LightningModule: ``layers`` is an
 ``nn.Sequential`` of Linear+ReLU blocks and a Linear head, and its validation step logs loss and a torchmetrics
 accuracy. ``strategy="gpipe"`` runs every micro-batch's forward, then every backward, re-computing activations
 in the backward pass. The data ships inside scikit-learn; the baseline is the entropy of the labels (log 10).

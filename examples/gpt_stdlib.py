@@ -3,7 +3,7 @@
     .venv/bin/python examples/gpt_stdlib.py                 # 3-4 minutes on 2 cores
     .venv/bin/python examples/gpt_stdlib.py --steps 50      # a quick look
 
-The model (``lightning_pipe/examples/gpt.py``) is an ordinary LightningModule whose layers are one
+The model (``lightning_pipe/demos/gpt.py``) is an ordinary LightningModule whose layers are one
 ``nn.Sequential``: ``Embed, Block x 4, Head``. ``strategy="pipedream"`` cuts it into two stages, one per process;
 the training step's loss and ``self.log`` run on the last stage, and the values reach the progress bar on rank 0.
 The text is the ``.py`` files of the standard library of the Python running this (no download); a model that

@@ -96,8 +96,8 @@ def test_layers_spread_over_attributes_are_the_modules_own_forward_when_it_has_o
 def test_trainable_parameters_spread_over_attributes_are_an_error_that_says_what_to_do() -> None:
     with pytest.raises(ValueError, match=r"spread over \['extra', 'model'\] and it has no forward.*self.model = "):
         choose_model(_lightning(ViT(), extra=nn.Linear(10, 10)), None)
-    with pytest.raises(ValueError, match="has no submodule 'modle'"):
-        choose_model(_lightning(ViT()), "modle")
+    with pytest.raises(ValueError, match=r"has no submodule 'modle'; its children are 'model' \(ViT\)"):
+        choose_model(_lightning(ViT()), "modle")  # (it suggested layers='model' whatever was given: found by review)
 
 
 def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:

@@ -268,6 +268,8 @@ def test_ranks_reading_different_batches_fail_together() -> None:
         assert text is not None, f"rank {rank} trained on"
         assert "DifferentBatches" in text and "read different batches" in text, text[-3000:]
         assert "ranks [0] read batch" in text and "ranks [1] read batch" in text, text[-3000:]
+        # at the first step, data made without a seed comes first (a toy script's torch.randn: found by review)
+        assert "At the first step, the likeliest cause: every rank runs your script" in text, text[-3000:]
 
 
 # -- resuming mid-epoch ----------------------------------------------------------------------------------

@@ -59,3 +59,19 @@ def test_a_script_launches_its_ranks(tmp_path: Path) -> None:
     assert ranks[1]["omp"] == "passive"  # set for the launched rank before its torch started
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["threads"] for r in ranks] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
+
+
+@pytest.mark.timeout(120)
+def test_a_run_from_python_c_says_it_needs_a_script(tmp_path: Path) -> None:
+    """``python -c`` cannot be run again for the second rank (Lightning's launcher ran ``python <cwd>/-c``, and the
+    job was killed after ~20 s: found by review): refused before any process starts, saying what to run."""
+    code = ("import lightning as L, lightning_pipe\n"
+            "from tests.lightning_models import Regressor, regression_data\n"
+            "L.Trainer(strategy='pipedream', accelerator='cpu', devices=2, max_steps=1, logger=False)"
+            ".fit(Regressor(), regression_data(1))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=100, capture_output=True,
+                          text=True)
+    assert done.returncode != 0
+    assert "PipelineStrategy starts each other rank by running your script again" in done.stderr, done.stderr[-3000:]
+    assert "python train.py" in done.stderr and "can't open file" not in done.stderr, done.stderr[-3000:]

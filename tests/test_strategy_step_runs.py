@@ -134,6 +134,7 @@ def test_a_dataset_the_steps_code_changes_is_named_when_the_ranks_batches_differ
         assert text is not None and "DifferentBatches" in text, rank
         assert "the step's code after the model runs on the last stage only, so a dataset or sampler it changes" \
             in text and "on_train_batch_end" in text, text[-3000:]
+        assert "At the first step" not in text, text[-3000:]  # (the batches differ from the second step on)
 
 
 class Weighted(torch.utils.data.Dataset):

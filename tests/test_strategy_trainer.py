@@ -527,3 +527,24 @@ def test_a_loss_divided_by_its_own_detached_value_is_said_to_differ() -> None:
     assert len(said) == 1 and "l / l.detach()" in said[0] and "num_microbatches=1" in said[0], said
     # a head initialized to zeros: the same loss everywhere at the first batch only (found by review: warned)
     assert run_ranks(_fit_self_normalized, 2, "zero_head", timeout=120) == [[], []]
+
+
+def _one_process(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import Regressor, regression_data
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer("pipedream", 1, max_steps=1).fit(Regressor(), regression_data(1))
+    return [str(warning.message) for warning in caught]
+
+
+@pytest.mark.timeout(120)
+def test_a_pipeline_of_one_process_says_nothing_is_pipelined() -> None:
+    """devices=1 (or devices left out on CPU, 'auto': 1) trained as a one-stage pipeline without a word (found by
+    review: a newcomer who forgot devices=2 believed the model pipelined)."""
+    messages = run_ranks(_one_process, 1, timeout=100)[0]
+    assert any(message.startswith("PipelineStrategy on one process: the whole model is one stage")
+               for message in messages), messages

@@ -1,5 +1,5 @@
 """PipeDream's asynchronous schedules in the executor: batches overlap across calls, the optimizer steps inside the
-pipeline, and each forward runs on the weight version its schedule says (the tables: tests/test_async_versions.py).
+pipeline, and each forward runs on the weight version its schedule says (the tables: tests/test_async.py).
 
 A mixin of :class:`~.executor.Pipeline` (which holds the stages, the communicator and the step loop it calls).
 """
@@ -52,7 +52,7 @@ class AsynchronousSteps:
         self.optimizer_step_fn: Callable[[], Any] = _no_optimizer
 
     def version_for(self, stage_index: int, microbatch_id: int) -> int:
-        """Which weight version a forward runs on (the written tables are in tests/test_async_versions.py)."""
+        """Which weight version a forward runs on (the written tables are in tests/test_async.py)."""
         versions = self.stages[stage_index].versions
         if self.kind.double_buffered:
             # Batch b after a drain runs on the weights after the update of batch b - 2: one step stale.

@@ -34,8 +34,11 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
         try:
             target = module.get_submodule(layers)
         except AttributeError:
-            raise ValueError(f"{type(module).__name__} has no submodule {layers!r}; pass layers= the attribute path of "
-                             f"the model the step calls, e.g. layers='model'") from None
+            children = ", ".join(f"{name!r} ({type(child).__name__})" for name, child in module.named_children())
+            raise ValueError(f"{type(module).__name__} has no submodule {layers!r}; its children are "
+                             f"{children or 'none'}. Pass layers= the attribute path of the model the step calls "
+                             f"(a dotted path for a nested one: 'backbone.blocks'), or leave it out and the strategy "
+                             f"finds it") from None
         if isinstance(target, nn.Sequential) and split_points is None:
             return SEQUENCE, layers
         return CAPTURED, layers

@@ -390,6 +390,11 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         fitting = trainer.state.fn == TrainerFn.FITTING
         check_callbacks(trainer.callbacks, trainer.loggers)
         _refuse_iterator_steps(module, trainer.state.fn)
+        if fitting and self.world_size == 1:
+            rank_zero_warn("PipelineStrategy on one process: the whole model is one stage and nothing is pipelined "
+                           "(the micro-batches run one after another). Pass devices=2 or more (one stage per device; "
+                           "on CPU: Trainer(accelerator='cpu', devices=2), whose devices='auto' is 1), or drop the "
+                           "strategy to train on one device")
         if fitting and getattr(self, "_layer_sync", None) is not None:
             rank_zero_warn("Trainer(sync_batchnorm=True) has no effect under PipelineStrategy: its batch norms "
                            "normalize each micro-batch by its own statistics and update their running statistics "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -87,6 +88,8 @@ class ProcessStrategy(ParallelStrategy):
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally and self.num_processes > 1:
+            _refuse_without_a_script()
         # Idle OpenMP threads of ranks sharing cores must sleep, not spin; read by each child as torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -189,3 +192,21 @@ class ProcessStrategy(ParallelStrategy):
             with contextlib.suppress(Exception):  # the store may be gone with the rank that held it
                 mark_failed(store, torch.distributed.get_rank(), what)
             hold_for_readers()
+
+
+def _refuse_without_a_script() -> None:
+    """The launcher starts each other rank by running the main script again (as DDP's does): from ``python -c`` it
+    ran ``python <cwd>/-c`` and the job was killed; from an interactive session or a notebook Lightning's own refusal
+    advises ``strategy='ddp_notebook'``, which drops the pipeline."""
+    import __main__
+
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    script = sys.argv[0] if sys.argv else ""
+    if _IS_INTERACTIVE or getattr(__main__, "__spec__", None) is None and not os.path.isfile(script):
+        where = "an interactive session or a notebook" if _IS_INTERACTIVE or not script else f"{script!r}"
+        raise RuntimeError(f"PipelineStrategy starts each other rank by running your script again, as DDP does, and "
+                           f"was started from {where}, which it cannot run again: put the code in a file and run "
+                           f"`python train.py` or `python -m package.module` (or launch the ranks with torchrun). "
+                           f"strategy='ddp_notebook' would not pipeline the model")
+

@@ -144,7 +144,9 @@ class SharedResults:
         shared = decode_result(structure, tensors)
         if fingerprints is not None:
             self.metrics.apply({})
-            raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group))
+            raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group,
+                                                     first=not self.__dict__.get("_shared_before")))
+        self._shared_before = True
         if shared.error is not None:
             self.metrics.apply({})
             raise typed_error(shared.error, shared.error_kind, self.channel.source)

@@ -31,15 +31,21 @@ def check_rows(batch: Any, step: str) -> int:
     return rows
 
 
-def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup) -> str:
+def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup, first: bool = False) -> str:
+    """Why the ranks of a pipeline read different batches, and what to do; ``first``: at the first step the ranks
+    shared, where data made from unseeded random numbers is the likeliest cause, which comes first."""
     ranks = [dist.get_global_rank(group, rank) for rank in range(len(fingerprints))]
     groups: dict[int, list[int]] = {}
     for rank, fingerprint in zip(ranks, fingerprints):
         groups.setdefault(fingerprint, []).append(rank)
     readings = "; ".join(f"ranks {members} read batch {fingerprint:#x}" for fingerprint, members in groups.items())
+    likeliest = ("At the first step, the likeliest cause: every rank runs your script, so data made from random "
+                 "numbers without a seed (torch.randn(...) for a toy dataset, a random split) differs between the "
+                 "ranks: call L.seed_everything(seed) before making the data, or make it from a seeded "
+                 "torch.Generator. Otherwise: e" if first else "E")
     return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
-            f"and the last stage's targets would come from different rows. Every rank of a pipeline must load the same "
-            f"batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
+            f"and the last stage's targets would come from different rows. {likeliest}very rank of a pipeline must "
+            f"load the same batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
             f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
             f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
             f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
