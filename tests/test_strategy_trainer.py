@@ -303,7 +303,7 @@ def test_bad_configurations_fail_clearly_on_every_rank() -> None:
     expected = [
         "no error",  # no nn.Sequential: the module's forward is captured (tests/test_strategy_capture.py)
         "no error",  # two of them: the same
-        "cannot cut 1 layers into 2 stages",
+        "cannot cut 1 layer into 2 stages",
         "make the counts add up to 8",
         "give the tied parameter the same optimizer and settings on every rank",
         "torch.optim.LBFGS computes its search direction",

@@ -571,10 +571,12 @@ def test_registered_names() -> None:
     # and the interleaved schedule as Megatron and torch name it
     assert {PipelineStrategy(schedule=name).schedule for name in ("interleaved", "Interleaved1F1B")} \
         == {"interleaved_1f1b"}
+    # the engine's names in any case, as papers write them (found by review: "GPipe" and "1F1B" were refused)
+    assert [PipelineStrategy(schedule=name).schedule for name in ("GPipe", "1F1B", "ZB_V")] == ["gpipe", "1f1b", "zb_v"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"schedule": "zigzag"}, "unknown schedule 'zigzag'"),
+    ({"schedule": "zigzag"}, r"unknown schedule 'zigzag'.*also by the names pipedream \(1f1b\)"),
     ({"num_microbatches": 0}, "num_microbatches must be a positive integer"),
     ({"partition": "balanced"}, "unknown partition 'balanced'"),
     ({"partition": [3, 0]}, "each at least 1"),
@@ -1173,3 +1175,19 @@ def test_an_index_relative_to_its_micro_batch_reads_as_the_whole_batchs() -> Non
     assert [part[0].tolist() for part in single] == [[3], [4]]
     other = rebased([[torch.tensor([0, 1])], [torch.tensor([1, 0])]], [torch.tensor([0, 1, 2, 3])])
     assert [part[0].tolist() for part in other] == [[0, 1], [1, 0]]  # not an offset: left as it was
+
+
+def test_too_few_pieces_for_the_stages_says_what_can_be_cut() -> None:
+    """A model of several layers cut into fewer pieces than stages is told where split points may cut (its children);
+    one of a single layer, that it cannot be pipelined (found by review: Lightning's BoringModel got split points)."""
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.runner import _too_few_pieces
+
+    error = ValueError("cannot cut 2 layers into 3 stages: every stage needs at least one layer; use at most 2 ranks")
+    two = SimpleNamespace(path="net", model=nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2)))
+    message = _too_few_pieces(error, two, 2)
+    assert "found 2 pieces in the model at 'net'" in message and "its children: '0', '1', '2'" in message, message
+    one = SimpleNamespace(path="", model=nn.Linear(2, 2))
+    message = _too_few_pieces(ValueError("cannot cut 1 layer into 2 stages: every stage needs ...; use"), one, 1)
+    assert message.startswith("cannot cut 1 layer into 2 stages: the model (Linear) is a single layer"), message

@@ -24,7 +24,8 @@ def stage_sizes(layers: Sequence[nn.Module], num_stages: int, partition: Partiti
         raise ValueError(f"num_stages ({num_stages}) must be >= 1")
     if num_stages > num_layers:
         raise ValueError(
-            f"cannot cut {num_layers} layers into {num_stages} stages: every stage needs at least one layer; "
+            f"cannot cut {num_layers} layer{'s' if num_layers != 1 else ''} into {num_stages} stages: every stage "
+            f"needs at least one layer; "
             f"use at most {num_layers} devices, or split the model into more layers"
         )
     if isinstance(partition, str):

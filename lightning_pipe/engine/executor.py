@@ -356,13 +356,15 @@ class Pipeline(AsynchronousSteps):
         per_rank = self.num_stages // max(ranks, 1)
         head = str(error).split(";")[0]
         if per_rank > 1:
-            fewer = (f"at most {num_layers // per_rank} ranks per pipeline with it" if num_layers >= per_rank else
+            fits = num_layers // per_rank
+            fewer = (f"at most {fits} rank{'s' if fits != 1 else ''} per pipeline with it" if fits else
                      f"a model of at least {per_rank} layers with it")
             return (f"{head}: schedule {self.schedule_name!r} puts {per_rank} stages on each of the pipeline's "
                     f"{ranks} ranks. Use {fewer}, a schedule with one stage per rank (1f1b, gpipe), or split the "
                     f"model into more layers")
-        return (f"{head}: the pipeline has {ranks} ranks, one stage each. Use at most {num_layers} ranks per pipeline "
-                f"(devices, or num_stages with data-parallel replicas), or split the model into more layers")
+        return (f"{head}: the pipeline has {ranks} ranks, one stage each. Use at most {num_layers} "
+                f"rank{'s' if num_layers != 1 else ''} per pipeline (devices, or num_stages with data-parallel "
+                f"replicas), or split the model into more layers")
 
     def _check_replicas(self, replicas: Sequence[int] | None) -> list[int] | None:
         if replicas is None:

@@ -13,6 +13,7 @@ stages first combine loss, logs and metrics into those of the whole batch.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -186,12 +187,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         except ValueError as error:
             if "every stage needs at least one layer" not in str(error):
                 raise
-            where = f"the model at {captured.path!r}" if captured.path else "the model"
-            raise ValueError(f"{error}. The capture cut {where} before its repeated blocks, and found "
-                             f"{len(segments)} piece(s): name where to cut with PipelineStrategy(split_points=[...]) "
-                             f"(module names, as model.named_modules() gives them; each starts a stage). Layers a "
-                             f"forward runs inside one torch.no_grad() region are one piece, which trains none of "
-                             f"them") from None
+            raise ValueError(_too_few_pieces(error, captured, len(segments))) from None
         tied = TiedParameters(torch.nn.Sequential(*segments), pipeline.stage_sizes, pipeline.stage_ranks,
                               pipeline.group, pipelines)
         refuse_renormalized_ties(tied, captured.model)
@@ -517,3 +513,23 @@ def _records_hook_calls(pipeline: Pipeline) -> bool:
     stages = [[ranks[rank] for rank in stage] for stage in pipeline.stage_ranks]
     mine = dist.get_rank()
     return 0 in ranks and any(stages[index][0] == mine and 0 not in stages[index] for index in pipeline.stages)
+
+
+def _too_few_pieces(error: ValueError, captured: CapturedModule, pieces: int) -> str:
+    """The cut's error for a captured model of fewer pieces than stages: a model of one layer says so (Lightning's
+    BoringModel, one Linear, was told to name split points, which cannot help it); another names its children, where
+    split points may cut."""
+    where = f"the model at {captured.path!r}" if captured.path else "the model"
+    layers = [name for name, module in captured.model.named_modules()
+              if any(True for _ in module.parameters(recurse=False))]
+    if len(layers) <= 1:
+        head = re.match(r"cannot cut \d+ layers? into \d+ stages", str(error))
+        return (f"{head.group(0) if head else error}: {where} ({type(captured.model).__name__}) is a single layer, "
+                f"which one stage holds whole; a pipeline needs a model of at least as many layers as stages. Train "
+                f"it on one device, without the strategy")
+    children = ", ".join(repr(name) for name, _ in captured.model.named_children())
+    return (f"{error}. The capture found {pieces} piece{'s' if pieces != 1 else ''} in {where}: name where to cut with "
+            f"PipelineStrategy(split_points=[...]) (module names, as model.named_modules() gives them, each starting "
+            f"a stage; its children: {children or 'none'}). Layers a forward runs inside one torch.no_grad() region "
+            f"are one piece, which trains none of them")
+

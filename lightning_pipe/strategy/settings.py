@@ -110,11 +110,15 @@ _SCHEDULE_ALIASES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipe
 
 
 def _check_schedule(schedule: str) -> str:
-    schedule = _SCHEDULE_ALIASES.get(schedule.lower() if isinstance(schedule, str) else schedule, schedule)
+    """The registered schedule ``schedule`` names, in any case ("GPipe", "1F1B") or by an alias."""
+    key = schedule.lower() if isinstance(schedule, str) else schedule
+    schedule = _SCHEDULE_ALIASES.get(key, key if key in SCHEDULES else schedule)
     if schedule != AUTO_SCHEDULE and (schedule not in SCHEDULES or not SCHEDULES[schedule].trains):
         names = ", ".join(name for name, kind in SCHEDULES.items() if kind.trains)
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or "
-                         f"{AUTO_SCHEDULE!r} to let the planner choose")
+        aliases = ", ".join(f"{alias} ({name})" for alias, name in _SCHEDULE_ALIASES.items() if alias.isidentifier()
+                            and alias != "interleaved1f1b")
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or {AUTO_SCHEDULE!r} to let the "
+                         f"planner choose (also by the names {aliases})")
     return schedule
 
 
