@@ -15,6 +15,10 @@ from typing import Any
 
 __all__ = ["PipelineStrategy"]
 
+STRATEGY_NAMES = ("pipedream", "gpipe", "pipedream_async", "pipedream_2bw")
+"""The names registered with ``lightning.pytorch``'s Trainer (:meth:`.PipelineStrategy.register_strategies`)."""
+
+
 def _register() -> None:
     # The strategy module registers the names when it finishes importing. If it is being imported right now
     # (it imports Lightning, which is how this hook fired), it will do so itself when it is done.
@@ -22,30 +26,58 @@ def _register() -> None:
         import lightning_pipe.strategy.pipeline  # noqa: F401
 
 
+class _OtherLightning:
+    """What ``pytorch_lightning``'s Trainer gets for the strategy names: the standalone ``pytorch_lightning`` package is
+    a copy of Lightning whose Trainer takes only its own strategies, so the names are registered there too, to say
+    what to change instead of Lightning's "invalid strategy name"."""
+
+    def __init__(self, **_: Any) -> None:
+        raise ImportError("lightning_pipe's strategies are made for the `lightning` package's Trainer (import lightning "
+                          "as L; from lightning.pytorch import LightningModule, Trainer), and this Trainer is the "
+                          "standalone `pytorch_lightning` package's, a separate copy of Lightning that takes only its "
+                          "own strategies. Change the project's imports from `pytorch_lightning` to `lightning.pytorch` "
+                          "(the same API; `pip install lightning`)")
+
+
+def _refuse_in_pytorch_lightning() -> None:
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    for name in STRATEGY_NAMES:
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, _OtherLightning, description="lightning_pipe: use the lightning package")
+
+
+_WATCHED = {"lightning.pytorch": _register, "pytorch_lightning": _refuse_in_pytorch_lightning}
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Lets ``lightning.pytorch`` import as usual, then registers the strategy names."""
+    """Lets ``lightning.pytorch`` (or ``pytorch_lightning``) import as usual, then registers the strategy names."""
+
+    def __init__(self) -> None:
+        self._loaders: dict[str, Any] = {}
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != "lightning.pytorch":
+        if name not in _WATCHED or name in self._loaders or name in sys.modules:
             return None
-        sys.meta_path.remove(self)  # find the real module, once
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
-            self._loader = spec.loader
+            self._loaders[name] = spec.loader
             spec.loader = self
         return spec
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
-        return self._loader.create_module(spec)
+        return self._loaders[spec.name].create_module(spec)
 
     def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        _register()
+        self._loaders[module.__spec__.name].exec_module(module)
+        _WATCHED[module.__spec__.name]()
 
 
-if "lightning.pytorch" in sys.modules:
-    _register()
-elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+for _name, _then in _WATCHED.items():
+    if _name in sys.modules:
+        _then()
+if not all(name in sys.modules for name in _WATCHED) \
+        and not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterImport())
 
 

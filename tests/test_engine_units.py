@@ -133,6 +133,27 @@ def test_the_engine_imports_without_lightning() -> None:
                        check=True, timeout=120)
 
 
+def test_a_pytorch_lightning_trainer_is_told_to_use_the_lightning_package() -> None:
+    """The standalone ``pytorch_lightning`` package's Trainer takes only its own strategies: it answered the names with
+    its "invalid strategy name" (found by review); in either order of imports it now says what to change. The names
+    are the ones registered with ``lightning.pytorch``."""
+    import subprocess
+    import sys
+
+    import lightning.pytorch as lightning_pytorch
+
+    import lightning_pipe
+
+    registered = {name for name, entry in lightning_pytorch.strategies.StrategyRegistry.items()
+                  if getattr(entry["strategy"], "__module__", "").startswith("lightning_pipe")}
+    assert registered == set(lightning_pipe.STRATEGY_NAMES)
+    for imports in ("import pytorch_lightning as pl, lightning_pipe", "import lightning_pipe, pytorch_lightning as pl"):
+        code = f"{imports}\npl.Trainer(strategy='gpipe', accelerator='cpu', devices=1, logger=False)"
+        done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+        assert done.returncode != 0 and "Change the project's imports from `pytorch_lightning` to `lightning.pytorch`" \
+            in done.stderr, done.stderr[-2000:]
+
+
 def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_when_the_run_replaced_one():
     norm = nn.BatchNorm1d(3)
     model = nn.Sequential(nn.Linear(3, 3), norm).train()
