@@ -1,5 +1,7 @@
 # Source me: create or reuse .venv and install the project with what its commands need.
-# torch==2.13.0 comes first: it is the CPU build on this disk; an open range would pull a multi-GB CUDA build.
+# torch==2.13.0 comes first, pinned (an open range would pull the newest, multi-GB CUDA build). Where a wheel of it
+# lies in PIP_FIND_LINKS (this project's machines: the CPU build), or a GPU is present, pip takes that or PyPI's;
+# on a machine without either, the CPU build from PyTorch's own index (PyPI's Linux default is the CUDA build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -8,7 +10,11 @@ fi
 stamp=.venv/.lightning_pipe-installed
 want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  torch_from=()
+  if ! ls ${PIP_FIND_LINKS:-/nonexistent}/torch-2.13.0* >/dev/null 2>&1 && ! command -v nvidia-smi >/dev/null; then
+    torch_from=(--index-url https://download.pytorch.org/whl/cpu)
+  fi
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${torch_from[@]}" torch==2.13.0
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,examples]"
   echo "$want" > "$stamp"
 fi

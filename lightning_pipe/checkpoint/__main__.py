@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from lightning_pipe.checkpoint.convert import consolidate, shard
 
@@ -15,17 +16,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("consolidate", help="a sharded checkpoint folder -> one standard Lightning file "
                                                   "(YourModule.load_from_checkpoint opens it on one device)")
-    one.add_argument("folder")
-    one.add_argument("output")
+    one.add_argument("folder", help="the sharded checkpoint folder a fit wrote")
+    one.add_argument("output", help="the file to write")
     many = commands.add_parser("shard", help="a full checkpoint file -> a sharded checkpoint folder")
-    many.add_argument("file")
-    many.add_argument("folder")
+    many.add_argument("file", help="a Lightning checkpoint file (one device's, or a full pipeline one)")
+    many.add_argument("folder", help="the folder to write (one there is replaced)")
     arguments = parser.parse_args(argv)
     try:
-        if arguments.command == "consolidate":
-            consolidate(arguments.folder, arguments.output)
-        else:
-            shard(arguments.file, arguments.folder)
+        with warnings.catch_warnings():  # torch's note that it reads or writes in one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            if arguments.command == "consolidate":
+                tensors, step = consolidate(arguments.folder, arguments.output)
+                print(f"wrote {arguments.output}: one standard Lightning checkpoint, {tensors} tensors, step {step}; "
+                      f"YourModule.load_from_checkpoint({str(arguments.output)!r}) opens it on one device")
+            else:
+                tensors, step = shard(arguments.file, arguments.folder)
+                print(f"wrote {arguments.folder}: a sharded checkpoint folder, {tensors} tensors, step {step}; "
+                      f"Trainer(strategy=PipelineStrategy(...)).fit(model, ckpt_path={str(arguments.folder)!r}) "
+                      f"resumes from it on any layout")
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -49,8 +49,9 @@ __all__ = ["consolidate", "shard", "BATCH_BYTES"]
 BATCH_BYTES = 256 * 2**20  # tensors read from the folder per DCP call
 
 
-def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
-    """Write the sharded checkpoint ``folder`` as one full checkpoint file ``output``."""
+def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> tuple[int, int | None]:
+    """Write the sharded checkpoint ``folder`` as one full checkpoint file ``output``; the number of tensors in its
+    ``state_dict`` and its global step."""
     folder = os.fspath(folder)
     if not is_sharded(folder):
         raise ValueError(f"{folder} is not a sharded checkpoint folder (no .metadata and {META_FILE}); give the folder "
@@ -90,6 +91,7 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> None:
                 checkpoint["optimizer_states"] = merged
     checkpoint[PIPELINE_KEY] = section
     _save_file(checkpoint, os.fspath(output))
+    return len(checkpoint["state_dict"]), checkpoint.get("global_step")
 
 
 def _shares(entries: dict[str, Any], group_names: list[Any], groups: list[list[dict[str, Any]]]) -> list[dict] | None:
@@ -123,8 +125,9 @@ def _shares(entries: dict[str, Any], group_names: list[Any], groups: list[list[d
     return shares
 
 
-def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Write the full checkpoint ``file`` as a sharded checkpoint folder ``folder`` (replacing one there)."""
+def shard(file: str | os.PathLike, folder: str | os.PathLike) -> tuple[int, int | None]:
+    """Write the full checkpoint ``file`` as a sharded checkpoint folder ``folder`` (replacing one there); the number
+    of tensors in its ``state_dict`` and its global step."""
     checkpoint = torch.load(os.fspath(file), map_location="cpu", weights_only=False, mmap=True)
     if "state_dict" not in checkpoint:
         raise ValueError(f"{file} has no state_dict; give a Lightning checkpoint file")
@@ -159,6 +162,7 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> None:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return len(checkpoint["state_dict"]), checkpoint.get("global_step")
 
 
 def _group_names(section: dict[str, Any]) -> list[Any] | None:
