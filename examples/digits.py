@@ -20,7 +20,8 @@ def main() -> None:
     model = DigitsClassifier(hidden=128, num_layers=4, lr=2e-3)
 
     trainer = L.Trainer(strategy="gpipe", accelerator="cpu", devices=2, max_epochs=15,
-                        default_root_dir="outputs/digits", num_sanity_val_steps=0, enable_model_summary=False)
+                        default_root_dir="outputs/digits", num_sanity_val_steps=0, enable_model_summary=False,
+                        log_every_n_steps=10)
     trainer.fit(model, datamodule=data)
 
     if trainer.is_global_zero:

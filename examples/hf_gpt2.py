@@ -19,7 +19,8 @@ import lightning_pipe  # noqa: F401  registers the strategy names with Lightning
 class CausalLM(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=4, n_head=4))
+        self.model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=4, n_head=4,
+                                                bos_token_id=0, eos_token_id=0))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.model(batch, labels=batch).loss

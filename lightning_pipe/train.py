@@ -42,6 +42,11 @@ class _Throughput(L.Callback):
         self.paused = 0.0
         self.validation_started: float | None = None
         self.steps = self.samples = self.tokens = 0
+        self.first_step = 0  # the global step the fit started from (a resumed run's is its checkpoint's)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.first_step = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
@@ -67,13 +72,14 @@ class _Throughput(L.Callback):
             self.paused += time.perf_counter() - self.validation_started
         self.validation_started = None
 
-    def summary(self, replicas: int) -> str:
+    def summary(self, replicas: int, pipelined: bool) -> str:
         if self.start is None or self.end is None or self.steps == 0:
             return "too few steps to measure throughput"
         seconds = self.end - self.start - self.paused
         rate = f"{replicas * self.tokens / seconds:,.0f} tokens/s, " if self.tokens else ""
+        copies = f"{replicas} {'pipeline' if pipelined else 'data-parallel'} replica{'s' if replicas != 1 else ''}"
         return (f"{rate}{replicas * self.samples / seconds:,.1f} samples/s, {seconds / self.steps * 1e3:.0f} ms/batch "
-                f"(over {self.steps} batches after the first, {replicas} pipeline replica(s), validation excluded)")
+                f"(over {self.steps} batches after the first, {copies}, validation excluded)")
 
 
 def _replicas(trainer: L.Trainer) -> int:
@@ -149,14 +155,17 @@ def _one_job_per_launch() -> Iterator[None]:
 
 def _report(trainer: L.Trainer, datamodule: Any, metrics: dict[str, float], throughput: _Throughput,
             elapsed: float, checkpoint: Path, output_dir: str) -> None:
-    lines = [f"trained {trainer.global_step} steps in {elapsed:.1f} s (fit, with set-up and validation)",
-             f"throughput: {throughput.summary(_replicas(trainer))}"]
+    pipelined = type(trainer.strategy).__module__.startswith("lightning_pipe")
+    resumed = f" ({trainer.global_step - throughput.first_step} in this run)" if throughput.first_step else ""
+    lines = [f"trained to step {trainer.global_step}{resumed} in {elapsed:.1f} s (fit, with set-up and validation)",
+             f"throughput: {throughput.summary(_replicas(trainer), pipelined)}"]
     for name in sorted(metrics):
         lines.append(f"{name}: {metrics[name]:.4f}")
     baseline = getattr(datamodule, "baseline", None)
     if baseline is not None:
         lines.append(f"baseline ({getattr(datamodule, 'baseline_name', 'baseline')}): {baseline:.4f} nats")
-    lines.append(f"checkpoint: {checkpoint} (step {trainer.global_step}, every stage's weights)")
+    lines.append(f"checkpoint: {checkpoint} (step {trainer.global_step}, "
+                 f"{'every stage' if pipelined else 'the whole model'}'s weights)")
     lines.append(f"run folder: {output_dir}")
     print("\n".join(lines), flush=True)
 

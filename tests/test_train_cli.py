@@ -109,6 +109,11 @@ def test_two_rank_run_trains_and_writes_one_checkpoint(tmp_path: Path) -> None:
     expected = GPT(block_size=32, width=32, num_layers=2).state_dict()
     assert set(saved["state_dict"]) == set(expected), "the checkpoint must hold every stage's weights"
     assert saved["global_step"] == 3
+    assert "trained to step 3 in" in done.stdout and "1 pipeline replica," in done.stdout, done.stdout
+    # resumed to step 5: the report counts this run's steps apart (it said "trained 5 steps": found by review)
+    again = _run_cli(tmp_path, *[o for o in TINY if "max_steps" not in o], "trainer.max_steps=5",
+                     f"ckpt_path={checkpoint}")
+    assert "trained to step 5 (2 in this run) in" in again.stdout, again.stdout[-3000:]
 
 
 @pytest.mark.timeout(300)
@@ -119,4 +124,4 @@ def test_multirun_launches_each_jobs_ranks_in_its_own_folder(tmp_path: Path) -> 
     for job in ("0", "1"):
         assert (sweep / job / "train_ddp_process_1.log").exists()
         assert (sweep / job / "checkpoints" / "last.ckpt").exists()
-    assert done.stdout.count("trained 3 steps") == 2
+    assert done.stdout.count("trained to step 3 in") == 2
