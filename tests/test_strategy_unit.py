@@ -1008,6 +1008,21 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
 
 
+def test_hooks_of_the_users_on_the_pipelined_sequence_itself_are_refused() -> None:
+    """The pipeline never runs the sequence's own forward: a pre-hook standardizing its input and a forward hook
+    dividing its output by a temperature ran on no rank (found by review: 0.56 off one device, silently)."""
+    from lightning_pipe.strategy.cut_warnings import refuse_sequence_hooks
+
+    layers = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+    layers[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))  # on a layer: runs, not refused
+    refuse_sequence_hooks(layers, "model")
+    layers.register_forward_pre_hook(lambda module, args: ((args[0] - 0.5) * 3.0,))
+    layers.register_forward_hook(lambda module, args, output: output / 0.2)
+    with pytest.raises(ValueError, match=r"the pipelined nn.Sequential at 'model' carries hooks of yours on itself "
+                                         r"\(forward_pre_hook, forward_hook\).*never its own forward"):
+        refuse_sequence_hooks(layers, "model")
+
+
 def test_backward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> None:
     """A full backward hook keeping a gradient norm for on_after_backward's log runs per micro-batch on the rank
     holding its layer, and the step's changes to the module are undone there (found by review: the logged norms were

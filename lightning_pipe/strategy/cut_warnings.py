@@ -16,7 +16,8 @@ from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import FOREIGN
 
-__all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers"]
+__all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
+           "refuse_sequence_hooks"]
 
 
 def _users(hook: Any) -> bool:
@@ -51,6 +52,21 @@ def warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None
                       f"device's buffers", stacklevel=3)
 
 
+def refuse_sequence_hooks(sequence: torch.nn.Module, path: str) -> None:
+    """Refuse hooks of the user's on the pipelined ``nn.Sequential`` itself: the pipeline runs its layers, stage by
+    stage, and never its own forward, so such a hook (a pre-hook standardizing the input, a forward hook dividing the
+    output by a temperature) would silently not run on any rank (found by review: 0.56 off one device)."""
+    kinds = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+             if any(getattr(hook, "__module__", None) and _users(hook) for hook in getattr(sequence, kind).values())]
+    if kinds:
+        named = ", ".join(kind.strip("_").replace("hooks", "hook") for kind in kinds)
+        raise ValueError(f"the pipelined nn.Sequential at {path or 'the model'!r} carries hooks of yours on itself "
+                         f"({named}): the pipeline runs its layers stage by stage and never its own forward, so they "
+                         f"would not run on any rank. Register them on its first layer (a pre-hook, changing the "
+                         f"input) or its last (a forward hook, changing the output), or do their work in the step; "
+                         f"or pipeline the module's forward with PipelineStrategy(layers=''), where such hooks run")
+
+
 def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
     """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward or backward hooks of
     the user's: each runs on the rank holding its layer, so what a forward hook stores for the step (features for an
@@ -58,7 +74,7 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
     hook runs once per micro-batch on its share of the gradient, and what it writes on the module is undone (a step's
     changes to the module are one device's run of the step without gradients, which runs no backward hook)."""
     def hooked(kinds: tuple[str, ...]) -> list[str]:
-        return sorted({f"{path}.{name}" if name else path for name, module in sequence.named_modules()
+        return sorted({f"{path}.{name}" for name, module in sequence.named_modules() if name  # (the root's: refused)
                        for kind in kinds for hook in getattr(module, kind).values()
                        if getattr(hook, "__module__", None) and _users(hook)})
 

@@ -30,8 +30,9 @@ from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.checkpoint import parameter_names
-from lightning_pipe.strategy.cut_warnings import (warn_of_frequency_scaling, warn_of_frozen_copies,
-                                                   warn_of_gradient_hooks, warn_of_layer_hooks, warn_of_split_buffers)
+from lightning_pipe.strategy.cut_warnings import (refuse_sequence_hooks, warn_of_frequency_scaling,
+                                                   warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
+                                                   warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
@@ -149,6 +150,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         gives a module built on the meta device storage for this rank's stages (:mod:`.materialize`); ``split``, a
         module's layers found otherwise (:mod:`.chain`)."""
         split = split or SplitModule(module, layers)
+        refuse_sequence_hooks(split.sequence, split.path)
         if "+" not in split.path:  # not a chain of sequences
             warn_of_frozen_copies(module, split.path, split.sequence)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
