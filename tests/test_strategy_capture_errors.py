@@ -223,6 +223,8 @@ def _Annealed(case: str) -> Any:
                 self.model = Tempered()
                 if case in ("annealed_grown", "annealed_regrown"):
                     self.model.active = [0, 1]
+                if case == "hook_removed":  # a warm-up hook, removed after the first step
+                    self.handle = self.model.blocks[1].register_forward_hook(lambda module, args, out: out * 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if case != "annealed_root":
@@ -248,6 +250,10 @@ def _Annealed(case: str) -> Any:
                 self.model.gain = None if self.global_step == 0 else 2.0
             elif case == "annealed_buffer":  # a buffer given a new tensor: copied into the one the graph reads
                 self.model.offset = torch.full((8,), float(self.global_step))
+            elif case == "hook_added" and self.global_step == 1:  # a hook registered after the capture
+                self.model.blocks[1].register_forward_hook(lambda module, args, out: out * 0.5)
+            elif case == "hook_removed" and self.global_step == 1:
+                self.handle.remove()
             else:  # "annealed_unread": a value forward never reads may change
                 self.model.calls_seen += 1
 
@@ -429,6 +435,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     elif case.startswith("annealed"):  # a plain value the forward reads, changed by a hook (a temperature schedule)
         module, width = _Annealed(case), 8
         strategy = lightning_pipe.PipelineStrategy(layers="" if case == "annealed_root" else None)
+    elif case.startswith("hook_"):  # hooks added or removed after the capture (found by review: 0.87, 0.45 off)
+        module, width = _Annealed(case), 8
     else:
         raise ValueError(case)
     data = DataLoader([(torch.randn(8, width),) for _ in range(2)], batch_size=None)
@@ -470,6 +478,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("annealed_grown", ["active ([0, 1] at its capture, now [0, 1, 2])", "progressive growing"]),
     ("annealed_regrown", ["active ([0, 1] at its capture, now [0, 1, 2])"]),
     ("annealed_gain", ["gain (None at its capture, now 2.0)"]),
+    ("hook_added", ["hooks of yours were added to blocks.1 of Tempered after it was captured", "in __init__"]),
+    ("hook_removed", ["hooks of yours were removed from blocks.1 of Tempered after it was captured"]),
     pytest.param("save_pretrained", ["GPT2LMHeadModel.save_pretrained(...) under PipelineStrategy would write this "
                                      "rank's share", "trainer.save_checkpoint(path)"], marks=_NEEDS_TRANSFORMERS),
     pytest.param("num_parameters", ["GPT2LMHeadModel.num_parameters() under PipelineStrategy would count this rank's "

@@ -25,6 +25,7 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
+from lightning_pipe.strategy.cut_warnings import users_hook
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -298,13 +299,41 @@ class CapturedModule:
 
     def prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
                 context: Callable[[int], Any]) -> None:
+        """Make the captures this step needs (:meth:`_prepare`), after refusing what changed since the last step that
+        the graphs cannot follow: plain values the forward read, and the hooks of yours on the model's modules."""
+        self._check_reads()
+        self._check_hooks()
+        self._prepare(step, microbatches, args, kwargs, context)
+        self._hooks_seen = _user_hooks(self.model, self.proxy)
+
+    def _check_hooks(self) -> None:
+        """Refuse forward or backward hooks of the user's added to or removed from the model's modules since the last
+        step (a hook registered in on_train_start, a warm-up hook's handle.remove()): the graphs were captured with
+        the hooks there were then, and keep running them as they were (found by review: 0.87 and 0.45 off one
+        device, silently)."""
+        seen = self.__dict__.get("_hooks_seen")
+        now = _user_hooks(self.model, self.proxy) if seen is not None else None
+        if seen is None or now == seen:
+            return
+        added = sorted(name or "the model" for name in now if now[name] - seen.get(name, frozenset()))
+        removed = sorted(name or "the model" for name in seen if seen[name] - now.get(name, frozenset()))
+        raise ValueError(f"hooks of yours were {'added to ' + ', '.join(added) if added else ''}"
+                         f"{' and ' if added and removed else ''}"
+                         f"{'removed from ' + ', '.join(removed) if removed else ''} of {type(self.model).__name__} "
+                         f"after it was captured: under PipelineStrategy its forward runs as a graph captured once, "
+                         f"with the hooks it had then, so the change would be ignored (one device runs them as they "
+                         f"are at each call). Register hooks in __init__ or configure_model and keep them; a hook "
+                         f"that should act for a while only can read a buffer (self.register_buffer('on', "
+                         f"torch.tensor(1.0)), set with self.on.fill_(0.0)) and scale what it changes by it")
+
+    def _prepare(self, step: str, microbatches: Sequence[Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+                 context: Callable[[int], Any]) -> None:
         """Make the captures this step needs on every rank: the first micro-batch's when the step or the mode
         (train/eval, autocast) is new (``predict_step`` may call the model without the labels ``validation_step``
         passes); every micro-batch's pattern when the captures are static (one per shape); and when a symbolic
         capture fixed some size, that of each micro-batch whose tensors' shapes are new (a new sequence length is
         captured anew)."""
         assert self.proxy is not None
-        self._check_reads()
         # each evaluation dataloader's step may call the model its own way (labels for one, none for another)
         loader = args[1] if step != "training_step" and len(args) > 1 and type(args[1]) is int and args[1] else None
         key = (step if loader is None else f"{step}:{loader}", self.training, autocast_state(), self.carried.pattern(),
@@ -518,3 +547,18 @@ def no_logging(module: nn.Module) -> Any:
         yield
     finally:
         del module.log
+
+
+_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _user_hooks(*roots: nn.Module | None) -> dict[str, frozenset[tuple[str, int]]]:
+    """Each module of the ``roots`` (by name; the model and its stand-in, whose parts a hook may be registered on)
+    -> the hooks of the user's it carries, as (kind, handle id)."""
+    found: dict[str, frozenset[tuple[str, int]]] = {}
+    for root in roots:
+        for name, module in root.named_modules() if root is not None else ():
+            found[name] = found.get(name, frozenset()) | frozenset(
+                (kind, key) for kind in _HOOK_KINDS for key, hook in getattr(module, kind).items() if users_hook(hook))
+    return found
+

@@ -17,10 +17,10 @@ from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import FOREIGN
 
 __all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
-           "refuse_sequence_hooks"]
+           "refuse_sequence_hooks", "users_hook"]
 
 
-def _users(hook: Any) -> bool:
+def users_hook(hook: Any) -> bool:
     """Whether ``hook`` is the user's own (not torch's, a library's, or this package's)."""
     return (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN
 
@@ -57,7 +57,7 @@ def refuse_sequence_hooks(sequence: torch.nn.Module, path: str) -> None:
     stage, and never its own forward, so such a hook (a pre-hook standardizing the input, a forward hook dividing the
     output by a temperature) would silently not run on any rank (found by review: 0.56 off one device)."""
     kinds = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-             if any(getattr(hook, "__module__", None) and _users(hook) for hook in getattr(sequence, kind).values())]
+             if any(getattr(hook, "__module__", None) and users_hook(hook) for hook in getattr(sequence, kind).values())]
     if kinds:
         named = ", ".join(kind.strip("_").replace("hooks", "hook") for kind in kinds)
         raise ValueError(f"the pipelined nn.Sequential at {path or 'the model'!r} carries hooks of yours on itself "
@@ -76,7 +76,7 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
     def hooked(kinds: tuple[str, ...]) -> list[str]:
         return sorted({f"{path}.{name}" for name, module in sequence.named_modules() if name  # (the root's: refused)
                        for kind in kinds for hook in getattr(module, kind).values()
-                       if getattr(hook, "__module__", None) and _users(hook)})
+                       if getattr(hook, "__module__", None) and users_hook(hook)})
 
     if pipeline.rank != 0:
         return
@@ -123,7 +123,7 @@ def warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
     names = {id(p): name for name, p in module.named_parameters()}
     hooked = sorted({names.get(id(p), "?") for stage in pipeline.modules() for p in stage.parameters()
                      for hooks in (getattr(p, "_backward_hooks", None), getattr(p, "_post_accumulate_grad_hooks", None))
-                     for hook in (hooks or {}).values() if _users(hook)})
+                     for hook in (hooks or {}).values() if users_hook(hook)})
     if hooked:
         warnings.warn(f"{', '.join(hooked[:6])}{' and more' if len(hooked) > 6 else ''} carry gradient hooks of yours "
                       f"(register_hook, register_post_accumulate_grad_hook): the pipeline runs one backward per "
