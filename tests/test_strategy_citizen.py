@@ -698,3 +698,51 @@ def test_a_contrastive_loss_over_a_dual_encoder_returning_its_temperature_is_war
     which left the loss unchecked: 0.83 logged against one device's 2.50, the weights up to 77% apart, silent."""
     first, last = run_ranks(_contrastive, 2, timeout=150)
     assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)
+
+
+def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[str]:
+    """Cross-entropy plus the norm of its gradient with respect to the logits (``torch.autograd.grad`` in the step):
+    a penalty that scales with 1 / rows, so not a mean over them; made per row (times the rows) it is one."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Penalized(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.layers(batch[0])
+            loss = F.cross_entropy(out, batch[1])
+            (grad,) = torch.autograd.grad(loss, out, create_graph=True)
+            penalty = (grad * len(out)).pow(2).sum(1).mean() if per_row else grad.norm()
+            return loss + 0.5 * penalty
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * 3, 4, generator=generator), torch.randint(0, 3, (8 * 3,), generator=generator)
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
+                        devices=world_size, max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Penalized(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+def test_a_step_taking_gradients_through_the_models_output_has_its_loss_checked() -> None:
+    """The check of how the loss adds up runs the step on the whole batch's output without gradients, where the step's
+    own torch.autograd.grad failed, and the loss was taken as one the check cannot tell (found by review: a penalty on
+    the logits' gradient trained 3.7e-2 off one device, silently). It runs again with gradients through the output."""
+    warned = run_ranks(_logit_gradient_penalty, 2, False, timeout=150)[-1]  # (said on the last stage)
+    assert len(warned) == 1, warned
+    per_row = run_ranks(_logit_gradient_penalty, 2, True, timeout=150)[-1]
+    assert per_row == [], per_row

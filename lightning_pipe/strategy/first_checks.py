@@ -45,7 +45,7 @@ from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_inputs import inputs_warning, mixing_warning, shifted_rows
-from lightning_pipe.strategy.step_values import loss_of
+from lightning_pipe.strategy.step_values import loss_of, without_gradients
 
 __all__ = ["FirstBatchChecks"]
 
@@ -135,12 +135,14 @@ class FirstBatchChecks:
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
         def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            with torch.no_grad(), self.recorder.discarding(), self.metrics.untouched(), \
-                    host_random_kept(self.module) as held, \
-                    forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
-                if draw:  # the generators the module keeps draw other numbers too (put back after)
-                    held.shift()
-                return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
+            def attempt(output: Any) -> torch.Tensor:  # (each attempt draws the same random numbers)
+                with self.recorder.discarding(), self.metrics.untouched(), host_random_kept(self.module) as held, \
+                        forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
+                    if draw:  # the generators the module keeps draw other numbers too (put back after)
+                        held.shift()
+                    return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
+
+            return without_gradients(attempt, output)
 
         if self.loss_reduction == "sum":  # told: only how the sequence's single numbers add up is learned
             self._scalar_probes_left -= 1

@@ -37,7 +37,9 @@ from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_wa
 from lightning_pipe.strategy.results import StepResult, sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
-from lightning_pipe.strategy.step_values import combine_outputs, listed, loss_of, needs_whole_batch, same_output
+from lightning_pipe.strategy.step_values import (
+    combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
+)
 
 __all__ = ["WholeBatchRuns"]
 
@@ -137,13 +139,22 @@ class WholeBatchRuns:
         logs_checked = False
 
         def replay(whole: Any, for_logs: bool = False) -> None:
-            recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
-            loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
-            with torch.no_grad(), recording, self.metrics.replaying(), host_random_kept(self.module) as held, \
-                    loggers, forked_random(derive_seed(seed, 0), self.pipeline.device):
-                before = global_random_states()
-                returned.append(self.split.run_step(step, whole, owned(batch), rest, kwargs))
-                drew.append(not same_random_states(global_random_states(), before) or held.moved())
+            logs_before = len(logged.calls) if logged is not None else 0
+
+            def attempt(whole: Any) -> tuple[Any, bool]:  # (a second attempt starts from the same logs and numbers)
+                if logged is not None:
+                    del logged.calls[logs_before:]
+                recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
+                loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
+                with recording, self.metrics.replaying(), host_random_kept(self.module) as held, loggers, \
+                        forked_random(derive_seed(seed, 0), self.pipeline.device):
+                    before = global_random_states()
+                    output = self.split.run_step(step, whole, owned(batch), rest, kwargs)
+                    return output, not same_random_states(global_random_states(), before) or held.moved()
+
+            output, drawn = without_gradients(attempt, whole)
+            returned.append(output)
+            drew.append(drawn)
 
         def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
             return bool(returned) and bool(drew) and not drew[-1]
