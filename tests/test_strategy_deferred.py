@@ -78,3 +78,28 @@ def test_a_module_that_keeps_a_calls_statistics_for_a_later_call_runs_for_real()
     for name, tensor in weights.items():
         torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert results[1][1] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_module_whose_layer_carries_a_hook_of_the_users_runs_for_real() -> None:
+    """Feature distillation: a frozen teacher called before the student only for what a forward hook on one of its
+    layers stores; deferred, it never ran on the last stage, and micro-batch 1 found no features (found by review:
+    KeyError). A module without such a hook is still deferred."""
+    from lightning_pipe.strategy.deferred import DeferredCalls
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+            self.plain = nn.Linear(4, 4)
+            self.model = nn.Linear(4, 4)
+
+    holder, features = Holder(), {}
+    holder.teacher[2].register_forward_hook(lambda module, args, output: features.update(t=output))
+    calls = DeferredCalls(holder, lambda child: child is holder.model, torch.device("cpu"))
+    for _ in range(2):
+        features.clear()
+        with calls.around(lambda: False):
+            holder.teacher(torch.randn(2, 4))
+            holder.plain(torch.randn(2, 4))
+        assert "t" in features  # the teacher ran, and its hook stored its features
+    assert calls.deferrable == {"teacher": False, "plain": True} and calls.deferred == 1

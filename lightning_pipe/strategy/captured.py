@@ -25,7 +25,6 @@ from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
-from lightning_pipe.strategy.cut_warnings import users_hook
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -39,6 +38,7 @@ from lightning_pipe.strategy.standing_in import redirect_into, release_others, s
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import ROW_MEAN, input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
+from lightning_pipe.strategy.unfollowed import users_hook
 
 __all__ = ["CapturedModule", "no_logging"]
 

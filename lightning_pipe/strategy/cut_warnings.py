@@ -5,7 +5,6 @@ pipelined ``nn.Sequential``, gradient hooks on the parameters (run once per micr
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,15 +13,10 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
-from lightning_pipe.strategy.unfollowed import FOREIGN
+from lightning_pipe.strategy.unfollowed import users_hook
 
 __all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
-           "refuse_sequence_hooks", "users_hook"]
-
-
-def users_hook(hook: Any) -> bool:
-    """Whether ``hook`` is the user's own (not torch's, a library's, or this package's)."""
-    return (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN
+           "refuse_sequence_hooks"]
 
 
 def warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:

@@ -8,8 +8,9 @@ a call of such a module returns a :class:`LazyValue`, a tensor that computes the
 step uses it (a distillation loss against the backbone's features, say). Passed to the layers, it is dropped unseen.
 
 A module is deferred only after one real call showed that it returns a plain tensor, draws no random numbers,
-changes none of its buffers (BatchNorm in train mode does) and stores nothing on itself (RevIN keeps the statistics of
-its "norm" call for its "denorm" call after the model): otherwise deferring it could change what the step computes.
+changes none of its buffers (BatchNorm in train mode does), stores nothing on itself (RevIN keeps the statistics of
+its "norm" call for its "denorm" call after the model) and carries no forward hooks of the user's (a teacher's layer
+whose hook stores its features for a distillation loss): otherwise deferring it could change what the step computes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lightning_pipe.strategy.unfollowed import users_hook
 
 __all__ = ["LazyValue", "DeferredCalls"]
 
@@ -69,6 +72,13 @@ def _bindings(module: nn.Module) -> list[tuple[int, str, int]]:
     return found
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule carries forward hooks of the user's: a teacher called only for what a hook
+    on one of its layers stores (feature distillation) must run (found by review: deferred, it stored nothing)."""
+    return any(users_hook(hook) for part in module.modules()
+               for hook in (*part._forward_hooks.values(), *part._forward_pre_hooks.values()))
+
+
 def _random_states(device: torch.device) -> list[torch.Tensor]:
     states = [torch.get_rng_state()]
     if device.type == "cuda":
@@ -112,7 +122,8 @@ class DeferredCalls:
                 output = forward(*args, **kwargs)
                 same_draws = all(torch.equal(a, b) for a, b in zip(random, _random_states(self.device)))
                 self.deferrable[name] = (type(output) is torch.Tensor and bindings == _bindings(child) and same_draws
-                                         and versions == [b._version for b in child.buffers()])
+                                         and versions == [b._version for b in child.buffers()]
+                                         and not _hooked(child))
                 return output
             self.deferred += 1
             grad, kind = torch.is_grad_enabled(), self.device.type

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
 
-__all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules"]
+__all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook"]
 
 # the code of these packages keeps its own attributes (a rotary embedding's cache filled on the first call): not
 # the user's state
@@ -172,6 +172,12 @@ class UnfollowedState:
             f"(a change that alters later batches makes the ranks read different ones). Make such changes in a hook "
             f"every rank runs once per batch or epoch (on_train_batch_end, from the step's outputs; "
             f"on_train_epoch_start)", stacklevel=2)
+
+
+def users_hook(hook: Any) -> bool:
+    """Whether ``hook`` (a module's forward or backward hook) is the user's own (not torch's, a library's, or this
+    package's)."""
+    return (getattr(hook, "__module__", None) or "").split(".")[0] not in FOREIGN
 
 
 def user_modules(module: nn.Module, pipelined: Iterable[nn.Module],
