@@ -87,17 +87,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             :mod:`lightning_pipe.strategy.captured`). By default the module's only outermost ``nn.Sequential`` when it
             holds every trainable parameter, else the child module holding them all (``self.model``) or, when several
             hold them, the module's own ``forward``, captured (:mod:`lightning_pipe.strategy.model_choice`).
-        split_points: where to cut a captured model, by module names as ``model.named_modules()`` gives them
-            (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
-            the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
-        allow_autograd_functions: capture a model whose forward applies custom ``torch.autograd.Function`` s
-            unchecked: the graph keeps their forward ops and differentiates those itself, which is right only if
-            each backward is its forward's exact derivative. By default each one is checked so on random inputs of
-            its shapes (Bloom's GeLU passes) and one that fails is refused, naming it and the difference.
-        dynamic_shapes: capture a model once per mode with symbolic sizes, serving every batch size and sequence
-            length (the default; it falls back to one capture per shape where export cannot); ``False`` captures once
-            per input shape from the start: for models of fixed input size whose symbolic capture is slow (window
-            attention over symbolic heights and widths, as DaViT's, can take torch's shape solver many minutes).
+            ``""``: the LightningModule's own ``forward``, captured (a step that calls its layers one by one, a
+            linear probe whose frozen backbone and head are separate children).
         checkpoint_activations: keep only each stage's input during forward and recompute the rest in backward
             (GPipe's re-materialization): less memory, one more forward.
         schedule_options: extra arguments of the schedule, e.g. ``{"virtual_stages": 2}``.
@@ -119,6 +110,17 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             and ``schedule="auto"``. ``None``: no cap.
         profile_cache: folder where planned cuts keep their layer profiles, reused while the model and batch shapes
             are unchanged; ``None``: ``<default_root_dir>/.lightning_pipe_profiles``; ``False``: no cache.
+        split_points: where to cut a captured model, by module names as ``model.named_modules()`` gives them
+            (``["transformer.h.2", ("transformer.ln_f", "end")]``); by default before every repeated block and after
+            the last. ``partition`` then counts segments (the pieces between cuts) instead of layers.
+        allow_autograd_functions: capture a model whose forward applies custom ``torch.autograd.Function`` s
+            unchecked: the graph keeps their forward ops and differentiates those itself, which is right only if
+            each backward is its forward's exact derivative. By default each one is checked so on random inputs of
+            its shapes (Bloom's GeLU passes) and one that fails is refused, naming it and the difference.
+        dynamic_shapes: capture a model once per mode with symbolic sizes, serving every batch size and sequence
+            length (the default; it falls back to one capture per shape where export cannot); ``False`` captures once
+            per input shape from the start: for models of fixed input size whose symbolic capture is slow (window
+            attention over symbolic heights and widths, as DaViT's, can take torch's shape solver many minutes).
         checkpoint_format: ``"full"``: one standard Lightning file, gathered on global rank 0 (small models, and
             ``load_from_checkpoint`` on one device); ``"sharded"``: a folder at the checkpoint's path into which every
             rank writes its own stages' weights and optimizer state in parallel (torch.distributed.checkpoint), keyed
@@ -167,7 +169,8 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
       stages apply its gradient during step ``k + 1``.
     - the pipeline is drained (every update still owed applied) before validation, before a checkpoint is written,
       at the end of every epoch and of fit, so those see exactly the weights after ``global_step`` batches. A
-      drain ends the overlap: the next batch starts the pipeline afresh.
+      drain ends the overlap: the next batch starts the pipeline afresh. A batch of fewer rows than
+      ``num_microbatches`` runs alone after a drain too.
 
     They refuse ``accumulate_grad_batches > 1``, clipping by norm (each stage steps at its own time), parameters
     tied across stages and ``schedule_options`` (one stage per rank).
