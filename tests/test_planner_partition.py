@@ -314,3 +314,12 @@ def test_fixed_uneven_replicas_and_round_robin_agree_on_memory(schedule, m):
         fits = plan_pipeline(profiles, 4, method="profile", schedule=schedule, num_microbatches=m,
                              replicas="round_robin", memory_cap=least)
         assert fits.peak_memory <= least
+
+
+def test_more_devices_than_layers_says_which_layout_fits() -> None:
+    """12 devices for 4 layers, one pipeline asked for: the error names a layout that uses every device (it said
+    "loosen one of them": found by review)."""
+    profiles = random_profiles(random.Random(0), 4)
+    with pytest.raises(ValueError, match=r"no plan puts 4 layers on 12 devices .*: e.g. num_stages=4, replicas=3; or "
+                                         r"use fewer devices"):
+        plan_pipeline(profiles, 12, method="profile", replicas=1)

@@ -156,8 +156,12 @@ def _profile(problem: Problem, num_stages: int | None, replicas: int | None) -> 
     if not plans:
         if problem.cap is not None:
             _too_big(problem, None, num_stages, replicas, "profile")
+        fitting = [stages for stages in range(min(problem.L, problem.D), 0, -1) if problem.D % stages == 0]
+        hint = (f": e.g. num_stages={fitting[0]}, replicas={problem.D // fitting[0]}"
+                if fitting and num_stages is None and (replicas or 1) == 1 and fitting[0] < problem.D else "")
         raise ValueError(f"no plan puts {problem.L} layers on {problem.D} devices with num_stages={num_stages}, "
-                         f"replicas={replicas}; every stage needs a layer and a device: loosen one of them")
+                         f"replicas={replicas}: every stage needs at least one layer and its devices, and "
+                         f"num_stages x replicas must use every device{hint}; or use fewer devices")
     return plans
 
 def _fixed(problem: Problem, method: Method, num_stages: int | None, replicas: int | None) -> tuple[list[Segment], Schedule]:
