@@ -490,11 +490,7 @@ def test_labels_masked_by_a_draw_in_the_step_are_said_to_be_uncountable_from_the
 def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
     """A tagger's loss over the tokens other than those ignored at -100, whose first batch has none ignored (so it
     looks like a mean over rows) and whose later batches have some (``padded``), or never any."""
-    import warnings
-
     import lightning as L
-
-    from lightning_pipe import PipelineStrategy
 
     torch.set_num_threads(1)
 
@@ -514,13 +510,7 @@ def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
     for row in range(8, 32) if padded else ():  # the first batch unpadded, later rows padded by varying amounts
         y[row, 9 - row % 8:] = -100
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
-                        devices=world_size, max_steps=4, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Tagger(), loader)
-    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+    return _loss_warnings(world_size, 4, Tagger(), loader)
 
 
 @pytest.mark.timeout(200)
@@ -594,11 +584,7 @@ def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_d
 def _late_term(rank: int, world_size: int) -> list[str]:
     """A regression's mean loss, to which a term coupling the batch's rows (the spread of the outputs over the batch)
     is added after a warm-up of ten steps, and logged under a name of its own."""
-    import warnings
-
     import lightning as L
-
-    from lightning_pipe import PipelineStrategy
 
     torch.set_num_threads(1)
 
@@ -621,13 +607,8 @@ def _late_term(rank: int, world_size: int) -> list[str]:
 
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(8 * 14, 4, generator=generator), torch.randn(8 * 14, 2, generator=generator)
-    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
-                        devices=world_size, max_steps=14, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(WarmedUp(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+    return _loss_warnings(world_size, 14, WarmedUp(),
+                          torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
 
 
 @pytest.mark.timeout(200)
@@ -703,11 +684,7 @@ def test_a_contrastive_loss_over_a_dual_encoder_returning_its_temperature_is_war
 def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[str]:
     """Cross-entropy plus the norm of its gradient with respect to the logits (``torch.autograd.grad`` in the step):
     a penalty that scales with 1 / rows, so not a mean over them; made per row (times the rows) it is one."""
-    import warnings
-
     import lightning as L
-
-    from lightning_pipe import PipelineStrategy
 
     torch.set_num_threads(1)
 
@@ -728,13 +705,8 @@ def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[s
 
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(8 * 3, 4, generator=generator), torch.randint(0, 3, (8 * 3,), generator=generator)
-    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
-                        devices=world_size, max_steps=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(Penalized(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+    return _loss_warnings(world_size, 3, Penalized(),
+                          torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
 
 
 @pytest.mark.timeout(200)
@@ -746,3 +718,21 @@ def test_a_step_taking_gradients_through_the_models_output_has_its_loss_checked(
     assert len(warned) == 1, warned
     per_row = run_ranks(_logit_gradient_penalty, 2, True, timeout=150)[-1]
     assert per_row == [], per_row
+
+
+def _loss_warnings(world_size: int, steps: int, module: Any, loader: Any) -> list[str]:
+    """Fit ``module`` for ``steps`` steps under a 4-micro-batch pipeline; the warnings that its loss is neither a mean
+    nor a sum over the rows."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=60), accelerator="cpu",
+                        devices=world_size, max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
