@@ -681,9 +681,10 @@ def test_a_contrastive_loss_over_a_dual_encoder_returning_its_temperature_is_war
     assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)
 
 
-def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[str]:
+def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> tuple[list[str], int]:
     """Cross-entropy plus the norm of its gradient with respect to the logits (``torch.autograd.grad`` in the step):
-    a penalty that scales with 1 / rows, so not a mean over them; made per row (times the rows) it is one."""
+    a penalty that scales with 1 / rows, so not a mean over them; made per row (times the rows) it is one. The step
+    also counts the rows it saw, before the gradient."""
     import lightning as L
 
     torch.set_num_threads(1)
@@ -692,9 +693,11 @@ def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[s
         def __init__(self) -> None:
             super().__init__()
             self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.seen = 0
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             out = self.layers(batch[0])
+            self.seen += len(out)
             loss = F.cross_entropy(out, batch[1])
             (grad,) = torch.autograd.grad(loss, out, create_graph=True)
             penalty = (grad * len(out)).pow(2).sum(1).mean() if per_row else grad.norm()
@@ -705,8 +708,10 @@ def _logit_gradient_penalty(rank: int, world_size: int, per_row: bool) -> list[s
 
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(8 * 3, 4, generator=generator), torch.randint(0, 3, (8 * 3,), generator=generator)
-    return _loss_warnings(world_size, 3, Penalized(),
-                          torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    module = Penalized()
+    warned = _loss_warnings(world_size, 3, module,
+                            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    return warned, module.seen
 
 
 @pytest.mark.timeout(200)
@@ -714,9 +719,12 @@ def test_a_step_taking_gradients_through_the_models_output_has_its_loss_checked(
     """The check of how the loss adds up runs the step on the whole batch's output without gradients, where the step's
     own torch.autograd.grad failed, and the loss was taken as one the check cannot tell (found by review: a penalty on
     the logits' gradient trained 3.7e-2 off one device, silently). It runs again with gradients through the output."""
-    warned = run_ranks(_logit_gradient_penalty, 2, False, timeout=150)[-1]  # (said on the last stage)
+    results = run_ranks(_logit_gradient_penalty, 2, False, timeout=150)
+    warned = results[-1][0]  # (said on the last stage)
     assert len(warned) == 1, warned
-    per_row = run_ranks(_logit_gradient_penalty, 2, True, timeout=150)[-1]
+    # the step's change to the module is made once per batch, as on one device (the first try's is undone)
+    assert [seen for _, seen in results] == [24, 24]
+    per_row = run_ranks(_logit_gradient_penalty, 2, True, timeout=150)[-1][0]
     assert per_row == [], per_row
 
 

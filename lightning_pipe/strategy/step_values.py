@@ -62,17 +62,19 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
 BATCH, ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-def without_gradients(attempt: Callable[[Any], Any], output: Any) -> Any:
+def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable[[], bool] | None = None) -> Any:
     """``attempt(output)`` (a run of the step's code on the model's output, for a check) under ``torch.no_grad()``;
     where the step takes gradients of its own through the output (``torch.autograd.grad(loss, logits)``: a penalty
     on the logits' gradient), which fails without them, once more with gradients, through a copy of ``output`` cut
     from the model (its floating-point tensors leaves that require grad). Such a step's check failed, and its loss
-    was taken as one the check cannot tell (found by review: 3.7e-2 off one device, silently)."""
+    was taken as one the check cannot tell (found by review: 3.7e-2 off one device, silently). ``undo`` puts back
+    what the failed attempt changed on the module (``self.seen += len(x)`` before the step's own gradient), and says
+    whether it could; where it could not, the first attempt's error stands."""
     try:
         with torch.no_grad():
             return attempt(output)
     except RuntimeError as error:
-        if "does not require grad" not in str(error):
+        if "does not require grad" not in str(error) or (undo is not None and not undo()):
             raise
     leaves = tree_map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() or t.is_complex()
                               else t, output)

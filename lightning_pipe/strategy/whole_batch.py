@@ -140,10 +140,12 @@ class WholeBatchRuns:
 
         def replay(whole: Any, for_logs: bool = False) -> None:
             logs_before = len(logged.calls) if logged is not None else 0
+            calls_before, mark = len(self.logger_calls.calls), self.effects.snapshot()
 
             def attempt(whole: Any) -> tuple[Any, bool]:  # (a second attempt starts from the same logs and numbers)
                 if logged is not None:
                     del logged.calls[logs_before:]
+                del self.logger_calls.calls[calls_before:]
                 recording = logged.recording(batch_rows(batch)) if logged is not None else self.recorder.discarding()
                 loggers = self.logger_calls.discarding() if for_logs else self.logger_calls.recording()
                 with recording, self.metrics.replaying(), host_random_kept(self.module) as held, loggers, \
@@ -152,7 +154,7 @@ class WholeBatchRuns:
                     output = self.split.run_step(step, whole, owned(batch), rest, kwargs)
                     return output, not same_random_states(global_random_states(), before) or held.moved()
 
-            output, drawn = without_gradients(attempt, whole)
+            output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark))
             returned.append(output)
             drew.append(drawn)
 
