@@ -250,6 +250,9 @@ def _Annealed(case: str) -> Any:
                 self.model.gain = None if self.global_step == 0 else 2.0
             elif case == "annealed_buffer":  # a buffer given a new tensor: copied into the one the graph reads
                 self.model.offset = torch.full((8,), float(self.global_step))
+            elif case == "hook_before_first_step" and self.global_step == 0 and not hasattr(self, "_hooked"):
+                self._hooked = True  # (registered before the first step, after the capture at set-up)
+                self.model.blocks[1].register_forward_hook(lambda module, args, out: out * 0.5)
             elif case == "hook_added" and self.global_step == 1:  # a hook registered after the capture
                 self.model.blocks[1].register_forward_hook(lambda module, args, out: out * 0.5)
             elif case == "hook_removed" and self.global_step == 1:
@@ -480,6 +483,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("annealed_gain", ["gain (None at its capture, now 2.0)"]),
     ("hook_added", ["hooks of yours were added to blocks.1 of Tempered after it was captured", "in __init__"]),
     ("hook_removed", ["hooks of yours were removed from blocks.1 of Tempered after it was captured"]),
+    ("hook_before_first_step", ["hooks of yours were added to blocks.1 of Tempered after it was captured (when the Trainer "
+                           "set the strategy up, before on_fit_start)"]),
     pytest.param("save_pretrained", ["GPT2LMHeadModel.save_pretrained(...) under PipelineStrategy would write this "
                                      "rank's share", "trainer.save_checkpoint(path)"], marks=_NEEDS_TRANSFORMERS),
     pytest.param("num_parameters", ["GPT2LMHeadModel.num_parameters() under PipelineStrategy would count this rank's "

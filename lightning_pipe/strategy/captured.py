@@ -142,6 +142,7 @@ class CapturedModule:
         self._shapes_seen: set[tuple] = set()  # those with the shapes of a micro-batch's tensors, checked so far
         self._stored: set[str] = set()  # places outside the model where a capture's forward stored tensors
         self._fields_warned: set[str] = set()  # changed fields of config objects the forward read, said once
+        self._hooks_seen: dict[str, frozenset[tuple[str, int]]] | None = None  # the user's hooks the graphs run
 
     @property
     def is_cut(self) -> bool:
@@ -290,6 +291,7 @@ class CapturedModule:
                     self._mark_stored()
 
         self._agree(make, f"capturing {self.where}")
+        self._hooks_seen = _user_hooks(self.model, self.proxy)  # what the graphs run: changes are refused from here
         for capture in self.splitter.captures:  # made before any hook ran: a later one for the same inputs replaces it
             capture.provisional = True
         key = (step, training, autocast_state(), self.carried.pattern(), before)
@@ -311,7 +313,7 @@ class CapturedModule:
         step (a hook registered in on_train_start, a warm-up hook's handle.remove()): the graphs were captured with
         the hooks there were then, and keep running them as they were (found by review: 0.87 and 0.45 off one
         device, silently)."""
-        seen = self.__dict__.get("_hooks_seen")
+        seen = self._hooks_seen
         now = _user_hooks(self.model, self.proxy) if seen is not None else None
         if seen is None or now == seen:
             return
@@ -320,9 +322,10 @@ class CapturedModule:
         raise ValueError(f"hooks of yours were {'added to ' + ', '.join(added) if added else ''}"
                          f"{' and ' if added and removed else ''}"
                          f"{'removed from ' + ', '.join(removed) if removed else ''} of {type(self.model).__name__} "
-                         f"after it was captured: under PipelineStrategy its forward runs as a graph captured once, "
-                         f"with the hooks it had then, so the change would be ignored (one device runs them as they "
-                         f"are at each call). Register hooks in __init__ or configure_model and keep them; a hook "
+                         f"after it was captured (when the Trainer set the strategy up, before on_fit_start): under "
+                         f"PipelineStrategy its forward runs as a graph captured once, with the hooks it had then, so "
+                         f"the change would be ignored (one device runs them as they are at each call). Register hooks "
+                         f"in __init__, setup() or configure_model and keep them; a hook "
                          f"that should act for a while only can read a buffer (self.register_buffer('on', "
                          f"torch.tensor(1.0)), set with self.on.fill_(0.0)) and scale what it changes by it")
 

@@ -23,7 +23,9 @@ __all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook"]
 # the code of these packages keeps its own attributes (a rotary embedding's cache filled on the first call): not
 # the user's state
 FOREIGN = LIBRARIES | {"lightning_pipe", "transformers", "timm", "torchvision", "torchaudio", "peft", "diffusers",
-                       "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers"}
+                       "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers",
+                       # loggers, whose watch() hooks the model's modules to log gradients
+                       "wandb", "comet_ml", "neptune", "mlflow", "tensorboardX", "clearml", "aim"}
 _STEPS = 16  # steps of each kind whose state is marked and compared
 _DATA = "\0data"  # the datasets' marks, among a step's marks
 _LOADERS = {"training_step": "train_dataloader", "validation_step": "val_dataloaders",
