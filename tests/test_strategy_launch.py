@@ -75,3 +75,20 @@ def test_a_run_from_python_c_says_it_needs_a_script(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "PipelineStrategy starts each other rank by running your script again" in done.stderr, done.stderr[-3000:]
     assert "python train.py" in done.stderr and "can't open file" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_script_whose_path_moved_with_the_working_directory_is_not_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hydra's job.chdir=True runs the app in another folder, where ``sys.argv[0]`` ("train.py") no longer resolves:
+    Lightning's launcher finds the script again, so only ``-c``, ``-`` and an interactive session are refused (found
+    by review: the first form of the check refused such apps)."""
+    import __main__
+
+    from lightning_pipe.strategy.processes import _refuse_without_a_script
+
+    monkeypatch.setattr(__main__, "__spec__", None, raising=False)
+    monkeypatch.setattr(sys, "argv", ["train.py", "trainer.devices=2"])
+    _refuse_without_a_script()  # (no such file here: not refused)
+    for command in ("-c", "-"):
+        monkeypatch.setattr(sys, "argv", [command])
+        with pytest.raises(RuntimeError, match=f"was started from '{command}', which it cannot run again"):
+            _refuse_without_a_script()

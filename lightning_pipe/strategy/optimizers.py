@@ -152,8 +152,8 @@ def whole_set_warning(optimizers: Iterable[torch.optim.Optimizer]) -> str | None
         return (f"{', '.join(clipping)} clips the gradients by their norm over all the parameters it holds (as "
                 f"timm's and apex's LAMB do), and under a pipeline each rank's optimizer holds its own stages' "
                 f"parameters only, so each stage would clip by the norm of its own share, not one device's. Give it "
-                f"max_grad_norm=None (or 0) and clip with Trainer(gradient_clip_val=...), which the pipeline computes "
-                f"over every rank's gradients")
+                f"max_grad_norm=None and clip with Trainer(gradient_clip_val=...), which a synchronous pipeline "
+                f"computes over every rank's gradients (the asynchronous schedules clip by value only)")
     return None
 
 

@@ -203,7 +203,8 @@ def _refuse_without_a_script() -> None:
     from lightning.fabric.utilities.imports import _IS_INTERACTIVE
 
     script = sys.argv[0] if sys.argv else ""
-    if _IS_INTERACTIVE or getattr(__main__, "__spec__", None) is None and not os.path.isfile(script):
+    # (a script whose path no longer resolves, after Hydra's job.chdir, is one Lightning's launcher finds again)
+    if _IS_INTERACTIVE or getattr(__main__, "__spec__", None) is None and script in ("-c", "-", ""):
         where = "an interactive session or a notebook" if _IS_INTERACTIVE or not script else f"{script!r}"
         raise RuntimeError(f"PipelineStrategy starts each other rank by running your script again, as DDP does, and "
                            f"was started from {where}, which it cannot run again: put the code in a file and run "

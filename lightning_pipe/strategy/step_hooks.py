@@ -136,7 +136,7 @@ class PipelineSteps:
         trainer = self.lightning_module.trainer
         self._steps_in_batch = self.__dict__.get("_steps_in_batch", 0) + 1
         if self._steps_in_batch > 1:  # a LightningModule.optimizer_step of its own calling the closure again
-            raise ValueError(_second_closure_run("The module's optimizer_step"))
+            raise ValueError(_second_closure_run("The module's optimizer_step", "call optimizer_closure() once in it"))
         seed = self._position.step_seed(trainer)
         self.runner.pipeline.step_name = f"global step {trainer.global_step} (epoch {trainer.current_epoch})"
         if self._async is not None:  # the optimizer steps inside; in-flight gradients stay out of zero_grad's reach
@@ -387,11 +387,11 @@ def _only_once(closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[],
     return once
 
 
-def _second_closure_run(who: str) -> str:
+def _second_closure_run(who: str, fix: str = "use an optimizer that steps once per closure") -> str:
     """Why a step that runs the training step's closure again for one batch is refused (:func:`_only_once`, and
     ``training_step`` for a module's own ``optimizer_step`` calling it twice)."""
     return (f"{who} runs the training step's closure a second time for one batch, as sharpness-aware minimization "
             f"(SAM: the gradients again at perturbed weights) or a line search does, from quantities over all "
             f"parameters' gradients together (their norm): each rank of a pipeline holds only its stages' share, so "
-            f"its perturbation or search would be another than one device's. Use an optimizer that steps once per "
-            f"closure, or train with it on one device or under DDP")
+            f"its perturbation or search would be another than one device's. Under a pipeline, {fix}; or train it "
+            f"on one device or under DDP")
