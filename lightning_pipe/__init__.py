@@ -40,7 +40,10 @@ class _OtherLightning:
 
 
 def _refuse_in_pytorch_lightning() -> None:
-    from pytorch_lightning.strategies import StrategyRegistry
+    try:
+        from pytorch_lightning.strategies import StrategyRegistry
+    except ImportError:  # a version from before its strategy registry (1.5 and older): nothing to register with
+        return
 
     for name in STRATEGY_NAMES:
         if name not in StrategyRegistry:
@@ -57,7 +60,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._loaders: dict[str, Any] = {}
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name not in _WATCHED or name in self._loaders or name in sys.modules:
+        # (a probe of the spec alone, importlib.util.find_spec, leaves the module to import later: watched again)
+        if name not in _WATCHED or name in sys.modules:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:

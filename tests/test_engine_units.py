@@ -147,7 +147,10 @@ def test_a_pytorch_lightning_trainer_is_told_to_use_the_lightning_package() -> N
     registered = {name for name, entry in lightning_pytorch.strategies.StrategyRegistry.items()
                   if getattr(entry["strategy"], "__module__", "").startswith("lightning_pipe")}
     assert registered == set(lightning_pipe.STRATEGY_NAMES)
-    for imports in ("import pytorch_lightning as pl, lightning_pipe", "import lightning_pipe, pytorch_lightning as pl"):
+    for imports in ("import pytorch_lightning as pl, lightning_pipe", "import lightning_pipe, pytorch_lightning as pl",
+                    # a library probing for it first (the spec alone) leaves it watched
+                    "import importlib.util, lightning_pipe; importlib.util.find_spec('pytorch_lightning')\n"
+                    "import pytorch_lightning as pl"):
         code = f"{imports}\npl.Trainer(strategy='gpipe', accelerator='cpu', devices=1, logger=False)"
         done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
         assert done.returncode != 0 and "Change the project's imports from `pytorch_lightning` to `lightning.pytorch`" \

@@ -114,7 +114,7 @@ class DeferredCalls:
     def _wrap(self, name: str, child: nn.Module, forward: Callable[..., Any],
               layers_called: Callable[[], bool]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if layers_called() or self.deferrable.get(name) is False:
+            if layers_called() or self.deferrable.get(name) is False or _hooked(child):  # (a hook added later too)
                 return forward(*args, **kwargs)
             if name not in self.deferrable:  # the first call runs for real and shows whether deferring is safe
                 random, versions = _random_states(self.device), [b._version for b in child.buffers()]
@@ -122,8 +122,7 @@ class DeferredCalls:
                 output = forward(*args, **kwargs)
                 same_draws = all(torch.equal(a, b) for a, b in zip(random, _random_states(self.device)))
                 self.deferrable[name] = (type(output) is torch.Tensor and bindings == _bindings(child) and same_draws
-                                         and versions == [b._version for b in child.buffers()]
-                                         and not _hooked(child))
+                                         and versions == [b._version for b in child.buffers()])
                 return output
             self.deferred += 1
             grad, kind = torch.is_grad_enabled(), self.device.type
