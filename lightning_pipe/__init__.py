@@ -40,14 +40,16 @@ class _OtherLightning:
 
 
 def _refuse_in_pytorch_lightning() -> None:
+    """A courtesy, run inside ``import pytorch_lightning``: nothing here may break that import (a version from before
+    its strategy registry, 1.5 and older, has nothing to register with)."""
     try:
         from pytorch_lightning.strategies import StrategyRegistry
-    except ImportError:  # a version from before its strategy registry (1.5 and older): nothing to register with
-        return
 
-    for name in STRATEGY_NAMES:
-        if name not in StrategyRegistry:
-            StrategyRegistry.register(name, _OtherLightning, description="lightning_pipe: use the lightning package")
+        for name in STRATEGY_NAMES:
+            if name not in StrategyRegistry:
+                StrategyRegistry.register(name, _OtherLightning, description="lightning_pipe: use the lightning package")
+    except Exception:  # noqa: BLE001
+        return
 
 
 _WATCHED = {"lightning.pytorch": _register, "pytorch_lightning": _refuse_in_pytorch_lightning}
