@@ -178,7 +178,7 @@ def _too_few_layers(rank: int, world_size: int, schedule: str) -> None:
 
 
 @pytest.mark.parametrize("schedule,advice", [
-    ("zb_v", "'zb_v' puts 2 stages on each of the pipeline's 2 ranks. Use at most 1 ranks per pipeline with it"),
+    ("zb_v", "'zb_v' puts 2 stages on each of the pipeline's 2 ranks. Use at most 1 rank per pipeline with it"),
     ("1f1b", None),
 ])
 def test_too_few_layers_for_the_stages_says_how_many_ranks_fit(schedule: str, advice: str | None) -> None:
