@@ -613,6 +613,14 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     rule, why = verdict(zeros, lambda output, batch, draw: torch.tensor(0.49))
     assert rule == "neither" and "0.49" in why
     assert verdict(zeros, lambda output, batch, draw: torch.tensor(0.0))[0] is None
+    # a micro-batch's loss that is not finite where the whole batch's is (prototypes of classes a micro-batch lacks,
+    # every label of a micro-batch ignored: found by review, NaN training without a word): neither
+    lacking = Probe(torch.zeros(4, 1))
+    for loss, rows in ((1.0, 2), (float("nan"), 2)):
+        lacking.add(torch.zeros(rows, 1), torch.tensor(loss), rows)
+    rule, why = verdict(lacking, lambda output, batch, draw: torch.tensor(1.02))
+    assert rule == "neither" and "on micro-batch 1 of its 2 it is not finite" in why, why
+    assert verdict(lacking, lambda output, batch, draw: torch.tensor(float("nan")))[0] is None
     # a loss in bfloat16 (precision="bf16-true"): the whole batch's is its micro-batches' mean but for rounding (the
     # mean of 1.2578 and 1.2520 against 1.2578: found by review, a false "neither"); a weighted mean still is neither
     coarse = Probe(torch.zeros(4, 1))

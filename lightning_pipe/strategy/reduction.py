@@ -177,8 +177,15 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         whole = float(run_whole(output, batch, 0).detach().double().cpu())
     except Exception as error:  # noqa: BLE001 - any failure of the user's step here only means: cannot tell
         return None, f"the step fails on the micro-batches' outputs put together ({type(error).__name__}: {error})"
-    if not all(math.isfinite(value) for value in (mean, whole)):
+    if not math.isfinite(whole):
         return None, "the loss is not finite (a NaN or an infinity)"
+    if not math.isfinite(mean):  # finite on the whole batch, not on a micro-batch: a mean over what one can lack
+        lacking = [index for index, value in enumerate(losses.tolist()) if not math.isfinite(value)]
+        return "neither", (f"on the whole batch the step's loss is {whole:.6g}, but on micro-batch"
+                           f"{'es' if len(lacking) > 1 else ''} {', '.join(map(str, lacking))} of its "
+                           f"{len(probe.losses)} it is not finite: a mean over something a micro-batch can lack (every "
+                           f"label of its rows ignored, a class without a row in it, as prototypes or other "
+                           f"per-class statistics of the batch take it)")
     if whole != 0 and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in losses.tolist()):
         return "constant", (f"{whole:.6g} on the whole batch and on each of its {len(probe.losses)} micro-batches, "
                             f"whose rows differ")
