@@ -1216,3 +1216,16 @@ def test_too_few_pieces_for_the_stages_says_what_can_be_cut() -> None:
     one = SimpleNamespace(path="", model=nn.Linear(2, 2))
     message = _too_few_pieces(ValueError("cannot cut 1 layer into 2 stages: every stage needs ...; use"), one, 1)
     assert message.startswith("cannot cut 1 layer into 2 stages: the model (Linear) is a single layer"), message
+
+
+def test_a_value_finite_on_the_whole_batch_but_not_over_its_micro_batches_is_taken_from_the_whole_batch() -> None:
+    """A validation loss over prototypes of the batch's classes (a micro-batch lacks some: NaN) was logged as NaN, the
+    NaN read as "no telling" (found by review); a value not finite on the whole batch still is no telling."""
+    from lightning_pipe.strategy.logs import _close
+    from lightning_pipe.strategy.step_values import same_output
+
+    nan, finite = torch.tensor(float("nan")), torch.tensor(0.95)
+    assert not _close(nan, finite)  # the micro-batches' NaN against the whole batch's 0.95: they differ
+    assert _close(finite, nan) and _close(nan, nan)  # a whole batch's NaN (a diverged step): no telling
+    assert not same_output({"loss": finite}, {"loss": nan})  # (the whole batch's output first)
+    assert same_output({"loss": nan}, {"loss": finite}) and same_output({"loss": finite}, {"loss": finite + 1e-9})

@@ -136,7 +136,8 @@ def listed(value: Any) -> Any:
 
 def same_output(one: Any, other: Any) -> bool:
     """Whether two outputs of a step (put together by :func:`combine_outputs`) agree: the same structure, equal plain
-    values, and tensors equal up to rounding (other row counts sum in other orders)."""
+    values, and tensors equal up to rounding (other row counts sum in other orders). ``one`` is the whole batch's,
+    ``other`` the micro-batches'."""
     leaves, spec = tree_flatten(_arrays_as_tensors(one))  # a NumPy array compared as a tensor, up to rounding
     others, other_spec = tree_flatten(_arrays_as_tensors(other))
     if not _equal(spec, other_spec) or len(leaves) != len(others):  # (plain values are in the specs)
@@ -147,8 +148,10 @@ def same_output(one: Any, other: Any) -> bool:
         if a.is_meta or b.is_meta:  # no values to compare
             continue
         if a.is_floating_point() or a.is_complex():
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                continue  # a NaN or an infinity (a diverged step): no telling, the micro-batches' output stands
+            if not torch.isfinite(a).all():
+                continue  # a NaN or an infinity on the whole batch (a diverged step): no telling
+            if not torch.isfinite(b).all():
+                return False  # finite on the whole batch, not over its micro-batches: the whole batch's is taken
             scale = float(b.abs().max()) if b.numel() else 0.0
             # only the step's own code ran on other rows (the model's outputs are the same): float32's rounding
             rtol = tolerance(a.dtype) if a.dtype in (torch.float16, torch.bfloat16) else 1e-5
