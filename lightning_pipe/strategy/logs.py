@@ -279,9 +279,9 @@ class WholeBatchLogs:
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` (the micro-batches' combination) equals ``b`` (the whole batch's) but for rounding, or cannot be
     compared (``b`` not finite); a value finite on the whole batch that is not over its micro-batches (prototypes of
-    classes a micro-batch lacks: found by review, logged as NaN) is not. Rounding: two units of the logged dtype's last place (a
-    bfloat16 loss's is 0.8%), and for float32 what summing a large batch in another order moves (2e-6); a
-    perplexity's gap over micro-batches of similar losses is larger (6e-5 measured on a padded GPT-2 batch). Beside
+    classes a micro-batch lacks: found by review, logged as NaN) is not. Rounding: two units of the logged dtype's
+    last place (a bfloat16 loss's is 0.8%), and for float32 what summing a large batch in another order moves (2e-6);
+    a perplexity's gap over micro-batches of similar losses is larger (6e-5 measured on a padded GPT-2 batch). Beside
     that, 1e-6 whole: a mean whose rows' terms cancel (a distillation KL, sum p log p - p log q, 0.03 from terms of
     order 1) is rounded as its terms are (4e-7 measured), not as its value."""
     tolerance = max(2 * torch.finfo(a.dtype).eps, 2e-6) if a.is_floating_point() else 2e-6
