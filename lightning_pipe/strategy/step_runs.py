@@ -119,5 +119,5 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
                     f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
                     f"(metric.update(...)) and log the metric object" if rows <= 2 and not sized and isinstance(
-                        error, (ValueError, RuntimeError, IndexError, ZeroDivisionError)) else "") + ")")
+                        error, (ValueError, IndexError, ZeroDivisionError)) else "") + ")")
         raise
