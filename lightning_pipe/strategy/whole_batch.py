@@ -260,9 +260,9 @@ class WholeBatchRuns:
             return
         combined, value = float(result.loss), float(whole.detach().double())
         tolerance = max(LOSS_TOLERANCE, 4 * torch.finfo(whole.dtype).eps) if whole.is_floating_point() else 0.0
-        if not (math.isfinite(combined) and math.isfinite(value)) or \
+        if not math.isfinite(value) or math.isfinite(combined) and \
                 abs(combined - value) <= tolerance * max(abs(value), abs(combined), 1e-12):
-            return
+            return  # (finite on the whole batch but not over its micro-batches: they differ, said below)
         self._warn_once(neither_warning(
             f"on the whole batch the step's loss is {value:.6g}, its micro-batches' combination {combined:.6g}, at a "
             f"batch past the first ones checked: the first ones' micro-batches had losses too alike to tell (every "
