@@ -315,10 +315,14 @@ class CapturedModule:
         device, silently)."""
         seen = self._hooks_seen
         now = _user_hooks(self.model, self.proxy) if seen is not None else None
-        if seen is None or now == seen:
+        if seen is None or now is None:
             return
-        added = sorted(name or "the model" for name in now if now[name] - seen.get(name, frozenset()))
-        removed = sorted(name or "the model" for name in seen if seen[name] - now.get(name, frozenset()))
+        # by the hooks themselves: a module's name may change with the cut (a block repeated under two names)
+        hooks_now, hooks_seen = frozenset().union(*now.values()), frozenset().union(*seen.values())
+        if hooks_now == hooks_seen:
+            return
+        added = sorted({name or "the model" for name, hooks in now.items() if hooks & (hooks_now - hooks_seen)})
+        removed = sorted({name or "the model" for name, hooks in seen.items() if hooks & (hooks_seen - hooks_now)})
         raise ValueError(f"hooks of yours were {'added to ' + ', '.join(added) if added else ''}"
                          f"{' and ' if added and removed else ''}"
                          f"{'removed from ' + ', '.join(removed) if removed else ''} of {type(self.model).__name__} "
