@@ -32,11 +32,11 @@ class _OtherLightning:
     what to change instead of Lightning's "invalid strategy name"."""
 
     def __init__(self, **_: Any) -> None:
-        raise ImportError("lightning_pipe's strategies are made for the `lightning` package's Trainer (import lightning "
-                          "as L; from lightning.pytorch import LightningModule, Trainer), and this Trainer is the "
-                          "standalone `pytorch_lightning` package's, a separate copy of Lightning that takes only its "
-                          "own strategies. Change the project's imports from `pytorch_lightning` to `lightning.pytorch` "
-                          "(the same API; `pip install lightning`)")
+        raise ImportError("lightning_pipe's strategies are made for the `lightning` package's Trainer (import "
+                          "lightning as L; from lightning.pytorch import LightningModule, Trainer), and this Trainer "
+                          "is the standalone `pytorch_lightning` package's, a separate copy of Lightning that takes "
+                          "only its own strategies. Change the project's imports from `pytorch_lightning` to "
+                          "`lightning.pytorch` (the same API; `pip install lightning`)")
 
 
 def _refuse_in_pytorch_lightning() -> None:
@@ -47,7 +47,8 @@ def _refuse_in_pytorch_lightning() -> None:
 
         for name in STRATEGY_NAMES:
             if name not in StrategyRegistry:
-                StrategyRegistry.register(name, _OtherLightning, description="lightning_pipe: use the lightning package")
+                StrategyRegistry.register(name, _OtherLightning,
+                                          description="lightning_pipe: use the lightning package")
     except Exception:  # noqa: BLE001
         return
 

@@ -483,8 +483,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("annealed_gain", ["gain (None at its capture, now 2.0)"]),
     ("hook_added", ["hooks of yours were added to blocks.1 of Tempered after it was captured", "in __init__"]),
     ("hook_removed", ["hooks of yours were removed from blocks.1 of Tempered after it was captured"]),
-    ("hook_before_first_step", ["hooks of yours were added to blocks.1 of Tempered after it was captured (when the Trainer "
-                           "set the strategy up, before on_fit_start)"]),
+    ("hook_before_first_step", ["hooks of yours were added to blocks.1 of Tempered after it was captured (when the "
+                                "Trainer set the strategy up, before on_fit_start)"]),
     pytest.param("save_pretrained", ["GPT2LMHeadModel.save_pretrained(...) under PipelineStrategy would write this "
                                      "rank's share", "trainer.save_checkpoint(path)"], marks=_NEEDS_TRANSFORMERS),
     pytest.param("num_parameters", ["GPT2LMHeadModel.num_parameters() under PipelineStrategy would count this rank's "

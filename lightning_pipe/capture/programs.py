@@ -162,9 +162,9 @@ def _sendable(graph: fx.Graph, value: fx.Node, used_here: bool) -> fx.Node:
     """A value the segment passes on, as its own tensor object when this segment also reads it (or took it in).
 
     A stage frees what it has sent by replacing the output tensors' ``.data`` (:meth:`PipelineStage.release_output`),
-    which autograd does not notice (it does not bump the version counter): if an op of the stage saved that same tensor for backward (a linear
-    reading the code ``z`` that it also passes on), backward would read zeros. An alias is a view with its own
-    ``.data``, so freeing it leaves the saved tensor alone; it costs no copy.
+    which autograd does not notice (it does not bump the version counter): if an op of the stage saved that same
+    tensor for backward (a linear reading the code ``z`` that it also passes on), backward would read zeros. An alias
+    is a view with its own ``.data``, so freeing it leaves the saved tensor alone; it costs no copy.
     """
     val = value.meta.get("val")
     if not used_here or not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):

@@ -51,7 +51,8 @@ def refuse_sequence_hooks(sequence: torch.nn.Module, path: str) -> None:
     stage, and never its own forward, so such a hook (a pre-hook standardizing the input, a forward hook dividing the
     output by a temperature) would silently not run on any rank (found by review: 0.56 off one device)."""
     kinds = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-             if any(getattr(hook, "__module__", None) and users_hook(hook) for hook in getattr(sequence, kind).values())]
+             if any(getattr(hook, "__module__", None) and users_hook(hook)
+                    for hook in getattr(sequence, kind).values())]
     if kinds:
         named = ", ".join(kind.strip("_").replace("hooks", "hook") for kind in kinds)
         raise ValueError(f"the pipelined nn.Sequential at {path or 'the model'!r} carries hooks of yours on itself "

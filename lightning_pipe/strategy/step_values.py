@@ -45,7 +45,8 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
                  "torch.Generator. Otherwise: e" if first else "E")
     return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
             f"and the last stage's targets would come from different rows. {likeliest}very rank of a pipeline must "
-            f"load the same batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a per-process random "
+            f"load the same batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a "
+            f"per-process random "
             f"generator (the global one is consumed differently on each stage), or that depend on the rank, make them "
             f"differ. PipelineStrategy gives torch's samplers and the workers' seeds the same generator on every rank; "
             f"give any other random source a generator seeded the same on every rank (e.g. torch.Generator()"
