@@ -38,7 +38,7 @@ from lightning_pipe.strategy.standing_in import redirect_into, release_others, s
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import ROW_MEAN, input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept
-from lightning_pipe.strategy.unfollowed import users_hook
+from lightning_pipe.strategy.unfollowed import users_hooks
 
 __all__ = ["CapturedModule", "no_logging"]
 
@@ -556,16 +556,11 @@ def no_logging(module: nn.Module) -> Any:
         del module.log
 
 
-_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
 def _user_hooks(*roots: nn.Module | None) -> dict[str, frozenset[tuple[str, int]]]:
     """Each module of the ``roots`` (by name; the model and its stand-in, whose parts a hook may be registered on)
-    -> the hooks of the user's it carries, as (kind, handle id)."""
+    -> the hooks of the user's it carries, as (table, handle id)."""
     found: dict[str, frozenset[tuple[str, int]]] = {}
     for root in roots:
         for name, module in root.named_modules() if root is not None else ():
-            found[name] = found.get(name, frozenset()) | frozenset(
-                (kind, key) for kind in _HOOK_KINDS for key, hook in getattr(module, kind).items() if users_hook(hook))
+            found[name] = found.get(name, frozenset()) | users_hooks(module)
     return found
-

@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
-from lightning_pipe.strategy.unfollowed import users_hook
+from lightning_pipe.strategy.unfollowed import BACKWARD_HOOKS, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks
 
 __all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
            "refuse_sequence_hooks"]
@@ -50,9 +50,7 @@ def refuse_sequence_hooks(sequence: torch.nn.Module, path: str) -> None:
     """Refuse hooks of the user's on the pipelined ``nn.Sequential`` itself: the pipeline runs its layers, stage by
     stage, and never its own forward, so such a hook (a pre-hook standardizing the input, a forward hook dividing the
     output by a temperature) would silently not run on any rank (found by review: 0.56 off one device)."""
-    kinds = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-             if any(getattr(hook, "__module__", None) and users_hook(hook)
-                    for hook in getattr(sequence, kind).values())]
+    kinds = sorted({kind for kind, _ in users_hooks(sequence)}, key=MODULE_HOOKS.index)
     if kinds:
         named = ", ".join(kind.strip("_").replace("hooks", "hook") for kind in kinds)
         raise ValueError(f"the pipelined nn.Sequential at {path or 'the model'!r} carries hooks of yours on itself "
@@ -69,13 +67,12 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
     hook runs once per micro-batch on its share of the gradient, and what it writes on the module is undone (a step's
     changes to the module are one device's run of the step without gradients, which runs no backward hook)."""
     def hooked(kinds: tuple[str, ...]) -> list[str]:
-        return sorted({f"{path}.{name}" for name, module in sequence.named_modules() if name  # (the root's: refused)
-                       for kind in kinds for hook in getattr(module, kind).values()
-                       if getattr(hook, "__module__", None) and users_hook(hook)})
+        return sorted({f"{path}.{name}" for name, module in sequence.named_modules()
+                       if name and users_hooks(module, kinds)})  # (the root's: refused)
 
     if pipeline.rank != 0:
         return
-    forward = hooked(("_forward_hooks", "_forward_pre_hooks"))
+    forward = hooked(FORWARD_HOOKS)
     if forward:
         warnings.warn(f"{', '.join(forward[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each "
                       f"runs on the rank holding its layer, inside that stage's forward, so a value it stores for the "
@@ -83,7 +80,7 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
                       f"the step's code, which runs after the model on the last stage's rank. Return such features "
                       f"from the model (a layer that passes them on with its output), or pipeline the module's forward "
                       f"with PipelineStrategy(layers='') and call the layers there", stacklevel=3)
-    backward = hooked(("_backward_hooks", "_backward_pre_hooks"))
+    backward = hooked(BACKWARD_HOOKS)
     if backward:
         warnings.warn(f"{', '.join(backward[:6])} of the pipelined nn.Sequential carry backward hooks of yours: each "
                       f"runs on the rank holding its layer, once per micro-batch, on that micro-batch's share of the "

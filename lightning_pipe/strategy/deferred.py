@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.unfollowed import users_hook
+from lightning_pipe.strategy.unfollowed import FORWARD_HOOKS, users_hooks
 
 __all__ = ["LazyValue", "DeferredCalls"]
 
@@ -75,8 +75,7 @@ def _bindings(module: nn.Module) -> list[tuple[int, str, int]]:
 def _hooked(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule carries forward hooks of the user's: a teacher called only for what a hook
     on one of its layers stores (feature distillation) must run (found by review: deferred, it stored nothing)."""
-    return any(users_hook(hook) for part in module.modules()
-               for hook in (*part._forward_hooks.values(), *part._forward_pre_hooks.values()))
+    return any(users_hooks(part, FORWARD_HOOKS) for part in module.modules())
 
 
 def _random_states(device: torch.device) -> list[torch.Tensor]:

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
 
-__all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook"]
+__all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook", "users_hooks", "FORWARD_HOOKS",
+           "BACKWARD_HOOKS", "MODULE_HOOKS"]
 
 # the code of these packages keeps its own attributes (a rotary embedding's cache filled on the first call): not
 # the user's state
@@ -174,6 +175,16 @@ class UnfollowedState:
             f"(a change that alters later batches makes the ranks read different ones). Make such changes in a hook "
             f"every rank runs once per batch or epoch (on_train_batch_end, from the step's outputs; "
             f"on_train_epoch_start)", stacklevel=2)
+
+
+FORWARD_HOOKS = ("_forward_pre_hooks", "_forward_hooks")  # a module's hook tables
+BACKWARD_HOOKS = ("_backward_pre_hooks", "_backward_hooks")
+MODULE_HOOKS = (*FORWARD_HOOKS, *BACKWARD_HOOKS)
+
+
+def users_hooks(module: nn.Module, kinds: tuple[str, ...] = MODULE_HOOKS) -> frozenset[tuple[str, int]]:
+    """The hooks of the user's that ``module`` itself carries in the tables ``kinds``, as (table, handle id)."""
+    return frozenset((kind, key) for kind in kinds for key, hook in getattr(module, kind).items() if users_hook(hook))
 
 
 def users_hook(hook: Any) -> bool:
