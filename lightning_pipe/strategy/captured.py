@@ -306,16 +306,15 @@ class CapturedModule:
         self._check_reads()
         self._check_hooks()
         self._prepare(step, microbatches, args, kwargs, context)
-        self._hooks_seen = _user_hooks(self.model, self.proxy)
 
     def _check_hooks(self) -> None:
-        """Refuse forward or backward hooks of the user's added to or removed from the model's modules since the last
-        step (a hook registered in on_train_start, a warm-up hook's handle.remove()): the graphs were captured with
+        """Refuse forward or backward hooks of the user's added to or removed from the model's modules since its capture
+        at set-up (a hook registered in on_train_start, a warm-up hook's handle.remove()): the graphs were captured with
         the hooks there were then, and keep running them as they were (found by review: 0.87 and 0.45 off one
         device, silently)."""
-        seen = self._hooks_seen
-        now = _user_hooks(self.model, self.proxy) if seen is not None else None
-        if seen is None or now is None:
+        seen, now = self._hooks_seen, _user_hooks(self.model, self.proxy)
+        if seen is None:  # no capture at set-up: from the first step's
+            self._hooks_seen = now
             return
         # by the hooks themselves: a module's name may change with the cut (a block repeated under two names)
         hooks_now, hooks_seen = frozenset().union(*now.values()), frozenset().union(*seen.values())
