@@ -581,9 +581,9 @@ def test_a_linear_probe_and_its_backbone_finetuning_train_and_resume_as_on_one_d
     assert across["groups"] == one["groups"]
 
 
-def _late_term(rank: int, world_size: int) -> list[str]:
+def _late_term(rank: int, world_size: int, logged: bool) -> list[str]:
     """A regression's mean loss, to which a term coupling the batch's rows (the spread of the outputs over the batch)
-    is added after a warm-up of ten steps, and logged under a name of its own."""
+    is added after a warm-up of ten steps, logged under a name of its own or not at all."""
     import lightning as L
 
     torch.set_num_threads(1)
@@ -598,8 +598,10 @@ def _late_term(rank: int, world_size: int) -> list[str]:
             loss = F.mse_loss(out, batch[1])
             if self.global_step >= 10:
                 spread = out.std(0).mean()
-                self.log("spread", spread)
+                if logged:
+                    self.log("spread", spread)
                 loss = loss + spread
+            self.log("loss", loss)
             return loss
 
         def configure_optimizers(self) -> Any:
@@ -612,12 +614,51 @@ def _late_term(rank: int, world_size: int) -> list[str]:
 
 
 @pytest.mark.timeout(200)
-def test_a_loss_term_added_after_the_first_batches_is_checked_when_it_is_first_logged() -> None:
+@pytest.mark.parametrize("logged", [True, False])
+def test_a_loss_term_added_after_the_first_batches_is_checked_when_it_first_shows(logged: bool) -> None:
     """The probe of how the loss adds up stopped after the first batches; a term that couples the rows, added at step
-    10 (a curriculum), trained silently otherwise than one device (found by review: 0.99 off). A name the step logs
-    for the first time has the next batches probed again."""
-    first, last = run_ranks(_late_term, 2, timeout=150)
+    10 (a curriculum), trained silently otherwise than one device (found by review: 0.99 off; and, not logged
+    under a name of its own, 7.4e-4 off after 20 steps). A name the step logs for the first time, or a loss of a
+    form (its autograd graph's operations) the step never gave before, has the next batches probed again."""
+    first, last = run_ranks(_late_term, 2, logged, timeout=150)
     assert first == [] and len(last) == 1 and "couples the rows" in last[0], (first, last)
+
+
+def _deferred_weights(rank: int, world_size: int) -> list[str]:
+    """A classifier's cross-entropy, weighted by class from the second epoch on (LDAM-DRW's deferred re-weighting: a
+    mean over the rows' class weights, which the micro-batches do not share)."""
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Reweighted(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.register_buffer("weights", torch.tensor([0.2, 1.0, 5.0]))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            logits = self.layers(batch[0])
+            weight = self.weights if self.current_epoch >= 1 else None
+            loss = F.cross_entropy(logits, batch[1], weight=weight)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8 * 12, 4, generator=generator), torch.randint(0, 3, (8 * 12,), generator=generator)
+    return _loss_warnings(world_size, 14, Reweighted(),
+                          torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+
+
+@pytest.mark.timeout(200)
+def test_a_class_weighting_switched_on_at_a_later_epoch_is_checked_at_that_epoch() -> None:
+    """Deferred re-weighting from the second epoch (12 batches in): the loss keeps its form and its logged name, so
+    only the first batches of each epoch, probed again, find the weighted mean (found by review: 0.88 off, silent)."""
+    first, last = run_ranks(_deferred_weights, 2, timeout=150)
+    assert first == [] and len(last) == 1 and "neither a mean nor a sum" in last[0], (first, last)
 
 
 class _DualEncoder(nn.Module):

@@ -78,6 +78,32 @@ def test_the_first_run_learns_the_calls_and_later_runs_stop_at_the_last() -> Non
     assert call_key("validation_step", (3, 1), {}) == "validation_step/1" != call_key("validation_step", (3,), {})
 
 
+def test_an_output_of_known_structure_is_unpacked_and_one_of_unknown_structure_ends_the_run_as_unpacked() -> None:
+    """SimSiam's ``z1, p1 = self.model(x1)`` before its second call (found by review: refused, the unpacking taken
+    for a use of the output): a capture's structure of the output stands in, and the step goes on to the call."""
+    import torch.utils._pytree as pytree
+
+    calls, known = ModelCalls("the model"), [False]
+    calls.structure = lambda value: pytree.tree_structure((value, {"p": value})) if known[0] else None
+
+    def model(x: torch.Tensor) -> Any:
+        return calls.record(x)
+
+    def step() -> None:
+        z1, parts = model(torch.ones(2))
+        z2, _ = model(torch.zeros(2))
+        F.mse_loss(parts["p"], z2)  # a use of the outputs: the run ends here
+        raise AssertionError("not reached")
+
+    assert len(calls.capture(step, "training_step/0") or []) == 1  # not known yet: ends at the unpacking...
+    assert calls.unpacked and "training_step/0" not in calls.expected  # ...which is said, and nothing learned
+    known[0] = True
+    assert len(calls.capture(step, "training_step/0") or []) == 2 and not calls.unpacked
+    assert calls.expected == {"training_step/0": 2}
+    with pytest.raises(Stop):  # a known output's leaves are used as before
+        _capturing_run(lambda: len(calls.record(torch.ones(2))[0]))
+
+
 def _capturing_run(run: Any) -> None:
     from lightning_pipe.strategy import model_calls
 
@@ -163,6 +189,19 @@ class _Twin(nn.Module):
         return self.out(h + self.block(h))
 
 
+class _Paired(nn.Module):
+    """SimSiam's encoder with its predictor: the projection and the prediction, both returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 6))
+        self.predictor = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return z, self.predictor(z)
+
+
 def _module(kind: str) -> Any:
     import lightning as L
 
@@ -175,6 +214,8 @@ def _module(kind: str) -> Any:
                 norm = nn.BatchNorm1d(16) if kind == "sequence" else nn.LayerNorm(16)
                 self.encoder = nn.Sequential(nn.Linear(8, 16), norm, nn.ReLU(), nn.Linear(16, 16), nn.Tanh(),
                                              nn.Linear(16, 6))
+            elif kind == "unpacked":
+                self.encoder = _Paired()
             else:
                 self.encoder = _Twin(batch_norm=kind == "captured")
 
@@ -184,6 +225,10 @@ def _module(kind: str) -> Any:
                 with torch.no_grad():
                     target = self.encoder(x.flip(-1))
                 loss = F.mse_loss(self.encoder(x), target.softmax(-1))
+            elif kind == "unpacked":  # SimSiam: each call's output unpacked before the next call
+                z1, p1 = self.encoder(x + 0.1 * y[:, None])
+                z2, p2 = self.encoder(x.flip(-1) * 0.9)
+                loss = -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
             elif kind == "triplet":
                 anchor, positive, negative = self.encoder(x), self.encoder(x + 0.1 * y[:, None]), self.encoder(-x)
                 loss = F.triplet_margin_loss(anchor, positive, negative, margin=0.5)
@@ -197,6 +242,10 @@ def _module(kind: str) -> Any:
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, _ = batch
+            if kind == "unpacked":
+                z, p = self.encoder(x)
+                self.log("val_gap", F.mse_loss(z, p))
+                return
             self.log("val_gap", F.mse_loss(self.encoder(x), self.encoder(x.flip(-1))))
 
         def configure_optimizers(self) -> Any:
@@ -223,7 +272,7 @@ def _fit(kind: str, devices: int, strategy: Any) -> dict[str, Any]:
 
 # The batch norms normalize each micro-batch with its own statistics (one device: the batch's), so the models with one
 # train one micro-batch per step; the triplet model has a layer norm instead and trains four.
-_CASES = {"sequence": 1, "captured": 1, "triplet": 4, "distilled": 4, "distilled-sequence": 4}
+_CASES = {"sequence": 1, "captured": 1, "triplet": 4, "distilled": 4, "distilled-sequence": 4, "unpacked": 4}
 
 
 def _ranks(rank: int, world_size: int) -> dict[str, Any]:

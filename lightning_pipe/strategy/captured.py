@@ -19,7 +19,7 @@ from torchmetrics import Metric
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_fields, changed_reads, fields_warning, read_advice
-from lightning_pipe.capture.patterns import autocast_state
+from lightning_pipe.capture.patterns import all_match, autocast_state
 from lightning_pipe.capture.scalars import MEAN
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
@@ -126,6 +126,7 @@ class CapturedModule:
                                      allow_autograd_functions=allow_autograd_functions, rematerialized=rematerialized)
         except (CaptureError, ValueError) as error:
             raise ValueError(f"split_points for {self.where}: {error}") from None
+        self.calls.structure = self._output_structure  # (unpacked by the step on the first stage)
         self.group = group
         self.collective_device = device or torch.device("cpu")
         self.proxy: PipelinedModel | None = None
@@ -259,6 +260,32 @@ class CapturedModule:
             raise ModelNotCalled(self._never_called(step, list(dict.fromkeys(parts))))
         return self.carried.take(recorded)
 
+    def _capture_calls(self, step: str, microbatch: Any, args: Sequence[Any], kwargs: Mapping[str, Any],
+                       training: bool) -> None:
+        """Capture the model from each of ``step``'s calls of it on ``microbatch``; where the step unpacked an output
+        whose structure no capture knew yet (``z1, p1 = self.model(x1)`` before a second call), run it again with
+        the structures now known, until no new call shows."""
+        captured = 0
+        while True:
+            calls = self.model_calls(step, microbatch, args, kwargs)
+            for call_args, call_kwargs in calls[captured:]:
+                self.splitter.capture(call_args, call_kwargs, training=training)
+                self._mark_stored()
+            if not self.calls.unpacked or len(calls) <= captured:
+                return
+            captured = len(calls)
+
+    def _output_structure(self, call: tuple[tuple, dict[str, Any]]) -> Any:
+        """The structure (a pytree spec) of the model's output for a call's ``(args, kwargs)``, where the captures
+        that take such inputs agree on one; else None."""
+        try:
+            flat = self.splitter.leaves(*call)
+        except Exception:  # noqa: BLE001 - inputs the capture would refuse: not known
+            return None
+        specs = {str(capture.out_spec): capture.out_spec for capture in self.splitter.captures
+                 if all_match(capture.in_patterns, flat)}
+        return next(iter(specs.values())) if len(specs) == 1 else None
+
     def step_calls_model(self, step: str, microbatch: Any) -> bool:
         """Whether ``step`` calls the model on ``microbatch`` (before the cut, on this rank): it runs up to the model's
         call, or up to its first call of a module inside the model (its encoder, through ``vae.encode``), where it
@@ -286,9 +313,7 @@ class CapturedModule:
         def make() -> None:
             with torch.random.fork_rng(devices=[]), no_logging(self.module), \
                     kept_buffers([self.module], skip=self.model), kept_modes([self.module, self.model]):
-                for call_args, call_kwargs in self.model_calls(step, microbatch, (0,), {}):
-                    self.splitter.capture(call_args, call_kwargs, training=training)
-                    self._mark_stored()
+                self._capture_calls(step, microbatch, (0,), {}, training)
 
         self._agree(make, f"capturing {self.where}")
         self._hooks_seen = _user_hooks(self.model, self.proxy)  # what the graphs run: changes are refused from here
@@ -370,9 +395,7 @@ class CapturedModule:
             effects = StepEffects(self.module, lambda: [self.model])  # what the step's code changes: undone (a
             for index in picked:  # running mean it updates would be updated twice)
                 with effects.undone(), context(index), kept_buffers([self.module], skip=self.model):
-                    for call_args, call_kwargs in self.model_calls(step, microbatches[index], args, kwargs):
-                        self.splitter.capture(call_args, call_kwargs, training=key[1])
-                        self._mark_stored()
+                    self._capture_calls(step, microbatches[index], args, kwargs, key[1])
 
         error: BaseException | None = None
         try:

@@ -52,6 +52,8 @@ __all__ = ["FirstBatchChecks"]
 _MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
 _STEPS = ("training_step", "validation_step", "test_step", "predict_step")
 _PARAMETER_READ_CHECKS = 8  # training steps whose first loss is looked through for parameters the step reads
+_EPOCH_PROBES = 2  # batches probed at each new epoch after "auto" found a mean (a class weighting from epoch k)
+_GRAPH_NODES = 2048  # the most autograd nodes of the step's own code walked for its loss's form
 
 
 def parameters_reached(loss: torch.Tensor, output: Any, parameters: set[int]) -> set[int]:
@@ -81,6 +83,26 @@ def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) ->
             continue
         pending.extend(function for function, _ in node.next_functions)
     return found
+
+
+def loss_form(loss: torch.Tensor, output: Any) -> tuple[str, ...]:
+    """The form of the step's own code's part of ``loss``'s autograd graph (its operations' names in walking
+    order, up to the model's ``output``): a term that joins the loss later (a decorrelation penalty from step
+    1000) changes it; the same code on other values does not. A graph larger than :data:`_GRAPH_NODES` gives its
+    first nodes' form."""
+    stops = {t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    names: list[str] = []
+    seen: set[Any] = set()
+    pending = [loss.grad_fn]
+    while pending and len(names) < _GRAPH_NODES:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append("output" if node in stops else type(node).__name__)
+        if node not in stops:
+            pending.extend(function for function, _ in node.next_functions)
+    return tuple(names)
 
 
 class FirstBatchChecks:
@@ -113,6 +135,10 @@ class FirstBatchChecks:
         # step is one; a loss divided by its own detached value, l / l.detach(), has it at every batch)
         self._constant_batches = 0
         self._logged: set[str] | None = None  # the names the training step logged so far (a new one: probed again)
+        # the forms of the training step's loss so far (:func:`loss_form`; a new one: probed again), and the epoch
+        # whose first batches were probed again (a weighting switched on at an epoch keeps the loss's form)
+        self._loss_forms: set[tuple[str, ...]] = set()
+        self._probed_epoch = 0
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
         # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
@@ -210,6 +236,17 @@ class FirstBatchChecks:
             self._probes_left = _MEAN_PROBES
         self._logged = names | (self._logged or set())
 
+    def _probe_new_form(self, loss: torch.Tensor, output: Any) -> None:
+        """On the last stage, a training batch's first micro-batch: a loss of a form the step never gave before (a
+        term added after a warm-up under the same logged name) has the next batches probed again, if "auto" found a
+        mean."""
+        if not self._mean_found or self._loss_warned or not loss.requires_grad:
+            return
+        form = loss_form(loss, output)
+        if self._loss_forms and form not in self._loss_forms and self._probes_left == 0:
+            self._probes_left = _MEAN_PROBES
+        self._loss_forms.add(form)
+
     def _probing(self) -> bool:
         """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",
         until a batch tells, and then, for a mean, a few batches more; a ``loss_reduction`` function's count, on the
@@ -218,6 +255,11 @@ class FirstBatchChecks:
             return self._count_probes_left > 0
         if self.loss_reduction == "sum":
             return self._scalar_probes_left > 0
+        epoch = self._epoch()
+        if epoch != self._probed_epoch:  # a new epoch's first batches: probed again for a mean (a class weighting
+            self._probed_epoch = epoch  # switched on at an epoch: deferred re-weighting)
+            if self._mean_found and not self._loss_warned:
+                self._probes_left = max(self._probes_left, _EPOCH_PROBES)
         return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
 
     def _checks_model_loss(self, step: str = "training_step") -> bool:

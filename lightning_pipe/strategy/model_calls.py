@@ -1,15 +1,19 @@
 """A step's calls of the pipelined model: their inputs on the first stage, their outputs on the last.
 
 The first stage runs a step only to learn what it gives the model. Each call's input is recorded and answered by a
-:class:`Pending` stand-in, and the step goes on; the first use of a stand-in (``loss = F.mse_loss(z1, z2)``,
-``out.logits``) ends the run. So a siamese network's, SimCLR's or a triplet loss's calls, made before their outputs
-are used, are all recorded. The first run of each step (per step name and dataloader) learns how many calls it
-makes; later runs stop right at the last one, as at the only call of most steps: code after the model never runs on
-the first stage but in that first run, and there only up to the first use of an output. The calls' inputs are the
-micro-batch's input, one call's as it is, several as :class:`~lightning_pipe.engine.calls.Calls` (every stage runs
-its layers on each in turn). The last stage runs the step whole, each call returning its output. A call whose input
-needs an earlier call's output (pooled first, or read) cannot be known ahead: the run ends before it, and the last
-stage, seeing one call more than it was sent, says how to reorder the step.
+:class:`Pending` stand-in, and the step goes on; the first use of a stand-in (``loss = F.mse_loss(z1, z2)``) ends
+the run. A call whose output's structure a capture of the model knows (a tuple, a dict, a Hugging Face output) is
+answered by that structure of stand-ins, so that the step may unpack it (``z1, p1 = self.model(x1)``, SimSiam's) and
+go on to its next call; one whose structure is not known yet (at set-up, before its capture) is an :class:`Unknown`,
+whose unpacking ends the run as unpacked: the calls are captured and the step run again. So a siamese network's,
+SimCLR's or a triplet loss's calls, made before their outputs are used, are all recorded. The first run of each step
+(per step name and dataloader) learns how many calls it makes; later runs stop right at the last one, as at the only
+call of most steps: code after the model never runs on the first stage but in that first run, and there only up to
+the first use of an output. The calls' inputs are the micro-batch's input, one call's as it is, several as
+:class:`~lightning_pipe.engine.calls.Calls` (every stage runs its layers on each in turn). The last stage runs the
+step whole, each call returning its output. A call whose input needs an earlier call's output (pooled first, or
+read) cannot be known ahead: the run ends before it, and the last stage, seeing one call more than it was sent, says
+how to reorder the step.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.metric_states import MetricTracker
 
-__all__ = ["SKIPPED_BATCHES", "other_modes", "Pending", "ModelCalls", "Stop", "call_key", "capturing",
+__all__ = ["SKIPPED_BATCHES", "other_modes", "Pending", "Unknown", "ModelCalls", "Stop", "call_key", "capturing",
            "refuse_other_weights"]
 
 SKIPPED_BATCHES = (". The step must call it at every batch: every stage runs the model for each batch, so a step that "
@@ -45,6 +50,7 @@ _KEPT = ("a value computed from the model's output on the first stage, which nev
          "used later. Keep what a step collects in the module's own attributes (lists, dicts, tensors, numbers: "
          "those every rank receives from the last stage), or in a torchmetrics Metric")
 _capturing = [0]  # runs of a step up to the model in progress in this process
+_unpacked = [False]  # the run in progress ended at the unpacking of an output whose structure is not known
 
 
 def _training() -> bool:  # a module-level function, not a lambda: the stand-ins holding calls pickle
@@ -80,6 +86,24 @@ class Pending:
         return "Pending(the model's output, computed by the last stage)"
 
 
+class Unknown(Pending):
+    """A model output whose structure is not known yet (no capture of the call): unpacking it, indexing it or
+    reading an attribute ends the run as unpacked (:meth:`ModelCalls.capture`), to be run again once captured."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _unpack()
+
+
+def _unpack(*_: Any, **__: Any) -> Any:
+    if _capturing[0]:
+        _unpacked[0] = True
+    return _stop()
+
+
 for _name in ("__getitem__", "__setitem__", "__call__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__",
               "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__",
               "__matmul__", "__rmatmul__", "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__invert__",
@@ -88,6 +112,20 @@ for _name in ("__getitem__", "__setitem__", "__call__", "__add__", "__radd__", "
               "__int__", "__index__", "__complex__", "__contains__", "__array__", "__format__", "__str__",
               "__setattr__"):
     setattr(Pending, _name, _stop)
+for _name in ("__getitem__", "__iter__", "__len__"):
+    setattr(Unknown, _name, _unpack)
+
+
+def _stand_in(spec: Any) -> Any:
+    """Stand-ins in the structure ``spec`` of a model output (a pytree spec), or an :class:`Unknown` for None (or
+    a structure whose type will not hold stand-ins)."""
+    if spec is None:
+        return Unknown()
+    try:
+        return pytree.tree_unflatten([Pending() for _ in range(spec.num_leaves)], spec)
+    except (Stop, Exception):  # noqa: BLE001 - an output type that reads its values when built: not known
+        _unpacked[0] = False
+        return Unknown()
 
 
 def call_key(step: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
@@ -126,6 +164,9 @@ class ModelCalls:
         self.context: tuple[bool, bool, tuple] = (True, True, ())  # output: the step's gradient mode, model mode and
         # autocast state, in which the pipeline ran the calls
         self._training: Callable[[], bool] = _training  # output: the model's mode now
+        # capture: the structure of a call's output, from its input (a pytree spec), where a capture knows it
+        self.structure: Callable[[Any], Any] | None = None
+        self.unpacked = False  # capture: the last run ended at the unpacking of an output of unknown structure
 
     def capture(self, run: Callable[[], Any], key: str) -> list[Any] | None:
         """Run a step (``run``; ``key``: its name and dataloader) up to its calls of the model, recorded; their
@@ -140,6 +181,7 @@ class ModelCalls:
         kept = self._metrics.untouched() if (learning or self._limit > 1) and self._metrics is not None \
             and self._metrics.metrics else nullcontext()
         _capturing[0] += 1
+        _unpacked[0] = False
         try:
             with kept:
                 run()
@@ -152,7 +194,8 @@ class ModelCalls:
             _capturing[0] -= 1
             self.mode = None
         recorded, self.recorded = self.recorded, []
-        if learning and recorded:
+        self.unpacked, _unpacked[0] = _unpacked[0], False
+        if learning and recorded and not self.unpacked:  # (unpacked: the calls after it are not known yet)
             self.expected[key] = len(recorded)
         return recorded or None
 
@@ -167,7 +210,7 @@ class ModelCalls:
         self.recorded.append(value)
         if self._limit is not None and len(self.recorded) >= self._limit:
             raise Stop()
-        return Pending()
+        return _stand_in(self.structure(value) if self.structure is not None else None)
 
     @staticmethod
     def as_input(recorded: list[Any]) -> Any:

@@ -324,6 +324,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             loss, extra = loss_of(result)
             if self._parameter_reads_left > 0 and index == 0 and loss.requires_grad:
                 self._check_parameter_reads(loss, output, {id(param) for param in self.tied.parameters()})
+            if index == 0 and probe is None and kept is not None and not pipe.asynchronous:
+                self._probe_new_form(loss, output)
             outputs.append(extra)
             sizes.append(microbatch_rows)
             if kept is not None and (self._keeps_outputs or self.logger_calls.calls
