@@ -1040,6 +1040,15 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
                 norm = torch.nn.utils.clip_grad_norm_(self.net[:3].parameters() if where == "configured" else
                                                       self.net[4].parameters(), 0.05)
                 self.log("pre_clip_norm", norm)
+            elif where == "grouped":  # each group by its own norm: a group's list holds one parameter on a rank
+                for index, group in enumerate(optimizer.param_groups):
+                    self.log(f"group_norm_{index}", torch.nn.utils.clip_grad_norm_(group["params"], 0.05))
+                self.log("pre_clip_norm", torch.tensor(0.0))
+            elif where == "per-layer":  # each linear layer by its own norm (a rank loops over its own layers)
+                for name, layer in self.net.named_modules():
+                    if isinstance(layer, nn.Linear):
+                        self.log(f"group_norm_{name}", torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.05))
+                self.log("pre_clip_norm", torch.tensor(0.0))
 
         def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
             if where == "closure-first":  # the closure called first, clipped, then stepped
@@ -1050,6 +1059,10 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
                 optimizer.step(closure=optimizer_closure)
 
         def configure_optimizers(self) -> Any:
+            if where == "grouped":  # weight decay on the weights, none on the biases
+                weights = [p for name, p in self.named_parameters() if name.endswith("weight")]
+                biases = [p for name, p in self.named_parameters() if name.endswith("bias")]
+                return torch.optim.SGD([{"params": weights, "weight_decay": 0.01}, {"params": biases}], lr=0.5)
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
     L.seed_everything(2, verbose=False)
@@ -1062,12 +1075,15 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
     restored = torch.nn.utils.clip_grad_norm_ is torchs.clip_grad_norm_ is globals()["clip_grad_norm_"] and \
         torch.nn.utils.get_total_norm is torchs._get_total_norm
     return {"logged": float(trainer.callback_metrics["pre_clip_norm"]), "restored": restored,
+            "groups": {name: float(value) for name, value in trainer.callback_metrics.items()
+                       if name.startswith("group_norm")},
             "state": torch.load(f"{tmp}/{world_size}.ckpt", weights_only=False)["state_dict"]}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first", "per-parameter", "one-held", "listed-one-held"])
+                                   "closure-first", "per-parameter", "one-held", "listed-one-held", "grouped",
+                                   "per-layer"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
@@ -1077,10 +1093,13 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
     clips that parameter alone (each call took the norm over every rank: the ranks, holding as many parameters,
     paired theirs up, silently; holding more on one, they waited for each other until the timeout); all of a
     module's parameters, where a rank holds one of them, are every rank's share of a whole all the same, also as a
-    list (it waited for the timeout)."""
+    list (it waited for the timeout), and so are an optimizer's group's parameters where a rank holds one of them
+    (clipping each group by its norm clipped them alone, silently); a loop over the layers of a pipelined
+    nn.Sequential, each rank over its own, clips each layer alone (every rank's calls were paired up, silently)."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]
+        assert got["groups"] == pytest.approx(reference["groups"], rel=1e-5)  # (every rank's logs)
         for key, value in reference["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
