@@ -310,7 +310,10 @@ class PipelineStage:
     def backward_weight(self, microbatch: int) -> None:
         """The weight-gradient half of :meth:`backward` for a micro-batch that went through :meth:`backward_input`."""
         tensors, grads, captures, captured_grads = self._weight_grads_owed.pop(microbatch)
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        # (the loss's own parameters took theirs in the input half: a module's own parameter the step reads, which
+        # the last stage's module may hold too, would count twice)
+        taken = {id(p) for p in self.loss_parameters}
+        params = [p for p in self.module.parameters() if p.requires_grad and id(p) not in taken]
         if not tensors or not params:
             return
         if self._split_mode is None:
