@@ -639,6 +639,12 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
         balanced.add(torch.zeros(rows, 1), torch.tensor(2.0), rows)
     rule, why = verdict(balanced, lambda output, batch, draw: torch.tensor(2.0))
     assert rule == "constant" and "2 on the whole batch and on each of its 2 micro-batches" in why, why
+    # a mean over outputs that happen to be alike (a head initialized to zeros: log C on every row, found by review:
+    # warned as constant while a warm-up kept the head near zero): on other outputs the parts differ, a mean
+    alike = Probe(torch.zeros(4, 1))
+    for rows in (2, 2):
+        alike.add(torch.zeros(rows, 1), torch.tensor(1.0), rows)
+    assert verdict(alike, lambda output, batch, draw: (output + 1).mean())[0] == "mean"
 
     # a step that fails on the micro-batches' outputs put together (labels torch.arange(len(logits)) over a CLIP
     # model's rows x rows logits: their blocks stack to 4 x 2): cannot tell, where the error used to end the run

@@ -139,6 +139,8 @@ class FirstBatchChecks:
         # whose first batches were probed again (a weighting switched on at an epoch keeps the loss's form)
         self._loss_forms: set[tuple[str, ...]] = set()
         self._probed_epoch = 0
+        self._batches = 0  # training batches so far: a mean is probed again at the 16th, 32nd, 64th, ... (a count
+        # the first batches shared alike: padding that only a length-sorted set's later batches hold)
         # Layers of a fast-path sequence that let the rows of a batch meet: tried on the first training batch's first
         # two micro-batches (:mod:`lightning_pipe.engine.rows`; a captured model's graph is looked into instead).
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
@@ -255,11 +257,15 @@ class FirstBatchChecks:
             return self._count_probes_left > 0
         if self.loss_reduction == "sum":
             return self._scalar_probes_left > 0
-        epoch = self._epoch()
+        epoch, self._batches = self._epoch(), self._batches + 1
+        again = 0
         if epoch != self._probed_epoch:  # a new epoch's first batches: probed again for a mean (a class weighting
             self._probed_epoch = epoch  # switched on at an epoch: deferred re-weighting)
-            if self._mean_found and not self._loss_warned:
-                self._probes_left = max(self._probes_left, _EPOCH_PROBES)
+            again = _EPOCH_PROBES
+        elif self._batches >= 16 and self._batches & (self._batches - 1) == 0:
+            again = 1
+        if again and self._mean_found and not self._loss_warned:
+            self._probes_left = max(self._probes_left, again)
         return self._probes_left > 0 and (self.loss_reduction == "auto" or self._mean_found)
 
     def _checks_model_loss(self, step: str = "training_step") -> bool:

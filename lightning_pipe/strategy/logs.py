@@ -213,7 +213,8 @@ class WholeBatchLogs:
         self.constants: set[str] = set()  # names whose batch_size the whole batch's run showed to be a constant
         self.seen: dict[str, set[str]] = {}  # step -> every name its batches logged so far (checked or not)
         # step -> the names checked so far only on batches whose micro-batches logged them alike (a maximum of
-        # length-bucketed batches): checked again until a batch's micro-batches differ, for UNSETTLED_CHECKS more
+        # length-bucketed batches): checked again until a batch's micro-batches differ, for UNSETTLED_CHECKS more,
+        # and after those on the batch after one whose micro-batches differ (:meth:`watch`)
         self.unsettled: dict[str, set[str]] = {}
         self.settled: dict[str, set[str]] = {}  # step -> names checked on a batch whose micro-batches differed
         self.extra: dict[str, int] = {}  # step -> batches checked for its unsettled names
@@ -226,6 +227,14 @@ class WholeBatchLogs:
 
     def _unsettled(self, step: str) -> bool:
         return bool(self.unsettled.get(step)) and self.extra.get(step, 0) < UNSETTLED_CHECKS
+
+    def watch(self, step: str, logs: list[LoggedValue]) -> None:
+        """After a batch of ``step`` not checked: a name left unsettled when its checks ran out (its micro-batches
+        logged it alike on every batch checked: a perplexity while a zero-initialized head gives every row log C)
+        whose micro-batches' values now differ is checked once more, on the next batch."""
+        late = self.unsettled.get(step)
+        if late and not self._unsettled(step) and any(entry.varied and entry.name in late for entry in logs):
+            self.extra[step] = UNSETTLED_CHECKS - 1
 
     def new(self, step: str, names: Iterable[str]) -> bool:
         """Whether ``names`` hold one that ``step`` had not logged before."""

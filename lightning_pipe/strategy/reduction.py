@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_pipe.capture.losses import CountedMean, MeanLoss
+from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
@@ -186,7 +187,8 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
                            f"{len(probe.losses)} it is not finite: a mean over something a micro-batch can lack (every "
                            f"label of its rows ignored, a class without a row in it, as prototypes or other "
                            f"per-class statistics of the batch take it)")
-    if whole != 0 and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in losses.tolist()):
+    if whole != 0 and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in losses.tolist()) \
+            and _constant_anyway(probe, run_whole, kinds):
         return "constant", (f"{whole:.6g} on the whole batch and on each of its {len(probe.losses)} micro-batches, "
                             f"whose rows differ")
     if probe.counts is not None:  # told a mean over a count: is the batch's loss its micro-batches' counted mean?
@@ -226,6 +228,32 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
                 return rule, (f"{why}, with the single numbers the model returns summed over the micro-batches: on "
                               f"the whole batch {again:.6g}")
     return "neither", why
+
+
+def _constant_anyway(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
+                     kinds: OutputKinds | None) -> bool:
+    """Whether a loss alike on the whole batch and on every micro-batch stays alike on other model outputs (each
+    micro-batch's floating outputs moved by noise): a loss divided by its own detached value does; a mean over
+    outputs that were alike does not (a head initialized to zeros, or to 2e-5 as MAE's fine-tuning does, gives every
+    row log C until it trains). False where that cannot be told (the step fails on a micro-batch alone)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def moved(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        return value + (noise * (float(value.abs().max()) + 1.0)).to(value.device, value.dtype)
+
+    parts = [tree_map_tensors(moved, output) for output in probe.outputs]
+    microbatches = split_batch(probe.batch, len(parts))
+    if [batch_rows(microbatch, microbatch=True) for microbatch in microbatches] != probe.rows:
+        return False
+    try:
+        whole = float(run_whole(whole_output(parts, probe.rows, probe.counts, kinds=kinds), probe.batch, 0))
+        values = [float(run_whole(part, microbatch, 0)) for part, microbatch in zip(parts, microbatches)]
+    except Exception:  # noqa: BLE001 - the step fails on such outputs, or on a micro-batch alone: no telling
+        return False
+    return math.isfinite(whole) and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in values)
 
 
 def _tolerance(probe: Probe) -> float:

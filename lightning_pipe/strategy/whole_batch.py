@@ -135,6 +135,8 @@ class WholeBatchRuns:
         kind = self._logs_kind(step, rest, microbatches)
         logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(
             kind, [entry.name for entry in result.logs]) else None
+        if kind is not None and logged is None:
+            self.whole_logs.watch(kind, result.logs)
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
         logs_checked = False
 
