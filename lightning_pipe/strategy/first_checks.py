@@ -163,9 +163,10 @@ class FirstBatchChecks:
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
         def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            def attempt(output: Any) -> torch.Tensor:  # (each attempt draws the same random numbers)
+            def attempt(output: Any) -> torch.Tensor:  # (each attempt draws the same random numbers, and starts
+                # from the module as the step found it: group DRO's weights, updated by the step before its loss)
                 with self.recorder.discarding(), self.metrics.untouched(), host_random_kept(self.module) as held, \
-                        forked_random(derive_seed(seed, 0) + draw, self.pipeline.device):
+                        forked_random(derive_seed(seed, 0) + draw, self.pipeline.device), self.effects.undone():
                     if draw:  # the generators the module keeps draw other numbers too (put back after)
                         held.shift()
                     return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
