@@ -653,7 +653,7 @@ def _deferred_weights(rank: int, world_size: int) -> list[str]:
                           torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
 
 
-def _late_padding(rank: int, world_size: int) -> list[str]:
+def _padding_after_the_probes(rank: int, world_size: int) -> list[str]:
     """A token-mean cross entropy (``ignore_index=-100``) over a set sorted longest first: the first 13 batches hold
     no padding, the later ones do."""
     import lightning as L
@@ -687,7 +687,7 @@ def test_a_count_that_shows_only_after_the_first_batches_is_found_by_a_later_pro
     """A length-sorted set's padding first shows at batch 13, after the probes of the first batches: trained with
     the rows' weights, silently (found by review: 9% off after 20 steps). A mean is probed again at the 16th, 32nd,
     64th, ... batch."""
-    first, last = run_ranks(_late_padding, 2, timeout=150)
+    first, last = run_ranks(_padding_after_the_probes, 2, timeout=150)
     assert first == [] and len(last) == 1 and "ignore_index" in last[0], (first, last)
 
 
