@@ -459,6 +459,48 @@ def test_rows_moved_within_the_batch_are_found(kind: str) -> None:
         assert found is not None and expected in found, found
 
 
+class _Normalized(nn.Module):
+    """Normalization ops over a value: along each row's features (a layer norm, an RMS norm, a group norm, an
+    instance norm of ``(N, C, L)``), or over the rows themselves (the same ops given the transposed batch: a batch
+    norm without running statistics written another way)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.proj = kind, nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.proj(x)
+        if self.kind == "layer":
+            z = F.layer_norm(z, (6,))
+        elif self.kind == "rms":
+            z = F.rms_norm(z, (6,))
+        elif self.kind == "group":
+            z = F.group_norm(z.unflatten(-1, (2, 3)), 2).flatten(1)
+        elif self.kind == "instance":
+            z = F.instance_norm(z.unflatten(-1, (2, 3))).flatten(1)
+        elif self.kind == "layer_T":
+            z = F.layer_norm(z.T, (z.shape[0],)).T
+        elif self.kind == "instance_T":
+            z = F.instance_norm(z.T.unsqueeze(0)).squeeze(0).T
+        elif self.kind == "group_T":
+            z = F.group_norm(z.T.unsqueeze(0), 1).squeeze(0).T
+        return z.pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "group", "instance", "layer_T", "instance_T", "group_T"])
+def test_a_normalization_over_the_batchs_rows_is_found(kind: str) -> None:
+    """A layer norm over the transposed batch (each feature normalized over the rows) trained silently otherwise
+    (found by review: 78% off one device); so did an instance norm of it. Norms along each row's own values are no
+    meeting."""
+    splitter = Splitter(_Normalized(kind))
+    splitter.capture((torch.randn(4, 6),))
+    found = splitter.captures[0].rows_meet
+    if kind.endswith("_T"):
+        assert found is not None and "normalizes over dims that hold the batch's rows" in found, found
+    else:
+        assert found is None, found
+
+
 class _TimeMajorWindows(nn.Module):
     """A time-major batch ``(T, B, F)`` whose time a temporal convolution or pooling slides along (after a permute),
     or a batch-first one whose convolution slides along each row's time (``rows_first``), batch-first images as

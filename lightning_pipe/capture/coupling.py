@@ -245,6 +245,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             return (f"{place(node)} normalizes along the batch's rows ({name} over them: each row's weight depends "
                     f"on every other row's), so each row depends on the whole batch (in a pipeline: on its "
                     f"micro-batch only)")
+        if _normalizes_rows(node, name, rows):
+            return (f"{place(node)} normalizes over dims that hold the batch's rows ({name} of a value whose rows "
+                    f"are not its first dim: a layer norm or instance norm of a transposed batch, a batch norm "
+                    f"without running statistics), so each row depends on the whole batch (in a pipeline: on its "
+                    f"micro-batch only)")
         if name == "batch_norm" and len(node.args) > 5 and node.args[5] is True and node.args[3] is None \
                 and not _in_batch_norm_module(node) and isinstance(node.args[0], fx.Node) \
                 and rows_at(node.args[0], 0, rows):
@@ -330,6 +335,26 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif shifted:
             shifts.add(node)
     return None
+
+
+def _normalizes_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
+    """Whether a normalization op takes its statistics over a dim holding the batch's rows: a layer norm (or RMS
+    norm) over trailing dims, an instance norm over dims after the channels, a group norm over the channels and
+    after (each of ``(N, C, ...)``'s samples normalized alone: rows at dim 0 are not among them)."""
+    source = node.args[0] if node.args else None
+    value = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return False
+    if name in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm") and len(node.args) > 1 \
+            and isinstance(node.args[1], (list, tuple)):
+        normalized = range(value.dim() - len(node.args[1]), value.dim())
+    elif name == "instance_norm":
+        normalized = range(2, value.dim())
+    elif name in ("group_norm", "native_group_norm"):
+        normalized = range(1, value.dim())
+    else:
+        return False
+    return any(rows_at(source, dim, rows) for dim in normalized)
 
 
 def _metadata_only(node: fx.Node, name: str) -> tuple[Any, ...]:
