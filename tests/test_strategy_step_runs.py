@@ -72,6 +72,12 @@ def test_an_error_names_the_plain_lists_that_were_split_with_the_rows() -> None:
     with pytest.raises(KeyError) as caught, microbatch_run("training_step", 1, 4, 2, 8, {"x": torch.zeros(2, 3)}):
         raise KeyError("t")
     assert "micro-batch 1 of 4" in caught.value.__notes__[-1] and "drop a last" not in caught.value.__notes__[-1]
+    # nor for a refusal of the strategy's own, which says what to do (an input-gradient penalty: found by review)
+    from lightning_pipe.engine.microbatch import split_batch
+
+    with pytest.raises(ValueError) as caught, microbatch_run("training_step", 0, 4, 2, 8, {"x": torch.zeros(2, 3)}):
+        split_batch(torch.zeros(0, 3), 2)  # (a ValueError raised by lightning_pipe)
+    assert "micro-batch 0 of 4" in caught.value.__notes__[-1] and "drop a last" not in caught.value.__notes__[-1]
 
 
 class WritesItsOutputs(Regressor):

@@ -119,5 +119,15 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
                     f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
                     f"(metric.update(...)) and log the metric object" if rows <= 2 and not sized and isinstance(
-                        error, (ValueError, IndexError, ZeroDivisionError)) else "") + ")")
+                        error, (ValueError, IndexError, ZeroDivisionError)) and not _raised_here(error) else "")
+                + ")")
         raise
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether ``error`` was raised by lightning_pipe itself (a refusal, which says what to do: no few-rows advice)."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return traceback is not None and os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(package + os.sep)
