@@ -32,7 +32,8 @@ def inputs_warning(step: str, parts: Sequence[list[Any]], whole: list[Any], wher
     than for its micro-batches one by one (``parts``), found on ``where``; None if they agree or cannot be
     compared."""
     difference = parts_differ(list(parts), whole)
-    if difference is None or parts_differ(rebased(parts, whole), whole) is None:
+    if difference is None or parts_differ(rebased(parts, whole), whole) is None \
+            or as_views(parts, whole):
         return None
     return _warning(step, f"other inputs for the whole batch than for its {len(parts)} micro-batches one by one "
                           f"(relative difference {difference:.2g}, on {where})",
@@ -65,6 +66,30 @@ def rebased(parts: Sequence[list[Any]], whole: list[Any]) -> list[list[Any]]:
         for part, piece in zip(parts, shifted):
             part[index] = piece
     return parts
+
+
+def as_views(parts: Sequence[list[Any]], whole: list[Any]) -> bool:
+    """Whether ``parts`` agree with ``whole`` where some of their tensors are read as views of the rows stacked along
+    them (``torch.cat([x1, x2])`` of two views, DANN's source and target batches: each micro-batch's ``k`` views of
+    its rows, the whole batch's ``k`` views of all rows), the others as they are: a model given such views sees one
+    device's rows, in another order."""
+    viewed = False
+    for index, value in enumerate(whole):
+        pieces = [part[index] if index < len(part) else None for part in parts]
+        if parts_differ([[piece] for piece in pieces], [value]) is None:
+            continue
+        if not (isinstance(value, torch.Tensor) and value.dim() > 0 and all(
+                isinstance(piece, torch.Tensor) and piece.dim() > 0 for piece in pieces)):
+            return False
+        for views in (2, 3, 4):
+            if all(piece.shape[0] % views == 0 for piece in pieces) and parts_differ([[torch.cat(
+                    [piece.unflatten(0, (views, -1))[view] for view in range(views) for piece in pieces])]],
+                    [value]) is None:
+                viewed = True
+                break
+        else:
+            return False
+    return viewed
 
 
 def mixing_warning(step: str, rows: int, first: int, kept: list[Any], shifted: list[Any],
