@@ -53,6 +53,7 @@ def test_split_errors() -> None:
     with pytest.raises(ValueError, match="a batch of graphs") as error:
         split_batch(graphs, 2)
     assert "CombinedLoader" not in str(error.value)
+    assert "One graph per batch" in str(error.value) and "num_microbatches=1" in str(error.value)  # (found by review)
     with pytest.raises(ValueError, match="CombinedLoader"):  # a dict of loaders' batches with other batch sizes
         split_batch({"a": (torch.ones(4, 1), torch.ones(4)), "b": (torch.ones(3, 1), torch.ones(3))}, 2)
     # the rows' sequences concatenated beside their start offsets, as nn.EmbeddingBag takes them

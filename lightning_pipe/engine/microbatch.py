@@ -102,7 +102,10 @@ def _graphs(leaves: list[torch.Tensor]) -> str:
             "give a list of the graphs, each a dict of its tensors, beside their labels (a micro-batch then holds "
             "whole graphs) and put them together in the step (the sparse layers run unchanged), or make the graphs "
             "the rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
-            "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. ")
+            "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. "
+            "One graph per batch (node classification over one connected graph) has no rows to split: give it as a "
+            "batch of one row (each tensor unsqueezed to (1, ...)) and pass num_microbatches=1, which runs the "
+            "stages in turn, without overlap. ")
 
 
 def _offsets(leaves: list[torch.Tensor]) -> str:
