@@ -85,7 +85,7 @@ class EvaluationSteps:
             self.metrics.start()
         layers = self._chain_layers(step, batch, rest, kwargs, seed)
         with self._result_posted(fingerprint):
-            _, last_outputs = pipe.eval_step(tagged(batch, rows), layers=layers)
+            _, last_outputs = pipe.eval_step(tagged(batch, rows), seed=seed, layers=layers)
             self._warn_of_written_input(step)
             if checks_inputs:
                 self._check_inputs(step, batch, rest, kwargs, seed, inputs or {})

@@ -356,7 +356,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
             # as the backward completes it
             versions = self.buffers.before()
-            loss = pipe.train_step(tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step)
+            loss = pipe.train_step(tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step,
+                                   seed=seed)
             self.buffers.after(versions)
             if self._rows_unchecked:
                 self._check_rows()
