@@ -120,7 +120,11 @@ class ChainLink(PipelinedSequence):
                                    f"on one device")
             if self._calls > 1:
                 raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
-                                   f"runs each link of a chain once per step")
+                                   f"runs each link of a chain once per step. For a chain called once per view (an "
+                                   f"encoder then a predictor, BYOL's or SimSiam's two views), make it one model "
+                                   f"called once per view: self.model = nn.Sequential(*self.encoder, "
+                                   f"*self.predictor) (or a module returning both outputs), with the calls made "
+                                   f"before their outputs are used (p1, p2 = self.model(v1), self.model(v2))")
             if self._index > 0 and not (len(inputs) == 1 and inputs[0] is self._previous):
                 raise RuntimeError(f"the step calls {self._path!r} on something other than the output of the "
                                    f"nn.Sequential before it in the chain; PipelineStrategy pipelines the chain "
