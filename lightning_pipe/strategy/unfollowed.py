@@ -27,7 +27,7 @@ FOREIGN = LIBRARIES | {"lightning_pipe", "transformers", "timm", "torchvision", 
                        "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers",
                        # loggers, whose watch() hooks the model's modules to log gradients
                        "wandb", "comet_ml", "neptune", "mlflow", "tensorboardX", "clearml", "aim"}
-_STEPS = 16  # steps of each kind whose state is marked and compared
+_STEPS = 16  # first steps of each kind whose state is marked and compared (then fewer: :meth:`UnfollowedState.mark`)
 _DATA = "\0data"  # the datasets' marks, among a step's marks
 _LOADERS = {"training_step": "train_dataloader", "validation_step": "val_dataloaders",
             "test_step": "test_dataloaders", "predict_step": "predict_dataloaders"}
@@ -98,14 +98,18 @@ class UnfollowedState:
         self.module = module
         self.outside = outside
         self.warned: set[str] = set()
-        self._left: dict[str, int] = {}  # steps of each kind still to look at
+        self._count: dict[str, int] = {}  # steps of each kind so far
+        self._epochs: dict[str, int] = {}  # the epoch of each kind's last step
 
     def mark(self, step: str) -> dict[str, Any] | None:
-        """The marks before a ``step``; None once its first steps were looked at."""
-        left = self._left.get(step, _STEPS)
-        if left <= 0:
+        """The marks before a ``step``: on the first :data:`_STEPS` steps of its kind, the 32nd, 64th, ..., and the
+        first of each epoch (a deque the step starts to fill after a warm-up); else None."""
+        count = self._count[step] = self._count.get(step, 0) + 1
+        trainer = getattr(self.module, "_trainer", None)
+        epoch = int(getattr(trainer, "current_epoch", 0) or 0)
+        new_epoch, self._epochs[step] = epoch != self._epochs.get(step, epoch), epoch
+        if count > _STEPS and count & (count - 1) and not new_epoch:
             return None
-        self._left[step] = left - 1
         return {**self._marks(), _DATA: self._data_marks(step)}
 
     def _marks(self) -> dict[str, Any]:
