@@ -62,9 +62,11 @@ def _no_backward_hooks(model: nn.Module, names: dict[int, str]) -> Iterator[None
     gradients before them -2x one device's, found by review); refused, with the place."""
     hooked = [names.get(id(part), type(part).__name__) or type(model).__name__ for part in model.modules()
               if part._backward_hooks or part._backward_pre_hooks]
-    advice = ("a captured graph keeps the forward's operations, not backward hooks. Write the gradient's change as a "
-              "custom torch.autograd.Function (a gradient reversal's backward returning -alpha * grad), which the "
-              "capture checks, or keep the layers in an nn.Sequential the step calls (PipelineStrategy(layers=...)), "
+    advice = ("a captured graph keeps the forward's operations, not backward hooks. Write the gradient's change "
+              "with the forward's operations (a gradient reversal: -alpha * h + ((1 + alpha) * h).detach(), whose "
+              "value is h and whose gradient is -alpha times h's), or as a custom torch.autograd.Function (a "
+              "gradient reversal's backward returning -alpha * grad), which the capture checks, or keep the layers "
+              "in an nn.Sequential the step calls (PipelineStrategy(layers=...)), "
               "whose layers run as themselves")
     if hooked:
         raise CaptureError(f"{type(model).__name__} has backward hooks on {listed(hooked)} "

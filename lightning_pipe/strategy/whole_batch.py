@@ -210,7 +210,9 @@ class WholeBatchRuns:
                                    f"batch: its micro-batches' model outputs do not put together into the whole "
                                    f"batch's ({apart}), so a value that is not a mean over rows (a maximum, "
                                    f"loss.exp(), len(x)) is logged as the micro-batches' combination, not as one "
-                                   f"device logs it. Return outputs with the batch's rows along one dim")
+                                   f"device logs it. Return outputs with the batch's rows along one dim (views stacked "
+                                   f"along the rows, self.model(torch.cat([x1, x2])): call the model once per view "
+                                   f"instead, z1, z2 = self.model(x1), self.model(x2))")
             flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
             if flagged:
                 over = "over what loss_reduction counts" if callable(getattr(self, "loss_reduction", None)) else \
