@@ -184,6 +184,9 @@ _POOLS = {f"{kind}{n}d{suffix}": n for n in (1, 2, 3) for kind, suffix in (
 _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
                "sym_size", "sym_numel", "sym_stride", "scalar_tensor", "_assert_tensor_metadata"}
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
+# of one statistic: not linear in the rows (a sparsity penalty's KL of the batch's mean activation)
+_CURVED = {"log", "log2", "log10", "log1p", "exp", "exp2", "expm1", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus",
+           "xlogy", "special_entr", "logit", "special_xlog1py"}
 _SCANS = {"cumsum", "cumprod"}  # a running count along a dim
 _FLOAT_SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}  # of floating values along the rows
 _COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
@@ -328,6 +331,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             if name == "reciprocal":  # a divisor: a sum times it is a mean, not a product of two statistics
                 divisors.add(node)
             carried = [arg for arg in carried if arg not in divisors]
+            if name in _CURVED and carried and not all(arg in counted or arg in divisors for arg in carried):
+                return (f"{place(node)} takes {name} of a statistic over the batch's rows ({place(carried[0])}: the "
+                        f"log of a batch mean, as a sparsity penalty's KL or an entropy of the batch's mean "
+                        f"prediction takes), which is not linear in the rows, so the batch's value is not the mean "
+                        f"of its micro-batches' values")
             if name in _PRODUCTS and len(carried) >= 2 and not all(arg in counted for arg in carried):
                 return (f"{place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
                         f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
