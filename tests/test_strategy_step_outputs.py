@@ -1044,11 +1044,6 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
                 for index, group in enumerate(optimizer.param_groups):
                     self.log(f"group_norm_{index}", torch.nn.utils.clip_grad_norm_(group["params"], 0.05))
                 self.log("pre_clip_norm", torch.tensor(0.0))
-            elif where == "per-layer":  # each linear layer by its own norm (a rank loops over its own layers)
-                for name, layer in self.net.named_modules():
-                    if isinstance(layer, nn.Linear):
-                        self.log(f"group_norm_{name}", torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.05))
-                self.log("pre_clip_norm", torch.tensor(0.0))
 
         def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
             if where == "closure-first":  # the closure called first, clipped, then stepped
@@ -1082,8 +1077,7 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first", "per-parameter", "one-held", "listed-one-held", "grouped",
-                                   "per-layer"])
+                                   "closure-first", "per-parameter", "one-held", "listed-one-held", "grouped"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
@@ -1094,8 +1088,7 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
     paired theirs up, silently; holding more on one, they waited for each other until the timeout); all of a
     module's parameters, where a rank holds one of them, are every rank's share of a whole all the same, also as a
     list (it waited for the timeout), and so are an optimizer's group's parameters where a rank holds one of them
-    (clipping each group by its norm clipped them alone, silently); a loop over the layers of a pipelined
-    nn.Sequential, each rank over its own, clips each layer alone (every rank's calls were paired up, silently)."""
+    (clipping each group by its norm clipped them alone, silently)."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

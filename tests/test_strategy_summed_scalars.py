@@ -157,6 +157,7 @@ def _warmed_up(rank: int, world_size: int) -> list[str]:
 def test_a_term_summed_over_rows_switched_on_after_the_checked_batches_is_warned_of() -> None:
     """The first batches' check saw a mean; from step 13 the summed KL was averaged over micro-batches silently
     (weights 6e-2 off). The step runs on the whole batch at every step for its logged KL anyway: its loss there is
-    compared with the micro-batches' too."""
+    compared with the micro-batches' too (here an epoch's first batches, probed again, find it first: 4 batches an
+    epoch, the term from the second of the fourth epoch; either says so once)."""
     first, last = run_ranks(_warmed_up, 2, timeout=160)
-    assert not first and len(last) == 1 and "at a batch past the first ones checked" in last[0], last
+    assert not first and len(last) == 1 and "summed over the batch" in last[0], last

@@ -9,7 +9,6 @@ so ``zero_grad``, gradient accumulation and the hooks around backward behave as 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -123,41 +122,27 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
     return total
 
 
-def _module_of(parameters: object) -> nn.Module | None:
-    """The module whose ``parameters()`` (or ``named_parameters``'s values) ``parameters`` is, where it is that
-    generator, not started yet; else None."""
-    if not inspect.isgenerator(parameters) or inspect.getgeneratorstate(parameters) != inspect.GEN_CREATED:
-        return None
-    owner = parameters.gi_frame.f_locals.get("self")
-    return owner if isinstance(owner, nn.Module) else None
-
-
 class GlobalNorms:
     """Stand-ins for torch's ``clip_grad_norm_`` and ``get_total_norm`` (their signatures) that take the norm over
     every rank of ``group``: for the hooks where one device clips (the gradient hooks, ``configure_gradient_clipping``,
     ``optimizer_step``), which every rank runs over its own stages' parameters. ``counts``: whether a parameter's
     gradient counts in the norm (a tied parameter's second copy does not); ``parameters``: the module's, to tell the
     parameter of a gradient ``get_total_norm`` is given; ``groups``: the optimizers' parameter groups' lists (each
-    rank's share of a group); ``alone``: whether a module is held by this rank alone, and other ranks have no such
-    module (a layer of a pipelined ``nn.Sequential``: its parameters, ``layer.parameters()``, are clipped alone)."""
+    rank's share of a group)."""
 
     def __init__(self, group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool], timeout: float,
                  parameters: Callable[[], Iterable[nn.Parameter]] = lambda: (),
-                 groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: (),
-                 alone: Callable[[nn.Module], bool] = lambda module: False) -> None:
+                 groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: ()) -> None:
         self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
-        self.groups, self.alone = groups, alone
+        self.groups = groups
 
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                         norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None) -> torch.Tensor:
-        owner = _module_of(parameters)
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         one = isinstance(parameters, torch.Tensor) or (isinstance(parameters, (list, tuple)) and len(params) == 1
                                                        and not self._all_held(params[0])
                                                        and not self._a_group(params[0]))
-        one = one or (owner is not None and self.alone(owner))  # a loop over a sequence's layers (per-layer clips:
-        # each rank makes the calls for its own layers, which the other ranks do not have)
         if one:  # one parameter given as such (p, [p]), which one rank holds: clipped alone (a loop over the
             # parameters, whose calls the ranks make as many times as they hold parameters); an iterator
             # (module.parameters()) is every rank's share of a whole, even where this rank holds one of it, and so is

@@ -438,12 +438,9 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together
-            proxy = self.runner.split.proxy if isinstance(self.runner.split, SplitModule) else None
-            layers = {id(layer) for layer in proxy.modules() if layer is not proxy} if proxy is not None else set()
             clip = GlobalNorms(pipeline.group, self.runner.counts_in_norm, self.settings.wait_timeout,
                                module.parameters, lambda: [group["params"] for optimizer in trainer.optimizers
-                                                           for group in optimizer.param_groups],
-                               lambda owner: id(owner) in layers)
+                                                           for group in optimizer.param_groups])
             gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
