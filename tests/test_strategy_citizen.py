@@ -634,6 +634,7 @@ def _deferred_weights(rank: int, world_size: int) -> list[str]:
     class Reweighted(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)  # (the weights of every run alike, whatever ran before in the process)
             self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
             self.register_buffer("weights", torch.tensor([0.2, 1.0, 5.0]))
 
@@ -663,6 +664,7 @@ def _padding_after_the_probes(rank: int, world_size: int) -> list[str]:
     class Tokens(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)  # (the weights of every run alike, whatever ran before in the process)
             self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 5 * 3))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -674,8 +676,9 @@ def _padding_after_the_probes(rank: int, world_size: int) -> list[str]:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     generator = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8 * 20, 4, generator=generator), torch.randint(0, 3, (8 * 20, 5), generator=generator)
-    lengths = torch.randint(1, 6, (8 * 20,), generator=generator)
+    x = 3 * torch.randn(8 * 20, 4, generator=generator)  # (large inputs: rows' losses far apart)
+    y = torch.randint(0, 3, (8 * 20, 5), generator=generator)
+    lengths = torch.tensor([1, 1, 5, 5, 1, 5, 5, 5] * 20)  # micro-batches of 2, 10, 6 and 10 tokens
     lengths[: 8 * 13] = 5
     y[torch.arange(5)[None, :] >= lengths[:, None]] = -100
     return _loss_warnings(world_size, 20, Tokens(),
@@ -701,6 +704,7 @@ def _group_dro(rank: int, world_size: int) -> list[str]:
     class Robust(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            torch.manual_seed(0)  # (the weights of every run alike, whatever ran before in the process)
             self.model = _DualEncoder().image  # (captured: the module's attribute holding the layers)
             self.register_buffer("q", torch.full((4,), 0.25))
 
