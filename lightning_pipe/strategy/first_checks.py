@@ -23,6 +23,7 @@ from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import LogRecorder
 from lightning_pipe.strategy.metric_states import MetricTracker
+from lightning_pipe.strategy.positions import looked_at_again
 from lightning_pipe.strategy.randomness import (
     derive_seed,
     forked_random,
@@ -263,7 +264,7 @@ class FirstBatchChecks:
         if epoch != self._probed_epoch:  # a new epoch's first batches: probed again for a mean (a class weighting
             self._probed_epoch = epoch  # switched on at an epoch: deferred re-weighting)
             again = _EPOCH_PROBES
-        elif self._batches >= 16 and self._batches & (self._batches - 1) == 0:
+        elif looked_at_again(self._batches, 16):
             again = 1
         if again and self._mean_found and not self._loss_warned:
             self._probes_left = max(self._probes_left, again)

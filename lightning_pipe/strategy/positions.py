@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning_pipe.strategy.data_order import DataStart, SharedOrder
 from lightning_pipe.strategy.randomness import Stream, derive_seed, fresh_seed
 
-__all__ = ["RunPosition", "CHECKPOINT_KEY", "other_replicas"]
+__all__ = ["RunPosition", "CHECKPOINT_KEY", "other_replicas", "looked_at_again"]
 
 CHECKPOINT_KEY = "pipeline_position"
 
@@ -35,6 +35,13 @@ _STREAMS = {RunningStage.TRAINING: Stream.TRAIN, RunningStage.VALIDATING: Stream
             RunningStage.SANITY_CHECKING: Stream.SANITY_CHECK, RunningStage.TESTING: Stream.TEST,
             RunningStage.PREDICTING: Stream.PREDICT}
 
+
+
+def looked_at_again(count: int, first: int) -> bool:
+    """Whether the ``count``-th step of a kind (from 1), past the ``first`` that a check looks at, is one it looks at
+    again: the ``first``-th doubled, and doubled again (the 32nd, 64th, ... for 16), so that what a step starts to do
+    late in a run (a deque filled after a warm-up, padding that only later batches hold) is found at little cost."""
+    return count >= first and count & (count - 1) == 0
 
 class RunPosition:
     """The strategy's position in a run, the seeds derived from it, and its part of a checkpoint."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_pipe.strategy.positions import looked_at_again
 from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
 
 __all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook", "users_hooks", "FORWARD_HOOKS",
@@ -108,7 +109,7 @@ class UnfollowedState:
         trainer = getattr(self.module, "_trainer", None)
         epoch = int(getattr(trainer, "current_epoch", 0) or 0)
         new_epoch, self._epochs[step] = epoch != self._epochs.get(step, epoch), epoch
-        if count > _STEPS and count & (count - 1) and not new_epoch:
+        if count > _STEPS and not looked_at_again(count, _STEPS) and not new_epoch:
             return None
         return {**self._marks(), _DATA: self._data_marks(step)}
 
