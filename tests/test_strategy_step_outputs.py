@@ -1040,6 +1040,20 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
                 norm = torch.nn.utils.clip_grad_norm_(self.net[:3].parameters() if where == "configured" else
                                                       self.net[4].parameters(), 0.05)
                 self.log("pre_clip_norm", norm)
+            elif where == "per-layer":  # each layer by its own norm, in a loop over the model's modules
+                for name, part in self.named_modules():
+                    if isinstance(part, nn.Linear):
+                        self.log(f"group_norm_{name}", torch.nn.utils.clip_grad_norm_(part.parameters(), 0.05))
+                self.log("pre_clip_norm", torch.tensor(0.0))
+            elif where == "per-child":  # each layer of the sequence, as its children, by its own norm
+                for layer in self.net.children():
+                    torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.02)
+                self.log("pre_clip_norm", torch.tensor(0.0))
+            elif where == "per-index":  # each layer as self.net[i], which every rank reaches
+                for index in range(len(self.net)):
+                    norm = torch.nn.utils.clip_grad_norm_(self.net[index].parameters(), 0.05)
+                    self.log(f"group_norm_{index}", norm)
+                self.log("pre_clip_norm", torch.tensor(0.0))
             elif where == "grouped":  # each group by its own norm: a group's list holds one parameter on a rank
                 for index, group in enumerate(optimizer.param_groups):
                     self.log(f"group_norm_{index}", torch.nn.utils.clip_grad_norm_(group["params"], 0.05))
@@ -1077,7 +1091,8 @@ def _clipped_by_hand(rank: int, world_size: int, where: str, tmp: str) -> dict[s
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where", ["attribute", "imported", "total", "configured", "configured-tail",
-                                   "closure-first", "per-parameter", "one-held", "listed-one-held", "grouped"])
+                                   "closure-first", "per-parameter", "one-held", "listed-one-held", "grouped",
+                                   "per-layer", "per-child", "per-index"])
 def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm(where: str, tmp_path: Any) -> None:
     """Each rank clipped its own stages' gradients by their own norm (weights 1.3e-2 off, silently): in the gradient
     hooks torch's clip_grad_norm_ takes the norm over every rank, as one device does, and returns it; so do its two
@@ -1088,7 +1103,10 @@ def test_clip_grad_norm_called_in_a_gradient_hook_clips_by_the_whole_models_norm
     paired theirs up, silently; holding more on one, they waited for each other until the timeout); all of a
     module's parameters, where a rank holds one of them, are every rank's share of a whole all the same, also as a
     list (it waited for the timeout), and so are an optimizer's group's parameters where a rank holds one of them
-    (clipping each group by its norm clipped them alone, silently)."""
+    (clipping each group by its norm clipped them alone, silently). A loop clipping each layer of the sequence by
+    its norm, over the model's modules or the sequence's children, clips it alone: each rank lists its own layers
+    (each call took the norm over every rank, pairing different layers: silent, or a wait until the timeout where
+    the ranks hold unlike counts of layers); reached by index, as every rank reaches it, it is one collective."""
     reference = _clipped_by_hand(0, 1, where, str(tmp_path))
     for got in run_ranks(_clipped_by_hand, 2, where, str(tmp_path), timeout=100):
         assert got["logged"] == pytest.approx(reference["logged"], rel=1e-5) and got["restored"]

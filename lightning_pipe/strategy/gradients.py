@@ -10,8 +10,8 @@ so ``zero_grad``, gradient accumulation and the hooks around backward behave as 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -128,18 +128,39 @@ class GlobalNorms:
     ``optimizer_step``), which every rank runs over its own stages' parameters. ``counts``: whether a parameter's
     gradient counts in the norm (a tied parameter's second copy does not); ``parameters``: the module's, to tell the
     parameter of a gradient ``get_total_norm`` is given; ``groups``: the optimizers' parameter groups' lists (each
-    rank's share of a group)."""
+    rank's share of a group); ``sequences``: the cut sequences (:class:`~.split.PipelinedSequence`), whose
+    listings of their modules the hooks run inside (:meth:`listings`)."""
 
     def __init__(self, group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool], timeout: float,
                  parameters: Callable[[], Iterable[nn.Parameter]] = lambda: (),
-                 groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: ()) -> None:
+                 groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: (),
+                 sequences: Callable[[], Iterable[Any]] = lambda: ()) -> None:
         self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
-        self.groups = groups
+        self.groups, self.sequences = groups, sequences
+        self._listing: list[Any] = []
+
+    @contextmanager
+    def listings(self) -> Iterator[None]:
+        """Inside (a hook), the cut sequences note which of this rank's layers a listing of their modules gave."""
+        with ExitStack() as stack:
+            self._listing = list(self.sequences())
+            for sequence in self._listing:
+                stack.enter_context(sequence.listings())
+            try:
+                yield
+            finally:
+                self._listing = []
 
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter] | torch.Tensor, max_norm: float,
                         norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         foreach: bool | None = None) -> torch.Tensor:
+        owner = _caller(parameters)
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        if owner is not None and any(sequence.listed_here(owner) for sequence in self._listing):
+            # layer.parameters() of a layer of a cut sequence that a listing of its modules gave (a loop clipping
+            # each layer: each rank lists its own layers and makes its own calls): clipped here alone
+            return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
+                                         error_if_nonfinite, reduce=False)
         one = isinstance(parameters, torch.Tensor) or (isinstance(parameters, (list, tuple)) and len(params) == 1
                                                        and not self._all_held(params[0])
                                                        and not self._a_group(params[0]))
@@ -170,3 +191,12 @@ class GlobalNorms:
         owners = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         kept = [grad for grad in grads if id(grad) not in owners or self.counts(owners[id(grad)])]
         return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite)
+
+
+def _caller(parameters: object) -> nn.Module | None:
+    """The module whose ``parameters()`` made the generator ``parameters`` (not yet started), else None."""
+    frame = getattr(parameters, "gi_frame", None)
+    if frame is None or getattr(parameters, "gi_code", None) is not nn.Module.parameters.__code__:
+        return None
+    owner = frame.f_locals.get("self")
+    return owner if isinstance(owner, nn.Module) else None

@@ -104,7 +104,8 @@ def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator
     for owner, key, _, stand_in in places:
         _put(owner, key, stand_in)
     try:
-        yield
+        with clip.listings():
+            yield
     finally:
         for owner, key, original, _ in places:
             _put(owner, key, original)
@@ -146,7 +147,8 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
                       f"the first stage's, which is not one device's (a ModelCheckpoint or EarlyStopping watching it "
                       f"decides alike on every rank). For the whole model's value, {fix}add up each rank's share "
                       f"over the pipeline's ranks: torch.distributed.all_reduce(share, group=trainer.strategy."
-                      f"pipeline_group) (for a norm, of its square)", stacklevel=2)
+                      f"pipeline_group) (for a norm, of its square). A name counted along a loop over the model's "
+                      f"modules counts this rank's layers: name each by named_modules()", stacklevel=2)
     for name, value, options in calls:  # this rank's names first, in its order, with its options
         real(name, merged.pop(name, float(value)), **options)
     options = calls[0][2] if calls else {}

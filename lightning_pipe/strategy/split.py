@@ -68,6 +68,8 @@ class PipelinedSequence(nn.Module):
         self._names = list(names) or [name for name, _ in layers]  # every layer's name, in the sequence's order
         self.model_calls = calls or ModelCalls(f"the nn.Sequential at {path!r}")
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
+        self.listed: set[int] | None = None  # inside a gradient hook (:meth:`listings`)
+        self.indexed: set[int] | None = None
 
     def forward(self, *inputs: Any) -> Any:
         if self.model_calls.mode is not None:
@@ -87,6 +89,44 @@ class PipelinedSequence(nn.Module):
                            f"torch.jit.script): load a checkpoint with YourModule.load_from_checkpoint(path) and "
                            f"export the whole model on one device")
 
+    def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in super().named_modules(memo, prefix, remove_duplicate):
+            if self.listed is not None and module is not self:
+                self.listed.add(id(module))
+            yield name, module
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in super().named_children():
+            if self.listed is not None:
+                self.listed.add(id(module))
+            yield name, module
+
+    @contextmanager
+    def listings(self) -> Iterator[None]:
+        """Inside (a gradient hook), the modules of this rank's layers that a listing of the sequence's modules
+        (``modules()``, ``children()``: this rank's layers only) gave, and the layers reached by index (as every rank
+        reaches them), are noted for :meth:`listed_here`."""
+        self.listed, self.indexed = set(), set()
+        try:
+            yield
+        finally:
+            self.listed = self.indexed = None
+
+    def listed_here(self, module: nn.Module) -> bool:
+        """Whether ``module`` is (inside) a layer this rank holds that only this rank's listing of the sequence's
+        modules gave: the other ranks list their own layers instead, so a loop over the modules makes other calls
+        on each rank (:meth:`listings`)."""
+        if self.listed is None or self.indexed is None:
+            return False
+        for layer in self._modules.values():
+            if layer is None or id(layer) in self.indexed:
+                continue
+            parts = {id(part) for part in nn.Module.modules(layer)}
+            if id(module) in parts and (id(layer) in self.listed or id(module) in self.listed):
+                return True
+        return False
+
     def __len__(self) -> int:
         return len(self._names)
 
@@ -97,6 +137,8 @@ class PipelinedSequence(nn.Module):
             return nn.Sequential(*(self[i] for i in range(len(self))[index]))
         name = self._names[index]  # IndexError as the nn.Sequential gives
         layer = self._modules.get(name)
+        if self.indexed is not None and layer is not None:
+            self.indexed.add(id(layer))
         return layer if layer is not None else LayerElsewhere(f"{self._path}[{index}]", name, self._path)
 
     def __iter__(self) -> Iterator[nn.Module]:
