@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn as nn
 
 from lightning_pipe import PipelineStrategy
 from tests.helpers import run_ranks
@@ -373,32 +374,73 @@ def test_an_error_in_a_step_is_of_its_type_on_every_rank_and_on_exception_checkp
         torch.testing.assert_close(saved[key], value, msg=key)
 
 
-def _penalized(rank: int, world_size: int) -> None:
+def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
     import lightning as L
 
     torch.set_num_threads(1)
 
-    class Module(Regressor):  # hand-written L2 regularization over the module's parameters, in the step
+    class Module(Regressor):  # hand-written regularization over the module's parameters, in the step
+        def __init__(self) -> None:
+            super().__init__()
+            if kind != "l2":  # the last stage (of 2 or 3) holds the head alone, whose bias the penalty skips
+                torch.manual_seed(0)
+                self.layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                            nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+                self.head = self.layers[-1]
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = super().training_step(batch, batch_idx)
-            return loss + 0.01 * sum(p.pow(2).sum() for p in self.parameters())
+            if kind == "l2":
+                return loss + 0.01 * sum(p.pow(2).sum() for p in self.parameters())
+            if kind == "l1-weights":
+                return loss + 0.01 * sum(p.abs().sum() for name, p in self.named_parameters() if "weight" in name)
+            if kind == "listed-head":  # the head's weight read by index, the parameters only counted: not a penalty
+                self.log("parameters", float(sum(p.numel() for p in self.parameters())))
+                return loss + 0.01 * self.layers[-1].weight.pow(2).sum()
+            if kind == "aliased-head":  # the head's weight read through another attribute naming it
+                return loss + 0.01 * self.head.weight.pow(2).sum()
+            # (orthogonal) each layer's weight close to an orthogonal matrix
+            return loss + 0.01 * sum((m.weight.T @ m.weight - torch.eye(m.weight.shape[1])).pow(2).sum()
+                                     for m in self.modules() if isinstance(m, nn.Linear))
 
-    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=30), accelerator="cpu", devices=world_size,
+    partition = None if kind == "l2" else [6, 1] if world_size == 2 else [4, 2, 1]
+    strategy = PipelineStrategy(wait_timeout=30, **({"partition": partition} if partition else {}))
+    trainer = L.Trainer(strategy=strategy if world_size > 1 else "auto", accelerator="cpu", devices=world_size,
                         max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
     trainer.fit(Module(), regression_data(2, batch_size=8))
+    if kind in ("listed-head", "aliased-head"):
+        trainer.save_checkpoint(f"{folder}/{world_size}.ckpt")
+        return torch.load(f"{folder}/{world_size}.ckpt", weights_only=False)["state_dict"]
 
 
 @pytest.mark.timeout(120)
-def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_rank() -> None:
+@pytest.mark.parametrize("kind, ranks", [("l2", 2), ("l1-weights", 3), ("orthogonal", 2)])
+def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_rank(kind: str, ranks: int) -> None:
     """The step's code runs on the last stage's rank, where ``self.parameters()`` is that rank's share: an L2 penalty
-    there would reach the last stage's parameters alone (before: silently, the other stages trained without it)."""
-    errors = run_ranks(_penalized, 2, timeout=100, expect_failure=True)
+    there would reach the last stage's parameters alone (before: silently, the other stages trained without it). So
+    too where it reads a few of the last stage's (an L1 penalty on the weights alone, an orthogonality penalty over
+    the Linear layers, where the last stage holds the head: 8.7e-3 and 5e-3 off, silently, found by review): any
+    parameter the step's code found by listing the module's parameters or modules."""
+    errors = run_ranks(_penalized, ranks, kind, timeout=100, expect_failure=True)
     for error in errors:
         assert error is not None and "ValueError" in error and "reads the pipelined model's parameters itself" in error
         assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error
         assert error.index("on_after_backward") < error.index("weight_decay") and "alpha=2 * lambda" in error
         assert "a value the layers' forward kept for the step (an auxiliary loss" in error  # the other way to it
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["listed-head", "aliased-head"])
+def test_a_head_weight_the_step_reads_by_index_is_not_refused_where_the_step_also_lists_parameters(
+        kind: str, tmp_path: Any) -> None:
+    """The head's weight read by index or through an attribute naming it (a prototype loss from it) is one
+    device's: the last stage holds it, even where the step's code also lists the module's parameters (to count
+    them)."""
+    reference = _penalized(0, 1, kind, str(tmp_path))
+    for got in run_ranks(_penalized, 2, kind, str(tmp_path), timeout=100):
+        for key, value in reference.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _stops_on_rank_zero(rank: int, world_size: int, wait_timeout: float = 6.0) -> None:

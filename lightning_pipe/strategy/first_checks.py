@@ -7,7 +7,8 @@ A mixin of :class:`~lightning_pipe.strategy.runner.PipelineRunner`, which holds 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from lightning_pipe.strategy.reduction import (
     verdict,
 )
 from lightning_pipe.strategy.results import StepResult
-from lightning_pipe.strategy.split import SplitModule
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_inputs import inputs_warning, mixing_warning, shifted_rows
 from lightning_pipe.strategy.step_values import loss_of, without_gradients
@@ -147,6 +148,7 @@ class FirstBatchChecks:
         self._rows_unchecked = isinstance(split, SplitModule) and pipeline.num_microbatches > 1
         # Training steps whose loss is looked through for the model's parameters read by the step's own code
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
+        self._listed_reads: set[int] = set()  # those of the last such step's parameters its loops listed
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
         self._parameter_writes_left = _PARAMETER_READ_CHECKS
         # The step's code before the model, on the first batch of each step in each epoch (code may start mixing rows
@@ -343,16 +345,36 @@ class FirstBatchChecks:
         self._model_loss_warned.add(step)
         warnings.warn(message, stacklevel=3)
 
+    @contextmanager
+    def _listing_reads(self, index: int) -> Iterator[None]:
+        """Around a training step's first micro-batch while its loss is looked through (:meth:`_check_parameter_reads`):
+        the parameters of a cut sequence's layers that the step's code listed (a loop over ``self.parameters()`` or
+        ``self.modules()``) are noted."""
+        if self._parameter_reads_left <= 0 or index != 0:
+            yield
+            return
+        sequences = [part for part in self.module.modules() if isinstance(part, PipelinedSequence)]
+        with ExitStack() as stack:
+            for sequence in sequences:
+                stack.enter_context(sequence.listings())
+            try:
+                yield
+            finally:
+                self._listed_reads = set().union(*(sequence.listed_parameters() for sequence in sequences))
+
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters
         other than through the model's ``output`` (an L2 penalty over ``self.parameters()`` in the step), which on
-        this rank covers its own stages' alone: where it reaches most of this rank's (half or more, two at least);
-        ``allowed``: those the step may read (tied, held on every rank)."""
+        this rank covers its own stages' alone: where it reaches one that the step's code found by listing the
+        module's parameters or modules (:meth:`_listing_reads`: on one device that lists every rank's too), or most
+        of this rank's (half or more, two at least); ``allowed``: those the step may read (tied, held on every
+        rank)."""
         self._parameter_reads_left -= 1
         local = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - allowed
         read = parameters_reached(loss, output, local)
-        if len(read) < 2 or 2 * len(read) < len(local):  # not a term over the module's parameters: one on the last
-            return  # layer's alone (a prototype loss from the head's weight) reads only this rank's, as one device's
+        listed, self._listed_reads = read & self._listed_reads, set()
+        if not listed and (len(read) < 2 or 2 * len(read) < len(local)):  # not a term over the module's parameters:
+            return  # one on the last layer's alone (a prototype loss from the head's weight) reads this rank's only
         names = [name for name, param in self.module.named_parameters() if id(param) in read]
         raise ValueError(
             f"training_step's loss reads the pipelined model's parameters itself ({', '.join(names[:4])}"

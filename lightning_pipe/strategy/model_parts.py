@@ -271,8 +271,10 @@ class ModelPart(nn.Module):
                 f"changes parameters or their gradients (an on_after_backward masking rows of an embedding) reaches "
                 f"the ones each rank holds through self.named_parameters(), run by every rank over its own (a "
                 f"parameter tied across stages is held, and named, on each rank that uses it: match every name it "
-                f"has); to compute with the values (logits from the embedding's weight), do it in the model: a head "
-                f"whose weight is tied to the embedding stays tied across stages"))
+                f"has); a penalty on the weights in the step (L2, L1, orthogonality) goes there too, as its gradient "
+                f"(for lambda * ||p||^2: p.grad.add_(p, alpha=2 * lambda)); to compute with the values (logits from "
+                f"the embedding's weight), do it in the model: a head whose weight is tied to the embedding stays tied "
+                f"across stages"))
         return stand_in_attribute(self, original, name, part, lambda: (
             f"{name!r} of {part!r} is not available under PipelineStrategy: the model is cut into stages and this "
             f"rank holds only its share of {part!r} (parameters() gives it); " + (_ADAPTER_SWITCH if name in (

@@ -314,7 +314,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             given, watched = self.output_copies.given("training_step", output)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
-                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch):
+                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch), \
+                    self._listing_reads(index):
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)

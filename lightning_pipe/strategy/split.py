@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
+import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -91,15 +95,17 @@ class PipelinedSequence(nn.Module):
 
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        listed = self.listed if self.listed is not None and _by_user() else None
         for name, module in super().named_modules(memo, prefix, remove_duplicate):
-            if self.listed is not None and module is not self:
-                self.listed.add(id(module))
+            if listed is not None and module is not self:
+                listed.add(id(module))
             yield name, module
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        listed = self.listed if self.listed is not None and _by_user() else None
         for name, module in super().named_children():
-            if self.listed is not None:
-                self.listed.add(id(module))
+            if listed is not None:
+                listed.add(id(module))
             yield name, module
 
     @contextmanager
@@ -127,6 +133,17 @@ class PipelinedSequence(nn.Module):
                 return True
         return False
 
+    def listed_parameters(self) -> set[int]:
+        """The ids of the parameters of this rank's layers that a listing of the sequence's modules gave and no index
+        reached (:meth:`listings`): what the step's code reads while looping over ``self.parameters()`` or
+        ``self.modules()``, which on one device covers every rank's layers."""
+        if self.listed is None or self.indexed is None:
+            return set()
+        return {id(param) for layer in self._modules.values()
+                if layer is not None and id(layer) not in self.indexed
+                and (id(layer) in self.listed or any(id(part) in self.listed for part in nn.Module.modules(layer)))
+                for param in nn.Module.parameters(layer)}
+
     def __len__(self) -> int:
         return len(self._names)
 
@@ -151,6 +168,31 @@ class PipelinedSequence(nn.Module):
         state = dict(self.__dict__)
         state["owner"], state["model_calls"] = None, ModelCalls(self.model_calls.where)
         return state
+
+
+_TORCH_MODULES = nn.Module.named_modules.__code__.co_filename  # the listings' own frames (parameters(), modules())
+
+
+def _by_user() -> bool:
+    """Whether the listing of modules being made (its frame's caller, past torch's listing functions) is the user's
+    code's: not lightning_pipe's, Lightning's or torchmetrics' own (which read no parameters into a loss)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == _TORCH_MODULES:
+        frame = frame.f_back
+    if frame is None:
+        return False
+    path = frame.f_code.co_filename
+    return not any(path.startswith(place) for place in _internal_places())
+
+
+@functools.cache
+def _internal_places() -> tuple[str, ...]:
+    places = []
+    for name in ("lightning_pipe", "lightning", "pytorch_lightning", "torchmetrics"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            places += [os.path.join(place, "") for place in spec.submodule_search_locations]
+    return tuple(places)
 
 
 @contextmanager
