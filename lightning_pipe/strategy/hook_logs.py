@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule
 
+from lightning_pipe.capture.generators import HeldGenerators, generator_state, same_state
 from lightning_pipe.strategy.gradients import GlobalNorms
+from lightning_pipe.strategy.randomness import global_random_states, same_random_states
 
 __all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
 
@@ -41,6 +43,7 @@ _CLIPPING = "configure_gradient_clipping"  # the module's: gathered, and clipped
 _STEPPING = "optimizer_step"  # the module's, where it clips after calling the closure: clipped so, not gathered
 _EPOCH_HOOKS = ("on_train_epoch_end", "on_validation_epoch_end", "on_test_epoch_end")
 _HOOKS = _GRADIENT_HOOKS + _EPOCH_HOOKS + (_CLIPPING, _STEPPING)
+_DRAW_CHECKS = 4  # calls of each gradient hook looked at for random draws (:class:`_Draws`)
 _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
@@ -64,8 +67,9 @@ def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[
             if name == _STEPPING:
                 setattr(owner, name, functools.partial(_clipping, hook, clip))
                 continue
-            setattr(owner, name, functools.partial(_gathered, module, hook, gather_text,
-                                                   clip if name in (*_GRADIENT_HOOKS, _CLIPPING) else None))
+            gradients = name in (*_GRADIENT_HOOKS, _CLIPPING)
+            setattr(owner, name, functools.partial(_gathered, module, hook, gather_text, clip if gradients else None,
+                                                   _Draws(owner, module) if gradients else None))
 
 
 def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
@@ -118,8 +122,43 @@ def _put(owner: Any, key: str, value: Any) -> None:
         setattr(owner, key, value)
 
 
+class _Draws:
+    """Whether a gradient hook draws random numbers, looked for on its first :data:`_DRAW_CHECKS` calls: each rank
+    runs it over its own stages' parameters, so a draw per parameter starts every rank from the same state of the
+    generator, and the stages after the first get other numbers than one device gives their parameters."""
+
+    def __init__(self, owner: Any, module: LightningModule) -> None:
+        self.owner, self.module, self.left = owner, module, _DRAW_CHECKS
+
+    @contextlib.contextmanager
+    def watched(self, hook: Callable[..., Any]) -> Iterator[None]:
+        if self.left <= 0:
+            yield
+            return
+        self.left -= 1
+        held = HeldGenerators(self.module)
+        kept = [(f"self.{name} of {type(self.owner).__name__}", value, generator_state(value))
+                for name, value in vars(self.owner).items() if generator_state(value) is not None] \
+            if self.owner is not self.module else []
+        states = global_random_states()
+        yield
+        drawn = held.drawn() + [where for where, value, state in kept if not same_state(generator_state(value), state)]
+        if not same_random_states(global_random_states(), states):
+            drawn.append("a global generator (torch's, Python's random or NumPy's)")
+        if drawn:
+            self.left = 0
+            warnings.warn(f"{type(self.owner).__name__}.{hook.__name__} draws random numbers ({', '.join(drawn)}) "
+                          f"on every rank of the pipeline, each over its own stages' parameters: a draw per "
+                          f"parameter (gradient noise, a random mask of gradients) starts every rank from the same "
+                          f"state of the generator, so each stage but the first gets other numbers than one device "
+                          f"gives its parameters. For draws that are the same whatever the cut, seed each "
+                          f"parameter's from its name and the step, which every rank knows alike: for name, p in "
+                          f"self.named_parameters(): g = torch.Generator().manual_seed(zlib.crc32(f'{{self."
+                          f"global_step}}:{{name}}'.encode()))", stacklevel=3)
+
+
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],
-              clip: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> Any:
+              clip: Callable[..., Any] | None, draws: _Draws | None, *args: Any, **kwargs: Any) -> Any:
     calls: list[tuple[str, Any, dict[str, Any]]] = []
     real = module.log
 
@@ -130,8 +169,10 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
             calls.append((name, value, options))
 
     module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method (log_dict calls it)
-    try:  # a hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this
-        with _clipping_by(clip, hook):  # rank (a barrier), end with its error (``gather_text`` is watched)
+    # A hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this rank (a
+    # barrier), end with its error (``gather_text`` is watched).
+    try:
+        with _clipping_by(clip, hook), draws.watched(hook) if draws is not None else contextlib.nullcontext():
             result = hook(*args, **kwargs)
     finally:
         del module.log
