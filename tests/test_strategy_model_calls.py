@@ -220,7 +220,11 @@ def _module(kind: str) -> Any:
                 self.encoder = _Twin(batch_norm=kind == "captured")
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
+            if kind == "unpacked":  # the labels taken out of the batch in place (a dict's batch.pop("labels"))
+                y = batch.pop()
+                x = batch[0]
+            else:
+                x, y = batch
             if kind.startswith("distilled"):  # targets from the model itself, without gradients through them
                 with torch.no_grad():
                     target = self.encoder(x.flip(-1))

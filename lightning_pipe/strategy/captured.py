@@ -21,6 +21,7 @@ from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_fields, changed_reads, fields_warning, read_advice
 from lightning_pipe.capture.patterns import all_match, autocast_state
 from lightning_pipe.capture.scalars import MEAN
+from lightning_pipe.engine.microbatch import owned
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
@@ -265,9 +266,10 @@ class CapturedModule:
         """Capture the model from each of ``step``'s calls of it on ``microbatch``; where the step unpacked an output
         whose structure no capture knew yet (``z1, p1 = self.model(x1)`` before a second call), run it again with
         the structures now known, until no new call shows."""
-        captured = 0
+        captured, pristine = 0, owned(microbatch)  # (each run gets the micro-batch as the step was given it: its
+        # code may change it, batch.pop("labels"))
         while True:
-            calls = self.model_calls(step, microbatch, args, kwargs)
+            calls = self.model_calls(step, microbatch if not captured else owned(pristine), args, kwargs)
             for call_args, call_kwargs in calls[captured:]:
                 self.splitter.capture(call_args, call_kwargs, training=training)
                 self._mark_stored()
