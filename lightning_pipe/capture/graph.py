@@ -266,6 +266,7 @@ def _liveness(layout: Layout, copies: dict[int, list[fx.Node]]) -> list[list[fx.
 def _recomputed(layout: Layout, policy: Recompute) -> dict[int, list[fx.Node]]:
     """Per segment, the input-only ops it runs again instead of receiving their values (see :data:`Recompute`)."""
     input_only: dict[fx.Node, bool] = {}
+    written = _written(layout.nodes)
     for n in layout.nodes:
         if n.op == "placeholder":
             input_only[n] = n in layout.user_inputs or layout.state[n][0] != "PARAMETER"
@@ -273,7 +274,7 @@ def _recomputed(layout: Layout, policy: Recompute) -> dict[int, list[fx.Node]]:
             schema = getattr(n.target, "_schema", None)
             input_only[n] = (all(input_only.get(a, False) for a in n.all_input_nodes)
                              and _op_name(n) not in _NOT_TWICE and "batch_norm" not in _op_name(n)
-                             and not (schema is not None and schema.is_mutable))
+                             and not (schema is not None and schema.is_mutable) and n not in written)
     copies: dict[int, list[fx.Node]] = defaultdict(list)
     for s in range(1, layout.num_segments):
         largest = max([_nbytes(a) for a in layout.live[s] if not input_only.get(a, False)] or [0])
@@ -289,6 +290,45 @@ def _recomputed(layout: Layout, policy: Recompute) -> dict[int, list[fx.Node]]:
                     copies[s].append(m)
                     stack.extend(m.all_input_nodes)
     return dict(copies)
+
+
+def _written(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """The values an op of the graph writes in place, and those they are views of: a tensor made in forward and
+    filled through a slice (``out = torch.zeros(...); out[:, :k] = h``) is not the factory's value any more, so no
+    segment may make it again."""
+    written: set[fx.Node] = set()
+    for n in nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for argument, value in _arguments(n, schema):
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
+                written.add(value)
+    stack = list(written)
+    while stack:  # through views to what they view
+        base = _viewed(stack.pop())
+        if base is not None and base not in written:
+            written.add(base)
+            stack.append(base)
+    return written
+
+
+def _viewed(node: fx.Node) -> fx.Node | None:
+    """The value ``node`` is a view of (its op's output aliases an input: slice, view, transpose), else None."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    for argument, value in _arguments(node, schema):
+        if argument.alias_info is not None and isinstance(value, fx.Node):
+            return value
+    return None
+
+
+def _arguments(node: fx.Node, schema: torch.FunctionSchema) -> list[tuple[torch.Argument, object]]:
+    """The ``(schema argument, value)`` pairs of ``node``'s call, positional and keyword."""
+    pairs = list(zip(schema.arguments, node.args))
+    return pairs + [(argument, node.kwargs[argument.name]) for argument in schema.arguments[len(node.args):]
+                    if argument.name in node.kwargs]
 
 
 def _nbytes(node: fx.Node) -> int:
