@@ -167,6 +167,38 @@ class _HeadFirst(nn.Module):
         return self.head(self.norm(self.body(x)))
 
 
+class _Counted(torch.optim.AdamW):
+    """Keeps a step counter of its own in its state, under a string key (pytorch_optimizer's SPAM does), a key of its
+    state_dict beside state and param_groups, and a dtype in its group: each step scales the gradients by the
+    counter, so a resume that lost it ends elsewhere."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group["precond_dtype"] = torch.float32
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        steps = self.state["total_step"] = int(self.state.get("total_step", 0)) + 1
+        for group in self.param_groups:
+            assert group["precond_dtype"] is torch.float32
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(1.0 / steps)
+        super().step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "warmup": {"seen": int(self.state.get("total_step", 0))}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        seen = state_dict.pop("warmup")["seen"]
+        super().load_state_dict(state_dict)
+        assert self.state["total_step"] == seen, (self.state.get("total_step"), seen)
+
+
 def _module(kind: str) -> Any:
     import lightning as L
 
@@ -201,6 +233,8 @@ def _module(kind: str) -> Any:
                 return optimizer
             if kind == "reordered":
                 return torch.optim.AdamW(self.parameters(), lr=1e-2)
+            if kind == "counted":
+                return _Counted(self.parameters(), lr=1e-2)
             decay = [p for p in self.parameters() if p.dim() >= 2]
             plain = [p for p in self.parameters() if p.dim() < 2]
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -232,8 +266,9 @@ def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, chec
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("encdec", "full"), ("gpt2", "full"),
-                                                         ("reordered", "full"),
-                                                         ("gpt2", "sharded"), ("gpt2", "full, sharded")])
+                                                         ("reordered", "full"), ("counted", "full"),
+                                                         ("gpt2", "sharded"), ("gpt2", "full, sharded"),
+                                                         ("counted", "full, sharded")])
 def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
                                                                              tmp_path: Path) -> None:
     """A full file; a sharded folder made one file with ``python -m lightning_pipe.checkpoint consolidate``; a full
@@ -276,10 +311,11 @@ def _pipeline_resumes(rank: int, world_size: int, kind: str, path: str, out: str
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequence", "encdec", "gpt2", "reordered"])
+@pytest.mark.parametrize("kind", ["sequence", "encdec", "gpt2", "reordered", "counted"])
 def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weights(kind: str, tmp_path: Path) -> None:
     """One device trains an epoch and saves; a 2-rank pipeline resumes the fit (weights, AdamW's states in two groups,
-    the scheduler, a tied head's state) and ends where an uninterrupted one-device fit ends."""
+    the scheduler, a tied head's state, what an optimizer keeps for itself: a step counter, a key of its state_dict of
+    its own, a dtype in its group) and ends where an uninterrupted one-device fit ends."""
     if kind == "gpt2":
         pytest.importorskip("transformers")
     path, out = str(tmp_path / "one_device.ckpt"), str(tmp_path / "resumed.ckpt")
@@ -299,6 +335,27 @@ def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weigh
     quiet_trainer(1, "auto", max_epochs=2).fit(weights_only, _data(kind))
     assert max(float((a - b).abs().max()) for a, b in zip(weights_only.state_dict().values(),
                                                          reference.state_dict().values())) > 10 * atol
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_an_optimizers_own_state_resumes_under_the_pipeline_from_the_pipelines_checkpoint(checkpoint_format: str,
+                                                                                         tmp_path: Path) -> None:
+    """What an optimizer keeps for itself (a step counter under a string key of its state, a key of its state_dict
+    beside state and param_groups, a dtype in its group) was dropped from the checkpoint or failed it (a dtype could
+    not be sent), and a resume from it failed on every rank; found by review (pytorch_optimizer's SPAM and Kron)."""
+    path, out = str(tmp_path / "pipeline.ckpt"), str(tmp_path / "resumed.ckpt")
+    run_ranks(_pipeline_first_epoch, 2, "counted", path, checkpoint_format, timeout=280)
+    if checkpoint_format == "full":
+        written = torch.load(path, weights_only=False)["optimizer_states"][0]
+        assert written["state"]["total_step"] == 3 and written["warmup"] == {"seen": 3}
+        assert written["param_groups"][0]["precond_dtype"] is torch.float32
+    run_ranks(_pipeline_resumes, 2, "counted", path, out, timeout=280)
+    resumed = torch.load(out, weights_only=False)["state_dict"]
+    reference = _module("counted")
+    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data("counted"))
+    for name, want in reference.state_dict().items():
+        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=2e-5, msg=name)
 
 
 @pytest.mark.timeout(200)

@@ -26,11 +26,15 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from lightning_pipe.strategy.checkpoint import (
     MODEL,
     OPTIM,
+    OWN_STATE,
+    OWN_TOP,
     PIPELINE_KEY,
     SHARED_ENTRIES,
+    boxed,
     group_names,
     named_optimizer_state,
     own_entries,
+    unboxed,
     uncompiled_names,
 )
 from lightning_pipe.strategy.one_device import one_device_optimizer_states
@@ -80,7 +84,8 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> tuple[i
     if written.get("parameters"):
         section["parameters"], section["parameter_keys"] = written["parameters"], written["parameter_keys"]
     if groups is not None:
-        section["optimizer_entries"] = dict(_read(reader, saved, [key for key in saved if key.startswith(OPTIM)]))
+        section["optimizer_entries"] = {key: unboxed(key, value) for key, value in
+                                        _read(reader, saved, [key for key in saved if key.startswith(OPTIM)])}
         section["optimizer_param_groups"] = groups
         if written.get("optimizer_group_names"):  # every rank's groups by name: numbered as one device does
             section["optimizer_group_names"] = written["optimizer_group_names"]  # kept for `shard`
@@ -116,8 +121,9 @@ def _shares(entries: dict[str, Any], group_names: list[Any], groups: list[list[d
             for group in optimizer_groups:
                 params.append(list(range(start, start + len(group))))
                 start += len(group)
-            states.append({"state": {number: by_name[(index, name)] for number, name in enumerate(numbered)
-                                     if (index, name) in by_name},
+            states.append({**by_name.get((index, OWN_TOP), {}),
+                           "state": {**{number: by_name[(index, name)] for number, name in enumerate(numbered)
+                                        if (index, name) in by_name}, **by_name.get((index, OWN_STATE), {})},
                            "param_groups": [{**hyper, "params": numbers}
                                             for hyper, numbers in zip(groups[index], params)]})
             names.append([[name] if name is not None else [] for name in numbered])
@@ -137,7 +143,7 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> tuple[int, int 
     section = checkpoint.get(PIPELINE_KEY) or {}
     named = named_optimizer_state(checkpoint)
     if named is not None:
-        state.update(named[0])
+        state.update(boxed(named[0]))
     target = os.path.abspath(os.fspath(folder))
     staging = f"{target}.writing-{os.getpid()}"
     os.makedirs(staging)

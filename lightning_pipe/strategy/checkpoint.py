@@ -31,8 +31,8 @@ from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 
-__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM",
-           "parameter_keys", "parameter_names", "optimizers_parameter_names", "optimizer_entries",
+__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM", "OWN_STATE", "OWN_TOP",
+           "parameter_keys", "parameter_names", "optimizers_parameter_names", "optimizer_entries", "boxed", "unboxed",
            "param_groups_of", "named_optimizer_state", "tied_names", "group_names",
            "SHARED_ENTRIES", "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries",
            "with_own_entries", "written_here", "CallbackMerge", "compiled_names", "uncompiled_name", "uncompiled_names"]
@@ -40,6 +40,7 @@ __all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "MODEL", "OPTIM",
 PIPELINE_KEY = "pipeline"
 RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 MODEL, OPTIM = "model/", "optim/"  # the prefixes of named entries: weights, optimizer states
+OWN_STATE, OWN_TOP = ":state", ":top"  # the names of an optimizer's own entries (not a parameter's: optimizer_entries)
 
 
 def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout: dict[str, Any],
@@ -148,8 +149,9 @@ def _keyed_by_model(value: Any, model_keys: set[str]) -> bool:
                                                                for key in value))
 
 
-_CHECKPOINT_ADVICE = ("keep callback states and on_save_checkpoint's extras to those types (a dataclass as a dict), or "
-                      "use PipelineStrategy(checkpoint_format='sharded'), where each rank writes its own")
+_CHECKPOINT_ADVICE = ("keep callback states, on_save_checkpoint's extras and optimizers' groups to those types (a "
+                      "dataclass as a dict), or use PipelineStrategy(checkpoint_format='sharded'), where each rank "
+                      "writes its own")
 
 
 def gather_shares(share: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any] | None:
@@ -351,13 +353,44 @@ def group_names(state: Mapping[str, Any], names: Sequence[Sequence[str]]) -> lis
 def optimizer_entries(index: int, state: Mapping[str, Any],
                       names: Sequence[Sequence[str]] | Mapping[Any, Sequence[str]]) -> dict[str, Any]:
     """Optimizer ``index``'s ``state_dict()`` (parameters numbered) as entries keyed by the parameters' names (each
-    of a tied parameter's names): ``optim/<index>/<name>/<key>``; ``names``: as :func:`optimizers_parameter_names`."""
+    of a tied parameter's names): ``optim/<index>/<name>/<key>``; ``names``: as :func:`optimizers_parameter_names`.
+    What the optimizer keeps for itself, not per parameter (a step counter under a string key of its ``state``, a
+    key of its ``state_dict()`` beside ``state`` and ``param_groups``), is ``optim/<index>/:state/<key>`` and
+    ``optim/<index>/:top/<key>`` (:func:`~.one_device.optimizer_own`)."""
     entries = {}
     for number, values in state["state"].items():
+        if not _numbers_a_parameter(number, names):
+            entries[f"{OPTIM}{index}/{OWN_STATE}/{number}"] = values
+            continue
         for name in names[number]:
             for key, value in values.items():
                 entries[f"{OPTIM}{index}/{name}/{key}"] = value
+    for key, value in state.items():
+        if key not in ("state", "param_groups") and isinstance(key, str):
+            entries[f"{OPTIM}{index}/{OWN_TOP}/{key}"] = value
     return entries
+
+
+def boxed(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """Named entries as a sharded folder stores them: an optimizer's own value in a tuple of one, which torch's
+    distributed checkpoint keeps whole (it splits a dict into its items)."""
+    return {key: (value,) if _own_entry(key) else value for key, value in entries.items()}
+
+
+def unboxed(key: str, value: Any) -> Any:
+    """An entry of a sharded folder as :func:`optimizer_entries` named it (see :func:`boxed`)."""
+    return value[0] if _own_entry(key) and isinstance(value, tuple) and len(value) == 1 else value
+
+
+def _own_entry(key: str) -> bool:
+    parts = key[len(OPTIM):].split("/") if key.startswith(OPTIM) else []
+    return len(parts) >= 3 and parts[1] in (OWN_STATE, OWN_TOP)
+
+
+def _numbers_a_parameter(number: Any, names: Sequence[Sequence[str]] | Mapping[Any, Sequence[str]]) -> bool:
+    if isinstance(names, Mapping):
+        return number in names
+    return isinstance(number, int) and not isinstance(number, bool) and 0 <= number < len(names)
 
 
 def param_groups_of(state: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["one_device_optimizer_states", "local_group_names", "one_device_names", "group_orders", "sorts_by_name"]
+__all__ = ["one_device_optimizer_states", "optimizer_own", "local_group_names", "one_device_names", "group_orders",
+           "sorts_by_name"]
 
 _FIX = ("list the parameters in the model's order (as self.parameters() does), give the optimizer "
         "named_parameters(), or start a new fit from the weights (YourModule.load_from_checkpoint(path), then "
@@ -140,8 +141,22 @@ def one_device_optimizer_states(shares: Sequence[Mapping[str, Any]], state_keys:
                           if found[name] is not None)
             number += len(names_in_order)
             groups.append(group)
-        merged.append({"state": values, "param_groups": groups})
+        own_state, own_top = {}, {}  # what the optimizer keeps for itself (a step counter): alike on every rank
+        for state, _ in states:
+            here, top = optimizer_own(state)
+            own_state = {**here, **own_state}
+            own_top = {**top, **own_top}
+        merged.append({**own_top, "state": {**values, **own_state}, "param_groups": groups})
     return merged
+
+
+def optimizer_own(state: Mapping[str, Any]) -> tuple[dict[Any, Any], dict[str, Any]]:
+    """What an optimizer's ``state_dict()`` keeps for the optimizer itself, not per parameter: its ``state``'s entries
+    under keys that number no parameter (SPAM's ``"total_step"``), and its keys beside ``state`` and
+    ``param_groups``; the same on every rank (counters of steps)."""
+    numbers = {number for group in state.get("param_groups", []) for number in group.get("params", [])}
+    own = {key: value for key, value in state.get("state", {}).items() if key not in numbers and isinstance(key, str)}
+    return own, {key: value for key, value in state.items() if key not in ("state", "param_groups")}
 
 
 def local_group_names(names: Mapping[int, Sequence[str]], optimizers: Sequence[Optimizer]) -> list[list[list[str]]]:

@@ -83,11 +83,12 @@ _STEP_ADVICE = ("return it as one of those (a namedtuple or dataclass as a dict,
 
 
 def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's output",
-           advice: str = _STEP_ADVICE) -> Any:
+           advice: str = _STEP_ADVICE, path: str = "") -> Any:
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
-    Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, and lists, tuples and dicts of them,
-    and torch's named tuples of results (``torch.return_types.topk``).
+    Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, torch's dtypes and devices (an
+    optimizer's group may hold one), and lists, tuples and dicts of them, and torch's named tuples of results
+    (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where`` names, for the error.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -96,33 +97,40 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if isinstance(value, torch.Tensor):
         tensors.append(value.detach().cpu().contiguous())
         return {"T": [str(value.dtype).removeprefix("torch."), list(value.shape)]}
+    if isinstance(value, torch.dtype):
+        return {"D": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"V": str(value)}
     if type(value) in (dict, OrderedDict):  # an OrderedDict (a state_dict) comes back as a dict, in its order
         if all(isinstance(key, str) for key in value):
-            return {"s": {key: encode(item, tensors, where, advice) for key, item in value.items()}}
-        return {"d": [[encode(key, tensors, where, advice), encode(item, tensors, where, advice)]
+            return {"s": {key: encode(item, tensors, where, advice, f"{path}[{key!r}]") for key, item in value.items()}}
+        return {"d": [[encode(key, tensors, where, advice, path), encode(item, tensors, where, advice,
+                                                                          f"{path}[{key!r}]")]
                       for key, item in value.items()]}
     if type(value) is list:
-        return {"l": [encode(item, tensors, where, advice) for item in value]}
+        return {"l": [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]}
     if type(value) is tuple:
-        return {"t": [encode(item, tensors, where, advice) for item in value]}
+        return {"t": [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]}
     if _return_type(value) is not None:  # torch's named tuples of results (topk, max, sort)
-        return {"r": [type(value).__name__, [encode(item, tensors, where, advice) for item in value]]}
+        return {"r": [type(value).__name__, [encode(item, tensors, where, advice, f"{path}[{index}]")
+                                             for index, item in enumerate(value)]]}
     numpy = _numpy_kind(value)
     if numpy == "array":
         tensors.append(torch.from_numpy(value).contiguous())
         return {"N": [str(tensors[-1].dtype).removeprefix("torch."), list(value.shape)]}
     if numpy == "scalar":
-        return encode(value.item(), tensors, where, advice)
-    raise TypeError(f"{where} holds a {type(value).__qualname__}, which PipelineStrategy cannot send between ranks "
-                    f"(it sends tensors, numbers, strings, None, NumPy arrays, and lists, tuples and dicts of them, "
-                    f"never pickled objects); {advice}")
+        return encode(value.item(), tensors, where, advice, path)
+    at = f" (at {path})" if path else ""
+    raise TypeError(f"{where} holds a {type(value).__qualname__}{at}, which PipelineStrategy cannot send between "
+                    f"ranks (it sends tensors, numbers, strings, None, NumPy arrays, torch's dtypes and devices, and "
+                    f"lists, tuples and dicts of them, never pickled objects); {advice}")
 
 
 def sendable(value: Any) -> bool:
     """Whether :func:`encode` carries ``value`` (a tensor: a dense one, of torch's own type)."""
     if isinstance(value, torch.Tensor):
         return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
-    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
+    if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
     if type(value) in (dict, OrderedDict):
         return all(sendable(key) and sendable(item) for key, item in value.items())
@@ -139,6 +147,13 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if kind in ("T", "N"):
         tensor = tensors.pop(0)
         return tensor.numpy() if kind == "N" else tensor
+    if kind == "D":
+        dtype = getattr(torch, body, None) if isinstance(body, str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {body!r} in a step result")
+        return dtype
+    if kind == "V":
+        return torch.device(body)
     if kind == "s":
         return {key: decode(item, tensors) for key, item in body.items()}
     if kind == "d":
@@ -196,6 +211,8 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
         elif kind == "r":
             for item in body[1]:
                 tensor_specs(item, specs)
+        elif kind in ("D", "V"):  # a dtype or a device: no tensor
+            pass
         else:
             for item in body:
                 tensor_specs(item, specs)

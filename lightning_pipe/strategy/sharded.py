@@ -39,14 +39,18 @@ from torch.optim import Optimizer
 from lightning_pipe.strategy.checkpoint import (
     MODEL,
     OPTIM,
+    OWN_STATE,
+    OWN_TOP,
     SHARED_ENTRIES,
     CallbackMerge,
+    boxed,
     group_names,
     optimizer_entries,
     optimizers_parameter_names,
     own_entries,
     param_groups_of,
     parameter_names,
+    unboxed,
 )
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.parameter_lists import own_lists, whole_lists
@@ -133,7 +137,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
             os.makedirs(staging)
         state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
         for index, opt_state in enumerate(optimizer_states):
-            state.update(optimizer_entries(index, opt_state, names[index]))
+            state.update(boxed(optimizer_entries(index, opt_state, names[index])))
         return state
 
     try:
@@ -284,7 +288,7 @@ def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, op
         wanted = {key: torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
                   if isinstance(saved[key], TensorStorageMetadata) else None for key in keys}
         dcp.load(wanted, storage_reader=reader)
-        return wanted
+        return {key: unboxed(key, value) for key, value in wanted.items()}
 
     load_named_optimizers([key for key in saved if key.startswith(OPTIM)], read, module, optimizers, param_groups)
 
@@ -317,12 +321,17 @@ def load_named_optimizers(keys: Iterable[str], read: Callable[[list[str]], Mappi
                 entries[number] = name
                 wanted.extend(f"{OPTIM}{index}/{name}/{entry}" for entry in by_param[(index, name)])
         layouts.append(entries)
+        wanted.extend(f"{OPTIM}{index}/{own}/{entry}" for own in (OWN_STATE, OWN_TOP)
+                      for entry in by_param.get((index, own), []))  # (the optimizer's own: alike on every rank)
     values = read(wanted)
     for index, (optimizer, entries) in enumerate(zip(optimizers, layouts)):
         state = {number: {entry: values[f"{OPTIM}{index}/{name}/{entry}"] for entry in by_param[(index, name)]}
                  for number, name in entries.items()}
+        state.update({entry: values[f"{OPTIM}{index}/{OWN_STATE}/{entry}"]
+                      for entry in by_param.get((index, OWN_STATE), [])})
         groups, first = [], 0
         for saved_group, group in zip(param_groups[index], optimizer.param_groups):
             groups.append({**saved_group, "params": list(range(first, first + len(group["params"])))})
             first += len(group["params"])
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        top = {entry: values[f"{OPTIM}{index}/{OWN_TOP}/{entry}"] for entry in by_param.get((index, OWN_TOP), [])}
+        optimizer.load_state_dict({**top, "state": state, "param_groups": groups})
