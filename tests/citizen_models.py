@@ -79,6 +79,44 @@ class NoGradAutoEncoder(ReadmeAutoEncoder):
         return F.mse_loss(self.decoder(z), x)
 
 
+class UnfrozenTeacher(ReadmeAutoEncoder):
+    """Distillation from a teacher left trainable (put in eval, used under torch.no_grad(), left out of the optimizer):
+    the chain takes it for the first link. Called after the student here (the links out of their order)."""
+
+    teacher_first = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.encoder, self.decoder
+        self.teacher = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+        self.student = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        if self.teacher_first:
+            with torch.no_grad():
+                target = self.teacher(x)
+            student = self.student(x)
+        else:
+            student = self.student(x)
+            with torch.no_grad():
+                target = self.teacher(x)
+        return F.kl_div(F.log_softmax(student, -1), F.log_softmax(target, -1), reduction="batchmean",
+                        log_target=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.student(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.student.parameters(), lr=1e-2)
+
+
+class UnfrozenTeacherFirst(UnfrozenTeacher):
+    """The same, called before the student (its output, of another shape than the student's input, went to it)."""
+
+    teacher_first = True
+
+
 class DenseNet(nn.Module):
     """The template's SimpleDenseNet: an nn.Sequential inside a plain module that flattens its input."""
 

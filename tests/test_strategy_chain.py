@@ -126,19 +126,28 @@ def test_a_step_using_a_value_between_the_links_fails_on_every_rank(tmp_path: An
         assert error is not None and "the step uses the output of 'encoder'" in error, error
 
 
-def _no_grad(rank: int, world_size: int, root: str) -> None:
+def _no_grad(rank: int, world_size: int, root: str, name: str = "NoGradAutoEncoder") -> None:
     from lightning_pipe import PipelineStrategy
 
-    _fit("NoGradAutoEncoder", world_size, PipelineStrategy(num_microbatches=2), root)
+    _fit(name, world_size, PipelineStrategy(num_microbatches=2), root)
 
 
 @pytest.mark.timeout(120)
-def test_a_link_called_under_no_grad_in_training_is_refused_with_the_freeze_that_works(tmp_path: Any) -> None:
-    """The chain ran it with gradients: a frozen feature extractor was trained (found by review: 5.7e-2 off)."""
-    errors = run_ranks(_no_grad, 2, str(tmp_path), expect_failure=True, timeout=100)
+@pytest.mark.parametrize("name", ["NoGradAutoEncoder", "UnfrozenTeacherFirst", "UnfrozenTeacher"])
+def test_a_link_called_under_no_grad_in_training_is_refused_with_the_freeze_that_works(name: str,
+                                                                                       tmp_path: Any) -> None:
+    """The chain ran it with gradients: a frozen feature extractor was trained (found by review: 5.7e-2 off). A
+    distillation teacher left trainable, called before the student, gave the student its logits (a shape error
+    in the pipeline), and called after it, a message that the student runs only inside steps (found by review):
+    both are said as they are, with the freeze that works."""
+    errors = run_ranks(_no_grad, 2, str(tmp_path), name, expect_failure=True, timeout=100)
+    link = "encoder" if name == "NoGradAutoEncoder" else "teacher"
     for error in errors:
-        assert error is not None and "calls the nn.Sequential at 'encoder' under torch.no_grad()" in error, error
-        assert "self.encoder.requires_grad_(False)" in error, error
+        assert error is not None and f"self.{link}.requires_grad_(False)" in error, error
+        if name == "UnfrozenTeacher":
+            assert "calls the nn.Sequential at 'student' before 'teacher'" in error, error
+        else:
+            assert f"calls the nn.Sequential at '{link}' under torch.no_grad()" in error, error
 
 
 def test_the_chain_is_chosen_for_sequentials_holding_every_trainable_parameter() -> None:

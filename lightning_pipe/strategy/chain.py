@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
-from lightning_pipe.strategy.model_calls import Stop, refuse_other_weights
+from lightning_pipe.strategy.model_calls import ModelCalls, Stop, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule, whole_sequences
 
@@ -91,17 +91,32 @@ class ChainLink(PipelinedSequence):
         self._ends = count  # in "output" mode: the links the step calls (an autoencoder's test: the encoder only)
         self._apart = False  # in "look" mode: called on something other than the link before's output
         self.trains = False  # whether some layer of the link (on any rank) has a parameter that requires grad
+        self.chain: list[str] = [path]  # every link's path, in the chain's order (ChainSplit.install)
+        self.first_calls: ModelCalls | None = None  # the first link's calls (capturing: the step runs to the model)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_output=None, _mode=None, _previous=None)
+        state.update(_output=None, _mode=None, _previous=None, first_calls=None)
         return state
 
     def forward(self, *inputs: Any) -> Any:
         refuse_other_weights(self, f"the nn.Sequential at {self._path!r}")
         if self.model_calls.mode == "capture" and self._index == 0:  # once per step: stop at the first call
+            if self.trains and not torch.is_grad_enabled() and self.model_calls.key.startswith("training_step/"):
+                raise RuntimeError(_frozen_advice(self._path))
             self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
             raise Stop()
+        if self._index > 0 and self.first_calls is not None and self.first_calls.mode == "capture":
+            first = self.chain[0]
+            frozen = self._path if not torch.is_grad_enabled() else first
+            raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} before {first!r}: the pipeline "
+                               f"takes the nn.Sequential attributes that hold trainable parameters "
+                               f"({', '.join(map(repr, self.chain))}) for one model's layers, chained in the order "
+                               f"they were assigned, each link taking the one before's output. If {frozen!r} is a "
+                               f"model the step only uses (a distillation teacher called under torch.no_grad(), left "
+                               f"out of the optimizer), freeze it: self.{frozen}.requires_grad_(False) in __init__ "
+                               f"or setup(), and it stays whole on every rank; else assign them in the order the step "
+                               f"calls them, or put them in one model the step calls")
         if self._mode == "look":  # :meth:`ChainSplit.links_called`
             self._calls += 1
             self._apart = self._apart or (self._index > 0 and not (len(inputs) == 1 and inputs[0] is self._previous))
@@ -113,11 +128,7 @@ class ChainLink(PipelinedSequence):
         if self._mode == "output":
             self._calls += 1
             if self._step == "training_step" and self.trains and not torch.is_grad_enabled():
-                raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} under torch.no_grad() (a "
-                                   f"frozen feature extractor); the pipeline runs the chain's links as one model, "
-                                   f"with gradients, so it would train. Freeze it instead: "
-                                   f"self.{self._path}.requires_grad_(False) in __init__ or setup(), which trains as "
-                                   f"on one device")
+                raise RuntimeError(_frozen_advice(self._path))
             if self._calls > 1:
                 raise RuntimeError(f"the step calls the nn.Sequential at {self._path!r} more than once; a pipeline "
                                    f"runs each link of a chain once per step. For a chain called once per view (an "
@@ -131,6 +142,13 @@ class ChainLink(PipelinedSequence):
                                    f"{self._path!r} belongs to only when each link takes the one before's output")
             return self._output
         return super().forward(*inputs)
+
+
+def _frozen_advice(path: str) -> str:
+    return (f"the step calls the nn.Sequential at {path!r} under torch.no_grad() (a frozen feature extractor, a "
+            f"distillation teacher); the pipeline runs the chain's links as one model, with gradients, so it would "
+            f"train. Freeze it instead: self.{path}.requires_grad_(False) in __init__ or setup(), which trains as on "
+            f"one device (it then stays whole on every rank)")
 
 
 class ChainSplit(SplitModule):
@@ -171,10 +189,13 @@ class ChainSplit(SplitModule):
         for index, (path, part) in enumerate(zip(self.paths, self.parts)):
             link = ChainLink(by_part[index], path, index, len(self.parts), list(part._modules))
             link.trains = any(p.requires_grad for p in part.parameters())
+            link.chain = list(self.paths)
             parent_path, _, attribute = path.rpartition(".")
             setattr(self.module.get_submodule(parent_path) if parent_path else self.module, attribute, link)
             self.links.append(link)
         links = self.links
+        for link in links[1:]:
+            link.first_calls = links[0].model_calls
         # a layer of several attributes (a block shared by the encoder and the decoder) is held where any link holds it
         local = {id(m) for link in links for m in link.modules()}
         for path, part in zip(self.paths, self.parts):

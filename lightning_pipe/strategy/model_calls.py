@@ -157,6 +157,7 @@ class ModelCalls:
         self._limit: int | None = None  # capture: the calls after which the run stops
         self.mode: str | None = None  # "capture", "output", or None outside a step
         self.step = "the step"  # the step being answered (named in errors)
+        self.key = ""  # capture: the step's name and dataloader (call_key) of the last run captured
         self.recorded: list[Any] = []  # capture: each call's input
         self.needs_grad = False  # capture: a call's input required grad, with gradients on at the call
         self.output: Any = None  # output: the pipeline's output, Calls for several calls
@@ -173,6 +174,7 @@ class ModelCalls:
         inputs, or None if it never called it. An error after a call ends the run too (the first stage needs only
         the inputs; the last stage runs the step whole and meets the error if it is real)."""
         self.mode, self.recorded, self._limit, self.needs_grad = "capture", [], self.expected.get(key), False
+        self.key = key
         learning = self._limit is None
         if (learning or self._limit > 1) and self._metrics is None and self.module is not None:
             self._metrics = MetricTracker(self.module)
