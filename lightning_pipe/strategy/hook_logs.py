@@ -181,8 +181,11 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
     if differing:
         owner = getattr(hook, "__self__", None)
         names, where = ", ".join(differing[:5]), f"{type(owner).__name__}.{hook.__name__}" if owner else hook.__name__
-        fix = ("log values of each parameter (Lightning's grad_norm: its total is made the whole model's), or " if
-               hook.__name__ in _GRADIENT_HOOKS else "")
+        fix = ("take a gradient norm with torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if "
+               "p.grad is not None]), which this hook takes over every rank (so that a decision on it, skipping a "
+               "spiky update, is the same on every rank: on its share, each rank decides alone), log values of each "
+               "parameter (Lightning's grad_norm: its total is made the whole model's), or " if
+               hook.__name__ in (*_GRADIENT_HOOKS, _CLIPPING) else "")
         warnings.warn(f"{names} logged in {where} take another value on each rank of the pipeline (each holds its own "
                       f"stages' parameters: a norm over self.parameters() is this rank's share), so every rank logs "
                       f"the first stage's, which is not one device's (a ModelCheckpoint or EarlyStopping watching it "
