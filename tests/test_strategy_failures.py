@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightning_pipe import PipelineStrategy
 from tests.helpers import run_ranks
@@ -441,6 +442,64 @@ def test_a_head_weight_the_step_reads_by_index_is_not_refused_where_the_step_als
     for got in run_ranks(_penalized, 2, kind, str(tmp_path), timeout=100):
         for key, value in reference.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _prototypes(rank: int, world_size: int, kind: str) -> dict[str, Any]:
+    """Prototypical networks' loss: each class's prototype the mean of the batch's rows of it, which a micro-batch
+    lacks for some classes (a NaN loss there); or a masked mean over rows a micro-batch lacks (NaN, finite
+    gradients)."""
+    import warnings
+
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Prototypes(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            e = self.model(x)
+            if kind == "masked":  # a term over the rows of class 3, which the first rows lack
+                return e.pow(2).mean() + e[y == 3].mean()
+            prototypes = torch.stack([e[y == c].mean(0) for c in range(4)])
+            return F.cross_entropy(-torch.cdist(e, prototypes) ** 2, y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    y = torch.arange(4).repeat_interleave(2).repeat(4)  # batches of 8 rows, two of each class in order
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0)) + y[:, None].float()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(strategy=PipelineStrategy(num_microbatches=4, wait_timeout=30), accelerator="cpu",
+                        devices=world_size, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(Prototypes(), data)
+        except ValueError as error:
+            return {"error": str(error)}
+    return {"error": None, "warned": [str(w.message) for w in caught if "it is not finite" in str(w.message)]}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["prototypes", "masked"])
+def test_a_loss_not_finite_on_a_micro_batch_with_gradients_not_finite_is_an_error_on_every_rank(kind: str) -> None:
+    """Prototypes of classes a micro-batch lacks: its loss and its gradients are NaN, and the step made every weight
+    NaN after a warning (found by review); now an error on every rank before the optimizer steps, with what to do. A
+    masked mean over rows a micro-batch lacks is NaN with finite gradients: warned, as before."""
+    results = run_ranks(_prototypes, 2, kind, timeout=100)
+    for result in results:
+        if kind == "prototypes":
+            assert result["error"] is not None and "this step would make the weights NaN" in result["error"]
+            assert "num_microbatches=1" in result["error"] and "micro-batch" in result["error"]
+        else:
+            assert result["error"] is None
+    assert kind == "prototypes" or results[-1]["warned"]  # (by the last stage, which runs the loss)
 
 
 def _stops_on_rank_zero(rank: int, world_size: int, wait_timeout: float = 6.0) -> None:

@@ -619,7 +619,7 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     for loss, rows in ((1.0, 2), (float("nan"), 2)):
         lacking.add(torch.zeros(rows, 1), torch.tensor(loss), rows)
     rule, why = verdict(lacking, lambda output, batch, draw: torch.tensor(1.02))
-    assert rule == "neither" and "on micro-batch 1 of its 2 it is not finite" in why, why
+    assert rule == "lacking" and "on micro-batch 1 of its 2 it is not finite" in why, why
     assert verdict(lacking, lambda output, batch, draw: torch.tensor(float("nan")))[0] is None
     # a loss in bfloat16 (precision="bf16-true"): the whole batch's is its micro-batches' mean but for rounding (the
     # mean of 1.2578 and 1.2520 against 1.2578: found by review, a false "neither"); a weighted mean still is neither

@@ -226,7 +226,19 @@ class FirstBatchChecks:
 
     def _constant_twice(self, rule: str | None, why: str) -> tuple[str | None, str]:
         """A verdict of "constant" stands at the second batch in a row that has it; at the first it tells nothing (a
-        head initialized to zeros gives every part of the first batch the loss log C)."""
+        head initialized to zeros gives every part of the first batch the loss log C). A loss not finite on a
+        micro-batch ("lacking") whose gradients are not finite either is an error: the step would make the weights
+        NaN (where they are finite, a masked mean over nothing, it is "neither")."""
+        if rule == "lacking":
+            rule = "neither"
+            if any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                   for module in self.pipeline.modules() for p in module.parameters()):
+                raise ValueError(
+                    f"training_step's loss is not one device's, and this step would make the weights NaN: {why}. "
+                    f"Its gradients there are not finite either. Give every micro-batch what the loss needs (a "
+                    f"sampler that puts rows of every class in each of the batch's {self.pipeline.num_microbatches} "
+                    f"micro-batches), compute per-class statistics of the whole batch inside the model, or train "
+                    f"with PipelineStrategy(num_microbatches=1)")
         if rule != "constant":
             self._constant_batches = 0
             return rule, why

@@ -153,7 +153,7 @@ class Probe:
 
 def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
             kinds: OutputKinds | None = None) -> tuple[str | None, str]:
-    """``("sum" | "mean" | "neither" | None, why)``: how the step's loss adds up over rows, from
+    """``("sum" | "mean" | "neither" | "lacking" | None, why)``: how the step's loss adds up over rows, from
     ``run_whole(output, batch, draw)``, the step's loss on the whole batch with random numbers of stream ``draw``;
     None when this batch cannot tell (one micro-batch, equal mean and sum, a step whose loss draws random numbers:
     diffusion noise, masks; a step that fails on the whole batch's outputs put together, as one indexing a rows x rows
@@ -182,7 +182,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         return None, "the loss is not finite (a NaN or an infinity)"
     if not math.isfinite(mean):  # finite on the whole batch, not on a micro-batch: a mean over what one can lack
         lacking = [index for index, value in enumerate(losses.tolist()) if not math.isfinite(value)]
-        return "neither", (f"on the whole batch the step's loss is {whole:.6g}, but on micro-batch"
+        return "lacking", (f"on the whole batch the step's loss is {whole:.6g}, but on micro-batch"
                            f"{'es' if len(lacking) > 1 else ''} {', '.join(map(str, lacking))} of its "
                            f"{len(probe.losses)} it is not finite: a mean over something a micro-batch can lack (every "
                            f"label of its rows ignored, a class without a row in it, as prototypes or other "
