@@ -445,9 +445,9 @@ def input_needs_grad(step: str, where: str, outside_trainable: list[str], fix: s
     if not outside_trainable:
         return (f"{step} makes the input of {where} require grad (x.requires_grad_(): gradients with respect to the "
                 f"input, such as a gradient penalty or a saliency map); a pipeline differentiates the loss with "
-                f"respect to the stages' weights only, so torch.autograd.grad cannot reach the model's input. Compute "
-                f"such terms with the whole model on one device (load a checkpoint), or leave them out under "
-                f"PipelineStrategy")
+                f"respect to the stages' weights only, so torch.autograd.grad cannot reach the model's input. Train "
+                f"such terms with the whole model on each device (strategy='ddp', or one device), or leave them "
+                f"out under PipelineStrategy")
     return (f"{step} computes the input of {where} with parameters outside it that require grad "
             f"({', '.join(outside_trainable)}); the first stage takes the model's input without a path back for "
             f"gradients, so what computes it cannot train (parameters the step reads after the model can): {fix}")
