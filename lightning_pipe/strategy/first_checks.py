@@ -254,16 +254,16 @@ class FirstBatchChecks:
             self._probes_left = _MEAN_PROBES
         self._logged = names | (self._logged or set())
 
-    def _probe_new_form(self, loss: torch.Tensor, output: Any) -> None:
-        """On the last stage, a training batch's first micro-batch: a loss of a form the step never gave before (a
-        term added after a warm-up under the same logged name) has the next batches probed again, if "auto" found a
-        mean."""
-        if not self._mean_found or self._loss_warned or not loss.requires_grad:
-            return
+    def _new_loss_form(self, loss: torch.Tensor, output: Any, probes: bool) -> bool:
+        """On the last stage, a training batch's first micro-batch: whether the loss takes a form the step never gave
+        before (a term added after a warm-up under the same logged name); such a batch has the next batches probed
+        again (``probes``: where this batch is not probed already), if "auto" found a mean."""
         form = loss_form(loss, output)
-        if self._loss_forms and form not in self._loss_forms and self._probes_left == 0:
-            self._probes_left = _MEAN_PROBES
+        new = bool(self._loss_forms) and form not in self._loss_forms
         self._loss_forms.add(form)
+        if new and probes and self._mean_found and not self._loss_warned and self._probes_left == 0:
+            self._probes_left = _MEAN_PROBES
+        return new
 
     def _probing(self) -> bool:
         """Whether this training step's batch is probed for how its loss adds up (:mod:`.reduction`): under "auto",

@@ -323,10 +323,12 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                     and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
                 for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
             loss, extra = loss_of(result)
-            if self._parameter_reads_left > 0 and index == 0 and loss.requires_grad:
-                self._check_parameter_reads(loss, output, {id(param) for param in self.tied.parameters()})
-            if index == 0 and probe is None and kept is not None and not pipe.asynchronous:
-                self._probe_new_form(loss, output)
+            if index == 0 and loss.requires_grad:  # (a loss of a new form: a term added after a warm-up)
+                new = self._new_loss_form(loss, output, probe is None and kept is not None and not pipe.asynchronous)
+                if self._parameter_reads_left > 0 or new:
+                    self._check_parameter_reads(loss, output, {id(param) for param in self.tied.parameters()})
+                    if new:  # its parameters found by listing, on the next batch
+                        self._parameter_reads_left = max(self._parameter_reads_left, 1)
             outputs.append(extra)
             sizes.append(microbatch_rows)
             if kept is not None and (self._keeps_outputs or self.logger_calls.calls
