@@ -138,12 +138,13 @@ class GlobalNorms:
         self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
         self.groups, self.sequences = groups, sequences
         self._listing: list[Any] = []
+        self.alone: list[torch.Tensor] = []  # the parameters given one at a time and clipped alone (:meth:`listings`)
 
     @contextmanager
     def listings(self) -> Iterator[None]:
         """Inside (a hook), the cut sequences note which of this rank's layers a listing of their modules gave."""
         with ExitStack() as stack:
-            self._listing = list(self.sequences())
+            self._listing, self.alone = list(self.sequences()), []
             for sequence in self._listing:
                 stack.enter_context(sequence.listings())
             try:
@@ -169,6 +170,7 @@ class GlobalNorms:
             # (module.parameters()) is every rank's share of a whole, even where this rank holds one of it, and so is
             # a list of the one parameter this rank trains (list(self.parameters()) on a rank holding one) or an
             # optimizer's group holds here (clipping each group by its norm: for g in opt.param_groups)
+            self.alone.append(params[0])
             return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
                                          error_if_nonfinite, reduce=False)
         return clip_grad_norm_global(params, max_norm, self.counts, self.group, self.timeout, norm_type,

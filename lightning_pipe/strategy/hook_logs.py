@@ -176,8 +176,14 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
             result = hook(*args, **kwargs)
     finally:
         del module.log
-    texts = [json.loads(text) for text in gather_text(json.dumps([[name, float(value)] for name, value, _ in calls]))]
-    merged, differing = merge_hook_logs([[(name, value) for name, value in text] for text in texts])
+    alone = [name for param in (getattr(clip, "alone", None) or []) for name, held in module.named_parameters()
+             if held is param][:2]
+    texts = [json.loads(text) for text in gather_text(json.dumps(
+        {"logs": [[name, float(value)] for name, value, _ in calls], "alone": alone}))]
+    merged, differing = merge_hook_logs([[(name, value) for name, value in text["logs"]] for text in texts])
+    if len(texts) > 1 and all(len(text["alone"]) == 1 for text in texts) and \
+            len({text["alone"][0] for text in texts}) == len(texts):
+        _warn_alone(hook, [text["alone"][0] for text in texts])
     if differing:
         owner = getattr(hook, "__self__", None)
         names, where = ", ".join(differing[:5]), f"{type(owner).__name__}.{hook.__name__}" if owner else hook.__name__
@@ -199,6 +205,22 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
     for name, value in merged.items():  # the other ranks' (their parameters' norms), as this rank logs its own
         real(name, value, **options)
     return result
+
+
+def _warn_alone(hook: Callable[..., Any], names: list[str]) -> None:
+    """Every rank clipped one parameter alone, each another (a subset clipped by its joint norm, each rank holding
+    one of it), once per hook."""
+    if getattr(hook, "__func__", hook) in _ALONE_WARNED:
+        return
+    _ALONE_WARNED.add(getattr(hook, "__func__", hook))
+    warnings.warn(f"{hook.__name__} gave clip_grad_norm_ a list of one parameter on each rank of the pipeline "
+                  f"({', '.join(names)}): a list of one parameter is clipped by its own norm, as in a loop clipping "
+                  f"each alone. If they are one set clipped by its joint norm, whose parameters the ranks hold one "
+                  f"each, pass it as a generator, which is every rank's share of a whole: clip_grad_norm_((p for n, p "
+                  f"in self.named_parameters() if n in chosen), max_norm)", stacklevel=3)
+
+
+_ALONE_WARNED: set[Any] = set()
 
 
 def merge_hook_logs(every: list[list[tuple[str, float]]]) -> tuple[dict[str, float], list[str]]:
