@@ -21,6 +21,7 @@ alone, SparseAdam for an embedding), which torch would refuse as empty, holds a 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -154,7 +155,45 @@ def whole_set_warning(optimizers: Iterable[torch.optim.Optimizer]) -> str | None
                 f"parameters only, so each stage would clip by the norm of its own share, not one device's. Give it "
                 f"max_grad_norm=None and clip with Trainer(gradient_clip_val=...), which a synchronous pipeline "
                 f"computes over every rank's gradients (the asynchronous schedules clip by value only)")
+    coupled = sorted({type(optimizer).__name__ for optimizer in optimizers if _couples(optimizer)})
+    if coupled:
+        return (f"{', '.join(coupled)} updates a parameter by the gradients of the others too (tried on two "
+                f"parameters: doubling one's gradient moved the other's update), as an optimizer that normalizes by "
+                f"the gradients' global norm does; under a pipeline each rank's optimizer holds its own stages' "
+                f"parameters only, so each stage steps by a number of its own share, not one device's. Use an "
+                f"optimizer that steps each parameter from its own gradient and state (clip by the global norm with "
+                f"Trainer(gradient_clip_val=...), which a synchronous pipeline computes over every rank), or train "
+                f"with it on one device or under DDP")
     return None
+
+
+def _couples(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step of ``optimizer``'s class (not one of torch's, which step each parameter alone) moves one
+    parameter by another's gradient: tried twice on a new instance over two small parameters with its defaults, the
+    second's gradient doubled the second time; False where that cannot be told (it needs a closure, or draws)."""
+    kind = type(optimizer)
+    if kind.__module__.startswith("torch.") or not isinstance(getattr(optimizer, "defaults", None), dict):
+        return False
+
+    def first_after_two_steps(scale: float) -> torch.Tensor | None:
+        first = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+        second = nn.Parameter(torch.linspace(0.5, -0.5, 6))
+        try:
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+                warnings.simplefilter("ignore")
+                trial = kind([first, second], **optimizer.defaults)
+                for step in range(2):
+                    first.grad = torch.linspace(0.3, -0.2, 6) * (step + 1)
+                    second.grad = torch.linspace(-0.1, 0.4, 6) * scale * (step + 1)
+                    trial.step()
+        except Exception:  # noqa: BLE001 - a constructor of other arguments, a step that needs a closure: no telling
+            return None
+        return first.detach().clone()
+
+    plain, again, doubled = first_after_two_steps(1.0), first_after_two_steps(1.0), first_after_two_steps(2.0)
+    if plain is None or again is None or doubled is None or not torch.equal(plain, again):
+        return False
+    return not torch.equal(plain, doubled)
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:
