@@ -123,26 +123,21 @@ class PipelinedSequence(nn.Module):
         """Whether ``module`` is (inside) a layer this rank holds that only this rank's listing of the sequence's
         modules gave: the other ranks list their own layers instead, so a loop over the modules makes other calls
         on each rank (:meth:`listings`)."""
-        if self.listed is None or self.indexed is None:
-            return False
-        for layer in self._modules.values():
-            if layer is None or id(layer) in self.indexed:
-                continue
-            parts = {id(part) for part in nn.Module.modules(layer)}
-            if id(module) in parts and (id(layer) in self.listed or id(module) in self.listed):
-                return True
-        return False
+        return any(part is module for layer in self._listed_layers() for part in nn.Module.modules(layer))
 
     def listed_parameters(self) -> set[int]:
         """The ids of the parameters of this rank's layers that a listing of the sequence's modules gave and no index
         reached (:meth:`listings`): what the step's code reads while looping over ``self.parameters()`` or
         ``self.modules()``, which on one device covers every rank's layers."""
+        return {id(param) for layer in self._listed_layers() for param in nn.Module.parameters(layer)}
+
+    def _listed_layers(self) -> list[nn.Module]:
+        """This rank's layers that a listing gave (they or a module inside them) and no index reached."""
         if self.listed is None or self.indexed is None:
-            return set()
-        return {id(param) for layer in self._modules.values()
-                if layer is not None and id(layer) not in self.indexed
-                and (id(layer) in self.listed or any(id(part) in self.listed for part in nn.Module.modules(layer)))
-                for param in nn.Module.parameters(layer)}
+            return []
+        listed, indexed = self.listed, self.indexed
+        return [layer for layer in self._modules.values() if layer is not None and id(layer) not in indexed
+                and any(id(part) in listed for part in nn.Module.modules(layer))]
 
     def __len__(self) -> int:
         return len(self._names)
