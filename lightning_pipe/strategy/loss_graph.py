@@ -1,0 +1,67 @@
+"""What the autograd graph of a training step's loss shows about the step's own code after the model.
+
+The strategy looks through it on the last stage: for the pipelined model's parameters the code reads beside the
+model's output (:func:`parameters_reached`: a penalty over ``self.parameters()``, which there covers the last stage's
+alone), and for its form (:func:`loss_form`: a term that joins the loss after a warm-up changes it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_pipe.engine.tree import tree_flatten
+
+__all__ = ["parameters_reached", "loss_form"]
+
+_GRAPH_NODES = 2048  # the most autograd nodes of the step's own code walked for its loss's form
+
+
+def parameters_reached(loss: torch.Tensor, output: Any, parameters: set[int]) -> set[int]:
+    """The ids in ``parameters`` that ``loss``'s autograd graph reaches both through ``output``'s tensors (the
+    model's output: its layers' weights) and other than through them (the step's own code): a penalty over the
+    layers' parameters; not a parameter only the step's code uses (a learned temperature after the model)."""
+    ends = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    direct = _leaves_reached([loss.grad_fn], parameters, set(ends))
+    return direct & _leaves_reached(ends, direct, set()) if direct else set()
+
+
+def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) -> set[int]:
+    """The ids in ``parameters`` whose gradient accumulators the autograd graph from ``starts`` reaches, not walking
+    through the ``stops``."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    pending = list(starts)
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # a leaf's gradient accumulator
+            if id(variable) in parameters:
+                found.add(id(variable))
+            continue
+        pending.extend(function for function, _ in node.next_functions)
+    return found
+
+
+def loss_form(loss: torch.Tensor, output: Any) -> tuple[str, ...]:
+    """The form of the step's own code's part of ``loss``'s autograd graph (its operations' names in walking
+    order, up to the model's ``output``): a term that joins the loss later (a decorrelation penalty from step
+    1000) changes it; the same code on other values does not. A graph larger than :data:`_GRAPH_NODES` gives its
+    first nodes' form."""
+    stops = {t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    names: list[str] = []
+    seen: set[Any] = set()
+    pending = [loss.grad_fn]
+    while pending and len(names) < _GRAPH_NODES:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append("output" if node in stops else type(node).__name__)
+        if node not in stops:
+            pending.extend(function for function, _ in node.next_functions)
+    return tuple(names)
