@@ -300,6 +300,17 @@ def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind
                                                       reference.state_dict().values()))
 
 
+def _resumed_as_one_device(out: str, kind: str, data: str, atol: float = 2e-5) -> Any:
+    """Check that the weights a resumed pipeline fit wrote to ``out`` are an uninterrupted one-device fit's (3
+    epochs); returns that fit's module."""
+    resumed = torch.load(out, weights_only=False)["state_dict"]
+    reference = _module(kind)
+    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data(data))
+    for name, want in reference.state_dict().items():
+        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=atol, msg=name)
+    return reference
+
+
 def _pipeline_resumes(rank: int, world_size: int, kind: str, path: str, out: str) -> None:
     from lightning_pipe import PipelineStrategy
 
@@ -323,12 +334,8 @@ def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weigh
     first.fit(_module(kind), _data(kind))
     first.save_checkpoint(path)
     run_ranks(_pipeline_resumes, 2, kind, path, out, timeout=280)
-    resumed = torch.load(out, weights_only=False)["state_dict"]
-    reference = _module(kind)
-    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data(kind))
     atol = 3e-4 if kind == "gpt2" else 2e-5  # as above: GPT-2's key biases' gradients are rounding noise
-    for name, want in reference.state_dict().items():
-        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=atol, msg=name)
+    reference = _resumed_as_one_device(out, kind, kind, atol)
     # the optimizer's states mattered: a fit from the checkpoint's weights alone ends elsewhere
     weights_only = _module(kind)
     weights_only.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
@@ -351,11 +358,7 @@ def test_an_optimizers_own_state_resumes_under_the_pipeline_from_the_pipelines_c
         assert written["state"]["total_step"] == 3 and written["warmup"] == {"seen": 3}
         assert written["param_groups"][0]["precond_dtype"] is torch.float32
     run_ranks(_pipeline_resumes, 2, "counted", path, out, timeout=280)
-    resumed = torch.load(out, weights_only=False)["state_dict"]
-    reference = _module("counted")
-    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data("counted"))
-    for name, want in reference.state_dict().items():
-        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=2e-5, msg=name)
+    _resumed_as_one_device(out, "counted", "counted")
 
 
 @pytest.mark.timeout(200)
@@ -368,11 +371,7 @@ def test_a_one_device_checkpoint_whose_group_lists_the_head_first_resumes_as_on_
     first.fit(_module("head first"), _data("sequence"))
     first.save_checkpoint(path)
     run_ranks(_pipeline_resumes, 2, "head first", path, out, timeout=180)
-    resumed = torch.load(out, weights_only=False)["state_dict"]
-    reference = _module("head first")
-    quiet_trainer(1, "auto", max_epochs=3).fit(reference, _data("sequence"))
-    for name, want in reference.state_dict().items():
-        torch.testing.assert_close(resumed[name], want, rtol=1e-4, atol=2e-5, msg=name)
+    _resumed_as_one_device(out, "head first", "sequence")
 
 
 def _pruned_module() -> Any:

@@ -26,7 +26,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.optim import Optimizer
 
 from lightning_pipe.engine.wire import flat_bytes
-from lightning_pipe.strategy.one_device import one_device_optimizer_states
+from lightning_pipe.strategy.one_device import one_device_optimizer_states, optimizer_own
 from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
@@ -357,17 +357,15 @@ def optimizer_entries(index: int, state: Mapping[str, Any],
     What the optimizer keeps for itself, not per parameter (a step counter under a string key of its ``state``, a
     key of its ``state_dict()`` beside ``state`` and ``param_groups``), is ``optim/<index>/:state/<key>`` and
     ``optim/<index>/:top/<key>`` (:func:`~.one_device.optimizer_own`)."""
-    entries = {}
+    own, top = optimizer_own(state)
+    entries = {f"{OPTIM}{index}/{OWN_STATE}/{key}": value for key, value in own.items()}
+    entries.update((f"{OPTIM}{index}/{OWN_TOP}/{key}", value) for key, value in top.items())
     for number, values in state["state"].items():
-        if not _numbers_a_parameter(number, names):
-            entries[f"{OPTIM}{index}/{OWN_STATE}/{number}"] = values
+        if number in own:
             continue
         for name in names[number]:
             for key, value in values.items():
                 entries[f"{OPTIM}{index}/{name}/{key}"] = value
-    for key, value in state.items():
-        if key not in ("state", "param_groups") and isinstance(key, str):
-            entries[f"{OPTIM}{index}/{OWN_TOP}/{key}"] = value
     return entries
 
 
@@ -385,12 +383,6 @@ def unboxed(key: str, value: Any) -> Any:
 def _own_entry(key: str) -> bool:
     parts = key[len(OPTIM):].split("/") if key.startswith(OPTIM) else []
     return len(parts) >= 3 and parts[1] in (OWN_STATE, OWN_TOP)
-
-
-def _numbers_a_parameter(number: Any, names: Sequence[Sequence[str]] | Mapping[Any, Sequence[str]]) -> bool:
-    if isinstance(names, Mapping):
-        return number in names
-    return isinstance(number, int) and not isinstance(number, bool) and 0 <= number < len(names)
 
 
 def param_groups_of(state: Mapping[str, Any]) -> list[dict[str, Any]]:

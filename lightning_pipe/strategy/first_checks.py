@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from lightning_pipe.strategy.reduction import (
     verdict,
 )
 from lightning_pipe.strategy.results import StepResult
-from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.split import SplitModule, listings_of
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_inputs import inputs_warning, mixing_warning, shifted_rows
 from lightning_pipe.strategy.step_values import loss_of, without_gradients
@@ -316,10 +316,7 @@ class FirstBatchChecks:
         if self._parameter_reads_left <= 0 or index != 0:
             yield
             return
-        sequences = [part for part in self.module.modules() if isinstance(part, PipelinedSequence)]
-        with ExitStack() as stack:
-            for sequence in sequences:
-                stack.enter_context(sequence.listings())
+        with listings_of(self.module) as sequences:
             try:
                 yield
             finally:

@@ -10,7 +10,7 @@ so ``zero_grad``, gradient accumulation and the hooks around backward behave as 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,25 +128,23 @@ class GlobalNorms:
     ``optimizer_step``), which every rank runs over its own stages' parameters. ``counts``: whether a parameter's
     gradient counts in the norm (a tied parameter's second copy does not); ``parameters``: the module's, to tell the
     parameter of a gradient ``get_total_norm`` is given; ``groups``: the optimizers' parameter groups' lists (each
-    rank's share of a group); ``sequences``: the cut sequences (:class:`~.split.PipelinedSequence`), whose
-    listings of their modules the hooks run inside (:meth:`listings`)."""
+    rank's share of a group); ``listings``: a context inside which the cut sequences note the layers the user's
+    listings of their modules give, and which yields them (:func:`~.split.listings_of`; :meth:`listings`)."""
 
     def __init__(self, group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool], timeout: float,
                  parameters: Callable[[], Iterable[nn.Parameter]] = lambda: (),
                  groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: (),
-                 sequences: Callable[[], Iterable[Any]] = lambda: ()) -> None:
+                 listings: Callable[[], AbstractContextManager[list[Any]]] = lambda: nullcontext([])) -> None:
         self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
-        self.groups, self.sequences = groups, sequences
+        self.groups, self._listings = groups, listings
         self._listing: list[Any] = []
         self.alone: list[torch.Tensor] = []  # the parameters given one at a time and clipped alone (:meth:`listings`)
 
     @contextmanager
     def listings(self) -> Iterator[None]:
         """Inside (a hook), the cut sequences note which of this rank's layers a listing of their modules gave."""
-        with ExitStack() as stack:
-            self._listing, self.alone = list(self.sequences()), []
-            for sequence in self._listing:
-                stack.enter_context(sequence.listings())
+        with self._listings() as sequences:
+            self._listing, self.alone = sequences, []
             try:
                 yield
             finally:

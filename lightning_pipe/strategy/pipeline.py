@@ -61,7 +61,7 @@ from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_rando
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
 from lightning_pipe.strategy.step_hooks import PipelineSteps
-from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.split import SplitModule, listings_of
 
 __all__ = ["PipelineStrategy"]
 
@@ -441,7 +441,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             clip = GlobalNorms(pipeline.group, self.runner.counts_in_norm, self.settings.wait_timeout,
                                module.parameters, lambda: [group["params"] for optimizer in trainer.optimizers
                                                            for group in optimizer.param_groups],
-                               lambda: [part for part in module.modules() if isinstance(part, PipelinedSequence)])
+                               functools.partial(listings_of, module))
             gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))

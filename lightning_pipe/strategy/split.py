@@ -8,7 +8,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, re
 from lightning_pipe.strategy.share_warning import said_pickled, strategy_reads
 from lightning_pipe.strategy.step_values import input_needs_grad
 
-__all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad"]
+__all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad", "listings_of"]
 
 _HOW_TO_CHOOSE = ("put the layers to pipeline in one nn.Sequential attribute that training_step or forward calls "
                   "(self.layers = nn.Sequential(...)), or name it with PipelineStrategy(layers='attribute.path')")
@@ -163,6 +163,17 @@ class PipelinedSequence(nn.Module):
         state = dict(self.__dict__)
         state["owner"], state["model_calls"] = None, ModelCalls(self.model_calls.where)
         return state
+
+
+@contextmanager
+def listings_of(root: nn.Module) -> Iterator[list[PipelinedSequence]]:
+    """Inside, every cut sequence of ``root`` notes which of this rank's layers the user's listings of its modules
+    give (:meth:`PipelinedSequence.listings`); yields the sequences."""
+    sequences = [part for part in root.modules() if isinstance(part, PipelinedSequence)]
+    with ExitStack() as stack:
+        for sequence in sequences:
+            stack.enter_context(sequence.listings())
+        yield sequences
 
 
 _TORCH_MODULES = nn.Module.named_modules.__code__.co_filename  # the listings' own frames (parameters(), modules())
