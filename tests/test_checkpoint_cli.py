@@ -138,7 +138,7 @@ def test_compiled_names_round_trip_and_shard_into_a_folder_that_loads(tmp_path: 
     import torch.nn as nn
 
     from lightning_pipe.checkpoint.convert import consolidate, shard
-    from lightning_pipe.strategy.checkpoint import compiled_names, uncompiled_names
+    from lightning_pipe.strategy.state_names import compiled_names, uncompiled_names
     from lightning_pipe.strategy.model_choice import compiled_paths, undo_compile
     from lightning_pipe.strategy.sharded import load_sharded_weights
 

@@ -23,17 +23,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from lightning_pipe.strategy.checkpoint import (
+from lightning_pipe.strategy.checkpoint import PIPELINE_KEY, SHARED_ENTRIES, named_optimizer_state, own_entries
+from lightning_pipe.strategy.state_names import (
     MODEL,
     OPTIM,
     OWN_STATE,
     OWN_TOP,
-    PIPELINE_KEY,
-    SHARED_ENTRIES,
     boxed,
     group_names,
-    named_optimizer_state,
-    own_entries,
     unboxed,
     uncompiled_names,
 )

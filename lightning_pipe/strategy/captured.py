@@ -25,7 +25,6 @@ from lightning_pipe.engine.microbatch import owned
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
-from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -36,6 +35,7 @@ from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.references import meta_skeleton
 from lightning_pipe.strategy.split import load_share, with_grad
 from lightning_pipe.strategy.standing_in import redirect_into, release_others, stand_in_for_children
+from lightning_pipe.strategy.state_names import parameter_keys, tied_names
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_values import ROW_MEAN, input_needs_grad
 from lightning_pipe.strategy.stored import mark_not_kept

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import ModelCalls, Stop, refuse_other_weights
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule, whole_sequences
+from lightning_pipe.strategy.state_names import parameter_keys, tied_names
 
 __all__ = ["chain_paths", "ChainLink", "ChainSplit", "Handover"]
 

@@ -30,18 +30,20 @@ from lightning_pipe.strategy.checkpoint import (
     RANDOM_STATES_KEY,
     CallbackMerge,
     atomic_save,
-    compiled_names,
     gather_checkpoint,
     named_optimizer_state,
-    optimizer_entries,
-    optimizers_parameter_names,
     own_entries,
-    param_groups_of,
-    parameter_names,
     training_state_of_rank,
-    uncompiled_names,
     with_own_entries,
     written_here,
+)
+from lightning_pipe.strategy.state_names import (
+    compiled_names,
+    optimizer_entries,
+    optimizers_parameter_names,
+    param_groups_of,
+    parameter_names,
+    uncompiled_names,
 )
 from lightning_pipe.strategy.callbacks import regroup_after_restore
 from lightning_pipe.strategy.failures import raise_together

@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_pipe.strategy.chain import chain_paths
-from lightning_pipe.strategy.checkpoint import uncompiled_name
+from lightning_pipe.strategy.state_names import uncompiled_name
 
 __all__ = ["averaged", "choose_model", "compiled_paths", "owners", "own_forward", "undo_compile", "frozen_copies",
            "SEQUENCE", "CAPTURED", "CHAIN"]

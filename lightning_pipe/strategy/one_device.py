@@ -161,7 +161,7 @@ def optimizer_own(state: Mapping[str, Any]) -> tuple[dict[Any, Any], dict[str, A
 
 def local_group_names(names: Mapping[int, Sequence[str]], optimizers: Sequence[Optimizer]) -> list[list[list[str]]]:
     """For each of this rank's optimizers, each group's parameters by their names here; ``names``: every name of each
-    parameter by ``id`` (:func:`~.checkpoint.parameter_names`). A placeholder without a name is left out."""
+    parameter by ``id`` (:func:`~.state_names.parameter_names`). A placeholder without a name is left out."""
     return [[[names[id(p)][0] for p in group["params"] if names.get(id(p))] for group in optimizer.param_groups]
             for optimizer in optimizers]
 
@@ -172,10 +172,10 @@ def one_device_names(states: Sequence[Mapping[str, Any]], ranks: Sequence[Sequen
                      by_name: bool = True, whole_orders: list[list[list[str]]] | None = None
                      ) -> list[dict[Any, list[str]]]:
     """For each of a one-device checkpoint's ``optimizer_states``, every name of each of its numbered parameters (each
-    name of a tied one), as :func:`~.checkpoint.optimizer_entries` takes them.
+    name of a tied one), as :func:`~.state_names.optimizer_entries` takes them.
 
     ``ranks``: every rank's :func:`local_group_names`; ``state_keys``: the whole model's ``state_dict`` keys in
-    order; ``tied``: each name of a tied parameter -> its first name on one device (:func:`~.checkpoint.tied_names`);
+    order; ``tied``: each name of a tied parameter -> its first name on one device (:func:`~.state_names.tied_names`);
     ``shapes``: the checkpoint's weights' shapes by name; ``by_name``: as for :func:`group_orders`. A group that names
     its parameters by the model's names (an optimizer given ``self.named_parameters()``) is read by those names; else
     in the order one device listed it (:func:`group_orders`). Where both the model's order and the names' are

@@ -95,7 +95,7 @@ def whole_orders(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer])
     """While ``configure_optimizers``'s placeholders stand in ``module`` for other ranks' parameters: each group of
     each optimizer as one device lists it, by the parameters' names (a tie at its first name); what one device's
     optimizer states are numbered by, whatever order the code listed them in."""
-    from lightning_pipe.strategy.checkpoint import parameter_names
+    from lightning_pipe.strategy.state_names import parameter_names
 
     names = {key: found[0] for key, found in parameter_names(module).items() if found[0] != PLACEHOLDER}
     return [[[names[id(p)] for p in group["params"] if id(p) in names] for group in optimizer.param_groups]

@@ -29,7 +29,6 @@ from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
-from lightning_pipe.strategy.checkpoint import parameter_names
 from lightning_pipe.strategy.cut_warnings import (refuse_sequence_hooks, warn_of_frequency_scaling,
                                                    warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
                                                    warn_of_split_buffers)
@@ -50,6 +49,7 @@ from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
+from lightning_pipe.strategy.state_names import parameter_names
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_runs import microbatch_run
 from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,

@@ -36,18 +36,16 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
-from lightning_pipe.strategy.checkpoint import (
+from lightning_pipe.strategy.checkpoint import SHARED_ENTRIES, CallbackMerge, own_entries
+from lightning_pipe.strategy.state_names import (
     MODEL,
     OPTIM,
     OWN_STATE,
     OWN_TOP,
-    SHARED_ENTRIES,
-    CallbackMerge,
     boxed,
     group_names,
     optimizer_entries,
     optimizers_parameter_names,
-    own_entries,
     param_groups_of,
     parameter_names,
     unboxed,

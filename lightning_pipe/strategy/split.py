@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_pipe.strategy.checkpoint import parameter_keys, tied_names
 from lightning_pipe.strategy.deferred import DeferredCalls
 from lightning_pipe.strategy.model_calls import SKIPPED_BATCHES, ModelCalls, call_key, refuse_other_weights
 from lightning_pipe.strategy.optimizers import stand_in
 from lightning_pipe.strategy.references import LayerElsewhere, meta_skeleton, redirect
 from lightning_pipe.strategy.share_warning import said_pickled, strategy_reads
+from lightning_pipe.strategy.state_names import parameter_keys, tied_names
 from lightning_pipe.strategy.step_values import input_needs_grad
 
 __all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad", "listings_of"]
