@@ -477,3 +477,41 @@ def detection_data(batch_size: int = 8) -> DataLoader:
         return torch.stack([image for image, _ in items]), [target for _, target in items]
 
     return DataLoader(_Boxes(), batch_size=batch_size, collate_fn=collate)
+
+
+class BornAgain(L.LightningModule):
+    """A born-again network: the student distils a frozen teacher of its own structure (the previous generation),
+    which the step only calls: it pairs nothing with the student, so nothing is said of it."""
+
+    def __init__(self, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, classes))
+        self.teacher = nn.Sequential(nn.Linear(12, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, classes)).requires_grad_(False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.student(x)
+        with torch.no_grad():
+            soft = F.log_softmax(self.teacher(x), -1)
+        return F.cross_entropy(logits, y) + F.kl_div(F.log_softmax(logits, -1), soft, reduction="batchmean",
+                                                      log_target=True)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.student.parameters(), lr=0.1)
+
+
+class MeanTeacher(BornAgain):
+    """A mean teacher: the teacher is an EMA of the student, updated after each batch by pairing their parameters,
+    which under a pipeline pairs the teacher's first layers with each rank's share (``equal``: every layer of one
+    shape, so the pairing is silent; else a shape error)."""
+
+    def __init__(self, equal: bool = True) -> None:
+        super().__init__(*((12, 12) if equal else (16, 4)))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():
+            for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
+                teacher.lerp_(student, 0.1)

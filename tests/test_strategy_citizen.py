@@ -871,3 +871,51 @@ def _loss_warnings(world_size: int, steps: int, module: Any, loader: Any) -> lis
         warnings.simplefilter("always")
         trainer.fit(module, loader)
     return [str(w.message) for w in caught if "neither a mean nor a sum" in str(w.message)]
+
+
+def _teacher(rank: int, world_size: int, root: str, name: str, equal: bool = True) -> dict[str, Any]:
+    import warnings
+
+    from lightning_pipe import PipelineStrategy
+    from tests import citizen_models
+    from tests.citizen_models import class_data
+
+    model = getattr(citizen_models, name)(**({} if equal else {"equal": False}))
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, class_data(batch_size=8, batches=2))
+    return {"said": [str(w.message) for w in caught if "has the structure of the model" in str(w.message)],
+            "student": {k: v.clone() for k, v in model.student.state_dict().items()} if rank == 0 else None}
+
+
+@pytest.mark.timeout(200)
+def test_a_frozen_copy_of_the_model_is_said_once_it_changes_and_a_teacher_the_step_only_calls_is_not(
+        tmp_path: Any) -> None:
+    """The copy of an EMA target (a mean teacher) pairs the wrong parameters under a pipeline: said on rank 0 and the
+    last stage's once its weights change in the first steps; a born-again network's frozen teacher, which the step only
+    calls, trains as on one device without a word (a false alarm before); a pairing whose shapes differ fails with
+    the reason added to the error."""
+    import lightning as L
+
+    from tests.citizen_models import BornAgain, class_data
+
+    born = run_ranks(_teacher, 2, str(tmp_path), "BornAgain", timeout=180)
+    assert [result["said"] for result in born] == [[], []]
+    L.seed_everything(0, verbose=False)
+    reference = BornAgain()
+    quiet_trainer(1, "auto", max_steps=2).fit(reference, class_data(batch_size=8, batches=2))
+    # (rank 0's student holds the first stage's layers: the checked ones are its share's)
+    for key, value in born[0]["student"].items():
+        torch.testing.assert_close(value, reference.student.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    mean = run_ranks(_teacher, 2, str(tmp_path), "MeanTeacher", timeout=180)
+    for result in mean:
+        assert len(result["said"]) == 1, result["said"]
+        assert "teacher has the structure of the model at 'student' and is a frozen copy of it whose weights " \
+               "changed between training steps 1 and 2" in result["said"][0]
+        assert "zip(self.teacher.parameters(), self.student.parameters())" in result["said"][0]
+
+    errors = run_ranks(_teacher, 2, str(tmp_path), "MeanTeacher", False, expect_failure=True, timeout=180)
+    assert any(error is not None and "where this comes from pairing the parameters of teacher with the model's"
+               in error for error in errors), errors

@@ -930,14 +930,16 @@ def test_a_fine_tuning_callbacks_groups_merge_into_one_devices_with_a_tied_param
     assert [group["params"] for group in groups] == [["body.bias", "head.weight"], []]
 
 
-def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
-    """An EMA target or a teacher stays whole on every rank while each holds its share of the model: pairing their
-    parameters goes wrong, so the build says so; a trainable twin (a second tower) or another shape is not warned of."""
+def test_a_frozen_copy_of_the_model_beside_it_is_said_once_it_changes() -> None:
+    """An EMA target stays whole on every rank while each holds its share of the model: pairing their parameters
+    goes wrong, so a frozen copy whose weights change in the first steps is said (once); one that stays as it is (a
+    teacher the step only calls) is not, nor a trainable twin (a second tower) or another shape."""
     import copy
+    import types
     import warnings
 
+    from lightning_pipe.strategy.cut_warnings import FrozenCopies
     from lightning_pipe.strategy.model_choice import frozen_copies
-    from lightning_pipe.strategy.cut_warnings import warn_of_frozen_copies
 
     module = Regressor()
     module.target = copy.deepcopy(module.layers).requires_grad_(False)
@@ -946,9 +948,30 @@ def test_a_frozen_copy_of_the_model_beside_it_is_warned_of() -> None:
     assert frozen_copies(module, "layers", module.layers) == ["target"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_of_frozen_copies(module, "layers", module.layers)
-    assert any("target has the structure of the model at 'layers' and is a frozen or averaged copy" in str(w.message)
-               and "zip(self.target.parameters(), self.layers.parameters())" in str(w.message) for w in caught)
+        copies = FrozenCopies(module, "layers", module.layers, types.SimpleNamespace(is_last_rank=True))
+        for _ in range(2):  # unchanged: nothing said
+            copies.before_step()
+            copies.after_step()
+        assert caught == []
+        copies.before_step()
+        with torch.no_grad():
+            next(module.target.parameters()).mul_(0.5)  # an EMA update in the step
+        copies.after_step()
+        copies.before_step()
+        copies.after_step()
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "target has the structure of the model at 'layers' and is a frozen copy of it whose " \
+        "weights changed in training step 3" in said[0] and \
+        "zip(self.target.parameters(), self.layers.parameters())" in said[0], said
+
+    teacher = FrozenCopies(module, "layers", module.layers, types.SimpleNamespace(is_last_rank=True))
+    for _ in range(FrozenCopies.watched_steps):
+        teacher.before_step()
+        teacher.after_step()
+    assert teacher.watched == [] and teacher.unsaid == ["target"]  # no longer watched: taken to stay as it is
+    error = RuntimeError("The size of tensor a (8) must match the size of tensor b (16) at non-singleton dimension 1")
+    teacher.explain(error)
+    assert "where this comes from pairing the parameters of target with the model's" in str(error)
     del module.target
     assert frozen_copies(module, "layers", module.layers) == []
 
@@ -958,9 +981,12 @@ def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_mode
     requiring grad: it is warned of as a frozen copy is, and the model choice passes over it."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from lightning_pipe.strategy.model_choice import choose_model, frozen_copies
+    import types
 
     import lightning as L
+
+    from lightning_pipe.strategy.cut_warnings import FrozenCopies
+    from lightning_pipe.strategy.model_choice import choose_model, frozen_copies
 
     class Averaging(L.LightningModule):
         def __init__(self) -> None:
@@ -971,6 +997,8 @@ def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_mode
     module = Averaging()
     assert frozen_copies(module, "net", module.net) == ["ema"]
     assert choose_model(module, None, None)[1] == "net"
+    with pytest.warns(UserWarning, match="ema has the structure of the model at 'net' and is an averaged copy of it"):
+        FrozenCopies(module, "net", module.net, types.SimpleNamespace(is_last_rank=True))  # said at once
 
 
 def test_the_skeleton_of_a_model_with_the_hook_based_weight_norm_is_made() -> None:

@@ -125,6 +125,8 @@ class PipelineCheckpoints:
     @override
     def on_exception(self, exception: BaseException) -> None:
         _explain_a_missing_share(exception, self.lightning_module)
+        if self._runner is not None and self._runner.frozen_copies is not None:
+            self._runner.frozen_copies.explain(exception)
         super().on_exception(exception)  # type: ignore[misc]
 
     # -- checkpoints --------------------------------------------------------------------------------

@@ -15,24 +15,88 @@ from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import BACKWARD_HOOKS, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks
 
-__all__ = ["warn_of_frozen_copies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
+__all__ = ["FrozenCopies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
            "refuse_sequence_hooks"]
 
 
-def warn_of_frozen_copies(module: LightningModule, path: str, model: torch.nn.Module) -> None:
-    """Say (on global rank 0) that a frozen or averaged copy of the model (:func:`~.model_choice.frozen_copies`) stays
-    whole on every rank while each holds only its share of the model, so that pairing their parameters goes wrong."""
-    copies = frozen_copies(module, path, model)
-    if copies and (not dist.is_initialized() or dist.get_rank() == 0):
-        target = copies[0]
-        warnings.warn(f"{', '.join(copies)} has the structure of the model at {path!r} and is a frozen or averaged "
-                      f"copy of it (an EMA target, torch's AveragedModel, a teacher, a momentum encoder): it stays "
-                      f"whole on every rank, while under PipelineStrategy each rank holds only its share of the model, so "
-                      f"code that pairs their parameters (zip(self.{target}.parameters(), self.{path}.parameters()), "
-                      f"{target}.update_parameters(self.{path}), an EMA update) pairs the wrong "
-                      f"ones and updates {target} from part of the model. Train such a pair on one device or with "
-                      f"DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) work under "
-                      f"the pipeline", stacklevel=3)
+class FrozenCopies:
+    """Copies of the model kept whole beside it (:func:`~.model_choice.frozen_copies`), while under the pipeline each
+    rank holds only its share of the model, so that code pairing their parameters pairs the wrong ones.
+
+    torch's ``AveragedModel`` copies are said at once (they exist to be updated from the model); a frozen copy is said
+    once its weights are seen to change in the first training steps (an EMA target, a momentum encoder, a mean
+    teacher), and not when they stay as they were (a distillation teacher, a born-again network's previous
+    generation), which pairs nothing. Said on global rank 0, and on the last stage's rank, where the step's code runs.
+    """
+
+    watched_steps = 4  # training steps after which a copy that has not changed is taken to stay as it is
+
+    def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline) -> None:
+        from torch.optim.swa_utils import AveragedModel
+
+        self.module, self.path = module, path
+        copies = frozen_copies(module, path, model)
+        self.says = not dist.is_initialized() or dist.get_rank() == 0 or pipeline.is_last_rank
+        averaged = [name for name in copies if isinstance(module.get_submodule(name), AveragedModel)]
+        self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
+        self.watched = list(self.unsaid) if self.says else []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        if averaged and self.says and (not dist.is_initialized() or dist.get_rank() == 0):
+            self._say(averaged, "is an averaged copy of it")
+
+    def before_step(self) -> None:
+        """Note the watched copies' weights before a training step (their first values: after the hooks that run
+        before training, which may load a teacher's weights), or see whether they changed since."""
+        if self.watched:
+            self._check(f"between training steps {self.steps} and {self.steps + 1}")
+
+    def after_step(self) -> None:
+        """See whether a training step changed a watched copy's weights."""
+        if self.watched:
+            self.steps += 1
+            self._check(f"in training step {self.steps}")
+            if self.steps >= self.watched_steps:
+                self.watched, self.sums = [], {}
+
+    def _check(self, when: str) -> None:
+        changed = []
+        for name in self.watched:
+            params = list(self.module.get_submodule(name).parameters())
+            if any(p.is_meta for p in params):
+                continue
+            sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
+            if name in self.sums and not torch.equal(sums, self.sums[name]):
+                changed.append(name)
+            self.sums[name] = sums
+        if changed:
+            self.watched = [name for name in self.watched if name not in changed]
+            self.unsaid = [name for name in self.unsaid if name not in changed]
+            self._say(changed, f"is a frozen copy of it whose weights changed {when}")
+
+    def explain(self, exception: BaseException) -> None:
+        """A shape error raised while a frozen copy has not been said (an EMA update pairing the copy's parameters
+        with this rank's share of the model, whose shapes differ, fails before the copy is seen to change): its
+        message says why it may have come."""
+        message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
+        if self.unsaid and isinstance(message, str) and "size" in message:
+            exception.args = (f"{message} (where this comes from pairing the parameters of {self.unsaid[0]} with the "
+                              f"model's: {_pairing(self.unsaid, 'is a frozen copy of it', self.path)})",
+                              *exception.args[1:])
+
+    def _say(self, copies: list[str], what: str) -> None:
+        warnings.warn(_pairing(copies, what, self.path), stacklevel=3)
+
+
+def _pairing(copies: list[str], what: str, path: str) -> str:
+    target = copies[0]
+    return (f"{', '.join(copies)} has the structure of the model at {path!r} and {what} (an EMA target, torch's "
+            f"AveragedModel, a momentum encoder, a mean teacher): it stays whole on every rank, while under "
+            f"PipelineStrategy each rank holds only its share of the model, so code that pairs their parameters "
+            f"(zip(self.{target}.parameters(), self.{path}.parameters()), {target}.update_parameters(self.{path}), "
+            f"an EMA update) pairs the wrong ones and updates {target} from part of the model. Train such a pair on "
+            f"one device or with DDP; Lightning's WeightAveraging callbacks (an EMA of the weights for evaluation) "
+            f"work under the pipeline, and a frozen teacher the step only calls is fine")
 
 
 def warn_of_split_buffers(sequence: torch.nn.Module, pipeline: Pipeline) -> None:

@@ -29,9 +29,8 @@ from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
-from lightning_pipe.strategy.cut_warnings import (refuse_sequence_hooks, warn_of_frequency_scaling,
-                                                   warn_of_frozen_copies, warn_of_gradient_hooks, warn_of_layer_hooks,
-                                                   warn_of_split_buffers)
+from lightning_pipe.strategy.cut_warnings import (FrozenCopies, refuse_sequence_hooks, warn_of_frequency_scaling,
+                                                   warn_of_gradient_hooks, warn_of_layer_hooks, warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
@@ -134,6 +133,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                                    runs_step=pipeline.is_last_rank,
                                    rematerialized=any(stage.checkpoint_activations
                                                       for stage in pipeline.stages.values()))
+        self.frozen_copies: FrozenCopies | None = None  # copies of the model beside it (an EMA target), watched
         self._batch_norms_said = False  # at the first training step: after the hooks that freeze some (eval mode)
         self._init_checks(split, pipeline)
 
@@ -151,8 +151,6 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         module's layers found otherwise (:mod:`.chain`)."""
         split = split or SplitModule(module, layers)
         refuse_sequence_hooks(split.sequence, split.path)
-        if "+" not in split.path:  # not a chain of sequences
-            warn_of_frozen_copies(module, split.path, split.sequence)
         pipeline = Pipeline(split.sequence, config=config, group=group, device=device, materialize=materialize)
         tied = TiedParameters(split.sequence, pipeline.stage_sizes, pipeline.stage_ranks, pipeline.group, pipelines)
         refuse_renormalized_ties(tied, split.sequence)
@@ -163,6 +161,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         warn_of_gradient_hooks(module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage._modules.items()]  # a repeated layer: each
         runner = cls(split, pipeline, tied, replica_group)
+        if "+" not in split.path:  # not a chain of sequences
+            runner.frozen_copies = FrozenCopies(module, split.path, split.sequence, pipeline)
         split.install(local).owner = runner
         runner._hold_step_parameters()
         if split.deferred is not None:
@@ -178,8 +178,6 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                        materialize: Callable[[list[torch.nn.Module]], None] | None = None) -> PipelineRunner:
         """As :meth:`build`, for a model captured and cut into segments (:mod:`.captured`; collective)."""
         segments = captured.segments
-        if captured.path:
-            warn_of_frozen_copies(captured.module, captured.path, captured.model)
         # Later captures (eval mode, new shapes) run on meta twins of the state: this rank's weights are on its device
         # then, the others' wherever the model was built; their graphs run on this rank's device.
         captured.splitter.to(device)
@@ -198,6 +196,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         warn_of_gradient_hooks(captured.module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
+        if captured.path:
+            runner.frozen_copies = FrozenCopies(captured.module, captured.path, captured.model, pipeline)
         captured.install(local).owner = runner
         runner._hold_step_parameters()
         if captured.deferred is not None:
@@ -271,8 +271,12 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         generators forked to ``derive_seed(seed, i)`` on every rank that runs its step code. Asynchronous schedules
         call ``optimizer_step`` at each of their optimizer steps; the loss returned is this batch's, which the last
         stage computes within this call (earlier stages finish its backward later)."""
+        if self.frozen_copies is not None:
+            self.frozen_copies.before_step()
         with reported_failures(self.scope):
             result = self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
+        if self.frozen_copies is not None:
+            self.frozen_copies.after_step()
         if not self._batch_norms_said:  # after the step: those its forward ran
             self._batch_norms_said = True
             warn_of_batch_norms(self.pipeline.modules(), self.pipeline.num_microbatches)
