@@ -961,14 +961,24 @@ def test_a_frozen_copy_of_the_model_beside_it_is_said_once_it_changes() -> None:
         copies.after_step()
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and "target has the structure of the model at 'layers' and is a frozen copy of it whose " \
-        "weights changed in training step 3" in said[0] and \
+        "weights have changed since training began (seen after training step 3)" in said[0] and \
         "zip(self.target.parameters(), self.layers.parameters())" in said[0], said
 
+    # a target network copied every N steps: checked at every one of the first steps, then at powers of two
+    module.target = copy.deepcopy(module.layers).requires_grad_(False)
+    late = FrozenCopies(module, "layers", module.layers, types.SimpleNamespace(is_last_rank=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 17):
+            late.before_step()
+            if step == 10:
+                with torch.no_grad():
+                    next(module.target.parameters()).add_(1.0)
+            late.after_step()
+            assert bool(caught) == (step == 16), step
+    assert "(seen after training step 16)" in str(caught[0].message)
+
     teacher = FrozenCopies(module, "layers", module.layers, types.SimpleNamespace(is_last_rank=True))
-    for _ in range(FrozenCopies.watched_steps):
-        teacher.before_step()
-        teacher.after_step()
-    assert teacher.watched == [] and teacher.unsaid == ["target"]  # no longer watched: taken to stay as it is
     error = RuntimeError("The size of tensor a (8) must match the size of tensor b (16) at non-singleton dimension 1")
     teacher.explain(error)
     assert "where this comes from pairing the parameters of target with the model's" in str(error)

@@ -24,12 +24,14 @@ class FrozenCopies:
     rank holds only its share of the model, so that code pairing their parameters pairs the wrong ones.
 
     torch's ``AveragedModel`` copies are said at once (they exist to be updated from the model); a frozen copy is said
-    once its weights are seen to change in the first training steps (an EMA target, a momentum encoder, a mean
-    teacher), and not when they stay as they were (a distillation teacher, a born-again network's previous
-    generation), which pairs nothing. Said on global rank 0, and on the last stage's rank, where the step's code runs.
+    once its weights are seen to differ from those it had when training began (an EMA target, a momentum encoder, a
+    mean teacher, a target network copied every N steps), and never while they stay as they were (a distillation
+    teacher, a born-again network's previous generation), which pairs nothing. Seen before and after every one of
+    the first training steps, then after steps 16, 32, 64, ... (a check reads the copy's weights once); said on
+    global rank 0 and on the last stage's rank, where the step's code runs.
     """
 
-    watched_steps = 4  # training steps after which a copy that has not changed is taken to stay as it is
+    every_step = 8  # training steps checked before and after each; later ones at powers of two
 
     def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline) -> None:
         from torch.optim.swa_utils import AveragedModel
@@ -40,46 +42,47 @@ class FrozenCopies:
         averaged = [name for name in copies if isinstance(module.get_submodule(name), AveragedModel)]
         self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
         self.watched = list(self.unsaid) if self.says else []
-        self.sums: dict[str, torch.Tensor] = {}
+        self.first: dict[str, torch.Tensor] = {}  # each watched copy's weights' sums when training began
         self.steps = 0
         if averaged and self.says and (not dist.is_initialized() or dist.get_rank() == 0):
             self._say(averaged, "is an averaged copy of it")
 
     def before_step(self) -> None:
-        """Note the watched copies' weights before a training step (their first values: after the hooks that run
-        before training, which may load a teacher's weights), or see whether they changed since."""
-        if self.watched:
-            self._check(f"between training steps {self.steps} and {self.steps + 1}")
+        """Note the watched copies' weights before the first training step (after the hooks that run before
+        training, which may load a teacher's weights), or, early on, see whether they changed since."""
+        if self.watched and (not self.first or self.steps < self.every_step):
+            self._check()
 
     def after_step(self) -> None:
-        """See whether a training step changed a watched copy's weights."""
-        if self.watched:
-            self.steps += 1
-            self._check(f"in training step {self.steps}")
-            if self.steps >= self.watched_steps:
-                self.watched, self.sums = [], {}
+        """See whether the training steps so far changed a watched copy's weights."""
+        self.steps += 1
+        if self.watched and (self.steps <= self.every_step or self.steps & (self.steps - 1) == 0):
+            self._check()
 
-    def _check(self, when: str) -> None:
+    def _check(self) -> None:
         changed = []
         for name in self.watched:
             params = list(self.module.get_submodule(name).parameters())
             if any(p.is_meta for p in params):
                 continue
             sums = torch.stack([p.detach().double().sum() for p in params]).cpu()
-            if name in self.sums and not torch.equal(sums, self.sums[name]):
+            if name not in self.first:
+                self.first[name] = sums
+            elif not torch.equal(sums, self.first[name]):
                 changed.append(name)
-            self.sums[name] = sums
         if changed:
             self.watched = [name for name in self.watched if name not in changed]
             self.unsaid = [name for name in self.unsaid if name not in changed]
-            self._say(changed, f"is a frozen copy of it whose weights changed {when}")
+            self._say(changed, f"is a frozen copy of it whose weights have changed since training began (seen after "
+                               f"training step {self.steps})")
 
     def explain(self, exception: BaseException) -> None:
         """A shape error raised while a frozen copy has not been said (an EMA update pairing the copy's parameters
-        with this rank's share of the model, whose shapes differ, fails before the copy is seen to change): its
-        message says why it may have come."""
+        with this rank's share of the model, whose shapes differ, fails before the copy is seen to change; a target
+        network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
+        come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        if self.unsaid and isinstance(message, str) and "size" in message:
+        if self.unsaid and isinstance(message, str) and ("size" in message or "state_dict" in message):
             exception.args = (f"{message} (where this comes from pairing the parameters of {self.unsaid[0]} with the "
                               f"model's: {_pairing(self.unsaid, 'is a frozen copy of it', self.path)})",
                               *exception.args[1:])
