@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy
@@ -54,7 +55,8 @@ def test_results_travel_as_json_and_tensors() -> None:
     result = StepResult(
         torch.tensor(0.5), {"preds": torch.arange(6.0).view(3, 2), "names": ["a", "b"], "pair": (1, 2.5),
                             7: numpy.ones(2, dtype=numpy.float32), "flag": torch.tensor([True, False]),
-                            "top": torch.tensor([[3.0, 1.0, 2.0]]).topk(2, dim=1)},
+                            "top": torch.tensor([[3.0, 1.0, 2.0]]).topk(2, dim=1),
+                            "milestones": collections.Counter({30: 1, 80: 2})},  # MultiStepLR's state holds one
         [LoggedValue("loss", torch.tensor(0.25, dtype=torch.float64), None, {"prog_bar": True, "reduce_fx": torch.mean},
                      3), LoggedValue("mae", None, "train_mae", {"on_step": None}, None)],
         {"train_mae": {"state": {"total": torch.tensor(4), "parts": [torch.ones(2), torch.zeros(1)]}, "count": 2,
@@ -76,6 +78,8 @@ def test_results_travel_as_json_and_tensors() -> None:
     assert decoded.output["flag"].tolist() == [True, False]
     top = decoded.output["top"]  # torch's named tuple of results, as the step returned it (predict_step's topk)
     assert type(top) is torch.return_types.topk and top.values.tolist() == [[3.0, 2.0]]
+    milestones = decoded.output["milestones"]
+    assert type(milestones) is collections.Counter and milestones == collections.Counter({30: 1, 80: 2})
     assert top.indices.tolist() == [[0, 2]]
     assert decoded.logs[0].options == {"prog_bar": True, "reduce_fx": "mean"} and decoded.logs[0].batch_size == 3
     assert decoded.logs[0].value.dtype == torch.float64 and decoded.logs[1].metric == "train_mae"

@@ -239,6 +239,8 @@ def _module(kind: str) -> Any:
             plain = [p for p in self.parameters() if p.dim() < 2]
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                            {"params": plain, "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2)
+            if kind == "milestones":  # its state_dict() holds a Counter
+                return [optimizer], [torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.5)]
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)]
 
     L.seed_everything(4, verbose=False)
@@ -265,7 +267,8 @@ def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, chec
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("encdec", "full"), ("gpt2", "full"),
+@pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("milestones", "full"),
+                                                         ("encdec", "full"), ("gpt2", "full"),
                                                          ("reordered", "full"), ("counted", "full"),
                                                          ("gpt2", "sharded"), ("gpt2", "full, sharded"),
                                                          ("counted", "full, sharded")])

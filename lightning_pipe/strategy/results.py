@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -87,8 +87,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
     Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, torch's dtypes and devices (an
-    optimizer's group may hold one), and lists, tuples and dicts of them, and torch's named tuples of results
-    (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where`` names, for the error.
+    optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's milestones) of them, and
+    torch's named tuples of results (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where`` names, for the error.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -101,6 +101,10 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         return {"D": str(value).removeprefix("torch.")}
     if isinstance(value, torch.device):
         return {"V": str(value)}
+    if type(value) is Counter:  # MultiStepLR's milestones: a Counter again, as a one-device resume loads it
+        return {"C": [[encode(key, tensors, where, advice, path), encode(item, tensors, where, advice,
+                                                                         f"{path}[{key!r}]")]
+                      for key, item in value.items()]}
     if type(value) in (dict, OrderedDict):  # an OrderedDict (a state_dict) comes back as a dict, in its order
         if all(isinstance(key, str) for key in value):
             return {"s": {key: encode(item, tensors, where, advice, f"{path}[{key!r}]") for key, item in value.items()}}
@@ -132,7 +136,7 @@ def sendable(value: Any) -> bool:
         return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
-    if type(value) in (dict, OrderedDict):
+    if type(value) in (dict, OrderedDict, Counter):
         return all(sendable(key) and sendable(item) for key, item in value.items())
     if type(value) in (list, tuple) or _return_type(value) is not None:
         return all(sendable(item) for item in value)
@@ -158,6 +162,8 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         return {key: decode(item, tensors) for key, item in body.items()}
     if kind == "d":
         return {_hashable(decode(key, tensors)): decode(item, tensors) for key, item in body}
+    if kind == "C":
+        return Counter({_hashable(decode(key, tensors)): decode(item, tensors) for key, item in body})
     if kind == "l":
         return [decode(item, tensors) for item in body]
     if kind == "t":
@@ -204,7 +210,7 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
         elif kind == "s":
             for item in body.values():
                 tensor_specs(item, specs)
-        elif kind == "d":
+        elif kind in ("d", "C"):
             for key, item in body:
                 tensor_specs(key, specs)
                 tensor_specs(item, specs)
