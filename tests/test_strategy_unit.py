@@ -1249,7 +1249,8 @@ def test_split_points_name_the_model_either_way() -> None:
 
 def test_pickling_a_share_is_said_but_not_where_a_worker_a_copy_or_a_checkpoint_pickles_it() -> None:
     """A DataLoader worker started with spawn pickles the module (its collate_fn a method of it), a deepcopy copies
-    it, a checkpoint's hyper-parameters hold it: none writes the share to a file of the user's (found by review)."""
+    it, a checkpoint's hyper-parameters hold it, Lightning probes the hyper-parameters: none writes the share to a
+    file of the user's (found by review)."""
     import warnings
 
     from lightning_pipe.strategy.share_warning import said_pickled
@@ -1259,12 +1260,16 @@ def test_pickling_a_share_is_said_but_not_where_a_worker_a_copy_or_a_checkpoint_
         exec("def run(said, part):\n    return said(part)", {"__name__": module}, callers)
         callers[module] = callers.pop("run")
     exec("def save_checkpoint(said, part):\n    return said(part)", {"__name__": "lightning_pipe.strategy.x"}, callers)
+    # Lightning's probe of the hyper-parameters at each Trainer run after the first (the hydra template's net)
+    exec("def is_picklable(said, part):\n    return said(part)", {"__name__": "lightning.pytorch.utilities.parsing"},
+         callers)
     part = nn.Linear(2, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callers["multiprocessing.reduction"](said_pickled, part)
         callers["copy"](said_pickled, part)
         callers["save_checkpoint"](said_pickled, part)
+        callers["is_picklable"](said_pickled, part)
         assert not caught
         said_pickled(part)
         said_pickled(part)

@@ -93,13 +93,14 @@ def said_pickled(part: nn.Module) -> None:
 
 def _copying_or_saving() -> bool:
     """Whether the pickling is a ``copy.deepcopy``, a process started with the object (a DataLoader worker given a
-    LightningModule's method as its ``collate_fn``) or a checkpoint being written (its hyper-parameters), on this
+    LightningModule's method as its ``collate_fn``), a checkpoint being written (its hyper-parameters) or Lightning's
+    probe of the hyper-parameters at each run (``parsing.is_picklable``: the hydra template's ``net``), on this
     thread."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "") or ""
         if name in ("copy", "multiprocessing.reduction") or name.startswith("multiprocessing.popen") or (
-                frame.f_code.co_name in ("save_checkpoint", "dump_checkpoint") and name.startswith(
+                frame.f_code.co_name in ("save_checkpoint", "dump_checkpoint", "is_picklable") and name.startswith(
                     ("lightning.", "pytorch_lightning.", "lightning_fabric.", "lightning_pipe."))):
             return True
         frame = frame.f_back
