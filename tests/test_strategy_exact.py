@@ -469,6 +469,71 @@ def test_a_generator_of_the_users_loader_gives_one_devices_order_when_the_set_up
         assert result == reference, (result, reference)
 
 
+def _stopped_by_max_steps(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
+    """A fit that max_steps stops mid-epoch, resumed for more epochs from the file written after it and from
+    ModelCheckpoint's last.ckpt (written in the epoch-end hook): the batches each resumed fit sees, its steps and
+    weights, on ``world_size`` processes (1: one device, Lightning alone)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Order(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, list[int]]] = []
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.seen.append((trainer.current_epoch, batch[1].tolist()))
+
+    class Indexed(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layers(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(20, 3, generator=torch.Generator().manual_seed(3)), torch.arange(20))
+    strategy = "auto" if world_size == 1 else {"num_microbatches": 2, "wait_timeout": 60}
+    directory = os.path.join(tmp, str(world_size))
+    L.seed_everything(SEED, verbose=False)
+    stopped = _trainer(strategy, devices=world_size, max_steps=3, enable_checkpointing=True,
+                       callbacks=[ModelCheckpoint(dirpath=directory, save_last=True)])
+    stopped.fit(Indexed(), DataLoader(data, batch_size=4))  # 3 of the epoch's 5 batches
+    stopped.save_checkpoint(os.path.join(directory, "after.ckpt"))
+    results = {}
+    for name in ("after.ckpt", "last.ckpt"):
+        L.seed_everything(SEED, verbose=False)
+        order, model = Order(), Indexed()
+        trainer = _trainer(strategy, devices=world_size, max_epochs=3, callbacks=[order])
+        trainer.fit(model, DataLoader(data, batch_size=4), ckpt_path=os.path.join(directory, name))
+        results[name] = {"seen": order.seen, "steps": trainer.global_step,
+                         "weights": {key: value.clone() for key, value in model.state_dict().items()}
+                         if rank == 0 else None}
+    return results
+
+
+@pytest.mark.timeout(240)
+def test_a_fit_stopped_by_max_steps_mid_epoch_resumes_at_the_next_epoch_as_on_one_device(tmp_path: Path) -> None:
+    """Lightning counts an epoch that max_steps ended as completed: a fit resumed from its checkpoint begins the next
+    epoch. The pipeline continued the stopped epoch's order at its fourth batch instead, as the next epoch, and
+    trained fewer steps than one device, silently (found by review: 20 steps against 27, weights 0.89 off)."""
+    reference = _stopped_by_max_steps(0, 1, str(tmp_path))
+    for result in reference.values():
+        assert result["steps"] == 3 + 2 * 5 and [epoch for epoch, _ in result["seen"]] == [1] * 5 + [2] * 5
+    results = run_ranks(_stopped_by_max_steps, 2, str(tmp_path), timeout=200)
+    for rank, result in enumerate(results):
+        for name, resumed in result.items():
+            assert resumed["seen"] == reference[name]["seen"], (rank, name)
+            assert resumed["steps"] == reference[name]["steps"], (rank, name)
+    for name, resumed in results[0].items():  # rank 0 holds the first stage: its layers
+        for key, value in resumed["weights"].items():
+            torch.testing.assert_close(value, reference[name]["weights"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # -- edge inputs -----------------------------------------------------------------------------------------
 def _edge_head_alone() -> Any:
     from tests.lightning_models import Regressor

@@ -96,10 +96,19 @@ class RunPosition:
         self._resume = (epoch, consumed)
         self._loader_states = list(loaded.get("loaders", []))
 
-    @property
-    def resumes_within_epoch(self) -> bool:
+    def resumes_within_epoch(self, trainer: Trainer) -> bool:
         """Whether this fit continues an epoch part way (a mid-epoch checkpoint): its loaders skip what was trained."""
+        self._settle(trainer)
         return self._resume is not None and self._resume[1] > 0
+
+    def _settle(self, trainer: Trainer) -> None:
+        """Once Lightning's loops are restored: where they count the checkpoint's epoch as completed though its batches
+        were not all trained (``max_steps`` ended it: Lightning counts such an epoch done, and a fit resumed from its
+        checkpoint begins the next one afresh), this fit begins that next epoch too, as one device does (found by
+        review: the rest of the stopped epoch was trained as the next one, 7 steps fewer than one device's). Asked
+        as the training loader's first iteration begins too, before Lightning's ``on_run_start`` counts the epoch."""
+        if self._resume is not None and _restored_epoch(trainer) > self._resume[0]:
+            self._resume = None
 
     def step_seed(self, trainer: Trainer) -> int:
         """The seed of the step about to run (every rank alike); :meth:`step_done` moves past it."""
@@ -126,6 +135,7 @@ class RunPosition:
         resume continues the checkpoint's epoch."""
         if training:
             epoch, skip, loading = trainer.current_epoch, 0, None
+            self._settle(trainer)
             if self._resume is not None and id(order) not in self._resumed:
                 index = next((i for i, o in enumerate(self.train_orders) if o is order), None)
                 if trainer.current_epoch < self._resume[0]:
@@ -174,3 +184,16 @@ def other_replicas(position: dict[str, Any], replicas: int) -> str | None:
             f"replica(s), and this fit has {replicas}: each replica reads its own share of an epoch's data, so the "
             f"shares change, and going on from batch {position.get('consumed')} trains some rows of this epoch twice "
             f"and others not at all. Resume with the same replicas, or from a checkpoint written at an epoch's end")
+
+
+def _restored_epoch(trainer: Trainer) -> int:
+    """The epoch a resumed fit runs first: ``current_epoch``, or the epochs whose batches Lightning's restored loop
+    counts as processed, which its ``on_run_start`` makes the current epoch (a checkpoint written in an epoch-end
+    hook, ``ModelCheckpoint(save_last=True)``'s, counts the epoch processed, not yet completed) and which is not
+    counted when the loader's first iteration begins."""
+    loop = trainer.fit_loop
+    iteration_based = getattr(loop, "_iteration_based_training", None)
+    progress = getattr(getattr(loop, "epoch_progress", None), "current", None)
+    if callable(iteration_based) and not iteration_based() and isinstance(getattr(progress, "processed", None), int):
+        return max(trainer.current_epoch, progress.processed)
+    return trainer.current_epoch

@@ -269,7 +269,8 @@ class PipelineSteps:
         self._check_materialized()
         trainer = self._trainer()
         loaders = getattr(trainer.fit_loop._combined_loader, "flattened", None) if trainer is not None else None
-        if self._position.resumes_within_epoch and loaders and all(hasattr(d, "_pipeline_order") for d in loaders):
+        if loaders and self._position.resumes_within_epoch(trainer) \
+                and all(hasattr(d, "_pipeline_order") for d in loaders):
             # The strategy's loaders continue the epoch at the checkpoint's batch, in its order (:mod:`.data_order`):
             # Lightning's warning that a plain DataLoader does not (it starts a new order) is not theirs.
             warnings.filterwarnings("ignore", message=_NOT_RESUMABLE, category=PossibleUserWarning)
