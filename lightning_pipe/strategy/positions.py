@@ -187,13 +187,14 @@ def other_replicas(position: dict[str, Any], replicas: int) -> str | None:
 
 
 def _restored_epoch(trainer: Trainer) -> int:
-    """The epoch a resumed fit runs first: ``current_epoch``, or the epochs whose batches Lightning's restored loop
-    counts as processed, which its ``on_run_start`` makes the current epoch (a checkpoint written in an epoch-end
-    hook, ``ModelCheckpoint(save_last=True)``'s, counts the epoch processed, not yet completed) and which is not
-    counted when the loader's first iteration begins."""
+    """The epoch a resumed fit runs first, where Lightning begins it afresh: the epochs whose batches its restored
+    loop counts as processed, which its ``on_run_start`` makes the current epoch (a checkpoint written in an
+    epoch-end hook, ``ModelCheckpoint(save_last=True)``'s, counts the epoch processed, not yet completed; and that is
+    not counted yet when the loader's first iteration begins). A fit bounded by ``max_steps`` alone (iteration-based)
+    continues the restored epoch's batch count instead, as the checkpoint's epoch does here (-1: never later)."""
     loop = trainer.fit_loop
     iteration_based = getattr(loop, "_iteration_based_training", None)
     progress = getattr(getattr(loop, "epoch_progress", None), "current", None)
-    if callable(iteration_based) and not iteration_based() and isinstance(getattr(progress, "processed", None), int):
-        return max(trainer.current_epoch, progress.processed)
-    return trainer.current_epoch
+    if not callable(iteration_based) or iteration_based() or not isinstance(getattr(progress, "processed", None), int):
+        return -1
+    return max(trainer.current_epoch, progress.processed)
