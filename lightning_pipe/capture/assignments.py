@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "changed_fields", "fields_warning",
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "tensor_tree", "changed_fields", "fields_warning",
            "assignment_advice", "carried_advice", "changed_reads", "read_advice", "stored_advice", "stored_attributes",
            "stored_refusal"]
 
@@ -125,6 +125,8 @@ class Assignments:
                                      _name(self.names, module, name))
             elif key not in read and not name.startswith("_") and _config_like(value):
                 read[key] = Read(module, name, Fields.of(value), _name(self.names, module, name))
+            elif not name.startswith("_") and tensor_tree(value):  # a state per layer: [(h, c), ...]
+                looked.add(key)
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -143,7 +145,15 @@ class Assignments:
                 _STORED.setdefault(module, set()).add(name)
                 if place not in self.stored:
                     self.stored.append(place)
-            elif (id(module) in self.mine and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            elif (id(module) in self.mine and not isinstance(value, torch.Tensor) and not name.startswith("_")
+                  and any(tensor.requires_grad for tensor in tensor_tree(value))):
+                # (a list of tensors with a gradient: auxiliary losses per layer, deep supervision's outputs)
+                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
+                _STORED.setdefault(module, set()).add(name)
+                if place not in self.stored:
+                    self.stored.append(place)
+            elif (id(module) in self.mine and (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                                               or not name.startswith("_") and tensor_tree(value))
                   and (id(module), name) in self.looked and name not in module._buffers):
                 # read, then given a tensor computed now: a state kept for the next call (a stateful RNN's hidden
                 # state), which the graph does not carry; or a cache made on first use, which it recomputes
@@ -285,6 +295,28 @@ def _config_like(value: Any) -> bool:
         return False
     return isinstance(value, types.SimpleNamespace) or dataclasses.is_dataclass(value) or \
         type(value).__name__.endswith(("Config", "Configuration"))
+
+
+def tensor_tree(value: Any) -> list[torch.Tensor]:
+    """The tensors of a list, tuple or dict (nested) holding tensors (none a parameter) and Nones only: a state kept
+    per layer (``[(h, c), ...]``, a key-value cache), or auxiliary losses; else none."""
+    if type(value) not in (list, tuple, dict):
+        return []
+    found: list[torch.Tensor] = []
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, nn.Parameter) or len(found) > 4096:
+            return []
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif type(item) in (list, tuple):
+            pending.extend(item)
+        elif type(item) is dict:
+            pending.extend(item.values())
+        elif item is not None:
+            return []
+    return found
 
 
 def plain_list(value: Any) -> bool:
