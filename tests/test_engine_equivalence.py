@@ -132,3 +132,77 @@ def test_a_sent_output_is_freed_until_its_backward_unless_saved(schedule: str) -
     but also save nothing (tests/test_exactness.py checks the gradients of such stages)."""
     alive = run_ranks(_output_storage_at_backward, 2, schedule)[0]
     assert alive == {"linear": [False] * 4, "tanh": [True] * 4}
+
+
+class _Adapter(nn.Module):
+    """A LoRA-style residual adapter: ``B`` starts at zeros, so the first step gives ``A`` a gradient of zeros."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(4, width) * 0.3)
+        self.B = nn.Parameter(torch.zeros(width, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (x @ self.A.t()) @ self.B.t()
+
+
+class _Twice(nn.Module):
+    """A block running its adapter's two halves as two calls of it, the second on the first's output: the captured
+    holder of a hand-written LoRA's two matmuls fires its forward hook twice so."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.adapter = _Halves(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x + self.adapter(self.adapter(x, "down"), "up"))
+
+
+class _Halves(_Adapter):
+    def forward(self, x: torch.Tensor, half: str) -> torch.Tensor:  # type: ignore[override]
+        return x @ self.A.t() if half == "down" else x @ self.B.t()
+
+
+def _split_backward_steps(rank: int, world_size: int, case: str) -> dict[str, torch.Tensor]:
+    """Three SGD steps of a split-backward schedule and of one process; ``unfreeze``: the first stage's middle
+    layers and the last's first layer are frozen for the first step (a fine-tuning callback unfreezes them)."""
+    torch.manual_seed(0)
+    width = 16
+    if case == "twice":
+        model = nn.Sequential(nn.Linear(width, width), _Twice(width), _Twice(width), nn.Linear(width, width))
+    else:
+        model = mlp(num_layers=8)
+    reference = copy.deepcopy(model)
+    frozen = [2, 4] if case == "unfreeze" else []  # frozen before the cut, as BaseFinetuning freezes in setup
+    for index in frozen:
+        model[index].requires_grad_(False)
+        reference[index].requires_grad_(False)
+    pipe = Pipeline(model, loss_fn=mse_loss, schedule="zb_h1", num_microbatches=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for step in range(3):
+        if step == 1:
+            for index in frozen:
+                model[index].requires_grad_(True)
+                reference[index].requires_grad_(True)
+        batch = make_batch(8, seed=step)
+        pipe.train_step(batch)
+        mse_loss(reference(batch[0]), batch).backward()
+        for opt in (optimizer, reference_optimizer):
+            opt.step()
+            opt.zero_grad()
+    owned = {name for name, _ in pipe.named_parameters()}
+    return {name: (param.detach().clone(), dict(reference.named_parameters())[name].detach().clone())
+            for name, param in model.named_parameters() if name in owned}
+
+
+@pytest.mark.parametrize("case", ["twice", "unfreeze"])
+def test_a_split_backward_stays_exact_where_its_first_check_could_not_tell(case: str) -> None:
+    """zb_h1's weight half back-propagates from each module's output to its own parameters, checked against a plain
+    backward on the first micro-batch. A module run twice counted its first call's share twice, which that check
+    passed where a zero-initialized B made A's gradient zeros (found by review: 0.18 off with SGD); and layers
+    unfrozen after the check got no gradient at all (BackboneFinetuning: half the backbone never trained)."""
+    for rank, weights in enumerate(run_ranks(_split_backward_steps, 2, case)):
+        assert weights, rank
+        for name, (got, want) in weights.items():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")

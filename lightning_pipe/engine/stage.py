@@ -88,6 +88,8 @@ class PipelineStage:
         self._captures: dict[int, list[tuple[nn.Module, list[torch.Tensor]]]] = {}
         self._capturing: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
         self._split_mode: str | None = None  # None until verified, then "captured" or "full"
+        self._split_for: frozenset[int] = frozenset()  # the trainable parameters (ids) the mode was verified for
+        self._split_checks = 0  # micro-batches whose check could not tell (a parameter's gradient was all zeros)
         self._hooks: list[Any] = []
         # Asynchronous schedules: forwards run on weight snapshots; each micro-batch remembers its version.
         self.versions: WeightVersions | None = None
@@ -209,21 +211,24 @@ class PipelineStage:
         The weight half must not redo the input half's work, so forward records the output of every module
         that owns parameters; the input half also computes the gradients of those outputs, and the weight
         half back-propagates from each of them to its own module's parameters only. That is exact when each
-        parameter reaches the loss only through the modules that own it, which the first weight half checks
-        against a plain backward; a stage where it fails (a parameter used by a module that does not own it)
-        falls back to the plain, slower weight half.
+        parameter reaches the loss only through the modules that own it, and each module runs once per
+        micro-batch (a second call's output depends on the first's, so back-propagating from both would count
+        the first call's share twice). The weight half checks it against a plain backward (again whenever the
+        parameters that train change: a fine-tuning callback unfreezing a backbone, and while a parameter's
+        gradient is all zeros there, which cannot tell: a LoRA adapter's A before its zero-initialized B moves);
+        a stage where it fails falls back to the plain, slower weight half.
         """
         if self.checkpoint_activations:
             raise ValueError("checkpoint_activations cannot be combined with a schedule that splits the backward "
                              "(zb_h1, zb_v); turn one of them off")
         if self._hooks:
             return
-        for module in self.module.modules():
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
+        for module in self.module.modules():  # (frozen ones too: they may be unfrozen later)
+            if any(True for _ in module.parameters(recurse=False)):
                 self._hooks.append(module.register_forward_hook(self._capture_output))
 
     def _capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._capturing is not None:
+        if self._capturing is not None and any(p.requires_grad for p in module.parameters(recurse=False)):
             leaves = [t for t in tree_flatten(output)[0] if t.requires_grad]
             if leaves:
                 self._capturing.append((module, leaves))
@@ -316,13 +321,23 @@ class PipelineStage:
         params = [p for p in self.module.parameters() if p.requires_grad and id(p) not in taken]
         if not tensors or not params:
             return
+        trainable = frozenset(map(id, params))
+        if trainable != self._split_for:  # (first, or other parameters train now: verified again)
+            self._split_mode, self._split_for, self._split_checks = None, trainable, 0
+        if self._split_mode is None and len({id(module) for module, _ in captures}) < len(captures):
+            self._split_mode = "full"  # a module run twice in a micro-batch (a layer repeated, a holder of two ops)
         if self._split_mode is None:
             full = torch.autograd.grad(tensors, params, grads, retain_graph=True, allow_unused=True)
             split = self._weight_grads_from(captures, captured_grads, accumulate=False)
             same = all((g is None and id(p) not in split) or (g is not None and id(p) in split and
                        torch.allclose(_dense(split[id(p)]), _dense(g), rtol=1e-5, atol=1e-6))
                        for p, g in zip(params, full))
-            self._split_mode = "captured" if same else "full"
+            blind = any(g is not None and not _dense(g).any() for g in full)  # all zeros: agrees whatever the split
+            self._split_checks += 1
+            if not same:
+                self._split_mode = "full"
+            elif not blind or self._split_checks >= _BLIND_CHECKS:
+                self._split_mode = "captured"
             for param, grad in zip(params, full):
                 if grad is not None:
                     param.grad = grad if param.grad is None else param.grad + grad
@@ -407,6 +422,9 @@ def _backward_takes_edges() -> bool:
     except (TypeError, RuntimeError, AttributeError):
         return False
     return True
+
+
+_BLIND_CHECKS = 64  # micro-batches whose check could not tell after which the split is taken as verified
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
