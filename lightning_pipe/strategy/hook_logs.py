@@ -26,7 +26,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,15 +48,18 @@ _TOTAL = re.compile(r"^grad_(?P<p>[0-9.]+|inf)_norm_total$")
 
 
 def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[str]],
-                     callbacks: Sequence[Callback] = (), clip: GlobalNorms | None = None) -> None:
+                     callbacks: Sequence[Callback] = (), clip: GlobalNorms | None = None,
+                     tied: Mapping[str, str] | None = None) -> None:
     """Wrap the gradient and epoch-end hooks of the module and of ``callbacks`` (``grad_norm`` logged from a callback's
     ``on_before_optimizer_step``; Lightning's own callbacks log nothing there), and the module's
     ``configure_gradient_clipping``, so that what they log through the module is every rank's (``gather_text``: every
     pipeline rank's text, a collective every rank makes in the hook, which ends with another rank's error where that
     rank failed; synchronous schedules only, whose ranks all reach it). In those and in the module's
     ``optimizer_step`` (clipping after it called the closure), torch's ``clip_grad_norm_`` and ``get_total_norm``
-    are ``clip``'s (where given): the norm over every rank's gradients, as one device clips by. Hooks not overridden
-    are left alone; :func:`release_hook_logs` undoes it."""
+    are ``clip``'s (where given): the norm over every rank's gradients, as one device clips by. ``tied``: each name
+    of a tied parameter -> its first name, which one device's ``grad_norm`` lists it by (a rank holding another
+    place of it knows it by another name). Hooks not overridden are left alone; :func:`release_hook_logs` undoes
+    it."""
     for owner, base in [(module, LightningModule), *((callback, Callback) for callback in callbacks)]:
         lightnings = type(owner).__module__.split(".")[0] in ("lightning", "pytorch_lightning")
         names = _GRADIENT_HOOKS if lightnings else _HOOKS if owner is module else _GRADIENT_HOOKS + _EPOCH_HOOKS
@@ -69,7 +72,7 @@ def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[
                 continue
             gradients = name in (*_GRADIENT_HOOKS, _CLIPPING)
             setattr(owner, name, functools.partial(_gathered, module, hook, gather_text, clip if gradients else None,
-                                                   _Draws(owner, module) if gradients else None))
+                                                   _Draws(owner, module) if gradients else None, dict(tied or {})))
 
 
 def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
@@ -158,7 +161,8 @@ class _Draws:
 
 
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],
-              clip: Callable[..., Any] | None, draws: _Draws | None, *args: Any, **kwargs: Any) -> Any:
+              clip: Callable[..., Any] | None, draws: _Draws | None, tied: Mapping[str, str], *args: Any,
+              **kwargs: Any) -> Any:
     calls: list[tuple[str, Any, dict[str, Any]]] = []
     real = module.log
 
@@ -178,6 +182,7 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
         del module.log
     alone = [name for param in (getattr(clip, "alone", None) or []) for name, held in module.named_parameters()
              if held is param][:2]
+    calls = [(_one_device_name(name, tied), value, options) for name, value, options in calls]
     texts = [json.loads(text) for text in gather_text(json.dumps(
         {"logs": [[name, float(value)] for name, value, _ in calls], "alone": alone}))]
     merged, differing = merge_hook_logs([[(name, value) for name, value in text["logs"]] for text in texts])
@@ -221,6 +226,17 @@ def _warn_alone(hook: Callable[..., Any], names: list[str]) -> None:
 
 
 _ALONE_WARNED: set[Any] = set()
+
+
+_PER_PARAMETER = re.compile(r"^(?P<norm>grad_(?:[0-9.]+|inf)_norm/)(?P<name>.+)$")  # grad_norm's, of each parameter
+
+
+def _one_device_name(name: str, tied: Mapping[str, str]) -> str:
+    """A ``grad_norm`` entry of a tied parameter under the name one device lists it by (its first): a rank holding
+    the tie's other place (a head tied to the embedding) logged it by that place's name, so the log held one name
+    more than one device's and the total counted the tie twice (found by review: 15.8102 against 15.7960)."""
+    found = _PER_PARAMETER.match(name)
+    return f"{found['norm']}{tied[found['name']]}" if found and found["name"] in tied else name
 
 
 def merge_hook_logs(every: list[list[tuple[str, float]]]) -> tuple[dict[str, float], list[str]]:

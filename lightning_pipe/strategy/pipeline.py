@@ -442,7 +442,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                                module.parameters, lambda: [group["params"] for optimizer in trainer.optimizers
                                                            for group in optimizer.param_groups],
                                functools.partial(listings_of, module))
-            gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip)
+            gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip, self.runner.split.tied_names)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
         if self._async is not None:
