@@ -109,6 +109,7 @@ class Assignments:
         setattr_ = nn.Module.__setattr__
         getattribute = object.__getattribute__
         mine, read, looked = self.mine, self.read, self.looked
+        dicts: dict[tuple[int, str], tuple[nn.Module, dict, dict[Any, int]]] = {}  # plain dicts read, as first read
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
@@ -127,6 +128,8 @@ class Assignments:
                 read[key] = Read(module, name, Fields.of(value), _name(self.names, module, name))
             elif not name.startswith("_") and tensor_tree(value):  # a state per layer: [(h, c), ...]
                 looked.add(key)
+            if type(value) is dict and key not in dicts and not name.startswith("_"):  # (items written: _in_place)
+                dicts[key] = (module, value, {item: id(held) for item, held in value.items()})
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -173,6 +176,25 @@ class Assignments:
             returns.remove()
             for (_, name), (module, original) in self.pending.items():  # a run that failed midway: originals back
                 module._buffers[name] = original
+            self._in_place(dicts)
+
+    def _in_place(self, dicts: dict[tuple[int, str], tuple[nn.Module, dict, dict[Any, int]]]) -> None:
+        """Tensors the forward wrote into a dict it keeps as an attribute (``self.cache["hc"] = (h, c)``, a forward
+        storing features in ``self.inter[name]``): as a tensor assigned to an attribute, a state carried to the next
+        call (no gradient) or a value stored for the step (found by review: a carried pair 8e-3 off, said nothing; a
+        stored feature a bare KeyError)."""
+        for (_, name), (module, value, before) in dicts.items():
+            for item, held in value.items():
+                tensors = [held] if isinstance(held, torch.Tensor) else tensor_tree(held)
+                if before.get(item) == id(held) or not tensors or any(isinstance(t, nn.Parameter) for t in tensors):
+                    continue
+                place = f"'{_name(self.names, module, name)}[{item!r}]' (a dict the forward writes into)"
+                if any(tensor.requires_grad for tensor in tensors):
+                    _STORED.setdefault(module, set()).add(name)
+                    if place not in self.stored:
+                        self.stored.append(place)
+                elif place not in self.carried:  # (or a cache made on first use: the warning says both)
+                    self.carried.append(place)
 
     def settle(self, code: str) -> None:
         """After the first run that changed plain attributes (its graph's ``code``): sets them to the values it gave
