@@ -650,12 +650,7 @@ def _classifier() -> type:
     class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            if where == "tied":  # a later layer tied to an earlier one, on another rank: listed by its first name
-                self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
-                                         nn.Tanh(), nn.Linear(8, 4))
-                self.net[4].weight = self.net[2].weight
-            else:
-                self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self.net(batch[0]), batch[1])

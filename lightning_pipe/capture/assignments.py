@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from .errors import listed, locate_frame
 
-__all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "tensor_tree", "changed_fields", "fields_warning",
+__all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "tensor_tree", "changed_fields",
+           "fields_warning",
            "assignment_advice", "carried_advice", "changed_reads", "read_advice", "stored_advice", "stored_attributes",
            "stored_refusal"]
 

@@ -50,11 +50,11 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     (ranks and stages) so that a resume can check it matches; ``param_names``: for each optimizer of this rank, the
     names of each of its parameters in order (so that another layout can find each parameter's state). The shares
     travel as JSON and raw tensor bytes (:func:`gather_shares`), never pickled; ``device`` carries them (NCCL: the
-    rank's GPU); ``tied``: the whole model's tied parameter names (:func:`~.state_names.tied_names`), and ``by_name``, whether
-    ``configure_optimizers`` may sort by name (:func:`~.one_device.sorts_by_name`), for the one-device optimizer
-    states; ``parameters``: one device's parameter names in order and this rank's, for callback states listing a
-    tensor per parameter (:mod:`.parameter_lists`); ``whole_orders``: each optimizer's groups as one device lists
-    them, where ``configure_optimizers`` saw the whole model (:func:`~.optimizers.whole_orders`).
+    rank's GPU); ``tied``: the whole model's tied parameter names (:func:`~.state_names.tied_names`), and
+    ``by_name``, whether ``configure_optimizers`` may sort by name (:func:`~.one_device.sorts_by_name`), for the
+    one-device optimizer states; ``parameters``: one device's parameter names in order and this rank's, for callback
+    states listing a tensor per parameter (:mod:`.parameter_lists`); ``whole_orders``: each optimizer's groups as one
+    device lists them, where ``configure_optimizers`` saw the whole model (:func:`~.optimizers.whole_orders`).
     """
     share = {key: move_data_to_device(checkpoint[key], torch.device("cpu"))
              for key in ("state_dict", "optimizer_states", "lr_schedulers") if key in checkpoint}

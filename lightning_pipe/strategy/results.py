@@ -88,7 +88,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
 
     Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, torch's dtypes and devices (an
     optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's milestones) of them, and
-    torch's named tuples of results (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where`` names, for the error.
+    torch's named tuples of results (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where``
+    names, for the error.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
