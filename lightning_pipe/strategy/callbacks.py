@@ -145,13 +145,16 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     class WholeModelSummary(ModelSummary):
-        def __init__(self, model: Any, max_depth: int = 1, whole: tuple[dict[str, Any], int] = ({}, 0)) -> None:
+        def __init__(self, model: Any, max_depth: int = 1, whole: tuple[dict[str, Any], int] = ({}, 0),
+                     aliases: dict[str, str] | None = None) -> None:
             super().__init__(model, max_depth)
             self._whole, self._whole_total = whole
-            rows = [[name, layer.layer_type, sum(p.numel() for p in layer._module.parameters() if counted(p)),
-                     layer.training] for name, layer in self._layer_summary.items()]
+            named = (aliases or {}).get  # a layer's second name (self.tied = self.head): its first, as one device's
+            rows = [[named(name, name), layer.layer_type,
+                     sum(p.numel() for p in layer._module.parameters() if counted(p)), layer.training]
+                    for name, layer in self._layer_summary.items()]
             held = [p for p in self._model.parameters() if counted(p)]
-            modes = [[name, module.training] for name, module in self._model.named_modules() if name]
+            modes = [[named(name, name), module.training] for name, module in self._model.named_modules() if name]
             mine = {"rows": rows, "total": sum(p.numel() for p in held), "modes": modes,
                     "trainable": sum(p.numel() for p in held if p.requires_grad)}
             shares = [json.loads(text) for text in gather_text(json.dumps(mine))]
@@ -161,7 +164,8 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
                     merged.setdefault(name, [kind, 0, training])[1] += count
             self._rows = merged
             # the table's rows are every rank's: Lightning numbers them by the layers it summarized
-            self._layer_summary = {name: self._layer_summary.get(name) for name in merged}
+            summarized = {named(name, name): layer for name, layer in self._layer_summary.items()}
+            self._layer_summary = {name: summarized.get(name) for name in merged}
             self._totals = (sum(share["total"] for share in shares), sum(share["trainable"] for share in shares))
             every = {name: training for share in shares for name, training in share["modes"]}
             self._modes = {"train": sum(every.values()), "eval": len(every) - sum(every.values())}
@@ -223,7 +227,8 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
     for callback in callbacks:
         if isinstance(callback, SummaryCallback) and type(callback)._summary is SummaryCallback._summary:
             callback._summary = lambda trainer, module, callback=callback: WholeModelSummary(
-                module, callback._max_depth, getattr(callback, "_pipeline_whole_model", ({}, 0)))
+                module, callback._max_depth, getattr(callback, "_pipeline_whole_model", ({}, 0)),
+                getattr(callback, "_pipeline_aliases", None))
 
 
 def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
@@ -236,6 +241,9 @@ def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     wanted = [callback for callback in callbacks if isinstance(callback, SummaryCallback) and callback._max_depth]
+    aliases = _second_names(module) if wanted else {}
+    for callback in wanted:
+        callback._pipeline_aliases = aliases
     if not wanted or getattr(module, "example_input_array", None) is None or any(
             isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
         return  # (a lazy layer would take meta weights: refused at the cut, with the fix)
@@ -254,6 +262,18 @@ def summarize_before_cut(callbacks: Iterable[Any], module: Any) -> None:
                 callback._pipeline_whole_model = ({}, 0)
     finally:
         module._trainer = trainer
+
+
+def _second_names(module: nn.Module) -> dict[str, str]:
+    """Each further name of a submodule reachable by several (``self.tied = self.head``, and its children's) -> its
+    first, which one device's summary lists it by: a rank holding the layer, whose other names lead elsewhere after
+    the cut, listed it by the second."""
+    first: dict[int, str] = {}
+    second: dict[str, str] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if name and first.setdefault(id(sub), name) != name:
+            second[name] = first[id(sub)]
+    return second
 
 
 def recopy_weight_averages(callbacks: Iterable[Any], module: Any, gather: Gather) -> int:
