@@ -164,3 +164,12 @@ def test_compiled_names_round_trip_and_shard_into_a_folder_that_loads(tmp_path: 
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0, msg=key)
     consolidate(tmp_path / "folder", tmp_path / "back.ckpt")
     assert list(torch.load(tmp_path / "back.ckpt", weights_only=False)["state_dict"]) == list(plain)
+
+    # one device's file with optimizer states, numbered by the module's parameters: the folder would resume without
+    # them (found by review: Lightning's "save_weights_only" KeyError at the resume); refused, saying what works
+    adam = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2, 2)}},
+            "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}
+    torch.save({"state_dict": named, "epoch": 0, "global_step": 1, "optimizer_states": [adam]}, tmp_path / "one.ckpt")
+    with pytest.raises(ValueError, match=r"optimizer states numbered as one device numbers .*ckpt_path="):
+        shard(tmp_path / "one.ckpt", tmp_path / "one_folder")
+    assert not (tmp_path / "one_folder").exists()

@@ -919,3 +919,54 @@ def test_a_frozen_copy_of_the_model_is_said_once_it_changes_and_a_teacher_the_st
     errors = run_ranks(_teacher, 2, str(tmp_path), "MeanTeacher", False, expect_failure=True, timeout=180)
     assert any(error is not None and "where this comes from pairing the parameters of teacher with the model's"
                in error for error in errors), errors
+
+
+def _told_a_sum(rank: int, world_size: int, captured: bool) -> list[str]:
+    import warnings
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Scorer(nn.Module):  # a model computing its own mean loss, as a Hugging Face model given labels does
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.head(self.body(x)), labels)
+
+    class Told(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = Scorer() if captured else nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return self.model(x, y) if captured else F.cross_entropy(self.model(x), y)  # a mean, not a sum
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, loss_reduction="sum"), max_steps=2).fit(
+            Told(), class_data(batches=2))
+    return [str(w.message) for w in caught if "loss_reduction='sum') says" in str(w.message)]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("captured", [False, True])
+def test_a_sum_told_of_a_mean_loss_is_warned_of(captured: bool) -> None:
+    """loss_reduction='sum' given for a loss that is a mean (a Hugging Face model's own, a user following advice
+    meant for another model) adds up the micro-batches' means: twice one device's gradients here, silently (found by
+    review: 2.1e-2 off); the step's loss, and a captured model's own, are checked to be sums on the first batch."""
+    first, last = run_ranks(_told_a_sum, 2, captured, timeout=180)
+    assert len(last) == 1 and "but it is not" in last[0], last  # the step's loss, on the last stage
+    if captured:  # a captured model's own loss, on the first stage, which gives it its inputs
+        assert len(first) == 1 and "the model computes its loss as a mean: cross_entropy_loss" in first[0], first
+    else:
+        assert first == [], first

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("folder", help="the sharded checkpoint folder a fit wrote")
     one.add_argument("output", help="the file to write")
     many = commands.add_parser("shard", help="a full checkpoint file -> a sharded checkpoint folder")
-    many.add_argument("file", help="a Lightning checkpoint file (one device's, or a full pipeline one)")
+    many.add_argument("file", help="a full pipeline checkpoint file, or one device's without optimizer states (a "
+                                   "pipeline resumes one device's file with them directly)")
     many.add_argument("folder", help="the folder to write (one there is replaced)")
     arguments = parser.parse_args(argv)
     try:

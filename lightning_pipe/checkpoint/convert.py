@@ -139,6 +139,13 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> tuple[int, int 
     state = {f"{MODEL}{key}": value for key, value in checkpoint["state_dict"].items()}
     section = checkpoint.get(PIPELINE_KEY) or {}
     named = named_optimizer_state(checkpoint)
+    if named is None and any(checkpoint.get("optimizer_states") or ()):
+        raise ValueError(f"{file} holds optimizer states numbered as one device numbers its parameters (one device's "
+                         f"or DDP's file), which a sharded folder keeps by parameter name, and the names come from the "
+                         f"module, which this command has not: the folder would resume without them. Resume the "
+                         f"pipeline from the file itself, Trainer(strategy=PipelineStrategy(...)).fit(model, "
+                         f"ckpt_path={os.fspath(file)!r}) (it names the states by the module's parameters), and save "
+                         f"a sharded checkpoint from that fit")
     if named is not None:
         state.update(boxed(named[0]))
     target = os.path.abspath(os.fspath(folder))

@@ -81,8 +81,9 @@ class FirstBatchChecks:
         self._whole_inputs: dict[str, list[Any]] = {}
         self._probes_left = 3  # batches probed until one tells (then _MEAN_PROBES more for a mean)
         self._count_probes_left = _MEAN_PROBES  # batches a loss_reduction function's count is checked on
-        # loss_reduction="sum" on an nn.Sequential: the first batch tells how single numbers it returns add up
-        self._scalar_probes_left = 1 if isinstance(split, SplitModule) else 0
+        # loss_reduction="sum": the first batch checks that the loss is one (and, on an nn.Sequential, tells how
+        # single numbers it returns add up)
+        self._scalar_probes_left = 1
         self._mean_found = False  # "auto" found a mean: later batches still probed for one over another count
         # batches in a row whose loss had the same value on every part (a zero-initialized head's log C at the first
         # step is one; a loss divided by its own detached value, l / l.detach(), has it at every batch)
@@ -127,11 +128,13 @@ class FirstBatchChecks:
 
             return without_gradients(attempt, output)
 
-        if self.loss_reduction == "sum":  # told: only how the sequence's single numbers add up is learned
+        if self.loss_reduction == "sum":  # told: checked that it is one; how the sequence's single numbers add up
             self._scalar_probes_left -= 1
-            verdict(probe, run_whole, self.split.output_kinds(True))
+            rule, why = verdict(probe, run_whole, self.split.output_kinds(True))
             if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):
                 self.split.scalar_kinds = probe.scalar_kinds
+            if rule in ("mean", "neither", "lacking"):
+                self._warn_once(sum_given_warning(why))
             return 1.0
         if probe.counts is not None:  # told a mean over a count: checked, never changed
             self._count_probes_left -= 1
@@ -240,8 +243,9 @@ class FirstBatchChecks:
         predictions)."""
         training = step == "training_step"
         counted = callable(self.loss_reduction) and training  # a given count, checked against the model's
-        # "sum" tells of training's loss (HF's num_items_in_batch), not of what an evaluation step logs
-        told = self.loss_reduction in ("auto", "mean") or (self.loss_reduction == "sum" and not training)
+        # "sum" tells of training's loss (HF's num_items_in_batch), not of what an evaluation step logs; in
+        # training, the model's own loss must not be a mean then
+        told = self.loss_reduction in ("auto", "mean", "sum")
         return (isinstance(self.split, CapturedModule) and (told or counted)
                 and self._loss_checks_left.get(step, 0) > 0 and 0 in self.pipeline.stages
                 and not (self._loss_warned if training else step in self._model_loss_warned)
@@ -275,6 +279,12 @@ class FirstBatchChecks:
             whole = with_values(captures[0].in_patterns, whole)
         if given is not None:  # loss_reduction's counts (training): the model's own means must be over them
             message = given_count_warning(losses, counted, inputs, given)
+        elif training and self.loss_reduction == "sum":  # told a sum: the model's own loss must be no mean
+            means = [f"{loss.op} (a mean over its labels)" for loss in losses] + \
+                [f"{mean.op} (a mean over {mean.given or mean.expression or 'a count of its inputs'})"
+                 for mean in counted]
+            message = sum_given_warning(f"the model computes its loss as a mean: {', '.join(means[:3])}") \
+                if means else None
         else:
             message = model_loss_warning(losses, inputs, step) or \
                 counted_mean_warning(counted, inputs, sizes, step, whole)
@@ -453,6 +463,16 @@ class FirstBatchChecks:
             self._loss_warned = True
             warnings.warn(message, stacklevel=3)
 
+
+
+def sum_given_warning(why: str) -> str:
+    """What to tell a user who passed ``loss_reduction="sum"`` for a loss that is not a sum over the batch's rows."""
+    return (f"PipelineStrategy(loss_reduction='sum') says training_step's loss is a sum over the batch's rows (each "
+            f"micro-batch's loss then counts whole), but it is not: {why}. The pipeline adds up its micro-batches' "
+            f"losses, which for a mean is not one device's loss (with equal micro-batches, its gradients times their "
+            f"number). Leave loss_reduction='auto' (the default), which finds a mean, or give a function of the "
+            f"micro-batch counting what the mean is over (loss_reduction=lambda batch: (batch['labels'] != -100)"
+            f".sum() for labels ignored at -100)")
 
 
 def _warning(rule: str, why: str, otherwise: Callable[[str], str]) -> str:
