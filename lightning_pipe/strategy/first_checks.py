@@ -280,9 +280,10 @@ class FirstBatchChecks:
         if given is not None:  # loss_reduction's counts (training): the model's own means must be over them
             message = given_count_warning(losses, counted, inputs, given)
         elif training and self.loss_reduction == "sum":  # told a sum: the model's own loss must be no mean
+            # (a count the code passes, num_items_in_batch, may be the whole batch's: then a sum, as told)
             means = [f"{loss.op} (a mean over its labels)" for loss in losses] + \
-                [f"{mean.op} (a mean over {mean.given or mean.expression or 'a count of its inputs'})"
-                 for mean in counted]
+                [f"{mean.op} (a mean over {mean.expression or 'a count of its inputs'})"
+                 for mean in counted if not mean.given]
             message = sum_given_warning(f"the model computes its loss as a mean: {', '.join(means[:3])}") \
                 if means else None
         else:
