@@ -136,34 +136,26 @@ class Assignments:
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
 
         def watched(module: nn.Module, name: str, value: Any) -> None:
-            if id(module) in self.mine:
+            mine_ = id(module) in self.mine
+            if mine_:
                 self.assigned.add((id(module), name))
-            if id(module) in self.mine and name != "training" and type(value) in _PLAIN:
+            # a list, tuple or dict of tensors (a state per layer, auxiliary losses per layer) as a tensor is
+            tree = tensor_tree(value) if mine_ and not isinstance(value, torch.Tensor) and not name.startswith("_") \
+                else []
+            tensor = isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+            if mine_ and name != "training" and type(value) in _PLAIN:
                 self._plain_assigned(module, name, value)
-            elif (id(module) in self.mine and isinstance(value, torch.Tensor) and value.requires_grad
-                  and not isinstance(value, nn.Parameter) and name not in module._buffers
-                  and not any(key.startswith(f"{name}_") for key in module._parameters)):
+            elif mine_ and (tensor and value.requires_grad and name not in module._buffers
+                            and not any(key.startswith(f"{name}_") for key in module._parameters)
+                            or any(item.requires_grad for item in tree)):
                 # (not a weight recomputed from its parameters at each call: pruning's weight_orig, weight_norm's
                 # weight_g and weight_v set module.weight in a pre-hook, which the graph computes)
-                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
-                _STORED.setdefault(module, set()).add(name)
-                if place not in self.stored:
-                    self.stored.append(place)
-            elif (id(module) in self.mine and not isinstance(value, torch.Tensor) and not name.startswith("_")
-                  and any(tensor.requires_grad for tensor in tensor_tree(value))):
-                # (a list of tensors with a gradient: auxiliary losses per layer, deep supervision's outputs)
-                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
-                _STORED.setdefault(module, set()).add(name)
-                if place not in self.stored:
-                    self.stored.append(place)
-            elif (id(module) in self.mine and (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-                                               or not name.startswith("_") and tensor_tree(value))
-                  and (id(module), name) in self.looked and name not in module._buffers):
+                self._note_stored(module, name, f"'{_name(self.names, module, name)}' in "
+                                                f"{locate_frame(_caller(), self.names)}")
+            elif mine_ and (tensor or tree) and (id(module), name) in self.looked and name not in module._buffers:
                 # read, then given a tensor computed now: a state kept for the next call (a stateful RNN's hidden
                 # state), which the graph does not carry; or a cache made on first use, which it recomputes
-                place = f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}"
-                if place not in self.carried:
-                    self.carried.append(place)
+                self._note_carried(f"'{_name(self.names, module, name)}' in {locate_frame(_caller(), self.names)}")
             setattr_(module, name, value)
 
         nn.Module.__setattr__ = watched  # type: ignore[method-assign]
@@ -191,11 +183,20 @@ class Assignments:
                     continue
                 place = f"'{_name(self.names, module, name)}[{item!r}]' (a dict the forward writes into)"
                 if any(tensor.requires_grad for tensor in tensors):
-                    _STORED.setdefault(module, set()).add(name)
-                    if place not in self.stored:
-                        self.stored.append(place)
-                elif place not in self.carried:  # (or a cache made on first use: the warning says both)
-                    self.carried.append(place)
+                    self._note_stored(module, name, place)
+                else:  # (or a cache made on first use: the warning says both)
+                    self._note_carried(place)
+
+    def _note_stored(self, module: nn.Module, name: str, place: str) -> None:
+        """A tensor with a gradient the forward keeps in ``module``'s attribute ``name`` (at ``place``)."""
+        _STORED.setdefault(module, set()).add(name)
+        if place not in self.stored:
+            self.stored.append(place)
+
+    def _note_carried(self, place: str) -> None:
+        """A tensor without one the forward keeps where it read it (at ``place``): a state, or a cache."""
+        if place not in self.carried:
+            self.carried.append(place)
 
     def settle(self, code: str) -> None:
         """After the first run that changed plain attributes (its graph's ``code``): sets them to the values it gave

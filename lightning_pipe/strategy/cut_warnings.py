@@ -38,13 +38,13 @@ class FrozenCopies:
 
         self.module, self.path = module, path
         copies = frozen_copies(module, path, model)
-        self.says = not dist.is_initialized() or dist.get_rank() == 0 or pipeline.is_last_rank
+        first_rank = not dist.is_initialized() or dist.get_rank() == 0
         averaged = [name for name in copies if isinstance(module.get_submodule(name), AveragedModel)]
         self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
-        self.watched = list(self.unsaid) if self.says else []
+        self.watched = list(self.unsaid) if first_rank or pipeline.is_last_rank else []
         self.first: dict[str, torch.Tensor] = {}  # each watched copy's weights' sums when training began
         self.steps = 0
-        if averaged and self.says and (not dist.is_initialized() or dist.get_rank() == 0):
+        if averaged and first_rank:
             self._say(averaged, "is an averaged copy of it")
 
     def before_step(self) -> None:
