@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from lightning_pipe.capture import Splitter
 from lightning_pipe.capture import CaptureError
+from lightning_pipe.capture.coupling import FIXED_ROWS
 from tests.capture_models import (FAMILIES, VISION_FAMILIES, AutoEncoder, AuxHeadNet, LitGPT, ResNet, ViT, family,
                                   hf_gpt2)
 
@@ -439,7 +440,9 @@ def test_a_value_where_the_rows_of_a_batch_meet_is_found() -> None:
         splitter.capture((texts, images))
         found.append(splitter.captures[0].rows_meet)
     assert found[0] is not None and "makes a (rows, rows) value" in found[0], found
-    assert found[1] is not None and "fixes the batch's rows to 2" in found[1]
+    # (labels torch.arange(len(logits)) fix the rows: found by the loss over (2, 2) logits with those labels)
+    assert found[1] is not None and "takes (2, 2) logits" in found[1] and "contrastive" in found[1], found
+    assert FIXED_ROWS not in found[1]
     gpt = Splitter(LitGPT())
     gpt.capture((torch.randint(0, 96, (2, 8)),))
     assert gpt.captures[0].rows_meet is None

@@ -17,7 +17,8 @@ give as one device does:
 - in training, an embedding scaling each token's gradient by its count in the batch (``scale_grad_by_freq``).
 
 A capture whose batch size stayed symbolic shows these: there the rows are symbols. One that fixed the rows (the
-forward took their number as an int, as a contrastive loss's labels do) is reported as that.
+forward took their number as an int) is reported as that, but for a loss over ``(rows, rows)`` logits with labels
+``torch.arange(len(logits))``, a contrastive loss (Hugging Face's CLIP), said as the rows meeting.
 """
 
 from __future__ import annotations
@@ -85,11 +86,38 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
             return _RECURRENCE.format(place=place(node))
         if _windows_rows(node, name, lambda size: fixed_size(size) == example):
             return _windows(node, name)
+    contrastive = next((node for node in nodes if _pairs_rows(node, example, rows)), None)
+    if contrastive is not None:  # (its (rows, rows) logits have fixed sizes, no symbols: found by their labels)
+        return (f"{place(contrastive)} takes ({example}, {example}) logits, each row's similarity with every other, "
+                f"with labels torch.arange({example}), as a contrastive loss does: the rows of a batch meet there")
     return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels, a Python loop over them does (for t in "
             f"range(x.shape[0]): a recurrence over a time-major batch's time steps, which micro-batches cut), or an "
             f"expert capacity computed from the tokens (int(capacity_factor * tokens / experts)) does (each "
             f"micro-batch size is captured anew)")
+
+
+_LABELLED_LOSSES = {"cross_entropy_loss", "nll_loss", "nll_loss_nd", "nll_loss2d"}
+_LABELS_KEPT = {"to", "_to_copy", "type", "long", "contiguous", "clone", "add"}  # labels + an offset: still arange's
+
+
+def _pairs_rows(node: fx.Node, example: int, rows: set[Any]) -> bool:
+    """Whether ``node`` is a loss over ``(rows, rows)`` logits with labels ``torch.arange(example)``: a contrastive
+    loss (CLIP's, InfoNCE's), row i's target its own column, the graph's rows fixed to ``example`` by
+    ``len(logits)`` (one tower's; the other's may have stayed one of the symbols ``rows``)."""
+    if node.op != "call_function" or op_name(node) not in _LABELLED_LOSSES or len(node.args) < 2:
+        return False
+    logits, labels = node.args[:2]
+    value = logits.meta.get("val") if isinstance(logits, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not all(
+            fixed_size(size) == example or isinstance(size, torch.SymInt) and size.node.expr in rows
+            for size in value.shape):
+        return False
+    while isinstance(labels, fx.Node) and labels.op == "call_function" and op_name(labels) in _LABELS_KEPT:
+        labels = labels.args[0]
+    value = labels.meta.get("val") if isinstance(labels, fx.Node) else None
+    return (isinstance(labels, fx.Node) and labels.op == "call_function" and op_name(labels) == "arange"
+            and isinstance(value, torch.Tensor) and value.shape == (example,))
 
 
 def _rows_named(size: Any, rows: set[Any]) -> str:
