@@ -1099,6 +1099,54 @@ def test_forward_hooks_of_the_users_on_a_pipelined_sequence_are_warned_of() -> N
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.2 of the pipelined nn.Sequential carry")
 
 
+def _soft_clip(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return 3 * torch.tanh(output / 3)
+
+
+_seen: list[torch.Tensor] = []
+
+
+def _keep(output: torch.Tensor) -> None:
+    _seen.append(output)
+
+
+def _clip_and_keep(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    _keep(output)  # stores through a function of the user's
+    return output.clamp(-1, 1)
+
+
+def test_forward_hooks_that_only_transform_are_not_warned_of() -> None:
+    """A pre-hook returning a rescaled input and a forward hook returning a soft-clipped output store nothing and run
+    on the rank holding their layer as on one device (found by review: warned of as if they stored features); a hook
+    that also stores, itself or through a function of the user's, is still warned of."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning_pipe.strategy.cut_warnings import warn_of_layer_hooks
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.Linear(2, 2))
+            self.scale = 0.5
+            self.layers[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+            self.layers[1].register_forward_hook(self.rescale)
+            self.layers[2].register_forward_hook(_soft_clip)
+
+        def rescale(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            return output * self.scale
+
+    model = Scaled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_of_layer_hooks(model.layers, "layers", SimpleNamespace(rank=0))
+        assert not caught, [str(w.message) for w in caught]
+        model.layers[3].register_forward_hook(_clip_and_keep)
+        model.layers[1].register_forward_hook(lambda module, args, output: setattr(model, "feat", output))
+        warn_of_layer_hooks(model.layers, "layers", SimpleNamespace(rank=0))
+    assert len(caught) == 1 and str(caught[0].message).startswith("layers.1, layers.3 of the pipelined"), caught
+
+
 def test_hooks_of_the_users_on_the_pipelined_sequence_itself_are_refused() -> None:
     """The pipeline never runs the sequence's own forward: a pre-hook standardizing its input and a forward hook
     dividing its output by a temperature ran on no rank (found by review: 0.56 off one device, silently)."""

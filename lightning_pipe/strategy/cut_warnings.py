@@ -4,7 +4,12 @@ pipelined ``nn.Sequential``, gradient hooks on the parameters (run once per micr
 
 from __future__ import annotations
 
+import dis
+import functools
+import types
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,7 +18,9 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.strategy.model_choice import frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
-from lightning_pipe.strategy.unfollowed import BACKWARD_HOOKS, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks
+from lightning_pipe.strategy.unfollowed import (
+    BACKWARD_HOOKS, FOREIGN, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks,
+)
 
 __all__ = ["FrozenCopies", "warn_of_gradient_hooks", "warn_of_layer_hooks", "warn_of_split_buffers",
            "refuse_sequence_hooks"]
@@ -130,16 +137,17 @@ def refuse_sequence_hooks(sequence: torch.nn.Module, path: str) -> None:
 def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
     """Say (on the pipeline's rank 0) which layers of a pipelined ``nn.Sequential`` carry forward or backward hooks of
     the user's: each runs on the rank holding its layer, so what a forward hook stores for the step (features for an
-    auxiliary loss or a log) never reaches the step's code, which runs after the model on the last stage; a backward
-    hook runs once per micro-batch on its share of the gradient, and what it writes on the module is undone (a step's
-    changes to the module are one device's run of the step without gradients, which runs no backward hook)."""
-    def hooked(kinds: tuple[str, ...]) -> list[str]:
-        return sorted({f"{path}.{name}" for name, module in sequence.named_modules()
-                       if name and users_hooks(module, kinds)})  # (the root's: refused)
+    auxiliary loss or a log) never reaches the step's code, which runs after the model on the last stage (a hook that
+    only transforms, :func:`only_transforms`, is not said: it runs as on one device); a backward hook runs once per
+    micro-batch on its share of the gradient, and what it writes on the module is undone (a step's changes to the
+    module are one device's run of the step without gradients, which runs no backward hook)."""
+    def hooked(kinds: tuple[str, ...], said: Callable[[Any], bool] = lambda hook: True) -> list[str]:
+        return sorted({f"{path}.{name}" for name, module in sequence.named_modules()  # (the root's: refused)
+                       if name and any(said(getattr(module, kind)[key]) for kind, key in users_hooks(module, kinds))})
 
     if pipeline.rank != 0:
         return
-    forward = hooked(FORWARD_HOOKS)
+    forward = hooked(FORWARD_HOOKS, lambda hook: not only_transforms(hook))
     if forward:
         warnings.warn(f"{', '.join(forward[:6])} of the pipelined nn.Sequential carry forward hooks of yours: each "
                       f"runs on the rank holding its layer, inside that stage's forward, so a value it stores for the "
@@ -156,6 +164,56 @@ def warn_of_layer_hooks(sequence: torch.nn.Module, path: str, pipeline: Pipeline
                       f"gradients, where no backward hook runs. Read the gradients where they are whole: the "
                       f"parameters' .grad in on_after_backward or on_before_optimizer_step (logs from there are "
                       f"gathered over the pipeline)", stacklevel=3)
+
+
+_STORES = {"STORE_ATTR", "STORE_SUBSCR", "STORE_GLOBAL", "STORE_DEREF", "DELETE_ATTR", "DELETE_SUBSCR",
+           "DELETE_GLOBAL", "DELETE_DEREF", "STORE_SLICE"}
+_WRITING = {"append", "extend", "insert", "update", "setdefault", "add", "pop", "put", "put_nowait", "send", "write",
+            "log", "log_dict", "setattr", "__setitem__", "register_buffer", "register_parameter", "add_module"}
+
+
+def only_transforms(hook: Any, depth: int = 0) -> bool:
+    """Whether a forward (pre-)hook of the user's only returns a changed output or input (``3 * tanh(o / 3)``, a
+    rescaled input), storing nothing: its code (and that of the user's functions it calls, a few calls deep) returns a
+    value other than None, writes no attribute, item, global or outer variable, and calls no method that stores
+    (``append``, ``update``, ``log``, an in-place ``add_``). A hook that cannot be read so (a callable object, a
+    builtin) is taken to store."""
+    if isinstance(hook, functools.partial):
+        return only_transforms(hook.func, depth)
+    function = getattr(hook, "__func__", hook)  # a bound method's
+    code = getattr(function, "__code__", None)
+    if not isinstance(code, types.CodeType) or depth > 3:
+        return False
+    instructions = list(dis.get_instructions(code))
+    returns_value = any(
+        op.opname == "RETURN_VALUE" and not (before.opname == "LOAD_CONST" and before.argval is None)
+        or op.opname == "RETURN_CONST" and op.argval is not None
+        for before, op in zip([instructions[0], *instructions], instructions))
+    return (returns_value or depth > 0) and _stores_nothing(function, code, depth)
+
+
+def _stores_nothing(function: Any, code: types.CodeType, depth: int) -> bool:
+    """Whether ``code`` (``function``'s, or one nested in it) writes nothing outside it (:func:`only_transforms`)."""
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+    for op in dis.get_instructions(code):
+        name = op.argval if isinstance(op.argval, str) else ""
+        if op.opname in _STORES or name in _WRITING or (op.opname in ("LOAD_ATTR", "LOAD_METHOD")
+                                                          and name.endswith("_") and not name.startswith("_")):
+            return False
+        if op.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME"):  # a function of the user's it may call
+            called = function.__globals__.get(name) if op.opname != "LOAD_DEREF" else _cell(cells.get(name))
+            if isinstance(called, (types.FunctionType, types.MethodType)) and (
+                    getattr(called, "__module__", None) or "").split(".")[0] not in FOREIGN:
+                if not only_transforms(called, depth + 1):
+                    return False
+    return all(_stores_nothing(function, inner, depth) for inner in code.co_consts if isinstance(inner, types.CodeType))
+
+
+def _cell(cell: Any) -> Any:
+    try:
+        return cell.cell_contents if cell is not None else None
+    except ValueError:  # empty
+        return None
 
 
 def warn_of_frequency_scaling(sequence: torch.nn.Module, path: str, pipeline: Pipeline) -> None:
