@@ -489,6 +489,31 @@ def test_complex_parameters_clipped_by_the_global_norm_train_as_on_one_device() 
     assert sum(len(result["state"]) for result in results) == len(expected["state"])
 
 
+def _fit_float64_clipped(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    from tests.helpers import quiet_trainer
+    from tests.lightning_models import Regressor, regression_data
+
+    torch.manual_seed(0)
+    model = Regressor()
+    trainer = quiet_trainer(world_size, "pipedream" if world_size > 1 else "auto", max_steps=3, precision="64-true",
+                            gradient_clip_val=0.05)
+    trainer.fit(model, regression_data())
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.timeout(150)
+def test_float64_gradients_clipped_by_the_global_norm_train_as_on_one_device() -> None:
+    """precision="64-true" with gradient_clip_val (found by review: torch refused to narrow float64 gradients' norms
+    to float32, on every rank)."""
+    expected = _fit_float64_clipped(0, 1)
+    results = run_ranks(_fit_float64_clipped, 2, timeout=120)
+    for state in results:
+        for name, value in state.items():
+            assert value.dtype == torch.float64
+            torch.testing.assert_close(value, expected[name], rtol=1e-9, atol=1e-11, msg=name)
+    assert sum(len(state) for state in results) == len(expected)
+
+
 def _fit_self_normalized(rank: int, world_size: int, kind: str) -> list[str]:
     """Task losses balanced by their own detached values: l / l.detach() is 1 on any rows; or a classifier whose head
     starts at zero (its first loss is log C on any rows, its next ones are not)."""

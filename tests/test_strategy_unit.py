@@ -398,12 +398,14 @@ def test_outputs_combine_over_microbatches() -> None:
 
 
 # -- gradients --------------------------------------------------------------------------------------
-def test_clip_without_processes_equals_torch() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_without_processes_equals_torch(dtype: torch.dtype) -> None:
+    """Also of float64 gradients (precision="64-true"; found by review: torch refused to narrow their norms)."""
     torch.manual_seed(0)
-    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    a, b = nn.Linear(4, 3).to(dtype), nn.Linear(4, 3).to(dtype)
     b.load_state_dict(a.state_dict())
     for module in (a, b):
-        module(torch.randn(5, 4) * 10).sum().backward()
+        module(torch.randn(5, 4, dtype=dtype) * 10).sum().backward()
     b.weight.grad, b.bias.grad = a.weight.grad.clone(), a.bias.grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
     total = clip_grad_norm_global(b.parameters(), 0.5)

@@ -91,6 +91,9 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
     return total
 
 
+_WIDE = (torch.float64, torch.complex128)
+
+
 def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.ProcessGroup | None, timeout: float,
                  error_if_nonfinite: bool, reduce: bool = True) -> torch.Tensor:
     """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together (``reduce``;
@@ -102,12 +105,14 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     norm_type = float(norm_type)
     infinite = norm_type == float("inf")
-    # (a complex gradient's norm is its magnitudes', as torch's)
+    # (a complex gradient's norm is its magnitudes', as torch's; half-precision ones' in float32, float64 ones' in
+    # float64 (64-true), which torch refuses to narrow; every rank adds up in float64, whatever its own gradients)
     norms = [torch.linalg.vector_norm(grad.abs() if grad.is_complex() else grad, norm_type,
-                                      dtype=torch.float32).to(device) for grad in grads]
-    total = torch.zeros((), dtype=torch.float32, device=device)
+                                      dtype=torch.float64 if grad.dtype in _WIDE else torch.float32).to(device)
+             for grad in grads]
+    total = torch.zeros((), dtype=torch.float64, device=device)
     if norms:  # this rank's part: the largest magnitude, or the sum of the norms' powers
-        stacked = torch.stack(norms)
+        stacked = torch.stack(norms).to(torch.float64)
         total = stacked.max() if infinite else (stacked ** norm_type).sum()
     if reduce:
         collective(dist.all_reduce, total, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
@@ -115,6 +120,7 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
                    timeout=timeout, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
     if not infinite:
         total = total ** (1.0 / norm_type)
+    total = total.to(torch.float64 if any(grad.dtype in _WIDE for grad in grads) else torch.float32)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
                            f"it cannot be clipped. To disable this error and scale the gradients by the non-finite "
