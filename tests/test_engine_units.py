@@ -63,6 +63,14 @@ def test_split_errors() -> None:
     with pytest.raises(ValueError) as error:  # offsets that fall are not offsets
         split_batch((torch.tensor([1, 0, 2]), torch.arange(11), torch.tensor([0, 4, 2])), 2)
     assert "EmbeddingBag" not in str(error.value)
+    # a time-major sequence batch ((T, B, F) for batch_first=False layers) beside (B, k) targets (found by review: the
+    # advice was to stack or pad the rows)
+    with pytest.raises(ValueError, match=r"The \(5, 8, 3\) tensor holds the other tensors' 8 rows along dim 1: "
+                                         r"time-major.*x.transpose\(0, 1\)"):
+        split_batch((torch.ones(5, 8, 3), torch.ones(8, 4)), 2)
+    with pytest.raises(ValueError) as error:
+        split_batch((torch.ones(4, 1), torch.ones(3)), 2)
+    assert "time-major" not in str(error.value)
 
 
 def test_stage_sizes() -> None:

@@ -76,7 +76,7 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
         f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
         f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}"
-        f"{_offsets(leaves)}Put "
+        f"{_offsets(leaves)}{_time_major(leaves)}Put "
         f"per-batch constants in a 0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the "
         f"collate_fn.")
 
@@ -106,6 +106,19 @@ def _graphs(leaves: list[torch.Tensor]) -> str:
             "One graph per batch (node classification over one connected graph) has no rows to split: give it as a "
             "batch of one row (each tensor unsqueezed to (1, ...)) and pass num_microbatches=1, which runs the "
             "stages in turn, without overlap. ")
+
+
+def _time_major(leaves: list[torch.Tensor]) -> str:
+    """Advice for a time-major tensor, ``(T, B, ...)`` for ``batch_first=False`` layers, beside tensors whose rows
+    (their dim 0) it holds along dim 1."""
+    for major in leaves:
+        others = {t.shape[0] for t in leaves if t is not major and t.dim() > 0}
+        if major.dim() >= 2 and len(others) == 1 and major.shape[0] not in others and major.shape[1] in others:
+            return (f"The ({', '.join(map(str, major.shape))}) tensor holds the other tensors' {major.shape[1]} rows "
+                    f"along dim 1: time-major, as torch's batch_first=False layers take it ((T, B, ...)). A pipeline "
+                    f"splits a batch along dim 0: give the rows first (x.transpose(0, 1) in the collate_fn) and "
+                    f"transpose back in the step, or use batch_first=True layers. ")
+    return ""
 
 
 def _offsets(leaves: list[torch.Tensor]) -> str:
