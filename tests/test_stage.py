@@ -101,6 +101,32 @@ def test_split_backward_of_a_sparse_gradient_is_exact() -> None:
     assert module[2].table.weight.grad.is_sparse
 
 
+class ComplexGain(nn.Module):
+    """A gain made complex from two real parameters (an S4D kernel's): the real part's gradient is a strided view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_real, self.imag = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = -self.log_real.exp() + 1j * self.imag
+        return x * (gain.exp().sum(-1)).real
+
+
+def test_split_backward_lays_a_first_gradient_out_as_its_parameter() -> None:
+    """Found by review: zb_h1 printed torch's "grad and param do not obey the gradient layout contract" warning, the
+    first micro-batch's gradient of a complex gain's real part kept with the strides of the view it came from."""
+    import warnings
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 8), ComplexGain(), nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _split_vs_plain(module, microbatches=3)
+    assert not [w for w in caught if "layout contract" in str(w.message)], [str(w.message) for w in caught]
+    assert module[1].log_real.grad.stride() == module[1].log_real.stride()
+
+
 def test_a_loss_that_needs_no_gradient_is_an_error_not_a_step_without_one() -> None:
     """A forward that runs its layers under no_grad (a reversible Function's, captured with
     allow_autograd_functions=True: found by review, Reformer trained not one weight, silently) gives a loss that needs

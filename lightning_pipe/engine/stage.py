@@ -284,7 +284,7 @@ class PipelineStage:
                        else (None,) * (len(wanted) + len(snapshot)))
         for live, grad in zip(self.versions.live, results[len(wanted):]):
             if grad is not None:
-                live.grad = grad if live.grad is None else live.grad + grad
+                _accumulate(live, grad)
         self.versions.release(version)
         found = iter(results[: len(wanted)])
         return [next(found) if x is not None else None for x in inputs]
@@ -306,7 +306,7 @@ class PipelineStage:
                                                    allow_unused=True))
             for param, grad in zip(extra, results[len(wanted) + len(captured):]):
                 if grad is not None:
-                    param.grad = grad if param.grad is None else param.grad + grad
+                    _accumulate(param, grad)
         self._weight_grads_owed[microbatch] = (tensors, grads, captures,
                                                results[len(wanted):len(wanted) + len(captured)])
         found = iter(results[: len(wanted)])
@@ -340,7 +340,7 @@ class PipelineStage:
                 self._split_mode = "captured"
             for param, grad in zip(params, full):
                 if grad is not None:
-                    param.grad = grad if param.grad is None else param.grad + grad
+                    _accumulate(param, grad)
         elif self._split_mode == "captured":
             self._weight_grads_from(captures, captured_grads, accumulate=True)
         else:
@@ -425,6 +425,18 @@ def _backward_takes_edges() -> bool:
 
 
 _BLIND_CHECKS = 64  # micro-batches whose check could not tell after which the split is taken as verified
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add ``grad`` to ``param.grad`` as autograd does: a first gradient laid out as the parameter (one from a view,
+    a complex parameter's real part's, has other strides, and autograd's next accumulation into it warns of the
+    gradient layout contract), later ones added."""
+    if param.grad is not None:
+        param.grad = param.grad + grad
+    elif grad.layout == torch.strided and param.layout == torch.strided and grad.stride() != param.stride():
+        param.grad = torch.empty_like(param, dtype=grad.dtype).copy_(grad)
+    else:
+        param.grad = grad
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
