@@ -511,22 +511,26 @@ def test_a_loss_not_finite_on_a_micro_batch_with_gradients_not_finite_is_an_erro
     assert kind == "prototypes" or results[-1]["warned"]  # (by the last stage, which runs the loss)
 
 
-def _stops_on_rank_zero(rank: int, world_size: int, wait_timeout: float = 6.0) -> None:
+def _stops_on_rank_zero(rank: int, world_size: int, wait_timeout: float = 6.0, stopping: int = 0,
+                        validating: bool = False) -> None:
     import lightning as L
-    from lightning.pytorch.utilities import rank_zero_only
 
     from tests.lightning_models import Regressor, regression_data
 
-    class StopSignal(L.Callback):  # a stop decided on global rank 0 only (a file or remote signal checked there)
-        @rank_zero_only
+    class StopSignal(L.Callback):  # a stop decided on one rank only (a file or remote signal checked there)
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            if trainer.global_step == 2:
+            if trainer.global_step == 2 and trainer.global_rank == stopping:
                 trainer.should_stop = True
+
+    class Validated(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
 
     trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=wait_timeout), accelerator="cpu", devices=world_size,
                         max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[StopSignal()])
-    trainer.fit(Regressor(), regression_data(6, batch_size=8))
+                        enable_checkpointing=False, callbacks=[StopSignal()], num_sanity_val_steps=0)
+    data = regression_data(6, batch_size=8)
+    trainer.fit(Validated() if validating else Regressor(), data, regression_data(2) if validating else None)
 
 
 @pytest.mark.timeout(120)
@@ -546,6 +550,20 @@ def test_a_stop_decided_on_one_rank_only_ends_the_fit_long_before_the_wait_timeo
     for rank, text in enumerate(texts):
         assert text is not None and "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"
     assert "Rank 1 has waited" in texts[0] and "for rank 0 in" in texts[0], texts[0]
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.timeout(150)
+def test_a_stop_decided_on_the_last_rank_only_before_validation_is_named_as_the_cause() -> None:
+    """Lightning validates at once after a stop: the last of 3 ranks, stopped alone, took its peer's training
+    activations as validation inputs and every rank waited out the wait timeout, told of a slow step (found by
+    review). It now waits where validation starts, sees its peer wait for it inside a step, and ends every rank."""
+    start = time.monotonic()
+    texts = run_ranks(_stops_on_rank_zero, 3, 300.0, 2, True, timeout=130, expect_failure=True)
+    for rank, text in enumerate(texts):
+        assert text is not None and "starting validation within the fit" in text, f"rank {rank}: {text}"
+        assert "trainer.should_stop set on some ranks only" in text, f"rank {rank}: {text}"
+    assert "for rank 2 in" in texts[2], texts[2]
     assert time.monotonic() - start < 120
 
 

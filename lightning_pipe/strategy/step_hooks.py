@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -45,6 +46,12 @@ _COMPARING_GROUPS = ("comparing the optimizer's parameter groups after its step 
 _ENDING_THE_FIT = ("ending the fit (on_train_end), while others train on: trainer.should_stop set on some ranks only "
                    "(under `if trainer.is_global_zero:` or in a rank_zero_only hook)? Set it on every rank, as the "
                    "step's own code does")
+# where the ranks meet as validation starts within a fit: a rank there while others train on stopped alone (Lightning
+# validates at once when trainer.should_stop is set)
+_STARTING_VALIDATION = ("starting validation within the fit, while others train on: trainer.should_stop set on some "
+                        "ranks only (under `if trainer.is_global_zero:`, in a rank_zero_only hook, or from this rank's "
+                        "own values)? Set it on every rank, as the step's own code does")
+_MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION)  # a rank waiting at these while a peer waits for it stopped alone
 _LEFT_BEHIND_S = 10.0  # seconds a peer waits for a rank that is ending the fit before that parts them
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
@@ -310,7 +317,7 @@ class PipelineSteps:
         ends the others with its error, not a closed connection) and explained (a rank that ended: its posted error)."""
         runner = self.runner
         notice = job_failure_notice(runner.pipeline.comm.board, what)
-        if what == _ENDING_THE_FIT:
+        if what in _MEETINGS:
             notice = _left_behind(notice, what, runner.hook_calls_group)
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
                                     notice=notice)
@@ -330,8 +337,25 @@ class PipelineSteps:
 
     @override
     def on_validation_start(self) -> None:
+        trainer = self._trainer()
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._meet_to_validate(trainer)
         self._check_materialized()
         self._position.evaluation_started()
+
+    def _meet_to_validate(self, trainer: Trainer) -> None:
+        """Every rank of the job meets as validation starts within a fit, and agrees on the step: a rank that got
+        here alone (a stop set on it only, which Lightning follows with validation at once) would otherwise take its
+        peers' training activations as validation inputs, and every rank would wait out the wait timeout, told of a
+        slow step (found by review). A rank waiting here that a peer waits for inside a step ends the fit with the
+        cause (:func:`_left_behind`)."""
+        runner = self._runner
+        if runner is None or runner.hook_calls_group is None:
+            return
+        steps = self._hook_texts(str(trainer.global_step), _STARTING_VALIDATION)
+        if len(set(steps)) > 1:
+            raise PipelineError(f"the ranks started validation at different global steps ({', '.join(steps)}, by "
+                                f"rank): {_STARTING_VALIDATION}")
 
     @override
     def on_test_start(self) -> None:
