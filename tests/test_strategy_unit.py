@@ -627,6 +627,11 @@ def test_registered_names() -> None:
     ({"dynamic_shapes": "no"}, "dynamic_shapes must be True or False"),
     ({"allow_autograd_functions": 1}, "allow_autograd_functions must be True or False"),
     ({"schedule": "async_1f1b", "vertical_sync": "false"}, "vertical_sync must be True or False"),
+    # a quoted option from a config reached the schedule's sizes: a bare TypeError after launch (found by review)
+    ({"schedule": "interleaved", "schedule_options": {"virtual_stages": "2"}},
+     r"schedule_options\['virtual_stages'\] must be an integer, got '2' \(str\): give it unquoted"),
+    ({"schedule": "interleaved", "schedule_options": [2]}, "schedule_options must be a dict"),
+    ({"schedule": "zb_h1", "schedule_options": {"virtual_stages": 2}}, "schedule 'zb_h1' takes no option"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):

@@ -7,6 +7,7 @@ engine's :class:`~lightning_pipe.engine.config.PipelineConfig`.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -52,6 +53,7 @@ class PipelineSettings:
             object.__setattr__(self, name, value)
 
         put("schedule", _check_schedule(self.schedule))
+        put("schedule_options", _check_schedule_options(self.schedule_options))
         put("num_microbatches", _check_num_microbatches(self.num_microbatches))
         put("partition", _check_partition(self.partition))
         put("memory_cap", _check_planning(self.partition, self.schedule, self.schedule_options, self.memory_cap))
@@ -67,13 +69,13 @@ class PipelineSettings:
                              f"synchronous schedule; {self.schedule!r} updates the weights after every micro-batch, "
                              f"each with its own mean: leave loss_reduction='auto'")
         put("checkpoint_activations", _check_flag("checkpoint_activations", self.checkpoint_activations))
-        put("schedule_options", MappingProxyType(dict(self.schedule_options or {})))
         put("vertical_sync", _check_vertical_sync(self.vertical_sync, self.schedule, self.schedule_options))
         put("num_stages", _check_num_stages(self.num_stages))
         put("replicas", check_replicas(self.replicas))
         _check_auto_replicas(self.replicas, self.partition, self.schedule)
         put("wait_timeout", _check_wait_timeout(self.wait_timeout))
         put("detect_anomaly", _check_detect_anomaly(self.detect_anomaly, self.schedule))
+        _check_option_names(self.schedule, self.schedule_options)
 
     @property
     def plans_cut(self) -> bool:
@@ -120,6 +122,31 @@ def _check_schedule(schedule: str) -> str:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or {AUTO_SCHEDULE!r} to let the "
                          f"planner choose (also by the names {aliases})")
     return schedule
+
+
+def _check_schedule_options(options: Any) -> Mapping[str, int]:
+    """``schedule_options`` as a read-only dict of integers (a YAML or command-line value may come quoted: "2" reached
+    the schedule's sizes and failed there, a bare TypeError, once the processes ran)."""
+    if options is None:
+        return MappingProxyType({})
+    if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
+        raise ValueError(f"schedule_options must be a dict of the schedule's option names to integers "
+                         f"({{'virtual_stages': 4}} for interleaved_1f1b), got {options!r}")
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"schedule_options[{name!r}] must be an integer, got {value!r} "
+                             f"({type(value).__name__}): give it unquoted (strategy.schedule_options.{name}=4 on the "
+                             f"command line, {name}: 4 in YAML)")
+    return MappingProxyType({name: int(value) for name, value in options.items()})
+
+
+def _check_option_names(schedule: str, options: Mapping[str, int]) -> None:
+    """Refuse ``options`` the ``schedule`` does not take (before any process starts)."""
+    accepted = SCHEDULES[schedule].options if schedule in SCHEDULES else None
+    unknown = sorted(set(options) - set(accepted or ()))
+    if accepted is not None and unknown:
+        raise ValueError(f"schedule {schedule!r} takes no option {', '.join(unknown)}; it takes: "
+                         f"{', '.join(accepted) or 'no options'}")
 
 
 def _check_planning(partition: Partition, schedule: str, schedule_options: dict[str, int] | None,
