@@ -1376,3 +1376,44 @@ def test_a_model_writing_the_tensors_it_is_given_in_place_is_warned_of(in_place:
             first
     else:
         assert first == [], first
+
+
+def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
+    from tests.lightning_models import Regressor, regression_data
+
+    torch.set_num_threads(1)
+
+    class Monitored(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if kind == "norm":  # a weight norm and a layer count from the step's own listing, nothing of it in the loss
+                self.log("weight_norm", torch.sqrt(sum(p.detach().pow(2).sum() for p in self.parameters())))
+                self.log("linears", float(sum(1 for m in self.modules() if isinstance(m, nn.Linear))))
+            elif kind == "dropout":  # a listing that sets a rate, the loss alone logged
+                for module in self.modules():
+                    if isinstance(module, nn.Dropout):
+                        module.p = 0.1
+                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("loss", loss)
+            return loss
+
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Monitored(), regression_data(2, batch_size=8))
+    return [str(w.message) for w in caught if "lists the pipelined model's layers" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["norm", "dropout"])
+def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: str) -> None:
+    """A weight norm over self.parameters() logged from training_step was the last stage's share (4.2 where one
+    device's is 14.8), silently (found by review): warned of, naming the values, on the last stage's rank. A value
+    logged alike for every micro-batch beside a listing cannot be told from one made from it: a learning rate logged
+    by a step that sets the dropout rates is named too (the warning says such a value is logged as on one device)."""
+    warned = run_ranks(_logs_a_weight_norm, 2, kind, timeout=100)
+    assert warned[0] == []
+    if kind == "norm":
+        assert len(warned[1]) == 1 and "'weight_norm', 'linears'" in warned[1][0], warned
+    else:
+        assert len(warned[1]) == 1 and "'lr'" in warned[1][0], warned

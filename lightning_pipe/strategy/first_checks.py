@@ -77,6 +77,8 @@ class FirstBatchChecks(RowChecks):
         # Training steps whose loss is looked through for the model's parameters read by the step's own code
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
         self._listed_reads: set[int] = set()  # those of the last such step's parameters its loops listed
+        self._listed_seen = False  # the last such step's loops listed this rank's layers (for _warn_of_listed_logs)
+        self._listed_logs_warned = False
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
         self._parameter_writes_left = _PARAMETER_READ_CHECKS
         self._init_row_checks(split, pipeline)
@@ -311,6 +313,7 @@ class FirstBatchChecks(RowChecks):
         self._parameter_reads_left -= 1
         local = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - allowed
         read = parameters_reached(loss, output, local)
+        self._listed_seen = bool(self._listed_reads)
         listed, self._listed_reads = read & self._listed_reads, set()
         if not listed and (len(read) < 2 or 2 * len(read) < len(local)):  # not a term over the module's parameters:
             return  # one on the last layer's alone (a prototype loss from the head's weight) reads this rank's only
@@ -331,6 +334,33 @@ class FirstBatchChecks(RowChecks):
             f"the last stage's rank holds only its own layers' values: return such values from forward (carried "
             f"along the sequence with the activations), or let the pipeline capture the model (any model but an "
             f"nn.Sequential)")
+
+    def _warn_of_listed_logs(self, calls: list[tuple[dict[str, Any], int]]) -> None:
+        """On the last stage, after a training step whose code listed the pipelined model's layers (a loop over
+        ``self.parameters()`` or ``self.modules()``, :meth:`_listing_reads`): warn once if it logged a value alike for
+        every micro-batch, as one computed from that listing is (a weight norm, a count of layers), which covers this
+        rank's stages alone (found by review: a weight norm logged 4.2 where one device's is 14.8, silently)."""
+        listed, self._listed_seen = self._listed_seen, False
+        if not listed or self._listed_logs_warned:
+            return
+        values: dict[str, list[float]] = {}
+        for arguments, _ in calls:
+            value = arguments.get("value")
+            if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
+                values.setdefault(arguments["name"], []).append(float(value))
+        alike = [name for name, seen in values.items() if len(seen) > 1 and len(set(seen)) == 1]
+        if not alike:
+            return
+        self._listed_logs_warned = True
+        warnings.warn(
+            f"training_step lists the pipelined model's layers (a loop over self.parameters() or self.modules()) and "
+            f"logs {', '.join(map(repr, alike[:4]))} alike for every micro-batch: the step's code runs on the last "
+            f"stage's rank, where such a listing covers that rank's stages alone, so a value computed from it (a "
+            f"weight norm, a count of layers or parameters) is that share, not one device's. Compute it in "
+            f"on_before_optimizer_step, which every rank runs over its own stages, summing the shares over "
+            f"trainer.strategy.pipeline_group (torch.distributed.all_reduce(square, group="
+            f"trainer.strategy.pipeline_group)), and log it there; a value not made from the listing (a learning "
+            f"rate) is logged as on one device", stacklevel=3)
 
     def _warn_once(self, message: str) -> None:
         if not self._loss_warned:

@@ -379,6 +379,8 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             if changed:  # the outputs kept were changed by the step: no run on the whole batch from them
                 probe, kept = None, []
             if pipe.is_last_rank:
+                self._warn_of_listed_logs(self.recorder.calls)
+
                 def make() -> StepResult:
                     # the probe runs from the step's start too, and what it changes is undone
                     rewound = probe is not None and runs is not None and runs.rewind()
