@@ -4,7 +4,8 @@ The first stage runs a step only to learn what it gives the model. Each call's i
 :class:`Pending` stand-in, and the step goes on; the first use of a stand-in (``loss = F.mse_loss(z1, z2)``) ends
 the run. A call whose output's structure a capture of the model knows (a tuple, a dict, a Hugging Face output) is
 answered by that structure of stand-ins, so that the step may unpack it (``z1, p1 = self.model(x1)``, SimSiam's) and
-go on to its next call; one whose structure is not known yet (at set-up, before its capture) is an :class:`Unknown`,
+go on to its next call; one whose structure is not known (an ``nn.Sequential``'s; a captured model's at set-up,
+before its capture) is an :class:`Unknown`, which may be indexed (``["sentence_embedding"]``) or read by field, and
 whose unpacking ends the run as unpacked: the calls are captured and the step run again. So a siamese network's,
 SimCLR's or a triplet loss's calls, made before their outputs are used, are all recorded. The first run of each step
 (per step name and dataloader) learns how many calls it makes; later runs stop right at the last one, as at the only
@@ -87,15 +88,23 @@ class Pending:
 
 
 class Unknown(Pending):
-    """A model output whose structure is not known yet (no capture of the call): unpacking it, indexing it or
-    reading an attribute ends the run as unpacked (:meth:`ModelCalls.capture`), to be run again once captured."""
+    """A model output whose structure is not known yet (an ``nn.Sequential``'s, or before a capture of the call):
+    indexing it or reading an attribute gives another (``self.model(a)["sentence_embedding"]``, sentence-transformers'
+    own; ``out.logits``), as that needs no value; unpacking it ends the run as unpacked (:meth:`ModelCalls.capture`),
+    to be run again once captured."""
 
     __slots__ = ()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        return _unpack()
+        return _part()
+
+
+def _part(*_: Any, **__: Any) -> Any:
+    if not _capturing[0]:
+        raise RuntimeError(_KEPT)
+    return Unknown()
 
 
 def _unpack(*_: Any, **__: Any) -> Any:
@@ -112,8 +121,9 @@ for _name in ("__getitem__", "__setitem__", "__call__", "__add__", "__radd__", "
               "__int__", "__index__", "__complex__", "__contains__", "__array__", "__format__", "__str__",
               "__setattr__"):
     setattr(Pending, _name, _stop)
-for _name in ("__getitem__", "__iter__", "__len__"):
+for _name in ("__iter__", "__len__"):
     setattr(Unknown, _name, _unpack)
+Unknown.__getitem__ = _part  # type: ignore[method-assign]
 
 
 def _stand_in(spec: Any) -> Any:
