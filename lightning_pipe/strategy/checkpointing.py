@@ -61,6 +61,7 @@ from lightning_pipe.strategy.randomness import (
 from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.share_warning import strategy_reads
+from lightning_pipe.strategy.step_hooks import left_behind
 from lightning_pipe.strategy.sharded import (
     is_sharded,
     load_named_optimizers,
@@ -73,6 +74,7 @@ from lightning_pipe.strategy.sharded import (
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
 _ON_EXCEPTION_WAIT = 10.0  # seconds a rank saving on its own exception waits for the others
+_IN_A_STEP_S = 1.0  # seconds a peer has waited for it inside a step before such a rank gives up on them
 # what a rank is doing while it waits for the others to write a checkpoint, as its heartbeat and errors name it: said
 # so for a rank that calls it alone, and for the others, which time out waiting elsewhere (a hook's gather)
 _SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
@@ -164,16 +166,24 @@ class PipelineCheckpoints:
         timeout = runner.pipeline.config.wait_timeout
         # Collective, as under DDP: a rank that calls it alone (under `if trainer.is_global_zero:`) must not wait for
         # the others for ever. One watched all_reduce first says so after wait_timeout, naming where the others are.
+        notice = None if shared_failure else job_failure_notice(runner.pipeline.comm.board, _SAVING)
+        if interrupted and not shared_failure and notice is not None:  # this rank's own error (a hook's, a
+            # callback's) while the others are inside a step waiting for this rank: they cannot leave it to save
+            notice = left_behind(notice, _SAVING, runner.pipeline.group, _IN_A_STEP_S, gave_up=True)
+        lost = None
         try:
             collective(torch.distributed.all_reduce, torch.zeros(1, device=self._collective_device()), what=_SAVING,
-                       timeout=min(timeout, _ON_EXCEPTION_WAIT) if interrupted else timeout,
-                       notice=None if shared_failure else job_failure_notice(runner.pipeline.comm.board, _SAVING))
+                       timeout=min(timeout, _ON_EXCEPTION_WAIT) if interrupted else timeout, notice=notice)
         except PeerLost as error:
             if not (error.timed_out and interrupted):
                 raise
-            raise RuntimeError(f"no checkpoint is written on this rank's error ({type(pending).__name__}: "
-                               f"{pending}): the other ranks did not come to save, having ended with it ("
-                               f"{error}); a pipeline's checkpoint needs every rank") from pending
+            lost = error
+        if lost is not None:  # this rank's own error goes on (``except YourError`` around fit catches it), told why
+            # no checkpoint came of it (found by review: a RuntimeError replaced it, after 10 s)
+            assert pending is not None
+            pending.add_note(f"(no checkpoint was written on this error: a pipeline's checkpoint needs every rank, "
+                             f"and the others did not come to save: {lost})")
+            raise pending
         # save_weights_only: the weights and the loops' counters, as one device writes them (nothing to resume from)
         weights_only, had_callbacks = "optimizer_states" not in checkpoint, "callbacks" in checkpoint
         if trainer is not None and self._position.seed is not None:

@@ -36,7 +36,7 @@ from lightning_pipe.strategy.gradients import clip_grad_norm_global
 from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
 from lightning_pipe.strategy.plain import all_gather_text
 
-__all__ = ["PipelineSteps"]
+__all__ = ["PipelineSteps", "left_behind"]
 
 _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
 _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
@@ -71,11 +71,12 @@ def _notify_sigterm(trainer: Trainer, connector: Any, signum: int, _: Any) -> No
     connector.received_sigterm = True
 
 
-def _left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any,
-                 after_s: float = _LEFT_BEHIND_S) -> Callable[[], PipelineError | None]:
+def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = _LEFT_BEHIND_S,
+                gave_up: bool = False) -> Callable[[], PipelineError | None]:
     """``notice`` for the collective that ends the fit, which also looks at the other ranks' heartbeats every
     ``after_s`` seconds: one that has waited that long for this rank inside a step (a rank that stopped alone never
-    sends it what it waits for) ends the fit at once, rather than at the wait's timeout (5 minutes by default)."""
+    sends it what it waits for) ends the fit at once, rather than at the wait's timeout (5 minutes by default).
+    ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``)."""
     me = torch.distributed.get_rank()
     others = [rank for rank in torch.distributed.get_process_group_ranks(group) if rank != me]
     start = time.monotonic()
@@ -90,7 +91,7 @@ def _left_behind(notice: Callable[[], PipelineError | None], what: str, group: A
         for peer in (sample_peers(others, window=0.0) or {}).values():
             if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
                 return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
-                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}", me, timed_out=False)
+                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}", me, timed_out=gave_up)
         return None
 
     return check
@@ -318,7 +319,7 @@ class PipelineSteps:
         runner = self.runner
         notice = job_failure_notice(runner.pipeline.comm.board, what)
         if what in _MEETINGS:
-            notice = _left_behind(notice, what, runner.hook_calls_group)
+            notice = left_behind(notice, what, runner.hook_calls_group)
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
                                     notice=notice)
         with explained(what, runner.hook_calls_group):
