@@ -9,7 +9,7 @@ from torch import nn
 from lightning_pipe.engine.anomaly import NonFiniteError, check_finite, check_gradients
 from lightning_pipe.engine.launch import reserved_port
 from lightning_pipe.engine.store import store_gone
-from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, Activity, Peer, _root, failure_line
 from lightning_pipe.strategy.settings import PipelineSettings
 
 
@@ -140,3 +140,13 @@ def test_a_store_whose_server_ended_is_told_gone_through_the_process_groups_pref
         del server
         assert store_gone(client)
     assert not store_gone(dist.HashStore())  # not a TCPStore: taken as answering
+
+
+def test_a_failure_of_several_lines_reaches_the_other_ranks_with_its_last_line() -> None:
+    """A DataLoader worker's error says what went wrong on its last line, after the worker's traceback (found by
+    review: the other ranks read "Caught ValueError in DataLoader worker process 0." alone)."""
+    worker = ("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              "  File \"data.py\", line 9, in __getitem__\n    raise ValueError(...)\nValueError: bad item 17\n")
+    assert failure_line(worker) == ("Caught ValueError in DataLoader worker process 0. ... ValueError: bad item 17")
+    assert failure_line("  one line\n") == "one line" and failure_line("") == "an error"
+    assert len(failure_line("x" * 2000 + "\n" + "y" * 2000)) <= 600

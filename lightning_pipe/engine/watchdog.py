@@ -46,7 +46,7 @@ from .store import cached_store, short_store, store_gone
 
 __all__ = ["DEFAULT_WAIT_TIMEOUT", "HEARTBEAT_S", "SAMPLE_S", "Activity", "activity", "start_heartbeat",
            "Peer", "sample_peers", "silent_ranks", "linger", "explain_wait", "arm_exit_guard", "posted_failure",
-           "known_failure", "PipelineStuck", "mark_failed", "hold_for_readers", "STUCK_GRACE_S"]
+           "known_failure", "PipelineStuck", "mark_failed", "failure_line", "hold_for_readers", "STUCK_GRACE_S"]
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 """Seconds the pipeline's own waits (a message from a peer, the step's collectives) last before they fail: a step
@@ -167,8 +167,17 @@ class PipelineStuck(RuntimeError):
 
 def mark_failed(store: Any, rank: int, message: str) -> None:
     """Record that the job failed (first one wins): ranks stuck in user code end themselves (:class:`_Heartbeat`)."""
-    first_line = message.strip().splitlines()[0][:600] if message.strip() else "an error"
-    store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": first_line}))
+    store.compare_set(FAILED_KEY, "", json.dumps({"time": time.time(), "rank": rank, "message": failure_line(message)}))
+
+
+def failure_line(message: str) -> str:
+    """An error's message on one line for the other ranks: its first line, and its last where it has several (a
+    DataLoader worker's error says "Caught ValueError in DataLoader worker process 0." first and what went wrong
+    last, after the worker's traceback: found by review, the cause never reached the other ranks)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "an error"
+    return (lines[0] if len(lines) == 1 else f"{lines[0][:300]} ... {lines[-1][:300]}")[:600]
 
 
 def posted_failure(wait: float = 0.0) -> tuple[int, str] | None:
