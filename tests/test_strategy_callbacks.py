@@ -451,3 +451,7 @@ def test_a_logger_drawing_the_models_graph_is_said_to_draw_none() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_callbacks([], [types.SimpleNamespace(_log_graph=False)])
+        # fast_dev_run's DummyLogger answers every name (found by review: warned of a TensorBoardLogger never given)
+        from lightning.pytorch.loggers.logger import DummyLogger
+
+        check_callbacks([], [DummyLogger()])

@@ -330,7 +330,8 @@ def check_callbacks(callbacks: Iterable[Any], loggers: Iterable[Any] = ()) -> No
     from lightning.pytorch.callbacks import BatchSizeFinder, ModelPruning
     from lightning.pytorch.utilities import rank_zero_warn
 
-    if any(getattr(logger, "_log_graph", False) for logger in loggers):
+    if any(getattr(logger, "_log_graph", False) is True for logger in loggers):  # (fast_dev_run's DummyLogger
+        # answers any name with a method)
         rank_zero_warn("TensorBoardLogger(log_graph=True) draws the model's graph by running the whole model on its "
                        "example_input_array, which no rank holds under PipelineStrategy: no graph is logged (Lightning "
                        "then says example_input_array is not set; the pipeline keeps it from Lightning, which would "
