@@ -42,16 +42,17 @@ _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiment
 _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
 _COMPARING_GROUPS = ("comparing the optimizer's parameter groups after its step (a step skipped on some ranks only, "
                      "by an optimizer_step of yours deciding from this rank's gradients?)")
-# where the ranks meet as the fit ends: a rank waiting here while others train on stopped alone
-_ENDING_THE_FIT = ("ending the fit (on_train_end), while others train on: trainer.should_stop set on some ranks only "
-                   "(under `if trainer.is_global_zero:` or in a rank_zero_only hook)? Set it on every rank, as the "
-                   "step's own code does")
-# where the ranks meet as validation starts within a fit: a rank there while others train on stopped alone (Lightning
-# validates at once when trainer.should_stop is set)
-_STARTING_VALIDATION = ("starting validation within the fit, while others train on: trainer.should_stop set on some "
-                        "ranks only (under `if trainer.is_global_zero:`, in a rank_zero_only hook, or from this rank's "
-                        "own values)? Set it on every rank, as the step's own code does")
-_MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION)  # a rank waiting at these while a peer waits for it stopped alone
+# Where the ranks meet between steps: the end of the fit, the start of validation within it (Lightning validates at
+# once when trainer.should_stop is set), the first batch of a training epoch after the first. A rank waiting there
+# while a peer waits for it inside a step left the training epoch alone (:func:`left_behind`).
+_LEFT_ALONE = ("trainer.should_stop set on some ranks only (under `if trainer.is_global_zero:`, in a rank_zero_only "
+               "hook, or from this rank's own values)? Set it on every rank, as the step's own code does. Or training "
+               "data of another length on some ranks (a dataset whose length differs by rank or node): every rank of "
+               "a pipeline reads the same batches")
+_ENDING_THE_FIT = f"ending the fit (on_train_end), while others train on: {_LEFT_ALONE}"
+_STARTING_VALIDATION = f"starting validation within the fit, while others train on: {_LEFT_ALONE}"
+_STARTING_AN_EPOCH = f"starting a training epoch, while others train on in the one before: {_LEFT_ALONE}"
+_MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION, _STARTING_AN_EPOCH)
 _LEFT_BEHIND_S = 10.0  # seconds a peer waits for a rank that is ending the fit before that parts them
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
@@ -287,7 +288,9 @@ class PipelineSteps:
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._steps_in_batch = 0
         if batch_idx == 0:  # a training epoch's first batch: every rank is here, between steps
-            self._make_hook_calls()
+            trainer = self._trainer()
+            self._make_hook_calls(_STARTING_AN_EPOCH if trainer is not None and trainer.current_epoch > 0
+                                  else _SHARING_HOOK_CALLS)
 
     @override
     def on_train_end(self) -> None:
