@@ -640,3 +640,70 @@ def test_a_predict_step_that_calls_the_model_otherwise_gets_its_own_capture(prec
     for result in results:
         assert result["predictions"] == [torch.Size([rows, length]) for rows, length in BATCHES]
     assert results[0] == results[1]
+
+
+def _curriculum(rank: int, world_size: int) -> dict[str, Any]:
+    """A captured model fed by a DataModule whose train_dataloader() chooses its data by how many loaders it built (a
+    curriculum by call count), reloaded every epoch."""
+    import lightning as L
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(8, 16), nn.Sequential(nn.Linear(16, 16), nn.Tanh()), \
+                nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.inp(x))
+            return self.out(h + self.block(h))
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Residual()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class Curriculum(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.built = 0
+
+        def train_dataloader(self) -> DataLoader:
+            rows = 16 * (self.built + 1)  # each build holds more rows
+            self.built += 1
+            generator = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, 8, generator=generator)
+            return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+    data, module = Curriculum(), Module()
+    trainer = L.Trainer(strategy="pipedream" if world_size > 1 else "auto", accelerator="cpu", devices=world_size,
+                        max_epochs=2, reload_dataloaders_every_n_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=data)
+    return {"built": data.built, "steps": trainer.global_step,
+            "state": {key: value.clone() for key, value in module.state_dict().items()}}
+
+
+@pytest.mark.timeout(150)
+def test_the_capture_reads_its_first_batch_from_the_loader_the_fit_then_trains_on() -> None:
+    """The capture built the training loader once more than one device (its own call of train_dataloader()): a
+    curriculum chosen by the builds then trained on other data, 25 steps where one device trained 20, silently
+    (found by review)."""
+    expected = _curriculum(0, 1)
+    results = run_ranks(_curriculum, 2, timeout=130)
+    for result in results:
+        assert (result["built"], result["steps"]) == (expected["built"], expected["steps"]) == (2, 6)
+    held = {**results[0]["state"], **results[1]["state"]}
+    for key, value in expected["state"].items():
+        torch.testing.assert_close(held[key], value, rtol=1e-5, atol=1e-6, msg=key)

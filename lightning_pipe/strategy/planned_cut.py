@@ -37,6 +37,7 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
         raise ValueError(f"there is no {hook}: {how.format(hook=hook)}")
     mode = "max_size_cycle" if trainer.state.fn == TrainerFn.FITTING else "sequential"
     loaders = _request_dataloader(source)
+    _hand_over(source, loaders)
     # the loop's own wrapping: the user's CombinedLoader (with its mode) as it is, other loaders in the loop's mode
     combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, mode)
     generators = _generators(combined.iterables)  # a shuffle's own generator draws an order as the loader starts:
@@ -51,6 +52,23 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
         for generator, state in zip(generators, states):
             generator.set_state(state)
     return batch, step
+
+
+def _hand_over(source: Any, loaders: Any) -> None:
+    """Have the loop's next request of ``source`` (its ``setup_data``, as the stage runs) take ``loaders``: a hook of
+    the module's or the DataModule's was called once more than on one device, and one with effects (a curriculum
+    chosen by how many loaders it built, a split drawn per call, an expensive build) then gave the fit other data
+    (found by review: 25 steps where one device trained 20, silently). A loader given to the Trainer is the same
+    object either way; one handed over for another instance (a fit that failed before its loop asked) is not taken."""
+    if not source.is_module():
+        return
+    instance = source.instance
+
+    def once() -> Any:
+        vars(source).pop("dataloader", None)  # the class's own from now on (reload_dataloaders_every_n_epochs)
+        return loaders if source.instance is instance else source.dataloader()
+
+    source.dataloader = once
 
 
 def _generators(loaders: Any) -> list[torch.Generator]:
