@@ -213,7 +213,19 @@ def test_a_models_method_may_make_tensors_like_its_parameters_but_not_compute_wi
         def data_norm(self) -> torch.Tensor:
             return next(self.parameters()).data.norm()
 
+        @staticmethod
+        def logits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (Hugging Face's compute_contrastive_logits)
+            return a @ b.T
+
+        @classmethod
+        def named(cls) -> str:
+            return cls.__name__
+
     model = RNNModel()
+    # a static or class method reaches no instance (found by review: refused as a method of the model)
+    refusal_ = lambda: "refused"  # noqa: E731
+    assert plain_attribute(model, "logits", refusal_, model)(torch.ones(2, 3), torch.ones(4, 3)).shape == (2, 4)
+    assert plain_attribute(model, "named", refusal_, model)() == "RNNModel"
     refusal = lambda: "computes with the weights"  # noqa: E731
     assert plain_attribute(model, "init_hidden", refusal, model)(3).shape == (2, 3, 5)
     for name in ("penalty", "data_norm"):

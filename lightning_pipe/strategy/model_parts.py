@@ -27,8 +27,8 @@ NAMING_METHODS = frozenset({"no_weight_decay", "no_weight_decay_keywords", "grou
 
 def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str],
                     holder: nn.Module | None = None) -> Any:
-    """``module``'s attribute ``name`` where it is plain data (a config, a size) or a method that only names
-    parameters (:data:`NAMING_METHODS`); another of its methods runs on ``holder`` (its stand-in), where it may read
+    """``module``'s attribute ``name`` where it is plain data (a config, a size), a static or class method (which
+    reaches no instance), or a method that only names parameters (:data:`NAMING_METHODS`); another of its methods runs on ``holder`` (its stand-in), where it may read
     the parameters' dtype, device and shape but not their values (:func:`shape_only`: an RNN's ``init_hidden``); a
     module, a tensor or anything else callable (which would reach other ranks' weights) raises
     ``AttributeError(refusal())``."""
@@ -42,6 +42,8 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
     if holder is not None and inspect.ismethod(value) and value.__self__ is module and name != "generate":
         return functools.partial(shape_only, value.__func__, holder, refusal)
     getter = inspect.getattr_static(type(module), name, None)
+    if isinstance(getter, staticmethod) or isinstance(getter, classmethod) and value.__self__ is type(module):
+        return value  # no instance to reach (Hugging Face's Wav2Vec2ForPreTraining.compute_contrastive_logits)
     if holder is not None and isinstance(getter, property) and isinstance(value, nn.Module):
         # a property giving a module of the model (Hugging Face's base_model, which get_input_embeddings asks for):
         # computed on the stand-in, it gives that module's stand-in
