@@ -54,6 +54,16 @@ def test_split_errors() -> None:
         split_batch(graphs, 2)
     assert "CombinedLoader" not in str(error.value)
     assert "One graph per batch" in str(error.value) and "num_microbatches=1" in str(error.value)  # (found by review)
+    class DataBatch:  # PyTorch Geometric's loader's batch, its tensors in attributes (found by review: told to make
+        # it a dict, which was then refused as a batch of graphs)
+        num_graphs = 3
+
+        def __init__(self) -> None:
+            self.x, self.edge_index = torch.ones(9, 3), torch.zeros(2, 14, dtype=torch.long)
+            self.batch = torch.zeros(9, dtype=torch.long)
+
+    with pytest.raises(ValueError, match=r"cannot split a batch of DataBatch into micro-batches.*a batch of graphs"):
+        split_batch(DataBatch(), 2)
     with pytest.raises(ValueError, match="CombinedLoader"):  # a dict of loaders' batches with other batch sizes
         split_batch({"a": (torch.ones(4, 1), torch.ones(4)), "b": (torch.ones(3, 1), torch.ones(3))}, 2)
     # the rows' sequences concatenated beside their start offsets, as nn.EmbeddingBag takes them

@@ -46,6 +46,9 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     sizes = {t.shape[0] for t in leaves if t.dim() > 0}
     if not sizes:
         hidden = _hidden_tensors(batch)
+        if hidden is not None and _graph_batch(batch):
+            raise ValueError(f"cannot split a batch of {hidden} into micro-batches: a pipeline splits a batch's "
+                             f"tensors along their rows (dim 0). {_GRAPH_ADVICE}")
         if hidden is not None:
             raise ValueError(f"cannot split a batch of {hidden} (a class of its own) into micro-batches: a pipeline "
                              f"splits a batch's tensors along their rows (dim 0) in tensors, tuples, lists, dicts, "
@@ -97,15 +100,29 @@ def _graphs(leaves: list[torch.Tensor]) -> str:
     """Advice for a batch of graphs as PyTorch Geometric collates them: an integer ``(2, edges)`` edge list."""
     if not any(t.dim() == 2 and t.shape[0] == 2 and not t.is_floating_point() and t.shape[1] != 2 for t in leaves):
         return ""
-    return ("It looks like a batch of graphs (PyTorch Geometric's: every graph's nodes stacked, a (2, edges) "
-            "edge_index, a vector naming each node's graph), whose rows are not along any dim: have the collate_fn "
-            "give a list of the graphs, each a dict of its tensors, beside their labels (a micro-batch then holds "
-            "whole graphs) and put them together in the step (the sparse layers run unchanged), or make the graphs "
-            "the rows in the collate_fn, each padded to the batch's largest (torch_geometric.utils.to_dense_batch and "
-            "to_dense_adj give (graphs, nodes, features) and (graphs, nodes, nodes)), and run dense graph layers. "
-            "One graph per batch (node classification over one connected graph) has no rows to split: give it as a "
-            "batch of one row (each tensor unsqueezed to (1, ...)) and pass num_microbatches=1, which runs the "
-            "stages in turn, without overlap. ")
+    return _GRAPH_ADVICE
+
+
+def _graph_batch(tree: Any) -> bool:
+    """Whether ``tree`` holds PyTorch Geometric's batch of graphs (its loader's ``DataBatch``: ``num_graphs`` and an
+    ``edge_index``), whose class hides its tensors."""
+    if isinstance(tree, torch.Tensor) or type(tree) in _PLAIN:
+        return False
+    if hasattr(tree, "num_graphs") and isinstance(getattr(tree, "edge_index", None), torch.Tensor):
+        return True
+    return any(_graph_batch(child) for child in _children(tree))
+
+
+_GRAPH_ADVICE = (
+    "It looks like a batch of graphs (PyTorch Geometric's: every graph's nodes stacked, a (2, edges) edge_index, a "
+    "vector naming each node's graph), whose rows are not along any dim: have the collate_fn give a list of the "
+    "graphs, each a dict of its tensors (data.to_dict()), beside their labels (a micro-batch then holds whole graphs) "
+    "and put them together in the step (torch_geometric.data.Batch.from_data_list of Data(**graph) for each; the "
+    "sparse layers run unchanged), or make the graphs the rows in the collate_fn, each padded to the batch's largest "
+    "(torch_geometric.utils.to_dense_batch and to_dense_adj give (graphs, nodes, features) and (graphs, nodes, "
+    "nodes)), and run dense graph layers. One graph per batch (node classification over one connected graph) has no "
+    "rows to split: give it as a batch of one row (each tensor unsqueezed to (1, ...)) and pass num_microbatches=1, "
+    "which runs the stages in turn, without overlap. ")
 
 
 def _time_major(leaves: list[torch.Tensor]) -> str:
