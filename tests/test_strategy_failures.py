@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal as signals
 import socket
@@ -394,6 +395,9 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
                 torch.manual_seed(0)
                 self.layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                                             nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+                if kind == "named-head":  # the head by its name in the sequence
+                    names = [*map(str, range(6)), "head"]
+                    self.layers = nn.Sequential(collections.OrderedDict(zip(names, self.layers)))
                 self.head = self.layers[-1]
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -409,6 +413,8 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
             if kind == "listed-head":  # the head's weight read by index, the parameters only counted: not a penalty
                 self.log("parameters", float(sum(p.numel() for p in self.parameters())))
                 return loss + 0.01 * self.layers[-1].weight.pow(2).sum()
+            if kind == "named-head":  # an L2 penalty on the head alone, by its name (found by review: refused)
+                return loss + 0.01 * sum(p.pow(2).sum() for p in self.layers.head.parameters())
             if kind == "aliased-head":  # the head's weight read through another attribute naming it
                 return loss + 0.01 * self.head.weight.pow(2).sum()
             # (orthogonal) each layer's weight close to an orthogonal matrix
@@ -423,7 +429,7 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
     trainer.fit(Module(), regression_data(12 if kind.startswith("late-") else 2, batch_size=8))
     if kind.startswith("late-"):
         return trainer.global_step
-    if kind in ("listed-head", "aliased-head"):
+    if kind in ("listed-head", "aliased-head", "named-head"):
         trainer.save_checkpoint(f"{folder}/{world_size}.ckpt")
         return torch.load(f"{folder}/{world_size}.ckpt", weights_only=False)["state_dict"]
 
@@ -448,7 +454,7 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["listed-head", "aliased-head"])
+@pytest.mark.parametrize("kind", ["listed-head", "aliased-head", "named-head"])
 def test_a_head_weight_the_step_reads_by_index_is_not_refused_where_the_step_also_lists_parameters(
         kind: str, tmp_path: Any) -> None:
     """The head's weight read by index or through an attribute naming it (a prototype loss from it) is one

@@ -77,6 +77,7 @@ class FirstBatchChecks(RowChecks):
         # Training steps whose loss is looked through for the model's parameters read by the step's own code
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
         self._listed_reads: set[int] = set()  # those of the last such step's parameters its loops listed
+        self._reached_reads: set[int] = set()  # and those it reached by index or name (self.net.head)
         self._listed_seen = False  # the last such step's loops listed this rank's layers (for _warn_of_listed_logs)
         self._listed_logs_warned = False
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
@@ -302,6 +303,7 @@ class FirstBatchChecks(RowChecks):
                 yield
             finally:
                 self._listed_reads = set().union(*(sequence.listed_parameters() for sequence in sequences))
+                self._reached_reads = set().union(*(sequence.reached_parameters() for sequence in sequences))
 
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters
@@ -315,8 +317,10 @@ class FirstBatchChecks(RowChecks):
         read = parameters_reached(loss, output, local)
         self._listed_seen = bool(self._listed_reads)
         listed, self._listed_reads = read & self._listed_reads, set()
-        if not listed and (len(read) < 2 or 2 * len(read) < len(local)):  # not a term over the module's parameters:
-            return  # one on the last layer's alone (a prototype loss from the head's weight) reads this rank's only
+        unnamed, self._reached_reads = read - self._reached_reads, set()  # (a layer reached by index or name: as on
+        # one device, an L2 penalty on the head alone, found by review refused)
+        if not listed and (len(unnamed) < 2 or 2 * len(unnamed) < len(local)):  # not a term over the module's
+            return  # parameters: one on the last layer's (a prototype loss from the head's weight) is one device's
         names = [name for name, param in self.module.named_parameters() if id(param) in read]
         raise ValueError(
             f"training_step's loss reads the pipelined model's parameters itself ({', '.join(names[:4])}"

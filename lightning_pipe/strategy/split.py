@@ -131,6 +131,21 @@ class PipelinedSequence(nn.Module):
         ``self.modules()``, which on one device covers every rank's layers."""
         return {id(param) for layer in self._listed_layers() for param in nn.Module.parameters(layer)}
 
+    def reached_parameters(self) -> set[int]:
+        """The ids of the parameters of this rank's layers the step's code reached by index or name (``self.net[-1]``,
+        ``self.net.head``), as every rank reaches them (:meth:`listings`): a penalty over those is one device's."""
+        if self.indexed is None:
+            return set()
+        return {id(param) for layer in self._modules.values() if layer is not None and id(layer) in self.indexed
+                for param in nn.Module.parameters(layer)}
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        indexed = self.__dict__.get("indexed")
+        if indexed is not None and isinstance(value, nn.Module) and name in self.__dict__["_modules"]:
+            indexed.add(id(value))  # a layer reached by its name, as by index
+        return value
+
     def _listed_layers(self) -> list[nn.Module]:
         """This rank's layers that a listing gave (they or a module inside them) and no index reached."""
         if self.listed is None or self.indexed is None:
