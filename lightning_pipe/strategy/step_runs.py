@@ -108,6 +108,10 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                 and not any(isinstance(note, str) and note.startswith(f"({_RUN_NOTE}") for note in notes):
             sized = re.search(rf"(?<![\d.]){total}(?![\d.])", str(error)) is not None
             lists = per_row_lists(microbatch, rows) if microbatch is not None else []
+            # an index past a size of this micro-batch's rows, that the whole batch's rows would have held
+            beyond = re.search(r"index (\d+) is out of bounds for dimension \d+ with size (\d+)", str(error))
+            offsets = isinstance(error, IndexError) and beyond is not None and rows > 0 and int(beyond.group(2)) > 0 \
+                and int(beyond.group(2)) % rows == 0 and int(beyond.group(1)) < int(beyond.group(2)) * total // rows
             error.add_note(
                 f"({_RUN_NOTE}{step} got micro-batch {index} of {count}: {rows} of the batch's {total} rows; under "
                 f"PipelineStrategy the step's code runs once per micro-batch" + (
@@ -116,10 +120,16 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"; {', '.join(lists)} held {total} items, one per row, and were split with the rows: a list "
                     f"that is one per batch (a vocabulary) with as many items as the batch has rows must be kept "
                     f"elsewhere (on the module) or nested in a list of one" if lists else "") + (
+                    "; a tensor of the batch holding indices into the whole batch's rows (each row's offset by "
+                    "row * length, as Hugging Face's wav2vec2 pre-training collates its sampled negatives) is split "
+                    "with the rows but still points into the whole batch: make the indices each row's own in the "
+                    "collate_fn and add the offsets in the step (index + torch.arange(len(x))[:, None] * length)"
+                    if offsets else "") + (
                     f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
                     f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
                     f"(metric.update(...)) and log the metric object" if rows <= 2 and not sized and isinstance(
-                        error, (ValueError, IndexError, ZeroDivisionError)) and not _raised_here(error) else "")
+                        error, (ValueError, IndexError, ZeroDivisionError)) and not _raised_here(error)
+                    and not offsets else "")
                 + ")")
         raise
 
