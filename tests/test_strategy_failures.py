@@ -580,7 +580,7 @@ def test_a_stop_decided_on_the_last_rank_only_before_validation_is_named_as_the_
     assert time.monotonic() - start < 120
 
 
-def _data_of_other_lengths(rank: int, world_size: int, validating: bool) -> None:
+def _data_of_other_lengths(rank: int, world_size: int, after: str) -> None:
     import lightning as L
 
     from tests.lightning_models import Regressor, regression_data
@@ -589,22 +589,27 @@ def _data_of_other_lengths(rank: int, world_size: int, validating: bool) -> None
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
 
+    class Logged(Regressor):  # the shorter rank waits where the epoch-end hooks' logs are shared
+        def on_train_epoch_end(self) -> None:
+            self.log("weight_norm", sum(p.detach().pow(2).sum() for p in self.parameters()))
+
     trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=300.0), accelerator="cpu", devices=world_size,
                         max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, num_sanity_val_steps=0)
     data = regression_data(4, batch_size=8)
     if rank == 1:  # a file listing that differs by node: the same rows, one batch fewer
         data = torch.utils.data.DataLoader(torch.utils.data.Subset(data.dataset, range(24)), batch_size=8)
-    trainer.fit(Validated() if validating else Regressor(), data, regression_data(2) if validating else None)
+    module = {"validation": Validated, "epoch-end log": Logged}.get(after, Regressor)()
+    trainer.fit(module, data, regression_data(2) if after == "validation" else None)
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("validating", [False, True])
-def test_training_data_of_another_length_on_one_rank_ends_every_rank_soon_naming_it(validating: bool) -> None:
+@pytest.mark.parametrize("after", ["next epoch", "validation", "epoch-end log"])
+def test_training_data_of_another_length_on_one_rank_ends_every_rank_soon_naming_it(after: str) -> None:
     """Rank 1's loader gave one batch fewer: it went on to the next epoch (or to validation) while rank 0 waited for it
     inside a step, and both sat out the wait timeout blaming an endless loop (found by review)."""
     start = time.monotonic()
-    texts = run_ranks(_data_of_other_lengths, 2, validating, timeout=130, expect_failure=True)
+    texts = run_ranks(_data_of_other_lengths, 2, after, timeout=130, expect_failure=True)
     for rank, text in enumerate(texts):
         assert text is not None and "training data of another length on some ranks" in text, f"rank {rank}: {text}"
     assert time.monotonic() - start < 120

@@ -1401,6 +1401,7 @@ def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Monitored(), regression_data(2, batch_size=8))
+    assert not [w for w in caught if "requires_grad=True to a scalar" in str(w.message)]  # (found by review)
     return [str(w.message) for w in caught if "lists the pipelined model's layers" in str(w.message)]
 
 

@@ -350,7 +350,9 @@ class FirstBatchChecks(RowChecks):
         values: dict[str, list[float]] = {}
         for arguments, _ in calls:
             value = arguments.get("value")
-            if isinstance(value, torch.Tensor) and value.numel() == 1 or isinstance(value, (int, float)):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                values.setdefault(arguments["name"], []).append(float(value.detach()))
+            elif isinstance(value, (int, float)):
                 values.setdefault(arguments["name"], []).append(float(value))
         alike = [name for name, seen in values.items() if len(seen) > 1 and len(set(seen)) == 1]
         if not alike:

@@ -73,11 +73,12 @@ def _notify_sigterm(trainer: Trainer, connector: Any, signum: int, _: Any) -> No
 
 
 def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = _LEFT_BEHIND_S,
-                gave_up: bool = False) -> Callable[[], PipelineError | None]:
+                gave_up: bool = False, why: str = "") -> Callable[[], PipelineError | None]:
     """``notice`` for the collective that ends the fit, which also looks at the other ranks' heartbeats every
     ``after_s`` seconds: one that has waited that long for this rank inside a step (a rank that stopped alone never
     sends it what it waits for) ends the fit at once, rather than at the wait's timeout (5 minutes by default).
-    ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``)."""
+    ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``); ``why`` ends its
+    message."""
     me = torch.distributed.get_rank()
     others = [rank for rank in torch.distributed.get_process_group_ranks(group) if rank != me]
     start = time.monotonic()
@@ -92,7 +93,7 @@ def left_behind(notice: Callable[[], PipelineError | None], what: str, group: An
         for peer in (sample_peers(others, window=0.0) or {}).values():
             if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
                 return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
-                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}", me, timed_out=gave_up)
+                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}{why}", me, timed_out=gave_up)
         return None
 
     return check
@@ -323,6 +324,9 @@ class PipelineSteps:
         notice = job_failure_notice(runner.pipeline.comm.board, what)
         if what in _MEETINGS:
             notice = left_behind(notice, what, runner.hook_calls_group)
+        elif what == _SHARING_HOOK_LOGS:  # (the epoch-end hooks' share: a rank that left the epoch alone waits here)
+            notice = left_behind(notice, what, runner.hook_calls_group,
+                                 why=f": this rank left the training epoch alone? {_LEFT_ALONE}")
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
                                     notice=notice)
         with explained(what, runner.hook_calls_group):
