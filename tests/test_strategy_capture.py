@@ -707,3 +707,69 @@ def test_the_capture_reads_its_first_batch_from_the_loader_the_fit_then_trains_o
     held = {**results[0]["state"], **results[1]["state"]}
     for key, value in expected["state"].items():
         torch.testing.assert_close(held[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _fixed_rows(rank: int, world_size: int, kind: str) -> list[str]:
+    """A captured model whose forward takes the rows' number as an int: to size a zero state only ("sizes"), to
+    number the rows ("numbers": each row's output depends on its place in the batch), or inside a loss it returns
+    ("loss": no output with rows to compare)."""
+    import warnings
+
+    import lightning as L
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.inp(x)) + h_zero(x)
+            if kind == "numbers":
+                h = h + 0.1 * torch.arange(len(x))[:, None]
+            out = self.out(h)
+            return out.pow(2).mean() if kind == "loss" else out
+
+    def h_zero(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(len(x), 16)  # the rows' number as an int: the graph is fixed to it
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            out = self.net(x)
+            return out if kind == "loss" else torch.nn.functional.mse_loss(out, y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, max_steps=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
+    return [str(w.message) for w in caught if "fixes the batch's rows" in str(w.message)]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kind", ["sizes", "numbers", "loss"])
+def test_a_graph_that_fixes_the_rows_is_run_joined_and_apart_to_tell_whether_they_meet(kind: str) -> None:
+    """Every einops model (x-transformers: b = x.shape[0] handed on as an int) was warned that its graph fixes the rows
+    and might pair them, a conditional the user could not resolve (found by review): the model itself now runs on two
+    micro-batches joined and apart. Agreeing, nothing is said; differing, the measured difference is; with a single
+    loss as its output (nothing with rows to compare) the conditional warning stays."""
+    warned = run_ranks(_fixed_rows, 2, kind, timeout=130)[0]
+    if kind == "sizes":
+        assert warned == []
+    elif kind == "numbers":
+        assert len(warned) == 1 and "differ run together and apart" in warned[0], warned
+    else:
+        assert len(warned) == 1 and "Where the number only sizes a tensor" in warned[0], warned

@@ -24,7 +24,7 @@ from .calls import each_call
 from .kept import kept_buffers, kept_modes
 from .rng import forked
 
-__all__ = ["rows_meet", "rows_meet_in_training", "parts_differ"]
+__all__ = ["rows_meet", "rows_meet_in_training", "rows_verdict", "parts_differ"]
 
 _LOW, _AUTOCAST, _FULL = 5e-2, 2e-2, 1e-3  # relative: half-precision values; float32 computed under autocast (from
 # half-precision products, whose kernels may differ with the number of rows); float32 and float64
@@ -72,6 +72,34 @@ def _joined_and_apart(module: nn.Module, first: Any, second: Any, device: torch.
         return None
     except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
         return None
+
+
+def rows_verdict(module: nn.Module, first: Any, second: Any, device: torch.device | None = None
+                 ) -> tuple[str, float]:
+    """Whether ``module``'s rows meet, told by running two micro-batches' inputs joined and apart, in eval mode and
+    then in its training modes (dropout and torch's batch norms in eval): ``("meet", difference)`` where the outputs
+    differ beyond rounding; ``("apart", 0.0)`` where they agree in both modes and every tensor of the output has the
+    rows along dim 0 (so nothing was left out of the comparison); ``("unknown", 0.0)`` otherwise (random layers, an
+    output over the whole input such as a single loss, inputs that do not join, a layer refusing the joined input).
+    Buffers and modes are put back; the global random generators are left untouched."""
+    try:
+        joined = _join(first, second, _rows(first), _rows(second))
+        for modes in (_evaluating, _training):
+            with modes(module), torch.no_grad():
+                apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
+                again = _run(module, first, device, _SEED + 1)
+                if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
+                    return "unknown", 0.0
+                together = _run(module, joined, device, _SEED)
+            pairs = list(_pairs(apart, together))
+            if len(pairs) != sum(1 for _ in _leaves(together)):
+                return "unknown", 0.0  # a tensor without the rows (a loss): the comparison leaves it out
+            difference = _difference(pairs)
+            if difference is not None:
+                return "meet", difference
+        return "apart", 0.0
+    except Exception:  # noqa: BLE001 - _CannotTell, or a layer refusing the joined input: no telling
+        return "unknown", 0.0
 
 
 def parts_differ(parts: list[Any], whole: Any) -> float | None:

@@ -151,6 +151,11 @@ class CapturedModule:
         return self.proxy is not None
 
     @property
+    def stored(self) -> bool:
+        """Whether a capture's forward stored tensors outside the model (:meth:`_mark_stored`)."""
+        return bool(self._stored)
+
+    @property
     def where(self) -> str:
         """The model, for messages."""
         if self.root:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pipe.capture import CaptureError
 from lightning_pipe.capture.coupling import FIXED_ROWS
+from lightning_pipe.strategy.fixed_rows import measured_rows
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.runtime import configure_threads
@@ -221,7 +222,20 @@ class PipelineCutting:
                           f"micro-batch, are not the batch's, {rows}: where they are parts of the batch's rows that "
                           f"the step puts together, as the nodes of a batch of graphs, and meet only within a row of "
                           f"the batch, as messages along each graph's edges do, it trains as on one device)")
-            if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: no telling what it does
+            measured = ("unknown", 0.0)
+            if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: the model run joined and apart
+                with self._step_context(step):
+                    measured = measured_rows(captured, step, split_batch(self._as_step_gets(batch),
+                                                                         self.num_microbatches), self.root_device)
+            if measured[0] == "apart":
+                pass  # the number only sizes tensors: the outputs of two micro-batches agree run together and apart
+            elif measured[0] == "meet":
+                rank_zero_warn(f"{type(captured.model).__name__}: {meeting}; run eagerly, its outputs for the first "
+                               f"two micro-batches differ run together and apart (relative difference "
+                               f"{measured[1]:.2g}): the number pairs or limits the rows. "
+                               f"{alone[0].upper()}{alone[1:]}, so the loss and its gradients are not one device's: "
+                               f"num_microbatches=1 gives one device's")
+            elif meeting.startswith(FIXED_ROWS):  # no telling what the number does
                 rank_zero_warn(f"{type(captured.model).__name__}: {meeting}. Where the number only sizes a tensor "
                                f"(self.cls.expand(len(x), -1, -1)) this trains as on one device, and x.shape[0] in "
                                f"place of len(x) keeps one capture for every size; where it pairs or limits the rows "

@@ -1,0 +1,80 @@
+"""Whether a captured model whose graph fixed the batch's rows lets them meet, measured.
+
+A forward that takes the rows' number as a Python int (``b = x.shape[0]`` handed to einops, as x-transformers does;
+``h.new_zeros(len(x), d)``) is captured for that number, and the graph cannot tell whether the number only sizes
+tensors (one device's training) or pairs or limits the rows (labels ``torch.arange(len(logits))``, an expert's
+capacity: a micro-batch's rows meet only each other). :func:`measured_rows` runs the model itself, eagerly, on the
+first two micro-batches' inputs joined and apart (:func:`~lightning_pipe.engine.rows.rows_verdict`): outputs that
+agree, every tensor of them holding the rows, need no warning (found by review: every einops model was warned);
+outputs that differ are a measured difference. The model's buffers, modes and attributes are put back, and a model
+built on meta, or whose forward stores tensors for the step, is not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_pipe.engine.kept import kept_buffers, kept_modes
+from lightning_pipe.engine.microbatch import owned
+from lightning_pipe.engine.rows import rows_verdict
+from lightning_pipe.strategy.captured import CapturedModule, no_logging
+
+__all__ = ["measured_rows"]
+
+_UNKNOWN = ("unknown", 0.0)
+
+
+class _Called(nn.Module):
+    """A model called with one call's ``(args, kwargs)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, call: tuple[tuple, dict[str, Any]]) -> Any:
+        args, kwargs = call
+        return self.model(*args, **kwargs)
+
+
+def measured_rows(captured: CapturedModule, step: str, microbatches: Sequence[Any],
+                  device: torch.device | None) -> tuple[str, float]:
+    """:func:`~lightning_pipe.engine.rows.rows_verdict` of ``captured``'s model on the model's call of ``step`` for
+    the first two ``microbatches``: ``("meet", difference)``, ``("apart", 0.0)`` or ``("unknown", 0.0)``."""
+    model = captured.model
+    if len(microbatches) < 2 or captured.stored or any(p.is_meta for p in model.parameters()) \
+            or any(b.is_meta for b in model.buffers()):
+        return _UNKNOWN
+    calls = []
+    try:
+        with torch.random.fork_rng(devices=[]), no_logging(captured.module), \
+                kept_buffers([captured.module], skip=model), kept_modes([captured.module, model]):
+            for microbatch in microbatches[:2]:
+                found = captured.model_calls(step, owned(microbatch), (0,), {})
+                if len(found) != 1:  # several calls per step: their outputs are not one tensor's rows
+                    return _UNKNOWN
+                calls.append(found[0])
+    except Exception:  # noqa: BLE001 - the capture said what it had to; no telling here
+        return _UNKNOWN
+    with _attributes_kept(model), torch.random.fork_rng(devices=[]):
+        return rows_verdict(_Called(model), calls[0], calls[1], device)
+
+
+@contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Each of ``model``'s modules' plain attributes as they were, afterwards (a step counter, a cache the forward
+    sets); its parameters, buffers and children are not replaced by a forward."""
+    kept = [(module, {key: value for key, value in vars(module).items()
+                      if key not in ("_parameters", "_buffers", "_modules")}) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in kept:
+            for key in [key for key in vars(module) if key not in attributes
+                        and key not in ("_parameters", "_buffers", "_modules")]:
+                delattr(module, key)
+            vars(module).update(attributes)
