@@ -1383,10 +1383,26 @@ def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
 
     torch.set_num_threads(1)
 
+    class Residual(nn.Module):  # a captured model: not an nn.Sequential
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(16, 16), nn.Sequential(nn.Linear(16, 16), nn.Tanh()), \
+                nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.inp(x))
+            return self.out(h + self.block(h))
+
     class Monitored(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            if kind == "captured-norm":
+                torch.manual_seed(0)
+                self.layers = Residual()
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = super().training_step(batch, batch_idx)
-            if kind == "norm":  # a weight norm and a layer count from the step's own listing, nothing of it in the loss
+            if kind in ("norm", "captured-norm"):  # a weight norm and a layer count from the step's own listing
                 self.log("weight_norm", torch.sqrt(sum(p.detach().pow(2).sum() for p in self.parameters())))
                 self.log("linears", float(sum(1 for m in self.modules() if isinstance(m, nn.Linear))))
             elif kind == "dropout":  # a listing that sets a rate, the loss alone logged
@@ -1406,7 +1422,7 @@ def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["norm", "dropout"])
+@pytest.mark.parametrize("kind", ["norm", "dropout", "captured-norm"])
 def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: str) -> None:
     """A weight norm over self.parameters() logged from training_step was the last stage's share (4.2 where one
     device's is 14.8), silently (found by review): warned of, naming the values, on the last stage's rank. A value
@@ -1414,7 +1430,7 @@ def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: 
     by a step that sets the dropout rates is named too (the warning says such a value is logged as on one device)."""
     warned = run_ranks(_logs_a_weight_norm, 2, kind, timeout=100)
     assert warned[0] == []
-    if kind == "norm":
+    if kind in ("norm", "captured-norm"):
         assert len(warned[1]) == 1 and "'weight_norm', 'linears'" in warned[1][0], warned
     else:
         assert len(warned[1]) == 1 and "'lr'" in warned[1][0], warned

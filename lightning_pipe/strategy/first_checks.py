@@ -6,6 +6,7 @@ base :class:`~.row_checks.RowChecks`, where rows of a batch may meet. A mixin of
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import owned, split_batch
 from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.loss_graph import loss_form, parameters_reached
+from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.positions import looked_at_again
 from lightning_pipe.strategy.randomness import (
     derive_seed,
@@ -78,6 +80,7 @@ class FirstBatchChecks(RowChecks):
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
         self._listed_reads: set[int] = set()  # those of the last such step's parameters its loops listed
         self._reached_reads: set[int] = set()  # and those it reached by index or name (self.net.head)
+        self._models_listed = False  # the last such step's code listed a captured model's modules or parameters
         self._listed_seen = False  # the last such step's loops listed this rank's layers (for _warn_of_listed_logs)
         self._listed_logs_warned = False
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
@@ -298,12 +301,16 @@ class FirstBatchChecks(RowChecks):
         if self._parameter_reads_left <= 0 or index != 0:
             yield
             return
-        with listings_of(self.module) as sequences:
+        models = [part for part in self.module.modules() if isinstance(part, PipelinedModel)]
+        with listings_of(self.module) as sequences, contextlib.ExitStack() as stack:
+            listed = [stack.enter_context(model.listings()) for model in models]
             try:
                 yield
             finally:
                 self._listed_reads = set().union(*(sequence.listed_parameters() for sequence in sequences))
                 self._reached_reads = set().union(*(sequence.reached_parameters() for sequence in sequences))
+                stack.close()
+                self._models_listed = any(flag[0] for flag in listed)  # a captured model's share listed
 
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters
@@ -315,7 +322,7 @@ class FirstBatchChecks(RowChecks):
         self._parameter_reads_left -= 1
         local = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - allowed
         read = parameters_reached(loss, output, local)
-        self._listed_seen = bool(self._listed_reads)
+        self._listed_seen = bool(self._listed_reads) or self._models_listed
         listed, self._listed_reads = read & self._listed_reads, set()
         unnamed, self._reached_reads = read - self._reached_reads, set()  # (a layer reached by index or name: as on
         # one device, an L2 penalty on the head alone, found by review refused)

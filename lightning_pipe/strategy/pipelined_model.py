@@ -4,7 +4,8 @@ running it anywhere else is refused."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch.nn as nn
@@ -13,6 +14,7 @@ from lightning_pipe.capture import Segment
 from lightning_pipe.strategy.model_calls import ModelCalls, refuse_other_weights
 from lightning_pipe.strategy.model_parts import (METHODS, complete, in_model_order, mirror, mode_of,
                                                  stand_in_attribute, written_through)
+from lightning_pipe.strategy.split import by_user
 
 __all__ = ["PipelinedModel"]
 
@@ -103,6 +105,23 @@ class PipelinedModel(nn.Module):
                            f"Lightning's EMAWeightAveraging or StochasticWeightAveraging callback, or as one tensor "
                            f"per parameter swapped into the model for validation. To run the whole model elsewhere, "
                            f"load a checkpoint with YourModule.load_from_checkpoint(path)")
+
+    def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+        if self.__dict__.get("listed") is False and by_user():  # (parameters() and modules() come here too)
+            self.__dict__["listed"] = True  # the user's code listed this rank's share (:meth:`listings`)
+        yield from super().named_modules(memo, prefix, remove_duplicate)
+
+    @contextmanager
+    def listings(self) -> Iterator[list[bool]]:
+        """Inside, whether the user's code lists the model's modules or parameters (this rank's share) is noted: the
+        list yielded holds that, once the block ends."""
+        listed = [False]
+        self.__dict__["listed"] = False
+        try:
+            yield listed
+        finally:
+            listed[0] = bool(self.__dict__.pop("listed", False))
 
     def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages (this rank "

@@ -22,7 +22,7 @@ from lightning_pipe.strategy.share_warning import said_pickled, strategy_reads
 from lightning_pipe.strategy.state_names import parameter_keys, tied_names
 from lightning_pipe.strategy.step_values import input_needs_grad
 
-__all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad", "listings_of"]
+__all__ = ["find_sequence", "PipelinedSequence", "SplitModule", "load_share", "with_grad", "listings_of", "by_user"]
 
 _HOW_TO_CHOOSE = ("put the layers to pipeline in one nn.Sequential attribute that training_step or forward calls "
                   "(self.layers = nn.Sequential(...)), or name it with PipelineStrategy(layers='attribute.path')")
@@ -95,14 +95,14 @@ class PipelinedSequence(nn.Module):
 
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
-        listed = self.listed if self.listed is not None and _by_user() else None
+        listed = self.listed if self.listed is not None and by_user() else None
         for name, module in super().named_modules(memo, prefix, remove_duplicate):
             if listed is not None and module is not self:
                 listed.add(id(module))
             yield name, module
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
-        listed = self.listed if self.listed is not None and _by_user() else None
+        listed = self.listed if self.listed is not None and by_user() else None
         for name, module in super().named_children():
             if listed is not None:
                 listed.add(id(module))
@@ -194,7 +194,7 @@ def listings_of(root: nn.Module) -> Iterator[list[PipelinedSequence]]:
 _TORCH_MODULES = nn.Module.named_modules.__code__.co_filename  # the listings' own frames (parameters(), modules())
 
 
-def _by_user() -> bool:
+def by_user() -> bool:
     """Whether the listing of modules being made (its frame's caller, past torch's listing functions) is the user's
     code's: not lightning_pipe's, Lightning's or torchmetrics' own (which read no parameters into a loss)."""
     frame = sys._getframe(2)
