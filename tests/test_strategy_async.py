@@ -241,7 +241,7 @@ def test_resume_at_an_epoch_end_and_refused_combinations(tmp_path: Path) -> None
     rank with a fix."""
     expected = ["remove accumulate_grad_batches=2", "remove the GradientAccumulationScheduler (accumulating 2",
                 "use gradient_clip_algorithm='value'", "untie them",
-                "supports automatic optimization only", "clip by value (gradient_clip_algorithm='value')",
+                "pipelines once written for automatic optimization", "clip by value (gradient_clip_algorithm='value')",
                 "overrides LightningModule.backward, which PipelineStrategy never calls"]
     for rank, result in enumerate(run_ranks(_resume_and_refuse, 2, str(tmp_path), timeout=140)):
         for key, value in result["uninterrupted"].items():

@@ -408,7 +408,11 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                              "automatic optimization only (self.automatic_optimization = True, one backward of the "
                              "step's loss per batch); a step that calls manual_backward and steps optimizers itself "
                              "(a GAN's alternating generator and discriminator updates) cannot be cut into a pipeline: "
-                             "train it with strategy='ddp' or 'fsdp'")
+                             "train it with strategy='ddp' or 'fsdp'. A step with one optimizer that only steps it "
+                             "by hand (gradient accumulation, clipping or a learning-rate schedule written out) "
+                             "pipelines once written for automatic optimization: return the loss from training_step "
+                             "and use Trainer(accumulate_grad_batches=..., gradient_clip_val=...) and "
+                             "configure_optimizers' lr_scheduler")
         if fitting and is_overridden("backward", module, LightningModule):
             raise ValueError(f"{type(module).__name__} overrides LightningModule.backward, which PipelineStrategy "
                              f"never calls: each stage runs its micro-batches' backward itself. Move what it does "
