@@ -650,3 +650,44 @@ def test_a_rank_failing_after_the_stores_holder_ended_ends_at_once() -> None:
     errors = run_ranks(_fails_after_the_store_is_gone, 2, timeout=60, expect_failure=True)
     assert "setup failed on rank 0" in errors[0] and "setup failed on rank 1" in errors[1], errors
     assert time.monotonic() - start < 45
+
+
+def _validated_by_time(rank: int, world_size: int, skewed: int) -> list[int]:
+    import datetime
+
+    import lightning as L
+
+    from tests.lightning_models import Regressor, regression_data
+
+    class Validated(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    class SkewedClock(L.Callback):  # one rank reaches Lightning's time check two hours later than the other
+        def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+            if trainer.global_rank == skewed:
+                trainer._last_val_time -= 2 * 3600
+
+    class Counted(L.Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_validation_start(self, trainer: L.Trainer, module: Any) -> None:
+            self.steps.append(trainer.global_step)
+
+    counted = Counted()
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=60), accelerator="cpu", devices=world_size,
+                        max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0,
+                        val_check_interval=datetime.timedelta(hours=1), callbacks=[SkewedClock(), counted])
+    trainer.fit(Validated(), regression_data(4, batch_size=8), regression_data(2))
+    return counted.steps
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("skewed", [0, 1])
+def test_a_time_based_validation_interval_is_decided_by_the_last_stage_on_every_rank(skewed: int) -> None:
+    """Lightning decides a time-based val_check_interval on each process's clock: near the interval's end one rank
+    validated while the other trained on, and they parted (found while reviewing the meeting at validation start)."""
+    expected = [[1], [1]] if skewed == 1 else [[], []]  # (after a validation its clock is every rank's again)
+    assert run_ranks(_validated_by_time, 2, skewed, timeout=100) == expected

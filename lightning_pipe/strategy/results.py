@@ -75,6 +75,7 @@ class StepResult:
     logger_calls: list[tuple[int, list[str], list[Any], dict[str, Any]]] = field(default_factory=list)  # for rank 0
     error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
     whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
+    validate: bool | None = None  # a time-based val_check_interval: whether validation is due (the last stage's clock)
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
@@ -243,7 +244,7 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "error_kind": result.error_kind, "rows": result.rows,
                        "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls},
-                       "whole": result.whole}}
+                       "whole": result.whole, "validate": result.validate}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -254,7 +255,8 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
             for name, value, metric, options, batch_size, weight, inferred, by_count in fields["logs"]]
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
-                      [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"])
+                      [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"],
+                      fields["validate"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

@@ -55,6 +55,7 @@ from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combin
                                                  tagged)
 from lightning_pipe.strategy.tied import TiedParameters, refuse_renormalized_ties
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
+from lightning_pipe.strategy.validation_clock import agree_on_validation, validation_due
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
@@ -395,6 +396,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
                     result.grad_scale = scale
+                    result.validate = validation_due(self.module)
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
                                          result, counts)
                     return result
@@ -402,6 +404,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
                 encoded = self._guard("training_step", make, replicas=True)
                 self.unfollowed.warn_of_changes("training_step", marks)
         result = self._share(encoded, fingerprint, "training_step", start)
+        agree_on_validation(self.module, result.validate)
         self._carried("training_step", result, rows)
         self._parameter_writes_left -= 1
         assert result.loss is not None
