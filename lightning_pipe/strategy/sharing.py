@@ -90,7 +90,8 @@ class SharedResults:
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
         return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
-                          effects=result.effects, logger_calls=result.logger_calls)
+                          effects=result.effects, logger_calls=result.logger_calls,
+                          validate=shares[0].validate)  # (the first replica's clock decides for every replica)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error
