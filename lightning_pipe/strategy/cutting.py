@@ -223,7 +223,8 @@ class PipelineCutting:
                           f"the step puts together, as the nodes of a batch of graphs, and meet only within a row of "
                           f"the batch, as messages along each graph's edges do, it trains as on one device)")
             measured = ("unknown", 0.0)
-            if meeting.startswith(FIXED_ROWS):  # a number that may only size a tensor: the model run joined and apart
+            if meeting.startswith(FIXED_ROWS) and self.global_rank == 0:  # (which warns) a number that may only size
+                # a tensor: the model run joined and apart
                 with self._step_context(step):
                     measured = measured_rows(captured, step, split_batch(self._as_step_gets(batch),
                                                                          self.num_microbatches), self.root_device)
