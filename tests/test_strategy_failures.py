@@ -395,7 +395,7 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
                 torch.manual_seed(0)
                 self.layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                                             nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
-                if kind == "named-head":  # the head by its name in the sequence
+                if kind in ("named-head", "listed-named-head"):  # the head by its name in the sequence
                     names = [*map(str, range(6)), "head"]
                     self.layers = nn.Sequential(collections.OrderedDict(zip(names, self.layers)))
                 self.head = self.layers[-1]
@@ -413,6 +413,10 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
             if kind == "listed-head":  # the head's weight read by index, the parameters only counted: not a penalty
                 self.log("parameters", float(sum(p.numel() for p in self.parameters())))
                 return loss + 0.01 * self.layers[-1].weight.pow(2).sum()
+            if kind == "iterated":  # an L2 penalty over the layers, looped over (found by review: passed, silently)
+                return loss + 0.01 * sum(p.pow(2).sum() for layer in self.layers for p in layer.parameters())
+            if kind == "listed-named-head":  # over self.parameters(), the head also read by name (found by review)
+                return loss + 0.01 * sum(p.pow(2).sum() for p in self.parameters()) + self.layers.head.weight.sum()
             if kind == "named-head":  # an L2 penalty on the head alone, by its name (found by review: refused)
                 return loss + 0.01 * sum(p.pow(2).sum() for p in self.layers.head.parameters())
             if kind == "aliased-head":  # the head's weight read through another attribute naming it
@@ -436,7 +440,7 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind, ranks", [("l2", 2), ("l1-weights", 3), ("orthogonal", 2), ("late-l1", 2),
-                                         ("late-l1", 3)])
+                                         ("late-l1", 3), ("iterated", 2), ("listed-named-head", 2)])
 def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_rank(kind: str, ranks: int) -> None:
     """The step's code runs on the last stage's rank, where ``self.parameters()`` is that rank's share: an L2 penalty
     there would reach the last stage's parameters alone (before: silently, the other stages trained without it). So

@@ -74,6 +74,7 @@ class PipelinedSequence(nn.Module):
         self.owner: Any = None  # the PipelineRunner that cut the module, for a later Trainer to adopt
         self.listed: set[int] | None = None  # inside a gradient hook (:meth:`listings`)
         self.indexed: set[int] | None = None
+        self.named: set[int] | None = None  # layers reached one by one, by index or name (:meth:`reached_parameters`)
 
     def forward(self, *inputs: Any) -> Any:
         if self.model_calls.mode is not None:
@@ -113,11 +114,11 @@ class PipelinedSequence(nn.Module):
         """Inside (a gradient hook), the modules of this rank's layers that a listing of the sequence's modules
         (``modules()``, ``children()``: this rank's layers only) gave, and the layers reached by index (as every rank
         reaches them), are noted for :meth:`listed_here`."""
-        self.listed, self.indexed = set(), set()
+        self.listed, self.indexed, self.named = set(), set(), set()
         try:
             yield
         finally:
-            self.listed = self.indexed = None
+            self.listed = self.indexed = self.named = None
 
     def listed_here(self, module: nn.Module) -> bool:
         """Whether ``module`` is (inside) a layer this rank holds that only this rank's listing of the sequence's
@@ -132,18 +133,19 @@ class PipelinedSequence(nn.Module):
         return {id(param) for layer in self._listed_layers() for param in nn.Module.parameters(layer)}
 
     def reached_parameters(self) -> set[int]:
-        """The ids of the parameters of this rank's layers the step's code reached by index or name (``self.net[-1]``,
-        ``self.net.head``), as every rank reaches them (:meth:`listings`): a penalty over those is one device's."""
-        if self.indexed is None:
+        """The ids of the parameters of this rank's layers the step's code reached one by one, by index or name
+        (``self.net[-1]``, ``self.net.head``; not by a loop over the sequence or a slice), where it listed none of the
+        sequence's modules (:meth:`listings`): a penalty over those alone is one device's."""
+        if not self.named or self.listed:
             return set()
-        return {id(param) for layer in self._modules.values() if layer is not None and id(layer) in self.indexed
+        return {id(param) for layer in self._modules.values() if layer is not None and id(layer) in self.named
                 for param in nn.Module.parameters(layer)}
 
     def __getattr__(self, name: str) -> Any:
         value = super().__getattr__(name)
-        indexed = self.__dict__.get("indexed")
-        if indexed is not None and isinstance(value, nn.Module) and name in self.__dict__["_modules"]:
-            indexed.add(id(value))  # a layer reached by its name, as by index
+        named = self.__dict__.get("named")
+        if named is not None and isinstance(value, nn.Module) and name in self.__dict__["_modules"]:
+            named.add(id(value))  # a layer reached by its name
         return value
 
     def _listed_layers(self) -> list[nn.Module]:
@@ -161,15 +163,22 @@ class PipelinedSequence(nn.Module):
         """The sequence's layer ``index`` where this rank holds it, else a stand-in that says which module it is (its
         ``parameters()`` are none); a slice as an ``nn.Sequential`` of those (this rank's share of its parameters)."""
         if isinstance(index, slice):
-            return nn.Sequential(*(self[i] for i in range(len(self))[index]))
+            return nn.Sequential(*(self._layer(i) for i in range(len(self))[index]))
+        return self._layer(index, one=True)
+
+    def _layer(self, index: int, one: bool = False) -> nn.Module:
+        """Layer ``index`` (:meth:`__getitem__`), noted as reached by index; ``one``: reached alone (not in a loop
+        over the sequence or a slice)."""
         name = self._names[index]  # IndexError as the nn.Sequential gives
         layer = self._modules.get(name)
         if self.indexed is not None and layer is not None:
             self.indexed.add(id(layer))
+            if one and self.named is not None:
+                self.named.add(id(layer))
         return layer if layer is not None else LayerElsewhere(f"{self._path}[{index}]", name, self._path)
 
     def __iter__(self) -> Iterator[nn.Module]:
-        return (self[index] for index in range(len(self)))
+        return (self._layer(index) for index in range(len(self)))
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle of the module (a hyper-parameter holding it, say) takes this rank's layers, never the
