@@ -629,13 +629,30 @@ def test_registered_names() -> None:
     ({"schedule": "async_1f1b", "vertical_sync": "false"}, "vertical_sync must be True or False"),
     # a quoted option from a config reached the schedule's sizes: a bare TypeError after launch (found by review)
     ({"schedule": "interleaved", "schedule_options": {"virtual_stages": "2"}},
-     r"schedule_options\['virtual_stages'\] must be an integer, got '2' \(str\): give it unquoted"),
+     r"schedule_options\['virtual_stages'\] must be an integer \(or a list of them\), got '2' \(str\): give it "
+     r"unquoted"),
     ({"schedule": "interleaved", "schedule_options": [2]}, "schedule_options must be a dict"),
     ({"schedule": "zb_h1", "schedule_options": {"virtual_stages": 2}}, "schedule 'zb_h1' takes no option"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         PipelineStrategy(**kwargs)
+
+
+def test_schedule_options_that_are_not_sizes_are_taken() -> None:
+    """gpipe's stage_to_rank is a list, and a schedule registered with **options takes any name (found by review: both
+    refused by the check of quoted sizes)."""
+    from lightning_pipe.engine.schedules import SCHEDULES, ScheduleKind, gpipe, register_schedule
+
+    strategy = PipelineStrategy(schedule="gpipe", schedule_options={"stage_to_rank": [0, 1]})
+    assert strategy.settings.schedule_options["stage_to_rank"] == [0, 1]
+    register_schedule(ScheduleKind("gpipe_any", lambda num_stages, num_microbatches, **options: gpipe(
+        num_stages, num_microbatches)))
+    try:
+        assert PipelineStrategy(schedule="gpipe_any", schedule_options={"warmup": 2}).settings.schedule_options == {
+            "warmup": 2}
+    finally:
+        SCHEDULES.pop("gpipe_any")
 
 
 def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> None:

@@ -7,6 +7,7 @@ engine's :class:`~lightning_pipe.engine.config.PipelineConfig`.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -132,19 +133,26 @@ def _check_schedule_options(options: Any) -> Mapping[str, int]:
     if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
         raise ValueError(f"schedule_options must be a dict of the schedule's option names to integers "
                          f"({{'virtual_stages': 4}} for interleaved_1f1b), got {options!r}")
-    for name, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"schedule_options[{name!r}] must be an integer, got {value!r} "
+    for name, value in options.items():  # (sizes are integers; gpipe's stage_to_rank is a list of them)
+        if isinstance(value, (bool, str, bytes, float)):
+            raise ValueError(f"schedule_options[{name!r}] must be an integer (or a list of them), got {value!r} "
                              f"({type(value).__name__}): give it unquoted (strategy.schedule_options.{name}=4 on the "
                              f"command line, {name}: 4 in YAML)")
-    return MappingProxyType({name: int(value) for name, value in options.items()})
+    return MappingProxyType({name: int(value) if isinstance(value, numbers.Integral) else value
+                             for name, value in options.items()})
 
 
 def _check_option_names(schedule: str, options: Mapping[str, int]) -> None:
-    """Refuse ``options`` the ``schedule`` does not take (before any process starts)."""
-    accepted = SCHEDULES[schedule].options if schedule in SCHEDULES else None
-    unknown = sorted(set(options) - set(accepted or ()))
-    if accepted is not None and unknown:
+    """Refuse ``options`` the ``schedule`` does not take (before any process starts), as the schedule's build would
+    (one taking ``**options`` takes any)."""
+    if schedule not in SCHEDULES:
+        return
+    parameters = inspect.signature(SCHEDULES[schedule].build).parameters.values()
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    accepted = SCHEDULES[schedule].options
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
         raise ValueError(f"schedule {schedule!r} takes no option {', '.join(unknown)}; it takes: "
                          f"{', '.join(accepted) or 'no options'}")
 
