@@ -1405,6 +1405,11 @@ def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
             if kind in ("norm", "captured-norm"):  # a weight norm and a layer count from the step's own listing
                 self.log("weight_norm", torch.sqrt(sum(p.detach().pow(2).sum() for p in self.parameters())))
                 self.log("linears", float(sum(1 for m in self.modules() if isinstance(m, nn.Linear))))
+            elif kind == "device":  # a listing stopped at its first parameter (found by review: warned of)
+                self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] * (next(self.parameters()).device.type
+                                                                                  == "cpu"))
+            elif kind == "late-norm" and self.global_step == 9:  # past the first steps checked (found by review)
+                self.log("weight_norm", torch.sqrt(sum(p.detach().pow(2).sum() for p in self.parameters())))
             elif kind == "dropout":  # a listing that sets a rate, the loss alone logged
                 for module in self.modules():
                     if isinstance(module, nn.Dropout):
@@ -1413,16 +1418,16 @@ def _logs_a_weight_norm(rank: int, world_size: int, kind: str) -> list[str]:
             self.log("loss", loss)
             return loss
 
-    trainer = quiet_trainer(world_size, "pipedream", max_steps=2)
+    trainer = quiet_trainer(world_size, "pipedream", max_steps=10 if kind == "late-norm" else 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Monitored(), regression_data(2, batch_size=8))
+        trainer.fit(Monitored(), regression_data(10 if kind == "late-norm" else 2, batch_size=8))
     assert not [w for w in caught if "requires_grad=True to a scalar" in str(w.message)]  # (found by review)
     return [str(w.message) for w in caught if "lists the pipelined model's layers" in str(w.message)]
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["norm", "dropout", "captured-norm"])
+@pytest.mark.parametrize("kind", ["norm", "dropout", "captured-norm", "device", "late-norm"])
 def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: str) -> None:
     """A weight norm over self.parameters() logged from training_step was the last stage's share (4.2 where one
     device's is 14.8), silently (found by review): warned of, naming the values, on the last stage's rank. A value
@@ -1432,5 +1437,9 @@ def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: 
     assert warned[0] == []
     if kind in ("norm", "captured-norm"):
         assert len(warned[1]) == 1 and "'weight_norm', 'linears'" in warned[1][0], warned
+    elif kind == "late-norm":
+        assert len(warned[1]) == 1 and "'weight_norm'" in warned[1][0], warned
+    elif kind == "device":
+        assert warned[1] == []
     else:
         assert len(warned[1]) == 1 and "'lr'" in warned[1][0], warned

@@ -38,7 +38,7 @@ from lightning_pipe.strategy.reduction import (
 )
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.row_checks import RowChecks
-from lightning_pipe.strategy.split import SplitModule, listings_of
+from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_values import loss_of, without_gradients
 
 __all__ = ["FirstBatchChecks"]
@@ -80,8 +80,8 @@ class FirstBatchChecks(RowChecks):
         self._parameter_reads_left = _PARAMETER_READ_CHECKS
         self._listed_reads: set[int] = set()  # those of the last such step's parameters its loops listed
         self._reached_reads: set[int] = set()  # and those it reached by index or name (self.net.head)
-        self._models_listed = False  # the last such step's code listed a captured model's modules or parameters
-        self._listed_seen = False  # the last such step's loops listed this rank's layers (for _warn_of_listed_logs)
+        self._listed_seen = False  # the last step's code listed all of this rank's layers (_warn_of_listed_logs)
+        self._listing_parts: tuple[list[PipelinedSequence], list[PipelinedModel]] | None = None
         self._listed_logs_warned = False
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
         self._parameter_writes_left = _PARAMETER_READ_CHECKS
@@ -295,22 +295,29 @@ class FirstBatchChecks(RowChecks):
 
     @contextmanager
     def _listing_reads(self, index: int) -> Iterator[None]:
-        """Around a training step's first micro-batch while its loss is looked through (:meth:`_check_parameter_reads`):
-        the parameters of a cut sequence's layers that the step's code listed (a loop over ``self.parameters()`` or
-        ``self.modules()``) are noted."""
-        if self._parameter_reads_left <= 0 or index != 0:
+        """Around a training step's first micro-batch: the parameters of a cut sequence's layers that the step's code
+        listed (a loop over ``self.parameters()`` or ``self.modules()``) are noted, and those reached one by one, for
+        :meth:`_check_parameter_reads` (the first steps); and whether a listing went through all of this rank's
+        layers, for :meth:`_warn_of_listed_logs` (every step)."""
+        if index != 0:
             yield
             return
-        models = [part for part in self.module.modules() if isinstance(part, PipelinedModel)]
-        with listings_of(self.module) as sequences, contextlib.ExitStack() as stack:
+        if self._listing_parts is None:  # (the cut is made: found once)
+            self._listing_parts = ([part for part in self.module.modules() if isinstance(part, PipelinedSequence)],
+                                   [part for part in self.module.modules() if isinstance(part, PipelinedModel)])
+        sequences, models = self._listing_parts
+        with contextlib.ExitStack() as stack:
+            for sequence in sequences:
+                stack.enter_context(sequence.listings())
             listed = [stack.enter_context(model.listings()) for model in models]
             try:
                 yield
             finally:
                 self._listed_reads = set().union(*(sequence.listed_parameters() for sequence in sequences))
                 self._reached_reads = set().union(*(sequence.reached_parameters() for sequence in sequences))
+                whole = any(sequence.listed_whole for sequence in sequences)
                 stack.close()
-                self._models_listed = any(flag[0] for flag in listed)  # a captured model's share listed
+                self._listed_seen = whole or any(flag[0] for flag in listed)
 
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters
@@ -322,7 +329,6 @@ class FirstBatchChecks(RowChecks):
         self._parameter_reads_left -= 1
         local = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - allowed
         read = parameters_reached(loss, output, local)
-        self._listed_seen = bool(self._listed_reads) or self._models_listed
         listed, self._listed_reads = read & self._listed_reads, set()
         unnamed, self._reached_reads = read - self._reached_reads, set()  # (a layer reached by index or name: as on
         # one device, an L2 penalty on the head alone, found by review refused)

@@ -108,9 +108,10 @@ class PipelinedModel(nn.Module):
 
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
-        if self.__dict__.get("listed") is False and by_user():  # (parameters() and modules() come here too)
-            self.__dict__["listed"] = True  # the user's code listed this rank's share (:meth:`listings`)
+        listing = self.__dict__.get("listed") is False and by_user()  # (parameters() and modules() come here too)
         yield from super().named_modules(memo, prefix, remove_duplicate)
+        if listing:  # the user's code listed this rank's share to the end (not next(self.parameters()))
+            self.__dict__["listed"] = True
 
     @contextmanager
     def listings(self) -> Iterator[list[bool]]:

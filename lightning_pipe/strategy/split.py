@@ -75,6 +75,7 @@ class PipelinedSequence(nn.Module):
         self.listed: set[int] | None = None  # inside a gradient hook (:meth:`listings`)
         self.indexed: set[int] | None = None
         self.named: set[int] | None = None  # layers reached one by one, by index or name (:meth:`reached_parameters`)
+        self.listed_whole = False  # a listing of the user's went through all of this rank's layers (:meth:`listings`)
 
     def forward(self, *inputs: Any) -> Any:
         if self.model_calls.mode is not None:
@@ -101,6 +102,8 @@ class PipelinedSequence(nn.Module):
             if listed is not None and module is not self:
                 listed.add(id(module))
             yield name, module
+        if listed is not None:  # listed to the end (a loop over self.parameters(), not next(self.parameters()))
+            self.listed_whole = True
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
         listed = self.listed if self.listed is not None and by_user() else None
@@ -114,7 +117,7 @@ class PipelinedSequence(nn.Module):
         """Inside (a gradient hook), the modules of this rank's layers that a listing of the sequence's modules
         (``modules()``, ``children()``: this rank's layers only) gave, and the layers reached by index (as every rank
         reaches them), are noted for :meth:`listed_here`."""
-        self.listed, self.indexed, self.named = set(), set(), set()
+        self.listed, self.indexed, self.named, self.listed_whole = set(), set(), set(), False
         try:
             yield
         finally:
