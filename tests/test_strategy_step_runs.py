@@ -74,6 +74,10 @@ def test_an_error_names_the_plain_lists_that_were_split_with_the_rows() -> None:
         torch.zeros(38, 4)[torch.tensor([38])]
     assert "indices into the whole batch's rows" in caught.value.__notes__[-1]
     assert "drop a last" not in caught.value.__notes__[-1]
+    with pytest.raises(IndexError) as caught, microbatch_run("training_step", 1, 4, 2, 8, {"x": torch.zeros(2, 3)}):
+        torch.zeros(2, 4)[3]  # a row past the micro-batch's own: the few-rows advice, not the offsets'
+    assert "indices into the whole batch's rows" not in caught.value.__notes__[-1]
+    assert "drop a last" in caught.value.__notes__[-1]
     # not for an error that no number of rows explains (a key a hook never stored: found by review)
     with pytest.raises(KeyError) as caught, microbatch_run("training_step", 1, 4, 2, 8, {"x": torch.zeros(2, 3)}):
         raise KeyError("t")

@@ -1169,6 +1169,29 @@ def test_forward_hooks_that_only_transform_are_not_warned_of() -> None:
         model.layers[1].register_forward_hook(lambda module, args, output: setattr(model, "feat", output))
         warn_of_layer_hooks(model.layers, "layers", SimpleNamespace(rank=0))
     assert len(caught) == 1 and str(caught[0].message).startswith("layers.1, layers.3 of the pipelined"), caught
+    # stores through a method of its own, a deque, object.__setattr__ or operator.setitem (found by review: passed)
+    import collections
+    import operator
+
+    from lightning_pipe.strategy.cut_warnings import only_transforms
+
+    queue: collections.deque = collections.deque()
+    kept: dict[str, Any] = {}
+
+    class Holder:
+        def keep(self, output: torch.Tensor) -> None:
+            self.feat = output
+
+        def hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            self.keep(output)
+            return output * 2
+
+    storing = [Holder().hook, lambda m, a, o: (queue.appendleft(o), o)[1],
+               lambda m, a, o: (object.__setattr__(m, "feat", o), o)[1],
+               lambda m, a, o: (operator.setitem(kept, "feat", o), o)[1]]
+    assert not any(only_transforms(hook) for hook in storing)
+    assert all(only_transforms(hook) for hook in (lambda m, a, o: torch.log(o.abs() + 1),
+                                                  lambda m, a, o: torch.nn.functional.layer_norm(o, o.shape[-1:])))
 
 
 def test_hooks_of_the_users_on_the_pipelined_sequence_itself_are_refused() -> None:

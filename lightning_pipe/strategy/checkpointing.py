@@ -74,7 +74,8 @@ from lightning_pipe.strategy.sharded import (
 __all__ = ["PipelineCheckpoints", "RANDOM_STATES_KEY"]
 
 _ON_EXCEPTION_WAIT = 10.0  # seconds a rank saving on its own exception waits for the others
-_IN_A_STEP_S = 1.0  # seconds a peer has waited for it inside a step before such a rank gives up on them
+_IN_A_STEP_S = 3.0  # seconds a peer has waited for it inside a step before such a rank gives up on them (three
+# heartbeats: a wait that a message already sent ends shows for one at most)
 # what a rank is doing while it waits for the others to write a checkpoint, as its heartbeat and errors name it: said
 # so for a rank that calls it alone, and for the others, which time out waiting elsewhere (a hook's gather)
 _SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "

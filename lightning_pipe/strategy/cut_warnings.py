@@ -4,8 +4,10 @@ pipelined ``nn.Sequential``, gradient hooks on the parameters (run once per micr
 
 from __future__ import annotations
 
+import builtins
 import dis
 import functools
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -193,20 +195,42 @@ def only_transforms(hook: Any, depth: int = 0) -> bool:
 
 
 def _stores_nothing(function: Any, code: types.CodeType, depth: int) -> bool:
-    """Whether ``code`` (``function``'s, or one nested in it) writes nothing outside it (:func:`only_transforms`)."""
+    """Whether ``code`` (``function``'s, or one nested in it) writes nothing outside it (:func:`only_transforms`): no
+    store but to its own variables; an attribute of a module only from torch, math, NumPy or einops (``torch.tanh``,
+    not ``operator.setitem``); a method of anything else only a tensor's that computes (``o.clamp(...)``, not
+    ``self._keep(o)`` nor ``queue.appendleft(o)``); no dunder (``object.__setattr__``)."""
     cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+    base: Any = None  # the value the last instruction loaded by name (or a module's attribute: torch.nn.functional)
     for op in dis.get_instructions(code):
         name = op.argval if isinstance(op.argval, str) else ""
-        if op.opname in _STORES or name in _WRITING or (op.opname in ("LOAD_ATTR", "LOAD_METHOD")
-                                                          and name.endswith("_") and not name.startswith("_")):
+        if op.opname in _STORES:
             return False
+        loaded = None
+        if op.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            method = op.opname == "LOAD_METHOD" or sys.version_info >= (3, 12) and bool((op.arg or 0) & 1)
+            if name.startswith("__"):
+                return False
+            if isinstance(base, types.ModuleType):
+                if base.__name__.split(".")[0] not in _PURE_MODULES:
+                    return False
+                loaded = getattr(base, name, None)
+            elif name in _WRITING or name.endswith("_") and not name.startswith("_") \
+                    or method and not hasattr(torch.Tensor, name):
+                return False
+        base = loaded
         if op.opname in ("LOAD_GLOBAL", "LOAD_DEREF", "LOAD_NAME"):  # a function of the user's it may call
-            called = function.__globals__.get(name) if op.opname != "LOAD_DEREF" else _cell(cells.get(name))
-            if isinstance(called, (types.FunctionType, types.MethodType)) and (
-                    getattr(called, "__module__", None) or "").split(".")[0] not in FOREIGN:
-                if not only_transforms(called, depth + 1):
+            if name in _WRITING:  # setattr(model, "feat", output)
+                return False
+            base = function.__globals__.get(name, getattr(builtins, name, None)) if op.opname != "LOAD_DEREF" \
+                else _cell(cells.get(name))
+            if isinstance(base, (types.FunctionType, types.MethodType)) and (
+                    getattr(base, "__module__", None) or "").split(".")[0] not in FOREIGN:
+                if not only_transforms(base, depth + 1):
                     return False
     return all(_stores_nothing(function, inner, depth) for inner in code.co_consts if isinstance(inner, types.CodeType))
+
+
+_PURE_MODULES = {"torch", "math", "numpy", "einops"}  # modules whose functions a transforming hook calls
 
 
 def _cell(cell: Any) -> Any:

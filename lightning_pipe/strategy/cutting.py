@@ -23,7 +23,7 @@ from lightning_pipe.capture import CaptureError
 from lightning_pipe.capture.coupling import FIXED_ROWS
 from lightning_pipe.strategy.fixed_rows import measured_rows
 from lightning_pipe.engine.calls import Calls
-from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
@@ -190,7 +190,9 @@ class PipelineCutting:
                f"the model one nn.Sequential")
         with torch.random.fork_rng(devices=[]):  # a shuffling loader draws from the global generator
             batch, step = first_batch(trainer, how)
-        microbatch = split_batch(self._as_step_gets(batch), self.num_microbatches)[0]
+        microbatches = split_batch(self._as_step_gets(batch), self.num_microbatches)
+        microbatch, pristine = microbatches[0], [owned(part) for part in microbatches[:2]]  # (the capture's run of
+        # the step may change its micro-batch: batch.pop("labels"))
         with self._step_context(step):
             if self.layers is None and layers and own_forward(module):
                 # the step may reach the model only through the module's forward (self(x) calling vae.encode, decode)
@@ -226,8 +228,7 @@ class PipelineCutting:
             if meeting.startswith(FIXED_ROWS) and self.global_rank == 0:  # (which warns) a number that may only size
                 # a tensor: the model run joined and apart
                 with self._step_context(step):
-                    measured = measured_rows(captured, step, split_batch(self._as_step_gets(batch),
-                                                                         self.num_microbatches), self.root_device)
+                    measured = measured_rows(captured, step, pristine, self.root_device)
             if measured[0] == "apart":
                 pass  # the number only sizes tensors: the outputs of two micro-batches agree run together and apart
             elif measured[0] == "meet":

@@ -6,8 +6,8 @@ tensors (one device's training) or pairs or limits the rows (labels ``torch.aran
 capacity: a micro-batch's rows meet only each other). :func:`measured_rows` runs the model itself, eagerly, on the
 first two micro-batches' inputs joined and apart (:func:`~lightning_pipe.engine.rows.rows_verdict`): outputs that
 agree, every tensor of them holding the rows, need no warning (found by review: every einops model was warned);
-outputs that differ are a measured difference. The model's buffers, modes and attributes are put back, and a model
-built on meta, or whose forward stores tensors for the step, is not run.
+outputs that differ are a measured difference. The model's parameters, buffers, modes and attributes are put back,
+and a model built on meta, a very large one, or one whose forward stores tensors for the step, is not run.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import torch.nn as nn
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.engine.microbatch import owned
 from lightning_pipe.engine.rows import rows_verdict
+from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.captured import CapturedModule, no_logging
 
 __all__ = ["measured_rows"]
 
 _UNKNOWN = ("unknown", 0.0)
+_LARGEST = 1 << 26  # elements of a model run so (its parameters copied aside and put back): above, not run
 
 
 class _Called(nn.Module):
@@ -46,9 +48,11 @@ def measured_rows(captured: CapturedModule, step: str, microbatches: Sequence[An
     """:func:`~lightning_pipe.engine.rows.rows_verdict` of ``captured``'s model on the model's call of ``step`` for
     the first two ``microbatches``: ``("meet", difference)``, ``("apart", 0.0)`` or ``("unknown", 0.0)``."""
     model = captured.model
-    if len(microbatches) < 2 or captured.stored or any(p.is_meta for p in model.parameters()) \
-            or any(b.is_meta for b in model.buffers()):
+    tensors = [*model.parameters(), *model.buffers()]
+    if len(microbatches) < 2 or captured.stored or any(t.is_meta for t in tensors) \
+            or sum(t.numel() for t in tensors) > _LARGEST:
         return _UNKNOWN
+    device = tensors[0].device if tensors else device  # (the model is moved to the rank's device after the cut)
     calls = []
     try:
         with torch.random.fork_rng(devices=[]), no_logging(captured.module), \
@@ -60,8 +64,22 @@ def measured_rows(captured: CapturedModule, step: str, microbatches: Sequence[An
                 calls.append(found[0])
     except Exception:  # noqa: BLE001 - the capture said what it had to; no telling here
         return _UNKNOWN
-    with _attributes_kept(model), torch.random.fork_rng(devices=[]):
+    calls = [tree_map_tensors(lambda t: t.to(device), call) for call in calls]
+    with _attributes_kept(model), _parameters_kept(model), torch.random.fork_rng(devices=[]):
         return rows_verdict(_Called(model), calls[0], calls[1], device)
+
+
+@contextmanager
+def _parameters_kept(model: nn.Module) -> Iterator[None]:
+    """``model``'s parameters' values as they were, afterwards (a forward that updates one in training, an EMA
+    codebook kept as a parameter)."""
+    kept = [(parameter, parameter.detach().clone()) for parameter in model.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for parameter, value in kept:
+                parameter.copy_(value)
 
 
 @contextmanager

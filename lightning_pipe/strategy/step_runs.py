@@ -111,7 +111,8 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
             # an index past a size of this micro-batch's rows, that the whole batch's rows would have held
             beyond = re.search(r"index (\d+) is out of bounds for dimension \d+ with size (\d+)", str(error))
             offsets = isinstance(error, IndexError) and beyond is not None and rows > 0 and int(beyond.group(2)) > 0 \
-                and int(beyond.group(2)) % rows == 0 and int(beyond.group(1)) < int(beyond.group(2)) * total // rows
+                and int(beyond.group(2)) >= 2 * rows and int(beyond.group(2)) % rows == 0 \
+                and int(beyond.group(1)) < int(beyond.group(2)) * total // rows  # (a flattened dim: rows x length)
             error.add_note(
                 f"({_RUN_NOTE}{step} got micro-batch {index} of {count}: {rows} of the batch's {total} rows; under "
                 f"PipelineStrategy the step's code runs once per micro-batch" + (
