@@ -36,9 +36,15 @@ from .graph_rows import (
 from .patterns import fixed_size
 from .row_moves import ORDERS, moves_rows, orders_rows, partner_index, picked_by, reordered_parts, shifts_rows
 
-__all__ = ["rows_meet", "FIXED_ROWS"]
+__all__ = ["rows_meet", "FIXED_ROWS", "COUNTS_ROWS"]
 
 FIXED_ROWS = "the graph fixes the batch's rows"
+COUNTS_ROWS = " and keeps a running count along them (cumsum over dim 0)"  # not to be told apart by a first batch
+
+
+def _along_dim_zero(node: fx.Node) -> bool:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 0
 
 
 def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training: bool = True) -> str | None:
@@ -90,7 +96,10 @@ def rows_meet(nodes: Sequence[fx.Node], user_inputs: Sequence[fx.Node], training
     if contrastive is not None:  # (its (rows, rows) logits have fixed sizes, no symbols: found by their labels)
         return (f"{place(contrastive)} takes ({example}, {example}) logits, each row's similarity with every other, "
                 f"with labels torch.arange({example}), as a contrastive loss does: the rows of a batch meet there")
-    return (f"{FIXED_ROWS} to {example}: the forward takes their number as a Python int (len(x), int(...)), as "
+    scans = any(node.op == "call_function" and op_name(node) in _FLOAT_SCANS and _along_dim_zero(node)
+                for node in nodes)  # (an expert's capacity counts tokens in order: it may drop none at first)
+    return (f"{FIXED_ROWS} to {example}{COUNTS_ROWS if scans else ''}: the forward takes their number as a Python int "
+            f"(len(x), int(...)), as "
             f"torch.arange(len(logits)) does for a contrastive loss's labels, a Python loop over them does (for t in "
             f"range(x.shape[0]): a recurrence over a time-major batch's time steps, which micro-batches cut), or an "
             f"expert capacity computed from the tokens (int(capacity_factor * tokens / experts)) does (each "

@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_pipe.capture import CaptureError
-from lightning_pipe.capture.coupling import FIXED_ROWS
+from lightning_pipe.capture.coupling import COUNTS_ROWS, FIXED_ROWS
 from lightning_pipe.strategy.fixed_rows import measured_rows
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
@@ -229,7 +229,7 @@ class PipelineCutting:
                 # a tensor: the model run joined and apart
                 with self._step_context(step):
                     measured = measured_rows(captured, step, pristine, self.root_device)
-            if measured[0] == "apart":
+            if measured[0] == "apart" and COUNTS_ROWS not in meeting:
                 pass  # the number only sizes tensors: the outputs of two micro-batches agree run together and apart
             elif measured[0] == "meet":
                 rank_zero_warn(f"{type(captured.model).__name__}: {meeting}; run eagerly, its outputs for the first "
