@@ -28,10 +28,10 @@ NAMING_METHODS = frozenset({"no_weight_decay", "no_weight_decay_keywords", "grou
 def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], str],
                     holder: nn.Module | None = None) -> Any:
     """``module``'s attribute ``name`` where it is plain data (a config, a size), a static or class method (which
-    reaches no instance), or a method that only names parameters (:data:`NAMING_METHODS`); another of its methods runs on ``holder`` (its stand-in), where it may read
-    the parameters' dtype, device and shape but not their values (:func:`shape_only`: an RNN's ``init_hidden``); a
-    module, a tensor or anything else callable (which would reach other ranks' weights) raises
-    ``AttributeError(refusal())``."""
+    reaches no instance), or a method that only names parameters (:data:`NAMING_METHODS`); another of its methods
+    runs on ``holder`` (its stand-in), where it may read the parameters' dtype, device and shape but not their values
+    (:func:`shape_only`: an RNN's ``init_hidden``); a module, a tensor or anything else callable (which would reach
+    other ranks' weights) raises ``AttributeError(refusal())``."""
     if module is None:
         raise AttributeError(name)
     value = getattr(module, name)  # AttributeError: the module has none either
