@@ -307,17 +307,14 @@ class FirstBatchChecks(RowChecks):
                                    [part for part in self.module.modules() if isinstance(part, PipelinedModel)])
         sequences, models = self._listing_parts
         with contextlib.ExitStack() as stack:
-            for sequence in sequences:
-                stack.enter_context(sequence.listings())
-            listed = [stack.enter_context(model.listings()) for model in models]
+            for part in (*sequences, *models):
+                stack.enter_context(part.listings())
             try:
                 yield
             finally:
                 self._listed_reads = set().union(*(sequence.listed_parameters() for sequence in sequences))
                 self._reached_reads = set().union(*(sequence.reached_parameters() for sequence in sequences))
-                whole = any(sequence.listed_whole for sequence in sequences)
-                stack.close()
-                self._listed_seen = whole or any(flag[0] for flag in listed)
+                self._listed_seen = any(part.listed_whole for part in (*sequences, *models))
 
     def _check_parameter_reads(self, loss: torch.Tensor, output: Any, allowed: set[int]) -> None:
         """On the last stage, in the first training steps: refuse a loss that reaches the pipelined model's parameters

@@ -108,21 +108,20 @@ class PipelinedModel(nn.Module):
 
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
-        listing = self.__dict__.get("listed") is False and by_user()  # (parameters() and modules() come here too)
+        watched = self.__dict__.get("listing", False) and by_user()  # (parameters() and modules() come here too)
         yield from super().named_modules(memo, prefix, remove_duplicate)
-        if listing:  # the user's code listed this rank's share to the end (not next(self.parameters()))
-            self.__dict__["listed"] = True
+        if watched:  # the user's code listed this rank's share to the end (not next(self.parameters()))
+            self.__dict__["listed_whole"] = True
 
     @contextmanager
-    def listings(self) -> Iterator[list[bool]]:
-        """Inside, whether the user's code lists the model's modules or parameters (this rank's share) is noted: the
-        list yielded holds that, once the block ends."""
-        listed = [False]
-        self.__dict__["listed"] = False
+    def listings(self) -> Iterator[None]:
+        """Inside, whether the user's code lists all of the model's modules or parameters (this rank's share) is
+        noted in ``listed_whole``, as :meth:`PipelinedSequence.listings` notes it."""
+        self.__dict__.update(listing=True, listed_whole=False)
         try:
-            yield listed
+            yield
         finally:
-            listed[0] = bool(self.__dict__.pop("listed", False))
+            self.__dict__["listing"] = False
 
     def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages (this rank "
