@@ -356,7 +356,7 @@ class PipelineSteps:
         here alone (a stop set on it only, which Lightning follows with validation at once) would otherwise take its
         peers' training activations as validation inputs, and every rank would wait out the wait timeout, told of a
         slow step (found by review). A rank waiting here that a peer waits for inside a step ends the fit with the
-        cause (:func:`_left_behind`)."""
+        cause (:func:`left_behind`)."""
         runner = self._runner
         if runner is None or runner.hook_calls_group is None:
             return
