@@ -28,10 +28,13 @@ from .watchdog import (
     known_failure,
     mark_failed,
     posted_failure,
+    sample_peers,
 )
 
-__all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection"]
+__all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection", "job_failure_notice",
+           "left_behind"]
 
+LEFT_BEHIND_S = 10.0  # seconds a peer waits for this rank inside a step before left_behind parts them
 # What gloo, NCCL and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
 _LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
          "connection was likely closed")
@@ -197,3 +200,31 @@ def job_failure_notice(board: FailureBoard, what: str) -> Callable[[], PipelineE
         return board.read() or failed_elsewhere(known_failure(since), me, f" in {what}")
 
     return notice
+
+
+def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = LEFT_BEHIND_S,
+                gave_up: bool = False, why: str = "") -> Callable[[], PipelineError | None]:
+    """``notice`` for a collective where the ranks meet between steps (the end of the fit, say), which also looks at
+    the other ranks' heartbeats every ``after_s`` seconds: one that has waited that long for this rank inside a step
+    (a rank that stopped alone never sends it what it waits for) ends the wait at once, rather than at its timeout
+    (5 minutes by default).
+    ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``); ``why`` ends its
+    message."""
+    me = dist.get_rank()
+    others = [rank for rank in dist.get_process_group_ranks(group) if rank != me]
+    start = time.monotonic()
+    next_look = [start + after_s]
+
+    def check() -> PipelineError | None:
+        posted = notice()
+        now = time.monotonic()
+        if posted is not None or now < next_look[0]:
+            return posted
+        next_look[0] = now + after_s
+        for peer in (sample_peers(others, window=0.0) or {}).values():
+            if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
+                return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
+                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}{why}", me, timed_out=gave_up)
+        return None
+
+    return check

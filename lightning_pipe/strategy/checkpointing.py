@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
+from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice, left_behind
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.checkpoint import (
     PIPELINE_KEY,
@@ -61,7 +61,6 @@ from lightning_pipe.strategy.randomness import (
 from lightning_pipe.strategy.references import hparams_for_checkpoint
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.share_warning import strategy_reads
-from lightning_pipe.strategy.step_hooks import left_behind
 from lightning_pipe.strategy.sharded import (
     is_sharded,
     load_named_optimizers,

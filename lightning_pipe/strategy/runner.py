@@ -27,16 +27,13 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager, broadcast_state
 from lightning_pipe.engine.runtime import next_serial
-from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
-from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
+from lightning_pipe.engine.tree import tree_flatten
+from lightning_pipe.strategy.buffers import BufferWatch
 from lightning_pipe.strategy.cut_warnings import (FrozenCopies, refuse_sequence_hooks, warn_of_frequency_scaling,
                                                    warn_of_gradient_hooks, warn_of_layer_hooks, warn_of_split_buffers)
 from lightning_pipe.strategy.captured import CapturedModule
-from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.pipelined_model import PipelinedModel
 from lightning_pipe.strategy.evaluation import EvaluationSteps
-from lightning_pipe.strategy.failures import reported_failures
-from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.first_checks import FirstBatchChecks
 from lightning_pipe.strategy.hook_experiment import HookExperimentCalls
 from lightning_pipe.strategy.logger_calls import LoggerCalls
@@ -44,25 +41,24 @@ from lightning_pipe.strategy.logs import LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
 from lightning_pipe.strategy.output_copies import OutputCopies
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.reduction import Counts, Probe, nothing_counted
+from lightning_pipe.strategy.reduction import Counts
 from lightning_pipe.strategy.results import ResultChannel, StepResult
 from lightning_pipe.strategy.sharing import DifferentBatches, SharedResults
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.state_names import parameter_names
 from lightning_pipe.strategy.step_effects import StepEffects
 from lightning_pipe.strategy.step_runs import microbatch_run
-from lightning_pipe.strategy.step_values import (BATCH, ROWS, check_rows, combine_outputs, loss_of, needs_whole_batch,
-                                                 tagged)
+from lightning_pipe.strategy.step_values import BATCH, ROWS, combine_outputs
 from lightning_pipe.strategy.tied import TiedParameters, refuse_renormalized_ties
+from lightning_pipe.strategy.training import TrainingSteps
 from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
-from lightning_pipe.strategy.validation_clock import agree_on_validation, validation_due
 from lightning_pipe.strategy.whole_batch import WholeBatchRuns
 
 __all__ = ["PipelineRunner", "combine_outputs", "DifferentBatches"]  # combine_outputs: from .step_values
 
 
 
-class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedResults):
+class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedResults):
     """A LightningModule cut into pipeline stages, one per rank, that runs its steps through the pipeline.
 
     Build it on every rank with :meth:`build` (collective). Every rank then calls :meth:`train` or :meth:`evaluate`
@@ -262,160 +258,7 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
             with self.averager.averaging(0):
                 pass
 
-    # -- steps ------------------------------------------------------------------------------------
-    def train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float = 1.0,
-              optimizer_step: Callable[[], Any] | None = None, seed: int | None = None) -> Any:
-        """``training_step`` of a batch: forward and backward of every micro-batch (gradients accumulate into this
-        rank's parameters, scaled by ``loss_scale``); returns the batch's loss (or the step's dict) on every rank.
-
-        ``seed`` (the same on every rank) seeds the step code's random numbers: micro-batch ``i`` runs with torch's
-        generators forked to ``derive_seed(seed, i)`` on every rank that runs its step code. Asynchronous schedules
-        call ``optimizer_step`` at each of their optimizer steps; the loss returned is this batch's, which the last
-        stage computes within this call (earlier stages finish its backward later)."""
-        if self.frozen_copies is not None:
-            self.frozen_copies.before_step()
-        with reported_failures(self.scope):
-            result = self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
-        if self.frozen_copies is not None:
-            self.frozen_copies.after_step()
-        if not self._batch_norms_said:  # after the step: those its forward ran
-            self._batch_norms_said = True
-            warn_of_batch_norms(self.pipeline.modules(), self.pipeline.num_microbatches)
-        return result
-
-    def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
-               optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
-        batch, rest = args[0], tuple(args[1:])
-        rows = check_rows(batch, "training_step")
-        fingerprint = batch_fingerprint(batch, self.collective_device)
-        pipe, outputs, sizes = self.pipeline, [], []
-        firsts = self._first_rows(rows)
-        summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
-        counts = self._counts(batch, "training_step")
-        probe = Probe(batch, counts=counts.counts if counts is not None else None) if self._probing() \
-            and pipe.is_last_rank and not pipe.asynchronous and len(firsts) > 1 else None
-        start = self.effects.snapshot()
-        kept: list[tuple[int, Any, int]] | None = [] if pipe.is_last_rank else None  # (index, output, rows)
-        # each micro-batch's run of the step from the module as the step found it (asynchronous: one update each)
-        runs = MicrobatchRuns(self.effects, start) if pipe.is_last_rank and not pipe.asynchronous else None
-        self._prepare("training_step", batch, rest, kwargs, seed)
-        marks = self.unfollowed.mark("training_step") if pipe.is_last_rank else None
-        checks_loss = self._checks_model_loss()
-        checks_inputs = self._checks_inputs("training_step", len(firsts))
-        inputs: dict[int, list[Any]] | None = {} if checks_loss or checks_inputs else None  # the model's, by
-        # micro-batch (first stage)
-        logs_kind = self._logs_kind("training_step", rest, len(firsts))
-        for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
-
-        changed: list[int] = []  # micro-batches whose model output the step changed in place (before copies)
-
-        def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
-            nonlocal for_logs
-            microbatch, index = tagged[BATCH], firsts[int(tagged[ROWS][0])]
-            microbatch_rows = batch_rows(microbatch, microbatch=True)
-            weight = counts.counts[index] if counts is not None else None
-            if runs is not None:
-                runs.before_run()
-            given, watched = self.output_copies.given("training_step", output)
-            with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
-                    forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
-                    microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch), \
-                    self._listing_reads(index):
-                result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
-            if self.output_copies.changed("training_step", output, watched):
-                changed.append(index)
-            if kept is not None and not for_logs and logs_kind is not None and not outputs \
-                    and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
-                for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
-            loss, extra = loss_of(result)
-            if index == 0 and loss.requires_grad:  # (a loss of a new form: a term added after a warm-up)
-                new = self._new_loss_form(loss, output, probe is None and kept is not None and not pipe.asynchronous)
-                if self._parameter_reads_left > 0 or new:
-                    self._check_parameter_reads(loss, output, {id(param) for param in self.tied.parameters()})
-                    if new:  # its parameters found by listing, on the next batch
-                        self._parameter_reads_left = max(self._parameter_reads_left, 1)
-            outputs.append(extra)
-            sizes.append(microbatch_rows)
-            if kept is not None and (self._keeps_outputs or self.logger_calls.calls
-                                     or needs_whole_batch(extra, microbatch_rows)
-                                     or self.effects.changed(start)):
-                self._keeps_outputs = True  # from now on: a step that changes the module replays on the whole batch
-            if kept is not None and (self._keeps_outputs or for_logs):
-                kept.append((index, tree_map_tensors(torch.Tensor.detach, output), microbatch_rows))
-            if probe is not None:
-                probe.add(output, loss, microbatch_rows)
-            if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
-                self.recorder.add_up(loss)
-                return loss * (rows / microbatch_rows)
-            if counts is not None and counts.empty(index):  # a mean over nothing (NaN): it weighs nothing
-                return nothing_counted(output, loss)
-            if counts is not None:  # a mean over what loss_reduction counts: by its share of the batch's count
-                return loss * counts.scale(index, rows, microbatch_rows)
-            return loss
-
-        pipe.input_fn = self._input_fn("training_step", rest, kwargs, seed, firsts, rows, inputs)
-        pipe.loss_fn = loss_fn
-        self.recorder.calls = []
-        # every rank: the last stage's runs make the batch's state; what another rank's part of the step updated
-        # (a metric updated before the model, on the first stage) is dropped when that state comes
-        self.metrics.start()
-        averager = self.averager if not pipe.asynchronous else None  # asynchronous: at its optimizer steps
-        averaging = averager.averaging(len(split_batch(batch, pipe.num_microbatches))) if averager else nullcontext()
-        with self._result_posted(fingerprint), averaging:  # replicas: each bucket of gradients is averaged as soon
-            # as the backward completes it
-            versions = self.buffers.before()
-            loss = pipe.train_step(tagged(batch, rows), loss_scale=loss_scale, optimizer_step=optimizer_step,
-                                   seed=seed)
-            self.buffers.after(versions)
-            if self._rows_unchecked:
-                self._check_rows()
-            if averager is not None:
-                averager.start_remaining()
-            self._warn_of_written_input("training_step")
-            if checks_inputs:
-                self._check_inputs("training_step", batch, rest, kwargs, seed, inputs or {})
-            if checks_loss:
-                self._check_model_loss(inputs or {}, rows, given=counts.counts if counts is not None else None)
-            encoded = None
-            if changed:  # the outputs kept were changed by the step: no run on the whole batch from them
-                probe, kept = None, []
-            if pipe.is_last_rank:
-                self._warn_of_listed_logs(self.recorder.calls)
-
-                def make() -> StepResult:
-                    # the probe runs from the step's start too, and what it changes is undone
-                    rewound = probe is not None and runs is not None and runs.rewind()
-                    mark = self.effects.snapshot() if probe is not None and not rewound else None
-                    scale = self._settle_reduction(probe, rest, kwargs, seed) if probe is not None else 1.0
-                    if rewound:
-                        assert runs is not None
-                        runs.remake()
-                    elif mark is not None and self.effects.changed(mark):
-                        self.effects.restore(mark)
-                    self._probe_new_terms(arguments["name"] for arguments, _ in self.recorder.calls)
-                    total = loss if loss is None or scale == 1.0 else loss * scale
-                    result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
-                    result.grad_scale = scale
-                    result.validate = validation_due(self.module)
-                    self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
-                                         result, counts)
-                    return result
-
-                encoded = self._guard("training_step", make, replicas=True)
-                self.unfollowed.warn_of_changes("training_step", marks)
-        result = self._share(encoded, fingerprint, "training_step", start)
-        agree_on_validation(self.module, result.validate)
-        self._carried("training_step", result, rows)
-        self._parameter_writes_left -= 1
-        assert result.loss is not None
-        if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
-            self.loss_reduction = "sum"
-            for param in pipe.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(result.grad_scale)
-        loss = result.loss.to(pipe.device)
-        return {"loss": loss, **result.output} if result.output else loss
-
+    # -- what the training and evaluation steps share ------------------------------------------
     def _carried(self, step: str, result: StepResult, rows: int) -> None:
         """After a step of ``rows`` rows: learn the states the module carries with the rows, and warn of a tensor
         given to the model with each micro-batch's rows that the step did not store anew (:mod:`.carried`)."""
@@ -475,7 +318,6 @@ class PipelineRunner(EvaluationSteps, FirstBatchChecks, WholeBatchRuns, SharedRe
         starts = split_batch(torch.arange(rows), self.pipeline.num_microbatches)
         return {int(piece[0]): index for index, piece in enumerate(starts)}
 
-    # -- the last stage's results, for every rank -------------------------------------------------
     def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any], seed: int,
                   firsts: dict[int, int], total: int,
                   seen: dict[int, list[Any]] | None = None) -> Callable[[Any], Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,15 +27,14 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_pipe.engine.deadline import PeerLost, collective, explained, job_failure_notice
+from lightning_pipe.engine.deadline import collective, explained, job_failure_notice, left_behind
 from lightning_pipe.engine.notices import PipelineError
-from lightning_pipe.engine.watchdog import sample_peers
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradients import clip_grad_norm_global
 from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
 from lightning_pipe.strategy.plain import all_gather_text
 
-__all__ = ["PipelineSteps", "left_behind"]
+__all__ = ["PipelineSteps"]
 
 _SHARING_HOOK_CALLS = "sharing what hooks logged through the loggers' experiments"
 _SHARING_HOOK_LOGS = "sharing what gradient and epoch-end hooks logged"
@@ -44,7 +42,7 @@ _COMPARING_GROUPS = ("comparing the optimizer's parameter groups after its step 
                      "by an optimizer_step of yours deciding from this rank's gradients?)")
 # Where the ranks meet between steps: the end of the fit, the start of validation within it (Lightning validates at
 # once when trainer.should_stop is set), the first batch of a training epoch after the first. A rank waiting there
-# while a peer waits for it inside a step left the training epoch alone (:func:`left_behind`).
+# while a peer waits for it inside a step left the training epoch alone (deadline.left_behind).
 _LEFT_ALONE = ("trainer.should_stop set on some ranks only (under `if trainer.is_global_zero:`, in a rank_zero_only "
                "hook, or from this rank's own values)? Set it on every rank, as the step's own code does. Or training "
                "data of another length on some ranks (a dataset whose length differs by rank or node): every rank of "
@@ -53,7 +51,6 @@ _ENDING_THE_FIT = f"ending the fit (on_train_end), while others train on: {_LEFT
 _STARTING_VALIDATION = f"starting validation within the fit, while others train on: {_LEFT_ALONE}"
 _STARTING_AN_EPOCH = f"starting a training epoch, while others train on in the one before: {_LEFT_ALONE}"
 _MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION, _STARTING_AN_EPOCH)
-_LEFT_BEHIND_S = 10.0  # seconds a peer waits for a rank that is ending the fit before that parts them
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -70,33 +67,6 @@ def _notify_sigterm(trainer: Trainer, connector: Any, signum: int, _: Any) -> No
         if launcher is not None:
             launcher.kill(signum)
     connector.received_sigterm = True
-
-
-def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = _LEFT_BEHIND_S,
-                gave_up: bool = False, why: str = "") -> Callable[[], PipelineError | None]:
-    """``notice`` for the collective that ends the fit, which also looks at the other ranks' heartbeats every
-    ``after_s`` seconds: one that has waited that long for this rank inside a step (a rank that stopped alone never
-    sends it what it waits for) ends the fit at once, rather than at the wait's timeout (5 minutes by default).
-    ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``); ``why`` ends its
-    message."""
-    me = torch.distributed.get_rank()
-    others = [rank for rank in torch.distributed.get_process_group_ranks(group) if rank != me]
-    start = time.monotonic()
-    next_look = [start + after_s]
-
-    def check() -> PipelineError | None:
-        posted = notice()
-        now = time.monotonic()
-        if posted is not None or now < next_look[0]:
-            return posted
-        next_look[0] = now + after_s
-        for peer in (sample_peers(others, window=0.0) or {}).values():
-            if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
-                return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
-                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}{why}", me, timed_out=gave_up)
-        return None
-
-    return check
 
 
 class PipelineSteps:
@@ -356,7 +326,7 @@ class PipelineSteps:
         here alone (a stop set on it only, which Lightning follows with validation at once) would otherwise take its
         peers' training activations as validation inputs, and every rank would wait out the wait timeout, told of a
         slow step (found by review). A rank waiting here that a peer waits for inside a step ends the fit with the
-        cause (:func:`left_behind`)."""
+        cause (:func:`~lightning_pipe.engine.deadline.left_behind`)."""
         runner = self._runner
         if runner is None or runner.hook_calls_group is None:
             return
