@@ -619,6 +619,49 @@ def test_training_data_of_another_length_on_one_rank_ends_every_rank_soon_naming
     assert time.monotonic() - start < 120
 
 
+def _evaluation_data_of_other_lengths(rank: int, world_size: int, stage: str) -> None:
+    import lightning as L
+
+    from tests.lightning_models import Regressor, regression_data
+
+    class Evaluated(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("test_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return self(batch[0])
+
+    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=300.0), accelerator="cpu", devices=world_size,
+                        max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0)
+    data = regression_data(4, batch_size=8)
+    if rank == 1:  # one batch fewer on this rank
+        data = torch.utils.data.DataLoader(torch.utils.data.Subset(data.dataset, range(24)), batch_size=8)
+    module = Evaluated()
+    if stage == "validation":
+        trainer.fit(module, regression_data(2), data)
+    elif stage == "test":
+        trainer.test(module, data)
+    else:
+        trainer.predict(module, data)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("stage", ["validation", "test", "prediction"])
+def test_evaluation_data_of_another_length_on_one_rank_ends_every_rank_soon_naming_it(stage: str) -> None:
+    """Rank 1's evaluation loader gave one batch fewer: it ended the evaluation while rank 0 waited for it inside a
+    step; every rank ended, told that training data differed (found by review). The rank ending the evaluation
+    sees its peer wait for it inside a step, and every rank ends soon, naming the evaluation's data."""
+    start = time.monotonic()
+    texts = run_ranks(_evaluation_data_of_other_lengths, 2, stage, timeout=130, expect_failure=True)
+    for rank, text in enumerate(texts):
+        assert text is not None and f"{stage} data of another length on some ranks" in text, f"rank {rank}: {text}"
+    assert time.monotonic() - start < 120
+
+
 class FailsInSetup(Regressor):
     """Raises in ``setup``: at once on rank 0, and on rank 1 only once rank 0's process, which holds the job's
     store, has ended (its port refuses connections)."""

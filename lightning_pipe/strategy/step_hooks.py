@@ -50,7 +50,14 @@ _LEFT_ALONE = ("trainer.should_stop set on some ranks only (under `if trainer.is
 _ENDING_THE_FIT = f"ending the fit (on_train_end), while others train on: {_LEFT_ALONE}"
 _STARTING_VALIDATION = f"starting validation within the fit, while others train on: {_LEFT_ALONE}"
 _STARTING_AN_EPOCH = f"starting a training epoch, while others train on in the one before: {_LEFT_ALONE}"
-_MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION, _STARTING_AN_EPOCH)
+# Where an evaluation ends: a rank whose data ran out first waits there while its peers wait for it inside a step.
+_ENDING_EVALUATION = {
+    stage: f"ending {doing}, while others {go_on} on: {stage} data of another length on some ranks (a dataset whose "
+           f"length differs by rank or node, limit_{short}_batches set on some ranks only)? Every rank of a pipeline "
+           f"reads the same batches"
+    for stage, doing, go_on, short in (("validation", "validation", "validate", "val"), ("test", "the test", "test",
+                                       "test"), ("prediction", "prediction", "predict", "predict"))}
+_MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION, _STARTING_AN_EPOCH, *_ENDING_EVALUATION.values())
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
 
@@ -269,15 +276,15 @@ class PipelineSteps:
 
     @override
     def on_validation_end(self) -> None:
-        self._make_hook_calls()
+        self._make_hook_calls(_ENDING_EVALUATION["validation"])
 
     @override
     def on_test_end(self) -> None:
-        self._make_hook_calls()
+        self._make_hook_calls(_ENDING_EVALUATION["test"])
 
     @override
     def on_predict_end(self) -> None:
-        self._make_hook_calls()
+        self._make_hook_calls(_ENDING_EVALUATION["prediction"])
 
     def _make_hook_calls(self, what: str = _SHARING_HOOK_CALLS) -> None:
         """What hooks and callbacks logged through the loggers' experiments on ranks that hold other layers than
