@@ -39,7 +39,9 @@ def rows_meet(module: nn.Module, first: Any, second: Any, device: torch.device |
     """The largest relative difference between ``module``'s outputs for the inputs ``first`` and ``second`` (two
     micro-batches' inputs) run together and run apart, if beyond rounding; ``None`` when they agree, or when it
     cannot be told (inputs that do not join along dim 0, outputs without rows, layers that draw random numbers even
-    in eval mode, a layer that fails on the joined input)."""
+    in eval mode, a layer that fails on the joined input). A floating-point value without rows in the outputs (a
+    value over the whole input passed on beside the rows) counts where it is neither the micro-batches' values'
+    mean weighted by rows nor their sum."""
     return _joined_and_apart(module, first, second, device, _evaluating)
 
 
@@ -67,7 +69,15 @@ def _joined_and_apart(module: nn.Module, first: Any, second: Any, device: torch.
             if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
                 return None  # random in these modes: no telling
             together = _run(module, joined, device, _SEED)
-        return _difference(_pairs(apart, together))
+        rows = [_rows(first), _rows(second)]
+        scalar = _scalar_difference(_scalars(apart, together), rows)
+        try:
+            difference = _difference(_pairs(apart, together))
+        except _CannotTell:
+            if scalar is None:
+                raise
+            difference = None
+        return max(difference or 0.0, scalar or 0.0) or None
     except _CannotTell:
         return None
     except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
@@ -91,6 +101,9 @@ def rows_verdict(module: nn.Module, first: Any, second: Any, device: torch.devic
                 if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
                     return "unknown", 0.0
                 together = _run(module, joined, device, _SEED)
+            scalar = _scalar_difference(_scalars(apart, together), [_rows(first), _rows(second)])
+            if scalar is not None:
+                return "meet", scalar
             pairs = list(_pairs(apart, together))
             if len(pairs) != sum(1 for _ in _leaves(together)):
                 return "unknown", 0.0  # a tensor without the rows (a loss): the comparison leaves it out
@@ -196,6 +209,40 @@ def _pairs(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, torc
                                             for part in parts):
         for key, item in together.items():
             yield from _pairs([part[key] for part in parts], item)
+
+
+def _scalars(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(joined output, the micro-batches' outputs ``parts``) for each floating-point tensor of the outputs without
+    rows (0-dim: a value over the whole input, passed on beside the activations)."""
+    if isinstance(together, torch.Tensor):
+        if together.dim() == 0 and together.is_floating_point() and all(
+                isinstance(part, torch.Tensor) and part.dim() == 0 and part.dtype == together.dtype for part in parts):
+            yield together, list(parts)
+    elif isinstance(together, (list, tuple)) and all(isinstance(part, (list, tuple)) and len(part) == len(together)
+                                                     for part in parts):
+        for index, item in enumerate(together):
+            yield from _scalars([part[index] for part in parts], item)
+    elif isinstance(together, dict) and all(isinstance(part, dict) and part.keys() == together.keys()
+                                            for part in parts):
+        for key, item in together.items():
+            yield from _scalars([part[key] for part in parts], item)
+
+
+def _scalar_difference(scalars: Iterable[tuple[torch.Tensor, list[torch.Tensor]]], rows: list[int]) -> float | None:
+    """The largest relative difference between a value over the whole input run joined and the nearest of the
+    micro-batches' values put together, by their mean weighted by rows (a mean over rows) or by their sum (a sum or
+    a count), if beyond rounding: a value neither (a product of two batch means, as a load-balancing loss is, or a
+    maximum) differs under a pipeline, which combines each micro-batch's as a mean."""
+    worst = 0.0
+    for joined, parts in scalars:
+        values = torch.stack([part.double() for part in parts])
+        weights = torch.tensor(rows, dtype=torch.float64, device=values.device)
+        candidates = ((values * weights).sum() / weights.sum(), values.sum())
+        scale = float(max(joined.double().abs().max(), values.abs().max()).clamp_min(1e-6))
+        relative = min(float((joined.double() - candidate).abs()) for candidate in candidates) / scale
+        if relative > tolerance(joined.dtype):
+            worst = max(worst, relative)
+    return worst or None
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -147,8 +147,10 @@ class BufferWatch:
                 " Above all, the step's code runs on the last stage's rank and reads that rank's copies of these "
                 "layers, which their forward never sets there: a value the step collects from them (an auxiliary "
                 "loss summed over self.modules(), a statistic to log) is stale, and its gradient never reaches this "
-                "rank. Return such values from forward (carried along the sequence with the activations), or let "
-                "the pipeline capture the model (any model but an nn.Sequential), whose stand-ins refuse the read.")
+                "rank. Return such values from forward (carried along the sequence with the activations, or as "
+                "the model's output), as a captured model must too; one computed over the batch's rows is then each "
+                "micro-batch's: where that differs (a load-balancing loss, a product of two batch means), a check "
+                "of the first step says so.")
             per_microbatch = "" if self._num_microbatches <= 1 else (
                 f" Under a pipeline a stage's forward runs once per micro-batch ({self._num_microbatches} per step), "
                 f"so a counter counts micro-batches and a state kept for the next call is the micro-batch's before, "

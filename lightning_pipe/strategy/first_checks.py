@@ -346,8 +346,7 @@ class FirstBatchChecks(RowChecks):
             f"under DDP. If it is instead a value "
             f"the layers' forward kept for the step (an auxiliary loss, self.aux_loss, summed over self.modules()), "
             f"the last stage's rank holds only its own layers' values: return such values from forward (carried "
-            f"along the sequence with the activations), or let the pipeline capture the model (any model but an "
-            f"nn.Sequential)")
+            f"along the sequence with the activations, or as the model's output), as a captured model must too")
 
     def _warn_of_listed_logs(self, calls: list[tuple[dict[str, Any], int]]) -> None:
         """On the last stage, after a training step whose code listed the pipelined model's layers (a loop over

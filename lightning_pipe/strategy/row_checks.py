@@ -142,9 +142,10 @@ class RowChecks:
                     f"layers: the pipeline splits every batch along dim 0, so micro-batches cut the sequences in "
                     f"time; give batches with their rows first) or a statistic over the rows brought back into them "
                     f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics, "
-                    f"a mean-only batch norm of your own). A "
-                    f"pipeline runs each micro-batch alone, so this "
-                    f"trains otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
+                    f"a mean-only batch norm of your own), or a value over the rows passed on beside the activations "
+                    f"that is neither the micro-batches' mean nor their sum (an MoE load-balancing loss, a product of "
+                    f"two means over the batch; a maximum). A pipeline runs each micro-batch alone, so this trains "
+                    f"otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
 
     def _warn_of_written_input(self, step: str) -> None:
         """On the first stage's rank: warn once if the model wrote the tensors it was given in place (a
