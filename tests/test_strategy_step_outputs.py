@@ -1443,3 +1443,74 @@ def test_a_value_logged_from_the_steps_listing_of_the_layers_is_warned_of(kind: 
         assert warned[1] == []
     else:
         assert len(warned[1]) == 1 and "'lr'" in warned[1][0], warned
+
+
+class _Bags(nn.Module):
+    """nn.EmbeddingBag over each row's ids, given flat with the rows' offsets (the first input has no rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(30, 8, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.bag(ids, offsets)).squeeze(-1)
+
+
+def _bags_fit(rank: int, world_size: int) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Bagged(L.LightningModule):
+        """Its batch holds a list of each row's ids; the step joins them and makes the offsets per micro-batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _Bags()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            bags, y = batch
+            offsets = torch.tensor([0] + [len(bag) for bag in bags[:-1]]).cumsum(0)
+            loss = F.binary_cross_entropy_with_logits(self.model(torch.cat(bags), offsets), y)
+            self.log("loss", loss)
+            self.log("ppl", loss.exp())  # not a mean over rows: the step's run on the whole batch's outputs gives it
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(0, 30, (int(n),), generator=generator), torch.rand((), generator=generator).round())
+            for n in torch.randint(1, 7, (16,), generator=generator)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=8, collate_fn=lambda items: (
+        [ids for ids, _ in items], torch.stack([y for _, y in items])))
+    strategy = PipelineStrategy(num_microbatches=4) if world_size > 1 else "auto"
+    trainer = quiet_trainer(world_size, strategy, max_steps=2)
+    module = Bagged()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    return logged, {name: p.detach().clone() for name, p in module.named_parameters()}, [
+        str(w.message) for w in caught if "put together" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_bag_model_whose_first_input_has_no_rows_puts_its_microbatches_outputs_together() -> None:
+    """nn.EmbeddingBag(flat ids, offsets): the capture took the first input's size (every row's ids) for the rows, so
+    the micro-batches' outputs did not put together and a perplexity logged was the micro-batches' mean, said with
+    advice that did not apply (found by review). The capture now takes the micro-batch's own rows where an input has
+    them (the offsets)."""
+    expected, weights, _ = _bags_fit(0, 1)
+    results = run_ranks(_bags_fit, 2, timeout=100)
+    assert [warned for _, _, warned in results] == [[], []], results[1][2]
+    for logged, _, _ in results:
+        for name, value in expected.items():
+            assert logged[name] == pytest.approx(value, rel=1e-5), (name, logged, expected)
+    for name, expected_param in weights.items():  # each parameter from the rank that holds it
+        held = [params[name] for _, params, _ in results if name in params and not params[name].is_meta]
+        assert held and all(torch.allclose(param, expected_param, rtol=1e-5, atol=1e-6) for param in held), name

@@ -3,7 +3,9 @@ and placed when a check describes it (:mod:`.coupling`, :mod:`.row_moves`, :mod:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -11,7 +13,7 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["first_sizes", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows", "dim_of",
+__all__ = ["first_sizes", "known_rows", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows", "dim_of",
            "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
 
 
@@ -21,21 +23,45 @@ def first_sizes(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
             if isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() > 0]
 
 
+_KNOWN_ROWS: ContextVar[int | None] = ContextVar("known_rows", default=None)
+
+
+@contextmanager
+def known_rows(rows: int | None) -> Iterator[None]:
+    """Captures made inside take ``rows`` (the micro-batch's, where the caller knows them) for the model's rows
+    where one of its inputs has that many along dim 0: the first input need not (nn.EmbeddingBag's flat ids before
+    the rows' offsets)."""
+    token = _KNOWN_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _KNOWN_ROWS.reset(token)
+
+
+def _example(firsts: Sequence[int | torch.SymInt]) -> object:
+    """The rows of a capture's example, from its tensor inputs' sizes along dim 0: those :func:`known_rows` gives
+    where an input has them, else the first input's."""
+    known = _KNOWN_ROWS.get()
+    if known is not None and any(example_size(size) == known for size in firsts):
+        return known
+    return example_size(firsts[0])
+
+
 def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
     """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
-    along dim 0; None without one."""
+    along dim 0 (or the rows :func:`known_rows` gives, where an input has them); None without one."""
     firsts = first_sizes(user_inputs)
-    return int(example_size(firsts[0])) if firsts else None
+    return int(_example(firsts)) if firsts else None  # type: ignore[call-overload]
 
 
 def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
     """The symbols that count the batch's rows: the tensor inputs' dim 0 (each is split along it) where it stayed
-    symbolic and has the first input's example size (export gives inputs their own symbols, CLIP's texts and images
-    two; a position tensor or a mask of the sequence's size is left out)."""
+    symbolic and has the example's rows (:func:`example_rows`; export gives inputs their own symbols, CLIP's texts and
+    images two; a position tensor or a mask of the sequence's size is left out)."""
     firsts = first_sizes(user_inputs)
     if not firsts:
         return set()
-    example = example_size(firsts[0])
+    example = _example(firsts)
     return {size.node.expr for size in firsts if fixed_size(size) is None and example_size(size) == example}
 
 

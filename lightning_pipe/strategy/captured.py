@@ -19,9 +19,10 @@ from torchmetrics import Metric
 
 from lightning_pipe.capture import CaptureError, Segment, Splitter
 from lightning_pipe.capture.assignments import changed_fields, changed_reads, fields_warning, read_advice
+from lightning_pipe.capture.graph_rows import known_rows
 from lightning_pipe.capture.patterns import all_match, autocast_state
 from lightning_pipe.capture.scalars import MEAN
-from lightning_pipe.engine.microbatch import owned
+from lightning_pipe.engine.microbatch import batch_rows, owned
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.strategy.carried import CarriedRows
@@ -276,7 +277,8 @@ class CapturedModule:
         while True:
             calls = self.model_calls(step, microbatch if not captured else owned(pristine), args, kwargs)
             for call_args, call_kwargs in calls[captured:]:
-                self.splitter.capture(call_args, call_kwargs, training=training)
+                with known_rows(batch_rows(pristine, microbatch=True)):
+                    self.splitter.capture(call_args, call_kwargs, training=training)
                 self._mark_stored()
             if not self.calls.unpacked or len(calls) <= captured:
                 return

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_pipe.capture.graph_rows import known_rows
 from lightning_pipe.engine.microbatch import per_row_lists
 from lightning_pipe.engine.notices import PipelineError
 
@@ -100,7 +101,7 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
     ``total``): an error it raises gets a note saying so, and naming the lists split with the rows, and a file it
     opens for writing is warned of (see the module)."""
     try:
-        with _WRITES.watched(step):
+        with _WRITES.watched(step), known_rows(rows):
             yield
     except Exception as error:
         notes = getattr(error, "__notes__", ())
