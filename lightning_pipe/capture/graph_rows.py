@@ -13,8 +13,8 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["first_sizes", "known_rows", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows", "dim_of",
-           "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
+__all__ = ["first_sizes", "known_rows", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows",
+           "dim_of", "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
 
 
 def first_sizes(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
