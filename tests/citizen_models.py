@@ -69,6 +69,24 @@ class PeekingAutoEncoder(ReadmeAutoEncoder):
         return F.mse_loss(self.decoder(z), x) + z.pow(2).mean()
 
 
+class OneOptimizerGAN(L.LightningModule):
+    """A GAN trained by one optimizer over both nets (their losses added): the discriminator is called on the real
+    batch and on the generator's samples, so the two make no chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 12))
+        self.disc = nn.Sequential(nn.Linear(12, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        fake = self.gen(x[:, :4])
+        return F.softplus(-self.disc(x)).mean() + F.softplus(self.disc(fake)).mean()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
 class NoGradAutoEncoder(ReadmeAutoEncoder):
     """Runs the encoder under torch.no_grad() (a frozen feature extractor, as linear probing writes it)."""
 

@@ -126,6 +126,16 @@ def test_a_step_using_a_value_between_the_links_fails_on_every_rank(tmp_path: An
         assert error is not None and "the step uses the output of 'encoder'" in error, error
 
 
+@pytest.mark.timeout(120)
+def test_a_discriminator_called_on_real_and_generated_samples_is_refused_with_the_ways_out(tmp_path: Any) -> None:
+    """A GAN trained by one optimizer: the error said the chain's links must take each other's outputs, and not what
+    to do (found by review)."""
+    errors = run_ranks(_no_grad, 2, str(tmp_path), "OneOptimizerGAN", expect_failure=True, timeout=100)
+    for error in errors:
+        assert error is not None and "calls 'disc' on something other than the output" in error, error
+        assert "PipelineStrategy(layers='disc')" in error and "DDP" in error, error
+
+
 def _no_grad(rank: int, world_size: int, root: str, name: str = "NoGradAutoEncoder") -> None:
     from lightning_pipe import PipelineStrategy
 

@@ -97,8 +97,9 @@ def frozen_checkpoint_advice(model_name: str, frozen: list[str]) -> str:
     """The error for a reentrant checkpoint none of whose inputs needed a gradient while captured (``frozen``)."""
     return (f"{model_name}.forward checkpoints activations with torch.utils.checkpoint's reentrant variant "
             f"(use_reentrant=True) where no input of the checkpoint needs a gradient, in {frozen[0]}: it gives those "
-            f"layers no gradient (the layers before them are frozen), and a captured graph would keep that after "
-            f"they are unfrozen. Use use_reentrant=False (Hugging Face: gradient_checkpointing_kwargs="
+            f"layers no gradient, also on one device (torch warns of it there: its input is the batch itself, or "
+            f"comes from frozen layers), and a captured graph would keep that after any layers before it are "
+            f"unfrozen. Use use_reentrant=False (Hugging Face: gradient_checkpointing_kwargs="
             f"{{'use_reentrant': False}}), or make the checkpoint's input need a gradient "
             f"(model.enable_input_require_grads()), or turn the model's checkpointing off and pass "
             f"PipelineStrategy(checkpoint_activations=True)")

@@ -139,7 +139,12 @@ class ChainLink(PipelinedSequence):
             if self._index > 0 and not (len(inputs) == 1 and inputs[0] is self._previous):
                 raise RuntimeError(f"the step calls {self._path!r} on something other than the output of the "
                                    f"nn.Sequential before it in the chain; PipelineStrategy pipelines the chain "
-                                   f"{self._path!r} belongs to only when each link takes the one before's output")
+                                   f"{self._path!r} belongs to only when each link takes the one before's output, "
+                                   f"once. Where the step calls it on other inputs too (a GAN's discriminator on the "
+                                   f"real batch and on generated samples), these are not one model: pipeline one of "
+                                   f"them alone, PipelineStrategy(layers={self._path!r}) (the rest stays whole on every "
+                                   f"rank and must not compute its input with gradients), or train the pair on one "
+                                   f"device or with DDP")
             return self._output
         return super().forward(*inputs)
 
