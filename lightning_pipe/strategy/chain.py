@@ -142,9 +142,9 @@ class ChainLink(PipelinedSequence):
                                    f"{self._path!r} belongs to only when each link takes the one before's output, "
                                    f"once. Where the step calls it on other inputs too (a GAN's discriminator on the "
                                    f"real batch and on generated samples), these are not one model: pipeline one of "
-                                   f"them alone, PipelineStrategy(layers={self._path!r}) (the rest stays whole on every "
-                                   f"rank and must not compute its input with gradients), or train the pair on one "
-                                   f"device or with DDP")
+                                   f"them alone, PipelineStrategy(layers={self._path!r}) (the rest stays whole on "
+                                   f"every rank and must not compute its input with gradients), or train the pair on "
+                                   f"one device or with DDP")
             return self._output
         return super().forward(*inputs)
 
