@@ -4,8 +4,10 @@ Lightning decides after each training batch, on each process, whether the interv
 validation, by that process's clock. Under a pipeline the ranks reach that point a little apart, so near the
 interval's end one rank may validate while the others train on (each waiting for the other: a hang, told as a rank
 that left the training epoch alone). The last stage decides instead, as it makes the step's result
-(:func:`validation_due`), and every rank sets its own clock's reference so that Lightning's check gives that decision
-there too (:func:`agree_on_validation`), moving it by at most a second, only near the interval's end.
+(:func:`validation_due`), and every rank sets Lightning's reference so that its check gives that decision there too
+(:func:`agree_on_validation`), moving it by at most a second, only near the interval's end; the true reference is
+kept aside, so that the next decision reads it (moved for good, the reference of a step shorter than that second
+stayed short of the interval for ever: found by review, no validation at all).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 __all__ = ["validation_due", "agree_on_validation"]
 
 _MARGIN_S = 1.0  # seconds the reference moves, at most, to keep Lightning's check from deciding otherwise here
+_KEPT = "_pipeline_validation_reference"  # on the trainer: (the reference shown to Lightning, the true one)
 
 
 def validation_due(module: Any) -> bool | None:
@@ -24,7 +27,7 @@ def validation_due(module: Any) -> bool | None:
     interval = getattr(trainer, "_val_check_time_interval", None)
     if interval is None:
         return None
-    return time.monotonic() - trainer._last_val_time >= interval
+    return time.monotonic() - _reference(trainer) >= interval
 
 
 def agree_on_validation(module: Any, due: bool | None) -> None:
@@ -33,8 +36,16 @@ def agree_on_validation(module: Any, due: bool | None) -> None:
     interval = getattr(trainer, "_val_check_time_interval", None)
     if due is None or interval is None:
         return
-    now = time.monotonic()
-    if due:
-        trainer._last_val_time = min(trainer._last_val_time, now - interval - _MARGIN_S)
-    else:
-        trainer._last_val_time = max(trainer._last_val_time, now - interval + _MARGIN_S)
+    now, reference = time.monotonic(), _reference(trainer)
+    shown = min(reference, now - interval - _MARGIN_S) if due else max(reference, now - interval + _MARGIN_S)
+    trainer._last_val_time = shown
+    trainer.__dict__[_KEPT] = (shown, reference)
+
+
+def _reference(trainer: Any) -> float:
+    """The time of the last validation (or of training's start): Lightning's, unless it still holds the value
+    :func:`agree_on_validation` showed it (then the one kept aside; a validation since sets Lightning's anew)."""
+    kept = trainer.__dict__.get(_KEPT)
+    if kept is not None and trainer._last_val_time == kept[0]:
+        return kept[1]
+    return trainer._last_val_time
