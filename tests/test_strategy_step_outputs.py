@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -1140,6 +1141,37 @@ def test_a_list_of_one_parameter_on_each_rank_given_to_clip_grad_norm_is_warned_
     warned = [result["warned"] for result in run_ranks(_clipped_by_hand, 2, "subset-list", str(tmp_path), timeout=100)]
     assert all(len(messages) == 1 for messages in warned), warned
     assert "net.0.weight, net.4.weight" in warned[0][0] and "clip_grad_norm_((p for n, p" in warned[0][0]
+
+
+def _auto_clipped(rank: int, world_size: int) -> None:
+    """AutoClip as a callback: the gradient norm summed by hand over the module's parameters, its history's 10th
+    percentile the threshold."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import ReadmeAutoEncoder, class_data
+
+    class AutoClip(L.Callback):
+        def __init__(self) -> None:
+            self.history: list[float] = []
+
+        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+            norm = sum(p.grad.detach().norm() ** 2 for p in module.parameters() if p.grad is not None) ** 0.5
+            self.history.append(float(norm))
+            torch.nn.utils.clip_grad_norm_(module.parameters(), float(np.percentile(self.history, 10)))
+
+    L.seed_everything(2, verbose=False)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2), max_steps=3, callbacks=[AutoClip()])
+    trainer.fit(ReadmeAutoEncoder(), class_data(batches=3))
+
+
+@pytest.mark.timeout(120)
+def test_a_clip_threshold_computed_from_each_ranks_share_is_refused_on_every_rank() -> None:
+    """An AutoClip callback's threshold, from norms summed by hand over pl_module.parameters(), is each rank's share:
+    the ranks clipped by other thresholds and trained 15% off one device, silently (found by review)."""
+    for error in run_ranks(_auto_clipped, 2, timeout=100, expect_failure=True):
+        assert error is not None and "clip_grad_norm_ was given another max_norm on each rank" in error, error
+        assert "get_total_norm" in error, error
 
 
 def _noised(rank: int, world_size: int, where: str) -> tuple[list[str], dict[str, torch.Tensor]]:

@@ -84,7 +84,8 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
-    total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite, reduce)
+    total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite, reduce,
+                         max_norm=float(max_norm))
     scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
@@ -95,9 +96,10 @@ _WIDE = (torch.float64, torch.complex128)
 
 
 def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.ProcessGroup | None, timeout: float,
-                 error_if_nonfinite: bool, reduce: bool = True) -> torch.Tensor:
+                 error_if_nonfinite: bool, reduce: bool = True, max_norm: float | None = None) -> torch.Tensor:
     """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together (``reduce``;
-    else of this rank's alone)."""
+    else of this rank's alone). ``max_norm``: a clip's threshold, which every rank must give alike (compared in the
+    same collective; an error on every rank where not)."""
     reduce = reduce and dist.is_initialized()
     device = grads[0].device if grads else torch.device("cpu")
     if reduce:
@@ -115,9 +117,16 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         stacked = torch.stack(norms).to(torch.float64)
         total = stacked.max() if infinite else (stacked ** norm_type).sum()
     if reduce:
-        collective(dist.all_reduce, total, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
+        # the thresholds ride along: their largest and smallest (as a largest of negatives), or their sum and sum of
+        # squares, whose spread says whether every rank gave the same
+        given = [] if max_norm is None else [max_norm, -max_norm] if infinite else [max_norm, max_norm * max_norm]
+        values = torch.stack([total, *(torch.tensor(value, dtype=torch.float64, device=device) for value in given)])
+        collective(dist.all_reduce, values, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
                    "get_total_norm over several parameters, which every rank calls alike)", group=group,
                    timeout=timeout, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
+        total = values[0]
+        if given:
+            _refuse_other_thresholds(max_norm, values[1:].tolist(), infinite, dist.get_world_size(group))
     if not infinite:
         total = total ** (1.0 / norm_type)
     total = total.to(torch.float64 if any(grad.dtype in _WIDE for grad in grads) else torch.float32)
@@ -126,6 +135,26 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
                            f"it cannot be clipped. To disable this error and scale the gradients by the non-finite "
                            f"norm anyway, set `error_if_nonfinite=False`")
     return total
+
+
+def _refuse_other_thresholds(max_norm: float, reduced: list[float], by_max: bool, ranks: int) -> None:
+    """Raise (on every rank alike) where the ranks clipped by other thresholds: ``reduced`` is their largest and
+    minus their smallest (``by_max``), or their sum and sum of squares over ``ranks``."""
+    if by_max:
+        high, low = reduced[0], -reduced[1]
+    else:
+        mean = reduced[0] / ranks
+        spread = max(reduced[1] / ranks - mean * mean, 0.0) ** 0.5
+        high, low = mean + spread, mean - spread
+    if high - low <= 1e-6 * max(abs(high), abs(low), 1e-12):
+        return
+    raise ValueError(
+        f"clip_grad_norm_ was given another max_norm on each rank (from about {low:.4g} to {high:.4g}; "
+        f"{max_norm:.4g} on this one): under PipelineStrategy every rank clips its own stages' gradients by the norm "
+        f"over every rank, so the threshold must be the same everywhere. One computed from this rank's parameters "
+        f"(a history of norms summed by hand over pl_module.parameters(), as AutoClip keeps) covers this rank's share "
+        f"alone. Compute it from the norm clip_grad_norm_ returns, or from torch.nn.utils.get_total_norm([p.grad for "
+        f"p in pl_module.parameters() if p.grad is not None]): both are every rank's")
 
 
 class GlobalNorms:
