@@ -131,16 +131,27 @@ def _replicas_for(method: object, replicas: int | list[int] | str | None) -> int
 
 @hydra.main(config_path="pkg://lightning_pipe.configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from lightning_pipe.planner.pictures import draw_timeline
-
     plan, text = plan_from_config(cfg)
     print(text, flush=True)
     options = cfg.get("plan") or {}
     picture = options.get("picture") or os.path.join(cfg.get("output_dir") or ".", "plan.png")
+    print(draw_plan(plan, picture))
+
+
+def draw_plan(plan: Plan, picture: str) -> str:
+    """Draw ``plan``'s predicted timeline at ``picture``; the line that says where (or why not: without matplotlib,
+    the plan printed stands without its picture)."""
+    from lightning_pipe.planner.pictures import draw_timeline
+
     Path(picture).parent.mkdir(parents=True, exist_ok=True)
-    draw_timeline(plan.prediction, picture, title=f"predicted: {plan.schedule}, partition {plan.partition}, "
-                                                  f"step {plan.step_time * 1e3:.1f} ms")
-    print(f"timeline: {picture}")
+    try:
+        draw_timeline(plan.prediction, picture, title=f"predicted: {plan.schedule}, partition {plan.partition}, "
+                                                      f"step {plan.step_time * 1e3:.1f} ms")
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":
+            raise
+        return f"timeline: not drawn ({error})"
+    return f"timeline: {picture}"
 
 
 if __name__ == "__main__":

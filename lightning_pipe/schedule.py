@@ -87,7 +87,12 @@ def _show(args: argparse.Namespace) -> None:
     if args.png:
         from lightning_pipe.planner.pictures import draw_timeline
 
-        draw_timeline(prediction, args.png)
+        try:
+            draw_timeline(prediction, args.png)
+        except ModuleNotFoundError as error:
+            if error.name != "matplotlib":
+                raise
+            raise SystemExit(f"--png: {error}") from None
         print(f"timeline drawn to {args.png}")
 
 

@@ -77,6 +77,24 @@ def test_choose_schedule_picks_the_fastest_that_fits():
         choose_schedule(profiles, 4, batch_rows=32, sample_rows=4, memory_cap=1.0)
 
 
+def test_the_plan_stands_without_matplotlib_and_says_how_to_draw_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib is not a dependency: the plan command printed its plan, then failed on a bare
+    ModuleNotFoundError (found by review); `schedule show --png` did too."""
+    import sys
+
+    from lightning_pipe.plan import draw_plan
+    from lightning_pipe.schedule import main as schedule_main
+
+    plan = plan_pipeline([layer(1.0), layer(2.0), layer(1.0), layer(2.0)], 2, num_microbatches=4)
+    assert draw_plan(plan, str(tmp_path / "plan.png")) == f"timeline: {tmp_path / 'plan.png'}"
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    line = draw_plan(plan, str(tmp_path / "again.png"))
+    assert line.startswith("timeline: not drawn") and "pip install matplotlib" in line, line
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        schedule_main(["show", "1f1b", "--stages", "2", "--microbatches", "4", "--png", str(tmp_path / "s.png")])
+
+
 @pytest.mark.parametrize("devices, replicas", [(2, None), (4, "[3,1]"), (4, "round_robin")])
 def test_plan_command_line_on_the_digits_config(tmp_path: Path, devices: int, replicas: str | None):
     from lightning_pipe.plan import plan_from_config

@@ -10,7 +10,10 @@ from lightning_pipe.engine.schedules import COMPUTE_OPS, Op, Schedule
 from lightning_pipe.engine.trace import Record, timeline_from_records
 from lightning_pipe.planner.simulate import Prediction, predict
 
-__all__ = ["draw_timeline", "draw_side_by_side"]
+__all__ = ["draw_timeline", "draw_side_by_side", "NO_MATPLOTLIB"]
+
+NO_MATPLOTLIB = ("drawing a timeline needs matplotlib, which lightning_pipe does not install by itself: pip install "
+                 "matplotlib (or the package with its examples' extras, pip install 'lightning_pipe[examples]')")
 
 _COLOURS = {
     Op.FORWARD: "#4c72b0",
@@ -119,7 +122,10 @@ def _draw_on(ax, timeline: Timeline, title: str | None, span: float) -> None:
 
 def _figure(num_rows: int, timelines: Sequence[Timeline]):
     # A bare Figure renders with Agg when saved and leaves pyplot's global state (and backend) alone.
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(NO_MATPLOTLIB, name="matplotlib") from None
 
     most_actions = max(
         max((len(t.schedule.compute_actions(rank)) for rank in range(t.schedule.num_ranks)), default=1)
