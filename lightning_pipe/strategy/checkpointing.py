@@ -292,6 +292,10 @@ class PipelineCheckpoints:
         if self._sharded_path is not None and "state_dict" not in checkpoint:
             load_sharded_weights(self._sharded_path, module, strict=strict,
                                  state_keys=runner.split.state_keys if runner is not None else None)
+            # the callbacks' on_load_checkpoint, next, find this rank's share of the weights there, as a full file
+            # gives it (EMAWeightAveraging reads the averaged weights from it: a KeyError, found by review); the
+            # module's own tensors, not copies
+            checkpoint["state_dict"] = {key: value.detach() for key, value in module.state_dict().items()}
         elif runner is None:
             super().load_model_state_dict(checkpoint, strict=strict)  # before the cut: the whole module
         else:
