@@ -560,6 +560,27 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Any, monk
     assert torch.load(path, weights_only=True) == {"step": 3}
 
 
+def test_a_file_checkpoint_replaces_a_sharded_folder_of_the_same_name(tmp_path: Any, monkeypatch: Any) -> None:
+    """A run writing files after one that wrote sharded folders into the same place (save_last's last.ckpt): its first
+    save failed on a bare IsADirectoryError after training (found by review). The folder goes; a folder that is no
+    checkpoint stays, with an error that says so."""
+    path = tmp_path / "last.ckpt"
+    path.mkdir()
+    (path / ".metadata").write_bytes(b"")
+    (path / "meta.pt").write_bytes(b"")
+    with monkeypatch.context() as patched:  # failing halfway: the folder stays as it was
+        patched.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", _failing_write)
+        with pytest.raises(OSError, match="disk full"):
+            atomic_save(TorchCheckpointIO(), {"step": 1}, path)
+    assert sorted(os.listdir(path)) == [".metadata", "meta.pt"] and os.listdir(tmp_path) == ["last.ckpt"]
+    atomic_save(TorchCheckpointIO(), {"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2} and os.listdir(tmp_path) == ["last.ckpt"]
+    other = tmp_path / "notes.ckpt"
+    other.mkdir()
+    with pytest.raises(IsADirectoryError, match="which is not a checkpoint"):
+        atomic_save(TorchCheckpointIO(), {"step": 3}, other)
+
+
 class _KeyedIO(TorchCheckpointIO):
     """A project's own checkpoint IO: it writes under a key of its own, and a sidecar file beside it."""
 

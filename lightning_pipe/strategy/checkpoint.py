@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,10 +31,12 @@ from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.results import decode, encode, tensor_specs
 from lightning_pipe.strategy.state_names import optimizer_entries, param_groups_of
 
-__all__ = ["PIPELINE_KEY", "RANDOM_STATES_KEY", "named_optimizer_state", "SHARED_ENTRIES", "gather_checkpoint",
-           "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries", "written_here", "CallbackMerge"]
+__all__ = ["PIPELINE_KEY", "META_FILE", "is_sharded", "RANDOM_STATES_KEY", "named_optimizer_state", "SHARED_ENTRIES",
+           "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
+           "written_here", "CallbackMerge"]
 
 PIPELINE_KEY = "pipeline"
+META_FILE = "meta.pt"  # in a sharded checkpoint folder (:mod:`.sharded`): what every rank has alike
 RANDOM_STATES_KEY = "pipeline_random_states"  # each rank's global generators' states (its own entry)
 
 
@@ -322,6 +325,11 @@ def training_state_of_rank(checkpoint: Mapping[str, Any], rank: int,
     return section["optimizer_states"][rank], section["lr_schedulers"][rank]
 
 
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder (:mod:`.sharded`)."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META_FILE))
+
+
 def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: str | os.PathLike,
                 storage_options: Any | None = None) -> None:
     """Write ``checkpoint`` to ``path`` so that a crash while writing leaves any previous file there intact.
@@ -338,11 +346,20 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     target = target.removeprefix("file://")
     directory, name = os.path.split(os.path.abspath(target))
     temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    folder = os.path.isdir(target)  # a sharded checkpoint of an earlier run in the same place (save_last's last.ckpt)
+    if folder and not is_sharded(target):
+        raise IsADirectoryError(f"cannot write the checkpoint {target}: a folder of that name is there, which is not "
+                                f"a checkpoint; move it, or give the checkpoints another path")
+    aside = os.path.join(directory, f".{name}.previous-{os.getpid()}")
     try:
         checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
         _fsync(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
+        if folder:  # a file does not replace a folder in one rename: the folder goes aside first, then away
+            os.replace(target, aside)
         os.replace(temporary, target)
         _fsync(directory)
+        if folder:
+            shutil.rmtree(aside)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

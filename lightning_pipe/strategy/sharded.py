@@ -36,7 +36,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
-from lightning_pipe.strategy.checkpoint import SHARED_ENTRIES, CallbackMerge, own_entries
+from lightning_pipe.strategy.checkpoint import META_FILE, SHARED_ENTRIES, CallbackMerge, is_sharded, own_entries
 from lightning_pipe.strategy.state_names import (
     MODEL,
     OPTIM,
@@ -60,7 +60,6 @@ __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_shard
            "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file", "write_guide",
            "whole_parameter_lists"]
 
-META_FILE = "meta.pt"
 GUIDE_FILE = "README.txt"
 GUIDE = """This folder is one checkpoint: a sharded checkpoint written by lightning_pipe's PipelineStrategy
 (checkpoint_format='sharded'), every rank's stages in torch.distributed.checkpoint's files, the rest in meta.pt
@@ -76,11 +75,6 @@ SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
 HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 T = TypeVar("T")
-
-
-def is_sharded(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a sharded checkpoint folder."""
-    return os.path.isfile(os.path.join(path, ".metadata")) and os.path.isfile(os.path.join(path, META_FILE))
 
 
 def write_file(value: Any, path: str) -> None:
