@@ -77,8 +77,8 @@ _IN_A_STEP_S = 3.0  # seconds a peer has waited for it inside a step before such
 # heartbeats: a wait that a message already sent ends shows for one at most)
 # what a rank is doing while it waits for the others to write a checkpoint, as its heartbeat and errors name it: said
 # so for a rank that calls it alone, and for the others, which time out waiting elsewhere (a hook's gather)
-_SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls (not under `if "
-           "trainer.is_global_zero:`: a collective, as under DDP; global rank 0 writes the file)")
+_SAVING = ("writing a checkpoint: trainer.save_checkpoint, which every rank calls together (a collective, as under "
+           "DDP; called under `if trainer.is_global_zero:` alone, it waits for ranks that never come)")
 
 HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 

@@ -56,7 +56,10 @@ class LayerElsewhere(nn.Module):
                              f"named_modules() (each name as in the whole sequence); to compute with another "
                              f"stage's weights in the step (logits from the embedding's weight), do it in a layer of "
                              f"the model instead: a head whose weight is tied to the embedding (head.weight = "
-                             f"embedding.weight) stays tied across stages")
+                             f"embedding.weight) stays tied across stages. Only its dtype or device read (to cast "
+                             f"the batch: x.to(layer.weight.dtype))? Read them from a layer this rank holds: "
+                             f"next(self.parameters()).dtype (each rank's own layers; the same wherever the model "
+                             f"has one dtype)")
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         from lightning_pipe.strategy.model_calls import capturing
