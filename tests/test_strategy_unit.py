@@ -581,6 +581,26 @@ def test_a_file_checkpoint_replaces_a_sharded_folder_of_the_same_name(tmp_path: 
         atomic_save(TorchCheckpointIO(), {"step": 3}, other)
 
 
+def test_partial_sharded_checkpoints_that_crashes_left_are_removed_and_a_running_ones_kept(tmp_path: Any) -> None:
+    """A crash mid-save leaves its partial folder in the staging folder; a resumed run saves under other names, so
+    nothing removed it (found by review). Those last written before this process started go; newer ones stay."""
+    import time
+
+    from lightning_pipe.strategy.sharded import remove_stale_staging
+
+    old, new, loose = tmp_path / "epoch=0-step=4.ckpt", tmp_path / "epoch=0-step=6.ckpt", tmp_path / "stray"
+    old.mkdir()
+    (old / "__0_0.distcp").write_bytes(b"half")
+    new.mkdir()
+    loose.write_bytes(b"")
+    past = time.time() - 3600
+    for path in (old / "__0_0.distcp", old, loose):
+        os.utime(path, (past, past))
+    remove_stale_staging(str(tmp_path), before=time.time() - 60)
+    assert os.listdir(tmp_path) == ["epoch=0-step=6.ckpt"]
+    remove_stale_staging(str(tmp_path / "none yet"))  # no staging folder: nothing to do
+
+
 class _KeyedIO(TorchCheckpointIO):
     """A project's own checkpoint IO: it writes under a key of its own, and a sidecar file beside it."""
 
