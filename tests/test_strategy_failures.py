@@ -699,52 +699,22 @@ def test_a_rank_failing_after_the_stores_holder_ended_ends_at_once() -> None:
     assert time.monotonic() - start < 45
 
 
-def _validated_often_by_time(rank: int, world_size: int) -> list[int]:
+def _validated_by_time(rank: int, world_size: int, skewed: int | None) -> list[int]:
+    """The global steps validation started at, under a time-based interval: an hour, with one rank's clock two hours
+    ahead (``skewed``); or (None) two seconds, over steps of a few tenths of a second."""
     import datetime
 
     import lightning as L
 
     from tests.lightning_models import Regressor, regression_data
+
+    often = skewed is None
 
     class Validated(Regressor):
         def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-            time.sleep(0.1)  # steps of a few tenths of a second, shorter than the reference's margin
+            if often:
+                time.sleep(0.1)  # steps shorter than the reference's margin (a second)
 
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
-
-    class Counted(L.Callback):
-        def __init__(self) -> None:
-            self.steps: list[int] = []
-
-        def on_validation_start(self, trainer: L.Trainer, module: Any) -> None:
-            self.steps.append(trainer.global_step)
-
-    counted = Counted()
-    trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=60), accelerator="cpu", devices=world_size,
-                        max_steps=40, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                        val_check_interval=datetime.timedelta(seconds=2), callbacks=[counted])
-    trainer.fit(Validated(), regression_data(40, batch_size=8), regression_data(1))  # one epoch
-    return counted.steps
-
-
-@pytest.mark.timeout(120)
-def test_a_time_based_validation_interval_longer_than_a_step_validates_as_time_passes() -> None:
-    """Every step not due moved the reference for good: with steps shorter than the margin it stayed short of the
-    interval for ever, and the pipeline never validated where one device did every few steps (found by review)."""
-    steps = run_ranks(_validated_often_by_time, 2, timeout=100)
-    assert steps[0] == steps[1] and len(steps[0]) >= 2, steps  # 40 steps of 0.1 s or more: 4 s, due every 2 s
-
-
-def _validated_by_time(rank: int, world_size: int, skewed: int) -> list[int]:
-    import datetime
-
-    import lightning as L
-
-    from tests.lightning_models import Regressor, regression_data
-
-    class Validated(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]), batch[1]))
 
@@ -762,11 +732,20 @@ def _validated_by_time(rank: int, world_size: int, skewed: int) -> list[int]:
 
     counted = Counted()
     trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=60), accelerator="cpu", devices=world_size,
-                        max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, num_sanity_val_steps=0,
-                        val_check_interval=datetime.timedelta(hours=1), callbacks=[SkewedClock(), counted])
-    trainer.fit(Validated(), regression_data(4, batch_size=8), regression_data(2))
+                        max_steps=40 if often else 3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        val_check_interval=datetime.timedelta(seconds=2) if often else datetime.timedelta(hours=1),
+                        callbacks=[SkewedClock(), counted])
+    trainer.fit(Validated(), regression_data(40 if often else 4, batch_size=8), regression_data(1 if often else 2))
     return counted.steps
+
+
+@pytest.mark.timeout(120)
+def test_a_time_based_validation_interval_longer_than_a_step_validates_as_time_passes() -> None:
+    """Every step not due moved the reference for good: with steps shorter than the margin it stayed short of the
+    interval for ever, and the pipeline never validated where one device did every few steps (found by review)."""
+    steps = run_ranks(_validated_by_time, 2, None, timeout=100)
+    assert steps[0] == steps[1] and len(steps[0]) >= 2, steps  # 40 steps of 0.1 s or more: 4 s, due every 2 s
 
 
 @pytest.mark.timeout(120)

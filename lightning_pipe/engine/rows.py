@@ -193,39 +193,38 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _pairs(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(joined output, the micro-batches' outputs ``parts`` concatenated) for each tensor of the outputs that has their
-    rows along dim 0; others (a value over the whole input, as a recurrence's last state) are left out."""
+def _matched(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """(joined output's tensor, the micro-batches' outputs ``parts`` at the same place) for each tensor of the joined
+    output, through lists, tuples and dicts of the same structure in every part."""
     if isinstance(together, torch.Tensor):
-        if all(isinstance(part, torch.Tensor) and part.dim() > 0 and part.shape[1:] == together.shape[1:]
-               and part.dtype == together.dtype for part in parts) \
-                and together.shape[0] == sum(part.shape[0] for part in parts):
-            yield together, torch.cat(parts)
+        yield together, parts
     elif isinstance(together, (list, tuple)) and all(isinstance(part, (list, tuple)) and len(part) == len(together)
                                                      for part in parts):
         for index, item in enumerate(together):
-            yield from _pairs([part[index] for part in parts], item)
+            yield from _matched([part[index] for part in parts], item)
     elif isinstance(together, dict) and all(isinstance(part, dict) and part.keys() == together.keys()
                                             for part in parts):
         for key, item in together.items():
-            yield from _pairs([part[key] for part in parts], item)
+            yield from _matched([part[key] for part in parts], item)
+
+
+def _pairs(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(joined output, the micro-batches' outputs ``parts`` concatenated) for each tensor of the outputs that has their
+    rows along dim 0; others (a value over the whole input, as a recurrence's last state) are left out."""
+    for joined, column in _matched(parts, together):
+        if all(isinstance(part, torch.Tensor) and part.dim() > 0 and part.shape[1:] == joined.shape[1:]
+               and part.dtype == joined.dtype for part in column) \
+                and joined.shape[0] == sum(part.shape[0] for part in column):
+            yield joined, torch.cat(column)
 
 
 def _scalars(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """(joined output, the micro-batches' outputs ``parts``) for each floating-point tensor of the outputs without
     rows (0-dim: a value over the whole input, passed on beside the activations)."""
-    if isinstance(together, torch.Tensor):
-        if together.dim() == 0 and together.is_floating_point() and all(
-                isinstance(part, torch.Tensor) and part.dim() == 0 and part.dtype == together.dtype for part in parts):
-            yield together, list(parts)
-    elif isinstance(together, (list, tuple)) and all(isinstance(part, (list, tuple)) and len(part) == len(together)
-                                                     for part in parts):
-        for index, item in enumerate(together):
-            yield from _scalars([part[index] for part in parts], item)
-    elif isinstance(together, dict) and all(isinstance(part, dict) and part.keys() == together.keys()
-                                            for part in parts):
-        for key, item in together.items():
-            yield from _scalars([part[key] for part in parts], item)
+    for joined, column in _matched(parts, together):
+        if joined.dim() == 0 and joined.is_floating_point() and all(
+                isinstance(part, torch.Tensor) and part.dim() == 0 and part.dtype == joined.dtype for part in column):
+            yield joined, list(column)
 
 
 def _scalar_difference(scalars: Iterable[tuple[torch.Tensor, list[torch.Tensor]]], rows: list[int]) -> float | None:
