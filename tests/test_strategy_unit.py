@@ -540,6 +540,28 @@ def test_a_module_with_buffers_at_places_on_several_ranks_is_found() -> None:
     assert split_buffers(layers, [2, 3], [[0], [0]]) == []  # both stages on one rank (a V-shape's)
 
 
+def test_clip_thresholds_alike_on_every_rank_pass_and_others_are_refused() -> None:
+    """The thresholds' sums that ride in the norm's all_reduce: max_norm=inf (clip_grad_norm_ used to measure the norm
+    alone) made inf - inf and refused every rank, found by the review of the change; huge or many equal values pass."""
+    import math
+
+    from lightning_pipe.strategy.gradients import _refuse_other_thresholds, _spread_terms
+
+    def check(thresholds: list[float]) -> None:
+        terms = [_spread_terms(value) for value in thresholds]
+        _refuse_other_thresholds(thresholds[0], [sum(term[i] for term in terms) for i in range(3)], False,
+                                 len(thresholds))
+
+    for alike in ([1.0, 1.0], [math.inf] * 2, [0.3] * 64, [1e200] * 2, [0.0] * 2, [0.564] * 1000):
+        check(alike)
+        _refuse_other_thresholds(alike[0], [max(alike), -min(alike)], True, len(alike))  # (an infinity norm's)
+    for differing in ([0.296, 0.48], [math.inf, 1.0], [1.0, 1.001]):
+        with pytest.raises(ValueError, match="another max_norm on each rank"):
+            check(differing)
+        with pytest.raises(ValueError, match="another max_norm on each rank"):
+            _refuse_other_thresholds(differing[0], [max(differing), -min(differing)], True, 2)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 def _failing_write(checkpoint: dict, path: Any) -> None:
     with open(path, "wb") as file:
@@ -579,26 +601,16 @@ def test_a_file_checkpoint_replaces_a_sharded_folder_of_the_same_name(tmp_path: 
     other.mkdir()
     with pytest.raises(IsADirectoryError, match="which is not a checkpoint"):
         atomic_save(TorchCheckpointIO(), {"step": 3}, other)
-
-
-def test_partial_sharded_checkpoints_that_crashes_left_are_removed_and_a_running_ones_kept(tmp_path: Any) -> None:
-    """A crash mid-save leaves its partial folder in the staging folder; a resumed run saves under other names, so
-    nothing removed it (found by review). Those last written before this process started go; newer ones stay."""
-    import time
-
-    from lightning_pipe.strategy.sharded import remove_stale_staging
-
-    old, new, loose = tmp_path / "epoch=0-step=4.ckpt", tmp_path / "epoch=0-step=6.ckpt", tmp_path / "stray"
-    old.mkdir()
-    (old / "__0_0.distcp").write_bytes(b"half")
-    new.mkdir()
-    loose.write_bytes(b"")
-    past = time.time() - 3600
-    for path in (old / "__0_0.distcp", old, loose):
-        os.utime(path, (past, past))
-    remove_stale_staging(str(tmp_path), before=time.time() - 60)
-    assert os.listdir(tmp_path) == ["epoch=0-step=6.ckpt"]
-    remove_stale_staging(str(tmp_path / "none yet"))  # no staging folder: nothing to do
+    # a link to a sharded folder (save_last="link"): the link is replaced, the folder stays (found by the review of
+    # the change: rmtree refused the link after the file was written)
+    kept = tmp_path / "epoch=1.ckpt"
+    kept.mkdir()
+    (kept / ".metadata").write_bytes(b"")
+    (kept / "meta.pt").write_bytes(b"")
+    link = tmp_path / "linked.ckpt"
+    link.symlink_to(kept, target_is_directory=True)
+    atomic_save(TorchCheckpointIO(), {"step": 4}, link)
+    assert not link.is_symlink() and torch.load(link, weights_only=True) == {"step": 4} and (kept / "meta.pt").exists()
 
 
 class _KeyedIO(TorchCheckpointIO):

@@ -39,12 +39,14 @@ def known_rows(rows: int | None) -> Iterator[None]:
 
 
 def _example(firsts: Sequence[int | torch.SymInt]) -> object:
-    """The rows of a capture's example, from its tensor inputs' sizes along dim 0: those :func:`known_rows` gives
-    where an input has them, else the first input's."""
-    known = _KNOWN_ROWS.get()
-    if known is not None and any(example_size(size) == known for size in firsts):
+    """The rows of a capture's example, from its tensor inputs' sizes along dim 0: the first input's, unless it holds
+    no whole number of the rows :func:`known_rows` gives (a flat concatenation of the rows' ids) and another input has
+    that many (a first input of rows times a length, flattened, keeps its rows: a side table as long as the rows by
+    chance is not taken for them)."""
+    known, first = _KNOWN_ROWS.get(), example_size(firsts[0])
+    if known and isinstance(first, int) and first % known and any(example_size(size) == known for size in firsts):
         return known
-    return example_size(firsts[0])
+    return first
 
 
 def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:

@@ -346,7 +346,9 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     target = target.removeprefix("file://")
     directory, name = os.path.split(os.path.abspath(target))
     temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    folder = os.path.isdir(target)  # a sharded checkpoint of an earlier run in the same place (save_last's last.ckpt)
+    # a sharded checkpoint of an earlier run in the same place (save_last's last.ckpt); a link to one (save_last="link")
+    # is replaced as a file is, the folder it points to left alone
+    folder = os.path.isdir(target) and not os.path.islink(target)
     if folder and not is_sharded(target):
         raise IsADirectoryError(f"cannot write the checkpoint {target}: a folder of that name is there, which is not "
                                 f"a checkpoint; move it, or give the checkpoints another path")
@@ -356,7 +358,12 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
         _fsync(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
         if folder:  # a file does not replace a folder in one rename: the folder goes aside first, then away
             os.replace(target, aside)
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except BaseException:
+            if folder:  # the previous checkpoint back in its place
+                os.replace(aside, target)
+            raise
         _fsync(directory)
         if folder:
             shutil.rmtree(aside)

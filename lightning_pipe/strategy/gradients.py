@@ -9,6 +9,7 @@ so ``zero_grad``, gradient accumulation and the hooks around backward behave as 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -119,7 +120,7 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
     if reduce:
         # the thresholds ride along: their largest and smallest (as a largest of negatives), or their sum and sum of
         # squares, whose spread says whether every rank gave the same
-        given = [] if max_norm is None else [max_norm, -max_norm] if infinite else [max_norm, max_norm * max_norm]
+        given = [] if max_norm is None else [max_norm, -max_norm] if infinite else _spread_terms(max_norm)
         values = torch.stack([total, *(torch.tensor(value, dtype=torch.float64, device=device) for value in given)])
         collective(dist.all_reduce, values, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
                    "get_total_norm over several parameters, which every rank calls alike)", group=group,
@@ -137,24 +138,45 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
     return total
 
 
+def _spread_terms(max_norm: float) -> list[float]:
+    """What a rank adds to the sums that tell whether every rank gave the same threshold: whether it is infinite (no
+    clipping: the way to measure the norm alone), and a bounded function of it and its square (no overflow)."""
+    if math.isinf(max_norm):
+        return [1.0, 0.0, 0.0]
+    bounded = max_norm / (1.0 + abs(max_norm))
+    return [0.0, bounded, bounded * bounded]
+
+
 def _refuse_other_thresholds(max_norm: float, reduced: list[float], by_max: bool, ranks: int) -> None:
     """Raise (on every rank alike) where the ranks clipped by other thresholds: ``reduced`` is their largest and
-    minus their smallest (``by_max``), or their sum and sum of squares over ``ranks``."""
+    minus their smallest (``by_max``), or the sums of :func:`_spread_terms` over ``ranks``."""
     if by_max:
         high, low = reduced[0], -reduced[1]
+        if high == low:  # (every rank infinite, too)
+            return
+        if math.isfinite(high - low) and high - low <= 1e-6 * max(abs(high), abs(low), 1e-12):
+            return
+        what = f"from {low:.4g} to {high:.4g}; "
     else:
-        mean = reduced[0] / ranks
-        spread = max(reduced[1] / ranks - mean * mean, 0.0) ** 0.5
-        high, low = mean + spread, mean - spread
-    if high - low <= 1e-6 * max(abs(high), abs(low), 1e-12):
-        return
+        infinite, total, squares = reduced
+        if infinite in (0.0, float(ranks)) and (infinite or _close(total, squares, ranks)):
+            return
+        what = ""
     raise ValueError(
-        f"clip_grad_norm_ was given another max_norm on each rank (from about {low:.4g} to {high:.4g}; "
-        f"{max_norm:.4g} on this one): under PipelineStrategy every rank clips its own stages' gradients by the norm "
-        f"over every rank, so the threshold must be the same everywhere. One computed from this rank's parameters "
-        f"(a history of norms summed by hand over pl_module.parameters(), as AutoClip keeps) covers this rank's share "
-        f"alone. Compute it from the norm clip_grad_norm_ returns, or from torch.nn.utils.get_total_norm([p.grad for "
-        f"p in pl_module.parameters() if p.grad is not None]): both are every rank's")
+        f"clip_grad_norm_ was given another max_norm on each rank ({what}{max_norm:.4g} on this one): under "
+        f"PipelineStrategy every rank clips its own stages' gradients by the norm over every rank, so the threshold "
+        f"must be the same everywhere. One computed from this rank's parameters (a history of norms summed by hand "
+        f"over pl_module.parameters(), as AutoClip keeps) covers this rank's share alone. Compute it from the norm "
+        f"clip_grad_norm_ returns, or from torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters() if "
+        f"p.grad is not None]): both are every rank's")
+
+
+def _close(total: float, squares: float, ranks: int) -> bool:
+    """Whether values whose sum is ``total`` and sum of squares ``squares`` over ``ranks`` are all alike (to rounding:
+    their spread, computed so, carries an error of about sqrt(ranks) * 1e-8 of their size)."""
+    mean = total / ranks
+    spread = max(squares / ranks - mean * mean, 0.0) ** 0.5
+    return spread <= 1e-5 * max(abs(mean), 1e-12)
 
 
 class GlobalNorms:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -57,7 +56,7 @@ from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
 
-__all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "remove_stale_staging", "read_sharded",
+__all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
            "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file", "write_guide",
            "whole_parameter_lists"]
 
@@ -74,7 +73,6 @@ and rank-<r>.pt.
 """
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
 STAGING = ".lightning_pipe-writing"
-_STARTED = time.time()  # (about) when this process started: staging folders older than that are a crash's leftovers
 HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 T = TypeVar("T")
 
@@ -126,9 +124,8 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
     optimizer_states = checkpoint.get("optimizer_states", [])
 
     def prepare() -> dict[str, Any]:
-        if rank == 0:  # what a crash left of an earlier attempt, of this name or (before this process) any other
+        if rank == 0:  # what a crash left of an earlier attempt
             shutil.rmtree(staging, ignore_errors=True)
-            remove_stale_staging(os.path.dirname(staging))
             os.makedirs(staging)
         state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
         for index, opt_state in enumerate(optimizer_states):
@@ -154,23 +151,6 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
             _remove_if_empty(os.path.dirname(staging))
         dist.barrier()  # no rank goes on (to list the folder, say) before it is gone
         raise
-
-
-def remove_stale_staging(folder: str, before: float | None = None) -> None:
-    """Remove the partial checkpoints in the staging ``folder`` last written before ``before`` (by default, before
-    this process started): a crash while saving leaves one, which a later save of the same name would remove, and a
-    resumed run saves under other names (found by review). Those of a job writing there now are newer and stay."""
-    before = _STARTED if before is None else before
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:  # none yet
-        return
-    for entry in entries:
-        try:
-            if entry.stat(follow_symlinks=False).st_mtime < before:
-                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.remove(entry.path)
-        except OSError:  # gone meanwhile, or not ours to remove: left
-            pass
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],

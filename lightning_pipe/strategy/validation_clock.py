@@ -5,8 +5,8 @@ validation, by that process's clock. Under a pipeline the ranks reach that point
 interval's end one rank may validate while the others train on (each waiting for the other: a hang, told as a rank
 that left the training epoch alone). The last stage decides instead, as it makes the step's result
 (:func:`validation_due`), and every rank sets Lightning's reference so that its check gives that decision there too
-(:func:`agree_on_validation`), moving it by at most a second, only near the interval's end; the true reference is
-kept aside, so that the next decision reads it (moved for good, the reference of a step shorter than that second
+(:func:`agree_on_validation`): long past where it is due, now where it is not; the true reference is kept aside, so
+that the next decision reads it (moved for good, the reference of a step shorter than the second it was moved by
 stayed short of the interval for ever: found by review, no validation at all).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["validation_due", "agree_on_validation"]
 
-_MARGIN_S = 1.0  # seconds the reference moves, at most, to keep Lightning's check from deciding otherwise here
+_LONG_AGO_S = 86400.0  # how long ago a due validation's reference is shown to have been
 _KEPT = "_pipeline_validation_reference"  # on the trainer: (the reference shown to Lightning, the true one)
 
 
@@ -37,7 +37,8 @@ def agree_on_validation(module: Any, due: bool | None) -> None:
     if due is None or interval is None:
         return
     now, reference = time.monotonic(), _reference(trainer)
-    shown = min(reference, now - interval - _MARGIN_S) if due else max(reference, now - interval + _MARGIN_S)
+    # due: long past; not due: now (whatever time the rest of the step takes before Lightning's check, it says so)
+    shown = now - interval - _LONG_AGO_S if due else now
     trainer._last_val_time = shown
     trainer.__dict__[_KEPT] = (shown, reference)
 
