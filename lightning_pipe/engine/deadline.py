@@ -34,7 +34,7 @@ from .watchdog import (
 __all__ = ["PeerLost", "collective", "wait_work", "wait_messages", "explained", "lost_connection", "job_failure_notice",
            "left_behind"]
 
-LEFT_BEHIND_S = 10.0  # seconds a peer waits for this rank inside a step before left_behind parts them
+_LEFT_BEHIND_S = 10.0  # seconds a peer waits for this rank inside a step before left_behind parts them
 # What gloo, NCCL and the store say when a peer has gone away (the symptom of a failure elsewhere, not its cause).
 _LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "got 0 bytes",
          "connection was likely closed")
@@ -202,7 +202,7 @@ def job_failure_notice(board: FailureBoard, what: str) -> Callable[[], PipelineE
     return notice
 
 
-def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = LEFT_BEHIND_S,
+def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = _LEFT_BEHIND_S,
                 gave_up: bool = False, why: str = "") -> Callable[[], PipelineError | None]:
     """``notice`` for a collective where the ranks meet between steps (the end of the fit, say), which also looks at
     the other ranks' heartbeats every ``after_s`` seconds: one that has waited that long for this rank inside a step

@@ -10,9 +10,9 @@ from lightning_pipe.engine.schedules import COMPUTE_OPS, Op, Schedule
 from lightning_pipe.engine.trace import Record, timeline_from_records
 from lightning_pipe.planner.simulate import Prediction, predict
 
-__all__ = ["draw_timeline", "draw_side_by_side", "NO_MATPLOTLIB"]
+__all__ = ["draw_timeline", "draw_side_by_side"]
 
-NO_MATPLOTLIB = ("drawing a timeline needs matplotlib, which lightning_pipe does not install by itself: pip install "
+_NO_MATPLOTLIB = ("drawing a timeline needs matplotlib, which lightning_pipe does not install by itself: pip install "
                  "matplotlib (or the package with its examples' extras, pip install 'lightning_pipe[examples]')")
 
 _COLOURS = {
@@ -125,7 +125,7 @@ def _figure(num_rows: int, timelines: Sequence[Timeline]):
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(NO_MATPLOTLIB, name="matplotlib") from None
+        raise ModuleNotFoundError(_NO_MATPLOTLIB, name="matplotlib") from None
 
     most_actions = max(
         max((len(t.schedule.compute_actions(rank)) for rank in range(t.schedule.num_ranks)), default=1)

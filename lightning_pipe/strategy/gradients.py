@@ -85,9 +85,10 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
+    max_norm = float(max_norm)
     total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite, reduce,
-                         max_norm=float(max_norm))
-    scale = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+                         max_norm=max_norm)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
     return total
@@ -118,8 +119,8 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         stacked = torch.stack(norms).to(torch.float64)
         total = stacked.max() if infinite else (stacked ** norm_type).sum()
     if reduce:
-        # the thresholds ride along: their largest and smallest (as a largest of negatives), or their sum and sum of
-        # squares, whose spread says whether every rank gave the same
+        # the thresholds ride along: their largest and smallest (as a largest of negatives), or the sums of
+        # _spread_terms, which say whether every rank gave the same
         given = [] if max_norm is None else [max_norm, -max_norm] if infinite else _spread_terms(max_norm)
         values = torch.stack([total, *(torch.tensor(value, dtype=torch.float64, device=device) for value in given)])
         collective(dist.all_reduce, values, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
@@ -152,10 +153,8 @@ def _refuse_other_thresholds(max_norm: float, reduced: list[float], by_max: bool
     minus their smallest (``by_max``), or the sums of :func:`_spread_terms` over ``ranks``."""
     if by_max:
         high, low = reduced[0], -reduced[1]
-        if high == low:  # (every rank infinite, too)
-            return
-        if math.isfinite(high - low) and high - low <= 1e-6 * max(abs(high), abs(low), 1e-12):
-            return
+        if high == low or math.isfinite(high - low) and high - low <= 1e-6 * max(abs(high), abs(low), 1e-12):
+            return  # (every rank infinite, too)
         what = f"from {low:.4g} to {high:.4g}; "
     else:
         infinite, total, squares = reduced

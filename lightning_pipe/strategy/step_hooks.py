@@ -51,12 +51,15 @@ _ENDING_THE_FIT = f"ending the fit (on_train_end), while others train on: {_LEFT
 _STARTING_VALIDATION = f"starting validation within the fit, while others train on: {_LEFT_ALONE}"
 _STARTING_AN_EPOCH = f"starting a training epoch, while others train on in the one before: {_LEFT_ALONE}"
 # Where an evaluation ends: a rank whose data ran out first waits there while its peers wait for it inside a step.
-_ENDING_EVALUATION = {
-    stage: f"ending {doing}, while others {go_on} on: {stage} data of another length on some ranks (a dataset whose "
-           f"length differs by rank or node, limit_{short}_batches set on some ranks only)? Every rank of a pipeline "
-           f"reads the same batches"
-    for stage, doing, go_on, short in (("validation", "validation", "validate", "val"), ("test", "the test", "test",
-                                       "test"), ("prediction", "prediction", "predict", "predict"))}
+def _ending(stage: str, doing: str, going_on: str, limit: str) -> str:
+    return (f"ending {doing}, while others {going_on} on: {stage} data of another length on some ranks (a dataset "
+            f"whose length differs by rank or node, {limit} set on some ranks only)? Every rank of a pipeline reads "
+            f"the same batches")
+
+
+_ENDING_EVALUATION = {"validation": _ending("validation", "validation", "validate", "limit_val_batches"),
+                      "test": _ending("test", "the test", "test", "limit_test_batches"),
+                      "prediction": _ending("prediction", "prediction", "predict", "limit_predict_batches")}
 _MEETINGS = (_ENDING_THE_FIT, _STARTING_VALIDATION, _STARTING_AN_EPOCH, *_ENDING_EVALUATION.values())
 _NOT_RESUMABLE = (r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not "
                   r"resumable")
