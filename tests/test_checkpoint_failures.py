@@ -94,3 +94,57 @@ def test_a_full_disk_fails_every_rank_and_keeps_the_previous_checkpoint(checkpoi
         assert result["note"] == f"written by rank {rank}", result["note"]  # each rank's extras come back to it
         resumed, uninterrupted = result["draws"]  # the global generators continue as in the uninterrupted run
         assert len(resumed) == 1 and len(uninterrupted) == 2 and resumed[0] == uninterrupted[1], result["draws"]
+
+
+_KILLED_WRITER = """
+import os, sys
+from lightning_pipe.strategy.staging import stage
+parent = sys.argv[1]
+half = stage(parent, "half.ckpt")  # killed while the ranks wrote
+open(os.path.join(half, "__0_0.distcp"), "w").write("half")
+moved = stage(parent, "moved.ckpt")  # killed between a publish's renames: the older checkpoint moved aside
+open(os.path.join(moved, "new"), "w").write("new")
+os.replace(os.path.join(parent, "moved.ckpt"), moved + ".previous")
+os._exit(9)
+"""
+
+
+def _save_sharded_beside(rank: int, world_size: int, tmp: str) -> list[str]:
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+    from tests.lightning_models import Regressor, regression_data
+
+    torch.set_num_threads(1)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, checkpoint_format="sharded"), max_steps=1)
+    trainer.fit(Regressor(), regression_data(1))
+    trainer.save_checkpoint(os.path.join(tmp, "new.ckpt"))
+    return sorted(os.listdir(tmp))
+
+
+@pytest.mark.timeout(120)
+def test_a_sharded_save_clears_what_a_job_killed_while_writing_left(tmp_path: Path) -> None:
+    """A job killed while writing a sharded checkpoint (SIGKILL, the out-of-memory killer) left its half-written folder
+    in .lightning_pipe-writing/ for good, or (killed between a publish's renames) the older checkpoint there, moved
+    aside, with nothing at its path: the next sharded save in that folder clears the first and puts the second back.
+    Marks of a live process and of another host are left alone (a job writing beside this one)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "moved.ckpt").mkdir()
+    (tmp_path / "moved.ckpt" / "old").write_text("old")
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], check=False, timeout=60)
+    staging = tmp_path / ".lightning_pipe-writing"
+    live, elsewhere = staging / "live.ckpt", staging / "elsewhere.ckpt"
+    for folder, owner in ((live, {"host": socket.gethostname(), "pid": os.getpid()}),
+                          (elsewhere, {"host": socket.gethostname() + "-other", "pid": 2 ** 22 + 7})):
+        folder.mkdir()
+        Path(f"{folder}.owner").write_text(json.dumps(owner))
+    assert sorted(os.listdir(staging)) == ["elsewhere.ckpt", "elsewhere.ckpt.owner", "half.ckpt", "half.ckpt.owner",
+                                           "live.ckpt", "live.ckpt.owner", "moved.ckpt", "moved.ckpt.owner",
+                                           "moved.ckpt.previous"]
+    for listed in run_ranks(_save_sharded_beside, 2, str(tmp_path), timeout=100):
+        assert listed == [".lightning_pipe-writing", "moved.ckpt", "new.ckpt"], listed
+    assert sorted(os.listdir(staging)) == ["elsewhere.ckpt", "elsewhere.ckpt.owner", "live.ckpt", "live.ckpt.owner"]
+    assert (tmp_path / "moved.ckpt" / "old").read_text() == "old"  # the older checkpoint, back in place

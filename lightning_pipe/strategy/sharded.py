@@ -18,14 +18,14 @@ A sharded checkpoint is a folder at the path Lightning gives (``epoch=3-step=400
 Durable: all of it is written into ``<parent>/.lightning_pipe-writing/<name>``, every file fsync'd (DCP's
 ``sync_files``, and :func:`write_file`), and only when every rank has written its part does global rank 0 rename the
 folder into place (an older checkpoint at the path is moved aside first, then deleted). A failure on any rank is raised
-on every rank, with its cause; the previous checkpoint at the path stays as it was.
+on every rank, with its cause; the previous checkpoint at the path stays as it was. What a job killed while writing
+left there is cleared by the next save (:mod:`.staging`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -55,6 +55,7 @@ from lightning_pipe.strategy.parameter_lists import own_lists, whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
+from lightning_pipe.strategy.staging import STAGING, drop, publish, stage
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
            "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file", "write_guide",
@@ -72,7 +73,6 @@ and rank-<r>.pt.
       python -m lightning_pipe.checkpoint consolidate <this folder> model.ckpt
 """
 SHARDED_KEY = "pipeline_sharded"  # in meta.pt: how the checkpoint was written
-STAGING = ".lightning_pipe-writing"
 HPARAMS_KEY = "hyper_parameters"  # LightningModule.CHECKPOINT_HYPER_PARAMS_KEY
 T = TypeVar("T")
 
@@ -117,16 +117,15 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
                          f"{target!r}; mount the bucket (e.g. s3fs), or use checkpoint_format='full'")
     target = os.path.abspath(target.removeprefix("file://"))
     parent, name = os.path.split(target)
-    staging = os.path.join(parent, STAGING, name)
+    staging = os.path.join(parent, STAGING, name)  # (made by rank 0: stage)
     rank = dist.get_rank()
     what = f"writing the sharded checkpoint {target}"
     names = optimizers_parameter_names(module, optimizers)
     optimizer_states = checkpoint.get("optimizer_states", [])
 
     def prepare() -> dict[str, Any]:
-        if rank == 0:  # what a crash left of an earlier attempt
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
+        if rank == 0:
+            stage(parent, name)
         state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
         for index, opt_state in enumerate(optimizer_states):
             state.update(boxed(optimizer_entries(index, opt_state, names[index])))
@@ -144,11 +143,10 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
         _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
         _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, every_group,
                                                    every_parameters))
-        _together(what, device, lambda: _publish(staging, target) if rank == 0 else None)
+        _together(what, device, lambda: publish(staging, target) if rank == 0 else None)
     except Exception:  # raised on every rank together (_together): none writes into the staging folder any more
         if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            _remove_if_empty(os.path.dirname(staging))
+            drop(staging)
         dist.barrier()  # no rank goes on (to list the folder, say) before it is gone
         raise
 
@@ -178,37 +176,6 @@ def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: M
         write_guide(staging)
 
 
-def _publish(staging: str, target: str) -> None:
-    """Rename the written folder into place; an older checkpoint there is moved aside first and deleted after."""
-    _fsync_dir(staging)
-    aside = None
-    if os.path.lexists(target):
-        aside = f"{staging}.previous"
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
-    os.replace(staging, target)
-    _fsync_dir(os.path.dirname(target))
-    if aside is not None:
-        shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
-    _remove_if_empty(os.path.dirname(staging))
-
-
-def _remove_if_empty(folder: str) -> None:
-    try:
-        os.rmdir(folder)
-    except OSError:  # not empty (another checkpoint being written), or gone
-        pass
-
-
-def _fsync_dir(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-# -- loading -----------------------------------------------------------------------------------------
 def read_sharded(path: str | os.PathLike, layout: Mapping[str, Any], local_keys: Iterable[str],
                  local_parameters: Sequence[str] = ()) -> dict[str, Any]:
     """Lightning's checkpoint dict of a sharded folder, without weights and optimizer states (which
