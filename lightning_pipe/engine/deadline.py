@@ -112,6 +112,9 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         others = [rank for rank in ranks if rank != me]
         posted = notice() if notice is not None else None
+        if posted is None and notice is not None:  # a failing rank posts its error as it ends, a moment after its
+            # connections close (one that diagnosed this wait: left_behind)
+            posted = failed_elsewhere(posted_failure(wait=2.0), me, f" in {what}")
         if posted is not None:
             raise posted from error
         message, root = explain_wait(me, others or [me], what, time.monotonic() - start, lost=True, same=what)
@@ -203,13 +206,13 @@ def job_failure_notice(board: FailureBoard, what: str) -> Callable[[], PipelineE
 
 
 def left_behind(notice: Callable[[], PipelineError | None], what: str, group: Any, after_s: float = _LEFT_BEHIND_S,
-                gave_up: bool = False, why: str = "") -> Callable[[], PipelineError | None]:
+                gave_up: bool = False, why: str | Callable[[str], str] = "") -> Callable[[], PipelineError | None]:
     """``notice`` for a collective where the ranks meet between steps (the end of the fit, say), which also looks at
     the other ranks' heartbeats every ``after_s`` seconds: one that has waited that long for this rank inside a step
     (a rank that stopped alone never sends it what it waits for) ends the wait at once, rather than at its timeout
     (5 minutes by default).
     ``gave_up``: the error raised then says this rank gave up on the wait (``PeerLost.timed_out``); ``why`` ends its
-    message."""
+    message (or makes its end from what the peer waits in)."""
     me = dist.get_rank()
     others = [rank for rank in dist.get_process_group_ranks(group) if rank != me]
     start = time.monotonic()
@@ -224,7 +227,8 @@ def left_behind(notice: Callable[[], PipelineError | None], what: str, group: An
         for peer in (sample_peers(others, window=0.0) or {}).values():
             if peer.state != "ended" and me in peer.waits and peer.doing != what and peer.for_s >= after_s:
                 return PeerLost(f"rank {me} waited {now - start:.0f} s for {what}. Rank {peer.rank} has waited "
-                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}{why}", me, timed_out=gave_up)
+                                f"{peer.for_s:.0f} s for rank {me} in {peer.doing}"
+                                f"{why(peer.doing) if callable(why) else why}", me, timed_out=gave_up)
         return None
 
     return check

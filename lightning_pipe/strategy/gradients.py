@@ -22,9 +22,14 @@ from lightning_pipe.engine.deadline import collective
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 
 if TYPE_CHECKING:
+    from lightning_pipe.engine.notices import PipelineError
     from lightning_pipe.strategy.tied import TiedParameters
 
-__all__ = ["HeldGradients", "clip_grad_norm_global", "GlobalNorms"]
+    Notices = Callable[[str], Callable[[], PipelineError | None]]  # a notice for a collective, from what it is
+
+__all__ = ["HeldGradients", "clip_grad_norm_global", "GlobalNorms", "GLOBAL_NORM"]
+
+GLOBAL_NORM = "the global gradient norm's all_reduce"  # what the ranks wait in there (its start)
 
 
 class HeldGradients:
@@ -76,18 +81,21 @@ def clip_grad_norm_global(parameters: Iterable[nn.Parameter] | torch.Tensor, max
                           counts: Callable[[nn.Parameter], bool] = lambda p: True,
                           group: dist.ProcessGroup | None = None,
                           timeout: float = DEFAULT_WAIT_TIMEOUT, norm_type: float = 2.0,
-                          error_if_nonfinite: bool = False, reduce: bool = True) -> torch.Tensor:
+                          error_if_nonfinite: bool = False, reduce: bool = True,
+                          notices: Notices | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the parameters of all ranks of ``group``: returns the global norm.
 
     Every rank scales its gradients by the same factor, computed from the ``norm_type``-norm of all stages' gradients
     together (a parameter for which ``counts`` is False, such as a tied parameter's second copy, is left out of the
-    norm); ``reduce=False``: of this rank's alone (one parameter, which one rank holds).
+    norm); ``reduce=False``: of this rank's alone (one parameter, which one rank holds). ``notices``: the failure a
+    rank posted while this one waits in the collective (:func:`~lightning_pipe.engine.deadline.job_failure_notice`),
+    raised at once.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
     max_norm = float(max_norm)
     total = _global_norm([p.grad for p in params if counts(p)], norm_type, group, timeout, error_if_nonfinite, reduce,
-                         max_norm=max_norm)
+                         max_norm=max_norm, notices=notices)
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
@@ -98,7 +106,8 @@ _WIDE = (torch.float64, torch.complex128)
 
 
 def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.ProcessGroup | None, timeout: float,
-                 error_if_nonfinite: bool, reduce: bool = True, max_norm: float | None = None) -> torch.Tensor:
+                 error_if_nonfinite: bool, reduce: bool = True, max_norm: float | None = None,
+                 notices: Notices | None = None) -> torch.Tensor:
     """The ``norm_type``-norm of this rank's ``grads`` and every other rank's of ``group`` together (``reduce``;
     else of this rank's alone). ``max_norm``: a clip's threshold, which every rank must give alike (compared in the
     same collective; an error on every rank where not)."""
@@ -123,9 +132,10 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         # _spread_terms, which say whether every rank gave the same
         given = [] if max_norm is None else [max_norm, -max_norm] if infinite else _spread_terms(max_norm)
         values = torch.stack([total, *(torch.tensor(value, dtype=torch.float64, device=device) for value in given)])
-        collective(dist.all_reduce, values, what="the global gradient norm's all_reduce (clip_grad_norm_ or "
-                   "get_total_norm over several parameters, which every rank calls alike)", group=group,
-                   timeout=timeout, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
+        what = f"{GLOBAL_NORM} (clip_grad_norm_ or get_total_norm over several parameters, which every rank calls alike)"
+        collective(dist.all_reduce, values, what=what, group=group, timeout=timeout,
+                   notice=notices(what) if notices is not None else None,
+                   op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
         total = values[0]
         if given:
             _refuse_other_thresholds(max_norm, values[1:].tolist(), infinite, dist.get_world_size(group))
@@ -185,14 +195,16 @@ class GlobalNorms:
     gradient counts in the norm (a tied parameter's second copy does not); ``parameters``: the module's, to tell the
     parameter of a gradient ``get_total_norm`` is given; ``groups``: the optimizers' parameter groups' lists (each
     rank's share of a group); ``listings``: a context inside which the cut sequences note the layers the user's
-    listings of their modules give, and which yields them (:func:`~.split.listings_of`; :meth:`listings`)."""
+    listings of their modules give, and which yields them (:func:`~.split.listings_of`; :meth:`listings`);
+    ``notices``: as for :func:`clip_grad_norm_global`."""
 
     def __init__(self, group: dist.ProcessGroup | None, counts: Callable[[nn.Parameter], bool], timeout: float,
                  parameters: Callable[[], Iterable[nn.Parameter]] = lambda: (),
                  groups: Callable[[], Iterable[list[torch.Tensor]]] = lambda: (),
-                 listings: Callable[[], AbstractContextManager[list[Any]]] = lambda: nullcontext([])) -> None:
+                 listings: Callable[[], AbstractContextManager[list[Any]]] = lambda: nullcontext([]),
+                 notices: Notices | None = None) -> None:
         self.group, self.counts, self.timeout, self.parameters = group, counts, timeout, parameters
-        self.groups, self._listings = groups, listings
+        self.groups, self._listings, self.notices = groups, listings, notices
         self._listing: list[Any] = []
         self.alone: list[torch.Tensor] = []  # the parameters given one at a time and clipped alone (:meth:`listings`)
 
@@ -228,7 +240,7 @@ class GlobalNorms:
             return clip_grad_norm_global(params, max_norm, lambda p: True, None, self.timeout, norm_type,
                                          error_if_nonfinite, reduce=False)
         return clip_grad_norm_global(params, max_norm, self.counts, self.group, self.timeout, norm_type,
-                                     error_if_nonfinite)
+                                     error_if_nonfinite, notices=self.notices)
 
     def _all_held(self, parameter: torch.Tensor) -> bool:
         """Whether ``parameter`` is the only trainable parameter of the module on this rank."""
@@ -246,7 +258,7 @@ class GlobalNorms:
         grads = list(tensors)
         owners = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         kept = [grad for grad in grads if id(grad) not in owners or self.counts(owners[id(grad)])]
-        return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite)
+        return _global_norm(kept, norm_type, self.group, self.timeout, error_if_nonfinite, notices=self.notices)
 
 
 def _caller(parameters: object) -> nn.Module | None:

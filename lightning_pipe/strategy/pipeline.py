@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import override
 
+from lightning_pipe.engine.deadline import job_failure_notice
 from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.schedules import schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
@@ -232,6 +233,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         self._mesh: DeviceMesh | None = None
         self._runner: PipelineRunner | None = None
         self._gradients = HeldGradients()
+        self._global_norms: GlobalNorms | None = None  # the gradient hooks' clip_grad_norm_ (several ranks)
         self._example_input_array: Any = None
         self._cut_plan: CutPlan | None = None
         self._position = RunPosition()
@@ -445,8 +447,10 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             clip = GlobalNorms(pipeline.group, self.runner.counts_in_norm, self.settings.wait_timeout,
                                module.parameters, lambda: [group["params"] for optimizer in trainer.optimizers
                                                            for group in optimizer.param_groups],
-                               functools.partial(listings_of, module))
+                               functools.partial(listings_of, module),
+                               functools.partial(job_failure_notice, pipeline.comm.board))
             gather_hook_logs(module, self._pipeline_texts(), trainer.callbacks, clip, self.runner.split.tied_names)
+            self._global_norms = clip  # (what a rank clipped alone, for a wait's diagnosis)
         self._fold_sigterm_check(trainer)
         self.runner.hook_calls.install(stepping=lambda: bool(self.__dict__.get("_stepping")))
         if self._async is not None:

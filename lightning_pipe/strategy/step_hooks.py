@@ -30,7 +30,7 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import collective, explained, job_failure_notice, left_behind
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.grad_scaler import scaled
-from lightning_pipe.strategy.gradients import clip_grad_norm_global
+from lightning_pipe.strategy.gradients import GLOBAL_NORM, clip_grad_norm_global
 from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
 from lightning_pipe.strategy.plain import all_gather_text
 
@@ -305,12 +305,24 @@ class PipelineSteps:
         if what in _MEETINGS:
             notice = left_behind(notice, what, runner.hook_calls_group)
         elif what == _SHARING_HOOK_LOGS:  # (the epoch-end hooks' share: a rank that left the epoch alone waits here)
-            notice = left_behind(notice, what, runner.hook_calls_group,
-                                 why=f": this rank left the training epoch alone? {_LEFT_ALONE}")
+            notice = left_behind(notice, what, runner.hook_calls_group, why=self._why_left_behind)
         watched = functools.partial(collective, what=what, timeout=runner.pipeline.config.wait_timeout,
                                     notice=notice)
         with explained(what, runner.hook_calls_group):
             return all_gather_text(text, group=runner.hook_calls_group, run=watched)
+
+    def _why_left_behind(self, doing: str) -> str:
+        """Why this rank shares the hooks' logs while a peer waits for it in ``doing``: it clipped a list of one
+        parameter alone where the peer clips its part of that list by the joint norm, or it left the epoch alone."""
+        clip = self._global_norms
+        alone = [] if clip is None or not doing.startswith(GLOBAL_NORM) else \
+            [name for param in clip.alone for name, held in self.lightning_module.named_parameters() if held is param]
+        if not alone:
+            return f": this rank left the training epoch alone? {_LEFT_ALONE}"
+        return (f": clip_grad_norm_ got a list of one parameter on this rank ({', '.join(alone[:2])}), clipped alone as "
+                f"in a loop over parameters, while that rank clips its part of a list by their joint norm. To clip a "
+                f"chosen set by its joint norm, pass a generator: clip_grad_norm_((p for p in self.parameters() if "
+                f"...), max_norm)")
 
     def _pipeline_texts(self, what: str = _SHARING_HOOK_LOGS) -> Callable[[str], list[str]]:
         """A gather of every rank of this rank's pipeline's text, in stage order (:meth:`_hook_texts`); ``what``
@@ -361,7 +373,8 @@ class PipelineSteps:
                              f"gradient norm to clip by; clip by value (gradient_clip_algorithm='value')")
         parameters = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
-                              self.settings.wait_timeout)
+                              self.settings.wait_timeout,
+                              notices=functools.partial(job_failure_notice, self.runner.pipeline.comm.board))
 
 
 def _note_optimizer_collective(error: BaseException, optimizer: Optimizer) -> None:
