@@ -29,6 +29,12 @@ own) keeps its class and its forward: a captured graph calls no forward, and whe
 to ask the module (it marks it ``_defers_in_graph``, :mod:`lightning_pipe.capture.batchnorm`), the stage defers it
 too. Elsewhere (an ``nn.Sequential`` stage) its forward updates the running statistics once per micro-batch, and the
 stage warns.
+
+An ``nn.SyncBatchNorm`` (a DDP project's ``convert_sync_batchnorm``) would reduce its statistics over its process
+group, all of the job's ranks by default, most of which hold other stages: on CPU torch refuses its input, on GPU it
+would wait for ranks that never call it. In a pipeline it normalizes as a plain batch norm does
+(:class:`LocalSyncBatchNorm`, still an ``nn.SyncBatchNorm``) and is deferred like the others, so its running
+statistics are the whole batch's, as on one device (where torch's runs as a plain batch norm too).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["DeferredBatchNorm1d", "DeferredBatchNorm2d", "DeferredBatchNorm3d", "DeferredStatistics",
-           "convert_batchnorm", "restore_batchnorm"]
+           "LocalSyncBatchNorm", "DeferredSyncBatchNorm", "convert_batchnorm", "restore_batchnorm",
+           "local_sync_batch_norms"]
 
 
 FEW_VALUES = 16  # fewer values per channel than this in a micro-batch make a batch norm's statistics noisy
@@ -226,9 +233,29 @@ class DeferredBatchNorm3d(_DeferredBatchNorm, nn.BatchNorm3d):
     """An ``nn.BatchNorm3d`` whose running statistics a pipeline stage updates once per step."""
 
 
+class LocalSyncBatchNorm(nn.SyncBatchNorm):
+    """An ``nn.SyncBatchNorm`` that normalizes by its own input's statistics, as ``nn.BatchNorm`` does, never reducing
+    over its process group (whose ranks, in a pipeline, hold other stages); see the module docstring."""
+
+    forward = nn.modules.batchnorm._BatchNorm.forward
+
+
+class DeferredSyncBatchNorm(_DeferredBatchNorm, LocalSyncBatchNorm):
+    """An ``nn.SyncBatchNorm`` whose running statistics a pipeline stage updates once per step."""
+
+
 _DEFERRED = {nn.BatchNorm1d: DeferredBatchNorm1d, nn.BatchNorm2d: DeferredBatchNorm2d,
-             nn.BatchNorm3d: DeferredBatchNorm3d}
+             nn.BatchNorm3d: DeferredBatchNorm3d, LocalSyncBatchNorm: DeferredSyncBatchNorm}
 _PLAIN = {deferred: plain for plain, deferred in _DEFERRED.items()}
+_DEFERRED[nn.SyncBatchNorm] = DeferredSyncBatchNorm
+
+
+def local_sync_batch_norms(module: nn.Module) -> int:
+    """Make every ``nn.SyncBatchNorm`` in ``module`` a :class:`LocalSyncBatchNorm`, in place; returns how many."""
+    found = [child for child in module.modules() if type(child) is nn.SyncBatchNorm]
+    for child in found:
+        child.__class__ = LocalSyncBatchNorm
+    return len(found)
 
 
 def convert_batchnorm(module: nn.Module) -> DeferredStatistics | None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_pipe.capture import CaptureError
 from lightning_pipe.capture.coupling import COUNTS_ROWS, FIXED_ROWS
 from lightning_pipe.strategy.fixed_rows import measured_rows
+from lightning_pipe.engine.batchnorm import local_sync_batch_norms
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.engine.runtime import configure_threads
@@ -80,6 +81,7 @@ class PipelineCutting:
                                f"undone (the compiled code would call the whole model, not this rank's stages); "
                                f"compiling the stages themselves is not supported yet")
             refuse_lazy_layers(module)
+            local_sync_batch_norms(module)  # (its process group's ranks hold other stages: engine.batchnorm)
             refuse_planned_cut(module, settings.plans_cut)
             if choose_model(module, settings.layers, settings.split_points, thawing(trainer))[0] == CHAIN:
                 chain = self._chain(module)
