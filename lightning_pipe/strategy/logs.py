@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import Metric
 
+from lightning_pipe.strategy.positions import looked_at_again
+
 __all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs", "CHECKED_BATCHES"]
 
 # The first batches of each step kind whose logs, outputs and metric updates are checked against a run of the step on
@@ -197,7 +199,9 @@ def _apart(values: torch.Tensor) -> bool:
 class WholeBatchLogs:
     """The logged names that a step's micro-batches do not combine into, per step kind, and their whole-batch values.
 
-    On the first batches of each step kind (:data:`CHECKED_BATCHES`, with more than one micro-batch), and at the first
+    On the first batches of each step kind (:data:`CHECKED_BATCHES`, with more than one micro-batch) and again at its
+    8th, 16th, 32nd, ... batch (a mean over the tokens that have labels looks like a mean over rows until a batch holds
+    padding: a length-sorted set's later batches), on every batch of an evaluation step's first epoch, and at the first
     batch that logs a name the step had not logged before (``if batch_idx % 100 == 0: self.log(...)``), the last stage
     runs the step once more, without gradients, on the whole batch's model output (its micro-batches' put back
     together) and compares what it
@@ -218,12 +222,27 @@ class WholeBatchLogs:
         self.unsettled: dict[str, set[str]] = {}
         self.settled: dict[str, set[str]] = {}  # step -> names checked on a batch whose micro-batches differed
         self.extra: dict[str, int] = {}  # step -> batches checked for its unsettled names
+        self.batches: dict[str, int] = {}  # step -> its batches so far (checked or not)
+        self.random: set[str] = set()  # steps whose whole-batch run draws random numbers: no telling
+        self.reach: dict[str, int] = {}  # evaluation step -> the highest batch_idx checked
 
-    def wanted(self, step: str, names: Iterable[str] = ()) -> bool:
-        """Whether ``step``'s batch needs a whole-batch run for its logs (checks left, names to take, names still
-        unsettled, or among ``names``, logged by this batch so far, one the step had not logged before)."""
-        return self.checks.get(step, 0) < CHECKED_BATCHES or bool(self.names.get(step)) or self._unsettled(step) \
-            or self.new(step, names)
+    def wanted(self, step: str, names: Iterable[str] = (), index: int | None = None) -> bool:
+        """Whether ``step``'s batch (``index``: its ``batch_idx``) needs a whole-batch run for its logs (a check due,
+        names to take, names still unsettled, or among ``names``, logged by this batch so far, one the step had not
+        logged before)."""
+        return self._due(step, index) or bool(self.names.get(step)) or self._unsettled(step) or self.new(step, names)
+
+    def _due(self, step: str, index: int | None) -> bool:
+        """Whether ``step``'s batch (``index``: its ``batch_idx``) is one whose every name is checked: its first few,
+        then its 8th, 16th, 32nd, ...; and an evaluation step's batch at an index none of its checked batches had (its
+        first epoch, whole: its logs are what a ModelCheckpoint or EarlyStopping decides on, and an evaluation set
+        is read in the same order each time)."""
+        if step in self.random:
+            return False
+        if step != "training_step" and index is not None and index > self.reach.get(step, -1):
+            return True
+        return self.checks.get(step, 0) < CHECKED_BATCHES or looked_at_again(
+            self.batches.get(step, 0) + 1, 2 * CHECKED_BATCHES)
 
     def _unsettled(self, step: str) -> bool:
         return bool(self.unsettled.get(step)) and self.extra.get(step, 0) < UNSETTLED_CHECKS
@@ -232,6 +251,7 @@ class WholeBatchLogs:
         """After a batch of ``step`` not checked: a name left unsettled when its checks ran out (its micro-batches
         logged it alike on every batch checked: a perplexity while a zero-initialized head gives every row log C)
         whose micro-batches' values now differ is checked once more, on the next batch."""
+        self.batches[step] = self.batches.get(step, 0) + 1
         late = self.unsettled.get(step)
         if late and not self._unsettled(step) and any(entry.varied and entry.name in late for entry in logs):
             self.extra[step] = UNSETTLED_CHECKS - 1
@@ -240,22 +260,27 @@ class WholeBatchLogs:
         """Whether ``names`` hold one that ``step`` had not logged before."""
         return not self.seen.get(step, set()).issuperset(names)
 
-    def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None) -> set[str]:
+    def settle(self, step: str, logs: list[LoggedValue], whole: LogRecorder | None,
+               index: int | None = None) -> set[str]:
         """``logs`` (the micro-batches' combination) with the values of the whole batch's run (``whole``'s record;
         ``None`` where there was none, or it drew random numbers) where the micro-batches' do not give them; returns
-        the names found this time (empty after the first check)."""
+        the names found this time (empty after the first check). ``index``: the batch's ``batch_idx``."""
         names = self.names.setdefault(step, set())
         seen = self.seen.setdefault(step, set())
         new = {entry.name for entry in logs} - seen
         seen.update(new)
+        checking = self._due(step, index)
+        self.batches[step] = self.batches.get(step, 0) + 1
+        if checking and index is not None:
+            self.reach[step] = max(self.reach.get(step, -1), index)
         if whole is None:  # no telling (a step that draws random numbers): its micro-batches' combination stands
             self.checks[step] = max(self.checks.get(step, 0), CHECKED_BATCHES)
             self.extra[step] = UNSETTLED_CHECKS
+            self.random.add(step)
             return set()
         wholes = {entry.name: entry for entry in combine_logs(
             [call for call in whole.calls if not isinstance(call[0]["value"], Metric)], {}) if entry.value is not None}
         found: set[str] = set()
-        checking = self.checks.get(step, 0) < CHECKED_BATCHES
         unsettled, settled = self.unsettled.setdefault(step, set()), self.settled.setdefault(step, set())
         again = not checking and self._unsettled(step)
         if checking or new or again:

@@ -133,8 +133,9 @@ class WholeBatchRuns:
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
         microbatches = 1 if self.pipeline.asynchronous and step == "training_step" else microbatches
         kind = self._logs_kind(step, rest, microbatches)
+        index = rest[0] if rest and isinstance(rest[0], int) else None  # (batch_idx)
         logged = LogRecorder(self.module) if kind is not None and self.whole_logs.wanted(
-            kind, [entry.name for entry in result.logs]) else None
+            kind, [entry.name for entry in result.logs], index) else None
         if kind is not None and logged is None:
             self.whole_logs.watch(kind, result.logs)
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
@@ -213,7 +214,8 @@ class WholeBatchRuns:
                                    f"device logs it. Return outputs with the batch's rows along one dim (views stacked "
                                    f"along the rows, self.model(torch.cat([x1, x2])): call the model once per view "
                                    f"instead, z1, z2 = self.model(x1), self.model(x2))")
-            flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None)
+            flagged = self.whole_logs.settle(kind, result.logs, logged if ran and drew and not drew[-1] else None,
+                                             index)
             if flagged:
                 over = "over what loss_reduction counts" if callable(getattr(self, "loss_reduction", None)) else \
                     "over rows"
