@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from lightning_pipe.engine.schedules.rules import ScheduleError, check_schedule, format_grid
-from lightning_pipe.engine.schedules import SCHEDULES, get_schedule
+from lightning_pipe.engine.schedules import SCHEDULE_ALIASES, SCHEDULES, get_schedule, registered_name
 from lightning_pipe.engine.schedules.replicated import replicated
 from lightning_pipe.planner.simulate import Link, Prediction, StageCost, predict
 
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print the registered schedule names")
     show = commands.add_parser("show", help="print a schedule's grid, predicted bubble and peak activations")
-    show.add_argument("name", help=f"schedule name: {', '.join(sorted(SCHEDULES))}")
+    show.add_argument("name", type=registered_name, help=f"schedule name: {', '.join(sorted(SCHEDULES))} (or "
+                      f"{', '.join(name for name in SCHEDULE_ALIASES if name != 'interleaved1f1b')})")
     show.add_argument("--stages", type=int, default=None,
                       help="pipeline depth in ranks (interleaved_1f1b: ranks; it makes stages x virtual stages)")
     show.add_argument("--replicas", default=None,

@@ -40,6 +40,15 @@ def test_show_replicated_stages(capsys):
     assert "the last stage must have one rank" in capsys.readouterr().err
 
 
+def test_show_takes_the_names_the_strategy_takes(capsys):
+    """The strategy's aliases and any case ("interleaved", "pipedream", "GPipe") were unknown here (found by review)."""
+    for alias, name in (("interleaved", "interleaved_1f1b"), ("PipeDream", "1f1b"), ("GPipe", "gpipe")):
+        assert main(["show", alias, "--stages", "2", "--microbatches", "4"]) == 0
+        shown = capsys.readouterr().out
+        assert main(["show", name, "--stages", "2", "--microbatches", "4"]) == 0
+        assert shown == capsys.readouterr().out
+
+
 def test_errors_say_how_to_fix(capsys):
     assert main(["show", "interleaved_1f1b", "--stages", "4", "--microbatches", "6"]) == 2
     assert "use 8 or schedule='1f1b'" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning_pipe.engine.config import PipelineConfig
 from lightning_pipe.engine.cut import Partition
-from lightning_pipe.engine.schedules import SCHEDULES, schedule_kind
+from lightning_pipe.engine.schedules import SCHEDULE_ALIASES, SCHEDULES, registered_name, schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, PLANNED_PARTITIONS
 from lightning_pipe.strategy.mesh import AUTO, check_replicas
@@ -108,17 +108,14 @@ class PipelineSettings:
 # The strategy names Lightning knows, as schedules: PipelineStrategy(schedule="pipedream") is Trainer(strategy=
 # "pipedream")'s schedule (gpipe is both; its re-materialization stays checkpoint_activations'); and the names people
 # use for the interleaved schedule (Megatron's "interleaved", torch's "Interleaved1F1B").
-_SCHEDULE_ALIASES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipedream_2bw": "2bw",
-                     "interleaved": "interleaved_1f1b", "interleaved1f1b": "interleaved_1f1b"}
 
 
 def _check_schedule(schedule: str) -> str:
     """The registered schedule ``schedule`` names, in any case ("GPipe", "1F1B") or by an alias."""
-    key = schedule.lower() if isinstance(schedule, str) else schedule
-    schedule = _SCHEDULE_ALIASES.get(key, key if key in SCHEDULES else schedule)
+    schedule = registered_name(schedule)
     if schedule != AUTO_SCHEDULE and (schedule not in SCHEDULES or not SCHEDULES[schedule].trains):
         names = ", ".join(name for name, kind in SCHEDULES.items() if kind.trains)
-        aliases = ", ".join(f"{alias} ({name})" for alias, name in _SCHEDULE_ALIASES.items() if alias.isidentifier()
+        aliases = ", ".join(f"{alias} ({name})" for alias, name in SCHEDULE_ALIASES.items() if alias.isidentifier()
                             and alias != "interleaved1f1b")
         raise ValueError(f"unknown schedule {schedule!r}; choose one of: {names}, or {AUTO_SCHEDULE!r} to let the "
                          f"planner choose (also by the names {aliases})")

@@ -26,7 +26,8 @@ from .replicated import REPLICATED_SCHEDULES
 from .zoo import interleaved_1f1b, zb_h1, zb_v
 
 __all__ = ["Op", "Action", "Schedule", "COMPUTE_OPS", "add_communication", "gpipe", "one_f_one_b", "forward_only",
-           "ScheduleKind", "SCHEDULES", "register_schedule", "schedule_kind", "get_schedule", "training_schedules"]
+           "ScheduleKind", "SCHEDULES", "SCHEDULE_ALIASES", "register_schedule", "schedule_kind", "get_schedule",
+           "training_schedules", "registered_name"]
 
 ScheduleFn = Callable[..., Schedule]
 
@@ -85,6 +86,18 @@ for _kind in (
     ScheduleKind("2bw", two_bw, asynchronous=True, double_buffered=True),
 ):
     register_schedule(_kind)
+
+
+# other names users know the schedules by: PipeDream's and the interleaved schedule's short name
+SCHEDULE_ALIASES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "pipedream_2bw": "2bw",
+                    "interleaved": "interleaved_1f1b", "interleaved1f1b": "interleaved_1f1b"}
+
+
+def registered_name(name: str) -> str:
+    """The registered name of the schedule ``name`` names in any case ("GPipe", "1F1B") or by an alias; ``name`` as
+    it is where it names none."""
+    key = name.lower() if isinstance(name, str) else name
+    return SCHEDULE_ALIASES.get(key, key if key in SCHEDULES else name)
 
 
 def schedule_kind(name: str) -> ScheduleKind:
