@@ -223,7 +223,8 @@ _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
 # of one statistic: not linear in the rows (a sparsity penalty's KL of the batch's mean activation)
 _CURVED = {"log", "log2", "log10", "log1p", "exp", "exp2", "expm1", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus",
-           "xlogy", "special_entr", "logit", "special_xlog1py"}
+           "xlogy", "special_entr", "logit", "special_xlog1py", "square", "abs", "relu", "clamp", "clamp_min",
+           "clamp_max", "hardtanh"}  # (and pow but to the first power: _curves)
 _SCANS = {"cumsum", "cumprod"}  # a running count along a dim
 _FLOAT_SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}  # of floating values along the rows
 _COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
@@ -368,18 +369,39 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
             if name == "reciprocal":  # a divisor: a sum times it is a mean, not a product of two statistics
                 divisors.add(node)
             carried = [arg for arg in carried if arg not in divisors]
-            if name in _CURVED and carried and not all(arg in counted or arg in divisors for arg in carried):
+            if _curves(node, name) and carried and not all(arg in counted or arg in divisors for arg in carried):
                 return (f"{place(node)} takes {name} of a statistic over the batch's rows ({place(carried[0])}: the "
                         f"log of a batch mean, as a sparsity penalty's KL or an entropy of the batch's mean "
-                        f"prediction takes), which is not linear in the rows, so the batch's value is not the mean "
-                        f"of its micro-batches' values")
-            if name in _PRODUCTS and len(carried) >= 2 and not all(arg in counted for arg in carried):
+                        f"prediction takes; the square of a cross-correlation over the batch, as Barlow Twins' loss "
+                        f"takes), which is not linear in the rows, so the batch's value is not the mean of its "
+                        f"micro-batches' values")
+            uses = [arg for arg in _node_args(node) if arg in statistics and arg not in divisors]  # (c * c: twice)
+            if name in _PRODUCTS and len(uses) >= 2 and not all(arg in counted for arg in uses):
                 return (f"{place(node)} multiplies two statistics over the batch's rows (as a mixture of experts' "
                         f"load-balancing loss does: the fraction of tokens routed to each expert times their mean "
                         f"router probability), so the batch's value is not the mean of its micro-batches' values")
         elif shifted:
             shifts.add(node)
     return None
+
+
+def _curves(node: fx.Node, name: str) -> bool:
+    """Whether ``node`` is a function that is not linear (nor affine) in its first input: a log, an exponential, a
+    square (``pow`` to another power than 1), an absolute value, a clamp."""
+    if name == "pow":
+        exponent = node.args[1] if len(node.args) > 1 else None
+        return not (isinstance(exponent, (int, float)) and exponent == 1)
+    return name in _CURVED
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    """The nodes among ``node``'s arguments, each as often as it is given (``c * c``: twice; einsum's list)."""
+    found: list[fx.Node] = []
+    for arg in (*node.args, *node.kwargs.values()):
+        for item in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(item, fx.Node):
+                found.append(item)
+    return found
 
 
 def _normalizes_rows(node: fx.Node, name: str, rows: set[Any]) -> bool:
