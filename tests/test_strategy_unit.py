@@ -718,6 +718,10 @@ def test_a_loss_that_is_neither_a_mean_nor_a_sum_over_rows_is_told_apart() -> No
     assert verdict(probe, lambda output, batch, draw: torch.tensor(4.0))[0] == "sum"
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5))  # a weighted mean: the second weighs more
     assert rule == "neither" and "2.5" in why
+    # a mean is within the tolerance of its own size, not of the sum's (m times it: 1.5e-4 off passed for a mean at
+    # m = 2, and the same batch was then warned of as one "past the first ones checked"; found by review)
+    assert verdict(probe, lambda output, batch, draw: torch.tensor(2.0 * (1 + 1.5e-4)))[0] == "neither"
+    assert verdict(probe, lambda output, batch, draw: torch.tensor(2.0 * (1 + 5e-5)))[0] == "mean"
     # a step whose loss draws random numbers (diffusion noise) cannot tell: no verdict, and so no warning
     rule, why = verdict(probe, lambda output, batch, draw: torch.tensor(2.5 + draw))
     assert rule is None and "random" in why
@@ -1087,6 +1091,59 @@ def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_mode
     assert choose_model(module, None, None)[1] == "net"
     with pytest.warns(UserWarning, match="ema has the structure of the model at 'net' and is an averaged copy of it"):
         FrozenCopies(module, "net", module.net, types.SimpleNamespace(is_last_rank=True))  # said at once
+
+
+class ModelEmaV2(nn.Module):
+    """timm's EMA of a model, as timm writes it: a deep copy in eval mode, not frozen, updated from the model's
+    state_dict values in order."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9) -> None:
+        super().__init__()
+        import copy
+
+        self.module, self.decay = copy.deepcopy(model).eval(), decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for mine, theirs in zip(self.module.state_dict().values(), model.state_dict().values()):
+            mine.copy_(self.decay * mine + (1 - self.decay) * theirs)
+
+
+def test_timms_ema_of_the_model_is_warned_of_and_an_unfrozen_copy_refused_naming_it() -> None:
+    """timm's ModelEmaV2 (not frozen) was taken for a second model: the choice refused with no word of a copy, and
+    with layers='model' its EMA paired the wrong parameters silently (0.145 off; found by review). It is an averaged
+    copy as torch's AveragedModel is: passed over, said at once. A deep copy of one's own, not frozen, is refused
+    with a word on it."""
+    import copy
+    import types
+
+    import lightning as L
+
+    from lightning_pipe.strategy.cut_warnings import FrozenCopies
+    from lightning_pipe.strategy.model_choice import choose_model, frozen_copies
+
+    class Net(nn.Module):  # (not an nn.Sequential: two of those are a chain the step may call in turn)
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.inner(x)))
+
+    class Averaging(L.LightningModule):
+        def __init__(self, timm: bool) -> None:
+            super().__init__()
+            self.model = Net()
+            self.model_ema = ModelEmaV2(self.model) if timm else copy.deepcopy(self.model)
+
+    module = Averaging(timm=True)
+    assert frozen_copies(module, "model", module.model) == ["model_ema"]
+    assert choose_model(module, None, None)[1] == "model"
+    with pytest.warns(UserWarning, match="model_ema has the structure of the model at 'model' and is an averaged"):
+        FrozenCopies(module, "model", module.model, types.SimpleNamespace(is_last_rank=True))
+    with pytest.raises(ValueError, match=r"model_ema has the structure of model: if it is a copy no optimizer trains "
+                                         r"\(an EMA"):
+        choose_model(Averaging(timm=False), None, None)
 
 
 def test_the_skeleton_of_a_model_with_the_hook_based_weight_norm_is_made() -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.strategy.model_choice import frozen_copies
+from lightning_pipe.strategy.model_choice import averaged as averaged_parameters, frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import (
     BACKWARD_HOOKS, FOREIGN, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks,
@@ -43,12 +43,11 @@ class FrozenCopies:
     every_step = 8  # training steps checked before and after each; later ones at powers of two
 
     def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline) -> None:
-        from torch.optim.swa_utils import AveragedModel
-
         self.module, self.path = module, path
         copies = frozen_copies(module, path, model)
         first_rank = not dist.is_initialized() or dist.get_rank() == 0
-        averaged = [name for name in copies if isinstance(module.get_submodule(name), AveragedModel)]
+        averages = averaged_parameters(module)
+        averaged = [name for name in copies if any(id(p) in averages for p in module.get_submodule(name).parameters())]
         self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
         self.watched = list(self.unsaid) if first_rank or pipeline.is_last_rank else []
         self.first: dict[str, torch.Tensor] = {}  # each watched copy's weights' sums when training began

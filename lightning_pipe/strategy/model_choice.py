@@ -65,7 +65,8 @@ def choose_model(module: nn.Module, layers: str | None, split_points: Any = None
     if own_forward(module):
         return CAPTURED, ""  # the module's forward holds the model: the step calls self(...)
     raise ValueError(f"PipelineStrategy cannot tell which model of {type(module).__name__} to pipeline: its trainable "
-                     f"parameters are spread over {owners(module, thawing)} and it has no forward. Name the attribute "
+                     f"parameters are spread over {owners(module, thawing)} and it has no forward.{_copy_hint(module)} "
+                     f"Name the attribute "
                      f"holding the model to pipeline, whose output the step then gives to the others (a classifier "
                      f"or margin head, an ArcFace: PipelineStrategy(layers={largest_owner(module, thawing)!r}); "
                      f"parameters the step uses before calling it, a condition's embedding or a classifier-free "
@@ -128,11 +129,38 @@ def owners(module: nn.Module, thawing: bool = False) -> list[str]:
 
 
 def averaged(module: nn.Module) -> set[int]:
-    """The ids of the parameters of ``module``'s ``torch.optim.swa_utils.AveragedModel`` copies (an EMA, SWA): they
-    require grad as the model they copy does, but no optimizer trains them."""
+    """The ids of the parameters of ``module``'s averaged copies (torch's ``AveragedModel``, timm's ``ModelEma``,
+    ``ModelEmaV2``, ``ModelEmaV3``: an EMA, SWA): they require grad as the model they copy does, but no optimizer
+    trains them."""
+    return {id(p) for part in module.modules() if _averaging(part) for p in part.parameters()}
+
+
+def _averaging(part: nn.Module) -> bool:
+    """Whether ``part`` is an averaged copy of a model it holds as ``.module`` (torch's ``AveragedModel``, timm's
+    ``ModelEma*``)."""
     from torch.optim.swa_utils import AveragedModel
 
-    return {id(p) for part in module.modules() if isinstance(part, AveragedModel) for p in part.parameters()}
+    return isinstance(part, AveragedModel) or (type(part).__name__.startswith("ModelEma")
+                                               and isinstance(getattr(part, "module", None), nn.Module))
+
+
+def _layout(part: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(tensor.shape)) for name, tensor in (*part.named_parameters(), *part.named_buffers())]
+
+
+def _copy_hint(module: nn.Module) -> str:
+    """Where one attribute holding trainable parameters has another's structure (``self.ema =
+    copy.deepcopy(self.model)``, not frozen), what that means under the pipeline."""
+    children = dict(module.named_children())
+    held = [name for name in owners(module) if name in children]  # (not a parameter of the module's own)
+    for name in held:
+        for other in held:
+            if other != name and _layout(children[name]) == _layout(children[other]):
+                return (f" {other} has the structure of {name}: if it is a copy no optimizer trains (an EMA, a "
+                        f"momentum encoder, a target network), freeze it (self.{other}.requires_grad_(False)), and "
+                        f"know that under PipelineStrategy code pairing its parameters with {name}'s (an EMA update) "
+                        f"pairs the wrong ones: Lightning's EMAWeightAveraging callback keeps an EMA that works.")
+    return ""
 
 
 def largest_owner(module: nn.Module, thawing: bool = False) -> str:
@@ -146,22 +174,17 @@ def largest_owner(module: nn.Module, thawing: bool = False) -> str:
 
 def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
     """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes,
-    and of its ``AveragedModel`` copies of the model: an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO,
+    and of its averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO,
     a mean teacher), which the step's code pairs parameter by parameter with the model's."""
-    from torch.optim.swa_utils import AveragedModel
-
-    def layout(part: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-        return [(name, tuple(tensor.shape)) for name, tensor in (*part.named_parameters(), *part.named_buffers())]
-
-    wanted = layout(model)
+    wanted = _layout(model)
     found: list[str] = []
     for name, part in module.named_modules():
         inside = name == path or name.startswith(f"{path}.") or path.startswith(f"{name}.") or not name
         if inside or any(name.startswith(f"{other}.") for other in found) or part is model:
             continue
-        if isinstance(part, AveragedModel) and layout(part.module) == wanted:
+        if _averaging(part) and _layout(part.module) == wanted:
             found.append(name)
         elif any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()) \
-                and layout(part) == wanted:
+                and _layout(part) == wanted:
             found.append(name)
     return found

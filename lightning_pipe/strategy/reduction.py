@@ -203,15 +203,18 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
+    # each verdict within the tolerance of its own size (against the sum's, m times the mean's, a mean passed m times
+    # as far from the whole batch's: found by review)
+    near_mean, near_sum = tolerance * max(abs(mean), abs(whole), 1e-12), tolerance * max(abs(total), abs(whole), 1e-12)
     alike = abs(total - mean) <= 10 * tolerance * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
     # whose micro-batches hold one identity each; against a whole batch's that is not, the answer is "neither")
-    if alike and abs(whole - mean) <= tolerance * scale:
+    if alike and abs(whole - mean) <= near_mean:
         return None, "the micro-batches' mean and sum are equal"
     why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses have the "
            f"mean {mean:.6g} and the sum {total:.6g}")
-    if not alike and abs(whole - total) <= tolerance * scale:
+    if not alike and abs(whole - total) <= near_sum:
         return "sum", why
-    if not alike and abs(whole - mean) <= tolerance * scale:
+    if not alike and abs(whole - mean) <= near_mean:
         return "mean", why
     if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"
@@ -333,7 +336,8 @@ def neither_warning(why: str, step: str = "training_step", count: str | None = N
             f"averaged over different counts (tasks whose labels are missing on different rows: divide each term's "
             f"sum by its count over the whole batch, passed with the batch as a 0-dim tensor, and pass "
             f"loss_reduction='sum'), or it couples the "
-            f"rows (a contrastive loss over the batch, which no split into micro-batches computes). The "
+            f"rows (a contrastive loss over the batch, which no split into micro-batches computes: "
+            f"num_microbatches=1 gives one device's result, the stages then running in turn). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: " + (
                 f"PipelineStrategy(loss_reduction=lambda batch: ...) computing from a micro-batch the {given} your "
