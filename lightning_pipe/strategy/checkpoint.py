@@ -33,7 +33,7 @@ from lightning_pipe.strategy.state_names import optimizer_entries, param_groups_
 
 __all__ = ["PIPELINE_KEY", "META_FILE", "is_sharded", "RANDOM_STATES_KEY", "named_optimizer_state", "SHARED_ENTRIES",
            "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
-           "written_here", "CallbackMerge"]
+           "written_here", "CallbackMerge", "fsync_path"]
 
 PIPELINE_KEY = "pipeline"
 META_FILE = "meta.pt"  # in a sharded checkpoint folder (:mod:`.sharded`): what every rank has alike
@@ -355,7 +355,7 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
     aside = os.path.join(directory, f".{name}.previous-{os.getpid()}")
     try:
         checkpoint_io.save_checkpoint(checkpoint, temporary, storage_options=storage_options)
-        _fsync(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
+        fsync_path(temporary)  # on disk before it replaces the previous file: a crash leaves one of the two whole
         if folder:  # a file does not replace a folder in one rename: the folder goes aside first, then away
             os.replace(target, aside)
         try:
@@ -364,7 +364,7 @@ def atomic_save(checkpoint_io: CheckpointIO, checkpoint: dict[str, Any], path: s
             if folder:  # the previous checkpoint back in its place
                 os.replace(aside, target)
             raise
-        _fsync(directory)
+        fsync_path(directory)
         if folder:
             shutil.rmtree(aside)
     finally:
@@ -388,7 +388,8 @@ def _writes_later(checkpoint_io: CheckpointIO) -> bool:
     return isinstance(checkpoint_io, AsyncCheckpointIO)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file or a folder (its entries: a rename into it) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -17,6 +17,8 @@ import os
 import shutil
 import socket
 
+from lightning_pipe.strategy.checkpoint import fsync_path
+
 __all__ = ["STAGING", "stage", "publish", "drop", "clear_abandoned"]
 
 STAGING = ".lightning_pipe-writing"
@@ -38,14 +40,14 @@ def stage(parent: str, name: str) -> str:
 
 def publish(staging: str, target: str) -> None:
     """Rename the written folder into place; an older checkpoint there is moved aside first and deleted after."""
-    _fsync_dir(staging)
+    fsync_path(staging)
     aside = None
     if os.path.lexists(target):
         aside = staging + _ASIDE
         _remove(aside)
         os.replace(target, aside)
     os.replace(staging, target)
-    _fsync_dir(os.path.dirname(target))
+    fsync_path(os.path.dirname(target))
     if aside is not None:
         _remove(aside)
     _remove(staging + _OWNER)
@@ -112,11 +114,3 @@ def _remove_if_empty(folder: str) -> None:
         os.rmdir(folder)
     except OSError:  # not empty (another checkpoint being written), or gone
         pass
-
-
-def _fsync_dir(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
