@@ -126,25 +126,33 @@ def test_a_sharded_save_clears_what_a_job_killed_while_writing_left(tmp_path: Pa
     """A job killed while writing a sharded checkpoint (SIGKILL, the out-of-memory killer) left its half-written folder
     in .lightning_pipe-writing/ for good, or (killed between a publish's renames) the older checkpoint there, moved
     aside, with nothing at its path: the next sharded save in that folder clears the first and puts the second back.
-    Marks of a live process and of another host are left alone (a job writing beside this one)."""
+    A mark whose lock a live process holds (a job writing beside this one, in this container or another) is left
+    alone; a failed publish's drop puts the older checkpoint back too."""
+    import fcntl
     import json
-    import socket
     import subprocess
     import sys
+
+    from lightning_pipe.strategy.staging import drop, stage
 
     (tmp_path / "moved.ckpt").mkdir()
     (tmp_path / "moved.ckpt" / "old").write_text("old")
     subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], check=False, timeout=60)
     staging = tmp_path / ".lightning_pipe-writing"
-    live, elsewhere = staging / "live.ckpt", staging / "elsewhere.ckpt"
-    for folder, owner in ((live, {"host": socket.gethostname(), "pid": os.getpid()}),
-                          (elsewhere, {"host": socket.gethostname() + "-other", "pid": 2 ** 22 + 7})):
-        folder.mkdir()
-        Path(f"{folder}.owner").write_text(json.dumps(owner))
-    assert sorted(os.listdir(staging)) == ["elsewhere.ckpt", "elsewhere.ckpt.owner", "half.ckpt", "half.ckpt.owner",
-                                           "live.ckpt", "live.ckpt.owner", "moved.ckpt", "moved.ckpt.owner",
-                                           "moved.ckpt.previous"]
-    for listed in run_ranks(_save_sharded_beside, 2, str(tmp_path), timeout=100):
-        assert listed == [".lightning_pipe-writing", "moved.ckpt", "new.ckpt"], listed
-    assert sorted(os.listdir(staging)) == ["elsewhere.ckpt", "elsewhere.ckpt.owner", "live.ckpt", "live.ckpt.owner"]
+    live = staging / "live.ckpt"
+    live.mkdir()
+    with open(f"{live}.owner", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live writer's
+        held.write(json.dumps({"host": "elsewhere", "pid": 1}))
+        held.flush()
+        assert sorted(os.listdir(staging)) == ["half.ckpt", "half.ckpt.owner", "live.ckpt", "live.ckpt.owner",
+                                               "moved.ckpt", "moved.ckpt.owner", "moved.ckpt.previous"]
+        for listed in run_ranks(_save_sharded_beside, 2, str(tmp_path), timeout=100):
+            assert listed == [".lightning_pipe-writing", "moved.ckpt", "new.ckpt"], listed
+        assert sorted(os.listdir(staging)) == ["live.ckpt", "live.ckpt.owner"]
     assert (tmp_path / "moved.ckpt" / "old").read_text() == "old"  # the older checkpoint, back in place
+    # a publish that failed between its renames: the drop after it puts the older checkpoint back
+    writing = stage(str(tmp_path), "again.ckpt")
+    (tmp_path / ".lightning_pipe-writing" / "again.ckpt.previous").mkdir()
+    drop(writing)
+    assert (tmp_path / "again.ckpt").is_dir() and not os.path.exists(f"{writing}.owner")

@@ -51,7 +51,7 @@ def test_a_list_with_one_dict_of_tensors_per_row_is_split_with_the_rows() -> Non
 
 def test_dicts_of_as_many_rows_as_the_batch_are_columns_and_a_batch_of_lists_alone_is_refused() -> None:
     """Two encodings of 2 rows each (a pair, as DPO's chosen and rejected) are columns, as before; per-image targets
-    with exactly 2 boxes in a batch of 2 images look the same, which a warning says. Without a tensor of the
+    with exactly as many boxes as the batch has images look the same, which a warning says. Without a tensor of the
     batch's rows beside them (torchvision's ``tuple(zip(*batch))``), lists of items have no rows to read."""
     pair = [{"input_ids": torch.arange(6).view(2, 3)}, {"input_ids": torch.arange(6, 14).view(2, 4)}]
     with pytest.warns(UserWarning, match="split as columns"):
@@ -67,28 +67,11 @@ def test_dicts_of_as_many_rows_as_the_batch_are_columns_and_a_batch_of_lists_alo
         parts = split_batch(batch, 2)
         assert [batch_rows(part, microbatch=True) for part in parts] == [4, 3]
         assert batch_rows(owned(parts[1])[0]) == 3
-    with pytest.warns(UserWarning, match="split one dict per row"):  # read as a batch of its own: 3 of 3, below
-        assert batch_rows(parts[1]) == 3
+    with pytest.warns(UserWarning, match="split as columns"):  # read as a batch of its own: as above
+        batch_rows(parts[1])
     images = tuple(torch.zeros(3, 8 + i, 8) for i in range(4))
     with pytest.raises(ValueError, match="beside a tensor of the batch's rows"):
         split_batch((images, tuple(_targets([1, 3, 2, 3]))), 2)
-
-
-def test_targets_with_as_many_boxes_each_as_the_batch_has_images_are_one_per_row() -> None:
-    """Per-image targets of 8 boxes each in a batch of 8 images (keypoints, padded-to-K targets) were split as columns,
-    each micro-batch given every image's first boxes: a step indexing them by image failed (an IndexError) and one
-    zipping them trained on the wrong boxes, after 12 warnings (found by review). From three on, a list of as many
-    dicts as rows is one per row, said once."""
-    images = torch.arange(8.0).view(8, 1)
-    targets = [{"boxes": torch.full((8, 4), float(i)), "labels": torch.full((8,), i)} for i in range(8)]
-    with pytest.warns(UserWarning, match="split one dict per row") as caught:
-        parts = split_batch((images, targets), 4)
-        split_batch((images, targets), 4)
-    assert len([w for w in caught if "one dict per row" in str(w.message)]) == 2  # (shown once where not recorded)
-    for x, part in parts:
-        assert len(part) == len(x) == 2
-        assert [int(t["labels"][0]) for t in part] == [int(v) for v in x[:, 0]]
-        assert all(t["boxes"].shape == (8, 4) for t in part)
 
 
 def test_a_list_of_ragged_tensors_one_per_row_is_split_but_equal_sized_columns_stay_columns() -> None:

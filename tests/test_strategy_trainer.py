@@ -577,27 +577,3 @@ def test_a_pipeline_of_one_process_says_nothing_is_pipelined() -> None:
     messages = run_ranks(_one_process, 1, timeout=100)[0]
     assert any(message.startswith("PipelineStrategy on one process: the whole model is one stage")
                for message in messages), messages
-
-
-def _small_batches(rank: int, world_size: int) -> list[str]:
-    import warnings
-
-    from lightning_pipe import PipelineStrategy
-    from tests.helpers import quiet_trainer
-    from tests.lightning_models import Regressor, regression_data
-
-    torch.set_num_threads(1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet_trainer(world_size, PipelineStrategy(num_microbatches=8), max_steps=3).fit(
-            Regressor(), regression_data(3, batch_size=6))
-    return [str(w.message) for w in caught if "fewer than num_microbatches" in str(w.message)]
-
-
-@pytest.mark.timeout(120)
-def test_batches_with_fewer_rows_than_micro_batches_are_said_once() -> None:
-    """num_microbatches=8 on batches of 6 rows ran 6 micro-batches a step, silently (an interleaved schedule then
-    runs fill-drain; found by review): the first training batch's rows are compared, on the pipeline's first rank."""
-    first, last = run_ranks(_small_batches, 2, timeout=100)
-    assert len(first) == 1 and "has 6 rows" in first[0] and "num_microbatches=6" in first[0], first
-    assert last == []

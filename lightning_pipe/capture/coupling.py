@@ -223,8 +223,8 @@ _SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "
 _PRODUCTS = {"mul", "matmul", "mm", "bmm", "dot", "einsum", "outer"}  # of two statistics: not linear in the rows
 # of one statistic: not linear in the rows (a sparsity penalty's KL of the batch's mean activation)
 _CURVED = {"log", "log2", "log10", "log1p", "exp", "exp2", "expm1", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus",
-           "xlogy", "special_entr", "logit", "special_xlog1py", "square", "abs", "relu", "clamp", "clamp_min",
-           "clamp_max", "hardtanh"}  # (and pow but to the first power: _curves)
+           "xlogy", "special_entr", "logit", "special_xlog1py", "square", "abs", "relu"}  # (and pow: _curves; not a
+# clamp, which guards a count's division: mask.sum().clamp(min=1))
 _SCANS = {"cumsum", "cumprod"}  # a running count along a dim
 _FLOAT_SCANS = {"cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"}  # of floating values along the rows
 _COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne"}
@@ -366,7 +366,8 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif (value.is_floating_point() or value.is_complex()) and (
                 carried or any(has_rows(arg.meta["val"], rows) for arg in inputs)):
             statistics.add(node)
-            if name == "reciprocal":  # a divisor: a sum times it is a mean, not a product of two statistics
+            if name == "reciprocal" or name == "pow" and _exponent(node) == -1:  # a divisor: a sum times it is a
+                # mean, not a product of two statistics
                 divisors.add(node)
             carried = [arg for arg in carried if arg not in divisors]
             if _curves(node, name) and carried and not all(arg in counted or arg in divisors for arg in carried):
@@ -389,9 +390,14 @@ def _curves(node: fx.Node, name: str) -> bool:
     """Whether ``node`` is a function that is not linear (nor affine) in its first input: a log, an exponential, a
     square (``pow`` to another power than 1), an absolute value, a clamp."""
     if name == "pow":
-        exponent = node.args[1] if len(node.args) > 1 else None
-        return not (isinstance(exponent, (int, float)) and exponent == 1)
+        return _exponent(node) not in (1, -1)  # (-1: a divisor)
     return name in _CURVED
+
+
+def _exponent(node: fx.Node) -> Any:
+    """A ``pow`` node's exponent where it is a number, else None."""
+    exponent = node.args[1] if len(node.args) > 1 else None
+    return exponent if isinstance(exponent, (int, float)) else None
 
 
 def _node_args(node: fx.Node) -> list[fx.Node]:

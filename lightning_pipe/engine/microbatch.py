@@ -36,9 +36,7 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     """``(rows, ids of the lists split item by item)``.
 
     When every tensor has the same size along dim 0, that is the rows, and every list is a container of columns (the
-    ``[x, y]`` a ``TensorDataset`` collates), as it always was, but for a list of as many dicts of tensors as the
-    batch has rows, three or more: one dict per row (per-image targets with as many boxes each as the batch has
-    images; two, a pair of encodings, stay columns). Otherwise the rows are those of the tensors outside
+    ``[x, y]`` a ``TensorDataset`` collates), as it always was. Otherwise the rows are those of the tensors outside
     the lists whose items are alike (stacked images beside their targets), and such a list holds one item per row
     when it has that many items and some of its tensors do not have that many rows: per-image targets
     (``[{"boxes": ..., "labels": ...}, ...]`` with a box count of their own each), ragged sequences. A micro-batch
@@ -65,10 +63,9 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     _find_lists(batch, lists)
     if len(sizes) == 1:
         rows = sizes.pop()
-        per_row = {id(c) for c in lists.of_mappings if len(c) == rows >= 3}
         if warn:
             _warn_if_dicts_could_be_rows(lists, rows)
-        return rows, per_row
+        return rows, set()
     candidates = lists.of_mappings + lists.of_tensors
     anchors = {t.shape[0] for t in _outside(batch, {id(c) for c in candidates}) if t.dim() > 0}
     if len(anchors) == 1:
@@ -178,23 +175,16 @@ def _several_loaders(batch: Any) -> str:
 
 
 def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
-    """A list of as many dicts as rows, each of tensors of that many rows, is read as one dict per row from three on
-    (per-image targets), as columns for two (a pair of encodings); either may be the other: said."""
+    """A list of as many dicts as rows, each of tensors of that many rows, is read as columns (a pair of encodings);
+    per-image targets with as many boxes each as the batch has images look the same: say so."""
     for candidate in lists.of_mappings:
-        if len(candidate) == rows > 1:  # (said from here: once, where warnings show a message once per place)
-            if rows >= 3:
-                warnings.warn(f"a list of {rows} dicts in a batch of {rows} rows, each holding tensors of {rows} rows, "
-                              f"is split one dict per row (per-image targets with {rows} boxes each). If each dict "
-                              f"holds the whole batch (encodings of {rows} parts of it), use a batch size other than "
-                              f"the number of dicts")
-            else:
-                warnings.warn(f"a list of {rows} dicts in a batch of {rows} rows, each holding tensors of {rows} rows, "
-                              f"is split as columns (each dict's tensors along dim 0, as a pair of encodings is), not "
-                              f"as one dict per row. If it holds one dict per row (per-image targets that happen to "
-                              f"have {rows} boxes each), use a batch size other than the number of items per row")
+        if len(candidate) == rows > 1:
+            warnings.warn(f"a list of {rows} dicts in a batch of {rows} rows, each holding tensors of {rows} rows, is "
+                          f"split as columns (each dict's tensors along dim 0, as a pair of encodings is), not as one "
+                          f"dict per row. If it holds one dict per row (per-image targets that happen to have {rows} "
+                          f"boxes each), use a batch size other than the number of items per row")  # (from here: said
+            # once where warnings show a message once per place, not from each of the many callers)
             return
-
-
 
 
 def _find_lists(tree: Any, lists: _Lists) -> None:

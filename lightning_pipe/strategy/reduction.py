@@ -203,18 +203,15 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
     scale = max(abs(mean), abs(total), abs(whole), 1e-12)
-    # each verdict within the tolerance of its own size (against the sum's, m times the mean's, a mean passed m times
-    # as far from the whole batch's: found by review)
-    near_mean, near_sum = tolerance * max(abs(mean), abs(whole), 1e-12), tolerance * max(abs(total), abs(whole), 1e-12)
     alike = abs(total - mean) <= 10 * tolerance * scale  # (micro-batches' losses of 0: a batch-hard triplet loss
     # whose micro-batches hold one identity each; against a whole batch's that is not, the answer is "neither")
-    if alike and abs(whole - mean) <= near_mean:
+    if alike and abs(whole - mean) <= tolerance * scale:
         return None, "the micro-batches' mean and sum are equal"
     why = (f"on the whole batch the step's loss is {whole:.6g}; its {len(probe.losses)} micro-batches' losses have the "
            f"mean {mean:.6g} and the sum {total:.6g}")
-    if not alike and abs(whole - total) <= near_sum:
+    if not alike and abs(whole - total) <= tolerance * scale:
         return "sum", why
-    if not alike and abs(whole - mean) <= near_mean:
+    if not alike and abs(whole - mean) <= tolerance * scale:
         return "mean", why
     if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * scale:
         return None, "the step's loss draws random numbers (it changes with the seed)"

@@ -6,7 +6,6 @@ result, made once on the last stage, shared with every rank (:mod:`.sharing`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -110,14 +109,6 @@ class TrainingSteps:
         rows = check_rows(batch, "training_step")
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe, outputs, sizes = self.pipeline, [], []
-        if "_first_batch_rows" not in self.__dict__:  # the first training batch (a last, smaller one is no sign)
-            self.__dict__["_first_batch_rows"] = rows
-            if rows < pipe.num_microbatches and pipe.rank == 0:
-                warnings.warn(f"the first training batch has {rows} rows, fewer than num_microbatches="
-                              f"{pipe.num_microbatches}: a batch is split into one micro-batch per row at most, so "
-                              f"its step runs {rows} micro-batches (a schedule that needs a multiple of the ranks runs "
-                              f"such a batch fill-drain, as GPipe). Give batches of at least {pipe.num_microbatches} "
-                              f"rows, or num_microbatches={rows}", stacklevel=2)
         firsts = self._first_rows(rows)
         summed = self.loss_reduction == "sum" and not pipe.asynchronous  # asynchronous: one update per micro-batch
         counts = self._counts(batch, "training_step")

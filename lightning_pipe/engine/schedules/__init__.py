@@ -96,8 +96,10 @@ SCHEDULE_ALIASES = {"pipedream": "1f1b", "pipedream_async": "async_1f1b", "piped
 def registered_name(name: str) -> str:
     """The registered name of the schedule ``name`` names in any case ("GPipe", "1F1B") or by an alias; ``name`` as
     it is where it names none."""
+    if name in SCHEDULES:  # (a schedule registered under an alias's name is that schedule)
+        return name
     key = name.lower() if isinstance(name, str) else name
-    return SCHEDULE_ALIASES.get(key, key if key in SCHEDULES else name)
+    return key if key in SCHEDULES else SCHEDULE_ALIASES.get(key, name)
 
 
 def schedule_kind(name: str) -> ScheduleKind:
