@@ -458,17 +458,18 @@ def _sync_batch_norm_fit(rank: int, world_size: int, form: str) -> dict[str, tor
     strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"
     module = Converted()
     quiet_trainer(world_size, strategy, max_steps=3).fit(module, data)
-    assert all(isinstance(m, nn.SyncBatchNorm) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("form", ["sequential", "captured"])
 def test_a_model_converted_to_sync_batch_norm_trains_as_on_one_device(form: str) -> None:
-    """SyncBatchNorm.convert_sync_batchnorm, as a DDP project calls it: every rank failed at its first forward ("expected
-    input tensor to be on GPU", torch's words; on GPU it would have reduced over ranks holding other stages), found by
-    review. Its batch norms now normalize as plain ones do (one device's torch runs them so too), deferred: with one
-    micro-batch, weights and running statistics equal one device's."""
+    """SyncBatchNorm.convert_sync_batchnorm, as a DDP project calls it: every rank failed at its first forward
+    ("expected input tensor to be on GPU", torch's words; on GPU it would have reduced over ranks holding other
+    stages), found by review. Its batch norms now normalize as plain ones do (one device's torch runs them so too),
+    deferred: with one micro-batch, weights and running statistics equal one device's."""
     reference = _sync_batch_norm_fit(0, 1, form)
     for got in run_ranks(_sync_batch_norm_fit, 2, form, timeout=100):
         assert set(got) <= set(reference) and any("running_mean" in name for name in got)

@@ -174,8 +174,9 @@ def largest_owner(module: nn.Module, thawing: bool = False) -> str:
 
 def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
     """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes,
-    and of its averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a momentum encoder (BYOL, MoCo, DINO,
-    a mean teacher), which the step's code pairs parameter by parameter with the model's."""
+    and of its averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a
+    momentum encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs parameter by parameter with the
+    model's."""
     wanted = _layout(model)
     found: list[str] = []
     for name, part in module.named_modules():

@@ -319,10 +319,10 @@ class PipelineSteps:
             [name for param in clip.alone for name, held in self.lightning_module.named_parameters() if held is param]
         if not alone:
             return f": this rank left the training epoch alone? {_LEFT_ALONE}"
-        return (f": clip_grad_norm_ got a list of one parameter on this rank ({', '.join(alone[:2])}), clipped alone as "
-                f"in a loop over parameters, while that rank clips its part of a list by their joint norm. To clip a "
-                f"chosen set by its joint norm, pass a generator: clip_grad_norm_((p for p in self.parameters() if "
-                f"...), max_norm)")
+        return (f": clip_grad_norm_ got a list of one parameter on this rank ({', '.join(alone[:2])}), clipped "
+                f"alone as in a loop over parameters, while that rank clips its part of a list by their joint norm. "
+                f"To clip a chosen set by its joint norm, pass a generator: clip_grad_norm_((p for p in "
+                f"self.parameters() if ...), max_norm)")
 
     def _pipeline_texts(self, what: str = _SHARING_HOOK_LOGS) -> Callable[[str], list[str]]:
         """A gather of every rank of this rank's pipeline's text, in stage order (:meth:`_hook_texts`); ``what``
