@@ -55,7 +55,7 @@ from lightning_pipe.strategy.parameter_lists import own_lists, whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.references import hparams_with_skeleton
 from lightning_pipe.strategy.split import SplitModule
-from lightning_pipe.strategy.staging import STAGING, drop, publish, stage
+from lightning_pipe.strategy.staging import drop, publish, stage, staging_path
 
 __all__ = ["META_FILE", "SHARDED_KEY", "is_sharded", "save_sharded", "read_sharded",
            "load_sharded_weights", "load_sharded_optimizers", "load_named_optimizers", "write_file", "write_guide",
@@ -117,7 +117,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
                          f"{target!r}; mount the bucket (e.g. s3fs), or use checkpoint_format='full'")
     target = os.path.abspath(target.removeprefix("file://"))
     parent, name = os.path.split(target)
-    staging = os.path.join(parent, STAGING, name)  # (made by rank 0: stage)
+    staging = staging_path(parent, name)  # (made by rank 0: stage)
     rank = dist.get_rank()
     what = f"writing the sharded checkpoint {target}"
     names = optimizers_parameter_names(module, optimizers)

@@ -29,19 +29,24 @@ try:
 except ImportError:  # (Windows: no marks are ever taken, so none is cleared)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["STAGING", "stage", "publish", "drop", "clear_abandoned"]
+__all__ = ["STAGING", "staging_path", "stage", "publish", "drop", "clear_abandoned"]
 
 STAGING = ".lightning_pipe-writing"
 _OWNER, _ASIDE = ".owner", ".previous"
 _HELD: dict[str, IO[str]] = {}  # staging folder -> its mark, open and locked while this process writes it
 
 
+def staging_path(parent: str, name: str) -> str:
+    """Where ``<parent>/<name>`` is written before it is published."""
+    return os.path.join(parent, STAGING, name)
+
+
 def stage(parent: str, name: str) -> str:
     """Make the empty staging folder for ``<parent>/<name>`` (whatever an earlier attempt left there removed) after
     clearing what killed jobs left beside it, marked and locked as this process's; return its path."""
-    root = os.path.join(parent, STAGING)
+    staging = staging_path(parent, name)
+    root = os.path.dirname(staging)
     clear_abandoned(root)
-    staging = os.path.join(root, name)
     _release(staging)
     for attempt in range(5):  # (another job's clearing removes the root folder once it is empty)
         os.makedirs(root, exist_ok=True)
