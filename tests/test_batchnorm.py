@@ -110,6 +110,7 @@ def test_conversion_keeps_types_state_dict_and_checkpoints() -> None:
     copy.deepcopy(model)
     restore_batchnorm(model)
     assert type(model[1]) is nn.BatchNorm2d and "_deferred" not in vars(model[1])
+    assert type(model[4]) is nn.SyncBatchNorm, "a pipeline's SyncBatchNorm reduces over its group again (for DDP)"
 
 
 def test_outside_a_stage_it_is_a_plain_batch_norm() -> None:

@@ -248,6 +248,7 @@ _DEFERRED = {nn.BatchNorm1d: DeferredBatchNorm1d, nn.BatchNorm2d: DeferredBatchN
              nn.BatchNorm3d: DeferredBatchNorm3d, LocalSyncBatchNorm: DeferredSyncBatchNorm}
 _PLAIN = {deferred: plain for plain, deferred in _DEFERRED.items()}
 _DEFERRED[nn.SyncBatchNorm] = DeferredSyncBatchNorm
+_PLAIN[DeferredSyncBatchNorm] = _PLAIN[LocalSyncBatchNorm] = nn.SyncBatchNorm  # (reduces over its group again)
 
 
 def local_sync_batch_norms(module: nn.Module) -> int:
@@ -298,7 +299,8 @@ def _named_modules(module: nn.Module, prefix: str = "",
 
 
 def restore_batchnorm(module: nn.Module) -> None:
-    """Turn the deferred batch norms in ``module`` back into plain ones (e.g. to train it again on one device)."""
+    """Turn the deferred batch norms in ``module`` back into plain ones (e.g. to train it again on one device), and a
+    pipeline's :class:`LocalSyncBatchNorm` back into an ``nn.SyncBatchNorm`` (to train it with DDP)."""
     for child in module.modules():
         if type(child) in _PLAIN:
             child.__class__ = _PLAIN[type(child)]
