@@ -225,8 +225,24 @@ class Parametrized(nn.Module):
         return self.bound(torch.tanh(self.scale(self.rotate(x))))
 
 
+class LazyShaped(nn.Module):
+    """Lazy layers given their shapes by a forward of zeros in the construction (the usual recipe, in
+    ``configure_model()`` too), and a weight norm put on one of them after it."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.layers = nn.Sequential(nn.LazyLinear(32), nn.Tanh(), nn.LazyLinear(dim))
+        self.layers(torch.zeros(2, dim))
+        self.layers[2] = weight_norm(self.layers[2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 MODELS = {"reference_llama": ReferenceLlama, "tutorial_transformer": TutorialTransformer, "nanogpt": NanoGPT,
-          "tiny_vit": TinyViT, "parametrized": Parametrized}
+          "tiny_vit": TinyViT, "parametrized": Parametrized, "lazy_shaped": LazyShaped}
 
 
 class Constructed(L.LightningModule):

@@ -347,8 +347,9 @@ def refuse_lazy_layers(module: nn.Module) -> None:
         raise ValueError(f"{type(module).__name__} has lazy layers whose weights have no shape yet: {layers} "
                          f"(nn.LazyLinear, nn.LazyConv2d, ...); PipelineStrategy cuts the model before its first step, "
                          f"so it needs every weight's shape. Give their input sizes (nn.Linear(in_features, ...)), or "
-                         f"run the model once on an example batch before trainer.fit (model(example_input)), which "
-                         f"gives the lazy layers their shapes")
+                         f"run the model once on an example batch before trainer.fit (model(example_input); for a model "
+                         f"built in configure_model(), there, right after building it), which gives the lazy layers "
+                         f"their shapes")
 
 
 def _refuse_rebuilt(module: LightningModule, runner: PipelineRunner) -> None:

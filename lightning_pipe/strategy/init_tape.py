@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_leaves, tree_map
 
 __all__ = ["counted_draw", "EMPTY", "Entry", "FULL", "HOST", "Layout", "layout_of", "meta_inputs", "needed", "record",
@@ -56,7 +57,10 @@ def layout_of(tensor: torch.Tensor) -> Layout:
 
 
 def meta_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, Layout]:
-    return {id(t): layout_of(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_meta}
+    """The layouts of the meta tensors among an op's inputs; a lazy layer's uninitialized parameter (read for its
+    device and dtype as it is materialized: a dummy forward in ``configure_model``) has none, and holds nothing."""
+    return {id(t): layout_of(t) for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.is_meta and not is_lazy(t)}
 
 
 def record(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], inputs: dict[int, Layout],
