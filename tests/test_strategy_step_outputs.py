@@ -1289,10 +1289,14 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
 
         def on_before_optimizer_step(self, optimizer: Any) -> None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if how == "by-hand":
+            if how.endswith("by-hand"):
                 total = torch.norm(torch.stack([grad.norm(2) for grad in grads]), 2)
             else:
                 total = torch.nn.utils.get_total_norm(grads)
+            if how.startswith("normalized"):  # normalized gradients (nothing logged)
+                for grad in grads:
+                    grad.div_(total + 1e-6)
+                return
             self.log("gnorm", total)
             if total > 0.55:
                 self.skipped += 1
@@ -1309,21 +1313,28 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, class_data(batches=6))
-    return ([str(w.message) for w in caught if "take another value on each rank" in str(w.message)],
+    return ([str(w.message) for w in caught if "take another value on each rank" in str(w.message)
+             or "multiplied every gradient" in str(w.message)],
             {name: param.detach().clone() for name, param in module.named_parameters()}, module.skipped)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["by-hand", "get_total_norm"])
+@pytest.mark.parametrize("how", ["by-hand", "get_total_norm", "normalized-by-hand", "normalized"])
 def test_a_decision_on_the_gradient_norm_in_a_hook_is_one_devices_through_get_total_norm(how: str) -> None:
     """A norm taken by hand over self.parameters() is each rank's share: logged, it is warned of (and each rank
     decided alone whether to skip the update: weights 22% off, found by review); the warning points to torch's
-    get_total_norm, which the hook takes over every rank, and with it every rank decides as one device."""
+    get_total_norm, which the hook takes over every rank, and with it every rank decides as one device. Gradients
+    divided by such a norm, nothing logged (normalized gradients by hand: weights 7% off, silently, found by review),
+    are warned of too: every rank multiplied its gradients by one factor, another on each."""
     warned, reference, skipped = _skipping(0, 1, how)
-    assert 0 < skipped < 6  # some updates skipped, not all
+    assert 0 < skipped < 6 or how.startswith("normalized")  # some updates skipped, not all
     for got, share, count in run_ranks(_skipping, 2, how, timeout=100):
         if how == "by-hand":
-            assert got and "gnorm logged in Skipping.on_before_optimizer_step" in got[0]
+            logged = [message for message in got if "gnorm logged in Skipping.on_before_optimizer_step" in message]
+            assert logged and "torch.nn.utils.get_total_norm([p.grad for p in self.parameters()" in logged[0]
+            continue
+        if how == "normalized-by-hand":
+            assert len(got) == 1 and "Skipping.on_before_optimizer_step multiplied every gradient" in got[0], got
             assert "torch.nn.utils.get_total_norm([p.grad for p in self.parameters()" in got[0]
             continue
         assert got == [] and count == skipped

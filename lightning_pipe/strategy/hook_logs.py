@@ -72,7 +72,8 @@ def gather_hook_logs(module: LightningModule, gather_text: Callable[[str], list[
                 continue
             gradients = name in (*_GRADIENT_HOOKS, _CLIPPING)
             setattr(owner, name, functools.partial(_gathered, module, hook, gather_text, clip if gradients else None,
-                                                   _Draws(owner, module) if gradients else None, dict(tied or {})))
+                                                   _Draws(owner, module) if gradients else None, dict(tied or {}),
+                                                   _Scales(module) if gradients else None))
 
 
 def release_hook_logs(module: LightningModule, callbacks: Sequence[Callback] = ()) -> None:
@@ -160,9 +161,67 @@ class _Draws:
                           f"global_step}}:{{name}}'.encode()))", stacklevel=3)
 
 
+class _Scales:
+    """Whether a gradient hook multiplied every gradient of each rank by one factor, another on each rank, looked for
+    on its first :data:`_SCALE_CHECKS` calls and at calls 16, 32, 64, ...: a factor computed from a norm over
+    ``self.parameters()`` by hand (normalized gradients, a clip written out) is each rank's share's, so the weights
+    are not one device's. torch's ``get_total_norm`` and ``clip_grad_norm_`` there are every rank's, and give every
+    rank one factor. What each rank found travels in the hook's gather."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module, self.calls, self.warned = module, 0, False
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[list[float | None]]:
+        """Yields a list that holds, after the block, the one factor the block multiplied every gradient by (1.0:
+        none changed), or None (not looked at, fewer than two gradients, or not one factor)."""
+        found: list[float | None] = [None]
+        self.calls += 1
+        due = not self.warned and (self.calls <= _SCALE_CHECKS or self.calls & (self.calls - 1) == 0)
+        params = [p for p in self.module.parameters() if p.grad is not None and p.grad.is_floating_point()
+                  and p.grad.layout == torch.strided and not p.grad.is_meta] if due else []
+        before = _norms([p.grad for p in params]) if len(params) >= 2 else None
+        yield found
+        if before is None or any(p.grad is None for p in params):
+            return
+        after = _norms([p.grad for p in params])
+        kept = before > 0
+        if int(kept.sum()) < 2 or bool((after[~kept] != 0).any()):
+            return
+        ratios = after[kept] / before[kept]
+        first = float(ratios[0])
+        if bool(((ratios - first).abs() <= 1e-4 * max(first, 1e-12)).all()):
+            found[0] = first
+
+    def judge(self, hook: Callable[..., Any], factors: list[Any]) -> None:
+        """Warn (once) where every rank found one factor, not all 1, and the ranks' differ."""
+        if self.warned or len(factors) < 2 or any(not isinstance(f, float) for f in factors):
+            return
+        if all(abs(f - 1) <= 1e-6 for f in factors) or max(factors) - min(factors) <= 1e-4 * max(map(abs, factors)):
+            return
+        self.warned = True
+        owner = getattr(hook, "__self__", None)
+        where = f"{type(owner).__name__}.{hook.__name__}" if owner is not None else hook.__name__
+        shown = ", ".join(f"{f:.4g}" for f in factors)
+        warnings.warn(f"{where} multiplied every gradient by one factor on each rank of the pipeline, another on each "
+                      f"({shown}, by stage): a factor computed on each rank's share, such as a norm taken by hand "
+                      f"over self.parameters() (each rank holds its own stages' parameters), so the weights differ "
+                      f"from one device's. Take the norm with torch.nn.utils.get_total_norm([p.grad for p in "
+                      f"self.parameters() if p.grad is not None]) or clip with torch.nn.utils.clip_grad_norm_, which "
+                      f"this hook takes over every rank, or add up each rank's squared share: torch.distributed."
+                      f"all_reduce(share, group=trainer.strategy.pipeline_group)", stacklevel=3)
+
+
+_SCALE_CHECKS = 8
+
+
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([norm.double() for norm in torch._foreach_norm(grads)]).cpu()
+
+
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],
-              clip: Callable[..., Any] | None, draws: _Draws | None, tied: Mapping[str, str], *args: Any,
-              **kwargs: Any) -> Any:
+              clip: Callable[..., Any] | None, draws: _Draws | None, tied: Mapping[str, str],
+              scales: _Scales | None, *args: Any, **kwargs: Any) -> Any:
     calls: list[tuple[str, Any, dict[str, Any]]] = []
     real = module.log
 
@@ -176,7 +235,8 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
     # A hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this rank (a
     # barrier), end with its error (``gather_text`` is watched).
     try:
-        with _clipping_by(clip, hook), draws.watched(hook) if draws is not None else contextlib.nullcontext():
+        with _clipping_by(clip, hook), draws.watched(hook) if draws is not None else contextlib.nullcontext(), \
+                scales.watched() if scales is not None else contextlib.nullcontext([None]) as scaled:
             result = hook(*args, **kwargs)
     finally:
         del module.log
@@ -184,7 +244,9 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
              if held is param][:2]
     calls = [(_one_device_name(name, tied), value, options) for name, value, options in calls]
     texts = [json.loads(text) for text in gather_text(json.dumps(
-        {"logs": [[name, float(value)] for name, value, _ in calls], "alone": alone}))]
+        {"logs": [[name, float(value)] for name, value, _ in calls], "alone": alone, "scaled": scaled[0]}))]
+    if scales is not None:
+        scales.judge(hook, [text["scaled"] for text in texts])
     merged, differing = merge_hook_logs([[(name, value) for name, value in text["logs"]] for text in texts])
     if len(texts) > 1 and all(len(text["alone"]) == 1 for text in texts) and \
             len({text["alone"][0] for text in texts}) == len(texts):
