@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["RankOutcome", "launch_fit", "FAULTS", "AT_BATCH"]
 
 AT_BATCH = 2
-FAULTS = ("kill-forward", "kill-backward", "kill-receive", "kill-checkpoint", "stop", "loop", "load-loop", "nan",
-          "bad-shape", "none")
+FAULTS = ("kill-forward", "kill-backward", "kill-receive", "kill-checkpoint", "stop", "loop", "load-loop",
+          "worker-exit", "nan", "bad-shape", "none")
 BATCHES, BATCH_SIZE, WIDTH = 6, 8, 16
 
 
@@ -109,6 +109,8 @@ def _fit(rank: int, fault: str, victim: int, folder: str, options: dict[str, Any
     data = regression_data(BATCHES, BATCH_SIZE, WIDTH)
     if fault == "load-loop" and rank == victim:
         data = torch.utils.data.DataLoader(_Hanging(data.dataset, mark), batch_size=BATCH_SIZE)
+    if fault == "worker-exit" and rank == victim:
+        data = torch.utils.data.DataLoader(_Exiting(data.dataset, mark), batch_size=BATCH_SIZE, num_workers=1)
     trainer.fit(model, data, ckpt_path=options.get("ckpt_path"))
 
 
@@ -126,6 +128,17 @@ class _Hanging(torch.utils.data.Dataset):
             self.mark.write_text(repr(time.time()))
             while True:
                 time.sleep(0.01)
+        return self.data[index]
+
+
+class _Exiting(_Hanging):
+    """``data`` whose DataLoader worker dies (``os._exit``, as the out-of-memory killer ends one) as it reads the first
+    row of batch ``AT_BATCH``."""
+
+    def __getitem__(self, index: int) -> Any:
+        if index == AT_BATCH * BATCH_SIZE:
+            self.mark.write_text(repr(time.time()))
+            os._exit(1)
         return self.data[index]
 
 

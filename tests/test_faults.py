@@ -94,6 +94,18 @@ def test_a_rank_looping_in_its_own_data_loading_is_ended_once_the_job_failed(tmp
 
 
 @pytest.mark.timeout(150)
+def test_a_dataloader_worker_that_dies_on_one_rank_ends_every_rank_with_that_error(tmp_path: Path) -> None:
+    """torch's DataLoader raises from its SIGCHLD handler, in the middle of whatever the rank waits in: taken for a
+    lost peer, every rank blamed a healthy one ("rank 0 is alive but made no progress", found by review)."""
+    outcomes = launch_fit("worker-exit", tmp_path, victim=1, timeout=120, wait_timeout=WAIT_TIMEOUT,
+                          fresh=True)  # (a fork server's children are daemons, which start no workers)
+    assert "DataLoader worker" in (outcomes[1].error or "") and "exited unexpectedly" in outcomes[1].error, \
+        _summary(outcomes)
+    _check_the_others(outcomes, 1, WAIT_TIMEOUT + 25.0, "rank 1 failed: RuntimeError: DataLoader worker")
+    assert not any("failed: rank 1 failed" in (outcome.error or "") for outcome in outcomes), _summary(outcomes)
+
+
+@pytest.mark.timeout(150)
 def test_detect_anomaly_names_step_microbatch_and_stage_on_every_rank(tmp_path: Path) -> None:
     outcomes = launch_fit("nan", tmp_path, victim=2, timeout=120)
     _check_the_others(outcomes, -1, 30.0, "NaN first appeared in the output of stage 2's forward",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .notices import FailureBoard, PipelineError, error_text, failed_elsewhere
+from .notices import FailureBoard, PipelineError, error_text, failed_elsewhere, own_error
 from .store import short_store
 from .watchdog import (
     DEFAULT_WAIT_TIMEOUT,
@@ -86,7 +86,9 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
                 try:
                     work.wait(timedelta(seconds=_LOOK_S))
                     break
-                except RuntimeError:  # the slice ran out, or the collective failed (the wait below raises it)
+                except RuntimeError as error:  # the slice ran out, or the collective failed (the wait below raises
+                    if own_error(error):  # it), or a signal handler raised: this rank's own failure
+                        raise
                     if work.is_completed():
                         break
             else:
@@ -108,6 +110,8 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
     try:
         work.wait()
     except RuntimeError as error:  # a connection closed: explain it
+        if own_error(error):
+            raise
         me = dist.get_rank()
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
         others = [rank for rank in ranks if rank != me]
@@ -136,6 +140,8 @@ def wait_messages(works: Sequence[dist.Work], what: str, peers: Sequence[int], t
         try:
             work.wait(timedelta(seconds=max(1e-3, start + timeout - time.monotonic())))
         except RuntimeError as error:
+            if own_error(error):
+                raise
             arm_exit_guard()  # receives still posted to a peer that is gone must not hold this process's exit
             if notice is not None and (posted := notice()) is not None:
                 raise posted from error

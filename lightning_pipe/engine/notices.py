@@ -14,6 +14,8 @@ the process group's timeout.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -25,8 +27,8 @@ import torch.distributed as dist
 from .store import short_store, store_gone
 from .watchdog import linger, mark_failed
 
-__all__ = ["error_text", "failed_as", "failed_elsewhere", "from_notice", "notice_text", "type_name", "typed_error",
-           "PipelineError", "FailureBoard"]
+__all__ = ["error_text", "failed_as", "failed_elsewhere", "from_notice", "notice_text", "own_error", "type_name",
+           "typed_error", "PipelineError", "FailureBoard"]
 
 
 class PipelineError(RuntimeError):
@@ -40,6 +42,24 @@ class PipelineError(RuntimeError):
 
     def __str__(self) -> str:  # the message as written, also where the user's type quotes its own (KeyError)
         return str(self.args[0]) if self.args else ""
+
+
+def own_error(error: BaseException) -> bool:
+    """Whether ``error``, out of a wait for other ranks, was raised by a signal handler run inside it (torch's
+    DataLoader raises from SIGCHLD when a worker dies): this rank's own failure, not a peer's lost connection or a
+    timeout."""
+    handlers = set()
+    for number in signal.valid_signals():
+        with contextlib.suppress(ValueError, OSError):
+            code = getattr(signal.getsignal(number), "__code__", None)
+            if code is not None:
+                handlers.add(code)
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code in handlers:
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def error_text(error: BaseException) -> str:
@@ -120,8 +140,9 @@ def failed_elsewhere(failure: tuple[int, str] | None, me: int, waiting: str,
     (its rank in a pipeline's group), else its global rank."""
     if failure is None or failure[0] == me:
         return None
-    return PipelineError(f"rank {failure[0]} failed: {failure[1]} (rank {me} was waiting for it{waiting})",
-                         failure[0] if origin is None else origin)
+    said = failure[1] if failure[1].startswith(f"rank {failure[0]} failed") else \
+        f"rank {failure[0]} failed: {failure[1]}"  # (a PipelineError's message names its rank already)
+    return PipelineError(f"{said} (rank {me} was waiting for it{waiting})", failure[0] if origin is None else origin)
 
 
 def default_store() -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .notices import FailureBoard, PipelineError, failed_elsewhere
+from .notices import FailureBoard, PipelineError, failed_elsewhere, own_error
 from .watchdog import activity, arm_exit_guard, explain_wait, known_failure, posted_failure
 
 __all__ = ["Waits"]
@@ -52,6 +52,8 @@ class Waits:
             try:
                 work.wait(timedelta(seconds=max(1e-3, deadline - time.monotonic())))
             except RuntimeError as error:
+                if own_error(error):
+                    raise
                 raise self._lost(error, awaited, start) from error
 
     def _poll(self, works: list[dist.Work], awaited: _Awaited, start: float) -> None:
