@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
@@ -139,8 +140,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
                 [name for name, _ in module.named_parameters()]]
         every = [json.loads(text) for text in all_gather_text(json.dumps(mine), None, device)]
         every_group, every_parameters = [part[0] for part in every], [part[1] for part in every]
-        # DCP gathers every rank's failure and raises it on all of them
-        _together(what, device, lambda: dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True)))
+        _together(what, device, lambda: _write_shards(state, staging))
         _together(what, device, lambda: _write_own(checkpoint, staging, rank, layout, split, every_group,
                                                    every_parameters))
         _together(what, device, lambda: publish(staging, target) if rank == 0 else None)
@@ -149,6 +149,17 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
             drop(staging)
         dist.barrier()  # no rank goes on (to list the folder, say) before it is gone
         raise
+
+
+def _write_shards(state: dict[str, Any], staging: str) -> None:
+    """DCP's write of every rank's tensors. DCP gathers every rank's failure and raises it on all of them as a
+    ``CheckpointException``, which is a ``BaseException``: raised as an ``Exception`` here, so that the staging folder
+    is dropped (a full disk kept most of a checkpoint there, found by review) and a caller's ``except Exception``
+    takes it."""
+    try:
+        dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True))
+    except CheckpointException as error:
+        raise OSError(f"writing the checkpoint's tensors failed: {error}") from error
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
