@@ -37,12 +37,16 @@ def _module(kind: str) -> Any:
             super().__init__()
             self.stem, self.head = nn.Linear(6, WIDTH), nn.Linear(WIDTH, 3)
             self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+            if kind == "tied":  # a projection after the stem, tied to one before the head
+                self.lift, self.lower = nn.Linear(WIDTH, WIDTH, bias=False), nn.Linear(WIDTH, WIDTH, bias=False)
+                self.lower.weight = self.lift.weight
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.stem(x)
+            h = self.lift(h) if kind == "tied" else h
             for block in self.blocks:
                 h = block(h)
-            return self.head(h)
+            return self.head(self.lower(h) if kind == "tied" else h)
 
     class LayerDecay(L.LightningModule):
         """BEiT's layer-wise learning-rate decay: a group per (layer, weight decay or not), the decay chosen by
@@ -68,7 +72,8 @@ def _module(kind: str) -> Any:
                 return int(parts[1]) + (BLOCKS // 2 + 1 if parts[0] == "decoder" else 0)
             if kind == "sequential":
                 return int(parts[1])
-            return 0 if parts[1] == "stem" else int(parts[2]) + 1 if parts[1] == "blocks" else BLOCKS + 1
+            layers = {"stem": 0, "lift": 0, "head": BLOCKS + 1, "lower": BLOCKS + 2}  # (lower: listed as lift)
+            return int(parts[2]) + 1 if parts[1] == "blocks" else layers[parts[1]]
 
         def configure_optimizers(self) -> Any:
             groups: dict[tuple[int, float], dict[str, Any]] = {}
@@ -112,16 +117,21 @@ def _fit(rank: int, world_size: int, kind: str, path: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["sequential", "captured", "chain"])
+@pytest.mark.parametrize("kind", ["sequential", "captured", "chain", "tied"])
 def test_groups_made_by_name_are_one_devices_on_every_rank(kind: str, tmp_path: Path) -> None:
-    results = run_ranks(_fit, 2, kind, str(tmp_path / "pipeline.ckpt"), timeout=280)
+    """``tied``, on 3 ranks: a tie whose two ends the first and last stages hold was listed twice on the rank between
+    them (a placeholder for each end), and made a group one device does not make there (found by review: a false
+    warning, and a checkpoint whose optimizer states one device could not load)."""
+    world_size = 3 if kind == "tied" else 2
+    results = run_ranks(_fit, world_size, kind, str(tmp_path / "pipeline.ckpt"), timeout=280)
     reference = _fit(0, 1, kind, str(tmp_path / "one.ckpt"))
     names = [(name, lr) for name, lr, _ in reference["groups"]]
     for result in results:  # every group on every rank, with one device's learning rate (the scheduler's too)
         assert [(name, lr) for name, lr, _ in result["groups"]] == names
-    assert [sum(counts) for counts in zip(*[[n for *_, n in r["groups"]] for r in results])] == [
-        n for *_, n in reference["groups"]]
-    state = {**results[0]["state"], **results[1]["state"]}
+    if kind != "tied":  # (the tie's ends each hold it, both training it: counted twice)
+        assert [sum(counts) for counts in zip(*[[n for *_, n in r["groups"]] for r in results])] == [
+            n for *_, n in reference["groups"]]
+    state = {key: value for result in results for key, value in result["state"].items() if not value.is_meta}
     for key, value in reference["state"].items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     _same_optimizer_states(tmp_path)

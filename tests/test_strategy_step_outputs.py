@@ -1271,6 +1271,7 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
     """An update skipped on a gradient spike (LLM trainers'): the total gradient norm taken in the hook, by hand or
     with torch's get_total_norm, logged, and every gradient zeroed above a threshold."""
     import lightning as L
+    from lightning.pytorch.utilities import grad_norm
 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import class_data
@@ -1291,6 +1292,8 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if how.endswith("by-hand"):
                 total = torch.norm(torch.stack([grad.norm(2) for grad in grads]), 2)
+            elif how == "grad_norm":  # Lightning's, its total read by its key
+                total = grad_norm(self, norm_type=2)["grad_2.0_norm_total"]
             else:
                 total = torch.nn.utils.get_total_norm(grads)
             if how.startswith("normalized"):  # normalized gradients (nothing logged)
@@ -1319,11 +1322,13 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["by-hand", "get_total_norm", "normalized-by-hand", "normalized"])
+@pytest.mark.parametrize("how", ["by-hand", "get_total_norm", "grad_norm", "normalized-by-hand", "normalized"])
 def test_a_decision_on_the_gradient_norm_in_a_hook_is_one_devices_through_get_total_norm(how: str) -> None:
     """A norm taken by hand over self.parameters() is each rank's share: logged, it is warned of (and each rank
     decided alone whether to skip the update: weights 22% off, found by review); the warning points to torch's
-    get_total_norm, which the hook takes over every rank, and with it every rank decides as one device. Gradients
+    get_total_norm, which the hook takes over every rank, and with it every rank decides as one device; so does
+    Lightning's grad_norm, whose total read by its key is every rank's (each rank's share skipped no update where one
+    device skipped one: weights 17% off, silently, found by review). Gradients
     divided by such a norm, nothing logged (normalized gradients by hand: weights 7% off, silently, found by review),
     are warned of too: every rank multiplied its gradients by one factor, another on each."""
     warned, reference, skipped = _skipping(0, 1, how)

@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import re
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -93,22 +94,29 @@ def _clipping(hook: Callable[..., Any], clip: GlobalNorms | None, *args: Any, **
 @contextlib.contextmanager
 def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[None]:
     """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
-    ``clip``'s: as torch's module attributes, and where the hook's module imported them by name (``from
-    torch.nn.utils import clip_grad_norm_``)."""
+    ``clip``'s, and Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`): as their modules'
+    attributes, and where the hook's module imported them by name (``from torch.nn.utils import clip_grad_norm_``),
+    or the function holding the hook did."""
     if clip is None:
         yield
         return
+    import lightning.pytorch.utilities as utilities
+    import lightning.pytorch.utilities.grads as grads
     import torch.nn.utils.clip_grad as clip_grad
 
     names = getattr(getattr(hook, "__func__", hook), "__globals__", {})
+    cells = getattr(getattr(hook, "__func__", hook), "__closure__", None) or ()  # (imported inside a function)
     places: list[tuple[Any, str, Any, Any]] = []  # (owner, key, torch's, the stand-in)
     for original, stand_in, where in (
             (clip_grad.clip_grad_norm_, clip.clip_grad_norm_, ((torch.nn.utils, "clip_grad_norm_"),
                                                                (clip_grad, "clip_grad_norm_"))),
             (clip_grad._get_total_norm, clip.get_total_norm, ((torch.nn.utils, "get_total_norm"),
-                                                              (clip_grad, "_get_total_norm")))):
+                                                              (clip_grad, "_get_total_norm"))),
+            (grads.grad_norm, functools.partial(_grad_norm, grads.grad_norm, clip), ((utilities, "grad_norm"),
+                                                                                    (grads, "grad_norm")))):
         places += [(owner, key, original, stand_in) for owner, key in where if hasattr(owner, key)]
         places += [(names, key, original, stand_in) for key, value in list(names.items()) if value is original]
+        places += [(cell, "", original, stand_in) for cell in cells if _content(cell) is original]
     for owner, key, _, stand_in in places:
         _put(owner, key, stand_in)
     try:
@@ -119,8 +127,48 @@ def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator
             _put(owner, key, original)
 
 
+def _grad_norm(original: Callable[..., dict[str, Any]], clip: GlobalNorms, module: torch.nn.Module,
+               norm_type: float | int | str, group_separator: str = "/") -> dict[str, Any]:
+    """Lightning's ``grad_norm`` in a gradient hook: each of this rank's parameters' norms, and a total that, read by
+    its key, is the whole model's (:class:`_WholeTotal`)."""
+    norms = original(module, norm_type, group_separator)
+    key = f"grad_{float(norm_type)}_norm_total"
+    return _WholeTotal(norms, key, lambda: clip.get_total_norm(
+        [p.grad for p in module.parameters() if p.grad is not None], float(norm_type)))
+
+
+class _WholeTotal(dict):
+    """``grad_norm``'s dict, whose total read by its key (``norms["grad_2.0_norm_total"]``, a spike guard's test) is
+    the norm over every rank's gradients, taken then (a collective, made where every rank reads it), as one device
+    reads it; each rank's share made a decision alone (found by review: an update one device skips, taken). Its
+    items as they are listed (``self.log_dict(norms)``) are this rank's: the logs are gathered over the ranks."""
+
+    def __init__(self, norms: dict[str, Any], key: str, whole: Callable[[], torch.Tensor]) -> None:
+        super().__init__(norms)
+        self._key, self._whole, self._value = key, whole, None
+
+    def __getitem__(self, key: str) -> Any:
+        if key != self._key or key not in self:
+            return super().__getitem__(key)
+        if self._value is None:
+            self._value = self._whole()
+        return self._value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+def _content(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # (empty)
+        return None
+
+
 def _put(owner: Any, key: str, value: Any) -> None:
-    if isinstance(owner, dict):
+    if isinstance(owner, types.CellType):
+        owner.cell_contents = value
+    elif isinstance(owner, dict):
         owner[key] = value
     else:
         setattr(owner, key, value)
@@ -182,9 +230,9 @@ class _Scales:
                   and p.grad.layout == torch.strided and not p.grad.is_meta] if due else []
         before = _norms([p.grad for p in params]) if len(params) >= 2 else None
         yield found
-        if before is None or any(p.grad is None for p in params):
+        if before is None:
             return
-        after = _norms([p.grad for p in params])
+        after = _norms([p.grad for p in params])  # (a gradient set to None, optimizer.zero_grad(): zero)
         kept = before > 0
         if int(kept.sum()) < 2 or bool((after[~kept] != 0).any()):
             return
@@ -204,9 +252,9 @@ class _Scales:
         where = f"{type(owner).__name__}.{hook.__name__}" if owner is not None else hook.__name__
         shown = ", ".join(f"{f:.4g}" for f in factors)
         warnings.warn(f"{where} multiplied every gradient by one factor on each rank of the pipeline, another on each "
-                      f"({shown}, by stage): a factor computed on each rank's share, such as a norm taken by hand "
-                      f"over self.parameters() (each rank holds its own stages' parameters), so the weights differ "
-                      f"from one device's. Take the norm with torch.nn.utils.get_total_norm([p.grad for p in "
+                      f"({shown}, by stage; 0: zeroed or dropped): a factor or a decision taken on each rank's share, "
+                      f"such as a norm taken by hand over self.parameters() or grad_norm(self, 2)'s total (each rank "
+                      f"holds its own stages' parameters), so the weights differ from one device's. Take the norm with torch.nn.utils.get_total_norm([p.grad for p in "
                       f"self.parameters() if p.grad is not None]) or clip with torch.nn.utils.clip_grad_norm_, which "
                       f"this hook takes over every rank, or add up each rank's squared share: torch.distributed."
                       f"all_reduce(share, group=trainer.strategy.pipeline_group)", stacklevel=3)
@@ -215,8 +263,12 @@ class _Scales:
 _SCALE_CHECKS = 8
 
 
-def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([norm.double() for norm in torch._foreach_norm(grads)]).cpu()
+def _norms(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    norms = torch.zeros(len(grads), dtype=torch.float64)
+    held = [index for index, grad in enumerate(grads) if grad is not None]
+    if held:  # (one copy to the host)
+        norms[held] = torch.stack([norm.double() for norm in torch._foreach_norm([grads[i] for i in held])]).cpu()
+    return norms
 
 
 def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Callable[[str], list[str]],

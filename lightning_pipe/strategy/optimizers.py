@@ -53,13 +53,20 @@ def placeholders(module: nn.Module, device: torch.device,
     placeholders."""
     made: list[tuple[nn.Module, str, nn.Parameter]] = []
     held: list[tuple[nn.Module, str]] = []
+    shared: dict[int, nn.Parameter] = {}  # one placeholder for each parameter: a tie's places share it, and are
+    # listed once (a rank holding neither end of a tie listed it twice: other groups than the others', found by review)
     try:
         for owner, name, like, tied in elsewhere:
             if tied is not None:
                 held.append((owner, name))
                 owner.register_parameter(name, tied)
                 continue
+            if id(like) in shared:
+                held.append((owner, name))
+                owner.register_parameter(name, shared[id(like)])
+                continue
             made.append((owner, name, stand_in(like, device)))
+            shared[id(like)] = made[-1][2]
             owner.register_parameter(name, made[-1][2])
         if not any(p.requires_grad for p in module.parameters()):
             made.append((module, PLACEHOLDER, nn.Parameter(torch.empty(0, device=device))))
