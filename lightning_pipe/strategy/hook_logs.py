@@ -94,9 +94,9 @@ def _clipping(hook: Callable[..., Any], clip: GlobalNorms | None, *args: Any, **
 @contextlib.contextmanager
 def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[None]:
     """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
-    ``clip``'s, and Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`): as their modules'
-    attributes, and where the hook's module imported them by name (``from torch.nn.utils import clip_grad_norm_``),
-    or the function holding the hook did."""
+    ``clip``'s, Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`) and ``clip_grad_value_``
+    takes an empty list (:func:`_clip_grad_value_`): as their modules' attributes, and where the hook's module
+    imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook did."""
     if clip is None:
         yield
         return
@@ -113,7 +113,9 @@ def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator
             (clip_grad._get_total_norm, clip.get_total_norm, ((torch.nn.utils, "get_total_norm"),
                                                               (clip_grad, "_get_total_norm"))),
             (grads.grad_norm, functools.partial(_grad_norm, grads.grad_norm, clip), ((utilities, "grad_norm"),
-                                                                                    (grads, "grad_norm")))):
+                                                                                    (grads, "grad_norm"))),
+            (clip_grad.clip_grad_value_, functools.partial(_clip_grad_value_, clip_grad.clip_grad_value_),
+             ((torch.nn.utils, "clip_grad_value_"), (clip_grad, "clip_grad_value_")))):
         places += [(owner, key, original, stand_in) for owner, key in where if hasattr(owner, key)]
         places += [(names, key, original, stand_in) for key, value in list(names.items()) if value is original]
         places += [(cell, "", original, stand_in) for cell in cells if _content(cell) is original]
@@ -125,6 +127,16 @@ def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator
     finally:
         for owner, key, original, _ in places:
             _put(owner, key, original)
+
+
+def _clip_grad_value_(original: Callable[..., Any], parameters: Any, clip_value: float, *args: Any,
+                      **kwargs: Any) -> None:
+    """torch's ``clip_grad_value_``, which fails on a list of no parameters: a layer's ``.parameters()`` where another
+    rank holds the layer (``self.net[4].parameters()``), which has nothing to clip here (found by review: torch's
+    "Expected !nested_tensorlist[0].empty()" on that rank)."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if params:
+        original(params, clip_value, *args, **kwargs)
 
 
 def _grad_norm(original: Callable[..., dict[str, Any]], clip: GlobalNorms, module: torch.nn.Module,
@@ -254,7 +266,8 @@ class _Scales:
         warnings.warn(f"{where} multiplied every gradient by one factor on each rank of the pipeline, another on each "
                       f"({shown}, by stage; 0: zeroed or dropped): a factor or a decision taken on each rank's share, "
                       f"such as a norm taken by hand over self.parameters() or grad_norm(self, 2)'s total (each rank "
-                      f"holds its own stages' parameters), so the weights differ from one device's. Take the norm with torch.nn.utils.get_total_norm([p.grad for p in "
+                      f"holds its own stages' parameters), so the weights differ from one device's. Take the norm "
+                      f"with torch.nn.utils.get_total_norm([p.grad for p in "
                       f"self.parameters() if p.grad is not None]) or clip with torch.nn.utils.clip_grad_norm_, which "
                       f"this hook takes over every rank, or add up each rank's squared share: torch.distributed."
                       f"all_reduce(share, group=trainer.strategy.pipeline_group)", stacklevel=3)
