@@ -163,3 +163,35 @@ def test_a_sharded_save_clears_what_a_job_killed_while_writing_left(tmp_path: Pa
     (tmp_path / ".lightning_pipe-writing" / "again.ckpt.previous").mkdir()
     drop(writing)
     assert (tmp_path / "again.ckpt").is_dir() and not os.path.exists(f"{writing}.owner")
+
+
+def _fit_with_an_io(rank: int, world_size: int, checkpoint_format: str) -> list[str]:
+    import warnings
+
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+    from tests.lightning_models import Regressor, regression_data
+
+    class Uploading(TorchCheckpointIO):  # (an uploader, an encrypting or a versioning IO)
+        pass
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, checkpoint_format=checkpoint_format),
+                            max_steps=1, plugins=[Uploading()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Regressor(), regression_data(2))
+    return [str(w.message) for w in caught if "checkpoint IO" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("checkpoint_format", ["sharded", "full"])
+def test_a_checkpoint_io_of_ones_own_is_said_to_be_unused_by_the_sharded_format(checkpoint_format: str) -> None:
+    """The sharded format writes, removes and reads its folders with torch.distributed.checkpoint: a CheckpointIO of
+    the user's own was never called, without a word (found by review); the full format writes through it."""
+    warned = run_ranks(_fit_with_an_io, 2, checkpoint_format, timeout=100)[0]
+    if checkpoint_format == "full":
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "Uploading is not called" in warned[0] and "checkpoint_format='full'" in warned[0]

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.fabric.strategies import _StrategyRegistry
@@ -405,6 +405,13 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                            "normalize each micro-batch by its own statistics and update their running statistics "
                            "once per step from the whole batch's (see the README on BatchNorm); drop the flag, or use "
                            "GroupNorm or LayerNorm for results independent of the micro-batches")
+        if fitting and self.checkpoint_format == "sharded" and type(self.checkpoint_io) is not TorchCheckpointIO:
+            rank_zero_warn(f"checkpoint_format='sharded' writes, removes and reads checkpoint folders with "
+                           f"torch.distributed.checkpoint, not through Trainer's checkpoint IO: "
+                           f"{type(self.checkpoint_io).__name__} is not called for them (what it does, an upload, "
+                           f"encryption, a retention policy, is not done). Use checkpoint_format='full' (one file, "
+                           f"written through it), or do that work on the folders in a callback after the saves "
+                           f"(ModelCheckpoint's last_model_path and best_model_path name them)")
         if fitting and not module.automatic_optimization:
             raise ValueError("PipelineStrategy runs forward and backward of every micro-batch itself and so supports "
                              "automatic optimization only (self.automatic_optimization = True, one backward of the "
