@@ -1519,3 +1519,20 @@ def test_a_value_finite_on_the_whole_batch_but_not_over_its_micro_batches_is_tak
     assert _close(finite, nan) and _close(nan, nan)  # a whole batch's NaN (a diverged step): no telling
     assert not same_output({"loss": finite}, {"loss": nan})  # (the whole batch's output first)
     assert same_output({"loss": nan}, {"loss": finite}) and same_output({"loss": finite}, {"loss": finite + 1e-9})
+
+
+def test_optimizer_states_the_weights_no_longer_name_are_said_to_start_afresh() -> None:
+    """A key renamed in on_load_checkpoint (a migration: ``proj`` -> ``lm``): the weights follow it, the states a
+    pipeline of another layout finds by name did not, and the renamed parameter started with fresh Adam moments (0.14
+    off one device, silently, found by review). Said now, naming the state; a compiled module's names are no orphans."""
+    import warnings
+
+    from lightning_pipe.strategy.checkpointing import _warn_orphaned_states
+
+    entries = {f"optim/0/{name}/{entry}": None for name in ("body.weight", "proj.weight", ":state")
+               for entry in ("exp_avg", "step")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_orphaned_states(entries, {"body.weight": 0, "lm.weight": 0})
+        _warn_orphaned_states(entries, {"body._orig_mod.weight": 0, "proj.weight": 0})
+    assert len(caught) == 1 and "optimizer states of ['proj.weight']" in str(caught[0].message), caught

@@ -243,7 +243,11 @@ def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, stric
     if missing and strict:
         raise RuntimeError(f"the sharded checkpoint {os.fspath(path)} does not match {type(module).__name__}: it has no "
                            f"{missing[:10]}{f' and {len(missing) - 10} more' if len(missing) > 10 else ''}; load "
-                           f"it into the module that wrote it, or set the module's strict_loading = False")
+                           f"it into the module that wrote it, or set the module's strict_loading = False (those "
+                           f"keep the weights they start with). The sharded format reads the weights straight into "
+                           f"the model, so on_load_checkpoint gets no checkpoint['state_dict'] to rename keys in: to "
+                           f"migrate one, consolidate it (python -m lightning_pipe.checkpoint consolidate FOLDER "
+                           f"FILE), rename the keys in the file, and resume from the file")
     state = {key: value.data for key, value in state.items() if key in saved}
     dcp.load(state, storage_reader=reader)
 
