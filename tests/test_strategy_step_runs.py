@@ -78,6 +78,18 @@ def test_an_error_names_the_plain_lists_that_were_split_with_the_rows() -> None:
         torch.zeros(2, 4)[3]  # a row past the micro-batch's own: the few-rows advice, not the offsets'
     assert "indices into the whole batch's rows" not in caught.value.__notes__[-1]
     assert "drop a last" in caught.value.__notes__[-1]
+    # a per-batch vector with as many entries as rows (class weights indexed by labels), split with the rows, and a
+    # time-major input whose length equals the rows, split along time: said (found by review: the advice was about
+    # a configured batch size, or a metric's few rows)
+    with pytest.raises(IndexError) as caught, microbatch_run("training_step", 1, 4, 2, 8, {"w": torch.zeros(2)}):
+        torch.zeros(2)[torch.tensor([4])]
+    assert "one entry per class or item of the batch, not per row" in caught.value.__notes__[-1]
+    with pytest.raises(ValueError) as caught, microbatch_run("training_step", 0, 4, 2, 8, {"x": torch.zeros(2, 8, 5),
+                                                                                           "y": torch.zeros(2)}):
+        raise ValueError("Expected input batch_size (8) to match target batch_size (2).")
+    note = caught.value.__notes__[-1]
+    assert "shapes (2, 8, 5) also hold 8 along a later dim" in note and "x.transpose(0, 1)" in note, note
+    assert "configured batch size" not in note, note
     # not for an error that no number of rows explains (a key a hook never stored: found by review)
     with pytest.raises(KeyError) as caught, microbatch_run("training_step", 1, 4, 2, 8, {"x": torch.zeros(2, 3)}):
         raise KeyError("t")

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from lightning_pipe.capture.graph_rows import known_rows
 from lightning_pipe.engine.microbatch import per_row_lists
@@ -114,6 +115,14 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
             offsets = isinstance(error, IndexError) and beyond is not None and rows > 0 and int(beyond.group(2)) > 0 \
                 and int(beyond.group(2)) >= 2 * rows and int(beyond.group(2)) % rows == 0 \
                 and int(beyond.group(1)) < int(beyond.group(2)) * total // rows  # (a flattened dim: rows x length)
+            # a tensor that also holds the batch's count along a later dim: its rows may lie there (time-major)
+            # (where the error names the batch's count: a size mismatch)
+            crossed = sorted({str(tuple(t.shape)) for t in tree_leaves(microbatch) if isinstance(t, torch.Tensor)
+                              and t.dim() >= 2 and total in t.shape[1:]}) if microbatch is not None and sized else []
+            # an index into a tensor of this run's rows, below the whole batch's: a per-batch vector split as rows
+            vector = isinstance(error, IndexError) and beyond is not None and not offsets \
+                and int(beyond.group(2)) == rows and int(beyond.group(1)) < total
+            sized = sized and not crossed
             error.add_note(
                 f"({_RUN_NOTE}{step} got micro-batch {index} of {count}: {rows} of the batch's {total} rows; under "
                 f"PipelineStrategy the step's code runs once per micro-batch" + (
@@ -127,11 +136,20 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     "with the rows but still points into the whole batch: make the indices each row's own in the "
                     "collate_fn and add the offsets in the step (index + torch.arange(len(x))[:, None] * length)"
                     if offsets else "") + (
+                    f"; its tensors of shapes {', '.join(crossed)} also hold {total} along a later dim: one whose "
+                    f"rows lie there (a time-major (T, B, ...) input whose length T equals the batch's rows, a (B, B) "
+                    f"target of pairs) was split along dim 0 as if it held the rows: make it batch-first in the "
+                    f"collate_fn (x.transpose(0, 1)), or make pairs in the step from per-row tensors"
+                    if crossed else "") + (
+                    f"; a tensor of the batch with one entry per class or item of the batch, not per row (class "
+                    f"weights indexed by the labels), that has as many entries as the batch has rows was split with "
+                    f"the rows: keep it out of the batch (on the module, or computed in the step)" if vector else
+                    "") + (
                     f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
                     f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
                     f"(metric.update(...)) and log the metric object" if rows <= 2 and not sized and isinstance(
                         error, (ValueError, IndexError, ZeroDivisionError)) and not _raised_here(error)
-                    and not offsets else "")
+                    and not offsets and not crossed else "")
                 + ")")
         raise
 
