@@ -248,3 +248,20 @@ def test_owned_micro_batches_have_tensors_of_their_own_and_keep_the_batchs_types
         assert views[0]["x"]._version == version and batch["scale"] == 2.0
         assert piece["names"] in (["a", "b"], ["c", "d"], ["e", "f"])
     assert batch["x"][0, 0] == 0.0 and batch["x"][4, 0] == 8.0
+
+
+def test_a_packed_sequence_or_a_nested_tensor_is_refused_with_what_to_give_instead() -> None:
+    """Neither lays out rows along dim 0: a PackedSequence got a bare shapes message (its data, batch sizes and
+    indices), a nested tensor torch's "slice(): not supported for NestedTensor" (found by review)."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    sequences = [torch.randn(3, 2), torch.randn(2, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's prototype warning for the strided layout)
+        batches = {"a PackedSequence": (pack_sequence(sequences, enforce_sorted=False), torch.zeros(2)),
+                   "a nested tensor": {"x": torch.nested.nested_tensor(sequences, layout=torch.jagged)},
+                   "a nested tensor ": [torch.nested.nested_tensor(sequences), torch.zeros(2)]}
+    for what, batch in batches.items():
+        with pytest.raises(ValueError, match=f"cannot split a batch holding {what.strip()} into") as caught:
+            split_batch(batch, 2)
+        assert "a list of tensors, one per row" in str(caught.value) and "pad_sequence" in str(caught.value)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from .tree import rebuild_mapping, tree_flatten
 
@@ -43,6 +44,7 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     keeps those tensors, so it reads the same way. A batch of such lists alone (torchvision's ``tuple(zip(*batch))``
     of images of several sizes) has no rows to read and is refused."""
     leaves = tree_flatten(batch)[0]
+    _refuse_packed(batch, leaves)
     sizes = {t.shape[0] for t in leaves if t.dim() > 0}
     if not sizes:
         hidden = _hidden_tensors(batch)
@@ -84,6 +86,34 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
         f"collate_fn.")
 
 
+def _refuse_packed(batch: Any, leaves: list[Any]) -> None:
+    """A ``PackedSequence`` (its data interleaves the rows' steps) or a nested tensor has no dim 0 of rows to split:
+    refused, saying what to give instead (found by review: a bare shapes message, and torch's "slice(): not
+    supported for NestedTensor")."""
+    packed = any(isinstance(t, PackedSequence) for t in _walk(batch))
+    nested = any(isinstance(t, torch.Tensor) and t.is_nested for t in leaves)
+    if packed or nested:
+        what = "a PackedSequence" if packed else "a nested tensor"
+        raise ValueError(f"cannot split a batch holding {what} into micro-batches: a pipeline splits a batch along "
+                         f"its rows (dim 0), which {what} does not lay out. Have the collate_fn give the sequences as "
+                         f"a list of tensors, one per row, beside a tensor of the rows (their labels, or their "
+                         f"lengths): each micro-batch gets its rows' sequences; pad them in the step "
+                         f"(torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)), or pad them in the collate_fn "
+                         f"with a mask or the lengths, and read each row's last step by its length")
+
+
+def _walk(tree: Any) -> Iterator[Any]:
+    yield tree
+    if isinstance(tree, PackedSequence):
+        return
+    if isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _walk(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _walk(value)
+
+
 def _hidden_tensors(tree: Any) -> str | None:
     """The class name of an object in ``tree`` that holds tensors in attributes no tree walk reads (a batch class of
     the user's own, with a ``.to()`` for Lightning's device transfer), else None."""
@@ -118,7 +148,9 @@ _GRAPH_ADVICE = (
     "vector naming each node's graph), whose rows are not along any dim: have the collate_fn give a list of the "
     "graphs, each a dict of its tensors (data.to_dict()), beside their labels (a micro-batch then holds whole graphs) "
     "and put them together in the step (torch_geometric.data.Batch.from_data_list of Data(**graph) for each; the "
-    "sparse layers run unchanged), or make the graphs the rows in the collate_fn, each padded to the batch's largest "
+    "sparse layers run unchanged; give pooling and scatter the number of graphs, global_mean_pool(h, batch, "
+    "size=len(graphs)), which a captured model cannot read from the batch vector), or make the graphs the rows in "
+    "the collate_fn, each padded to the batch's largest "
     "(torch_geometric.utils.to_dense_batch and to_dense_adj give (graphs, nodes, features) and (graphs, nodes, "
     "nodes)), and run dense graph layers. One graph per batch (node classification over one connected graph) has no "
     "rows to split: give it as a batch of one row (each tensor unsqueezed to (1, ...)) and pass num_microbatches=1, "
