@@ -43,6 +43,8 @@ def test_fewer_rows_than_microbatches_gives_one_per_row() -> None:
 def test_split_errors() -> None:
     with pytest.raises(ValueError, match="same size along dim 0"):
         split_batch((torch.ones(4, 1), torch.ones(3)), 2)
+    with pytest.raises(ValueError, match=r"\(batch\['cw'\] \(3,\) beside 8 rows elsewhere\)"):  # named (review)
+        split_batch({"x": torch.ones(8, 2), "y": torch.ones(8), "cw": torch.ones(3)}, 2)
     with pytest.raises(ValueError, match="without tensors"):
         split_batch(("a", 1), 2)
     with pytest.raises(ValueError, match="has no rows: give the DataLoader a batch_size"):  # batch_size=None

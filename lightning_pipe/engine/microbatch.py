@@ -77,13 +77,17 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
         if all(t.dim() == 0 or t.shape[0] == rows for t in _outside(batch, per_row)):
             return rows, per_row
     shapes = [tuple(t.shape) for t in leaves]
+    common = max(sorted(sizes), key=lambda size: sum(t.dim() > 0 and t.shape[0] == size for t in leaves))
+    odd = ", ".join([f"{path} {tuple(t.shape)}" for path, t in _named_tensors(batch, "batch")
+                     if t.dim() > 0 and t.shape[0] != common][:4])
     raise ValueError(
         f"every tensor of a batch must have the same size along dim 0 to be split into micro-batches, apart from "
         f"lists with one item (a tensor or a dict of them) per row beside a tensor of the batch's rows (stacked "
-        f"images beside their targets); got shapes {shapes}. {_several_loaders(batch)}{_graphs(leaves)}"
-        f"{_offsets(leaves)}{_time_major(leaves)}Put "
-        f"per-batch constants in a 0-dim tensor or a non-tensor value; stack or pad the rows' tensors in the "
-        f"collate_fn.")
+        f"images beside their targets); got shapes {shapes}"
+        f"{f' ({odd} beside {common} rows elsewhere)' if odd else ''}. {_several_loaders(batch)}"
+        f"{_graphs(leaves)}{_offsets(leaves)}{_time_major(leaves)}Put per-batch constants in a 0-dim tensor or a "
+        f"non-tensor value, and a per-batch vector (class weights) on the module or in the step; stack or pad the "
+        f"rows' tensors in the collate_fn.")
 
 
 def _refuse_packed(batch: Any, leaves: list[Any]) -> None:
@@ -100,6 +104,18 @@ def _refuse_packed(batch: Any, leaves: list[Any]) -> None:
                          f"lengths): each micro-batch gets its rows' sequences; pad them in the step "
                          f"(torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)), or pad them in the collate_fn "
                          f"with a mask or the lengths, and read each row's last step by its length")
+
+
+def _named_tensors(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``tree`` in dicts, lists and tuples, each with its path (``batch['cw']``)."""
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _named_tensors(value, f"{path}[{key!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _named_tensors(value, f"{path}[{index}]")
 
 
 def _walk(tree: Any) -> Iterator[Any]:
