@@ -1591,3 +1591,69 @@ def test_a_bag_model_whose_first_input_has_no_rows_puts_its_microbatches_outputs
     for name, expected_param in weights.items():  # each parameter from the rank that holds it
         held = [params[name] for _, params, _ in results if name in params and not params[name].is_meta]
         assert held and all(torch.allclose(param, expected_param, rtol=1e-5, atol=1e-6) for param in held), name
+
+
+def _parts(rank: int, world_size: int, case: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Gradient hooks that treat parts of the model apart, each part a stage's (the first rank holds net.0 and net.2,
+    the last net.4): correct on one device, and so on the pipeline."""
+    import lightning as L
+    from lightning.pytorch.utilities import grad_norm
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Parts(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+            if case in ("frozen-total", "frozen-value"):  # the first rank's stages frozen: it has no gradients
+                self.net[:3].requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def on_after_backward(self) -> None:
+            if case == "head-warm-up" and self.global_step < 2:  # the head alone trains at first
+                for param in self.net[:3].parameters():
+                    param.grad = None
+
+        @torch.no_grad()  # (a decorated hook: grad_norm found through its __wrapped__, found by review)
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if case == "frozen-total" and grad_norm(self, norm_type=2)["grad_2.0_norm_total"] > 0.3:
+                optimizer.zero_grad()  # (a spike guard)
+
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                        gradient_clip_algorithm: Any = None) -> None:
+            if case == "each-part":  # each part by its own norm
+                torch.nn.utils.clip_grad_norm_(self.net[:3].parameters(), 0.05)
+                torch.nn.utils.clip_grad_norm_(self.net[3:].parameters(), 0.05)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+    L.seed_everything(2, verbose=False)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    clipping = {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"} if case == "frozen-value" else {}
+    module = Parts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, strategy, max_steps=4, **clipping).fit(module, class_data(batches=4))
+    return ([str(w.message) for w in caught if "multiplied every gradient" in str(w.message)],
+            {name: param.detach().clone() for name, param in module.named_parameters() if not param.is_meta})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["frozen-total", "frozen-value", "each-part", "head-warm-up"])
+def test_gradient_hooks_treating_each_stages_part_apart_train_as_on_one_device_unwarned(case: str) -> None:
+    """Found by review of the gradient-scaling warning and grad_norm's whole total: a rank whose stages are frozen had
+    no total to read (a KeyError) and failed torch's clip_grad_value_ (Lightning's value clipping too); each part
+    clipped by its own norm, or the head alone trained at first, was warned of as a factor of each rank's share."""
+    reference = _parts(0, 1, case)[1]
+    for warned, share in run_ranks(_parts, 2, case, timeout=100):
+        assert warned == [] and share
+        for name, value in share.items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -92,38 +92,53 @@ def _clipping(hook: Callable[..., Any], clip: GlobalNorms | None, *args: Any, **
 
 
 @contextlib.contextmanager
-def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[None]:
+def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[list[int]]:
     """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
     ``clip``'s, Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`) and ``clip_grad_value_``
     takes an empty list (:func:`_clip_grad_value_`): as their modules' attributes, and where the hook's module
-    imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook did."""
+    imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook did.
+    Yields a list holding how many times the first two were called in the block (their norms are every rank's)."""
+    used = [0]
     if clip is None:
-        yield
+        yield used
         return
+
+    def counted(function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            used[0] += 1
+            return function(*args, **kwargs)
+        return call
+
     import lightning.pytorch.utilities as utilities
     import lightning.pytorch.utilities.grads as grads
     import torch.nn.utils.clip_grad as clip_grad
 
-    names = getattr(getattr(hook, "__func__", hook), "__globals__", {})
-    cells = getattr(getattr(hook, "__func__", hook), "__closure__", None) or ()  # (imported inside a function)
+    functions, function = [], getattr(hook, "__func__", hook)
+    while function is not None and len(functions) < 8:  # the hook, and what a decorator wrapped (@torch.no_grad())
+        functions.append(function)
+        function = getattr(function, "__wrapped__", None)
+    spaces = list({id(space): space for space in (getattr(f, "__globals__", None) for f in functions)
+                   if isinstance(space, dict)}.values())
+    cells = [cell for f in functions for cell in (getattr(f, "__closure__", None) or ())]  # (imported in a function)
     places: list[tuple[Any, str, Any, Any]] = []  # (owner, key, torch's, the stand-in)
     for original, stand_in, where in (
-            (clip_grad.clip_grad_norm_, clip.clip_grad_norm_, ((torch.nn.utils, "clip_grad_norm_"),
-                                                               (clip_grad, "clip_grad_norm_"))),
-            (clip_grad._get_total_norm, clip.get_total_norm, ((torch.nn.utils, "get_total_norm"),
-                                                              (clip_grad, "_get_total_norm"))),
+            (clip_grad.clip_grad_norm_, counted(clip.clip_grad_norm_), ((torch.nn.utils, "clip_grad_norm_"),
+                                                                        (clip_grad, "clip_grad_norm_"))),
+            (clip_grad._get_total_norm, counted(clip.get_total_norm), ((torch.nn.utils, "get_total_norm"),
+                                                                       (clip_grad, "_get_total_norm"))),
             (grads.grad_norm, functools.partial(_grad_norm, grads.grad_norm, clip), ((utilities, "grad_norm"),
                                                                                     (grads, "grad_norm"))),
             (clip_grad.clip_grad_value_, functools.partial(_clip_grad_value_, clip_grad.clip_grad_value_),
              ((torch.nn.utils, "clip_grad_value_"), (clip_grad, "clip_grad_value_")))):
         places += [(owner, key, original, stand_in) for owner, key in where if hasattr(owner, key)]
-        places += [(names, key, original, stand_in) for key, value in list(names.items()) if value is original]
+        places += [(names, key, original, stand_in) for names in spaces for key, value in list(names.items())
+                   if value is original]
         places += [(cell, "", original, stand_in) for cell in cells if _content(cell) is original]
     for owner, key, _, stand_in in places:
         _put(owner, key, stand_in)
     try:
         with clip.listings():
-            yield
+            yield used
     finally:
         for owner, key, original, _ in places:
             _put(owner, key, original)
@@ -131,11 +146,11 @@ def _clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator
 
 def _clip_grad_value_(original: Callable[..., Any], parameters: Any, clip_value: float, *args: Any,
                       **kwargs: Any) -> None:
-    """torch's ``clip_grad_value_``, which fails on a list of no parameters: a layer's ``.parameters()`` where another
-    rank holds the layer (``self.net[4].parameters()``), which has nothing to clip here (found by review: torch's
-    "Expected !nested_tensorlist[0].empty()" on that rank)."""
+    """torch's ``clip_grad_value_``, which fails on a list of no gradients: a layer's ``.parameters()`` where another
+    rank holds the layer (``self.net[4].parameters()``), or a rank whose parameters are all frozen, has nothing to clip
+    here (found by review: torch's "Expected !nested_tensorlist[0].empty()" on that rank)."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    if params:
+    if any(p.grad is not None for p in params):
         original(params, clip_value, *args, **kwargs)
 
 
@@ -145,6 +160,7 @@ def _grad_norm(original: Callable[..., dict[str, Any]], clip: GlobalNorms, modul
     its key, is the whole model's (:class:`_WholeTotal`)."""
     norms = original(module, norm_type, group_separator)
     key = f"grad_{float(norm_type)}_norm_total"
+    norms.setdefault(key, torch.tensor(0.0))  # (a rank without gradients, its stages frozen, reads it too)
     return _WholeTotal(norms, key, lambda: clip.get_total_norm(
         [p.grad for p in module.parameters() if p.grad is not None], float(norm_type)))
 
@@ -254,20 +270,23 @@ class _Scales:
             found[0] = first
 
     def judge(self, hook: Callable[..., Any], factors: list[Any]) -> None:
-        """Warn (once) where every rank found one factor, not all 1, and the ranks' differ."""
+        """Warn (once) where every rank found one factor, neither 0 nor 1 (a part of the model zeroed or left alone:
+        a warm-up of the head alone), and the ranks' differ."""
         if self.warned or len(factors) < 2 or any(not isinstance(f, float) for f in factors):
             return
-        if all(abs(f - 1) <= 1e-6 for f in factors) or max(factors) - min(factors) <= 1e-4 * max(map(abs, factors)):
+        if any(f == 0 or abs(f - 1) <= 1e-6 for f in factors) or \
+                max(factors) - min(factors) <= 1e-4 * max(map(abs, factors)):
             return
         self.warned = True
         owner = getattr(hook, "__self__", None)
         where = f"{type(owner).__name__}.{hook.__name__}" if owner is not None else hook.__name__
         shown = ", ".join(f"{f:.4g}" for f in factors)
         warnings.warn(f"{where} multiplied every gradient by one factor on each rank of the pipeline, another on each "
-                      f"({shown}, by stage; 0: zeroed or dropped): a factor or a decision taken on each rank's share, "
-                      f"such as a norm taken by hand over self.parameters() or grad_norm(self, 2)'s total (each rank "
-                      f"holds its own stages' parameters), so the weights differ from one device's. Take the norm "
-                      f"with torch.nn.utils.get_total_norm([p.grad for p in "
+                      f"({shown}, by stage). If that factor comes from a norm taken by hand over self.parameters() "
+                      f"(each rank holds its own stages' parameters: a normalization or a clip written out), it is "
+                      f"each rank's share's and the weights differ from one device's (if each stage holds a part "
+                      f"the hook scales by its own norm on purpose, a clip of each part, this is right). For the "
+                      f"whole model's norm, take it with torch.nn.utils.get_total_norm([p.grad for p in "
                       f"self.parameters() if p.grad is not None]) or clip with torch.nn.utils.clip_grad_norm_, which "
                       f"this hook takes over every rank, or add up each rank's squared share: torch.distributed."
                       f"all_reduce(share, group=trainer.strategy.pipeline_group)", stacklevel=3)
@@ -300,11 +319,14 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
     # A hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this rank (a
     # barrier), end with its error (``gather_text`` is watched).
     try:
-        with _clipping_by(clip, hook), draws.watched(hook) if draws is not None else contextlib.nullcontext(), \
+        with _clipping_by(clip, hook) as normed, \
+                draws.watched(hook) if draws is not None else contextlib.nullcontext(), \
                 scales.watched() if scales is not None else contextlib.nullcontext([None]) as scaled:
             result = hook(*args, **kwargs)
     finally:
         del module.log
+    if normed[0]:  # (gradients changed by torch's norms, which are every rank's: by parts of their own, say)
+        scaled[0] = None
     alone = [name for param in (getattr(clip, "alone", None) or []) for name, held in module.named_parameters()
              if held is param][:2]
     calls = [(_one_device_name(name, tied), value, options) for name, value, options in calls]

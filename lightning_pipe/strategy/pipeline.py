@@ -482,6 +482,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         self.setup_precision_plugin()
         # Lightning clips with the norm of this rank's gradients; a pipeline's norm covers every stage.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+        self.precision_plugin.clip_grad_by_value = self._clip_grad_by_value  # type: ignore[method-assign]
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
 

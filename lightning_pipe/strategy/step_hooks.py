@@ -367,6 +367,13 @@ class PipelineSteps:
         self._check_materialized()
         self._position.evaluation_started()
 
+    def _clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        """Lightning's clipping by value, on a rank that has gradients to clip: torch's fails on none (a rank whose
+        stages are all frozen, found by review)."""
+        parameters = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
+        if parameters:
+            torch.nn.utils.clip_grad_value_(parameters, clip_value=clip_val)
+
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         if self._async is not None:
             raise ValueError(f"schedule={self.schedule!r} steps each stage at a different time, so there is no global "
