@@ -6,6 +6,8 @@ import argparse
 import sys
 import warnings
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from lightning_pipe.checkpoint.convert import consolidate, shard
 
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {arguments.folder}: a sharded checkpoint folder, {tensors} tensors, step {step}; "
                       f"Trainer(strategy=PipelineStrategy(...)).fit(model, ckpt_path={str(arguments.folder)!r}) "
                       f"resumes from it on any layout")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, CheckpointException) as error:  # (DCP's is a BaseException: a full disk)
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -158,8 +158,10 @@ def _write_shards(state: dict[str, Any], staging: str) -> None:
     takes it."""
     try:
         dcp.save(state, storage_writer=FileSystemWriter(staging, sync_files=True))
-    except CheckpointException as error:
-        raise OSError(f"writing the checkpoint's tensors failed: {error}") from error
+    except CheckpointException as error:  # (its text holds every failed rank's traceback: the first and last line)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        said = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        raise OSError(f"writing the checkpoint's tensors failed: {said}") from error
 
 
 def _write_own(checkpoint: Mapping[str, Any], staging: str, rank: int, layout: Mapping[str, Any],
