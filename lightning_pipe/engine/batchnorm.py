@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 __all__ = ["DeferredBatchNorm1d", "DeferredBatchNorm2d", "DeferredBatchNorm3d", "DeferredStatistics",
            "LocalSyncBatchNorm", "DeferredSyncBatchNorm", "convert_batchnorm", "restore_batchnorm",
-           "local_sync_batch_norms"]
+           "local_sync_batch_norms", "PLAIN_BATCH_NORMS"]
 
 
 FEW_VALUES = 16  # fewer values per channel than this in a micro-batch make a batch norm's statistics noisy
@@ -248,6 +248,7 @@ _DEFERRED = {nn.BatchNorm1d: DeferredBatchNorm1d, nn.BatchNorm2d: DeferredBatchN
              nn.BatchNorm3d: DeferredBatchNorm3d, LocalSyncBatchNorm: DeferredSyncBatchNorm}
 _PLAIN = {deferred: plain for plain, deferred in _DEFERRED.items()}
 _DEFERRED[nn.SyncBatchNorm] = DeferredSyncBatchNorm
+PLAIN_BATCH_NORMS = frozenset(_DEFERRED)  # what convert_batchnorm defers (restore_batchnorm gives them back)
 _PLAIN[DeferredSyncBatchNorm] = _PLAIN[LocalSyncBatchNorm] = nn.SyncBatchNorm  # (reduces over its group again)
 
 

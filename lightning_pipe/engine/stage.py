@@ -13,7 +13,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from .batchnorm import DeferredStatistics, convert_batchnorm
+from .batchnorm import PLAIN_BATCH_NORMS, DeferredStatistics, convert_batchnorm, local_sync_batch_norms
 from .calls import each_call
 from .rng import forked, forward_seed
 from .tree import tree_flatten, tree_map_tensors
@@ -67,6 +67,7 @@ class PipelineStage:
         self.seed = seed  # the base of the seeds of forwards given none (a stage driven by hand)
         self._forwards = 0
         self._losses = self._gradless = 0  # the step's losses backward ran on, and those that needed no gradient
+        self.deferred_batchnorm = deferred_batchnorm
         self.norms: DeferredStatistics | None = convert_batchnorm(module) if deferred_batchnorm else None
         # Whether the layers get copies of the stage's input tensors: where they write their input in place (a
         # received leaf needing a gradient, which torch refuses to change: a ReLU(inplace=True) first, a block of the
@@ -204,6 +205,16 @@ class PipelineStage:
                 f"torch.autograd.Function computing their gradients in its own backward does (reversible layers, "
                 f"Reformer's): a captured graph differentiates the forward's ops and never calls that backward; keep "
                 f"such layers in an nn.Sequential (not captured), or write them without the Function")
+
+    def defer_batchnorm_again(self) -> None:
+        """Defer the stage's batch norms again where ``restore_batchnorm`` made them plain after a run (for one device
+        or DDP, then the model pipelined again: a plain one failed at its first step, found by review)."""
+        local_sync_batch_norms(self.module)
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.running_mean is not None]
+        if self.deferred_batchnorm and any(type(m) in PLAIN_BATCH_NORMS or (
+                "_deferred" not in vars(m) and vars(m).get("_defers_in_graph", False)) for m in norms):
+            self.norms = convert_batchnorm(self.module)
 
     def enable_split_backward(self) -> None:
         """Prepare for :meth:`backward_input` / :meth:`backward_weight` (zero-bubble schedules).

@@ -69,9 +69,12 @@ class PipelineCutting:
     def _cut(self, module: LightningModule, trainer: Trainer) -> None:
         if self._runner is not None and self._runner.module is module:
             _refuse_rebuilt(module, self._runner)
+            _defer_batchnorm_again(self._runner)
             return  # a later run of this Trainer (fit, then test): the module is cut already
         settings, auto_replicas = self.settings, self.settings.replicas == AUTO
         runner = PipelineRunner.of(module)
+        if runner is not None:
+            _defer_batchnorm_again(runner)
         configure_threads(self.num_processes)  # the engine guesses ranks per machine; Lightning knows
         chain = None
         if runner is None:
@@ -337,6 +340,13 @@ def _rows_by_rows(batch: Any, microbatches: int, error: str) -> str | None:
             f"give batches of several graphs (their rows first, as (graphs, nodes, nodes))")
 
 
+def _defer_batchnorm_again(runner: PipelineRunner) -> None:
+    """A model cut before, whose batch norms ``restore_batchnorm`` made plain again (for one device or DDP): its
+    stages defer them again."""
+    for stage in runner.pipeline.stages.values():
+        stage.defer_batchnorm_again()
+
+
 def refuse_lazy_layers(module: nn.Module) -> None:
     """A lazy layer (``nn.LazyLinear``) has no shape until its first call, and the cut needs every layer's: said on
     every rank alike, with the fix."""
@@ -347,9 +357,9 @@ def refuse_lazy_layers(module: nn.Module) -> None:
         raise ValueError(f"{type(module).__name__} has lazy layers whose weights have no shape yet: {layers} "
                          f"(nn.LazyLinear, nn.LazyConv2d, ...); PipelineStrategy cuts the model before its first step, "
                          f"so it needs every weight's shape. Give their input sizes (nn.Linear(in_features, ...)), or "
-                         f"run the model once on an example batch before trainer.fit (model(example_input); for a model "
-                         f"built in configure_model(), there, right after building it), which gives the lazy layers "
-                         f"their shapes")
+                         f"run the model once on an example batch before trainer.fit (model(example_input); for a "
+                         f"model built in configure_model(), there, right after building it), which gives the lazy "
+                         f"layers their shapes")
 
 
 def _refuse_rebuilt(module: LightningModule, runner: PipelineRunner) -> None:
