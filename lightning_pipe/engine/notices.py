@@ -15,6 +15,7 @@ the process group's timeout.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import time
@@ -140,7 +141,7 @@ def failed_elsewhere(failure: tuple[int, str] | None, me: int, waiting: str,
     (its rank in a pipeline's group), else its global rank."""
     if failure is None or failure[0] == me:
         return None
-    said = failure[1] if failure[1].startswith(f"rank {failure[0]} failed") else \
+    said = failure[1] if re.match(r"rank \d+ failed", failure[1]) else \
         f"rank {failure[0]} failed: {failure[1]}"  # (a PipelineError's message names its rank already)
     return PipelineError(f"{said} (rank {me} was waiting for it{waiting})", failure[0] if origin is None else origin)
 
