@@ -141,9 +141,9 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"target of pairs) was split along dim 0 as if it held the rows: make it batch-first in the "
                     f"collate_fn (x.transpose(0, 1)), or make pairs in the step from per-row tensors"
                     if crossed else "") + (
-                    f"; a tensor of the batch with one entry per class or item of the batch, not per row (class "
-                    f"weights indexed by the labels), that has as many entries as the batch has rows was split with "
-                    f"the rows: keep it out of the batch (on the module, or computed in the step)" if vector else
+                    "; a tensor of the batch with one entry per class or item of the batch, not per row (class "
+                    "weights indexed by the labels), that has as many entries as the batch has rows was split with "
+                    "the rows: keep it out of the batch (on the module, or computed in the step)" if vector else
                     "") + (
                     f"; if its code needs more rows than {rows} (torchmetrics' R2Score needs two): drop a last, "
                     f"smaller batch (DataLoader(drop_last=True)), pass fewer micro-batches, or update the metric "
