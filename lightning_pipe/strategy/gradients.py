@@ -132,8 +132,7 @@ def _global_norm(grads: list[torch.Tensor], norm_type: float, group: dist.Proces
         # _spread_terms, which say whether every rank gave the same
         given = [] if max_norm is None else [max_norm, -max_norm] if infinite else _spread_terms(max_norm)
         values = torch.stack([total, *(torch.tensor(value, dtype=torch.float64, device=device) for value in given)])
-        what = (f"{GLOBAL_NORM} (clip_grad_norm_ or get_total_norm over several parameters, or a read of "
-                f"grad_norm(...)'s total in a gradient hook, which every rank makes alike)")
+        what = f"{GLOBAL_NORM} (clip_grad_norm_, get_total_norm or grad_norm's total, which every rank reads alike)"
         collective(dist.all_reduce, values, what=what, group=group, timeout=timeout,
                    notice=notices(what) if notices is not None else None,
                    op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM)
