@@ -34,8 +34,9 @@ _SCALE_CHECKS = 8  # calls of each looked at for a factor of each rank's share, 
 def clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[list[int]]:
     """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
     ``clip``'s, Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`) and ``clip_grad_value_``
-    takes an empty list (:func:`_clip_grad_value_`): as their modules' attributes, and where the hook's module
-    imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook did.
+    takes a list without gradients (:func:`_clip_grad_value_`): as their modules' attributes, and where the hook's
+    module imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook
+    did.
     Yields a list holding how many times the first two were called in the block (their norms are every rank's)."""
     used = [0]
     if clip is None:
