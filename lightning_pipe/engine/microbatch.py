@@ -120,14 +120,9 @@ def _named_tensors(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _walk(tree: Any) -> Iterator[Any]:
     yield tree
-    if isinstance(tree, PackedSequence):
-        return
-    if isinstance(tree, Mapping):
-        for value in tree.values():
-            yield from _walk(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _walk(value)
+    if not isinstance(tree, PackedSequence):
+        for child in _children(tree):
+            yield from _walk(child)
 
 
 def _hidden_tensors(tree: Any) -> str | None:

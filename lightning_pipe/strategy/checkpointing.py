@@ -46,6 +46,7 @@ from lightning_pipe.strategy.state_names import (
     optimizers_parameter_names,
     param_groups_of,
     parameter_names,
+    uncompiled_name,
     uncompiled_names,
 )
 from lightning_pipe.strategy.callbacks import regroup_after_restore
@@ -356,10 +357,10 @@ def _warn_orphaned_states(entries: Any, state_dict: Any) -> None:
     position, keeps them (found by review: 0.14 off one device, silently)."""
     if not isinstance(state_dict, dict):
         return
-    known = {*state_dict, *uncompiled_names(state_dict)}
+    known = {*state_dict, *map(uncompiled_name, state_dict)}  # (a compiled module's names either way)
     names = {key[len(OPTIM):].split("/", 1)[1].rsplit("/", 1)[0] for key in entries}
-    orphans = sorted(name for name in names if name not in known and uncompiled_names({name: None}).keys() - known
-                     and name not in (OWN_STATE, OWN_TOP))
+    orphans = sorted(name for name in names - {OWN_STATE, OWN_TOP}
+                     if name not in known and uncompiled_name(name) not in known)
     if orphans:
         rank_zero_warn(f"the checkpoint holds optimizer states of {orphans[:5]}{' ...' if len(orphans) > 5 else ''}, "
                        f"which its weights no longer name (renamed in on_load_checkpoint?): a pipeline of another "

@@ -24,7 +24,7 @@ from lightning_pipe.capture.generators import HeldGenerators, generator_state, s
 from lightning_pipe.strategy.gradients import GlobalNorms
 from lightning_pipe.strategy.randomness import global_random_states, same_random_states
 
-__all__ = ["clipping_by", "Draws", "Scales"]
+__all__ = ["clipping_by", "clip_grad_value", "Draws", "Scales"]
 
 _DRAW_CHECKS = 4  # calls of each gradient hook looked at for random draws (:class:`Draws`)
 _SCALE_CHECKS = 8  # calls of each looked at for a factor of each rank's share, then 16, 32, ... (:class:`Scales`)
@@ -34,7 +34,7 @@ _SCALE_CHECKS = 8  # calls of each looked at for a factor of each rank's share, 
 def clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[list[int]]:
     """Inside, torch's ``clip_grad_norm_`` and ``get_total_norm`` (which ``clip_grads_with_norm_`` follows) are
     ``clip``'s, Lightning's ``grad_norm`` gives the whole model's total (:func:`_grad_norm`) and ``clip_grad_value_``
-    takes a list without gradients (:func:`_clip_grad_value_`): as their modules' attributes, and where the hook's
+    takes a list without gradients (:func:`clip_grad_value`): as their modules' attributes, and where the hook's
     module imported them by name (``from torch.nn.utils import clip_grad_norm_``), or the function holding the hook
     did.
     Yields a list holding how many times the first two were called in the block (their norms are every rank's)."""
@@ -68,7 +68,7 @@ def clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[
                                                                        (clip_grad, "_get_total_norm"))),
             (grads.grad_norm, functools.partial(_grad_norm, grads.grad_norm, clip), ((utilities, "grad_norm"),
                                                                                     (grads, "grad_norm"))),
-            (clip_grad.clip_grad_value_, functools.partial(_clip_grad_value_, clip_grad.clip_grad_value_),
+            (clip_grad.clip_grad_value_, functools.partial(clip_grad_value, clip_grad.clip_grad_value_),
              ((torch.nn.utils, "clip_grad_value_"), (clip_grad, "clip_grad_value_")))):
         places += [(owner, key, original, stand_in) for owner, key in where if hasattr(owner, key)]
         places += [(names, key, original, stand_in) for names in spaces for key, value in list(names.items())
@@ -84,11 +84,12 @@ def clipping_by(clip: GlobalNorms | None, hook: Callable[..., Any]) -> Iterator[
             _put(owner, key, original)
 
 
-def _clip_grad_value_(original: Callable[..., Any], parameters: Any, clip_value: float, *args: Any,
-                      **kwargs: Any) -> None:
-    """torch's ``clip_grad_value_``, which fails on a list of no gradients: a layer's ``.parameters()`` where another
-    rank holds the layer (``self.net[4].parameters()``), or a rank whose parameters are all frozen, has nothing to clip
-    here (found by review: torch's "Expected !nested_tensorlist[0].empty()" on that rank)."""
+def clip_grad_value(original: Callable[..., Any], parameters: Any, clip_value: float, *args: Any,
+                    **kwargs: Any) -> None:
+    """torch's ``clip_grad_value_`` (``original``: in the hooks, and in Lightning's own clipping by value), which
+    fails on a list of no gradients: a layer's ``.parameters()`` where another rank holds the layer
+    (``self.net[4].parameters()``), or a rank whose parameters are all frozen, has nothing to clip here (found by
+    review: torch's "Expected !nested_tensorlist[0].empty()" on that rank)."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     if any(p.grad is not None for p in params):
         original(params, clip_value, *args, **kwargs)

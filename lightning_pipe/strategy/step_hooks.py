@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_pipe.engine.deadline import collective, explained, job_failure_notice, left_behind
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.grad_scaler import scaled
+from lightning_pipe.strategy.gradient_hooks import clip_grad_value
 from lightning_pipe.strategy.gradients import GLOBAL_NORM, clip_grad_norm_global
 from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
 from lightning_pipe.strategy.plain import all_gather_text
@@ -370,9 +371,7 @@ class PipelineSteps:
     def _clip_grad_by_value(self, optimizer: Optimizer, clip_val: int | float) -> None:
         """Lightning's clipping by value, on a rank that has gradients to clip: torch's fails on none (a rank whose
         stages are all frozen, found by review)."""
-        parameters = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
-        if parameters:
-            torch.nn.utils.clip_grad_value_(parameters, clip_value=clip_val)
+        clip_grad_value(torch.nn.utils.clip_grad_value_, self.precision_plugin.main_params(optimizer), clip_val)
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         if self._async is not None:
