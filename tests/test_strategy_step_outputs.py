@@ -1297,10 +1297,14 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
 
         def on_before_optimizer_step(self, optimizer: Any) -> None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if how.endswith("by-hand"):
+            if how.removesuffix("-bf16").endswith("by-hand"):
                 total = torch.norm(torch.stack([grad.norm(2) for grad in grads]), 2)
             elif how == "grad_norm":  # Lightning's, its total read by its key
                 total = grad_norm(self, norm_type=2)["grad_2.0_norm_total"]
+            elif how == "grad_norm-pop":  # taken out, the rest logged
+                norms = grad_norm(self, norm_type=2)
+                total = norms.pop("grad_2.0_norm_total")
+                self.log_dict(norms)
             else:
                 total = torch.nn.utils.get_total_norm(grads)
             if how.startswith("normalized"):  # normalized gradients (nothing logged)
@@ -1318,7 +1322,8 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
 
     L.seed_everything(2, verbose=False)
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
-    trainer = quiet_trainer(world_size, strategy, max_steps=6)
+    trainer = quiet_trainer(world_size, strategy, max_steps=6,
+                            precision="bf16-true" if how.endswith("-bf16") else "32-true")
     module = Skipping()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1329,7 +1334,8 @@ def _skipping(rank: int, world_size: int, how: str) -> tuple[list[str], dict[str
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["by-hand", "get_total_norm", "grad_norm", "normalized-by-hand", "normalized"])
+@pytest.mark.parametrize("how", ["by-hand", "get_total_norm", "grad_norm", "grad_norm-pop", "normalized-by-hand",
+                                 "normalized", "normalized-by-hand-bf16", "normalized-bf16"])
 def test_a_decision_on_the_gradient_norm_in_a_hook_is_one_devices_through_get_total_norm(how: str) -> None:
     """A norm taken by hand over self.parameters() is each rank's share: logged, it is warned of (and each rank
     decided alone whether to skip the update: weights 22% off, found by review); the warning points to torch's
@@ -1337,7 +1343,8 @@ def test_a_decision_on_the_gradient_norm_in_a_hook_is_one_devices_through_get_to
     Lightning's grad_norm, whose total read by its key is every rank's (each rank's share skipped no update where one
     device skipped one: weights 17% off, silently, found by review). Gradients
     divided by such a norm, nothing logged (normalized gradients by hand: weights 7% off, silently, found by review),
-    are warned of too: every rank multiplied its gradients by one factor, another on each."""
+    are warned of too: every rank multiplied its gradients by one factor, another on each; in bfloat16 too, where
+    each gradient's factor is found only up to its rounding (missed there before, found by review)."""
     warned, reference, skipped = _skipping(0, 1, how)
     assert 0 < skipped < 6 or how.startswith("normalized")  # some updates skipped, not all
     for got, share, count in run_ranks(_skipping, 2, how, timeout=100):
@@ -1345,13 +1352,14 @@ def test_a_decision_on_the_gradient_norm_in_a_hook_is_one_devices_through_get_to
             logged = [message for message in got if "gnorm logged in Skipping.on_before_optimizer_step" in message]
             assert logged and "torch.nn.utils.get_total_norm([p.grad for p in self.parameters()" in logged[0]
             continue
-        if how == "normalized-by-hand":
+        if how.startswith("normalized-by-hand"):
             assert len(got) == 1 and "Skipping.on_before_optimizer_step multiplied every gradient" in got[0], got
             assert "torch.nn.utils.get_total_norm([p.grad for p in self.parameters()" in got[0]
             continue
         assert got == [] and count == skipped
         for name, value in share.items():
-            torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(value, reference[name], rtol=1e-5 if value.dtype == torch.float32 else 2e-2,
+                                       atol=1e-6 if value.dtype == torch.float32 else 1e-2, msg=name)
 
 
 def _bucketed(rank: int, world_size: int, late: bool = False) -> dict[str, float]:

@@ -15,10 +15,12 @@ the process group's timeout.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import signal
 import sys
 import time
+import types
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -52,15 +54,34 @@ def own_error(error: BaseException) -> bool:
     handlers = set()
     for number in signal.valid_signals():
         with contextlib.suppress(ValueError, OSError):
-            code = getattr(signal.getsignal(number), "__code__", None)
-            if code is not None:
-                handlers.add(code)
+            handlers.update(_codes(signal.getsignal(number)))
     trace = error.__traceback__
     while trace is not None:
         if trace.tb_frame.f_code in handlers:
             return True
         trace = trace.tb_next
     return False
+
+
+def _codes(handler: object) -> list[types.CodeType]:
+    """The code objects a signal handler runs: a function's or method's, and through what wraps one (a
+    ``functools.partial``, a decorator's ``__wrapped__``, an object's ``__call__``)."""
+    codes, seen = [], 0
+    while handler is not None and seen < 8:
+        seen += 1
+        code = getattr(handler, "__code__", None)
+        if isinstance(code, types.CodeType):
+            codes.append(code)
+        if isinstance(handler, functools.partial):
+            handler = handler.func
+        elif getattr(handler, "__wrapped__", None) is not None:
+            handler = handler.__wrapped__
+        elif code is None and callable(handler) and not isinstance(handler, type):
+            handler = getattr(type(handler), "__call__", None)
+            handler = handler if isinstance(handler, types.FunctionType) else None
+        else:
+            handler = None
+    return codes
 
 
 def error_text(error: BaseException) -> str:

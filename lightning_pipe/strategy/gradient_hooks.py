@@ -108,7 +108,7 @@ def _grad_norm(original: Callable[..., dict[str, Any]], clip: GlobalNorms, modul
 
 class _WholeTotal(dict):
     """``grad_norm``'s dict, whose total read by its key (``norms["grad_2.0_norm_total"]``, a spike guard's test) is
-    the norm over every rank's gradients, taken then (a collective, made where every rank reads it), as one device
+    the norm over every rank's gradients (and so is the one ``pop`` takes out), taken then (a collective, made where every rank reads it), as one device
     reads it; each rank's share made a decision alone (found by review: an update one device skips, taken). Its
     items as they are listed (``self.log_dict(norms)``) are this rank's: the logs are gathered over the ranks."""
 
@@ -125,6 +125,13 @@ class _WholeTotal(dict):
 
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
+
+    def pop(self, key: str, *default: Any) -> Any:  # (the total taken out, the rest logged)
+        if key != self._key or key not in self:
+            return super().pop(key, *default)
+        value = self[key]
+        super().pop(key)
+        return value
 
 
 def _content(cell: Any) -> Any:
@@ -187,6 +194,7 @@ class Scales:
 
     def __init__(self, module: LightningModule) -> None:
         self.module, self.calls, self.warned = module, 0, False
+        self.tolerance = 1e-4  # relative: gradients' rounding where they are multiplied (bfloat16's 2**-7 for it)
 
     @contextlib.contextmanager
     def watched(self) -> Iterator[list[float | None]]:
@@ -201,13 +209,14 @@ class Scales:
         yield found
         if before is None:
             return
+        self.tolerance = max([1e-4] + [torch.finfo(p.grad.dtype).eps for p in params])
         after = _norms([p.grad for p in params])  # (a gradient set to None, optimizer.zero_grad(): zero)
         kept = before > 0
         if int(kept.sum()) < 2 or bool((after[~kept] != 0).any()):
             return
         ratios = after[kept] / before[kept]
         first = float(ratios[0])
-        if bool(((ratios - first).abs() <= 1e-4 * max(first, 1e-12)).all()):
+        if bool(((ratios - first).abs() <= self.tolerance * max(first, 1e-12)).all()):
             found[0] = first
 
     def judge(self, hook: Callable[..., Any], factors: list[Any]) -> None:
@@ -216,7 +225,7 @@ class Scales:
         if self.warned or len(factors) < 2 or any(not isinstance(f, float) for f in factors):
             return
         if any(f == 0 or abs(f - 1) <= 1e-6 for f in factors) or \
-                max(factors) - min(factors) <= 1e-4 * max(map(abs, factors)):
+                max(factors) - min(factors) <= 2 * self.tolerance * max(map(abs, factors)):
             return
         self.warned = True
         owner = getattr(hook, "__self__", None)
