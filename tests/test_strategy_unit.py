@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import MeanAbsoluteError
 
 import lightning_pipe
@@ -176,7 +177,7 @@ def test_logged_values_combine_as_one_batch() -> None:
     assert float(combine_logs([_call("c", torch.tensor(1.0), 3, batch_size=4), _call("c", torch.tensor(4.0), 1,
                                                                                      batch_size=4)], {},
                               whole_logs.constants)[0].value) == pytest.approx((3 * 1.0 + 4.0) / 4)  # by rows
-    with pytest.raises(ValueError, match="reduce_fx must be"):
+    with pytest.raises(MisconfigurationException, match="If you need a custom reduction"):  # Lightning's own
         combine_logs([_call("x", 1.0, 1, reduce_fx=lambda v: v)], {})
     # a value that the first batch's micro-batches give alike (a loss over the tokens with labels, before any batch
     # holds padding) and a later checked batch's do not: found there, and taken from the whole batch's run after

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
 
 from lightning_pipe.strategy.positions import looked_at_again
@@ -353,6 +354,8 @@ def _reduction(reduce_fx: Any, name: str) -> str:
         return _REDUCTIONS[reduce_fx.lower()]
     if reduce_fx in REDUCTION_NAMES:
         return REDUCTION_NAMES[reduce_fx]
-    raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): under PipelineStrategy reduce_fx must be 'mean', "
-                     f"'sum', 'max' or 'min', to combine the values of micro-batches")
+    # Lightning's own refusal, its type and fix (one device's; found by review: a ValueError of the pipeline's)
+    raise MisconfigurationException(f"self.log({name!r}, reduce_fx={reduce_fx!r}): Only `self.log(..., reduce_fx="
+                                    f"{{min,max,mean,sum}})` are supported. If you need a custom reduction, please "
+                                    f"log a `torchmetrics.Metric` instance instead.")
 

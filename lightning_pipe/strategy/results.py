@@ -87,7 +87,7 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
            advice: str = _STEP_ADVICE, path: str = "") -> Any:
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
-    Carried: None, bools, numbers, strings, tensors, NumPy arrays and scalars, torch's dtypes and devices (an
+    Carried: None, bools, numbers, strings, tensors (dense, and sparse COO), NumPy arrays and scalars, torch's dtypes and devices (an
     optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's milestones) of them, and
     torch's named tuples of results (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where``
     names, for the error.
@@ -96,6 +96,15 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         return value
     if isinstance(value, (int, float)) and type(value) in (int, float):
         return value
+    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:  # (SGD's momentum for a sparse gradient)
+        value = value.detach().cpu()
+        tensors += [value._indices().contiguous(), value._values().contiguous()]
+        return {"S": [str(value.dtype).removeprefix("torch."), list(value.shape), value.is_coalesced()]}
+    if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+        at = f" (at {path})" if path else ""
+        raise TypeError(f"{where} holds a tensor of layout {value.layout}{at}, which PipelineStrategy cannot send "
+                        f"between ranks (it sends dense tensors and sparse COO ones): turn it into one of those "
+                        f"(.to_dense(), .to_sparse()) before it is sent")
     if isinstance(value, torch.Tensor):
         tensors.append(value.detach().cpu().contiguous())
         return {"T": [str(value.dtype).removeprefix("torch."), list(value.shape)]}
@@ -133,9 +142,9 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
 
 
 def sendable(value: Any) -> bool:
-    """Whether :func:`encode` carries ``value`` (a tensor: a dense one, of torch's own type)."""
+    """Whether :func:`encode` carries ``value`` (a tensor: a dense or sparse COO one, of torch's own type)."""
     if isinstance(value, torch.Tensor):
-        return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout == torch.strided
+        return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
     if type(value) in (dict, OrderedDict, Counter):
@@ -153,6 +162,9 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if kind in ("T", "N"):
         tensor = tensors.pop(0)
         return tensor.numpy() if kind == "N" else tensor
+    if kind == "S":
+        indices, values = tensors.pop(0), tensors.pop(0)
+        return torch.sparse_coo_tensor(indices, values, body[1], is_coalesced=bool(body[2]))
     if kind == "D":
         dtype = getattr(torch, body, None) if isinstance(body, str) else None
         if not isinstance(dtype, torch.dtype):

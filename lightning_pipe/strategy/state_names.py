@@ -96,15 +96,25 @@ def optimizer_entries(index: int, state: Mapping[str, Any],
     return entries
 
 
+_SPARSE = "sparse tensor"  # the first item of a boxed sparse tensor (:func:`boxed`)
+
+
 def boxed(entries: Mapping[str, Any]) -> dict[str, Any]:
     """Named entries as a sharded folder stores them: an optimizer's own value in a tuple of one, which torch's
-    distributed checkpoint keeps whole (it splits a dict into its items)."""
-    return {key: (value,) if _own_entry(key) else value for key, value in entries.items()}
+    distributed checkpoint keeps whole (it splits a dict into its items), and a sparse tensor (SGD's momentum for a
+    sparse gradient), which it cannot write as a tensor, in a pair after :data:`_SPARSE`, kept whole as well."""
+    return {key: (value,) if _own_entry(key) else
+            (_SPARSE, value) if isinstance(value, torch.Tensor) and value.layout != torch.strided else value
+            for key, value in entries.items()}
 
 
 def unboxed(key: str, value: Any) -> Any:
     """An entry of a sharded folder as :func:`optimizer_entries` named it (see :func:`boxed`)."""
-    return value[0] if _own_entry(key) and isinstance(value, tuple) and len(value) == 1 else value
+    if _own_entry(key) and isinstance(value, tuple) and len(value) == 1:
+        return value[0]
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and value[0] == _SPARSE:
+        return value[1]
+    return value
 
 
 def _own_entry(key: str) -> bool:
