@@ -225,6 +225,67 @@ def test_a_model_built_in_setup_draws_one_devices_weights(tmp_path: Any) -> None
             torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
+def _draws_after_each_call(rank: int, world_size: int, shuffle: bool) -> list[list[float]]:
+    """The script's draws from torch's generator after a validate, a test, a predict and a fit of a model that draws
+    nothing itself (no dropout)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1])
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val", F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1]))
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("test", F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1]))
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4, generator=generator), torch.randn(16, generator=generator))
+
+    def trainer(**options: Any) -> Any:
+        return quiet_trainer(world_size, PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto", **options)
+
+    model, drawn = Plain(), []
+    trainer().validate(model, DataLoader(data, batch_size=4, shuffle=shuffle))
+    drawn.append(torch.rand(2).tolist())
+    trainer().test(model, DataLoader(data, batch_size=4))
+    drawn.append(torch.rand(2).tolist())
+    trainer().predict(model, DataLoader(data, batch_size=4))
+    drawn.append(torch.rand(2).tolist())
+    trainer(max_epochs=2).fit(model, DataLoader(data, batch_size=4, shuffle=True), DataLoader(data, batch_size=4))
+    drawn.append(torch.rand(2).tolist())
+    return drawn
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_the_scripts_draws_after_each_trainer_call_are_one_devices(shuffle: bool) -> None:
+    """One device's DataLoaders draw from torch's generator as each iteration starts (the workers' base seed, a
+    shuffling sampler's seed), a pipeline's from private ones: a random_split in setup("fit") after a baseline
+    trainer.validate() drew another split (found by review). The shared loaders now draw those numbers too."""
+    reference = _draws_after_each_call(0, 1, shuffle)
+    for drawn in run_ranks(_draws_after_each_call, 2, shuffle, timeout=100):
+        assert drawn == reference
+
+
 def _noise_from_the_modules_generator(rank: int, world_size: int, kind: str, tmp: str) -> dict[str, torch.Tensor]:
     """A diffusion-style step: noise drawn before the model from a generator the module keeps (seeded once, for
     reproducibility), and the loss against it; a maximum logged too, which the last stage checks by running the step

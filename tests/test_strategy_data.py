@@ -155,11 +155,34 @@ def test_the_users_loader_is_left_as_it_was_and_main_process_loading_is_private(
     assert isinstance(shared, DataLoader) and type(shared).__name__ == "DataLoader" and shared is not loader
     assert loader.generator is None and type(loader.batch_sampler).__name__ == "BatchSampler"
     torch.manual_seed(0)
+    torch.empty((), dtype=torch.int64).random_()  # what one device's iteration draws: its workers' base seed
     expected = torch.rand(2)
     torch.manual_seed(0)
     values = [batch.tolist() for batch in shared]
     torch.testing.assert_close(torch.rand(2), expected)  # the loading drew from its own generator
     assert values == [batch.tolist() for batch in shared]  # the same start: the same draws
+
+
+@pytest.mark.parametrize("kind", ["random", "replacement", "subset", "weighted", "persistent"])
+def test_a_shared_loader_draws_from_the_global_generator_what_one_devices_draws(kind: str) -> None:
+    """Its order and loading come from private generators; what one device's iteration draws from the global one (the
+    workers' base seed, a torch sampler's seed or order) is drawn too, so the script's later draws are one device's."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+
+    data = TensorDataset(torch.arange(12.0))
+    sampler = {"random": RandomSampler(data), "replacement": RandomSampler(data, replacement=True, num_samples=8),
+               "subset": SubsetRandomSampler(range(2, 11)), "weighted": WeightedRandomSampler([1.0] * 12, 7),
+               "persistent": RandomSampler(data)}[kind]
+    workers = {"num_workers": 1, "persistent_workers": True} if kind == "persistent" else {}
+    loader = DataLoader(data, batch_size=4, sampler=sampler, **workers)
+    shared = share_order(loader, lambda order: DataStart(5, 0, training=True), replica=0)
+    expected = []
+    for loaded in (loader, shared):
+        torch.manual_seed(0)
+        for _ in range(2):  # two epochs (a persistent workers' iterator draws its base seed once)
+            assert len([batch for batch in loaded]) > 0
+        expected.append(torch.rand(3))
+    torch.testing.assert_close(expected[1], expected[0])
 
 
 def test_fingerprint_reads_the_tensors_of_a_dataclass_batch() -> None:

@@ -8,8 +8,9 @@ they were) that, at the start of every iteration (an epoch, or an evaluation):
 
 - runs its samplers (``RandomSampler``, ``WeightedRandomSampler``, ``SubsetRandomSampler``, batch samplers, custom
   ones without their own ``generator``) on a private generator seeded from ``(seed, epoch)`` and swapped in around
-  each draw, so they draw the same on every rank, the global generator is left alone, and epoch ``k``'s order is the
-  same whether or not the run was interrupted (as ``DistributedSampler`` does with ``seed + epoch``);
+  each draw, so they draw the same on every rank and epoch ``k``'s order is the same whether or not the run was
+  interrupted (as ``DistributedSampler`` does with ``seed + epoch``); the global generator only makes the draws one
+  device's iteration makes from it (:func:`_draw_as_one_device`), whose numbers are dropped;
 - runs the loading in the main process (``num_workers=0``: the dataset's ``__getitem__`` and the collate function,
   random augmentations included) on a second private generator, also from ``(seed, epoch)``;
 - reseeds the loader's generator, from which each iteration draws the workers' base seed, from ``(seed, epoch)``
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from lightning_pipe.strategy.randomness import Stream, derive_seed
 
@@ -227,6 +228,7 @@ def _shared_class(cls: type) -> type:
         def __iter__(self: Any) -> Any:
             order: SharedOrder = self._pipeline_order
             order.begin()
+            _draw_as_one_device(self, order)
             if self.num_workers > 0:  # the dataset runs in the workers, seeded from the loader's generator
                 return cls.__iter__(self)
             assert order.loading is not None
@@ -238,6 +240,26 @@ def _shared_class(cls: type) -> type:
                                                            "__qualname__": cls.__qualname__,
                                                            "__doc__": cls.__doc__})
     return _SHARED_CLASSES[cls]
+
+
+def _draw_as_one_device(loader: DataLoader, order: SharedOrder) -> None:
+    """Draw from torch's global generator what one device's DataLoader draws from it as an iteration starts, and
+    drop the numbers: its workers' base seed (a loader without a generator of its own; a persistent workers'
+    iterator draws it once), and the order of torch's shuffling samplers without one. The shared loader draws those
+    from its private generators, so without this a script's draws after a ``validate``, ``test`` or ``predict``
+    (a ``random_split`` in ``setup("fit")``), or after a fit of a model that draws nothing itself, were not one
+    device's (found by review). The draws of a sampler of one's own are not known: not made."""
+    if order.workers is not None and not (loader.persistent_workers and loader._iterator is not None):
+        torch.empty((), dtype=torch.int64).random_()
+    for sampler in order.samplers:
+        if getattr(sampler, "generator", False) is not None:
+            continue
+        if type(sampler) is RandomSampler:
+            torch.empty((), dtype=torch.int64).random_()
+        elif type(sampler) is SubsetRandomSampler:
+            torch.randperm(len(sampler.indices))
+        elif type(sampler) is WeightedRandomSampler:
+            torch.multinomial(sampler.weights, sampler.num_samples, sampler.replacement)
 
 
 def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica: int) -> Any:
