@@ -66,8 +66,9 @@ def test_split_errors() -> None:
 
     with pytest.raises(ValueError, match=r"cannot split a batch of DataBatch into micro-batches.*a batch of graphs"):
         split_batch(DataBatch(), 2)
-    with pytest.raises(ValueError, match="CombinedLoader"):  # a dict of loaders' batches with other batch sizes
+    with pytest.raises(ValueError, match="CombinedLoader") as error:  # a dict of loaders' batches, other batch sizes
         split_batch({"a": (torch.ones(4, 1), torch.ones(4)), "b": (torch.ones(3, 1), torch.ones(3))}, 2)
+    assert "In validation or testing, where dropped rows change the metric" in str(error.value)  # (found by review)
     # the rows' sequences concatenated beside their start offsets, as nn.EmbeddingBag takes them
     bags = (torch.tensor([1, 0, 2]), torch.arange(11), torch.tensor([0, 4, 4]))
     with pytest.raises(ValueError, match=r"concatenated beside their 3 start offsets \(as nn.EmbeddingBag"):

@@ -214,7 +214,10 @@ def _several_loaders(batch: Any) -> str:
         return ""
     return (f"The batch's entries {list(batch)} have {rows} rows each, as a dict of DataLoaders (Lightning's "
             f"CombinedLoader) gives when their batch sizes differ or one ends with a smaller batch: give the loaders "
-            f"one batch_size and drop_last=True, so that every entry has the same rows. ")
+            f"one batch_size and drop_last=True, so that every entry has the same rows. In validation or testing, "
+            f"where dropped rows change the metric, return the loaders as a list or dict instead of a CombinedLoader "
+            f"of mode 'max_size' or 'min_size': Lightning runs those one after another (mode 'sequential'), each "
+            f"batch a loader's own, with its dataloader_idx. ")
 
 
 def _warn_if_dicts_could_be_rows(lists: _Lists, rows: int) -> None:
