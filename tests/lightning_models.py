@@ -68,6 +68,11 @@ class Regressor(L.LightningModule):
             optimizer = torch.optim.LBFGS(self.parameters(), lr=self.hparams.lr)
         elif self.hparams.optimizer == "sam":
             optimizer = SharpnessAware(self.parameters(), lr=self.hparams.lr)
+        elif self.hparams.optimizer == "zero":  # a DDP recipe (found by review: a segmentation fault on a rank)
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            optimizer = ZeroRedundancyOptimizer(self.parameters(), optimizer_class=torch.optim.AdamW,
+                                                lr=self.hparams.lr)
         elif self.hparams.optimizer == "two":  # one per half of the layers: Lightning asks for manual optimization
             params = list(self.parameters())
             return [torch.optim.SGD(params[:2], lr=self.hparams.lr), torch.optim.SGD(params[2:], lr=self.hparams.lr)]

@@ -84,6 +84,7 @@ def empty_optimizers_allowed(made: list[nn.Parameter], device: torch.device) -> 
     original = torch.optim.Optimizer.__init__
 
     def init(self: torch.optim.Optimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+        _refuse_sharding_optimizers(self)
         if not isinstance(params, torch.Tensor):
             params = list(params)
             if not params:
@@ -96,6 +97,20 @@ def empty_optimizers_allowed(made: list[nn.Parameter], device: torch.device) -> 
         yield
     finally:
         torch.optim.Optimizer.__init__ = original  # type: ignore[method-assign]
+
+
+def _refuse_sharding_optimizers(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse torch's ``ZeroRedundancyOptimizer`` as it is made, before its collectives over the whole job (which,
+    given other ranks' placeholders, ended a rank with a segmentation fault: found by review)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        raise ValueError("ZeroRedundancyOptimizer shards an optimizer's state over the ranks of its process group "
+                         "(every rank of the job by default), as DDP's ranks each hold the whole model; the ranks of "
+                         "a pipeline hold different stages, and each one's optimizer already holds the parameters "
+                         "and state of its own stages only. Return the optimizer it wraps instead "
+                         "(optimizer_class(self.parameters(), lr=...)), e.g. `if isinstance(self.trainer.strategy, "
+                         "PipelineStrategy)` in configure_optimizers")
 
 
 def whole_orders(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> list[list[list[str]]]:
