@@ -325,10 +325,15 @@ def _other_mode(where: str, training: bool, call: int) -> str:
     ran, other = ("train", "eval") if training else ("eval", "train")
     example = ("self.model.eval() before the call, as a teacher's pseudo-labels are often made" if training else
                "self.model.train() before it, as Monte Carlo dropout does")
+    dropout = "" if training else (
+        ". For Monte Carlo dropout, put the dropout layers in train mode in a hook every rank runs before the step, "
+        "the model staying in eval (on_predict_epoch_start, on_validation_epoch_start: for m in self.modules(): if "
+        "isinstance(m, nn.Dropout): m.train()), and call the model several times in the step: the stages then draw "
+        "a mask for each call")
     return (f"the step makes call {call} of {where} in {other} mode ({example}), but a pipeline runs every call of "
             f"a step in the step's mode, {ran}: its stages run the calls before the step's code sets the mode. Call "
             f"the model in the step's mode (under torch.no_grad() for targets: that is honoured), or make such "
-            f"outputs with a separate model kept outside the pipeline (an EMA teacher) or in another step")
+            f"outputs with a separate model kept outside the pipeline (an EMA teacher) or in another step{dropout}")
 
 
 def _autocast(state: tuple) -> str:
