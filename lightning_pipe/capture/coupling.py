@@ -364,7 +364,9 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
                         f"into its rows, so each row depends on the whole batch (in a pipeline: on its micro-batch "
                         f"only)")
         elif (value.is_floating_point() or value.is_complex()) and (
-                carried or any(has_rows(arg.meta["val"], rows) for arg in inputs)):
+                carried or any(has_rows(arg.meta["val"], rows) and not _no_elements(arg.meta["val"])
+                               for arg in inputs)):
+            # (a value of no elements, h[:, :0], gives nothing of its rows: its sum is 0, found by review)
             statistics.add(node)
             if name == "reciprocal" or name == "pow" and _exponent(node) == -1:  # a divisor: a sum times it is a
                 # mean, not a product of two statistics
@@ -384,6 +386,11 @@ def _mixed(nodes: Sequence[fx.Node], rows: set[Any]) -> str | None:
         elif shifted:
             shifts.add(node)
     return None
+
+
+def _no_elements(value: torch.Tensor) -> bool:
+    """Whether ``value`` has a dim of size 0 whatever its rows (a symbolic size is never taken for 0 here)."""
+    return any(type(size) is int and size == 0 for size in value.shape)
 
 
 def _curves(node: fx.Node, name: str) -> bool:
