@@ -81,8 +81,10 @@ class PipelineCutting:
             undone = undo_compile(module)
             if undone:
                 rank_zero_warn(f"PipelineStrategy runs the pipeline's stages eagerly: torch.compile of {undone} is "
-                               f"undone (the compiled code would call the whole model, not this rank's stages); "
-                               f"compiling the stages themselves is not supported yet")
+                               f"undone (a compiled model would call the whole model, not this rank's stages, and "
+                               f"the cut, its checks and the capture run the layers' own code, a part compiled "
+                               f"inside a layer too); they train as they would uncompiled. Compiling the stages "
+                               f"themselves is not supported yet")
             refuse_lazy_layers(module)
             local_sync_batch_norms(module)  # (its process group's ranks hold other stages: engine.batchnorm)
             refuse_planned_cut(module, settings.plans_cut)
