@@ -1,10 +1,11 @@
 """How a tree of tensors travels between ranks as bytes: a fixed header, the tree's layout as JSON, the tensors' bytes.
 
 Nothing received is unpickled: bytes from another process are data, never code. The layout says the tree's structure
-(tuples, lists, dicts, namedtuples), each tensor's dtype, shape and requires-grad flag, and the tree's other leaves,
-which must be JSON values (``None``, ``bool``, ``int``, ``float``, ``str``) and come back exactly (a float by its
-``repr``, so ``-0.0`` and ``nan`` too). A namedtuple is named by module and qualified name and rebuilt only from a
-module the receiving process has already imported, and only if it is a tuple class with ``_fields``.
+(tuples, lists, dicts, namedtuples, dataclasses), each tensor's dtype, shape and requires-grad flag, and the tree's
+other leaves, which must be JSON values (``None``, ``bool``, ``int``, ``float``, ``str``) and come back exactly (a
+float by its ``repr``, so ``-0.0`` and ``nan`` too). A namedtuple or a dataclass is named by module and qualified
+name and rebuilt only from a module the receiving process has already imported, and only if it is a tuple class
+with ``_fields`` (a dataclass: one, made by its constructor from the fields it takes).
 
 A message is ``header | layout | data``. The header (:data:`HEADER`, 16 bytes) holds the message kind and the lengths
 of the layout and of the data. Each tensor starts at a multiple of :data:`ALIGN` bytes, so its bytes can be viewed as
@@ -13,9 +14,11 @@ any dtype without a copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +67,10 @@ def _describe(tree: Any, leaves: list[torch.Tensor], path: str, depth: int) -> t
         children = tuple(_describe(child, leaves, f"{path}.{name}", depth + 1)
                          for name, child in zip(tree._fields, tree))
         return ("n", kind.__module__, kind.__qualname__, children)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        children = tuple((field.name, _describe(getattr(tree, field.name), leaves, f"{path}.{field.name}", depth + 1))
+                         for field in dataclasses.fields(tree) if field.init)  # (rebuilt as engine.tree rebuilds)
+        return ("c", kind.__module__, kind.__qualname__, children)
     if isinstance(tree, list):
         return ("l", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
     if isinstance(tree, dict):
@@ -85,7 +92,8 @@ def _value(value: Any, path: str) -> tuple:
     if kind is str:
         return ("S", value)
     raise WireError(f"cannot send {path}, a {kind.__module__}.{kind.__qualname__}: only tensors and JSON values "
-                    f"(None, bool, int, float, str) cross ranks, in tuples, lists, dicts and namedtuples; make it a "
+                    f"(None, bool, int, float, str) cross ranks, in tuples, lists, dicts, namedtuples and "
+                    f"dataclasses; make it a "
                     f"tensor or one of those")
 
 
@@ -255,8 +263,17 @@ def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
         if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list):
             raise _fail("a namedtuple node holds module, qualified name and children")
         read = [_read(child, tensors, depth + 1) for child in body[2]]
-        cls = _namedtuple_class(body[0], body[1])
+        cls = _imported_class(body[0], body[1], "namedtuple",
+                              lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
         return ("n", cls, tuple(s for s, _ in read)), ("n", body[0], body[1], tuple(lay for _, lay in read))
+    if tag == "c":
+        if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list) \
+                or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) for item in body[2]):
+            raise _fail("a dataclass node holds module, qualified name and (field, child) pairs")
+        read = [(name, _read(child, tensors, depth + 1)) for name, child in body[2]]
+        cls = _imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
+        return (("c", cls, tuple((name, spec) for name, (spec, _) in read)),
+                ("c", body[0], body[1], tuple((name, layout) for name, (_, layout) in read)))
     if tag == "d":
         if len(body) != 1 or not isinstance(body[0], list):
             raise _fail("a dict node holds one list of (key, child) pairs")
@@ -290,16 +307,26 @@ def _read_value(raw: Any) -> tuple[tuple, tuple]:
     raise _fail(f"{str(raw)[:80]!r} is not a value")
 
 
-def _namedtuple_class(module: str, qualname: str) -> type:
-    """The namedtuple class ``module.qualname``, from a module this process has imported already (nothing is
-    imported on a peer's say-so), and only if it is one."""
+def _imported_class(module: str, qualname: str, what: str, is_one: Callable[[type], bool]) -> type:
+    """The class ``module.qualname`` (a namedtuple or dataclass: ``what``, checked by ``is_one``), from a module this
+    process has imported already (nothing is imported on a peer's say-so), and only if it is one."""
     found: Any = sys.modules.get(module)
     for part in qualname.split(".") if found is not None else ():
         found = getattr(found, part, None) if part.isidentifier() else None
-    if not (isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields")):
-        raise WireError(f"cannot rebuild namedtuple {module}.{qualname}: no such namedtuple class in a module this "
+    if not (isinstance(found, type) and is_one(found)):
+        raise WireError(f"cannot rebuild {what} {module}.{qualname}: no such {what} class in a module this "
                         f"process has imported; import {module} on every rank before running the pipeline")
     return found
+
+
+def _dataclass(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of the dataclass ``cls``, made by its constructor from ``values``, the fields it takes: those it
+    does not (``field(init=False)``) are its ``__post_init__``'s, as where :mod:`.tree` rebuilds one."""
+    takes = {field.name for field in dataclasses.fields(cls) if field.init}
+    if set(values) - takes:
+        raise _fail(f"a dataclass node of {cls.__qualname__} names fields its constructor does not take: "
+                    f"{sorted(set(values) - takes)}")
+    return cls(**values)
 
 
 def rebuild(spec: Any, leaves: list[torch.Tensor]) -> Any:
@@ -321,6 +348,8 @@ def _rebuild(spec: Any, leaves: Any) -> Any:
         return [_rebuild(child, leaves) for child in spec[1]]
     if tag == "n":
         return spec[1](*(_rebuild(child, leaves) for child in spec[2]))
+    if tag == "c":
+        return _dataclass(spec[1], {name: _rebuild(child, leaves) for name, child in spec[2]})
     return {key: _rebuild(child, leaves) for key, child in spec[1]}
 
 
