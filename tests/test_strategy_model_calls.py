@@ -541,3 +541,49 @@ def test_a_copy_of_the_cut_model_called_in_a_step_is_refused_naming_the_copy_and
     for error in errors:
         assert error is not None and "AveragedModel made in a hook after the cut" in error, error
         assert "EMAWeightAveraging" in error
+
+
+def _monte_carlo(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Monte Carlo dropout in predict_step as the refusal of a call in train mode says to write it: the dropout
+    layers put in train mode in on_predict_epoch_start, the model called several times in the step."""
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    torch.set_num_threads(1)
+
+    class Sampled(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 32), nn.Tanh(),
+                                     nn.Dropout(0.5), nn.Linear(32, 1))
+
+        def on_predict_epoch_start(self) -> None:
+            for module in self.modules():
+                if isinstance(module, nn.Dropout):
+                    module.train()
+
+        def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+            samples = torch.stack([self.net(batch[0]) for _ in range(8)])
+            return {"mean": samples.mean(0), "std": samples.std(0), "first": samples[0], "second": samples[1]}
+
+    model = Sampled()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    data = DataLoader(TensorDataset(torch.randn(8, 6, generator=torch.Generator().manual_seed(1))), batch_size=4)
+    predicted = quiet_trainer(world_size, strategy).predict(model, data)
+    with torch.no_grad():  # (the same weights: seeded; the pipelined module's layers are cut)
+        plain = Sampled().eval().net(torch.cat([batch[0] for batch in data]))
+    return {key: torch.cat([part[key] for part in predicted]) for key in predicted[0]} | {"plain": plain}
+
+
+@pytest.mark.timeout(120)
+def test_monte_carlo_dropout_written_as_the_refusal_says_samples_under_the_pipeline() -> None:
+    """Each of the step's calls draws its own dropout masks on the stages: the samples differ, spread as one device's
+    do, around the plain prediction."""
+    reference = _monte_carlo(0, 1)
+    for got in run_ranks(_monte_carlo, 2, timeout=100):
+        assert not torch.allclose(got["first"], got["second"])
+        spread, one_device = float(got["std"].mean()), float(reference["std"].mean())
+        assert 0.5 * one_device < spread < 2 * one_device, (spread, one_device)
+        assert float((got["mean"] - got["plain"]).abs().mean()) < 3 * one_device
