@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+from typing import Any
 
 import numpy
 import pytest
@@ -88,6 +90,36 @@ def test_results_travel_as_json_and_tensors() -> None:
     assert decoded.rows == 3 and decoded.error is None
     for name, value in strange.items():
         assert torch.equal(decoded.output[name], value.resolve_conj()), name
+
+
+@dataclasses.dataclass
+class _Prediction:
+    """A model's own output class, returned by predict_step as it is (found by review: refused)."""
+
+    scores: torch.Tensor
+    hidden: Any = None
+    label: str = "x"
+
+
+_Ranked = collections.namedtuple("_Ranked", ["best", "order"])
+
+
+def test_dataclasses_and_namedtuples_of_ones_own_travel_as_their_class_and_a_sparse_tensor_as_sparse() -> None:
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 2]]), torch.tensor([1.0, 2.0, 3.0]), (4,))  # uncoalesced
+    output = {"prediction": _Prediction(torch.ones(2, 3), [torch.zeros(1), None]), "ranked": _Ranked(1, [2, 0]),
+              "sparse": sparse, "coalesced": sparse.coalesce()}
+    text, tensors = encode_result(StepResult(None, output), "predict_step")
+    structure = json.loads(text)
+    data = _pack(tensors, text.encode())
+    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
+    got = decoded.output["prediction"]
+    assert type(got) is _Prediction and torch.equal(got.scores, torch.ones(2, 3)) and got.label == "x"
+    assert torch.equal(got.hidden[0], torch.zeros(1)) and got.hidden[1] is None
+    assert type(decoded.output["ranked"]) is _Ranked and decoded.output["ranked"] == (1, [2, 0])
+    for name in ("sparse", "coalesced"):
+        assert decoded.output[name].layout == torch.sparse_coo
+        assert decoded.output[name].is_coalesced() == output[name].is_coalesced()
+        assert torch.equal(decoded.output[name].to_dense(), sparse.to_dense())
 
 
 def test_a_value_that_cannot_travel_is_named() -> None:

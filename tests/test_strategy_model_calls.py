@@ -6,6 +6,7 @@ call whose input depends on an earlier call's output."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -543,6 +544,16 @@ def test_a_copy_of_the_cut_model_called_in_a_step_is_refused_naming_the_copy_and
         assert "EMAWeightAveraging" in error
 
 
+@dataclasses.dataclass
+class _Samples:
+    """What predict_step returns, a dataclass of the user's (found by review: refused where every rank is sent it)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+
+
 def _monte_carlo(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """Monte Carlo dropout in predict_step as the refusal of a call in train mode says to write it: the dropout
     layers put in train mode in on_predict_epoch_start, the model called several times in the step."""
@@ -564,9 +575,9 @@ def _monte_carlo(rank: int, world_size: int) -> dict[str, torch.Tensor]:
                 if isinstance(module, nn.Dropout):
                     module.train()
 
-        def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        def predict_step(self, batch: Any, batch_idx: int) -> _Samples:
             samples = torch.stack([self.net(batch[0]) for _ in range(8)])
-            return {"mean": samples.mean(0), "std": samples.std(0), "first": samples[0], "second": samples[1]}
+            return _Samples(samples.mean(0), samples.std(0), samples[0], samples[1])
 
     model = Sampled()
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
@@ -574,7 +585,9 @@ def _monte_carlo(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     predicted = quiet_trainer(world_size, strategy).predict(model, data)
     with torch.no_grad():  # (the same weights: seeded; the pipelined module's layers are cut)
         plain = Sampled().eval().net(torch.cat([batch[0] for batch in data]))
-    return {key: torch.cat([part[key] for part in predicted]) for key in predicted[0]} | {"plain": plain}
+    assert all(type(part) is _Samples for part in predicted)
+    return {f.name: torch.cat([getattr(part, f.name) for part in predicted]) for f in dataclasses.fields(_Samples)} \
+        | {"plain": plain}
 
 
 @pytest.mark.timeout(120)

@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
            "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "flat_bytes", "write_host",
-           "message_pieces", "as_received"]
+           "message_pieces", "as_received", "imported_class"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -263,7 +263,7 @@ def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
         if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list):
             raise _fail("a namedtuple node holds module, qualified name and children")
         read = [_read(child, tensors, depth + 1) for child in body[2]]
-        cls = _imported_class(body[0], body[1], "namedtuple",
+        cls = imported_class(body[0], body[1], "namedtuple",
                               lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
         return ("n", cls, tuple(s for s, _ in read)), ("n", body[0], body[1], tuple(lay for _, lay in read))
     if tag == "c":
@@ -271,7 +271,7 @@ def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
                 or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) for item in body[2]):
             raise _fail("a dataclass node holds module, qualified name and (field, child) pairs")
         read = [(name, _read(child, tensors, depth + 1)) for name, child in body[2]]
-        cls = _imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
+        cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
         return (("c", cls, tuple((name, spec) for name, (spec, _) in read)),
                 ("c", body[0], body[1], tuple((name, layout) for name, (_, layout) in read)))
     if tag == "d":
@@ -307,7 +307,7 @@ def _read_value(raw: Any) -> tuple[tuple, tuple]:
     raise _fail(f"{str(raw)[:80]!r} is not a value")
 
 
-def _imported_class(module: str, qualname: str, what: str, is_one: Callable[[type], bool]) -> type:
+def imported_class(module: str, qualname: str, what: str, is_one: Callable[[type], bool]) -> type:
     """The class ``module.qualname`` (a namedtuple or dataclass: ``what``, checked by ``is_one``), from a module this
     process has imported already (nothing is imported on a peer's say-so), and only if it is one."""
     found: Any = sys.modules.get(module)

@@ -30,6 +30,7 @@ emulates it, the all_reduce stays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections import Counter, OrderedDict
@@ -45,7 +46,7 @@ from lightning_pipe.engine import local_link
 from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
-from lightning_pipe.engine.wire import flat_bytes
+from lightning_pipe.engine.wire import flat_bytes, imported_class
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
 
@@ -79,7 +80,7 @@ class StepResult:
 
 
 # -- a tree of values as (JSON structure, tensors) -------------------------------------------------
-_STEP_ADVICE = ("return it as one of those (a namedtuple or dataclass as a dict, an object as a tensor), or keep it on "
+_STEP_ADVICE = ("return it as one of those (an object as a tensor, or a dataclass holding those), or keep it on "
                 "the module instead of returning it")
 
 
@@ -87,10 +88,11 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
            advice: str = _STEP_ADVICE, path: str = "") -> Any:
     """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
 
-    Carried: None, bools, numbers, strings, tensors (dense, and sparse COO), NumPy arrays and scalars, torch's dtypes and devices (an
-    optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's milestones) of them, and
-    torch's named tuples of results (``torch.return_types.topk``). ``path``: where ``value`` is in what ``where``
-    names, for the error.
+    Carried: None, bools, numbers, strings, tensors (dense, and sparse COO), NumPy arrays and scalars, torch's dtypes
+    and devices (an optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's
+    milestones) of them, torch's named tuples of results (``torch.return_types.topk``), and dataclasses (a model's
+    output, a Hugging Face ``ModelOutput``) and namedtuples of classes every rank has imported. ``path``: where
+    ``value`` is in what ``where`` names, for the error.
     """
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -99,7 +101,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:  # (SGD's momentum for a sparse gradient)
         value = value.detach().cpu()
         tensors += [value._indices().contiguous(), value._values().contiguous()]
-        return {"S": [str(value.dtype).removeprefix("torch."), list(value.shape), value.is_coalesced()]}
+        return {"S": [str(value.dtype).removeprefix("torch."), list(value.shape), value.is_coalesced(),
+                      list(tensors[-2].shape), list(tensors[-1].shape)]}
     if isinstance(value, torch.Tensor) and value.layout != torch.strided:
         at = f" (at {path})" if path else ""
         raise TypeError(f"{where} holds a tensor of layout {value.layout}{at}, which PipelineStrategy cannot send "
@@ -129,6 +132,14 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if _return_type(value) is not None:  # torch's named tuples of results (topk, max, sort)
         return {"r": [type(value).__name__, [encode(item, tensors, where, advice, f"{path}[{index}]")
                                              for index, item in enumerate(value)]]}
+    kind = type(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a model's output (a ModelOutput too)
+        return {"c": [kind.__module__, kind.__qualname__,
+                      {f.name: encode(getattr(value, f.name), tensors, where, advice, f"{path}.{f.name}")
+                       for f in dataclasses.fields(value) if f.init}]}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
+        return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
+                                                           for index, item in enumerate(value)]]}
     numpy = _numpy_kind(value)
     if numpy == "array":
         tensors.append(torch.from_numpy(value).contiguous())
@@ -138,7 +149,7 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     at = f" (at {path})" if path else ""
     raise TypeError(f"{where} holds a {type(value).__qualname__}{at}, which PipelineStrategy cannot send between "
                     f"ranks (it sends tensors, numbers, strings, None, NumPy arrays, torch's dtypes and devices, and "
-                    f"lists, tuples and dicts of them, never pickled objects); {advice}")
+                    f"lists, tuples, dicts, dataclasses and namedtuples of them, never pickled objects); {advice}")
 
 
 def sendable(value: Any) -> bool:
@@ -149,8 +160,11 @@ def sendable(value: Any) -> bool:
         return True
     if type(value) in (dict, OrderedDict, Counter):
         return all(sendable(key) and sendable(item) for key, item in value.items())
-    if type(value) in (list, tuple) or _return_type(value) is not None:
+    if type(value) in (list, tuple) or _return_type(value) is not None or \
+            isinstance(value, tuple) and hasattr(value, "_fields"):
         return all(sendable(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(sendable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init)
     return _numpy_kind(value) is not None
 
 
@@ -182,6 +196,13 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         return [decode(item, tensors) for item in body]
     if kind == "t":
         return tuple(decode(item, tensors) for item in body)
+    if kind == "c":  # rebuilt by its constructor, from a module this process has imported (wire's rule)
+        cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
+        return cls(**{name: decode(item, tensors) for name, item in body[2].items()})
+    if kind == "n":
+        cls = imported_class(body[0], body[1], "namedtuple",
+                             lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
+        return cls(*(decode(item, tensors) for item in body[2]))
     if kind == "r":
         name, items = body
         made = getattr(torch.return_types, name, None) if isinstance(name, str) else None
@@ -221,6 +242,14 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
         ((kind, body),) = structure.items()
         if kind in ("T", "N"):
             specs.append((body[0], body[1]))
+        elif kind == "S":  # a sparse tensor's indices and values
+            specs += [("int64", body[3]), (body[0], body[4])]
+        elif kind == "c":
+            for item in body[2].values():
+                tensor_specs(item, specs)
+        elif kind == "n":
+            for item in body[2]:
+                tensor_specs(item, specs)
         elif kind == "s":
             for item in body.values():
                 tensor_specs(item, specs)
