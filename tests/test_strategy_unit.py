@@ -470,6 +470,19 @@ class _MomentumSGD(_NormalizedSGD):
                 param.sub_(group["lr"] * buffer.mul_(0.9).add_(param.grad))
 
 
+class _ClippingAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global norm of its gradients inside ``step`` (big_vision's, fairseq's): torch's AdamW
+    keeps a default its constructor does not take, and the step runs the closure first."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], 0.1)
+        super().step()
+        return loss
+
+
 def test_an_optimizer_of_ones_own_that_couples_its_parameters_is_named() -> None:
     """An optimizer normalizing by the gradients' global norm in its step, with nothing in its groups to compare, was
     each rank's share's (7.8% off one device, silent, found by review): tried on two parameters, named."""
@@ -480,6 +493,8 @@ def test_an_optimizer_of_ones_own_that_couples_its_parameters_is_named() -> None
     assert message is not None and message.startswith("_NormalizedSGD updates a parameter by the gradients of the")
     assert whole_set_warning([_MomentumSGD(layer.parameters())]) is None
     assert layer.weight.grad is None  # (the trial touched none of the optimizer's own parameters)
+    message = whole_set_warning([_ClippingAdamW(layer.parameters(), lr=1e-2)])  # (found by review: not tried)
+    assert message is not None and message.startswith("_ClippingAdamW updates a parameter by the gradients of the")
 
 
 class _Lamb(torch.optim.Adam):

@@ -206,10 +206,11 @@ class Scales:
         params = [p for p in self.module.parameters() if p.grad is not None and p.grad.is_floating_point()
                   and p.grad.layout == torch.strided and not p.grad.is_meta] if due else []
         before = _norms([p.grad for p in params]) if len(params) >= 2 else None
+        if before is not None:  # (read now: the hook may set gradients to None)
+            self.tolerance = max([1e-4] + [torch.finfo(p.grad.dtype).eps for p in params])
         yield found
         if before is None:
             return
-        self.tolerance = max([1e-4] + [torch.finfo(p.grad.dtype).eps for p in params])
         after = _norms([p.grad for p in params])  # (a gradient set to None, optimizer.zero_grad(): zero)
         kept = before > 0
         if int(kept.sum()) < 2 or bool((after[~kept] != 0).any()):
