@@ -206,3 +206,48 @@ def test_a_split_backward_stays_exact_where_its_first_check_could_not_tell(case:
         assert weights, rank
         for name, (got, want) in weights.items():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+class _ReentrantBlock(nn.Module):
+    """A residual block checkpointed with torch's reentrant checkpoint, which refuses torch.autograd.grad."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return x + checkpoint(self.inner, x, use_reentrant=True)
+
+
+def _reentrant_grads(rank: int, world_size: int, schedule: str) -> tuple[dict, dict, list[str]]:
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), *[_ReentrantBlock(16) for _ in range(5)])  # (a reentrant checkpoint
+    # of an input that needs no gradient gives none: its first layer is a plain one)
+    reference = copy.deepcopy(model)
+    batch = make_batch(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = Pipeline(model, loss_fn=mse_loss, schedule=schedule, num_microbatches=4)
+        for _ in range(2):  # (the second step runs whole from its first micro-batch)
+            pipe.train_step(batch)
+    for _ in range(2):
+        mse_loss(reference(batch[0]), batch).backward()
+    return ({name: p.grad for name, p in pipe.named_parameters()},
+            {name: p.grad for name, p in reference.named_parameters()},
+            [str(w.message) for w in caught if "use_reentrant=True" in str(w.message)])
+
+
+@pytest.mark.parametrize("schedule", ["zb_h1", "zb_v"])
+def test_a_reentrant_checkpoint_runs_its_stages_backward_whole_under_a_split_schedule(schedule: str) -> None:
+    """torch's reentrant checkpoint refuses torch.autograd.grad, with which a zero-bubble schedule takes the input
+    half of the backward: every rank failed at the first backward (found by review). That stage's backward runs whole
+    now, warned once, and the gradients are one process's."""
+    for rank, (grads, reference, warned) in enumerate(run_ranks(_reentrant_grads, 2, schedule)):
+        assert len(warned) == (2 if schedule == "zb_v" else 1) and "use_reentrant=False" in warned[0], warned  # (a
+        # warning per stage)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference[name], rtol=0, atol=1e-6, msg=f"{schedule} rank {rank} {name}")

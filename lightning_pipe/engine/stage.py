@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -83,7 +84,7 @@ class PipelineStage:
         # layer writing one in place with a value that needs one, a PyG-style index_add_, makes it need one after)
         self._inputs: dict[int, list[torch.Tensor | None]] = {}
         self._outputs: dict[int, Any] = {}  # micro-batch -> output tree (or the scaled loss, on the last stage)
-        self._weight_grads_owed: dict[int, tuple] = {}
+        self._weight_grads_owed: dict[int, tuple | None] = {}
         # Split backward (zero-bubble schedules): the outputs of every module that owns parameters, per
         # micro-batch, so the weight half can start from them instead of from the stage's output.
         self._captures: dict[int, list[tuple[nn.Module, list[torch.Tensor]]]] = {}
@@ -91,6 +92,7 @@ class PipelineStage:
         self._split_mode: str | None = None  # None until verified, then "captured" or "full"
         self._split_for: frozenset[int] = frozenset()  # the trainable parameters (ids) the mode was verified for
         self._split_checks = 0  # micro-batches whose check could not tell (a parameter's gradient was all zeros)
+        self._unsplit = False  # the backward cannot be split here (a reentrant checkpoint): it runs whole
         self._hooks: list[Any] = []
         # Asynchronous schedules: forwards run on weight snapshots; each micro-batch remembers its version.
         self.versions: WeightVersions | None = None
@@ -311,10 +313,23 @@ class PipelineStage:
         captured = [t for _, leaves in captures for t in leaves]
         extra = [p for p in self.loss_parameters if p.requires_grad] if grad_outputs is None else []
         results: list[torch.Tensor | None] = []
+        if self._unsplit:
+            return self._whole_backward(microbatch, tensors, grads, inputs)
         if tensors and (wanted or captured or extra):
-            with self._running(forward=False):
-                results = list(torch.autograd.grad(tensors, wanted + captured + extra, grads, retain_graph=True,
-                                                   allow_unused=True))
+            try:
+                with self._running(forward=False):
+                    results = list(torch.autograd.grad(tensors, wanted + captured + extra, grads, retain_graph=True,
+                                                       allow_unused=True))
+            except RuntimeError as error:
+                if "use_reentrant=True" not in str(error):
+                    raise
+                self._unsplit = True  # (the graph was kept: its backward runs whole now)
+                warnings.warn(f"a layer of this stage runs torch.utils.checkpoint(..., use_reentrant=True), whose "
+                              f"backward refuses torch.autograd.grad, which a schedule that splits the backward "
+                              f"takes the input half with: this stage's backward runs whole (as in 1F1B), and the "
+                              f"zero-bubble schedule's gain is lost here. Checkpoint with use_reentrant=False (torch's "
+                              f"advice too) to keep the split", stacklevel=2)
+                return self._whole_backward(microbatch, tensors, grads, inputs)
             for param, grad in zip(extra, results[len(wanted) + len(captured):]):
                 if grad is not None:
                     _accumulate(param, grad)
@@ -323,9 +338,21 @@ class PipelineStage:
         found = iter(results[: len(wanted)])
         return [next(found) if x is not None else None for x in inputs]
 
+    def _whole_backward(self, microbatch: int, tensors: list, grads: list, inputs: list) -> list[torch.Tensor | None]:
+        """:meth:`backward_input` where the backward cannot be split: the whole of it (weights too); the weight half
+        has nothing left to do."""
+        self._weight_grads_owed[microbatch] = None
+        if tensors:
+            with self._running(forward=False):
+                torch.autograd.backward(tensors, grads)
+        return [x.grad if x is not None else None for x in inputs]
+
     def backward_weight(self, microbatch: int) -> None:
         """The weight-gradient half of :meth:`backward` for a micro-batch that went through :meth:`backward_input`."""
-        tensors, grads, captures, captured_grads = self._weight_grads_owed.pop(microbatch)
+        owed = self._weight_grads_owed.pop(microbatch)
+        if owed is None:  # (its backward ran whole: :meth:`_whole_backward`)
+            return
+        tensors, grads, captures, captured_grads = owed
         # (the loss's own parameters took theirs in the input half: a module's own parameter the step reads, which
         # the last stage's module may hold too, would count twice)
         taken = {id(p) for p in self.loss_parameters}
