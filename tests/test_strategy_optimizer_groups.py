@@ -328,19 +328,27 @@ class _SharedOverTheWorld(torch.optim.SGD):
 
         loss = super().step(closure)
         params = self.param_groups[0]["params"]
-        dist.all_gather([torch.empty_like(p) for p in params[:dist.get_world_size()]], params[dist.get_rank()])
+        if self.defaults.get("alike"):  # tensors of one shape on every rank: it went through, silently wrong
+            dist.all_gather([torch.empty(1) for _ in range(dist.get_world_size())], params[0].detach().norm().view(1))
+        else:
+            dist.all_gather([torch.empty_like(p) for p in params[:dist.get_world_size()]], params[dist.get_rank()])
         return loss
 
 
-def _fit_shared(rank: int, world_size: int) -> None:
+def _fit_shared(rank: int, world_size: int, alike: bool) -> None:
     module = _module("sequential")
     module.configure_optimizers = lambda: _SharedOverTheWorld(module.parameters(), lr=0.1)  # type: ignore
+    if alike:
+        module.configure_optimizers = lambda: _SharedOverTheWorld(  # type: ignore
+            [{"params": list(module.parameters()), "alike": True}], lr=0.1)
     quiet_trainer(world_size, "pipedream", max_steps=2).fit(module, _data())
 
 
 @pytest.mark.timeout(120)
-def test_an_optimizers_own_collective_over_every_process_is_explained() -> None:
-    """Found by review: distributed Muon under a pipeline ended with gloo's bare "invalid tensor size"."""
-    texts = run_ranks(_fit_shared, 2, timeout=100, expect_failure=True)
-    assert any("_SharedOverTheWorld's step calls a collective of torch.distributed" in (text or "") and
+@pytest.mark.parametrize("alike", [False, True])
+def test_an_optimizers_own_collective_over_every_process_is_refused(alike: bool) -> None:
+    """Found by review: distributed Muon under a pipeline ended with gloo's bare "invalid tensor size", or, where its
+    tensors had one shape on every rank, copied another rank's layer over this rank's (0.36 off, silently)."""
+    texts = run_ranks(_fit_shared, 2, alike, timeout=100, expect_failure=True)
+    assert any("_SharedOverTheWorld's step calls torch.distributed.all_gather over every process" in (text or "") and
                "single-process variant" in (text or "") for text in texts), texts

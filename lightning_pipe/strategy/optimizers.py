@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -237,6 +237,75 @@ def _made_like(kind: type, params: list[nn.Parameter], defaults: dict[str, Any])
                 raise
             del defaults[refused.group(1)]
     raise TypeError(f"{kind.__name__} could not be made from its defaults")
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
+                "all_to_all_single", "scatter", "gather", "barrier")
+
+
+@contextmanager
+def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[Callable[[Callable[[], Any]], Any]]:
+    """Inside (an optimizer's step), a collective of ``torch.distributed`` over every process (the default group),
+    called by the step's own code outside the closure it runs, is refused: an optimizer made for data parallelism
+    (distributed Muon's ``all_gather`` of the matrices each process orthogonalized) takes every process for a copy of
+    the model, and under a pipeline each holds other stages: another rank's layer was copied over this rank's, 0.36
+    off one device, silently (found by review). Yields what wraps the closure (in which the step's code, and the
+    pipeline's, may run collectives)."""
+    import torch.distributed as dist
+
+    depth = [0]
+
+    def wrap(closure: Callable[[], Any]) -> Callable[[], Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            depth[0] += 1
+            try:
+                return closure(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return run
+
+    def guarded(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if depth[0] == 0 and _over_every_process(original, args, kwargs) and _called_by_users_code():
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}'s step calls torch.distributed.{name} over every process (the default "
+                    f"group), as an optimizer made for data parallelism (DDP) does: it takes every process for a copy "
+                    f"of the model. Under a pipeline the processes hold different stages, so it would exchange one "
+                    f"stage's parameters for another's. Use its single-process variant (Muon's SingleDeviceMuon or "
+                    f"SingleDeviceMuonWithAuxAdam), or train with it under DDP")
+            return original(*args, **kwargs)
+        return call
+
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if callable(getattr(dist, name, None))}
+    for name, original in originals.items():
+        setattr(dist, name, guarded(name, original))
+    try:
+        yield wrap
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> bool:
+    import inspect
+
+    import torch.distributed as dist
+
+    try:
+        group = inspect.signature(function).bind_partial(*args, **kwargs).arguments.get("group")
+    except (TypeError, ValueError):
+        return False
+    return group is None or group is dist.group.WORLD
+
+
+def _called_by_users_code() -> bool:
+    """Whether the collective's caller (two frames up: past the guard) is code of neither torch, Lightning nor this
+    package."""
+    import sys
+
+    caller = sys._getframe(2).f_code.co_filename.replace("\\", "/")
+    return not any(part in caller for part in ("/torch/", "/lightning/", "/lightning_pipe/", "/lightning_fabric/"))
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:

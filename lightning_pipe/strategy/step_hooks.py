@@ -32,7 +32,7 @@ from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradient_hooks import clip_grad_value
 from lightning_pipe.strategy.gradients import GLOBAL_NORM, clip_grad_norm_global
-from lightning_pipe.strategy.optimizers import differing_values_warning, group_values
+from lightning_pipe.strategy.optimizers import differing_values_warning, group_values, world_collectives_refused
 from lightning_pipe.strategy.plain import all_gather_text
 
 __all__ = ["PipelineSteps"]
@@ -191,7 +191,9 @@ class PipelineSteps:
         its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
             try:
-                result = super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
+                with world_collectives_refused(optimizer) as in_closure:
+                    result = super().optimizer_step(optimizer, in_closure(_only_once(closure, optimizer)), model,
+                                                    **kwargs)
             except RuntimeError as error:
                 _note_optimizer_collective(error, optimizer)
                 raise
