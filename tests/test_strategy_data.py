@@ -104,10 +104,14 @@ class _Prediction:
 _Ranked = collections.namedtuple("_Ranked", ["best", "order"])
 
 
+class _Output(collections.OrderedDict):
+    """A model output of the shape of Hugging Face's ModelOutput (came back a plain dict: found by review)."""
+
+
 def test_dataclasses_and_namedtuples_of_ones_own_travel_as_their_class_and_a_sparse_tensor_as_sparse() -> None:
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 2]]), torch.tensor([1.0, 2.0, 3.0]), (4,))  # uncoalesced
     output = {"prediction": _Prediction(torch.ones(2, 3), [torch.zeros(1), None]), "ranked": _Ranked(1, [2, 0]),
-              "sparse": sparse, "coalesced": sparse.coalesce()}
+              "sparse": sparse, "coalesced": sparse.coalesce(), "mapping": _Output(logits=torch.ones(2), n=3)}
     text, tensors = encode_result(StepResult(None, output), "predict_step")
     structure = json.loads(text)
     data = _pack(tensors, text.encode())
@@ -116,6 +120,12 @@ def test_dataclasses_and_namedtuples_of_ones_own_travel_as_their_class_and_a_spa
     assert type(got) is _Prediction and torch.equal(got.scores, torch.ones(2, 3)) and got.label == "x"
     assert torch.equal(got.hidden[0], torch.zeros(1)) and got.hidden[1] is None
     assert type(decoded.output["ranked"]) is _Ranked and decoded.output["ranked"] == (1, [2, 0])
+    mapping = decoded.output["mapping"]
+    assert type(mapping) is _Output and list(mapping) == ["logits", "n"] and mapping["n"] == 3
+    from lightning_pipe.strategy.step_values import combine_outputs  # (the micro-batches' put together: its class)
+
+    combined = combine_outputs([_Output(logits=torch.ones(2, 3)), _Output(logits=torch.zeros(1, 3))], [2, 1])
+    assert type(combined) is _Output and combined["logits"].shape == (3, 3)
     for name in ("sparse", "coalesced"):
         assert decoded.output[name].layout == torch.sparse_coo
         assert decoded.output[name].is_coalesced() == output[name].is_coalesced()

@@ -204,6 +204,20 @@ class _MeanOfTokens(nn.Module):
         return embedded.mean(1)
 
 
+class _SparseMix(nn.Module):
+    """Features mixed by a sparse matrix held as a buffer (a graph convolution's adjacency): the buffer watch compared
+    it with torch.equal, which has no sparse kernel (found by review: every rank failed at the first step)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        index = torch.arange(width)
+        self.register_buffer("adjacency", torch.sparse_coo_tensor(torch.stack([index, (index + 1) % width]),
+                                                                  torch.full((width,), 0.5), (width, width)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.sparse.mm(self.adjacency, h.t()).t()
+
+
 def _module(kind: str) -> Any:
     import lightning as L
 
@@ -222,9 +236,9 @@ def _module(kind: str) -> Any:
                                                      out_act=nn.Tanh(), head=nn.Linear(16, 1)))
             elif kind == "reordered":  # captured; registers its head first and a norm after the layer using it
                 self.net = _HeadFirst()
-            elif kind == "sparse":  # sparse gradients: SGD keeps a sparse momentum buffer for the embedding
+            elif kind == "sparse":  # sparse gradients (SGD keeps a sparse momentum buffer), a sparse buffer
                 self.net = nn.Sequential(nn.Embedding(30, 16, sparse=True), _MeanOfTokens(), nn.Tanh(),
-                                         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+                                         nn.Linear(16, 16), _SparseMix(16), nn.Tanh(), nn.Linear(16, 1))
             else:
                 self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
 
@@ -283,8 +297,9 @@ def _pipeline_first_epoch(rank: int, world_size: int, kind: str, path: str, chec
 @pytest.mark.parametrize(("kind", "checkpoint_format"), [("sequence", "full"), ("milestones", "full"),
                                                          ("encdec", "full"), ("gpt2", "full"),
                                                          ("reordered", "full"), ("counted", "full"),
-                                                         ("sparse", "full"), ("sparse", "sharded"), ("gpt2", "sharded"), ("gpt2", "full, sharded"),
-                                                         ("counted", "full, sharded")])
+                                                         ("sparse", "full"), ("sparse", "sharded"),
+                                                         ("sparse", "full, sharded"), ("gpt2", "sharded"),
+                                                         ("gpt2", "full, sharded"), ("counted", "full, sharded")])
 def test_a_pipeline_checkpoint_resumes_on_one_device_to_one_devices_weights(kind: str, checkpoint_format: str,
                                                                              tmp_path: Path) -> None:
     """A full file; a sharded folder made one file with ``python -m lightning_pipe.checkpoint consolidate``; a full
@@ -357,7 +372,8 @@ def test_a_one_device_checkpoint_resumes_under_the_pipeline_to_one_devices_weigh
     weights_only.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
     quiet_trainer(1, "auto", max_epochs=2).fit(weights_only, _data(kind))
     assert max(float((a - b).abs().max()) for a, b in zip(weights_only.state_dict().values(),
-                                                         reference.state_dict().values())) > 10 * atol
+                                                         reference.state_dict().values())
+               if a.layout == torch.strided) > 10 * atol
 
 
 @pytest.mark.timeout(300)

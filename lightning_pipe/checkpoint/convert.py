@@ -64,7 +64,7 @@ def consolidate(folder: str | os.PathLike, output: str | os.PathLike) -> tuple[i
     saved = reader.read_metadata().state_dict_metadata
     keys = [f"{MODEL}{key}" for key in written["state_keys"] if f"{MODEL}{key}" in saved]
     keys += [key for key in saved if key.startswith(MODEL) and key not in set(keys)]
-    checkpoint["state_dict"] = {key[len(MODEL):]: value for key, value in _read(reader, saved, keys)}
+    checkpoint["state_dict"] = {key[len(MODEL):]: unboxed(key, value) for key, value in _read(reader, saved, keys)}
     if "hparams_sequence" in written:  # hyper-parameters holding the network: the whole sequence, with its weights
         sequence_path, whole = written["hparams_sequence"]
         fill_skeleton(whole, sequence_path, checkpoint["state_dict"])
@@ -136,7 +136,7 @@ def shard(file: str | os.PathLike, folder: str | os.PathLike) -> tuple[int, int 
         raise ValueError(f"{file} has no state_dict; give a Lightning checkpoint file")
     # a compiled module's names (layers._orig_mod.0.weight) as a sharded folder holds them, without torch.compile's part
     checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"])
-    state = {f"{MODEL}{key}": value for key, value in checkpoint["state_dict"].items()}
+    state = boxed({f"{MODEL}{key}": value for key, value in checkpoint["state_dict"].items()})
     section = checkpoint.get(PIPELINE_KEY) or {}
     named = named_optimizer_state(checkpoint)
     if named is None and any(checkpoint.get("optimizer_states") or ()):

@@ -90,7 +90,9 @@ class BufferWatch:
         # a small buffer's values too: a fused kernel (torch's default fake-quantize observers) writes them in place
         # without moving the version counter
         return {name: (id(buffer), buffer._version,
-                       buffer.detach().clone() if buffer.numel() <= _COMPARED and not buffer.is_meta else None)
+                       buffer.detach().clone() if buffer.numel() <= _COMPARED and not buffer.is_meta
+                       and buffer.layout == torch.strided else None)  # (a sparse one, a graph's adjacency: torch
+                # cannot compare it; found by review)
                 for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
     def _sums(self) -> dict[str, tuple[float, float]]:

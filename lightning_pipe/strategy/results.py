@@ -46,6 +46,7 @@ from lightning_pipe.engine import local_link
 from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
+from lightning_pipe.engine.tree import rebuild_mapping
 from lightning_pipe.engine.wire import flat_bytes, imported_class
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
@@ -137,6 +138,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         return {"c": [kind.__module__, kind.__qualname__,
                       {f.name: encode(getattr(value, f.name), tensors, where, advice, f"{path}.{f.name}")
                        for f in dataclasses.fields(value) if f.init}]}
+    if isinstance(value, dict):  # a dict of one's own class (an OrderedDict subclass, as a model's output)
+        return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
         return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
                                                            for index, item in enumerate(value)]]}
@@ -158,7 +161,7 @@ def sendable(value: Any) -> bool:
         return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
-    if type(value) in (dict, OrderedDict, Counter):
+    if isinstance(value, dict):
         return all(sendable(key) and sendable(item) for key, item in value.items())
     if type(value) in (list, tuple) or _return_type(value) is not None or \
             isinstance(value, tuple) and hasattr(value, "_fields"):
@@ -199,6 +202,9 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if kind == "c":  # rebuilt by its constructor, from a module this process has imported (wire's rule)
         cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
         return cls(**{name: decode(item, tensors) for name, item in body[2].items()})
+    if kind == "m":
+        cls = imported_class(body[0], body[1], "dict class", lambda found: issubclass(found, dict))
+        return rebuild_mapping(cls, decode(body[2], tensors))
     if kind == "n":
         cls = imported_class(body[0], body[1], "namedtuple",
                              lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
@@ -247,6 +253,8 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
         elif kind == "c":
             for item in body[2].values():
                 tensor_specs(item, specs)
+        elif kind == "m":
+            tensor_specs(body[2], specs)
         elif kind == "n":
             for item in body[2]:
                 tensor_specs(item, specs)

@@ -127,7 +127,7 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | os.PathLike, module:
     def prepare() -> dict[str, Any]:
         if rank == 0:
             stage(parent, name)
-        state = {f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()}
+        state = boxed({f"{MODEL}{key}": value for key, value in checkpoint.get("state_dict", {}).items()})
         for index, opt_state in enumerate(optimizer_states):
             state.update(boxed(optimizer_entries(index, opt_state, names[index])))
         return state
@@ -250,8 +250,14 @@ def load_sharded_weights(path: str | os.PathLike, module: torch.nn.Module, stric
                            f"the model, so on_load_checkpoint gets no checkpoint['state_dict'] to rename keys in: to "
                            f"migrate one, consolidate it (python -m lightning_pipe.checkpoint consolidate FOLDER "
                            f"FILE), rename the keys in the file, and resume from the file")
-    state = {key: value.data for key, value in state.items() if key in saved}
-    dcp.load(state, storage_reader=reader)
+    kept = {key for key, value in saved.items() if not isinstance(value, TensorStorageMetadata)}  # (boxed: sparse)
+    tensors = {key: value.data for key, value in state.items() if key in saved and key not in kept}
+    request: dict[str, Any] = {**tensors, **{key: None for key in state if key in kept}}
+    dcp.load(request, storage_reader=reader)  # (fills in the objects' places)
+    for key in kept & set(state):  # a sparse buffer (a graph's adjacency): put in the module's place
+        value = request[key]
+        owner, _, name = key[len(MODEL):].rpartition(".")
+        module.get_submodule(owner).register_buffer(name, unboxed(key, value).to(state[key].device))
 
 
 def load_sharded_optimizers(path: str | os.PathLike, module: torch.nn.Module, optimizers: Sequence[Optimizer],

@@ -14,7 +14,7 @@ from lightning_pipe.capture.scalars import ALIKE, SELECTED
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
-from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors, tree_unflatten
+from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_tensors, tree_unflatten
 
 __all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
@@ -129,10 +129,15 @@ def listed(value: Any) -> Any:
     if isinstance(value, PerMicroBatch):
         return list(value)
     if isinstance(value, Mapping):
-        return {key: listed(item) for key, item in value.items()}
+        return _like(value, {key: listed(item) for key, item in value.items()})
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(listed(item) for item in value)
     return value
+
+
+def _like(mapping: Mapping, items: dict[Any, Any]) -> Any:
+    """``items`` as a mapping of ``mapping``'s class (a plain dict for a dict)."""
+    return items if type(mapping) is dict else rebuild_mapping(type(mapping), items)
 
 
 def same_output(one: Any, other: Any) -> bool:
@@ -198,8 +203,8 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
             return first
         if all(_is_array(o) and o.ndim > 0 and o.shape[0] == rows for o, rows in zip(outputs, sizes)):
             return numpy.concatenate(outputs)
-    if isinstance(first, Mapping):
-        return {key: combine_outputs([o[key] for o in outputs], sizes, weights) for key in first}
+    if isinstance(first, Mapping):  # (of its own class: an OrderedDict subclass came back a dict, found by review)
+        return _like(first, {key: combine_outputs([o[key] for o in outputs], sizes, weights) for key in first})
     if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
         if _per_row(outputs, sizes):
             return type(first)(combine_outputs([item], [1]) for output in outputs for item in output)
