@@ -352,3 +352,29 @@ def test_an_optimizers_own_collective_over_every_process_is_refused(alike: bool)
     texts = run_ranks(_fit_shared, 2, alike, timeout=100, expect_failure=True)
     assert any("_SharedOverTheWorld's step calls torch.distributed.all_gather over every process" in (text or "") and
                "single-process variant" in (text or "") for text in texts), texts
+
+
+def _scaled_by_world_size(rank: int, world_size: int, read: bool) -> list[str]:
+    import warnings
+
+    module = _module("sequential")
+    if read:  # the linear scaling rule, as DDP projects write it
+        module.configure_optimizers = lambda: torch.optim.SGD(  # type: ignore
+            module.parameters(), lr=0.05 * module.trainer.world_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(world_size, "pipedream", max_steps=2).fit(module, _data())
+    return [str(w.message) for w in caught if "trainer.world_size is" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("read", [False, True])
+def test_the_users_read_of_trainer_world_size_is_said_to_count_the_pipelines_ranks(read: bool) -> None:
+    """Found by review: a learning rate scaled by trainer.world_size doubled on 2 stages, silently. Lightning's own
+    reads of it say nothing."""
+    warned = run_ranks(_scaled_by_world_size, 2, read, timeout=100)[0]  # (rank 0 warns)
+    if read:
+        assert len(warned) == 1 and "2 pipeline ranks x 1 replica(s)" in warned[0], warned
+        assert "distributed_sampler_kwargs['num_replicas'] (1)" in warned[0]
+    else:
+        assert warned == []

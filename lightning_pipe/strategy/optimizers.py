@@ -301,11 +301,11 @@ def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[
 
 def _called_by_users_code() -> bool:
     """Whether the collective's caller (two frames up: past the guard) is code of neither torch, Lightning nor this
-    package."""
+    package (by its module's name)."""
     import sys
 
-    caller = sys._getframe(2).f_code.co_filename.replace("\\", "/")
-    return not any(part in caller for part in ("/torch/", "/lightning/", "/lightning_pipe/", "/lightning_fabric/"))
+    package = (sys._getframe(2).f_globals.get("__name__", "") or "").split(".")[0]
+    return package not in ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_pipe")
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:

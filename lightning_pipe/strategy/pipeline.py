@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -61,6 +62,7 @@ from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
+from lightning_pipe.strategy.share_warning import read_by_the_user
 from lightning_pipe.strategy.step_hooks import PipelineSteps
 from lightning_pipe.strategy.split import SplitModule, listings_of
 
@@ -258,6 +260,26 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
     loss_reduction = property(lambda self: self.settings.loss_reduction)
     wait_timeout = property(lambda self: self.settings.wait_timeout)
     detect_anomaly = property(lambda self: self.settings.detect_anomaly)
+
+    @property
+    @override
+    def world_size(self) -> int:
+        """Every process of the job (stages x replicas), as Lightning counts them. Read by the user's code (a batch
+        divided by it, a learning rate scaled by it: the linear scaling rule), said once to be more than the
+        data-parallel size (found by review: the learning rate doubled on 2 stages, silently)."""
+        size = super().world_size
+        if size > 1 and not self.__dict__.get("_world_size_said") and read_by_the_user():
+            self._world_size_said = True
+            replicas = self.mesh_shape.replicas
+            if replicas < size:
+                rank_zero_warn(f"trainer.world_size is {size} under PipelineStrategy: every process of the job "
+                               f"({size // replicas} pipeline ranks x {replicas} replica(s)), not the number of "
+                               f"copies of the model that read their own data. Code that divides the batch by it "
+                               f"(batch_size // trainer.world_size) or scales the learning rate by it divides or "
+                               f"scales by the pipeline's ranks too, which one device's run does not; the "
+                               f"data-parallel size is trainer.strategy.distributed_sampler_kwargs['num_replicas'] "
+                               f"({replicas})", category=PossibleUserWarning)
+        return size
 
     @property
     def plans_cut(self) -> bool:

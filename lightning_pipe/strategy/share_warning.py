@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-__all__ = ["watch_state_dict", "strategy_reads", "said_pickled"]
+__all__ = ["watch_state_dict", "strategy_reads", "said_pickled", "read_by_the_user"]
 
 _watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -121,6 +121,17 @@ def _called_by_the_user() -> bool:
             return package not in _LIBRARIES
         frame = frame.f_back
     return False
+
+
+def read_by_the_user() -> bool:
+    """Whether the read of a strategy's property under way (this function's caller is the property) was made by code
+    outside torch, Lightning, this package and the libraries (past Lightning's ``Trainer.world_size``, which forwards
+    to the strategy's)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name == "world_size" and \
+            (frame.f_globals.get("__name__", "") or "").startswith(("lightning.", "pytorch_lightning.")):
+        frame = frame.f_back
+    return frame is not None and (frame.f_globals.get("__name__", "") or "").split(".")[0] not in _LIBRARIES
 
 
 def _in_checkpoint_dump() -> bool:
