@@ -60,6 +60,7 @@ def _trees() -> list:
         (torch.randn(3, generator=g, dtype=torch.complex64).conj(), torch.randn(2, generator=g, dtype=torch.complex64).conj().imag,
          torch.ones(3).expand(2, 3), torch.randn(2, 2, generator=g).t()),  # conjugate, negative, stride-0 views
         ("no tensors at all", 1),
+        (torch.ones(2), torch.bfloat16, torch.device("cpu"), torch.Size([2, 3])),  # a dtype to compute in (review)
         State(torch.randn(2, 3, generator=g).requires_grad_(), 0.5, [torch.ones(1), {"k": None}]),
         (0.5, -0.0, float("inf"), 1e-310, True, 1, 2**70, {1: "int key", "1": "str key", None: False}),
         (0.5, -0.0, float("inf"), 1e-310, True, 1, 2**70, {1: "int key", "1": "str key", None: False}),  # unchanged
@@ -232,8 +233,8 @@ def test_a_crafted_message_is_refused_without_running_it(tmp_path) -> None:
 
 def test_a_leaf_that_is_not_a_json_value_is_refused_by_name() -> None:
     tree = (torch.ones(2), {"scale": 0.5, "config": object()})
-    with pytest.raises(wire.WireError, match=r"cannot send tree\[1\]\['config'\], a builtins.object: only tensors "
-                                             r"and JSON values"):
+    with pytest.raises(wire.WireError, match=r"cannot send tree\[1\]\['config'\], a builtins.object: only tensors, "
+                                             r"JSON values"):
         wire.describe(tree)
     with pytest.raises(wire.WireError, match=r"tree\.right, a builtins.bytes"):
         wire.describe(Pair(torch.ones(1), b"raw"))

@@ -32,6 +32,8 @@ def _flatten(tree: Any, leaves: list[torch.Tensor]) -> TreeSpec:
     if isinstance(tree, torch.Tensor):
         leaves.append(tree)
         return None
+    if type(tree) is torch.Size:  # a shape: a value, kept a torch.Size
+        return ("v", tree)
     if isinstance(tree, tuple):
         children = tuple(_flatten(child, leaves) for child in tree)
         return ("n", (type(tree), children)) if hasattr(tree, "_fields") else ("t", children)

@@ -61,6 +61,8 @@ def _describe(tree: Any, leaves: list[torch.Tensor], path: str, depth: int) -> t
         leaves.append(tree)
         return ("T", _NAMES[tree.dtype], tuple(tree.shape), tree.requires_grad)
     kind = type(tree)
+    if kind is torch.Size:  # (a shape passed on beside the activations: a torch.Size again, not a tuple)
+        return ("Z", tuple(tree))
     if kind is tuple or (isinstance(tree, tuple) and not hasattr(tree, "_fields")):
         return ("t", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
     if isinstance(tree, tuple):  # a namedtuple
@@ -91,9 +93,13 @@ def _value(value: Any, path: str) -> tuple:
         return ("F", repr(value))  # repr round-trips every float exactly, -0.0, inf and nan included
     if kind is str:
         return ("S", value)
-    raise WireError(f"cannot send {path}, a {kind.__module__}.{kind.__qualname__}: only tensors and JSON values "
-                    f"(None, bool, int, float, str) cross ranks, in tuples, lists, dicts, namedtuples and "
-                    f"dataclasses; make it a "
+    if kind is torch.dtype:  # (a layer passing the dtype to compute in, beside its activations)
+        return ("D", _NAMES[value])
+    if kind is torch.device:
+        return ("V", str(value))
+    raise WireError(f"cannot send {path}, a {kind.__module__}.{kind.__qualname__}: only tensors, JSON values "
+                    f"(None, bool, int, float, str) and torch's dtypes and devices cross ranks, in tuples, lists, "
+                    f"dicts, namedtuples and dataclasses; make it a "
                     f"tensor or one of those")
 
 
@@ -299,6 +305,15 @@ def _read_value(raw: Any) -> tuple[tuple, tuple]:
         value = body[0]
         if tag == "B" and type(value) is bool or tag == "I" and type(value) is int or tag == "S" and type(value) is str:
             return ("v", value), (tag, value)
+        if tag == "Z" and isinstance(value, list) and all(type(n) is int and n >= 0 for n in value):
+            return ("v", torch.Size(value)), (tag, tuple(value))
+        if tag == "D" and type(value) is str and value in _DTYPES:
+            return ("v", _DTYPES[value]), (tag, value)
+        if tag == "V" and type(value) is str:
+            try:
+                return ("v", torch.device(value)), (tag, value)
+            except RuntimeError:
+                pass
         if tag == "F" and type(value) is str:
             try:
                 return ("v", float(value)), ("F", value)
