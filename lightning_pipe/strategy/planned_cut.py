@@ -42,6 +42,7 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
     combined = loaders if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders, mode)
     generators = _generators(combined.iterables)  # a shuffle's own generator draws an order as the loader starts:
     states = [generator.get_state() for generator in generators]  # put back, so the fit's first epoch is one device's
+    drawn_from = torch.get_rng_state()  # (the loader's base seed: one device's iterations draw theirs from it)
     try:
         batch = next(iter(combined))[0]
     except StopIteration:
@@ -51,6 +52,7 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
             combined.reset()
         for generator, state in zip(generators, states):
             generator.set_state(state)
+        torch.set_rng_state(drawn_from)
     return batch, step
 
 
