@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed import all_gather as _all_gather_by_name
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import quiet_trainer, run_ranks
@@ -335,22 +336,59 @@ class _SharedOverTheWorld(torch.optim.SGD):
         return loss
 
 
-def _fit_shared(rank: int, world_size: int, alike: bool) -> None:
-    module = _module("sequential")
+class _SharedByName(torch.optim.SGD):
+    """The same, with the collective imported by name where the optimizer is defined."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        import torch.distributed as dist
+
+        loss = super().step(closure)
+        parameter = self.param_groups[0]["params"][0]
+        _all_gather_by_name([torch.empty(1) for _ in range(dist.get_world_size())], parameter.detach().norm().view(1))
+        return loss
+
+
+class _NormLog:
+    """A callback summing every rank's squared gradients over every process before the step (a log of its own)."""
+
+    def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.tensor([sum(float(p.grad.pow(2).sum()) for p in module.parameters()
+                                          if p.grad is not None)]))
+
+
+def _fit_shared(rank: int, world_size: int, kind: str) -> str:
+    import lightning as L
+
+    module, callbacks = _module("sequential"), []
     module.configure_optimizers = lambda: _SharedOverTheWorld(module.parameters(), lr=0.1)  # type: ignore
-    if alike:
+    if kind == "alike":
         module.configure_optimizers = lambda: _SharedOverTheWorld(  # type: ignore
             [{"params": list(module.parameters()), "alike": True}], lr=0.1)
-    quiet_trainer(world_size, "pipedream", max_steps=2).fit(module, _data())
+    elif kind == "by-name":
+        module.configure_optimizers = lambda: _SharedByName(module.parameters(), lr=0.1)  # type: ignore
+    elif kind == "hook":  # a collective of a hook Lightning runs inside the optimizer's step, after the closure
+        module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)  # type: ignore
+        callbacks = [type("NormLog", (_NormLog, L.Callback), {})()]
+    quiet_trainer(world_size, "pipedream", max_steps=2, callbacks=callbacks).fit(module, _data())
+    return "finished"
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("alike", [False, True])
-def test_an_optimizers_own_collective_over_every_process_is_refused(alike: bool) -> None:
+@pytest.mark.parametrize("kind", ["shapes", "alike", "by-name", "hook"])
+def test_an_optimizers_own_collective_over_every_process_is_refused(kind: str) -> None:
     """Found by review: distributed Muon under a pipeline ended with gloo's bare "invalid tensor size", or, where its
-    tensors had one shape on every rank, copied another rank's layer over this rank's (0.36 off, silently)."""
-    texts = run_ranks(_fit_shared, 2, alike, timeout=100, expect_failure=True)
-    assert any("_SharedOverTheWorld's step calls torch.distributed.all_gather over every process" in (text or "") and
+    tensors had one shape on every rank, copied another rank's layer over this rank's (0.36 off, silently); also
+    with the collective imported by name. A hook's collective, which Lightning runs inside the step after the
+    closure (on_before_optimizer_step), is not the optimizer's (found by review: refused)."""
+    if kind == "hook":
+        assert run_ranks(_fit_shared, 2, kind, timeout=100) == ["finished", "finished"]
+        return
+    texts = run_ranks(_fit_shared, 2, kind, timeout=100, expect_failure=True)
+    name = "_SharedByName" if kind == "by-name" else "_SharedOverTheWorld"
+    assert any(f"{name}'s step calls torch.distributed.all_gather over every process" in (text or "") and
                "single-process variant" in (text or "") for text in texts), texts
 
 

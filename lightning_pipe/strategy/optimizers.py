@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -245,18 +247,24 @@ _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gathe
 
 
 @contextmanager
-def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[Callable[[Callable[[], Any]], Any]]:
-    """Inside (an optimizer's step), a collective of ``torch.distributed`` over every process (the default group),
-    called by the step's own code outside the closure it runs, is refused: an optimizer made for data parallelism
-    (distributed Muon's ``all_gather`` of the matrices each process orthogonalized) takes every process for a copy of
-    the model, and under a pipeline each holds other stages: another rank's layer was copied over this rank's, 0.36
-    off one device, silently (found by review). Yields what wraps the closure (in which the step's code, and the
-    pipeline's, may run collectives)."""
+def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside, while ``optimizer.step`` runs, a collective of ``torch.distributed`` over every process (the default
+    group) that the step's own code calls outside the closure it was given is refused: an optimizer made for data
+    parallelism (distributed Muon's ``all_gather`` of the matrices each process orthogonalized) takes every process
+    for a copy of the model, and under a pipeline each holds other stages: another rank's layer was copied over this
+    rank's, 0.36 off one device, silently (found by review). The closure (the step's code, the backward, Lightning's
+    hooks after it, the pipeline's own work) may run collectives. Guarded: ``torch.distributed``'s functions, their
+    definitions in ``distributed_c10d``, and names the optimizer's module (or its classes' modules) imported from
+    either (``from torch.distributed import all_gather``)."""
     import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
 
-    depth = [0]
+    stepping, depth = [0], [0]
 
-    def wrap(closure: Callable[[], Any]) -> Callable[[], Any]:
+    def inside(closure: Any) -> Any:
+        if not callable(closure):
+            return closure
+
         def run(*args: Any, **kwargs: Any) -> Any:
             depth[0] += 1
             try:
@@ -265,9 +273,23 @@ def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[Call
                 depth[0] -= 1
         return run
 
+    original_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if "closure" in kwargs:
+            kwargs["closure"] = inside(kwargs["closure"])
+        elif args:
+            args = (inside(args[0]), *args[1:])
+        stepping[0] += 1
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            stepping[0] -= 1
+
     def guarded(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if depth[0] == 0 and _over_every_process(original, args, kwargs) and _called_by_users_code():
+            if stepping[0] and not depth[0] and _over_every_process(original, args, kwargs) \
+                    and _called_by_users_code():
                 raise RuntimeError(
                     f"{type(optimizer).__name__}'s step calls torch.distributed.{name} over every process (the default "
                     f"group), as an optimizer made for data parallelism (DDP) does: it takes every process for a copy "
@@ -277,14 +299,41 @@ def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[Call
             return original(*args, **kwargs)
         return call
 
-    originals = {name: getattr(dist, name) for name in _COLLECTIVES if callable(getattr(dist, name, None))}
-    for name, original in originals.items():
-        setattr(dist, name, guarded(name, original))
+    originals = {name: getattr(c10d, name) for name in _COLLECTIVES if callable(getattr(c10d, name, None))}
+    stand_ins = {name: guarded(name, original) for name, original in originals.items()}
+    by_function = {id(original): name for name, original in originals.items()}
+    spaces = [vars(dist), vars(c10d)] + _globals_of(type(optimizer))
+    places = [(space, key, value) for space in {id(space): space for space in spaces}.values()
+              for key, value in list(space.items()) if id(value) in by_function and value is originals.get(
+                  by_function[id(value)])]
+    for space, key, value in places:
+        space[key] = stand_ins[by_function[id(value)]]
+    own = optimizer.__dict__.get("step")  # (an instance's own step, if one was set)
+    optimizer.step = step  # type: ignore[method-assign]
     try:
-        yield wrap
+        yield
     finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own  # type: ignore[method-assign]
+        for space, key, value in places:
+            space[key] = value
+
+
+def _globals_of(kind: type) -> list[dict[str, Any]]:
+    """The global namespaces the methods of ``kind`` and its bases look names up in (through decorators'
+    ``__wrapped__``: a ``@torch.no_grad()`` step's own module), torch's own left out."""
+    spaces = []
+    for owner in kind.__mro__:
+        for function in vars(owner).values():
+            for _ in range(8):
+                if isinstance(function, types.FunctionType):
+                    spaces.append(function.__globals__)
+                function = getattr(function, "__wrapped__", None)
+                if function is None:
+                    break
+    return [space for space in spaces if not str(space.get("__name__", "")).startswith("torch")]
 
 
 def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> bool:
@@ -302,8 +351,6 @@ def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[
 def _called_by_users_code() -> bool:
     """Whether the collective's caller (two frames up: past the guard) is code of neither torch, Lightning nor this
     package (by its module's name)."""
-    import sys
-
     package = (sys._getframe(2).f_globals.get("__name__", "") or "").split(".")[0]
     return package not in ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_pipe")
 

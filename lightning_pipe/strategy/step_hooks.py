@@ -191,9 +191,8 @@ class PipelineSteps:
         its own optimizer steps (see :mod:`lightning_pipe.strategy.asynchronous`)."""
         if self._async is None:
             try:
-                with world_collectives_refused(optimizer) as in_closure:
-                    result = super().optimizer_step(optimizer, in_closure(_only_once(closure, optimizer)), model,
-                                                    **kwargs)
+                with world_collectives_refused(optimizer):
+                    result = super().optimizer_step(optimizer, _only_once(closure, optimizer), model, **kwargs)
             except RuntimeError as error:
                 _note_optimizer_collective(error, optimizer)
                 raise
