@@ -5,7 +5,7 @@ Nothing received is unpickled: bytes from another process are data, never code. 
 other leaves, which must be JSON values (``None``, ``bool``, ``int``, ``float``, ``str``) and come back exactly (a
 float by its ``repr``, so ``-0.0`` and ``nan`` too). A namedtuple or a dataclass is named by module and qualified
 name and rebuilt only from a module the receiving process has already imported, and only if it is a tuple class
-with ``_fields`` (a dataclass: one, made by its constructor from the fields it takes).
+with ``_fields`` (a dataclass: one, its fields set as they were sent, without its constructor).
 
 A message is ``header | layout | data``. The header (:data:`HEADER`, 16 bytes) holds the message kind and the lengths
 of the layout and of the data. Each tensor starts at a multiple of :data:`ALIGN` bytes, so its bytes can be viewed as
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import struct
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ import torch
 
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
            "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "flat_bytes", "write_host",
-           "message_pieces", "as_received", "imported_class"]
+           "message_pieces", "as_received", "imported_class", "dataclass_values", "rebuilt_dataclass",
+           "refuse_local_class"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -66,12 +68,14 @@ def _describe(tree: Any, leaves: list[torch.Tensor], path: str, depth: int) -> t
     if kind is tuple or (isinstance(tree, tuple) and not hasattr(tree, "_fields")):
         return ("t", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
     if isinstance(tree, tuple):  # a namedtuple
+        refuse_local_class(kind, path, WireError)
         children = tuple(_describe(child, leaves, f"{path}.{name}", depth + 1)
                          for name, child in zip(tree._fields, tree))
         return ("n", kind.__module__, kind.__qualname__, children)
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        children = tuple((field.name, _describe(getattr(tree, field.name), leaves, f"{path}.{field.name}", depth + 1))
-                         for field in dataclasses.fields(tree) if field.init)  # (rebuilt as engine.tree rebuilds)
+        refuse_local_class(kind, path, WireError)
+        children = tuple((name, _describe(value, leaves, f"{path}.{name}", depth + 1))
+                         for name, value in dataclass_values(tree).items())
         return ("c", kind.__module__, kind.__qualname__, children)
     if isinstance(tree, list):
         return ("l", tuple(_describe(child, leaves, f"{path}[{i}]", depth + 1) for i, child in enumerate(tree)))
@@ -334,14 +338,38 @@ def imported_class(module: str, qualname: str, what: str, is_one: Callable[[type
     return found
 
 
-def _dataclass(cls: type, values: dict[str, Any]) -> Any:
-    """An instance of the dataclass ``cls``, made by its constructor from ``values``, the fields it takes: those it
-    does not (``field(init=False)``) are its ``__post_init__``'s, as where :mod:`.tree` rebuilds one."""
-    takes = {field.name for field in dataclasses.fields(cls) if field.init}
-    if set(values) - takes:
-        raise _fail(f"a dataclass node of {cls.__qualname__} names fields its constructor does not take: "
-                    f"{sorted(set(values) - takes)}")
-    return cls(**values)
+def dataclass_values(value: Any) -> dict[str, Any]:
+    """The fields of the dataclass instance ``value`` (those its constructor does not take too), by name."""
+    return {field.name: getattr(value, field.name) for field in dataclasses.fields(value) if hasattr(value, field.name)}
+
+
+def rebuilt_dataclass(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of the dataclass ``cls`` holding ``values`` as the sender's did: made without its constructor,
+    whose ``__post_init__`` would transform them again (a scale applied twice) or drop a field set after it (found by
+    review); one that is also a dict (Hugging Face's ``ModelOutput``) holds its fields that are not None as items,
+    as its ``__post_init__`` puts them."""
+    names = {field.name for field in dataclasses.fields(cls)}
+    if set(values) - names:
+        raise _fail(f"a dataclass node of {cls.__qualname__} names fields it does not have: "
+                    f"{sorted(set(values) - names)}")
+    made = cls.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(made, name, value)
+    if isinstance(made, dict):
+        put = next(base.__setitem__ for base in type(made).__mro__ if base in (OrderedDict, dict))
+        for name, value in values.items():
+            if value is not None:
+                put(made, name, value)
+    return made
+
+
+def refuse_local_class(kind: type, path: str, error: type[Exception]) -> None:
+    """Refuse, where it is sent, an instance of a class defined inside a function, which no other rank can find by
+    its module and name."""
+    if "<locals>" in kind.__qualname__:
+        raise error(f"cannot send {path}, a {kind.__qualname__}: a class defined inside a function, which the other "
+                    f"ranks cannot find by its name; define it at module level (of a module every rank imports), or "
+                    f"send a dict")
 
 
 def rebuild(spec: Any, leaves: list[torch.Tensor]) -> Any:
@@ -364,7 +392,7 @@ def _rebuild(spec: Any, leaves: Any) -> Any:
     if tag == "n":
         return spec[1](*(_rebuild(child, leaves) for child in spec[2]))
     if tag == "c":
-        return _dataclass(spec[1], {name: _rebuild(child, leaves) for name, child in spec[2]})
+        return rebuilt_dataclass(spec[1], {name: _rebuild(child, leaves) for name, child in spec[2]})
     return {key: _rebuild(child, leaves) for key, child in spec[1]}
 
 

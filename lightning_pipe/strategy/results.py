@@ -34,7 +34,7 @@ import dataclasses
 import json
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -47,7 +47,13 @@ from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
 from lightning_pipe.engine.tree import rebuild_mapping
-from lightning_pipe.engine.wire import flat_bytes, imported_class
+from lightning_pipe.engine.wire import (
+    dataclass_values,
+    flat_bytes,
+    imported_class,
+    rebuilt_dataclass,
+    refuse_local_class,
+)
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
 
@@ -135,12 +141,15 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
                                              for index, item in enumerate(value)]]}
     kind = type(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a model's output (a ModelOutput too)
+        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
         return {"c": [kind.__module__, kind.__qualname__,
-                      {f.name: encode(getattr(value, f.name), tensors, where, advice, f"{path}.{f.name}")
-                       for f in dataclasses.fields(value) if f.init}]}
-    if isinstance(value, dict):  # a dict of one's own class (an OrderedDict subclass, as a model's output)
+                      {name: encode(item, tensors, where, advice, f"{path}.{name}")
+                       for name, item in dataclass_values(value).items()}]}
+    if isinstance(value, Mapping):  # a mapping of one's own class (an OrderedDict subclass, a BatchEncoding)
+        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
         return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
+        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
         return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
                                                            for index, item in enumerate(value)]]}
     numpy = _numpy_kind(value)
@@ -161,13 +170,13 @@ def sendable(value: Any) -> bool:
         return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return all(sendable(key) and sendable(item) for key, item in value.items())
     if type(value) in (list, tuple) or _return_type(value) is not None or \
             isinstance(value, tuple) and hasattr(value, "_fields"):
         return all(sendable(item) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return all(sendable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init)
+        return all(sendable(item) for item in dataclass_values(value).values())
     return _numpy_kind(value) is not None
 
 
@@ -199,11 +208,11 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         return [decode(item, tensors) for item in body]
     if kind == "t":
         return tuple(decode(item, tensors) for item in body)
-    if kind == "c":  # rebuilt by its constructor, from a module this process has imported (wire's rule)
+    if kind == "c":  # from a module this process has imported, its fields as they were (wire's rules)
         cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
-        return cls(**{name: decode(item, tensors) for name, item in body[2].items()})
+        return rebuilt_dataclass(cls, {name: decode(item, tensors) for name, item in body[2].items()})
     if kind == "m":
-        cls = imported_class(body[0], body[1], "dict class", lambda found: issubclass(found, dict))
+        cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
         return rebuild_mapping(cls, decode(body[2], tensors))
     if kind == "n":
         cls = imported_class(body[0], body[1], "namedtuple",
