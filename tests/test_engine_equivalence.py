@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -228,6 +229,14 @@ def _reentrant_grads(rank: int, world_size: int, schedule: str) -> tuple[dict, d
     model = nn.Sequential(nn.Linear(16, 16), *[_ReentrantBlock(16) for _ in range(5)])  # (a reentrant checkpoint
     # of an input that needs no gradient gives none: its first layer is a plain one)
     reference = copy.deepcopy(model)
+    hooked = []  # a gradient hook on each block's output: run once per micro-batch (found by review: twice at first)
+
+    def count(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda grad: hooked.append(1))
+
+    for block in list(model)[1:]:
+        block.register_forward_hook(count)
     batch = make_batch(16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -236,6 +245,8 @@ def _reentrant_grads(rank: int, world_size: int, schedule: str) -> tuple[dict, d
             pipe.train_step(batch)
     for _ in range(2):
         mse_loss(reference(batch[0]), batch).backward()
+    blocks = {name.split(".")[0] for name, _ in pipe.named_parameters() if ".inner." in name}
+    assert len(hooked) == 2 * 4 * len(blocks), (len(hooked), blocks)  # steps x micro-batches x blocks here
     return ({name: p.grad for name, p in pipe.named_parameters()},
             {name: p.grad for name, p in reference.named_parameters()},
             [str(w.message) for w in caught if "use_reentrant=True" in str(w.message)])

@@ -93,6 +93,7 @@ class PipelineStage:
         self._split_for: frozenset[int] = frozenset()  # the trainable parameters (ids) the mode was verified for
         self._split_checks = 0  # micro-batches whose check could not tell (a parameter's gradient was all zeros)
         self._unsplit = False  # the backward cannot be split here (a reentrant checkpoint): it runs whole
+        self._looked_for_reentrant = False
         self._hooks: list[Any] = []
         # Asynchronous schedules: forwards run on weight snapshots; each micro-batch remembers its version.
         self.versions: WeightVersions | None = None
@@ -313,6 +314,11 @@ class PipelineStage:
         captured = [t for _, leaves in captures for t in leaves]
         extra = [p for p in self.loss_parameters if p.requires_grad] if grad_outputs is None else []
         results: list[torch.Tensor | None] = []
+        if not self._unsplit and not self._looked_for_reentrant and tensors:
+            self._looked_for_reentrant = True  # (before a split backward, which would run the nodes after it twice)
+            self._unsplit = _reentrant_checkpoint_in(tensors)
+            if self._unsplit:
+                warnings.warn(_REENTRANT, stacklevel=2)
         if self._unsplit:
             return self._whole_backward(microbatch, tensors, grads, inputs)
         if tensors and (wanted or captured or extra):
@@ -324,11 +330,7 @@ class PipelineStage:
                 if "use_reentrant=True" not in str(error):
                     raise
                 self._unsplit = True  # (the graph was kept: its backward runs whole now)
-                warnings.warn(f"a layer of this stage runs torch.utils.checkpoint(..., use_reentrant=True), whose "
-                              f"backward refuses torch.autograd.grad, which a schedule that splits the backward "
-                              f"takes the input half with: this stage's backward runs whole (as in 1F1B), and the "
-                              f"zero-bubble schedule's gain is lost here. Checkpoint with use_reentrant=False (torch's "
-                              f"advice too) to keep the split", stacklevel=2)
+                warnings.warn(_REENTRANT, stacklevel=2)
                 return self._whole_backward(microbatch, tensors, grads, inputs)
             for param, grad in zip(extra, results[len(wanted) + len(captured):]):
                 if grad is not None:
@@ -460,6 +462,29 @@ def _backward_takes_edges() -> bool:
     except (TypeError, RuntimeError, AttributeError):
         return False
     return True
+
+
+_REENTRANT = ("a layer of this stage runs torch.utils.checkpoint(..., use_reentrant=True), whose backward refuses "
+              "torch.autograd.grad, which a schedule that splits the backward takes the input half with: this "
+              "stage's backward runs whole (as in 1F1B), and the zero-bubble schedule's gain is lost here. Checkpoint "
+              "with use_reentrant=False (torch's advice too) to keep the split")
+
+
+def _reentrant_checkpoint_in(tensors: list[Any]) -> bool:
+    """Whether the autograd graph behind ``tensors`` holds a reentrant checkpoint's node (looked for once per
+    stage)."""
+    pending = [t.grad_fn if isinstance(t, torch.Tensor) else t.node if isinstance(t, GradientEdge) else None
+               for t in tensors]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 _BLIND_CHECKS = 64  # micro-batches whose check could not tell after which the split is taken as verified
