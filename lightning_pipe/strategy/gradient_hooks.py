@@ -107,10 +107,11 @@ def _grad_norm(original: Callable[..., dict[str, Any]], clip: GlobalNorms, modul
 
 
 class _WholeTotal(dict):
-    """``grad_norm``'s dict, whose total read by its key (``norms["grad_2.0_norm_total"]``, a spike guard's test) is
-    the norm over every rank's gradients (and so is the one ``pop`` takes out), taken then (a collective, made where every rank reads it), as one device
-    reads it; each rank's share made a decision alone (found by review: an update one device skips, taken). Its
-    items as they are listed (``self.log_dict(norms)``) are this rank's: the logs are gathered over the ranks."""
+    """``grad_norm``'s dict, whose total read by its key (``norms["grad_2.0_norm_total"]``, a spike guard's test) or
+    taken out with ``pop`` is the norm over every rank's gradients, taken then (a collective, made where every rank
+    reads it), as one device reads it; each rank's share made a decision alone (found by review: an update one device
+    skips, taken). Its items as they are listed (``self.log_dict(norms)``) are this rank's: the logs are gathered
+    over the ranks."""
 
     def __init__(self, norms: dict[str, Any], key: str, whole: Callable[[], torch.Tensor]) -> None:
         super().__init__(norms)
