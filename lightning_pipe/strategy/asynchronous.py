@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.precision import Precision
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_pipe.strategy.optimizers import world_collectives_refused
 from lightning_pipe.strategy.runner import PipelineRunner
 
 __all__ = ["AsyncSteps", "DrainPipeline", "check_async_fit"]
@@ -63,8 +64,8 @@ class AsyncSteps:
             raise RuntimeError("an asynchronous pipeline reached an optimizer step outside Lightning's optimizer_step; "
                                "training_step must run through trainer.fit with automatic optimization")
         self.runner.average_gradients()  # replicas of the pipeline: one update from all their micro-batches
-        self.precision.optimizer_step(self._optimizer, model=self._model, closure=_no_closure,
-                                                      **self._kwargs)
+        with world_collectives_refused(self._optimizer):  # (a DDP-made optimizer's collective: refused here too)
+            self.precision.optimizer_step(self._optimizer, model=self._model, closure=_no_closure, **self._kwargs)
         self.steps_taken += 1
 
     @contextmanager
