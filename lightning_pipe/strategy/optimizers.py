@@ -333,7 +333,8 @@ def _globals_of(kind: type) -> list[dict[str, Any]]:
                 function = getattr(function, "__wrapped__", None)
                 if function is None:
                     break
-    return [space for space in spaces if not str(space.get("__name__", "")).startswith("torch")]
+    return [space for space in spaces if str(space.get("__name__", "")).partition(".")[0] != "torch"]  # (torchao's
+    # and torchtitan's are looked at)
 
 
 def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> bool:

@@ -170,12 +170,13 @@ def sendable(value: Any) -> bool:
         return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
-    if isinstance(value, Mapping):
+    local = "<locals>" in type(value).__qualname__  # (a class defined in a function: refused by encode)
+    if isinstance(value, Mapping) and not local:
         return all(sendable(key) and sendable(item) for key, item in value.items())
     if type(value) in (list, tuple) or _return_type(value) is not None or \
-            isinstance(value, tuple) and hasattr(value, "_fields"):
+            isinstance(value, tuple) and hasattr(value, "_fields") and not local:
         return all(sendable(item) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not local:
         return all(sendable(item) for item in dataclass_values(value).values())
     return _numpy_kind(value) is not None
 
