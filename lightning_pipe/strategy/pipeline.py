@@ -270,7 +270,10 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         size = super().world_size
         if size > 1 and not self.__dict__.get("_world_size_said") and read_by_the_user():
             self._world_size_said = True
-            replicas = self.mesh_shape.replicas
+            try:
+                replicas = self.mesh_shape.replicas
+            except ValueError:  # (a layout the set-up will refuse, with its own error)
+                replicas = size
             if replicas < size:
                 rank_zero_warn(f"trainer.world_size is {size} under PipelineStrategy: every process of the job "
                                f"({size // replicas} pipeline ranks x {replicas} replica(s)), not the number of "
