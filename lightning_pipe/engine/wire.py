@@ -26,8 +26,8 @@ import torch
 
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
            "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "flat_bytes", "write_host",
-           "message_pieces", "as_received", "imported_class", "dataclass_values", "rebuilt_dataclass",
-           "refuse_local_class"]
+           "message_pieces", "as_received", "imported_class", "is_namedtuple_class", "dataclass_values",
+           "rebuilt_dataclass", "refuse_local_class"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
 ALIGN = 16
@@ -273,8 +273,7 @@ def _read(raw: Any, tensors: list, depth: int) -> tuple[Any, tuple]:
         if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list):
             raise _fail("a namedtuple node holds module, qualified name and children")
         read = [_read(child, tensors, depth + 1) for child in body[2]]
-        cls = imported_class(body[0], body[1], "namedtuple",
-                              lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
+        cls = imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
         return ("n", cls, tuple(s for s, _ in read)), ("n", body[0], body[1], tuple(lay for _, lay in read))
     if tag == "c":
         if len(body) != 3 or not all(isinstance(x, str) for x in body[:2]) or not isinstance(body[2], list) \
@@ -324,6 +323,10 @@ def _read_value(raw: Any) -> tuple[tuple, tuple]:
             except ValueError:
                 pass
     raise _fail(f"{str(raw)[:80]!r} is not a value")
+
+
+def is_namedtuple_class(found: type) -> bool:
+    return issubclass(found, tuple) and hasattr(found, "_fields")
 
 
 def imported_class(module: str, qualname: str, what: str, is_one: Callable[[type], bool]) -> type:

@@ -51,6 +51,7 @@ from lightning_pipe.engine.wire import (
     dataclass_values,
     flat_bytes,
     imported_class,
+    is_namedtuple_class,
     rebuilt_dataclass,
     refuse_local_class,
 )
@@ -139,17 +140,17 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if _return_type(value) is not None:  # torch's named tuples of results (topk, max, sort)
         return {"r": [type(value).__name__, [encode(item, tensors, where, advice, f"{path}[{index}]")
                                              for index, item in enumerate(value)]]}
-    kind = type(value)
+    kind, sent_at = type(value), f"{where}{f' (at {path})' if path else ''}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a model's output (a ModelOutput too)
-        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
+        refuse_local_class(kind, sent_at, TypeError)
         return {"c": [kind.__module__, kind.__qualname__,
                       {name: encode(item, tensors, where, advice, f"{path}.{name}")
                        for name, item in dataclass_values(value).items()}]}
     if isinstance(value, Mapping):  # a mapping of one's own class (an OrderedDict subclass, a BatchEncoding)
-        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
+        refuse_local_class(kind, sent_at, TypeError)
         return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
-        refuse_local_class(kind, f"{where}{f' (at {path})' if path else ''}", TypeError)
+        refuse_local_class(kind, sent_at, TypeError)
         return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
                                                            for index, item in enumerate(value)]]}
     numpy = _numpy_kind(value)
@@ -216,8 +217,7 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
         return rebuild_mapping(cls, decode(body[2], tensors))
     if kind == "n":
-        cls = imported_class(body[0], body[1], "namedtuple",
-                             lambda found: issubclass(found, tuple) and hasattr(found, "_fields"))
+        cls = imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
         return cls(*(decode(item, tensors) for item in body[2]))
     if kind == "r":
         name, items = body
