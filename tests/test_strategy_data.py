@@ -16,7 +16,8 @@ from lightning_pipe.strategy.data_order import DataStart, share_order
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.logs import LoggedValue
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
-from lightning_pipe.strategy.results import StepResult, _pack, tensor_specs, _unpack, decode_result, encode_result
+from lightning_pipe.strategy.results import StepResult, decode_result, encode_result
+from lightning_pipe.strategy.values import pack, tensor_specs, unpack
 
 
 def test_derived_seeds_are_stable_distinct_and_63_bit() -> None:
@@ -71,8 +72,8 @@ def test_results_travel_as_json_and_tensors() -> None:
     result.output.update(strange)
     text, tensors = encode_result(result, "predict_step")
     structure = json.loads(text)
-    data = _pack(tensors, text.encode())
-    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
+    data = pack(tensors, text.encode())
+    decoded = decode_result(structure, unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
     torch.testing.assert_close(decoded.loss, result.loss)
     torch.testing.assert_close(decoded.output["preds"], result.output["preds"])
     assert decoded.output["names"] == ["a", "b"] and decoded.output["pair"] == (1, 2.5)
@@ -114,8 +115,8 @@ def test_dataclasses_and_namedtuples_of_ones_own_travel_as_their_class_and_a_spa
               "sparse": sparse, "coalesced": sparse.coalesce(), "mapping": _Output(logits=torch.ones(2), n=3)}
     text, tensors = encode_result(StepResult(None, output), "predict_step")
     structure = json.loads(text)
-    data = _pack(tensors, text.encode())
-    decoded = decode_result(structure, _unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
+    data = pack(tensors, text.encode())
+    decoded = decode_result(structure, unpack(bytearray(data), len(text.encode()), tensor_specs(structure, [])))
     got = decoded.output["prediction"]
     assert type(got) is _Prediction and torch.equal(got.scores, torch.ones(2, 3)) and got.label == "x"
     assert torch.equal(got.hidden[0], torch.zeros(1)) and got.hidden[1] is None
@@ -153,8 +154,8 @@ def test_a_dataclass_travels_as_it_was_not_made_again() -> None:
     sent.extra = torch.tensor([5.0, 6.0])
     text, tensors = encode_result(StepResult(None, {"out": sent}), "predict_step")
     structure = json.loads(text)
-    data = _pack(tensors, text.encode())
-    got = decode_result(structure, _unpack(bytearray(data), len(text.encode()), tensor_specs(structure, []))).output
+    data = pack(tensors, text.encode())
+    got = decode_result(structure, unpack(bytearray(data), len(text.encode()), tensor_specs(structure, []))).output
     assert torch.equal(got["out"].logits, torch.tensor([2.0])) and torch.equal(got["out"].extra, sent.extra)
     leaves, layout = wire.describe(sent)  # between stages
     _, spec, _ = wire.decode_layout(wire.encode_layout(layout))
@@ -169,7 +170,7 @@ def test_a_dataclass_travels_as_it_was_not_made_again() -> None:
         encode_result(StepResult(None, Local(torch.ones(1))), "predict_step")
     with pytest.raises(wire.WireError, match="defined inside a function"):
         wire.describe(Local(torch.ones(1)))
-    from lightning_pipe.strategy.results import sendable  # (what encode refuses is not sendable: found by review)
+    from lightning_pipe.strategy.values import sendable  # (what encode refuses is not sendable: found by review)
 
     assert not sendable(Local(torch.ones(1))) and not sendable({"out": Local(torch.ones(1))})
     assert sendable(sent) and sendable(_Output(a=torch.ones(1)))

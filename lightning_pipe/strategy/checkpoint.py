@@ -28,7 +28,7 @@ from lightning_pipe.engine.wire import flat_bytes
 from lightning_pipe.strategy.one_device import one_device_optimizer_states
 from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
-from lightning_pipe.strategy.results import decode, encode, tensor_specs
+from lightning_pipe.strategy.values import decode, encode, tensor_specs
 from lightning_pipe.strategy.state_names import optimizer_entries, param_groups_of
 
 __all__ = ["PIPELINE_KEY", "META_FILE", "is_sharded", "RANDOM_STATES_KEY", "named_optimizer_state", "SHARED_ENTRIES",
@@ -154,7 +154,7 @@ _CHECKPOINT_ADVICE = ("keep callback states, on_save_checkpoint's extras and opt
 def gather_shares(share: Any, group: dist.ProcessGroup | None, device: torch.device) -> list[Any] | None:
     """Every rank's ``share`` on the group's rank 0, in group order (``None`` elsewhere); collective.
 
-    A share is sent as the JSON text of its structure (:func:`~.results.encode`: numbers, strings, tensors, and
+    A share is sent as the JSON text of its structure (:func:`~.values.encode`: numbers, strings, tensors, and
     lists, tuples and dicts of them) and each tensor's bytes: nothing received is unpickled. A share holding anything
     else (a callback state that is an arbitrary object) is an error on every rank, naming it."""
     tensors: list[torch.Tensor] = []

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.strategy.results import sendable
+from lightning_pipe.strategy.values import sendable
 from lightning_pipe.strategy.step_effects import Patch, Sent, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 

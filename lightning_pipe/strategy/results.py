@@ -30,11 +30,9 @@ emulates it, the all_reduce stays.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -46,20 +44,11 @@ from lightning_pipe.engine import local_link
 from lightning_pipe.engine.deadline import collective, wait_messages
 from lightning_pipe.engine.notices import default_store
 from lightning_pipe.engine.runtime import next_serial
-from lightning_pipe.engine.tree import rebuild_mapping
-from lightning_pipe.engine.wire import (
-    dataclass_values,
-    flat_bytes,
-    imported_class,
-    is_namedtuple_class,
-    rebuilt_dataclass,
-    refuse_local_class,
-)
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, arm_exit_guard
 from lightning_pipe.strategy.logs import REDUCTION_NAMES, LoggedValue
+from lightning_pipe.strategy.values import decode, encode, pack, tensor_specs, unpack
 
-__all__ = ["StepResult", "ResultChannel", "encode", "sendable", "decode", "tensor_specs", "encode_result",
-           "decode_result", "gather_results"]
+__all__ = ["StepResult", "ResultChannel", "encode_result", "decode_result", "gather_results"]
 
 _WORDS = 64
 _HEAD = 5  # fingerprint, -fingerprint, payload bytes, structure bytes (-1: unchanged), any rank's flag
@@ -85,205 +74,6 @@ class StepResult:
     error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
     whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
     validate: bool | None = None  # a time-based val_check_interval: whether validation is due (the last stage's clock)
-
-
-# -- a tree of values as (JSON structure, tensors) -------------------------------------------------
-_STEP_ADVICE = ("return it as one of those (an object as a tensor, or a dataclass holding those), or keep it on "
-                "the module instead of returning it")
-
-
-def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's output",
-           advice: str = _STEP_ADVICE, path: str = "") -> Any:
-    """``value`` as a JSON-able structure; its tensors (on the CPU) are appended to ``tensors``.
-
-    Carried: None, bools, numbers, strings, tensors (dense, and sparse COO), NumPy arrays and scalars, torch's dtypes
-    and devices (an optimizer's group may hold one), and lists, tuples, dicts and Counters (an LR scheduler's
-    milestones) of them, torch's named tuples of results (``torch.return_types.topk``), and dataclasses (a model's
-    output, a Hugging Face ``ModelOutput``) and namedtuples of classes every rank has imported. ``path``: where
-    ``value`` is in what ``where`` names, for the error.
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, float)) and type(value) in (int, float):
-        return value
-    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:  # (SGD's momentum for a sparse gradient)
-        value = value.detach().cpu()
-        tensors += [value._indices().contiguous(), value._values().contiguous()]
-        return {"S": [str(value.dtype).removeprefix("torch."), list(value.shape), value.is_coalesced(),
-                      list(tensors[-2].shape), list(tensors[-1].shape)]}
-    if isinstance(value, torch.Tensor) and value.layout != torch.strided:
-        at = f" (at {path})" if path else ""
-        raise TypeError(f"{where} holds a tensor of layout {value.layout}{at}, which PipelineStrategy cannot send "
-                        f"between ranks (it sends dense tensors and sparse COO ones): turn it into one of those "
-                        f"(.to_dense(), .to_sparse()) before it is sent")
-    if isinstance(value, torch.Tensor):
-        tensors.append(value.detach().cpu().contiguous())
-        return {"T": [str(value.dtype).removeprefix("torch."), list(value.shape)]}
-    if isinstance(value, torch.dtype):
-        return {"D": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.device):
-        return {"V": str(value)}
-    if type(value) is Counter:  # MultiStepLR's milestones: a Counter again, as a one-device resume loads it
-        return {"C": [[encode(key, tensors, where, advice, path), encode(item, tensors, where, advice,
-                                                                         f"{path}[{key!r}]")]
-                      for key, item in value.items()]}
-    if type(value) in (dict, OrderedDict):  # an OrderedDict (a state_dict) comes back as a dict, in its order
-        if all(isinstance(key, str) for key in value):
-            return {"s": {key: encode(item, tensors, where, advice, f"{path}[{key!r}]") for key, item in value.items()}}
-        return {"d": [[encode(key, tensors, where, advice, path), encode(item, tensors, where, advice,
-                                                                          f"{path}[{key!r}]")]
-                      for key, item in value.items()]}
-    if type(value) is list:
-        return {"l": [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]}
-    if type(value) is tuple:
-        return {"t": [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]}
-    if _return_type(value) is not None:  # torch's named tuples of results (topk, max, sort)
-        return {"r": [type(value).__name__, [encode(item, tensors, where, advice, f"{path}[{index}]")
-                                             for index, item in enumerate(value)]]}
-    kind, sent_at = type(value), f"{where}{f' (at {path})' if path else ''}"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a model's output (a ModelOutput too)
-        refuse_local_class(kind, sent_at, TypeError)
-        return {"c": [kind.__module__, kind.__qualname__,
-                      {name: encode(item, tensors, where, advice, f"{path}.{name}")
-                       for name, item in dataclass_values(value).items()}]}
-    if isinstance(value, Mapping):  # a mapping of one's own class (an OrderedDict subclass, a BatchEncoding)
-        refuse_local_class(kind, sent_at, TypeError)
-        return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
-        refuse_local_class(kind, sent_at, TypeError)
-        return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
-                                                           for index, item in enumerate(value)]]}
-    numpy = _numpy_kind(value)
-    if numpy == "array":
-        tensors.append(torch.from_numpy(value).contiguous())
-        return {"N": [str(tensors[-1].dtype).removeprefix("torch."), list(value.shape)]}
-    if numpy == "scalar":
-        return encode(value.item(), tensors, where, advice, path)
-    at = f" (at {path})" if path else ""
-    raise TypeError(f"{where} holds a {type(value).__qualname__}{at}, which PipelineStrategy cannot send between "
-                    f"ranks (it sends tensors, numbers, strings, None, NumPy arrays, torch's dtypes and devices, and "
-                    f"lists, tuples, dicts, dataclasses and namedtuples of them, never pickled objects); {advice}")
-
-
-def sendable(value: Any) -> bool:
-    """Whether :func:`encode` carries ``value`` (a tensor: a dense or sparse COO one, of torch's own type)."""
-    if isinstance(value, torch.Tensor):
-        return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
-    if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
-        return True
-    local = "<locals>" in type(value).__qualname__  # (a class defined in a function: refused by encode)
-    if isinstance(value, Mapping) and not local:
-        return all(sendable(key) and sendable(item) for key, item in value.items())
-    if type(value) in (list, tuple) or _return_type(value) is not None or \
-            isinstance(value, tuple) and hasattr(value, "_fields") and not local:
-        return all(sendable(item) for item in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not local:
-        return all(sendable(item) for item in dataclass_values(value).values())
-    return _numpy_kind(value) is not None
-
-
-def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
-    """The value :func:`encode` turned into ``structure``; ``tensors`` are consumed from the front, in order."""
-    if not isinstance(structure, dict):
-        return structure
-    ((kind, body),) = structure.items()
-    if kind in ("T", "N"):
-        tensor = tensors.pop(0)
-        return tensor.numpy() if kind == "N" else tensor
-    if kind == "S":
-        indices, values = tensors.pop(0), tensors.pop(0)
-        return torch.sparse_coo_tensor(indices, values, body[1], is_coalesced=bool(body[2]))
-    if kind == "D":
-        dtype = getattr(torch, body, None) if isinstance(body, str) else None
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {body!r} in a step result")
-        return dtype
-    if kind == "V":
-        return torch.device(body)
-    if kind == "s":
-        return {key: decode(item, tensors) for key, item in body.items()}
-    if kind == "d":
-        return {_hashable(decode(key, tensors)): decode(item, tensors) for key, item in body}
-    if kind == "C":
-        return Counter({_hashable(decode(key, tensors)): decode(item, tensors) for key, item in body})
-    if kind == "l":
-        return [decode(item, tensors) for item in body]
-    if kind == "t":
-        return tuple(decode(item, tensors) for item in body)
-    if kind == "c":  # from a module this process has imported, its fields as they were (wire's rules)
-        cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
-        return rebuilt_dataclass(cls, {name: decode(item, tensors) for name, item in body[2].items()})
-    if kind == "m":
-        cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
-        return rebuild_mapping(cls, decode(body[2], tensors))
-    if kind == "n":
-        cls = imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
-        return cls(*(decode(item, tensors) for item in body[2]))
-    if kind == "r":
-        name, items = body
-        made = getattr(torch.return_types, name, None) if isinstance(name, str) else None
-        if not (isinstance(made, type) and issubclass(made, tuple) and made.__module__ == "torch.return_types"):
-            raise ValueError(f"unknown result type {name!r} in a step result")  # never made: anything but those
-        return made(tuple(decode(item, tensors) for item in items))
-    raise ValueError(f"unknown kind {kind!r} in a step result")
-
-
-def _return_type(value: Any) -> type | None:
-    """The type of ``value`` where it is one of torch's named tuples of results (``torch.return_types.topk``)."""
-    kind = type(value)
-    return kind if isinstance(value, tuple) and kind.__module__ == "torch.return_types" else None
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
-
-
-def _numpy_kind(value: Any) -> str | None:
-    module = type(value).__module__
-    if not module.startswith("numpy"):
-        return None
-    import numpy
-
-    if isinstance(value, numpy.ndarray) and value.dtype.kind in "biufc":
-        return "array"
-    if isinstance(value, numpy.generic) and value.dtype.kind in "biufc":
-        return "scalar"
-    return None
-
-
-def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = None) -> list[tuple[str, list[int]]]:
-    """The (dtype, shape) of every tensor in ``structure``, in encoding order."""
-    specs = [] if specs is None else specs
-    if isinstance(structure, dict):
-        ((kind, body),) = structure.items()
-        if kind in ("T", "N"):
-            specs.append((body[0], body[1]))
-        elif kind == "S":  # a sparse tensor's indices and values
-            specs += [("int64", body[3]), (body[0], body[4])]
-        elif kind == "c":
-            for item in body[2].values():
-                tensor_specs(item, specs)
-        elif kind == "m":
-            tensor_specs(body[2], specs)
-        elif kind == "n":
-            for item in body[2]:
-                tensor_specs(item, specs)
-        elif kind == "s":
-            for item in body.values():
-                tensor_specs(item, specs)
-        elif kind in ("d", "C"):
-            for key, item in body:
-                tensor_specs(key, specs)
-                tensor_specs(item, specs)
-        elif kind == "r":
-            for item in body[1]:
-                tensor_specs(item, specs)
-        elif kind in ("D", "V"):  # a dtype or a device: no tensor
-            pass
-        else:
-            for item in body:
-                tensor_specs(item, specs)
-    return specs
 
 
 def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor]]:
@@ -324,38 +114,6 @@ def _reduce_name(reduce_fx: Any) -> Any:
     if reduce_fx in REDUCTION_NAMES:
         return REDUCTION_NAMES[reduce_fx]
     raise TypeError(f"reduce_fx={reduce_fx!r} cannot be sent to the other ranks; use 'mean', 'sum', 'max' or 'min'")
-
-
-# -- bytes on the wire ----------------------------------------------------------------------------
-def _pack(tensors: list[torch.Tensor], prefix: bytes = b"") -> bytearray:
-    """``prefix`` then each tensor's bytes, every part starting at a multiple of 8."""
-    out = bytearray(prefix)
-    for tensor in tensors:
-        out += b"\0" * (-len(out) % 8)
-        if tensor.numel():  # (a metric's state probs[:, 1] at a one-row micro-batch is a one-element column)
-            out += flat_bytes(tensor).numpy().tobytes()
-    return out
-
-
-def _unpack(data: bytearray, start: int, specs: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
-    tensors = []
-    buffer = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    offset = start
-    for dtype_name, shape in specs:
-        dtype = getattr(torch, dtype_name)
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"{dtype_name!r} is not a torch dtype")
-        offset += -offset % 8
-        count = 1
-        for size in shape:
-            count *= size
-        nbytes = count * dtype.itemsize
-        # each its own storage: views of one buffer as several dtypes cannot be saved together (torch.save of a
-        # predict step's outputs), and would keep the whole message alive
-        tensors.append(buffer[offset: offset + nbytes].view(dtype).reshape(shape).clone() if nbytes
-                       else torch.empty(shape, dtype=dtype))
-        offset += nbytes
-    return tensors
 
 
 _SHARE = "the step's result collective (last stage to every rank)"
@@ -459,7 +217,7 @@ class ResultChannel:
             assert encoded is not None
             text, tensors = encoded
             structure_bytes = b"" if text == self._structure_text else text.encode()
-            payload = _pack(tensors, structure_bytes)
+            payload = pack(tensors, structure_bytes)
             header[2] = len(payload)
             header[3] = len(structure_bytes) if structure_bytes else _UNCHANGED
             if len(payload) <= _INLINE:
@@ -502,7 +260,7 @@ class ResultChannel:
             start = 0
         if self._structure_text is None:
             raise RuntimeError("a step result arrived without its structure; this is a bug, please report it")
-        return (self._structure, _unpack(data, start, self._specs)), fingerprints, bool(words[4])
+        return (self._structure, unpack(data, start, self._specs)), fingerprints, bool(words[4])
 
     def _posted_error(self, wait: float = 3.0) -> Exception | None:
         """The error the failed last stage posts, which may follow its "failed" answer by a moment (a failure at
@@ -567,7 +325,7 @@ def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessG
     of the sizes and of the padded bytes; nothing pickled."""
     text, tensors = encoded
     structure = text.encode()
-    payload = _pack(tensors, structure)
+    payload = pack(tensors, structure)
     size = dist.get_world_size(group)
     lengths = [torch.empty(2, dtype=torch.int64, device=device) for _ in range(size)]
     collective(dist.all_gather, lengths, torch.tensor([len(payload), len(structure)], dtype=torch.int64, device=device),
@@ -582,5 +340,5 @@ def gather_results(encoded: tuple[str, list[torch.Tensor]], group: dist.ProcessG
     for part, (length, structure_length) in zip(parts, sizes):
         data = bytearray(part.cpu().numpy().tobytes()[:length])
         parsed = json.loads(bytes(data[:structure_length]).decode())
-        results.append(decode_result(parsed, _unpack(data, structure_length, tensor_specs(parsed, []))))
+        results.append(decode_result(parsed, unpack(data, structure_length, tensor_specs(parsed, []))))
     return results

@@ -34,7 +34,8 @@ from lightning_pipe.strategy.randomness import (
     same_random_states,
 )
 from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_warning
-from lightning_pipe.strategy.results import StepResult, sendable
+from lightning_pipe.strategy.results import StepResult
+from lightning_pipe.strategy.values import sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import (
