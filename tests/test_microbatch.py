@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import UserDict, namedtuple
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, microbatch_weights, owned, split_batch
-from lightning_pipe.engine.tree import tree_flatten, tree_unflatten
+from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors, tree_unflatten
 from tests.helpers import run_ranks
 from tests.models import mlp
 
@@ -265,3 +266,49 @@ def test_a_packed_sequence_or_a_nested_tensor_is_refused_with_what_to_give_inste
         with pytest.raises(ValueError, match=f"cannot split a batch holding {what.strip()} into") as caught:
             split_batch(batch, 2)
         assert "a list of tensors, one per row" in str(caught.value) and "pad_sequence" in str(caught.value)
+
+
+@dataclasses.dataclass
+class _Scaled:
+    """A batch class whose __post_init__ transforms its input (a scale), derives a field (its rows) and leaves one for
+    the collate_fn to set after it."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    rows: int = dataclasses.field(init=False)
+    weights: Any = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.pixels = self.pixels / 255
+        self.rows = self.pixels.shape[0]
+
+
+def test_a_dataclass_batch_is_split_without_transforming_its_fields_again() -> None:
+    """Rebuilt by its constructor, each micro-batch's pixels were divided by 255 twice (silent), and a field set after
+    construction was lost (found by review): the part keeps the transformed rows, derives its own row count, and
+    holds its rows of a field set later and of an attribute outside the fields."""
+    batch = _Scaled(torch.arange(12.0).view(6, 2) * 255, torch.arange(6))
+    batch.weights = torch.linspace(0, 1, 6)
+    batch.source = "collate"  # not a field
+    parts = split_batch(batch, 3)
+    assert torch.equal(torch.cat([part.pixels for part in parts]), batch.pixels)
+    assert [part.rows for part in parts] == [2, 2, 2] and batch.rows == 6
+    assert torch.equal(torch.cat([part.weights for part in parts]), batch.weights)
+    assert all(part.source == "collate" for part in parts)
+    moved = tree_map_tensors(torch.Tensor.clone, batch)  # (a move to a device, a detach): a copy, not made again
+    assert torch.equal(moved.pixels, batch.pixels) and moved.rows == 6 and moved.source == "collate"
+    assert moved.pixels is not batch.pixels
+
+
+@dataclasses.dataclass
+class _Fixed:
+    x: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != 4:
+            raise ValueError("a batch holds 4 rows")
+
+
+def test_a_dataclass_whose_constructor_refuses_a_part_is_copied_field_by_field() -> None:
+    parts = split_batch(_Fixed(torch.arange(4.0)), 2)
+    assert [part.x.tolist() for part in parts] == [[0.0, 1.0], [2.0, 3.0]] and type(parts[0]) is _Fixed

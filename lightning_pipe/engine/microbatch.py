@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from .tree import rebuild_mapping, tree_flatten
+from .tree import dataclass_part, dataclass_values, rebuild_mapping, tree_flatten
 
 __all__ = ["batch_rows", "split_batch", "owned", "microbatch_weights", "per_row_lists"]
 
@@ -55,7 +55,7 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
             raise ValueError(f"cannot split a batch of {hidden} (a class of its own) into micro-batches: a pipeline "
                              f"splits a batch's tensors along their rows (dim 0) in tensors, tuples, lists, dicts, "
                              f"NamedTuples and dataclasses, and cannot see those this class holds. Make it a "
-                             f"dataclass (@dataclasses.dataclass, its fields given to __init__: each is split and the "
+                             f"dataclass (@dataclasses.dataclass: each field is split and the "
                              f"class rebuilt), or have the collate_fn return a dict or a tuple")
         raise ValueError("cannot split a batch without tensors (of at least one dimension) into micro-batches: a "
                          "pipeline step splits every batch along its rows (dim 0). A batch of single numbers (a "
@@ -258,7 +258,7 @@ def _children(tree: Any) -> list[Any]:
     if isinstance(tree, Mapping):
         return list(tree.values())
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return [getattr(tree, f.name) for f in dataclasses.fields(tree) if f.init]
+        return list(dataclass_values(tree).values())
     return []
 
 
@@ -328,8 +328,8 @@ def _take(tree: Any, rows: int, per_row: set[int], part: slice, copy: bool) -> A
         return rebuild_mapping(type(tree),
                                {key: _take(child, rows, per_row, part, copy) for key, child in tree.items()})
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # each field split, the rest kept
-        return dataclasses.replace(tree, **{f.name: _take(getattr(tree, f.name), rows, per_row, part, copy)
-                                            for f in dataclasses.fields(tree) if f.init})
+        return dataclass_part(tree, {name: _take(value, rows, per_row, part, copy)
+                                     for name, value in dataclass_values(tree).items()})
     return tree
 
 

@@ -3,6 +3,7 @@ between ranks, :mod:`.wire` describes trees)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -10,7 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors", "rebuild_mapping"]
+__all__ = ["TreeSpec", "tree_flatten", "tree_unflatten", "tree_map_tensors", "rebuild_mapping", "dataclass_values",
+           "copied_dataclass", "dataclass_part"]
 
 # A TreeSpec is plain data so that it pickles cheaply and compares with ==:
 #   None                      -> a tensor leaf (taken from the leaves list in order)
@@ -90,6 +92,73 @@ def rebuild_mapping(cls: type, items: dict[Any, Any]) -> Any:
 
 
 def tree_map_tensors(fn: Any, tree: Any) -> Any:
-    """Apply ``fn`` to every tensor leaf of ``tree``; other leaves are kept as they are."""
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten([fn(leaf) for leaf in leaves], spec)
+    """Apply ``fn`` to every tensor leaf of ``tree`` (depth first); other leaves are kept as they are. A dataclass is
+    copied with its fields mapped, not made again by its constructor (:func:`copied_dataclass`)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if type(tree) is torch.Size:
+        return tree
+    if isinstance(tree, tuple):
+        children = [tree_map_tensors(fn, child) for child in tree]
+        return type(tree)(*children) if hasattr(tree, "_fields") else tuple(children)
+    if isinstance(tree, list):
+        return [tree_map_tensors(fn, child) for child in tree]
+    if type(tree) in (dict, OrderedDict):
+        return {key: tree_map_tensors(fn, child) for key, child in tree.items()}
+    if isinstance(tree, Mapping):
+        return rebuild_mapping(type(tree), {key: tree_map_tensors(fn, child) for key, child in tree.items()})
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return copied_dataclass(tree, {name: tree_map_tensors(fn, child)
+                                       for name, child in dataclass_values(tree).items()})
+    return tree
+
+
+def dataclass_values(value: Any) -> dict[str, Any]:
+    """The fields of the dataclass instance ``value`` (those its constructor does not take too), by name."""
+    return {field.name: getattr(value, field.name) for field in dataclasses.fields(value) if hasattr(value, field.name)}
+
+
+def copied_dataclass(value: Any, fields: dict[str, Any]) -> Any:
+    """``value`` holding ``fields``: a shallow copy, made without its constructor as Lightning moves a dataclass batch
+    between devices, so that its ``__post_init__`` does not run again (a scale applied twice) and what was set after
+    it is kept."""
+    made = copy.copy(value)
+    for name, item in fields.items():
+        object.__setattr__(made, name, item)
+    return made
+
+
+def dataclass_part(whole: Any, parts: dict[str, Any]) -> Any:
+    """A part of the dataclass instance ``whole`` (a micro-batch of a batch) from ``parts``, its fields' rows.
+
+    Made by its constructor from the fields it takes, so that a field its ``__post_init__`` derives from them (a row
+    count, a mask) is the part's; a field the constructor takes and ``__post_init__`` transforms is then set back to
+    the part of the value already transformed once (as on one device), and a field the constructor does not take, set
+    after it (one the constructor does not make again from ``whole``), holds its part. A constructor that refuses the
+    part (a check of a fixed size): a copy holding ``parts``. Attributes outside the fields are kept."""
+    taken = {field.name for field in dataclasses.fields(whole) if field.init}
+    try:
+        made = dataclasses.replace(whole, **{name: item for name, item in parts.items() if name in taken})
+        again = dataclass_values(dataclasses.replace(whole))
+    except Exception:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
+        return copied_dataclass(whole, parts)
+    for name, item in parts.items():
+        derived = name not in taken and name in again and _same(again[name], getattr(whole, name))
+        if not derived and getattr(made, name, None) is not item:
+            object.__setattr__(made, name, item)
+    for name, item in getattr(whole, "__dict__", {}).items():  # an attribute outside the fields, set after it
+        if name not in parts and not hasattr(made, name):
+            object.__setattr__(made, name, item)
+    return made
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values that do not compare: not the same
+        return False

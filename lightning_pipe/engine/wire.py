@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from .tree import dataclass_values
+
 __all__ = ["WireError", "HEADER", "ALIGN", "DATA", "LAYOUT", "SIDE", "Channel", "aligned", "describe", "encode_layout",
            "decode_layout", "rebuild", "tensor_sizes", "read_header", "host_bytes", "flat_bytes", "write_host",
-           "message_pieces", "as_received", "imported_class", "is_namedtuple_class", "dataclass_values",
+           "message_pieces", "as_received", "imported_class", "is_namedtuple_class",
            "rebuilt_dataclass", "refuse_local_class"]
 
 HEADER = struct.Struct("<BBHIQ")  # kind, 1 reserved byte, 2 reserved bytes, layout length, data length
@@ -339,11 +341,6 @@ def imported_class(module: str, qualname: str, what: str, is_one: Callable[[type
         raise WireError(f"cannot rebuild {what} {module}.{qualname}: no such {what} class in a module this "
                         f"process has imported; import {module} on every rank before running the pipeline")
     return found
-
-
-def dataclass_values(value: Any) -> dict[str, Any]:
-    """The fields of the dataclass instance ``value`` (those its constructor does not take too), by name."""
-    return {field.name: getattr(value, field.name) for field in dataclasses.fields(value) if hasattr(value, field.name)}
 
 
 def rebuilt_dataclass(cls: type, values: dict[str, Any]) -> Any:

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from lightning_pipe.engine.tree import rebuild_mapping
+from lightning_pipe.engine.tree import dataclass_values, rebuild_mapping
 from lightning_pipe.engine.wire import (
-    dataclass_values,
     flat_bytes,
     imported_class,
     is_namedtuple_class,
