@@ -59,7 +59,9 @@ def test_results_travel_as_json_and_tensors() -> None:
         torch.tensor(0.5), {"preds": torch.arange(6.0).view(3, 2), "names": ["a", "b"], "pair": (1, 2.5),
                             7: numpy.ones(2, dtype=numpy.float32), "flag": torch.tensor([True, False]),
                             "top": torch.tensor([[3.0, 1.0, 2.0]]).topk(2, dim=1),
-                            "milestones": collections.Counter({30: 1, 80: 2})},  # MultiStepLR's state holds one
+                            "milestones": collections.Counter({30: 1, 80: 2}),  # MultiStepLR's state holds one
+                            "by_class": collections.defaultdict(list, {3: [torch.ones(2)]}),  # (review: a dict)
+                            "by_lambda": collections.defaultdict(lambda: 0, {"a": 1})},
         [LoggedValue("loss", torch.tensor(0.25, dtype=torch.float64), None, {"prog_bar": True, "reduce_fx": torch.mean},
                      3), LoggedValue("mae", None, "train_mae", {"on_step": None}, None)],
         {"train_mae": {"state": {"total": torch.tensor(4), "parts": [torch.ones(2), torch.zeros(1)]}, "count": 2,
@@ -84,6 +86,9 @@ def test_results_travel_as_json_and_tensors() -> None:
     milestones = decoded.output["milestones"]
     assert type(milestones) is collections.Counter and milestones == collections.Counter({30: 1, 80: 2})
     assert top.indices.tolist() == [[0, 2]]
+    by_class = decoded.output["by_class"]  # a defaultdict of a class every rank has: one again; of a lambda, a dict
+    assert type(by_class) is collections.defaultdict and by_class.default_factory is list and by_class[5] == []
+    assert torch.equal(by_class[3][0], torch.ones(2)) and decoded.output["by_lambda"] == {"a": 1}
     assert decoded.logs[0].options == {"prog_bar": True, "reduce_fx": "mean"} and decoded.logs[0].batch_size == 3
     assert decoded.logs[0].value.dtype == torch.float64 and decoded.logs[1].metric == "train_mae"
     state = decoded.metrics["train_mae"]["state"]

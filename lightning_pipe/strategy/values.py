@@ -12,7 +12,7 @@ naming it and how to send it instead.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,6 +88,8 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         return {"c": [kind.__module__, kind.__qualname__,
                       {name: encode(item, tensors, where, advice, f"{path}.{name}")
                        for name, item in dataclass_values(value).items()}]}
+    if type(value) is defaultdict and _factory_name(value.default_factory) is not False:  # a defaultdict(list)
+        return {"F": [_factory_name(value.default_factory), encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, Mapping):  # a mapping of one's own class (an OrderedDict subclass, a BatchEncoding)
         refuse_local_class(kind, sent_at, TypeError)
         return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
@@ -155,6 +157,9 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
     if kind == "c":  # from a module this process has imported, its fields as they were (wire's rules)
         cls = imported_class(body[0], body[1], "dataclass", dataclasses.is_dataclass)
         return rebuilt_dataclass(cls, {name: decode(item, tensors) for name, item in body[2].items()})
+    if kind == "F":
+        factory = None if body[0] is None else imported_class(*body[0], "default factory", lambda found: True)
+        return defaultdict(factory, decode(body[1], tensors))
     if kind == "m":
         cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
         return rebuild_mapping(cls, decode(body[2], tensors))
@@ -168,6 +173,16 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
             raise ValueError(f"unknown result type {name!r} in a step result")  # never made: anything but those
         return made(tuple(decode(item, tensors) for item in items))
     raise ValueError(f"unknown kind {kind!r} in a step result")
+
+
+def _factory_name(factory: Any) -> list[str] | None | bool:
+    """A defaultdict's factory as [module, qualname] where every rank can find it (a class: ``list``, ``int``, one of
+    a module's own), None for none, False for one that cannot be sent (a lambda: the dict then travels as a dict)."""
+    if factory is None:
+        return None
+    if isinstance(factory, type) and "<locals>" not in factory.__qualname__:
+        return [factory.__module__, factory.__qualname__]
+    return False
 
 
 def _return_type(value: Any) -> type | None:
@@ -207,6 +222,8 @@ def tensor_specs(structure: Any, specs: list[tuple[str, list[int]]] | None = Non
                 tensor_specs(item, specs)
         elif kind == "m":
             tensor_specs(body[2], specs)
+        elif kind == "F":
+            tensor_specs(body[1], specs)
         elif kind == "n":
             for item in body[2]:
                 tensor_specs(item, specs)
