@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .calls import each_call
 from .kept import kept_buffers, kept_modes
@@ -161,6 +162,8 @@ def _rows(tree: Any) -> int:
 def _leaves(tree: Any) -> Iterator[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         yield tree
+    elif isinstance(tree, PackedSequence):  # (its data is time-major: its rows are those of the padded batch)
+        yield _padded(tree)
     elif isinstance(tree, (list, tuple)):
         for item in tree:
             yield from _leaves(item)
@@ -171,6 +174,11 @@ def _leaves(tree: Any) -> Iterator[torch.Tensor]:
 
 def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
     """``a`` and ``b`` as one input: tensors of their rows concatenated along dim 0, what they share kept once."""
+    if isinstance(a, PackedSequence) and isinstance(b, PackedSequence):  # the rows' sequences packed together
+        length = max(_length(a), _length(b))
+        (x, x_lengths), (y, y_lengths) = (pad_packed_sequence(p, batch_first=True, total_length=length) for p in (a, b))
+        return pack_padded_sequence(torch.cat([x, y]), torch.cat([x_lengths, y_lengths]), batch_first=True,
+                                    enforce_sorted=False)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.dim() > 0 and a.shape[0] == rows_a and b.shape[0] == rows_b and a.shape[1:] == b.shape[1:]:
             return torch.cat([a, b])
@@ -187,6 +195,15 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
     raise _CannotTell
 
 
+def _length(packed: PackedSequence) -> int:
+    return len(packed.batch_sizes)
+
+
+def _padded(packed: PackedSequence, length: int | None = None) -> torch.Tensor:
+    """``packed`` as a padded batch, rows first, in the rows' order, ``length`` steps long (its longest's if None)."""
+    return pad_packed_sequence(packed, batch_first=True, total_length=length)[0]
+
+
 def _same(a: Any, b: Any) -> bool:
     try:
         return bool(a == b)
@@ -199,6 +216,9 @@ def _matched(parts: list[Any], together: Any) -> Iterator[tuple[torch.Tensor, li
     output, through lists, tuples and dicts of the same structure in every part."""
     if isinstance(together, torch.Tensor):
         yield together, parts
+    elif isinstance(together, PackedSequence) and all(isinstance(part, PackedSequence) for part in parts):
+        # a PackedSequence's data is time-major and sorted by length: compared as the padded batches (rows first)
+        yield _padded(together), [_padded(part, _length(together)) for part in parts]
     elif isinstance(together, (list, tuple)) and all(isinstance(part, (list, tuple)) and len(part) == len(together)
                                                      for part in parts):
         for index, item in enumerate(together):
