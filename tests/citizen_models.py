@@ -4,6 +4,7 @@ that returns a loss summed over rows (Lightning's bug-report template)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -533,3 +534,49 @@ class MeanTeacher(BornAgain):
         with torch.no_grad():
             for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
                 teacher.lerp_(student, 0.1)
+
+
+class MomentumBYOL(L.LightningModule):
+    """BYOL as lightly writes it: momentum copies of the backbone and of the projection head (deep copies, frozen),
+    updated with ``torch._foreach`` ops pairing their parameters with the model's (lightly's ``update_momentum``), in
+    the step before the model (``where="step"``, lightly's example; ``"backbone"``: the backbone's copy alone) or in a
+    hook every rank runs (``"hook"``)."""
+
+    def __init__(self, where: str = "step") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.where = where
+        self.backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.projection_head = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.prediction_head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.backbone_momentum = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x)))
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x)).detach()
+
+    def _update_momentum(self) -> None:
+        with torch.no_grad():
+            pairs = [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]
+            for model, ema in pairs[:1] if self.where == "backbone" else pairs:
+                targets = list(ema.parameters())
+                torch._foreach_mul_(targets, 0.99)
+                torch._foreach_add_(targets, list(model.parameters()), alpha=0.01)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.where == "hook":
+            self._update_momentum()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.where != "hook":
+            self._update_momentum()
+        x, _ = batch
+        p0, p1 = self(x), self(x.flip(1))
+        z0, z1 = self.forward_momentum(x), self.forward_momentum(x.flip(1))
+        return -0.5 * (F.cosine_similarity(p0, z1).mean() + F.cosine_similarity(p1, z0).mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05)

@@ -196,3 +196,20 @@ def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_w
     with kept_buffers([untouched]):
         untouched(torch.randn(4, 3))
     assert [buffer._version for buffer in untouched.buffers()] == versions  # nothing to tell a step it changed them
+
+
+def test_the_count_a_loss_is_a_mean_over_is_read_from_its_graph() -> None:
+    """Cross entropy's labels not ignored, a .mean()'s elements, a mask's sum a sum is divided by, through a scaling
+    by a constant; no count for a sum of terms or an MSE."""
+    import torch.nn.functional as F
+
+    from lightning_pipe.strategy.loss_graph import mean_count
+
+    x = torch.randn(6, 5, requires_grad=True)
+    labels = torch.tensor([1, -100, 2, -100, 3, 4])
+    kept = (labels != -100).float()
+    assert mean_count(F.cross_entropy(x, labels, ignore_index=-100)) == 4.0
+    assert mean_count(0.5 * F.cross_entropy(x, labels.clamp(min=0))) == 6.0
+    assert mean_count((x.sum(1) * kept).sum() / kept.sum()) == 4.0 and mean_count(x.sum(1)[kept > 0].mean()) == 4.0
+    assert mean_count(x.mean() + x.sum()) is None and mean_count(F.mse_loss(x, torch.zeros(6, 5))) is None
+    assert mean_count(torch.tensor(1.0)) is None

@@ -1016,3 +1016,26 @@ def test_a_sum_told_of_a_mean_loss_is_warned_of(captured: bool) -> None:
         assert len(first) == 1 and "the model computes its loss as a mean: cross_entropy_loss" in first[0], first
     else:
         assert first == [], first
+
+
+def _byol(rank: int, world_size: int, where: str) -> None:
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import MomentumBYOL, class_data
+
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_steps=2)
+    trainer.fit(MomentumBYOL(where), class_data(batch_size=8, batches=2))
+
+
+@pytest.mark.timeout(200)
+def test_lightlys_byol_momentum_update_is_refused_naming_the_copies_it_pairs() -> None:
+    """lightly's BYOL updates momentum copies of parts of the model (the backbone, the projection head) by pairing
+    their parameters: in the step it was refused as weight clipping by hand, whose advice (a hook) then failed with
+    torch's bare "Tensor lists must have the same number of tensors" (found by review). Both now say what it pairs."""
+    pairing = "where this comes from pairing the parameters of backbone_momentum"
+    # the first stage holds the whole backbone: its copy is written; the last stage pairs it with no parameters
+    for error in run_ranks(_byol, 2, "backbone", expect_failure=True, timeout=150):
+        assert error is not None and "training_step changes backbone_momentum's parameters in place" in error, error
+        assert "has the structure of self.backbone, a part of the pipelined model," in error
+    for where in ("step", "hook"):
+        errors = run_ranks(_byol, 2, where, expect_failure=True, timeout=150)
+        assert all(error is not None and pairing in error for error in errors), (where, errors)

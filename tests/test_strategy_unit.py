@@ -1039,7 +1039,7 @@ def test_a_frozen_copy_of_the_model_beside_it_is_said_once_it_changes() -> None:
     module.target = copy.deepcopy(module.layers).requires_grad_(False)
     module.tower = copy.deepcopy(module.layers)  # trainable
     module.other = nn.Sequential(nn.Linear(16, 8)).requires_grad_(False)
-    assert frozen_copies(module, "layers", module.layers) == ["target"]
+    assert frozen_copies(module, "layers", module.layers) == {"target": "layers"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         copies = FrozenCopies(module, "layers", module.layers, types.SimpleNamespace(is_last_rank=True))
@@ -1077,7 +1077,7 @@ def test_a_frozen_copy_of_the_model_beside_it_is_said_once_it_changes() -> None:
     teacher.explain(error)
     assert "where this comes from pairing the parameters of target with the model's" in str(error)
     del module.target
-    assert frozen_copies(module, "layers", module.layers) == []
+    assert frozen_copies(module, "layers", module.layers) == {}
 
 
 def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_model() -> None:
@@ -1099,7 +1099,7 @@ def test_an_averaged_copy_of_the_model_is_warned_of_and_never_taken_for_the_mode
             self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
 
     module = Averaging()
-    assert frozen_copies(module, "net", module.net) == ["ema"]
+    assert frozen_copies(module, "net", module.net) == {"ema": "net"}
     assert choose_model(module, None, None)[1] == "net"
     with pytest.warns(UserWarning, match="ema has the structure of the model at 'net' and is an averaged copy of it"):
         FrozenCopies(module, "net", module.net, types.SimpleNamespace(is_last_rank=True))  # said at once
@@ -1149,7 +1149,7 @@ def test_timms_ema_of_the_model_is_warned_of_and_an_unfrozen_copy_refused_naming
             self.model_ema = ModelEmaV2(self.model) if timm else copy.deepcopy(self.model)
 
     module = Averaging(timm=True)
-    assert frozen_copies(module, "model", module.model) == ["model_ema"]
+    assert frozen_copies(module, "model", module.model) == {"model_ema": "model"}
     assert choose_model(module, None, None)[1] == "model"
     with pytest.warns(UserWarning, match="model_ema has the structure of the model at 'model' and is an averaged"):
         FrozenCopies(module, "model", module.model, types.SimpleNamespace(is_last_rank=True))

@@ -44,7 +44,8 @@ class FrozenCopies:
 
     def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline) -> None:
         self.module, self.path = module, path
-        copies = frozen_copies(module, path, model)
+        self.originals = frozen_copies(module, path, model)  # each copy's path -> the path of what it copies
+        copies = list(self.originals)
         first_rank = not dist.is_initialized() or dist.get_rank() == 0
         averages = averaged_parameters(module)
         averaged = [name for name in copies if any(id(p) in averages for p in module.get_submodule(name).parameters())]
@@ -90,18 +91,35 @@ class FrozenCopies:
         network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
         come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        if self.unsaid and isinstance(message, str) and ("size" in message or "state_dict" in message):
+        if self.unsaid and isinstance(message, str) and "where this comes from pairing" not in message and (
+                "size" in message or "state_dict" in message or "same number of tensors" in message):
             exception.args = (f"{message} (where this comes from pairing the parameters of {self.unsaid[0]} with the "
-                              f"model's: {_pairing(self.unsaid, 'is a frozen copy of it', self.path)})",
+                              f"model's: {self.pairing(self.unsaid, 'is a frozen copy of it')})",
                               *exception.args[1:])
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The copies' parameters."""
+        return [p for name in self.originals for p in self.module.get_submodule(name).parameters()]
+
+    def written(self, parameters: list[torch.nn.Parameter]) -> str | None:
+        """The copy (its path) holding one of ``parameters``, which the step's code wrote in place, if any."""
+        ids = {id(p) for p in parameters}
+        return next((name for name in self.originals
+                     if any(id(p) in ids for p in self.module.get_submodule(name).parameters())), None)
+
+    def pairing(self, copies: list[str], what: str) -> str:
+        """What pairing the parameters of ``copies`` with the model's does under the pipeline, and what to do."""
+        original = self.originals.get(copies[0], self.path)
+        return _pairing(copies, what, original, original != self.path)
+
     def _say(self, copies: list[str], what: str) -> None:
-        warnings.warn(_pairing(copies, what, self.path), stacklevel=3)
+        warnings.warn(self.pairing(copies, what), stacklevel=3)
 
 
-def _pairing(copies: list[str], what: str, path: str) -> str:
+def _pairing(copies: list[str], what: str, path: str, part: bool = False) -> str:
     target = copies[0]
-    return (f"{', '.join(copies)} has the structure of the model at {path!r} and {what} (an EMA target, torch's "
+    model = f"self.{path}, a part of the pipelined model," if part else f"the model at {path!r}"
+    return (f"{', '.join(copies)} has the structure of {model} and {what} (an EMA target, torch's "
             f"AveragedModel, a momentum encoder, a mean teacher): it stays whole on every rank, while under "
             f"PipelineStrategy each rank holds only its share of the model, so code that pairs their parameters "
             f"(zip(self.{target}.parameters(), self.{path}.parameters()), {target}.update_parameters(self.{path}), "

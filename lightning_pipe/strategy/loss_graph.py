@@ -2,7 +2,8 @@
 
 The strategy looks through it on the last stage: for the pipelined model's parameters the code reads beside the
 model's output (:func:`parameters_reached`: a penalty over ``self.parameters()``, which there covers the last stage's
-alone), and for its form (:func:`loss_form`: a term that joins the loss after a warm-up changes it).
+alone), for its form (:func:`loss_form`: a term that joins the loss after a warm-up changes it), and for the count
+it is a mean over (:func:`mean_count`: cross entropy's labels not ignored, a mask's sum it is divided by).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from lightning_pipe.engine.tree import tree_flatten
 
-__all__ = ["parameters_reached", "loss_form"]
+__all__ = ["parameters_reached", "loss_form", "mean_count"]
 
 _GRAPH_NODES = 2048  # the most autograd nodes of the step's own code walked for its loss's form
 
@@ -65,3 +66,35 @@ def loss_form(loss: torch.Tensor, output: Any) -> tuple[str, ...]:
         if node not in stops:
             pending.extend(function for function, _ in node.next_functions)
     return tuple(names)
+
+
+_PASSED = {"MulBackward0", "MulBackward1", "DivBackward1", "NegBackward0", "CloneBackward0", "ToCopyBackward0",
+           "AliasBackward0", "ViewBackward0", "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0"}
+
+
+def mean_count(loss: torch.Tensor) -> float | None:
+    """What ``loss`` is a mean over, read at the root of its autograd graph (before its backward frees what the graph
+    saved), through scalings by constants: cross entropy's (``nll_loss``'s) labels not ignored (or their class
+    weights' sum), the elements of a ``.mean()``, the 0-dim tensor without gradient that a sum is divided by (a
+    mask's sum); None for any other form (a sum of terms)."""
+    node = getattr(loss, "grad_fn", None)
+    for _ in range(16):
+        name = type(node).__name__ if node is not None else ""
+        try:
+            if name.startswith("NllLoss"):
+                return float(node._saved_total_weight) if node._saved_reduction == 1 else None
+            if name == "MeanBackward0":
+                return float(node._saved_self_sym_numel)
+            if name == "DivBackward0":
+                other = node._saved_other
+                return float(other) if isinstance(other, torch.Tensor) and other.dim() == 0 \
+                    and not other.requires_grad and node.next_functions[1][0] is None else None
+        except (AttributeError, RuntimeError):  # (a saved value freed, or a node of another version of torch)
+            return None
+        if name not in _PASSED:
+            return None
+        onward = [function for function, _ in node.next_functions if function is not None]
+        if len(onward) != 1:  # a product of two terms with gradients: no count
+            return None
+        node = onward[0]
+    return None

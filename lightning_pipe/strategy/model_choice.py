@@ -144,6 +144,11 @@ def _averaging(part: nn.Module) -> bool:
                                                and isinstance(getattr(part, "module", None), nn.Module))
 
 
+def _blocks(part: nn.Module) -> int:
+    """How many of ``part``'s modules hold parameters of their own."""
+    return sum(1 for module in part.modules() if any(True for _ in module.parameters(recurse=False)))
+
+
 def _layout(part: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(tensor.shape)) for name, tensor in (*part.named_parameters(), *part.named_buffers())]
 
@@ -172,20 +177,30 @@ def largest_owner(module: nn.Module, thawing: bool = False) -> str:
     return max(owners(module, thawing), key=size, default="backbone")
 
 
-def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> list[str]:
-    """Paths of ``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes,
-    and of its averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a
-    momentum encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs parameter by parameter with the
-    model's."""
+def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> dict[str, str]:
+    """``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes, and its
+    averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a momentum
+    encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs parameter by parameter with the model's;
+    and frozen submodules with the names and shapes of one of the model's trainable children (lightly's BYOL keeps a
+    momentum copy of its backbone and of its projection head beside them). Each by path, with what it copies."""
     wanted = _layout(model)
-    found: list[str] = []
+    parts = {f"{path}.{name}" if path else name: _layout(child) for name, child in model.named_children()
+             if any(p.requires_grad for p in child.parameters()) and _blocks(child) > 1}  # (not one layer's copy)
+    found: dict[str, str] = {}
     for name, part in module.named_modules():
         inside = name == path or name.startswith(f"{path}.") or path.startswith(f"{name}.") or not name
-        if inside or any(name.startswith(f"{other}.") for other in found) or part is model:
+        if not name or any(name.startswith(f"{other}.") for other in found) or part is model:
             continue
-        if _averaging(part) and _layout(part.module) == wanted:
-            found.append(name)
-        elif any(True for _ in part.parameters()) and not any(p.requires_grad for p in part.parameters()) \
-                and _layout(part) == wanted:
-            found.append(name)
+        if not inside and _averaging(part) and _layout(part.module) == wanted:
+            found[name] = path
+            continue
+        if not any(True for _ in part.parameters()) or any(p.requires_grad for p in part.parameters()):
+            continue
+        layout = _layout(part)
+        if not inside and layout == wanted:
+            found[name] = path
+        else:
+            found.update({name: original for original, shape in parts.items()
+                          if shape == layout and original != name and not original.startswith(f"{name}.")
+                          and not name.startswith(f"{original}.")})
     return found

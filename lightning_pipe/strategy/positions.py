@@ -57,6 +57,10 @@ class RunPosition:
         self._resumed: set[int] = set()  # the training orders that have begun the resumed epoch
         self._again: set[int] = set()  # orders that began a finished epoch again (Lightning's restart), not resumed yet
         self._loader_states: list[dict[str, Any]] = []
+        # Lightning's epoch number less the data's, fixed at a run's first training step: 1 in a fit that max_steps
+        # resumed part way through an epoch (it goes on with that epoch's batches, which Lightning numbers as the
+        # next), else 0; the seeds and orders of the run's steps and epochs take the data's number
+        self._shift: int | None = None
 
     # -- the base seed --------------------------------------------------------------------------------
     def agree_seed(self, device: torch.device) -> None:
@@ -83,6 +87,7 @@ class RunPosition:
         loaded, self._loaded = self._loaded, None
         self.train_orders = []
         self._resume, self._loader_states, self._resumed, self._again = None, [], set(), set()
+        self._shift = None
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self.epoch, self.consumed = 0, 0
@@ -114,11 +119,17 @@ class RunPosition:
         """The seed of the step about to run (every rank alike); :meth:`step_done` moves past it."""
         stage = trainer.state.stage
         if stage == RunningStage.TRAINING:
-            if trainer.current_epoch != self.epoch:
-                self.epoch, self.consumed = trainer.current_epoch, 0
+            if self._shift is None:  # (a resume within an epoch that Lightning numbers as the next: found by review)
+                self._shift = max(0, trainer.current_epoch - self.epoch) if self._resume is not None else 0
+            if self._epoch(trainer) != self.epoch:
+                self.epoch, self.consumed = self._epoch(trainer), 0
             return derive_seed(self.base, Stream.TRAIN, self.epoch, self.consumed)
         stream = _STREAMS.get(stage, 0)
-        return derive_seed(self.base, stream, trainer.global_step, trainer.current_epoch, self.evaluation_index)
+        return derive_seed(self.base, stream, trainer.global_step, self._epoch(trainer), self.evaluation_index)
+
+    def _epoch(self, trainer: Trainer) -> int:
+        """The epoch of the data: Lightning's less :attr:`_shift`."""
+        return trainer.current_epoch - (self._shift or 0)
 
     def step_done(self, trainer: Trainer) -> None:
         if trainer.state.stage == RunningStage.TRAINING:
@@ -134,7 +145,7 @@ class RunPosition:
         """Where an iteration of a dataloader starts (asked as it begins): the first training iteration after a
         resume continues the checkpoint's epoch."""
         if training:
-            epoch, skip, loading = trainer.current_epoch, 0, None
+            epoch, skip, loading = self._epoch(trainer), 0, None
             self._settle(trainer)
             if self._resume is not None and id(order) not in self._resumed:
                 index = next((i for i, o in enumerate(self.train_orders) if o is order), None)
@@ -152,8 +163,8 @@ class RunPosition:
                     loading = self._loader_states[index].get("loading")
             return DataStart(derive_seed(self.base, Stream.DATA_ORDER, epoch), epoch, skip, True, loading)
         stream = _STREAMS.get(trainer.state.stage, 0)
-        return DataStart(derive_seed(self.base, Stream.DATA_ORDER, stream, trainer.global_step, trainer.current_epoch),
-                         trainer.current_epoch)
+        return DataStart(derive_seed(self.base, Stream.DATA_ORDER, stream, trainer.global_step, self._epoch(trainer)),
+                         self._epoch(trainer))
 
     def adopt_train_order(self, order: SharedOrder) -> None:
         """A training dataloader's order: its generators' states go into checkpoints (and come back on resume)."""

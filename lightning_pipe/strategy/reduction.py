@@ -33,6 +33,7 @@ import torch.distributed as dist
 from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
+from lightning_pipe.strategy.loss_graph import mean_count
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "LOSS_TOLERANCE", "check_loss_reduction", "Counts", "Probe", "verdict", "count_warning",
@@ -144,11 +145,17 @@ class Probe:
     rows: list[int] = field(default_factory=list)
     counts: list[float] | None = None  # what a loss_reduction function counted in each micro-batch, if one is given
     scalar_kinds: list[str | None] | None = None  # found by :func:`verdict`: an nn.Sequential's single numbers summed
+    graph_counts: list[float | None] = field(default_factory=list)  # what each loss's graph says it is a mean over
 
     def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
+        """Keep a micro-batch's output and loss (before its backward, which frees what its graph saved)."""
         self.outputs.append(tree_map_tensors(torch.Tensor.detach, output))
         self.losses.append(loss)
         self.rows.append(rows)
+        self.graph_counts.append(mean_count(loss))
+
+
+DRAWS = "the step's loss draws random numbers (it changes with the seed)"  # a verdict's reason for telling nothing
 
 
 def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
@@ -198,7 +205,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         if abs(whole - mean) <= tolerance * max(abs(mean), abs(whole), 1e-12):
             return "counted", why
         if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * abs(whole):
-            return None, "the step's loss draws random numbers (it changes with the seed)"
+            return None, DRAWS
         return "neither", why
     if not math.isfinite(total):
         return None, "the loss is not finite (a NaN or an infinity)"
@@ -214,7 +221,7 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     if not alike and abs(whole - mean) <= tolerance * scale:
         return "mean", why
     if abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * scale:
-        return None, "the step's loss draws random numbers (it changes with the seed)"
+        return None, DRAWS
     summed = _scalars_summed(probe, kinds)
     if summed is not None:  # single numbers an nn.Sequential returns (a VAE's KL summed over its rows): as sums?
         try:
@@ -294,6 +301,27 @@ def _scalars_summed(probe: Probe, kinds: OutputKinds | None) -> list[str | None]
     leaves = tree_flatten(probe.outputs[0])[0]
     scalars = [isinstance(leaf, torch.Tensor) and leaf.dim() == 0 and leaf.is_floating_point() for leaf in leaves]
     return ["sum" if scalar else None for scalar in scalars] if any(scalars) else None
+
+
+def drawn_count_warning(probe: Probe) -> str | None:
+    """What to tell a user whose step draws random numbers (so that :func:`verdict` cannot tell) where each
+    micro-batch's loss is a mean over a count (:func:`~.loss_graph.mean_count`: a masked-LM mask's labels) that the
+    micro-batches do not share in proportion to their rows; None where they do, or where a loss has no such count."""
+    counts = probe.graph_counts
+    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c > 0 for c in counts):
+        return None
+    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
+    if max(per_row) - min(per_row) <= 1e-6 * max(per_row):
+        return None
+    return (f"training_step's loss is a mean over a count that its micro-batches do not share in proportion to their "
+            f"rows ({[round(float(c), 6) for c in counts]} counted in micro-batches of {probe.rows} rows: cross "
+            f"entropy's labels not ignored, or what the loss is divided by), and the step draws random numbers (a "
+            f"masked-LM mask drawn in the step?), so the pipeline cannot check it on the whole batch. It weighs each "
+            f"micro-batch's loss by its rows, so these gradients differ from one device's mean over the batch's "
+            f"count. Draw the mask in the DataLoader's collate_fn (transformers' DataCollatorForLanguageModeling "
+            f"does), so that the batch holds the labels, and pass PipelineStrategy(loss_reduction=lambda batch: "
+            f"(batch['labels'] != -100).sum()), batch[...] naming where your batch holds them; or train with "
+            f"num_microbatches=1")
 
 
 def count_warning(why: str) -> str:

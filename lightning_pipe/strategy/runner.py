@@ -193,8 +193,8 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
         warn_of_gradient_hooks(captured.module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
-        if captured.path:
-            runner.frozen_copies = FrozenCopies(captured.module, captured.path, captured.model, pipeline)
+        runner.frozen_copies = FrozenCopies(captured.module, captured.path,  # (the module's own forward: its parts')
+                                            captured.model if captured.path else captured.module, pipeline)
         captured.install(local).owner = runner
         runner._hold_step_parameters()
         if captured.deferred is not None:
@@ -334,13 +334,19 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
             before = self.effects.snapshot()
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
                 if isinstance(self.split, CapturedModule) else nullcontext()
-            versions = [(p, p._version) for p in self.pipeline.parameters()] \
+            copies = self.frozen_copies.parameters() if self.frozen_copies is not None else []
+            versions = [(p, p._version) for p in (*self.pipeline.parameters(), *copies)] \
                 if step == "training_step" and self._parameter_writes_left > 0 else []
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device), \
                     microbatch_run(step, index, len(firsts), len(rows), total, tagged[BATCH]):
                 inputs = self.split.capture_input(step, tagged[BATCH], rest, kwargs)
-            if any(p._version != version for p, version in versions):
+            written = [p for p, version in versions if p._version != version]
+            copy = self.frozen_copies.written(written) if written and self.frozen_copies is not None else None
+            if copy is not None:  # (lightly's BYOL: update_momentum in the step; found by review: named clipping)
+                raise RuntimeError(f"training_step changes {copy}'s parameters in place before calling the model: "
+                                   f"{self.frozen_copies.pairing([copy], 'is a frozen copy of it')}")
+            if written:
                 raise RuntimeError(
                     "training_step changes the model's parameters in place before calling the model (clamp_, mul_, "
                     "copy_: weight clipping, a max-norm constraint, a shrink by hand); under a pipeline the step's "
