@@ -174,6 +174,29 @@ def test_a_packed_sequence_says_to_run_the_rnn_on_the_padded_batch() -> None:
         Splitter(_Packed()).segments((torch.randint(0, 16, (3, 5)), torch.tensor([5, 2, 4])))
 
 
+class _Prototypes(nn.Module):
+    """lightly's SwaVPrototypes: frozen for the first steps by its own forward, given the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.heads = nn.Linear(4, 8), nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        if step is not None:
+            self.heads.requires_grad_(step >= 2)
+        return self.heads(self.backbone(x))
+
+
+def test_a_forward_setting_requires_grad_is_refused_and_leaves_the_flags_as_they_were() -> None:
+    """The graph keeps no requires_grad_ call: the prototypes stayed as the capture left them (found by review: trained
+    otherwise than on one device, silently)."""
+    model = _Prototypes()
+    with pytest.raises(CaptureError, match=r"sets requires_grad of the parameters of heads.*on_train_batch_start"):
+        Splitter(model).segments((torch.randn(6, 4),), {"step": 0})
+    assert all(p.requires_grad for p in model.parameters())
+    Splitter(_Prototypes()).segments((torch.randn(6, 4),))  # called without the step: captured
+
+
 def test_a_batch_norm_averaging_every_batch_says_to_give_it_a_momentum() -> None:
     """torch's momentum=None (a cumulative average, weighted by 1 / num_batches_tracked): not an input's check."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 2))

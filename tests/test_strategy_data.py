@@ -308,3 +308,13 @@ def test_a_distributed_sampler_made_for_ddp_is_refused_by_name() -> None:
         check_distributed_samplers(DataLoader(data, batch_sampler=inner), 2, 1, "the test DataLoader")
     check_distributed_samplers(ddp, 2, 1, "the training DataLoader")  # the replicas' own (2 replicas, this one 1)
     check_distributed_samplers(DataLoader(data, shuffle=True), 1, 0, "the training DataLoader")
+
+
+def test_a_one_element_loss_of_any_shape_is_the_steps_loss() -> None:
+    """lightly's SwaVLoss returns a loss of shape (1,), which one device's backward takes; the check of how it adds
+    up crashed on it (found by review)."""
+    from lightning_pipe.strategy.step_values import loss_of
+
+    loss = torch.ones(1, requires_grad=True) * 2
+    taken, rest = loss_of({"loss": loss, "n": torch.tensor(3)})
+    assert taken.shape == () and taken.requires_grad and float(taken) == 2.0 and loss_of(loss)[0].shape == ()

@@ -28,7 +28,15 @@ from torch.export import Dim, ExportedProgram
 
 from .assignments import Assignments, Read, assignment_advice, carried_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
-from .errors import CaptureError, explain_export_error, listed, locate_exception, locate_frame, module_names
+from .errors import (
+    SEQUENTIAL_PATH,
+    CaptureError,
+    explain_export_error,
+    listed,
+    locate_exception,
+    locate_frame,
+    module_names,
+)
 from .functions import frozen_checkpoint_advice, not_derivatives, watch_autograd_functions
 from .guards import guarded_sizes
 from .host_random import host_random_advice, watch_host_random
@@ -53,6 +61,42 @@ def _no_gradients_taken(name: str) -> Iterator[None]:
         yield
     finally:
         torch.autograd.grad = grad
+
+
+@contextlib.contextmanager
+def _gradient_flags_kept(model: nn.Module, names: dict[int, str], changed: list[str]) -> Iterator[None]:
+    """A forward that sets its modules' ``requires_grad`` (lightly's ``SwaVPrototypes`` freezing its prototypes for
+    the first steps, ``self.requires_grad_(step >= n)``) does it once, at the capture, on the capture's stand-ins,
+    and the graph keeps no such call: the real parameters never change (found by review: trained otherwise,
+    silently). The modules of ``model`` that call it are listed in ``changed``; the real parameters' flags are put
+    back."""
+    before = [(param, param.requires_grad) for param in model.parameters()]
+    inside = {id(part) for part in model.modules()}
+    original = nn.Module.requires_grad_
+
+    def noted(module: nn.Module, requires_grad: bool = True) -> nn.Module:
+        if id(module) in inside:
+            where = names.get(id(module)) or type(model).__name__
+            if where not in changed:
+                changed.append(where)
+        return original(module, requires_grad)
+
+    nn.Module.requires_grad_ = noted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.requires_grad_ = original  # type: ignore[method-assign]
+        for param, flag in before:
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+
+
+def _gradient_flag_advice(model: str, changed: list[str]) -> str:
+    return (f"{model}.forward sets requires_grad of the parameters of {listed(changed)} (requires_grad_, as lightly's "
+            f"SwaVPrototypes freezes its prototypes for the first steps when given step=): a captured graph keeps no "
+            f"such call, so the parameters would stay as the capture left them. Set it outside the forward, in a "
+            f"hook every rank runs (on_train_batch_start: self.prototypes.requires_grad_(self.global_step >= n)), "
+            f"and call the model without it (for lightly's heads: no step argument); {SEQUENTIAL_PATH}")
 
 
 @contextlib.contextmanager
@@ -149,6 +193,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
     while attempts:
         symbolic = attempts[0]
         drawn: list[str] = []
+        toggled: list[str] = []  # modules whose parameters' requires_grad the forward set
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(_mode(model, training))
@@ -165,6 +210,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 if meta:
                     stack.enter_context(on_meta(model))
                     stack.enter_context(faking_device(device))
+                stack.enter_context(_gradient_flags_kept(model, names, toggled))
                 shapes = _dynamic_shapes(model, args, kwargs, fixed) if symbolic else None
                 stack.enter_context(warnings.catch_warnings())
                 # An RNN re-lists its parameters in _flat_weights as it runs; the graph reads the parameters themselves
@@ -201,6 +247,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             raise explain_export_error(error, model, training, names) from error
         if drawn:
             raise CaptureError(host_random_advice(type(model).__name__, drawn))
+        if toggled:
+            raise CaptureError(_gradient_flag_advice(type(model).__name__, toggled))
         if frozen:
             raise CaptureError(frozen_checkpoint_advice(type(model).__name__, frozen))
         if assignments.refused:

@@ -89,13 +89,19 @@ def tagged(batch: Any, rows: int) -> dict[str, Any]:
     return {BATCH: batch, ROWS: torch.arange(rows)}
 
 def loss_of(result: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A step's loss (a one-element tensor of any shape, lightly's SwaVLoss's ``(1,)``, as a 0-dim one: found by
+    review) and its other outputs."""
     if isinstance(result, torch.Tensor):
-        return result, {}
+        return _scalar(result), {}
     if isinstance(result, Mapping) and isinstance(result.get("loss"), torch.Tensor):
-        return result["loss"], {k: _detached(v) for k, v in result.items() if k != "loss"}
+        return _scalar(result["loss"]), {k: _detached(v) for k, v in result.items() if k != "loss"}
     raise ValueError(f"training_step returned {type(result).__name__}; under PipelineStrategy it must return the "
                      f"micro-batch's mean loss as a tensor, or a dict with the loss under 'loss' (a step cannot be "
                      f"skipped by returning None, since every stage takes part in it)")
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    return loss.reshape(()) if loss.dim() > 0 and loss.numel() == 1 else loss
 
 
 def _detached(value: Any) -> Any:
