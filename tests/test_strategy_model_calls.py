@@ -349,6 +349,12 @@ def _dependent(rank: int, world_size: int, kind: str = "refined") -> None:
                 out = self.net(x)
                 self.trainer.strategy.barrier()
                 return out.pow(2).mean()
+            if kind == "library":  # lightly's DINO center, synced as for DDP once torch.distributed is initialized
+                out = self.net(x)
+                center = out.detach().mean(0)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(center)
+                return (out - center).pow(2).mean()
             if kind == "clamp":  # weight clipping written at the top of the step (WGAN's), before the model
                 with torch.no_grad():
                     for param in self.parameters():
@@ -406,6 +412,18 @@ def test_a_collective_in_the_steps_code_is_refused_on_every_rank_at_once() -> No
     errors = run_ranks(_dependent, 2, "collective", timeout=100, expect_failure=True)
     for error in errors:  # the last stage waited wait_timeout in it, then blamed an endless loop
         assert error is not None and "strategy.barrier() called in a step" in error, error
+    assert time.monotonic() - start < 55  # not the wait timeout (60 s)
+
+
+@pytest.mark.timeout(120)
+def test_a_torch_distributed_collective_in_the_steps_code_is_refused_on_every_rank_at_once() -> None:
+    """A library's sync over every process in the step (lightly's DINO center) hung until the wait timeout (found by
+    review, 300 s, then a guess at the cause)."""
+    start = time.monotonic()
+    errors = run_ranks(_dependent, 2, "library", timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "torch.distributed.all_reduce over every process (the default group) is " \
+            "called in a step's code" in error, error
     assert time.monotonic() - start < 55  # not the wait timeout (60 s)
 
 

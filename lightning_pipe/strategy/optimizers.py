@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from lightning_pipe.strategy.collective_guard import collectives_refused
 
 __all__ = ["PLACEHOLDER", "placeholders", "empty_optimizers_allowed", "drop_placeholders", "stand_in", "whole_orders",
            "group_values", "differing_values_warning", "whole_set_warning"]
@@ -241,11 +242,6 @@ def _made_like(kind: type, params: list[nn.Parameter], defaults: dict[str, Any])
     raise TypeError(f"{kind.__name__} could not be made from its defaults")
 
 
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
-                "all_to_all_single", "scatter", "gather", "barrier")
-
-
 @contextmanager
 def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Inside, while ``optimizer.step`` runs, a collective of ``torch.distributed`` over every process (the default
@@ -256,9 +252,6 @@ def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[None
     hooks after it, the pipeline's own work) may run collectives. Guarded: ``torch.distributed``'s functions, their
     definitions in ``distributed_c10d``, and names the optimizer's module (or its classes' modules) imported from
     either (``from torch.distributed import all_gather``)."""
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-
     stepping, depth = [0], [0]
 
     def inside(closure: Any) -> Any:
@@ -286,39 +279,25 @@ def world_collectives_refused(optimizer: torch.optim.Optimizer) -> Iterator[None
         finally:
             stepping[0] -= 1
 
-    def guarded(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if stepping[0] and not depth[0] and _over_every_process(original, args, kwargs) \
-                    and _called_by_users_code():
-                raise RuntimeError(
-                    f"{type(optimizer).__name__}'s step calls torch.distributed.{name} over every process (the default "
-                    f"group), as an optimizer made for data parallelism (DDP) does: it takes every process for a copy "
-                    f"of the model. Under a pipeline the processes hold different stages, so it would exchange one "
-                    f"stage's parameters for another's. Use its single-process variant (Muon's SingleDeviceMuon or "
-                    f"SingleDeviceMuonWithAuxAdam), or train with it under DDP")
-            return original(*args, **kwargs)
-        return call
+    def refusal(name: str, caller: str) -> str | None:
+        if not stepping[0] or depth[0]:
+            return None
+        return (f"{type(optimizer).__name__}'s step calls torch.distributed.{name} over every process (the default "
+                f"group), as an optimizer made for data parallelism (DDP) does: it takes every process for a copy "
+                f"of the model. Under a pipeline the processes hold different stages, so it would exchange one "
+                f"stage's parameters for another's. Use its single-process variant (Muon's SingleDeviceMuon or "
+                f"SingleDeviceMuonWithAuxAdam), or train with it under DDP")
 
-    originals = {name: getattr(c10d, name) for name in _COLLECTIVES if callable(getattr(c10d, name, None))}
-    stand_ins = {name: guarded(name, original) for name, original in originals.items()}
-    by_function = {id(original): name for name, original in originals.items()}
-    spaces = [vars(dist), vars(c10d)] + _globals_of(type(optimizer))
-    places = [(space, key, value) for space in {id(space): space for space in spaces}.values()
-              for key, value in list(space.items()) if id(value) in by_function and value is originals.get(
-                  by_function[id(value)])]
-    for space, key, value in places:
-        space[key] = stand_ins[by_function[id(value)]]
     own = optimizer.__dict__.get("step")  # (an instance's own step, if one was set)
     optimizer.step = step  # type: ignore[method-assign]
     try:
-        yield
+        with collectives_refused(refusal, _globals_of(type(optimizer))):
+            yield
     finally:
         if own is None:
             del optimizer.step
         else:
             optimizer.step = own  # type: ignore[method-assign]
-        for space, key, value in places:
-            space[key] = value
 
 
 def _globals_of(kind: type) -> list[dict[str, Any]]:
@@ -335,25 +314,6 @@ def _globals_of(kind: type) -> list[dict[str, Any]]:
                     break
     return [space for space in spaces if str(space.get("__name__", "")).partition(".")[0] != "torch"]  # (torchao's
     # and torchtitan's are looked at)
-
-
-def _over_every_process(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> bool:
-    import inspect
-
-    import torch.distributed as dist
-
-    try:
-        group = inspect.signature(function).bind_partial(*args, **kwargs).arguments.get("group")
-    except (TypeError, ValueError):
-        return False
-    return group is None or group is dist.group.WORLD
-
-
-def _called_by_users_code() -> bool:
-    """Whether the collective's caller (two frames up: past the guard) is code of neither torch, Lightning nor this
-    package (by its module's name)."""
-    package = (sys._getframe(2).f_globals.get("__name__", "") or "").split(".")[0]
-    return package not in ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "lightning_pipe")
 
 
 def group_settings(optimizers: Iterable[torch.optim.Optimizer]) -> str:

@@ -32,6 +32,7 @@ from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.strategy.grad_scaler import scaled
 from lightning_pipe.strategy.gradient_hooks import clip_grad_value
 from lightning_pipe.strategy.gradients import GLOBAL_NORM, clip_grad_norm_global
+from lightning_pipe.strategy.collective_guard import collectives_refused
 from lightning_pipe.strategy.optimizers import differing_values_warning, group_values, world_collectives_refused
 from lightning_pipe.strategy.plain import all_gather_text
 
@@ -145,10 +146,13 @@ class PipelineSteps:
 
     @contextlib.contextmanager
     def _in_a_step(self) -> Iterator[None]:
-        """Inside, the step's own code may run (a collective there is refused: :meth:`_no_collective_in_a_step`)."""
+        """Inside, the step's own code may run (a collective there is refused: :meth:`_no_collective_in_a_step`, and
+        one of ``torch.distributed`` over every process that the user's or a library's code calls: found by review,
+        lightly's DINO loss syncing its center hung until the wait timeout)."""
         self._stepping = True
         try:
-            yield
+            with collectives_refused(_step_collective):
+                yield
         finally:
             self._stepping = False
 
@@ -382,6 +386,16 @@ class PipelineSteps:
         clip_grad_norm_global(parameters, clip_val, self.runner.counts_in_norm, self.runner.pipeline.group,
                               self.settings.wait_timeout,
                               notices=functools.partial(job_failure_notice, self.runner.pipeline.comm.board))
+
+
+def _step_collective(name: str, caller: str) -> str:
+    return (f"torch.distributed.{name} over every process (the default group) is called in a step's code ({caller}), "
+            f"as code made for DDP does once torch.distributed is initialized (lightly's DINO loss syncing its center, "
+            f"a loss gathering its embeddings over processes): under a pipeline each stage runs the step's code at its "
+            f"own time (the code before the model on the first stage, the rest on the last, once per micro-batch), "
+            f"so no other rank comes to this collective, and the processes hold other stages, not copies of the "
+            f"model. Compute it without the sync (a library's option to gather over processes turned off), or in a "
+            f"hook every rank runs")
 
 
 def _note_optimizer_collective(error: BaseException, optimizer: Optimizer) -> None:
