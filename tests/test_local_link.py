@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lightning_pipe.engine import local_link, socket_ends
 from lightning_pipe.engine.comm import Communicator, PipelineError
@@ -144,6 +145,7 @@ def _peer_closes(rank: int, world_size: int) -> str:
         comm.send(torch.ones(2), 1, "F")
         comm.wait_sends()
         comm.links.close()  # its connections end without a word: no error posted, no error message
+        dist.barrier()  # (its process, which holds the store, stays until rank 1 has looked its address up there)
         return ""
     comm.recv(0, "F")
     start = time.monotonic()
@@ -151,6 +153,8 @@ def _peer_closes(rank: int, world_size: int) -> str:
         comm.recv(0, "F")
     except PipelineError as error:
         return f"{time.monotonic() - start:.0f} s: {error}"
+    finally:
+        dist.barrier()
     return "no error"
 
 
