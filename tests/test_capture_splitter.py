@@ -1755,3 +1755,31 @@ def test_the_micro_batchs_rows_pick_the_input_holding_them_only_where_the_first_
     with known_rows(8):
         assert (_example([9, 8]), _example([128, 8]), _example([8, 3]), _example([5, 3])) == (8, 128, 8, 5)
     assert _example([9, 8]) == 9  # the rows not known: the first input's
+
+
+class _LazyRotary(nn.Module):
+    """A rotary-style table registered as a None buffer and built on first use for the longest length seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cos", None, persistent=False)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if self.cos is None or self.cos.shape[0] < length:
+            self.cos = torch.cos(torch.arange(length, dtype=torch.float32))[:, None].expand(length, 8).contiguous()
+        return self.proj(x) * self.cos[:length]
+
+
+def test_a_table_registered_as_a_none_buffer_and_built_on_first_use_is_computed_by_the_graph() -> None:
+    """The capture kept its stand-in in the buffer, which the first step's buffer check then compared (torch's
+    DataDependentOutputException on every rank: found by review); the buffer is None again after the capture."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), _LazyRotary(), _LazyRotary(), nn.Linear(8, 10))
+    reference = copy.deepcopy(model)
+    splitter = Splitter(model)
+    for length in (5, 7):
+        ids = torch.randint(0, 10, (3, length))
+        torch.testing.assert_close(splitter.run(ids), reference(ids), rtol=0, atol=1e-6)
+        assert model[1].cos is None and model[2].cos is None

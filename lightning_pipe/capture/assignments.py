@@ -216,6 +216,9 @@ class Assignments:
         for (_, name), (module, before, _, _) in (self.settled or {}).items():
             if before is not _MISSING:
                 module.__dict__[name] = before
+        for (_, name), (module, original) in list(self.pending.items()):
+            if original is None:  # (a forward that failed after building a table registered as None)
+                module._buffers[name] = None
 
     def problems(self) -> list[str]:
         """What cannot be captured: buffers given another shape, plain values the graph depends on."""
@@ -244,9 +247,13 @@ class Assignments:
     def _buffer_assigned(self, module: nn.Module, name: str, value: Any) -> Any:
         old = module._buffers.get(name)
         key = (id(module), name)
-        if module is self.model or id(module) not in self.mine or old is None or value is old:
+        if module is self.model or id(module) not in self.mine or value is old:
             return None  # torch's export keeps the root's own
         original = self.pending[key][1] if key in self.pending else old
+        if original is None:  # a table registered as None and built on first use (a rotary cache): computed by the
+            # graph at each run, and None again after the capture (found by review: the capture's stand-in was kept)
+            self.pending.setdefault(key, (module, None))
+            return None
         if not isinstance(value, torch.Tensor) or value.shape != original.shape or value.dtype != original.dtype:
             if original.numel() == 0:  # a table filled on the first call: computed by the graph at each run
                 return None
@@ -271,7 +278,7 @@ class Assignments:
                 continue
             name = key[1]
             current = owner._buffers.get(name)
-            if isinstance(current, torch.Tensor) and current is not original:
+            if isinstance(current, torch.Tensor) and original is not None and current is not original:
                 original.copy_(current.detach())
             owner._buffers[name] = original
             del self.pending[key]
