@@ -142,7 +142,7 @@ class WholeBatchRuns:
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
         logs_checked = False
 
-        def replay(whole: Any, for_logs: bool = False) -> None:
+        def replay(whole: Any, for_logs: bool = False) -> Any:
             logs_before = len(logged.calls) if logged is not None else 0
             calls_before, mark = len(self.logger_calls.calls), self.effects.snapshot()
 
@@ -161,6 +161,16 @@ class WholeBatchRuns:
             output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark))
             returned.append(output)
             drew.append(drawn)
+            return output
+
+        def agrees(output: Any) -> bool:  # the whole batch's loss is the micro-batches' (drawing nothing)
+            if step != "training_step" or result.loss is None or not drew or drew[-1]:
+                return False
+            try:
+                whole, combined = float(loss_of(output)[0]), float(result.loss)
+            except Exception:  # noqa: BLE001 - no loss to compare: no telling
+                return False
+            return abs(whole - combined) <= 1e-5 * max(abs(whole), abs(combined), 1e-12)
 
         def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
             return bool(returned) and bool(drew) and not drew[-1]
@@ -200,7 +210,7 @@ class WholeBatchRuns:
         if checked is not None and checked in self._whole_metrics:
             needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          needs=needs, weights=weights, kinds=kinds)
+                                          needs=needs, weights=weights, kinds=kinds, agrees=agrees)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             whole = None if replayed else kept_whole(kept, microbatches, weights, kinds)
