@@ -52,6 +52,13 @@ def _changed(before: tuple, after: tuple) -> bool:
     return first is not None and second is not None and not torch.equal(first, second)
 
 
+def _masked(before: tuple[float, ...], after: tuple[float, ...]) -> bool:
+    """Whether a parameter's write only set entries to zero (fewer of them nonzero, its magnitudes' sum smaller): a
+    mask applied in forward (a masked convolution's ``weight.data *= mask``), the same whatever the input, which one
+    device applies alike (found by review: warned of as a data-dependent initialization)."""
+    return len(before) == len(after) == 3 and after[2] < before[2] and after[1] < before[1]
+
+
 def _alike(first: tuple[float, ...], second: tuple[float, ...]) -> bool:
     """Equal sums, a NaN or an infinity equal to itself (a step that diverged is no write)."""
     return all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second))
@@ -95,8 +102,8 @@ class BufferWatch:
                 # cannot compare it; found by review)
                 for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
-    def _sums(self) -> dict[str, tuple[float, float]]:
-        """Each parameter's sum and sum of magnitudes, accumulated in float64 (a write changes them; no copy of the
+    def _sums(self) -> dict[str, tuple[float, float, float]]:
+        """Each parameter's sum, sum of magnitudes and count of entries not zero, accumulated in float64 (a write changes them; no copy of the
         weights is made, and one read from the device for all). ``Embedding(max_norm=...)`` renormalizes the rows it
         looks up in its forward as one device does: left out."""
         if not self._parameters:
@@ -111,9 +118,9 @@ class BufferWatch:
             # (in float64: a frozen integer parameter, an int8 base under LoRA, an index table, has no norm itself)
             # (a complex parameter's real and imaginary parts: both are written)
             real = [torch.view_as_real(p) if p.is_complex() else p for _, p in named]
-            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p.double(), 1)])
-                                for p in real]).cpu().tolist()
-        return {name: (total, size) for (name, _), (total, size) in zip(named, sums)}
+            sums = torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p.double(), 1),
+                                             p.count_nonzero().double()]) for p in real]).cpu().tolist()
+        return {name: (total, size, nonzero) for (name, _), (total, size, nonzero) in zip(named, sums)}
 
     def _attributes(self) -> dict[str, Any]:
         """The plain attributes of this rank's layers of the user's own classes (a call counter, a recurrent state
@@ -122,7 +129,7 @@ class BufferWatch:
                 for path, module in stage.named_modules() if _users(module)
                 for name, value in own_attributes(module).items()}
 
-    def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None:
+    def before(self) -> tuple[dict[str, tuple], dict[str, tuple[float, ...]], dict[str, Any]] | None:
         """Each buffer as (object, version, a small one's values), each parameter's sums and each plain attribute
         of the layers before a step; None once the steps to watch are over."""
         self._calls += 1
@@ -133,7 +140,7 @@ class BufferWatch:
             self._modes_seen = modes
         return (self._versions(), self._sums(), self._attributes()) if self._left > 0 else None
 
-    def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, float]], dict[str, Any]] | None) -> None:
+    def after(self, before: tuple[dict[str, tuple], dict[str, tuple[float, ...]], dict[str, Any]] | None) -> None:
         """Warn, once, of the buffers changed (in place or replaced), of the parameters written and of the layers'
         plain attributes changed since ``before``."""
         if before is None:
@@ -162,7 +169,8 @@ class BufferWatch:
             warnings.warn(f"the forward changes the plain attributes {', '.join(moved[:6])}{more} of its layers (a "
                           f"call counter, a state kept for the next call: self.h = h.detach(), a value for the "
                           f"step: self.aux_loss).{elsewhere}{per_microbatch}", stacklevel=4)
-        written = sorted(name for name, seen in self._sums().items() if name in sums and not _alike(seen, sums[name]))
+        written = sorted(name for name, seen in self._sums().items() if name in sums and not _alike(seen, sums[name])
+                         and not _masked(sums[name], seen))
         if written:
             self._parameters = False
             more = " ..." if len(written) > 6 else ""
