@@ -447,9 +447,30 @@ class Constrained(nn.Module):
 @pytest.mark.parametrize("how", ["renorm", "mask"])
 def test_a_weights_data_written_in_forward_is_refused_with_the_module_and_where_to_constrain(how: str) -> None:
     """torch's message said "code outside the model's modules" and "Please file an issue on github"."""
-    with pytest.raises(CaptureError, match=r"module 'blocks\.1' writes a tensor's \.data in its forward .*"
-                                           r"on_train_batch_start or on_before_optimizer_step"):
+    with pytest.raises(CaptureError, match=r"module 'blocks\.1' writes a tensor's \.data in its forward.*"
+                                           r"on_train_batch_start or on_before_optimizer_step.*Glow's ActNorm"):
         Splitter(Blocks(Constrained(how))).segments((torch.randn(2, 8),))
+
+
+class Codebook(nn.Module):
+    """A VQ-VAE's EMA codebook as vq-vae-2-pytorch writes it: its buffers updated through .data in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cluster_size", torch.zeros(4))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.proj(x)
+        self.cluster_size.data.mul_(0.99).add_(out.detach()[:, :4].mean(0), alpha=0.01)
+        return out
+
+
+def test_a_buffers_data_written_in_forward_is_refused_saying_to_drop_data() -> None:
+    """The refusal spoke of parameters and constraints alone (found by review)."""
+    with pytest.raises(CaptureError, match=r"an update of its buffers \(cluster_size\) from the batch .*without "
+                                           r"\.data, in place under torch\.no_grad\(\)"):
+        Splitter(Blocks(Codebook())).segments((torch.randn(2, 8),))
 
 
 class GaussianHead(nn.Module):

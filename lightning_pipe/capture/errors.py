@@ -101,14 +101,29 @@ def explain_export_error(error: BaseException, model: nn.Module, training: bool,
                        r"lifted_tensor", text, re.S)
     if lifted is not None:  # a parameter's .data written in forward: torch's own message asks for an issue
         owner = lifted.group(1).rstrip(".") or type(model).__name__
+        try:
+            part = model.get_submodule(owner) if owner != type(model).__name__ else model
+        except AttributeError:
+            part = model
+        buffers = [name for name, buffer in part.named_buffers(recurse=False) if buffer.is_floating_point()]
+        fixes = [
+            "a constraint on its parameters (a max-norm `self.weight.data = torch.renorm(...)`, a masked "
+            "convolution's `self.weight.data.mul_(self.mask)`): apply it outside the forward, once per step, where "
+            "every rank applies it to the parameters it holds (on_train_batch_start or on_before_optimizer_step over "
+            "self.named_parameters() under torch.no_grad()), or compute the constrained weight in forward without "
+            "writing it (torch.nn.utils.parametrize, F.linear(x, self.weight * self.mask))",
+            "a data-dependent initialization on the first call (Glow's ActNorm: `self.loc.data.copy_(-x.mean(0))`): "
+            "initialize such layers before trainer.fit, on a whole batch (model(batch) once), with the flag a plain "
+            "Python attribute (`self.initialized = True`), not a buffer"]
+        if buffers:  # (an EMA codebook's: found by review, given the parameters' advice alone)
+            fixes.insert(1, f"an update of its buffers ({', '.join(buffers[:4])}) from the batch (a VQ-VAE's EMA "
+                            f"codebook: `self.cluster_size.data.mul_(decay)`): update them without .data, in place "
+                            f"under torch.no_grad() (`self.cluster_size.mul_(decay).add_(...)`), which the pipeline "
+                            f"follows (once per micro-batch, said by a warning; num_microbatches=1 matches one device)")
         return CaptureError(
             f"cannot capture {type(model).__name__}.forward ({mode} mode): module {owner!r} writes a tensor's .data in "
-            f"its forward (`self.weight.data = torch.renorm(...)`, `self.weight.data.mul_(self.mask)`: a max-norm "
-            f"constraint, a masked convolution), which a captured graph cannot keep. Apply the constraint outside "
-            f"the forward, once per step, where every rank applies it to the parameters it holds: in "
-            f"on_train_batch_start or on_before_optimizer_step over self.named_parameters() under torch.no_grad(); "
-            f"or compute the constrained weight in forward without writing it (torch.nn.utils.parametrize, "
-            f"F.linear(x, self.weight * self.mask)), {SEQUENTIAL_PATH}")
+            f"its forward, which a captured graph cannot keep. Where that is " + "; where it is ".join(fixes) +
+            f"; {SEQUENTIAL_PATH}")
     frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
     if any(f"{os.sep}distributions{os.sep}" in frame.filename for frame in frames):  # not the user's control flow
         advice = ("A torch.distributions object built in forward checks its arguments' values (validate_args), "
