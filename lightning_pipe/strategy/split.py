@@ -85,9 +85,11 @@ class PipelinedSequence(nn.Module):
         if self.model_calls.mode == "output":
             return self.model_calls.answer()
         raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
-                           f"{list(self._modules)}); it runs only inside training/validation/test/predict steps under "
-                           f"PipelineStrategy. To run the whole model elsewhere, load a checkpoint with "
-                           f"YourModule.load_from_checkpoint(path)")
+                           f"{list(self._modules)}); it runs only as the model a training/validation/test/predict step "
+                           f"calls under PipelineStrategy, not outside those steps, nor as a copy cut like it (the "
+                           f"averaged model of Lightning's EMAWeightAveraging called in a step as a target: not "
+                           f"supported, each rank holding only its share). To run the whole model elsewhere, load a "
+                           f"checkpoint with YourModule.load_from_checkpoint(path)")
 
     def __prepare_scriptable__(self) -> nn.Module:  # torch.jit.script's look at the module, before compiling it
         raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
