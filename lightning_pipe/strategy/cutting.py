@@ -41,6 +41,7 @@ from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.share_warning import watch_state_dict
 from lightning_pipe.strategy.split import find_sequence
 from lightning_pipe.strategy.step_effects import StepEffects
+from lightning_pipe.strategy.step_runs import microbatch_run
 
 __all__ = ["PipelineCutting"]
 
@@ -211,8 +212,10 @@ class PipelineCutting:
                 if through_forward.item():  # on every rank alike
                     captured = whole
             try:
-                with captured.carried.window(0, batch_rows(microbatch, microbatch=True),
-                                             batch_rows(self._as_step_gets(batch))):
+                rows, total = batch_rows(microbatch, microbatch=True), batch_rows(self._as_step_gets(batch))
+                with captured.carried.window(0, rows, total), \
+                        microbatch_run(step, 0, len(microbatches), rows, total, microbatch):  # (an error in the step's
+                    # code says which micro-batch it ran on, as in the steps: found by review)
                     captured.capture_first(step, microbatch, training=step == "training_step")
             except CaptureError as error:
                 hint = _rows_by_rows(self._as_step_gets(batch), self.num_microbatches, str(error))

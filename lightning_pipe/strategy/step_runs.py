@@ -139,7 +139,9 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
                     f"; its tensors of shapes {', '.join(crossed)} also hold {total} along a later dim: one whose "
                     f"rows lie there (a time-major (T, B, ...) input whose length T equals the batch's rows, a (B, B) "
                     f"target of pairs) was split along dim 0 as if it held the rows: make it batch-first in the "
-                    f"collate_fn (x.transpose(0, 1)), or make pairs in the step from per-row tensors"
+                    f"collate_fn (x.transpose(0, 1)), or make pairs in the step from per-row tensors; or, where "
+                    f"the step sizes a tensor by a configured batch size (torch.randint(0, T, ({total},))), size it "
+                    f"by the rows it gets (len(x))"
                     if crossed else "") + (
                     "; a tensor of the batch with one entry per class or item of the batch, not per row (class "
                     "weights indexed by the labels), that has as many entries as the batch has rows was split with "
