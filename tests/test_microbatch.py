@@ -275,12 +275,14 @@ class _Scaled:
 
     pixels: torch.Tensor
     labels: torch.Tensor
+    tokens: int = 0  # (taken by the constructor, and counted by __post_init__ from the rows)
     rows: int = dataclasses.field(init=False)
     weights: Any = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.pixels = self.pixels / 255
         self.rows = self.pixels.shape[0]
+        self.tokens = int(self.labels.numel())
 
 
 def test_a_dataclass_batch_is_split_without_transforming_its_fields_again() -> None:
@@ -293,6 +295,7 @@ def test_a_dataclass_batch_is_split_without_transforming_its_fields_again() -> N
     parts = split_batch(batch, 3)
     assert torch.equal(torch.cat([part.pixels for part in parts]), batch.pixels)
     assert [part.rows for part in parts] == [2, 2, 2] and batch.rows == 6
+    assert [part.tokens for part in parts] == [2, 2, 2] and batch.tokens == 6  # (review: the whole batch's count)
     assert torch.equal(torch.cat([part.weights for part in parts]), batch.weights)
     assert all(part.source == "collate" for part in parts)
     moved = tree_map_tensors(torch.Tensor.clone, batch)  # (a move to a device, a detach): a copy, not made again

@@ -1552,3 +1552,27 @@ def test_optimizer_states_the_weights_no_longer_name_are_said_to_start_afresh() 
         _warn_orphaned_states(entries, {"body.weight": 0, "lm.weight": 0})
         _warn_orphaned_states(entries, {"body._orig_mod.weight": 0, "proj.weight": 0})
     assert len(caught) == 1 and "optimizer states of ['proj.weight']" in str(caught[0].message), caught
+
+
+def test_frozen_layers_the_model_runs_are_no_copies_of_it() -> None:
+    """Frozen first blocks of a stack were taken for frozen copies of a trainable block (found by review: a pairing
+    note on every shape error, a false warning when a callback unfreezes them); a frozen copy beside the model, which
+    its forward never runs (lightly's backbone_momentum), still is one."""
+    import copy as copying
+
+    from lightning_pipe.strategy.model_choice import frozen_copies
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+
+    module = nn.Module()
+    module.model = nn.Sequential(block(), block(), block(), block())
+    for layer in list(module.model)[:2]:
+        layer.requires_grad_(False)
+    assert frozen_copies(module, "model", module.model) == {}
+    module.backbone, module.head = block(), block()
+    module.backbone_momentum = copying.deepcopy(module.backbone).requires_grad_(False)
+    module.tower = block().requires_grad_(False)  # run by the forward: among the segments' parameters
+    running = {id(p) for part in (module.model, module.backbone, module.head, module.tower)
+               for p in part.parameters()}
+    assert frozen_copies(module, "", module, running) == {"backbone_momentum": "backbone"}

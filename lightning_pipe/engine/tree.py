@@ -132,9 +132,9 @@ def dataclass_part(whole: Any, parts: dict[str, Any]) -> Any:
     """A part of the dataclass instance ``whole`` (a micro-batch of a batch) from ``parts``, its fields' rows.
 
     Made by its constructor from the fields it takes, so that a field its ``__post_init__`` derives from them (a row
-    count, a mask) is the part's; a field the constructor takes and ``__post_init__`` transforms is then set back to
-    the part of the value already transformed once (as on one device), and a field the constructor does not take, set
-    after it (one the constructor does not make again from ``whole``), holds its part. A constructor that refuses the
+    count, a mask) is the part's; a field it transforms (one the constructor does not make again as ``whole`` holds
+    it: a scale) is then set back to the part of the value already transformed once (as on one device), and so is a
+    field set after the constructor. A constructor that refuses the
     part (a check of a fixed size): a copy holding ``parts``. Attributes outside the fields are kept."""
     taken = {field.name for field in dataclasses.fields(whole) if field.init}
     try:
@@ -142,8 +142,9 @@ def dataclass_part(whole: Any, parts: dict[str, Any]) -> Any:
         again = dataclass_values(dataclasses.replace(whole))
     except Exception:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
         return copied_dataclass(whole, parts)
-    for name, item in parts.items():
-        derived = name not in taken and name in again and _same(again[name], getattr(whole, name))
+    for name, item in parts.items():  # (a count __post_init__ fills from the rows, taken or not: the part's; found
+        # by review)
+        derived = name in again and _same(again[name], getattr(whole, name))
         if not derived and getattr(made, name, None) is not item:
             object.__setattr__(made, name, item)
     for name, item in getattr(whole, "__dict__", {}).items():  # an attribute outside the fields, set after it

@@ -103,9 +103,9 @@ class BufferWatch:
                 for stage in stages for name, buffer in stage.named_buffers() if id(buffer) not in deferred}
 
     def _sums(self) -> dict[str, tuple[float, float, float]]:
-        """Each parameter's sum, sum of magnitudes and count of entries not zero, accumulated in float64 (a write changes them; no copy of the
-        weights is made, and one read from the device for all). ``Embedding(max_norm=...)`` renormalizes the rows it
-        looks up in its forward as one device does: left out."""
+        """Each parameter's sum, sum of magnitudes and count of entries not zero, accumulated in float64 (a write
+        changes them; no copy of the weights is made, and one read from the device for all).
+        ``Embedding(max_norm=...)`` renormalizes the rows it looks up in its forward as one device does: left out."""
         if not self._parameters:
             return {}
         named = [(f"{path}.{name}" if path else name, p) for stage in self._stages()

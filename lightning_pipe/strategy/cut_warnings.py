@@ -42,9 +42,10 @@ class FrozenCopies:
 
     every_step = 8  # training steps checked before and after each; later ones at powers of two
 
-    def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline) -> None:
+    def __init__(self, module: LightningModule, path: str, model: torch.nn.Module, pipeline: Pipeline,
+                 running: set[int] | None = None) -> None:
         self.module, self.path = module, path
-        self.originals = frozen_copies(module, path, model)  # each copy's path -> the path of what it copies
+        self.originals = frozen_copies(module, path, model, running)  # each copy's path -> the path of what it copies
         copies = list(self.originals)
         first_rank = not dist.is_initialized() or dist.get_rank() == 0
         averages = averaged_parameters(module)

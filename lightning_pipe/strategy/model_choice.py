@@ -177,13 +177,16 @@ def largest_owner(module: nn.Module, thawing: bool = False) -> str:
     return max(owners(module, thawing), key=size, default="backbone")
 
 
-def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> dict[str, str]:
+def frozen_copies(module: nn.Module, path: str, model: nn.Module, running: set[int] | None = None) -> dict[str, str]:
     """``module``'s frozen submodules outside ``model`` (at ``path``) with the model's state names and shapes, and its
     averaged copies of the model (``AveragedModel``, timm's ``ModelEma*``): an EMA target, a teacher, a momentum
     encoder (BYOL, MoCo, DINO, a mean teacher), which the step's code pairs parameter by parameter with the model's;
     and frozen submodules with the names and shapes of one of the model's trainable children (lightly's BYOL keeps a
-    momentum copy of its backbone and of its projection head beside them). Each by path, with what it copies."""
+    momentum copy of its backbone and of its projection head beside them), never one whose parameters the pipelined
+    model runs (``running``, their ids: the model's own by default; frozen first blocks of a stack are cut with it).
+    Each by path, with what it copies."""
     wanted = _layout(model)
+    running = {id(p) for p in model.parameters()} if running is None else running
     parts = {f"{path}.{name}" if path else name: _layout(child) for name, child in model.named_children()
              if any(p.requires_grad for p in child.parameters()) and _blocks(child) > 1}  # (not one layer's copy)
     found: dict[str, str] = {}
@@ -194,13 +197,16 @@ def frozen_copies(module: nn.Module, path: str, model: nn.Module) -> dict[str, s
         if not inside and _averaging(part) and _layout(part.module) == wanted:
             found[name] = path
             continue
-        if not any(True for _ in part.parameters()) or any(p.requires_grad for p in part.parameters()):
+        if not any(True for _ in part.parameters()) or any(p.requires_grad or id(p) in running
+                                                            for p in part.parameters()):
             continue
         layout = _layout(part)
         if not inside and layout == wanted:
             found[name] = path
         else:
-            found.update({name: original for original, shape in parts.items()
-                          if shape == layout and original != name and not original.startswith(f"{name}.")
-                          and not name.startswith(f"{original}.")})
+            matches = [original for original, shape in parts.items() if shape == layout and original != name
+                       and not original.startswith(f"{name}.") and not name.startswith(f"{original}.")]
+            named = [original for original in matches if original.rpartition(".")[2] in name.rpartition(".")[2]]
+            if matches:  # (a copy of one of two parts alike: the one its name says, backbone_momentum's backbone)
+                found[name] = (named or matches)[0]
     return found

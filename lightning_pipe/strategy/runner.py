@@ -193,8 +193,11 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
         warn_of_gradient_hooks(captured.module, pipeline)
         local = [child for stage in pipeline.modules() for child in stage.children() if child in segments]
         runner = cls(captured, pipeline, tied, replica_group)
+        read = {name for capture in captured.splitter.captures for program in capture.programs
+                for kind, name in program.state if kind == "PARAMETER"}  # (the segments hold every parameter)
         runner.frozen_copies = FrozenCopies(captured.module, captured.path,  # (the module's own forward: its parts')
-                                            captured.model if captured.path else captured.module, pipeline)
+                                            captured.model if captured.path else captured.module, pipeline,
+                                            {id(p) for name, p in captured.model.named_parameters() if name in read})
         captured.install(local).owner = runner
         runner._hold_step_parameters()
         if captured.deferred is not None:
