@@ -195,6 +195,9 @@ def test_a_forward_setting_requires_grad_is_refused_and_leaves_the_flags_as_they
         Splitter(model).segments((torch.randn(6, 4),), {"step": 0})
     assert all(p.requires_grad for p in model.parameters())
     Splitter(_Prototypes()).segments((torch.randn(6, 4),))  # called without the step: captured
+    frozen = _Prototypes()
+    frozen.heads.requires_grad_(False)  # frozen again by its forward: nothing changes (found by review: refused)
+    Splitter(frozen).segments((torch.randn(6, 4),), {"step": 0})
 
 
 def test_a_batch_norm_averaging_every_batch_says_to_give_it_a_momentum() -> None:

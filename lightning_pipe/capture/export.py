@@ -75,7 +75,8 @@ def _gradient_flags_kept(model: nn.Module, names: dict[int, str], changed: list[
     original = nn.Module.requires_grad_
 
     def noted(module: nn.Module, requires_grad: bool = True) -> nn.Module:
-        if id(module) in inside:
+        if id(module) in inside and any(p.requires_grad != requires_grad for p in module.parameters()):  # (one
+            # that changes nothing, a frozen teacher frozen again, is no matter: found by review)
             where = names.get(id(module)) or type(model).__name__
             if where not in changed:
                 changed.append(where)

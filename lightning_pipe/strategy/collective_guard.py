@@ -11,6 +11,7 @@ rank's other collective. :func:`collectives_refused` puts stand-ins in ``torch.d
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -38,9 +39,11 @@ def collectives_refused(refusal: Callable[[str, str], str | None],
     import torch.distributed.distributed_c10d as c10d
 
     def guarded(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)  # (its signature torch's, where guards nest: found by review, a subgroup's call
+        # was taken for one over every process)
         def call(*args: Any, **kwargs: Any) -> Any:
             caller = sys._getframe(1)
-            if _over_every_process(original, args, kwargs) and _users(caller):
+            if _users(caller) and _over_every_process(original, args, kwargs):
                 said = refusal(name, f"{caller.f_code.co_filename}:{caller.f_lineno}")
                 if said is not None:
                     raise RuntimeError(said)
