@@ -1043,9 +1043,9 @@ def test_a_number_the_model_sums_over_rows_adds_up_as_on_one_device(tmp_path: Pa
 
 
 def _resumed_by_steps(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
-    """A fit of 7 steps uninterrupted, and the same fit stopped by max_steps=2 mid-epoch and resumed with max_steps=7
-    (4 batches an epoch, shuffled): the losses of its steps (noise drawn in the step, dropout in the layers), the
-    batches' rows and the weights."""
+    """A fit of 8 steps uninterrupted, and the same fit stopped by max_steps=2 mid-epoch, resumed with max_steps=8, and
+    from its checkpoint at step 5 with max_epochs=3 (4 batches an epoch, shuffled): each step's batch and loss (noise
+    drawn in the step, dropout in the layers)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -1060,20 +1060,26 @@ def _resumed_by_steps(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
 
     data = TensorDataset(torch.randn(32, 16, generator=torch.Generator().manual_seed(5)))
 
-    def fit(max_steps: int, ckpt_path: str | None = None) -> tuple[Any, Seen, Any]:
+    def fit(ckpt_path: str | None = None, callbacks: tuple = (), **limits: Any) -> tuple[Seen, Any]:
         L.seed_everything(SEED, verbose=False)
         seen, model = Seen(), Denoiser(dropout=0.2, output_dropout=0.2)
-        trainer = _trainer({"num_microbatches": 2, "wait_timeout": 60}, devices=world_size, max_steps=max_steps,
-                           callbacks=[seen])
+        trainer = _trainer({"num_microbatches": 2, "wait_timeout": 60}, devices=world_size, callbacks=[seen, *callbacks],
+                           enable_checkpointing=bool(callbacks), **limits)
         trainer.fit(model, DataLoader(data, batch_size=8, shuffle=True), ckpt_path=ckpt_path)
-        return model, seen, trainer
+        return seen, trainer
 
-    _, whole, _ = fit(7)
-    model, first, trainer = fit(2)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    whole, _ = fit(max_steps=8)
+    first, trainer = fit(max_steps=2)
     path = os.path.join(tmp, "stopped.ckpt")
     trainer.save_checkpoint(path)
-    model, rest, _ = fit(7, path)
-    return {"whole": whole.rows, "resumed": first.rows + rest.rows}
+    # resumed with max_steps: its checkpoint at step 5 is part way through the data's second epoch, Lightning's third
+    rest, _ = fit(path, (ModelCheckpoint(dirpath=tmp, every_n_train_steps=5, filename="mid"),), max_steps=8)
+    # that one resumed with max_epochs alone: the rest of its epoch's batches were skipped (found by review), as the
+    # position compared Lightning's number with the data's
+    again, _ = fit(os.path.join(tmp, "mid.ckpt"), max_epochs=3)
+    return {"whole": whole.rows, "resumed": first.rows + rest.rows, "again": first.rows + rest.rows[:3] + again.rows}
 
 
 @pytest.mark.timeout(240)
@@ -1082,4 +1088,5 @@ def test_a_fit_stopped_and_resumed_by_max_steps_draws_the_uninterrupted_fits_num
     one higher: the step's draws were seeded by Lightning's number, the next epoch's (found by review: the losses of
     the resumed steps 0.17 off a DDPM's uninterrupted ones), and so was the next epoch's order."""
     for result in run_ranks(_resumed_by_steps, 2, str(tmp_path), timeout=200):
-        assert len(result["whole"]) == 7 and result["resumed"] == result["whole"], result
+        assert len(result["whole"]) == 8 and result["resumed"] == result["whole"], result
+        assert result["again"] == result["whole"], result  # (Lightning's epoch 2 is the data's epoch 1)

@@ -61,6 +61,7 @@ class RunPosition:
         # resumed part way through an epoch (it goes on with that epoch's batches, which Lightning numbers as the
         # next), else 0; the seeds and orders of the run's steps and epochs take the data's number
         self._shift: int | None = None
+        self._saved_shift = 0  # the checkpoint's being resumed: its Lightning epoch is its data's epoch + this
 
     # -- the base seed --------------------------------------------------------------------------------
     def agree_seed(self, device: torch.device) -> None:
@@ -87,13 +88,14 @@ class RunPosition:
         loaded, self._loaded = self._loaded, None
         self.train_orders = []
         self._resume, self._loader_states, self._resumed, self._again = None, [], set(), set()
-        self._shift = None
+        self._shift, self._saved_shift = None, 0
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self.epoch, self.consumed = 0, 0
         if loaded is None:
             return
         self.seed = int(loaded["seed"])
+        self._saved_shift = int(loaded.get("shift", 0))  # (a checkpoint of a fit that was itself shifted: review)
         epoch, consumed = int(loaded["epoch"]), int(loaded["consumed"])
         if loaded["finished"]:
             epoch, consumed = epoch + 1, 0
@@ -112,7 +114,7 @@ class RunPosition:
         checkpoint begins the next one afresh), this fit begins that next epoch too, as one device does (found by
         review: the rest of the stopped epoch was trained as the next one, 7 steps fewer than one device's). Asked
         as the training loader's first iteration begins too, before Lightning's ``on_run_start`` counts the epoch."""
-        if self._resume is not None and _restored_epoch(trainer) > self._resume[0]:
+        if self._resume is not None and _restored_epoch(trainer) > self._resume[0] + self._saved_shift:
             self._resume = None
 
     def step_seed(self, trainer: Trainer) -> int:
@@ -129,7 +131,7 @@ class RunPosition:
 
     def _epoch(self, trainer: Trainer) -> int:
         """The epoch of the data: Lightning's less :attr:`_shift`."""
-        return trainer.current_epoch - (self._shift or 0)
+        return trainer.current_epoch - (self._saved_shift if self._shift is None else self._shift)
 
     def step_done(self, trainer: Trainer) -> None:
         if trainer.state.stage == RunningStage.TRAINING:
@@ -149,7 +151,7 @@ class RunPosition:
             self._settle(trainer)
             if self._resume is not None and id(order) not in self._resumed:
                 index = next((i for i, o in enumerate(self.train_orders) if o is order), None)
-                if trainer.current_epoch < self._resume[0]:
+                if trainer.current_epoch < self._resume[0] + self._saved_shift:
                     # a checkpoint written after the epoch's last batch (by its validation): Lightning enters that
                     # epoch again and starts its loader once more, running none of its batches; the generators'
                     # states of the checkpoint are put back again for the next epoch's iteration
@@ -178,7 +180,8 @@ class RunPosition:
         batches = trainer.num_training_batches
         finished = self.consumed >= batches if isinstance(batches, int) else False
         return {"seed": self.base, "epoch": self.epoch, "consumed": self.consumed, "finished": finished,
-                "loaders": [order.state_dict(finished) for order in self.train_orders]}
+                "loaders": [order.state_dict(finished) for order in self.train_orders],
+                "shift": self._saved_shift if self._shift is None else self._shift}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep ``state`` (from a checkpoint being resumed) until :meth:`start`."""
