@@ -292,7 +292,9 @@ def test_a_dataclass_batch_is_split_without_transforming_its_fields_again() -> N
     batch = _Scaled(torch.arange(12.0).view(6, 2) * 255, torch.arange(6))
     batch.weights = torch.linspace(0, 1, 6)
     batch.source = "collate"  # not a field
+    batch.extra = torch.arange(6.0)  # per-row, not a field either: split with the rows (review: went whole)
     parts = split_batch(batch, 3)
+    assert [part.extra.tolist() for part in parts] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
     assert torch.equal(torch.cat([part.pixels for part in parts]), batch.pixels)
     assert [part.rows for part in parts] == [2, 2, 2] and batch.rows == 6
     assert [part.tokens for part in parts] == [2, 2, 2] and batch.tokens == 6  # (review: the whole batch's count)

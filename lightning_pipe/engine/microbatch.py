@@ -258,8 +258,16 @@ def _children(tree: Any) -> list[Any]:
     if isinstance(tree, Mapping):
         return list(tree.values())
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return list(dataclass_values(tree).values())
+        return list(_dataclass_items(tree).values())
     return []
+
+
+def _dataclass_items(tree: Any) -> dict[str, Any]:
+    """A dataclass batch's fields and the attributes a collate_fn set on it outside them (per-row weights: split with
+    the rows like its fields; found by review, they went whole into every micro-batch)."""
+    items = dataclass_values(tree)
+    items.update({name: value for name, value in getattr(tree, "__dict__", {}).items() if name not in items})
+    return items
 
 
 def _outside(tree: Any, per_row: set[int]) -> list[torch.Tensor]:
@@ -296,7 +304,8 @@ def split_batch(batch: Any, num_microbatches: int, copy: bool = False) -> list[A
     count = max(1, min(num_microbatches, rows))
     base, extra = divmod(rows, count)  # the first `extra` micro-batches get one row more, as torch.tensor_split does
     starts = [i * base + min(i, extra) for i in range(count + 1)]
-    return [_take(batch, rows, per_row, slice(starts[i], starts[i + 1]), copy) for i in range(count)]
+    known: dict[int, Any] = {}  # (each dataclass of the batch made again once, not once per micro-batch)
+    return [_take(batch, rows, per_row, slice(starts[i], starts[i + 1]), copy, known) for i in range(count)]
 
 
 def owned(batch: Any) -> Any:
@@ -309,7 +318,8 @@ def owned(batch: Any) -> Any:
     return _take(batch, rows, per_row, slice(None), copy=True)
 
 
-def _take(tree: Any, rows: int, per_row: set[int], part: slice, copy: bool) -> Any:
+def _take(tree: Any, rows: int, per_row: set[int], part: slice, copy: bool,
+          known: dict[int, Any] | None = None) -> Any:
     """The rows ``part`` of ``tree`` (``per_row``: the ids of its lists holding one item per row), its tensors copied
     if ``copy``."""
     if isinstance(tree, torch.Tensor):
@@ -318,18 +328,18 @@ def _take(tree: Any, rows: int, per_row: set[int], part: slice, copy: bool) -> A
     if id(tree) in per_row or _is_per_row(tree, rows):
         return tree[part]
     if isinstance(tree, tuple):
-        children = [_take(child, rows, per_row, part, copy) for child in tree]
+        children = [_take(child, rows, per_row, part, copy, known) for child in tree]
         return type(tree)(*children) if hasattr(tree, "_fields") else tuple(children)
     if isinstance(tree, list):
-        return [_take(child, rows, per_row, part, copy) for child in tree]
+        return [_take(child, rows, per_row, part, copy, known) for child in tree]
     if isinstance(tree, dict):
-        return {key: _take(child, rows, per_row, part, copy) for key, child in tree.items()}
+        return {key: _take(child, rows, per_row, part, copy, known) for key, child in tree.items()}
     if isinstance(tree, Mapping):  # Hugging Face's BatchEncoding, a UserDict: split as a dict, kept of its type
         return rebuild_mapping(type(tree),
-                               {key: _take(child, rows, per_row, part, copy) for key, child in tree.items()})
+                               {key: _take(child, rows, per_row, part, copy, known) for key, child in tree.items()})
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # each field split, the rest kept
-        return dataclass_part(tree, {name: _take(value, rows, per_row, part, copy)
-                                     for name, value in dataclass_values(tree).items()})
+        return dataclass_part(tree, {name: _take(value, rows, per_row, part, copy, known)
+                                     for name, value in _dataclass_items(tree).items()}, known)
     return tree
 
 

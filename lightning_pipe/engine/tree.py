@@ -128,18 +128,23 @@ def copied_dataclass(value: Any, fields: dict[str, Any]) -> Any:
     return made
 
 
-def dataclass_part(whole: Any, parts: dict[str, Any]) -> Any:
+def dataclass_part(whole: Any, parts: dict[str, Any], known: dict[int, Any] | None = None) -> Any:
     """A part of the dataclass instance ``whole`` (a micro-batch of a batch) from ``parts``, its fields' rows.
 
     Made by its constructor from the fields it takes, so that a field its ``__post_init__`` derives from them (a row
     count, a mask) is the part's; a field it transforms (one the constructor does not make again as ``whole`` holds
     it: a scale) is then set back to the part of the value already transformed once (as on one device), and so is a
     field set after the constructor. A constructor that refuses the
-    part (a check of a fixed size): a copy holding ``parts``. Attributes outside the fields are kept."""
+    part (a check of a fixed size): a copy holding ``parts``. Attributes outside the fields are kept (those in
+    ``parts`` as given there)."""
     taken = {field.name for field in dataclasses.fields(whole) if field.init}
     try:
         made = dataclasses.replace(whole, **{name: item for name, item in parts.items() if name in taken})
-        again = dataclass_values(dataclasses.replace(whole))
+        again = known.get(id(whole)) if known is not None else None
+        if again is None:  # (``known``: ``whole`` made again once for all its parts, by id)
+            again = dataclass_values(dataclasses.replace(whole))
+            if known is not None:
+                known[id(whole)] = again
     except Exception:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
         return copied_dataclass(whole, parts)
     for name, item in parts.items():  # (a count __post_init__ fills from the rows, taken or not: the part's; found
