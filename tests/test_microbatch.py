@@ -317,3 +317,18 @@ class _Fixed:
 def test_a_dataclass_whose_constructor_refuses_a_part_is_copied_field_by_field() -> None:
     parts = split_batch(_Fixed(torch.arange(4.0)), 2)
     assert [part.x.tolist() for part in parts] == [[0.0, 1.0], [2.0, 3.0]] and type(parts[0]) is _Fixed
+
+
+@dataclasses.dataclass
+class _MinMax:
+    x: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.x = (self.x - self.x.min()) / (self.x.max() - self.x.min())
+
+
+def test_a_dataclass_batch_scaled_over_the_whole_batch_is_not_scaled_again_per_micro_batch() -> None:
+    """A min-max scaling over the batch in __post_init__ was applied again to each micro-batch's rows (found by
+    review): the micro-batches hold the batch's rows as one device sees them."""
+    batch = _MinMax(torch.arange(8.0))
+    assert torch.equal(torch.cat([part.x for part in split_batch(batch, 2)]), batch.x)

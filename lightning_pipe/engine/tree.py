@@ -147,9 +147,10 @@ def dataclass_part(whole: Any, parts: dict[str, Any], known: dict[int, Any] | No
                 known[id(whole)] = again
     except Exception:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
         return copied_dataclass(whole, parts)
-    for name, item in parts.items():  # (a count __post_init__ fills from the rows, taken or not: the part's; found
-        # by review)
-        derived = name in again and _same(again[name], getattr(whole, name))
+    for name, item in parts.items():  # a value split with the rows is the part's as given (a scale over the batch,
+        # min-max, applied once); one not split that __post_init__ makes again as it was, a count from the rows, is
+        # the part's own, taken by the constructor or not (both found by review)
+        derived = item is getattr(whole, name, None) and name in again and _same(again[name], item)
         if not derived and getattr(made, name, None) is not item:
             object.__setattr__(made, name, item)
     for name, item in getattr(whole, "__dict__", {}).items():  # an attribute outside the fields, set after it

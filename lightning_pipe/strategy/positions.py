@@ -122,7 +122,8 @@ class RunPosition:
         stage = trainer.state.stage
         if stage == RunningStage.TRAINING:
             if self._shift is None:  # (a resume within an epoch that Lightning numbers as the next: found by review)
-                self._shift = max(0, trainer.current_epoch - self.epoch) if self._resume is not None else 0
+                self._shift = max(0, trainer.current_epoch - self.epoch) if self._resume is not None \
+                    else self._saved_shift  # (a resume whose epoch Lightning counted done keeps the checkpoint's)
             if self._epoch(trainer) != self.epoch:
                 self.epoch, self.consumed = self._epoch(trainer), 0
             return derive_seed(self.base, Stream.TRAIN, self.epoch, self.consumed)
