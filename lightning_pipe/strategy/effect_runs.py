@@ -60,17 +60,15 @@ class MicrobatchRuns:
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
            replay: Callable[[Any], Any], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Sequence[float] | None = None, kinds: OutputKinds | None = None,
-           agrees: Callable[[Any], bool] | None = None) -> tuple[list[Sent], bool]:
+           weights: Sequence[float] | None = None, kinds: OutputKinds | None = None
+           ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
     ``needs`` alone). ``kept``: (index, model output, rows) of the micro-batches
     whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
     ``needs``: what else the step did that only that run does as one device (called the loggers, returned numbers);
     ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them);
-    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`); ``agrees(output)``:
-    whether what the step returned on the whole batch is what its micro-batches' runs gave (then buffers changed
-    outside the model did not make those runs differ: DINO's center, used before the loss updates it)."""
+    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`)."""
     patches = effects.changes(start)
     if (patches or needs) and microbatches > 1:
         whole = kept_whole(kept, microbatches, weights, kinds)
@@ -81,17 +79,19 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
             effects.apply(patches)
         if whole is not None:
             try:
-                output = replay(whole)
+                replay(whole)
                 patches = effects.changes(start)
                 buffers = sorted(name for _, name, _, _ in patches if "." in name)  # submodules' buffers
-                if buffers and not (agrees is not None and agrees(output)):  # (a false alarm on DINO's center, used
-                    # before it is updated: found by review)
+                if buffers:  # (DINO's center, used before the loss updates it, trains as on one device: said as a
+                    # case where nothing differs; a module run before the model, whose change reaches the model's
+                    # input, is not told apart here from one run after it)
                     warn(f"{step} runs modules that change their buffers ({', '.join(buffers[:4])}) outside the "
-                         f"pipelined model: each micro-batch's run changes them by its own rows, so where the step "
-                         f"reads them after changing them (a normalizer updated by the batch before it is applied) "
-                         f"what it computes differs from one device's (as a batch norm's does), and its loss on the "
-                         f"whole batch is not its micro-batches'; after each step the buffers are one device's on "
-                         f"every rank. num_microbatches=1 matches one device")
+                         f"pipelined model: each micro-batch's run starts from them as the step found them and "
+                         f"changes them by its own rows, so where the step reads them after changing them (a "
+                         f"normalizer updated by the batch before it is applied) what it computes differs from one "
+                         f"device's (as a batch norm's does); where it reads them first and updates them after (DINO's "
+                         f"center) it is one device's. After each step the buffers are one device's on every rank. "
+                         f"num_microbatches=1 matches one device")
                 return _sendable(step, patches, warn), True
             except Exception as error:  # noqa: BLE001 - the micro-batches' changes stand instead
                 why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"

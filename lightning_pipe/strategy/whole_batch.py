@@ -163,15 +163,6 @@ class WholeBatchRuns:
             drew.append(drawn)
             return output
 
-        def agrees(output: Any) -> bool:  # the whole batch's loss is the micro-batches' (drawing nothing)
-            if step != "training_step" or result.loss is None or not drew or drew[-1]:
-                return False
-            try:
-                whole, combined = float(loss_of(output)[0]), float(result.loss)
-            except Exception:  # noqa: BLE001 - no loss to compare: no telling
-                return False
-            return abs(whole - combined) <= 1e-5 * max(abs(whole), abs(combined), 1e-12)
-
         def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
             return bool(returned) and bool(drew) and not drew[-1]
 
@@ -210,7 +201,7 @@ class WholeBatchRuns:
         if checked is not None and checked in self._whole_metrics:
             needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          needs=needs, weights=weights, kinds=kinds, agrees=agrees)
+                                          needs=needs, weights=weights, kinds=kinds)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             whole = None if replayed else kept_whole(kept, microbatches, weights, kinds)
