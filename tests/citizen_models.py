@@ -584,32 +584,25 @@ class MomentumBYOL(L.LightningModule):
 
 class CenteredLoss(nn.Module):
     """DINO's centering: targets centered by a running mean of the batch's targets kept in a buffer, updated after the
-    loss (``first``: before it, as a normalizer updated by the batch before it is applied)."""
+    loss."""
 
-    def __init__(self, width: int, first: bool = False) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.first = first
         self.register_buffer("center", torch.zeros(1, width))
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            self._update(target)
         loss = (out - (target - self.center)).pow(2).mean()
-        if not self.first:
-            self._update(target)
+        with torch.no_grad():
+            self.center.mul_(0.9).add_(target.mean(0, keepdim=True), alpha=0.1)
         return loss
-
-    @torch.no_grad()
-    def _update(self, target: torch.Tensor) -> None:
-        self.center.mul_(0.9).add_(target.mean(0, keepdim=True), alpha=0.1)
 
 
 class Centered(L.LightningModule):
-    def __init__(self, first: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 12))
-        self.criterion = CenteredLoss(12, first)
+        self.criterion = CenteredLoss(12)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, _ = batch

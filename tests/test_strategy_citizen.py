@@ -1041,13 +1041,13 @@ def test_lightlys_byol_momentum_update_is_refused_naming_the_copies_it_pairs() -
         assert all(error is not None and pairing in error for error in errors), (where, errors)
 
 
-def _centered(rank: int, world_size: int, first: bool) -> dict[str, Any]:
+def _centered(rank: int, world_size: int) -> dict[str, Any]:
     import warnings
 
     from lightning_pipe import PipelineStrategy
     from tests.citizen_models import Centered, class_data
 
-    model = Centered(first)
+    model = Centered()
     strategy = PipelineStrategy(num_microbatches=4, wait_timeout=60) if world_size > 1 else "auto"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1061,8 +1061,8 @@ def _centered(rank: int, world_size: int, first: bool) -> dict[str, Any]:
 def test_a_buffer_a_loss_module_reads_then_updates_trains_as_on_one_device_and_is_said_as_such() -> None:
     """DINO's center, read by the loss before it updates it, trains as on one device; the warning of buffers changed
     outside the model said the runs differ (found by review): it says now which case differs and which does not."""
-    reference = _centered(0, 1, False)
-    results = run_ranks(_centered, 2, False, timeout=150)
+    reference = _centered(0, 1)
+    results = run_ranks(_centered, 2, timeout=150)
     said = results[-1]["said"]
     assert len(said) == 1 and "where it reads them first and updates them after (DINO's center) it is one device's" \
         in said[0], said

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightning_pipe.engine.tree import tree_flatten
-from lightning_pipe.strategy.values import sendable
 from lightning_pipe.strategy.step_effects import Patch, Sent, Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
+from lightning_pipe.strategy.values import sendable
 
 __all__ = ["MicrobatchRuns", "settle", "kept_whole"]
 
@@ -59,7 +59,7 @@ class MicrobatchRuns:
 
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
-           replay: Callable[[Any], Any], warn: Callable[[str], None], needs: Sequence[str] = (),
+           replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
            weights: Sequence[float] | None = None, kinds: OutputKinds | None = None
            ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
@@ -82,9 +82,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
                 replay(whole)
                 patches = effects.changes(start)
                 buffers = sorted(name for _, name, _, _ in patches if "." in name)  # submodules' buffers
-                if buffers:  # (DINO's center, used before the loss updates it, trains as on one device: said as a
-                    # case where nothing differs; a module run before the model, whose change reaches the model's
-                    # input, is not told apart here from one run after it)
+                if buffers:  # (read first and updated after, DINO's center, is one device's; not told apart here)
                     warn(f"{step} runs modules that change their buffers ({', '.join(buffers[:4])}) outside the "
                          f"pipelined model: each micro-batch's run starts from them as the step found them and "
                          f"changes them by its own rows, so where the step reads them after changing them (a "

@@ -321,6 +321,9 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
         starts = split_batch(torch.arange(rows), self.pipeline.num_microbatches)
         return {int(piece[0]): index for index, piece in enumerate(starts)}
 
+    def _copies_parameters(self) -> list[torch.nn.Parameter]:
+        return self.frozen_copies.parameters() if self.frozen_copies is not None else []
+
     def _input_fn(self, step: str, rest: tuple, kwargs: Mapping[str, Any], seed: int,
                   firsts: dict[int, int], total: int,
                   seen: dict[int, list[Any]] | None = None) -> Callable[[Any], Any]:
@@ -337,9 +340,8 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
             before = self.effects.snapshot()
             window = self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total) \
                 if isinstance(self.split, CapturedModule) else nullcontext()
-            copies = self.frozen_copies.parameters() if self.frozen_copies is not None else []
-            versions = [(p, p._version) for p in (*self.pipeline.parameters(), *copies)] \
-                if step == "training_step" and self._parameter_writes_left > 0 else []
+            versions = [] if step != "training_step" or self._parameter_writes_left <= 0 else \
+                [(p, p._version) for p in (*self.pipeline.parameters(), *self._copies_parameters())]
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device), \
                     microbatch_run(step, index, len(firsts), len(rows), total, tagged[BATCH]):

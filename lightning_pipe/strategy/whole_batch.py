@@ -35,12 +35,12 @@ from lightning_pipe.strategy.randomness import (
 )
 from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_warning
 from lightning_pipe.strategy.results import StepResult
-from lightning_pipe.strategy.values import sendable
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import (
     combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
 )
+from lightning_pipe.strategy.values import sendable
 
 __all__ = ["WholeBatchRuns"]
 
@@ -142,7 +142,7 @@ class WholeBatchRuns:
         drew: list[bool] = []  # whether the whole batch's run drew random numbers (then its logs are another sample)
         logs_checked = False
 
-        def replay(whole: Any, for_logs: bool = False) -> Any:
+        def replay(whole: Any, for_logs: bool = False) -> None:
             logs_before = len(logged.calls) if logged is not None else 0
             calls_before, mark = len(self.logger_calls.calls), self.effects.snapshot()
 
@@ -161,7 +161,6 @@ class WholeBatchRuns:
             output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark))
             returned.append(output)
             drew.append(drawn)
-            return output
 
         def ran_whole() -> bool:  # the step ran on the whole batch, the last time without drawing random numbers
             return bool(returned) and bool(drew) and not drew[-1]
