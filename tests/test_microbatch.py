@@ -315,8 +315,28 @@ class _Fixed:
 
 
 def test_a_dataclass_whose_constructor_refuses_a_part_is_copied_field_by_field() -> None:
-    parts = split_batch(_Fixed(torch.arange(4.0)), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no field outside the rows: nothing to say)
+        parts = split_batch(_Fixed(torch.arange(4.0)), 2)
     assert [part.x.tolist() for part in parts] == [[0.0, 1.0], [2.0, 3.0]] and type(parts[0]) is _Fixed
+
+
+@dataclasses.dataclass
+class _Counted:
+    x: torch.Tensor
+    scale: dataclasses.InitVar[float]  # (no default: dataclasses.replace cannot make a part)
+    rows: int = dataclasses.field(init=False)
+
+    def __post_init__(self, scale: float) -> None:
+        self.x, self.rows = self.x * scale, len(self.x)
+
+
+def test_a_dataclass_whose_constructor_cannot_make_a_part_says_which_fields_stay_the_whole_batchs() -> None:
+    """A row count derived by __post_init__ from an InitVar's batch was the whole batch's in every part, silently
+    (found by review): said, naming the field."""
+    with pytest.warns(UserWarning, match=r"_Counted's constructor refuses .*InitVar.* \(rows\) keep the whole"):
+        parts = split_batch(_Counted(torch.arange(4.0), 2.0), 2)
+    assert [part.x.tolist() for part in parts] == [[0.0, 2.0], [4.0, 6.0]]
 
 
 @dataclasses.dataclass

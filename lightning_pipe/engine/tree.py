@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -145,7 +146,16 @@ def dataclass_part(whole: Any, parts: dict[str, Any], known: dict[int, Any] | No
             again = dataclass_values(dataclasses.replace(whole))
             if known is not None:
                 known[id(whole)] = again
-    except Exception:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
+    except Exception as error:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
+        kept = [field.name for field in dataclasses.fields(whole)  # (numbers not split with the rows)
+                if parts.get(field.name, getattr(whole, field.name, None)) is getattr(whole, field.name, None)
+                and isinstance(getattr(whole, field.name, None), (int, float, torch.Tensor))]
+        if kept:  # (found by review: a row count __post_init__ derives was the whole batch's in every part)
+            warnings.warn(f"{type(whole).__name__}'s constructor refuses a micro-batch's fields ({type(error).__name__}"
+                          f": {error}), so its micro-batches are copies of the batch holding their rows: the fields "
+                          f"not split with the rows ({', '.join(kept)}) keep the whole batch's values. Where "
+                          f"__post_init__ derives one from the rows (a count), compute it in the step (len(x)), or "
+                          f"let the constructor take every field (an InitVar with a default)", stacklevel=2)
         return copied_dataclass(whole, parts)
     for name, item in parts.items():  # a value split with the rows is the part's as given (a scale over the batch,
         # min-max, applied once); one not split that __post_init__ makes again as it was, a count from the rows, is
