@@ -807,3 +807,59 @@ def test_peft_adapters_switched_off_in_the_step_are_refused_with_the_ways_that_w
     for text in run_ranks(_peft_reference, 2, timeout=160, expect_failure=True):
         assert text is not None and "PEFT's disable_adapter() and set_adapter() switch the adapters" in text, text
         assert "precompute_ref_log_probs" in text and "frozen copy of the base model" in text
+
+
+class _Prototypes(nn.Module):
+    """lightly's SwaVPrototypes' way: heads whose weights a method normalizes in place, every few steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(8, 5, bias=False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[0](x)
+
+    def normalize(self) -> None:
+        for layer in self.heads:
+            with torch.no_grad():
+                layer.weight.div_(torch.norm(layer.weight, dim=1, keepdim=True))
+
+    def norms(self) -> torch.Tensor:
+        return self.heads[0].weight.norm(dim=1)
+
+
+class _SwAV(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.prototypes = _Prototypes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(nn.functional.normalize(self.backbone(x), dim=1))
+
+
+def test_a_method_changing_its_modules_parameters_in_a_hook_runs_where_they_are_held() -> None:
+    """lightly's ``prototypes.normalize()`` in ``on_train_batch_start`` was refused on every rank (found by review),
+    also on the rank holding every prototype. It runs there on the weights, and on a rank holding none of them on
+    stand-ins without values (the holder changes them); a value computed from those is refused, as is reading the
+    weight outside such a method."""
+    from lightning_pipe.strategy.captured import CapturedModule
+
+    for held in ("first", "last"):
+        model = _SwAV()
+        module = _lightning(model)
+        captured = CapturedModule(module, "model", split_points=["prototypes"])
+        captured.splitter.capture((torch.randn(4, 6),), {})
+        captured.install(captured.segments[:1] if held == "first" else captured.segments[-1:])
+        weight = model.prototypes.heads[0].weight
+        before = weight.detach().clone()
+        module.model.prototypes.normalize()
+        if held == "last":
+            torch.testing.assert_close(weight.norm(dim=1), torch.ones(5))
+            torch.testing.assert_close(module.model.prototypes.norms(), torch.ones(5))
+            continue
+        assert weight.is_meta or torch.equal(weight, before)  # (the whole model's, not this rank's: untouched)
+        with pytest.raises(RuntimeError, match=r"'weight' of 'prototypes.heads.0' is held by another rank"):
+            module.model.prototypes.norms()
+        with pytest.raises(AttributeError, match=r"'weight' of 'prototypes.heads.0' is held by another rank"):
+            module.model.prototypes.heads[0].weight

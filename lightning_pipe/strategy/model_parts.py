@@ -15,6 +15,8 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from lightning_pipe.capture.assignments import PLAIN_VALUES, plain_list, stored_attributes, stored_refusal
+from lightning_pipe.strategy.held_elsewhere import HeldElsewhere, in_a_method, methods_in_hooks, refuse_escaped
+from lightning_pipe.strategy.logger_calls import in_step_code
 
 __all__ = ["ModelPart", "mode_of", "ModelPartList", "complete", "mirror", "in_model_order", "plain_attribute",
            "shape_only", "METHODS", "stand_in_attribute", "has_state", "whole_buffer", "written_through"]
@@ -106,10 +108,13 @@ def shape_only(function: Callable[..., Any], holder: nn.Module, refusal: Callabl
     """A model's method run on ``holder``, its stand-in on this rank (its plain attributes, this rank's share of its
     parameters, its whole buffers): allowed to read the parameters' dtype, device and shape (``next(
     self.parameters()).new_zeros(layers, rows, size)``), refused with ``refusal()`` where it computes with their
-    values, which this rank holds only a share of."""
+    values, which this rank holds only a share of (where it holds all of them, the method computes with them)."""
+    held = list(holder.parameters())
+    original = holder.__dict__.get("_original")
+    whole = original is not None and len(held) == sum(1 for _ in original.parameters())  # this rank holds them all
     try:
-        with _NoValues(list(holder.parameters()), refusal):
-            return function(holder, *args, **kwargs)
+        with _NoValues([] if whole else held, refusal), methods_in_hooks(not in_step_code()):
+            return refuse_escaped(function(holder, *args, **kwargs))
     except StopIteration as error:  # next(self.parameters()) on a rank holding none of them
         raise RuntimeError(refusal()) from error
 
@@ -267,7 +272,7 @@ class ModelPart(nn.Module):
         # (read from __dict__: an attribute looked up while __init__ runs must not look up another)
         part, original = self.__dict__.get("part_name", ""), self.__dict__.get("_original")
         if original is not None and name in original._parameters:
-            return stand_in_attribute(self, original, name, part, lambda: (
+            refusal = lambda: (  # noqa: E731
                 f"{name!r} of {part!r} is held by another rank: under PipelineStrategy the model is cut into stages, "
                 f"and this rank holds {'part' if has_state(self) else 'none'} of the parameters of {part!r}. Code that "
                 f"changes parameters or their gradients (an on_after_backward masking rows of an embedding) reaches "
@@ -276,7 +281,11 @@ class ModelPart(nn.Module):
                 f"has); a penalty on the weights in the step (L2, L1, orthogonality) goes there too, as its gradient "
                 f"(for lambda * ||p||^2: p.grad.add_(p, alpha=2 * lambda)); to compute with the values (logits from "
                 f"the embedding's weight), do it in the model: a head whose weight is tied to the embedding stays tied "
-                f"across stages"))
+                f"across stages")
+            if in_a_method() and not any(True for _ in self.parameters()):  # a hook's call of a method that changes
+                # its module's parameters in place (lightly's prototypes.normalize()): done where they are held
+                return HeldElsewhere.of(original._parameters[name], refusal())
+            return stand_in_attribute(self, original, name, part, refusal)
         return stand_in_attribute(self, original, name, part, lambda: (
             f"{name!r} of {part!r} is not available under PipelineStrategy: the model is cut into stages and this "
             f"rank holds only its share of {part!r} (parameters() gives it); " + (_ADAPTER_SWITCH if name in (
