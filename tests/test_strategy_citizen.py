@@ -1039,6 +1039,9 @@ def test_lightlys_byol_momentum_update_is_refused_naming_the_copies_it_pairs() -
     for where in ("step", "hook"):
         errors = run_ranks(_byol, 2, where, expect_failure=True, timeout=150)
         assert all(error is not None and pairing in error for error in errors), (where, errors)
+        # and in the line every rank's error ends with, not only in the failing rank's traceback (found by review)
+        posted = [[line for line in (error or "").splitlines() if "PipelineError:" in line] for error in errors]
+        assert all(pairing in line for lines in posted for line in lines), (where, posted)
 
 
 def _centered(rank: int, world_size: int) -> dict[str, Any]:

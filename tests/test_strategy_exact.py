@@ -145,6 +145,92 @@ def test_random_step_code_is_the_same_on_every_rank() -> None:
                 assert result[f"denoiser-{strategy}-validation"] == pytest.approx(validation, rel=1e-5), strategy
 
 
+def _sparse_masked(form: str) -> Any:
+    """An MLM-style step whose mask, drawn in the step, only reaches the rows flagged maskable: the last 4 of each
+    batch of 10 are not, so its last two micro-batches (3, 3, 2, 2 rows) count nothing: their loss is a mean over
+    nothing, NaN (``form``: cross entropy ignoring the unmasked labels, whose gradients are 0 there, or a masked sum
+    divided by the mask's sum, whose gradients are NaN there too)."""
+    import torch.nn.functional as F
+
+    from tests.lightning_models import MaskedLM
+
+    class SparseMasked(MaskedLM):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            tokens, maskable = batch
+            kept = (torch.rand(tokens.shape) < 0.5) & maskable.bool()[:, None]
+            logits = self.layers(torch.where(kept, self.hparams.vocab, tokens)).flatten(0, 1)
+            if form == "ignored":
+                loss = F.cross_entropy(logits, tokens.masked_fill(~kept, -100).flatten())
+            else:
+                loss = (F.cross_entropy(logits, tokens.flatten(), reduction="none") * kept.flatten()).sum() / kept.sum()
+            self.log("loss", loss)
+            return loss
+
+    return SparseMasked()
+
+
+def _sparse_data() -> Any:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tokens = torch.randint(0, 11, (30, 5), generator=torch.Generator().manual_seed(2))
+    return DataLoader(TensorDataset(tokens, (torch.arange(30) % 10 < 6).long()), batch_size=10)
+
+
+def _fit_sparse_masks(rank: int, world_size: int, forms: list[str]) -> dict[str, Any]:
+    import lightning as L
+
+    from tests.lightning_models import MetricsLog
+
+    torch.set_num_threads(1)
+    results = {}
+    for form in forms:
+        L.seed_everything(SEED, verbose=False)
+        model, logged = _sparse_masked(form), MetricsLog()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _trainer("pipedream", max_steps=3, callbacks=[logged]).fit(model, _sparse_data())
+        results[form] = {"state": model.state_dict(), "logged": [step["loss"] for step in logged.train],
+                         "warned": [str(w.message) for w in caught if "a mean over" in str(w.message)]}
+    return results
+
+
+@pytest.mark.timeout(240)
+def test_a_micro_batch_whose_drawn_mask_counts_nothing_weighs_nothing() -> None:
+    """A step drawing its mask where a micro-batch can have nothing to count (found by review: NaN logged at every
+    such batch, and NaN weights where the loss divides by the mask's sum): that micro-batch's loss, a mean over
+    nothing, gives no gradients and its logged value is left out, as one device's mean leaves out its rows; the
+    others weigh by their rows, as the warning at the first batch says."""
+    from lightning_pipe.engine.microbatch import batch_rows, split_batch
+    from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
+
+    forms = ["ignored", "divided"]
+    results = run_ranks(_fit_sparse_masks, 2, forms, timeout=200)
+    for form in forms:
+        torch.manual_seed(0)
+        model = _sparse_masked(form)
+        optimizer = model.configure_optimizers()
+        logged: list[float] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            for index, batch in enumerate(_sparse_data()):
+                optimizer.zero_grad()
+                rows, total, counted = batch_rows(batch), 0.0, 0
+                for number, microbatch in enumerate(split_batch(batch, 4)):
+                    with forked_random(derive_seed(derive_seed(SEED, Stream.TRAIN, 0, index), number)):
+                        loss = model.training_step(microbatch, index)
+                    if torch.isfinite(loss):
+                        (loss * batch_rows(microbatch) / rows).backward()
+                        total, counted = total + float(loss) * batch_rows(microbatch), counted + batch_rows(microbatch)
+                optimizer.step()
+                logged.append(total / counted)
+        got = {k: v for result in results for k, v in result[form]["state"].items()}
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{form} {key}")
+        assert results[1][form]["logged"] == pytest.approx(logged, rel=1e-5), form
+        warned = results[1][form]["warned"]
+        assert len(warned) == 1 and "draws random numbers" in warned[0] and "weighs nothing" in warned[0], warned
+
+
 # -- every rank reads the same batches -----------------------------------------------------------------
 class NoisyRows(torch.utils.data.Dataset):
     """Rows of a regression set with torch and NumPy noise drawn as each row is read (an augmentation)."""

@@ -58,6 +58,9 @@ class FirstBatchChecks(RowChecks):
     def _init_checks(self, split: SplitModule | CapturedModule, pipeline: Pipeline) -> None:
         """Every check still to run, and for a fast-path sequence its stages keeping two micro-batches' inputs."""
         self._loss_warned = False  # the loss is a mean over a count the micro-batches do not share (said once)
+        # the loss is a mean over a count a micro-batch can lack (labels ignored, a mask drawn in the step): each
+        # micro-batch's loss is looked through for a count of 0, which then weighs nothing
+        self._empty_means = False
         # batches of each step checked for a captured model's own such loss (on the first stage), and the steps warned
         self._loss_checks_left = dict.fromkeys(("training_step", "validation_step", "test_step"), 16)
         self._model_loss_warned: set[str] = set()
@@ -136,13 +139,16 @@ class FirstBatchChecks(RowChecks):
                 self._warn_once(_warning(rule, why, neither_warning))
                 self._probes_left = 0
             return 1.0
-        if rule in ("neither", "constant"):
-            self._warn_once(_warning(rule, why, neither_warning))
+        if rule in ("neither", "constant"):  # (a mean that a micro-batch lacks, of a count drawn in the step)
+            drawn = drawn_count_warning(probe) if why.endswith(DRAWS) else None
+            self._warn_once(drawn or _warning(rule, why, neither_warning))
+            self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             rule = "mean"
         drawn = drawn_count_warning(probe) if rule is None and why == DRAWS else None
         if drawn is not None:  # (a masked-LM mask drawn in the step: found by review, 1.5% off, said nothing)
             self._warn_once(drawn)
             self._probes_left = 0
+            self._empty_means = True
         if rule is not None:
             self._mean_found = rule == "mean" and not self._loss_warned
             self._probes_left = _MEAN_PROBES if self._mean_found else 0

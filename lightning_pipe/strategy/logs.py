@@ -93,6 +93,12 @@ class LogRecorder:
             if arguments["value"] is loss:
                 arguments["add_up"] = True
 
+    def weigh_nothing(self, start: int) -> None:
+        """The calls recorded from index ``start`` on (a micro-batch's whose loss is a mean over nothing, NaN) weigh
+        nothing: left out of the batch's values, as one device's mean over the batch leaves out its rows."""
+        for arguments, _ in self.calls[start:]:
+            arguments["weight"] = 0.0
+
     @contextmanager
     def discarding(self) -> Iterator[None]:
         """Drop ``self.log`` calls made inside (the first stage's partial run of a step)."""
@@ -164,9 +170,14 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         values = torch.stack([torch.as_tensor(args["value"]).detach().to("cpu", torch.float64) for args, _ in group])
         reduce = "sum" if first.get("add_up") else _reduction(first["reduce_fx"], name)
         counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
+        empty = [args.get("weight") == 0 for args, _ in group]  # micro-batches that counted nothing (NaN means)
+        empty = empty if not all(empty) else [False] * len(group)  # (nothing anywhere: NaN, as on one device)
+        if any(empty) and reduce != "mean":
+            values = values[torch.tensor([not nothing for nothing in empty])]
         if reduce == "mean":
-            weights = torch.tensor([args["weight"] if counted else rows if constant else size
-                                    for (args, rows), size in zip(group, sizes)], dtype=torch.float64)
+            weights = torch.tensor([0.0 if nothing else args["weight"] if counted else rows if constant else size
+                                    for (args, rows), size, nothing in zip(group, sizes, empty)],
+                                   dtype=torch.float64)
             weights = (weights / weights.sum()).view(-1, *([1] * (values.dim() - 1)))
             value = torch.where(weights > 0, values * weights, 0).sum(0)  # a micro-batch that counted nothing: its
             # value (a mean over nothing, NaN) is left out

@@ -121,13 +121,16 @@ class Counts:
         return self.counts[index] * self.replicas / self.total * rows / microbatch_rows
 
 
-def nothing_counted(output: Any, loss: torch.Tensor) -> torch.Tensor:
+def nothing_counted(output: Any, loss: torch.Tensor, told: bool = True) -> torch.Tensor:
     """What the engine takes as the loss of a micro-batch that counted nothing (every label of its rows ignored): 0,
     whose gradients are 0 for the model's finite ``output`` tensors, as one device's mean over the batch gives those
     rows nothing. Not through the step's ``loss`` itself: a mean over nothing is NaN, and so would its gradients be
-    (``(loss * mask).sum() / mask.sum()``)."""
+    (``(loss * mask).sum() / mask.sum()``). Where the model gives no such output: an error if a ``loss_reduction``
+    function counted (``told``), else ``loss`` (its graph's count: "auto" checks that its gradients are finite)."""
     finite = [value for value in tree_flatten(output)[0] if isinstance(value, torch.Tensor) and value.requires_grad
               and value.is_floating_point() and bool(torch.isfinite(value).all())]
+    if not finite and not told:
+        return loss
     if not finite:
         raise ValueError("loss_reduction's function counted nothing in a micro-batch, and the model gives no output "
                          "but the step's loss, a mean over nothing (NaN), for its gradients of 0. Use fewer "
@@ -189,11 +192,12 @@ def verdict(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
         return None, "the loss is not finite (a NaN or an infinity)"
     if not math.isfinite(mean):  # finite on the whole batch, not on a micro-batch: a mean over what one can lack
         lacking = [index for index, value in enumerate(losses.tolist()) if not math.isfinite(value)]
+        drawn = abs(float(run_whole(output, batch, 1).detach().double().cpu()) - whole) > tolerance * abs(whole)
         return "lacking", (f"on the whole batch the step's loss is {whole:.6g}, but on micro-batch"
                            f"{'es' if len(lacking) > 1 else ''} {', '.join(map(str, lacking))} of its "
                            f"{len(probe.losses)} it is not finite: a mean over something a micro-batch can lack (every "
                            f"label of its rows ignored, a class without a row in it, as prototypes or other "
-                           f"per-class statistics of the batch take it)")
+                           f"per-class statistics of the batch take it)" + (f"; {DRAWS}" if drawn else ""))
     if whole != 0 and all(abs(value - whole) <= LOSS_TOLERANCE * abs(whole) for value in losses.tolist()) \
             and _constant_anyway(probe, run_whole, kinds):
         return "constant", (f"{whole:.6g} on the whole batch and on each of its {len(probe.losses)} micro-batches, "
@@ -308,18 +312,21 @@ def drawn_count_warning(probe: Probe) -> str | None:
     micro-batch's loss is a mean over a count (:func:`~.loss_graph.mean_count`: a masked-LM mask's labels) that the
     micro-batches do not share in proportion to their rows; None where they do, or where a loss has no such count."""
     counts = probe.graph_counts
-    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c > 0 for c in counts):
+    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c >= 0 for c in counts):
         return None
     per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
     if max(per_row) - min(per_row) <= 1e-6 * max(per_row):
         return None
+    empty = (" (a micro-batch that counts nothing, whose loss is a mean over nothing, weighs nothing)"
+             if 0 in counts else "")
     return (f"training_step's loss is a mean over a count that its micro-batches do not share in proportion to their "
             f"rows ({[round(float(c), 6) for c in counts]} counted in micro-batches of {probe.rows} rows: cross "
             f"entropy's labels not ignored, or what the loss is divided by), and the step draws random numbers (a "
             f"masked-LM mask drawn in the step?), so the pipeline cannot check it on the whole batch. It weighs each "
-            f"micro-batch's loss by its rows, so these gradients differ from one device's mean over the batch's "
-            f"count. Draw the mask in the DataLoader's collate_fn (transformers' DataCollatorForLanguageModeling "
-            f"does), so that the batch holds the labels, and pass PipelineStrategy(loss_reduction=lambda batch: "
+            f"micro-batch's loss by its rows{empty}, so these gradients differ from one device's mean over the "
+            f"batch's count. Draw the mask in the DataLoader's collate_fn (transformers' "
+            f"DataCollatorForLanguageModeling does), so that the batch holds the labels, and pass "
+            f"PipelineStrategy(loss_reduction=lambda batch: "
             f"(batch['labels'] != -100).sum()), batch[...] naming where your batch holds them; or train with "
             f"num_microbatches=1")
 

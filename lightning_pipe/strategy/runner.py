@@ -344,7 +344,8 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
                 [(p, p._version) for p in (*self.pipeline.parameters(), *self._copies_parameters())]
             with self.recorder.discarding(), self.logger_calls.discarding(), window, \
                     forked_random(derive_seed(seed, index), device), \
-                    microbatch_run(step, index, len(firsts), len(rows), total, tagged[BATCH]):
+                    microbatch_run(step, index, len(firsts), len(rows), total, tagged[BATCH]), \
+                    self._pairings_explained():
                 inputs = self.split.capture_input(step, tagged[BATCH], rest, kwargs)
             written = [p for p, version in versions if p._version != version]
             copy = self.frozen_copies.written(written) if written and self.frozen_copies is not None else None

@@ -6,8 +6,8 @@ result, made once on the last stage, shared with every rank (:mod:`.sharing`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
+from lightning_pipe.strategy.loss_graph import mean_count
 from lightning_pipe.strategy.reduction import Probe, nothing_counted
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.step_runs import microbatch_run
@@ -94,7 +95,7 @@ class TrainingSteps:
         stage computes within this call (earlier stages finish its backward later)."""
         if self.frozen_copies is not None:
             self.frozen_copies.before_step()
-        with reported_failures(self.scope):
+        with reported_failures(self.scope), self._pairings_explained():
             result = self._train(args, kwargs, loss_scale, optimizer_step, self._seed(seed))
         if self.frozen_copies is not None:
             self.frozen_copies.after_step()
@@ -102,6 +103,17 @@ class TrainingSteps:
             self._batch_norms_said = True
             warn_of_batch_norms(self.pipeline.modules(), self.pipeline.num_microbatches)
         return result
+
+    @contextmanager
+    def _pairings_explained(self) -> Iterator[None]:
+        """A shape error pairing a frozen copy's parameters with this rank's share of the model's (an EMA update in
+        the step) says so before the engine posts it, so that every rank's message does (found by review)."""
+        try:
+            yield
+        except Exception as error:
+            if self.frozen_copies is not None:
+                self.frozen_copies.explain(error)
+            raise
 
     def _train(self, args: Sequence[Any], kwargs: Mapping[str, Any], loss_scale: float,
                optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
@@ -137,10 +149,11 @@ class TrainingSteps:
             if runs is not None:
                 runs.before_run()
             given, watched = self.output_copies.given("training_step", output)
+            logged = len(self.recorder.calls)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
                     microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch), \
-                    self._listing_reads(index):
+                    self._listing_reads(index), self._pairings_explained():
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)
@@ -148,6 +161,12 @@ class TrainingSteps:
                     and self.whole_logs.new(logs_kind, [call["name"] for call, _ in self.recorder.calls]):
                 for_logs = True  # its first micro-batch logs a name no batch logged before: checked as the first
             loss, extra = loss_of(result)
+            # a mean over nothing (every label of its rows ignored, a mask drawn empty), NaN, where "auto" looks
+            empty = counts is None and not summed and (probe is not None or self._empty_means) \
+                and mean_count(loss) == 0
+            if empty:  # its logged values are left out, as one device's mean over the batch leaves out its rows
+                self.recorder.weigh_nothing(logged)
+                self._empty_means = True
             if index == 0 and loss.requires_grad:  # (a loss of a new form: a term added after a warm-up)
                 new = self._new_loss_form(loss, output, probe is None and kept is not None and not pipe.asynchronous)
                 if self._parameter_reads_left > 0 or new:
@@ -167,8 +186,8 @@ class TrainingSteps:
             if summed:  # the engine weights a micro-batch by its share of rows: a sum counts whole
                 self.recorder.add_up(loss)
                 return loss * (rows / microbatch_rows)
-            if counts is not None and counts.empty(index):  # a mean over nothing (NaN): it weighs nothing
-                return nothing_counted(output, loss)
+            if empty or counts is not None and counts.empty(index):  # a mean over nothing (NaN): it weighs nothing
+                return nothing_counted(output, loss, told=not empty)
             if counts is not None:  # a mean over what loss_reduction counts: by its share of the batch's count
                 return loss * counts.scale(index, rows, microbatch_rows)
             return loss
