@@ -3,7 +3,7 @@
 Each pattern is a model of 8 blocks that puts one thing at *every* block boundary, so that every cut (2, 4 or 8 stages)
 has it at every stage boundary. Each case trains a pipeline for 3 SGD steps on batches of 10 rows in 4 (uneven)
 micro-batches and compares, on every rank and at every step, the loss and every gradient, and at the end every weight
-and buffer, with one device (1e-6, plus 2e-6 relative). One spawned run per world size loops over every case; the one-device reference is
+and buffer, with one device (1e-6, plus 2e-6 relative; 4 times that for group norm). One spawned run per world size loops over every case; the one-device reference is
 computed once per pattern. A new pattern is one entry of ``PATTERNS``, a new schedule one line of ``SCHEDULES``.
 
 The reference is one device on the whole batch, except for batch norm, where the pipeline normalizes each micro-batch
@@ -32,6 +32,9 @@ WIDTH, ROWS, MICROBATCHES, STEPS, BLOCKS, LR = 8, 10, 4, 3, 8, 0.1
 # |pipeline - one device| <= ATOL + RTOL * |one device|, elementwise. Summing 4 micro-batches' gradients instead of one
 # batch's rounds differently: after two SGD steps a few float32 ulps (1.3e-6 on gradients of 0.9, group norm).
 ATOL, RTOL = 1e-6, 2e-6
+# Group norm over groups of 2 features divides by their small deviations, which amplifies that rounding: on an AVX-512
+# machine (torch's kernels there add in another order) 2.6e-6 at the third step's gradients, 1.3e-6 on an AVX2 one.
+SCALED = {"groupnorm": 4.0}
 
 
 class Block(nn.Module):
@@ -265,14 +268,15 @@ def _one_device(model: nn.Sequential, batches: list) -> tuple[list, dict]:
     return steps, copy.deepcopy(model.state_dict())
 
 
-def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+def _close(a: torch.Tensor | None, b: torch.Tensor | None, scale: float = 1.0) -> str | None:
     if a is None or b is None:
         return None if a is None and b is None else f"one is None ({a is None}, {b is None})"
     if a.shape != b.shape or a.dtype != b.dtype:
         return f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
     if not a.is_floating_point():
         return None if torch.equal(a, b) else "differs"
-    excess = ((a.double() - b.double()).abs() - ATOL - RTOL * b.double().abs()).max().item() if a.numel() else -1.0
+    excess = ((a.double() - b.double()).abs() - scale * (ATOL + RTOL * b.double().abs())).max().item() \
+        if a.numel() else -1.0
     return None if excess <= 0 else f"differs by {(a.double() - b.double()).abs().max().item():.3g}"
 
 
@@ -293,18 +297,18 @@ def _matrix(rank: int, world_size: int, patterns: list[str], schedules: list) ->
                     loss = pipe.train_step(batch)
                     if pipe.is_last_rank:
                         checks += 1
-                        if (problem := _close(loss, ref_loss)) is not None:
+                        if (problem := _close(loss, ref_loss, SCALED.get(pattern, 1.0))) is not None:
                             failures.append(f"{case} step {step} loss {problem}")
                     for name, param in pipe.named_parameters():
                         checks += 1
-                        if (problem := _close(param.grad, ref_grads[name])) is not None:
+                        if (problem := _close(param.grad, ref_grads[name], SCALED.get(pattern, 1.0))) is not None:
                             failures.append(f"{case} step {step} grad {name} {problem}")
                     if optimizer is not None:
                         optimizer.step()
                         optimizer.zero_grad()
                 for name, value in pipe.state_dict().items():
                     checks += 1
-                    if (problem := _close(value, reference[1][name])) is not None:
+                    if (problem := _close(value, reference[1][name], SCALED.get(pattern, 1.0))) is not None:
                         failures.append(f"{case} final {name} {problem}")
             except Exception as error:
                 raise RuntimeError(f"{case} raised") from error
