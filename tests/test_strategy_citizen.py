@@ -1073,3 +1073,58 @@ def test_a_buffer_a_loss_module_reads_then_updates_trains_as_on_one_device_and_i
         torch.testing.assert_close(result["center"], reference["center"], rtol=1e-5, atol=1e-6)
     for key, value in results[0]["weights"].items():
         torch.testing.assert_close(value, reference["weights"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _callback_average(rank: int, world_size: int, when: str) -> dict[str, Any]:
+    """An EMA of the model kept by a callback (timm's ModelEmaV3's way, here torch's AveragedModel), made in the
+    callback's ``setup`` (before the cut: a copy of the whole model) or in ``on_fit_start`` (after it: this rank's
+    share), updated after each batch and saved with the callback's state."""
+    import warnings
+
+    import lightning as L
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import TemplateModule, class_data
+
+    class EMA(L.Callback):
+        def _make(self, module: L.LightningModule) -> None:
+            self.ema = AveragedModel(module.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+        def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+            if when == "setup":
+                self._make(module)
+
+        def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if when == "fit_start":
+                self._make(module)
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+            self.ema.update_parameters(module.net)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_steps=2,
+                            callbacks=[EMA()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(TemplateModule(net), class_data(batch_size=8, batches=2))
+            error = None
+        except Exception as raised:  # noqa: BLE001
+            error = str(raised)
+    return {"error": error, "warned": [str(w.message) for w in caught if "a callback made" in str(w.message)]}
+
+
+@pytest.mark.timeout(200)
+def test_a_copy_of_the_whole_model_a_callback_makes_before_the_cut_is_said_and_explains_its_pairing() -> None:
+    """timm's ModelEmaV3 made in a callback's setup failed in its update with torch's bare shape error on one rank
+    (found by review): said at the cut, with the fix (make it in on_fit_start), and the error, on every rank, says
+    where it comes from. Made in on_fit_start, it is this rank's share's copy: nothing said, nothing fails."""
+    results = run_ranks(_callback_average, 2, "setup", timeout=150)
+    assert len(results[0]["warned"]) == 1 and "EMA.ema" in results[0]["warned"][0], results[0]
+    assert "on_fit_start" in results[0]["warned"][0]
+    errors = [result["error"] for result in results if result["error"] is not None]
+    pairing = "where this comes from pairing the parameters of EMA.ema"
+    assert errors and all(pairing in error for error in errors), errors
+    assert run_ranks(_callback_average, 2, "fit_start", timeout=150) == [{"error": None, "warned": []}] * 2

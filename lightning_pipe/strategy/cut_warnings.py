@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.strategy.model_choice import averaged as averaged_parameters, frozen_copies
+from lightning_pipe.strategy.model_choice import averaged as averaged_parameters, callback_copies, frozen_copies
 from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import (
     BACKWARD_HOOKS, FOREIGN, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks,
@@ -56,6 +56,11 @@ class FrozenCopies:
         self.steps = 0
         if averaged and first_rank:
             self._say(averaged, "is an averaged copy of it")
+        trainer = getattr(module, "_trainer", None)
+        self.held = callback_copies(list(getattr(trainer, "callbacks", None) or []), model)  # (found by review: timm's
+        # ModelEmaV3 made in a callback's setup failed with a bare shape error in its update)
+        if self.held and first_rank:
+            warnings.warn(self._held_pairing(), stacklevel=3)
 
     def before_step(self) -> None:
         """Note the watched copies' weights before the first training step (after the hooks that run before
@@ -92,11 +97,11 @@ class FrozenCopies:
         network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
         come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        if self.unsaid and isinstance(message, str) and "where this comes from pairing" not in message and (
-                "size" in message or "state_dict" in message or "same number of tensors" in message):
-            exception.args = (f"{message} (where this comes from pairing the parameters of {self.unsaid[0]} with the "
-                              f"model's: {self.pairing(self.unsaid, 'is a frozen copy of it')})",
-                              *exception.args[1:])
+        if (self.unsaid or self.held) and isinstance(message, str) and "where this comes from pairing" not in message \
+                and ("size" in message or "state_dict" in message or "same number of tensors" in message):
+            why = self.pairing(self.unsaid, "is a frozen copy of it") if self.unsaid else self._held_pairing()
+            exception.args = (f"{message} (where this comes from pairing the parameters of "
+                              f"{(self.unsaid or self.held)[0]} with the model's: {why})", *exception.args[1:])
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The copies' parameters."""
@@ -112,6 +117,15 @@ class FrozenCopies:
         """What pairing the parameters of ``copies`` with the model's does under the pipeline, and what to do."""
         original = self.originals.get(copies[0], self.path)
         return _pairing(copies, what, original, original != self.path)
+
+    def _held_pairing(self) -> str:
+        """What a copy of the whole model that a callback holds (:attr:`held`) does under the pipeline."""
+        return (f"{', '.join(self.held)} is a copy of the whole model at {self.path!r} that a callback made before the "
+                f"model was cut (in setup or __init__): it stays whole on every rank, while under PipelineStrategy "
+                f"each rank holds only its share of the model, so an update pairing their parameters (an EMA's "
+                f"update(model)) pairs the wrong ones. Make it in the callback's on_fit_start, after the cut: there "
+                f"each rank's copy is of its own share, which pairs with it, and the callback's state_dict() "
+                f"returning the copy's state_dict() is saved in the checkpoint put together from every rank's")
 
     def _say(self, copies: list[str], what: str) -> None:
         warnings.warn(self.pairing(copies, what), stacklevel=3)

@@ -144,6 +144,21 @@ def _averaging(part: nn.Module) -> bool:
                                                and isinstance(getattr(part, "module", None), nn.Module))
 
 
+def callback_copies(callbacks: list[Any], model: nn.Module) -> list[str]:
+    """The copies of the whole ``model`` that ``callbacks`` hold as attributes (timm's ``ModelEmaV3`` made in a
+    callback's ``setup``, before the cut; an ``AveragedModel``; a frozen ``deepcopy``), by ``Class.attribute``."""
+    wanted = _layout(model)
+    found = []
+    for callback in callbacks:
+        for name, value in vars(callback).items():
+            if not isinstance(value, nn.Module) or not any(True for _ in value.parameters()):
+                continue
+            if _averaging(value) and _layout(value.module) == wanted or (
+                    not any(p.requires_grad for p in value.parameters()) and _layout(value) == wanted):
+                found.append(f"{type(callback).__name__}.{name}")
+    return found
+
+
 def _blocks(part: nn.Module) -> int:
     """How many of ``part``'s modules hold parameters of their own."""
     return sum(1 for module in part.modules() if any(True for _ in module.parameters(recurse=False)))
