@@ -30,6 +30,7 @@ from lightning_pipe.strategy.parameter_lists import whole_lists
 from lightning_pipe.strategy.plain import all_gather_text
 from lightning_pipe.strategy.values import decode, encode, tensor_specs
 from lightning_pipe.strategy.state_names import optimizer_entries, param_groups_of
+from lightning_pipe.strategy.untravelled import marked, resolved
 
 __all__ = ["PIPELINE_KEY", "META_FILE", "is_sharded", "RANDOM_STATES_KEY", "named_optimizer_state", "SHARED_ENTRIES",
            "gather_checkpoint", "training_state_of_rank", "atomic_save", "own_entries", "with_own_entries",
@@ -65,9 +66,14 @@ def gather_checkpoint(checkpoint: dict[str, Any], state_keys: list[str], layout:
     share["whole_orders"] = whole_orders
     share["parameters"] = list(parameters[1]) if parameters is not None else []
     share["own"] = move_data_to_device(own_entries(checkpoint), torch.device("cpu"))
+    # (found by review: pytorch-forecasting's extras hold its dataset's normalizers, which cannot travel)
+    share["own"] = marked(share["own"], share["own"] if dist.get_rank(group) == 0 else None, _CHECKPOINT_ADVICE,
+                          group, device or torch.device("cpu"))
     shares = gather_shares(share, group, device or torch.device("cpu"))
     if shares is None:
         return None
+    for rank, part in enumerate(shares[1:], 1):  # what could not travel: rank 0's, which did not need to
+        part["own"] = resolved(part["own"], shares[0]["own"], rank)
     state: dict[str, Any] = {}
     for part in shares:
         for key, value in part["state_dict"].items():
@@ -156,12 +162,14 @@ def gather_shares(share: Any, group: dist.ProcessGroup | None, device: torch.dev
 
     A share is sent as the JSON text of its structure (:func:`~.values.encode`: numbers, strings, tensors, and
     lists, tuples and dicts of them) and each tensor's bytes: nothing received is unpickled. A share holding anything
-    else (a callback state that is an arbitrary object) is an error on every rank, naming it."""
+    else (a callback state that is an arbitrary object) is an error on every rank, naming it (rank 0's, which does
+    not travel, is not looked at; :func:`gather_checkpoint` marks the entries of the others' that cannot travel)."""
     tensors: list[torch.Tensor] = []
-    try:
-        text = json.dumps(encode(share, tensors, "this rank's share of the checkpoint (weights, optimizer and callback "
-                                 "states, on_save_checkpoint's extras)", _CHECKPOINT_ADVICE))
-        error = ""
+    text, error = "", ""
+    try:  # (rank 0's own share does not travel)
+        if dist.get_rank(group) != 0:
+            text = json.dumps(encode(share, tensors, "this rank's share of the checkpoint (weights, optimizer and "
+                                     "callback states, on_save_checkpoint's extras)", _CHECKPOINT_ADVICE))
     except TypeError as caught:
         text, error, tensors = "", str(caught), []
     errors = [(rank, e) for rank, e in enumerate(all_gather_text(error, group, device)) if e]

@@ -1,0 +1,75 @@
+"""Callback states and ``on_save_checkpoint`` extras that cannot travel between ranks in a checkpoint's gathering (an
+arbitrary object: pytorch-forecasting's models keep their dataset's normalizers there, so that a checkpoint can
+predict). Made by the same module or callback on every rank, they are saved as rank 0's, which never travels: a
+rank's value that the codec refuses goes as a mark, and rank 0 puts its own value at that place in its stead. Where
+rank 0 holds nothing there, the gathering is refused on every rank, as before."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lightning_pipe.strategy.plain import all_gather_text
+from lightning_pipe.strategy.values import encode
+
+__all__ = ["marked", "resolved"]
+
+_MARK = "lightning_pipe: as rank 0's"  # the key of the mark standing for a value that did not travel
+
+
+def _marked(value: Any, advice: str, path: list[str], found: list[tuple[list[str], str]]) -> Any:
+    try:
+        encode(value, [], "this rank's share of the checkpoint (callback states, on_save_checkpoint's extras)", advice,
+               "".join(f"[{key!r}]" for key in path))
+        return value
+    except TypeError as error:
+        if type(value) is dict and all(isinstance(key, str) for key in value):
+            return {key: _marked(item, advice, [*path, key], found) for key, item in value.items()}
+        found.append((path, str(error)))
+        return {_MARK: str(error)}
+
+
+def _holds(value: Any, path: list[str]) -> bool:
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    return True
+
+
+def marked(own: dict[str, Any], rank_zero: dict[str, Any] | None, advice: str, group: Any,
+           device: torch.device) -> dict[str, Any]:
+    """This rank's ``own`` checkpoint entries with each part the codec refuses as a mark (a dict's items looked at
+    one by one, so that only what cannot travel is marked); collective: where rank 0 (whose own entries are
+    ``rank_zero`` there) holds nothing at a marked place, a ``TypeError`` on every rank."""
+    found: list[tuple[list[str], str]] = []
+    result = _marked(own, advice, [], found) if dist.get_rank(group) != 0 else own
+    every = [json.loads(text) for text in all_gather_text(json.dumps(found), group, device)]
+    if not any(every):
+        return result
+    lacking = ""
+    if rank_zero is not None:
+        lacking = next((f"pipeline rank {rank}: {message}" for rank, marks in enumerate(every)
+                        for path, message in marks if not _holds(rank_zero, path)), "")
+    errors = [text for text in all_gather_text(lacking, group, device) if text]
+    if errors:
+        raise TypeError(errors[0])
+    return result
+
+
+def resolved(value: Any, rank_zero: Any, rank: int, path: str = "") -> Any:
+    """``value`` (rank ``rank``'s own entries, received on rank 0) with each mark replaced by what rank 0 holds at its
+    place (``rank_zero``), said once."""
+    if type(value) is dict and set(value) == {_MARK}:
+        warnings.warn(f"rank {rank}'s checkpoint entry {path} cannot travel between ranks ({value[_MARK]}), so the "
+                      f"checkpoint holds rank 0's in its place (the same where the same module or callback made it on "
+                      f"every rank, as a model's on_save_checkpoint extras are)", stacklevel=3)
+        return rank_zero
+    if type(value) is dict:
+        return {key: resolved(item, rank_zero.get(key) if isinstance(rank_zero, dict) else None, rank,
+                              f"{path}[{key!r}]") for key, item in value.items()}
+    return value
