@@ -1576,3 +1576,29 @@ def test_frozen_layers_the_model_runs_are_no_copies_of_it() -> None:
     running = {id(p) for part in (module.model, module.backbone, module.head, module.tower)
                for p in part.parameters()}
     assert frozen_copies(module, "", module, running) == {"backbone_momentum": "backbone"}
+
+
+def test_a_strategy_deep_copies_and_pickles_as_lightnings_own_do() -> None:
+    """neuralforecast and darts keep their Trainer's arguments in the model's hyper-parameters (deep-copied): a
+    PipelineStrategy there failed with a bare "cannot pickle 'mappingproxy' object" (found by review)."""
+    import copy
+    import pickle
+
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    strategy = PipelineStrategy(schedule="interleaved_1f1b", schedule_options={"virtual_stages": 2},
+                                split_points={"model.h.2": "begin"})
+    for made in (copy.deepcopy(strategy), pickle.loads(pickle.dumps(strategy))):
+        assert dict(made.settings.schedule_options) == {"virtual_stages": 2}
+        assert dict(made.settings.split_points) == {"model.h.2": "begin"}
+        with pytest.raises(TypeError):
+            made.settings.schedule_options["virtual_stages"] = 3  # type: ignore[index]
+
+    class KeepsTrainerArguments(L.LightningModule):
+        def __init__(self, **trainer_kwargs: Any) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    assert isinstance(KeepsTrainerArguments(strategy=strategy).hparams["strategy"], PipelineStrategy)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from .cut import Partition
@@ -13,6 +12,34 @@ from .schedules.replicated import REPLICATED_SCHEDULES, check_replicas
 from .watchdog import DEFAULT_WAIT_TIMEOUT
 
 __all__ = ["PipelineConfig"]
+
+
+class ReadOnly(Mapping):
+    """A read-only dict (a config's options) that, unlike ``types.MappingProxyType``, pickles and deep-copies: a
+    strategy kept in a module's hyper-parameters is (neuralforecast's models save their Trainer's arguments so)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Any = ()) -> None:
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self._items,)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 @dataclass(frozen=True)
@@ -65,7 +92,7 @@ class PipelineConfig:
             raise ValueError(f"num_microbatches must be a positive integer, got {self.num_microbatches!r}")
         if not isinstance(self.partition, str):
             object.__setattr__(self, "partition", tuple(int(n) for n in self.partition))
-        object.__setattr__(self, "schedule_options", MappingProxyType(dict(self.schedule_options)))
+        object.__setattr__(self, "schedule_options", ReadOnly(self.schedule_options))
         if not kind.trains:
             raise ValueError(f"schedule {self.schedule!r} runs no backward and cannot train; choose one of: "
                              f"{', '.join(name for name, k in _kinds() if k.trains)}")

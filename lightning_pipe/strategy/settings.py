@@ -12,10 +12,9 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from types import MappingProxyType
 from typing import Any
 
-from lightning_pipe.engine.config import PipelineConfig
+from lightning_pipe.engine.config import PipelineConfig, ReadOnly
 from lightning_pipe.engine.cut import Partition
 from lightning_pipe.engine.schedules import SCHEDULE_ALIASES, SCHEDULES, registered_name, schedule_kind
 from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT
@@ -126,7 +125,7 @@ def _check_schedule_options(options: Any) -> Mapping[str, int]:
     """``schedule_options`` as a read-only dict of integers (a YAML or command-line value may come quoted: "2" reached
     the schedule's sizes and failed there, a bare TypeError, once the processes ran)."""
     if options is None:
-        return MappingProxyType({})
+        return ReadOnly({})
     if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
         raise ValueError(f"schedule_options must be a dict of the schedule's option names to integers "
                          f"({{'virtual_stages': 4}} for interleaved_1f1b), got {options!r}")
@@ -135,7 +134,7 @@ def _check_schedule_options(options: Any) -> Mapping[str, int]:
             raise ValueError(f"schedule_options[{name!r}] must be an integer (or a list of them), got {value!r} "
                              f"({type(value).__name__}): give it unquoted (strategy.schedule_options.{name}=4 on the "
                              f"command line, {name}: 4 in YAML)")
-    return MappingProxyType({name: int(value) if isinstance(value, numbers.Integral) else value
+    return ReadOnly({name: int(value) if isinstance(value, numbers.Integral) else value
                              for name, value in options.items()})
 
 
@@ -257,7 +256,7 @@ def _check_split_points(split_points: Any) -> Any:
         raise TypeError(f"split_points must be a non-empty list of module names (e.g. ['model.h.2', 'model.ln_f']) "
                         f"or a mapping name -> 'begin' | 'end', not {split_points!r}")
     if isinstance(split_points, Mapping):
-        return MappingProxyType(dict(split_points))
+        return ReadOnly(dict(split_points))
     return tuple(tuple(p) if isinstance(p, list) else p for p in split_points)
 
 
