@@ -32,11 +32,29 @@ class _OtherLightning:
     what to change instead of Lightning's "invalid strategy name"."""
 
     def __init__(self, **_: Any) -> None:
-        raise ImportError("lightning_pipe's strategies are made for the `lightning` package's Trainer (import "
-                          "lightning as L; from lightning.pytorch import LightningModule, Trainer), and this Trainer "
-                          "is the standalone `pytorch_lightning` package's, a separate copy of Lightning that takes "
-                          "only its own strategies. Change the project's imports from `pytorch_lightning` to "
-                          "`lightning.pytorch` (the same API; `pip install lightning`)")
+        maker = _trainers_maker()
+        said = ("lightning_pipe's strategies are made for the `lightning` package's Trainer (import lightning as L; "
+                "from lightning.pytorch import LightningModule, Trainer), and this Trainer is the standalone "
+                "`pytorch_lightning` package's, a separate copy of Lightning that takes only its own strategies. ")
+        if maker is not None and "-packages" in maker[1]:  # a library made it (neuralforecast's, darts' models)
+            raise ImportError(f"{said}It was made by the library {maker[0].partition('.')[0]!r} ({maker[1]}:"
+                              f"{maker[2]}), which is built on `pytorch_lightning`: its models are that package's "
+                              f"LightningModules, which the `lightning` package's Trainer refuses too, so they cannot "
+                              f"be pipelined. Train them with the library's own strategies (one device, 'ddp')")
+        raise ImportError(f"{said}Change the project's imports from `pytorch_lightning` to `lightning.pytorch` (the "
+                          f"same API; `pip install lightning`)")
+
+
+def _trainers_maker() -> tuple[str, str, int] | None:
+    """The module, file and line of the code that made the Trainer now being made: the innermost caller outside
+    ``pytorch_lightning`` and this package."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(("pytorch_lightning", "lightning_fabric", "lightning_pipe")):
+            return module, frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def _refuse_in_pytorch_lightning() -> None:

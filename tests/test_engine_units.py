@@ -179,6 +179,25 @@ def test_a_pytorch_lightning_trainer_is_told_to_use_the_lightning_package() -> N
             in done.stderr, done.stderr[-2000:]
 
 
+def test_a_library_making_a_pytorch_lightning_trainer_is_named(tmp_path: Any) -> None:
+    """neuralforecast and darts make a ``pytorch_lightning`` Trainer themselves from the strategy the user passes:
+    "change the project's imports" was advice their users cannot follow (found by review). The library is named, and
+    what it means said."""
+    import subprocess
+    import sys
+
+    library = tmp_path / "site-packages" / "forecastlib"
+    library.mkdir(parents=True)
+    (library / "__init__.py").write_text(
+        "def fit(**trainer_kwargs):\n    import pytorch_lightning as pl\n"
+        "    pl.Trainer(accelerator='cpu', devices=1, logger=False, **trainer_kwargs)\n")
+    code = (f"import sys; sys.path.insert(0, {str(library.parent)!r})\nimport lightning_pipe, forecastlib\n"
+            f"forecastlib.fit(strategy='pipedream')")
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode != 0 and "It was made by the library 'forecastlib'" in done.stderr, done.stderr[-2000:]
+    assert "cannot be pipelined" in done.stderr and "Change the project's imports" not in done.stderr
+
+
 def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_when_the_run_replaced_one():
     norm = nn.BatchNorm1d(3)
     model = nn.Sequential(nn.Linear(3, 3), norm).train()
