@@ -863,3 +863,21 @@ def test_a_method_changing_its_modules_parameters_in_a_hook_runs_where_they_are_
             module.model.prototypes.norms()
         with pytest.raises(AttributeError, match=r"'weight' of 'prototypes.heads.0' is held by another rank"):
             module.model.prototypes.heads[0].weight
+
+
+def test_pruning_a_captured_model_again_during_the_fit_is_refused_naming_pruning() -> None:
+    """Iterative pruning in a hook (prune.l1_unstructured again on a layer pruned in __init__) was refused with "read
+    plain attributes", and "holds only its share" on the rank holding the layer (found by review)."""
+    from torch.nn.utils import prune
+
+    from lightning_pipe.strategy.captured import CapturedModule
+
+    model = _SwAV()
+    prune.l1_unstructured(model.backbone[0], "weight", amount=0.5)
+    module = _lightning(model)
+    captured = CapturedModule(module, "model", split_points=["prototypes"])
+    captured.splitter.capture((torch.randn(4, 6),), {})
+    captured.install(captured.segments[:1])  # this rank: the backbone, pruned
+    with pytest.raises(AttributeError, match=r"holds all the parameters of 'backbone.0'.*a pruned weight.*Prune "
+                                             r"before the fit"):
+        prune.l1_unstructured(module.model.backbone[0], "weight", amount=0.3)

@@ -142,6 +142,21 @@ _ADAPTER_SWITCH = ("PEFT's disable_adapter() and set_adapter() switch the adapte
                    "in the step")
 
 
+# torch.nn.utils.prune's pruning, done again during the fit (found by review: the refusal named neither)
+_PRUNED = ("it is a pruned weight, which torch.nn.utils.prune recomputes from weight_orig and weight_mask in a forward "
+           "pre-hook that the captured graphs run as they were captured: pruning a captured model during the fit is "
+           "not supported. Prune before the fit (in __init__: the masks are then buffers the capture reads), or "
+           "pipeline an nn.Sequential, whose layers Lightning's ModelPruning callback prunes on the rank holding "
+           "them")
+
+
+def _share(holder: nn.Module, original: nn.Module | None) -> str:
+    """How much of ``original`` (a module of the model) ``holder``, its stand-in, holds on this rank, in words."""
+    held = sum(1 for _ in holder.parameters())
+    whole = sum(1 for _ in original.parameters()) if original is not None else held
+    return "all the parameters" if held and held == whole else "only its share" if held else "none"
+
+
 def written_through(original: nn.Module | None, holder: nn.Module, name: str, value: Any) -> bool:
     """Give ``original`` what ``holder`` (its stand-in) was given, where the captures read it from ``original``; whether
     it did (else the stand-in keeps the value itself):
@@ -288,8 +303,9 @@ class ModelPart(nn.Module):
             return stand_in_attribute(self, original, name, part, refusal)
         return stand_in_attribute(self, original, name, part, lambda: (
             f"{name!r} of {part!r} is not available under PipelineStrategy: the model is cut into stages and this "
-            f"rank holds only its share of {part!r} (parameters() gives it); " + (_ADAPTER_SWITCH if name in (
-                "disable_adapter_layers", "enable_adapter_layers", "set_adapter") else
+            f"rank holds {_share(self, original)} of {part!r} (parameters() gives it); " + (
+                _ADAPTER_SWITCH if name in ("disable_adapter_layers", "enable_adapter_layers", "set_adapter") else
+                _PRUNED if original is not None and f"{name}_orig" in original._parameters else
                 f"read plain attributes, or call the whole model in the step ({METHODS})")))
 
     def extra_repr(self) -> str:
