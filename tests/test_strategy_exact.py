@@ -1176,3 +1176,45 @@ def test_a_fit_stopped_and_resumed_by_max_steps_draws_the_uninterrupted_fits_num
     for result in run_ranks(_resumed_by_steps, 2, str(tmp_path), timeout=200):
         assert len(result["whole"]) == 8 and result["resumed"] == result["whole"], result
         assert result["again"] == result["whole"], result  # (Lightning's epoch 2 is the data's epoch 1)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stream of 40 rows without a length; ``kept``: it has state_dict and load_state_dict (keeps its position)."""
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            yield torch.randn(16, generator=generator), torch.randn(16, generator=generator)
+
+
+class _KeptStream(_Stream):
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _stream_resumed(rank: int, world_size: int, root: str, kept: bool) -> list[str]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lightning_models import Regressor
+
+    torch.set_num_threads(1)
+    data = torch.utils.data.DataLoader((_KeptStream if kept else _Stream)(), batch_size=8)
+    saves = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _trainer("pipedream", max_steps=4, callbacks=[saves], enable_checkpointing=True).fit(Regressor(), data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer("pipedream", max_steps=4).fit(Regressor(), data, ckpt_path=os.path.join(root, "step=2.ckpt"))
+    return [str(w.message) for w in caught if "IterableDataset" in str(w.message)]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_mid_epoch_resume_of_a_stream_says_it_starts_again(tmp_path: Path, kept: bool) -> None:
+    """An IterableDataset has no indices to pass over: resumed mid-epoch it starts again from its first batch, as on
+    one device, unlike a map-style loader, which goes on as the uninterrupted fit (found by review: nothing said). A
+    stream that keeps its position (Lightning restores its state_dict) is not said to start again."""
+    first, second = run_ranks(_stream_resumed, 2, str(tmp_path / "saved"), kept, timeout=200)
+    assert second == [] and (first == [] if kept else len(first) == 1 and "starts again" in first[0]), first

@@ -163,6 +163,7 @@ class SharedOrder:
         self.training = False  # whether the current iteration is a training epoch
         self._current: DataStart | None = None  # where the current iteration started
         self._restore: list[torch.Tensor] | None = None
+        self.stream = False  # its dataset is an IterableDataset that keeps no position (set by share_order)
 
     @property
     def sampler(self) -> Any:
@@ -292,4 +293,8 @@ def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica:
         order = SharedOrder(shared.sampler, start, workers, user_generators)
         object.__setattr__(shared, "sampler", order)
     shared._pipeline_order = order
+    # a stream (an IterableDataset) has no indices to pass over at a mid-epoch resume: it starts again, as on one
+    # device, unless it keeps its position itself (Lightning restores a state_dict of it)
+    order.stream = isinstance(shared.dataset, torch.utils.data.IterableDataset) \
+        and not callable(getattr(shared.dataset, "load_state_dict", None))
     return shared
