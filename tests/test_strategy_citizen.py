@@ -120,7 +120,9 @@ def test_hyperparameters_aliases_summed_losses_and_per_image_targets_train_as_on
     # layers' inputs with the micro-batches': tests/test_rows_meet.py)
     # (the last stage's: the first batch's two checks, and the later batches' check of a mean loss, one each; and
     # the checks of the logs and outputs on the first CHECKED_BATCHES batches, one run each after the first batch's)
-    distilled = STEPS * 4 + 1 + STEPS + min(STEPS, CHECKED_BATCHES) - 1
+    # (and the first batch's look at the loss's gradient through the output, once a mean: the whole batch and each of
+    # its 4 micro-batches once more)
+    distilled = STEPS * 4 + 1 + STEPS + min(STEPS, CHECKED_BATCHES) - 1 + 5
     for name, last_calls, setup in (("backbone-auto-8", 1, 0), ("backbone-distill-auto-8", distilled, 0),
                                     ("captured-backbone-auto-8", 2, 1)):
         reference, logged = _reference(name.removesuffix("-auto-8"))

@@ -192,7 +192,8 @@ class BufferWatch:
                      f"another forward than the one whose loss it follows)" if self._rematerialized else
                      f"once per micro-batch ({self._num_microbatches} per step)")
             warnings.warn(f"the forward changes the buffers {', '.join(changed[:6])}{more} (a spectral_norm's power "
-                          f"iteration, a layer's own running statistics): under a pipeline this happens {again}, "
+                          f"iteration, a layer's own running statistics, quantization-aware training's observers, "
+                          f"whose ranges are then each micro-batch's): under a pipeline this happens {again}, "
                           f"where one device does it once per batch, so they and what depends on them differ from one "
                           f"device's. num_microbatches=1"
                           f"{' and checkpoint_activations=False match' if self._rematerialized else ' matches'} one "

@@ -41,7 +41,7 @@ from lightning_pipe.strategy.reduction import (
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.row_checks import RowChecks
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
-from lightning_pipe.strategy.step_values import loss_of, without_gradients
+from lightning_pipe.strategy.step_values import loss_of, output_gradients, without_gradients
 
 __all__ = ["FirstBatchChecks"]
 
@@ -96,16 +96,19 @@ class FirstBatchChecks(RowChecks):
         """On the last stage, "auto": how the loss of this batch's micro-batches adds up (:mod:`.reduction`); the
         factor every rank's gradients of this batch take (the number of micro-batches for a sum, else 1)."""
 
-        def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
-            def attempt(output: Any) -> torch.Tensor:  # (each attempt draws the same random numbers, and starts
-                # from the module as the step found it: group DRO's weights, updated by the step before its loss)
-                with self.recorder.discarding(), self.metrics.untouched(), host_random_kept(self.module) as held, \
-                        forked_random(derive_seed(seed, 0) + draw, self.pipeline.device), self.effects.undone():
-                    if draw:  # the generators the module keeps draw other numbers too (put back after)
-                        held.shift()
-                    return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
+        def step_loss(output: Any, batch: Any, draw: int) -> torch.Tensor:  # (each run draws the same random
+            # numbers, and starts from the module as the step found it: group DRO's weights, updated by the step)
+            with self.recorder.discarding(), self.metrics.untouched(), host_random_kept(self.module) as held, \
+                    forked_random(derive_seed(seed, 0) + draw, self.pipeline.device), self.effects.undone():
+                if draw:  # the generators the module keeps draw other numbers too (put back after)
+                    held.shift()
+                return loss_of(self.split.run_step("training_step", output, owned(batch), rest, kwargs))[0]
 
-            return without_gradients(attempt, output)
+        def run_whole(output: Any, batch: Any, draw: int) -> torch.Tensor:
+            return without_gradients(lambda given: step_loss(given, batch, draw), output)
+
+        def gradients(output: Any, batch: Any) -> list[torch.Tensor]:
+            return output_gradients(lambda given: step_loss(given, batch, 0), output)
 
         if self.loss_reduction == "sum":  # told: checked that it is one; how the sequence's single numbers add up
             self._scalar_probes_left -= 1
@@ -129,8 +132,8 @@ class FirstBatchChecks(RowChecks):
             except Exception:  # noqa: BLE001 - the first batch told already: a later look may give up (memory)
                 self._probes_left = 0
                 return 1.0
-        else:
-            rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True)))
+        else:  # (until a batch tells: a mean's gradient through the output looked at too)
+            rule, why = self._constant_twice(*verdict(probe, run_whole, self.split.output_kinds(True), gradients))
         if probe.scalar_kinds is not None and isinstance(self.split, SplitModule):  # single numbers the sequence
             self.split.scalar_kinds = probe.scalar_kinds  # returns are summed (a VAE's KL): so logged and replayed
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first

@@ -18,7 +18,7 @@ from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_t
 
 __all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
-           "same_output", "without_gradients"]
+           "same_output", "without_gradients", "output_gradients"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -81,6 +81,18 @@ def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable
                               else t, output)
     with torch.enable_grad():
         return attempt(leaves)
+
+
+def output_gradients(attempt: Callable[[Any], torch.Tensor], output: Any) -> list[torch.Tensor]:
+    """The gradients of ``attempt(output)`` (the step's loss on the model's output) with respect to ``output``'s
+    floating-point tensors, in their flattened order (zeros where the loss does not reach one)."""
+    leaves = tree_map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() else t, output)
+    flat = [leaf for leaf in tree_flatten(leaves)[0] if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    with torch.enable_grad():
+        loss = attempt(leaves)
+        found = torch.autograd.grad(loss, flat, allow_unused=True) if flat and loss.requires_grad \
+            else [None] * len(flat)
+    return [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(flat, found)]
 
 
 def tagged(batch: Any, rows: int) -> dict[str, Any]:
