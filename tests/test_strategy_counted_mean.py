@@ -226,7 +226,7 @@ def test_means_over_a_count_of_the_inputs_elements_are_found_in_the_graph(kind: 
     count = found[0]
     assert count.linear is (kind != "silog")  # a square root of it: no count makes the micro-batches' the batch's
     if kind == "silog":
-        from lightning_pipe.strategy.reduction import counted_mean_warning
+        from lightning_pipe.strategy.loss_warnings import counted_mean_warning
 
         message = counted_mean_warning(found, [[x[:2], mask[:2], y[:2]], [x[2:], mask[2:], y[2:]]], [2, 2])
         assert message is not None and "no weighting" in message and "num_microbatches=1" in message

@@ -833,7 +833,7 @@ def test_counted_micro_batches_weigh_their_losses_by_their_counts() -> None:
 def test_a_models_own_loss_over_unevenly_ignored_labels_is_found() -> None:
     from lightning_pipe.capture import Splitter
     from lightning_pipe.capture.losses import mean_losses
-    from lightning_pipe.strategy.reduction import model_loss_warning
+    from lightning_pipe.strategy.loss_warnings import model_loss_warning
 
     class Classifier(nn.Module):
         def __init__(self, weight: torch.Tensor | None = None) -> None:

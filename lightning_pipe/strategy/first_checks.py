@@ -26,9 +26,7 @@ from lightning_pipe.strategy.randomness import (
     forked_random,
     host_random_kept,
 )
-from lightning_pipe.strategy.reduction import (
-    DRAWS,
-    Probe,
+from lightning_pipe.strategy.loss_warnings import (
     constant_warning,
     count_warning,
     counted_mean_warning,
@@ -36,8 +34,8 @@ from lightning_pipe.strategy.reduction import (
     given_count_warning,
     model_loss_warning,
     neither_warning,
-    verdict,
 )
+from lightning_pipe.strategy.reduction import DRAWS, Probe, verdict
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.row_checks import RowChecks
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule

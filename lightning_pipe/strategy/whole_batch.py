@@ -33,7 +33,8 @@ from lightning_pipe.strategy.randomness import (
     host_random_kept,
     same_random_states,
 )
-from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts, neither_warning
+from lightning_pipe.strategy.loss_warnings import neither_warning
+from lightning_pipe.strategy.reduction import LOSS_TOLERANCE, Counts
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
