@@ -45,13 +45,17 @@ class _OtherLightning:
                           f"same API; `pip install lightning`)")
 
 
+# packages that build objects from a configuration (Hydra's instantiate): the Trainer's maker is who called them
+_BUILDERS = ("hydra", "omegaconf", "jsonargparse", "fiddle", "gin", "importlib", "functools")
+
+
 def _trainers_maker() -> tuple[str, str, int] | None:
     """The module, file and line of the code that made the Trainer now being made: the innermost caller outside
     ``pytorch_lightning`` and this package."""
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if not module.startswith(("pytorch_lightning", "lightning_fabric", "lightning_pipe")):
+        if not module.startswith(("pytorch_lightning", "lightning_fabric", "lightning_pipe", *_BUILDERS)):
             return module, frame.f_code.co_filename, frame.f_lineno
         frame = frame.f_back  # type: ignore[assignment]
     return None

@@ -196,6 +196,15 @@ def test_a_library_making_a_pytorch_lightning_trainer_is_named(tmp_path: Any) ->
     done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
     assert done.returncode != 0 and "It was made by the library 'forecastlib'" in done.stderr, done.stderr[-2000:]
     assert "cannot be pipelined" in done.stderr and "Change the project's imports" not in done.stderr
+    # a package that builds objects from a configuration (Hydra's instantiate) is not the maker: its caller is
+    builder = tmp_path / "site-packages" / "fiddle"
+    builder.mkdir()
+    (builder / "__init__.py").write_text("def build(make, **kwargs):\n    return make(**kwargs)\n")
+    code = (f"import sys; sys.path.insert(0, {str(builder.parent)!r})\nimport lightning_pipe, fiddle\n"
+            f"import pytorch_lightning as pl\nfiddle.build(pl.Trainer, strategy='pipedream', accelerator='cpu', "
+            f"devices=1, logger=False)")
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode != 0 and "Change the project's imports" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_look_at_a_module_leaves_its_buffers_and_modes_as_it_found_them_even_when_the_run_replaced_one():

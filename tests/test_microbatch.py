@@ -326,6 +326,8 @@ class _Counted:
     x: torch.Tensor
     scale: dataclasses.InitVar[float]  # (no default: dataclasses.replace cannot make a part)
     rows: int = dataclasses.field(init=False)
+    augmented: bool = True  # (a flag and a weight, not counts: not named)
+    weight: float = 0.5
 
     def __post_init__(self, scale: float) -> None:
         self.x, self.rows = self.x * scale, len(self.x)

@@ -815,14 +815,15 @@ class _Prototypes(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.heads = nn.ModuleList([nn.Linear(8, 5, bias=False)])
+        self.register_buffer("eps", torch.tensor(1e-12))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads[0](x)
 
     def normalize(self) -> None:
         for layer in self.heads:
-            with torch.no_grad():
-                layer.weight.div_(torch.norm(layer.weight, dim=1, keepdim=True))
+            with torch.no_grad():  # (a buffer beside the weight: found by review, refused where the weight is not)
+                layer.weight.div_(torch.norm(layer.weight, dim=1, keepdim=True) + self.eps)
 
     def norms(self) -> torch.Tensor:
         return self.heads[0].weight.norm(dim=1)

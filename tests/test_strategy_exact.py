@@ -164,6 +164,7 @@ def _sparse_masked(form: str) -> Any:
             else:
                 loss = (F.cross_entropy(logits, tokens.flatten(), reduction="none") * kept.flatten()).sum() / kept.sum()
             self.log("loss", loss)
+            self.log("token", tokens.float().mean())  # (finite in every micro-batch: weighs by rows)
             return loss
 
     return SparseMasked()
@@ -190,6 +191,7 @@ def _fit_sparse_masks(rank: int, world_size: int, forms: list[str]) -> dict[str,
             warnings.simplefilter("always")
             _trainer("pipedream", max_steps=3, callbacks=[logged]).fit(model, _sparse_data())
         results[form] = {"state": model.state_dict(), "logged": [step["loss"] for step in logged.train],
+                         "tokens": [step["token"] for step in logged.train],
                          "warned": [str(w.message) for w in caught if "a mean over" in str(w.message)]}
     return results
 
@@ -227,6 +229,8 @@ def test_a_micro_batch_whose_drawn_mask_counts_nothing_weighs_nothing() -> None:
         for key, value in model.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{form} {key}")
         assert results[1][form]["logged"] == pytest.approx(logged, rel=1e-5), form
+        tokens = [float(batch[0].float().mean()) for _, batch in zip(range(3), _sparse_data())]
+        assert results[1][form]["tokens"] == pytest.approx(tokens, rel=1e-5), form  # (found by review: left out)
         warned = results[1][form]["warned"]
         assert len(warned) == 1 and "draws random numbers" in warned[0] and "weighs nothing" in warned[0], warned
 
@@ -1179,7 +1183,7 @@ def test_a_fit_stopped_and_resumed_by_max_steps_draws_the_uninterrupted_fits_num
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """A stream of 40 rows without a length; ``kept``: it has state_dict and load_state_dict (keeps its position)."""
+    """A stream of 40 rows without a length."""
 
     def __iter__(self) -> Any:
         generator = torch.Generator().manual_seed(1)
@@ -1187,7 +1191,9 @@ class _Stream(torch.utils.data.IterableDataset):
             yield torch.randn(16, generator=generator), torch.randn(16, generator=generator)
 
 
-class _KeptStream(_Stream):
+class _KeptLoader(torch.utils.data.DataLoader):
+    """A loader keeping its position (torchdata's StatefulDataLoader's way): Lightning saves and restores it."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -1201,7 +1207,7 @@ def _stream_resumed(rank: int, world_size: int, root: str, kept: bool) -> list[s
     from tests.lightning_models import Regressor
 
     torch.set_num_threads(1)
-    data = torch.utils.data.DataLoader((_KeptStream if kept else _Stream)(), batch_size=8)
+    data = (_KeptLoader if kept else torch.utils.data.DataLoader)(_Stream(), batch_size=8)
     saves = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     _trainer("pipedream", max_steps=4, callbacks=[saves], enable_checkpointing=True).fit(Regressor(), data)
     with warnings.catch_warnings(record=True) as caught:
@@ -1215,6 +1221,6 @@ def _stream_resumed(rank: int, world_size: int, root: str, kept: bool) -> list[s
 def test_a_mid_epoch_resume_of_a_stream_says_it_starts_again(tmp_path: Path, kept: bool) -> None:
     """An IterableDataset has no indices to pass over: resumed mid-epoch it starts again from its first batch, as on
     one device, unlike a map-style loader, which goes on as the uninterrupted fit (found by review: nothing said). A
-    stream that keeps its position (Lightning restores its state_dict) is not said to start again."""
+    stream whose loader keeps its position (Lightning restores a loader's state_dict) is not said to start again."""
     first, second = run_ranks(_stream_resumed, 2, str(tmp_path / "saved"), kept, timeout=200)
     assert second == [] and (first == [] if kept else len(first) == 1 and "starts again" in first[0]), first

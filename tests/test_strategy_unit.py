@@ -1636,3 +1636,33 @@ def test_a_loss_near_its_micro_batches_mean_by_chance_is_told_by_its_gradient() 
         assert found == rule, (loss, found, why)
         assert rule == "mean" or "its gradient through the model's output is not theirs" in why
         assert verdict(probe, run)[0] == "mean"  # (by its value alone: a mean)
+
+
+def test_a_micro_batch_counting_nothing_gives_gradients_of_0_also_through_outputs_not_finite() -> None:
+    """Masked logits hold -inf: 0 times them is NaN, and so were the gradients of a micro-batch counting nothing
+    (found by review)."""
+    from lightning_pipe.strategy.reduction import nothing_counted
+
+    logits = torch.tensor([[1.0, float("-inf")], [0.5, 2.0]], requires_grad=True)
+    loss = nothing_counted({"logits": logits}, torch.tensor(float("nan")), told=False)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(logits.grad, torch.zeros(2, 2))
+
+
+def test_lightnings_own_averaging_callbacks_are_no_copies_made_before_the_cut() -> None:
+    """EMAWeightAveraging keeps a whole copy of the module it is given each rank's share of: not said as a copy made
+    before the cut (found by review)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import AveragedModel
+
+    from lightning_pipe.strategy.model_choice import callback_copies
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+
+    class Own:
+        def __init__(self) -> None:
+            self.ema = AveragedModel(model)
+
+    lightnings = WeightAveraging()
+    lightnings._average_model = AveragedModel(model)
+    assert callback_copies([lightnings, Own()], model) == ["Own.ema"]

@@ -147,9 +147,9 @@ def dataclass_part(whole: Any, parts: dict[str, Any], known: dict[int, Any] | No
             if known is not None:
                 known[id(whole)] = again
     except Exception as error:  # noqa: BLE001 - a constructor that refuses a part: the fields are copied instead
-        kept = [field.name for field in dataclasses.fields(whole)  # (numbers not split with the rows)
+        kept = [field.name for field in dataclasses.fields(whole)  # (counts not split with the rows)
                 if parts.get(field.name, getattr(whole, field.name, None)) is getattr(whole, field.name, None)
-                and isinstance(getattr(whole, field.name, None), (int, float, torch.Tensor))]
+                and _count_like(getattr(whole, field.name, None))]
         if kept:  # (found by review: a row count __post_init__ derives was the whole batch's in every part)
             warnings.warn(f"{type(whole).__name__}'s constructor refuses a micro-batch's fields ({type(error).__name__}"
                           f": {error}), so its micro-batches are copies of the batch holding their rows: the fields "
@@ -167,6 +167,14 @@ def dataclass_part(whole: Any, parts: dict[str, Any], known: dict[int, Any] | No
         if name not in parts and not hasattr(made, name):
             object.__setattr__(made, name, item)
     return made
+
+
+def _count_like(value: Any) -> bool:
+    """Whether ``value`` could be a count of the batch's rows (an int, a 0-dim integer tensor): not a flag, a scale
+    or a tensor of constants."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -294,7 +294,8 @@ def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica:
         object.__setattr__(shared, "sampler", order)
     shared._pipeline_order = order
     # a stream (an IterableDataset) has no indices to pass over at a mid-epoch resume: it starts again, as on one
-    # device, unless it keeps its position itself (Lightning restores a state_dict of it)
+    # device, unless its loader keeps the position (Lightning restores a loader's state_dict: torchdata's
+    # StatefulDataLoader)
     order.stream = isinstance(shared.dataset, torch.utils.data.IterableDataset) \
-        and not callable(getattr(shared.dataset, "load_state_dict", None))
+        and not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)))
     return shared

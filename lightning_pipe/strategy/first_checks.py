@@ -139,6 +139,7 @@ class FirstBatchChecks(RowChecks):
             if rule in ("neither", "sum", "constant"):
                 self._warn_once(_warning(rule, why, neither_warning))
                 self._probes_left = 0
+                self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             return 1.0
         if rule in ("neither", "constant"):  # (a mean that a micro-batch lacks, of a count drawn in the step)
             drawn = drawn_count_warning(probe) if why.endswith(DRAWS) else None

@@ -3,7 +3,8 @@ module's parameters: lightly's ``SwaVPrototypes.normalize()`` in ``on_train_batc
 divides each prototype's weight by its norm in place. The rank holding the weight does that; elsewhere the method runs
 on :class:`HeldElsewhere` tensors (shape and dtype only, on the meta device), whose in-place changes change nothing.
 A value computed from them that would leave the method (returned, read as a number, moved to a device, mixed with a
-tensor holding values) is refused with the refusal of the parameter it came from: this rank cannot compute it."""
+tensor holding values in place) is refused with the refusal of the parameter it came from: this rank cannot compute
+it."""
 
 from __future__ import annotations
 
@@ -42,9 +43,17 @@ class HeldElsewhere(torch.Tensor):
         refusal = next((leaf.refusal for leaf in leaves if isinstance(leaf, HeldElsewhere)), "")
         name = getattr(func, "__name__", "")
         with torch._C.DisableTorchFunctionSubclass():  # (its own attributes read as a plain tensor's)
-            valued = [leaf for leaf in leaves if not leaf.is_meta]
-            if name in _READS and not (name == "to" and not _moves(args, kwargs)) or valued:
+            if name in _READS and not (name == "to" and not _moves(args, kwargs)):
                 raise RuntimeError(refusal)
+            target = args[0] if args else None
+            writes = name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+            if writes and isinstance(target, torch.Tensor) and not isinstance(target, HeldElsewhere) \
+                    and not target.is_meta:  # a tensor with values written from values this rank lacks
+                raise RuntimeError(refusal)
+            # tensors with values beside it (a buffer, a constant: weight.mul_(mask)) take part by their shapes
+            args, kwargs = pytree.tree_map(lambda leaf: torch.empty_like(leaf, device="meta") if isinstance(
+                leaf, torch.Tensor) and not isinstance(leaf, HeldElsewhere) and not leaf.is_meta else leaf,
+                (args, kwargs))
         out = super().__torch_function__(func, types, args, kwargs)
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, HeldElsewhere):

@@ -94,10 +94,13 @@ class LogRecorder:
                 arguments["add_up"] = True
 
     def weigh_nothing(self, start: int) -> None:
-        """The calls recorded from index ``start`` on (a micro-batch's whose loss is a mean over nothing, NaN) weigh
-        nothing: left out of the batch's values, as one device's mean over the batch leaves out its rows."""
+        """The values not finite among the calls recorded from index ``start`` on (a micro-batch's whose loss is a
+        mean over nothing, NaN) weigh nothing: left out of the batch's values, as one device's mean over the batch
+        leaves out its rows; its finite values (a mean over its rows) weigh as they do (found by review)."""
         for arguments, _ in self.calls[start:]:
-            arguments["weight"] = 0.0
+            value = arguments["value"]
+            if isinstance(value, (torch.Tensor, float)) and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+                arguments["weight"] = 0.0
 
     @contextmanager
     def discarding(self) -> Iterator[None]:
@@ -172,8 +175,9 @@ def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int
         counted = all(args.get("weight") is not None and args["batch_size"] is None for args, _ in group)
         empty = [args.get("weight") == 0 for args, _ in group]  # micro-batches that counted nothing (NaN means)
         empty = empty if not all(empty) else [False] * len(group)  # (nothing anywhere: NaN, as on one device)
-        if any(empty) and reduce != "mean":
-            values = values[torch.tensor([not nothing for nothing in empty])]
+        unknown = [nothing and not bool(torch.isfinite(value).all()) for nothing, value in zip(empty, values)]
+        if any(unknown) and reduce != "mean":  # (a maximum over a mean over nothing: the others')
+            values = values[torch.tensor([not nothing for nothing in unknown])]
         if reduce == "mean":
             weights = torch.tensor([0.0 if nothing else args["weight"] if counted else rows if constant else size
                                     for (args, rows), size, nothing in zip(group, sizes, empty)],

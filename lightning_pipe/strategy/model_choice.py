@@ -150,6 +150,8 @@ def callback_copies(callbacks: list[Any], model: nn.Module) -> list[str]:
     wanted = _layout(model)
     found = []
     for callback in callbacks:
+        if type(callback).__module__.startswith("lightning."):  # (Lightning's own: its WeightAveraging and SWA
+            continue  # are given the copy of each rank's share)
         for name, value in vars(callback).items():
             if not isinstance(value, nn.Module) or not any(True for _ in value.parameters()):
                 continue

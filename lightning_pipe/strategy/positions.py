@@ -165,11 +165,12 @@ class RunPosition:
                 epoch, skip = self._resume
                 if skip and order.stream and trainer.global_rank == 0:  # (found by review: nothing said)
                     warnings.warn(f"this fit resumes in the middle of an epoch ({skip} batches in), and its training "
-                                  f"data is an IterableDataset that keeps no position (no state_dict and "
+                                  f"data is an IterableDataset whose DataLoader keeps no position (no state_dict and "
                                   f"load_state_dict): the stream starts again from its first batch, as it does on "
-                                  f"one device, so the run goes on with other batches than an uninterrupted one. Give "
-                                  f"the dataset state_dict() and load_state_dict() (Lightning restores them), or "
-                                  f"save checkpoints at the ends of epochs", stacklevel=2)
+                                  f"one device, so the run goes on with other batches than an uninterrupted one. Load "
+                                  f"it with a DataLoader that keeps its position (torchdata's StatefulDataLoader, "
+                                  f"whose state Lightning restores), or save checkpoints at the ends of epochs",
+                                  stacklevel=2)
                 if skip and index is not None and index < len(self._loader_states):
                     loading = self._loader_states[index].get("loading")
             return DataStart(derive_seed(self.base, Stream.DATA_ORDER, epoch), epoch, skip, True, loading)

@@ -122,17 +122,19 @@ def nothing_counted(output: Any, loss: torch.Tensor, told: bool = True) -> torch
     """What the engine takes as the loss of a micro-batch that counted nothing (every label of its rows ignored): 0,
     whose gradients are 0 for the model's finite ``output`` tensors, as one device's mean over the batch gives those
     rows nothing. Not through the step's ``loss`` itself: a mean over nothing is NaN, and so would its gradients be
-    (``(loss * mask).sum() / mask.sum()``). Where the model gives no such output: an error if a ``loss_reduction``
-    function counted (``told``), else ``loss`` (its graph's count: "auto" checks that its gradients are finite)."""
-    finite = [value for value in tree_flatten(output)[0] if isinstance(value, torch.Tensor) and value.requires_grad
-              and value.is_floating_point() and bool(torch.isfinite(value).all())]
-    if not finite and not told:
+    (``(loss * mask).sum() / mask.sum()``). Where the model gives no floating output with gradients: an error if a
+    ``loss_reduction`` function counted (``told``), else ``loss`` ("auto" checks that its gradients are finite)."""
+    outputs = [value for value in tree_flatten(output)[0] if isinstance(value, torch.Tensor) and value.requires_grad
+               and value.is_floating_point()]
+    if not outputs and not told:
         return loss
-    if not finite:
+    if not outputs:
         raise ValueError("loss_reduction's function counted nothing in a micro-batch, and the model gives no output "
                          "but the step's loss, a mean over nothing (NaN), for its gradients of 0. Use fewer "
                          "micro-batches or batches with more rows that have labels")
-    return sum(((value * 0).sum() for value in finite[1:]), (finite[0] * 0).sum()).to(loss.dtype)
+    # (an output holding -inf, masked logits, times 0 is NaN: its entries not finite are taken as 0 first)
+    zero = [(torch.nan_to_num(value, 0.0, 0.0, 0.0) * 0).sum() for value in outputs]
+    return sum(zero[1:], zero[0]).to(loss.dtype)
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Callback states and ``on_save_checkpoint`` extras that cannot travel between ranks in a checkpoint's gathering (an
-arbitrary object: pytorch-forecasting's models keep their dataset's normalizers there, so that a checkpoint can
-predict). Made by the same module or callback on every rank, they are saved as rank 0's, which never travels: a
-rank's value that the codec refuses goes as a mark, and rank 0 puts its own value at that place in its stead. Where
-rank 0 holds nothing there, the gathering is refused on every rank, as before."""
+"""``on_save_checkpoint`` extras that cannot travel between ranks in a checkpoint's gathering (an arbitrary object:
+pytorch-forecasting's models keep their dataset's normalizers there, so that a checkpoint can predict). Made by the
+same module on every rank, they are saved as rank 0's, which never travels: a rank's value that the codec refuses goes
+as a mark, and rank 0 puts its own value at that place in its stead. Where rank 0 holds nothing there, the gathering
+is refused on every rank, as before; so is a callback's state that cannot travel (it may differ by rank)."""
 
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ def _holds(value: Any, path: list[str]) -> bool:
 
 def marked(own: dict[str, Any], rank_zero: dict[str, Any] | None, advice: str, group: Any,
            device: torch.device) -> dict[str, Any]:
-    """This rank's ``own`` checkpoint entries with each part the codec refuses as a mark (a dict's items looked at
-    one by one, so that only what cannot travel is marked); collective: where rank 0 (whose own entries are
-    ``rank_zero`` there) holds nothing at a marked place, a ``TypeError`` on every rank."""
+    """This rank's ``own`` checkpoint entries with each part of the module's extras the codec refuses as a mark (a
+    dict's items looked at one by one, so that only what cannot travel is marked); collective: where rank 0 (whose
+    own entries are ``rank_zero`` there) holds nothing at a marked place, a ``TypeError`` on every rank."""
     found: list[tuple[list[str], str]] = []
-    result = _marked(own, advice, [], found) if dist.get_rank(group) != 0 else own
+    result = own
+    if dist.get_rank(group) != 0:  # (callbacks' states, which may differ by rank, are not: they still must travel)
+        result = {key: item if key == "callbacks" else _marked(item, advice, [key], found) for key, item in own.items()}
     every = [json.loads(text) for text in all_gather_text(json.dumps(found), group, device)]
     if not any(every):
         return result
