@@ -254,27 +254,32 @@ GRADIENT_TOLERANCE = 1e-3  # relative: a mean's gradient through the output agai
 def _gradients_apart(probe: Probe, gradients: Callable[[Any, Any], list[torch.Tensor]], output: Any) -> float | None:
     """How far (relative) the whole batch's loss's gradient with respect to the model's ``output`` (its tensors with
     the batch's rows along dim 0) lies from its micro-batches' gradients weighted by their rows, as a mean's are; None
-    where it lies within rounding, or cannot be told (no such tensor; a step that fails on a micro-batch alone)."""
+    where it lies within rounding, or cannot be told (no such tensor; a step that fails on a micro-batch alone; out of
+    memory). One micro-batch's gradients are held at a time beside the whole batch's."""
     microbatches = split_batch(probe.batch, len(probe.outputs))
     total = sum(probe.rows)
     if [batch_rows(microbatch, microbatch=True) for microbatch in microbatches] != probe.rows:
         return None
     try:
         whole = gradients(output, probe.batch)
-        parts = [gradients(part, microbatch) for part, microbatch in zip(probe.outputs, microbatches)]
-    except Exception:  # noqa: BLE001 - the step fails on a micro-batch alone, or takes no gradient: no telling
-        return None
-    difference = norm = 0.0
-    eps = GRADIENT_TOLERANCE
-    for index, grad in enumerate(whole):
-        pieces = [part[index] for part in parts if index < len(part)]
-        if len(pieces) != len(parts) or grad.dim() == 0 or grad.shape[0] != total or any(
-                piece.dim() == 0 or piece.shape[0] != rows for piece, rows in zip(pieces, probe.rows)):
-            continue
-        joined = torch.cat([piece.double() * (rows / total) for piece, rows in zip(pieces, probe.rows)])
-        difference += float((grad.double() - joined).pow(2).sum())
-        norm += float(grad.double().pow(2).sum())
-        eps = max(eps, 10 * torch.finfo(grad.dtype).eps)
+        compared = [grad.dim() > 0 and grad.shape[0] == total for grad in whole]
+        differences, offset = [0.0] * len(whole), 0
+        for part, microbatch, rows in zip(probe.outputs, microbatches, probe.rows):
+            pieces = gradients(part, microbatch)
+            for index, grad in enumerate(whole):
+                piece = pieces[index] if index < len(pieces) else None
+                if not compared[index] or piece is None or piece.dim() == 0 or piece.shape[0] != rows:
+                    compared[index] = False
+                    continue
+                mine = grad[offset:offset + rows].double()
+                differences[index] += float((mine - piece.double() * (rows / total)).pow(2).sum())
+            offset += rows
+    except Exception:  # noqa: BLE001 - the step fails on a micro-batch alone, takes no gradient, or runs out of
+        return None  # memory: no telling
+    difference = sum(value for value, kept in zip(differences, compared) if kept)
+    norm = sum(float(grad.double().pow(2).sum()) for grad, kept in zip(whole, compared) if kept)
+    eps = max([GRADIENT_TOLERANCE, *(10 * torch.finfo(grad.dtype).eps for grad, kept in zip(whole, compared)
+                                     if kept)])
     if not norm > 0 or not math.isfinite(difference):
         return None
     apart = math.sqrt(difference / norm)
