@@ -132,8 +132,12 @@ def nothing_counted(output: Any, loss: torch.Tensor, told: bool = True) -> torch
         raise ValueError("loss_reduction's function counted nothing in a micro-batch, and the model gives no output "
                          "but the step's loss, a mean over nothing (NaN), for its gradients of 0. Use fewer "
                          "micro-batches or batches with more rows that have labels")
-    # (an output holding -inf, masked logits, times 0 is NaN: its entries not finite are taken as 0 first)
-    zero = [(torch.nan_to_num(value, 0.0, 0.0, 0.0) * 0).sum() for value in outputs]
+    # Through the outputs that are finite: one that is not may be a mean over nothing itself (a loss the model
+    # computes), whose graph gives NaN gradients even for a gradient of 0. Where none is (masked logits holding -inf,
+    # found by review), their entries not finite are taken as 0 first (0 times -inf is NaN).
+    finite = [value for value in outputs if bool(torch.isfinite(value).all())]
+    zero = [(value * 0).sum() for value in finite] or \
+        [(torch.nan_to_num(value, 0.0, 0.0, 0.0) * 0).sum() for value in outputs]
     return sum(zero[1:], zero[0]).to(loss.dtype)
 
 
