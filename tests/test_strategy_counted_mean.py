@@ -534,3 +534,79 @@ def test_a_mean_over_rows_beside_a_loss_over_a_count_is_weighted_by_rows_in_the_
             assert logged[name] == pytest.approx(value, rel=1e-5), (name, logged, expected)
     warned = [message for _, messages in results for message in messages]
     assert len(warned) == 1 and "logs val_loss, which" in warned[0], warned
+
+
+def _replica_rows(replica: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each replica's 3 batches of 4 rows (micro-batches of 2): labels ignored (-100) on some rows, and in replica 0's
+    first batch and replica 1's second on all of one micro-batch."""
+    generator = torch.Generator().manual_seed(11 + replica)
+    x, y = torch.randn(12, 5, generator=generator), torch.randint(0, 3, (12,), generator=generator)
+    ignored = [[2, 3, 5, 9], [4, 5, 8]][replica]
+    y[ignored] = -100
+    return list(zip(x, y))
+
+
+def _replicas_fit(devices: int, strategy: Any, replica: int) -> tuple[dict[str, torch.Tensor], float]:
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Ignoring(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self.layers(x), y)  # a mean over the labels not ignored
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    module = Ignoring()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        use_distributed_sampler=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(_replica_rows(replica), batch_size=4))
+    return module.state_dict(), float(trainer.callback_metrics["train_loss"])
+
+
+def _replicas_ranks(rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], float]:
+    from lightning_pipe import PipelineStrategy
+
+    return _replicas_fit(world_size, PipelineStrategy(num_stages=1, num_microbatches=2, wait_timeout=60), rank)
+
+
+@pytest.mark.timeout(240)
+def test_micro_batches_counting_nothing_leave_the_rows_counting_something_to_weigh_over_the_replicas() -> None:
+    """Under "auto", replicas of a pipeline whose micro-batches can count nothing (every label ignored): the step's
+    gradient is the rows' mean over the rows that count something, over every replica, as its logged loss is (before:
+    the gradients kept their rows' share of all the rows)."""
+    from lightning_pipe.engine.microbatch import split_batch
+
+    results = run_ranks(_replicas_ranks, 2, timeout=200)
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(layers.parameters(), lr=0.5)
+    loaders = [torch.utils.data.DataLoader(_replica_rows(replica), batch_size=4) for replica in range(2)]
+    logged = 0.0
+    for step, batches in enumerate(zip(*loaders)):
+        optimizer.zero_grad()
+        losses = [(F.cross_entropy(layers(x), y), len(y)) for batch in batches for x, y in split_batch(batch, 2)]
+        counted = sum(rows for loss, rows in losses if torch.isfinite(loss))
+        assert (counted < 8) == (step < 2)  # the first two batches have a micro-batch counting nothing
+        total = sum(loss * rows / counted for loss, rows in losses if torch.isfinite(loss))
+        total.backward()
+        optimizer.step()
+        logged = float(total.detach())
+    for state, got in results:
+        for key, value in layers.state_dict().items():
+            torch.testing.assert_close(state[f"layers.{key}"], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert got == pytest.approx(logged, rel=1e-5)

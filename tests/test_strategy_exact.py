@@ -7,6 +7,7 @@ and an output that cannot be sent are handled on every rank."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -156,16 +157,21 @@ def _sparse_masked(form: str) -> Any:
 
     class SparseMasked(MaskedLM):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = self._masked_loss(batch)
+            self.log("loss", loss)
+            self.log("token", batch[0].float().mean())  # (finite in every micro-batch: weighs by rows)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", self._masked_loss(batch))  # (evaluation: no gradients to read the count from)
+
+        def _masked_loss(self, batch: Any) -> torch.Tensor:
             tokens, maskable = batch
             kept = (torch.rand(tokens.shape) < 0.5) & maskable.bool()[:, None]
             logits = self.layers(torch.where(kept, self.hparams.vocab, tokens)).flatten(0, 1)
             if form == "ignored":
-                loss = F.cross_entropy(logits, tokens.masked_fill(~kept, -100).flatten())
-            else:
-                loss = (F.cross_entropy(logits, tokens.flatten(), reduction="none") * kept.flatten()).sum() / kept.sum()
-            self.log("loss", loss)
-            self.log("token", tokens.float().mean())  # (finite in every micro-batch: weighs by rows)
-            return loss
+                return F.cross_entropy(logits, tokens.masked_fill(~kept, -100).flatten())
+            return (F.cross_entropy(logits, tokens.flatten(), reduction="none") * kept.flatten()).sum() / kept.sum()
 
     return SparseMasked()
 
@@ -190,7 +196,9 @@ def _fit_sparse_masks(rank: int, world_size: int, forms: list[str]) -> dict[str,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _trainer("pipedream", max_steps=3, callbacks=[logged]).fit(model, _sparse_data())
+            validated = _trainer("pipedream").validate(model, _sparse_data(), verbose=False)[0]["val_loss"]
         results[form] = {"state": model.state_dict(), "logged": [step["loss"] for step in logged.train],
+                         "validated": validated,
                          "tokens": [step["token"] for step in logged.train],
                          "warned": [str(w.message) for w in caught if "a mean over" in str(w.message)]}
     return results
@@ -201,7 +209,7 @@ def test_a_micro_batch_whose_drawn_mask_counts_nothing_weighs_nothing() -> None:
     """A step drawing its mask where a micro-batch can have nothing to count (found by review: NaN logged at every
     such batch, and NaN weights where the loss divides by the mask's sum): that micro-batch's loss, a mean over
     nothing, gives no gradients and its logged value is left out, as one device's mean leaves out its rows; the
-    others weigh by their rows, as the warning at the first batch says."""
+    others weigh by their rows among the rows counting something, as in the logged loss and the warning."""
     from lightning_pipe.engine.microbatch import batch_rows, split_batch
     from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 
@@ -216,15 +224,16 @@ def test_a_micro_batch_whose_drawn_mask_counts_nothing_weighs_nothing() -> None:
             warnings.simplefilter("ignore")  # self.log outside a Trainer
             for index, batch in enumerate(_sparse_data()):
                 optimizer.zero_grad()
-                rows, total, counted = batch_rows(batch), 0.0, 0
+                losses = []
                 for number, microbatch in enumerate(split_batch(batch, 4)):
                     with forked_random(derive_seed(derive_seed(SEED, Stream.TRAIN, 0, index), number)):
-                        loss = model.training_step(microbatch, index)
-                    if torch.isfinite(loss):
-                        (loss * batch_rows(microbatch) / rows).backward()
-                        total, counted = total + float(loss) * batch_rows(microbatch), counted + batch_rows(microbatch)
+                        losses.append((model.training_step(microbatch, index), batch_rows(microbatch)))
+                counted = sum(rows for loss, rows in losses if torch.isfinite(loss))
+                assert counted < batch_rows(batch)  # (the case looked for: some micro-batch counts nothing)
+                # the rows' weights over the rows counting something: the gradients of the logged loss
+                sum(loss * rows / counted for loss, rows in losses if torch.isfinite(loss)).backward()
                 optimizer.step()
-                logged.append(total / counted)
+                logged.append(sum(float(loss) * rows for loss, rows in losses if torch.isfinite(loss)) / counted)
         got = {k: v for result in results for k, v in result[form]["state"].items()}
         for key, value in model.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=f"{form} {key}")
@@ -233,6 +242,18 @@ def test_a_micro_batch_whose_drawn_mask_counts_nothing_weighs_nothing() -> None:
         assert results[1][form]["tokens"] == pytest.approx(tokens, rel=1e-5), form  # (found by review: left out)
         warned = results[1][form]["warned"]
         assert len(warned) == 1 and "draws random numbers" in warned[0] and "weighs nothing" in warned[0], warned
+        means = []  # validation: each batch's mean over the rows of its micro-batches counting something
+        with torch.no_grad():
+            for index, batch in enumerate(_sparse_data()):
+                step_seed, losses = derive_seed(SEED, Stream.VALIDATE, 0, 0, index), []
+                for number, microbatch in enumerate(split_batch(batch, 4)):
+                    with forked_random(derive_seed(step_seed, number)):
+                        losses.append((float(model._masked_loss(microbatch)), batch_rows(microbatch)))
+                assert not all(math.isfinite(loss) for loss, _ in losses)
+                counted = [(loss, rows) for loss, rows in losses if math.isfinite(loss)]
+                means.append(sum(loss * rows for loss, rows in counted) / sum(rows for _, rows in counted))
+        for result in results:  # (found by review: NaN)
+            assert result[form]["validated"] == pytest.approx(sum(means) / len(means), rel=1e-5), form
 
 
 # -- every rank reads the same batches -----------------------------------------------------------------

@@ -9,7 +9,8 @@ back, and what it changed on the module is undone (:class:`~.step_effects.StepEf
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -45,12 +46,15 @@ class Aside:
 
 @contextmanager
 def run_aside(module: LightningModule, effects: StepEffects, recorder: LogRecorder, logger_calls: LoggerCalls,
-              metrics: MetricTracker) -> Iterator[Aside]:
+              metrics: MetricTracker, logged: list[tuple[str, Any]] | None = None) -> Iterator[Aside]:
     """Run the step's code inside without a trace on ``module`` (see the module's text); the global torch generators
-    are the caller's (a run as the first stage ran it forks them to that micro-batch's seed)."""
+    are the caller's (a run as the first stage ran it forks them to that micro-batch's seed). ``logged``: the names
+    and values the code logs are put there, with their graphs (gradients on, outside inference mode)."""
     aside = Aside(module, effects)
+    graphs = logged is not None
     try:
-        with torch.no_grad(), recorder.discarding(), logger_calls.discarding(), metrics.untouched(), \
+        with torch.inference_mode(False) if graphs else nullcontext(), torch.set_grad_enabled(graphs), \
+                recorder.discarding(logged), logger_calls.discarding(), metrics.untouched(), \
                 host_random_kept(), kept_buffers([module]):
             yield aside
     finally:

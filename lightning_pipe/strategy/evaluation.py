@@ -13,11 +13,14 @@ import torch
 
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.chain import ChainSplit
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.failures import reported_failures
 from lightning_pipe.strategy.fingerprint import batch_fingerprint
+from lightning_pipe.strategy.logs import finite
+from lightning_pipe.strategy.loss_graph import mean_count
 from lightning_pipe.strategy.randomness import derive_seed, forked_random
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.step_effects import Snapshot
@@ -130,12 +133,15 @@ class EvaluationSteps:
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
             given, watched = self.output_copies.given(step, output)
+            logged = len(self.recorder.calls)
             with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
                     self._rows_window(pieces[index], total), \
                     microbatch_run(step, index, len(pieces), sizes[-1], total, microbatch):
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
             changed = self.output_copies.changed(step, output, watched) or changed
+            if counts is None and any(not finite(arguments["value"]) for arguments, _ in self.recorder.calls[logged:]):
+                self._weigh_means_over_nothing(step, output, microbatch, rest, kwargs, seed, index, logged)
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
@@ -143,3 +149,22 @@ class EvaluationSteps:
                                                                                                      sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         return result
+
+    def _weigh_means_over_nothing(self, step: str, output: Any, microbatch: Any, rest: tuple,
+                                  kwargs: Mapping[str, Any], seed: int, index: int, logged: int) -> None:
+        """A micro-batch's logged values that are not finite weigh nothing where they are a mean over nothing (a mask
+        the step draws that misses its rows, every label of its rows ignored), as one device's mean over the batch
+        leaves out its rows (found by review: NaN logged). Evaluation runs without gradients, so the step runs again
+        aside, from the pipeline's output with gradients, for its values' graphs (:func:`~.loss_graph.mean_count`)."""
+        values: list[tuple[str, Any]] = []
+        with torch.inference_mode(False):
+            output = tree_map_tensors(lambda value: value.detach().clone().requires_grad_(value.is_floating_point()),
+                                      output)
+        with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics, logged=values), \
+                forked_random(derive_seed(seed, index), self.pipeline.device):
+            self.split.run_step(step, output, microbatch, rest, kwargs)
+        nothing = {name for name, value in values if isinstance(value, torch.Tensor) and mean_count(value) == 0}
+        for arguments, _ in self.recorder.calls[logged:]:
+            if arguments["name"] in nothing and not finite(arguments["value"]):
+                arguments["weight"] = 0.0
+

@@ -27,7 +27,8 @@ from torchmetrics import Metric
 
 from lightning_pipe.strategy.positions import looked_at_again
 
-__all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs", "CHECKED_BATCHES"]
+__all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs",
+           "CHECKED_BATCHES", "finite"]
 
 # The first batches of each step kind whose logs, outputs and metric updates are checked against a run of the step on
 # the whole batch (a loss over the tokens that have labels looks like a mean over rows until a batch holds padding).
@@ -98,14 +99,20 @@ class LogRecorder:
         mean over nothing, NaN) weigh nothing: left out of the batch's values, as one device's mean over the batch
         leaves out its rows; its finite values (a mean over its rows) weigh as they do (found by review)."""
         for arguments, _ in self.calls[start:]:
-            value = arguments["value"]
-            if isinstance(value, (torch.Tensor, float)) and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            if not finite(arguments["value"]):
                 arguments["weight"] = 0.0
 
     @contextmanager
-    def discarding(self) -> Iterator[None]:
-        """Drop ``self.log`` calls made inside (the first stage's partial run of a step)."""
-        with self._patched(lambda *args, **kwargs: None):
+    def discarding(self, into: list[tuple[str, Any]] | None = None) -> Iterator[None]:
+        """Drop ``self.log`` calls made inside (the first stage's partial run of a step); ``into``: their names and
+        values are put there instead."""
+
+        def log(*args: Any, **kwargs: Any) -> None:
+            if into is not None:
+                bound = _LOG_SIGNATURE.bind(self.module, *args, **kwargs)
+                into.append((bound.arguments["name"], bound.arguments["value"]))
+
+        with self._patched(log):
             yield
 
     @contextmanager
@@ -374,3 +381,7 @@ def _reduction(reduce_fx: Any, name: str) -> str:
                                     f"{{min,max,mean,sum}})` are supported. If you need a custom reduction, please "
                                     f"log a `torchmetrics.Metric` instance instead.")
 
+
+def finite(value: Any) -> bool:
+    """Whether a logged value (a tensor or a number; anything else, a Metric, counts) is finite."""
+    return not isinstance(value, (torch.Tensor, float)) or bool(torch.isfinite(torch.as_tensor(value)).all())

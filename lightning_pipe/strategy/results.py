@@ -74,6 +74,7 @@ class StepResult:
     error_kind: str = ""  # the user's exception type of ``error``, as "module:qualname" (:func:`.notices.type_name`)
     whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
     validate: bool | None = None  # a time-based val_check_interval: whether validation is due (the last stage's clock)
+    weighed_rows: int | None = None  # where micro-batches counting nothing weighed nothing ("auto"): the others' rows
 
 
 def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor]]:
@@ -93,7 +94,7 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "error_kind": result.error_kind, "rows": result.rows,
                        "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls},
-                       "whole": result.whole, "validate": result.validate}}
+                       "whole": result.whole, "validate": result.validate, "weighed_rows": result.weighed_rows}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -105,7 +106,7 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
                       [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"],
-                      fields["validate"])
+                      fields["validate"], fields["weighed_rows"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

@@ -35,8 +35,8 @@ def watch_state_dict(module: nn.Module, state_keys: Sequence[str]) -> None:
     whole, held = _counts(state_keys), _counts(here)
     for name, part in module.named_modules():
         count = whole.get(name, 0)
-        if part in _watched or (name and held.get(name, 0) == count):
-            continue  # a submodule this rank holds whole: its state dict is all of it
+        if part in _watched or held.get(name, 0) == count:
+            continue  # a submodule this rank holds whole (the module: one stage, replicated): its state is all of it
         _watched.add(part)
         part.register_state_dict_pre_hook(functools.partial(_said_once, count, name))
 

@@ -83,15 +83,19 @@ class SharedResults:
         if failed:
             return StepResult(error=failed[0].error, error_kind=failed[0].error_kind)
         rows = sum(part.rows for part in shares)
+        # each replica's loss weighs by the rows that weighed something in it (micro-batches counting nothing left out)
+        weights = [part.rows if part.weighed_rows is None else part.weighed_rows for part in shares]
+        weighed = sum(weights) if any(part.weighed_rows is not None for part in shares) else None
         loss = None
         if result.loss is not None:
-            weighted = sum(part.loss.double() * part.rows for part in shares if part.loss is not None)
-            loss = (weighted / max(rows, 1)).to(result.loss.dtype)
+            weighted = sum(part.loss.double() * weight for part, weight in zip(shares, weights) if part.loss is not None)
+            loss = (weighted / max(sum(weights), 1)).to(result.loss.dtype)
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
         return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
                           effects=result.effects, logger_calls=result.logger_calls,
-                          validate=shares[0].validate)  # (the first replica's clock decides for every replica)
+                          validate=shares[0].validate,  # (the first replica's clock decides for every replica)
+                          weighed_rows=weighed)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error

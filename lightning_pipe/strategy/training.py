@@ -140,9 +140,10 @@ class TrainingSteps:
         for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
         changed: list[int] = []  # micro-batches whose model output the step changed in place (before copies)
+        nothing_rows = 0  # the rows of micro-batches whose loss, found a mean over nothing, weighs nothing ("auto")
 
         def loss_fn(output: Any, tagged: Any) -> torch.Tensor:
-            nonlocal for_logs
+            nonlocal for_logs, nothing_rows
             microbatch, index = tagged[BATCH], firsts[int(tagged[ROWS][0])]
             microbatch_rows = batch_rows(microbatch, microbatch=True)
             weight = counts.counts[index] if counts is not None else None
@@ -167,6 +168,7 @@ class TrainingSteps:
             if empty:  # its logged values are left out, as one device's mean over the batch leaves out its rows
                 self.recorder.weigh_nothing(logged)
                 self._empty_means = True
+                nothing_rows += microbatch_rows
             if index == 0 and loss.requires_grad:  # (a loss of a new form: a term added after a warm-up)
                 new = self._new_loss_form(loss, output, probe is None and kept is not None and not pipe.asynchronous)
                 if self._parameter_reads_left > 0 or new:
@@ -233,8 +235,12 @@ class TrainingSteps:
                         self.effects.restore(mark)
                     self._probe_new_terms(arguments["name"] for arguments, _ in self.recorder.calls)
                     total = loss if loss is None or scale == 1.0 else loss * scale
+                    # the rows' weights over the rows that weigh something, as the logged values (found by review)
+                    weighed = rows - nothing_rows if nothing_rows and scale == 1.0 else None
+                    if weighed and total is not None:
+                        total = total * (rows / weighed)
                     result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
-                    result.grad_scale = scale
+                    result.grad_scale, result.weighed_rows = scale, weighed
                     result.validate = validation_due(self.module)
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
                                          result, counts)
@@ -249,8 +255,13 @@ class TrainingSteps:
         assert result.loss is not None
         if result.grad_scale != 1.0:  # the first batch's loss was a sum: its micro-batches count whole
             self.loss_reduction = "sum"
+        factor = result.grad_scale
+        if result.weighed_rows and not pipe.asynchronous:  # micro-batches counting nothing weighed
+            factor *= result.rows / result.weighed_rows  # nothing: the others' rows make the step's mean (replicas:
+            # every replica's, the gradients averaged over replicas of equal rows)
+        if factor != 1.0:
             for param in pipe.parameters():
                 if param.grad is not None:
-                    param.grad.mul_(result.grad_scale)
+                    param.grad.mul_(factor)
         loss = result.loss.to(pipe.device)
         return {"loss": loss, **result.output} if result.output else loss
