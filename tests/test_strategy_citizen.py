@@ -1130,3 +1130,86 @@ def test_a_copy_of_the_whole_model_a_callback_makes_before_the_cut_is_said_and_e
     pairing = "where this comes from pairing the parameters of EMA.ema"
     assert errors and all(pairing in error for error in errors), errors
     assert run_ranks(_callback_average, 2, "fit_start", timeout=150) == [{"error": None, "warned": []}] * 2
+
+
+class ShadowList:
+    """diffusers' ``EMAModel``'s way: a plain object keeping one tensor per parameter it is given, in order, stepped
+    with ``parameters()`` again and paired by position."""
+
+    def __init__(self, parameters: Any, decay: float = 0.5) -> None:
+        self.decay = decay
+        self.shadow_params = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def step(self, parameters: Any) -> None:
+        for shadow, param in zip(self.shadow_params, parameters):
+            shadow.sub_((1 - self.decay) * (shadow - param))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow_params": self.shadow_params}
+
+
+class _FirstFour(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :4]
+
+
+def _shadow_fit(devices: int, strategy: Any, when: str, path: str) -> dict[str, Any]:
+    import warnings
+
+    from tests.citizen_models import TemplateModule, class_data
+
+    class Shadowed(TemplateModule):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__(net)
+            if when == "init":
+                self.ema = ShadowList(self.net.parameters())
+
+        def on_fit_start(self) -> None:
+            if when == "fit_start":
+                self.ema = ShadowList(self.net.parameters())
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.ema.step(self.net.parameters())
+
+        def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    torch.manual_seed(0)  # equal blocks: a pairing by position of different layers meets no shape error
+    net = nn.Sequential(nn.ConstantPad1d((0, 4), 0.0), *[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)],
+                        _FirstFour())
+    trainer = quiet_trainer(devices, strategy, max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Shadowed(net), class_data(batch_size=8, batches=3))
+    trainer.save_checkpoint(path)
+    return {"shadows": torch.load(path, weights_only=False)["ema"]["shadow_params"],
+            "warned": [str(w.message) for w in caught if "one tensor per parameter" in str(w.message)]}
+
+
+def _shadow_ranks(rank: int, world_size: int, when: str, tmp: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _shadow_fit(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), when, f"{tmp}/{when}.ckpt")
+
+
+@pytest.mark.timeout(200)
+def test_a_list_of_the_whole_models_parameters_made_before_the_cut_is_said_and_one_made_after_averages_as_one_device(
+        tmp_path: Path) -> None:
+    """diffusers' EMAModel made in ``__init__`` keeps one tensor per parameter of the whole model, which each rank's
+    ``step(self.unet.parameters())`` paired by position with its share (found by review: the averages of rank 1's layers
+    went into rank 0's layers' shadows, silently where the shapes agree): said at the cut, with the fix. Made in
+    ``on_fit_start`` it is of the rank's share, and the checkpoint's list is one device's."""
+    reference = _shadow_fit(1, "auto", "init", str(tmp_path / "one.ckpt"))
+    made_early = run_ranks(_shadow_ranks, 2, "init", str(tmp_path), timeout=150)
+    said = made_early[0]["warned"]
+    assert len(said) == 1 and "self.ema.shadow_params" in said[0] and "on_fit_start" in said[0], said
+    assert not made_early[1]["warned"]  # (said once, on global rank 0)
+    assert max(float((got - want).abs().max()) for got, want in zip(made_early[0]["shadows"], reference["shadows"])) \
+        > 1e-3  # (what it says: the list paired the wrong parameters)
+    made_after = run_ranks(_shadow_ranks, 2, "fit_start", str(tmp_path), timeout=150)
+    for result in made_after:
+        assert not result["warned"]
+        assert len(result["shadows"]) == len(reference["shadows"])
+        for got, want in zip(result["shadows"], reference["shadows"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

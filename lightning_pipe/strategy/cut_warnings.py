@@ -18,7 +18,9 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.strategy.model_choice import averaged as averaged_parameters, callback_copies, frozen_copies
+from lightning_pipe.strategy.model_choice import (
+    averaged as averaged_parameters, callback_copies, frozen_copies, parameter_lists,
+)
 from lightning_pipe.strategy.tied import split_buffers
 from lightning_pipe.strategy.unfollowed import (
     BACKWARD_HOOKS, FOREIGN, FORWARD_HOOKS, MODULE_HOOKS, users_hook, users_hooks,
@@ -57,10 +59,16 @@ class FrozenCopies:
         if averaged and first_rank:
             self._say(averaged, "is an averaged copy of it")
         trainer = getattr(module, "_trainer", None)
-        self.held = callback_copies(list(getattr(trainer, "callbacks", None) or []), model)  # (found by review: timm's
-        # ModelEmaV3 made in a callback's setup failed with a bare shape error in its update)
+        callbacks = list(getattr(trainer, "callbacks", None) or [])
+        self.held = callback_copies(callbacks, model)  # (found by review: timm's ModelEmaV3 made in a callback's
+        # setup failed with a bare shape error in its update)
         if self.held and first_rank:
             warnings.warn(self._held_pairing(), stacklevel=3)
+        # (found by review: diffusers' EMAModel made in __init__: a bare shape error, or silently wrong averages where
+        # the shapes pair up); a pipeline of one rank holds the whole model
+        self.lists = parameter_lists(module, model, callbacks) if len(pipeline.stage_ranks) > 1 else []
+        if self.lists and first_rank:
+            warnings.warn(self._list_pairing(), stacklevel=3)
 
     def before_step(self) -> None:
         """Note the watched copies' weights before the first training step (after the hooks that run before
@@ -97,11 +105,13 @@ class FrozenCopies:
         network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
         come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        if (self.unsaid or self.held) and isinstance(message, str) and "where this comes from pairing" not in message \
+        copies = self.unsaid or self.held or self.lists
+        if copies and isinstance(message, str) and "where this comes from pairing" not in message \
                 and ("size" in message or "state_dict" in message or "same number of tensors" in message):
-            why = self.pairing(self.unsaid, "is a frozen copy of it") if self.unsaid else self._held_pairing()
-            exception.args = (f"{message} (where this comes from pairing the parameters of "
-                              f"{(self.unsaid or self.held)[0]} with the model's: {why})", *exception.args[1:])
+            why = self.pairing(self.unsaid, "is a frozen copy of it") if self.unsaid else \
+                self._held_pairing() if self.held else self._list_pairing()
+            exception.args = (f"{message} (where this comes from pairing the parameters of {copies[0]} with the "
+                              f"model's: {why})", *exception.args[1:])
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The copies' parameters."""
@@ -126,6 +136,17 @@ class FrozenCopies:
                 f"update(model)) pairs the wrong ones. Make it in the callback's on_fit_start, after the cut: there "
                 f"each rank's copy is of its own share, which pairs with it, and the callback's state_dict() "
                 f"returning the copy's state_dict() is saved in the checkpoint put together from every rank's")
+
+    def _list_pairing(self) -> str:
+        """What a list of one tensor per parameter of the whole model (:attr:`lists`) does under the pipeline."""
+        return (f"{', '.join(self.lists)} holds one tensor per parameter of the whole model at {self.path!r}, made "
+                f"before the model was cut (in __init__ or setup; diffusers' EMAModel(self.{self.path or 'model'}."
+                f"parameters()) keeps such a list): it stays whole on every rank, while under PipelineStrategy each "
+                f"rank holds only its share of the parameters, so code pairing the list with parameters() by "
+                f"position (an EMA's step(...), copy_to(...)) pairs the wrong ones, silently where their shapes "
+                f"agree. Make it in on_fit_start, after the cut: there each rank's list is of its own share, which "
+                f"pairs with it, and a state_dict() listing one tensor per parameter is saved in the checkpoint put "
+                f"together from every rank's; or keep an EMA with Lightning's EMAWeightAveraging callback")
 
     def _say(self, copies: list[str], what: str) -> None:
         warnings.warn(self.pairing(copies, what), stacklevel=3)

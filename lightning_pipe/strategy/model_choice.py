@@ -13,6 +13,7 @@ import re
 import weakref
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from lightning_pipe.strategy.chain import chain_paths
@@ -158,6 +159,32 @@ def callback_copies(callbacks: list[Any], model: nn.Module) -> list[str]:
             if _averaging(value) and _layout(value.module) == wanted or (
                     not any(p.requires_grad for p in value.parameters()) and _layout(value) == wanted):
                 found.append(f"{type(callback).__name__}.{name}")
+    return found
+
+
+def parameter_lists(module: nn.Module, model: nn.Module, callbacks: list[Any]) -> list[str]:
+    """Lists of one tensor per parameter of the whole ``model`` (or of ``module``), in order, that plain objects beside
+    it hold, made before the cut (diffusers' ``EMAModel(self.unet.parameters())`` in ``__init__``: its
+    ``shadow_params``; a hand-written ``self.shadow = [p.clone() for p in self.parameters()]``), by path: code pairing
+    them by position with ``parameters()`` pairs the wrong ones where each rank holds its share (found by review)."""
+    wanted = [[tuple(p.shape) for p in part.parameters()] for part in (model, module)]
+    own = {id(p) for p in module.parameters()}
+
+    def pairs(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) >= 2 \
+            and all(isinstance(item, torch.Tensor) and id(item) not in own for item in value) \
+            and [tuple(item.shape) for item in value] in wanted
+
+    holders = [("self", module)] + [(type(callback).__name__, callback) for callback in callbacks
+                                    if not type(callback).__module__.startswith("lightning.")]
+    found = []
+    for owner, holder in holders:
+        for name, value in vars(holder).items():
+            if pairs(value):
+                found.append(f"{owner}.{name}")
+            elif not isinstance(value, (nn.Module, torch.Tensor, type)) and hasattr(value, "__dict__") \
+                    and not name.startswith("_"):  # (a module's own: its trainer, its hyper-parameters)
+                found += [f"{owner}.{name}.{inner}" for inner, item in vars(value).items() if pairs(item)]
     return found
 
 
