@@ -15,6 +15,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.aside import run_aside
+from lightning_pipe.strategy.batch_writes import BatchWrites, apply_writes
 from lightning_pipe.strategy.chain import ChainSplit
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
 from lightning_pipe.strategy.failures import reported_failures
@@ -100,10 +101,12 @@ class EvaluationSteps:
                                                                         seed, start), replicas=True)
                 self.unfollowed.warn_of_changes(step, marks)
         result = self._share(encoded, fingerprint, step, start)
+        if result.batch_writes:  # every rank's hooks after the step read the batch as the step left it
+            apply_writes(batch, result.batch_writes)
         if checks_loss:
             self._warn_of_model_loss(step, result)
         self._carried(step, result, rows)
-        return result.output
+        return batch if result.returns_batch else result.output  # (a hook changing its outputs changes the batch)
 
     def _chain_layers(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int) -> int | None:
         """On every rank: the layers of a chain an evaluation step runs, where it calls only its first links (an
@@ -127,8 +130,9 @@ class EvaluationSteps:
         total = batch_rows(batch)
         pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
         changed = False
-        for index, (microbatch, output) in enumerate(zip(split_batch(batch, self.pipeline.num_microbatches, copy=True),
-                                                         last_outputs)):
+        microbatches = split_batch(batch, self.pipeline.num_microbatches, copy=True)
+        writes = BatchWrites(microbatches, [batch_rows(part, microbatch=True) for part in microbatches])
+        for index, (microbatch, output) in enumerate(zip(microbatches, last_outputs)):
             runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
             weight = counts.counts[index] if counts is not None else None
@@ -145,6 +149,8 @@ class EvaluationSteps:
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
+        result.batch_writes = writes.found(step)
+        result.returns_batch = all(output is part for output, part in zip(outputs, microbatches))  # (anomalib's)
         kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
                                                                                                      sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)

@@ -75,6 +75,8 @@ class StepResult:
     whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
     validate: bool | None = None  # a time-based val_check_interval: whether validation is due (the last stage's clock)
     weighed_rows: int | None = None  # where micro-batches counting nothing weighed nothing ("auto"): the others' rows
+    batch_writes: dict[str, Any] | None = None  # what an evaluation step set on its batch (.batch_writes)
+    returns_batch: bool = False  # the evaluation step returned its batch (each micro-batch's itself)
 
 
 def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor]]:
@@ -91,10 +93,13 @@ def encode_result(result: StepResult, step: str) -> tuple[str, list[torch.Tensor
     metrics = encode(result.metrics, tensors, "a torchmetrics state")
     effects = [encode(list(patch), tensors, f"self.{patch[1]}") for patch in result.effects]
     calls = [encode(list(call), tensors, "a logger call") for call in result.logger_calls]
+    writes = encode(result.batch_writes, tensors, f"what {step} set on its batch")
     structure = {"s": {"loss": loss, "output": output, "logs": {"l": logs}, "metrics": metrics,
                        "error": result.error, "error_kind": result.error_kind, "rows": result.rows,
                        "grad_scale": result.grad_scale, "effects": {"l": effects}, "logger_calls": {"l": calls},
-                       "whole": result.whole, "validate": result.validate, "weighed_rows": result.weighed_rows}}
+                       "whole": result.whole, "validate": result.validate, "weighed_rows": result.weighed_rows,
+                       "batch_writes": writes,
+                       "returns_batch": result.returns_batch}}
     return json.dumps(structure, separators=(",", ":")), tensors
 
 
@@ -106,7 +111,8 @@ def decode_result(structure: Any, tensors: list[torch.Tensor]) -> StepResult:
     return StepResult(fields["loss"], fields["output"], logs, fields["metrics"], fields["error"], fields["rows"],
                       fields["grad_scale"], [tuple(patch) for patch in fields["effects"]],
                       [tuple(call) for call in fields["logger_calls"]], fields["error_kind"], fields["whole"],
-                      fields["validate"], fields["weighed_rows"])
+                      fields["validate"], fields["weighed_rows"], fields["batch_writes"],
+                      fields["returns_batch"])
 
 
 def _reduce_name(reduce_fx: Any) -> Any:

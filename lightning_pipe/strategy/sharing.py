@@ -95,7 +95,8 @@ class SharedResults:
         return StepResult(loss, result.output, logs, metrics, rows=rows, grad_scale=shares[0].grad_scale,
                           effects=result.effects, logger_calls=result.logger_calls,
                           validate=shares[0].validate,  # (the first replica's clock decides for every replica)
-                          weighed_rows=weighed)
+                          weighed_rows=weighed, batch_writes=result.batch_writes,  # (each replica's batch its own)
+                          returns_batch=result.returns_batch)
 
     def _guard(self, step: str, make: Callable[[], StepResult], replicas: bool = False) -> tuple[str, list]:
         """The last stage's result of ``make()`` (combined over the replicas), encoded for the other ranks; an error

@@ -1,0 +1,96 @@
+"""An evaluation step that writes into its batch, read by a hook after it (anomalib's ``test_step`` puts its
+predictions into the batch, and its ``Evaluator`` callback reads them from ``on_test_batch_end``'s batch): every rank's
+hook reads the batch as the step left it, as on one device (found by review: a bare error, or the loader's zeros
+read silently)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.helpers import quiet_trainer, run_ranks
+
+
+@dataclasses.dataclass
+class Images:
+    """A dataclass batch with a field for the predictions, empty until the step fills it (anomalib's ``ImageBatch``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    pred: torch.Tensor | None = None
+
+    @staticmethod
+    def collate(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> Images:
+        return Images(torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]))
+
+
+def _data(kind: str) -> Any:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    if kind == "dataclass":
+        return torch.utils.data.DataLoader(list(zip(x, y)), batch_size=10, collate_fn=Images.collate)
+    rows = [{"x": a, "y": b, **({"pred": torch.tensor(0)} if kind == "in_place" else {})} for a, b in zip(x, y)]
+    return torch.utils.data.DataLoader(rows, batch_size=10)
+
+
+def _test(devices: int, strategy: Any, kind: str) -> dict[str, Any]:
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Read(L.Callback):
+        def __init__(self) -> None:
+            self.read: list[list[int]] = []
+            self.names: list[str] = []
+
+        def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+            pred = batch.pred if kind == "dataclass" else batch["pred"]
+            self.read.append(pred.tolist())
+            self.names.append(batch["name"] if kind == "new_key" else str(batch.label.tolist()) if kind == "dataclass"
+                              else "")
+
+    class PostProcess(L.Callback):  # anomalib's PostProcessor: sets labels on the step's outputs, the batch itself
+        def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+            if kind == "dataclass":
+                outputs.label = outputs.pred * 10
+
+    class Writing(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def test_step(self, batch: Any, batch_idx: int) -> Any:
+            x = batch.x if kind == "dataclass" else batch["x"]
+            pred = self.net(x).argmax(1)
+            if kind == "dataclass":
+                batch.pred = pred
+                return batch  # (anomalib's batch.update(...), in place)
+            elif kind == "in_place":
+                batch["pred"].copy_(pred)
+            else:
+                batch["pred"], batch["name"] = pred, "scored"  # (a value every micro-batch sets alike)
+            return None
+
+    read = Read()
+    quiet_trainer(devices, strategy, callbacks=[PostProcess(), read]).test(Writing(), _data(kind), verbose=False)
+    return {"read": read.read, "names": read.names}
+
+
+def _ranks(rank: int, world_size: int, kind: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _test(world_size, PipelineStrategy(num_microbatches=3, wait_timeout=60), kind)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("kind", ["in_place", "new_key", "dataclass"])
+def test_hooks_after_an_evaluation_step_read_the_batch_as_the_step_left_it_on_every_rank(kind: str) -> None:
+    reference = _test(1, "auto", kind)
+    assert len(reference["read"]) == 3 and any(any(row) for row in reference["read"])
+    assert run_ranks(_ranks, 2, kind, timeout=150) == [reference] * 2
