@@ -1213,3 +1213,51 @@ def test_a_list_of_the_whole_models_parameters_made_before_the_cut_is_said_and_o
         assert len(result["shadows"]) == len(reference["shadows"])
         for got, want in zip(result["shadows"], reference["shadows"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _made_in_fit_start(rank: int, world_size: int) -> str:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    torch.set_num_threads(1)
+
+    class Net(nn.Module):  # not an nn.Sequential: captured, by a run of the step at set-up
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    class Scaled(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def on_fit_start(self) -> None:
+            self.scale = torch.tensor(2.0)  # (diffusers' DDPMScheduler in the reviewer's case)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x * self.scale), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    try:
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), max_steps=1).fit(
+            Scaled(), class_data(batch_size=8, batches=1))
+    except AttributeError as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.timeout(200)
+def test_an_attribute_the_step_needs_made_in_on_fit_start_says_the_capture_runs_the_step_before() -> None:
+    """A captured model's step runs at set-up, before on_fit_start (found by review: a bare AttributeError for a
+    scheduler made there): said on every rank, with where to make it."""
+    for message in run_ranks(_made_in_fit_start, 2, timeout=150):
+        assert "'Scaled' object has no attribute 'scale'" in message and "before on_fit_start" in message, message
+        assert "Make it in __init__ or setup()" in message

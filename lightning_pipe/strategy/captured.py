@@ -322,7 +322,11 @@ class CapturedModule:
         def make() -> None:
             with torch.random.fork_rng(devices=[]), no_logging(self.module), \
                     kept_buffers([self.module], skip=self.model), kept_modes([self.module, self.model]):
-                self._capture_calls(step, microbatch, (0,), {}, training)
+                try:
+                    self._capture_calls(step, microbatch, (0,), {}, training)
+                except AttributeError as error:  # (found by review: a scheduler made in on_fit_start)
+                    _made_later(error, self.module, step)
+                    raise
 
         self._agree(make, f"capturing {self.where}")
         self._hooks_seen = _user_hooks(self.model, self.proxy)  # what the graphs run: changes are refused from here
@@ -595,3 +599,14 @@ def _user_hooks(*roots: nn.Module | None) -> dict[str, frozenset[tuple[str, int]
         for name, module in root.named_modules() if root is not None else ():
             found[name] = found.get(name, frozenset()) | users_hooks(module)
     return found
+
+
+def _made_later(error: AttributeError, module: nn.Module, step: str) -> None:
+    """An attribute of the LightningModule missing when its step runs at set-up, for the capture: say that this run
+    comes before ``on_fit_start`` and ``on_train_start``, where the module may make it."""
+    message = str(error)
+    if message.startswith(f"'{type(module).__name__}' object has no attribute") and "PipelineStrategy ran" not in message:
+        error.args = (f"{message} (raised while PipelineStrategy ran {step} on the first micro-batch as the Trainer set "
+                      f"it up, to capture the model: before on_fit_start and on_train_start, so what those hooks make "
+                      f"for the step does not exist yet. Make it in __init__ or setup(), which run before)",
+                      *error.args[1:])
