@@ -693,3 +693,14 @@ def test_a_function_given_the_modules_it_runs_says_reversible_layers_cannot_be_c
     with which the layers then trained not at all."""
     with pytest.raises(CaptureError, match="it is given modules and runs their layers itself.*reversible layers"):
         Splitter(_RevBlocks()).segments((torch.randn(3, 4),))
+
+
+def test_a_torchvision_detection_model_is_told_what_trains_it() -> None:
+    """RetinaNet, FCOS, Mask R-CNN and SSD stop at the random choice of a training size (found by review: told of
+    Wav2Vec2's labels and torch.where): the advice names the family and what trains it."""
+    from lightning_pipe.capture.errors import _advice
+
+    where = "module 'transform' (GeneralizedRCNNTransform.torch_choice at torchvision/models/detection/transform.py:176)"
+    advice = _advice(RuntimeError("Could not guard on data-dependent expression"), "data-dependent", where)
+    assert "torchvision's detection models" in advice and "Trainer(strategy='ddp')" in advice
+    assert "Wav2Vec2" not in advice

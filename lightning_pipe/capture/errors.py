@@ -178,6 +178,12 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
                 f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
+    if f"models{os.sep}detection{os.sep}" in where or "models/detection/" in where:  # (found by review: generic)
+        return ("torchvision's detection models (Faster, Mask and Keypoint R-CNN, RetinaNet, FCOS, SSD) pick a "
+                "training size at random and read it as a Python number (GeneralizedRCNNTransform.torch_choice), and "
+                "in training match anchors and sample boxes image by image from the targets' values, so each batch "
+                "takes shapes and branches of its own, which one captured graph cannot follow: train them on one "
+                "device or with DDP (Trainer(strategy='ddp')).")
     if ("DataDependent" in name or "data-dependent" in text) and "ForSequenceClassification" in where:
         return ("Hugging Face's ...ForSequenceClassification picks its loss from the labels' values when "
                 "config.problem_type is unset (DeBERTa-v2 even looks for labels below 0): set model.config."
