@@ -573,13 +573,14 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         """``self.all_gather`` (whose group is the world unless given): over the data-parallel replicas, one entry
-        per replica, since every rank of a pipeline holds the same values; with one replica the tensor as it is, as
-        Lightning gives for a world of one process."""
+        per replica, since every rank of a pipeline holds the same values; with one replica a leading dim of 1, as
+        DDP gives, since ``trainer.world_size`` counts every process (found by review: DDP's idiom
+        ``self.all_gather(z).flatten(0, 1) if self.trainer.world_size > 1 else z`` failed on the tensor as it is)."""
         runner = self._runner
         if (group is not None and group is not torch.distributed.group.WORLD) or runner is None:
             return super().all_gather(tensor, group=group, sync_grads=sync_grads)
         if runner.replica_group is None:
-            return tensor
+            return tensor.unsqueeze(0)
         return super().all_gather(tensor, group=runner.replica_group, sync_grads=sync_grads)
 
     @override
