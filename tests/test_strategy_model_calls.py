@@ -129,6 +129,7 @@ def test_the_last_stage_answers_each_call_and_counts_them() -> None:
     with pytest.raises(RuntimeError, match="once more than the first stage saw") as caught:
         calls.answer()
     assert "greedy decoding" in str(caught.value)  # a decoding loop is told what to do instead (found by review)
+    assert "learned on its first batch" in str(caught.value)  # and a loop over windows of a varying length (review)
     calls.serve(Calls(("a", "b")), lambda: True)
     calls.answer()
     with pytest.raises(RuntimeError, match="1 time"):
