@@ -6,11 +6,13 @@ read silently)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.helpers import quiet_trainer, run_ranks
 
@@ -34,6 +36,10 @@ def _data(kind: str) -> Any:
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     if kind == "dataclass":
         return torch.utils.data.DataLoader(list(zip(x, y)), batch_size=10, collate_fn=Images.collate)
+    if kind == "tuple":  # (x, y, a slot for the predictions)
+        return torch.utils.data.DataLoader(list(zip(x, y, torch.zeros(30, dtype=torch.long))), batch_size=10)
+    if kind == "in_place":  # a first micro-batch counting nothing: its loss, NaN, runs the step again aside
+        y = torch.where(torch.arange(30) % 10 < 4, -100, y)
     rows = [{"x": a, "y": b, **({"pred": torch.tensor(0)} if kind == "in_place" else {})} for a, b in zip(x, y)]
     return torch.utils.data.DataLoader(rows, batch_size=10)
 
@@ -49,10 +55,10 @@ def _test(devices: int, strategy: Any, kind: str) -> dict[str, Any]:
             self.names: list[str] = []
 
         def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, *args: Any) -> None:
-            pred = batch.pred if kind == "dataclass" else batch["pred"]
+            pred = batch.pred if kind == "dataclass" else batch[2] if kind == "tuple" else batch["pred"]
             self.read.append(pred.tolist())
             self.names.append(batch["name"] if kind == "new_key" else str(batch.label.tolist()) if kind == "dataclass"
-                              else "")
+                              else f"{float(batch['x'].abs().sum()):.4f}" if kind == "in_place" else "")
 
     class PostProcess(L.Callback):  # anomalib's PostProcessor: sets labels on the step's outputs, the batch itself
         def on_test_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, *args: Any) -> None:
@@ -66,20 +72,28 @@ def _test(devices: int, strategy: Any, kind: str) -> dict[str, Any]:
             self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
 
         def test_step(self, batch: Any, batch_idx: int) -> Any:
-            x = batch.x if kind == "dataclass" else batch["x"]
-            pred = self.net(x).argmax(1)
-            if kind == "dataclass":
+            x = batch.x if kind == "dataclass" else batch[0] if kind == "tuple" else batch["x"]
+            logits = self.net(x)
+            pred = logits.argmax(1)
+            if kind == "tuple":
+                batch[2].copy_(pred)
+            elif kind == "dataclass":
                 batch.pred = pred
                 return batch  # (anomalib's batch.update(...), in place)
             elif kind == "in_place":
                 batch["pred"].copy_(pred)
+                batch["x"].mul_(2)  # (twice, found by review, where the run aside took the micro-batch as changed)
+                self.log("test_loss", F.cross_entropy(logits, batch["y"]))
             else:
                 batch["pred"], batch["name"] = pred, "scored"  # (a value every micro-batch sets alike)
+                batch["files"] = [Path(f"row{i}") for i in range(len(pred))]  # (cannot travel: left out, said)
             return None
 
     read = Read()
-    quiet_trainer(devices, strategy, callbacks=[PostProcess(), read]).test(Writing(), _data(kind), verbose=False)
-    return {"read": read.read, "names": read.names}
+    trainer = quiet_trainer(devices, strategy, callbacks=[PostProcess(), read])
+    trainer.test(Writing(), _data(kind), verbose=False)
+    # (a pipeline evaluates under torch.no_grad, not inference_mode: NCCL's default, whose tensors it cannot copy)
+    return {"read": read.read, "names": read.names, "inference": trainer.test_loop.inference_mode}
 
 
 def _ranks(rank: int, world_size: int, kind: str) -> dict[str, Any]:
@@ -89,8 +103,8 @@ def _ranks(rank: int, world_size: int, kind: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["in_place", "new_key", "dataclass"])
+@pytest.mark.parametrize("kind", ["in_place", "new_key", "dataclass", "tuple"])
 def test_hooks_after_an_evaluation_step_read_the_batch_as_the_step_left_it_on_every_rank(kind: str) -> None:
     reference = _test(1, "auto", kind)
     assert len(reference["read"]) == 3 and any(any(row) for row in reference["read"])
-    assert run_ranks(_ranks, 2, kind, timeout=150) == [reference] * 2
+    assert run_ranks(_ranks, 2, kind, timeout=150) == [{**reference, "inference": False}] * 2

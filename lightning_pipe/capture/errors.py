@@ -178,7 +178,7 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
                 f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
-    if f"models{os.sep}detection{os.sep}" in where or "models/detection/" in where:  # (found by review: generic)
+    if re.search(r"torchvision[/\\]models[/\\]detection[/\\]", where):  # (found by review: generic advice)
         return ("torchvision's detection models (Faster, Mask and Keypoint R-CNN, RetinaNet, FCOS, SSD) pick a "
                 "training size at random and read it as a Python number (GeneralizedRCNNTransform.torch_choice), and "
                 "in training match anchors and sample boxes image by image from the targets' values, so each batch "

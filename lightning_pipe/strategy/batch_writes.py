@@ -12,26 +12,38 @@ batch: a tensor the batch already held of that shape is written in place, as the
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 
+from lightning_pipe.strategy.values import encode
+
 __all__ = ["BatchWrites", "apply_writes"]
 
 
 def _entries(batch: Any) -> dict[str, Any] | None:
-    """The top-level entries of ``batch`` a step can set, by name; None for a batch with none (a tensor, a tuple)."""
+    """The top-level entries of ``batch`` a step can set, by name: a mapping's keys, a dataclass's fields and an
+    object's attributes, a tuple's or list's tensors by position ("0", "1", ...); None for a batch with none."""
     if isinstance(batch, Mapping):
         return {key: value for key, value in batch.items() if isinstance(key, str)}
-    if isinstance(batch, (torch.Tensor, list, tuple)) or not hasattr(batch, "__dict__"):
-        return None
-    return {key: value for key, value in vars(batch).items() if not key.startswith("_")}
+    if isinstance(batch, (list, tuple)):
+        return {str(index): value for index, value in enumerate(batch) if isinstance(value, torch.Tensor)}
+    entries = {field.name: getattr(batch, field.name, None) for field in dataclasses.fields(batch)} \
+        if dataclasses.is_dataclass(batch) and not isinstance(batch, type) else {}  # (slots=True: no __dict__)
+    if not isinstance(batch, torch.Tensor) and hasattr(batch, "__dict__"):
+        entries.update((key, value) for key, value in vars(batch).items() if not key.startswith("_"))
+    return entries if entries or hasattr(batch, "__dict__") else None
 
 
 def _mark(value: Any) -> tuple[int, int]:
-    return id(value), value._version if isinstance(value, torch.Tensor) else 0
+    """What tells a change of an entry: its identity, and a tensor's version (none for an inference tensor)."""
+    try:
+        return id(value), value._version if isinstance(value, torch.Tensor) else 0
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return id(value), 0
 
 
 class BatchWrites:
@@ -42,7 +54,8 @@ class BatchWrites:
         self.before = [{name: _mark(value) for name, value in (_entries(part) or {}).items()} for part in microbatches]
 
     def found(self, step: str) -> dict[str, Any] | None:
-        """The entries the step set or changed in place, put together over the micro-batches; None where none."""
+        """The entries the step set or changed in place, put together over the micro-batches, each with whether it
+        was written in place; None where none."""
         afters = [_entries(part) for part in self.microbatches]
         if any(after is None for after in afters):
             return None
@@ -52,13 +65,19 @@ class BatchWrites:
         for name in dict.fromkeys(names):
             values = [after.get(name) for after in afters]  # type: ignore[union-attr]
             whole = self._whole(values)
+            if whole is not _UNKNOWN and not _sendable(whole, step):
+                whole = _UNKNOWN
             if whole is _UNKNOWN:
                 warnings.warn(f"{step} set {name!r} on its batch to values that are neither one per row nor alike in "
-                              f"every micro-batch: the hooks after it (on_*_batch_end) get the batch without it. "
-                              f"Return it from {step} instead (its outputs are put together over the micro-batches)",
-                              stacklevel=3)
+                              f"every micro-batch, or cannot travel between ranks (tensors, numbers, strings and "
+                              f"lists or dicts of them can): the hooks after it (on_*_batch_end) get the batch without "
+                              f"it. Return it from {step} instead (its outputs are put together over the "
+                              f"micro-batches)", stacklevel=3)
                 continue
-            writes[name] = whole
+            # written in place (the same tensor, changed) or set anew: set anew, the loader's tensor is not written
+            in_place = all(before.get(name, (None,))[0] == id(after[name])  # type: ignore[index]
+                           for after, before in zip(afters, self.before))
+            writes[name] = [whole, in_place]
         return writes or None
 
     def _whole(self, values: list[Any]) -> Any:
@@ -77,19 +96,30 @@ class BatchWrites:
 _UNKNOWN = object()
 
 
+def _sendable(value: Any, step: str) -> bool:
+    try:
+        encode(value, [], f"what {step} set on its batch")
+    except TypeError:
+        return False
+    return True
+
+
 def apply_writes(batch: Any, writes: dict[str, Any]) -> None:
-    """Set ``writes`` (:meth:`BatchWrites.found`) on ``batch``: a tensor it holds of the same shape and dtype is written
-    in place (the step's ``copy_``), anything else set."""
+    """Set ``writes`` (:meth:`BatchWrites.found`) on ``batch``: a tensor the step wrote in place is written in place
+    (the step's ``copy_``), anything else set anew, on the device of the batch's tensors."""
     entries = _entries(batch) or {}
-    for name, value in writes.items():
+    device = next((value.device for value in entries.values() if isinstance(value, torch.Tensor)), None)
+    for name, (value, in_place) in writes.items():
         held = entries.get(name)
-        if isinstance(held, torch.Tensor) and isinstance(value, torch.Tensor) and held.shape == value.shape \
-                and held.dtype == value.dtype:
+        if in_place and isinstance(held, torch.Tensor) and isinstance(value, torch.Tensor) \
+                and held.shape == value.shape and held.dtype == value.dtype:
             held.copy_(value.to(held.device))
             continue
-        if isinstance(value, torch.Tensor) and isinstance(held, torch.Tensor):
-            value = value.to(held.device)
+        if isinstance(value, torch.Tensor) and (isinstance(held, torch.Tensor) or device is not None):
+            value = value.to(held.device if isinstance(held, torch.Tensor) else device)  # (the batch's device)
         if isinstance(batch, MutableMapping):
             batch[name] = value
-        elif not isinstance(batch, Mapping):
+        elif isinstance(batch, list):
+            batch[int(name)] = value
+        elif not isinstance(batch, (Mapping, tuple)):  # (a tuple's item is only ever written in place)
             object.__setattr__(batch, name, value)

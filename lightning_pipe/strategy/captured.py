@@ -603,10 +603,13 @@ def _user_hooks(*roots: nn.Module | None) -> dict[str, frozenset[tuple[str, int]
 
 def _made_later(error: AttributeError, module: nn.Module, step: str) -> None:
     """An attribute of the LightningModule missing when its step runs at set-up, for the capture: say that this run
-    comes before ``on_fit_start`` and ``on_train_start``, where the module may make it."""
+    comes before the hooks that start the run (``on_fit_start``, ``on_train_start``), where the module may make it."""
     message = str(error)
-    if message.startswith(f"'{type(module).__name__}' object has no attribute") and "PipelineStrategy ran" not in message:
-        error.args = (f"{message} (raised while PipelineStrategy ran {step} on the first micro-batch as the Trainer set "
-                      f"it up, to capture the model: before on_fit_start and on_train_start, so what those hooks make "
-                      f"for the step does not exist yet. Make it in __init__ or setup(), which run before)",
+    if message.startswith(f"'{type(module).__name__}' object has no attribute") \
+            and "PipelineStrategy ran" not in message:
+        stage = {"training_step": "fit_start and on_train", "validation_step": "validation",
+                 "test_step": "test", "predict_step": "predict"}.get(step, "fit")
+        error.args = (f"{message} (raised while PipelineStrategy ran {step} on the first micro-batch as the Trainer "
+                      f"set it up, to capture the model: before on_{stage}_start, so what that hook makes for the step "
+                      f"does not exist yet. Make it in __init__ or setup(), which run before)",
                       *error.args[1:])

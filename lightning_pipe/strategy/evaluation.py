@@ -132,6 +132,8 @@ class EvaluationSteps:
         changed = False
         microbatches = split_batch(batch, self.pipeline.num_microbatches, copy=True)
         writes = BatchWrites(microbatches, [batch_rows(part, microbatch=True) for part in microbatches])
+        unfinished: list[tuple[int, Any, int]] = []  # micro-batches that logged a value not finite: (index, output,
+        # where its calls start)
         for index, (microbatch, output) in enumerate(zip(microbatches, last_outputs)):
             runs.before_run()
             sizes.append(batch_rows(microbatch, microbatch=True))
@@ -145,7 +147,10 @@ class EvaluationSteps:
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
             changed = self.output_copies.changed(step, output, watched) or changed
             if counts is None and any(not finite(arguments["value"]) for arguments, _ in self.recorder.calls[logged:]):
-                self._weigh_means_over_nothing(step, output, microbatch, rest, kwargs, seed, index, logged)
+                unfinished.append((index, output, logged))
+        if 0 < len(unfinished) < len(microbatches):  # (every one: a model gone NaN, as one device's value)
+            for index, output, logged in unfinished:
+                self._weigh_means_over_nothing(step, output, batch, rest, kwargs, seed, index, logged)
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
@@ -154,21 +159,31 @@ class EvaluationSteps:
         kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
                                                                                                      sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
+        if result.returns_batch:  # every rank returns its batch, given the writes: nothing more travels
+            result.output = None
         return result
 
-    def _weigh_means_over_nothing(self, step: str, output: Any, microbatch: Any, rest: tuple,
+    def _weigh_means_over_nothing(self, step: str, output: Any, batch: Any, rest: tuple,
                                   kwargs: Mapping[str, Any], seed: int, index: int, logged: int) -> None:
         """A micro-batch's logged values that are not finite weigh nothing where they are a mean over nothing (a mask
         the step draws that misses its rows, every label of its rows ignored), as one device's mean over the batch
         leaves out its rows (found by review: NaN logged). Evaluation runs without gradients, so the step runs again
-        aside, from the pipeline's output with gradients, for its values' graphs (:func:`~.loss_graph.mean_count`)."""
+        aside, on a fresh copy of the micro-batch (the first run may have changed its own) from the pipeline's output
+        with gradients, for its values' graphs (:func:`~.loss_graph.mean_count`); a run that fails leaves them be."""
         values: list[tuple[str, Any]] = []
         with torch.inference_mode(False):
-            output = tree_map_tensors(lambda value: value.detach().clone().requires_grad_(value.is_floating_point()),
-                                      output)
-        with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics, logged=values), \
-                forked_random(derive_seed(seed, index), self.pipeline.device):
-            self.split.run_step(step, output, microbatch, rest, kwargs)
+            microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[index]
+            # a leaf with gradients, given through a copy: the step may change its output in place
+            output = tree_map_tensors(lambda value: value.detach().clone().requires_grad_().clone()
+                                      if value.is_floating_point() else value.clone(), output)
+        total = batch_rows(batch)
+        try:
+            with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics, logged=values), \
+                    forked_random(derive_seed(seed, index), self.pipeline.device), \
+                    self._rows_window(split_batch(torch.arange(total), self.pipeline.num_microbatches)[index], total):
+                self.split.run_step(step, output, microbatch, rest, kwargs)
+        except Exception:  # noqa: BLE001 - a look only: the values stay as the step logged them
+            return
         nothing = {name for name, value in values if isinstance(value, torch.Tensor) and mean_count(value) == 0}
         for arguments, _ in self.recorder.calls[logged:]:
             if arguments["name"] in nothing and not finite(arguments["value"]):

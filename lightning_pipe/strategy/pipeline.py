@@ -418,6 +418,9 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         module = self.lightning_module
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
+        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop):  # under torch.no_grad, as fit's
+            loop.inference_mode = False  # validation and gloo's: inference tensors have no version counter, and the
+            # stages' copies and the steps' runs aside need ordinary ones (found by review: NCCL's evaluation failed)
         check_callbacks(trainer.callbacks, trainer.loggers)
         _refuse_iterator_steps(module, trainer.state.fn)
         if fitting and self.world_size == 1:

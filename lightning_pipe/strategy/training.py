@@ -259,8 +259,8 @@ class TrainingSteps:
         if result.weighed_rows and not pipe.asynchronous:  # micro-batches counting nothing weighed
             factor *= result.rows / result.weighed_rows  # nothing: the others' rows make the step's mean (replicas:
             # every replica's, the gradients averaged over replicas of equal rows)
-        if factor != 1.0:
-            for param in pipe.parameters():
+        if factor != 1.0:  # the step's own parameters too (a learned temperature: found by review)
+            for param in {id(p): p for p in (*pipe.parameters(), *self.module.parameters())}.values():
                 if param.grad is not None:
                     param.grad.mul_(factor)
         loss = result.loss.to(pipe.device)
