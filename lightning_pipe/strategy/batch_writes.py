@@ -38,12 +38,18 @@ def _entries(batch: Any) -> dict[str, Any] | None:
     return entries if entries or hasattr(batch, "__dict__") else None
 
 
-def _mark(value: Any) -> tuple[int, int]:
-    """What tells a change of an entry: its identity, and a tensor's version (none for an inference tensor)."""
+def _version(value: Any) -> int:
+    """A tensor's version (none for an inference tensor, which keeps no counter)."""
     try:
-        return id(value), value._version if isinstance(value, torch.Tensor) else 0
-    except RuntimeError:  # an inference tensor keeps no version counter
-        return id(value), 0
+        return value._version if isinstance(value, torch.Tensor) else 0
+    except RuntimeError:
+        return 0
+
+
+def _changed(before: tuple[Any, int] | None, value: Any) -> bool:
+    """Whether an entry was set anew (another object: the one before is kept alive, so that its id is not reused) or
+    written in place (its version)."""
+    return before is None or before[0] is not value or before[1] != _version(value)
 
 
 class BatchWrites:
@@ -51,7 +57,8 @@ class BatchWrites:
 
     def __init__(self, microbatches: list[Any], rows: list[int]) -> None:
         self.microbatches, self.rows = microbatches, rows
-        self.before = [{name: _mark(value) for name, value in (_entries(part) or {}).items()} for part in microbatches]
+        self.before = [{name: (value, _version(value)) for name, value in (_entries(part) or {}).items()}
+                       for part in microbatches]
 
     def found(self, step: str) -> dict[str, Any] | None:
         """The entries the step set or changed in place, put together over the micro-batches, each with whether it
@@ -60,7 +67,7 @@ class BatchWrites:
         if any(after is None for after in afters):
             return None
         names = [name for after, before in zip(afters, self.before) for name, value in after.items()  # type: ignore
-                 if before.get(name) != _mark(value)]
+                 if _changed(before.get(name), value)]
         writes: dict[str, Any] = {}
         for name in dict.fromkeys(names):
             values = [after.get(name) for after in afters]  # type: ignore[union-attr]
@@ -75,7 +82,7 @@ class BatchWrites:
                               f"micro-batches)", stacklevel=3)
                 continue
             # written in place (the same tensor, changed) or set anew: set anew, the loader's tensor is not written
-            in_place = all(before.get(name, (None,))[0] == id(after[name])  # type: ignore[index]
+            in_place = all(name in before and before[name][0] is after[name]  # type: ignore[index]
                            for after, before in zip(afters, self.before))
             writes[name] = [whole, in_place]
         return writes or None
