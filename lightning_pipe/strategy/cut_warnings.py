@@ -66,7 +66,8 @@ class FrozenCopies:
             warnings.warn(self._held_pairing(), stacklevel=3)
         # (found by review: diffusers' EMAModel made in __init__: a bare shape error, or silently wrong averages where
         # the shapes pair up); a pipeline of one rank holds the whole model
-        self.lists = parameter_lists(module, model, callbacks) if len(pipeline.stage_ranks) > 1 else []
+        self.lists = parameter_lists(module, model, callbacks) if len(getattr(pipeline, "stage_ranks", ())) != 1 \
+            else []
         if self.lists and first_rank:
             warnings.warn(self._list_pairing(), stacklevel=3)
 
