@@ -700,7 +700,8 @@ def test_a_torchvision_detection_model_is_told_what_trains_it() -> None:
     Wav2Vec2's labels and torch.where): the advice names the family and what trains it."""
     from lightning_pipe.capture.errors import _advice
 
-    where = "module 'transform' (GeneralizedRCNNTransform.torch_choice at torchvision/models/detection/transform.py:176)"
+    where = ("module 'transform' (GeneralizedRCNNTransform.torch_choice at "
+             "torchvision/models/detection/transform.py:176)")
     advice = _advice(RuntimeError("Could not guard on data-dependent expression"), "data-dependent", where)
     assert "torchvision's detection models" in advice and "Trainer(strategy='ddp')" in advice
     assert "Wav2Vec2" not in advice

@@ -88,7 +88,8 @@ class SharedResults:
         weighed = sum(weights) if any(part.weighed_rows is not None for part in shares) else None
         loss = None
         if result.loss is not None:
-            weighted = sum(part.loss.double() * weight for part, weight in zip(shares, weights) if part.loss is not None)
+            weighted = sum(part.loss.double() * weight for part, weight in zip(shares, weights)
+                           if part.loss is not None)
             loss = (weighted / max(sum(weights), 1)).to(result.loss.dtype)
         logs = combine_replica_logs([part.logs for part in shares])
         metrics = self.metrics.merge([part.metrics for part in shares])
