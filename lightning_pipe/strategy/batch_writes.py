@@ -7,7 +7,7 @@ device the hooks get the batch the step changed. Under a pipeline the step runs 
 the last stage's rank, so the entries it set or changed at the batch's top level (a dict's or mapping's keys, a
 dataclass's or an object's attributes) are put together from the micro-batches' (tensors and per-row lists by their
 rows, in order; a value every micro-batch wrote alike as it is), sent with the step's result, and set on every rank's
-batch: a tensor the batch already held of that shape is written in place, as the step did.
+batch: a tensor the step wrote in place is written in place there too, anything else set anew.
 """
 
 from __future__ import annotations

@@ -131,12 +131,13 @@ class EvaluationSteps:
         pieces = split_batch(torch.arange(total), self.pipeline.num_microbatches)
         changed = False
         microbatches = split_batch(batch, self.pipeline.num_microbatches, copy=True)
-        writes = BatchWrites(microbatches, [batch_rows(part, microbatch=True) for part in microbatches])
+        rows = [batch_rows(part, microbatch=True) for part in microbatches]
+        writes = BatchWrites(microbatches, rows)
         unfinished: list[tuple[int, Any, int]] = []  # micro-batches that logged a value not finite: (index, output,
         # where its calls start)
         for index, (microbatch, output) in enumerate(zip(microbatches, last_outputs)):
             runs.before_run()
-            sizes.append(batch_rows(microbatch, microbatch=True))
+            sizes.append(rows[index])
             weight = counts.counts[index] if counts is not None else None
             given, watched = self.output_copies.given(step, output)
             logged = len(self.recorder.calls)
@@ -150,7 +151,7 @@ class EvaluationSteps:
                 unfinished.append((index, output, logged))
         if 0 < len(unfinished) < len(microbatches):  # (every one: a model gone NaN, as one device's value)
             for index, output, logged in unfinished:
-                self._weigh_means_over_nothing(step, output, batch, rest, kwargs, seed, index, logged)
+                self._weigh_means_over_nothing(step, output, batch, rest, kwargs, seed, index, logged, pieces[index])
         if runs.rewind():
             runs.remake()
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
@@ -164,7 +165,8 @@ class EvaluationSteps:
         return result
 
     def _weigh_means_over_nothing(self, step: str, output: Any, batch: Any, rest: tuple,
-                                  kwargs: Mapping[str, Any], seed: int, index: int, logged: int) -> None:
+                                  kwargs: Mapping[str, Any], seed: int, index: int, logged: int,
+                                  piece: torch.Tensor) -> None:
         """A micro-batch's logged values that are not finite weigh nothing where they are a mean over nothing (a mask
         the step draws that misses its rows, every label of its rows ignored), as one device's mean over the batch
         leaves out its rows (found by review: NaN logged). Evaluation runs without gradients, so the step runs again
@@ -176,11 +178,10 @@ class EvaluationSteps:
             # a leaf with gradients, given through a copy: the step may change its output in place
             output = tree_map_tensors(lambda value: value.detach().clone().requires_grad_().clone()
                                       if value.is_floating_point() else value.clone(), output)
-        total = batch_rows(batch)
         try:
             with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics, logged=values), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
-                    self._rows_window(split_batch(torch.arange(total), self.pipeline.num_microbatches)[index], total):
+                    self._rows_window(piece, batch_rows(batch)):
                 self.split.run_step(step, output, microbatch, rest, kwargs)
         except Exception:  # noqa: BLE001 - a look only: the values stay as the step logged them
             return
