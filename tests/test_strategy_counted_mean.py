@@ -536,6 +536,45 @@ def test_a_mean_over_rows_beside_a_loss_over_a_count_is_weighted_by_rows_in_the_
     assert len(warned) == 1 and "logs val_loss, which" in warned[0], warned
 
 
+def _validated_in_halves(rank: int, world_size: int) -> tuple[dict[str, float], list[float]]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    class Validated(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Discriminator()
+            self.losses: list[float] = []
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            halves = [{key: value[:, columns] for key, value in batch.items()}
+                      for columns in (slice(0, 3), slice(3, 6))]
+            first, second = self.model(**halves[0]), self.model(**halves[1])  # (each a mean over its own tokens)
+            loss = (first["loss"] + second["loss"]) / 2
+            self.log("val_ppl", loss.exp())  # not a mean over rows: asks for the step's run on the whole batch
+            self.losses.append(float(loss))  # (a change of the module: the whole batch's run's only)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    module = Validated()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    logged = quiet_trainer(world_size, strategy).validate(module, _data(), verbose=False)[0]
+    return logged, module.losses
+
+
+@pytest.mark.timeout(120)
+def test_a_step_calling_the_model_twice_weighs_each_calls_loss_by_its_own_count_in_the_whole_batchs_output() -> None:
+    """Two calls of the model, each on half of every sequence with its own mean over the tokens kept: the whole batch's
+    output weighs each call's loss by that call's counts (found by review: one list of counts for both calls could not
+    be made, so the step ran per micro-batch: its perplexity 1.5e-3 off, its list of losses one per micro-batch)."""
+    expected, losses = _validated_in_halves(0, 1)
+    for logged, listed in run_ranks(_validated_in_halves, 2, timeout=100):
+        assert logged["val_ppl"] == pytest.approx(expected["val_ppl"], rel=1e-5), (logged, expected)
+        assert listed == pytest.approx(losses, rel=1e-5)
+
+
 def _replica_rows(replica: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each replica's 3 batches of 4 rows (micro-batches of 2): labels ignored (-100) on some rows, and in replica 0's
     first batch and replica 1's second on all of one micro-batch."""

@@ -494,8 +494,12 @@ class CapturedModule:
     def input_leaves(self, step: str, batch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
         """The tensors of :meth:`capture_input` for ``batch``, without capturing (a whole batch, whose shape may be
         new: a capture made on one rank alone would part the ranks' captures)."""
-        return [leaf for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)
-                for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
+        return [leaf for leaves in self.call_leaves(step, batch, args, kwargs) for leaf in leaves]
+
+    def call_leaves(self, step: str, batch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[list[Any]]:
+        """:meth:`input_leaves` call by call (one list per call of the model the step makes)."""
+        return [[leaf for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
+                for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)]
 
     def output_kinds(self, training: bool | None = None,
                      counted: bool = False) -> Callable[[Any], list[str | int | None] | None]:

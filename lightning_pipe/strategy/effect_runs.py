@@ -10,7 +10,7 @@ from typing import Any
 
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.step_effects import Patch, Sent, Snapshot, StepEffects
-from lightning_pipe.strategy.step_values import OutputKinds, whole_output
+from lightning_pipe.strategy.step_values import OutputKinds, Weights, whole_output
 from lightning_pipe.strategy.values import sendable
 
 __all__ = ["MicrobatchRuns", "settle", "kept_whole"]
@@ -60,7 +60,7 @@ class MicrobatchRuns:
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
            replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Sequence[float] | None = None, kinds: OutputKinds | None = None
+           weights: Weights | None = None, kinds: OutputKinds | None = None
            ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
@@ -99,7 +99,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     return _sendable(step, patches, warn), False
 
 
-def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Sequence[float] | None = None,
+def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Weights | None = None,
                kinds: OutputKinds | None = None) -> Any:
     """The whole batch's model output from the (index, output, rows) ``kept`` of every one of its ``microbatches``
     (:func:`~.step_values.whole_output`; ``weights`` by micro-batch index); None where some were not kept."""

@@ -287,7 +287,17 @@ labels other than -100 it averages over), which weights it by rows all the same.
 OutputKinds = Union[Sequence[Union[str, int, None]], Callable[[Any], Optional[Sequence[Union[str, int, None]]]]]
 
 
-def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] | None = None,
+Weights = Sequence[Union[float, tuple[float, ...]]]
+"""Each micro-batch's weight for its single numbers (what a loss averages over in it): a tuple of one per call where
+the step calls the model several times."""
+
+
+def call_weights(weights: Weights, call: int) -> list[float]:
+    """Each micro-batch's weight in ``weights`` for the model's call ``call``."""
+    return [weight[call] if isinstance(weight, tuple) else weight for weight in weights]
+
+
+def whole_output(outputs: list[Any], sizes: list[int], weights: Weights | None = None,
                  kinds: OutputKinds | None = None, fill: int | None = None) -> Any | None:
     """The model's output for the whole batch from its micro-batches' ``outputs`` (of ``sizes`` rows): tensors with a
     batch dimension put together along it (dim 0, or the dim ``kinds`` gives: an RNN's last hidden state has its rows
@@ -309,11 +319,14 @@ def whole_output(outputs: list[Any], sizes: list[int], weights: Sequence[float] 
             if len(each) > 1 and _same(each):
                 calls.append(each[0])
                 continue
-            whole = whole_output(each, sizes, weights, kinds, fill)
+            whole = whole_output(each, sizes, None if weights is None else call_weights(weights, index), kinds,
+                                 fill)
             if whole is None:
                 return None
             calls.append(whole)
         return Calls(tuple(calls))
+    if weights is not None and any(isinstance(weight, tuple) for weight in weights):
+        return None  # (weights of several calls, outputs of one)
     flat = [tree_flatten(output) for output in outputs]
     if not flat or any(len(leaves) != len(flat[0][0]) for leaves, _ in flat):
         return None

@@ -39,7 +39,7 @@ from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import (
-    combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
+    call_weights, combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
 )
 from lightning_pipe.strategy.values import sendable
 
@@ -85,43 +85,43 @@ class WholeBatchRuns:
             for capture in self.split.splitter.captures if capture.training == training)
 
     def _model_counts(self, step: str, batch: Any, rest: tuple, kwargs: Mapping[str, Any],
-                      microbatches: int, seed: int) -> list[float] | None:
+                      microbatches: int, seed: int) -> list[float | tuple[float, ...]] | None:
         """What a captured model's own loss is a mean over in each micro-batch (Hugging Face's, over the labels other
         than -100 after its causal shift), counted from each one's model inputs, so that the whole batch's output
         made from the micro-batches' averages that loss by them, as one device's is (averaged by rows, a validation
-        loss logged with its count as batch_size was taken for another); None where the model takes no such mean or
-        the inputs do not tell. The step's code before the model runs again per micro-batch as the first stage ran it
-        (its random numbers, its rows of a carried state), its effects undone."""
+        loss logged with its count as batch_size was taken for another); for a step calling the model several times
+        (two halves of each sequence, each with its labels), a tuple per micro-batch of each call's count (a call
+        whose inputs no counted mean reads, its rows); None where the model takes no such mean or the inputs do not
+        tell. The step's code before the model runs again per micro-batch as the first stage ran it (its random
+        numbers, its rows of a carried state), its effects undone."""
         if not isinstance(self.split, CapturedModule):
             return None
         training = step == "training_step"
-        captures = [capture for capture in self.split.splitter.captures if capture.training == training
-                    and any(mean.linear for mean in capture.counted_means)]
-        if not captures:
-            return None
-        weights: list[float] = []
+        captures = [capture for capture in self.split.splitter.captures if capture.training == training]
+        weights: list[float | tuple[float, ...]] = []
         total = batch_rows(batch)
         pieces = split_batch(torch.arange(total), microbatches)
+        counted = False  # some call's inputs gave a count
         try:
             with run_aside(self.module, self.effects, self.recorder, self.logger_calls, self.metrics) as aside:
                 for index, microbatch in enumerate(split_batch(batch, microbatches)):
                     rows = pieces[index]
                     with self.split.carried.window(int(rows[0]), int(rows[-1]) + 1, total), \
                             forked_random(derive_seed(seed, index), self.pipeline.device):
-                        tensors = self.split.input_leaves(step, owned(microbatch), rest, kwargs)
+                        calls = self.split.call_leaves(step, owned(microbatch), rest, kwargs)
                     aside.undo()
-                    found: set[float | None] = set()
-                    for capture in captures:
-                        full = with_values(capture.in_patterns, tensors)
-                        if full is not None and all_match(capture.in_patterns, full):
-                            found = {mean.counted(full) for mean in capture.counted_means if mean.linear}
-                            break
-                    if len(found) != 1 or None in found:
-                        return None  # no capture of these inputs, or means over several counts
-                    weights.append(float(found.pop()))  # type: ignore[arg-type]
+                    each: list[float] = []
+                    for tensors in calls:
+                        count = _call_count(captures, tensors, len(rows))
+                        if count is None:
+                            return None  # no capture of these inputs, or means over several counts
+                        counted = counted or count[1]
+                        each.append(count[0])
+                    weights.append(each[0] if len(each) == 1 else tuple(each))
         except Exception:  # noqa: BLE001 - code before the model that cannot run again here: no telling
             return None
-        return weights if sum(weights) > 0 else None
+        return weights if counted and all(sum(call_weights(weights, call)) > 0 for call in range(len(calls))) \
+            else None
 
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
                         batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult,
@@ -340,6 +340,23 @@ class WholeBatchRuns:
         if message not in self._effects_warned:  # once, not at every step
             self._effects_warned.add(message)
             warnings.warn(message, stacklevel=4)
+
+
+def _call_count(captures: list[Any], tensors: list[Any], rows: int) -> tuple[float, bool] | None:
+    """What the loss of a call of the model on ``tensors`` (a micro-batch's ``rows`` rows) is a mean over, and whether
+    a counted mean gave it (else the rows: a call whose capture takes no such mean); None where no capture takes
+    these inputs or its means count otherwise."""
+    for capture in captures:
+        full = with_values(capture.in_patterns, tensors)
+        if full is None or not all_match(capture.in_patterns, full):
+            continue
+        if not capture.counted_means:
+            return float(rows), False
+        found = {mean.counted(full) for mean in capture.counted_means if mean.linear}
+        if len(found) != 1 or None in found:
+            return None
+        return float(found.pop()), True  # type: ignore[arg-type]
+    return None
 
 
 def _counted(checks: dict[str, int], kind: str) -> bool:
