@@ -108,3 +108,52 @@ def test_hooks_after_an_evaluation_step_read_the_batch_as_the_step_left_it_on_ev
     reference = _test(1, "auto", kind)
     assert len(reference["read"]) == 3 and any(any(row) for row in reference["read"])
     assert run_ranks(_ranks, 2, kind, timeout=150) == [{**reference, "inference": False}] * 2
+
+
+def _fit(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Accuracy(L.Callback):  # reads what the training step kept on its batch
+        def __init__(self) -> None:
+            self.read: list[list[int]] = []
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, *args: Any) -> None:
+            self.read.append([*batch["pred"].tolist(), *batch["slot"].tolist()])
+
+    class Training(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            logits = self.net(batch["x"])
+            batch["pred"] = logits.argmax(1)  # (a new key)
+            batch["slot"].copy_(batch["y"] * 2)  # (in place)
+            return F.cross_entropy(logits, batch["y"])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    read = Accuracy()
+    rows = [{"x": row["x"], "y": row["y"], "slot": torch.tensor(0)} for row in _data("new_key").dataset]
+    trainer = quiet_trainer(devices, strategy, callbacks=[read], max_steps=3)
+    trainer.fit(Training(), torch.utils.data.DataLoader(rows, batch_size=10))
+    return {"read": read.read}
+
+
+def _fit_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _fit(world_size, PipelineStrategy(num_microbatches=3, wait_timeout=60))
+
+
+@pytest.mark.timeout(200)
+def test_a_training_steps_writes_reach_every_ranks_on_train_batch_end() -> None:
+    """A prediction the training step keeps on its batch for a callback's accuracy, a tensor it writes in place:
+    every rank's ``on_train_batch_end`` reads them as on one device (a KeyError on the other ranks before)."""
+    reference = _fit(1, "auto")
+    assert len(reference["read"]) == 3 and any(any(row) for row in reference["read"])
+    assert run_ranks(_fit_ranks, 2, timeout=150) == [reference] * 2

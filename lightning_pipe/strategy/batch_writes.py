@@ -1,4 +1,4 @@
-"""What an evaluation step writes into its batch, given to the batch the hooks after it read, on every rank.
+"""What a step writes into its batch, given to the batch the hooks after it read, on every rank.
 
 anomalib's ``test_step`` puts its predictions into the batch (``batch.update(pred_score=...)``, in place) and its
 ``Evaluator`` callback reads them from the batch ``on_test_batch_end`` is given (found by review: every anomalib
@@ -7,21 +7,37 @@ device the hooks get the batch the step changed. Under a pipeline the step runs 
 the last stage's rank, so the entries it set or changed at the batch's top level (a dict's or mapping's keys, a
 dataclass's or an object's attributes) are put together from the micro-batches' (tensors and per-row lists by their
 rows, in order; a value every micro-batch wrote alike as it is), sent with the step's result, and set on every rank's
-batch: a tensor the step wrote in place is written in place there too, anything else set anew.
+batch: a tensor the step wrote in place is written in place there too, anything else set anew. So too a training
+step's, for ``on_train_batch_end`` (a prediction the step keeps on its batch for a callback's accuracy).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
 from lightning_pipe.strategy.values import encode
 
-__all__ = ["BatchWrites", "apply_writes"]
+__all__ = ["BatchWrites", "apply_writes", "read_after"]
+
+
+def read_after(module: Any, hook: str) -> bool:
+    """Whether a ``hook`` after the step (``on_train_batch_end``) may read its batch: the module's or a callback's of
+    one's own (not Lightning's, whose hooks read no batch). A training step's writes travel only then: a step
+    normalizing its images in place (``x.div_(255)``) would otherwise send them to every rank at every step."""
+    trainer = getattr(module, "_trainer", None)
+    for owner in [module, *(getattr(trainer, "callbacks", None) or [])]:
+        method = getattr(type(owner), hook, None)
+        if method is not None and (getattr(method, "__module__", "") or "").split(".")[0] not in _OWN:
+            return True
+    return False
+
+
+_OWN = ("lightning", "pytorch_lightning", "lightning_pipe")
 
 
 def _entries(batch: Any) -> dict[str, Any] | None:
@@ -53,16 +69,26 @@ def _changed(before: tuple[Any, int] | None, value: Any) -> bool:
 
 
 class BatchWrites:
-    """The micro-batches of one evaluation step, as the step found them (:meth:`found`), for what it wrote."""
+    """The micro-batches of one step, as the step found them (:meth:`found`), for what it wrote: given at once (an
+    evaluation step's) or one by one as their runs start (:meth:`add`: a training step's, run inside the schedule)."""
 
-    def __init__(self, microbatches: list[Any], rows: list[int]) -> None:
-        self.microbatches, self.rows = microbatches, rows
-        self.before = [{name: (value, _version(value)) for name, value in (_entries(part) or {}).items()}
-                       for part in microbatches]
+    def __init__(self, microbatches: Sequence[Any] = (), rows: Sequence[int] = ()) -> None:
+        self.parts: dict[int, tuple[Any, int, dict[str, tuple[Any, int]]]] = {}
+        for index, (part, count) in enumerate(zip(microbatches, rows)):
+            self.add(index, part, count)
+
+    def add(self, index: int, part: Any, rows: int) -> None:
+        """Micro-batch ``index`` (``part``, of ``rows`` rows), before the step runs on it."""
+        self.parts[index] = (part, rows, {name: (value, _version(value))
+                                          for name, value in (_entries(part) or {}).items()})
 
     def found(self, step: str) -> dict[str, Any] | None:
         """The entries the step set or changed in place, put together over the micro-batches, each with whether it
         was written in place; None where none."""
+        ordered = [self.parts[index] for index in sorted(self.parts)]
+        self.microbatches = [part for part, _, _ in ordered]
+        self.rows = [rows for _, rows, _ in ordered]
+        self.before = [before for _, _, before in ordered]
         afters = [_entries(part) for part in self.microbatches]
         if any(after is None for after in afters):
             return None

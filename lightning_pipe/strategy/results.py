@@ -75,7 +75,7 @@ class StepResult:
     whole: bool = False  # its logs and output were checked against (or taken from) a run of the step on the whole batch
     validate: bool | None = None  # a time-based val_check_interval: whether validation is due (the last stage's clock)
     weighed_rows: int | None = None  # where micro-batches counting nothing weighed nothing ("auto"): the others' rows
-    batch_writes: dict[str, Any] | None = None  # what an evaluation step set on its batch (.batch_writes)
+    batch_writes: dict[str, Any] | None = None  # what the step set on its batch (.batch_writes)
     returns_batch: bool = False  # the evaluation step returned its batch (each micro-batch's itself)
 
 

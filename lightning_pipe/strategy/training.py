@@ -16,6 +16,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.replicas import GradientAverager
 from lightning_pipe.engine.tree import tree_map_tensors
+from lightning_pipe.strategy.batch_writes import BatchWrites, apply_writes, read_after
 from lightning_pipe.strategy.buffers import BufferWatch, warn_of_batch_norms
 from lightning_pipe.strategy.cut_warnings import FrozenCopies
 from lightning_pipe.strategy.effect_runs import MicrobatchRuns
@@ -139,6 +140,8 @@ class TrainingSteps:
         logs_kind = self._logs_kind("training_step", rest, len(firsts))
         for_logs = logs_kind is not None and self.whole_logs.wanted(logs_kind)  # outputs kept for WholeBatchLogs
 
+        # what the step sets on its micro-batches, for a hook after it of one's own
+        writes = BatchWrites() if pipe.is_last_rank and read_after(self.module, "on_train_batch_end") else None
         changed: list[int] = []  # micro-batches whose model output the step changed in place (before copies)
         nothing_rows = 0  # the rows of micro-batches whose loss, found a mean over nothing, weighs nothing ("auto")
 
@@ -151,6 +154,8 @@ class TrainingSteps:
                 runs.before_run()
             given, watched = self.output_copies.given("training_step", output)
             logged = len(self.recorder.calls)
+            if writes is not None:
+                writes.add(index, microbatch, microbatch_rows)
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
                     microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch), \
@@ -242,6 +247,7 @@ class TrainingSteps:
                     result = self._result(total, outputs, sizes, check_outside=True, counts=counts)
                     result.grad_scale, result.weighed_rows = scale, weighed
                     result.validate = validation_due(self.module)
+                    result.batch_writes = writes.found("training_step") if writes is not None else None
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
                                          result, counts)
                     return result
@@ -249,6 +255,8 @@ class TrainingSteps:
                 encoded = self._guard("training_step", make, replicas=True)
                 self.unfollowed.warn_of_changes("training_step", marks)
         result = self._share(encoded, fingerprint, "training_step", start)
+        if result.batch_writes:  # every rank's on_train_batch_end reads the batch as the step left it
+            apply_writes(batch, result.batch_writes)
         agree_on_validation(self.module, result.validate)
         self._carried("training_step", result, rows)
         self._parameter_writes_left -= 1
