@@ -1666,3 +1666,25 @@ def test_lightnings_own_averaging_callbacks_are_no_copies_made_before_the_cut() 
     lightnings = WeightAveraging()
     lightnings._average_model = AveragedModel(model)
     assert callback_copies([lightnings, Own()], model) == ["Own.ema"]
+
+
+def test_lists_of_one_tensor_per_parameter_made_before_the_cut_are_found_also_of_the_trainable_ones_and_in_dicts(
+) -> None:
+    """Lists pairing by position with ``parameters()`` made from the whole model: also over its trainable parameters
+    only (an EMA of what the optimizer steps), and held in a dict (found by review: neither was said)."""
+    from lightning_pipe.strategy.model_choice import parameter_lists
+
+    class Averaged:
+        def __init__(self, tensors: list[torch.Tensor]) -> None:
+            self.shadow_params = tensors
+
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    module = nn.Module()
+    module.model = model
+    every = [p.detach().clone() for p in model.parameters()]
+    trainable = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    module.ema = Averaged(every)
+    module.states = {"shadow": trainable, "step": 3}
+    module.other = [torch.zeros(7), torch.zeros(7)]  # (of no parameters' shapes)
+    assert parameter_lists(module, model, []) == ["self.ema.shadow_params", "self.states['shadow']"]

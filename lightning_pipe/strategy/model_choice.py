@@ -167,13 +167,22 @@ def parameter_lists(module: nn.Module, model: nn.Module, callbacks: list[Any]) -
     it hold, made before the cut (diffusers' ``EMAModel(self.unet.parameters())`` in ``__init__``: its
     ``shadow_params``; a hand-written ``self.shadow = [p.clone() for p in self.parameters()]``), by path: code pairing
     them by position with ``parameters()`` pairs the wrong ones where each rank holds its share (found by review)."""
-    wanted = [[tuple(p.shape) for p in part.parameters()] for part in (model, module)]
+    # (of every parameter, or of the trainable ones: an EMA of what the optimizer steps)
+    wanted = [[tuple(p.shape) for p in part.parameters() if p.requires_grad or every]
+              for part in (model, module) for every in (True, False)]
     own = {id(p) for p in module.parameters()}
 
     def pairs(value: Any) -> bool:
         return isinstance(value, (list, tuple)) and len(value) >= 2 \
             and all(isinstance(item, torch.Tensor) and id(item) not in own for item in value) \
             and [tuple(item.shape) for item in value] in wanted
+
+    def inner(value: Any) -> dict[str, Any]:  # an object's attributes or a dict's entries, looked into
+        if isinstance(value, dict):
+            return {f"[{key!r}]": item for key, item in value.items()}
+        if not isinstance(value, (nn.Module, torch.Tensor, type)) and hasattr(value, "__dict__"):
+            return {f".{key}": item for key, item in vars(value).items()}
+        return {}
 
     holders = [("self", module)] + [(type(callback).__name__, callback) for callback in callbacks
                                     if not type(callback).__module__.startswith("lightning.")]
@@ -182,9 +191,8 @@ def parameter_lists(module: nn.Module, model: nn.Module, callbacks: list[Any]) -
         for name, value in vars(holder).items():
             if pairs(value):
                 found.append(f"{owner}.{name}")
-            elif not isinstance(value, (nn.Module, torch.Tensor, type)) and hasattr(value, "__dict__") \
-                    and not name.startswith("_"):  # (a module's own: its trainer, its hyper-parameters)
-                found += [f"{owner}.{name}.{inner}" for inner, item in vars(value).items() if pairs(item)]
+            elif not name.startswith("_"):  # (a module's own: its trainer, its hyper-parameters)
+                found += [f"{owner}.{name}{key}" for key, item in inner(value).items() if pairs(item)]
     return found
 
 
