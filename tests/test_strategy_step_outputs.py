@@ -1668,3 +1668,70 @@ def test_gradient_hooks_treating_each_stages_part_apart_train_as_on_one_device_u
         assert warned == [] and share
         for name, value in share.items():
             torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _own_log(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+
+    torch.set_num_threads(1)
+
+    class Prefixed(L.LightningModule):
+        """Overrides ``log``: a prefix, nothing while predicting (pytorch-forecasting's models log no prediction)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if not self.trainer.predicting:
+                super().log(f"my/{name}", value, *args, **kwargs)
+
+        def _step(self, batch: Any) -> tuple[Any, torch.Tensor]:
+            out = self.net(batch[0])
+            loss = None if self.trainer.predicting else F.mse_loss(out, batch[1])
+            self.log("loss", loss)  # (None while predicting: the override never passes it on)
+            return loss, out
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return self._step(batch)[0]
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self._step(batch)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return self._step(batch)[1]
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:  # (a hook's logs, gathered over the ranks)
+            self.log("norm", torch.nn.utils.get_total_norm([p.grad for p in self.parameters()]))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator), torch.randn(24, 1, generator=generator))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    trainer = quiet_trainer(devices, strategy, max_steps=3)
+    module = Prefixed()
+    trainer.fit(module, loader, loader)
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    predicted = torch.cat(trainer.predict(module, loader))
+    return {"metrics": metrics, "predicted": predicted}
+
+
+def _own_log_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _own_log(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60))
+
+
+@pytest.mark.timeout(200)
+def test_a_modules_own_log_decides_what_is_logged_in_every_step_and_hook() -> None:
+    """A module overriding ``log`` (a prefix; nothing while predicting) logs under the pipeline what it logs on one
+    device (found by review: the strategy's recorder shadowed the override, so pytorch-forecasting's ``predict``
+    failed on the ``None`` loss its ``log`` never passes on)."""
+    reference = _own_log(1, "auto")
+    assert sorted(reference["metrics"]) == ["my/loss", "my/norm"], reference
+    for result in run_ranks(_own_log_ranks, 2, timeout=150):
+        assert result["metrics"] == pytest.approx(reference["metrics"], rel=1e-5)
+        assert torch.allclose(result["predicted"], reference["predicted"], atol=1e-6)

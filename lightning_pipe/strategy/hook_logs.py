@@ -34,6 +34,7 @@ from lightning.pytorch import Callback, LightningModule
 
 from lightning_pipe.strategy.gradient_hooks import Draws, Scales, clipping_by
 from lightning_pipe.strategy.gradients import GlobalNorms
+from lightning_pipe.strategy.log_sink import lightning_log, logs_to
 
 __all__ = ["gather_hook_logs", "release_hook_logs", "merge_hook_logs"]
 
@@ -92,24 +93,19 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
               clip: Callable[..., Any] | None, draws: Draws | None, tied: Mapping[str, str],
               scales: Scales | None, *args: Any, **kwargs: Any) -> Any:
     calls: list[tuple[str, Any, dict[str, Any]]] = []
-    real = module.log
 
     def log(name: str, value: Any, *rest: Any, **options: Any) -> None:
         if rest or not _number(value):  # positional options, a Metric, a tensor of several values: as it was
-            real(name, value, *rest, **options)
+            lightning_log(module, name, value, *rest, **options)
         else:
             calls.append((name, value, options))
 
-    module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method (log_dict calls it)
     # A hook that fails raises here at once: the others, in the gather or waiting inside their hooks for this rank (a
     # barrier), end with its error (``gather_text`` is watched).
-    try:
-        with clipping_by(clip, hook) as normed, \
-                draws.watched(hook) if draws is not None else contextlib.nullcontext(), \
-                scales.watched() if scales is not None else contextlib.nullcontext([None]) as scaled:
-            result = hook(*args, **kwargs)
-    finally:
-        del module.log
+    with logs_to(module, log), clipping_by(clip, hook) as normed, \
+            draws.watched(hook) if draws is not None else contextlib.nullcontext(), \
+            scales.watched() if scales is not None else contextlib.nullcontext([None]) as scaled:
+        result = hook(*args, **kwargs)
     if normed[0]:  # (gradients changed by torch's norms, which are every rank's: by parts of their own, say)
         scaled[0] = None
     alone = [name for param in (getattr(clip, "alone", None) or []) for name, held in module.named_parameters()
@@ -139,10 +135,10 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
                       f"pipeline_group) (for a norm, of its square). A name counted along a loop over the model's "
                       f"modules counts this rank's layers: name each by named_modules()", stacklevel=2)
     for name, value, options in calls:  # this rank's names first, in its order, with its options
-        real(name, merged.pop(name, float(value)), **options)
+        lightning_log(module, name, merged.pop(name, float(value)), **options)
     options = calls[0][2] if calls else {}
     for name, value in merged.items():  # the other ranks' (their parameters' norms), as this rank logs its own
-        real(name, value, **options)
+        lightning_log(module, name, value, **options)
     return result
 
 

@@ -25,6 +25,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchmetrics import Metric
 
+from lightning_pipe.strategy.log_sink import lightning_log, logs_to
 from lightning_pipe.strategy.positions import looked_at_again
 
 __all__ = ["REDUCTION_NAMES", "LoggedValue", "LogRecorder", "WholeBatchLogs", "combine_logs", "combine_replica_logs",
@@ -117,11 +118,8 @@ class LogRecorder:
 
     @contextmanager
     def _patched(self, log: Any) -> Iterator[None]:
-        self.module.log = log  # type: ignore[method-assign]  # an instance attribute shadows the method
-        try:
+        with logs_to(self.module, log):  # (after the module's own log, if it has one)
             yield
-        finally:
-            del self.module.log
 
     def combine(self) -> list[LoggedValue]:
         """The recorded calls as one batch's logs; clears the record."""
@@ -132,17 +130,18 @@ class LogRecorder:
         return logged
 
     def replay(self, logged: list[LoggedValue], device: torch.device) -> None:
-        """Log ``logged`` through the real ``LightningModule.log`` (on every rank, with the same values)."""
+        """Log ``logged`` through Lightning's ``LightningModule.log`` (on every rank, with the same values; a module's
+        own ``log`` ran when they were recorded)."""
         for entry in logged:
             options = dict(entry.options)
             if entry.metric is not None:
                 metric = self.module.get_submodule(entry.metric)
                 options["metric_attribute"] = entry.metric
-                self.module.log(entry.name, metric, **options)
+                lightning_log(self.module, entry.name, metric, **options)
             else:
                 assert entry.value is not None
-                self.module.log(entry.name, entry.value.to(device), batch_size=None if entry.inferred else
-                                entry.batch_size, **options)
+                lightning_log(self.module, entry.name, entry.value.to(device), batch_size=None if entry.inferred
+                              else entry.batch_size, **options)
 
 
 def combine_logs(calls: list[tuple[dict[str, Any], int]], metric_names: dict[int, str],
