@@ -705,3 +705,19 @@ def test_a_torchvision_detection_model_is_told_what_trains_it() -> None:
     advice = _advice(RuntimeError("Could not guard on data-dependent expression"), "data-dependent", where)
     assert "torchvision's detection models" in advice and "Trainer(strategy='ddp')" in advice
     assert "Wav2Vec2" not in advice
+
+
+@pytest.mark.parametrize(("where", "said"), [
+    ("module 'encoder.transformer' (Transformer.forward at .../torchaudio/models/wav2vec2/components.py:438: `if not "
+     "(self.training and torch.rand(1).item() <= self.layer_drop):`)", "config.layerdrop=0"),
+    ("module 'conformer' (Conformer.forward at .../torchaudio/models/conformer.py:288: `encoder_padding_mask = "
+     "_lengths_to_padding_mask(lengths)`)", "torch.arange(x.shape[1]) >= lengths[:, None]"),
+])
+def test_torchaudios_models_are_told_what_trains_them(where: str, said: str) -> None:
+    """torchaudio's wav2vec2 draws its LayerDrop coin with .item() even at 0, its Conformer sizes a mask by the
+    lengths' values (found by review: told of labels, trimming and ActNorm, or to set layer drop to 0, which it was)."""
+    from lightning_pipe.capture.errors import _advice
+
+    advice = _advice(RuntimeError("Could not extract specialized integer from data-dependent expression u0"),
+                     "data-dependent", where)
+    assert "torchaudio's" in advice and said in advice and "ActNorm" not in advice

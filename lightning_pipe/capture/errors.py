@@ -174,7 +174,17 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("Quantization-aware training's FakeQuantize switches its observer and its rounding on the values of "
                 "its flags (observer_enabled, fake_quant_enabled), which a captured graph cannot follow: train such "
                 f"a model on one device or with DDP, {SEQUENTIAL_PATH}, whose layers run as modules.")
-    if "layerdrop" in where.lower():
+    if re.search(r"torchaudio[/\\]models[/\\]wav2vec2[/\\]", where) and "layer_drop" in where:  # (found by review)
+        return ("torchaudio's wav2vec2 and HuBERT Transformer draws its LayerDrop coin with .item() for every layer "
+                "in train mode, even at layer_drop=0, and branches on it, which one captured graph cannot follow: "
+                "train Hugging Face's Wav2Vec2 or HuBERT (transformers) with config.layerdrop=0, which a graph "
+                f"captures, {SEQUENTIAL_PATH} (the feature extractor, then the encoder's layers).")
+    if re.search(r"torchaudio[/\\]models[/\\]", where) and "lengths" in where:  # (found by review)
+        return ("torchaudio's models that take lengths (Conformer, Emformer, RNN-T) size their padding mask by the "
+                "lengths' largest value, read as a Python number, which a captured graph cannot: train them on one "
+                "device or with DDP (Trainer(strategy='ddp')), or copy the model's code with the mask made from the "
+                "padded input's length, `torch.arange(x.shape[1]) >= lengths[:, None]`, which a graph captures.")
+    if "layerdrop" in where.lower() or "layer_drop" in where.lower():
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
                 f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
