@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightning_pipe.strategy.carried import CarriedRows
 from tests.helpers import run_ranks
@@ -221,7 +222,19 @@ def test_a_models_method_may_make_tensors_like_its_parameters_but_not_compute_wi
         def named(cls) -> str:
             return cls.__name__
 
+        @property
+        def loss_function(self) -> Any:  # (Hugging Face's: a plain function picked by the config)
+            return F.mse_loss
+
+        @property
+        def scorer(self) -> Any:  # (a function over the model's weights)
+            return lambda x: self.rnn(x)[0]
+
     model = RNNModel()
+    # a property giving a plain function holds no weights (found by review: Hugging Face's loss_function refused)
+    assert plain_attribute(model, "loss_function", lambda: "refused", model) is F.mse_loss
+    with pytest.raises(AttributeError, match="refused"):
+        plain_attribute(model, "scorer", lambda: "refused", model)
     # a static or class method reaches no instance (found by review: refused as a method of the model)
     refusal_ = lambda: "refused"  # noqa: E731
     assert plain_attribute(model, "logits", refusal_, model)(torch.ones(2, 3), torch.ones(4, 3)).shape == (2, 4)

@@ -184,6 +184,11 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "lengths' largest value, read as a Python number, which a captured graph cannot: train them on one "
                 "device or with DDP (Trainer(strategy='ddp')), or copy the model's code with the mask made from the "
                 "padded input's length, `torch.arange(x.shape[1]) >= lengths[:, None]`, which a graph captures.")
+    if re.search(r"torch\.(isfinite|isinf|isnan)\(", where):  # (found by review: DETR's encoder layers)
+        return ("The forward checks its values for infinities or NaNs and branches on the answer (Hugging Face's "
+                "DETR-family encoder layers clamp in training when `not torch.isfinite(hidden_states).all()`), "
+                "which one captured graph cannot follow: train such a model on one device or with DDP "
+                f"(Trainer(strategy='ddp')), {SEQUENTIAL_PATH}, whose layers run as modules.")
     if "layerdrop" in where.lower() or "layer_drop" in where.lower():
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "

@@ -50,9 +50,23 @@ def plain_attribute(module: nn.Module | None, name: str, refusal: Callable[[], s
         # a property giving a module of the model (Hugging Face's base_model, which get_input_embeddings asks for):
         # computed on the stand-in, it gives that module's stand-in
         return shape_only(getter.fget, holder, refusal)  # type: ignore[arg-type]
+    if isinstance(getter, property) and inspect.isfunction(value) and not _closes_over_modules(value):
+        return value  # a property giving a plain function (Hugging Face's loss_function: ForCausalLMLoss, found by
+        # review), which holds no weights
     if isinstance(value, (nn.Module, torch.Tensor)) or callable(value):
         raise AttributeError(refusal())
     return value
+
+
+def _closes_over_modules(function: Any) -> bool:
+    """Whether ``function`` keeps a module or a tensor in its closure or defaults (a lambda over the model)."""
+    held = [*(function.__defaults__ or ()), *(function.__kwdefaults__ or {}).values()]
+    for cell in function.__closure__ or ():
+        try:
+            held.append(cell.cell_contents)
+        except ValueError:  # (an empty cell)
+            continue
+    return any(isinstance(item, (nn.Module, torch.Tensor)) for item in held)
 
 
 # Methods that would write or count the whole model's weights, where this rank holds a share: Hugging Face's and
