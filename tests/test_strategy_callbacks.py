@@ -479,3 +479,59 @@ def test_a_logger_drawing_the_models_graph_is_said_to_draw_none() -> None:
         from lightning.pytorch.loggers.logger import DummyLogger
 
         check_callbacks([], [DummyLogger()])
+
+
+def _finetuned(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class Finetuned(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16),
+                                        nn.Tanh(), nn.Linear(16, 3))
+            self.backbone = self.layers[:4]
+            self.rates: list[list[float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return F.cross_entropy(self.layers(batch[0]), batch[1])
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self.rates.append([group["lr"] for group in self.trainer.optimizers[0].param_groups])
+
+        def configure_optimizers(self) -> Any:  # (the backbone's parameters in the optimizer from the start)
+            return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=generator)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    module = Finetuned()
+    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
+    trainer = quiet_trainer(devices, strategy, max_epochs=3, callbacks=[callback])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return {"rates": module.rates, "weights": {key: value.clone() for key, value in module.layers.state_dict().items()}}
+
+
+def _finetuned_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _finetuned(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60))
+
+
+@pytest.mark.filterwarnings("ignore:The provided params to be frozen already exist")
+@pytest.mark.timeout(200)
+def test_a_backbone_already_in_the_optimizer_gets_no_group_on_any_rank_when_unfrozen() -> None:
+    """``BackboneFinetuning`` unfreezing a backbone whose parameters the optimizer holds from the start adds no group on
+    one device, so its later learning rates go to the only group: so on every rank (found by review: the rank without
+    the backbone added an empty group, and its head kept its learning rate, 0.06 off)."""
+    reference = _finetuned(1, "auto")
+    assert reference["rates"][-1] == [pytest.approx(0.004)]  # (one group, its rate set by the callback)
+    for result in run_ranks(_finetuned_ranks, 2, timeout=150):
+        assert result["rates"] == reference["rates"]
+        for key, value in result["weights"].items():  # (each rank's own layers)
+            torch.testing.assert_close(value, reference["weights"][key], rtol=1e-5, atol=1e-5, msg=key)

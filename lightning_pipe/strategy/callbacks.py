@@ -27,9 +27,9 @@ a pipeline takes the same batches, so the job's samples per second were counted 
 Its rates are the pipelines' instead (one device's batch rate times the data-parallel replicas), and a device's
 FLOPs its share of the job's (the module's ``flops_per_batch`` is the whole model's, run by every device together).
 
-Fine-tuning callbacks add a parameter group when they unfreeze a module; a rank holding none of it now adds an empty
-one too (:func:`add_groups_everywhere`), so that their learning-rate changes by group index reach the same group on
-every rank.
+Fine-tuning callbacks add a parameter group when they unfreeze a module; where another rank added one, a rank holding
+none of it adds an empty one (:func:`add_groups_everywhere`), so that their learning-rate changes by group index reach
+the same group on every rank.
 """
 
 from __future__ import annotations
@@ -64,17 +64,19 @@ def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather
     recopy_weight_averages(callbacks, module, gather)
     prune_own_layers(callbacks, module, captured, gather, rank)
     count_whole_model(callbacks, gather_text, counted)
-    add_groups_everywhere(callbacks)
+    add_groups_everywhere(callbacks, gather_text)
 
 
-def add_groups_everywhere(callbacks: Iterable[Any]) -> None:
+def add_groups_everywhere(callbacks: Iterable[Any], gather_text: Callable[[str], list[str]]) -> None:
     """Lightning's fine-tuning callbacks (``BackboneFinetuning``, any ``BaseFinetuning``) add a parameter group when
-    they unfreeze a module (``unfreeze_and_add_param_group``) only where the module has parameters: a rank holding
-    none of the backbone added none, and the callback's later learning-rate changes to ``param_groups[-1]`` changed
-    that rank's last group, the head's, instead. A rank holding no parameter of the modules it is given now adds an
-    empty group (at the learning rate the others' get), so every rank's groups are one device's, by index, when every
-    rank makes the call (as ``BackboneFinetuning`` does); no collective, so a call made on some ranks only (a
-    callback checking the rank's own parameters first) cannot stop the others."""
+    they unfreeze a module (``unfreeze_and_add_param_group``) only where the module has parameters not already in the
+    optimizer: a rank holding none of the backbone added none, and the callback's later learning-rate changes to
+    ``param_groups[-1]`` changed that rank's last group, the head's, instead. The ranks now tell each other
+    (``gather_text``, over the pipeline) whether they added one, and where any did, the others add an empty group (at
+    the learning rate the others' get); where none did (the backbone's parameters were in the optimizer from the
+    start, as one device then adds none), none does (found by review: the rank without the backbone added one, so
+    its head kept its learning rate). Every rank's groups are then one device's, by index. The call must be made on
+    every rank, as ``BaseFinetuning``'s hooks make it."""
     from lightning.pytorch.callbacks import BaseFinetuning
 
     for callback in callbacks:
@@ -87,8 +89,9 @@ def add_groups_everywhere(callbacks: Iterable[Any]) -> None:
             before = len(optimizer.param_groups)
             group_lr = (optimizer.param_groups[0]["lr"] / initial_denom_lr) if lr is None else float(lr)
             original(modules, optimizer, lr=lr, initial_denom_lr=initial_denom_lr, train_bn=train_bn)
-            held = any(True for module in BaseFinetuning.flatten_modules(modules) for _ in module.parameters())
-            if len(optimizer.param_groups) == before and not held:  # another rank holds these modules' parameters
+            added = len(optimizer.param_groups) > before
+            anywhere = any(json.loads(text) for text in gather_text(json.dumps(added)))
+            if anywhere and not added:  # another rank holds these modules' parameters
                 optimizer.add_param_group({"params": [], "lr": group_lr})
 
         callback.unfreeze_and_add_param_group = everywhere  # type: ignore[method-assign]
