@@ -1735,3 +1735,70 @@ def test_a_modules_own_log_decides_what_is_logged_in_every_step_and_hook() -> No
     for result in run_ranks(_own_log_ranks, 2, timeout=150):
         assert result["metrics"] == pytest.approx(reference["metrics"], rel=1e-5)
         assert torch.allclose(result["predicted"], reference["predicted"], atol=1e-6)
+
+
+def _figures(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.set_num_threads(1)
+
+    class Board:  # TensorBoard's SummaryWriter's two calls: add_figure draws the figure and closes it
+        def __init__(self) -> None:
+            self.images: list[tuple[str, tuple[int, ...], int]] = []
+
+        def add_figure(self, tag: str, figure: Any, global_step: int | None = None, close: bool = True) -> None:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            canvas = FigureCanvasAgg(figure)
+            canvas.draw()
+            self.add_image(tag, np.asarray(canvas.buffer_rgba())[..., :3], global_step, dataformats="HWC")
+            if close:
+                plt.close(figure)
+
+        def add_image(self, tag: str, img_tensor: Any, global_step: int | None = None, dataformats: str = "CHW") -> None:
+            assert dataformats == "HWC"
+            self.images.append((tag, tuple(img_tensor.shape), global_step))
+
+    class Plotting(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            out = self.net(batch[0])
+            figure = plt.figure(figsize=(2, 1.5), dpi=50)
+            plt.plot(out.detach().squeeze(1).numpy())
+            self.logger.experiment.add_figure("prediction", figure, self.global_step)
+            return F.mse_loss(out, batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    board = Board()
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator), torch.randn(24, 1, generator=generator))
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=_book_logger(board),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Plotting(), torch.utils.data.DataLoader(data, batch_size=8))
+    return {"images": board.images if trainer.is_global_zero else None, "open": len(plt.get_fignums())}
+
+
+def _figures_ranks(rank: int, world_size: int) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _figures(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60))
+
+
+@pytest.mark.timeout(200)
+def test_a_figure_a_step_logs_reaches_rank_0_drawn_and_no_rank_keeps_it_open() -> None:
+    """TensorBoard's ``add_figure`` in the step: rank 0 logs the drawn image, as one device's ``add_figure`` draws it,
+    and the last stage, which runs the step per micro-batch and once more on the whole batch, leaves no figure open
+    (found by review: one per run piled up, and none reached the logs)."""
+    reference = _figures(1, "auto")
+    assert [step for _, _, step in reference["images"]] == [0, 1, 2] and reference["open"] == 0
+    assert run_ranks(_figures_ranks, 2, timeout=150) == [reference, {"images": None, "open": 0}]

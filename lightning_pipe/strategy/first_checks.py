@@ -96,7 +96,8 @@ class FirstBatchChecks(RowChecks):
 
         def step_loss(output: Any, batch: Any, draw: int) -> torch.Tensor:  # (each run draws the same random
             # numbers, and starts from the module as the step found it: group DRO's weights, updated by the step)
-            with self.recorder.discarding(), self.metrics.untouched(), host_random_kept(self.module) as held, \
+            with self.recorder.discarding(), self.logger_calls.discarding(), self.metrics.untouched(), \
+                    host_random_kept(self.module) as held, \
                     forked_random(derive_seed(seed, 0) + draw, self.pipeline.device), self.effects.undone():
                 if draw:  # the generators the module keeps draw other numbers too (put back after)
                     held.shift()

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["LoggerCalls", "Call", "in_step_code", "made_on_loggers"]
+__all__ = ["LoggerCalls", "Call", "figures_closed", "in_step_code", "made_on_loggers"]
 
 Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
 _PRINT = -1  # the logger index of a self.print call
@@ -46,7 +46,87 @@ class _Recorder:
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        self._calls.append((self._index, self._path, list(args), dict(kwargs)))
+        path, args, kwargs = _without_figures(self._path, list(args), dict(kwargs))
+        self._calls.append((self._index, path, args, kwargs))
+
+
+class _Dropped:
+    """Stands for a logger's ``experiment`` in a run of the step whose calls are dropped: a matplotlib figure given
+    to it is closed, as TensorBoard's ``add_figure`` closes it (else one per such run stayed open)."""
+
+    def __getattr__(self, name: str) -> _Dropped:
+        return self
+
+    def __getitem__(self, index: int) -> _Dropped:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Dropped:
+        for value in (*args, *kwargs.values()):
+            for item in value if isinstance(value, list) else [value]:
+                if _is_figure(item):
+                    import matplotlib.pyplot as plt
+
+                    plt.close(item)
+        return self
+
+
+@contextmanager
+def figures_closed() -> Iterator[None]:
+    """Inside, a run of the step cut short after its model's calls (the first stage learning them): the matplotlib
+    figures it opened are closed (its code after the model, which would log and close them, does not run here)."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    before = set(pyplot.get_fignums()) if pyplot is not None else set()
+    try:
+        yield
+    finally:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        for number in set(pyplot.get_fignums()) - before if pyplot is not None else ():
+            pyplot.close(number)
+
+
+def _is_figure(value: Any) -> bool:
+    return type(value).__module__.startswith("matplotlib.figure")
+
+
+def _without_figures(path: list[str], args: list[Any], kwargs: dict[str, Any]) -> tuple[list[str], list[Any],
+                                                                                        dict[str, Any]]:
+    """A logger call's ``path`` and arguments with each matplotlib figure drawn into an image (a ``(height, width,
+    3)`` uint8 array) and closed: a figure cannot travel to rank 0, and left open on the last stage, one per run of
+    the step, they piled up (found by review: pytorch-forecasting's prediction plots). TensorBoard's ``add_figure``
+    becomes the ``add_image`` (``add_images`` for a list) it would make of them."""
+    if not any(_is_figure(value) or isinstance(value, list) and value and all(_is_figure(item) for item in value)
+               for value in (*args, *kwargs.values())):
+        return path, args, kwargs
+    import numpy as np
+
+    def drawn(value: Any) -> Any:
+        if isinstance(value, list) and value and all(_is_figure(item) for item in value):
+            return np.stack([drawn(item) for item in value])
+        return _drawn(value) if _is_figure(value) else value
+
+    args, kwargs = [drawn(value) for value in args], {key: drawn(value) for key, value in kwargs.items()}
+    if path and path[-1] == "add_figure":  # (tag, figure, global_step=None, close=True, walltime=None)
+        named = dict(zip(("tag", "figure", "global_step", "close", "walltime"), args))
+        named.update(kwargs)
+        images = named.pop("figure")
+        named.pop("close", None)
+        many = isinstance(images, np.ndarray) and images.ndim == 4
+        return ([*path[:-1], "add_images" if many else "add_image"], [],
+                {**named, "img_tensor": images, "dataformats": "NHWC" if many else "HWC"})
+    return path, args, kwargs
+
+
+def _drawn(figure: Any) -> Any:
+    """``figure`` drawn into an RGB array, then closed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
 
 
 _LIBRARIES = frozenset({"lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "lightning_pipe",
@@ -147,19 +227,22 @@ class LoggerCalls:
         up to the model; the last stage's calls, which include those, reach rank 0 once the step ends)."""
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+        from lightning.fabric.loggers import logger as fabric_logger
+
+        dummy = fabric_logger._DummyExperiment
+        fabric_logger._DummyExperiment = lambda: _Dropped()  # type: ignore[assignment,misc]
         rank = getattr(rank_zero_only, "rank", None)
-        if rank != 0:
-            with self._as_first_stage():
-                yield
-            return
-        rank_zero_only.rank = 1
-        self._module.print = lambda *args, **kwargs: None
+        if rank == 0:
+            rank_zero_only.rank = 1
+            self._module.print = lambda *args, **kwargs: None
         try:
             with self._as_first_stage():
                 yield
         finally:
-            del self._module.print
-            rank_zero_only.rank = rank
+            fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
+            if rank == 0:
+                del self._module.print
+                rank_zero_only.rank = rank
 
     @contextmanager
     def _as_first_stage(self) -> Iterator[None]:

@@ -30,6 +30,7 @@ import torch.utils._pytree as pytree
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
+from lightning_pipe.strategy.logger_calls import figures_closed
 from lightning_pipe.strategy.metric_states import MetricTracker
 
 __all__ = ["SKIPPED_BATCHES", "other_modes", "Pending", "Unknown", "ModelCalls", "Stop", "call_key", "capturing",
@@ -195,7 +196,7 @@ class ModelCalls:
         _capturing[0] += 1
         _unpacked[0] = False
         try:
-            with kept:
+            with kept, figures_closed():
                 run()
         except Stop:
             pass
