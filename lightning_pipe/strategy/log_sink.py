@@ -11,6 +11,7 @@ that reach it to the sink, after the module's own ``log`` has decided what to lo
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +20,9 @@ from lightning.pytorch import LightningModule
 
 __all__ = ["lightning_log", "logs_to"]
 
-_SINK = "_lightning_pipe_log_sink"
 _LIGHTNINGS = LightningModule.log
+# each module's sink, kept beside it (not on it: a step's changes to the module are undone, and followed)
+_SINKS: weakref.WeakKeyDictionary[LightningModule, Callable[..., None]] = weakref.WeakKeyDictionary()
 
 
 def lightning_log(module: LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -30,7 +32,7 @@ def lightning_log(module: LightningModule, *args: Any, **kwargs: Any) -> None:
 
 @functools.wraps(_LIGHTNINGS)
 def _log(self: LightningModule, *args: Any, **kwargs: Any) -> None:
-    sink = self.__dict__.get(_SINK)
+    sink = _SINKS.get(self)
     if sink is None:
         _LIGHTNINGS(self, *args, **kwargs)
     else:
@@ -43,12 +45,12 @@ def logs_to(module: LightningModule, sink: Callable[..., None]) -> Iterator[None
     ``sink`` (with the arguments after ``self``); as it was after."""
     if LightningModule.log is not _log:
         LightningModule.log = _log  # type: ignore[method-assign]
-    before = module.__dict__.get(_SINK)
-    module.__dict__[_SINK] = sink
+    before = _SINKS.get(module)
+    _SINKS[module] = sink
     try:
         yield
     finally:
         if before is None:
-            del module.__dict__[_SINK]
+            _SINKS.pop(module, None)
         else:
-            module.__dict__[_SINK] = before
+            _SINKS[module] = before

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
+from lightning_pipe.capture.coupling import FIXED_ROWS
 from lightning_pipe.capture.patterns import all_match, with_values
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
@@ -97,7 +98,9 @@ class WholeBatchRuns:
         if not isinstance(self.split, CapturedModule):
             return None
         training = step == "training_step"
-        captures = [capture for capture in self.split.splitter.captures if capture.training == training]
+        # (those with a mean over a count first: a capture of the same inputs without one may come before them)
+        captures = sorted((capture for capture in self.split.splitter.captures if capture.training == training),
+                          key=lambda capture: not any(mean.linear for mean in capture.counted_means))
         weights: list[float | tuple[float, ...]] = []
         total = batch_rows(batch)
         pieces = split_batch(torch.arange(total), microbatches)
@@ -305,7 +308,8 @@ class WholeBatchRuns:
         """What a run of the step on the whole batch's model output gives: one device's values, unless the captured
         model lets the batch's rows meet (warned at its capture), whose outputs per micro-batch are not one device's."""
         captures = self.split.splitter.captures if isinstance(self.split, CapturedModule) else []
-        if any(capture.rows_meet for capture in captures):
+        # (a number of rows the graph fixed, run eagerly, may only size tensors: said at the capture where it does not)
+        if any(capture.rows_meet and not capture.rows_meet.startswith(FIXED_ROWS) for capture in captures):
             return (" (one device's values for the model's outputs; those differ from one device's here, where the "
                     "model lets the rows of a batch meet, as warned when it was captured)")
         return " (one device's values)"
