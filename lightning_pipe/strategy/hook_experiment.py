@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_pipe.strategy.logger_calls import _LIBRARIES, in_step_code, made_on_loggers
+from lightning_pipe.strategy.logger_calls import _LIBRARIES, in_step_code, made_on_loggers, without_figures
 from lightning_pipe.strategy.plain import decode, encode
 
 __all__ = ["HookExperimentCalls"]
@@ -109,7 +109,8 @@ class _Recorder:
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        self._calls.record(self._index, self._path, args, kwargs)
+        path, listed, named = without_figures(self._path, list(args), dict(kwargs))  # (a figure: drawn, closed)
+        self._calls.record(self._index, path, tuple(listed), named)
 
 
 def _travelling(value: Any) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["LoggerCalls", "Call", "figures_closed", "in_step_code", "made_on_loggers"]
+__all__ = ["LoggerCalls", "Call", "figures_closed", "in_step_code", "made_on_loggers", "without_figures"]
 
 Call = tuple[int, list[str], list[Any], dict[str, Any]]  # (logger's index, attributes from it, args, kwargs)
 _PRINT = -1  # the logger index of a self.print call
@@ -46,7 +46,7 @@ class _Recorder:
         return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        path, args, kwargs = _without_figures(self._path, list(args), dict(kwargs))
+        path, args, kwargs = without_figures(self._path, list(args), dict(kwargs))
         self._calls.append((self._index, path, args, kwargs))
 
 
@@ -88,7 +88,7 @@ def _is_figure(value: Any) -> bool:
     return type(value).__module__.startswith("matplotlib.figure")
 
 
-def _without_figures(path: list[str], args: list[Any], kwargs: dict[str, Any]) -> tuple[list[str], list[Any],
+def without_figures(path: list[str], args: list[Any], kwargs: dict[str, Any]) -> tuple[list[str], list[Any],
                                                                                         dict[str, Any]]:
     """A logger call's ``path`` and arguments with each matplotlib figure drawn into an image (a ``(height, width,
     3)`` uint8 array) and closed: a figure cannot travel to rank 0, and left open on the last stage, one per run of
