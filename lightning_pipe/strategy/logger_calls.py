@@ -234,14 +234,15 @@ class LoggerCalls:
         rank = getattr(rank_zero_only, "rank", None)
         if rank == 0:
             rank_zero_only.rank = 1
-            self._module.print = lambda *args, **kwargs: None
+        # (the step's code asking is_global_zero is answered as the first stage, rank 0's, on every rank)
+        self._module.print = lambda *args, **kwargs: None
         try:
             with self._as_first_stage():
                 yield
         finally:
             fabric_logger._DummyExperiment = dummy  # type: ignore[misc]
+            del self._module.print
             if rank == 0:
-                del self._module.print
                 rank_zero_only.rank = rank
 
     @contextmanager
