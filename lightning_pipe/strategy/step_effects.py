@@ -141,7 +141,7 @@ class StepEffects:
         attributes = own_attributes(self.module)
         followed: set[int] = set()  # an object held by two attributes: its fields once, under the first
         for name, value in list(attributes.items()):
-            if id(value) not in followed and _plain(value):
+            if id(value) not in followed and followed_object(value):
                 followed.add(id(value))
                 attributes.update((f"{name}{_FIELD}{field}", item) for field, item in vars(value).items())
         trainer = self.module.__dict__.get("_trainer")
@@ -221,7 +221,7 @@ class StepEffects:
                    if key is None and kind in ("set", "del") and _FIELD not in name}
         patches = [patch for patch in patches if _FIELD not in patch[1] or patch[1].split(_FIELD, 1)[0] not in rebound]
         return [("object", name, None, (type(value).__qualname__, dict(vars(value))))
-                if kind == "set" and key is None and name in rebound and _plain(value) and name in since
+                if kind == "set" and key is None and name in rebound and followed_object(value) and name in since
                 and type(since[name].value) is type(value) else (kind, name, key, value)
                 for kind, name, key, value in patches]
 
@@ -386,7 +386,7 @@ class _TrainerFlag(dict):  # type: ignore[type-arg]
         return default
 
 
-def _plain(value: Any) -> bool:
+def followed_object(value: Any) -> bool:
     """Whether ``value`` is a plain object of the user's whose fields hold data (a running-average meter: its sum and
     count), followed field by field; library objects (loggers, metrics, enums) are not."""
     if isinstance(value, (nn.Module, torch.Tensor, type)) or type(value).__module__.split(".")[0] in LIBRARIES:

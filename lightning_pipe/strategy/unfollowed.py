@@ -1,8 +1,9 @@
 """State a step may change that :mod:`.step_effects` does not follow, marked before the step and compared after it
 on the last stage, so that such a change is warned of rather than silent: a ``deque``, a ``set`` or a NumPy array
 changed in place, a container inside a container (``self.store["train"]["loss"].append(...)``), a dict too large to
-look into, and the plain attributes of the user's modules the step calls outside the pipelined model (a loss module's
-call counter). The last stage's step takes every micro-batch run's change of such state, and the other ranks (rank 0,
+look into, the fields of a plain object of the user's that holds such state (a replay buffer's deque, an agent's
+environment), and the plain attributes of the user's modules the step calls outside the pipelined model (a loss
+module's call counter). The last stage's step takes every micro-batch run's change of such state, and the other ranks (rank 0,
 which logs) none."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from lightning_pipe.strategy.positions import looked_at_again
-from lightning_pipe.strategy.step_effects import LIBRARIES, own_attributes
+from lightning_pipe.strategy.step_effects import LIBRARIES, followed_object, own_attributes
 
 __all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook", "users_hooks", "FORWARD_HOOKS",
            "BACKWARD_HOOKS", "MODULE_HOOKS"]
@@ -68,11 +69,21 @@ def _container(value: Any) -> bool:
     return isinstance(value, (dict, list, tuple, deque, set)) or type(value).__module__.split(".")[0] == "numpy"
 
 
+def _users_object(value: Any) -> bool:
+    """Whether ``value`` is a plain object of the user's code (not a module, a tensor, a class, nor a library's)."""
+    return not isinstance(value, (nn.Module, torch.Tensor, type)) and type(getattr(value, "__dict__", None)) is dict \
+        and type(value).__module__.split(".")[0] not in FOREIGN | {"numpy", "builtins"}
+
+
 def _own_marks(name: str, value: Any) -> dict[str, Any]:
     """Marks of what of the module's own attribute ``name`` the step's effects do not follow, each with the id of the
     value it marks (one bound anew is followed)."""
     if isinstance(value, (deque, set)) or type(value).__module__.split(".")[0] == "numpy":
         return {name: (id(value), mark(value))}
+    if _users_object(value) and not followed_object(value):  # its fields, as the step leaves them (a replay buffer's
+        # deque, an agent's environment: found by review); a field bound anew is not followed either
+        return {f"{name}.{field}": (None, mark(vars(item) if _users_object(item) else item))
+                for field, item in itertools.islice(vars(value).items(), _ITEMS)}
     if isinstance(value, dict):
         if len(value) > _LARGE:  # followed by its size alone
             return {name: (id(value), len(value), hash(tuple(map(id, itertools.islice(value.values(), 1 << 17)))))}
@@ -158,8 +169,9 @@ class UnfollowedState:
         warnings.warn(
             f"{step} changes {', '.join(f'self.{name}' for name in changed[:6])} in a way the pipeline does not "
             f"follow (a deque, a set or a NumPy array changed in place, a container inside a container, a dict of "
-            f"over {_LARGE} entries, a plain attribute of a module the step calls): on the last stage's rank it "
-            f"takes the change of every micro-batch's run of the step, and of the runs on the whole batch that check "
+            f"over {_LARGE} entries, a field of an object holding such state, a plain attribute of a module the step "
+            f"calls): on the last stage's rank it takes the change of every micro-batch's run of the step, and of the "
+            f"runs on the whole batch that check "
             f"it, and the other ranks, rank 0 and its loggers among them, see none of it. Keep such state on the "
             f"LightningModule itself in a list, or a dict of numbers, lists or tensors (their changes are made one "
             f"device's on every rank), in a tensor, or in a torchmetrics metric", stacklevel=2)
