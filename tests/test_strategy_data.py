@@ -181,6 +181,26 @@ def test_a_dataclass_travels_as_it_was_not_made_again() -> None:
     assert sendable(sent) and sendable(_Output(a=torch.ones(1)))
 
 
+def test_a_namedtuple_made_in_a_function_travels_made_again_from_its_name_and_fields() -> None:
+    """pytorch-forecasting makes its network's output a namedtuple in a function, for every call (found by review:
+    its predict_step's output could not be sent): made again where it arrives, once for every message."""
+    import collections
+
+    def output(**fields: torch.Tensor) -> Any:
+        return collections.namedtuple("Output", list(fields))(**fields)
+
+    def sent(value: Any) -> Any:
+        text, tensors = encode_result(StepResult(None, {"out": value}), "predict_step")
+        structure = json.loads(text)
+        data = pack(tensors, text.encode())
+        return decode_result(structure, unpack(bytearray(data), len(text.encode()), tensor_specs(structure, []))).output
+
+    first, second = sent(output(prediction=torch.ones(2), x=torch.zeros(1))), sent(output(prediction=torch.ones(3),
+                                                                                          x=torch.zeros(1)))
+    assert first["out"]._fields == ("prediction", "x") and torch.equal(first["out"].prediction, torch.ones(2))
+    assert type(first["out"]) is type(second["out"]) and type(first["out"]).__name__ == "Output"
+
+
 def test_a_value_that_cannot_travel_is_named() -> None:
     with pytest.raises(TypeError, match="validation_step's output holds a object.*never pickled objects"):
         encode_result(StepResult(None, {"thing": object()}), "validation_step")

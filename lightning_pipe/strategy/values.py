@@ -12,7 +12,8 @@ naming it and how to send it instead.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, OrderedDict, defaultdict
+import sys
+from collections import Counter, OrderedDict, defaultdict, namedtuple
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,9 +95,11 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         refuse_local_class(kind, sent_at, TypeError)
         return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
-        refuse_local_class(kind, sent_at, TypeError)
-        return {"n": [kind.__module__, kind.__qualname__, [encode(item, tensors, where, advice, f"{path}[{index}]")
-                                                           for index, item in enumerate(value)]]}
+        items = [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]
+        if not _found_by_name(kind):  # made in a function (pytorch-forecasting's outputs, found by review): made
+            # again from its name and fields where it arrives
+            return {"n": [kind.__module__, kind.__qualname__, items, list(value._fields)]}
+        return {"n": [kind.__module__, kind.__qualname__, items]}
     numpy = _numpy_kind(value)
     if numpy == "array":
         tensors.append(torch.from_numpy(value).contiguous())
@@ -124,6 +127,31 @@ def sendable(value: Any) -> bool:
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and not local:
         return all(sendable(item) for item in dataclass_values(value).values())
     return _numpy_kind(value) is not None
+
+
+def _found_by_name(kind: type) -> bool:
+    """Whether ``kind`` is what its module's attribute of its qualified name holds (a class defined at module level)."""
+    found: Any = sys.modules.get(kind.__module__)
+    for name in kind.__qualname__.split("."):
+        found = getattr(found, name, None)
+    return found is kind
+
+
+_LOCAL_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...]], type] = {}
+
+
+def _local_namedtuple(module: Any, qualname: Any, fields: Any) -> type:
+    """A namedtuple class made in a function where it was sent, made again from its name and fields (once: the same
+    class for every message)."""
+    if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(fields, list)
+            and all(isinstance(field, str) and field.isidentifier() for field in fields)):
+        raise ValueError("a namedtuple made in a function is sent with its module, name and fields")
+    key = (module, qualname, tuple(fields))
+    if key not in _LOCAL_NAMEDTUPLES:
+        made = namedtuple(qualname.rsplit(".", 1)[-1], fields)  # type: ignore[misc]
+        made.__module__, made.__qualname__ = module, qualname
+        _LOCAL_NAMEDTUPLES[key] = made
+    return _LOCAL_NAMEDTUPLES[key]
 
 
 def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
@@ -164,7 +192,8 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
         return rebuild_mapping(cls, decode(body[2], tensors))
     if kind == "n":
-        cls = imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
+        cls = _local_namedtuple(*body[:2], body[3]) if len(body) == 4 else \
+            imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
         return cls(*(decode(item, tensors) for item in body[2]))
     if kind == "r":
         name, items = body
