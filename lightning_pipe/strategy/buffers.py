@@ -197,4 +197,7 @@ class BufferWatch:
                           f"where one device does it once per batch, so they and what depends on them differ from one "
                           f"device's. num_microbatches=1"
                           f"{' and checkpoint_activations=False match' if self._rematerialized else ' matches'} one "
-                          f"device; torch's batch norms are updated once per step already", stacklevel=4)
+                          f"device; torch's batch norms are updated once per step already. Where the step's own code "
+                          f"changes them before calling the model (a KAN's grid updated from the batch's inputs), "
+                          f"make that change in on_train_batch_start, which every rank runs once on the whole batch "
+                          f"as one device does", stacklevel=4)
