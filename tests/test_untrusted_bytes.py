@@ -163,7 +163,7 @@ class Normalizer:
         self.scale = scale
 
 
-def _extras_objects(rank: int, world_size: int, root: str) -> dict[str, Any]:
+def _extras_objects(rank: int, world_size: int, root: str, differ: bool = False) -> dict[str, Any]:
     import warnings
 
     import lightning as L
@@ -173,7 +173,8 @@ def _extras_objects(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
     class WithDataset(TiedLM):
         def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            checkpoint["dataset_parameters"] = {"target_normalizer": Normalizer(2.0), "lags": [1, 2]}
+            scale = 2.0 + (torch.distributed.get_rank() if differ else 0)  # (made alike on every rank, or not)
+            checkpoint["dataset_parameters"] = {"target_normalizer": Normalizer(scale), "lags": [1, 2]}
 
     trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=world_size, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -194,11 +195,16 @@ def _extras_objects(rank: int, world_size: int, root: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
-def test_extras_that_cannot_travel_are_saved_as_rank_zeros(tmp_path: Path) -> None:
+@pytest.mark.parametrize("differ", [False, True])
+def test_extras_that_cannot_travel_are_saved_as_rank_zeros(tmp_path: Path, differ: bool) -> None:
     """pytorch-forecasting's models keep their dataset's normalizers in on_save_checkpoint's extras: every
     checkpoint failed under the pipeline (found by review), on rank 0's own share, which never travels. The other
-    ranks' such values go as marks, rank 0's stand in for them (said), and what can travel still does."""
-    saved = run_ranks(_extras_objects, 2, str(tmp_path), timeout=100)[0]
+    ranks' such values go as marks, rank 0's stand in for them, and what can travel still does; said where they
+    differ from rank 0's (found by review: said at every save, though made alike on every rank)."""
+    saved = run_ranks(_extras_objects, 2, str(tmp_path), differ, timeout=100)[0]
     assert saved["top"] == 2.0 and saved["own"] == [2.0, 2.0] and saved["lags"] == [[1, 2], [1, 2]], saved
+    if not differ:
+        assert saved["warned"] == []
+        return
     assert len(saved["warned"]) == 1 and "rank 1's checkpoint entry ['dataset_parameters']['target_normalizer']" \
         in saved["warned"][0], saved["warned"]

@@ -6,7 +6,9 @@ is refused on every rank, as before; so is a callback's state that cannot travel
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import warnings
 from typing import Any
 
@@ -19,6 +21,16 @@ from lightning_pipe.strategy.values import encode
 __all__ = ["marked", "resolved"]
 
 _MARK = "lightning_pipe: as rank 0's"  # the key of the mark standing for a value that did not travel
+_DIGEST = "lightning_pipe: digest"  # beside it: the value's pickled bytes' digest, where it pickles
+
+
+def _digest(value: Any) -> str | None:
+    """A digest of ``value``'s pickled bytes (None where it does not pickle): equal values made alike on every rank
+    (a model's dataset normalizers) give equal digests, so rank 0's value is theirs, and nothing needs saying."""
+    try:
+        return hashlib.sha256(pickle.dumps(value, protocol=4)).hexdigest()
+    except Exception:  # noqa: BLE001 - anything may fail to pickle
+        return None
 
 
 def _marked(value: Any, advice: str, path: list[str], found: list[tuple[list[str], str]]) -> Any:
@@ -30,7 +42,7 @@ def _marked(value: Any, advice: str, path: list[str], found: list[tuple[list[str
         if type(value) is dict and all(isinstance(key, str) for key in value):
             return {key: _marked(item, advice, [*path, key], found) for key, item in value.items()}
         found.append((path, str(error)))
-        return {_MARK: str(error)}
+        return {_MARK: str(error), _DIGEST: _digest(value)}
 
 
 def _holds(value: Any, path: list[str]) -> bool:
@@ -66,10 +78,13 @@ def marked(own: dict[str, Any], rank_zero: dict[str, Any] | None, advice: str, g
 def resolved(value: Any, rank_zero: Any, rank: int, path: str = "") -> Any:
     """``value`` (rank ``rank``'s own entries, received on rank 0) with each mark replaced by what rank 0 holds at its
     place (``rank_zero``), said once."""
-    if type(value) is dict and set(value) == {_MARK}:
+    if type(value) is dict and _MARK in value and set(value) <= {_MARK, _DIGEST}:
+        digest = value.get(_DIGEST)
+        if digest is not None and digest == _digest(rank_zero):  # (found by review: said at every save, though alike)
+            return rank_zero
         warnings.warn(f"rank {rank}'s checkpoint entry {path} cannot travel between ranks ({value[_MARK]}), so the "
-                      f"checkpoint holds rank 0's in its place (the same where the same module or callback made it on "
-                      f"every rank, as a model's on_save_checkpoint extras are)", stacklevel=3)
+                      f"checkpoint holds rank 0's in its place, which differs from it (or does not pickle, to be "
+                      f"compared)", stacklevel=3)
         return rank_zero
     if type(value) is dict:
         return {key: resolved(item, rank_zero.get(key) if isinstance(rank_zero, dict) else None, rank,
