@@ -1709,7 +1709,8 @@ def _own_log(devices: int, strategy: Any) -> dict[str, Any]:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator), torch.randn(24, 1, generator=generator))
+    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator),
+                                          torch.randn(24, 1, generator=generator))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = quiet_trainer(devices, strategy, max_steps=3)
     module = Prefixed()
@@ -1759,7 +1760,8 @@ def _figures(devices: int, strategy: Any) -> dict[str, Any]:
             if close:
                 plt.close(figure)
 
-        def add_image(self, tag: str, img_tensor: Any, global_step: int | None = None, dataformats: str = "CHW") -> None:
+        def add_image(self, tag: str, img_tensor: Any, global_step: int | None = None,
+                      dataformats: str = "CHW") -> None:
             assert dataformats == "HWC"
             self.images.append((tag, tuple(img_tensor.shape), global_step))
 
@@ -1781,7 +1783,8 @@ def _figures(devices: int, strategy: Any) -> dict[str, Any]:
 
     board = Board()
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator), torch.randn(24, 1, generator=generator))
+    data = torch.utils.data.TensorDataset(torch.randn(24, 8, generator=generator),
+                                          torch.randn(24, 1, generator=generator))
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, max_steps=3, logger=_book_logger(board),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(Plotting(), torch.utils.data.DataLoader(data, batch_size=8))

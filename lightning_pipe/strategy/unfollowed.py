@@ -3,8 +3,8 @@ on the last stage, so that such a change is warned of rather than silent: a ``de
 changed in place, a container inside a container (``self.store["train"]["loss"].append(...)``), a dict too large to
 look into, the fields of a plain object of the user's that holds such state (a replay buffer's deque, an agent's
 environment), and the plain attributes of the user's modules the step calls outside the pipelined model (a loss
-module's call counter). The last stage's step takes every micro-batch run's change of such state, and the other ranks (rank 0,
-which logs) none."""
+module's call counter). The last stage's step takes every micro-batch run's change of such state, and the other ranks
+(rank 0, which logs) none."""
 
 from __future__ import annotations
 
