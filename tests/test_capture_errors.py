@@ -714,11 +714,13 @@ def test_a_torchvision_detection_model_is_told_what_trains_it() -> None:
      "_lengths_to_padding_mask(lengths)`)", "torch.arange(x.shape[1]) >= lengths[:, None]"),
     ("module 'model.encoder.layers.0' (DetrEncoderLayer.forward at .../modeling_detr.py:643: `if not "
      "torch.isfinite(hidden_states).all():`)", "DETR-family"),
+    ("the model itself (DeepAR.encode at .../deepar/_deepar.py:333: `assert x[\"encoder_lengths\"].min() > 0`)",
+     "asserts something of its inputs' values"),
 ])
 def test_torchaudios_models_and_detr_are_told_what_trains_them(where: str, said: str) -> None:
     """torchaudio's wav2vec2 draws its LayerDrop coin with .item() even at 0, its Conformer sizes a mask by the
-    lengths' values, DETR's encoder layers check for values not finite (found by review: told of labels, trimming and
-    ActNorm, or to set layer drop to 0, which it was)."""
+    lengths' values, DETR's encoder layers check for values not finite, pytorch-forecasting's DeepAR asserts its
+    lengths (found by review: told of labels, trimming and ActNorm, or to set layer drop to 0, which it was)."""
     from lightning_pipe.capture.errors import _advice
 
     advice = _advice(RuntimeError("Could not extract specialized integer from data-dependent expression u0"),

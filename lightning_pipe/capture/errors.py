@@ -184,6 +184,12 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "lengths' largest value, read as a Python number, which a captured graph cannot: train them on one "
                 "device or with DDP (Trainer(strategy='ddp')), or copy the model's code with the mask made from the "
                 "padded input's length, `torch.arange(x.shape[1]) >= lengths[:, None]`, which a graph captures.")
+    if re.search(r": `assert ", where) and ("DataDependent" in name or "data-dependent" in text):  # (found by review:
+        # pytorch-forecasting's DeepAR, `assert x["encoder_lengths"].min() > 0`)
+        return ("The forward asserts something of its inputs' values, which a captured graph cannot check (it "
+                "keeps no Python test of a tensor's value). In your own code, check it in the step before the model "
+                "or in the collate_fn; in a library's model, train on one device or with DDP "
+                f"(Trainer(strategy='ddp')), {SEQUENTIAL_PATH}.")
     if re.search(r"torch\.(isfinite|isinf|isnan)\(", where):  # (found by review: DETR's encoder layers)
         return ("The forward checks its values for infinities or NaNs and branches on the answer (Hugging Face's "
                 "DETR-family encoder layers clamp in training when `not torch.isfinite(hidden_states).all()`), "
