@@ -181,13 +181,24 @@ def test_a_dataclass_travels_as_it_was_not_made_again() -> None:
     assert sendable(sent) and sendable(_Output(a=torch.ones(1)))
 
 
+class _ByName:
+    """A mixin of pytorch-forecasting's outputs: items by name too."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return getattr(self, key) if isinstance(key, str) else super().__getitem__(key)  # type: ignore[misc]
+
+
 def test_a_namedtuple_made_in_a_function_travels_made_again_from_its_name_and_fields() -> None:
-    """pytorch-forecasting makes its network's output a namedtuple in a function, for every call (found by review:
-    its predict_step's output could not be sent): made again where it arrives, once for every message."""
+    """pytorch-forecasting makes its network's output a namedtuple in a function, ``class Output(OutputMixIn,
+    namedtuple("output", fields))`` (found by review: its predict_step's output could not be sent): made again where
+    it arrives, on its bases, once for every message."""
     import collections
 
     def output(**fields: torch.Tensor) -> Any:
-        return collections.namedtuple("Output", list(fields))(**fields)
+        class Output(_ByName, collections.namedtuple("output", list(fields))):  # type: ignore[misc]
+            pass
+
+        return Output(**fields)
 
     def sent(value: Any) -> Any:
         text, tensors = encode_result(StepResult(None, {"out": value}), "predict_step")
@@ -199,6 +210,9 @@ def test_a_namedtuple_made_in_a_function_travels_made_again_from_its_name_and_fi
                                                                                           x=torch.zeros(1)))
     assert first["out"]._fields == ("prediction", "x") and torch.equal(first["out"].prediction, torch.ones(2))
     assert type(first["out"]) is type(second["out"]) and type(first["out"]).__name__ == "Output"
+    assert torch.equal(first["out"]["prediction"], torch.ones(2))  # (the mixin's)
+    plain = sent(collections.namedtuple("Plain", ["a"])(torch.ones(1)))["out"]  # (namedtuple's own class)
+    assert type(plain).__name__ == "Plain" and torch.equal(plain.a, torch.ones(1))
 
 
 def test_a_value_that_cannot_travel_is_named() -> None:

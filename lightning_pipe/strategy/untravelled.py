@@ -7,8 +7,8 @@ is refused on every rank, as before; so is a callback's state that cannot travel
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-import pickle
 import warnings
 from typing import Any
 
@@ -25,12 +25,41 @@ _DIGEST = "lightning_pipe: digest"  # beside it: the value's pickled bytes' dige
 
 
 def _digest(value: Any) -> str | None:
-    """A digest of ``value``'s pickled bytes (None where it does not pickle): equal values made alike on every rank
-    (a model's dataset normalizers) give equal digests, so rank 0's value is theirs, and nothing needs saying."""
+    """A digest of ``value``'s content (None where it holds what cannot be read so: a function, a file): equal values
+    made alike on every rank (a model's dataset normalizers) give equal digests, so rank 0's value is theirs, and
+    nothing needs saying. A module counts by its class and state dict."""
     try:
-        return hashlib.sha256(pickle.dumps(value, protocol=4)).hexdigest()
-    except Exception:  # noqa: BLE001 - anything may fail to pickle
+        return hashlib.sha256(repr(_content(value, 0)).encode()).hexdigest()
+    except _Unreadable:
         return None
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _content(value: Any, depth: int) -> Any:
+    if depth > 8:
+        raise _Unreadable
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return ("tensor", str(data.dtype), tuple(data.shape), hashlib.sha256(data.view(-1).view(torch.uint8).numpy()
+                                                                             .tobytes()).hexdigest())
+    if type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "tobytes"):
+        return ("numpy", str(getattr(value, "dtype", "")), getattr(value, "shape", ()), value.tobytes())
+    if isinstance(value, dict):
+        return ("dict", sorted((repr(key), _content(item, depth + 1)) for key, item in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(map(repr, value)) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, [_content(item, depth + 1) for item in items])
+    if isinstance(value, torch.nn.Module):
+        return ("module", type(value).__qualname__, _content(dict(value.state_dict()), depth + 1))
+    if isinstance(getattr(value, "__dict__", None), dict) and not inspect.isroutine(value) \
+            and not isinstance(value, type):
+        return ("object", type(value).__module__, type(value).__qualname__, _content(vars(value), depth + 1))
+    raise _Unreadable
 
 
 def _marked(value: Any, advice: str, path: list[str], found: list[tuple[list[str], str]]) -> Any:

@@ -97,8 +97,11 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
         items = [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]
         if not _found_by_name(kind):  # made in a function (pytorch-forecasting's outputs, found by review): made
-            # again from its name and fields where it arrives
-            return {"n": [kind.__module__, kind.__qualname__, items, list(value._fields)]}
+            # again from its name, fields and bases where it arrives
+            bases = _bases(kind)
+            if bases is None:
+                refuse_local_class(kind, sent_at, TypeError)
+            return {"n": [kind.__module__, kind.__qualname__, items, list(value._fields), bases]}
         return {"n": [kind.__module__, kind.__qualname__, items]}
     numpy = _numpy_kind(value)
     if numpy == "array":
@@ -140,15 +143,44 @@ def _found_by_name(kind: type) -> bool:
 _LOCAL_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...]], type] = {}
 
 
-def _local_namedtuple(module: Any, qualname: Any, fields: Any) -> type:
-    """A namedtuple class made in a function where it was sent, made again from its name and fields (once: the same
-    class for every message)."""
+def _bases(kind: type) -> list[list[str] | None] | None:
+    """The bases of a namedtuple class made in a function: each a class found by its module and name, as [module,
+    qualified name], or None for the namedtuple of its fields (pytorch-forecasting's ``class Output(OutputMixIn,
+    namedtuple("output", fields))``); None where a base is neither."""
+    if is_namedtuple_class(kind) and kind.__bases__ == (tuple,):  # (namedtuple's own class)
+        return []
+    bases: list[list[str] | None] = []
+    for base in kind.__bases__:
+        if is_namedtuple_class(base) and base.__bases__ == (tuple,):
+            bases.append(None)
+        elif _found_by_name(base) and _plain_base(base):
+            bases.append([base.__module__, base.__qualname__])
+        else:
+            return None
+    return bases if bases.count(None) == 1 else None
+
+
+def _plain_base(found: type) -> bool:
+    """A class a received namedtuple may be made on: no metaclass and no ``__init_subclass__`` of its own (making the
+    class runs no code of it)."""
+    return type(found) is type and not any("__init_subclass__" in vars(klass) for klass in found.__mro__[:-1])
+
+
+def _local_namedtuple(module: Any, qualname: Any, fields: Any, bases: Any) -> type:
+    """A namedtuple class made in a function where it was sent, made again from its name, fields and bases (once: the
+    same class for every message)."""
     if not (isinstance(module, str) and isinstance(qualname, str) and isinstance(fields, list)
-            and all(isinstance(field, str) and field.isidentifier() for field in fields)):
-        raise ValueError("a namedtuple made in a function is sent with its module, name and fields")
-    key = (module, qualname, tuple(fields))
+            and all(isinstance(field, str) and field.isidentifier() and not field.startswith("_") for field in fields)
+            and isinstance(bases, list) and all(base is None or isinstance(base, list) and len(base) == 2
+                                                and all(isinstance(part, str) for part in base) for base in bases)
+            and bases.count(None) <= 1):
+        raise ValueError("a namedtuple made in a function is sent with its module, name, fields and bases")
+    key = (module, qualname, tuple(fields), tuple(tuple(base) if base else () for base in bases))
     if key not in _LOCAL_NAMEDTUPLES:
-        made = namedtuple(qualname.rsplit(".", 1)[-1], fields)  # type: ignore[misc]
+        name = qualname.rsplit(".", 1)[-1]
+        tupled = namedtuple(name if name.isidentifier() else "output", fields)  # type: ignore[misc]
+        made = tupled if not bases else type(name, tuple(
+            tupled if base is None else imported_class(*base, "base class", _plain_base) for base in bases), {})
         made.__module__, made.__qualname__ = module, qualname
         _LOCAL_NAMEDTUPLES[key] = made
     return _LOCAL_NAMEDTUPLES[key]
@@ -192,7 +224,7 @@ def decode(structure: Any, tensors: list[torch.Tensor]) -> Any:
         cls = imported_class(body[0], body[1], "mapping class", lambda found: issubclass(found, Mapping))
         return rebuild_mapping(cls, decode(body[2], tensors))
     if kind == "n":
-        cls = _local_namedtuple(*body[:2], body[3]) if len(body) == 4 else \
+        cls = _local_namedtuple(*body[:2], *body[3:]) if len(body) == 5 else \
             imported_class(body[0], body[1], "namedtuple", is_namedtuple_class)
         return cls(*(decode(item, tensors) for item in body[2]))
     if kind == "r":
