@@ -726,3 +726,19 @@ def test_torchaudios_models_and_detr_are_told_what_trains_them(where: str, said:
     advice = _advice(RuntimeError("Could not extract specialized integer from data-dependent expression u0"),
                      "data-dependent", where)
     assert said in advice and "ActNorm" not in advice
+
+
+def test_an_error_in_code_no_module_name_tells_is_placed_at_its_line() -> None:
+    """Where no frame runs on one of the model's modules as named (pytorch-forecasting's TFT, whose
+    ``int(encoder_lengths.max())`` was said to be "in code outside the model's modules", found by review), the
+    innermost frame of code that is neither torch's nor this package's is named, with its line."""
+    from lightning_pipe.capture.errors import locate_exception
+
+    def forward() -> None:
+        raise RuntimeError("data-dependent")  # the user's line
+
+    try:
+        forward()
+    except RuntimeError as error:
+        where = locate_exception(error, {})
+    assert "test_capture_errors.py:" in where and "`raise RuntimeError(\"data-dependent\")" in where, where

@@ -14,6 +14,15 @@ import torch.nn.modules.module
 __all__ = ["CaptureError", "module_names", "locate_exception", "locate_frame", "explain_export_error", "listed"]
 
 _MODULE_FILE = os.path.abspath(torch.nn.modules.module.__file__)  # where torch calls a module: hooks, then forward
+# code that is not the user's model: torch's, this package's, Python's own
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (
+    torch.__file__, os.path.dirname(os.path.abspath(__file__)), os.__file__))
+
+
+def _library_code(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return filename.startswith("<") or path.startswith(_LIBRARY_DIRS[:2]) or (
+        path.startswith(_LIBRARY_DIRS[2]) and "-packages" + os.sep not in path)
 
 SEQUENTIAL_PATH = ("or keep the layers to pipeline in one nn.Sequential, which the strategy cuts without capturing "
                    "the forward")
@@ -70,13 +79,15 @@ def locate_frame(frame: FrameType | None, names: dict[int, str]) -> str:
 def locate_exception(error: BaseException, names: dict[int, str]) -> str:
     """The innermost frame of one of the model's modules in ``error``'s traceback, or in the errors it came from
     (export re-raises from deep inside torch; the user's line is in a cause's traceback)."""
-    found, dispatch, seen = None, None, set()
+    found, dispatch, seen, outside = None, None, set(), None
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         tb = current.__traceback__
         while tb is not None:
             obj = _bound(tb.tb_frame)
+            if not _library_code(tb.tb_frame.f_code.co_filename):
+                outside = traceback.extract_tb(tb, limit=1)[0]  # (the innermost frame of code not torch's nor ours)
             if obj is not None and id(obj) in names:
                 summary = traceback.extract_tb(tb, limit=1)[0]
                 place = (names[id(obj)], obj, tb.tb_frame.f_code.co_name, summary.filename, summary.lineno,
@@ -88,7 +99,11 @@ def locate_exception(error: BaseException, names: dict[int, str]) -> str:
             tb = tb.tb_next
         current = current.__cause__ or current.__context__
     found = found or dispatch
-    return _describe(*found) if found else "code outside the model's modules"
+    if found:
+        return _describe(*found)
+    if outside is not None:  # (a frame the names do not tell, found by review: TFT's int(encoder_lengths.max()))
+        return f"code at {outside.filename}:{outside.lineno}" + (f": `{outside.line.strip()}`" if outside.line else "")
+    return "code outside the model's modules"
 
 
 def explain_export_error(error: BaseException, model: nn.Module, training: bool, names: dict[int, str]) -> CaptureError:
