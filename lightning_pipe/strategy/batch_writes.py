@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lightning_pipe.strategy.values import encode
+from lightning_pipe.strategy.values import sendable
 
 __all__ = ["BatchWrites", "apply_writes", "read_after"]
 
@@ -85,22 +85,16 @@ class BatchWrites:
     def found(self, step: str) -> dict[str, Any] | None:
         """The entries the step set or changed in place, put together over the micro-batches, each with whether it
         was written in place; None where none."""
-        ordered = [self.parts[index] for index in sorted(self.parts)]
-        self.microbatches = [part for part, _, _ in ordered]
-        self.rows = [rows for _, rows, _ in ordered]
-        self.before = [before for _, _, before in ordered]
-        afters = [_entries(part) for part in self.microbatches]
+        parts = [self.parts[index] for index in sorted(self.parts)]
+        afters = [_entries(part) for part, _, _ in parts]
         if any(after is None for after in afters):
             return None
-        names = [name for after, before in zip(afters, self.before) for name, value in after.items()  # type: ignore
+        names = [name for after, (_, _, before) in zip(afters, parts) for name, value in after.items()  # type: ignore
                  if _changed(before.get(name), value)]
         writes: dict[str, Any] = {}
         for name in dict.fromkeys(names):
-            values = [after.get(name) for after in afters]  # type: ignore[union-attr]
-            whole = self._whole(values)
-            if whole is not _UNKNOWN and not _sendable(whole, step):
-                whole = _UNKNOWN
-            if whole is _UNKNOWN:
+            whole = _whole([after.get(name) for after in afters], [rows for _, rows, _ in parts])  # type: ignore
+            if whole is _UNKNOWN or not sendable(whole):
                 warnings.warn(f"{step} set {name!r} on its batch to values that are neither one per row nor alike in "
                               f"every micro-batch, or cannot travel between ranks (tensors, numbers, strings and "
                               f"lists or dicts of them can): the hooks after it (on_*_batch_end) get the batch without "
@@ -109,32 +103,27 @@ class BatchWrites:
                 continue
             # written in place (the same tensor, changed) or set anew: set anew, the loader's tensor is not written
             in_place = all(name in before and before[name][0] is after[name]  # type: ignore[index]
-                           for after, before in zip(afters, self.before))
+                           for after, (_, _, before) in zip(afters, parts))
             writes[name] = [whole, in_place]
         return writes or None
 
-    def _whole(self, values: list[Any]) -> Any:
-        if all(isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == rows
-               for value, rows in zip(values, self.rows)):
-            return torch.cat(values)
-        if all(isinstance(value, list) and len(value) == rows for value, rows in zip(values, self.rows)):
-            return [item for value in values for item in value]
-        first = values[0]
-        same = all(value is first or isinstance(value, (str, int, float, bool, type(None))) and value == first
-                   or isinstance(value, torch.Tensor) and isinstance(first, torch.Tensor)
-                   and value.shape == first.shape and bool(torch.equal(value, first)) for value in values)
-        return first if same else _UNKNOWN
+
+def _whole(values: list[Any], rows: list[int]) -> Any:
+    """The micro-batches' ``values`` of an entry (of ``rows`` rows each) as the batch's: per-row tensors and lists
+    joined, a value alike in all as it is; else :data:`_UNKNOWN`."""
+    if all(isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == count
+           for value, count in zip(values, rows)):
+        return torch.cat(values)
+    if all(isinstance(value, list) and len(value) == count for value, count in zip(values, rows)):
+        return [item for value in values for item in value]
+    first = values[0]
+    same = all(value is first or isinstance(value, (str, int, float, bool, type(None))) and value == first
+               or isinstance(value, torch.Tensor) and isinstance(first, torch.Tensor)
+               and value.shape == first.shape and bool(torch.equal(value, first)) for value in values)
+    return first if same else _UNKNOWN
 
 
 _UNKNOWN = object()
-
-
-def _sendable(value: Any, step: str) -> bool:
-    try:
-        encode(value, [], f"what {step} set on its batch")
-    except TypeError:
-        return False
-    return True
 
 
 def apply_writes(batch: Any, writes: dict[str, Any]) -> None:

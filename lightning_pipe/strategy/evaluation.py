@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_pipe.engine.executor import Pipeline
-from lightning_pipe.engine.microbatch import batch_rows, split_batch
+from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.engine.tree import tree_map_tensors
 from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.batch_writes import BatchWrites, apply_writes
@@ -124,7 +124,7 @@ class EvaluationSteps:
     def _evaluate_last(self, step: str, batch: Any, last_outputs: list[Any], rest: tuple,
                        kwargs: Mapping[str, Any], seed: int, start: Snapshot) -> StepResult:
         self.metrics.start()
-        outputs, sizes = [], []
+        outputs = []
         counts = self._counts(batch, step)
         runs = MicrobatchRuns(self.effects, start)  # each from the module as the step found it
         total = batch_rows(batch)
@@ -137,18 +137,18 @@ class EvaluationSteps:
         # where its calls start)
         for index, (microbatch, output) in enumerate(zip(microbatches, last_outputs)):
             runs.before_run()
-            sizes.append(rows[index])
             weight = counts.counts[index] if counts is not None else None
             given, watched = self.output_copies.given(step, output)
             logged = len(self.recorder.calls)
-            with self.recorder.recording(sizes[-1], weight), self.logger_calls.recording(), \
+            with self.recorder.recording(rows[index], weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), self.pipeline.device), \
                     self._rows_window(pieces[index], total), \
-                    microbatch_run(step, index, len(pieces), sizes[-1], total, microbatch):
+                    microbatch_run(step, index, len(pieces), rows[index], total, microbatch):
                 outputs.append(self.split.run_step(step, given, microbatch, rest, kwargs))
             changed = self.output_copies.changed(step, output, watched) or changed
             if counts is None and any(not finite(arguments["value"]) for arguments, _ in self.recorder.calls[logged:]):
                 unfinished.append((index, output, logged))
+        sizes = rows[:len(outputs)]
         if 0 < len(unfinished) < len(microbatches):  # (every one: a model gone NaN, as one device's value)
             for index, output, logged in unfinished:
                 self._weigh_means_over_nothing(step, output, batch, rest, kwargs, seed, index, logged, pieces[index])
@@ -157,8 +157,8 @@ class EvaluationSteps:
         result = self._result(None, outputs, sizes, check_outside=False, counts=counts)
         result.batch_writes = writes.found(step)
         result.returns_batch = all(output is part for output, part in zip(outputs, microbatches))  # (anomalib's)
-        kept = [] if changed else [(index, output, rows) for index, (output, rows) in enumerate(zip(last_outputs,
-                                                                                                     sizes))]
+        kept = [] if changed else [(index, output, count) for index, (output, count) in enumerate(zip(last_outputs,
+                                                                                                       sizes))]
         self._settle_effects(step, start, kept, len(sizes), batch, rest, kwargs, seed, result, counts)
         if result.returns_batch:  # every rank returns its batch, given the writes: nothing more travels
             result.output = None
@@ -174,7 +174,7 @@ class EvaluationSteps:
         with gradients, for its values' graphs (:func:`~.loss_graph.mean_count`); a run that fails leaves them be."""
         values: list[tuple[str, Any]] = []
         with torch.inference_mode(False):
-            microbatch = split_batch(batch, self.pipeline.num_microbatches, copy=True)[index]
+            microbatch = owned(split_batch(batch, self.pipeline.num_microbatches)[index])
             # a leaf with gradients, given through a copy: the step may change its output in place
             output = tree_map_tensors(lambda value: value.detach().clone().requires_grad_().clone()
                                       if value.is_floating_point() else value.clone(), output)

@@ -225,9 +225,8 @@ class LoggerCalls:
     def discarding(self) -> Iterator[None]:
         """Inside, on rank 0: the loggers drop the step's calls, as on other ranks (the first stage's run of the step
         up to the model; the last stage's calls, which include those, reach rank 0 once the step ends)."""
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
         from lightning.fabric.loggers import logger as fabric_logger
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
 
         dummy = fabric_logger._DummyExperiment
         fabric_logger._DummyExperiment = lambda: _Dropped()  # type: ignore[assignment,misc]

@@ -21,7 +21,7 @@ from lightning_pipe.strategy.values import encode
 __all__ = ["marked", "resolved"]
 
 _MARK = "lightning_pipe: as rank 0's"  # the key of the mark standing for a value that did not travel
-_DIGEST = "lightning_pipe: digest"  # beside it: the value's pickled bytes' digest, where it pickles
+_DIGEST = "lightning_pipe: digest"  # beside it: a digest of the value's content, where it can be read
 
 
 def _digest(value: Any) -> str | None:
@@ -112,8 +112,8 @@ def resolved(value: Any, rank_zero: Any, rank: int, path: str = "") -> Any:
         if digest is not None and digest == _digest(rank_zero):  # (found by review: said at every save, though alike)
             return rank_zero
         warnings.warn(f"rank {rank}'s checkpoint entry {path} cannot travel between ranks ({value[_MARK]}), so the "
-                      f"checkpoint holds rank 0's in its place, which differs from it (or does not pickle, to be "
-                      f"compared)", stacklevel=3)
+                      f"checkpoint holds rank 0's in its place, which differs from it (or holds what cannot be read "
+                      f"to compare: a function, a file)", stacklevel=3)
         return rank_zero
     if type(value) is dict:
         return {key: resolved(item, rank_zero.get(key) if isinstance(rank_zero, dict) else None, rank,

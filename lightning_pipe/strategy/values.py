@@ -95,13 +95,14 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
         refuse_local_class(kind, sent_at, TypeError)
         return {"m": [kind.__module__, kind.__qualname__, encode(dict(value), tensors, where, advice, path)]}
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple of one's own
+        if not _namedtuple_travels(kind):
+            refuse_local_class(kind, sent_at, TypeError)
+            raise TypeError(f"cannot send {sent_at}, a {kind.__qualname__}: a namedtuple class the other ranks "
+                            f"cannot find by its name nor make again; define it at module level, or send a dict")
         items = [encode(item, tensors, where, advice, f"{path}[{index}]") for index, item in enumerate(value)]
         if not _found_by_name(kind):  # made in a function (pytorch-forecasting's outputs, found by review): made
             # again from its name, fields and bases where it arrives
-            bases = _bases(kind)
-            if bases is None:
-                refuse_local_class(kind, sent_at, TypeError)
-            return {"n": [kind.__module__, kind.__qualname__, items, list(value._fields), bases]}
+            return {"n": [kind.__module__, kind.__qualname__, items, list(value._fields), _bases(kind)]}
         return {"n": [kind.__module__, kind.__qualname__, items]}
     numpy = _numpy_kind(value)
     if numpy == "array":
@@ -125,7 +126,7 @@ def sendable(value: Any) -> bool:
     if isinstance(value, Mapping) and not local:
         return all(sendable(key) and sendable(item) for key, item in value.items())
     if type(value) in (list, tuple) or _return_type(value) is not None or \
-            isinstance(value, tuple) and hasattr(value, "_fields") and not local:
+            isinstance(value, tuple) and hasattr(value, "_fields") and _namedtuple_travels(type(value)):
         return all(sendable(item) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and not local:
         return all(sendable(item) for item in dataclass_values(value).values())
@@ -140,7 +141,10 @@ def _found_by_name(kind: type) -> bool:
     return found is kind
 
 
-_LOCAL_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...]], type] = {}
+def _namedtuple_travels(kind: type) -> bool:
+    """Whether a namedtuple class can be made again where it arrives: found there by its name, or made in a function
+    on bases that are (:func:`_bases`)."""
+    return _found_by_name(kind) or _bases(kind) is not None
 
 
 def _bases(kind: type) -> list[list[str] | None] | None:
@@ -164,6 +168,9 @@ def _plain_base(found: type) -> bool:
     """A class a received namedtuple may be made on: no metaclass and no ``__init_subclass__`` of its own (making the
     class runs no code of it)."""
     return type(found) is type and not any("__init_subclass__" in vars(klass) for klass in found.__mro__[:-1])
+
+
+_LOCAL_NAMEDTUPLES: dict[tuple[str, str, tuple[str, ...], tuple[tuple[str, ...], ...]], type] = {}
 
 
 def _local_namedtuple(module: Any, qualname: Any, fields: Any, bases: Any) -> type:
