@@ -29,7 +29,8 @@ from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.planner.cut_plan import AUTO_SCHEDULE, CutPlan, plan_cut
 from lightning_pipe.planner.partition import ROUND_ROBIN
 from lightning_pipe.engine.kept import kept_buffers
-from lightning_pipe.strategy.captured import CapturedModule, no_logging
+from lightning_pipe.strategy.capture_keeping import no_logging
+from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.chain import ChainSplit, chain_paths
 from lightning_pipe.strategy.conversion import converted_later, restore
 from lightning_pipe.strategy.materialize import LocalMaterializer, has_meta_tensors, refuse_planned_cut

@@ -23,7 +23,8 @@ from lightning_pipe.engine.kept import kept_buffers, kept_modes
 from lightning_pipe.engine.microbatch import owned
 from lightning_pipe.engine.rows import rows_verdict
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors, tree_unflatten
-from lightning_pipe.strategy.captured import CapturedModule, no_logging
+from lightning_pipe.strategy.capture_keeping import no_logging
+from lightning_pipe.strategy.captured import CapturedModule
 
 __all__ = ["measured_rows"]
 
