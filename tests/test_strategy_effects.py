@@ -742,11 +742,13 @@ def test_a_rank_holding_the_first_and_the_last_stage_makes_the_changes_once() ->
             assert count == 3 and seen == [8, 8, 8], microbatches
 
 
-def _memory_bank(rank: int, world_size: int, slots: int, tmp: str) -> dict[str, Any]:
+def _memory_bank(rank: int, world_size: int, slots: int, tmp: str, gated: bool = False) -> dict[str, Any]:
     """Cross-batch memory (a queue of the model's own embeddings, as metric learning keeps it) and a warm-up counted
     in the step: each micro-batch's run reads the memory and the counter as the step found them, as one device's one
     run does (before, micro-batch 1 read micro-batch 0's entries and count). ``slots``: a memory over 64K elements is
-    not copied at a step's start until it is found changed in place (the first step: as the runs left it)."""
+    not copied at a step's start until it is found changed in place (the first step: as the runs left it).
+    ``gated``: the memory is written only where the embeddings require grad, as lightly's memory bank does (found by
+    review: the run on the whole batch that makes the step's changes ran without gradients, so it never wrote)."""
     import lightning as L
 
     from lightning_pipe import PipelineStrategy
@@ -768,9 +770,10 @@ def _memory_bank(rank: int, world_size: int, slots: int, tmp: str) -> dict[str, 
             used = self.memory[: int(self.filled)].clone()
             loss = F.mse_loss(z, torch.ones_like(z) / 4) + warm * (z @ used.T).pow(2).mean() if len(used) else \
                 F.mse_loss(z, torch.ones_like(z) / 4)
-            start = int(self.filled) % slots
-            self.memory[start:start + len(z)] = z.detach()
-            self.filled.fill_(min(slots, int(self.filled) + len(z)))
+            if z.requires_grad or not gated:
+                start = int(self.filled) % slots
+                self.memory[start:start + len(z)] = z.detach()
+                self.filled.fill_(min(slots, int(self.filled) + len(z)))
             self.log("train_loss", loss)
             return loss
 
@@ -783,18 +786,20 @@ def _memory_bank(rank: int, world_size: int, slots: int, tmp: str) -> dict[str, 
     trainer = quiet_trainer(world_size, strategy, max_steps=4)
     trainer.fit(model, class_data(batches=4))
     trainer.save_checkpoint(os.path.join(tmp, f"memory-{world_size}-{slots}.ckpt"))
-    return {"loss": float(trainer.callback_metrics["train_loss"]), "seen": model.seen}
+    return {"loss": float(trainer.callback_metrics["train_loss"]), "seen": model.seen,
+            "filled": int(model.filled)}
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("slots", [64, 5000])
+@pytest.mark.parametrize(("slots", "gated"), [(64, False), (5000, False), (64, True)])
 def test_state_the_step_reads_and_changes_is_read_by_each_micro_batch_as_the_step_found_it(
-        slots: int, tmp_path: Any) -> None:
-    reference = _memory_bank(0, 1, slots, str(tmp_path))
-    results = run_ranks(_memory_bank, 2, slots, str(tmp_path), timeout=160)
+        slots: int, gated: bool, tmp_path: Any) -> None:
+    reference = _memory_bank(0, 1, slots, str(tmp_path), gated)
+    results = run_ranks(_memory_bank, 2, slots, str(tmp_path), gated, timeout=160)
     want = torch.load(tmp_path / f"memory-1-{slots}.ckpt", weights_only=False)["state_dict"]
     got = torch.load(tmp_path / f"memory-2-{slots}.ckpt", weights_only=False)["state_dict"]
-    assert reference["seen"] == 4
+    assert reference["seen"] == 4 and reference["filled"] > 0
+    assert [result["filled"] for result in results] == [reference["filled"]] * 2
     if slots == 64:  # copied at every step's start: every step as one device's, the counter raised once per step
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)

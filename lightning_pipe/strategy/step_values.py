@@ -64,24 +64,31 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
 BATCH, ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable[[], bool] | None = None) -> Any:
+def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable[[], bool] | None = None,
+                      as_training: bool = False) -> Any:
     """``attempt(output)`` (a run of the step's code on the model's output, for a check) under ``torch.no_grad()``;
     where the step takes gradients of its own through the output (``torch.autograd.grad(loss, logits)``: a penalty
     on the logits' gradient), which fails without them, once more with gradients, through a copy of ``output`` cut
     from the model (its floating-point tensors leaves that require grad). Such a step's check failed, and its loss
     was taken as one the check cannot tell (found by review: 3.7e-2 off one device, silently). ``undo`` puts back
     what the failed attempt changed on the module (``self.seen += len(x)`` before the step's own gradient), and says
-    whether it could; where it could not, the first attempt's error stands."""
-    try:
-        with torch.no_grad():
-            return attempt(output)
-    except RuntimeError as error:
-        if "does not require grad" not in str(error) or (undo is not None and not undo()):
-            raise
+    whether it could; where it could not, the first attempt's error stands.
+
+    ``as_training``: the run stands for one device's training step, whose effects are kept: it runs with gradients
+    on such a copy at once, as one device's step sees its output (lightly's memory bank enqueues only ``if
+    out.requires_grad``: found by review, never filled under no_grad), and returns what it gave detached."""
+    if not as_training:
+        try:
+            with torch.no_grad():
+                return attempt(output)
+        except RuntimeError as error:
+            if "does not require grad" not in str(error) or (undo is not None and not undo()):
+                raise
     leaves = tree_map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() or t.is_complex()
                               else t, output)
     with torch.enable_grad():
-        return attempt(leaves)
+        given = attempt(leaves)
+    return tree_map_tensors(torch.Tensor.detach, given) if as_training else given
 
 
 def output_gradients(attempt: Callable[[Any], torch.Tensor], output: Any) -> list[torch.Tensor]:

@@ -162,7 +162,8 @@ class WholeBatchRuns:
                     output = self.split.run_step(step, whole, owned(batch), rest, kwargs)
                     return output, not same_random_states(global_random_states(), before) or held.moved()
 
-            output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark))
+            output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark),
+                                              as_training=step == "training_step")
             returned.append(output)
             drew.append(drawn)
 
