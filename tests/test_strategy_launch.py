@@ -92,3 +92,47 @@ def test_a_script_whose_path_moved_with_the_working_directory_is_not_refused(mon
         monkeypatch.setattr(sys, "argv", [command])
         with pytest.raises(RuntimeError, match=f"was started from '{command}', which it cannot run again"):
             _refuse_without_a_script()
+
+
+FAILING = '''
+import os, sys, time
+import lightning as L
+import lightning_pipe
+from lightning_pipe import PipelineStrategy
+from tests.lightning_models import Regressor, regression_data
+
+
+class RankOneFails(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == 1 and trainer.global_rank == 1:
+            raise ValueError("rank 1's own failure")
+        if batch_idx == 1 and trainer.global_rank == 0:
+            time.sleep(9)  # busy in its own code past the launcher's 5-s look at the ranks it started
+
+
+trainer = L.Trainer(strategy=PipelineStrategy(wait_timeout=60), accelerator="cpu", devices=2, max_steps=4,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[RankOneFails()])
+try:
+    trainer.fit(Regressor(), regression_data(4, batch_size=10))
+except Exception as error:
+    with open(os.path.join(sys.argv[1], f"rank{trainer.global_rank}.txt"), "w") as file:
+        file.write(f"{type(error).__name__}: {error}")
+    raise
+'''
+
+
+@pytest.mark.timeout(240)
+def test_rank_0_busy_when_a_rank_it_started_fails_ends_with_that_error_not_killed(tmp_path: Path) -> None:
+    """Lightning's launcher kills every rank (rank 0 too, SIGKILL) within 5 s of a rank it started ending with an
+    error: rank 0, busy then, exited with 137 and no error, no ``except`` around ``fit`` (found by review). It now
+    has the time its own waits take to give up, and ends with the failed rank's error."""
+    script = tmp_path / "train.py"
+    script.write_text(FAILING)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, timeout=200,
+                          capture_output=True, text=True)
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    said = (tmp_path / "rank0.txt").read_text()
+    assert said.startswith("PipelineError: rank 1 failed") and "rank 1's own failure" in said, said
+    assert "rank 1's own failure" in (tmp_path / "rank1.txt").read_text()

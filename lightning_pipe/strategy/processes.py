@@ -23,7 +23,6 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -35,7 +34,8 @@ from lightning_pipe.engine.deadline import PeerLost, explained
 from lightning_pipe.engine.notices import PipelineError
 from lightning_pipe.engine.runtime import configure_threads
 from lightning_pipe.engine.store import short_store, store_gone
-from lightning_pipe.engine.watchdog import activity, hold_for_readers, mark_failed
+from lightning_pipe.engine.watchdog import DEFAULT_WAIT_TIMEOUT, activity, hold_for_readers, mark_failed
+from lightning_pipe.strategy.launcher import MARGIN, PatientLauncher
 from lightning_pipe.strategy.plain import all_gather_text, broadcast_value
 from lightning_pipe.strategy.randomness import random_states_digest
 
@@ -92,7 +92,14 @@ class ProcessStrategy(ParallelStrategy):
             _refuse_without_a_script()
         # Idle OpenMP threads of ranks sharing cores must sleep, not spin; read by each child as torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        self._launcher = PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
+                                         grace=self.waits_give_up_after + MARGIN)
+
+    @property
+    def waits_give_up_after(self) -> float:
+        """Seconds after which a wait of this process for another rank gives up: the launcher kills the ranks it
+        started no sooner after one failed."""
+        return DEFAULT_WAIT_TIMEOUT
 
     @override
     def setup_environment(self) -> None:
