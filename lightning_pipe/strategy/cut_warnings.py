@@ -97,8 +97,21 @@ class FrozenCopies:
         if changed:
             self.watched = [name for name in self.watched if name not in changed]
             self.unsaid = [name for name in self.unsaid if name not in changed]
-            self._say(changed, f"is a frozen copy of it whose weights have changed since training began (seen after "
-                               f"training step {self.steps})")
+            what = f"is a frozen copy of it whose weights have changed since training began (seen after training " \
+                   f"step {self.steps})"
+            # (found by review: a hand-written EMA in a hook trained on, wrong, past its warning)
+            partial = [name for name in changed if self._held_here(name) < self._held_here(name, copy=True)]
+            if partial:
+                raise ValueError(f"{self.pairing(partial, what)}. This rank holds only part of the model's "
+                                 f"parameters that {partial[0]} copies, so its update cannot have been one device's: "
+                                 f"stopped rather than train on with a wrong copy")
+            self._say(changed, what)
+
+    def _held_here(self, name: str, copy: bool = False) -> int:
+        """How many parameters this rank holds of the part of the model that the copy ``name`` copies (or of the
+        copy, which stays whole)."""
+        path = name if copy else self.originals.get(name, self.path)
+        return sum(1 for p in self.module.get_submodule(path).parameters() if not p.is_meta and p.numel() > 0)
 
     def explain(self, exception: BaseException) -> None:
         """A shape error raised while a frozen copy has not been said (an EMA update pairing the copy's parameters
