@@ -344,3 +344,62 @@ def test_a_generator_the_module_keeps_draws_alike_on_every_stage(kind: str, tmp_
         for key, value in reference.items():
             if key != "warned":
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _shuffled_order(rank: int, world_size: int, seeded: bool) -> dict[str, Any]:
+    """The batches a 2-epoch fit reads from a shuffling DataLoader (by their first value), and what the run said of
+    their order."""
+    import logging
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_pipe import PipelineStrategy
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logging.getLogger("lightning.pytorch").addHandler(Keep())
+
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            self.seen: list[float] = []
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self.seen.append(round(float(batch[0][0, 0]), 6))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(3, verbose=False)
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16))
+    generator = torch.Generator().manual_seed(0) if seeded else None
+    model = Plain()
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    quiet_trainer(world_size, strategy, max_epochs=2).fit(
+        model, DataLoader(data, batch_size=4, shuffle=True, generator=generator))
+    return {"seen": model.seen, "said": [text for text in said if "the training DataLoader shuffles" in text]}
+
+
+@pytest.mark.timeout(120)
+def test_a_shuffled_order_is_one_devices_with_a_seeded_generator_and_said_to_differ_without() -> None:
+    """Shuffled with torch's global generator, the ranks draw their order from an agreed seed, not one device's: said
+    once, on rank 0, with what gives one device's order (found by review: no word at run time); with a generator of
+    the loader's own, the order is one device's."""
+    reference = _shuffled_order(0, 1, True)
+    for result in run_ranks(_shuffled_order, 2, True, timeout=100):
+        assert result == {"seen": reference["seen"], "said": []}
+    unseeded = run_ranks(_shuffled_order, 2, False, timeout=100)
+    assert unseeded[0]["seen"] == unseeded[1]["seen"] and len(unseeded[0]["seen"]) == 8
+    assert len(unseeded[0]["said"]) == 1 and "generator=torch.Generator().manual_seed(0)" in unseeded[0]["said"][0]
+    assert unseeded[1]["said"] == []

@@ -299,3 +299,18 @@ def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica:
     order.stream = isinstance(shared.dataset, torch.utils.data.IterableDataset) \
         and not (callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)))
     return shared
+
+
+def order_notice(loader: Any) -> str | None:
+    """What to say of a training DataLoader that shuffles with the global generator (``shuffle=True`` and no
+    generator of its own): its order is drawn from the seed the ranks agreed on, not one device's (found by review:
+    a run compared with one device's differed from its first batch, with no word at run time); None for others."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.RandomSampler) or sampler.generator is not None \
+            or getattr(loader, "generator", None) is not None:
+        return None
+    return ("the training DataLoader shuffles (shuffle=True) with torch's global generator: under PipelineStrategy "
+            "every rank draws each epoch's order from a seed they agree on, so the batches come in another order "
+            "than one device's. To compare a run with one device's, give the DataLoader a generator of its own "
+            "(DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(0))): both then read the same "
+            "order")

@@ -23,7 +23,7 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -46,7 +46,7 @@ from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_logs
-from lightning_pipe.strategy.data_order import check_distributed_samplers, share_order
+from lightning_pipe.strategy.data_order import check_distributed_samplers, order_notice, share_order
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
 from lightning_pipe.strategy.gradients import GlobalNorms, HeldGradients
@@ -380,6 +380,10 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         stage = trainer.state.stage.value if trainer.state.stage else ""
         named = {"train": "training", "sanity_check": "validation", "validate": "validation"}.get(stage, stage)
         check_distributed_samplers(dataloader, self.mesh_shape.replicas, replica, f"the {named} DataLoader")
+        notice = order_notice(dataloader) if training else None
+        if notice is not None and not self.__dict__.get("_order_said"):  # once per strategy
+            self._order_said = True
+            rank_zero_info(notice)
         shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
