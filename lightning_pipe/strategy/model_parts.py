@@ -286,8 +286,11 @@ class ModelPart(nn.Module):
         where = f"the model at {self.model_path!r}" if self.model_path else "the module's forward"
         raise RuntimeError(f"{self.part_name!r} is part of {where}, which is cut into pipeline stages (this rank "
                            f"holds {'part' if has_state(self) else 'none'} of its weights); under PipelineStrategy "
-                           f"only the step's call of the whole model runs its parts. Call the model, or load a "
-                           f"checkpoint with YourModule.load_from_checkpoint(path) to run it whole")
+                           f"only the step's call of the whole model runs its parts. Call the model; where a step "
+                           f"needs this part's output (features for a kNN monitor or a linear probe), have the "
+                           f"model's forward return it beside its output (return features, output) and use it "
+                           f"from there; or load a checkpoint with YourModule.load_from_checkpoint(path) to run it "
+                           f"whole")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if not written_through(self.__dict__.get("_original"), self, name, value):
