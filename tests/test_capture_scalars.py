@@ -211,6 +211,12 @@ def test_a_number_argument_that_changes_between_calls_is_named_with_the_fix() ->
     splitter.capture((torch.randn(3, 4),), {"scale": 1.0})
     with pytest.raises(CaptureError, match=r"other values of scale \(1\.0, then 0\.5\).*as a tensor"):
         splitter.capture((torch.randn(3, 4),), {"scale": 0.5})
+    # an int that sizes something (the number of graphs a pooling takes) is told to go as a tensor's length (found
+    # by review: PyG's pooling needs an int size, which torch.tensor(count) would not give)
+    splitter = Splitter(Scaled())
+    splitter.capture((torch.randn(3, 4),), {"scale": 2})
+    with pytest.raises(CaptureError, match=r"other values of scale \(2, then 3\).*torch\.arange\(count\).*shape\[0\]"):
+        splitter.capture((torch.randn(3, 4),), {"scale": 3})
 
 
 class TaskHeads(nn.Module):

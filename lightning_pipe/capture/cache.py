@@ -169,8 +169,13 @@ def _changed_values(capture: Capture, other: Capture) -> str:
         paths = [f"#{index}" for index in range(len(capture.in_patterns))]
     named = ", ".join(f"{_argument(paths[index])} ({theirs!r}, then {mine!r})" for index, mine, theirs in changed)
     strings = any(isinstance(value, str) for _, mine, theirs in changed for value in (mine, theirs))
+    counts = all(type(value) is int for _, mine, theirs in changed for value in (mine, theirs))
     return (f"the model was given other values of {named}, which a captured graph keeps as constants: pass a value "
             f"that changes from step to step as a tensor (torch.tensor(value)), or keep it fixed" + (
+                " (a count that sizes something, the number of graphs given to PyTorch Geometric's pooling as "
+                "size=..., goes as a tensor of that length instead, torch.arange(count), read in the forward as "
+                "its .shape[0]: the graph keeps it symbolic; a micro-batch may then hold another count)"
+                if counts else "") + (
                 " (a name that picks a module, self.heads[task], cannot be a tensor: run every task's head in "
                 "forward and pick each row's output in the step, with the task as a tensor of ids in the batch)"
                 if strings else "") + "; ")
