@@ -716,6 +716,10 @@ def test_a_torchvision_detection_model_is_told_what_trains_it() -> None:
      "torch.isfinite(hidden_states).all():`)", "DETR-family"),
     ("the model itself (DeepAR.encode at .../deepar/_deepar.py:333: `assert x[\"encoder_lengths\"].min() > 0`)",
      "asserts something of its inputs' values"),
+    ("module 'c1' (GATConv.edge_update at .../torch_geometric/nn/conv/gat_conv.py:393: `if index.numel() == 0:`)",
+     "add_self_loops=False"),
+    ("module 'net' (Net.forward at .../train.py:44: `return self.head(global_mean_pool(h, batch))`)",
+     "size=graph_ids.shape[0]"),
 ])
 def test_torchaudios_models_and_detr_are_told_what_trains_them(where: str, said: str) -> None:
     """torchaudio's wav2vec2 draws its LayerDrop coin with .item() even at 0, its Conformer sizes a mask by the

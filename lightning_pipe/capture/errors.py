@@ -214,6 +214,20 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("LayerDrop skips layers at random, drawing anew each step, which one captured graph cannot: set the "
                 "model's layer drop probabilities to 0 (a Hugging Face config's layerdrop, encoder_layerdrop and "
                 f"decoder_layerdrop) to pipeline it; {SEQUENTIAL_PATH}.")
+    if re.search(r"torch_geometric[/\\]nn[/\\]conv[/\\]", where) and (
+            "DataDependent" in name or "data-dependent" in text):  # (found by review: GATConv, generic advice)
+        return ("PyTorch Geometric's attention convolutions (GATConv, GATv2Conv, TransformerConv, ...) remove and "
+                "add self loops with add_self_loops=True, keeping the edges a mask over their values selects, as many "
+                "as those values say, which one captured graph cannot follow: build them with "
+                "add_self_loops=False and add each graph's self loops in the dataset or the collate_fn "
+                "(torch_geometric.utils.add_self_loops(edge_index, num_nodes=n)[0]), which trains as before.")
+    if re.search(r"global_\w+_pool\(|scatter\(|torch_geometric[/\\](utils|nn[/\\]pool)", where) and (
+            "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text):
+        return ("PyTorch Geometric's pooling and scatter count the graphs from the batch vector's values (batch.max() "
+                "+ 1) where no size is given, which a captured graph cannot: give the model the number of graphs as "
+                "the length of a tensor (torch.arange(len(graphs)), a tensor the step passes beside the nodes) and "
+                "pass size=graph_ids.shape[0] (global_mean_pool(h, batch, size=graph_ids.shape[0])); a plain int "
+                "would be a constant of the capture, which micro-batches of other counts of graphs could not share.")
     if re.search(r"torchvision[/\\]models[/\\]detection[/\\]", where):  # (found by review: generic advice)
         return ("torchvision's detection models (Faster, Mask and Keypoint R-CNN, RetinaNet, FCOS, SSD) pick a "
                 "training size at random and read it as a Python number (GeneralizedRCNNTransform.torch_choice), and "
