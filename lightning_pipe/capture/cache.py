@@ -43,6 +43,9 @@ class Capture:
     """Where the forward makes a value with the batch's rows along two dimensions (:mod:`.coupling`), if it does."""
     example_rows: int | None = None
     """The model's rows in the example it was captured from (:func:`.graph_rows.example_rows`)."""
+    edge_list: bool = False
+    """Whether the example's inputs hold a graph's edge list (an integer ``(2, edges)`` tensor, PyTorch Geometric's
+    ``edge_index``): the model's rows are then nodes, not views of the batch's rows put together."""
     output_kinds: tuple[str | int | None, ...] | None = None
     """How each output (in ``out_spec``'s order) adds up over micro-batches: a 0-dim floating one's kind, a
     tensor's dim of the rows (:func:`.scalars.output_kinds`)."""

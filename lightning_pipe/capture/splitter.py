@@ -268,7 +268,9 @@ class Splitter:
                           program.call_spec.out_spec, programs, layout.cuts, device if meta else _device_of(flat),
                           exported - start, time.perf_counter() - exported,
                           rows_meet(list(program.graph.nodes), layout.user_inputs, training) if dynamic else None,
-                          modes=modes, example_rows=example_rows(layout.user_inputs))
+                          modes=modes, example_rows=example_rows(layout.user_inputs),
+                          edge_list=any(isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == 2
+                                        and not value.is_floating_point() and value.shape[1] != 2 for value in flat))
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()
             fixed = frozenset(  # the sizes the rows may have where the graph fixed them: the inputs' dim 0

@@ -229,8 +229,11 @@ class PipelineCutting:
             alone = (f"a pipeline runs each of its {self.num_microbatches} micro-batches alone, so each row meets only "
                      f"the rows of its micro-batch")
             rows = batch_rows(microbatch, microbatch=True)
-            if last.example_rows is not None and rows and last.example_rows % rows:  # rows the step made: nodes
-                # (a multiple of the batch's rows is views put together, SimCLR's: no hedge)
+            # (a graph's edge list among the inputs: nodes a multiple of the graphs in the first micro-batch were
+            # taken for views, found by review)
+            if last.example_rows is not None and rows and (last.example_rows % rows or last.edge_list
+                                                           and last.example_rows != rows):  # rows the step made:
+                # nodes (a multiple of the batch's rows, without edges, is views put together, SimCLR's: no hedge)
                 alone += (f" (here the model's rows, dim 0 of its inputs, {last.example_rows} in the first "
                           f"micro-batch, are not the batch's, {rows}: where they are parts of the batch's rows that "
                           f"the step puts together, as the nodes of a batch of graphs, and meet only within a row of "
