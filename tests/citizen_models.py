@@ -540,7 +540,8 @@ class MomentumBYOL(L.LightningModule):
     """BYOL as lightly writes it: momentum copies of the backbone and of the projection head (deep copies, frozen),
     updated with ``torch._foreach`` ops pairing their parameters with the model's (lightly's ``update_momentum``), in
     the step before the model (``where="step"``, lightly's example; ``"backbone"``: the backbone's copy alone) or in a
-    hook every rank runs (``"hook"``)."""
+    hook every rank runs (``"hook"``); ``"zip_hook"``: the backbone's copy by a loop pairing the parameters, in
+    ``on_before_zero_grad``."""
 
     def __init__(self, where: str = "step") -> None:
         super().__init__()
@@ -561,6 +562,11 @@ class MomentumBYOL(L.LightningModule):
     def _update_momentum(self) -> None:
         with torch.no_grad():
             pairs = [(self.backbone, self.backbone_momentum), (self.projection_head, self.projection_head_momentum)]
+            if self.where == "zip_hook":  # by hand, where Lightning's docs put an EMA's update
+                for model, ema in pairs[:1]:
+                    for p, q in zip(model.parameters(), ema.parameters()):
+                        q.mul_(0.99).add_(p.detach(), alpha=0.01)
+                return
             for model, ema in pairs[:1] if self.where == "backbone" else pairs:
                 targets = list(ema.parameters())
                 torch._foreach_mul_(targets, 0.99)
@@ -570,8 +576,12 @@ class MomentumBYOL(L.LightningModule):
         if self.where == "hook":
             self._update_momentum()
 
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        if self.where == "zip_hook":
+            self._update_momentum()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self.where != "hook":
+        if self.where not in ("hook", "zip_hook"):
             self._update_momentum()
         x, _ = batch
         p0, p1 = self(x), self(x.flip(1))

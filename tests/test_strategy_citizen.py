@@ -1047,6 +1047,11 @@ def test_lightlys_byol_momentum_update_is_refused_naming_the_copies_it_pairs() -
         # and in the line every rank's error ends with, not only in the failing rank's traceback (found by review)
         posted = [[line for line in (error or "").splitlines() if "PipelineError:" in line] for error in errors]
         assert all(pairing in line for lines in posted for line in lines), (where, posted)
+    # by hand in a hook: the first stage holds the whole backbone, so its copy pairs right there, but the last stage,
+    # which runs the copy in the step, holds none of it and never updates its copy: every rank stops (found by
+    # review: warned, then trained on with a stale copy)
+    for error in run_ranks(_byol, 2, "zip_hook", expect_failure=True, timeout=150):
+        assert error is not None and "backbone_momentum has the structure of self.backbone" in error, error
 
 
 def _centered(rank: int, world_size: int) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class FrozenCopies:
         averaged = [name for name in copies if any(id(p) in averages for p in module.get_submodule(name).parameters())]
         self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
         self.watched = list(self.unsaid) if first_rank or pipeline.is_last_rank else []
+        # the last stage runs the step's code, which calls the copies: a copy changed elsewhere is not the one it runs
+        self.runs_the_step = bool(pipeline.is_last_rank)
         self.first: dict[str, torch.Tensor] = {}  # each watched copy's weights' sums when training began
         self.steps = 0
         if averaged and first_rank:
@@ -99,12 +101,17 @@ class FrozenCopies:
             self.unsaid = [name for name in self.unsaid if name not in changed]
             what = f"is a frozen copy of it whose weights have changed since training began (seen after training " \
                    f"step {self.steps})"
-            # (found by review: a hand-written EMA in a hook trained on, wrong, past its warning)
-            partial = [name for name in changed if self._held_here(name) < self._held_here(name, copy=True)]
-            if partial:
-                raise ValueError(f"{self.pairing(partial, what)}. This rank holds only part of the model's "
-                                 f"parameters that {partial[0]} copies, so its update cannot have been one device's: "
-                                 f"stopped rather than train on with a wrong copy")
+            # (found by review: a hand-written EMA in a hook trained on, wrong, past its warning) where this rank
+            # holds part of what a copy copies, its update pairs the wrong ones; where it holds all of it but does not
+            # run the step, the last stage's copy, which the step runs, holds none of it and stays as it was
+            wrong = [name for name in changed
+                     if self._held_here(name) < self._held_here(name, copy=True) or not self.runs_the_step]
+            if wrong:
+                why = "only part of" if self._held_here(wrong[0]) < self._held_here(wrong[0], copy=True) else \
+                    "all of, while the last stage, whose step runs the copy, holds none or part of"
+                raise ValueError(f"{self.pairing(wrong, what)}. This rank holds {why} the model's parameters that "
+                                 f"{wrong[0]} copies, so the copy the step runs cannot be one device's: stopped "
+                                 f"rather than train on with a wrong copy")
             self._say(changed, what)
 
     def _held_here(self, name: str, copy: bool = False) -> int:
