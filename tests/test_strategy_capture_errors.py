@@ -291,6 +291,20 @@ def _run(rank: int, world_size: int, case: str) -> None:
         module, width = _lightning(AutoEncoder(), use="hook"), 32
     elif case == "stored":
         module, width = _lightning(Storing(), use="stored"), 8
+    elif case == "appended":  # a memory bank the forward fills (anomalib's Padim: found by review)
+        class Banking(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+                self.memory_bank: list[torch.Tensor] = []
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                h = torch.tanh(self.first(x))
+                if self.training:
+                    self.memory_bank.append(h.detach())
+                return self.second(h)
+
+        module, width = _lightning(Banking()), 8
     elif case == "thawed":  # a parameter the step reads after the model, frozen at the build, unfrozen in the step
         class Thawing(L.LightningModule):
             def __init__(self) -> None:
@@ -457,6 +471,8 @@ def _run(rank: int, world_size: int, case: str) -> None:
               "Return what the step needs from the model's forward"]),
     ("graph", ["CaptureError", "The batch holds a tensor of shape (8, 8) over its 8 rows twice",
                "pass num_microbatches=1"]),
+    ("appended", ["CaptureError", "Banking.forward appends tensors to lists it keeps as attributes: 'memory_bank'",
+                  "fit it on one device (drop the strategy)"]),
     ("stored", ["'aux' of 'second' is a tensor that its forward stores at each call",
                 "Return it from the model's forward"]),
     ("thawed", ["gave gradients to temperature, outside the pipelined model and frozen when the pipeline was built",

@@ -37,7 +37,7 @@ import torch.nn as nn
 from .errors import listed, locate_frame
 
 __all__ = ["Assignments", "PLAIN_VALUES", "Read", "Fields", "plain_list", "tensor_tree", "changed_fields",
-           "fields_warning",
+           "fields_warning", "appended_refusal",
            "assignment_advice", "carried_advice", "changed_reads", "read_advice", "stored_advice", "stored_attributes",
            "stored_refusal"]
 
@@ -94,6 +94,7 @@ class Assignments:
         self.looked: set[tuple[int, str]] = set()  # attributes holding None or a tensor that the forward read
         self.read: dict[tuple[int, str], Read] = {}  # plain values the forward read from its modules' attributes
         self.assigned: set[tuple[int, str]] = set()  # plain attributes the forward assigned, in any run (:meth:`watch`)
+        self.appended: list[str] = []  # lists of the modules the forward appends tensors to (a memory bank)
 
     def reads(self) -> list[Read]:
         """The plain attributes the forward read and never assigns (Swin's shift, set afresh from the input at each
@@ -106,11 +107,13 @@ class Assignments:
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
         self.refused, self.changed, self.pending, self.stored, self.read = [], {}, {}, [], {}
+        self.appended = []
         self.carried, self.looked = [], set()
         setattr_ = nn.Module.__setattr__
         getattribute = object.__getattribute__
         mine, read, looked = self.mine, self.read, self.looked
         dicts: dict[tuple[int, str], tuple[nn.Module, dict, dict[Any, int]]] = {}  # plain dicts read, as first read
+        lists: dict[tuple[int, str], tuple[nn.Module, list, int]] = {}  # lists read, with their first lengths
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
@@ -131,6 +134,8 @@ class Assignments:
                 looked.add(key)
             if type(value) is dict and key not in dicts and not name.startswith("_"):  # (items written: _in_place)
                 dicts[key] = (module, value, {item: id(held) for item, held in value.items()})
+            if type(value) is list and key not in lists and not name.startswith("_"):  # (items added: _appended)
+                lists[key] = (module, value, len(value))
             return value
         buffers = torch.nn.modules.module.register_module_buffer_registration_hook(self._buffer_assigned)
         returns = torch.nn.modules.module.register_module_forward_hook(self._returned)
@@ -170,6 +175,17 @@ class Assignments:
             for (_, name), (module, original) in self.pending.items():  # a run that failed midway: originals back
                 module._buffers[name] = original
             self._in_place(dicts)
+            self._appended(lists)
+
+    def _appended(self, lists: dict[tuple[int, str], tuple[nn.Module, list, int]]) -> None:
+        """Tensors the forward appended to a list it keeps as an attribute (anomalib's Padim and PatchCore collect
+        each training batch's features in ``self.memory_bank``): the graph never appends, so the list would stay as
+        the capture left it (found by review: anomalib's own "Memory bank is empty" at the first validation)."""
+        for (_, name), (module, value, length) in lists.items():
+            if len(value) > length and any(isinstance(item, torch.Tensor) or tensor_tree(item)
+                                           for item in value[length:]):
+                self.appended.append(f"'{_name(self.names, module, name)}'")
+                del value[length:]  # (the capture's fakes)
 
     def _in_place(self, dicts: dict[tuple[int, str], tuple[nn.Module, dict, dict[Any, int]]]) -> None:
         """Tensors the forward wrote into a dict it keeps as an attribute (``self.cache["hc"] = (h, c)``, a forward
@@ -431,6 +447,16 @@ def assignment_advice(model_name: str, found: list[str]) -> str:
                 "starts, every config.rescale_every layers (a guard against float16 overflow at inference): build it "
                 "with rescale_every=0 to pipeline it" if any("layers_are_rescaled" in item for item in found) else
                 ""))
+
+
+def appended_refusal(model_name: str, found: list[str]) -> str:
+    """The error for a forward that appends tensors to lists it keeps (``found``)."""
+    return (f"{model_name}.forward appends tensors to lists it keeps as attributes: {listed(found)} (a memory bank "
+            f"filled at each training step, as anomalib's Padim and PatchCore collect their features). Under "
+            f"PipelineStrategy the forward runs as a graph captured once, which does not append at each step, so the "
+            f"list would stay as it was. A model that fits by collecting features, with no parameters to train, has "
+            f"nothing to pipeline: fit it on one device (drop the strategy). To collect values from a trained model, "
+            f"return them from forward and collect them in the step")
 
 
 def carried_advice(model_name: str, found: list[str]) -> str:

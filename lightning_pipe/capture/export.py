@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
 
-from .assignments import Assignments, Read, assignment_advice, carried_advice, stored_advice
+from .assignments import Assignments, Read, appended_refusal, assignment_advice, carried_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
 from .errors import (
     SEQUENTIAL_PATH,
@@ -254,6 +254,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
             raise CaptureError(frozen_checkpoint_advice(type(model).__name__, frozen))
         if assignments.refused:
             raise CaptureError(assignment_advice(type(model).__name__, assignments.problems()))
+        if assignments.appended:
+            raise CaptureError(appended_refusal(type(model).__name__, assignments.appended))
         if assignments.changed and assignments.settled is None:
             assignments.settle(program.graph_module.code)
             continue  # again, from the values the forward set: the same graph if it does not depend on them
