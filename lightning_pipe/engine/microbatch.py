@@ -49,8 +49,10 @@ def _read(batch: Any, warn: bool = True) -> tuple[int, set[int]]:
     if not sizes:
         hidden = _hidden_tensors(batch)
         if hidden is not None and _graph_batch(batch):
-            raise ValueError(f"cannot split a batch of {hidden} into micro-batches: a pipeline splits a batch's "
-                             f"tensors along their rows (dim 0). {_GRAPH_ADVICE}")
+            raise ValueError(f"cannot split a batch of {hidden} into micro-batches, nor read its rows (also "
+                             f"with num_microbatches=1, where the pipeline still reads the batch's tensors to check "
+                             f"and place them): a pipeline splits a batch's tensors along their rows (dim 0). "
+                             f"{_GRAPH_ADVICE}")
         if hidden is not None:
             raise ValueError(f"cannot split a batch of {hidden} (a class of its own) into micro-batches: a pipeline "
                              f"splits a batch's tensors along their rows (dim 0) in tensors, tuples, lists, dicts, "
