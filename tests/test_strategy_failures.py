@@ -755,3 +755,15 @@ def test_a_time_based_validation_interval_is_decided_by_the_last_stage_on_every_
     validated while the other trained on, and they parted (found while reviewing the meeting at validation start)."""
     expected = [[1], [1]] if skewed == 1 else [[], []]  # (after a validation its clock is every rank's again)
     assert run_ranks(_validated_by_time, 2, skewed, timeout=100) == expected
+
+
+def test_what_a_rank_did_after_a_wait_is_named_without_the_waits_guess() -> None:
+    """A rank stuck in its own code after a wait was said to be "after comparing the optimizer's parameter groups
+    after its step (a step skipped on some ranks only, by an optimizer_step of yours ...?)": the guess, meant for that
+    wait failing, sent the reader after code they did not have (found by review). The wait's name alone is kept."""
+    from lightning_pipe.engine.deadline import _done
+    from lightning_pipe.strategy.step_hooks import _COMPARING_GROUPS
+
+    assert _done(_COMPARING_GROUPS) == "comparing the optimizer's parameter groups after its step"
+    assert _done("the step's result all_reduce") == "the step's result all_reduce"
+    assert _done("a barrier (in on_fit_start)") == "a barrier (in on_fit_start)"  # a place, not a guess: kept

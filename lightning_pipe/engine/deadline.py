@@ -106,7 +106,7 @@ def wait_work(work: dist.Work, what: str, group: dist.ProcessGroup | None, timeo
                 arm_exit_guard()
                 message, root = explain_wait(me, others or [me], what, now - start, same=what)
                 raise PeerLost(message, root, timed_out=True)
-        activity.doing(f"its own code after {what}")
+        activity.doing(f"its own code after {_done(what)}")
     try:
         work.wait()
     except RuntimeError as error:  # a connection closed: explain it
@@ -150,7 +150,7 @@ def wait_messages(works: Sequence[dist.Work], what: str, peers: Sequence[int], t
                                          same=what)
             message = f"{message} (torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})"
             raise PeerLost(message, root, timed_out) from error
-    activity.doing(f"its own code after {what}")
+    activity.doing(f"its own code after {_done(what)}")
 
 
 @contextmanager
@@ -193,7 +193,7 @@ def explained(what: str, group: dist.ProcessGroup | None = None) -> Iterator[Non
         # the store's host (global rank 0) waits a little for the others to explain it too, or they find no store
         FailureBoard("lightning_pipe/explained", dist.get_world_size()).linger(5.0)
         raise explanation from error
-    activity.doing(f"its own code after {what}")
+    activity.doing(f"its own code after {_done(what)}")
 
 
 _LOOK_S = 0.25  # seconds between two looks at the clock and the notices while a collective waits
@@ -238,3 +238,10 @@ def left_behind(notice: Callable[[], PipelineError | None], what: str, group: An
         return None
 
     return check
+
+
+def _done(what: str) -> str:
+    """A wait's name for what a rank did after it: without the guess at why it might not come that the name carries
+    for a failed wait (``"comparing the groups (a step skipped on some ranks only ...?)"``), which sent a reader of
+    "still in its own code after ..." after code they may not have (found by review)."""
+    return what.split(" (", 1)[0] if what.endswith("?)") else what
