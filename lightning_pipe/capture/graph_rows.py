@@ -38,22 +38,31 @@ def known_rows(rows: int | None) -> Iterator[None]:
         _KNOWN_ROWS.reset(token)
 
 
-def _example(firsts: Sequence[int | torch.SymInt]) -> object:
+def _example(firsts: Sequence[int | torch.SymInt], edges: bool = False) -> object:
     """The rows of a capture's example, from its tensor inputs' sizes along dim 0: the first input's, unless it holds
     no whole number of the rows :func:`known_rows` gives (a flat concatenation of the rows' ids) and another input has
     that many (a first input of rows times a length, flattened, keeps its rows: a side table as long as the rows by
-    chance is not taken for them)."""
+    chance is not taken for them). ``edges``: the inputs hold a graph's edge list, so a first input of other rows is
+    the graphs' nodes even where they are a whole number of the rows (found by review: taken for the rows then)."""
     known, first = _KNOWN_ROWS.get(), example_size(firsts[0])
-    if known and isinstance(first, int) and first % known and any(example_size(size) == known for size in firsts):
+    if known and isinstance(first, int) and (first % known or edges and first != known) \
+            and any(example_size(size) == known for size in firsts):
         return known
     return first
+
+
+def _edge_list(user_inputs: Sequence[fx.Node]) -> bool:
+    """Whether an input is an integer ``(2, edges)`` tensor, a graph's edge list (PyTorch Geometric's ``edge_index``)."""
+    return any(isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() == 2
+               and not value.is_floating_point() and example_size(value.shape[0]) == 2
+               and example_size(value.shape[1]) != 2 for node in user_inputs)
 
 
 def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
     """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
     along dim 0 (or the rows :func:`known_rows` gives, where an input has them); None without one."""
     firsts = first_sizes(user_inputs)
-    return int(_example(firsts)) if firsts else None  # type: ignore[call-overload]
+    return int(_example(firsts, _edge_list(user_inputs))) if firsts else None  # type: ignore[call-overload]
 
 
 def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
@@ -63,7 +72,7 @@ def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
     firsts = first_sizes(user_inputs)
     if not firsts:
         return set()
-    example = _example(firsts)
+    example = _example(firsts, _edge_list(user_inputs))
     return {size.node.expr for size in firsts if fixed_size(size) is None and example_size(size) == example}
 
 
