@@ -13,8 +13,8 @@ import torch.fx as fx
 
 from .patterns import fixed_size
 
-__all__ = ["first_sizes", "known_rows", "example_rows", "rows_symbols", "row_dims", "example_size", "counts_rows",
-           "dim_of", "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
+__all__ = ["first_sizes", "known_rows", "example_rows", "edge_list", "rows_symbols", "row_dims", "example_size",
+           "counts_rows", "dim_of", "op_name", "is_rows", "part_of_rows", "has_rows", "rows_at", "place"]
 
 
 def first_sizes(user_inputs: Sequence[fx.Node]) -> list[int | torch.SymInt]:
@@ -51,8 +51,9 @@ def _example(firsts: Sequence[int | torch.SymInt], edges: bool = False) -> objec
     return first
 
 
-def _edge_list(user_inputs: Sequence[fx.Node]) -> bool:
-    """Whether an input is an integer ``(2, edges)`` tensor, a graph's edge list (PyTorch Geometric's ``edge_index``)."""
+def edge_list(user_inputs: Sequence[fx.Node]) -> bool:
+    """Whether an input is an integer ``(2, edges)`` tensor, a graph's edge list (PyTorch Geometric's
+    ``edge_index``)."""
     return any(isinstance(value := node.meta.get("val"), torch.Tensor) and value.dim() == 2
                and not value.is_floating_point() and example_size(value.shape[0]) == 2
                and example_size(value.shape[1]) != 2 for node in user_inputs)
@@ -62,7 +63,7 @@ def example_rows(user_inputs: Sequence[fx.Node]) -> int | None:
     """The model's rows in the capture's example (what :func:`rows_symbols` counts): its first tensor input's size
     along dim 0 (or the rows :func:`known_rows` gives, where an input has them); None without one."""
     firsts = first_sizes(user_inputs)
-    return int(_example(firsts, _edge_list(user_inputs))) if firsts else None  # type: ignore[call-overload]
+    return int(_example(firsts, edge_list(user_inputs))) if firsts else None  # type: ignore[call-overload]
 
 
 def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
@@ -72,7 +73,7 @@ def rows_symbols(user_inputs: Sequence[fx.Node]) -> set[Any]:
     firsts = first_sizes(user_inputs)
     if not firsts:
         return set()
-    example = _example(firsts, _edge_list(user_inputs))
+    example = _example(firsts, edge_list(user_inputs))
     return {size.node.expr for size in firsts if fixed_size(size) is None and example_size(size) == example}
 
 

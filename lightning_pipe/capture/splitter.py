@@ -21,7 +21,7 @@ from .devices import has_meta_state, rewrite_devices
 from .errors import CaptureError
 from .export import export_forward, register_dataclass
 from .graph import Recompute, chained_lists, lay_out
-from .graph_rows import example_rows, rows_symbols
+from .graph_rows import edge_list, example_rows, rows_symbols
 from .losses import counted_means, mean_losses
 from .materialize import materialize
 from .patterns import autocast_state, pattern_of
@@ -269,8 +269,7 @@ class Splitter:
                           exported - start, time.perf_counter() - exported,
                           rows_meet(list(program.graph.nodes), layout.user_inputs, training) if dynamic else None,
                           modes=modes, example_rows=example_rows(layout.user_inputs),
-                          edge_list=any(isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == 2
-                                        and not value.is_floating_point() and value.shape[1] != 2 for value in flat))
+                          edge_list=edge_list(layout.user_inputs))
         try:  # how its single-number outputs add up over rows: the last stage may put micro-batches' together
             rows = rows_symbols(layout.user_inputs) if dynamic else set()
             fixed = frozenset(  # the sizes the rows may have where the graph fixed them: the inputs' dim 0
