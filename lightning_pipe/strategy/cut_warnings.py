@@ -104,10 +104,10 @@ class FrozenCopies:
             # (found by review: a hand-written EMA in a hook trained on, wrong, past its warning) where this rank
             # holds part of what a copy copies, its update pairs the wrong ones; where it holds all of it but does not
             # run the step, the last stage's copy, which the step runs, holds none of it and stays as it was
-            wrong = [name for name in changed
-                     if self._held_here(name) < self._held_here(name, copy=True) or not self.runs_the_step]
+            partial = {name: self._held_here(name) < self._held_here(name, copy=True) for name in changed}
+            wrong = [name for name in changed if partial[name] or not self.runs_the_step]
             if wrong:
-                why = "only part of" if self._held_here(wrong[0]) < self._held_here(wrong[0], copy=True) else \
+                why = "only part of" if partial[wrong[0]] else \
                     "all of, while the last stage, whose step runs the copy, holds none or part of"
                 raise ValueError(f"{self.pairing(wrong, what)}. This rank holds {why} the model's parameters that "
                                  f"{wrong[0]} copies, so the copy the step runs cannot be one device's: stopped "

@@ -259,11 +259,6 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
     checkpoint_format = property(lambda self: self.settings.checkpoint_format)
     loss_reduction = property(lambda self: self.settings.loss_reduction)
     wait_timeout = property(lambda self: self.settings.wait_timeout)
-
-    @property
-    @override
-    def waits_give_up_after(self) -> float:
-        return self.settings.wait_timeout
     detect_anomaly = property(lambda self: self.settings.detect_anomaly)
 
     @property

@@ -93,10 +93,10 @@ class ProcessStrategy(ParallelStrategy):
         # Idle OpenMP threads of ranks sharing cores must sleep, not spin; read by each child as torch loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         self._launcher = PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
-                                         grace=self.waits_give_up_after + MARGIN)
+                                         grace=self.wait_timeout + MARGIN)
 
     @property
-    def waits_give_up_after(self) -> float:
+    def wait_timeout(self) -> float:
         """Seconds after which a wait of this process for another rank gives up: the launcher kills the ranks it
         started no sooner after one failed."""
         return DEFAULT_WAIT_TIMEOUT

@@ -18,7 +18,7 @@ from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_t
 
 __all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
-           "same_output", "without_gradients", "output_gradients"]
+           "same_output", "without_gradients", "as_in_training", "output_gradients"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -64,31 +64,38 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
 BATCH, ROWS = "batch", "rows"  # a batch handed to the engine, tagged with its row numbers
 
 
-def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable[[], bool] | None = None,
-                      as_training: bool = False) -> Any:
+def without_gradients(attempt: Callable[[Any], Any], output: Any, undo: Callable[[], bool] | None = None) -> Any:
     """``attempt(output)`` (a run of the step's code on the model's output, for a check) under ``torch.no_grad()``;
     where the step takes gradients of its own through the output (``torch.autograd.grad(loss, logits)``: a penalty
     on the logits' gradient), which fails without them, once more with gradients, through a copy of ``output`` cut
-    from the model (its floating-point tensors leaves that require grad). Such a step's check failed, and its loss
-    was taken as one the check cannot tell (found by review: 3.7e-2 off one device, silently). ``undo`` puts back
-    what the failed attempt changed on the module (``self.seen += len(x)`` before the step's own gradient), and says
-    whether it could; where it could not, the first attempt's error stands.
-
-    ``as_training``: the run stands for one device's training step, whose effects are kept: it runs with gradients
-    on such a copy at once, as one device's step sees its output (lightly's memory bank enqueues only ``if
-    out.requires_grad``: found by review, never filled under no_grad), and returns what it gave detached."""
-    if not as_training:
-        try:
-            with torch.no_grad():
-                return attempt(output)
-        except RuntimeError as error:
-            if "does not require grad" not in str(error) or (undo is not None and not undo()):
-                raise
-    leaves = tree_map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() or t.is_complex()
-                              else t, output)
+    from the model (:func:`_cut_from_model`). Such a step's check failed, and its loss was taken as one the check
+    cannot tell (found by review: 3.7e-2 off one device, silently). ``undo`` puts back what the failed attempt
+    changed on the module (``self.seen += len(x)`` before the step's own gradient), and says whether it could; where
+    it could not, the first attempt's error stands."""
+    try:
+        with torch.no_grad():
+            return attempt(output)
+    except RuntimeError as error:
+        if "does not require grad" not in str(error) or (undo is not None and not undo()):
+            raise
     with torch.enable_grad():
-        given = attempt(leaves)
-    return tree_map_tensors(torch.Tensor.detach, given) if as_training else given
+        return attempt(_cut_from_model(output))
+
+
+def as_in_training(attempt: Callable[[Any], Any], output: Any) -> Any:
+    """``attempt(output)`` for a run that stands for one device's training step, whose effects are kept: with
+    gradients, through a copy of ``output`` cut from the model, as one device's step sees its output (lightly's memory
+    bank enqueues only ``if out.requires_grad``: found by review, never filled under no_grad); what it gives,
+    detached."""
+    with torch.enable_grad():
+        given = attempt(_cut_from_model(output))
+    return tree_map_tensors(torch.Tensor.detach, given)
+
+
+def _cut_from_model(output: Any) -> Any:
+    """``output`` with its floating-point (and complex) tensors detached as leaves that require grad."""
+    return tree_map_tensors(lambda t: t.detach().requires_grad_(True) if t.is_floating_point() or t.is_complex()
+                            else t, output)
 
 
 def output_gradients(attempt: Callable[[Any], torch.Tensor], output: Any) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import (
-    call_weights, combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
+    as_in_training, call_weights, combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
 )
 from lightning_pipe.strategy.values import sendable
 
@@ -162,8 +162,8 @@ class WholeBatchRuns:
                     output = self.split.run_step(step, whole, owned(batch), rest, kwargs)
                     return output, not same_random_states(global_random_states(), before) or held.moved()
 
-            output, drawn = without_gradients(attempt, whole, lambda: self.effects.restore(mark),
-                                              as_training=step == "training_step")
+            output, drawn = as_in_training(attempt, whole) if step == "training_step" else \
+                without_gradients(attempt, whole, lambda: self.effects.restore(mark))
             returned.append(output)
             drew.append(drawn)
 
