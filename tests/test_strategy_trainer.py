@@ -560,7 +560,7 @@ def test_a_loss_divided_by_its_own_detached_value_is_said_to_differ() -> None:
     assert run_ranks(_fit_self_normalized, 2, "zero_head", timeout=120) == [[], []]
 
 
-def _one_process(rank: int, world_size: int) -> list[str]:
+def _one_process(rank: int, world_size: int, batch_size: int = 8) -> list[str]:
     import warnings
 
     import lightning_pipe  # noqa: F401
@@ -568,7 +568,7 @@ def _one_process(rank: int, world_size: int) -> list[str]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _trainer("pipedream", 1, max_steps=1).fit(Regressor(), regression_data(1))
+        _trainer("pipedream", 1, max_steps=1).fit(Regressor(), regression_data(1, batch_size=batch_size))
     return [str(warning.message) for warning in caught]
 
 
@@ -579,3 +579,13 @@ def test_a_pipeline_of_one_process_says_nothing_is_pipelined() -> None:
     messages = run_ranks(_one_process, 1, timeout=100)[0]
     assert any(message.startswith("PipelineStrategy on one process: the whole model is one stage")
                for message in messages), messages
+    assert not any("micro-batches of one row" in message for message in messages), messages
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_of_fewer_rows_than_microbatches_is_said_to_run_one_row_each() -> None:
+    """num_microbatches=4 (the default) on batches of 3 rows ran 3 micro-batches of one row without a word (found by
+    review: the setting lowered silently)."""
+    messages = run_ranks(_one_process, 1, 3, timeout=100)[0]
+    said = [message for message in messages if "micro-batches of one row" in message]
+    assert len(said) == 1 and "num_microbatches=4, but the first training batch has 3 rows" in said[0], messages

@@ -132,6 +132,7 @@ class PipelineRunner(TrainingSteps, EvaluationSteps, FirstBatchChecks, WholeBatc
                                                       for stage in pipeline.stages.values()))
         self.frozen_copies: FrozenCopies | None = None  # copies of the model beside it (an EMA target), watched
         self._batch_norms_said = False  # at the first training step: after the hooks that freeze some (eval mode)
+        self._rows_said = False  # at the first training step: a batch of fewer rows than micro-batches
         self._init_checks(split, pipeline)
 
     @classmethod

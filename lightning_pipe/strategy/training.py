@@ -11,6 +11,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
@@ -54,6 +55,7 @@ class TrainingSteps:
     collective_device: torch.device
     loss_reduction: Any
     _batch_norms_said: bool
+    _rows_said: bool
     _keeps_outputs: bool
     _parameter_reads_left: int
     _parameter_writes_left: int
@@ -120,6 +122,9 @@ class TrainingSteps:
                optimizer_step: Callable[[], Any] | None, seed: int) -> Any:
         batch, rest = args[0], tuple(args[1:])
         rows = check_rows(batch, "training_step")
+        if not self._rows_said:
+            self._rows_said = True
+            _warn_of_few_rows(rows, self.pipeline.num_microbatches)
         fingerprint = batch_fingerprint(batch, self.collective_device)
         pipe, outputs, sizes = self.pipeline, [], []
         firsts = self._first_rows(rows)
@@ -273,3 +278,13 @@ class TrainingSteps:
                     param.grad.mul_(factor)
         loss = result.loss.to(pipe.device)
         return {"loss": loss, **result.output} if result.output else loss
+
+
+def _warn_of_few_rows(rows: int, num_microbatches: int) -> None:
+    """Say, at the first training step, that a batch of fewer rows than ``num_microbatches`` runs one micro-batch
+    per row (the setting was lowered without a word before: found by review)."""
+    if rows < num_microbatches:
+        rank_zero_warn(f"num_microbatches={num_microbatches}, but the first training batch has {rows} rows: a batch "
+                       f"splits into at most one micro-batch per row, so each step runs {rows} micro-batches of one "
+                       f"row. Give the DataLoader a batch_size of at least {num_microbatches} (a multiple of it "
+                       f"splits evenly), or pass num_microbatches={rows} or fewer")
