@@ -18,14 +18,13 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import (
     _optimizers_to_device,
 )
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from typing_extensions import override
@@ -62,6 +61,7 @@ from lightning_pipe.strategy.processes import ProcessStrategy
 from lightning_pipe.strategy.randomness import Stream, derive_seed, forked_random
 from lightning_pipe.strategy.runner import PipelineRunner
 from lightning_pipe.strategy.settings import PipelineSettings
+from lightning_pipe.strategy.settings_checks import check_settings
 from lightning_pipe.strategy.share_warning import read_by_the_user
 from lightning_pipe.strategy.step_hooks import PipelineSteps
 from lightning_pipe.strategy.split import SplitModule, listings_of
@@ -426,44 +426,13 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             loop.inference_mode = False  # validation and gloo's: inference tensors have no version counter, and the
             # stages' copies and the steps' runs aside need ordinary ones (found by review: NCCL's evaluation failed)
         check_callbacks(trainer.callbacks, trainer.loggers)
-        _refuse_iterator_steps(module, trainer.state.fn)
-        if fitting and self.world_size == 1:
-            rank_zero_warn("PipelineStrategy on one process: the whole model is one stage and nothing is pipelined "
-                           "(the micro-batches run one after another). Pass devices=2 or more (one stage per device; "
-                           "on CPU: Trainer(accelerator='cpu', devices=2), whose devices='auto' is 1), or drop the "
-                           "strategy to train on one device")
-        if fitting and getattr(self, "_layer_sync", None) is not None:
-            rank_zero_warn("Trainer(sync_batchnorm=True) has no effect under PipelineStrategy: its batch norms "
-                           "normalize each micro-batch by its own statistics and update their running statistics "
-                           "once per step from the whole batch's (see the README on BatchNorm); drop the flag, or use "
-                           "GroupNorm or LayerNorm for results independent of the micro-batches")
-        if fitting and self.checkpoint_format == "sharded" and type(self.checkpoint_io) is not TorchCheckpointIO:
-            rank_zero_warn(f"checkpoint_format='sharded' writes, removes and reads checkpoint folders with "
-                           f"torch.distributed.checkpoint, not through Trainer's checkpoint IO: "
-                           f"{type(self.checkpoint_io).__name__} is not called for them (what it does, an upload, "
-                           f"encryption, a retention policy, is not done). Use checkpoint_format='full' (one file, "
-                           f"written through it), or do that work on the folders in a callback after the saves "
-                           f"(ModelCheckpoint's last_model_path and best_model_path name them)")
-        if fitting and not module.automatic_optimization:
-            raise ValueError("PipelineStrategy runs forward and backward of every micro-batch itself and so supports "
-                             "automatic optimization only (self.automatic_optimization = True, one backward of the "
-                             "step's loss per batch); a step that calls manual_backward and steps optimizers itself "
-                             "(a GAN's alternating generator and discriminator updates) cannot be cut into a pipeline: "
-                             "train it with strategy='ddp' or 'fsdp'. A step with one optimizer that only steps it "
-                             "by hand (gradient accumulation, clipping or a learning-rate schedule written out) "
-                             "pipelines once written for automatic optimization: return the loss from training_step "
-                             "and use Trainer(accumulate_grad_batches=..., gradient_clip_val=...) and "
-                             "configure_optimizers' lr_scheduler")
-        if fitting and is_overridden("backward", module, LightningModule):
-            raise ValueError(f"{type(module).__name__} overrides LightningModule.backward, which PipelineStrategy "
-                             f"never calls: each stage runs its micro-batches' backward itself. Move what it does "
-                             f"around the backward to on_before_backward or on_after_backward (called as on one "
-                             f"device), or to loss_reduction / the loss the step returns")
         scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None and self.settings.asynchronous:
-            raise ValueError(f"schedule={self.schedule!r} steps each stage at its own time, so its stages cannot agree "
-                             f"on skipping a step as a gradient scaler (precision='16-mixed') must; use "
-                             f"precision='bf16-mixed' or '32-true', or a synchronous schedule ('1f1b', 'gpipe')")
+        check_settings(trainer, module, one_process=self.world_size == 1,
+                       sync_batchnorm=getattr(self, "_layer_sync", None) is not None,
+                       foreign_io=self.checkpoint_format == "sharded"
+                       and type(self.checkpoint_io) is not TorchCheckpointIO,
+                       io_name=type(self.checkpoint_io).__name__,
+                       scaled_asynchronous=self.schedule if scaler is not None and self.settings.asynchronous else None)
         self._position.start(trainer)
         # Every rank logs the same values (the last stage's, combined over the replicas): Lightning's advice to sync
         # epoch-level logs across devices does not apply, and following it would only add a collective.
@@ -630,20 +599,6 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
 PipelineStrategy.register_strategies(StrategyRegistry)
 
 
-_STEPS = {TrainerFn.FITTING: ("training_step", "validation_step"), TrainerFn.VALIDATING: ("validation_step",),
-          TrainerFn.TESTING: ("test_step",), TrainerFn.PREDICTING: ("predict_step",)}
-
-
-def _refuse_iterator_steps(module: LightningModule, fn: TrainerFn | None) -> None:
-    """A step taking ``dataloader_iter`` (Lightning's iterator-style step, fetching its own batches) cannot be
-    pipelined: refused on every rank at setup, saying so (the iterator reached the batch splitter, which said the
-    batch held no tensors)."""
-    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-
-    for name in _STEPS.get(fn, ()) if fn is not None else ():
-        if is_overridden(name, module, LightningModule) and is_param_in_hook_signature(
-                getattr(module, name), "dataloader_iter", explicit=True):
-            raise ValueError(f"{type(module).__name__}.{name} takes dataloader_iter (Lightning's iterator-style "
-                             f"step, which fetches its own batches): a pipeline splits each batch into micro-batches "
-                             f"and runs the step on each of them, so it must be given the batch. Write "
-                             f"{name}(self, batch, batch_idx) and let the DataLoader give the batch")
+# Lightning is fully imported by now (this module imports it), so the names can be registered; importing
+# ``lightning_pipe`` makes sure this module is imported as soon as Lightning is (see ``lightning_pipe/__init__``).
+PipelineStrategy.register_strategies(StrategyRegistry)
