@@ -171,8 +171,22 @@ class _ReluInPlaceLater(nn.Module):
         return x.relu_() if self.calls > 1 else x.relu()
 
 
+class _OneIdBags(nn.Module):
+    """nn.EmbeddingBag over bags of one id each, ids and offsets read from the input's first columns (as DLRM's
+    one-hot features give them: as long as the batch, so split with its rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bags = nn.EmbeddingBag(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bags(x[:, 1].long(), x[:, 0].long())
+
+
 def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
-    if kind == "shape":  # stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only
+    if kind == "bags":  # the offsets travel as the batch's rows: micro-batch 1's start at 2
+        layers, rows = nn.Sequential(nn.Identity(), _OneIdBags()), 4
+    elif kind == "shape":  # stage 1 expects 16 features but stage 0 produces 8: a shape error on rank 1 only
         layers, rows = nn.Sequential(nn.Linear(16, 8), nn.Linear(16, 16)), 4
     elif kind == "in place":  # micro-batch 1's forward changes the weight micro-batch 0's backward needs
         layers = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), Masked(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
@@ -183,7 +197,10 @@ def _bad_shape(rank: int, world_size: int, kind: str = "shape") -> None:
     else:  # a batch norm given a micro-batch of 1 row: 3 rows into 2 micro-batches
         layers, rows = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), 3
     schedule = "gpipe" if kind == "in place" else "1f1b"  # gpipe: both forwards before the backwards
-    Pipeline(layers, loss_fn=mse_loss, schedule=schedule, num_microbatches=2).train_step(make_batch(rows))
+    batch = make_batch(rows)
+    if kind == "bags":  # offsets 0, 1, 2, 3 of one id each
+        batch[0][:, 0], batch[0][:, 1] = torch.arange(rows), torch.arange(rows) % 16
+    Pipeline(layers, loss_fn=mse_loss, schedule=schedule, num_microbatches=2).train_step(batch)
 
 
 def test_bad_shape_names_the_rank() -> None:
@@ -197,6 +214,16 @@ def test_a_batch_norm_given_a_micro_batch_of_one_row_says_what_to_do() -> None:
     for text in errors:  # torch's message alone named no micro-batch
         assert "rank 1 failed in 1F1" in text and "Expected more than 1 value per channel" in text, text
         assert "the batch had fewer than 4 rows" in text and "drop_last=True" in text, text
+
+
+def test_embedding_bag_offsets_split_as_rows_say_what_to_do() -> None:
+    """Bags of one id each make the flattened ids and the offsets as long as the batch, so they were split with its
+    rows, and torch's message alone ("offsets[0] has to be 0") said nothing of the pipeline (found by review: DLRM's
+    one-hot sparse features). The failing action is said in words too (it was "1F1" alone)."""
+    errors = run_ranks(_bad_shape, 2, "bags", timeout=60, expect_failure=True)
+    for text in errors:
+        assert "rank 1 failed in 1F1 (stage 1's forward of micro-batch 1)" in text, text
+        assert "offsets[0] has to be 0" in text and "one padded row per sample" in text, text
 
 
 def test_a_forward_writing_its_own_weight_in_place_says_why_and_what_to_do() -> None:

@@ -460,7 +460,7 @@ class Pipeline(AsynchronousSteps):
             raise
         except Exception as error:
             last = steps[issued - 1].action if issued else None
-            where = ("before its first action" if not issued else f"in {last}" if in_action
+            where = ("before its first action" if not issued else f"in {last} ({last.described})" if in_action
                      else f"in the messages before {last}" if last is not None else "in its last messages")
             message = (f"rank {self.rank} failed {where}: {error_text(error)}{_advice(error, self)}\n"
                        f"--- traceback on rank {self.rank} ---\n{traceback.format_exc()}")
@@ -514,6 +514,12 @@ def _advice(error: Exception, pipeline: Pipeline) -> str:
                 "outside the forward, once per step (under Lightning: on_train_batch_start or "
                 "on_before_optimizer_step over the parameters, under torch.no_grad()), or compute the changed weight "
                 "without writing it (torch.nn.utils.parametrize)")
+    if isinstance(error, RuntimeError) and "offsets[0] has to be 0" in str(error):
+        return (". The batch's offsets (nn.EmbeddingBag(ids, offsets): where each row's bag starts in the flattened "
+                "ids) were split as rows, because they were as long as the batch (every bag of the first batch held "
+                "one id): a later micro-batch's offsets do not start at 0, and its ids are not its rows' own. Give "
+                "the bags as a 2-D tensor, one padded row per sample (nn.EmbeddingBag(ids_2d) with padding_idx, "
+                "per_sample_weights of the same shape), which the pipeline splits with the rows")
     if isinstance(error, RuntimeError) and "leaf Variable that requires grad is being used in an in-place" in str(error):
         return (". A stage's input is a leaf that needs a gradient, and torch refuses to change it in place: the "
                 "stage's first layer writes its input in place (x.relu_(), x += y, x[mask] = 0 at the start of a "

@@ -46,6 +46,18 @@ class Action(NamedTuple):
     def __str__(self) -> str:
         return f"{self.stage}{self.op.value}{self.microbatch}"
 
+    @property
+    def described(self) -> str:
+        """The action in words, for messages: ``"stage 2's forward of micro-batch 0"``."""
+        what = {Op.FORWARD: "forward", Op.BACKWARD: "backward", Op.BACKWARD_INPUT: "input-gradient backward",
+                Op.BACKWARD_WEIGHT: "weight-gradient backward", Op.SEND_ACTIVATION: "send of the output",
+                Op.RECV_ACTIVATION: "receive of the input", Op.SEND_GRAD: "send of the input's gradient",
+                Op.RECV_GRAD: "receive of the output's gradient", Op.OPTIMIZER: "optimizer step"}[self.op]
+        batch = "" if self.op is Op.OPTIMIZER else \
+            f" of micro-batch {self.microbatch}" if self.microbatch >= 0 else \
+            f" of micro-batch {self.microbatch} (the batch before's)"
+        return f"stage {self.stage}'s {what}{batch}"
+
     @classmethod
     def parse(cls, text: str) -> Action:
         """Read ``"2F0"`` or ``"1SEND_B3"`` back into an action."""
