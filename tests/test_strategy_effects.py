@@ -121,6 +121,41 @@ def test_an_object_bound_or_unbound_takes_its_fields_with_it() -> None:
             assert other.meter is None and vars(other.also)["count"] == 0 and "sum" in vars(other.also)
 
 
+class _Tagged(torch.Tensor):
+    """A tensor subclass holding its own data with Python-level metadata, as MONAI's ``MetaTensor`` is."""
+
+    meta: dict[str, Any] = {}
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass dispatching its operations itself (a ``DTensor``'s kind): its data is not its own."""
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise NotImplementedError
+
+
+def test_a_tensor_subclass_holding_its_data_reaches_every_rank_as_a_tensor() -> None:
+    """MONAI's MetaTensors kept in a list for the epoch end (every tensor of a MONAI step is one) were warned of as
+    "values that cannot be sent", and rank 0's epoch-end torch.cat failed on its empty list (found by review)."""
+    from lightning_pipe.strategy.effect_runs import _sendable
+    from lightning_pipe.strategy.values import decode, encode, pack, sendable, tensor_specs, unpack
+
+    one, other = _Holder(), _Holder()
+    effects, elsewhere = StepEffects(one), StepEffects(other)
+    start, other_start = effects.snapshot(), elsewhere.snapshot()
+    one.outputs.append(torch.arange(3.0).as_subclass(_Tagged))
+    warned: list[str] = []
+    elsewhere.restore(other_start)
+    elsewhere.apply(_sendable("validation_step", effects.changes(start), warned.append))
+    assert warned == [] and other.outputs[1].tolist() == [0.0, 1.0, 2.0]
+    tensors: list[torch.Tensor] = []  # what travels: the data, as torch's own type
+    structure = encode(one.outputs, tensors)
+    arrived = decode(structure, unpack(pack(tensors), 0, tensor_specs(structure)))
+    assert type(arrived[1]) is torch.Tensor and arrived[1].tolist() == [0.0, 1.0, 2.0]
+    assert not sendable(torch.Tensor._make_subclass(_Wrapper, torch.ones(2)))
+
+
 @pytest.mark.parametrize("case", ["reset by a new one", "a field grows large", "a large tensor in place",
                                   "held twice"])
 def test_a_plain_objects_changes_reach_every_rank(case: str) -> None:

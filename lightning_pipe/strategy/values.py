@@ -60,7 +60,7 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
                         f"between ranks (it sends dense tensors and sparse COO ones): turn it into one of those "
                         f"(.to_dense(), .to_sparse()) before it is sent")
     if isinstance(value, torch.Tensor):
-        tensors.append(value.detach().cpu().contiguous())
+        tensors.append(_plain(value).detach().cpu().contiguous())
         return {"T": [str(value.dtype).removeprefix("torch."), list(value.shape)]}
     if isinstance(value, torch.dtype):
         return {"D": str(value).removeprefix("torch.")}
@@ -117,9 +117,11 @@ def encode(value: Any, tensors: list[torch.Tensor], where: str = "the step's out
 
 
 def sendable(value: Any) -> bool:
-    """Whether :func:`encode` carries ``value`` (a tensor: a dense or sparse COO one, of torch's own type)."""
+    """Whether :func:`encode` carries ``value`` (a tensor: a dense or sparse COO one, of torch's own type or of a
+    subclass holding its own data, which arrives as a plain tensor)."""
     if isinstance(value, torch.Tensor):
-        return type(value) in (torch.Tensor, torch.nn.Parameter) and value.layout in (torch.strided, torch.sparse_coo)
+        return (type(value) in (torch.Tensor, torch.nn.Parameter) or _holds_its_data(type(value))) \
+            and value.layout in (torch.strided, torch.sparse_coo)
     if value is None or isinstance(value, (bool, str, torch.dtype, torch.device)) or type(value) in (int, float):
         return True
     local = "<locals>" in type(value).__qualname__  # (a class defined in a function: refused by encode)
@@ -131,6 +133,19 @@ def sendable(value: Any) -> bool:
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and not local:
         return all(sendable(item) for item in dataclass_values(value).values())
     return _numpy_kind(value) is not None
+
+
+def _holds_its_data(kind: type) -> bool:
+    """Whether a tensor subclass keeps its values in its own storage, adding only Python-level behaviour (MONAI's
+    ``MetaTensor``: every tensor of a MONAI step is one; found by review, refused as "cannot be sent"), unlike a
+    wrapper that dispatches its operations elsewhere (a ``DTensor``, a quantized tensor), whose data is not its own."""
+    return getattr(kind, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__ \
+        and not issubclass(kind, torch.nn.Parameter)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as torch's own type: a subclass's data, without its class (which the other ranks make no more)."""
+    return tensor if type(tensor) in (torch.Tensor, torch.nn.Parameter) else tensor.as_subclass(torch.Tensor)
 
 
 def _found_by_name(kind: type) -> bool:
