@@ -86,6 +86,44 @@ def test_the_first_run_learns_the_calls_and_later_runs_stop_at_the_last() -> Non
     assert call_key("validation_step", (3, 1), {}) == "validation_step/1" != call_key("validation_step", (3,), {})
 
 
+def test_calls_a_librarys_function_makes_are_named_with_what_to_do(tmp_path: Any, monkeypatch: Any) -> None:
+    """MONAI's sliding_window_inference adds each call's output into the image's before its next call: refused, and
+    the message told the user to reorder calls made by a library's code (found by review). It now names the function,
+    and says what to do for that one; a function of the step's own file is not named."""
+    import importlib
+    import operator
+    import sys
+
+    package = tmp_path / "site-packages" / "fakeinferers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "def sliding_window_inference(x, predictor):\n"
+        "    total = 0\n"
+        "    for part in (x, x):\n"
+        "        total = total + predictor(part)\n"
+        "    return total\n"
+        "def windows(x, predictor):\n"
+        "    return sliding_window_inference(x, predictor)\n"
+        "def other_loop(x, predictor):\n"
+        "    return [predictor(x), predictor(x)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    library = importlib.import_module("fakeinferers")
+    try:
+        for function, said in ((library.windows, "fakeinferers.sliding_window_inference, a library's code, makes the "
+                                                 "calls: it calls the model on sw_batch_size windows at a time"),
+                               (library.other_loop, "fakeinferers.other_loop, a library's code, makes the calls: "
+                                                    "call it so that it calls the model once per step"),
+                               (lambda x, predictor: [predictor(x), predictor(x)], None)):
+            calls = ModelCalls("the model at 'net'")
+            calls.serve(1, lambda: True)
+            with pytest.raises(RuntimeError, match="once more than the first stage saw") as caught:
+                function(calls, operator.methodcaller("answer"))  # (no frame of this file between: as the
+                # pipeline's own wrapper of the model answers the library's call)
+            assert (said in str(caught.value)) if said else "a library's code" not in str(caught.value), caught.value
+    finally:
+        sys.modules.pop("fakeinferers", None)
+
+
 def test_an_output_of_known_structure_is_unpacked_and_one_of_unknown_structure_ends_the_run_as_unpacked() -> None:
     """SimSiam's ``z1, p1 = self.model(x1)`` before its second call (found by review: refused, the unpacking taken
     for a use of the output): a capture's structure of the output stands in, and the step goes on to the call."""

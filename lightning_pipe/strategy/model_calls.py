@@ -19,6 +19,8 @@ how to reorder the step.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -53,6 +55,37 @@ _KEPT = ("a value computed from the model's output on the first stage, which nev
          "those every rank receives from the last stage), or in a torchmetrics Metric")
 _capturing = [0]  # runs of a step up to the model in progress in this process
 _unpacked = [False]  # the run in progress ended at the unpacking of an output whose structure is not known
+
+
+_LIBRARY_ADVICE = {  # what to do where a library's function makes the calls (found by review)
+    "sliding_window_inference": "it calls the model on sw_batch_size windows at a time and adds each call's output "
+                                "into the image's before the next call: give it an sw_batch_size of at least the "
+                                "number of windows of an image (every window in one call, as one device computes "
+                                "them), or run it after training on one device",
+}
+
+
+def _library_calls() -> str:
+    """Where an installed package's function (not torch's, Lightning's, this package's nor Python's) makes the
+    model's call in progress, which the step cannot reorder (MONAI's ``sliding_window_inference``): a sentence naming
+    it, with what to do where that is known; empty where the step's own code makes the call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        top = module.split(".")[0]
+        if top not in _OURS and top not in sys.stdlib_module_names and not frame.f_code.co_filename.startswith("<"):
+            path = os.path.abspath(frame.f_code.co_filename)
+            if os.sep + "site-packages" + os.sep not in path and os.sep + "dist-packages" + os.sep not in path:
+                return ""
+            function = frame.f_code.co_name
+            advice = _LIBRARY_ADVICE.get(function, "call it so that it calls the model once per step, or run it "
+                                                   "after training on one device")
+            return f". Here {module}.{function}, a library's code, makes the calls: {advice}"
+        frame = frame.f_back
+    return ""
+
+
+_OURS = ("torch", "lightning", "pytorch_lightning", "lightning_pipe", "lightning_fabric")
 
 
 def _training() -> bool:  # a module-level function, not a lambda: the stand-ins holding calls pickle
@@ -277,7 +310,7 @@ class ModelCalls:
                                f"loop that decodes a token per call, each on the one before (greedy decoding), "
                                f"cannot run under a pipeline: score teacher-forced outputs in the step (the loss, "
                                f"token accuracy), and decode after training on one device "
-                               f"(YourModule.load_from_checkpoint(path))")
+                               f"(YourModule.load_from_checkpoint(path)){_library_calls()}")
         output = outputs[self.calls - 1]
         return tree_map_tensors(torch.Tensor.detach, output) if grad and not torch.is_grad_enabled() else output
 
