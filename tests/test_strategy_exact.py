@@ -313,7 +313,22 @@ def _loader(kind: str, rank: int = 0) -> Any:
         return DataLoader(data, batch_size=8, shuffle=True, num_workers=2)
     if kind == "divergent":  # reads the global generator on a schedule that depends on the rank
         return DataLoader(data, batch_size=8, sampler=GlobalShuffle(size, extra_draws=rank))
+    if kind == "sharded stream":  # a stream split by rank, as DDP's recipes split one
+        return DataLoader(_RankShare(data), batch_size=8)
     raise ValueError(kind)
+
+
+class _RankShare(torch.utils.data.IterableDataset):
+    """The rows of ``data`` this process's rank reads, as Hugging Face's ``split_dataset_by_node`` gives them."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __iter__(self) -> Any:
+        import torch.distributed as dist
+
+        rank, size = dist.get_rank(), dist.get_world_size()
+        return (self.data[index] for index in range(rank, len(self.data), size))
 
 
 def _allow_workers() -> None:
@@ -377,21 +392,27 @@ def test_every_rank_reads_the_same_batches() -> None:
         assert first[:half] != first[half:], f"{kind}: epoch 1 repeats epoch 0"
 
 
-def _divergent(rank: int, world_size: int) -> None:
+def _divergent(rank: int, world_size: int, kind: str) -> None:
     from tests.lightning_models import Regressor
 
-    _trainer("pipedream", max_epochs=1).fit(Regressor(), _loader("divergent", rank))
+    _trainer("pipedream", max_epochs=1).fit(Regressor(), _loader(kind, rank))
 
 
 @pytest.mark.timeout(120)
-def test_ranks_reading_different_batches_fail_together() -> None:
-    errors = run_ranks(_divergent, 2, timeout=90, expect_failure=True)
+@pytest.mark.parametrize("kind,likeliest", [
+    ("divergent", "At the first step, the likeliest cause: every rank runs your script"),
+    ("sharded stream", "At the first step, with a streamed dataset (an IterableDataset), the likeliest cause: the "
+                       "stream is split between the processes"),
+])
+def test_ranks_reading_different_batches_fail_together(kind: str, likeliest: str) -> None:
+    """At the first step, data made without a seed comes first (a toy script's torch.randn: found by review); with a
+    stream, a split of it by rank (Hugging Face's split_dataset_by_node: found by review, told to seed the script)."""
+    errors = run_ranks(_divergent, 2, kind, timeout=90, expect_failure=True)
     for rank, text in enumerate(errors):
         assert text is not None, f"rank {rank} trained on"
         assert "DifferentBatches" in text and "read different batches" in text, text[-3000:]
         assert "ranks [0] read batch" in text and "ranks [1] read batch" in text, text[-3000:]
-        # at the first step, data made without a seed comes first (a toy script's torch.randn: found by review)
-        assert "At the first step, the likeliest cause: every rank runs your script" in text, text[-3000:]
+        assert likeliest in text, text[-3000:]
 
 
 # -- resuming mid-epoch ----------------------------------------------------------------------------------

@@ -152,7 +152,8 @@ class SharedResults:
         if fingerprints is not None:
             self.metrics.apply({})
             raise DifferentBatches(different_batches(step, fingerprints, self.pipeline.group,
-                                                     first=not self.__dict__.get("_shared_before")))
+                                                     first=not self.__dict__.get("_shared_before"),
+                                                     streamed=_streams(self.module)))
         self._shared_before = True
         if shared.error is not None:
             self.metrics.apply({})
@@ -167,3 +168,20 @@ class SharedResults:
             self.logger_calls.make(shared.logger_calls)
         self.recorder.replay(shared.logs, self.pipeline.device)
         return shared
+
+
+def _streams(module: Any) -> bool:
+    """Whether one of the loaders of ``module``'s Trainer reads an IterableDataset (a stream)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return False
+    loaders: list[Any] = []
+    for name in ("train_dataloader", "val_dataloaders", "test_dataloaders", "predict_dataloaders"):
+        try:
+            found = getattr(trainer, name)
+        except Exception:  # (Lightning's properties may fail outside their stage)
+            continue
+        loaders += list(found.values()) if isinstance(found, dict) else list(found) \
+            if isinstance(found, (list, tuple)) else [found]
+    flat = [inner for loader in loaders for inner in (getattr(loader, "flattened", None) or [loader])]
+    return any(isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset) for loader in flat)

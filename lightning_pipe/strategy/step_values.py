@@ -31,9 +31,11 @@ def check_rows(batch: Any, step: str) -> int:
     return rows
 
 
-def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup, first: bool = False) -> str:
+def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGroup, first: bool = False,
+                      streamed: bool = False) -> str:
     """Why the ranks of a pipeline read different batches, and what to do; ``first``: at the first step the ranks
-    shared, where data made from unseeded random numbers is the likeliest cause, which comes first."""
+    shared, where data made from unseeded random numbers is the likeliest cause, which comes first, or, where a loader
+    ``streamed`` (an IterableDataset), a stream each rank reads its own shard of, as DDP's recipes shard it."""
     ranks = [dist.get_global_rank(group, rank) for rank in range(len(fingerprints))]
     groups: dict[int, list[int]] = {}
     for rank, fingerprint in zip(ranks, fingerprints):
@@ -43,6 +45,15 @@ def different_batches(step: str, fingerprints: list[int], group: dist.ProcessGro
                  "numbers without a seed (torch.randn(...) for a toy dataset, a random split) differs between the "
                  "ranks: call L.seed_everything(seed) before making the data, or make it from a seeded "
                  "torch.Generator. Otherwise: e" if first else "E")
+    if first and streamed:  # (found by review: Hugging Face's split_dataset_by_node, told to seed the script)
+        likeliest = ("At the first step, with a streamed dataset (an IterableDataset), the likeliest cause: the "
+                     "stream is split between the processes, as DDP's recipes split it (Hugging Face's "
+                     "split_dataset_by_node(ds, rank=..., world_size=...), webdataset's split_by_node, an __iter__ "
+                     "reading torch.distributed.get_rank()), so each stage reads its own share. The stages of a "
+                     "pipeline must read the same stream: split it by the data-parallel replica, "
+                     "rank=trainer.strategy.distributed_sampler_kwargs['rank'], world_size=...['num_replicas'] (with "
+                     "one pipeline: not at all). Or data made from random numbers without a seed differs between "
+                     "the ranks: call L.seed_everything(seed) before making it. Otherwise: e")
     return (f"the ranks of the pipeline read different batches in this {step} ({readings}): the first stage's inputs "
             f"and the last stage's targets would come from different rows. {likeliest}very rank of a pipeline must "
             f"load the same batch: a sampler, a batch sampler, a dataset or DataLoader workers that draw from a "
