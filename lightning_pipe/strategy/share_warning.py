@@ -62,9 +62,12 @@ def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_va
     if running and not _called_by_the_user() or _in_checkpoint_dump():
         return
     _warned.add(part)
-    when = ("during the Trainer's run (from a hook or a callback)" if running else "outside the Trainer's run")
-    kept = (" A copy kept in memory and loaded back on this rank is fine; a file written from it is not." if running
-            else "")
+    when = (f"during the Trainer's run (in {_users_function()})" if running else "outside the Trainer's run")
+    kept = (" A copy kept in memory and loaded back into the same module on this rank is fine. Loaded into another "
+            "module (a target network synced with target.load_state_dict(net.state_dict()), as DQN does) it lacks the "
+            "other ranks' keys, and torch's load fails with missing keys: a second copy of the pipelined model kept "
+            "whole beside it cannot be pipelined (train such a model on one device or with DDP). A file written "
+            "from it is not the whole model either." if running else "")
     who = f"the state_dict() of '{name}' ({type(part).__name__})" if name else f"{type(part).__name__}.state_dict()"
     warnings.warn(
         f"{who} called {when} holds only this rank's share of the pipelined model (the whole of it has {whole_keys} "
@@ -121,6 +124,17 @@ def _called_by_the_user() -> bool:
             return package not in _LIBRARIES
         frame = frame.f_back
     return False
+
+
+def _users_function() -> str:
+    """The function of the user's code that called the ``state_dict()`` under way (a step, a hook, a callback's)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        package = (frame.f_globals.get("__name__", "") or "").split(".")[0]
+        if package not in _LIBRARIES:
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return "a hook or a callback"
 
 
 def read_by_the_user() -> bool:
