@@ -589,3 +589,35 @@ def test_a_batch_of_fewer_rows_than_microbatches_is_said_to_run_one_row_each() -
     messages = run_ranks(_one_process, 1, 3, timeout=100)[0]
     said = [message for message in messages if "micro-batches of one row" in message]
     assert len(said) == 1 and "num_microbatches=4, but the first training batch has 3 rows" in said[0], messages
+
+
+def _empty_at_set_up(rank: int, world_size: int) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    import lightning_pipe  # noqa: F401
+    from tests.lightning_models import NoSequence
+
+    class Rollouts(NoSequence):  # fills its dataset's list in a hook, as an RL loop gathers rollouts
+        def __init__(self) -> None:
+            super().__init__()
+            self.memory: list[Any] = []
+
+        def on_train_epoch_start(self) -> None:
+            self.memory.extend((torch.randn(16), torch.randn(16)) for _ in range(8))
+
+        def train_dataloader(self) -> Any:
+            return DataLoader(self.memory, batch_size=4)
+
+    trainer = L.Trainer(strategy="pipedream", accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(Rollouts())
+
+
+@pytest.mark.timeout(120)
+def test_a_loader_filled_by_a_hook_is_said_to_be_read_before_the_hooks() -> None:
+    """Data made in on_train_epoch_start (an RL loop's rollouts) was said to be "empty: give the Trainer data, or make
+    the model one nn.Sequential", neither of which helps (found by review): the first batch is read at set-up."""
+    error = run_ranks(_empty_at_set_up, 1, timeout=100, expect_failure=True)[0]
+    assert error is not None and "train_dataloader is empty" in error, error
+    assert "read at set-up, before any hook of the run" in error and "on_train_epoch_start" in error, error

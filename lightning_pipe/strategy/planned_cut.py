@@ -46,7 +46,10 @@ def first_batch(trainer: Trainer, how: str) -> tuple[Any, str]:
     try:
         batch = next(iter(combined))[0]
     except StopIteration:
-        raise ValueError(f"{hook} is empty: {how.format(hook=hook)}") from None
+        raise ValueError(f"{hook} is empty: {how.format(hook=hook)}. Its first batch is read at set-up, before "
+                         f"any hook of the run (data that on_train_epoch_start makes is not there yet: make it before "
+                         f"fit; rollouts gathered with the model in a hook cannot be, since the model runs only in "
+                         f"the steps)") from None
     finally:
         if combined is loaders:  # the user's: left as it came (no iterator, no workers)
             combined.reset()
