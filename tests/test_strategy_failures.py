@@ -408,6 +408,10 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
                 return loss + 0.01 * sum(p.abs().sum() for name, p in self.named_parameters() if "weight" in name)
             if kind == "l2":
                 return loss + 0.01 * sum(p.pow(2).sum() for p in self.parameters())
+            if kind in ("grad-norm", "grad-norm-head"):  # a gradient-norm penalty (found by review: 1.2e-3 off)
+                grads = torch.autograd.grad(loss, self.parameters() if kind == "grad-norm" else
+                                            list(self.head.parameters()), create_graph=True)
+                return loss + 0.01 * sum(g.pow(2).sum() for g in grads)
             if kind == "l1-weights":
                 return loss + 0.01 * sum(p.abs().sum() for name, p in self.named_parameters() if "weight" in name)
             if kind == "listed-head":  # the head's weight read by index, the parameters only counted: not a penalty
@@ -455,6 +459,19 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
         assert "(layers." in error and "weight_decay" in error and "on_after_backward" in error
         assert error.index("on_after_backward") < error.index("weight_decay") and "alpha=2 * lambda" in error
         assert "a value the layers' forward kept for the step (an auxiliary loss" in error  # the other way to it
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["grad-norm", "grad-norm-head"])
+def test_a_gradient_penalty_over_the_parameters_in_the_step_is_refused_on_every_rank(kind: str) -> None:
+    """torch.autograd.grad(loss, self.parameters(), create_graph=True) in the step trained 1.2e-3 off one device,
+    silently (found by review): the last stage's rank holds its own stages' parameters alone, and takes the gradient
+    per micro-batch; its loss's graph reaches the head's parameters only through the model's output. Refused, also
+    over the head's alone (a square of a gradient is not the mean of its micro-batches' squares)."""
+    errors = run_ranks(_penalized, 2, kind, timeout=100, expect_failure=True)
+    for error in errors:
+        assert error is not None and "takes gradients of the pipelined model's parameters with create_graph" \
+            in error and "train it on one device or under DDP" in error, error
 
 
 @pytest.mark.timeout(120)

@@ -86,6 +86,7 @@ class FirstBatchChecks(RowChecks):
         self._listed_seen = False  # the last step's code listed all of this rank's layers (_warn_of_listed_logs)
         self._listing_parts: tuple[list[PipelinedSequence], list[PipelinedModel]] | None = None
         self._listed_logs_warned = False
+        self._held_ids: set[int] | None = None  # this rank's pipelined parameters, not tied (a gradient of them)
         # Training steps whose code before the model is watched for writing the parameters in place (weight clipping)
         self._parameter_writes_left = _PARAMETER_READ_CHECKS
         self._init_row_checks(split, pipeline)
@@ -307,6 +308,39 @@ class FirstBatchChecks(RowChecks):
             return
         self._model_loss_warned.add(step)
         warnings.warn(message, stacklevel=3)
+
+    @contextmanager
+    def _parameter_gradients_refused(self) -> Iterator[None]:
+        """Around a training step's run on the last stage: refuse a gradient the step's code takes of the pipelined
+        model's parameters to put in its loss (``torch.autograd.grad(loss, self.parameters(), create_graph=True)``,
+        a gradient-norm penalty), which would cover this rank's stages alone, each micro-batch's apart (found by
+        review: trained 1.2e-3 off one device without a word; the loss's graph reaches the parameters only through
+        the model's output there, which the reads' check allows)."""
+        if self._held_ids is None:
+            self._held_ids = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - {
+                id(param) for param in self.tied.parameters()}
+        held, grad = self._held_ids, torch.autograd.grad
+
+        def checked(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)  # (a generator: read once)
+            creates = kwargs.get("create_graph", args[2] if len(args) > 2 else False)
+            taken = {id(tensor) for tensor in inputs} & held
+            # (all of this rank's: a listing of self.parameters(), which covers this rank's share alone)
+            if creates and taken and (self.pipeline.num_microbatches > 1 or taken == held):
+                raise ValueError(
+                    "training_step takes gradients of the pipelined model's parameters with create_graph=True "
+                    "(torch.autograd.grad(loss, self.parameters(), create_graph=True): a gradient-norm or curvature "
+                    "penalty). The step's code runs on the last stage's rank, which holds only its own stages' "
+                    "parameters, once per micro-batch, so the penalty would cover those alone, each micro-batch's "
+                    "apart; it needs every parameter's gradient of the whole batch at once, which no rank of a "
+                    "pipeline has: train it on one device or under DDP")
+            return grad(outputs, inputs, *args, **kwargs)
+
+        torch.autograd.grad = checked
+        try:
+            yield
+        finally:
+            torch.autograd.grad = grad
 
     @contextmanager
     def _listing_reads(self, index: int) -> Iterator[None]:

@@ -76,6 +76,7 @@ class TrainingSteps:
     _check_parameter_reads: Callable[..., None]
     _new_loss_form: Callable[..., bool]
     _listing_reads: Callable[[int], Any]
+    _parameter_gradients_refused: Callable[[], Any]
     _logs_kind: Callable[..., Any]
     _warn_of_written_input: Callable[[str], None]
     _warn_of_listed_logs: Callable[..., None]
@@ -164,7 +165,7 @@ class TrainingSteps:
             with self.recorder.recording(microbatch_rows, weight), self.logger_calls.recording(), \
                     forked_random(derive_seed(seed, index), pipe.device), self._rows_window(tagged[ROWS], rows), \
                     microbatch_run("training_step", index, len(firsts), microbatch_rows, rows, microbatch), \
-                    self._listing_reads(index), self._pairings_explained():
+                    self._listing_reads(index), self._pairings_explained(), self._parameter_gradients_refused():
                 result = self.split.run_step("training_step", given, microbatch, rest, kwargs)
             if self.output_copies.changed("training_step", output, watched):
                 changed.append(index)
