@@ -124,6 +124,19 @@ def test_calls_a_librarys_function_makes_are_named_with_what_to_do(tmp_path: Any
         sys.modules.pop("fakeinferers", None)
 
 
+def test_a_call_inside_a_torch_func_transform_is_refused() -> None:
+    """``torch.func.vmap(self.net)(x)`` in the step crashed deep in functorch, the first stage running its layers on a
+    tensor that escaped the transform (found by review): refused on the first stage and the last alike."""
+    first = ModelCalls("the nn.Sequential at 'net'")
+    with pytest.raises(RuntimeError, match="inside a torch.func transform"):
+        torch.func.vmap(lambda x: first.record(x))(torch.ones(2, 3))
+    last = ModelCalls("the nn.Sequential at 'net'")
+    last.serve(torch.ones(3), lambda: True)
+    with pytest.raises(RuntimeError, match="inside a torch.func transform"):
+        torch.func.vmap(lambda x: last.answer() * x)(torch.ones(2, 3))
+    assert torch.equal(last.answer(), torch.ones(3))  # outside one: answered as before
+
+
 def test_an_output_of_known_structure_is_unpacked_and_one_of_unknown_structure_ends_the_run_as_unpacked() -> None:
     """SimSiam's ``z1, p1 = self.model(x1)`` before its second call (found by review: refused, the unpacking taken
     for a use of the output): a capture's structure of the output stands in, and the step goes on to the call."""

@@ -85,6 +85,17 @@ def _library_calls() -> str:
     return ""
 
 
+def _outside_transforms(where: str) -> None:
+    """Refuse a call of the pipelined model inside a torch.func transform (``torch.func.vmap(self.net)(x)``: found by
+    review, a crash deep in functorch as the first stage ran its layers on a tensor that escaped the transform)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(f"the step calls {where} inside a torch.func transform (vmap, grad, jacrev, jvp): a "
+                           f"pipeline runs the model on its stages apart from the step's code, where the transform "
+                           f"does not reach. Call it on the batch itself (its rows already run side by side, as vmap "
+                           f"runs them); per-row gradients or Jacobians of the model cannot be pipelined: train such "
+                           f"a model on one device or with DDP")
+
+
 _OURS = ("torch", "lightning", "pytorch_lightning", "lightning_pipe", "lightning_fabric")
 
 
@@ -248,6 +259,7 @@ class ModelCalls:
     def record(self, value: Any) -> Pending:
         """Note a call's input and answer it; a call on an earlier call's output ends the run before it, and the
         step's last call (once known) right after it."""
+        _outside_transforms(self.where)
         if _holds_pending(value):
             raise Stop()
         # read at the call: an evaluation step's own torch.enable_grad() (a saliency map) has ended by the check
@@ -281,6 +293,7 @@ class ModelCalls:
         """The output of the step's next call: detached where the step makes it without gradients (``with
         torch.no_grad():`` targets from the model itself), as one device's has none; a call in another mode or
         autocast state than the pipeline ran it in is an error that says so."""
+        _outside_transforms(self.where)
         grad, ran, autocast = self.context
         now = self._training()
         if now != ran:
