@@ -746,3 +746,24 @@ def test_an_error_in_code_no_module_name_tells_is_placed_at_its_line() -> None:
     except RuntimeError as error:
         where = locate_exception(error, {})
     assert "test_capture_errors.py:" in where and "`raise RuntimeError(\"data-dependent\")" in where, where
+
+
+class _Flow(nn.Module):
+    """A model returning a distribution, as zuko's flows do (``self.flow()`` gives a NormalizingFlow)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.distributions.Distribution:
+        return torch.distributions.Normal(self.loc(x), torch.ones_like(x), validate_args=False)
+
+
+def test_a_distribution_returned_by_forward_says_to_return_what_the_loss_needs() -> None:
+    """zuko's flow was refused with "register the type with torch.utils._pytree.register_pytree_node", which would
+    leave its log_prob outside the graph (found by review)."""
+    with pytest.raises(CaptureError) as caught:
+        Splitter(_Flow()).segments((torch.randn(3, 2),))
+    text = str(caught.value)
+    assert "A probability distribution" in text and "self.flow().log_prob(x)" in text, text
+    assert "register_pytree_node" not in text, text

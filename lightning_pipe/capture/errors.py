@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import traceback
 from types import FrameType
 from typing import Any
@@ -162,11 +163,27 @@ def _first_sentences(line: str, limit: int = 400) -> str:
     return line[:end] if end > 0 else line[:limit] + "..."
 
 
+def _distribution_named(text: str) -> bool:
+    """Whether ``text`` names a class of torch.distributions' (a subclass too: zuko's NormalizingFlow) as the type
+    a graph's output cannot hold (found by review: told to register it as a pytree, which leaves log_prob outside)."""
+    for found in re.finditer(r"<class '([\w.]+)\.(\w+)'>", text):
+        module, name = found.groups()
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type) and issubclass(kind, torch.distributions.Distribution):
+            return True
+    return False
+
+
 def _advice(error: BaseException, text: str, where: str = "") -> str:
     name = type(error).__name__
     if "Cache" in text and ("not a known type" in text or "pytree" in text):
         return ("A key/value cache cannot cross pipeline stages: pass use_cache=False to the model (or set "
                 "model.config.use_cache = False).")
+    if ("not a known type" in text or "register a pytree" in text) and _distribution_named(text):
+        return ("A probability distribution (a normalizing flow's, zuko's flow()) cannot leave a pipeline's graph: "
+                "its log_prob and sample run after the model, outside the stages. Have forward return the values "
+                "the loss needs, each row's (a module whose forward returns self.flow().log_prob(x)); sample on one "
+                "device from a checkpoint.")
     if "not a known type" in text or "register a pytree" in text:
         return ("Return tensors, tuples, lists, dicts, dataclasses or ModelOutputs from forward, or register the "
                 "type with torch.utils._pytree.register_pytree_node.")
