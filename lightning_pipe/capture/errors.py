@@ -101,7 +101,13 @@ def locate_exception(error: BaseException, names: dict[int, str]) -> str:
         current = current.__cause__ or current.__context__
     found = found or dispatch
     if found:
-        return _describe(*found)
+        described = _describe(*found)
+        if outside is not None and outside.filename != found[3] and re.search(r"[/\\](site|dist)-packages[/\\]",
+                                                                             outside.filename):
+            # (a library's code the model calls: torchdiffeq's check of the time points, found by review)
+            described += f", in {outside.filename}:{outside.lineno}" + (
+                f": `{outside.line.strip()}`" if outside.line else "")
+        return described
     if outside is not None:  # (a frame the names do not tell, found by review: TFT's int(encoder_lengths.max()))
         return f"code at {outside.filename}:{outside.lineno}" + (f": `{outside.line.strip()}`" if outside.line else "")
     return "code outside the model's modules"
@@ -206,6 +212,12 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
         return ("Quantization-aware training's FakeQuantize switches its observer and its rounding on the values of "
                 "its flags (observer_enabled, fake_quant_enabled), which a captured graph cannot follow: train such "
                 f"a model on one device or with DDP, {SEQUENTIAL_PATH}, whose layers run as modules.")
+    if re.search(r"torchdiffeq[/\\]", where):  # (found by review)
+        return ("torchdiffeq's odeint checks its time points' values (that they increase) and an adaptive solver "
+                "picks its steps from the state's values, which a captured graph cannot follow: keep the layers to "
+                "pipeline in one nn.Sequential, with the ODE block one layer of it, which the strategy cuts without "
+                "capturing the forward (a fixed-step method trains as on one device; an adaptive one picks its steps "
+                "from each micro-batch's rows).")
     if re.search(r"torchaudio[/\\]models[/\\]wav2vec2[/\\]", where) and "layer_drop" in where:  # (found by review)
         return ("torchaudio's wav2vec2 and HuBERT Transformer draws its LayerDrop coin with .item() for every layer "
                 "in train mode, even at layer_drop=0, and branches on it, which one captured graph cannot follow: "
