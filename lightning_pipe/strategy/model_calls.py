@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
+from lightning.pytorch import LightningModule
 
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
@@ -73,6 +74,14 @@ def _library_calls() -> str:
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         top = module.split(".")[0]
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, LightningModule) and frame.f_code.co_name != "forward":  # the step's own code
+            return ""
+        if isinstance(owner, nn.Module):  # a module around the pipelined one (MONAI's UNet holding its
+            # nn.Sequential; the LightningModule's forward handed to the inferer as its predictor): the caller of
+            # the model is further out (found by review)
+            frame = frame.f_back
+            continue
         if top not in _OURS and top not in sys.stdlib_module_names and not frame.f_code.co_filename.startswith("<"):
             path = os.path.abspath(frame.f_code.co_filename)
             if os.sep + "site-packages" + os.sep not in path and os.sep + "dist-packages" + os.sep not in path:
