@@ -806,3 +806,24 @@ def test_a_guard_inside_an_installed_library_names_its_line(tmp_path: Any, monke
     text = str(caught.value)
     assert "Solved.forward" in text and f"in {package / '__init__.py'}:3" in text, text
     assert "with the ODE block one layer of it" in text, text
+
+
+class _FuncResidual(nn.Module):
+    """A physics-informed residual taken with torch.func inside forward: du/dx - cos(x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        du = torch.func.vmap(torch.func.jacrev(self.u))(x)
+        return du.reshape(len(x), 1) - torch.cos(x)
+
+
+def test_a_residual_taken_with_torch_func_in_forward_is_refused_as_gradients_taken() -> None:
+    """torch.func's jacrev inside forward failed with export's "'Tensor' object has no attribute 'constant'", where
+    torch.autograd.grad gets the refusal that says why (found by review)."""
+    with pytest.raises(CaptureError) as caught:
+        Splitter(_FuncResidual()).segments((torch.randn(4, 1),))
+    assert "_FuncResidual.forward takes gradients itself (torch.func's derivatives (jacrev" in str(caught.value), \
+        caught.value

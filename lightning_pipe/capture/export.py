@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import inspect
 import re
+import traceback
 import sys
 import warnings
 from collections.abc import Iterator
@@ -44,6 +45,34 @@ from .host_random import host_random_advice, watch_host_random
 __all__ = ["export_forward", "register_dataclass"]
 
 
+def _gradients_taken(name: str, how: str) -> str:
+    return (f"{name}.forward takes gradients itself ({how}: a physics-informed network's residual, a force field's "
+            f"-dE/dx, a gradient penalty): a pipeline runs the forward as a graph cut into stages, which such "
+            f"gradients cannot cross (to the input, on the first stage). Train such a model on one device or with DDP")
+
+
+_DERIVATIVES = ("jacobian", "hessian", "vjp", "jvp", "hvp", "vhp")  # torch.autograd.functional's
+
+
+def _derivative_transform(error: BaseException) -> str | None:
+    """The torch.func or torch.autograd.functional derivative (``jacrev``, ``grad``, ``jacobian``...) that ``error``
+    (or an error it came from) was raised inside, if any: export fails inside such transforms before reaching
+    torch.autograd.grad, with messages about its own internals (found by review: a PINN's residual by
+    ``vmap(jacrev(u))``)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for frame in traceback.extract_tb(current.__traceback__):
+            path = frame.filename.replace("\\", "/")
+            if path.endswith("/torch/_functorch/eager_transforms.py"):  # (jacrev, jacfwd, grad, hessian, vjp, jvp)
+                return "torch.func's derivatives (jacrev, jacfwd, grad, hessian, vjp, jvp)"
+            if path.endswith("/torch/autograd/functional.py") and frame.name in _DERIVATIVES:
+                return f"torch.autograd.functional.{frame.name}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
 @contextlib.contextmanager
 def _no_gradients_taken(name: str) -> Iterator[None]:
     """A forward that takes gradients itself (``torch.autograd.grad``: a PINN's residual, a force field's ``-dE/dx``)
@@ -51,10 +80,7 @@ def _no_gradients_taken(name: str) -> Iterator[None]:
     grad = torch.autograd.grad
 
     def refused(*_: Any, **__: Any) -> Any:
-        raise CaptureError(f"{name}.forward takes gradients itself (torch.autograd.grad: a physics-informed "
-                           f"network's residual, a force field's -dE/dx, a gradient penalty): a pipeline runs the "
-                           f"forward as a graph cut into stages, which such gradients cannot cross (to the input, "
-                           f"on the first stage). Train such a model on one device or with DDP")
+        raise CaptureError(_gradients_taken(name, "torch.autograd.grad"))
 
     torch.autograd.grad = refused
     try:
@@ -241,6 +267,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 raise CaptureError(host_random_advice(type(model).__name__, drawn)) from error
             if _register_output_dataclass(error):
                 continue  # the same attempt again, now that export can flatten the output
+            transform = _derivative_transform(error)
+            if transform is not None:
+                raise CaptureError(_gradients_taken(type(model).__name__, transform)) from error
             first_error = first_error or error
             attempts.pop(0)
             if attempts and not _fails_at_any_size(error):
