@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch.nn as nn
 
-__all__ = ["watch_state_dict", "strategy_reads", "said_pickled", "read_by_the_user"]
+__all__ = ["watch_state_dict", "strategy_reads", "said_pickled", "read_by_the_user", "shares_read"]
 
 _watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -77,6 +77,11 @@ def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_va
         f"device's names), and load it with YourModule.load_from_checkpoint(path) or torch.load(path)['state_dict']"
         + (f" (this module's keys are those starting with '{name}.')" if name else ""),
         stacklevel=3)
+
+
+def shares_read() -> bool:
+    """Whether the user's code read a share of the pipelined model's state in this process (and was told so)."""
+    return len(_warned) > 0
 
 
 def said_pickled(part: nn.Module) -> None:

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 from lightning_pipe.capture.graph_rows import known_rows
 from lightning_pipe.engine.microbatch import per_row_lists
 from lightning_pipe.engine.notices import PipelineError
+from lightning_pipe.strategy.share_warning import shares_read
 
 __all__ = ["microbatch_run"]
 
@@ -106,6 +107,11 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
             yield
     except Exception as error:
         notes = getattr(error, "__notes__", ())
+        if isinstance(error, RuntimeError) and "Missing key(s) in state_dict" in str(error) and shares_read():
+            error.add_note("(the state dict loaded was read from the pipelined model, whose state this rank holds "
+                           "only its share of (said in a warning before): a copy of the model kept whole beside "
+                           "it and loaded from it, as a DQN's target network is, cannot be pipelined; train such "
+                           "a model on one device or with DDP)")
         if rows != total and not isinstance(error, PipelineError) \
                 and not any(isinstance(note, str) and note.startswith(f"({_RUN_NOTE}") for note in notes):
             sized = re.search(rf"(?<![\d.]){total}(?![\d.])", str(error)) is not None
