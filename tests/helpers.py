@@ -9,7 +9,8 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,23 @@ def quiet_trainer(devices: int, strategy: Any, **options: Any) -> Any:
     defaults = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                 "enable_checkpointing": False}
     return L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, **{**defaults, **options})
+
+
+@contextmanager
+def installed_package(folder: Path, name: str, source: str) -> Iterator[Any]:
+    """A package ``name`` of ``source`` as if installed (under ``folder``/site-packages, on ``sys.path``), imported;
+    afterwards ``sys.path`` and ``sys.modules`` as they were (a real package of the name comes back)."""
+    import importlib
+
+    package = folder / "site-packages" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    saved = sys.modules.pop(name, None)
+    sys.path.insert(0, str(folder / "site-packages"))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder / "site-packages"))
+        sys.modules.pop(name, None)
+        if saved is not None:
+            sys.modules[name] = saved

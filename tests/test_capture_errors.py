@@ -769,24 +769,17 @@ def test_a_distribution_returned_by_forward_says_to_return_what_the_loss_needs()
     assert "register_pytree_node" not in text, text
 
 
-def test_a_guard_inside_an_installed_library_names_its_line(tmp_path: Any, monkeypatch: Any) -> None:
+def test_a_guard_inside_an_installed_library_names_its_line(tmp_path: Any) -> None:
     """torchdiffeq's check of the time points was refused naming only the model's call of odeint, and advice
     (torch.where, torch.cond) that cannot be applied to a library's code (found by review): the library's line is
     named too, and torchdiffeq's gets the nn.Sequential way, which trains exactly."""
-    import importlib
-    import sys
+    from tests.helpers import installed_package
 
-    package = tmp_path / "site-packages" / "torchdiffeq"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
-        "import torch\n"
-        "def odeint(func, y0, t):\n"
-        "    assert (t[1:] > t[:-1]).all(), 't must be strictly increasing'\n"
-        "    return y0 + func(y0) * (t[-1] - t[0])\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
-    saved = sys.modules.pop("torchdiffeq", None)
-    try:
-        odeint = importlib.import_module("torchdiffeq").odeint
+    source = ("import torch\n"
+              "def odeint(func, y0, t):\n"
+              "    assert (t[1:] > t[:-1]).all(), 't must be strictly increasing'\n"
+              "    return y0 + func(y0) * (t[-1] - t[0])\n")
+    with installed_package(tmp_path, "torchdiffeq", source) as library:
 
         class Solved(nn.Module):
             def __init__(self) -> None:
@@ -795,14 +788,11 @@ def test_a_guard_inside_an_installed_library_names_its_line(tmp_path: Any, monke
                 self.register_buffer("t", torch.tensor([0.0, 1.0]))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return odeint(self.func, x, self.t)
+                return library.odeint(self.func, x, self.t)
 
         with pytest.raises(CaptureError) as caught:
             Splitter(Solved()).segments((torch.randn(3, 2),))
-    finally:
-        sys.modules.pop("torchdiffeq", None)
-        if saved is not None:
-            sys.modules["torchdiffeq"] = saved
+    package = tmp_path / "site-packages" / "torchdiffeq"
     text = str(caught.value)
     assert "Solved.forward" in text and f"in {package / '__init__.py'}:3" in text, text
     assert "with the ODE block one layer of it" in text, text

@@ -93,28 +93,22 @@ class _Around(nn.Module):
         return calls.answer()
 
 
-def test_calls_a_librarys_function_makes_are_named_with_what_to_do(tmp_path: Any, monkeypatch: Any) -> None:
+def test_calls_a_librarys_function_makes_are_named_with_what_to_do(tmp_path: Any) -> None:
     """MONAI's sliding_window_inference adds each call's output into the image's before its next call: refused, and
     the message told the user to reorder calls made by a library's code (found by review). It now names the function,
     and says what to do for that one; a function of the step's own file is not named."""
-    import importlib
-    import sys
+    from tests.helpers import installed_package
 
-    package = tmp_path / "site-packages" / "fakeinferers"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
-        "def sliding_window_inference(x, predictor):\n"
-        "    total = 0\n"
-        "    for part in (x, x):\n"
-        "        total = total + predictor(part)\n"
-        "    return total\n"
-        "def windows(x, predictor):\n"
-        "    return sliding_window_inference(x, predictor)\n"
-        "def other_loop(x, predictor):\n"
-        "    return [predictor(x), predictor(x)]\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
-    library = importlib.import_module("fakeinferers")
-    try:
+    source = ("def sliding_window_inference(x, predictor):\n"
+              "    total = 0\n"
+              "    for part in (x, x):\n"
+              "        total = total + predictor(part)\n"
+              "    return total\n"
+              "def windows(x, predictor):\n"
+              "    return sliding_window_inference(x, predictor)\n"
+              "def other_loop(x, predictor):\n"
+              "    return [predictor(x), predictor(x)]\n")
+    with installed_package(tmp_path, "fakeinferers", source) as library:
         for function, said in ((library.windows, "fakeinferers.sliding_window_inference, a library's code, makes the "
                                                  "calls: it calls the model on sw_batch_size windows at a time"),
                                (library.other_loop, "fakeinferers.other_loop, a library's code, makes the calls: "
@@ -126,8 +120,6 @@ def test_calls_a_librarys_function_makes_are_named_with_what_to_do(tmp_path: Any
                 function(calls, _Around())  # (a module around the pipelined one between: MONAI's UNet around
                 # its nn.Sequential, whose forward is not what makes the calls: found by review)
             assert (said in str(caught.value)) if said else "a library's code" not in str(caught.value), caught.value
-    finally:
-        sys.modules.pop("fakeinferers", None)
 
 
 def test_a_call_inside_a_torch_func_transform_is_refused() -> None:
