@@ -412,6 +412,11 @@ def _penalized(rank: int, world_size: int, kind: str, folder: str = "") -> Any:
                 grads = torch.autograd.grad(loss, self.parameters() if kind == "grad-norm" else
                                             list(self.head.parameters()), create_graph=True)
                 return loss + 0.01 * sum(g.pow(2).sum() for g in grads)
+            if kind == "grad-norm-imported":  # the function imported by name (WGAN-GP's idiom), given a tuple
+                from torch.autograd import grad
+
+                grads = grad(loss, tuple(self.parameters()), create_graph=True)
+                return loss + 0.01 * sum(g.pow(2).sum() for g in grads)
             if kind == "l1-weights":
                 return loss + 0.01 * sum(p.abs().sum() for name, p in self.named_parameters() if "weight" in name)
             if kind == "listed-head":  # the head's weight read by index, the parameters only counted: not a penalty
@@ -462,7 +467,7 @@ def test_a_penalty_over_the_modules_parameters_in_the_step_is_refused_on_every_r
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["grad-norm", "grad-norm-head"])
+@pytest.mark.parametrize("kind", ["grad-norm", "grad-norm-head", "grad-norm-imported"])
 def test_a_gradient_penalty_over_the_parameters_in_the_step_is_refused_on_every_rank(kind: str) -> None:
     """torch.autograd.grad(loss, self.parameters(), create_graph=True) in the step trained 1.2e-3 off one device,
     silently (found by review): the last stage's rank holds its own stages' parameters alone, and takes the gradient

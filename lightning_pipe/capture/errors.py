@@ -102,9 +102,10 @@ def locate_exception(error: BaseException, names: dict[int, str]) -> str:
     found = found or dispatch
     if found:
         described = _describe(*found)
-        if outside is not None and outside.filename != found[3] and re.search(r"[/\\](site|dist)-packages[/\\]",
-                                                                             outside.filename):
-            # (a library's code the model calls: torchdiffeq's check of the time points, found by review)
+        if outside is not None and outside.filename != found[3] \
+                and re.search(r"[/\\](site|dist)-packages[/\\](?!sympy[/\\])", outside.filename):  # (not torch's
+            # symbolic shapes' sympy: a library's code the model calls, torchdiffeq's check of its time points,
+            # found by review)
             described += f", in {outside.filename}:{outside.lineno}" + (
                 f": `{outside.line.strip()}`" if outside.line else "")
         return described

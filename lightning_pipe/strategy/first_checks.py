@@ -315,32 +315,31 @@ class FirstBatchChecks(RowChecks):
         model's parameters to put in its loss (``torch.autograd.grad(loss, self.parameters(), create_graph=True)``,
         a gradient-norm penalty), which would cover this rank's stages alone, each micro-batch's apart (found by
         review: trained 1.2e-3 off one device without a word; the loss's graph reaches the parameters only through
-        the model's output there, which the reads' check allows)."""
+        the model's output there, which the reads' check allows). Watched where every ``torch.autograd.grad`` runs
+        its backward, however it was imported (``from torch.autograd import grad``, WGAN-GP's idiom)."""
         if self._held_ids is None:
             self._held_ids = {id(param) for module in self.pipeline.modules() for param in module.parameters()} - {
                 id(param) for param in self.tied.parameters()}
-        held, grad = self._held_ids, torch.autograd.grad
+        held, run = self._held_ids, getattr(torch.autograd, "_engine_run_backward", None)
+        if run is None:  # (a torch without it: not watched)
+            yield
+            return
 
-        def checked(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)  # (a generator: read once)
-            creates = kwargs.get("create_graph", args[2] if len(args) > 2 else False)
-            taken = {id(tensor) for tensor in inputs} & held
-            # (all of this rank's: a listing of self.parameters(), which covers this rank's share alone)
-            if creates and taken and (self.pipeline.num_microbatches > 1 or taken == held):
-                raise ValueError(
-                    "training_step takes gradients of the pipelined model's parameters with create_graph=True "
-                    "(torch.autograd.grad(loss, self.parameters(), create_graph=True): a gradient-norm or curvature "
-                    "penalty). The step's code runs on the last stage's rank, which holds only its own stages' "
-                    "parameters, once per micro-batch, so the penalty would cover those alone, each micro-batch's "
-                    "apart; it needs every parameter's gradient of the whole batch at once, which no rank of a "
-                    "pipeline has: train it on one device or under DDP")
-            return grad(outputs, inputs, *args, **kwargs)
+        def checked(outputs: Any, *args: Any, **kwargs: Any) -> Any:
+            # grad's call: (outputs, grad_outputs, retain_graph, create_graph, inputs, allow_unused,
+            # accumulate_grad=False); backward's accumulates into .grad
+            if not kwargs.get("accumulate_grad", True) and len(args) >= 4 and args[2]:
+                taken = {id(tensor) for tensor in args[3] if isinstance(tensor, torch.Tensor)} & held
+                # (all of this rank's: a listing of self.parameters(), which covers this rank's share alone)
+                if taken and (self.pipeline.num_microbatches > 1 or taken == held):
+                    raise ValueError(_GRADIENT_PENALTY)
+            return run(outputs, *args, **kwargs)
 
-        torch.autograd.grad = checked
+        torch.autograd._engine_run_backward = checked
         try:
             yield
         finally:
-            torch.autograd.grad = grad
+            torch.autograd._engine_run_backward = run
 
     @contextmanager
     def _listing_reads(self, index: int) -> Iterator[None]:
@@ -431,6 +430,14 @@ class FirstBatchChecks(RowChecks):
             self._loss_warned = True
             warnings.warn(message, stacklevel=3)
 
+
+
+_GRADIENT_PENALTY = (
+    "training_step takes gradients of the pipelined model's parameters with create_graph=True "
+    "(torch.autograd.grad(loss, self.parameters(), create_graph=True): a gradient-norm or curvature penalty). The "
+    "step's code runs on the last stage's rank, which holds only its own stages' parameters, once per micro-batch, "
+    "so the penalty would cover those alone, each micro-batch's apart; it needs every parameter's gradient of the "
+    "whole batch at once, which no rank of a pipeline has: train it on one device or under DDP")
 
 
 def sum_given_warning(why: str) -> str:

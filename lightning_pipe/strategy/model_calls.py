@@ -60,9 +60,9 @@ _unpacked = [False]  # the run in progress ended at the unpacking of an output w
 
 _LIBRARY_ADVICE = {  # what to do where a library's function makes the calls (found by review)
     "sliding_window_inference": "it calls the model on sw_batch_size windows at a time and adds each call's output "
-                                "into the image's before the next call: give it an sw_batch_size of at least the "
-                                "number of windows of an image (every window in one call, as one device computes "
-                                "them), or run it after training on one device",
+                                "into the images' before the next call: give it an sw_batch_size of at least the "
+                                "windows of a batch (its images times the windows of an image: every window in one "
+                                "call, as one device computes them), or run it after training on one device",
 }
 
 
@@ -73,24 +73,25 @@ def _library_calls() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        top = module.split(".")[0]
+        top, code = module.split(".")[0], frame.f_code
         owner = frame.f_locals.get("self")
-        if isinstance(owner, LightningModule) and frame.f_code.co_name != "forward":  # the step's own code
+        if top in _OURS or top in sys.stdlib_module_names or code.co_filename.startswith("<") \
+                or code.co_name == "<lambda>":  # (torch's call of a module; a predictor=lambda x: self.net(x))
+            frame = frame.f_back
+            continue
+        if isinstance(owner, LightningModule) and code.co_name != "forward":  # the step's own code
             return ""
         if isinstance(owner, nn.Module):  # a module around the pipelined one (MONAI's UNet holding its
             # nn.Sequential; the LightningModule's forward handed to the inferer as its predictor): the caller of
             # the model is further out (found by review)
             frame = frame.f_back
             continue
-        if top not in _OURS and top not in sys.stdlib_module_names and not frame.f_code.co_filename.startswith("<"):
-            path = os.path.abspath(frame.f_code.co_filename)
-            if os.sep + "site-packages" + os.sep not in path and os.sep + "dist-packages" + os.sep not in path:
-                return ""
-            function = frame.f_code.co_name
-            advice = _LIBRARY_ADVICE.get(function, "call it so that it calls the model once per step, or run it "
+        path = os.path.abspath(code.co_filename)
+        if os.sep + "site-packages" + os.sep not in path and os.sep + "dist-packages" + os.sep not in path:
+            return ""
+        advice = _LIBRARY_ADVICE.get(code.co_name, "call it so that it calls the model once per step, or run it "
                                                    "after training on one device")
-            return f". Here {module}.{function}, a library's code, makes the calls: {advice}"
-        frame = frame.f_back
+        return f". Here {module}.{code.co_name}, a library's code, makes the calls: {advice}"
     return ""
 
 

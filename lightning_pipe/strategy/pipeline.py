@@ -597,8 +597,3 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
 # Lightning is fully imported by now (this module imports it), so the names can be registered; importing
 # ``lightning_pipe`` makes sure this module is imported as soon as Lightning is (see ``lightning_pipe/__init__``).
 PipelineStrategy.register_strategies(StrategyRegistry)
-
-
-# Lightning is fully imported by now (this module imports it), so the names can be registered; importing
-# ``lightning_pipe`` makes sure this module is imported as soon as Lightning is (see ``lightning_pipe/__init__``).
-PipelineStrategy.register_strategies(StrategyRegistry)

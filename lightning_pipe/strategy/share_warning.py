@@ -136,8 +136,9 @@ def _users_function() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         package = (frame.f_globals.get("__name__", "") or "").split(".")[0]
-        if package not in _LIBRARIES:
-            return frame.f_code.co_name
+        name = frame.f_code.co_name
+        if package not in _LIBRARIES and package not in sys.stdlib_module_names and not name.startswith("<"):
+            return name  # (not a lambda's, a comprehension's: the function around it)
         frame = frame.f_back
     return "a hook or a callback"
 
