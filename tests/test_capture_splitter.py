@@ -1783,3 +1783,52 @@ def test_a_table_registered_as_a_none_buffer_and_built_on_first_use_is_computed_
         ids = torch.randint(0, 10, (3, length))
         torch.testing.assert_close(splitter.run(ids), reference(ids), rtol=0, atol=1e-6)
         assert model[1].cos is None and model[2].cos is None
+
+
+class _Skip(nn.Module):
+    """A level of a U-Net that writes its deep-supervision head's map into a list its parent shares (MONAI's
+    DynUNetSkipLayer)."""
+
+    def __init__(self, heads: list[torch.Tensor], inner: nn.Module | None) -> None:
+        super().__init__()
+        self.down, self.head, self.inner, self.heads = nn.Linear(8, 8), nn.Linear(8, 2), inner, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.down(x))
+        if self.inner is not None:
+            h = h + self.inner(h)
+            self.heads[0] = self.head(h)
+        return h
+
+
+class _DeepSupervised(nn.Module):
+    """MONAI's DynUNet's way: the heads' maps kept in a list every level holds, read after the levels ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = [torch.rand(1)]
+        self.levels = _Skip(self.heads, _Skip(self.heads, None))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.out(self.levels(x))
+        return torch.stack([out, *(head.reshape(out.shape) for head in self.heads)], dim=1)
+
+
+def test_a_list_several_modules_share_and_write_in_forward_is_captured_as_the_model_runs() -> None:
+    """MONAI's DynUNet with deep supervision was refused with an interpolate's shape error: torch's export puts back
+    the list's items it found written as a new list on each module, and the next capture's levels then wrote into
+    lists the parent no longer read (found by review). Its captures now see the one shared list, as the model does
+    (2 ranks against one device: 6e-8)."""
+    torch.manual_seed(0)
+    model = _DeepSupervised().train()
+    reference = copy.deepcopy(model)
+    reference.levels.heads = reference.levels.inner.heads = reference.heads  # (deepcopy keeps it shared: as built)
+    splitter = Splitter(model)
+    x = torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own: the list's items assigned during export)
+        splitter.segments((x,))
+        got = splitter.run(x)
+    torch.testing.assert_close(got, reference(x), rtol=0, atol=1e-6)
+    assert model.levels.heads is model.heads and model.levels.inner.heads is model.heads

@@ -114,6 +114,11 @@ class Assignments:
         mine, read, looked = self.mine, self.read, self.looked
         dicts: dict[tuple[int, str], tuple[nn.Module, dict, dict[Any, int]]] = {}  # plain dicts read, as first read
         lists: dict[tuple[int, str], tuple[nn.Module, list, int]] = {}  # lists read, with their first lengths
+        # every list the modules hold, with its items: put back after the run, the same list object on each module
+        # (torch's export puts back a list's items it found assigned as new lists, one per module, which parts
+        # sharing one list, MONAI's DynUNet's deep-supervision heads, then no longer share: found by review)
+        held = [(module, name, value, list(value)) for module in self.model.modules()
+                for name, value in vars(module).items() if type(value) is list]
 
         def reading(module: nn.Module, name: str) -> Any:
             value = getattribute(module, name)
@@ -176,6 +181,9 @@ class Assignments:
                 module._buffers[name] = original
             self._in_place(dicts)
             self._appended(lists)
+            for module, name, value, items in held:
+                module.__dict__[name] = value
+                value[:] = items
 
     def _appended(self, lists: dict[tuple[int, str], tuple[nn.Module, list, int]]) -> None:
         """Tensors the forward appended to a list it keeps as an attribute (anomalib's Padim and PatchCore collect
