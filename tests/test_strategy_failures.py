@@ -791,7 +791,7 @@ def test_what_a_rank_did_after_a_wait_is_named_without_the_waits_guess() -> None
     assert _done("a barrier (in on_fit_start)") == "a barrier (in on_fit_start)"  # a place, not a guess: kept
 
 
-def _target_network(rank: int, world_size: int) -> None:
+def _target_network(rank: int, world_size: int, kind: str = "synced") -> None:
     import lightning as L
     import torch.nn.functional as F
 
@@ -806,16 +806,21 @@ def _target_network(rank: int, world_size: int) -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            self.target.load_state_dict(self.net.state_dict())
+            if kind == "synced":
+                self.target.load_state_dict(self.net.state_dict())
+            elif batch_idx == 0:  # a share read, then a load of something else at the next step
+                self.norm = float(sum(v.float().norm() for v in self.net.state_dict().values()))
+            else:
+                self.target.load_state_dict({})
             return F.mse_loss(self.net(x), y)
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.net.parameters(), lr=0.1)
 
     trainer = L.Trainer(strategy=PipelineStrategy(layers="net", wait_timeout=30), accelerator="cpu", devices=2,
-                        max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
-    trainer.fit(DQNLike(), regression_data(1))
+    trainer.fit(DQNLike(), regression_data(2))
 
 
 @pytest.mark.timeout(120)
@@ -826,3 +831,7 @@ def test_a_target_network_loaded_from_the_pipelined_models_state_says_why_keys_a
     for error in errors:
         assert error is not None and "Missing key(s) in state_dict" in error, error
         assert "as a DQN's target network is, cannot be pipelined" in error, error
+    # a load of something else, a step after a share was read, is not said to come from the share (diff review)
+    for error in run_ranks(_target_network, 2, "elsewhere", timeout=100, expect_failure=True):
+        assert error is not None and "Missing key(s) in state_dict" in error, error
+        assert "target network" not in error.split("Missing key(s)")[1], error

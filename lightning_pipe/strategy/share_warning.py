@@ -24,6 +24,7 @@ _watched: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _warned: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _pickled: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # said to be pickled
 _reading = [0]  # the strategy's own state_dict() calls in progress
+_reads = [0]  # the user's reads of a share, warned of (see shares_read)
 
 
 def watch_state_dict(module: nn.Module, state_keys: Sequence[str]) -> None:
@@ -53,7 +54,10 @@ def _counts(keys: Sequence[str]) -> dict[str, int]:
 
 
 def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_vars: bool) -> None:
-    if prefix or _reading[0] or part in _warned:
+    if prefix or _reading[0]:
+        return
+    if part in _warned:  # (said: counted, for an error this read may cause, :func:`shares_read`)
+        _reads[0] += _called_by_the_user()
         return
     # while a Trainer runs a watched module (a copy of it too: StochasticWeightAveraging's averaged model, whose
     # state the strategy merges into the checkpoint, has no Trainer of its own), only the user's own calls: a
@@ -62,6 +66,7 @@ def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_va
     if running and not _called_by_the_user() or _in_checkpoint_dump():
         return
     _warned.add(part)
+    _reads[0] += 1
     when = (f"during the Trainer's run (in {_users_function()})" if running else "outside the Trainer's run")
     kept = (" A copy kept in memory and loaded back into the same module on this rank is fine. Loaded into another "
             "module (a target network synced with target.load_state_dict(net.state_dict()), as DQN does) it lacks the "
@@ -79,9 +84,10 @@ def _said_once(whole_keys: int, name: str, part: nn.Module, prefix: str, keep_va
         stacklevel=3)
 
 
-def shares_read() -> bool:
-    """Whether the user's code read a share of the pipelined model's state in this process (and was told so)."""
-    return len(_warned) > 0
+def shares_read() -> int:
+    """How many times the user's code read a share of the pipelined model's state in this process, told so (the
+    first time) in a warning: a step's error after a read within it may come from that read."""
+    return _reads[0]
 
 
 def said_pickled(part: nn.Module) -> None:

@@ -102,12 +102,14 @@ def microbatch_run(step: str, index: int, count: int, rows: int, total: int, mic
     """Around a run of ``step``'s code on ``microbatch``, number ``index`` of ``count`` (``rows`` of the batch's
     ``total``): an error it raises gets a note saying so, and naming the lists split with the rows, and a file it
     opens for writing is warned of (see the module)."""
+    reads = shares_read()
     try:
         with _WRITES.watched(step), known_rows(rows):
             yield
     except Exception as error:
         notes = getattr(error, "__notes__", ())
-        if isinstance(error, RuntimeError) and "Missing key(s) in state_dict" in str(error) and shares_read():
+        if isinstance(error, RuntimeError) and "Missing key(s) in state_dict" in str(error) \
+                and shares_read() > reads:  # (a share read in this run: DQN's target synced from it)
             error.add_note("(the state dict loaded was read from the pipelined model, whose state this rank holds "
                            "only its share of (said in a warning before): a copy of the model kept whole beside "
                            "it and loaded from it, as a DQN's target network is, cannot be pipelined; train such "
