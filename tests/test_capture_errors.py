@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.autograd import grad as imported_grad
 
 from lightning_pipe.capture import CaptureError, Splitter
 from tests.capture_models import LitGPT, family
@@ -604,10 +606,32 @@ class _Residual(nn.Module):
         return u, du[:, 0] - du[:, 1]
 
 
-def test_a_forward_that_takes_gradients_itself_is_refused_with_the_reason() -> None:
+class _BackwardResidual(_Residual):
+    """The residual's derivative by ``backward()`` and ``x.grad``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().detach().requires_grad_(True)
+        u = self.blocks(x)
+        u.sum().backward(create_graph=True)
+        return u, x.grad[:, 0] - x.grad[:, 1]
+
+
+class _ImportedGradResidual(_Residual):
+    """The residual's derivative by a ``grad`` imported before the capture (``from torch.autograd import grad``)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_(True)
+        u = self.blocks(x)
+        (du,) = imported_grad(u.sum(), x, create_graph=True)
+        return u, du[:, 0] - du[:, 1]
+
+
+@pytest.mark.parametrize(("model", "how"), [(_Residual, "torch.autograd.grad"), (_BackwardResidual, "a backward()"),
+                                            (_ImportedGradResidual, "torch.autograd.grad")])
+def test_a_forward_that_takes_gradients_itself_is_refused_with_the_reason(model: type[nn.Module], how: str) -> None:
     # (torch's export said "a fake tensor in the exported program constant's list ... file an issue")
-    with pytest.raises(CaptureError, match=r"_Residual.forward takes gradients itself \(torch.autograd.grad"):
-        Splitter(_Residual()).segments((torch.randn(3, 2),))
+    with pytest.raises(CaptureError, match=rf"{model.__name__}.forward takes gradients itself \({re.escape(how)}"):
+        Splitter(model()).segments((torch.randn(3, 2),))
     x = torch.ones(2, requires_grad=True)
     assert torch.autograd.grad((x * 3).sum(), x)[0].tolist() == [3.0, 3.0]  # torch's own again after the capture
 

@@ -76,17 +76,27 @@ def _derivative_transform(error: BaseException) -> str | None:
 @contextlib.contextmanager
 def _no_gradients_taken(name: str) -> Iterator[None]:
     """A forward that takes gradients itself (``torch.autograd.grad``: a PINN's residual, a force field's ``-dE/dx``)
-    is refused with the reason: torch's export fails on it with a message about fake constants."""
-    grad = torch.autograd.grad
+    is refused with the reason: torch's export fails on it with a message about fake constants. Watched both by name
+    and where torch.autograd runs its backward, so that a ``grad`` imported before the capture
+    (``from torch.autograd import grad``) or a ``backward()`` is refused as well."""
+    grad, run = torch.autograd.grad, getattr(torch.autograd, "_engine_run_backward", None)
 
     def refused(*_: Any, **__: Any) -> Any:
         raise CaptureError(_gradients_taken(name, "torch.autograd.grad"))
 
+    def run_refused(*_: Any, **kwargs: Any) -> Any:
+        how = "torch.autograd.grad" if kwargs.get("accumulate_grad", True) is False else "a backward()"
+        raise CaptureError(_gradients_taken(name, how))
+
     torch.autograd.grad = refused
+    if run is not None:
+        torch.autograd._engine_run_backward = run_refused
     try:
         yield
     finally:
         torch.autograd.grad = grad
+        if run is not None:
+            torch.autograd._engine_run_backward = run
 
 
 @contextlib.contextmanager
