@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from .errors import CaptureError
 from .losses import CountedMean, MeanLoss
-from .patterns import Pattern, all_match, autocast_state, describe, overlap
+from .patterns import Pattern, all_match, autocast_state, describe, overlap, pattern_of
 from .points import Cut, cut_label
 from .programs import Program
 
@@ -141,7 +141,7 @@ class CaptureCache:
                 f"same way at every batch of a step (the same keywords, labels=None given where a batch has none, "
                 f"the same non-tensor values); each evaluation dataloader may call it its own way. Using the "
                 f"splitter directly: call splitter.capture(args, kwargs, training={training}) with this "
-                f"micro-batch's model inputs on every rank before running it")
+                f"micro-batch's model inputs on every rank before running it{_other_sizes(self.captures, index, live)}")
         return found
 
     def _find(self, index: int, training: bool, values: Sequence[Any], patterns: Any) -> Capture | None:
@@ -155,6 +155,25 @@ class CaptureCache:
                 self._last[index] = (training, modes, autocast, capture)
                 return capture
         return None
+
+
+def _other_sizes(captures: Sequence[Capture], index: int, live: Sequence[Any]) -> str:
+    """Where ``live`` differs from what some capture's segment ``index`` takes only in sizes: why that may be and
+    what to do (found by review: a speech step trimming its padding, ``x[:, :lengths.max()]``)."""
+    got = [pattern_of(value) for value in live]
+    for capture in captures:
+        known = capture.programs[index].live_in
+        if len(known) == len(got) and all(
+                mine[0] == theirs[0] == "t" and mine[1] == theirs[1] and len(mine[2]) == len(theirs[2])
+                or mine == theirs or theirs[0] == "int" and isinstance(mine[-1], int)
+                for mine, theirs in zip(got, known)):
+            return (f". These differ from a capture's only in sizes ({describe(got)}): one the capture holds fixed (a "
+                    f"recurrent layer's sequence length, a reshape to a number) changed between the micro-batches "
+                    f"of a step. Where the step's code sizes the model's input from each micro-batch's values "
+                    f"(x[:, :lengths.max()], trimming padding to the longest row), every micro-batch gets its own "
+                    f"size, where one device's whole batch has one: trim or pad in the DataLoader's collate_fn "
+                    f"instead (to the batch's longest row), or pad every batch to one length")
+    return ""
 
 
 def _changed_values(capture: Capture, other: Capture) -> str:

@@ -274,8 +274,9 @@ def _advice(error: BaseException, text: str, where: str = "") -> str:
                 "cannot: build it with config.attention_type='original_full', which a graph captures.")
     if "DataDependent" in name or "data-dependent" in text or "Could not extract specialized" in text:
         sizes = ("A size read from the batch's values (a padded batch trimmed to its longest row, "
-                 "`x[:, :int(mask.sum(1).max())]`) cannot be captured either: trim in the collate_fn or in the step "
-                 "before the model. A flag buffer guarding a first-call initialization (Glow's ActNorm, `if "
+                 "`x[:, :int(mask.sum(1).max())]`) cannot be captured either: trim in the collate_fn (each batch to "
+                 "its longest row, as one device's step sees it; trimmed in the step, each micro-batch would be "
+                 "trimmed to its own). A flag buffer guarding a first-call initialization (Glow's ActNorm, `if "
                  "self.initialized.item() == 0:`) neither: initialize on a batch before trainer.fit and take the "
                  "check out of forward. "
                  if "Could not extract specialized" in text or ".item()" in where else "")

@@ -18,7 +18,7 @@ from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_t
 
 __all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
-           "same_output", "without_gradients", "as_in_training", "output_gradients"]
+           "same_output", "without_gradients", "as_in_training", "output_gradients", "sizes_apart"]
 
 
 def check_rows(batch: Any, step: str) -> int:
@@ -406,7 +406,26 @@ def _joined_column(column: list[torch.Tensor], sizes: list[int], weights: Sequen
     dim = kind if known and isinstance(kind, int) else _rows_dim(column, sizes)
     if dim is None or not all(leaf.dim() > dim and leaf.shape[dim] == rows for leaf, rows in zip(column, sizes)):
         return None
-    return torch.cat(column, dim)
+    rest = {leaf.shape[:dim] + leaf.shape[dim + 1:] for leaf in column}  # (a time length each micro-batch trimmed
+    return torch.cat(column, dim) if len(rest) == 1 else None  # to its own longest row: no batch's output)
+
+
+def sizes_apart(outputs: list[Any], sizes: list[int]) -> bool:
+    """Whether the micro-batches' model ``outputs`` (of ``sizes`` rows), alike in structure, hold a tensor whose size
+    in a dim that is not the rows' differs between them: a length each micro-batch's input was trimmed to by the
+    step's code (``x[:, :lengths.max()]``), where one device's batch has one."""
+    flat = [tree_flatten(output)[0] for output in outputs]
+    if len(flat) < 2 or any(len(leaves) != len(flat[0]) for leaves in flat):
+        return False
+    for column in zip(*flat):
+        if not all(isinstance(leaf, torch.Tensor) and leaf.dim() == column[0].dim() >= 2 for leaf in column):
+            continue
+        along = [dim for dim in range(column[0].dim()) if all(leaf.shape[dim] == rows for leaf, rows in
+                                                               zip(column, sizes))]
+        varies = [dim for dim in range(column[0].dim()) if len({leaf.shape[dim] for leaf in column}) > 1]
+        if along and any(dim not in along for dim in varies):  # (not a detector's boxes: a tensor per image)
+            return True
+    return False
 
 
 def _rows_dim(column: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:

@@ -40,7 +40,8 @@ from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.split import SplitModule
 from lightning_pipe.strategy.step_effects import Snapshot, StepEffects
 from lightning_pipe.strategy.step_values import (
-    as_in_training, call_weights, combine_outputs, listed, loss_of, needs_whole_batch, same_output, without_gradients,
+    as_in_training, call_weights, combine_outputs, listed, loss_of, needs_whole_batch, same_output, sizes_apart,
+    without_gradients,
 )
 from lightning_pipe.strategy.values import sendable
 
@@ -200,6 +201,10 @@ class WholeBatchRuns:
                 apart = ("the model's loss is a mean over a count of its labels that no one count of each "
                          "micro-batch's model inputs gives: means over different counts added, or inputs the step's "
                          "code before the model could not make again here")
+        trimmed = len(kept) == microbatches > 1 and sizes_apart([output for _, output, _ in kept],
+                                                                [rows for _, _, rows in kept])
+        if trimmed:
+            self._warn_effects(_TRIMMED.format(step=step))
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
                                                 "without the batch's rows first)"] * numbers
         if checked is not None and checked in self._whole_metrics:
@@ -212,7 +217,7 @@ class WholeBatchRuns:
             logs_checked = True  # (if the run below drew nothing)
             ran = replayed or (not self.effects.changed(start) and whole is not None
                                and self._replay_for_logs(whole, replay))
-            if not replayed and whole is None and len(kept) == microbatches and result.logs:
+            if not replayed and whole is None and len(kept) == microbatches and result.logs and not trimmed:
                 self._warn_effects(f"{step}'s logged values are not checked against a run of the step on the whole "
                                    f"batch: its micro-batches' model outputs do not put together into the whole "
                                    f"batch's ({apart}), so a value that is not a mean over rows (a maximum, "
@@ -345,6 +350,16 @@ class WholeBatchRuns:
         if message not in self._effects_warned:  # once, not at every step
             self._effects_warned.add(message)
             warnings.warn(message, stacklevel=4)
+
+
+_TRIMMED = ("{step}'s micro-batches gave the model inputs of different sizes besides their rows, and its outputs "
+            "differ so (found by review: a speech step trimming the padding to the longest row, x[:, :lengths.max()]"
+            "): the step's code sizes the model's input from each micro-batch's values, where one device's whole "
+            "batch has one size. This trains as one device only where the model ignores the padding past each row's "
+            "length (masks, per-frame or causal layers; not a bidirectional RNN or a mean over padded frames), and "
+            "values the step logs that are not means over rows, or outputs in which rows meet, are the micro-"
+            "batches' combination, as no whole batch's output can be put together. Trim or pad in the DataLoader's "
+            "collate_fn instead (to the batch's longest row), which gives every micro-batch the batch's size")
 
 
 def _call_count(captures: list[Any], tensors: list[Any], rows: int) -> tuple[float, bool] | None:
