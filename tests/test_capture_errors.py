@@ -109,7 +109,32 @@ def test_a_size_read_from_the_batchs_values_says_to_trim_before_the_model() -> N
     with pytest.raises(CaptureError) as caught:
         Splitter(_Trimmed()).segments((torch.randn(3, 5, 4), torch.ones(3, 5)))
     message = str(caught.value)
-    assert "trim in the collate_fn or in the step before the model" in message and "ActNorm" in message, message
+    assert "trim in the collate_fn (each batch to its longest row" in message and "ActNorm" in message, message
+
+
+class _Branching(nn.Module):
+    """A branch on a value the graph cannot know, after some layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(4, 4) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(x)
+        if not torch.isfinite(x).all():  # (Hugging Face's DETR encoder layers clamp so in training)
+            x = x.clamp(-1e4, 1e4)
+        return x
+
+
+def test_a_refused_capture_prints_no_graph_traced_so_far(capfd: pytest.CaptureFixture[str]) -> None:
+    """torch's export printed the graph traced so far at each attempt, thousands of lines before the refusal for a
+    real model (found by review: DETR); the refusal itself names the line."""
+    with pytest.raises(CaptureError) as caught:
+        Splitter(_Branching()).segments((torch.randn(3, 4),))
+    assert "if not torch.isfinite(x).all():" in str(caught.value), str(caught.value)
+    printed = capfd.readouterr()
+    assert "def forward(" not in printed.err + printed.out, printed.err[:1000]
+    assert torch.fx.Tracer.trace.__name__ == "trace" and not hasattr(torch.fx.Tracer.trace, "__wrapped__")
 
 
 class _Selected(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import re
 import traceback
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 import torch.utils.checkpoint
 from torch.export import Dim, ExportedProgram
+from torch.fx import Tracer
 
 from .assignments import Assignments, Read, appended_refusal, assignment_advice, carried_advice, stored_advice
 from .devices import META, faking_device, on_meta, to_meta
@@ -97,6 +99,28 @@ def _no_gradients_taken(name: str) -> Iterator[None]:
         torch.autograd.grad = grad
         if run is not None:
             torch.autograd._engine_run_backward = run
+
+
+@contextlib.contextmanager
+def _no_partial_graphs() -> Iterator[None]:
+    """torch's export prints the graph traced so far to stderr when tracing meets a data-dependent branch: thousands
+    of lines of graph code on every attempt, before the capture's own refusal (found by review: DETR's ~3,400 lines).
+    The graph is dropped from the error; the refusal names the module and line instead."""
+    trace = Tracer.trace
+
+    @functools.wraps(trace)
+    def quiet(self: Tracer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return trace(self, *args, **kwargs)
+        except RuntimeError as error:
+            error.__dict__.pop("partial_fx_graph", None)
+            raise
+
+    Tracer.trace = quiet
+    try:
+        yield
+    finally:
+        Tracer.trace = trace
 
 
 @contextlib.contextmanager
@@ -239,6 +263,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
                 stack.enter_context(_masks_as_given())
                 stack.enter_context(_conversions_in_place())
                 stack.enter_context(_no_gradients_taken(type(model).__name__))
+                stack.enter_context(_no_partial_graphs())
                 stack.enter_context(_no_backward_hooks(model, names))
                 functions, checkpoints, frozen = stack.enter_context(watch_autograd_functions(names))
                 own_checkpoints = stack.enter_context(_watch_checkpoints(names))
