@@ -536,6 +536,37 @@ class MeanTeacher(BornAgain):
                 teacher.lerp_(student, 0.1)
 
 
+class ModelEmaV2(nn.Module):
+    """timm's ``ModelEmaV2`` as it works: a deep copy of the model as ``.module``, updated by pairing the two
+    state dicts' values."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9) -> None:
+        super().__init__()
+        self.module, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, value in zip(self.module.state_dict().values(), model.state_dict().values()):
+            ema.copy_(ema * self.decay + (1.0 - self.decay) * value)
+
+
+class AveragedStudent(BornAgain):
+    """A student with timm's EMA made in ``__init__`` and updated in ``on_train_batch_end``, timm's places: under a
+    pipeline it pairs the average's first layers with each rank's share (layers of other shapes: a shape error)."""
+
+    def __init__(self) -> None:
+        super().__init__(16, 4)
+        del self.teacher
+        self.ema = ModelEmaV2(self.student)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.student(x), y)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(self.student)
+
+
 class MomentumBYOL(L.LightningModule):
     """BYOL as lightly writes it: momentum copies of the backbone and of the projection head (deep copies, frozen),
     updated with ``torch._foreach`` ops pairing their parameters with the model's (lightly's ``update_momentum``), in

@@ -53,6 +53,8 @@ class FrozenCopies:
         averages = averaged_parameters(module)
         averaged = [name for name in copies if any(id(p) in averages for p in module.get_submodule(name).parameters())]
         self.unsaid = [name for name in copies if name not in averaged]  # (every rank: explain())
+        self.averaged = averaged  # (said at the build; explained too: found by review, timm's ModelEmaV2 updated in
+        # on_train_batch_end failed with a bare shape error)
         self.watched = list(self.unsaid) if first_rank or pipeline.is_last_rank else []
         # the last stage runs the step's code, which calls the copies: a copy changed elsewhere is not the one it runs
         self.runs_the_step = bool(pipeline.is_last_rank)
@@ -126,10 +128,11 @@ class FrozenCopies:
         network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
         come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        copies = self.unsaid or self.held or self.lists
+        copies = self.unsaid or self.averaged or self.held or self.lists
         if copies and isinstance(message, str) and "where this comes from pairing" not in message \
                 and ("size" in message or "state_dict" in message or "same number of tensors" in message):
             why = self.pairing(self.unsaid, "is a frozen copy of it") if self.unsaid else \
+                self.pairing(self.averaged, "is an averaged copy of it") if self.averaged else \
                 self._held_pairing() if self.held else self._list_pairing()
             exception.args = (f"{message} (where this comes from pairing the parameters of {copies[0]} with the "
                               f"model's: {why})", *exception.args[1:])
