@@ -1024,15 +1024,22 @@ def test_a_step_that_changes_the_models_output_in_place_logs_and_predicts_as_on_
             torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
-def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it() -> None:
+def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it(tmp_path: Any) -> None:
     """A deque, a set or a NumPy array changed in place, a container inside a container, a dict too large to look
     into, a loss module's plain attributes: the last stage takes every run's change and the other ranks none, so a
-    change is warned of (before: silently); what the effects follow (a list appended to, an array bound anew) is not."""
+    change is warned of (before: silently); what the effects follow (a list appended to, an array bound anew) is not,
+    nor a library module's own caches (kornia's augmentations keep their last draw: found by review)."""
     from collections import deque
 
     import numpy
 
     from lightning_pipe.strategy.unfollowed import UnfollowedState, user_modules
+    from tests.helpers import installed_package
+
+    source = "import torch.nn as nn\nclass RandomCrop(nn.Module):\n    def __init__(self):\n" \
+             "        super().__init__()\n        self._params = {}\n"
+    with installed_package(tmp_path, "kornia", source) as kornia:
+        augmentation = kornia.RandomCrop()
 
     class Criterion(nn.Module):
         def __init__(self) -> None:
@@ -1058,7 +1065,7 @@ def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it()
         def __init__(self) -> None:
             self.total, self.count = 0.0, 0
 
-    module.buffer, module.meter = Buffer(), Meter()
+    module.buffer, module.meter, module.augmentation = Buffer(), Meter(), augmentation
     outside = user_modules(module, module.body.modules(), ["body"])
     assert [path for path, _ in outside] == ["criterion"]
     state = UnfollowedState(module, lambda: outside)
@@ -1076,6 +1083,7 @@ def test_state_the_effects_do_not_follow_is_warned_of_when_the_step_changes_it()
         module.buffer.env.t += 1
         module.meter.total += 1.5  # followed
         module.meter.count += 1
+        module.augmentation._params = {"crop": 3}  # kornia's own
 
     marks = state.mark("training_step")
     with warnings.catch_warnings(record=True) as caught:

@@ -27,6 +27,8 @@ __all__ = ["FOREIGN", "UnfollowedState", "mark", "user_modules", "users_hook", "
 # the user's state
 FOREIGN = LIBRARIES | {"lightning_pipe", "transformers", "timm", "torchvision", "torchaudio", "peft", "diffusers",
                        "accelerate", "einops", "flash_attn", "xformers", "sentence_transformers",
+                       # (found by review: each kornia augmentation keeps its last draw's parameters, _params)
+                       "kornia",
                        # loggers, whose watch() hooks the model's modules to log gradients
                        "wandb", "comet_ml", "neptune", "mlflow", "tensorboardX", "clearml", "aim"}
 _STEPS = 16  # first steps of each kind whose state is marked and compared (then fewer: :meth:`UnfollowedState.mark`)
