@@ -79,7 +79,9 @@ def neither_warning(why: str, step: str = "training_step", count: str | None = N
             f"sum by its count over the whole batch, passed with the batch as a 0-dim tensor, and pass "
             f"loss_reduction='sum'), or it couples the "
             f"rows (a contrastive loss over the batch, which no split into micro-batches computes: "
-            f"num_microbatches=1 gives one device's result, the stages then running in turn). The "
+            f"num_microbatches=1 gives one device's result, the stages then running in turn; or targets mixed "
+            f"across the batch's rows by the step's code, timm's Mixup or CutMix: mix in the DataLoader's "
+            f"collate_fn instead, and no count is needed). The "
             f"pipeline weights each micro-batch's loss by its rows, so {differ} with a count, say what the "
             f"loss is a mean over with a function of a micro-batch: " + (
                 f"PipelineStrategy(loss_reduction=lambda batch: ...) computing from a micro-batch the {given} your "
