@@ -346,9 +346,10 @@ def test_a_generator_the_module_keeps_draws_alike_on_every_stage(kind: str, tmp_
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _shuffled_order(rank: int, world_size: int, seeded: bool) -> dict[str, Any]:
+def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffle") -> dict[str, Any]:
     """The batches a 2-epoch fit reads from a shuffling DataLoader (by their first value), and what the run said of
-    their order."""
+    their order; ``how`` it shuffles: ``shuffle=True``, torch's BatchSampler over a RandomSampler, or a batch sampler
+    of one's own shuffling buckets (a speech recipe's length bucketing)."""
     import logging
 
     import lightning as L
@@ -381,25 +382,44 @@ def _shuffled_order(rank: int, world_size: int, seeded: bool) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    class Buckets(torch.utils.data.Sampler):
+        def __init__(self, generator: torch.Generator | None) -> None:
+            self.generator = generator
+
+        def __iter__(self) -> Any:
+            for bucket in torch.randperm(4, generator=self.generator).tolist():
+                yield list(range(bucket * 4, bucket * 4 + 4))
+
+        def __len__(self) -> int:
+            return 4
+
     L.seed_everything(3, verbose=False)
     data = TensorDataset(torch.randn(16, 4), torch.randn(16))
     generator = torch.Generator().manual_seed(0) if seeded else None
     model = Plain()
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
-    quiet_trainer(world_size, strategy, max_epochs=2).fit(
-        model, DataLoader(data, batch_size=4, shuffle=True, generator=generator))
-    return {"seen": model.seen, "said": [text for text in said if "the training DataLoader shuffles" in text]}
+    loader = DataLoader(data, batch_size=4, shuffle=True, generator=generator) if how == "shuffle" else \
+        DataLoader(data, batch_sampler=torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(data, generator=generator), 4, False)) if how == "batch_sampler" else \
+        DataLoader(data, batch_sampler=Buckets(generator))
+    quiet_trainer(world_size, strategy, max_epochs=2).fit(model, loader)
+    return {"seen": model.seen, "said": [text for text in said
+                                         if "the training DataLoader" in text and "global generator" in text]}
 
 
-@pytest.mark.timeout(120)
-def test_a_shuffled_order_is_one_devices_with_a_seeded_generator_and_said_to_differ_without() -> None:
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("how", "fix"), [("shuffle", "DataLoader(..., shuffle=True, generator=torch.Generator()"),
+                                          ("batch_sampler", "give the RandomSampler a generator of its own"),
+                                          ("own", "give Buckets a torch.Generator of its own")])
+def test_a_shuffled_order_is_one_devices_with_a_seeded_generator_and_said_to_differ_without(how: str, fix: str) -> None:
     """Shuffled with torch's global generator, the ranks draw their order from an agreed seed, not one device's: said
-    once, on rank 0, with what gives one device's order (found by review: no word at run time); with a generator of
-    the loader's own, the order is one device's."""
-    reference = _shuffled_order(0, 1, True)
-    for result in run_ranks(_shuffled_order, 2, True, timeout=100):
+    once, on rank 0, with what gives one device's order (found by review: no word at run time; then for a batch
+    sampler, torch's or a length-bucketing one of one's own); with a generator of one's own, the order is one
+    device's."""
+    reference = _shuffled_order(0, 1, True, how)
+    for result in run_ranks(_shuffled_order, 2, True, how, timeout=100):
         assert result == {"seen": reference["seen"], "said": []}
-    unseeded = run_ranks(_shuffled_order, 2, False, timeout=100)
+    unseeded = run_ranks(_shuffled_order, 2, False, how, timeout=100)
     assert unseeded[0]["seen"] == unseeded[1]["seen"] and len(unseeded[0]["seen"]) == 8
-    assert len(unseeded[0]["said"]) == 1 and "generator=torch.Generator().manual_seed(0)" in unseeded[0]["said"][0]
+    assert len(unseeded[0]["said"]) == 1 and fix in unseeded[0]["said"][0], unseeded[0]["said"]
     assert unseeded[1]["said"] == []

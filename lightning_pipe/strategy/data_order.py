@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 
 from lightning_pipe.strategy.randomness import Stream, derive_seed
 
-__all__ = ["DataStart", "SharedOrder", "share_order", "samplers_of", "check_distributed_samplers"]
+__all__ = ["DataStart", "SharedOrder", "share_order", "samplers_of", "check_distributed_samplers", "order_notice",
+           "own_sampler_notice"]
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,27 @@ class _Iterator:
     """Each ``next`` of ``iterator`` under ``stream``, the first ``skip`` items passed over at the first ``next``:
     lazily, as an uninterrupted epoch draws, since the DataLoader draws its workers' base seed between ``iter`` and the
     first ``next`` (from the loader's own generator, if the user gave one: a shuffling sampler drawing from that
-    generator at once would draw its order from another state than the uninterrupted epoch)."""
+    generator at once would draw its order from another state than the uninterrupted epoch). ``drew``: called once,
+    after the first ``next``, if the stream's generator was drawn from by then."""
 
-    def __init__(self, stream: _Swapped, skip: int = 0) -> None:
+    def __init__(self, stream: _Swapped, skip: int = 0, drew: Callable[[], None] | None = None) -> None:
         self.stream = stream
         self.iterator: Iterator[Any] = iter(())
         self.skip = skip
+        self._drew = drew
+        self._initial = stream.state.clone() if drew is not None else None
 
     def __iter__(self) -> _Iterator:
         return self
 
     def __next__(self) -> Any:
-        return self.stream.run(self._next)
+        try:
+            return self.stream.run(self._next)
+        finally:
+            if self._drew is not None and self._initial is not None:
+                drawn, self._initial = not torch.equal(self.stream.state, self._initial), None
+                if drawn:
+                    self._drew()
 
     def _next(self) -> Any:
         while self.skip:
@@ -164,6 +174,8 @@ class SharedOrder:
         self._current: DataStart | None = None  # where the current iteration started
         self._restore: list[torch.Tensor] | None = None
         self.stream = False  # its dataset is an IterableDataset that keeps no position (set by share_order)
+        # called (by the strategy) where a training iteration's first draws took numbers from the order's generator
+        self.said: Callable[[], None] | None = None
 
     @property
     def sampler(self) -> Any:
@@ -199,8 +211,8 @@ class SharedOrder:
         # The loader begins each iteration; a DataLoader with workers then calls iter() twice (in its iterator's
         # __init__ and _reset): both get the same start, and so the same order.
         start = self._current or self.begin()
-        order = _Iterator(_Swapped(torch.Generator().manual_seed(derive_seed(start.seed, Stream.DATA_ORDER))
-                                   .get_state()), start.skip)
+        stream = _Swapped(torch.Generator().manual_seed(derive_seed(start.seed, Stream.DATA_ORDER)).get_state())
+        order = _Iterator(stream, start.skip, self.said if start.training else None)
         order.iterator = order.stream.run(lambda: iter(self.inner))  # some samplers draw as their iteration starts
         return order
 
@@ -301,16 +313,47 @@ def share_order(loader: Any, start: Callable[[SharedOrder], DataStart], replica:
     return shared
 
 
+_SHUFFLING = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
 def order_notice(loader: Any) -> str | None:
-    """What to say of a training DataLoader that shuffles with the global generator (``shuffle=True`` and no
-    generator of its own): its order is drawn from the seed the ranks agreed on, not one device's (found by review:
-    a run compared with one device's differed from its first batch, with no word at run time); None for others."""
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, torch.utils.data.RandomSampler) or sampler.generator is not None \
-            or getattr(loader, "generator", None) is not None:
+    """What to say of a training DataLoader that shuffles with the global generator (``shuffle=True``, or torch's
+    shuffling sampler inside a batch sampler, with no generator of its own): its order is drawn from the seed the
+    ranks agreed on, not one device's (found by review: a run compared with one device's differed from its first
+    batch, with no word at run time; a BatchSampler over a RandomSampler too); None for others."""
+    if getattr(loader, "generator", None) is not None:
         return None
-    return ("the training DataLoader shuffles (shuffle=True) with torch's global generator: under PipelineStrategy "
-            "every rank draws each epoch's order from a seed they agree on, so the batches come in another order "
-            "than one device's. To compare a run with one device's, give the DataLoader a generator of its own "
-            "(DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(0))): both then read the same "
-            "order")
+    index = getattr(loader, "batch_sampler", None)  # (not `or`: an IterableDataset's sampler has no len())
+    index = getattr(loader, "sampler", None) if index is None else index
+    found = [sampler for sampler in samplers_of(index)
+             if isinstance(sampler, _SHUFFLING) and getattr(sampler, "generator", None) is None]
+    if not found:
+        return None
+    if found[0] is getattr(loader, "sampler", None) and type(found[0]) is RandomSampler \
+            and type(getattr(loader, "batch_sampler", None)) is torch.utils.data.BatchSampler:
+        return ("the training DataLoader shuffles (shuffle=True) with torch's global generator: " + _NOT_ONE_ORDER +
+                "give the DataLoader a generator of its own (DataLoader(..., shuffle=True, "
+                "generator=torch.Generator().manual_seed(0))): both then read the same order")
+    return (f"the training DataLoader's {type(found[0]).__name__} shuffles with torch's global generator: " +
+            _NOT_ONE_ORDER + f"give the {type(found[0]).__name__} a generator of its own (generator=torch.Generator()"
+            f".manual_seed(0)): both then read the same order")
+
+
+_NOT_ONE_ORDER = ("under PipelineStrategy every rank draws each epoch's order from a seed they agree on, so the "
+                  "batches come in another order than one device's. To compare a run with one device's, ")
+
+
+def own_sampler_notice(order: SharedOrder) -> str | None:
+    """What to say of a training order whose first draws took numbers from torch's global generator (swapped for the
+    order's own) through a sampler of the user's class (a length-bucketing batch sampler shuffling its buckets with
+    ``torch.randperm``): not one device's order (found by review: silent before); None for torch's own samplers,
+    which :func:`order_notice` names at set-up."""
+    own = [sampler for sampler in order.samplers if type(sampler).__module__.split(".")[0] not in ("torch",
+                                                                                                   "lightning")]
+    if not own or any(isinstance(sampler, _SHUFFLING) and getattr(sampler, "generator", None) is None
+                      for sampler in order.samplers):
+        return None
+    name = type(own[0]).__name__
+    return (f"the training DataLoader's sampler {name} draws its order from torch's global generator: " +
+            _NOT_ONE_ORDER + f"give {name} a torch.Generator of its own, seeded, and draw from it "
+            f"(torch.randperm(n, generator=self.generator)): both then read the same order")

@@ -45,7 +45,9 @@ from lightning_pipe.strategy.captured import CapturedModule
 from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start_after_restore
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_logs
-from lightning_pipe.strategy.data_order import check_distributed_samplers, order_notice, share_order
+from lightning_pipe.strategy.data_order import (
+    SharedOrder, check_distributed_samplers, order_notice, own_sampler_notice, share_order,
+)
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
 from lightning_pipe.strategy.gradients import GlobalNorms, HeldGradients
@@ -382,7 +384,17 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
+            shared._pipeline_order.said = functools.partial(self._say_own_sampler, shared._pipeline_order)
         return shared
+
+    def _say_own_sampler(self, order: SharedOrder) -> None:
+        """A training order drew from its generator: where a sampler of the user's drew, say once that the order is
+        not one device's (:func:`~.data_order.own_sampler_notice`)."""
+        order.said = None
+        notice = own_sampler_notice(order)
+        if notice is not None and not self.__dict__.get("_order_said"):
+            self._order_said = True
+            rank_zero_info(notice)
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
