@@ -31,11 +31,17 @@ from lightning_pipe.strategy.loss_warnings import (
     count_warning,
     counted_mean_warning,
     drawn_count_warning,
+    untold_warning,
     given_count_warning,
     model_loss_warning,
     neither_warning,
 )
 from lightning_pipe.strategy.reduction import DRAWS, Probe, verdict
+
+# why the first batches' probes may tell nothing of a loss that needs no word for it (one micro-batch; losses of 0;
+# a diverged loss; draws, said by drawn_count_warning where they matter)
+_TOLD_OTHERWISE = (DRAWS, "one micro-batch", "the micro-batches' mean and sum are equal",
+                   "the loss is not finite (a NaN or an infinity)")
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.row_checks import RowChecks
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
@@ -148,6 +154,9 @@ class FirstBatchChecks(RowChecks):
             self._warn_once(drawn or _warning(rule, why, neither_warning))
             self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             rule = "mean"
+        if rule is None and self._probes_left <= 0 and why not in _TOLD_OTHERWISE:
+            self._warn_once(untold_warning(why))  # (found by review: a summed CTC loss over 1-row micro-batches of a
+            # captured LSTM, whose outputs did not put together, trained at a quarter of one device's gradients)
         drawn = drawn_count_warning(probe) if rule is None and why == DRAWS else None
         if drawn is not None:  # (a masked-LM mask drawn in the step: found by review, 1.5% off, said nothing)
             self._warn_once(drawn)

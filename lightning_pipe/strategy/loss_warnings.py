@@ -14,7 +14,7 @@ from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.strategy.reduction import Probe
 
 __all__ = ["count_warning", "constant_warning", "neither_warning", "model_loss_warning", "counted_mean_warning",
-           "given_count_warning", "nonlinear_mean_warning", "drawn_count_warning"]
+           "given_count_warning", "nonlinear_mean_warning", "drawn_count_warning", "untold_warning"]
 
 
 def drawn_count_warning(probe: Probe) -> str | None:
@@ -62,6 +62,15 @@ def constant_warning(why: str) -> str:
             f"is not the mean of its micro-batches' grad(l_m) / l_m: with micro-batches it trains otherwise than one "
             f"device. Divide by a value that is the whole batch's (a running average kept on the module), or pass "
             f"num_microbatches=1 for one device's gradients")
+
+
+def untold_warning(why: str) -> str:
+    """What to tell a user whose step's loss the first batches could not tell a mean or a sum over rows (``why``)."""
+    return (f"training_step's loss could not be checked on its first batches for how it adds up over the batch's rows "
+            f"({why}), so the pipeline takes it for a mean over rows and weighs each micro-batch's loss by its rows. "
+            f"If it is a sum over rows (reduction='sum', a loss not divided by the batch's size), that divides its "
+            f"gradients by the micro-batches: pass PipelineStrategy(loss_reduction='sum'). If it is a mean, pass "
+            f"loss_reduction='mean' to say so")
 
 
 def neither_warning(why: str, step: str = "training_step", count: str | None = None, given: str | None = None) -> str:
