@@ -1605,6 +1605,33 @@ def test_a_fallback_to_fixed_sizes_says_where_and_that_the_model_is_fine() -> No
     assert "module 'gru' (GRU.forward" in message and "the model is fine and trains exactly" in message
 
 
+def test_a_capture_per_shape_after_the_fallback_serves_its_own_sizes_only() -> None:
+    """The failed symbolic attempt left torch's dynamic marks on the inputs, so the fallback traced symbolic sizes
+    anyway: its capture took a new sequence length for its own and the segment after the GRU, fixed at the first
+    length, failed at the next batch (found by review: a speech model's second batch). Now each length is captured,
+    and the inputs carry no marks after it."""
+
+    class Speech(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.gru = nn.Conv1d(8, 16, 3, stride=2, padding=1), nn.GRU(16, 16, batch_first=True)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.gru(self.conv(x.transpose(1, 2)).transpose(1, 2))[0])
+
+    model, first, second = Speech(), torch.randn(4, 20, 8), torch.randn(4, 14, 8)
+    splitter = Splitter(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splitter.capture((first,))
+        assert not [name for name in vars(first) if name.startswith("_dynamo")]
+        assert splitter.cache.for_inputs(True, [second]) is None  # (it served every length before)
+        splitter.capture((second,))
+    for x in (first, second):
+        torch.testing.assert_close(splitter.run(x), model(x))
+
+
 _LAZY_MODEL_OUTPUT = '''
 import sys, torch, torch.nn as nn
 from lightning_pipe.capture import Splitter

@@ -101,6 +101,23 @@ def _no_gradients_taken(name: str) -> Iterator[None]:
             torch.autograd._engine_run_backward = run
 
 
+_DYNAMIC_MARKS = ("_dynamo_weak_dynamic_indices", "_dynamo_dynamic_indices", "_dynamo_dynamic_range",
+                  "_dynamo_static_indices", "_dynamo_unbacked_indices", "_dynamo_propagated_dynamic_indices",
+                  "_has_dynamo_dim_marking")
+
+
+def _no_dynamic_marks(args: tuple, kwargs: dict[str, Any]) -> None:
+    """Take off the marks torch's export puts on the input tensors for their symbolic sizes, which it takes off only
+    when it succeeds: a failed symbolic attempt left them, and the fallback to the example's sizes then traced
+    symbolic sizes anyway, which a capture per shape took for sizes it serves (found by review: a GRU's second
+    sequence length met a graph of the first's)."""
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            for mark in _DYNAMIC_MARKS:
+                if mark in leaf.__dict__:
+                    delattr(leaf, mark)
+
+
 @contextlib.contextmanager
 def _no_partial_graphs() -> Iterator[None]:
     """torch's export prints the graph traced so far to stderr when tracing meets a data-dependent branch: thousands
@@ -257,6 +274,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
         toggled: list[str] = []  # modules whose parameters' requires_grad the forward set
         try:
             with contextlib.ExitStack() as stack:
+                stack.callback(_no_dynamic_marks, args, kwargs)
                 stack.enter_context(_mode(model, training))
                 stack.enter_context(_no_caches(model))
                 stack.enter_context(_keywords_named(model, args, kwargs))
