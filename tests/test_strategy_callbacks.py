@@ -159,8 +159,10 @@ def test_ema_weight_averaging_resumes_from_a_sharded_checkpoint(tmp_path: Any) -
             torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Fit with ``kind``'s callback on ``world_size`` ranks (one: one device); the pruning warnings and the weights."""
+def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, torch.Tensor], list[str]]:
+    """Fit with ``kind``'s callback on ``world_size`` ranks (one: one device); the pruning warnings, the weights and
+    what the pruning logged (``verbose=2``)."""
+    import logging
     import warnings
 
     import lightning as L
@@ -171,7 +173,14 @@ def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, 
 
     method = "random_unstructured" if kind == "pruning-random" else "l1_unstructured"
     callback = (BatchSizeFinder(max_trials=2) if kind == "batch-size" else
-                ModelPruning(method, amount=0.2, use_global_unstructured=kind != "pruning-layers"))
+                ModelPruning(method, amount=0.2, use_global_unstructured=kind != "pruning-layers", verbose=2))
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logging.getLogger("lightning.pytorch.callbacks.pruning").addHandler(Keep())
     strategy = PipelineStrategy(num_microbatches=1) if world_size > 1 else "auto"  # a batch norm: exact with one
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_epochs=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -182,22 +191,26 @@ def _tuned(rank: int, world_size: int, kind: str) -> tuple[list[str], dict[str, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model)
-    return [str(w.message) for w in caught if "ModelPruning" in str(w.message)], model.state_dict()
+    return [str(w.message) for w in caught if "ModelPruning" in str(w.message)], model.state_dict(), logged
 
 
 @pytest.mark.timeout(120)
 def test_the_batch_size_finder_is_refused_and_pruning_runs_as_on_one_device_where_it_can() -> None:
     for rank, error in enumerate(run_ranks(_tuned, 2, "batch-size", timeout=100, expect_failure=True)):
         assert error is not None and "BatchSizeFinder (Tuner.scale_batch_size) cannot run" in error, (rank, error)
-    (warned, _), (quiet, _) = run_ranks(_tuned, 2, "pruning-random", timeout=100)
+    (warned, _, _), (quiet, _, _) = run_ranks(_tuned, 2, "pruning-random", timeout=100)
     assert len(warned) == 1 and "use_global_unstructured=False" in warned[0] and quiet == []
     # each layer by its own amount, and the whole model's smallest weights (global, by magnitude; the ranks agree on
     # the magnitude where the model's count reaches the amount): each rank prunes its own layers as one device does
     for kind in ("pruning-layers", "pruning"):
         shares = run_ranks(_tuned, 2, kind, timeout=100)
-        merged = {key: value for _, share in shares for key, value in share.items()}
-        warned, reference = _tuned(0, 1, kind)
-        assert warned == [] and all(not w for w, _ in shares) and sorted(merged) == sorted(reference)
+        merged = {key: value for _, share, _ in shares for key, value in share.items()}
+        warned, reference, said = _tuned(0, 1, kind)
+        assert warned == [] and all(not w for w, _, _ in shares) and sorted(merged) == sorted(reference)
+        # verbose: the whole model's counts, as one device's (found by review: rank 0's share), every layer's line
+        # (the pipeline's batch norm defers its running statistics: another class name in the layer's lines)
+        assert [line.replace("DeferredBatchNorm", "BatchNorm") for line in shares[0][2]] == said, (shares[0][2], said)
+        assert shares[1][2] == [] and len(said) > 2 and ". Pruned: 0/" in said[0], said
         for key, value in reference.items():
             torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-5, msg=f"{kind} {key}")
         pruned = [float((value == 0).float().mean()) for key, value in reference.items() if key.endswith("weight")]
