@@ -1690,3 +1690,17 @@ def test_lists_of_one_tensor_per_parameter_made_before_the_cut_are_found_also_of
     module.states = {"shadow": trainable, "step": 3}
     module.other = [torch.zeros(7), torch.zeros(7)]  # (of no parameters' shapes)
     assert parameter_lists(module, model, []) == ["self.ema.shadow_params", "self.states['shadow']"]
+
+
+def test_parameters_computing_the_models_input_are_named_not_a_head_run_after_it() -> None:
+    """The refusal of a model input computed with trainable parameters outside the model named every such parameter,
+    a classifier the step runs after the model too, and told to freeze them (found by review: timm's MobileNet with
+    its blocks pipelined); the input's graph says which compute it."""
+    from lightning_pipe.strategy.step_values import input_needs_grad
+
+    module = nn.Module()
+    module.stem, module.blocks, module.head = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2)
+    outside = ["stem.weight", "stem.bias", "head.weight", "head.bias"]
+    message = input_needs_grad("training_step", "the nn.Sequential at 'blocks'", outside, "freeze them",
+                               ((module.stem(torch.randn(3, 4)),), {}), module)
+    assert "(stem.weight, stem.bias)" in message and "head" not in message, message

@@ -300,7 +300,8 @@ class CapturedModule(CaptureKeeping):
         if self.calls.needs_grad:
             raise ValueError(input_needs_grad(step, self.where, self.outside_trainable,
                                               "move them into the model, name a module holding both with "
-                                              "layers=..., or freeze them with requires_grad_(False)"))
+                                              "layers=..., or freeze them with requires_grad_(False)", calls,
+                                              self.module))
         return inputs
 
     def input_leaves(self, step: str, batch: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:

@@ -339,7 +339,8 @@ class SplitModule:
         if calls.needs_grad:
             raise ValueError(input_needs_grad(step, f"the nn.Sequential at {self.path!r}", self.outside_trainable,
                                               "move them into the nn.Sequential (e.g. make the embedding its first "
-                                              "layer), or freeze them with requires_grad_(False)"))
+                                              "layer), or freeze them with requires_grad_(False)", recorded,
+                                              self.module))
         return inputs
 
     def output_kinds(self, training: bool | None = None) -> list[str | None] | None:
