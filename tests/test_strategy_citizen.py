@@ -489,9 +489,10 @@ def test_labels_masked_by_a_draw_in_the_step_are_said_to_be_uncountable_from_the
     assert len(warned) == 1 and "draws random numbers before the model" in warned[0] and "collate_fn" in warned[0]
 
 
-def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
-    """A tagger's loss over the tokens other than those ignored at -100, whose first batch has none ignored (so it
-    looks like a mean over rows) and whose later batches have some (``padded``), or never any."""
+def _late_padding(rank: int, world_size: int, padded: bool, ignored: int = -100) -> list[str]:
+    """A tagger's loss over the tokens other than those ignored at -100 (or at ``ignored``: 255, segmentation's void
+    pixels), whose first batch has none ignored (so it looks like a mean over rows) and whose later batches have some
+    (``padded``), or never any."""
     import lightning as L
 
     torch.set_num_threads(1)
@@ -502,7 +503,7 @@ def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
             self.layers = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self.layers(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=-100)
+            return F.cross_entropy(self.layers(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=ignored)
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -510,7 +511,7 @@ def _late_padding(rank: int, world_size: int, padded: bool) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 10, 4, generator=generator), torch.randint(0, 3, (32, 10), generator=generator)
     for row in range(8, 32) if padded else ():  # the first batch unpadded, later rows padded by varying amounts
-        y[row, 9 - row % 8:] = -100
+        y[row, 9 - row % 8:] = ignored
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     return _loss_warnings(world_size, 4, Tagger(), loader)
 
@@ -520,6 +521,11 @@ def test_a_mean_over_a_count_that_the_first_batch_shares_by_rows_is_found_on_a_l
     first, last = run_ranks(_late_padding, 2, True, timeout=90)
     assert first == [] and len(last) == 1 and "ignore_index" in last[0], (first, last)
     assert run_ranks(_late_padding, 2, False, timeout=90) == [[], []]  # a mean over rows throughout: nothing
+    # the count the loss's graph shows is said, with the label it ignores (found by review: 255 was said to couple
+    # the rows, with -100's template)
+    first, last = run_ranks(_late_padding, 2, True, 255, timeout=90)
+    assert first == [] and len(last) == 1 and "labels other than 255" in last[0], (first, last)
+    assert "loss_reduction=lambda batch: (batch[...] != 255).sum()" in last[0], last[0]
 
 
 def _probe(rank: int, world_size: int, tmp: str, thawed: bool, epochs: int, resume: bool,

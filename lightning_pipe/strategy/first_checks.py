@@ -33,6 +33,7 @@ from lightning_pipe.strategy.loss_warnings import (
     drawn_count_warning,
     untold_warning,
     given_count_warning,
+    graph_count_warning,
     model_loss_warning,
     neither_warning,
 )
@@ -145,13 +146,15 @@ class FirstBatchChecks(RowChecks):
         if self._mean_found:  # a later batch of a loss found a mean: one normalized by a count that the first
             # batches happened to share alike (no ignored labels yet) shows here
             if rule in ("neither", "sum", "constant"):
-                self._warn_once(_warning(rule, why, neither_warning))
+                self._warn_once(rule == "neither" and graph_count_warning(probe) or _warning(rule, why,
+                                                                                               neither_warning))
                 self._probes_left = 0
                 self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             return 1.0
         if rule in ("neither", "constant"):  # (a mean that a micro-batch lacks, of a count drawn in the step)
             drawn = drawn_count_warning(probe) if why.endswith(DRAWS) else None
-            self._warn_once(drawn or _warning(rule, why, neither_warning))
+            counted = graph_count_warning(probe) if rule == "neither" else None
+            self._warn_once(drawn or counted or _warning(rule, why, neither_warning))
             self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             rule = "mean"
         if rule is None and self._probes_left <= 0 and why not in _TOLD_OTHERWISE:

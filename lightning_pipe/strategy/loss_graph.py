@@ -14,7 +14,7 @@ import torch
 
 from lightning_pipe.engine.tree import tree_flatten
 
-__all__ = ["parameters_reached", "loss_form", "mean_count"]
+__all__ = ["parameters_reached", "loss_form", "mean_count", "ignored_label"]
 
 _GRAPH_NODES = 2048  # the most autograd nodes of the step's own code walked for its loss's form
 
@@ -77,24 +77,37 @@ def mean_count(loss: torch.Tensor) -> float | None:
     saved), through scalings by constants: cross entropy's (``nll_loss``'s) labels not ignored (or their class
     weights' sum), the elements of a ``.mean()``, the 0-dim tensor without gradient that a sum is divided by (a
     mask's sum); None for any other form (a sum of terms)."""
+    return _root_count(loss)[0]
+
+
+def ignored_label(loss: torch.Tensor) -> int | None:
+    """The label that ``loss``, a cross entropy's mean over the labels not ignored (see :func:`mean_count`), ignores
+    (its ``ignore_index``: -100, or 255 for segmentation's void pixels); None for any other loss."""
+    return _root_count(loss)[1]
+
+
+def _root_count(loss: torch.Tensor) -> tuple[float | None, int | None]:
+    """:func:`mean_count` and :func:`ignored_label` of ``loss``, read in one walk."""
     node = getattr(loss, "grad_fn", None)
     for _ in range(16):
         name = type(node).__name__ if node is not None else ""
         try:
             if name.startswith("NllLoss"):
-                return float(node._saved_total_weight) if node._saved_reduction == 1 else None
+                if node._saved_reduction != 1:
+                    return None, None
+                return float(node._saved_total_weight), int(node._saved_ignore_index)
             if name == "MeanBackward0":
-                return float(node._saved_self_sym_numel)
+                return float(node._saved_self_sym_numel), None
             if name == "DivBackward0":
                 other = node._saved_other
-                return float(other) if isinstance(other, torch.Tensor) and other.dim() == 0 \
-                    and not other.requires_grad and node.next_functions[1][0] is None else None
+                return (float(other) if isinstance(other, torch.Tensor) and other.dim() == 0
+                        and not other.requires_grad and node.next_functions[1][0] is None else None), None
         except (AttributeError, RuntimeError):  # (a saved value freed, or a node of another version of torch)
-            return None
+            return None, None
         if name not in _PASSED:
-            return None
+            return None, None
         onward = [function for function, _ in node.next_functions if function is not None]
         if len(onward) != 1:  # a product of two terms with gradients: no count
-            return None
+            return None, None
         node = onward[0]
-    return None
+    return None, None

@@ -14,7 +14,8 @@ from lightning_pipe.capture.losses import CountedMean, MeanLoss
 from lightning_pipe.strategy.reduction import Probe
 
 __all__ = ["count_warning", "constant_warning", "neither_warning", "model_loss_warning", "counted_mean_warning",
-           "given_count_warning", "nonlinear_mean_warning", "drawn_count_warning", "untold_warning"]
+           "given_count_warning", "nonlinear_mean_warning", "drawn_count_warning", "untold_warning",
+           "graph_count_warning"]
 
 
 def drawn_count_warning(probe: Probe) -> str | None:
@@ -39,6 +40,25 @@ def drawn_count_warning(probe: Probe) -> str | None:
             f"PipelineStrategy(loss_reduction=lambda batch: "
             f"(batch['labels'] != -100).sum()), batch[...] naming where your batch holds them; or train with "
             f"num_microbatches=1")
+
+
+def graph_count_warning(probe: Probe) -> str | None:
+    """What to tell a user whose step's loss is "neither" (:func:`verdict`) where each micro-batch's loss is a mean
+    over a count its graph shows (cross entropy's labels not ignored) that the micro-batches do not share in
+    proportion to their rows: that count, with the ``loss_reduction`` giving it (the label the loss ignores, 255 for
+    segmentation's void pixels: found by review, said to couple the rows, with -100's template); None otherwise."""
+    counts = probe.graph_counts
+    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c > 0 for c in counts):
+        return None
+    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
+    if max(per_row) - min(per_row) <= 1e-6 * max(per_row):
+        return None
+    ignored = set(probe.ignored)
+    label = next(iter(ignored)) if len(ignored) == 1 else None
+    what = f"cross entropy's labels other than {label}" if label is not None else "what it is divided by"
+    return neither_warning(f"each micro-batch's loss is a mean over {what}, {[round(float(c), 6) for c in counts]} "
+                           f"in micro-batches of {probe.rows} rows", count=f"(batch[...] != {label}).sum()"
+                           if label is not None else None)
 
 
 def count_warning(why: str) -> str:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
-from lightning_pipe.strategy.loss_graph import mean_count
+from lightning_pipe.strategy.loss_graph import ignored_label, mean_count
 from lightning_pipe.strategy.step_values import OutputKinds, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "LOSS_TOLERANCE", "check_loss_reduction", "Counts", "Probe", "verdict", "DRAWS"]
@@ -152,6 +152,7 @@ class Probe:
     counts: list[float] | None = None  # what a loss_reduction function counted in each micro-batch, if one is given
     scalar_kinds: list[str | None] | None = None  # found by :func:`verdict`: an nn.Sequential's single numbers summed
     graph_counts: list[float | None] = field(default_factory=list)  # what each loss's graph says it is a mean over
+    ignored: list[int | None] = field(default_factory=list)  # the label each loss's cross entropy ignores, if any
 
     def add(self, output: Any, loss: torch.Tensor, rows: int) -> None:
         """Keep a micro-batch's output and loss (before its backward, which frees what its graph saved)."""
@@ -159,6 +160,7 @@ class Probe:
         self.losses.append(loss)
         self.rows.append(rows)
         self.graph_counts.append(mean_count(loss))
+        self.ignored.append(ignored_label(loss))
 
 
 DRAWS = "the step's loss draws random numbers (it changes with the seed)"  # a verdict's reason for telling nothing
