@@ -548,3 +548,89 @@ def test_a_backbone_already_in_the_optimizer_gets_no_group_on_any_rank_when_unfr
         assert result["rates"] == reference["rates"]
         for key, value in result["weights"].items():  # (each rank's own layers)
             torch.testing.assert_close(value, reference["weights"][key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+class _Body(nn.Module):
+    """A backbone of residual blocks, cut across the stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.classifier = _Body(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+def _aliased_backbone(devices: int, strategy: Any, path: str) -> dict[str, Any]:
+    """``BackboneFinetuning`` of a captured model's submodule named a second time on the module (``self.backbone =
+    self.model.bert``, as Lightning's callback wants it), saved at the end."""
+    import lightning as L
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    from tests.helpers import quiet_trainer
+
+    torch.set_num_threads(1)
+
+    class Aliased(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = _Classifier()
+            self.backbone = self.model.body
+            self.rates: list[list[float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            self.rates.append([group["lr"] for group in self.trainer.optimizers[0].param_groups])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=0.01)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=generator)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    module = Aliased()
+    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
+    trainer = quiet_trainer(devices, strategy, max_epochs=3, callbacks=[callback])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.save_checkpoint(path)
+    loaded = type(module).load_from_checkpoint(path, map_location="cpu") if devices == 1 else None
+    return {"rates": module.rates, "loaded": loaded is not None}
+
+
+def _aliased_ranks(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    from lightning_pipe import PipelineStrategy
+
+    return _aliased_backbone(world_size, PipelineStrategy(num_microbatches=2, wait_timeout=60), path)
+
+
+@pytest.mark.timeout(200)
+def test_a_second_name_of_a_captured_models_part_is_thawed_trained_and_saved_as_on_one_device(tmp_path: Any) -> None:
+    """``self.backbone = self.model.bert`` named a stand-in holding nothing: ``BackboneFinetuning`` never thawed the
+    backbone, the head took its learning rate, and the checkpoint lacked the ``backbone.`` keys one device's has, so
+    ``load_from_checkpoint`` failed (found by review: a Hugging Face BERT). Each rank's share now, as through the
+    model."""
+    reference = _aliased_backbone(1, "auto", str(tmp_path / "one.ckpt"))
+    assert len(reference["rates"][-1]) == 2 and reference["loaded"]  # (the backbone's group added at epoch 1)
+    for result in run_ranks(_aliased_ranks, 2, str(tmp_path / "pipe.ckpt"), timeout=150):
+        assert result["rates"] == reference["rates"]
+    one = torch.load(tmp_path / "one.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    pipe = torch.load(tmp_path / "pipe.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert list(pipe) == list(one) and any(key.startswith("backbone.") for key in one)
+    for key, value in one.items():
+        torch.testing.assert_close(pipe[key], value, rtol=1e-5, atol=1e-6, msg=key)

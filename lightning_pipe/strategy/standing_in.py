@@ -73,14 +73,17 @@ def stand_in_for_children(module: nn.Module, proxy: PipelinedModel, model: nn.Mo
 
 def redirect_into(module: nn.Module, model: nn.Module, proxy: PipelinedModel, path: str) -> list[str]:
     """After ``model`` (at ``path``) was replaced by ``proxy``: :func:`~.references.redirect`, with a path into the
-    model led to the proxy's holder of that module when this rank holds all of its state (segments hold the model's
-    modules by name, not the modules themselves), else to a :class:`~.references.LayerElsewhere`."""
-    held = dict(proxy.named_modules())
+    model led to the proxy's holder of that module (segments hold the model's modules by name, not the modules
+    themselves), which holds this rank's share of its state, as the path through the model does: a second name of a
+    module that spans ranks (``self.backbone = self.model.bert``, as Lightning's ``BackboneFinetuning`` wants it) is
+    frozen, thawed and saved as one device's, each rank its share (found by review: it was a stand-in holding nothing,
+    the backbone was never thawed and its second name's keys were missing from the checkpoint); else a
+    :class:`~.references.LayerElsewhere`."""
+    held = dict(proxy.named_modules(remove_duplicate=False))
 
     def inside_to(alias: str, name: str, child: nn.Module) -> nn.Module:
         holder = held.get(name)
-        whole = holder is not None and set(holder.state_dict()) == set(child.state_dict())
-        if not whole:
+        if holder is None:
             return LayerElsewhere(alias, name, path, kind="captured model")
         if isinstance(holder, ModelPart) and holder.reason is None:  # run through the other path: say what to do
             holder.reason = (f"{alias!r} is the module {name!r} of the model at {path!r}, which is cut into pipeline "
