@@ -88,7 +88,7 @@ def output_kinds(program: ExportedProgram, rows: set[Any],
             continue
         if kind is None and dim is None and rows and _selected(program, node, rows):
             kind = SELECTED
-        if kind is None and dim is None and rows and _without_rows(node, rows):
+        if kind is None and dim is None and rows and _without_rows(node, rows) and not _fixed_rows(node, fixed):
             kind = _kind(node, rows, 0, fixed)
         kinds.append(kind if kind is not None else dim)
     return kinds
@@ -224,6 +224,15 @@ def _over_rows(node: fx.Node, own: str, rows: set[Any], depth: int, fixed: froze
 def _counts_rows(size: int | torch.SymInt, rows: set[Any]) -> bool:
     """Whether a size counts the batch's rows: their symbol, or an expression of it (rows x tokens, flattened)."""
     return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & rows)
+
+
+def _fixed_rows(node: Any, fixed: frozenset[int]) -> bool:
+    """Whether ``node`` is a tensor of 2 dims or more whose dim 0 is the rows the graph fixed for some input (a
+    recurrent layer's output, where the capture holds the batch's rows fixed and other inputs' symbolic: not
+    reduced over the rows, found by review: a summed CTC loss over 1-row micro-batches was not told a sum)."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and isinstance(value.shape[0], int) \
+        and value.shape[0] in fixed
 
 
 def _without_rows(node: Any, rows: set[Any]) -> bool:
