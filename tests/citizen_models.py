@@ -554,17 +554,20 @@ class AveragedStudent(BornAgain):
     """A student with timm's EMA made in ``__init__`` and updated in ``on_train_batch_end``, timm's places: under a
     pipeline it pairs the average's first layers with each rank's share (layers of other shapes: a shape error)."""
 
-    def __init__(self) -> None:
+    def __init__(self, equal: bool = True) -> None:
         super().__init__(16, 4)
         del self.teacher
         self.ema = ModelEmaV2(self.student)
+        self.broken = not equal  # a shape error of the step's own, the average never updated
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.student(x), y)
+        logits = self.student(x)
+        return F.cross_entropy(logits + torch.zeros(3) if self.broken else logits, y)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.ema.update(self.student)
+        if not self.broken:
+            self.ema.update(self.student)
 
 
 class MomentumBYOL(L.LightningModule):

@@ -520,6 +520,7 @@ def _late_padding(rank: int, world_size: int, padded: bool, ignored: int = -100)
 def test_a_mean_over_a_count_that_the_first_batch_shares_by_rows_is_found_on_a_later_batch() -> None:
     first, last = run_ranks(_late_padding, 2, True, timeout=90)
     assert first == [] and len(last) == 1 and "ignore_index" in last[0], (first, last)
+    assert "loss_reduction=lambda batch: (batch[...] != -100).sum()" in last[0], last[0]  # (torch saves it unsigned)
     assert run_ranks(_late_padding, 2, False, timeout=90) == [[], []]  # a mean over rows throughout: nothing
     # the count the loss's graph shows is said, with the label it ignores (found by review: 255 was said to couple
     # the rows, with -100's template)
@@ -980,6 +981,10 @@ def test_a_frozen_copy_of_the_model_stops_the_fit_once_it_changes_and_a_teacher_
     # on_train_batch_end failed with torch's bare message)
     errors = run_ranks(_teacher, 2, str(tmp_path), "AveragedStudent", expect_failure=True, timeout=180)
     assert all(error is not None and "where this comes from pairing the parameters of ema" in error
+               for error in errors), errors
+    # a shape error of the step's own, beside an average it never updates: not blamed on the average
+    errors = run_ranks(_teacher, 2, str(tmp_path), "AveragedStudent", False, expect_failure=True, timeout=180)
+    assert all(error is not None and "must match the size" in error and "comes from pairing" not in error
                for error in errors), errors
 
 

@@ -165,3 +165,63 @@ def test_a_summed_loss_over_one_row_micro_batches_of_a_recurrent_model_is_told_a
     told = run_ranks(_summed, 2, True, True, timeout=280)
     assert not any("could not be checked" in text for result in told for text in result["warnings"])
     _assert_one_devices(told, _summed(0, 1, True, True))
+
+
+class _OnFrames(nn.Module):
+    """A layer on each frame of ``(x, lengths)``, the lengths passed on."""
+
+    def __init__(self, width: int, out: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width, out)
+
+    def forward(self, given: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = given
+        return torch.tanh(self.layer(x)), lengths
+
+
+class _Unpadded(nn.Module):
+    """The frames up to the longest row's length: as ``pad_packed_sequence`` gives them, without ``total_length``."""
+
+    def forward(self, given: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, lengths = given
+        return x[:, :int(lengths.max())].log_softmax(-1)
+
+
+def _unpadded(rank: int, world_size: int) -> dict[str, Any]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+
+    class Tagger(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.Sequential(_OnFrames(12, 16), _OnFrames(16, 6), _Unpadded())
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            log_probs = self.layers((batch["x"], batch["lengths"]))
+            loss = F.ctc_loss(log_probs.transpose(0, 1), batch["y"], batch["lengths"], batch["y_lengths"],
+                              zero_infinity=True)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = PipelineStrategy(num_microbatches=4, wait_timeout=60) if world_size > 1 else "auto"
+    model, trainer = Tagger(), quiet_trainer(world_size, strategy, max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DataLoader(_Utterances(), batch_size=8))
+    return {"state": {key: value.clone() for key, value in model.state_dict().items()},
+            "warnings": [str(warning.message) for warning in caught]}
+
+
+@pytest.mark.timeout(240)
+def test_outputs_a_model_gives_of_each_micro_batchs_length_from_inputs_alike_are_not_said_to_be_trimmed() -> None:
+    """A model that gives each micro-batch's frames up to its longest row (``pad_packed_sequence`` without
+    ``total_length``), from inputs of one length, is not said to be given inputs of different sizes (found by
+    review: a packed BiLSTM, exact, was)."""
+    results = run_ranks(_unpadded, 2, timeout=220)
+    assert not any("inputs of different sizes" in text for result in results for text in result["warnings"])
+    _assert_one_devices(results, _unpadded(0, 1))

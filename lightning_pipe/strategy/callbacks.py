@@ -408,8 +408,8 @@ def _sparsity_stats(callback: Any, gather: Gather, gather_text: Callable[[str], 
             lines.append((place, f"Applied `{callback._pruning_method_name}` to `{layer!r}.{name}` with amount="
                                  f"{amount}. Pruned: {was} ({was / size:.2%}) -> {now} ({now / now_size:.2%})"))
     texts = gather_text(json.dumps(lines)) if callback._verbose == 2 else []
-    if rank != 0 or total == 0:
-        return
+    if rank != 0 or total == 0 or torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # (one line per job: replicas prune alike)
     log = logging.getLogger("lightning.pytorch.callbacks.pruning")
     log.info(f"Applied `{callback._pruning_method_name}`. Pruned: {before}/{total} ({before / total:.2%}) -> "
              f"{after}/{total} ({after / total:.2%})")

@@ -314,6 +314,10 @@ class CapturedModule(CaptureKeeping):
         return [[leaf for leaf in self.splitter.leaves(call_args, call_kwargs) if isinstance(leaf, torch.Tensor)]
                 for call_args, call_kwargs in self.model_calls(step, batch, args, kwargs)]
 
+    def call_sizes(self) -> dict[int, set[tuple]]:
+        """The sizes besides the rows of the model calls' inputs the last stage answered since the last time."""
+        return self.calls.taken_sizes()
+
     def output_kinds(self, training: bool | None = None,
                      counted: bool = False) -> Callable[[Any], list[str | int | None] | None]:
         """For a model output's structure (:func:`~lightning_pipe.strategy.step_values.output_structure`), how each of

@@ -7,7 +7,9 @@ from __future__ import annotations
 import builtins
 import dis
 import functools
+import re
 import sys
+import traceback
 import types
 import warnings
 from collections.abc import Callable
@@ -128,11 +130,14 @@ class FrozenCopies:
         network's ``load_state_dict(model.state_dict())`` finds keys missing): its message says why it may have
         come."""
         message = exception.args[0] if isinstance(exception, RuntimeError) and exception.args else None
-        copies = self.unsaid or self.averaged or self.held or self.lists
+        # an average said at the build, where the failing code names it (its update: timm's ema.update(model)), not
+        # any shape error of a module that holds one (found by review)
+        averaged = [name for name in self.averaged if _named_in(exception, name.rsplit(".", 1)[-1])]
+        copies = self.unsaid or averaged or self.held or self.lists
         if copies and isinstance(message, str) and "where this comes from pairing" not in message \
                 and ("size" in message or "state_dict" in message or "same number of tensors" in message):
             why = self.pairing(self.unsaid, "is a frozen copy of it") if self.unsaid else \
-                self.pairing(self.averaged, "is an averaged copy of it") if self.averaged else \
+                self.pairing(averaged, "is an averaged copy of it") if averaged else \
                 self._held_pairing() if self.held else self._list_pairing()
             exception.args = (f"{message} (where this comes from pairing the parameters of {copies[0]} with the "
                               f"model's: {why})", *exception.args[1:])
@@ -350,3 +355,9 @@ def warn_of_gradient_hooks(module: torch.nn.Module, pipeline: Pipeline) -> None:
                       f"result; one that is not (g.clamp(-c, c), a norm) does not. Change the gradient once per step "
                       f"instead, in on_before_optimizer_step over self.parameters() (every rank runs it over its own "
                       f"share, after the last micro-batch)", stacklevel=3)
+
+
+def _named_in(exception: BaseException, name: str) -> bool:
+    """Whether a line of ``exception``'s traceback names ``name`` (an attribute: ``self.ema.update(...)``)."""
+    pattern = re.compile(rf"\b{re.escape(name)}\b")
+    return any(frame.line and pattern.search(frame.line) for frame in traceback.extract_tb(exception.__traceback__))

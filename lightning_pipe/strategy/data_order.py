@@ -355,5 +355,5 @@ def own_sampler_notice(order: SharedOrder) -> str | None:
         return None
     name = type(own[0]).__name__
     return (f"the training DataLoader's sampler {name} draws its order from torch's global generator: " +
-            _NOT_ONE_ORDER + f"give {name} a torch.Generator of its own, seeded, and draw from it "
-            f"(torch.randperm(n, generator=self.generator)): both then read the same order")
+            _NOT_ONE_ORDER + f"give {name} (or a sampler it draws from) a torch.Generator of its own, seeded, and "
+            f"draw from it (torch.randperm(n, generator=self.generator)): both then read the same order")

@@ -95,7 +95,8 @@ def _root_count(loss: torch.Tensor) -> tuple[float | None, int | None]:
             if name.startswith("NllLoss"):
                 if node._saved_reduction != 1:
                     return None, None
-                return float(node._saved_total_weight), int(node._saved_ignore_index)
+                ignored = int(node._saved_ignore_index)  # (saved unsigned: -100 reads back as 2**64 - 100)
+                return float(node._saved_total_weight), ignored - 2**64 if ignored >= 2**63 else ignored
             if name == "MeanBackward0":
                 return float(node._saved_self_sym_numel), None
             if name == "DivBackward0":

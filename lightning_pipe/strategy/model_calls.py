@@ -233,6 +233,9 @@ class ModelCalls:
         # capture: the structure of a call's output, from its input (a pytree spec), where a capture knows it
         self.structure: Callable[[Any], Any] | None = None
         self.unpacked = False  # capture: the last run ended at the unpacking of an output of unknown structure
+        # output: the sizes besides the rows of the calls' tensors, since taken (:meth:`taken_sizes`): micro-batches
+        # whose step gives the model inputs of different lengths (x[:, :lengths.max()]) tell apart here
+        self.sizes: dict[int, set[tuple]] = {}  # (by the call's place in the step)
 
     def capture(self, run: Callable[[], Any], key: str) -> list[Any] | None:
         """Run a step (``run``; ``key``: its name and dataloader) up to its calls of the model, recorded; their
@@ -299,11 +302,21 @@ class ModelCalls:
         first stage needs, is deferred until then: :class:`~.deferred.DeferredCalls`)."""
         return self.calls >= (len(self.output.each) if isinstance(self.output, Calls) else 1)
 
-    def answer(self) -> Any:
-        """The output of the step's next call: detached where the step makes it without gradients (``with
-        torch.no_grad():`` targets from the model itself), as one device's has none; a call in another mode or
-        autocast state than the pipeline ran it in is an error that says so."""
+    def taken_sizes(self) -> dict[int, set[tuple]]:
+        """The sizes besides their rows of the inputs of the calls answered since the last time (emptied), by the
+        call's place in its step."""
+        sizes, self.sizes = self.sizes, {}
+        return sizes
+
+    def answer(self, inputs: Any = None) -> Any:
+        """The output of the step's next call (whose ``inputs`` are noted by their sizes besides the rows): detached
+        where the step makes it without gradients (``with torch.no_grad():`` targets from the model itself), as one
+        device's has none; a call in another mode or autocast state than the pipeline ran it in is an error that
+        says so."""
         _outside_transforms(self.where)
+        if inputs is not None:
+            self.sizes.setdefault(self.calls, set()).add(tuple(tuple(leaf.shape[1:]) for leaf in
+                                                               tree_flatten(inputs)[0] if isinstance(leaf, torch.Tensor)))
         grad, ran, autocast = self.context
         now = self._training()
         if now != ran:

@@ -96,7 +96,7 @@ class PipelinedModel(nn.Module):
         if self.model_calls.mode == "capture":
             return self.model_calls.record((args, kwargs))
         if self.model_calls.mode == "output":
-            return self.model_calls.answer()
+            return self.model_calls.answer((args, kwargs))
         raise RuntimeError(f"the model at {self._path!r} ({self._model_name}) is cut into pipeline stages "
                            f"(this rank holds part of its weights); it runs only where a training, validation, test "
                            f"or predict step calls it as the module's own attribute under PipelineStrategy. A copy of "

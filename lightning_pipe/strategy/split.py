@@ -83,7 +83,7 @@ class PipelinedSequence(nn.Module):
         if self.model_calls.mode == "capture":
             return self.model_calls.record(inputs[0] if len(inputs) == 1 else inputs)
         if self.model_calls.mode == "output":
-            return self.model_calls.answer()
+            return self.model_calls.answer(inputs)
         raise RuntimeError(f"the nn.Sequential at {self._path!r} is cut into pipeline stages (this rank holds layers "
                            f"{list(self._modules)}); it runs only as the model a training/validation/test/predict step "
                            f"calls under PipelineStrategy, not outside those steps, nor as a copy cut like it (the "
@@ -342,6 +342,10 @@ class SplitModule:
                                               "layer), or freeze them with requires_grad_(False)", recorded,
                                               self.module))
         return inputs
+
+    def call_sizes(self) -> dict[int, set[tuple]]:
+        """The sizes besides the rows of the sequence calls' inputs the last stage answered since the last time."""
+        return self.proxy.model_calls.taken_sizes() if self.proxy is not None else {}
 
     def output_kinds(self, training: bool | None = None) -> list[str | None] | None:
         """How the model's single-number outputs add up over rows: not known for a sequence (its last layer's output

@@ -134,6 +134,9 @@ class WholeBatchRuns:
         device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank; so too
         Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
         gives for every kind of number."""
+        # the calls' inputs of other sizes besides the rows in the micro-batches (read before the runs below add the
+        # whole batch's)
+        lengths_apart = any(len(sizes) > 1 for sizes in self.split.call_sizes().values())
         returned: list[Any] = []
         # Asynchronous schedules step the optimizer (and its hooks) inside the pipeline's run of a training step,
         # which a rerun would undo: their micro-batches' changes stand (they are not one device's anyway).
@@ -201,8 +204,10 @@ class WholeBatchRuns:
                 apart = ("the model's loss is a mean over a count of its labels that no one count of each "
                          "micro-batch's model inputs gives: means over different counts added, or inputs the step's "
                          "code before the model could not make again here")
-        trimmed = len(kept) == microbatches > 1 and sizes_apart([output for _, output, _ in kept],
-                                                                [rows for _, _, rows in kept])
+        # (the model's inputs of other lengths too: not a model padding each micro-batch to its own longest row, as
+        # pad_packed_sequence does, nor outputs of a size that is a multiple of the rows)
+        trimmed = lengths_apart and len(kept) == microbatches > 1 and sizes_apart(
+            [output for _, output, _ in kept], [rows for _, _, rows in kept])
         if trimmed:
             self._warn_effects(_TRIMMED.format(step=step))
         needs = ["self.logger"] * bool(made) + ["outputs that only the whole batch gives (Python numbers, tensors "
@@ -267,6 +272,7 @@ class WholeBatchRuns:
                                f"them can): images as tensors or arrays, not figures or logger-specific objects")
         result.logger_calls = sent
         result.whole = logs_checked and ran_whole()  # the logs compared with (or taken from) that run
+        self.split.call_sizes()  # (the runs on the whole batch's: not the next step's micro-batches')
 
     def _compare_loss(self, result: StepResult, whole: Any) -> None:
         """A training batch the step ran on whole anyway (for its logs, outputs or metrics), past the batches whose
