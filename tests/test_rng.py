@@ -410,7 +410,7 @@ def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffl
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("how", "fix"), [("shuffle", "DataLoader(..., shuffle=True, generator=torch.Generator()"),
                                           ("batch_sampler", "give the RandomSampler a generator of its own"),
-                                          ("own", "give Buckets (or a sampler it draws from) a torch.Generator of its own")])
+                                          ("own", "give Buckets (or a sampler it draws from) a torch.Generator")])
 def test_a_shuffled_order_is_one_devices_with_a_seeded_generator_and_said_to_differ_without(how: str, fix: str) -> None:
     """Shuffled with torch's global generator, the ranks draw their order from an agreed seed, not one device's: said
     once, on rank 0, with what gives one device's order (found by review: no word at run time; then for a batch

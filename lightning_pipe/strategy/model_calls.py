@@ -315,8 +315,9 @@ class ModelCalls:
         says so."""
         _outside_transforms(self.where)
         if inputs is not None:
-            self.sizes.setdefault(self.calls, set()).add(tuple(tuple(leaf.shape[1:]) for leaf in
-                                                               tree_flatten(inputs)[0] if isinstance(leaf, torch.Tensor)))
+            leaves = tree_flatten(inputs)[0]
+            self.sizes.setdefault(self.calls, set()).add(tuple(tuple(leaf.shape[1:]) for leaf in leaves
+                                                               if isinstance(leaf, torch.Tensor)))
         grad, ran, autocast = self.context
         now = self._training()
         if now != ran:
