@@ -494,11 +494,23 @@ def test_a_logger_drawing_the_models_graph_is_said_to_draw_none() -> None:
         check_callbacks([], [DummyLogger()])
 
 
-def _finetuned(devices: int, strategy: Any) -> dict[str, Any]:
-    import lightning as L
+def _fit_finetuned(module: Any, devices: int, strategy: Any) -> Any:
+    """Fit ``module`` with ``BackboneFinetuning`` thawing its backbone at epoch 1, 3 epochs; the Trainer."""
     from lightning.pytorch.callbacks import BackboneFinetuning
 
     from tests.helpers import quiet_trainer
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=generator)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
+    trainer = quiet_trainer(devices, strategy, max_epochs=3, callbacks=[callback])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return trainer
+
+
+def _finetuned(devices: int, strategy: Any) -> dict[str, Any]:
+    import lightning as L
 
     torch.set_num_threads(1)
 
@@ -520,13 +532,8 @@ def _finetuned(devices: int, strategy: Any) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:  # (the backbone's parameters in the optimizer from the start)
             return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 6, generator=generator)
-    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
     module = Finetuned()
-    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
-    trainer = quiet_trainer(devices, strategy, max_epochs=3, callbacks=[callback])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    _fit_finetuned(module, devices, strategy)
     return {"rates": module.rates, "weights": {key: value.clone() for key, value in module.layers.state_dict().items()}}
 
 
@@ -578,9 +585,6 @@ def _aliased_backbone(devices: int, strategy: Any, path: str) -> dict[str, Any]:
     """``BackboneFinetuning`` of a captured model's submodule named a second time on the module (``self.backbone =
     self.model.bert``, as Lightning's callback wants it), saved at the end."""
     import lightning as L
-    from lightning.pytorch.callbacks import BackboneFinetuning
-
-    from tests.helpers import quiet_trainer
 
     torch.set_num_threads(1)
 
@@ -601,14 +605,8 @@ def _aliased_backbone(devices: int, strategy: Any, path: str) -> dict[str, Any]:
         def configure_optimizers(self) -> Any:
             return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=0.01)
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 6, generator=generator)
-    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
     module = Aliased()
-    callback = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1, verbose=False)
-    trainer = quiet_trainer(devices, strategy, max_epochs=3, callbacks=[callback])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
-    trainer.save_checkpoint(path)
+    _fit_finetuned(module, devices, strategy).save_checkpoint(path)
     loaded = type(module).load_from_checkpoint(path, map_location="cpu") if devices == 1 else None
     return {"rates": module.rates, "loaded": loaded is not None}
 

@@ -14,7 +14,7 @@ import torch
 
 from lightning_pipe.engine.tree import tree_flatten
 
-__all__ = ["parameters_reached", "loss_form", "mean_count", "ignored_label"]
+__all__ = ["parameters_reached", "leaves_reached", "loss_form", "mean_count", "ignored_label"]
 
 _GRAPH_NODES = 2048  # the most autograd nodes of the step's own code walked for its loss's form
 
@@ -24,11 +24,11 @@ def parameters_reached(loss: torch.Tensor, output: Any, parameters: set[int]) ->
     model's output: its layers' weights) and other than through them (the step's own code): a penalty over the
     layers' parameters; not a parameter only the step's code uses (a learned temperature after the model)."""
     ends = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    direct = _leaves_reached([loss.grad_fn], parameters, set(ends))
-    return direct & _leaves_reached(ends, direct, set()) if direct else set()
+    direct = leaves_reached([loss.grad_fn], parameters, set(ends))
+    return direct & leaves_reached(ends, direct, set()) if direct else set()
 
 
-def _leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) -> set[int]:
+def leaves_reached(starts: list[Any], parameters: set[int], stops: set[Any]) -> set[int]:
     """The ids in ``parameters`` whose gradient accumulators the autograd graph from ``starts`` reaches, not walking
     through the ``stops``."""
     found: set[int] = set()

@@ -15,6 +15,7 @@ from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.microbatch import batch_rows
 from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_tensors, tree_unflatten
+from lightning_pipe.strategy.loss_graph import leaves_reached
 
 __all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
@@ -428,24 +429,6 @@ def sizes_apart(outputs: list[Any], sizes: list[int]) -> bool:
     return False
 
 
-def _parameters_reached(value: Any) -> set[int]:
-    """The ids of the leaf tensors requiring grad (parameters) that the autograd graphs of ``value``'s tensors reach."""
-    found: set[int] = set()
-    pending = [leaf.grad_fn for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)
-               and leaf.grad_fn is not None]
-    seen: set[int] = set()
-    while pending:
-        node = pending.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # (an AccumulateGrad: a leaf)
-        if isinstance(variable, torch.Tensor):
-            found.add(id(variable))
-        pending.extend(next_node for next_node, _ in getattr(node, "next_functions", ()))
-    return found
-
-
 def _rows_dim(column: Sequence[torch.Tensor], sizes: Sequence[int]) -> int | None:
     """Where the graph does not say: the dim of the micro-batches' tensors ``column`` holding their rows (``sizes``):
     dim 0 where it does, else the one other dim that does in every micro-batch, the rest alike, in a tensor of 3 dims
@@ -544,10 +527,11 @@ def input_needs_grad(step: str, where: str, outside_trainable: list[str], fix: s
     says where to put them), or made to require grad by the step itself (input gradients). ``inputs`` and the
     ``module`` naming its parameters: those of ``outside_trainable`` the inputs' graph reaches are named, not a head
     the step runs after the model (found by review: the advice to freeze them named the classifier)."""
-    reached = _parameters_reached(inputs) if inputs is not None and module is not None else set()
-    names = {id(param): name for name, param in module.named_parameters()} if module is not None else {}
-    on_the_path = [name for name in outside_trainable if name in {names.get(found) for found in reached}]
-    outside_trainable = on_the_path or outside_trainable
+    if inputs is not None and module is not None:
+        named = {id(param): name for name, param in module.named_parameters() if name in outside_trainable}
+        starts = [leaf.grad_fn for leaf in tree_flatten(inputs)[0] if isinstance(leaf, torch.Tensor)]
+        reached = {named[found] for found in leaves_reached(starts, set(named), set())}
+        outside_trainable = [name for name in outside_trainable if name in reached] or outside_trainable
     if not outside_trainable:
         return (f"{step} makes the input of {where} require grad (x.requires_grad_(): gradients with respect to the "
                 f"input, such as a gradient penalty or a saliency map); a pipeline differentiates the loss with "
