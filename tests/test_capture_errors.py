@@ -611,7 +611,8 @@ class _OwnGenerator(nn.Module):
 
 
 def test_a_draw_from_a_generator_the_model_keeps_says_to_draw_from_the_global_one() -> None:
-    with pytest.raises(CaptureError, match=r"torch.Generator the model keeps.*drop generator="):
+    # (symbolic sizes fail in export; the capture per shape then traces it, and its graph is refused so)
+    with pytest.raises(CaptureError, match=r"torch.Generator (the model|it) keeps.*drop generator="):
         Splitter(_OwnGenerator()).segments((torch.randn(3, 4),))
     with pytest.raises(CaptureError, match=r"torch.Generator it keeps.*drop generator="):  # one capture per shape
         Splitter(_OwnGenerator(), dynamic=False).segments((torch.randn(3, 4),))

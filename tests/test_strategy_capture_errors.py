@@ -107,11 +107,11 @@ def test_trainable_parameters_spread_over_attributes_are_an_error_that_says_what
 
 def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     """Another attribute holding the model leads to the proxy; one holding a module of it leads to this rank's
-    holder of that module (same tensors), or to a stand-in without state where another rank holds it; so the
-    LightningModule's state_dict holds trained weights only, under every name."""
+    holder of that module (same tensors; none where another rank holds it, as through the model's own path: a
+    backbone spanning ranks is thawed and saved as one device's, each rank its share); so the LightningModule's
+    state_dict holds trained weights only, under every name."""
     from lightning_pipe.strategy.captured import CapturedModule
     from lightning_pipe.strategy.pipelined_model import PipelinedModel
-    from lightning_pipe.strategy.references import LayerElsewhere
 
     vit = ViT()
     vit.generate = lambda *args, **kwargs: None  # as a Hugging Face model has
@@ -121,7 +121,10 @@ def test_second_paths_to_a_captured_model_lead_to_this_ranks_share() -> None:
     captured.splitter.capture((torch.randn(2, 3, 16, 16),), {})
     captured.install(captured.segments[-1:])  # this rank: the last segment (norm and head)
     assert isinstance(module.model, PipelinedModel) and module.again is module.model
-    assert isinstance(module.embed, LayerElsewhere)
+    assert module.embed is module.model.patch_embed and not list(module.embed.parameters())  # (another rank's)
+    with pytest.raises(RuntimeError, match=r"'embed' is the module 'patch_embed' of the model at 'model', which is "
+                                           r"cut into pipeline stages"):
+        module.embed(torch.randn(2, 3, 16, 16))
     assert module.head is module.model.head and module.head.weight is vit.head.weight
     keys = set(module.state_dict())
     assert {"head.weight", "again.head.weight", "model.norm.weight"} <= keys

@@ -31,24 +31,24 @@ from lightning_pipe.strategy.loss_warnings import (
     count_warning,
     counted_mean_warning,
     drawn_count_warning,
-    untold_warning,
     given_count_warning,
     graph_count_warning,
     model_loss_warning,
     neither_warning,
+    untold_warning,
 )
 from lightning_pipe.strategy.reduction import DRAWS, Probe, verdict
-
-# why the first batches' probes may tell nothing of a loss that needs no word for it (one micro-batch; losses of 0;
-# a diverged loss; draws, said by drawn_count_warning where they matter)
-_TOLD_OTHERWISE = (DRAWS, "one micro-batch", "the micro-batches' mean and sum are equal",
-                   "the loss is not finite (a NaN or an infinity)")
 from lightning_pipe.strategy.results import StepResult
 from lightning_pipe.strategy.row_checks import RowChecks
 from lightning_pipe.strategy.split import PipelinedSequence, SplitModule
 from lightning_pipe.strategy.step_values import loss_of, output_gradients, without_gradients
 
 __all__ = ["FirstBatchChecks"]
+
+# why the first batches' probes may tell nothing of a loss that needs no word for it (one micro-batch; losses of 0;
+# a diverged loss; draws, said by drawn_count_warning where they matter)
+_TOLD_OTHERWISE = (DRAWS, "one micro-batch", "the micro-batches' mean and sum are equal",
+                   "the loss is not finite (a NaN or an infinity)")
 
 _MEAN_PROBES = 8  # batches probed after "auto" found a mean (a count over the batch may differ only later)
 _PARAMETER_READ_CHECKS = 8  # training steps whose first loss is looked through for parameters the step reads
