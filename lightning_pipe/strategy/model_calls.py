@@ -33,6 +33,7 @@ from lightning.pytorch import LightningModule
 from lightning_pipe.capture.patterns import autocast_state
 from lightning_pipe.engine.calls import Calls
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
+from lightning_pipe.strategy.deferred import LazyValue
 from lightning_pipe.strategy.logger_calls import figures_closed
 from lightning_pipe.strategy.metric_states import MetricTracker
 
@@ -314,8 +315,8 @@ class ModelCalls:
         device's has none; a call in another mode or autocast state than the pipeline ran it in is an error that
         says so."""
         _outside_transforms(self.where)
-        if inputs is not None:
-            leaves = tree_flatten(inputs)[0]
+        leaves = tree_flatten(inputs)[0] if inputs is not None else []
+        if not any(isinstance(leaf, LazyValue) for leaf in leaves):  # (a deferred module's output stays unseen)
             self.sizes.setdefault(self.calls, set()).add(tuple(tuple(leaf.shape[1:]) for leaf in leaves
                                                                if isinstance(leaf, torch.Tensor)))
         grad, ran, autocast = self.context
