@@ -157,11 +157,12 @@ class FirstBatchChecks(RowChecks):
             self._warn_once(drawn or counted or _warning(rule, why, neither_warning))
             self._empty_means |= rule == "neither" and any(count is not None for count in probe.graph_counts)
             rule = "mean"
-        if rule is None and self._probes_left <= 0 and why not in _TOLD_OTHERWISE and not _row_means(probe):
+        if rule is None and self._probes_left <= 0 and why not in _TOLD_OTHERWISE \
+                and any(count is None for count in probe.graph_counts):
             # (found by review: a summed CTC loss over 1-row micro-batches of a captured LSTM, whose outputs did not
-            # put together, trained at a quarter of one device's gradients); a loss whose graph shows a mean over
-            # the rows is what the pipeline takes it for, and one over another count is said as that
-            self._warn_once(graph_count_warning(probe) or untold_warning(why))
+            # put together, trained at a quarter of one device's gradients); a loss whose graph shows a mean is a mean
+            # over rows, as the pipeline takes it, or over a count, which the checks of the model's inputs speak of
+            self._warn_once(untold_warning(why))
         drawn = drawn_count_warning(probe) if rule is None and why == DRAWS else None
         if drawn is not None:  # (a masked-LM mask drawn in the step: found by review, 1.5% off, said nothing)
             self._warn_once(drawn)
@@ -462,16 +463,6 @@ def sum_given_warning(why: str) -> str:
             f"number). Leave loss_reduction='auto' (the default), which finds a mean, or give a function of the "
             f"micro-batch counting what the mean is over (loss_reduction=lambda batch: (batch['labels'] != -100)"
             f".sum() for labels ignored at -100)")
-
-
-def _row_means(probe: Probe) -> bool:
-    """Whether each micro-batch's loss is, by its graph (:func:`~.loss_graph.mean_count`), a mean over a count in
-    proportion to its rows (a mean over them, or over a fixed number per row)."""
-    counts = probe.graph_counts
-    if len(counts) != len(probe.rows) or not counts or any(count is None or not count > 0 for count in counts):
-        return False
-    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
-    return max(per_row) - min(per_row) <= 1e-6 * max(per_row)
 
 
 def _warning(rule: str, why: str, otherwise: Callable[[str], str]) -> str:

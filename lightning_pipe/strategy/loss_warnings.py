@@ -51,8 +51,8 @@ def graph_count_warning(probe: Probe) -> str | None:
     if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c > 0 for c in counts):
         return None
     per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
-    if max(per_row) - min(per_row) <= 1e-6 * max(per_row):
-        return None
+    if max(per_row) - min(per_row) <= 1e-6 * max(per_row) or len(set(counts)) == 1:
+        return None  # (a mean over rows; or one count the micro-batches share: the whole batch's, said apart)
     ignored = set(probe.ignored)
     label = next(iter(ignored)) if len(ignored) == 1 else None
     what = f"cross entropy's labels other than {label}" if label is not None else "what it is divided by"
