@@ -140,9 +140,9 @@ class _Iterator:
         try:
             return self.stream.run(self._next)
         finally:
-            if self._drew is not None and self._initial is not None:
+            if self._initial is not None:  # (the first next only, where someone asked)
                 drawn, self._initial = not torch.equal(self.stream.state, self._initial), None
-                if drawn:
+                if drawn and self._drew is not None:
                     self._drew()
 
     def _next(self) -> Any:

@@ -22,11 +22,8 @@ def drawn_count_warning(probe: Probe) -> str | None:
     """What to tell a user whose step draws random numbers (so that :func:`verdict` cannot tell) where each
     micro-batch's loss is a mean over a count (:func:`~.loss_graph.mean_count`: a masked-LM mask's labels) that the
     micro-batches do not share in proportion to their rows; None where they do, or where a loss has no such count."""
-    counts = probe.graph_counts
-    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c >= 0 for c in counts):
-        return None
-    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
-    if max(per_row) - min(per_row) <= 1e-6 * max(per_row):
+    counts = _out_of_proportion(probe, empty=True)
+    if counts is None:
         return None
     empty = (" (a micro-batch that counts nothing, whose loss is a mean over nothing, weighs nothing)"
              if 0 in counts else "")
@@ -42,17 +39,25 @@ def drawn_count_warning(probe: Probe) -> str | None:
             f"num_microbatches=1")
 
 
+def _out_of_proportion(probe: Probe, empty: bool = False) -> list[float] | None:
+    """The counts each micro-batch's loss is a mean over by its graph (:func:`~.loss_graph.mean_count`), where every
+    loss has one (of 0 too, where ``empty``) and they are not in proportion to the micro-batches' rows; else None."""
+    counts = probe.graph_counts
+    if len(counts) < 2 or len(counts) != len(probe.rows) \
+            or any(c is None or not (c >= 0 if empty else c > 0) for c in counts):
+        return None
+    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
+    return None if max(per_row) - min(per_row) <= 1e-6 * max(per_row) else [float(c) for c in counts]  # type: ignore
+
+
 def graph_count_warning(probe: Probe) -> str | None:
     """What to tell a user whose step's loss is "neither" (:func:`verdict`) where each micro-batch's loss is a mean
     over a count its graph shows (cross entropy's labels not ignored) that the micro-batches do not share in
     proportion to their rows: that count, with the ``loss_reduction`` giving it (the label the loss ignores, 255 for
     segmentation's void pixels: found by review, said to couple the rows, with -100's template); None otherwise."""
-    counts = probe.graph_counts
-    if len(counts) < 2 or len(counts) != len(probe.rows) or any(c is None or not c > 0 for c in counts):
+    counts = _out_of_proportion(probe)
+    if counts is None or len(set(counts)) == 1:  # (one count the micro-batches share: the whole batch's, said apart)
         return None
-    per_row = [float(count) / rows for count, rows in zip(counts, probe.rows)]  # type: ignore[arg-type]
-    if max(per_row) - min(per_row) <= 1e-6 * max(per_row) or len(set(counts)) == 1:
-        return None  # (a mean over rows; or one count the micro-batches share: the whole batch's, said apart)
     ignored = set(probe.ignored)
     label = next(iter(ignored)) if len(ignored) == 1 else None
     what = f"cross entropy's labels other than {label}" if label is not None else "what it is divided by"
