@@ -205,6 +205,7 @@ class Tempered(nn.Module):
         self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
         self.blocks[1].scale = 1.0
         self.tau, self.calls_seen = 1.0, 0  # calls_seen: set from outside, never read by forward
+        self.rounds = 1  # how many times the last block runs (a loop count)
         self.register_buffer("offset", torch.zeros(8))
         self.active = [0, 1, 2, 3]  # the blocks that run (progressive growing lists them)
         self.gain: float | None = None  # applied once set
@@ -213,6 +214,8 @@ class Tempered(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index in self.active:
             x = torch.tanh(self.blocks[index](x)) * (self.blocks[1].scale if index == 1 else 1.0)
+        for _ in range(self.rounds - 1):
+            x = torch.tanh(self.blocks[3](x))
         if self.gain is not None:
             x = x * self.gain
         return x / self.tau + self.offset + self.config.shift
@@ -252,6 +255,8 @@ def _Annealed(case: str) -> Any:
                 self.model.active.append(len(self.model.active))  # in place
             elif case == "annealed_regrown" and self.global_step > 0:
                 self.model.active = list(range(3))  # a new list
+            elif case == "annealed_rounds":  # a loop's count, raised as training goes (found by review)
+                self.model.rounds = 1 + self.global_step
             elif case == "annealed_config":  # a field of the model's settings, as Hugging Face's config holds them
                 self.model.config.shift = float(self.global_step)
             elif case == "annealed_gain":  # a value the forward skips while it is None
@@ -505,6 +510,7 @@ def _run(rank: int, world_size: int, case: str) -> None:
     ("annealed_grown", ["active ([0, 1] at its capture, now [0, 1, 2])", "progressive growing"]),
     ("annealed_regrown", ["active ([0, 1] at its capture, now [0, 1, 2])"]),
     ("annealed_gain", ["gain (None at its capture, now 2.0)"]),
+    ("annealed_rounds", ["rounds (1 at its capture, now 2)", "loop to the largest count and let a buffer gate each"]),
     ("hook_added", ["hooks of yours were added to blocks.1 of Tempered after it was captured", "in __init__"]),
     ("hook_removed", ["hooks of yours were removed from blocks.1 of Tempered after it was captured"]),
     ("hook_before_first_step", ["hooks of yours were added to blocks.1 of Tempered after it was captured (when the "
@@ -523,6 +529,7 @@ def test_errors_of_the_captured_path_end_every_rank(case: str, expected: list[st
             assert part in text, f"rank {rank}: {part!r} not in:\n{text[-3000:]}"
         # the head the step runs after the model trains: not named among what to freeze (found by review)
         assert case != "outside" or "head.weight" not in text, text[-3000:]
+        assert case != "annealed" or "loop to the largest count" not in text, text[-3000:]  # a float, no count
     assert time.monotonic() - start < 200
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import re
 import sys
 import types
 import weakref
@@ -425,7 +426,14 @@ def read_advice(model_name: str, found: list[str]) -> str:
             f"then self.tau.fill_(value) or self.tau = new_tensor) or pass it to forward as a tensor argument; both "
             f"reach the graph at every step. For blocks switched on as training goes (progressive growing: a list of "
             f"the blocks that run), run every block and scale each one's contribution by a buffer (0 until it is on, "
-            f"then 1, or faded in)")
+            f"then 1, or faded in)" + (_LOOP_COUNT_ADVICE if any(_COUNT.search(item) for item in found) else ""))
+
+
+_COUNT = re.compile(r"\(-?\d+ at its capture, now -?\d+\)$")
+_LOOP_COUNT_ADVICE = (". A whole number that counts a loop's runs (for _ in range(self.n_iter)) cannot come from a "
+                      "tensor (the loop would branch on a value); loop to the largest count and let a buffer gate each "
+                      "run i (self.active, 0 or 1 per run: h = h + self.active[i] * (f(h) - h)), whose gradients are "
+                      "one device's")
 
 
 def _caller() -> FrameType | None:
