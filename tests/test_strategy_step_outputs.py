@@ -7,10 +7,11 @@ gathers over data-parallel replicas, not the stages of one pipeline."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -1805,3 +1806,45 @@ def test_a_figure_a_step_logs_reaches_rank_0_drawn_and_no_rank_keeps_it_open() -
     reference = _figures(1, "auto")
     assert [step for _, _, step in reference["images"]] == [0, 1, 2] and reference["open"] == 0
     assert run_ranks(_figures_ranks, 2, timeout=150) == [reference, {"images": None, "open": 0}]
+
+
+class _Forecast(NamedTuple):  # a network output as pytorch-forecasting's, a namedtuple of per-row fields
+    prediction: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclasses.dataclass
+class _Scored:  # a model's own output class
+    scores: torch.Tensor
+    rows: int
+
+
+def _records(rank: int, world_size: int) -> tuple[list[Any], list[str]]:
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Module(_classifier()):  # type: ignore[misc]
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            logits = self.net(batch[0])
+            return {"forecast": _Forecast(logits, logits * 2), "scored": _Scored(logits.softmax(-1), len(logits))}
+
+    torch.manual_seed(0)
+    strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predicted = quiet_trainer(world_size, strategy, max_steps=1).predict(Module(), class_data(batches=2))
+    return predicted, [str(w.message) for w in caught if "rows meet" in str(w.message)]
+
+
+@pytest.mark.timeout(120)
+def test_a_step_returning_namedtuples_and_dataclasses_of_rows_gives_them_put_together_field_by_field() -> None:
+    """A namedtuple was kept as the micro-batches' list and said to make the batch's rows meet, which sent every
+    predict batch through a second run of the step (found by review: pytorch-forecasting's every predict)."""
+    reference, _ = _records(0, 1)
+    for predicted, warned in run_ranks(_records, 2, timeout=100):
+        assert not warned, warned
+        for mine, theirs in zip(predicted, reference):
+            assert type(mine["forecast"]) is _Forecast and type(mine["scored"]) is _Scored
+            torch.testing.assert_close(mine["forecast"].hidden, theirs["forecast"].hidden)
+            torch.testing.assert_close(mine["scored"].scores, theirs["scored"].scores)
+            assert mine["scored"].rows == theirs["scored"].rows == len(theirs["scored"].scores)

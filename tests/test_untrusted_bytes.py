@@ -160,7 +160,13 @@ class Normalizer:
     """A library's object kept in a checkpoint's extras (pytorch-forecasting's dataset parameters hold such)."""
 
     def __init__(self, scale: float) -> None:
+        import numpy as np
+
         self.scale = scale
+        # a fitted scaler's feature_names_in_: its bytes are its items' addresses (said to differ: found by review)
+        held = [str(index) * torch.distributed.get_rank() for index in range(50)]  # (each rank's heap its own)
+        self.names = np.array([f"x{index}" for index in (1, 2)], dtype=object)
+        del held
 
 
 def _extras_objects(rank: int, world_size: int, root: str, differ: bool = False) -> dict[str, Any]:

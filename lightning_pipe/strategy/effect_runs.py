@@ -5,6 +5,7 @@ then travel to every rank."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,8 +114,12 @@ def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Wei
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
     """``patches`` but those holding values no rank can be sent (warned of)."""
     kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
-    if len(kept) < len(patches):
-        names = sorted({f"self.{name}" for _, name, *_ in patches} - {f"self.{name}" for _, name, *_ in kept})
+    # a class or function the step makes and keeps (pytorch-forecasting's output class, made at its first use on
+    # every rank that needs it) is code, not state: not said (found by review)
+    code = {name for _, name, _, value in patches if isinstance(value, type) or inspect.isroutine(value)}
+    names = sorted({f"self.{name}" for _, name, *_ in patches if name not in code}
+                   - {f"self.{name}" for _, name, *_ in kept})
+    if names:
         warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
              f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "
              f"last stage's rank holds them; keep such values as tensors or numbers")

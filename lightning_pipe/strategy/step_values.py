@@ -3,6 +3,8 @@ over micro-batches, and the error for ranks that read different batches."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -163,9 +165,11 @@ def needs_whole_batch(value: Any, rows: int | None = None) -> bool:
         return value.dim() > 0 and value.shape[0] != rows
     if isinstance(value, Mapping):
         return any(needs_whole_batch(item, rows) for item in value.values())
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and not _record(value):
         per_row = rows is not None and len(value) == rows  # one item per row: a tensor in it is that row's
         return any(needs_whole_batch(item, None if per_row else rows) for item in value)
+    if _record(value):
+        return any(needs_whole_batch(item, rows) for item in _fields(value))
     return False
 
 
@@ -177,7 +181,30 @@ def listed(value: Any) -> Any:
         return _like(value, {key: listed(item) for key, item in value.items()})
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(listed(item) for item in value)
+    if _record(value):
+        return _remade(value, [listed(item) for item in _fields(value)])
     return value
+
+
+def _record(value: Any) -> bool:
+    """Whether ``value`` is a namedtuple or a dataclass instance: a record of named fields (pytorch-forecasting's
+    network output, a model's own output class)."""
+    return (isinstance(value, tuple) and hasattr(value, "_fields")) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, Mapping))
+
+
+def _fields(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, tuple) else [getattr(value, f.name) for f in dataclasses.fields(value)]
+
+
+def _remade(value: Any, items: list[Any]) -> Any:
+    """A record like ``value`` (:func:`_record`) holding ``items``, field by field."""
+    if isinstance(value, tuple):
+        return type(value)(*items)
+    remade = copy.copy(value)
+    for field, item in zip(dataclasses.fields(value), items):
+        object.__setattr__(remade, field.name, item)  # (a frozen dataclass too)
+    return remade
 
 
 def _like(mapping: Mapping, items: dict[Any, Any]) -> Any:
@@ -255,6 +282,10 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
             return type(first)(combine_outputs([item], [1]) for output in outputs for item in output)
         if all(isinstance(o, (tuple, list)) and len(o) == len(first) for o in outputs):
             return type(first)(combine_outputs([o[i] for o in outputs], sizes, weights) for i in range(len(first)))
+    if _record(first) and all(type(o) is type(first) for o in outputs):  # field by field (found by review:
+        # pytorch-forecasting's network output, a namedtuple, was listed and said to make the batch's rows meet)
+        columns = zip(*(_fields(o) for o in outputs))
+        return _remade(first, [combine_outputs(list(column), sizes, weights) for column in columns])
     return first if all(_equal(o, first) for o in outputs) else list(outputs)
 
 
@@ -276,6 +307,9 @@ def _per_row(outputs: list[Any], sizes: list[int]) -> bool:
 def _arrays_as_tensors(value: Any) -> Any:
     if _is_array(value):
         return torch.from_numpy(value)
+    if _record(value) and not isinstance(value, tuple):  # a dataclass: compared as its class and fields
+        return (type(value).__qualname__, {f.name: _arrays_as_tensors(getattr(value, f.name))
+                                           for f in dataclasses.fields(value)})
     if type(value) in (dict, list, tuple):
         items = value.items() if isinstance(value, dict) else enumerate(value)
         converted = {key: _arrays_as_tensors(item) for key, item in items}

@@ -48,7 +48,11 @@ def _content(value: Any, depth: int) -> Any:
         return ("tensor", str(data.dtype), tuple(data.shape), hashlib.sha256(data.view(-1).view(torch.uint8).numpy()
                                                                              .tobytes()).hexdigest())
     if type(value).__module__.split(".")[0] == "numpy" and hasattr(value, "tobytes"):
-        return ("numpy", str(getattr(value, "dtype", "")), getattr(value, "shape", ()), value.tobytes())
+        kind = str(getattr(value, "dtype", ""))
+        if kind == "object":  # (its bytes are its items' addresses, another in each process: found by review, a
+            # fitted scaler's feature_names_in_): read item by item
+            return ("numpy", kind, value.shape, _content(value.tolist(), depth + 1))
+        return ("numpy", kind, getattr(value, "shape", ()), value.tobytes())
     if isinstance(value, dict):
         return ("dict", sorted((repr(key), _content(item, depth + 1)) for key, item in value.items()))
     if isinstance(value, (list, tuple, set, frozenset)):
