@@ -152,6 +152,14 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def allow_workers() -> None:
+    """Test ranks are daemonic processes, which may not start DataLoader workers; the calling one may (the workers
+    end with their rank: DataLoader workers watch their parent)."""
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
 def quiet_trainer(devices: int, strategy: Any, **options: Any) -> Any:
     """A CPU ``Trainer`` on ``devices`` processes with no logger, progress bar, model summary or checkpoints, unless
     ``options`` say otherwise."""

@@ -97,6 +97,7 @@ def test_an_activation_checkpoint_runs_plainly_with_a_warning(reentrant: bool) -
     with warnings.catch_warnings():  # where the pipeline re-materializes its stages already, nothing to say
         warnings.simplefilter("error")
         Splitter(copy.deepcopy(reference), rematerialized=True).run(x)
+        Splitter(copy.deepcopy(reference).eval()).run(x)  # nor in evaluation, which keeps no activations
 
 
 class CheckpointedFirst(nn.Module):

@@ -346,6 +346,14 @@ def test_a_generator_the_module_keeps_draws_alike_on_every_stage(kind: str, tmp_
                 torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+class _Augmented(torch.utils.data.TensorDataset):
+    """Rows with a random augmentation drawn from torch's generator as they load, as torchvision's transforms draw."""
+
+    def __getitem__(self, index: int) -> Any:
+        x, y = super().__getitem__(index)
+        return x + 0.05 * torch.randn(4), y
+
+
 def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffle") -> dict[str, Any]:
     """The batches a 2-epoch fit reads from a shuffling DataLoader (by their first value), and what the run said of
     their order; ``how`` it shuffles: ``shuffle=True``, torch's BatchSampler over a RandomSampler, or a batch sampler
@@ -356,9 +364,10 @@ def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffl
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_pipe import PipelineStrategy
-    from tests.helpers import quiet_trainer
+    from tests.helpers import allow_workers, quiet_trainer
 
     torch.set_num_threads(1)
+    allow_workers()
     said: list[str] = []
 
     class Keep(logging.Handler):
@@ -401,7 +410,8 @@ def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffl
     loader = DataLoader(data, batch_size=4, shuffle=True, generator=generator) if how == "shuffle" else \
         DataLoader(data, batch_sampler=torch.utils.data.BatchSampler(
             torch.utils.data.RandomSampler(data, generator=generator), 4, False)) if how == "batch_sampler" else \
-        DataLoader(data, batch_sampler=Buckets(generator))
+        DataLoader(data, batch_sampler=Buckets(generator)) if how == "own" else \
+        DataLoader(_Augmented(*data.tensors), batch_size=4, generator=generator, num_workers=1 if seeded else 0)
     quiet_trainer(world_size, strategy, max_epochs=2).fit(model, loader)
     return {"seen": model.seen, "said": [text for text in said
                                          if "the training DataLoader" in text and "global generator" in text]}
@@ -410,12 +420,14 @@ def _shuffled_order(rank: int, world_size: int, seeded: bool, how: str = "shuffl
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("how", "fix"), [("shuffle", "DataLoader(..., shuffle=True, generator=torch.Generator()"),
                                           ("batch_sampler", "give the RandomSampler a generator of its own"),
-                                          ("own", "give Buckets (or a sampler it draws from) a torch.Generator")])
+                                          ("own", "give Buckets (or a sampler it draws from) a torch.Generator"),
+                                          ("augmented", "load in workers (num_workers=1 or more) and give the "
+                                                        "DataLoader a generator of its own")])
 def test_a_shuffled_order_is_one_devices_with_a_seeded_generator_and_said_to_differ_without(how: str, fix: str) -> None:
     """Shuffled with torch's global generator, the ranks draw their order from an agreed seed, not one device's: said
     once, on rank 0, with what gives one device's order (found by review: no word at run time; then for a batch
-    sampler, torch's or a length-bucketing one of one's own); with a generator of one's own, the order is one
-    device's."""
+    sampler, torch's or a length-bucketing one of one's own; then for augmentations drawn in the main process); with
+    a generator of one's own, the order is one device's (the augmentations too, drawn in workers)."""
     reference = _shuffled_order(0, 1, True, how)
     for result in run_ranks(_shuffled_order, 2, True, how, timeout=100):
         assert result == {"seen": reference["seen"], "said": []}

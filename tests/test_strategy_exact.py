@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import run_ranks
+from tests.helpers import allow_workers, run_ranks
 
 SEED = 1234
 
@@ -331,14 +331,6 @@ class _RankShare(torch.utils.data.IterableDataset):
         return (self.data[index] for index in range(rank, len(self.data), size))
 
 
-def _allow_workers() -> None:
-    """Test ranks are daemonic processes, which may not start DataLoader workers; these ones may (the workers end
-    with their rank: DataLoader workers watch their parent)."""
-    import multiprocessing
-
-    multiprocessing.current_process()._config["daemon"] = False
-
-
 def _drift() -> Any:
     import lightning as L
 
@@ -366,7 +358,7 @@ def _batches_seen(rank: int, world_size: int, kinds: list[str]) -> dict[str, lis
         def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
             self.sums.append(round(float(batch[0].double().sum()), 9))
 
-    _allow_workers()
+    allow_workers()
     seen = {}
     for kind in kinds:
         L.seed_everything(SEED + 1, workers=True)
@@ -453,7 +445,7 @@ def _resume(rank: int, world_size: int, tmp: str, kinds: list[str]) -> dict[str,
         trainer.fit(model, _resume_loader(kind), ckpt_path=ckpt_path)
         return model.state_dict(), seen.batches
 
-    _allow_workers()
+    allow_workers()
     results = {}
     for kind in kinds:
         directory = os.path.join(tmp, kind)

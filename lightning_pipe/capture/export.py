@@ -182,7 +182,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict[str, Any], assignments: 
         if assignments.carried:
             warnings.warn(carried_advice(type(model).__name__, assignments.carried), stacklevel=3)
         checkpoints += [where for where in own_checkpoints if where not in checkpoints]
-        if checkpoints and not rematerialized:
+        if checkpoints and not rematerialized and training:  # (evaluation keeps no activations: not said again)
             warnings.warn(f"{type(model).__name__}.forward checkpoints activations (torch.utils.checkpoint in "
                           f"{listed(checkpoints)}): a captured graph runs those layers plainly and keeps their "
                           f"activations (gradients are exact); for the memory, pass "

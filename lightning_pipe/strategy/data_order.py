@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from lightning_pipe.strategy.randomness import Stream, derive_seed
 
 __all__ = ["DataStart", "SharedOrder", "share_order", "samplers_of", "check_distributed_samplers", "order_notice",
-           "own_sampler_notice"]
+           "own_sampler_notice", "loading_notice"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ class SharedOrder:
         self.stream = False  # its dataset is an IterableDataset that keeps no position (set by share_order)
         # called (by the strategy) where a training iteration's first draws took numbers from the order's generator
         self.said: Callable[[], None] | None = None
+        # called (by the strategy) where a training iteration's first batch loaded in the main process drew numbers
+        self.loading_said: Callable[[], None] | None = None
 
     @property
     def sampler(self) -> Any:
@@ -245,8 +247,9 @@ def _shared_class(cls: type) -> type:
             if self.num_workers > 0:  # the dataset runs in the workers, seeded from the loader's generator
                 return cls.__iter__(self)
             assert order.loading is not None
-            iterator = _Iterator(order.loading)
-            iterator.iterator = order.loading.run(lambda: cls.__iter__(self))
+            inner = order.loading.run(lambda: cls.__iter__(self))
+            iterator = _Iterator(order.loading, drew=order.loading_said if order.training else None)
+            iterator.iterator = inner
             return iterator
 
         _SHARED_CLASSES[cls] = type(cls.__name__, (cls,), {"__iter__": __iter__, "__module__": cls.__module__,
@@ -341,6 +344,19 @@ def order_notice(loader: Any) -> str | None:
 
 _NOT_ONE_ORDER = ("under PipelineStrategy every rank draws each epoch's order from a seed they agree on, so the "
                   "batches come in another order than one device's. To compare a run with one device's, ")
+
+
+def loading_notice() -> str:
+    """What to say of a training DataLoader whose first batch, loaded in the main process, drew from torch's global
+    generator (random augmentations in the dataset's ``__getitem__`` or the collate_fn): its draws are the agreed
+    seed's, not one device's (found by review: a run compared with one device's after the order notice's fix still
+    differed, with no word)."""
+    return ("the training DataLoader's loading in the main process (num_workers=0: the dataset's __getitem__ or the "
+            "collate_fn, random augmentations or masks) draws from torch's global generator: under PipelineStrategy "
+            "it draws from a generator seeded from the seed the ranks agree on, the same on every rank, but not the "
+            "numbers one device's run draws. To compare a run with one device's, load in workers (num_workers=1 or "
+            "more) and give the DataLoader a generator of its own (generator=torch.Generator().manual_seed(0)): "
+            "the workers' seeds then come from it as one device's do")
 
 
 def own_sampler_notice(order: SharedOrder) -> str | None:

@@ -46,7 +46,7 @@ from lightning_pipe.strategy.checkpointing import PipelineCheckpoints, fit_start
 from lightning_pipe.strategy.cutting import PipelineCutting
 from lightning_pipe.strategy.hook_logs import gather_hook_logs, release_hook_logs
 from lightning_pipe.strategy.data_order import (
-    SharedOrder, check_distributed_samplers, order_notice, own_sampler_notice, share_order,
+    SharedOrder, check_distributed_samplers, loading_notice, order_notice, own_sampler_notice, share_order,
 )
 from lightning_pipe.strategy.failures import raise_together
 from lightning_pipe.strategy.grad_scaler import agree_on_overflow, refuse_self_unscaling
@@ -385,7 +385,16 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
             shared._pipeline_order.said = functools.partial(self._say_own_sampler, shared._pipeline_order)
+            shared._pipeline_order.loading_said = functools.partial(self._say_loading, shared._pipeline_order)
         return shared
+
+    def _say_loading(self, order: SharedOrder) -> None:
+        """A training batch loaded in the main process drew from torch's generator: say once that such draws are
+        not one device's (:func:`~.data_order.loading_notice`)."""
+        order.loading_said = None
+        if not self.__dict__.get("_loading_said"):
+            self._loading_said = True
+            rank_zero_info(loading_notice())
 
     def _say_own_sampler(self, order: SharedOrder) -> None:
         """A training order drew from its generator: where a sampler of the user's drew, say once that the order is
