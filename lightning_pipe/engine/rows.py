@@ -152,11 +152,12 @@ def _training(module: nn.Module) -> Iterator[None]:
 
 
 def _rows(tree: Any) -> int:
-    """The rows of a micro-batch's input: the most common size along dim 0 of its tensors."""
+    """The rows of a micro-batch's input: the most common size along dim 0 of its tensors, the first one's of those
+    as common (the activations', before a value over them passed on beside: ``(h, h.mean(0))``)."""
     sizes = [leaf.shape[0] for leaf in _leaves(tree) if leaf.dim() > 0]
     if not sizes:
         raise _CannotTell
-    return max(set(sizes), key=sizes.count)
+    return max(sizes, key=lambda size: (sizes.count(size), -sizes.index(size)))
 
 
 def _leaves(tree: Any) -> Iterator[torch.Tensor]:
@@ -173,7 +174,13 @@ def _leaves(tree: Any) -> Iterator[torch.Tensor]:
 
 
 def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
-    """``a`` and ``b`` as one input: tensors of their rows concatenated along dim 0, what they share kept once."""
+    """``a`` and ``b`` as one input: tensors of their rows concatenated along dim 0, what they share kept once; a value
+    over their rows that differs between them, as the stage before passed it on, as the whole input's: a float
+    tensor or number (``h.mean()``, ``h.mean(0)``) as their mean weighted by rows, a count of their rows or of a
+    multiple of them (``x.shape[0]``, tokens) as their sum. (Layers that use such a value on their rows give other
+    outputs joined than apart: a statistic over the batch brought back into its rows across a cut, found by review.)"""
+    if _counts(a, b, rows_a, rows_b):
+        return a + b
     if isinstance(a, PackedSequence) and isinstance(b, PackedSequence):  # the rows' sequences packed together
         length = max(_length(a), _length(b))
         (x, x_lengths), (y, y_lengths) = (pad_packed_sequence(p, batch_first=True, total_length=length) for p in (a, b))
@@ -184,6 +191,8 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
             return torch.cat([a, b])
         if a.shape == b.shape and torch.equal(a, b):
             return a
+        if a.shape == b.shape and a.dtype == b.dtype and (a.is_floating_point() or a.is_complex()):
+            return (a * rows_a + b * rows_b) / (rows_a + rows_b)
         raise _CannotTell
     if isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
         items = [_join(x, y, rows_a, rows_b) for x, y in zip(a, b)]
@@ -192,7 +201,22 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
         return type(a)((key, _join(a[key], b[key], rows_a, rows_b)) for key in a)
     if not isinstance(a, torch.Tensor) and type(a) is type(b) and _same(a, b):
         return a
+    if type(a) is float and type(b) is float:
+        return (a * rows_a + b * rows_b) / (rows_a + rows_b)
     raise _CannotTell
+
+
+def _counts(a: Any, b: Any, rows_a: int, rows_b: int) -> bool:
+    """Whether ``a`` and ``b`` are counts of two micro-batches' rows, or of one multiple of them: Python ints or
+    integer tensors of one number."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dim() or b.dim() or a.dtype != b.dtype or a.is_floating_point() or a.is_complex() \
+                or a.dtype == torch.bool:
+            return False
+        a, b = int(a), int(b)
+    elif type(a) is not int or type(b) is not int:
+        return False
+    return a > 0 and b > 0 and a % rows_a == 0 and b % rows_b == 0 and a // rows_a == b // rows_b
 
 
 def _length(packed: PackedSequence) -> int:

@@ -142,7 +142,9 @@ class RowChecks:
                     f"layers: the pipeline splits every batch along dim 0, so micro-batches cut the sequences in "
                     f"time; give batches with their rows first) or a statistic over the rows brought back into them "
                     f"(x - x.mean(0), a minibatch standard deviation, a batch norm keeping no running statistics, "
-                    f"a mean-only batch norm of your own), or a value over the rows passed on beside the activations "
+                    f"a mean-only batch norm of your own; also across the cut: h.mean() or x.shape[0] that the "
+                    f"stage before passes on, used on the rows here), or a value over the rows passed on beside the "
+                    f"activations "
                     f"that is neither the micro-batches' mean nor their sum (an MoE load-balancing loss, a product of "
                     f"two means over the batch; a maximum). A pipeline runs each micro-batch alone, so this trains "
                     f"otherwise than one device; num_microbatches=1 gives one device's.", stacklevel=2)
