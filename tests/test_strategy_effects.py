@@ -220,6 +220,13 @@ def test_the_step_runs_again_on_the_whole_batch_or_its_micro_batches_changes_sta
     assert not replayed
     assert holder.count == 2 and len(holder.outputs) == 3 and "once per micro-batch" in messages[0]
     assert len(patches) == 2
+    # a number equal to each micro-batch's rows beside them (x.shape[0]): no telling it from a constant, said so
+    effects.restore(start)
+    for half in halves:
+        step(half)
+    patches, replayed = settle(effects, "validation_step", start, [(0, (halves[0], 2), 2), (1, (halves[1], 2), 2)],
+                               2, lambda output: step(output[0]), messages.append)
+    assert not replayed and "returns a number equal to each micro-batch's rows, 2" in messages[-1], messages[-1]
     # a value no rank can be sent stays on this one, with a warning
     effects.restore(start)
     holder.count = object()

@@ -532,6 +532,8 @@ def _gradient_norms(rank: int, world_size: int, where: str = "module") -> dict[s
     def log_norms(module: L.LightningModule, optimizer: Any) -> None:
         module.log_dict(grad_norm(module, norm_type=2))
         module.log("lr", optimizer.param_groups[0]["lr"])  # alike on every rank
+        # a value made with a gradient (from the weights): logged without torch's warning of a scalar conversion
+        module.log("scale", torch.ones((), requires_grad=True) * optimizer.param_groups[0]["lr"])
 
     class InModule(Tracked):
         def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -544,8 +546,11 @@ def _gradient_norms(rank: int, world_size: int, where: str = "module") -> dict[s
     L.seed_everything(2, verbose=False)
     strategy = PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto"
     trainer = quiet_trainer(world_size, strategy, max_steps=2, callbacks=[InCallback()] if where == "callback" else [])
-    trainer.fit(Tracked() if where == "callback" else InModule(), class_data(batches=2))
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Tracked() if where == "callback" else InModule(), class_data(batches=2))
+    converted = sum("Converting a tensor with requires_grad=True" in str(w.message) for w in caught)
+    return {**{name: float(value) for name, value in trainer.callback_metrics.items()}, "converted": converted}
 
 
 @pytest.mark.timeout(120)
@@ -556,8 +561,9 @@ def test_gradient_norms_logged_before_the_optimizer_step_are_the_whole_models(wh
     parameter was logged by both its places' names and counted twice in the total (found by review)."""
     reference = _gradient_norms(0, 1, where)
     assert "grad_2.0_norm_total" in reference  # 6 parameters (7 with the tie, once), the total, the lr
-    assert len(reference) == 8 if where != "tied" else len(reference) == 9 and "grad_2.0_norm/net.4.weight" \
+    assert len(reference) == 10 if where != "tied" else len(reference) == 11 and "grad_2.0_norm/net.4.weight" \
         not in reference
+    assert reference["converted"] == 0
     for got in run_ranks(_gradient_norms, 2, where, timeout=100):
         assert got.keys() == reference.keys()
         for name, value in reference.items():

@@ -214,3 +214,26 @@ def test_extras_that_cannot_travel_are_saved_as_rank_zeros(tmp_path: Path, diffe
         return
     assert len(saved["warned"]) == 1 and "rank 1's checkpoint entry ['dataset_parameters']['target_normalizer']" \
         in saved["warned"][0], saved["warned"]
+
+
+class _Frame:
+    """A pandas DataFrame as the digest meets one: internals it cannot read (here a lock), its content by to_dict."""
+
+    __module__ = "pandas.core.frame"
+
+    def __init__(self, scale: float) -> None:
+        import threading
+
+        self._mgr, self.scale = threading.Lock(), scale
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"center": [0.0, self.scale]}
+
+
+def test_a_pandas_frame_in_the_checkpoints_extras_is_digested_by_its_content() -> None:
+    """pytorch-forecasting's GroupNormalizer holds a DataFrame: unreadable, so every save said it differed from rank
+    0's (found by review)."""
+    from lightning_pipe.strategy.untravelled import _digest
+
+    assert _digest(_Frame(1.0)) is not None and _digest(_Frame(1.0)) == _digest(_Frame(1.0))
+    assert _digest(_Frame(1.0)) != _digest(_Frame(2.0))

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_pipe.engine.tree import tree_flatten
 from lightning_pipe.strategy.step_effects import Patch, Sent, Snapshot, StepEffects
-from lightning_pipe.strategy.step_values import OutputKinds, Weights, whole_output
+from lightning_pipe.strategy.step_values import OutputKinds, Weights, apart_reason, whole_output
 from lightning_pipe.strategy.values import sendable
 
 __all__ = ["MicrobatchRuns", "settle", "kept_whole"]
@@ -74,7 +74,7 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     if (patches or needs) and microbatches > 1:
         whole = kept_whole(kept, microbatches, weights, kinds)
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
-               microbatches else "the model's outputs do not hold the batch's rows first")
+               microbatches else apart_reason([output for _, output, _ in kept], [rows for _, _, rows in kept]))
         if whole is not None and not effects.restore(start):
             why, whole = "a change could not be undone (a list emptied, a large tensor changed in place)", None
             effects.apply(patches)

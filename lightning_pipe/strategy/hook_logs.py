@@ -112,7 +112,7 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
              if held is param][:2]
     calls = [(_one_device_name(name, tied), value, options) for name, value, options in calls]
     texts = [json.loads(text) for text in gather_text(json.dumps(
-        {"logs": [[name, float(value)] for name, value, _ in calls], "alone": alone, "scaled": scaled[0]}))]
+        {"logs": [[name, _as_float(value)] for name, value, _ in calls], "alone": alone, "scaled": scaled[0]}))]
     if scales is not None:
         scales.judge(hook, [text["scaled"] for text in texts])
     merged, differing = merge_hook_logs([[(name, value) for name, value in text["logs"]] for text in texts])
@@ -135,7 +135,7 @@ def _gathered(module: LightningModule, hook: Callable[..., Any], gather_text: Ca
                       f"pipeline_group) (for a norm, of its square). A name counted along a loop over the model's "
                       f"modules counts this rank's layers: name each by named_modules()", stacklevel=2)
     for name, value, options in calls:  # this rank's names first, in its order, with its options
-        lightning_log(module, name, merged.pop(name, float(value)), **options)
+        lightning_log(module, name, merged.pop(name, _as_float(value)), **options)
     options = calls[0][2] if calls else {}
     for name, value in merged.items():  # the other ranks' (their parameters' norms), as this rank logs its own
         lightning_log(module, name, value, **options)
@@ -200,3 +200,8 @@ def _number(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.numel() == 1 and not value.is_complex()
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> float:
+    """A logged value as a number, without torch's warning for a tensor made with a gradient (from the weights)."""
+    return float(value.detach() if isinstance(value, torch.Tensor) else value)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from lightning_pipe.engine.microbatch import batch_rows, split_batch
 from lightning_pipe.engine.tree import tree_flatten, tree_map_tensors
 from lightning_pipe.strategy.loss_graph import ignored_label, mean_count
-from lightning_pipe.strategy.step_values import OutputKinds, whole_output
+from lightning_pipe.strategy.step_values import OutputKinds, apart_reason, whole_output
 
 __all__ = ["LOSS_REDUCTIONS", "LOSS_TOLERANCE", "check_loss_reduction", "Counts", "Probe", "verdict", "DRAWS"]
 
@@ -335,7 +335,7 @@ def _stood_in(probe: Probe, run_whole: Callable[[Any, Any, int], torch.Tensor],
     the first micro-batch's and with the last's); else None, and why."""
     stand_ins = [whole_output(probe.outputs, probe.rows, probe.counts, kinds=kinds, fill=fill)
                  for fill in (0, len(probe.outputs) - 1)]
-    apart = "the model's outputs do not hold the batch's rows first"
+    apart = apart_reason(probe.outputs, probe.rows)
     if any(output is None for output in stand_ins):  # the model ran on something else than the batch's rows
         return None, apart
     try:

@@ -19,7 +19,7 @@ from lightning_pipe.engine.rows import tolerance
 from lightning_pipe.engine.tree import rebuild_mapping, tree_flatten, tree_map_tensors, tree_unflatten
 from lightning_pipe.strategy.loss_graph import leaves_reached
 
-__all__ = ["OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
+__all__ = ["apart_reason", "OutputKinds", "ROW_MEAN", "output_structure", "check_rows", "different_batches", "loss_of",
            "combine_outputs", "whole_output", "input_needs_grad", "needs_whole_batch", "PerMicroBatch", "listed",
            "same_output", "without_gradients", "as_in_training", "output_gradients", "sizes_apart"]
 
@@ -543,6 +543,29 @@ def _joined_number(values: list[Any], sizes: list[int]) -> Any:
     if all(value == per_row * size for value, size in zip(values, sizes)):
         return type(first)(per_row * sum(sizes))  # each one's rows, or a multiple of them: the batch's
     raise _Apart
+
+
+def apart_reason(outputs: list[Any], sizes: list[int]) -> str:
+    """Why the micro-batches' model ``outputs`` (of ``sizes`` rows) make no whole batch's (:func:`whole_output` gave
+    None), for a warning: a number equal to each one's rows (``x.shape[0]`` returned beside the logits), which
+    micro-batches of equal rows cannot tell from a constant (found by review: said to be outputs without the rows
+    first), or outputs without the batch's rows first."""
+    def numbers(value: Any) -> list[Any]:
+        if type(value) is int:
+            return [value]
+        if isinstance(value, Mapping):
+            value = list(value.values())
+        elif isinstance(value, Calls):
+            value = list(value.each)
+        elif _record(value):
+            value = _fields(value)
+        return [n for item in value for n in numbers(item)] if isinstance(value, (list, tuple)) else []
+
+    if len(set(sizes)) == 1 and any(number == sizes[0] for output in outputs[:1] for number in numbers(output)):
+        return (f"the model returns a number equal to each micro-batch's rows, {sizes[0]} (x.shape[0]?), which "
+                f"micro-batches of one size cannot tell from a constant; count the rows in the step (len(x)) "
+                f"rather than return the count from the model")
+    return "the model's outputs do not hold the batch's rows first"
 
 
 def _same(values: list[Any]) -> bool:

@@ -53,6 +53,10 @@ def _content(value: Any, depth: int) -> Any:
             # fitted scaler's feature_names_in_): read item by item
             return ("numpy", kind, value.shape, _content(value.tolist(), depth + 1))
         return ("numpy", kind, getattr(value, "shape", ()), value.tobytes())
+    if type(value).__module__.split(".")[0] == "pandas":  # a fitted normalizer's frame (pytorch-forecasting's)
+        read = getattr(value, "to_dict", None) or getattr(value, "tolist", None)
+        if callable(read):
+            return ("pandas", type(value).__qualname__, _content(read(), depth + 1))
     if isinstance(value, dict):
         return ("dict", sorted((repr(key), _content(item, depth + 1)) for key, item in value.items()))
     if isinstance(value, (list, tuple, set, frozenset)):
