@@ -621,3 +621,31 @@ def test_a_loader_filled_by_a_hook_is_said_to_be_read_before_the_hooks() -> None
     error = run_ranks(_empty_at_set_up, 1, timeout=100, expect_failure=True)[0]
     assert error is not None and "train_dataloader is empty" in error, error
     assert "read at set-up, before any hook of the run" in error and "on_train_epoch_start" in error, error
+
+
+def _saved_after_testing_a_loaded_module(rank: int, world_size: int, tmp: str) -> None:
+    from tests.lightning_models import Regressor, regression_data
+
+    torch.manual_seed(0)
+    trainer = _trainer("pipedream" if world_size > 1 else "auto", world_size, max_steps=2)
+    trainer.fit(Regressor(num_layers=4), regression_data())
+    trainer.save_checkpoint(os.path.join(tmp, "fit.ckpt"))
+    best = Regressor.load_from_checkpoint(os.path.join(tmp, "fit.ckpt"))
+    trainer.test(best, regression_data())
+    trainer.save_checkpoint(os.path.join(tmp, "after_test.ckpt"))
+
+
+@pytest.mark.timeout(180)
+def test_a_checkpoint_saved_after_testing_a_loaded_module_numbers_the_fits_optimizer_as_one_device(
+        tmp_path: Path) -> None:
+    """After trainer.test(best) of a module loaded from a checkpoint, the trainer's module is another than the fit's
+    optimizer was made for: its states were numbered by this rank's share, and one device could not resume the file
+    (found by review: 'a parameter group that doesn't match the size')."""
+    from tests.lightning_models import Regressor, regression_data
+
+    run_ranks(_saved_after_testing_a_loaded_module, 2, str(tmp_path), timeout=150)
+    saved = torch.load(tmp_path / "after_test.ckpt", weights_only=False)
+    parameters = len(list(Regressor(num_layers=4).parameters()))
+    assert [group["params"] for group in saved["optimizer_states"][0]["param_groups"]] == [list(range(parameters))]
+    _trainer("auto", 1, max_steps=3).fit(Regressor(num_layers=4), regression_data(),
+                                         ckpt_path=str(tmp_path / "after_test.ckpt"))  # one device resumes it

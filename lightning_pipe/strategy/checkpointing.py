@@ -196,15 +196,17 @@ class PipelineCheckpoints:
         # this rank's own entry (every rank's is kept): the global generators' states, for user code that draws there
         checkpoint[RANDOM_STATES_KEY] = global_random_states()
         device = self._collective_device()
+        # the optimizers' parameters are named in the module they were made for: after trainer.test(best) of a
+        # module loaded from a checkpoint, the trainer's module is another (found by review: numbered otherwise)
+        optimized, cut_names = self.__dict__.get("_optimized", (self.lightning_module, runner.cut_names))
         if self.checkpoint_format == "sharded":
-            save_sharded(checkpoint, filepath, self.lightning_module, self.optimizers, runner.layout, runner.split,
+            save_sharded(checkpoint, filepath, optimized, self.optimizers, runner.layout, runner.split,
                          device)
             return
         error: BaseException | None = None
         if self.mesh_shape.coordinates(self.global_rank)[1] == 0:
             full = gather_checkpoint(checkpoint, runner.split.state_keys, runner.layout, runner.pipeline.group,
-                                     optimizers_parameter_names(self.lightning_module, self.optimizers,
-                                                                runner.cut_names), device,
+                                     optimizers_parameter_names(optimized, self.optimizers, cut_names), device,
                                      runner.split.tied_names, sorts_by_name(self.lightning_module),
                                      (runner.split.parameter_keys, self._own_parameter_names()), self._whole_orders)
             try:

@@ -530,6 +530,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                 self._whole_orders = whole_orders(self.lightning_module, self.optimizers) if layers or elsewhere \
                     else None
             drop_placeholders(self.optimizers, made + layers)
+            self._optimized = (self.lightning_module, self.runner.cut_names)  # what their parameters are named in
             refuse_searching_optimizers(self.optimizers)
             if (message := whole_set_warning(self.optimizers)) is not None and self.runner.pipeline.num_ranks > 1:
                 rank_zero_warn(message)
