@@ -1854,3 +1854,28 @@ def test_a_step_returning_namedtuples_and_dataclasses_of_rows_gives_them_put_tog
             torch.testing.assert_close(mine["forecast"].hidden, theirs["forecast"].hidden)
             torch.testing.assert_close(mine["scored"].scores, theirs["scored"].scores)
             assert mine["scored"].rows == theirs["scored"].rows == len(theirs["scored"].scores)
+
+
+def _layer_norm_logged(rank: int, world_size: int) -> float:
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Module(_classifier()):  # type: ignore[misc]
+        def on_train_epoch_end(self) -> None:  # the recipe the error for another stage's layer gives
+            weight = dict(self.named_parameters()).get("net.0.weight")
+            if weight is not None:
+                self.log("first_norm", weight.norm())
+
+    torch.manual_seed(0)
+    trainer = quiet_trainer(world_size, PipelineStrategy(num_microbatches=2) if world_size > 1 else "auto",
+                            max_epochs=1)
+    trainer.fit(Module(), class_data(batches=2))
+    return float(trainer.callback_metrics["first_norm"])
+
+
+@pytest.mark.timeout(120)
+def test_a_layers_value_logged_by_the_rank_holding_it_reaches_every_rank() -> None:
+    """``self.layers[0].weight.norm()`` in an epoch-end hook fails on the ranks without that layer (found by review);
+    the error's recipe, computing it where it is held, logs one device's value on every rank."""
+    reference = _layer_norm_logged(0, 1)
+    assert run_ranks(_layer_norm_logged, 2, timeout=100) == [pytest.approx(reference, rel=1e-6)] * 2
