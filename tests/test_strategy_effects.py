@@ -1316,3 +1316,50 @@ def test_a_list_of_outputs_the_step_makes_itself_collects_every_batch() -> None:
     was taken for a state carried with the rows (an RNN's hidden state), so each later micro-batch got its rows of
     it and the epoch-end hook saw one batch (found by review: AUROC 0.553 for 0.457)."""
     assert run_ranks(_lazy_outputs, 2, timeout=100) == [_lazy_outputs(0, 1)] * 2 == [[(8, 2)] * 3] * 2
+
+
+class _WithCount(nn.Module):
+    """A last layer that returns its rows' count beside them (``x.shape[0]``): with micro-batches of one size no run
+    on the whole batch can follow (a count or a constant: no telling)."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return h, h.shape[0]
+
+
+def _kept_per_micro_batch(rank: int, world_size: int) -> list[float]:
+    import lightning as L
+
+    from lightning_pipe import PipelineStrategy
+    from tests.citizen_models import class_data
+
+    class Keeping(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4), _WithCount())
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            logits, _ = self.net(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Keeping()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(world_size, PipelineStrategy(num_microbatches=2, loss_reduction="mean"), max_steps=3).fit(
+            module, class_data(batches=3))
+    return module.losses
+
+
+@pytest.mark.timeout(120)
+def test_where_no_run_on_the_whole_batch_can_follow_every_micro_batchs_changes_stand() -> None:
+    """Once the first batches' probing had ended (here: none, the reduction given), only the last micro-batch's run
+    of the step kept its changes: one entry per step where the warning promises each micro-batch's (found by
+    review)."""
+    for losses in run_ranks(_kept_per_micro_batch, 2, timeout=100):
+        assert len(losses) == 6, losses
