@@ -54,16 +54,17 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def fit_to_the_cut(callbacks: Iterable[Any], module: Any, captured: bool, gather: Gather, rank: int,
-                   gather_text: Callable[[str], list[str]], counted: Callable[[nn.Parameter], bool]) -> None:
+                   gather_text: Callable[[str], list[str]], counted: Callable[[nn.Parameter], bool],
+                   tie_name: Callable[[nn.Parameter], str | None] = lambda param: None) -> None:
     """Once the module is cut (before the strategy moves it to its device and precision, as the callbacks copied it):
     the weight-averaging callbacks' copies made again, ``ModelPruning`` given this rank's layers, the model summaries
     counting the whole model (``captured``: whether the model is a captured one; ``rank``: this rank's place in
     ``gather``'s order; ``gather_text``: every rank's text, in stage order; ``counted``: whether this rank counts a
-    parameter it holds, once for all its holders)."""
+    parameter it holds, once for all its holders; ``tie_name``: a tied parameter's name, the same on its holders)."""
     callbacks = list(callbacks)
     recopy_weight_averages(callbacks, module, gather)
     prune_own_layers(callbacks, module, captured, gather, rank, gather_text)
-    count_whole_model(callbacks, gather_text, counted)
+    count_whole_model(callbacks, gather_text, counted, tie_name)
     add_groups_everywhere(callbacks, gather_text)
 
 
@@ -140,10 +141,12 @@ def regroup_after_restore(trainer: Any, module: Any) -> None:
 
 
 def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], list[str]],
-                      counted: Callable[[nn.Parameter], bool]) -> None:
+                      counted: Callable[[nn.Parameter], bool],
+                      tie_name: Callable[[nn.Parameter], str | None] = lambda param: None) -> None:
     """Make each ``ModelSummary`` callback count the whole model's parameters: its rows are every rank's (the layers
-    of each rank's stages, in stage order), each row's count and the totals summed over the ranks. Its summary is made
-    on every rank, so the gather runs on every rank alike."""
+    of each rank's stages, in stage order), each row's count and the totals summed over the ranks, a tied parameter
+    once in each row that holds it (a tied head's row counts its weight, as one device's does; found by review: 0).
+    Its summary is made on every rank, so the gather runs on every rank alike."""
     from lightning.pytorch.callbacks import ModelSummary as SummaryCallback
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
@@ -154,7 +157,9 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
             self._whole, self._whole_total = whole
             named = (aliases or {}).get  # a layer's second name (self.tied = self.head): its first, as one device's
             rows = [[named(name, name), layer.layer_type,
-                     sum(p.numel() for p in layer._module.parameters() if counted(p)), layer.training]
+                     sum(p.numel() for p in layer._module.parameters() if counted(p) and tie_name(p) is None),
+                     layer.training, {tie_name(p): p.numel() for p in layer._module.parameters()
+                                      if tie_name(p) is not None}]
                     for name, layer in self._layer_summary.items()]
             held = [p for p in self._model.parameters() if counted(p)]
             modes = [[named(name, name), module.training] for name, module in self._model.named_modules() if name]
@@ -162,9 +167,13 @@ def count_whole_model(callbacks: Iterable[Any], gather_text: Callable[[str], lis
                     "trainable": sum(p.numel() for p in held if p.requires_grad)}
             shares = [json.loads(text) for text in gather_text(json.dumps(mine))]
             merged: dict[str, list[Any]] = {}
+            ties: dict[str, dict[str, int]] = {}  # each row's tied parameters, by name: once, wherever held
             for share in shares:
-                for name, kind, count, training in share["rows"]:
+                for name, kind, count, training, tied in share["rows"]:
                     merged.setdefault(name, [kind, 0, training])[1] += count
+                    ties.setdefault(name, {}).update(tied)
+            for name, tied in ties.items():
+                merged[name][1] += sum(tied.values())
             self._rows = merged
             # the table's rows are every rank's: Lightning numbers them by the layers it summarized
             summarized = {named(name, name): layer for name, layer in self._layer_summary.items()}

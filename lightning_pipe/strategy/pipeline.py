@@ -469,7 +469,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
                            functools.partial(gather_stacked, group=pipeline.group, device=self._collective_device()),
                            pipeline.rank,
                            functools.partial(all_gather_text, group=pipeline.group, device=self._collective_device()),
-                           self.runner.tied.counts_in_norm)
+                           self.runner.tied.counts_in_norm, self.runner.tied.tie_name)
             if scaler is not None:  # every stage skips a step together, and the scales stay equal
                 agree_on_overflow(scaler, pipeline.group, self._collective_device(), self.settings.wait_timeout)
         if self._async is None and pipeline.num_ranks > 1:  # every rank reaches the hooks together

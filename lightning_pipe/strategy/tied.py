@@ -201,6 +201,11 @@ class TiedParameters:
         """Whether this rank counts ``param`` in a global gradient norm (each tied parameter is counted once)."""
         return id(param) not in self._not_counted
 
+    def tie_name(self, param: nn.Parameter) -> str | None:
+        """The name that every holder of ``param`` knows it by, where it is a tied parameter's copy held here (its
+        first name in the sequence); None for others."""
+        return next((tie.names[0] for tie, held, _ in self.local if held is param), None)
+
     def check_optimizers(self, optimizers: Iterable[Optimizer], names: dict[int, str] | None = None) -> None:
         """Fail, on every rank alike, where the holders of a tied parameter would step it differently; ``names``
         (by parameter id: the module's ``named_parameters()``) names each rank's copy as its optimizer groups saw it."""
