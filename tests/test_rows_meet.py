@@ -186,29 +186,53 @@ class _Uses(nn.Module):
             return self.linear(h * 4 / value)
         if self.how == "add":
             return self.linear(h), value + h.pow(2).mean()
+        if self.how == "add_sum":  # an auxiliary loss summed over the rows, stage after stage
+            return self.linear(h), value + h.pow(2).sum()
         return self.linear(h), value
 
 
-@pytest.mark.parametrize(("passed", "how", "found"), [
-    ("mean", "centre", True), ("feature_means", "centre", True), ("number", "centre", True),
-    ("rows", "per_row", True), ("tokens", "per_row", True),
-    ("mean", "add", False), ("rows", "by", False), ("mean", "by", False)])
+@pytest.mark.parametrize(("passed", "how", "first", "found"), [
+    ("mean", "centre", 4, True), ("feature_means", "centre", 4, True), ("number", "centre", 4, True),
+    ("mean", "centre", 3, True), ("rows", "per_row", 4, True), ("tokens", "per_row", 4, True),
+    ("mean", "add", 4, False), ("sum", "add_sum", 4, False), ("sum", "add_sum", 3, False), ("rows", "by", 4, False),
+    ("mean", "by", 4, False),
+    # micro-batches of one size: a number equal to their rows may be a constant (a length): no telling
+    ("constant", "per_row", 3, False), ("rows", "per_row", 3, False)])
 def test_a_value_over_the_rows_the_stage_before_passes_on_is_found_where_the_rows_use_it(
-        passed: str, how: str, found: bool) -> None:
+        passed: str, how: str, first: int, found: bool) -> None:
     """A statistic over the batch computed on one stage and brought back into its rows on the next (``(h, h.mean())``
     then ``h - mean``; a row count ``x.shape[0]`` then ``h / n``) trained otherwise than one device, nothing said
     (found by review: 1.7e-3 and 5e-2 off), where the same in one stage was warned of: the two micro-batches' values
-    could not be joined, so the check could not tell. They join as the whole input's (the mean weighted by rows; the
-    counts' sum)."""
+    could not be joined, so the check could not tell. They join as the whole input's, read both ways where it cannot
+    be told which (the mean weighted by rows or the sum; equal numbers kept, or summed as counts), and the rows meet
+    only where neither agrees (found by the change's review: an auxiliary loss summed over rows, a length equal to the
+    rows, warned of)."""
     torch.manual_seed(0)
     x = torch.randn(6, 8)
 
     def given(h: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return h, {"mean": lambda: h.mean(), "feature_means": lambda: h.mean(0), "number": lambda: float(h.mean()),
-                   "rows": lambda: h.shape[0], "tokens": lambda: torch.tensor(h.shape[0] * 5)}[passed]()
+                   "sum": lambda: h.pow(2).sum(), "rows": lambda: h.shape[0], "constant": lambda: 3,
+                   "tokens": lambda: torch.tensor(h.shape[0] * 5)}[passed]()
 
-    difference = rows_meet(_Uses(how), given(x[:4]), given(x[4:]))
+    difference = rows_meet(_Uses(how), given(x[:first]), given(x[first:]))
     assert (difference is not None) == found, difference
+
+
+class _Positioned(nn.Module):
+    """Given a table shared by the rows first (positions: more entries than the rows), then the rows."""
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        positions, h = pair
+        return (h - h.mean(0)) + positions
+
+
+def test_the_rows_are_the_activations_not_a_table_passed_before_them() -> None:
+    """Sizes along dim 0 as common as each other: the tensor of most dims gives the rows (the change's review: a
+    table passed first was taken for them, and a stage whose rows meet went unsaid)."""
+    torch.manual_seed(0)
+    positions, x = torch.randn(6, 5), torch.randn(8, 6, 5)
+    assert rows_meet(_Positioned(), (positions, x[:4]), (positions, x[4:])) is not None
 
 
 def test_the_check_leaves_the_layers_and_the_generators_as_they_were() -> None:

@@ -1879,3 +1879,33 @@ def test_a_layers_value_logged_by_the_rank_holding_it_reaches_every_rank() -> No
     the error's recipe, computing it where it is held, logs one device's value on every rank."""
     reference = _layer_norm_logged(0, 1)
     assert run_ranks(_layer_norm_logged, 2, timeout=100) == [pytest.approx(reference, rel=1e-6)] * 2
+
+
+def test_records_that_check_their_fields_are_kept_as_the_micro_batches_gave_them() -> None:
+    """A PackedSequence (a namedtuple whose fields are no rows) and a dataclass checking its fields in
+    ``__post_init__``: the micro-batches' values are listed as before the records were put together field by field
+    (found by the change's review: a PackedSequence a step returned raised)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from lightning_pipe.strategy.step_values import combine_outputs
+
+    def packed(lengths: list[int]) -> Any:
+        return pack_padded_sequence(torch.randn(len(lengths), 5, 3), torch.tensor(lengths), batch_first=True,
+                                    enforce_sorted=False)
+
+    parts = [packed([5, 3]), packed([4, 2])]
+    assert combine_outputs([{"packed": part} for part in parts], [2, 2])["packed"] == parts
+
+    class Checked(NamedTuple):
+        scores: torch.Tensor
+
+    def checked_new(cls: type, scores: Any) -> Any:  # a namedtuple whose __new__ checks its field
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError("scores must be a tensor")
+        return tuple.__new__(cls, (scores,))
+
+    Checked.__new__ = checked_new  # type: ignore[method-assign,assignment]
+    checked = [Checked(torch.zeros(2, 3)), Checked(torch.ones(2, 3))]
+    combined = combine_outputs([(part, 1) for part in checked], [2, 2])  # (a tensor with the rows: one of them)
+    assert torch.equal(combined[0].scores, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)]))
+    assert combine_outputs([Checked(torch.zeros(())), Checked(torch.ones(()))], [2, 2]).scores == 0.5

@@ -430,10 +430,10 @@ def read_advice(model_name: str, found: list[str]) -> str:
 
 
 _COUNT = re.compile(r"\(-?\d+ at its capture, now -?\d+\)$")
-_LOOP_COUNT_ADVICE = (". A whole number that counts a loop's runs (for _ in range(self.n_iter)) cannot come from a "
-                      "tensor (the loop would branch on a value); loop to the largest count and let a buffer gate each "
-                      "run i (self.active, 0 or 1 per run: h = h + self.active[i] * (f(h) - h)), whose gradients are "
-                      "one device's")
+_LOOP_COUNT_ADVICE = (". Where such a whole number counts a loop's runs (for _ in range(self.n_iter)), it cannot "
+                      "come from a tensor (the loop would branch on a value): loop to the largest count and let a "
+                      "buffer gate each run i (self.active, 0 or 1 per run: h = h + self.active[i] * (f(h) - h)), "
+                      "whose gradients are one device's")
 
 
 def _caller() -> FrameType | None:

@@ -64,7 +64,7 @@ def _joined_and_apart(module: nn.Module, first: Any, second: Any, device: torch.
                       modes: Callable[[nn.Module], AbstractContextManager[None]]) -> float | None:
     """:func:`rows_meet` in the ``modes`` given."""
     try:
-        joined = _join(first, second, _rows(first), _rows(second))
+        joins = _joins(first, second)
         with modes(module), torch.no_grad(), warnings.catch_warnings():
             # (a reentrant checkpoint in a layer warns that no input needs a gradient: here none does, on purpose;
             # one device never says it: found by review)
@@ -73,20 +73,34 @@ def _joined_and_apart(module: nn.Module, first: Any, second: Any, device: torch.
             again = _run(module, first, device, _SEED + 1)
             if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
                 return None  # random in these modes: no telling
-            together = _run(module, joined, device, _SEED)
+            togethers = [_run(module, joined, device, _SEED) for joined in joins]
         rows = [_rows(first), _rows(second)]
-        scalar = _scalar_difference(_scalars(apart, together), rows, _size(together))
-        try:
-            difference = _difference(_pairs(apart, together))
-        except _CannotTell:
-            if scalar is None:
-                raise
-            difference = None
-        return max(difference or 0.0, scalar or 0.0) or None
+        found = []
+        for together in togethers:  # the least difference: rows meet only where no reading of the input agrees
+            scalar = _scalar_difference(_scalars(apart, together), rows, _size(together))
+            try:
+                difference = _difference(_pairs(apart, together))
+            except _CannotTell:
+                if scalar is None:
+                    raise
+                difference = None
+            found.append(max(difference or 0.0, scalar or 0.0))
+        return min(found) or None
     except _CannotTell:
         return None
     except Exception:  # noqa: BLE001 - a layer refusing the joined input (fixed sizes): no telling either
         return None
+
+
+def _joins(first: Any, second: Any) -> list[Any]:
+    """Two micro-batches' inputs joined as one (:func:`_join`): once, or where they hold values over their rows that
+    differ between them or a number that may count their rows, twice: such values as their mean (weighted by rows)
+    and numbers as given where equal, then as their sum (a summed auxiliary loss passed on; a count of the rows)."""
+    rows, chose = (_rows(first), _rows(second)), [False]
+    joins = [_join(first, second, *rows, False, chose)]
+    if chose[0]:
+        joins.append(_join(first, second, *rows, True, chose))
+    return joins
 
 
 def rows_verdict(module: nn.Module, first: Any, second: Any, device: torch.device | None = None
@@ -98,20 +112,22 @@ def rows_verdict(module: nn.Module, first: Any, second: Any, device: torch.devic
     output over the whole input such as a single loss, inputs that do not join, a layer refusing the joined input).
     Buffers and modes are put back; the global random generators are left untouched."""
     try:
-        joined = _join(first, second, _rows(first), _rows(second))
+        joins = _joins(first, second)
         for modes in (_evaluating, _training):
             with modes(module), torch.no_grad():
                 apart = [_run(module, first, device, _SEED), _run(module, second, device, _SEED)]
                 again = _run(module, first, device, _SEED + 1)
                 if _difference(zip(_leaves(again), _leaves(apart[0]))) is not None:
                     return "unknown", 0.0
-                together = _run(module, joined, device, _SEED)
-            pairs = list(_pairs(apart, together))
-            if len(pairs) != sum(1 for _ in _leaves(together)):
-                return "unknown", 0.0  # a tensor without the rows (a loss): the comparison leaves it out
-            difference = _difference(pairs)
-            if difference is not None:
-                return "meet", difference
+                togethers = [_run(module, joined, device, _SEED) for joined in joins]
+            differences = []
+            for together in togethers:
+                pairs = list(_pairs(apart, together))
+                if len(pairs) != sum(1 for _ in _leaves(together)):
+                    return "unknown", 0.0  # a tensor without the rows (a loss): the comparison leaves it out
+                differences.append(_difference(pairs))
+            if all(difference is not None for difference in differences):
+                return "meet", min(differences)  # type: ignore[type-var]
         return "apart", 0.0
     except Exception:  # noqa: BLE001 - _CannotTell, or a layer refusing the joined input: no telling
         return "unknown", 0.0
@@ -152,12 +168,15 @@ def _training(module: nn.Module) -> Iterator[None]:
 
 
 def _rows(tree: Any) -> int:
-    """The rows of a micro-batch's input: the most common size along dim 0 of its tensors, the first one's of those
-    as common (the activations', before a value over them passed on beside: ``(h, h.mean(0))``)."""
-    sizes = [leaf.shape[0] for leaf in _leaves(tree) if leaf.dim() > 0]
-    if not sizes:
+    """The rows of a micro-batch's input: the most common size along dim 0 of its tensors; of sizes as common, that
+    of the tensor of most dims (the activations', not a value over them passed on beside, ``(h, h.mean(0))``, nor a
+    table, ``(positions, h)``), then the smallest."""
+    leaves = [leaf for leaf in _leaves(tree) if leaf.dim() > 0]
+    if not leaves:
         raise _CannotTell
-    return max(sizes, key=lambda size: (sizes.count(size), -sizes.index(size)))
+    sizes = [leaf.shape[0] for leaf in leaves]
+    return max(sizes, key=lambda size: (sizes.count(size), max(leaf.dim() for leaf in leaves if leaf.shape[0] == size),
+                                        -size))
 
 
 def _leaves(tree: Any) -> Iterator[torch.Tensor]:
@@ -173,14 +192,19 @@ def _leaves(tree: Any) -> Iterator[torch.Tensor]:
             yield from _leaves(item)
 
 
-def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
+def _join(a: Any, b: Any, rows_a: int, rows_b: int, total: bool = False, chose: list[bool] | None = None) -> Any:
     """``a`` and ``b`` as one input: tensors of their rows concatenated along dim 0, what they share kept once; a value
     over their rows that differs between them, as the stage before passed it on, as the whole input's: a float
-    tensor or number (``h.mean()``, ``h.mean(0)``) as their mean weighted by rows, a count of their rows or of a
-    multiple of them (``x.shape[0]``, tokens) as their sum. (Layers that use such a value on their rows give other
-    outputs joined than apart: a statistic over the batch brought back into its rows across a cut, found by review.)"""
+    tensor or number (``h.mean()``, ``h.mean(0)``) as their mean weighted by rows (``total``: their sum, an auxiliary
+    loss summed over the rows), different counts of their rows or of one multiple of them (``x.shape[0]``, tokens) as
+    their sum (``total``: equal ones too, which may be a constant). (Layers that use such a value on their rows give
+    other outputs joined than apart: a statistic over the batch brought back into its rows across a cut, found by
+    review.) ``chose`` is set where a value was read one of those ways."""
+    chose = chose if chose is not None else [False]
     if _counts(a, b, rows_a, rows_b):
-        return a + b
+        chose[0] = True
+        if total or not _same(a, b):
+            return a + b
     if isinstance(a, PackedSequence) and isinstance(b, PackedSequence):  # the rows' sequences packed together
         length = max(_length(a), _length(b))
         (x, x_lengths), (y, y_lengths) = (pad_packed_sequence(p, batch_first=True, total_length=length) for p in (a, b))
@@ -192,17 +216,19 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int) -> Any:
         if a.shape == b.shape and torch.equal(a, b):
             return a
         if a.shape == b.shape and a.dtype == b.dtype and (a.is_floating_point() or a.is_complex()):
-            return (a * rows_a + b * rows_b) / (rows_a + rows_b)
+            chose[0] = True
+            return a + b if total else (a * rows_a + b * rows_b) / (rows_a + rows_b)
         raise _CannotTell
     if isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
-        items = [_join(x, y, rows_a, rows_b) for x, y in zip(a, b)]
+        items = [_join(x, y, rows_a, rows_b, total, chose) for x, y in zip(a, b)]
         return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
     if isinstance(a, dict) and type(a) is type(b) and a.keys() == b.keys():
-        return type(a)((key, _join(a[key], b[key], rows_a, rows_b)) for key in a)
+        return type(a)((key, _join(a[key], b[key], rows_a, rows_b, total, chose)) for key in a)
     if not isinstance(a, torch.Tensor) and type(a) is type(b) and _same(a, b):
         return a
     if type(a) is float and type(b) is float:
-        return (a * rows_a + b * rows_b) / (rows_a + rows_b)
+        chose[0] = True
+        return a + b if total else (a * rows_a + b * rows_b) / (rows_a + rows_b)
     raise _CannotTell
 
 

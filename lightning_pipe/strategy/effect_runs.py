@@ -5,7 +5,6 @@ then travel to every rank."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,7 +60,7 @@ class MicrobatchRuns:
 
 def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
            replay: Callable[[Any], None], warn: Callable[[str], None], needs: Sequence[str] = (),
-           weights: Weights | None = None, kinds: OutputKinds | None = None
+           weights: Weights | None = None, kinds: OutputKinds | None = None, runs: MicrobatchRuns | None = None
            ) -> tuple[list[Sent], bool]:
     """On the last stage, after a step of ``microbatches`` micro-batches: what it changed on the module since
     ``start``, as one device changes it, and whether the step ran once more on the whole batch for it (also for
@@ -69,9 +68,11 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
     whose outputs were kept; ``replay(whole)`` runs the step on the whole batch with the model returning ``whole``;
     ``needs``: what else the step did that only that run does as one device (called the loggers, returned numbers);
     ``weights``: what ``loss_reduction`` counted in each micro-batch (a loss the model computed averages by them);
-    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`)."""
+    ``kinds``: how the model's single numbers add up (:func:`~.step_values.whole_output`); ``runs``: the
+    micro-batches' runs, whose changes, each undone before the next run, are made again where no run on the whole
+    batch follows (found by review: the last one's alone stood)."""
     patches = effects.changes(start)
-    if (patches or needs) and microbatches > 1:
+    if (patches or needs or (runs is not None and runs.made)) and microbatches > 1:
         whole = kept_whole(kept, microbatches, weights, kinds)
         why = ("its first micro-batches did nothing of the kind, so their model outputs were not kept" if len(kept) <
                microbatches else apart_reason([output for _, output, _ in kept], [rows for _, _, rows in kept]))
@@ -96,6 +97,9 @@ def settle(effects: StepEffects, step: str, start: Snapshot, kept: list[tuple[in
                 why = f"the step run on the whole batch's output raised {type(error).__name__}: {error}"
                 effects.restore(start)
                 effects.apply(patches)
+        if runs is not None and runs.rewind():  # every run's changes, as the warning says
+            runs.remake()
+            patches = effects.changes(start)
         warn(_per_microbatch(step, [f"self.{name}" for _, name, _, _ in patches] + list(needs), why))
     return _sendable(step, patches, warn), False
 
@@ -114,11 +118,12 @@ def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Wei
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
     """``patches`` but those holding values no rank can be sent (warned of)."""
     kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
-    # a class or function the step makes and keeps (pytorch-forecasting's output class, made at its first use on
-    # every rank that needs it) is code, not state: not said (found by review)
-    code = {name for _, name, _, value in patches if isinstance(value, type) or inspect.isroutine(value)}
-    names = sorted({f"self.{name}" for _, name, *_ in patches if name not in code}
-                   - {f"self.{name}" for _, name, *_ in kept})
+    # a class the step makes in a function and keeps (pytorch-forecasting's output class, made at its first use on
+    # every rank that needs it) is code, not state: not said (found by review); a class or function chosen from
+    # others (self.criterion = F.l1_loss) is
+    unsent = [patch for patch in patches if not (sendable(patch[2]) and sendable(patch[3]))]
+    names = sorted({f"self.{name}" for _, name, _, value in unsent
+                    if not (isinstance(value, type) and "<locals>" in value.__qualname__)})
     if names:
         warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
              f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "

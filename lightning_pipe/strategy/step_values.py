@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import PackedSequence
 
 from lightning_pipe.capture.scalars import ALIKE, SELECTED
 from lightning_pipe.engine.calls import Calls
@@ -189,6 +190,8 @@ def listed(value: Any) -> Any:
 def _record(value: Any) -> bool:
     """Whether ``value`` is a namedtuple or a dataclass instance: a record of named fields (pytorch-forecasting's
     network output, a model's own output class)."""
+    if isinstance(value, PackedSequence):  # (a namedtuple whose fields are no rows: time-major, sorted by length)
+        return False
     return (isinstance(value, tuple) and hasattr(value, "_fields")) or (
         dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, Mapping))
 
@@ -285,7 +288,10 @@ def combine_outputs(outputs: list[Any], sizes: list[int], weights: Sequence[floa
     if _record(first) and all(type(o) is type(first) for o in outputs):  # field by field (found by review:
         # pytorch-forecasting's network output, a namedtuple, was listed and said to make the batch's rows meet)
         columns = zip(*(_fields(o) for o in outputs))
-        return _remade(first, [combine_outputs(list(column), sizes, weights) for column in columns])
+        try:
+            return _remade(first, [combine_outputs(list(column), sizes, weights) for column in columns])
+        except Exception:  # noqa: BLE001 - a class that checks its fields (its __new__ or __post_init__): as before
+            pass
     return first if all(_equal(o, first) for o in outputs) else list(outputs)
 
 

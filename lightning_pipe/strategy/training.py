@@ -244,9 +244,6 @@ class TrainingSteps:
                         runs.remake()
                     elif mark is not None and self.effects.changed(mark):
                         self.effects.restore(mark)
-                    elif probe is None and runs is not None and runs.rewind():  # every run's changes, not the
-                        runs.remake()  # last one's alone (found by review: where no run on the whole batch could
-                        # follow, the step's list got one micro-batch's entry per step once the probing ended)
                     self._probe_new_terms(arguments["name"] for arguments, _ in self.recorder.calls)
                     total = loss if loss is None or scale == 1.0 else loss * scale
                     # the rows' weights over the rows that weigh something, as the logged values (found by review)
@@ -258,7 +255,7 @@ class TrainingSteps:
                     result.validate = validation_due(self.module)
                     result.batch_writes = writes.found("training_step") if writes is not None else None
                     self._settle_effects("training_step", start, kept or [], len(sizes), batch, rest, kwargs, seed,
-                                         result, counts)
+                                         result, counts, runs)
                     return result
 
                 encoded = self._guard("training_step", make, replicas=True)

@@ -23,7 +23,7 @@ from lightning_pipe.engine.executor import Pipeline
 from lightning_pipe.engine.microbatch import batch_rows, owned, split_batch
 from lightning_pipe.strategy.aside import run_aside
 from lightning_pipe.strategy.captured import CapturedModule
-from lightning_pipe.strategy.effect_runs import kept_whole, settle
+from lightning_pipe.strategy.effect_runs import MicrobatchRuns, kept_whole, settle
 from lightning_pipe.strategy.logger_calls import LoggerCalls
 from lightning_pipe.strategy.logs import CHECKED_BATCHES, LogRecorder, WholeBatchLogs
 from lightning_pipe.strategy.metric_states import MetricTracker
@@ -129,7 +129,7 @@ class WholeBatchRuns:
 
     def _settle_effects(self, step: str, start: Snapshot, kept: list[tuple[int, Any, int]], microbatches: int,
                         batch: Any, rest: tuple, kwargs: Mapping[str, Any], seed: int, result: StepResult,
-                        counts: Counts | None = None) -> None:
+                        counts: Counts | None = None, runs: MicrobatchRuns | None = None) -> None:
         """On the last stage: the step's changes to the module since ``start`` and its calls on the loggers, as one
         device makes them (:mod:`.step_effects`, :mod:`.logger_calls`), put in ``result`` for every rank; so too
         Python numbers the step returns (``len(x)``, ``acc.item()``), which no combination of the micro-batches'
@@ -215,7 +215,7 @@ class WholeBatchRuns:
         if checked is not None and checked in self._whole_metrics:
             needs.append(f"updates of {', '.join(self._whole_metrics[checked])}")
         result.effects, replayed = settle(self.effects, step, start, kept, microbatches, replay, self._warn_effects,
-                                          needs=needs, weights=weights, kinds=kinds)
+                                          needs=needs, weights=weights, kinds=kinds, runs=runs)
         if logged is not None:  # a step whose changes stand as its micro-batches made them is not run again
             assert kind is not None
             whole = None if replayed else kept_whole(kept, microbatches, weights, kinds)
