@@ -216,8 +216,7 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int, total: bool = False, chose: 
         if a.shape == b.shape and torch.equal(a, b):
             return a
         if a.shape == b.shape and a.dtype == b.dtype and (a.is_floating_point() or a.is_complex()):
-            chose[0] = True
-            return a + b if total else (a * rows_a + b * rows_b) / (rows_a + rows_b)
+            return _over_rows(a, b, rows_a, rows_b, total, chose)
         raise _CannotTell
     if isinstance(a, (list, tuple)) and type(a) is type(b) and len(a) == len(b):
         items = [_join(x, y, rows_a, rows_b, total, chose) for x, y in zip(a, b)]
@@ -227,9 +226,15 @@ def _join(a: Any, b: Any, rows_a: int, rows_b: int, total: bool = False, chose: 
     if not isinstance(a, torch.Tensor) and type(a) is type(b) and _same(a, b):
         return a
     if type(a) is float and type(b) is float:
-        chose[0] = True
-        return a + b if total else (a * rows_a + b * rows_b) / (rows_a + rows_b)
+        return _over_rows(a, b, rows_a, rows_b, total, chose)
     raise _CannotTell
+
+
+def _over_rows(a: Any, b: Any, rows_a: int, rows_b: int, total: bool, chose: list[bool]) -> Any:
+    """Two micro-batches' values over their rows (floats) as the whole input's: their sum where ``total``, else
+    their mean weighted by rows; ``chose`` set."""
+    chose[0] = True
+    return a + b if total else (a * rows_a + b * rows_b) / (rows_a + rows_b)
 
 
 def _counts(a: Any, b: Any, rows_a: int, rows_b: int) -> bool:

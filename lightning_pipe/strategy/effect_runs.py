@@ -117,13 +117,13 @@ def kept_whole(kept: list[tuple[int, Any, int]], microbatches: int, weights: Wei
 
 def _sendable(step: str, patches: list[Patch], warn: Callable[[str], None]) -> list[Sent]:
     """``patches`` but those holding values no rank can be sent (warned of)."""
-    kept = [(*patch, _on_cpu(patch[3])) for patch in patches if sendable(patch[2]) and sendable(patch[3])]
+    sent = [sendable(patch[2]) and sendable(patch[3]) for patch in patches]
+    kept = [(*patch, _on_cpu(patch[3])) for patch, ok in zip(patches, sent) if ok]
     # a class the step makes in a function and keeps (pytorch-forecasting's output class, made at its first use on
     # every rank that needs it) is code, not state: not said (found by review); a class or function chosen from
     # others (self.criterion = F.l1_loss) is
-    unsent = [patch for patch in patches if not (sendable(patch[2]) and sendable(patch[3]))]
-    names = sorted({f"self.{name}" for _, name, _, value in unsent
-                    if not (isinstance(value, type) and "<locals>" in value.__qualname__)})
+    names = sorted({f"self.{name}" for (_, name, _, value), ok in zip(patches, sent)
+                    if not ok and not (isinstance(value, type) and "<locals>" in value.__qualname__)})
     if names:
         warn(f"{step} changes {', '.join(names)} on the module to values that cannot be sent to other ranks "
              f"(tensors, numbers, strings, None, NumPy arrays and lists, tuples and dicts of them can), so only the "

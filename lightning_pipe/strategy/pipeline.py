@@ -377,10 +377,7 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
         stage = trainer.state.stage.value if trainer.state.stage else ""
         named = {"train": "training", "sanity_check": "validation", "validate": "validation"}.get(stage, stage)
         check_distributed_samplers(dataloader, self.mesh_shape.replicas, replica, f"the {named} DataLoader")
-        notice = order_notice(dataloader) if training else None
-        if notice is not None and not self.__dict__.get("_order_said"):  # once per strategy
-            self._order_said = True
-            rank_zero_info(notice)
+        self._say_once("order", order_notice(dataloader) if training else None)
         shared = share_order(dataloader, lambda order: self._position.data_start(trainer, training, order), replica)
         if training and shared is not dataloader:
             self._position.adopt_train_order(shared._pipeline_order)
@@ -388,22 +385,25 @@ class PipelineStrategy(PipelineSteps, PipelineCutting, PipelineCheckpoints, Proc
             shared._pipeline_order.loading_said = functools.partial(self._say_loading, shared._pipeline_order)
         return shared
 
+    def _say_once(self, what: str, notice: str | None) -> None:
+        """Say ``notice`` on rank 0, once per strategy for each kind of notice ``what`` (of the order, of the
+        loading)."""
+        said = self.__dict__.setdefault("_notices_said", set())
+        if notice is not None and what not in said:
+            said.add(what)
+            rank_zero_info(notice)
+
     def _say_loading(self, order: SharedOrder) -> None:
         """A training batch loaded in the main process drew from torch's generator: say once that such draws are
         not one device's (:func:`~.data_order.loading_notice`)."""
         order.loading_said = None
-        if not self.__dict__.get("_loading_said"):
-            self._loading_said = True
-            rank_zero_info(loading_notice())
+        self._say_once("loading", loading_notice())
 
     def _say_own_sampler(self, order: SharedOrder) -> None:
         """A training order drew from its generator: where a sampler of the user's drew, say once that the order is
         not one device's (:func:`~.data_order.own_sampler_notice`)."""
         order.said = None
-        notice = own_sampler_notice(order)
-        if notice is not None and not self.__dict__.get("_order_said"):
-            self._order_said = True
-            rank_zero_info(notice)
+        self._say_once("order", own_sampler_notice(order))
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:

@@ -166,11 +166,11 @@ def needs_whole_batch(value: Any, rows: int | None = None) -> bool:
         return value.dim() > 0 and value.shape[0] != rows
     if isinstance(value, Mapping):
         return any(needs_whole_batch(item, rows) for item in value.values())
-    if isinstance(value, (list, tuple)) and not _record(value):
-        per_row = rows is not None and len(value) == rows  # one item per row: a tensor in it is that row's
-        return any(needs_whole_batch(item, None if per_row else rows) for item in value)
     if _record(value):
         return any(needs_whole_batch(item, rows) for item in _fields(value))
+    if isinstance(value, (list, tuple)):
+        per_row = rows is not None and len(value) == rows  # one item per row: a tensor in it is that row's
+        return any(needs_whole_batch(item, None if per_row else rows) for item in value)
     return False
 
 
